@@ -1,0 +1,21 @@
+"""fusedlora: fused Triton kernels for LoRA / QLoRA fine-tuning, prebuilt ahead of time.
+
+`import fusedlora` is light and works with no GPU: submodules load on first use.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_SUBMODULES = ("ops", "loader", "registry", "kernels", "aot", "build", "info", "selfcheck")
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'fusedlora' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_SUBMODULES))

@@ -1,0 +1,3 @@
+from .selfcheck import main
+
+raise SystemExit(main())

@@ -1,0 +1,427 @@
+"""Dispatch of registered kernels: prebuilt cubin through the CUDA driver, else Triton's JIT.
+
+Lookup order for a call (kernel, argument types with Triton's specialisation, constexprs) on a GPU of
+arch `sm_XY`: a prebuilt cubin for exactly that arch -> one for a compatible arch (same major, lower
+minor) -> the normal `@triton.jit` call, logged once per key at debug level.
+
+- `FUSEDLORA_JIT=1` forces the JIT path; `FUSEDLORA_AOT_ONLY=1` turns a miss into an error naming the
+  variant and the command that builds it. Both are read when the loader is created (`reset()` re-reads).
+- Kernel directories searched, first match wins: each entry of `FUSEDLORA_KERNEL_PATH` (os.pathsep
+  separated), the user kernel directory (`fusedlora.build`'s default output), the wheel's prebuilt set.
+- A cubin whose checksum does not match its manifest, or that the driver refuses, is skipped with a
+  warning and the call goes to the JIT path: never a crash, never a wrong kernel.
+- The resolved launcher is memoised per (device, key); per-thread argument slots are prepared once and
+  only their values change per launch. Launches go on torch's current stream, so CUDA graph capture
+  works. This memo and the loaded modules are the loader's only state (`reset()` drops them).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+from . import registry
+from .registry import COMPATIBLE_ARCHS, KernelSpec, Variant
+
+log = logging.getLogger("fusedlora")
+
+PREBUILT_DIR = Path(__file__).parent / "_prebuilt"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+
+
+def user_kernel_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fusedlora" / "kernels"
+
+
+def kernel_dirs() -> list[Path]:
+    dirs = [Path(p) for p in os.environ.get("FUSEDLORA_KERNEL_PATH", "").split(os.pathsep) if p]
+    return dirs + [user_kernel_dir(), PREBUILT_DIR]
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class MissingKernelError(RuntimeError):
+    """Raised under FUSEDLORA_AOT_ONLY=1 when no prebuilt cubin matches a call."""
+
+
+# ----------------------------------------------------------------------------- argument binding
+_TORCH_DTYPE_NAMES = None
+
+
+def _dtype_tables():
+    global _TORCH_DTYPE_NAMES
+    if _TORCH_DTYPE_NAMES is None:
+        import torch
+        names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
+                 torch.int64: "i64", torch.uint8: "u8", torch.int8: "i8", torch.int16: "i16"}
+        _TORCH_DTYPE_NAMES = ({d: f"*{n}:16" for d, n in names.items()}, {d: f"*{n}" for d, n in names.items()})
+    return _TORCH_DTYPE_NAMES
+
+
+def _spec_int(v: int) -> str:
+    if v == 1:
+        return "1"
+    if -2**31 <= v < 2**31:
+        return "i32" if v % 16 else "i32:16"
+    return "i64" if v % 16 else "i64:16"
+
+
+def _nospec_int(v: int) -> str:
+    return "i32" if -2**31 <= v < 2**31 else "i64"
+
+
+def make_binder(spec: KernelSpec):
+    """Generate `bind(*args) -> (signature types, values)` for the kernel's non-constexpr arguments.
+
+    Generated code (as Triton does) keeps the per-launch cost to one pass with no loops."""
+    kinds = [(n, k) for n, k in spec.arg_kinds() if k != "constexpr"]
+    aligned, unaligned = _dtype_tables()
+    params = ", ".join(f"a{i}" for i in range(len(kinds)))
+    pre, types, vals = [], [], []
+    for i, (name, kind) in enumerate(kinds):
+        if kind == "ptr":
+            pre.append(f"    p{i} = a{i}.data_ptr()")
+            types.append(f"(U if p{i} & 15 else A)[a{i}.dtype]")
+            vals.append(f"p{i}")
+        elif kind == "float":
+            types.append("'fp32'")
+            vals.append(f"a{i}")
+        elif kind == "int":
+            types.append(f"S(a{i})")
+            vals.append(f"a{i}")
+        else:
+            types.append(f"N(a{i})")
+            vals.append(f"a{i}")
+    src = (f"def bind({params}):\n" + "\n".join(pre) + ("\n" if pre else "")
+           + f"    return ({', '.join(types)},), ({', '.join(vals)},)\n")
+    scope = {"A": aligned, "U": unaligned, "S": _spec_int, "N": _nospec_int}
+    exec(compile(src, f"<fusedlora bind {spec.name}>", "exec"), scope)
+    return scope["bind"], [n for n, _ in kinds]
+
+
+# ----------------------------------------------------------------------------- manifest index
+class Entry:
+    """One prebuilt cubin listed in a manifest."""
+
+    def __init__(self, directory: Path, record: dict):
+        self.directory = directory
+        self.record = record
+        self.variant = Variant.from_string(json.dumps(record["variant"]))
+        self.path = directory / record["file"]
+        self.sha256 = record["sha256"]
+        self.name = record["name"]
+        self.shared = int(record["shared"])
+        self.num_warps = int(record["num_warps"])
+        self.global_scratch_size = int(record.get("global_scratch_size", 0))
+        self.global_scratch_align = int(record.get("global_scratch_align", 1))
+        self._image = None
+
+    def image(self) -> bytes | None:
+        """The cubin bytes if the file exists and matches its checksum, else None (warned)."""
+        if self._image is None:
+            try:
+                data = self.path.read_bytes()
+            except OSError as e:
+                warnings.warn(f"fusedlora: prebuilt kernel {self.path} unreadable ({e}); using the JIT path",
+                              RuntimeWarning, stacklevel=4)
+                return None
+            if hashlib.sha256(data).hexdigest() != self.sha256:
+                warnings.warn(f"fusedlora: prebuilt kernel {self.path} fails its checksum; using the JIT path",
+                              RuntimeWarning, stacklevel=4)
+                return None
+            self._image = data
+        return self._image
+
+
+def read_index(dirs: list[Path]) -> dict[tuple, dict[int, Entry]]:
+    """key -> {arch: Entry}; earlier directories win."""
+    index: dict[tuple, dict[int, Entry]] = {}
+    for d in dirs:
+        mpath = d / MANIFEST
+        if not mpath.is_file():
+            continue
+        try:
+            manifest = json.loads(mpath.read_text())
+            if manifest.get("format") != MANIFEST_FORMAT:
+                raise ValueError(f"format {manifest.get('format')!r}, expected {MANIFEST_FORMAT}")
+            entries = [Entry(d, r) for r in manifest["kernels"]]
+        except Exception as e:  # a broken manifest must never break the op
+            warnings.warn(f"fusedlora: ignoring kernel manifest {mpath}: {e}", RuntimeWarning, stacklevel=2)
+            continue
+        for e in entries:
+            index.setdefault(e.variant.key, {}).setdefault(e.variant.arch, e)
+    return index
+
+
+# ----------------------------------------------------------------------------- launchers
+class _AotLaunch:
+    """A loaded cubin with argument slots prepared once per thread."""
+
+    def __init__(self, drv, func, entry: Entry, abi_positions: list[int], slot_types: list):
+        self.drv = drv
+        self.func = func
+        self.entry = entry
+        self.block = 32 * entry.num_warps
+        self.shared = entry.shared
+        self.abi_positions = abi_positions
+        self.slot_types = slot_types
+        self.tls = threading.local()
+
+    def _slots(self):
+        slots = [t() for t in self.slot_types] + [ctypes.c_void_p(), ctypes.c_void_p()]
+        params = (ctypes.c_void_p * len(slots))(*[ctypes.cast(ctypes.pointer(s), ctypes.c_void_p) for s in slots])
+        self.tls.slots = (slots, params)
+        return self.tls.slots
+
+    def __call__(self, grid, values, stream, scratch_device):
+        try:
+            slots, params = self.tls.slots
+        except AttributeError:
+            slots, params = self._slots()
+        for slot, pos in zip(slots, self.abi_positions):
+            slot.value = values[pos]
+        gx, gy, gz = grid
+        if self.entry.global_scratch_size:
+            import torch
+            n = gx * gy * gz * self.entry.global_scratch_size
+            buf = torch.empty(n + self.entry.global_scratch_align, dtype=torch.uint8, device=scratch_device)
+            slots[-2].value = buf.data_ptr()
+        err = self.drv.cuLaunchKernel(self.func, gx, gy, gz, self.block, 1, 1, self.shared,
+                                      ctypes.c_void_p(stream), params, None)
+        if err:
+            self.drv.check(err, f"cuLaunchKernel({self.entry.name})")
+
+
+class _JitLaunch:
+    def __init__(self, spec: KernelSpec, constexprs: dict, num_warps: int, num_stages: int):
+        self.fn = spec.fn
+        self.kwargs = dict(constexprs, num_warps=num_warps, num_stages=num_stages)
+
+    def __call__(self, grid, args):
+        self.fn[grid](*args, **self.kwargs)
+
+
+_SLOT_TYPES = {"fp32": ctypes.c_float, "i32": ctypes.c_int32, "i32:16": ctypes.c_int32,
+               "i64": ctypes.c_int64, "i64:16": ctypes.c_int64}
+
+
+class KernelLauncher:
+    """Launches one registered kernel: `launcher(grid, args, constexprs)`.
+
+    args: the kernel's non-constexpr arguments in order (tensors, ints, floats);
+    constexprs: a tuple of sorted (name, value) pairs, as `spec.meta` gives them (see `constexpr_key`)."""
+
+    def __init__(self, loader: "Loader", spec: KernelSpec):
+        self.loader = loader
+        self.spec = spec
+        self.bind, self.arg_names = make_binder(spec)
+        self.memo: dict[tuple, Any] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, grid, args, constexprs):
+        first = args[0]
+        device = first.get_device()
+        if device < 0:
+            return self._cpu(grid, args, constexprs)
+        try:
+            sig, values = self.bind(*args)
+        except KeyError as e:
+            raise TypeError(f"{self.spec.name}: unsupported tensor dtype {e.args[0]}") from None
+        key = (device, sig, constexprs)
+        launch = self.memo.get(key)
+        if launch is None:
+            launch = self._resolve(device, sig, constexprs)
+        if len(grid) < 3:
+            grid = tuple(grid) + (1,) * (3 - len(grid))
+        if grid[0] * grid[1] * grid[2] == 0:
+            return
+        loader = self.loader
+        guard = loader.cuda_getDevice() != device
+        if guard:
+            import torch
+            with torch.cuda.device(device):
+                self._launch(launch, device, grid, args, values)
+        else:
+            self._launch(launch, device, grid, args, values)
+
+    def _launch(self, launch, device, grid, args, values):
+        if type(launch) is _JitLaunch:
+            launch(grid, args)
+        else:
+            loader = self.loader
+            if device not in loader.tls_ctx():
+                loader.driver().ensure_context(device)
+                loader.tls_ctx().add(device)
+            launch(grid, values, loader.raw_stream(device), device)
+
+    def _cpu(self, grid, args, constexprs):
+        if not _env_flag("TRITON_INTERPRET"):
+            raise ValueError(f"{self.spec.name}: argument {self.arg_names[0]} is a CPU tensor; fusedlora kernels "
+                             "need CUDA tensors (set TRITON_INTERPRET=1 to run them in Triton's CPU interpreter)")
+        num_warps, num_stages = self.spec.config(80, dict(constexprs))
+        _JitLaunch(self.spec, dict(constexprs), num_warps, num_stages)(grid, args)
+
+    def _resolve(self, device, sig, constexprs):
+        with self.lock:
+            key = (device, sig, constexprs)
+            if key in self.memo:
+                return self.memo[key]
+            launch = self.loader.resolve(self.spec, device, sig, constexprs)
+            self.memo[key] = launch
+            return launch
+
+
+class Loader:
+    def __init__(self, dirs: list[Path] | None = None, driver=None):
+        self.dirs = kernel_dirs() if dirs is None else list(dirs)
+        self.force_jit = _env_flag("FUSEDLORA_JIT")
+        self.aot_only = _env_flag("FUSEDLORA_AOT_ONLY")
+        if self.force_jit and self.aot_only:
+            raise ValueError("FUSEDLORA_JIT=1 and FUSEDLORA_AOT_ONLY=1 contradict each other")
+        self._driver = driver
+        self._index = None
+        self._launchers: dict[str, KernelLauncher] = {}
+        self._archs: dict[int, int] = {}
+        self._lock = threading.RLock()
+        self._tls = threading.local()
+        self.stats = {"aot": 0, "jit": 0}  # resolved keys per path, for info/tests
+        self.paths: dict[str, str] = {}     # kernel -> how its latest new key was resolved (selfcheck)
+        import torch
+        # Fast accessors (Triton uses the same); absent from CPU-only torch builds.
+        self.cuda_getDevice = getattr(torch._C, "_cuda_getDevice", None)
+        self.raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+    # -- plumbing
+    def driver(self):
+        if self._driver is None:
+            from ._cuda import driver
+            self._driver = driver()
+        return self._driver
+
+    def tls_ctx(self) -> set:
+        try:
+            return self._tls.ctx
+        except AttributeError:
+            self._tls.ctx = set()
+            return self._tls.ctx
+
+    @property
+    def index(self):
+        if self._index is None:
+            with self._lock:
+                if self._index is None:
+                    self._index = read_index(self.dirs)
+        return self._index
+
+    def arch(self, device: int) -> int:
+        arch = self._archs.get(device)
+        if arch is None:
+            import torch
+            major, minor = torch.cuda.get_device_capability(device)
+            arch = major * 10 + minor
+            if arch < 80:
+                raise RuntimeError(f"fusedlora needs a GPU of compute capability 8.0 or newer; "
+                                   f"cuda:{device} is sm_{arch} ({torch.cuda.get_device_name(device)})")
+            self._archs[device] = arch
+        return arch
+
+    def launcher(self, name_or_spec) -> KernelLauncher:
+        spec = registry.get(name_or_spec) if isinstance(name_or_spec, str) else name_or_spec
+        launcher = self._launchers.get(spec.name)
+        if launcher is None:
+            with self._lock:
+                launcher = self._launchers.setdefault(spec.name, KernelLauncher(self, spec))
+        return launcher
+
+    # -- resolution
+    def find(self, spec: KernelSpec, arch: int, sig, constexprs):
+        """Manifest entries matching the key, best first (exact arch, then compatible archs)."""
+        by_arch = self.index.get((spec.name, sig, constexprs), {})
+        return [by_arch[a] for a in COMPATIBLE_ARCHS.get(arch, ()) if a in by_arch]
+
+    def wanted_variant(self, spec: KernelSpec, arch: int, sig, constexprs) -> Variant:
+        num_warps, num_stages = spec.config(arch, dict(constexprs))
+        names = [n for n, k in spec.arg_kinds() if k != "constexpr"]
+        return Variant(spec.name, arch, tuple(zip(names, sig)), constexprs, num_warps, num_stages)
+
+    def resolve(self, spec: KernelSpec, device: int, sig, constexprs):
+        arch = self.arch(device)
+        if not self.force_jit:
+            for entry in self.find(spec, arch, sig, constexprs):
+                launch = self._load(entry, device, sig)
+                if launch is not None:
+                    self.stats["aot"] += 1
+                    self.paths[spec.name] = f"prebuilt sm_{entry.variant.arch}"
+                    log.debug("fusedlora: %s on cuda:%d uses prebuilt %s", spec.name, device, entry.path.name)
+                    return launch
+        variant = self.wanted_variant(spec, arch, sig, constexprs)
+        if self.aot_only:
+            raise MissingKernelError(
+                f"FUSEDLORA_AOT_ONLY=1 and no prebuilt kernel matches {spec.name} on sm_{arch} "
+                f"(searched {', '.join(map(str, self.dirs))}). Missing variant: {variant.to_string()}\n"
+                f"Build it with: python -m fusedlora.build --variant '{variant.to_string()}'")
+        self.stats["jit"] += 1
+        self.paths[spec.name] = "triton.jit"
+        log.debug("fusedlora: no prebuilt kernel for %s; using triton.jit (%s)", spec.name, variant.to_string())
+        return _JitLaunch(spec, dict(constexprs), variant.num_warps, variant.num_stages)
+
+    def _load(self, entry: Entry, device: int, sig):
+        image = entry.image()
+        if image is None:
+            return None
+        expected = [t for t in sig if t != "1"]
+        if entry.record.get("abi") and entry.record["abi"][:-2] != expected:
+            warnings.warn(f"fusedlora: {entry.path.name} has ABI {entry.record['abi']}, expected {expected} + "
+                          "2 scratch pointers; using the JIT path", RuntimeWarning, stacklevel=3)
+            return None
+        drv = self.driver()
+        import torch
+        try:
+            with torch.cuda.device(device):
+                drv.ensure_context(device)
+                func = drv.load_function(image, entry.name, entry.shared)
+        except Exception as e:
+            warnings.warn(f"fusedlora: could not load {entry.path} on cuda:{device} ({e}); using the JIT path",
+                          RuntimeWarning, stacklevel=3)
+            return None
+        positions = [i for i, t in enumerate(sig) if t != "1"]
+        slot_types = [ctypes.c_void_p if t.startswith("*") else _SLOT_TYPES[t] for t in expected]
+        return _AotLaunch(drv, func, entry, positions, slot_types)
+
+
+_loader: Loader | None = None
+_loader_lock = threading.Lock()
+
+
+def get_loader() -> Loader:
+    global _loader
+    if _loader is None:
+        with _loader_lock:
+            if _loader is None:
+                _loader = Loader()
+    return _loader
+
+
+def reset(loader: Loader | None = None):
+    """Drop the module cache and re-read the environment (tests; after building new kernels)."""
+    global _loader
+    with _loader_lock:
+        _loader = loader
+
+
+def launcher(name: str) -> KernelLauncher:
+    return get_loader().launcher(name)
+
+
+def constexpr_key(meta: dict) -> tuple:
+    return tuple(sorted(meta.items()))

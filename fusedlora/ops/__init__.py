@@ -1,0 +1,4 @@
+"""Public ops: each a function of tensors and plain scalars, differentiable, with a `naive_*` reference."""
+from .rms_norm import naive_rms_norm, rms_norm
+
+__all__ = ["rms_norm", "naive_rms_norm"]

@@ -1,0 +1,46 @@
+"""Input checks and small helpers shared by the ops."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def check_tensor(op: str, name: str, t, dtypes=FLOAT_DTYPES, like: torch.Tensor | None = None, like_name: str = ""):
+    """Raise a clear error naming the argument if `t` is not a tensor we can hand to a kernel."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cuda" and not (t.device.type == "cpu" and interpreting()):
+        raise ValueError(f"{op}: {name} is on {t.device}; fusedlora kernels need CUDA tensors "
+                         "(or TRITON_INTERPRET=1 with CPU tensors for Triton's interpreter)")
+    if like is not None and t.device != like.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but {like_name} is on {like.device}")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: {name} has dtype {str(t.dtype).replace('torch.', '')}; supported: {allowed}")
+
+
+def rows_2d(t: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """View `t` as [rows, n_cols] with a unit last stride (copies only when it must)."""
+    t2 = t.reshape(-1, n_cols)
+    if t2.stride(-1) != 1 and t2.numel() > 0:
+        t2 = t2.contiguous()
+    return t2
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    if device_index < 0:  # CPU interpreter: programs run one by one, keep grids small
+        return 4
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b

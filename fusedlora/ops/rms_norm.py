@@ -1,0 +1,96 @@
+"""RMSNorm with gradients for x and weight (kernels: csrc_triton/rms_norm.py).
+
+`casting="llama"` follows HF LlamaRMSNorm (normalise in fp32, cast to x's dtype, multiply by the
+weight; output dtype is the promotion of x and weight); `casting="gemma"` follows GemmaRMSNorm
+(everything in fp32, output in x's dtype). `offset=1.0` gives Gemma's `(1 + weight)`.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .. import kernels
+from ..loader import constexpr_key, launcher
+from ._common import check_tensor, rows_2d, sm_count
+
+CASTINGS = ("llama", "gemma")
+
+
+def naive_rms_norm(x, weight, eps=1e-6, offset=0.0, casting="llama"):
+    """Plain-torch reference with HF's casting semantics."""
+    xf = x.float()
+    xhat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if casting == "gemma":
+        return (xhat * (offset + weight.float())).to(x.dtype)
+    w = weight + offset if offset else weight
+    return w * xhat.to(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _meta(n_cols: int, gemma: bool, backward: bool):
+    m = (kernels.rms_norm_bwd_meta if backward else kernels.rms_norm_meta)(n_cols, gemma)
+    return m, constexpr_key(m)
+
+
+def rms_norm_forward(x2d, weight, eps: float, offset: float, gemma: bool):
+    """Launch the forward kernel. Returns (y [M, N], rstd [M] fp32)."""
+    n_rows, n_cols = x2d.shape
+    out_dtype = x2d.dtype if gemma else torch.promote_types(x2d.dtype, weight.dtype)
+    y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2d.device)
+    rstd = torch.empty((n_rows,), dtype=torch.float32, device=x2d.device)
+    meta, key = _meta(n_cols, gemma, False)
+    grid = ((n_rows + meta["BLOCK_M"] - 1) // meta["BLOCK_M"],)
+    launcher("rms_norm_fwd")(grid, (x2d, weight, y, rstd, x2d.stride(0), y.stride(0), n_rows, n_cols,
+                                    float(eps), float(offset)), key)
+    return y, rstd
+
+
+def rms_norm_backward(dy2d, x2d, weight, rstd, offset: float, gemma: bool, need_dw: bool = True):
+    """Launch the backward kernel. Returns (dx [M, N] in x's dtype, dw in weight's dtype or None)."""
+    n_rows, n_cols = x2d.shape
+    dx = torch.empty_like(x2d)
+    n_progs = max(1, min(n_rows, 4 * sm_count(x2d.get_device())))
+    dw_partial = torch.empty((n_progs, n_cols), dtype=torch.float32, device=x2d.device)
+    meta, key = _meta(n_cols, gemma, True)
+    if n_rows:
+        launcher("rms_norm_bwd")((n_progs,), (dy2d, x2d, weight, rstd, dx, dw_partial, dy2d.stride(0),
+                                              x2d.stride(0), dx.stride(0), n_rows, n_cols, float(offset)), key)
+    else:
+        dw_partial.zero_()
+    dw = dw_partial.sum(0).to(weight.dtype) if need_dw else None
+    return dx, dw
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, offset, gemma):
+        n_cols = x.shape[-1]
+        x2d = rows_2d(x, n_cols)
+        y, rstd = rms_norm_forward(x2d, weight, eps, offset, gemma)
+        ctx.save_for_backward(x2d, weight, rstd)
+        ctx.offset, ctx.gemma, ctx.x_shape = offset, gemma, x.shape
+        return y.view(*x.shape[:-1], n_cols)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, rstd = ctx.saved_tensors
+        dy2d = rows_2d(dy, x2d.shape[1])
+        dx, dw = rms_norm_backward(dy2d, x2d, weight, rstd, ctx.offset, ctx.gemma, ctx.needs_input_grad[1])
+        return dx.view(ctx.x_shape), dw, None, None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: float = 0.0,
+             casting: str = "llama") -> torch.Tensor:
+    """RMSNorm over the last dimension of `x` (any leading dims), differentiable in x and weight."""
+    op = "rms_norm"
+    check_tensor(op, "x", x)
+    check_tensor(op, "weight", weight, like=x, like_name="x")
+    if casting not in CASTINGS:
+        raise ValueError(f"{op}: casting must be one of {CASTINGS}, got {casting!r}")
+    if x.dim() < 1 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"{op}: weight has shape {tuple(weight.shape)} but x's last dimension is "
+                         f"{x.shape[-1] if x.dim() else '(scalar x)'}; expected weight of shape ({x.shape[-1] if x.dim() else 'N'},)")
+    if weight.stride(0) != 1:
+        weight = weight.contiguous()
+    return RMSNormFunction.apply(x, weight, float(eps), float(offset), casting == "gemma")

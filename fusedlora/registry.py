@@ -1,0 +1,180 @@
+"""The kernel registry: the one description of every kernel, shared by the JIT path and the AOT build.
+
+A `KernelSpec` names a `@triton.jit` function of `csrc_triton` and declares, once:
+- the element type of each pointer argument, through *dtype roles* (`"x"`, `"w"`…) or a fixed type;
+- which integer arguments Triton specialises (16-divisibility, ==1) — the rest are the kernel's
+  `do_not_specialize` list, read from the function itself so the two can never disagree;
+- `meta(**shape)`: the constexprs for a problem shape — the op launcher calls it at run time and the
+  AOT build calls it for every shape of the shape lists, so both pick the same variant;
+- `config(arch, constexprs)`: num_warps / num_stages per GPU architecture;
+- `aot_variants(family)`: the (dtypes, shape) combinations worth prebuilding for a model family.
+
+A `Variant` is one fully bound compilation (kernel, arch, argument types with their specialisation,
+constexprs, launch config). Its string form names a variant in error messages and on the command line
+(`python -m fusedlora.build --variant ...`).
+
+This module imports triton lazily and never imports torch: the wheel build runs it with triton alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from typing import Any, Callable, Iterable
+
+# Triton element type names used in signatures, keyed by our short dtype names.
+DTYPES = ("fp16", "bf16", "fp32", "i32", "i64", "u8", "i8", "i16")
+SUPPORTED_ARCHS = (80, 86, 89, 90)
+# Cubins of arch X run on GPUs of the same major version with minor >= X's minor. sm_90 cubins are
+# built for sm_90a by Triton and only run on cc 9.0.
+COMPATIBLE_ARCHS = {80: (80,), 86: (86, 80), 87: (80,), 89: (89, 86, 80), 90: (90,)}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    name: str
+    module: str                       # csrc_triton module holding the function
+    function: str                     # name of the @triton.jit function in it
+    pointer_types: dict[str, str]     # pointer arg -> dtype role or fixed dtype ("fp32")
+    float_args: tuple[str, ...] = ()  # runtime float scalars (passed as fp32)
+    meta: Callable[..., dict[str, Any]] = lambda **_: {}
+    config: Callable[[int, dict[str, Any]], tuple[int, int]] = lambda arch, c: (4, 1)
+    aot_variants: Callable[[dict[str, Any]], Iterable[tuple[dict[str, str], dict[str, Any]]]] = lambda f: ()
+    doc: str = ""
+
+    @property
+    def fn(self):
+        """The JITFunction (imported on first use so that `import fusedlora` stays light)."""
+        return getattr(importlib.import_module(self.module), self.function)
+
+    def arg_kinds(self) -> list[tuple[str, str]]:
+        """[(arg name, kind)] in declaration order; kind is ptr | float | int | int_nospec | constexpr."""
+        import inspect
+        fn = self.fn  # a JITFunction, or an InterpretedFunction under TRITON_INTERPRET=1
+        params = list(inspect.signature(fn.fn).parameters.values())
+        names = [p.name for p in params]
+        dns = getattr(fn, "do_not_specialize", None)
+        if dns is None:
+            dns = getattr(fn, "kwargs", {}).get("do_not_specialize") or ()
+        nospec = {names[d] if isinstance(d, int) else d for d in dns}
+        kinds = []
+        for p in params:
+            ann = p.annotation
+            if ann is not inspect.Parameter.empty and "constexpr" in (ann if isinstance(ann, str) else repr(ann)):
+                kinds.append((p.name, "constexpr"))
+            elif p.name in self.pointer_types:
+                kinds.append((p.name, "ptr"))
+            elif p.name in self.float_args:
+                kinds.append((p.name, "float"))
+            else:
+                kinds.append((p.name, "int_nospec" if p.name in nospec else "int"))
+        return kinds
+
+    def signature(self, dtypes: dict[str, str], int_spec: dict[str, str] | None = None) -> tuple[tuple[str, str], ...]:
+        """Argument types for given dtype roles, as Triton's JIT would specialise them.
+
+        Pointers are assumed 16-byte aligned (torch allocations are) and specialised ints 16-divisible
+        unless `int_spec` says otherwise ("1", "", "D")."""
+        int_spec = int_spec or {}
+        sig = []
+        for name, kind in self.arg_kinds():
+            if kind == "constexpr":
+                continue
+            if kind == "ptr":
+                role = self.pointer_types[name]
+                dt = dtypes.get(role, role)
+                if dt not in DTYPES:
+                    raise ValueError(f"{self.name}: no dtype given for role {role!r} of argument {name}")
+                sig.append((name, f"*{dt}:16"))
+            elif kind == "float":
+                sig.append((name, "fp32"))
+            elif kind == "int_nospec":
+                sig.append((name, "i32"))
+            else:
+                s = int_spec.get(name, "D")
+                sig.append((name, "1" if s == "1" else ("i32:16" if s == "D" else "i32")))
+        return tuple(sig)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    kernel: str
+    arch: int
+    signature: tuple[tuple[str, str], ...]  # non-constexpr args: (name, type) e.g. ("X", "*bf16:16")
+    constexprs: tuple[tuple[str, Any], ...]
+    num_warps: int
+    num_stages: int
+
+    @property
+    def key(self):
+        """Dispatch key without the arch: what the launcher computes from its arguments."""
+        return (self.kernel, tuple(t for _, t in self.signature), self.constexprs)
+
+    def to_string(self) -> str:
+        return json.dumps({"kernel": self.kernel, "arch": self.arch,
+                           "signature": [list(p) for p in self.signature], "constexprs": [list(p) for p in self.constexprs],
+                           "num_warps": self.num_warps, "num_stages": self.num_stages},
+                          separators=(",", ":"))
+
+    @classmethod
+    def from_string(cls, s: str) -> "Variant":
+        d = json.loads(s)
+        # Lists of pairs, not objects: argument order is part of the ABI and JSON writers may sort keys.
+        return cls(kernel=d["kernel"], arch=int(d["arch"]), signature=tuple((n, t) for n, t in d["signature"]),
+                   constexprs=tuple((n, v) for n, v in d["constexprs"]), num_warps=int(d["num_warps"]),
+                   num_stages=int(d["num_stages"]))
+
+    def file_stem(self) -> str:
+        import hashlib
+        digest = hashlib.sha256(self.to_string().encode()).hexdigest()[:16]
+        return f"{self.kernel}.sm{self.arch}.{digest}"
+
+
+_REGISTRY: dict[str, KernelSpec] = {}
+
+
+def register(spec: KernelSpec) -> KernelSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"kernel {spec.name!r} registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get(name: str) -> KernelSpec:
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown kernel {name!r}; registered: {sorted(_REGISTRY)}") from None
+
+
+def all_kernels() -> dict[str, KernelSpec]:
+    _ensure_loaded()
+    return dict(_REGISTRY)
+
+
+def _ensure_loaded():
+    importlib.import_module("fusedlora.kernels")
+
+
+def make_variant(spec: KernelSpec, arch: int, dtypes: dict[str, str], shape: dict[str, Any],
+                 int_spec: dict[str, str] | None = None) -> Variant:
+    """The variant that the launcher will ask for on `arch` for these dtypes and this shape."""
+    constexprs = spec.meta(**shape)
+    num_warps, num_stages = spec.config(arch, constexprs)
+    return Variant(spec.name, arch, spec.signature(dtypes, int_spec), tuple(sorted(constexprs.items())),
+                   num_warps, num_stages)
+
+
+def family_variants(family: dict[str, Any], archs: Iterable[int], kernels: Iterable[str] | None = None) -> list[Variant]:
+    """Every variant that the registered kernels want prebuilt for a shape family, deduplicated."""
+    specs = all_kernels()
+    names = list(kernels) if kernels is not None else sorted(specs)
+    out: dict[tuple, Variant] = {}
+    for name in names:
+        spec = specs[name]
+        for dtypes, shape in spec.aot_variants(family):
+            for arch in archs:
+                v = make_variant(spec, arch, dtypes, shape)
+                out.setdefault((v.arch,) + v.key, v)
+    return list(out.values())
