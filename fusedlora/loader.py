@@ -246,10 +246,8 @@ class KernelLauncher:
         if grid[0] * grid[1] * grid[2] == 0:
             return
         loader = self.loader
-        guard = loader.cuda_getDevice() != device
-        if guard:
-            import torch
-            with torch.cuda.device(device):
+        if loader.cuda_getDevice() != device:
+            with loader.device_guard(device):
                 self._launch(launch, device, grid, args, values)
         else:
             self._launch(launch, device, grid, args, values)
@@ -300,6 +298,7 @@ class Loader:
         # Fast accessors (Triton uses the same); absent from CPU-only torch builds.
         self.cuda_getDevice = getattr(torch._C, "_cuda_getDevice", None)
         self.raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        self.device_guard = torch.cuda.device
 
     # -- plumbing
     def driver(self):
@@ -385,9 +384,8 @@ class Loader:
                           "2 scratch pointers; using the JIT path", RuntimeWarning, stacklevel=3)
             return None
         drv = self.driver()
-        import torch
         try:
-            with torch.cuda.device(device):
+            with self.device_guard(device):
                 drv.ensure_context(device)
                 func = drv.load_function(image, entry.name, entry.shared)
         except Exception as e:

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs what fusedlora's tests and self-check need on a fresh machine (idempotent, quiet).
+# CPU machines get torch's CPU build; kernels then run in Triton's interpreter.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  pip_install "torch==2.13.0"
+fi
+if ! "$PY" -c "import triton" 2>/dev/null; then
+  pip_install "triton==3.9.0"
+fi
+pip_install numpy "pytest>=8" "pytest-benchmark>=4" tqdm "setuptools>=64" wheel
+# The package itself, editable (no AOT build: tests build what they need).
+pip_install --no-build-isolation --no-deps -e .
