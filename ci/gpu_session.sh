@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One full GPU session (device machine): install the carried wheel in a fresh venv, self-check and info
+# from outside the repo (prebuilt path), the whole test suite on the GPU, then the benchmarks.
+# Usage: bash ci/gpu_session.sh [pytest args]; results under $OUT (or ./gpu_out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/env.txt"
+if ls dist/fusedlora-*.whl >/dev/null 2>&1; then
+  python3 -m venv --system-site-packages /tmp/venv
+  /tmp/venv/bin/python -m pip install -q --no-index --no-deps dist/fusedlora-*.whl
+  (cd /tmp && /tmp/venv/bin/python -m fusedlora.info && FUSEDLORA_AOT_ONLY=1 /tmp/venv/bin/python -m fusedlora.selfcheck) 2>&1 | tee "$OUT/wheel_selfcheck.txt"
+fi
+[ "${SKIP_TESTS:-0}" = 1 ] || python3 -m pytest -q -x tests "$@" 2>&1 | tee "$OUT/pytest.txt" | tail -25
+if [ "${SKIP_BENCH:-0}" != 1 ] && [ -x /tmp/venv/bin/python ]; then
+  (cd /tmp && /tmp/venv/bin/python -m fusedlora.bench --out "$OUT/bench.md" ${BENCH_ARGS:-}) 2>&1 | tail -40
+fi
