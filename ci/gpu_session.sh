@@ -12,12 +12,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/env.txt"
+WHEEL_PY="env PYTHONPATH=/tmp/flwheel:${PYTHONPATH:-} python3"
 if ls dist/fusedlora-*.whl >/dev/null 2>&1; then
-  python3 -m venv --system-site-packages /tmp/venv
-  /tmp/venv/bin/python -m pip install -q --no-index --no-deps dist/fusedlora-*.whl
-  (cd /tmp && /tmp/venv/bin/python -m fusedlora.info && FUSEDLORA_AOT_ONLY=1 /tmp/venv/bin/python -m fusedlora.selfcheck) 2>&1 | tee "$OUT/wheel_selfcheck.txt"
+  # The built wheel, installed on its own (not the checkout): the prebuilt path as users get it.
+  python3 -m pip install -q --no-index --no-deps --target /tmp/flwheel dist/fusedlora-*.whl
+  (cd /tmp && $WHEEL_PY -m fusedlora.info && FUSEDLORA_AOT_ONLY=1 $WHEEL_PY -m fusedlora.selfcheck) 2>&1 | tee "$OUT/wheel_selfcheck.txt"
 fi
 [ "${SKIP_TESTS:-0}" = 1 ] || python3 -m pytest -q -x tests "$@" 2>&1 | tee "$OUT/pytest.txt" | tail -25
-if [ "${SKIP_BENCH:-0}" != 1 ] && [ -x /tmp/venv/bin/python ]; then
-  (cd /tmp && /tmp/venv/bin/python -m fusedlora.bench --out "$OUT/bench.md" ${BENCH_ARGS:-}) 2>&1 | tail -40
+if [ "${SKIP_BENCH:-0}" != 1 ] && [ -d /tmp/flwheel ]; then
+  (cd /tmp && $WHEEL_PY -m fusedlora.bench --out "$OUT/bench.md" ${BENCH_ARGS:-}) 2>&1 | tail -40
 fi

@@ -94,6 +94,8 @@ def compile_variant(variant_str: str, ptxas13: bool = False) -> dict:
         "ptx_version": ptx_version.group(1) if ptx_version else None,
         "ptxas": "cuda13" if (v.arch >= 90 and ptxas13) else "bundled",
         "compile_s": round(time.perf_counter() - t0, 3),
+        "source_sha256": spec.source_sha256(),
+        "arg_kinds": [list(k) for k in spec.arg_kinds()],
         "cubin": cubin,
     }
 
@@ -158,7 +160,8 @@ def build(variants: Iterable[Variant], out_dir: str | os.PathLike, jobs: int | N
         pool = None
     else:
         import multiprocessing as mp
-        ctx = mp.get_context("fork") if sys.platform.startswith("linux") else None
+        # fork is fastest, but not from a process whose CUDA runtime has started threads (GPU tests).
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") and "torch" not in sys.modules else "spawn")
         pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
         results = pool.map(_worker, tasks, chunksize=1)
     try:
@@ -180,7 +183,7 @@ def build(variants: Iterable[Variant], out_dir: str | os.PathLike, jobs: int | N
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "kernels": sorted(kept + records, key=lambda r: r["file"])}
     tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    tmp.write_text(json.dumps(manifest, separators=(",", ":"), sort_keys=True))  # compact: read at first launch
     tmp.replace(out / MANIFEST)
     summary = {"variants": len(records), "errors": errors, "seconds": round(time.perf_counter() - t0, 1),
                "bytes": sum(r["bytes"] for r in records), "out": str(out), "jobs": jobs,

@@ -80,11 +80,12 @@ def _nospec_int(v: int) -> str:
     return "i32" if -2**31 <= v < 2**31 else "i64"
 
 
-def make_binder(spec: KernelSpec):
+def make_binder(spec: KernelSpec, arg_kinds=None):
     """Generate `bind(*args) -> (signature types, values)` for the kernel's non-constexpr arguments.
 
-    Generated code (as Triton does) keeps the per-launch cost to one pass with no loops."""
-    kinds = [(n, k) for n, k in spec.arg_kinds() if k != "constexpr"]
+    Generated code (as Triton does) keeps the per-launch cost to one pass with no loops. `arg_kinds`
+    comes from the manifest when prebuilt kernels exist, so the prebuilt path never imports triton."""
+    kinds = [(n, k) for n, k in (arg_kinds or spec.arg_kinds()) if k != "constexpr"]
     aligned, unaligned = _dtype_tables()
     params = ", ".join(f"a{i}" for i in range(len(kinds)))
     pre, types, vals = [], [], []
@@ -116,7 +117,7 @@ class Entry:
     def __init__(self, directory: Path, record: dict):
         self.directory = directory
         self.record = record
-        self.variant = Variant.from_string(json.dumps(record["variant"]))
+        self.variant = Variant.from_dict(record["variant"])
         self.path = directory / record["file"]
         self.sha256 = record["sha256"]
         self.name = record["name"]
@@ -143,9 +144,11 @@ class Entry:
         return self._image
 
 
-def read_index(dirs: list[Path]) -> dict[tuple, dict[int, Entry]]:
-    """key -> {arch: Entry}; earlier directories win."""
+def read_index(dirs: list[Path], arg_kinds: dict | None = None) -> dict[tuple, dict[int, Entry]]:
+    """key -> {arch: Entry}; earlier directories win. Entries built from another source of their kernel
+    (stale) are left out with a warning. Fills `arg_kinds` (kernel -> argument kinds) when given."""
     index: dict[tuple, dict[int, Entry]] = {}
+    current: dict[str, str | None] = {}
     for d in dirs:
         mpath = d / MANIFEST
         if not mpath.is_file():
@@ -158,8 +161,24 @@ def read_index(dirs: list[Path]) -> dict[tuple, dict[int, Entry]]:
         except Exception as e:  # a broken manifest must never break the op
             warnings.warn(f"fusedlora: ignoring kernel manifest {mpath}: {e}", RuntimeWarning, stacklevel=2)
             continue
+        stale = set()
         for e in entries:
+            name = e.variant.kernel
+            if name not in current:
+                try:
+                    current[name] = registry.get(name).source_sha256()
+                except Exception:
+                    current[name] = None  # a kernel this version does not know
+            want = e.record.get("source_sha256")
+            if current[name] is None or (want is not None and want != current[name]):
+                stale.add(name)
+                continue
+            if arg_kinds is not None and "arg_kinds" in e.record:
+                arg_kinds.setdefault(name, [tuple(k) for k in e.record["arg_kinds"]])
             index.setdefault(e.variant.key, {}).setdefault(e.variant.arch, e)
+        if stale:
+            warnings.warn(f"fusedlora: prebuilt kernels in {d} for {sorted(stale)} were built from other sources "
+                          "(or are unknown); ignoring them", RuntimeWarning, stacklevel=2)
     return index
 
 
@@ -224,7 +243,7 @@ class KernelLauncher:
     def __init__(self, loader: "Loader", spec: KernelSpec):
         self.loader = loader
         self.spec = spec
-        self.bind, self.arg_names = make_binder(spec)
+        self.bind, self.arg_names = make_binder(spec, loader.arg_kinds(spec))
         self.memo: dict[tuple, Any] = {}
         self.lock = threading.Lock()
 
@@ -319,8 +338,17 @@ class Loader:
         if self._index is None:
             with self._lock:
                 if self._index is None:
-                    self._index = read_index(self.dirs)
+                    kinds: dict = {}
+                    self._index = read_index(self.dirs, kinds)
+                    self._arg_kinds = kinds
         return self._index
+
+    def arg_kinds(self, spec: KernelSpec):
+        """The kernel's argument kinds: from the manifest if it has them (no triton import), else the source."""
+        if self.force_jit:
+            return None
+        self.index
+        return self._arg_kinds.get(spec.name)
 
     def arch(self, device: int) -> int:
         arch = self._archs.get(device)
@@ -350,7 +378,7 @@ class Loader:
 
     def wanted_variant(self, spec: KernelSpec, arch: int, sig, constexprs) -> Variant:
         num_warps, num_stages = spec.config(arch, dict(constexprs))
-        names = [n for n, k in spec.arg_kinds() if k != "constexpr"]
+        names = [n for n, k in (self.arg_kinds(spec) or spec.arg_kinds()) if k != "constexpr"]
         return Variant(spec.name, arch, tuple(zip(names, sig)), constexprs, num_warps, num_stages)
 
     def resolve(self, spec: KernelSpec, device: int, sig, constexprs):

@@ -42,6 +42,19 @@ class KernelSpec:
     aot_variants: Callable[[dict[str, Any]], Iterable[tuple[dict[str, str], dict[str, Any]]]] = lambda f: ()
     doc: str = ""
 
+    def source_sha256(self) -> str:
+        """Fingerprint of the kernel's source (its module and csrc_triton's shared `_*.py` helpers), read
+        without importing triton: prebuilt cubins of other sources are stale and never used."""
+        import hashlib
+        import importlib.util
+        from pathlib import Path
+        origin = Path(importlib.util.find_spec(self.module).origin)
+        h = hashlib.sha256(origin.read_bytes())
+        for helper in sorted(origin.parent.glob("_*.py")):
+            if helper.name != "__init__.py":
+                h.update(helper.read_bytes())
+        return h.hexdigest()
+
     @property
     def fn(self):
         """The JITFunction (imported on first use so that `import fusedlora` stays light)."""
@@ -118,7 +131,10 @@ class Variant:
 
     @classmethod
     def from_string(cls, s: str) -> "Variant":
-        d = json.loads(s)
+        return cls.from_dict(json.loads(s))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Variant":
         # Lists of pairs, not objects: argument order is part of the ABI and JSON writers may sort keys.
         return cls(kernel=d["kernel"], arch=int(d["arch"]), signature=tuple((n, t) for n, t in d["signature"]),
                    constexprs=tuple((n, v) for n, v in d["constexprs"]), num_warps=int(d["num_warps"]),

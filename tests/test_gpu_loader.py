@@ -112,7 +112,7 @@ def test_fresh_process_compiles_nothing(kernel_dir, tmp_path):
     assert out["stats"]["jit"] == 0 and out["stats"]["aot"] == 24
     assert list(cache.rglob("*")) == [], "Triton compiled something"
     print(f"first call of a prebuilt kernel in a fresh process: {out['first_call_ms']:.2f} ms")
-    assert out["first_call_ms"] < 100  # the 5 ms target is benchmarked; this only guards against a JIT
+    assert out["first_call_ms"] < 50  # the 5 ms target is benchmarked (BENCHMARKS.md); a JIT takes ~1-2 s
 
 
 def test_cuda_graph_capture(kernel_dir, use_loader):

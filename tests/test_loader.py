@@ -71,7 +71,7 @@ def meta_key(n=N, gemma=False):
     return L.constexpr_key(SPEC.meta(n_cols=n, gemma_cast=gemma))
 
 
-def make_dir(tmp_path, archs, dtype="bf16", corrupt=False, name="k"):
+def make_dir(tmp_path, archs, dtype="bf16", corrupt=False, name="k", source=None):
     d = tmp_path / name
     d.mkdir()
     records = []
@@ -82,7 +82,9 @@ def make_dir(tmp_path, archs, dtype="bf16", corrupt=False, name="k"):
         records.append({"variant": json.loads(v.to_string()), "file": v.file_stem() + ".cubin",
                         "sha256": hashlib.sha256(b"other" if corrupt else image).hexdigest(),
                         "name": "rms_norm_fwd_kernel", "shared": 64, "num_warps": v.num_warps,
-                        "abi": [t for _, t in v.signature if t != "1"] + ["*i8", "*i8"]})
+                        "abi": [t for _, t in v.signature if t != "1"] + ["*i8", "*i8"],
+                        "source_sha256": source or SPEC.source_sha256(),
+                        "arg_kinds": [list(k) for k in SPEC.arg_kinds()]})
     (d / "manifest.json").write_text(json.dumps({"format": 1, "kernels": records}, sort_keys=True))
     return d
 
@@ -296,3 +298,40 @@ def test_threads_get_their_own_slots(tmp_path, jit_calls):
     [t.join() for t in threads]
     assert not errors and seen == {i: 1000 + i for i in range(4)}
     assert len(ld.driver().loaded) == 1 and len(ld.driver().launches) == 200
+
+
+def test_stale_cubins_are_ignored(tmp_path, jit_calls):
+    ld = make_loader([make_dir(tmp_path, [90], source="0" * 64)], 90)
+    with pytest.warns(RuntimeWarning, match="built from other sources"):
+        launch(ld)
+    assert ld.stats == {"aot": 0, "jit": 1}
+
+
+PREBUILT_PATH_WITHOUT_TRITON = r"""
+import sys, contextlib, torch
+sys.path.insert(0, {tests!r})
+import test_loader as T
+from pathlib import Path
+assert "triton" not in sys.modules
+d = Path({tmp!r})
+ld = T.make_loader([d], 90)
+T.launch(ld)
+assert ld.stats == {{"aot": 1, "jit": 0}}, ld.stats
+assert "triton" not in sys.modules, "the prebuilt path imported triton"
+print("ok")
+"""
+
+
+def test_prebuilt_path_does_not_import_triton(tmp_path):
+    """Importing triton costs 100+ ms: the first call of a prebuilt kernel must not pay it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    d = make_dir(tmp_path, [90])
+    tests = str(Path(__file__).parent)
+    code = PREBUILT_PATH_WITHOUT_TRITON.format(tests=tests, tmp=str(d))
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDLORA_JIT")}
+    env["PYTHONPATH"] = str(Path(tests).parent) + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
