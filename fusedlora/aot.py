@@ -129,16 +129,52 @@ def _progress(total: int, quiet: bool):
         return Plain()
 
 
-def read_manifest(out_dir: Path) -> dict:
-    mpath = out_dir / MANIFEST
-    if mpath.is_file():
-        try:
-            m = json.loads(mpath.read_text())
-            if m.get("format") == MANIFEST_FORMAT:
-                return m
-        except ValueError:
-            pass
-    return {"format": MANIFEST_FORMAT, "kernels": []}
+def _write_json(path: Path, obj):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, separators=(",", ":"), sort_keys=True))  # compact: read at first launch
+    tmp.replace(path)
+
+
+def write_manifests(out: Path, records: list[dict], merge: bool):
+    """Write one manifest per kernel (`<kernel>.json`, read lazily by the loader on first use of that
+    kernel) and the top-level `manifest.json` index (build info, each kernel's source fingerprint and
+    argument kinds). With merge, entries already there are kept unless rebuilt or stale."""
+    import triton
+    top = load_top_manifest(out) if merge else None
+    kernels = dict(top["kernels"]) if top else {}
+    by_kernel: dict[str, list[dict]] = {}
+    for r in records:
+        by_kernel.setdefault(r["variant"]["kernel"], []).append(r)
+    for name, recs in by_kernel.items():
+        first = recs[0]
+        info = {"manifest": f"{name}.json", "source_sha256": first.pop("source_sha256"),
+                "arg_kinds": first.pop("arg_kinds")}
+        for r in recs[1:]:
+            r.pop("source_sha256"), r.pop("arg_kinds")
+        old = kernels.get(name)
+        kept = []
+        if old and old.get("source_sha256") == info["source_sha256"]:
+            new_files = {r["file"] for r in recs}
+            try:
+                prev = json.loads((out / old["manifest"]).read_text())["entries"]
+            except (OSError, ValueError, KeyError):
+                prev = []
+            kept = [r for r in prev if r["file"] not in new_files and (out / r["file"]).exists()]
+        entries = sorted(kept + recs, key=lambda r: r["file"])
+        info["variants"] = len(entries)
+        _write_json(out / info["manifest"], {"format": MANIFEST_FORMAT, "kernel": name, "entries": entries})
+        kernels[name] = info
+    _write_json(out / MANIFEST, {"format": MANIFEST_FORMAT, "triton_version": triton.__version__,
+                                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                 "kernels": kernels})
+
+
+def load_top_manifest(out_dir: Path) -> dict | None:
+    try:
+        m = json.loads((out_dir / MANIFEST).read_text())
+        return m if m.get("format") == MANIFEST_FORMAT else None
+    except (OSError, ValueError):
+        return None
 
 
 def build(variants: Iterable[Variant], out_dir: str | os.PathLike, jobs: int | None = None,
@@ -176,15 +212,7 @@ def build(variants: Iterable[Variant], out_dir: str | os.PathLike, jobs: int | N
         bar.close()
         if pool is not None:
             pool.shutdown()
-    manifest = read_manifest(out) if merge else {"format": MANIFEST_FORMAT, "kernels": []}
-    new_files = {r["file"] for r in records}
-    kept = [r for r in manifest["kernels"] if r["file"] not in new_files and (out / r["file"]).exists()]
-    manifest = {"format": MANIFEST_FORMAT, "triton_version": triton.__version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "kernels": sorted(kept + records, key=lambda r: r["file"])}
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, separators=(",", ":"), sort_keys=True))  # compact: read at first launch
-    tmp.replace(out / MANIFEST)
+    write_manifests(out, records, merge)
     summary = {"variants": len(records), "errors": errors, "seconds": round(time.perf_counter() - t0, 1),
                "bytes": sum(r["bytes"] for r in records), "out": str(out), "jobs": jobs,
                "archs": sorted({r["variant"]["arch"] for r in records})}

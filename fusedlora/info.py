@@ -22,6 +22,7 @@ def collect() -> dict:
     info["prebuilt_per_arch"] = dict(sorted(by_arch.items()))
     for d in kernel_dirs():
         info["dirs"].append((str(d), (d / "manifest.json").is_file()))
+    info["kernels"] = sorted({k[0] for k in index})
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(i)

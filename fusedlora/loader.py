@@ -20,7 +20,9 @@ import ctypes
 import hashlib
 import json
 import logging
+import operator
 import os
+import struct
 import threading
 import warnings
 from pathlib import Path
@@ -33,7 +35,7 @@ log = logging.getLogger("fusedlora")
 
 PREBUILT_DIR = Path(__file__).parent / "_prebuilt"
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
 
 
 def user_kernel_dir() -> Path:
@@ -144,81 +146,138 @@ class Entry:
         return self._image
 
 
-def read_index(dirs: list[Path], arg_kinds: dict | None = None) -> dict[tuple, dict[int, Entry]]:
-    """key -> {arch: Entry}; earlier directories win. Entries built from another source of their kernel
-    (stale) are left out with a warning. Fills `arg_kinds` (kernel -> argument kinds) when given."""
-    index: dict[tuple, dict[int, Entry]] = {}
-    current: dict[str, str | None] = {}
+def read_top_manifests(dirs: list[Path]) -> list[tuple[Path, dict]]:
+    """The small top-level manifest of each kernel directory that has one (broken ones warned and skipped)."""
+    tops = []
     for d in dirs:
         mpath = d / MANIFEST
         if not mpath.is_file():
             continue
         try:
-            manifest = json.loads(mpath.read_text())
-            if manifest.get("format") != MANIFEST_FORMAT:
-                raise ValueError(f"format {manifest.get('format')!r}, expected {MANIFEST_FORMAT}")
-            entries = [Entry(d, r) for r in manifest["kernels"]]
+            top = json.loads(mpath.read_text())
+            if top.get("format") != MANIFEST_FORMAT:
+                raise ValueError(f"format {top.get('format')!r}, expected {MANIFEST_FORMAT} (rebuild the kernels)")
+            if not isinstance(top.get("kernels"), dict):
+                raise ValueError("no kernels table")
         except Exception as e:  # a broken manifest must never break the op
-            warnings.warn(f"fusedlora: ignoring kernel manifest {mpath}: {e}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"fusedlora: ignoring kernel manifest {mpath}: {e}", RuntimeWarning, stacklevel=3)
             continue
-        stale = set()
+        tops.append((d, top))
+    return tops
+
+
+def kernel_index(tops: list[tuple[Path, dict]], name: str):
+    """(key -> {arch: Entry}, arg kinds or None) for one kernel across directories; earlier ones win.
+
+    A directory whose cubins of this kernel were built from another source (stale) is skipped, warned."""
+    index: dict[tuple, dict[int, Entry]] = {}
+    kinds = None
+    current = None
+    for d, top in tops:
+        info = top["kernels"].get(name)
+        if not info:
+            continue
+        if current is None:
+            current = registry.get(name).source_sha256()
+        if info.get("source_sha256") != current:
+            warnings.warn(f"fusedlora: prebuilt {name} kernels in {d} were built from another source; ignoring them",
+                          RuntimeWarning, stacklevel=3)
+            continue
+        try:
+            entries = [Entry(d, r) for r in json.loads((d / info["manifest"]).read_text())["entries"]]
+        except Exception as e:
+            warnings.warn(f"fusedlora: ignoring kernel manifest {d / str(info.get('manifest'))}: {e}",
+                          RuntimeWarning, stacklevel=3)
+            continue
+        if kinds is None and info.get("arg_kinds"):
+            kinds = [tuple(k) for k in info["arg_kinds"]]
         for e in entries:
-            name = e.variant.kernel
-            if name not in current:
-                try:
-                    current[name] = registry.get(name).source_sha256()
-                except Exception:
-                    current[name] = None  # a kernel this version does not know
-            want = e.record.get("source_sha256")
-            if current[name] is None or (want is not None and want != current[name]):
-                stale.add(name)
-                continue
-            if arg_kinds is not None and "arg_kinds" in e.record:
-                arg_kinds.setdefault(name, [tuple(k) for k in e.record["arg_kinds"]])
             index.setdefault(e.variant.key, {}).setdefault(e.variant.arch, e)
-        if stale:
-            warnings.warn(f"fusedlora: prebuilt kernels in {d} for {sorted(stale)} were built from other sources "
-                          "(or are unknown); ignoring them", RuntimeWarning, stacklevel=2)
+    return index, kinds
+
+
+def read_index(dirs: list[Path]) -> dict[tuple, dict[int, Entry]]:
+    """Every kernel's entries across `dirs` (tools and tests; the loader reads per kernel, lazily)."""
+    tops = read_top_manifests(dirs)
+    names = {n for _, top in tops for n in top["kernels"]}
+    index: dict[tuple, dict[int, Entry]] = {}
+    for name in sorted(names):
+        if name in registry.all_kernels():
+            index.update(kernel_index(tops, name)[0])
     return index
 
 
 # ----------------------------------------------------------------------------- launchers
-class _AotLaunch:
-    """A loaded cubin with argument slots prepared once per thread."""
+# Kernel parameter packing: (struct code, size/alignment) per ABI type.
+_PACK = {"fp32": ("f", 4), "i32": ("i", 4), "i32:16": ("i", 4), "i64": ("q", 8), "i64:16": ("q", 8)}
 
-    def __init__(self, drv, func, entry: Entry, abi_positions: list[int], slot_types: list):
-        self.drv = drv
+
+class _AotLaunch:
+    """A loaded cubin. Per thread, one buffer holds every kernel parameter at its offset and a pointer
+    array addresses them (prepared once); a launch packs the values in one `struct.pack_into` call."""
+
+    def __init__(self, loader: "Loader", func, entry: Entry, device: int, sig):
+        self.loader = loader
+        self.cuLaunchKernel = loader.driver().cuLaunchKernel
         self.func = func
         self.entry = entry
+        self.device = device
         self.block = 32 * entry.num_warps
         self.shared = entry.shared
-        self.abi_positions = abi_positions
-        self.slot_types = slot_types
+        positions = [i for i, t in enumerate(sig) if t != "1"]  # ints equal to 1 are not parameters
+        self.pick = None if len(positions) == len(sig) else operator.itemgetter(*positions)
+        fmt, offsets, off = "<", [], 0
+        for t in [sig[i] for i in positions] + ["*scratch", "*scratch"]:
+            code, size = ("Q", 8) if t.startswith("*") else _PACK[t]
+            pad = -off % size
+            fmt += "x" * pad + code
+            off += pad
+            offsets.append(off)
+            off += size
+        self.packer = struct.Struct(fmt[:-2])  # the values only: the two scratch slots stay null
+        self.offsets = offsets
+        self.size = off
+        self.scratch_offset = offsets[-2]
+        self.single_value = len(positions) == 1
         self.tls = threading.local()
 
-    def _slots(self):
-        slots = [t() for t in self.slot_types] + [ctypes.c_void_p(), ctypes.c_void_p()]
-        params = (ctypes.c_void_p * len(slots))(*[ctypes.cast(ctypes.pointer(s), ctypes.c_void_p) for s in slots])
-        self.tls.slots = (slots, params)
-        return self.tls.slots
+    def _thread_state(self):
+        self.loader.driver().ensure_context(self.device)  # a new thread may have no current context
+        buf = ctypes.create_string_buffer(self.size)
+        base = ctypes.addressof(buf)
+        params = (ctypes.c_void_p * len(self.offsets))(*[base + o for o in self.offsets])
+        state = self.tls.state = (buf, params, ctypes.c_void_p())
+        return state
 
-    def __call__(self, grid, values, stream, scratch_device):
+    def __call__(self, grid, args, values):
         try:
-            slots, params = self.tls.slots
+            buf, params, stream = self.tls.state
         except AttributeError:
-            slots, params = self._slots()
-        for slot, pos in zip(slots, self.abi_positions):
-            slot.value = values[pos]
-        gx, gy, gz = grid
+            buf, params, stream = self._thread_state()
+        if self.pick is None:
+            self.packer.pack_into(buf, 0, *values)
+        else:
+            picked = self.pick(values)
+            self.packer.pack_into(buf, 0, *((picked,) if self.single_value else picked))
+        n = len(grid)
+        gx = grid[0]
+        gy = grid[1] if n > 1 else 1
+        gz = grid[2] if n > 2 else 1
         if self.entry.global_scratch_size:
-            import torch
-            n = gx * gy * gz * self.entry.global_scratch_size
-            buf = torch.empty(n + self.entry.global_scratch_align, dtype=torch.uint8, device=scratch_device)
-            slots[-2].value = buf.data_ptr()
-        err = self.drv.cuLaunchKernel(self.func, gx, gy, gz, self.block, 1, 1, self.shared,
-                                      ctypes.c_void_p(stream), params, None)
+            self._scratch(buf, gx * gy * gz)
+        stream.value = self.loader.raw_stream(self.device)
+        err = self.cuLaunchKernel(self.func, gx, gy, gz, self.block, 1, 1, self.shared, stream, params, None)
         if err:
-            self.drv.check(err, f"cuLaunchKernel({self.entry.name})")
+            self.loader.driver().check(err, f"cuLaunchKernel({self.entry.name})")
+
+    def _scratch(self, buf, n_programs):
+        import torch
+        e = self.entry
+        t = torch.empty(n_programs * e.global_scratch_size + e.global_scratch_align, dtype=torch.uint8,
+                        device=self.device)  # stream-ordered, so safe under graph capture
+        ptr = (t.data_ptr() + e.global_scratch_align - 1) // e.global_scratch_align * e.global_scratch_align
+        struct.pack_into("<Q", buf, self.scratch_offset, ptr)
+        self._scratch_keepalive = t
 
 
 class _JitLaunch:
@@ -226,19 +285,15 @@ class _JitLaunch:
         self.fn = spec.fn
         self.kwargs = dict(constexprs, num_warps=num_warps, num_stages=num_stages)
 
-    def __call__(self, grid, args):
+    def __call__(self, grid, args, values=None):
         self.fn[grid](*args, **self.kwargs)
-
-
-_SLOT_TYPES = {"fp32": ctypes.c_float, "i32": ctypes.c_int32, "i32:16": ctypes.c_int32,
-               "i64": ctypes.c_int64, "i64:16": ctypes.c_int64}
 
 
 class KernelLauncher:
     """Launches one registered kernel: `launcher(grid, args, constexprs)`.
 
-    args: the kernel's non-constexpr arguments in order (tensors, ints, floats);
-    constexprs: a tuple of sorted (name, value) pairs, as `spec.meta` gives them (see `constexpr_key`)."""
+    args: the kernel's non-constexpr arguments in order (tensors, ints, floats); grid: 1 to 3 ints;
+    constexprs: a tuple of sorted (name, value) pairs, as `constexpr_key(spec.meta(...))` gives them."""
 
     def __init__(self, loader: "Loader", spec: KernelSpec):
         self.loader = loader
@@ -246,40 +301,27 @@ class KernelLauncher:
         self.bind, self.arg_names = make_binder(spec, loader.arg_kinds(spec))
         self.memo: dict[tuple, Any] = {}
         self.lock = threading.Lock()
+        self.get_device = loader.cuda_getDevice
 
     def __call__(self, grid, args, constexprs):
-        first = args[0]
-        device = first.get_device()
+        device = args[0].get_device()
         if device < 0:
             return self._cpu(grid, args, constexprs)
         try:
             sig, values = self.bind(*args)
         except KeyError as e:
             raise TypeError(f"{self.spec.name}: unsupported tensor dtype {e.args[0]}") from None
-        key = (device, sig, constexprs)
-        launch = self.memo.get(key)
+        launch = self.memo.get((device, sig, constexprs))
         if launch is None:
             launch = self._resolve(device, sig, constexprs)
-        if len(grid) < 3:
-            grid = tuple(grid) + (1,) * (3 - len(grid))
-        if grid[0] * grid[1] * grid[2] == 0:
-            return
-        loader = self.loader
-        if loader.cuda_getDevice() != device:
-            with loader.device_guard(device):
-                self._launch(launch, device, grid, args, values)
+        for g in grid:
+            if not g:
+                return
+        if self.get_device() == device:
+            launch(grid, args, values)
         else:
-            self._launch(launch, device, grid, args, values)
-
-    def _launch(self, launch, device, grid, args, values):
-        if type(launch) is _JitLaunch:
-            launch(grid, args)
-        else:
-            loader = self.loader
-            if device not in loader.tls_ctx():
-                loader.driver().ensure_context(device)
-                loader.tls_ctx().add(device)
-            launch(grid, values, loader.raw_stream(device), device)
+            with self.loader.device_guard(device):
+                launch(grid, args, values)
 
     def _cpu(self, grid, args, constexprs):
         if not _env_flag("TRITON_INTERPRET"):
@@ -306,11 +348,11 @@ class Loader:
         if self.force_jit and self.aot_only:
             raise ValueError("FUSEDLORA_JIT=1 and FUSEDLORA_AOT_ONLY=1 contradict each other")
         self._driver = driver
-        self._index = None
+        self._tops = None
+        self._kernels: dict[str, tuple] = {}
         self._launchers: dict[str, KernelLauncher] = {}
         self._archs: dict[int, int] = {}
         self._lock = threading.RLock()
-        self._tls = threading.local()
         self.stats = {"aot": 0, "jit": 0}  # resolved keys per path, for info/tests
         self.paths: dict[str, str] = {}     # kernel -> how its latest new key was resolved (selfcheck)
         import torch
@@ -326,29 +368,23 @@ class Loader:
             self._driver = driver()
         return self._driver
 
-    def tls_ctx(self) -> set:
-        try:
-            return self._tls.ctx
-        except AttributeError:
-            self._tls.ctx = set()
-            return self._tls.ctx
-
-    @property
-    def index(self):
-        if self._index is None:
+    def kernel_entries(self, name: str):
+        """(key -> {arch: Entry}, arg kinds) of one kernel, read from the manifests on first use."""
+        got = self._kernels.get(name)
+        if got is None:
             with self._lock:
-                if self._index is None:
-                    kinds: dict = {}
-                    self._index = read_index(self.dirs, kinds)
-                    self._arg_kinds = kinds
-        return self._index
+                if self._tops is None:
+                    self._tops = read_top_manifests(self.dirs)
+                got = self._kernels.get(name)
+                if got is None:
+                    got = self._kernels[name] = kernel_index(self._tops, name)
+        return got
 
     def arg_kinds(self, spec: KernelSpec):
-        """The kernel's argument kinds: from the manifest if it has them (no triton import), else the source."""
+        """The kernel's argument kinds: from the manifest if it has them (no triton import), else None."""
         if self.force_jit:
             return None
-        self.index
-        return self._arg_kinds.get(spec.name)
+        return self.kernel_entries(spec.name)[1]
 
     def arch(self, device: int) -> int:
         arch = self._archs.get(device)
@@ -373,7 +409,7 @@ class Loader:
     # -- resolution
     def find(self, spec: KernelSpec, arch: int, sig, constexprs):
         """Manifest entries matching the key, best first (exact arch, then compatible archs)."""
-        by_arch = self.index.get((spec.name, sig, constexprs), {})
+        by_arch = self.kernel_entries(spec.name)[0].get((spec.name, sig, constexprs), {})
         return [by_arch[a] for a in COMPATIBLE_ARCHS.get(arch, ()) if a in by_arch]
 
     def wanted_variant(self, spec: KernelSpec, arch: int, sig, constexprs) -> Variant:
@@ -420,9 +456,7 @@ class Loader:
             warnings.warn(f"fusedlora: could not load {entry.path} on cuda:{device} ({e}); using the JIT path",
                           RuntimeWarning, stacklevel=3)
             return None
-        positions = [i for i, t in enumerate(sig) if t != "1"]
-        slot_types = [ctypes.c_void_p if t.startswith("*") else _SLOT_TYPES[t] for t in expected]
-        return _AotLaunch(drv, func, entry, positions, slot_types)
+        return _AotLaunch(self, func, entry, device, sig)
 
 
 _loader: Loader | None = None

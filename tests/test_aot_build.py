@@ -48,11 +48,19 @@ def check_cubin(path: Path, arch: int):
 def test_build_summary_and_cubins(built):
     out, log = built
     assert "variants for sm_80, sm_90" in log and "MB of cubins" in log and "FAILED" not in log
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format"] == 1 and manifest["kernels"]
+    top = json.loads((out / "manifest.json").read_text())
+    assert top["format"] == 2 and set(top["kernels"]) == set(registry.all_kernels())
     import triton
-    assert manifest["triton_version"] == triton.__version__
-    for rec in manifest["kernels"]:
+    assert top["triton_version"] == triton.__version__
+    records = []
+    for name, info in top["kernels"].items():
+        spec = registry.get(name)
+        assert info["source_sha256"] == spec.source_sha256()
+        assert [tuple(k) for k in info["arg_kinds"]] == spec.arg_kinds()
+        entries = json.loads((out / info["manifest"]).read_text())["entries"]
+        assert info["variants"] == len(entries) > 0
+        records += entries
+    for rec in records:
         path = out / rec["file"]
         assert hashlib.sha256(path.read_bytes()).hexdigest() == rec["sha256"]
         assert rec["bytes"] == path.stat().st_size
@@ -69,7 +77,8 @@ def test_every_wanted_variant_was_built(built):
     out, _ = built
     index = L.read_index([out])
     wanted = registry.family_variants(CI_SUBSET, [80, 90])
-    assert len(wanted) == len(json.loads((out / "manifest.json").read_text())["kernels"])
+    top = json.loads((out / "manifest.json").read_text())
+    assert len(wanted) == sum(info["variants"] for info in top["kernels"].values())
     for v in wanted:
         assert v.arch in index[v.key], f"missing {v.to_string()}"
 
@@ -79,6 +88,7 @@ def test_loader_finds_the_variant_a_launch_asks_for(built):
     import torch
     out, _ = built
     ld = L.Loader(dirs=[out], driver=object())
+    assert ld.arg_kinds(registry.get("rms_norm_fwd")) == registry.get("rms_norm_fwd").arg_kinds()
     n, rows = CI_SUBSET["hidden_sizes"][0], 9
     x = torch.empty(rows, n, dtype=torch.bfloat16)
     w = torch.empty(n, dtype=torch.bfloat16)

@@ -82,24 +82,26 @@ def make_dir(tmp_path, archs, dtype="bf16", corrupt=False, name="k", source=None
         records.append({"variant": json.loads(v.to_string()), "file": v.file_stem() + ".cubin",
                         "sha256": hashlib.sha256(b"other" if corrupt else image).hexdigest(),
                         "name": "rms_norm_fwd_kernel", "shared": 64, "num_warps": v.num_warps,
-                        "abi": [t for _, t in v.signature if t != "1"] + ["*i8", "*i8"],
-                        "source_sha256": source or SPEC.source_sha256(),
-                        "arg_kinds": [list(k) for k in SPEC.arg_kinds()]})
-    (d / "manifest.json").write_text(json.dumps({"format": 1, "kernels": records}, sort_keys=True))
+                        "abi": [t for _, t in v.signature if t != "1"] + ["*i8", "*i8"]})
+    (d / "rms_norm_fwd.json").write_text(json.dumps({"format": 2, "kernel": "rms_norm_fwd", "entries": records}))
+    top = {"format": 2, "kernels": {"rms_norm_fwd": {"manifest": "rms_norm_fwd.json",
+                                                      "source_sha256": source or SPEC.source_sha256(),
+                                                      "arg_kinds": [list(k) for k in SPEC.arg_kinds()]}}}
+    (d / "manifest.json").write_text(json.dumps(top, sort_keys=True))
     return d
 
 
 @pytest.fixture
 def jit_calls(monkeypatch):
     calls = []
-    monkeypatch.setattr(_JitLaunch, "__call__", lambda self, grid, args: calls.append((grid, args)))
+    monkeypatch.setattr(_JitLaunch, "__call__", lambda self, grid, args, values=None: calls.append((grid, args)))
     return calls
 
 
 def make_loader(dirs, arch, monkeypatch=None):
     ld = Loader(dirs=dirs, driver=FakeDriver())
     ld._archs[0] = arch
-    ld.cuda_getDevice = lambda: 0
+    ld.cuda_getDevice = lambda: 0  # read by launchers created after this
     ld.raw_stream = lambda device: 0xABC
     ld.device_guard = lambda device: contextlib.nullcontext()
     return ld
@@ -135,18 +137,53 @@ def test_launcher_key_matches_the_aot_variant(tmp_path, jit_calls):
     assert rec["n"] == 10 + 2  # ten kernel arguments and the two scratch pointers
 
 
+def _params(state):
+    """Decode the kernel parameters a launch passes, through the pointer array as the driver reads it."""
+    buf, params, _ = state
+    return params
+
+
 def test_launch_passes_argument_values(tmp_path, jit_calls):
     ld = make_loader([make_dir(tmp_path, [90])], 90)
     args = fwd_args(rows=12345)
     launch(ld, args)
-    launcher = ld.launcher(SPEC)
-    aot = next(iter(launcher.memo.values()))
-    slots, params = aot.tls.slots
-    assert [s.value for s in slots[:4]] == [a.ptr for a in args[:4]]
-    assert [s.value for s in slots[4:8]] == [N, N, 12345, N]
-    assert slots[8].value == pytest.approx(1e-6) and slots[9].value == 0.0
-    assert slots[10].value is None and slots[11].value is None  # no scratch needed: null pointers
-    assert params[0] == ctypes.addressof(slots[0])
+    params = ld.driver().launches[0]["params"]
+    read = [ctypes.c_uint64.from_address(params[i]).value for i in range(4)]
+    read += [ctypes.c_int32.from_address(params[i]).value for i in range(4, 8)]
+    read += [ctypes.c_float.from_address(params[i]).value for i in range(8, 10)]
+    read += [ctypes.c_uint64.from_address(params[i]).value for i in range(10, 12)]
+    assert read[:4] == [a.ptr for a in args[:4]]
+    assert read[4:8] == [N, N, 12345, N]
+    assert read[8] == pytest.approx(1e-6) and read[9] == 0.0
+    assert read[10:] == [0, 0]  # no scratch needed: null pointers
+    assert all(params[i] % 4 == 0 for i in range(12)) and all(params[i] % 8 == 0 for i in range(4))
+
+
+def test_int_equal_to_one_leaves_the_abi(tmp_path, jit_calls):
+    """A prebuilt variant with a specialised int == 1 gets one parameter fewer, and the others shift."""
+    d = tmp_path / "one"
+    d.mkdir()
+    v = registry.make_variant(SPEC, 90, {"x": "bf16", "w": "bf16", "y": "bf16"}, {"n_cols": N, "gemma_cast": False},
+                              int_spec={"y_row_stride": "1"})
+    image = b"\x7fELF one"
+    (d / "one.cubin").write_bytes(image)
+    rec = {"variant": json.loads(v.to_string()), "file": "one.cubin", "sha256": hashlib.sha256(image).hexdigest(),
+           "name": "rms_norm_fwd_kernel", "shared": 0, "num_warps": v.num_warps,
+           "abi": [t for _, t in v.signature if t != "1"] + ["*i8", "*i8"]}
+    (d / "rms_norm_fwd.json").write_text(json.dumps({"format": 2, "kernel": "rms_norm_fwd", "entries": [rec]}))
+    (d / "manifest.json").write_text(json.dumps({"format": 2, "kernels": {"rms_norm_fwd": {
+        "manifest": "rms_norm_fwd.json", "source_sha256": SPEC.source_sha256(),
+        "arg_kinds": [list(k) for k in SPEC.arg_kinds()]}}}))
+    ld = make_loader([d], 90)
+    args = list(fwd_args(rows=77))
+    args[5] = 1
+    launch(ld, tuple(args))
+    assert ld.stats["aot"] == 1
+    rec = ld.driver().launches[0]
+    params = rec["params"]
+    assert rec["n"] == 9 + 2
+    assert ctypes.c_int32.from_address(params[4]).value == N      # x_row_stride
+    assert ctypes.c_int32.from_address(params[5]).value == 77     # n_rows (y_row_stride is gone)
 
 
 @pytest.mark.parametrize("gpu_arch,available,expected", [
@@ -249,9 +286,9 @@ def test_corrupt_manifest_is_ignored_with_a_warning(tmp_path, jit_calls):
 
 def test_abi_mismatch_is_refused(tmp_path, jit_calls):
     d = make_dir(tmp_path, [90])
-    m = json.loads((d / "manifest.json").read_text())
-    m["kernels"][0]["abi"] = m["kernels"][0]["abi"][1:]
-    (d / "manifest.json").write_text(json.dumps(m))
+    m = json.loads((d / "rms_norm_fwd.json").read_text())
+    m["entries"][0]["abi"] = m["entries"][0]["abi"][1:]
+    (d / "rms_norm_fwd.json").write_text(json.dumps(m))
     ld = make_loader([d], 90)
     with pytest.warns(RuntimeWarning, match="has ABI"):
         launch(ld)
@@ -289,7 +326,7 @@ def test_threads_get_their_own_slots(tmp_path, jit_calls):
             for _ in range(50):
                 launch(ld, fwd_args(rows=1000 + i))
             aot = next(iter(ld.launcher(SPEC).memo.values()))
-            seen[i] = aot.tls.slots[0][6].value
+            seen[i] = ctypes.c_int32.from_address(aot.tls.state[1][6]).value
         except Exception as e:  # pragma: no cover - surfaced below
             errors.append(e)
 
@@ -302,7 +339,7 @@ def test_threads_get_their_own_slots(tmp_path, jit_calls):
 
 def test_stale_cubins_are_ignored(tmp_path, jit_calls):
     ld = make_loader([make_dir(tmp_path, [90], source="0" * 64)], 90)
-    with pytest.warns(RuntimeWarning, match="built from other sources"):
+    with pytest.warns(RuntimeWarning, match="built from another source"):
         launch(ld)
     assert ld.stats == {"aot": 0, "jit": 1}
 
