@@ -167,7 +167,7 @@ def read_top_manifests(dirs: list[Path]) -> list[tuple[Path, dict]]:
 
 
 def kernel_index(tops: list[tuple[Path, dict]], name: str):
-    """(key -> {arch: Entry}, arg kinds or None) for one kernel across directories; earlier ones win.
+    """(key -> {arch: (dir, record)}, arg kinds or None) for one kernel across directories; earlier ones win.
 
     A directory whose cubins of this kernel were built from another source (stale) is skipped, warned."""
     index: dict[tuple, dict[int, Entry]] = {}
@@ -184,15 +184,17 @@ def kernel_index(tops: list[tuple[Path, dict]], name: str):
                           RuntimeWarning, stacklevel=3)
             continue
         try:
-            entries = [Entry(d, r) for r in json.loads((d / info["manifest"]).read_text())["entries"]]
+            records = json.loads((d / info["manifest"]).read_text())["entries"]
         except Exception as e:
             warnings.warn(f"fusedlora: ignoring kernel manifest {d / str(info.get('manifest'))}: {e}",
                           RuntimeWarning, stacklevel=3)
             continue
         if kinds is None and info.get("arg_kinds"):
             kinds = [tuple(k) for k in info["arg_kinds"]]
-        for e in entries:
-            index.setdefault(e.variant.key, {}).setdefault(e.variant.arch, e)
+        for r in records:  # Entry objects are made only for the records a launch asks for
+            v = r["variant"]
+            key = (name, tuple(t for _, t in v["signature"]), tuple((n, c) for n, c in v["constexprs"]))
+            index.setdefault(key, {}).setdefault(v["arch"], (d, r))
     return index, kinds
 
 
@@ -203,7 +205,8 @@ def read_index(dirs: list[Path]) -> dict[tuple, dict[int, Entry]]:
     index: dict[tuple, dict[int, Entry]] = {}
     for name in sorted(names):
         if name in registry.all_kernels():
-            index.update(kernel_index(tops, name)[0])
+            for key, by_arch in kernel_index(tops, name)[0].items():
+                index[key] = {arch: Entry(d, r) for arch, (d, r) in by_arch.items()}
     return index
 
 
@@ -410,7 +413,7 @@ class Loader:
     def find(self, spec: KernelSpec, arch: int, sig, constexprs):
         """Manifest entries matching the key, best first (exact arch, then compatible archs)."""
         by_arch = self.kernel_entries(spec.name)[0].get((spec.name, sig, constexprs), {})
-        return [by_arch[a] for a in COMPATIBLE_ARCHS.get(arch, ()) if a in by_arch]
+        return [Entry(*by_arch[a]) for a in COMPATIBLE_ARCHS.get(arch, ()) if a in by_arch]
 
     def wanted_variant(self, spec: KernelSpec, arch: int, sig, constexprs) -> Variant:
         num_warps, num_stages = spec.config(arch, dict(constexprs))
