@@ -99,11 +99,12 @@ def make_binder(spec: KernelSpec, arg_kinds=None):
         elif kind == "float":
             types.append("'fp32'")
             vals.append(f"a{i}")
-        elif kind == "int":
-            types.append(f"S(a{i})")
+        elif kind == "int":  # inline _spec_int: no function call per argument
+            types.append(f"(('1' if a{i} == 1 else 'i32' if a{i} & 15 else 'i32:16') "
+                         f"if -2147483648 <= a{i} <= 2147483647 else S(a{i}))")
             vals.append(f"a{i}")
         else:
-            types.append(f"N(a{i})")
+            types.append(f"('i32' if -2147483648 <= a{i} <= 2147483647 else 'i64')")
             vals.append(f"a{i}")
     src = (f"def bind({params}):\n" + "\n".join(pre) + ("\n" if pre else "")
            + f"    return ({', '.join(types)},), ({', '.join(vals)},)\n")
@@ -241,6 +242,9 @@ class _AotLaunch:
         self.offsets = offsets
         self.size = off
         self.scratch_offset = offsets[-2]
+        self.pack_into = self.packer.pack_into
+        self.raw_stream = loader.raw_stream
+        self.needs_scratch = bool(entry.global_scratch_size)
         self.single_value = len(positions) == 1
         self.tls = threading.local()
 
@@ -258,17 +262,14 @@ class _AotLaunch:
         except AttributeError:
             buf, params, stream = self._thread_state()
         if self.pick is None:
-            self.packer.pack_into(buf, 0, *values)
+            self.pack_into(buf, 0, *values)
         else:
             picked = self.pick(values)
-            self.packer.pack_into(buf, 0, *((picked,) if self.single_value else picked))
-        n = len(grid)
-        gx = grid[0]
-        gy = grid[1] if n > 1 else 1
-        gz = grid[2] if n > 2 else 1
-        if self.entry.global_scratch_size:
+            self.pack_into(buf, 0, *((picked,) if self.single_value else picked))
+        gx, gy, gz = grid
+        if self.needs_scratch:
             self._scratch(buf, gx * gy * gz)
-        stream.value = self.loader.raw_stream(self.device)
+        stream.value = self.raw_stream(self.device)
         err = self.cuLaunchKernel(self.func, gx, gy, gz, self.block, 1, 1, self.shared, stream, params, None)
         if err:
             self.loader.driver().check(err, f"cuLaunchKernel({self.entry.name})")
@@ -295,7 +296,7 @@ class _JitLaunch:
 class KernelLauncher:
     """Launches one registered kernel: `launcher(grid, args, constexprs)`.
 
-    args: the kernel's non-constexpr arguments in order (tensors, ints, floats); grid: 1 to 3 ints;
+    args: the kernel's non-constexpr arguments in order (tensors, ints, floats); grid: 3 ints;
     constexprs: a tuple of sorted (name, value) pairs, as `constexpr_key(spec.meta(...))` gives them."""
 
     def __init__(self, loader: "Loader", spec: KernelSpec):
@@ -307,6 +308,7 @@ class KernelLauncher:
         self.get_device = loader.cuda_getDevice
 
     def __call__(self, grid, args, constexprs):
+        """grid: a 3-tuple of ints."""
         device = args[0].get_device()
         if device < 0:
             return self._cpu(grid, args, constexprs)
@@ -317,9 +319,8 @@ class KernelLauncher:
         launch = self.memo.get((device, sig, constexprs))
         if launch is None:
             launch = self._resolve(device, sig, constexprs)
-        for g in grid:
-            if not g:
-                return
+        if not (grid[0] and grid[1] and grid[2]):
+            return
         if self.get_device() == device:
             launch(grid, args, values)
         else:

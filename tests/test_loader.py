@@ -107,7 +107,7 @@ def make_loader(dirs, arch, monkeypatch=None):
     return ld
 
 
-def launch(ld, args=None, key=None, grid=(37,)):
+def launch(ld, args=None, key=None, grid=(37, 1, 1)):
     ld.launcher(SPEC)(grid, args or fwd_args(), key or meta_key())
 
 
@@ -297,7 +297,7 @@ def test_abi_mismatch_is_refused(tmp_path, jit_calls):
 
 def test_empty_grid_launches_nothing(tmp_path, jit_calls):
     ld = make_loader([make_dir(tmp_path, [90])], 90)
-    launch(ld, grid=(0,))
+    launch(ld, grid=(0, 1, 1))
     assert not ld.driver().launches
 
 

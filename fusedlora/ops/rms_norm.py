@@ -40,7 +40,7 @@ def rms_norm_forward(x2d, weight, eps: float, offset: float, gemma: bool):
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2d.device)
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x2d.device)
     meta, key = _meta(n_cols, gemma, False)
-    grid = ((n_rows + meta["BLOCK_M"] - 1) // meta["BLOCK_M"],)
+    grid = ((n_rows + meta["BLOCK_M"] - 1) // meta["BLOCK_M"], 1, 1)
     launcher("rms_norm_fwd")(grid, (x2d, weight, y, rstd, x2d.stride(0), y.stride(0), n_rows, n_cols,
                                     float(eps), float(offset)), key)
     return y, rstd
@@ -54,7 +54,7 @@ def rms_norm_backward(dy2d, x2d, weight, rstd, offset: float, gemma: bool, need_
     dw_partial = torch.empty((n_progs, n_cols), dtype=torch.float32, device=x2d.device)
     meta, key = _meta(n_cols, gemma, True)
     if n_rows:
-        launcher("rms_norm_bwd")((n_progs,), (dy2d, x2d, weight, rstd, dx, dw_partial, dy2d.stride(0),
+        launcher("rms_norm_bwd")((n_progs, 1, 1), (dy2d, x2d, weight, rstd, dx, dw_partial, dy2d.stride(0),
                                               x2d.stride(0), dx.stride(0), n_rows, n_cols, float(offset)), key)
     else:
         dw_partial.zero_()
