@@ -54,7 +54,7 @@ def host_launch_us(n_calls: int = 20000, reps: int = 7) -> dict:
         for _ in range(n_calls):
             fn[grid](*args, **meta, num_warps=num_warps, num_stages=num_stages)
 
-    import ctypes
+    ours(grid, args, key)
     aot = next(iter(ours.memo.values()))
     raw = aot.cuLaunchKernel
     aot(grid, args, ours.bind(*args)[1])
