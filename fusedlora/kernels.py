@@ -73,3 +73,39 @@ RMS_NORM_BWD = register(KernelSpec(
     aot_variants=_rms_norm_aot,
     doc="RMSNorm backward (dx and per-program dw partial sums), persistent grid",
 ))
+
+
+# ---------------------------------------------------------------- SwiGLU / GeGLU
+GLU_ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+GLU_BLOCK = 2048
+
+
+def glu_meta(act: str) -> dict:
+    return {"ACT": GLU_ACTS[act], "BLOCK": GLU_BLOCK}
+
+
+def _glu_aot(family):
+    for dt in family.get("dtypes", ("bf16", "fp16")):
+        for act in GLU_ACTS:
+            yield {"x": dt}, {"act": act}
+
+
+GLU_FWD = register(KernelSpec(
+    name="glu_fwd",
+    module="csrc_triton.glu", function="glu_fwd_kernel",
+    pointer_types={"GATE": "x", "UP": "x", "OUT": "x"},
+    meta=glu_meta,
+    config=lambda arch, c: (8, 1),
+    aot_variants=_glu_aot,
+    doc="act(gate) * up, act in SiLU / GELU / GELU-tanh",
+))
+
+GLU_BWD = register(KernelSpec(
+    name="glu_bwd",
+    module="csrc_triton.glu", function="glu_bwd_kernel",
+    pointer_types={"DOUT": "x", "GATE": "x", "UP": "x", "DGATE": "x", "DUP": "x"},
+    meta=glu_meta,
+    config=lambda arch, c: (8, 1),
+    aot_variants=_glu_aot,
+    doc="gradients of act(gate) * up, activation recomputed",
+))

@@ -1,0 +1,26 @@
+"""Device helpers shared by kernels (plain tl ops only: the interpreter has no libdevice)."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh(x):
+    # tanh(x) = 2 * sigmoid(2x) - 1, stable for large |x| in fp32
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def gelu_and_grad(g, APPROX: tl.constexpr):
+    """(gelu(g), d gelu / d g) in fp32; APPROX=0: erf form, APPROX=1: tanh form."""
+    if APPROX:
+        c: tl.constexpr = 0.7978845608028654  # sqrt(2 / pi)
+        inner = c * (g + 0.044715 * g * g * g)
+        t = tanh(inner)
+        act = 0.5 * g * (1.0 + t)
+        grad = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * g * g)
+    else:
+        cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * g * g) * 0.3989422804014327  # 1 / sqrt(2 pi)
+        act = g * cdf
+        grad = cdf + g * pdf
+    return act, grad

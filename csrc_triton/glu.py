@@ -1,0 +1,45 @@
+"""Gated linear units: h = act(gate) * up with act = SiLU (SwiGLU) or GELU (GeGLU, erf or tanh).
+
+Elementwise over flattened contiguous tensors; n_elements is a runtime length (one compile for every
+shape). Backward recomputes the activation from gate instead of storing it.
+"""
+import triton
+import triton.language as tl
+
+from csrc_triton._math import gelu_and_grad
+
+ACT_SILU = 0
+ACT_GELU = 1
+ACT_GELU_TANH = 2
+
+
+@triton.jit
+def _act_and_grad(g, ACT: tl.constexpr):
+    if ACT == 0:
+        s = tl.sigmoid(g)
+        return g * s, s * (1.0 + g * (1.0 - s))
+    else:
+        return gelu_and_grad(g, ACT == 2)
+
+
+@triton.jit(do_not_specialize=["n_elements"])
+def glu_fwd_kernel(GATE, UP, OUT, n_elements, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
+    a, _ = _act_and_grad(g, ACT)
+    tl.store(OUT + offs, (a * u).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["n_elements"])
+def glu_bwd_kernel(DOUT, GATE, UP, DGATE, DUP, n_elements, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    # DGATE / DUP may alias GATE / UP (in-place backward): each element is read before it is written.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    dh = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
+    a, da = _act_and_grad(g, ACT)
+    tl.store(DGATE + offs, (dh * u * da).to(DGATE.dtype.element_ty), mask=mask)
+    tl.store(DUP + offs, (dh * a).to(DUP.dtype.element_ty), mask=mask)
