@@ -109,3 +109,51 @@ GLU_BWD = register(KernelSpec(
     aot_variants=_glu_aot,
     doc="gradients of act(gate) * up, activation recomputed",
 ))
+
+
+# ---------------------------------------------------------------- cross-entropy
+CE_MODES = {"loss": 0, "loss_and_grad": 1, "grad": 2}
+
+
+def cross_entropy_meta(n_cols: int, softcap: bool, mode: str) -> dict:
+    return {"BLOCK_V": min(8192, next_pow2(n_cols)), "HAS_SOFTCAP": int(bool(softcap)), "MODE": CE_MODES[mode]}
+
+
+def _ce_warps(block_v: int) -> int:
+    return 16 if block_v >= 8192 else (8 if block_v >= 2048 else 4)
+
+
+def _ce_aot(family):
+    vocab_blocks = {}
+    for v in family.get("vocab_sizes", ()):
+        vocab_blocks.setdefault(min(8192, next_pow2(v)), v)  # one variant per block size serves them all
+    for dt in family.get("dtypes", ("bf16", "fp16")):
+        for v in vocab_blocks.values():
+            for softcap in (False, True):
+                for mode in CE_MODES:
+                    yield ({"x": dt, "label": "i64"}, {"n_cols": v, "softcap": softcap, "mode": mode},
+                           {"scale_stride": "1"} if mode == "grad" else {})
+
+
+CROSS_ENTROPY = register(KernelSpec(
+    name="cross_entropy",
+    module="csrc_triton.cross_entropy", function="cross_entropy_kernel",
+    pointer_types={"LOGITS": "x", "LABELS": "label", "LOSS": "fp32", "LSE": "fp32", "GRAD": "x", "SCALE": "fp32"},
+    float_args=("label_smoothing", "softcap", "logit_scale"),
+    meta=cross_entropy_meta,
+    config=lambda arch, c: (_ce_warps(c["BLOCK_V"]), 1),
+    aot_variants=_ce_aot,
+    doc="row-wise cross-entropy: loss, lse and (optionally) the gradient in the logits' dtype",
+))
+
+SCALE_BLOCK = 4096
+
+SCALE_BY_SCALAR = register(KernelSpec(
+    name="scale_by_scalar",
+    module="csrc_triton.cross_entropy", function="scale_by_scalar_kernel",
+    pointer_types={"X": "x", "S": "fp32"},
+    meta=lambda: {"BLOCK": SCALE_BLOCK},
+    config=lambda arch, c: (8, 1),
+    aot_variants=lambda family: (({"x": dt}, {}) for dt in list(family.get("dtypes", ("bf16", "fp16"))) + ["fp32"]),
+    doc="x *= s[0] in place, free when s[0] == 1",
+))

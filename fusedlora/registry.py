@@ -189,8 +189,10 @@ def family_variants(family: dict[str, Any], archs: Iterable[int], kernels: Itera
     out: dict[tuple, Variant] = {}
     for name in names:
         spec = specs[name]
-        for dtypes, shape in spec.aot_variants(family):
+        for item in spec.aot_variants(family):
+            dtypes, shape = item[0], item[1]
+            int_spec = item[2] if len(item) > 2 else None  # e.g. an int that is 1 in this use
             for arch in archs:
-                v = make_variant(spec, arch, dtypes, shape)
+                v = make_variant(spec, arch, dtypes, shape, int_spec)
                 out.setdefault((v.arch,) + v.key, v)
     return list(out.values())

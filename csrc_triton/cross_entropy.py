@@ -1,0 +1,83 @@
+"""Cross-entropy over rows of logits, one program per row, never materialising fp32 logits.
+
+Per row: x = softcap * tanh(logit_scale * z / softcap) (softcap optional), lse = logsumexp(x),
+loss = lse - (1 - eps) * x[label] - eps * mean(x)   (eps = label smoothing; 0 for ignored rows).
+MODE 0: loss and lse only. MODE 1: also the gradient, scaled by SCALE[0] (1/divisor for mean), written
+in the logits' dtype (possibly in place over the logits: each chunk is read before it is written).
+MODE 2: gradient only, from the saved lse, scaled by SCALE[row] (reduction="none" backward).
+The second pass re-reads a row that is still in L2, so HBM sees about one read and one write.
+"""
+import triton
+import triton.language as tl
+
+from csrc_triton._math import tanh
+
+
+@triton.jit
+def _transform(z, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr):
+    x = z * logit_scale
+    if HAS_SOFTCAP:
+        x = softcap * tanh(x / softcap)
+    return x
+
+
+@triton.jit(do_not_specialize=["n_rows", "ignore_index"])
+def cross_entropy_kernel(
+    LOGITS, LABELS, LOSS, LSE, GRAD, SCALE,
+    logits_row_stride, grad_row_stride, scale_stride, n_rows, n_cols,
+    ignore_index, label_smoothing, softcap, logit_scale,
+    BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MODE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(LABELS + row).to(tl.int64)
+    ignored = label == ignore_index
+    base = LOGITS + row * logits_row_stride
+    cols = tl.arange(0, BLOCK_V)
+    if MODE == 2:
+        lse = tl.load(LSE + row)
+    else:
+        m = tl.full([], float("-inf"), tl.float32)
+        s = tl.zeros([], tl.float32)
+        sum_x = tl.zeros([], tl.float32)
+        for start in range(0, n_cols, BLOCK_V):
+            c = start + cols
+            ok = c < n_cols
+            z = tl.load(base + c, mask=ok, other=0.0).to(tl.float32)
+            x = tl.where(ok, _transform(z, softcap, logit_scale, HAS_SOFTCAP), float("-inf"))
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            sum_x += tl.sum(tl.where(ok, x, 0.0), axis=0)
+            m = m_new
+        lse = m + tl.log(s)
+        safe_label = tl.where(ignored, 0, label)
+        x_label = _transform(tl.load(base + safe_label).to(tl.float32), softcap, logit_scale, HAS_SOFTCAP)
+        loss = lse - (1.0 - label_smoothing) * x_label - label_smoothing * (sum_x / n_cols)
+        tl.store(LOSS + row, tl.where(ignored, 0.0, loss))
+        tl.store(LSE + row, lse)
+    if MODE != 0:
+        scale = tl.load(SCALE + row * scale_stride).to(tl.float32)
+        scale = tl.where(ignored, 0.0, scale)
+        smooth = label_smoothing / n_cols
+        gbase = GRAD + row * grad_row_stride
+        for start in range(0, n_cols, BLOCK_V):
+            c = start + cols
+            ok = c < n_cols
+            z = tl.load(base + c, mask=ok, other=0.0).to(tl.float32)
+            x = _transform(z, softcap, logit_scale, HAS_SOFTCAP)
+            g = tl.exp(x - lse) - smooth - tl.where(c == label, 1.0 - label_smoothing, 0.0)
+            if HAS_SOFTCAP:
+                t = x / softcap
+                g = g * (1.0 - t * t)
+            g = g * (logit_scale * scale)
+            tl.store(gbase + c, g.to(GRAD.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["n_elements"])
+def scale_by_scalar_kernel(X, S, n_elements, BLOCK: tl.constexpr):
+    """X *= S[0] in place, skipped (no memory traffic) when S[0] == 1: the usual loss.backward() seed."""
+    s = tl.load(S).to(tl.float32)
+    if s != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n_elements
+        x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(X + offs, (x * s).to(X.dtype.element_ty), mask=ok)

@@ -1,0 +1,172 @@
+"""Cross-entropy and fused linear + cross-entropy (kernels: csrc_triton/cross_entropy.py).
+
+- Never an fp32 copy of the logits: the kernel reads them in their dtype and writes the gradient in it.
+- reduction "mean" divides by the number of non-ignored labels (or `num_items_in_batch`, as HF's
+  gradient accumulation does) computed on the device: no host sync; all-ignored batches give 0, not NaN.
+- For "mean"/"sum" the forward writes the gradient (assuming d loss = 1) and the backward rescales it
+  by the incoming gradient with a kernel that does nothing when that is 1.
+- The loss is returned in fp32.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels
+from ..loader import constexpr_key, launcher
+from ._common import check_tensor
+
+REDUCTIONS = ("mean", "sum", "none")
+LABEL_DTYPES = (torch.int64, torch.int32)
+
+
+def naive_cross_entropy(logits, labels, ignore_index=-100, reduction="mean", label_smoothing=0.0, softcap=None,
+                        logit_scale=None, num_items_in_batch=None):
+    """Plain-torch reference (fp32 math, fp64 if the logits are fp64)."""
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    if logit_scale is not None:
+        x = x * logit_scale
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    x = x.reshape(-1, x.shape[-1])
+    labels = labels.reshape(-1)
+    per_row = F.cross_entropy(x, labels, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    if reduction == "sum":
+        return total
+    n = num_items_in_batch if num_items_in_batch is not None else (labels != ignore_index).sum()
+    return total / torch.clamp(torch.as_tensor(n, device=total.device), min=1)
+
+
+@functools.lru_cache(maxsize=None)
+def _meta(n_cols: int, softcap: bool, mode: str):
+    m = kernels.cross_entropy_meta(n_cols, softcap, mode)
+    return m, constexpr_key(m)
+
+
+@functools.lru_cache(maxsize=None)
+def _scale_key():
+    return constexpr_key(kernels.SCALE_BY_SCALAR.meta())
+
+
+def scale_by_scalar_(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x *= s (a 1-element fp32 tensor) in place, free when s == 1; x must be contiguous."""
+    n = x.numel()
+    launcher("scale_by_scalar")(((n + kernels.SCALE_BLOCK - 1) // kernels.SCALE_BLOCK, 1, 1), (x, s, n), _scale_key())
+    return x
+
+
+def inverse_divisor(labels, ignore_index, reduction, num_items_in_batch, device):
+    """1-element fp32 device tensor: 1/denominator for "mean", 1 for "sum". No host sync."""
+    if reduction != "mean":
+        return torch.ones(1, dtype=torch.float32, device=device)
+    if num_items_in_batch is None:
+        n = (labels != ignore_index).sum()
+    else:
+        n = torch.as_tensor(num_items_in_batch, device=device)
+    return (1.0 / n.clamp(min=1).to(torch.float32)).reshape(1)
+
+
+def check_labels(op, labels, n_cols, ignore_index):
+    """Out-of-range labels raise a device-side assertion (asynchronously: no host sync)."""
+    ok = ((labels >= 0) & (labels < n_cols)) | (labels == ignore_index)
+    torch._assert_async(ok.all(), f"{op}: labels must be in [0, {n_cols}) or ignore_index={ignore_index}")
+
+
+def ce_launch(logits2d, labels, loss, lse, grad, scale, scale_stride, ignore_index, label_smoothing, softcap,
+              logit_scale, mode):
+    n_rows, n_cols = logits2d.shape
+    meta, key = _meta(n_cols, softcap is not None, mode)
+    grad_t = grad if grad is not None else logits2d
+    launcher("cross_entropy")((n_rows, 1, 1), (
+        logits2d, labels, loss, lse, grad_t, scale, logits2d.stride(0), grad_t.stride(0), scale_stride, n_rows,
+        n_cols, int(ignore_index), float(label_smoothing), float(softcap or 1.0),
+        float(1.0 if logit_scale is None else logit_scale)), key)
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits2d, labels, reduction, ignore_index, label_smoothing, softcap, logit_scale,
+                num_items_in_batch, inplace_grad):
+        n_rows, n_cols = logits2d.shape
+        dev = logits2d.device
+        loss_rows = torch.empty(n_rows, dtype=torch.float32, device=dev)
+        lse = torch.empty(n_rows, dtype=torch.float32, device=dev)
+        inv = inverse_divisor(labels, ignore_index, reduction, num_items_in_batch, dev)
+        needs_grad = ctx.needs_input_grad[0]
+        ctx.opts = (reduction, ignore_index, label_smoothing, softcap, logit_scale)
+        if needs_grad and reduction != "none":
+            grad = logits2d if inplace_grad else torch.empty_like(logits2d)
+            ce_launch(logits2d, labels, loss_rows, lse, grad, inv, 0, ignore_index, label_smoothing, softcap,
+                      logit_scale, "loss_and_grad")
+            ctx.save_for_backward(grad)
+            ctx.precomputed = True
+        else:
+            ce_launch(logits2d, labels, loss_rows, lse, None, inv, 0, ignore_index, label_smoothing, softcap,
+                      logit_scale, "loss")
+            ctx.save_for_backward(logits2d, labels, lse)
+            ctx.precomputed = False
+        if reduction == "none":
+            return loss_rows
+        total = loss_rows.sum()
+        return total * inv[0] if reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, dloss):
+        reduction, ignore_index, label_smoothing, softcap, logit_scale = ctx.opts
+        if ctx.precomputed:
+            (grad,) = ctx.saved_tensors
+            scale_by_scalar_(grad, dloss.to(torch.float32).reshape(1))
+            return grad, None, None, None, None, None, None, None, None
+        logits2d, labels, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits2d)
+        if reduction == "none":
+            scale, stride = dloss.to(torch.float32).contiguous(), 1
+        else:  # loss computed without grad tracking first, then differentiated (e.g. torch.func)
+            inv = inverse_divisor(labels, ignore_index, reduction, None, logits2d.device)
+            scale, stride = (dloss.to(torch.float32) * inv).reshape(1), 0
+        ce_launch(logits2d, labels, lse, lse, grad, scale, stride, ignore_index, label_smoothing, softcap, logit_scale,
+                  "grad")
+        return grad, None, None, None, None, None, None, None, None
+
+
+def _check_ce_args(op, reduction, label_smoothing, softcap, logit_scale):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{op}: softcap must be positive, got {softcap}")
+    if logit_scale is not None and not isinstance(logit_scale, (int, float)):
+        raise TypeError(f"{op}: logit_scale must be a Python number, got {type(logit_scale).__name__}")
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0, softcap: float | None = None, logit_scale: float | None = None,
+                  num_items_in_batch=None, inplace_grad: bool = False) -> torch.Tensor:
+    """Cross-entropy of `logits` [..., V] against integer `labels` [...].
+
+    softcap: Gemma-2 style `softcap * tanh(logits / softcap)`; logit_scale multiplies the logits first.
+    inplace_grad=True writes the gradient over the logits buffer (saves one [T, V] tensor; the logits
+    are then gone). Returns an fp32 loss (a scalar, or per-row for reduction="none")."""
+    op = "cross_entropy"
+    check_tensor(op, "logits", logits)
+    check_tensor(op, "labels", labels, dtypes=LABEL_DTYPES, like=logits, like_name="logits")
+    _check_ce_args(op, reduction, label_smoothing, softcap, logit_scale)
+    if logits.dim() < 1 or labels.shape != logits.shape[:-1]:
+        raise ValueError(f"{op}: labels have shape {tuple(labels.shape)} but logits {tuple(logits.shape)}; "
+                         f"expected labels of shape {tuple(logits.shape[:-1])}")
+    n_cols = logits.shape[-1]
+    logits2d = logits.reshape(-1, n_cols)
+    if logits2d.stride(-1) != 1:
+        logits2d = logits2d.contiguous()
+    labels1d = labels.reshape(-1).contiguous()
+    check_labels(op, labels1d, n_cols, ignore_index)
+    out = CrossEntropyFunction.apply(logits2d, labels1d, reduction, int(ignore_index), float(label_smoothing),
+                                     None if softcap is None else float(softcap), logit_scale, num_items_in_batch,
+                                     bool(inplace_grad))
+    return out.view(labels.shape) if reduction == "none" else out

@@ -1,0 +1,246 @@
+"""Losses of a linear head without materialising the [T, V] logits.
+
+- `fused_linear_cross_entropy`: chunks of rows; each chunk's logits come from one matmul, the
+  cross-entropy kernel turns them into their gradient in place, and two more matmuls give d hidden
+  (and d weight / d bias when they need gradients). The gradients are made in the forward (for
+  "mean"/"sum"); the backward only rescales them (free when d loss = 1). Exact: no gradient filtering.
+- `chunked_linear_loss`: the same chunking for ANY loss written in torch: each chunk's gradient is left
+  to autograd; the total is reduced over all items (not per chunk).
+
+Memory above the inputs: one logits chunk (<= `max_chunk_bytes`, 128 MiB by default) plus the
+gradients themselves. d weight accumulates in the weight's dtype, rounded once per chunk.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._common import check_tensor
+from .cross_entropy import (LABEL_DTYPES, _check_ce_args, ce_launch, check_labels, inverse_divisor,
+                            naive_cross_entropy, scale_by_scalar_)
+
+DEFAULT_CHUNK_BYTES = 128 * 2**20
+
+
+def rows_per_chunk(n_rows: int, n_cols: int, elem_bytes: int, max_chunk_bytes: int) -> int:
+    rows = max(1, max_chunk_bytes // max(1, n_cols * elem_bytes))
+    if rows >= 64:
+        rows -= rows % 64  # matmul-friendly
+    return min(n_rows, rows) if n_rows else 1
+
+
+def naive_linear_cross_entropy(hidden, weight, labels, bias=None, **ce_kwargs):
+    return naive_cross_entropy(F.linear(hidden, weight, bias), labels, **ce_kwargs)
+
+
+class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, reduction, ignore_index, label_smoothing, softcap, logit_scale,
+                num_items_in_batch, chunk_rows):
+        n_rows = hidden.shape[0]
+        n_cols = weight.shape[0]
+        dev = hidden.device
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+        need_db = need_db and bias is not None
+        any_grad = need_dh or need_dw or need_db
+        inv = inverse_divisor(labels, ignore_index, reduction, num_items_in_batch, dev)
+        loss_rows = torch.empty(n_rows, dtype=torch.float32, device=dev)
+        lse = torch.empty(n_rows, dtype=torch.float32, device=dev)
+        precompute = any_grad and reduction != "none"
+        dh = torch.empty_like(hidden) if precompute and need_dh else None
+        dw = torch.zeros_like(weight) if precompute and need_dw else None
+        db = torch.zeros(n_cols, dtype=torch.float32, device=dev) if precompute and need_db else None
+        opts = (ignore_index, label_smoothing, softcap, logit_scale)
+        for s in range(0, n_rows, chunk_rows):
+            e = min(n_rows, s + chunk_rows)
+            h = hidden[s:e]
+            logits = F.linear(h, weight, bias)
+            if precompute:  # the chunk's logits become their gradient in place
+                ce_launch(logits, labels[s:e], loss_rows[s:e], lse[s:e], logits, inv, 0, *opts, "loss_and_grad")
+                if dh is not None:
+                    torch.mm(logits, weight, out=dh[s:e])
+                if dw is not None:
+                    dw.addmm_(logits.t(), h)
+                if db is not None:
+                    db += logits.sum(0, dtype=torch.float32)
+            else:
+                ce_launch(logits, labels[s:e], loss_rows[s:e], lse[s:e], None, inv, 0, *opts, "loss")
+        ctx.precompute = precompute
+        ctx.opts = (reduction,) + opts + (chunk_rows,)
+        if precompute:
+            ctx.save_for_backward(dh, dw, db)
+            ctx.bias_dtype = None if bias is None else bias.dtype
+        else:
+            ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        if reduction == "none":
+            return loss_rows
+        total = loss_rows.sum()
+        return total * inv[0] if reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, dloss):
+        reduction, ignore_index, label_smoothing, softcap, logit_scale, chunk_rows = ctx.opts
+        nones = (None,) * 8
+        if ctx.precompute:
+            dh, dw, db = ctx.saved_tensors
+            s = dloss.to(torch.float32).reshape(1)
+            for g in (dh, dw):
+                if g is not None:
+                    scale_by_scalar_(g, s)
+            if db is not None:
+                db = (db * s).to(ctx.bias_dtype)
+            return (dh, dw, db) + nones
+        # Recompute each chunk's logits (reduction="none", or a forward run without grad tracking).
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+        dh = torch.empty_like(hidden) if need_dh else None
+        dw = torch.zeros_like(weight) if need_dw else None
+        db = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if need_db and bias is not None else None
+        if reduction == "none":
+            scale, stride = dloss.to(torch.float32).contiguous(), 1
+        else:
+            inv = inverse_divisor(labels, ignore_index, reduction, None, hidden.device)
+            scale, stride = (dloss.to(torch.float32) * inv).reshape(1), 0
+        for s in range(0, hidden.shape[0], chunk_rows):
+            e = min(hidden.shape[0], s + chunk_rows)
+            h = hidden[s:e]
+            logits = F.linear(h, weight, bias)
+            sc = scale[s:e] if stride else scale
+            ce_launch(logits, labels[s:e], lse[s:e], lse[s:e], logits, sc, stride, ignore_index, label_smoothing,
+                      softcap, logit_scale, "grad")
+            if dh is not None:
+                torch.mm(logits, weight, out=dh[s:e])
+            if dw is not None:
+                dw.addmm_(logits.t(), h)
+            if db is not None:
+                db += logits.sum(0, dtype=torch.float32)
+        return (dh, dw, None if db is None else db.to(bias.dtype)) + nones
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                               bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                               label_smoothing: float = 0.0, softcap: float | None = None,
+                               logit_scale: float | None = None, num_items_in_batch=None,
+                               max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
+    """cross_entropy(hidden @ weight.T + bias, labels) without the [T, V] logits; fp32 loss."""
+    op = "fused_linear_cross_entropy"
+    check_tensor(op, "hidden", hidden)
+    check_tensor(op, "weight", weight, like=hidden, like_name="hidden")
+    check_tensor(op, "labels", labels, dtypes=LABEL_DTYPES, like=hidden, like_name="hidden")
+    if bias is not None:
+        check_tensor(op, "bias", bias, like=hidden, like_name="hidden")
+    _check_ce_args(op, reduction, label_smoothing, softcap, logit_scale)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{op}: weight has shape {tuple(weight.shape)} but hidden's last dimension is "
+                         f"{hidden.shape[-1]}; expected weight [V, {hidden.shape[-1]}]")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{op}: weight is {weight.dtype} but hidden is {hidden.dtype}; they must match")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype):
+        raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},) and dtype {hidden.dtype}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"{op}: labels have shape {tuple(labels.shape)} but hidden {tuple(hidden.shape)}; "
+                         f"expected labels of shape {tuple(hidden.shape[:-1])}")
+    h2d = hidden.reshape(-1, hidden.shape[-1])
+    if not h2d.is_contiguous():
+        h2d = h2d.contiguous()
+    labels1d = labels.reshape(-1).contiguous()
+    n_cols = weight.shape[0]
+    check_labels(op, labels1d, n_cols, ignore_index)
+    chunk = rows_per_chunk(h2d.shape[0], n_cols, hidden.element_size(), max_chunk_bytes)
+    out = FusedLinearCrossEntropyFunction.apply(
+        h2d, weight, bias, labels1d, reduction, int(ignore_index), float(label_smoothing),
+        None if softcap is None else float(softcap), logit_scale, num_items_in_batch, chunk)
+    return out.view(labels.shape) if reduction == "none" else out
+
+
+class ChunkedLinearLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, loss_fn, num_chunks, reduction, ignore_index, num_items_in_batch):
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+        need_db = need_db and bias is not None
+        dh = torch.zeros_like(hidden) if need_dh else None
+        dw = torch.zeros_like(weight, dtype=torch.float32) if need_dw else None
+        db = torch.zeros_like(bias, dtype=torch.float32) if need_db else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        count = torch.zeros((), dtype=torch.int64, device=hidden.device)
+        rows = hidden.shape[0]
+        step = max(1, -(-rows // num_chunks))
+        for s in range(0, rows, step):
+            e = min(rows, s + step)
+            with torch.enable_grad():
+                h = hidden[s:e].detach().requires_grad_(need_dh)
+                w = weight.detach().requires_grad_(need_dw)
+                b = bias.detach().requires_grad_(need_db) if bias is not None else None
+                t = targets[s:e]
+                per_item = loss_fn(F.linear(h, w, b), t)
+                chunk_sum = per_item.float().sum()
+                wrt = [x for x, need in ((h, need_dh), (w, need_dw), (b, need_db)) if need]
+                grads = list(torch.autograd.grad(chunk_sum, wrt)) if wrt else []
+            if need_dh:
+                dh[s:e] = grads.pop(0)
+            if need_dw:
+                dw += grads.pop(0)
+            if need_db:
+                db += grads.pop(0)
+            total += chunk_sum.detach()
+            if reduction == "mean" and num_items_in_batch is None:
+                if t.dtype in (torch.int64, torch.int32):
+                    count += (t != ignore_index).sum()
+                else:
+                    count += per_item.numel()
+        if reduction == "mean":
+            n = count if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=hidden.device)
+            inv = 1.0 / n.clamp(min=1).to(torch.float32)
+        else:
+            inv = torch.ones((), dtype=torch.float32, device=hidden.device)
+        ctx.save_for_backward(dh, dw, db, inv)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total * inv
+
+    @staticmethod
+    def backward(ctx, dloss):
+        dh, dw, db, inv = ctx.saved_tensors
+        s = dloss.to(torch.float32) * inv
+        dh = None if dh is None else dh.mul_(s.to(dh.dtype))
+        dw = None if dw is None else (dw * s).to(ctx.dtypes[0])
+        db = None if db is None else (db * s).to(ctx.dtypes[1])
+        return dh, dw, db, None, None, None, None, None, None
+
+
+def _auto_chunks(rows: int, n_cols: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return min(rows, 8) or 1
+    free, _ = torch.cuda.mem_get_info(device)
+    per_row = n_cols * 4 * 3  # fp32 logits, their gradient and the loss's own temporaries
+    rows_fit = max(1, (free // 8) // per_row)
+    return max(1, -(-rows // rows_fit))
+
+
+def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss_fn,
+                        num_chunks: int | None = None, bias: torch.Tensor | None = None, reduction: str = "mean",
+                        ignore_index: int = -100, num_items_in_batch=None) -> torch.Tensor:
+    """loss of `F.linear(hidden, weight, bias)` against `targets`, chunk by chunk over rows.
+
+    `loss_fn(logits_chunk, targets_chunk)` returns per-item losses (reduction "none", ignored items 0).
+    reduction "mean" divides the total by the number of items over ALL chunks: targets != ignore_index
+    for integer targets, else the number of loss elements; `num_items_in_batch` overrides it.
+    num_chunks None: chosen from free GPU memory (8 on CPU). Returns an fp32 scalar."""
+    op = "chunked_linear_loss"
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"{op}: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if not callable(loss_fn):
+        raise TypeError(f"{op}: loss_fn must be callable")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{op}: weight has shape {tuple(weight.shape)} but hidden's last dimension is "
+                         f"{hidden.shape[-1]}")
+    if targets.shape[0] != hidden.reshape(-1, hidden.shape[-1]).shape[0] and targets.shape[:hidden.dim() - 1] != hidden.shape[:-1]:
+        raise ValueError(f"{op}: targets have shape {tuple(targets.shape)}, hidden {tuple(hidden.shape)}: "
+                         "the leading dimensions must match")
+    h2d = hidden.reshape(-1, hidden.shape[-1])
+    t2d = targets.reshape(h2d.shape[0], *targets.shape[hidden.dim() - 1:])
+    if num_chunks is None:
+        num_chunks = _auto_chunks(h2d.shape[0], weight.shape[0], hidden.device)
+    if num_chunks < 1:
+        raise ValueError(f"{op}: num_chunks must be >= 1, got {num_chunks}")
+    return ChunkedLinearLossFunction.apply(h2d, weight, bias, t2d, loss_fn, int(num_chunks), reduction,
+                                           int(ignore_index), num_items_in_batch)
