@@ -87,7 +87,7 @@ class KernelSpec:
         """Argument types for given dtype roles, as Triton's JIT would specialise them.
 
         Pointers are assumed 16-byte aligned (torch allocations are) and specialised ints 16-divisible
-        unless `int_spec` says otherwise ("1", "", "D")."""
+        unless `int_spec` says otherwise: "1", "" or "D", or the int's actual value."""
         int_spec = int_spec or {}
         sig = []
         for name, kind in self.arg_kinds():
@@ -105,6 +105,8 @@ class KernelSpec:
                 sig.append((name, "i32"))
             else:
                 s = int_spec.get(name, "D")
+                if isinstance(s, int):  # an actual value: specialise it as Triton would
+                    s = "1" if s == 1 else ("D" if s % 16 == 0 else "")
                 sig.append((name, "1" if s == "1" else ("i32:16" if s == "D" else "i32")))
         return tuple(sig)
 

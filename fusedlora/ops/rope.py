@@ -1,0 +1,130 @@
+"""Rotary position embedding for q and k in one launch (kernel: csrc_triton/rope.py).
+
+Follows HF's `apply_rotary_pos_emb` (rotate_half convention). cos/sin either as HF passes them
+([B or 1, S, r], position_ids=None) or as a [max_pos, r] cache gathered by `position_ids` [B or 1, S]
+inside the kernel — packed sequences whose positions restart, left padding and offsets all work.
+A rotary dim r < head dim D rotates the first r dims and copies the rest (partial rotary).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .. import kernels
+from ..loader import constexpr_key, launcher
+from ._common import check_tensor
+
+POS_DTYPES = (torch.int64, torch.int32)
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def naive_rope(q, k, cos, sin, position_ids=None):
+    """Plain-torch reference (computes in the inputs' dtype, as HF does)."""
+    if position_ids is not None:
+        cos, sin = cos[position_ids], sin[position_ids]
+    elif cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    r = cos.shape[-1]
+
+    def apply(x):
+        xr, xp = x[..., :r], x[..., r:]
+        return torch.cat((xr * cos + _rotate_half(xr) * sin, xp), dim=-1)
+    return apply(q), apply(k)
+
+
+@functools.lru_cache(maxsize=None)
+def _meta(half, n_pass, has_pos, backward):
+    m = kernels.rope_meta(half, n_pass, has_pos, backward)
+    return m, constexpr_key(m)
+
+
+def _last_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def rope_launch(q, k, qo, ko, cos, sin, pos, backward: bool):
+    bsz, hq, seq, dim = q.shape
+    hk = k.shape[1]
+    r = cos.shape[-1]
+    has_pos = pos is not None
+    meta, key = _meta(r // 2, dim - r, has_pos, backward)
+    if has_pos:
+        cos_sb, cos_ss = 0, cos.stride(0)
+        pos_t, pos_sb, pos_ss = pos, (pos.stride(0) if pos.shape[0] > 1 else 0), pos.stride(1)
+    else:
+        cos_sb, cos_ss = (cos.stride(0) if cos.shape[0] > 1 else 0), cos.stride(1)
+        pos_t, pos_sb, pos_ss = cos, 0, 0
+    bh = meta["BLOCK_H"]
+    grid = (bsz * seq, (hq + bh - 1) // bh + (hk + bh - 1) // bh, 1)
+    launcher("rope")(grid, (
+        q, k, qo, ko, cos, sin, pos_t,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
+        cos_sb, cos_ss, pos_sb, pos_ss, seq, hq, hk, r // 2, dim - r), key)
+
+
+class RopeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, pos):
+        qo, ko = torch.empty_like(q), torch.empty_like(k)
+        rope_launch(q, k, qo, ko, cos, sin, pos, False)
+        ctx.save_for_backward(cos, sin, pos)
+        ctx.q_shape, ctx.k_shape, ctx.dtype = q.shape, k.shape, q.dtype
+        return qo, ko
+
+    @staticmethod
+    def backward(ctx, dqo, dko):
+        cos, sin, pos = ctx.saved_tensors
+        if dqo is None or dko is None:  # only one of the outputs was used
+            dqo = torch.zeros(ctx.q_shape, dtype=ctx.dtype, device=cos.device) if dqo is None else dqo
+            dko = torch.zeros(ctx.k_shape, dtype=ctx.dtype, device=cos.device) if dko is None else dko
+        dqo = _last_contiguous(dqo)
+        dko = _last_contiguous(dko)
+        dq, dk = torch.empty_like(dqo), torch.empty_like(dko)
+        rope_launch(dqo, dko, dq, dk, cos, sin, pos, True)
+        return dq, dk, None, None, None
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [B, Hq, S, D] and k [B, Hk, S, D]; returns (q_rot, k_rot), differentiable in q and k."""
+    op = "rope"
+    check_tensor(op, "q", q)
+    check_tensor(op, "k", k, like=q, like_name="q")
+    check_tensor(op, "cos", cos, like=q, like_name="q")
+    check_tensor(op, "sin", sin, like=q, like_name="q")
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"{op}: q and k must be [B, H, S, D]; got {tuple(q.shape)} and {tuple(k.shape)}")
+    bsz, _, seq, dim = q.shape
+    if (k.shape[0], k.shape[2], k.shape[3]) != (bsz, seq, dim):
+        raise ValueError(f"{op}: k {tuple(k.shape)} must share B, S and D with q {tuple(q.shape)}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"{op}: k is {k.dtype} but q is {q.dtype}; they must match")
+    if cos.shape != sin.shape or cos.dtype != sin.dtype:
+        raise ValueError(f"{op}: cos {tuple(cos.shape)} {cos.dtype} and sin {tuple(sin.shape)} {sin.dtype} must match")
+    r = cos.shape[-1]
+    if r % 2 or r > dim or r == 0:
+        raise ValueError(f"{op}: cos/sin last dimension (rotary dim) is {r}; it must be even and <= head dim {dim}")
+    if position_ids is not None:
+        check_tensor(op, "position_ids", position_ids, dtypes=POS_DTYPES, like=q, like_name="q")
+        if cos.dim() != 2:
+            raise ValueError(f"{op}: with position_ids, cos/sin must be a [max_pos, rotary_dim] cache; got "
+                             f"{tuple(cos.shape)} (pass position_ids=None for per-token cos/sin)")
+        if position_ids.dim() != 2 or position_ids.shape[1] != seq or position_ids.shape[0] not in (1, bsz):
+            raise ValueError(f"{op}: position_ids has shape {tuple(position_ids.shape)}; expected [{bsz} or 1, {seq}]")
+        torch._assert_async(((position_ids >= 0) & (position_ids < cos.shape[0])).all(),
+                            f"{op}: position_ids must be in [0, {cos.shape[0]}) (the cos/sin cache length)")
+    else:
+        if cos.dim() == 2:
+            cos, sin = cos[None], sin[None]
+        if cos.dim() != 3 or cos.shape[1] != seq or cos.shape[0] not in (1, bsz):
+            raise ValueError(f"{op}: cos/sin have shape {tuple(cos.shape)}; expected [{bsz} or 1, {seq}, rotary_dim]")
+    q, k = _last_contiguous(q), _last_contiguous(k)
+    cos, sin = _last_contiguous(cos), _last_contiguous(sin)
+    return RopeFunction.apply(q, k, cos, sin, position_ids)
