@@ -156,33 +156,121 @@ def _peak_mib(fn, inputs_fn, grad_fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def rms_norm_table(rows=8192, n=4096) -> list[dict]:
-    import torch
-
-    from .ops.rms_norm import naive_rms_norm, rms_norm
-    dt = torch.bfloat16
-
-    def inputs():
-        return (torch.randn(rows, n, device="cuda", dtype=dt, requires_grad=True),
-                (1 + 0.1 * torch.randn(n, device="cuda", dtype=dt)).requires_grad_())
-
-    def grad():
-        return torch.randn(rows, n, device="cuda", dtype=dt)
-
-    impls = {"fusedlora": lambda x, w: rms_norm(x, w, 1e-6),
-             "eager torch": lambda x, w: naive_rms_norm(x, w, 1e-6)}
-    compiled = torch.compile(lambda x, w: naive_rms_norm(x, w, 1e-6))
-    impls["torch.compile"] = compiled
+def _liger(module, name):
     try:
-        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-        impls["Liger"] = lambda x, w: LigerRMSNormFunction.apply(x, w, 1e-6, 0.0, "llama", False)
+        mod = __import__(f"liger_kernel.ops.{module}", fromlist=[name])
+        return getattr(mod, name)
     except Exception:
-        pass
+        return None
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def op_cases():
+    """name -> (inputs(), grad(), {implementation: fn(*inputs)}). bf16 throughout, fresh random inputs."""
+    import torch
+    import torch.nn.functional as F
+
+    from .ops import (cross_entropy, fused_linear_cross_entropy, naive_rms_norm, naive_rope, naive_swiglu, rms_norm,
+                      rope, swiglu)
+    dt, dev = torch.bfloat16, "cuda"
+    cases = {}
+
+    # RMSNorm 8192 x 4096
+    def rn_in():
+        return (torch.randn(8192, 4096, device=dev, dtype=dt, requires_grad=True),
+                (1 + 0.1 * torch.randn(4096, device=dev, dtype=dt)).requires_grad_())
+    impls = {"fusedlora": lambda x, w: rms_norm(x, w, 1e-6), "eager torch": lambda x, w: naive_rms_norm(x, w, 1e-6),
+             "torch.compile": torch.compile(lambda x, w: naive_rms_norm(x, w, 1e-6))}
+    liger = _liger("rms_norm", "LigerRMSNormFunction")
+    if liger:
+        impls["Liger"] = lambda x, w: liger.apply(x, w, 1e-6, 0.0, "llama", False)
+    cases["RMSNorm 8192x4096"] = (rn_in, lambda: torch.randn(8192, 4096, device=dev, dtype=dt), impls)
+
+    # SwiGLU 8192 x 14336
+    def sw_in():
+        return (torch.randn(8192, 14336, device=dev, dtype=dt, requires_grad=True),
+                torch.randn(8192, 14336, device=dev, dtype=dt, requires_grad=True))
+    impls = {"fusedlora": swiglu, "eager torch": naive_swiglu, "torch.compile": torch.compile(naive_swiglu)}
+    liger = _liger("swiglu", "LigerSiLUMulFunction")
+    if liger:
+        impls["Liger"] = lambda a, b: liger.apply(a, b)
+    cases["SwiGLU 8192x14336"] = (sw_in, lambda: torch.randn(8192, 14336, device=dev, dtype=dt), impls)
+
+    # RoPE B4 S2048 Hq32 Hk8 D128 with position_ids (packed sequences: positions restart mid-row)
+    b, hq, hk, sq, d = 4, 32, 8, 2048, 128
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=dev, dtype=torch.float32) / d))
+    f = torch.outer(torch.arange(8192, device=dev, dtype=torch.float32), inv)
+    cos_cache, sin_cache = torch.cat([f, f], -1).cos().to(dt), torch.cat([f, f], -1).sin().to(dt)
+    pos = torch.cat([torch.arange(1000), torch.arange(sq - 1000)]).to(dev)[None].expand(b, sq).contiguous()
+
+    def rp_in():
+        return (torch.randn(b, sq, hq, d, device=dev, dtype=dt).transpose(1, 2).requires_grad_(),
+                torch.randn(b, sq, hk, d, device=dev, dtype=dt).transpose(1, 2).requires_grad_())
+
+    def rp_grad():
+        return (torch.randn(b, hq, sq, d, device=dev, dtype=dt), torch.randn(b, hk, sq, d, device=dev, dtype=dt))
+    impls = {"fusedlora": lambda q, k: rope(q, k, cos_cache, sin_cache, pos),
+             "eager torch": lambda q, k: naive_rope(q, k, cos_cache, sin_cache, pos),
+             "torch.compile": torch.compile(lambda q, k: naive_rope(q, k, cos_cache, sin_cache, pos))}
+    liger = _liger("rope", "LigerRopeFunction")
+    if liger:  # given HF's gathered cos/sin: Liger cannot gather by position_ids itself
+        cos_g, sin_g = cos_cache[pos], sin_cache[pos]
+        impls["Liger (pre-gathered cos/sin)"] = lambda q, k: liger.apply(q, k, cos_g, sin_g)
+    cases["RoPE B4 S2048 Hq32 Hk8 D128, position_ids"] = (rp_in, rp_grad, impls)
+
+    # Cross-entropy 8192 x 128256
+    t, v, hdim = 8192, 128256, 4096
+    labels = torch.randint(0, v, (t,), device=dev)
+
+    def ce_in():
+        return (torch.randn(t, v, device=dev, dtype=dt, requires_grad=True),)
+
+    def scalar_grad():
+        return torch.ones((), device=dev)
+    impls = {"fusedlora": lambda z: cross_entropy(z, labels),
+             "fusedlora inplace_grad": lambda z: cross_entropy(z * 1, labels, inplace_grad=True),
+             "eager torch (fp32 upcast, as HF)": lambda z: F.cross_entropy(z.float(), labels),
+             "torch.compile": torch.compile(lambda z: F.cross_entropy(z.float(), labels))}
+    liger = _liger("cross_entropy", "LigerCrossEntropyFunction")
+    if liger:
+        impls["Liger"] = lambda z: _first(liger.apply(z * 1, labels, None))
+    cases["CE 8192x128256"] = (ce_in, scalar_grad, impls)
+
+    # Fused linear + CE, T8192 H4096 V128256, frozen lm_head (LoRA)
+    w = (0.02 * torch.randn(v, hdim, device=dev)).to(dt)
+
+    def fl_in():
+        return (torch.randn(t, hdim, device=dev, dtype=dt, requires_grad=True),)
+    impls = {"fusedlora": lambda h: fused_linear_cross_entropy(h, w, labels),
+             "eager torch": lambda h: F.cross_entropy(F.linear(h, w).float(), labels)}
+    liger = _liger("fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
+    if liger:
+        impls["Liger"] = lambda h: _first(liger.apply(h, w, labels))
+    cases["linear+CE T8192 H4096 V128256 (frozen W)"] = (fl_in, scalar_grad, impls)
+    return cases
+
+
+def op_table(only: str = "") -> list[dict]:
     out = []
-    for name, f in impls.items():
-        graph_ms, eager_ms = _bench_fwd_bwd(f, inputs, grad)
-        out.append({"work": f"RMSNorm {rows}x{n} bf16 fwd+bwd", "impl": name, "ms": graph_ms, "eager_ms": eager_ms,
-                    "peak_mib": _peak_mib(f, inputs, grad)})
+    for work, (inputs, grad, impls) in op_cases().items():
+        if only and only.lower() not in work.lower():
+            continue
+        rep = 1000 if "linear" in work else 300
+        for name, f in impls.items():
+            try:
+                graph_ms, eager_ms = _bench_fwd_bwd(f, inputs, grad, rep=rep)
+                peak = _peak_mib(f, inputs, grad)
+            except Exception as e:
+                print(f"  {work} / {name}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+                continue
+            out.append({"work": work, "impl": name, "ms": graph_ms, "eager_ms": eager_ms, "peak_mib": peak})
+            print(f"  {work:<45} {name:<32} {graph_ms:8.3f} ms (graph) {eager_ms:8.3f} ms (eager) "
+                  f"{peak:9.0f} MiB", file=sys.stderr, flush=True)
+        import torch
+        torch.cuda.empty_cache()
     return out
 
 
@@ -190,6 +278,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fusedlora.bench")
     ap.add_argument("--out", default=None, help="write the Markdown report here too")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: launch,first,ops")
+    ap.add_argument("--only", default="", help="only op cases whose name contains this")
     args = ap.parse_args(argv)
     import torch
     if not torch.cuda.is_available():
@@ -217,7 +306,7 @@ def main(argv=None) -> int:
                 lines.append(f"| {mode} | {r['first_ms']:.2f} | {r['warm_ms']:.3f} |")
         lines.append("")
     if "ops" not in skip:
-        rows = rms_norm_table()
+        rows = op_table(args.only)
         lines += ["### Ops, forward + backward (median, fresh random inputs)", "",
                   "GPU ms: CUDA-graph replay (kernel time, no launch gaps). Eager ms: `do_bench` of the plain "
                   "Python step (includes host overhead where the host is the bottleneck).", "",
@@ -225,7 +314,7 @@ def main(argv=None) -> int:
                   "|---|---|---|---|---|---|"]
         base = {r["work"]: r["ms"] for r in rows if r["impl"] == "fusedlora"}
         for r in rows:
-            lines.append(f"| {r['work']} | {r['impl']} | {r['ms']:.3f} | {r['ms'] / base[r['work']]:.2f}x | "
+            lines.append(f"| {r['work']} | {r['impl']} | {r['ms']:.3f} | {r['ms'] / base.get(r['work'], float('nan')):.2f}x | "
                          f"{r['eager_ms']:.3f} | {r['peak_mib']:.0f} |")
         lines.append("")
     report = "\n".join(lines)

@@ -38,7 +38,75 @@ def _check_rms_norm(device, dtype):
             "rms_norm_bwd": (max(_rel_err(x.grad, xr.grad), _rel_err(w.grad, wr.grad)), tol)}
 
 
-CHECKS = {"rms_norm_fwd": _check_rms_norm, "rms_norm_bwd": _check_rms_norm}
+def _grads(outs, grads, inputs):
+    import torch
+    return torch.autograd.grad(outs, inputs, grads)
+
+
+def _check_glu(device, dtype):
+    import torch
+
+    from .ops.glu import geglu, naive_geglu, naive_swiglu, swiglu
+    shape = (257, 14336) if device == "cuda" else (17, 1000)
+    tol = 1.5e-2 if dtype != torch.float32 else 1e-5
+    fwd = bwd = 0.0
+    for op, ref in ((swiglu, naive_swiglu), (lambda g, u: geglu(g, u, "tanh"), lambda g, u: naive_geglu(g, u, "tanh"))):
+        g = (2 * torch.randn(shape, device=device)).to(dtype).requires_grad_()
+        u = torch.randn(shape, device=device).to(dtype).requires_grad_()
+        dy = torch.randn(shape, device=device).to(dtype)
+        y = op(g, u)
+        dg, du = _grads(y, dy, (g, u))
+        g64, u64 = g.detach().double().requires_grad_(), u.detach().double().requires_grad_()
+        y64 = ref(g64, u64)
+        dg64, du64 = _grads(y64, dy.double(), (g64, u64))
+        fwd = max(fwd, _rel_err(y, y64))
+        bwd = max(bwd, _rel_err(dg, dg64), _rel_err(du, du64))
+    return {"glu_fwd": (fwd, tol), "glu_bwd": (bwd, tol)}
+
+
+def _check_cross_entropy(device, dtype):
+    import torch
+
+    from .ops.cross_entropy import cross_entropy, naive_cross_entropy
+    t, v = (512, 128256) if device == "cuda" else (8, 4096)
+    z = (3 * torch.randn(t, v, device=device)).to(dtype).requires_grad_()
+    y = torch.randint(0, v, (t,), device=device)
+    y[::7] = -100
+    loss = cross_entropy(z, y, label_smoothing=0.05)
+    (dz,) = _grads(loss * 2.0, None, (z,))  # d loss = 2: exercises scale_by_scalar
+    z64 = z.detach().double().requires_grad_()
+    ref = naive_cross_entropy(z64, y, label_smoothing=0.05)
+    (dz64,) = _grads(ref * 2.0, None, (z64,))
+    tol = 1.5e-2 if dtype != torch.float32 else 1e-5
+    err_grad = _rel_err(dz, dz64)
+    return {"cross_entropy": (max(_rel_err(loss, ref), err_grad), tol), "scale_by_scalar": (err_grad, tol)}
+
+
+def _check_rope(device, dtype):
+    import torch
+
+    from .ops.rope import naive_rope, rope
+    b, hq, hk, s, d = (2, 32, 8, 512, 128) if device == "cuda" else (1, 4, 2, 9, 64)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=device, dtype=torch.float64) / d))
+    f = torch.outer(torch.arange(2 * s, device=device, dtype=torch.float64), inv)
+    cos, sin = torch.cat([f, f], -1).cos().to(dtype), torch.cat([f, f], -1).sin().to(dtype)
+    pos = torch.cat([torch.arange(s // 2), torch.arange(s - s // 2)]).to(device)[None].expand(b, s)  # packed
+    q = torch.randn(b, s, hq, d, device=device).to(dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(b, hk, s, d, device=device).to(dtype).requires_grad_()
+    qo, ko = rope(q, k, cos, sin, pos)
+    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+    dq, dk = _grads((qo, ko), (gq, gk), (q, k))
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    qr, kr = naive_rope(q64, k64, cos.double(), sin.double(), pos)
+    dq64, dk64 = _grads((qr, kr), (gq.double(), gk.double()), (q64, k64))
+    tol = 1.5e-2 if dtype != torch.float32 else 1e-5
+    err = max(_rel_err(qo, qr), _rel_err(ko, kr), _rel_err(dq, dq64), _rel_err(dk, dk64))
+    return {"rope": (err, tol)}
+
+
+CHECKS = {"rms_norm_fwd": _check_rms_norm, "rms_norm_bwd": _check_rms_norm, "glu_fwd": _check_glu,
+          "glu_bwd": _check_glu, "cross_entropy": _check_cross_entropy, "scale_by_scalar": _check_cross_entropy,
+          "rope": _check_rope}
 
 
 def run(verbose: bool = True) -> list[dict]:

@@ -72,8 +72,7 @@ def _glu(op, gate, up, act, inplace):
         raise ValueError(f"{op}: gate has shape {tuple(gate.shape)} but up has shape {tuple(up.shape)}")
     if gate.dtype != up.dtype:
         raise TypeError(f"{op}: gate is {gate.dtype} but up is {up.dtype}; they must match")
-    if not gate.is_contiguous() or not up.is_contiguous():
-        gate, up, inplace = gate.contiguous(), up.contiguous(), True  # the copies are ours to overwrite
+    gate, up = gate.contiguous(), up.contiguous()
     return GLUFunction.apply(gate, up, act, bool(inplace))
 
 
