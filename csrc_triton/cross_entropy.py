@@ -28,48 +28,52 @@ def cross_entropy_kernel(
     ignore_index, label_smoothing, softcap, logit_scale,
     BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MODE: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    label = tl.load(LABELS + row).to(tl.int64)
-    ignored = label == ignore_index
-    base = LOGITS + row * logits_row_stride
+    # Persistent: program p takes rows p, p + P, ... With few programs in flight, a row read in the
+    # first pass is still in L2 for the second (HBM sees ~one read and one write per element).
     cols = tl.arange(0, BLOCK_V)
-    if MODE == 2:
-        lse = tl.load(LSE + row)
-    else:
-        m = tl.full([], float("-inf"), tl.float32)
-        s = tl.zeros([], tl.float32)
-        sum_x = tl.zeros([], tl.float32)
-        for start in range(0, n_cols, BLOCK_V):
-            c = start + cols
-            ok = c < n_cols
-            z = tl.load(base + c, mask=ok, other=0.0).to(tl.float32)
-            x = tl.where(ok, _transform(z, softcap, logit_scale, HAS_SOFTCAP), float("-inf"))
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-            sum_x += tl.sum(tl.where(ok, x, 0.0), axis=0)
-            m = m_new
-        lse = m + tl.log(s)
-        safe_label = tl.where(ignored, 0, label)
-        x_label = _transform(tl.load(base + safe_label).to(tl.float32), softcap, logit_scale, HAS_SOFTCAP)
-        loss = lse - (1.0 - label_smoothing) * x_label - label_smoothing * (sum_x / n_cols)
-        tl.store(LOSS + row, tl.where(ignored, 0.0, loss))
-        tl.store(LSE + row, lse)
-    if MODE != 0:
-        scale = tl.load(SCALE + row * scale_stride).to(tl.float32)
-        scale = tl.where(ignored, 0.0, scale)
-        smooth = label_smoothing / n_cols
-        gbase = GRAD + row * grad_row_stride
-        for start in range(0, n_cols, BLOCK_V):
-            c = start + cols
-            ok = c < n_cols
-            z = tl.load(base + c, mask=ok, other=0.0).to(tl.float32)
-            x = _transform(z, softcap, logit_scale, HAS_SOFTCAP)
-            g = tl.exp(x - lse) - smooth - tl.where(c == label, 1.0 - label_smoothing, 0.0)
-            if HAS_SOFTCAP:
-                t = x / softcap
-                g = g * (1.0 - t * t)
-            g = g * (logit_scale * scale)
-            tl.store(gbase + c, g.to(GRAD.dtype.element_ty), mask=ok)
+    l_stride = logits_row_stride.to(tl.int64)
+    g_stride = grad_row_stride.to(tl.int64)
+    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        label = tl.load(LABELS + row).to(tl.int64)
+        ignored = label == ignore_index
+        base = LOGITS + row * l_stride
+        if MODE == 2:
+            lse = tl.load(LSE + row)
+        else:
+            m = tl.full([], float("-inf"), tl.float32)
+            s = tl.zeros([], tl.float32)
+            sum_x = tl.zeros([], tl.float32)
+            for start in range(0, n_cols, BLOCK_V):
+                c = start + cols
+                ok = c < n_cols
+                z = tl.load(base + c, mask=ok, other=0.0).to(tl.float32)
+                x = tl.where(ok, _transform(z, softcap, logit_scale, HAS_SOFTCAP), float("-inf"))
+                m_new = tl.maximum(m, tl.max(x, axis=0))
+                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+                sum_x += tl.sum(tl.where(ok, x, 0.0), axis=0)
+                m = m_new
+            lse = m + tl.log(s)
+            safe_label = tl.where(ignored, 0, label)
+            x_label = _transform(tl.load(base + safe_label).to(tl.float32), softcap, logit_scale, HAS_SOFTCAP)
+            loss = lse - (1.0 - label_smoothing) * x_label - label_smoothing * (sum_x / n_cols)
+            tl.store(LOSS + row, tl.where(ignored, 0.0, loss))
+            tl.store(LSE + row, lse)
+        if MODE != 0:
+            scale = tl.load(SCALE + row * scale_stride).to(tl.float32)
+            scale = tl.where(ignored, 0.0, scale)
+            smooth = label_smoothing / n_cols
+            gbase = GRAD + row * g_stride
+            for start in range(0, n_cols, BLOCK_V):
+                c = start + cols
+                ok = c < n_cols
+                z = tl.load(base + c, mask=ok, other=0.0).to(tl.float32)
+                x = _transform(z, softcap, logit_scale, HAS_SOFTCAP)
+                g = tl.exp(x - lse) - smooth - tl.where(c == label, 1.0 - label_smoothing, 0.0)
+                if HAS_SOFTCAP:
+                    t = x / softcap
+                    g = g * (1.0 - t * t)
+                g = g * (logit_scale * scale)
+                tl.store(gbase + c, g.to(GRAD.dtype.element_ty), mask=ok)
 
 
 @triton.jit(do_not_specialize=["n_elements"])

@@ -1,7 +1,8 @@
 """Gated linear units: h = act(gate) * up with act = SiLU (SwiGLU) or GELU (GeGLU, erf or tanh).
 
-Elementwise over flattened contiguous tensors; n_elements is a runtime length (one compile for every
-shape). Backward recomputes the activation from gate instead of storing it.
+Elementwise over flattened contiguous tensors. n_elements is specialised on 16-divisibility only (so
+masked loads stay 16-byte vectors; every LLM MLP size qualifies) and is otherwise a runtime length.
+Backward recomputes the activation from gate instead of storing it.
 """
 import triton
 import triton.language as tl
@@ -22,7 +23,7 @@ def _act_and_grad(g, ACT: tl.constexpr):
         return gelu_and_grad(g, ACT == 2)
 
 
-@triton.jit(do_not_specialize=["n_elements"])
+@triton.jit
 def glu_fwd_kernel(GATE, UP, OUT, n_elements, ACT: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
@@ -32,7 +33,7 @@ def glu_fwd_kernel(GATE, UP, OUT, n_elements, ACT: tl.constexpr, BLOCK: tl.const
     tl.store(OUT + offs, (a * u).to(OUT.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["n_elements"])
+@triton.jit
 def glu_bwd_kernel(DOUT, GATE, UP, DGATE, DUP, n_elements, ACT: tl.constexpr, BLOCK: tl.constexpr):
     # DGATE / DUP may alias GATE / UP (in-place backward): each element is read before it is written.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

@@ -36,6 +36,7 @@ def rms_norm_bwd_meta(n_cols: int, gemma_cast: bool) -> dict:
 
 
 def _row_warps(block_n: int) -> int:
+    # H100 sweep (build_tools/tune.py, 8192x4096 bf16): fwd 8 warps 0.0475 ms; bwd 16 warps, 2 programs/SM
     if block_n >= 16384:
         return 16
     if block_n >= 4096:
@@ -43,6 +44,9 @@ def _row_warps(block_n: int) -> int:
     if block_n >= 1024:
         return 4
     return 2
+
+
+RMS_BWD_PROGRAMS_PER_SM = 2
 
 
 def _rms_norm_aot(family):
@@ -69,7 +73,7 @@ RMS_NORM_BWD = register(KernelSpec(
     pointer_types={"DY": "y", "X": "x", "W": "w", "RSTD": "fp32", "DX": "x", "DW_PARTIAL": "fp32"},
     float_args=("offset",),
     meta=rms_norm_bwd_meta,
-    config=lambda arch, c: (_row_warps(c["BLOCK_N"]), 1),
+    config=lambda arch, c: (min(16, 2 * _row_warps(c["BLOCK_N"])), 1),
     aot_variants=_rms_norm_aot,
     doc="RMSNorm backward (dx and per-program dw partial sums), persistent grid",
 ))
@@ -77,7 +81,7 @@ RMS_NORM_BWD = register(KernelSpec(
 
 # ---------------------------------------------------------------- SwiGLU / GeGLU
 GLU_ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
-GLU_BLOCK = 2048
+GLU_BLOCK = 2048  # H100 sweep: 2048 elements, 16 warps: 0.614 ms fwd+bwd at 8192x14336 (torch.compile 0.620)
 
 
 def glu_meta(act: str) -> dict:
@@ -95,7 +99,7 @@ GLU_FWD = register(KernelSpec(
     module="csrc_triton.glu", function="glu_fwd_kernel",
     pointer_types={"GATE": "x", "UP": "x", "OUT": "x"},
     meta=glu_meta,
-    config=lambda arch, c: (8, 1),
+    config=lambda arch, c: (16, 1),
     aot_variants=_glu_aot,
     doc="act(gate) * up, act in SiLU / GELU / GELU-tanh",
 ))
@@ -105,7 +109,7 @@ GLU_BWD = register(KernelSpec(
     module="csrc_triton.glu", function="glu_bwd_kernel",
     pointer_types={"DOUT": "x", "GATE": "x", "UP": "x", "DGATE": "x", "DUP": "x"},
     meta=glu_meta,
-    config=lambda arch, c: (8, 1),
+    config=lambda arch, c: (16, 1),
     aot_variants=_glu_aot,
     doc="gradients of act(gate) * up, activation recomputed",
 ))
@@ -115,18 +119,21 @@ GLU_BWD = register(KernelSpec(
 CE_MODES = {"loss": 0, "loss_and_grad": 1, "grad": 2}
 
 
+CE_BLOCK = 4096  # H100 sweep at 8192x128256 bf16: 4096 / 8 warps, one program per row: 2.20 ms (loss+grad)
+
+
 def cross_entropy_meta(n_cols: int, softcap: bool, mode: str) -> dict:
-    return {"BLOCK_V": min(8192, next_pow2(n_cols)), "HAS_SOFTCAP": int(bool(softcap)), "MODE": CE_MODES[mode]}
+    return {"BLOCK_V": min(CE_BLOCK, next_pow2(n_cols)), "HAS_SOFTCAP": int(bool(softcap)), "MODE": CE_MODES[mode]}
 
 
 def _ce_warps(block_v: int) -> int:
-    return 16 if block_v >= 8192 else (8 if block_v >= 2048 else 4)
+    return 8 if block_v >= 2048 else 4
 
 
 def _ce_aot(family):
     vocab_blocks = {}
     for v in family.get("vocab_sizes", ()):
-        vocab_blocks.setdefault(min(8192, next_pow2(v)), v)  # one variant per block size serves them all
+        vocab_blocks.setdefault(min(CE_BLOCK, next_pow2(v)), v)  # one variant per block size serves them all
     for dt in family.get("dtypes", ("bf16", "fp16")):
         for v in vocab_blocks.values():
             for softcap in (False, True):
@@ -162,6 +169,7 @@ SCALE_BY_SCALAR = register(KernelSpec(
 # ---------------------------------------------------------------- RoPE
 def rope_meta(half: int, n_pass: int, has_pos: bool, backward: bool) -> dict:
     block_half = next_pow2(half)
+    # H100 sweep (B4 S2048 Hq32 Hk8 D128): 8 heads per program, 1 warp: 0.063 ms forward
     return {"BLOCK_H": max(1, min(16, 512 // block_half)), "BLOCK_HALF": block_half,
             "BLOCK_PASS": next_pow2(n_pass) if n_pass > 0 else 0,
             "HAS_POS": int(bool(has_pos)), "BACKWARD": int(bool(backward))}
@@ -183,7 +191,7 @@ ROPE = register(KernelSpec(
     module="csrc_triton.rope", function="rope_kernel",
     pointer_types={"Q": "x", "K": "x", "QO": "x", "KO": "x", "COS": "c", "SIN": "c", "POS": "pos"},
     meta=rope_meta,
-    config=lambda arch, c: (4, 1),
+    config=lambda arch, c: (1 if c["BLOCK_H"] * c["BLOCK_HALF"] <= 512 else 4, 1),
     aot_variants=_rope_aot,
     doc="rotary embedding of q and k (GQA) in one launch, optional position_ids gather",
 ))

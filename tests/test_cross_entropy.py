@@ -40,7 +40,7 @@ def test_cross_entropy_matches_reference(shape, dtype, kw):
     loss.backward(g.float())
     ref.backward(g)
     assert loss.dtype == torch.float32 and loss.shape == ref.shape
-    assert rel_err(loss, ref) < 1e-5
+    assert rel_err(loss, ref) < 2e-5  # fp32 sums over up to 262144 terms
     assert zk.grad.dtype == dtype
     assert rel_err(zk.grad, z64.grad) < TOL[dtype]
 

@@ -65,6 +65,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                     db += logits.sum(0, dtype=torch.float32)
             else:
                 ce_launch(logits, labels[s:e], loss_rows[s:e], lse[s:e], None, inv, 0, *opts, "loss")
+            del logits  # free this chunk before the next one is allocated: one chunk alive at a time
         ctx.precompute = precompute
         ctx.opts = (reduction,) + opts + (chunk_rows,)
         if precompute:
@@ -114,6 +115,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 dw.addmm_(logits.t(), h)
             if db is not None:
                 db += logits.sum(0, dtype=torch.float32)
+            del logits
         return (dh, dw, None if db is None else db.to(bias.dtype)) + nones
 
 

@@ -76,6 +76,7 @@ class RopeFunction(torch.autograd.Function):
         rope_launch(q, k, qo, ko, cos, sin, pos, False)
         ctx.save_for_backward(cos, sin, pos)
         ctx.q_shape, ctx.k_shape, ctx.dtype = q.shape, k.shape, q.dtype
+        ctx.q_meta, ctx.k_meta = torch.empty_like(q, device="meta"), torch.empty_like(k, device="meta")
         return qo, ko
 
     @staticmethod
@@ -86,7 +87,9 @@ class RopeFunction(torch.autograd.Function):
             dko = torch.zeros(ctx.k_shape, dtype=ctx.dtype, device=cos.device) if dko is None else dko
         dqo = _last_contiguous(dqo)
         dko = _last_contiguous(dko)
-        dq, dk = torch.empty_like(dqo), torch.empty_like(dko)
+        # Gradients in q's / k's own layout (HF's q is a transposed view): autograd then needs no copy.
+        dq = torch.empty_like(ctx.q_meta, device=dqo.device)
+        dk = torch.empty_like(ctx.k_meta, device=dko.device)
         rope_launch(dqo, dko, dq, dk, cos, sin, pos, True)
         return dq, dk, None, None, None
 

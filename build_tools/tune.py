@@ -1,0 +1,131 @@
+"""Sweep launch configurations of the kernels on the local GPU (JIT path) and print the fastest.
+
+    python -m build_tools.tune [ce,glu,rope,rms]
+
+Each configuration is timed fwd (+bwd) with CUDA-graph replay on fresh random bf16 inputs at the
+issue's benchmark sizes. The winners go into fusedlora/kernels.py by hand (meta/config)."""
+from __future__ import annotations
+
+import sys
+
+import torch
+from triton.testing import do_bench_cudagraph
+
+from fusedlora import registry
+
+DEV = "cuda"
+BF16 = torch.bfloat16
+
+
+def _time(fn):
+    fn()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(torch.cuda.Stream()):
+        return do_bench_cudagraph(fn, rep=100, return_mode="median")
+
+
+def report(name, results):
+    results.sort(key=lambda r: r[1])
+    print(f"\n== {name}: best first")
+    for cfg, ms, extra in results[:8]:
+        print(f"  {ms:8.4f} ms  {extra}  {cfg}")
+
+
+def tune_ce():
+    t, v = 8192, 128256
+    fn = registry.get("cross_entropy").fn
+    z = torch.randn(t, v, device=DEV, dtype=BF16)
+    y = torch.randint(0, v, (t,), device=DEV)
+    loss = torch.empty(t, device=DEV)
+    lse = torch.empty(t, device=DEV)
+    g = torch.empty_like(z)
+    scale = torch.ones(1, device=DEV)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    res = []
+    for per_sm in (1, 2, 3, 4, 0):
+        for block in (4096, 8192, 16384):
+            for warps in (8, 16, 32):
+                grid = (t if per_sm == 0 else min(t, per_sm * sms),)
+                try:
+                    ms = _time(lambda: fn[grid](z, y, loss, lse, g, scale, v, v, 0, t, v, -100, 0.0, 1.0, 1.0,
+                                                BLOCK_V=block, HAS_SOFTCAP=0, MODE=1, num_warps=warps))
+                except Exception as e:
+                    print("  skip", per_sm, block, warps, type(e).__name__)
+                    continue
+                res.append(((per_sm, block, warps), ms, f"{2 * z.numel() * 2 / ms / 1e9:.0f} GB/s (1R+1W)"))
+    report("cross_entropy MODE=1 (per_sm, BLOCK_V, warps)", res)
+
+
+def tune_glu():
+    n = 8192 * 14336
+    f, b = registry.get("glu_fwd").fn, registry.get("glu_bwd").fn
+    g, u, o, dy = (torch.randn(n, device=DEV, dtype=BF16) for _ in range(4))
+    dg, du = torch.empty_like(g), torch.empty_like(u)
+    res = []
+    for block in (1024, 2048, 4096, 8192):
+        for warps in (4, 8, 16):
+            grid = ((n + block - 1) // block,)
+
+            def step():
+                f[grid](g, u, o, n, ACT=0, BLOCK=block, num_warps=warps)
+                b[grid](dy, g, u, dg, du, n, ACT=0, BLOCK=block, num_warps=warps)
+            ms = _time(step)
+            res.append(((block, warps), ms, f"{8 * n * 2 / ms / 1e9:.0f} GB/s"))
+    report("swiglu fwd+bwd (BLOCK, warps)", res)
+
+
+def tune_rope():
+    bsz, hq, hk, s, d = 4, 32, 8, 2048, 128
+    fn = registry.get("rope").fn
+    q = torch.randn(bsz, s, hq, d, device=DEV, dtype=BF16).transpose(1, 2)
+    k = torch.randn(bsz, s, hk, d, device=DEV, dtype=BF16).transpose(1, 2)
+    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    cos = torch.randn(8192, d, device=DEV, dtype=BF16)
+    sin = torch.randn(8192, d, device=DEV, dtype=BF16)
+    pos = torch.arange(s, device=DEV)[None].expand(bsz, s).contiguous()
+    res = []
+    for bh in (4, 8, 16, 32):
+        for warps in (1, 2, 4, 8):
+            grid = (bsz * s, (hq + bh - 1) // bh + (hk + bh - 1) // bh)
+            args = (q, k, qo, ko, cos, sin, pos, *q.stride()[:3], *k.stride()[:3], *qo.stride()[:3], *ko.stride()[:3],
+                    0, d, s, 1, s, hq, hk, d // 2, 0)
+
+            def step():
+                fn[grid](*args, BLOCK_H=bh, BLOCK_HALF=d // 2, BLOCK_PASS=0, HAS_POS=1, BACKWARD=0, num_warps=warps)
+            ms = _time(step)
+            res.append(((bh, warps), ms, f"{2 * (q.numel() + k.numel()) * 2 / ms / 1e9:.0f} GB/s"))
+    report("rope fwd (BLOCK_H, warps)", res)
+
+
+def tune_rms():
+    m, n = 8192, 4096
+    f, b = registry.get("rms_norm_fwd").fn, registry.get("rms_norm_bwd").fn
+    x, dy = torch.randn(m, n, device=DEV, dtype=BF16), torch.randn(m, n, device=DEV, dtype=BF16)
+    w = torch.randn(n, device=DEV, dtype=BF16)
+    y, dx = torch.empty_like(x), torch.empty_like(x)
+    rstd = torch.empty(m, device=DEV)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    res = []
+    for warps in (4, 8, 16):
+        ms = _time(lambda: f[(m,)](x, w, y, rstd, n, n, m, n, 1e-6, 0.0, BLOCK_M=1, BLOCK_N=n, GEMMA_CAST=0,
+                                   num_warps=warps))
+        res.append((("fwd", warps), ms, f"{2 * x.numel() * 2 / ms / 1e9:.0f} GB/s"))
+    for per_sm in (1, 2, 4, 8):
+        for warps in (4, 8, 16):
+            p = per_sm * sms
+            part = torch.empty(p, n, device=DEV)
+            ms = _time(lambda: b[(p,)](dy, x, w, rstd, dx, part, n, n, n, m, n, 0.0, BLOCK_N=n, GEMMA_CAST=0,
+                                       num_warps=warps))
+            res.append((("bwd", per_sm, warps), ms, f"{3 * x.numel() * 2 / ms / 1e9:.0f} GB/s"))
+    report("rms_norm (fwd warps | bwd per_sm, warps)", res)
+
+
+def main(argv=None):
+    which = (argv or sys.argv[1:] or ["ce,glu,rope,rms"])[0].split(",")
+    print(torch.cuda.get_device_name(), torch.__version__)
+    for w in which:
+        {"ce": tune_ce, "glu": tune_glu, "rope": tune_rope, "rms": tune_rms}[w]()
+
+
+if __name__ == "__main__":
+    main()
