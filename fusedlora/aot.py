@@ -136,9 +136,10 @@ def _write_json(path: Path, obj):
 
 
 def write_manifests(out: Path, records: list[dict], merge: bool):
-    """Write one manifest per kernel (`<kernel>.json`, read lazily by the loader on first use of that
-    kernel) and the top-level `manifest.json` index (build info, each kernel's source fingerprint and
-    argument kinds). With merge, entries already there are kept unless rebuilt or stale."""
+    """Write one manifest per kernel and arch (`<kernel>.sm<arch>.json`: the loader reads only those of
+    the kernels a job calls, for its GPU's archs) and the top-level `manifest.json` index (build info,
+    each kernel's source fingerprint, argument kinds and files). With merge, entries already there are
+    kept unless rebuilt or stale."""
     import triton
     top = load_top_manifest(out) if merge else None
     kernels = dict(top["kernels"]) if top else {}
@@ -146,24 +147,30 @@ def write_manifests(out: Path, records: list[dict], merge: bool):
     for r in records:
         by_kernel.setdefault(r["variant"]["kernel"], []).append(r)
     for name, recs in by_kernel.items():
-        first = recs[0]
-        info = {"manifest": f"{name}.json", "source_sha256": first.pop("source_sha256"),
-                "arg_kinds": first.pop("arg_kinds")}
-        for r in recs[1:]:
+        source, kinds = recs[0]["source_sha256"], recs[0]["arg_kinds"]
+        for r in recs:
             r.pop("source_sha256"), r.pop("arg_kinds")
         old = kernels.get(name)
-        kept = []
-        if old and old.get("source_sha256") == info["source_sha256"]:
-            new_files = {r["file"] for r in recs}
-            try:
-                prev = json.loads((out / old["manifest"]).read_text())["entries"]
-            except (OSError, ValueError, KeyError):
-                prev = []
-            kept = [r for r in prev if r["file"] not in new_files and (out / r["file"]).exists()]
-        entries = sorted(kept + recs, key=lambda r: r["file"])
-        info["variants"] = len(entries)
-        _write_json(out / info["manifest"], {"format": MANIFEST_FORMAT, "kernel": name, "entries": entries})
-        kernels[name] = info
+        prev: list[dict] = []
+        if old and old.get("source_sha256") == source:
+            for f in old.get("manifests", {}).values():
+                try:
+                    prev += json.loads((out / f).read_text())["entries"]
+                except (OSError, ValueError, KeyError):
+                    pass
+        new_files = {r["file"] for r in recs}
+        entries = [r for r in prev if r["file"] not in new_files and (out / r["file"]).exists()] + recs
+        per_arch: dict[int, list[dict]] = {}
+        for r in entries:
+            per_arch.setdefault(r["variant"]["arch"], []).append(r)
+        manifests = {}
+        for arch, rs in sorted(per_arch.items()):
+            fname = f"{name}.sm{arch}.json"
+            _write_json(out / fname, {"format": MANIFEST_FORMAT, "kernel": name, "arch": arch,
+                                      "entries": sorted(rs, key=lambda r: r["file"])})
+            manifests[str(arch)] = fname
+        kernels[name] = {"manifests": manifests, "source_sha256": source, "arg_kinds": kinds,
+                         "variants": len(entries)}
     _write_json(out / MANIFEST, {"format": MANIFEST_FORMAT, "triton_version": triton.__version__,
                                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                  "kernels": kernels})

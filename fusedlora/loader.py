@@ -35,7 +35,7 @@ log = logging.getLogger("fusedlora")
 
 PREBUILT_DIR = Path(__file__).parent / "_prebuilt"
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 2
+MANIFEST_FORMAT = 3
 
 
 def user_kernel_dir() -> Path:
@@ -167,11 +167,12 @@ def read_top_manifests(dirs: list[Path]) -> list[tuple[Path, dict]]:
     return tops
 
 
-def kernel_index(tops: list[tuple[Path, dict]], name: str):
-    """(key -> {arch: (dir, record)}, arg kinds or None) for one kernel across directories; earlier ones win.
+def kernel_index(tops: list[tuple[Path, dict]], name: str, archs=None):
+    """(key -> {arch: (dir, record)}, arg kinds or None) for one kernel across directories (earlier ones
+    win), reading only the manifests of `archs` (all when None).
 
     A directory whose cubins of this kernel were built from another source (stale) is skipped, warned."""
-    index: dict[tuple, dict[int, Entry]] = {}
+    index: dict[tuple, dict[int, tuple]] = {}
     kinds = None
     current = None
     for d, top in tops:
@@ -184,18 +185,20 @@ def kernel_index(tops: list[tuple[Path, dict]], name: str):
             warnings.warn(f"fusedlora: prebuilt {name} kernels in {d} were built from another source; ignoring them",
                           RuntimeWarning, stacklevel=3)
             continue
-        try:
-            records = json.loads((d / info["manifest"]).read_text())["entries"]
-        except Exception as e:
-            warnings.warn(f"fusedlora: ignoring kernel manifest {d / str(info.get('manifest'))}: {e}",
-                          RuntimeWarning, stacklevel=3)
-            continue
         if kinds is None and info.get("arg_kinds"):
             kinds = [tuple(k) for k in info["arg_kinds"]]
-        for r in records:  # Entry objects are made only for the records a launch asks for
-            v = r["variant"]
-            key = (name, tuple(t for _, t in v["signature"]), tuple((n, c) for n, c in v["constexprs"]))
-            index.setdefault(key, {}).setdefault(v["arch"], (d, r))
+        for arch, fname in info.get("manifests", {}).items():
+            if archs is not None and int(arch) not in archs:
+                continue
+            try:
+                records = json.loads((d / fname).read_text())["entries"]
+            except Exception as e:
+                warnings.warn(f"fusedlora: ignoring kernel manifest {d / fname}: {e}", RuntimeWarning, stacklevel=3)
+                continue
+            for r in records:  # Entry objects are made only for the records a launch asks for
+                v = r["variant"]
+                key = (name, tuple(t for _, t in v["signature"]), tuple((n, c) for n, c in v["constexprs"]))
+                index.setdefault(key, {}).setdefault(v["arch"], (d, r))
     return index, kinds
 
 
@@ -372,23 +375,32 @@ class Loader:
             self._driver = driver()
         return self._driver
 
-    def kernel_entries(self, name: str):
-        """(key -> {arch: Entry}, arg kinds) of one kernel, read from the manifests on first use."""
-        got = self._kernels.get(name)
-        if got is None:
+    def _top(self):
+        if self._tops is None:
             with self._lock:
                 if self._tops is None:
                     self._tops = read_top_manifests(self.dirs)
-                got = self._kernels.get(name)
+        return self._tops
+
+    def kernel_entries(self, name: str, archs: tuple[int, ...]):
+        """key -> {arch: (dir, record)} of one kernel for these archs, read on first use."""
+        got = self._kernels.get((name, archs))
+        if got is None:
+            with self._lock:
+                got = self._kernels.get((name, archs))
                 if got is None:
-                    got = self._kernels[name] = kernel_index(self._tops, name)
+                    got = self._kernels[(name, archs)] = kernel_index(self._top(), name, archs)[0]
         return got
 
     def arg_kinds(self, spec: KernelSpec):
-        """The kernel's argument kinds: from the manifest if it has them (no triton import), else None."""
+        """The kernel's argument kinds from the manifest (so the prebuilt path never imports triton)."""
         if self.force_jit:
             return None
-        return self.kernel_entries(spec.name)[1]
+        for _, top in self._top():
+            info = top["kernels"].get(spec.name)
+            if info and info.get("arg_kinds"):
+                return [tuple(k) for k in info["arg_kinds"]]
+        return None
 
     def arch(self, device: int) -> int:
         arch = self._archs.get(device)
@@ -413,8 +425,9 @@ class Loader:
     # -- resolution
     def find(self, spec: KernelSpec, arch: int, sig, constexprs):
         """Manifest entries matching the key, best first (exact arch, then compatible archs)."""
-        by_arch = self.kernel_entries(spec.name)[0].get((spec.name, sig, constexprs), {})
-        return [Entry(*by_arch[a]) for a in COMPATIBLE_ARCHS.get(arch, ()) if a in by_arch]
+        archs = COMPATIBLE_ARCHS.get(arch, ())
+        by_arch = self.kernel_entries(spec.name, archs).get((spec.name, sig, constexprs), {})
+        return [Entry(*by_arch[a]) for a in archs if a in by_arch]
 
     def wanted_variant(self, spec: KernelSpec, arch: int, sig, constexprs) -> Variant:
         num_warps, num_stages = spec.config(arch, dict(constexprs))

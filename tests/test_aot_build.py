@@ -49,7 +49,7 @@ def test_build_summary_and_cubins(built):
     out, log = built
     assert "variants for sm_80, sm_90" in log and "MB of cubins" in log and "FAILED" not in log
     top = json.loads((out / "manifest.json").read_text())
-    assert top["format"] == 2 and set(top["kernels"]) == set(registry.all_kernels())
+    assert top["format"] == L.MANIFEST_FORMAT and set(top["kernels"]) == set(registry.all_kernels())
     import triton
     assert top["triton_version"] == triton.__version__
     records = []
@@ -57,7 +57,12 @@ def test_build_summary_and_cubins(built):
         spec = registry.get(name)
         assert info["source_sha256"] == spec.source_sha256()
         assert [tuple(k) for k in info["arg_kinds"]] == spec.arg_kinds()
-        entries = json.loads((out / info["manifest"]).read_text())["entries"]
+        assert set(info["manifests"]) == {"80", "90"}
+        entries = []
+        for arch, fname in info["manifests"].items():
+            part = json.loads((out / fname).read_text())
+            assert part["arch"] == int(arch) and all(r["variant"]["arch"] == int(arch) for r in part["entries"])
+            entries += part["entries"]
         assert info["variants"] == len(entries) > 0
         records += entries
     for rec in records:

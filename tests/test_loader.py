@@ -15,6 +15,7 @@ import torch
 
 from fusedlora import loader as L
 from fusedlora import registry
+from fusedlora.aot import write_manifests
 from fusedlora.loader import Loader, MissingKernelError, _JitLaunch
 
 SPEC = registry.get("rms_norm_fwd")
@@ -83,11 +84,10 @@ def make_dir(tmp_path, archs, dtype="bf16", corrupt=False, name="k", source=None
                         "sha256": hashlib.sha256(b"other" if corrupt else image).hexdigest(),
                         "name": "rms_norm_fwd_kernel", "shared": 64, "num_warps": v.num_warps,
                         "abi": [t for _, t in v.signature if t != "1"] + ["*i8", "*i8"]})
-    (d / "rms_norm_fwd.json").write_text(json.dumps({"format": 2, "kernel": "rms_norm_fwd", "entries": records}))
-    top = {"format": 2, "kernels": {"rms_norm_fwd": {"manifest": "rms_norm_fwd.json",
-                                                      "source_sha256": source or SPEC.source_sha256(),
-                                                      "arg_kinds": [list(k) for k in SPEC.arg_kinds()]}}}
-    (d / "manifest.json").write_text(json.dumps(top, sort_keys=True))
+    for r in records:
+        r["source_sha256"] = source or SPEC.source_sha256()
+        r["arg_kinds"] = [list(k) for k in SPEC.arg_kinds()]
+    write_manifests(d, records, merge=False)
     return d
 
 
@@ -170,10 +170,9 @@ def test_int_equal_to_one_leaves_the_abi(tmp_path, jit_calls):
     rec = {"variant": json.loads(v.to_string()), "file": "one.cubin", "sha256": hashlib.sha256(image).hexdigest(),
            "name": "rms_norm_fwd_kernel", "shared": 0, "num_warps": v.num_warps,
            "abi": [t for _, t in v.signature if t != "1"] + ["*i8", "*i8"]}
-    (d / "rms_norm_fwd.json").write_text(json.dumps({"format": 2, "kernel": "rms_norm_fwd", "entries": [rec]}))
-    (d / "manifest.json").write_text(json.dumps({"format": 2, "kernels": {"rms_norm_fwd": {
-        "manifest": "rms_norm_fwd.json", "source_sha256": SPEC.source_sha256(),
-        "arg_kinds": [list(k) for k in SPEC.arg_kinds()]}}}))
+    rec["source_sha256"] = SPEC.source_sha256()
+    rec["arg_kinds"] = [list(k) for k in SPEC.arg_kinds()]
+    write_manifests(d, [rec], merge=False)
     ld = make_loader([d], 90)
     args = list(fwd_args(rows=77))
     args[5] = 1
@@ -286,9 +285,9 @@ def test_corrupt_manifest_is_ignored_with_a_warning(tmp_path, jit_calls):
 
 def test_abi_mismatch_is_refused(tmp_path, jit_calls):
     d = make_dir(tmp_path, [90])
-    m = json.loads((d / "rms_norm_fwd.json").read_text())
+    m = json.loads((d / "rms_norm_fwd.sm90.json").read_text())
     m["entries"][0]["abi"] = m["entries"][0]["abi"][1:]
-    (d / "rms_norm_fwd.json").write_text(json.dumps(m))
+    (d / "rms_norm_fwd.sm90.json").write_text(json.dumps(m))
     ld = make_loader([d], 90)
     with pytest.warns(RuntimeWarning, match="has ABI"):
         launch(ld)
@@ -372,3 +371,11 @@ def test_prebuilt_path_does_not_import_triton(tmp_path):
     env["PYTHONPATH"] = str(Path(tests).parent) + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_only_the_gpus_arch_manifests_are_read(tmp_path, jit_calls):
+    d = make_dir(tmp_path, [80, 86, 90])
+    (d / "rms_norm_fwd.sm80.json").write_text("{broken")  # never opened on an sm_90 GPU
+    ld = make_loader([d], 90)
+    launch(ld)
+    assert ld.stats == {"aot": 1, "jit": 0}
