@@ -31,8 +31,8 @@ def cross_entropy_kernel(
     # Persistent: program p takes rows p, p + P, ... With few programs in flight, a row read in the
     # first pass is still in L2 for the second (HBM sees ~one read and one write per element).
     cols = tl.arange(0, BLOCK_V)
-    l_stride = logits_row_stride.to(tl.int64)
-    g_stride = grad_row_stride.to(tl.int64)
+    l_stride = logits_row_stride + tl.zeros([], tl.int64)  # int64 offsets (a stride may be a constexpr 1)
+    g_stride = grad_row_stride + tl.zeros([], tl.int64)
     for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         label = tl.load(LABELS + row).to(tl.int64)
         ignored = label == ignore_index

@@ -49,9 +49,9 @@ def rms_norm_bwd_kernel(
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32) + offset
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     # int64 strides: row * stride may pass 2**31 elements.
-    x_stride = x_row_stride.to(tl.int64)
-    dy_stride = dy_row_stride.to(tl.int64)
-    dx_stride = dx_row_stride.to(tl.int64)
+    x_stride = x_row_stride + tl.zeros([], tl.int64)  # a stride may arrive as a constexpr 1
+    dy_stride = dy_row_stride + tl.zeros([], tl.int64)
+    dx_stride = dx_row_stride + tl.zeros([], tl.int64)
     for row in range(pid, n_rows, n_progs):
         x = tl.load(X + row * x_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
         dy = tl.load(DY + row * dy_stride + cols, mask=col_ok, other=0.0).to(tl.float32)

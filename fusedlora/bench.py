@@ -186,7 +186,7 @@ def op_cases():
              "torch.compile": torch.compile(lambda x, w: naive_rms_norm(x, w, 1e-6))}
     liger = _liger("rms_norm", "LigerRMSNormFunction")
     if liger:
-        impls["Liger"] = lambda x, w: liger.apply(x, w, 1e-6, 0.0, "llama", False)
+        impls["Liger"] = lambda x, w, f=liger: f.apply(x, w, 1e-6, 0.0, "llama", False)
     cases["RMSNorm 8192x4096"] = (rn_in, lambda: torch.randn(8192, 4096, device=dev, dtype=dt), impls)
 
     # SwiGLU 8192 x 14336
@@ -196,7 +196,7 @@ def op_cases():
     impls = {"fusedlora": swiglu, "eager torch": naive_swiglu, "torch.compile": torch.compile(naive_swiglu)}
     liger = _liger("swiglu", "LigerSiLUMulFunction")
     if liger:
-        impls["Liger"] = lambda a, b: liger.apply(a, b)
+        impls["Liger"] = lambda a, b, f=liger: f.apply(a, b)
     cases["SwiGLU 8192x14336"] = (sw_in, lambda: torch.randn(8192, 14336, device=dev, dtype=dt), impls)
 
     # RoPE B4 S2048 Hq32 Hk8 D128 with position_ids (packed sequences: positions restart mid-row)
@@ -218,7 +218,7 @@ def op_cases():
     liger = _liger("rope", "LigerRopeFunction")
     if liger:  # given HF's gathered cos/sin: Liger cannot gather by position_ids itself
         cos_g, sin_g = cos_cache[pos], sin_cache[pos]
-        impls["Liger (pre-gathered cos/sin)"] = lambda q, k: liger.apply(q, k, cos_g, sin_g)
+        impls["Liger (pre-gathered cos/sin)"] = lambda q, k, f=liger: f.apply(q, k, cos_g, sin_g)
     cases["RoPE B4 S2048 Hq32 Hk8 D128, position_ids"] = (rp_in, rp_grad, impls)
 
     # Cross-entropy 8192 x 128256
@@ -235,7 +235,7 @@ def op_cases():
              "torch.compile": torch.compile(lambda z: F.cross_entropy(z.float(), labels))}
     liger = _liger("cross_entropy", "LigerCrossEntropyFunction")
     if liger:
-        impls["Liger"] = lambda z: _first(liger.apply(z * 1, labels, None))
+        impls["Liger"] = lambda z, f=liger: _first(f.apply(z * 1, labels, None))
     cases["CE 8192x128256"] = (ce_in, scalar_grad, impls)
 
     # Fused linear + CE, T8192 H4096 V128256, frozen lm_head (LoRA)
@@ -247,7 +247,7 @@ def op_cases():
              "eager torch": lambda h: F.cross_entropy(F.linear(h, w).float(), labels)}
     liger = _liger("fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
     if liger:
-        impls["Liger"] = lambda h: _first(liger.apply(h, w, labels))
+        impls["Liger"] = lambda h, f=liger: _first(f.apply(h, w, labels))
     cases["linear+CE T8192 H4096 V128256 (frozen W)"] = (fl_in, scalar_grad, impls)
     return cases
 

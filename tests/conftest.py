@@ -36,3 +36,13 @@ def rel_err(a, b) -> float:
     a, b = a.double(), b.double()
     assert torch.isfinite(a).all(), "non-finite values in the kernel output"
     return ((a - b).norm() / b.norm().clamp_min(1e-2)).item()
+
+
+def run_isolated(code: str):
+    """Run `code` in a fresh Python process (a CUDA device-side assert ends the process's context)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

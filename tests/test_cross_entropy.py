@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, HAS_CUDA, rel_err
+from conftest import DEVICE, HAS_CUDA, rel_err, run_isolated
 from fusedlora.ops import (chunked_linear_loss, cross_entropy, fused_linear_cross_entropy, naive_cross_entropy,
                            naive_linear_cross_entropy)
 
@@ -98,13 +98,22 @@ def test_bad_input(bad, match):
         bad(z, y)
 
 
+OOR_LABEL = """
+import torch
+from fusedlora.ops import cross_entropy
+z = torch.randn(3, 10, device="cuda")
+cross_entropy(z, torch.tensor([1, 10, 2], device="cuda"))
+torch.cuda.synchronize()
+"""
+
+
 def test_out_of_range_label_raises():
-    z = torch.randn(3, 10, device=DEVICE)
-    y = torch.tensor([1, 10, 2], device=DEVICE)
-    with pytest.raises(RuntimeError):
-        cross_entropy(z, y)
-        if HAS_CUDA:
-            torch.cuda.synchronize()
+    if HAS_CUDA:  # a device-side assert ends the CUDA context: check it in its own process
+        r = run_isolated(OOR_LABEL)
+        assert r.returncode != 0 and ("labels must be in [0, 10)" in r.stderr or "device-side assert" in r.stderr)
+        return
+    with pytest.raises(RuntimeError, match="labels must be in \\[0, 10\\)"):
+        cross_entropy(torch.randn(3, 10), torch.tensor([1, 10, 2]))
 
 
 # ------------------------------------------------------------------ fused linear + cross-entropy

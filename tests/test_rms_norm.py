@@ -9,7 +9,7 @@ import torch
 from conftest import DEVICE, HAS_CUDA, rel_err
 from fusedlora.ops import naive_rms_norm, rms_norm
 
-SHAPES_CPU = [(1, 64), (7, 333), (3, 5, 96), (1, 5120), (2, 2048)]
+SHAPES_CPU = [(1, 64), (7, 333), (3, 5, 96), (1, 5120), (2, 2048), (5, 1)]  # (5, 1): strides equal to 1
 SHAPES_GPU = SHAPES_CPU + [(4096, 4096), (513, 16384), (9, 8192), (1, 65536)]
 DTYPES_CPU = [torch.float32, torch.bfloat16]  # the interpreter is slow in fp16 emulation; GPU covers all
 DTYPES_GPU = [torch.float32, torch.float16, torch.bfloat16]

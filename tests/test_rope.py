@@ -4,7 +4,7 @@ fp32: ~1e-6; fp16/bf16: one output rounding, so ~2^-11 / 2^-8 relative in norm."
 import pytest
 import torch
 
-from conftest import DEVICE, HAS_CUDA, rel_err
+from conftest import DEVICE, HAS_CUDA, rel_err, run_isolated
 from fusedlora.ops import naive_rope, rope
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float32, torch.bfloat16]
@@ -92,10 +92,22 @@ def test_bad_input(bad, match):
         bad(q, k, cos, sin, pos)
 
 
+OOR_POS = """
+import torch
+from fusedlora.ops import rope
+q = torch.randn(1, 2, 3, 64, device="cuda")
+cos = torch.randn(4, 64, device="cuda")
+rope(q, q, cos, cos, torch.tensor([[0, 1, 4]], device="cuda"))
+torch.cuda.synchronize()
+"""
+
+
 def test_out_of_range_position_raises():
-    q = torch.randn(1, 2, 3, 64, device=DEVICE)
+    if HAS_CUDA:  # a device-side assert ends the CUDA context: check it in its own process
+        r = run_isolated(OOR_POS)
+        assert r.returncode != 0 and ("position_ids must be in" in r.stderr or "device-side assert" in r.stderr)
+        return
+    q = torch.randn(1, 2, 3, 64)
     cos, sin = _cache(4, 64, DEVICE, torch.float32)
-    with pytest.raises(RuntimeError):
-        rope(q, q, cos, sin, torch.tensor([[0, 1, 4]], device=DEVICE))
-        if HAS_CUDA:
-            torch.cuda.synchronize()
+    with pytest.raises(RuntimeError, match="position_ids must be in \\[0, 4\\)"):
+        rope(q, q, cos, sin, torch.tensor([[0, 1, 4]]))
