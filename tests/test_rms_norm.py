@@ -41,7 +41,10 @@ def test_rms_norm_matches_reference(shape, dtype, casting, offset):
     ulp = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     assert torch.allclose(y.float(), y_same.float(), rtol=ulp, atol=ulp)
     assert dx.dtype == dtype and dw.dtype == dtype
-    assert rel_err(dx, dx64) < tol
+    if shape[-1] == 1:  # dx = rstd * (g - xhat * g * xhat) cancels to ~0: compare absolutely at fp32 scale
+        assert torch.allclose(dx.double(), dx64, atol=1e-4 if dtype == torch.float32 else 5e-2)
+    else:
+        assert rel_err(dx, dx64) < tol
     assert rel_err(dw, dw64) < tol
 
 
