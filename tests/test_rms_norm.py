@@ -36,7 +36,8 @@ def test_rms_norm_matches_reference(shape, dtype, casting, offset):
     y, y_same, y64, dx, dx64, dw, dw64 = _run(shape, dtype, casting, offset)
     assert y.shape == y_same.shape and y.dtype == y_same.dtype
     tol = 2e-5 if dtype == torch.float32 else 1e-2
-    assert rel_err(y, y64) < tol
+    # Triton's interpreter truncates fp32 -> bf16 instead of rounding: two truncations in Llama mode.
+    assert rel_err(y, y64) < (tol if HAS_CUDA or dtype == torch.float32 else 2e-2)
     # Same-dtype reference: at most one rounding step apart anywhere.
     ulp = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     assert torch.allclose(y.float(), y_same.float(), rtol=ulp, atol=ulp)
