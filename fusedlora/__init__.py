@@ -8,7 +8,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("ops", "loader", "registry", "kernels", "aot", "build", "info", "selfcheck")
+_SUBMODULES = ("ops", "quant", "loader", "registry", "kernels", "aot", "build", "info", "selfcheck", "bench")
 
 
 def __getattr__(name):

@@ -69,7 +69,7 @@ def compile_variant(variant_str: str, ptxas13: bool = False) -> dict:
             attrs[(i,)] = [["tt.divisibility", 16]]
     t0 = time.perf_counter()
     k = triton.compile(ASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", v.arch, 32),
-                       options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+                       options={"num_warps": v.num_warps, "num_stages": v.num_stages, **spec.options})
     md = k.metadata
     if getattr(md, "num_ctas", 1) != 1 or getattr(md, "launch_cooperative_grid", False) or getattr(md, "launch_pdl", False):
         raise RuntimeError(f"{v.kernel}: clusters, cooperative or PDL launches are not supported by the loader")

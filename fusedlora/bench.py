@@ -277,10 +277,77 @@ def op_table(only: str = "") -> list[dict]:
     return out
 
 
+def quant_section() -> list[str]:
+    """NF4 and GPTQ dequantisation vs bitsandbytes, side by side (bitsandbytes needed for its rows)."""
+    import math
+
+    import torch
+    from triton.testing import do_bench
+
+    from .quant import dequantize_gptq, dequantize_nf4
+    lines = ["### Dequantisation (median; effective GB/s = packed weight + absmax/scales + output bytes / time)", ""]
+    try:
+        import bitsandbytes.functional as bnbf
+    except Exception as e:
+        bnbf = None
+        lines.append(f"(bitsandbytes unavailable: {e}; its rows are missing)")
+    lines += ["| work | implementation | µs | GB/s | ratio bnb / fusedlora |", "|---|---|---|---|---|"]
+    if bnbf is not None:
+        for shape in ((4096, 4096), (28672, 8192)):
+            w = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+            q, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+            out = torch.empty_like(w)
+            assert torch.equal(dequantize_nf4(q, qs), bnbf.dequantize_4bit(q, qs)), "not bit-identical"
+            nbytes = q.numel() * q.element_size() + qs.absmax.numel() + 2 * w.numel()
+            ours = do_bench(lambda: dequantize_nf4(q, qs, out=out), rep=300, return_mode="median")
+            theirs = do_bench(lambda: bnbf.dequantize_4bit(q, qs, out=out), rep=300, return_mode="median")
+            work = f"NF4 {shape[0]}x{shape[1]} bf16 (nested, blocksize 64)"
+            lines.append(f"| {work} | fusedlora | {ours * 1e3:.1f} | {nbytes / ours / 1e6:.0f} | {theirs / ours:.2f}x |")
+            lines.append(f"| {work} | bitsandbytes | {theirs * 1e3:.1f} | {nbytes / theirs / 1e6:.0f} | |")
+        # The seed puzzle's harness: an MLP's gate, up and down weights, synchronising after each, 1000 times.
+        mlp = []
+        for (hd, m, dt) in ((4096, 14336, torch.bfloat16), (2048, 8192, torch.float16), (1024, 4096, torch.bfloat16)):
+            for shape in ((m, hd), (m, hd), (hd, m)):
+                w = torch.randn(*shape, device="cuda", dtype=dt)
+                mlp.append(bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
+        res = {}
+        for name, fn in (("fusedlora", lambda q, qs: dequantize_nf4(q, qs)),
+                         ("bitsandbytes", lambda q, qs: bnbf.dequantize_4bit(q, qs))):
+            for q, qs in mlp:
+                fn(q, qs)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(1000):
+                for q, qs in mlp:
+                    fn(q, qs)
+                    torch.cuda.synchronize()
+            res[name] = time.perf_counter() - t0
+        lines.append(f"| seed harness: 3 MLPs x (gate, up, down), sync after each, 1000 iterations | fusedlora | "
+                     f"{res['fusedlora'] * 1e6 / 9000:.1f} per weight | total {res['fusedlora']:.3f} s | "
+                     f"{res['bitsandbytes'] / res['fusedlora']:.2f}x |")
+        lines.append(f"| seed harness | bitsandbytes | {res['bitsandbytes'] * 1e6 / 9000:.1f} per weight | "
+                     f"total {res['bitsandbytes']:.3f} s | |")
+    in_f = out_f = 8192
+    qw = torch.randint(-2**31, 2**31 - 1, (in_f // 8, out_f), dtype=torch.int64, device="cuda").to(torch.int32)
+    qz = torch.randint(-2**31, 2**31 - 1, (in_f // 128, out_f // 8), dtype=torch.int64, device="cuda").to(torch.int32)
+    sc = (torch.rand(in_f // 128, out_f, device="cuda") * 0.01).half()
+    for dt in (torch.float16, torch.bfloat16):
+        for transpose in (False, True):
+            out = torch.empty((in_f, out_f) if transpose else (out_f, in_f), device="cuda", dtype=dt)
+            ms = do_bench(lambda: dequantize_gptq(qw, qz, sc, group_size=128, out_dtype=dt, transpose=transpose,
+                                                  out=out), rep=300, return_mode="median")
+            nbytes = qw.numel() * 4 + qz.numel() * 4 + sc.numel() * 2 + out.numel() * 2
+            layout = "[in, out]" if transpose else "[out, in]"
+            lines.append(f"| GPTQ 4-bit 8192x8192 g128 -> {str(dt).replace('torch.', '')} {layout} | fusedlora | "
+                         f"{ms * 1e3:.1f} | {nbytes / ms / 1e6:.0f} | |")
+    _ = math
+    return lines + [""]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fusedlora.bench")
     ap.add_argument("--out", default=None, help="write the Markdown report here too")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: launch,first,ops")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: launch,first,ops,quant")
     ap.add_argument("--only", default="", help="only op cases whose name contains this")
     args = ap.parse_args(argv)
     import torch
@@ -308,6 +375,8 @@ def main(argv=None) -> int:
             else:
                 lines.append(f"| {mode} | {r['first_ms']:.2f} | {r['warm_ms']:.3f} |")
         lines.append("")
+    if "quant" not in skip:
+        lines += quant_section()
     if "ops" not in skip:
         rows = op_table(args.only)
         lines += ["### Ops, forward + backward (median, fresh random inputs)", "",

@@ -195,3 +195,55 @@ ROPE = register(KernelSpec(
     aot_variants=_rope_aot,
     doc="rotary embedding of q and k (GQA) in one launch, optional position_ids gather",
 ))
+
+
+# ---------------------------------------------------------------- quantised weights
+NF4_BLOCK = 2048
+NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def nf4_meta(blocksize: int, nested: bool, blocksize2: int = 256) -> dict:
+    return {"BLOCKSIZE": int(blocksize), "BLOCKSIZE2": int(blocksize2), "NESTED": int(bool(nested)), "BLOCK": NF4_BLOCK}
+
+
+def _nf4_aot(family):
+    for dt in list(family.get("dtypes", ("bf16", "fp16"))) + ["fp32"]:
+        for blocksize in (64, 128, 256):
+            for nested in (False, True):
+                yield ({"x": dt, "absmax": "u8" if nested else "fp32"}, {"blocksize": blocksize, "nested": nested})
+
+
+NF4_DEQUANT = register(KernelSpec(
+    name="nf4_dequant",
+    module="csrc_triton.quant", function="nf4_dequant_kernel",
+    pointer_types={"PACKED": "u8", "ABSMAX": "absmax", "ABSMAX2": "fp32", "CODE": "fp32", "CODE2": "fp32",
+                   "OFFSET": "fp32", "OUT": "x"},
+    meta=nf4_meta,
+    config=lambda arch, c: (8, 1),
+    aot_variants=_nf4_aot,
+    doc="bitsandbytes NF4/FP4 dequantisation incl. the nested absmax, one launch",
+))
+
+GPTQ_BLOCK_I, GPTQ_BLOCK_O = 64, 128
+
+
+def gptq_meta(bits: int, has_g_idx: bool) -> dict:
+    return {"BITS": int(bits), "HAS_GIDX": int(bool(has_g_idx)), "BLOCK_I": GPTQ_BLOCK_I, "BLOCK_O": GPTQ_BLOCK_O}
+
+
+def _gptq_aot(family):
+    for dt in ("fp16", "bf16"):
+        for bits in (4, 8, 2):
+            for g in (False, True):
+                yield ({"x": dt, "s": "fp16", "gidx": "i32"}, {"bits": bits, "has_g_idx": g}, {"out_stride_i": 1})
+
+
+GPTQ_DEQUANT = register(KernelSpec(
+    name="gptq_dequant",
+    module="csrc_triton.quant", function="gptq_dequant_kernel",
+    pointer_types={"QW": "i32", "QZ": "i32", "SCALES": "s", "G_IDX": "gidx", "OUT": "x"},
+    meta=gptq_meta,
+    config=lambda arch, c: (4, 1),
+    aot_variants=_gptq_aot,
+    doc="GPTQ (auto-gptq / gptqmodel) 2/4/8-bit dequantisation with act-order g_idx",
+))

@@ -290,7 +290,7 @@ class _AotLaunch:
 class _JitLaunch:
     def __init__(self, spec: KernelSpec, constexprs: dict, num_warps: int, num_stages: int):
         self.fn = spec.fn
-        self.kwargs = dict(constexprs, num_warps=num_warps, num_stages=num_stages)
+        self.kwargs = dict(constexprs, num_warps=num_warps, num_stages=num_stages, **spec.options)
 
     def __call__(self, grid, args, values=None):
         self.fn[grid](*args, **self.kwargs)

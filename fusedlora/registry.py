@@ -56,6 +56,11 @@ class KernelSpec:
         return h.hexdigest()
 
     @property
+    def options(self) -> dict:
+        """Extra Triton compile options of this kernel (its module's COMPILE_OPTIONS), for JIT and AOT."""
+        return dict(getattr(importlib.import_module(self.module), "COMPILE_OPTIONS", {}).get(self.function, {}))
+
+    @property
     def fn(self):
         """The JITFunction (imported on first use so that `import fusedlora` stays light)."""
         return getattr(importlib.import_module(self.module), self.function)

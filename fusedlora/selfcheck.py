@@ -104,7 +104,51 @@ def _check_rope(device, dtype):
     return {"rope": (err, tol)}
 
 
-CHECKS = {"rms_norm_fwd": _check_rms_norm, "rms_norm_bwd": _check_rms_norm, "glu_fwd": _check_glu,
+def _synthetic_nf4(shape, nested, device, dtype, blocksize=64):
+    """A random bitsandbytes-format 4-bit weight and quant state (no bitsandbytes needed)."""
+    import math
+    from types import SimpleNamespace
+
+    import torch
+    n = math.prod(shape)
+    n_blocks = -(-n // blocksize)
+    packed = torch.randint(0, 256, ((n + 1) // 2, 1), dtype=torch.uint8, device=device)
+    code = torch.sort(torch.rand(16, device=device) * 2 - 1).values
+    if nested:
+        s2 = SimpleNamespace(absmax=torch.rand(-(-n_blocks // 256), device=device) + 0.5,
+                             code=torch.linspace(-1, 1, 256, device=device), blocksize=256)
+        qs = SimpleNamespace(absmax=torch.randint(0, 256, (n_blocks,), dtype=torch.uint8, device=device), state2=s2,
+                             offset=0.25, nested=True)
+    else:
+        qs = SimpleNamespace(absmax=torch.rand(n_blocks, device=device) + 0.1, nested=False)
+    qs.code, qs.blocksize, qs.shape, qs.dtype, qs.quant_type = code, blocksize, torch.Size(shape), dtype, "nf4"
+    return packed, qs
+
+
+def _check_quant(device, dtype):
+    import torch
+
+    from .quant import dequantize_gptq, dequantize_nf4, naive_dequantize_gptq, naive_dequantize_nf4
+    shape = (4096, 4096) if device == "cuda" else (33, 70)
+    err_nf4 = 0.0
+    exact = device == "cuda" or dtype != torch.bfloat16  # the interpreter truncates to bf16
+    for nested in (False, True):
+        packed, qs = _synthetic_nf4(shape, nested, device, dtype)
+        ours, ref = dequantize_nf4(packed, qs), naive_dequantize_nf4(packed, qs)
+        err_nf4 = max(err_nf4, 0.0 if torch.equal(ours, ref) else _rel_err(ours, ref) + (1.0 if exact else 0.0))
+    in_f, out_f = (4096, 4096) if device == "cuda" else (64, 48)
+    qw = torch.randint(-2**31, 2**31 - 1, (in_f // 8, out_f), dtype=torch.int64, device=device).to(torch.int32)
+    qz = torch.randint(-2**31, 2**31 - 1, (in_f // 32, out_f // 8), dtype=torch.int64, device=device).to(torch.int32)
+    sc = (torch.rand(in_f // 32, out_f, device=device) * 0.01).half()
+    g = (torch.randperm(in_f, device=device) // 32).to(torch.int32)
+    ours = dequantize_gptq(qw, qz, sc, g, out_dtype=dtype)
+    ref = naive_dequantize_gptq(qw, qz, sc, g, out_dtype=dtype)
+    err_gptq = 0.0 if torch.equal(ours, ref) else _rel_err(ours, ref) + (1.0 if exact else 0.0)
+    tol = 0.0 if exact else 8e-3  # bit-identical, except the interpreter's bf16 truncation (1 ulp)
+    return {"nf4_dequant": (err_nf4, tol), "gptq_dequant": (err_gptq, tol)}
+
+
+CHECKS = {"nf4_dequant": _check_quant, "gptq_dequant": _check_quant, "rms_norm_fwd": _check_rms_norm, "rms_norm_bwd": _check_rms_norm, "glu_fwd": _check_glu,
           "glu_bwd": _check_glu, "cross_entropy": _check_cross_entropy, "scale_by_scalar": _check_cross_entropy,
           "rope": _check_rope}
 

@@ -1,0 +1,66 @@
+"""Dequantisation of 4-bit base weights in one kernel each.
+
+NF4 / FP4 (bitsandbytes): two codes per byte (high nibble first), absmax per `BLOCKSIZE` elements; with
+double quantisation (NESTED) absmax itself is 8-bit: absmax = code2[a8] * absmax2[blk // 256] + offset,
+computed here in the same kernel (bitsandbytes needs three launches and an fp32 buffer for it). The
+fp32 products and sums are rounded exactly as bitsandbytes does (no FMA contraction: see
+COMPILE_OPTIONS), so the output is bit-identical.
+
+GPTQ (auto-gptq / gptqmodel QuantLinear): qweight int32 [in / (32 / BITS), out] packs input channels;
+qzeros int32 [groups, out / (32 / BITS)] packs output channels; w = (q - (z + zero_offset)) * scale
+with the group g_idx[i] (act-order) or i // group_size. The output layout is given by strides.
+"""
+import triton
+import triton.language as tl
+
+# Per-kernel compile options, applied by both the JIT path and the AOT build.
+COMPILE_OPTIONS = {"nf4_dequant_kernel": {"enable_fp_fusion": False}}
+
+
+@triton.jit(do_not_specialize=["n_elements"])
+def nf4_dequant_kernel(PACKED, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, OUT, n_elements,
+                       BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    HALF: tl.constexpr = BLOCK // 2
+    pid = tl.program_id(0).to(tl.int64)
+    byte = pid * HALF + tl.arange(0, HALF)
+    bmask = byte < (n_elements + 1) // 2
+    b = tl.load(PACKED + byte, mask=bmask, other=0).to(tl.int32)
+    blk = (byte * 2) // BLOCKSIZE
+    if NESTED:
+        a8 = tl.load(ABSMAX + blk, mask=bmask, other=0).to(tl.int32)
+        am = tl.load(CODE2 + a8, mask=bmask, other=0.0) * tl.load(ABSMAX2 + blk // BLOCKSIZE2, mask=bmask, other=0.0)
+        am = am + tl.load(OFFSET)
+    else:
+        am = tl.load(ABSMAX + blk, mask=bmask, other=0.0)
+    hi = tl.load(CODE + (b >> 4)) * am
+    lo = tl.load(CODE + (b & 15)) * am
+    vals = tl.interleave(hi, lo)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    tl.store(OUT + offs, vals.to(OUT.dtype.element_ty), mask=offs < n_elements)
+
+
+@triton.jit(do_not_specialize=["zero_offset"])
+def gptq_dequant_kernel(QW, QZ, SCALES, G_IDX, OUT,
+                        in_features, out_features, group_size, qw_stride, qz_stride, s_stride,
+                        out_stride_o, out_stride_i, zero_offset,
+                        BITS: tl.constexpr, HAS_GIDX: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr):
+    PER: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    im = i < in_features
+    om = o < out_features
+    m = im[:, None] & om[None, :]
+    q = tl.load(QW + (i // PER)[:, None].to(tl.int64) * qw_stride + o[None, :], mask=m, other=0)
+    q = (q >> ((i % PER) * BITS)[:, None]) & MASK
+    if HAS_GIDX:
+        g = tl.load(G_IDX + i, mask=im, other=0)
+    else:
+        g = i // group_size
+    z = tl.load(QZ + g[:, None].to(tl.int64) * qz_stride + (o // PER)[None, :], mask=m, other=0)
+    z = ((z >> ((o % PER) * BITS)[None, :]) & MASK) + zero_offset
+    s = tl.load(SCALES + g[:, None].to(tl.int64) * s_stride + o[None, :], mask=m, other=0.0).to(tl.float32)
+    w = (q - z).to(tl.float32) * s
+    dst = OUT + o[None, :].to(tl.int64) * out_stride_o + i[:, None].to(tl.int64) * out_stride_i
+    tl.store(dst, w.to(OUT.dtype.element_ty), mask=m)

@@ -1,0 +1,215 @@
+"""Dequantisation of quantised base weights: bitsandbytes NF4/FP4 and GPTQ, one kernel launch each.
+
+- `dequantize_nf4(weight, quant_state=None, out=None)`: bit-identical to
+  `bitsandbytes.functional.dequantize_4bit`, nested (double-quant) absmax included, any bnb blocksize,
+  quant_storage uint8 / fp16 / bf16 / fp32 (FSDP QLoRA), output dtype from `quant_state.dtype`; no
+  buffer besides `out` (reusable across steps). FP4 too (the code table comes from the quant state).
+- `dequantize_gptq(qweight, qzeros, scales, g_idx=None, bits=4, ...)`: auto-gptq / gptqmodel packing,
+  act-order g_idx, symmetric and asymmetric, any group size, 2/4/8 bits; fp16 or bf16 output.
+Both return the weight in nn.Linear layout [out_features, in_features] (GPTQ: `transpose=True` gives
+[in, out], the layout a matmul X @ W can use directly).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from . import kernels
+from .loader import constexpr_key, launcher
+
+OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _fail(op, msg):
+    raise ValueError(f"{op}: {msg}")
+
+
+# ------------------------------------------------------------------------------------------------ NF4
+def naive_dequantize_nf4(packed: torch.Tensor, quant_state) -> torch.Tensor:
+    """Plain-torch reference written from the format (same rounding steps as bitsandbytes)."""
+    qs = quant_state
+    a = packed.reshape(-1).view(torch.uint8).to(torch.int64)
+    codes = torch.stack([a >> 4, a & 15], dim=1).reshape(-1)
+    n = math.prod(qs.shape)
+    vals = qs.code.float()[codes[:n]]
+    if qs.nested:
+        s2 = qs.state2
+        absmax = s2.code.float()[qs.absmax.to(torch.int64)]
+        absmax = absmax * s2.absmax.float().repeat_interleave(s2.blocksize)[: absmax.numel()]
+        absmax = absmax + qs.offset
+    else:
+        absmax = qs.absmax.float()
+    out = vals * absmax.repeat_interleave(qs.blocksize)[:n]
+    return out.to(qs.dtype).reshape(qs.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _nf4_key(blocksize, nested, blocksize2):
+    m = kernels.nf4_meta(blocksize, nested, blocksize2)
+    return m, constexpr_key(m)
+
+
+def _as_quant_state(weight, quant_state):
+    if quant_state is None:
+        quant_state = getattr(weight, "quant_state", None)
+        if quant_state is None:
+            raise ValueError("dequantize_nf4: weight has no quant_state; pass a bitsandbytes Params4bit or "
+                             "(packed tensor, QuantState)")
+    return quant_state
+
+
+def dequantize_nf4(weight: torch.Tensor, quant_state=None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantise a bitsandbytes 4-bit weight (NF4 or FP4) in one kernel."""
+    op = "dequantize_nf4"
+    qs = _as_quant_state(weight, quant_state)
+    packed = weight.data if hasattr(weight, "data") else weight
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"{op}: weight must be a tensor, got {type(weight).__name__}")
+    qtype = getattr(qs, "quant_type", None)
+    if qtype not in ("nf4", "fp4"):
+        _fail(op, f"quant_state has quant_type {qtype!r}; expected 'nf4' or 'fp4' (a 4-bit state)")
+    if qs.blocksize not in kernels.NF4_BLOCKSIZES:
+        _fail(op, f"blocksize {qs.blocksize} is not one bitsandbytes allows {kernels.NF4_BLOCKSIZES}")
+    if qs.dtype not in OUT_DTYPES:
+        _fail(op, f"quant_state.dtype is {qs.dtype}; expected fp16, bf16 or fp32")
+    n = math.prod(qs.shape)
+    n_bytes = packed.numel() * packed.element_size()
+    if n_bytes != (n + 1) // 2:
+        _fail(op, f"packed weight holds {n_bytes} bytes but shape {tuple(qs.shape)} needs {(n + 1) // 2}")
+    if not packed.is_contiguous():
+        _fail(op, "packed weight must be contiguous")
+    dev = packed.device
+    if dev.type != "cuda" and not (dev.type == "cpu" and _interpreting()):
+        _fail(op, f"weight is on {dev}; fusedlora kernels need CUDA tensors")
+    n_blocks = -(-n // qs.blocksize)
+    if qs.absmax.numel() < n_blocks:
+        _fail(op, f"absmax has {qs.absmax.numel()} entries, the weight needs {n_blocks}")
+    if qs.nested:
+        s2 = getattr(qs, "state2", None)
+        if s2 is None or s2.absmax is None or s2.code is None:
+            _fail(op, "quant_state is nested (double quantisation) but has no state2 with absmax and code")
+        if qs.absmax.dtype != torch.uint8:
+            _fail(op, f"nested absmax must be uint8, got {qs.absmax.dtype}")
+        absmax, absmax2, code2 = qs.absmax, s2.absmax.float(), s2.code.float()
+        offset = torch.as_tensor(qs.offset, dtype=torch.float32, device=dev).reshape(1)
+        blocksize2 = s2.blocksize
+        if blocksize2 & (blocksize2 - 1):
+            _fail(op, f"state2 blocksize {blocksize2} must be a power of two")
+    else:
+        if qs.absmax.dtype != torch.float32:
+            _fail(op, f"absmax must be float32 when not nested, got {qs.absmax.dtype}")
+        absmax = absmax2 = code2 = offset = qs.absmax
+        blocksize2 = 256
+    for name, t in (("absmax", absmax), ("code", qs.code)):
+        if t.device != dev:
+            _fail(op, f"quant_state.{name} is on {t.device} but the weight is on {dev}")
+    if out is None:
+        out = torch.empty(qs.shape, dtype=qs.dtype, device=dev)
+    elif out.shape != tuple(qs.shape) or out.dtype != qs.dtype or not out.is_contiguous() or out.device != dev:
+        _fail(op, f"out must be a contiguous {qs.dtype} tensor of shape {tuple(qs.shape)} on {dev}")
+    meta, key = _nf4_key(qs.blocksize, bool(qs.nested), blocksize2)
+    grid = (-(-n // meta["BLOCK"]), 1, 1)
+    launcher("nf4_dequant")(grid, (packed.view(torch.uint8).reshape(-1), absmax, absmax2, qs.code.float(), code2,
+                                   offset, out, n), key)
+    return out
+
+
+def _interpreting():
+    import os
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+# ----------------------------------------------------------------------------------------------- GPTQ
+GPTQ_BITS = (2, 4, 8)
+GPTQ_FORMATS = {"gptq": 1, "gptq_v2": 0}  # v1 (auto-gptq) stores zero - 1
+
+
+def _unpack_rows(packed, bits):
+    per = 32 // bits
+    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
+    vals = (packed.unsqueeze(1) >> shifts[None, :, None]) & ((1 << bits) - 1)
+    return vals.reshape(packed.shape[0] * per, packed.shape[1])
+
+
+def naive_dequantize_gptq(qweight, qzeros, scales, g_idx=None, bits=4, group_size=None, format="gptq",
+                          out_dtype=None):
+    """Plain-torch reference from the format: [out_features, in_features]."""
+    in_features = qweight.shape[0] * 32 // bits
+    q = _unpack_rows(qweight, bits)  # [in, out]
+    z = _unpack_rows(qzeros.t().contiguous(), bits).t()[:, : qweight.shape[1]]  # [groups, out]
+    z = z + GPTQ_FORMATS[format]
+    if g_idx is None:
+        gs = in_features if group_size in (None, -1) else group_size
+        g_idx = torch.arange(in_features, device=qweight.device) // gs
+    g = g_idx.long()
+    w = (q - z[g]).float() * scales.float()[g]
+    return w.to(out_dtype or scales.dtype).t().contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _gptq_key(bits, has_g_idx):
+    m = kernels.gptq_meta(bits, has_g_idx)
+    return m, constexpr_key(m)
+
+
+def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                    g_idx: torch.Tensor | None = None, bits: int = 4, group_size: int | None = None,
+                    format: str = "gptq", out_dtype: torch.dtype | None = None, transpose: bool = False,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantise a GPTQ QuantLinear's weight in one kernel.
+
+    qweight int32 [in * bits / 32, out]; qzeros int32 [groups, out * bits / 32]; scales [groups, out];
+    g_idx int32 [in] (act-order) or None with `group_size` (None / -1: one group). format "gptq"
+    (auto-gptq, zeros stored minus one) or "gptq_v2". Returns [out, in] ([in, out] with transpose)."""
+    op = "dequantize_gptq"
+    if bits not in GPTQ_BITS:
+        _fail(op, f"bits={bits} is not supported (2, 4 or 8; 3-bit packs across int32 words)")
+    if format not in GPTQ_FORMATS:
+        _fail(op, f"format must be one of {tuple(GPTQ_FORMATS)}, got {format!r}")
+    for name, t, dt in (("qweight", qweight, torch.int32), ("qzeros", qzeros, torch.int32)):
+        if not isinstance(t, torch.Tensor) or t.dtype != dt or t.dim() != 2:
+            _fail(op, f"{name} must be a 2-D int32 tensor, got {getattr(t, 'dtype', type(t).__name__)} "
+                      f"{tuple(getattr(t, 'shape', ()))}")
+    if scales.dtype not in (torch.float16, torch.bfloat16, torch.float32) or scales.dim() != 2:
+        _fail(op, f"scales must be a 2-D float tensor, got {scales.dtype} {tuple(scales.shape)}")
+    per = 32 // bits
+    in_features, out_features = qweight.shape[0] * per, qweight.shape[1]
+    n_groups = scales.shape[0]
+    if scales.shape[1] != out_features:
+        _fail(op, f"scales has {scales.shape[1]} columns but qweight has {out_features} output features")
+    if qzeros.shape != (n_groups, -(-out_features // per)):
+        _fail(op, f"qzeros has shape {tuple(qzeros.shape)}; expected ({n_groups}, {-(-out_features // per)}) "
+                  f"for {n_groups} groups of {bits}-bit zeros")
+    if g_idx is not None:
+        if g_idx.shape != (in_features,) or g_idx.dtype not in (torch.int32, torch.int64):
+            _fail(op, f"g_idx must be an integer tensor of shape ({in_features},), got {g_idx.dtype} "
+                      f"{tuple(g_idx.shape)}")
+        g_idx = g_idx.to(torch.int32).contiguous()
+        gs = in_features
+    else:
+        gs = in_features if group_size in (None, -1) else int(group_size)
+        if gs <= 0 or -(-in_features // gs) != n_groups:
+            _fail(op, f"group_size {group_size} gives {-(-in_features // max(gs, 1))} groups but scales has "
+                      f"{n_groups}")
+    dev = qweight.device
+    for name, t in (("qzeros", qzeros), ("scales", scales)) + ((("g_idx", g_idx),) if g_idx is not None else ()):
+        if t.device != dev:
+            _fail(op, f"{name} is on {t.device} but qweight is on {dev}")
+    if dev.type != "cuda" and not (dev.type == "cpu" and _interpreting()):
+        _fail(op, f"qweight is on {dev}; fusedlora kernels need CUDA tensors")
+    out_dtype = out_dtype or scales.dtype
+    shape = (in_features, out_features) if transpose else (out_features, in_features)
+    if out is None:
+        out = torch.empty(shape, dtype=out_dtype, device=dev)
+    elif out.shape != shape or out.dtype != out_dtype or not out.is_contiguous():
+        _fail(op, f"out must be a contiguous {out_dtype} tensor of shape {shape}")
+    s_o, s_i = (1, out.stride(0)) if transpose else (out.stride(0), 1)
+    meta, key = _gptq_key(bits, g_idx is not None)
+    grid = (-(-in_features // meta["BLOCK_I"]), -(-out_features // meta["BLOCK_O"]), 1)
+    qweight, qzeros, scales = qweight.contiguous(), qzeros.contiguous(), scales.contiguous()
+    launcher("gptq_dequant")(grid, (qweight, qzeros, scales, g_idx if g_idx is not None else qweight, out,
+                                    in_features, out_features, gs, qweight.stride(0), qzeros.stride(0),
+                                    scales.stride(0), s_o, s_i, GPTQ_FORMATS[format]), key)
+    return out

@@ -1,0 +1,179 @@
+"""NF4/FP4 (bitsandbytes) and GPTQ dequantisation.
+
+NF4: bit-identical to bitsandbytes' own dequantize_4bit (its CPU path here, its CUDA path on a GPU) for
+fp32 and fp16 outputs; bf16 too on the GPU. Triton's CPU interpreter truncates fp32 -> bf16 instead of
+rounding, so on CPU bf16 is checked against the exact fp32 result rounded both ways.
+GPTQ: against a plain-torch reference written from the auto-gptq format (bit-identical likewise)."""
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICE, HAS_CUDA
+from fusedlora.quant import dequantize_gptq, dequantize_nf4, naive_dequantize_gptq, naive_dequantize_nf4
+
+bnbf = pytest.importorskip("bitsandbytes.functional")
+
+
+def _trunc_bf16(x32):
+    """fp32 -> bf16 by truncation (what the interpreter does)."""
+    return (x32.contiguous().view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def _assert_matches(ours, ref, ours_fp32=None):
+    if ours.dtype != torch.bfloat16 or HAS_CUDA:
+        assert torch.equal(ours, ref), f"max diff {(ours.float() - ref.float()).abs().max().item()}"
+    else:
+        assert ours_fp32 is not None
+        assert torch.equal(ours, _trunc_bf16(ours_fp32)) and torch.equal(ours_fp32.to(torch.bfloat16), ref)
+
+
+SHAPES = [(1, 64), (33, 70), (7, 333), (1, 1), (64, 4096)] + ([(4096, 4096), (11008, 4096)] if HAS_CUDA else [])
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_nf4_bit_identical_to_bitsandbytes(shape, dtype, nested, quant_type):
+    w = torch.randn(*shape, dtype=dtype, device=DEVICE)
+    q, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type=quant_type)
+    ref = bnbf.dequantize_4bit(q, qs)
+    ours = dequantize_nf4(q, qs)
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype == dtype
+    fp32 = None
+    if dtype == torch.bfloat16 and not HAS_CUDA:
+        qs.dtype = torch.float32
+        fp32 = dequantize_nf4(q, qs)
+        qs.dtype = dtype
+    _assert_matches(ours, ref, fp32)
+    assert torch.equal(naive_dequantize_nf4(q, qs), ref)  # the reference itself is exact
+
+
+def _bnb_flat_dequant(q, qs):
+    """bitsandbytes' dequantisation with flat blocks, as its CUDA kernel and quantizer define them.
+
+    On CPU, bitsandbytes 0.50.2 routes even-width rows to a C kernel that indexes absmax per row when a
+    row is not a multiple of the blocksize (seen with 3 x 4160, blocksize 128: max error 2.08 against
+    0.50 for its own portable path); its portable implementation is the one that agrees with its
+    quantizer and CUDA kernel, so the CPU comparison uses that."""
+    if HAS_CUDA:
+        return bnbf.dequantize_4bit(q, qs)
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    absmax = qs.absmax
+    if qs.nested:
+        absmax = bnbf.dequantize_blockwise(qs.absmax, qs.state2)
+        absmax += qs.offset
+    return _dequantize_4bit_compute(q.view(torch.uint8).reshape(-1), absmax.float(), qs.code, qs.blocksize,
+                                    qs.shape, qs.dtype)
+
+
+@pytest.mark.parametrize("blocksize", [32, 128, 256, 512, 1024, 2048, 4096])
+@pytest.mark.parametrize("nested", [False, True])
+def test_nf4_every_blocksize(blocksize, nested):
+    w = torch.randn(3, 4096 + 64, dtype=torch.float16, device=DEVICE)  # numel not a multiple of blocksize
+    q, qs = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type="nf4")
+    ref = _bnb_flat_dequant(q, qs)
+    assert torch.equal(dequantize_nf4(q, qs), ref)
+    assert torch.equal(naive_dequantize_nf4(q, qs), ref)
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.float16, torch.bfloat16, torch.float32])
+def test_nf4_quant_storage_and_params4bit(storage):
+    w = torch.randn(16, 128, dtype=torch.float16, device=DEVICE)
+    q, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4", quant_storage=storage)
+    assert q.dtype == storage
+    ref = bnbf.dequantize_4bit(q, qs)
+    assert torch.equal(dequantize_nf4(q, qs), ref)
+
+    class Params4bitLike(torch.Tensor):  # what bnb.nn.Params4bit looks like to us: data + .quant_state
+        pass
+    p = q.as_subclass(Params4bitLike)
+    p.quant_state = qs
+    out = torch.empty_like(ref)
+    got = dequantize_nf4(p, out=out)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(out, ref)
+
+
+def test_nf4_bad_input():
+    w = torch.randn(8, 64, dtype=torch.float16, device=DEVICE)
+    q, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    with pytest.raises(ValueError, match="holds 255 bytes but shape \\(8, 64\\) needs 256"):
+        dequantize_nf4(q[:-1], qs)
+    with pytest.raises(ValueError, match="has no quant_state"):
+        dequantize_nf4(q)
+    state2 = qs.state2
+    qs.state2 = None
+    with pytest.raises(ValueError, match="nested .* but has no state2"):
+        dequantize_nf4(q, qs)
+    qs.state2 = state2
+    a8, s8 = bnbf.quantize_blockwise(torch.randn(64, device=DEVICE))  # an 8-bit state, not 4-bit
+    with pytest.raises(ValueError, match="quant_type None; expected 'nf4' or 'fp4'"):
+        dequantize_nf4(q, s8)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        dequantize_nf4(q, qs, out=torch.empty(8, 64, dtype=torch.float32, device=DEVICE))
+
+
+# ----------------------------------------------------------------------------------------------- GPTQ
+def _gptq_layer(in_f, out_f, bits, group, act_order, scale_dtype=torch.float16):
+    per = 32 // bits
+    qw = torch.randint(-2**31, 2**31 - 1, (in_f // per, out_f), dtype=torch.int64).to(torch.int32)
+    n_groups = 1 if group == -1 else math.ceil(in_f / group)
+    qz = torch.randint(-2**31, 2**31 - 1, (n_groups, math.ceil(out_f / per)), dtype=torch.int64).to(torch.int32)
+    sc = (torch.rand(n_groups, out_f) * 0.01 + 1e-3).to(scale_dtype)
+    g = (torch.randperm(in_f) // (in_f if group == -1 else group)).to(torch.int32) if act_order else None
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    return to(qw), to(qz), to(sc), to(g)
+
+
+GPTQ_CASES = [(64, 128, 4, 32, False), (128, 96, 4, -1, False), (256, 40, 4, 64, True), (64, 64, 8, 16, False),
+              (64, 48, 2, 32, True), (32, 1, 4, 32, False)]
+if HAS_CUDA:
+    GPTQ_CASES += [(8192, 8192, 4, 128, False), (4096, 11008, 4, 128, True)]
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", GPTQ_CASES, ids=str)
+def test_gptq_matches_format_reference(case, out_dtype, fmt, transpose):
+    in_f, out_f, bits, group, act = case
+    qw, qz, sc, g = _gptq_layer(in_f, out_f, bits, group, act)
+    ours = dequantize_gptq(qw, qz, sc, g, bits=bits, group_size=group, format=fmt, out_dtype=out_dtype,
+                           transpose=transpose)
+    ref = naive_dequantize_gptq(qw, qz, sc, g, bits=bits, group_size=group, format=fmt, out_dtype=out_dtype)
+    ref = ref.t() if transpose else ref
+    assert ours.shape == ref.shape and ours.dtype == out_dtype
+    fp32 = None
+    if out_dtype == torch.bfloat16 and not HAS_CUDA:
+        fp32 = dequantize_gptq(qw, qz, sc, g, bits=bits, group_size=group, format=fmt, out_dtype=torch.float32,
+                               transpose=transpose)
+    _assert_matches(ours, ref, fp32)
+
+
+def test_gptq_symmetric_zero_point():
+    """Symmetric GPTQ stores zero 2^(bits-1) - 1 in v1 format: w = (q - 8) * s."""
+    in_f, out_f = 64, 16
+    qw, _, sc, _ = _gptq_layer(in_f, out_f, 4, 32, False)
+    qz = torch.full((2, 2), 0x77777777, dtype=torch.int32, device=DEVICE)
+    w = dequantize_gptq(qw, qz, sc, group_size=32, out_dtype=torch.float32) if not HAS_CUDA else \
+        dequantize_gptq(qw, qz, sc.float(), group_size=32)
+    q = ((qw.unsqueeze(1) >> (torch.arange(8, device=DEVICE, dtype=torch.int32) * 4)[None, :, None]) & 15)
+    expect = ((q.reshape(in_f, out_f) - 8).float() * sc.float().repeat_interleave(32, 0)).t()
+    assert torch.equal(w.float(), expect)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda qw, qz, sc, g: dequantize_gptq(qw, qz, sc, bits=3), "bits=3 is not supported"),
+    (lambda qw, qz, sc, g: dequantize_gptq(qw.float(), qz, sc), "qweight must be a 2-D int32"),
+    (lambda qw, qz, sc, g: dequantize_gptq(qw, qz[:, :-1], sc, group_size=32), "qzeros has shape"),
+    (lambda qw, qz, sc, g: dequantize_gptq(qw, qz, sc[:, :-1], group_size=32), "scales has 127 columns"),
+    (lambda qw, qz, sc, g: dequantize_gptq(qw, qz, sc, group_size=16), "gives 4 groups but scales has 2"),
+    (lambda qw, qz, sc, g: dequantize_gptq(qw, qz, sc, g_idx=torch.zeros(5, dtype=torch.int32, device=DEVICE)),
+     "g_idx must be an integer tensor of shape \\(64,\\)"),
+    (lambda qw, qz, sc, g: dequantize_gptq(qw, qz, sc, group_size=32, format="awq"), "format must be one of"),
+])
+def test_gptq_bad_input(bad, match):
+    qw, qz, sc, g = _gptq_layer(64, 128, 4, 32, False)
+    with pytest.raises(ValueError, match=match):
+        bad(qw, qz, sc, g)
