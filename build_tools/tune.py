@@ -120,11 +120,54 @@ def tune_rms():
     report("rms_norm (fwd warps | bwd per_sm, warps)", res)
 
 
+def tune_nf4():
+    from types import SimpleNamespace
+    fn = registry.get("nf4_dequant").fn
+    for shape in ((4096, 4096), (28672, 8192)):
+        n = shape[0] * shape[1]
+        packed = torch.randint(0, 256, (n // 2,), dtype=torch.uint8, device=DEV)
+        a8 = torch.randint(0, 256, (n // 64,), dtype=torch.uint8, device=DEV)
+        a2 = torch.rand(n // 64 // 256 + 1, device=DEV)
+        code, code2 = torch.rand(16, device=DEV), torch.rand(256, device=DEV)
+        off = torch.rand(1, device=DEV)
+        out = torch.empty(n, device=DEV, dtype=BF16)
+        res = []
+        for block in (512, 1024, 2048, 4096, 8192):
+            for warps in (2, 4, 8, 16):
+                grid = (n // block,)
+                ms = _time(lambda: fn[grid](packed, a8, a2, code, code2, off, out, n, BLOCKSIZE=64, BLOCKSIZE2=256,
+                                            NESTED=1, BLOCK=block, num_warps=warps, enable_fp_fusion=False))
+                res.append(((block, warps), ms, f"{(n // 2 + n // 64 + 2 * n) / ms / 1e6:.0f} GB/s"))
+        report(f"nf4 nested bf16 {shape} (BLOCK, warps)", res)
+    _ = SimpleNamespace
+
+
+def tune_gptq():
+    fn = registry.get("gptq_dequant").fn
+    in_f = out_f = 8192
+    qw = torch.randint(-2**31, 2**31 - 1, (in_f // 8, out_f), dtype=torch.int64, device=DEV).to(torch.int32)
+    qz = torch.randint(-2**31, 2**31 - 1, (in_f // 128, out_f // 8), dtype=torch.int64, device=DEV).to(torch.int32)
+    sc = (torch.rand(in_f // 128, out_f, device=DEV) * 0.01).half()
+    nbytes = qw.numel() * 4 + qz.numel() * 4 + sc.numel() * 2 + in_f * out_f * 2
+    for transpose in (False, True):
+        out = torch.empty((in_f, out_f) if transpose else (out_f, in_f), device=DEV, dtype=torch.float16)
+        s_o, s_i = (1, out.stride(0)) if transpose else (out.stride(0), 1)
+        res = []
+        for bi in (32, 64, 128, 256):
+            for bo in (32, 64, 128, 256):
+                for warps in (4, 8):
+                    grid = (in_f // bi, out_f // bo)
+                    ms = _time(lambda: fn[grid](qw, qz, sc, qw, out, in_f, out_f, 128, out_f, out_f // 8, out_f, s_o,
+                                                s_i, 1, BITS=4, HAS_GIDX=0, BLOCK_I=bi, BLOCK_O=bo, num_warps=warps))
+                    res.append(((bi, bo, warps), ms, f"{nbytes / ms / 1e6:.0f} GB/s"))
+        report(f"gptq 8192^2 fp16 {'[in, out]' if transpose else '[out, in]'} (BLOCK_I, BLOCK_O, warps)", res)
+
+
 def main(argv=None):
     which = (argv or sys.argv[1:] or ["ce,glu,rope,rms"])[0].split(",")
     print(torch.cuda.get_device_name(), torch.__version__)
     for w in which:
-        {"ce": tune_ce, "glu": tune_glu, "rope": tune_rope, "rms": tune_rms}[w]()
+        {"ce": tune_ce, "glu": tune_glu, "rope": tune_rope, "rms": tune_rms, "nf4": tune_nf4, "gptq": tune_gptq}[w]()
 
 
 if __name__ == "__main__":

@@ -17,26 +17,70 @@ import triton.language as tl
 COMPILE_OPTIONS = {"nf4_dequant_kernel": {"enable_fp_fusion": False}}
 
 
+@triton.jit
+def _code_lookup(nib, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15):
+    """code[nib] for a 4-bit index, as a select tree over 16 registers (no memory gathers)."""
+    b0 = (nib & 1) != 0
+    b1 = (nib & 2) != 0
+    b2 = (nib & 4) != 0
+    l0 = tl.where(b0, c1, c0)
+    l1 = tl.where(b0, c3, c2)
+    l2 = tl.where(b0, c5, c4)
+    l3 = tl.where(b0, c7, c6)
+    l4 = tl.where(b0, c9, c8)
+    l5 = tl.where(b0, c11, c10)
+    l6 = tl.where(b0, c13, c12)
+    l7 = tl.where(b0, c15, c14)
+    m0 = tl.where(b1, l1, l0)
+    m1 = tl.where(b1, l3, l2)
+    m2 = tl.where(b1, l5, l4)
+    m3 = tl.where(b1, l7, l6)
+    n0 = tl.where(b2, m1, m0)
+    n1 = tl.where(b2, m3, m2)
+    return tl.where((nib & 8) != 0, n1, n0)
+
+
 @triton.jit(do_not_specialize=["n_elements"])
 def nf4_dequant_kernel(PACKED, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, OUT, n_elements,
                        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                        BLOCK: tl.constexpr):
-    HALF: tl.constexpr = BLOCK // 2
+    # A program covers BLOCK outputs = NB quantisation blocks of BLOCKSIZE: absmax is loaded once per
+    # block and the 16 code values once per program, so the inner work has no gathers.
+    HB: tl.constexpr = BLOCKSIZE // 2
+    NB: tl.constexpr = BLOCK // BLOCKSIZE if BLOCK >= BLOCKSIZE else 1
+    PB: tl.constexpr = NB * BLOCKSIZE  # outputs per program
     pid = tl.program_id(0).to(tl.int64)
-    byte = pid * HALF + tl.arange(0, HALF)
-    bmask = byte < (n_elements + 1) // 2
-    b = tl.load(PACKED + byte, mask=bmask, other=0).to(tl.int32)
-    blk = (byte * 2) // BLOCKSIZE
+    blk = pid * NB + tl.arange(0, NB)
+    n_blocks = (n_elements + BLOCKSIZE - 1) // BLOCKSIZE
+    blk_ok = blk < n_blocks
     if NESTED:
-        a8 = tl.load(ABSMAX + blk, mask=bmask, other=0).to(tl.int32)
-        am = tl.load(CODE2 + a8, mask=bmask, other=0.0) * tl.load(ABSMAX2 + blk // BLOCKSIZE2, mask=bmask, other=0.0)
+        a8 = tl.load(ABSMAX + blk, mask=blk_ok, other=0).to(tl.int32)
+        am = tl.load(CODE2 + a8, mask=blk_ok, other=0.0) * tl.load(ABSMAX2 + blk // BLOCKSIZE2, mask=blk_ok, other=0.0)
         am = am + tl.load(OFFSET)
     else:
-        am = tl.load(ABSMAX + blk, mask=bmask, other=0.0)
-    hi = tl.load(CODE + (b >> 4)) * am
-    lo = tl.load(CODE + (b & 15)) * am
-    vals = tl.interleave(hi, lo)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+        am = tl.load(ABSMAX + blk, mask=blk_ok, other=0.0)
+    byte = pid * (PB // 2) + (tl.arange(0, NB) * HB)[:, None] + tl.arange(0, HB)[None, :]
+    b = tl.load(PACKED + byte, mask=byte < (n_elements + 1) // 2, other=0).to(tl.int32)
+    c0 = tl.load(CODE + 0)
+    c1 = tl.load(CODE + 1)
+    c2 = tl.load(CODE + 2)
+    c3 = tl.load(CODE + 3)
+    c4 = tl.load(CODE + 4)
+    c5 = tl.load(CODE + 5)
+    c6 = tl.load(CODE + 6)
+    c7 = tl.load(CODE + 7)
+    c8 = tl.load(CODE + 8)
+    c9 = tl.load(CODE + 9)
+    c10 = tl.load(CODE + 10)
+    c11 = tl.load(CODE + 11)
+    c12 = tl.load(CODE + 12)
+    c13 = tl.load(CODE + 13)
+    c14 = tl.load(CODE + 14)
+    c15 = tl.load(CODE + 15)
+    hi = _code_lookup(b >> 4, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15) * am[:, None]
+    lo = _code_lookup(b & 15, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15) * am[:, None]
+    vals = tl.reshape(tl.interleave(hi, lo), [PB])
+    offs = pid * PB + tl.arange(0, PB)
     tl.store(OUT + offs, vals.to(OUT.dtype.element_ty), mask=offs < n_elements)
 
 

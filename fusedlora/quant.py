@@ -110,7 +110,7 @@ def dequantize_nf4(weight: torch.Tensor, quant_state=None, out: torch.Tensor | N
     elif out.shape != tuple(qs.shape) or out.dtype != qs.dtype or not out.is_contiguous() or out.device != dev:
         _fail(op, f"out must be a contiguous {qs.dtype} tensor of shape {tuple(qs.shape)} on {dev}")
     meta, key = _nf4_key(qs.blocksize, bool(qs.nested), blocksize2)
-    grid = (-(-n // meta["BLOCK"]), 1, 1)
+    grid = (-(-n // max(meta["BLOCK"], qs.blocksize)), 1, 1)  # a program covers whole quantisation blocks
     launcher("nf4_dequant")(grid, (packed.view(torch.uint8).reshape(-1), absmax, absmax2, qs.code.float(), code2,
                                    offset, out, n), key)
     return out
