@@ -132,13 +132,15 @@ def tune_nf4():
         off = torch.rand(1, device=DEV)
         out = torch.empty(n, device=DEV, dtype=BF16)
         res = []
-        for block in (512, 1024, 2048, 4096, 8192):
-            for warps in (2, 4, 8, 16):
-                grid = (n // block,)
-                ms = _time(lambda: fn[grid](packed, a8, a2, code, code2, off, out, n, BLOCKSIZE=64, BLOCKSIZE2=256,
-                                            NESTED=1, BLOCK=block, num_warps=warps, enable_fp_fusion=False))
-                res.append(((block, warps), ms, f"{(n // 2 + n // 64 + 2 * n) / ms / 1e6:.0f} GB/s"))
-        report(f"nf4 nested bf16 {shape} (BLOCK, warps)", res)
+        for order in (0, 1):
+            for block in (256, 512, 1024, 2048):
+                for warps in (1, 2, 4, 8):
+                    grid = (n // block,)
+                    ms = _time(lambda: fn[grid](packed, a8, a2, code, code2, off, out, n, BLOCKSIZE=64,
+                                                BLOCKSIZE2=256, NESTED=1, BLOCK=block, OUTPUT_ORDER=order,
+                                                num_warps=warps, enable_fp_fusion=False))
+                    res.append(((order, block, warps), ms, f"{(n // 2 + n // 64 + 2 * n) / ms / 1e6:.0f} GB/s"))
+        report(f"nf4 nested bf16 {shape} (OUTPUT_ORDER, BLOCK, warps)", res)
     _ = SimpleNamespace
 
 
@@ -153,12 +155,17 @@ def tune_gptq():
         out = torch.empty((in_f, out_f) if transpose else (out_f, in_f), device=DEV, dtype=torch.float16)
         s_o, s_i = (1, out.stride(0)) if transpose else (out.stride(0), 1)
         res = []
-        for bi in (32, 64, 128, 256):
-            for bo in (32, 64, 128, 256):
-                for warps in (4, 8):
+        for bi in (32, 64, 128):
+            for bo in (32, 64, 128):
+                for warps in (2, 4, 8):
                     grid = (in_f // bi, out_f // bo)
-                    ms = _time(lambda: fn[grid](qw, qz, sc, qw, out, in_f, out_f, 128, out_f, out_f // 8, out_f, s_o,
-                                                s_i, 1, BITS=4, HAS_GIDX=0, BLOCK_I=bi, BLOCK_O=bo, num_warps=warps))
+                    try:
+                        ms = _time(lambda: fn[grid](qw, qz, sc, qw, out, in_f, out_f, 128, out_f, out_f // 8, out_f,
+                                                    s_o, s_i, 1, BITS=4, HAS_GIDX=0, BLOCK_I=bi, BLOCK_O=bo,
+                                                    num_warps=warps))
+                    except Exception as e:
+                        print("  skip", bi, bo, warps, type(e).__name__)
+                        continue
                     res.append(((bi, bo, warps), ms, f"{nbytes / ms / 1e6:.0f} GB/s"))
         report(f"gptq 8192^2 fp16 {'[in, out]' if transpose else '[out, in]'} (BLOCK_I, BLOCK_O, warps)", res)
 
