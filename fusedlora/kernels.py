@@ -198,7 +198,7 @@ ROPE = register(KernelSpec(
 
 
 # ---------------------------------------------------------------- quantised weights
-NF4_BLOCK = 2048
+NF4_BLOCK = 1024  # H100 sweep (build_tools/tune.py nf4): 1024 outputs / 4 warps, interleave order
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -219,16 +219,23 @@ NF4_DEQUANT = register(KernelSpec(
     pointer_types={"PACKED": "u8", "ABSMAX": "absmax", "ABSMAX2": "fp32", "CODE": "fp32", "CODE2": "fp32",
                    "OFFSET": "fp32", "OUT": "x"},
     meta=nf4_meta,
-    config=lambda arch, c: (8, 1),
+    config=lambda arch, c: (4, 1),
     aot_variants=_nf4_aot,
     doc="bitsandbytes NF4/FP4 dequantisation incl. the nested absmax, one launch",
 ))
 
-GPTQ_BLOCK_I, GPTQ_BLOCK_O = 64, 128
+# H100 sweep, 8192^2 4-bit fp16: [out, in] output 64 x 32 tiles / 2 warps (2472 GB/s);
+# [in, out] output 32 x 128 / 4 warps (1984 GB/s).
+GPTQ_TILES = {False: (64, 32, 2), True: (32, 128, 4)}
 
 
-def gptq_meta(bits: int, has_g_idx: bool) -> dict:
-    return {"BITS": int(bits), "HAS_GIDX": int(bool(has_g_idx)), "BLOCK_I": GPTQ_BLOCK_I, "BLOCK_O": GPTQ_BLOCK_O}
+def gptq_meta(bits: int, has_g_idx: bool, transpose: bool = False) -> dict:
+    bi, bo, _ = GPTQ_TILES[bool(transpose)]
+    return {"BITS": int(bits), "HAS_GIDX": int(bool(has_g_idx)), "BLOCK_I": bi, "BLOCK_O": bo}
+
+
+def _gptq_warps(c: dict) -> int:
+    return 2 if (c["BLOCK_I"], c["BLOCK_O"]) == GPTQ_TILES[False][:2] else 4
 
 
 def _gptq_aot(family):
@@ -243,7 +250,7 @@ GPTQ_DEQUANT = register(KernelSpec(
     module="csrc_triton.quant", function="gptq_dequant_kernel",
     pointer_types={"QW": "i32", "QZ": "i32", "SCALES": "s", "G_IDX": "gidx", "OUT": "x"},
     meta=gptq_meta,
-    config=lambda arch, c: (4, 1),
+    config=lambda arch, c: (_gptq_warps(c), 1),
     aot_variants=_gptq_aot,
     doc="GPTQ (auto-gptq / gptqmodel) 2/4/8-bit dequantisation with act-order g_idx",
 ))

@@ -149,8 +149,8 @@ def naive_dequantize_gptq(qweight, qzeros, scales, g_idx=None, bits=4, group_siz
 
 
 @functools.lru_cache(maxsize=None)
-def _gptq_key(bits, has_g_idx):
-    m = kernels.gptq_meta(bits, has_g_idx)
+def _gptq_key(bits, has_g_idx, transpose):
+    m = kernels.gptq_meta(bits, has_g_idx, transpose)
     return m, constexpr_key(m)
 
 
@@ -206,7 +206,7 @@ def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
     elif out.shape != shape or out.dtype != out_dtype or not out.is_contiguous():
         _fail(op, f"out must be a contiguous {out_dtype} tensor of shape {shape}")
     s_o, s_i = (1, out.stride(0)) if transpose else (out.stride(0), 1)
-    meta, key = _gptq_key(bits, g_idx is not None)
+    meta, key = _gptq_key(bits, g_idx is not None, bool(transpose))
     grid = (-(-in_features // meta["BLOCK_I"]), -(-out_features // meta["BLOCK_O"]), 1)
     qweight, qzeros, scales = qweight.contiguous(), qzeros.contiguous(), scales.contiguous()
     launcher("gptq_dequant")(grid, (qweight, qzeros, scales, g_idx if g_idx is not None else qweight, out,
