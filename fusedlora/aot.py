@@ -55,6 +55,9 @@ def compile_variant(variant_str: str, ptxas13: bool = False) -> dict:
     signature, consts, attrs = {}, {}, {}
     for i, (name, kind) in enumerate(spec.arg_kinds()):
         if kind == "constexpr":
+            if name not in constexprs:
+                raise KeyError(f"{v.kernel}: meta() gives no value for constexpr {name} (defaults are not "
+                               "used: the launcher and the AOT build must name every constexpr)")
             signature[name] = "constexpr"
             consts[(i,)] = constexprs[name]
             continue
