@@ -71,6 +71,22 @@ def inverse_divisor(labels, ignore_index, reduction, num_items_in_batch, device)
     return (1.0 / n.clamp(min=1).to(torch.float32)).reshape(1)
 
 
+def reduce_rows(loss_rows, reduction, inv):
+    """Per-row fp32 losses -> the requested reduction (inv: 1-element 1/denominator, see inverse_divisor)."""
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    return total * inv[0] if reduction == "mean" else total
+
+
+def backward_scale(dloss, labels, ignore_index, reduction):
+    """(scale tensor, stride) that the gradient kernel multiplies each row's gradient by."""
+    if reduction == "none":
+        return dloss.to(torch.float32).contiguous(), 1
+    inv = inverse_divisor(labels, ignore_index, reduction, None, labels.device)
+    return (dloss.to(torch.float32) * inv).reshape(1), 0
+
+
 def check_labels(op, labels, n_cols, ignore_index):
     """Out-of-range labels raise a device-side assertion (asynchronously: no host sync)."""
     ok = ((labels >= 0) & (labels < n_cols)) | (labels == ignore_index)
@@ -110,10 +126,7 @@ class CrossEntropyFunction(torch.autograd.Function):
                       logit_scale, "loss")
             ctx.save_for_backward(logits2d, labels, lse)
             ctx.precomputed = False
-        if reduction == "none":
-            return loss_rows
-        total = loss_rows.sum()
-        return total * inv[0] if reduction == "mean" else total
+        return reduce_rows(loss_rows, reduction, inv)
 
     @staticmethod
     def backward(ctx, dloss):
@@ -122,13 +135,10 @@ class CrossEntropyFunction(torch.autograd.Function):
             (grad,) = ctx.saved_tensors
             scale_by_scalar_(grad, dloss.to(torch.float32).reshape(1))
             return grad, None, None, None, None, None, None, None, None
+        # reduction "none", or a loss computed without grad tracking first and differentiated later
         logits2d, labels, lse = ctx.saved_tensors
         grad = torch.empty_like(logits2d)
-        if reduction == "none":
-            scale, stride = dloss.to(torch.float32).contiguous(), 1
-        else:  # loss computed without grad tracking first, then differentiated (e.g. torch.func)
-            inv = inverse_divisor(labels, ignore_index, reduction, None, logits2d.device)
-            scale, stride = (dloss.to(torch.float32) * inv).reshape(1), 0
+        scale, stride = backward_scale(dloss, labels, ignore_index, reduction)
         ce_launch(logits2d, labels, lse, lse, grad, scale, stride, ignore_index, label_smoothing, softcap, logit_scale,
                   "grad")
         return grad, None, None, None, None, None, None, None, None

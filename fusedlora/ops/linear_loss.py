@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ._common import check_tensor
-from .cross_entropy import (LABEL_DTYPES, _check_ce_args, ce_launch, check_labels, inverse_divisor,
-                            naive_cross_entropy, scale_by_scalar_)
+from .cross_entropy import (LABEL_DTYPES, _check_ce_args, backward_scale, ce_launch, check_labels, inverse_divisor,
+                            naive_cross_entropy, reduce_rows, scale_by_scalar_)
 
 DEFAULT_CHUNK_BYTES = 128 * 2**20
 
@@ -31,6 +31,16 @@ def rows_per_chunk(n_rows: int, n_cols: int, elem_bytes: int, max_chunk_bytes: i
 
 def naive_linear_cross_entropy(hidden, weight, labels, bias=None, **ce_kwargs):
     return naive_cross_entropy(F.linear(hidden, weight, bias), labels, **ce_kwargs)
+
+
+def _accumulate_chunk_grads(grad_logits, h, weight, dh_rows, dw, db):
+    """Given one chunk's d logits: write its d hidden rows and add its share of d weight / d bias."""
+    if dh_rows is not None:
+        torch.mm(grad_logits, weight, out=dh_rows)
+    if dw is not None:
+        dw.addmm_(grad_logits.t(), h)
+    if db is not None:
+        db += grad_logits.sum(0, dtype=torch.float32)
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
@@ -57,12 +67,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             logits = F.linear(h, weight, bias)
             if precompute:  # the chunk's logits become their gradient in place
                 ce_launch(logits, labels[s:e], loss_rows[s:e], lse[s:e], logits, inv, 0, *opts, "loss_and_grad")
-                if dh is not None:
-                    torch.mm(logits, weight, out=dh[s:e])
-                if dw is not None:
-                    dw.addmm_(logits.t(), h)
-                if db is not None:
-                    db += logits.sum(0, dtype=torch.float32)
+                _accumulate_chunk_grads(logits, h, weight, None if dh is None else dh[s:e], dw, db)
             else:
                 ce_launch(logits, labels[s:e], loss_rows[s:e], lse[s:e], None, inv, 0, *opts, "loss")
             del logits  # free this chunk before the next one is allocated: one chunk alive at a time
@@ -73,10 +78,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             ctx.bias_dtype = None if bias is None else bias.dtype
         else:
             ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        if reduction == "none":
-            return loss_rows
-        total = loss_rows.sum()
-        return total * inv[0] if reduction == "mean" else total
+        return reduce_rows(loss_rows, reduction, inv)
 
     @staticmethod
     def backward(ctx, dloss):
@@ -97,11 +99,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         dh = torch.empty_like(hidden) if need_dh else None
         dw = torch.zeros_like(weight) if need_dw else None
         db = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if need_db and bias is not None else None
-        if reduction == "none":
-            scale, stride = dloss.to(torch.float32).contiguous(), 1
-        else:
-            inv = inverse_divisor(labels, ignore_index, reduction, None, hidden.device)
-            scale, stride = (dloss.to(torch.float32) * inv).reshape(1), 0
+        scale, stride = backward_scale(dloss, labels, ignore_index, reduction)
         for s in range(0, hidden.shape[0], chunk_rows):
             e = min(hidden.shape[0], s + chunk_rows)
             h = hidden[s:e]
@@ -109,12 +107,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             sc = scale[s:e] if stride else scale
             ce_launch(logits, labels[s:e], lse[s:e], lse[s:e], logits, sc, stride, ignore_index, label_smoothing,
                       softcap, logit_scale, "grad")
-            if dh is not None:
-                torch.mm(logits, weight, out=dh[s:e])
-            if dw is not None:
-                dw.addmm_(logits.t(), h)
-            if db is not None:
-                db += logits.sum(0, dtype=torch.float32)
+            _accumulate_chunk_grads(logits, h, weight, None if dh is None else dh[s:e], dw, db)
             del logits
         return (dh, dw, None if db is None else db.to(bias.dtype)) + nones
 
