@@ -1,0 +1,371 @@
+"""Fused LoRA autograd functions with the seed API (`kernels.lora`): LoRA_MLP, LoRA_QKV, LoRA_O.
+
+Per projection: Y = X W^T (+ bias) + s * (drop(X) A^T) B^T, W a plain, bitsandbytes 4-bit or GPTQ weight.
+- Quantised weights are dequantised by fusedlora's one-launch kernels in the forward and again in the
+  backward; no dequantised weight is kept. Each activation is kept once; the MLP's gate/up activations
+  are overwritten by their gradients in the backward (inplace=True).
+- Dropout follows PEFT: each projection applies its own `nn.Dropout` to its input, drawn in PEFT's
+  order (q, k, v / gate, up, down), so with the same RNG state the masks equal PEFT's.
+- Weights are read from the module at call time (FSDP2 swaps them); every Function takes tensors and
+  plain scalars only.
+
+Status: CPU-tested against PEFT's own LoRA layers (fp32, interpreter); not yet benchmarked on a GPU.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .ops.glu import glu_backward, glu_forward
+from .quant import dequantize_gptq, dequantize_nf4
+
+
+class GPTQState(NamedTuple):
+    """The quantisation state of a GPTQ QuantLinear (its qweight is passed as the weight)."""
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor | None
+    bits: int
+    group_size: int
+    format: str = "gptq"
+
+
+class UnsupportedLoRA(ValueError):
+    """The adapter uses a feature fusedlora does not implement (DoRA, ...): keep PEFT's path."""
+
+
+# ------------------------------------------------------------------------------------------- weights
+def dequantize_base(W: torch.Tensor, quant, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight as a [out, in] tensor of `dtype`."""
+    if quant is None:
+        return W if W.dtype == dtype else W.to(dtype)
+    if isinstance(quant, GPTQState):
+        return dequantize_gptq(W, quant.qzeros, quant.scales, quant.g_idx, bits=quant.bits,
+                               group_size=quant.group_size, format=quant.format, out_dtype=dtype)
+    if getattr(quant, "quant_type", None) in ("nf4", "fp4"):
+        w = dequantize_nf4(W, quant)
+        return w if w.dtype == dtype else w.to(dtype)
+    raise TypeError(f"unsupported quantisation state {type(quant).__name__}")
+
+
+def _compute_dtype(X: torch.Tensor) -> torch.dtype:
+    if X.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return X.dtype
+
+
+def _check_adapter(name, W_out, W_in, A, B, s):
+    if A is None:
+        return
+    if A.dim() != 2 or B.dim() != 2 or A.shape[1] != W_in or B.shape[0] != W_out or A.shape[0] != B.shape[1]:
+        raise ValueError(f"{name}: LoRA A {tuple(A.shape)} / B {tuple(B.shape)} do not match a [{W_out}, {W_in}] "
+                         f"weight (expected A [r, {W_in}], B [{W_out}, r])")
+
+
+def _weight_shape(W, quant):
+    if quant is None:
+        return W.shape
+    if isinstance(quant, GPTQState):
+        return (W.shape[1], W.shape[0] * 32 // quant.bits)
+    shape = getattr(quant, "shape", None)
+    if shape is None:
+        raise ValueError("a quant_state with no shape: is it the state of this weight?")
+    return tuple(shape)
+
+
+# ---------------------------------------------------------------------------------- one projection
+class _Proj(NamedTuple):
+    W: torch.Tensor
+    quant: object
+    A: torch.Tensor | None
+    B: torch.Tensor | None
+    s: float
+    bias: torch.Tensor | None = None
+    dropout: float = 0.0
+
+
+def _dropout(X2, p, training):
+    """PEFT's nn.Dropout on the adapter input: (dropped input, mask scale or None)."""
+    if p == 0.0 or not training:
+        return X2, None
+    # F.dropout of a ones tensor of X's shape draws exactly the mask F.dropout(X) would (the mask does not
+    # depend on the values), so with PEFT's call order the masks are PEFT's.
+    scale = torch.nn.functional.dropout(torch.ones_like(X2), p, True)
+    return X2 * scale, scale
+
+
+def _proj_forward(X2, pr: _Proj, dtype, training):
+    W = dequantize_base(pr.W, pr.quant, dtype)
+    Y = X2 @ W.t()
+    if pr.bias is not None:
+        Y += pr.bias.to(dtype)
+    XA = Xd = mask = None
+    if pr.A is not None:
+        Xd, mask = _dropout(X2, pr.dropout, training)
+        XA = Xd @ pr.A.to(dtype).t()
+        Y.addmm_(XA, pr.B.to(dtype).t(), alpha=pr.s)
+    return Y, (XA, Xd if mask is not None else None, mask)
+
+
+def _proj_backward(dY, X2, pr: _Proj, saved, dtype, needs):
+    """(dX contribution, dA, dB, dbias) of one projection."""
+    XA, Xd, mask = saved
+    W = dequantize_base(pr.W, pr.quant, dtype)
+    dX = dY @ W
+    dA = dB = None
+    if pr.A is not None:
+        A, B = pr.A.to(dtype), pr.B.to(dtype)
+        dYB = dY @ B  # [T, r]
+        if needs["B"]:
+            dB = (dY.t() @ XA).mul_(pr.s).to(pr.B.dtype)
+        if needs["A"]:
+            dA = (dYB.t() @ (X2 if Xd is None else Xd)).mul_(pr.s).to(pr.A.dtype)
+        dXd = (dYB @ A).mul_(pr.s)
+        dX += dXd if mask is None else dXd * mask
+    dbias = dY.sum(0).to(pr.bias.dtype) if (pr.bias is not None and needs["bias"]) else None
+    return dX, dA, dB, dbias
+
+
+def _flat(X):
+    return X.reshape(-1, X.shape[-1])
+
+
+def _needs(ctx, i):
+    """ctx.needs_input_grad[i], False for trailing arguments the caller left to their defaults."""
+    return i < len(ctx.needs_input_grad) and ctx.needs_input_grad[i]
+
+
+# ------------------------------------------------------------------------------------ Functions
+class LoRA_O(torch.autograd.Function):
+    """LoRA_O.apply(X, W, W_quant, A, B, S, bias=None, dropout=0.0, training=False) -> X W^T + S (X A^T) B^T."""
+
+    @staticmethod
+    def forward(ctx, X, W, W_quant, A, B, S, bias=None, dropout=0.0, training=False):
+        out_f, in_f = _weight_shape(W, W_quant)
+        _check_adapter("LoRA_O", out_f, in_f, A, B, S)
+        dtype = _compute_dtype(X)
+        X2 = _flat(X).to(dtype)
+        pr = _Proj(W, W_quant, A, B, float(S or 0.0), bias, float(dropout))
+        Y, saved = _proj_forward(X2, pr, dtype, training)
+        ctx.pr, ctx.dtype, ctx.x_shape = pr, dtype, X.shape
+        ctx.save_for_backward(X2, *(t for t in saved))
+        return Y.view(*X.shape[:-1], out_f)
+
+    @staticmethod
+    def backward(ctx, dY):
+        X2, XA, Xd, mask = ctx.saved_tensors
+        needs = {"A": _needs(ctx, 3), "B": _needs(ctx, 4), "bias": _needs(ctx, 6)}
+        dX, dA, dB, dbias = _proj_backward(_flat(dY).to(ctx.dtype), X2, ctx.pr, (XA, Xd, mask), ctx.dtype, needs)
+        return dX.view(ctx.x_shape), None, None, dA, dB, None, dbias, None, None
+
+
+class LoRA_QKV(torch.autograd.Function):
+    """LoRA_QKV.apply(X, q_weight, q_quant, q_A, q_B, q_scale, k_..., v_..., inplace=True,
+    q_bias=None, k_bias=None, v_bias=None, dropouts=(0, 0, 0), training=False) -> (Q, K, V)."""
+
+    @staticmethod
+    def forward(ctx, X, qW, qQ, qA, qB, qS, kW, kQ, kA, kB, kS, vW, vQ, vA, vB, vS, inplace=True,
+                q_bias=None, k_bias=None, v_bias=None, dropouts=(0.0, 0.0, 0.0), training=False):
+        biases = (q_bias, k_bias, v_bias)
+        dtype = _compute_dtype(X)
+        X2 = _flat(X).to(dtype)
+        prs, outs, saved = [], [], []
+        for name, (W, Q, A, B, S), bias, p in zip("qkv", ((qW, qQ, qA, qB, qS), (kW, kQ, kA, kB, kS),
+                                                          (vW, vQ, vA, vB, vS)), biases, dropouts):
+            out_f, in_f = _weight_shape(W, Q)
+            _check_adapter(f"LoRA_QKV ({name})", out_f, in_f, A, B, S)
+            pr = _Proj(W, Q, A, B, float(S or 0.0), bias, float(p))
+            Y, sv = _proj_forward(X2, pr, dtype, training)
+            prs.append(pr)
+            outs.append(Y.view(*X.shape[:-1], out_f))
+            saved.extend(sv)
+        ctx.prs, ctx.dtype, ctx.x_shape = prs, dtype, X.shape
+        ctx.save_for_backward(X2, *saved)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, dQ, dK, dV):
+        X2, *saved = ctx.saved_tensors
+        grads, dbiases, dX = [], [], None
+        for i, (pr, dY) in enumerate(zip(ctx.prs, (dQ, dK, dV))):
+            if dY is None:
+                grads.append((None, None))
+                dbiases.append(None)
+                continue
+            needs = {"A": _needs(ctx, 3 + 5 * i), "B": _needs(ctx, 4 + 5 * i), "bias": _needs(ctx, 17 + i)}
+            d, dA, dB, db = _proj_backward(_flat(dY).to(ctx.dtype), X2, pr, saved[3 * i: 3 * i + 3], ctx.dtype, needs)
+            dX = d if dX is None else dX.add_(d)
+            grads.append((dA, dB))
+            dbiases.append(db)
+        out = [dX.view(ctx.x_shape)]
+        for dA, dB in grads:
+            out += [None, None, dA, dB, None]
+        return tuple(out) + (None,) + tuple(dbiases) + (None, None)
+
+
+class LoRA_MLP(torch.autograd.Function):
+    """LoRA_MLP.apply(X, gate_weight, gate_quant, gate_A, gate_B, gate_scale, up_..., down_...,
+    activation_fn, activation_fn_backward, inplace=True, dropouts=(0, 0, 0), training=False).
+
+    activation_fn(e, g) -> h; activation_fn_backward(dh, e, g, inplace) -> (de, dg)."""
+
+    @staticmethod
+    def forward(ctx, X, gW, gQ, gA, gB, gS, uW, uQ, uA, uB, uS, dW, dQ, dA, dB, dS, activation_fn,
+                activation_fn_backward, inplace=True, dropouts=(0.0, 0.0, 0.0), training=False):
+        dtype = _compute_dtype(X)
+        X2 = _flat(X).to(dtype)
+        pg = _Proj(gW, gQ, gA, gB, float(gS or 0.0), None, float(dropouts[0]))
+        pu = _Proj(uW, uQ, uA, uB, float(uS or 0.0), None, float(dropouts[1]))
+        pd = _Proj(dW, dQ, dA, dB, float(dS or 0.0), None, float(dropouts[2]))
+        for name, pr in (("gate", pg), ("up", pu), ("down", pd)):
+            out_f, in_f = _weight_shape(pr.W, pr.quant)
+            _check_adapter(f"LoRA_MLP ({name})", out_f, in_f, pr.A, pr.B, pr.s)
+        e, sg = _proj_forward(X2, pg, dtype, training)
+        g, su = _proj_forward(X2, pu, dtype, training)
+        h = activation_fn(e, g)
+        Y, sd = _proj_forward(h, pd, dtype, training)
+        del h  # recomputed in the backward from e and g
+        ctx.prs, ctx.dtype, ctx.x_shape = (pg, pu, pd), dtype, X.shape
+        ctx.act, ctx.act_bwd, ctx.inplace = activation_fn, activation_fn_backward, inplace
+        ctx.save_for_backward(X2, e, g, *sg, *su, *sd)
+        return Y.view(*X.shape[:-1], Y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dY):
+        X2, e, g, *saved = ctx.saved_tensors
+        pg, pu, pd = ctx.prs
+        dtype = ctx.dtype
+        ng = [_needs(ctx, i) for i in range(16)]
+        h = ctx.act(e, g)
+        dh, ddA, ddB, _ = _proj_backward(_flat(dY).to(dtype), h, pd, saved[6:9], dtype,
+                                         {"A": ng[13], "B": ng[14], "bias": False})
+        del h
+        de, dg = ctx.act_bwd(dh, e, g, ctx.inplace)
+        dX, dgA, dgB, _ = _proj_backward(de, X2, pg, saved[0:3], dtype, {"A": ng[3], "B": ng[4], "bias": False})
+        dXu, duA, duB, _ = _proj_backward(dg, X2, pu, saved[3:6], dtype, {"A": ng[8], "B": ng[9], "bias": False})
+        dX += dXu
+        return (dX.view(ctx.x_shape), None, None, dgA, dgB, None, None, None, duA, duB, None, None, None, ddA, ddB,
+                None, None, None, None, None, None)
+
+
+# ------------------------------------------------------------------------------ activations (MLP)
+def swiglu_fg(e, g):
+    return glu_forward(e.contiguous(), g.contiguous(), "silu")
+
+
+def swiglu_fg_backward(dh, e, g, inplace=True):
+    return glu_backward(dh.contiguous(), e, g, "silu", inplace)
+
+
+def geglu_exact_fg(e, g):
+    return glu_forward(e.contiguous(), g.contiguous(), "gelu")
+
+
+def geglu_exact_fg_backward(dh, e, g, inplace=True):
+    return glu_backward(dh.contiguous(), e, g, "gelu", inplace)
+
+
+def geglu_approx_fg(e, g):
+    return glu_forward(e.contiguous(), g.contiguous(), "gelu_tanh")
+
+
+def geglu_approx_fg_backward(dh, e, g, inplace=True):
+    return glu_backward(dh.contiguous(), e, g, "gelu_tanh", inplace)
+
+
+# ------------------------------------------------------------------------------ PEFT modules
+def _base_layer(proj):
+    return getattr(proj, "base_layer", proj)
+
+
+def get_lora_parameters(proj):
+    """(W, quant_state, A, B, scale) of a PEFT LoRA layer's active adapter, read now (FSDP2-safe).
+
+    A, B and scale are None when the adapter is disabled or merged, or the layer has no adapter.
+    GPTQ base layers give (qweight, GPTQState, ...). DoRA and other variants raise UnsupportedLoRA."""
+    base = _base_layer(proj)
+    if hasattr(base, "qweight"):
+        W = base.qweight
+        g_idx = getattr(base, "g_idx", None)
+        bits = int(getattr(base, "bits", 4))
+        in_f = W.shape[0] * 32 // bits
+        group = int(getattr(base, "group_size", -1) or -1)
+        if g_idx is not None and bool(getattr(base, "desc_act", True)) is False:
+            g_idx = None
+        quant = GPTQState(base.qzeros, base.scales, g_idx, bits, group if group > 0 else in_f,
+                          "gptq_v2" if getattr(base, "qzero_format", lambda: 1)() == 2 else "gptq")
+    else:
+        W = base.weight
+        quant = getattr(W, "quant_state", None)
+    active = getattr(proj, "active_adapters", None) or []
+    if (not hasattr(proj, "lora_A") or getattr(proj, "disable_adapters", False) or getattr(proj, "merged", False)
+            or not active):
+        return W, quant, None, None, None
+    if len(active) > 1:
+        raise UnsupportedLoRA(f"{len(active)} active adapters at once; fusedlora fuses a single adapter")
+    name = active[0]
+    if name not in proj.lora_A:
+        return W, quant, None, None, None
+    if getattr(proj, "use_dora", {}).get(name, False):
+        raise UnsupportedLoRA("DoRA adapters are not fused; keep PEFT's path for this layer")
+    if getattr(proj, "lora_bias", {}).get(name, False):
+        raise UnsupportedLoRA("LoRA bias (lora_bias=True) is not fused; keep PEFT's path for this layer")
+    A = proj.lora_A[name].weight
+    B = proj.lora_B[name].weight
+    return W, quant, A, B, proj.scaling[name]
+
+
+def _bias(proj):
+    return getattr(_base_layer(proj), "bias", None)
+
+
+def _dropout_p(proj):
+    active = getattr(proj, "active_adapters", None) or []
+    drop = getattr(proj, "lora_dropout", {})
+    if active and active[0] in drop and isinstance(drop[active[0]], torch.nn.Dropout):
+        return float(drop[active[0]].p)
+    return 0.0
+
+
+def matmul_lora(X, W, W_quant, A, B, s, out=None):
+    """X @ W.T + s * (X @ A.T) @ B.T (no autograd through W; use LoRA_O for gradients)."""
+    dtype = _compute_dtype(X)
+    X2 = _flat(X).to(dtype)
+    Wd = dequantize_base(W, W_quant, dtype)
+    Y = torch.matmul(X2, Wd.t(), out=None if out is None else _flat(out))
+    if A is not None:
+        Y.addmm_(X2 @ A.to(dtype).t(), B.to(dtype).t(), alpha=s)
+    return Y.view(*X.shape[:-1], Wd.shape[0])
+
+
+def apply_lora_o(self, X):
+    """`self` is the attention module (its o_proj a PEFT LoRA layer)."""
+    W, Q, A, B, S = get_lora_parameters(self.o_proj)
+    return LoRA_O.apply(X, W, Q, A, B, S, _bias(self.o_proj), _dropout_p(self.o_proj), self.training)
+
+
+def apply_lora_qkv(self, X, inplace=True):
+    projs = (self.q_proj, self.k_proj, self.v_proj)
+    args = [t for p in projs for t in get_lora_parameters(p)]
+    return LoRA_QKV.apply(X, *args, inplace, *(_bias(p) for p in projs), tuple(_dropout_p(p) for p in projs),
+                          self.training)
+
+
+def _apply_mlp(self, X, act, act_bwd, inplace):
+    projs = (self.gate_proj, self.up_proj, self.down_proj)
+    for p in projs:
+        if _bias(p) is not None:
+            raise UnsupportedLoRA("MLP projections with a bias are not fused; keep PEFT's path")
+    args = [t for p in projs for t in get_lora_parameters(p)]
+    return LoRA_MLP.apply(X, *args, act, act_bwd, inplace, tuple(_dropout_p(p) for p in projs), self.training)
+
+
+def apply_lora_mlp_swiglu(self, X, inplace=True):
+    return _apply_mlp(self, X, swiglu_fg, swiglu_fg_backward, inplace)
+
+
+def apply_lora_mlp_geglu(self, X, inplace=True, approximate="tanh"):
+    if approximate == "tanh":
+        return _apply_mlp(self, X, geglu_approx_fg, geglu_approx_fg_backward, inplace)
+    return _apply_mlp(self, X, geglu_exact_fg, geglu_exact_fg_backward, inplace)
