@@ -97,14 +97,21 @@ def _dropout(X2, p, training):
 
 def _proj_forward(X2, pr: _Proj, dtype, training):
     W = dequantize_base(pr.W, pr.quant, dtype)
-    Y = X2 @ W.t()
-    if pr.bias is not None:
-        Y += pr.bias.to(dtype)
     XA = Xd = mask = None
-    if pr.A is not None:
+    if pr.A is None:
+        Y = X2 @ W.t()
+    else:
         Xd, mask = _dropout(X2, pr.dropout, training)
         XA = Xd @ pr.A.to(dtype).t()
-        Y.addmm_(XA, pr.B.to(dtype).t(), alpha=pr.s)
+        if W.shape[1] <= W.shape[0]:
+            # Widening projection (gate/up): one GEMM over [X, XA] @ [W, s B]^T costs a copy of the narrow
+            # input instead of a second pass over the wide output.
+            Y = torch.cat([X2, XA], 1) @ torch.cat([W, pr.B.to(dtype) * pr.s], 1).t()
+        else:
+            Y = X2 @ W.t()
+            Y.addmm_(XA, pr.B.to(dtype).t(), alpha=pr.s)
+    if pr.bias is not None:
+        Y += pr.bias.to(dtype)
     return Y, (XA, Xd if mask is not None else None, mask)
 
 
@@ -112,17 +119,24 @@ def _proj_backward(dY, X2, pr: _Proj, saved, dtype, needs):
     """(dX contribution, dA, dB, dbias) of one projection."""
     XA, Xd, mask = saved
     W = dequantize_base(pr.W, pr.quant, dtype)
-    dX = dY @ W
     dA = dB = None
-    if pr.A is not None:
+    if pr.A is None:
+        dX = dY @ W
+    else:
         A, B = pr.A.to(dtype), pr.B.to(dtype)
         dYB = dY @ B  # [T, r]
         if needs["B"]:
             dB = (dY.t() @ XA).mul_(pr.s).to(pr.B.dtype)
         if needs["A"]:
             dA = (dYB.t() @ (X2 if Xd is None else Xd)).mul_(pr.s).to(pr.A.dtype)
-        dXd = (dYB @ A).mul_(pr.s)
-        dX += dXd if mask is None else dXd * mask
+        if mask is not None:
+            dX = dY @ W
+            dX += (dYB @ A).mul_(pr.s) * mask
+        elif W.shape[0] <= W.shape[1]:  # widening dX (down_proj's): one GEMM over [dY, s dYB] @ [W; A]
+            dX = torch.cat([dY, dYB * pr.s], 1) @ torch.cat([W, A], 0)
+        else:
+            dX = dY @ W
+            dX.addmm_(dYB, A, alpha=pr.s)
     dbias = dY.sum(0).to(pr.bias.dtype) if (pr.bias is not None and needs["bias"]) else None
     return dX, dA, dB, dbias
 
