@@ -9,7 +9,9 @@ Per projection: Y = X W^T (+ bias) + s * (drop(X) A^T) B^T, W a plain, bitsandby
 - Weights are read from the module at call time (FSDP2 swaps them); every Function takes tensors and
   plain scalars only.
 
-Status: CPU-tested against PEFT's own LoRA layers (fp32, interpreter); not yet benchmarked on a GPU.
+Status: tested against PEFT's own LoRA layers in fp32 on CPU (interpreter) and on an H100; bf16/fp16
+autocast comparisons, a real GPTQ QuantLinear under PEFT and FSDP2 are not tested yet (see BENCHMARKS.md
+for speed against PEFT).
 """
 from __future__ import annotations
 

@@ -1,0 +1,65 @@
+"""The command-line entry points and the wheel, as a user meets them (no GPU needed).
+
+- `python -m fusedlora.info` and `python -m fusedlora.selfcheck` run and report;
+- `pip wheel .` (small AOT family, sm_80 + sm_90) yields one wheel holding cubins, per-kernel manifests and
+  the kernel sources; installed into an empty target directory it imports, and its loader index finds
+  the prebuilt variants the registry asks for."""
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(args, env=None, cwd=ROOT, timeout=900):
+    e = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    e.update(env or {})
+    return subprocess.run(args, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def test_info_runs():
+    r = _run([sys.executable, "-m", "fusedlora.info"])
+    assert r.returncode == 0, r.stderr
+    assert "fusedlora 0.1.0" in r.stdout and "kernel directories" in r.stdout and "prebuilt variants per arch" in r.stdout
+
+
+def test_selfcheck_reports_every_kernel():
+    r = _run([sys.executable, "-m", "fusedlora.selfcheck"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    from fusedlora import registry
+    for name in registry.all_kernels():
+        assert any(line.startswith(name + " ") and "PASS" in line for line in r.stdout.splitlines()), name
+    assert f"{len(registry.all_kernels())} passed, 0 failed" in r.stdout
+
+
+@pytest.mark.slow
+def test_wheel_carries_cubins_and_works_installed(tmp_path):
+    r = _run([sys.executable, "-m", "pip", "wheel", ".", "-w", str(tmp_path / "dist"), "--no-deps",
+              "--no-build-isolation", "-q"], env={"FUSEDLORA_AOT_FAMILY": "ci", "FUSEDLORA_AOT_ARCHS": "80,90"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    wheels = list((tmp_path / "dist").glob("fusedlora-*.whl"))
+    assert len(wheels) == 1
+    names = zipfile.ZipFile(wheels[0]).namelist()
+    assert "fusedlora/_prebuilt/manifest.json" in names and "csrc_triton/rms_norm.py" in names
+    assert any(n.endswith(".sm90.json") for n in names) and sum(n.endswith(".cubin") for n in names) > 10
+    target = tmp_path / "site"
+    r = _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheels[0])])
+    assert r.returncode == 0, r.stderr[-2000:]
+    code = ("import json, fusedlora, fusedlora.loader as L, fusedlora.registry as R\n"
+            "from build_tools_shapes import CI\n"
+            "assert fusedlora.__file__.startswith(%r)\n"
+            "idx = L.read_index([L.PREBUILT_DIR])\n"
+            "want = R.family_variants(CI, [80, 90])\n"
+            "missing = [v.to_string() for v in want if v.arch not in idx.get(v.key, {})]\n"
+            "print(json.dumps({'variants': len(want), 'missing': missing}))\n") % str(target)
+    (tmp_path / "build_tools_shapes.py").write_text(
+        "import sys\nsys.path.append(%r)\nfrom build_tools.shapes import CI_SUBSET as CI\n" % str(ROOT))
+    r = _run([sys.executable, "-c", code], env={"PYTHONPATH": f"{target}{os.pathsep}{tmp_path}"}, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["variants"] > 10 and out["missing"] == []
