@@ -76,16 +76,17 @@ def compare(ref_model, fused_model, out_ref, out_fused, x_ref, x_fused):
 
 
 def _x(t=7, hidden=64):
-    x = torch.randn(2, t, hidden, device=DEVICE)
+    x = torch.randn(1 if t == 1 else 2, t, hidden, device=DEVICE)  # t == 1: a single token row
     return x.clone().requires_grad_(), x.clone().requires_grad_()
 
 
+@pytest.mark.parametrize("tokens", [1, 7])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("r", [1, 4])
-def test_qkv_and_o_match_peft(r, bias):
+@pytest.mark.parametrize("r", [1, 4, 64])
+def test_qkv_and_o_match_peft(r, bias, tokens):
     ref = make(r=r, bias=bias)
     fused = copy.deepcopy(ref)
-    xr, xf = _x()
+    xr, xf = _x(t=tokens)
     at = ref.self_attn
     q, k, v = at.q_proj(xr), at.k_proj(xr), at.v_proj(xr)
     o = at.o_proj(q)
@@ -97,11 +98,13 @@ def test_qkv_and_o_match_peft(r, bias):
     compare(ref, fused, (q, k, v, o), (qf, kf, vf, of), xr, xf)
 
 
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("r", [4, 64])
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
-def test_mlp_matches_peft(act):
-    ref = make(act=act)
+def test_mlp_matches_peft(act, r, tokens):
+    ref = make(r=r, act=act)
     fused = copy.deepcopy(ref)
-    xr, xf = _x(t=5)
+    xr, xf = _x(t=tokens)
     y = ref.mlp(xr)
     y.backward(torch.ones_like(y) * 0.5 + y.detach())
     apply = lora.apply_lora_mlp_swiglu if act == "silu" else lora.apply_lora_mlp_geglu
