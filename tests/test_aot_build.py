@@ -144,3 +144,17 @@ def test_family_from_nested_multimodal_config():
     fam = family_from_config({"text_config": {"hidden_size": 2560, "head_dim": 256, "num_attention_heads": 8,
                                               "intermediate_size": 10240, "vocab_size": 262208}, "torch_dtype": "float16"})
     assert fam["hidden_sizes"] == [2560] and fam["head_dims"] == [256] and fam["dtypes"] == ["fp16"]
+
+
+def test_build_the_variant_an_aot_only_miss_names(tmp_path):
+    """The command printed by a FUSEDLORA_AOT_ONLY miss builds exactly that variant, and the loader then finds it."""
+    spec = registry.get("rms_norm_fwd")
+    v = registry.make_variant(spec, 86, {"x": "fp16", "w": "bf16", "y": "fp32"}, {"n_cols": 3000, "gemma_cast": True})
+    out = tmp_path / "k"
+    r = subprocess.run([sys.executable, "-m", "fusedlora.build", "--variant", v.to_string(), "--out", str(out),
+                        "--quiet"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ld = L.Loader(dirs=[out], driver=object())
+    found = ld.find(spec, 89, tuple(t for _, t in v.signature), v.constexprs)  # an sm_89 GPU uses the sm_86 cubin
+    assert [e.variant for e in found] == [v]
+    check_cubin(found[0].path, 86)
