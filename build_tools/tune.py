@@ -125,7 +125,6 @@ def tune_rms():
 
 
 def tune_nf4():
-    from types import SimpleNamespace
     fn = registry.get("nf4_dequant").fn
     for shape in ((4096, 4096), (28672, 8192)):
         n = shape[0] * shape[1]
@@ -145,7 +144,6 @@ def tune_nf4():
                                                 num_warps=warps, enable_fp_fusion=False))
                     res.append(((order, block, warps), ms, f"{(n // 2 + n // 64 + 2 * n) / ms / 1e6:.0f} GB/s"))
         report(f"nf4 nested bf16 {shape} (OUTPUT_ORDER, BLOCK, warps)", res)
-    _ = SimpleNamespace
 
 
 def tune_gptq():

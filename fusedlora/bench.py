@@ -279,8 +279,6 @@ def op_table(only: str = "") -> list[dict]:
 
 def quant_section() -> list[str]:
     """NF4 and GPTQ dequantisation vs bitsandbytes, side by side (bitsandbytes needed for its rows)."""
-    import math
-
     import torch
     from triton.testing import do_bench
 
@@ -340,7 +338,6 @@ def quant_section() -> list[str]:
             layout = "[in, out]" if transpose else "[out, in]"
             lines.append(f"| GPTQ 4-bit 8192x8192 g128 -> {str(dt).replace('torch.', '')} {layout} | fusedlora | "
                          f"{ms * 1e3:.1f} | {nbytes / ms / 1e6:.0f} | |")
-    _ = math
     return lines + [""]
 
 

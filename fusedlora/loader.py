@@ -78,10 +78,6 @@ def _spec_int(v: int) -> str:
     return "i64" if v % 16 else "i64:16"
 
 
-def _nospec_int(v: int) -> str:
-    return "i32" if -2**31 <= v < 2**31 else "i64"
-
-
 def make_binder(spec: KernelSpec, arg_kinds=None):
     """Generate `bind(*args) -> (signature types, values)` for the kernel's non-constexpr arguments.
 
@@ -108,7 +104,7 @@ def make_binder(spec: KernelSpec, arg_kinds=None):
             vals.append(f"a{i}")
     src = (f"def bind({params}):\n" + "\n".join(pre) + ("\n" if pre else "")
            + f"    return ({', '.join(types)},), ({', '.join(vals)},)\n")
-    scope = {"A": aligned, "U": unaligned, "S": _spec_int, "N": _nospec_int}
+    scope = {"A": aligned, "U": unaligned, "S": _spec_int}
     exec(compile(src, f"<fusedlora bind {spec.name}>", "exec"), scope)
     return scope["bind"], [n for n, _ in kinds]
 

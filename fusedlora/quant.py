@@ -18,6 +18,7 @@ import torch
 
 from . import kernels
 from .loader import constexpr_key, launcher
+from .ops._common import interpreting
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -81,7 +82,7 @@ def dequantize_nf4(weight: torch.Tensor, quant_state=None, out: torch.Tensor | N
     if not packed.is_contiguous():
         _fail(op, "packed weight must be contiguous")
     dev = packed.device
-    if dev.type != "cuda" and not (dev.type == "cpu" and _interpreting()):
+    if dev.type != "cuda" and not (dev.type == "cpu" and interpreting()):
         _fail(op, f"weight is on {dev}; fusedlora kernels need CUDA tensors")
     n_blocks = -(-n // qs.blocksize)
     if qs.absmax.numel() < n_blocks:
@@ -114,11 +115,6 @@ def dequantize_nf4(weight: torch.Tensor, quant_state=None, out: torch.Tensor | N
     launcher("nf4_dequant")(grid, (packed.view(torch.uint8).reshape(-1), absmax, absmax2, qs.code.float(), code2,
                                    offset, out, n), key)
     return out
-
-
-def _interpreting():
-    import os
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
 # ----------------------------------------------------------------------------------------------- GPTQ
@@ -197,7 +193,7 @@ def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
     for name, t in (("qzeros", qzeros), ("scales", scales)) + ((("g_idx", g_idx),) if g_idx is not None else ()):
         if t.device != dev:
             _fail(op, f"{name} is on {t.device} but qweight is on {dev}")
-    if dev.type != "cuda" and not (dev.type == "cpu" and _interpreting()):
+    if dev.type != "cuda" and not (dev.type == "cpu" and interpreting()):
         _fail(op, f"qweight is on {dev}; fusedlora kernels need CUDA tensors")
     out_dtype = out_dtype or scales.dtype
     shape = (in_features, out_features) if transpose else (out_features, in_features)
