@@ -1,0 +1,172 @@
+"""Bad inputs of every validation branch not covered next to its op: each raises an error naming the problem."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICE
+from fusedlora import lora
+from fusedlora.ops import chunked_linear_loss, fused_linear_cross_entropy
+from fusedlora.quant import dequantize_gptq, dequantize_nf4
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------ fused / chunked linear losses
+def test_flce_bias_shape_and_dtype():
+    h = torch.randn(4, 8, device=DEVICE)
+    w = torch.randn(10, 8, device=DEVICE)
+    y = torch.zeros(4, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="bias must have shape \\(10,\\) and dtype torch.float32"):
+        fused_linear_cross_entropy(h, w, y, bias=torch.zeros(9, device=DEVICE))
+    with pytest.raises(ValueError, match="bias must have shape \\(10,\\)"):
+        fused_linear_cross_entropy(h, w, y, bias=torch.zeros(10, device=DEVICE, dtype=torch.float16))
+
+
+def test_chunked_linear_loss_arguments():
+    h, w = torch.randn(4, 8, device=DEVICE), torch.randn(3, 8, device=DEVICE)
+    t = torch.zeros(4, 3, device=DEVICE)
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        chunked_linear_loss(h, w, t, "mse")
+    with pytest.raises(ValueError, match="num_chunks must be >= 1, got 0"):
+        chunked_linear_loss(h, w, t, lambda z, u: (z - u) ** 2, num_chunks=0)
+    with pytest.raises(ValueError, match="targets have shape \\(5, 3\\), hidden \\(4, 8\\)"):
+        chunked_linear_loss(h, w, torch.zeros(5, 3, device=DEVICE), lambda z, u: (z - u) ** 2)
+
+
+# ------------------------------------------------------------------ NF4 state checks
+def _nf4_state(n=128, nested=False, **kw):
+    qs = SimpleNamespace(quant_type="nf4", blocksize=64, dtype=torch.float16, shape=torch.Size((2, n // 2)),
+                         absmax=torch.rand(-(-n // 64), device=DEVICE), code=torch.linspace(-1, 1, 16, device=DEVICE),
+                         nested=nested, state2=None, offset=0.0)
+    if nested:
+        qs.absmax = torch.randint(0, 256, (-(-n // 64),), dtype=torch.uint8, device=DEVICE)
+        qs.state2 = SimpleNamespace(absmax=torch.rand(1, device=DEVICE), code=torch.linspace(-1, 1, 256, device=DEVICE),
+                                    blocksize=256)
+    for k, v in kw.items():
+        setattr(qs, k, v)
+    return torch.zeros(n // 2, 1, dtype=torch.uint8, device=DEVICE), qs
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(blocksize=48), "blocksize 48 is not one bitsandbytes allows"),
+    (dict(dtype=torch.int8), "quant_state.dtype is torch.int8; expected fp16, bf16 or fp32"),
+    (dict(absmax=torch.rand(1)), "absmax has 1 entries, the weight needs 2"),
+    (dict(absmax=torch.rand(2, dtype=torch.float64)), "absmax must be float32 when not nested, got torch.float64"),
+])
+def test_nf4_state_checks(change, match):
+    if "absmax" in change:
+        change = {"absmax": change["absmax"].to(DEVICE)}
+    packed, qs = _nf4_state(**change)
+    with pytest.raises(ValueError, match=match):
+        dequantize_nf4(packed, qs)
+
+
+def test_nf4_nested_checks():
+    packed, qs = _nf4_state(nested=True)
+    qs.absmax = qs.absmax.float()
+    with pytest.raises(ValueError, match="nested absmax must be uint8, got torch.float32"):
+        dequantize_nf4(packed, qs)
+    packed, qs = _nf4_state(nested=True)
+    qs.state2.blocksize = 100
+    with pytest.raises(ValueError, match="state2 blocksize 100 must be a power of two"):
+        dequantize_nf4(packed, qs)
+
+
+def test_nf4_non_contiguous_and_wrong_device():
+    packed, qs = _nf4_state()
+    with pytest.raises(ValueError, match="packed weight must be contiguous"):
+        dequantize_nf4(torch.zeros(64, 2, dtype=torch.uint8, device=DEVICE)[:, :1], qs)
+    if DEVICE == "cpu":
+        os.environ.pop("TRITON_INTERPRET")
+        try:
+            with pytest.raises(ValueError, match="weight is on cpu; fusedlora kernels need CUDA tensors"):
+                dequantize_nf4(packed, qs)
+        finally:
+            os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        qs.code = qs.code.cpu()
+        with pytest.raises(ValueError, match="quant_state.code is on cpu but the weight is on cuda"):
+            dequantize_nf4(packed, qs)
+
+
+def test_gptq_scales_and_devices():
+    qw = torch.zeros(8, 16, dtype=torch.int32, device=DEVICE)
+    qz = torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="scales must be a 2-D float tensor, got torch.int32"):
+        dequantize_gptq(qw, qz, torch.zeros(2, 16, dtype=torch.int32, device=DEVICE), group_size=32)
+    with pytest.raises(ValueError, match="out must be a contiguous torch.float16 tensor of shape \\(16, 64\\)"):
+        dequantize_gptq(qw, qz, torch.zeros(2, 16, dtype=torch.float16, device=DEVICE), group_size=32,
+                        out=torch.empty(64, 16, dtype=torch.float16, device=DEVICE))
+    if DEVICE == "cuda":
+        with pytest.raises(ValueError, match="scales is on cpu but qweight is on cuda"):
+            dequantize_gptq(qw, qz, torch.zeros(2, 16, dtype=torch.float16), group_size=32)
+
+
+# ------------------------------------------------------------------ LoRA reports
+def _peft_proj(**over):
+    lin = torch.nn.Linear(8, 8, bias=False)
+    proj = SimpleNamespace(base_layer=lin, lora_A={"a": torch.nn.Linear(8, 2)}, lora_B={"a": torch.nn.Linear(2, 8)},
+                           scaling={"a": 1.0}, active_adapters=["a"], disable_adapters=False, merged=False,
+                           use_dora={"a": False}, lora_bias={"a": False})
+    for k, v in over.items():
+        setattr(proj, k, v)
+    return proj
+
+
+@pytest.mark.parametrize("over,match", [
+    (dict(active_adapters=["a", "b"]), "2 active adapters at once"),
+    (dict(lora_bias={"a": True}), "LoRA bias \\(lora_bias=True\\) is not fused"),
+])
+def test_lora_unsupported_features_are_reported(over, match):
+    with pytest.raises(lora.UnsupportedLoRA, match=match):
+        lora.get_lora_parameters(_peft_proj(**over))
+
+
+def test_lora_mlp_with_bias_is_reported():
+    mlp = SimpleNamespace(gate_proj=_peft_proj(), up_proj=_peft_proj(), down_proj=_peft_proj(), training=False)
+    mlp.up_proj.base_layer = torch.nn.Linear(8, 8, bias=True)
+    with pytest.raises(lora.UnsupportedLoRA, match="MLP projections with a bias are not fused"):
+        lora.apply_lora_mlp_swiglu(mlp, torch.randn(2, 8))
+
+
+def test_lora_unknown_quant_state():
+    with pytest.raises(TypeError, match="unsupported quantisation state object"):
+        lora.dequantize_base(torch.zeros(4, 4), object(), torch.float32)
+
+
+def test_lora_quant_state_without_shape():
+    with pytest.raises(ValueError, match="a quant_state with no shape"):
+        lora.LoRA_O.apply(torch.randn(2, 8), torch.zeros(4, 1, dtype=torch.uint8), SimpleNamespace(), None, None, None)
+
+
+# ------------------------------------------------------------------ command lines
+def _cli(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_build_cli_needs_config_or_variant():
+    r = _cli("fusedlora.build")
+    assert r.returncode != 0 and "give --config or --variant" in r.stderr
+
+
+def test_build_cli_refuses_old_arch():
+    r = _cli("fusedlora.build", "--config", '{"hidden_size": 64}', "--arch", "75")
+    assert r.returncode != 0 and "unsupported arch [75]: fusedlora needs sm_80 or newer" in r.stderr
+
+
+def test_aot_cli_refuses_unknown_arch():
+    r = _cli("build_tools.aot", "--arch", "70", "--out", "/tmp/never")
+    assert r.returncode != 0 and "unsupported arch [70]" in r.stderr
+
+
+def test_family_from_config_without_hidden_size():
+    from fusedlora.build import family_from_config
+    with pytest.raises(ValueError, match="model config has no hidden_size"):
+        family_from_config({"vocab_size": 10})
