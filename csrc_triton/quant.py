@@ -40,14 +40,34 @@ def _code_lookup(nib, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13
     return tl.where((nib & 8) != 0, n1, n0)
 
 
+@triton.jit
+def _nf4_store_program(PACKED, OUT, am, pid, n_elements, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13,
+                       c14, c15, NB: tl.constexpr, HB: tl.constexpr, MASKED: tl.constexpr):
+    # Each byte is loaded once, its nibbles split and interleaved back (an output-order variant that
+    # loads each byte from two lanes measured slower on the H100). Only the last program is MASKED: a
+    # mask against a runtime length keeps Triton from vectorising, which made every store 2 bytes wide.
+    PB: tl.constexpr = NB * HB * 2
+    byte = pid * (PB // 2) + (tl.arange(0, NB) * HB)[:, None] + tl.arange(0, HB)[None, :]
+    offs = pid * PB + tl.arange(0, PB)
+    if MASKED:
+        b = tl.load(PACKED + byte, mask=byte < (n_elements + 1) // 2, other=0).to(tl.int32)
+    else:
+        b = tl.load(PACKED + byte).to(tl.int32)
+    hi = _code_lookup(b >> 4, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15) * am[:, None]
+    lo = _code_lookup(b & 15, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15) * am[:, None]
+    vals = tl.reshape(tl.interleave(hi, lo), [PB]).to(OUT.dtype.element_ty)
+    if MASKED:
+        tl.store(OUT + offs, vals, mask=offs < n_elements)
+    else:
+        tl.store(OUT + offs, vals)
+
+
 @triton.jit(do_not_specialize=["n_elements"])
 def nf4_dequant_kernel(PACKED, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, OUT, n_elements,
                        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                        BLOCK: tl.constexpr):
     # A program covers BLOCK outputs = NB quantisation blocks of BLOCKSIZE: absmax is loaded once per
     # block and the 16 code values once per program, so the inner work has no gathers.
-    # Each byte is loaded once, its nibbles split and interleaved back (an output-order variant that
-    # loads each byte from two lanes measured slower on the H100).
     HB: tl.constexpr = BLOCKSIZE // 2
     NB: tl.constexpr = BLOCK // BLOCKSIZE if BLOCK >= BLOCKSIZE else 1
     PB: tl.constexpr = NB * BLOCKSIZE  # outputs per program
@@ -77,13 +97,12 @@ def nf4_dequant_kernel(PACKED, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, OUT, n_elem
     c13 = tl.load(CODE + 13)
     c14 = tl.load(CODE + 14)
     c15 = tl.load(CODE + 15)
-    byte = pid * (PB // 2) + (tl.arange(0, NB) * HB)[:, None] + tl.arange(0, HB)[None, :]
-    b = tl.load(PACKED + byte, mask=byte < (n_elements + 1) // 2, other=0).to(tl.int32)
-    hi = _code_lookup(b >> 4, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15) * am[:, None]
-    lo = _code_lookup(b & 15, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15) * am[:, None]
-    vals = tl.reshape(tl.interleave(hi, lo), [PB])
-    offs = pid * PB + tl.arange(0, PB)
-    tl.store(OUT + offs, vals.to(OUT.dtype.element_ty), mask=offs < n_elements)
+    if (pid + 1) * PB <= n_elements:
+        _nf4_store_program(PACKED, OUT, am, pid, n_elements, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11,
+                           c12, c13, c14, c15, NB, HB, False)
+    else:
+        _nf4_store_program(PACKED, OUT, am, pid, n_elements, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11,
+                           c12, c13, c14, c15, NB, HB, True)
 
 
 @triton.jit(do_not_specialize=["zero_offset"])
