@@ -136,8 +136,8 @@ def tune_nf4():
         out = torch.empty(n, device=DEV, dtype=BF16)
         res = []
         for order in (0,):
-            for block in (256, 512, 1024, 2048):
-                for warps in (1, 2, 4, 8):
+            for block in (512, 1024, 2048, 4096, 8192):
+                for warps in (2, 4, 8, 16):
                     grid = (n // block,)
                     ms = _time(lambda: fn[grid](packed, a8, a2, code, code2, off, out, n, BLOCKSIZE=64,
                                                 BLOCKSIZE2=256, NESTED=1, BLOCK=block,

@@ -18,43 +18,20 @@ COMPILE_OPTIONS = {"nf4_dequant_kernel": {"enable_fp_fusion": False}}
 
 
 @triton.jit
-def _code_lookup(nib, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15):
-    """code[nib] for a 4-bit index, as a select tree over 16 registers (no memory gathers)."""
-    b0 = (nib & 1) != 0
-    b1 = (nib & 2) != 0
-    b2 = (nib & 4) != 0
-    l0 = tl.where(b0, c1, c0)
-    l1 = tl.where(b0, c3, c2)
-    l2 = tl.where(b0, c5, c4)
-    l3 = tl.where(b0, c7, c6)
-    l4 = tl.where(b0, c9, c8)
-    l5 = tl.where(b0, c11, c10)
-    l6 = tl.where(b0, c13, c12)
-    l7 = tl.where(b0, c15, c14)
-    m0 = tl.where(b1, l1, l0)
-    m1 = tl.where(b1, l3, l2)
-    m2 = tl.where(b1, l5, l4)
-    m3 = tl.where(b1, l7, l6)
-    n0 = tl.where(b2, m1, m0)
-    n1 = tl.where(b2, m3, m2)
-    return tl.where((nib & 8) != 0, n1, n0)
-
-
-@triton.jit
-def _nf4_store_program(PACKED, OUT, am, pid, n_elements, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13,
-                       c14, c15, NB: tl.constexpr, HB: tl.constexpr, MASKED: tl.constexpr):
-    # Each byte is loaded once, its nibbles split and interleaved back (an output-order variant that
-    # loads each byte from two lanes measured slower on the H100). Only the last program is MASKED: a
-    # mask against a runtime length keeps Triton from vectorising, which made every store 2 bytes wide.
+def _nf4_program(PACKED, OUT, code, am, pid, n_elements, NB: tl.constexpr, HB: tl.constexpr, MASKED: tl.constexpr):
+    # Each byte is loaded once; both nibbles index the 16-entry code table with tl.gather (a shared
+    # memory read per element: a register select tree cost ~20 instructions per element and left the
+    # kernel ALU-bound), and are interleaved back in output order. Only the last program is MASKED: a
+    # mask against a runtime length keeps Triton from vectorising (2-byte stores everywhere).
     PB: tl.constexpr = NB * HB * 2
-    byte = pid * (PB // 2) + (tl.arange(0, NB) * HB)[:, None] + tl.arange(0, HB)[None, :]
+    byte = pid * (PB // 2) + tl.arange(0, PB // 2)
     offs = pid * PB + tl.arange(0, PB)
     if MASKED:
         b = tl.load(PACKED + byte, mask=byte < (n_elements + 1) // 2, other=0).to(tl.int32)
     else:
         b = tl.load(PACKED + byte).to(tl.int32)
-    hi = _code_lookup(b >> 4, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15) * am[:, None]
-    lo = _code_lookup(b & 15, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15) * am[:, None]
+    hi = tl.reshape(tl.gather(code, b >> 4, 0), [NB, HB]) * am[:, None]
+    lo = tl.reshape(tl.gather(code, b & 15, 0), [NB, HB]) * am[:, None]
     vals = tl.reshape(tl.interleave(hi, lo), [PB]).to(OUT.dtype.element_ty)
     if MASKED:
         tl.store(OUT + offs, vals, mask=offs < n_elements)
@@ -67,7 +44,7 @@ def nf4_dequant_kernel(PACKED, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, OUT, n_elem
                        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                        BLOCK: tl.constexpr):
     # A program covers BLOCK outputs = NB quantisation blocks of BLOCKSIZE: absmax is loaded once per
-    # block and the 16 code values once per program, so the inner work has no gathers.
+    # block and the code table once per program.
     HB: tl.constexpr = BLOCKSIZE // 2
     NB: tl.constexpr = BLOCK // BLOCKSIZE if BLOCK >= BLOCKSIZE else 1
     PB: tl.constexpr = NB * BLOCKSIZE  # outputs per program
@@ -81,28 +58,11 @@ def nf4_dequant_kernel(PACKED, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, OUT, n_elem
         am = am + tl.load(OFFSET)
     else:
         am = tl.load(ABSMAX + blk, mask=blk_ok, other=0.0)
-    c0 = tl.load(CODE + 0)
-    c1 = tl.load(CODE + 1)
-    c2 = tl.load(CODE + 2)
-    c3 = tl.load(CODE + 3)
-    c4 = tl.load(CODE + 4)
-    c5 = tl.load(CODE + 5)
-    c6 = tl.load(CODE + 6)
-    c7 = tl.load(CODE + 7)
-    c8 = tl.load(CODE + 8)
-    c9 = tl.load(CODE + 9)
-    c10 = tl.load(CODE + 10)
-    c11 = tl.load(CODE + 11)
-    c12 = tl.load(CODE + 12)
-    c13 = tl.load(CODE + 13)
-    c14 = tl.load(CODE + 14)
-    c15 = tl.load(CODE + 15)
+    code = tl.load(CODE + tl.arange(0, 16))
     if (pid + 1) * PB <= n_elements:
-        _nf4_store_program(PACKED, OUT, am, pid, n_elements, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11,
-                           c12, c13, c14, c15, NB, HB, False)
+        _nf4_program(PACKED, OUT, code, am, pid, n_elements, NB, HB, False)
     else:
-        _nf4_store_program(PACKED, OUT, am, pid, n_elements, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11,
-                           c12, c13, c14, c15, NB, HB, True)
+        _nf4_program(PACKED, OUT, code, am, pid, n_elements, NB, HB, True)
 
 
 @triton.jit(do_not_specialize=["zero_offset"])
