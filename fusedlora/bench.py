@@ -341,25 +341,20 @@ def quant_section() -> list[str]:
     return lines + [""]
 
 
-def lora_section() -> list[str]:
-    """Fused LoRA vs PEFT eager on Llama-3.2-1B layer shapes (hidden 2048, intermediate 8192, 32/8 heads of
-    64), T = 8192 tokens, r = 16, bf16; plain and NF4 (bitsandbytes Linear4bit) base weights."""
+LORA_SHAPES = {"hidden": 2048, "inter": 8192, "q_out": 2048, "kv_out": 512, "r": 16, "tokens": 8192}
+
+
+def lora_modules(nf4: bool) -> dict:
+    """PEFT-wrapped Llama-3.2-1B attention q/k/v and MLP modules on the GPU (bf16 or NF4 base weights; bf16
+    adapters with random B so every term is live)."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
-    from triton.testing import do_bench
+    import peft
+    sz = LORA_SHAPES
+    hidden, inter, r = sz["hidden"], sz["inter"], sz["r"]
 
-    from . import lora
-    try:
-        import peft
-    except Exception as e:
-        return [f"(peft unavailable: {e}; no LoRA section)", ""]
-    hidden, inter, q_out, kv_out, r = 2048, 8192, 2048, 512, 16
-    lines = ["### Fused LoRA vs PEFT eager (Llama-3.2-1B layer shapes, T=8192, r=16, bf16; fwd+bwd, median)", "",
-             "| work | base | PEFT ms | fusedlora ms | speed-up | PEFT MiB kept for bwd | fusedlora MiB | saved |",
-             "|---|---|---|---|---|---|---|---|"]
-
-    def linear(i, o, nf4):
+    def linear(i, o):
         if nf4:
             import bitsandbytes as bnb
             return bnb.nn.Linear4bit(i, o, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
@@ -367,48 +362,71 @@ def lora_section() -> list[str]:
         return nn.Linear(i, o, bias=False)
 
     class Attn(nn.Module):
-        def __init__(self, nf4):
+        def __init__(self):
             super().__init__()
-            self.q_proj, self.k_proj, self.v_proj = linear(hidden, q_out, nf4), linear(hidden, kv_out, nf4), \
-                linear(hidden, kv_out, nf4)
+            self.q_proj, self.k_proj, self.v_proj = linear(hidden, sz["q_out"]), linear(hidden, sz["kv_out"]), \
+                linear(hidden, sz["kv_out"])
 
     class MLP(nn.Module):
-        def __init__(self, nf4):
+        def __init__(self):
             super().__init__()
-            self.gate_proj, self.up_proj = linear(hidden, inter, nf4), linear(hidden, inter, nf4)
-            self.down_proj = linear(inter, hidden, nf4)
+            self.gate_proj, self.up_proj = linear(hidden, inter), linear(hidden, inter)
+            self.down_proj = linear(inter, hidden)
 
         def forward(self, x):
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj",
+                                                                 "up_proj", "down_proj"])
+    mods = {"MLP": MLP(), "QKV": Attn()}
+    for name, m in mods.items():
+        m = m.to(torch.bfloat16) if not nf4 else m
+        m = peft.inject_adapter_in_model(cfg, m.cuda()).cuda()
+        for n_, p in m.named_parameters():
+            p.requires_grad_("lora_" in n_)
+            if "lora_" in n_:
+                p.data = p.data.to(torch.bfloat16)
+                if "lora_B" in n_:
+                    p.data.normal_(0, 0.02)
+        mods[name] = m
+    return mods
+
+
+def lora_cases(mods: dict) -> dict:
+    """work -> (PEFT fn, fusedlora fn); each maps x to a tuple of outputs."""
+    from . import lora
+    qkv, mlp = mods["QKV"], mods["MLP"]
+    return {
+        "LoRA_MLP": (lambda x: (mlp(x),), lambda x: (lora.apply_lora_mlp_swiglu(mlp, x),)),
+        "LoRA_QKV": (lambda x: (qkv.q_proj(x), qkv.k_proj(x), qkv.v_proj(x)), lambda x: lora.apply_lora_qkv(qkv, x)),
+    }
+
+
+def lora_section() -> list[str]:
+    """Fused LoRA vs PEFT eager on Llama-3.2-1B layer shapes (hidden 2048, intermediate 8192, 32/8 heads of
+    64), T = 8192 tokens, r = 16, bf16; plain and NF4 (bitsandbytes Linear4bit) base weights."""
+    import torch
+    from triton.testing import do_bench
+    try:
+        import peft  # noqa: F401
+    except Exception as e:
+        return [f"(peft unavailable: {e}; no LoRA section)", ""]
+    lines = ["### Fused LoRA vs PEFT eager (Llama-3.2-1B layer shapes, T=8192, r=16, bf16; fwd+bwd, median)", "",
+             "| work | base | PEFT ms | fusedlora ms | speed-up | PEFT MiB kept for bwd (beyond outputs) | fusedlora MiB | saved |",
+             "|---|---|---|---|---|---|---|---|"]
     for nf4 in (False, True):
         try:
-            torch.manual_seed(0)
-            cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj",
-                                                                         "up_proj", "down_proj"])
-            mods = {"MLP": MLP(nf4), "QKV": Attn(nf4)}
-            for name, m in mods.items():
-                m = m.to(torch.bfloat16) if not nf4 else m
-                m = m.cuda()
-                m = peft.inject_adapter_in_model(cfg, m).cuda()
-                for n_, p in m.named_parameters():
-                    p.requires_grad_("lora_" in n_)
-                    if "lora_" in n_:
-                        p.data = p.data.to(torch.bfloat16)
-                        if "lora_B" in n_:
-                            p.data.normal_(0, 0.02)
-                mods[name] = m
+            cases = lora_cases(lora_modules(nf4))
         except Exception as e:
             lines.append(f"| (setup failed for {'NF4' if nf4 else 'bf16'} base: {type(e).__name__}: {e}) |")
             continue
-        xs = [torch.randn(4, 2048, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
-        cases = {
-            "LoRA_MLP": (lambda x: mods["MLP"](x), lambda x: lora.apply_lora_mlp_swiglu(mods["MLP"], x)),
-            "LoRA_QKV": (lambda x: sum(t.float().sum() for t in (mods["QKV"].q_proj(x), mods["QKV"].k_proj(x),
-                                                                 mods["QKV"].v_proj(x))),
-                         lambda x: sum(t.float().sum() for t in lora.apply_lora_qkv(mods["QKV"], x))),
-        }
+        xs = [torch.randn(4, LORA_SHAPES["tokens"] // 4, LORA_SHAPES["hidden"], device="cuda", dtype=torch.bfloat16,
+                          requires_grad=True) for _ in range(2)]
         for work, (peft_fn, ours_fn) in cases.items():
+            with torch.no_grad():
+                shapes = [t.shape for t in peft_fn(xs[0])]
+            grads = [[torch.randn(sh, device="cuda", dtype=torch.bfloat16) for sh in shapes] for _ in range(2)]
             res = {}
             for name, fn in (("peft", peft_fn), ("ours", ours_fn)):
                 state = {"i": 0}
@@ -416,20 +434,20 @@ def lora_section() -> list[str]:
                 def step():
                     state["i"] ^= 1
                     x = xs[state["i"]]
-                    out = fn(x)
-                    out.backward(torch.ones_like(out))
+                    torch.autograd.backward(fn(x), grads[state["i"]])
                     x.grad = None
                 ms = do_bench(step, warmup=10, rep=300, return_mode="median")
                 torch.cuda.synchronize()
                 before = torch.cuda.memory_allocated()
                 out = fn(xs[0])
                 torch.cuda.synchronize()
-                kept = (torch.cuda.memory_allocated() - before) / 2**20
+                kept = (torch.cuda.memory_allocated() - before - sum(t.numel() * t.element_size() for t in out)) / 2**20
                 del out
                 res[name] = (ms, kept)
             (pm, pk), (om, ok) = res["peft"], res["ours"]
+            saved = f"{1 - ok / pk:.0%}" if pk > 1 else "-"
             lines.append(f"| {work} | {'NF4 (bnb)' if nf4 else 'bf16'} | {pm:.3f} | {om:.3f} | {pm / om:.2f}x | "
-                         f"{pk:.0f} | {ok:.0f} | {1 - ok / pk:.0%} |")
+                         f"{pk:.0f} | {ok:.0f} | {saved} |")
     return lines + [""]
 
 

@@ -46,8 +46,11 @@ def dequantize_base(W: torch.Tensor, quant, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_gptq(W, quant.qzeros, quant.scales, quant.g_idx, bits=quant.bits,
                                group_size=quant.group_size, format=quant.format, out_dtype=dtype)
     if getattr(quant, "quant_type", None) in ("nf4", "fp4"):
-        w = dequantize_nf4(W, quant)
-        return w if w.dtype == dtype else w.to(dtype)
+        # From a float32 state, round the fp32 values straight to `dtype` (what PEFT's dequantise-then-cast
+        # gives, without the fp32 copy); from a 16-bit state keep its rounding first, as PEFT does.
+        if quant.dtype in (torch.float32, dtype):
+            return dequantize_nf4(W, quant, dtype=dtype)
+        return dequantize_nf4(W, quant).to(dtype)
     raise TypeError(f"unsupported quantisation state {type(quant).__name__}")
 
 

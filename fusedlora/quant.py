@@ -61,8 +61,13 @@ def _as_quant_state(weight, quant_state):
     return quant_state
 
 
-def dequantize_nf4(weight: torch.Tensor, quant_state=None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Dequantise a bitsandbytes 4-bit weight (NF4 or FP4) in one kernel."""
+def dequantize_nf4(weight: torch.Tensor, quant_state=None, out: torch.Tensor | None = None,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dequantise a bitsandbytes 4-bit weight (NF4 or FP4) in one kernel.
+
+    dtype (default quant_state.dtype): the output dtype. Each value is computed in fp32 as bitsandbytes
+    does and rounded once, so with a float32 quant_state the result equals
+    `dequantize_4bit(...).to(dtype)` without the fp32 intermediate."""
     op = "dequantize_nf4"
     qs = _as_quant_state(weight, quant_state)
     packed = weight.data if hasattr(weight, "data") else weight
@@ -73,8 +78,9 @@ def dequantize_nf4(weight: torch.Tensor, quant_state=None, out: torch.Tensor | N
         _fail(op, f"quant_state has quant_type {qtype!r}; expected 'nf4' or 'fp4' (a 4-bit state)")
     if qs.blocksize not in kernels.NF4_BLOCKSIZES:
         _fail(op, f"blocksize {qs.blocksize} is not one bitsandbytes allows {kernels.NF4_BLOCKSIZES}")
-    if qs.dtype not in OUT_DTYPES:
-        _fail(op, f"quant_state.dtype is {qs.dtype}; expected fp16, bf16 or fp32")
+    dtype = qs.dtype if dtype is None else dtype
+    if dtype not in OUT_DTYPES:
+        _fail(op, f"output dtype is {dtype}; expected fp16, bf16 or fp32")
     n = math.prod(qs.shape)
     n_bytes = packed.numel() * packed.element_size()
     if n_bytes != (n + 1) // 2:
@@ -107,9 +113,9 @@ def dequantize_nf4(weight: torch.Tensor, quant_state=None, out: torch.Tensor | N
         if t.device != dev:
             _fail(op, f"quant_state.{name} is on {t.device} but the weight is on {dev}")
     if out is None:
-        out = torch.empty(qs.shape, dtype=qs.dtype, device=dev)
-    elif out.shape != tuple(qs.shape) or out.dtype != qs.dtype or not out.is_contiguous() or out.device != dev:
-        _fail(op, f"out must be a contiguous {qs.dtype} tensor of shape {tuple(qs.shape)} on {dev}")
+        out = torch.empty(qs.shape, dtype=dtype, device=dev)
+    elif out.shape != tuple(qs.shape) or out.dtype != dtype or not out.is_contiguous() or out.device != dev:
+        _fail(op, f"out must be a contiguous {dtype} tensor of shape {tuple(qs.shape)} on {dev}")
     meta, key = _nf4_key(qs.blocksize, bool(qs.nested), blocksize2)
     grid = (-(-n // max(meta["BLOCK"], qs.blocksize)), 1, 1)  # a program covers whole quantisation blocks
     launcher("nf4_dequant")(grid, (packed.view(torch.uint8).reshape(-1), absmax, absmax2, qs.code.float(), code2,

@@ -95,6 +95,19 @@ def test_nf4_quant_storage_and_params4bit(storage):
     assert got.data_ptr() == out.data_ptr() and torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_nf4_output_dtype_from_fp32_state(dtype):
+    """dtype= rounds the fp32 values once: equal to bnb's fp32 dequantisation cast to dtype."""
+    w = torch.randn(33, 70, dtype=torch.float32, device=DEVICE)
+    q, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    ref32 = bnbf.dequantize_4bit(q, qs)
+    ours = dequantize_nf4(q, qs, dtype=dtype)
+    assert ours.dtype == dtype and ours.shape == ref32.shape
+    _assert_matches(ours, ref32.to(dtype), dequantize_nf4(q, qs))
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        dequantize_nf4(q, qs, out=torch.empty(33, 70, device=DEVICE), dtype=dtype)
+
+
 def test_nf4_bad_input():
     w = torch.randn(8, 64, dtype=torch.float16, device=DEVICE)
     q, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")

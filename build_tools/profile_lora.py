@@ -1,0 +1,51 @@
+"""Per-kernel GPU time of one LoRA fwd+bwd step, fusedlora vs PEFT, from torch.profiler (needs a GPU).
+
+    python -m build_tools.profile_lora [MLP|QKV] [--nf4]
+
+Prints each implementation's kernels (summed over the step, largest first) so optimisation work can
+target where the time goes. Shapes and modules are the benchmark's (fusedlora.bench.lora_modules)."""
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from fusedlora.bench import LORA_SHAPES, lora_cases, lora_modules
+
+
+def kernel_table(fn, x, grads, steps=5, top=25):
+    for _ in range(3):
+        torch.autograd.backward(fn(x), grads)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            torch.autograd.backward(fn(x), grads)
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / steps, e.count // steps) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    print(f"  total kernel time {total / 1e3:.3f} ms per step")
+    for name, us, n in rows[:top]:
+        print(f"  {us:9.1f} us  x{n:<3d} {name[:110]}")
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    nf4 = "--nf4" in argv
+    works = [a for a in argv if not a.startswith("--")] or ["MLP", "QKV"]
+    cases = lora_cases(lora_modules(nf4))
+    x = torch.randn(4, LORA_SHAPES["tokens"] // 4, LORA_SHAPES["hidden"], device="cuda", dtype=torch.bfloat16,
+                    requires_grad=True)
+    for work in works:
+        peft_fn, ours_fn = cases[f"LoRA_{work}"]
+        with torch.no_grad():
+            grads = [torch.randn_like(t) for t in peft_fn(x)]
+        for name, fn in (("PEFT", peft_fn), ("fusedlora", ours_fn)):
+            print(f"\n== LoRA_{work} {'NF4' if nf4 else 'bf16'} base: {name}")
+            kernel_table(fn, x, grads)
+
+
+if __name__ == "__main__":
+    main()
