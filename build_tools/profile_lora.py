@@ -1,8 +1,8 @@
 """Per-kernel GPU time of one LoRA fwd+bwd step, fusedlora vs PEFT, from torch.profiler (needs a GPU).
 
-    python -m build_tools.profile_lora [MLP|QKV] [--nf4]
+    python -m build_tools.profile_lora [MLP|QKV] [--nf4] [--cpu]
 
-Prints each implementation's kernels (summed over the step, largest first) so optimisation work can
+Prints each implementation's kernels (summed over the step, largest first; --cpu: host time by op) so optimisation work can
 target where the time goes. Shapes and modules are the benchmark's (fusedlora.bench.lora_modules)."""
 from __future__ import annotations
 
@@ -12,6 +12,19 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from fusedlora.bench import LORA_SHAPES, lora_cases, lora_modules
+
+
+def cpu_table(fn, x, grads, steps=5, top=30):
+    """Host time per step by op (self CPU time): where launch-bound steps spend it."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            torch.autograd.backward(fn(x), grads)
+        torch.cuda.synchronize()
+    rows = [(e.key, e.self_cpu_time_total / steps, e.count // steps) for e in prof.key_averages()]
+    rows.sort(key=lambda r: -r[1])
+    print(f"  host self time {sum(r[1] for r in rows) / 1e3:.3f} ms per step (profiler overhead included)")
+    for name, us, n in rows[:top]:
+        print(f"  {us:9.1f} us  x{n:<3d} {name[:110]}")
 
 
 def kernel_table(fn, x, grads, steps=5, top=25):
@@ -44,7 +57,7 @@ def main(argv=None):
             grads = [torch.randn_like(t) for t in peft_fn(x)]
         for name, fn in (("PEFT", peft_fn), ("fusedlora", ours_fn)):
             print(f"\n== LoRA_{work} {'NF4' if nf4 else 'bf16'} base: {name}")
-            kernel_table(fn, x, grads)
+            (cpu_table if "--cpu" in argv else kernel_table)(fn, x, grads)
 
 
 if __name__ == "__main__":

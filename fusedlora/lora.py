@@ -155,6 +155,74 @@ def _needs(ctx, i):
     return i < len(ctx.needs_input_grad) and ctx.needs_input_grad[i]
 
 
+def _mm_scaled(a, b, s):
+    """s * (a @ b) as one GEMM (alpha = s; beta = 0 never reads the placeholder)."""
+    return torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0, alpha=s)
+
+
+def _stack_rows(prs, extra, dtype, device):
+    """[W_1; ...; W_n; extra] as one [sum(out) + extra rows, in] tensor; NF4 weights are dequantised
+    straight into their rows (no per-weight temporary)."""
+    if all(pr.quant is None for pr in prs):
+        return torch.cat([pr.W.to(dtype) for pr in prs] + [extra], 0)
+    shapes = [_weight_shape(pr.W, pr.quant) for pr in prs]
+    buf = torch.empty(sum(o for o, _ in shapes) + extra.shape[0], shapes[0][1], dtype=dtype, device=device)
+    row = 0
+    for pr, (o, _) in zip(prs, shapes):
+        q = pr.quant
+        if getattr(q, "quant_type", None) in ("nf4", "fp4") and q.dtype in (torch.float32, dtype):
+            dequantize_nf4(pr.W, q, out=buf[row:row + o], dtype=dtype)
+        else:
+            buf[row:row + o].copy_(dequantize_base(pr.W, q, dtype))
+        row += o
+    buf[row:].copy_(extra)
+    return buf
+
+
+def _qkv_fusable(prs, training):
+    """One stacked LoRA path serves q, k and v when each has an adapter and no dropout is active (dropout
+    masks differ per projection, as in PEFT)."""
+    return all(pr.A is not None and (pr.dropout == 0.0 or not training) for pr in prs)
+
+
+def _qkv_stacked_forward(X2, prs, dtype):
+    """Q, K, V with one adapter-input GEMM (X [A_q; A_k; A_v]^T) shared by the three projections."""
+    A_cat = torch.cat([pr.A.to(dtype) for pr in prs], 0)
+    XA = X2 @ A_cat.t()
+    outs, col = [], 0
+    for pr in prs:
+        W = dequantize_base(pr.W, pr.quant, dtype)
+        Y = X2 @ W.t() if pr.bias is None else torch.addmm(pr.bias.to(dtype), X2, W.t())
+        r = pr.A.shape[0]
+        Y.addmm_(XA[:, col:col + r], pr.B.to(dtype).t(), alpha=pr.s)
+        outs.append(Y)
+        col += r
+    return outs, XA
+
+
+def _qkv_stacked_backward(dYs, X2, XA, prs, dtype):
+    """dX, [(dA, dB, dbias)] for the stacked path: dX = [dQ, dK, dV, s dY B...] @ [W_q; W_k; W_v; A...] in
+    one GEMM, dA of all three in another."""
+    dYBs, dBs, col = [], [], 0
+    for pr, dY in zip(prs, dYs):
+        r = pr.A.shape[0]
+        dYBs.append(_mm_scaled(dY, pr.B.to(dtype), pr.s))  # s dY B  [T, r]
+        dBs.append(_mm_scaled(dY.t(), XA[:, col:col + r], pr.s).to(pr.B.dtype))
+        col += r
+    G = torch.cat(list(dYs) + dYBs, 1)
+    A_cat = torch.cat([pr.A.to(dtype) for pr in prs], 0)
+    dX = G @ _stack_rows(prs, A_cat, dtype, X2.device)
+    n_out = sum(dY.shape[1] for dY in dYs)
+    dA_cat = G[:, n_out:].t() @ X2
+    grads, row = [], 0
+    for pr, dY, dB in zip(prs, dYs, dBs):
+        r = pr.A.shape[0]
+        db = dY.sum(0).to(pr.bias.dtype) if pr.bias is not None else None
+        grads.append((dA_cat[row:row + r].to(pr.A.dtype), dB, db))
+        row += r
+    return dX, grads
+
+
 # ------------------------------------------------------------------------------------ Functions
 class LoRA_O(torch.autograd.Function):
     """LoRA_O.apply(X, W, W_quant, A, B, S, bias=None, dropout=0.0, training=False) -> X W^T + S (X A^T) B^T."""
@@ -189,22 +257,37 @@ class LoRA_QKV(torch.autograd.Function):
         biases = (q_bias, k_bias, v_bias)
         dtype = _compute_dtype(X)
         X2 = _flat(X).to(dtype)
-        prs, outs, saved = [], [], []
+        prs = []
         for name, (W, Q, A, B, S), bias, p in zip("qkv", ((qW, qQ, qA, qB, qS), (kW, kQ, kA, kB, kS),
                                                           (vW, vQ, vA, vB, vS)), biases, dropouts):
             out_f, in_f = _weight_shape(W, Q)
             _check_adapter(f"LoRA_QKV ({name})", out_f, in_f, A, B, S)
-            pr = _Proj(W, Q, A, B, float(S or 0.0), bias, float(p))
-            Y, sv = _proj_forward(X2, pr, dtype, training)
-            prs.append(pr)
-            outs.append(Y.view(*X.shape[:-1], out_f))
-            saved.extend(sv)
+            prs.append(_Proj(W, Q, A, B, float(S or 0.0), bias, float(p)))
         ctx.prs, ctx.dtype, ctx.x_shape = prs, dtype, X.shape
-        ctx.save_for_backward(X2, *saved)
-        return tuple(outs)
+        ctx.stacked = _qkv_fusable(prs, training)
+        if ctx.stacked:  # few launches: these layers are often host-bound
+            outs, XA = _qkv_stacked_forward(X2, prs, dtype)
+            ctx.save_for_backward(X2, XA)
+        else:
+            outs, saved = [], []
+            for pr in prs:
+                Y, sv = _proj_forward(X2, pr, dtype, training)
+                outs.append(Y)
+                saved.extend(sv)
+            ctx.save_for_backward(X2, *saved)
+        return tuple(Y.view(*X.shape[:-1], Y.shape[-1]) for Y in outs)
 
     @staticmethod
     def backward(ctx, dQ, dK, dV):
+        if ctx.stacked:
+            X2, XA = ctx.saved_tensors
+            dYs = [_flat(d).to(ctx.dtype) if d is not None else
+                   X2.new_zeros(X2.shape[0], _weight_shape(pr.W, pr.quant)[0]) for d, pr in zip((dQ, dK, dV), ctx.prs)]
+            dX, grads = _qkv_stacked_backward(dYs, X2, XA, ctx.prs, ctx.dtype)
+            out = [dX.view(ctx.x_shape)]
+            for dA, dB, _ in grads:
+                out += [None, None, dA, dB, None]
+            return tuple(out) + (None,) + tuple(g[2] for g in grads) + (None, None)
         X2, *saved = ctx.saved_tensors
         grads, dbiases, dX = [], [], None
         for i, (pr, dY) in enumerate(zip(ctx.prs, (dQ, dK, dV))):
