@@ -72,7 +72,7 @@ def tune_glu():
 
             def step():
                 f[grid](g, u, o, n, ACT=0, BLOCK=block, num_warps=warps)
-                b[grid](dy, g, u, dg, du, n, ACT=0, BLOCK=block, num_warps=warps)
+                b[grid](dy, g, u, dg, du, dy, n, ACT=0, STORE_H=0, BLOCK=block, num_warps=warps)
             ms = _time(step)
             res.append(((block, warps), ms, f"{8 * n * 2 / ms / 1e9:.0f} GB/s"))
     report("swiglu fwd+bwd (BLOCK, warps)", res)

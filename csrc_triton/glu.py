@@ -34,8 +34,11 @@ def glu_fwd_kernel(GATE, UP, OUT, n_elements, ACT: tl.constexpr, BLOCK: tl.const
 
 
 @triton.jit
-def glu_bwd_kernel(DOUT, GATE, UP, DGATE, DUP, n_elements, ACT: tl.constexpr, BLOCK: tl.constexpr):
-    # DGATE / DUP may alias GATE / UP (in-place backward): each element is read before it is written.
+def glu_bwd_kernel(DOUT, GATE, UP, DGATE, DUP, H, n_elements, ACT: tl.constexpr, STORE_H: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    # DGATE / DUP may alias GATE / UP and H may alias DOUT (in-place backward): each element is read
+    # before it is written. STORE_H also writes h = act(gate) * up, bit-identical to the forward's, for a
+    # caller that needs h again (LoRA down_proj's dA) without a separate recompute pass.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
     dh = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
@@ -44,3 +47,5 @@ def glu_bwd_kernel(DOUT, GATE, UP, DGATE, DUP, n_elements, ACT: tl.constexpr, BL
     a, da = _act_and_grad(g, ACT)
     tl.store(DGATE + offs, (dh * u * da).to(DGATE.dtype.element_ty), mask=mask)
     tl.store(DUP + offs, (dh * a).to(DUP.dtype.element_ty), mask=mask)
+    if STORE_H:
+        tl.store(H + offs, (a * u).to(H.dtype.element_ty), mask=mask)

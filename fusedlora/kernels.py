@@ -88,10 +88,20 @@ def glu_meta(act: str) -> dict:
     return {"ACT": GLU_ACTS[act], "BLOCK": GLU_BLOCK}
 
 
+def glu_bwd_meta(act: str, store_h: bool = False) -> dict:
+    return {**glu_meta(act), "STORE_H": int(bool(store_h))}
+
+
 def _glu_aot(family):
     for dt in family.get("dtypes", ("bf16", "fp16")):
         for act in GLU_ACTS:
             yield {"x": dt}, {"act": act}
+
+
+def _glu_bwd_aot(family):
+    for dtypes, shape in _glu_aot(family):
+        for store_h in (False, True):  # True: the fused LoRA MLP backward
+            yield dtypes, {**shape, "store_h": store_h}
 
 
 GLU_FWD = register(KernelSpec(
@@ -107,10 +117,10 @@ GLU_FWD = register(KernelSpec(
 GLU_BWD = register(KernelSpec(
     name="glu_bwd",
     module="csrc_triton.glu", function="glu_bwd_kernel",
-    pointer_types={"DOUT": "x", "GATE": "x", "UP": "x", "DGATE": "x", "DUP": "x"},
-    meta=glu_meta,
+    pointer_types={"DOUT": "x", "GATE": "x", "UP": "x", "DGATE": "x", "DUP": "x", "H": "x"},
+    meta=glu_bwd_meta,
     config=lambda arch, c: (16, 1),
-    aot_variants=_glu_aot,
+    aot_variants=_glu_bwd_aot,
     doc="gradients of act(gate) * up, activation recomputed",
 ))
 

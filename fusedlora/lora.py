@@ -79,6 +79,11 @@ def _weight_shape(W, quant):
     return tuple(shape)
 
 
+def _mm_scaled(a, b, s):
+    """s * (a @ b) as one GEMM (alpha = s; beta = 0 never reads the placeholder)."""
+    return torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0, alpha=s)
+
+
 # ---------------------------------------------------------------------------------- one projection
 class _Proj(NamedTuple):
     W: torch.Tensor
@@ -120,30 +125,41 @@ def _proj_forward(X2, pr: _Proj, dtype, training):
     return Y, (XA, Xd if mask is not None else None, mask)
 
 
-def _proj_backward(dY, X2, pr: _Proj, saved, dtype, needs):
-    """(dX contribution, dA, dB, dbias) of one projection."""
+def _proj_backward_input(dY, pr: _Proj, saved, dtype, needs):
+    """(dX, s dY B, dB, dbias) of one projection: all but dA, which needs the projection's input."""
     XA, Xd, mask = saved
     W = dequantize_base(pr.W, pr.quant, dtype)
-    dA = dB = None
+    dB = dYBs = None
     if pr.A is None:
         dX = dY @ W
     else:
         A, B = pr.A.to(dtype), pr.B.to(dtype)
-        dYB = dY @ B  # [T, r]
+        dYBs = _mm_scaled(dY, B, pr.s)  # [T, r]
         if needs["B"]:
-            dB = (dY.t() @ XA).mul_(pr.s).to(pr.B.dtype)
-        if needs["A"]:
-            dA = (dYB.t() @ (X2 if Xd is None else Xd)).mul_(pr.s).to(pr.A.dtype)
+            dB = _mm_scaled(dY.t(), XA, pr.s).to(pr.B.dtype)
         if mask is not None:
             dX = dY @ W
-            dX += (dYB @ A).mul_(pr.s) * mask
+            dX += (dYBs @ A) * mask
         elif W.shape[0] <= W.shape[1]:  # widening dX (down_proj's): one GEMM over [dY, s dYB] @ [W; A]
-            dX = torch.cat([dY, dYB * pr.s], 1) @ torch.cat([W, A], 0)
+            dX = torch.cat([dY, dYBs], 1) @ torch.cat([W, A], 0)
         else:
             dX = dY @ W
-            dX.addmm_(dYB, A, alpha=pr.s)
+            dX.addmm_(dYBs, A)
     dbias = dY.sum(0).to(pr.bias.dtype) if (pr.bias is not None and needs["bias"]) else None
-    return dX, dA, dB, dbias
+    return dX, dYBs, dB, dbias
+
+
+def _lora_dA(dYBs, X2, pr: _Proj, saved, needs):
+    if pr.A is None or not needs["A"]:
+        return None
+    Xd = saved[1]
+    return (dYBs.t() @ (X2 if Xd is None else Xd)).to(pr.A.dtype)
+
+
+def _proj_backward(dY, X2, pr: _Proj, saved, dtype, needs):
+    """(dX contribution, dA, dB, dbias) of one projection."""
+    dX, dYBs, dB, dbias = _proj_backward_input(dY, pr, saved, dtype, needs)
+    return dX, _lora_dA(dYBs, X2, pr, saved, needs), dB, dbias
 
 
 def _flat(X):
@@ -153,11 +169,6 @@ def _flat(X):
 def _needs(ctx, i):
     """ctx.needs_input_grad[i], False for trailing arguments the caller left to their defaults."""
     return i < len(ctx.needs_input_grad) and ctx.needs_input_grad[i]
-
-
-def _mm_scaled(a, b, s):
-    """s * (a @ b) as one GEMM (alpha = s; beta = 0 never reads the placeholder)."""
-    return torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0, alpha=s)
 
 
 def _stack_rows(prs, extra, dtype, device):
@@ -339,14 +350,39 @@ class LoRA_MLP(torch.autograd.Function):
         pg, pu, pd = ctx.prs
         dtype = ctx.dtype
         ng = [_needs(ctx, i) for i in range(16)]
-        h = ctx.act(e, g)
-        dh, ddA, ddB, _ = _proj_backward(_flat(dY).to(dtype), h, pd, saved[6:9], dtype,
-                                         {"A": ng[13], "B": ng[14], "bias": False})
-        del h
-        de, dg = ctx.act_bwd(dh, e, g, ctx.inplace)
-        dX, dgA, dgB, _ = _proj_backward(de, X2, pg, saved[0:3], dtype, {"A": ng[3], "B": ng[4], "bias": False})
-        dXu, duA, duB, _ = _proj_backward(dg, X2, pu, saved[3:6], dtype, {"A": ng[8], "B": ng[9], "bias": False})
-        dX += dXu
+        nd = {"A": ng[13], "B": ng[14], "bias": False}
+        dh, dYBs_d, ddB, _ = _proj_backward_input(_flat(dY).to(dtype), pd, saved[6:9], dtype, nd)
+        if getattr(ctx.act_bwd, "stores_h", False):  # h comes back over dh: no recompute pass
+            de, dg, h = ctx.act_bwd(dh, e, g, ctx.inplace, store_h=True)
+        else:
+            h = ctx.act(e, g)
+            de, dg = ctx.act_bwd(dh, e, g, ctx.inplace)
+        ddA = _lora_dA(dYBs_d, h, pd, saved[6:9], nd)
+        del h, dh
+        sg, su = saved[0:3], saved[3:6]
+        ngate, nup = {"A": ng[3], "B": ng[4], "bias": False}, {"A": ng[8], "B": ng[9], "bias": False}
+        if sg[2] is None and su[2] is None:
+            # No dropout masks: dX accumulates both projections in the GEMMs' epilogues (beta = 1).
+            dX = de @ dequantize_base(pg.W, pg.quant, dtype)
+            dX.addmm_(dg, dequantize_base(pu.W, pu.quant, dtype))
+            lora = [(d, pr, sv, nn_) for d, pr, sv, nn_ in ((de, pg, sg, ngate), (dg, pu, su, nup)) if pr.A is not None]
+            dYBs = [_mm_scaled(d, pr.B.to(dtype), pr.s) for d, pr, _, _ in lora]
+            dBs = [_mm_scaled(d.t(), sv[0], pr.s).to(pr.B.dtype) if nn_["B"] else None for d, pr, sv, nn_ in lora]
+            grads = {id(pg): (None, None), id(pu): (None, None)}
+            if lora:
+                G = dYBs[0] if len(lora) == 1 else torch.cat(dYBs, 1)
+                dX.addmm_(G, torch.cat([pr.A.to(dtype) for _, pr, _, _ in lora], 0))
+                dA_cat = G.t() @ X2
+                row = 0
+                for (_, pr, _, _), dB in zip(lora, dBs):
+                    r = pr.A.shape[0]
+                    grads[id(pr)] = (dA_cat[row:row + r].to(pr.A.dtype), dB)
+                    row += r
+            (dgA, dgB), (duA, duB) = grads[id(pg)], grads[id(pu)]
+        else:
+            dX, dgA, dgB, _ = _proj_backward(de, X2, pg, sg, dtype, ngate)
+            dXu, duA, duB, _ = _proj_backward(dg, X2, pu, su, dtype, nup)
+            dX += dXu
         return (dX.view(ctx.x_shape), None, None, dgA, dgB, None, None, None, duA, duB, None, None, None, ddA, ddB,
                 None, None, None, None, None, None)
 
@@ -356,24 +392,29 @@ def swiglu_fg(e, g):
     return glu_forward(e.contiguous(), g.contiguous(), "silu")
 
 
-def swiglu_fg_backward(dh, e, g, inplace=True):
-    return glu_backward(dh.contiguous(), e, g, "silu", inplace)
+def _glu_fg_backward(act):
+    def backward(dh, e, g, inplace=True, store_h=False):
+        """(de, dg), plus h written over dh when store_h."""
+        return glu_backward(dh.contiguous(), e, g, act, inplace, store_h)
+    backward.stores_h = True
+    return backward
+
+
+swiglu_fg_backward = _glu_fg_backward("silu")
 
 
 def geglu_exact_fg(e, g):
     return glu_forward(e.contiguous(), g.contiguous(), "gelu")
 
 
-def geglu_exact_fg_backward(dh, e, g, inplace=True):
-    return glu_backward(dh.contiguous(), e, g, "gelu", inplace)
+geglu_exact_fg_backward = _glu_fg_backward("gelu")
 
 
 def geglu_approx_fg(e, g):
     return glu_forward(e.contiguous(), g.contiguous(), "gelu_tanh")
 
 
-def geglu_approx_fg_backward(dh, e, g, inplace=True):
-    return glu_backward(dh.contiguous(), e, g, "gelu_tanh", inplace)
+geglu_approx_fg_backward = _glu_fg_backward("gelu_tanh")
 
 
 # ------------------------------------------------------------------------------ PEFT modules

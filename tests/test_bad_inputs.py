@@ -55,7 +55,7 @@ def _nf4_state(n=128, nested=False, **kw):
 
 @pytest.mark.parametrize("change,match", [
     (dict(blocksize=48), "blocksize 48 is not one bitsandbytes allows"),
-    (dict(dtype=torch.int8), "quant_state.dtype is torch.int8; expected fp16, bf16 or fp32"),
+    (dict(dtype=torch.int8), "output dtype is torch.int8; expected fp16, bf16 or fp32"),
     (dict(absmax=torch.rand(1)), "absmax has 1 entries, the weight needs 2"),
     (dict(absmax=torch.rand(2, dtype=torch.float64)), "absmax must be float32 when not nested, got torch.float64"),
 ])

@@ -63,3 +63,20 @@ def test_bad_input(bad, match):
     u = torch.randn(4, 8, device=DEVICE)
     with pytest.raises((ValueError, TypeError), match=match):
         bad(g, u)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_store_h_writes_the_forward_h_over_dout(act, dtype):
+    """store_h: the backward also writes h over d(out), bit-identical to the forward's h (LoRA_MLP uses it
+    instead of recomputing h); the gradients are unchanged."""
+    from fusedlora.ops.glu import glu_backward, glu_forward
+    g = (2 * torch.randn(7, 333, device=DEVICE)).to(dtype)
+    u = torch.randn(7, 333, device=DEVICE).to(dtype)
+    dy = torch.randn(7, 333, device=DEVICE).to(dtype)
+    h = glu_forward(g, u, act)
+    dg_ref, du_ref = glu_backward(dy, g, u, act, False)
+    dout = dy.clone()
+    dg, du, h2 = glu_backward(dout, g.clone(), u.clone(), act, True, store_h=True)
+    assert h2.data_ptr() == dout.data_ptr()
+    assert torch.equal(h2, h) and torch.equal(dg, dg_ref) and torch.equal(du, du_ref)

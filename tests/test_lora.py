@@ -38,10 +38,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, bias=False, act="silu"):
+    def __init__(self, bias=False, act="silu", hidden=64, inter=176, q_out=64, kv_out=32):
         super().__init__()
-        self.self_attn = Attn(bias=bias)
-        self.mlp = MLP(act=act)
+        self.self_attn = Attn(hidden, q_out, kv_out, bias=bias)
+        self.mlp = MLP(hidden, inter, act=act)
 
 
 def make(r=4, dropout=0.0, bias=False, act="silu", use_dora=False):
@@ -253,3 +253,108 @@ def test_qkv_mixed_bases_ranks_scales_and_unused_output():
             assert rel_err(a, b) < 1e-5
         for t, g in zip(leaves, got):  # V's adapter is outside the loss: PEFT leaves None, we give zeros
             assert rel_err(g, t.grad if t.grad is not None else torch.zeros_like(t)) < 1e-5
+
+
+def _to_nf4(block, dtype):
+    """The block with every base Linear replaced by a bitsandbytes NF4 Linear4bit (nested) on the GPU, and
+    the block's own weights set to the dequantised values (the float reference)."""
+    import bitsandbytes as bnb
+    q = copy.deepcopy(block)
+    for parent in (q.self_attn, q.mlp):
+        for name, lin in list(parent.named_children()):
+            l4 = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                   compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
+            l4.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                                          compress_statistics=True)
+            if lin.bias is not None:
+                l4.bias = nn.Parameter(lin.bias.data.cpu())
+            setattr(parent, name, l4.cuda())
+    for (pname, lin), l4 in zip([(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)],
+                                [m for m in q.modules() if isinstance(m, bnb.nn.Linear4bit)]):
+        lin.weight.data = bnb.functional.dequantize_4bit(l4.weight.data, l4.weight.quant_state).float()
+    return q
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("hidden,inter", [(64, 176), (5120, 13824)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_matches_peft_on_gpu(dtype, hidden, inter, nf4):
+    """Under autocast (fp32 adapters, as PEFT trains them), outputs and every gradient are as close to a
+    float64 reference as PEFT's own autocast run: within 2x its error, or the dtype's rounding unit."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if nf4:
+        pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    plain = Block(hidden=hidden, inter=inter, q_out=hidden, kv_out=hidden // 4).cuda()
+    base = _to_nf4(plain, dtype) if nf4 else copy.deepcopy(plain)
+    cfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj",
+                                                               "down_proj"])
+    model = peft.inject_adapter_in_model(cfg, base).cuda()
+    ref = peft.inject_adapter_in_model(cfg, plain).cuda()
+    with torch.no_grad():
+        for (n, p), (n2, p2) in zip(model.named_parameters(), ref.named_parameters()):
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+            if "lora_" in n:
+                p2.copy_(p)
+    ref = ref.double()
+    for m in (model, ref):
+        for n, p in m.named_parameters():
+            p.requires_grad_("lora_" in n)
+    x = torch.randn(3, 37, hidden, device="cuda")
+    runs = {}
+    for name, m, fn in (("ref", ref, None), ("peft", model, None), ("ours", model, "fused")):
+        xx = x.detach().clone().double() if name == "ref" else x.detach().clone()
+        xx.requires_grad_()
+        at, mlp = m.self_attn, m.mlp
+        with torch.autocast("cuda", dtype=dtype, enabled=name != "ref"):
+            if fn is None:
+                outs = (at.q_proj(xx), at.k_proj(xx), at.v_proj(xx), mlp(xx))
+            else:
+                outs = (*lora.apply_lora_qkv(at, xx), lora.apply_lora_mlp_swiglu(mlp, xx))
+        g = torch.Generator(device="cuda").manual_seed(1)
+        ups = [torch.randn(o.shape, device="cuda", generator=g).to(o.dtype) for o in outs]
+        torch.autograd.backward(outs, ups)
+        runs[name] = ([o.detach().double() for o in outs] + [xx.grad.double()] +
+                      [p.grad.double() for n, p in m.named_parameters() if "lora_" in n])
+        for p in m.parameters():
+            p.grad = None
+    unit = 2.0 ** (-8 if dtype == torch.bfloat16 else -11)
+    for i, (r, p, o) in enumerate(zip(runs["ref"], runs["peft"], runs["ours"])):
+        e_peft, e_ours = rel_err(p, r), rel_err(o, r)
+        assert e_ours <= max(2 * e_peft, unit), (i, e_ours, e_peft)
+
+
+@pytest.mark.parametrize("with_adapter", ["gate", "up", "down", "none"])
+def test_mlp_with_adapters_on_some_projections(with_adapter):
+    """LoRA_MLP with an adapter on one projection only (the others plain) vs plain torch autograd."""
+    torch.manual_seed(0)
+    hid, inter, T = 32, 80, 5
+    Ws = [torch.randn(inter, hid, device=DEVICE) * 0.2, torch.randn(inter, hid, device=DEVICE) * 0.2,
+          torch.randn(hid, inter, device=DEVICE) * 0.2]
+    ABs = []
+    for name, W in zip(("gate", "up", "down"), Ws):
+        if name == with_adapter:
+            ABs.append(((0.1 * torch.randn(3, W.shape[1], device=DEVICE)).requires_grad_(),
+                        (0.1 * torch.randn(W.shape[0], 3, device=DEVICE)).requires_grad_(), 1.5))
+        else:
+            ABs.append((None, None, None))
+    x = torch.randn(T, hid, device=DEVICE, requires_grad=True)
+    args = [t for W, (A, B, s) in zip(Ws, ABs) for t in (W, None, A, B, s)]
+    y = lora.LoRA_MLP.apply(x, *args, lora.swiglu_fg, lora.swiglu_fg_backward, True)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    leaves = [x] + [t for A, B, _ in ABs if A is not None for t in (A, B)]
+    got = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+
+    def proj(inp, W, A, B, s):
+        return inp @ W.T + (0 if A is None else s * (inp @ A.T) @ B.T)
+    ref = proj(F.silu(proj(x, Ws[0], *ABs[0])) * proj(x, Ws[1], *ABs[1]), Ws[2], *ABs[2])
+    ref.backward(dy)
+    assert rel_err(y, ref) < 1e-5
+    for t, g in zip(leaves, got):
+        assert rel_err(g, t.grad) < 1e-5

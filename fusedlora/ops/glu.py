@@ -28,8 +28,8 @@ def naive_geglu(gate, up, approximate="none"):
 
 
 @functools.lru_cache(maxsize=None)
-def _meta(act: str):
-    m = kernels.glu_meta(act)
+def _meta(act: str, store_h: bool | None = None):
+    m = kernels.glu_meta(act) if store_h is None else kernels.glu_bwd_meta(act, store_h)
     return m, constexpr_key(m)
 
 
@@ -41,13 +41,14 @@ def glu_forward(gate, up, act: str):
     return out
 
 
-def glu_backward(dout, gate, up, act: str, inplace: bool):
+def glu_backward(dout, gate, up, act: str, inplace: bool, store_h: bool = False):
+    """(d gate, d up), plus h = act(gate) * up written over `dout` when store_h (then returns 3 tensors)."""
     dgate = gate if inplace else torch.empty_like(gate)
     dup = up if inplace else torch.empty_like(up)
     n = gate.numel()
-    meta, key = _meta(act)
-    launcher("glu_bwd")(((n + meta["BLOCK"] - 1) // meta["BLOCK"], 1, 1), (dout, gate, up, dgate, dup, n), key)
-    return dgate, dup
+    meta, key = _meta(act, bool(store_h))
+    launcher("glu_bwd")(((n + meta["BLOCK"] - 1) // meta["BLOCK"], 1, 1), (dout, gate, up, dgate, dup, dout, n), key)
+    return (dgate, dup, dout) if store_h else (dgate, dup)
 
 
 class GLUFunction(torch.autograd.Function):
