@@ -1,6 +1,6 @@
 """Per-kernel GPU time of one LoRA fwd+bwd step, fusedlora vs PEFT, from torch.profiler (needs a GPU).
 
-    python -m build_tools.profile_lora [MLP|QKV] [--nf4] [--cpu]
+    python -m build_tools.profile_lora [MLP|QKV] [--nf4] [--cpu | --py]
 
 Prints each implementation's kernels (summed over the step, largest first; --cpu: host time by op) so optimisation work can
 target where the time goes. Shapes and modules are the benchmark's (fusedlora.bench.lora_modules)."""
@@ -25,6 +25,22 @@ def cpu_table(fn, x, grads, steps=5, top=30):
     print(f"  host self time {sum(r[1] for r in rows) / 1e3:.3f} ms per step (profiler overhead included)")
     for name, us, n in rows[:top]:
         print(f"  {us:9.1f} us  x{n:<3d} {name[:110]}")
+
+
+def python_table(fn, x, grads, steps=50, top=25):
+    """Python-level host time per step (cProfile, by own time)."""
+    import cProfile
+    import pstats
+    for _ in range(3):
+        torch.autograd.backward(fn(x), grads)
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        torch.autograd.backward(fn(x), grads)
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
 def kernel_table(fn, x, grads, steps=5, top=25):
@@ -57,7 +73,7 @@ def main(argv=None):
             grads = [torch.randn_like(t) for t in peft_fn(x)]
         for name, fn in (("PEFT", peft_fn), ("fusedlora", ours_fn)):
             print(f"\n== LoRA_{work} {'NF4' if nf4 else 'bf16'} base: {name}")
-            (cpu_table if "--cpu" in argv else kernel_table)(fn, x, grads)
+            (cpu_table if "--cpu" in argv else python_table if "--py" in argv else kernel_table)(fn, x, grads)
 
 
 if __name__ == "__main__":
