@@ -8,10 +8,14 @@ Per projection: Y = X W^T (+ bias) + s * (drop(X) A^T) B^T, W a plain, bitsandby
   order (q, k, v / gate, up, down), so with the same RNG state the masks equal PEFT's.
 - Weights are read from the module at call time (FSDP2 swaps them); every Function takes tensors and
   plain scalars only.
+- LoRA_QKV without active dropout takes a stacked path: one adapter-input GEMM X [A_q; A_k; A_v]^T,
+  and one dX GEMM [dQ, dK, dV, s dY B...] @ [W_q; W_k; W_v; A...] (these layers are launch-bound).
+- LoRA_MLP's backward gets h back from the GLU backward kernel (written over dh) instead of a separate
+  recompute pass, and accumulates the gate and up dX in the GEMM epilogues.
 
-Status: tested against PEFT's own LoRA layers in fp32 on CPU (interpreter) and on an H100; bf16/fp16
-autocast comparisons, a real GPTQ QuantLinear under PEFT and FSDP2 are not tested yet (see BENCHMARKS.md
-for speed against PEFT).
+Status: tested against PEFT's own LoRA layers (float64 reference) in fp32 on CPU (interpreter) and on an
+H100, and under bf16 / fp16 autocast on the H100 (hidden 64 and 5120, plain and NF4 bases); a real GPTQ
+QuantLinear under PEFT and FSDP2 are not tested yet (see BENCHMARKS.md for speed against PEFT).
 """
 from __future__ import annotations
 
