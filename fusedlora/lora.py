@@ -238,6 +238,31 @@ def _qkv_stacked_backward(dYs, X2, XA, prs, dtype):
     return dX, grads
 
 
+def _gate_up_shareable(pg, pu, training):
+    """gate and up can share one adapter-input GEMM and one [X, XA] copy: both have adapters, no active
+    dropout, no bias, and both widen (the [X, XA] @ [W, s B]^T form of _proj_forward)."""
+    def ok(pr):
+        o, i = _weight_shape(pr.W, pr.quant)
+        return pr.A is not None and (pr.dropout == 0.0 or not training) and pr.bias is None and i <= o
+    return ok(pg) and ok(pu)
+
+
+def _gate_up_forward(X2, pg, pu, dtype):
+    """e, g = [X, X A_g^T, X A_u^T] @ [W_g, s_g B_g, 0]^T and [...] @ [W_u, 0, s_u B_u]^T: one adapter-input
+    GEMM and one copy of X for both projections (the zero blocks cost K + r extra columns, ~1 %)."""
+    rg, ru = pg.A.shape[0], pu.A.shape[0]
+    XA = X2 @ torch.cat([pg.A.to(dtype), pu.A.to(dtype)], 0).t()
+    Xc = torch.cat([X2, XA], 1)
+    outs = []
+    for pr, before, after in ((pg, 0, ru), (pu, rg, 0)):
+        W = dequantize_base(pr.W, pr.quant, dtype)
+        parts = [W] + ([W.new_zeros(W.shape[0], before)] if before else []) + [pr.B.to(dtype) * pr.s] + \
+            ([W.new_zeros(W.shape[0], after)] if after else [])
+        outs.append(Xc @ torch.cat(parts, 1).t())
+        del W
+    return outs, ((XA[:, :rg], None, None), (XA[:, rg:], None, None))
+
+
 # ------------------------------------------------------------------------------------ Functions
 class LoRA_O(torch.autograd.Function):
     """LoRA_O.apply(X, W, W_quant, A, B, S, bias=None, dropout=0.0, training=False) -> X W^T + S (X A^T) B^T."""
@@ -338,8 +363,11 @@ class LoRA_MLP(torch.autograd.Function):
         for name, pr in (("gate", pg), ("up", pu), ("down", pd)):
             out_f, in_f = _weight_shape(pr.W, pr.quant)
             _check_adapter(f"LoRA_MLP ({name})", out_f, in_f, pr.A, pr.B, pr.s)
-        e, sg = _proj_forward(X2, pg, dtype, training)
-        g, su = _proj_forward(X2, pu, dtype, training)
+        if _gate_up_shareable(pg, pu, training):
+            (e, g), (sg, su) = _gate_up_forward(X2, pg, pu, dtype)
+        else:
+            e, sg = _proj_forward(X2, pg, dtype, training)
+            g, su = _proj_forward(X2, pu, dtype, training)
         h = activation_fn(e, g)
         Y, sd = _proj_forward(h, pd, dtype, training)
         del h  # recomputed in the backward from e and g
