@@ -407,7 +407,6 @@ def lora_section() -> list[str]:
     """Fused LoRA vs PEFT eager on Llama-3.2-1B layer shapes (hidden 2048, intermediate 8192, 32/8 heads of
     64), T = 8192 tokens, r = 16, bf16; plain and NF4 (bitsandbytes Linear4bit) base weights."""
     import torch
-    from triton.testing import do_bench, do_bench_cudagraph
     try:
         import peft  # noqa: F401
     except Exception as e:
@@ -424,31 +423,22 @@ def lora_section() -> list[str]:
         except Exception as e:
             lines.append(f"| (setup failed for {'NF4' if nf4 else 'bf16'} base: {type(e).__name__}: {e}) |")
             continue
-        xs = [torch.randn(4, LORA_SHAPES["tokens"] // 4, LORA_SHAPES["hidden"], device="cuda", dtype=torch.bfloat16,
-                          requires_grad=True) for _ in range(2)]
+        def new_x():
+            return (torch.randn(4, LORA_SHAPES["tokens"] // 4, LORA_SHAPES["hidden"], device="cuda",
+                                dtype=torch.bfloat16, requires_grad=True),)
+        x0 = new_x()[0]
         for work, (peft_fn, ours_fn) in cases.items():
             with torch.no_grad():
-                shapes = [t.shape for t in peft_fn(xs[0])]
-            grads = [[torch.randn(sh, device="cuda", dtype=torch.bfloat16) for sh in shapes] for _ in range(2)]
+                shapes = [t.shape for t in peft_fn(x0)]
+
+            def new_grads():  # fresh random upstream gradients for every output
+                return [torch.randn(sh, device="cuda", dtype=torch.bfloat16) for sh in shapes]
             res = {}
             for name, fn in (("peft", peft_fn), ("ours", ours_fn)):
-                state = {"i": 0}
-
-                def step():
-                    state["i"] ^= 1
-                    x = xs[state["i"]]
-                    torch.autograd.backward(fn(x), grads[state["i"]])
-                    x.grad = None
-                ms = do_bench(step, warmup=10, rep=300, return_mode="median")
-                try:  # GPU time alone (no host launch gaps): CUDA-graph replay of the same step
-                    with torch.cuda.stream(torch.cuda.Stream()):
-                        gms = do_bench_cudagraph(step, rep=300, return_mode="median")
-                except Exception as e:
-                    print(f"  ({name} {work}: no CUDA-graph timing: {type(e).__name__}: {str(e)[:120]})", file=sys.stderr)
-                    gms = float("nan")
+                gms, ms = _bench_fwd_bwd(fn, new_x, new_grads, warmup=10, rep=300)
                 torch.cuda.synchronize()
                 before = torch.cuda.memory_allocated()
-                out = fn(xs[0])
+                out = fn(x0)
                 torch.cuda.synchronize()
                 kept = (torch.cuda.memory_allocated() - before - sum(t.numel() * t.element_size() for t in out)) / 2**20
                 del out

@@ -121,7 +121,7 @@ GLU_BWD = register(KernelSpec(
     meta=glu_bwd_meta,
     config=lambda arch, c: (16, 1),
     aot_variants=_glu_bwd_aot,
-    doc="gradients of act(gate) * up, activation recomputed",
+    doc="gradients of act(gate) * up, activation recomputed; STORE_H also writes h over d(out)",
 ))
 
 

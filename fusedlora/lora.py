@@ -42,8 +42,12 @@ class UnsupportedLoRA(ValueError):
 
 
 # ------------------------------------------------------------------------------------------- weights
-def dequantize_base(W: torch.Tensor, quant, dtype: torch.dtype) -> torch.Tensor:
-    """The base weight as a [out, in] tensor of `dtype`."""
+def dequantize_base(W: torch.Tensor, quant, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The base weight as a [out, in] tensor of `dtype` (written into `out` when given)."""
+    if out is not None:
+        if getattr(quant, "quant_type", None) in ("nf4", "fp4") and quant.dtype in (torch.float32, dtype):
+            return dequantize_nf4(W, quant, out=out, dtype=dtype)  # straight into out, no temporary
+        return out.copy_(dequantize_base(W, quant, dtype))
     if quant is None:
         return W if W.dtype == dtype else W.to(dtype)
     if isinstance(quant, GPTQState):
@@ -84,8 +88,8 @@ def _weight_shape(W, quant):
 
 
 def _mm_scaled(a, b, s):
-    """s * (a @ b) as one GEMM (alpha = s; beta = 0 never reads the placeholder)."""
-    return torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0, alpha=s)
+    """s * (a @ b) as one GEMM into a fresh tensor (alpha = s; beta = 0 never reads its old contents)."""
+    return a.new_empty(a.shape[0], b.shape[1]).addmm_(a, b, beta=0, alpha=s)
 
 
 # ---------------------------------------------------------------------------------- one projection
@@ -184,11 +188,7 @@ def _stack_rows(prs, extra, dtype, device):
     buf = torch.empty(sum(o for o, _ in shapes) + extra.shape[0], shapes[0][1], dtype=dtype, device=device)
     row = 0
     for pr, (o, _) in zip(prs, shapes):
-        q = pr.quant
-        if getattr(q, "quant_type", None) in ("nf4", "fp4") and q.dtype in (torch.float32, dtype):
-            dequantize_nf4(pr.W, q, out=buf[row:row + o], dtype=dtype)
-        else:
-            buf[row:row + o].copy_(dequantize_base(pr.W, q, dtype))
+        dequantize_base(pr.W, pr.quant, dtype, out=buf[row:row + o])
         row += o
     buf[row:].copy_(extra)
     return buf
@@ -397,9 +397,9 @@ class LoRA_MLP(torch.autograd.Function):
             # No dropout masks: dX accumulates both projections in the GEMMs' epilogues (beta = 1).
             dX = de @ dequantize_base(pg.W, pg.quant, dtype)
             dX.addmm_(dg, dequantize_base(pu.W, pu.quant, dtype))
-            lora = [(d, pr, sv, nn_) for d, pr, sv, nn_ in ((de, pg, sg, ngate), (dg, pu, su, nup)) if pr.A is not None]
+            lora = [(d, pr, sv, need) for d, pr, sv, need in ((de, pg, sg, ngate), (dg, pu, su, nup)) if pr.A is not None]
             dYBs = [_mm_scaled(d, pr.B.to(dtype), pr.s) for d, pr, _, _ in lora]
-            dBs = [_mm_scaled(d.t(), sv[0], pr.s).to(pr.B.dtype) if nn_["B"] else None for d, pr, sv, nn_ in lora]
+            dBs = [_mm_scaled(d.t(), sv[0], pr.s).to(pr.B.dtype) if need["B"] else None for d, pr, sv, need in lora]
             grads = {id(pg): (None, None), id(pu): (None, None)}
             if lora:
                 G = dYBs[0] if len(lora) == 1 else torch.cat(dYBs, 1)

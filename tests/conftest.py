@@ -46,3 +46,9 @@ def run_isolated(code: str):
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_device_assert(code: str, message: str):
+    """`code` (run in its own process: a device-side assert ends the CUDA context) fails with `message`."""
+    r = run_isolated(code)
+    assert r.returncode != 0 and (message in r.stderr or "device-side assert" in r.stderr), r.stderr[-2000:]

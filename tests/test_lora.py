@@ -173,6 +173,23 @@ def test_matmul_lora():
     assert rel_err(lora.matmul_lora(X, W, None, None, None, None), X @ W.T) < 1e-6
 
 
+def _check_o_against_dense(W, quant, W_dense, tokens, scale, r=4):
+    """LoRA_O over a quantised base weight vs plain autograd over its dense (reference-dequantised) value."""
+    out_f, in_f = W_dense.shape
+    A = (0.1 * torch.randn(r, in_f, device=DEVICE)).requires_grad_()
+    B = (0.1 * torch.randn(out_f, r, device=DEVICE)).requires_grad_()
+    x = torch.randn(tokens, in_f, device=DEVICE, requires_grad=True)
+    y = lora.LoRA_O.apply(x, W, quant, A, B, scale)
+    y.square().sum().backward()
+    A2, B2 = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    y2 = x2 @ W_dense.T + scale * (x2 @ A2.T) @ B2.T
+    y2.square().sum().backward()
+    assert rel_err(y, y2) < 1e-5
+    for a, b in ((x.grad, x2.grad), (A.grad, A2.grad), (B.grad, B2.grad)):
+        assert rel_err(a, b) < 1e-5
+
+
 def test_o_with_gptq_base_weight():
     """A GPTQ base weight is dequantised by the kernel in forward and backward."""
     in_f, out_f, bits = 64, 48, 4
@@ -181,37 +198,14 @@ def test_o_with_gptq_base_weight():
     sc = (torch.rand(2, out_f) * 0.02).to(DEVICE)
     state = lora.GPTQState(qz, sc, None, bits, 32)
     W = naive_dequantize_gptq(qw, qz, sc, None, bits=bits, group_size=32)
-    A = (0.1 * torch.randn(4, in_f, device=DEVICE)).requires_grad_()
-    B = (0.1 * torch.randn(out_f, 4, device=DEVICE)).requires_grad_()
-    x = torch.randn(9, in_f, device=DEVICE, requires_grad=True)
-    y = lora.LoRA_O.apply(x, qw, state, A, B, 2.0)
-    y.square().sum().backward()
-    A2, B2 = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
-    x2 = x.detach().clone().requires_grad_()
-    y2 = x2 @ W.T + 2.0 * (x2 @ A2.T) @ B2.T
-    y2.square().sum().backward()
-    assert rel_err(y, y2) < 1e-5
-    for a, b in ((x.grad, x2.grad), (A.grad, A2.grad), (B.grad, B2.grad)):
-        assert rel_err(a, b) < 1e-5
+    _check_o_against_dense(qw, state, W, tokens=9, scale=2.0)
 
 
 def test_o_with_nf4_base_weight():
     bnbf = pytest.importorskip("bitsandbytes.functional")
     W = torch.randn(48, 64, device=DEVICE)
     q, qs = bnbf.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
-    Wd = bnbf.dequantize_4bit(q, qs)
-    A = (0.1 * torch.randn(4, 64, device=DEVICE)).requires_grad_()
-    B = (0.1 * torch.randn(48, 4, device=DEVICE)).requires_grad_()
-    x = torch.randn(5, 64, device=DEVICE, requires_grad=True)
-    y = lora.LoRA_O.apply(x, q, qs, A, B, 0.5)
-    y.square().sum().backward()
-    A2, B2 = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
-    x2 = x.detach().clone().requires_grad_()
-    y2 = x2 @ Wd.T + 0.5 * (x2 @ A2.T) @ B2.T
-    y2.square().sum().backward()
-    assert rel_err(y, y2) < 1e-5
-    for a, b in ((x.grad, x2.grad), (A.grad, A2.grad), (B.grad, B2.grad)):
-        assert rel_err(a, b) < 1e-5
+    _check_o_against_dense(q, qs, bnbf.dequantize_4bit(q, qs), tokens=5, scale=0.5)
 
 
 def test_qkv_mixed_bases_ranks_scales_and_unused_output():
