@@ -202,3 +202,48 @@ def test_corrupt_cubin_falls_back_to_correct_jit(kernel_dir, tmp_path, use_loade
         y = rms_norm(x, w)
     assert torch.allclose(y.float(), naive_rms_norm(x, w, 1e-6).float(), rtol=1.6e-2, atol=1.6e-2)
     assert ld.stats == {"aot": 0, "jit": 1}
+
+
+def _changed_kernel_outputs():
+    """Kernels changed after the first GPU sign-off, each on a full-program and a tail-program size: NF4
+    dequant (fp32 state to bf16), the GLU backward writing h (STORE_H), the CE gradient rescale (dloss != 1)."""
+    import bitsandbytes.functional as bnbf
+
+    from fusedlora.ops import cross_entropy
+    from fusedlora.ops.glu import glu_backward
+    from fusedlora.quant import dequantize_nf4
+    torch.manual_seed(0)
+    outs = []
+    for shape in ((64, 4096), (3, 4160)):
+        q, qs = bnbf.quantize_4bit(torch.randn(shape, device="cuda"), blocksize=64, compress_statistics=True,
+                                   quant_type="nf4")
+        ours = dequantize_nf4(q, qs, dtype=torch.bfloat16)
+        assert torch.equal(ours, bnbf.dequantize_4bit(q, qs).to(torch.bfloat16))
+        outs.append(ours)
+    for shape in ((8, 4096), (7, 333)):
+        g, u, dy = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        outs.extend(glu_backward(dy.clone(), g.clone(), u.clone(), "silu", True, store_h=True))
+    for rows in (8, 5):
+        z = torch.randn(rows, 32000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        (3.0 * cross_entropy(z, torch.randint(0, 32000, (rows,), device="cuda"))).backward()
+        outs.append(z.grad)
+    torch.cuda.synchronize()
+    return outs
+
+
+def test_changed_kernels_aot_equals_jit(tmp_path, use_loader, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    from fusedlora import aot
+    fam = {**FAMILY, "vocab_sizes": [32000]}
+    names = ["nf4_dequant", "glu_bwd", "cross_entropy", "scale_by_scalar"]
+    summary = aot.build(registry.family_variants(fam, [_arch()], names), tmp_path, quiet=True)
+    assert not summary["errors"], summary["errors"]
+    ld = use_loader(dirs=[tmp_path])
+    aot_outs = _changed_kernel_outputs()
+    assert ld.stats["jit"] == 0 and ld.stats["aot"] >= 4, ld.stats
+    monkeypatch.setenv("FUSEDLORA_JIT", "1")
+    ld = use_loader(dirs=[tmp_path])
+    jit_outs = _changed_kernel_outputs()
+    assert ld.stats["aot"] == 0
+    for a, j in zip(aot_outs, jit_outs):
+        assert torch.equal(a, j)
