@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One full GPU session (device machine): install the carried wheel in a fresh venv, self-check and info
 # from outside the repo (prebuilt path), the whole test suite on the GPU, then the benchmarks.
-# Usage: bash ci/gpu_session.sh [pytest args]; results under $OUT (or ./gpu_out).
+# Usage: bash ci/gpu_session.sh [pytest args, default: tests]; results under $OUT (or ./gpu_out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
@@ -18,7 +18,7 @@ if ls dist/fusedlora-*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/flwheel dist/fusedlora-*.whl
   (cd /tmp && $WHEEL_PY -m fusedlora.info && FUSEDLORA_AOT_ONLY=1 $WHEEL_PY -m fusedlora.selfcheck) 2>&1 | tee "$OUT/wheel_selfcheck.txt"
 fi
-[ "${SKIP_TESTS:-0}" = 1 ] || python3 -m pytest -q tests "$@" 2>&1 | tee "$OUT/pytest.txt" | tail -25
+[ "${SKIP_TESTS:-0}" = 1 ] || python3 -m pytest -q "${@:-tests}" 2>&1 | tee "$OUT/pytest.txt" | tail -25
 if [ "${SKIP_BENCH:-0}" != 1 ] && [ -d /tmp/flwheel ]; then
   (cd /tmp && $WHEEL_PY -m fusedlora.bench --out "$OUT/bench.md" ${BENCH_ARGS:-}) 2>"$OUT/bench_log.txt" | tail -40
 fi

@@ -5,7 +5,10 @@ loss = lse - (1 - eps) * x[label] - eps * mean(x)   (eps = label smoothing; 0 fo
 MODE 0: loss and lse only. MODE 1: also the gradient, scaled by SCALE[0] (1/divisor for mean), written
 in the logits' dtype (possibly in place over the logits: each chunk is read before it is written).
 MODE 2: gradient only, from the saved lse, scaled by SCALE[row] (reduction="none" backward).
-The second pass re-reads a row that is still in L2, so HBM sees about one read and one write.
+Loss and gradient together (the training path) use `cross_entropy_team_kernel`: a row is split over a
+team of programs that each keep their chunk in registers, meet once to combine (max, sum exp), then
+write the gradient: one HBM read and one write per element. `cross_entropy_kernel` with MODE 1 (two
+reads, one write) serves vocabularies too large for a team.
 """
 import triton
 import triton.language as tl
@@ -74,6 +77,92 @@ def cross_entropy_kernel(
                     g = g * (1.0 - t * t)
                 g = g * (logit_scale * scale)
                 tl.store(gbase + c, g.to(GRAD.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["n_cols", "n_parts", "ignore_index"])
+def cross_entropy_team_kernel(
+    LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED,
+    logits_row_stride, grad_row_stride, n_cols, n_parts, ignore_index, label_smoothing, softcap, logit_scale,
+    CHUNK: tl.constexpr, PARTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    """Loss, lse and gradient (scaled by SCALE[0]) with one read of the logits.
+
+    Program p takes columns [part * CHUNK, (part + 1) * CHUNK) of row p // n_parts. The n_parts programs of a
+    row publish their chunk's (max, sum exp, sum) in PARTIAL, count themselves in ARRIVED[row] (zeroed by
+    the caller) and wait until the whole team has arrived. Waiting is safe because a team's programs have
+    consecutive ids: the GPU dispatches programs in id order, so complete teams always hold the SMs and
+    finish. PARTS (a power of two >= n_parts) only sizes the combine; PARTS == 1 needs no meeting."""
+    pid = tl.program_id(0)
+    row = pid // n_parts
+    start = (pid - row * n_parts) * CHUNK
+    if start + CHUNK <= n_cols:  # unmasked, so loads and stores vectorise; only a row's last chunk is masked
+        _team_program(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logits_row_stride, grad_row_stride,
+                      n_cols, n_parts, ignore_index, label_smoothing, softcap, logit_scale, row, start,
+                      CHUNK, PARTS, HAS_SOFTCAP, False)
+    else:
+        _team_program(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logits_row_stride, grad_row_stride,
+                      n_cols, n_parts, ignore_index, label_smoothing, softcap, logit_scale, row, start,
+                      CHUNK, PARTS, HAS_SOFTCAP, True)
+
+
+@triton.jit
+def _team_program(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logits_row_stride, grad_row_stride,
+                  n_cols, n_parts, ignore_index, label_smoothing, softcap, logit_scale, row, start,
+                  CHUNK: tl.constexpr, PARTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
+    row64 = row.to(tl.int64)
+    c = start + tl.arange(0, CHUNK)
+    src = LOGITS + row64 * logits_row_stride
+    if MASKED:
+        ok = c < n_cols
+        x = _transform(tl.load(src + c, mask=ok, other=0.0).to(tl.float32), softcap, logit_scale, HAS_SOFTCAP)
+        x = tl.where(ok, x, float("-inf"))
+        sum_x = tl.sum(tl.where(ok, x, 0.0), axis=0)
+    else:
+        x = _transform(tl.load(src + c).to(tl.float32), softcap, logit_scale, HAS_SOFTCAP)
+        sum_x = tl.sum(x, axis=0)
+    m = tl.max(x, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # a chunk of -inf logits adds nothing (and no NaN)
+    s = tl.sum(tl.exp(x - m), axis=0)
+    label = tl.load(LABELS + row).to(tl.int64)
+    ignored = label == ignore_index
+    # Read before the meeting: with the gradient written over the logits, the label's column may change after.
+    x_label = _transform(tl.load(src + tl.where(ignored, 0, label)).to(tl.float32), softcap, logit_scale, HAS_SOFTCAP)
+    if PARTS == 1:
+        lse = m + tl.log(s)
+    else:
+        slot = PARTIAL + (row64 * PARTS + start // CHUNK) * 4
+        tl.store(slot, m)
+        tl.store(slot + 1, s)
+        tl.store(slot + 2, sum_x)
+        tl.debug_barrier()  # every thread's stores happen before the release below (as in a grid sync)
+        tl.atomic_add(ARRIVED + row, 1, sem="release")
+        while tl.atomic_add(ARRIVED + row, 0, sem="acquire") < n_parts:
+            pass
+        team = tl.arange(0, PARTS)
+        slots = PARTIAL + (row64 * PARTS + team) * 4
+        live = team < n_parts
+        # .cg: read at L2, never a stale L1 line holding a neighbouring row's slots
+        pm = tl.load(slots, mask=live, other=float("-inf"), cache_modifier=".cg")
+        ps = tl.load(slots + 1, mask=live, other=0.0, cache_modifier=".cg")
+        px = tl.load(slots + 2, mask=live, other=0.0, cache_modifier=".cg")
+        big = tl.max(pm, axis=0)
+        lse = big + tl.log(tl.sum(ps * tl.exp(pm - big), axis=0))
+        sum_x = tl.sum(px, axis=0)
+    if start == 0:
+        loss = lse - (1.0 - label_smoothing) * x_label - label_smoothing * (sum_x / n_cols)
+        tl.store(LOSS + row, tl.where(ignored, 0.0, loss))
+        tl.store(LSE + row, lse)
+    scale = tl.where(ignored, 0.0, tl.load(SCALE).to(tl.float32))
+    g = tl.exp(x - lse) - label_smoothing / n_cols - tl.where(c == label, 1.0 - label_smoothing, 0.0)
+    if HAS_SOFTCAP:
+        t = x / softcap
+        g = g * (1.0 - t * t)
+    g = (g * (logit_scale * scale)).to(GRAD.dtype.element_ty)
+    dst = GRAD + row64 * grad_row_stride + c
+    if MASKED:
+        tl.store(dst, g, mask=ok)
+    else:
+        tl.store(dst, g)
 
 
 @triton.jit(do_not_specialize=["n_elements"])
