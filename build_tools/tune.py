@@ -27,12 +27,12 @@ def _time(fn):
 def report(name, results):
     results.sort(key=lambda r: r[1])
     print(f"\n== {name}: best first")
-    for cfg, ms, extra in results[:8]:
+    for cfg, ms, extra in results[:12]:
         print(f"  {ms:8.4f} ms  {extra}  {cfg}")
 
 
 def tune_ce():
-    """cross_entropy_team (loss + gradient, one read) over chunk sizes and warps, beside the two-read
+    """cross_entropy_team (loss + gradient, one read) over chunk sizes, warps and programs per SM, beside the two-read
     cross_entropy MODE 1 it replaces, at 8192x128256 bf16."""
     t, v = 8192, 128256
     team, old = registry.get("cross_entropy_team").fn, registry.get("cross_entropy").fn
@@ -47,22 +47,25 @@ def tune_ce():
     ms = _time(lambda: old[(t,)](z, y, loss, lse, g, scale, v, v, 0, t, v, -100, 0.0, 1.0, 1.0, BLOCK_V=4096,
                                  HAS_SOFTCAP=0, MODE=1, num_warps=8, num_stages=1))
     res.append((("cross_entropy MODE 1", 4096, 8), ms, f"{float(gbs) / ms:.0f} GB/s (1R+1W)"))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for chunk in (4096, 8192, 16384, 32768):
         parts = -(-v // chunk)
         pow2 = 1 << (parts - 1).bit_length()
         partial = torch.empty(t * pow2 * 4, device=DEV)
         arrived = torch.zeros(t, dtype=torch.int32, device=DEV)
         for warps in (4, 8, 16, 32):
-            if chunk // (32 * warps) > 128:  # > 128 fp32 registers of logits per thread: spills
+            if not 8 <= chunk // (32 * warps) <= 64:
                 continue
+            for per_sm in (1, 2, 3, 4):
+                grid = (max(1, sms * per_sm // parts) * parts,)
 
-            def step():
-                arrived.zero_()
-                team[(t * parts,)](z, y, loss, lse, g, scale, partial, arrived, v, v, v, parts, -100, 0.0, 1.0, 1.0,
-                                   CHUNK=chunk, PARTS=pow2, HAS_SOFTCAP=0, num_warps=warps, num_stages=1)
-            ms = _time(step)
-            res.append((("team", chunk, warps), ms, f"{float(gbs) / ms:.0f} GB/s (1R+1W)"))
-    report("cross-entropy loss + gradient (kernel, CHUNK, warps)", res)
+                def step():
+                    arrived.zero_()
+                    team[grid](z, y, loss, lse, g, scale, partial, arrived, v, v, t, v, parts, -100, 0.0, 1.0, 1.0,
+                               CHUNK=chunk, PARTS=pow2, HAS_SOFTCAP=0, num_warps=warps, num_stages=1)
+                ms = _time(step)
+                res.append((("team", chunk, warps, per_sm), ms, f"{float(gbs) / ms:.0f} GB/s (1R+1W)"))
+    report("cross-entropy loss + gradient (kernel, CHUNK, warps, programs per SM)", res)
 
 
 def tune_glu():

@@ -79,37 +79,43 @@ def cross_entropy_kernel(
                 tl.store(gbase + c, g.to(GRAD.dtype.element_ty), mask=ok)
 
 
-@triton.jit(do_not_specialize=["n_cols", "n_parts", "ignore_index"])
+@triton.jit(do_not_specialize=["n_rows", "n_cols", "n_parts", "ignore_index"])
 def cross_entropy_team_kernel(
     LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED,
-    logits_row_stride, grad_row_stride, n_cols, n_parts, ignore_index, label_smoothing, softcap, logit_scale,
+    logits_row_stride, grad_row_stride, n_rows, n_cols, n_parts, ignore_index, label_smoothing, softcap,
+    logit_scale,
     CHUNK: tl.constexpr, PARTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     """Loss, lse and gradient (scaled by SCALE[0]) with one read of the logits.
 
-    Program p takes columns [part * CHUNK, (part + 1) * CHUNK) of row p // n_parts. The n_parts programs of a
-    row publish their chunk's (max, sum exp, sum) in PARTIAL, count themselves in ARRIVED[row] (zeroed by
-    the caller) and wait until the whole team has arrived. Waiting is safe because a team's programs have
-    consecutive ids: the GPU dispatches programs in id order, so complete teams always hold the SMs and
-    finish. PARTS (a power of two >= n_parts) only sizes the combine; PARTS == 1 needs no meeting."""
+    Persistent teams: the grid is n_teams * n_parts programs, all resident at once. Program p is part
+    p % n_parts of team p // n_parts and takes columns [part * CHUNK, (part + 1) * CHUNK) of rows team,
+    team + n_teams, ... For each row the team's programs publish their chunk's (max, sum exp, sum) in
+    PARTIAL, count themselves in ARRIVED[row] (zeroed by the caller) and wait for the whole team, so
+    waiting costs only the spread between siblings doing the same work. (If some teams were not resident,
+    nothing deadlocks: the GPU dispatches programs in id order, complete teams finish and free their SMs.)
+    PARTS (a power of two >= n_parts) only sizes the combine; PARTS == 1 needs no meeting."""
     pid = tl.program_id(0)
-    row = pid // n_parts
-    start = (pid - row * n_parts) * CHUNK
+    team = pid // n_parts
+    n_teams = tl.num_programs(0) // n_parts
+    start = (pid - team * n_parts) * CHUNK
     if start + CHUNK <= n_cols:  # unmasked, so loads and stores vectorise; only a row's last chunk is masked
-        _team_program(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logits_row_stride, grad_row_stride,
+        for row in range(team, n_rows, n_teams):
+            _team_row(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logits_row_stride, grad_row_stride,
                       n_cols, n_parts, ignore_index, label_smoothing, softcap, logit_scale, row, start,
                       CHUNK, PARTS, HAS_SOFTCAP, False)
     else:
-        _team_program(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logits_row_stride, grad_row_stride,
+        for row in range(team, n_rows, n_teams):
+            _team_row(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logits_row_stride, grad_row_stride,
                       n_cols, n_parts, ignore_index, label_smoothing, softcap, logit_scale, row, start,
                       CHUNK, PARTS, HAS_SOFTCAP, True)
 
 
 @triton.jit
-def _team_program(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logits_row_stride, grad_row_stride,
-                  n_cols, n_parts, ignore_index, label_smoothing, softcap, logit_scale, row, start,
-                  CHUNK: tl.constexpr, PARTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
-    row64 = row.to(tl.int64)
+def _team_row(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logits_row_stride, grad_row_stride,
+              n_cols, n_parts, ignore_index, label_smoothing, softcap, logit_scale, row, start,
+              CHUNK: tl.constexpr, PARTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
+    row64 = row + tl.zeros([], tl.int64)  # int64 offsets (row is a plain int in the interpreter)
     c = start + tl.arange(0, CHUNK)
     src = LOGITS + row64 * logits_row_stride
     if MASKED:
@@ -138,9 +144,9 @@ def _team_program(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logi
         tl.atomic_add(ARRIVED + row, 1, sem="release")
         while tl.atomic_add(ARRIVED + row, 0, sem="acquire") < n_parts:
             pass
-        team = tl.arange(0, PARTS)
-        slots = PARTIAL + (row64 * PARTS + team) * 4
-        live = team < n_parts
+        members = tl.arange(0, PARTS)
+        slots = PARTIAL + (row64 * PARTS + members) * 4
+        live = members < n_parts
         # .cg: read at L2, never a stale L1 line holding a neighbouring row's slots
         pm = tl.load(slots, mask=live, other=float("-inf"), cache_modifier=".cg")
         ps = tl.load(slots + 1, mask=live, other=0.0, cache_modifier=".cg")
@@ -152,17 +158,29 @@ def _team_program(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logi
         loss = lse - (1.0 - label_smoothing) * x_label - label_smoothing * (sum_x / n_cols)
         tl.store(LOSS + row, tl.where(ignored, 0.0, loss))
         tl.store(LSE + row, lse)
-    scale = tl.where(ignored, 0.0, tl.load(SCALE).to(tl.float32))
-    g = tl.exp(x - lse) - label_smoothing / n_cols - tl.where(c == label, 1.0 - label_smoothing, 0.0)
+    scale = tl.where(ignored, 0.0, tl.load(SCALE).to(tl.float32)) * logit_scale
+    # The label's one-hot term is written as a scalar afterwards: a per-element column compare here
+    # would keep the column indices live across the meeting (~2x the registers, half the occupancy).
+    g = _softmax_grad(x, lse, label_smoothing / n_cols, softcap, HAS_SOFTCAP) * scale
+    dst = GRAD + row64 * grad_row_stride
+    if MASKED:
+        tl.store(dst + c, g.to(GRAD.dtype.element_ty), mask=ok)
+    else:
+        tl.store(dst + c, g.to(GRAD.dtype.element_ty))
+    if (label >= start) & (label < start + CHUNK):
+        tl.debug_barrier()  # after every thread's store of the row chunk: this one lands last
+        g_label = _softmax_grad(x_label, lse, label_smoothing / n_cols + (1.0 - label_smoothing), softcap, HAS_SOFTCAP)
+        tl.store(dst + label, (g_label * scale).to(GRAD.dtype.element_ty))
+
+
+@triton.jit
+def _softmax_grad(x, lse, minus, softcap, HAS_SOFTCAP: tl.constexpr):
+    """d loss / d logit (before logit_scale): (softmax(x) - minus) through the softcap's tanh."""
+    g = tl.exp(x - lse) - minus
     if HAS_SOFTCAP:
         t = x / softcap
         g = g * (1.0 - t * t)
-    g = (g * (logit_scale * scale)).to(GRAD.dtype.element_ty)
-    dst = GRAD + row64 * grad_row_stride + c
-    if MASKED:
-        tl.store(dst, g, mask=ok)
-    else:
-        tl.store(dst, g)
+    return g
 
 
 @triton.jit(do_not_specialize=["n_elements"])

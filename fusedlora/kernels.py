@@ -166,6 +166,7 @@ CROSS_ENTROPY = register(KernelSpec(
 # Loss and gradient in one read: a team of programs per row, each keeping CHUNK logits in registers.
 CE_TEAM_CHUNK = 16384
 CE_TEAM_MAX_PARTS = 64  # larger vocabularies (> 1M) take cross_entropy MODE 1 (no co-residency question)
+CE_TEAM_PROGRAMS_PER_SM = 2  # persistent grid: every team resident at once
 
 
 def ce_team_parts(n_cols: int, max_chunk: int = CE_TEAM_CHUNK) -> tuple[int, int]:

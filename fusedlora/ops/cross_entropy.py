@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..loader import constexpr_key, launcher
-from ._common import check_tensor, interpreting
+from ._common import check_tensor, interpreting, sm_count
 
 REDUCTIONS = ("mean", "sum", "none")
 LABEL_DTYPES = (torch.int64, torch.int32)
@@ -132,9 +132,11 @@ def team_launch(logits2d, labels, loss, lse, grad, scale, ignore_index, label_sm
             arrived = torch.zeros(n_rows, dtype=torch.int32, device=dev)
     else:  # never touched by a one-program team: any pointers of the declared types
         partial, arrived = loss, lse.view(torch.int32)
-    launcher("cross_entropy_team")((n_rows * n_parts, 1, 1), (
-        logits2d, labels, loss, lse, grad, scale, partial, arrived, logits2d.stride(0), grad.stride(0), n_cols,
-        n_parts, int(ignore_index), float(label_smoothing), float(softcap or 1.0),
+    n_teams = max(1, min(n_rows, sm_count(logits2d.get_device()) * kernels.CE_TEAM_PROGRAMS_PER_SM
+                         // n_parts))
+    launcher("cross_entropy_team")((n_teams * n_parts, 1, 1), (
+        logits2d, labels, loss, lse, grad, scale, partial, arrived, logits2d.stride(0), grad.stride(0), n_rows,
+        n_cols, n_parts, int(ignore_index), float(label_smoothing), float(softcap or 1.0),
         float(1.0 if logit_scale is None else logit_scale)), key)
 
 
