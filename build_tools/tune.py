@@ -6,6 +6,7 @@ Each configuration is timed fwd (+bwd) with CUDA-graph replay on fresh random bf
 issue's benchmark sizes. The winners go into fusedlora/kernels.py by hand (meta/config)."""
 from __future__ import annotations
 
+import itertools
 import sys
 
 import torch
@@ -48,24 +49,29 @@ def tune_ce():
                                  HAS_SOFTCAP=0, MODE=1, num_warps=8, num_stages=1))
     res.append((("cross_entropy MODE 1", 4096, 8), ms, f"{float(gbs) / ms:.0f} GB/s (1R+1W)"))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for chunk in (4096, 8192, 16384, 32768):
+    for chunk in (2048, 4096, 8192, 16384):
         parts = -(-v // chunk)
         pow2 = 1 << (parts - 1).bit_length()
         partial = torch.empty(t * pow2 * 4, device=DEV)
         arrived = torch.zeros(t, dtype=torch.int32, device=DEV)
-        for warps in (4, 8, 16, 32):
-            if not 8 <= chunk // (32 * warps) <= 64:
+        for rows in (1, 2, 4, 8):
+            if not 4096 <= rows * chunk <= 8192:
                 continue
-            for per_sm in (1, 2, 3, 4):
-                grid = (max(1, sms * per_sm // parts) * parts,)
+            for warps in (4, 8, 16):
+                if not 16 <= rows * chunk // (32 * warps) <= 64:
+                    continue
+                for per_sm, prefetch in itertools.product((2, 3, 4), (0, 1)):
+                    grid = (max(1, min(t // rows, sms * per_sm // parts)) * parts,)
 
-                def step():
-                    arrived.zero_()
-                    team[grid](z, y, loss, lse, g, scale, partial, arrived, v, v, t, v, parts, -100, 0.0, 1.0, 1.0,
-                               CHUNK=chunk, PARTS=pow2, HAS_SOFTCAP=0, num_warps=warps, num_stages=1)
-                ms = _time(step)
-                res.append((("team", chunk, warps, per_sm), ms, f"{float(gbs) / ms:.0f} GB/s (1R+1W)"))
-    report("cross-entropy loss + gradient (kernel, CHUNK, warps, programs per SM)", res)
+                    def step():
+                        arrived.zero_()
+                        team[grid](z, y, loss, lse, g, scale, partial, arrived, v, v, t, v, parts, -100, 0.0, 1.0,
+                                   1.0, ROWS=rows, CHUNK=chunk, PARTS=pow2, HAS_SOFTCAP=0, PREFETCH=prefetch,
+                                   num_warps=warps, num_stages=1)
+                    ms = _time(step)
+                    res.append((("team", rows, chunk, warps, per_sm, prefetch), ms,
+                                f"{float(gbs) / ms:.0f} GB/s (1R+1W)"))
+    report("cross-entropy loss + gradient (kernel, ROWS, CHUNK, warps, programs per SM, PREFETCH)", res)
 
 
 def tune_glu():

@@ -84,93 +84,127 @@ def cross_entropy_team_kernel(
     LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED,
     logits_row_stride, grad_row_stride, n_rows, n_cols, n_parts, ignore_index, label_smoothing, softcap,
     logit_scale,
-    CHUNK: tl.constexpr, PARTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ROWS: tl.constexpr, CHUNK: tl.constexpr, PARTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Loss, lse and gradient (scaled by SCALE[0]) with one read of the logits.
 
     Persistent teams: the grid is n_teams * n_parts programs, all resident at once. Program p is part
-    p % n_parts of team p // n_parts and takes columns [part * CHUNK, (part + 1) * CHUNK) of rows team,
-    team + n_teams, ... For each row the team's programs publish their chunk's (max, sum exp, sum) in
-    PARTIAL, count themselves in ARRIVED[row] (zeroed by the caller) and wait for the whole team, so
-    waiting costs only the spread between siblings doing the same work. (If some teams were not resident,
-    nothing deadlocks: the GPU dispatches programs in id order, complete teams finish and free their SMs.)
-    PARTS (a power of two >= n_parts) only sizes the combine; PARTS == 1 needs no meeting."""
+    p % n_parts of team p // n_parts; it takes columns [part * CHUNK, (part + 1) * CHUNK) of the row
+    groups team, team + n_teams, ... (ROWS rows each). For each group the team's programs publish their
+    chunk's (max, sum exp, sum) per row in PARTIAL, count themselves in ARRIVED[group] (zeroed by the
+    caller) and wait for the whole team, so waiting costs only the spread between siblings doing the same
+    work, once per ROWS rows. (Were some teams not resident, nothing deadlocks: the GPU dispatches programs
+    in id order, so complete teams finish and free their SMs.) PARTS (a power of two >= n_parts) only sizes
+    the combine; PARTS == 1 needs no meeting."""
     pid = tl.program_id(0)
     team = pid // n_parts
     n_teams = tl.num_programs(0) // n_parts
     start = (pid - team * n_parts) * CHUNK
     if start + CHUNK <= n_cols:  # unmasked, so loads and stores vectorise; only a row's last chunk is masked
-        for row in range(team, n_rows, n_teams):
-            _team_row(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logits_row_stride, grad_row_stride,
-                      n_cols, n_parts, ignore_index, label_smoothing, softcap, logit_scale, row, start,
-                      CHUNK, PARTS, HAS_SOFTCAP, False)
+        _team_loop(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logits_row_stride, grad_row_stride,
+                   n_rows, n_cols, n_parts, ignore_index, label_smoothing, softcap, logit_scale, team, n_teams, start,
+                   ROWS, CHUNK, PARTS, HAS_SOFTCAP, PREFETCH, False)
     else:
-        for row in range(team, n_rows, n_teams):
-            _team_row(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logits_row_stride, grad_row_stride,
-                      n_cols, n_parts, ignore_index, label_smoothing, softcap, logit_scale, row, start,
-                      CHUNK, PARTS, HAS_SOFTCAP, True)
+        _team_loop(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logits_row_stride, grad_row_stride,
+                   n_rows, n_cols, n_parts, ignore_index, label_smoothing, softcap, logit_scale, team, n_teams, start,
+                   ROWS, CHUNK, PARTS, HAS_SOFTCAP, PREFETCH, True)
 
 
 @triton.jit
-def _team_row(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logits_row_stride, grad_row_stride,
-              n_cols, n_parts, ignore_index, label_smoothing, softcap, logit_scale, row, start,
-              CHUNK: tl.constexpr, PARTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
-    row64 = row + tl.zeros([], tl.int64)  # int64 offsets (row is a plain int in the interpreter)
+def _load_chunk(LOGITS, logits_row_stride, n_rows, n_cols, group, start,
+                ROWS: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr):
+    # The last group's missing rows repeat row n_rows - 1 (same values written twice): no row mask, so
+    # the accesses stay vectorised.
+    rows = tl.minimum(group * ROWS + tl.arange(0, ROWS), n_rows - 1).to(tl.int64)
     c = start + tl.arange(0, CHUNK)
-    src = LOGITS + row64 * logits_row_stride
+    ptrs = LOGITS + rows[:, None] * logits_row_stride + c[None, :]
     if MASKED:
-        ok = c < n_cols
-        x = _transform(tl.load(src + c, mask=ok, other=0.0).to(tl.float32), softcap, logit_scale, HAS_SOFTCAP)
-        x = tl.where(ok, x, float("-inf"))
-        sum_x = tl.sum(tl.where(ok, x, 0.0), axis=0)
+        return tl.load(ptrs, mask=(c < n_cols)[None, :], other=0.0)
     else:
-        x = _transform(tl.load(src + c).to(tl.float32), softcap, logit_scale, HAS_SOFTCAP)
-        sum_x = tl.sum(x, axis=0)
-    m = tl.max(x, axis=0)
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _team_loop(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logits_row_stride, grad_row_stride,
+               n_rows, n_cols, n_parts, ignore_index, label_smoothing, softcap, logit_scale, team, n_teams, start,
+               ROWS: tl.constexpr, CHUNK: tl.constexpr, PARTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               PREFETCH: tl.constexpr, MASKED: tl.constexpr):
+    n_groups = (n_rows + ROWS - 1) // ROWS
+    z = _load_chunk(LOGITS, logits_row_stride, n_rows, n_cols, team, start, ROWS, CHUNK, MASKED)
+    for group in range(team, n_groups, n_teams):
+        z = _team_rows(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logits_row_stride, grad_row_stride,
+                       n_rows, n_cols, n_parts, ignore_index, label_smoothing, softcap, logit_scale, group,
+                       tl.minimum(group + n_teams, n_groups - 1), start, z, ROWS, CHUNK, PARTS, HAS_SOFTCAP, PREFETCH,
+                       MASKED)
+
+
+@triton.jit
+def _team_rows(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logits_row_stride, grad_row_stride,
+               n_rows, n_cols, n_parts, ignore_index, label_smoothing, softcap, logit_scale, group, next_group, start,
+               z, ROWS: tl.constexpr, CHUNK: tl.constexpr, PARTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               PREFETCH: tl.constexpr, MASKED: tl.constexpr):
+    """One row group of one chunk, from its loaded logits z; returns the next group's (loaded before the
+    meeting with PREFETCH, so that the wait overlaps the read)."""
+    rows = tl.minimum(group * ROWS + tl.arange(0, ROWS), n_rows - 1).to(tl.int64)
+    c = start + tl.arange(0, CHUNK)
+    src = LOGITS + rows * logits_row_stride
+    x = _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP)
+    if MASKED:
+        ok = (c < n_cols)[None, :]
+        x = tl.where(ok, x, float("-inf"))
+        sum_x = tl.sum(tl.where(ok, x, 0.0), axis=1)
+    else:
+        sum_x = tl.sum(x, axis=1)
+    m = tl.max(x, axis=1)
     m = tl.where(m == float("-inf"), 0.0, m)  # a chunk of -inf logits adds nothing (and no NaN)
-    s = tl.sum(tl.exp(x - m), axis=0)
-    label = tl.load(LABELS + row).to(tl.int64)
+    s = tl.sum(tl.exp(x - m[:, None]), axis=1)
+    label = tl.load(LABELS + rows).to(tl.int64)
     ignored = label == ignore_index
     # Read before the meeting: with the gradient written over the logits, the label's column may change after.
     x_label = _transform(tl.load(src + tl.where(ignored, 0, label)).to(tl.float32), softcap, logit_scale, HAS_SOFTCAP)
     if PARTS == 1:
         lse = m + tl.log(s)
     else:
-        slot = PARTIAL + (row64 * PARTS + start // CHUNK) * 4
+        slot = PARTIAL + (rows * PARTS + start // CHUNK) * 4
         tl.store(slot, m)
         tl.store(slot + 1, s)
         tl.store(slot + 2, sum_x)
         tl.debug_barrier()  # every thread's stores happen before the release below (as in a grid sync)
-        tl.atomic_add(ARRIVED + row, 1, sem="release")
-        while tl.atomic_add(ARRIVED + row, 0, sem="acquire") < n_parts:
+        tl.atomic_add(ARRIVED + group, 1, sem="release")
+        if PREFETCH:
+            z = _load_chunk(LOGITS, logits_row_stride, n_rows, n_cols, next_group, start, ROWS, CHUNK, MASKED)
+        while tl.atomic_add(ARRIVED + group, 0, sem="acquire") < n_parts:
             pass
         members = tl.arange(0, PARTS)
-        slots = PARTIAL + (row64 * PARTS + members) * 4
-        live = members < n_parts
-        # .cg: read at L2, never a stale L1 line holding a neighbouring row's slots
+        slots = PARTIAL + (rows[:, None] * PARTS + members[None, :]) * 4
+        live = (members < n_parts)[None, :]
+        # .cg: read at L2, never a stale L1 line holding a neighbouring group's slots
         pm = tl.load(slots, mask=live, other=float("-inf"), cache_modifier=".cg")
         ps = tl.load(slots + 1, mask=live, other=0.0, cache_modifier=".cg")
         px = tl.load(slots + 2, mask=live, other=0.0, cache_modifier=".cg")
-        big = tl.max(pm, axis=0)
-        lse = big + tl.log(tl.sum(ps * tl.exp(pm - big), axis=0))
-        sum_x = tl.sum(px, axis=0)
+        big = tl.max(pm, axis=1)
+        lse = big + tl.log(tl.sum(ps * tl.exp(pm - big[:, None]), axis=1))
+        sum_x = tl.sum(px, axis=1)
     if start == 0:
         loss = lse - (1.0 - label_smoothing) * x_label - label_smoothing * (sum_x / n_cols)
-        tl.store(LOSS + row, tl.where(ignored, 0.0, loss))
-        tl.store(LSE + row, lse)
+        tl.store(LOSS + rows, tl.where(ignored, 0.0, loss))
+        tl.store(LSE + rows, lse)
     scale = tl.where(ignored, 0.0, tl.load(SCALE).to(tl.float32)) * logit_scale
-    # The label's one-hot term is written as a scalar afterwards: a per-element column compare here
+    # The label's one-hot term is written separately afterwards: a per-element column compare here
     # would keep the column indices live across the meeting (~2x the registers, half the occupancy).
-    g = _softmax_grad(x, lse, label_smoothing / n_cols, softcap, HAS_SOFTCAP) * scale
-    dst = GRAD + row64 * grad_row_stride
+    g = _softmax_grad(x, lse[:, None], label_smoothing / n_cols, softcap, HAS_SOFTCAP) * scale[:, None]
+    dst = GRAD + rows * grad_row_stride
     if MASKED:
-        tl.store(dst + c, g.to(GRAD.dtype.element_ty), mask=ok)
+        tl.store(dst[:, None] + c[None, :], g.to(GRAD.dtype.element_ty), mask=ok)
     else:
-        tl.store(dst + c, g.to(GRAD.dtype.element_ty))
-    if (label >= start) & (label < start + CHUNK):
-        tl.debug_barrier()  # after every thread's store of the row chunk: this one lands last
-        g_label = _softmax_grad(x_label, lse, label_smoothing / n_cols + (1.0 - label_smoothing), softcap, HAS_SOFTCAP)
-        tl.store(dst + label, (g_label * scale).to(GRAD.dtype.element_ty))
+        tl.store(dst[:, None] + c[None, :], g.to(GRAD.dtype.element_ty))
+    tl.debug_barrier()  # after every thread's store of the chunk: the label's value lands last
+    g_label = _softmax_grad(x_label, lse, label_smoothing / n_cols + (1.0 - label_smoothing), softcap, HAS_SOFTCAP)
+    tl.store(dst + label, (g_label * scale).to(GRAD.dtype.element_ty), mask=(label >= start) & (label < start + CHUNK))
+    if PARTS == 1 or not PREFETCH:
+        z = _load_chunk(LOGITS, logits_row_stride, n_rows, n_cols, next_group, start, ROWS, CHUNK, MASKED)
+    return z
 
 
 @triton.jit

@@ -165,6 +165,8 @@ CROSS_ENTROPY = register(KernelSpec(
 
 # Loss and gradient in one read: a team of programs per row, each keeping CHUNK logits in registers.
 CE_TEAM_CHUNK = 16384
+CE_TEAM_ROWS = 1  # rows per meeting
+CE_TEAM_PREFETCH = 1  # read the next rows before waiting for the team
 CE_TEAM_MAX_PARTS = 64  # larger vocabularies (> 1M) take cross_entropy MODE 1 (no co-residency question)
 CE_TEAM_PROGRAMS_PER_SM = 2  # persistent grid: every team resident at once
 
@@ -175,13 +177,15 @@ def ce_team_parts(n_cols: int, max_chunk: int = CE_TEAM_CHUNK) -> tuple[int, int
     return chunk, -(-n_cols // chunk)
 
 
-def cross_entropy_team_meta(n_cols: int, softcap: bool, max_chunk: int = CE_TEAM_CHUNK) -> dict:
+def cross_entropy_team_meta(n_cols: int, softcap: bool, max_chunk: int = CE_TEAM_CHUNK,
+                            rows: int = CE_TEAM_ROWS) -> dict:
     chunk, parts = ce_team_parts(n_cols, max_chunk)
-    return {"CHUNK": chunk, "PARTS": next_pow2(parts), "HAS_SOFTCAP": int(bool(softcap))}
+    return {"ROWS": rows, "CHUNK": chunk, "PARTS": next_pow2(parts), "HAS_SOFTCAP": int(bool(softcap)),
+            "PREFETCH": CE_TEAM_PREFETCH}
 
 
-def _ce_team_warps(chunk: int) -> int:
-    return max(4, min(16, chunk // 1024))
+def _ce_team_warps(elements: int) -> int:
+    return max(4, min(16, elements // 1024))
 
 
 def _ce_team_aot(family):
@@ -202,7 +206,7 @@ CROSS_ENTROPY_TEAM = register(KernelSpec(
                    "PARTIAL": "fp32", "ARRIVED": "i32"},
     float_args=("label_smoothing", "softcap", "logit_scale"),
     meta=cross_entropy_team_meta,
-    config=lambda arch, c: (_ce_team_warps(c["CHUNK"]), 1),
+    config=lambda arch, c: (_ce_team_warps(c["ROWS"] * c["CHUNK"]), 1),
     aot_variants=_ce_team_aot,
     doc="cross-entropy loss, lse and gradient with one read of the logits (a team of programs per row)",
 ))

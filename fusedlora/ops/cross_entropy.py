@@ -122,17 +122,18 @@ def ce_launch(logits2d, labels, loss, lse, grad, scale, scale_stride, ignore_ind
 def team_launch(logits2d, labels, loss, lse, grad, scale, ignore_index, label_smoothing, softcap, logit_scale, meta,
                 key, n_parts, partial=None, arrived=None):
     """cross_entropy_team: loss, lse and gradient (scaled by scale[0]) with one read of the logits.
-    `partial`/`arrived` default to fresh buffers (arrived must start at zero)."""
+    `partial` ([rows, PARTS, 4] fp32) and `arrived` ([row groups] int32, zero) default to fresh buffers."""
     n_rows, n_cols = logits2d.shape
     dev = logits2d.device
+    n_groups = -(-n_rows // meta["ROWS"])
     if meta["PARTS"] > 1:
         if partial is None:
             partial = torch.empty(n_rows * meta["PARTS"] * 4, dtype=torch.float32, device=dev)
         if arrived is None:
-            arrived = torch.zeros(n_rows, dtype=torch.int32, device=dev)
+            arrived = torch.zeros(n_groups, dtype=torch.int32, device=dev)
     else:  # never touched by a one-program team: any pointers of the declared types
         partial, arrived = loss, lse.view(torch.int32)
-    n_teams = max(1, min(n_rows, sm_count(logits2d.get_device()) * kernels.CE_TEAM_PROGRAMS_PER_SM
+    n_teams = max(1, min(n_groups, sm_count(logits2d.get_device()) * kernels.CE_TEAM_PROGRAMS_PER_SM
                          // n_parts))
     launcher("cross_entropy_team")((n_teams * n_parts, 1, 1), (
         logits2d, labels, loss, lse, grad, scale, partial, arrived, logits2d.stride(0), grad.stride(0), n_rows,
