@@ -49,29 +49,26 @@ def tune_ce():
                                  HAS_SOFTCAP=0, MODE=1, num_warps=8, num_stages=1))
     res.append((("cross_entropy MODE 1", 4096, 8), ms, f"{float(gbs) / ms:.0f} GB/s (1R+1W)"))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for chunk in (2048, 4096, 8192, 16384):
-        parts = -(-v // chunk)
+    # (ROWS, tile, TILES, warps, programs per SM, PREFETCH); TILES == 1 keeps the chunk in registers (best of
+    # the register sweep), TILES > 1 reads it twice, the second time from L2.
+    configs = [(2, 2048, 1, 4, 4, 1)]
+    configs += [(1, tile, tiles, warps, per_sm, 0) for tile in (2048, 4096) for tiles in (4, 8, 16)
+                for warps in (8, 16) for per_sm in (1, 2, 3)]
+    for rows, tile, tiles, warps, per_sm, prefetch in configs:
+        parts = -(-v // (tile * tiles))
         pow2 = 1 << (parts - 1).bit_length()
         partial = torch.empty(t * pow2 * 4, device=DEV)
         arrived = torch.zeros(t, dtype=torch.int32, device=DEV)
-        for rows in (1, 2, 4, 8):
-            if not 4096 <= rows * chunk <= 8192:
-                continue
-            for warps in (4, 8, 16):
-                if not 16 <= rows * chunk // (32 * warps) <= 64:
-                    continue
-                for per_sm, prefetch in itertools.product((2, 3, 4), (0, 1)):
-                    grid = (max(1, min(t // rows, sms * per_sm // parts)) * parts,)
+        grid = (max(1, min(t // rows, sms * per_sm // parts)) * parts,)
 
-                    def step():
-                        arrived.zero_()
-                        team[grid](z, y, loss, lse, g, scale, partial, arrived, v, v, t, v, parts, -100, 0.0, 1.0,
-                                   1.0, ROWS=rows, CHUNK=chunk, PARTS=pow2, HAS_SOFTCAP=0, PREFETCH=prefetch,
-                                   num_warps=warps, num_stages=1)
-                    ms = _time(step)
-                    res.append((("team", rows, chunk, warps, per_sm, prefetch), ms,
-                                f"{float(gbs) / ms:.0f} GB/s (1R+1W)"))
-    report("cross-entropy loss + gradient (kernel, ROWS, CHUNK, warps, programs per SM, PREFETCH)", res)
+        def step():
+            arrived.zero_()
+            team[grid](z, y, loss, lse, g, scale, partial, arrived, v, v, t, v, parts, -100, 0.0, 1.0, 1.0,
+                       ROWS=rows, CHUNK=tile, TILES=tiles, PARTS=pow2, HAS_SOFTCAP=0, PREFETCH=prefetch,
+                       num_warps=warps, num_stages=1)
+        ms = _time(step)
+        res.append((("team", rows, tile, tiles, warps, per_sm, prefetch), ms, f"{float(gbs) / ms:.0f} GB/s (1R+1W)"))
+    report("cross-entropy loss + gradient (kernel, ROWS, tile, TILES, warps, programs per SM, PREFETCH)", res)
 
 
 def tune_glu():

@@ -84,7 +84,7 @@ def cross_entropy_team_kernel(
     LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED,
     logits_row_stride, grad_row_stride, n_rows, n_cols, n_parts, ignore_index, label_smoothing, softcap,
     logit_scale,
-    ROWS: tl.constexpr, CHUNK: tl.constexpr, PARTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ROWS: tl.constexpr, CHUNK: tl.constexpr, TILES: tl.constexpr, PARTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     PREFETCH: tl.constexpr,
 ):
     """Loss, lse and gradient (scaled by SCALE[0]) with one read of the logits.
@@ -100,8 +100,13 @@ def cross_entropy_team_kernel(
     pid = tl.program_id(0)
     team = pid // n_parts
     n_teams = tl.num_programs(0) // n_parts
-    start = (pid - team * n_parts) * CHUNK
-    if start + CHUNK <= n_cols:  # unmasked, so loads and stores vectorise; only a row's last chunk is masked
+    start = (pid - team * n_parts) * (CHUNK * TILES)
+    if TILES > 1:
+        for group in range(team, n_groups_of(n_rows, ROWS), n_teams):
+            _team_rows_l2(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logits_row_stride,
+                          grad_row_stride, n_rows, n_cols, n_parts, ignore_index, label_smoothing, softcap,
+                          logit_scale, group, start, ROWS, CHUNK, TILES, PARTS, HAS_SOFTCAP)
+    elif start + CHUNK <= n_cols:  # unmasked, so loads and stores vectorise; only a row's last chunk is masked
         _team_loop(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logits_row_stride, grad_row_stride,
                    n_rows, n_cols, n_parts, ignore_index, label_smoothing, softcap, logit_scale, team, n_teams, start,
                    ROWS, CHUNK, PARTS, HAS_SOFTCAP, PREFETCH, False)
@@ -109,6 +114,82 @@ def cross_entropy_team_kernel(
         _team_loop(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logits_row_stride, grad_row_stride,
                    n_rows, n_cols, n_parts, ignore_index, label_smoothing, softcap, logit_scale, team, n_teams, start,
                    ROWS, CHUNK, PARTS, HAS_SOFTCAP, PREFETCH, True)
+
+
+@triton.jit
+def n_groups_of(n_rows, ROWS: tl.constexpr):
+    return (n_rows + ROWS - 1) // ROWS
+
+
+@triton.jit
+def _team_rows_l2(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logits_row_stride, grad_row_stride,
+                  n_rows, n_cols, n_parts, ignore_index, label_smoothing, softcap, logit_scale, group, start,
+                  ROWS: tl.constexpr, CHUNK: tl.constexpr, TILES: tl.constexpr, PARTS: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr):
+    """A chunk of TILES tiles, too big for registers: the (max, sum exp, sum) pass reads it from HBM, the
+    gradient pass re-reads it while it is still in L2 (the team's chunks in flight are a few MB)."""
+    rows = tl.minimum(group * ROWS + tl.arange(0, ROWS), n_rows - 1).to(tl.int64)
+    src = LOGITS + rows * logits_row_stride
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    s = tl.zeros([ROWS], tl.float32)
+    sum_x = tl.zeros([ROWS], tl.float32)
+    for t in range(TILES):
+        c = start + t * CHUNK + tl.arange(0, CHUNK)
+        ok = (c < n_cols)[None, :]
+        x = _transform(tl.load(src[:, None] + c[None, :], mask=ok, other=0.0).to(tl.float32), softcap, logit_scale,
+                       HAS_SOFTCAP)
+        x = tl.where(ok, x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+        sum_x += tl.sum(tl.where(ok, x, 0.0), axis=1)
+        m = m_new
+    m = tl.where(m == float("-inf"), 0.0, m)
+    label = tl.load(LABELS + rows).to(tl.int64)
+    ignored = label == ignore_index
+    x_label = _transform(tl.load(src + tl.where(ignored, 0, label)).to(tl.float32), softcap, logit_scale, HAS_SOFTCAP)
+    lse, sum_x = _meet(PARTIAL, ARRIVED, rows, group, start // (CHUNK * TILES), n_parts, m, s, sum_x, PARTS)
+    if start == 0:
+        loss = lse - (1.0 - label_smoothing) * x_label - label_smoothing * (sum_x / n_cols)
+        tl.store(LOSS + rows, tl.where(ignored, 0.0, loss))
+        tl.store(LSE + rows, lse)
+    scale = tl.where(ignored, 0.0, tl.load(SCALE).to(tl.float32)) * logit_scale
+    dst = GRAD + rows * grad_row_stride
+    for t in range(TILES):
+        c = start + t * CHUNK + tl.arange(0, CHUNK)
+        ok = (c < n_cols)[None, :]
+        x = _transform(tl.load(src[:, None] + c[None, :], mask=ok, other=0.0).to(tl.float32), softcap, logit_scale,
+                       HAS_SOFTCAP)
+        g = _softmax_grad(x, lse[:, None], label_smoothing / n_cols, softcap, HAS_SOFTCAP) * scale[:, None]
+        tl.store(dst[:, None] + c[None, :], g.to(GRAD.dtype.element_ty), mask=ok)
+    tl.debug_barrier()  # after every thread's store of the chunk: the label's value lands last
+    g_label = _softmax_grad(x_label, lse, label_smoothing / n_cols + (1.0 - label_smoothing), softcap, HAS_SOFTCAP)
+    tl.store(dst + label, (g_label * scale).to(GRAD.dtype.element_ty),
+             mask=(label >= start) & (label < start + CHUNK * TILES))
+
+
+@triton.jit
+def _meet(PARTIAL, ARRIVED, rows, group, part, n_parts, m, s, sum_x, PARTS: tl.constexpr):
+    """Publish this part's (max, sum exp, sum) of each row, wait for the team, return (lse, sum) of the rows."""
+    if PARTS == 1:
+        return m + tl.log(s), sum_x
+    slot = PARTIAL + (rows * PARTS + part) * 4
+    tl.store(slot, m)
+    tl.store(slot + 1, s)
+    tl.store(slot + 2, sum_x)
+    tl.debug_barrier()  # every thread's stores happen before the release below (as in a grid sync)
+    tl.atomic_add(ARRIVED + group, 1, sem="release")
+    while tl.atomic_add(ARRIVED + group, 0, sem="acquire") < n_parts:
+        pass
+    members = tl.arange(0, PARTS)
+    slots = PARTIAL + (rows[:, None] * PARTS + members[None, :]) * 4
+    live = (members < n_parts)[None, :]
+    # .cg: read at L2, never a stale L1 line holding a neighbouring group's slots
+    pm = tl.load(slots, mask=live, other=float("-inf"), cache_modifier=".cg")
+    ps = tl.load(slots + 1, mask=live, other=0.0, cache_modifier=".cg")
+    px = tl.load(slots + 2, mask=live, other=0.0, cache_modifier=".cg")
+    big = tl.max(pm, axis=1)
+    return big + tl.log(tl.sum(ps * tl.exp(pm - big[:, None]), axis=1)), tl.sum(px, axis=1)
 
 
 @triton.jit

@@ -171,16 +171,16 @@ CE_TEAM_MAX_PARTS = 64  # larger vocabularies (> 1M) take cross_entropy MODE 1 (
 CE_TEAM_PROGRAMS_PER_SM = 2  # persistent grid: every team resident at once
 
 
-def ce_team_parts(n_cols: int, max_chunk: int = CE_TEAM_CHUNK) -> tuple[int, int]:
-    """(chunk, number of programs per row) for a vocabulary of n_cols."""
+def ce_team_parts(n_cols: int, max_chunk: int = CE_TEAM_CHUNK, tiles: int = 1) -> tuple[int, int]:
+    """(tile, number of programs per row) for a vocabulary of n_cols; each program takes `tiles` tiles."""
     chunk = min(max_chunk, next_pow2(n_cols))
-    return chunk, -(-n_cols // chunk)
+    return chunk, -(-n_cols // (chunk * tiles))
 
 
 def cross_entropy_team_meta(n_cols: int, softcap: bool, max_chunk: int = CE_TEAM_CHUNK,
-                            rows: int = CE_TEAM_ROWS) -> dict:
-    chunk, parts = ce_team_parts(n_cols, max_chunk)
-    return {"ROWS": rows, "CHUNK": chunk, "PARTS": next_pow2(parts), "HAS_SOFTCAP": int(bool(softcap)),
+                            rows: int = CE_TEAM_ROWS, tiles: int = 1) -> dict:
+    chunk, parts = ce_team_parts(n_cols, max_chunk, tiles)
+    return {"ROWS": rows, "CHUNK": chunk, "TILES": tiles, "PARTS": next_pow2(parts), "HAS_SOFTCAP": int(bool(softcap)),
             "PREFETCH": CE_TEAM_PREFETCH}
 
 

@@ -97,14 +97,16 @@ def _chunk_partials(x, chunk, parts_pow2):
 
 
 @pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.2, "softcap": 3.0}, {"logit_scale": 0.5}], ids=str)
+@pytest.mark.parametrize("tile,tiles", [(64, 1), (32, 2)], ids=["registers", "two-tiles"])
 @pytest.mark.parametrize("rows_per_meeting", [1, 4])
 @pytest.mark.parametrize("n_cols", [333, 256])
-def test_team_kernel_combines_the_chunks_of_a_row(n_cols, rows_per_meeting, kw):
+def test_team_kernel_combines_the_chunks_of_a_row(n_cols, rows_per_meeting, tile, tiles, kw):
     """The team kernel with several programs per row (chunks of 64: the last one masked for 333). The
     interpreter runs programs one by one, so the meeting is pre-met: every program's published partials
     are filled in beforehand and the arrival count starts full. Each program still publishes its own
     (overwriting the same values), then combines all of them: the layout and the combine are what's tested.
-    With 4 rows per meeting, 5 rows leave a last group whose missing rows repeat the last one."""
+    With 4 rows per meeting, 5 rows leave a last group whose missing rows repeat the last one. Chunks of
+    64 columns, held in registers or read twice as two tiles of 32."""
     from fusedlora import kernels
     from fusedlora.ops.cross_entropy import inverse_divisor, team_launch
     from fusedlora.loader import constexpr_key
@@ -113,8 +115,9 @@ def test_team_kernel_combines_the_chunks_of_a_row(n_cols, rows_per_meeting, kw):
     y = _labels(n_rows, n_cols)
     y[3] = n_cols - 1
     softcap, scale_by = kw.get("softcap"), kw.get("logit_scale")
-    meta = kernels.cross_entropy_team_meta(n_cols, softcap is not None, max_chunk=64, rows=rows_per_meeting)
-    n_parts = kernels.ce_team_parts(n_cols, 64)[1]
+    meta = kernels.cross_entropy_team_meta(n_cols, softcap is not None, max_chunk=tile, rows=rows_per_meeting,
+                                           tiles=tiles)
+    n_parts = kernels.ce_team_parts(n_cols, tile, tiles)[1]
     assert (n_parts, meta["PARTS"]) == ((6, 8) if n_cols == 333 else (4, 4))
     x = z * (scale_by or 1.0)
     if softcap is not None:
