@@ -136,8 +136,8 @@ def _team_rows_l2(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logi
     for t in range(TILES):
         c = start + t * CHUNK + tl.arange(0, CHUNK)
         ok = (c < n_cols)[None, :]
-        x = _transform(tl.load(src[:, None] + c[None, :], mask=ok, other=0.0).to(tl.float32), softcap, logit_scale,
-                       HAS_SOFTCAP)
+        x = _transform(_load_tile(src[:, None] + c[None, :], ok, start + (t + 1) * CHUNK <= n_cols).to(tl.float32),
+                       softcap, logit_scale, HAS_SOFTCAP)
         x = tl.where(ok, x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -158,14 +158,27 @@ def _team_rows_l2(LOGITS, LABELS, LOSS, LSE, GRAD, SCALE, PARTIAL, ARRIVED, logi
     for t in range(TILES):
         c = start + t * CHUNK + tl.arange(0, CHUNK)
         ok = (c < n_cols)[None, :]
-        x = _transform(tl.load(src[:, None] + c[None, :], mask=ok, other=0.0).to(tl.float32), softcap, logit_scale,
+        full = start + (t + 1) * CHUNK <= n_cols
+        x = _transform(_load_tile(src[:, None] + c[None, :], ok, full).to(tl.float32), softcap, logit_scale,
                        HAS_SOFTCAP)
-        g = _softmax_grad(x, lse[:, None], label_smoothing / n_cols, softcap, HAS_SOFTCAP) * scale[:, None]
-        tl.store(dst[:, None] + c[None, :], g.to(GRAD.dtype.element_ty), mask=ok)
+        g = (_softmax_grad(x, lse[:, None], label_smoothing / n_cols, softcap, HAS_SOFTCAP) * scale[:, None])
+        if full:  # unmasked: 16-byte stores
+            tl.store(dst[:, None] + c[None, :], g.to(GRAD.dtype.element_ty))
+        else:
+            tl.store(dst[:, None] + c[None, :], g.to(GRAD.dtype.element_ty), mask=ok)
     tl.debug_barrier()  # after every thread's store of the chunk: the label's value lands last
     g_label = _softmax_grad(x_label, lse, label_smoothing / n_cols + (1.0 - label_smoothing), softcap, HAS_SOFTCAP)
     tl.store(dst + label, (g_label * scale).to(GRAD.dtype.element_ty),
              mask=(label >= start) & (label < start + CHUNK * TILES))
+
+
+@triton.jit
+def _load_tile(ptrs, ok, full):
+    if full:  # unmasked: 16-byte loads
+        z = tl.load(ptrs)
+    else:
+        z = tl.load(ptrs, mask=ok, other=0.0)
+    return z
 
 
 @triton.jit
