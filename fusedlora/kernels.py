@@ -163,54 +163,6 @@ CROSS_ENTROPY = register(KernelSpec(
     doc="row-wise cross-entropy: loss, lse and (optionally) the gradient in the logits' dtype",
 ))
 
-# Loss and gradient in one read: a team of programs per row, each keeping CHUNK logits in registers.
-CE_TEAM_CHUNK = 16384
-CE_TEAM_ROWS = 1  # rows per meeting
-CE_TEAM_PREFETCH = 1  # read the next rows before waiting for the team
-CE_TEAM_MAX_PARTS = 64  # larger vocabularies (> 1M) take cross_entropy MODE 1 (no co-residency question)
-CE_TEAM_PROGRAMS_PER_SM = 2  # persistent grid: every team resident at once
-
-
-def ce_team_parts(n_cols: int, max_chunk: int = CE_TEAM_CHUNK, tiles: int = 1) -> tuple[int, int]:
-    """(tile, number of programs per row) for a vocabulary of n_cols; each program takes `tiles` tiles."""
-    chunk = min(max_chunk, next_pow2(n_cols))
-    return chunk, -(-n_cols // (chunk * tiles))
-
-
-def cross_entropy_team_meta(n_cols: int, softcap: bool, max_chunk: int = CE_TEAM_CHUNK,
-                            rows: int = CE_TEAM_ROWS, tiles: int = 1) -> dict:
-    chunk, parts = ce_team_parts(n_cols, max_chunk, tiles)
-    return {"ROWS": rows, "CHUNK": chunk, "TILES": tiles, "PARTS": next_pow2(parts), "HAS_SOFTCAP": int(bool(softcap)),
-            "PREFETCH": CE_TEAM_PREFETCH}
-
-
-def _ce_team_warps(elements: int) -> int:
-    return max(4, min(16, elements // 1024))
-
-
-def _ce_team_aot(family):
-    variants = {}
-    for v in family.get("vocab_sizes", ()):
-        if ce_team_parts(v)[1] <= CE_TEAM_MAX_PARTS:
-            variants.setdefault(tuple(sorted(cross_entropy_team_meta(v, False).items())), v)
-    for dt in family.get("dtypes", ("bf16", "fp16")):
-        for v in variants.values():
-            for softcap in (False, True):
-                yield {"x": dt, "label": "i64"}, {"n_cols": v, "softcap": softcap}
-
-
-CROSS_ENTROPY_TEAM = register(KernelSpec(
-    name="cross_entropy_team",
-    module="csrc_triton.cross_entropy", function="cross_entropy_team_kernel",
-    pointer_types={"LOGITS": "x", "LABELS": "label", "LOSS": "fp32", "LSE": "fp32", "GRAD": "x", "SCALE": "fp32",
-                   "PARTIAL": "fp32", "ARRIVED": "i32"},
-    float_args=("label_smoothing", "softcap", "logit_scale"),
-    meta=cross_entropy_team_meta,
-    config=lambda arch, c: (_ce_team_warps(c["ROWS"] * c["CHUNK"]), 1),
-    aot_variants=_ce_team_aot,
-    doc="cross-entropy loss, lse and gradient with one read of the logits (a team of programs per row)",
-))
-
 SCALE_BLOCK = 4096
 
 SCALE_BY_SCALAR = register(KernelSpec(

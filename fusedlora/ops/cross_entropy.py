@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..loader import constexpr_key, launcher
-from ._common import check_tensor, interpreting, sm_count
+from ._common import check_tensor
 
 REDUCTIONS = ("mean", "sum", "none")
 LABEL_DTYPES = (torch.int64, torch.int32)
@@ -93,51 +93,14 @@ def check_labels(op, labels, n_cols, ignore_index):
     torch._assert_async(ok.all(), f"{op}: labels must be in [0, {n_cols}) or ignore_index={ignore_index}")
 
 
-@functools.lru_cache(maxsize=None)
-def _team_meta(n_cols: int, softcap: bool, interpret: bool):
-    # The interpreter runs programs one after another, so a team of several would wait forever: one
-    # program takes the whole row there (tests/test_cross_entropy.py drives real teams with a pre-met count).
-    max_chunk = kernels.next_pow2(n_cols) if interpret else kernels.CE_TEAM_CHUNK
-    m = kernels.cross_entropy_team_meta(n_cols, softcap, max_chunk)
-    return m, constexpr_key(m), kernels.ce_team_parts(n_cols, max_chunk)[1]
-
-
 def ce_launch(logits2d, labels, loss, lse, grad, scale, scale_stride, ignore_index, label_smoothing, softcap,
               logit_scale, mode):
     n_rows, n_cols = logits2d.shape
-    if mode == "loss_and_grad" and n_rows > 0:
-        meta, key, n_parts = _team_meta(n_cols, softcap is not None, interpreting())
-        if n_parts <= kernels.CE_TEAM_MAX_PARTS:
-            team_launch(logits2d, labels, loss, lse, grad, scale, ignore_index, label_smoothing, softcap, logit_scale,
-                        meta, key, n_parts)
-            return
     meta, key = _meta(n_cols, softcap is not None, mode)
     grad_t = grad if grad is not None else logits2d
     launcher("cross_entropy")((n_rows, 1, 1), (
         logits2d, labels, loss, lse, grad_t, scale, logits2d.stride(0), grad_t.stride(0), scale_stride, n_rows,
         n_cols, int(ignore_index), float(label_smoothing), float(softcap or 1.0),
-        float(1.0 if logit_scale is None else logit_scale)), key)
-
-
-def team_launch(logits2d, labels, loss, lse, grad, scale, ignore_index, label_smoothing, softcap, logit_scale, meta,
-                key, n_parts, partial=None, arrived=None):
-    """cross_entropy_team: loss, lse and gradient (scaled by scale[0]) with one read of the logits.
-    `partial` ([rows, PARTS, 4] fp32) and `arrived` ([row groups] int32, zero) default to fresh buffers."""
-    n_rows, n_cols = logits2d.shape
-    dev = logits2d.device
-    n_groups = -(-n_rows // meta["ROWS"])
-    if meta["PARTS"] > 1:
-        if partial is None:
-            partial = torch.empty(n_rows * meta["PARTS"] * 4, dtype=torch.float32, device=dev)
-        if arrived is None:
-            arrived = torch.zeros(n_groups, dtype=torch.int32, device=dev)
-    else:  # never touched by a one-program team: any pointers of the declared types
-        partial, arrived = loss, lse.view(torch.int32)
-    n_teams = max(1, min(n_groups, sm_count(logits2d.get_device()) * kernels.CE_TEAM_PROGRAMS_PER_SM
-                         // n_parts))
-    launcher("cross_entropy_team")((n_teams * n_parts, 1, 1), (
-        logits2d, labels, loss, lse, grad, scale, partial, arrived, logits2d.stride(0), grad.stride(0), n_rows,
-        n_cols, n_parts, int(ignore_index), float(label_smoothing), float(softcap or 1.0),
         float(1.0 if logit_scale is None else logit_scale)), key)
 
 
