@@ -136,22 +136,24 @@ def _proj_forward(X2, pr: _Proj, dtype, training):
 def _proj_backward_input(dY, pr: _Proj, saved, dtype, needs):
     """(dX, s dY B, dB, dbias) of one projection: all but dA, which needs the projection's input."""
     XA, Xd, mask = saved
-    W = dequantize_base(pr.W, pr.quant, dtype)
+    out_f, in_f = _weight_shape(pr.W, pr.quant)
     dB = dYBs = None
     if pr.A is None:
-        dX = dY @ W
+        dX = dY @ dequantize_base(pr.W, pr.quant, dtype)
     else:
         A, B = pr.A.to(dtype), pr.B.to(dtype)
         dYBs = _mm_scaled(dY, B, pr.s)  # [T, r]
         if needs["B"]:
             dB = _mm_scaled(dY.t(), XA, pr.s).to(pr.B.dtype)
         if mask is not None:
-            dX = dY @ W
+            dX = dY @ dequantize_base(pr.W, pr.quant, dtype)
             dX += (dYBs @ A) * mask
-        elif W.shape[0] <= W.shape[1]:  # widening dX (down_proj's): one GEMM over [dY, s dYB] @ [W; A]
-            dX = torch.cat([dY, dYBs], 1) @ torch.cat([W, A], 0)
+        elif out_f <= in_f:
+            # widening dX (down_proj's): one GEMM over [dY, s dYB] @ [W; A], an NF4 weight dequantised
+            # straight into the stacked rows
+            dX = torch.cat([dY, dYBs], 1) @ _stack_rows([pr], A, dtype, dY.device)
         else:
-            dX = dY @ W
+            dX = dY @ dequantize_base(pr.W, pr.quant, dtype)
             dX.addmm_(dYBs, A)
     dbias = dY.sum(0).to(pr.bias.dtype) if (pr.bias is not None and needs["bias"]) else None
     return dX, dYBs, dB, dbias
