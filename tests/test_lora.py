@@ -86,14 +86,18 @@ def _x(t=7, hidden=64):
     return x.clone().requires_grad_(), x.clone().requires_grad_()
 
 
+def _reference_and_inputs(fused, tokens):
+    """PEFT in float64 (the reference for our float32), its float64 input, and our float32 input."""
+    xr, xf = _x(t=tokens)
+    return copy.deepcopy(fused).double(), xr.detach().double().requires_grad_(), xf
+
+
 @pytest.mark.parametrize("tokens", [1, 7])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("r", [1, 4, 64])
 def test_qkv_and_o_match_peft(r, bias, tokens):
     fused = make(r=r, bias=bias)
-    ref = copy.deepcopy(fused).double()  # PEFT in float64 is the reference for our float32
-    xr, xf = _x(t=tokens)
-    xr = xr.detach().double().requires_grad_()
+    ref, xr, xf = _reference_and_inputs(fused, tokens)
     peft32 = copy.deepcopy(fused)
     ref_outs = []
     for model, x in ((ref, xr), (peft32, xf.detach().clone())):
@@ -114,9 +118,7 @@ def test_qkv_and_o_match_peft(r, bias, tokens):
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 def test_mlp_matches_peft(act, r, tokens):
     fused = make(r=r, act=act)
-    ref = copy.deepcopy(fused).double()  # PEFT in float64 is the reference for our float32
-    xr, xf = _x(t=tokens)
-    xr = xr.detach().double().requires_grad_()
+    ref, xr, xf = _reference_and_inputs(fused, tokens)
     y = ref.mlp(xr)
     y.backward(torch.ones_like(y) * 0.5 + y.detach())
     apply = lora.apply_lora_mlp_swiglu if act == "silu" else lora.apply_lora_mlp_geglu
