@@ -125,6 +125,43 @@ GLU_BWD = register(KernelSpec(
 ))
 
 
+# The LoRA MLP's GLU backward with its adapter products (tiles of BLOCK_M rows x BLOCK_N columns; each
+# program walks one column tile down a group of rows).
+GLU_LORA_TILE = (64, 128, 8)
+GLU_LORA_RANKS = (8, 16, 32, 64)
+
+
+def glu_lora_rank_pad(rank: int) -> int:
+    return max(16, next_pow2(rank))  # tl.dot needs every dimension >= 16
+
+
+def glu_lora_bwd_meta(act: str, rank: int) -> dict:
+    bm, bn, _ = GLU_LORA_TILE
+    return {"ACT": GLU_ACTS[act], "R": glu_lora_rank_pad(rank), "BLOCK_M": bm, "BLOCK_N": bn}
+
+
+def _glu_lora_aot(family):
+    for dt in family.get("dtypes", ("bf16", "fp16")):
+        for act in GLU_ACTS:
+            for r in GLU_LORA_RANKS:  # one rank for gate, up and down, XA = [X A_g^T, X A_u^T]
+                yield ({"x": dt}, {"act": act, "rank": r},
+                       {"rank_g": r, "rank_u": r, "rank_d": r, "stride_xa": 2 * r, "xa_up_offset": r,
+                        "stride_dyb": r, "stride_bg": r, "stride_bu": r})
+
+
+GLU_LORA_BWD = register(KernelSpec(
+    name="glu_lora_bwd",
+    module="csrc_triton.glu", function="glu_lora_bwd_kernel",
+    pointer_types={"DOUT": "x", "GATE": "x", "UP": "x", "DGATE": "x", "DUP": "x", "XA": "x", "DYB": "x",
+                   "BG": "x", "BU": "x", "P_PART": "fp32", "Q_PART": "fp32"},
+    float_args=("scale_g", "scale_u"),
+    meta=glu_lora_bwd_meta,
+    config=lambda arch, c: (GLU_LORA_TILE[2], 1),
+    aot_variants=_glu_lora_aot,
+    doc="LoRA MLP backward: GLU gradients plus s de B, s de^T XA and h^T dY B partial sums, h never stored",
+))
+
+
 # ---------------------------------------------------------------- cross-entropy
 CE_MODES = {"loss": 0, "loss_and_grad": 1, "grad": 2}
 

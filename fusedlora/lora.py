@@ -23,7 +23,8 @@ from typing import NamedTuple
 
 import torch
 
-from .ops.glu import glu_backward, glu_forward
+from .kernels import glu_lora_rank_pad
+from .ops.glu import glu_backward, glu_forward, glu_lora_backward
 from .quant import dequantize_gptq, dequantize_nf4
 
 
@@ -265,6 +266,42 @@ def _gate_up_forward(X2, pg, pu, dtype):
     return outs, ((XA[:, :rg], None, None), (XA[:, rg:], None, None))
 
 
+
+def _glu_lora_fusable(pg, pu, pd, training, act_bwd, xa_g, xa_u):
+    """The MLP backward can take the adapter products inside the GLU backward (glu_lora_backward): gate and
+    up shared one adapter-input GEMM (their XA are adjacent columns of one tensor), down has an adapter
+    with no active dropout, and the activation is one of ours."""
+    if not (_gate_up_shareable(pg, pu, training) and getattr(act_bwd, "glu_act", None)):
+        return False
+    if pd.A is None or (pd.dropout != 0.0 and training) or xa_g.stride() != xa_u.stride():
+        return False
+    return xa_u.data_ptr() == xa_g.data_ptr() + xa_g.shape[1] * xa_g.element_size()
+
+
+def _mlp_fused_glu_backward(ctx, X2, e, g, saved, dh, dYBs_d, ddB, ng):
+    """LoRA_MLP.backward after down_proj's dX: one kernel gives de, dg and every adapter product that
+    would re-read them (s de B_g, s dg B_u, dB_g, dB_u, dA_down); h is never stored."""
+    pg, pu, pd = ctx.prs
+    dtype = ctx.dtype
+    xa, rg, ru, rd = saved[0], pg.A.shape[0], pu.A.shape[0], pd.A.shape[0]
+    de, dg, P, Q = glu_lora_backward(dh, e, g, xa, rg, dYBs_d, pg.B.to(dtype), pu.B.to(dtype), (rg, ru, rd),
+                                     (pg.s, pu.s), ctx.act_bwd.glu_act, ctx.inplace)
+    del dh
+    R = glu_lora_rank_pad(max(rg, ru, rd))
+    G = (P if rg == ru == R else torch.cat([P[:, :rg], P[:, R:R + ru]], 1)).to(dtype)  # [s de B_g, s dg B_u]
+    dX = de @ dequantize_base(pg.W, pg.quant, dtype)
+    dX.addmm_(dg, dequantize_base(pu.W, pu.quant, dtype))
+    dX.addmm_(G, torch.cat([pg.A.to(dtype), pu.A.to(dtype)], 0))
+    dA_cat = G.t() @ X2 if (ng[3] or ng[8]) else None
+    dgA = dA_cat[:rg].to(pg.A.dtype) if ng[3] else None
+    duA = dA_cat[rg:].to(pu.A.dtype) if ng[8] else None
+    dgB = Q[:, :rg].to(pg.B.dtype) if ng[4] else None
+    duB = Q[:, R:R + ru].to(pu.B.dtype) if ng[9] else None
+    ddA = Q[:, 2 * R:2 * R + rd].t().to(pd.A.dtype) if ng[13] else None
+    return (dX.view(ctx.x_shape), None, None, dgA, dgB, None, None, None, duA, duB, None, None, None, ddA, ddB,
+            None, None, None, None, None, None)
+
+
 # ------------------------------------------------------------------------------------ Functions
 class LoRA_O(torch.autograd.Function):
     """LoRA_O.apply(X, W, W_quant, A, B, S, bias=None, dropout=0.0, training=False) -> X W^T + S (X A^T) B^T."""
@@ -375,6 +412,7 @@ class LoRA_MLP(torch.autograd.Function):
         del h  # recomputed in the backward from e and g
         ctx.prs, ctx.dtype, ctx.x_shape = (pg, pu, pd), dtype, X.shape
         ctx.act, ctx.act_bwd, ctx.inplace = activation_fn, activation_fn_backward, inplace
+        ctx.fused_glu = _glu_lora_fusable(pg, pu, pd, training, activation_fn_backward, sg[0], su[0])
         ctx.save_for_backward(X2, e, g, *sg, *su, *sd)
         return Y.view(*X.shape[:-1], Y.shape[-1])
 
@@ -386,6 +424,8 @@ class LoRA_MLP(torch.autograd.Function):
         ng = [_needs(ctx, i) for i in range(16)]
         nd = {"A": ng[13], "B": ng[14], "bias": False}
         dh, dYBs_d, ddB, _ = _proj_backward_input(_flat(dY).to(dtype), pd, saved[6:9], dtype, nd)
+        if ctx.fused_glu:
+            return _mlp_fused_glu_backward(ctx, X2, e, g, saved, dh, dYBs_d, ddB, ng)
         if getattr(ctx.act_bwd, "stores_h", False):  # h comes back over dh: no recompute pass
             de, dg, h = ctx.act_bwd(dh, e, g, ctx.inplace, store_h=True)
         else:
@@ -431,6 +471,7 @@ def _glu_fg_backward(act):
         """(de, dg), plus h written over dh when store_h."""
         return glu_backward(dh.contiguous(), e, g, act, inplace, store_h)
     backward.stores_h = True
+    backward.glu_act = act  # LoRA_MLP may fuse the adapter products into this backward (glu_lora_backward)
     return backward
 
 

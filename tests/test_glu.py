@@ -80,3 +80,44 @@ def test_backward_store_h_writes_the_forward_h_over_dout(act, dtype):
     dg, du, h2 = glu_backward(dout, g.clone(), u.clone(), act, True, store_h=True)
     assert h2.data_ptr() == dout.data_ptr()
     assert torch.equal(h2, h) and torch.equal(dg, dg_ref) and torch.equal(du, du_ref)
+
+
+# ---------------------------------------------------------------- the LoRA MLP's fused GLU backward
+LORA_DTYPES = [torch.float32, torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float32, torch.float16]
+LORA_CASES = [  # T, I, (r_g, r_u, r_d): one row, non-powers of two, mixed ranks (padded to R), r = 1 and 64
+    (1, 64, (16, 16, 16)), (37, 200, (4, 8, 1)), (150, 130, (64, 64, 64))] + (
+    [(4100, 8192, (16, 16, 16)), (3, 13824, (8, 8, 8))] if HAS_CUDA else [])
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", LORA_DTYPES)
+@pytest.mark.parametrize("case", LORA_CASES)
+def test_glu_lora_backward_matches_reference(case, dtype, act, inplace):
+    """de, dg and the five adapter products vs float64, with the padding columns exactly zero. The
+    products are taken from the rounded de, dg, h (as a separate GEMM on them would be), so they carry
+    the dtype's rounding like de and dg."""
+    from fusedlora.kernels import glu_lora_rank_pad
+    from fusedlora.ops.glu import glu_lora_backward, naive_glu_lora_backward
+    T, I, (rg, ru, rd) = case
+    dout, gate, up = (torch.randn(T, I, device=DEVICE).to(dtype) for _ in range(3))
+    gate = 2 * gate
+    xa = torch.randn(T, rg + ru + 3, device=DEVICE).to(dtype)  # a wider row stride than rg + ru
+    dyb = torch.randn(T, rd, device=DEVICE).to(dtype)
+    bg, bu = torch.randn(I, rg, device=DEVICE).to(dtype), torch.randn(I, ru, device=DEVICE).to(dtype)
+    scales = (0.5, 2.0)
+    ref = naive_glu_lora_backward(dout, gate, up, xa[:, :rg], xa[:, rg:rg + ru], dyb, bg, bu, scales, act)
+    g_in, u_in = gate.clone(), up.clone()
+    de, dg, P, Q = glu_lora_backward(dout, g_in, u_in, xa, rg, dyb, bg, bu, (rg, ru, rd), scales, act, inplace)
+    assert (de.data_ptr() == g_in.data_ptr()) == inplace and (dg.data_ptr() == u_in.data_ptr()) == inplace
+    if not inplace:
+        assert torch.equal(g_in, gate) and torch.equal(u_in, up)
+    R = glu_lora_rank_pad(max(rg, ru, rd))
+    assert P.shape == (T, 2 * R) and Q.shape == (I, 3 * R) and P.dtype == Q.dtype == torch.float32
+    got = [de, dg, P[:, :rg], P[:, R:R + ru], Q[:, :rg], Q[:, R:R + ru], Q[:, 2 * R:2 * R + rd]]
+    want = [ref[0], ref[1], *ref[2], *ref[3]]
+    tol = TOL[dtype]
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert rel_err(a, b) < tol, (i, rel_err(a, b))
+    pads = [P[:, rg:R], P[:, R + ru:], Q[:, rg:R], Q[:, R + ru:2 * R], Q[:, 2 * R + rd:]]
+    assert all(bool((p == 0).all()) for p in pads)

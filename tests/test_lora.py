@@ -45,8 +45,11 @@ class Block(nn.Module):
 
 
 def make(r=4, dropout=0.0, bias=False, act="silu", use_dora=False):
+    """r: an int, or "mixed" for a different rank on each MLP projection (PEFT's rank_pattern)."""
     torch.manual_seed(0)
-    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, use_dora=use_dora,
+    ranks = {"rank_pattern": {"gate_proj": 2, "up_proj": 4, "down_proj": 24}} if r == "mixed" else {}
+    r = 4 if r == "mixed" else r
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, use_dora=use_dora, **ranks,
                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     model = peft.inject_adapter_in_model(cfg, Block(bias=bias, act=act)).to(DEVICE)
     with torch.no_grad():  # PEFT starts B at zero: make the adapter path count
@@ -113,10 +116,18 @@ def test_qkv_and_o_match_peft(r, bias, tokens):
     compare(ref, fused, ref_outs[0], (qf, kf, vf, of), xr, xf, peft32)
 
 
+@pytest.mark.parametrize("glu_lora", [True, False])
 @pytest.mark.parametrize("tokens", [1, 5])
-@pytest.mark.parametrize("r", [4, 64])
+@pytest.mark.parametrize("r", [4, 64, "mixed"])
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
-def test_mlp_matches_peft(act, r, tokens):
+def test_mlp_matches_peft(act, r, tokens, glu_lora, monkeypatch):
+    """Both backward paths: the adapter products inside the GLU backward (glu_lora_backward) and the
+    separate GEMMs (taken when the fused path does not apply: custom activations, dropout...)."""
+    calls = []
+    real = lora.glu_lora_backward
+    monkeypatch.setattr(lora, "glu_lora_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    if not glu_lora:
+        monkeypatch.setattr(lora, "_glu_lora_fusable", lambda *a: False)
     fused = make(r=r, act=act)
     ref, xr, xf = _reference_and_inputs(fused, tokens)
     y = ref.mlp(xr)
@@ -125,6 +136,7 @@ def test_mlp_matches_peft(act, r, tokens):
     yf = apply(fused.mlp, xf)
     yf.backward(torch.ones_like(yf) * 0.5 + y.detach().float())
     compare(ref, fused, y, yf, xr, xf)
+    assert len(calls) == int(glu_lora)
 
 
 def test_dropout_matches_peft_masks():
