@@ -1,6 +1,6 @@
 """Sweep launch configurations of the kernels on the local GPU (JIT path) and print the fastest.
 
-    python -m build_tools.tune [ce,glu,rope,rms]
+    python -m build_tools.tune [ce,glu,glu_lora,rope,rms,nf4,gptq]
 
 Each configuration is timed fwd (+bwd) with CUDA-graph replay on fresh random bf16 inputs at the
 issue's benchmark sizes. The winners go into fusedlora/kernels.py by hand (meta/config)."""
@@ -77,6 +77,39 @@ def tune_glu():
             res.append(((block, warps), ms, f"{8 * n * 2 / ms / 1e9:.0f} GB/s"))
     report("swiglu fwd+bwd (BLOCK, warps)", res)
 
+
+def tune_glu_lora():
+    """The LoRA MLP's fused GLU backward at Llama-3.2-1B sizes (T 8192, I 8192, r 16), partial sums
+    included, against what it replaces: the GLU backward storing h plus three rank-16 GEMMs."""
+    t, i, r = 8192, 8192, 16
+    fn = registry.get("glu_lora_bwd").fn
+    dh, e, g = (torch.randn(t, i, device=DEV, dtype=BF16) for _ in range(3))
+    de, dg = torch.empty_like(e), torch.empty_like(g)
+    xa, dyb = torch.randn(t, 2 * r, device=DEV, dtype=BF16), torch.randn(t, r, device=DEV, dtype=BF16)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    res = []
+    for bm, bn, warps in ((16, 64, 4), (32, 64, 4), (32, 128, 8), (64, 64, 8), (64, 128, 8), (16, 256, 8)):
+        for per_sm in (2, 4, 8):
+            tiles = (i + bn - 1) // bn
+            groups = max(1, min((t + bm - 1) // bm, round(per_sm * sms / tiles)))
+            rows = (((t + groups - 1) // groups + bm - 1) // bm) * bm
+            groups = (t + rows - 1) // rows
+            q = torch.empty(groups, i, 3 * r, device=DEV)
+
+            def step():
+                fn[(tiles, groups)](dh, e, g, de, dg, xa, dyb, q, t, i, i, 2 * r, r, r, r, r, r, rows, 0.5, 2.0,
+                                    ACT=0, R=r, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+                q.sum(0)
+            ms = _time(step)
+            res.append(((bm, bn, warps, per_sm), ms, f"{5 * t * i * 2 / ms / 1e6:.0f} GB/s (3R+2W)"))
+    report("glu_lora_bwd + partial sum (BLOCK_M, BLOCK_N, warps, programs/SM)", res)
+    b = registry.get("glu_bwd").fn
+    h = torch.empty_like(dh)
+
+    def separate():
+        b[((t * i + 2047) // 2048,)](dh, e, g, de, dg, h, t * i, ACT=0, STORE_H=1, BLOCK=2048, num_warps=16)
+        de.t() @ xa[:, :r], dg.t() @ xa[:, r:], h.t() @ dyb
+    print(f"  separate (glu_bwd STORE_H + 3 GEMMs): {_time(separate):.4f} ms")
 
 def tune_rope():
     bsz, hq, hk, s, d = 4, 32, 8, 2048, 128
@@ -176,7 +209,7 @@ def main(argv=None):
     which = (argv or sys.argv[1:] or ["ce,glu,rope,rms"])[0].split(",")
     print(torch.cuda.get_device_name(), torch.__version__)
     for w in which:
-        {"ce": tune_ce, "glu": tune_glu, "rope": tune_rope, "rms": tune_rms, "nf4": tune_nf4, "gptq": tune_gptq}[w]()
+        {"ce": tune_ce, "glu": tune_glu, "glu_lora": tune_glu_lora, "rope": tune_rope, "rms": tune_rms, "nf4": tune_nf4, "gptq": tune_gptq}[w]()
 
 
 if __name__ == "__main__":

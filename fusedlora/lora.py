@@ -279,16 +279,16 @@ def _glu_lora_fusable(pg, pu, pd, training, act_bwd, xa_g, xa_u):
 
 
 def _mlp_fused_glu_backward(ctx, X2, e, g, saved, dh, dYBs_d, ddB, ng):
-    """LoRA_MLP.backward after down_proj's dX: one kernel gives de, dg and every adapter product that
-    would re-read them (s de B_g, s dg B_u, dB_g, dB_u, dA_down); h is never stored."""
+    """LoRA_MLP.backward after down_proj's dX: one kernel gives de, dg, dB_gate, dB_up and dA_down (the
+    products that would re-read de, dg and h); h is never stored."""
     pg, pu, pd = ctx.prs
     dtype = ctx.dtype
     xa, rg, ru, rd = saved[0], pg.A.shape[0], pu.A.shape[0], pd.A.shape[0]
-    de, dg, P, Q = glu_lora_backward(dh, e, g, xa, rg, dYBs_d, pg.B.to(dtype), pu.B.to(dtype), (rg, ru, rd),
-                                     (pg.s, pu.s), ctx.act_bwd.glu_act, ctx.inplace)
+    de, dg, Q = glu_lora_backward(dh, e, g, xa, rg, dYBs_d, (rg, ru, rd), (pg.s, pu.s), ctx.act_bwd.glu_act,
+                                  ctx.inplace)
     del dh
     R = glu_lora_rank_pad(max(rg, ru, rd))
-    G = (P if rg == ru == R else torch.cat([P[:, :rg], P[:, R:R + ru]], 1)).to(dtype)  # [s de B_g, s dg B_u]
+    G = torch.cat([_mm_scaled(de, pg.B.to(dtype), pg.s), _mm_scaled(dg, pu.B.to(dtype), pu.s)], 1)  # [T, rg + ru]
     dX = de @ dequantize_base(pg.W, pg.quant, dtype)
     dX.addmm_(dg, dequantize_base(pu.W, pu.quant, dtype))
     dX.addmm_(G, torch.cat([pg.A.to(dtype), pu.A.to(dtype)], 0))

@@ -94,9 +94,9 @@ LORA_CASES = [  # T, I, (r_g, r_u, r_d): one row, non-powers of two, mixed ranks
 @pytest.mark.parametrize("dtype", LORA_DTYPES)
 @pytest.mark.parametrize("case", LORA_CASES)
 def test_glu_lora_backward_matches_reference(case, dtype, act, inplace):
-    """de, dg and the five adapter products vs float64, with the padding columns exactly zero. The
-    products are taken from the rounded de, dg, h (as a separate GEMM on them would be), so they carry
-    the dtype's rounding like de and dg."""
+    """de, dg and the three token-reduced adapter products vs float64, with the padding columns exactly
+    zero. The products are taken from the rounded de, dg, h (as a separate GEMM on them would be), so they
+    carry the dtype's rounding like de and dg."""
     from fusedlora.kernels import glu_lora_rank_pad
     from fusedlora.ops.glu import glu_lora_backward, naive_glu_lora_backward
     T, I, (rg, ru, rd) = case
@@ -104,20 +104,26 @@ def test_glu_lora_backward_matches_reference(case, dtype, act, inplace):
     gate = 2 * gate
     xa = torch.randn(T, rg + ru + 3, device=DEVICE).to(dtype)  # a wider row stride than rg + ru
     dyb = torch.randn(T, rd, device=DEVICE).to(dtype)
-    bg, bu = torch.randn(I, rg, device=DEVICE).to(dtype), torch.randn(I, ru, device=DEVICE).to(dtype)
     scales = (0.5, 2.0)
-    ref = naive_glu_lora_backward(dout, gate, up, xa[:, :rg], xa[:, rg:rg + ru], dyb, bg, bu, scales, act)
+    ref = naive_glu_lora_backward(dout, gate, up, xa[:, :rg], xa[:, rg:rg + ru], dyb, scales, act)
     g_in, u_in = gate.clone(), up.clone()
-    de, dg, P, Q = glu_lora_backward(dout, g_in, u_in, xa, rg, dyb, bg, bu, (rg, ru, rd), scales, act, inplace)
+    de, dg, Q = glu_lora_backward(dout, g_in, u_in, xa, rg, dyb, (rg, ru, rd), scales, act, inplace)
     assert (de.data_ptr() == g_in.data_ptr()) == inplace and (dg.data_ptr() == u_in.data_ptr()) == inplace
     if not inplace:
         assert torch.equal(g_in, gate) and torch.equal(u_in, up)
     R = glu_lora_rank_pad(max(rg, ru, rd))
-    assert P.shape == (T, 2 * R) and Q.shape == (I, 3 * R) and P.dtype == Q.dtype == torch.float32
-    got = [de, dg, P[:, :rg], P[:, R:R + ru], Q[:, :rg], Q[:, R:R + ru], Q[:, 2 * R:2 * R + rd]]
-    want = [ref[0], ref[1], *ref[2], *ref[3]]
+    assert Q.shape == (I, 3 * R) and Q.dtype == torch.float32
+    got = [de, dg, Q[:, :rg], Q[:, R:R + ru], Q[:, 2 * R:2 * R + rd]]
+    want = [ref[0], ref[1], *ref[2]]
     tol = TOL[dtype]
     for i, (a, b) in enumerate(zip(got, want)):
         assert rel_err(a, b) < tol, (i, rel_err(a, b))
-    pads = [P[:, rg:R], P[:, R + ru:], Q[:, rg:R], Q[:, R + ru:2 * R], Q[:, 2 * R + rd:]]
-    assert all(bool((p == 0).all()) for p in pads)
+    assert all(bool((p == 0).all()) for p in (Q[:, rg:R], Q[:, R + ru:2 * R], Q[:, 2 * R + rd:]))
+
+
+def test_glu_lora_backward_of_no_tokens():
+    from fusedlora.ops.glu import glu_lora_backward
+    z = torch.empty(0, 64, device=DEVICE)
+    de, dg, Q = glu_lora_backward(z, z.clone(), z.clone(), torch.empty(0, 32, device=DEVICE), 16,
+                                  torch.empty(0, 16, device=DEVICE), (16, 16, 16), (1.0, 1.0), "silu")
+    assert de.shape == (0, 64) and Q.shape == (64, 48) and bool((Q == 0).all())
