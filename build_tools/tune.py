@@ -88,7 +88,8 @@ def tune_glu_lora():
     xa, dyb = torch.randn(t, 2 * r, device=DEV, dtype=BF16), torch.randn(t, r, device=DEV, dtype=BF16)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     res = []
-    for bm, bn, warps in ((16, 64, 4), (32, 64, 4), (32, 128, 8), (64, 64, 8), (64, 128, 8), (16, 256, 8)):
+    for bm, bn, warps, stages in ((16, 64, 4, 3), (32, 64, 4, 1), (32, 64, 4, 2), (32, 64, 4, 3), (32, 64, 4, 4),
+                                  (16, 64, 4, 2), (16, 64, 4, 4), (32, 128, 8, 3), (64, 64, 8, 3), (16, 128, 4, 3)):
         for per_sm in (2, 4, 8):
             tiles = (i + bn - 1) // bn
             groups = max(1, min((t + bm - 1) // bm, round(per_sm * sms / tiles)))
@@ -98,11 +99,11 @@ def tune_glu_lora():
 
             def step():
                 fn[(tiles, groups)](dh, e, g, de, dg, xa, dyb, q, t, i, i, 2 * r, r, r, r, r, r, rows, 0.5, 2.0,
-                                    ACT=0, R=r, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+                                    ACT=0, R=r, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
                 q.sum(0)
             ms = _time(step)
-            res.append(((bm, bn, warps, per_sm), ms, f"{5 * t * i * 2 / ms / 1e6:.0f} GB/s (3R+2W)"))
-    report("glu_lora_bwd + partial sum (BLOCK_M, BLOCK_N, warps, programs/SM)", res)
+            res.append(((bm, bn, warps, stages, per_sm), ms, f"{5 * t * i * 2 / ms / 1e6:.0f} GB/s (3R+2W)"))
+    report("glu_lora_bwd + partial sum (BLOCK_M, BLOCK_N, warps, stages, programs/SM)", res)
     b = registry.get("glu_bwd").fn
     h = torch.empty_like(dh)
 

@@ -126,10 +126,11 @@ GLU_BWD = register(KernelSpec(
 
 
 # The LoRA MLP's GLU backward with its token-reduced adapter products (tiles of BLOCK_M rows x BLOCK_N
-# columns; each program walks one column tile down a group of rows). H100 sweep (T = I = 8192, r 16, bf16):
-# 32 x 64 / 4 warps, 8 programs per SM: 0.257 ms (2.6 TB/s of 3R+2W), vs 0.512 ms for the GLU backward
-# storing h plus five rank-16 GEMMs; 64 x 64 tiles 0.45 ms, 16 x 256 0.35 ms.
-GLU_LORA_TILE = (32, 64, 4)
+# columns; each program walks one column tile down a group of rows, its loads software-pipelined).
+# H100 sweep (build_tools/tune.py glu_lora; T = I = 8192, r 16, bf16): 16 x 64, 4 warps, 3 stages, 4
+# programs per SM: 0.254 ms with the partial sum (2.6 TB/s of 3R+2W), vs 0.414 ms for the GLU backward
+# storing h plus three rank-16 GEMMs; one stage (no pipelining) 0.41 ms, 64 x 64 tiles 0.45 ms.
+GLU_LORA_TILE = (16, 64, 4, 3)  # BLOCK_M, BLOCK_N, warps, stages
 GLU_LORA_RANKS = (8, 16, 32, 64)
 
 
@@ -138,7 +139,7 @@ def glu_lora_rank_pad(rank: int) -> int:
 
 
 def glu_lora_bwd_meta(act: str, rank: int) -> dict:
-    bm, bn, _ = GLU_LORA_TILE
+    bm, bn, _, _ = GLU_LORA_TILE
     return {"ACT": GLU_ACTS[act], "R": glu_lora_rank_pad(rank), "BLOCK_M": bm, "BLOCK_N": bn}
 
 
@@ -158,7 +159,7 @@ GLU_LORA_BWD = register(KernelSpec(
                    "Q_PART": "fp32"},
     float_args=("scale_g", "scale_u"),
     meta=glu_lora_bwd_meta,
-    config=lambda arch, c: (GLU_LORA_TILE[2], 1),
+    config=lambda arch, c: GLU_LORA_TILE[2:],
     aot_variants=_glu_lora_aot,
     doc="LoRA MLP backward: GLU gradients plus the s de^T XA and h^T dY B partial sums, h never stored",
 ))
