@@ -1,6 +1,6 @@
 """Sweep launch configurations of the kernels on the local GPU (JIT path) and print the fastest.
 
-    python -m build_tools.tune [ce,glu,glu_lora,glu_lora_fwd,rope,rms,nf4,gptq]
+    python -m build_tools.tune [ce,glu,glu_lora,rope,rms,nf4,gptq]
 
 Each configuration is timed fwd (+bwd) with CUDA-graph replay on fresh random bf16 inputs at the
 issue's benchmark sizes. The winners go into fusedlora/kernels.py by hand (meta/config)."""
@@ -112,36 +112,6 @@ def tune_glu_lora():
         de.t() @ xa[:, :r], dg.t() @ xa[:, r:], h.t() @ dyb
     print(f"  separate (glu_bwd STORE_H + 3 GEMMs): {_time(separate):.4f} ms")
 
-def tune_glu_lora_fwd():
-    """The LoRA MLP's GLU forward with h A_d^T (T 8192, I 8192, r 16) against glu_fwd plus the GEMM."""
-    t, i, r = 8192, 8192, 16
-    fn = registry.get("glu_lora_fwd").fn
-    e, g = (torch.randn(t, i, device=DEV, dtype=BF16) for _ in range(2))
-    h = torch.empty_like(e)
-    ad, xad = torch.randn(r, i, device=DEV, dtype=BF16), torch.empty(t, r, device=DEV, dtype=BF16)
-    res = []
-    for bm in (16, 32, 64):
-        for bn in (64, 128, 256):
-            for warps in (4, 8):
-                for stages in (1, 3):
-                    def step():
-                        fn[((t + bm - 1) // bm,)](e, g, h, ad, xad, t, i, i, i, r, r, ACT=0, R=r, BLOCK_M=bm,
-                                                   BLOCK_N=bn, num_warps=warps, num_stages=stages)
-                    try:
-                        ms = _time(step)
-                    except Exception as ex:
-                        print("  skip", bm, bn, warps, stages, type(ex).__name__)
-                        continue
-                    res.append(((bm, bn, warps, stages), ms, f"{3 * t * i * 2 / ms / 1e6:.0f} GB/s (2R+1W)"))
-    report("glu_lora_fwd (BLOCK_M, BLOCK_N, warps, stages)", res)
-    f = registry.get("glu_fwd").fn
-
-    def separate():
-        f[((t * i + 2047) // 2048,)](e, g, h, t * i, ACT=0, BLOCK=2048, num_warps=16)
-        h @ ad.t()
-    print(f"  separate (glu_fwd + h A_d^T GEMM): {_time(separate):.4f} ms")
-
-
 def tune_rope():
     bsz, hq, hk, s, d = 4, 32, 8, 2048, 128
     fn = registry.get("rope").fn
@@ -240,7 +210,7 @@ def main(argv=None):
     which = (argv or sys.argv[1:] or ["ce,glu,rope,rms"])[0].split(",")
     print(torch.cuda.get_device_name(), torch.__version__)
     for w in which:
-        {"ce": tune_ce, "glu": tune_glu, "glu_lora": tune_glu_lora, "glu_lora_fwd": tune_glu_lora_fwd, "rope": tune_rope, "rms": tune_rms, "nf4": tune_nf4, "gptq": tune_gptq}[w]()
+        {"ce": tune_ce, "glu": tune_glu, "glu_lora": tune_glu_lora, "rope": tune_rope, "rms": tune_rms, "nf4": tune_nf4, "gptq": tune_gptq}[w]()
 
 
 if __name__ == "__main__":

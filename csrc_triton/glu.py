@@ -112,33 +112,3 @@ def glu_lora_bwd_kernel(
     tl.store(Q_PART + q_offs, qg * scale_g, mask=col_ok[:, None])
     tl.store(Q_PART + q_offs + R, qu * scale_u, mask=col_ok[:, None])
     tl.store(Q_PART + q_offs + 2 * R, qd, mask=col_ok[:, None])
-
-
-@triton.jit(do_not_specialize=["n_rows"])
-def glu_lora_fwd_kernel(
-    GATE, UP, H, AD, XAD,
-    n_rows, n_cols, stride_io, stride_ad, stride_xad, rank_d,
-    ACT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """The LoRA MLP's GLU forward with down_proj's adapter input: h = act(e) * g and XAD = h A_d^T (the
-    product a GEMM would take by reading h back). Each program owns BLOCK_M whole rows, so XAD needs no
-    partial sums; A_d ([rank_d, I], padded to R with zeros) is re-read from L2 by every program."""
-    io = H.dtype.element_ty
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
-    rk = tl.arange(0, R)
-    rank_ok = rk < rank_d
-    acc = tl.zeros([BLOCK_M, R], tl.float32)
-    for n0 in range(0, n_cols, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_cols
-        mask = row_ok[:, None] & col_ok[None, :]
-        offs = rows[:, None] * stride_io + cols[None, :]
-        e = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
-        a, _ = _act_and_grad(e, ACT)
-        h = (a * g).to(io)
-        tl.store(H + offs, h, mask=mask)
-        ad_t = tl.load(AD + rk[None, :] * stride_ad + cols[:, None], mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-        acc = _mma(h, ad_t, acc)
-    tl.store(XAD + rows[:, None] * stride_xad + rk[None, :], acc.to(io), mask=row_ok[:, None] & rank_ok[None, :])

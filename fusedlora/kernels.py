@@ -165,33 +165,6 @@ GLU_LORA_BWD = register(KernelSpec(
 ))
 
 
-# Its forward: whole rows per program (BLOCK_M rows, BLOCK_N columns per step).
-GLU_LORA_FWD_TILE = (32, 64, 4, 3)  # BLOCK_M, BLOCK_N, warps, stages
-
-
-def glu_lora_fwd_meta(act: str, rank: int) -> dict:
-    bm, bn, _, _ = GLU_LORA_FWD_TILE
-    return {"ACT": GLU_ACTS[act], "R": glu_lora_rank_pad(rank), "BLOCK_M": bm, "BLOCK_N": bn}
-
-
-def _glu_lora_fwd_aot(family):
-    for dt in family.get("dtypes", ("bf16", "fp16")):
-        for act in GLU_ACTS:
-            for r in GLU_LORA_RANKS:
-                yield {"x": dt}, {"act": act, "rank": r}, {"rank_d": r, "stride_xad": r}
-
-
-GLU_LORA_FWD = register(KernelSpec(
-    name="glu_lora_fwd",
-    module="csrc_triton.glu", function="glu_lora_fwd_kernel",
-    pointer_types={"GATE": "x", "UP": "x", "H": "x", "AD": "x", "XAD": "x"},
-    meta=glu_lora_fwd_meta,
-    config=lambda arch, c: GLU_LORA_FWD_TILE[2:],
-    aot_variants=_glu_lora_fwd_aot,
-    doc="LoRA MLP forward: h = act(gate) * up and down_proj's adapter input h A_d^T in one pass",
-))
-
-
 # ---------------------------------------------------------------- cross-entropy
 CE_MODES = {"loss": 0, "loss_and_grad": 1, "grad": 2}
 

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from .kernels import glu_lora_rank_pad
-from .ops.glu import glu_backward, glu_forward, glu_lora_backward, glu_lora_forward
+from .ops.glu import glu_backward, glu_forward, glu_lora_backward
 from .quant import dequantize_gptq, dequantize_nf4
 
 
@@ -114,16 +114,14 @@ def _dropout(X2, p, training):
     return X2 * scale, scale
 
 
-def _proj_forward(X2, pr: _Proj, dtype, training, XA=None):
-    """Y and what the backward keeps; XA (the adapter input X A^T, no dropout) when the caller has it."""
+def _proj_forward(X2, pr: _Proj, dtype, training):
     W = dequantize_base(pr.W, pr.quant, dtype)
-    Xd = mask = None
+    XA = Xd = mask = None
     if pr.A is None:
         Y = X2 @ W.t()
     else:
-        if XA is None:
-            Xd, mask = _dropout(X2, pr.dropout, training)
-            XA = Xd @ pr.A.to(dtype).t()
+        Xd, mask = _dropout(X2, pr.dropout, training)
+        XA = Xd @ pr.A.to(dtype).t()
         if W.shape[1] <= W.shape[0]:
             # Widening projection (gate/up): one GEMM over [X, XA] @ [W, s B]^T costs a copy of the narrow
             # input instead of a second pass over the wide output.
@@ -269,12 +267,11 @@ def _gate_up_forward(X2, pg, pu, dtype):
 
 
 
-def _glu_lora_fusable(pg, pu, pd, training, act, act_bwd, xa_g, xa_u):
-    """The MLP can take adapter products inside its GLU kernels (glu_lora_forward / glu_lora_backward):
-    gate and up shared one adapter-input GEMM (their XA are adjacent columns of one tensor), down has an
-    adapter with no active dropout, and the activation pair is one of ours."""
-    act_name = getattr(act, "glu_act", None)
-    if not (_gate_up_shareable(pg, pu, training) and act_name and getattr(act_bwd, "glu_act", None) == act_name):
+def _glu_lora_fusable(pg, pu, pd, training, act_bwd, xa_g, xa_u):
+    """The MLP backward can take the adapter products inside the GLU backward (glu_lora_backward): gate and
+    up shared one adapter-input GEMM (their XA are adjacent columns of one tensor), down has an adapter
+    with no active dropout, and the activation is one of ours."""
+    if not (_gate_up_shareable(pg, pu, training) and getattr(act_bwd, "glu_act", None)):
         return False
     if pd.A is None or (pd.dropout != 0.0 and training) or xa_g.stride() != xa_u.stride():
         return False
@@ -410,16 +407,12 @@ class LoRA_MLP(torch.autograd.Function):
         else:
             e, sg = _proj_forward(X2, pg, dtype, training)
             g, su = _proj_forward(X2, pu, dtype, training)
-        ctx.fused_glu = _glu_lora_fusable(pg, pu, pd, training, activation_fn, activation_fn_backward, sg[0], su[0])
-        if ctx.fused_glu:  # down_proj's adapter input taken while h is in registers
-            h, XA_d = glu_lora_forward(e, g, pd.A.to(dtype), activation_fn.glu_act)
-            Y, sd = _proj_forward(h, pd, dtype, training, XA=XA_d)
-        else:
-            h = activation_fn(e, g)
-            Y, sd = _proj_forward(h, pd, dtype, training)
+        h = activation_fn(e, g)
+        Y, sd = _proj_forward(h, pd, dtype, training)
         del h  # recomputed in the backward from e and g
         ctx.prs, ctx.dtype, ctx.x_shape = (pg, pu, pd), dtype, X.shape
         ctx.act, ctx.act_bwd, ctx.inplace = activation_fn, activation_fn_backward, inplace
+        ctx.fused_glu = _glu_lora_fusable(pg, pu, pd, training, activation_fn_backward, sg[0], su[0])
         ctx.save_for_backward(X2, e, g, *sg, *su, *sd)
         return Y.view(*X.shape[:-1], Y.shape[-1])
 
@@ -473,9 +466,6 @@ def swiglu_fg(e, g):
     return glu_forward(e.contiguous(), g.contiguous(), "silu")
 
 
-swiglu_fg.glu_act = "silu"
-
-
 def _glu_fg_backward(act):
     def backward(dh, e, g, inplace=True, store_h=False):
         """(de, dg), plus h written over dh when store_h."""
@@ -492,17 +482,11 @@ def geglu_exact_fg(e, g):
     return glu_forward(e.contiguous(), g.contiguous(), "gelu")
 
 
-geglu_exact_fg.glu_act = "gelu"
-
-
 geglu_exact_fg_backward = _glu_fg_backward("gelu")
 
 
 def geglu_approx_fg(e, g):
     return glu_forward(e.contiguous(), g.contiguous(), "gelu_tanh")
-
-
-geglu_approx_fg.glu_act = "gelu_tanh"
 
 
 geglu_approx_fg_backward = _glu_fg_backward("gelu_tanh")

@@ -69,7 +69,7 @@ def _check_glu_lora(device, dtype):
     import torch
 
     from .kernels import glu_lora_rank_pad
-    from .ops.glu import glu_lora_backward, glu_lora_forward, naive_glu_lora_backward, naive_swiglu
+    from .ops.glu import glu_lora_backward, naive_glu_lora_backward
     (t, i), r = ((1000, 8192) if device == "cuda" else (40, 200)), 16
     dout, gate, up = (torch.randn(t, i, device=device).to(dtype) for _ in range(3))
     xa, dyb = torch.randn(t, 2 * r, device=device).to(dtype), torch.randn(t, r, device=device).to(dtype)
@@ -78,12 +78,7 @@ def _check_glu_lora(device, dtype):
     R = glu_lora_rank_pad(r)
     got = (de, dg, Q[:, :r], Q[:, R:R + r], Q[:, 2 * R:2 * R + r])
     err = max(_rel_err(a, b) for a, b in zip(got, (ref[0], ref[1], *ref[2])))
-    a_down = torch.randn(r, i, device=device).to(dtype)
-    h, xad = glu_lora_forward(gate, up, a_down, "silu")
-    h64 = naive_swiglu(gate.double(), up.double())
-    err_fwd = max(_rel_err(h, h64), _rel_err(xad, h64 @ a_down.double().t()))
-    tol = 1.5e-2 if dtype != torch.float32 else 1e-5
-    return {"glu_lora_bwd": (err, tol), "glu_lora_fwd": (err_fwd, tol)}
+    return {"glu_lora_bwd": (err, 1.5e-2 if dtype != torch.float32 else 1e-5)}
 
 def _check_cross_entropy(device, dtype):
     import torch
@@ -170,7 +165,7 @@ def _check_quant(device, dtype):
 
 
 CHECKS = {"nf4_dequant": _check_quant, "gptq_dequant": _check_quant, "rms_norm_fwd": _check_rms_norm, "rms_norm_bwd": _check_rms_norm, "glu_fwd": _check_glu,
-          "glu_bwd": _check_glu, "glu_lora_bwd": _check_glu_lora, "glu_lora_fwd": _check_glu_lora, "cross_entropy": _check_cross_entropy, "scale_by_scalar": _check_cross_entropy,
+          "glu_bwd": _check_glu, "glu_lora_bwd": _check_glu_lora, "cross_entropy": _check_cross_entropy, "scale_by_scalar": _check_cross_entropy,
           "rope": _check_rope}
 
 

@@ -97,29 +97,6 @@ def glu_lora_backward(dout, gate, up, xa, xa_up_offset, dyb, ranks, scales, act:
     return dgate, dup, q_part[0] if groups == 1 else q_part.sum(0)  # no groups (T = 0): zeros
 
 
-@functools.lru_cache(maxsize=None)
-def _lora_fwd_meta(act: str, rank: int):
-    m = kernels.glu_lora_fwd_meta(act, rank)
-    return m, constexpr_key(m)
-
-
-def glu_lora_forward(gate, up, a_down, act: str):
-    """(h, h A_d^T) for a LoRA MLP in one pass: h = act(gate) * up [T, I] and down_proj's adapter input
-    [T, r_d] (a_down = A_d [r_d, I], unit last stride), both in gate's dtype."""
-    T, I = gate.shape
-    if up.shape != gate.shape or up.stride() != gate.stride() or gate.stride(1) != 1 or a_down.stride(1) != 1:
-        raise ValueError("glu_lora_forward: gate and up need one shape and row stride, unit last strides")
-    if a_down.shape[1] != I:
-        raise ValueError(f"glu_lora_forward: A_down has {a_down.shape[1]} columns for {I} gate columns")
-    rd = a_down.shape[0]
-    meta, key = _lora_fwd_meta(act, rd)
-    h = torch.empty(T, I, dtype=gate.dtype, device=gate.device)
-    xad = torch.empty(T, rd, dtype=gate.dtype, device=gate.device)
-    launcher("glu_lora_fwd")((cdiv(T, meta["BLOCK_M"]), 1, 1),
-                             (gate, up, h, a_down, xad, T, I, gate.stride(0), a_down.stride(0), rd, rd), key)
-    return h, xad
-
-
 def naive_glu_lora_backward(dout, gate, up, xa_g, xa_u, dyb, scales, act: str):
     """Plain-torch reference of glu_lora_backward in float64, unpadded: (de, dg, (s_g de^T XA_g,
     s_u dg^T XA_u, h^T dyb))."""
