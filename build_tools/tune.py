@@ -173,11 +173,27 @@ def tune_nf4():
             for block in (512, 1024, 2048, 4096, 8192):
                 for warps in (2, 4, 8, 16):
                     grid = (n // block,)
-                    ms = _time(lambda: fn[grid](packed, a8, a2, code, code2, off, out, n, BLOCKSIZE=64,
-                                                BLOCKSIZE2=256, NESTED=1, BLOCK=block,
+                    ms = _time(lambda: fn[grid](packed, a8, a2, code, code2, off, out, n, 0, 0, BLOCKSIZE=64,
+                                                BLOCKSIZE2=256, NESTED=1, BLOCK=block, STRIDED=0,
                                                 num_warps=warps, enable_fp_fusion=False))
                     res.append(((order, block, warps), ms, f"{(n // 2 + n // 64 + 2 * n) / ms / 1e6:.0f} GB/s"))
         report(f"nf4 nested bf16 {shape} (OUTPUT_ORDER, BLOCK, warps)", res)
+    # row-strided: a gate weight [8192, 2048] into the [W | s B] buffer [8192, 2080] of the LoRA MLP
+    rows, row_len, ld = 8192, 2048, 2080
+    n = rows * row_len
+    packed = torch.randint(0, 256, (n // 2,), dtype=torch.uint8, device=DEV)
+    a8 = torch.randint(0, 256, (n // 64,), dtype=torch.uint8, device=DEV)
+    a2 = torch.rand(n // 64 // 256 + 1, device=DEV)
+    code, code2, off = torch.rand(16, device=DEV), torch.rand(256, device=DEV), torch.rand(1, device=DEV)
+    buf = torch.empty(rows, ld, device=DEV, dtype=BF16)
+    res = []
+    for block in (512, 1024, 2048):
+        for warps in (1, 2, 4):
+            ms = _time(lambda: fn[(row_len // block, rows)](packed, a8, a2, code, code2, off, buf, n, row_len, ld,
+                                                            BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=1, BLOCK=block,
+                                                            STRIDED=1, num_warps=warps, enable_fp_fusion=False))
+            res.append(((block, warps), ms, f"{(n // 2 + n // 64 + 2 * n) / ms / 1e6:.0f} GB/s"))
+    report("nf4 nested bf16 8192x2048 into a [8192, 2080] buffer (BLOCK, warps)", res)
 
 
 def tune_gptq():

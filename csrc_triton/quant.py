@@ -18,38 +18,48 @@ COMPILE_OPTIONS = {"nf4_dequant_kernel": {"enable_fp_fusion": False}}
 
 
 @triton.jit
-def _nf4_program(PACKED, OUT, code, am, pid, n_elements, NB: tl.constexpr, HB: tl.constexpr, MASKED: tl.constexpr):
-    # Each byte is loaded once; both nibbles index the 16-entry code table with tl.gather (a shared
-    # memory read per element: a register select tree cost ~20 instructions per element and left the
-    # kernel ALU-bound), and are interleaved back in output order. Only the last program is MASKED: a
-    # mask against a runtime length keeps Triton from vectorising (2-byte stores everywhere).
+def _nf4_program(PACKED, OUT_AT, code, am, first, limit, NB: tl.constexpr, HB: tl.constexpr, MASKED: tl.constexpr):
+    # Outputs first .. first + PB - 1 (flat weight order) go to OUT_AT[0 .. PB - 1]. Each byte is loaded
+    # once; both nibbles index the 16-entry code table with tl.gather (a shared memory read per element: a
+    # register select tree cost ~20 instructions per element and left the kernel ALU-bound), and are
+    # interleaved back in output order. Only the last program is MASKED: a mask against a runtime length
+    # keeps Triton from vectorising (2-byte stores everywhere).
     PB: tl.constexpr = NB * HB * 2
-    byte = pid * (PB // 2) + tl.arange(0, PB // 2)
-    offs = pid * PB + tl.arange(0, PB)
+    byte = first // 2 + tl.arange(0, PB // 2)
+    k = tl.arange(0, PB)
     if MASKED:
-        b = tl.load(PACKED + byte, mask=byte < (n_elements + 1) // 2, other=0).to(tl.int32)
+        b = tl.load(PACKED + byte, mask=byte < (limit + 1) // 2, other=0).to(tl.int32)
     else:
         b = tl.load(PACKED + byte).to(tl.int32)
     hi = tl.reshape(tl.gather(code, b >> 4, 0), [NB, HB]) * am[:, None]
     lo = tl.reshape(tl.gather(code, b & 15, 0), [NB, HB]) * am[:, None]
-    vals = tl.reshape(tl.interleave(hi, lo), [PB]).to(OUT.dtype.element_ty)
+    vals = tl.reshape(tl.interleave(hi, lo), [PB]).to(OUT_AT.dtype.element_ty)
     if MASKED:
-        tl.store(OUT + offs, vals, mask=offs < n_elements)
+        tl.store(OUT_AT + k, vals, mask=first + k < limit)
     else:
-        tl.store(OUT + offs, vals)
+        tl.store(OUT_AT + k, vals)
 
 
 @triton.jit(do_not_specialize=["n_elements"])
-def nf4_dequant_kernel(PACKED, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, OUT, n_elements,
+def nf4_dequant_kernel(PACKED, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, OUT, n_elements, row_len, out_row_stride,
                        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, STRIDED: tl.constexpr):
     # A program covers BLOCK outputs = NB quantisation blocks of BLOCKSIZE: absmax is loaded once per
-    # block and the code table once per program.
+    # block and the code table once per program. STRIDED: OUT is the [rows, row_len] left block of a wider
+    # buffer (row stride out_row_stride, e.g. [W | s B] for a LoRA GEMM); program (c, row) covers outputs
+    # c * BLOCK .. of one row, and BLOCK divides row_len, so no program is masked.
     HB: tl.constexpr = BLOCKSIZE // 2
     NB: tl.constexpr = BLOCK // BLOCKSIZE if BLOCK >= BLOCKSIZE else 1
     PB: tl.constexpr = NB * BLOCKSIZE  # outputs per program
-    pid = tl.program_id(0).to(tl.int64)
-    blk = pid * NB + tl.arange(0, NB)
+    if STRIDED:
+        c = tl.program_id(0).to(tl.int64) * PB
+        row = tl.program_id(1).to(tl.int64)
+        first = row * row_len + c
+        out_at = OUT + (row * out_row_stride + c)
+    else:
+        first = tl.program_id(0).to(tl.int64) * PB
+        out_at = OUT + first
+    blk = first // BLOCKSIZE + tl.arange(0, NB)
     n_blocks = (n_elements + BLOCKSIZE - 1) // BLOCKSIZE
     blk_ok = blk < n_blocks
     if NESTED:
@@ -59,10 +69,10 @@ def nf4_dequant_kernel(PACKED, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, OUT, n_elem
     else:
         am = tl.load(ABSMAX + blk, mask=blk_ok, other=0.0)
     code = tl.load(CODE + tl.arange(0, 16))
-    if (pid + 1) * PB <= n_elements:
-        _nf4_program(PACKED, OUT, code, am, pid, n_elements, NB, HB, False)
+    if STRIDED or first + PB <= n_elements:
+        _nf4_program(PACKED, out_at, code, am, first, n_elements, NB, HB, False)
     else:
-        _nf4_program(PACKED, OUT, code, am, pid, n_elements, NB, HB, True)
+        _nf4_program(PACKED, out_at, code, am, first, n_elements, NB, HB, True)
 
 
 @triton.jit(do_not_specialize=["zero_offset"])

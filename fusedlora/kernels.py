@@ -252,15 +252,29 @@ NF4_BLOCK = 8192  # H100 sweep (build_tools/tune.py nf4): 8192 outputs / 2 warps
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
-def nf4_meta(blocksize: int, nested: bool, blocksize2: int = 256) -> dict:
-    return {"BLOCKSIZE": int(blocksize), "BLOCKSIZE2": int(blocksize2), "NESTED": int(bool(nested)), "BLOCK": NF4_BLOCK}
+def nf4_meta(blocksize: int, nested: bool, blocksize2: int = 256, row_len: int = 0) -> dict:
+    """row_len > 0: the row-strided output (rows of row_len into a wider buffer); programs then cover the
+    largest power of two that divides the row (<= NF4_BLOCK), so none straddles a row or needs a mask."""
+    block = NF4_BLOCK if row_len <= 0 else max(int(blocksize), min(NF4_BLOCK, row_len & -row_len))
+    return {"BLOCKSIZE": int(blocksize), "BLOCKSIZE2": int(blocksize2), "NESTED": int(bool(nested)), "BLOCK": block,
+            "STRIDED": int(row_len > 0)}
 
 
 def _nf4_aot(family):
     for dt in list(family.get("dtypes", ("bf16", "fp16"))) + ["fp32"]:
         for blocksize in (64, 128, 256):
             for nested in (False, True):
-                yield ({"x": dt, "absmax": "u8" if nested else "fp32"}, {"blocksize": blocksize, "nested": nested})
+                yield ({"x": dt, "absmax": "u8" if nested else "fp32"}, {"blocksize": blocksize, "nested": nested},
+                       {"row_len": 0, "out_row_stride": 0})
+    # row-strided: a gate/up weight [I, H] into the [W | s B] buffer of the LoRA MLP (bitsandbytes' default
+    # blocksize 64, fp16/bf16)
+    blocks = {}
+    for h in family.get("hidden_sizes", ()):
+        blocks.setdefault(nf4_meta(64, False, row_len=h)["BLOCK"], h)
+    for dt in family.get("dtypes", ("bf16", "fp16")):
+        for h in blocks.values():
+            for nested in (False, True):
+                yield ({"x": dt, "absmax": "u8" if nested else "fp32"}, {"blocksize": 64, "nested": nested, "row_len": h})
 
 
 NF4_DEQUANT = register(KernelSpec(

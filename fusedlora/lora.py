@@ -25,7 +25,7 @@ import torch
 
 from .kernels import glu_lora_rank_pad
 from .ops.glu import glu_backward, glu_forward, glu_lora_backward
-from .quant import dequantize_gptq, dequantize_nf4
+from .quant import _row_strided, dequantize_gptq, dequantize_nf4
 
 
 class GPTQState(NamedTuple):
@@ -46,7 +46,8 @@ class UnsupportedLoRA(ValueError):
 def dequantize_base(W: torch.Tensor, quant, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """The base weight as a [out, in] tensor of `dtype` (written into `out` when given)."""
     if out is not None:
-        if getattr(quant, "quant_type", None) in ("nf4", "fp4") and quant.dtype in (torch.float32, dtype):
+        if getattr(quant, "quant_type", None) in ("nf4", "fp4") and quant.dtype in (torch.float32, dtype) and (
+                out.is_contiguous() or _row_strided(out, quant.blocksize)):
             return dequantize_nf4(W, quant, out=out, dtype=dtype)  # straight into out, no temporary
         return out.copy_(dequantize_base(W, quant, dtype))
     if quant is None:
@@ -253,17 +254,26 @@ def _gate_up_shareable(pg, pu, training):
 def _gate_up_forward(X2, pg, pu, dtype):
     """e, g = [X, X A_g^T, X A_u^T] @ [W_g, s_g B_g, 0]^T and [...] @ [W_u, 0, s_u B_u]^T: one adapter-input
     GEMM and one copy of X for both projections (the zero blocks cost K + r extra columns, ~1 %)."""
-    rg, ru = pg.A.shape[0], pu.A.shape[0]
     XA = X2 @ torch.cat([pg.A.to(dtype), pu.A.to(dtype)], 0).t()
     Xc = torch.cat([X2, XA], 1)
-    outs = []
-    for pr, before, after in ((pg, 0, ru), (pu, rg, 0)):
-        W = dequantize_base(pr.W, pr.quant, dtype)
-        parts = [W] + ([W.new_zeros(W.shape[0], before)] if before else []) + [pr.B.to(dtype) * pr.s] + \
-            ([W.new_zeros(W.shape[0], after)] if after else [])
-        outs.append(Xc @ torch.cat(parts, 1).t())
-        del W
+    rg = pg.A.shape[0]
+    outs = [Xc @ _gate_up_weight(pg, pu, which, dtype).t() for which in (0, 1)]
     return outs, ((XA[:, :rg], None, None), (XA[:, rg:], None, None))
+
+
+def _gate_up_weight(pg, pu, which, dtype):
+    """[W_g | s_g B_g | 0] (which = 0) or [W_u | 0 | s_u B_u] (which = 1), [I, H + r_g + r_u]: the weight of
+    the shared [X, X A_g^T, X A_u^T] input. The backward multiplies de / dg by the same matrix, which gives
+    dX's base part and s de B_g / s dg B_u in one GEMM."""
+    pr = (pg, pu)[which]
+    out_f, in_f = _weight_shape(pr.W, pr.quant)
+    rg, ru = pg.A.shape[0], pu.A.shape[0]
+    buf = torch.empty(out_f, in_f + rg + ru, dtype=dtype, device=pr.A.device)
+    dequantize_base(pr.W, pr.quant, dtype, out=buf[:, :in_f])  # NF4: dequantised straight into the block
+    buf[:, in_f:].zero_()
+    col = in_f + (0 if which == 0 else rg)
+    torch.mul(pr.B.to(dtype), pr.s, out=buf[:, col:col + pr.A.shape[0]])
+    return buf
 
 
 
@@ -288,9 +298,12 @@ def _mlp_fused_glu_backward(ctx, X2, e, g, saved, dh, dYBs_d, ddB, ng):
                                   ctx.inplace)
     del dh
     R = glu_lora_rank_pad(max(rg, ru, rd))
-    G = torch.cat([_mm_scaled(de, pg.B.to(dtype), pg.s), _mm_scaled(dg, pu.B.to(dtype), pu.s)], 1)  # [T, rg + ru]
-    dX = de @ dequantize_base(pg.W, pg.quant, dtype)
-    dX.addmm_(dg, dequantize_base(pu.W, pu.quant, dtype))
+    # [dX_base | s de B_g | s dg B_u] = de [W_g | s_g B_g | 0] + dg [W_u | 0 | s_u B_u]: the adapter products
+    # ride along in the base GEMMs' extra columns instead of re-reading de and dg
+    H = X2.shape[1]
+    out = de @ _gate_up_weight(pg, pu, 0, dtype)
+    out.addmm_(dg, _gate_up_weight(pg, pu, 1, dtype))
+    dX, G = out[:, :H], out[:, H:]
     dX.addmm_(G, torch.cat([pg.A.to(dtype), pu.A.to(dtype)], 0))
     dA_cat = G.t() @ X2 if (ng[3] or ng[8]) else None
     dgA = dA_cat[:rg].to(pg.A.dtype) if ng[3] else None

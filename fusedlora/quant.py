@@ -47,8 +47,8 @@ def naive_dequantize_nf4(packed: torch.Tensor, quant_state) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _nf4_key(blocksize, nested, blocksize2):
-    m = kernels.nf4_meta(blocksize, nested, blocksize2)
+def _nf4_key(blocksize, nested, blocksize2, row_len=0):
+    m = kernels.nf4_meta(blocksize, nested, blocksize2, row_len)
     return m, constexpr_key(m)
 
 
@@ -114,13 +114,26 @@ def dequantize_nf4(weight: torch.Tensor, quant_state=None, out: torch.Tensor | N
             _fail(op, f"quant_state.{name} is on {t.device} but the weight is on {dev}")
     if out is None:
         out = torch.empty(qs.shape, dtype=dtype, device=dev)
-    elif out.shape != tuple(qs.shape) or out.dtype != dtype or not out.is_contiguous() or out.device != dev:
-        _fail(op, f"out must be a contiguous {dtype} tensor of shape {tuple(qs.shape)} on {dev}")
-    meta, key = _nf4_key(qs.blocksize, bool(qs.nested), blocksize2)
-    grid = (-(-n // max(meta["BLOCK"], qs.blocksize)), 1, 1)  # a program covers whole quantisation blocks
+    elif out.shape != tuple(qs.shape) or out.dtype != dtype or out.device != dev:
+        _fail(op, f"out must be a {dtype} tensor of shape {tuple(qs.shape)} on {dev}")
+    elif not out.is_contiguous() and not _row_strided(out, qs.blocksize):
+        _fail(op, "out must be contiguous, or a 2-D block of rows (unit column stride, rows a multiple of the "
+                  f"blocksize {qs.blocksize} long) of a wider buffer")
+    strided = not out.is_contiguous()
+    row_len = out.shape[1] if strided else 0
+    meta, key = _nf4_key(qs.blocksize, bool(qs.nested), blocksize2, row_len)
+    if strided:
+        grid = (row_len // meta["BLOCK"], out.shape[0], 1)
+    else:
+        grid = (-(-n // max(meta["BLOCK"], qs.blocksize)), 1, 1)  # a program covers whole quantisation blocks
     launcher("nf4_dequant")(grid, (packed.view(torch.uint8).reshape(-1), absmax, absmax2, qs.code.float(), code2,
-                                   offset, out, n), key)
+                                   offset, out, n, row_len, out.stride(0) if strided else 0), key)
     return out
+
+
+def _row_strided(out: torch.Tensor, blocksize: int) -> bool:
+    return (out.dim() == 2 and out.stride(1) == 1 and out.stride(0) >= out.shape[1] and out.shape[1] % blocksize == 0
+            and out.shape[0] < 65536)  # rows go on the grid's second axis
 
 
 # ----------------------------------------------------------------------------------------------- GPTQ

@@ -104,8 +104,25 @@ def test_nf4_output_dtype_from_fp32_state(dtype):
     ours = dequantize_nf4(q, qs, dtype=dtype)
     assert ours.dtype == dtype and ours.shape == ref32.shape
     _assert_matches(ours, ref32.to(dtype), dequantize_nf4(q, qs))
-    with pytest.raises(ValueError, match="out must be a contiguous"):
+    with pytest.raises(ValueError, match="out must be a torch.(float16|bfloat16) tensor of shape \\(33, 70\\)"):
         dequantize_nf4(q, qs, out=torch.empty(33, 70, device=DEVICE), dtype=dtype)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("shape,extra", [((64, 128), 32), ((37, 192), 5), ((3, 4096), 16)])
+def test_nf4_into_rows_of_a_wider_buffer(shape, extra, nested):
+    """out= a [rows, in] block of a wider buffer (the LoRA MLP's [W | s B]): the same values as the
+    contiguous output, and the columns beside the block untouched."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    w = torch.randn(*shape, dtype=torch.float32, device=DEVICE)
+    q, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
+    ref = dequantize_nf4(q, qs, dtype=dtype)
+    buf = torch.full((shape[0], shape[1] + extra), 3.0, dtype=dtype, device=DEVICE)
+    got = dequantize_nf4(q, qs, out=buf[:, :shape[1]], dtype=dtype)
+    assert got.data_ptr() == buf.data_ptr() and torch.equal(got, ref)
+    assert bool((buf[:, shape[1]:] == 3.0).all())
+    with pytest.raises(ValueError, match="out must be contiguous, or a 2-D block of rows"):
+        dequantize_nf4(q, qs, out=torch.empty(shape[1], shape[0], dtype=dtype, device=DEVICE).t(), dtype=dtype)
 
 
 def test_nf4_bad_input():
@@ -123,7 +140,7 @@ def test_nf4_bad_input():
     a8, s8 = bnbf.quantize_blockwise(torch.randn(64, device=DEVICE))  # an 8-bit state, not 4-bit
     with pytest.raises(ValueError, match="quant_type None; expected 'nf4' or 'fp4'"):
         dequantize_nf4(q, s8)
-    with pytest.raises(ValueError, match="out must be a contiguous"):
+    with pytest.raises(ValueError, match="out must be a torch.float16 tensor of shape \\(8, 64\\)"):
         dequantize_nf4(q, qs, out=torch.empty(8, 64, dtype=torch.float32, device=DEVICE))
 
 
