@@ -366,3 +366,41 @@ def test_mlp_with_adapters_on_some_projections(with_adapter):
     assert rel_err(y, ref) < 1e-5
     for t, g in zip(leaves, got):
         assert rel_err(g, t.grad) < 1e-5
+
+
+@pytest.mark.parametrize("hidden", [64, 96])
+def test_mlp_with_nf4_gate_up_down(hidden, monkeypatch):
+    """LoRA_MLP with NF4 gate/up/down: the fused path (gate/up weights dequantised straight into the
+    [W | s B | 0] block; hidden 96 is not a power of two, so its rows take 32-output programs) against
+    plain autograd on the dequantised weights."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    torch.manual_seed(0)
+    inter, T, r = 128, 6, 4
+    dense = [torch.randn(inter, hidden, device=DEVICE) * 0.2, torch.randn(inter, hidden, device=DEVICE) * 0.2,
+             torch.randn(hidden, inter, device=DEVICE) * 0.2]
+    qs = [bnbf.quantize_4bit(w, blocksize=32, compress_statistics=True, quant_type="nf4") for w in dense]
+    Ws = [bnbf.dequantize_4bit(q, s) for q, s in qs]
+    ABs = [((0.1 * torch.randn(r, W.shape[1], device=DEVICE)).requires_grad_(),
+            (0.1 * torch.randn(W.shape[0], r, device=DEVICE)).requires_grad_(), 1.5) for W in Ws]
+    x = torch.randn(T, hidden, device=DEVICE, requires_grad=True)
+    args = [t for (q, s), (A, B, sc) in zip(qs, ABs) for t in (q, s, A, B, sc)]
+    calls = []
+    real = lora.dequantize_nf4
+    monkeypatch.setattr(lora, "dequantize_nf4", lambda *a, **k: calls.append(
+        k.get("out") is not None and not k["out"].is_contiguous()) or real(*a, **k))
+    y = lora.LoRA_MLP.apply(x, *args, lora.swiglu_fg, lora.swiglu_fg_backward, True)
+    assert sum(calls) == 2  # gate and up went straight into their blocks
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    leaves = [x] + [t for A, B, _ in ABs for t in (A, B)]
+    got = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+
+    def proj(inp, W, A, B, s):
+        return inp @ W.T + s * (inp @ A.T) @ B.T
+    ref = proj(F.silu(proj(x, Ws[0], *ABs[0])) * proj(x, Ws[1], *ABs[1]), Ws[2], *ABs[2])
+    ref.backward(dy)
+    assert rel_err(y, ref) < 1e-5
+    for t, g in zip(leaves, got):
+        assert rel_err(g, t.grad) < 1e-5
