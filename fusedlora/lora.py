@@ -25,7 +25,7 @@ import torch
 
 from .kernels import glu_lora_rank_pad
 from .ops.glu import glu_backward, glu_forward, glu_lora_backward
-from .quant import _row_strided, dequantize_gptq, dequantize_nf4
+from .quant import dequantize_gptq, dequantize_nf4, row_block_ok
 
 
 class GPTQState(NamedTuple):
@@ -47,7 +47,7 @@ def dequantize_base(W: torch.Tensor, quant, dtype: torch.dtype, out: torch.Tenso
     """The base weight as a [out, in] tensor of `dtype` (written into `out` when given)."""
     if out is not None:
         if getattr(quant, "quant_type", None) in ("nf4", "fp4") and quant.dtype in (torch.float32, dtype) and (
-                out.is_contiguous() or _row_strided(out, quant.blocksize)):
+                out.is_contiguous() or row_block_ok(out, quant.blocksize)):
             return dequantize_nf4(W, quant, out=out, dtype=dtype)  # straight into out, no temporary
         return out.copy_(dequantize_base(W, quant, dtype))
     if quant is None:
@@ -270,7 +270,7 @@ def _gate_up_weight(pg, pu, which, dtype):
     sB = pr.B.to(dtype) * pr.s
     if getattr(pr.quant, "quant_type", None) in ("nf4", "fp4") and pr.quant.dtype in (torch.float32, dtype):
         buf = torch.empty(out_f, in_f + rg + ru, dtype=dtype, device=pr.A.device)
-        if _row_strided(buf[:, :in_f], pr.quant.blocksize):
+        if row_block_ok(buf[:, :in_f], pr.quant.blocksize):
             dequantize_nf4(pr.W, pr.quant, out=buf[:, :in_f], dtype=dtype)  # no temporary, no copy
             buf[:, in_f:].zero_()
             col = in_f + (0 if which == 0 else rg)
@@ -278,9 +278,8 @@ def _gate_up_weight(pg, pu, which, dtype):
             return buf
     # other weights: one cat (a strided copy into a preallocated block ran 2x slower than cat on an H100)
     W = dequantize_base(pr.W, pr.quant, dtype)
-    zeros = [W.new_zeros(out_f, n) for n in (ru if which == 0 else rg,)]
-    return torch.cat([W, sB] + zeros if which == 0 else [W] + zeros + [sB], 1)
-
+    zeros = W.new_zeros(out_f, ru if which == 0 else rg)
+    return torch.cat([W, sB, zeros] if which == 0 else [W, zeros, sB], 1)
 
 
 def _glu_lora_fusable(pg, pu, pd, training, act_bwd, xa_g, xa_u):

@@ -116,7 +116,7 @@ def dequantize_nf4(weight: torch.Tensor, quant_state=None, out: torch.Tensor | N
         out = torch.empty(qs.shape, dtype=dtype, device=dev)
     elif out.shape != tuple(qs.shape) or out.dtype != dtype or out.device != dev:
         _fail(op, f"out must be a {dtype} tensor of shape {tuple(qs.shape)} on {dev}")
-    elif not out.is_contiguous() and not _row_strided(out, qs.blocksize):
+    elif not out.is_contiguous() and not row_block_ok(out, qs.blocksize):
         _fail(op, "out must be contiguous, or a 2-D block of rows (unit column stride, rows a multiple of the "
                   f"blocksize {qs.blocksize} long) of a wider buffer")
     strided = not out.is_contiguous()
@@ -131,7 +131,9 @@ def dequantize_nf4(weight: torch.Tensor, quant_state=None, out: torch.Tensor | N
     return out
 
 
-def _row_strided(out: torch.Tensor, blocksize: int) -> bool:
+def row_block_ok(out: torch.Tensor, blocksize: int) -> bool:
+    """`out` is a block of rows of a wider buffer that dequantize_nf4 can write in place: 2-D, unit column
+    stride, rows a whole number of quantisation blocks long."""
     return (out.dim() == 2 and out.stride(1) == 1 and out.stride(0) >= out.shape[1] and out.shape[1] % blocksize == 0
             and out.shape[0] < 65536)  # rows go on the grid's second axis
 
