@@ -1,8 +1,9 @@
 """Per-kernel GPU time of one LoRA fwd+bwd step, fusedlora vs PEFT, from torch.profiler (needs a GPU).
 
-    python -m build_tools.profile_lora [MLP|QKV] [--nf4] [--cpu | --py]
+    python -m build_tools.profile_lora [MLP|QKV] [--nf4] [--cpu | --py | --shapes]
 
-Prints each implementation's kernels (summed over the step, largest first; --cpu: host time by op) so optimisation work can
+Prints each implementation's kernels (summed over the step, largest first; --cpu: host time by op; --shapes:
+GPU time by torch op and input shapes, to tell which GEMM a kernel is) so optimisation work can
 target where the time goes. Shapes and modules are the benchmark's (fusedlora.bench.lora_modules)."""
 from __future__ import annotations
 
@@ -60,6 +61,22 @@ def kernel_table(fn, x, grads, steps=5, top=25):
         print(f"  {us:9.1f} us  x{n:<3d} {name[:110]}")
 
 
+def shapes_table(fn, x, grads, steps=5, top=30):
+    """GPU time per step by torch op and its input shapes (which matmul is which kernel)."""
+    for _ in range(3):
+        torch.autograd.backward(fn(x), grads)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(steps):
+            torch.autograd.backward(fn(x), grads)
+        torch.cuda.synchronize()
+    rows = [(e.key, str(e.input_shapes)[:90], e.self_device_time_total / steps, e.count // steps)
+            for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0]
+    rows.sort(key=lambda r: -r[2])
+    for name, shapes, us, n in rows[:top]:
+        print(f"  {us:9.1f} us  x{n:<3d} {name[:28]:28s} {shapes}")
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     nf4 = "--nf4" in argv
@@ -73,7 +90,8 @@ def main(argv=None):
             grads = [torch.randn_like(t) for t in peft_fn(x)]
         for name, fn in (("PEFT", peft_fn), ("fusedlora", ours_fn)):
             print(f"\n== LoRA_{work} {'NF4' if nf4 else 'bf16'} base: {name}")
-            (cpu_table if "--cpu" in argv else python_table if "--py" in argv else kernel_table)(fn, x, grads)
+            table = {"--cpu": cpu_table, "--py": python_table, "--shapes": shapes_table}
+            next((t for flag, t in table.items() if flag in argv), kernel_table)(fn, x, grads)
 
 
 if __name__ == "__main__":
