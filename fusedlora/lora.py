@@ -10,8 +10,11 @@ Per projection: Y = X W^T (+ bias) + s * (drop(X) A^T) B^T, W a plain, bitsandby
   plain scalars only.
 - LoRA_QKV without active dropout takes a stacked path: one adapter-input GEMM X [A_q; A_k; A_v]^T,
   and one dX GEMM [dQ, dK, dV, s dY B...] @ [W_q; W_k; W_v; A...] (these layers are launch-bound).
-- LoRA_MLP's backward gets h back from the GLU backward kernel (written over dh) instead of a separate
-  recompute pass, and accumulates the gate and up dX in the GEMM epilogues.
+- LoRA_MLP: gate and up share one adapter-input GEMM and one [X, X A_g^T, X A_u^T] input (an NF4 weight is
+  dequantised straight into its [W | s B | 0] block). Its backward's GLU kernel (glu_lora_backward) also
+  takes dB_gate, dB_up and dA_down from registers, so h is never stored and de, dg, h are not re-read for
+  them; other configurations (dropout, custom activations, adapters on some projections) get h back from
+  the GLU backward kernel (written over dh). The gate and up dX accumulate in the GEMM epilogues.
 
 Status: tested against PEFT's own LoRA layers (float64 reference) in fp32 on CPU (interpreter) and on an
 H100, and under bf16 / fp16 autocast on the H100 (hidden 64 and 5120, plain and NF4 bases); a real GPTQ
