@@ -348,7 +348,10 @@ class LoRA_O(torch.autograd.Function):
 
 class LoRA_QKV(torch.autograd.Function):
     """LoRA_QKV.apply(X, q_weight, q_quant, q_A, q_B, q_scale, k_..., v_..., inplace=True,
-    q_bias=None, k_bias=None, v_bias=None, dropouts=(0, 0, 0), training=False) -> (Q, K, V)."""
+    q_bias=None, k_bias=None, v_bias=None, dropouts=(0, 0, 0), training=False) -> (Q, K, V).
+
+    `inplace` is accepted for the seed API's signature and has no effect: the backward has no buffer of
+    its own that an in-place update would save (dQ, dK, dV belong to autograd)."""
 
     @staticmethod
     def forward(ctx, X, qW, qQ, qA, qB, qS, kW, kQ, kA, kB, kS, vW, vQ, vA, vB, vS, inplace=True,
