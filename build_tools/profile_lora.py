@@ -15,12 +15,23 @@ from torch.profiler import ProfilerActivity, profile
 from fusedlora.bench import LORA_SHAPES, lora_cases, lora_modules
 
 
+def _steps(fn, x, grads, n):
+    for _ in range(n):
+        torch.autograd.backward(fn(x), grads)
+    torch.cuda.synchronize()
+
+
+def _profiled(fn, x, grads, steps, activities, warmup=3, **kwargs):
+    """torch.profiler over `steps` fwd+bwd steps, after `warmup` unprofiled ones."""
+    _steps(fn, x, grads, warmup)
+    with profile(activities=activities, **kwargs) as prof:
+        _steps(fn, x, grads, steps)
+    return prof
+
+
 def cpu_table(fn, x, grads, steps=5, top=30):
     """Host time per step by op (self CPU time): where launch-bound steps spend it."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            torch.autograd.backward(fn(x), grads)
-        torch.cuda.synchronize()
+    prof = _profiled(fn, x, grads, steps, [ProfilerActivity.CPU], warmup=0)
     rows = [(e.key, e.self_cpu_time_total / steps, e.count // steps) for e in prof.key_averages()]
     rows.sort(key=lambda r: -r[1])
     print(f"  host self time {sum(r[1] for r in rows) / 1e3:.3f} ms per step (profiler overhead included)")
@@ -32,9 +43,7 @@ def python_table(fn, x, grads, steps=50, top=25):
     """Python-level host time per step (cProfile, by own time)."""
     import cProfile
     import pstats
-    for _ in range(3):
-        torch.autograd.backward(fn(x), grads)
-    torch.cuda.synchronize()
+    _steps(fn, x, grads, 3)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(steps):
@@ -45,13 +54,7 @@ def python_table(fn, x, grads, steps=50, top=25):
 
 
 def kernel_table(fn, x, grads, steps=5, top=25):
-    for _ in range(3):
-        torch.autograd.backward(fn(x), grads)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            torch.autograd.backward(fn(x), grads)
-        torch.cuda.synchronize()
+    prof = _profiled(fn, x, grads, steps, [ProfilerActivity.CUDA])
     rows = [(e.key, e.device_time_total / steps, e.count // steps) for e in prof.key_averages()
             if e.device_time_total > 0]
     rows.sort(key=lambda r: -r[1])
@@ -63,13 +66,7 @@ def kernel_table(fn, x, grads, steps=5, top=25):
 
 def shapes_table(fn, x, grads, steps=5, top=30):
     """GPU time per step by torch op and its input shapes (which matmul is which kernel)."""
-    for _ in range(3):
-        torch.autograd.backward(fn(x), grads)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
-        for _ in range(steps):
-            torch.autograd.backward(fn(x), grads)
-        torch.cuda.synchronize()
+    prof = _profiled(fn, x, grads, steps, [ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True)
     rows = [(e.key, str(e.input_shapes)[:90], e.self_device_time_total / steps, e.count // steps)
             for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0]
     rows.sort(key=lambda r: -r[2])
