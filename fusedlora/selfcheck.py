@@ -152,6 +152,14 @@ def _check_quant(device, dtype):
         packed, qs = _synthetic_nf4(shape, nested, device, dtype)
         ours, ref = dequantize_nf4(packed, qs), naive_dequantize_nf4(packed, qs)
         err_nf4 = max(err_nf4, 0.0 if torch.equal(ours, ref) else _rel_err(ours, ref) + (1.0 if exact else 0.0))
+        # into the rows of a wider buffer (the LoRA MLP's [W | s B | 0]: the STRIDED variants)
+        rows = (4096, 2048) if device == "cuda" else (9, 128)
+        packed, qs = _synthetic_nf4(rows, nested, device, dtype)
+        buf = torch.zeros(rows[0], rows[1] + 32, dtype=qs.dtype, device=device)
+        ours, ref = dequantize_nf4(packed, qs, out=buf[:, :rows[1]]), naive_dequantize_nf4(packed, qs)
+        spill = bool(buf[:, rows[1]:].any())  # the columns beside the block must stay untouched
+        if spill or not torch.equal(ours, ref):
+            err_nf4 = max(err_nf4, _rel_err(ours, ref) + (1.0 if exact or spill else 0.0))
     in_f, out_f = (4096, 4096) if device == "cuda" else (64, 48)
     qw = torch.randint(-2**31, 2**31 - 1, (in_f // 8, out_f), dtype=torch.int64, device=device).to(torch.int32)
     qz = torch.randint(-2**31, 2**31 - 1, (in_f // 32, out_f // 8), dtype=torch.int64, device=device).to(torch.int32)

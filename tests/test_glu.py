@@ -127,3 +127,16 @@ def test_glu_lora_backward_of_no_tokens():
     de, dg, Q = glu_lora_backward(z, z.clone(), z.clone(), torch.empty(0, 32, device=DEVICE), 16,
                                   torch.empty(0, 16, device=DEVICE), (16, 16, 16), (1.0, 1.0), "silu")
     assert de.shape == (0, 64) and Q.shape == (64, 48) and bool((Q == 0).all())
+
+
+def test_glu_lora_backward_bad_input():
+    from fusedlora.ops.glu import glu_lora_backward
+    t = torch.randn(8, 64, device=DEVICE)
+    xa, dyb = torch.randn(8, 32, device=DEVICE), torch.randn(8, 16, device=DEVICE)
+    args = ((16, 16, 16), (1.0, 1.0), "silu")
+    with pytest.raises(ValueError, match="dout must match gate's shape and strides"):
+        glu_lora_backward(torch.randn(8, 65, device=DEVICE)[:, :64], t.clone(), t.clone(), xa, 16, dyb, *args)
+    with pytest.raises(ValueError, match="up must match gate's shape and strides"):
+        glu_lora_backward(t, t.clone(), torch.randn(8, 32, device=DEVICE), xa, 16, dyb, *args)
+    with pytest.raises(ValueError, match="every operand needs a unit last stride"):
+        glu_lora_backward(t, t.clone(), t.clone(), torch.randn(32, 8, device=DEVICE).t(), 16, dyb, *args)
