@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from .kernels import glu_lora_rank_pad
-from .ops.glu import glu_backward, glu_forward, glu_lora_backward
+from .ops.glu import glu_backward, glu_forward, glu_lora_backward, glu_lora_dyb, glu_lora_forward
 from .quant import dequantize_gptq, dequantize_nf4, row_block_ok
 
 
@@ -107,6 +107,12 @@ def _mm_scaled(a, b, s):
     return a.new_empty(a.shape[0], b.shape[1]).addmm_(a, b, beta=0, alpha=s)
 
 
+def _base_plus_lora(X, Wt, XA, Bt, s):
+    """X @ Wt + s XA @ Bt: the rank-r GEMM writes the output and the base GEMM adds to it in its epilogue
+    (beta = 1), instead of a second read-modify-write pass of the output after the base GEMM."""
+    return _mm_scaled(XA, Bt, s).addmm_(X, Wt)
+
+
 # ---------------------------------------------------------------------------------- one projection
 class _Proj(NamedTuple):
     W: torch.Tensor
@@ -141,8 +147,7 @@ def _proj_forward(X2, pr: _Proj, dtype, training):
             # input instead of a second pass over the wide output.
             Y = torch.cat([X2, XA], 1) @ torch.cat([W, pr.B.to(dtype) * pr.s], 1).t()
         else:
-            Y = X2 @ W.t()
-            Y.addmm_(XA, pr.B.to(dtype).t(), alpha=pr.s)
+            Y = _base_plus_lora(X2, W.t(), XA, pr.B.to(dtype).t(), pr.s)
     if pr.bias is not None:
         Y += pr.bias.to(dtype)
     return Y, (XA, Xd if mask is not None else None, mask)
@@ -168,8 +173,7 @@ def _proj_backward_input(dY, pr: _Proj, saved, dtype, needs):
             # straight into the stacked rows
             dX = torch.cat([dY, dYBs], 1) @ _stack_rows([pr], A, dtype, dY.device)
         else:
-            dX = dY @ dequantize_base(pr.W, pr.quant, dtype)
-            dX.addmm_(dYBs, A)
+            dX = _base_plus_lora(dY, dequantize_base(pr.W, pr.quant, dtype), dYBs, A, 1.0)
     dbias = dY.sum(0).to(pr.bias.dtype) if (pr.bias is not None and needs["bias"]) else None
     return dX, dYBs, dB, dbias
 
@@ -294,6 +298,21 @@ def _gate_up_weight(pg, pu, which, dtype):
     return torch.cat([W, sB, zeros] if which == 0 else [W, zeros, sB], 1, out=buf)
 
 
+def _fused_act(act_fn, act_bwd) -> str | None:
+    """The GLU activation name when both functions are ours for the same activation (kernels may fuse
+    around them), else None."""
+    act = getattr(act_fn, "glu_act", None)
+    return act if act is not None and act == getattr(act_bwd, "glu_act", None) else None
+
+
+def _down_fused_forward(e, g, pd, act, dtype):
+    """down_proj of h = act(e) * g with its adapter: one kernel writes h and h A_d^T (no GEMM re-reading
+    h for the adapter input), the rank-r GEMM writes Y and the base GEMM adds into it."""
+    h, xa = glu_lora_forward(e, g, pd.A.to(dtype), act)
+    Y = _base_plus_lora(h, dequantize_base(pd.W, pd.quant, dtype).t(), xa, pd.B.to(dtype).t(), pd.s)
+    return Y, (xa, None, None)
+
+
 def _glu_lora_fusable(pg, pu, pd, training, act_bwd, xa_g, xa_u):
     """The MLP backward can take the adapter products inside the GLU backward (glu_lora_backward): gate and
     up shared one adapter-input GEMM (their XA are adjacent columns of one tensor), down has an adapter
@@ -317,10 +336,9 @@ def _mlp_fused_glu_backward(ctx, X2, e, g, saved, dh, dYBs_d, ddB, ng):
     R = glu_lora_rank_pad(max(rg, ru, rd))
     # (Taking s de B_g / s dg B_u in extra columns of the dX GEMMs, de [W_g | s_g B_g | 0], measured slower on
     # an H100: N = H + 2r tiles badly, +0.1 ms in the two GEMMs, more than the two skinny GEMMs cost.)
-    G = torch.cat([_mm_scaled(de, pg.B.to(dtype), pg.s), _mm_scaled(dg, pu.B.to(dtype), pu.s)], 1)  # [T, rg + ru]
-    dX = de @ dequantize_base(pg.W, pg.quant, dtype)
+    G = glu_lora_dyb(de, dg, pg.B.to(dtype), pu.B.to(dtype), (pg.s, pu.s))  # [s_g de B_g | s_u dg B_u]
+    dX = _base_plus_lora(de, dequantize_base(pg.W, pg.quant, dtype), G, torch.cat([pg.A.to(dtype), pu.A.to(dtype)]), 1.0)
     dX.addmm_(dg, dequantize_base(pu.W, pu.quant, dtype))
-    dX.addmm_(G, torch.cat([pg.A.to(dtype), pu.A.to(dtype)], 0))
     dA_cat = G.t() @ X2 if (ng[3] or ng[8]) else None
     dgA = dA_cat[:rg].to(pg.A.dtype) if ng[3] else None
     duA = dA_cat[rg:].to(pu.A.dtype) if ng[8] else None
@@ -439,9 +457,12 @@ class LoRA_MLP(torch.autograd.Function):
         else:
             e, sg = _proj_forward(X2, pg, dtype, training)
             g, su = _proj_forward(X2, pu, dtype, training)
-        h = activation_fn(e, g)
-        Y, sd = _proj_forward(h, pd, dtype, training)
-        del h  # recomputed in the backward from e and g
+        act = _fused_act(activation_fn, activation_fn_backward)
+        if act and pd.A is not None and pd.bias is None and (pd.dropout == 0.0 or not training):
+            Y, sd = _down_fused_forward(e, g, pd, act, dtype)
+        else:
+            Y, sd = _proj_forward(activation_fn(e, g), pd, dtype, training)
+        # h is not kept: the backward recomputes it from e and g
         ctx.prs, ctx.dtype, ctx.x_shape = (pg, pu, pd), dtype, X.shape
         ctx.act, ctx.act_bwd, ctx.inplace = activation_fn, activation_fn_backward, inplace
         ctx.fused_glu = _glu_lora_fusable(pg, pu, pd, training, activation_fn_backward, sg[0], su[0])
@@ -494,8 +515,14 @@ class LoRA_MLP(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------ activations (MLP)
-def swiglu_fg(e, g):
-    return glu_forward(e.contiguous(), g.contiguous(), "silu")
+def _glu_fg(act):
+    def forward(e, g):
+        return glu_forward(e.contiguous(), g.contiguous(), act)
+    forward.glu_act = act  # LoRA_MLP may fuse down_proj's adapter input into this GLU (glu_lora_forward)
+    return forward
+
+
+swiglu_fg = _glu_fg("silu")
 
 
 def _glu_fg_backward(act):
@@ -510,15 +537,13 @@ def _glu_fg_backward(act):
 swiglu_fg_backward = _glu_fg_backward("silu")
 
 
-def geglu_exact_fg(e, g):
-    return glu_forward(e.contiguous(), g.contiguous(), "gelu")
+geglu_exact_fg = _glu_fg("gelu")
 
 
 geglu_exact_fg_backward = _glu_fg_backward("gelu")
 
 
-def geglu_approx_fg(e, g):
-    return glu_forward(e.contiguous(), g.contiguous(), "gelu_tanh")
+geglu_approx_fg = _glu_fg("gelu_tanh")
 
 
 geglu_approx_fg_backward = _glu_fg_backward("gelu_tanh")
