@@ -1,6 +1,6 @@
 """Sweep launch configurations of the kernels on the local GPU (JIT path) and print the fastest.
 
-    python -m build_tools.tune [ce,glu,glu_lora,glu_lora_rows,rope,rms,nf4,gptq]
+    python -m build_tools.tune [ce,glu,glu_lora,glu_lora_dyb,rope,rms,nf4,gptq]
 
 Each configuration is timed fwd (+bwd) with CUDA-graph replay on fresh random bf16 inputs at the
 issue's benchmark sizes. The winners go into fusedlora/kernels.py by hand (meta/config)."""
@@ -112,42 +112,26 @@ def tune_glu_lora():
         de.t() @ xa[:, :r], dg.t() @ xa[:, r:], h.t() @ dyb
     print(f"  separate (glu_bwd STORE_H + 3 GEMMs): {_time(separate):.4f} ms")
 
-def tune_glu_lora_rows():
-    """The LoRA MLP's row-owner kernel (T 8192, I 8192, r 16): forward h + h A_d^T against glu_fwd + a
-    GEMM; backward [s de B_g | s dg B_u] against two GEMMs + cat."""
+def tune_glu_lora_dyb():
+    """The LoRA MLP backward's [s de B_g | s dg B_u] (T 8192, I 8192, r 16) against two GEMMs + cat."""
     t, i, r = 8192, 8192, 16
-    fn = registry.get("glu_lora_rows").fn
-    e, g = (torch.randn(t, i, device=DEV, dtype=BF16) for _ in range(2))
-    h = torch.empty_like(e)
-    a_d = torch.randn(r, i, device=DEV, dtype=BF16)
+    fn = registry.get("glu_lora_dyb").fn
+    de, dg = (torch.randn(t, i, device=DEV, dtype=BF16) for _ in range(2))
     b_g, b_u = (torch.randn(i, r, device=DEV, dtype=BF16) for _ in range(2))
-    xa, out = torch.empty(t, r, device=DEV, dtype=BF16), torch.empty(t, 2 * r, device=DEV, dtype=BF16)
-    res = {True: [], False: []}
-    for bm in (16, 32):
+    out = torch.empty(t, 2 * r, device=DEV, dtype=BF16)
+    res = []
+    for bm in (16, 32, 64):
         for bn in (64, 128, 256):
-            for warps in (4, 8):
-                for stages in (2, 3, 4):
-                    for fwd in (True, False):
-                        args = ((e, g, h, a_d, a_d, xa, t, i, i, 1, i, r, r, r, 0, 1.0, 1.0) if fwd else
-                                (e, g, e, b_g, b_u, out, t, i, i, r, 1, r, r, 2 * r, r, 0.5, 2.0))
-                        try:
-                            ms = _time(lambda: fn[((t + bm - 1) // bm,)](*args, ACT=0, FWD=int(fwd), R=r, BLOCK_M=bm,
-                                                                        BLOCK_N=bn, num_warps=warps, num_stages=stages))
-                        except Exception as ex:
-                            print("  skip", bm, bn, warps, stages, fwd, type(ex).__name__)
-                            continue
-                        nbytes = (3 if fwd else 2) * t * i * 2
-                        res[fwd].append(((bm, bn, warps, stages), ms, f"{nbytes / ms / 1e6:.0f} GB/s"))
-    report("glu_lora_rows FWD: h and h A_d^T (BLOCK_M, BLOCK_N, warps, stages)", res[True])
-    report("glu_lora_rows backward: s de B_g | s dg B_u (BLOCK_M, BLOCK_N, warps, stages)", res[False])
-    f = registry.get("glu_fwd").fn
+            for warps, stages in ((4, 2), (4, 3), (4, 4), (8, 3)):
+                ms = _time(lambda: fn[((t + bm - 1) // bm,)](de, dg, b_g, b_u, out, t, i, i, r, r, 2 * r, 0.5, 2.0, R=r,
+                                                            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
+                res.append(((bm, bn, warps, stages), ms, f"{2 * t * i * 2 / ms / 1e6:.0f} GB/s"))
+    report("glu_lora_dyb (BLOCK_M, BLOCK_N, warps, stages)", res)
 
-    def separate_fwd():
-        f[((t * i + 2047) // 2048,)](e, g, h, t * i, ACT=0, BLOCK=2048, num_warps=16)
-        h @ a_d.t()
-    print(f"  separate forward (glu_fwd + GEMM): {_time(separate_fwd):.4f} ms")
-    print(f"  separate backward (two GEMMs + cat): "
-          f"{_time(lambda: torch.cat([torch.empty(t, r, device=DEV, dtype=BF16).addmm_(e, b_g, beta=0, alpha=0.5), torch.empty(t, r, device=DEV, dtype=BF16).addmm_(g, b_u, beta=0, alpha=2.0)], 1)):.4f} ms")
+    def separate():
+        torch.cat([torch.empty(t, r, device=DEV, dtype=BF16).addmm_(de, b_g, beta=0, alpha=0.5),
+                   torch.empty(t, r, device=DEV, dtype=BF16).addmm_(dg, b_u, beta=0, alpha=2.0)], 1)
+    print(f"  separate (two GEMMs + cat): {_time(separate):.4f} ms")
 
 
 def tune_rope():
@@ -264,7 +248,7 @@ def main(argv=None):
     which = (argv or sys.argv[1:] or ["ce,glu,rope,rms"])[0].split(",")
     print(torch.cuda.get_device_name(), torch.__version__)
     for w in which:
-        {"ce": tune_ce, "glu": tune_glu, "glu_lora": tune_glu_lora, "glu_lora_rows": tune_glu_lora_rows, "rope": tune_rope, "rms": tune_rms, "nf4": tune_nf4, "gptq": tune_gptq}[w]()
+        {"ce": tune_ce, "glu": tune_glu, "glu_lora": tune_glu_lora, "glu_lora_dyb": tune_glu_lora_dyb, "rope": tune_rope, "rms": tune_rms, "nf4": tune_nf4, "gptq": tune_gptq}[w]()
 
 
 if __name__ == "__main__":

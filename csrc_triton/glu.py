@@ -114,50 +114,31 @@ def glu_lora_bwd_kernel(
     tl.store(Q_PART + q_offs + 2 * R, qd, mask=col_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["n_rows", "rank1", "rank2", "stride_out", "out2_offset"])
-def glu_lora_rows_kernel(
-    X1, X2, H, W1, W2, OUT,
-    n_rows, n_cols, stride_x, stride_wk, stride_wr, rank1, rank2, stride_out, out2_offset, scale1, scale2,
-    ACT: tl.constexpr, FWD: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+@triton.jit(do_not_specialize=["n_rows", "rank_g", "rank_u", "stride_out"])
+def glu_lora_dyb_kernel(
+    DE, DG, BG, BU, OUT, n_rows, n_cols, stride_x, rank_g, rank_u, stride_out, scale_g, scale_u,
+    R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """The LoRA MLP's rank-r products that reduce over the intermediate size I. Each program owns BLOCK_M
-    whole rows and walks I, so the sums finish in registers (no partials, no second pass):
-      FWD:  h = act(X1) * X2 -> H (X1's strides) and OUT[:, :rank1] = h W1   (the forward's h A_d^T);
-      else: OUT[:, :rank1] = scale1 X1 W1 and OUT[:, out2_offset:][:, :rank2] = scale2 X2 W2
-            (the backward's s_g de B_g and s_u dg B_u).
-    W1, W2 are read as [I, R] through (stride_wk, stride_wr): the forward's A_d is masked to rank1 rows
-    (zero-padded to R), the backward's B_g, B_u must have R columns. The products use the rounded h, as a
-    GEMM on the stored h would."""
+    """The LoRA MLP backward's rank-r products that reduce over I: OUT[:, :rank_g] = scale_g DE BG and
+    OUT[:, rank_g:rank_g + rank_u] = scale_u DG BU (s_g de B_g and s_u dg B_u), one pass over de and dg.
+    Each program owns BLOCK_M whole rows and walks I, so the sums finish in registers (no partials).
+    BG, BU: contiguous [I, R] (zero-padded past the rank by the caller): no mask along the contiguous
+    rank dimension, so their loads stay vectors."""
     pid = tl.program_id(0)
-    io = X1.dtype.element_ty
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     rk = tl.arange(0, R)
-    acc1 = tl.zeros([BLOCK_M, R], tl.float32)
-    acc2 = tl.zeros([BLOCK_M, R], tl.float32)
+    acc_g = tl.zeros([BLOCK_M, R], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, R], tl.float32)
     for k in range(0, n_cols, BLOCK_N):
         cols = k + tl.arange(0, BLOCK_N)
         col_ok = cols < n_cols
-        mask = row_ok[:, None] & col_ok[None, :]
         offs = rows[:, None] * stride_x + cols[None, :]
-        x1 = tl.load(X1 + offs, mask=mask, other=0.0)
-        x2 = tl.load(X2 + offs, mask=mask, other=0.0)
-        w_offs = cols[:, None].to(tl.int64) * stride_wk + rk[None, :] * stride_wr
-        if FWD:
-            w1 = tl.load(W1 + w_offs, mask=col_ok[:, None] & (rk < rank1)[None, :], other=0.0)
-            a, _ = _act_and_grad(x1.to(tl.float32), ACT)
-            h = (a * x2.to(tl.float32)).to(io)
-            tl.store(H + offs, h, mask=mask)
-            acc1 = _mma(h, w1, acc1)
-        else:
-            # [I, R] rows with R columns (zero-padded by the caller): no mask along the contiguous rank
-            # dimension, so the loads stay vectors
-            w1 = tl.load(W1 + w_offs, mask=col_ok[:, None], other=0.0)
-            w2 = tl.load(W2 + w_offs, mask=col_ok[:, None], other=0.0)
-            acc1 = _mma(x1, w1, acc1)
-            acc2 = _mma(x2, w2, acc2)
+        de = tl.load(DE + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        dg = tl.load(DG + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        b_offs = cols[:, None].to(tl.int64) * R + rk[None, :]
+        acc_g = _mma(de, tl.load(BG + b_offs, mask=col_ok[:, None], other=0.0), acc_g)
+        acc_u = _mma(dg, tl.load(BU + b_offs, mask=col_ok[:, None], other=0.0), acc_u)
     out = OUT + rows[:, None] * stride_out + rk[None, :]
-    tl.store(out, (acc1 * scale1).to(OUT.dtype.element_ty), mask=row_ok[:, None] & (rk < rank1)[None, :])
-    if not FWD:
-        tl.store(out + out2_offset, (acc2 * scale2).to(OUT.dtype.element_ty),
-                 mask=row_ok[:, None] & (rk < rank2)[None, :])
+    tl.store(out, (acc_g * scale_g).to(OUT.dtype.element_ty), mask=row_ok[:, None] & (rk < rank_g)[None, :])
+    tl.store(out + rank_g, (acc_u * scale_u).to(OUT.dtype.element_ty), mask=row_ok[:, None] & (rk < rank_u)[None, :])

@@ -8,12 +8,14 @@ Per projection: Y = X W^T (+ bias) + s * (drop(X) A^T) B^T, W a plain, bitsandby
   order (q, k, v / gate, up, down), so with the same RNG state the masks equal PEFT's.
 - Weights are read from the module at call time (FSDP2 swaps them); every Function takes tensors and
   plain scalars only.
+- A rank-r GEMM writes an output first and the base GEMM adds into it in its epilogue (beta = 1), rather
+  than a second read-modify-write pass after the base GEMM.
 - LoRA_QKV without active dropout takes a stacked path: one adapter-input GEMM X [A_q; A_k; A_v]^T,
   and one dX GEMM [dQ, dK, dV, s dY B...] @ [W_q; W_k; W_v; A...] (these layers are launch-bound).
 - LoRA_MLP: gate and up share one adapter-input GEMM and one [X, X A_g^T, X A_u^T] input (an NF4 weight is
   dequantised straight into its [W | s B | 0] block). Its backward's GLU kernel (glu_lora_backward) also
   takes dB_gate, dB_up and dA_down from registers, so h is never stored and de, dg, h are not re-read for
-  them; other configurations (dropout, custom activations, adapters on some projections) get h back from
+  them; one more pass (glu_lora_dyb) gives s de B_g and s dg B_u; other configurations (dropout, custom activations, adapters on some projections) get h back from
   the GLU backward kernel (written over dh). The gate and up dX accumulate in the GEMM epilogues.
 
 Status: tested against PEFT's own LoRA layers (float64 reference) in fp32 on CPU (interpreter) and on an
@@ -27,7 +29,7 @@ from typing import NamedTuple
 import torch
 
 from .kernels import glu_lora_rank_pad
-from .ops.glu import glu_backward, glu_forward, glu_lora_backward, glu_lora_dyb, glu_lora_forward
+from .ops.glu import glu_backward, glu_forward, glu_lora_backward, glu_lora_dyb
 from .quant import dequantize_gptq, dequantize_nf4, row_block_ok
 
 
@@ -298,21 +300,6 @@ def _gate_up_weight(pg, pu, which, dtype):
     return torch.cat([W, sB, zeros] if which == 0 else [W, zeros, sB], 1, out=buf)
 
 
-def _fused_act(act_fn, act_bwd) -> str | None:
-    """The GLU activation name when both functions are ours for the same activation (kernels may fuse
-    around them), else None."""
-    act = getattr(act_fn, "glu_act", None)
-    return act if act is not None and act == getattr(act_bwd, "glu_act", None) else None
-
-
-def _down_fused_forward(e, g, pd, act, dtype):
-    """down_proj of h = act(e) * g with its adapter: one kernel writes h and h A_d^T (no GEMM re-reading
-    h for the adapter input), the rank-r GEMM writes Y and the base GEMM adds into it."""
-    h, xa = glu_lora_forward(e, g, pd.A.to(dtype), act)
-    Y = _base_plus_lora(h, dequantize_base(pd.W, pd.quant, dtype).t(), xa, pd.B.to(dtype).t(), pd.s)
-    return Y, (xa, None, None)
-
-
 def _glu_lora_fusable(pg, pu, pd, training, act_bwd, xa_g, xa_u):
     """The MLP backward can take the adapter products inside the GLU backward (glu_lora_backward): gate and
     up shared one adapter-input GEMM (their XA are adjacent columns of one tensor), down has an adapter
@@ -457,11 +444,7 @@ class LoRA_MLP(torch.autograd.Function):
         else:
             e, sg = _proj_forward(X2, pg, dtype, training)
             g, su = _proj_forward(X2, pu, dtype, training)
-        act = _fused_act(activation_fn, activation_fn_backward)
-        if act and pd.A is not None and pd.bias is None and (pd.dropout == 0.0 or not training):
-            Y, sd = _down_fused_forward(e, g, pd, act, dtype)
-        else:
-            Y, sd = _proj_forward(activation_fn(e, g), pd, dtype, training)
+        Y, sd = _proj_forward(activation_fn(e, g), pd, dtype, training)
         # h is not kept: the backward recomputes it from e and g
         ctx.prs, ctx.dtype, ctx.x_shape = (pg, pu, pd), dtype, X.shape
         ctx.act, ctx.act_bwd, ctx.inplace = activation_fn, activation_fn_backward, inplace
@@ -515,14 +498,8 @@ class LoRA_MLP(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------ activations (MLP)
-def _glu_fg(act):
-    def forward(e, g):
-        return glu_forward(e.contiguous(), g.contiguous(), act)
-    forward.glu_act = act  # LoRA_MLP may fuse down_proj's adapter input into this GLU (glu_lora_forward)
-    return forward
-
-
-swiglu_fg = _glu_fg("silu")
+def swiglu_fg(e, g):
+    return glu_forward(e.contiguous(), g.contiguous(), "silu")
 
 
 def _glu_fg_backward(act):
@@ -537,13 +514,15 @@ def _glu_fg_backward(act):
 swiglu_fg_backward = _glu_fg_backward("silu")
 
 
-geglu_exact_fg = _glu_fg("gelu")
+def geglu_exact_fg(e, g):
+    return glu_forward(e.contiguous(), g.contiguous(), "gelu")
 
 
 geglu_exact_fg_backward = _glu_fg_backward("gelu")
 
 
-geglu_approx_fg = _glu_fg("gelu_tanh")
+def geglu_approx_fg(e, g):
+    return glu_forward(e.contiguous(), g.contiguous(), "gelu_tanh")
 
 
 geglu_approx_fg_backward = _glu_fg_backward("gelu_tanh")

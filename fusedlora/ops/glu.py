@@ -19,10 +19,6 @@ from ._common import cdiv, check_tensor, sm_count
 _APPROX = {"none": "gelu", "tanh": "gelu_tanh"}
 
 
-def _naive_act(act: str):
-    return {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}[act]
-
-
 def naive_swiglu(gate, up):
     return F.silu(gate) * up
 
@@ -102,66 +98,35 @@ def glu_lora_backward(dout, gate, up, xa, xa_up_offset, dyb, ranks, scales, act:
 
 
 @functools.lru_cache(maxsize=None)
-def _rows_meta(act: str, rank: int, fwd: bool):
-    m = kernels.glu_lora_rows_meta(act, rank, fwd)
+def _dyb_meta(rank: int):
+    m = kernels.glu_lora_dyb_meta(rank)
     return m, constexpr_key(m)
 
 
-def _check_rows_operands(op, x1, x2, ws):
-    if x1.dim() != 2 or x2.shape != x1.shape or x2.stride() != x1.stride() or x1.stride(1) != 1:
-        raise ValueError(f"{op}: the two [T, I] operands need one shape and one row stride with a unit last "
-                         f"stride, got {tuple(x1.shape)}/{tuple(x1.stride())} and {tuple(x2.shape)}/{tuple(x2.stride())}")
-    for name, w in ws:
-        if w.dtype != x1.dtype or w.device != x1.device:
-            raise TypeError(f"{op}: {name} is {w.dtype} on {w.device}; it must match the activations "
-                            f"({x1.dtype} on {x1.device})")
-
-
-def glu_lora_forward(gate, up, a_down, act: str):
-    """(h, h @ a_down^T) of a LoRA MLP in one pass: h = act(gate) * up is written once and its rank-r
-    product with down_proj's A [r, I] taken from registers (no GEMM re-reading h). gate, up: [T, I]."""
-    _check_rows_operands("glu_lora_forward", gate, up, (("a_down", a_down),))
-    T, I = gate.shape
-    r = a_down.shape[0]
-    if a_down.shape[1] != I or a_down.stride(1) != 1:
-        raise ValueError(f"glu_lora_forward: a_down must be [r, {I}] with a unit last stride, got "
-                         f"{tuple(a_down.shape)}")
-    h = torch.empty_like(gate)
-    xa = gate.new_empty(T, r)
-    meta, key = _rows_meta(act, r, True)
-    launcher("glu_lora_rows")(
-        (cdiv(T, meta["BLOCK_M"]), 1, 1),
-        (gate, up, h, a_down, a_down, xa, T, I, gate.stride(0), 1, a_down.stride(0), r, r, r, 0, 1.0, 1.0), key)
-    return h, xa
-
-
 def glu_lora_dyb(de, dg, b_gate, b_up, scales):
-    """[s_g de B_g | s_u dg B_u]  [T, r_g + r_u]: the backward's adapter-input gradients of gate and up
-    (the rank-r products that reduce over I), one pass over de and dg. b_*: [I, r]."""
-    _check_rows_operands("glu_lora_dyb", de, dg, (("b_gate", b_gate), ("b_up", b_up)))
+    """[s_g de B_g | s_u dg B_u]  [T, r_g + r_u]: the LoRA MLP backward's adapter-input gradients of gate
+    and up (the rank-r products that reduce over I), in one pass over de and dg. de, dg: [T, I] with one
+    row stride; b_*: [I, r] of de's dtype."""
+    if de.dim() != 2 or dg.shape != de.shape or dg.stride() != de.stride() or de.stride(1) != 1:
+        raise ValueError(f"glu_lora_dyb: de and dg need one shape and one row stride with a unit last stride, "
+                         f"got {tuple(de.shape)}/{tuple(de.stride())} and {tuple(dg.shape)}/{tuple(dg.stride())}")
     T, I = de.shape
-    rg, ru = b_gate.shape[1], b_up.shape[1]
     for name, b in (("b_gate", b_gate), ("b_up", b_up)):
-        if b.shape[0] != I or not b.is_contiguous():
-            raise ValueError(f"glu_lora_dyb: {name} must be a contiguous [{I}, r], got {tuple(b.shape)}")
-    meta, key = _rows_meta("silu", max(rg, ru), False)
+        if b.dim() != 2 or b.shape[0] != I:
+            raise ValueError(f"glu_lora_dyb: {name} must be [{I}, r], got {tuple(b.shape)}")
+        if b.dtype != de.dtype or b.device != de.device:
+            raise TypeError(f"glu_lora_dyb: {name} is {b.dtype} on {b.device}; it must match de ({de.dtype} on "
+                            f"{de.device})")
+    rg, ru = b_gate.shape[1], b_up.shape[1]
+    meta, key = _dyb_meta(max(rg, ru))
     R = meta["R"]
-    # the kernel reads R columns of both (vector loads): zero-pad a narrower rank (r < 16, rank_pattern)
-    b_gate, b_up = (b if b.shape[1] == R else F.pad(b, (0, R - b.shape[1])) for b in (b_gate, b_up))
+    # the kernel reads R contiguous columns of each (vector loads): zero-pad a narrower rank
+    b_gate, b_up = (b.contiguous() if b.shape[1] == R else F.pad(b, (0, R - b.shape[1])) for b in (b_gate, b_up))
     out = de.new_empty(T, rg + ru)
-    launcher("glu_lora_rows")(
+    launcher("glu_lora_dyb")(
         (cdiv(T, meta["BLOCK_M"]), 1, 1),
-        (de, dg, de, b_gate, b_up, out, T, I, de.stride(0), R, 1, rg, ru, rg + ru, rg,
-         float(scales[0]), float(scales[1])), key)
+        (de, dg, b_gate, b_up, out, T, I, de.stride(0), rg, ru, rg + ru, float(scales[0]), float(scales[1])), key)
     return out
-
-
-def naive_glu_lora_forward(gate, up, a_down, act: str):
-    """float64 reference of glu_lora_forward."""
-    d = torch.float64
-    a = _naive_act(act)(gate.to(d))
-    h = a * up.to(d)
-    return h, h @ a_down.to(d).t()
 
 
 def naive_glu_lora_dyb(de, dg, b_gate, b_up, scales):
@@ -176,7 +141,7 @@ def naive_glu_lora_backward(dout, gate, up, xa_g, xa_u, dyb, scales, act: str):
     d = torch.float64
     e = gate.to(d).requires_grad_()
     g = up.to(d).requires_grad_()
-    a = _naive_act(act)(e)
+    a = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}[act](e)
     h = a * g
     de, dg = torch.autograd.grad(h, (e, g), dout.to(d))
     sg, su = scales
