@@ -197,6 +197,12 @@ def _flat(X):
     return X.reshape(-1, X.shape[-1])
 
 
+def _unflat(Y, X):
+    """Y [T, n] as [*X.shape[:-1], n] with no view relation to Y: FSDP2 warns about (and would skip its hooks
+    after an in-place op on) a module output that is a view."""
+    return torch.ops.aten._unsafe_view(Y, (*X.shape[:-1], Y.shape[-1]))
+
+
 def _needs(ctx, i):
     """ctx.needs_input_grad[i], False for trailing arguments the caller left to their defaults."""
     return i < len(ctx.needs_input_grad) and ctx.needs_input_grad[i]
@@ -286,15 +292,16 @@ def _gate_up_weight(pg, pu, which, dtype):
     pr = (pg, pu)[which]
     out_f, in_f = _weight_shape(pr.W, pr.quant)
     rg, ru = pg.A.shape[0], pu.A.shape[0]
-    sB = pr.B.to(dtype) * pr.s
     buf = torch.empty(out_f, in_f + rg + ru, dtype=dtype, device=pr.A.device)
     if _nf4_writes_into(pr.quant, dtype, buf[:, :in_f]):
         dequantize_nf4(pr.W, pr.quant, out=buf[:, :in_f], dtype=dtype)  # no temporary, no copy
-        buf[:, in_f:].zero_()
-        col = in_f + (0 if which == 0 else rg)
-        buf[:, col:col + sB.shape[1]].copy_(sB)
+        mine, other = (slice(in_f, in_f + rg), slice(in_f + rg, None)) if which == 0 else \
+            (slice(in_f + rg, None), slice(in_f, in_f + rg))
+        buf[:, other].zero_()
+        torch.mul(pr.B.to(dtype), pr.s, out=buf[:, mine])
         return buf
     # other weights: one cat into the buffer (a strided copy_ into the block ran 2x slower than cat on an H100)
+    sB = pr.B.to(dtype) * pr.s
     W = dequantize_base(pr.W, pr.quant, dtype)
     zeros = W.new_zeros(out_f, ru if which == 0 else rg)
     return torch.cat([W, sB, zeros] if which == 0 else [W, zeros, sB], 1, out=buf)
@@ -350,7 +357,7 @@ class LoRA_O(torch.autograd.Function):
         Y, saved = _proj_forward(X2, pr, dtype, training)
         ctx.pr, ctx.dtype, ctx.x_shape = pr, dtype, X.shape
         ctx.save_for_backward(X2, *(t for t in saved))
-        return Y.view(*X.shape[:-1], out_f)
+        return _unflat(Y, X)
 
     @staticmethod
     def backward(ctx, dY):
@@ -391,7 +398,7 @@ class LoRA_QKV(torch.autograd.Function):
                 outs.append(Y)
                 saved.extend(sv)
             ctx.save_for_backward(X2, *saved)
-        return tuple(Y.view(*X.shape[:-1], Y.shape[-1]) for Y in outs)
+        return tuple(_unflat(Y, X) for Y in outs)
 
     @staticmethod
     def backward(ctx, dQ, dK, dV):
@@ -450,7 +457,7 @@ class LoRA_MLP(torch.autograd.Function):
         ctx.act, ctx.act_bwd, ctx.inplace = activation_fn, activation_fn_backward, inplace
         ctx.fused_glu = _glu_lora_fusable(pg, pu, pd, training, activation_fn_backward, sg[0], su[0])
         ctx.save_for_backward(X2, e, g, *sg, *su, *sd)
-        return Y.view(*X.shape[:-1], Y.shape[-1])
+        return _unflat(Y, X)
 
     @staticmethod
     def backward(ctx, dY):
