@@ -19,8 +19,10 @@ Per projection: Y = X W^T (+ bias) + s * (drop(X) A^T) B^T, W a plain, bitsandby
   the GLU backward kernel (written over dh). The gate and up dX accumulate in the GEMM epilogues.
 
 Status: tested against PEFT's own LoRA layers (float64 reference) in fp32 on CPU (interpreter) and on an
-H100, and under bf16 / fp16 autocast on the H100 (hidden 64 and 5120, plain and NF4 bases); a real GPTQ
-QuantLinear under PEFT and FSDP2 are not tested yet (see BENCHMARKS.md for speed against PEFT).
+H100, and under bf16 / fp16 autocast on the H100 (hidden 64 and 5120, plain and NF4 bases); GPTQ bases under
+PEFT's GPTQLoraLinear with a stand-in for gptqmodel's TorchQuantLinear (gptqmodel itself is not installed
+in CI); FSDP2 (fully_shard) in two processes, gloo on CPU and NCCL on two GPUs (tests/test_fsdp.py). See
+BENCHMARKS.md for speed against PEFT.
 """
 from __future__ import annotations
 
@@ -540,6 +542,22 @@ def _base_layer(proj):
     return getattr(proj, "base_layer", proj)
 
 
+# gptqmodel QuantLinear kernels whose buffers keep the GPTQ layout that dequantize_gptq reads; the others
+# (marlin, exllamav2, torch_fused, bitblas, machete...) repack or reorder qweight after loading.
+GPTQ_PLAIN_LAYOUT_KERNELS = ("torch", "tritonv2")
+
+
+def _check_gptq_layout(base):
+    kind = getattr(base, "QUANT_TYPE", None)
+    if kind not in GPTQ_PLAIN_LAYOUT_KERNELS:
+        raise UnsupportedLoRA(
+            f"{type(base).__name__} (QUANT_TYPE {kind!r}) may keep its weight in a repacked layout; fusedlora reads "
+            f"GPTQ's own layout, as gptqmodel's {' / '.join(GPTQ_PLAIN_LAYOUT_KERNELS)} kernels keep it (load the model "
+            f"with backend=BACKEND.TORCH or BACKEND.TRITON), or keep PEFT's path for this layer")
+    if base.qweight.dtype != torch.int32:
+        raise UnsupportedLoRA(f"{type(base).__name__} packs into {base.qweight.dtype}; fusedlora reads int32 packing")
+
+
 def get_lora_parameters(proj):
     """(W, quant_state, A, B, scale) of a PEFT LoRA layer's active adapter, read now (FSDP2-safe).
 
@@ -547,6 +565,7 @@ def get_lora_parameters(proj):
     GPTQ base layers give (qweight, GPTQState, ...). DoRA and other variants raise UnsupportedLoRA."""
     base = _base_layer(proj)
     if hasattr(base, "qweight"):
+        _check_gptq_layout(base)
         W = base.qweight
         g_idx = getattr(base, "g_idx", None)
         bits = int(getattr(base, "bits", 4))
@@ -572,6 +591,9 @@ def get_lora_parameters(proj):
         raise UnsupportedLoRA("DoRA adapters are not fused; keep PEFT's path for this layer")
     if getattr(proj, "lora_bias", {}).get(name, False):
         raise UnsupportedLoRA("LoRA bias (lora_bias=True) is not fused; keep PEFT's path for this layer")
+    variant = getattr(proj, "lora_variant", {}).get(name)
+    if variant is not None:  # PEFT's hook for DoRA, QA-LoRA, aLoRA...: its forward is not plain LoRA
+        raise UnsupportedLoRA(f"the {type(variant).__name__} LoRA variant is not fused; keep PEFT's path for this layer")
     A = proj.lora_A[name].weight
     B = proj.lora_B[name].weight
     return W, quant, A, B, proj.scaling[name]
