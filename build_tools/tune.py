@@ -123,7 +123,7 @@ def tune_glu_lora_dyb():
     for bm in (16, 32, 64):
         for bn in (64, 128, 256):
             for warps, stages in ((4, 2), (4, 3), (4, 4), (8, 3)):
-                ms = _time(lambda: fn[((t + bm - 1) // bm,)](de, dg, b_g, b_u, out, t, i, i, r, r, 2 * r, 0.5, 2.0, R=r,
+                ms = _time(lambda: fn[((t + bm - 1) // bm,)](de, dg, b_g, b_u, out, t, i, i, r, r, 2 * r, 0.5, 2.0, R=r, RB=r,
                                                             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
                 res.append(((bm, bn, warps, stages), ms, f"{2 * t * i * 2 / ms / 1e6:.0f} GB/s"))
     report("glu_lora_dyb (BLOCK_M, BLOCK_N, warps, stages)", res)

@@ -73,8 +73,8 @@ def glu_lora_bwd_kernel(
         s_g de^T XA_g, s_u dg^T XA_u, h^T DYB  [I, R] each -> Q_PART[row group] (summed by the caller).
     XA holds X A_g^T in columns [0, rank_g) and X A_u^T from column xa_up_offset; DYB = s_d dY B_d. Ranks
     are padded to R with zeros. The products use the rounded de, dg, h, as a separate GEMM would.
-    (The products that reduce over I, de B_g and dg B_u, stay GEMMs: as dots here they would need a
-    partial sum per column tile and spill registers - measured 2x slower on an H100.)"""
+    (The products that reduce over I, de B_g and dg B_u, are glu_lora_dyb's second pass: as dots here
+    they would need a partial sum per column tile and spill registers - measured 2x slower on an H100.)"""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     io = DGATE.dtype.element_ty
@@ -117,13 +117,13 @@ def glu_lora_bwd_kernel(
 @triton.jit(do_not_specialize=["n_rows", "rank_g", "rank_u", "stride_out"])
 def glu_lora_dyb_kernel(
     DE, DG, BG, BU, OUT, n_rows, n_cols, stride_x, rank_g, rank_u, stride_out, scale_g, scale_u,
-    R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    R: tl.constexpr, RB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The LoRA MLP backward's rank-r products that reduce over I: OUT[:, :rank_g] = scale_g DE BG and
     OUT[:, rank_g:rank_g + rank_u] = scale_u DG BU (s_g de B_g and s_u dg B_u), one pass over de and dg.
     Each program owns BLOCK_M whole rows and walks I, so the sums finish in registers (no partials).
-    BG, BU: contiguous [I, R] (zero-padded past the rank by the caller): no mask along the contiguous
-    rank dimension, so their loads stay vectors."""
+    BG, BU: contiguous [I, RB] (RB <= R; columns past RB read as zeros). RB is a constexpr, not the
+    runtime rank: a runtime mask along the contiguous dimension would make every B load 2 bytes wide."""
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
@@ -134,11 +134,13 @@ def glu_lora_dyb_kernel(
         cols = k + tl.arange(0, BLOCK_N)
         col_ok = cols < n_cols
         offs = rows[:, None] * stride_x + cols[None, :]
-        de = tl.load(DE + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        dg = tl.load(DG + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        b_offs = cols[:, None].to(tl.int64) * R + rk[None, :]
-        acc_g = _mma(de, tl.load(BG + b_offs, mask=col_ok[:, None], other=0.0), acc_g)
-        acc_u = _mma(dg, tl.load(BU + b_offs, mask=col_ok[:, None], other=0.0), acc_u)
+        mask = row_ok[:, None] & col_ok[None, :]
+        de = tl.load(DE + offs, mask=mask, other=0.0)
+        dg = tl.load(DG + offs, mask=mask, other=0.0)
+        b_offs = cols[:, None].to(tl.int64) * RB + rk[None, :]
+        b_mask = col_ok[:, None] & (rk < RB)[None, :]
+        acc_g = _mma(de, tl.load(BG + b_offs, mask=b_mask, other=0.0), acc_g)
+        acc_u = _mma(dg, tl.load(BU + b_offs, mask=b_mask, other=0.0), acc_u)
     out = OUT + rows[:, None] * stride_out + rk[None, :]
     tl.store(out, (acc_g * scale_g).to(OUT.dtype.element_ty), mask=row_ok[:, None] & (rk < rank_g)[None, :])
     tl.store(out + rank_g, (acc_u * scale_u).to(OUT.dtype.element_ty), mask=row_ok[:, None] & (rk < rank_u)[None, :])

@@ -176,9 +176,13 @@ GLU_LORA_DYB_TILE = (32, 128, 4, 3)  # BLOCK_M, BLOCK_N, warps, stages
 
 
 def glu_lora_dyb_meta(rank: int) -> dict:
+    """rank: the widest of B_g, B_u. RB, the B width the kernel reads, is the rank itself when it is a power
+    of two (r = 8, PEFT's default, needs no padded copy of B) and R otherwise (the caller pads)."""
     bm, bn, _, _ = GLU_LORA_DYB_TILE
     r = glu_lora_rank_pad(rank)
-    return {"R": r, "BLOCK_M": bm, "BLOCK_N": max(16, min(bn, 4096 // r))}
+    rb = rank if rank & (rank - 1) == 0 else r
+    # two [BLOCK_N, R] B tiles per step: narrower column steps for wide ranks
+    return {"R": r, "RB": rb, "BLOCK_M": bm, "BLOCK_N": max(16, min(bn, 4096 // r))}
 
 
 def _glu_lora_dyb_aot(family):

@@ -19,16 +19,6 @@ import torch
 import torch.distributed as dist
 
 
-def attn_fused(self, x):
-    from fusedlora import lora
-    q, k, v = lora.apply_lora_qkv(self, x)
-    return lora.apply_lora_o(self, q * torch.cat([k, v], -1))
-
-
-def attn_peft(self, x):
-    return self.o_proj(self.q_proj(x) * torch.cat([self.k_proj(x), self.v_proj(x)], -1))
-
-
 def mlp_fused(self, x):
     from fusedlora import lora
     return lora.apply_lora_mlp_swiglu(self, x)
@@ -47,7 +37,7 @@ def main(mode: str) -> None:
         torch.cuda.set_device(rank)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from conftest import DEVICE, rel_err  # sets TRITON_INTERPRET on CPU before any kernel is imported
-    from test_lora import make
+    from test_lora import attn_fused, attn_peft, make
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -85,7 +85,8 @@ def test_backward_store_h_writes_the_forward_h_over_dout(act, dtype):
 # ---------------------------------------------------------------- the LoRA MLP's fused GLU backward
 LORA_DTYPES = [torch.float32, torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float32, torch.float16]
 LORA_CASES = [  # T, I, (r_g, r_u, r_d): one row, non-powers of two, mixed ranks (padded to R), r = 1 to 128
-    (1, 64, (16, 16, 16)), (37, 200, (4, 8, 1)), (150, 130, (64, 64, 64)), (20, 96, (128, 100, 128))] + (
+    (1, 64, (16, 16, 16)), (37, 200, (4, 8, 1)), (150, 130, (64, 64, 64)), (20, 96, (128, 100, 128)),
+    (9, 64, (12, 5, 12))] + (
     [(4100, 8192, (16, 16, 16)), (3, 13824, (8, 8, 8))] if HAS_CUDA else [])
 
 

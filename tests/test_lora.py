@@ -44,6 +44,17 @@ class Block(nn.Module):
         self.mlp = MLP(hidden, inter, act=act)
 
 
+def attn_peft(attn, x):
+    """A small attention-shaped use of q, k, v and o through PEFT's own layers (q * [k, v] feeds o)."""
+    return attn.o_proj(attn.q_proj(x) * torch.cat([attn.k_proj(x), attn.v_proj(x)], -1))
+
+
+def attn_fused(attn, x):
+    """attn_peft through fusedlora's LoRA_QKV and LoRA_O."""
+    q, k, v = lora.apply_lora_qkv(attn, x)
+    return lora.apply_lora_o(attn, q * torch.cat([k, v], -1))
+
+
 def make(r=4, dropout=0.0, bias=False, act="silu", use_dora=False):
     """r: an int, or "mixed" for a different rank on each MLP projection (PEFT's rank_pattern)."""
     torch.manual_seed(0)
@@ -467,12 +478,10 @@ def test_gptq_bases_under_peft_gptq_lora_linear(bits, act_order):
     assert type(fused.mlp.gate_proj).__name__ == "GPTQLoraLinear"
     xf = torch.randn(2, 7, 64, device=DEVICE, requires_grad=True)
     xr = xf.detach().double().requires_grad_()
-    a = ref.self_attn
-    o_ref = a.o_proj(a.q_proj(xr) * torch.cat([a.k_proj(xr), a.v_proj(xr)], -1))
+    o_ref = attn_peft(ref.self_attn, xr)
     y_ref = ref.mlp(o_ref)
     (y_ref.square().sum() + o_ref.sum()).backward()
-    q, k, v = lora.apply_lora_qkv(fused.self_attn, xf)
-    o = lora.apply_lora_o(fused.self_attn, q * torch.cat([k, v], -1))
+    o = attn_fused(fused.self_attn, xf)
     y = lora.apply_lora_mlp_swiglu(fused.mlp, o)
     (y.square().sum() + o.sum()).backward()
     compare(ref, fused, (o_ref, y_ref), (o, y), xr, xf)
@@ -486,6 +495,10 @@ def test_gptq_repacked_kernels_are_reported():
     base = block.self_attn.o_proj.base_layer
     base.QUANT_TYPE = "marlin"
     with pytest.raises(lora.UnsupportedLoRA, match="QUANT_TYPE 'marlin'.*BACKEND.TORCH"):
+        lora.get_lora_parameters(block.self_attn.o_proj)
+    base.QUANT_TYPE = "torch"
+    base.qweight = base.qweight.to(torch.int16)  # gptqmodel's pack_dtype int16
+    with pytest.raises(lora.UnsupportedLoRA, match="packs into torch.int16; fusedlora reads int32 packing"):
         lora.get_lora_parameters(block.self_attn.o_proj)
 
 

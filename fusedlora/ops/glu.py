@@ -119,9 +119,10 @@ def glu_lora_dyb(de, dg, b_gate, b_up, scales):
                             f"{de.device})")
     rg, ru = b_gate.shape[1], b_up.shape[1]
     meta, key = _dyb_meta(max(rg, ru))
-    R = meta["R"]
-    # the kernel reads R contiguous columns of each (vector loads): zero-pad a narrower rank
-    b_gate, b_up = (b.contiguous() if b.shape[1] == R else F.pad(b, (0, R - b.shape[1])) for b in (b_gate, b_up))
+    rb = meta["RB"]
+    # the kernel reads rows of RB contiguous values: only a rank that is not a power of two, or the
+    # narrower of two unequal ranks (PEFT rank_pattern), needs a zero-padded copy
+    b_gate, b_up = (b.contiguous() if b.shape[1] == rb else F.pad(b, (0, rb - b.shape[1])) for b in (b_gate, b_up))
     out = de.new_empty(T, rg + ru)
     launcher("glu_lora_dyb")(
         (cdiv(T, meta["BLOCK_M"]), 1, 1),
