@@ -5,7 +5,10 @@ loss = lse - (1 - eps) * x[label] - eps * mean(x)   (eps = label smoothing; 0 fo
 MODE 0: loss and lse only. MODE 1: also the gradient, scaled by SCALE[0] (1/divisor for mean), written
 in the logits' dtype (possibly in place over the logits: each chunk is read before it is written).
 MODE 2: gradient only, from the saved lse, scaled by SCALE[row] (reduction="none" backward).
-The second pass re-reads a row that is still in L2, so HBM sees about one read and one write.
+MODE 1's second pass walks the row backwards: the chunks read last by the first pass are the likeliest
+to still be in L2 (first-pass loads are marked evict_last, second-pass loads evict_first and the
+gradient stores streaming, so the gradient does not push the row out). H100, 8192 x 128256 bf16: 2.01
+ms vs 2.18 ms for the forward walk with plain loads.
 """
 import triton
 import triton.language as tl
@@ -28,8 +31,11 @@ def cross_entropy_kernel(
     ignore_index, label_smoothing, softcap, logit_scale,
     BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MODE: tl.constexpr,
 ):
-    # Persistent: program p takes rows p, p + P, ... With few programs in flight, a row read in the
-    # first pass is still in L2 for the second (HBM sees ~one read and one write per element).
+    # Persistent: program p takes rows p, p + P, ... (a few programs per SM, so that a row read by the
+    # first pass is still in L2 for the second). Eviction hints only where a row is read twice (MODE 1).
+    FIRST_READ: tl.constexpr = "evict_last" if MODE == 1 else ""
+    SECOND_READ: tl.constexpr = "evict_first" if MODE == 1 else ""
+    GRAD_STORE: tl.constexpr = ".cs" if MODE == 1 else ""
     cols = tl.arange(0, BLOCK_V)
     l_stride = logits_row_stride + tl.zeros([], tl.int64)  # int64 offsets (a stride may be a constexpr 1)
     g_stride = grad_row_stride + tl.zeros([], tl.int64)
@@ -46,7 +52,7 @@ def cross_entropy_kernel(
             for start in range(0, n_cols, BLOCK_V):
                 c = start + cols
                 ok = c < n_cols
-                z = tl.load(base + c, mask=ok, other=0.0).to(tl.float32)
+                z = tl.load(base + c, mask=ok, other=0.0, eviction_policy=FIRST_READ).to(tl.float32)
                 x = tl.where(ok, _transform(z, softcap, logit_scale, HAS_SOFTCAP), float("-inf"))
                 m_new = tl.maximum(m, tl.max(x, axis=0))
                 s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
@@ -63,30 +69,37 @@ def cross_entropy_kernel(
             scale = tl.where(ignored, 0.0, scale)
             smooth = label_smoothing / n_cols
             gbase = GRAD + row * g_stride
-            for start in range(0, n_cols, BLOCK_V):
-                c = start + cols
+            n_chunks = tl.cdiv(n_cols, BLOCK_V)
+            for k in range(0, n_chunks):
+                if MODE == 1:  # backwards: the chunks the first pass read last come first (L2 hits)
+                    c = (n_chunks - 1 - k) * BLOCK_V + cols
+                else:
+                    c = k * BLOCK_V + cols
                 ok = c < n_cols
-                z = tl.load(base + c, mask=ok, other=0.0).to(tl.float32)
+                z = tl.load(base + c, mask=ok, other=0.0, eviction_policy=SECOND_READ).to(tl.float32)
                 x = _transform(z, softcap, logit_scale, HAS_SOFTCAP)
                 g = tl.exp(x - lse) - smooth - tl.where(c == label, 1.0 - label_smoothing, 0.0)
                 if HAS_SOFTCAP:
                     t = x / softcap
                     g = g * (1.0 - t * t)
                 g = g * (logit_scale * scale)
-                tl.store(gbase + c, g.to(GRAD.dtype.element_ty), mask=ok)
+                tl.store(gbase + c, g.to(GRAD.dtype.element_ty), mask=ok, cache_modifier=GRAD_STORE)
 
 
 @triton.jit(do_not_specialize=["n_elements"])
 def scale_by_scalar_kernel(X, S, n_elements, BLOCK: tl.constexpr):
-    """X *= S[0] in place, skipped (no memory traffic) when S[0] == 1: the usual loss.backward() seed."""
+    """X *= S[0] in place, skipped (no memory traffic) when S[0] == 1: the usual loss.backward() seed.
+    Persistent (program p takes blocks p, p + P, ...): a skipped call launches few programs, not one per
+    block (one per block cost 155 us for 8192 x 128256 on an H100 even with nothing to do)."""
     s = tl.load(S).to(tl.float32)
     if s != 1.0:
-        start = tl.program_id(0).to(tl.int64) * BLOCK
-        offs = start + tl.arange(0, BLOCK)
-        if start + BLOCK <= n_elements:  # unmasked, so the accesses vectorise
-            x = tl.load(X + offs).to(tl.float32)
-            tl.store(X + offs, (x * s).to(X.dtype.element_ty))
-        else:
-            ok = offs < n_elements
-            x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
-            tl.store(X + offs, (x * s).to(X.dtype.element_ty), mask=ok)
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n_elements, step):
+            offs = start + tl.arange(0, BLOCK)
+            if start + BLOCK <= n_elements:  # unmasked, so the accesses vectorise
+                x = tl.load(X + offs).to(tl.float32)
+                tl.store(X + offs, (x * s).to(X.dtype.element_ty))
+            else:
+                ok = offs < n_elements
+                x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+                tl.store(X + offs, (x * s).to(X.dtype.element_ty), mask=ok)

@@ -7,12 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE, HAS_CUDA, assert_device_assert, rel_err
+from fusedlora import kernels
 from fusedlora.ops import (chunked_linear_loss, cross_entropy, fused_linear_cross_entropy, naive_cross_entropy,
                            naive_linear_cross_entropy)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float32, torch.bfloat16]
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
-SHAPES = [(1, 7), (7, 333), (5, 1)] + ([(64, 32003), (8, 131072), (3, 262144)] if HAS_CUDA else [(3, 4100)])
+# (37, 16461): more rows than the persistent grid has programs, and three chunks of the row walked
+# forwards by the first pass and backwards by the second (kernels.CE_BLOCK 8192)
+SHAPES = [(1, 7), (7, 333), (5, 1), (37, 16461)] + ([(64, 32003), (8, 131072), (3, 262144)] if HAS_CUDA else [(3, 4100)])
 OPTIONS = [
     {}, {"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.1}, {"softcap": 30.0},
     {"logit_scale": 0.25, "softcap": 5.0}, {"num_items_in_batch": 13}, {"ignore_index": 0},
@@ -43,6 +46,19 @@ def test_cross_entropy_matches_reference(shape, dtype, kw):
     assert rel_err(loss, ref) < 2e-5  # fp32 sums over up to 262144 terms
     assert zk.grad.dtype == dtype
     assert rel_err(zk.grad, z64.grad) < TOL[dtype]
+
+
+@pytest.mark.parametrize("s", [1.0, 0.37])
+def test_scale_by_scalar_persistent_blocks(s):
+    """The backward's in-place rescale: each program walks several blocks (and a ragged last one);
+    s == 1 leaves the tensor bit-identical."""
+    from fusedlora.ops.cross_entropy import scale_by_scalar_
+    from fusedlora.ops._common import sm_count
+    progs = kernels.SCALE_PROGRAMS_PER_SM * sm_count(torch.cuda.current_device() if HAS_CUDA else -1)
+    n = (2 * progs + 3) * kernels.SCALE_BLOCK + 123
+    x = torch.randn(n, device=DEVICE)
+    out = scale_by_scalar_(x.clone(), torch.tensor([s], device=DEVICE))
+    assert torch.equal(out, x * s)
 
 
 def test_all_ignored_gives_zero_not_nan():

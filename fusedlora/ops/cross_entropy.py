@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..loader import constexpr_key, launcher
-from ._common import check_tensor
+from ._common import cdiv, check_tensor, sm_count
 
 REDUCTIONS = ("mean", "sum", "none")
 LABEL_DTYPES = (torch.int64, torch.int32)
@@ -56,7 +56,8 @@ def _scale_key():
 def scale_by_scalar_(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x *= s (a 1-element fp32 tensor) in place, free when s == 1; x must be contiguous."""
     n = x.numel()
-    launcher("scale_by_scalar")(((n + kernels.SCALE_BLOCK - 1) // kernels.SCALE_BLOCK, 1, 1), (x, s, n), _scale_key())
+    progs = min(cdiv(n, kernels.SCALE_BLOCK), kernels.SCALE_PROGRAMS_PER_SM * sm_count(x.get_device()))
+    launcher("scale_by_scalar")((max(1, progs), 1, 1), (x, s, n), _scale_key())
     return x
 
 
@@ -98,7 +99,8 @@ def ce_launch(logits2d, labels, loss, lse, grad, scale, scale_stride, ignore_ind
     n_rows, n_cols = logits2d.shape
     meta, key = _meta(n_cols, softcap is not None, mode)
     grad_t = grad if grad is not None else logits2d
-    launcher("cross_entropy")((n_rows, 1, 1), (
+    progs = min(n_rows, kernels.CE_PROGRAMS_PER_SM * sm_count(logits2d.get_device()))
+    launcher("cross_entropy")((max(1, progs), 1, 1), (
         logits2d, labels, loss, lse, grad_t, scale, logits2d.stride(0), grad_t.stride(0), scale_stride, n_rows,
         n_cols, int(ignore_index), float(label_smoothing), float(softcap or 1.0),
         float(1.0 if logit_scale is None else logit_scale)), key)
