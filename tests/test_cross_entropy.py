@@ -13,8 +13,7 @@ from fusedlora.ops import (chunked_linear_loss, cross_entropy, fused_linear_cros
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float32, torch.bfloat16]
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
-# (37, 16461): more rows than the persistent grid has programs, and three chunks of the row walked
-# forwards by the first pass and backwards by the second (kernels.CE_BLOCK 8192)
+# (37, 16461): several chunks of the row, walked forwards by the first pass and backwards by the second
 SHAPES = [(1, 7), (7, 333), (5, 1), (37, 16461)] + ([(64, 32003), (8, 131072), (3, 262144)] if HAS_CUDA else [(3, 4100)])
 OPTIONS = [
     {}, {"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.1}, {"softcap": 30.0},
@@ -46,6 +45,20 @@ def test_cross_entropy_matches_reference(shape, dtype, kw):
     assert rel_err(loss, ref) < 2e-5  # fp32 sums over up to 262144 terms
     assert zk.grad.dtype == dtype
     assert rel_err(zk.grad, z64.grad) < TOL[dtype]
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_persistent_grid_walks_several_rows_per_program(monkeypatch, label_smoothing):
+    """kernels.CE_PROGRAMS_PER_SM > 0: each program takes rows p, p + P, ... (the tune sweep's option)."""
+    monkeypatch.setattr(kernels, "CE_PROGRAMS_PER_SM", 1)
+    z = torch.randn(37, 16461, device=DEVICE)
+    y = _labels(37, 16461)
+    zk = z.clone().requires_grad_()
+    cross_entropy(zk, y, label_smoothing=label_smoothing).backward()
+    z64 = z.double().requires_grad_()
+    ref = naive_cross_entropy(z64, y, label_smoothing=label_smoothing)
+    ref.backward()
+    assert rel_err(zk.grad, z64.grad) < 2e-5
 
 
 @pytest.mark.parametrize("s", [1.0, 0.37])

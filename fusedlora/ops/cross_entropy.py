@@ -43,8 +43,8 @@ def naive_cross_entropy(logits, labels, ignore_index=-100, reduction="mean", lab
 
 
 @functools.lru_cache(maxsize=None)
-def _meta(n_cols: int, softcap: bool, mode: str):
-    m = kernels.cross_entropy_meta(n_cols, softcap, mode)
+def _meta(n_cols: int, softcap: bool, mode: str, smoothing: bool):
+    m = kernels.cross_entropy_meta(n_cols, softcap, mode, smoothing)
     return m, constexpr_key(m)
 
 
@@ -97,9 +97,10 @@ def check_labels(op, labels, n_cols, ignore_index):
 def ce_launch(logits2d, labels, loss, lse, grad, scale, scale_stride, ignore_index, label_smoothing, softcap,
               logit_scale, mode):
     n_rows, n_cols = logits2d.shape
-    meta, key = _meta(n_cols, softcap is not None, mode)
+    meta, key = _meta(n_cols, softcap is not None, mode, label_smoothing != 0.0)
     grad_t = grad if grad is not None else logits2d
-    progs = min(n_rows, kernels.CE_PROGRAMS_PER_SM * sm_count(logits2d.get_device()))
+    per_sm = kernels.CE_PROGRAMS_PER_SM
+    progs = min(n_rows, per_sm * sm_count(logits2d.get_device())) if per_sm else n_rows
     launcher("cross_entropy")((max(1, progs), 1, 1), (
         logits2d, labels, loss, lse, grad_t, scale, logits2d.stride(0), grad_t.stride(0), scale_stride, n_rows,
         n_cols, int(ignore_index), float(label_smoothing), float(softcap or 1.0),
