@@ -1,6 +1,6 @@
 """Sweep launch configurations of the kernels on the local GPU (JIT path) and print the fastest.
 
-    python -m build_tools.tune [ce,glu,glu_lora,glu_lora_fwd,glu_lora_dyb,rope,rms,nf4,gptq]
+    python -m build_tools.tune [ce,glu,glu_lora,glu_lora_dyb,rope,rms,nf4,gptq]
 
 Each configuration is timed fwd (+bwd) with CUDA-graph replay on fresh random bf16 inputs at the
 issue's benchmark sizes. The winners go into fusedlora/kernels.py by hand (meta/config)."""
@@ -75,41 +75,27 @@ def tune_glu():
     report("swiglu fwd+bwd (BLOCK, warps)", res)
 
 
-def _row_groups(t, bm, tiles, per_sm):
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    groups = max(1, min((t + bm - 1) // bm, round(per_sm * sms / tiles)))
-    rows = (((t + groups - 1) // groups + bm - 1) // bm) * bm
-    return (t + rows - 1) // rows, rows
-
-
-def _lora_mlp_tensors(t, i, r):
-    """E | G halves of one [T, 2I + 2r] buffer (the MLP's layout), XA, the adapters, dh, s dY B_d."""
-    eg = torch.randn(t, 2 * i + 2 * r, device=DEV, dtype=BF16)
-    xa, dyb = torch.randn(t, 2 * r, device=DEV, dtype=BF16), torch.randn(t, r, device=DEV, dtype=BF16)
-    b_g, b_u = (torch.randn(i, r, device=DEV, dtype=BF16) for _ in range(2))
-    a_d = torch.randn(r, i, device=DEV, dtype=BF16)
-    return eg, eg[:, :i], eg[:, i:2 * i], xa, dyb, b_g, b_u, a_d, torch.randn(t, i, device=DEV, dtype=BF16)
-
-
 def tune_glu_lora():
-    """The LoRA MLP's fused GLU backward (adapters added on the fly) at Llama-3.2-1B sizes (T 8192, I 8192,
-    r 16), partial sums included, against the GLU backward storing h plus three rank-16 GEMMs."""
+    """The LoRA MLP's fused GLU backward at Llama-3.2-1B sizes (T 8192, I 8192, r 16), partial sums
+    included, against what it replaces: the GLU backward storing h plus three rank-16 GEMMs."""
     t, i, r = 8192, 8192, 16
     fn = registry.get("glu_lora_bwd").fn
-    eg, e, g, xa, dyb, b_g, b_u, a_d, dh = _lora_mlp_tensors(t, i, r)
-    out = torch.empty_like(eg)
-    de, dg = out[:, :i], out[:, i:2 * i]
+    dh, e, g = (torch.randn(t, i, device=DEV, dtype=BF16) for _ in range(3))
+    de, dg = torch.empty_like(e), torch.empty_like(g)
+    xa, dyb = torch.randn(t, 2 * r, device=DEV, dtype=BF16), torch.randn(t, r, device=DEV, dtype=BF16)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     res = []
-    for bm, bn, warps, stages in ((16, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 2), (16, 64, 4, 4), (16, 128, 4, 3),
-                                  (32, 128, 8, 3), (16, 32, 4, 3)):
+    for bm, bn, warps, stages in ((16, 64, 4, 3), (32, 64, 4, 1), (32, 64, 4, 2), (32, 64, 4, 3), (32, 64, 4, 4),
+                                  (16, 64, 4, 2), (16, 64, 4, 4), (32, 128, 8, 3), (64, 64, 8, 3), (16, 128, 4, 3)):
         for per_sm in (2, 4, 8):
             tiles = (i + bn - 1) // bn
-            groups, rows = _row_groups(t, bm, tiles, per_sm)
+            groups = max(1, min((t + bm - 1) // bm, round(per_sm * sms / tiles)))
+            rows = (((t + groups - 1) // groups + bm - 1) // bm) * bm
+            groups = (t + rows - 1) // rows
             q = torch.empty(groups, i, 3 * r, device=DEV)
 
             def step():
-                fn[(tiles, groups)](dh, e, g, de, dg, xa, dyb, b_g, b_u, a_d, q, t, i, i, eg.stride(0), out.stride(0),
-                                    2 * r, r, r, r, r, r, rows, 0.5, 2.0,
+                fn[(tiles, groups)](dh, e, g, de, dg, xa, dyb, q, t, i, i, 2 * r, r, r, r, r, r, rows, 0.5, 2.0,
                                     ACT=0, R=r, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
                 q.sum(0)
             ms = _time(step)
@@ -117,46 +103,11 @@ def tune_glu_lora():
     report("glu_lora_bwd + partial sum (BLOCK_M, BLOCK_N, warps, stages, programs/SM)", res)
     b = registry.get("glu_bwd").fn
     h = torch.empty_like(dh)
-    ec, gc, dec, dgc = (torch.randn(t, i, device=DEV, dtype=BF16) for _ in range(4))
 
     def separate():
-        b[((t * i + 2047) // 2048,)](dh, ec, gc, dec, dgc, h, t * i, ACT=0, STORE_H=1, BLOCK=2048, num_warps=16)
-        dec.t() @ xa[:, :r], dgc.t() @ xa[:, r:], h.t() @ dyb
-    print(f"  separate (glu_bwd STORE_H + 3 GEMMs, no adapters added): {_time(separate):.4f} ms")
-
-
-def tune_glu_lora_fwd():
-    """The LoRA MLP's GLU forward (gate/up adapters added on the fly, h A_d^T per column tile, partial sum
-    included) against glu_fwd on finished e, g plus the h A_d^T GEMM."""
-    t, i, r = 8192, 8192, 16
-    fn = registry.get("glu_lora_fwd").fn
-    eg, e, g, xa, _, b_g, b_u, a_d, _ = _lora_mlp_tensors(t, i, r)
-    h = torch.empty(t, i, device=DEV, dtype=BF16)
-    res = []
-    for bm in (16, 32):
-        for bn in (64, 128, 256):
-            for warps, stages in ((4, 2), (4, 3), (8, 3)):
-                for per_sm in (4, 8):
-                    tiles = (i + bn - 1) // bn
-                    groups, rows = _row_groups(t, bm, tiles, per_sm)
-                    part = torch.empty(tiles, t, r, device=DEV)
-
-                    def step():
-                        fn[(tiles, groups)](e, g, h, xa, b_g, b_u, a_d, part, t, i, eg.stride(0), 2 * r, r, r, r, r,
-                                            rows, 0.5, 2.0, ACT=0, R=r, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                                            num_stages=stages)
-                        part.sum(0).to(BF16)
-                    ms = _time(step)
-                    res.append(((bm, bn, warps, stages, per_sm), ms, f"{3 * t * i * 2 / ms / 1e6:.0f} GB/s (2R+1W)"))
-    report("glu_lora_fwd + partial sum (BLOCK_M, BLOCK_N, warps, stages, programs/SM)", res)
-    f = registry.get("glu_fwd").fn
-    ec, gc = (torch.randn(t, i, device=DEV, dtype=BF16) for _ in range(2))
-
-    def separate():
-        f[((t * i + 2047) // 2048,)](ec, gc, h, t * i, ACT=0, BLOCK=2048, num_warps=16)
-        h @ a_d.t()
-    print(f"  separate (glu_fwd + h A_d^T GEMM, no adapters added): {_time(separate):.4f} ms")
-
+        b[((t * i + 2047) // 2048,)](dh, e, g, de, dg, h, t * i, ACT=0, STORE_H=1, BLOCK=2048, num_warps=16)
+        de.t() @ xa[:, :r], dg.t() @ xa[:, r:], h.t() @ dyb
+    print(f"  separate (glu_bwd STORE_H + 3 GEMMs): {_time(separate):.4f} ms")
 
 def tune_glu_lora_dyb():
     """The LoRA MLP backward's [s de B_g | s dg B_u] (T 8192, I 8192, r 16) against two GEMMs + cat."""
@@ -294,7 +245,7 @@ def main(argv=None):
     which = (argv or sys.argv[1:] or ["ce,glu,rope,rms"])[0].split(",")
     print(torch.cuda.get_device_name(), torch.__version__)
     for w in which:
-        {"ce": tune_ce, "glu": tune_glu, "glu_lora": tune_glu_lora, "glu_lora_fwd": tune_glu_lora_fwd, "glu_lora_dyb": tune_glu_lora_dyb, "rope": tune_rope, "rms": tune_rms, "nf4": tune_nf4, "gptq": tune_gptq}[w]()
+        {"ce": tune_ce, "glu": tune_glu, "glu_lora": tune_glu_lora, "glu_lora_dyb": tune_glu_lora_dyb, "rope": tune_rope, "rms": tune_rms, "nf4": tune_nf4, "gptq": tune_gptq}[w]()
 
 
 if __name__ == "__main__":

@@ -60,89 +60,19 @@ def _mma(a, b, acc):
         return tl.dot(a, b, acc)
 
 
-@triton.jit
-def _rank_tile_t(P, cols, n_cols, rank, R: tl.constexpr):
-    """[R, len(cols)] tile of a row-major [n_cols, rank] matrix, transposed (zeros past rank / n_cols)."""
-    rk = tl.arange(0, R)
-    return tl.load(P + cols[None, :].to(tl.int64) * rank + rk[:, None],
-                   mask=(rk < rank)[:, None] & (cols < n_cols)[None, :], other=0.0)
-
-
-@triton.jit
-def _rank_rows(P, cols, n_cols, rank, R: tl.constexpr):
-    """[R, len(cols)] tile of a row-major [rank, n_cols] matrix (zeros past rank / n_cols)."""
-    rk = tl.arange(0, R)
-    return tl.load(P + rk[:, None].to(tl.int64) * n_cols + cols[None, :],
-                   mask=(rk < rank)[:, None] & (cols < n_cols)[None, :], other=0.0)
-
-
-@triton.jit
-def _lora_gate_up(GATE, UP, XA, offs, mask, rows, row_ok, stride_xa, xa_up_offset, rank_g, rank_u, bg_t, bu_t,
-                  scale_g, scale_u, R: tl.constexpr):
-    """e = E + s_g XA_g B_g^T and g = G + s_u XA_u B_u^T for one tile (fp32), with the XA tiles."""
-    rk = tl.arange(0, R)
-    xa_rows = XA + rows[:, None] * stride_xa
-    xg = tl.load(xa_rows + rk[None, :], mask=row_ok[:, None] & (rk < rank_g)[None, :], other=0.0)
-    xu = tl.load(xa_rows + xa_up_offset + rk[None, :], mask=row_ok[:, None] & (rk < rank_u)[None, :], other=0.0)
-    e = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
-    e += scale_g * _mma(xg, bg_t, tl.zeros(e.shape, tl.float32))
-    g += scale_u * _mma(xu, bu_t, tl.zeros(g.shape, tl.float32))
-    return e, g, xg, xu
-
-
 @triton.jit(do_not_specialize=["n_rows", "rows_per_group"])
-def glu_lora_fwd_kernel(
-    GATE, UP, OUT, XA, BG, BU, AD, XAD_PART,
-    n_rows, n_cols, stride_eg, stride_xa, xa_up_offset, rank_g, rank_u, rank_d, rows_per_group,
+def glu_lora_bwd_kernel(
+    DOUT, GATE, UP, DGATE, DUP, XA, DYB, Q_PART,
+    n_rows, n_cols, stride_io, stride_xa, xa_up_offset, stride_dyb, rank_g, rank_u, rank_d, rows_per_group,
     scale_g, scale_u,
     ACT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """The LoRA MLP's GLU forward with the adapters of gate and up added on the fly, so that the base GEMMs
-    write E = X W_g^T and G = X W_u^T alone (no [X, XA] copy, K = hidden):
-        h = act(E + s_g XA_g B_g^T) * (G + s_u XA_u B_u^T)  -> OUT [T, I] (row stride n_cols)
-        this column tile's share of h A_d^T                -> XAD_PART[pid_n] [T, R] fp32
-    (the caller sums the column tiles' shares: down_proj's adapter input without a GEMM re-reading h).
-    GATE, UP: row stride stride_eg; XA as in glu_lora_bwd; BG, BU: [I, rank] row-major; AD: [rank_d, I]."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < n_cols
-    rk = tl.arange(0, R)
-    bg_t = _rank_tile_t(BG, cols, n_cols, rank_g, R)  # this program's adapter columns, read once
-    bu_t = _rank_tile_t(BU, cols, n_cols, rank_u, R)
-    ad_t = tl.trans(_rank_rows(AD, cols, n_cols, rank_d, R))
-    row0 = pid_m.to(tl.int64) * rows_per_group
-    part = XAD_PART + pid_n.to(tl.int64) * n_rows * R
-    for m in range(0, rows_per_group, BLOCK_M):
-        rows = row0 + m + tl.arange(0, BLOCK_M)
-        row_ok = rows < n_rows
-        mask = row_ok[:, None] & col_ok[None, :]
-        e, g, _, _ = _lora_gate_up(GATE, UP, XA, rows[:, None] * stride_eg + cols[None, :], mask, rows, row_ok,
-                                   stride_xa, xa_up_offset, rank_g, rank_u, bg_t, bu_t, scale_g, scale_u, R)
-        a, _ = _act_and_grad(e, ACT)
-        h = (a * g).to(OUT.dtype.element_ty)
-        tl.store(OUT + rows[:, None] * n_cols + cols[None, :], h, mask=mask)
-        xad = _mma(h, ad_t, tl.zeros([BLOCK_M, R], tl.float32))
-        tl.store(part + rows[:, None] * R + rk[None, :], xad, mask=row_ok[:, None])
-
-
-@triton.jit(do_not_specialize=["n_rows", "rows_per_group"])
-def glu_lora_bwd_kernel(
-    DOUT, GATE, UP, DGATE, DUP, XA, DYB, BG, BU, AD, Q_PART,
-    n_rows, n_cols, stride_dout, stride_eg, stride_d, stride_xa, xa_up_offset, stride_dyb, rank_g, rank_u, rank_d,
-    rows_per_group, scale_g, scale_u,
-    ACT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """The LoRA MLP's GLU backward, the three adapters' low-rank terms added on the fly (as in
-    glu_lora_fwd: E, G are the base GEMMs' outputs and DOUT = dY W_d is down_proj's base dX), with the
-    adapter products that reduce over tokens, taken while de, dg and h are in registers (each would
-    otherwise be a GEMM re-reading a [T, I] tensor):
-        e = E + s_g XA_g B_g^T, g = G + s_u XA_u B_u^T, dh = DOUT + DYB A_d   (DYB = s_d dY B_d)
-        de, dg -> DGATE, DUP (row stride stride_d; may alias GATE, UP); h = act(e) * g is never stored;
+    """The LoRA MLP's GLU backward with the adapter products that reduce over tokens, taken while de, dg
+    and h are in registers (each would otherwise be a GEMM re-reading a [T, I] tensor):
+        de, dg -> DGATE, DUP (may alias GATE, UP); h = act(e) * g is never stored;
         s_g de^T XA_g, s_u dg^T XA_u, h^T DYB  [I, R] each -> Q_PART[row group] (summed by the caller).
-    XA holds X A_g^T in columns [0, rank_g) and X A_u^T from column xa_up_offset. Ranks are padded to R
-    with zeros. The products use the rounded de, dg, h, as a separate GEMM would.
+    XA holds X A_g^T in columns [0, rank_g) and X A_u^T from column xa_up_offset; DYB = s_d dY B_d. Ranks
+    are padded to R with zeros. The products use the rounded de, dg, h, as a separate GEMM would.
     (The products that reduce over I, de B_g and dg B_u, are glu_lora_dyb's second pass: as dots here
     they would need a partial sum per column tile and spill registers - measured 2x slower on an H100.)"""
     pid_n = tl.program_id(0)
@@ -151,9 +81,6 @@ def glu_lora_bwd_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
     rk = tl.arange(0, R)
-    bg_t = _rank_tile_t(BG, cols, n_cols, rank_g, R)  # this program's adapter columns, read once
-    bu_t = _rank_tile_t(BU, cols, n_cols, rank_u, R)
-    ad = _rank_rows(AD, cols, n_cols, rank_d, R)
     qg = tl.zeros([BLOCK_N, R], tl.float32)
     qu = tl.zeros([BLOCK_N, R], tl.float32)
     qd = tl.zeros([BLOCK_N, R], tl.float32)
@@ -163,20 +90,21 @@ def glu_lora_bwd_kernel(
         rows = row0 + m + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
         mask = row_ok[:, None] & col_ok[None, :]
-        offs = rows[:, None] * stride_eg + cols[None, :]
-        e, g, xg, xu = _lora_gate_up(GATE, UP, XA, offs, mask, rows, row_ok, stride_xa, xa_up_offset, rank_g,
-                                     rank_u, bg_t, bu_t, scale_g, scale_u, R)
-        dyb = tl.load(DYB + rows[:, None] * stride_dyb + rk[None, :], mask=row_ok[:, None] & (rk < rank_d)[None, :],
-                      other=0.0)
-        dh = tl.load(DOUT + rows[:, None] * stride_dout + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dh = _mma(dyb, ad, dh)
+        offs = rows[:, None] * stride_io + cols[None, :]
+        dh = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
+        e = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
         a, da = _act_and_grad(e, ACT)
         de = (dh * g * da).to(io)
         dg = (dh * a).to(io)
         h = (a * g).to(io)
-        d_offs = rows[:, None] * stride_d + cols[None, :]
-        tl.store(DGATE + d_offs, de, mask=mask)
-        tl.store(DUP + d_offs, dg, mask=mask)
+        tl.store(DGATE + offs, de, mask=mask)
+        tl.store(DUP + offs, dg, mask=mask)
+        xa_rows = XA + rows[:, None] * stride_xa
+        xg = tl.load(xa_rows + rk[None, :], mask=row_ok[:, None] & (rk < rank_g)[None, :], other=0.0)
+        xu = tl.load(xa_rows + xa_up_offset + rk[None, :], mask=row_ok[:, None] & (rk < rank_u)[None, :], other=0.0)
+        dyb = tl.load(DYB + rows[:, None] * stride_dyb + rk[None, :], mask=row_ok[:, None] & (rk < rank_d)[None, :],
+                      other=0.0)
         qg = _mma(tl.trans(de), xg, qg)
         qu = _mma(tl.trans(dg), xu, qu)
         qd = _mma(tl.trans(h), dyb, qd)

@@ -159,46 +159,12 @@ GLU_LORA_BWD = register(KernelSpec(
     name="glu_lora_bwd",
     module="csrc_triton.glu", function="glu_lora_bwd_kernel",
     pointer_types={"DOUT": "x", "GATE": "x", "UP": "x", "DGATE": "x", "DUP": "x", "XA": "x", "DYB": "x",
-                   "BG": "x", "BU": "x", "AD": "x", "Q_PART": "fp32"},
+                   "Q_PART": "fp32"},
     float_args=("scale_g", "scale_u"),
     meta=glu_lora_bwd_meta,
     config=lambda arch, c: GLU_LORA_TILE[2:],
     aot_variants=_glu_lora_aot,
-    doc="LoRA MLP backward: GLU gradients (adapters added on the fly) plus the s de^T XA and h^T dY B partial "
-        "sums, h never stored",
-))
-
-
-# The LoRA MLP's GLU forward with gate/up's adapters added on the fly and down's h A_d^T as per-column-tile
-# partials ([I / BLOCK_N, T, R] fp32, summed by the caller: wide column tiles keep that small).
-GLU_LORA_FWD_TILE = (16, 256, 4, 3)  # BLOCK_M, BLOCK_N, warps, stages
-
-
-def glu_lora_fwd_meta(act: str, rank: int) -> dict:
-    bm, bn, _, _ = GLU_LORA_FWD_TILE
-    r = glu_lora_rank_pad(rank)
-    # three [R, BLOCK_N] adapter tiles held in registers: narrower column tiles for wide ranks
-    return {"ACT": GLU_ACTS[act], "R": r, "BLOCK_M": bm, "BLOCK_N": max(16, min(bn, 4096 // r))}
-
-
-def _glu_lora_fwd_aot(family):
-    for dt in family.get("dtypes", ("bf16", "fp16")):
-        for act in GLU_ACTS:
-            for r in GLU_LORA_RANKS:
-                yield ({"x": dt}, {"act": act, "rank": r},
-                       {"rank_g": r, "rank_u": r, "rank_d": r, "stride_xa": 2 * r, "xa_up_offset": r})
-
-
-GLU_LORA_FWD = register(KernelSpec(
-    name="glu_lora_fwd",
-    module="csrc_triton.glu", function="glu_lora_fwd_kernel",
-    pointer_types={"GATE": "x", "UP": "x", "OUT": "x", "XA": "x", "BG": "x", "BU": "x", "AD": "x",
-                   "XAD_PART": "fp32"},
-    float_args=("scale_g", "scale_u"),
-    meta=glu_lora_fwd_meta,
-    config=lambda arch, c: GLU_LORA_FWD_TILE[2:],
-    aot_variants=_glu_lora_fwd_aot,
-    doc="LoRA MLP forward: h with gate/up's adapters added on the fly, plus h A_d^T per column tile",
+    doc="LoRA MLP backward: GLU gradients plus the s de^T XA and h^T dY B partial sums, h never stored",
 ))
 
 

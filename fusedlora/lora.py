@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 
 from .kernels import glu_lora_rank_pad
-from .ops.glu import glu_backward, glu_forward, glu_lora_backward, glu_lora_dyb, glu_lora_forward
+from .ops.glu import glu_backward, glu_forward, glu_lora_backward, glu_lora_dyb
 from .quant import dequantize_gptq, dequantize_nf4, row_block_ok
 
 
@@ -211,20 +211,17 @@ def _needs(ctx, i):
 
 
 def _stack_rows(prs, extra, dtype, device):
-    """[W_1; ...; W_n; extra] (extra may be None) as one [sum(out) + extra rows, in] tensor; quantised
-    weights are dequantised straight into their rows (no per-weight temporary)."""
-    extras = [] if extra is None else [extra]
+    """[W_1; ...; W_n; extra] as one [sum(out) + extra rows, in] tensor; NF4 weights are dequantised
+    straight into their rows (no per-weight temporary)."""
     if all(pr.quant is None for pr in prs):
-        return torch.cat([pr.W.to(dtype) for pr in prs] + extras, 0)
+        return torch.cat([pr.W.to(dtype) for pr in prs] + [extra], 0)
     shapes = [_weight_shape(pr.W, pr.quant) for pr in prs]
-    n_extra = 0 if extra is None else extra.shape[0]
-    buf = torch.empty(sum(o for o, _ in shapes) + n_extra, shapes[0][1], dtype=dtype, device=device)
+    buf = torch.empty(sum(o for o, _ in shapes) + extra.shape[0], shapes[0][1], dtype=dtype, device=device)
     row = 0
     for pr, (o, _) in zip(prs, shapes):
         dequantize_base(pr.W, pr.quant, dtype, out=buf[row:row + o])
         row += o
-    if extra is not None:
-        buf[row:].copy_(extra)
+    buf[row:].copy_(extra)
     return buf
 
 
@@ -312,66 +309,39 @@ def _gate_up_weight(pg, pu, which, dtype):
     return torch.cat([W, sB, zeros] if which == 0 else [W, zeros, sB], 1, out=buf)
 
 
-def _glu_lora_fusable(pg, pu, pd, training, act_bwd):
-    """The MLP takes the fused path (glu_lora_forward / glu_lora_backward): all three projections have
-    adapters and no active dropout (bias-free, as LoRA_MLP's projections are), gate and up have one shape
-    and down reads it, and the activation is one of ours."""
-    if not getattr(act_bwd, "glu_act", None):
+def _glu_lora_fusable(pg, pu, pd, training, act_bwd, xa_g, xa_u):
+    """The MLP backward can take the adapter products inside the GLU backward (glu_lora_backward): gate and
+    up shared one adapter-input GEMM (their XA are adjacent columns of one tensor), down has an adapter
+    with no active dropout, and the activation is one of ours."""
+    if not (_gate_up_shareable(pg, pu, training) and getattr(act_bwd, "glu_act", None)):
         return False
-    if any(pr.A is None or (pr.dropout != 0.0 and training) or pr.bias is not None for pr in (pg, pu, pd)):
+    if pd.A is None or (pd.dropout != 0.0 and training) or xa_g.stride() != xa_u.stride():
         return False
-    (i_g, h_g), (i_u, h_u), (_, i_d) = (_weight_shape(pr.W, pr.quant) for pr in (pg, pu, pd))
-    return i_g == i_u == i_d and h_g == h_u
+    return xa_u.data_ptr() == xa_g.data_ptr() + xa_g.shape[1] * xa_g.element_size()
 
 
-def _mlp_fused_forward(X2, pg, pu, pd, dtype, act):
-    """The fused MLP forward. The base GEMM writes [E | G] = X [W_g; W_u]^T alone (K = hidden, no [X, XA]
-    copy); glu_lora_forward adds the gate/up adapters on the fly and also gives down's h A_d^T, so h is
-    read once, by the down GEMM. Returns (Y, saved): [E | G | room for the backward's rank-r columns], XA,
-    h A_d^T."""
-    T = X2.shape[0]
-    I = _weight_shape(pg.W, pg.quant)[0]
-    ranks = (pg.A.shape[0], pu.A.shape[0], pd.A.shape[0])
-    rg, ru, _ = ranks
-    XA = X2 @ torch.cat([pg.A.to(dtype), pu.A.to(dtype)], 0).t()
-    EG = torch.empty(T, 2 * I + rg + ru, dtype=dtype, device=X2.device)
-    torch.mm(X2, _stack_rows([pg, pu], None, dtype, X2.device).t(), out=EG[:, :2 * I])
-    h, xad = glu_lora_forward(EG[:, :I], EG[:, I:2 * I], XA, rg, pg.B.to(dtype).contiguous(),
-                              pu.B.to(dtype).contiguous(), pd.A.to(dtype).contiguous(), ranks, (pg.s, pu.s), act)
-    Y = _base_plus_lora(h, dequantize_base(pd.W, pd.quant, dtype).t(), xad, pd.B.to(dtype).t(), pd.s)
-    return Y, (EG, XA, xad)
-
-
-def _mlp_fused_backward(ctx, dY, X2, EG, XA, xad, ng):
-    """The fused MLP backward: dh = dY W_d (base only), then one kernel gives de, dg (all adapters added on
-    the fly), dB_gate, dB_up and dA_down; glu_lora_dyb writes [s_g de B_g | s_u dg B_u] beside them, so
-    dX is one GEMM over [de | dg | that] @ [W_g; W_u; A_g; A_u]."""
+def _mlp_fused_glu_backward(ctx, X2, e, g, saved, dh, dYBs_d, ddB, ng):
+    """LoRA_MLP.backward after down_proj's dX: one kernel gives de, dg, dB_gate, dB_up and dA_down (the
+    products that would re-read de, dg and h); h is never stored."""
     pg, pu, pd = ctx.prs
     dtype = ctx.dtype
-    T, I = X2.shape[0], _weight_shape(pg.W, pg.quant)[0]
-    ranks = (pg.A.shape[0], pu.A.shape[0], pd.A.shape[0])
-    rg, ru, rd = ranks
-    Bg, Bu, Ad = pg.B.to(dtype).contiguous(), pu.B.to(dtype).contiguous(), pd.A.to(dtype).contiguous()
-    dYBs_d = _mm_scaled(dY, pd.B.to(dtype), pd.s)  # s_d dY B_d  [T, r_d]
-    ddB = _mm_scaled(dY.t(), xad, pd.s).to(pd.B.dtype) if ng[14] else None
-    dh = dY @ dequantize_base(pd.W, pd.quant, dtype)
-    D = EG if ctx.inplace else torch.empty_like(EG)
-    de, dg, Q = glu_lora_backward(dh, EG[:, :I], EG[:, I:2 * I], XA, rg, dYBs_d, Bg, Bu, Ad, ranks, (pg.s, pu.s),
-                                  ctx.act_bwd.glu_act, out=(D[:, :I], D[:, I:2 * I]))
+    xa, rg, ru, rd = saved[0], pg.A.shape[0], pu.A.shape[0], pd.A.shape[0]
+    de, dg, Q = glu_lora_backward(dh, e, g, xa, rg, dYBs_d, (rg, ru, rd), (pg.s, pu.s), ctx.act_bwd.glu_act,
+                                  ctx.inplace)
     del dh
-    R = glu_lora_rank_pad(max(ranks))
-    G = glu_lora_dyb(de, dg, Bg, Bu, (pg.s, pu.s), out=D[:, 2 * I:])  # [s_g de B_g | s_u dg B_u]
-    dX = None
-    if ng[0]:
-        dX = D @ _stack_rows([pg, pu], torch.cat([pg.A.to(dtype), pu.A.to(dtype)]), dtype, X2.device)
-        dX = dX.view(ctx.x_shape)
+    R = glu_lora_rank_pad(max(rg, ru, rd))
+    # (Taking s de B_g / s dg B_u in extra columns of the dX GEMMs, de [W_g | s_g B_g | 0], measured slower on
+    # an H100: N = H + 2r tiles badly, +0.1 ms in the two GEMMs, more than the two skinny GEMMs cost.)
+    G = glu_lora_dyb(de, dg, pg.B.to(dtype), pu.B.to(dtype), (pg.s, pu.s))  # [s_g de B_g | s_u dg B_u]
+    dX = _base_plus_lora(de, dequantize_base(pg.W, pg.quant, dtype), G, torch.cat([pg.A.to(dtype), pu.A.to(dtype)]), 1.0)
+    dX.addmm_(dg, dequantize_base(pu.W, pu.quant, dtype))
     dA_cat = G.t() @ X2 if (ng[3] or ng[8]) else None
     dgA = dA_cat[:rg].to(pg.A.dtype) if ng[3] else None
     duA = dA_cat[rg:].to(pu.A.dtype) if ng[8] else None
     dgB = Q[:, :rg].to(pg.B.dtype) if ng[4] else None
     duB = Q[:, R:R + ru].to(pu.B.dtype) if ng[9] else None
     ddA = Q[:, 2 * R:2 * R + rd].t().to(pd.A.dtype) if ng[13] else None
-    return (dX, None, None, dgA, dgB, None, None, None, duA, duB, None, None, None, ddA, ddB,
+    return (dX.view(ctx.x_shape), None, None, dgA, dgB, None, None, None, duA, duB, None, None, None, ddA, ddB,
             None, None, None, None, None, None)
 
 
@@ -478,13 +448,6 @@ class LoRA_MLP(torch.autograd.Function):
         for name, pr in (("gate", pg), ("up", pu), ("down", pd)):
             out_f, in_f = _weight_shape(pr.W, pr.quant)
             _check_adapter(f"LoRA_MLP ({name})", out_f, in_f, pr.A, pr.B, pr.s)
-        ctx.prs, ctx.dtype, ctx.x_shape = (pg, pu, pd), dtype, X.shape
-        ctx.act, ctx.act_bwd, ctx.inplace = activation_fn, activation_fn_backward, inplace
-        ctx.fused_glu = _glu_lora_fusable(pg, pu, pd, training, activation_fn_backward)
-        if ctx.fused_glu:
-            Y, saved = _mlp_fused_forward(X2, pg, pu, pd, dtype, activation_fn_backward.glu_act)
-            ctx.save_for_backward(X2, *saved)
-            return _unflat(Y, X)
         if _gate_up_shareable(pg, pu, training):
             (e, g), (sg, su) = _gate_up_forward(X2, pg, pu, dtype)
         else:
@@ -492,19 +455,22 @@ class LoRA_MLP(torch.autograd.Function):
             g, su = _proj_forward(X2, pu, dtype, training)
         Y, sd = _proj_forward(activation_fn(e, g), pd, dtype, training)
         # h is not kept: the backward recomputes it from e and g
+        ctx.prs, ctx.dtype, ctx.x_shape = (pg, pu, pd), dtype, X.shape
+        ctx.act, ctx.act_bwd, ctx.inplace = activation_fn, activation_fn_backward, inplace
+        ctx.fused_glu = _glu_lora_fusable(pg, pu, pd, training, activation_fn_backward, sg[0], su[0])
         ctx.save_for_backward(X2, e, g, *sg, *su, *sd)
         return _unflat(Y, X)
 
     @staticmethod
     def backward(ctx, dY):
-        ng = [_needs(ctx, i) for i in range(16)]
-        dtype = ctx.dtype
-        if ctx.fused_glu:
-            return _mlp_fused_backward(ctx, _flat(dY).to(dtype), *ctx.saved_tensors, ng)
         X2, e, g, *saved = ctx.saved_tensors
         pg, pu, pd = ctx.prs
+        dtype = ctx.dtype
+        ng = [_needs(ctx, i) for i in range(16)]
         nd = {"A": ng[13], "B": ng[14], "bias": False}
         dh, dYBs_d, ddB, _ = _proj_backward_input(_flat(dY).to(dtype), pd, saved[6:9], dtype, nd)
+        if ctx.fused_glu:
+            return _mlp_fused_glu_backward(ctx, X2, e, g, saved, dh, dYBs_d, ddB, ng)
         if getattr(ctx.act_bwd, "stores_h", False):  # h comes back over dh: no recompute pass
             de, dg, h = ctx.act_bwd(dh, e, g, ctx.inplace, store_h=True)
         else:

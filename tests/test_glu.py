@@ -90,64 +90,28 @@ LORA_CASES = [  # T, I, (r_g, r_u, r_d): one row, non-powers of two, mixed ranks
     [(4100, 8192, (16, 16, 16)), (3, 13824, (8, 8, 8))] if HAS_CUDA else [])
 
 
-def _lora_glu_inputs(case, dtype):
-    """gate/up as two halves of one wider [T, 2I + 5] buffer (the MLP's layout), xa with a wider row
-    stride than r_g + r_u, adapters scaled so each low-rank term is about as large as the base term."""
-    T, I, (rg, ru, rd) = case
-    eg = torch.randn(T, 2 * I + 5, device=DEVICE)
-    eg[:, :I] *= 2
-    eg = eg.to(dtype)
-    gate, up = eg[:, :I], eg[:, I:2 * I]
-    xa = torch.randn(T, rg + ru + 3, device=DEVICE).to(dtype)
-    b_g, b_u = ((torch.randn(I, r, device=DEVICE) / r ** 0.5).to(dtype) for r in (rg, ru))
-    a_d = (torch.randn(rd, I, device=DEVICE) / I ** 0.5).to(dtype)
-    dout, dyb = torch.randn(T, I, device=DEVICE).to(dtype), torch.randn(T, rd, device=DEVICE).to(dtype)
-    return eg, gate, up, xa, b_g, b_u, a_d, dout, dyb
-
-
+@pytest.mark.parametrize("inplace", [True, False])
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("dtype", LORA_DTYPES)
 @pytest.mark.parametrize("case", LORA_CASES)
-def test_glu_lora_forward_matches_reference(case, dtype, act):
-    """h (adapters of gate and up added on the fly) and h A_d^T (from the rounded h, summed over column
-    tiles) vs float64."""
-    from fusedlora.ops.glu import glu_lora_forward, naive_glu_lora_forward
-    T, I, (rg, ru, rd) = case
-    _, gate, up, xa, b_g, b_u, a_d, _, _ = _lora_glu_inputs(case, dtype)
-    scales = (0.5, 2.0)
-    h, xad = glu_lora_forward(gate, up, xa, rg, b_g, b_u, a_d, (rg, ru, rd), scales, act)
-    h_ref, xad_ref = naive_glu_lora_forward(gate, up, xa[:, :rg], xa[:, rg:rg + ru], b_g, b_u, a_d, scales, act)
-    assert h.shape == (T, I) and h.is_contiguous() and h.dtype == dtype
-    assert xad.shape == (T, rd) and xad.dtype == dtype
-    assert rel_err(h, h_ref) < TOL[dtype]
-    assert rel_err(xad, xad_ref) < TOL[dtype]
-
-
-@pytest.mark.parametrize("out", ["inplace", "new", "given"])
-@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
-@pytest.mark.parametrize("dtype", LORA_DTYPES)
-@pytest.mark.parametrize("case", LORA_CASES)
-def test_glu_lora_backward_matches_reference(case, dtype, act, out):
-    """de, dg and the three token-reduced adapter products vs float64 (all three adapters added on the
-    fly), with the padding columns exactly zero. The products are taken from the rounded de, dg, h (as a
-    separate GEMM on them would be), so they carry the dtype's rounding like de and dg."""
+def test_glu_lora_backward_matches_reference(case, dtype, act, inplace):
+    """de, dg and the three token-reduced adapter products vs float64, with the padding columns exactly
+    zero. The products are taken from the rounded de, dg, h (as a separate GEMM on them would be), so they
+    carry the dtype's rounding like de and dg."""
     from fusedlora.kernels import glu_lora_rank_pad
     from fusedlora.ops.glu import glu_lora_backward, naive_glu_lora_backward
     T, I, (rg, ru, rd) = case
-    eg, gate, up, xa, b_g, b_u, a_d, dout, dyb = _lora_glu_inputs(case, dtype)
+    dout, gate, up = (torch.randn(T, I, device=DEVICE).to(dtype) for _ in range(3))
+    gate = 2 * gate
+    xa = torch.randn(T, rg + ru + 3, device=DEVICE).to(dtype)  # a wider row stride than rg + ru
+    dyb = torch.randn(T, rd, device=DEVICE).to(dtype)
     scales = (0.5, 2.0)
-    ref = naive_glu_lora_backward(dout, gate, up, xa[:, :rg], xa[:, rg:rg + ru], dyb, b_g, b_u, a_d, scales, act)
-    eg_in = eg.clone()
-    g_in, u_in = eg_in[:, :I], eg_in[:, I:2 * I]
-    given = torch.empty(T, 2 * I + 2, device=DEVICE, dtype=dtype)
-    dst = (given[:, :I], given[:, I + 2:]) if out == "given" else None
-    de, dg, Q = glu_lora_backward(dout, g_in, u_in, xa, rg, dyb, b_g, b_u, a_d, (rg, ru, rd), scales, act,
-                                  inplace=out == "inplace", out=dst)
-    ptrs = {"inplace": (g_in, u_in), "given": dst}.get(out)
-    if ptrs is not None:
-        assert de.data_ptr() == ptrs[0].data_ptr() and dg.data_ptr() == ptrs[1].data_ptr()
-    if out != "inplace":
-        assert torch.equal(eg_in, eg)
+    ref = naive_glu_lora_backward(dout, gate, up, xa[:, :rg], xa[:, rg:rg + ru], dyb, scales, act)
+    g_in, u_in = gate.clone(), up.clone()
+    de, dg, Q = glu_lora_backward(dout, g_in, u_in, xa, rg, dyb, (rg, ru, rd), scales, act, inplace)
+    assert (de.data_ptr() == g_in.data_ptr()) == inplace and (dg.data_ptr() == u_in.data_ptr()) == inplace
+    if not inplace:
+        assert torch.equal(g_in, gate) and torch.equal(u_in, up)
     R = glu_lora_rank_pad(max(rg, ru, rd))
     assert Q.shape == (I, 3 * R) and Q.dtype == torch.float32
     got = [de, dg, Q[:, :rg], Q[:, R:R + ru], Q[:, 2 * R:2 * R + rd]]
@@ -158,37 +122,25 @@ def test_glu_lora_backward_matches_reference(case, dtype, act, out):
     assert all(bool((p == 0).all()) for p in (Q[:, rg:R], Q[:, R + ru:2 * R], Q[:, 2 * R + rd:]))
 
 
-def test_glu_lora_of_no_tokens():
-    from fusedlora.ops.glu import glu_lora_backward, glu_lora_forward
+def test_glu_lora_backward_of_no_tokens():
+    from fusedlora.ops.glu import glu_lora_backward
     z = torch.empty(0, 64, device=DEVICE)
-    b, a = torch.randn(64, 16, device=DEVICE), torch.randn(16, 64, device=DEVICE)
-    xa = torch.empty(0, 32, device=DEVICE)
-    h, xad = glu_lora_forward(z, z.clone(), xa, 16, b, b, a, (16, 16, 16), (1.0, 1.0), "silu")
-    assert h.shape == (0, 64) and xad.shape == (0, 16)
-    de, dg, Q = glu_lora_backward(z, z.clone(), z.clone(), xa, 16, torch.empty(0, 16, device=DEVICE), b, b, a,
-                                  (16, 16, 16), (1.0, 1.0), "silu")
+    de, dg, Q = glu_lora_backward(z, z.clone(), z.clone(), torch.empty(0, 32, device=DEVICE), 16,
+                                  torch.empty(0, 16, device=DEVICE), (16, 16, 16), (1.0, 1.0), "silu")
     assert de.shape == (0, 64) and Q.shape == (64, 48) and bool((Q == 0).all())
 
 
-def test_glu_lora_bad_input():
-    from fusedlora.ops.glu import glu_lora_backward, glu_lora_forward
+def test_glu_lora_backward_bad_input():
+    from fusedlora.ops.glu import glu_lora_backward
     t = torch.randn(8, 64, device=DEVICE)
     xa, dyb = torch.randn(8, 32, device=DEVICE), torch.randn(8, 16, device=DEVICE)
-    b, a = torch.randn(64, 16, device=DEVICE), torch.randn(16, 64, device=DEVICE)
     args = ((16, 16, 16), (1.0, 1.0), "silu")
-    with pytest.raises(ValueError, match="dout must be"):
-        glu_lora_backward(torch.randn(8, 65, device=DEVICE), t.clone(), t.clone(), xa, 16, dyb, b, b, a, *args)
+    with pytest.raises(ValueError, match="dout must match gate's shape and strides"):
+        glu_lora_backward(torch.randn(8, 65, device=DEVICE)[:, :64], t.clone(), t.clone(), xa, 16, dyb, *args)
     with pytest.raises(ValueError, match="up must match gate's shape and strides"):
-        glu_lora_backward(t, t.clone(), torch.randn(8, 32, device=DEVICE), xa, 16, dyb, b, b, a, *args)
-    with pytest.raises(ValueError, match="unit last stride"):
-        glu_lora_forward(t, t.clone(), torch.randn(32, 8, device=DEVICE).t(), 16, b, b, a, *args)
-    with pytest.raises(ValueError, match=r"a_down must be a contiguous torch.float32 tensor of shape \(16, 64\)"):
-        glu_lora_forward(t, t.clone(), xa, 16, b, b, a.t(), *args)
-    with pytest.raises(ValueError, match="b_up must be a contiguous"):
-        glu_lora_forward(t, t.clone(), xa, 16, b, b.half(), a, *args)
-    with pytest.raises(ValueError, match="out must be two"):
-        glu_lora_backward(t, t.clone(), t.clone(), xa, 16, dyb, b, b, a, *args,
-                          out=(t.clone(), torch.randn(8, 80, device=DEVICE)[:, :64]))
+        glu_lora_backward(t, t.clone(), torch.randn(8, 32, device=DEVICE), xa, 16, dyb, *args)
+    with pytest.raises(ValueError, match="every operand needs a unit last stride"):
+        glu_lora_backward(t, t.clone(), t.clone(), torch.randn(32, 8, device=DEVICE).t(), 16, dyb, *args)
 
 
 # ------------------------------------------------ the LoRA MLP backward's products that reduce over I
@@ -204,12 +156,7 @@ def test_glu_lora_dyb_matches_reference(case, dtype):
     b_g, b_u = ((torch.randn(I, r, device=DEVICE) / I ** 0.5).to(dtype) for r in (rg, ru))
     got = glu_lora_dyb(de, dg, b_g, b_u, (0.5, 2.0))
     assert got.shape == (T, rg + ru) and got.dtype == dtype
-    want = naive_glu_lora_dyb(de, dg, b_g, b_u, (0.5, 2.0))
-    assert rel_err(got, want) < TOL[dtype]
-    # into the columns of a wider buffer (the MLP's [de | dg | s de B] layout)
-    buf = torch.zeros(T, rg + ru + 7, device=DEVICE, dtype=dtype)
-    assert glu_lora_dyb(de, dg, b_g, b_u, (0.5, 2.0), out=buf[:, 5:5 + rg + ru]).data_ptr() == buf[:, 5:].data_ptr()
-    assert torch.equal(buf[:, 5:5 + rg + ru], got) and not buf[:, :5].any() and not buf[:, 5 + rg + ru:].any()
+    assert rel_err(got, naive_glu_lora_dyb(de, dg, b_g, b_u, (0.5, 2.0))) < TOL[dtype]
 
 
 def test_glu_lora_dyb_of_no_tokens():
@@ -225,7 +172,5 @@ def test_glu_lora_dyb_bad_input():
         glu_lora_dyb(t, torch.randn(8, 65, device=DEVICE)[:, :64], b, b, (1.0, 1.0))
     with pytest.raises(ValueError, match=r"b_up must be \[64, r\]"):
         glu_lora_dyb(t, t, b, torch.randn(32, 8, device=DEVICE), (1.0, 1.0))
-    with pytest.raises(ValueError, match=r"out must be a \[8, 16\]"):
-        glu_lora_dyb(t, t, b, b, (1.0, 1.0), out=torch.empty(8, 17, device=DEVICE))
     with pytest.raises(TypeError, match="b_gate is torch.float16"):
         glu_lora_dyb(t, t, b.half(), b, (1.0, 1.0))

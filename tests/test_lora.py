@@ -132,11 +132,11 @@ def test_qkv_and_o_match_peft(r, bias, tokens):
 @pytest.mark.parametrize("r", [4, 64, "mixed"])
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 def test_mlp_matches_peft(act, r, tokens, glu_lora, monkeypatch):
-    """Both paths: the fused one (adapters added on the fly by glu_lora_forward / glu_lora_backward, then
+    """Both backward paths: the adapter products inside the GLU backward (glu_lora_backward, then
     glu_lora_dyb) and the separate GEMMs (taken when the fused path does not apply: custom activations,
     dropout...)."""
     calls = []
-    for name in ("glu_lora_forward", "glu_lora_backward", "glu_lora_dyb"):
+    for name in ("glu_lora_backward", "glu_lora_dyb"):
         real = getattr(lora, name)
         monkeypatch.setattr(lora, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     if not glu_lora:
@@ -149,31 +149,7 @@ def test_mlp_matches_peft(act, r, tokens, glu_lora, monkeypatch):
     yf = apply(fused.mlp, xf)
     yf.backward(torch.ones_like(yf) * 0.5 + y.detach().float())
     compare(ref, fused, y, yf, xr, xf)
-    assert calls == (["glu_lora_forward", "glu_lora_backward", "glu_lora_dyb"] if glu_lora else [])
-
-
-def test_mlp_fused_not_inplace_and_input_without_grad():
-    """The fused MLP with inplace=False (gradients into a new buffer: the saved E | G stay intact, a second
-    backward through the same graph agrees) and with an input that needs no gradient (no dX GEMM; the
-    adapters' gradients unchanged)."""
-    fused = make(r=8)
-    ref, xr, xf = _reference_and_inputs(fused, 5)
-    y = ref.mlp(xr)
-    y.backward(y.detach())
-    yf = lora.apply_lora_mlp_swiglu(fused.mlp, xf, inplace=False)
-    yf.backward(y.detach(), retain_graph=True)
-    compare(ref, fused, y, yf, xr, xf)
-    first = grads(fused)
-    fused.zero_grad()
-    xf.grad = None
-    yf.backward(y.detach())  # the saved activations were not overwritten by the first backward
-    compare(ref, fused, y, yf, xr, xf)
-    fused.zero_grad()
-    yn = lora.apply_lora_mlp_swiglu(fused.mlp, xf.detach())
-    yn.backward(y.detach())
-    assert rel_err(yn, y) < 1e-5
-    for n, g in grads(fused).items():
-        assert rel_err(g, first[n]) < 1e-6, n
+    assert calls == (["glu_lora_backward", "glu_lora_dyb"] if glu_lora else [])
 
 
 def test_dropout_matches_peft_masks():
@@ -407,10 +383,9 @@ def test_mlp_with_adapters_on_some_projections(with_adapter):
 
 @pytest.mark.parametrize("hidden", [64, 96])
 def test_mlp_with_nf4_gate_up_down(hidden, monkeypatch):
-    """LoRA_MLP with NF4 gate/up/down: the fused path (gate/up weights dequantised straight into their
-    rows of one [W_g; W_u] buffer, forward and backward) against plain autograd on the dequantised
-    weights; and the unfused path, whose gate/up weights go straight into strided [W | s B | 0] blocks
-    (hidden 96 is not a power of two, so those rows take 32-output programs)."""
+    """LoRA_MLP with NF4 gate/up/down: the fused path (gate/up weights dequantised straight into the
+    [W | s B | 0] block; hidden 96 is not a power of two, so its rows take 32-output programs) against
+    plain autograd on the dequantised weights."""
     bnbf = pytest.importorskip("bitsandbytes.functional")
     torch.manual_seed(0)
     inter, T, r = 128, 6, 4
@@ -425,33 +400,23 @@ def test_mlp_with_nf4_gate_up_down(hidden, monkeypatch):
     calls = []
     real = lora.dequantize_nf4
     monkeypatch.setattr(lora, "dequantize_nf4", lambda *a, **k: calls.append(
-        "strided" if k.get("out") is not None and not k["out"].is_contiguous() else
-        "into" if k.get("out") is not None else "new") or real(*a, **k))
+        k.get("out") is not None and not k["out"].is_contiguous()) or real(*a, **k))
+    y = lora.LoRA_MLP.apply(x, *args, lora.swiglu_fg, lora.swiglu_fg_backward, True)
+    assert sum(calls) == 2  # gate and up went straight into their blocks
+    dy = torch.randn_like(y)
+    y.backward(dy)
     leaves = [x] + [t for A, B, _ in ABs for t in (A, B)]
-    dy = torch.randn_like(x)
-    runs = []
-    for fused in (True, False):
-        if not fused:
-            monkeypatch.setattr(lora, "_glu_lora_fusable", lambda *a: False)
-        calls.clear()
-        y = lora.LoRA_MLP.apply(x, *args, lora.swiglu_fg, lora.swiglu_fg_backward, True)
-        # gate and up went straight into their rows (fused) or strided [W | s B | 0] blocks (unfused)
-        assert calls == (["into", "into", "new"] if fused else ["strided", "strided", "new"])
-        y.backward(dy)
-        runs.append((y.detach(), [t.grad.clone() for t in leaves]))
-        if fused:  # backward: down for dh, then gate and up into the rows of the dX GEMM's operand
-            assert calls[3:] == ["new", "into", "into"]
-        for t in leaves:
-            t.grad = None
+    got = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
 
     def proj(inp, W, A, B, s):
         return inp @ W.T + s * (inp @ A.T) @ B.T
     ref = proj(F.silu(proj(x, Ws[0], *ABs[0])) * proj(x, Ws[1], *ABs[1]), Ws[2], *ABs[2])
     ref.backward(dy)
-    for y, got in runs:
-        assert rel_err(y, ref) < 1e-5
-        for t, g in zip(leaves, got):
-            assert rel_err(g, t.grad) < 1e-5
+    assert rel_err(y, ref) < 1e-5
+    for t, g in zip(leaves, got):
+        assert rel_err(g, t.grad) < 1e-5
 
 
 # ------------------------------------------------------------------ GPTQ bases under PEFT's GPTQLoraLinear
