@@ -333,15 +333,18 @@ def _mlp_fused_glu_backward(ctx, X2, e, g, saved, dh, dYBs_d, ddB, ng):
     # (Taking s de B_g / s dg B_u in extra columns of the dX GEMMs, de [W_g | s_g B_g | 0], measured slower on
     # an H100: N = H + 2r tiles badly, +0.1 ms in the two GEMMs, more than the two skinny GEMMs cost.)
     G = glu_lora_dyb(de, dg, pg.B.to(dtype), pu.B.to(dtype), (pg.s, pu.s))  # [s_g de B_g | s_u dg B_u]
-    dX = _base_plus_lora(de, dequantize_base(pg.W, pg.quant, dtype), G, torch.cat([pg.A.to(dtype), pu.A.to(dtype)]), 1.0)
-    dX.addmm_(dg, dequantize_base(pu.W, pu.quant, dtype))
+    dX = None
+    if ng[0]:  # (the first layer's input often needs no gradient: no dX GEMMs then)
+        dX = _base_plus_lora(de, dequantize_base(pg.W, pg.quant, dtype), G,
+                             torch.cat([pg.A.to(dtype), pu.A.to(dtype)]), 1.0)
+        dX = dX.addmm_(dg, dequantize_base(pu.W, pu.quant, dtype)).view(ctx.x_shape)
     dA_cat = G.t() @ X2 if (ng[3] or ng[8]) else None
     dgA = dA_cat[:rg].to(pg.A.dtype) if ng[3] else None
     duA = dA_cat[rg:].to(pu.A.dtype) if ng[8] else None
     dgB = Q[:, :rg].to(pg.B.dtype) if ng[4] else None
     duB = Q[:, R:R + ru].to(pu.B.dtype) if ng[9] else None
     ddA = Q[:, 2 * R:2 * R + rd].t().to(pd.A.dtype) if ng[13] else None
-    return (dX.view(ctx.x_shape), None, None, dgA, dgB, None, None, None, duA, duB, None, None, None, ddA, ddB,
+    return (dX, None, None, dgA, dgB, None, None, None, duA, duB, None, None, None, ddA, ddB,
             None, None, None, None, None, None)
 
 

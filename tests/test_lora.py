@@ -152,6 +152,30 @@ def test_mlp_matches_peft(act, r, tokens, glu_lora, monkeypatch):
     assert calls == (["glu_lora_backward", "glu_lora_dyb"] if glu_lora else [])
 
 
+def test_mlp_fused_not_inplace_and_input_without_grad():
+    """The fused MLP with inplace=False (gradients into new buffers: the saved e, g stay intact, so a second
+    backward through the same graph agrees) and with an input that needs no gradient (no dX GEMMs; the
+    adapters' gradients unchanged)."""
+    fused = make(r=8)
+    ref, xr, xf = _reference_and_inputs(fused, 5)
+    y = ref.mlp(xr)
+    y.backward(y.detach())
+    yf = lora.apply_lora_mlp_swiglu(fused.mlp, xf, inplace=False)
+    yf.backward(y.detach(), retain_graph=True)
+    compare(ref, fused, y, yf, xr, xf)
+    first = grads(fused)
+    fused.zero_grad()
+    xf.grad = None
+    yf.backward(y.detach())
+    compare(ref, fused, y, yf, xr, xf)
+    fused.zero_grad()
+    yn = lora.apply_lora_mlp_swiglu(fused.mlp, xf.detach())
+    yn.backward(y.detach())
+    assert rel_err(yn, y) < 1e-5
+    for n, g in grads(fused).items():
+        assert rel_err(g, first[n]) < 1e-6, n
+
+
 def test_dropout_matches_peft_masks():
     ref = make(dropout=0.25)
     fused = copy.deepcopy(ref)
