@@ -50,15 +50,19 @@ def cross_entropy_kernel(
             m = tl.full([], float("-inf"), tl.float32)
             s = tl.zeros([], tl.float32)
             sum_x = tl.zeros([], tl.float32)
-            for start in range(0, n_cols, BLOCK_V):
-                c = start + cols
+            # each chunk's load is issued one step ahead (z_next), so its latency overlaps the reductions
+            c = cols
+            z_next = tl.load(base + c, mask=c < n_cols, other=0.0, eviction_policy=FIRST_READ)
+            for _ in range(0, n_cols, BLOCK_V):
+                z = z_next
+                z_next = tl.load(base + c + BLOCK_V, mask=c + BLOCK_V < n_cols, other=0.0, eviction_policy=FIRST_READ)
                 ok = c < n_cols
-                z = tl.load(base + c, mask=ok, other=0.0, eviction_policy=FIRST_READ).to(tl.float32)
-                x = tl.where(ok, _transform(z, softcap, logit_scale, HAS_SOFTCAP), float("-inf"))
+                x = tl.where(ok, _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP), float("-inf"))
                 m_new = tl.maximum(m, tl.max(x, axis=0))
                 s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
                 if SMOOTH:  # the row's mean logit, for label smoothing: one more reduction per chunk
                     sum_x += tl.sum(tl.where(ok, x, 0.0), axis=0)
+                c += BLOCK_V
                 m = m_new
             lse = m + tl.log(s)
             safe_label = tl.where(ignored, 0, label)
@@ -71,14 +75,16 @@ def cross_entropy_kernel(
             scale = tl.where(ignored, 0.0, scale)
             smooth = label_smoothing / n_cols
             gbase = GRAD + row * g_stride
-            n_chunks = tl.cdiv(n_cols, BLOCK_V)
-            for k in range(0, n_chunks):
-                if MODE == 1:  # backwards: the chunks the first pass read last come first (L2 hits)
-                    c = (n_chunks - 1 - k) * BLOCK_V + cols
-                else:
-                    c = k * BLOCK_V + cols
+            # MODE 1 walks backwards: the chunks the first pass read last come first (L2 hits)
+            step = -BLOCK_V if MODE == 1 else BLOCK_V
+            c = ((tl.cdiv(n_cols, BLOCK_V) - 1) * BLOCK_V if MODE == 1 else 0) + cols
+            z_next = tl.load(base + c, mask=c < n_cols, other=0.0, eviction_policy=SECOND_READ)
+            for _ in range(0, n_cols, BLOCK_V):
+                z = z_next.to(tl.float32)
                 ok = c < n_cols
-                z = tl.load(base + c, mask=ok, other=0.0, eviction_policy=SECOND_READ).to(tl.float32)
+                c_next = c + step
+                z_next = tl.load(base + c_next, mask=(c_next >= 0) & (c_next < n_cols), other=0.0,
+                                 eviction_policy=SECOND_READ)
                 x = _transform(z, softcap, logit_scale, HAS_SOFTCAP)
                 g = tl.exp(x - lse) - smooth - tl.where(c == label, 1.0 - label_smoothing, 0.0)
                 if HAS_SOFTCAP:
@@ -86,6 +92,7 @@ def cross_entropy_kernel(
                     g = g * (1.0 - t * t)
                 g = g * (logit_scale * scale)
                 tl.store(gbase + c, g.to(GRAD.dtype.element_ty), mask=ok, cache_modifier=GRAD_STORE)
+                c = c_next
 
 
 @triton.jit(do_not_specialize=["n_elements"])
