@@ -242,7 +242,8 @@ def tune_gptq():
 
 
 def main(argv=None):
-    which = (argv or sys.argv[1:] or ["ce,glu,rope,rms"])[0].split(",")
+    # names as one comma list or as separate arguments ("ce,glu" or "ce glu")
+    which = [w for a in (argv or sys.argv[1:] or ["ce,glu,rope,rms"]) for w in a.split(",") if w]
     print(torch.cuda.get_device_name(), torch.__version__)
     for w in which:
         {"ce": tune_ce, "glu": tune_glu, "glu_lora": tune_glu_lora, "glu_lora_dyb": tune_glu_lora_dyb, "rope": tune_rope, "rms": tune_rms, "nf4": tune_nf4, "gptq": tune_gptq}[w]()
