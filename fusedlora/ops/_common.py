@@ -42,5 +42,11 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def persistent_programs(n_work: int, per_sm: int, device_index: int) -> int:
+    """Grid size of a kernel whose programs walk work items p, p + P, ...: per_sm programs per SM, never
+    more than the work (one per item when per_sm is 0), at least one."""
+    return max(1, min(n_work, per_sm * sm_count(device_index)) if per_sm else n_work)
+
+
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..loader import constexpr_key, launcher
-from ._common import cdiv, check_tensor, sm_count
+from ._common import cdiv, check_tensor, persistent_programs
 
 REDUCTIONS = ("mean", "sum", "none")
 LABEL_DTYPES = (torch.int64, torch.int32)
@@ -56,8 +56,8 @@ def _scale_key():
 def scale_by_scalar_(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x *= s (a 1-element fp32 tensor) in place, free when s == 1; x must be contiguous."""
     n = x.numel()
-    progs = min(cdiv(n, kernels.SCALE_BLOCK), kernels.SCALE_PROGRAMS_PER_SM * sm_count(x.get_device()))
-    launcher("scale_by_scalar")((max(1, progs), 1, 1), (x, s, n), _scale_key())
+    progs = persistent_programs(cdiv(n, kernels.SCALE_BLOCK), kernels.SCALE_PROGRAMS_PER_SM, x.get_device())
+    launcher("scale_by_scalar")((progs, 1, 1), (x, s, n), _scale_key())
     return x
 
 
@@ -99,9 +99,8 @@ def ce_launch(logits2d, labels, loss, lse, grad, scale, scale_stride, ignore_ind
     n_rows, n_cols = logits2d.shape
     meta, key = _meta(n_cols, softcap is not None, mode, label_smoothing != 0.0)
     grad_t = grad if grad is not None else logits2d
-    per_sm = kernels.CE_PROGRAMS_PER_SM
-    progs = min(n_rows, per_sm * sm_count(logits2d.get_device())) if per_sm else n_rows
-    launcher("cross_entropy")((max(1, progs), 1, 1), (
+    progs = persistent_programs(n_rows, kernels.CE_PROGRAMS_PER_SM, logits2d.get_device())
+    launcher("cross_entropy")((progs, 1, 1), (
         logits2d, labels, loss, lse, grad_t, scale, logits2d.stride(0), grad_t.stride(0), scale_stride, n_rows,
         n_cols, int(ignore_index), float(label_smoothing), float(softcap or 1.0),
         float(1.0 if logit_scale is None else logit_scale)), key)

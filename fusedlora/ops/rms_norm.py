@@ -12,7 +12,7 @@ import torch
 
 from .. import kernels
 from ..loader import constexpr_key, launcher
-from ._common import check_tensor, rows_2d, sm_count
+from ._common import check_tensor, persistent_programs, rows_2d
 
 CASTINGS = ("llama", "gemma")
 
@@ -50,7 +50,7 @@ def rms_norm_backward(dy2d, x2d, weight, rstd, offset: float, gemma: bool, need_
     """Launch the backward kernel. Returns (dx [M, N] in x's dtype, dw in weight's dtype or None)."""
     n_rows, n_cols = x2d.shape
     dx = torch.empty_like(x2d)
-    n_progs = max(1, min(n_rows, kernels.RMS_BWD_PROGRAMS_PER_SM * sm_count(x2d.get_device())))
+    n_progs = persistent_programs(n_rows, kernels.RMS_BWD_PROGRAMS_PER_SM, x2d.get_device())
     dw_partial = torch.empty((n_progs, n_cols), dtype=torch.float32, device=x2d.device)
     meta, key = _meta(n_cols, gemma, True)
     if n_rows:
