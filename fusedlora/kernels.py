@@ -207,7 +207,10 @@ GLU_LORA_DYB = register(KernelSpec(
 CE_MODES = {"loss": 0, "loss_and_grad": 1, "grad": 2}
 
 
-CE_BLOCK = 8192  # H100 sweep at 8192x128256 bf16 (loss+grad), JIT: 8192 / 16 warps 1.86 ms, 16384 / 16 1.82 ms
+# H100, 8192 x 128256 bf16 loss+grad, op from triton 3.9 cubins: BLOCK_V 16384 / 32 warps 1.81 ms (64 registers:
+# one 1024-thread program per SM, so 132 rows in flight and their second reads hit L2), 8192 / 16 1.84 ms
+# (two programs per SM), 4096 / 8 2.01 ms, 16384 / 16 1.92 ms (107 registers)
+CE_BLOCK = 16384
 CE_PROGRAMS_PER_SM = 0  # 0: one program per row (persistent grids of 4 per SM measured slower)
 
 
@@ -218,7 +221,7 @@ def cross_entropy_meta(n_cols: int, softcap: bool, mode: str, smoothing: bool = 
 
 
 def _ce_warps(block_v: int) -> int:
-    return 16 if block_v >= 8192 else 8 if block_v >= 2048 else 4
+    return 32 if block_v >= 16384 else 16 if block_v >= 8192 else 8 if block_v >= 2048 else 4
 
 
 def _ce_aot(family):
@@ -244,6 +247,19 @@ CROSS_ENTROPY = register(KernelSpec(
     config=lambda arch, c: (_ce_warps(c["BLOCK_V"]), 1),
     aot_variants=_ce_aot,
     doc="row-wise cross-entropy: loss, lse and (optionally) the gradient in the logits' dtype",
+))
+
+CE_PREPARE_INV = {"count": 0, "divisor": 1, "none": 2}
+
+CE_PREPARE = register(KernelSpec(
+    name="ce_prepare",
+    module="csrc_triton.cross_entropy", function="ce_prepare_kernel",
+    pointer_types={"LABELS": "label", "INV": "fp32", "OK": "i32"},
+    float_args=("divisor",),
+    meta=lambda inv: {"BLOCK": 2048, "INV_MODE": CE_PREPARE_INV[inv]},
+    config=lambda arch, c: (8, 1),
+    aot_variants=lambda family: (({"label": lt}, {"inv": inv}) for lt in ("i64", "i32") for inv in CE_PREPARE_INV),
+    doc="cross-entropy set-up: labels range check and the loss scale (1 / count of used labels)",
 ))
 
 SCALE_BLOCK = 4096

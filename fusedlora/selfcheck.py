@@ -98,7 +98,13 @@ def _check_cross_entropy(device, dtype):
     (dz64,) = _grads(ref * 2.0, None, (z64,))
     tol = 1.5e-2 if dtype != torch.float32 else 1e-5
     err_grad = _rel_err(dz, dz64)
-    return {"cross_entropy": (max(_rel_err(loss, ref), err_grad), tol), "scale_by_scalar": (err_grad, tol)}
+    # the set-up kernel: the mean's 1/count over 3 blocks of labels (exact up to fp32 division)
+    from .ops.cross_entropy import prepare_labels
+    y = torch.randint(-1, 50, (5003,), device=device)
+    inv = prepare_labels("selfcheck", y, 50, -1, "mean")
+    err_prep = abs(inv.item() * float((y != -1).sum()) - 1.0)
+    return {"cross_entropy": (max(_rel_err(loss, ref), err_grad), tol), "scale_by_scalar": (err_grad, tol),
+            "ce_prepare": (err_prep, 1e-6)}
 
 
 def _check_rope(device, dtype):
@@ -177,6 +183,7 @@ def _check_quant(device, dtype):
 
 CHECKS = {"nf4_dequant": _check_quant, "gptq_dequant": _check_quant, "rms_norm_fwd": _check_rms_norm, "rms_norm_bwd": _check_rms_norm, "glu_fwd": _check_glu,
           "glu_bwd": _check_glu, "glu_lora_bwd": _check_glu_lora, "glu_lora_dyb": _check_glu_lora, "cross_entropy": _check_cross_entropy, "scale_by_scalar": _check_cross_entropy,
+          "ce_prepare": _check_cross_entropy,
           "rope": _check_rope}
 
 

@@ -75,6 +75,50 @@ def test_scale_by_scalar_persistent_blocks(s):
     assert torch.equal(out, x * s)
 
 
+@pytest.mark.parametrize("label_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("n", [1, 2048, 5003])
+def test_prepare_labels_scale(n, label_dtype):
+    """The set-up kernel's loss scale for every reduction / num_items_in_batch form, over several blocks
+    of labels (5003 = 2 full blocks + a ragged one), with ignored labels and a non-default ignore_index."""
+    from fusedlora.ops.cross_entropy import prepare_labels
+    y = torch.randint(0, 7, (n,), device=DEVICE, dtype=label_dtype)
+    y[::3] = -1
+    used = int((y != -1).sum())
+    cases = [("mean", None, 1.0 / max(used, 1)), ("sum", None, 1.0), ("none", None, 1.0), ("mean", 40, 1.0 / 40),
+             ("mean", 0, 1.0), ("mean", torch.tensor(25, device=DEVICE), 1.0 / 25), ("sum", 40, 1.0)]
+    for reduction, items, want in cases:
+        inv = prepare_labels("op", y, 7, -1, reduction, items)
+        assert inv.shape == (1,) and inv.dtype == torch.float32
+        assert inv.item() == pytest.approx(want, rel=1e-6), (reduction, items)
+    y[:] = -1  # all ignored: the mean divides by 1, not 0
+    assert prepare_labels("op", y, 7, -1, "mean").item() == 1.0
+
+
+PREPARE_BAD = """
+import torch
+from fusedlora.ops.cross_entropy import prepare_labels
+y = torch.randint(0, 7, (5003,), device="cuda")
+y[4999] = {bad}
+prepare_labels("op", y, 7, -100, "sum")
+torch.cuda.synchronize()
+"""
+
+
+@pytest.mark.parametrize("bad", [7, -2])
+def test_prepare_labels_range_check_reaches_every_block(bad):
+    """A bad label in the ragged last block of labels still fails (and naming the op and the range)."""
+    from fusedlora.ops.cross_entropy import prepare_labels
+    if HAS_CUDA:  # a device-side assert ends the CUDA context: check it in its own process
+        assert_device_assert(PREPARE_BAD.format(bad=bad), "op: labels must be in [0, 7)")
+        return
+    y = torch.randint(0, 7, (5003,), device=DEVICE)
+    y[4999] = bad
+    with pytest.raises(RuntimeError, match="op: labels must be in \\[0, 7\\) or ignore_index=-100"):
+        prepare_labels("op", y, 7, -100, "sum")
+    y[4999] = -100
+    prepare_labels("op", y, 7, -100, "sum")
+
+
 def test_all_ignored_gives_zero_not_nan():
     z = torch.randn(4, 50, device=DEVICE, requires_grad=True)
     y = torch.full((4,), -100, device=DEVICE)

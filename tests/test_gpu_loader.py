@@ -235,7 +235,7 @@ def test_changed_kernels_aot_equals_jit(tmp_path, use_loader, monkeypatch):
     pytest.importorskip("bitsandbytes")
     from fusedlora import aot
     fam = {**FAMILY, "vocab_sizes": [32000]}
-    names = ["nf4_dequant", "glu_bwd", "cross_entropy", "scale_by_scalar"]
+    names = ["nf4_dequant", "glu_bwd", "cross_entropy", "scale_by_scalar", "ce_prepare"]
     summary = aot.build(registry.family_variants(fam, [_arch()], names), tmp_path, quiet=True)
     assert not summary["errors"], summary["errors"]
     ld = use_loader(dirs=[tmp_path])

@@ -61,37 +61,45 @@ def scale_by_scalar_(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def inverse_divisor(labels, ignore_index, reduction, num_items_in_batch, device):
-    """1-element fp32 device tensor: 1/denominator for "mean", 1 for "sum". No host sync."""
+@functools.lru_cache(maxsize=None)
+def _prepare_key(inv: str):
+    return constexpr_key(kernels.CE_PREPARE.meta(inv))
+
+
+def prepare_labels(op, labels, n_cols, ignore_index, reduction, num_items_in_batch=None):
+    """One small kernel before the cross-entropy: an asynchronous assert (no host sync) that every label
+    is in [0, n_cols) or ignore_index, and the 1-element fp32 scale of each row's loss and gradient:
+    1/denominator for "mean" (the non-ignored labels, or `num_items_in_batch` as HF's gradient
+    accumulation passes it), 1 otherwise."""
+    inv = torch.empty(1, dtype=torch.float32, device=labels.device)
+    ok = torch.empty(1, dtype=torch.int32, device=labels.device)
+    divisor = 1.0
     if reduction != "mean":
-        return torch.ones(1, dtype=torch.float32, device=device)
-    if num_items_in_batch is None:
-        n = (labels != ignore_index).sum()
+        mode = "divisor"
+    elif num_items_in_batch is None:
+        mode = "count"
+    elif isinstance(num_items_in_batch, torch.Tensor):
+        mode = "none"
+        n = num_items_in_batch.to(device=labels.device, dtype=torch.float32)
+        inv = (1.0 / n.clamp(min=1)).reshape(1)
     else:
-        n = torch.as_tensor(num_items_in_batch, device=device)
-    return (1.0 / n.clamp(min=1).to(torch.float32)).reshape(1)
+        mode, divisor = "divisor", float(num_items_in_batch)
+    launcher("ce_prepare")((1, 1, 1), (labels, inv, ok, labels.numel(), n_cols, int(ignore_index), divisor),
+                           _prepare_key(mode))
+    torch._assert_async(ok, f"{op}: labels must be in [0, {n_cols}) or ignore_index={ignore_index}")
+    return inv
 
 
-def reduce_rows(loss_rows, reduction, inv):
-    """Per-row fp32 losses -> the requested reduction (inv: 1-element 1/denominator, see inverse_divisor)."""
-    if reduction == "none":
-        return loss_rows
-    total = loss_rows.sum()
-    return total * inv[0] if reduction == "mean" else total
+def reduce_rows(loss_rows, reduction):
+    """Per-row fp32 losses, already scaled by the kernel (see prepare_labels) -> the requested reduction."""
+    return loss_rows if reduction == "none" else loss_rows.sum()
 
 
-def backward_scale(dloss, labels, ignore_index, reduction):
+def backward_scale(dloss, labels, ignore_index, reduction, inv):
     """(scale tensor, stride) that the gradient kernel multiplies each row's gradient by."""
     if reduction == "none":
         return dloss.to(torch.float32).contiguous(), 1
-    inv = inverse_divisor(labels, ignore_index, reduction, None, labels.device)
     return (dloss.to(torch.float32) * inv).reshape(1), 0
-
-
-def check_labels(op, labels, n_cols, ignore_index):
-    """Out-of-range labels raise a device-side assertion (asynchronously: no host sync)."""
-    ok = ((labels >= 0) & (labels < n_cols)) | (labels == ignore_index)
-    torch._assert_async(ok.all(), f"{op}: labels must be in [0, {n_cols}) or ignore_index={ignore_index}")
 
 
 def ce_launch(logits2d, labels, loss, lse, grad, scale, scale_stride, ignore_index, label_smoothing, softcap,
@@ -108,13 +116,12 @@ def ce_launch(logits2d, labels, loss, lse, grad, scale, scale_stride, ignore_ind
 
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits2d, labels, reduction, ignore_index, label_smoothing, softcap, logit_scale,
-                num_items_in_batch, inplace_grad):
+    def forward(ctx, logits2d, labels, inv, reduction, ignore_index, label_smoothing, softcap, logit_scale,
+                inplace_grad):
         n_rows, n_cols = logits2d.shape
         dev = logits2d.device
         loss_rows = torch.empty(n_rows, dtype=torch.float32, device=dev)
         lse = torch.empty(n_rows, dtype=torch.float32, device=dev)
-        inv = inverse_divisor(labels, ignore_index, reduction, num_items_in_batch, dev)
         needs_grad = ctx.needs_input_grad[0]
         ctx.opts = (reduction, ignore_index, label_smoothing, softcap, logit_scale)
         if needs_grad and reduction != "none":
@@ -126,9 +133,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         else:
             ce_launch(logits2d, labels, loss_rows, lse, None, inv, 0, ignore_index, label_smoothing, softcap,
                       logit_scale, "loss")
-            ctx.save_for_backward(logits2d, labels, lse)
+            ctx.save_for_backward(logits2d, labels, lse, inv)
             ctx.precomputed = False
-        return reduce_rows(loss_rows, reduction, inv)
+        return reduce_rows(loss_rows, reduction)
 
     @staticmethod
     def backward(ctx, dloss):
@@ -136,14 +143,14 @@ class CrossEntropyFunction(torch.autograd.Function):
         if ctx.precomputed:
             (grad,) = ctx.saved_tensors
             scale_by_scalar_(grad, dloss.to(torch.float32).reshape(1))
-            return grad, None, None, None, None, None, None, None, None
+            return (grad,) + (None,) * 8
         # reduction "none", or a loss computed without grad tracking first and differentiated later
-        logits2d, labels, lse = ctx.saved_tensors
+        logits2d, labels, lse, inv = ctx.saved_tensors
         grad = torch.empty_like(logits2d)
-        scale, stride = backward_scale(dloss, labels, ignore_index, reduction)
+        scale, stride = backward_scale(dloss, labels, ignore_index, reduction, inv)
         ce_launch(logits2d, labels, lse, lse, grad, scale, stride, ignore_index, label_smoothing, softcap, logit_scale,
                   "grad")
-        return grad, None, None, None, None, None, None, None, None
+        return (grad,) + (None,) * 8
 
 
 def _check_ce_args(op, reduction, label_smoothing, softcap, logit_scale):
@@ -177,8 +184,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
     labels1d = labels.reshape(-1).contiguous()
-    check_labels(op, labels1d, n_cols, ignore_index)
-    out = CrossEntropyFunction.apply(logits2d, labels1d, reduction, int(ignore_index), float(label_smoothing),
-                                     None if softcap is None else float(softcap), logit_scale, num_items_in_batch,
-                                     bool(inplace_grad))
+    inv = prepare_labels(op, labels1d, n_cols, ignore_index, reduction, num_items_in_batch)
+    out = CrossEntropyFunction.apply(logits2d, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
+                                     None if softcap is None else float(softcap), logit_scale, bool(inplace_grad))
     return out.view(labels.shape) if reduction == "none" else out

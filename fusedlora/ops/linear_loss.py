@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ._common import check_tensor
-from .cross_entropy import (LABEL_DTYPES, _check_ce_args, backward_scale, ce_launch, check_labels, inverse_divisor,
-                            naive_cross_entropy, reduce_rows, scale_by_scalar_)
+from .cross_entropy import (LABEL_DTYPES, _check_ce_args, backward_scale, ce_launch, naive_cross_entropy,
+                            prepare_labels, reduce_rows, scale_by_scalar_)
 
 DEFAULT_CHUNK_BYTES = 128 * 2**20
 
@@ -45,15 +45,14 @@ def _accumulate_chunk_grads(grad_logits, h, weight, dh_rows, dw, db):
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, reduction, ignore_index, label_smoothing, softcap, logit_scale,
-                num_items_in_batch, chunk_rows):
+    def forward(ctx, hidden, weight, bias, labels, inv, reduction, ignore_index, label_smoothing, softcap, logit_scale,
+                chunk_rows):
         n_rows = hidden.shape[0]
         n_cols = weight.shape[0]
         dev = hidden.device
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         need_db = need_db and bias is not None
         any_grad = need_dh or need_dw or need_db
-        inv = inverse_divisor(labels, ignore_index, reduction, num_items_in_batch, dev)
         loss_rows = torch.empty(n_rows, dtype=torch.float32, device=dev)
         lse = torch.empty(n_rows, dtype=torch.float32, device=dev)
         precompute = any_grad and reduction != "none"
@@ -77,8 +76,8 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             ctx.save_for_backward(dh, dw, db)
             ctx.bias_dtype = None if bias is None else bias.dtype
         else:
-            ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        return reduce_rows(loss_rows, reduction, inv)
+            ctx.save_for_backward(hidden, weight, bias, labels, lse, inv)
+        return reduce_rows(loss_rows, reduction)
 
     @staticmethod
     def backward(ctx, dloss):
@@ -94,12 +93,12 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 db = (db * s).to(ctx.bias_dtype)
             return (dh, dw, db) + nones
         # Recompute each chunk's logits (reduction="none", or a forward run without grad tracking).
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        hidden, weight, bias, labels, lse, inv = ctx.saved_tensors
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         dh = torch.empty_like(hidden) if need_dh else None
         dw = torch.zeros_like(weight) if need_dw else None
         db = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if need_db and bias is not None else None
-        scale, stride = backward_scale(dloss, labels, ignore_index, reduction)
+        scale, stride = backward_scale(dloss, labels, ignore_index, reduction, inv)
         for s in range(0, hidden.shape[0], chunk_rows):
             e = min(hidden.shape[0], s + chunk_rows)
             h = hidden[s:e]
@@ -140,11 +139,11 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         h2d = h2d.contiguous()
     labels1d = labels.reshape(-1).contiguous()
     n_cols = weight.shape[0]
-    check_labels(op, labels1d, n_cols, ignore_index)
+    inv = prepare_labels(op, labels1d, n_cols, ignore_index, reduction, num_items_in_batch)
     chunk = rows_per_chunk(h2d.shape[0], n_cols, hidden.element_size(), max_chunk_bytes)
     out = FusedLinearCrossEntropyFunction.apply(
-        h2d, weight, bias, labels1d, reduction, int(ignore_index), float(label_smoothing),
-        None if softcap is None else float(softcap), logit_scale, num_items_in_batch, chunk)
+        h2d, weight, bias, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
+        None if softcap is None else float(softcap), logit_scale, chunk)
     return out.view(labels.shape) if reduction == "none" else out
 
 
