@@ -3,6 +3,8 @@
 - Never an fp32 copy of the logits: the kernel reads them in their dtype and writes the gradient in it.
 - reduction "mean" divides by the number of non-ignored labels (or `num_items_in_batch`, as HF's
   gradient accumulation does) computed on the device: no host sync; all-ignored batches give 0, not NaN.
+  One small kernel (ce_prepare) counts them and checks the labels' range before the main kernel, which
+  stores each row's loss already divided, so the op is 3 launches forward (prepare, assert, kernel) plus a sum.
 - For "mean"/"sum" the forward writes the gradient (assuming d loss = 1) and the backward rescales it
   by the incoming gradient with a kernel that does nothing when that is 1.
 - The loss is returned in fp32.
