@@ -97,7 +97,7 @@ def reduce_rows(loss_rows, reduction):
     return loss_rows if reduction == "none" else loss_rows.sum()
 
 
-def backward_scale(dloss, labels, ignore_index, reduction, inv):
+def backward_scale(dloss, reduction, inv):
     """(scale tensor, stride) that the gradient kernel multiplies each row's gradient by."""
     if reduction == "none":
         return dloss.to(torch.float32).contiguous(), 1
@@ -149,7 +149,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         # reduction "none", or a loss computed without grad tracking first and differentiated later
         logits2d, labels, lse, inv = ctx.saved_tensors
         grad = torch.empty_like(logits2d)
-        scale, stride = backward_scale(dloss, labels, ignore_index, reduction, inv)
+        scale, stride = backward_scale(dloss, reduction, inv)
         ce_launch(logits2d, labels, lse, lse, grad, scale, stride, ignore_index, label_smoothing, softcap, logit_scale,
                   "grad")
         return (grad,) + (None,) * 8

@@ -98,7 +98,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         dh = torch.empty_like(hidden) if need_dh else None
         dw = torch.zeros_like(weight) if need_dw else None
         db = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if need_db and bias is not None else None
-        scale, stride = backward_scale(dloss, labels, ignore_index, reduction, inv)
+        scale, stride = backward_scale(dloss, reduction, inv)
         for s in range(0, hidden.shape[0], chunk_rows):
             e = min(hidden.shape[0], s + chunk_rows)
             h = hidden[s:e]
