@@ -249,7 +249,7 @@ CROSS_ENTROPY = register(KernelSpec(
     doc="row-wise cross-entropy: loss, lse and (optionally) the gradient in the logits' dtype",
 ))
 
-CE_PREPARE_INV = {"count": 0, "divisor": 1, "none": 2}
+CE_PREPARE_INV = {"count": 0, "divisor": 1, "given": 2}  # given: the caller writes INV
 
 CE_PREPARE = register(KernelSpec(
     name="ce_prepare",

@@ -80,8 +80,8 @@ def prepare_labels(op, labels, n_cols, ignore_index, reduction, num_items_in_bat
         mode = "divisor"
     elif num_items_in_batch is None:
         mode = "count"
-    elif isinstance(num_items_in_batch, torch.Tensor):
-        mode = "none"
+    elif isinstance(num_items_in_batch, torch.Tensor):  # HF passes a device tensor: divide on the device
+        mode = "given"
         n = num_items_in_batch.to(device=labels.device, dtype=torch.float32)
         inv = (1.0 / n.clamp(min=1)).reshape(1)
     else:
