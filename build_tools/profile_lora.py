@@ -1,9 +1,11 @@
 """Per-kernel GPU time of one LoRA fwd+bwd step, fusedlora vs PEFT, from torch.profiler (needs a GPU).
 
-    python -m build_tools.profile_lora [MLP|QKV] [--nf4] [--cpu | --py | --shapes] [--warm=N]
+    python -m build_tools.profile_lora [MLP|QKV] [--nf4] [--cpu | --py | --shapes | --gaps | --energy] [--warm=N]
 
 Prints each implementation's kernels (summed over the step, largest first; --cpu: host time by op; --shapes:
-GPU time by torch op and input shapes, to tell which GEMM a kernel is) so optimisation work can
+GPU time by torch op and input shapes, to tell which GEMM a kernel is; --gaps: each kernel of a CUDA-graph
+replay in order with the idle time before it; --energy: time, energy and average power per step under
+sustained replay, from NVML) so optimisation work can
 target where the time goes. --warm=N runs N unprofiled steps first (default 3): kernel times under
 sustained load, as a long benchmark or training run sees them (clocks drop as the GPU heats). Shapes and modules are the benchmark's (fusedlora.bench.lora_modules)."""
 from __future__ import annotations
@@ -76,6 +78,90 @@ def shapes_table(fn, x, grads, steps=5, top=30, warmup=3):
         print(f"  {us:9.1f} us  x{n:<3d} {name[:28]:28s} {shapes}")
 
 
+def _captured_step(fn, x, grads, warmup):
+    """A CUDA graph of one fwd+bwd step (as the benchmark's GPU time replays it), warmed up."""
+    def step():
+        torch.autograd.backward(fn(x), grads)
+        x.grad = None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        for _ in range(warmup):
+            graph.replay()
+    torch.cuda.synchronize()
+    return graph
+
+
+def gap_table(fn, x, grads, reps=20, warmup=3):
+    """The step's CUDA graph replayed under the profiler: per kernel in launch order, its median duration and
+    the idle time before it. Shows what the replay spends between kernels (launch gaps, dependent-kernel
+    ramp-up), which a kernel-time sum leaves out."""
+    import statistics
+    graph = _captured_step(fn, x, grads, warmup)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            graph.replay()
+        torch.cuda.synchronize()
+    ks = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    per = len(ks) // reps
+    if per == 0 or len(ks) % reps:
+        print(f"  ({len(ks)} device events over {reps} replays: not one trace per replay)")
+        return
+    steps = [ks[i * per:(i + 1) * per] for i in range(reps)]
+    wall = statistics.median(s[-1].time_range.end - s[0].time_range.start for s in steps)
+    busy = statistics.median(sum(k.time_range.elapsed_us() for k in s) for s in steps)
+    print(f"  replay: {wall / 1e3:.3f} ms first kernel start to last end, {busy / 1e3:.3f} ms in kernels, "
+          f"{(wall - busy) / 1e3:.3f} ms between them ({per} kernels)")
+    for i in range(per):
+        dur = statistics.median(s[i].time_range.elapsed_us() for s in steps)
+        gap = statistics.median(s[i].time_range.start - s[i - 1].time_range.end for s in steps) if i else 0.0
+        print(f"  {dur:8.1f} us  gap {gap:6.1f}  {steps[0][i].name[:100]}")
+
+
+def energy_table(fn, x, grads, warmup=3, settle_s=2.0, measure_s=4.0):
+    """Time, energy and power per step over seconds of back-to-back graph replays (the benchmark's sustained
+    load), from NVML's energy counter: on a power-capped GPU a step cannot run faster than its energy over
+    the cap, whatever its cold kernel times."""
+    import time
+
+    import pynvml
+    pynvml.nvmlInit()
+    dev = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())  # (NVML ignores CUDA_VISIBLE_DEVICES)
+    graph = _captured_step(fn, x, grads, warmup)
+    one = time.perf_counter()
+    graph.replay()
+    torch.cuda.synchronize()
+    per_call = max(1, int(0.05 / max(time.perf_counter() - one, 1e-4)))  # replays per host sync: ~50 ms
+
+    def run(seconds):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            for _ in range(per_call):
+                graph.replay()
+            n += per_call
+            torch.cuda.synchronize()
+        return n
+    run(settle_s)  # reach the sustained power / clock state
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0 = pynvml.nvmlDeviceGetTotalEnergyConsumption(dev)
+    start.record()
+    n = run(measure_s)
+    end.record()
+    torch.cuda.synchronize()
+    e1 = pynvml.nvmlDeviceGetTotalEnergyConsumption(dev)
+    ms = start.elapsed_time(end) / n
+    joules = (e1 - e0) / 1e3 / n
+    sm = pynvml.nvmlDeviceGetClockInfo(dev, pynvml.NVML_CLOCK_SM)
+    cap = pynvml.nvmlDeviceGetEnforcedPowerLimit(dev) / 1e3
+    print(f"  sustained: {ms:.3f} ms/step, {joules:.3f} J/step, {joules / ms * 1e3:.0f} W average (cap {cap:.0f} W), "
+          f"SM clock {sm} MHz at the end; energy / cap = {joules / cap * 1e3:.3f} ms ({n} steps)")
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     nf4 = "--nf4" in argv
@@ -94,6 +180,10 @@ def main(argv=None):
                 cpu_table(fn, x, grads)
             elif "--py" in argv:
                 python_table(fn, x, grads)
+            elif "--gaps" in argv:
+                gap_table(fn, x, grads, warmup=warm)
+            elif "--energy" in argv:
+                energy_table(fn, x, grads, warmup=warm)
             else:
                 (shapes_table if "--shapes" in argv else kernel_table)(fn, x, grads, warmup=warm)
 

@@ -1,6 +1,6 @@
 """Sweep launch configurations of the kernels on the local GPU (JIT path) and print the fastest.
 
-    python -m build_tools.tune [ce,glu,glu_lora,glu_lora_dyb,rope,rms,nf4,gptq]
+    python -m build_tools.tune [ce,glu,glu_lora,glu_lora_layout,glu_lora_dyb,rope,rms,nf4,gptq]
 
 Each configuration is timed fwd (+bwd) with CUDA-graph replay on fresh random bf16 inputs at the
 issue's benchmark sizes. The winners go into fusedlora/kernels.py by hand (meta/config)."""
@@ -68,7 +68,7 @@ def tune_glu():
             grid = ((n + block - 1) // block,)
 
             def step():
-                f[grid](g, u, o, n, ACT=0, BLOCK=block, num_warps=warps)
+                f[grid](g, u, o, n, n, ACT=0, BLOCK=block, num_warps=warps)
                 b[grid](dy, g, u, dg, du, dy, n, ACT=0, STORE_H=0, BLOCK=block, num_warps=warps)
             ms = _time(step)
             res.append(((block, warps), ms, f"{8 * n * 2 / ms / 1e9:.0f} GB/s"))
@@ -95,7 +95,7 @@ def tune_glu_lora():
             q = torch.empty(groups, i, 3 * r, device=DEV)
 
             def step():
-                fn[(tiles, groups)](dh, e, g, de, dg, xa, dyb, q, t, i, i, 2 * r, r, r, r, r, r, rows, 0.5, 2.0,
+                fn[(tiles, groups)](dh, e, g, de, dg, xa, dyb, q, t, i, i, i, 2 * r, r, r, r, r, r, rows, 0.5, 2.0,
                                     ACT=0, R=r, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
                 q.sum(0)
             ms = _time(step)
@@ -108,6 +108,29 @@ def tune_glu_lora():
         b[((t * i + 2047) // 2048,)](dh, e, g, de, dg, h, t * i, ACT=0, STORE_H=1, BLOCK=2048, num_warps=16)
         de.t() @ xa[:, :r], dg.t() @ xa[:, r:], h.t() @ dyb
     print(f"  separate (glu_bwd STORE_H + 3 GEMMs): {_time(separate):.4f} ms")
+
+def tune_glu_lora_layout():
+    """The LoRA MLP's GLU kernels (T 8192, I 8192, r 16) on each layout of e, g and de | dg: separate
+    contiguous tensors, or the halves of one [T, 2I + pad] buffer (what one N = 2I gate/up GEMM writes and
+    one K = 2I + 2r dX GEMM reads)."""
+    from fusedlora.ops.glu import glu_forward, glu_lora_backward, glu_lora_dyb
+    t, i, r = 8192, 8192, 16
+    dh = torch.randn(t, i, device=DEV, dtype=BF16)
+    xa, dyb = torch.randn(t, 2 * r, device=DEV, dtype=BF16), torch.randn(t, r, device=DEV, dtype=BF16)
+    b_g, b_u = (torch.randn(i, r, device=DEV, dtype=BF16) for _ in range(2))
+    for pad in (None, 32, 64, 128, 256, 1024):
+        if pad is None:
+            e, g = (torch.randn(t, i, device=DEV, dtype=BF16) for _ in range(2))
+            dyb_out = torch.empty(t, 2 * r, device=DEV, dtype=BF16)
+        else:
+            eg = torch.randn(t, 2 * i + pad, device=DEV, dtype=BF16)
+            e, g = eg[:, :i], eg[:, i:2 * i]
+            dyb_out = eg[:, 2 * i:2 * i + 2 * r]
+        fwd = _time(lambda: glu_forward(e, g, "silu"))
+        bwd = _time(lambda: glu_lora_backward(dh, e, g, xa, r, dyb, (r, r, r), (0.5, 2.0), "silu", out=(e, g)))
+        dy = _time(lambda: glu_lora_dyb(e, g, b_g, b_u, (0.5, 2.0), out=dyb_out))
+        print(f"  pad {pad}: glu_fwd {fwd:.4f} ms, glu_lora_bwd {bwd:.4f} ms, glu_lora_dyb {dy:.4f} ms")
+
 
 def tune_glu_lora_dyb():
     """The LoRA MLP backward's [s de B_g | s dg B_u] (T 8192, I 8192, r 16) against two GEMMs + cat."""
@@ -246,7 +269,7 @@ def main(argv=None):
     which = [w for a in (argv or sys.argv[1:] or ["ce,glu,rope,rms"]) for w in a.split(",") if w]
     print(torch.cuda.get_device_name(), torch.__version__)
     for w in which:
-        {"ce": tune_ce, "glu": tune_glu, "glu_lora": tune_glu_lora, "glu_lora_dyb": tune_glu_lora_dyb, "rope": tune_rope, "rms": tune_rms, "nf4": tune_nf4, "gptq": tune_gptq}[w]()
+        {"ce": tune_ce, "glu": tune_glu, "glu_lora": tune_glu_lora, "glu_lora_layout": tune_glu_lora_layout, "glu_lora_dyb": tune_glu_lora_dyb, "rope": tune_rope, "rms": tune_rms, "nf4": tune_nf4, "gptq": tune_gptq}[w]()
 
 
 if __name__ == "__main__":

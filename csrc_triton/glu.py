@@ -1,7 +1,8 @@
 """Gated linear units: h = act(gate) * up with act = SiLU (SwiGLU) or GELU (GeGLU, erf or tanh).
 
-Elementwise over flattened contiguous tensors. n_elements is specialised on 16-divisibility only (so
-masked loads stay 16-byte vectors; every LLM MLP size qualifies) and is otherwise a runtime length.
+Elementwise over flattened contiguous tensors (the forward also over row blocks of a wider buffer). Lengths
+and strides are specialised on 16-divisibility only (so masked loads stay 16-byte vectors; every LLM MLP
+size qualifies) and are otherwise runtime values.
 Backward recomputes the activation from gate instead of storing it.
 """
 import triton
@@ -24,13 +25,20 @@ def _act_and_grad(g, ACT: tl.constexpr):
 
 
 @triton.jit
-def glu_fwd_kernel(GATE, UP, OUT, n_elements, ACT: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_elements
+def glu_fwd_kernel(GATE, UP, OUT, n_cols, stride_in, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    # One program per BLOCK columns of one row. gate and up may be column blocks of a wider buffer (row
+    # stride stride_in: the LoRA MLP's one [T, 2I] gate|up GEMM output); OUT is contiguous. A contiguous
+    # input of any shape is one row of n_cols = numel elements.
+    pid = tl.program_id(0)
+    col_blocks = tl.cdiv(n_cols, BLOCK)
+    row = pid // col_blocks
+    cols = (pid - row * col_blocks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    offs = row.to(tl.int64) * stride_in + cols
     g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
     a, _ = _act_and_grad(g, ACT)
-    tl.store(OUT + offs, (a * u).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + row.to(tl.int64) * n_cols + cols, (a * u).to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -63,13 +71,14 @@ def _mma(a, b, acc):
 @triton.jit(do_not_specialize=["n_rows", "rows_per_group"])
 def glu_lora_bwd_kernel(
     DOUT, GATE, UP, DGATE, DUP, XA, DYB, Q_PART,
-    n_rows, n_cols, stride_io, stride_xa, xa_up_offset, stride_dyb, rank_g, rank_u, rank_d, rows_per_group,
+    n_rows, n_cols, stride_dh, stride_eg, stride_xa, xa_up_offset, stride_dyb, rank_g, rank_u, rank_d, rows_per_group,
     scale_g, scale_u,
     ACT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The LoRA MLP's GLU backward with the adapter products that reduce over tokens, taken while de, dg
     and h are in registers (each would otherwise be a GEMM re-reading a [T, I] tensor):
-        de, dg -> DGATE, DUP (may alias GATE, UP); h = act(e) * g is never stored;
+        de, dg -> DGATE, DUP (may alias GATE, UP; all four share row stride stride_eg, DOUT has its
+        own); h = act(e) * g is never stored;
         s_g de^T XA_g, s_u dg^T XA_u, h^T DYB  [I, R] each -> Q_PART[row group] (summed by the caller).
     XA holds X A_g^T in columns [0, rank_g) and X A_u^T from column xa_up_offset; DYB = s_d dY B_d. Ranks
     are padded to R with zeros. The products use the rounded de, dg, h, as a separate GEMM would.
@@ -90,8 +99,8 @@ def glu_lora_bwd_kernel(
         rows = row0 + m + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
         mask = row_ok[:, None] & col_ok[None, :]
-        offs = rows[:, None] * stride_io + cols[None, :]
-        dh = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
+        offs = rows[:, None] * stride_eg + cols[None, :]
+        dh = tl.load(DOUT + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         e = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
         a, da = _act_and_grad(e, ACT)
@@ -144,3 +153,4 @@ def glu_lora_dyb_kernel(
     out = OUT + rows[:, None] * stride_out + rk[None, :]
     tl.store(out, (acc_g * scale_g).to(OUT.dtype.element_ty), mask=row_ok[:, None] & (rk < rank_g)[None, :])
     tl.store(out + rank_g, (acc_u * scale_u).to(OUT.dtype.element_ty), mask=row_ok[:, None] & (rk < rank_u)[None, :])
+

@@ -152,7 +152,7 @@ def _glu_lora_aot(family):
             for r in GLU_LORA_RANKS:  # one rank for gate, up and down, XA = [X A_g^T, X A_u^T]
                 yield ({"x": dt}, {"act": act, "rank": r},
                        {"rank_g": r, "rank_u": r, "rank_d": r, "stride_xa": 2 * r, "xa_up_offset": r,
-                        "stride_dyb": r})
+                        "stride_dyb": r})  # (stride_dh, stride_eg: 16-divisible, the default)
 
 
 GLU_LORA_BWD = register(KernelSpec(

@@ -46,7 +46,7 @@ def _grads(outs, grads, inputs):
 def _check_glu(device, dtype):
     import torch
 
-    from .ops.glu import geglu, naive_geglu, naive_swiglu, swiglu
+    from .ops.glu import geglu, glu_forward, naive_geglu, naive_swiglu, swiglu
     shape = (257, 14336) if device == "cuda" else (17, 1000)
     tol = 1.5e-2 if dtype != torch.float32 else 1e-5
     fwd = bwd = 0.0
@@ -61,27 +61,36 @@ def _check_glu(device, dtype):
         dg64, du64 = _grads(y64, dy.double(), (g64, u64))
         fwd = max(fwd, _rel_err(y, y64))
         bwd = max(bwd, _rel_err(dg, dg64), _rel_err(du, du64))
+    # the forward on the LoRA MLP's layout: gate | up as the halves of one wider buffer
+    buf = (2 * torch.randn(shape[0], 2 * shape[1] + 64, device=device)).to(dtype)
+    g, u = buf[:, :shape[1]], buf[:, shape[1]:2 * shape[1]]
+    fwd = max(fwd, _rel_err(glu_forward(g, u, "silu"), naive_swiglu(g.double(), u.double())))
     return {"glu_fwd": (fwd, tol), "glu_bwd": (bwd, tol)}
 
 
 
 def _check_glu_lora(device, dtype):
+    """The LoRA MLP's GLU kernels on its layout: e | g as the halves of one buffer with spare columns."""
     import torch
 
     from .kernels import glu_lora_rank_pad
     from .ops.glu import glu_lora_backward, glu_lora_dyb, naive_glu_lora_backward, naive_glu_lora_dyb
     (t, i), r = ((1000, 8192) if device == "cuda" else (40, 200)), 16
-    dout, gate, up = (torch.randn(t, i, device=device).to(dtype) for _ in range(3))
+    eg = torch.randn(t, 2 * i + 64, device=device).to(dtype)
+    gate, up = eg[:, :i], eg[:, i:2 * i]
+    dout = torch.randn(t, i, device=device).to(dtype)
     xa, dyb = torch.randn(t, 2 * r, device=device).to(dtype), torch.randn(t, r, device=device).to(dtype)
     ref = naive_glu_lora_backward(dout, gate, up, xa[:, :r], xa[:, r:], dyb, (0.5, 2.0), "silu")
-    de, dg, Q = glu_lora_backward(dout, gate.clone(), up.clone(), xa, r, dyb, (r, r, r), (0.5, 2.0), "silu")
+    de, dg, Q = glu_lora_backward(dout, gate, up, xa, r, dyb, (r, r, r), (0.5, 2.0), "silu")
     R = glu_lora_rank_pad(r)
     got = (de, dg, Q[:, :r], Q[:, R:R + r], Q[:, 2 * R:2 * R + r])
     err = max(_rel_err(a, b) for a, b in zip(got, (ref[0], ref[1], *ref[2])))
     b_g, b_u = ((torch.randn(i, r, device=device) / i ** 0.5).to(dtype) for _ in range(2))
-    err_dyb = _rel_err(glu_lora_dyb(de, dg, b_g, b_u, (0.5, 2.0)), naive_glu_lora_dyb(de, dg, b_g, b_u, (0.5, 2.0)))
+    dyb_got = glu_lora_dyb(de, dg, b_g, b_u, (0.5, 2.0), out=eg[:, 2 * i:2 * i + 2 * r])
+    err_dyb = _rel_err(dyb_got, naive_glu_lora_dyb(de, dg, b_g, b_u, (0.5, 2.0)))
     tol = 1.5e-2 if dtype != torch.float32 else 1e-5
     return {"glu_lora_bwd": (err, tol), "glu_lora_dyb": (err_dyb, tol)}
+
 
 def _check_cross_entropy(device, dtype):
     import torch

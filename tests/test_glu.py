@@ -51,6 +51,23 @@ def test_non_contiguous_inputs():
     assert rel_err(g.grad, g64.grad) < 1e-5 and rel_err(u.grad, u64.grad) < 1e-5
 
 
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cols", [(1, 5), (7, 333), (5, 2048)] + ([(3000, 8192)] if HAS_CUDA else []))
+def test_forward_reads_column_blocks_of_one_buffer(rows, cols, dtype, act):
+    """glu_forward on the two halves of one [T, 2I + pad] buffer (the LoRA MLP's gate|up GEMM output) reads
+    them in place with their row stride: the same h as from contiguous copies, and a contiguous output. A
+    ragged last column block (cols not a multiple of the block) and a single column block per row included."""
+    from fusedlora.ops.glu import glu_forward
+    buf = (2 * torch.randn(rows, 2 * cols + 24, device=DEVICE)).to(dtype)
+    g, u = buf[:, :cols], buf[:, cols:2 * cols]
+    h = glu_forward(g, u, act)
+    assert h.is_contiguous() and h.shape == (rows, cols)
+    assert torch.equal(h, glu_forward(g.contiguous(), u.contiguous(), act))
+    ref = {"silu": naive_swiglu, "gelu": naive_geglu, "gelu_tanh": lambda a, b: naive_geglu(a, b, "tanh")}[act]
+    assert rel_err(h, ref(g.double(), u.double())) < TOL[dtype]
+
+
 @pytest.mark.parametrize("bad,match", [
     (lambda g, u: swiglu(g, u[:, :-1]), "gate has shape"),
     (lambda g, u: swiglu(g, u.double()), "up has dtype float64"),
@@ -90,28 +107,47 @@ LORA_CASES = [  # T, I, (r_g, r_u, r_d): one row, non-powers of two, mixed ranks
     [(4100, 8192, (16, 16, 16)), (3, 13824, (8, 8, 8))] if HAS_CUDA else [])
 
 
-@pytest.mark.parametrize("inplace", [True, False])
+def _gate_up_inputs(T, I, dtype, layout):
+    """dout, gate, up: separate contiguous tensors, or (one_buffer) gate and up as the halves of one
+    [T, 2I + pad] buffer (the LoRA MLP's layout) and dout with a row stride of its own."""
+    if layout == "separate":
+        dout, gate, up = (torch.randn(T, I, device=DEVICE).to(dtype) for _ in range(3))
+        return dout, 2 * gate, up
+    buf = torch.randn(T, 2 * I + 40, device=DEVICE).to(dtype)
+    buf[:, :I] *= 2
+    return torch.randn(T, I + 8, device=DEVICE).to(dtype)[:, :I], buf[:, :I], buf[:, I:2 * I]
+
+
+@pytest.mark.parametrize("layout,inplace", [("separate", True), ("separate", False), ("one_buffer", True),
+                                            ("one_buffer", False), ("one_buffer", "out")])
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("dtype", LORA_DTYPES)
 @pytest.mark.parametrize("case", LORA_CASES)
-def test_glu_lora_backward_matches_reference(case, dtype, act, inplace):
+def test_glu_lora_backward_matches_reference(case, dtype, act, layout, inplace):
     """de, dg and the three token-reduced adapter products vs float64, with the padding columns exactly
     zero. The products are taken from the rounded de, dg, h (as a separate GEMM on them would be), so they
-    carry the dtype's rounding like de and dg."""
+    carry the dtype's rounding like de and dg. Layouts: separate tensors, and gate | up as one buffer's
+    halves with dout's own row stride; results over gate / up (inplace), to new tensors, or to `out`."""
     from fusedlora.kernels import glu_lora_rank_pad
     from fusedlora.ops.glu import glu_lora_backward, naive_glu_lora_backward
     T, I, (rg, ru, rd) = case
-    dout, gate, up = (torch.randn(T, I, device=DEVICE).to(dtype) for _ in range(3))
-    gate = 2 * gate
+    dout, gate, up = _gate_up_inputs(T, I, dtype, layout)
     xa = torch.randn(T, rg + ru + 3, device=DEVICE).to(dtype)  # a wider row stride than rg + ru
     dyb = torch.randn(T, rd, device=DEVICE).to(dtype)
     scales = (0.5, 2.0)
     ref = naive_glu_lora_backward(dout, gate, up, xa[:, :rg], xa[:, rg:rg + ru], dyb, scales, act)
-    g_in, u_in = gate.clone(), up.clone()
-    de, dg, Q = glu_lora_backward(dout, g_in, u_in, xa, rg, dyb, (rg, ru, rd), scales, act, inplace)
-    assert (de.data_ptr() == g_in.data_ptr()) == inplace and (dg.data_ptr() == u_in.data_ptr()) == inplace
-    if not inplace:
-        assert torch.equal(g_in, gate) and torch.equal(u_in, up)
+    gate0, up0 = gate.clone(), up.clone()
+    out = None
+    if inplace == "out":
+        obuf = torch.full((T, gate.stride(0)), float("nan"), device=DEVICE).to(dtype)
+        out = (obuf[:, :I], obuf[:, I:2 * I])
+    de, dg, Q = glu_lora_backward(dout, gate, up, xa, rg, dyb, (rg, ru, rd), scales, act, inplace is True, out=out)
+    assert de.stride() == gate.stride() and dg.stride() == up.stride()
+    assert (de.data_ptr() == gate.data_ptr()) == (inplace is True) and (dg.data_ptr() == up.data_ptr()) == (inplace is True)
+    if out is not None:
+        assert de.data_ptr() == out[0].data_ptr() and dg.data_ptr() == out[1].data_ptr()
+    if inplace is not True:
+        assert torch.equal(gate, gate0) and torch.equal(up, up0)
     R = glu_lora_rank_pad(max(rg, ru, rd))
     assert Q.shape == (I, 3 * R) and Q.dtype == torch.float32
     got = [de, dg, Q[:, :rg], Q[:, R:R + ru], Q[:, 2 * R:2 * R + rd]]
@@ -135,8 +171,10 @@ def test_glu_lora_backward_bad_input():
     t = torch.randn(8, 64, device=DEVICE)
     xa, dyb = torch.randn(8, 32, device=DEVICE), torch.randn(8, 16, device=DEVICE)
     args = ((16, 16, 16), (1.0, 1.0), "silu")
-    with pytest.raises(ValueError, match="dout must match gate's shape and strides"):
-        glu_lora_backward(torch.randn(8, 65, device=DEVICE)[:, :64], t.clone(), t.clone(), xa, 16, dyb, *args)
+    with pytest.raises(ValueError, match=r"dout has shape \(8, 65\), gate \(8, 64\)"):
+        glu_lora_backward(torch.randn(8, 65, device=DEVICE), t.clone(), t.clone(), xa, 16, dyb, *args)
+    with pytest.raises(ValueError, match="out tensors must match gate's shape and strides"):
+        glu_lora_backward(t, t.clone(), t.clone(), xa, 16, dyb, *args, out=(t.clone(), torch.randn(8, 65, device=DEVICE)[:, :64]))
     with pytest.raises(ValueError, match="up must match gate's shape and strides"):
         glu_lora_backward(t, t.clone(), torch.randn(8, 32, device=DEVICE), xa, 16, dyb, *args)
     with pytest.raises(ValueError, match="every operand needs a unit last stride"):
@@ -156,7 +194,13 @@ def test_glu_lora_dyb_matches_reference(case, dtype):
     b_g, b_u = ((torch.randn(I, r, device=DEVICE) / I ** 0.5).to(dtype) for r in (rg, ru))
     got = glu_lora_dyb(de, dg, b_g, b_u, (0.5, 2.0))
     assert got.shape == (T, rg + ru) and got.dtype == dtype
-    assert rel_err(got, naive_glu_lora_dyb(de, dg, b_g, b_u, (0.5, 2.0))) < TOL[dtype]
+    want = naive_glu_lora_dyb(de, dg, b_g, b_u, (0.5, 2.0))
+    assert rel_err(got, want) < TOL[dtype]
+    # into the columns after de | dg of one buffer (the LoRA MLP's dX GEMM input); the rest untouched
+    buf = torch.zeros(T, 2 * I + rg + ru + 5, device=DEVICE, dtype=dtype)
+    into = glu_lora_dyb(de, dg, b_g, b_u, (0.5, 2.0), out=buf[:, 2 * I:2 * I + rg + ru])
+    assert into.data_ptr() == buf[:, 2 * I:].data_ptr() and torch.equal(into, got)
+    assert not buf[:, :2 * I].any() and not buf[:, 2 * I + rg + ru:].any()
 
 
 def test_glu_lora_dyb_of_no_tokens():
@@ -174,3 +218,5 @@ def test_glu_lora_dyb_bad_input():
         glu_lora_dyb(t, t, b, torch.randn(32, 8, device=DEVICE), (1.0, 1.0))
     with pytest.raises(TypeError, match="b_gate is torch.float16"):
         glu_lora_dyb(t, t, b.half(), b, (1.0, 1.0))
+    with pytest.raises(ValueError, match=r"out must be \[8, 16\]"):
+        glu_lora_dyb(t, t, b, b, (1.0, 1.0), out=torch.empty(8, 17, device=DEVICE))

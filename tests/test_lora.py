@@ -132,15 +132,15 @@ def test_qkv_and_o_match_peft(r, bias, tokens):
 @pytest.mark.parametrize("r", [4, 64, "mixed"])
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 def test_mlp_matches_peft(act, r, tokens, glu_lora, monkeypatch):
-    """Both backward paths: the adapter products inside the GLU backward (glu_lora_backward, then
-    glu_lora_dyb) and the separate GEMMs (taken when the fused path does not apply: custom activations,
-    dropout...)."""
+    """Both paths: the fused one (e | g from one GEMM into one buffer; the adapter products inside the GLU
+    backward, glu_lora_backward, then glu_lora_dyb into that buffer; one dX GEMM) and the separate GEMMs
+    (taken when the fused path does not apply: custom activations, dropout...)."""
     calls = []
     for name in ("glu_lora_backward", "glu_lora_dyb"):
         real = getattr(lora, name)
         monkeypatch.setattr(lora, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     if not glu_lora:
-        monkeypatch.setattr(lora, "_glu_lora_fusable", lambda *a: False)
+        monkeypatch.setattr(lora, "_mlp_fusable", lambda *a: False)
     fused = make(r=r, act=act)
     ref, xr, xf = _reference_and_inputs(fused, tokens)
     y = ref.mlp(xr)

@@ -34,10 +34,19 @@ def _meta(act: str, store_h: bool | None = None):
 
 
 def glu_forward(gate, up, act: str):
-    out = torch.empty_like(gate)
-    n = gate.numel()
+    """act(gate) * up as a new contiguous tensor. gate and up are read in place when contiguous, or when
+    2-D column blocks of a wider buffer with one row stride and a unit last stride (e.g. the halves of one
+    [T, 2I] GEMM output); other layouts are copied first."""
+    if gate.shape != up.shape:
+        raise ValueError(f"glu_forward: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape")
+    if gate.dim() == 2 and gate.stride(1) == 1 and up.stride() == gate.stride() and not gate.is_contiguous():
+        (rows, n_cols), stride = gate.shape, gate.stride(0)
+    else:
+        gate, up = gate.contiguous(), up.contiguous()
+        rows, n_cols, stride = 1, gate.numel(), gate.numel()
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     meta, key = _meta(act)
-    launcher("glu_fwd")(((n + meta["BLOCK"] - 1) // meta["BLOCK"], 1, 1), (gate, up, out, n), key)
+    launcher("glu_fwd")((rows * cdiv(n_cols, meta["BLOCK"]), 1, 1), (gate, up, out, n_cols, stride), key)
     return out
 
 
@@ -62,22 +71,39 @@ def _lora_meta(act: str, rank: int):
     return m, constexpr_key(m)
 
 
-def glu_lora_backward(dout, gate, up, xa, xa_up_offset, dyb, ranks, scales, act: str, inplace: bool = True):
+def _empty_rows_like(t):
+    """An uninitialised tensor of t's shape and row stride (a column block of a new buffer if t is one)."""
+    return t.new_empty(t.shape[0], t.stride(0))[:, :t.shape[1]]
+
+
+def glu_lora_backward(dout, gate, up, xa, xa_up_offset, dyb, ranks, scales, act: str, inplace: bool = True,
+                      out=None):
     """The GLU backward of a LoRA MLP with the adapter products that reduce over tokens, in one pass over
     dout, gate and up.
 
-    dout, gate, up: [T, I] with one row stride; xa: [T, *] holding X A_g^T in columns [0, r_g) and X A_u^T
-    in [xa_up_offset, xa_up_offset + r_u); dyb: [T, r_d] = s_d dY B_d; ranks = (r_g, r_u, r_d); scales =
-    (s_g, s_u). h = act(gate) * up is never stored.
+    gate, up: [T, I] with one row stride (e.g. the two halves of one [T, 2I] buffer); dout: [T, I], its own
+    row stride; xa: [T, *] holding X A_g^T in columns [0, r_g) and X A_u^T in [xa_up_offset, xa_up_offset +
+    r_u); dyb: [T, r_d] = s_d dY B_d; ranks = (r_g, r_u, r_d); scales = (s_g, s_u). h = act(gate) * up is
+    never stored.
     Returns (de, dg, Q) with Q [I, 3R] = [s_g de^T XA_g | s_u dg^T XA_u | h^T dyb] in fp32 (dB_gate,
     dB_up and dA_down^T), each rank zero-padded to R (`kernels.glu_lora_rank_pad`).
-    de and dg overwrite gate and up when inplace."""
+    de and dg go to `out` = (de, dg) when given (gate's shape and strides), else over gate and up when
+    inplace, else to new tensors."""
     T, I = gate.shape
-    for name, t in (("dout", dout), ("up", up)):
-        if t.shape != gate.shape or t.stride() != gate.stride():
-            raise ValueError(f"glu_lora_backward: {name} must match gate's shape and strides")
-    if gate.stride(1) != 1 or xa.stride(1) != 1 or dyb.stride(1) != 1:
+    if up.shape != gate.shape or up.stride() != gate.stride():
+        raise ValueError("glu_lora_backward: up must match gate's shape and strides")
+    if dout.shape != gate.shape:
+        raise ValueError(f"glu_lora_backward: dout has shape {tuple(dout.shape)}, gate {tuple(gate.shape)}")
+    if gate.stride(1) != 1 or dout.stride(1) != 1 or xa.stride(1) != 1 or dyb.stride(1) != 1:
         raise ValueError("glu_lora_backward: every operand needs a unit last stride")
+    if out is not None:
+        dgate, dup = out
+        if any(t.shape != gate.shape or t.stride() != gate.stride() for t in out):
+            raise ValueError("glu_lora_backward: out tensors must match gate's shape and strides")
+    elif inplace:
+        dgate, dup = gate, up
+    else:
+        dgate, dup = _empty_rows_like(gate), _empty_rows_like(up)
     meta, key = _lora_meta(act, max(ranks))
     R, bm, bn = meta["R"], meta["BLOCK_M"], meta["BLOCK_N"]
     col_tiles = cdiv(I, bn)
@@ -85,14 +111,12 @@ def glu_lora_backward(dout, gate, up, xa, xa_up_offset, dyb, ranks, scales, act:
     groups = max(1, min(cdiv(T, bm), round(GLU_LORA_PROGRAMS_PER_SM * sm_count(gate.get_device()) / col_tiles)))
     rows_per_group = max(1, cdiv(cdiv(T, groups), bm)) * bm
     groups = cdiv(T, rows_per_group)
-    dgate = gate if inplace else torch.empty_like(gate)
-    dup = up if inplace else torch.empty_like(up)
     q_part = torch.empty(groups, I, 3 * R, dtype=torch.float32, device=gate.device)
     launcher("glu_lora_bwd")(
         (col_tiles, groups, 1),
-        (dout, gate, up, dgate, dup, xa, dyb, q_part, T, I, gate.stride(0), xa.stride(0), int(xa_up_offset),
-         dyb.stride(0), int(ranks[0]), int(ranks[1]), int(ranks[2]), rows_per_group, float(scales[0]),
-         float(scales[1])),
+        (dout, gate, up, dgate, dup, xa, dyb, q_part, T, I, dout.stride(0), gate.stride(0), xa.stride(0),
+         int(xa_up_offset), dyb.stride(0), int(ranks[0]), int(ranks[1]), int(ranks[2]), rows_per_group,
+         float(scales[0]), float(scales[1])),
         key)
     return dgate, dup, q_part[0] if groups == 1 else q_part.sum(0)  # no groups (T = 0): zeros
 
@@ -103,10 +127,11 @@ def _dyb_meta(rank: int):
     return m, constexpr_key(m)
 
 
-def glu_lora_dyb(de, dg, b_gate, b_up, scales):
+def glu_lora_dyb(de, dg, b_gate, b_up, scales, out=None):
     """[s_g de B_g | s_u dg B_u]  [T, r_g + r_u]: the LoRA MLP backward's adapter-input gradients of gate
     and up (the rank-r products that reduce over I), in one pass over de and dg. de, dg: [T, I] with one
-    row stride; b_*: [I, r] of de's dtype."""
+    row stride; b_*: [I, r] of de's dtype; out (optional): where to write, [T, r_g + r_u] with a unit last
+    stride (e.g. the columns after de | dg in one buffer, so dX is one GEMM)."""
     if de.dim() != 2 or dg.shape != de.shape or dg.stride() != de.stride() or de.stride(1) != 1:
         raise ValueError(f"glu_lora_dyb: de and dg need one shape and one row stride with a unit last stride, "
                          f"got {tuple(de.shape)}/{tuple(de.stride())} and {tuple(dg.shape)}/{tuple(dg.stride())}")
@@ -123,10 +148,15 @@ def glu_lora_dyb(de, dg, b_gate, b_up, scales):
     # the kernel reads rows of RB contiguous values: only a rank that is not a power of two, or the
     # narrower of two unequal ranks (PEFT rank_pattern), needs a zero-padded copy
     b_gate, b_up = (b.contiguous() if b.shape[1] == rb else F.pad(b, (0, rb - b.shape[1])) for b in (b_gate, b_up))
-    out = de.new_empty(T, rg + ru)
+    if out is None:
+        out = de.new_empty(T, rg + ru)
+    elif out.shape != (T, rg + ru) or out.stride(1) != 1 or out.dtype != de.dtype or out.device != de.device:
+        raise ValueError(f"glu_lora_dyb: out must be [{T}, {rg + ru}] {de.dtype} with a unit last stride, got "
+                         f"{tuple(out.shape)} {out.dtype} strides {tuple(out.stride())}")
     launcher("glu_lora_dyb")(
         (cdiv(T, meta["BLOCK_M"]), 1, 1),
-        (de, dg, b_gate, b_up, out, T, I, de.stride(0), rg, ru, rg + ru, float(scales[0]), float(scales[1])), key)
+        (de, dg, b_gate, b_up, out, T, I, de.stride(0), rg, ru, out.stride(0), float(scales[0]), float(scales[1])),
+        key)
     return out
 
 
