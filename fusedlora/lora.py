@@ -337,7 +337,7 @@ def _mlp_fused_forward(X2, pg, pu, pd, dtype, act):
     backward puts s_g de B_g | s_u dg B_u after de | dg, so that dX is one GEMM over the buffer. Rows start
     128-byte aligned: with 2I + 32 columns (64-byte aligned rows) the GLU backward's 16 x 64 tiles ran
     0.337 ms instead of 0.253 on an H100 (each 128-byte row segment split over two lines). XA = X [A_g; A_u]^T.
-    h = act(e) * g is read from EG in place and not kept; h A_d^T is (down_proj's dB)."""
+    h = act(e) * g is read from EG in place and not kept; h A_d^T is kept (down_proj's dB)."""
     I, rg, ru = _weight_shape(pg.W, pg.quant)[0], pg.A.shape[0], pu.A.shape[0]
     XA = X2 @ torch.cat([pg.A.to(dtype), pu.A.to(dtype)], 0).t()
     EG = X2.new_empty(X2.shape[0], _pad64(2 * I + rg + ru))
@@ -360,8 +360,8 @@ def _mlp_fused_backward(ctx, X2, EG, XA, dh, dYBs_d, ddB, ng):
                                   ctx.act_bwd.glu_act, out=(D[:, :I], D[:, I:2 * I]))
     del dh
     R = glu_lora_rank_pad(max(rg, ru, rd))
-    # (Taking s de B_g / s dg B_u in extra columns of the dX GEMMs, de [W_g | s_g B_g | 0], measured slower on
-    # an H100: N = H + 2r tiles badly, +0.1 ms in the two GEMMs, more than the two skinny GEMMs cost.)
+    # (Taking s de B_g / s dg B_u as extra output columns of the dX GEMM, de [W_g | s_g B_g | 0], measured slower
+    # on an H100 in the earlier two-GEMM form: N = H + 2r tiles badly, +0.1 ms, more than this pass costs.)
     G = glu_lora_dyb(de, dg, pg.B.to(dtype), pu.B.to(dtype), (pg.s, pu.s), out=D[:, 2 * I:2 * I + rg + ru])
     dX = None
     if ng[0]:  # (the first layer's input often needs no gradient: no dX GEMM then)
