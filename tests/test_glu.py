@@ -68,6 +68,12 @@ def test_forward_reads_column_blocks_of_one_buffer(rows, cols, dtype, act):
     assert rel_err(h, ref(g.double(), u.double())) < TOL[dtype]
 
 
+def test_forward_of_mismatched_shapes_is_named():
+    from fusedlora.ops.glu import glu_forward
+    with pytest.raises(ValueError, match=r"gate \(4, 8\) and up \(4, 7\) differ in shape"):
+        glu_forward(torch.randn(4, 8, device=DEVICE), torch.randn(4, 7, device=DEVICE), "silu")
+
+
 @pytest.mark.parametrize("bad,match", [
     (lambda g, u: swiglu(g, u[:, :-1]), "gate has shape"),
     (lambda g, u: swiglu(g, u.double()), "up has dtype float64"),
