@@ -1,6 +1,6 @@
 """Sweep launch configurations of the kernels on the local GPU (JIT path) and print the fastest.
 
-    python -m build_tools.tune [ce,glu,glu_lora,glu_lora_layout,glu_lora_dyb,rope,rms,nf4,gptq]
+    python -m build_tools.tune [ce,glu,glu_lora,glu_lora_fwd,glu_lora_layout,glu_lora_dyb,rope,rms,nf4,gptq]
 
 Each configuration is timed fwd (+bwd) with CUDA-graph replay on fresh random bf16 inputs at the
 issue's benchmark sizes. The winners go into fusedlora/kernels.py by hand (meta/config)."""
@@ -83,6 +83,8 @@ def tune_glu_lora():
     dh, e, g = (torch.randn(t, i, device=DEV, dtype=BF16) for _ in range(3))
     de, dg = torch.empty_like(e), torch.empty_like(g)
     xa, dyb = torch.randn(t, 2 * r, device=DEV, dtype=BF16), torch.randn(t, r, device=DEV, dtype=BF16)
+    b_g, b_u = (torch.randn(i, r, device=DEV, dtype=BF16) for _ in range(2))
+    a_d = torch.randn(r, i, device=DEV, dtype=BF16)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     res = []
     for bm, bn, warps, stages in ((16, 64, 4, 3), (32, 64, 4, 1), (32, 64, 4, 2), (32, 64, 4, 3), (32, 64, 4, 4),
@@ -95,7 +97,8 @@ def tune_glu_lora():
             q = torch.empty(groups, i, 3 * r, device=DEV)
 
             def step():
-                fn[(tiles, groups)](dh, e, g, de, dg, xa, dyb, q, t, i, i, i, 2 * r, r, r, r, r, r, rows, 0.5, 2.0,
+                fn[(tiles, groups)](dh, e, g, de, dg, xa, dyb, b_g, b_u, a_d, q, t, i, i, i, 2 * r, r, r, r, r, r, rows,
+                                    0.5, 2.0,
                                     ACT=0, R=r, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
                 q.sum(0)
             ms = _time(step)
@@ -109,15 +112,44 @@ def tune_glu_lora():
         de.t() @ xa[:, :r], dg.t() @ xa[:, r:], h.t() @ dyb
     print(f"  separate (glu_bwd STORE_H + 3 GEMMs): {_time(separate):.4f} ms")
 
+def tune_glu_lora_fwd():
+    """The LoRA MLP's GLU forward with the gate/up adapter terms (T 8192, I 8192, r 16; e | g the halves of one
+    [T, 2I + 64] buffer), against glu_fwd on the same buffer (no adapter terms)."""
+    from fusedlora.ops.glu import glu_forward
+    t, i, r = 8192, 8192, 16
+    fn = registry.get("glu_lora_fwd").fn
+    eg = torch.randn(t, 2 * i + 64, device=DEV, dtype=BF16)
+    e, g = eg[:, :i], eg[:, i:2 * i]
+    xa = torch.randn(t, 2 * r, device=DEV, dtype=BF16)
+    b_g, b_u = (torch.randn(i, r, device=DEV, dtype=BF16) for _ in range(2))
+    out = torch.empty(t, i, device=DEV, dtype=BF16)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    res = []
+    for bm, bn, warps, stages in ((32, 64, 4, 3), (16, 64, 4, 3), (32, 128, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3),
+                                  (64, 128, 8, 3), (32, 64, 4, 2), (64, 64, 4, 4), (16, 128, 4, 3), (128, 64, 8, 3)):
+        for per_sm in (2, 4, 8):
+            tiles = (i + bn - 1) // bn
+            groups = max(1, min((t + bm - 1) // bm, round(per_sm * sms / tiles)))
+            rows = (((t + groups - 1) // groups + bm - 1) // bm) * bm
+            groups = (t + rows - 1) // rows
+            ms = _time(lambda: fn[(tiles, groups)](e, g, xa, b_g, b_u, out, t, i, 2 * i + 64, 2 * r, r, r, r, rows,
+                                                   0.5, 2.0, ACT=0, R=r, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                                   num_stages=stages))
+            res.append(((bm, bn, warps, stages, per_sm), ms, f"{3 * t * i * 2 / ms / 1e6:.0f} GB/s (2R+1W)"))
+    report("glu_lora_fwd (BLOCK_M, BLOCK_N, warps, stages, programs/SM)", res)
+    print(f"  glu_fwd on the same buffer (no adapter terms): {_time(lambda: glu_forward(e, g, 'silu')):.4f} ms")
+
+
 def tune_glu_lora_layout():
     """The LoRA MLP's GLU kernels (T 8192, I 8192, r 16) on each layout of e, g and de | dg: separate
     contiguous tensors, or the halves of one [T, 2I + pad] buffer (what one N = 2I gate/up GEMM writes and
     one K = 2I + 2r dX GEMM reads)."""
-    from fusedlora.ops.glu import glu_forward, glu_lora_backward, glu_lora_dyb
+    from fusedlora.ops.glu import glu_forward, glu_lora_backward, glu_lora_dyb, glu_lora_forward
     t, i, r = 8192, 8192, 16
     dh = torch.randn(t, i, device=DEV, dtype=BF16)
     xa, dyb = torch.randn(t, 2 * r, device=DEV, dtype=BF16), torch.randn(t, r, device=DEV, dtype=BF16)
     b_g, b_u = (torch.randn(i, r, device=DEV, dtype=BF16) for _ in range(2))
+    a_d = torch.randn(r, i, device=DEV, dtype=BF16)
     for pad in (None, 32, 64, 128, 256, 1024):
         if pad is None:
             e, g = (torch.randn(t, i, device=DEV, dtype=BF16) for _ in range(2))
@@ -127,9 +159,11 @@ def tune_glu_lora_layout():
             e, g = eg[:, :i], eg[:, i:2 * i]
             dyb_out = eg[:, 2 * i:2 * i + 2 * r]
         fwd = _time(lambda: glu_forward(e, g, "silu"))
-        bwd = _time(lambda: glu_lora_backward(dh, e, g, xa, r, dyb, (r, r, r), (0.5, 2.0), "silu", out=(e, g)))
+        lfwd = _time(lambda: glu_lora_forward(e, g, xa, r, b_g, b_u, (0.5, 2.0), "silu"))
+        bwd = _time(lambda: glu_lora_backward(dh, e, g, xa, r, dyb, b_g, b_u, a_d, (0.5, 2.0), "silu", out=(e, g)))
         dy = _time(lambda: glu_lora_dyb(e, g, b_g, b_u, (0.5, 2.0), out=dyb_out))
-        print(f"  pad {pad}: glu_fwd {fwd:.4f} ms, glu_lora_bwd {bwd:.4f} ms, glu_lora_dyb {dy:.4f} ms")
+        print(f"  pad {pad}: glu_fwd {fwd:.4f} ms, glu_lora_fwd {lfwd:.4f} ms, glu_lora_bwd {bwd:.4f} ms, "
+              f"glu_lora_dyb {dy:.4f} ms")
 
 
 def tune_glu_lora_dyb():
@@ -269,7 +303,7 @@ def main(argv=None):
     which = [w for a in (argv or sys.argv[1:] or ["ce,glu,rope,rms"]) for w in a.split(",") if w]
     print(torch.cuda.get_device_name(), torch.__version__)
     for w in which:
-        {"ce": tune_ce, "glu": tune_glu, "glu_lora": tune_glu_lora, "glu_lora_layout": tune_glu_lora_layout, "glu_lora_dyb": tune_glu_lora_dyb, "rope": tune_rope, "rms": tune_rms, "nf4": tune_nf4, "gptq": tune_gptq}[w]()
+        {"ce": tune_ce, "glu": tune_glu, "glu_lora": tune_glu_lora, "glu_lora_fwd": tune_glu_lora_fwd, "glu_lora_layout": tune_glu_lora_layout, "glu_lora_dyb": tune_glu_lora_dyb, "rope": tune_rope, "rms": tune_rms, "nf4": tune_nf4, "gptq": tune_gptq}[w]()
 
 
 if __name__ == "__main__":

@@ -12,14 +12,16 @@ Per projection: Y = X W^T (+ bias) + s * (drop(X) A^T) B^T, W a plain, bitsandby
   than a second read-modify-write pass after the base GEMM.
 - LoRA_QKV without active dropout takes a stacked path: one adapter-input GEMM X [A_q; A_k; A_v]^T,
   and one dX GEMM [dQ, dK, dV, s dY B...] @ [W_q; W_k; W_v; A...] (these layers are launch-bound).
-- LoRA_MLP: gate and up share one adapter-input GEMM and one [X, X A_g^T, X A_u^T] input (an NF4 weight is
-  dequantised straight into its [W | s B | 0] block). On the fused path (adapters on all three, our activation, no
-  dropout) e | g come from one N = 2I GEMM into one buffer; the backward's GLU kernel (glu_lora_backward)
-  writes de | dg over them and takes dB_gate, dB_up and dA_down from registers (h is never stored, de, dg,
-  h are not re-read for them), one more pass (glu_lora_dyb) puts s de B_g | s dg B_u in the buffer's spare
-  columns, and dX is one GEMM over the buffer. Other configurations (dropout, custom activations, adapters
-  on some projections) get h back from the GLU backward kernel (written over dh) and accumulate the gate
-  and up dX in the GEMM epilogues.
+- LoRA_MLP: gate and up share one adapter-input GEMM X [A_g; A_u]^T. On the fused path (adapters on all
+  three, our activation, no dropout) the base GEMMs X W_g^T | X W_u^T (K = H, no widened input) write one
+  buffer; the GLU kernels add the rank-r terms per tile (glu_lora_forward: e, g; glu_lora_backward: e, g
+  and down_proj's dh term), the backward kernel writes de | dg over e | g and takes dB_gate, dB_up and
+  dA_down from registers (h is never stored, de, dg, h are not re-read for them), one more pass
+  (glu_lora_dyb) puts s de B_g | s dg B_u in the buffer's spare columns, and dX is one GEMM over the
+  buffer. Other configurations (dropout, custom activations, adapters on some projections) take
+  [X, X A_g^T, X A_u^T] @ [W | s B | 0]^T GEMMs (an NF4 weight dequantised straight into its block), get h
+  back from the GLU backward kernel (written over dh) and accumulate the gate and up dX in the GEMM
+  epilogues.
 
 Status: tested against PEFT's own LoRA layers (float64 reference) in fp32 on CPU (interpreter) and on an
 H100, and under bf16 / fp16 autocast on the H100 (hidden 64 and 5120, plain and NF4 bases); GPTQ bases under
@@ -35,7 +37,7 @@ import torch
 
 from .kernels import glu_lora_rank_pad
 from .ops._common import cdiv
-from .ops.glu import glu_backward, glu_forward, glu_lora_backward, glu_lora_dyb
+from .ops.glu import glu_backward, glu_forward, glu_lora_backward, glu_lora_dyb, glu_lora_forward
 from .quant import dequantize_gptq, dequantize_nf4, row_block_ok
 
 
@@ -215,17 +217,20 @@ def _needs(ctx, i):
 
 
 def _stack_rows(prs, extra, dtype, device):
-    """[W_1; ...; W_n; extra] as one [sum(out) + extra rows, in] tensor; NF4 weights are dequantised
+    """[W_1; ...; W_n; extra] (extra may be None) as one [sum(out) + extra rows, in] tensor; NF4 weights are dequantised
     straight into their rows (no per-weight temporary)."""
+    extra = [] if extra is None else [extra]
     if all(pr.quant is None for pr in prs):
-        return torch.cat([pr.W.to(dtype) for pr in prs] + [extra], 0)
+        return torch.cat([pr.W.to(dtype) for pr in prs] + extra, 0)
     shapes = [_weight_shape(pr.W, pr.quant) for pr in prs]
-    buf = torch.empty(sum(o for o, _ in shapes) + extra.shape[0], shapes[0][1], dtype=dtype, device=device)
+    buf = torch.empty(sum(o for o, _ in shapes) + sum(e.shape[0] for e in extra), shapes[0][1], dtype=dtype,
+                      device=device)
     row = 0
     for pr, (o, _) in zip(prs, shapes):
         dequantize_base(pr.W, pr.quant, dtype, out=buf[row:row + o])
         row += o
-    buf[row:].copy_(extra)
+    if extra:
+        buf[row:].copy_(extra[0])
     return buf
 
 
@@ -327,38 +332,62 @@ def _mlp_fusable(pg, pu, pd, training, act, act_bwd):
                 and pd.A is not None and not (pd.dropout != 0.0 and training))
 
 
+def _gate_up_base(X2, pg, pu, out, dtype):
+    """out[:, :I] | out[:, I:2I] = X W_g^T | X W_u^T: one N = 2I GEMM over [W_g; W_u] when both are NF4
+    (dequantised straight into one buffer), else one GEMM per weight into its half (no copy of a plain
+    weight; two N = I GEMMs measured as fast as one N = 2I on an H100)."""
+    I = _weight_shape(pg.W, pg.quant)[0]
+    if _is_nf4(pg.quant) and _is_nf4(pu.quant):
+        torch.mm(X2, _stack_rows([pg, pu], None, dtype, X2.device).t(), out=out[:, :2 * I])
+    else:
+        for k, pr in enumerate((pg, pu)):
+            torch.mm(X2, dequantize_base(pr.W, pr.quant, dtype).t(), out=out[:, k * I:(k + 1) * I])
+
+
 def _mlp_fused_forward(X2, pg, pu, pd, dtype, act):
-    """(Y, EG, XA, h A_d^T). EG [T, 2I + r_g + r_u rounded up to 64] holds e | g from one N = 2I GEMM
-    [X, X A_g^T, X A_u^T] @ [[W_g | s_g B_g | 0]; [W_u | 0 | s_u B_u]]^T, and spare columns where the
-    backward puts s_g de B_g | s_u dg B_u after de | dg, so that dX is one GEMM over the buffer. Rows start
-    128-byte aligned: with 2I + 32 columns (64-byte aligned rows) the GLU backward's 16 x 64 tiles ran
-    0.337 ms instead of 0.253 on an H100 (each 128-byte row segment split over two lines). XA = X [A_g; A_u]^T.
-    h = act(e) * g is read from EG in place and not kept; h A_d^T is kept (down_proj's dB)."""
-    I, rg, ru = _weight_shape(pg.W, pg.quant)[0], pg.A.shape[0], pu.A.shape[0]
+    """(Y, EG, XA, h A_d^T). EG [T, 2I + r_g + r_u rounded up to 64] holds the base GEMM outputs X W_g^T |
+    X W_u^T (K = H: the adapter terms s XA B^T are added per tile by glu_lora_forward and again by
+    glu_lora_backward, instead of widening K to H + r_g + r_u, which cost ~6 % of the GEMM), and spare
+    columns where the backward puts s_g de B_g | s_u dg B_u after de | dg, so that dX is one GEMM over the
+    buffer. Rows start 128-byte aligned: with 2I + 32 columns (64-byte aligned rows) the GLU backward's
+    16 x 64 tiles ran 0.337 ms instead of 0.253 on an H100 (each 128-byte row segment split over two
+    lines). XA = X [A_g; A_u]^T. h = act(e) * g is not kept; h A_d^T is kept (down_proj's dB)."""
+    I, rg = _weight_shape(pg.W, pg.quant)[0], pg.A.shape[0]
     XA = X2 @ torch.cat([pg.A.to(dtype), pu.A.to(dtype)], 0).t()
-    EG = X2.new_empty(X2.shape[0], cdiv(2 * I + rg + ru, 64) * 64)
-    torch.mm(torch.cat([X2, XA], 1), _gate_up_weight(pg, pu, (0, 1), dtype).t(), out=EG[:, :2 * I])
-    h = glu_forward(EG[:, :I], EG[:, I:2 * I], act)  # (h A_d^T inside this pass measured no faster: 0.177 vs 0.184 ms)
+    EG = X2.new_empty(X2.shape[0], cdiv(2 * I + rg + pu.A.shape[0], 64) * 64)
+    _gate_up_base(X2, pg, pu, EG, dtype)
+    h = glu_lora_forward(EG[:, :I], EG[:, I:2 * I], XA, rg, _contig(pg.B, dtype), _contig(pu.B, dtype),
+                         (pg.s, pu.s), act)
     hA = h @ pd.A.to(dtype).t()
     Y = _base_plus_lora(h, dequantize_base(pd.W, pd.quant, dtype).t(), hA, pd.B.to(dtype).t(), pd.s)
     return Y, EG, XA, hA
 
 
-def _mlp_fused_backward(ctx, X2, EG, XA, dh, dYBs_d, ddB, ng):
-    """LoRA_MLP.backward after down_proj's dh: one kernel gives de, dg, dB_gate, dB_up and dA_down (the
-    products that would re-read de, dg and h; h is never stored), one more pass s de B_g | s dg B_u into the
-    columns after de | dg, and dX is one GEMM [de | dg | s de B_g | s dg B_u] @ [W_g; W_u; A_g; A_u]."""
+def _contig(t, dtype):
+    return t.to(dtype).contiguous()
+
+
+def _mlp_fused_backward(ctx, X2, EG, XA, hA, dY):
+    """LoRA_MLP.backward on the fused path. dh = dY W_d (K = H; its adapter term s_d dY B_d A_d is added in
+    the GLU kernel), then one kernel gives de, dg, dB_gate, dB_up and dA_down (the products that would
+    re-read de, dg and h; h is never stored), one more pass s de B_g | s dg B_u into the columns after
+    de | dg, and dX is one GEMM [de | dg | s de B_g | s dg B_u] @ [W_g; W_u; A_g; A_u]."""
     pg, pu, pd = ctx.prs
     dtype = ctx.dtype
+    ng = [_needs(ctx, i) for i in range(16)]
     I, rg, ru, rd = _weight_shape(pg.W, pg.quant)[0], pg.A.shape[0], pu.A.shape[0], pd.A.shape[0]
+    dYBs_d = _mm_scaled(dY, pd.B.to(dtype), pd.s)  # s_d dY B_d  [T, r_d]
+    ddB = _mm_scaled(dY.t(), hA, pd.s).to(pd.B.dtype) if ng[14] else None
+    dh = dY @ dequantize_base(pd.W, pd.quant, dtype)
     D = EG if ctx.inplace else torch.empty_like(EG)  # de | dg | G, over e | g when inplace
-    de, dg, Q = glu_lora_backward(dh, EG[:, :I], EG[:, I:2 * I], XA, rg, dYBs_d, (rg, ru, rd), (pg.s, pu.s),
-                                  ctx.act_bwd.glu_act, out=(D[:, :I], D[:, I:2 * I]))
+    B_g, B_u = _contig(pg.B, dtype), _contig(pu.B, dtype)
+    de, dg, Q = glu_lora_backward(dh, EG[:, :I], EG[:, I:2 * I], XA, rg, dYBs_d, B_g, B_u, _contig(pd.A, dtype),
+                                  (pg.s, pu.s), ctx.act_bwd.glu_act, out=(D[:, :I], D[:, I:2 * I]))
     del dh
     R = glu_lora_rank_pad(max(rg, ru, rd))
     # (Taking s de B_g / s dg B_u as extra output columns of the dX GEMM, de [W_g | s_g B_g | 0], measured slower
     # on an H100 in the earlier two-GEMM form: N = H + 2r tiles badly, +0.1 ms, more than this pass costs.)
-    G = glu_lora_dyb(de, dg, pg.B.to(dtype), pu.B.to(dtype), (pg.s, pu.s), out=D[:, 2 * I:2 * I + rg + ru])
+    G = glu_lora_dyb(de, dg, B_g, B_u, (pg.s, pu.s), out=D[:, 2 * I:2 * I + rg + ru])
     dX = None
     if ng[0]:  # (the first layer's input often needs no gradient: no dX GEMM then)
         A_cat = torch.cat([pg.A.to(dtype), pu.A.to(dtype)])
@@ -500,9 +529,7 @@ class LoRA_MLP(torch.autograd.Function):
         ng = [_needs(ctx, i) for i in range(16)]
         nd = {"A": ng[13], "B": ng[14], "bias": False}
         if ctx.fused_glu:
-            X2, EG, XA, hA = ctx.saved_tensors
-            dh, dYBs_d, ddB, _ = _proj_backward_input(_flat(dY).to(dtype), pd, (hA, None, None), dtype, nd)
-            return _mlp_fused_backward(ctx, X2, EG, XA, dh, dYBs_d, ddB, ng)
+            return _mlp_fused_backward(ctx, *ctx.saved_tensors, _flat(dY).to(dtype))
         X2, e, g, *saved = ctx.saved_tensors
         dh, dYBs_d, ddB, _ = _proj_backward_input(_flat(dY).to(dtype), pd, saved[6:9], dtype, nd)
         if getattr(ctx.act_bwd, "stores_h", False):  # h comes back over dh: no recompute pass

@@ -74,22 +74,27 @@ def _check_glu_lora(device, dtype):
     import torch
 
     from .kernels import glu_lora_rank_pad
-    from .ops.glu import glu_lora_backward, glu_lora_dyb, naive_glu_lora_backward, naive_glu_lora_dyb
+    from .ops.glu import (glu_lora_backward, glu_lora_dyb, glu_lora_forward, naive_glu_lora_backward,
+                          naive_glu_lora_dyb, naive_glu_lora_forward)
     (t, i), r = ((1000, 8192) if device == "cuda" else (40, 200)), 16
     eg = torch.randn(t, 2 * i + 64, device=device).to(dtype)
     gate, up = eg[:, :i], eg[:, i:2 * i]
     dout = torch.randn(t, i, device=device).to(dtype)
     xa, dyb = torch.randn(t, 2 * r, device=device).to(dtype), torch.randn(t, r, device=device).to(dtype)
-    ref = naive_glu_lora_backward(dout, gate, up, xa[:, :r], xa[:, r:], dyb, (0.5, 2.0), "silu")
-    de, dg, Q = glu_lora_backward(dout, gate, up, xa, r, dyb, (r, r, r), (0.5, 2.0), "silu")
+    b_g, b_u = ((torch.randn(i, r, device=device) / r ** 0.5).to(dtype) for _ in range(2))
+    a_d = (torch.randn(r, i, device=device) / r ** 0.5).to(dtype)
+    lora = (xa[:, :r], xa[:, r:], b_g, b_u, (0.5, 2.0), "silu")
+    err_fwd = _rel_err(glu_lora_forward(gate, up, xa, r, b_g, b_u, (0.5, 2.0), "silu"),
+                       naive_glu_lora_forward(gate, up, *lora))
+    ref = naive_glu_lora_backward(dout, gate, up, xa[:, :r], xa[:, r:], dyb, b_g, b_u, a_d, (0.5, 2.0), "silu")
+    de, dg, Q = glu_lora_backward(dout, gate, up, xa, r, dyb, b_g, b_u, a_d, (0.5, 2.0), "silu")
     R = glu_lora_rank_pad(r)
     got = (de, dg, Q[:, :r], Q[:, R:R + r], Q[:, 2 * R:2 * R + r])
     err = max(_rel_err(a, b) for a, b in zip(got, (ref[0], ref[1], *ref[2])))
-    b_g, b_u = ((torch.randn(i, r, device=device) / i ** 0.5).to(dtype) for _ in range(2))
     dyb_got = glu_lora_dyb(de, dg, b_g, b_u, (0.5, 2.0), out=eg[:, 2 * i:2 * i + 2 * r])
     err_dyb = _rel_err(dyb_got, naive_glu_lora_dyb(de, dg, b_g, b_u, (0.5, 2.0)))
     tol = 1.5e-2 if dtype != torch.float32 else 1e-5
-    return {"glu_lora_bwd": (err, tol), "glu_lora_dyb": (err_dyb, tol)}
+    return {"glu_lora_fwd": (err_fwd, tol), "glu_lora_bwd": (err, tol), "glu_lora_dyb": (err_dyb, tol)}
 
 
 def _check_cross_entropy(device, dtype):
@@ -191,7 +196,7 @@ def _check_quant(device, dtype):
 
 
 CHECKS = {"nf4_dequant": _check_quant, "gptq_dequant": _check_quant, "rms_norm_fwd": _check_rms_norm, "rms_norm_bwd": _check_rms_norm, "glu_fwd": _check_glu,
-          "glu_bwd": _check_glu, "glu_lora_bwd": _check_glu_lora, "glu_lora_dyb": _check_glu_lora, "cross_entropy": _check_cross_entropy, "scale_by_scalar": _check_cross_entropy,
+          "glu_bwd": _check_glu, "glu_lora_fwd": _check_glu_lora, "glu_lora_bwd": _check_glu_lora, "glu_lora_dyb": _check_glu_lora, "cross_entropy": _check_cross_entropy, "scale_by_scalar": _check_cross_entropy,
           "ce_prepare": _check_cross_entropy,
           "rope": _check_rope}
 

@@ -124,30 +124,60 @@ def _gate_up_inputs(T, I, dtype, layout):
     return torch.randn(T, I + 8, device=DEVICE).to(dtype)[:, :I], buf[:, :I], buf[:, I:2 * I]
 
 
+def _lora_factors(T, I, ranks, dtype):
+    """xa [T, r_g + r_u + 3] (a wider row stride than r_g + r_u), b_g, b_u [I, r], a_d [r_d, I], dyb [T, r_d]:
+    scaled so each adapter term is of the order of the base values it is added to."""
+    rg, ru, rd = ranks
+    xa = torch.randn(T, rg + ru + 3, device=DEVICE).to(dtype)
+    b_g, b_u = ((torch.randn(I, r, device=DEVICE) / r ** 0.5).to(dtype) for r in (rg, ru))
+    a_d = (torch.randn(rd, I, device=DEVICE) / rd ** 0.5).to(dtype)
+    dyb = torch.randn(T, rd, device=DEVICE).to(dtype)
+    return xa, b_g, b_u, a_d, dyb
+
+
+@pytest.mark.parametrize("layout", ["separate", "one_buffer"])
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", LORA_DTYPES)
+@pytest.mark.parametrize("case", LORA_CASES)
+def test_glu_lora_forward_matches_reference(case, dtype, act, layout):
+    """h = act(e) * g with the gate / up adapter terms added to the base GEMM outputs, vs float64; gate and
+    up untouched, h contiguous."""
+    from fusedlora.ops.glu import glu_lora_forward, naive_glu_lora_forward
+    T, I, (rg, ru, rd) = case
+    _, gate, up = _gate_up_inputs(T, I, dtype, layout)
+    xa, b_g, b_u, _, _ = _lora_factors(T, I, (rg, ru, rd), dtype)
+    gate0, up0 = gate.clone(), up.clone()
+    h = glu_lora_forward(gate, up, xa, rg, b_g, b_u, (0.5, 2.0), act)
+    assert h.shape == (T, I) and h.is_contiguous() and h.dtype == dtype
+    assert torch.equal(gate, gate0) and torch.equal(up, up0)
+    want = naive_glu_lora_forward(gate, up, xa[:, :rg], xa[:, rg:rg + ru], b_g, b_u, (0.5, 2.0), act)
+    assert rel_err(h, want) < TOL[dtype]
+
+
 @pytest.mark.parametrize("layout,inplace", [("separate", True), ("separate", False), ("one_buffer", True),
                                             ("one_buffer", False), ("one_buffer", "out")])
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("dtype", LORA_DTYPES)
 @pytest.mark.parametrize("case", LORA_CASES)
 def test_glu_lora_backward_matches_reference(case, dtype, act, layout, inplace):
-    """de, dg and the three token-reduced adapter products vs float64, with the padding columns exactly
-    zero. The products are taken from the rounded de, dg, h (as a separate GEMM on them would be), so they
-    carry the dtype's rounding like de and dg. Layouts: separate tensors, and gate | up as one buffer's
-    halves with dout's own row stride; results over gate / up (inplace), to new tensors, or to `out`."""
+    """de, dg and the three token-reduced adapter products vs float64 (e, g and dh with their adapter
+    terms), with the padding columns exactly zero. The products are taken from the rounded de, dg, h (as a
+    separate GEMM on them would be), so they carry the dtype's rounding like de and dg. Layouts: separate
+    tensors, and gate | up as one buffer's halves with dout's own row stride; results over gate / up
+    (inplace), to new tensors, or to `out`."""
     from fusedlora.kernels import glu_lora_rank_pad
     from fusedlora.ops.glu import glu_lora_backward, naive_glu_lora_backward
     T, I, (rg, ru, rd) = case
     dout, gate, up = _gate_up_inputs(T, I, dtype, layout)
-    xa = torch.randn(T, rg + ru + 3, device=DEVICE).to(dtype)  # a wider row stride than rg + ru
-    dyb = torch.randn(T, rd, device=DEVICE).to(dtype)
+    xa, b_g, b_u, a_d, dyb = _lora_factors(T, I, (rg, ru, rd), dtype)
     scales = (0.5, 2.0)
-    ref = naive_glu_lora_backward(dout, gate, up, xa[:, :rg], xa[:, rg:rg + ru], dyb, scales, act)
+    ref = naive_glu_lora_backward(dout, gate, up, xa[:, :rg], xa[:, rg:rg + ru], dyb, b_g, b_u, a_d, scales, act)
     gate0, up0 = gate.clone(), up.clone()
     out = None
     if inplace == "out":
         obuf = torch.full((T, gate.stride(0)), float("nan"), device=DEVICE).to(dtype)
         out = (obuf[:, :I], obuf[:, I:2 * I])
-    de, dg, Q = glu_lora_backward(dout, gate, up, xa, rg, dyb, (rg, ru, rd), scales, act, inplace is True, out=out)
+    de, dg, Q = glu_lora_backward(dout, gate, up, xa, rg, dyb, b_g, b_u, a_d, scales, act, inplace is True, out=out)
     assert de.stride() == gate.stride() and dg.stride() == up.stride()
     assert (de.data_ptr() == gate.data_ptr()) == (inplace is True) and (dg.data_ptr() == up.data_ptr()) == (inplace is True)
     if out is not None:
@@ -164,27 +194,41 @@ def test_glu_lora_backward_matches_reference(case, dtype, act, layout, inplace):
     assert all(bool((p == 0).all()) for p in (Q[:, rg:R], Q[:, R + ru:2 * R], Q[:, 2 * R + rd:]))
 
 
-def test_glu_lora_backward_of_no_tokens():
-    from fusedlora.ops.glu import glu_lora_backward
+def test_glu_lora_of_no_tokens():
+    from fusedlora.ops.glu import glu_lora_backward, glu_lora_forward
     z = torch.empty(0, 64, device=DEVICE)
-    de, dg, Q = glu_lora_backward(z, z.clone(), z.clone(), torch.empty(0, 32, device=DEVICE), 16,
-                                  torch.empty(0, 16, device=DEVICE), (16, 16, 16), (1.0, 1.0), "silu")
+    xa, b, a = torch.empty(0, 32, device=DEVICE), torch.randn(64, 16, device=DEVICE), torch.randn(16, 64, device=DEVICE)
+    assert glu_lora_forward(z, z, xa, 16, b, b, (1.0, 1.0), "silu").shape == (0, 64)
+    de, dg, Q = glu_lora_backward(z, z.clone(), z.clone(), xa, 16, torch.empty(0, 16, device=DEVICE), b, b, a,
+                                  (1.0, 1.0), "silu")
     assert de.shape == (0, 64) and Q.shape == (64, 48) and bool((Q == 0).all())
 
 
-def test_glu_lora_backward_bad_input():
-    from fusedlora.ops.glu import glu_lora_backward
+def test_glu_lora_bad_input():
+    from fusedlora.ops.glu import glu_lora_backward, glu_lora_forward
     t = torch.randn(8, 64, device=DEVICE)
     xa, dyb = torch.randn(8, 32, device=DEVICE), torch.randn(8, 16, device=DEVICE)
-    args = ((16, 16, 16), (1.0, 1.0), "silu")
-    with pytest.raises(ValueError, match=r"dout has shape \(8, 65\), gate \(8, 64\)"):
-        glu_lora_backward(torch.randn(8, 65, device=DEVICE), t.clone(), t.clone(), xa, 16, dyb, *args)
+    b, a = torch.randn(64, 16, device=DEVICE), torch.randn(16, 64, device=DEVICE)
+    bwd = (b, b, a, (1.0, 1.0), "silu")
+    with pytest.raises(ValueError, match=r"dout must be torch.float32 \[8, 64\] with a unit last stride, got "
+                                         r"torch.float32 \(8, 65\)"):
+        glu_lora_backward(torch.randn(8, 65, device=DEVICE), t.clone(), t.clone(), xa, 16, dyb, *bwd)
     with pytest.raises(ValueError, match="out tensors must match gate's shape and strides"):
-        glu_lora_backward(t, t.clone(), t.clone(), xa, 16, dyb, *args, out=(t.clone(), torch.randn(8, 65, device=DEVICE)[:, :64]))
-    with pytest.raises(ValueError, match="up must match gate's shape and strides"):
-        glu_lora_backward(t, t.clone(), torch.randn(8, 32, device=DEVICE), xa, 16, dyb, *args)
-    with pytest.raises(ValueError, match="every operand needs a unit last stride"):
-        glu_lora_backward(t, t.clone(), t.clone(), torch.randn(32, 8, device=DEVICE).t(), 16, dyb, *args)
+        glu_lora_backward(t, t.clone(), t.clone(), xa, 16, dyb, *bwd, out=(t.clone(), torch.randn(8, 65, device=DEVICE)[:, :64]))
+    with pytest.raises(ValueError, match="gate and up must be 2-D with one shape and strides"):
+        glu_lora_backward(t, t.clone(), torch.randn(8, 32, device=DEVICE), xa, 16, dyb, *bwd)
+    with pytest.raises(ValueError, match="gate, up and xa need a unit last stride"):
+        glu_lora_backward(t, t.clone(), t.clone(), torch.randn(32, 8, device=DEVICE).t(), 16, dyb, *bwd)
+    with pytest.raises(ValueError, match=r"xa \(8, 32\) must hold X A_g\^T in columns \[0, 16\) and X A_u\^T in \[20, 36\)"):
+        glu_lora_forward(t, t, xa, 20, b, b, (1.0, 1.0), "silu")
+    with pytest.raises(ValueError, match=r"a_down must be a contiguous \[16, 64\], got \(16, 32\)"):
+        glu_lora_backward(t, t.clone(), t.clone(), xa, 16, dyb, b, b, a[:, :32], (1.0, 1.0), "silu")
+    with pytest.raises(ValueError, match=r"b_up must be a contiguous \[64, 16\]"):
+        glu_lora_forward(t, t, xa, 16, b, a.t(), (1.0, 1.0), "silu")
+    with pytest.raises(TypeError, match=r"b_gate is torch.float16 .* it must match gate \(torch.float32"):
+        glu_lora_forward(t, t, xa, 16, b.half(), b, (1.0, 1.0), "silu")
+    with pytest.raises(ValueError, match=r"dyb must be torch.float32 \[8, 16\]"):
+        glu_lora_backward(t, t.clone(), t.clone(), xa, 16, dyb[:, :8], *bwd)
 
 
 # ------------------------------------------------ the LoRA MLP backward's products that reduce over I

@@ -224,17 +224,18 @@ def _changed_kernel_outputs():
     for shape in ((8, 4096), (7, 336)):  # 2352: a tail program; 16-divisible like every prebuilt GLU size
         g, u, dy = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         outs.extend(glu_backward(dy.clone(), g.clone(), u.clone(), "silu", True, store_h=True))
-    from fusedlora.ops.glu import glu_forward, glu_lora_backward, glu_lora_dyb
+    from fusedlora.ops.glu import glu_forward, glu_lora_backward, glu_lora_dyb, glu_lora_forward
     for t, i in ((64, 8192), (5, 2112)):  # r 16: the prebuilt rank
         eg = torch.randn(t, 2 * i + 64, device="cuda", dtype=torch.bfloat16)  # LoRA_MLP's layout
         e, g = eg[:, :i], eg[:, i:2 * i]
-        a_d = torch.randn(16, i, device="cuda", dtype=torch.bfloat16) / i ** 0.5
+        a_d = torch.randn(16, i, device="cuda", dtype=torch.bfloat16) / 4
+        b_g, b_u = (torch.randn(i, 16, device="cuda", dtype=torch.bfloat16) / 4 for _ in range(2))
         xa, dyb = (torch.randn(t, n, device="cuda", dtype=torch.bfloat16) for n in (32, 16))
         outs.append(glu_forward(e, g, "silu"))
+        outs.append(glu_lora_forward(e, g, xa, 16, b_g, b_u, (0.5, 2.0), "silu"))
         de, dg, q = glu_lora_backward(torch.randn(t, i, device="cuda", dtype=torch.bfloat16), e, g, xa, 16, dyb,
-                                      (16, 16, 16), (0.5, 2.0), "silu")
-        outs.extend((eg, q, glu_lora_dyb(de, dg, a_d.t().contiguous(), a_d.t().contiguous(), (0.5, 2.0),
-                                          out=eg[:, 2 * i:2 * i + 32])))
+                                      b_g, b_u, a_d, (0.5, 2.0), "silu")
+        outs.extend((eg, q, glu_lora_dyb(de, dg, b_g, b_u, (0.5, 2.0), out=eg[:, 2 * i:2 * i + 32])))
     for rows in (8, 5):
         z = torch.randn(rows, 32000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         (3.0 * cross_entropy(z, torch.randint(0, 32000, (rows,), device="cuda"))).backward()
@@ -248,7 +249,7 @@ def test_changed_kernels_aot_equals_jit(tmp_path, use_loader, monkeypatch):
     from fusedlora import aot
     fam = {**FAMILY, "vocab_sizes": [32000]}
     names = ["nf4_dequant", "glu_bwd", "cross_entropy", "scale_by_scalar", "ce_prepare", "glu_fwd",
-             "glu_lora_bwd", "glu_lora_dyb"]
+             "glu_lora_fwd", "glu_lora_bwd", "glu_lora_dyb"]
     summary = aot.build(registry.family_variants(fam, [_arch()], names), tmp_path, quiet=True)
     assert not summary["errors"], summary["errors"]
     ld = use_loader(dirs=[tmp_path])

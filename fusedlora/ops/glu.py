@@ -76,26 +76,85 @@ def _empty_rows_like(t):
     return t.new_empty(t.shape[0], t.stride(0))[:, :t.shape[1]]
 
 
-def glu_lora_backward(dout, gate, up, xa, xa_up_offset, dyb, ranks, scales, act: str, inplace: bool = True,
-                      out=None):
+def _row_groups(T, I, meta, device):
+    """(groups, rows_per_group) for a (column tile, row group) grid: enough programs to fill the GPU; more
+    groups only cost the backward's [I, 3R] partials."""
+    bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
+    col_tiles = cdiv(I, bn)
+    groups = max(1, min(cdiv(T, bm), round(GLU_LORA_PROGRAMS_PER_SM * sm_count(device) / col_tiles)))
+    rows_per_group = max(1, cdiv(cdiv(T, groups), bm)) * bm
+    return cdiv(T, rows_per_group), rows_per_group
+
+
+def _check_lora_operands(op, gate, up, xa, xa_up_offset, ranks, factors):
+    """gate / up layout, XA's columns, and the rank-r factors ((name, tensor, expected shape), ...)."""
+    if gate.dim() != 2 or up.shape != gate.shape or up.stride() != gate.stride():
+        raise ValueError(f"{op}: gate and up must be 2-D with one shape and strides, got {tuple(gate.shape)}/"
+                         f"{tuple(gate.stride())} and {tuple(up.shape)}/{tuple(up.stride())}")
+    if gate.stride(1) != 1 or xa.stride(1) != 1:
+        raise ValueError(f"{op}: gate, up and xa need a unit last stride")
+    rg, ru = ranks[0], ranks[1]
+    if xa.dim() != 2 or xa.shape[0] != gate.shape[0] or rg > xa_up_offset or xa_up_offset + ru > xa.shape[1]:
+        raise ValueError(f"{op}: xa {tuple(xa.shape)} must hold X A_g^T in columns [0, {rg}) and X A_u^T in "
+                         f"[{xa_up_offset}, {xa_up_offset + ru}) for {gate.shape[0]} rows")
+    for name, t, shape in factors:
+        if tuple(t.shape) != shape or not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be a contiguous {list(shape)}, got {tuple(t.shape)} strides "
+                             f"{tuple(t.stride())}")
+        if t.dtype != gate.dtype or t.device != gate.device:
+            raise TypeError(f"{op}: {name} is {t.dtype} on {t.device}; it must match gate ({gate.dtype} on "
+                            f"{gate.device})")
+
+
+@functools.lru_cache(maxsize=None)
+def _lora_fwd_meta(act: str, rank: int):
+    m = kernels.glu_lora_fwd_meta(act, rank)
+    return m, constexpr_key(m)
+
+
+def glu_lora_forward(gate, up, xa, xa_up_offset, b_gate, b_up, scales, act: str):
+    """h = act(e) * g of a LoRA MLP with e = gate + s_g XA_g B_g^T and g = up + s_u XA_u B_u^T, as a new
+    contiguous [T, I] tensor, in one pass over gate and up.
+
+    gate, up: the base GEMM outputs X W_g^T, X W_u^T, [T, I] with one row stride (e.g. the halves of one
+    [T, 2I] buffer); xa: [T, *] holding X A_g^T in columns [0, r_g) and X A_u^T in [xa_up_offset,
+    xa_up_offset + r_u); b_gate, b_up: [I, r] contiguous, gate's dtype; scales = (s_g, s_u). e and g are
+    summed in fp32 (not rounded to the dtype first) and h is rounded once."""
+    T, I = gate.shape
+    rg, ru = b_gate.shape[1], b_up.shape[1]
+    _check_lora_operands("glu_lora_forward", gate, up, xa, xa_up_offset, (rg, ru),
+                         (("b_gate", b_gate, (I, rg)), ("b_up", b_up, (I, ru))))
+    out = gate.new_empty(T, I)
+    meta, key = _lora_fwd_meta(act, max(rg, ru))
+    groups, rows_per_group = _row_groups(T, I, meta, gate.get_device())
+    launcher("glu_lora_fwd")(
+        (cdiv(I, meta["BLOCK_N"]), groups, 1),
+        (gate, up, xa, b_gate, b_up, out, T, I, gate.stride(0), xa.stride(0), int(xa_up_offset), rg, ru,
+         rows_per_group, float(scales[0]), float(scales[1])),
+        key)
+    return out
+
+
+def glu_lora_backward(dout, gate, up, xa, xa_up_offset, dyb, b_gate, b_up, a_down, scales, act: str,
+                      inplace: bool = True, out=None):
     """The GLU backward of a LoRA MLP with the adapter products that reduce over tokens, in one pass over
     dout, gate and up.
 
-    gate, up: [T, I] with one row stride (e.g. the two halves of one [T, 2I] buffer); dout: [T, I], its own
-    row stride; xa: [T, *] holding X A_g^T in columns [0, r_g) and X A_u^T in [xa_up_offset, xa_up_offset +
-    r_u); dyb: [T, r_d] = s_d dY B_d; ranks = (r_g, r_u, r_d); scales = (s_g, s_u). h = act(gate) * up is
-    never stored.
+    gate, up, xa, b_gate, b_up, scales: as glu_lora_forward's (e and g are recomputed the same way);
+    dout: [T, I] = dY W_d (own row stride), to which the kernel adds dyb A_d: dyb [T, r_d] = s_d dY B_d,
+    a_down [r_d, I] contiguous. h = act(e) * g is never stored.
     Returns (de, dg, Q) with Q [I, 3R] = [s_g de^T XA_g | s_u dg^T XA_u | h^T dyb] in fp32 (dB_gate,
     dB_up and dA_down^T), each rank zero-padded to R (`kernels.glu_lora_rank_pad`).
     de and dg go to `out` = (de, dg) when given (gate's shape and strides), else over gate and up when
     inplace, else to new tensors."""
     T, I = gate.shape
-    if up.shape != gate.shape or up.stride() != gate.stride():
-        raise ValueError("glu_lora_backward: up must match gate's shape and strides")
-    if dout.shape != gate.shape:
-        raise ValueError(f"glu_lora_backward: dout has shape {tuple(dout.shape)}, gate {tuple(gate.shape)}")
-    if gate.stride(1) != 1 or dout.stride(1) != 1 or xa.stride(1) != 1 or dyb.stride(1) != 1:
-        raise ValueError("glu_lora_backward: every operand needs a unit last stride")
+    rg, ru, rd = b_gate.shape[1], b_up.shape[1], a_down.shape[0]
+    _check_lora_operands("glu_lora_backward", gate, up, xa, xa_up_offset, (rg, ru),
+                         (("b_gate", b_gate, (I, rg)), ("b_up", b_up, (I, ru)), ("a_down", a_down, (rd, I))))
+    for name, t, shape in (("dout", dout, (T, I)), ("dyb", dyb, (T, rd))):
+        if tuple(t.shape) != shape or t.stride(1) != 1 or t.dtype != gate.dtype:
+            raise ValueError(f"glu_lora_backward: {name} must be {gate.dtype} {list(shape)} with a unit last "
+                             f"stride, got {t.dtype} {tuple(t.shape)} strides {tuple(t.stride())}")
     if out is not None:
         dgate, dup = out
         if any(t.shape != gate.shape or t.stride() != gate.stride() for t in out):
@@ -104,19 +163,15 @@ def glu_lora_backward(dout, gate, up, xa, xa_up_offset, dyb, ranks, scales, act:
         dgate, dup = gate, up
     else:
         dgate, dup = _empty_rows_like(gate), _empty_rows_like(up)
-    meta, key = _lora_meta(act, max(ranks))
-    R, bm, bn = meta["R"], meta["BLOCK_M"], meta["BLOCK_N"]
-    col_tiles = cdiv(I, bn)
-    # Enough (column tile, row group) programs to fill the GPU; more groups only cost [I, 3R] partials.
-    groups = max(1, min(cdiv(T, bm), round(GLU_LORA_PROGRAMS_PER_SM * sm_count(gate.get_device()) / col_tiles)))
-    rows_per_group = max(1, cdiv(cdiv(T, groups), bm)) * bm
-    groups = cdiv(T, rows_per_group)
+    meta, key = _lora_meta(act, max(rg, ru, rd))
+    R = meta["R"]
+    groups, rows_per_group = _row_groups(T, I, meta, gate.get_device())
     q_part = torch.empty(groups, I, 3 * R, dtype=torch.float32, device=gate.device)
     launcher("glu_lora_bwd")(
-        (col_tiles, groups, 1),
-        (dout, gate, up, dgate, dup, xa, dyb, q_part, T, I, dout.stride(0), gate.stride(0), xa.stride(0),
-         int(xa_up_offset), dyb.stride(0), int(ranks[0]), int(ranks[1]), int(ranks[2]), rows_per_group,
-         float(scales[0]), float(scales[1])),
+        (cdiv(I, meta["BLOCK_N"]), groups, 1),
+        (dout, gate, up, dgate, dup, xa, dyb, b_gate, b_up, a_down, q_part, T, I, dout.stride(0), gate.stride(0),
+         xa.stride(0), int(xa_up_offset), dyb.stride(0), rg, ru, rd, rows_per_group, float(scales[0]),
+         float(scales[1])),
         key)
     return dgate, dup, q_part[0] if groups == 1 else q_part.sum(0)  # no groups (T = 0): zeros
 
@@ -166,17 +221,31 @@ def naive_glu_lora_dyb(de, dg, b_gate, b_up, scales):
     return torch.cat([scales[0] * de.to(d) @ b_gate.to(d), scales[1] * dg.to(d) @ b_up.to(d)], 1)
 
 
-def naive_glu_lora_backward(dout, gate, up, xa_g, xa_u, dyb, scales, act: str):
+_NAIVE_ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def _naive_e_g(gate, up, xa_g, xa_u, b_gate, b_up, scales):
+    d = torch.float64
+    return (gate.to(d) + scales[0] * xa_g.to(d) @ b_gate.to(d).t(),
+            up.to(d) + scales[1] * xa_u.to(d) @ b_up.to(d).t())
+
+
+def naive_glu_lora_forward(gate, up, xa_g, xa_u, b_gate, b_up, scales, act: str):
+    """float64 reference of glu_lora_forward."""
+    e, g = _naive_e_g(gate, up, xa_g, xa_u, b_gate, b_up, scales)
+    return _NAIVE_ACTS[act](e) * g
+
+
+def naive_glu_lora_backward(dout, gate, up, xa_g, xa_u, dyb, b_gate, b_up, a_down, scales, act: str):
     """Plain-torch reference of glu_lora_backward in float64, unpadded: (de, dg, (s_g de^T XA_g,
     s_u dg^T XA_u, h^T dyb))."""
     d = torch.float64
-    e = gate.to(d).requires_grad_()
-    g = up.to(d).requires_grad_()
-    a = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}[act](e)
-    h = a * g
-    de, dg = torch.autograd.grad(h, (e, g), dout.to(d))
+    e, g = (t.requires_grad_() for t in _naive_e_g(gate, up, xa_g, xa_u, b_gate, b_up, scales))
+    h = _NAIVE_ACTS[act](e) * g
+    de, dg = torch.autograd.grad(h, (e, g), dout.to(d) + dyb.to(d) @ a_down.to(d))
     sg, su = scales
     return de, dg, (sg * de.t() @ xa_g.to(d), su * dg.t() @ xa_u.to(d), h.detach().t() @ dyb.to(d))
+
 
 class GLUFunction(torch.autograd.Function):
     @staticmethod
