@@ -12,6 +12,7 @@ import torch
 from triton.testing import do_bench_cudagraph
 
 from fusedlora import registry
+from fusedlora.ops.glu import row_groups
 
 DEV = "cuda"
 BF16 = torch.bfloat16
@@ -75,6 +76,22 @@ def tune_glu():
     report("swiglu fwd+bwd (BLOCK, warps)", res)
 
 
+def _lora_factors(t, i, r):
+    """The LoRA MLP's rank-r operands at T = t, I = i: XA [t, 2r], dY B_d [t, r], B_g, B_u [i, r], A_d [r, i]."""
+    def rnd(*shape):
+        return torch.randn(*shape, device=DEV, dtype=BF16)
+    return rnd(t, 2 * r), rnd(t, r), rnd(i, r), rnd(i, r), rnd(r, i)
+
+
+def _row_group_configs(t, i, tiles, per_sms=(2, 4, 8)):
+    """((BLOCK_M, BLOCK_N, warps, stages, programs per SM), grid, rows per group) for the LoRA GLU kernels'
+    (column tile, row group) grids, as the launchers size them."""
+    for bm, bn, warps, stages in tiles:
+        for per_sm in per_sms:
+            groups, rows = row_groups(t, i, {"BLOCK_M": bm, "BLOCK_N": bn}, 0, per_sm)
+            yield (bm, bn, warps, stages, per_sm), ((i + bn - 1) // bn, groups), rows
+
+
 def tune_glu_lora():
     """The LoRA MLP's fused GLU backward at Llama-3.2-1B sizes (T 8192, I 8192, r 16), partial sums
     included, against what it replaces: the GLU backward storing h plus three rank-16 GEMMs."""
@@ -82,27 +99,20 @@ def tune_glu_lora():
     fn = registry.get("glu_lora_bwd").fn
     dh, e, g = (torch.randn(t, i, device=DEV, dtype=BF16) for _ in range(3))
     de, dg = torch.empty_like(e), torch.empty_like(g)
-    xa, dyb = torch.randn(t, 2 * r, device=DEV, dtype=BF16), torch.randn(t, r, device=DEV, dtype=BF16)
-    b_g, b_u = (torch.randn(i, r, device=DEV, dtype=BF16) for _ in range(2))
-    a_d = torch.randn(r, i, device=DEV, dtype=BF16)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    xa, dyb, b_g, b_u, a_d = _lora_factors(t, i, r)
     res = []
-    for bm, bn, warps, stages in ((16, 64, 4, 3), (32, 64, 4, 1), (32, 64, 4, 2), (32, 64, 4, 3), (32, 64, 4, 4),
-                                  (16, 64, 4, 2), (16, 64, 4, 4), (32, 128, 8, 3), (64, 64, 8, 3), (16, 128, 4, 3)):
-        for per_sm in (2, 4, 8):
-            tiles = (i + bn - 1) // bn
-            groups = max(1, min((t + bm - 1) // bm, round(per_sm * sms / tiles)))
-            rows = (((t + groups - 1) // groups + bm - 1) // bm) * bm
-            groups = (t + rows - 1) // rows
-            q = torch.empty(groups, i, 3 * r, device=DEV)
+    for (bm, bn, warps, stages, per_sm), (tiles, groups), rows in _row_group_configs(
+        t, i, ((16, 64, 4, 3), (32, 64, 4, 1), (32, 64, 4, 2), (32, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 2),
+               (16, 64, 4, 4), (32, 128, 8, 3), (64, 64, 8, 3), (16, 128, 4, 3))):
+        q = torch.empty(groups, i, 3 * r, device=DEV)
 
-            def step():
-                fn[(tiles, groups)](dh, e, g, de, dg, xa, dyb, b_g, b_u, a_d, q, t, i, i, i, 2 * r, r, r, r, r, r, rows,
-                                    0.5, 2.0,
-                                    ACT=0, R=r, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-                q.sum(0)
-            ms = _time(step)
-            res.append(((bm, bn, warps, stages, per_sm), ms, f"{5 * t * i * 2 / ms / 1e6:.0f} GB/s (3R+2W)"))
+        def step():
+            fn[(tiles, groups)](dh, e, g, de, dg, xa, dyb, b_g, b_u, a_d, q, t, i, i, i, 2 * r, r, r, r, r, r, rows,
+                                0.5, 2.0,
+                                ACT=0, R=r, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+            q.sum(0)
+        ms = _time(step)
+        res.append(((bm, bn, warps, stages, per_sm), ms, f"{5 * t * i * 2 / ms / 1e6:.0f} GB/s (3R+2W)"))
     report("glu_lora_bwd + partial sum (BLOCK_M, BLOCK_N, warps, stages, programs/SM)", res)
     b = registry.get("glu_bwd").fn
     h = torch.empty_like(dh)
@@ -112,6 +122,7 @@ def tune_glu_lora():
         de.t() @ xa[:, :r], dg.t() @ xa[:, r:], h.t() @ dyb
     print(f"  separate (glu_bwd STORE_H + 3 GEMMs): {_time(separate):.4f} ms")
 
+
 def tune_glu_lora_fwd():
     """The LoRA MLP's GLU forward with the gate/up adapter terms (T 8192, I 8192, r 16; e | g the halves of one
     [T, 2I + 64] buffer), against glu_fwd on the same buffer (no adapter terms)."""
@@ -120,22 +131,16 @@ def tune_glu_lora_fwd():
     fn = registry.get("glu_lora_fwd").fn
     eg = torch.randn(t, 2 * i + 64, device=DEV, dtype=BF16)
     e, g = eg[:, :i], eg[:, i:2 * i]
-    xa = torch.randn(t, 2 * r, device=DEV, dtype=BF16)
-    b_g, b_u = (torch.randn(i, r, device=DEV, dtype=BF16) for _ in range(2))
+    xa, _, b_g, b_u, _ = _lora_factors(t, i, r)
     out = torch.empty(t, i, device=DEV, dtype=BF16)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     res = []
-    for bm, bn, warps, stages in ((32, 64, 4, 3), (16, 64, 4, 3), (32, 128, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3),
-                                  (64, 128, 8, 3), (32, 64, 4, 2), (64, 64, 4, 4), (16, 128, 4, 3), (128, 64, 8, 3)):
-        for per_sm in (2, 4, 8):
-            tiles = (i + bn - 1) // bn
-            groups = max(1, min((t + bm - 1) // bm, round(per_sm * sms / tiles)))
-            rows = (((t + groups - 1) // groups + bm - 1) // bm) * bm
-            groups = (t + rows - 1) // rows
-            ms = _time(lambda: fn[(tiles, groups)](e, g, xa, b_g, b_u, out, t, i, 2 * i + 64, 2 * r, r, r, r, rows,
-                                                   0.5, 2.0, ACT=0, R=r, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                                                   num_stages=stages))
-            res.append(((bm, bn, warps, stages, per_sm), ms, f"{3 * t * i * 2 / ms / 1e6:.0f} GB/s (2R+1W)"))
+    for (bm, bn, warps, stages, per_sm), (tiles, groups), rows in _row_group_configs(
+        t, i, ((32, 64, 4, 3), (16, 64, 4, 3), (32, 128, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3),
+               (32, 64, 4, 2), (64, 64, 4, 4), (16, 128, 4, 3), (128, 64, 8, 3))):
+        ms = _time(lambda: fn[(tiles, groups)](e, g, xa, b_g, b_u, out, t, i, 2 * i + 64, 2 * r, r, r, r, rows,
+                                               0.5, 2.0, ACT=0, R=r, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                               num_stages=stages))
+        res.append(((bm, bn, warps, stages, per_sm), ms, f"{3 * t * i * 2 / ms / 1e6:.0f} GB/s (2R+1W)"))
     report("glu_lora_fwd (BLOCK_M, BLOCK_N, warps, stages, programs/SM)", res)
     print(f"  glu_fwd on the same buffer (no adapter terms): {_time(lambda: glu_forward(e, g, 'silu')):.4f} ms")
 
@@ -147,9 +152,7 @@ def tune_glu_lora_layout():
     from fusedlora.ops.glu import glu_forward, glu_lora_backward, glu_lora_dyb, glu_lora_forward
     t, i, r = 8192, 8192, 16
     dh = torch.randn(t, i, device=DEV, dtype=BF16)
-    xa, dyb = torch.randn(t, 2 * r, device=DEV, dtype=BF16), torch.randn(t, r, device=DEV, dtype=BF16)
-    b_g, b_u = (torch.randn(i, r, device=DEV, dtype=BF16) for _ in range(2))
-    a_d = torch.randn(r, i, device=DEV, dtype=BF16)
+    xa, dyb, b_g, b_u, a_d = _lora_factors(t, i, r)
     for pad in (None, 32, 64, 128, 256, 1024):
         if pad is None:
             e, g = (torch.randn(t, i, device=DEV, dtype=BF16) for _ in range(2))

@@ -138,21 +138,30 @@ def glu_lora_rank_pad(rank: int) -> int:
     return max(16, next_pow2(rank))  # tl.dot needs every dimension >= 16
 
 
-def glu_lora_bwd_meta(act: str, rank: int) -> dict:
-    bm, bn, _, _ = GLU_LORA_TILE
+def _glu_lora_tile_meta(tile, act: str, rank: int) -> dict:
+    bm, bn, _, _ = tile
     r = glu_lora_rank_pad(rank)
-    # three [BLOCK_N, R] fp32 accumulators: narrower column tiles past r = 64 keep them in registers
-    # (sm_90 build: 200 registers at r 64 / 64 columns, 240 at r 128 / 32 columns, no spills)
+    # [BLOCK_N, R] tiles held per program (the backward's three fp32 accumulators, both kernels' B / A
+    # tiles): narrower column tiles past r = 64 keep them in registers (sm_90 build of the backward: 200
+    # registers at r 64 / 64 columns, 240 at r 128 / 32 columns, no spills)
     return {"ACT": GLU_ACTS[act], "R": r, "BLOCK_M": bm, "BLOCK_N": max(16, min(bn, 4096 // r))}
 
 
-def _glu_lora_aot(family):
+def glu_lora_bwd_meta(act: str, rank: int) -> dict:
+    return _glu_lora_tile_meta(GLU_LORA_TILE, act, rank)
+
+
+def _glu_lora_variants(family, backward: bool):
     for dt in family.get("dtypes", ("bf16", "fp16")):
         for act in GLU_ACTS:
             for r in GLU_LORA_RANKS:  # one rank for gate, up and down, XA = [X A_g^T, X A_u^T]
-                yield ({"x": dt}, {"act": act, "rank": r},
-                       {"rank_g": r, "rank_u": r, "rank_d": r, "stride_xa": 2 * r, "xa_up_offset": r,
-                        "stride_dyb": r})  # (stride_dh, stride_eg: 16-divisible, the default)
+                down = {"rank_d": r} if backward else {}  # (stride_dh, stride_eg: 16-divisible, the default)
+                ints = {"rank_g": r, "rank_u": r, **down, "stride_xa": 2 * r, "xa_up_offset": r}
+                yield {"x": dt}, {"act": act, "rank": r}, {**ints, "stride_dyb": r} if backward else ints
+
+
+def _glu_lora_aot(family):
+    return _glu_lora_variants(family, backward=True)
 
 
 GLU_LORA_BWD = register(KernelSpec(
@@ -177,18 +186,11 @@ GLU_LORA_FWD_TILE = (32, 128, 8, 3)  # BLOCK_M, BLOCK_N, warps, stages
 
 
 def glu_lora_fwd_meta(act: str, rank: int) -> dict:
-    bm, bn, _, _ = GLU_LORA_FWD_TILE
-    r = glu_lora_rank_pad(rank)
-    # two [R, BLOCK_N] B tiles held per program: narrower column tiles for wide ranks, as glu_lora_bwd
-    return {"ACT": GLU_ACTS[act], "R": r, "BLOCK_M": bm, "BLOCK_N": max(16, min(bn, 4096 // r))}
+    return _glu_lora_tile_meta(GLU_LORA_FWD_TILE, act, rank)
 
 
 def _glu_lora_fwd_aot(family):
-    for dt in family.get("dtypes", ("bf16", "fp16")):
-        for act in GLU_ACTS:
-            for r in GLU_LORA_RANKS:
-                yield ({"x": dt}, {"act": act, "rank": r},
-                       {"rank_g": r, "rank_u": r, "stride_xa": 2 * r, "xa_up_offset": r})
+    return _glu_lora_variants(family, backward=False)
 
 
 GLU_LORA_FWD = register(KernelSpec(

@@ -76,12 +76,12 @@ def _empty_rows_like(t):
     return t.new_empty(t.shape[0], t.stride(0))[:, :t.shape[1]]
 
 
-def _row_groups(T, I, meta, device):
+def row_groups(T, I, meta, device, per_sm=GLU_LORA_PROGRAMS_PER_SM):
     """(groups, rows_per_group) for a (column tile, row group) grid: enough programs to fill the GPU; more
     groups only cost the backward's [I, 3R] partials."""
     bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
     col_tiles = cdiv(I, bn)
-    groups = max(1, min(cdiv(T, bm), round(GLU_LORA_PROGRAMS_PER_SM * sm_count(device) / col_tiles)))
+    groups = max(1, min(cdiv(T, bm), round(per_sm * sm_count(device) / col_tiles)))
     rows_per_group = max(1, cdiv(cdiv(T, groups), bm)) * bm
     return cdiv(T, rows_per_group), rows_per_group
 
@@ -126,7 +126,7 @@ def glu_lora_forward(gate, up, xa, xa_up_offset, b_gate, b_up, scales, act: str)
                          (("b_gate", b_gate, (I, rg)), ("b_up", b_up, (I, ru))))
     out = gate.new_empty(T, I)
     meta, key = _lora_fwd_meta(act, max(rg, ru))
-    groups, rows_per_group = _row_groups(T, I, meta, gate.get_device())
+    groups, rows_per_group = row_groups(T, I, meta, gate.get_device())
     launcher("glu_lora_fwd")(
         (cdiv(I, meta["BLOCK_N"]), groups, 1),
         (gate, up, xa, b_gate, b_up, out, T, I, gate.stride(0), xa.stride(0), int(xa_up_offset), rg, ru,
@@ -165,7 +165,7 @@ def glu_lora_backward(dout, gate, up, xa, xa_up_offset, dyb, b_gate, b_up, a_dow
         dgate, dup = _empty_rows_like(gate), _empty_rows_like(up)
     meta, key = _lora_meta(act, max(rg, ru, rd))
     R = meta["R"]
-    groups, rows_per_group = _row_groups(T, I, meta, gate.get_device())
+    groups, rows_per_group = row_groups(T, I, meta, gate.get_device())
     q_part = torch.empty(groups, I, 3 * R, dtype=torch.float32, device=gate.device)
     launcher("glu_lora_bwd")(
         (cdiv(I, meta["BLOCK_N"]), groups, 1),
