@@ -217,20 +217,19 @@ def _needs(ctx, i):
 
 
 def _stack_rows(prs, extra, dtype, device):
-    """[W_1; ...; W_n; extra] (extra may be None) as one [sum(out) + extra rows, in] tensor; NF4 weights are dequantised
-    straight into their rows (no per-weight temporary)."""
-    extra = [] if extra is None else [extra]
+    """[W_1; ...; W_n; extra] (extra may be None) as one [sum(out) + extra rows, in] tensor; NF4 weights
+    are dequantised straight into their rows (no per-weight temporary)."""
     if all(pr.quant is None for pr in prs):
-        return torch.cat([pr.W.to(dtype) for pr in prs] + extra, 0)
+        return torch.cat([pr.W.to(dtype) for pr in prs] + ([] if extra is None else [extra]), 0)
     shapes = [_weight_shape(pr.W, pr.quant) for pr in prs]
-    buf = torch.empty(sum(o for o, _ in shapes) + sum(e.shape[0] for e in extra), shapes[0][1], dtype=dtype,
-                      device=device)
+    rows = sum(o for o, _ in shapes)
+    buf = torch.empty(rows + (0 if extra is None else extra.shape[0]), shapes[0][1], dtype=dtype, device=device)
     row = 0
     for pr, (o, _) in zip(prs, shapes):
         dequantize_base(pr.W, pr.quant, dtype, out=buf[row:row + o])
         row += o
-    if extra:
-        buf[row:].copy_(extra[0])
+    if extra is not None:
+        buf[rows:].copy_(extra)
     return buf
 
 
@@ -293,33 +292,27 @@ def _gate_up_forward(X2, pg, pu, dtype):
     XA = X2 @ torch.cat([pg.A.to(dtype), pu.A.to(dtype)], 0).t()
     Xc = torch.cat([X2, XA], 1)
     rg = pg.A.shape[0]
-    outs = [Xc @ _gate_up_weight(pg, pu, (which,), dtype).t() for which in (0, 1)]
+    outs = [Xc @ _gate_up_weight(pg, pu, which, dtype).t() for which in (0, 1)]
     return outs, ((XA[:, :rg], None, None), (XA[:, rg:], None, None))
 
 
 def _gate_up_weight(pg, pu, which, dtype):
-    """The weight of the shared [X, X A_g^T, X A_u^T] input, [n I, H + r_g + r_u]: the rows [W_g | s_g B_g | 0]
-    (which 0) and / or [W_u | 0 | s_u B_u] (which 1) in the order of `which`; an NF4 weight is dequantised
-    straight into its block."""
-    prs = [(pg, pu)[w] for w in which]
-    shapes = [_weight_shape(pr.W, pr.quant) for pr in prs]
-    in_f, rg, ru = shapes[0][1], pg.A.shape[0], pu.A.shape[0]
-    buf = torch.empty(sum(o for o, _ in shapes), in_f + rg + ru, dtype=dtype, device=pg.A.device)
-    row = 0
-    for w, pr, (out_f, _) in zip(which, prs, shapes):
-        blk = buf[row:row + out_f]
-        if _nf4_writes_into(pr.quant, dtype, blk[:, :in_f]):
-            dequantize_nf4(pr.W, pr.quant, out=blk[:, :in_f], dtype=dtype)  # no temporary, no copy
-            blk[:, in_f:].zero_()
-            mine = in_f if w == 0 else in_f + rg
-            torch.mul(pr.B.to(dtype), pr.s, out=blk[:, mine:mine + pr.A.shape[0]])
-        else:
-            # one cat into the (contiguous) block: a strided copy_ into it ran 2x slower than cat on an H100
-            W, sB = dequantize_base(pr.W, pr.quant, dtype), pr.B.to(dtype) * pr.s
-            zeros = sB.new_zeros(out_f, ru if w == 0 else rg)
-            torch.cat([W, sB, zeros] if w == 0 else [W, zeros, sB], 1, out=blk)
-        row += out_f
-    return buf
+    """[W_g | s_g B_g | 0] (which = 0) or [W_u | 0 | s_u B_u] (which = 1), [I, H + r_g + r_u]: the weight of
+    the shared [X, X A_g^T, X A_u^T] input, an NF4 weight dequantised straight into its block."""
+    pr = (pg, pu)[which]
+    out_f, in_f = _weight_shape(pr.W, pr.quant)
+    rg, ru = pg.A.shape[0], pu.A.shape[0]
+    buf = torch.empty(out_f, in_f + rg + ru, dtype=dtype, device=pr.A.device)
+    if _nf4_writes_into(pr.quant, dtype, buf[:, :in_f]):
+        dequantize_nf4(pr.W, pr.quant, out=buf[:, :in_f], dtype=dtype)  # no temporary, no copy
+        buf[:, in_f:].zero_()
+        mine = in_f if which == 0 else in_f + rg
+        torch.mul(pr.B.to(dtype), pr.s, out=buf[:, mine:mine + pr.A.shape[0]])
+        return buf
+    # other weights: one cat into the buffer (a strided copy_ into the block ran 2x slower than cat on an H100)
+    W, sB = dequantize_base(pr.W, pr.quant, dtype), pr.B.to(dtype) * pr.s
+    zeros = sB.new_zeros(out_f, ru if which == 0 else rg)
+    return torch.cat([W, sB, zeros] if which == 0 else [W, zeros, sB], 1, out=buf)
 
 
 def _mlp_fusable(pg, pu, pd, training, act, act_bwd):

@@ -66,8 +66,9 @@ GLU_LORA_PROGRAMS_PER_SM = 4  # H100 sweep (T = I = 8192, r 16): 4 per SM 0.254 
 
 
 @functools.lru_cache(maxsize=None)
-def _lora_meta(act: str, rank: int):
-    m = kernels.glu_lora_bwd_meta(act, rank)
+def _lora_meta(kernel: str, act: str, rank: int):
+    """(meta, key) of the LoRA MLP's GLU kernel "glu_lora_fwd" or "glu_lora_bwd"."""
+    m = {"glu_lora_fwd": kernels.glu_lora_fwd_meta, "glu_lora_bwd": kernels.glu_lora_bwd_meta}[kernel](act, rank)
     return m, constexpr_key(m)
 
 
@@ -106,12 +107,6 @@ def _check_lora_operands(op, gate, up, xa, xa_up_offset, ranks, factors):
                             f"{gate.device})")
 
 
-@functools.lru_cache(maxsize=None)
-def _lora_fwd_meta(act: str, rank: int):
-    m = kernels.glu_lora_fwd_meta(act, rank)
-    return m, constexpr_key(m)
-
-
 def glu_lora_forward(gate, up, xa, xa_up_offset, b_gate, b_up, scales, act: str):
     """h = act(e) * g of a LoRA MLP with e = gate + s_g XA_g B_g^T and g = up + s_u XA_u B_u^T, as a new
     contiguous [T, I] tensor, in one pass over gate and up.
@@ -125,7 +120,7 @@ def glu_lora_forward(gate, up, xa, xa_up_offset, b_gate, b_up, scales, act: str)
     _check_lora_operands("glu_lora_forward", gate, up, xa, xa_up_offset, (rg, ru),
                          (("b_gate", b_gate, (I, rg)), ("b_up", b_up, (I, ru))))
     out = gate.new_empty(T, I)
-    meta, key = _lora_fwd_meta(act, max(rg, ru))
+    meta, key = _lora_meta("glu_lora_fwd", act, max(rg, ru))
     groups, rows_per_group = row_groups(T, I, meta, gate.get_device())
     launcher("glu_lora_fwd")(
         (cdiv(I, meta["BLOCK_N"]), groups, 1),
@@ -163,7 +158,7 @@ def glu_lora_backward(dout, gate, up, xa, xa_up_offset, dyb, b_gate, b_up, a_dow
         dgate, dup = gate, up
     else:
         dgate, dup = _empty_rows_like(gate), _empty_rows_like(up)
-    meta, key = _lora_meta(act, max(rg, ru, rd))
+    meta, key = _lora_meta("glu_lora_bwd", act, max(rg, ru, rd))
     R = meta["R"]
     groups, rows_per_group = row_groups(T, I, meta, gate.get_device())
     q_part = torch.empty(groups, I, 3 * R, dtype=torch.float32, device=gate.device)
