@@ -102,14 +102,14 @@ def tune_glu_lora():
     xa, dyb, b_g, b_u, a_d = _lora_factors(t, i, r)
     res = []
     for (bm, bn, warps, stages, per_sm), (tiles, groups), rows in _row_group_configs(
-        t, i, ((16, 64, 4, 3), (32, 64, 4, 1), (32, 64, 4, 2), (32, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 2),
-               (16, 64, 4, 4), (32, 128, 8, 3), (64, 64, 8, 3), (16, 128, 4, 3))):
+        t, i, ((16, 128, 4, 3), (16, 128, 4, 2), (16, 128, 4, 4), (32, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 3),
+               (16, 64, 4, 4), (32, 128, 8, 3), (32, 128, 4, 3), (16, 256, 8, 3))):
         q = torch.empty(groups, i, 3 * r, device=DEV)
 
         def step():
             fn[(tiles, groups)](dh, e, g, de, dg, xa, dyb, b_g, b_u, a_d, q, t, i, i, i, 2 * r, r, r, r, r, r, rows,
                                 0.5, 2.0,
-                                ACT=0, R=r, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+                                ACT=0, R=r, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, num_warps=warps, num_stages=stages)
             q.sum(0)
         ms = _time(step)
         res.append(((bm, bn, warps, stages, per_sm), ms, f"{5 * t * i * 2 / ms / 1e6:.0f} GB/s (3R+2W)"))
@@ -135,10 +135,10 @@ def tune_glu_lora_fwd():
     out = torch.empty(t, i, device=DEV, dtype=BF16)
     res = []
     for (bm, bn, warps, stages, per_sm), (tiles, groups), rows in _row_group_configs(
-        t, i, ((32, 64, 4, 3), (16, 64, 4, 3), (32, 128, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3),
-               (32, 64, 4, 2), (64, 64, 4, 4), (16, 128, 4, 3), (128, 64, 8, 3))):
+        t, i, ((16, 128, 4, 4), (16, 128, 4, 3), (32, 64, 4, 4), (32, 128, 8, 3), (32, 128, 4, 4), (64, 128, 8, 3),
+               (64, 128, 8, 2), (16, 64, 4, 4), (16, 256, 8, 4), (32, 64, 4, 3))):
         ms = _time(lambda: fn[(tiles, groups)](e, g, xa, b_g, b_u, out, t, i, 2 * i + 64, 2 * r, r, r, r, rows,
-                                               0.5, 2.0, ACT=0, R=r, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                               0.5, 2.0, ACT=0, R=r, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, num_warps=warps,
                                                num_stages=stages))
         res.append(((bm, bn, warps, stages, per_sm), ms, f"{3 * t * i * 2 / ms / 1e6:.0f} GB/s (2R+1W)"))
     report("glu_lora_fwd (BLOCK_M, BLOCK_N, warps, stages, programs/SM)", res)

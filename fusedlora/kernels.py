@@ -126,11 +126,11 @@ GLU_BWD = register(KernelSpec(
 
 
 # The LoRA MLP's GLU backward with its token-reduced adapter products (tiles of BLOCK_M rows x BLOCK_N
-# columns; each program walks one column tile down a group of rows, its loads software-pipelined).
-# H100 sweep (build_tools/tune.py glu_lora; T = I = 8192, r 16, bf16): 16 x 64, 4 warps, 3 stages, 4
-# programs per SM: 0.254 ms with the partial sum (2.6 TB/s of 3R+2W), vs 0.414 ms for the GLU backward
-# storing h plus three rank-16 GEMMs; one stage (no pipelining) 0.41 ms, 64 x 64 tiles 0.45 ms.
-GLU_LORA_TILE = (16, 64, 4, 3)  # BLOCK_M, BLOCK_N, warps, stages
+# columns; each program walks one column tile down a group of rows, its loads software-pipelined STAGES deep).
+# H100 sweep (build_tools/tune.py glu_lora; T = I = 8192, r 16, bf16), tenth session, two lent H100s: 16 x 128,
+# 4 warps, 3 stages, 2 programs per SM (ops.glu.GLU_LORA_PROGRAMS_PER_SM): 0.242 / 0.237 ms with the partial
+# sum (2.8 TB/s of 3R+2W); 32 x 64 0.245; the earlier 16 x 64, 4 per SM 0.300 ms (dh's load not pipelined).
+GLU_LORA_TILE = (16, 128, 4, 3)  # BLOCK_M, BLOCK_N, warps, stages
 GLU_LORA_RANKS = (8, 16, 32, 64)
 
 
@@ -139,12 +139,12 @@ def glu_lora_rank_pad(rank: int) -> int:
 
 
 def _glu_lora_tile_meta(tile, act: str, rank: int) -> dict:
-    bm, bn, _, _ = tile
+    bm, bn, _, stages = tile
     r = glu_lora_rank_pad(rank)
     # [BLOCK_N, R] tiles held per program (the backward's three fp32 accumulators, both kernels' B / A
     # tiles): narrower column tiles past r = 64 keep them in registers (sm_90 build of the backward: 200
     # registers at r 64 / 64 columns, 240 at r 128 / 32 columns, no spills)
-    return {"ACT": GLU_ACTS[act], "R": r, "BLOCK_M": bm, "BLOCK_N": max(16, min(bn, 4096 // r))}
+    return {"ACT": GLU_ACTS[act], "R": r, "BLOCK_M": bm, "BLOCK_N": max(16, min(bn, 4096 // r)), "STAGES": stages}
 
 
 def glu_lora_bwd_meta(act: str, rank: int) -> dict:
@@ -179,10 +179,11 @@ GLU_LORA_BWD = register(KernelSpec(
 
 
 # The LoRA MLP's GLU forward from the base GEMM outputs, the gate/up adapter terms added per tile.
-# H100 sweep (build_tools/tune.py glu_lora_fwd; T = I = 8192, r 16, bf16, e | g in one [T, 2I + 64] buffer):
-# 32 x 128, 8 warps, 3 stages, 4 programs per SM 0.151 ms (glu_fwd without the adapter terms 0.136 ms);
-# 32 x 64, 4 warps (the first guess) 0.185 ms.
-GLU_LORA_FWD_TILE = (32, 128, 8, 3)  # BLOCK_M, BLOCK_N, warps, stages
+# H100 sweep (build_tools/tune.py glu_lora_fwd; T = I = 8192, r 16, bf16, e | g in one [T, 2I + 64] buffer),
+# tenth session, loads pipelined (two lent H100s): 32 x 64, 4 warps, 4 stages, 2 programs per SM 0.1416 /
+# 0.1420 ms; 16 x 128, 4 warps, 4 stages 0.1409 / 0.1460; 64 x 128, 8 warps 0.142-0.145; glu_fwd without the
+# adapter terms 0.136 ms. (Before, nothing pipelined: 32 x 128, 8 warps 0.151.)
+GLU_LORA_FWD_TILE = (32, 64, 4, 4)  # BLOCK_M, BLOCK_N, warps, stages
 
 
 def glu_lora_fwd_meta(act: str, rank: int) -> dict:

@@ -62,7 +62,7 @@ def glu_backward(dout, gate, up, act: str, inplace: bool, store_h: bool = False)
 
 
 # --------------------------------------------------------------- the LoRA MLP's GLU backward
-GLU_LORA_PROGRAMS_PER_SM = 4  # H100 sweep (T = I = 8192, r 16): 4 per SM 0.254 ms, 8 per SM 0.256 ms
+GLU_LORA_PROGRAMS_PER_SM = 2  # both LoRA GLU kernels' best on an H100 (T = I = 8192, r 16; kernels.GLU_LORA_*TILE)
 
 
 @functools.lru_cache(maxsize=None)
