@@ -123,20 +123,18 @@ def gap_table(fn, x, grads, reps=20, warmup=3):
         print(f"  {dur:8.1f} us  gap {gap:6.1f}  {steps[0][i].name[:100]}")
 
 
-def energy_table(fn, x, grads, warmup=3, settle_s=2.0, measure_s=4.0):
-    """Time, energy and power per step over seconds of back-to-back graph replays (the benchmark's sustained
-    load), from NVML's energy counter: on a power-capped GPU a step cannot run faster than its energy over
-    the cap, whatever its cold kernel times."""
+def graph_energy(graph, settle_s=2.0, measure_s=4.0):
+    """(ms, joules, SM MHz at the end, power cap W) per replay of a CUDA graph replayed back to back: settle_s
+    to reach the sustained power / clock state, then measure_s measured with NVML's energy counter."""
     import time
 
     import pynvml
     pynvml.nvmlInit()
     dev = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())  # (NVML ignores CUDA_VISIBLE_DEVICES)
-    graph = _captured_step(fn, x, grads, warmup)
     one = time.perf_counter()
     graph.replay()
     torch.cuda.synchronize()
-    per_call = max(1, int(0.05 / max(time.perf_counter() - one, 1e-4)))  # replays per host sync: ~50 ms
+    per_call = max(1, int(0.05 / max(time.perf_counter() - one, 1e-5)))  # replays per host sync: ~50 ms
 
     def run(seconds):
         n, t0 = 0, time.perf_counter()
@@ -146,7 +144,7 @@ def energy_table(fn, x, grads, warmup=3, settle_s=2.0, measure_s=4.0):
             n += per_call
             torch.cuda.synchronize()
         return n
-    run(settle_s)  # reach the sustained power / clock state
+    run(settle_s)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     e0 = pynvml.nvmlDeviceGetTotalEnergyConsumption(dev)
     start.record()
@@ -154,12 +152,17 @@ def energy_table(fn, x, grads, warmup=3, settle_s=2.0, measure_s=4.0):
     end.record()
     torch.cuda.synchronize()
     e1 = pynvml.nvmlDeviceGetTotalEnergyConsumption(dev)
-    ms = start.elapsed_time(end) / n
-    joules = (e1 - e0) / 1e3 / n
-    sm = pynvml.nvmlDeviceGetClockInfo(dev, pynvml.NVML_CLOCK_SM)
-    cap = pynvml.nvmlDeviceGetEnforcedPowerLimit(dev) / 1e3
+    return (start.elapsed_time(end) / n, (e1 - e0) / 1e3 / n, pynvml.nvmlDeviceGetClockInfo(dev, pynvml.NVML_CLOCK_SM),
+            pynvml.nvmlDeviceGetEnforcedPowerLimit(dev) / 1e3)
+
+
+def energy_table(fn, x, grads, warmup=3, settle_s=2.0, measure_s=4.0):
+    """Time, energy and power per step over seconds of back-to-back graph replays (the benchmark's sustained
+    load), from NVML's energy counter: on a power-capped GPU a step cannot run faster than its energy over
+    the cap, whatever its cold kernel times."""
+    ms, joules, sm, cap = graph_energy(_captured_step(fn, x, grads, warmup), settle_s, measure_s)
     print(f"  sustained: {ms:.3f} ms/step, {joules:.3f} J/step, {joules / ms * 1e3:.0f} W average (cap {cap:.0f} W), "
-          f"SM clock {sm} MHz at the end; energy / cap = {joules / cap * 1e3:.3f} ms ({n} steps)")
+          f"SM clock {sm} MHz at the end; energy / cap = {joules / cap * 1e3:.3f} ms")
 
 
 def main(argv=None):

@@ -1,6 +1,7 @@
 """Sweep launch configurations of the kernels on the local GPU (JIT path) and print the fastest.
 
-    python -m build_tools.tune [ce,glu,glu_lora,glu_lora_fwd,glu_lora_layout,glu_lora_dyb,rope,rms,nf4,gptq]
+    python -m build_tools.tune [ce,glu,glu_lora,glu_lora_fwd,glu_lora_layout,glu_lora_dyb,energy_parts,triton_gemm,
+                                rope,rms,nf4,gptq]
 
 Each configuration is timed fwd (+bwd) with CUDA-graph replay on fresh random bf16 inputs at the
 issue's benchmark sizes. The winners go into fusedlora/kernels.py by hand (meta/config)."""
@@ -191,6 +192,115 @@ def tune_glu_lora_dyb():
     print(f"  separate (two GEMMs + cat): {_time(separate):.4f} ms")
 
 
+def _closure_graph(fn):
+    """A warmed-up CUDA graph of fn() (captured on a side stream)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    torch.cuda.synchronize()
+    return graph
+
+
+def _print_energy(name, fn, settle_s=1.5, measure_s=3.0):
+    from build_tools.profile_lora import graph_energy
+    ms, joules, sm, _ = graph_energy(_closure_graph(fn), settle_s, measure_s)
+    print(f"  {name:62s} {ms * 1e3:8.1f} us  {joules * 1e3:7.2f} mJ  {joules / ms * 1e3:4.0f} W  {sm} MHz", flush=True)
+
+
+def tune_energy_parts():
+    """Energy per call of the NF4 LoRA MLP step's parts under sustained replay (T = I = 8192, H 2048, r 16):
+    on a power-capped GPU a step takes its energy / cap, so this, not cool kernel time, says what a change
+    can gain. (`profile_lora MLP --nf4 --energy` gives the whole step's, PEFT's beside it.)"""
+    from fusedlora.ops.glu import glu_forward, glu_lora_backward, glu_lora_dyb, glu_lora_forward
+    t, i, h, r = 8192, 8192, 2048, 16
+    eg = torch.randn(t, 2 * i + 64, device=DEV, dtype=BF16)
+    e, g = eg[:, :i], eg[:, i:2 * i]
+    d = torch.empty_like(eg)
+    de, dg = d[:, :i], d[:, i:2 * i]
+    dh, hid = (torch.randn(t, i, device=DEV, dtype=BF16) for _ in range(2))
+    xa, dyb, b_g, b_u, a_d = _lora_factors(t, i, r)
+    x, dy, y = (torch.randn(t, h, device=DEV, dtype=BF16) for _ in range(3))
+    w_gu = torch.randn(2 * i, h, device=DEV, dtype=BF16) * 0.02
+    w_d = torch.randn(h, i, device=DEV, dtype=BF16) * 0.02
+    w_dx = torch.randn(2 * i + 2 * r, h, device=DEV, dtype=BF16) * 0.02
+
+    def gemms():  # the step's four base GEMMs, as LoRA_MLP's fused path calls them
+        torch.mm(x, w_gu.t(), out=eg[:, :2 * i])
+        y.addmm_(hid, w_d.t())
+        torch.mm(dy, w_d, out=dh)
+        torch.mm(d[:, :2 * i + 2 * r], w_dx)
+
+    def bwd():
+        return glu_lora_backward(dh, e, g, xa, r, dyb, b_g, b_u, a_d, (0.5, 2.0), "silu", out=(de, dg))
+
+    def bwd_dyb():
+        bwd()
+        glu_lora_dyb(de, dg, b_g, b_u, (0.5, 2.0), out=d[:, 2 * i:2 * i + 2 * r])
+    print("\n== sustained energy per call (NVML)")
+    _print_energy("four base GEMMs (gate/up, down beta = 1, dh, dX), cuBLAS", gemms)
+    _print_energy("glu_lora_bwd + glu_lora_dyb", bwd_dyb)
+    _print_energy("glu_lora_bwd", bwd)
+    _print_energy("glu_lora_fwd", lambda: glu_lora_forward(e, g, xa, r, b_g, b_u, (0.5, 2.0), "silu"))
+    _print_energy("glu_fwd (no adapter terms)", lambda: glu_forward(e, g, "silu"))
+    plain = registry.get("glu_bwd").fn
+    e2, g2 = (torch.randn(t, i, device=DEV, dtype=BF16) for _ in range(2))
+    de2, dg2 = torch.empty_like(e2), torch.empty_like(g2)
+    _print_energy("glu_bwd (no adapter terms, contiguous, h not stored)",
+                  lambda: plain[((t * i + 2047) // 2048,)](dh, e2, g2, de2, dg2, de2, t * i, ACT=0, STORE_H=0,
+                                                          BLOCK=2048, num_warps=16))
+    _print_energy("h A_d^T GEMM (reads h, 128 MiB)", lambda: hid @ a_d.t())
+    _print_energy("copy of 256 MiB (for scale)", lambda: d.copy_(eg))
+
+
+def tune_triton_gemm():
+    """build_tools.gemm_probe's Triton GEMMs vs cuBLAS at the LoRA MLP's gate/up shape, [8192, 2048] x
+    [2048, 16384] bf16: cool time (graph replay) and sustained energy of the best two."""
+    import triton
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from build_tools.gemm_probe import gemm_abt_ptr, gemm_abt_tma
+    m, k, n = 8192, 2048, 16384
+    a = torch.randn(m, k, device=DEV, dtype=BF16)
+    b = torch.randn(n, k, device=DEV, dtype=BF16) * 0.02
+    c = torch.empty(m, n, device=DEV, dtype=BF16)
+    ref = a @ b.t()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cands = []
+    for bm, bn, bk, warps, stages in ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4)):
+        def ptr(bm=bm, bn=bn, bk=bk, warps=warps, stages=stages):
+            gemm_abt_ptr[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](a, b, c, m, n, k, BM=bm, BN=bn, BK=bk, GROUP_M=8,
+                                                                    STAGES=stages, num_warps=warps, num_stages=stages)
+        descs = (TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
+                 TensorDescriptor.from_tensor(c, [bm, bn]))
+
+        def tma(descs=descs, bm=bm, bn=bn, bk=bk, warps=warps, stages=stages):
+            gemm_abt_tma[(sms,)](*descs, m, n, k, BM=bm, BN=bn, BK=bk, GROUP_M=8, STAGES=stages, NUM_SMS=sms,
+                                 num_warps=warps, num_stages=stages)
+        for kind, fn in (("pointer loads", ptr), ("persistent TMA", tma)):
+            name = f"triton {kind} {bm}x{bn}x{bk}, {warps} warps, {stages} stages"
+            try:
+                fn()
+                torch.cuda.synchronize()
+                ok = bool((c.float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max())
+                cands.append((_time(fn), name, fn, ok))
+            except Exception as e:  # (a config over the shared-memory limit)
+                print(f"  {name}: {type(e).__name__}: {str(e)[:120]}")
+    cands.sort(key=lambda r: r[0])
+    print(f"\n== gate/up shape GEMM, cool (graph replay)\n  cuBLAS {_time(lambda: torch.mm(a, b.t(), out=c)) * 1e3:.1f} us")
+    for ms, name, _, ok in cands:
+        print(f"  {name}: {ms * 1e3:.1f} us{'' if ok else '  (differs from cuBLAS)'}")
+    print("== sustained")
+    _print_energy("cuBLAS", lambda: torch.mm(a, b.t(), out=c))
+    for _, name, fn, _ in cands[:2]:
+        _print_energy(name, fn)
+    _print_energy("cuBLAS (again)", lambda: torch.mm(a, b.t(), out=c))
+
+
 def tune_rope():
     bsz, hq, hk, s, d = 4, 32, 8, 2048, 128
     fn = registry.get("rope").fn
@@ -306,7 +416,8 @@ def main(argv=None):
     which = [w for a in (argv or sys.argv[1:] or ["ce,glu,rope,rms"]) for w in a.split(",") if w]
     print(torch.cuda.get_device_name(), torch.__version__)
     for w in which:
-        {"ce": tune_ce, "glu": tune_glu, "glu_lora": tune_glu_lora, "glu_lora_fwd": tune_glu_lora_fwd, "glu_lora_layout": tune_glu_lora_layout, "glu_lora_dyb": tune_glu_lora_dyb, "rope": tune_rope, "rms": tune_rms, "nf4": tune_nf4, "gptq": tune_gptq}[w]()
+        {"ce": tune_ce, "glu": tune_glu, "glu_lora": tune_glu_lora, "glu_lora_fwd": tune_glu_lora_fwd, "glu_lora_layout": tune_glu_lora_layout, "glu_lora_dyb": tune_glu_lora_dyb,
+         "energy_parts": tune_energy_parts, "triton_gemm": tune_triton_gemm, "rope": tune_rope, "rms": tune_rms, "nf4": tune_nf4, "gptq": tune_gptq}[w]()
 
 
 if __name__ == "__main__":
