@@ -78,23 +78,29 @@ def shapes_table(fn, x, grads, steps=5, top=30, warmup=3):
         print(f"  {us:9.1f} us  x{n:<3d} {name[:28]:28s} {shapes}")
 
 
+def captured(fn, warmup):
+    """A CUDA graph of fn() captured on a side stream, after `warmup` eager calls and followed by `warmup`
+    replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        for _ in range(warmup):
+            graph.replay()
+    torch.cuda.synchronize()
+    return graph
+
+
 def _captured_step(fn, x, grads, warmup):
     """A CUDA graph of one fwd+bwd step (as the benchmark's GPU time replays it), warmed up."""
     def step():
         torch.autograd.backward(fn(x), grads)
         x.grad = None
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            step()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        for _ in range(warmup):
-            graph.replay()
-    torch.cuda.synchronize()
-    return graph
+    return captured(step, warmup)
 
 
 def gap_table(fn, x, grads, reps=20, warmup=3):

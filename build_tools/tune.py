@@ -192,23 +192,9 @@ def tune_glu_lora_dyb():
     print(f"  separate (two GEMMs + cat): {_time(separate):.4f} ms")
 
 
-def _closure_graph(fn):
-    """A warmed-up CUDA graph of fn() (captured on a side stream)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        fn()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-    torch.cuda.synchronize()
-    return graph
-
-
 def _print_energy(name, fn, settle_s=1.5, measure_s=3.0):
-    from build_tools.profile_lora import graph_energy
-    ms, joules, sm, _ = graph_energy(_closure_graph(fn), settle_s, measure_s)
+    from build_tools.profile_lora import captured, graph_energy
+    ms, joules, sm, _ = graph_energy(captured(fn, warmup=2), settle_s, measure_s)
     print(f"  {name:62s} {ms * 1e3:8.1f} us  {joules * 1e3:7.2f} mJ  {joules / ms * 1e3:4.0f} W  {sm} MHz", flush=True)
 
 

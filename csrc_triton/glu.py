@@ -222,4 +222,3 @@ def glu_lora_dyb_kernel(
     out = OUT + rows[:, None] * stride_out + rk[None, :]
     tl.store(out, (acc_g * scale_g).to(OUT.dtype.element_ty), mask=row_ok[:, None] & (rk < rank_g)[None, :])
     tl.store(out + rank_g, (acc_u * scale_u).to(OUT.dtype.element_ty), mask=row_ok[:, None] & (rk < rank_u)[None, :])
-

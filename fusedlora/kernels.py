@@ -128,9 +128,10 @@ GLU_BWD = register(KernelSpec(
 # The LoRA MLP's GLU backward with its token-reduced adapter products (tiles of BLOCK_M rows x BLOCK_N
 # columns; each program walks one column tile down a group of rows, its loads software-pipelined STAGES deep).
 # H100 sweep (build_tools/tune.py glu_lora; T = I = 8192, r 16, bf16), tenth session, two lent H100s: 16 x 128,
-# 4 warps, 3 stages, 2 programs per SM (ops.glu.GLU_LORA_PROGRAMS_PER_SM): 0.242 / 0.237 ms with the partial
+# 4 warps, 3 stages, 2 programs per SM (GLU_LORA_PROGRAMS_PER_SM): 0.242 / 0.237 ms with the partial
 # sum (2.8 TB/s of 3R+2W); 32 x 64 0.245; the earlier 16 x 64, 4 per SM 0.300 ms (dh's load not pipelined).
 GLU_LORA_TILE = (16, 128, 4, 3)  # BLOCK_M, BLOCK_N, warps, stages
+GLU_LORA_PROGRAMS_PER_SM = 2  # both LoRA GLU kernels' grids (ops.glu.row_groups); best for each on an H100
 GLU_LORA_RANKS = (8, 16, 32, 64)
 
 

@@ -343,7 +343,7 @@ def _mlp_fused_forward(X2, pg, pu, pd, dtype, act):
     glu_lora_backward, instead of widening K to H + r_g + r_u, which cost ~6 % of the GEMM), and spare
     columns where the backward puts s_g de B_g | s_u dg B_u after de | dg, so that dX is one GEMM over the
     buffer. Rows start 128-byte aligned: with 2I + 32 columns (64-byte aligned rows) the GLU backward's
-    16 x 64 tiles ran 0.337 ms instead of 0.253 on an H100 (each 128-byte row segment split over two
+    16 x 64 tiles of the time ran 0.337 ms instead of 0.253 on an H100 (each 128-byte row segment split over two
     lines). XA = X [A_g; A_u]^T. h = act(e) * g is not kept; h A_d^T is kept (down_proj's dB)."""
     I, rg = _weight_shape(pg.W, pg.quant)[0], pg.A.shape[0]
     XA = X2 @ torch.cat([pg.A.to(dtype), pu.A.to(dtype)], 0).t()

@@ -60,11 +60,7 @@ def glu_backward(dout, gate, up, act: str, inplace: bool, store_h: bool = False)
     return (dgate, dup, dout) if store_h else (dgate, dup)
 
 
-
 # --------------------------------------------------------------- the LoRA MLP's GLU backward
-GLU_LORA_PROGRAMS_PER_SM = 2  # both LoRA GLU kernels' best on an H100 (T = I = 8192, r 16; kernels.GLU_LORA_*TILE)
-
-
 @functools.lru_cache(maxsize=None)
 def _lora_meta(kernel: str, act: str, rank: int):
     """(meta, key) of the LoRA MLP's GLU kernel "glu_lora_fwd" or "glu_lora_bwd"."""
@@ -77,9 +73,10 @@ def _empty_rows_like(t):
     return t.new_empty(t.shape[0], t.stride(0))[:, :t.shape[1]]
 
 
-def row_groups(T, I, meta, device, per_sm=GLU_LORA_PROGRAMS_PER_SM):
-    """(groups, rows_per_group) for a (column tile, row group) grid: enough programs to fill the GPU; more
-    groups only cost the backward's [I, 3R] partials."""
+def row_groups(T, I, meta, device, per_sm=None):
+    """(groups, rows_per_group) for a (column tile, row group) grid: enough programs to fill the GPU (per_sm
+    per SM, default kernels.GLU_LORA_PROGRAMS_PER_SM); more groups only cost the backward's [I, 3R] partials."""
+    per_sm = kernels.GLU_LORA_PROGRAMS_PER_SM if per_sm is None else per_sm
     bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
     col_tiles = cdiv(I, bn)
     groups = max(1, min(cdiv(T, bm), round(per_sm * sm_count(device) / col_tiles)))
