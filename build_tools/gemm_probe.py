@@ -5,13 +5,7 @@ kernel."""
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _grouped_tile(tile, npm, npn, GROUP_M: tl.constexpr):
-    width = GROUP_M * npn
-    first = (tile // width) * GROUP_M
-    rows = min(npm - first, GROUP_M)
-    return first + (tile % width) % rows, (tile % width) // rows
+from csrc_triton._math import grouped_tile as _grouped_tile
 
 
 @triton.jit

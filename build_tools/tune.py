@@ -1,7 +1,7 @@
 """Sweep launch configurations of the kernels on the local GPU (JIT path) and print the fastest.
 
     python -m build_tools.tune [ce,glu,glu_lora,glu_lora_fwd,glu_lora_layout,glu_lora_dyb,energy_parts,triton_gemm,
-                                rope,rms,nf4,gptq]
+                                gemm_glu,rope,rms,nf4,gptq]
 
 Each configuration is timed fwd (+bwd) with CUDA-graph replay on fresh random bf16 inputs at the
 issue's benchmark sizes. The winners go into fusedlora/kernels.py by hand (meta/config)."""
@@ -287,6 +287,71 @@ def tune_triton_gemm():
     _print_energy("cuBLAS (again)", lambda: torch.mm(a, b.t(), out=c))
 
 
+def tune_gemm_glu():
+    """gemm_glu_lora_fwd (the gate/up GEMM with the GLU forward in its epilogue, sm_90) against what it
+    replaces, cuBLAS into e | g + glu_lora_fwd, at the LoRA MLP's shape (T = I = 8192, H 2048, r 16): cool
+    time of tile configs, then sustained energy of the best two beside the old pair; and glu_lora_bwd
+    with / without the gate-up adapter terms (GU_LORA)."""
+    import triton
+
+    from fusedlora import kernels
+    from fusedlora.loader import _torch_scratch
+    from fusedlora.ops.glu import glu_lora_backward, glu_lora_forward, naive_gemm_glu_lora_forward
+    triton.set_allocator(_torch_scratch)
+    t, i, h, r = 8192, 8192, 2048, 16
+    x = torch.randn(t, h, device=DEV, dtype=BF16)
+    w = torch.randn(2 * i, h, device=DEV, dtype=BF16) * 0.02
+    eg = torch.empty(t, 2 * i + 64, device=DEV, dtype=BF16)
+    e, g = eg[:, :i], eg[:, i:2 * i]
+    hid = torch.empty(t, i, device=DEV, dtype=BF16)
+    xa, dyb, b_g, b_u, a_d = _lora_factors(t, i, r)
+    fn = registry.get("gemm_glu_lora_fwd").fn
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = slice(0, 256)  # a float64 check on a slice of rows: the whole product would take seconds
+    ref = naive_gemm_glu_lora_forward(x[rows], w[:i], w[i:], xa[rows, :r], xa[rows, r:], b_g, b_u, (0.5, 2.0), "silu")
+
+    def old():
+        torch.mm(x, w.t(), out=eg[:, :2 * i])
+        return glu_lora_forward(e, g, xa, r, b_g, b_u, (0.5, 2.0), "silu")
+    cands = []
+    for bm, bn, bk, group_m, warps, stages, flat in (
+            (128, 128, 64, 8, 8, 3, 0), (128, 128, 64, 16, 8, 3, 0), (128, 128, 64, 8, 8, 3, 1),
+            (128, 128, 64, 16, 8, 3, 1), (128, 128, 64, 16, 8, 4, 1), (128, 128, 128, 16, 8, 2, 0),
+            (128, 128, 128, 16, 8, 2, 1), (128, 64, 64, 16, 4, 4, 1)):
+        meta = {**kernels.gemm_glu_lora_fwd_meta("silu", r), "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                "GROUP_M": group_m, "STAGES": stages, "FLATTEN": flat}
+        progs = min(sms, triton.cdiv(t, bm) * triton.cdiv(i, bn))
+
+        def new(meta=meta, progs=progs, warps=warps):
+            fn[(progs,)](x, w[:i], w[i:], xa, b_g, b_u, e, g, hid, t, i, h, h, h, eg.stride(0), xa.stride(0), r, r, r,
+                         0.5, 2.0, **meta, num_warps=warps, num_stages=1)
+        name = f"fused {bm}x(2x{bn})x{bk} group {group_m}, {warps} warps, {stages} stages{', flat' if flat else ''}"
+        try:
+            new()
+            torch.cuda.synchronize()
+            err = max(float((got[rows].double() - want).abs().max() / want.abs().max())
+                      for got, want in zip((e, g, hid), ref))
+            cands.append((_time(new), name, new, err))
+        except Exception as ex:  # (a config over the shared-memory or register limit)
+            print(f"  {name}: {type(ex).__name__}: {str(ex)[:160]}")
+    cands.sort(key=lambda c: c[0])
+    print(f"\n== gate/up GEMM + LoRA GLU forward, cool (graph replay)\n  cuBLAS + glu_lora_fwd {_time(old) * 1e3:.1f} us"
+          f"  (cuBLAS alone {_time(lambda: torch.mm(x, w.t(), out=eg[:, :2 * i])) * 1e3:.1f} us)")
+    for ms, name, _, err in cands:
+        print(f"  {name}: {ms * 1e3:.1f} us  (max error / max |ref| {err:.1e})")
+    print("== sustained")
+    _print_energy("cuBLAS + glu_lora_fwd", old)
+    for _, name, new, _ in cands[:3]:
+        _print_energy(name, new)
+    _print_energy("cuBLAS + glu_lora_fwd (again)", old)
+    dh = torch.randn(t, i, device=DEV, dtype=BF16)
+    d = torch.empty_like(eg)
+    for with_terms in (True, False, True):
+        _print_energy(f"glu_lora_bwd, gate/up adapter terms {'added' if with_terms else 'already in e, g'}",
+                      lambda w=with_terms: glu_lora_backward(dh, e, g, xa, r, dyb, b_g, b_u, a_d, (0.5, 2.0), "silu",
+                                                             out=(d[:, :i], d[:, i:2 * i]), gate_up_with_lora=not w))
+
+
 def tune_rope():
     bsz, hq, hk, s, d = 4, 32, 8, 2048, 128
     fn = registry.get("rope").fn
@@ -403,7 +468,7 @@ def main(argv=None):
     print(torch.cuda.get_device_name(), torch.__version__)
     for w in which:
         {"ce": tune_ce, "glu": tune_glu, "glu_lora": tune_glu_lora, "glu_lora_fwd": tune_glu_lora_fwd, "glu_lora_layout": tune_glu_lora_layout, "glu_lora_dyb": tune_glu_lora_dyb,
-         "energy_parts": tune_energy_parts, "triton_gemm": tune_triton_gemm, "rope": tune_rope, "rms": tune_rms, "nf4": tune_nf4, "gptq": tune_gptq}[w]()
+         "energy_parts": tune_energy_parts, "triton_gemm": tune_triton_gemm, "gemm_glu": tune_gemm_glu, "rope": tune_rope, "rms": tune_rms, "nf4": tune_nf4, "gptq": tune_gptq}[w]()
 
 
 if __name__ == "__main__":

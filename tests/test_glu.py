@@ -231,6 +231,87 @@ def test_glu_lora_bad_input():
         glu_lora_backward(t, t.clone(), t.clone(), xa, 16, dyb[:, :8], *bwd)
 
 
+# ------------------------------------- the gate/up GEMM with the LoRA GLU forward in its epilogue (sm_90)
+GEMM_GLU_DTYPES = [torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float16]  # (interpreter: bf16 dots)
+GEMM_GLU_CASES = [  # T, H, I, (r_g, r_u): one row, tiles cut by every edge (tile 128 x 128 x 64), mixed ranks
+    (1, 64, 64, (16, 16)), (37, 72, 200, (4, 8)), (150, 40, 136, (64, 64)), (9, 64, 64, (12, 5))] + (
+    [(4100, 2048, 8192, (16, 16)), (3, 5120, 13824, (8, 8)), (300, 4096, 1032, (128, 100))] if HAS_CUDA else [])
+
+
+def _needs_tma():
+    if HAS_CUDA and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("gemm_glu_lora_forward needs TMA (sm_90+)")
+
+
+def _gemm_glu_inputs(T, H, I, ranks, dtype):
+    """x [T, H], w_gate | w_up as the halves of one [2I, H] weight, e | g out as the halves of one NaN-filled
+    [T, 2I + 64] buffer (the LoRA MLP's layouts), and the adapter operands of _lora_factors."""
+    x = torch.randn(T, H, device=DEVICE).to(dtype)
+    w = (torch.randn(2 * I, H, device=DEVICE) / H ** 0.5).to(dtype)
+    eg = torch.full((T, 2 * I + 64), float("nan"), device=DEVICE).to(dtype)
+    xa, b_g, b_u, _, _ = _lora_factors(T, I, (*ranks, 1), dtype)
+    return x, w[:I], w[I:], eg, xa, b_g, b_u
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", GEMM_GLU_DTYPES)
+@pytest.mark.parametrize("case", GEMM_GLU_CASES)
+def test_gemm_glu_lora_forward_matches_reference(case, dtype, act):
+    """e, g (with their adapter terms) and h vs float64; the buffer's columns past e | g untouched. e, g
+    are rounded once from an fp32 sum (the dtype's rounding), and h is computed from the rounded e, g."""
+    _needs_tma()
+    from fusedlora.ops.glu import gemm_glu_lora_forward, naive_gemm_glu_lora_forward
+    T, H, I, (rg, ru) = case
+    x, w_g, w_u, eg, xa, b_g, b_u = _gemm_glu_inputs(T, H, I, (rg, ru), dtype)
+    h = gemm_glu_lora_forward(x, w_g, w_u, xa, rg, b_g, b_u, (0.5, 2.0), act, out=(eg[:, :I], eg[:, I:2 * I]))
+    assert h.shape == (T, I) and h.is_contiguous() and h.dtype == dtype
+    want = naive_gemm_glu_lora_forward(x, w_g, w_u, xa[:, :rg], xa[:, rg:rg + ru], b_g, b_u, (0.5, 2.0), act)
+    for name, got, ref in (("e", eg[:, :I], want[0]), ("g", eg[:, I:2 * I], want[1]), ("h", h, want[2])):
+        assert rel_err(got, ref) < TOL[dtype], (name, rel_err(got, ref))
+    assert bool(eg[:, 2 * I:].isnan().all())
+
+
+@pytest.mark.parametrize("dtype", GEMM_GLU_DTYPES)
+def test_glu_lora_backward_of_the_gemm_glu_buffer(dtype):
+    """glu_lora_backward(gate_up_with_lora=True) on what gemm_glu_lora_forward wrote: e, g are taken as they
+    are (nothing added), the products still scale by s: equal to the reference with zero B_g, B_u."""
+    _needs_tma()
+    from fusedlora.kernels import glu_lora_rank_pad
+    from fusedlora.ops.glu import gemm_glu_lora_forward, glu_lora_backward, naive_glu_lora_backward
+    T, H, I, (rg, ru, rd) = 37, 72, 200, (4, 8, 12)
+    x, w_g, w_u, eg, xa, b_g, b_u = _gemm_glu_inputs(T, H, I, (rg, ru), dtype)
+    _, _, _, a_d, dyb = _lora_factors(T, I, (rg, ru, rd), dtype)
+    e, g = eg[:, :I], eg[:, I:2 * I]
+    gemm_glu_lora_forward(x, w_g, w_u, xa, rg, b_g, b_u, (0.5, 2.0), "silu", out=(e, g))
+    dout = torch.randn(T, I, device=DEVICE).to(dtype)
+    ref = naive_glu_lora_backward(dout, e, g, xa[:, :rg], xa[:, rg:rg + ru], dyb, 0 * b_g, 0 * b_u, a_d, (0.5, 2.0), "silu")
+    de, dg, Q = glu_lora_backward(dout, e, g, xa, rg, dyb, b_g, b_u, a_d, (0.5, 2.0), "silu", inplace=False,
+                                  gate_up_with_lora=True)
+    R = glu_lora_rank_pad(max(rg, ru, rd))
+    for i, (got, want) in enumerate(zip([de, dg, Q[:, :rg], Q[:, R:R + ru], Q[:, 2 * R:2 * R + rd]], [ref[0], ref[1], *ref[2]])):
+        assert rel_err(got, want) < TOL[dtype], (i, rel_err(got, want))
+
+
+def test_gemm_glu_lora_bad_input():
+    _needs_tma()
+    from fusedlora.ops.glu import gemm_glu_lora_forward, gemm_glu_lora_supported
+    x, w_g, w_u, eg, xa, b_g, b_u = _gemm_glu_inputs(8, 64, 64, (16, 16), torch.float16)
+    out = (eg[:, :64], eg[:, 64:128])
+    with pytest.raises(ValueError, match=r"w_gate \(64, 64\) and w_up \(64, 32\) must both be \[64, 64\]"):
+        gemm_glu_lora_forward(x, w_g, w_u[:, :32], xa, 16, b_g, b_u, (1.0, 1.0), "silu", out)
+    with pytest.raises(TypeError, match="w_up is torch.bfloat16, x is torch.float16"):
+        gemm_glu_lora_forward(x, w_g, w_u.bfloat16(), xa, 16, b_g, b_u, (1.0, 1.0), "silu", out)
+    with pytest.raises(TypeError, match="x has dtype float32"):
+        gemm_glu_lora_forward(x.float(), w_g, w_u, xa, 16, b_g, b_u, (1.0, 1.0), "silu", out)
+    with pytest.raises(ValueError, match=r"out tensors must be \[8, 64\]"):
+        gemm_glu_lora_forward(x, w_g, w_u, xa, 16, b_g, b_u, (1.0, 1.0), "silu", (eg[:4, :64], eg[:4, 64:128]))
+    # rows of 36 halves (72 bytes): no TMA descriptor takes them
+    x36, wg36 = torch.randn(8, 36, device=DEVICE).half(), torch.randn(64, 36, device=DEVICE).half()
+    assert not gemm_glu_lora_supported(x36, wg36, wg36, *out)
+    with pytest.raises(ValueError, match="needs an sm_90\\+ GPU and TMA layouts"):
+        gemm_glu_lora_forward(x36, wg36, wg36, xa, 16, b_g, b_u, (1.0, 1.0), "silu", out)
+
+
 # ------------------------------------------------ the LoRA MLP backward's products that reduce over I
 @pytest.mark.parametrize("dtype", LORA_DTYPES)
 @pytest.mark.parametrize("case", LORA_CASES)
