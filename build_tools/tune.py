@@ -288,27 +288,25 @@ def tune_triton_gemm():
 
 
 def tune_gemm_glu():
-    """gemm_glu_lora_fwd (the gate/up GEMM with the GLU forward in its epilogue, sm_90) against what it
-    replaces, cuBLAS into e | g + glu_lora_fwd, at the LoRA MLP's shape (T = I = 8192, H 2048, r 16): cool
-    time of tile configs, then sustained energy of the best two beside the old pair; and glu_lora_bwd
-    with / without the gate-up adapter terms (GU_LORA)."""
+    """build_tools.gemm_probe's gemm_glu_lora_fwd_kernel (the gate/up GEMM with the LoRA GLU forward in its
+    epilogue, sm_90) against what it would replace, cuBLAS into e | g + glu_lora_fwd, at the LoRA MLP's shape
+    (T = I = 8192, H 2048, r 16): cool time of tile configs, then sustained energy of the best three between
+    two runs of the pair."""
     import triton
 
-    from fusedlora import kernels
-    from fusedlora.loader import _torch_scratch
-    from fusedlora.ops.glu import glu_lora_backward, glu_lora_forward, naive_gemm_glu_lora_forward
-    triton.set_allocator(_torch_scratch)
+    from build_tools.gemm_probe import gemm_glu_lora_fwd, naive_gemm_glu_lora_fwd
+    from fusedlora.ops.glu import glu_lora_forward
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=DEV))
     t, i, h, r = 8192, 8192, 2048, 16
     x = torch.randn(t, h, device=DEV, dtype=BF16)
     w = torch.randn(2 * i, h, device=DEV, dtype=BF16) * 0.02
     eg = torch.empty(t, 2 * i + 64, device=DEV, dtype=BF16)
     e, g = eg[:, :i], eg[:, i:2 * i]
     hid = torch.empty(t, i, device=DEV, dtype=BF16)
-    xa, dyb, b_g, b_u, a_d = _lora_factors(t, i, r)
-    fn = registry.get("gemm_glu_lora_fwd").fn
+    xa, _, b_g, b_u, _ = _lora_factors(t, i, r)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = slice(0, 256)  # a float64 check on a slice of rows: the whole product would take seconds
-    ref = naive_gemm_glu_lora_forward(x[rows], w[:i], w[i:], xa[rows, :r], xa[rows, r:], b_g, b_u, (0.5, 2.0), "silu")
+    ref = naive_gemm_glu_lora_fwd(x[rows], w[:i], w[i:], xa[rows, :r], xa[rows, r:], b_g, b_u, (0.5, 2.0))
 
     def old():
         torch.mm(x, w.t(), out=eg[:, :2 * i])
@@ -316,15 +314,11 @@ def tune_gemm_glu():
     cands = []
     for bm, bn, bk, group_m, warps, stages, flat in (
             (128, 128, 64, 8, 8, 3, 0), (128, 128, 64, 16, 8, 3, 0), (128, 128, 64, 8, 8, 3, 1),
-            (128, 128, 64, 16, 8, 3, 1), (128, 128, 64, 16, 8, 4, 1), (128, 128, 128, 16, 8, 2, 0),
-            (128, 128, 128, 16, 8, 2, 1), (128, 64, 64, 16, 4, 4, 1)):
-        meta = {**kernels.gemm_glu_lora_fwd_meta("silu", r), "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-                "GROUP_M": group_m, "STAGES": stages, "FLATTEN": flat}
-        progs = min(sms, triton.cdiv(t, bm) * triton.cdiv(i, bn))
-
-        def new(meta=meta, progs=progs, warps=warps):
-            fn[(progs,)](x, w[:i], w[i:], xa, b_g, b_u, e, g, hid, t, i, h, h, h, eg.stride(0), xa.stride(0), r, r, r,
-                         0.5, 2.0, **meta, num_warps=warps, num_stages=1)
+            (128, 128, 64, 16, 8, 3, 1), (128, 128, 128, 16, 8, 2, 0), (128, 64, 64, 16, 4, 4, 1)):
+        def new(tile=(bm, bn, bk, group_m, stages), warps=warps, flat=flat,
+                progs=min(sms, triton.cdiv(t, bm) * triton.cdiv(i, bn))):
+            gemm_glu_lora_fwd(x, w[:i], w[i:], xa, r, b_g, b_u, (0.5, 2.0), (e, g), hid, programs=progs, warps=warps,
+                              tile=tile, flatten=flat)
         name = f"fused {bm}x(2x{bn})x{bk} group {group_m}, {warps} warps, {stages} stages{', flat' if flat else ''}"
         try:
             new()
@@ -344,12 +338,6 @@ def tune_gemm_glu():
     for _, name, new, _ in cands[:3]:
         _print_energy(name, new)
     _print_energy("cuBLAS + glu_lora_fwd (again)", old)
-    dh = torch.randn(t, i, device=DEV, dtype=BF16)
-    d = torch.empty_like(eg)
-    for with_terms in (True, False, True):
-        _print_energy(f"glu_lora_bwd, gate/up adapter terms {'added' if with_terms else 'already in e, g'}",
-                      lambda w=with_terms: glu_lora_backward(dh, e, g, xa, r, dyb, b_g, b_u, a_d, (0.5, 2.0), "silu",
-                                                             out=(d[:, :i], d[:, i:2 * i]), gate_up_with_lora=not w))
 
 
 def tune_rope():

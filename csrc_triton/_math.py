@@ -24,13 +24,3 @@ def gelu_and_grad(g, APPROX: tl.constexpr):
         act = g * cdf
         grad = cdf + g * pdf
     return act, grad
-
-
-@triton.jit
-def grouped_tile(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
-    """(row tile, column tile) of output tile number `tile` in grouped order: GROUP_M row tiles walk the
-    column tiles together, so their A rows and B columns stay in L2 (the last group may be shorter)."""
-    width = GROUP_M * tiles_n
-    first = (tile // width) * GROUP_M
-    rows = min(tiles_m - first, GROUP_M)
-    return first + (tile % width) % rows, (tile % width) // rows

@@ -8,7 +8,7 @@ Backward recomputes the activation from gate instead of storing it.
 import triton
 import triton.language as tl
 
-from csrc_triton._math import gelu_and_grad, grouped_tile
+from csrc_triton._math import gelu_and_grad
 
 ACT_SILU = 0
 ACT_GELU = 1
@@ -132,64 +132,12 @@ def glu_lora_fwd_kernel(
         tl.store(OUT + rows[:, None] * n_cols + cols[None, :], (a * g).to(OUT.dtype.element_ty), mask=mask)
 
 
-# The gate/up GEMM with the LoRA GLU forward as its epilogue (sm_90: TMA descriptors made on the device, so
-# the loader only passes pointers plus Triton's global scratch for them). It replaces a cuBLAS GEMM writing
-# e | g and glu_lora_fwd_kernel re-reading them: under an H100's power cap the MLP step's time is its energy,
-# and the re-read of the [T, 2I] buffer is energy the fused epilogue does not spend.
-@triton.jit(do_not_specialize=["n_rows"])
-def gemm_glu_lora_fwd_kernel(
-    X, WG, WU, XA, BG, BU, E, G, OUT,
-    n_rows, n_cols, n_in, stride_x, stride_w, stride_eg, stride_xa, xa_up_offset, rank_g, rank_u,
-    scale_g, scale_u,
-    ACT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, STAGES: tl.constexpr, FLATTEN: tl.constexpr,
-):
-    """e = X W_g^T + s_g XA_g B_g^T -> E, g = X W_u^T + s_u XA_u B_u^T -> G (rounded once from fp32; E and G
-    share row stride stride_eg, e.g. the halves of one [T, 2I] buffer) and h = act(e) * g -> OUT ([T, I]
-    contiguous, from the rounded e and g, as the backward will see them).
-    X [T, H], WG and WU [I, H] (row stride stride_w), unit last strides, 16-byte aligned rows (TMA); XA, BG,
-    BU as in glu_lora_fwd_kernel. Persistent: program p takes output tiles p, p + P, ... in grouped order;
-    each tile holds BLOCK_N columns of both e and g (two accumulators), so its epilogue has what h needs.
-    The adapter terms are one more K step of R: acc += XA (s B)^T (s B rounded to the operand type)."""
-    io = E.dtype.element_ty
-    x_desc = tl.make_tensor_descriptor(X, [n_rows, n_in], [stride_x, 1], [BLOCK_M, BLOCK_K])
-    wg_desc = tl.make_tensor_descriptor(WG, [n_cols, n_in], [stride_w, 1], [BLOCK_N, BLOCK_K])
-    wu_desc = tl.make_tensor_descriptor(WU, [n_cols, n_in], [stride_w, 1], [BLOCK_N, BLOCK_K])
-    e_desc = tl.make_tensor_descriptor(E, [n_rows, n_cols], [stride_eg, 1], [BLOCK_M, BLOCK_N])
-    g_desc = tl.make_tensor_descriptor(G, [n_rows, n_cols], [stride_eg, 1], [BLOCK_M, BLOCK_N])
-    h_desc = tl.make_tensor_descriptor(OUT, [n_rows, n_cols], [n_cols, 1], [BLOCK_M, BLOCK_N])
-    rk = tl.arange(0, R)
-    tiles_m, tiles_n = tl.cdiv(n_rows, BLOCK_M), tl.cdiv(n_cols, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, tl.num_programs(0), flatten=FLATTEN):
-        pm, pn = grouped_tile(tile, tiles_m, tiles_n, GROUP_M)
-        row0, col0 = pm * BLOCK_M, pn * BLOCK_N
-        acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k in tl.range(0, n_in, BLOCK_K, num_stages=STAGES):
-            x = x_desc.load([row0, k])
-            acc_g = tl.dot(x, wg_desc.load([col0, k]).T, acc_g)
-            acc_u = tl.dot(x, wu_desc.load([col0, k]).T, acc_u)
-        rows = row0.to(tl.int64) + tl.arange(0, BLOCK_M)
-        cols = col0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_cols
-        xg, xu = _xa_rows(XA, rows, rows < n_rows, rk, stride_xa, xa_up_offset, rank_g, rank_u)
-        bg = _rank_tile(BG, cols, col_ok, rk, rank_g, rank_g, 1)
-        bu = _rank_tile(BU, cols, col_ok, rk, rank_u, rank_u, 1)
-        e = _mma(xg, (bg * scale_g).to(xg.dtype), acc_g).to(io)
-        g = _mma(xu, (bu * scale_u).to(xu.dtype), acc_u).to(io)
-        e_desc.store([row0, col0], e)
-        g_desc.store([row0, col0], g)
-        a, _ = _act_and_grad(e.to(tl.float32), ACT)
-        h_desc.store([row0, col0], (a * g.to(tl.float32)).to(io))
-
-
 @triton.jit(do_not_specialize=["n_rows", "rows_per_group"])
 def glu_lora_bwd_kernel(
     DOUT, GATE, UP, DGATE, DUP, XA, DYB, BG, BU, AD, Q_PART,
     n_rows, n_cols, stride_dh, stride_eg, stride_xa, xa_up_offset, stride_dyb, rank_g, rank_u, rank_d, rows_per_group,
     scale_g, scale_u,
     ACT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
-    GU_LORA: tl.constexpr,
 ):
     """The LoRA MLP's GLU backward with the adapter products that reduce over tokens, taken while de, dg
     and h are in registers (each would otherwise be a GEMM re-reading a [T, I] tensor):
@@ -199,8 +147,7 @@ def glu_lora_bwd_kernel(
         own); h = act(e) * g is never stored;
         s_g de^T XA_g, s_u dg^T XA_u, h^T DYB  [I, R] each -> Q_PART[row group] (summed by the caller).
     XA holds X A_g^T in columns [0, rank_g) and X A_u^T from column xa_up_offset. Ranks are padded to R
-    with zeros. The products use the rounded de, dg, h, as a separate GEMM would. GU_LORA = 0: GATE and UP
-    already hold e and g with their adapter terms (gemm_glu_lora_fwd_kernel's output), nothing is added.
+    with zeros. The products use the rounded de, dg, h, as a separate GEMM would.
     (The products that reduce over I, de B_g and dg B_u, are glu_lora_dyb's second pass: as dots here
     they would need a partial sum per column tile and spill registers - measured 2x slower on an H100.)
     With its loads pipelined (the note above) the three adapter terms cost ~nothing over the plain GLU
@@ -211,9 +158,8 @@ def glu_lora_bwd_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
     rk = tl.arange(0, R)
-    if GU_LORA:
-        bg = _rank_tile(BG, cols, col_ok, rk, rank_g, rank_g, 1)
-        bu = _rank_tile(BU, cols, col_ok, rk, rank_u, rank_u, 1)
+    bg = _rank_tile(BG, cols, col_ok, rk, rank_g, rank_g, 1)
+    bu = _rank_tile(BU, cols, col_ok, rk, rank_u, rank_u, 1)
     ad = _rank_tile(AD, cols, col_ok, rk, rank_d, 1, n_cols)
     qg = tl.zeros([BLOCK_N, R], tl.float32)
     qu = tl.zeros([BLOCK_N, R], tl.float32)
@@ -230,11 +176,7 @@ def glu_lora_bwd_kernel(
                       other=0.0)
         dh = tl.load(DOUT + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dh = _mma(dyb, ad, dh)
-        if GU_LORA:
-            e, g = _gate_up_with_lora(GATE, UP, offs, mask, xg, xu, bg, bu, scale_g, scale_u)
-        else:
-            e = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
+        e, g = _gate_up_with_lora(GATE, UP, offs, mask, xg, xu, bg, bu, scale_g, scale_u)
         a, da = _act_and_grad(e, ACT)
         de = (dh * g * da).to(io)
         dg = (dh * a).to(io)

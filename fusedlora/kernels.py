@@ -148,10 +148,8 @@ def _glu_lora_tile_meta(tile, act: str, rank: int) -> dict:
     return {"ACT": GLU_ACTS[act], "R": r, "BLOCK_M": bm, "BLOCK_N": max(16, min(bn, 4096 // r)), "STAGES": stages}
 
 
-def glu_lora_bwd_meta(act: str, rank: int, gu_lora: bool = True) -> dict:
-    """gu_lora: add the gate / up adapter terms to e, g (False: the buffer already holds them, as
-    gemm_glu_lora_fwd writes it)."""
-    return {**_glu_lora_tile_meta(GLU_LORA_TILE, act, rank), "GU_LORA": int(gu_lora)}
+def glu_lora_bwd_meta(act: str, rank: int) -> dict:
+    return _glu_lora_tile_meta(GLU_LORA_TILE, act, rank)
 
 
 def _glu_lora_variants(family, backward: bool):
@@ -206,43 +204,6 @@ GLU_LORA_FWD = register(KernelSpec(
     config=lambda arch, c: GLU_LORA_FWD_TILE[2:],
     aot_variants=_glu_lora_fwd_aot,
     doc="LoRA MLP forward: act(e) * g with the gate/up adapter terms added to the base GEMM outputs",
-))
-
-
-# The gate/up GEMM with the LoRA GLU forward as its epilogue (csrc_triton.glu.gemm_glu_lora_fwd_kernel), sm_90
-# only (TMA). Persistent, one program per SM (8 warps and STAGES x (BLOCK_M + 2 BLOCK_N) x BLOCK_K operands in
-# shared memory leave room for no second). The tile is BLOCK_N columns of e and of g: 128 x (2 x 128) is
-# the shape of the 128 x 256 tile that build_tools/gemm_probe.py measured closest to cuBLAS.
-GEMM_GLU_LORA_TILE = (128, 128, 64, 8, 8, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages
-GEMM_GLU_LORA_FLATTEN = 0  # software-pipeline across tiles (the next tile's loads during this epilogue)
-
-
-def gemm_glu_lora_fwd_meta(act: str, rank: int) -> dict:
-    bm, bn, bk, group_m, _, stages = GEMM_GLU_LORA_TILE
-    return {"ACT": GLU_ACTS[act], "R": glu_lora_rank_pad(rank), "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-            "GROUP_M": group_m, "STAGES": stages, "FLATTEN": GEMM_GLU_LORA_FLATTEN}
-
-
-def _gemm_glu_lora_aot(family):
-    for dt in family.get("dtypes", ("bf16", "fp16")):
-        for act in GLU_ACTS:
-            for r in GLU_LORA_RANKS:
-                yield {"x": dt}, {"act": act, "rank": r}, {"rank_g": r, "rank_u": r, "stride_xa": 2 * r,
-                                                             "xa_up_offset": r}
-
-
-GEMM_GLU_LORA_FWD = register(KernelSpec(
-    name="gemm_glu_lora_fwd",
-    module="csrc_triton.glu", function="gemm_glu_lora_fwd_kernel",
-    pointer_types={"X": "x", "WG": "x", "WU": "x", "XA": "x", "BG": "x", "BU": "x", "E": "x", "G": "x", "OUT": "x"},
-    float_args=("scale_g", "scale_u"),
-    meta=gemm_glu_lora_fwd_meta,
-    config=lambda arch, c: GEMM_GLU_LORA_TILE[4:],
-    aot_variants=_gemm_glu_lora_aot,
-    archs=(90,),
-    device_descriptors=True,
-    doc="LoRA MLP forward on sm_90: the gate/up GEMM with e, g's adapter terms and h = act(e) * g in its "
-        "epilogue (TMA)",
 ))
 
 

@@ -283,33 +283,13 @@ class _AotLaunch:
         self._scratch_keepalive = t
 
 
-def _torch_scratch(size: int, alignment: int, stream):
-    # Triton's global scratch (on-device TMA descriptors) from torch's caching allocator: stream-ordered, no
-    # sync. torch allocations are 512-byte aligned, more than Triton asks for.
-    import torch
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
 class _JitLaunch:
     def __init__(self, spec: KernelSpec, constexprs: dict, num_warps: int, num_stages: int):
         self.fn = spec.fn
         self.kwargs = dict(constexprs, num_warps=num_warps, num_stages=num_stages, **spec.options)
-        self.scratch = spec.device_descriptors
 
     def __call__(self, grid, args, values=None):
-        if not self.scratch:
-            self.fn[grid](*args, **self.kwargs)
-            return
-        # Triton asks its allocator (a ContextVar) for the scratch: ours for this launch only, unless the
-        # caller has set one of their own
-        from triton.runtime import _allocation
-        token = _allocation._allocator.set(_torch_scratch) if isinstance(
-            _allocation._allocator.get(), _allocation.NullAllocator) else None
-        try:
-            self.fn[grid](*args, **self.kwargs)
-        finally:
-            if token is not None:
-                _allocation._allocator.reset(token)
+        self.fn[grid](*args, **self.kwargs)
 
 
 class KernelLauncher:

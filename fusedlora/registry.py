@@ -41,10 +41,6 @@ class KernelSpec:
     config: Callable[[int, dict[str, Any]], tuple[int, int]] = lambda arch, c: (4, 1)
     aot_variants: Callable[[dict[str, Any]], Iterable[tuple[dict[str, str], dict[str, Any]]]] = lambda f: ()
     doc: str = ""
-    archs: tuple[int, ...] = SUPPORTED_ARCHS  # the archs it is built for (TMA kernels: sm_90)
-    # Triton's global scratch holds on-device TMA descriptors: the JIT path scopes an allocator around its
-    # launches; the AOT path passes a buffer (the loader, from the kernel's global_scratch_size)
-    device_descriptors: bool = False
 
     def source_sha256(self) -> str:
         """Fingerprint of the kernel's source (its module and csrc_triton's shared `_*.py` helpers), read
@@ -203,7 +199,7 @@ def family_variants(family: dict[str, Any], archs: Iterable[int], kernels: Itera
         for item in spec.aot_variants(family):
             dtypes, shape = item[0], item[1]
             int_spec = item[2] if len(item) > 2 else None  # e.g. an int that is 1 in this use
-            for arch in (a for a in archs if a in spec.archs):
+            for arch in archs:
                 v = make_variant(spec, arch, dtypes, shape, int_spec)
                 out.setdefault((v.arch,) + v.key, v)
     return list(out.values())

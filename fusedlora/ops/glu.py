@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..loader import constexpr_key, launcher
-from ._common import cdiv, check_tensor, persistent_programs, sm_count
+from ._common import cdiv, check_tensor, sm_count
 
 _APPROX = {"none": "gelu", "tanh": "gelu_tanh"}
 
@@ -62,9 +62,9 @@ def glu_backward(dout, gate, up, act: str, inplace: bool, store_h: bool = False)
 
 # --------------------------------------------------------------- the LoRA MLP's GLU backward
 @functools.lru_cache(maxsize=None)
-def _lora_meta(kernel: str, act: str, rank: int, **kw):
+def _lora_meta(kernel: str, act: str, rank: int):
     """(meta, key) of the LoRA MLP's GLU kernel "glu_lora_fwd" or "glu_lora_bwd"."""
-    m = {"glu_lora_fwd": kernels.glu_lora_fwd_meta, "glu_lora_bwd": kernels.glu_lora_bwd_meta}[kernel](act, rank, **kw)
+    m = {"glu_lora_fwd": kernels.glu_lora_fwd_meta, "glu_lora_bwd": kernels.glu_lora_bwd_meta}[kernel](act, rank)
     return m, constexpr_key(m)
 
 
@@ -127,66 +127,8 @@ def glu_lora_forward(gate, up, xa, xa_up_offset, b_gate, b_up, scales, act: str)
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _gemm_glu_meta(act: str, rank: int):
-    m = kernels.gemm_glu_lora_fwd_meta(act, rank)
-    return m, constexpr_key(m)
-
-
-def _tma_ok(t) -> bool:
-    # what a TMA descriptor needs: a 16-byte aligned base and row stride, a unit last stride
-    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
-
-
-def gemm_glu_lora_supported(x, w_gate, w_up, out_gate, out_up) -> bool:
-    """Whether gemm_glu_lora_forward takes these operands: a CUDA GPU with TMA (sm_90+), fp16 / bf16, and
-    TMA-compatible layouts (16-byte aligned rows with a unit last stride; I a multiple of 8 for h).
-    The CPU interpreter takes them too (tests)."""
-    if x.dtype not in (torch.float16, torch.bfloat16) or x.dim() != 2:
-        return False
-    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
-        return False
-    return all(_tma_ok(t) for t in (x, w_gate, w_up, out_gate, out_up)) and w_gate.shape[0] % 8 == 0
-
-
-def gemm_glu_lora_forward(x, w_gate, w_up, xa, xa_up_offset, b_gate, b_up, scales, act: str, out):
-    """The LoRA MLP's gate/up GEMM and GLU forward in one kernel (sm_90, TMA):
-    e = x W_g^T + s_g XA_g B_g^T and g = x W_u^T + s_u XA_u B_u^T, rounded once, go to out = (E, G)
-    ([T, I] with one row stride, e.g. the halves of one [T, 2I] buffer; glu_lora_backward then takes them
-    with gate_up_with_lora=True); returns h = act(e) * g, a new contiguous [T, I].
-    x [T, H]; w_gate, w_up [I, H] with one row stride; xa, b_gate, b_up, scales as glu_lora_forward's.
-    Layouts must pass gemm_glu_lora_supported."""
-    e_out, g_out = out
-    T, H = x.shape
-    I = w_gate.shape[0]
-    rg, ru = b_gate.shape[1], b_up.shape[1]
-    for name, t in (("x", x), ("w_gate", w_gate), ("w_up", w_up)):
-        check_tensor("gemm_glu_lora_forward", name, t, (torch.float16, torch.bfloat16), like=x, like_name="x")
-        if t.dtype != x.dtype:
-            raise TypeError(f"gemm_glu_lora_forward: {name} is {t.dtype}, x is {x.dtype}")
-    if w_gate.shape != (I, H) or w_up.shape != (I, H) or w_up.stride() != w_gate.stride():
-        raise ValueError(f"gemm_glu_lora_forward: w_gate {tuple(w_gate.shape)} and w_up {tuple(w_up.shape)} must "
-                         f"both be [{I}, {H}] (x is [{T}, {H}]) with one row stride")
-    if e_out.shape != (T, I):
-        raise ValueError(f"gemm_glu_lora_forward: out tensors must be [{T}, {I}], got {tuple(e_out.shape)}")
-    _check_lora_operands("gemm_glu_lora_forward", e_out, g_out, xa, xa_up_offset, (rg, ru),
-                         (("b_gate", b_gate, (I, rg)), ("b_up", b_up, (I, ru))))
-    if not gemm_glu_lora_supported(x, w_gate, w_up, e_out, g_out):
-        raise ValueError("gemm_glu_lora_forward: needs an sm_90+ GPU and TMA layouts (16-byte aligned rows with "
-                         "a unit last stride, I a multiple of 8); see gemm_glu_lora_supported")
-    h = x.new_empty(T, I)
-    meta, key = _gemm_glu_meta(act, max(rg, ru))
-    tiles = cdiv(T, meta["BLOCK_M"]) * cdiv(I, meta["BLOCK_N"])
-    launcher("gemm_glu_lora_fwd")(
-        (persistent_programs(tiles, 1, x.get_device()), 1, 1),
-        (x, w_gate, w_up, xa, b_gate, b_up, e_out, g_out, h, T, I, H, x.stride(0), w_gate.stride(0),
-         e_out.stride(0), xa.stride(0), int(xa_up_offset), rg, ru, float(scales[0]), float(scales[1])),
-        key)
-    return h
-
-
 def glu_lora_backward(dout, gate, up, xa, xa_up_offset, dyb, b_gate, b_up, a_down, scales, act: str,
-                      inplace: bool = True, out=None, gate_up_with_lora: bool = False):
+                      inplace: bool = True, out=None):
     """The GLU backward of a LoRA MLP with the adapter products that reduce over tokens, in one pass over
     dout, gate and up.
 
@@ -196,9 +138,7 @@ def glu_lora_backward(dout, gate, up, xa, xa_up_offset, dyb, b_gate, b_up, a_dow
     Returns (de, dg, Q) with Q [I, 3R] = [s_g de^T XA_g | s_u dg^T XA_u | h^T dyb] in fp32 (dB_gate,
     dB_up and dA_down^T), each rank zero-padded to R (`kernels.glu_lora_rank_pad`).
     de and dg go to `out` = (de, dg) when given (gate's shape and strides), else over gate and up when
-    inplace, else to new tensors.
-    gate_up_with_lora: gate and up already hold e and g with their adapter terms (gemm_glu_lora_forward's
-    buffer): nothing is added to them (b_gate, b_up still give the ranks)."""
+    inplace, else to new tensors."""
     T, I = gate.shape
     rg, ru, rd = b_gate.shape[1], b_up.shape[1], a_down.shape[0]
     _check_lora_operands("glu_lora_backward", gate, up, xa, xa_up_offset, (rg, ru),
@@ -215,7 +155,7 @@ def glu_lora_backward(dout, gate, up, xa, xa_up_offset, dyb, b_gate, b_up, a_dow
         dgate, dup = gate, up
     else:
         dgate, dup = _empty_rows_like(gate), _empty_rows_like(up)
-    meta, key = _lora_meta("glu_lora_bwd", act, max(rg, ru, rd), gu_lora=not gate_up_with_lora)
+    meta, key = _lora_meta("glu_lora_bwd", act, max(rg, ru, rd))
     R = meta["R"]
     groups, rows_per_group = row_groups(T, I, meta, gate.get_device())
     q_part = torch.empty(groups, I, 3 * R, dtype=torch.float32, device=gate.device)
@@ -286,13 +226,6 @@ def naive_glu_lora_forward(gate, up, xa_g, xa_u, b_gate, b_up, scales, act: str)
     """float64 reference of glu_lora_forward."""
     e, g = _naive_e_g(gate, up, xa_g, xa_u, b_gate, b_up, scales)
     return _NAIVE_ACTS[act](e) * g
-
-
-def naive_gemm_glu_lora_forward(x, w_gate, w_up, xa_g, xa_u, b_gate, b_up, scales, act: str):
-    """float64 reference of gemm_glu_lora_forward: (e, g, h)."""
-    d = torch.float64
-    e, g = _naive_e_g(x.to(d) @ w_gate.to(d).t(), x.to(d) @ w_up.to(d).t(), xa_g, xa_u, b_gate, b_up, scales)
-    return e, g, _NAIVE_ACTS[act](e) * g
 
 
 def naive_glu_lora_backward(dout, gate, up, xa_g, xa_u, dyb, b_gate, b_up, a_down, scales, act: str):
