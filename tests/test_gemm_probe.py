@@ -44,8 +44,7 @@ def test_gemm_glu_lora_fwd(device, T, H, I, r):
     """e, g with their adapter terms and h = silu(e) * g vs float64 (fp16: one rounding of each, plus h's
     from the rounded e, g); the buffer's columns past e | g untouched. 3 programs walk the tiles."""
     _needs_tma(device)
-    if device == "cuda":
-        import triton
+    if device == "cuda":  # device-side descriptors live in Triton's global scratch, from this allocator
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     x = torch.randn(T, H, device=device).half()
     w = (torch.randn(2 * I, H, device=device) / H ** 0.5).half()
