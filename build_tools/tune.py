@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 import torch
+import triton
 from triton.testing import do_bench_cudagraph
 
 from fusedlora import registry
@@ -181,8 +182,12 @@ def tune_glu_lora_dyb():
     for bm in (16, 32, 64):
         for bn in (64, 128, 256):
             for warps, stages in ((4, 2), (4, 3), (4, 4), (8, 3)):
-                ms = _time(lambda: fn[((t + bm - 1) // bm,)](de, dg, b_g, b_u, out, t, i, i, r, r, 2 * r, 0.5, 2.0, R=r, RB=r,
-                                                            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
+                try:
+                    ms = _time(lambda: fn[((t + bm - 1) // bm,)](de, dg, b_g, b_u, out, t, i, i, r, r, 2 * r, 0.5, 2.0, R=r,
+                                                                RB=r, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                                                num_stages=stages))
+                except triton.runtime.errors.OutOfResources:  # (64 x 256 with 4 stages: over the shared memory)
+                    continue
                 res.append(((bm, bn, warps, stages), ms, f"{2 * t * i * 2 / ms / 1e6:.0f} GB/s"))
     report("glu_lora_dyb (BLOCK_M, BLOCK_N, warps, stages)", res)
 
@@ -190,6 +195,31 @@ def tune_glu_lora_dyb():
         torch.cat([torch.empty(t, r, device=DEV, dtype=BF16).addmm_(de, b_g, beta=0, alpha=0.5),
                    torch.empty(t, r, device=DEV, dtype=BF16).addmm_(dg, b_u, beta=0, alpha=2.0)], 1)
     print(f"  separate (two GEMMs + cat): {_time(separate):.4f} ms")
+    # Sustained energy in the fused path's layout (de | dg | G in one [T, 2I + 64] buffer): the kernel vs
+    # cuBLAS, as one GEMM over [de | dg] with a block-diagonal [s_g B_g, 0; 0, s_u B_u] or two GEMMs
+    from fusedlora.ops.glu import glu_lora_dyb
+    d = torch.randn(t, 2 * i + 64, device=DEV, dtype=BF16)
+    g_cols = d[:, 2 * i:2 * i + 2 * r]
+    blk = torch.zeros(2 * i, 2 * r, device=DEV, dtype=BF16)
+
+    def block_gemm():
+        blk[:i, :r].copy_(b_g).mul_(0.5)
+        blk[i:, r:].copy_(b_u).mul_(2.0)
+        g_cols.copy_(d[:, :2 * i] @ blk)
+
+    def two_gemms():
+        g_cols[:, :r].copy_(torch.empty(t, r, device=DEV, dtype=BF16).addmm_(d[:, :i], b_g, beta=0, alpha=0.5))
+        g_cols[:, r:].copy_(torch.empty(t, r, device=DEV, dtype=BF16).addmm_(d[:, i:2 * i], b_u, beta=0, alpha=2.0))
+    ref = glu_lora_dyb(d[:, :i], d[:, i:2 * i], b_g, b_u, (0.5, 2.0)).float()
+    for name, fn in (("cuBLAS, one block-diagonal GEMM", block_gemm), ("cuBLAS, two GEMMs", two_gemms)):
+        fn()
+        err = float((g_cols.float() - ref).abs().max() / ref.abs().max())
+        print(f"  {name}: {_time(fn):.4f} ms cool, max error vs the kernel / max {err:.1e}")
+    print("== sustained")
+    for name, fn in (("glu_lora_dyb", lambda: glu_lora_dyb(d[:, :i], d[:, i:2 * i], b_g, b_u, (0.5, 2.0), out=g_cols)),
+                     ("cuBLAS, one block-diagonal GEMM", block_gemm), ("cuBLAS, two GEMMs", two_gemms),
+                     ("glu_lora_dyb (again)", lambda: glu_lora_dyb(d[:, :i], d[:, i:2 * i], b_g, b_u, (0.5, 2.0), out=g_cols))):
+        _print_energy(name, fn)
 
 
 def _print_energy(name, fn, settle_s=1.5, measure_s=3.0):
@@ -246,7 +276,6 @@ def tune_energy_parts():
 def tune_triton_gemm():
     """build_tools.gemm_probe's Triton GEMMs vs cuBLAS at the LoRA MLP's gate/up shape, [8192, 2048] x
     [2048, 16384] bf16: cool time (graph replay) and sustained energy of the best two."""
-    import triton
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     from build_tools.gemm_probe import gemm_abt_ptr, gemm_abt_tma
@@ -292,8 +321,6 @@ def tune_gemm_glu():
     epilogue, sm_90) against what it would replace, cuBLAS into e | g + glu_lora_fwd, at the LoRA MLP's shape
     (T = I = 8192, H 2048, r 16): cool time of tile configs, then sustained energy of the best three between
     two runs of the pair."""
-    import triton
-
     from build_tools.gemm_probe import gemm_glu_lora_fwd, naive_gemm_glu_lora_fwd
     from fusedlora.ops.glu import glu_lora_forward
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=DEV))
