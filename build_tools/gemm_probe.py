@@ -100,6 +100,12 @@ def gemm_glu_lora_fwd_kernel(
         h_desc.store([row0, col0], (a * g.to(tl.float32)).to(io))
 
 
+def use_torch_scratch():
+    """Give Triton torch's caching allocator for global scratch (gemm_glu_lora_fwd_kernel's device-side TMA
+    descriptors live there; the JIT asks triton's allocator for it at launch)."""
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
 def gemm_glu_lora_fwd(x, w_gate, w_up, xa, rank, b_gate, b_up, scales, out, h, act=0, programs=4, warps=8,
                       tile=(128, 128, 64, 8, 3), flatten=0):
     """Launch gemm_glu_lora_fwd_kernel (no checks: a measurement tool). xa = [X A_g^T | X A_u^T], both of

@@ -210,15 +210,16 @@ def tune_glu_lora_dyb():
     def two_gemms():
         g_cols[:, :r].copy_(torch.empty(t, r, device=DEV, dtype=BF16).addmm_(d[:, :i], b_g, beta=0, alpha=0.5))
         g_cols[:, r:].copy_(torch.empty(t, r, device=DEV, dtype=BF16).addmm_(d[:, i:2 * i], b_u, beta=0, alpha=2.0))
-    ref = glu_lora_dyb(d[:, :i], d[:, i:2 * i], b_g, b_u, (0.5, 2.0)).float()
+    def kernel():
+        return glu_lora_dyb(d[:, :i], d[:, i:2 * i], b_g, b_u, (0.5, 2.0), out=g_cols)
+    ref = kernel().float()
     for name, fn in (("cuBLAS, one block-diagonal GEMM", block_gemm), ("cuBLAS, two GEMMs", two_gemms)):
         fn()
         err = float((g_cols.float() - ref).abs().max() / ref.abs().max())
         print(f"  {name}: {_time(fn):.4f} ms cool, max error vs the kernel / max {err:.1e}")
     print("== sustained")
-    for name, fn in (("glu_lora_dyb", lambda: glu_lora_dyb(d[:, :i], d[:, i:2 * i], b_g, b_u, (0.5, 2.0), out=g_cols)),
-                     ("cuBLAS, one block-diagonal GEMM", block_gemm), ("cuBLAS, two GEMMs", two_gemms),
-                     ("glu_lora_dyb (again)", lambda: glu_lora_dyb(d[:, :i], d[:, i:2 * i], b_g, b_u, (0.5, 2.0), out=g_cols))):
+    for name, fn in (("glu_lora_dyb", kernel), ("cuBLAS, one block-diagonal GEMM", block_gemm),
+                     ("cuBLAS, two GEMMs", two_gemms), ("glu_lora_dyb (again)", kernel)):
         _print_energy(name, fn)
 
 
@@ -321,9 +322,9 @@ def tune_gemm_glu():
     epilogue, sm_90) against what it would replace, cuBLAS into e | g + glu_lora_fwd, at the LoRA MLP's shape
     (T = I = 8192, H 2048, r 16): cool time of tile configs, then sustained energy of the best three between
     two runs of the pair."""
-    from build_tools.gemm_probe import gemm_glu_lora_fwd, naive_gemm_glu_lora_fwd
+    from build_tools.gemm_probe import gemm_glu_lora_fwd, naive_gemm_glu_lora_fwd, use_torch_scratch
     from fusedlora.ops.glu import glu_lora_forward
-    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=DEV))
+    use_torch_scratch()
     t, i, h, r = 8192, 8192, 2048, 16
     x = torch.randn(t, h, device=DEV, dtype=BF16)
     w = torch.randn(2 * i, h, device=DEV, dtype=BF16) * 0.02

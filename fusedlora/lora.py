@@ -360,14 +360,13 @@ def _contig(t, dtype):
     return t.to(dtype).contiguous()
 
 
-def _mlp_fused_backward(ctx, X2, EG, XA, hA, dY):
+def _mlp_fused_backward(ctx, ng, X2, EG, XA, hA, dY):
     """LoRA_MLP.backward on the fused path. dh = dY W_d (K = H; its adapter term s_d dY B_d A_d is added in
     the GLU kernel), then one kernel gives de, dg, dB_gate, dB_up and dA_down (the products that would
     re-read de, dg and h; h is never stored), one more pass s de B_g | s dg B_u into the columns after
     de | dg, and dX is one GEMM [de | dg | s de B_g | s dg B_u] @ [W_g; W_u; A_g; A_u]."""
     pg, pu, pd = ctx.prs
     dtype = ctx.dtype
-    ng = [_needs(ctx, i) for i in range(16)]
     I, rg, ru, rd = _weight_shape(pg.W, pg.quant)[0], pg.A.shape[0], pu.A.shape[0], pd.A.shape[0]
     dYBs_d = _mm_scaled(dY, pd.B.to(dtype), pd.s)  # s_d dY B_d  [T, r_d]
     ddB = _mm_scaled(dY.t(), hA, pd.s).to(pd.B.dtype) if ng[14] else None
@@ -520,9 +519,9 @@ class LoRA_MLP(torch.autograd.Function):
         pg, pu, pd = ctx.prs
         dtype = ctx.dtype
         ng = [_needs(ctx, i) for i in range(16)]
-        nd = {"A": ng[13], "B": ng[14], "bias": False}
         if ctx.fused_glu:
-            return _mlp_fused_backward(ctx, *ctx.saved_tensors, _flat(dY).to(dtype))
+            return _mlp_fused_backward(ctx, ng, *ctx.saved_tensors, _flat(dY).to(dtype))
+        nd = {"A": ng[13], "B": ng[14], "bias": False}
         X2, e, g, *saved = ctx.saved_tensors
         dh, dYBs_d, ddB, _ = _proj_backward_input(_flat(dY).to(dtype), pd, saved[6:9], dtype, nd)
         if getattr(ctx.act_bwd, "stores_h", False):  # h comes back over dh: no recompute pass

@@ -4,7 +4,8 @@ import pytest
 import torch
 import triton
 
-from build_tools.gemm_probe import gemm_abt_ptr, gemm_abt_tma, gemm_glu_lora_fwd, naive_gemm_glu_lora_fwd
+from build_tools.gemm_probe import (gemm_abt_ptr, gemm_abt_tma, gemm_glu_lora_fwd, naive_gemm_glu_lora_fwd,
+                                   use_torch_scratch)
 
 
 def _needs_tma(device):
@@ -44,8 +45,8 @@ def test_gemm_glu_lora_fwd(device, T, H, I, r):
     """e, g with their adapter terms and h = silu(e) * g vs float64 (fp16: one rounding of each, plus h's
     from the rounded e, g); the buffer's columns past e | g untouched. 3 programs walk the tiles."""
     _needs_tma(device)
-    if device == "cuda":  # device-side descriptors live in Triton's global scratch, from this allocator
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    if device == "cuda":
+        use_torch_scratch()
     x = torch.randn(T, H, device=device).half()
     w = (torch.randn(2 * I, H, device=device) / H ** 0.5).half()
     xa = torch.randn(T, 2 * r, device=device).half()
