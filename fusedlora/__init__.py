@@ -8,7 +8,20 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("ops", "quant", "loader", "registry", "kernels", "aot", "build", "info", "selfcheck", "bench")
+_SUBMODULES = ("ops", "quant", "lora", "hf", "loader", "registry", "kernels", "aot", "build", "info", "selfcheck",
+               "bench", "demo")
+
+
+def patch(model, **options):
+    """Patch a HF / PEFT decoder model onto fusedlora's kernels; see `fusedlora.hf.patch`."""
+    from .hf import patch as _patch
+    return _patch(model, **options)
+
+
+def unpatch(model) -> int:
+    """Restore every forward `fusedlora.patch` replaced; see `fusedlora.hf.unpatch`."""
+    from .hf import unpatch as _unpatch
+    return _unpatch(model)
 
 
 def __getattr__(name):

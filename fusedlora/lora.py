@@ -638,8 +638,16 @@ def get_lora_parameters(proj):
         quant = GPTQState(base.qzeros, base.scales, g_idx, bits, group if group > 0 else in_f,
                           "gptq_v2" if getattr(base, "qzero_format", lambda: 1)() == 2 else "gptq")
     else:
-        W = base.weight
+        W = getattr(base, "weight", None)
+        if not isinstance(W, torch.Tensor) or W.dim() != 2:
+            raise UnsupportedLoRA(f"{type(base).__name__} has no 2-d weight: not a linear layer fusedlora can read")
         quant = getattr(W, "quant_state", None)
+        if quant is None and not W.is_floating_point():
+            raise UnsupportedLoRA(f"{type(base).__name__} keeps a {W.dtype} weight with no 4-bit quant state "
+                                  "(bitsandbytes 8-bit or another quantisation): not fused, keep PEFT's path")
+        if quant is not None and not (_is_nf4(quant) and hasattr(quant, "absmax")):
+            raise UnsupportedLoRA(f"{type(base).__name__}'s quant_state ({type(quant).__name__}, "
+                                  f"{getattr(quant, 'quant_type', None)!r}) is not a bitsandbytes 4-bit state")
     active = getattr(proj, "active_adapters", None) or []
     if (not hasattr(proj, "lora_A") or getattr(proj, "disable_adapters", False) or getattr(proj, "merged", False)
             or not active):
@@ -659,6 +667,16 @@ def get_lora_parameters(proj):
     A = proj.lora_A[name].weight
     B = proj.lora_B[name].weight
     return W, quant, A, B, proj.scaling[name]
+
+
+def fused_parameters(proj):
+    """get_lora_parameters for the fused functions, which give no gradient to the base weight: a base weight
+    that requires grad (full fine-tuning, or a model not yet wrapped by PEFT) raises UnsupportedLoRA."""
+    params = get_lora_parameters(proj)
+    if params[0].requires_grad and torch.is_grad_enabled():
+        raise UnsupportedLoRA(f"{type(_base_layer(proj)).__name__}'s base weight requires grad (full fine-tuning, "
+                              "or PEFT not applied yet): the fused path trains only the adapter")
+    return params
 
 
 def _bias(proj):
@@ -686,13 +704,13 @@ def matmul_lora(X, W, W_quant, A, B, s, out=None):
 
 def apply_lora_o(self, X):
     """`self` is the attention module (its o_proj a PEFT LoRA layer)."""
-    W, Q, A, B, S = get_lora_parameters(self.o_proj)
+    W, Q, A, B, S = fused_parameters(self.o_proj)
     return LoRA_O.apply(X, W, Q, A, B, S, _bias(self.o_proj), _dropout_p(self.o_proj), self.training)
 
 
 def apply_lora_qkv(self, X, inplace=True):
     projs = (self.q_proj, self.k_proj, self.v_proj)
-    args = [t for p in projs for t in get_lora_parameters(p)]
+    args = [t for p in projs for t in fused_parameters(p)]
     return LoRA_QKV.apply(X, *args, inplace, *(_bias(p) for p in projs), tuple(_dropout_p(p) for p in projs),
                           self.training)
 
@@ -702,7 +720,7 @@ def _apply_mlp(self, X, act, act_bwd, inplace):
     for p in projs:
         if _bias(p) is not None:
             raise UnsupportedLoRA("MLP projections with a bias are not fused; keep PEFT's path")
-    args = [t for p in projs for t in get_lora_parameters(p)]
+    args = [t for p in projs for t in fused_parameters(p)]
     return LoRA_MLP.apply(X, *args, act, act_bwd, inplace, tuple(_dropout_p(p) for p in projs), self.training)
 
 

@@ -1,0 +1,215 @@
+"""`patch(model)` / `unpatch(model)`: one generic applier over the family table.
+
+Patching binds a forward of `fusedlora.hf.forwards` to each matching module instance (never edits HF's
+source or classes) and records the class's own forward as the way back. A module the fused path cannot
+serve is left alone and the report says why; a call the fused path cannot serve at run time (an adapter
+added after patching, full fine-tuning, a CPU tensor without the interpreter) runs the class's forward.
+"""
+from __future__ import annotations
+
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+
+from .. import lora
+from ..ops import naive_rms_norm
+from ..ops._common import interpreting
+from . import forwards
+from .families import FAMILIES, GENERIC, LOGIT_CHANGING_CONFIG, Family
+from .forwards import PATCH_ATTR, PatchRecord
+from .report import PatchReport
+
+ACTIVATIONS = {  # fused activation name -> reference the module's act_fn must match
+    "silu": F.silu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
+def find_hf_model(model):
+    """The outermost module with a HF config (`.config.model_type`): the model itself, or the HF model
+    inside a PEFT wrapper."""
+    for m in model.modules():
+        if isinstance(getattr(getattr(m, "config", None), "model_type", None), str):
+            return m
+    return None
+
+
+def unpatch(model) -> int:
+    """Restore every forward `patch` replaced; returns how many modules it restored."""
+    n = 0
+    for m in model.modules():
+        if PATCH_ATTR in m.__dict__:
+            del m.__dict__["forward"]
+            del m.__dict__[PATCH_ATTR]
+            n += 1
+    return n
+
+
+def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, qkv: bool = True, o: bool = True,
+          loss: bool = True) -> PatchReport:
+    """Route a HF (or PEFT-wrapped HF) decoder model's RMSNorms, attention projections + RoPE, GLU MLPs and
+    LM-head loss through fusedlora's kernels. Returns a report (print it). Patching again first restores
+    HF's forwards, so patch twice = patch once; `unpatch(model)` restores them all."""
+    hf = find_hf_model(model)
+    if hf is None:
+        raise TypeError(f"fusedlora.patch: found no Hugging Face model (a module with .config.model_type) in "
+                        f"{type(model).__name__}")
+    unpatch(model)
+    model_type = hf.config.model_type
+    family = FAMILIES.get(model_type)
+    report = PatchReport(model_type, family is not None)
+    if family is None:
+        family = GENERIC
+        report.notes.append(
+            f"model_type {model_type!r} is not in fusedlora's family table ({', '.join(FAMILIES)}): only RMSNorm "
+            "modules that match a reference numerically and the loss (when no config attribute changes the "
+            "logits) are patched")
+    param = next(model.parameters(), None)
+    if param is not None and not param.is_cuda and not (param.device.type == "cpu" and interpreting()):
+        report.notes.append(f"the model is on {param.device} and TRITON_INTERPRET is not set: patched modules run "
+                            "HF's forward until the model is on a CUDA device")
+    want = {"rms_norm": rms_norm, "attention": qkv or o or rope, "mlp": mlp, "loss": loss}
+    checked_norms: dict = {}
+    for m in model.modules():
+        kind = _kind_of(m, family, report.family_known)
+        if kind is None:
+            continue
+        if not want[kind]:
+            report.kept(kind, "turned off by the caller")
+            continue
+        if "forward" in m.__dict__:
+            report.kept(kind, "has an instance-level forward (an accelerate hook or another patch)")
+            continue
+        info, why = CHECKS[kind](m, family, report.family_known, checked_norms)
+        if why:
+            report.kept(kind, why)
+            continue
+        if kind == "attention":
+            info.update(qkv=qkv, o=o, rope=rope)
+        _bind(m, kind, PatchRecord(kind, family, report.fallbacks, info))
+        report.patched(kind)
+    if report.n_patched == 0 and not report.notes:
+        report.notes.append("nothing matched the family row's module classes")
+    return report
+
+
+FORWARDS = {"rms_norm": forwards.norm_forward, "attention": forwards.attention_forward,
+            "mlp": forwards.mlp_forward, "loss": forwards.causal_lm_forward}
+
+
+def _bind(m, kind, rec):
+    m.__dict__[PATCH_ATTR] = rec
+    m.__dict__["forward"] = types.MethodType(FORWARDS[kind], m)
+
+
+def _kind_of(m, family: Family, known: bool):
+    name = type(m).__name__
+    if name in family.norms or (not known and name.endswith("RMSNorm")):
+        return "rms_norm"
+    if name in family.attention:
+        return "attention"
+    if name in family.mlp or (family.router_aux_loss and name.endswith("SparseMoeBlock")):
+        return "mlp"
+    if name in family.causal_lm or (not known and name.endswith("ForCausalLM")):
+        return "loss"
+    return None
+
+
+# ------------------------------------------------------------------------------ per-kind checks
+def _check_norm(m, family, known, checked):
+    eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
+    weight = getattr(m, "weight", None)
+    if not isinstance(eps, float) or not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return None, "no 1-d weight and float eps (variance_epsilon / eps)"
+    cls = type(m)
+    if cls not in checked:
+        checked[cls] = _match_norm(m, family, known)
+    match = checked[cls]
+    if isinstance(match, str):
+        return None, match
+    casting, offset = match
+    return {"eps": eps, "casting": casting, "offset": offset}, None
+
+
+def _match_norm(m, family, known):
+    """(casting, offset) whose reference reproduces this class's own forward on a random input, or why none."""
+    candidates = [(family.norm_casting, family.norm_offset)] if known else [("llama", 0.0), ("gemma", 1.0), ("gemma", 0.0)]
+    w = m.weight
+    if w.device.type == "meta":
+        return candidates[0] if known else "weights on the meta device: cannot check the norm's semantics"
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = (torch.randn(3, w.shape[0], generator=gen) * 3).to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        try:
+            ref = type(m).forward(m, x)
+        except Exception as e:  # noqa: BLE001 - any failure means we do not understand this class
+            return f"its forward failed on a probe input ({type(e).__name__})"
+        tol = 1e-5 if w.dtype == torch.float32 else 2e-2
+        for casting, offset in candidates:
+            y = naive_rms_norm(x, w, m.variance_epsilon if hasattr(m, "variance_epsilon") else m.eps, offset, casting)
+            if y.dtype == ref.dtype and torch.allclose(y.float(), ref.float(), rtol=tol, atol=tol):
+                return casting, offset
+    return "its forward matches no RMSNorm reference (llama / gemma casting)"
+
+
+def _check_attention(m, family, known, checked):
+    missing = [a for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "config") if not hasattr(m, a)]
+    if family.qk_norm:
+        missing += [a for a in ("q_norm", "k_norm") if not hasattr(m, a)]
+    if missing:
+        return None, f"no {', '.join(missing)}"
+    eager = getattr(sys.modules.get(type(m).__module__), "eager_attention_forward", None)
+    if eager is None:
+        return None, "its module has no eager_attention_forward"
+    why = _projections_problem(m, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    return ({"eager": eager}, None) if why is None else (None, why)
+
+
+def _projections_problem(m, names, bias_ok=True):
+    """Why the fused LoRA functions cannot serve these projections as they are now (DoRA, several active
+    adapters, an unknown quantisation...), or None. Whether the base weight is frozen is checked per call."""
+    for name in names:
+        proj = getattr(m, name)
+        try:
+            lora.get_lora_parameters(proj)
+        except lora.UnsupportedLoRA as e:
+            return f"{name}: {e}"
+        if not bias_ok and lora._bias(proj) is not None:
+            return f"{name} has a bias (not fused in the MLP)"
+    return None
+
+
+def _check_mlp(m, family, known, checked):
+    if type(m).__name__.endswith("SparseMoeBlock"):
+        return None, "MoE experts are not fused"
+    missing = [a for a in ("gate_proj", "up_proj", "down_proj", "act_fn") if not hasattr(m, a)]
+    if missing:
+        return None, f"no {', '.join(missing)}"
+    x = torch.linspace(-6, 6, 193)
+    try:
+        with torch.no_grad():
+            y = m.act_fn(x)
+    except Exception as e:  # noqa: BLE001
+        return None, f"its act_fn failed on a probe input ({type(e).__name__})"
+    for name, ref in ACTIVATIONS.items():
+        if torch.allclose(y, ref(x), rtol=1e-5, atol=1e-6):
+            why = _projections_problem(m, ("gate_proj", "up_proj", "down_proj"), bias_ok=False)
+            return ({"activation": name}, None) if why is None else (None, why)
+    return None, f"activation {type(m.act_fn).__name__} has no fused GLU kernel (silu, gelu, gelu tanh)"
+
+
+def _check_loss(m, family, known, checked):
+    if not hasattr(m, "model"):
+        return None, "no .model (decoder) attribute"
+    if not known:
+        changing = [a for a in LOGIT_CHANGING_CONFIG if getattr(m.config, a, None) not in (None, 1, 1.0)]
+        if changing:
+            return None, f"config sets {', '.join(changing)}, which an unknown family may apply to the logits"
+    why = forwards.loss_head_problem(m)
+    return ({}, None) if why is None else (None, why)
+
+
+CHECKS = {"rms_norm": _check_norm, "attention": _check_attention, "mlp": _check_mlp, "loss": _check_loss}

@@ -1,0 +1,225 @@
+"""The forwards `fusedlora.patch` binds to module instances (one generic forward per module kind).
+
+Each reads its module's weights at the call (FSDP2 swaps them) and goes back to the class's own forward
+whenever the fused path cannot serve the call, which `Fallbacks` counts and warns about once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from .. import lora
+from ..ops import fused_linear_cross_entropy, naive_rope, rms_norm, rope
+from ..ops._common import interpreting
+from .families import Family
+from .report import Fallbacks
+
+PATCH_ATTR = "_fusedlora_patch"
+
+
+@dataclasses.dataclass
+class PatchRecord:
+    """What a patched module needs at call time: its kind, family row, options and checked facts."""
+    kind: str
+    family: Family
+    fallbacks: Fallbacks
+    info: dict
+
+
+def device_problem(t: torch.Tensor) -> str | None:
+    if t.is_cuda or (t.device.type == "cpu" and interpreting()):
+        return None
+    return f"{t.device.type} tensors (kernels need CUDA, or TRITON_INTERPRET=1 with CPU tensors)"
+
+
+def _original(module):
+    """The class's own forward, bound to the module (patching never wraps an instance-level forward)."""
+    return type(module).forward.__get__(module)
+
+
+def _fallback(module, why, *args, **kwargs):
+    rec = getattr(module, PATCH_ATTR)
+    rec.fallbacks.note(rec.kind, why)
+    return _original(module)(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ RMSNorm
+def norm_forward(self, hidden_states, *args, **kwargs):
+    why = device_problem(hidden_states) if not (args or kwargs) else "unexpected arguments"
+    if why:
+        return _fallback(self, why, hidden_states, *args, **kwargs)
+    info = getattr(self, PATCH_ATTR).info
+    return rms_norm(hidden_states, self.weight, info["eps"], info["offset"], info["casting"])
+
+
+# ---------------------------------------------------------------------------------------------- MLP
+MLP_APPLY = {
+    "silu": lora.apply_lora_mlp_swiglu,
+    "gelu_tanh": functools.partial(lora.apply_lora_mlp_geglu, approximate="tanh"),
+    "gelu": functools.partial(lora.apply_lora_mlp_geglu, approximate="none"),
+}
+
+
+def mlp_forward(self, x, *args, **kwargs):
+    why = device_problem(x) if not (args or kwargs) else "unexpected arguments"
+    if why is None:
+        try:
+            return MLP_APPLY[getattr(self, PATCH_ATTR).info["activation"]](self, x)
+        except lora.UnsupportedLoRA as e:  # raised before any work (parameters are read first)
+            why = str(e)
+    return _fallback(self, why, x, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------- attention
+def _attention_interface(module, eager):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    impl = module.config._attn_implementation
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+    return eager if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
+    """HF's attention with q/k/v and o through the fused LoRA functions and RoPE through the kernel; the
+    attention call itself (sdpa, eager, flash-attention...) and its mask are HF's."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None or args or position_embeddings is None:
+        # decoding with a KV cache (generation) keeps HF's own forward, by design: not a fallback
+        return _original(self)(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+    why = device_problem(hidden_states)
+    if why:
+        return _fallback(self, why, hidden_states, position_embeddings, attention_mask, **kwargs)
+    kwargs.pop("cache", None)
+    kwargs.pop("past_key_values", None)
+    rec = getattr(self, PATCH_ATTR)
+    fam, info = rec.family, rec.info
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    qkv = None
+    if info["qkv"]:
+        try:
+            qkv = lora.apply_lora_qkv(self, hidden_states)
+        except lora.UnsupportedLoRA as e:
+            rec.fallbacks.note("attention (q/k/v)", str(e))
+    if qkv is None:
+        qkv = (self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states))
+    q, k, v = (t.view(hidden_shape) for t in qkv)
+    if fam.qk_norm:
+        q, k = self.q_norm(q), self.k_norm(k)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    cos, sin = position_embeddings
+    q, k = (rope if info["rope"] else naive_rope)(q, k, cos, sin)
+    extra = {}
+    if fam.sliding_window == "config":
+        extra["sliding_window"] = getattr(self.config, "sliding_window", None)
+    elif fam.sliding_window == "module":
+        extra["sliding_window"] = getattr(self, "sliding_window", None)
+    if fam.attn_softcap_attr:
+        extra["softcap"] = getattr(self, fam.attn_softcap_attr)
+    attn_output, attn_weights = _attention_interface(self, info["eager"])(
+        self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
+        scaling=self.scaling, **extra, **kwargs)
+    attn_output = attn_output.reshape(*input_shape, -1)
+    if info["o"]:
+        try:
+            return lora.apply_lora_o(self, attn_output), attn_weights
+        except lora.UnsupportedLoRA as e:
+            rec.fallbacks.note("attention (o)", str(e))
+    return self.o_proj(attn_output.contiguous()), attn_weights
+
+
+# ------------------------------------------------------------------------------------------- loss
+@functools.lru_cache(maxsize=None)
+def _signature(cls):
+    sig = inspect.signature(cls.forward)
+    var_kw = next((p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    return sig, var_kw
+
+
+def loss_head_problem(model) -> str | None:
+    """Why the LM head + loss of this *ForCausalLM cannot go through fused linear cross-entropy, or None."""
+    head = getattr(model, "lm_head", None)
+    if type(head) is not torch.nn.Linear:
+        return (f"lm_head is a {type(head).__name__} (a LoRA adapter or modules_to_save on the head?), "
+                "not a plain nn.Linear")
+    if not head.weight.is_floating_point() or getattr(head.weight, "quant_state", None) is not None:
+        return "lm_head's weight is quantised"
+    if getattr(model, "_loss_function", None) is not None:
+        return "a custom loss_function is set on the model"
+    if getattr(model, "loss_type", None) not in (None, "ForCausalLM"):
+        return f"loss_type {model.loss_type!r} is not ForCausalLM"
+    return None
+
+
+def _compute_dtype(t, weight):
+    if t.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    if t.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return weight.dtype
+
+
+def causal_lm_forward(self, *args, **kwargs):
+    """With labels in training mode: the decoder's hidden states, then the LM head and HF's causal-LM loss
+    (shift, ignore_index, num_items_in_batch, softcap / logit scale) as one fused linear cross-entropy; the
+    [tokens, vocab] logits are never made and the output's `logits` is None. Anything else: HF's forward."""
+    original = _original(self)
+    rec = getattr(self, PATCH_ATTR)
+    sig, var_kw = _signature(type(self))
+    try:
+        bound = sig.bind(self, *args, **kwargs).arguments
+    except TypeError:
+        return original(*args, **kwargs)
+    call = {k: v for k, v in bound.items() if k not in ("self", var_kw)}
+    extra = dict(bound.get(var_kw, {})) if var_kw else {}
+    labels = call.pop("labels", None)
+    logits_to_keep = call.pop("logits_to_keep", 0)
+    if labels is None or not self.training:
+        return original(*args, **kwargs)
+    fam = rec.family
+    why = loss_head_problem(self) or device_problem(self.lm_head.weight)
+    if why is None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+        why = "logits_to_keep was given with labels"
+    if why is None and fam.router_aux_loss and extra.get("output_router_logits",
+                                                        call.get("output_router_logits",
+                                                                 getattr(self.config, "output_router_logits", False))):
+        why = "output_router_logits (the MoE load-balancing loss) is on"
+    if why:
+        return _fallback(self, why, *args, **kwargs)
+    return_dict = extra.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    cache_given = call.get("cache", call.get("past_key_values", extra.get("past_key_values"))) is not None
+    if "use_cache" in sig.parameters and call.get("use_cache") is None and not cache_given:
+        call["use_cache"] = False  # a training step keeps no KV cache
+    outputs = self.model(**call, **extra)
+    loss = _causal_lm_loss(self, outputs.last_hidden_state, labels, extra)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} - {"loss", "logits"}
+    out = CausalLMOutputWithPast(loss=loss, logits=None, **{k: v for k, v in outputs.items() if k in fields})
+    return out if return_dict else out.to_tuple()
+
+
+def _causal_lm_loss(model, hidden, labels, extra):
+    """HF's ForCausalLMLoss of lm_head(hidden), without the logits."""
+    fam, cfg = getattr(model, PATCH_ATTR).family, model.config
+    ignore_index = extra.get("ignore_index", -100)
+    shift_labels = extra.get("shift_labels")
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    head = model.lm_head
+    weight, bias = head.weight, head.bias
+    dtype = _compute_dtype(hidden, weight)
+    hidden = hidden.to(dtype)
+    weight = weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    softcap = getattr(cfg, fam.final_softcap_attr, None) if fam.final_softcap_attr else None
+    divisor = getattr(cfg, fam.logit_divisor_attr, None) if fam.logit_divisor_attr else None
+    return fused_linear_cross_entropy(
+        hidden, weight, shift_labels.to(hidden.device), bias, ignore_index=ignore_index,
+        softcap=softcap, logit_scale=None if divisor is None else 1.0 / divisor,
+        num_items_in_batch=extra.get("num_items_in_batch"))
