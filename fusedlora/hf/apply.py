@@ -7,6 +7,7 @@ added after patching, full fine-tuning, a CPU tensor without the interpreter) ru
 """
 from __future__ import annotations
 
+import functools
 import sys
 import types
 
@@ -91,8 +92,10 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, 
             info.update(qkv=qkv, o=o, rope=rope)
         _bind(m, kind, PatchRecord(kind, family, report.fallbacks, info))
         report.patched(kind)
-    if report.n_patched == 0 and not report.notes:
-        report.notes.append("nothing matched the family row's module classes")
+    if report.n_patched == 0:
+        kept = sum(c.kept for c in report.kinds.values())
+        report.notes.append("nothing was patched: " + (f"{kept} matching modules kept HF's path (reasons above)" if kept
+                                                        else "no module matched the family's module classes"))
     return report
 
 
@@ -100,9 +103,21 @@ FORWARDS = {"rms_norm": forwards.norm_forward, "attention": forwards.attention_f
             "mlp": forwards.mlp_forward, "loss": forwards.causal_lm_forward}
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_for(kind: str, cls: type):
+    """FORWARDS[kind] under the signature of cls.forward: the HF Trainer drops dataset columns that the
+    model's forward signature does not name."""
+    impl = FORWARDS[kind]
+
+    @functools.wraps(cls.forward)
+    def forward(self, *args, **kwargs):
+        return impl(self, *args, **kwargs)
+    return forward
+
+
 def _bind(m, kind, rec):
     m.__dict__[PATCH_ATTR] = rec
-    m.__dict__["forward"] = types.MethodType(FORWARDS[kind], m)
+    m.__dict__["forward"] = types.MethodType(_forward_for(kind, type(m)), m)
 
 
 def _kind_of(m, family: Family, known: bool):

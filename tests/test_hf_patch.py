@@ -1,0 +1,328 @@
+"""fusedlora.patch on tiny random HF models of every family in the table (CPU: fp32 through the interpreter;
+GPU: the same in fp32): patched vs unpatched loss and every LoRA gradient, AdamW steps, packed rows,
+unsupported layers, unpatch, idempotence, generation, the HF Trainer with gradient accumulation."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+from conftest import DEVICE, rel_err
+import fusedlora
+from fusedlora.hf import FAMILIES
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, head_dim=16)
+
+
+def tiny_config(model_type):
+    extra = {
+        "gemma": dict(hidden_act="gelu_pytorch_tanh"),
+        "gemma2": dict(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=8,
+                       final_logit_softcapping=5.0, attn_logit_softcapping=10.0),
+        "gemma3_text": dict(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=8,
+                            final_logit_softcapping=5.0),
+        "granite": dict(logits_scaling=4.0, attention_multiplier=0.2, residual_multiplier=0.5, embedding_multiplier=2.0),
+        "qwen2": dict(use_sliding_window=False),
+        "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+        "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, mlp_only_layers=[0],
+                          decoder_sparse_step=1),
+    }.get(model_type, {})
+    cfg = transformers.AutoConfig.for_model(model_type, **SMALL, **extra)
+    cfg._attn_implementation = "eager" if model_type == "gemma2" else "sdpa"  # gemma2: softcap needs eager
+    return cfg
+
+
+def make_model(model_type="llama", lora=True, seed=0, dtype=torch.float32, **lora_kwargs):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type)).to(DEVICE, dtype)
+    if not lora:
+        return model
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, **lora_kwargs)
+    model = peft.get_peft_model(model, cfg)
+    with torch.no_grad():  # PEFT starts B at zero: make the adapters count
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    return model
+
+
+def batch(seed=1, bsz=2, seq=16, vocab=97):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (bsz, seq), generator=g).to(DEVICE)
+    labels = ids.clone()
+    labels[0, :3] = -100  # an ignored prefix, as a chat template's prompt
+    return ids, labels
+
+
+def loss_and_grads(model, ids, labels, **kw):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels, **kw)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(ref, got, tol=1e-4):
+    (l0, g0), (l1, g1) = ref, got
+    assert rel_err(l1, l0) <= tol, (l1, l0)
+    assert g0.keys() == g1.keys() and g0
+    worst = max(g0, key=lambda n: rel_err(g1[n], g0[n]))
+    assert rel_err(g1[worst], g0[worst]) <= tol, (worst, rel_err(g1[worst], g0[worst]))
+
+
+EXPECTED_PATCHED = {  # kind -> modules per tiny model (2 layers): norms (+ q/k norms), attention, mlp, loss
+    "llama": (5, 2, 2, 1), "mistral": (5, 2, 2, 1), "qwen2": (5, 2, 2, 1), "qwen3": (9, 2, 2, 1),
+    "gemma": (5, 2, 2, 1), "gemma2": (9, 2, 2, 1), "gemma3_text": (13, 2, 2, 1), "granite": (5, 2, 2, 1),
+    "mixtral": (5, 2, 0, 1), "qwen3_moe": (9, 2, 1, 1),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_family_loss_and_grads_match(model_type):
+    ref = make_model(model_type)
+    fused = copy.deepcopy(ref)
+    report = fusedlora.patch(fused)
+    counts = tuple(report.kinds[k].patched for k in ("rms_norm", "attention", "mlp", "loss"))
+    assert counts == EXPECTED_PATCHED[model_type], str(report)
+    ids, labels = batch()
+    ref.train(), fused.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no run-time fallback may happen
+        got = loss_and_grads(fused, ids, labels)
+    assert_same(loss_and_grads(ref, ids, labels), got)
+    assert not report.fallbacks.counts
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "qwen3"])
+def test_adamw_steps_track_unpatched(model_type):
+    ref = make_model(model_type)
+    fused = copy.deepcopy(ref)
+    fusedlora.patch(fused)
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ref, fused)]
+    for step in range(10):
+        ids, labels = batch(seed=10 + step)
+        losses = []
+        for m, opt in zip((ref, fused), opts):
+            opt.zero_grad()
+            loss = m(input_ids=ids, labels=labels).loss
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        assert rel_err(losses[1], losses[0]) <= 1e-4, (step, losses)
+
+
+def test_patch_before_get_peft_model():
+    base = make_model(lora=False)
+    report = fusedlora.patch(base)
+    assert report.kinds["attention"].patched == 2
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    ref = make_model()
+    with torch.no_grad():
+        for (n0, p0), (n1, p1) in zip(ref.named_parameters(), model.named_parameters()):
+            p1.copy_(p0)
+    ids, labels = batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got = loss_and_grads(model, ids, labels)
+    assert_same(loss_and_grads(ref, ids, labels), got)
+
+
+def test_full_finetune_falls_back_to_hf():
+    """A plain model whose base weights train: the fused LoRA functions cannot give them gradients, so every
+    projection call goes back to HF's forward (reported), and the weight gradients equal HF's."""
+    ref = make_model(lora=False)
+    fused = copy.deepcopy(ref)
+    report = fusedlora.patch(fused)
+    ids, labels = batch()
+    with pytest.warns(UserWarning, match="requires grad"):
+        got = loss_and_grads(fused, ids, labels)
+    assert_same(loss_and_grads(ref, ids, labels), got)
+    assert any("requires grad" in r for _, r in report.fallbacks.counts)
+
+
+def test_packed_rows_match_separate_documents():
+    """One packed row of two documents (position_ids restart, no attention mask) = the two documents alone."""
+    model = make_model()
+    fusedlora.patch(model)
+    ids, _ = batch(seq=24, bsz=1)
+    a, b = ids[:, :10], ids[:, 10:]
+    pos = torch.cat([torch.arange(10), torch.arange(14)])[None].to(DEVICE)
+    labels = ids.clone()
+    labels[0, 10] = -100  # the last token of document a predicts nothing across the boundary
+    packed = model(input_ids=ids, position_ids=pos, labels=labels).loss
+    la = model(input_ids=a, labels=a).loss
+    lb = model(input_ids=b, labels=b).loss
+    separate = (la * 9 + lb * 13) / 22
+    assert rel_err(packed.detach(), separate.detach()) <= 1e-4
+
+
+def _inject_dora_down_proj(model):
+    """Layer 1's down_proj becomes a DoRA layer of the same adapter name."""
+    mlp = model.base_model.model.model.layers[1].mlp
+    mlp.down_proj = mlp.down_proj.base_layer
+    peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["down_proj"]), mlp)
+    return model
+
+
+def test_dora_layer_keeps_peft_path_and_loss():
+    ref = _inject_dora_down_proj(make_model())
+    fused = copy.deepcopy(ref)
+    report = fusedlora.patch(fused)
+    assert report.kinds["mlp"].patched == 1
+    assert any("DoRA" in r for r in report.kinds["mlp"].original), str(report)
+    assert "DoRA" in str(report)
+    ids, labels = batch()
+    assert_same(loss_and_grads(ref, ids, labels), loss_and_grads(fused, ids, labels))
+
+
+def test_unpatch_restores_bit_identical_outputs_and_patch_is_idempotent():
+    model = make_model()
+    model.eval()
+    ids, labels = batch()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        r1 = fusedlora.patch(model)
+        r2 = fusedlora.patch(model)
+        assert r1.as_dict() == r2.as_dict()
+        n_patched = sum(1 for m in model.modules() if "_fusedlora_patch" in m.__dict__)
+        assert n_patched == r2.n_patched
+        model.train()
+        l_twice = model(input_ids=ids, labels=labels).loss
+        fusedlora.unpatch(model)
+        fusedlora.patch(model)
+        l_once = model(input_ids=ids, labels=labels).loss
+        assert torch.equal(l_twice, l_once)
+        assert fusedlora.unpatch(model) == r2.n_patched
+        model.eval()
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_eval_and_generation_keep_hf_outputs():
+    model = make_model()
+    model.eval()
+    ids, labels = batch()
+    with torch.no_grad():
+        ref_logits = model(input_ids=ids).logits
+        ref_gen = model.generate(input_ids=ids[:1, :6], max_new_tokens=6, do_sample=False)
+        fusedlora.patch(model)
+        out = model(input_ids=ids, labels=labels)
+        assert out.logits is not None  # eval with labels: HF's forward, logits returned
+        assert rel_err(out.logits, ref_logits) <= 1e-5
+        gen = model.generate(input_ids=ids[:1, :6], max_new_tokens=6, do_sample=False)
+    assert torch.equal(gen, ref_gen)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing(reentrant):
+    ref = make_model()
+    fused = copy.deepcopy(ref)
+    fusedlora.patch(fused)
+    for m in (ref, fused):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        m.enable_input_require_grads()
+        m.train()
+    ids, labels = batch()
+    assert_same(loss_and_grads(ref, ids, labels), loss_and_grads(fused, ids, labels))
+
+
+def test_num_items_in_batch_and_tuple_output():
+    ref = make_model()
+    fused = copy.deepcopy(ref)
+    fusedlora.patch(fused)
+    ids, labels = batch()
+    n = torch.tensor(40, device=DEVICE)
+    ref.train(), fused.train()
+    l0 = ref(input_ids=ids, labels=labels, num_items_in_batch=n).loss
+    l1 = fused(input_ids=ids, labels=labels, num_items_in_batch=n, return_dict=False)[0]
+    assert rel_err(l1.detach(), l0.detach()) <= 1e-5
+
+
+def test_unknown_family_patches_generic_parts():
+    cfg = transformers.AutoConfig.for_model("phi3", vocab_size=97, hidden_size=64, intermediate_size=96,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            max_position_embeddings=128, pad_token_id=0)
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg).to(DEVICE)
+    ref = peft.get_peft_model(ref, peft.LoraConfig(r=4, target_modules=["qkv_proj", "o_proj"]))
+    fused = copy.deepcopy(ref)
+    report = fusedlora.patch(fused)
+    assert not report.family_known and "not in fusedlora's family table" in str(report)
+    assert report.kinds["rms_norm"].patched == 5 and report.kinds["loss"].patched == 1
+    assert report.kinds["attention"].patched == 0 and report.kinds["mlp"].patched == 0
+    ids, labels = batch()
+    assert_same(loss_and_grads(ref, ids, labels), loss_and_grads(fused, ids, labels))
+
+
+def test_nothing_to_patch_and_not_a_hf_model():
+    with pytest.raises(TypeError, match="no Hugging Face model"):
+        fusedlora.patch(torch.nn.Linear(3, 3))
+    cfg = transformers.AutoConfig.for_model("bert", vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=64)
+    report = fusedlora.patch(transformers.AutoModelForMaskedLM.from_config(cfg))
+    assert report.n_patched == 0 and "no module matched" in str(report)
+
+
+def test_cpu_without_interpreter_runs_hf_path(monkeypatch):
+    if DEVICE != "cpu":
+        pytest.skip("the model is on the GPU")
+    ref = make_model()
+    fused = copy.deepcopy(ref)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    report = fusedlora.patch(fused)
+    assert "TRITON_INTERPRET is not set" in str(report)
+    ids, labels = batch()
+    with pytest.warns(UserWarning, match="cpu tensors"):
+        got = loss_and_grads(fused, ids, labels)
+    assert_same(loss_and_grads(ref, ids, labels), got, tol=1e-6)
+
+
+def test_turned_off_kinds_are_reported():
+    model = make_model()
+    report = fusedlora.patch(model, mlp=False, loss=False)
+    assert report.kinds["mlp"].patched == 0 and report.kinds["mlp"].original["turned off by the caller"] == 2
+    assert report.kinds["loss"].patched == 0
+
+
+def test_trainer_gradient_accumulation_matches_big_batch(tmp_path):
+    """HF Trainer, batch 1 x gradient accumulation 4 on the patched model = one step of batch 4 unpatched."""
+    pytest.importorskip("accelerate")
+    from torch.utils.data import Dataset
+
+    ids, _ = batch(bsz=4, seq=16, seed=3)
+    lengths = [16, 12, 16, 9]  # unequal token counts: num_items_in_batch normalisation matters
+
+    class Rows(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            lab = ids[i].clone()
+            lab[lengths[i]:] = -100
+            return {"input_ids": ids[i].cpu(), "labels": lab.cpu()}
+
+    ref = make_model()
+    fused = copy.deepcopy(ref)
+    fusedlora.patch(fused)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=4, max_steps=1,
+        learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", report_to=[], save_strategy="no",
+        use_cpu=DEVICE == "cpu", logging_steps=1, dataloader_drop_last=False, seed=0, data_seed=0)
+    trainer = transformers.Trainer(model=fused, args=args, train_dataset=Rows())
+    trainer.train_dataset_shuffle = False
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(Rows())
+    trainer.train()
+    opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.1)
+    rows = [Rows()[i] for i in range(4)]
+    big_ids = torch.stack([r["input_ids"] for r in rows]).to(DEVICE)
+    big_labels = torch.stack([r["labels"] for r in rows]).to(DEVICE)
+    ref(input_ids=big_ids, labels=big_labels).loss.backward()
+    opt.step()
+    for (n0, p0), (n1, p1) in zip(ref.named_parameters(), fused.named_parameters()):
+        if p0.requires_grad:
+            assert rel_err(p1.detach(), p0.detach()) <= 1e-5, n0
