@@ -1,0 +1,268 @@
+"""One fine-tuning run of one variant in this process: the workload behind `fusedlora.demo` and
+`fusedlora.bench e2e` (each variant runs in a fresh process: `python -m fusedlora.workload --variant ...`).
+
+A Llama-shaped model with random weights (no downloads), LoRA r16 on all seven projections (QLoRA: NF4
+bitsandbytes bases, as HF's bitsandbytes loader makes them), bf16 autocast as the HF Trainer's bf16=True,
+fused AdamW on the adapters, SDPA attention. The text is the Python standard library's own sources as byte
+tokens, so the loss shows real learning. Timing follows the HF Trainer: no host sync inside a step except
+at logging steps. Prints one JSON line (prefixed RESULT) with throughput, memory, first step and losses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+VARIANTS = ("hf", "liger", "compile", "fusedlora")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPES = {  # Llama-3.2-1B and Llama-3.1-8B shapes; "tiny" runs under the Triton interpreter on a CPU
+    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, vocab_size=384, tie_word_embeddings=True),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False),
+}
+
+
+def text_tokens(n_tokens: int):
+    """The first n_tokens bytes of the standard library's .py sources (sorted paths), as a 1-d int64 tensor
+    of byte values, plus the document start offsets (one document per file)."""
+    import torch
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, starts, total = [], [], 0
+    for path in sorted(root.rglob("*.py")):
+        if total >= n_tokens:
+            break
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        if not data:
+            continue
+        starts.append(total)
+        chunks.append(data[: n_tokens - total])
+        total += len(chunks[-1])
+    buf = bytearray(b"".join(chunks))
+    if len(buf) < n_tokens:  # a tiny stdlib: repeat it
+        buf = (buf * (n_tokens // max(1, len(buf)) + 1))[:n_tokens]
+    return torch.frombuffer(buf, dtype=torch.uint8).to(torch.int64), starts
+
+
+def batches(steps, bsz, seq, packed, device):
+    """Per step: (input_ids, labels, position_ids or None). Packed: position_ids restart at each document
+    (TRL's padding_free layout, no attention mask) and the first token of a document is not predicted."""
+    import torch
+    tokens, starts = text_tokens(steps * bsz * seq)
+    restart = torch.zeros(tokens.numel(), dtype=torch.bool)
+    restart[torch.tensor(starts, dtype=torch.int64)] = True
+    out = []
+    for s in range(steps):
+        rows = slice(s * bsz * seq, (s + 1) * bsz * seq)
+        ids = tokens[rows].view(bsz, seq)
+        labels = ids.clone()
+        pos = None
+        if packed:
+            r = restart[rows].view(bsz, seq).clone()
+            r[:, 0] = True
+            idx = torch.arange(seq).expand(bsz, seq)
+            last_start = torch.where(r, idx, torch.zeros_like(idx)).cummax(1).values
+            pos = idx - last_start
+            labels[r] = -100  # HF shifts labels: no prediction across a document boundary
+            pos = pos.to(device)
+        out.append((ids.to(device), labels.to(device), pos))
+    return out
+
+
+def quantize_linears_nf4(model, compute_dtype):
+    """Every nn.Linear in the decoder layers becomes a bitsandbytes NF4 Linear4bit (double-quant, blocksize
+    64), as transformers' bitsandbytes integration builds them; the LM head and embeddings stay 16-bit."""
+    import bitsandbytes as bnb
+    import torch
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, lin in list(parent.named_children()):
+                if type(lin) is not torch.nn.Linear:
+                    continue
+                device = lin.weight.device
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                      compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
+                                      device="meta")
+                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True, blocksize=64)
+                if lin.bias is not None:
+                    q.bias = lin.bias
+                setattr(parent, name, q.to(device))
+                del lin
+    return model
+
+
+def build(shape, mode, variant, device, gc, seed=0):
+    import torch
+    import transformers
+    import peft
+    torch.manual_seed(seed)
+    on_gpu = device == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    cfg = transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, rms_norm_eps=1e-5,
+                                   use_cache=False)
+    cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(cfg).to(dtype)
+    if mode == "qlora":
+        quantize_linears_nf4(model, dtype)
+    if variant == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        apply_liger_kernel_to_llama(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+    if gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    torch.manual_seed(seed + 1)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
+    report = None
+    if variant == "fusedlora":
+        import fusedlora
+        t0 = time.perf_counter()
+        report = fusedlora.patch(model)
+        report = {"seconds": time.perf_counter() - t0, "table": str(report), **report.as_dict()}
+    if variant == "compile":
+        model = torch.compile(model)
+    model.train()
+    return model, report
+
+
+def run(args) -> dict:
+    t_start = time.perf_counter()
+    import torch
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    if not on_gpu:  # before any kernel module is imported: triton.jit reads it then
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    model, report = build(args.model, args.mode, args.variant, device, args.gc)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, fused=on_gpu)
+    data = batches(args.steps, args.batch, args.seq, args.packed, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else torch.autocast("cpu", enabled=False)
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    losses, logged, first_step_s, t_window = [], [], None, None
+    warmup = min(2, args.steps - 1)
+    bar = _progress(args.steps, f"{args.variant} {args.mode} {args.model}")
+    for step, (ids, labels, pos) in enumerate(data):
+        if step == warmup:
+            _sync(on_gpu)
+            t_window = time.perf_counter()
+        t0 = time.perf_counter()
+        with autocast:
+            loss = model(input_ids=ids, labels=labels, position_ids=pos).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        if step == 0:
+            _sync(on_gpu)
+            first_step_s = time.perf_counter() - t0
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            logged.extend(float(l) for l in losses[len(logged):])  # the logging step's host sync
+            bar.set_postfix(loss=f"{logged[-1]:.3f}")
+        bar.update(1)
+    _sync(on_gpu)
+    t_end = time.perf_counter()
+    bar.close()
+    timed_steps = args.steps - warmup
+    from . import loader
+    return {
+        "variant": args.variant, "mode": args.mode, "model": args.model, "gc": args.gc, "packed": args.packed,
+        "batch": args.batch, "seq": args.seq, "steps": args.steps,
+        "tokens_per_s": timed_steps * args.batch * args.seq / (t_end - t_window),
+        "step_ms": (t_end - t_window) / timed_steps * 1e3,
+        "first_step_s": first_step_s, "process_s": t_end - t_start,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
+        "losses": logged,  # every step's loss, read at the logging steps
+        "fusedlora_jit_kernels": loader.get_loader().stats.get("jit", 0) if args.variant == "fusedlora" else None,
+        "patch": report, "versions": _versions(), "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+    }
+
+
+def _sync(on_gpu):
+    if on_gpu:
+        import torch
+        torch.cuda.synchronize()
+
+
+def _progress(total, desc):
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
+    except ImportError:  # tqdm is optional: a no-op bar
+        class _Bar:
+            def update(self, n):
+                pass
+
+            def set_postfix(self, **kw):
+                pass
+
+            def close(self):
+                pass
+        return _Bar()
+
+
+def _versions() -> dict:
+    out = {}
+    for name in ("torch", "triton", "transformers", "peft", "bitsandbytes", "liger_kernel"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - not installed (or no __version__)
+            pass
+    from . import __version__
+    out["fusedlora"] = __version__
+    return out
+
+
+def add_run_args(ap, steps=20, batch=4, seq=2048):
+    ap.add_argument("--model", choices=sorted(SHAPES), default="1b")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--qlora", dest="mode", action="store_const", const="qlora")
+    mode.add_argument("--lora", dest="mode", action="store_const", const="lora")
+    ap.set_defaults(mode="qlora")
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--seq", type=int, default=seq)
+    ap.add_argument("--gc", action="store_true", help="gradient checkpointing (non-reentrant)")
+    ap.add_argument("--packed", action="store_true", help="padding-free packed rows (position_ids restart per document)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--log-every", type=int, default=5)
+
+
+def run_in_subprocess(variant, args, extra_env=None) -> dict:
+    """One variant in a fresh Python process; its progress bar goes to our stderr, its result comes back."""
+    import subprocess
+    cmd = [sys.executable, "-m", "fusedlora.workload", "--variant", variant, "--model", args.model, f"--{args.mode}",
+           "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--lr", str(args.lr),
+           "--log-every", str(args.log_every)] + (["--gc"] if args.gc else []) + (["--packed"] if args.packed else [])
+    env = dict(os.environ, **(extra_env or {}))
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    return {"variant": variant, "mode": args.mode, "model": args.model, "gc": args.gc, "error":
+            f"exit code {proc.returncode}; stdout tail: {proc.stdout[-400:]}"}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m fusedlora.workload", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variant", choices=VARIANTS, required=True)
+    add_run_args(ap)
+    args = ap.parse_args(argv)
+    print("RESULT " + json.dumps(run(args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
