@@ -452,7 +452,12 @@ def lora_section() -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fusedlora.bench")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["e2e"]:  # the end-to-end training step: fusedlora/bench_e2e.py
+        from .bench_e2e import main as e2e_main
+        return e2e_main(argv[1:])
+    ap = argparse.ArgumentParser(prog="python -m fusedlora.bench", epilog="python -m fusedlora.bench e2e --help: "
+                                 "the end-to-end training step")
     ap.add_argument("--out", default=None, help="write the Markdown report here too")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: launch,first,ops,quant,lora")
     ap.add_argument("--only", default="", help="only op cases whose name contains this")

@@ -1,0 +1,84 @@
+"""`python -m fusedlora.bench e2e`: the end-to-end training step, every variant timed the same way, each in
+its own process (fusedlora.workload): HF+PEFT, + Liger (when installed), + torch.compile, patched by
+fusedlora; LoRA and QLoRA; with and without gradient checkpointing; the 1B and 8B Llama shapes.
+Writes a Markdown table and the raw JSON."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import sys
+import time
+
+from .workload import VARIANTS, run_in_subprocess
+
+
+def _loss_gap(r, ref):
+    """Largest relative difference between two runs' per-step losses."""
+    pairs = list(zip(r.get("losses", []), ref.get("losses", [])))
+    return max((abs(a - b) / max(abs(b), 1e-6) for a, b in pairs), default=float("nan"))
+
+
+def markdown(results) -> str:
+    lines = ["| shape | mode | gc | variant | tokens/s | vs HF+PEFT | step ms | peak GiB | first step s | "
+             "loss gap vs HF | JIT kernels |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, group in itertools.groupby(results, key=lambda r: (r["model"], r["mode"], r["gc"])):
+        group = list(group)
+        ref = next((r for r in group if r["variant"] == "hf" and "error" not in r), None)
+        for r in group:
+            head = f"| {key[0]} | {key[1]} | {'on' if key[2] else 'off'} | {r['variant']} |"
+            if "error" in r:
+                lines.append(head + f" failed: {r['error'][:120]} | | | | | | |")
+                continue
+            ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
+            gap = f"{_loss_gap(r, ref):.1e}" if ref and r is not ref else "-"
+            jit = "-" if r.get("fusedlora_jit_kernels") is None else str(r["fusedlora_jit_kernels"])
+            lines.append(head + f" {r['tokens_per_s']:,.0f} | {ratio} | {r['step_ms']:.1f} | {r['peak_gib']:.2f} | "
+                         f"{r['first_step_s']:.2f} | {gap} | {jit} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fusedlora.bench e2e", description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="1b", help="comma list of shapes: 1b,8b")
+    ap.add_argument("--modes", default="qlora,lora")
+    ap.add_argument("--gc", choices=("off", "on", "both"), default="off")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--out", default=None, help="Markdown report path (JSON beside it, .json)")
+    args = ap.parse_args(argv)
+    import torch
+    if not torch.cuda.is_available():
+        print("fusedlora.bench e2e needs a CUDA GPU (the CPU demo: python -m fusedlora.demo)", file=sys.stderr)
+        return 2
+    variants = [v for v in args.variants.split(",") if v]
+    if "liger" in variants and importlib.util.find_spec("liger_kernel") is None:
+        print("liger-kernel is not installed: skipping that variant", file=sys.stderr)
+        variants.remove("liger")
+    gcs = {"off": [False], "on": [True], "both": [False, True]}[args.gc]
+    results = []
+    for model, mode, gc in itertools.product(args.models.split(","), args.modes.split(","), gcs):
+        for variant in variants:
+            run = argparse.Namespace(model=model, mode=mode, gc=gc, packed=False, steps=args.steps, batch=args.batch,
+                                     seq=args.seq, lr=args.lr, log_every=5)
+            t0 = time.perf_counter()
+            r = run_in_subprocess(variant, run)
+            print(f"{model} {mode} gc={gc} {variant}: " + (f"{r['tokens_per_s']:,.0f} tok/s, {r['peak_gib']:.2f} GiB"
+                  if "error" not in r else r["error"]) + f" ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+            results.append(r)
+    r0 = next((r for r in results if "versions" in r), {})
+    report = (f"Measured {time.strftime('%Y-%m-%d')} on {r0.get('device')}, "
+              + ", ".join(f"{k} {v}" for k, v in r0.get("versions", {}).items())
+              + f"; batch {args.batch} x {args.seq}, LoRA r16 on 7 projections, bf16 autocast, fused AdamW, "
+              f"SDPA, {args.steps} steps (first 2 untimed), each variant in its own process.\n\n" + markdown(results))
+    print(report)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(report + "\n")
+        with open(args.out.rsplit(".", 1)[0] + ".json", "w") as fh:
+            json.dump(results, fh, indent=1)
+    return 0
