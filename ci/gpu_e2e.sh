@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The end-to-end GPU session (device machine): carried wheels (.whl: bitsandbytes, liger-kernel...), the built
+# fusedlora wheel (dist/) installed apart from the checkout, then: the patch tests on the GPU (checkout, JIT),
+# the demo and the e2e benchmark from the wheel (prebuilt cubins). Results under $OUT (or ./gpu_out).
+# Usage: bash ci/gpu_e2e.sh [tests|demo|bench]...   (default: all three); BENCH_ARGS passes options to the bench.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+WHEEL_PYTHONPATH=$PYTHONPATH
+if ls dist/fusedlora-*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/flwheel dist/fusedlora-*.whl
+  WHEEL_PYTHONPATH=/tmp/flwheel:$PYTHONPATH
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.txt"
+python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/env.txt"
+for part in "${@:-tests demo bench}"; do
+  for p in $part; do
+    case $p in
+      tests) python3 -m pytest -q tests/test_hf_patch.py tests/test_lora.py -x 2>&1 | tee "$OUT/pytest_hf.txt" | tail -15 ;;
+      demo) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH python3 -m fusedlora.demo --out "$OUT/demo" ${DEMO_ARGS:-}) 2>"$OUT/demo_log.txt" | tail -30 ;;
+      bench) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH python3 -m fusedlora.bench e2e --out "$OUT/e2e.md" ${BENCH_ARGS:-}) 2>&1 | grep -v "it/s\]\|s/it\]" | tail -40 ;;
+    esac
+  done
+done
