@@ -1,0 +1,37 @@
+"""The demo's workload: packed batches, and the whole demo (two fresh processes) on the tiny shape."""
+import json
+
+import pytest
+import torch
+
+from fusedlora import workload
+
+
+def test_packed_batches_restart_positions_at_documents():
+    (ids, labels, pos), = workload.batches(1, 2, 4096, packed=True, device="cpu")
+    tokens, starts = workload.text_tokens(2 * 4096)
+    assert torch.equal(ids.reshape(-1), tokens)
+    flat_pos, flat_labels = pos.reshape(-1), labels.reshape(-1)
+    inner = [s for s in starts if 0 < s < 2 * 4096 and s % 4096]
+    assert inner, "the first 8 KiB of the stdlib should hold a document boundary"
+    for s in inner:
+        assert flat_pos[s] == 0 and flat_pos[s - 1] > 0 and flat_labels[s] == -100
+    assert (pos[:, 0] == 0).all()
+    steps = pos[:, 1:] - pos[:, :-1]
+    assert ((steps == 1) | (pos[:, 1:] == 0)).all()
+
+
+def test_demo_tiny_shows_loss_parity(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("the GPU demo is the 1B shape: run it through ci/gpu_e2e.sh")
+    from fusedlora import demo
+    rc = demo.main(["--lora", "--steps", "3", "--batch", "1", "--seq", "32", "--log-every", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    results = json.loads((tmp_path / "demo.json").read_text())
+    hf, fused = results
+    assert hf["variant"] == "hf" and fused["variant"] == "fusedlora" and len(fused["losses"]) == 3
+    assert fused["patch"]["kinds"]["attention"]["patched"] == 2 and fused["interpreter"]
+    for a, b in zip(hf["losses"], fused["losses"]):
+        assert abs(a - b) <= 1e-4 * abs(a)
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    assert "tokens/s" in (tmp_path / "demo.md").read_text()
