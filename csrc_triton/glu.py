@@ -5,6 +5,8 @@ and strides are specialised on 16-divisibility only (so masked loads stay 16-byt
 size qualifies) and are otherwise runtime values.
 Backward recomputes the activation from gate instead of storing it.
 """
+import os
+
 import triton
 import triton.language as tl
 
@@ -59,11 +61,18 @@ def glu_bwd_kernel(DOUT, GATE, UP, DGATE, DUP, H, n_elements, ACT: tl.constexpr,
         tl.store(H + offs, (a * u).to(H.dtype.element_ty), mask=mask)
 
 
+# Triton's CPU interpreter computes bf16 tl.dot wrongly (triton 3.9), so there the operands go to fp32 first.
+# Read at import, as triton.jit reads TRITON_INTERPRET; the AOT build never sets it (a dead branch in cubins).
+_INTERPRETER_FP32_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "") == "1")
+
+
 @triton.jit
 def _mma(a, b, acc):
     # fp32 operands: exact products (tl.dot would use TF32 on the GPU); fp16/bf16: tensor cores
     if a.dtype == tl.float32:
         return tl.dot(a, b, acc, input_precision="ieee")
+    elif _INTERPRETER_FP32_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
 

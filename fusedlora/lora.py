@@ -88,8 +88,9 @@ def dequantize_base(W: torch.Tensor, quant, dtype: torch.dtype, out: torch.Tenso
 
 
 def _compute_dtype(X: torch.Tensor) -> torch.dtype:
-    if X.is_cuda and torch.is_autocast_enabled("cuda"):
-        return torch.get_autocast_dtype("cuda")
+    """The autocast dtype of X's device type when autocast is on there (CUDA or CPU), else X's dtype."""
+    if X.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(X.device.type):
+        return torch.get_autocast_dtype(X.device.type)
     return X.dtype
 
 

@@ -533,3 +533,24 @@ def test_other_lora_variants_are_reported():
     proj.lora_variant["default"] = object()
     with pytest.raises(lora.UnsupportedLoRA, match="the object LoRA variant is not fused"):
         lora.get_lora_parameters(proj)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mlp_16bit_matches_peft_everywhere(dtype):
+    """16-bit LoRA MLP (the fused GLU-LoRA path, B non-zero) against PEFT in float64 from the same 16-bit
+    weights, on CPU (interpreter: whose bf16 tl.dot is wrong, so the kernels compute their dots in fp32 there)
+    and on the GPU. Tolerance: a few 16-bit roundings of the [T, I] intermediates (bf16: 2^-8 each)."""
+    fused = make(r=4).to(dtype)
+    ref = copy.deepcopy(fused).double()
+    x = torch.randn(2, 5, 64, device=DEVICE).to(dtype)
+    xr, xf = x.double().requires_grad_(), x.clone().requires_grad_()
+    ref.mlp(xr).square().sum().backward()
+    yf = lora.apply_lora_mlp_swiglu(fused.mlp, xf)
+    yf.float().square().sum().backward()
+    tol = 3e-2 if dtype == torch.bfloat16 else 5e-3
+    assert rel_err(yf, ref.mlp(xr).detach()) < tol
+    gr, gf = grads(ref), grads(fused)
+    assert gr.keys() == gf.keys() and any("lora_B" in n for n in gr)
+    for n in gr:
+        assert rel_err(gf[n], gr[n]) < 2 * tol, n
+    assert rel_err(xf.grad, xr.grad) < 2 * tol

@@ -156,10 +156,9 @@ def loss_head_problem(model) -> str | None:
 
 
 def _compute_dtype(t, weight):
-    if t.is_cuda and torch.is_autocast_enabled("cuda"):
-        return torch.get_autocast_dtype("cuda")
-    if t.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu")
+    """The LM head's dtype under autocast (as HF's lm_head call would get), else the weight's."""
+    if t.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
     return weight.dtype
 
 
