@@ -367,3 +367,35 @@ def test_gpu_bf16_grads_as_close_to_fp32_as_peft():
     err_peft = sum(rel_err(gp[n], g32[n]) for n in g32) / len(g32)
     err_fused = sum(rel_err(gf[n], g32[n]) for n in g32) / len(g32)
     assert err_fused <= err_peft * 1.05, (err_fused, err_peft)
+
+
+def test_trl_sft_trainer_matches_unpatched(tmp_path):
+    """TRL's SFTTrainer (which puts its own chunked LM head on the model: the loss is TRL's, the decoder
+    ours), gradient accumulation 2 x batch 2: one SGD step patched = unpatched."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from tokenizers import Tokenizer, models
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({f"t{i}": i for i in range(97)}, unk_token="t1")),
+        pad_token="t0", eos_token="t2", bos_token="t3")
+    g = torch.Generator().manual_seed(0)
+    ds = datasets.Dataset.from_list([{"input_ids": torch.randint(4, 97, (n,), generator=g).tolist()}
+                                     for n in (16, 12, 16, 9)])
+
+    def train(model, name):
+        args = trl.SFTConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, max_steps=1, learning_rate=0.1, optim="sgd",
+                             lr_scheduler_type="constant", report_to=[], save_strategy="no", use_cpu=DEVICE == "cpu",
+                             bf16=False, logging_steps=1, seed=0, data_seed=0, shuffle_dataset=False)
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+        trainer.train()
+        return trainer.state.log_history[0]["loss"]
+
+    ref = make_model()
+    fused = copy.deepcopy(ref)
+    fusedlora.patch(fused)
+    l0, l1 = train(ref, "ref"), train(fused, "fused")
+    assert abs(l1 - l0) <= 1e-5 * abs(l0)
+    for (n0, p0), (n1, p1) in zip(ref.named_parameters(), fused.named_parameters()):
+        if p0.requires_grad:
+            assert rel_err(p1.detach(), p0.detach()) <= 1e-5, n0
