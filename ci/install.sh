@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what fusedlora's tests and self-check need on a fresh machine (idempotent, quiet).
-# CPU machines get torch's CPU build; kernels then run in Triton's interpreter.
+# torch comes from the configured package index as torch==2.13.0 (CI's index serves the CPU build; plain PyPI
+# serves the CUDA build, which runs the CPU tests too); on a machine without a GPU the kernels run in Triton's
+# interpreter. A torch already installed is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -88,6 +88,11 @@ def main(argv=None) -> int:
         variants += registry.family_variants(family, archs)
     out = Path(args.out) if args.out else user_kernel_dir()
     summary = aot.build(variants, out, jobs=args.jobs, ptxas13=args.ptxas13, quiet=args.quiet, merge=True)
+    if out.resolve() != user_kernel_dir().resolve():
+        print(f"The loader searches FUSEDLORA_KERNEL_PATH, then {user_kernel_dir()}, then the wheel's set: to use "
+              f"these kernels, export FUSEDLORA_KERNEL_PATH={out.resolve()} (':'-separated for several folders)")
+    else:
+        print(f"The loader finds these kernels in {out} by itself (no environment variable needed)")
     return 1 if summary["errors"] else 0
 
 

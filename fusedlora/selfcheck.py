@@ -231,6 +231,12 @@ def run(verbose: bool = True) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    import argparse
+    argparse.ArgumentParser(
+        prog="python -m fusedlora.selfcheck",
+        description="Run every registered kernel once against its plain-torch reference and print one row per kernel "
+                    "(its path: prebuilt cubin or triton.jit). With no CUDA GPU the kernels run in Triton's CPU "
+                    "interpreter. FUSEDLORA_AOT_ONLY=1 fails a kernel that has no prebuilt cubin.").parse_args(argv)
     import torch
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"  # must be set before the kernels are imported
