@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 
 from .kernels import glu_lora_rank_pad
-from .ops._common import cdiv
+from .ops._common import cdiv, check_tensor
 from .ops.glu import glu_backward, glu_forward, glu_lora_backward, glu_lora_dyb, glu_lora_forward
 from .quant import dequantize_gptq, dequantize_nf4, row_block_ok
 
@@ -100,6 +100,24 @@ def _check_adapter(name, W_out, W_in, A, B, s):
     if A.dim() != 2 or B.dim() != 2 or A.shape[1] != W_in or B.shape[0] != W_out or A.shape[0] != B.shape[1]:
         raise ValueError(f"{name}: LoRA A {tuple(A.shape)} / B {tuple(B.shape)} do not match a [{W_out}, {W_in}] "
                          f"weight (expected A [r, {W_in}], B [{W_out}, r])")
+
+
+def _check_input(name, X, W, quant, in_f, kernels: bool):
+    """X as the fused functions take it, or an error in the caller's terms: a float tensor whose last
+    dimension is the weight's input size, on a device the kernels run on (when this call launches kernels),
+    and (without autocast, on a plain base weight) in the weight's dtype, as PEFT's own layer requires."""
+    if not isinstance(X, torch.Tensor) or not X.is_floating_point():
+        raise TypeError(f"{name}: the input X must be a float tensor, got "
+                        f"{X.dtype if isinstance(X, torch.Tensor) else type(X).__name__}")
+    if X.dim() < 1 or X.shape[-1] != in_f:
+        raise ValueError(f"{name}: the input X has shape {tuple(X.shape)} but the weight takes {in_f} input "
+                         f"features; expected X [..., {in_f}]")
+    if kernels:
+        check_tensor(name, "X", X)
+    if (quant is None and W.is_floating_point() and X.dtype != W.dtype
+            and not (X.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(X.device.type))):
+        raise TypeError(f"{name}: the input X is {X.dtype} but the base weight is {W.dtype} and autocast is off "
+                        "(PEFT's layer raises here too): cast the input or run under torch.autocast")
 
 
 def _weight_shape(W, quant):
@@ -403,6 +421,7 @@ class LoRA_O(torch.autograd.Function):
     def forward(ctx, X, W, W_quant, A, B, S, bias=None, dropout=0.0, training=False):
         out_f, in_f = _weight_shape(W, W_quant)
         _check_adapter("LoRA_O", out_f, in_f, A, B, S)
+        _check_input("LoRA_O (apply_lora_o)", X, W, W_quant, in_f, kernels=W_quant is not None)
         dtype = _compute_dtype(X)
         X2 = _flat(X).to(dtype)
         pr = _Proj(W, W_quant, A, B, float(S or 0.0), bias, float(dropout))
@@ -430,6 +449,8 @@ class LoRA_QKV(torch.autograd.Function):
     def forward(ctx, X, qW, qQ, qA, qB, qS, kW, kQ, kA, kB, kS, vW, vQ, vA, vB, vS, inplace=True,
                 q_bias=None, k_bias=None, v_bias=None, dropouts=(0.0, 0.0, 0.0), training=False):
         biases = (q_bias, k_bias, v_bias)
+        _check_input("LoRA_QKV (apply_lora_qkv)", X, qW, qQ, _weight_shape(qW, qQ)[1],
+                     kernels=any(q is not None for q in (qQ, kQ, vQ)))
         dtype = _compute_dtype(X)
         X2 = _flat(X).to(dtype)
         prs = []
@@ -490,6 +511,7 @@ class LoRA_MLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X, gW, gQ, gA, gB, gS, uW, uQ, uA, uB, uS, dW, dQ, dA, dB, dS, activation_fn,
                 activation_fn_backward, inplace=True, dropouts=(0.0, 0.0, 0.0), training=False):
+        _check_input("LoRA_MLP (apply_lora_mlp_*)", X, gW, gQ, _weight_shape(gW, gQ)[1], kernels=True)
         dtype = _compute_dtype(X)
         X2 = _flat(X).to(dtype)
         pg = _Proj(gW, gQ, gA, gB, float(gS or 0.0), None, float(dropouts[0]))

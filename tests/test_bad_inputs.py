@@ -170,3 +170,64 @@ def test_family_from_config_without_hidden_size():
     from fusedlora.build import family_from_config
     with pytest.raises(ValueError, match="model config has no hidden_size"):
         family_from_config({"vocab_size": 10})
+
+
+# ------------------------------------------------------------------ errors in the caller's terms
+def _block():
+    from test_lora import make
+    return make(r=4)
+
+
+def test_lora_input_errors_name_the_function_and_argument(monkeypatch):
+    blk = _block()
+    with pytest.raises(ValueError, match=r"LoRA_QKV \(apply_lora_qkv\): the input X has shape \(2, 3, 63\) but the "
+                                         r"weight takes 64 input features"):
+        lora.apply_lora_qkv(blk.self_attn, torch.randn(2, 3, 63, device=DEVICE))
+    with pytest.raises(ValueError, match=r"LoRA_MLP \(apply_lora_mlp_\*\): the input X has shape \(5, 32\)"):
+        lora.apply_lora_mlp_swiglu(blk.mlp, torch.randn(5, 32, device=DEVICE))
+    with pytest.raises(TypeError, match=r"LoRA_O \(apply_lora_o\): the input X must be a float tensor, got torch.int64"):
+        lora.apply_lora_o(blk.self_attn, torch.ones(2, 64, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(TypeError, match=r"the input X is torch.float16 but the base weight is torch.float32 and "
+                                        r"autocast is off \(PEFT's layer raises here too\)"):
+        lora.apply_lora_o(blk.self_attn, torch.randn(2, 64, device=DEVICE, dtype=torch.float16))
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match=r"LoRA_MLP \(apply_lora_mlp_\*\): X is on cpu; fusedlora kernels need CUDA"):
+            lora.apply_lora_mlp_swiglu(blk.mlp, torch.randn(2, 64))
+
+
+def test_lora_int8_base_is_unsupported():
+    proj = _peft_proj()
+    proj.base_layer = SimpleNamespace(weight=torch.zeros(8, 8, dtype=torch.int8), bias=None)
+    with pytest.raises(lora.UnsupportedLoRA, match="keeps a torch.int8 weight with no 4-bit quant state"):
+        lora.get_lora_parameters(proj)
+
+
+def test_rms_norm_empty_last_dimension():
+    from fusedlora.ops import rms_norm
+    with pytest.raises(ValueError, match=r"rms_norm: x has shape \(4, 0\): its last dimension \(the one normalised\) is empty"):
+        rms_norm(torch.randn(4, 0, device=DEVICE), torch.ones(0, device=DEVICE))
+
+
+def test_rope_shape_errors_print_real_alternatives():
+    from fusedlora.ops import rope
+    q = torch.randn(1, 2, 5, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"cos/sin have shape \(1, 4, 8\); expected \[1, 5, rotary_dim\] \(or a"):
+        rope(q, q, torch.randn(1, 4, 8, device=DEVICE), torch.randn(1, 4, 8, device=DEVICE))
+    q2 = torch.randn(3, 2, 5, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"expected \[3, 5, rotary_dim\] or \[1, 5, rotary_dim\]"):
+        rope(q2, q2, torch.randn(2, 5, 8, device=DEVICE), torch.randn(2, 5, 8, device=DEVICE))
+
+
+def test_chunked_linear_loss_refuses_a_reducing_loss():
+    h, w = torch.randn(6, 8, device=DEVICE), torch.randn(3, 8, device=DEVICE)
+    t = torch.randn(6, 3, device=DEVICE)
+    with pytest.raises(ValueError, match=r"loss_fn must return per-item losses \(reduction='none'\).*it returned \(\)"):
+        chunked_linear_loss(h, w, t, F.mse_loss, num_chunks=2)
+    ok = chunked_linear_loss(h, w, t, lambda z, u: F.mse_loss(z, u, reduction="none"), num_chunks=2)
+    assert torch.allclose(ok, F.mse_loss(F.linear(h, w), t))
+
+
+def test_selfcheck_help_prints_help_and_runs_nothing():
+    r = _cli("fusedlora.selfcheck", "--help")
+    assert r.returncode == 0 and "usage: python -m fusedlora.selfcheck" in r.stdout and "PASS" not in r.stdout

@@ -173,7 +173,9 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
 
     softcap: Gemma-2 style `softcap * tanh(logits / softcap)`; logit_scale multiplies the logits first.
     inplace_grad=True writes the gradient over the logits buffer (saves one [T, V] tensor; the logits
-    are then gone). Returns an fp32 loss (a scalar, or per-row for reduction="none")."""
+    are then gone). Returns an fp32 loss (a scalar, or per-row for reduction="none"). A "mean" over labels that
+    are all ignore_index is 0 with zero gradients, deliberately (torch returns NaN): one empty micro-batch does
+    not turn a training run's loss into NaN."""
     op = "cross_entropy"
     check_tensor(op, "logits", logits)
     check_tensor(op, "labels", labels, dtypes=LABEL_DTYPES, like=logits, like_name="logits")

@@ -167,6 +167,13 @@ class ChunkedLinearLossFunction(torch.autograd.Function):
                 b = bias.detach().requires_grad_(need_db) if bias is not None else None
                 t = targets[s:e]
                 per_item = loss_fn(F.linear(h, w, b), t)
+                if not isinstance(per_item, torch.Tensor) or per_item.dim() == 0 or per_item.shape[0] != e - s:
+                    got = tuple(per_item.shape) if isinstance(per_item, torch.Tensor) else type(per_item).__name__
+                    raise ValueError(
+                        f"chunked_linear_loss: loss_fn must return per-item losses (reduction='none'), a tensor "
+                        f"whose first dimension is the chunk's {e - s} rows; it returned {got}. A loss that "
+                        "reduces itself (e.g. F.mse_loss with its default reduction='mean') would weight the "
+                        "chunks wrongly")
                 chunk_sum = per_item.float().sum()
                 wrt = [x for x, need in ((h, need_dh), (w, need_dw), (b, need_db)) if need]
                 grads = list(torch.autograd.grad(chunk_sum, wrt)) if wrt else []

@@ -91,6 +91,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: f
     if x.dim() < 1 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"{op}: weight has shape {tuple(weight.shape)} but x's last dimension is "
                          f"{x.shape[-1] if x.dim() else '(scalar x)'}; expected weight of shape ({x.shape[-1] if x.dim() else 'N'},)")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{op}: x has shape {tuple(x.shape)}: its last dimension (the one normalised) is empty")
     if weight.stride(0) != 1:
         weight = weight.contiguous()
     return RMSNormFunction.apply(x, weight, float(eps), float(offset), casting == "gemma")

@@ -94,6 +94,12 @@ class RopeFunction(torch.autograd.Function):
         return dq, dk, None, None, None
 
 
+def _batch_or_1(bsz, *rest):
+    """'[B, ...] or [1, ...]' with the real sizes ('[1, ...]' alone when B is 1)."""
+    tail = ", ".join(str(r) for r in rest)
+    return f"[1, {tail}]" if bsz == 1 else f"[{bsz}, {tail}] or [1, {tail}]"
+
+
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
          position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [B, Hq, S, D] and k [B, Hk, S, D]; returns (q_rot, k_rot), differentiable in q and k."""
@@ -120,14 +126,15 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             raise ValueError(f"{op}: with position_ids, cos/sin must be a [max_pos, rotary_dim] cache; got "
                              f"{tuple(cos.shape)} (pass position_ids=None for per-token cos/sin)")
         if position_ids.dim() != 2 or position_ids.shape[1] != seq or position_ids.shape[0] not in (1, bsz):
-            raise ValueError(f"{op}: position_ids has shape {tuple(position_ids.shape)}; expected [{bsz} or 1, {seq}]")
+            raise ValueError(f"{op}: position_ids has shape {tuple(position_ids.shape)}; expected {_batch_or_1(bsz, seq)}")
         torch._assert_async(((position_ids >= 0) & (position_ids < cos.shape[0])).all(),
                             f"{op}: position_ids must be in [0, {cos.shape[0]}) (the cos/sin cache length)")
     else:
         if cos.dim() == 2:
             cos, sin = cos[None], sin[None]
         if cos.dim() != 3 or cos.shape[1] != seq or cos.shape[0] not in (1, bsz):
-            raise ValueError(f"{op}: cos/sin have shape {tuple(cos.shape)}; expected [{bsz} or 1, {seq}, rotary_dim]")
+            raise ValueError(f"{op}: cos/sin have shape {tuple(cos.shape)}; expected "
+                             f"{_batch_or_1(bsz, seq, 'rotary_dim')} (or a [max_pos, rotary_dim] cache with position_ids)")
     q, k = _last_contiguous(q), _last_contiguous(k)
     cos, sin = _last_contiguous(cos), _last_contiguous(sin)
     return RopeFunction.apply(q, k, cos, sin, position_ids)
