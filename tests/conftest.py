@@ -52,3 +52,25 @@ def assert_device_assert(code: str, message: str):
     """`code` (run in its own process: a device-side assert ends the CUDA context) fails with `message`."""
     r = run_isolated(code)
     assert r.returncode != 0 and (message in r.stderr or "device-side assert" in r.stderr), r.stderr[-2000:]
+
+
+def assert_close(got, ref, tol: float, name: str = ""):
+    """Norm-wise AND element-wise: ||got - ref|| / ||ref|| <= tol, and every |got - ref| <= tol * max|ref|
+    (floored at 1e-2), so a fault confined to one row, column or element fails as well."""
+    g, r = got.detach().double(), ref.detach().double()
+    assert g.shape == r.shape, (name, tuple(g.shape), tuple(r.shape))
+    assert torch.isfinite(g).all(), f"{name}: non-finite values"
+    norm_err = rel_err(g, r)
+    scale = max(r.abs().max().item() if r.numel() else 0.0, 1e-2)
+    elem_err = ((g - r).abs().max().item() if r.numel() else 0.0) / scale
+    assert norm_err <= tol and elem_err <= tol, (f"{name}: norm-wise {norm_err:.3e}, element-wise {elem_err:.3e} "
+                                                 f"(worst at {tuple(int(i) for i in torch.nonzero((g - r).abs() == (g - r).abs().max())[0])}), tol {tol:.1e}")
+
+
+def kernel_round(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 values rounded to a 16-bit dtype the way the kernels' casts do it here: CUDA rounds to nearest;
+    Triton's interpreter (triton 3.9) truncates fp32 -> bf16 (fp16 it rounds)."""
+    t = t.float()
+    if dtype == torch.bfloat16 and not HAS_CUDA:
+        return (t.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+    return t.to(dtype)
