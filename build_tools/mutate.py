@@ -28,7 +28,8 @@ MUTATIONS = [
     ("rms_norm: no Llama cast before the weight", "rms_norm",
      "y = xhat.to(X.dtype.element_ty).to(tl.float32) * w[None, :]", "y = xhat * w[None, :]"),
     ("rms_norm: eps dropped", "rms_norm", "tl.sum(x * x, axis=1) / n_cols + eps)", "tl.sum(x * x, axis=1) / n_cols)"),
-    ("rms_norm: backward sign", "rms_norm", "dx = rstd * (g - xhat *", "dx = rstd * (g + xhat *"),
+    ("rms_norm: backward sign", "rms_norm", "dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols))",
+     "dx = rstd * (g + xhat * (tl.sum(g * xhat, axis=0) / n_cols))"),
     ("rms_norm: backward ignores the offset", "rms_norm",
      "w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32) + offset\n    dw = tl.zeros",
      "w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)\n    dw = tl.zeros"),
@@ -67,7 +68,7 @@ def run_one(name, kernel, text, replacement) -> str:
                                *SELECTIONS[kernel]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     finally:
         path.write_text(original)
-    failed = re.findall(r"^FAILED (\S+)", proc.stdout, re.M)
+    failed = re.findall(r"^FAILED (.+?)(?: - .*)?$", proc.stdout, re.M)
     if failed:
         return f"caught by {failed[0]}"
     return "SURVIVED" if proc.returncode == 0 else f"error (exit {proc.returncode}): {proc.stdout[-300:]}"

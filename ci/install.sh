@@ -13,6 +13,6 @@ fi
 if ! "$PY" -c "import triton" 2>/dev/null; then
   pip_install "triton==3.9.0"
 fi
-pip_install numpy "pytest>=8" "pytest-benchmark>=4" tqdm matplotlib "setuptools>=64" wheel "bitsandbytes>=0.50" "peft>=0.13" "transformers>=4.45" accelerate trl datasets
+pip_install numpy "pytest>=8" hypothesis "pytest-benchmark>=4" tqdm matplotlib "setuptools>=64" wheel "bitsandbytes>=0.50" "peft>=0.13" "transformers>=4.45" accelerate trl datasets
 # The package itself, editable (no AOT build: tests build what they need).
 pip_install --no-build-isolation --no-deps -e .
