@@ -147,7 +147,9 @@ def test_inplace_grad_reuses_the_logits_buffer():
     assert rel_err(zk.grad, z64.grad) < 1e-5
 
 
-def test_no_grad_then_backward_through_recompute_path():
+def test_scaled_mean_loss_gradient():
+    """The gradient of a mean loss scaled before backward (d loss != 1: the precomputed gradient is rescaled).
+    The recompute path itself: tests/test_faults.py::test_cross_entropy_recompute_path_runs_and_matches."""
     z = torch.randn(5, 33, device=DEVICE, requires_grad=True)
     y = _labels(5, 33)
     loss = cross_entropy(z, y, reduction="mean")
