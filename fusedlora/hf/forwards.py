@@ -120,9 +120,12 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
         extra["sliding_window"] = getattr(self, "sliding_window", None)
     if fam.attn_softcap_attr:
         extra["softcap"] = getattr(self, fam.attn_softcap_attr)
-    attn_output, attn_weights = _attention_interface(self, info["eager"])(
-        self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
-        scaling=self.scaling, **extra, **kwargs)
+    dropout = self.attention_dropout if self.training else 0.0
+    if _varlen_serves(self, q, kwargs, extra, dropout):
+        attn_output, attn_weights = _varlen_attention(self, q, k, v, kwargs), None
+    else:
+        attn_output, attn_weights = _attention_interface(self, info["eager"])(
+            self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **extra, **kwargs)
     attn_output = attn_output.reshape(*input_shape, -1)
     if info["o"]:
         try:
@@ -130,6 +133,53 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
         except lora.UnsupportedLoRA as e:
             rec.fallbacks.note("attention (o)", str(e))
     return self.o_proj(attn_output.contiguous()), attn_weights
+
+
+# ------------------------------------------------------------------------------- packed sequences
+def _varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10
+        return None
+    return varlen_attn
+
+
+def packed_boundaries(position_ids: torch.Tensor, rows: int):
+    """(cu_seqlens int32 [N + 1], longest document) of packed rows: a document starts at each row start and
+    wherever position_ids do not step by 1 (HF's rule for packed sequences). Two host syncs (nonzero, max),
+    once per step."""
+    pos = position_ids.expand(rows, -1) if position_ids.shape[0] != rows else position_ids
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = (pos[:, 1:] - pos[:, :-1]) != 1
+    idx = torch.nonzero(starts.reshape(-1)).squeeze(1)
+    cu = torch.cat([idx, idx.new_tensor([pos.numel()])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def _varlen_serves(module, q, kwargs, extra, dropout) -> bool:
+    """Packed rows (cu_seq_lens in the call, from causal_lm_forward or the caller's collator) on the GPU with
+    SDPA: flash varlen attention, linear in memory, instead of SDPA over HF's dense block-diagonal mask."""
+    return ("cu_seq_lens_q" in kwargs and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and module.config._attn_implementation == "sdpa" and dropout == 0.0 and q.shape[-1] <= 256
+            and extra.get("sliding_window") is None and extra.get("softcap") is None and _varlen_attn() is not None)
+
+
+def _varlen_attention(module, q, k, v, kwargs):
+    """q [B, Hq, S, D], k / v [B, Hk, S, D] -> attention output [B, S, Hq, D] (HF's interface layout)."""
+    b, hq, s, d = q.shape
+    hk = k.shape[1]
+    q3, k3, v3 = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (q, k, v))
+    attn = _varlen_attn()
+    gqa = {}
+    if hk != hq:
+        if "enable_gqa" in inspect.signature(attn).parameters:
+            gqa["enable_gqa"] = True
+        else:  # torch 2.11: K/V heads repeated (each serves hq / hk query heads, as HF's repeat_kv)
+            k3, v3 = k3.repeat_interleave(hq // hk, dim=1), v3.repeat_interleave(hq // hk, dim=1)
+    out = attn(q3, k3, v3, kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k", kwargs["cu_seq_lens_q"]),
+               int(kwargs["max_length_q"]), int(kwargs.get("max_length_k", kwargs["max_length_q"])),
+               scale=module.scaling, window_size=(-1, 0), **gqa)
+    return out.view(b, s, hq, d)
 
 
 # ------------------------------------------------------------------------------------------- loss
@@ -195,6 +245,13 @@ def causal_lm_forward(self, *args, **kwargs):
     cache_given = call.get("cache", call.get("past_key_values", extra.get("past_key_values"))) is not None
     if "use_cache" in sig.parameters and call.get("use_cache") is None and not cache_given:
         call["use_cache"] = False  # a training step keeps no KV cache
+    pos = call.get("position_ids")
+    if (pos is not None and call.get("attention_mask") is None and "cu_seq_lens_q" not in extra and pos.is_cuda
+            and self.config._attn_implementation == "sdpa" and _varlen_attn() is not None):
+        rows = (call.get("input_ids") if call.get("input_ids") is not None else call["inputs_embeds"]).shape[0]
+        cu, longest = packed_boundaries(pos, rows)
+        if cu.numel() - 1 > rows:  # packed: the attention layers take flash varlen (HF still builds its mask)
+            extra.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
     outputs = self.model(**call, **extra)
     loss = _causal_lm_loss(self, outputs.last_hidden_state, labels, extra)
     from transformers.modeling_outputs import CausalLMOutputWithPast
