@@ -54,14 +54,14 @@ def assert_device_assert(code: str, message: str):
     assert r.returncode != 0 and (message in r.stderr or "device-side assert" in r.stderr), r.stderr[-2000:]
 
 
-def assert_close(got, ref, tol: float, name: str = ""):
+def assert_close(got, ref, tol: float, name: str = "", floor: float = 1e-2):
     """Norm-wise AND element-wise: ||got - ref|| / ||ref|| <= tol, and every |got - ref| <= tol * max|ref|
-    (floored at 1e-2), so a fault confined to one row, column or element fails as well."""
+    (both scales floored at `floor`), so a fault confined to one row, column or element fails as well."""
     g, r = got.detach().double(), ref.detach().double()
     assert g.shape == r.shape, (name, tuple(g.shape), tuple(r.shape))
     assert torch.isfinite(g).all(), f"{name}: non-finite values"
-    norm_err = rel_err(g, r)
-    scale = max(r.abs().max().item() if r.numel() else 0.0, 1e-2)
+    norm_err = ((g - r).norm() / r.norm().clamp_min(floor)).item()
+    scale = max(r.abs().max().item() if r.numel() else 0.0, floor)
     elem_err = ((g - r).abs().max().item() if r.numel() else 0.0) / scale
     assert norm_err <= tol and elem_err <= tol, (f"{name}: norm-wise {norm_err:.3e}, element-wise {elem_err:.3e} "
                                                  f"(worst at {tuple(int(i) for i in torch.nonzero((g - r).abs() == (g - r).abs().max())[0])}), tol {tol:.1e}")

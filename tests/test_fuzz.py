@@ -184,7 +184,8 @@ def test_fuzz_cross_entropy(data):
     loss.backward(g.float())
     ref.backward(g)
     assert loss.dtype == torch.float32 and loss.shape == ref.shape
-    assert_close(loss, ref, 1e-5, "loss")
+    # a loss that cancels to ~0 (one class, label smoothing) keeps the rounding of its logit-sized terms
+    assert_close(loss, ref, 1e-5, "loss", floor=z.abs().max().item())
     assert zk.grad.dtype == dtype
     assert_close(zk.grad, z64.grad, _tol(dtype), "dlogits")
 
@@ -300,25 +301,33 @@ def test_fuzz_lora_functions(data):
     act = data.draw(st.sampled_from(["silu", "gelu_tanh"]))
     fused = _peft_block(hidden, inter, q_out, kv_out, r, bias, dtype)
     fused.mlp.act = act
-    ref = copy.deepcopy(fused).double()
+    ref, peft_same = copy.deepcopy(fused).double(), copy.deepcopy(fused)
     x = torch.randn(tokens, hidden, device=DEVICE).to(dtype)
-    xf, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+    xf, xr, xp = x.clone().requires_grad_(), x.double().requires_grad_(), x.clone().requires_grad_()
     q, k, v = lora.apply_lora_qkv(fused.self_attn, xf)
     o = lora.apply_lora_o(fused.self_attn, q)
     apply_mlp = lora.apply_lora_mlp_swiglu if act == "silu" else lora.apply_lora_mlp_geglu
     m = apply_mlp(fused.mlp, xf)
     (q.float().sum() + k.float().square().sum() + v.float().sum() + o.float().square().sum()
      + m.float().square().sum()).backward()
-    at = ref.self_attn
-    qr, kr, vr = at.q_proj(xr), at.k_proj(xr), at.v_proj(xr)
-    orf = at.o_proj(qr)
-    mr = ref.mlp(xr)
-    (qr.sum() + kr.square().sum() + vr.sum() + orf.square().sum() + mr.square().sum()).backward()
+    outs = {}
+    for model, xin in ((ref, xr), (peft_same, xp)):  # PEFT in fp64 (the reference) and in x's own dtype
+        at = model.self_attn
+        qr, kr, vr = at.q_proj(xin), at.k_proj(xin), at.v_proj(xin)
+        orf = at.o_proj(qr)
+        mr = model.mlp(xin)
+        (qr.double().sum() + kr.double().square().sum() + vr.double().sum() + orf.double().square().sum()
+         + mr.double().square().sum()).backward()
+        outs[model is ref] = (qr, kr, vr, orf, mr)
     tol = 1e-4 if dtype == torch.float32 else 4e-2
-    for got, want, name in ((q, qr, "q"), (k, kr, "k"), (v, vr, "v"), (o, orf, "o"), (m, mr, "mlp")):
+    for got, want, name in zip((q, k, v, o, m), outs[True], ("q", "k", "v", "o", "mlp")):
         assert_close(got, want, tol, name)
     assert_close(xf.grad, xr.grad, 2 * tol, "dX")
     grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    same = {n: p.grad for n, p in peft_same.named_parameters() if p.grad is not None}
     for n, p in fused.named_parameters():
         if n in grads:
-            assert_close(p.grad, grads[n], 2 * tol, n)
+            # a gradient that cancels (rank 1, one token) carries the rounding of its large terms in any 16-bit
+            # implementation: at least 4x PEFT's own error in the same dtype is allowed
+            peft_err = ((same[n].double() - grads[n]).abs().max() / grads[n].abs().max().clamp_min(1e-2)).item()
+            assert_close(p.grad, grads[n], max(2 * tol, 4 * peft_err), n)
