@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--packed", action="store_true", help="padding-free packed rows (position_ids restart per document)")
     ap.add_argument("--out", default=None, help="Markdown report path (JSON beside it, .json)")
     args = ap.parse_args(argv)
     import torch
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     results = []
     for model, mode, gc in itertools.product(args.models.split(","), args.modes.split(","), gcs):
         for variant in variants:
-            run = argparse.Namespace(model=model, mode=mode, gc=gc, packed=False, steps=args.steps, batch=args.batch,
+            run = argparse.Namespace(model=model, mode=mode, gc=gc, packed=args.packed, steps=args.steps, batch=args.batch,
                                      seq=args.seq, lr=args.lr, log_every=5)
             t0 = time.perf_counter()
             r = run_in_subprocess(variant, run)
@@ -74,7 +75,8 @@ def main(argv=None) -> int:
     report = (f"Measured {time.strftime('%Y-%m-%d')} on {r0.get('device')}, "
               + ", ".join(f"{k} {v}" for k, v in r0.get("versions", {}).items())
               + f"; batch {args.batch} x {args.seq}, LoRA r16 on 7 projections, bf16 autocast, fused AdamW, "
-              f"SDPA, {args.steps} steps (first 2 untimed), each variant in its own process.\n\n" + markdown(results))
+              f"SDPA, {args.steps} steps (first 2 untimed){', packed rows' if args.packed else ''}, each variant in its own "
+              "process.\n\n" + markdown(results))
     print(report)
     if args.out:
         with open(args.out, "w") as fh:
