@@ -228,8 +228,8 @@ def test_gptq_against_an_independent_reference(bits, group, act_order, fmt):
                           group_size=group, format=fmt, out_dtype=torch.float32)
     assert out.shape == (n_out, n_in)
     s16 = s.to(torch.float16).double()
-    assert_close(out, ((q - z[g_idx]).double() * s16[g_idx]).t(), 1e-6)
-    assert rel_err(out, expect) < 1e-3  # the scales' fp16 rounding only
+    assert_close(out, ((q - z[g_idx]).double() * s16[g_idx]).t().to(DEVICE), 1e-6)
+    assert rel_err(out, expect.to(DEVICE)) < 1e-3  # the scales' fp16 rounding only
 
 
 # ---------------------------------------------------------------------------------------- LoRA

@@ -265,7 +265,7 @@ def test_fuzz_dequantize_gptq(data):
     qweight, qzeros = _pack(q, bits, 0), _pack(z - 1 if fmt == "gptq" else z, bits, 1)
     out = dequantize_gptq(qweight.to(DEVICE), qzeros.to(DEVICE), s.to(DEVICE), g_idx.to(DEVICE, torch.int32)
                           if act_order else None, bits=bits, group_size=group, format=fmt, out_dtype=out_dtype)
-    want = ((q - z[g_idx]).double() * s.double()[g_idx]).t()
+    want = ((q - z[g_idx]).double() * s.double()[g_idx]).t().to(DEVICE)
     assert out.dtype == out_dtype
     assert_close(out, want, 1e-6 if out_dtype == torch.float32 else _tol(out_dtype))
 
