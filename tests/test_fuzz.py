@@ -233,15 +233,16 @@ def test_fuzz_chunked_linear_loss(data):
     if pattern == "all":
         y[0] = 0
     h = torch.randn(rows, hidden, device=DEVICE).requires_grad_()
-    w = torch.randn(vocab, hidden, device=DEVICE).requires_grad_()
+    w = (torch.randn(vocab, hidden, device=DEVICE) / hidden ** 0.5).requires_grad_()
 
     def per_item(z, t):
         return torch.nn.functional.cross_entropy(z.float(), t, reduction="none")
     chunked_linear_loss(h, w, y, per_item, num_chunks=chunks).backward()
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     naive_cross_entropy(h64 @ w64.t(), y).backward()
-    assert_close(h.grad, h64.grad, 1e-5, "dh")
-    assert_close(w.grad, w64.grad, 1e-5, "dw")
+    # fp32 logits (one GEMM) carry 2^-24 x |logit| each, which the softmax gradient passes on: TOL[fp32]
+    assert_close(h.grad, h64.grad, TOL[torch.float32], "dh")
+    assert_close(w.grad, w64.grad, TOL[torch.float32], "dw")
 
 
 @FUZZ
