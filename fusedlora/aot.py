@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterable
 
 from . import registry
-from .loader import MANIFEST, MANIFEST_FORMAT
+from .manifest import write_manifests
 from .registry import Variant
 
 SCRATCH_ABI = ["*i8", "*i8"]  # global scratch, profile scratch: appended by Triton to every kernel
@@ -132,67 +132,11 @@ def _progress(total: int, quiet: bool):
         return Plain()
 
 
-def _write_json(path: Path, obj):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, separators=(",", ":"), sort_keys=True))  # compact: read at first launch
-    tmp.replace(path)
-
-
-def write_manifests(out: Path, records: list[dict], merge: bool):
-    """Write one manifest per kernel and arch (`<kernel>.sm<arch>.json`: the loader reads only those of
-    the kernels a job calls, for its GPU's archs) and the top-level `manifest.json` index (build info,
-    each kernel's source fingerprint, argument kinds and files). With merge, entries already there are
-    kept unless rebuilt or stale."""
-    import triton
-    top = load_top_manifest(out) if merge else None
-    kernels = dict(top["kernels"]) if top else {}
-    by_kernel: dict[str, list[dict]] = {}
-    for r in records:
-        by_kernel.setdefault(r["variant"]["kernel"], []).append(r)
-    for name, recs in by_kernel.items():
-        source, kinds = recs[0]["source_sha256"], recs[0]["arg_kinds"]
-        for r in recs:
-            r.pop("source_sha256"), r.pop("arg_kinds")
-        old = kernels.get(name)
-        prev: list[dict] = []
-        if old and old.get("source_sha256") == source:
-            for f in old.get("manifests", {}).values():
-                try:
-                    prev += json.loads((out / f).read_text())["entries"]
-                except (OSError, ValueError, KeyError):
-                    pass
-        new_files = {r["file"] for r in recs}
-        entries = [r for r in prev if r["file"] not in new_files and (out / r["file"]).exists()] + recs
-        per_arch: dict[int, list[dict]] = {}
-        for r in entries:
-            per_arch.setdefault(r["variant"]["arch"], []).append(r)
-        manifests = {}
-        for arch, rs in sorted(per_arch.items()):
-            fname = f"{name}.sm{arch}.json"
-            _write_json(out / fname, {"format": MANIFEST_FORMAT, "kernel": name, "arch": arch,
-                                      "entries": sorted(rs, key=lambda r: r["file"])})
-            manifests[str(arch)] = fname
-        kernels[name] = {"manifests": manifests, "source_sha256": source, "arg_kinds": kinds,
-                         "variants": len(entries)}
-    _write_json(out / MANIFEST, {"format": MANIFEST_FORMAT, "triton_version": triton.__version__,
-                                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                 "kernels": kernels})
-
-
-def load_top_manifest(out_dir: Path) -> dict | None:
-    try:
-        m = json.loads((out_dir / MANIFEST).read_text())
-        return m if m.get("format") == MANIFEST_FORMAT else None
-    except (OSError, ValueError):
-        return None
-
-
 def build(variants: Iterable[Variant], out_dir: str | os.PathLike, jobs: int | None = None,
           ptxas13: bool = False, quiet: bool = False, merge: bool = True) -> dict:
     """Compile `variants` into `out_dir` (cubins + manifest.json). Returns a summary dict.
 
     With merge, entries already in the directory's manifest are kept unless rebuilt (the user dir)."""
-    import triton
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     variants = list(variants)

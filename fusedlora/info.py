@@ -5,7 +5,8 @@ import platform
 import sys
 
 from . import __version__
-from .loader import kernel_dirs, read_index
+from .loader import kernel_dirs
+from .manifest import read_index
 from .registry import COMPATIBLE_ARCHS
 
 

@@ -17,8 +17,6 @@ minor) -> the normal `@triton.jit` call, logged once per key at debug level.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import json
 import logging
 import operator
 import os
@@ -29,13 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from . import registry
+from .manifest import Entry, kernel_index, read_top_manifests
 from .registry import COMPATIBLE_ARCHS, KernelSpec, Variant
 
 log = logging.getLogger("fusedlora")
 
 PREBUILT_DIR = Path(__file__).parent / "_prebuilt"
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 3
 
 
 def user_kernel_dir() -> Path:
@@ -107,107 +104,6 @@ def make_binder(spec: KernelSpec, arg_kinds=None):
     scope = {"A": aligned, "U": unaligned, "S": _spec_int}
     exec(compile(src, f"<fusedlora bind {spec.name}>", "exec"), scope)
     return scope["bind"], [n for n, _ in kinds]
-
-
-# ----------------------------------------------------------------------------- manifest index
-class Entry:
-    """One prebuilt cubin listed in a manifest."""
-
-    def __init__(self, directory: Path, record: dict):
-        self.directory = directory
-        self.record = record
-        self.variant = Variant.from_dict(record["variant"])
-        self.path = directory / record["file"]
-        self.sha256 = record["sha256"]
-        self.name = record["name"]
-        self.shared = int(record["shared"])
-        self.num_warps = int(record["num_warps"])
-        self.global_scratch_size = int(record.get("global_scratch_size", 0))
-        self.global_scratch_align = int(record.get("global_scratch_align", 1))
-        self._image = None
-
-    def image(self) -> bytes | None:
-        """The cubin bytes if the file exists and matches its checksum, else None (warned)."""
-        if self._image is None:
-            try:
-                data = self.path.read_bytes()
-            except OSError as e:
-                warnings.warn(f"fusedlora: prebuilt kernel {self.path} unreadable ({e}); using the JIT path",
-                              RuntimeWarning, stacklevel=4)
-                return None
-            if hashlib.sha256(data).hexdigest() != self.sha256:
-                warnings.warn(f"fusedlora: prebuilt kernel {self.path} fails its checksum; using the JIT path",
-                              RuntimeWarning, stacklevel=4)
-                return None
-            self._image = data
-        return self._image
-
-
-def read_top_manifests(dirs: list[Path]) -> list[tuple[Path, dict]]:
-    """The small top-level manifest of each kernel directory that has one (broken ones warned and skipped)."""
-    tops = []
-    for d in dirs:
-        mpath = d / MANIFEST
-        if not mpath.is_file():
-            continue
-        try:
-            top = json.loads(mpath.read_text())
-            if top.get("format") != MANIFEST_FORMAT:
-                raise ValueError(f"format {top.get('format')!r}, expected {MANIFEST_FORMAT} (rebuild the kernels)")
-            if not isinstance(top.get("kernels"), dict):
-                raise ValueError("no kernels table")
-        except Exception as e:  # a broken manifest must never break the op
-            warnings.warn(f"fusedlora: ignoring kernel manifest {mpath}: {e}", RuntimeWarning, stacklevel=3)
-            continue
-        tops.append((d, top))
-    return tops
-
-
-def kernel_index(tops: list[tuple[Path, dict]], name: str, archs=None):
-    """(key -> {arch: (dir, record)}, arg kinds or None) for one kernel across directories (earlier ones
-    win), reading only the manifests of `archs` (all when None).
-
-    A directory whose cubins of this kernel were built from another source (stale) is skipped, warned."""
-    index: dict[tuple, dict[int, tuple]] = {}
-    kinds = None
-    current = None
-    for d, top in tops:
-        info = top["kernels"].get(name)
-        if not info:
-            continue
-        if current is None:
-            current = registry.get(name).source_sha256()
-        if info.get("source_sha256") != current:
-            warnings.warn(f"fusedlora: prebuilt {name} kernels in {d} were built from another source; ignoring them",
-                          RuntimeWarning, stacklevel=3)
-            continue
-        if kinds is None and info.get("arg_kinds"):
-            kinds = [tuple(k) for k in info["arg_kinds"]]
-        for arch, fname in info.get("manifests", {}).items():
-            if archs is not None and int(arch) not in archs:
-                continue
-            try:
-                records = json.loads((d / fname).read_text())["entries"]
-            except Exception as e:
-                warnings.warn(f"fusedlora: ignoring kernel manifest {d / fname}: {e}", RuntimeWarning, stacklevel=3)
-                continue
-            for r in records:  # Entry objects are made only for the records a launch asks for
-                v = r["variant"]
-                key = (name, tuple(t for _, t in v["signature"]), tuple((n, c) for n, c in v["constexprs"]))
-                index.setdefault(key, {}).setdefault(v["arch"], (d, r))
-    return index, kinds
-
-
-def read_index(dirs: list[Path]) -> dict[tuple, dict[int, Entry]]:
-    """Every kernel's entries across `dirs` (tools and tests; the loader reads per kernel, lazily)."""
-    tops = read_top_manifests(dirs)
-    names = {n for _, top in tops for n in top["kernels"]}
-    index: dict[tuple, dict[int, Entry]] = {}
-    for name in sorted(names):
-        if name in registry.all_kernels():
-            for key, by_arch in kernel_index(tops, name)[0].items():
-                index[key] = {arch: Entry(d, r) for arch, (d, r) in by_arch.items()}
-    return index
 
 
 # ----------------------------------------------------------------------------- launchers

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fusedlora import loader as L
+from fusedlora import manifest as M
 from fusedlora import registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +50,7 @@ def test_build_summary_and_cubins(built):
     out, log = built
     assert "variants for sm_80, sm_90" in log and "MB of cubins" in log and "FAILED" not in log
     top = json.loads((out / "manifest.json").read_text())
-    assert top["format"] == L.MANIFEST_FORMAT and set(top["kernels"]) == set(registry.all_kernels())
+    assert top["format"] == M.MANIFEST_FORMAT and set(top["kernels"]) == set(registry.all_kernels())
     import triton
     assert top["triton_version"] == triton.__version__
     records = []
@@ -80,7 +81,7 @@ def test_build_summary_and_cubins(built):
 
 def test_every_wanted_variant_was_built(built):
     out, _ = built
-    index = L.read_index([out])
+    index = M.read_index([out])
     wanted = registry.family_variants(CI_SUBSET, [80, 90])
     top = json.loads((out / "manifest.json").read_text())
     assert len(wanted) == sum(info["variants"] for info in top["kernels"].values())
@@ -118,7 +119,7 @@ def test_user_build_from_hf_config(tmp_path):
     from fusedlora.build import family_from_config
     family = family_from_config(cfg)
     assert family["hidden_sizes"] == [5120] and family["head_dims"] == [128] and family["dtypes"] == ["bf16"]
-    index = L.read_index([out])
+    index = M.read_index([out])
     for v in registry.family_variants(family, [90]):
         assert 90 in index[v.key]
     for f in out.glob("*.cubin"):
@@ -128,7 +129,7 @@ def test_user_build_from_hf_config(tmp_path):
                         "--arch", "80", "--out", str(out), "--quiet"], cwd=ROOT, env=_env(), capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    archs = {e.variant.arch for by in L.read_index([out]).values() for e in by.values()}
+    archs = {e.variant.arch for by in M.read_index([out]).values() for e in by.values()}
     assert archs == {80, 90}
 
 

@@ -50,10 +50,10 @@ def test_wheel_carries_cubins_and_works_installed(tmp_path):
     target = tmp_path / "site"
     r = _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheels[0])])
     assert r.returncode == 0, r.stderr[-2000:]
-    code = ("import json, fusedlora, fusedlora.loader as L, fusedlora.registry as R\n"
+    code = ("import json, fusedlora, fusedlora.loader as L, fusedlora.manifest as M, fusedlora.registry as R\n"
             "from build_tools_shapes import CI\n"
             "assert fusedlora.__file__.startswith(%r)\n"
-            "idx = L.read_index([L.PREBUILT_DIR])\n"
+            "idx = M.read_index([L.PREBUILT_DIR])\n"
             "want = R.family_variants(CI, [80, 90])\n"
             "missing = [v.to_string() for v in want if v.arch not in idx.get(v.key, {})]\n"
             "print(json.dumps({'variants': len(want), 'missing': missing}))\n") % str(target)
