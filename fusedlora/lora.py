@@ -230,9 +230,34 @@ def _unflat(Y, X):
     return torch.ops.aten._unsafe_view(Y, (*X.shape[:-1], Y.shape[-1]))
 
 
-def _needs(ctx, i):
-    """ctx.needs_input_grad[i], False for trailing arguments the caller left to their defaults."""
-    return i < len(ctx.needs_input_grad) and ctx.needs_input_grad[i]
+class _Slots:
+    """A Function's forward arguments by name: which need a gradient, and backward's return tuple built from
+    named gradients (None for the rest), instead of positions."""
+
+    def __init__(self, *names: str):
+        self.names = names
+
+    def needs(self, ctx) -> dict:
+        """name -> ctx.needs_input_grad, False for trailing arguments the caller left to their defaults."""
+        flags = ctx.needs_input_grad
+        return {n: i < len(flags) and bool(flags[i]) for i, n in enumerate(self.names)}
+
+    def grads(self, **named) -> tuple:
+        unknown = set(named) - set(self.names)
+        if unknown:
+            raise KeyError(f"no forward argument named {sorted(unknown)}")
+        return tuple(named.get(n) for n in self.names)
+
+
+def _proj_slots(prefix):
+    return tuple(prefix + n for n in ("W", "Q", "A", "B", "S"))
+
+
+O_SLOTS = _Slots("X", "W", "W_quant", "A", "B", "S", "bias", "dropout", "training")
+QKV_SLOTS = _Slots("X", *_proj_slots("q"), *_proj_slots("k"), *_proj_slots("v"), "inplace", "q_bias", "k_bias",
+                   "v_bias", "dropouts", "training")
+MLP_SLOTS = _Slots("X", *_proj_slots("g"), *_proj_slots("u"), *_proj_slots("d"), "activation_fn",
+                   "activation_fn_backward", "inplace", "dropouts", "training")
 
 
 def _stack_rows(prs, extra, dtype, device):
@@ -379,7 +404,7 @@ def _contig(t, dtype):
     return t.to(dtype).contiguous()
 
 
-def _mlp_fused_backward(ctx, ng, X2, EG, XA, hA, dY):
+def _mlp_fused_backward(ctx, need, X2, EG, XA, hA, dY):
     """LoRA_MLP.backward on the fused path. dh = dY W_d (K = H; its adapter term s_d dY B_d A_d is added in
     the GLU kernel), then one kernel gives de, dg, dB_gate, dB_up and dA_down (the products that would
     re-read de, dg and h; h is never stored), one more pass s de B_g | s dg B_u into the columns after
@@ -388,7 +413,7 @@ def _mlp_fused_backward(ctx, ng, X2, EG, XA, hA, dY):
     dtype = ctx.dtype
     I, rg, ru, rd = _weight_shape(pg.W, pg.quant)[0], pg.A.shape[0], pu.A.shape[0], pd.A.shape[0]
     dYBs_d = _mm_scaled(dY, pd.B.to(dtype), pd.s)  # s_d dY B_d  [T, r_d]
-    ddB = _mm_scaled(dY.t(), hA, pd.s).to(pd.B.dtype) if ng[14] else None
+    ddB = _mm_scaled(dY.t(), hA, pd.s).to(pd.B.dtype) if need["dB"] else None
     dh = dY @ dequantize_base(pd.W, pd.quant, dtype)
     D = EG if ctx.inplace else torch.empty_like(EG)  # de | dg | G, over e | g when inplace
     B_g, B_u = _contig(pg.B, dtype), _contig(pu.B, dtype)
@@ -400,17 +425,16 @@ def _mlp_fused_backward(ctx, ng, X2, EG, XA, hA, dY):
     # on an H100 in the earlier two-GEMM form: N = H + 2r tiles badly, +0.1 ms, more than this pass costs.)
     G = glu_lora_dyb(de, dg, B_g, B_u, (pg.s, pu.s), out=D[:, 2 * I:2 * I + rg + ru])
     dX = None
-    if ng[0]:  # (the first layer's input often needs no gradient: no dX GEMM then)
+    if need["X"]:  # (the first layer's input often needs no gradient: no dX GEMM then)
         A_cat = torch.cat([pg.A.to(dtype), pu.A.to(dtype)])
         dX = (D[:, :2 * I + rg + ru] @ _stack_rows([pg, pu], A_cat, dtype, X2.device)).view(ctx.x_shape)
-    dA_cat = G.t() @ X2 if (ng[3] or ng[8]) else None
-    dgA = dA_cat[:rg].to(pg.A.dtype) if ng[3] else None
-    duA = dA_cat[rg:].to(pu.A.dtype) if ng[8] else None
-    dgB = Q[:, :rg].to(pg.B.dtype) if ng[4] else None
-    duB = Q[:, R:R + ru].to(pu.B.dtype) if ng[9] else None
-    ddA = Q[:, 2 * R:2 * R + rd].t().to(pd.A.dtype) if ng[13] else None
-    return (dX, None, None, dgA, dgB, None, None, None, duA, duB, None, None, None, ddA, ddB,
-            None, None, None, None, None, None)
+    dA_cat = G.t() @ X2 if (need["gA"] or need["uA"]) else None
+    dgA = dA_cat[:rg].to(pg.A.dtype) if need["gA"] else None
+    duA = dA_cat[rg:].to(pu.A.dtype) if need["uA"] else None
+    dgB = Q[:, :rg].to(pg.B.dtype) if need["gB"] else None
+    duB = Q[:, R:R + ru].to(pu.B.dtype) if need["uB"] else None
+    ddA = Q[:, 2 * R:2 * R + rd].t().to(pd.A.dtype) if need["dA"] else None
+    return MLP_SLOTS.grads(X=dX, gA=dgA, gB=dgB, uA=duA, uB=duB, dA=ddA, dB=ddB)
 
 
 # ------------------------------------------------------------------------------------ Functions
@@ -433,9 +457,10 @@ class LoRA_O(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dY):
         X2, XA, Xd, mask = ctx.saved_tensors
-        needs = {"A": _needs(ctx, 3), "B": _needs(ctx, 4), "bias": _needs(ctx, 6)}
+        need = O_SLOTS.needs(ctx)
+        needs = {"A": need["A"], "B": need["B"], "bias": need["bias"]}
         dX, dA, dB, dbias = _proj_backward(_flat(dY).to(ctx.dtype), X2, ctx.pr, (XA, Xd, mask), ctx.dtype, needs)
-        return dX.view(ctx.x_shape), None, None, dA, dB, None, dbias, None, None
+        return O_SLOTS.grads(X=dX.view(ctx.x_shape), A=dA, B=dB, bias=dbias)
 
 
 class LoRA_QKV(torch.autograd.Function):
@@ -480,26 +505,27 @@ class LoRA_QKV(torch.autograd.Function):
             dYs = [_flat(d).to(ctx.dtype) if d is not None else
                    X2.new_zeros(X2.shape[0], _weight_shape(pr.W, pr.quant)[0]) for d, pr in zip((dQ, dK, dV), ctx.prs)]
             dX, grads = _qkv_stacked_backward(dYs, X2, XA, ctx.prs, ctx.dtype)
-            out = [dX.view(ctx.x_shape)]
-            for dA, dB, _ in grads:
-                out += [None, None, dA, dB, None]
-            return tuple(out) + (None,) + tuple(g[2] for g in grads) + (None, None)
+            named = {"X": dX.view(ctx.x_shape)}
+            for p, (dA, dB, db) in zip("qkv", grads):
+                named.update({f"{p}A": dA, f"{p}B": dB, f"{p}_bias": db})
+            return QKV_SLOTS.grads(**named)
         X2, *saved = ctx.saved_tensors
+        need = QKV_SLOTS.needs(ctx)
         grads, dbiases, dX = [], [], None
-        for i, (pr, dY) in enumerate(zip(ctx.prs, (dQ, dK, dV))):
+        for i, (p, pr, dY) in enumerate(zip("qkv", ctx.prs, (dQ, dK, dV))):
             if dY is None:
                 grads.append((None, None))
                 dbiases.append(None)
                 continue
-            needs = {"A": _needs(ctx, 3 + 5 * i), "B": _needs(ctx, 4 + 5 * i), "bias": _needs(ctx, 17 + i)}
+            needs = {"A": need[f"{p}A"], "B": need[f"{p}B"], "bias": need[f"{p}_bias"]}
             d, dA, dB, db = _proj_backward(_flat(dY).to(ctx.dtype), X2, pr, saved[3 * i: 3 * i + 3], ctx.dtype, needs)
             dX = d if dX is None else dX.add_(d)
             grads.append((dA, dB))
             dbiases.append(db)
-        out = [dX.view(ctx.x_shape)]
-        for dA, dB in grads:
-            out += [None, None, dA, dB, None]
-        return tuple(out) + (None,) + tuple(dbiases) + (None, None)
+        named = {"X": dX.view(ctx.x_shape)}
+        for p, (dA, dB), db in zip("qkv", grads, dbiases):
+            named.update({f"{p}A": dA, f"{p}B": dB, f"{p}_bias": db})
+        return QKV_SLOTS.grads(**named)
 
 
 class LoRA_MLP(torch.autograd.Function):
@@ -541,10 +567,10 @@ class LoRA_MLP(torch.autograd.Function):
     def backward(ctx, dY):
         pg, pu, pd = ctx.prs
         dtype = ctx.dtype
-        ng = [_needs(ctx, i) for i in range(16)]
+        need = MLP_SLOTS.needs(ctx)
         if ctx.fused_glu:
-            return _mlp_fused_backward(ctx, ng, *ctx.saved_tensors, _flat(dY).to(dtype))
-        nd = {"A": ng[13], "B": ng[14], "bias": False}
+            return _mlp_fused_backward(ctx, need, *ctx.saved_tensors, _flat(dY).to(dtype))
+        nd = {"A": need["dA"], "B": need["dB"], "bias": False}
         X2, e, g, *saved = ctx.saved_tensors
         dh, dYBs_d, ddB, _ = _proj_backward_input(_flat(dY).to(dtype), pd, saved[6:9], dtype, nd)
         if getattr(ctx.act_bwd, "stores_h", False):  # h comes back over dh: no recompute pass
@@ -555,7 +581,8 @@ class LoRA_MLP(torch.autograd.Function):
         ddA = _lora_dA(dYBs_d, h, pd, saved[6:9], nd)
         del h, dh
         sg, su = saved[0:3], saved[3:6]
-        ngate, nup = {"A": ng[3], "B": ng[4], "bias": False}, {"A": ng[8], "B": ng[9], "bias": False}
+        ngate = {"A": need["gA"], "B": need["gB"], "bias": False}
+        nup = {"A": need["uA"], "B": need["uB"], "bias": False}
         if sg[2] is None and su[2] is None:
             # No dropout masks: dX accumulates both projections in the GEMMs' epilogues (beta = 1).
             dX = de @ dequantize_base(pg.W, pg.quant, dtype)
@@ -578,8 +605,7 @@ class LoRA_MLP(torch.autograd.Function):
             dX, dgA, dgB, _ = _proj_backward(de, X2, pg, sg, dtype, ngate)
             dXu, duA, duB, _ = _proj_backward(dg, X2, pu, su, dtype, nup)
             dX += dXu
-        return (dX.view(ctx.x_shape), None, None, dgA, dgB, None, None, None, duA, duB, None, None, None, ddA, ddB,
-                None, None, None, None, None, None)
+        return MLP_SLOTS.grads(X=dX.view(ctx.x_shape), gA=dgA, gB=dgB, uA=duA, uB=duB, dA=ddA, dB=ddB)
 
 
 # ------------------------------------------------------------------------------ activations (MLP)
