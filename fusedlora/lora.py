@@ -1,5 +1,9 @@
 """Fused LoRA autograd functions with the seed API (`kernels.lora`): LoRA_MLP, LoRA_QKV, LoRA_O.
 
+This module holds the Functions (tensors and plain scalars in, gradients by named slots out); reading PEFT
+modules (`get_lora_parameters`, `apply_lora_*`, UnsupportedLoRA) is `fusedlora.peft_layers`, whose names stay
+reachable here; the base-weight dispatch (plain / NF4 / GPTQ, `GPTQState`, `dequantize_base`) is `fusedlora.quant`.
+
 Per projection: Y = X W^T (+ bias) + s * (drop(X) A^T) B^T, W a plain, bitsandbytes 4-bit or GPTQ weight.
 - Quantised weights are dequantised by fusedlora's one-launch kernels in the forward and again in the
   backward; no dequantised weight is kept. Each activation is kept once; the MLP's gate/up activations
@@ -38,55 +42,10 @@ import torch
 from .kernels import glu_lora_rank_pad
 from .ops._common import cdiv, check_tensor
 from .ops.glu import glu_backward, glu_forward, glu_lora_backward, glu_lora_dyb, glu_lora_forward
-from .quant import dequantize_gptq, dequantize_nf4, row_block_ok
-
-
-class GPTQState(NamedTuple):
-    """The quantisation state of a GPTQ QuantLinear (its qweight is passed as the weight)."""
-    qzeros: torch.Tensor
-    scales: torch.Tensor
-    g_idx: torch.Tensor | None
-    bits: int
-    group_size: int
-    format: str = "gptq"
-
-
-class UnsupportedLoRA(ValueError):
-    """The adapter uses a feature fusedlora does not implement (DoRA, ...): keep PEFT's path."""
+from .quant import dequantize_base, dequantize_nf4, is_nf4, nf4_writes_into, weight_shape as _weight_shape
 
 
 # ------------------------------------------------------------------------------------------- weights
-def _is_nf4(quant) -> bool:
-    return getattr(quant, "quant_type", None) in ("nf4", "fp4")
-
-
-def _nf4_writes_into(quant, dtype, out: torch.Tensor) -> bool:
-    """dequantize_nf4 can write this weight into `out` itself: a 4-bit state whose values round straight to
-    `dtype` (see dequantize_base), and `out` contiguous or a block of rows of a wider buffer."""
-    return (_is_nf4(quant) and quant.dtype in (torch.float32, dtype)
-            and (out.is_contiguous() or row_block_ok(out, quant.blocksize)))
-
-
-def dequantize_base(W: torch.Tensor, quant, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The base weight as a [out, in] tensor of `dtype` (written into `out` when given)."""
-    if out is not None:
-        if _nf4_writes_into(quant, dtype, out):
-            return dequantize_nf4(W, quant, out=out, dtype=dtype)  # straight into out, no temporary
-        return out.copy_(dequantize_base(W, quant, dtype))
-    if quant is None:
-        return W if W.dtype == dtype else W.to(dtype)
-    if isinstance(quant, GPTQState):
-        return dequantize_gptq(W, quant.qzeros, quant.scales, quant.g_idx, bits=quant.bits,
-                               group_size=quant.group_size, format=quant.format, out_dtype=dtype)
-    if _is_nf4(quant):
-        # From a float32 state, round the fp32 values straight to `dtype` (what PEFT's dequantise-then-cast
-        # gives, without the fp32 copy); from a 16-bit state keep its rounding first, as PEFT does.
-        if quant.dtype in (torch.float32, dtype):
-            return dequantize_nf4(W, quant, dtype=dtype)
-        return dequantize_nf4(W, quant).to(dtype)
-    raise TypeError(f"unsupported quantisation state {type(quant).__name__}")
-
-
 def _compute_dtype(X: torch.Tensor) -> torch.dtype:
     """The autocast dtype of X's device type when autocast is on there (CUDA or CPU), else X's dtype."""
     if X.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(X.device.type):
@@ -118,17 +77,6 @@ def _check_input(name, X, W, quant, in_f, kernels: bool):
             and not (X.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(X.device.type))):
         raise TypeError(f"{name}: the input X is {X.dtype} but the base weight is {W.dtype} and autocast is off "
                         "(PEFT's layer raises here too): cast the input or run under torch.autocast")
-
-
-def _weight_shape(W, quant):
-    if quant is None:
-        return W.shape
-    if isinstance(quant, GPTQState):
-        return (W.shape[1], W.shape[0] * 32 // quant.bits)
-    shape = getattr(quant, "shape", None)
-    if shape is None:
-        raise ValueError("a quant_state with no shape: is it the state of this weight?")
-    return tuple(shape)
 
 
 def _mm_scaled(a, b, s):
@@ -347,7 +295,7 @@ def _gate_up_weight(pg, pu, which, dtype):
     out_f, in_f = _weight_shape(pr.W, pr.quant)
     rg, ru = pg.A.shape[0], pu.A.shape[0]
     buf = torch.empty(out_f, in_f + rg + ru, dtype=dtype, device=pr.A.device)
-    if _nf4_writes_into(pr.quant, dtype, buf[:, :in_f]):
+    if nf4_writes_into(pr.quant, dtype, buf[:, :in_f]):
         dequantize_nf4(pr.W, pr.quant, out=buf[:, :in_f], dtype=dtype)  # no temporary, no copy
         buf[:, in_f:].zero_()
         mine = in_f if which == 0 else in_f + rg
@@ -374,7 +322,7 @@ def _gate_up_base(X2, pg, pu, out, dtype):
     (dequantised straight into one buffer), else one GEMM per weight into its half (no copy of a plain
     weight; two N = I GEMMs measured as fast as one N = 2I on an H100)."""
     I = _weight_shape(pg.W, pg.quant)[0]
-    if _is_nf4(pg.quant) and _is_nf4(pu.quant):
+    if is_nf4(pg.quant) and is_nf4(pu.quant):
         torch.mm(X2, _stack_rows([pg, pu], None, dtype, X2.device).t(), out=out[:, :2 * I])
     else:
         for k, pr in enumerate((pg, pu)):
@@ -648,98 +596,6 @@ geglu_approx_fg.glu_act = "gelu_tanh"
 geglu_approx_fg_backward = _glu_fg_backward("gelu_tanh")
 
 
-# ------------------------------------------------------------------------------ PEFT modules
-def _base_layer(proj):
-    return getattr(proj, "base_layer", proj)
-
-
-# gptqmodel QuantLinear kernels whose buffers keep the GPTQ layout that dequantize_gptq reads; the others
-# (marlin, exllamav2, torch_fused, bitblas, machete...) repack or reorder qweight after loading.
-GPTQ_PLAIN_LAYOUT_KERNELS = ("torch", "tritonv2")
-
-
-def _check_gptq_layout(base):
-    kind = getattr(base, "QUANT_TYPE", None)
-    if kind not in GPTQ_PLAIN_LAYOUT_KERNELS:
-        raise UnsupportedLoRA(
-            f"{type(base).__name__} (QUANT_TYPE {kind!r}) may keep its weight in a repacked layout; fusedlora reads "
-            f"GPTQ's own layout, as gptqmodel's {' / '.join(GPTQ_PLAIN_LAYOUT_KERNELS)} kernels keep it (load the model "
-            f"with backend=BACKEND.TORCH or BACKEND.TRITON), or keep PEFT's path for this layer")
-    if base.qweight.dtype != torch.int32:
-        raise UnsupportedLoRA(f"{type(base).__name__} packs into {base.qweight.dtype}; fusedlora reads int32 packing")
-
-
-def get_lora_parameters(proj):
-    """(W, quant_state, A, B, scale) of a PEFT LoRA layer's active adapter, read now (FSDP2-safe).
-
-    A, B and scale are None when the adapter is disabled or merged, or the layer has no adapter.
-    GPTQ base layers give (qweight, GPTQState, ...). DoRA and other variants raise UnsupportedLoRA."""
-    base = _base_layer(proj)
-    if hasattr(base, "qweight"):
-        _check_gptq_layout(base)
-        W = base.qweight
-        g_idx = getattr(base, "g_idx", None)
-        bits = int(getattr(base, "bits", 4))
-        in_f = W.shape[0] * 32 // bits
-        group = int(getattr(base, "group_size", -1) or -1)
-        if g_idx is not None and bool(getattr(base, "desc_act", True)) is False:
-            g_idx = None
-        quant = GPTQState(base.qzeros, base.scales, g_idx, bits, group if group > 0 else in_f,
-                          "gptq_v2" if getattr(base, "qzero_format", lambda: 1)() == 2 else "gptq")
-    else:
-        W = getattr(base, "weight", None)
-        if not isinstance(W, torch.Tensor) or W.dim() != 2:
-            raise UnsupportedLoRA(f"{type(base).__name__} has no 2-d weight: not a linear layer fusedlora can read")
-        quant = getattr(W, "quant_state", None)
-        if quant is None and not W.is_floating_point():
-            raise UnsupportedLoRA(f"{type(base).__name__} keeps a {W.dtype} weight with no 4-bit quant state "
-                                  "(bitsandbytes 8-bit or another quantisation): not fused, keep PEFT's path")
-        if quant is not None and not (_is_nf4(quant) and hasattr(quant, "absmax")):
-            raise UnsupportedLoRA(f"{type(base).__name__}'s quant_state ({type(quant).__name__}, "
-                                  f"{getattr(quant, 'quant_type', None)!r}) is not a bitsandbytes 4-bit state")
-    active = getattr(proj, "active_adapters", None) or []
-    if (not hasattr(proj, "lora_A") or getattr(proj, "disable_adapters", False) or getattr(proj, "merged", False)
-            or not active):
-        return W, quant, None, None, None
-    if len(active) > 1:
-        raise UnsupportedLoRA(f"{len(active)} active adapters at once; fusedlora fuses a single adapter")
-    name = active[0]
-    if name not in proj.lora_A:
-        return W, quant, None, None, None
-    if getattr(proj, "use_dora", {}).get(name, False):
-        raise UnsupportedLoRA("DoRA adapters are not fused; keep PEFT's path for this layer")
-    if getattr(proj, "lora_bias", {}).get(name, False):
-        raise UnsupportedLoRA("LoRA bias (lora_bias=True) is not fused; keep PEFT's path for this layer")
-    variant = getattr(proj, "lora_variant", {}).get(name)
-    if variant is not None:  # PEFT's hook for DoRA, QA-LoRA, aLoRA...: its forward is not plain LoRA
-        raise UnsupportedLoRA(f"the {type(variant).__name__} LoRA variant is not fused; keep PEFT's path for this layer")
-    A = proj.lora_A[name].weight
-    B = proj.lora_B[name].weight
-    return W, quant, A, B, proj.scaling[name]
-
-
-def fused_parameters(proj):
-    """get_lora_parameters for the fused functions, which give no gradient to the base weight: a base weight
-    that requires grad (full fine-tuning, or a model not yet wrapped by PEFT) raises UnsupportedLoRA."""
-    params = get_lora_parameters(proj)
-    if params[0].requires_grad and torch.is_grad_enabled():
-        raise UnsupportedLoRA(f"{type(_base_layer(proj)).__name__}'s base weight requires grad (full fine-tuning, "
-                              "or PEFT not applied yet): the fused path trains only the adapter")
-    return params
-
-
-def _bias(proj):
-    return getattr(_base_layer(proj), "bias", None)
-
-
-def _dropout_p(proj):
-    active = getattr(proj, "active_adapters", None) or []
-    drop = getattr(proj, "lora_dropout", {})
-    if active and active[0] in drop and isinstance(drop[active[0]], torch.nn.Dropout):
-        return float(drop[active[0]].p)
-    return 0.0
-
-
 def matmul_lora(X, W, W_quant, A, B, s, out=None):
     """X @ W.T + s * (X @ A.T) @ B.T (no autograd through W; use LoRA_O for gradients)."""
     dtype = _compute_dtype(X)
@@ -751,33 +607,18 @@ def matmul_lora(X, W, W_quant, A, B, s, out=None):
     return Y.view(*X.shape[:-1], Wd.shape[0])
 
 
-def apply_lora_o(self, X):
-    """`self` is the attention module (its o_proj a PEFT LoRA layer)."""
-    W, Q, A, B, S = fused_parameters(self.o_proj)
-    return LoRA_O.apply(X, W, Q, A, B, S, _bias(self.o_proj), _dropout_p(self.o_proj), self.training)
+# The module-reading API lives in fusedlora.peft_layers (it calls the Functions above); its names stay
+# reachable here, resolved on first use so that neither module imports the other at import time.
+_PEFT_NAMES = ("UnsupportedLoRA", "GPTQState", "get_lora_parameters", "fused_parameters", "apply_lora_o", "apply_lora_qkv",
+               "apply_lora_mlp_swiglu", "apply_lora_mlp_geglu", "GPTQ_PLAIN_LAYOUT_KERNELS")
 
 
-def apply_lora_qkv(self, X, inplace=True):
-    projs = (self.q_proj, self.k_proj, self.v_proj)
-    args = [t for p in projs for t in fused_parameters(p)]
-    return LoRA_QKV.apply(X, *args, inplace, *(_bias(p) for p in projs), tuple(_dropout_p(p) for p in projs),
-                          self.training)
+def __getattr__(name):
+    if name in _PEFT_NAMES:
+        from . import peft_layers
+        return getattr(peft_layers, name)  # GPTQState comes through peft_layers' import of quant
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _apply_mlp(self, X, act, act_bwd, inplace):
-    projs = (self.gate_proj, self.up_proj, self.down_proj)
-    for p in projs:
-        if _bias(p) is not None:
-            raise UnsupportedLoRA("MLP projections with a bias are not fused; keep PEFT's path")
-    args = [t for p in projs for t in fused_parameters(p)]
-    return LoRA_MLP.apply(X, *args, act, act_bwd, inplace, tuple(_dropout_p(p) for p in projs), self.training)
-
-
-def apply_lora_mlp_swiglu(self, X, inplace=True):
-    return _apply_mlp(self, X, swiglu_fg, swiglu_fg_backward, inplace)
-
-
-def apply_lora_mlp_geglu(self, X, inplace=True, approximate="tanh"):
-    if approximate == "tanh":
-        return _apply_mlp(self, X, geglu_approx_fg, geglu_approx_fg_backward, inplace)
-    return _apply_mlp(self, X, geglu_exact_fg, geglu_exact_fg_backward, inplace)
+def __dir__():
+    return sorted(list(globals()) + list(_PEFT_NAMES))

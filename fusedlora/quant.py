@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -230,3 +231,56 @@ def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
                                     in_features, out_features, gs, qweight.stride(0), qzeros.stride(0),
                                     scales.stride(0), s_o, s_i, GPTQ_FORMATS[format]), key)
     return out
+
+
+# ------------------------------------------------------------------- a LoRA projection's base weight
+class GPTQState(NamedTuple):
+    """The quantisation state of a GPTQ QuantLinear (its qweight is passed as the weight)."""
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor | None
+    bits: int
+    group_size: int
+    format: str = "gptq"
+
+
+def is_nf4(quant) -> bool:
+    return getattr(quant, "quant_type", None) in ("nf4", "fp4")
+
+
+def nf4_writes_into(quant, dtype, out: torch.Tensor) -> bool:
+    """dequantize_nf4 can write this weight into `out` itself: a 4-bit state whose values round straight to
+    `dtype` (see dequantize_base), and `out` contiguous or a block of rows of a wider buffer."""
+    return (is_nf4(quant) and quant.dtype in (torch.float32, dtype)
+            and (out.is_contiguous() or row_block_ok(out, quant.blocksize)))
+
+
+def dequantize_base(W: torch.Tensor, quant, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The base weight as a [out, in] tensor of `dtype` (written into `out` when given)."""
+    if out is not None:
+        if nf4_writes_into(quant, dtype, out):
+            return dequantize_nf4(W, quant, out=out, dtype=dtype)  # straight into out, no temporary
+        return out.copy_(dequantize_base(W, quant, dtype))
+    if quant is None:
+        return W if W.dtype == dtype else W.to(dtype)
+    if isinstance(quant, GPTQState):
+        return dequantize_gptq(W, quant.qzeros, quant.scales, quant.g_idx, bits=quant.bits,
+                               group_size=quant.group_size, format=quant.format, out_dtype=dtype)
+    if is_nf4(quant):
+        # From a float32 state, round the fp32 values straight to `dtype` (what PEFT's dequantise-then-cast
+        # gives, without the fp32 copy); from a 16-bit state keep its rounding first, as PEFT does.
+        if quant.dtype in (torch.float32, dtype):
+            return dequantize_nf4(W, quant, dtype=dtype)
+        return dequantize_nf4(W, quant).to(dtype)
+    raise TypeError(f"unsupported quantisation state {type(quant).__name__}")
+
+
+def weight_shape(W, quant):
+    if quant is None:
+        return W.shape
+    if isinstance(quant, GPTQState):
+        return (W.shape[1], W.shape[0] * 32 // quant.bits)
+    shape = getattr(quant, "shape", None)
+    if shape is None:
+        raise ValueError("a quant_state with no shape: is it the state of this weight?")
+    return tuple(shape)

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import DEVICE, rel_err
+import fusedlora.quant
 from fusedlora import lora
 from fusedlora.quant import naive_dequantize_gptq
 
@@ -424,7 +425,9 @@ def test_mlp_with_nf4_gate_up_down(hidden, monkeypatch):
     args = [t for (q, s), (A, B, sc) in zip(qs, ABs) for t in (q, s, A, B, sc)]
     calls = []
     real = lora.dequantize_nf4
-    monkeypatch.setattr(lora, "dequantize_nf4", lambda *a, **k: calls.append(k.get("out") is not None) or real(*a, **k))
+    spy = lambda *a, **k: calls.append(k.get("out") is not None) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(lora, "dequantize_nf4", spy)
+    monkeypatch.setattr(fusedlora.quant, "dequantize_nf4", spy)  # dequantize_base (the base-weight dispatch) lives there
     y = lora.LoRA_MLP.apply(x, *args, lora.swiglu_fg, lora.swiglu_fg_backward, True)
     assert calls == [True, True, False]  # gate and up straight into one buffer's rows, then down
     dy = torch.randn_like(y)

@@ -14,7 +14,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from .. import lora
+from .. import peft_layers as lora
 from ..ops import naive_rms_norm
 from ..ops._common import interpreting
 from . import forwards

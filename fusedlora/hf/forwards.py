@@ -12,7 +12,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from .. import lora
+from .. import peft_layers as lora
 from ..ops import fused_linear_cross_entropy, naive_rope, rms_norm, rope
 from ..ops._common import interpreting
 from .families import Family
