@@ -8,7 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from csrc_triton.glu import _act_and_grad, _mma, _rank_tile, _xa_rows
+from csrc_triton._math import _act_and_grad
+from csrc_triton.glu_lora.kernel import _mma, _rank_tile, _xa_rows
 
 
 @triton.jit
@@ -64,7 +65,7 @@ def gemm_glu_lora_fwd_kernel(
     share row stride stride_eg, e.g. the halves of one [T, 2I] buffer) and h = act(e) * g -> OUT ([T, I]
     contiguous, from the rounded e and g). X [T, H], WG and WU [I, H] (row stride stride_w), unit last
     strides, 16-byte aligned rows (TMA descriptors made on the device: Triton's global scratch, so the JIT
-    needs triton.set_allocator); XA, BG, BU as in csrc_triton.glu.glu_lora_fwd_kernel. Persistent: program p
+    needs triton.set_allocator); XA, BG, BU as in csrc_triton.glu_lora.kernel.glu_lora_fwd_kernel. Persistent: program p
     takes output tiles p, p + P, ... in grouped order; a tile holds BLOCK_N columns of both e and g (two
     accumulators), so its epilogue has what h needs. The adapter terms are one more K step of R:
     acc += XA (s B)^T (s B rounded to the operand type). FLATTEN pipelines across tiles (measured slower)."""

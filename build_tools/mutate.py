@@ -19,7 +19,9 @@ SELECTIONS = {
     "rms_norm": ["tests/test_rms_norm.py", "tests/test_faults.py"],
     "rope": ["tests/test_rope.py", "tests/test_faults.py"],
     "cross_entropy": ["tests/test_cross_entropy.py", "tests/test_faults.py"],
-    "glu": ["tests/test_glu.py", "tests/test_lora.py", "tests/test_faults.py"],
+    "glu": ["tests/test_glu.py", "tests/test_faults.py"],
+    "glu_lora": ["tests/test_glu.py", "tests/test_lora.py", "tests/test_faults.py"],
+    "_math": ["tests/test_glu.py", "tests/test_faults.py"],
     "quant": ["tests/test_quant.py", "tests/test_faults.py"],
 }
 
@@ -45,9 +47,9 @@ MUTATIONS = [
     ("ce: softcap gradient factor dropped", "cross_entropy", "g = g * (1.0 - t * t)", "g = g * 1.0"),
     ("ce: label smoothing's mean term dropped", "cross_entropy", " - label_smoothing * (sum_x / n_cols)", ""),
     ("ce: mean counts ignored labels", "cross_entropy", "count += used.to(tl.int32)", "count += 1"),
-    ("glu: silu derivative sign", "glu", "return g * s, s * (1.0 + g * (1.0 - s))", "return g * s, s * (1.0 - g * (1.0 - s))"),
+    ("glu: silu derivative sign", "_math", "return g * s, s * (1.0 + g * (1.0 - s))", "return g * s, s * (1.0 - g * (1.0 - s))"),
     ("glu: forward drops up", "glu", "(a * u).to(OUT.dtype.element_ty), mask=mask)", "(a * 1.0).to(OUT.dtype.element_ty), mask=mask)"),
-    ("glu: LoRA dots lose the accumulator", "glu", "return tl.dot(a, b, acc, input_precision=\"ieee\")",
+    ("glu: LoRA dots lose the accumulator", "glu_lora", "return tl.dot(a, b, acc, input_precision=\"ieee\")",
      "return tl.dot(a, b, input_precision=\"ieee\")"),
     ("quant: GPTQ zero offset dropped", "quant", "& MASK) + zero_offset", "& MASK)"),
     ("quant: GPTQ scale of the wrong group", "quant",
@@ -57,7 +59,7 @@ MUTATIONS = [
 
 
 def run_one(name, kernel, text, replacement) -> str:
-    path = ROOT / "csrc_triton" / f"{kernel}.py"
+    path = ROOT / "csrc_triton" / (f"{kernel}.py" if kernel.startswith("_") else f"{kernel}/kernel.py")
     original = path.read_text()
     if original.count(text) != 1:
         return f"NOT APPLIED (the text occurs {original.count(text)} times)"

@@ -4,7 +4,7 @@
                                 gemm_glu,rope,rms,nf4,gptq]
 
 Each configuration is timed fwd (+bwd) with CUDA-graph replay on fresh random bf16 inputs at the
-issue's benchmark sizes. The winners go into fusedlora/kernels.py by hand (meta/config)."""
+issue's benchmark sizes. The winners go by hand into the kernel's registry entry beside its source (csrc_triton/<op>.py: meta / config)."""
 from __future__ import annotations
 
 import sys
@@ -14,7 +14,7 @@ import triton
 from triton.testing import do_bench_cudagraph
 
 from fusedlora import registry
-from fusedlora.ops.glu import row_groups
+from fusedlora.ops.glu_lora import row_groups
 
 DEV = "cuda"
 BF16 = torch.bfloat16
@@ -151,7 +151,7 @@ def tune_glu_lora_layout():
     """The LoRA MLP's GLU kernels (T 8192, I 8192, r 16) on each layout of e, g and de | dg: separate
     contiguous tensors, or the halves of one [T, 2I + pad] buffer (what one N = 2I gate/up GEMM writes and
     one K = 2I + 2r dX GEMM reads)."""
-    from fusedlora.ops.glu import glu_forward, glu_lora_backward, glu_lora_dyb, glu_lora_forward
+    from fusedlora.ops.glu_lora import glu_forward, glu_lora_backward, glu_lora_dyb, glu_lora_forward
     t, i, r = 8192, 8192, 16
     dh = torch.randn(t, i, device=DEV, dtype=BF16)
     xa, dyb, b_g, b_u, a_d = _lora_factors(t, i, r)
@@ -197,7 +197,7 @@ def tune_glu_lora_dyb():
     print(f"  separate (two GEMMs + cat): {_time(separate):.4f} ms")
     # Sustained energy in the fused path's layout (de | dg | G in one [T, 2I + 64] buffer): the kernel vs
     # cuBLAS, as one GEMM over [de | dg] with a block-diagonal [s_g B_g, 0; 0, s_u B_u] or two GEMMs
-    from fusedlora.ops.glu import glu_lora_dyb
+    from fusedlora.ops.glu_lora import glu_lora_dyb
     d = torch.randn(t, 2 * i + 64, device=DEV, dtype=BF16)
     g_cols = d[:, 2 * i:2 * i + 2 * r]
     blk = torch.zeros(2 * i, 2 * r, device=DEV, dtype=BF16)
@@ -233,7 +233,7 @@ def tune_energy_parts():
     """Energy per call of the NF4 LoRA MLP step's parts under sustained replay (T = I = 8192, H 2048, r 16):
     on a power-capped GPU a step takes its energy / cap, so this, not cool kernel time, says what a change
     can gain. (`profile_lora MLP --nf4 --energy` gives the whole step's, PEFT's beside it.)"""
-    from fusedlora.ops.glu import glu_forward, glu_lora_backward, glu_lora_dyb, glu_lora_forward
+    from fusedlora.ops.glu_lora import glu_forward, glu_lora_backward, glu_lora_dyb, glu_lora_forward
     t, i, h, r = 8192, 8192, 2048, 16
     eg = torch.randn(t, 2 * i + 64, device=DEV, dtype=BF16)
     e, g = eg[:, :i], eg[:, i:2 * i]
@@ -323,7 +323,7 @@ def tune_gemm_glu():
     (T = I = 8192, H 2048, r 16): cool time of tile configs, then sustained energy of the best three between
     two runs of the pair."""
     from build_tools.gemm_probe import gemm_glu_lora_fwd, naive_gemm_glu_lora_fwd, use_torch_scratch
-    from fusedlora.ops.glu import glu_lora_forward
+    from fusedlora.ops.glu_lora import glu_lora_forward
     use_torch_scratch()
     t, i, h, r = 8192, 8192, 2048, 16
     x = torch.randn(t, h, device=DEV, dtype=BF16)

@@ -1,7 +1,8 @@
-"""Triton kernel sources of fusedlora.
+"""Kernel sources of fusedlora, one folder per op (rms_norm, glu, glu_lora, cross_entropy, rope, quant).
 
-Every `@triton.jit` kernel of the project lives here, one module per op. Nothing in this
-package imports torch: the ahead-of-time build compiles these kernels on machines that have
-only triton installed. The kernels are described (signature, constexpr variants, launch
-configs) once, in `fusedlora.kernels`.
+In each folder, `kernel.py` holds the `@triton.jit` functions and `__init__.py` their registry entries (pointer
+dtype roles, constexprs per shape, launch configs, AOT variants: `fusedlora.registry.KernelSpec`), so an op's
+kernels are described once, beside their source, for the JIT path and the AOT build alike. `_*.py` here are
+device helpers shared by the kernels (part of every kernel's source fingerprint). Nothing here imports torch:
+the ahead-of-time build needs only triton; and the entries import no triton, so the prebuilt path never does.
 """

@@ -24,3 +24,17 @@ def gelu_and_grad(g, APPROX: tl.constexpr):
         act = g * cdf
         grad = cdf + g * pdf
     return act, grad
+
+
+ACT_SILU = 0
+ACT_GELU = 1
+ACT_GELU_TANH = 2
+
+
+@triton.jit
+def _act_and_grad(g, ACT: tl.constexpr):
+    if ACT == 0:
+        s = tl.sigmoid(g)
+        return g * s, s * (1.0 + g * (1.0 - s))
+    else:
+        return gelu_and_grad(g, ACT == 2)

@@ -8,7 +8,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("ops", "quant", "lora", "peft_layers", "hf", "manifest", "loader", "registry", "kernels", "aot", "build", "info", "selfcheck",
+_SUBMODULES = ("ops", "quant", "lora", "peft_layers", "hf", "manifest", "loader", "registry", "aot", "build", "info", "selfcheck",
                "bench", "demo")
 
 

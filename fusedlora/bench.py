@@ -29,14 +29,14 @@ def host_launch_us(n_calls: int = 20000, reps: int = 7) -> dict:
     """Host time per launch of rms_norm_fwd on a tiny problem: our launcher vs Triton's launcher."""
     import torch
 
-    from . import kernels, registry
+    from . import registry
     from .loader import constexpr_key, get_loader
     n_cols, rows = 2048, 4
     x = torch.randn(rows, n_cols, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n_cols, device="cuda", dtype=torch.bfloat16)
     y = torch.empty_like(x)
     rstd = torch.empty(rows, device="cuda")
-    meta = kernels.rms_norm_meta(n_cols, False)
+    meta = registry.get("rms_norm_fwd").constexprs(n_cols=n_cols, gemma_cast=False)
     key = constexpr_key(meta)
     args = (x, w, y, rstd, n_cols, n_cols, rows, n_cols, 1e-6, 0.0)
     spec = registry.get("rms_norm_fwd")

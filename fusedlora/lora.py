@@ -39,9 +39,9 @@ from typing import NamedTuple
 
 import torch
 
-from .kernels import glu_lora_rank_pad
 from .ops._common import cdiv, check_tensor
-from .ops.glu import glu_backward, glu_forward, glu_lora_backward, glu_lora_dyb, glu_lora_forward
+from .ops.glu import glu_backward, glu_forward
+from .ops.glu_lora import glu_lora_backward, glu_lora_dyb, glu_lora_forward, glu_lora_rank_pad
 from .quant import dequantize_base, dequantize_nf4, is_nf4, nf4_writes_into, weight_shape as _weight_shape
 
 

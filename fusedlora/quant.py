@@ -11,14 +11,13 @@ Both return the weight in nn.Linear layout [out_features, in_features] (GPTQ: `t
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
 import torch
 
-from . import kernels
-from .loader import constexpr_key, launcher
+from csrc_triton.quant import GPTQ_DEQUANT, NF4_BLOCKSIZES, NF4_DEQUANT
+
 from .ops._common import interpreting
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -47,12 +46,6 @@ def naive_dequantize_nf4(packed: torch.Tensor, quant_state) -> torch.Tensor:
     return out.to(qs.dtype).reshape(qs.shape)
 
 
-@functools.lru_cache(maxsize=None)
-def _nf4_key(blocksize, nested, blocksize2, row_len=0):
-    m = kernels.nf4_meta(blocksize, nested, blocksize2, row_len)
-    return m, constexpr_key(m)
-
-
 def _as_quant_state(weight, quant_state):
     if quant_state is None:
         quant_state = getattr(weight, "quant_state", None)
@@ -77,8 +70,8 @@ def dequantize_nf4(weight: torch.Tensor, quant_state=None, out: torch.Tensor | N
     qtype = getattr(qs, "quant_type", None)
     if qtype not in ("nf4", "fp4"):
         _fail(op, f"quant_state has quant_type {qtype!r}; expected 'nf4' or 'fp4' (a 4-bit state)")
-    if qs.blocksize not in kernels.NF4_BLOCKSIZES:
-        _fail(op, f"blocksize {qs.blocksize} is not one bitsandbytes allows {kernels.NF4_BLOCKSIZES}")
+    if qs.blocksize not in NF4_BLOCKSIZES:
+        _fail(op, f"blocksize {qs.blocksize} is not one bitsandbytes allows {NF4_BLOCKSIZES}")
     dtype = qs.dtype if dtype is None else dtype
     if dtype not in OUT_DTYPES:
         _fail(op, f"output dtype is {dtype}; expected fp16, bf16 or fp32")
@@ -122,13 +115,14 @@ def dequantize_nf4(weight: torch.Tensor, quant_state=None, out: torch.Tensor | N
                   f"blocksize {qs.blocksize} long) of a wider buffer")
     strided = not out.is_contiguous()
     row_len = out.shape[1] if strided else 0
-    meta, key = _nf4_key(qs.blocksize, bool(qs.nested), blocksize2, row_len)
+    shape = dict(blocksize=qs.blocksize, nested=bool(qs.nested), blocksize2=blocksize2, row_len=row_len)
+    meta = NF4_DEQUANT.constexprs(**shape)
     if strided:
         grid = (row_len // meta["BLOCK"], out.shape[0], 1)
     else:
         grid = (-(-n // max(meta["BLOCK"], qs.blocksize)), 1, 1)  # a program covers whole quantisation blocks
-    launcher("nf4_dequant")(grid, (packed.view(torch.uint8).reshape(-1), absmax, absmax2, qs.code.float(), code2,
-                                   offset, out, n, row_len, out.stride(0) if strided else 0), key)
+    NF4_DEQUANT.launch(grid, (packed.view(torch.uint8).reshape(-1), absmax, absmax2, qs.code.float(), code2, offset,
+                              out, n, row_len, out.stride(0) if strided else 0), **shape)
     return out
 
 
@@ -164,12 +158,6 @@ def naive_dequantize_gptq(qweight, qzeros, scales, g_idx=None, bits=4, group_siz
     g = g_idx.long()
     w = (q - z[g]).float() * scales.float()[g]
     return w.to(out_dtype or scales.dtype).t().contiguous()
-
-
-@functools.lru_cache(maxsize=None)
-def _gptq_key(bits, has_g_idx, transpose):
-    m = kernels.gptq_meta(bits, has_g_idx, transpose)
-    return m, constexpr_key(m)
 
 
 def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -224,12 +212,13 @@ def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
     elif out.shape != shape or out.dtype != out_dtype or not out.is_contiguous():
         _fail(op, f"out must be a contiguous {out_dtype} tensor of shape {shape}")
     s_o, s_i = (1, out.stride(0)) if transpose else (out.stride(0), 1)
-    meta, key = _gptq_key(bits, g_idx is not None, bool(transpose))
+    shape = dict(bits=bits, has_g_idx=g_idx is not None, transpose=bool(transpose))
+    meta = GPTQ_DEQUANT.constexprs(**shape)
     grid = (-(-in_features // meta["BLOCK_I"]), -(-out_features // meta["BLOCK_O"]), 1)
     qweight, qzeros, scales = qweight.contiguous(), qzeros.contiguous(), scales.contiguous()
-    launcher("gptq_dequant")(grid, (qweight, qzeros, scales, g_idx if g_idx is not None else qweight, out,
-                                    in_features, out_features, gs, qweight.stride(0), qzeros.stride(0),
-                                    scales.stride(0), s_o, s_i, GPTQ_FORMATS[format]), key)
+    GPTQ_DEQUANT.launch(grid, (qweight, qzeros, scales, g_idx if g_idx is not None else qweight, out, in_features,
+                               out_features, gs, qweight.stride(0), qzeros.stride(0), scales.stride(0), s_o, s_i,
+                               GPTQ_FORMATS[format]), **shape)
     return out
 
 

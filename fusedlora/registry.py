@@ -42,6 +42,24 @@ class KernelSpec:
     aot_variants: Callable[[dict[str, Any]], Iterable[tuple[dict[str, str], dict[str, Any]]]] = lambda f: ()
     doc: str = ""
 
+    def constexprs(self, **shape) -> dict:
+        """meta(**shape), computed once per shape (the op launchers size their grids from it)."""
+        return self._constexprs_and_key(shape)[0]
+
+    def _constexprs_and_key(self, shape: dict) -> tuple[dict, tuple]:
+        key = (self.name, tuple(sorted(shape.items())))
+        hit = _CONSTEXPRS.get(key)
+        if hit is None:
+            meta = self.meta(**shape)
+            hit = _CONSTEXPRS[key] = (meta, tuple(sorted(meta.items())))
+        return hit
+
+    def launch(self, grid, args: tuple, **shape):
+        """Launch this kernel on torch's current stream: the constexprs of `shape`, the prebuilt cubin for this
+        GPU when there is one, else triton.jit (fusedlora.loader)."""
+        from .loader import get_loader  # the loader needs torch; this module must not
+        get_loader().launcher(self.name)(grid, args, self._constexprs_and_key(shape)[1])
+
     def source_sha256(self) -> str:
         """Fingerprint of the kernel's source (its module and csrc_triton's shared `_*.py` helpers), read
         without importing triton: prebuilt cubins of other sources are stale and never used."""
@@ -50,7 +68,8 @@ class KernelSpec:
         from pathlib import Path
         origin = Path(importlib.util.find_spec(self.module).origin)
         h = hashlib.sha256(origin.read_bytes())
-        for helper in sorted(origin.parent.glob("_*.py")):
+        root = Path(importlib.util.find_spec("csrc_triton").origin).parent  # the shared device helpers live there
+        for helper in sorted(root.glob("_*.py")):
             if helper.name != "__init__.py":
                 h.update(helper.read_bytes())
         return h.hexdigest()
@@ -153,7 +172,16 @@ class Variant:
         return f"{self.kernel}.sm{self.arch}.{digest}"
 
 
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+# Every kernel family's module: its @triton.jit sources and, beside them, their KernelSpecs.
+KERNEL_MODULES = ("csrc_triton.rms_norm", "csrc_triton.glu", "csrc_triton.glu_lora", "csrc_triton.cross_entropy",
+                  "csrc_triton.rope", "csrc_triton.quant")
+
 _REGISTRY: dict[str, KernelSpec] = {}
+_CONSTEXPRS: dict[tuple, tuple[dict, tuple]] = {}  # (kernel, shape) -> (constexprs, dispatch key): meta is pure
 
 
 def register(spec: KernelSpec) -> KernelSpec:
@@ -177,7 +205,8 @@ def all_kernels() -> dict[str, KernelSpec]:
 
 
 def _ensure_loaded():
-    importlib.import_module("fusedlora.kernels")
+    for module in KERNEL_MODULES:
+        importlib.import_module(module)
 
 
 def make_variant(spec: KernelSpec, arch: int, dtypes: dict[str, str], shape: dict[str, Any],

@@ -73,9 +73,8 @@ def _check_glu_lora(device, dtype):
     """The LoRA MLP's GLU kernels on its layout: e | g as the halves of one buffer with spare columns."""
     import torch
 
-    from .kernels import glu_lora_rank_pad
-    from .ops.glu import (glu_lora_backward, glu_lora_dyb, glu_lora_forward, naive_glu_lora_backward,
-                          naive_glu_lora_dyb, naive_glu_lora_forward)
+    from .ops.glu_lora import (glu_lora_backward, glu_lora_dyb, glu_lora_forward, glu_lora_rank_pad,
+                               naive_glu_lora_backward, naive_glu_lora_dyb, naive_glu_lora_forward)
     (t, i), r = ((1000, 8192) if device == "cuda" else (40, 200)), 16
     eg = torch.randn(t, 2 * i + 64, device=device).to(dtype)
     gate, up = eg[:, :i], eg[:, i:2 * i]

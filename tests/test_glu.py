@@ -142,7 +142,7 @@ def _lora_factors(T, I, ranks, dtype):
 def test_glu_lora_forward_matches_reference(case, dtype, act, layout):
     """h = act(e) * g with the gate / up adapter terms added to the base GEMM outputs, vs float64; gate and
     up untouched, h contiguous."""
-    from fusedlora.ops.glu import glu_lora_forward, naive_glu_lora_forward
+    from fusedlora.ops.glu_lora import glu_lora_forward, naive_glu_lora_forward
     T, I, (rg, ru, rd) = case
     _, gate, up = _gate_up_inputs(T, I, dtype, layout)
     xa, b_g, b_u, _, _ = _lora_factors(T, I, (rg, ru, rd), dtype)
@@ -165,8 +165,8 @@ def test_glu_lora_backward_matches_reference(case, dtype, act, layout, inplace):
     separate GEMM on them would be), so they carry the dtype's rounding like de and dg. Layouts: separate
     tensors, and gate | up as one buffer's halves with dout's own row stride; results over gate / up
     (inplace), to new tensors, or to `out`."""
-    from fusedlora.kernels import glu_lora_rank_pad
-    from fusedlora.ops.glu import glu_lora_backward, naive_glu_lora_backward
+    from fusedlora.ops.glu_lora import glu_lora_rank_pad
+    from fusedlora.ops.glu_lora import glu_lora_backward, naive_glu_lora_backward
     T, I, (rg, ru, rd) = case
     dout, gate, up = _gate_up_inputs(T, I, dtype, layout)
     xa, b_g, b_u, a_d, dyb = _lora_factors(T, I, (rg, ru, rd), dtype)
@@ -195,7 +195,7 @@ def test_glu_lora_backward_matches_reference(case, dtype, act, layout, inplace):
 
 
 def test_glu_lora_of_no_tokens():
-    from fusedlora.ops.glu import glu_lora_backward, glu_lora_forward
+    from fusedlora.ops.glu_lora import glu_lora_backward, glu_lora_forward
     z = torch.empty(0, 64, device=DEVICE)
     xa, b, a = torch.empty(0, 32, device=DEVICE), torch.randn(64, 16, device=DEVICE), torch.randn(16, 64, device=DEVICE)
     assert glu_lora_forward(z, z, xa, 16, b, b, (1.0, 1.0), "silu").shape == (0, 64)
@@ -205,7 +205,7 @@ def test_glu_lora_of_no_tokens():
 
 
 def test_glu_lora_bad_input():
-    from fusedlora.ops.glu import glu_lora_backward, glu_lora_forward
+    from fusedlora.ops.glu_lora import glu_lora_backward, glu_lora_forward
     t = torch.randn(8, 64, device=DEVICE)
     xa, dyb = torch.randn(8, 32, device=DEVICE), torch.randn(8, 16, device=DEVICE)
     b, a = torch.randn(64, 16, device=DEVICE), torch.randn(16, 64, device=DEVICE)
@@ -237,7 +237,7 @@ def test_glu_lora_bad_input():
 def test_glu_lora_dyb_matches_reference(case, dtype):
     """[s_g de B_g | s_u dg B_u] vs float64 (ranks below 16 and unequal ranks take the zero-padded B path;
     de, dg with a wider row stride than I)."""
-    from fusedlora.ops.glu import glu_lora_dyb, naive_glu_lora_dyb
+    from fusedlora.ops.glu_lora import glu_lora_dyb, naive_glu_lora_dyb
     T, I, (rg, ru, _) = case
     wide = torch.randn(2, T, I + 8, device=DEVICE).to(dtype)
     de, dg = wide[0, :, :I], wide[1, :, :I]
@@ -254,13 +254,13 @@ def test_glu_lora_dyb_matches_reference(case, dtype):
 
 
 def test_glu_lora_dyb_of_no_tokens():
-    from fusedlora.ops.glu import glu_lora_dyb
+    from fusedlora.ops.glu_lora import glu_lora_dyb
     z = torch.empty(0, 64, device=DEVICE)
     assert glu_lora_dyb(z, z, torch.randn(64, 8, device=DEVICE), torch.randn(64, 8, device=DEVICE), (1.0, 1.0)).shape == (0, 16)
 
 
 def test_glu_lora_dyb_bad_input():
-    from fusedlora.ops.glu import glu_lora_dyb
+    from fusedlora.ops.glu_lora import glu_lora_dyb
     t, b = torch.randn(8, 64, device=DEVICE), torch.randn(64, 8, device=DEVICE)
     with pytest.raises(ValueError, match="one shape and one row stride"):
         glu_lora_dyb(t, torch.randn(8, 65, device=DEVICE)[:, :64], b, b, (1.0, 1.0))

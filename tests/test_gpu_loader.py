@@ -224,7 +224,8 @@ def _changed_kernel_outputs():
     for shape in ((8, 4096), (7, 336)):  # 2352: a tail program; 16-divisible like every prebuilt GLU size
         g, u, dy = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         outs.extend(glu_backward(dy.clone(), g.clone(), u.clone(), "silu", True, store_h=True))
-    from fusedlora.ops.glu import glu_forward, glu_lora_backward, glu_lora_dyb, glu_lora_forward
+    from fusedlora.ops.glu import glu_forward
+    from fusedlora.ops.glu_lora import glu_lora_backward, glu_lora_dyb, glu_lora_forward
     for t, i in ((64, 8192), (5, 2112)):  # r 16: the prebuilt rank
         eg = torch.randn(t, 2 * i + 64, device="cuda", dtype=torch.bfloat16)  # LoRA_MLP's layout
         e, g = eg[:, :i], eg[:, i:2 * i]

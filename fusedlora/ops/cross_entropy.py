@@ -11,13 +11,12 @@
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
-from .. import kernels
-from ..loader import constexpr_key, launcher
+import csrc_triton.cross_entropy as ce_kernels  # its grid constants are read per call (tests vary them)
+from csrc_triton.cross_entropy import CE_PREPARE, CROSS_ENTROPY, SCALE_BY_SCALAR
+
 from ._common import cdiv, check_tensor, persistent_programs
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -44,28 +43,12 @@ def naive_cross_entropy(logits, labels, ignore_index=-100, reduction="mean", lab
     return total / torch.clamp(torch.as_tensor(n, device=total.device), min=1)
 
 
-@functools.lru_cache(maxsize=None)
-def _meta(n_cols: int, softcap: bool, mode: str, smoothing: bool):
-    m = kernels.cross_entropy_meta(n_cols, softcap, mode, smoothing)
-    return m, constexpr_key(m)
-
-
-@functools.lru_cache(maxsize=None)
-def _scale_key():
-    return constexpr_key(kernels.SCALE_BY_SCALAR.meta())
-
-
 def scale_by_scalar_(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x *= s (a 1-element fp32 tensor) in place, free when s == 1; x must be contiguous."""
     n = x.numel()
-    progs = persistent_programs(cdiv(n, kernels.SCALE_BLOCK), kernels.SCALE_PROGRAMS_PER_SM, x.get_device())
-    launcher("scale_by_scalar")((progs, 1, 1), (x, s, n), _scale_key())
+    progs = persistent_programs(cdiv(n, ce_kernels.SCALE_BLOCK), ce_kernels.SCALE_PROGRAMS_PER_SM, x.get_device())
+    SCALE_BY_SCALAR.launch((progs, 1, 1), (x, s, n))
     return x
-
-
-@functools.lru_cache(maxsize=None)
-def _prepare_key(inv: str):
-    return constexpr_key(kernels.CE_PREPARE.meta(inv))
 
 
 def prepare_labels(op, labels, n_cols, ignore_index, reduction, num_items_in_batch=None):
@@ -86,8 +69,7 @@ def prepare_labels(op, labels, n_cols, ignore_index, reduction, num_items_in_bat
         inv = (1.0 / n.clamp(min=1)).reshape(1)
     else:
         mode, divisor = "divisor", float(num_items_in_batch)
-    launcher("ce_prepare")((1, 1, 1), (labels, inv, ok, labels.numel(), n_cols, int(ignore_index), divisor),
-                           _prepare_key(mode))
+    CE_PREPARE.launch((1, 1, 1), (labels, inv, ok, labels.numel(), n_cols, int(ignore_index), divisor), inv=mode)
     torch._assert_async(ok, f"{op}: labels must be in [0, {n_cols}) or ignore_index={ignore_index}")
     return inv
 
@@ -107,13 +89,13 @@ def backward_scale(dloss, reduction, inv):
 def ce_launch(logits2d, labels, loss, lse, grad, scale, scale_stride, ignore_index, label_smoothing, softcap,
               logit_scale, mode):
     n_rows, n_cols = logits2d.shape
-    meta, key = _meta(n_cols, softcap is not None, mode, label_smoothing != 0.0)
     grad_t = grad if grad is not None else logits2d
-    progs = persistent_programs(n_rows, kernels.CE_PROGRAMS_PER_SM, logits2d.get_device())
-    launcher("cross_entropy")((progs, 1, 1), (
+    progs = persistent_programs(n_rows, ce_kernels.CE_PROGRAMS_PER_SM, logits2d.get_device())
+    CROSS_ENTROPY.launch((progs, 1, 1), (
         logits2d, labels, loss, lse, grad_t, scale, logits2d.stride(0), grad_t.stride(0), scale_stride, n_rows,
         n_cols, int(ignore_index), float(label_smoothing), float(softcap or 1.0),
-        float(1.0 if logit_scale is None else logit_scale)), key)
+        float(1.0 if logit_scale is None else logit_scale)),
+        n_cols=n_cols, softcap=softcap is not None, mode=mode, smoothing=label_smoothing != 0.0)
 
 
 class CrossEntropyFunction(torch.autograd.Function):

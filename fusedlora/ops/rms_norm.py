@@ -6,12 +6,10 @@ weight; output dtype is the promotion of x and weight); `casting="gemma"` follow
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from .. import kernels
-from ..loader import constexpr_key, launcher
+from csrc_triton.rms_norm import RMS_BWD_PROGRAMS_PER_SM, RMS_NORM_BWD, RMS_NORM_FWD
+
 from ._common import check_tensor, persistent_programs, rows_2d
 
 CASTINGS = ("llama", "gemma")
@@ -27,22 +25,16 @@ def naive_rms_norm(x, weight, eps=1e-6, offset=0.0, casting="llama"):
     return w * xhat.to(x.dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _meta(n_cols: int, gemma: bool, backward: bool):
-    m = (kernels.rms_norm_bwd_meta if backward else kernels.rms_norm_meta)(n_cols, gemma)
-    return m, constexpr_key(m)
-
-
 def rms_norm_forward(x2d, weight, eps: float, offset: float, gemma: bool):
     """Launch the forward kernel. Returns (y [M, N], rstd [M] fp32)."""
     n_rows, n_cols = x2d.shape
     out_dtype = x2d.dtype if gemma else torch.promote_types(x2d.dtype, weight.dtype)
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2d.device)
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x2d.device)
-    meta, key = _meta(n_cols, gemma, False)
-    grid = ((n_rows + meta["BLOCK_M"] - 1) // meta["BLOCK_M"], 1, 1)
-    launcher("rms_norm_fwd")(grid, (x2d, weight, y, rstd, x2d.stride(0), y.stride(0), n_rows, n_cols,
-                                    float(eps), float(offset)), key)
+    block_m = RMS_NORM_FWD.constexprs(n_cols=n_cols, gemma_cast=gemma)["BLOCK_M"]
+    grid = ((n_rows + block_m - 1) // block_m, 1, 1)
+    RMS_NORM_FWD.launch(grid, (x2d, weight, y, rstd, x2d.stride(0), y.stride(0), n_rows, n_cols, float(eps),
+                               float(offset)), n_cols=n_cols, gemma_cast=gemma)
     return y, rstd
 
 
@@ -50,12 +42,13 @@ def rms_norm_backward(dy2d, x2d, weight, rstd, offset: float, gemma: bool, need_
     """Launch the backward kernel. Returns (dx [M, N] in x's dtype, dw in weight's dtype or None)."""
     n_rows, n_cols = x2d.shape
     dx = torch.empty_like(x2d)
-    n_progs = persistent_programs(n_rows, kernels.RMS_BWD_PROGRAMS_PER_SM, x2d.get_device())
+    n_progs = persistent_programs(n_rows, RMS_BWD_PROGRAMS_PER_SM, x2d.get_device())
     dw_partial = torch.empty((n_progs, n_cols), dtype=torch.float32, device=x2d.device)
-    meta, key = _meta(n_cols, gemma, True)
+    shape = dict(n_cols=n_cols, gemma_cast=gemma)
+    RMS_NORM_BWD.constexprs(**shape)  # checks the row width even when there are no rows
     if n_rows:
-        launcher("rms_norm_bwd")((n_progs, 1, 1), (dy2d, x2d, weight, rstd, dx, dw_partial, dy2d.stride(0),
-                                              x2d.stride(0), dx.stride(0), n_rows, n_cols, float(offset)), key)
+        RMS_NORM_BWD.launch((n_progs, 1, 1), (dy2d, x2d, weight, rstd, dx, dw_partial, dy2d.stride(0), x2d.stride(0),
+                                              dx.stride(0), n_rows, n_cols, float(offset)), **shape)
     else:
         dw_partial.zero_()
     dw = dw_partial.sum(0).to(weight.dtype) if need_dw else None

@@ -7,12 +7,10 @@ A rotary dim r < head dim D rotates the first r dims and copies the rest (partia
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from .. import kernels
-from ..loader import constexpr_key, launcher
+from csrc_triton.rope import ROPE
+
 from ._common import check_tensor
 
 POS_DTYPES = (torch.int64, torch.int32)
@@ -38,12 +36,6 @@ def naive_rope(q, k, cos, sin, position_ids=None):
     return apply(q), apply(k)
 
 
-@functools.lru_cache(maxsize=None)
-def _meta(half, n_pass, has_pos, backward):
-    m = kernels.rope_meta(half, n_pass, has_pos, backward)
-    return m, constexpr_key(m)
-
-
 def _last_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -53,20 +45,20 @@ def rope_launch(q, k, qo, ko, cos, sin, pos, backward: bool):
     hk = k.shape[1]
     r = cos.shape[-1]
     has_pos = pos is not None
-    meta, key = _meta(r // 2, dim - r, has_pos, backward)
+    shape = dict(half=r // 2, n_pass=dim - r, has_pos=has_pos, backward=backward)
     if has_pos:
         cos_sb, cos_ss = 0, cos.stride(0)
         pos_t, pos_sb, pos_ss = pos, (pos.stride(0) if pos.shape[0] > 1 else 0), pos.stride(1)
     else:
         cos_sb, cos_ss = (cos.stride(0) if cos.shape[0] > 1 else 0), cos.stride(1)
         pos_t, pos_sb, pos_ss = cos, 0, 0
-    bh = meta["BLOCK_H"]
+    bh = ROPE.constexprs(**shape)["BLOCK_H"]
     grid = (bsz * seq, (hq + bh - 1) // bh + (hk + bh - 1) // bh, 1)
-    launcher("rope")(grid, (
+    ROPE.launch(grid, (
         q, k, qo, ko, cos, sin, pos_t,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
-        cos_sb, cos_ss, pos_sb, pos_ss, seq, hq, hk, r // 2, dim - r), key)
+        cos_sb, cos_ss, pos_sb, pos_ss, seq, hq, hk, r // 2, dim - r), **shape)
 
 
 class RopeFunction(torch.autograd.Function):
