@@ -273,20 +273,9 @@ def test_fuzz_dequantize_gptq(data):
 
 # ------------------------------------------------------------------------------- LoRA functions
 def _peft_block(hidden, inter, q_out, kv_out, r, bias, dtype):
-    peft = pytest.importorskip("peft")
-    from test_lora import Block
-    torch.manual_seed(0)
-    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                                 "up_proj", "down_proj"])
-    model = peft.inject_adapter_in_model(cfg, Block(bias=bias, hidden=hidden, inter=inter, q_out=q_out, kv_out=kv_out))
-    model = model.to(DEVICE, dtype)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name or name.endswith("bias"))
-    return model
+    pytest.importorskip("peft")
+    from test_lora import make
+    return make(r=r, bias=bias, hidden=hidden, inter=inter, q_out=q_out, kv_out=kv_out).to(dtype)
 
 
 @FUZZ

@@ -56,14 +56,15 @@ def attn_fused(attn, x):
     return lora.apply_lora_o(attn, q * torch.cat([k, v], -1))
 
 
-def make(r=4, dropout=0.0, bias=False, act="silu", use_dora=False):
-    """r: an int, or "mixed" for a different rank on each MLP projection (PEFT's rank_pattern)."""
+def make(r=4, dropout=0.0, bias=False, act="silu", use_dora=False, **sizes):
+    """r: an int, or "mixed" for a different rank on each MLP projection (PEFT's rank_pattern); sizes: Block's
+    hidden, inter, q_out, kv_out."""
     torch.manual_seed(0)
     ranks = {"rank_pattern": {"gate_proj": 2, "up_proj": 4, "down_proj": 24}} if r == "mixed" else {}
     r = 4 if r == "mixed" else r
     cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, use_dora=use_dora, **ranks,
                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    model = peft.inject_adapter_in_model(cfg, Block(bias=bias, act=act)).to(DEVICE)
+    model = peft.inject_adapter_in_model(cfg, Block(bias=bias, act=act, **sizes)).to(DEVICE)
     with torch.no_grad():  # PEFT starts B at zero: make the adapter path count
         for name, p in model.named_parameters():
             if "lora_B" in name:
