@@ -8,9 +8,7 @@ from fusedlora.registry import KernelSpec, next_pow2, register
 CE_MODES = {"loss": 0, "loss_and_grad": 1, "grad": 2}
 
 
-# H100, 8192 x 128256 bf16 loss+grad, op from triton 3.9 cubins: BLOCK_V 16384 / 32 warps 1.81 ms (64 registers:
-# one 1024-thread program per SM, so 132 rows in flight and their second reads hit L2), 8192 / 16 1.84 ms
-# (two programs per SM), 4096 / 8 2.01 ms, 16384 / 16 1.92 ms (107 registers)
+# The fastest block / warps from prebuilt cubins on an H100 (docs/perf-notes.md, tuned launch configs)
 CE_BLOCK = 16384
 CE_PROGRAMS_PER_SM = 0  # 0: one program per row (persistent grids of 4 per SM measured slower)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from fusedlora.registry import KernelSpec, register
 
 GLU_ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
-GLU_BLOCK = 2048  # H100 sweep: 2048 elements, 16 warps: 0.614 ms fwd+bwd at 8192x14336 (torch.compile 0.620)
+GLU_BLOCK = 2048  # elements per program (tune.py glu on an H100: docs/perf-notes.md)
 
 
 def glu_meta(act: str) -> dict:

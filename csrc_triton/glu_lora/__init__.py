@@ -7,11 +7,9 @@ from fusedlora.registry import KernelSpec, next_pow2, register
 
 from csrc_triton.glu import GLU_ACTS
 
-# The LoRA MLP's GLU backward with its token-reduced adapter products (tiles of BLOCK_M rows x BLOCK_N
-# columns; each program walks one column tile down a group of rows, its loads software-pipelined STAGES deep).
-# H100 sweep (build_tools/tune.py glu_lora; T = I = 8192, r 16, bf16), tenth session, two lent H100s: 16 x 128,
-# 4 warps, 3 stages, 2 programs per SM (GLU_LORA_PROGRAMS_PER_SM): 0.242 / 0.237 ms with the partial
-# sum (2.8 TB/s of 3R+2W); 32 x 64 0.245; the earlier 16 x 64, 4 per SM 0.300 ms (dh's load not pipelined).
+# The LoRA MLP's GLU backward with its token-reduced adapter products: tiles of BLOCK_M rows x BLOCK_N
+# columns; each program walks one column tile down a group of rows, its loads pipelined STAGES deep.
+# Tuned on an H100 (build_tools/tune.py glu_lora; docs/perf-notes.md).
 GLU_LORA_TILE = (16, 128, 4, 3)  # BLOCK_M, BLOCK_N, warps, stages
 GLU_LORA_PROGRAMS_PER_SM = 2  # both LoRA GLU kernels' grids (ops.glu.row_groups); best for each on an H100
 GLU_LORA_RANKS = (8, 16, 32, 64)
@@ -62,10 +60,7 @@ GLU_LORA_BWD = register(KernelSpec(
 
 
 # The LoRA MLP's GLU forward from the base GEMM outputs, the gate/up adapter terms added per tile.
-# H100 sweep (build_tools/tune.py glu_lora_fwd; T = I = 8192, r 16, bf16, e | g in one [T, 2I + 64] buffer),
-# tenth session, loads pipelined (two lent H100s): 32 x 64, 4 warps, 4 stages, 2 programs per SM 0.1416 /
-# 0.1420 ms; 16 x 128, 4 warps, 4 stages 0.1409 / 0.1460; 64 x 128, 8 warps 0.142-0.145; glu_fwd without the
-# adapter terms 0.136 ms. (Before, nothing pipelined: 32 x 128, 8 warps 0.151.)
+# Tuned on an H100 (build_tools/tune.py glu_lora_fwd; docs/perf-notes.md).
 GLU_LORA_FWD_TILE = (32, 64, 4, 4)  # BLOCK_M, BLOCK_N, warps, stages
 
 
@@ -90,9 +85,7 @@ GLU_LORA_FWD = register(KernelSpec(
 
 
 # The LoRA MLP backward's rank-r products that reduce over I (s_g de B_g | s_u dg B_u): one program per
-# BLOCK_M whole rows walking I in BLOCK_N columns. H100 sweep (build_tools/tune.py glu_lora_dyb; T = I =
-# 8192, r 16): 32 x 128, 4 warps, 3 stages 0.094 ms (2.85 TB/s) vs 0.1005 ms for two GEMMs + cat. (The same
-# row-owner walk also giving the forward's h and h A_d^T ran 0.30 ms at best vs 0.179 ms for glu_fwd + GEMM.)
+# BLOCK_M whole rows walking I in BLOCK_N columns. Tuned on an H100 (build_tools/tune.py glu_lora_dyb).
 GLU_LORA_DYB_TILE = (32, 128, 4, 3)  # BLOCK_M, BLOCK_N, warps, stages
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fusedlora.registry import KernelSpec, register
 
-NF4_BLOCK = 8192  # H100 sweep (build_tools/tune.py nf4): 8192 outputs / 2 warps, 2893 GB/s at 28672x8192
+NF4_BLOCK = 8192  # outputs per program (tune.py nf4 on an H100: docs/perf-notes.md)
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -45,8 +45,7 @@ NF4_DEQUANT = register(KernelSpec(
     doc="bitsandbytes NF4/FP4 dequantisation incl. the nested absmax, one launch",
 ))
 
-# H100 sweep, 8192^2 4-bit fp16: [out, in] output 64 x 32 tiles / 2 warps (2472 GB/s);
-# [in, out] output 32 x 128 / 4 warps (1984 GB/s).
+# tiles per output layout ([out, in], [in, out]), tuned on an H100 (docs/perf-notes.md)
 GPTQ_TILES = {False: (64, 32, 2), True: (32, 128, 4)}
 
 

@@ -28,7 +28,7 @@ def rms_norm_bwd_meta(n_cols: int, gemma_cast: bool) -> dict:
 
 
 def _row_warps(block_n: int) -> int:
-    # H100 sweep (build_tools/tune.py, 8192x4096 bf16): fwd 8 warps 0.0475 ms; bwd 16 warps, 2 programs/SM
+    # from build_tools/tune.py's sweep on an H100 (docs/perf-notes.md)
     if block_n >= 16384:
         return 16
     if block_n >= 4096:

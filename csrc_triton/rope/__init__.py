@@ -7,7 +7,7 @@ from fusedlora.registry import KernelSpec, next_pow2, register
 
 def rope_meta(half: int, n_pass: int, has_pos: bool, backward: bool) -> dict:
     block_half = next_pow2(half)
-    # H100 sweep (B4 S2048 Hq32 Hk8 D128): 8 heads per program, 1 warp: 0.063 ms forward
+    # heads per program and warps from tune.py rope on an H100 (docs/perf-notes.md)
     return {"BLOCK_H": max(1, min(16, 512 // block_half)), "BLOCK_HALF": block_half,
             "BLOCK_PASS": next_pow2(n_pass) if n_pass > 0 else 0,
             "HAS_POS": int(bool(has_pos)), "BACKWARD": int(bool(backward))}
