@@ -45,7 +45,7 @@ def test_wheel_carries_cubins_and_works_installed(tmp_path):
     wheels = list((tmp_path / "dist").glob("fusedlora-*.whl"))
     assert len(wheels) == 1
     names = zipfile.ZipFile(wheels[0]).namelist()
-    assert "fusedlora/_prebuilt/manifest.json" in names and "csrc_triton/rms_norm.py" in names
+    assert "fusedlora/_prebuilt/manifest.json" in names and "csrc_triton/rms_norm/kernel.py" in names
     assert any(n.endswith(".sm90.json") for n in names) and sum(n.endswith(".cubin") for n in names) > 10
     target = tmp_path / "site"
     r = _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheels[0])])
