@@ -18,7 +18,7 @@ import torch
 
 from csrc_triton.quant import GPTQ_DEQUANT, NF4_BLOCKSIZES, NF4_DEQUANT
 
-from .ops._common import interpreting
+from .ops._common import interpreting, rel_err
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -273,3 +273,51 @@ def weight_shape(W, quant):
     if shape is None:
         raise ValueError("a quant_state with no shape: is it the state of this weight?")
     return tuple(shape)
+
+
+# ---------------------------------------------------------------- self-check (python -m fusedlora.selfcheck)
+def _synthetic_nf4(shape, nested, device, dtype, blocksize=64):
+    """A random bitsandbytes-format 4-bit weight and quant state (no bitsandbytes needed)."""
+    from types import SimpleNamespace
+
+    n = math.prod(shape)
+    n_blocks = -(-n // blocksize)
+    packed = torch.randint(0, 256, ((n + 1) // 2, 1), dtype=torch.uint8, device=device)
+    code = torch.sort(torch.rand(16, device=device) * 2 - 1).values
+    if nested:
+        s2 = SimpleNamespace(absmax=torch.rand(-(-n_blocks // 256), device=device) + 0.5,
+                             code=torch.linspace(-1, 1, 256, device=device), blocksize=256)
+        qs = SimpleNamespace(absmax=torch.randint(0, 256, (n_blocks,), dtype=torch.uint8, device=device), state2=s2,
+                             offset=0.25, nested=True)
+    else:
+        qs = SimpleNamespace(absmax=torch.rand(n_blocks, device=device) + 0.1, nested=False)
+    qs.code, qs.blocksize, qs.shape, qs.dtype, qs.quant_type = code, blocksize, torch.Size(shape), dtype, "nf4"
+    return packed, qs
+
+
+def selfcheck(device, dtype):
+    shape = (4096, 4096) if device == "cuda" else (33, 70)
+    err_nf4 = 0.0
+    exact = device == "cuda" or dtype != torch.bfloat16  # the interpreter truncates to bf16
+    for nested in (False, True):
+        packed, qs = _synthetic_nf4(shape, nested, device, dtype)
+        ours, ref = dequantize_nf4(packed, qs), naive_dequantize_nf4(packed, qs)
+        err_nf4 = max(err_nf4, 0.0 if torch.equal(ours, ref) else rel_err(ours, ref) + (1.0 if exact else 0.0))
+        # into the rows of a wider buffer (the LoRA MLP's [W | s B | 0]: the STRIDED variants)
+        rows = (4096, 2048) if device == "cuda" else (9, 128)
+        packed, qs = _synthetic_nf4(rows, nested, device, dtype)
+        buf = torch.zeros(rows[0], rows[1] + 32, dtype=qs.dtype, device=device)
+        ours, ref = dequantize_nf4(packed, qs, out=buf[:, :rows[1]]), naive_dequantize_nf4(packed, qs)
+        spill = bool(buf[:, rows[1]:].any())  # the columns beside the block must stay untouched
+        if spill or not torch.equal(ours, ref):
+            err_nf4 = max(err_nf4, rel_err(ours, ref) + (1.0 if exact or spill else 0.0))
+    in_f, out_f = (4096, 4096) if device == "cuda" else (64, 48)
+    qw = torch.randint(-2**31, 2**31 - 1, (in_f // 8, out_f), dtype=torch.int64, device=device).to(torch.int32)
+    qz = torch.randint(-2**31, 2**31 - 1, (in_f // 32, out_f // 8), dtype=torch.int64, device=device).to(torch.int32)
+    sc = (torch.rand(in_f // 32, out_f, device=device) * 0.01).half()
+    g = (torch.randperm(in_f, device=device) // 32).to(torch.int32)
+    ours = dequantize_gptq(qw, qz, sc, g, out_dtype=dtype)
+    ref = naive_dequantize_gptq(qw, qz, sc, g, out_dtype=dtype)
+    err_gptq = 0.0 if torch.equal(ours, ref) else rel_err(ours, ref) + (1.0 if exact else 0.0)
+    tol = 0.0 if exact else 8e-3  # bit-identical, except the interpreter's bf16 truncation (1 ulp)
+    return {"nf4_dequant": (err_nf4, tol), "gptq_dequant": (err_gptq, tol)}

@@ -41,6 +41,7 @@ class KernelSpec:
     config: Callable[[int, dict[str, Any]], tuple[int, int]] = lambda arch, c: (4, 1)
     aot_variants: Callable[[dict[str, Any]], Iterable[tuple[dict[str, str], dict[str, Any]]]] = lambda f: ()
     doc: str = ""
+    check: str = ""                   # "module:function" of its self-check (fusedlora.selfcheck runs it)
 
     def constexprs(self, **shape) -> dict:
         """meta(**shape), computed once per shape (the op launchers size their grids from it)."""

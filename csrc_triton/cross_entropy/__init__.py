@@ -46,6 +46,7 @@ CROSS_ENTROPY = register(KernelSpec(
     config=lambda arch, c: (_ce_warps(c["BLOCK_V"]), 1),
     aot_variants=_ce_aot,
     doc="row-wise cross-entropy: loss, lse and (optionally) the gradient in the logits' dtype",
+    check="fusedlora.ops.cross_entropy:selfcheck",
 ))
 
 CE_PREPARE_INV = {"count": 0, "divisor": 1, "given": 2}  # given: the caller writes INV
@@ -59,6 +60,7 @@ CE_PREPARE = register(KernelSpec(
     config=lambda arch, c: (8, 1),
     aot_variants=lambda family: (({"label": lt}, {"inv": inv}) for lt in ("i64", "i32") for inv in CE_PREPARE_INV),
     doc="cross-entropy set-up: labels range check and the loss scale (1 / count of used labels)",
+    check="fusedlora.ops.cross_entropy:selfcheck",
 ))
 
 SCALE_BLOCK = 4096
@@ -72,4 +74,5 @@ SCALE_BY_SCALAR = register(KernelSpec(
     config=lambda arch, c: (8, 1),
     aot_variants=lambda family: (({"x": dt}, {}) for dt in list(family.get("dtypes", ("bf16", "fp16"))) + ["fp32"]),
     doc="x *= s[0] in place, free when s[0] == 1",
+    check="fusedlora.ops.cross_entropy:selfcheck",
 ))

@@ -37,6 +37,7 @@ GLU_FWD = register(KernelSpec(
     config=lambda arch, c: (16, 1),
     aot_variants=_glu_aot,
     doc="act(gate) * up, act in SiLU / GELU / GELU-tanh",
+    check="fusedlora.ops.glu:selfcheck",
 ))
 
 GLU_BWD = register(KernelSpec(
@@ -47,4 +48,5 @@ GLU_BWD = register(KernelSpec(
     config=lambda arch, c: (16, 1),
     aot_variants=_glu_bwd_aot,
     doc="gradients of act(gate) * up, activation recomputed; STORE_H also writes h over d(out)",
+    check="fusedlora.ops.glu:selfcheck",
 ))

@@ -56,6 +56,7 @@ GLU_LORA_BWD = register(KernelSpec(
     aot_variants=_glu_lora_aot,
     doc="LoRA MLP backward: GLU gradients (adapter terms of e, g, dh added) plus the s de^T XA and h^T dY B "
         "partial sums, h never stored",
+    check="fusedlora.ops.glu_lora:selfcheck",
 ))
 
 
@@ -81,6 +82,7 @@ GLU_LORA_FWD = register(KernelSpec(
     config=lambda arch, c: GLU_LORA_FWD_TILE[2:],
     aot_variants=_glu_lora_fwd_aot,
     doc="LoRA MLP forward: act(e) * g with the gate/up adapter terms added to the base GEMM outputs",
+    check="fusedlora.ops.glu_lora:selfcheck",
 ))
 
 
@@ -114,4 +116,5 @@ GLU_LORA_DYB = register(KernelSpec(
     config=lambda arch, c: GLU_LORA_DYB_TILE[2:],
     aot_variants=_glu_lora_dyb_aot,
     doc="LoRA MLP backward: [s_g de B_g | s_u dg B_u], the rank-r products reducing over I",
+    check="fusedlora.ops.glu_lora:selfcheck",
 ))

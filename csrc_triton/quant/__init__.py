@@ -43,6 +43,7 @@ NF4_DEQUANT = register(KernelSpec(
     config=lambda arch, c: (2, 1),
     aot_variants=_nf4_aot,
     doc="bitsandbytes NF4/FP4 dequantisation incl. the nested absmax, one launch",
+    check="fusedlora.quant:selfcheck",
 ))
 
 # tiles per output layout ([out, in], [in, out]), tuned on an H100 (docs/perf-notes.md)
@@ -73,4 +74,5 @@ GPTQ_DEQUANT = register(KernelSpec(
     config=lambda arch, c: (_gptq_warps(c), 1),
     aot_variants=_gptq_aot,
     doc="GPTQ (auto-gptq / gptqmodel) 2/4/8-bit dequantisation with act-order g_idx",
+    check="fusedlora.quant:selfcheck",
 ))

@@ -57,6 +57,7 @@ RMS_NORM_FWD = register(KernelSpec(
     config=lambda arch, c: (_row_warps(c["BLOCK_N"] * c["BLOCK_M"]), 1),
     aot_variants=_rms_norm_aot,
     doc="RMSNorm forward, one or more rows per program",
+    check="fusedlora.ops.rms_norm:selfcheck",
 ))
 
 RMS_NORM_BWD = register(KernelSpec(
@@ -68,4 +69,5 @@ RMS_NORM_BWD = register(KernelSpec(
     config=lambda arch, c: (min(16, 2 * _row_warps(c["BLOCK_N"])), 1),
     aot_variants=_rms_norm_aot,
     doc="RMSNorm backward (dx and per-program dw partial sums), persistent grid",
+    check="fusedlora.ops.rms_norm:selfcheck",
 ))

@@ -32,4 +32,5 @@ ROPE = register(KernelSpec(
     config=lambda arch, c: (1 if c["BLOCK_H"] * c["BLOCK_HALF"] <= 512 else 4, 1),
     aot_variants=_rope_aot,
     doc="rotary embedding of q and k (GQA) in one launch, optional position_ids gather",
+    check="fusedlora.ops.rope:selfcheck",
 ))

@@ -50,3 +50,13 @@ def persistent_programs(n_work: int, per_sm: int, device_index: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b|| in float64 (the self-checks' measure)."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def grads_of(outs, grads, inputs):
+    return torch.autograd.grad(outs, inputs, grads)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import csrc_triton.cross_entropy as ce_kernels  # its grid constants are read per call (tests vary them)
 from csrc_triton.cross_entropy import CE_PREPARE, CROSS_ENTROPY, SCALE_BY_SCALAR
 
-from ._common import cdiv, check_tensor, persistent_programs
+from ._common import cdiv, check_tensor, grads_of, persistent_programs, rel_err
 
 REDUCTIONS = ("mean", "sum", "none")
 LABEL_DTYPES = (torch.int64, torch.int32)
@@ -174,3 +174,24 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     out = CrossEntropyFunction.apply(logits2d, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
                                      None if softcap is None else float(softcap), logit_scale, bool(inplace_grad))
     return out.view(labels.shape) if reduction == "none" else out
+
+
+# ---------------------------------------------------------------- self-check (python -m fusedlora.selfcheck)
+def selfcheck(device, dtype):
+    t, v = (512, 128256) if device == "cuda" else (8, 4096)
+    z = (3 * torch.randn(t, v, device=device)).to(dtype).requires_grad_()
+    y = torch.randint(0, v, (t,), device=device)
+    y[::7] = -100
+    loss = cross_entropy(z, y, label_smoothing=0.05)
+    (dz,) = grads_of(loss * 2.0, None, (z,))  # d loss = 2: exercises scale_by_scalar
+    z64 = z.detach().double().requires_grad_()
+    ref = naive_cross_entropy(z64, y, label_smoothing=0.05)
+    (dz64,) = grads_of(ref * 2.0, None, (z64,))
+    tol = 1.5e-2 if dtype != torch.float32 else 1e-5
+    err_grad = rel_err(dz, dz64)
+    # the set-up kernel: the mean's 1/count over 3 blocks of labels (exact up to fp32 division)
+    y = torch.randint(-1, 50, (5003,), device=device)
+    inv = prepare_labels("selfcheck", y, 50, -1, "mean")
+    err_prep = abs(inv.item() * float((y != -1).sum()) - 1.0)
+    return {"cross_entropy": (max(rel_err(loss, ref), err_grad), tol), "scale_by_scalar": (err_grad, tol),
+            "ce_prepare": (err_prep, 1e-6)}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from csrc_triton.glu import GLU_BWD, GLU_FWD
 
-from ._common import cdiv, check_tensor
+from ._common import cdiv, check_tensor, grads_of, rel_err
 
 _APPROX = {"none": "gelu", "tanh": "gelu_tanh"}
 
@@ -89,3 +89,26 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none", inpla
     if approximate not in _APPROX:
         raise ValueError(f"geglu: approximate must be 'none' or 'tanh', got {approximate!r}")
     return _glu("geglu", gate, up, _APPROX[approximate], inplace)
+
+
+# ---------------------------------------------------------------- self-check (python -m fusedlora.selfcheck)
+def selfcheck(device, dtype):
+    shape = (257, 14336) if device == "cuda" else (17, 1000)
+    tol = 1.5e-2 if dtype != torch.float32 else 1e-5
+    fwd = bwd = 0.0
+    for op, ref in ((swiglu, naive_swiglu), (lambda g, u: geglu(g, u, "tanh"), lambda g, u: naive_geglu(g, u, "tanh"))):
+        g = (2 * torch.randn(shape, device=device)).to(dtype).requires_grad_()
+        u = torch.randn(shape, device=device).to(dtype).requires_grad_()
+        dy = torch.randn(shape, device=device).to(dtype)
+        y = op(g, u)
+        dg, du = grads_of(y, dy, (g, u))
+        g64, u64 = g.detach().double().requires_grad_(), u.detach().double().requires_grad_()
+        y64 = ref(g64, u64)
+        dg64, du64 = grads_of(y64, dy.double(), (g64, u64))
+        fwd = max(fwd, rel_err(y, y64))
+        bwd = max(bwd, rel_err(dg, dg64), rel_err(du, du64))
+    # the forward on the LoRA MLP's layout: gate | up as the halves of one wider buffer
+    buf = (2 * torch.randn(shape[0], 2 * shape[1] + 64, device=device)).to(dtype)
+    g, u = buf[:, :shape[1]], buf[:, shape[1]:2 * shape[1]]
+    fwd = max(fwd, rel_err(glu_forward(g, u, "silu"), naive_swiglu(g.double(), u.double())))
+    return {"glu_fwd": (fwd, tol), "glu_bwd": (bwd, tol)}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from csrc_triton.glu_lora import (GLU_LORA_BWD, GLU_LORA_DYB, GLU_LORA_FWD, GLU_LORA_PROGRAMS_PER_SM,
                                   glu_lora_rank_pad)
 
-from ._common import cdiv, sm_count
+from ._common import cdiv, rel_err, sm_count
 
 __all__ = ["glu_lora_forward", "glu_lora_backward", "glu_lora_dyb", "row_groups", "glu_lora_rank_pad",
            "naive_glu_lora_forward", "naive_glu_lora_backward", "naive_glu_lora_dyb"]
@@ -181,3 +181,27 @@ def naive_glu_lora_backward(dout, gate, up, xa_g, xa_u, dyb, b_gate, b_up, a_dow
     de, dg = torch.autograd.grad(h, (e, g), dout.to(d) + dyb.to(d) @ a_down.to(d))
     sg, su = scales
     return de, dg, (sg * de.t() @ xa_g.to(d), su * dg.t() @ xa_u.to(d), h.detach().t() @ dyb.to(d))
+
+
+# ---------------------------------------------------------------- self-check (python -m fusedlora.selfcheck)
+def selfcheck(device, dtype):
+    """The LoRA MLP's GLU kernels on its layout: e | g as the halves of one buffer with spare columns."""
+    (t, i), r = ((1000, 8192) if device == "cuda" else (40, 200)), 16
+    eg = torch.randn(t, 2 * i + 64, device=device).to(dtype)
+    gate, up = eg[:, :i], eg[:, i:2 * i]
+    dout = torch.randn(t, i, device=device).to(dtype)
+    xa, dyb = torch.randn(t, 2 * r, device=device).to(dtype), torch.randn(t, r, device=device).to(dtype)
+    b_g, b_u = ((torch.randn(i, r, device=device) / r ** 0.5).to(dtype) for _ in range(2))
+    a_d = (torch.randn(r, i, device=device) / r ** 0.5).to(dtype)
+    lora = (xa[:, :r], xa[:, r:], b_g, b_u, (0.5, 2.0), "silu")
+    err_fwd = rel_err(glu_lora_forward(gate, up, xa, r, b_g, b_u, (0.5, 2.0), "silu"),
+                       naive_glu_lora_forward(gate, up, *lora))
+    ref = naive_glu_lora_backward(dout, gate, up, xa[:, :r], xa[:, r:], dyb, b_g, b_u, a_d, (0.5, 2.0), "silu")
+    de, dg, Q = glu_lora_backward(dout, gate, up, xa, r, dyb, b_g, b_u, a_d, (0.5, 2.0), "silu")
+    R = glu_lora_rank_pad(r)
+    got = (de, dg, Q[:, :r], Q[:, R:R + r], Q[:, 2 * R:2 * R + r])
+    err = max(rel_err(a, b) for a, b in zip(got, (ref[0], ref[1], *ref[2])))
+    dyb_got = glu_lora_dyb(de, dg, b_g, b_u, (0.5, 2.0), out=eg[:, 2 * i:2 * i + 2 * r])
+    err_dyb = rel_err(dyb_got, naive_glu_lora_dyb(de, dg, b_g, b_u, (0.5, 2.0)))
+    tol = 1.5e-2 if dtype != torch.float32 else 1e-5
+    return {"glu_lora_fwd": (err_fwd, tol), "glu_lora_bwd": (err, tol), "glu_lora_dyb": (err_dyb, tol)}

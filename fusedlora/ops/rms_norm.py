@@ -10,7 +10,7 @@ import torch
 
 from csrc_triton.rms_norm import RMS_BWD_PROGRAMS_PER_SM, RMS_NORM_BWD, RMS_NORM_FWD
 
-from ._common import check_tensor, persistent_programs, rows_2d
+from ._common import check_tensor, persistent_programs, rel_err, rows_2d
 
 CASTINGS = ("llama", "gemma")
 
@@ -89,3 +89,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: f
     if weight.stride(0) != 1:
         weight = weight.contiguous()
     return RMSNormFunction.apply(x, weight, float(eps), float(offset), casting == "gemma")
+
+
+# ---------------------------------------------------------------- self-check (python -m fusedlora.selfcheck)
+def selfcheck(device, dtype):
+    """(rows, kernel -> (error, tolerance)) for RMSNorm forward and backward."""
+    rows, n = (257, 4096) if device == "cuda" else (33, 2048)
+    x = torch.randn(rows, n, device=device, dtype=dtype, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(n, device=device, dtype=dtype)).requires_grad_()
+    dy = torch.randn(rows, n, device=device, dtype=dtype)
+    y = rms_norm(x, w, 1e-6)
+    y.backward(dy)
+    xr = x.detach().double().requires_grad_()
+    wr = w.detach().double().requires_grad_()
+    yr = naive_rms_norm(xr, wr, 1e-6)
+    yr.backward(dy.double())
+    # bf16 output rounding (2^-8 relative) bounds the forward; the gradients sum bf16 products.
+    tol = 1e-2 if dtype != torch.float32 else 1e-5
+    return {"rms_norm_fwd": (rel_err(y, yr), tol),
+            "rms_norm_bwd": (max(rel_err(x.grad, xr.grad), rel_err(w.grad, wr.grad)), tol)}

@@ -11,7 +11,7 @@ import torch
 
 from csrc_triton.rope import ROPE
 
-from ._common import check_tensor
+from ._common import check_tensor, grads_of, rel_err
 
 POS_DTYPES = (torch.int64, torch.int32)
 
@@ -130,3 +130,23 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     q, k = _last_contiguous(q), _last_contiguous(k)
     cos, sin = _last_contiguous(cos), _last_contiguous(sin)
     return RopeFunction.apply(q, k, cos, sin, position_ids)
+
+
+# ---------------------------------------------------------------- self-check (python -m fusedlora.selfcheck)
+def selfcheck(device, dtype):
+    b, hq, hk, s, d = (2, 32, 8, 512, 128) if device == "cuda" else (1, 4, 2, 9, 64)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=device, dtype=torch.float64) / d))
+    f = torch.outer(torch.arange(2 * s, device=device, dtype=torch.float64), inv)
+    cos, sin = torch.cat([f, f], -1).cos().to(dtype), torch.cat([f, f], -1).sin().to(dtype)
+    pos = torch.cat([torch.arange(s // 2), torch.arange(s - s // 2)]).to(device)[None].expand(b, s)  # packed
+    q = torch.randn(b, s, hq, d, device=device).to(dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(b, hk, s, d, device=device).to(dtype).requires_grad_()
+    qo, ko = rope(q, k, cos, sin, pos)
+    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+    dq, dk = grads_of((qo, ko), (gq, gk), (q, k))
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    qr, kr = naive_rope(q64, k64, cos.double(), sin.double(), pos)
+    dq64, dk64 = grads_of((qr, kr), (gq.double(), gk.double()), (q64, k64))
+    tol = 1.5e-2 if dtype != torch.float32 else 1e-5
+    err = max(rel_err(qo, qr), rel_err(ko, kr), rel_err(dq, dq64), rel_err(dk, dk64))
+    return {"rope": (err, tol)}
