@@ -136,12 +136,18 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
 
 
 # ------------------------------------------------------------------------------- packed sequences
+@functools.lru_cache(maxsize=None)
 def _varlen_attn():
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:  # torch < 2.10
         return None
     return varlen_attn
+
+
+@functools.lru_cache(maxsize=None)
+def _varlen_takes_gqa() -> bool:
+    return "enable_gqa" in inspect.signature(_varlen_attn()).parameters
 
 
 def packed_boundaries(position_ids: torch.Tensor, rows: int):
@@ -172,7 +178,7 @@ def _varlen_attention(module, q, k, v, kwargs):
     attn = _varlen_attn()
     gqa = {}
     if hk != hq:
-        if "enable_gqa" in inspect.signature(attn).parameters:
+        if _varlen_takes_gqa():
             gqa["enable_gqa"] = True
         else:  # torch 2.11: K/V heads repeated (each serves hq / hk query heads, as HF's repeat_kv)
             k3, v3 = k3.repeat_interleave(hq // hk, dim=1), v3.repeat_interleave(hq // hk, dim=1)
