@@ -7,7 +7,7 @@ GPU time by torch op and input shapes, to tell which GEMM a kernel is; --gaps: e
 replay in order with the idle time before it; --energy: time, energy and average power per step under
 sustained replay, from NVML) so optimisation work can
 target where the time goes. --warm=N runs N unprofiled steps first (default 3): kernel times under
-sustained load, as a long benchmark or training run sees them (clocks drop as the GPU heats). Shapes and modules are the benchmark's (fusedlora.bench.lora_modules)."""
+sustained load, as a long benchmark or training run sees them (clocks drop as the GPU heats). Shapes and modules are the benchmark's (benchmarks.peers.lora_modules)."""
 from __future__ import annotations
 
 import sys
@@ -15,7 +15,7 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fusedlora.bench import LORA_SHAPES, lora_cases, lora_modules
+from benchmarks.peers import LORA_SHAPES, lora_cases, lora_modules
 
 
 def _steps(fn, x, grads, n):

@@ -20,5 +20,7 @@ if ls dist/fusedlora-*.whl >/dev/null 2>&1; then
 fi
 [ "${SKIP_TESTS:-0}" = 1 ] || python3 -m pytest -q "${@:-tests}" 2>&1 | tee "$OUT/pytest.txt" | tail -25
 if [ "${SKIP_BENCH:-0}" != 1 ] && [ -d /tmp/flwheel ]; then
-  (cd /tmp && $WHEEL_PY -m fusedlora.bench --out "$OUT/bench.md" ${BENCH_ARGS:-}) 2>"$OUT/bench_log.txt" | tail -40
+  # the wheel first on the path, the checkout after it (benchmarks/ is not installed)
+  (REPO=$PWD; cd /tmp && env PYTHONPATH=/tmp/flwheel:$REPO:${PYTHONPATH:-} python3 -m benchmarks.peers \
+     --out "$OUT/bench.md" ${BENCH_ARGS:-}) 2>"$OUT/bench_log.txt" | tail -40
 fi

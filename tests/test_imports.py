@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = sorted(
     ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-    for pkg in ("fusedlora", "csrc_triton") for p in (ROOT / pkg).rglob("*.py")
+    for pkg in ("fusedlora", "csrc_triton", "benchmarks") for p in (ROOT / pkg).rglob("*.py")
     if not p.name.startswith("__main__"))
 
 
