@@ -50,6 +50,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--packed", action="store_true", help="padding-free packed rows (position_ids restart per document)")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="N steady steps under torch.profiler after the timed ones: GPU time per kernel family")
+    ap.add_argument("--peak-tflops", type=float, default=790.0, help="GEMM peak for the profile (H200 measured ~790)")
     ap.add_argument("--out", default=None, help="Markdown report path (JSON beside it, .json)")
     args = ap.parse_args(argv)
     import torch
@@ -65,7 +68,8 @@ def main(argv=None) -> int:
     for model, mode, gc in itertools.product(args.models.split(","), args.modes.split(","), gcs):
         for variant in variants:
             run = argparse.Namespace(model=model, mode=mode, gc=gc, packed=args.packed, steps=args.steps, batch=args.batch,
-                                     seq=args.seq, lr=args.lr, log_every=5)
+                                     seq=args.seq, lr=args.lr, log_every=5, profile=args.profile,
+                                     peak_tflops=args.peak_tflops)
             t0 = time.perf_counter()
             r = run_in_subprocess(variant, run)
             print(f"{model} {mode} gc={gc} {variant}: " + (f"{r['tokens_per_s']:,.0f} tok/s, {r['peak_gib']:.2f} GiB"
@@ -77,6 +81,11 @@ def main(argv=None) -> int:
               + f"; batch {args.batch} x {args.seq}, LoRA r16 on 7 projections, bf16 autocast, fused AdamW, "
               f"SDPA, {args.steps} steps (first 2 untimed){', packed rows' if args.packed else ''}, each variant in its own "
               "process.\n\n" + markdown(results))
+    from .step_profile import markdown as profile_markdown
+    for r in results:
+        if r.get("profile"):
+            report += "\n\n" + profile_markdown(r["profile"], f"{r['model']} {r['mode']} gc={r['gc']} {r['variant']}: "
+                                                 f"GPU time per step by kernel family ({args.profile} profiled steps)")
     print(report)
     if args.out:
         with open(args.out, "w") as fh:

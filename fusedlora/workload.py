@@ -175,6 +175,19 @@ def run(args) -> dict:
     _sync(on_gpu)
     t_end = time.perf_counter()
     bar.close()
+    profile = None
+    if args.profile and on_gpu:
+        from . import step_profile
+
+        def one_step(batch=data[-1]):
+            ids, labels, pos = batch
+            with autocast:
+                loss = model(input_ids=ids, labels=labels, position_ids=pos).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        kernels, gemm_ops, wall_us = step_profile.profile_steps(one_step, args.profile)
+        profile = step_profile.summarize(kernels, gemm_ops, args.profile, wall_us, args.peak_tflops)
     timed_steps = args.steps - warmup
     from . import loader
     return {
@@ -188,6 +201,7 @@ def run(args) -> dict:
         "fusedlora_jit_kernels": loader.get_loader().stats.get("jit", 0) if args.variant == "fusedlora" else None,
         "patch": report, "versions": _versions(), "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+        "profile": profile,  # [(family, ms per step, share, note)] under torch.profiler, or None
     }
 
 
@@ -239,6 +253,8 @@ def add_run_args(ap, steps=20, batch=4, seq=2048):
     ap.add_argument("--packed", action="store_true", help="padding-free packed rows (position_ids restart per document)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--log-every", type=int, default=5)
+    ap.add_argument("--profile", type=int, default=0, help="after the timed steps, N more under torch.profiler (GPU)")
+    ap.add_argument("--peak-tflops", type=float, default=790.0, help="the GEMM peak the profile compares with")
 
 
 def run_in_subprocess(variant, args, extra_env=None) -> dict:
@@ -246,7 +262,9 @@ def run_in_subprocess(variant, args, extra_env=None) -> dict:
     import subprocess
     cmd = [sys.executable, "-m", "fusedlora.workload", "--variant", variant, "--model", args.model, f"--{args.mode}",
            "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--lr", str(args.lr),
-           "--log-every", str(args.log_every)] + (["--gc"] if args.gc else []) + (["--packed"] if args.packed else [])
+           "--log-every", str(args.log_every), "--profile", str(getattr(args, "profile", 0)),
+           "--peak-tflops", str(getattr(args, "peak_tflops", 790.0))] + (["--gc"] if args.gc else []) + \
+        (["--packed"] if args.packed else [])
     env = dict(os.environ, **(extra_env or {}))
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout.splitlines():

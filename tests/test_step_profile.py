@@ -1,0 +1,39 @@
+"""The step profile's bookkeeping (fusedlora/step_profile.py) on a synthetic trace: kernel families, the busy
+union and idle time, the base / rank-r GEMM split by shape, FLOP rates."""
+import pytest
+
+from fusedlora import step_profile as P
+
+
+@pytest.mark.parametrize("name,family", [
+    ("nf4_dequant_kernel", "dequant"), ("glu_lora_bwd_kernel", "LoRA GLU"), ("glu_fwd_kernel", "GLU"),
+    ("rms_norm_bwd_kernel", "norms"), ("rope_kernel", "RoPE"), ("cross_entropy_kernel", "loss"),
+    ("ce_prepare_kernel", "loss"), ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
+    ("flash_bwd_kernel", "attention"), ("multi_tensor_apply_kernel<..._adam...>", "optimizer"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "GEMM"), ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_TNN", "GEMM"),
+    ("void at::native::vectorized_elementwise_kernel<4, ...>", "copies/casts/elementwise"),
+    ("void at::native::(anonymous)::CatArrayBatchedCopy<...>", "copies/casts/elementwise"), ("mystery", "other"),
+])
+def test_family_of(name, family):
+    assert P.family_of(name) == family
+
+
+def test_busy_time_is_the_union():
+    assert P.busy_time([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
+    assert P.busy_time([]) == 0
+
+
+def test_summarize_splits_gemms_and_counts_idle():
+    kernels = [("sm90_xmma_gemm_tn", 0, 600), ("sm90_xmma_gemm_tn", 600, 700), ("rms_norm_fwd_kernel", 700, 750),
+               ("rope_kernel", 800, 850)]
+    gemm_ops = [([[4096, 2048], [2048, 8192]], 600.0),  # base: 2 * 4096 * 8192 * 2048 FLOPs
+                ([[4096, 2048], [16, 2048]], 100.0)]    # linear-style [M, K] x [N, K], N = rank 16
+    rows = P.summarize(kernels, gemm_ops, steps=1, wall_us=1000.0, peak_tflops=790.0)
+    by = {f: (ms, share, note) for f, ms, share, note in rows}
+    assert by["GEMMs (base)"][0] == pytest.approx(0.6) and by["GEMMs (rank-r, a dimension <= 128)"][0] == pytest.approx(0.1)
+    flops = 2 * 4096 * 8192 * 2048 + 2 * 4096 * 16 * 2048
+    assert f"{flops / 1e12:.1f} TFLOP per step" in by["GEMMs (base)"][2]
+    assert by["norms"][0] == pytest.approx(0.05) and by["RoPE"][0] == pytest.approx(0.05)
+    assert by["idle (GPU waiting)"][0] == pytest.approx(0.2)  # 1000 us wall - 800 us busy
+    assert sum(share for _, _, share, _ in rows) == pytest.approx(1.0)
+    assert "| GEMMs (base) | 0.60 | 60.0% |" in P.markdown(rows, "t")
