@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import torch
 
-from .ops._common import cdiv, check_tensor
+from .ops._common import autocast_dtype, cdiv, check_tensor
 from .ops.glu import glu_backward, glu_forward
 from .ops.glu_lora import glu_lora_backward, glu_lora_dyb, glu_lora_forward, glu_lora_rank_pad
 from .quant import dequantize_base, dequantize_nf4, is_nf4, nf4_writes_into, weight_shape as _weight_shape
@@ -48,9 +48,7 @@ from .quant import dequantize_base, dequantize_nf4, is_nf4, nf4_writes_into, wei
 # ------------------------------------------------------------------------------------------- weights
 def _compute_dtype(X: torch.Tensor) -> torch.dtype:
     """The autocast dtype of X's device type when autocast is on there (CUDA or CPU), else X's dtype."""
-    if X.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(X.device.type):
-        return torch.get_autocast_dtype(X.device.type)
-    return X.dtype
+    return autocast_dtype(X) or X.dtype
 
 
 def _check_adapter(name, W_out, W_in, A, B, s):
@@ -73,8 +71,7 @@ def _check_input(name, X, W, quant, in_f, kernels: bool):
                          f"features; expected X [..., {in_f}]")
     if kernels:
         check_tensor(name, "X", X)
-    if (quant is None and W.is_floating_point() and X.dtype != W.dtype
-            and not (X.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(X.device.type))):
+    if quant is None and W.is_floating_point() and X.dtype != W.dtype and autocast_dtype(X) is None:
         raise TypeError(f"{name}: the input X is {X.dtype} but the base weight is {W.dtype} and autocast is off "
                         "(PEFT's layer raises here too): cast the input or run under torch.autocast")
 

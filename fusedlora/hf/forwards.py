@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .. import peft_layers as lora
 from ..ops import fused_linear_cross_entropy, naive_rope, rms_norm, rope
-from ..ops._common import interpreting
+from ..ops._common import autocast_dtype, interpreting
 from .families import Family
 from .report import Fallbacks
 
@@ -211,13 +211,6 @@ def loss_head_problem(model) -> str | None:
     return None
 
 
-def _compute_dtype(t, weight):
-    """The LM head's dtype under autocast (as HF's lm_head call would get), else the weight's."""
-    if t.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(t.device.type):
-        return torch.get_autocast_dtype(t.device.type)
-    return weight.dtype
-
-
 def causal_lm_forward(self, *args, **kwargs):
     """With labels in training mode: the decoder's hidden states, then the LM head and HF's causal-LM loss
     (shift, ignore_index, num_items_in_batch, softcap / logit scale) as one fused linear cross-entropy; the
@@ -275,7 +268,7 @@ def _causal_lm_loss(model, hidden, labels, extra):
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     head = model.lm_head
     weight, bias = head.weight, head.bias
-    dtype = _compute_dtype(hidden, weight)
+    dtype = autocast_dtype(hidden) or weight.dtype  # what HF's lm_head call would compute in
     hidden = hidden.to(dtype)
     weight = weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)

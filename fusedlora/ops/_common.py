@@ -27,6 +27,13 @@ def check_tensor(op: str, name: str, t, dtypes=FLOAT_DTYPES, like: torch.Tensor 
         raise TypeError(f"{op}: {name} has dtype {str(t.dtype).replace('torch.', '')}; supported: {allowed}")
 
 
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype torch.autocast gives t's device type (CUDA or CPU) when it is on there, else None."""
+    if t.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return None
+
+
 def rows_2d(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     """View `t` as [rows, n_cols] with a unit last stride (copies only when it must)."""
     t2 = t.reshape(-1, n_cols)
