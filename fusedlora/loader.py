@@ -17,6 +17,7 @@ minor) -> the normal `@triton.jit` call, logged once per key at debug level.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import operator
 import os
@@ -179,6 +180,12 @@ class _AotLaunch:
         self._scratch_keepalive = t
 
 
+@functools.lru_cache(maxsize=None)
+def _fake_tensor_type():
+    from torch._subclasses.fake_tensor import FakeTensor
+    return FakeTensor
+
+
 class _JitLaunch:
     def __init__(self, spec: KernelSpec, constexprs: dict, num_warps: int, num_stages: int):
         self.fn = spec.fn
@@ -203,8 +210,12 @@ class KernelLauncher:
         self.get_device = loader.cuda_getDevice
 
     def __call__(self, grid, args, constexprs):
-        """grid: a 3-tuple of ints."""
-        device = args[0].get_device()
+        """grid: a 3-tuple of ints. Fake or meta tensors (torch.compile's tracing, the custom ops' fake
+        implementations in fusedlora.ops._custom) launch nothing: their outputs are already allocated."""
+        first = args[0]
+        if isinstance(first, _fake_tensor_type()) or getattr(first, "is_meta", False):
+            return
+        device = first.get_device()
         if device < 0:
             return self._cpu(grid, args, constexprs)
         try:

@@ -96,12 +96,16 @@ class _Proj(NamedTuple):
     s: float
     bias: torch.Tensor | None = None
     dropout: float = 0.0
+    mask: torch.Tensor | None = None  # the dropout mask drawn before the call (the custom-op path)
 
 
-def _dropout(X2, p, training):
+def _dropout(X2, pr: _Proj, training):
     """PEFT's nn.Dropout on the adapter input: (dropped input, mask scale or None)."""
+    p = pr.dropout
     if p == 0.0 or not training:
         return X2, None
+    if pr.mask is not None:
+        return X2 * pr.mask, pr.mask
     # F.dropout of a ones tensor of X's shape draws exactly the mask F.dropout(X) would (the mask does not
     # depend on the values), so with PEFT's call order the masks are PEFT's.
     scale = torch.nn.functional.dropout(torch.ones_like(X2), p, True)
@@ -114,7 +118,7 @@ def _proj_forward(X2, pr: _Proj, dtype, training):
     if pr.A is None:
         Y = X2 @ W.t()
     else:
-        Xd, mask = _dropout(X2, pr.dropout, training)
+        Xd, mask = _dropout(X2, pr, training)
         XA = Xd @ pr.A.to(dtype).t()
         if W.shape[1] <= W.shape[0]:
             # Widening projection (gate/up): one GEMM over [X, XA] @ [W, s B]^T costs a copy of the narrow
@@ -379,33 +383,170 @@ def _mlp_fused_backward(ctx, need, X2, EG, XA, hA, dY):
     dgB = Q[:, :rg].to(pg.B.dtype) if need["gB"] else None
     duB = Q[:, R:R + ru].to(pu.B.dtype) if need["uB"] else None
     ddA = Q[:, 2 * R:2 * R + rd].t().to(pd.A.dtype) if need["dA"] else None
-    return MLP_SLOTS.grads(X=dX, gA=dgA, gB=dgB, uA=duA, uB=duB, dA=ddA, dB=ddB)
+    return dict(X=dX, gA=dgA, gB=dgB, uA=duA, uB=duB, dA=ddA, dB=ddB)
 
 
 # ------------------------------------------------------------------------------------ Functions
+# Each Function is a thin shell over three functions of (ctx, tensors, _Proj list, scalars): *_plan sets the
+# ctx attributes the backward reads, *_forward computes and saves, *_backward returns gradients by name. The
+# custom ops of fusedlora.lora_ops (torch.compile) call the same three.
+def _o_plan(ctx, X, prs, dtype, training):
+    ctx.pr, ctx.dtype, ctx.x_shape = prs[0], dtype, X.shape
+
+
+def _o_forward(ctx, X, prs, dtype, training):
+    _o_plan(ctx, X, prs, dtype, training)
+    X2 = _flat(X).to(dtype)
+    Y, saved = _proj_forward(X2, ctx.pr, dtype, training)
+    ctx.save_for_backward(X2, *saved)
+    return (_unflat(Y, X),)
+
+
+def _o_backward(ctx, need, dY):
+    X2, XA, Xd, mask = ctx.saved_tensors
+    needs = {"A": need["A"], "B": need["B"], "bias": need["bias"]}
+    dX, dA, dB, dbias = _proj_backward(_flat(dY).to(ctx.dtype), X2, ctx.pr, (XA, Xd, mask), ctx.dtype, needs)
+    return dict(X=dX.view(ctx.x_shape), A=dA, B=dB, bias=dbias)
+
+
+def _qkv_plan(ctx, X, prs, dtype, training):
+    ctx.prs, ctx.dtype, ctx.x_shape = prs, dtype, X.shape
+    ctx.stacked = _qkv_fusable(prs, training)
+
+
+def _qkv_forward(ctx, X, prs, dtype, training):
+    _qkv_plan(ctx, X, prs, dtype, training)
+    X2 = _flat(X).to(dtype)
+    if ctx.stacked:  # few launches: these layers are often host-bound
+        outs, XA = _qkv_stacked_forward(X2, prs, dtype)
+        ctx.save_for_backward(X2, XA)
+    else:
+        outs, saved = [], []
+        for pr in prs:
+            Y, sv = _proj_forward(X2, pr, dtype, training)
+            outs.append(Y)
+            saved.extend(sv)
+        ctx.save_for_backward(X2, *saved)
+    return tuple(_unflat(Y, X) for Y in outs)
+
+
+def _qkv_backward(ctx, need, dQ, dK, dV):
+    named = {}
+    if ctx.stacked:
+        X2, XA = ctx.saved_tensors
+        dYs = [_flat(d).to(ctx.dtype) if d is not None else
+               X2.new_zeros(X2.shape[0], _weight_shape(pr.W, pr.quant)[0]) for d, pr in zip((dQ, dK, dV), ctx.prs)]
+        dX, grads = _qkv_stacked_backward(dYs, X2, XA, ctx.prs, ctx.dtype)
+        for p, (dA, dB, db) in zip("qkv", grads):
+            named.update({f"{p}A": dA, f"{p}B": dB, f"{p}_bias": db})
+        named["X"] = dX.view(ctx.x_shape)
+        return named
+    X2, *saved = ctx.saved_tensors
+    dX = None
+    for i, (p, pr, dY) in enumerate(zip("qkv", ctx.prs, (dQ, dK, dV))):
+        if dY is None:
+            continue
+        needs = {"A": need[f"{p}A"], "B": need[f"{p}B"], "bias": need[f"{p}_bias"]}
+        d, dA, dB, db = _proj_backward(_flat(dY).to(ctx.dtype), X2, pr, saved[3 * i: 3 * i + 3], ctx.dtype, needs)
+        dX = d if dX is None else dX.add_(d)
+        named.update({f"{p}A": dA, f"{p}B": dB, f"{p}_bias": db})
+    named["X"] = dX.view(ctx.x_shape)
+    return named
+
+
+def _mlp_plan(ctx, X, prs, dtype, training, act, act_bwd, inplace):
+    ctx.prs, ctx.dtype, ctx.x_shape = tuple(prs), dtype, X.shape
+    ctx.act, ctx.act_bwd, ctx.inplace = act, act_bwd, inplace
+    ctx.fused_glu = _mlp_fusable(*prs, training, act, act_bwd)
+
+
+def _mlp_forward(ctx, X, prs, dtype, training, act, act_bwd, inplace):
+    _mlp_plan(ctx, X, prs, dtype, training, act, act_bwd, inplace)
+    pg, pu, pd = prs
+    X2 = _flat(X).to(dtype)
+    if ctx.fused_glu:
+        Y, EG, XA, hA = _mlp_fused_forward(X2, pg, pu, pd, dtype, act.glu_act)
+        ctx.save_for_backward(X2, EG, XA, hA)
+    else:
+        if _gate_up_shareable(pg, pu, training):
+            (e, g), (sg, su) = _gate_up_forward(X2, pg, pu, dtype)
+        else:
+            e, sg = _proj_forward(X2, pg, dtype, training)
+            g, su = _proj_forward(X2, pu, dtype, training)
+        Y, sd = _proj_forward(act(e, g), pd, dtype, training)
+        # h is not kept: the backward recomputes it from e and g
+        ctx.save_for_backward(X2, e, g, *sg, *su, *sd)
+    return (_unflat(Y, X),)
+
+
+def _mlp_backward(ctx, need, dY):
+    pg, pu, pd = ctx.prs
+    dtype = ctx.dtype
+    if ctx.fused_glu:
+        return _mlp_fused_backward(ctx, need, *ctx.saved_tensors, _flat(dY).to(dtype))
+    nd = {"A": need["dA"], "B": need["dB"], "bias": False}
+    X2, e, g, *saved = ctx.saved_tensors
+    dh, dYBs_d, ddB, _ = _proj_backward_input(_flat(dY).to(dtype), pd, saved[6:9], dtype, nd)
+    if getattr(ctx.act_bwd, "stores_h", False):  # h comes back over dh: no recompute pass
+        de, dg, h = ctx.act_bwd(dh, e, g, ctx.inplace, store_h=True)
+    else:
+        h = ctx.act(e, g)
+        de, dg = ctx.act_bwd(dh, e, g, ctx.inplace)
+    ddA = _lora_dA(dYBs_d, h, pd, saved[6:9], nd)
+    del h, dh
+    sg, su = saved[0:3], saved[3:6]
+    ngate = {"A": need["gA"], "B": need["gB"], "bias": False}
+    nup = {"A": need["uA"], "B": need["uB"], "bias": False}
+    if sg[2] is None and su[2] is None:
+        # No dropout masks: dX accumulates both projections in the GEMMs' epilogues (beta = 1).
+        dX = de @ dequantize_base(pg.W, pg.quant, dtype)
+        dX.addmm_(dg, dequantize_base(pu.W, pu.quant, dtype))
+        lora = [(d, pr, sv, need) for d, pr, sv, need in ((de, pg, sg, ngate), (dg, pu, su, nup)) if pr.A is not None]
+        dYBs = [_mm_scaled(d, pr.B.to(dtype), pr.s) for d, pr, _, _ in lora]
+        dBs = [_mm_scaled(d.t(), sv[0], pr.s).to(pr.B.dtype) if need["B"] else None for d, pr, sv, need in lora]
+        grads = {id(pg): (None, None), id(pu): (None, None)}
+        if lora:
+            G = dYBs[0] if len(lora) == 1 else torch.cat(dYBs, 1)
+            dX.addmm_(G, torch.cat([pr.A.to(dtype) for _, pr, _, _ in lora], 0))
+            dA_cat = G.t() @ X2
+            row = 0
+            for (_, pr, _, _), dB in zip(lora, dBs):
+                r = pr.A.shape[0]
+                grads[id(pr)] = (dA_cat[row:row + r].to(pr.A.dtype), dB)
+                row += r
+        (dgA, dgB), (duA, duB) = grads[id(pg)], grads[id(pu)]
+    else:
+        dX, dgA, dgB, _ = _proj_backward(de, X2, pg, sg, dtype, ngate)
+        dXu, duA, duB, _ = _proj_backward(dg, X2, pu, su, dtype, nup)
+        dX += dXu
+    return dict(X=dX.view(ctx.x_shape), gA=dgA, gB=dgB, uA=duA, uB=duB, dA=ddA, dB=ddB)
+
+
+def _projections(fn, entry, specs, X, kernels):
+    """_Proj per (label, W, quant, A, B, S, bias, dropout), the input and the adapter shapes checked; errors
+    name the Function `fn` (and the projection) and the public `entry` that calls it."""
+    W, Q = specs[0][1], specs[0][2]
+    _check_input(f"{fn} ({entry})", X, W, Q, _weight_shape(W, Q)[1], kernels)
+    prs = []
+    for label, W, Q, A, B, S, bias, p in specs:
+        out_f, in_f = _weight_shape(W, Q)
+        _check_adapter(f"{fn} ({label})" if label else fn, out_f, in_f, A, B, S)
+        prs.append(_Proj(W, Q, A, B, float(S or 0.0), bias, float(p)))
+    return prs
+
+
 class LoRA_O(torch.autograd.Function):
     """LoRA_O.apply(X, W, W_quant, A, B, S, bias=None, dropout=0.0, training=False) -> X W^T + S (X A^T) B^T."""
 
     @staticmethod
     def forward(ctx, X, W, W_quant, A, B, S, bias=None, dropout=0.0, training=False):
-        out_f, in_f = _weight_shape(W, W_quant)
-        _check_adapter("LoRA_O", out_f, in_f, A, B, S)
-        _check_input("LoRA_O (apply_lora_o)", X, W, W_quant, in_f, kernels=W_quant is not None)
-        dtype = _compute_dtype(X)
-        X2 = _flat(X).to(dtype)
-        pr = _Proj(W, W_quant, A, B, float(S or 0.0), bias, float(dropout))
-        Y, saved = _proj_forward(X2, pr, dtype, training)
-        ctx.pr, ctx.dtype, ctx.x_shape = pr, dtype, X.shape
-        ctx.save_for_backward(X2, *(t for t in saved))
-        return _unflat(Y, X)
+        prs = _projections("LoRA_O", "apply_lora_o", [("", W, W_quant, A, B, S, bias, dropout)], X,
+                           kernels=W_quant is not None)
+        return _o_forward(ctx, X, prs, _compute_dtype(X), training)[0]
 
     @staticmethod
     def backward(ctx, dY):
-        X2, XA, Xd, mask = ctx.saved_tensors
-        need = O_SLOTS.needs(ctx)
-        needs = {"A": need["A"], "B": need["B"], "bias": need["bias"]}
-        dX, dA, dB, dbias = _proj_backward(_flat(dY).to(ctx.dtype), X2, ctx.pr, (XA, Xd, mask), ctx.dtype, needs)
-        return O_SLOTS.grads(X=dX.view(ctx.x_shape), A=dA, B=dB, bias=dbias)
+        return O_SLOTS.grads(**_o_backward(ctx, O_SLOTS.needs(ctx), dY))
 
 
 class LoRA_QKV(torch.autograd.Function):
@@ -418,59 +559,15 @@ class LoRA_QKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X, qW, qQ, qA, qB, qS, kW, kQ, kA, kB, kS, vW, vQ, vA, vB, vS, inplace=True,
                 q_bias=None, k_bias=None, v_bias=None, dropouts=(0.0, 0.0, 0.0), training=False):
-        biases = (q_bias, k_bias, v_bias)
-        _check_input("LoRA_QKV (apply_lora_qkv)", X, qW, qQ, _weight_shape(qW, qQ)[1],
-                     kernels=any(q is not None for q in (qQ, kQ, vQ)))
-        dtype = _compute_dtype(X)
-        X2 = _flat(X).to(dtype)
-        prs = []
-        for name, (W, Q, A, B, S), bias, p in zip("qkv", ((qW, qQ, qA, qB, qS), (kW, kQ, kA, kB, kS),
-                                                          (vW, vQ, vA, vB, vS)), biases, dropouts):
-            out_f, in_f = _weight_shape(W, Q)
-            _check_adapter(f"LoRA_QKV ({name})", out_f, in_f, A, B, S)
-            prs.append(_Proj(W, Q, A, B, float(S or 0.0), bias, float(p)))
-        ctx.prs, ctx.dtype, ctx.x_shape = prs, dtype, X.shape
-        ctx.stacked = _qkv_fusable(prs, training)
-        if ctx.stacked:  # few launches: these layers are often host-bound
-            outs, XA = _qkv_stacked_forward(X2, prs, dtype)
-            ctx.save_for_backward(X2, XA)
-        else:
-            outs, saved = [], []
-            for pr in prs:
-                Y, sv = _proj_forward(X2, pr, dtype, training)
-                outs.append(Y)
-                saved.extend(sv)
-            ctx.save_for_backward(X2, *saved)
-        return tuple(_unflat(Y, X) for Y in outs)
+        specs = [(n, *proj, b, p) for n, proj, b, p in zip(
+            "qkv", ((qW, qQ, qA, qB, qS), (kW, kQ, kA, kB, kS), (vW, vQ, vA, vB, vS)), (q_bias, k_bias, v_bias),
+            dropouts)]
+        prs = _projections("LoRA_QKV", "apply_lora_qkv", specs, X, kernels=any(q is not None for q in (qQ, kQ, vQ)))
+        return _qkv_forward(ctx, X, prs, _compute_dtype(X), training)
 
     @staticmethod
     def backward(ctx, dQ, dK, dV):
-        if ctx.stacked:
-            X2, XA = ctx.saved_tensors
-            dYs = [_flat(d).to(ctx.dtype) if d is not None else
-                   X2.new_zeros(X2.shape[0], _weight_shape(pr.W, pr.quant)[0]) for d, pr in zip((dQ, dK, dV), ctx.prs)]
-            dX, grads = _qkv_stacked_backward(dYs, X2, XA, ctx.prs, ctx.dtype)
-            named = {"X": dX.view(ctx.x_shape)}
-            for p, (dA, dB, db) in zip("qkv", grads):
-                named.update({f"{p}A": dA, f"{p}B": dB, f"{p}_bias": db})
-            return QKV_SLOTS.grads(**named)
-        X2, *saved = ctx.saved_tensors
-        need = QKV_SLOTS.needs(ctx)
-        grads, dbiases, dX = [], [], None
-        for i, (p, pr, dY) in enumerate(zip("qkv", ctx.prs, (dQ, dK, dV))):
-            if dY is None:
-                grads.append((None, None))
-                dbiases.append(None)
-                continue
-            needs = {"A": need[f"{p}A"], "B": need[f"{p}B"], "bias": need[f"{p}_bias"]}
-            d, dA, dB, db = _proj_backward(_flat(dY).to(ctx.dtype), X2, pr, saved[3 * i: 3 * i + 3], ctx.dtype, needs)
-            dX = d if dX is None else dX.add_(d)
-            grads.append((dA, dB))
-            dbiases.append(db)
-        named = {"X": dX.view(ctx.x_shape)}
-        for p, (dA, dB), db in zip("qkv", grads, dbiases):
-            named.update({f"{p}A": dA, f"{p}B": dB, f"{p}_bias": db})
-        return QKV_SLOTS.grads(**named)
+        return QKV_SLOTS.grads(**_qkv_backward(ctx, QKV_SLOTS.needs(ctx), dQ, dK, dV))
 
 
 class LoRA_MLP(torch.autograd.Function):
@@ -482,75 +579,15 @@ class LoRA_MLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X, gW, gQ, gA, gB, gS, uW, uQ, uA, uB, uS, dW, dQ, dA, dB, dS, activation_fn,
                 activation_fn_backward, inplace=True, dropouts=(0.0, 0.0, 0.0), training=False):
-        _check_input("LoRA_MLP (apply_lora_mlp_*)", X, gW, gQ, _weight_shape(gW, gQ)[1], kernels=True)
-        dtype = _compute_dtype(X)
-        X2 = _flat(X).to(dtype)
-        pg = _Proj(gW, gQ, gA, gB, float(gS or 0.0), None, float(dropouts[0]))
-        pu = _Proj(uW, uQ, uA, uB, float(uS or 0.0), None, float(dropouts[1]))
-        pd = _Proj(dW, dQ, dA, dB, float(dS or 0.0), None, float(dropouts[2]))
-        for name, pr in (("gate", pg), ("up", pu), ("down", pd)):
-            out_f, in_f = _weight_shape(pr.W, pr.quant)
-            _check_adapter(f"LoRA_MLP ({name})", out_f, in_f, pr.A, pr.B, pr.s)
-        ctx.fused_glu = _mlp_fusable(pg, pu, pd, training, activation_fn, activation_fn_backward)
-        if ctx.fused_glu:
-            Y, EG, XA, hA = _mlp_fused_forward(X2, pg, pu, pd, dtype, activation_fn.glu_act)
-            ctx.save_for_backward(X2, EG, XA, hA)
-        else:
-            if _gate_up_shareable(pg, pu, training):
-                (e, g), (sg, su) = _gate_up_forward(X2, pg, pu, dtype)
-            else:
-                e, sg = _proj_forward(X2, pg, dtype, training)
-                g, su = _proj_forward(X2, pu, dtype, training)
-            Y, sd = _proj_forward(activation_fn(e, g), pd, dtype, training)
-            # h is not kept: the backward recomputes it from e and g
-            ctx.save_for_backward(X2, e, g, *sg, *su, *sd)
-        ctx.prs, ctx.dtype, ctx.x_shape = (pg, pu, pd), dtype, X.shape
-        ctx.act, ctx.act_bwd, ctx.inplace = activation_fn, activation_fn_backward, inplace
-        return _unflat(Y, X)
+        specs = [(n, *proj, None, p) for n, proj, p in zip(
+            ("gate", "up", "down"), ((gW, gQ, gA, gB, gS), (uW, uQ, uA, uB, uS), (dW, dQ, dA, dB, dS)), dropouts)]
+        prs = _projections("LoRA_MLP", "apply_lora_mlp_*", specs, X, kernels=True)
+        return _mlp_forward(ctx, X, prs, _compute_dtype(X), training, activation_fn, activation_fn_backward,
+                            inplace)[0]
 
     @staticmethod
     def backward(ctx, dY):
-        pg, pu, pd = ctx.prs
-        dtype = ctx.dtype
-        need = MLP_SLOTS.needs(ctx)
-        if ctx.fused_glu:
-            return _mlp_fused_backward(ctx, need, *ctx.saved_tensors, _flat(dY).to(dtype))
-        nd = {"A": need["dA"], "B": need["dB"], "bias": False}
-        X2, e, g, *saved = ctx.saved_tensors
-        dh, dYBs_d, ddB, _ = _proj_backward_input(_flat(dY).to(dtype), pd, saved[6:9], dtype, nd)
-        if getattr(ctx.act_bwd, "stores_h", False):  # h comes back over dh: no recompute pass
-            de, dg, h = ctx.act_bwd(dh, e, g, ctx.inplace, store_h=True)
-        else:
-            h = ctx.act(e, g)
-            de, dg = ctx.act_bwd(dh, e, g, ctx.inplace)
-        ddA = _lora_dA(dYBs_d, h, pd, saved[6:9], nd)
-        del h, dh
-        sg, su = saved[0:3], saved[3:6]
-        ngate = {"A": need["gA"], "B": need["gB"], "bias": False}
-        nup = {"A": need["uA"], "B": need["uB"], "bias": False}
-        if sg[2] is None and su[2] is None:
-            # No dropout masks: dX accumulates both projections in the GEMMs' epilogues (beta = 1).
-            dX = de @ dequantize_base(pg.W, pg.quant, dtype)
-            dX.addmm_(dg, dequantize_base(pu.W, pu.quant, dtype))
-            lora = [(d, pr, sv, need) for d, pr, sv, need in ((de, pg, sg, ngate), (dg, pu, su, nup)) if pr.A is not None]
-            dYBs = [_mm_scaled(d, pr.B.to(dtype), pr.s) for d, pr, _, _ in lora]
-            dBs = [_mm_scaled(d.t(), sv[0], pr.s).to(pr.B.dtype) if need["B"] else None for d, pr, sv, need in lora]
-            grads = {id(pg): (None, None), id(pu): (None, None)}
-            if lora:
-                G = dYBs[0] if len(lora) == 1 else torch.cat(dYBs, 1)
-                dX.addmm_(G, torch.cat([pr.A.to(dtype) for _, pr, _, _ in lora], 0))
-                dA_cat = G.t() @ X2
-                row = 0
-                for (_, pr, _, _), dB in zip(lora, dBs):
-                    r = pr.A.shape[0]
-                    grads[id(pr)] = (dA_cat[row:row + r].to(pr.A.dtype), dB)
-                    row += r
-            (dgA, dgB), (duA, duB) = grads[id(pg)], grads[id(pu)]
-        else:
-            dX, dgA, dgB, _ = _proj_backward(de, X2, pg, sg, dtype, ngate)
-            dXu, duA, duB, _ = _proj_backward(dg, X2, pu, su, dtype, nup)
-            dX += dXu
-        return MLP_SLOTS.grads(X=dX.view(ctx.x_shape), gA=dgA, gB=dgB, uA=duA, uB=duB, dA=ddA, dB=ddB)
+        return MLP_SLOTS.grads(**_mlp_backward(ctx, MLP_SLOTS.needs(ctx), dY))
 
 
 # ------------------------------------------------------------------------------ activations (MLP)

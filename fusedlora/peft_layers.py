@@ -12,6 +12,8 @@ import torch
 
 from .lora import (LoRA_MLP, LoRA_O, LoRA_QKV, geglu_approx_fg, geglu_approx_fg_backward, geglu_exact_fg,
                    geglu_exact_fg_backward, swiglu_fg, swiglu_fg_backward)
+from .lora_ops import lora_mlp, lora_o, lora_qkv
+from .ops._custom import compiling
 from .quant import GPTQState, is_nf4
 
 
@@ -113,13 +115,15 @@ def _dropout_p(proj):
 def apply_lora_o(self, X):
     """`self` is the attention module (its o_proj a PEFT LoRA layer)."""
     W, Q, A, B, S = fused_parameters(self.o_proj)
-    return LoRA_O.apply(X, W, Q, A, B, S, _bias(self.o_proj), _dropout_p(self.o_proj), self.training)
+    fn = lora_o if compiling() else LoRA_O.apply  # torch.compile: the custom op (fusedlora.lora_ops)
+    return fn(X, W, Q, A, B, S, _bias(self.o_proj), _dropout_p(self.o_proj), self.training)
 
 
 def apply_lora_qkv(self, X, inplace=True):
     projs = (self.q_proj, self.k_proj, self.v_proj)
     args = [t for p in projs for t in fused_parameters(p)]
-    return LoRA_QKV.apply(X, *args, inplace, *(_bias(p) for p in projs), tuple(_dropout_p(p) for p in projs),
+    fn = lora_qkv if compiling() else LoRA_QKV.apply
+    return fn(X, *args, inplace, *(_bias(p) for p in projs), tuple(_dropout_p(p) for p in projs),
                           self.training)
 
 
@@ -129,7 +133,10 @@ def _apply_mlp(self, X, act, act_bwd, inplace):
         if _bias(p) is not None:
             raise UnsupportedLoRA("MLP projections with a bias are not fused; keep PEFT's path")
     args = [t for p in projs for t in fused_parameters(p)]
-    return LoRA_MLP.apply(X, *args, act, act_bwd, inplace, tuple(_dropout_p(p) for p in projs), self.training)
+    dropouts = tuple(_dropout_p(p) for p in projs)
+    if compiling():
+        return lora_mlp(X, *args, act.glu_act, inplace, dropouts, self.training)
+    return LoRA_MLP.apply(X, *args, act, act_bwd, inplace, dropouts, self.training)
 
 
 def apply_lora_mlp_swiglu(self, X, inplace=True):

@@ -233,6 +233,27 @@ class GPTQState(NamedTuple):
     format: str = "gptq"
 
 
+class NF4State2(NamedTuple):
+    """The second-level state of a nested (double-quantised) 4-bit state."""
+    absmax: torch.Tensor
+    code: torch.Tensor
+    blocksize: int
+
+
+class NF4State(NamedTuple):
+    """The fields of a bitsandbytes QuantState that dequantize_nf4 reads (fusedlora.lora_ops rebuilds one
+    inside its custom ops from tensors and ints)."""
+    absmax: torch.Tensor
+    code: torch.Tensor
+    blocksize: int
+    shape: tuple
+    dtype: torch.dtype
+    quant_type: str
+    nested: bool
+    state2: NF4State2 | None
+    offset: torch.Tensor | float
+
+
 def is_nf4(quant) -> bool:
     return getattr(quant, "quant_type", None) in ("nf4", "fp4")
 

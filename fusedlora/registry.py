@@ -30,6 +30,19 @@ SUPPORTED_ARCHS = (80, 86, 89, 90)
 COMPATIBLE_ARCHS = {80: (80,), 86: (86, 80), 87: (80,), 89: (89, 86, 80), 90: (90,)}
 
 
+def _concrete(value):
+    """A shape value as a plain Python scalar: torch.compile traces with symbolic sizes (SymInt / SymBool),
+    and a kernel's constexprs need the value itself (this specialises the compiled graph on it)."""
+    kind = type(value).__name__
+    if kind == "SymInt":
+        return int(value)
+    if kind == "SymBool":
+        return bool(value)
+    if kind == "SymFloat":
+        return float(value)
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
     name: str
@@ -48,10 +61,10 @@ class KernelSpec:
         return self._constexprs_and_key(shape)[0]
 
     def _constexprs_and_key(self, shape: dict) -> tuple[dict, tuple]:
-        key = (self.name, tuple(sorted(shape.items())))
+        key = (self.name, tuple(sorted((k, _concrete(v)) for k, v in shape.items())))
         hit = _CONSTEXPRS.get(key)
         if hit is None:
-            meta = self.meta(**shape)
+            meta = self.meta(**dict(key[1]))
             hit = _CONSTEXPRS[key] = (meta, tuple(sorted(meta.items())))
         return hit
 

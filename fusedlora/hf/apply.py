@@ -180,7 +180,7 @@ def _check_attention(m, family, known, checked):
     if eager is None:
         return None, "its module has no eager_attention_forward"
     why = _projections_problem(m, ("q_proj", "k_proj", "v_proj", "o_proj"))
-    return ({"eager": eager}, None) if why is None else (None, why)
+    return ({"eager": eager, "varlen": forwards.varlen_facts()}, None) if why is None else (None, why)
 
 
 def _projections_problem(m, names, bias_ok=True):
@@ -224,7 +224,7 @@ def _check_loss(m, family, known, checked):
         if changing:
             return None, f"config sets {', '.join(changing)}, which an unknown family may apply to the logits"
     why = forwards.loss_head_problem(m)
-    return ({}, None) if why is None else (None, why)
+    return (forwards.loss_facts(type(m)), None) if why is None else (None, why)
 
 
 CHECKS = {"rms_norm": _check_norm, "attention": _check_attention, "mlp": _check_mlp, "loss": _check_loss}

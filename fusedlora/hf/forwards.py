@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .. import peft_layers as lora
 from ..ops import fused_linear_cross_entropy, naive_rope, rms_norm, rope
 from ..ops._common import autocast_dtype, interpreting
+from ..ops._custom import compiling
 from .families import Family
 from .report import Fallbacks
 
@@ -121,8 +122,8 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     if fam.attn_softcap_attr:
         extra["softcap"] = getattr(self, fam.attn_softcap_attr)
     dropout = self.attention_dropout if self.training else 0.0
-    if _varlen_serves(self, q, kwargs, extra, dropout):
-        attn_output, attn_weights = _varlen_attention(self, q, k, v, kwargs), None
+    if _varlen_serves(self, q, kwargs, extra, dropout, info["varlen"]):
+        attn_output, attn_weights = _varlen_attention(self, q, k, v, kwargs, info["varlen"]), None
     else:
         attn_output, attn_weights = _attention_interface(self, info["eager"])(
             self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **extra, **kwargs)
@@ -136,18 +137,14 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
 
 
 # ------------------------------------------------------------------------------- packed sequences
-@functools.lru_cache(maxsize=None)
-def _varlen_attn():
+def varlen_facts():
+    """(torch's varlen_attn or None (torch < 2.10), whether it takes enable_gqa): looked up when patching, so
+    that the forwards (and Dynamo tracing them) read plain values."""
     try:
         from torch.nn.attention.varlen import varlen_attn
-    except ImportError:  # torch < 2.10
-        return None
-    return varlen_attn
-
-
-@functools.lru_cache(maxsize=None)
-def _varlen_takes_gqa() -> bool:
-    return "enable_gqa" in inspect.signature(_varlen_attn()).parameters
+    except ImportError:
+        return None, False
+    return varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
 def packed_boundaries(position_ids: torch.Tensor, rows: int):
@@ -162,23 +159,23 @@ def packed_boundaries(position_ids: torch.Tensor, rows: int):
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
-def _varlen_serves(module, q, kwargs, extra, dropout) -> bool:
+def _varlen_serves(module, q, kwargs, extra, dropout, varlen) -> bool:
     """Packed rows (cu_seq_lens in the call, from causal_lm_forward or the caller's collator) on the GPU with
     SDPA: flash varlen attention, linear in memory, instead of SDPA over HF's dense block-diagonal mask."""
-    return ("cu_seq_lens_q" in kwargs and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    return (varlen[0] is not None and "cu_seq_lens_q" in kwargs and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             and module.config._attn_implementation == "sdpa" and dropout == 0.0 and q.shape[-1] <= 256
-            and extra.get("sliding_window") is None and extra.get("softcap") is None and _varlen_attn() is not None)
+            and extra.get("sliding_window") is None and extra.get("softcap") is None)
 
 
-def _varlen_attention(module, q, k, v, kwargs):
+def _varlen_attention(module, q, k, v, kwargs, varlen):
     """q [B, Hq, S, D], k / v [B, Hk, S, D] -> attention output [B, S, Hq, D] (HF's interface layout)."""
     b, hq, s, d = q.shape
     hk = k.shape[1]
     q3, k3, v3 = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (q, k, v))
-    attn = _varlen_attn()
+    attn, takes_gqa = varlen
     gqa = {}
     if hk != hq:
-        if _varlen_takes_gqa():
+        if takes_gqa:
             gqa["enable_gqa"] = True
         else:  # torch 2.11: K/V heads repeated (each serves hq / hk query heads, as HF's repeat_kv)
             k3, v3 = k3.repeat_interleave(hq // hk, dim=1), v3.repeat_interleave(hq // hk, dim=1)
@@ -189,11 +186,14 @@ def _varlen_attention(module, q, k, v, kwargs):
 
 
 # ------------------------------------------------------------------------------------------- loss
-@functools.lru_cache(maxsize=None)
-def _signature(cls):
+def loss_facts(cls):
+    """What causal_lm_forward reads about the model class, looked up when patching: its forward's signature
+    and **kwargs name, the output fields it passes on, whether varlen attention exists."""
     sig = inspect.signature(cls.forward)
     var_kw = next((p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
-    return sig, var_kw
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    fields = frozenset(f.name for f in dataclasses.fields(CausalLMOutputWithPast)) - {"loss", "logits"}
+    return {"signature": sig, "var_kw": var_kw, "output_fields": fields, "varlen": varlen_facts()[0] is not None}
 
 
 def loss_head_problem(model) -> str | None:
@@ -217,7 +217,7 @@ def causal_lm_forward(self, *args, **kwargs):
     [tokens, vocab] logits are never made and the output's `logits` is None. Anything else: HF's forward."""
     original = _original(self)
     rec = getattr(self, PATCH_ATTR)
-    sig, var_kw = _signature(type(self))
+    sig, var_kw = rec.info["signature"], rec.info["var_kw"]
     try:
         bound = sig.bind(self, *args, **kwargs).arguments
     except TypeError:
@@ -246,7 +246,8 @@ def causal_lm_forward(self, *args, **kwargs):
         call["use_cache"] = False  # a training step keeps no KV cache
     pos = call.get("position_ids")
     if (pos is not None and call.get("attention_mask") is None and "cu_seq_lens_q" not in extra and pos.is_cuda
-            and self.config._attn_implementation == "sdpa" and _varlen_attn() is not None):
+            and self.config._attn_implementation == "sdpa" and rec.info["varlen"] and not compiling()):
+        # (under torch.compile the rows keep HF's mask: finding the documents syncs the host)
         rows = (call.get("input_ids") if call.get("input_ids") is not None else call["inputs_embeds"]).shape[0]
         cu, longest = packed_boundaries(pos, rows)
         if cu.numel() - 1 > rows:  # packed: the attention layers take flash varlen (HF still builds its mask)
@@ -254,7 +255,7 @@ def causal_lm_forward(self, *args, **kwargs):
     outputs = self.model(**call, **extra)
     loss = _causal_lm_loss(self, outputs.last_hidden_state, labels, extra)
     from transformers.modeling_outputs import CausalLMOutputWithPast
-    fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} - {"loss", "logits"}
+    fields = rec.info["output_fields"]
     out = CausalLMOutputWithPast(loss=loss, logits=None, **{k: v for k, v in outputs.items() if k in fields})
     return out if return_dict else out.to_tuple()
 

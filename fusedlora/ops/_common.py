@@ -51,7 +51,10 @@ def sm_count(device_index: int) -> int:
 
 def persistent_programs(n_work: int, per_sm: int, device_index: int) -> int:
     """Grid size of a kernel whose programs walk work items p, p + P, ...: per_sm programs per SM, never
-    more than the work (one per item when per_sm is 0), at least one."""
+    more than the work (one per item when per_sm is 0), at least one. A symbolic work count (a custom op's
+    fake under torch.compile, which launches nothing) is not compared: no guard on the row count."""
+    if not isinstance(n_work, int) and per_sm:
+        return per_sm * sm_count(device_index)
     return max(1, min(n_work, per_sm * sm_count(device_index)) if per_sm else n_work)
 
 

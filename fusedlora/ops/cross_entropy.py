@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import csrc_triton.cross_entropy as ce_kernels  # its grid constants are read per call (tests vary them)
 from csrc_triton.cross_entropy import CE_PREPARE, CROSS_ENTROPY, SCALE_BY_SCALAR
 
+from . import _custom
 from ._common import cdiv, check_tensor, grads_of, persistent_programs, rel_err
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -56,9 +57,7 @@ def prepare_labels(op, labels, n_cols, ignore_index, reduction, num_items_in_bat
     is in [0, n_cols) or ignore_index, and the 1-element fp32 scale of each row's loss and gradient:
     1/denominator for "mean" (the non-ignored labels, or `num_items_in_batch` as HF's gradient
     accumulation passes it), 1 otherwise."""
-    inv = torch.empty(1, dtype=torch.float32, device=labels.device)
-    ok = torch.empty(1, dtype=torch.int32, device=labels.device)
-    divisor = 1.0
+    divisor, given = 1.0, None
     if reduction != "mean":
         mode = "divisor"
     elif num_items_in_batch is None:
@@ -66,12 +65,25 @@ def prepare_labels(op, labels, n_cols, ignore_index, reduction, num_items_in_bat
     elif isinstance(num_items_in_batch, torch.Tensor):  # HF passes a device tensor: divide on the device
         mode = "given"
         n = num_items_in_batch.to(device=labels.device, dtype=torch.float32)
-        inv = (1.0 / n.clamp(min=1)).reshape(1)
+        given = (1.0 / n.clamp(min=1)).reshape(1)
     else:
         mode, divisor = "divisor", float(num_items_in_batch)
-    CE_PREPARE.launch((1, 1, 1), (labels, inv, ok, labels.numel(), n_cols, int(ignore_index), divisor), inv=mode)
+    prepare = PREPARE_OP if _custom.compiling() else _prepare
+    inv, ok = prepare(labels, n_cols, int(ignore_index), mode, divisor)
     torch._assert_async(ok, f"{op}: labels must be in [0, {n_cols}) or ignore_index={ignore_index}")
-    return inv
+    return inv if given is None else given
+
+
+def _prepare(labels: torch.Tensor, n_cols: int, ignore_index: int, mode: str,
+             divisor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inv, ok) of ce_prepare_kernel; inv is not written in mode "given"."""
+    inv = torch.empty(1, dtype=torch.float32, device=labels.device)
+    ok = torch.empty(1, dtype=torch.int32, device=labels.device)
+    CE_PREPARE.launch((1, 1, 1), (labels, inv, ok, labels.numel(), n_cols, ignore_index, divisor), inv=mode)
+    return inv, ok
+
+
+PREPARE_OP = _custom.define("ce_prepare", _prepare)
 
 
 def reduce_rows(loss_rows, reduction):
@@ -137,6 +149,56 @@ class CrossEntropyFunction(torch.autograd.Function):
         return (grad,) + (None,) * 8
 
 
+# torch.compile: the same launches as custom ops (fusedlora.ops._custom); the gradient is made in the
+# forward as in eager ("mean"/"sum" with a gradient needed), but never over the logits buffer.
+def _forward_op(logits2d: torch.Tensor, labels: torch.Tensor, inv: torch.Tensor, reduction: str, ignore_index: int,
+                label_smoothing: float, softcap: float | None, logit_scale: float | None,
+                need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse, grad or a none marker)."""
+    n_rows = logits2d.shape[0]
+    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits2d.device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=logits2d.device)
+    opts = (ignore_index, label_smoothing, softcap, logit_scale)
+    grad = None
+    if need_grad and reduction != "none":
+        grad = torch.empty_like(logits2d)
+        ce_launch(logits2d, labels, loss_rows, lse, grad, inv, 0, *opts, "loss_and_grad")
+    else:
+        ce_launch(logits2d, labels, loss_rows, lse, None, inv, 0, *opts, "loss")
+    return reduce_rows(loss_rows, reduction), lse, _custom.mark(grad, logits2d)
+
+
+def _backward_op(dloss: torch.Tensor, logits2d: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                 inv: torch.Tensor, reduction: str, ignore_index: int, label_smoothing: float, softcap: float | None,
+                 logit_scale: float | None) -> torch.Tensor:
+    grad = torch.empty_like(logits2d)
+    scale, stride = backward_scale(dloss, reduction, inv)
+    ce_launch(logits2d, labels, lse, lse, grad, scale, stride, ignore_index, label_smoothing, softcap, logit_scale,
+              "grad")
+    return grad
+
+
+CE_OP = _custom.define("cross_entropy", _forward_op)
+CE_BACKWARD_OP = _custom.define("cross_entropy_backward", _backward_op)
+
+
+def _op_setup(ctx, inputs, output):
+    logits2d, labels, inv, *ctx.opts, _ = inputs
+    grad = _custom.unmark(output[2])
+    ctx.precomputed = grad is not None
+    ctx.save_for_backward(*((grad,) if ctx.precomputed else (logits2d, labels, output[1], inv)))
+
+
+def _op_backward(ctx, dloss, _dlse, _dgrad):
+    if ctx.precomputed:
+        (grad,) = ctx.saved_tensors
+        return (grad * dloss.to(torch.float32),) + (None,) * 8  # fp32 math, rounded once (as scale_by_scalar_)
+    return (CE_BACKWARD_OP(dloss, *ctx.saved_tensors, *ctx.opts),) + (None,) * 8
+
+
+CE_OP.register_autograd(_op_backward, setup_context=_op_setup)
+
+
 def _check_ce_args(op, reduction, label_smoothing, softcap, logit_scale):
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -171,6 +233,11 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
         logits2d = logits2d.contiguous()
     labels1d = labels.reshape(-1).contiguous()
     inv = prepare_labels(op, labels1d, n_cols, ignore_index, reduction, num_items_in_batch)
+    if _custom.compiling():
+        out = CE_OP(logits2d, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
+                    None if softcap is None else float(softcap), None if logit_scale is None else float(logit_scale),
+                    torch.is_grad_enabled() and logits2d.requires_grad)[0]
+        return out.view(labels.shape) if reduction == "none" else out
     out = CrossEntropyFunction.apply(logits2d, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
                                      None if softcap is None else float(softcap), logit_scale, bool(inplace_grad))
     return out.view(labels.shape) if reduction == "none" else out

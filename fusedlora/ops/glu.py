@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from csrc_triton.glu import GLU_BWD, GLU_FWD
 
+from . import _custom
 from ._common import cdiv, check_tensor, grads_of, rel_err
 
 _APPROX = {"none": "gelu", "tanh": "gelu_tanh"}
@@ -68,6 +69,34 @@ class GLUFunction(torch.autograd.Function):
         return dgate, dup, None, None
 
 
+# torch.compile: the same launchers as custom ops (fusedlora.ops._custom). The backward writes fresh
+# gradients there (inplace is an eager-only saving: a compiled graph owns its saved buffers).
+def _forward_op(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+    return glu_forward(gate, up, act)
+
+
+def _backward_op(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return glu_backward(dout.contiguous(), gate, up, act, False)
+
+
+GLU_OP = _custom.define("glu", _forward_op)
+GLU_BACKWARD_OP = _custom.define("glu_backward", _backward_op)
+
+
+def _op_setup(ctx, inputs, output):
+    gate, up, ctx.act = inputs
+    ctx.save_for_backward(gate, up)
+
+
+def _op_backward(ctx, dout):
+    gate, up = ctx.saved_tensors
+    dgate, dup = GLU_BACKWARD_OP(dout, gate, up, ctx.act)
+    return dgate, dup, None
+
+
+GLU_OP.register_autograd(_op_backward, setup_context=_op_setup)
+
+
 def _glu(op, gate, up, act, inplace):
     check_tensor(op, "gate", gate)
     check_tensor(op, "up", up, like=gate, like_name="gate")
@@ -76,6 +105,8 @@ def _glu(op, gate, up, act, inplace):
     if gate.dtype != up.dtype:
         raise TypeError(f"{op}: gate is {gate.dtype} but up is {up.dtype}; they must match")
     gate, up = gate.contiguous(), up.contiguous()
+    if _custom.compiling():
+        return GLU_OP(gate, up, act)
     return GLUFunction.apply(gate, up, act, bool(inplace))
 
 

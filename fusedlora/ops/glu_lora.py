@@ -29,6 +29,8 @@ def row_groups(T, I, meta, device, per_sm=None):
     per_sm = GLU_LORA_PROGRAMS_PER_SM if per_sm is None else per_sm
     bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
     col_tiles = cdiv(I, bn)
+    if not isinstance(T, int):  # a custom op's fake (torch.compile): nothing launches, no guard on T
+        return max(1, round(per_sm * sm_count(device) / col_tiles)), bm
     groups = max(1, min(cdiv(T, bm), round(per_sm * sm_count(device) / col_tiles)))
     rows_per_group = max(1, cdiv(cdiv(T, groups), bm)) * bm
     return cdiv(T, rows_per_group), rows_per_group

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import _custom
 from ._common import check_tensor
 from .cross_entropy import (LABEL_DTYPES, _check_ce_args, backward_scale, ce_launch, naive_cross_entropy,
                             prepare_labels, reduce_rows, scale_by_scalar_)
@@ -22,10 +23,13 @@ from .cross_entropy import (LABEL_DTYPES, _check_ce_args, backward_scale, ce_lau
 DEFAULT_CHUNK_BYTES = 128 * 2**20
 
 
-def rows_per_chunk(n_rows: int, n_cols: int, elem_bytes: int, max_chunk_bytes: int) -> int:
+def rows_per_chunk(n_rows: int | None, n_cols: int, elem_bytes: int, max_chunk_bytes: int) -> int:
+    """Rows of one logits chunk (at most n_rows; n_rows None: not clamped)."""
     rows = max(1, max_chunk_bytes // max(1, n_cols * elem_bytes))
     if rows >= 64:
         rows -= rows % 64  # matmul-friendly
+    if n_rows is None:
+        return rows
     return min(n_rows, rows) if n_rows else 1
 
 
@@ -43,72 +47,150 @@ def _accumulate_chunk_grads(grad_logits, h, weight, dh_rows, dw, db):
         db += grad_logits.sum(0, dtype=torch.float32)
 
 
+def _flce_forward(hidden, weight, bias, labels, inv, reduction, opts, chunk_rows, need_dh, need_dw, need_db):
+    """(loss, dh, dw, db, lse): the loss, and for "mean"/"sum" with a gradient needed the gradients for
+    d loss = 1 (else None), one logits chunk at a time."""
+    n_rows, n_cols = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=dev)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=dev)
+    precompute = (need_dh or need_dw or need_db) and reduction != "none"
+    dh = torch.empty_like(hidden) if precompute and need_dh else None
+    dw = torch.zeros_like(weight) if precompute and need_dw else None
+    db = torch.zeros(n_cols, dtype=torch.float32, device=dev) if precompute and need_db else None
+    for s in range(0, n_rows, chunk_rows):
+        e = min(n_rows, s + chunk_rows)
+        h = hidden[s:e]
+        logits = F.linear(h, weight, bias)
+        if precompute:  # the chunk's logits become their gradient in place
+            ce_launch(logits, labels[s:e], loss_rows[s:e], lse[s:e], logits, inv, 0, *opts, "loss_and_grad")
+            _accumulate_chunk_grads(logits, h, weight, None if dh is None else dh[s:e], dw, db)
+        else:
+            ce_launch(logits, labels[s:e], loss_rows[s:e], lse[s:e], None, inv, 0, *opts, "loss")
+        del logits  # free this chunk before the next one is allocated: one chunk alive at a time
+    return reduce_rows(loss_rows, reduction), dh, dw, db, lse
+
+
+def _flce_recompute(dloss, hidden, weight, bias, labels, lse, inv, reduction, opts, chunk_rows, need_dh, need_dw,
+                    need_db):
+    """(dh, dw, db) recomputing each chunk's logits (reduction "none", or a forward run without gradients)."""
+    dh = torch.empty_like(hidden) if need_dh else None
+    dw = torch.zeros_like(weight) if need_dw else None
+    db = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if need_db else None
+    scale, stride = backward_scale(dloss, reduction, inv)
+    for s in range(0, hidden.shape[0], chunk_rows):
+        e = min(hidden.shape[0], s + chunk_rows)
+        h = hidden[s:e]
+        logits = F.linear(h, weight, bias)
+        ce_launch(logits, labels[s:e], lse[s:e], lse[s:e], logits, scale[s:e] if stride else scale, stride, *opts,
+                  "grad")
+        _accumulate_chunk_grads(logits, h, weight, None if dh is None else dh[s:e], dw, db)
+        del logits
+    return dh, dw, None if db is None else db.to(bias.dtype)
+
+
+def _rescale(dloss, dh, dw, db, bias_dtype):
+    """The gradients made in the forward (for d loss = 1) times the incoming d loss."""
+    s = dloss.to(torch.float32).reshape(1)
+    for g in (dh, dw):
+        if g is not None:
+            scale_by_scalar_(g, s)
+    return dh, dw, None if db is None else (db * s).to(bias_dtype)
+
+
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, inv, reduction, ignore_index, label_smoothing, softcap, logit_scale,
                 chunk_rows):
-        n_rows = hidden.shape[0]
-        n_cols = weight.shape[0]
-        dev = hidden.device
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         need_db = need_db and bias is not None
-        any_grad = need_dh or need_dw or need_db
-        loss_rows = torch.empty(n_rows, dtype=torch.float32, device=dev)
-        lse = torch.empty(n_rows, dtype=torch.float32, device=dev)
-        precompute = any_grad and reduction != "none"
-        dh = torch.empty_like(hidden) if precompute and need_dh else None
-        dw = torch.zeros_like(weight) if precompute and need_dw else None
-        db = torch.zeros(n_cols, dtype=torch.float32, device=dev) if precompute and need_db else None
         opts = (ignore_index, label_smoothing, softcap, logit_scale)
-        for s in range(0, n_rows, chunk_rows):
-            e = min(n_rows, s + chunk_rows)
-            h = hidden[s:e]
-            logits = F.linear(h, weight, bias)
-            if precompute:  # the chunk's logits become their gradient in place
-                ce_launch(logits, labels[s:e], loss_rows[s:e], lse[s:e], logits, inv, 0, *opts, "loss_and_grad")
-                _accumulate_chunk_grads(logits, h, weight, None if dh is None else dh[s:e], dw, db)
-            else:
-                ce_launch(logits, labels[s:e], loss_rows[s:e], lse[s:e], None, inv, 0, *opts, "loss")
-            del logits  # free this chunk before the next one is allocated: one chunk alive at a time
-        ctx.precompute = precompute
-        ctx.opts = (reduction,) + opts + (chunk_rows,)
-        if precompute:
+        loss, dh, dw, db, lse = _flce_forward(hidden, weight, bias, labels, inv, reduction, opts, chunk_rows, need_dh,
+                                              need_dw, need_db)
+        ctx.precompute = (need_dh or need_dw or need_db) and reduction != "none"
+        ctx.opts = (reduction, opts, chunk_rows)
+        if ctx.precompute:
             ctx.save_for_backward(dh, dw, db)
             ctx.bias_dtype = None if bias is None else bias.dtype
         else:
             ctx.save_for_backward(hidden, weight, bias, labels, lse, inv)
-        return reduce_rows(loss_rows, reduction)
+        return loss
 
     @staticmethod
     def backward(ctx, dloss):
-        reduction, ignore_index, label_smoothing, softcap, logit_scale, chunk_rows = ctx.opts
         nones = (None,) * 8
         if ctx.precompute:
-            dh, dw, db = ctx.saved_tensors
-            s = dloss.to(torch.float32).reshape(1)
-            for g in (dh, dw):
-                if g is not None:
-                    scale_by_scalar_(g, s)
-            if db is not None:
-                db = (db * s).to(ctx.bias_dtype)
-            return (dh, dw, db) + nones
-        # Recompute each chunk's logits (reduction="none", or a forward run without grad tracking).
+            return _rescale(dloss, *ctx.saved_tensors, ctx.bias_dtype) + nones
         hidden, weight, bias, labels, lse, inv = ctx.saved_tensors
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
-        dh = torch.empty_like(hidden) if need_dh else None
-        dw = torch.zeros_like(weight) if need_dw else None
-        db = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if need_db and bias is not None else None
-        scale, stride = backward_scale(dloss, reduction, inv)
-        for s in range(0, hidden.shape[0], chunk_rows):
-            e = min(hidden.shape[0], s + chunk_rows)
-            h = hidden[s:e]
-            logits = F.linear(h, weight, bias)
-            sc = scale[s:e] if stride else scale
-            ce_launch(logits, labels[s:e], lse[s:e], lse[s:e], logits, sc, stride, ignore_index, label_smoothing,
-                      softcap, logit_scale, "grad")
-            _accumulate_chunk_grads(logits, h, weight, None if dh is None else dh[s:e], dw, db)
-            del logits
-        return (dh, dw, None if db is None else db.to(bias.dtype)) + nones
+        return _flce_recompute(dloss, hidden, weight, bias, labels, lse, inv, *ctx.opts, need_dh, need_dw,
+                               need_db and bias is not None) + nones
+
+
+# torch.compile: the same chunk loops as custom ops (fusedlora.ops._custom); the fake only allocates.
+def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                inv: torch.Tensor, reduction: str, ignore_index: int, label_smoothing: float, softcap: float | None,
+                logit_scale: float | None, chunk_rows: int, need_dh: bool, need_dw: bool,
+                need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, dh, dw, db, lse), absent gradients as none markers."""
+    opts = (ignore_index, label_smoothing, softcap, logit_scale)
+    loss, dh, dw, db, lse = _flce_forward(hidden, weight, bias, labels, inv, reduction, opts, chunk_rows, need_dh,
+                                          need_dw, need_db)
+    return loss, *(_custom.mark(g, hidden) for g in (dh, dw, db)), lse
+
+
+def _forward_fake(hidden, weight, bias, labels, inv, reduction, ignore_index, label_smoothing, softcap, logit_scale,
+                  chunk_rows, need_dh, need_dw, need_db):
+    precompute = (need_dh or need_dw or need_db) and reduction != "none"
+    n_rows = hidden.shape[0]
+    loss = hidden.new_empty((n_rows,) if reduction == "none" else (), dtype=torch.float32)
+    grads = (torch.empty_like(hidden) if precompute and need_dh else None,
+             torch.empty_like(weight) if precompute and need_dw else None,
+             hidden.new_empty(weight.shape[0], dtype=torch.float32) if precompute and need_db else None)
+    return loss, *(_custom.mark(g, hidden) for g in grads), hidden.new_empty(n_rows, dtype=torch.float32)
+
+
+def _backward_op(dloss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 labels: torch.Tensor, lse: torch.Tensor, inv: torch.Tensor, reduction: str, ignore_index: int,
+                 label_smoothing: float, softcap: float | None, logit_scale: float | None, chunk_rows: int,
+                 need_dh: bool, need_dw: bool, need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _flce_recompute(dloss, hidden, weight, bias, labels, lse, inv, reduction,
+                            (ignore_index, label_smoothing, softcap, logit_scale), chunk_rows, need_dh, need_dw, need_db)
+    return tuple(_custom.mark(g, hidden) for g in grads)
+
+
+def _backward_fake(dloss, hidden, weight, bias, labels, lse, inv, reduction, ignore_index, label_smoothing, softcap,
+                   logit_scale, chunk_rows, need_dh, need_dw, need_db):
+    grads = (torch.empty_like(hidden) if need_dh else None, torch.empty_like(weight) if need_dw else None,
+             torch.empty_like(bias) if need_db else None)
+    return tuple(_custom.mark(g, hidden) for g in grads)
+
+
+FLCE_OP = _custom.define("fused_linear_cross_entropy", _forward_op, fake=_forward_fake)
+FLCE_BACKWARD_OP = _custom.define("fused_linear_cross_entropy_backward", _backward_op, fake=_backward_fake)
+
+
+def _op_setup(ctx, inputs, output):
+    hidden, weight, bias, labels, inv, reduction, *opts, chunk_rows, need_dh, need_dw, need_db = inputs
+    ctx.args = (reduction, *opts, chunk_rows, need_dh, need_dw, need_db)
+    ctx.precompute = (need_dh or need_dw or need_db) and reduction != "none"
+    ctx.grad_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    if ctx.precompute:
+        ctx.save_for_backward(*(_custom.unmark(g) for g in output[1:4]))
+    else:
+        ctx.save_for_backward(hidden, weight, bias, labels, output[4], inv)
+
+
+def _op_backward(ctx, dloss, *_):
+    nones = (None,) * 11
+    if ctx.precompute:  # plain torch here (Inductor fuses it): each gradient times d loss, rounded once
+        s = dloss.to(torch.float32)
+        return tuple(None if g is None else (g * s).to(dt) for g, dt in zip(ctx.saved_tensors, ctx.grad_dtypes)) + nones
+    grads = FLCE_BACKWARD_OP(dloss, *ctx.saved_tensors, *ctx.args)
+    return tuple(_custom.unmark(g) for g in grads) + nones
+
+
+FLCE_OP.register_autograd(_op_backward, setup_context=_op_setup)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -140,6 +222,15 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     labels1d = labels.reshape(-1).contiguous()
     n_cols = weight.shape[0]
     inv = prepare_labels(op, labels1d, n_cols, ignore_index, reduction, num_items_in_batch)
+    if _custom.compiling():  # the chunk size not clamped to the rows: no guard on a dynamic row count
+        chunk = rows_per_chunk(None, n_cols, hidden.element_size(), max_chunk_bytes)
+        grad = torch.is_grad_enabled()
+        needs = (grad and h2d.requires_grad, grad and weight.requires_grad,
+                 grad and bias is not None and bias.requires_grad)
+        out = FLCE_OP(h2d, weight, bias, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
+                      None if softcap is None else float(softcap), None if logit_scale is None else float(logit_scale),
+                      chunk, *needs)[0]
+        return out.view(labels.shape) if reduction == "none" else out
     chunk = rows_per_chunk(h2d.shape[0], n_cols, hidden.element_size(), max_chunk_bytes)
     out = FusedLinearCrossEntropyFunction.apply(
         h2d, weight, bias, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),

@@ -10,6 +10,7 @@ import torch
 
 from csrc_triton.rms_norm import RMS_BWD_PROGRAMS_PER_SM, RMS_NORM_BWD, RMS_NORM_FWD
 
+from . import _custom
 from ._common import check_tensor, persistent_programs, rel_err, rows_2d
 
 CASTINGS = ("llama", "gemma")
@@ -73,6 +74,37 @@ class RMSNormFunction(torch.autograd.Function):
         return dx.view(ctx.x_shape), dw, None, None, None
 
 
+# torch.compile: the same launchers as custom ops (fusedlora.ops._custom)
+def _forward_op(x2d: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
+                gemma: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return rms_norm_forward(x2d, weight, eps, offset, gemma)
+
+
+def _backward_op(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float,
+                 gemma: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, dw = rms_norm_backward(dy2d, x2d, weight, rstd, offset, gemma, need_dw)
+    return dx, _custom.mark(dw, x2d)
+
+
+RMS_NORM_OP = _custom.define("rms_norm", _forward_op)
+RMS_NORM_BACKWARD_OP = _custom.define("rms_norm_backward", _backward_op)
+
+
+def _op_setup(ctx, inputs, output):
+    x2d, weight, _, ctx.offset, ctx.gemma = inputs
+    ctx.save_for_backward(x2d, weight, output[1])
+
+
+def _op_backward(ctx, dy, _drstd):
+    x2d, weight, rstd = ctx.saved_tensors
+    dx, dw = RMS_NORM_BACKWARD_OP(rows_2d(dy, x2d.shape[1]), x2d, weight, rstd, ctx.offset, ctx.gemma,
+                                  ctx.needs_input_grad[1])
+    return dx, _custom.unmark(dw), None, None, None
+
+
+RMS_NORM_OP.register_autograd(_op_backward, setup_context=_op_setup)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: float = 0.0,
              casting: str = "llama") -> torch.Tensor:
     """RMSNorm over the last dimension of `x` (any leading dims), differentiable in x and weight."""
@@ -88,6 +120,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: f
         raise ValueError(f"{op}: x has shape {tuple(x.shape)}: its last dimension (the one normalised) is empty")
     if weight.stride(0) != 1:
         weight = weight.contiguous()
+    if _custom.compiling():
+        y, _ = RMS_NORM_OP(rows_2d(x, x.shape[-1]), weight, float(eps), float(offset), casting == "gemma")
+        return y.view(*x.shape[:-1], x.shape[-1])
     return RMSNormFunction.apply(x, weight, float(eps), float(offset), casting == "gemma")
 
 

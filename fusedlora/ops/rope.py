@@ -11,6 +11,7 @@ import torch
 
 from csrc_triton.rope import ROPE
 
+from . import _custom
 from ._common import check_tensor, grads_of, rel_err
 
 POS_DTYPES = (torch.int64, torch.int32)
@@ -86,6 +87,46 @@ class RopeFunction(torch.autograd.Function):
         return dq, dk, None, None, None
 
 
+# torch.compile: the same launches as custom ops (fusedlora.ops._custom)
+def _forward_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    rope_launch(q, k, qo, ko, cos, sin, pos, False)
+    return qo, ko
+
+
+def _backward_op(dqo: torch.Tensor, dko: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor | None,
+                 q_size: list[int], q_stride: list[int], k_size: list[int],
+                 k_stride: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    dq = torch.empty_strided(q_size, q_stride, dtype=dqo.dtype, device=dqo.device)  # in q's own layout
+    dk = torch.empty_strided(k_size, k_stride, dtype=dko.dtype, device=dko.device)
+    rope_launch(_last_contiguous(dqo), _last_contiguous(dko), dq, dk, cos, sin, pos, True)
+    return dq, dk
+
+
+ROPE_OP = _custom.define("rope", _forward_op)
+ROPE_BACKWARD_OP = _custom.define("rope_backward", _backward_op)
+
+
+def _op_setup(ctx, inputs, output):
+    q, k, cos, sin, pos = inputs
+    ctx.save_for_backward(cos, sin, pos)
+    ctx.layout = (list(q.shape), list(q.stride()), list(k.shape), list(k.stride()))
+    ctx.dtype = q.dtype
+
+
+def _op_backward(ctx, dqo, dko):
+    cos, sin, pos = ctx.saved_tensors
+    q_size, _, k_size, _ = ctx.layout
+    dqo = torch.zeros(q_size, dtype=ctx.dtype, device=cos.device) if dqo is None else dqo
+    dko = torch.zeros(k_size, dtype=ctx.dtype, device=cos.device) if dko is None else dko
+    dq, dk = ROPE_BACKWARD_OP(dqo, dko, cos, sin, pos, *ctx.layout)
+    return dq, dk, None, None, None
+
+
+ROPE_OP.register_autograd(_op_backward, setup_context=_op_setup)
+
+
 def _batch_or_1(bsz, *rest):
     """'[B, ...] or [1, ...]' with the real sizes ('[1, ...]' alone when B is 1)."""
     tail = ", ".join(str(r) for r in rest)
@@ -129,6 +170,8 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                              f"{_batch_or_1(bsz, seq, 'rotary_dim')} (or a [max_pos, rotary_dim] cache with position_ids)")
     q, k = _last_contiguous(q), _last_contiguous(k)
     cos, sin = _last_contiguous(cos), _last_contiguous(sin)
+    if _custom.compiling():
+        return ROPE_OP(q, k, cos, sin, position_ids)
     return RopeFunction.apply(q, k, cos, sin, position_ids)
 
 

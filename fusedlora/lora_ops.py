@@ -1,0 +1,272 @@
+"""The fused LoRA functions as torch.library custom ops: what `apply_lora_*` call under torch.compile.
+
+`lora_o`, `lora_qkv` and `lora_mlp` take LoRA_O / LoRA_QKV / LoRA_MLP's arguments and run the same plan,
+forward and backward functions of `fusedlora.lora` inside the custom ops fusedlora::lora_{o,qkv,mlp}
+(and their *_backward), so Dynamo sees one opaque call per layer and its gradient formula. What crosses the
+op boundary is tensors and plain scalars only:
+- each projection's base weight as tensors + ints (plain; bitsandbytes 4-bit: packed weight, absmax, code,
+  nested state; GPTQ: qweight, qzeros, scales, g_idx), rebuilt inside as `NF4State` / `GPTQState`;
+- the trainable tensors (A, B, biases) in one tensor list, so autograd returns a gradient for each;
+- dropout masks, drawn before the call in PEFT's order (q, k, v / gate, up, down), so the traced graph owns
+  the random numbers;
+- the compute dtype (autocast's, decided at trace time);
+- the tensors the backward needs, as extra outputs; an entry that is the input X itself (no cast) or a
+  dropout mask comes back as a marker and is rebuilt from the op's inputs (an op may not return its inputs).
+The MLP backward writes its gradients over the forward's gate/up buffer as in eager: that buffer is an
+output of the forward op read by nothing but this backward op.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import lora as L
+from .ops import _custom
+from .quant import GPTQ_FORMATS, GPTQState, NF4State, NF4State2, is_nf4
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_QUANT_TYPES = ("nf4", "fp4")
+_FORMATS = tuple(GPTQ_FORMATS)
+PLAIN, NF4, GPTQ = 0, 1, 2
+N_FROZEN = 7   # per projection: six base-weight tensors (None where unused) and the dropout mask
+N_INTS = 10    # kind, out, in, five quantisation ints, has adapter, has bias
+MASK = N_FROZEN - 1
+_ACTIVATIONS = {
+    "silu": (L.swiglu_fg, L.swiglu_fg_backward),
+    "gelu": (L.geglu_exact_fg, L.geglu_exact_fg_backward),
+    "gelu_tanh": (L.geglu_approx_fg, L.geglu_approx_fg_backward),
+}
+_SAVED_NONE, _SAVED_X, _SAVED_MASK = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------------- encode / decode
+def _encode_base(W, quant):
+    """(six tensors or None, five ints) of a base weight."""
+    if quant is None:
+        return [W, None, None, None, None, None], [PLAIN, 0, 0, 0, 0]
+    if isinstance(quant, GPTQState):
+        return ([W, quant.qzeros, quant.scales, quant.g_idx, None, None],
+                [GPTQ, quant.bits, quant.group_size, _FORMATS.index(quant.format), 0])
+    if is_nf4(quant):
+        nested = bool(quant.nested)
+        s2 = quant.state2 if nested else None
+        offset = None
+        if nested:
+            offset = quant.offset
+            if not isinstance(offset, torch.Tensor):
+                offset = torch.tensor(float(offset), dtype=torch.float32, device=W.device)
+        return ([W, quant.absmax, quant.code, None if s2 is None else s2.absmax, None if s2 is None else s2.code,
+                 offset],
+                [NF4, quant.blocksize, int(nested), 0 if s2 is None else s2.blocksize, _DTYPES.index(quant.dtype)
+                 + 8 * _QUANT_TYPES.index(quant.quant_type)])
+    raise TypeError(f"unsupported quantisation state {type(quant).__name__}")
+
+
+def _decode_base(t, kind, out_f, in_f, q):
+    if kind == PLAIN:
+        return t[0], None
+    if kind == GPTQ:
+        return t[0], GPTQState(t[1], t[2], t[3], q[0], q[1], _FORMATS[q[2]])
+    nested = bool(q[1])
+    state2 = NF4State2(t[3], t[4], q[2]) if nested else None
+    return t[0], NF4State(t[1], t[2], q[0], (out_f, in_f), _DTYPES[q[3] % 8], _QUANT_TYPES[q[3] // 8], nested,
+                          state2, t[5] if nested else 0.0)
+
+
+def _encode(prs, X, dtype, training):
+    """(params, frozen, ints, floats) of the projections; dropout masks drawn here in projection order
+    (the input rows of each; down_proj's input is [rows, intermediate])."""
+    params, biases, frozen, ints, floats = [], [], [], [], []
+    rows = X.numel() // X.shape[-1] if X.dim() else 1
+    for pr in prs:
+        tensors, q = _encode_base(pr.W, pr.quant)
+        out_f, in_f = L._weight_shape(pr.W, pr.quant)
+        mask = None
+        if pr.A is not None and pr.dropout != 0.0 and training:
+            mask = F.dropout(torch.ones(rows, in_f, dtype=dtype, device=X.device), pr.dropout, True)
+        frozen += tensors + [mask]
+        ints += [q[0], out_f, in_f, *q[1:], 0, pr.A is not None, pr.bias is not None]
+        floats += [pr.s, pr.dropout]
+        if pr.A is not None:
+            params += [pr.A, pr.B]
+        if pr.bias is not None:
+            biases.append(pr.bias)
+    return params + biases, frozen, ints, floats
+
+
+def _decode(params, frozen, ints, floats):
+    prs, adapters, biases = [], [], []
+    n = len(ints) // N_INTS
+    it = iter(params)
+    for i in range(n):
+        if ints[i * N_INTS + 8]:
+            adapters.append((next(it), next(it)))
+        else:
+            adapters.append((None, None))
+    for i in range(n):
+        biases.append(next(it) if ints[i * N_INTS + 9] else None)
+    for i in range(n):
+        kind, out_f, in_f, *q = ints[i * N_INTS:i * N_INTS + 8]
+        t = frozen[i * N_FROZEN:(i + 1) * N_FROZEN]
+        W, quant = _decode_base(t, kind, out_f, in_f, q)
+        (A, B), s, p = adapters[i], floats[2 * i], floats[2 * i + 1]
+        prs.append(L._Proj(W, quant, A, B, s, biases[i], p, t[MASK]))
+    return prs
+
+
+def _param_names(kind, ints):
+    """Gradient names (the Functions' slot names) of the params list, in its order."""
+    prefixes = {"o": ("",), "qkv": ("q", "k", "v"), "mlp": ("g", "u", "d")}[kind]
+    n = len(ints) // N_INTS
+    names = [f"{prefixes[i]}{ab}" for i in range(n) if ints[i * N_INTS + 8] for ab in "AB"]
+    names += [f"{prefixes[i]}_bias" if prefixes[i] else "bias" for i in range(n) if ints[i * N_INTS + 9]]
+    return names
+
+
+def _encode_saved(saved, X, prs, outs, inputs):
+    """The saved tensors as op outputs: markers for None, X itself and the dropout masks, anything else
+    sharing memory with an input or another output cloned (in practice a rank-r column block)."""
+    out = []
+    for t in saved:
+        if t is None:
+            out.append(_marker(X, _SAVED_NONE))
+        elif torch._C._is_alias_of(t, X):  # X2 = X itself in the compute dtype
+            out.append(_marker(X, _SAVED_X))
+        elif any(t is pr.mask for pr in prs):
+            out.append(_marker(X, _SAVED_MASK + next(i for i, pr in enumerate(prs) if t is pr.mask)))
+        else:
+            out.append(t)
+    return _unaliased(out, inputs, list(outs))
+
+
+def _unaliased(outs, inputs, earlier=()):
+    """outs with each tensor that is, or views the memory of, an input or an earlier output cloned: a custom
+    op's outputs may alias neither. Fresh tensors (no view base, not an input) are taken as they are."""
+    done = list(earlier)
+    result = []
+    for t in outs:
+        if t is not None and (t._base is not None or any(t is i for i in inputs)):
+            if any(i is not None and torch._C._is_alias_of(t, i) for i in (*inputs, *done)):
+                t = t.clone()
+        result.append(t)
+        if t is not None:
+            done.append(t)
+    return result
+
+
+def _decode_saved(saved, X, prs):
+    out = []
+    for t in saved:
+        code = _marker_code(t)
+        if code is None:
+            out.append(t)
+        elif code == _SAVED_NONE:
+            out.append(None)
+        elif code == _SAVED_X:
+            out.append(L._flat(X))
+        else:
+            out.append(prs[code - _SAVED_MASK].mask)
+    return out
+
+
+def _marker(like, code):
+    return like.new_empty((0, 0, code + 1), dtype=torch.uint8)
+
+
+def _marker_code(t):
+    if t.dtype == torch.uint8 and t.dim() == 3 and t.shape[0] == 0 and t.shape[1] == 0:
+        return t.shape[2] - 1
+    return None
+
+
+class _OpCtx:
+    """What the plan / forward / backward functions of fusedlora.lora read and write on an autograd ctx."""
+
+    def save_for_backward(self, *tensors):
+        self.saved = tensors
+
+
+# --------------------------------------------------------------------------------------- the ops
+def _define(kind, n_out, plan, forward, backward, slots):
+    def extra(act, inplace):
+        return (*_ACTIVATIONS[act], inplace) if kind == "mlp" else ()
+
+    def forward_op(X: torch.Tensor, params: list[torch.Tensor], frozen: list[torch.Tensor | None], ints: list[int],
+                   floats: list[float], dtype: torch.dtype, training: bool, act: str,
+                   inplace: bool) -> list[torch.Tensor]:
+        prs = _decode(params, frozen, ints, floats)
+        ctx = _OpCtx()
+        outs = forward(ctx, X, prs, dtype, training, *extra(act, inplace))
+        return [*outs, *_encode_saved(ctx.saved, X, prs, outs, (X, *params, *frozen))]
+
+    def backward_op(grads: list[torch.Tensor | None], X: torch.Tensor, params: list[torch.Tensor],
+                    frozen: list[torch.Tensor | None], ints: list[int], floats: list[float], dtype: torch.dtype,
+                    training: bool, act: str, inplace: bool, needs: list[bool],
+                    saved: list[torch.Tensor]) -> list[torch.Tensor]:
+        prs = _decode(params, frozen, ints, floats)
+        ctx = _OpCtx()
+        plan(ctx, X, prs, dtype, training, *extra(act, inplace))
+        ctx.saved_tensors = tuple(_decode_saved(saved, X, prs))
+        names = ["X", *_param_names(kind, ints)]
+        need = dict.fromkeys(slots.names, False)
+        need.update(zip(names, needs))
+        named = backward(ctx, need, *grads)
+        inputs = (X, *params, *frozen, *saved, *grads)
+        return [_custom.mark(g, X) for g in _unaliased([named.get(n) for n in names], inputs)]
+
+    fwd = _custom.define(f"lora_{kind}", forward_op)
+    bwd = _custom.define(f"lora_{kind}_backward", backward_op)
+
+    def setup_context(ctx, inputs, output):
+        X, params, frozen, ints, floats, dtype, training, act, inplace = inputs
+        ctx.counts = (len(params), len(frozen))
+        ctx.args = (ints, floats, dtype, training, act, inplace)
+        ctx.save_for_backward(X, *params, *frozen, *output[n_out:])
+
+    def autograd_backward(ctx, grads):
+        X, *rest = ctx.saved_tensors
+        n_params, n_frozen = ctx.counts
+        params, frozen, saved = rest[:n_params], rest[n_params:n_params + n_frozen], rest[n_params + n_frozen:]
+        need_x, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        got = bwd(list(grads[:n_out]), X, list(params), list(frozen), *ctx.args, [need_x, *need_params], list(saved))
+        return (_custom.unmark(got[0]), [_custom.unmark(g) for g in got[1:]]) + (None,) * 7
+
+    fwd.register_autograd(autograd_backward, setup_context=setup_context)
+    return fwd
+
+
+LORA_O_OP = _define("o", 1, L._o_plan, L._o_forward, L._o_backward, L.O_SLOTS)
+LORA_QKV_OP = _define("qkv", 3, L._qkv_plan, L._qkv_forward, L._qkv_backward, L.QKV_SLOTS)
+LORA_MLP_OP = _define("mlp", 1, L._mlp_plan, L._mlp_forward, L._mlp_backward, L.MLP_SLOTS)
+
+
+# ------------------------------------------------------------------------------ LoRA_*.apply's twins
+def lora_o(X, W, W_quant, A, B, S, bias=None, dropout=0.0, training=False):
+    """LoRA_O.apply through the custom op (same arguments, same result)."""
+    prs = L._projections("LoRA_O", "apply_lora_o", [("", W, W_quant, A, B, S, bias, dropout)], X,
+                         kernels=W_quant is not None)
+    dtype = L._compute_dtype(X)
+    return LORA_O_OP(X, *_encode(prs, X, dtype, training), dtype, bool(training), "", False)[0]
+
+
+def lora_qkv(X, qW, qQ, qA, qB, qS, kW, kQ, kA, kB, kS, vW, vQ, vA, vB, vS, inplace=True, q_bias=None, k_bias=None,
+             v_bias=None, dropouts=(0.0, 0.0, 0.0), training=False):
+    """LoRA_QKV.apply through the custom op."""
+    specs = [(n, *proj, b, p) for n, proj, b, p in zip(
+        "qkv", ((qW, qQ, qA, qB, qS), (kW, kQ, kA, kB, kS), (vW, vQ, vA, vB, vS)), (q_bias, k_bias, v_bias), dropouts)]
+    prs = L._projections("LoRA_QKV", "apply_lora_qkv", specs, X, kernels=any(q is not None for q in (qQ, kQ, vQ)))
+    dtype = L._compute_dtype(X)
+    return tuple(LORA_QKV_OP(X, *_encode(prs, X, dtype, training), dtype, bool(training), "", False)[:3])
+
+
+def lora_mlp(X, gW, gQ, gA, gB, gS, uW, uQ, uA, uB, uS, dW, dQ, dA, dB, dS, activation, inplace=True,
+             dropouts=(0.0, 0.0, 0.0), training=False):
+    """LoRA_MLP.apply through the custom op; `activation` names one of the fused GLU activations
+    ("silu", "gelu", "gelu_tanh") instead of the two callables."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"lora_mlp: activation must be one of {tuple(_ACTIVATIONS)}, got {activation!r}")
+    specs = [(n, *proj, None, p) for n, proj, p in zip(
+        ("gate", "up", "down"), ((gW, gQ, gA, gB, gS), (uW, uQ, uA, uB, uS), (dW, dQ, dA, dB, dS)), dropouts)]
+    prs = L._projections("LoRA_MLP", "apply_lora_mlp_*", specs, X, kernels=True)
+    dtype = L._compute_dtype(X)
+    return LORA_MLP_OP(X, *_encode(prs, X, dtype, training), dtype, bool(training), activation, bool(inplace))[0]

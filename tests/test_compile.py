@@ -1,0 +1,310 @@
+"""torch.compile over fusedlora: every public op and the fused LoRA functions are custom ops (fusedlora.ops._custom,
+fusedlora.lora_ops), so Dynamo traces a patched model with no graph break and the compiled step gives eager's
+values. On CPU: backend "aot_eager" (AOTAutograd's forward/backward split, eager kernels: the interpreter);
+on a GPU: inductor, and CUDA graphs (mode="reduce-overhead")."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from conftest import DEVICE, HAS_CUDA, rel_err
+import fusedlora
+from fusedlora import lora, lora_ops
+from fusedlora.ops import (cross_entropy, fused_linear_cross_entropy, geglu, rms_norm, rope, swiglu)
+
+BACKEND = "inductor" if HAS_CUDA else "aot_eager"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _outputs(y):
+    return y if isinstance(y, tuple) else (y,)
+
+
+def assert_compiled_matches_eager(fn, inputs, tol=0.0, dynamic=None, seed=None):
+    """fn under torch.compile(fullgraph=True): no graph break, and outputs and gradients equal eager's
+    (exactly on CPU, where both run the same kernels; within `tol` under inductor). seed: the RNG seed set
+    before each run (dropout)."""
+    def run(f):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return _outputs(f(*inputs))
+    explained = torch._dynamo.explain(fn)(*inputs)
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    torch._dynamo.reset()
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    ref = run(fn)
+    seeds = [torch.randn_like(o) for o in ref]
+    ref_grads = torch.autograd.grad(ref, leaves, seeds, allow_unused=True)
+    got = run(torch.compile(fn, backend=BACKEND, fullgraph=True, dynamic=dynamic))
+    got_grads = torch.autograd.grad(got, leaves, seeds, allow_unused=True)
+    for a, b in zip(got + got_grads, ref + ref_grads):
+        if b is None:
+            assert a is None
+            continue
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert (torch.equal(a, b) if tol == 0.0 else rel_err(a, b) <= tol), rel_err(a, b)
+
+
+TOL = 1e-5 if HAS_CUDA else 0.0
+
+
+# ------------------------------------------------------------------------------------- public ops
+def _t(*shape, grad=True):
+    return torch.randn(*shape, device=DEVICE).requires_grad_(grad)
+
+
+OP_CASES = {
+    "rms_norm": lambda: (lambda x, w: rms_norm(x, w, 1e-6), (_t(2, 5, 64), _t(64))),
+    "rms_norm_gemma": lambda: (lambda x, w: rms_norm(x, w, 1e-6, 1.0, "gemma"), (_t(3, 48), _t(48))),
+    "rope": lambda: (rope, (_t(2, 5, 4, 16).transpose(1, 2), _t(2, 2, 5, 16), *_cos_sin(5, 16))),
+    "rope_positions": lambda: (rope, (_t(2, 4, 5, 16), _t(2, 2, 5, 16), *_cos_sin(12, 16, cache=True), _positions())),
+    "swiglu": lambda: (lambda g, u: swiglu(g, u), (_t(3, 40), _t(3, 40))),
+    "geglu_tanh": lambda: (lambda g, u: geglu(g, u, "tanh"), (_t(3, 40), _t(3, 40))),
+    "cross_entropy": lambda: (lambda z, y: cross_entropy(z, y, label_smoothing=0.1), (_t(6, 50), _labels(6, 50))),
+    "cross_entropy_none": lambda: (lambda z, y: cross_entropy(z, y, reduction="none"), (_t(6, 50), _labels(6, 50))),
+    "linear_ce": lambda: (lambda h, w, y: fused_linear_cross_entropy(h, w, y, softcap=5.0),
+                          (_t(6, 32), _t(50, 32), _labels(6, 50))),
+    "linear_ce_none_chunked": lambda: (lambda h, w, y: fused_linear_cross_entropy(
+        h, w, y, reduction="none", max_chunk_bytes=2 * 50 * 4), (_t(6, 32), _t(50, 32), _labels(6, 50))),
+    "linear_ce_items_bias": lambda: (lambda h, w, b, y, n: fused_linear_cross_entropy(h, w, y, b, num_items_in_batch=n),
+                                     (_t(6, 32), _t(50, 32), _t(50), _labels(6, 50), torch.tensor(4, device=DEVICE))),
+}
+
+
+def _cos_sin(seq, dim, cache=False):
+    f = torch.outer(torch.arange(seq, device=DEVICE, dtype=torch.float32), torch.rand(dim // 2, device=DEVICE))
+    cos, sin = torch.cat([f, f], -1).cos(), torch.cat([f, f], -1).sin()
+    return (cos, sin) if cache else (cos[None], sin[None])
+
+
+def _positions():
+    return torch.tensor([[0, 1, 2, 0, 1], [3, 4, 5, 6, 7]], device=DEVICE)
+
+
+def _labels(n, v):
+    g = torch.Generator().manual_seed(n)
+    y = torch.randint(0, v, (n,), generator=g).to(DEVICE)
+    y[0] = -100
+    return y
+
+
+@pytest.mark.parametrize("case", sorted(OP_CASES))
+def test_public_op_compiles_whole_and_matches_eager(case):
+    fn, inputs = OP_CASES[case]()
+    assert_compiled_matches_eager(fn, inputs, TOL)
+
+
+def test_dynamic_rows_compile_once():
+    """A dynamic row count: the ops' fakes take symbolic sizes (kernel constexprs specialise only on the
+    feature sizes), so a new row count runs the same graph."""
+    counter = CompileCounterWithBackend(BACKEND)
+    w = _t(64)
+    fn = torch.compile(lambda x, y: rms_norm(x, w).sum() + cross_entropy(x, y), backend=counter, dynamic=True)
+    frames = []
+    for rows in (5, 9, 17, 33):
+        x = _t(rows, 64)
+        fn(x, _labels(rows, 64)).backward()
+        frames.append(counter.frame_count)
+        x_ref = x.detach().requires_grad_()
+        (rms_norm(x_ref, w).sum() + cross_entropy(x_ref, _labels(rows, 64))).backward()
+        assert rel_err(x.grad, x_ref.grad) <= max(TOL, 1e-7)
+    assert frames[0] >= 1 and frames == frames[:1] * 4, frames  # (Dynamo may add an empty frame: counted once)
+
+
+# ----------------------------------------------------------------------------- fused LoRA functions
+def _lora_block(**kw):
+    from test_lora import make
+    return make(**kw)
+
+
+def _block_step(block, act="silu"):
+    from test_lora import attn_fused
+    apply_mlp = lora.apply_lora_mlp_swiglu if act == "silu" else lora.apply_lora_mlp_geglu
+
+    def step(x):
+        o = attn_fused(block.self_attn, x)
+        return apply_mlp(block.mlp, o)
+    return step
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(r="mixed", bias=True), dict(act="gelu_tanh"), dict(dropout=0.25)],
+                         ids=["plain", "mixed_ranks_bias", "geglu", "dropout"])
+def test_lora_functions_compile_whole_and_match_eager(kw):
+    """apply_lora_qkv / _o / _mlp_* compiled: one custom op per call, the same values and gradients as the eager
+    Functions (dropout: the masks drawn in the same order, so the same masks)."""
+    block = _lora_block(**kw)
+    block.train()
+    step = _block_step(block, kw.get("act", "silu"))
+    leaves = [p for p in block.parameters() if p.requires_grad]
+    x = _t(2, 7, 64)
+
+    assert_compiled_matches_eager(lambda x, *params: step(x), (x, *leaves), TOL, seed=7)
+
+
+def test_lora_mlp_on_some_projections_and_no_input_grad():
+    """Adapters on gate and down only, and an input that needs no gradient (a first layer)."""
+    block = _lora_block()
+    block.mlp.up_proj = block.mlp.up_proj.base_layer  # a plain Linear: no adapter there
+    leaves = [p for p in block.mlp.parameters() if p.requires_grad]
+    x = _t(2, 5, 64, grad=False)
+    assert_compiled_matches_eager(lambda x, *p: lora.apply_lora_mlp_swiglu(block.mlp, x), (x, *leaves), TOL)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_nf4_bases_compile_and_match_eager(nested):
+    """bitsandbytes 4-bit bases (nested absmax or not) through the custom ops: the quant state crosses as
+    tensors + ints and is rebuilt inside."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    torch.manual_seed(0)
+    hidden, inter, r = 64, 128, 4
+    shapes = [(inter, hidden), (inter, hidden), (hidden, inter)]
+    qs = [bnbf.quantize_4bit(torch.randn(*s, device=DEVICE) * 0.2, blocksize=64, compress_statistics=nested,
+                             quant_type="nf4") for s in shapes]
+    adapters = [(_t(r, s[1]) * 0.1, _t(s[0], r) * 0.1) for s in shapes]
+    adapters = [(A.detach().requires_grad_(), B.detach().requires_grad_()) for A, B in adapters]
+    leaves = [t for ab in adapters for t in ab]
+    x = _t(6, hidden)
+    args = lambda p: [t for (q, s), i in zip(qs, range(3)) for t in (q, s, p[2 * i], p[2 * i + 1], 1.5)]  # noqa: E731
+
+    def mlp(x, *p):
+        if torch.compiler.is_compiling():
+            return lora_ops.lora_mlp(x, *args(p), "silu")
+        return lora.LoRA_MLP.apply(x, *args(p), lora.swiglu_fg, lora.swiglu_fg_backward)
+
+    def o(x, *p):
+        fn = lora_ops.lora_o if torch.compiler.is_compiling() else lora.LoRA_O.apply
+        return fn(x, qs[0][0], qs[0][1], p[0], p[1], 0.5)
+    assert_compiled_matches_eager(mlp, (x, *leaves), TOL)
+    torch._dynamo.reset()
+    assert_compiled_matches_eager(o, (_t(6, hidden), *leaves[:2]), TOL)
+
+
+@pytest.mark.filterwarnings("ignore:Unsupported layer type")
+def test_gptq_bases_compile_and_match_eager():
+    from test_lora import _gptq_block
+    block = _gptq_block(bits=4, act_order=True)
+    leaves = [p for p in block.parameters() if p.requires_grad]
+    assert_compiled_matches_eager(lambda x, *p: _block_step(block)(x), (_t(2, 7, 64), *leaves), TOL)
+
+
+def test_custom_op_outputs_alias_nothing():
+    """The LoRA ops' outputs (results and saved tensors) share memory with no input and no other output."""
+    block = _lora_block(dropout=0.25)
+    x = torch.randn(2, 7, 64, device=DEVICE)
+    for training in (True, False):
+        prs = lora._projections("LoRA_QKV", "t", [(n, *lora.fused_parameters(getattr(block.self_attn, f"{n}_proj")),
+                                                   None, 0.25) for n in "qkv"], x, kernels=False)
+        dtype = x.dtype
+        params, frozen, ints, floats = lora_ops._encode(prs, x, dtype, training)
+        outs = lora_ops.LORA_QKV_OP(x, params, frozen, ints, floats, dtype, training, "", False)
+        inputs = [x, *params, *(t for t in frozen if t is not None)]
+        for i, t in enumerate(outs):
+            assert not any(torch._C._is_alias_of(t, u) for u in inputs + outs[:i]), i
+
+
+# ------------------------------------------------------------------------------------- patched models
+def _patched(model_type, **kw):
+    from test_hf_patch import make_model
+    model = make_model(model_type, **kw)
+    report = fusedlora.patch(model)
+    assert report.n_patched > 0
+    model.train()
+    return model
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma2", "granite"])
+def test_patched_model_compiles_without_graph_breaks_and_matches_eager(model_type):
+    """The whole patched training forward as one graph (fullgraph=True), its loss and every LoRA gradient
+    those of the eager patched model."""
+    from test_hf_patch import batch
+    model = _patched(model_type)
+    ids, labels = batch()
+
+    def loss_of(ids, labels):
+        return model(input_ids=ids, labels=labels).loss
+    explained = torch._dynamo.explain(loss_of)(ids, labels)
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    torch._dynamo.reset()
+    loss_of(ids, labels).backward()
+    ref = _grads(model)
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(loss_of, backend=BACKEND, fullgraph=True)
+    loss = compiled(ids, labels)
+    loss.backward()
+    got = _grads(model)
+    assert got.keys() == ref.keys() and len(got) == 28
+    model.zero_grad(set_to_none=True)
+    assert rel_err(loss.detach(), loss_of(ids, labels).detach()) <= TOL
+    for n in ref:
+        assert rel_err(got[n], ref[n]) <= max(TOL, 1e-6), n
+
+
+def test_varying_sequence_lengths_recompile_at_most_once():
+    """torch.compile(model) with its default dynamic=None over a run whose sequence lengths vary: the first
+    length compiles a static graph, the second a dynamic one that serves every later length (issue target:
+    at most 8 compilations)."""
+    from test_hf_patch import batch
+    model = _patched("llama")
+    counter = CompileCounterWithBackend(BACKEND)
+    compiled = torch.compile(model, backend=counter)
+    eager_losses, compiled_losses = [], []
+    for seq in (16, 12, 20, 9, 24, 13):
+        ids, labels = batch(seq=seq)
+        compiled_losses.append(compiled(input_ids=ids, labels=labels).loss.detach())
+        eager_losses.append(model(input_ids=ids, labels=labels).loss.detach())
+    assert counter.frame_count <= 2, counter.frame_count
+    for a, b in zip(compiled_losses, eager_losses):
+        assert rel_err(a, b) <= TOL
+
+
+def test_one_decoder_layer_fullgraph():
+    model = _patched("llama")
+    layer = model.base_model.model.model.layers[0]
+    rotary = model.base_model.model.model.rotary_emb
+    x = _t(2, 16, 64)
+    pos = torch.arange(16, device=DEVICE)[None].expand(2, -1)
+
+    def run(x):
+        out = layer(x, position_embeddings=rotary(x, pos), attention_mask=None, position_ids=pos)
+        return out[0] if isinstance(out, tuple) else out
+    leaves = [p for p in layer.parameters() if p.requires_grad]
+    assert_compiled_matches_eager(lambda x, *p: run(x), (x, *leaves), TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_gpu_reduce_overhead_cuda_graphs(dtype):
+    """mode="reduce-overhead" (CUDA graphs) with the loader's launches: several steps of a bf16 patched model
+    under autocast, losses and gradients those of eager within bf16 tolerance."""
+    from test_hf_patch import batch
+    model = _patched("llama")
+    ids, labels = batch()
+
+    def loss_of(ids, labels):
+        with torch.autocast("cuda", dtype):
+            return model(input_ids=ids, labels=labels).loss
+    compiled = torch.compile(loss_of, mode="reduce-overhead")
+    for _ in range(4):
+        model.zero_grad(set_to_none=True)
+        loss = compiled(ids, labels)
+        loss.backward()
+        got = _grads(model)
+        model.zero_grad(set_to_none=True)
+        ref_loss = loss_of(ids, labels)
+        ref_loss.backward()
+        ref = _grads(model)
+        assert rel_err(loss.detach(), ref_loss.detach()) < 2e-2
+        for n in ref:
+            assert rel_err(got[n], ref[n]) < 5e-2, n
