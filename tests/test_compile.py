@@ -12,7 +12,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from conftest import DEVICE, HAS_CUDA, rel_err
 import fusedlora
 from fusedlora import lora, lora_ops
-from fusedlora.ops import (cross_entropy, fused_linear_cross_entropy, geglu, rms_norm, rope, swiglu)
+from fusedlora.ops import (chunked_linear_loss, cross_entropy, fused_linear_cross_entropy, geglu, rms_norm, rope, swiglu)
 
 BACKEND = "inductor" if HAS_CUDA else "aot_eager"
 
@@ -74,6 +74,8 @@ OP_CASES = {
                           (_t(6, 32), _t(50, 32), _labels(6, 50))),
     "linear_ce_none_chunked": lambda: (lambda h, w, y: fused_linear_cross_entropy(
         h, w, y, reduction="none", max_chunk_bytes=2 * 50 * 4), (_t(6, 32), _t(50, 32), _labels(6, 50))),
+    "chunked_linear_loss": lambda: (lambda h, w, y: chunked_linear_loss(
+        h, w, y, lambda z, t: F.cross_entropy(z, t, reduction="none"), num_chunks=3), (_t(6, 32), _t(50, 32), _labels(6, 50))),
     "linear_ce_items_bias": lambda: (lambda h, w, b, y, n: fused_linear_cross_entropy(h, w, y, b, num_items_in_batch=n),
                                      (_t(6, 32), _t(50, 32), _t(50), _labels(6, 50), torch.tensor(4, device=DEVICE))),
 }
@@ -99,7 +101,8 @@ def _labels(n, v):
 @pytest.mark.parametrize("case", sorted(OP_CASES))
 def test_public_op_compiles_whole_and_matches_eager(case):
     fn, inputs = OP_CASES[case]()
-    assert_compiled_matches_eager(fn, inputs, TOL)
+    # chunked_linear_loss runs unchunked under compile: the same sums in another order (fp32 rounding)
+    assert_compiled_matches_eager(fn, inputs, max(TOL, 1e-6) if case == "chunked_linear_loss" else TOL)
 
 
 def test_dynamic_rows_compile_once():

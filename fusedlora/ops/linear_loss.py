@@ -238,6 +238,33 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     return out.view(labels.shape) if reduction == "none" else out
 
 
+def _per_item(loss_fn, logits, targets, rows):
+    per_item = loss_fn(logits, targets)
+    if not isinstance(per_item, torch.Tensor) or per_item.dim() == 0 or per_item.shape[0] != rows:
+        got = tuple(per_item.shape) if isinstance(per_item, torch.Tensor) else type(per_item).__name__
+        raise ValueError(
+            f"chunked_linear_loss: loss_fn must return per-item losses (reduction='none'), a tensor whose first "
+            f"dimension is the chunk's {rows} rows; it returned {got}. A loss that reduces itself (e.g. F.mse_loss "
+            "with its default reduction='mean') would weight the chunks wrongly")
+    return per_item
+
+
+def _unchunked_linear_loss(hidden, weight, bias, targets, loss_fn, reduction, ignore_index, num_items_in_batch):
+    """chunked_linear_loss in one piece, autograd's own (under torch.compile, which cannot trace the chunk
+    loop's inner autograd.grad): the same value, the logits' memory at once."""
+    per_item = _per_item(loss_fn, F.linear(hidden, weight, bias), targets, hidden.shape[0])
+    total = per_item.float().sum()
+    if reduction == "sum":
+        return total
+    if num_items_in_batch is not None:
+        n = torch.as_tensor(num_items_in_batch, device=hidden.device)
+    elif targets.dtype in (torch.int64, torch.int32):
+        n = (targets != ignore_index).sum()
+    else:
+        n = torch.tensor(per_item.numel(), device=hidden.device)
+    return total / n.clamp(min=1).to(torch.float32)
+
+
 class ChunkedLinearLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, loss_fn, num_chunks, reduction, ignore_index, num_items_in_batch):
@@ -257,14 +284,7 @@ class ChunkedLinearLossFunction(torch.autograd.Function):
                 w = weight.detach().requires_grad_(need_dw)
                 b = bias.detach().requires_grad_(need_db) if bias is not None else None
                 t = targets[s:e]
-                per_item = loss_fn(F.linear(h, w, b), t)
-                if not isinstance(per_item, torch.Tensor) or per_item.dim() == 0 or per_item.shape[0] != e - s:
-                    got = tuple(per_item.shape) if isinstance(per_item, torch.Tensor) else type(per_item).__name__
-                    raise ValueError(
-                        f"chunked_linear_loss: loss_fn must return per-item losses (reduction='none'), a tensor "
-                        f"whose first dimension is the chunk's {e - s} rows; it returned {got}. A loss that "
-                        "reduces itself (e.g. F.mse_loss with its default reduction='mean') would weight the "
-                        "chunks wrongly")
+                per_item = _per_item(loss_fn, F.linear(h, w, b), t, e - s)
                 chunk_sum = per_item.float().sum()
                 wrt = [x for x, need in ((h, need_dh), (w, need_dw), (b, need_db)) if need]
                 grads = list(torch.autograd.grad(chunk_sum, wrt)) if wrt else []
@@ -316,7 +336,8 @@ def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     `loss_fn(logits_chunk, targets_chunk)` returns per-item losses (reduction "none", ignored items 0).
     reduction "mean" divides the total by the number of items over ALL chunks: targets != ignore_index
     for integer targets, else the number of loss elements; `num_items_in_batch` overrides it.
-    num_chunks None: chosen from free GPU memory (8 on CPU). Returns an fp32 scalar."""
+    num_chunks None: chosen from free GPU memory (8 on CPU). Returns an fp32 scalar. Under torch.compile it
+    runs in one piece (same value, the whole logits at once)."""
     op = "chunked_linear_loss"
     if reduction not in ("mean", "sum"):
         raise ValueError(f"{op}: reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -330,6 +351,8 @@ def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
                          "the leading dimensions must match")
     h2d = hidden.reshape(-1, hidden.shape[-1])
     t2d = targets.reshape(h2d.shape[0], *targets.shape[hidden.dim() - 1:])
+    if _custom.compiling():
+        return _unchunked_linear_loss(h2d, weight, bias, t2d, loss_fn, reduction, int(ignore_index), num_items_in_batch)
     if num_chunks is None:
         num_chunks = _auto_chunks(h2d.shape[0], weight.shape[0], hidden.device)
     if num_chunks < 1:
