@@ -42,7 +42,7 @@ import torch
 from .ops._common import autocast_dtype, cdiv, check_tensor
 from .ops.glu import glu_backward, glu_forward
 from .ops.glu_lora import glu_lora_backward, glu_lora_dyb, glu_lora_forward, glu_lora_rank_pad
-from .quant import dequantize_base, dequantize_nf4, is_nf4, nf4_writes_into, weight_shape as _weight_shape
+from .quant import _dequantize_nf4, dequantize_base, is_nf4, nf4_writes_into, weight_shape as _weight_shape
 
 
 # ------------------------------------------------------------------------------------------- weights
@@ -297,7 +297,7 @@ def _gate_up_weight(pg, pu, which, dtype):
     rg, ru = pg.A.shape[0], pu.A.shape[0]
     buf = torch.empty(out_f, in_f + rg + ru, dtype=dtype, device=pr.A.device)
     if nf4_writes_into(pr.quant, dtype, buf[:, :in_f]):
-        dequantize_nf4(pr.W, pr.quant, out=buf[:, :in_f], dtype=dtype)  # no temporary, no copy
+        _dequantize_nf4(pr.W, pr.quant, buf[:, :in_f], dtype)  # no temporary, no copy
         buf[:, in_f:].zero_()
         mine = in_f if which == 0 else in_f + rg
         torch.mul(pr.B.to(dtype), pr.s, out=buf[:, mine:mine + pr.A.shape[0]])

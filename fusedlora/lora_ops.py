@@ -22,12 +22,8 @@ import torch.nn.functional as F
 
 from . import lora as L
 from .ops import _custom
-from .quant import GPTQ_FORMATS, GPTQState, NF4State, NF4State2, is_nf4
+from .quant import decode_base, encode_base
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_QUANT_TYPES = ("nf4", "fp4")
-_FORMATS = tuple(GPTQ_FORMATS)
-PLAIN, NF4, GPTQ = 0, 1, 2
 N_FROZEN = 7   # per projection: six base-weight tensors (None where unused) and the dropout mask
 N_INTS = 10    # kind, out, in, five quantisation ints, has adapter, has bias
 MASK = N_FROZEN - 1
@@ -40,46 +36,13 @@ _SAVED_NONE, _SAVED_X, _SAVED_MASK = 0, 1, 2
 
 
 # ----------------------------------------------------------------------------------- encode / decode
-def _encode_base(W, quant):
-    """(six tensors or None, five ints) of a base weight."""
-    if quant is None:
-        return [W, None, None, None, None, None], [PLAIN, 0, 0, 0, 0]
-    if isinstance(quant, GPTQState):
-        return ([W, quant.qzeros, quant.scales, quant.g_idx, None, None],
-                [GPTQ, quant.bits, quant.group_size, _FORMATS.index(quant.format), 0])
-    if is_nf4(quant):
-        nested = bool(quant.nested)
-        s2 = quant.state2 if nested else None
-        offset = None
-        if nested:
-            offset = quant.offset
-            if not isinstance(offset, torch.Tensor):
-                offset = torch.tensor(float(offset), dtype=torch.float32, device=W.device)
-        return ([W, quant.absmax, quant.code, None if s2 is None else s2.absmax, None if s2 is None else s2.code,
-                 offset],
-                [NF4, quant.blocksize, int(nested), 0 if s2 is None else s2.blocksize, _DTYPES.index(quant.dtype)
-                 + 8 * _QUANT_TYPES.index(quant.quant_type)])
-    raise TypeError(f"unsupported quantisation state {type(quant).__name__}")
-
-
-def _decode_base(t, kind, out_f, in_f, q):
-    if kind == PLAIN:
-        return t[0], None
-    if kind == GPTQ:
-        return t[0], GPTQState(t[1], t[2], t[3], q[0], q[1], _FORMATS[q[2]])
-    nested = bool(q[1])
-    state2 = NF4State2(t[3], t[4], q[2]) if nested else None
-    return t[0], NF4State(t[1], t[2], q[0], (out_f, in_f), _DTYPES[q[3] % 8], _QUANT_TYPES[q[3] // 8], nested,
-                          state2, t[5] if nested else 0.0)
-
-
 def _encode(prs, X, dtype, training):
     """(params, frozen, ints, floats) of the projections; dropout masks drawn here in projection order
     (the input rows of each; down_proj's input is [rows, intermediate])."""
     params, biases, frozen, ints, floats = [], [], [], [], []
     rows = X.numel() // X.shape[-1] if X.dim() else 1
     for pr in prs:
-        tensors, q = _encode_base(pr.W, pr.quant)
+        tensors, q = encode_base(pr.W, pr.quant)
         out_f, in_f = L._weight_shape(pr.W, pr.quant)
         mask = None
         if pr.A is not None and pr.dropout != 0.0 and training:
@@ -108,7 +71,7 @@ def _decode(params, frozen, ints, floats):
     for i in range(n):
         kind, out_f, in_f, *q = ints[i * N_INTS:i * N_INTS + 8]
         t = frozen[i * N_FROZEN:(i + 1) * N_FROZEN]
-        W, quant = _decode_base(t, kind, out_f, in_f, q)
+        W, quant = decode_base(t, kind, out_f, in_f, q)
         (A, B), s, p = adapters[i], floats[2 * i], floats[2 * i + 1]
         prs.append(L._Proj(W, quant, A, B, s, biases[i], p, t[MASK]))
     return prs

@@ -18,6 +18,7 @@ import torch
 
 from csrc_triton.quant import GPTQ_DEQUANT, NF4_BLOCKSIZES, NF4_DEQUANT
 
+from .ops import _custom
 from .ops._common import interpreting, rel_err
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -62,8 +63,14 @@ def dequantize_nf4(weight: torch.Tensor, quant_state=None, out: torch.Tensor | N
     dtype (default quant_state.dtype): the output dtype. Each value is computed in fp32 as bitsandbytes
     does and rounded once, so with a float32 quant_state the result equals
     `dequantize_4bit(...).to(dtype)` without the fp32 intermediate."""
-    op = "dequantize_nf4"
     qs = _as_quant_state(weight, quant_state)
+    if _custom.compiling():
+        return _compiled_dequantize(weight, qs, qs.dtype if dtype is None else dtype, out)
+    return _dequantize_nf4(weight, qs, out, dtype)
+
+
+def _dequantize_nf4(weight, qs, out, dtype):
+    op = "dequantize_nf4"
     packed = weight.data if hasattr(weight, "data") else weight
     if not isinstance(packed, torch.Tensor):
         raise TypeError(f"{op}: weight must be a tensor, got {type(weight).__name__}")
@@ -169,6 +176,15 @@ def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
     qweight int32 [in * bits / 32, out]; qzeros int32 [groups, out * bits / 32]; scales [groups, out];
     g_idx int32 [in] (act-order) or None with `group_size` (None / -1: one group). format "gptq"
     (auto-gptq, zeros stored minus one) or "gptq_v2". Returns [out, in] ([in, out] with transpose)."""
+    if _custom.compiling():
+        state = GPTQState(qzeros, scales, g_idx, bits, -1 if group_size is None else int(group_size), format)
+        W = _compiled_dequantize(qweight, state, out_dtype or scales.dtype)
+        W = W.t().contiguous() if transpose else W
+        return W if out is None else out.copy_(W)
+    return _dequantize_gptq(qweight, qzeros, scales, g_idx, bits, group_size, format, out_dtype, transpose, out)
+
+
+def _dequantize_gptq(qweight, qzeros, scales, g_idx, bits, group_size, format, out_dtype, transpose, out):
     op = "dequantize_gptq"
     if bits not in GPTQ_BITS:
         _fail(op, f"bits={bits} is not supported (2, 4 or 8; 3-bit packs across int32 words)")
@@ -254,6 +270,64 @@ class NF4State(NamedTuple):
     offset: torch.Tensor | float
 
 
+# A base weight as tensors and ints, the form that crosses a custom op's boundary (fusedlora.lora_ops).
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_QUANT_TYPES = ("nf4", "fp4")
+_FORMATS = tuple(GPTQ_FORMATS)
+PLAIN, NF4, GPTQ = 0, 1, 2
+
+
+def encode_base(W, quant):
+    """(six tensors or None, [kind, four ints]) of a base weight and its quantisation state."""
+    if quant is None:
+        return [W, None, None, None, None, None], [PLAIN, 0, 0, 0, 0]
+    if isinstance(quant, GPTQState):
+        return ([W, quant.qzeros, quant.scales, quant.g_idx, None, None],
+                [GPTQ, quant.bits, quant.group_size, _FORMATS.index(quant.format), 0])
+    if is_nf4(quant):
+        nested = bool(quant.nested)
+        s2 = quant.state2 if nested else None
+        offset = None
+        if nested:
+            offset = quant.offset
+            if not isinstance(offset, torch.Tensor):
+                offset = torch.tensor(float(offset), dtype=torch.float32, device=W.device)
+        return ([W, quant.absmax, quant.code, None if s2 is None else s2.absmax, None if s2 is None else s2.code,
+                 offset],
+                [NF4, quant.blocksize, int(nested), 0 if s2 is None else s2.blocksize,
+                 _DTYPES.index(quant.dtype) + 8 * _QUANT_TYPES.index(quant.quant_type)])
+    raise TypeError(f"unsupported quantisation state {type(quant).__name__}")
+
+
+def decode_base(t, kind, out_f, in_f, q):
+    """(W, quant state) from encode_base's tensors and ints (q: its four ints) and the weight's shape."""
+    if kind == PLAIN:
+        return t[0], None
+    if kind == GPTQ:
+        return t[0], GPTQState(t[1], t[2], t[3], q[0], q[1], _FORMATS[q[2]])
+    nested = bool(q[1])
+    state2 = NF4State2(t[3], t[4], q[2]) if nested else None
+    return t[0], NF4State(t[1], t[2], q[0], (out_f, in_f), _DTYPES[q[3] % 8], _QUANT_TYPES[q[3] // 8], nested,
+                          state2, t[5] if nested else 0.0)
+
+
+def _dequantize_op(tensors: list[torch.Tensor | None], ints: list[int], out_f: int, in_f: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    W, quant = decode_base(tensors, ints[0], out_f, in_f, ints[1:])
+    return dequantize_base(W, quant, dtype).clone() if quant is None else dequantize_base(W, quant, dtype)
+
+
+DEQUANTIZE_OP = _custom.define("dequantize", _dequantize_op)
+
+
+def _compiled_dequantize(W, quant, dtype, out=None):
+    """dequantize_base through the custom op fusedlora::dequantize (torch.compile), copied into `out` if given."""
+    out_f, in_f = weight_shape(W, quant)
+    tensors, ints = encode_base(W, quant)
+    result = DEQUANTIZE_OP(tensors, ints, out_f, in_f, dtype)
+    return result if out is None else out.copy_(result)
+
+
 def is_nf4(quant) -> bool:
     return getattr(quant, "quant_type", None) in ("nf4", "fp4")
 
@@ -269,19 +343,19 @@ def dequantize_base(W: torch.Tensor, quant, dtype: torch.dtype, out: torch.Tenso
     """The base weight as a [out, in] tensor of `dtype` (written into `out` when given)."""
     if out is not None:
         if nf4_writes_into(quant, dtype, out):
-            return dequantize_nf4(W, quant, out=out, dtype=dtype)  # straight into out, no temporary
+            return _dequantize_nf4(W, quant, out, dtype)  # straight into out, no temporary
         return out.copy_(dequantize_base(W, quant, dtype))
     if quant is None:
         return W if W.dtype == dtype else W.to(dtype)
     if isinstance(quant, GPTQState):
-        return dequantize_gptq(W, quant.qzeros, quant.scales, quant.g_idx, bits=quant.bits,
-                               group_size=quant.group_size, format=quant.format, out_dtype=dtype)
+        return _dequantize_gptq(W, quant.qzeros, quant.scales, quant.g_idx, quant.bits, quant.group_size,
+                                quant.format, dtype, False, None)
     if is_nf4(quant):
         # From a float32 state, round the fp32 values straight to `dtype` (what PEFT's dequantise-then-cast
         # gives, without the fp32 copy); from a 16-bit state keep its rounding first, as PEFT does.
         if quant.dtype in (torch.float32, dtype):
-            return dequantize_nf4(W, quant, dtype=dtype)
-        return dequantize_nf4(W, quant).to(dtype)
+            return _dequantize_nf4(W, quant, None, dtype)
+        return _dequantize_nf4(W, quant, None, None).to(dtype)
     raise TypeError(f"unsupported quantisation state {type(quant).__name__}")
 
 

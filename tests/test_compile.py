@@ -42,9 +42,9 @@ def assert_compiled_matches_eager(fn, inputs, tol=0.0, dynamic=None, seed=None):
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     ref = run(fn)
     seeds = [torch.randn_like(o) for o in ref]
-    ref_grads = torch.autograd.grad(ref, leaves, seeds, allow_unused=True)
+    ref_grads = torch.autograd.grad(ref, leaves, seeds, allow_unused=True) if leaves else ()
     got = run(torch.compile(fn, backend=BACKEND, fullgraph=True, dynamic=dynamic))
-    got_grads = torch.autograd.grad(got, leaves, seeds, allow_unused=True)
+    got_grads = torch.autograd.grad(got, leaves, seeds, allow_unused=True) if leaves else ()
     for a, b in zip(got + got_grads, ref + ref_grads):
         if b is None:
             assert a is None
@@ -311,3 +311,22 @@ def test_gpu_reduce_overhead_cuda_graphs(dtype):
         assert rel_err(loss.detach(), ref_loss.detach()) < 2e-2
         for n in ref:
             assert rel_err(got[n], ref[n]) < 5e-2, n
+
+
+@pytest.mark.parametrize("which", ["nf4", "nf4_out", "gptq", "gptq_transpose"])
+def test_dequantize_compiles_and_matches_eager(which):
+    from test_quant import _gptq_layer
+    if which.startswith("nf4"):
+        bnbf = pytest.importorskip("bitsandbytes.functional")
+        packed, state = bnbf.quantize_4bit(torch.randn(48, 64, device=DEVICE), blocksize=64, compress_statistics=True,
+                                           quant_type="nf4")
+        if which == "nf4":
+            fn = lambda p: fusedlora.quant.dequantize_nf4(p, state, dtype=torch.float16)  # noqa: E731
+        else:
+            fn = lambda p: fusedlora.quant.dequantize_nf4(p, state, out=torch.empty(48, 64, device=DEVICE)) * 1  # noqa: E731
+        inputs = (packed,)
+    else:
+        qweight, qzeros, scales, g_idx = _gptq_layer(64, 96, 4, 32, True)
+        fn = lambda q: fusedlora.quant.dequantize_gptq(q, qzeros, scales, g_idx, transpose=which.endswith("transpose"))  # noqa: E731
+        inputs = (qweight,)
+    assert_compiled_matches_eager(fn, inputs, 0.0)

@@ -425,10 +425,10 @@ def test_mlp_with_nf4_gate_up_down(hidden, monkeypatch):
     x = torch.randn(T, hidden, device=DEVICE, requires_grad=True)
     args = [t for (q, s), (A, B, sc) in zip(qs, ABs) for t in (q, s, A, B, sc)]
     calls = []
-    real = lora.dequantize_nf4
-    spy = lambda *a, **k: calls.append(k.get("out") is not None) or real(*a, **k)  # noqa: E731
-    monkeypatch.setattr(lora, "dequantize_nf4", spy)
-    monkeypatch.setattr(fusedlora.quant, "dequantize_nf4", spy)  # dequantize_base (the base-weight dispatch) lives there
+    real = lora._dequantize_nf4
+    spy = lambda W, qs, out, dtype: calls.append(out is not None) or real(W, qs, out, dtype)  # noqa: E731
+    monkeypatch.setattr(lora, "_dequantize_nf4", spy)
+    monkeypatch.setattr(fusedlora.quant, "_dequantize_nf4", spy)  # dequantize_base (the base-weight dispatch) lives there
     y = lora.LoRA_MLP.apply(x, *args, lora.swiglu_fg, lora.swiglu_fg_backward, True)
     assert calls == [True, True, False]  # gate and up straight into one buffer's rows, then down
     dy = torch.randn_like(y)
