@@ -254,6 +254,68 @@ def test_patched_model_compiles_without_graph_breaks_and_matches_eager(model_typ
         assert rel_err(got[n], ref[n]) <= max(TOL, 1e-6), n
 
 
+def test_qlora_model_compiles_without_graph_breaks_and_matches_eager():
+    """bitsandbytes NF4 bases (double-quant, as the workload builds them): the quant states cross the custom
+    ops as tensors + ints; the compiled step's loss and gradients are eager's."""
+    pytest.importorskip("bitsandbytes")
+    import peft
+    import transformers
+    from test_hf_patch import TARGETS, batch, tiny_config
+    from fusedlora.workload import quantize_linears_nf4
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama")).to(DEVICE)
+    quantize_linears_nf4(model, torch.float32)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    assert fusedlora.patch(model).kinds["mlp"].patched == 2
+    model.train()
+    ids, labels = batch()
+
+    def loss_of(ids, labels):
+        return model(input_ids=ids, labels=labels).loss
+    explained = torch._dynamo.explain(loss_of)(ids, labels)
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    torch._dynamo.reset()
+    ref_loss = loss_of(ids, labels)
+    ref_loss.backward()
+    ref = _grads(model)
+    model.zero_grad(set_to_none=True)
+    loss = torch.compile(loss_of, backend=BACKEND, fullgraph=True)(ids, labels)
+    loss.backward()
+    got = _grads(model)
+    assert len(got) == 28 and rel_err(loss.detach(), ref_loss.detach()) <= TOL
+    for n in ref:
+        assert rel_err(got[n], ref[n]) <= max(TOL, 1e-6), n
+
+
+def test_bf16_autocast_compiled_as_close_to_fp32_as_eager():
+    """Under bf16 autocast the compiled step equals eager's loss and its gradients are as close to the fp32
+    step's as eager's (AOTAutograd rounds HF's own attention backward in its own order: the two bf16 runs differ
+    by bf16 rounding, not by more)."""
+    from test_hf_patch import batch
+    model = _patched("llama")
+    ids, labels = batch()
+    dev = "cuda" if HAS_CUDA else "cpu"
+
+    def loss_of(ids, labels, autocast=True):
+        with torch.autocast(dev, torch.bfloat16, enabled=autocast):
+            return model(input_ids=ids, labels=labels).loss
+
+    def run(fn, **kw):
+        model.zero_grad(set_to_none=True)
+        loss = fn(ids, labels, **kw)
+        loss.backward()
+        return loss.detach(), _grads(model)
+    (l32, g32), (l_eager, g_eager) = run(loss_of, autocast=False), run(loss_of)
+    l_comp, g_comp = run(torch.compile(loss_of, backend=BACKEND, fullgraph=True))
+    assert rel_err(l_comp, l_eager) < 1e-3
+    for n in g32:
+        assert rel_err(g_comp[n], g32[n]) <= 1.5 * rel_err(g_eager[n], g32[n]) + 2e-3, n
+
+
 def test_varying_sequence_lengths_recompile_at_most_once():
     """torch.compile(model) with its default dynamic=None over a run whose sequence lengths vary: the first
     length compiles a static graph, the second a dynamic one that serves every later length (issue target:
