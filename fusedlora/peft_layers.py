@@ -14,7 +14,7 @@ from .lora import (LoRA_MLP, LoRA_O, LoRA_QKV, geglu_approx_fg, geglu_approx_fg_
                    geglu_exact_fg_backward, swiglu_fg, swiglu_fg_backward)
 from .lora_ops import lora_mlp, lora_o, lora_qkv
 from .ops._custom import compiling
-from .quant import GPTQState, is_nf4
+from .quant import GPTQState, is_nf4, weight_shape  # noqa: F401 (weight_shape: for fusedlora.hf)
 
 
 class UnsupportedLoRA(ValueError):

@@ -101,7 +101,7 @@ def quantize_linears_nf4(model, compute_dtype):
     return model
 
 
-def build(shape, mode, variant, device, gc, seed=0):
+def build(shape, mode, variant, device, gc, seed=0, offload=False):
     import torch
     import transformers
     import peft
@@ -128,7 +128,7 @@ def build(shape, mode, variant, device, gc, seed=0):
     if variant in ("fusedlora", "fusedlora_compile"):
         import fusedlora
         t0 = time.perf_counter()
-        report = fusedlora.patch(model)
+        report = fusedlora.patch(model, offload_checkpoints=offload)
         report = {"seconds": time.perf_counter() - t0, "table": str(report), **report.as_dict()}
     if variant in ("compile", "fusedlora_compile"):
         model = torch.compile(model)
@@ -143,11 +143,19 @@ def run(args) -> dict:
     device = "cuda" if on_gpu else "cpu"
     if not on_gpu:  # before any kernel module is imported: triton.jit reads it then
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    model, report = build(args.model, args.mode, args.variant, device, args.gc)
+    offload = getattr(args, "offload", False)
+    if offload and not args.variant.startswith("fusedlora"):
+        raise SystemExit("--offload is fusedlora's offloaded checkpointing: only for the fusedlora variants")
+    model, report = build(args.model, args.mode, args.variant, device, args.gc, offload=offload)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, fused=on_gpu)
-    data = batches(args.steps, args.batch, args.seq, args.packed, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else torch.autocast("cpu", enabled=False)
+    if getattr(args, "find_context", 0):
+        return {"variant": args.variant, "mode": args.mode, "model": args.model, "gc": args.gc, "offload": offload,
+                **find_context(model, opt, autocast, SHAPES[args.model]["vocab_size"], device, args.find_context,
+                               args.seq),
+                "versions": _versions(), "device": torch.cuda.get_device_name() if on_gpu else "cpu"}
+    data = batches(args.steps, args.batch, args.seq, args.packed, device)
     if on_gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -205,6 +213,79 @@ def run(args) -> dict:
     }
 
 
+def search_longest(fits, start: int, limit: int, granularity: int):
+    """The longest length in [start, limit] for which fits(length) (a result, or None when it does not fit):
+    doubling from start, then bisection to `granularity`. Returns (length, its result, [(length, fitted)])
+    with length 0 when not even `start` fits."""
+    tried, best, best_r, bad = [], 0, None, None
+    n = start
+    while n <= limit:
+        r = fits(n)
+        tried.append((n, r is not None))
+        if r is None:
+            bad = n
+            break
+        best, best_r = n, r
+        if n == limit:
+            break
+        n = min(limit, 2 * n)
+    if best == 0:
+        return 0, None, tried
+    while bad is not None and bad - best > granularity:
+        mid = (best + bad) // 2 // granularity * granularity
+        if mid <= best:
+            break
+        r = fits(mid)
+        tried.append((mid, r is not None))
+        if r is None:
+            bad = mid
+        else:
+            best, best_r = mid, r
+    return best, best_r, tried
+
+
+def find_context(model, opt, autocast, vocab, device, limit, start=1024):
+    """The longest sequence (batch 1) whose training step fits on this GPU: search_longest over lengths
+    (multiples of 1024), two steps per length (the second timed); an out-of-memory error means "does not
+    fit" and its memory is freed before the next try."""
+    import gc as pygc
+
+    import torch
+    on_gpu = device == "cuda"
+
+    def fits(seq):
+        oom = False
+        try:
+            ids = torch.randint(0, vocab, (1, seq), device=device)
+            if on_gpu:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            for step in range(2):
+                if step == 1:
+                    _sync(on_gpu)
+                    t0 = time.perf_counter()
+                with autocast:
+                    loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                del loss
+            _sync(on_gpu)
+            dt = time.perf_counter() - t0
+        except torch.cuda.OutOfMemoryError:
+            oom = True  # (the exception's frames hold the step's tensors: freed after the except block)
+        if oom:
+            opt.zero_grad(set_to_none=True)
+            pygc.collect()
+            if on_gpu:
+                torch.cuda.empty_cache()
+            return None
+        return {"tokens_per_s": seq / dt, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None}
+
+    longest, result, tried = search_longest(fits, start, limit, 1024)
+    return {"longest": longest, **(result or {"tokens_per_s": None, "peak_gib": None}), "tried": tried}
+
+
 def _sync(on_gpu):
     if on_gpu:
         import torch
@@ -250,6 +331,9 @@ def add_run_args(ap, steps=20, batch=4, seq=2048):
     ap.add_argument("--batch", type=int, default=batch)
     ap.add_argument("--seq", type=int, default=seq)
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing (non-reentrant)")
+    ap.add_argument("--offload", action="store_true", help="fusedlora's offloaded checkpointing (fusedlora variants)")
+    ap.add_argument("--find-context", type=int, default=0, metavar="MAX",
+                    help="instead of timed steps: the longest sequence (batch 1, up to MAX) whose step fits")
     ap.add_argument("--packed", action="store_true", help="padding-free packed rows (position_ids restart per document)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--log-every", type=int, default=5)
@@ -264,7 +348,8 @@ def run_in_subprocess(variant, args, extra_env=None) -> dict:
            "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--lr", str(args.lr),
            "--log-every", str(args.log_every), "--profile", str(getattr(args, "profile", 0)),
            "--peak-tflops", str(getattr(args, "peak_tflops", 790.0))] + (["--gc"] if args.gc else []) + \
-        (["--packed"] if args.packed else [])
+        (["--packed"] if args.packed else []) + (["--offload"] if getattr(args, "offload", False) else []) + \
+        (["--find-context", str(args.find_context)] if getattr(args, "find_context", 0) else [])
     env = dict(os.environ, **(extra_env or {}))
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout.splitlines():

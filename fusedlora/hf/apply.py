@@ -38,22 +38,56 @@ def find_hf_model(model):
     return None
 
 
+GC_ATTR = "_fusedlora_checkpointing"  # a layer's HF checkpointing settings before offload_checkpoints
+
+
 def unpatch(model) -> int:
-    """Restore every forward `patch` replaced; returns how many modules it restored."""
+    """Restore every forward `patch` replaced (and the layers' checkpointing settings); returns how many
+    modules it restored."""
     n = 0
     for m in model.modules():
         if PATCH_ATTR in m.__dict__:
             del m.__dict__["forward"]
             del m.__dict__[PATCH_ATTR]
             n += 1
+        if GC_ATTR in m.__dict__:
+            flag, func = m.__dict__.pop(GC_ATTR)
+            m.gradient_checkpointing = flag
+            if func is None:
+                m.__dict__.pop("_gradient_checkpointing_func", None)
+            else:
+                m._gradient_checkpointing_func = func
+            n += 1
     return n
 
 
+def _offload_checkpoints(model, report):
+    """HF's activation checkpointing on every decoder layer (GradientCheckpointingLayer) with
+    fusedlora.checkpoint.offloaded_checkpoint, one Offloader for the model."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from ..checkpoint import Offloader, offloaded_checkpoint
+    fn = functools.partial(offloaded_checkpoint, offloader=Offloader())
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for m in layers:
+        m.__dict__[GC_ATTR] = (m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func"))
+        m.gradient_checkpointing = True
+        m._gradient_checkpointing_func = fn
+    report.notes.append(f"offloaded activation checkpointing on {len(layers)} decoder layers (inputs in pinned host "
+                        "memory)" if layers else "offload_checkpoints: no GradientCheckpointingLayer in this model")
+
+
 def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, qkv: bool = True, o: bool = True,
-          loss: bool = True) -> PatchReport:
+          loss: bool = True, offload_checkpoints: bool = False,
+          mlp_chunk_bytes: int = forwards.MLP_CHUNK_BYTES) -> PatchReport:
     """Route a HF (or PEFT-wrapped HF) decoder model's RMSNorms, attention projections + RoPE, GLU MLPs and
     LM-head loss through fusedlora's kernels. Returns a report (print it). Patching again first restores
-    HF's forwards, so patch twice = patch once; `unpatch(model)` restores them all."""
+    HF's forwards, so patch twice = patch once; `unpatch(model)` restores them all.
+
+    offload_checkpoints: activation checkpointing of every decoder layer with its input kept in pinned host
+    memory (fusedlora.checkpoint), in place of HF's gradient checkpointing. mlp_chunk_bytes: a training MLP
+    call whose gate/up activations would exceed this many bytes runs in row chunks, each recomputed in the
+    backward (long sequences: the [tokens, intermediate] buffers never exist whole)."""
     hf = find_hf_model(model)
     if hf is None:
         raise TypeError(f"fusedlora.patch: found no Hugging Face model (a module with .config.model_type) in "
@@ -90,8 +124,12 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, 
             continue
         if kind == "attention":
             info.update(qkv=qkv, o=o, rope=rope)
+        if kind == "mlp":
+            info.update(chunk_bytes=int(mlp_chunk_bytes))
         _bind(m, kind, PatchRecord(kind, family, report.fallbacks, info))
         report.patched(kind)
+    if offload_checkpoints:
+        _offload_checkpoints(model, report)
     if report.n_patched == 0:
         kept = sum(c.kept for c in report.kinds.values())
         report.notes.append("nothing was patched: " + (f"{kept} matching modules kept HF's path (reasons above)" if kept
@@ -212,7 +250,10 @@ def _check_mlp(m, family, known, checked):
     for name, ref in ACTIVATIONS.items():
         if torch.allclose(y, ref(x), rtol=1e-5, atol=1e-6):
             why = _projections_problem(m, ("gate_proj", "up_proj", "down_proj"), bias_ok=False)
-            return ({"activation": name}, None) if why is None else (None, why)
+            if why:
+                return None, why
+            W, quant = lora.get_lora_parameters(m.gate_proj)[:2]
+            return {"activation": name, "intermediate": int(lora.weight_shape(W, quant)[0])}, None
     return None, f"activation {type(m.act_fn).__name__} has no fused GLU kernel (silu, gelu, gelu tanh)"
 
 

@@ -65,14 +65,45 @@ MLP_APPLY = {
 }
 
 
+MLP_CHUNK_BYTES = 1 << 30  # gate/up activations of one MLP call above this run in row chunks (patch's mlp_chunk_bytes)
+
+
 def mlp_forward(self, x, *args, **kwargs):
     why = device_problem(x) if not (args or kwargs) else "unexpected arguments"
     if why is None:
-        try:
-            return MLP_APPLY[getattr(self, PATCH_ATTR).info["activation"]](self, x)
-        except lora.UnsupportedLoRA as e:  # raised before any work (parameters are read first)
+        info = getattr(self, PATCH_ATTR).info
+        apply = MLP_APPLY[info["activation"]]
+        try:  # UnsupportedLoRA is raised before any work (parameters are read first), chunked or not
+            rows = _chunk_rows(x, info)
+            if rows is None:
+                return apply(self, x)
+            return _chunked_mlp(self, apply, x, rows)
+        except lora.UnsupportedLoRA as e:
             why = str(e)
     return _fallback(self, why, x, *args, **kwargs)
+
+
+def _chunk_rows(x, info):
+    """Rows per chunk when this (training) call's [rows, 2 * intermediate] gate/up activations would exceed
+    info["chunk_bytes"], else None."""
+    if not torch.is_grad_enabled():
+        return None
+    rows = x.numel() // x.shape[-1]
+    elem = (autocast_dtype(x) or x.dtype).itemsize
+    per_row = 2 * info["intermediate"] * elem
+    if rows * per_row <= info["chunk_bytes"]:
+        return None
+    step = max(64, info["chunk_bytes"] // per_row // 64 * 64)
+    return step if step < rows else None
+
+
+def _chunked_mlp(module, apply, x, rows):
+    """The MLP over row chunks, each under non-reentrant activation checkpointing: the backward recomputes
+    one chunk at a time, so one chunk's gate/up buffers exist at once (rows are independent in an MLP)."""
+    from torch.utils.checkpoint import checkpoint
+    x2 = x.reshape(-1, x.shape[-1])
+    outs = [checkpoint(apply, module, x2[s:s + rows], use_reentrant=False) for s in range(0, x2.shape[0], rows)]
+    return torch.cat(outs).view(*x.shape[:-1], -1)
 
 
 # ---------------------------------------------------------------------------------------- attention

@@ -1,0 +1,79 @@
+"""`python -m fusedlora.bench context`: the longest trainable sequence (batch 1) per variant, each in its own
+process (fusedlora.workload --find-context): HF+PEFT with gradient checkpointing, + Liger (when installed),
+patched by fusedlora with on-GPU checkpointing, and with offloaded checkpointing; doubling then bisection to
+1024 tokens; tokens/s at that length."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+
+from .workload import run_in_subprocess
+
+CONFIGS = (  # (label, variant, HF gradient checkpointing, fusedlora offloaded checkpointing)
+    ("hf+gc", "hf", True, False),
+    ("liger+gc", "liger", True, False),
+    ("fusedlora+gc", "fusedlora", True, False),
+    ("fusedlora+offload", "fusedlora", False, True),
+)
+
+
+def markdown(rows) -> str:
+    ref = next((r for r in rows if r["label"] == "hf+gc" and r.get("longest")), None)
+    lines = ["| variant | longest sequence | vs HF+PEFT+gc | tokens/s there | peak GiB | tried (length: fits) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['label']} | failed: {r['error'][:120]} | | | | |")
+            continue
+        ratio = f"{r['longest'] / ref['longest']:.1f}x" if ref and r["longest"] else "-"
+        tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
+        peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "-"
+        tried = ", ".join(f"{n}:{'y' if ok else 'n'}" for n, ok in r.get("tried", []))
+        lines.append(f"| {r['label']} | {r['longest']:,} | {ratio} | {tps} | {peak} | {tried} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fusedlora.bench context", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="8b", help="shape: 1b or 8b")
+    ap.add_argument("--mode", default="qlora", choices=("qlora", "lora"))
+    ap.add_argument("--start", type=int, default=4096, help="first length tried (doubling from here)")
+    ap.add_argument("--max-seq", type=int, default=524288)
+    ap.add_argument("--variants", default=",".join(c[0] for c in CONFIGS), help="comma list of the labels above")
+    ap.add_argument("--out", default=None, help="Markdown report path (JSON beside it)")
+    args = ap.parse_args(argv)
+    import torch
+    if not torch.cuda.is_available():
+        print("fusedlora.bench context needs a CUDA GPU", file=sys.stderr)
+        return 2
+    wanted = [v for v in args.variants.split(",") if v]
+    rows = []
+    for label, variant, gc, offload in CONFIGS:
+        if label not in wanted:
+            continue
+        if variant == "liger" and importlib.util.find_spec("liger_kernel") is None:
+            print("liger-kernel is not installed: skipping liger+gc", file=sys.stderr)
+            continue
+        run = argparse.Namespace(model=args.model, mode=args.mode, gc=gc, offload=offload, packed=False, steps=2,
+                                 batch=1, seq=args.start, lr=1e-4, log_every=1, find_context=args.max_seq)
+        t0 = time.perf_counter()
+        r = run_in_subprocess(variant, run)
+        r["label"] = label
+        print(f"{label}: " + (f"longest {r['longest']:,}" if "error" not in r else r["error"])
+              + f" ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+        rows.append(r)
+    r0 = next((r for r in rows if "versions" in r), {})
+    report = (f"Measured {time.strftime('%Y-%m-%d')} on {r0.get('device')}, "
+              + ", ".join(f"{k} {v}" for k, v in r0.get("versions", {}).items())
+              + f"; {args.model} shape, {args.mode}, LoRA r16 on 7 projections, batch 1, bf16 autocast, fused AdamW, "
+              "SDPA; each variant in its own process, lengths in steps of 1024.\n\n" + markdown(rows))
+    print(report)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(report + "\n")
+        with open(args.out.rsplit(".", 1)[0] + ".json", "w") as fh:
+            json.dump(rows, fh, indent=1)
+    return 0

@@ -1,0 +1,40 @@
+"""The longest-sequence search of `python -m fusedlora.bench context`: doubling then bisection (a synthetic
+memory limit), the workload's --find-context on the tiny shape (CPU: every length fits), the report table."""
+import argparse
+
+from fusedlora import bench_context, workload
+
+
+def test_search_doubles_then_bisects_to_the_granularity():
+    calls = []
+
+    def fits(n):
+        calls.append(n)
+        return {"tokens_per_s": 1.0 / n} if n <= 21_000 else None
+    longest, result, tried = workload.search_longest(fits, 1024, 1 << 20, 1024)
+    assert longest == 20_480 and result == {"tokens_per_s": 1.0 / 20_480}
+    assert calls[:6] == [1024, 2048, 4096, 8192, 16384, 32768]  # doubling until the first failure
+    assert all(16384 <= n <= 32768 for n in calls[6:]) and len(calls) <= 6 + 4
+    assert tried == [(n, n <= 21_000) for n in calls]
+
+
+def test_search_edges():
+    assert workload.search_longest(lambda n: None, 1024, 4096, 1024)[0] == 0  # nothing fits
+    longest, _, tried = workload.search_longest(lambda n: {}, 1024, 5000, 1024)  # everything fits: up to the limit
+    assert longest == 5000 and [n for n, _ in tried] == [1024, 2048, 4096, 5000]
+
+
+def test_find_context_on_the_tiny_shape():
+    args = argparse.Namespace(variant="fusedlora", model="tiny", mode="lora", gc=False, offload=True, packed=False,
+                              steps=2, batch=1, seq=32, lr=1e-4, log_every=1, profile=0, peak_tflops=790.0,
+                              find_context=64)
+    r = workload.run(args)
+    assert r["longest"] == 64 and r["tried"] == [(32, True), (64, True)] and r["tokens_per_s"] > 0
+
+
+def test_context_report_table():
+    rows = [{"label": "hf+gc", "longest": 8192, "tokens_per_s": 1000.0, "peak_gib": 70.0, "tried": [(4096, True)]},
+            {"label": "fusedlora+offload", "longest": 65536, "tokens_per_s": 2500.0, "peak_gib": 60.0, "tried": []},
+            {"label": "liger+gc", "error": "exit code 1"}]
+    table = bench_context.markdown(rows)
+    assert "| fusedlora+offload | 65,536 | 8.0x | 2,500 | 60.0 |" in table and "failed: exit code 1" in table
