@@ -1,0 +1,83 @@
+"""Two-process check of a patched HF + PEFT model under FSDP2 (fully_shard per decoder layer, then the root,
+as accelerate and TRL set it up) or DDP; tests/test_distributed.py runs it through torchrun on CPU (gloo,
+Triton's interpreter), and ci/multi_gpu_check.py is its multi-GPU counterpart.
+
+    torchrun --standalone --nproc_per_node=2 tests/hf_dist_worker.py fsdp2|ddp patched|offload|unpatched
+
+Every rank builds the same seeded tiny Llama with LoRA adapters, shards or wraps it, and takes three AdamW
+steps on its own batch. An unsharded copy in the same process takes the same steps on every rank's batch, the
+per-rank losses averaged (what FSDP2 / DDP's gradient averaging computes). Checked per step: the global loss
+(all-reduced mean) against the reference's, and after training every LoRA weight (gathered)."""
+import copy
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def main(kind: str, variant: str) -> None:
+    cuda = torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES", "x") != ""
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cuda:
+        torch.cuda.set_device(rank)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from conftest import DEVICE, rel_err  # sets TRITON_INTERPRET on CPU before any kernel is imported
+    from test_hf_patch import batch, make_model
+    import fusedlora
+
+    model = make_model("llama")  # seeded: the same weights on every rank
+    ref = copy.deepcopy(model)
+    if variant in ("patched", "offload"):  # offload: fusedlora's offloaded activation checkpointing too
+        report = fusedlora.patch(model, offload_checkpoints=variant == "offload")
+        assert report.n_patched == 10, str(report)
+    model.train(), ref.train()
+    if kind == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh("cuda" if cuda else "cpu", (world,))
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        trained = model
+    else:
+        from torch.nn.parallel import DistributedDataParallel
+        trained = DistributedDataParallel(model, device_ids=[rank] if cuda else None)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt_ref = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+    data = [[batch(seed=10 * step + r) for r in range(world)] for step in range(3)]
+    tol = 1e-5
+    for step, per_rank in enumerate(data):
+        ids, labels = per_rank[rank]
+        loss = trained(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        global_loss = loss.detach().clone()
+        dist.all_reduce(global_loss)
+        global_loss /= world
+        ref_loss = 0.0
+        for ids_r, labels_r in per_rank:
+            lr = ref(input_ids=ids_r, labels=labels_r).loss / world
+            lr.backward()
+            ref_loss += lr.detach()
+        opt_ref.step()
+        opt_ref.zero_grad(set_to_none=True)
+        assert rel_err(global_loss, ref_loss) < tol, (step, float(global_loss), float(ref_loss))
+    ref_params = dict(ref.named_parameters())
+    n = 0
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        full = p.full_tensor() if type(p).__name__ == "DTensor" else p
+        assert rel_err(full.detach(), ref_params[name].detach()) < tol, (name, rel_err(full, ref_params[name]))
+        n += 1
+    assert n == 28, n
+    dist.barrier()
+    print(f"rank {rank}: {kind.upper()} {variant} OK ({'cuda' if cuda else 'cpu'}, 3 AdamW steps, {n} LoRA weights)")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,40 @@
+"""A patched HF + PEFT model under FSDP2 (fully_shard per decoder layer) and DDP in two processes (gloo and
+Triton's interpreter on CPU; NCCL where two GPUs exist): per-step global loss and the trained LoRA weights
+against an unsharded, unpatched model taking the same steps (tests/hf_dist_worker.py)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+WORKER = Path(__file__).with_name("hf_dist_worker.py")
+ROOT = WORKER.parent.parent
+
+
+def _run(kind, variant, device):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(WORKER), kind, variant], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    assert r.stdout.count(f"{kind.upper()} {variant} OK") == 2, r.stdout
+
+
+@pytest.mark.parametrize("variant", ["patched", "offload", "unpatched"])
+@pytest.mark.parametrize("kind", ["fsdp2", "ddp"])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the NCCL version (triton 3.6's interpreter "
+                    "beside the GPUs cannot run glu_lora_bwd's loop)")
+def test_two_processes_cpu(kind, variant):
+    _run(kind, variant, "cpu")
+
+
+@pytest.mark.parametrize("variant", ["patched", "offload"])
+@pytest.mark.parametrize("kind", ["fsdp2", "ddp"])
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpus(kind, variant):
+    _run(kind, variant, "cuda")
