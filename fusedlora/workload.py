@@ -78,9 +78,10 @@ def batches(steps, bsz, seq, packed, device):
     return out
 
 
-def quantize_linears_nf4(model, compute_dtype):
+def quantize_linears_nf4(model, compute_dtype, quant_storage=None):
     """Every nn.Linear in the decoder layers becomes a bitsandbytes NF4 Linear4bit (double-quant, blocksize
-    64), as transformers' bitsandbytes integration builds them; the LM head and embeddings stay 16-bit."""
+    64), as transformers' bitsandbytes integration builds them; the LM head and embeddings stay 16-bit.
+    quant_storage (default uint8): the packed weight's dtype (a float dtype for FSDP, as QLoRA-FSDP does)."""
     import bitsandbytes as bnb
     import torch
     for layer in model.model.layers:
@@ -89,11 +90,12 @@ def quantize_linears_nf4(model, compute_dtype):
                 if type(lin) is not torch.nn.Linear:
                     continue
                 device = lin.weight.device
+                storage = {} if quant_storage is None else {"quant_storage": quant_storage}
                 q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                                       compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
-                                      device="meta")
+                                      device="meta", **storage)
                 q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True, blocksize=64)
+                                             compress_statistics=True, blocksize=64, module=q, **storage)
                 if lin.bias is not None:
                     q.bias = lin.bias
                 setattr(parent, name, q.to(device))

@@ -16,6 +16,25 @@ import torch
 import torch.distributed as dist
 
 
+def _qlora_model(device):
+    import peft
+    import transformers
+    from test_hf_patch import TARGETS, tiny_config
+    from fusedlora.workload import quantize_linears_nf4
+    torch.manual_seed(0)
+    cfg = tiny_config("llama")
+    cfg.intermediate_size = 128  # bitsandbytes 0.50's CPU dequantize_4bit (the unpatched reference here) is wrong
+    # when a row is not a whole number of 64-value blocks (down_proj [64, 96]); its CUDA path is right
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(device)
+    quantize_linears_nf4(model, torch.float32, quant_storage=torch.float32)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    return model
+
+
 def main(kind: str, variant: str) -> None:
     cuda = torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES", "x") != ""
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -27,9 +46,13 @@ def main(kind: str, variant: str) -> None:
     from test_hf_patch import batch, make_model
     import fusedlora
 
-    model = make_model("llama")  # seeded: the same weights on every rank
+    if variant.startswith("qlora"):  # bitsandbytes NF4 bases stored in fp32 (quant_storage), FSDP-shardable
+        model = _qlora_model(DEVICE)
+    else:
+        model = make_model("llama")  # seeded: the same weights on every rank
     ref = copy.deepcopy(model)
-    if variant in ("patched", "offload"):  # offload: fusedlora's offloaded activation checkpointing too
+    report = None
+    if variant in ("patched", "offload", "qlora"):  # offload: fusedlora's offloaded activation checkpointing too
         report = fusedlora.patch(model, offload_checkpoints=variant == "offload")
         assert report.n_patched == 10, str(report)
     model.train(), ref.train()
@@ -74,6 +97,8 @@ def main(kind: str, variant: str) -> None:
         assert rel_err(full.detach(), ref_params[name].detach()) < tol, (name, rel_err(full, ref_params[name]))
         n += 1
     assert n == 28, n
+    # every call took the fused path (a lost quant state, say, would have run PEFT's forward instead)
+    assert report is None or not report.fallbacks.counts, dict(report.fallbacks.counts)
     dist.barrier()
     print(f"rank {rank}: {kind.upper()} {variant} OK ({'cuda' if cuda else 'cpu'}, 3 AdamW steps, {n} LoRA weights)")
     dist.destroy_process_group()
