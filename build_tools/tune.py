@@ -2,165 +2,200 @@
 
     python -m build_tools.tune [ce,glu,glu_lora,glu_lora_fwd,glu_lora_layout,glu_lora_dyb,energy_parts,triton_gemm,
                                 gemm_glu,rope,rms,nf4,gptq]
+    python -m build_tools.tune --smoke [names]     # tiny sizes, two configurations each, any device (CI: the CPU)
 
-Each configuration is timed fwd (+bwd) with CUDA-graph replay on fresh random bf16 inputs at the
-issue's benchmark sizes. The winners go by hand into the kernel's registry entry beside its source (csrc_triton/<op>.py: meta / config)."""
+Each configuration runs through the op's own launcher under `KernelSpec.override` (constexprs, num_warps,
+num_stages) and, for the persistent kernels, with the launcher's programs-per-SM constant set: the arguments and
+grids are the op's, never written here. Timed fwd (+bwd) with CUDA-graph replay on fresh random bf16 inputs at
+the issue's benchmark sizes. The winners go by hand into the kernel's registry entry beside its source
+(csrc_triton/<op>/__init__.py: meta / config). energy_parts, triton_gemm, gemm_glu and glu_lora_layout are GPU
+probes of alternatives, not sweeps."""
 from __future__ import annotations
 
+import contextlib
+import importlib
 import sys
+import time
 
 import torch
 import triton
-from triton.testing import do_bench_cudagraph
 
+import csrc_triton.cross_entropy as ce_kernels
+from csrc_triton.cross_entropy import CROSS_ENTROPY
+from csrc_triton.glu import GLU_BWD, GLU_FWD
+from csrc_triton.glu_lora import GLU_LORA_BWD, GLU_LORA_DYB, GLU_LORA_FWD
+from csrc_triton.quant import GPTQ_DEQUANT, NF4_DEQUANT
+from csrc_triton.rms_norm import RMS_NORM_BWD, RMS_NORM_FWD
+from csrc_triton.rope import ROPE
 from fusedlora import registry
-from fusedlora.ops.glu_lora import row_groups
+from fusedlora.ops import glu_lora as glu_lora_ops
 
+rms_ops = importlib.import_module("fusedlora.ops.rms_norm")  # (fusedlora.ops.rms_norm is also the function's name)
+
+SMOKE = False  # --smoke: tiny sizes, two configurations per sweep, wall-clock timing (the CPU interpreter)
 DEV = "cuda"
 BF16 = torch.bfloat16
 
 
+def _size(big, small):
+    return small if SMOKE else big
+
+
+def _configs(configs):
+    configs = list(configs)
+    return configs[:2] if SMOKE else configs
+
+
 def _time(fn):
     fn()
+    if SMOKE:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    from triton.testing import do_bench_cudagraph
     torch.cuda.synchronize()
     with torch.cuda.stream(torch.cuda.Stream()):
         return do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
+@contextlib.contextmanager
+def _setting(module, name, value):
+    """module.name = value inside (a launcher's programs-per-SM constant)."""
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def _try_time(fn, label):
+    try:
+        return _time(fn)
+    except (triton.runtime.errors.OutOfResources, RuntimeError, ValueError) as e:  # over the shared memory, say
+        print(f"  skip {label}: {type(e).__name__}")
+        return None
+
+
 def report(name, results):
+    results = [r for r in results if r[1] is not None]
     results.sort(key=lambda r: r[1])
     print(f"\n== {name}: best first")
     for cfg, ms, extra in results[:8]:
         print(f"  {ms:8.4f} ms  {extra}  {cfg}")
+    return results
+
+
+def _rnd(*shape, dtype=BF16):
+    return torch.randn(*shape, device=DEV, dtype=dtype)
 
 
 def tune_ce():
-    t, v = 8192, 128256
-    fn = registry.get("cross_entropy").fn
-    z = torch.randn(t, v, device=DEV, dtype=BF16)
-    y = torch.randint(0, v, (t,), device=DEV)
-    loss = torch.empty(t, device=DEV)
-    lse = torch.empty(t, device=DEV)
-    g = torch.empty_like(z)
+    from fusedlora.ops.cross_entropy import ce_launch
+    t, v = _size((8192, 128256), (8, 512))
+    z, y = _rnd(t, v), torch.randint(0, v, (t,), device=DEV)
+    loss, lse, g = torch.empty(t, device=DEV), torch.empty(t, device=DEV), torch.empty_like(z)
     scale = torch.ones(1, device=DEV)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     res = []
-    for per_sm in (0, 4):
-        for block in (4096, 8192, 16384, 32768):
-            for warps in (8, 16, 32):
-                grid = (t if per_sm == 0 else min(t, per_sm * sms),)
-                try:
-                    ms = _time(lambda: fn[grid](z, y, loss, lse, g, scale, v, v, 0, t, v, -100, 0.0, 1.0, 1.0,
-                                                BLOCK_V=block, HAS_SOFTCAP=0, MODE=1, SMOOTH=0, num_warps=warps,
-                                                num_stages=1))
-                except Exception as e:
-                    print("  skip", per_sm, block, warps, type(e).__name__)
-                    continue
-                res.append(((per_sm, block, warps), ms, f"{2 * z.numel() * 2 / ms / 1e6:.0f} GB/s (1R+1W)"))
-    report("cross_entropy MODE=1 (programs per SM (0: one per row), BLOCK_V, warps)", res)
+    for per_sm, block, warps in _configs((p, b, w) for p in (4, 0) for b in (4096, 8192, 16384, 32768)
+                                         for w in (8, 16, 32)):
+        block = min(block, triton.next_power_of_2(v))
+        with _setting(ce_kernels, "CE_PROGRAMS_PER_SM", per_sm), CROSS_ENTROPY.override(BLOCK_V=block, num_warps=warps):
+            ms = _try_time(lambda: ce_launch(z, y, loss, lse, g, scale, 0, -100, 0.0, None, None, "loss_and_grad"),
+                           (per_sm, block, warps))
+        res.append(((per_sm, block, warps), ms, f"{2 * z.numel() * 2 / ms / 1e6:.0f} GB/s (1R+1W)" if ms else ""))
+    return report("cross_entropy loss_and_grad (programs per SM (0: one per row), BLOCK_V, warps)", res)
 
 
 def tune_glu():
-    n = 8192 * 14336
-    f, b = registry.get("glu_fwd").fn, registry.get("glu_bwd").fn
-    g, u, o, dy = (torch.randn(n, device=DEV, dtype=BF16) for _ in range(4))
-    dg, du = torch.empty_like(g), torch.empty_like(u)
+    from fusedlora.ops.glu import glu_backward, glu_forward
+    n = _size(8192 * 14336, 4096)
+    g, u, dy = _rnd(n), _rnd(n), _rnd(n)
     res = []
-    for block in (1024, 2048, 4096, 8192):
-        for warps in (4, 8, 16):
-            grid = ((n + block - 1) // block,)
-
-            def step():
-                f[grid](g, u, o, n, n, ACT=0, BLOCK=block, num_warps=warps)
-                b[grid](dy, g, u, dg, du, dy, n, ACT=0, STORE_H=0, BLOCK=block, num_warps=warps)
-            ms = _time(step)
-            res.append(((block, warps), ms, f"{8 * n * 2 / ms / 1e9:.0f} GB/s"))
-    report("swiglu fwd+bwd (BLOCK, warps)", res)
+    for block, warps in _configs((b, w) for b in (1024, 2048, 4096, 8192) for w in (4, 8, 16)):
+        def step():
+            with GLU_FWD.override(BLOCK=block, num_warps=warps), GLU_BWD.override(BLOCK=block, num_warps=warps):
+                glu_forward(g, u, "silu")
+                glu_backward(dy, g, u, "silu", False)
+        ms = _time(step)
+        res.append(((block, warps), ms, f"{8 * n * 2 / ms / 1e9:.0f} GB/s"))
+    return report("swiglu fwd+bwd (BLOCK, warps)", res)
 
 
 def _lora_factors(t, i, r):
     """The LoRA MLP's rank-r operands at T = t, I = i: XA [t, 2r], dY B_d [t, r], B_g, B_u [i, r], A_d [r, i]."""
-    def rnd(*shape):
-        return torch.randn(*shape, device=DEV, dtype=BF16)
-    return rnd(t, 2 * r), rnd(t, r), rnd(i, r), rnd(i, r), rnd(r, i)
+    return _rnd(t, 2 * r), _rnd(t, r), _rnd(i, r), _rnd(i, r), _rnd(r, i)
 
 
-def _row_group_configs(t, i, tiles, per_sms=(2, 4, 8)):
-    """((BLOCK_M, BLOCK_N, warps, stages, programs per SM), grid, rows per group) for the LoRA GLU kernels'
-    (column tile, row group) grids, as the launchers size them."""
-    for bm, bn, warps, stages in tiles:
-        for per_sm in per_sms:
-            groups, rows = row_groups(t, i, {"BLOCK_M": bm, "BLOCK_N": bn}, 0, per_sm)
-            yield (bm, bn, warps, stages, per_sm), ((i + bn - 1) // bn, groups), rows
+TILES_BWD = ((16, 128, 4, 3), (16, 128, 4, 2), (16, 128, 4, 4), (32, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 3),
+             (16, 64, 4, 4), (32, 128, 8, 3), (32, 128, 4, 3), (16, 256, 8, 3))
+TILES_FWD = ((16, 128, 4, 4), (16, 128, 4, 3), (32, 64, 4, 4), (32, 128, 8, 3), (32, 128, 4, 4), (64, 128, 8, 3),
+             (64, 128, 8, 2), (16, 64, 4, 4), (16, 256, 8, 4), (32, 64, 4, 3))
+
+
+def _lora_tile_configs(tiles):
+    return _configs((bm, bn, w, st, p) for bm, bn, w, st in tiles for p in (2, 4, 8))
 
 
 def tune_glu_lora():
     """The LoRA MLP's fused GLU backward at Llama-3.2-1B sizes (T 8192, I 8192, r 16), partial sums
     included, against what it replaces: the GLU backward storing h plus three rank-16 GEMMs."""
-    t, i, r = 8192, 8192, 16
-    fn = registry.get("glu_lora_bwd").fn
-    dh, e, g = (torch.randn(t, i, device=DEV, dtype=BF16) for _ in range(3))
+    t, i, r = _size((8192, 8192, 16), (32, 256, 16))
+    dh, e, g = _rnd(t, i), _rnd(t, i), _rnd(t, i)
     de, dg = torch.empty_like(e), torch.empty_like(g)
     xa, dyb, b_g, b_u, a_d = _lora_factors(t, i, r)
     res = []
-    for (bm, bn, warps, stages, per_sm), (tiles, groups), rows in _row_group_configs(
-        t, i, ((16, 128, 4, 3), (16, 128, 4, 2), (16, 128, 4, 4), (32, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 3),
-               (16, 64, 4, 4), (32, 128, 8, 3), (32, 128, 4, 3), (16, 256, 8, 3))):
-        q = torch.empty(groups, i, 3 * r, device=DEV)
-
-        def step():
-            fn[(tiles, groups)](dh, e, g, de, dg, xa, dyb, b_g, b_u, a_d, q, t, i, i, i, 2 * r, r, r, r, r, r, rows,
-                                0.5, 2.0,
-                                ACT=0, R=r, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, num_warps=warps, num_stages=stages)
-            q.sum(0)
-        ms = _time(step)
-        res.append(((bm, bn, warps, stages, per_sm), ms, f"{5 * t * i * 2 / ms / 1e6:.0f} GB/s (3R+2W)"))
+    for bm, bn, warps, stages, per_sm in _lora_tile_configs(TILES_BWD):
+        with _setting(glu_lora_ops, "GLU_LORA_PROGRAMS_PER_SM", per_sm), GLU_LORA_BWD.override(
+                BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, num_warps=warps, num_stages=stages):
+            ms = _try_time(lambda: glu_lora_ops.glu_lora_backward(dh, e, g, xa, r, dyb, b_g, b_u, a_d, (0.5, 2.0),
+                                                                  "silu", out=(de, dg)), (bm, bn, warps, stages))
+        res.append(((bm, bn, warps, stages, per_sm), ms, f"{5 * t * i * 2 / ms / 1e6:.0f} GB/s (3R+2W)" if ms else ""))
     report("glu_lora_bwd + partial sum (BLOCK_M, BLOCK_N, warps, stages, programs/SM)", res)
-    b = registry.get("glu_bwd").fn
-    h = torch.empty_like(dh)
+    from fusedlora.ops.glu import glu_backward
 
     def separate():
-        b[((t * i + 2047) // 2048,)](dh, e, g, de, dg, h, t * i, ACT=0, STORE_H=1, BLOCK=2048, num_warps=16)
-        de.t() @ xa[:, :r], dg.t() @ xa[:, r:], h.t() @ dyb
+        glu_backward(dh.clone(), e, g, "silu", False, store_h=True)
+        de.t() @ xa[:, :r], dg.t() @ xa[:, r:], dh.t() @ dyb
     print(f"  separate (glu_bwd STORE_H + 3 GEMMs): {_time(separate):.4f} ms")
+    return res
 
 
 def tune_glu_lora_fwd():
     """The LoRA MLP's GLU forward with the gate/up adapter terms (T 8192, I 8192, r 16; e | g the halves of one
     [T, 2I + 64] buffer), against glu_fwd on the same buffer (no adapter terms)."""
     from fusedlora.ops.glu import glu_forward
-    t, i, r = 8192, 8192, 16
-    fn = registry.get("glu_lora_fwd").fn
-    eg = torch.randn(t, 2 * i + 64, device=DEV, dtype=BF16)
+    t, i, r = _size((8192, 8192, 16), (32, 256, 16))
+    eg = _rnd(t, 2 * i + 64)
     e, g = eg[:, :i], eg[:, i:2 * i]
     xa, _, b_g, b_u, _ = _lora_factors(t, i, r)
-    out = torch.empty(t, i, device=DEV, dtype=BF16)
     res = []
-    for (bm, bn, warps, stages, per_sm), (tiles, groups), rows in _row_group_configs(
-        t, i, ((16, 128, 4, 4), (16, 128, 4, 3), (32, 64, 4, 4), (32, 128, 8, 3), (32, 128, 4, 4), (64, 128, 8, 3),
-               (64, 128, 8, 2), (16, 64, 4, 4), (16, 256, 8, 4), (32, 64, 4, 3))):
-        ms = _time(lambda: fn[(tiles, groups)](e, g, xa, b_g, b_u, out, t, i, 2 * i + 64, 2 * r, r, r, r, rows,
-                                               0.5, 2.0, ACT=0, R=r, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, num_warps=warps,
-                                               num_stages=stages))
-        res.append(((bm, bn, warps, stages, per_sm), ms, f"{3 * t * i * 2 / ms / 1e6:.0f} GB/s (2R+1W)"))
+    for bm, bn, warps, stages, per_sm in _lora_tile_configs(TILES_FWD):
+        with _setting(glu_lora_ops, "GLU_LORA_PROGRAMS_PER_SM", per_sm), GLU_LORA_FWD.override(
+                BLOCK_M=bm, BLOCK_N=bn, STAGES=stages, num_warps=warps, num_stages=stages):
+            ms = _try_time(lambda: glu_lora_ops.glu_lora_forward(e, g, xa, r, b_g, b_u, (0.5, 2.0), "silu"),
+                           (bm, bn, warps, stages))
+        res.append(((bm, bn, warps, stages, per_sm), ms, f"{3 * t * i * 2 / ms / 1e6:.0f} GB/s (2R+1W)" if ms else ""))
     report("glu_lora_fwd (BLOCK_M, BLOCK_N, warps, stages, programs/SM)", res)
     print(f"  glu_fwd on the same buffer (no adapter terms): {_time(lambda: glu_forward(e, g, 'silu')):.4f} ms")
+    return res
 
 
 def tune_glu_lora_layout():
     """The LoRA MLP's GLU kernels (T 8192, I 8192, r 16) on each layout of e, g and de | dg: separate
     contiguous tensors, or the halves of one [T, 2I + pad] buffer (what one N = 2I gate/up GEMM writes and
     one K = 2I + 2r dX GEMM reads)."""
-    from fusedlora.ops.glu_lora import glu_forward, glu_lora_backward, glu_lora_dyb, glu_lora_forward
+    from fusedlora.ops.glu import glu_forward
+    from fusedlora.ops.glu_lora import glu_lora_backward, glu_lora_dyb, glu_lora_forward
     t, i, r = 8192, 8192, 16
-    dh = torch.randn(t, i, device=DEV, dtype=BF16)
+    dh = _rnd(t, i)
     xa, dyb, b_g, b_u, a_d = _lora_factors(t, i, r)
     for pad in (None, 32, 64, 128, 256, 1024):
         if pad is None:
-            e, g = (torch.randn(t, i, device=DEV, dtype=BF16) for _ in range(2))
+            e, g = _rnd(t, i), _rnd(t, i)
             dyb_out = torch.empty(t, 2 * r, device=DEV, dtype=BF16)
         else:
-            eg = torch.randn(t, 2 * i + pad, device=DEV, dtype=BF16)
+            eg = _rnd(t, 2 * i + pad)
             e, g = eg[:, :i], eg[:, i:2 * i]
             dyb_out = eg[:, 2 * i:2 * i + 2 * r]
         fwd = _time(lambda: glu_forward(e, g, "silu"))
@@ -172,33 +207,35 @@ def tune_glu_lora_layout():
 
 
 def tune_glu_lora_dyb():
-    """The LoRA MLP backward's [s de B_g | s dg B_u] (T 8192, I 8192, r 16) against two GEMMs + cat."""
-    t, i, r = 8192, 8192, 16
-    fn = registry.get("glu_lora_dyb").fn
-    de, dg = (torch.randn(t, i, device=DEV, dtype=BF16) for _ in range(2))
-    b_g, b_u = (torch.randn(i, r, device=DEV, dtype=BF16) for _ in range(2))
+    """The LoRA MLP backward's [s de B_g | s dg B_u] (T 8192, I 8192, r 16) against two GEMMs + cat; on a GPU
+    also the sustained energy in the fused path's layout against cuBLAS."""
+    t, i, r = _size((8192, 8192, 16), (32, 256, 16))
+    de, dg = _rnd(t, i), _rnd(t, i)
+    b_g, b_u = _rnd(i, r), _rnd(i, r)
     out = torch.empty(t, 2 * r, device=DEV, dtype=BF16)
     res = []
-    for bm in (16, 32, 64):
-        for bn in (64, 128, 256):
-            for warps, stages in ((4, 2), (4, 3), (4, 4), (8, 3)):
-                try:
-                    ms = _time(lambda: fn[((t + bm - 1) // bm,)](de, dg, b_g, b_u, out, t, i, i, r, r, 2 * r, 0.5, 2.0, R=r,
-                                                                RB=r, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                                                                num_stages=stages))
-                except triton.runtime.errors.OutOfResources:  # (64 x 256 with 4 stages: over the shared memory)
-                    continue
-                res.append(((bm, bn, warps, stages), ms, f"{2 * t * i * 2 / ms / 1e6:.0f} GB/s"))
+    for bm, bn, warps, stages in _configs((bm, bn, w, s) for bm in (16, 32, 64) for bn in (64, 128, 256)
+                                          for w, s in ((4, 2), (4, 3), (4, 4), (8, 3))):
+        with GLU_LORA_DYB.override(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages):
+            ms = _try_time(lambda: glu_lora_ops.glu_lora_dyb(de, dg, b_g, b_u, (0.5, 2.0), out=out),
+                           (bm, bn, warps, stages))
+        res.append(((bm, bn, warps, stages), ms, f"{2 * t * i * 2 / ms / 1e6:.0f} GB/s" if ms else ""))
     report("glu_lora_dyb (BLOCK_M, BLOCK_N, warps, stages)", res)
 
     def separate():
         torch.cat([torch.empty(t, r, device=DEV, dtype=BF16).addmm_(de, b_g, beta=0, alpha=0.5),
                    torch.empty(t, r, device=DEV, dtype=BF16).addmm_(dg, b_u, beta=0, alpha=2.0)], 1)
     print(f"  separate (two GEMMs + cat): {_time(separate):.4f} ms")
-    # Sustained energy in the fused path's layout (de | dg | G in one [T, 2I + 64] buffer): the kernel vs
-    # cuBLAS, as one GEMM over [de | dg] with a block-diagonal [s_g B_g, 0; 0, s_u B_u] or two GEMMs
+    if not SMOKE:
+        _dyb_energy(t, i, r, b_g, b_u)
+    return res
+
+
+def _dyb_energy(t, i, r, b_g, b_u):
+    """Sustained energy in the fused path's layout (de | dg | G in one [T, 2I + 64] buffer): the kernel vs
+    cuBLAS, as one GEMM over [de | dg] with a block-diagonal [s_g B_g, 0; 0, s_u B_u] or two GEMMs."""
     from fusedlora.ops.glu_lora import glu_lora_dyb
-    d = torch.randn(t, 2 * i + 64, device=DEV, dtype=BF16)
+    d = _rnd(t, 2 * i + 64)
     g_cols = d[:, 2 * i:2 * i + 2 * r]
     blk = torch.zeros(2 * i, 2 * r, device=DEV, dtype=BF16)
 
@@ -210,6 +247,7 @@ def tune_glu_lora_dyb():
     def two_gemms():
         g_cols[:, :r].copy_(torch.empty(t, r, device=DEV, dtype=BF16).addmm_(d[:, :i], b_g, beta=0, alpha=0.5))
         g_cols[:, r:].copy_(torch.empty(t, r, device=DEV, dtype=BF16).addmm_(d[:, i:2 * i], b_u, beta=0, alpha=2.0))
+
     def kernel():
         return glu_lora_dyb(d[:, :i], d[:, i:2 * i], b_g, b_u, (0.5, 2.0), out=g_cols)
     ref = kernel().float()
@@ -369,122 +407,105 @@ def tune_gemm_glu():
 
 
 def tune_rope():
-    bsz, hq, hk, s, d = 4, 32, 8, 2048, 128
-    fn = registry.get("rope").fn
+    from fusedlora.ops.rope import rope_launch
+    bsz, hq, hk, s, d = _size((4, 32, 8, 2048, 128), (1, 4, 2, 8, 64))
     q = torch.randn(bsz, s, hq, d, device=DEV, dtype=BF16).transpose(1, 2)
     k = torch.randn(bsz, s, hk, d, device=DEV, dtype=BF16).transpose(1, 2)
     qo, ko = torch.empty_like(q), torch.empty_like(k)
-    cos = torch.randn(8192, d, device=DEV, dtype=BF16)
-    sin = torch.randn(8192, d, device=DEV, dtype=BF16)
+    cos, sin = _rnd(4 * s, d), _rnd(4 * s, d)
     pos = torch.arange(s, device=DEV)[None].expand(bsz, s).contiguous()
     res = []
-    for bh in (4, 8, 16, 32):
-        for warps in (1, 2, 4, 8):
-            grid = (bsz * s, (hq + bh - 1) // bh + (hk + bh - 1) // bh)
-            args = (q, k, qo, ko, cos, sin, pos, *q.stride()[:3], *k.stride()[:3], *qo.stride()[:3], *ko.stride()[:3],
-                    0, d, s, 1, s, hq, hk, d // 2, 0)
-
-            def step():
-                fn[grid](*args, BLOCK_H=bh, BLOCK_HALF=d // 2, BLOCK_PASS=0, HAS_POS=1, BACKWARD=0, num_warps=warps)
-            ms = _time(step)
-            res.append(((bh, warps), ms, f"{2 * (q.numel() + k.numel()) * 2 / ms / 1e9:.0f} GB/s"))
-    report("rope fwd (BLOCK_H, warps)", res)
+    for bh, warps in _configs((bh, w) for bh in (4, 8, 16, 32) for w in (1, 2, 4, 8)):
+        with ROPE.override(BLOCK_H=bh, num_warps=warps):
+            ms = _time(lambda: rope_launch(q, k, qo, ko, cos, sin, pos, False))
+        res.append(((bh, warps), ms, f"{2 * (q.numel() + k.numel()) * 2 / ms / 1e9:.0f} GB/s"))
+    return report("rope fwd (BLOCK_H, warps)", res)
 
 
 def tune_rms():
-    m, n = 8192, 4096
-    f, b = registry.get("rms_norm_fwd").fn, registry.get("rms_norm_bwd").fn
-    x, dy = torch.randn(m, n, device=DEV, dtype=BF16), torch.randn(m, n, device=DEV, dtype=BF16)
-    w = torch.randn(n, device=DEV, dtype=BF16)
-    y, dx = torch.empty_like(x), torch.empty_like(x)
-    rstd = torch.empty(m, device=DEV)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    m, n = _size((8192, 4096), (16, 256))
+    x, dy, w = _rnd(m, n), _rnd(m, n), _rnd(n)
+    y, rstd = rms_ops.rms_norm_forward(x, w, 1e-6, 0.0, False)
+    from fusedlora.ops._common import sm_count
+    sms = sm_count(x.get_device())
     res = []
-    for warps in (4, 8, 16):
-        ms = _time(lambda: f[(m,)](x, w, y, rstd, n, n, m, n, 1e-6, 0.0, BLOCK_M=1, BLOCK_N=n, GEMMA_CAST=0,
-                                   num_warps=warps))
+    for warps in _configs((4, 8, 16)):
+        with RMS_NORM_FWD.override(num_warps=warps):
+            ms = _time(lambda: rms_ops.rms_norm_forward(x, w, 1e-6, 0.0, False))
         res.append((("fwd", warps), ms, f"{2 * x.numel() * 2 / ms / 1e9:.0f} GB/s"))
-    for per_sm in (1, 2, 4, 8):
-        for warps in (4, 8, 16):
-            p = per_sm * sms
-            part = torch.empty(p, n, device=DEV)
-            ms = _time(lambda: b[(p,)](dy, x, w, rstd, dx, part, n, n, n, m, n, 0.0, BLOCK_N=n, GEMMA_CAST=0,
-                                       num_warps=warps))
-            res.append((("bwd", per_sm, warps), ms, f"{3 * x.numel() * 2 / ms / 1e9:.0f} GB/s"))
-    report("rms_norm (fwd warps | bwd per_sm, warps)", res)
+    for per_sm, warps in _configs((p, w) for p in (1, 2, 4, 8) for w in (4, 8, 16)):
+        with _setting(rms_ops, "RMS_BWD_PROGRAMS_PER_SM", per_sm), RMS_NORM_BWD.override(num_warps=warps):
+            ms = _time(lambda: rms_ops.rms_norm_backward(dy, x, w, rstd, 0.0, False))
+        res.append((("bwd", per_sm, warps), ms, f"{3 * x.numel() * 2 / ms / 1e9:.0f} GB/s ({per_sm * sms} programs)"))
+    return report("rms_norm (fwd warps | bwd per_sm, warps)", res)
 
 
 def tune_nf4():
-    fn = registry.get("nf4_dequant").fn
-    for shape in ((4096, 4096), (28672, 8192)):
+    from fusedlora.quant import _synthetic_nf4, dequantize_nf4
+    res_all = []
+    for shape in _size(((4096, 4096), (28672, 8192)), ((64, 128),)):
+        packed, qs = _synthetic_nf4(shape, True, DEV, BF16)
         n = shape[0] * shape[1]
-        packed = torch.randint(0, 256, (n // 2,), dtype=torch.uint8, device=DEV)
-        a8 = torch.randint(0, 256, (n // 64,), dtype=torch.uint8, device=DEV)
-        a2 = torch.rand(n // 64 // 256 + 1, device=DEV)
-        code, code2 = torch.rand(16, device=DEV), torch.rand(256, device=DEV)
-        off = torch.rand(1, device=DEV)
-        out = torch.empty(n, device=DEV, dtype=BF16)
         res = []
-        for order in (0,):
-            for block in (512, 1024, 2048, 4096, 8192):
-                for warps in (2, 4, 8, 16):
-                    grid = (n // block,)
-                    ms = _time(lambda: fn[grid](packed, a8, a2, code, code2, off, out, n, 0, 0, BLOCKSIZE=64,
-                                                BLOCKSIZE2=256, NESTED=1, BLOCK=block, STRIDED=0,
-                                                num_warps=warps, enable_fp_fusion=False))
-                    res.append(((order, block, warps), ms, f"{(n // 2 + n // 64 + 2 * n) / ms / 1e6:.0f} GB/s"))
-        report(f"nf4 nested bf16 {shape} (OUTPUT_ORDER, BLOCK, warps)", res)
-    # row-strided: a gate weight [8192, 2048] into the [W | s B] buffer [8192, 2080] of the LoRA MLP
-    rows, row_len, ld = 8192, 2048, 2080
-    n = rows * row_len
-    packed = torch.randint(0, 256, (n // 2,), dtype=torch.uint8, device=DEV)
-    a8 = torch.randint(0, 256, (n // 64,), dtype=torch.uint8, device=DEV)
-    a2 = torch.rand(n // 64 // 256 + 1, device=DEV)
-    code, code2, off = torch.rand(16, device=DEV), torch.rand(256, device=DEV), torch.rand(1, device=DEV)
-    buf = torch.empty(rows, ld, device=DEV, dtype=BF16)
-    res = []
-    for block in (512, 1024, 2048):
-        for warps in (1, 2, 4):
-            ms = _time(lambda: fn[(row_len // block, rows)](packed, a8, a2, code, code2, off, buf, n, row_len, ld,
-                                                            BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=1, BLOCK=block,
-                                                            STRIDED=1, num_warps=warps, enable_fp_fusion=False))
+        for block, warps in _configs((b, w) for b in (512, 1024, 2048, 4096, 8192) for w in (2, 4, 8, 16)):
+            with NF4_DEQUANT.override(BLOCK=block, num_warps=warps):
+                ms = _time(lambda: dequantize_nf4(packed, qs))
             res.append(((block, warps), ms, f"{(n // 2 + n // 64 + 2 * n) / ms / 1e6:.0f} GB/s"))
-    report("nf4 nested bf16 8192x2048 into a [8192, 2080] buffer (BLOCK, warps)", res)
+        res_all += report(f"nf4 nested bf16 {shape} (BLOCK, warps)", res)
+    # row-strided: a gate weight [8192, 2048] into the [W | s B] buffer [8192, 2080] of the LoRA MLP
+    rows, row_len, ld = _size((8192, 2048, 2080), (8, 128, 160))
+    packed, qs = _synthetic_nf4((rows, row_len), True, DEV, BF16)
+    buf = torch.empty(rows, ld, device=DEV, dtype=BF16)
+    n, res = rows * row_len, []
+    for block, warps in _configs((b, w) for b in (512, 1024, 2048) for w in (1, 2, 4)):
+        block = min(block, row_len)
+        with NF4_DEQUANT.override(BLOCK=block, num_warps=warps):
+            ms = _time(lambda: dequantize_nf4(packed, qs, out=buf[:, :row_len]))
+        res.append(((block, warps), ms, f"{(n // 2 + n // 64 + 2 * n) / ms / 1e6:.0f} GB/s"))
+    return res_all + report(f"nf4 nested bf16 {rows}x{row_len} into a [{rows}, {ld}] buffer (BLOCK, warps)", res)
 
 
 def tune_gptq():
-    fn = registry.get("gptq_dequant").fn
-    in_f = out_f = 8192
+    from fusedlora.quant import dequantize_gptq
+    in_f = out_f = _size(8192, 128)
+    group = 128 if not SMOKE else 32
     qw = torch.randint(-2**31, 2**31 - 1, (in_f // 8, out_f), dtype=torch.int64, device=DEV).to(torch.int32)
-    qz = torch.randint(-2**31, 2**31 - 1, (in_f // 128, out_f // 8), dtype=torch.int64, device=DEV).to(torch.int32)
-    sc = (torch.rand(in_f // 128, out_f, device=DEV) * 0.01).half()
+    qz = torch.randint(-2**31, 2**31 - 1, (in_f // group, out_f // 8), dtype=torch.int64, device=DEV).to(torch.int32)
+    sc = (torch.rand(in_f // group, out_f, device=DEV) * 0.01).half()
     nbytes = qw.numel() * 4 + qz.numel() * 4 + sc.numel() * 2 + in_f * out_f * 2
+    res_all = []
     for transpose in (False, True):
-        out = torch.empty((in_f, out_f) if transpose else (out_f, in_f), device=DEV, dtype=torch.float16)
-        s_o, s_i = (1, out.stride(0)) if transpose else (out.stride(0), 1)
         res = []
-        for bi in (32, 64, 128):
-            for bo in (32, 64, 128):
-                for warps in (2, 4, 8):
-                    grid = (in_f // bi, out_f // bo)
-                    try:
-                        ms = _time(lambda: fn[grid](qw, qz, sc, qw, out, in_f, out_f, 128, out_f, out_f // 8, out_f,
-                                                    s_o, s_i, 1, BITS=4, HAS_GIDX=0, BLOCK_I=bi, BLOCK_O=bo,
-                                                    num_warps=warps))
-                    except Exception as e:
-                        print("  skip", bi, bo, warps, type(e).__name__)
-                        continue
-                    res.append(((bi, bo, warps), ms, f"{nbytes / ms / 1e6:.0f} GB/s"))
-        report(f"gptq 8192^2 fp16 {'[in, out]' if transpose else '[out, in]'} (BLOCK_I, BLOCK_O, warps)", res)
+        for bi, bo, warps in _configs((bi, bo, w) for bi in (32, 64, 128) for bo in (32, 64, 128) for w in (2, 4, 8)):
+            with GPTQ_DEQUANT.override(BLOCK_I=bi, BLOCK_O=bo, num_warps=warps):
+                ms = _try_time(lambda: dequantize_gptq(qw, qz, sc, group_size=group, transpose=transpose),
+                               (bi, bo, warps))
+            res.append(((bi, bo, warps), ms, f"{nbytes / ms / 1e6:.0f} GB/s" if ms else ""))
+        res_all += report(f"gptq {in_f}^2 fp16 {'[in, out]' if transpose else '[out, in]'} (BLOCK_I, BLOCK_O, warps)",
+                          res)
+    return res_all
+
+
+SWEEPS = {"ce": tune_ce, "glu": tune_glu, "glu_lora": tune_glu_lora, "glu_lora_fwd": tune_glu_lora_fwd,
+          "glu_lora_dyb": tune_glu_lora_dyb, "rope": tune_rope, "rms": tune_rms, "nf4": tune_nf4, "gptq": tune_gptq}
+PROBES = {"glu_lora_layout": tune_glu_lora_layout, "energy_parts": tune_energy_parts,
+          "triton_gemm": tune_triton_gemm, "gemm_glu": tune_gemm_glu}  # GPU only
 
 
 def main(argv=None):
+    global SMOKE, DEV
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--smoke" in args:
+        args.remove("--smoke")
+        SMOKE = True
+        DEV = "cuda" if torch.cuda.is_available() else "cpu"
     # names as one comma list or as separate arguments ("ce,glu" or "ce glu")
-    which = [w for a in (argv or sys.argv[1:] or ["ce,glu,rope,rms"]) for w in a.split(",") if w]
-    print(torch.cuda.get_device_name(), torch.__version__)
+    which = [w for a in (args or [",".join(SWEEPS) if SMOKE else "ce,glu,rope,rms"]) for w in a.split(",") if w]
+    print(torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)", torch.__version__)
     for w in which:
-        {"ce": tune_ce, "glu": tune_glu, "glu_lora": tune_glu_lora, "glu_lora_fwd": tune_glu_lora_fwd, "glu_lora_layout": tune_glu_lora_layout, "glu_lora_dyb": tune_glu_lora_dyb,
-         "energy_parts": tune_energy_parts, "triton_gemm": tune_triton_gemm, "gemm_glu": tune_gemm_glu, "rope": tune_rope, "rms": tune_rms, "nf4": tune_nf4, "gptq": tune_gptq}[w]()
+        if SMOKE and w in PROBES:
+            raise SystemExit(f"{w} is a GPU probe, not a sweep: no --smoke run")
+        {**SWEEPS, **PROBES}[w]()
 
 
 if __name__ == "__main__":

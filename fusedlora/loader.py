@@ -325,6 +325,17 @@ class Loader:
                 launcher = self._launchers.setdefault(spec.name, KernelLauncher(self, spec))
         return launcher
 
+    def launch_jit(self, spec: KernelSpec, grid, args, constexprs: dict, num_warps=None, num_stages=None):
+        """One launch through triton.jit with explicit constexprs (and num_warps / num_stages, else the spec's
+        config for this GPU): KernelSpec.override's path, for tuning sweeps."""
+        first = args[0]
+        if isinstance(first, _fake_tensor_type()) or getattr(first, "is_meta", False):
+            return
+        device = first.get_device()
+        arch = 80 if device < 0 else self.arch(device)
+        warps, stages = spec.config(arch, dict(constexprs))
+        _JitLaunch(spec, dict(constexprs), num_warps or warps, num_stages or stages)(grid, args)
+
     # -- resolution
     def find(self, spec: KernelSpec, arch: int, sig, constexprs):
         """Manifest entries matching the key, best first (exact arch, then compatible archs)."""

@@ -17,6 +17,7 @@ This module imports triton lazily and never imports torch: the wheel build runs 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -28,6 +29,9 @@ SUPPORTED_ARCHS = (80, 86, 89, 90)
 # Cubins of arch X run on GPUs of the same major version with minor >= X's minor. sm_90 cubins are
 # built for sm_90a by Triton and only run on cc 9.0.
 COMPATIBLE_ARCHS = {80: (80,), 86: (86, 80), 87: (80,), 89: (89, 86, 80), 90: (90,)}
+
+
+_OVERRIDES: dict[str, dict] = {}  # kernel name -> launch settings of an active KernelSpec.override (tuning only)
 
 
 def _concrete(value):
@@ -57,8 +61,27 @@ class KernelSpec:
     check: str = ""                   # "module:function" of its self-check (fusedlora.selfcheck runs it)
 
     def constexprs(self, **shape) -> dict:
-        """meta(**shape), computed once per shape (the op launchers size their grids from it)."""
+        """meta(**shape), computed once per shape (the op launchers size their grids from it), with the
+        constexprs of an active `override` on top."""
+        over = _OVERRIDES.get(self.name)
+        if over is not None:
+            return {**self.meta(**shape), **over["constexprs"]}
         return self._constexprs_and_key(shape)[0]
+
+    @contextlib.contextmanager
+    def override(self, num_warps: int | None = None, num_stages: int | None = None, **constexprs):
+        """Inside the block this kernel's launches take `constexprs` over meta's and num_warps / num_stages
+        over config's, through triton.jit: build_tools/tune.py sweeps a launch configuration through the op's
+        own launcher this way (its arguments and grid are the op's, never hand-written)."""
+        previous = _OVERRIDES.get(self.name)
+        _OVERRIDES[self.name] = {"constexprs": constexprs, "num_warps": num_warps, "num_stages": num_stages}
+        try:
+            yield
+        finally:
+            if previous is None:
+                _OVERRIDES.pop(self.name, None)
+            else:
+                _OVERRIDES[self.name] = previous
 
     def _constexprs_and_key(self, shape: dict) -> tuple[dict, tuple]:
         key = (self.name, tuple(sorted((k, _concrete(v)) for k, v in shape.items())))
@@ -72,6 +95,10 @@ class KernelSpec:
         """Launch this kernel on torch's current stream: the constexprs of `shape`, the prebuilt cubin for this
         GPU when there is one, else triton.jit (fusedlora.loader)."""
         from .loader import get_loader  # the loader needs torch; this module must not
+        over = _OVERRIDES.get(self.name)
+        if over is not None:
+            get_loader().launch_jit(self, grid, args, self.constexprs(**shape), over["num_warps"], over["num_stages"])
+            return
         get_loader().launcher(self.name)(grid, args, self._constexprs_and_key(shape)[1])
 
     def source_sha256(self) -> str:
