@@ -207,6 +207,29 @@ def test_unpatch_restores_bit_identical_outputs_and_patch_is_idempotent():
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
+def test_pickled_model_stays_patched_and_keeps_the_signature():
+    """torch.save / torch.load (and deepcopy) of a patched model keep its fused forwards; each patched forward
+    shows its class forward's signature (the HF Trainer reads it to choose dataset columns)."""
+    import inspect
+    import io
+    model = make_model()
+    fusedlora.patch(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for m in (loaded, copy.deepcopy(model)):
+        m.train()
+        ids, labels = batch()
+        out = m(input_ids=ids, labels=labels)
+        assert out.logits is None  # the fused loss ran (HF's forward returns the logits)
+        assert rel_err(out.loss.detach(), model(input_ids=ids, labels=labels).loss.detach()) < 1e-6
+        head = m.base_model.model
+        assert head.forward.module is head  # bound to the copy, not to the original
+        params = inspect.signature(head.forward).parameters
+        assert "self" not in params and {"input_ids", "labels", "attention_mask"} <= set(params)
+
+
 def test_eval_and_generation_keep_hf_outputs():
     model = make_model()
     model.eval()

@@ -8,8 +8,8 @@ added after patching, full fine-tuning, a CPU tensor without the interpreter) ru
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
-import types
 
 import torch
 import torch.nn.functional as F
@@ -141,21 +141,36 @@ FORWARDS = {"rms_norm": forwards.norm_forward, "attention": forwards.attention_f
             "mlp": forwards.mlp_forward, "loss": forwards.causal_lm_forward}
 
 
-@functools.lru_cache(maxsize=None)
-def _forward_for(kind: str, cls: type):
-    """FORWARDS[kind] under the signature of cls.forward: the HF Trainer drops dataset columns that the
-    model's forward signature does not name."""
-    impl = FORWARDS[kind]
+class PatchedForward:
+    """A patched module's forward: FORWARDS[kind] bound to the module, under the class forward's signature (the
+    HF Trainer drops dataset columns that the model's forward signature does not name). A callable object
+    rather than a bound function so that pickling (torch.save of the model, deepcopy) keeps the patch: a bound
+    method pickles as getattr(module, "forward"), which resolves to the class's forward on loading."""
 
-    @functools.wraps(cls.forward)
-    def forward(self, *args, **kwargs):
-        return impl(self, *args, **kwargs)
-    return forward
+    def __init__(self, kind: str, module):
+        self.kind, self.module = kind, module
+        self.__signature__ = _signature_without_self(type(module))
+        self.__doc__ = type(module).forward.__doc__
+
+    def __call__(self, *args, **kwargs):
+        return FORWARDS[self.kind](self.module, *args, **kwargs)
+
+    def __reduce__(self):
+        return PatchedForward, (self.kind, self.module)
+
+    def __repr__(self):
+        return f"<fusedlora {self.kind} forward of {type(self.module).__name__}>"
+
+
+@functools.lru_cache(maxsize=None)
+def _signature_without_self(cls):
+    sig = inspect.signature(cls.forward)
+    return sig.replace(parameters=list(sig.parameters.values())[1:])
 
 
 def _bind(m, kind, rec):
     m.__dict__[PATCH_ATTR] = rec
-    m.__dict__["forward"] = types.MethodType(_forward_for(kind, type(m)), m)
+    m.__dict__["forward"] = PatchedForward(kind, m)
 
 
 def _kind_of(m, family: Family, known: bool):
