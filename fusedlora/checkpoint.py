@@ -64,12 +64,14 @@ class Offloader:
             self.streams[device.index] = torch.cuda.Stream(device)
         return self.streams[device.index]
 
+    @torch.compiler.disable  # (streams, events, weakrefs: host-side bookkeeping Dynamo must not trace)
     def save(self, x: torch.Tensor) -> "_Saved":
         saved = _Saved(self, x)
         self.live = [r for r in self.live if r() is not None]
         self.live.append(weakref.ref(saved))
         return saved
 
+    @torch.compiler.disable
     def previous(self, saved: "_Saved") -> "_Saved | None":
         """The input saved just before `saved` that is still waiting for its backward (the next to come back)."""
         alive = [s for s in (r() for r in self.live) if s is not None and s.host is not None]
@@ -95,6 +97,7 @@ class _Saved:
             self.host.copy_(x.detach())
         self._release = weakref.finalize(self, off.pool.give, self.host)  # dropped without a backward
 
+    @torch.compiler.disable
     def prefetch(self):
         """Start the copy back on the side stream (once)."""
         if self.back is not None or self.host is None:
@@ -109,6 +112,7 @@ class _Saved:
         else:
             self.back = self.host.clone()
 
+    @torch.compiler.disable
     def load(self) -> torch.Tensor:
         """The input on its device (the host buffer goes back to the pool)."""
         self.prefetch()
@@ -170,6 +174,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         return (None, None, None, x.grad if saved.requires_grad else None) + (None,) * len(ctx.rest)
 
 
+@torch.compiler.disable(recursive=False)  # Dynamo does not trace the offload (streams, weakrefs): the layer
+# function itself is compiled as its own frame when the model is under torch.compile
 def offloaded_checkpoint(function, *args, offloader: Offloader | None = None, **_ignored):
     """function(*args) with its first tensor argument kept in pinned host memory and everything else
     recomputed in the backward (see the module docstring). Pass one `Offloader` per model for its buffer

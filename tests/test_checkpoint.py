@@ -60,6 +60,27 @@ def test_offloaded_checkpoints_match_hf_checkpointing_and_bf16():
     _assert_equal(_step(offloaded, autocast=torch.bfloat16), _step(hf_gc, autocast=torch.bfloat16), 1e-2)
 
 
+def test_offloaded_checkpoints_under_torch_compile():
+    """torch.compile over a model with offloaded checkpoints: the offload's host bookkeeping stays out of the
+    graph (a break per layer), the layers inside are compiled, and the step is eager's."""
+    from test_hf_patch import batch
+    model, _ = _model(offload_checkpoints=True)
+    ids, labels = batch()
+
+    def loss_of():
+        return model(input_ids=ids, labels=labels).loss
+    eager = _step(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_of, backend="inductor" if HAS_CUDA else "aot_eager")
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)
+    loss = compiled()
+    loss.backward()
+    got = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    torch._dynamo.reset()
+    _assert_equal(got, eager, EXACT)
+
+
 def test_host_buffers_are_reused_and_released():
     model, _ = _model(offload_checkpoints=True)
     layer = model.base_model.model.model.layers[0]
