@@ -5,11 +5,10 @@ patched by fusedlora with on-GPU checkpointing, and with offloaded checkpointing
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import sys
 import time
 
+from . import bench_report
 from .workload import run_in_subprocess
 
 CONFIGS = (  # (label, variant, HF gradient checkpointing, fusedlora offloaded checkpointing)
@@ -45,17 +44,12 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=",".join(c[0] for c in CONFIGS), help="comma list of the labels above")
     ap.add_argument("--out", default=None, help="Markdown report path (JSON beside it)")
     args = ap.parse_args(argv)
-    import torch
-    if not torch.cuda.is_available():
-        print("fusedlora.bench context needs a CUDA GPU", file=sys.stderr)
+    if not bench_report.gpu_or_exit("fusedlora.bench context"):
         return 2
-    wanted = [v for v in args.variants.split(",") if v]
+    wanted = bench_report.selected(args.variants, "liger+gc")
     rows = []
     for label, variant, gc, offload in CONFIGS:
         if label not in wanted:
-            continue
-        if variant == "liger" and importlib.util.find_spec("liger_kernel") is None:
-            print("liger-kernel is not installed: skipping liger+gc", file=sys.stderr)
             continue
         run = argparse.Namespace(model=args.model, mode=args.mode, gc=gc, offload=offload, packed=False, steps=2,
                                  batch=1, seq=args.start, lr=1e-4, log_every=1, find_context=args.max_seq)
@@ -65,15 +59,8 @@ def main(argv=None) -> int:
         print(f"{label}: " + (f"longest {r['longest']:,}" if "error" not in r else r["error"])
               + f" ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
         rows.append(r)
-    r0 = next((r for r in rows if "versions" in r), {})
-    report = (f"Measured {time.strftime('%Y-%m-%d')} on {r0.get('device')}, "
-              + ", ".join(f"{k} {v}" for k, v in r0.get("versions", {}).items())
+    report = (bench_report.measured_line(rows)
               + f"; {args.model} shape, {args.mode}, LoRA r16 on 7 projections, batch 1, bf16 autocast, fused AdamW, "
               "SDPA; each variant in its own process, lengths in steps of 1024.\n\n" + markdown(rows))
-    print(report)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(report + "\n")
-        with open(args.out.rsplit(".", 1)[0] + ".json", "w") as fh:
-            json.dump(rows, fh, indent=1)
+    bench_report.write(args.out, report, rows)
     return 0

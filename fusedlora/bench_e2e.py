@@ -5,12 +5,11 @@ Writes a Markdown table and the raw JSON."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
-import json
 import sys
 import time
 
+from . import bench_report
 from .workload import VARIANTS, run_in_subprocess
 
 
@@ -55,14 +54,9 @@ def main(argv=None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="GEMM peak for the profile (H200 measured ~790)")
     ap.add_argument("--out", default=None, help="Markdown report path (JSON beside it, .json)")
     args = ap.parse_args(argv)
-    import torch
-    if not torch.cuda.is_available():
-        print("fusedlora.bench e2e needs a CUDA GPU (the CPU demo: python -m fusedlora.demo)", file=sys.stderr)
+    if not bench_report.gpu_or_exit("fusedlora.bench e2e"):
         return 2
-    variants = [v for v in args.variants.split(",") if v]
-    if "liger" in variants and importlib.util.find_spec("liger_kernel") is None:
-        print("liger-kernel is not installed: skipping that variant", file=sys.stderr)
-        variants.remove("liger")
+    variants = bench_report.selected(args.variants, "liger")
     gcs = {"off": [False], "on": [True], "both": [False, True]}[args.gc]
     results = []
     for model, mode, gc in itertools.product(args.models.split(","), args.modes.split(","), gcs):
@@ -75,9 +69,7 @@ def main(argv=None) -> int:
             print(f"{model} {mode} gc={gc} {variant}: " + (f"{r['tokens_per_s']:,.0f} tok/s, {r['peak_gib']:.2f} GiB"
                   if "error" not in r else r["error"]) + f" ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
             results.append(r)
-    r0 = next((r for r in results if "versions" in r), {})
-    report = (f"Measured {time.strftime('%Y-%m-%d')} on {r0.get('device')}, "
-              + ", ".join(f"{k} {v}" for k, v in r0.get("versions", {}).items())
+    report = (bench_report.measured_line(results)
               + f"; batch {args.batch} x {args.seq}, LoRA r16 on 7 projections, bf16 autocast, fused AdamW, "
               f"SDPA, {args.steps} steps (first 2 untimed){', packed rows' if args.packed else ''}, each variant in its own "
               "process.\n\n" + markdown(results))
@@ -86,10 +78,5 @@ def main(argv=None) -> int:
         if r.get("profile"):
             report += "\n\n" + profile_markdown(r["profile"], f"{r['model']} {r['mode']} gc={r['gc']} {r['variant']}: "
                                                  f"GPU time per step by kernel family ({args.profile} profiled steps)")
-    print(report)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(report + "\n")
-        with open(args.out.rsplit(".", 1)[0] + ".json", "w") as fh:
-            json.dump(results, fh, indent=1)
+    bench_report.write(args.out, report, results)
     return 0

@@ -227,12 +227,10 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma2", "granite"])
-def test_patched_model_compiles_without_graph_breaks_and_matches_eager(model_type):
+def assert_model_compiles_whole_and_matches_eager(model):
     """The whole patched training forward as one graph (fullgraph=True), its loss and every LoRA gradient
     those of the eager patched model."""
     from test_hf_patch import batch
-    model = _patched(model_type)
     ids, labels = batch()
 
     def loss_of(ids, labels):
@@ -240,27 +238,32 @@ def test_patched_model_compiles_without_graph_breaks_and_matches_eager(model_typ
     explained = torch._dynamo.explain(loss_of)(ids, labels)
     assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
     torch._dynamo.reset()
-    loss_of(ids, labels).backward()
+    model.zero_grad(set_to_none=True)
+    ref_loss = loss_of(ids, labels)
+    ref_loss.backward()
     ref = _grads(model)
     model.zero_grad(set_to_none=True)
-    compiled = torch.compile(loss_of, backend=BACKEND, fullgraph=True)
-    loss = compiled(ids, labels)
+    loss = torch.compile(loss_of, backend=BACKEND, fullgraph=True)(ids, labels)
     loss.backward()
     got = _grads(model)
     assert got.keys() == ref.keys() and len(got) == 28
-    model.zero_grad(set_to_none=True)
-    assert rel_err(loss.detach(), loss_of(ids, labels).detach()) <= TOL
+    assert rel_err(loss.detach(), ref_loss.detach()) <= TOL
     for n in ref:
         assert rel_err(got[n], ref[n]) <= max(TOL, 1e-6), n
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma2", "granite"])
+def test_patched_model_compiles_without_graph_breaks_and_matches_eager(model_type):
+    assert_model_compiles_whole_and_matches_eager(_patched(model_type))
+
+
 def test_qlora_model_compiles_without_graph_breaks_and_matches_eager():
     """bitsandbytes NF4 bases (double-quant, as the workload builds them): the quant states cross the custom
-    ops as tensors + ints; the compiled step's loss and gradients are eager's."""
+    ops as tensors + ints."""
     pytest.importorskip("bitsandbytes")
     import peft
     import transformers
-    from test_hf_patch import TARGETS, batch, tiny_config
+    from test_hf_patch import TARGETS, tiny_config
     from fusedlora.workload import quantize_linears_nf4
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama")).to(DEVICE)
@@ -272,23 +275,7 @@ def test_qlora_model_compiles_without_graph_breaks_and_matches_eager():
                 p.normal_(0, 0.1)
     assert fusedlora.patch(model).kinds["mlp"].patched == 2
     model.train()
-    ids, labels = batch()
-
-    def loss_of(ids, labels):
-        return model(input_ids=ids, labels=labels).loss
-    explained = torch._dynamo.explain(loss_of)(ids, labels)
-    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
-    torch._dynamo.reset()
-    ref_loss = loss_of(ids, labels)
-    ref_loss.backward()
-    ref = _grads(model)
-    model.zero_grad(set_to_none=True)
-    loss = torch.compile(loss_of, backend=BACKEND, fullgraph=True)(ids, labels)
-    loss.backward()
-    got = _grads(model)
-    assert len(got) == 28 and rel_err(loss.detach(), ref_loss.detach()) <= TOL
-    for n in ref:
-        assert rel_err(got[n], ref[n]) <= max(TOL, 1e-6), n
+    assert_model_compiles_whole_and_matches_eager(model)
 
 
 def test_bf16_autocast_compiled_as_close_to_fp32_as_eager():

@@ -1,0 +1,41 @@
+"""What the benchmark commands share: the measurement line (date, device, versions) and the report files."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+
+
+def measured_line(results) -> str:
+    """'Measured <date> on <device>, <versions>' from the first result that carries them."""
+    r0 = next((r for r in results if "versions" in r), {})
+    return (f"Measured {time.strftime('%Y-%m-%d')} on {r0.get('device')}, "
+            + ", ".join(f"{k} {v}" for k, v in r0.get("versions", {}).items()))
+
+
+def write(out: str | None, report: str, results) -> None:
+    """Print the report; with `out`, write it there and the raw results beside it (.json)."""
+    print(report)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(report + "\n")
+        with open(out.rsplit(".", 1)[0] + ".json", "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+def selected(csv: str, liger_label: str) -> list[str]:
+    """The comma list of variants, less `liger_label` (said so) when liger-kernel is not installed."""
+    wanted = [v for v in csv.split(",") if v]
+    if liger_label in wanted and importlib.util.find_spec("liger_kernel") is None:
+        print(f"liger-kernel is not installed: skipping {liger_label}", file=sys.stderr)
+        wanted.remove(liger_label)
+    return wanted
+
+
+def gpu_or_exit(command: str) -> bool:
+    import torch
+    if not torch.cuda.is_available():
+        print(f"{command} needs a CUDA GPU (the CPU demo: python -m fusedlora.demo)", file=sys.stderr)
+        return False
+    return True
