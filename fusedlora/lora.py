@@ -302,7 +302,7 @@ def _gate_up_weight(pg, pu, which, dtype):
         mine = in_f if which == 0 else in_f + rg
         torch.mul(pr.B.to(dtype), pr.s, out=buf[:, mine:mine + pr.A.shape[0]])
         return buf
-    # other weights: one cat into the buffer (a strided copy_ into the block ran 2x slower than cat on an H100)
+    # other weights: one cat into the buffer (a strided copy_ into the block is slower than cat)
     W, sB = dequantize_base(pr.W, pr.quant, dtype), pr.B.to(dtype) * pr.s
     zeros = sB.new_zeros(out_f, ru if which == 0 else rg)
     return torch.cat([W, sB, zeros] if which == 0 else [W, zeros, sB], 1, out=buf)
@@ -335,9 +335,8 @@ def _mlp_fused_forward(X2, pg, pu, pd, dtype, act):
     X W_u^T (K = H: the adapter terms s XA B^T are added per tile by glu_lora_forward and again by
     glu_lora_backward, instead of widening K to H + r_g + r_u, which cost ~6 % of the GEMM), and spare
     columns where the backward puts s_g de B_g | s_u dg B_u after de | dg, so that dX is one GEMM over the
-    buffer. Rows start 128-byte aligned: with 2I + 32 columns (64-byte aligned rows) the GLU backward's
-    16 x 64 tiles of the time ran 0.337 ms instead of 0.253 on an H100 (each 128-byte row segment split over two
-    lines). XA = X [A_g; A_u]^T. h = act(e) * g is not kept; h A_d^T is kept (down_proj's dB)."""
+    buffer. Rows start 128-byte aligned: with 64-byte aligned rows each 128-byte row segment of the GLU tiles
+    splits over two cache lines (slower; docs/perf-notes.md). XA = X [A_g; A_u]^T. h = act(e) * g is not kept; h A_d^T is kept (down_proj's dB)."""
     I, rg = _weight_shape(pg.W, pg.quant)[0], pg.A.shape[0]
     XA = X2 @ torch.cat([pg.A.to(dtype), pu.A.to(dtype)], 0).t()
     EG = X2.new_empty(X2.shape[0], cdiv(2 * I + rg + pu.A.shape[0], 64) * 64)
@@ -370,8 +369,8 @@ def _mlp_fused_backward(ctx, need, X2, EG, XA, hA, dY):
                                   (pg.s, pu.s), ctx.act_bwd.glu_act, out=(D[:, :I], D[:, I:2 * I]))
     del dh
     R = glu_lora_rank_pad(max(rg, ru, rd))
-    # (Taking s de B_g / s dg B_u as extra output columns of the dX GEMM, de [W_g | s_g B_g | 0], measured slower
-    # on an H100 in the earlier two-GEMM form: N = H + 2r tiles badly, +0.1 ms, more than this pass costs.)
+    # (s de B_g / s dg B_u as extra output columns of the dX GEMM, de [W_g | s_g B_g | 0], is slower: N = H + 2r
+    # tiles badly, costing more than this pass.)
     G = glu_lora_dyb(de, dg, B_g, B_u, (pg.s, pu.s), out=D[:, 2 * I:2 * I + rg + ru])
     dX = None
     if need["X"]:  # (the first layer's input often needs no gradient: no dX GEMM then)

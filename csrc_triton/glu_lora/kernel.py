@@ -47,8 +47,8 @@ def _xa_rows(XA, rows, row_ok, rk, stride_xa, xa_up_offset, rank_g, rank_u):
 @triton.jit
 def _gate_up_with_lora(GATE, UP, offs, mask, xg, xu, bg, bu, scale_g, scale_u):
     # e = X W_g^T + s_g (X A_g^T) B_g^T and g likewise, in fp32: the base GEMM's rounded output plus the
-    # rank-r term taken here instead of by widening the GEMM's K (a K of 2048 + 2r ran ~6 % slower than
-    # 2048 on an H100 for 1.6 % more work). The forward and backward kernels share this arithmetic.
+    # rank-r term taken here instead of by widening the GEMM's K (a K of H + 2r runs disproportionately slower
+    # than H). The forward and backward kernels share this arithmetic.
     e = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32) + scale_g * _mma(xg, bg, tl.zeros(mask.shape, tl.float32))
     g = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32) + scale_u * _mma(xu, bu, tl.zeros(mask.shape, tl.float32))
     return e, g
@@ -58,8 +58,7 @@ def _gate_up_with_lora(GATE, UP, offs, mask, xg, xu, bg, bu, scale_g, scale_u):
 # the launch's num_stages: left to itself the pipeliner skipped loads whose only consumers are elementwise
 # (the forward's e and g: no load was pipelined) or a dot's accumulator (the backward's dh: loaded and waited
 # for in every iteration), in triton 3.6 and 3.9 alike. Named, every [BLOCK_M, BLOCK_N] load is an async
-# copy STAGES - 1 iterations ahead. H100, T = I = 8192, r 16 (with retuned tiles): backward 0.300 -> 0.24 ms,
-# forward 0.151 -> 0.142 ms (glu_fwd without adapter terms: 0.136).
+# copy STAGES - 1 iterations ahead (timings: docs/perf-notes.md).
 @triton.jit(do_not_specialize=["n_rows", "rows_per_group"])
 def glu_lora_fwd_kernel(
     GATE, UP, XA, BG, BU, OUT,
@@ -107,9 +106,9 @@ def glu_lora_bwd_kernel(
     XA holds X A_g^T in columns [0, rank_g) and X A_u^T from column xa_up_offset. Ranks are padded to R
     with zeros. The products use the rounded de, dg, h, as a separate GEMM would.
     (The products that reduce over I, de B_g and dg B_u, are glu_lora_dyb's second pass: as dots here
-    they would need a partial sum per column tile and spill registers - measured 2x slower on an H100.)
+    they would need a partial sum per column tile and spill registers: slower.)
     With its loads pipelined (the note above) the three adapter terms cost ~nothing over the plain GLU
-    backward's traffic (H100: 0.237-0.242 ms, 2.8 TB/s of 3R+2W)."""
+    backward's traffic."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     io = DGATE.dtype.element_ty
