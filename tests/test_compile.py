@@ -278,6 +278,37 @@ def test_qlora_model_compiles_without_graph_breaks_and_matches_eager():
     assert_model_compiles_whole_and_matches_eager(model)
 
 
+def test_hf_gradient_checkpointing_under_compile_adds_no_graph_break():
+    """HF's own (non-reentrant) gradient checkpointing with torch.compile: the patched model breaks the graph
+    exactly where the unpatched one does (HF's checkpoint wrapper), and its compiled step is its eager step."""
+    from test_hf_patch import batch, make_model
+    ids, labels = batch()
+    breaks = []
+    for patched in (False, True):
+        model = make_model("llama")
+        if patched:
+            fusedlora.patch(model)
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        def loss_of(ids, labels):
+            return model(input_ids=ids, labels=labels).loss
+        breaks.append(torch._dynamo.explain(loss_of)(ids, labels).graph_break_count)
+        torch._dynamo.reset()
+    model.zero_grad(set_to_none=True)
+    eager_loss = loss_of(ids, labels)
+    eager_loss.backward()
+    eager = _grads(model)
+    model.zero_grad(set_to_none=True)
+    loss = torch.compile(loss_of, backend=BACKEND)(ids, labels)
+    loss.backward()
+    got = _grads(model)
+    assert breaks[1] == breaks[0], breaks
+    assert len(got) == 28 and rel_err(loss.detach(), eager_loss.detach()) <= TOL
+    for n in eager:
+        assert rel_err(got[n], eager[n]) <= max(TOL, 1e-6), n
+
+
 def test_bf16_autocast_compiled_as_close_to_fp32_as_eager():
     """Under bf16 autocast the compiled step equals eager's loss and its gradients are as close to the fp32
     step's as eager's (AOTAutograd rounds HF's own attention backward in its own order: the two bf16 runs differ

@@ -316,8 +316,10 @@ def test_turned_off_kinds_are_reported():
     assert report.kinds["loss"].patched == 0
 
 
-def test_trainer_gradient_accumulation_matches_big_batch(tmp_path):
-    """HF Trainer, batch 1 x gradient accumulation 4 on the patched model = one step of batch 4 unpatched."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torch_compile"])
+def test_trainer_gradient_accumulation_matches_big_batch(tmp_path, compiled):
+    """HF Trainer, batch 1 x gradient accumulation 4 on the patched model = one step of batch 4 unpatched; also
+    with the Trainer's torch_compile=True (the fused ops as custom ops in the compiled graph)."""
     pytest.importorskip("accelerate")
     from torch.utils.data import Dataset
 
@@ -339,11 +341,16 @@ def test_trainer_gradient_accumulation_matches_big_batch(tmp_path):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=4, max_steps=1,
         learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", report_to=[], save_strategy="no",
-        use_cpu=DEVICE == "cpu", logging_steps=1, dataloader_drop_last=False, seed=0, data_seed=0)
+        use_cpu=DEVICE == "cpu", logging_steps=1, dataloader_drop_last=False, seed=0, data_seed=0,
+        **(dict(torch_compile=True, torch_compile_backend="inductor" if DEVICE == "cuda" else "aot_eager")
+           if compiled else {}))
     trainer = transformers.Trainer(model=fused, args=args, train_dataset=Rows())
     trainer.train_dataset_shuffle = False
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(Rows())
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     trainer.train()
+    assert (torch._dynamo.utils.counters["frames"]["ok"] > 0) == compiled  # the Trainer did compile the model
     opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.1)
     rows = [Rows()[i] for i in range(4)]
     big_ids = torch.stack([r["input_ids"] for r in rows]).to(DEVICE)
