@@ -63,7 +63,8 @@ def get_lora_parameters(proj):
         if not isinstance(W, torch.Tensor) or W.dim() != 2:
             raise UnsupportedLoRA(f"{type(base).__name__} has no 2-d weight: not a linear layer fusedlora can read")
         quant = getattr(W, "quant_state", None)
-        if quant is None and is_nf4(getattr(base, "quant_state", None)):
+        packed = not W.is_floating_point() or W.shape[1] == 1  # (a 4-bit weight is stored [n, 1])
+        if quant is None and packed and is_nf4(getattr(base, "quant_state", None)):
             # FSDP swaps the Params4bit for a plain tensor (its quant_storage dtype); bitsandbytes keeps the
             # state on the Linear4bit module for exactly this
             quant = base.quant_state

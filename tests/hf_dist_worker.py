@@ -2,7 +2,7 @@
 as accelerate and TRL set it up) or DDP; tests/test_distributed.py runs it through torchrun on CPU (gloo,
 Triton's interpreter), and ci/multi_gpu_check.py is its multi-GPU counterpart.
 
-    torchrun --standalone --nproc_per_node=2 tests/hf_dist_worker.py fsdp2|ddp patched|offload|unpatched
+    torchrun --standalone --nproc_per_node=2 tests/hf_dist_worker.py fsdp2|ddp patched|offload|gc|qlora|unpatched
 
 Every rank builds the same seeded tiny Llama with LoRA adapters, shards or wraps it, and takes three AdamW
 steps on its own batch. An unsharded copy in the same process takes the same steps on every rank's batch, the
@@ -52,9 +52,11 @@ def main(kind: str, variant: str) -> None:
         model = make_model("llama")  # seeded: the same weights on every rank
     ref = copy.deepcopy(model)
     report = None
-    if variant in ("patched", "offload", "qlora"):  # offload: fusedlora's offloaded activation checkpointing too
+    if variant in ("patched", "offload", "gc", "qlora"):  # offload: fusedlora's offloaded checkpointing too
         report = fusedlora.patch(model, offload_checkpoints=variant == "offload")
         assert report.n_patched == 10, str(report)
+    if variant == "gc":  # HF's own (non-reentrant) gradient checkpointing over the patched layers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train(), ref.train()
     if kind == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh

@@ -152,6 +152,15 @@ def test_lora_functions_compile_whole_and_match_eager(kw):
     assert_compiled_matches_eager(lambda x, *params: step(x), (x, *leaves), TOL, seed=7)
 
 
+def test_lora_qkv_with_an_unadapted_projection():
+    """q and v with adapters, k a plain Linear (PEFT target_modules without k_proj): the params list holds only
+    the adapters there are, and each gradient lands on its own tensor."""
+    block = _lora_block(bias=True)
+    block.self_attn.k_proj = block.self_attn.k_proj.base_layer
+    leaves = [p for p in block.self_attn.parameters() if p.requires_grad]
+    assert_compiled_matches_eager(lambda x, *p: _block_step(block)(x), (_t(2, 5, 64), *leaves), TOL)
+
+
 def test_lora_mlp_on_some_projections_and_no_input_grad():
     """Adapters on gate and down only, and an input that needs no gradient (a first layer)."""
     block = _lora_block()

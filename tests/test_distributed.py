@@ -1,7 +1,7 @@
 """A patched HF + PEFT model under FSDP2 (fully_shard per decoder layer) and DDP in two processes (gloo and
 Triton's interpreter on CPU; NCCL where two GPUs exist): per-step global loss and the trained LoRA weights
 against an unsharded, unpatched model taking the same steps (tests/hf_dist_worker.py). Variants: patched,
-patched with offloaded checkpointing, QLoRA (bitsandbytes NF4 stored in fp32, sharded by FSDP2: the quant
+patched with offloaded checkpointing, patched with HF's gradient checkpointing, QLoRA (bitsandbytes NF4 stored in fp32, sharded by FSDP2: the quant
 state comes from the Linear4bit module), and the unpatched model (the harness itself)."""
 import os
 import subprocess
@@ -27,7 +27,7 @@ def _run(kind, variant, device):
     assert r.stdout.count(f"{kind.upper()} {variant} OK") == 2, r.stdout
 
 
-@pytest.mark.parametrize("variant", ["patched", "offload", "qlora", "unpatched"])
+@pytest.mark.parametrize("variant", ["patched", "offload", "gc", "qlora", "unpatched"])
 @pytest.mark.parametrize("kind", ["fsdp2", "ddp"])
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the NCCL version (triton 3.6's interpreter "
                     "beside the GPUs cannot run glu_lora_bwd's loop)")
@@ -35,7 +35,7 @@ def test_two_processes_cpu(kind, variant):
     _run(kind, variant, "cpu")
 
 
-@pytest.mark.parametrize("variant", ["patched", "offload", "qlora"])
+@pytest.mark.parametrize("variant", ["patched", "offload", "gc", "qlora"])
 @pytest.mark.parametrize("kind", ["fsdp2", "ddp"])
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_two_gpus(kind, variant):
