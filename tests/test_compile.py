@@ -236,6 +236,26 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _eager_then_compiled(model, loss_of, inputs, fullgraph=True):
+    """((eager loss, eager LoRA grads), (compiled loss, compiled LoRA grads)) of one step each."""
+    steps = []
+    for fn in (loss_of, torch.compile(loss_of, backend=BACKEND, fullgraph=fullgraph)):
+        model.zero_grad(set_to_none=True)
+        loss = fn(*inputs)
+        loss.backward()
+        steps.append((loss.detach(), _grads(model)))
+    model.zero_grad(set_to_none=True)
+    return steps
+
+
+def _assert_steps_equal(eager, compiled):
+    (ref_loss, ref), (loss, got) = eager, compiled
+    assert got.keys() == ref.keys() and len(got) == 28
+    assert rel_err(loss, ref_loss) <= TOL
+    for n in ref:
+        assert rel_err(got[n], ref[n]) <= max(TOL, 1e-6), n
+
+
 def assert_model_compiles_whole_and_matches_eager(model):
     """The whole patched training forward as one graph (fullgraph=True), its loss and every LoRA gradient
     those of the eager patched model."""
@@ -247,18 +267,7 @@ def assert_model_compiles_whole_and_matches_eager(model):
     explained = torch._dynamo.explain(loss_of)(ids, labels)
     assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
     torch._dynamo.reset()
-    model.zero_grad(set_to_none=True)
-    ref_loss = loss_of(ids, labels)
-    ref_loss.backward()
-    ref = _grads(model)
-    model.zero_grad(set_to_none=True)
-    loss = torch.compile(loss_of, backend=BACKEND, fullgraph=True)(ids, labels)
-    loss.backward()
-    got = _grads(model)
-    assert got.keys() == ref.keys() and len(got) == 28
-    assert rel_err(loss.detach(), ref_loss.detach()) <= TOL
-    for n in ref:
-        assert rel_err(got[n], ref[n]) <= max(TOL, 1e-6), n
+    _assert_steps_equal(*_eager_then_compiled(model, loss_of, (ids, labels)))
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma2", "granite"])
@@ -304,18 +313,8 @@ def test_hf_gradient_checkpointing_under_compile_adds_no_graph_break():
             return model(input_ids=ids, labels=labels).loss
         breaks.append(torch._dynamo.explain(loss_of)(ids, labels).graph_break_count)
         torch._dynamo.reset()
-    model.zero_grad(set_to_none=True)
-    eager_loss = loss_of(ids, labels)
-    eager_loss.backward()
-    eager = _grads(model)
-    model.zero_grad(set_to_none=True)
-    loss = torch.compile(loss_of, backend=BACKEND)(ids, labels)
-    loss.backward()
-    got = _grads(model)
     assert breaks[1] == breaks[0], breaks
-    assert len(got) == 28 and rel_err(loss.detach(), eager_loss.detach()) <= TOL
-    for n in eager:
-        assert rel_err(got[n], eager[n]) <= max(TOL, 1e-6), n
+    _assert_steps_equal(*_eager_then_compiled(model, loss_of, (ids, labels), fullgraph=False))
 
 
 def test_bf16_autocast_compiled_as_close_to_fp32_as_eager():
