@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--loss-tol", type=float, default=1e-2, help="per-step relative loss tolerance (bf16)")
     ap.add_argument("--weight-tol", type=float, default=5e-2, help="relative error of each trained LoRA weight")
+    ap.add_argument("--cpu-offload", action="store_true", help="the N-GPU runs with FSDP2's CPUOffloadPolicy")
     ap.add_argument("--out", default=None, help="Markdown report")
     args = ap.parse_args(argv)
     import torch
@@ -56,8 +57,9 @@ def main(argv=None) -> int:
               str(args.global_batch), "--seq", str(args.seq)]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        runs = {"patched N": _run(args.gpus, [], tmp / "pn.json", common),
-                "unpatched N": _run(args.gpus, ["--no-patch"], tmp / "un.json", common),
+        offload = ["--cpu-offload"] if args.cpu_offload else []
+        runs = {"patched N": _run(args.gpus, offload, tmp / "pn.json", common),
+                "unpatched N": _run(args.gpus, ["--no-patch", *offload], tmp / "un.json", common),
                 "patched 1": _run(1, [], tmp / "p1.json", common)}
         w_n, w_1 = torch.load(tmp / "pn.pt"), torch.load(tmp / "p1.pt")
     failures = []
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
         if r.get("fallbacks"):
             failures.append(f"{name}: run-time fallbacks to HF's path: {r['fallbacks']}")
     lines = [f"FSDP2 check: {args.model} {args.mode}, global batch {args.global_batch} x {args.seq}, {args.steps} "
-             f"steps, {args.gpus} GPUs vs 1", "",
+             f"steps, {args.gpus} GPUs{' (CPU offload)' if args.cpu_offload else ''} vs 1", "",
              "| run | tokens/s per GPU | peak GiB per GPU | final loss |", "|---|---|---|---|"]
     for name, r in runs.items():
         peak = f"{r['peak_gib_per_gpu']:.1f}" if r.get("peak_gib_per_gpu") else "-"

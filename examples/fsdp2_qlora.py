@@ -33,6 +33,8 @@ def parse(argv=None):
     ap.add_argument("--offload", action="store_true", help="fusedlora's offloaded activation checkpointing")
     ap.add_argument("--gc", action="store_true", help="HF's gradient checkpointing (non-reentrant)")
     ap.add_argument("--no-shard", action="store_true", help="one process, no FSDP (the single-GPU reference)")
+    ap.add_argument("--cpu-offload", action="store_true",
+                    help="FSDP2 CPUOffloadPolicy: sharded parameters, gradients and optimizer state in host memory")
     ap.add_argument("--out", default=None, help="JSON results (rank 0)")
     ap.add_argument("--save-lora", action="store_true", help="include the trained LoRA weights in --out (.pt beside)")
     return ap.parse_args(argv)
@@ -68,16 +70,19 @@ def build(args, device):
     return model, report
 
 
-def shard(model, device, world):
+def shard(model, device, world, cpu_offload=False):
     import torch
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (world,))
     on_gpu = device.type == "cuda"
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_gpu else MixedPrecisionPolicy()
+    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_gpu
+          else MixedPrecisionPolicy()}
+    if cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=on_gpu)
     for layer in model.base_model.model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, **kw)
+    fully_shard(model, mesh=mesh, **kw)
     return model
 
 
@@ -104,9 +109,10 @@ def train(args) -> dict:
         raise SystemExit(f"--global-batch {args.global_batch} must be a multiple of the {world} ranks")
     model, report = build(args, device)
     if distributed:
-        shard(model, device, world)
+        shard(model, device, world, args.cpu_offload)
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, fused=cuda)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                            fused=cuda and not args.cpu_offload)  # (offloaded: the step runs on the host)
     per_rank = args.global_batch // world
     losses, t0 = [], None
     if cuda:

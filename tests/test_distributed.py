@@ -45,11 +45,12 @@ def test_two_gpus(kind, variant):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on GPUs: build_tools/multi_gpu_check.py itself (8B, 20 steps)")
 def test_multi_gpu_check_and_example_on_cpu():
     """build_tools/multi_gpu_check.py end to end with two gloo processes: examples/fsdp2_qlora.py patched and
-    unpatched under FSDP2, and patched in one process over the same global batch."""
+    unpatched under FSDP2 (with its CPUOffloadPolicy option), and patched in one process over the same global
+    batch."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     r = subprocess.run([sys.executable, str(ROOT / "build_tools" / "multi_gpu_check.py"), "--gpus", "2", "--model",
                         "tiny", "--mode", "lora", "--steps", "3", "--seq", "32", "--global-batch", "2",
-                        "--loss-tol", "1e-5", "--weight-tol", "1e-5"], env=env, capture_output=True, text=True,
-                       timeout=900)
+                        "--loss-tol", "1e-5", "--weight-tol", "1e-5", "--cpu-offload"], env=env, capture_output=True,
+                       text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "all checks passed" in r.stdout and "| patched N |" in r.stdout
