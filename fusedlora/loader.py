@@ -186,6 +186,12 @@ def _fake_tensor_type():
     return FakeTensor
 
 
+def _launches_nothing(first) -> bool:
+    """A fake or meta tensor (torch.compile's tracing, the custom ops' fakes): the outputs are allocated
+    already and there is nothing to compute."""
+    return isinstance(first, _fake_tensor_type()) or getattr(first, "is_meta", False)
+
+
 class _JitLaunch:
     def __init__(self, spec: KernelSpec, constexprs: dict, num_warps: int, num_stages: int):
         self.fn = spec.fn
@@ -212,10 +218,9 @@ class KernelLauncher:
     def __call__(self, grid, args, constexprs):
         """grid: a 3-tuple of ints. Fake or meta tensors (torch.compile's tracing, the custom ops' fake
         implementations in fusedlora.ops._custom) launch nothing: their outputs are already allocated."""
-        first = args[0]
-        if isinstance(first, _fake_tensor_type()) or getattr(first, "is_meta", False):
+        if _launches_nothing(args[0]):
             return
-        device = first.get_device()
+        device = args[0].get_device()
         if device < 0:
             return self._cpu(grid, args, constexprs)
         try:
@@ -328,10 +333,9 @@ class Loader:
     def launch_jit(self, spec: KernelSpec, grid, args, constexprs: dict, num_warps=None, num_stages=None):
         """One launch through triton.jit with explicit constexprs (and num_warps / num_stages, else the spec's
         config for this GPU): KernelSpec.override's path, for tuning sweeps."""
-        first = args[0]
-        if isinstance(first, _fake_tensor_type()) or getattr(first, "is_meta", False):
+        if _launches_nothing(args[0]):
             return
-        device = first.get_device()
+        device = args[0].get_device()
         arch = 80 if device < 0 else self.arch(device)
         warps, stages = spec.config(arch, dict(constexprs))
         _JitLaunch(spec, dict(constexprs), num_warps or warps, num_stages or stages)(grid, args)

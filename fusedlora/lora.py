@@ -534,13 +534,29 @@ def _projections(fn, entry, specs, X, kernels):
     return prs
 
 
+def _o_projections(X, W, W_quant, A, B, S, bias, dropout):
+    return _projections("LoRA_O", "apply_lora_o", [("", W, W_quant, A, B, S, bias, dropout)], X,
+                        kernels=W_quant is not None)
+
+
+def _qkv_projections(X, qW, qQ, qA, qB, qS, kW, kQ, kA, kB, kS, vW, vQ, vA, vB, vS, q_bias, k_bias, v_bias, dropouts):
+    specs = [(n, *proj, b, p) for n, proj, b, p in zip(
+        "qkv", ((qW, qQ, qA, qB, qS), (kW, kQ, kA, kB, kS), (vW, vQ, vA, vB, vS)), (q_bias, k_bias, v_bias), dropouts)]
+    return _projections("LoRA_QKV", "apply_lora_qkv", specs, X, kernels=any(q is not None for q in (qQ, kQ, vQ)))
+
+
+def _mlp_projections(X, gW, gQ, gA, gB, gS, uW, uQ, uA, uB, uS, dW, dQ, dA, dB, dS, dropouts):
+    specs = [(n, *proj, None, p) for n, proj, p in zip(
+        ("gate", "up", "down"), ((gW, gQ, gA, gB, gS), (uW, uQ, uA, uB, uS), (dW, dQ, dA, dB, dS)), dropouts)]
+    return _projections("LoRA_MLP", "apply_lora_mlp_*", specs, X, kernels=True)
+
+
 class LoRA_O(torch.autograd.Function):
     """LoRA_O.apply(X, W, W_quant, A, B, S, bias=None, dropout=0.0, training=False) -> X W^T + S (X A^T) B^T."""
 
     @staticmethod
     def forward(ctx, X, W, W_quant, A, B, S, bias=None, dropout=0.0, training=False):
-        prs = _projections("LoRA_O", "apply_lora_o", [("", W, W_quant, A, B, S, bias, dropout)], X,
-                           kernels=W_quant is not None)
+        prs = _o_projections(X, W, W_quant, A, B, S, bias, dropout)
         return _o_forward(ctx, X, prs, _compute_dtype(X), training)[0]
 
     @staticmethod
@@ -558,10 +574,8 @@ class LoRA_QKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X, qW, qQ, qA, qB, qS, kW, kQ, kA, kB, kS, vW, vQ, vA, vB, vS, inplace=True,
                 q_bias=None, k_bias=None, v_bias=None, dropouts=(0.0, 0.0, 0.0), training=False):
-        specs = [(n, *proj, b, p) for n, proj, b, p in zip(
-            "qkv", ((qW, qQ, qA, qB, qS), (kW, kQ, kA, kB, kS), (vW, vQ, vA, vB, vS)), (q_bias, k_bias, v_bias),
-            dropouts)]
-        prs = _projections("LoRA_QKV", "apply_lora_qkv", specs, X, kernels=any(q is not None for q in (qQ, kQ, vQ)))
+        prs = _qkv_projections(X, qW, qQ, qA, qB, qS, kW, kQ, kA, kB, kS, vW, vQ, vA, vB, vS, q_bias, k_bias, v_bias,
+                               dropouts)
         return _qkv_forward(ctx, X, prs, _compute_dtype(X), training)
 
     @staticmethod
@@ -578,9 +592,7 @@ class LoRA_MLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X, gW, gQ, gA, gB, gS, uW, uQ, uA, uB, uS, dW, dQ, dA, dB, dS, activation_fn,
                 activation_fn_backward, inplace=True, dropouts=(0.0, 0.0, 0.0), training=False):
-        specs = [(n, *proj, None, p) for n, proj, p in zip(
-            ("gate", "up", "down"), ((gW, gQ, gA, gB, gS), (uW, uQ, uA, uB, uS), (dW, dQ, dA, dB, dS)), dropouts)]
-        prs = _projections("LoRA_MLP", "apply_lora_mlp_*", specs, X, kernels=True)
+        prs = _mlp_projections(X, gW, gQ, gA, gB, gS, uW, uQ, uA, uB, uS, dW, dQ, dA, dB, dS, dropouts)
         return _mlp_forward(ctx, X, prs, _compute_dtype(X), training, activation_fn, activation_fn_backward,
                             inplace)[0]
 

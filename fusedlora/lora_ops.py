@@ -32,7 +32,7 @@ _ACTIVATIONS = {
     "gelu": (L.geglu_exact_fg, L.geglu_exact_fg_backward),
     "gelu_tanh": (L.geglu_approx_fg, L.geglu_approx_fg_backward),
 }
-_SAVED_NONE, _SAVED_X, _SAVED_MASK = 0, 1, 2
+_SAVED_NONE, _SAVED_X, _SAVED_MASK = 0, 1, 2  # marker codes (fusedlora.ops._custom.marker): None, X, mask i
 
 
 # ----------------------------------------------------------------------------------- encode / decode
@@ -92,11 +92,11 @@ def _encode_saved(saved, X, prs, outs, inputs):
     out = []
     for t in saved:
         if t is None:
-            out.append(_marker(X, _SAVED_NONE))
+            out.append(_custom.marker(X, _SAVED_NONE))
         elif torch._C._is_alias_of(t, X):  # X2 = X itself in the compute dtype
-            out.append(_marker(X, _SAVED_X))
+            out.append(_custom.marker(X, _SAVED_X))
         elif any(t is pr.mask for pr in prs):
-            out.append(_marker(X, _SAVED_MASK + next(i for i, pr in enumerate(prs) if t is pr.mask)))
+            out.append(_custom.marker(X, _SAVED_MASK + next(i for i, pr in enumerate(prs) if t is pr.mask)))
         else:
             out.append(t)
     return _unaliased(out, inputs, list(outs))
@@ -120,7 +120,7 @@ def _unaliased(outs, inputs, earlier=()):
 def _decode_saved(saved, X, prs):
     out = []
     for t in saved:
-        code = _marker_code(t)
+        code = _custom.marker_code(t)
         if code is None:
             out.append(t)
         elif code == _SAVED_NONE:
@@ -130,16 +130,6 @@ def _decode_saved(saved, X, prs):
         else:
             out.append(prs[code - _SAVED_MASK].mask)
     return out
-
-
-def _marker(like, code):
-    return like.new_empty((0, 0, code + 1), dtype=torch.uint8)
-
-
-def _marker_code(t):
-    if t.dtype == torch.uint8 and t.dim() == 3 and t.shape[0] == 0 and t.shape[1] == 0:
-        return t.shape[2] - 1
-    return None
 
 
 class _OpCtx:
@@ -206,20 +196,16 @@ LORA_MLP_OP = _define("mlp", 1, L._mlp_plan, L._mlp_forward, L._mlp_backward, L.
 # ------------------------------------------------------------------------------ LoRA_*.apply's twins
 def lora_o(X, W, W_quant, A, B, S, bias=None, dropout=0.0, training=False):
     """LoRA_O.apply through the custom op (same arguments, same result)."""
-    prs = L._projections("LoRA_O", "apply_lora_o", [("", W, W_quant, A, B, S, bias, dropout)], X,
-                         kernels=W_quant is not None)
-    dtype = L._compute_dtype(X)
-    return LORA_O_OP(X, *_encode(prs, X, dtype, training), dtype, bool(training), "", False)[0]
+    prs = L._o_projections(X, W, W_quant, A, B, S, bias, dropout)
+    return _call(LORA_O_OP, X, prs, training)[0]
 
 
 def lora_qkv(X, qW, qQ, qA, qB, qS, kW, kQ, kA, kB, kS, vW, vQ, vA, vB, vS, inplace=True, q_bias=None, k_bias=None,
              v_bias=None, dropouts=(0.0, 0.0, 0.0), training=False):
     """LoRA_QKV.apply through the custom op."""
-    specs = [(n, *proj, b, p) for n, proj, b, p in zip(
-        "qkv", ((qW, qQ, qA, qB, qS), (kW, kQ, kA, kB, kS), (vW, vQ, vA, vB, vS)), (q_bias, k_bias, v_bias), dropouts)]
-    prs = L._projections("LoRA_QKV", "apply_lora_qkv", specs, X, kernels=any(q is not None for q in (qQ, kQ, vQ)))
-    dtype = L._compute_dtype(X)
-    return tuple(LORA_QKV_OP(X, *_encode(prs, X, dtype, training), dtype, bool(training), "", False)[:3])
+    prs = L._qkv_projections(X, qW, qQ, qA, qB, qS, kW, kQ, kA, kB, kS, vW, vQ, vA, vB, vS, q_bias, k_bias, v_bias,
+                             dropouts)
+    return tuple(_call(LORA_QKV_OP, X, prs, training)[:3])
 
 
 def lora_mlp(X, gW, gQ, gA, gB, gS, uW, uQ, uA, uB, uS, dW, dQ, dA, dB, dS, activation, inplace=True,
@@ -228,8 +214,10 @@ def lora_mlp(X, gW, gQ, gA, gB, gS, uW, uQ, uA, uB, uS, dW, dQ, dA, dB, dS, acti
     ("silu", "gelu", "gelu_tanh") instead of the two callables."""
     if activation not in _ACTIVATIONS:
         raise ValueError(f"lora_mlp: activation must be one of {tuple(_ACTIVATIONS)}, got {activation!r}")
-    specs = [(n, *proj, None, p) for n, proj, p in zip(
-        ("gate", "up", "down"), ((gW, gQ, gA, gB, gS), (uW, uQ, uA, uB, uS), (dW, dQ, dA, dB, dS)), dropouts)]
-    prs = L._projections("LoRA_MLP", "apply_lora_mlp_*", specs, X, kernels=True)
-    dtype = L._compute_dtype(X)
-    return LORA_MLP_OP(X, *_encode(prs, X, dtype, training), dtype, bool(training), activation, bool(inplace))[0]
+    prs = L._mlp_projections(X, gW, gQ, gA, gB, gS, uW, uQ, uA, uB, uS, dW, dQ, dA, dB, dS, dropouts)
+    return _call(LORA_MLP_OP, X, prs, training, activation, inplace)[0]
+
+
+def _call(op, X, prs, training, activation="", inplace=False):
+    dtype = L._compute_dtype(X)  # autocast's, decided here (at trace time)
+    return op(X, *_encode(prs, X, dtype, training), dtype, bool(training), activation, bool(inplace))

@@ -314,7 +314,8 @@ def decode_base(t, kind, out_f, in_f, q):
 def _dequantize_op(tensors: list[torch.Tensor | None], ints: list[int], out_f: int, in_f: int,
                    dtype: torch.dtype) -> torch.Tensor:
     W, quant = decode_base(tensors, ints[0], out_f, in_f, ints[1:])
-    return dequantize_base(W, quant, dtype).clone() if quant is None else dequantize_base(W, quant, dtype)
+    out = dequantize_base(W, quant, dtype)
+    return out.clone() if out is W else out  # (a plain weight already in dtype: an op may not return its input)
 
 
 DEQUANTIZE_OP = _custom.define("dequantize", _dequantize_op)

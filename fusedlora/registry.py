@@ -84,11 +84,16 @@ class KernelSpec:
                 _OVERRIDES[self.name] = previous
 
     def _constexprs_and_key(self, shape: dict) -> tuple[dict, tuple]:
-        key = (self.name, tuple(sorted((k, _concrete(v)) for k, v in shape.items())))
-        hit = _CONSTEXPRS.get(key)
-        if hit is None:
-            meta = self.meta(**dict(key[1]))
-            hit = _CONSTEXPRS[key] = (meta, tuple(sorted(meta.items())))
+        try:
+            hit = _CONSTEXPRS.get((self.name, tuple(sorted(shape.items()))))
+        except TypeError:  # a symbolic size under torch.compile's tracing is unhashable
+            hit = None
+        if hit is None:  # (plain values: stored under the same key below, so the next call hits above)
+            key = (self.name, tuple(sorted((k, _concrete(v)) for k, v in shape.items())))
+            hit = _CONSTEXPRS.get(key)
+            if hit is None:
+                meta = self.meta(**dict(key[1]))
+                hit = _CONSTEXPRS[key] = (meta, tuple(sorted(meta.items())))
         return hit
 
     def launch(self, grid, args: tuple, **shape):

@@ -5,7 +5,7 @@ public ops call the custom ops defined beside each Function, which run the same 
 (meta) implementation is its real one: under FakeTensorMode the loader skips the kernel launch
 (`fusedlora.loader.KernelLauncher`), so the outputs' shapes, dtypes and strides are the real call's by
 construction. Custom ops take tensors, lists of tensors and plain scalars; an optional tensor output is
-returned as `none_marker()` and read back with `unmark()`.
+returned as `mark(t)` (a `marker` for None) and read back with `unmark()`.
 """
 from __future__ import annotations
 
@@ -26,18 +26,23 @@ def define(name: str, fn, *, mutates_args=(), fake=None):
     return op
 
 
-def none_marker(like: torch.Tensor) -> torch.Tensor:
-    """Stands for None in a custom op's tensor outputs (a 3-d empty uint8 tensor: no real output has it)."""
-    return like.new_empty((0, 0, 0), dtype=torch.uint8)
+def marker(like: torch.Tensor, code: int = 0) -> torch.Tensor:
+    """A stand-in among a custom op's tensor outputs: a [0, 0, code] uint8 tensor (no real output has that
+    shape). Code 0 stands for None; callers give other codes their own meaning (fusedlora.lora_ops)."""
+    return like.new_empty((0, 0, code), dtype=torch.uint8)
 
 
-def is_none_marker(t) -> bool:
-    return t.dtype == torch.uint8 and t.dim() == 3 and t.numel() == 0
-
-
-def unmark(t):
-    return None if t is None or is_none_marker(t) else t
+def marker_code(t) -> int | None:
+    """The code of a marker, or None for a real tensor."""
+    if t.dtype == torch.uint8 and t.dim() == 3 and t.shape[0] == 0 and t.shape[1] == 0:
+        return t.shape[2]
+    return None
 
 
 def mark(t, like: torch.Tensor) -> torch.Tensor:
-    return none_marker(like) if t is None else t
+    """t, or the None marker when t is None."""
+    return marker(like) if t is None else t
+
+
+def unmark(t):
+    return None if t is None or marker_code(t) == 0 else t
