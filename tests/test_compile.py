@@ -418,3 +418,10 @@ def test_dequantize_compiles_and_matches_eager(which):
         fn = lambda q: fusedlora.quant.dequantize_gptq(q, qzeros, scales, g_idx, transpose=which.endswith("transpose"))  # noqa: E731
         inputs = (qweight,)
     assert_compiled_matches_eager(fn, inputs, 0.0)
+
+
+def test_lora_mlp_op_names_a_bad_activation():
+    block = _lora_block()
+    args = [t for name in ("gate_proj", "up_proj", "down_proj") for t in lora.fused_parameters(getattr(block.mlp, name))]
+    with pytest.raises(ValueError, match=r"lora_mlp: activation must be one of \('silu', 'gelu', 'gelu_tanh'\), got 'relu'"):
+        lora_ops.lora_mlp(torch.randn(3, 64, device=DEVICE), *args, "relu")

@@ -38,3 +38,19 @@ def test_context_report_table():
             {"label": "liger+gc", "error": "exit code 1"}]
     table = bench_context.markdown(rows)
     assert "| fusedlora+offload | 65,536 | 8.0x | 2,500 | 60.0 |" in table and "failed: exit code 1" in table
+
+
+def test_offload_is_refused_for_a_variant_without_it():
+    import pytest
+    args = argparse.Namespace(variant="hf", model="tiny", mode="lora", gc=False, offload=True, packed=False, steps=2,
+                              batch=1, seq=32, lr=1e-4, log_every=1, profile=0, peak_tflops=790.0, find_context=64)
+    with pytest.raises(SystemExit, match="--offload is fusedlora's offloaded checkpointing: only for the fusedlora"):
+        workload.run(args)
+
+
+def test_bench_context_without_a_gpu_says_so(capsys):
+    import torch
+    if torch.cuda.is_available():
+        return
+    assert bench_context.main(["--model", "tiny"]) == 2
+    assert "fusedlora.bench context needs a CUDA GPU" in capsys.readouterr().err

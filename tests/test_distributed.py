@@ -54,3 +54,12 @@ def test_multi_gpu_check_and_example_on_cpu():
                        text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "all checks passed" in r.stdout and "| patched N |" in r.stdout
+
+
+def test_example_names_a_global_batch_the_ranks_cannot_split():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(ROOT / "examples" / "fsdp2_qlora.py"), "--model", "tiny", "--global-batch", "3", "--steps",
+                        "1", "--seq", "16", "--mode", "lora"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    assert "--global-batch 3 must be a multiple of the 2 ranks" in r.stdout + r.stderr

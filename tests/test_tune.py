@@ -43,3 +43,12 @@ def test_every_sweep_runs_at_smoke_sizes(capsys):
                  "nf4 nested", "gptq"):
         assert f"== {name}" in out, name
     assert "skip" not in out
+
+
+def test_smoke_refuses_a_gpu_probe():
+    from build_tools import tune
+    try:
+        with pytest.raises(SystemExit, match="triton_gemm is a GPU probe, not a sweep: no --smoke run"):
+            tune.main(["--smoke", "triton_gemm"])
+    finally:
+        tune.SMOKE, tune.DEV = False, "cuda"
