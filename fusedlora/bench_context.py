@@ -21,7 +21,7 @@ CONFIGS = (  # (label, variant, HF gradient checkpointing, fusedlora offloaded c
 
 def markdown(rows) -> str:
     ref = next((r for r in rows if r["label"] == "hf+gc" and r.get("longest")), None)
-    lines = ["| variant | longest sequence | vs HF+PEFT+gc | tokens/s there | peak GiB | tried (length: fits) |",
+    lines = ["| variant | longest sequence | vs HF+PEFT+gc | tokens/s there | peak GiB | tried (length: tokens/s, or n: out of memory) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
@@ -30,7 +30,9 @@ def markdown(rows) -> str:
         ratio = f"{r['longest'] / ref['longest']:.1f}x" if ref and r["longest"] else "-"
         tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "-"
-        tried = ", ".join(f"{n}:{'y' if ok else 'n'}" for n, ok in r.get("tried", []))
+        rates = dict(r.get("rates", []))
+        tried = ", ".join(f"{n}: {rates[n]:,.0f}" if ok and n in rates else f"{n}: {'y' if ok else 'n'}"
+                          for n, ok in r.get("tried", []))
         lines.append(f"| {r['label']} | {r['longest']:,} | {ratio} | {tps} | {peak} | {tried} |")
     return "\n".join(lines)
 
@@ -41,6 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", default="qlora", choices=("qlora", "lora"))
     ap.add_argument("--start", type=int, default=4096, help="first length tried (doubling from here)")
     ap.add_argument("--max-seq", type=int, default=524288)
+    ap.add_argument("--granularity", type=int, default=1024, help="bisection stops at this length step")
     ap.add_argument("--variants", default=",".join(c[0] for c in CONFIGS), help="comma list of the labels above")
     ap.add_argument("--out", default=None, help="Markdown report path (JSON beside it)")
     args = ap.parse_args(argv)
@@ -52,7 +55,8 @@ def main(argv=None) -> int:
         if label not in wanted:
             continue
         run = argparse.Namespace(model=args.model, mode=args.mode, gc=gc, offload=offload, packed=False, steps=2,
-                                 batch=1, seq=args.start, lr=1e-4, log_every=1, find_context=args.max_seq)
+                                 batch=1, seq=args.start, lr=1e-4, log_every=1, find_context=args.max_seq,
+                                 context_step=args.granularity)
         t0 = time.perf_counter()
         r = run_in_subprocess(variant, run)
         r["label"] = label
@@ -61,6 +65,6 @@ def main(argv=None) -> int:
         rows.append(r)
     report = (bench_report.measured_line(rows)
               + f"; {args.model} shape, {args.mode}, LoRA r16 on 7 projections, batch 1, bf16 autocast, fused AdamW, "
-              "SDPA; each variant in its own process, lengths in steps of 1024.\n\n" + markdown(rows))
+              f"SDPA; each variant in its own process, lengths in steps of {args.granularity}.\n\n" + markdown(rows))
     bench_report.write(args.out, report, rows)
     return 0

@@ -19,14 +19,21 @@ def _loss_gap(r, ref):
     return max((abs(a - b) / max(abs(b), 1e-6) for a, b in pairs), default=float("nan"))
 
 
+def checkpointing(r) -> str:
+    return "offload" if r.get("offload") else "on" if r["gc"] else "off"
+
+
 def markdown(results) -> str:
+    """One row per run; the ratio and loss gap against HF+PEFT of the same shape and mode, with gradient
+    checkpointing for the offloaded runs (the on-GPU checkpointing they replace)."""
     lines = ["| shape | mode | gc | variant | tokens/s | vs HF+PEFT | step ms | peak GiB | first step s | "
              "loss gap vs HF | JIT kernels |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for key, group in itertools.groupby(results, key=lambda r: (r["model"], r["mode"], r["gc"])):
+    hf = {(r["model"], r["mode"], checkpointing(r)): r for r in results if r["variant"] == "hf" and "error" not in r}
+    for key, group in itertools.groupby(results, key=lambda r: (r["model"], r["mode"], checkpointing(r))):
         group = list(group)
-        ref = next((r for r in group if r["variant"] == "hf" and "error" not in r), None)
+        ref = hf.get((key[0], key[1], "on" if key[2] == "offload" else key[2]))
         for r in group:
-            head = f"| {key[0]} | {key[1]} | {'on' if key[2] else 'off'} | {r['variant']} |"
+            head = f"| {key[0]} | {key[1]} | {key[2]} | {r['variant']} |"
             if "error" in r:
                 lines.append(head + f" failed: {r['error'][:120]} | | | | | | |")
                 continue
@@ -42,7 +49,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fusedlora.bench e2e", description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="1b", help="comma list of shapes: 1b,8b")
     ap.add_argument("--modes", default="qlora,lora")
-    ap.add_argument("--gc", choices=("off", "on", "both"), default="off")
+    ap.add_argument("--gc", default="off", help="comma list of off, on (HF gradient checkpointing), offload "
+                    "(fusedlora's offloaded checkpoints; fusedlora variants only); both = off,on")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=4)
@@ -57,16 +65,21 @@ def main(argv=None) -> int:
     if not bench_report.gpu_or_exit("fusedlora.bench e2e"):
         return 2
     variants = bench_report.selected(args.variants, "liger")
-    gcs = {"off": [False], "on": [True], "both": [False, True]}[args.gc]
+    settings = args.gc.replace("both", "off,on").split(",")
+    if set(settings) - {"off", "on", "offload"}:
+        ap.error(f"--gc: expected a comma list of off, on, offload, both; got {args.gc!r}")
     results = []
-    for model, mode, gc in itertools.product(args.models.split(","), args.modes.split(","), gcs):
+    for model, mode, setting in itertools.product(args.models.split(","), args.modes.split(","), settings):
         for variant in variants:
-            run = argparse.Namespace(model=model, mode=mode, gc=gc, packed=args.packed, steps=args.steps, batch=args.batch,
+            if setting == "offload" and not variant.startswith("fusedlora"):
+                continue
+            gc = setting == "on"
+            run = argparse.Namespace(model=model, mode=mode, gc=gc, offload=setting == "offload", packed=args.packed, steps=args.steps, batch=args.batch,
                                      seq=args.seq, lr=args.lr, log_every=5, profile=args.profile,
                                      peak_tflops=args.peak_tflops)
             t0 = time.perf_counter()
             r = run_in_subprocess(variant, run)
-            print(f"{model} {mode} gc={gc} {variant}: " + (f"{r['tokens_per_s']:,.0f} tok/s, {r['peak_gib']:.2f} GiB"
+            print(f"{model} {mode} gc={setting} {variant}: " + (f"{r['tokens_per_s']:,.0f} tok/s, {r['peak_gib']:.2f} GiB"
                   if "error" not in r else r["error"]) + f" ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
             results.append(r)
     report = (bench_report.measured_line(results)
@@ -76,7 +89,7 @@ def main(argv=None) -> int:
     from .step_profile import markdown as profile_markdown
     for r in results:
         if r.get("profile"):
-            report += "\n\n" + profile_markdown(r["profile"], f"{r['model']} {r['mode']} gc={r['gc']} {r['variant']}: "
+            report += "\n\n" + profile_markdown(r["profile"], f"{r['model']} {r['mode']} gc={checkpointing(r)} {r['variant']}: "
                                                  f"GPU time per step by kernel family ({args.profile} profiled steps)")
     bench_report.write(args.out, report, results)
     return 0

@@ -104,13 +104,17 @@ def _encode_saved(saved, X, prs, outs, inputs):
 
 def _unaliased(outs, inputs, earlier=()):
     """outs with each tensor that is, or views the memory of, an input or an earlier output cloned: a custom
-    op's outputs may alias neither. Fresh tensors (no view base, not an input) are taken as they are."""
+    op's outputs may alias neither. Each output is also made contiguous (in practice a rank-r column block of a
+    wider buffer): the real and the fake run may differ in which views they return, but never in the layout
+    Inductor is promised. Fresh contiguous tensors are taken as they are."""
     done = list(earlier)
     result = []
     for t in outs:
-        if t is not None and (t._base is not None or any(t is i for i in inputs)):
+        if t is not None and not t.is_contiguous():
+            t = t.contiguous()
+        elif t is not None and (t._base is not None or any(t is i for i in inputs)):
             if any(i is not None and torch._C._is_alias_of(t, i) for i in (*inputs, *done)):
-                t = t.clone()
+                t = t.clone(memory_format=torch.contiguous_format)
         result.append(t)
         if t is not None:
             done.append(t)

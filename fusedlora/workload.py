@@ -155,7 +155,7 @@ def run(args) -> dict:
     if getattr(args, "find_context", 0):
         return {"variant": args.variant, "mode": args.mode, "model": args.model, "gc": args.gc, "offload": offload,
                 **find_context(model, opt, autocast, SHAPES[args.model]["vocab_size"], device, args.find_context,
-                               args.seq),
+                               args.seq, getattr(args, "context_step", 1024)),
                 "versions": _versions(), "device": torch.cuda.get_device_name() if on_gpu else "cpu"}
     data = batches(args.steps, args.batch, args.seq, args.packed, device)
     if on_gpu:
@@ -201,8 +201,8 @@ def run(args) -> dict:
     timed_steps = args.steps - warmup
     from . import loader
     return {
-        "variant": args.variant, "mode": args.mode, "model": args.model, "gc": args.gc, "packed": args.packed,
-        "batch": args.batch, "seq": args.seq, "steps": args.steps,
+        "variant": args.variant, "mode": args.mode, "model": args.model, "gc": args.gc, "offload": offload,
+        "packed": args.packed, "batch": args.batch, "seq": args.seq, "steps": args.steps,
         "tokens_per_s": timed_steps * args.batch * args.seq / (t_end - t_window),
         "step_ms": (t_end - t_window) / timed_steps * 1e3,
         "first_step_s": first_step_s, "process_s": t_end - t_start,
@@ -246,14 +246,16 @@ def search_longest(fits, start: int, limit: int, granularity: int):
     return best, best_r, tried
 
 
-def find_context(model, opt, autocast, vocab, device, limit, start=1024):
+def find_context(model, opt, autocast, vocab, device, limit, start=1024, granularity=1024):
     """The longest sequence (batch 1) whose training step fits on this GPU: search_longest over lengths
-    (multiples of 1024), two steps per length (the second timed); an out-of-memory error means "does not
-    fit" and its memory is freed before the next try."""
+    (multiples of `granularity`), two steps per length (the second timed); an out-of-memory error means "does
+    not fit" and its memory is freed before the next try. `rates`: tokens/s at every length that fitted."""
     import gc as pygc
 
     import torch
     on_gpu = device == "cuda"
+
+    rates = {}
 
     def fits(seq):
         oom = False
@@ -282,10 +284,12 @@ def find_context(model, opt, autocast, vocab, device, limit, start=1024):
             if on_gpu:
                 torch.cuda.empty_cache()
             return None
+        rates[seq] = seq / dt
         return {"tokens_per_s": seq / dt, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None}
 
-    longest, result, tried = search_longest(fits, start, limit, 1024)
-    return {"longest": longest, **(result or {"tokens_per_s": None, "peak_gib": None}), "tried": tried}
+    longest, result, tried = search_longest(fits, start, limit, granularity)
+    return {"longest": longest, **(result or {"tokens_per_s": None, "peak_gib": None}), "tried": tried,
+            "rates": sorted(rates.items())}
 
 
 def _sync(on_gpu):
@@ -336,6 +340,7 @@ def add_run_args(ap, steps=20, batch=4, seq=2048):
     ap.add_argument("--offload", action="store_true", help="fusedlora's offloaded checkpointing (fusedlora variants)")
     ap.add_argument("--find-context", type=int, default=0, metavar="MAX",
                     help="instead of timed steps: the longest sequence (batch 1, up to MAX) whose step fits")
+    ap.add_argument("--context-step", type=int, default=1024, help="--find-context's length granularity")
     ap.add_argument("--packed", action="store_true", help="padding-free packed rows (position_ids restart per document)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--log-every", type=int, default=5)
@@ -351,7 +356,8 @@ def run_in_subprocess(variant, args, extra_env=None) -> dict:
            "--log-every", str(args.log_every), "--profile", str(getattr(args, "profile", 0)),
            "--peak-tflops", str(getattr(args, "peak_tflops", 790.0))] + (["--gc"] if args.gc else []) + \
         (["--packed"] if args.packed else []) + (["--offload"] if getattr(args, "offload", False) else []) + \
-        (["--find-context", str(args.find_context)] if getattr(args, "find_context", 0) else [])
+        (["--find-context", str(args.find_context), "--context-step", str(getattr(args, "context_step", 1024))]
+         if getattr(args, "find_context", 0) else [])
     env = dict(os.environ, **(extra_env or {}))
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout.splitlines():

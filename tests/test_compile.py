@@ -43,7 +43,9 @@ def assert_compiled_matches_eager(fn, inputs, tol=0.0, dynamic=None, seed=None):
     ref = run(fn)
     seeds = [torch.randn_like(o) for o in ref]
     ref_grads = torch.autograd.grad(ref, leaves, seeds, allow_unused=True) if leaves else ()
-    got = run(torch.compile(fn, backend=BACKEND, fullgraph=True, dynamic=dynamic))
+    # Inductor draws random numbers its own way: eager's generator (fallback_random) gives the same masks
+    with torch._inductor.config.patch(fallback_random=seed is not None):
+        got = run(torch.compile(fn, backend=BACKEND, fullgraph=True, dynamic=dynamic))
     got_grads = torch.autograd.grad(got, leaves, seeds, allow_unused=True) if leaves else ()
     for a, b in zip(got + got_grads, ref + ref_grads):
         if b is None:

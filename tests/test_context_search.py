@@ -54,3 +54,22 @@ def test_bench_context_without_a_gpu_says_so(capsys):
         return
     assert bench_context.main(["--model", "tiny"]) == 2
     assert "fusedlora.bench context needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_context_table_gives_tokens_per_second_at_each_length_tried():
+    rows = [{"label": "fusedlora+offload", "longest": 8192, "tokens_per_s": 900.0, "peak_gib": 9.0,
+             "tried": [(4096, True), (8192, True), (16384, False)], "rates": [(4096, 1500.0), (8192, 900.0)]}]
+    assert "4096: 1,500, 8192: 900, 16384: n |" in bench_context.markdown(rows)
+
+
+def test_e2e_table_compares_offloaded_runs_with_hf_checkpointing():
+    from fusedlora import bench_e2e
+
+    def row(variant, gc, offload, tps):
+        return {"model": "1b", "mode": "qlora", "variant": variant, "gc": gc, "offload": offload,
+                "tokens_per_s": tps, "step_ms": 1.0, "peak_gib": 1.0, "first_step_s": 1.0, "losses": [2.0],
+                "fusedlora_jit_kernels": 0}
+    table = bench_e2e.markdown([row("hf", False, False, 100.0), row("hf", True, False, 50.0),
+                                row("fusedlora", False, True, 150.0)])
+    assert "| 1b | qlora | offload | fusedlora | 150 | 3.00x |" in table
+    assert "| 1b | qlora | on | hf | 50 | 1.00x |" in table

@@ -38,8 +38,9 @@ def device_problem(t: torch.Tensor) -> str | None:
 
 
 def _original(module):
-    """The class's own forward, bound to the module (patching never wraps an instance-level forward)."""
-    return type(module).forward.__get__(module)
+    """The class's own forward, bound to the module (patching never wraps an instance-level forward); a
+    partial rather than `__get__`, which Dynamo before torch 2.13 cannot trace."""
+    return functools.partial(type(module).forward, module)
 
 
 def _fallback(module, why, *args, **kwargs):
