@@ -323,9 +323,9 @@ class Loader:
         return arch
 
     def launcher(self, name_or_spec) -> KernelLauncher:
-        spec = registry.get(name_or_spec) if isinstance(name_or_spec, str) else name_or_spec
-        launcher = self._launchers.get(spec.name)
+        launcher = self._launchers.get(name_or_spec if isinstance(name_or_spec, str) else name_or_spec.name)
         if launcher is None:
+            spec = registry.get(name_or_spec) if isinstance(name_or_spec, str) else name_or_spec
             with self._lock:
                 launcher = self._launchers.setdefault(spec.name, KernelLauncher(self, spec))
         return launcher

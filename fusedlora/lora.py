@@ -97,6 +97,15 @@ class _Proj(NamedTuple):
     bias: torch.Tensor | None = None
     dropout: float = 0.0
     mask: torch.Tensor | None = None  # the dropout mask drawn before the call (the custom-op path)
+    Ac: torch.Tensor | None = None    # A and B in the compute dtype, cast once per call (_in_dtype): the
+    Bc: torch.Tensor | None = None    # forward and the backward share them (each cast is a kernel launch)
+
+
+def _in_dtype(prs, dtype):
+    """prs with each adapter's A and B cast to the compute dtype once (contiguous: the GLU kernels read B_g,
+    B_u and A_d by rows)."""
+    return tuple(pr if pr.A is None else pr._replace(Ac=pr.A.to(dtype).contiguous(), Bc=pr.B.to(dtype).contiguous())
+                 for pr in prs)
 
 
 def _dropout(X2, pr: _Proj, training):
@@ -119,13 +128,13 @@ def _proj_forward(X2, pr: _Proj, dtype, training):
         Y = X2 @ W.t()
     else:
         Xd, mask = _dropout(X2, pr, training)
-        XA = Xd @ pr.A.to(dtype).t()
+        XA = Xd @ pr.Ac.t()
         if W.shape[1] <= W.shape[0]:
             # Widening projection (gate/up): one GEMM over [X, XA] @ [W, s B]^T costs a copy of the narrow
             # input instead of a second pass over the wide output.
-            Y = torch.cat([X2, XA], 1) @ torch.cat([W, pr.B.to(dtype) * pr.s], 1).t()
+            Y = torch.cat([X2, XA], 1) @ torch.cat([W, pr.Bc * pr.s], 1).t()
         else:
-            Y = _base_plus_lora(X2, W.t(), XA, pr.B.to(dtype).t(), pr.s)
+            Y = _base_plus_lora(X2, W.t(), XA, pr.Bc.t(), pr.s)
     if pr.bias is not None:
         Y += pr.bias.to(dtype)
     return Y, (XA, Xd if mask is not None else None, mask)
@@ -139,7 +148,7 @@ def _proj_backward_input(dY, pr: _Proj, saved, dtype, needs):
     if pr.A is None:
         dX = dY @ dequantize_base(pr.W, pr.quant, dtype)
     else:
-        A, B = pr.A.to(dtype), pr.B.to(dtype)
+        A, B = pr.Ac, pr.Bc
         dYBs = _mm_scaled(dY, B, pr.s)  # [T, r]
         if needs["B"]:
             dB = _mm_scaled(dY.t(), XA, pr.s).to(pr.B.dtype)
@@ -234,14 +243,14 @@ def _qkv_fusable(prs, training):
 
 def _qkv_stacked_forward(X2, prs, dtype):
     """Q, K, V with one adapter-input GEMM (X [A_q; A_k; A_v]^T) shared by the three projections."""
-    A_cat = torch.cat([pr.A.to(dtype) for pr in prs], 0)
+    A_cat = torch.cat([pr.Ac for pr in prs], 0)
     XA = X2 @ A_cat.t()
     outs, col = [], 0
     for pr in prs:
         W = dequantize_base(pr.W, pr.quant, dtype)
         Y = X2 @ W.t() if pr.bias is None else torch.addmm(pr.bias.to(dtype), X2, W.t())
         r = pr.A.shape[0]
-        Y.addmm_(XA[:, col:col + r], pr.B.to(dtype).t(), alpha=pr.s)
+        Y.addmm_(XA[:, col:col + r], pr.Bc.t(), alpha=pr.s)
         outs.append(Y)
         col += r
     return outs, XA
@@ -253,11 +262,11 @@ def _qkv_stacked_backward(dYs, X2, XA, prs, dtype):
     dYBs, dBs, col = [], [], 0
     for pr, dY in zip(prs, dYs):
         r = pr.A.shape[0]
-        dYBs.append(_mm_scaled(dY, pr.B.to(dtype), pr.s))  # s dY B  [T, r]
+        dYBs.append(_mm_scaled(dY, pr.Bc, pr.s))  # s dY B  [T, r]
         dBs.append(_mm_scaled(dY.t(), XA[:, col:col + r], pr.s).to(pr.B.dtype))
         col += r
     G = torch.cat(list(dYs) + dYBs, 1)
-    A_cat = torch.cat([pr.A.to(dtype) for pr in prs], 0)
+    A_cat = torch.cat([pr.Ac for pr in prs], 0)
     dX = G @ _stack_rows(prs, A_cat, dtype, X2.device)
     n_out = sum(dY.shape[1] for dY in dYs)
     dA_cat = G[:, n_out:].t() @ X2
@@ -282,7 +291,7 @@ def _gate_up_shareable(pg, pu, training):
 def _gate_up_forward(X2, pg, pu, dtype):
     """e, g = [X, X A_g^T, X A_u^T] @ [W_g, s_g B_g, 0]^T and [...] @ [W_u, 0, s_u B_u]^T: one adapter-input
     GEMM and one copy of X for both projections (the zero blocks cost K + r extra columns, ~1 %)."""
-    XA = X2 @ torch.cat([pg.A.to(dtype), pu.A.to(dtype)], 0).t()
+    XA = X2 @ torch.cat([pg.Ac, pu.Ac], 0).t()
     Xc = torch.cat([X2, XA], 1)
     rg = pg.A.shape[0]
     outs = [Xc @ _gate_up_weight(pg, pu, which, dtype).t() for which in (0, 1)]
@@ -300,10 +309,10 @@ def _gate_up_weight(pg, pu, which, dtype):
         _dequantize_nf4(pr.W, pr.quant, buf[:, :in_f], dtype)  # no temporary, no copy
         buf[:, in_f:].zero_()
         mine = in_f if which == 0 else in_f + rg
-        torch.mul(pr.B.to(dtype), pr.s, out=buf[:, mine:mine + pr.A.shape[0]])
+        torch.mul(pr.Bc, pr.s, out=buf[:, mine:mine + pr.A.shape[0]])
         return buf
     # other weights: one cat into the buffer (a strided copy_ into the block is slower than cat)
-    W, sB = dequantize_base(pr.W, pr.quant, dtype), pr.B.to(dtype) * pr.s
+    W, sB = dequantize_base(pr.W, pr.quant, dtype), pr.Bc * pr.s
     zeros = sB.new_zeros(out_f, ru if which == 0 else rg)
     return torch.cat([W, sB, zeros] if which == 0 else [W, zeros, sB], 1, out=buf)
 
@@ -338,18 +347,14 @@ def _mlp_fused_forward(X2, pg, pu, pd, dtype, act):
     buffer. Rows start 128-byte aligned: with 64-byte aligned rows each 128-byte row segment of the GLU tiles
     splits over two cache lines (slower; docs/perf-notes.md). XA = X [A_g; A_u]^T. h = act(e) * g is not kept; h A_d^T is kept (down_proj's dB)."""
     I, rg = _weight_shape(pg.W, pg.quant)[0], pg.A.shape[0]
-    XA = X2 @ torch.cat([pg.A.to(dtype), pu.A.to(dtype)], 0).t()
+    XA = X2 @ torch.cat([pg.Ac, pu.Ac], 0).t()
     EG = X2.new_empty(X2.shape[0], cdiv(2 * I + rg + pu.A.shape[0], 64) * 64)
     _gate_up_base(X2, pg, pu, EG, dtype)
-    h = glu_lora_forward(EG[:, :I], EG[:, I:2 * I], XA, rg, _contig(pg.B, dtype), _contig(pu.B, dtype),
+    h = glu_lora_forward(EG[:, :I], EG[:, I:2 * I], XA, rg, pg.Bc, pu.Bc,
                          (pg.s, pu.s), act)
-    hA = h @ pd.A.to(dtype).t()
-    Y = _base_plus_lora(h, dequantize_base(pd.W, pd.quant, dtype).t(), hA, pd.B.to(dtype).t(), pd.s)
+    hA = h @ pd.Ac.t()
+    Y = _base_plus_lora(h, dequantize_base(pd.W, pd.quant, dtype).t(), hA, pd.Bc.t(), pd.s)
     return Y, EG, XA, hA
-
-
-def _contig(t, dtype):
-    return t.to(dtype).contiguous()
 
 
 def _mlp_fused_backward(ctx, need, X2, EG, XA, hA, dY):
@@ -360,12 +365,12 @@ def _mlp_fused_backward(ctx, need, X2, EG, XA, hA, dY):
     pg, pu, pd = ctx.prs
     dtype = ctx.dtype
     I, rg, ru, rd = _weight_shape(pg.W, pg.quant)[0], pg.A.shape[0], pu.A.shape[0], pd.A.shape[0]
-    dYBs_d = _mm_scaled(dY, pd.B.to(dtype), pd.s)  # s_d dY B_d  [T, r_d]
+    dYBs_d = _mm_scaled(dY, pd.Bc, pd.s)  # s_d dY B_d  [T, r_d]
     ddB = _mm_scaled(dY.t(), hA, pd.s).to(pd.B.dtype) if need["dB"] else None
     dh = dY @ dequantize_base(pd.W, pd.quant, dtype)
     D = EG if ctx.inplace else torch.empty_like(EG)  # de | dg | G, over e | g when inplace
-    B_g, B_u = _contig(pg.B, dtype), _contig(pu.B, dtype)
-    de, dg, Q = glu_lora_backward(dh, EG[:, :I], EG[:, I:2 * I], XA, rg, dYBs_d, B_g, B_u, _contig(pd.A, dtype),
+    B_g, B_u = pg.Bc, pu.Bc
+    de, dg, Q = glu_lora_backward(dh, EG[:, :I], EG[:, I:2 * I], XA, rg, dYBs_d, B_g, B_u, pd.Ac,
                                   (pg.s, pu.s), ctx.act_bwd.glu_act, out=(D[:, :I], D[:, I:2 * I]))
     del dh
     R = glu_lora_rank_pad(max(rg, ru, rd))
@@ -374,7 +379,7 @@ def _mlp_fused_backward(ctx, need, X2, EG, XA, hA, dY):
     G = glu_lora_dyb(de, dg, B_g, B_u, (pg.s, pu.s), out=D[:, 2 * I:2 * I + rg + ru])
     dX = None
     if need["X"]:  # (the first layer's input often needs no gradient: no dX GEMM then)
-        A_cat = torch.cat([pg.A.to(dtype), pu.A.to(dtype)])
+        A_cat = torch.cat([pg.Ac, pu.Ac])
         dX = (D[:, :2 * I + rg + ru] @ _stack_rows([pg, pu], A_cat, dtype, X2.device)).view(ctx.x_shape)
     dA_cat = G.t() @ X2 if (need["gA"] or need["uA"]) else None
     dgA = dA_cat[:rg].to(pg.A.dtype) if need["gA"] else None
@@ -390,7 +395,7 @@ def _mlp_fused_backward(ctx, need, X2, EG, XA, hA, dY):
 # ctx attributes the backward reads, *_forward computes and saves, *_backward returns gradients by name. The
 # custom ops of fusedlora.lora_ops (torch.compile) call the same three.
 def _o_plan(ctx, X, prs, dtype, training):
-    ctx.pr, ctx.dtype, ctx.x_shape = prs[0], dtype, X.shape
+    ctx.pr, ctx.dtype, ctx.x_shape = _in_dtype(prs, dtype)[0], dtype, X.shape
 
 
 def _o_forward(ctx, X, prs, dtype, training):
@@ -409,13 +414,14 @@ def _o_backward(ctx, need, dY):
 
 
 def _qkv_plan(ctx, X, prs, dtype, training):
-    ctx.prs, ctx.dtype, ctx.x_shape = prs, dtype, X.shape
+    ctx.prs, ctx.dtype, ctx.x_shape = _in_dtype(prs, dtype), dtype, X.shape
     ctx.stacked = _qkv_fusable(prs, training)
 
 
 def _qkv_forward(ctx, X, prs, dtype, training):
     _qkv_plan(ctx, X, prs, dtype, training)
     X2 = _flat(X).to(dtype)
+    prs = ctx.prs
     if ctx.stacked:  # few launches: these layers are often host-bound
         outs, XA = _qkv_stacked_forward(X2, prs, dtype)
         ctx.save_for_backward(X2, XA)
@@ -454,14 +460,14 @@ def _qkv_backward(ctx, need, dQ, dK, dV):
 
 
 def _mlp_plan(ctx, X, prs, dtype, training, act, act_bwd, inplace):
-    ctx.prs, ctx.dtype, ctx.x_shape = tuple(prs), dtype, X.shape
+    ctx.prs, ctx.dtype, ctx.x_shape = _in_dtype(prs, dtype), dtype, X.shape
     ctx.act, ctx.act_bwd, ctx.inplace = act, act_bwd, inplace
     ctx.fused_glu = _mlp_fusable(*prs, training, act, act_bwd)
 
 
 def _mlp_forward(ctx, X, prs, dtype, training, act, act_bwd, inplace):
     _mlp_plan(ctx, X, prs, dtype, training, act, act_bwd, inplace)
-    pg, pu, pd = prs
+    pg, pu, pd = ctx.prs
     X2 = _flat(X).to(dtype)
     if ctx.fused_glu:
         Y, EG, XA, hA = _mlp_fused_forward(X2, pg, pu, pd, dtype, act.glu_act)
@@ -501,12 +507,12 @@ def _mlp_backward(ctx, need, dY):
         dX = de @ dequantize_base(pg.W, pg.quant, dtype)
         dX.addmm_(dg, dequantize_base(pu.W, pu.quant, dtype))
         lora = [(d, pr, sv, need) for d, pr, sv, need in ((de, pg, sg, ngate), (dg, pu, su, nup)) if pr.A is not None]
-        dYBs = [_mm_scaled(d, pr.B.to(dtype), pr.s) for d, pr, _, _ in lora]
+        dYBs = [_mm_scaled(d, pr.Bc, pr.s) for d, pr, _, _ in lora]
         dBs = [_mm_scaled(d.t(), sv[0], pr.s).to(pr.B.dtype) if need["B"] else None for d, pr, sv, need in lora]
         grads = {id(pg): (None, None), id(pu): (None, None)}
         if lora:
             G = dYBs[0] if len(lora) == 1 else torch.cat(dYBs, 1)
-            dX.addmm_(G, torch.cat([pr.A.to(dtype) for _, pr, _, _ in lora], 0))
+            dX.addmm_(G, torch.cat([pr.Ac for _, pr, _, _ in lora], 0))
             dA_cat = G.t() @ X2
             row = 0
             for (_, pr, _, _), dB in zip(lora, dBs):

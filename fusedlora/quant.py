@@ -69,33 +69,44 @@ def dequantize_nf4(weight: torch.Tensor, quant_state=None, out: torch.Tensor | N
     return _dequantize_nf4(weight, qs, out, dtype)
 
 
-def _dequantize_nf4(weight, qs, out, dtype):
+class _NF4Plan(NamedTuple):
+    """What a quant state gives every launch, checked once: the kernel's tensors and scalars. `key`: the
+    state's own tensors and layout it was made from; a state whose tensors were replaced (QuantState.to) or
+    whose layout changed is planned again (its output dtype is read at every call)."""
+    key: tuple
+    shape: tuple
+    n: int
+    device: torch.device
+    absmax: torch.Tensor
+    absmax2: torch.Tensor
+    code: torch.Tensor
+    code2: torch.Tensor
+    offset: torch.Tensor
+    launch_shape: dict
+
+
+_PLAN_ATTR = "_fusedlora_nf4_plan"
+
+
+def _nf4_plan(qs) -> _NF4Plan:
+    s2 = getattr(qs, "state2", None) if qs.nested else None
+    key = (qs.absmax, qs.code, qs.offset, getattr(s2, "absmax", None), getattr(s2, "code", None), qs.shape,
+           qs.blocksize, getattr(qs, "quant_type", None), qs.nested)
+    plan = getattr(qs, _PLAN_ATTR, None)  # (bitsandbytes' QuantState takes it; NamedTuple states plan each call)
+    if plan is not None and all(a is b or (i >= 5 and a == b) for i, (a, b) in enumerate(zip(plan.key, key))):
+        return plan
     op = "dequantize_nf4"
-    packed = weight.data if hasattr(weight, "data") else weight
-    if not isinstance(packed, torch.Tensor):
-        raise TypeError(f"{op}: weight must be a tensor, got {type(weight).__name__}")
     qtype = getattr(qs, "quant_type", None)
     if qtype not in ("nf4", "fp4"):
         _fail(op, f"quant_state has quant_type {qtype!r}; expected 'nf4' or 'fp4' (a 4-bit state)")
     if qs.blocksize not in NF4_BLOCKSIZES:
         _fail(op, f"blocksize {qs.blocksize} is not one bitsandbytes allows {NF4_BLOCKSIZES}")
-    dtype = qs.dtype if dtype is None else dtype
-    if dtype not in OUT_DTYPES:
-        _fail(op, f"output dtype is {dtype}; expected fp16, bf16 or fp32")
     n = math.prod(qs.shape)
-    n_bytes = packed.numel() * packed.element_size()
-    if n_bytes != (n + 1) // 2:
-        _fail(op, f"packed weight holds {n_bytes} bytes but shape {tuple(qs.shape)} needs {(n + 1) // 2}")
-    if not packed.is_contiguous():
-        _fail(op, "packed weight must be contiguous")
-    dev = packed.device
-    if dev.type != "cuda" and not (dev.type == "cpu" and interpreting()):
-        _fail(op, f"weight is on {dev}; fusedlora kernels need CUDA tensors")
+    dev = qs.absmax.device
     n_blocks = -(-n // qs.blocksize)
     if qs.absmax.numel() < n_blocks:
         _fail(op, f"absmax has {qs.absmax.numel()} entries, the weight needs {n_blocks}")
     if qs.nested:
-        s2 = getattr(qs, "state2", None)
         if s2 is None or s2.absmax is None or s2.code is None:
             _fail(op, "quant_state is nested (double quantisation) but has no state2 with absmax and code")
         if qs.absmax.dtype != torch.uint8:
@@ -105,31 +116,64 @@ def _dequantize_nf4(weight, qs, out, dtype):
         blocksize2 = s2.blocksize
         if blocksize2 & (blocksize2 - 1):
             _fail(op, f"state2 blocksize {blocksize2} must be a power of two")
+        for name, t in (("state2.absmax", absmax2), ("state2.code", code2)):
+            if t.device != dev:
+                _fail(op, f"quant_state.{name} is on {t.device} but quant_state.absmax is on {dev}")
     else:
         if qs.absmax.dtype != torch.float32:
             _fail(op, f"absmax must be float32 when not nested, got {qs.absmax.dtype}")
         absmax = absmax2 = code2 = offset = qs.absmax
         blocksize2 = 256
-    for name, t in (("absmax", absmax), ("code", qs.code)):
-        if t.device != dev:
-            _fail(op, f"quant_state.{name} is on {t.device} but the weight is on {dev}")
+    if qs.code.device != dev:
+        _fail(op, f"quant_state.code is on {qs.code.device} but quant_state.absmax is on {dev}")
+    plan = _NF4Plan(key, tuple(qs.shape), n, dev, absmax, absmax2, qs.code.float(), code2, offset,
+                    dict(blocksize=qs.blocksize, nested=bool(qs.nested), blocksize2=blocksize2))
+    try:
+        setattr(qs, _PLAN_ATTR, plan)
+    except AttributeError:
+        pass
+    return plan
+
+
+def _dequantize_nf4(weight, qs, out, dtype):
+    op = "dequantize_nf4"
+    packed = weight.data if isinstance(weight, torch.nn.Parameter) else weight  # (Params4bit: no __torch_function__)
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"{op}: weight must be a tensor, got {type(weight).__name__}")
+    plan = _nf4_plan(qs)
+    dtype = qs.dtype if dtype is None else dtype
+    if dtype not in OUT_DTYPES:
+        _fail(op, f"output dtype is {dtype}; expected fp16, bf16 or fp32")
+    n_bytes = packed.numel() * packed.element_size()
+    if n_bytes != (plan.n + 1) // 2:
+        _fail(op, f"packed weight holds {n_bytes} bytes but shape {plan.shape} needs {(plan.n + 1) // 2}")
+    if not packed.is_contiguous():
+        _fail(op, "packed weight must be contiguous")
+    dev = packed.device
+    if dev.type != "cuda" and not (dev.type == "cpu" and interpreting()):
+        _fail(op, f"weight is on {dev}; fusedlora kernels need CUDA tensors")
+    if plan.device != dev:
+        _fail(op, f"quant_state.absmax is on {plan.device} but the weight is on {dev}")
+    blocksize = plan.launch_shape["blocksize"]
     if out is None:
-        out = torch.empty(qs.shape, dtype=dtype, device=dev)
-    elif out.shape != tuple(qs.shape) or out.dtype != dtype or out.device != dev:
-        _fail(op, f"out must be a {dtype} tensor of shape {tuple(qs.shape)} on {dev}")
-    elif not out.is_contiguous() and not row_block_ok(out, qs.blocksize):
+        out = torch.empty(plan.shape, dtype=dtype, device=dev)
+    elif out.shape != plan.shape or out.dtype != dtype or out.device != dev:
+        _fail(op, f"out must be a {dtype} tensor of shape {plan.shape} on {dev}")
+    elif not out.is_contiguous() and not row_block_ok(out, blocksize):
         _fail(op, "out must be contiguous, or a 2-D block of rows (unit column stride, rows a multiple of the "
-                  f"blocksize {qs.blocksize} long) of a wider buffer")
+                  f"blocksize {blocksize} long) of a wider buffer")
     strided = not out.is_contiguous()
     row_len = out.shape[1] if strided else 0
-    shape = dict(blocksize=qs.blocksize, nested=bool(qs.nested), blocksize2=blocksize2, row_len=row_len)
+    shape = dict(plan.launch_shape, row_len=row_len)
     meta = NF4_DEQUANT.constexprs(**shape)
     if strided:
         grid = (row_len // meta["BLOCK"], out.shape[0], 1)
     else:
-        grid = (-(-n // max(meta["BLOCK"], qs.blocksize)), 1, 1)  # a program covers whole quantisation blocks
-    NF4_DEQUANT.launch(grid, (packed.view(torch.uint8).reshape(-1), absmax, absmax2, qs.code.float(), code2, offset,
-                              out, n, row_len, out.stride(0) if strided else 0), **shape)
+        grid = (-(-plan.n // max(meta["BLOCK"], blocksize)), 1, 1)  # a program covers whole quantisation blocks
+    # the kernel reads bytes from the start of the packed buffer: any contiguous shape, any storage dtype
+    data = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)
+    NF4_DEQUANT.launch(grid, (data, plan.absmax, plan.absmax2, plan.code, plan.code2, plan.offset, out, plan.n,
+                              row_len, out.stride(0) if strided else 0), **shape)
     return out
 
 

@@ -238,6 +238,9 @@ def register(spec: KernelSpec) -> KernelSpec:
 
 
 def get(name: str) -> KernelSpec:
+    spec = _REGISTRY.get(name)  # (every launch asks: importing the kernel modules only on a miss)
+    if spec is not None:
+        return spec
     _ensure_loaded()
     try:
         return _REGISTRY[name]

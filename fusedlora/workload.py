@@ -22,6 +22,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 SHAPES = {  # Llama-3.2-1B and Llama-3.1-8B shapes; "tiny" runs under the Triton interpreter on a CPU
     "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, vocab_size=384, tie_word_embeddings=True),
+    # the 1B's topology (16 layers, GQA, tied head) at tiny widths: host time per step (build_tools/host_overhead)
+    "host": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=16, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=256, tie_word_embeddings=True),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -103,13 +106,14 @@ def quantize_linears_nf4(model, compute_dtype, quant_storage=None):
     return model
 
 
-def build(shape, mode, variant, device, gc, seed=0, offload=False):
+def build(shape, mode, variant, device, gc, seed=0, offload=False, dtype=None):
     import torch
     import transformers
     import peft
     torch.manual_seed(seed)
     on_gpu = device == "cuda"
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if on_gpu else torch.float32
     cfg = transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, rms_norm_eps=1e-5,
                                    use_cache=False)
     cfg._attn_implementation = "sdpa"

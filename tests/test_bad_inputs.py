@@ -90,8 +90,11 @@ def test_nf4_non_contiguous_and_wrong_device():
         finally:
             os.environ["TRITON_INTERPRET"] = "1"
     else:
-        qs.code = qs.code.cpu()
-        with pytest.raises(ValueError, match="quant_state.code is on cpu but the weight is on cuda"):
+        qs.code = qs.code.cpu()  # (a replaced tensor: the state is checked again, not its cached plan)
+        with pytest.raises(ValueError, match="quant_state.code is on cpu but quant_state.absmax is on cuda"):
+            dequantize_nf4(packed, qs)
+        qs.code, qs.absmax = qs.code.cuda(), qs.absmax.cpu()
+        with pytest.raises(ValueError, match="quant_state.absmax is on cpu but the weight is on cuda"):
             dequantize_nf4(packed, qs)
 
 

@@ -1,0 +1,101 @@
+"""Host time of one training step, measured on a CPU: the patched model of the 1B's topology (16 layers,
+LoRA on 7 projections, QLoRA or LoRA) at tiny widths, the Triton kernels launched but not run (their CPU
+path replaced by a no-op here), so what is timed is the Python and torch dispatch work a GPU step waits for
+when it is host-bound. Prints ms per step (median), kernel launches and aten ops per step, and the top
+functions by own time.
+
+    python -m build_tools.host_overhead [--mode qlora|lora] [--variant fusedlora|hf] [--gc] [--top 30]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import cProfile
+import os
+import pstats
+import statistics
+import time
+
+
+def measure(mode="qlora", variant="fusedlora", gc=False, steps=10, seq=64, profile_top=0) -> dict:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fusedlora import loader, workload
+
+    launches = collections.Counter()
+
+    def skipped(self, grid, args, constexprs):  # launched, not run: the host's side of a launch only
+        launches[self.spec.name] += 1
+    original_cpu, original_assert = loader.KernelLauncher._cpu, torch._assert_async
+    loader.KernelLauncher._cpu = skipped
+    torch._assert_async = lambda *a, **k: None  # the kernels' outputs are garbage here; on a GPU it never waits
+    try:
+        # as on a GPU: bf16 base weights, PEFT's fp32 adapters, bf16 autocast
+        model, _ = workload.build("host", mode, variant, "cpu", gc, dtype=torch.bfloat16)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        ids = torch.randint(0, workload.SHAPES["host"]["vocab_size"], (1, seq))
+
+        def step(optimizer=True):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            if optimizer:  # (torch's CPU AdamW reads each step count with .item(): a GPU's fused one does not)
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        for _ in range(2):
+            step()
+
+        class CountOps(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.ops = collections.Counter()
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.ops[str(func.overloadpacket)] += 1
+                return func(*args, **(kwargs or {}))
+        launches.clear()
+        with CountOps() as counted:
+            step(optimizer=False)
+        n_launches, top_launches = sum(launches.values()), launches.most_common(8)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        top = None
+        if profile_top:
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(3):
+                step()
+            prof.disable()
+            top = prof
+    finally:
+        loader.KernelLauncher._cpu, torch._assert_async = original_cpu, original_assert
+    return {"ms_per_step": statistics.median(times) * 1e3, "launches": n_launches,
+            "aten_ops": sum(counted.ops.values()), "top_ops": counted.ops.most_common(12),
+            "top_launches": top_launches, "profile": top}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m build_tools.host_overhead", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mode", choices=("qlora", "lora"), default="qlora")
+    ap.add_argument("--variant", choices=("fusedlora", "hf"), default="fusedlora")
+    ap.add_argument("--gc", action="store_true")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--top", type=int, default=0, help="print the N functions with the most own time")
+    args = ap.parse_args(argv)
+    r = measure(args.mode, args.variant, args.gc, args.steps, profile_top=args.top)
+    print(f"{args.variant} {args.mode} gc={args.gc}: {r['ms_per_step']:.1f} ms host per step, "
+          f"{r['launches']} Triton launches and {r['aten_ops']} aten ops in forward + backward")
+    print("most frequent aten ops:", ", ".join(f"{k} {v}" for k, v in r["top_ops"]))
+    print("launches:", ", ".join(f"{k} {v}" for k, v in r["top_launches"]))
+    if r["profile"] is not None:
+        pstats.Stats(r["profile"]).sort_stats("tottime").print_stats(args.top)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
