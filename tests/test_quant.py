@@ -207,3 +207,21 @@ def test_gptq_bad_input(bad, match):
     qw, qz, sc, g = _gptq_layer(64, 128, 4, 32, False)
     with pytest.raises(ValueError, match=match):
         bad(qw, qz, sc, g)
+
+
+def test_nf4_state_checked_once_and_again_when_its_tensors_change():
+    """The dequantiser caches what it checked on the quant state; a state whose tensors are replaced (as
+    QuantState.to does) or whose layout changes is read afresh: never a stale plan's values."""
+    w1, w2 = (torch.randn(32, 64, device=DEVICE) for _ in range(2))
+    q1, qs1 = bnbf.quantize_4bit(w1, blocksize=64, compress_statistics=True, quant_type="nf4")
+    q2, qs2 = bnbf.quantize_4bit(w2, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(dequantize_nf4(q1, qs1), naive_dequantize_nf4(q1, qs1))
+    plan = qs1._fusedlora_nf4_plan
+    assert torch.equal(dequantize_nf4(q1, qs1), naive_dequantize_nf4(q1, qs1)) and qs1._fusedlora_nf4_plan is plan
+    qs1.absmax, qs1.offset, qs1.state2 = qs2.absmax, qs2.offset, qs2.state2  # another weight's statistics
+    assert qs1._fusedlora_nf4_plan is plan  # (stale until the next call)
+    assert torch.equal(dequantize_nf4(q2, qs1), naive_dequantize_nf4(q2, qs2))
+    assert qs1._fusedlora_nf4_plan is not plan
+    qs1.blocksize = 3
+    with pytest.raises(ValueError, match="blocksize 3 is not one bitsandbytes allows"):
+        dequantize_nf4(q2, qs1)
