@@ -90,7 +90,7 @@ _PLAN_ATTR = "_fusedlora_nf4_plan"
 
 def _nf4_plan(qs) -> _NF4Plan:
     s2 = getattr(qs, "state2", None) if qs.nested else None
-    key = (qs.absmax, qs.code, qs.offset, getattr(s2, "absmax", None), getattr(s2, "code", None), qs.shape,
+    key = (qs.absmax, qs.code, getattr(qs, "offset", None), getattr(s2, "absmax", None), getattr(s2, "code", None), qs.shape,
            qs.blocksize, getattr(qs, "quant_type", None), qs.nested)
     plan = getattr(qs, _PLAN_ATTR, None)  # (bitsandbytes' QuantState takes it; NamedTuple states plan each call)
     if plan is not None and all(a is b or (i >= 5 and a == b) for i, (a, b) in enumerate(zip(plan.key, key))):
