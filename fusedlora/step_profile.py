@@ -105,13 +105,21 @@ def profile_steps(run_step, steps: int):
             run_step()
         torch.cuda.synchronize()
         wall_us = (time.perf_counter() - t0) * 1e6
+    return (*split_events(prof.events()), wall_us)
+
+
+def split_events(events):
+    """(kernels [(name, start_us, end_us)], gemm_ops [(input_shapes, device_us)]) of profiler events. GPU
+    user annotations (torch.compile's "Torch-Compiled Region", CompiledFunction ranges) sit on the device
+    timeline too but span many kernels: they are not kernels."""
     kernels, gemm_ops = [], []
-    for e in prof.events():
+    for e in events:
         if str(getattr(e, "device_type", "")).endswith("CUDA"):
-            kernels.append((e.name, e.time_range.start, e.time_range.end))
+            if not getattr(e, "is_user_annotation", False):
+                kernels.append((e.name, e.time_range.start, e.time_range.end))
         elif e.name in GEMM_OPS and getattr(e, "kernels", None):
             gemm_ops.append((e.input_shapes, sum(k.duration for k in e.kernels)))
-    return kernels, gemm_ops, wall_us
+    return kernels, gemm_ops
 
 
 def markdown(rows, title: str) -> str:

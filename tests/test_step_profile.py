@@ -37,3 +37,18 @@ def test_summarize_splits_gemms_and_counts_idle():
     assert by["idle (GPU waiting)"][0] == pytest.approx(0.2)  # 1000 us wall - 800 us busy
     assert sum(share for _, _, share, _ in rows) == pytest.approx(1.0)
     assert "| GEMMs (base) | 0.60 | 60.0% |" in P.markdown(rows, "t")
+
+
+def test_gpu_user_annotations_are_not_kernels():
+    """torch.compile's regions appear on the device timeline as user annotations spanning many kernels: the
+    profile must not count them (seen on an H200: an "other" family of 94 % of the step)."""
+    from types import SimpleNamespace as NS
+    from fusedlora import step_profile as P
+
+    def ev(name, s, e, annotation=False):
+        return NS(name=name, device_type="DeviceType.CUDA", time_range=NS(start=s, end=e),
+                  is_user_annotation=annotation)
+    events = [ev("Torch-Compiled Region: 0/0", 0, 900, annotation=True), ev("ampere_sgemm_128x64", 10, 50),
+              NS(name="aten::add", device_type="DeviceType.CPU", kernels=[])]
+    kernels, gemm_ops = P.split_events(events)
+    assert kernels == [("ampere_sgemm_128x64", 10, 50)] and gemm_ops == []
