@@ -24,6 +24,12 @@ def unpatch(model) -> int:
     return _unpatch(model)
 
 
+def compile_layers(model, **compile_kwargs) -> int:
+    """torch.compile each decoder layer in place (one compiled graph for all); see `fusedlora.hf.compile_layers`."""
+    from .hf import compile_layers as _compile_layers
+    return _compile_layers(model, **compile_kwargs)
+
+
 def __getattr__(name):
     if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")

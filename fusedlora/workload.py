@@ -17,7 +17,8 @@ import sysconfig
 import time
 from pathlib import Path
 
-VARIANTS = ("hf", "liger", "compile", "fusedlora", "fusedlora_compile")  # *compile: torch.compile(model)
+# *compile: torch.compile(model); *compile_layers: each decoder layer compiled (fusedlora.compile_layers)
+VARIANTS = ("hf", "liger", "compile", "compile_layers", "fusedlora", "fusedlora_compile", "fusedlora_compile_layers")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = {  # Llama-3.2-1B and Llama-3.1-8B shapes; "tiny" runs under the Triton interpreter on a CPU
     "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
@@ -131,13 +132,16 @@ def build(shape, mode, variant, device, gc, seed=0, offload=False, dtype=None):
     torch.manual_seed(seed + 1)
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
     report = None
-    if variant in ("fusedlora", "fusedlora_compile"):
+    if variant.startswith("fusedlora"):
         import fusedlora
         t0 = time.perf_counter()
         report = fusedlora.patch(model, offload_checkpoints=offload)
         report = {"seconds": time.perf_counter() - t0, "table": str(report), **report.as_dict()}
     if variant in ("compile", "fusedlora_compile"):
         model = torch.compile(model)
+    elif variant in ("compile_layers", "fusedlora_compile_layers"):
+        import fusedlora
+        fusedlora.compile_layers(model)
     model.train()
     return model, report
 

@@ -427,3 +427,43 @@ def test_lora_mlp_op_names_a_bad_activation():
     args = [t for name in ("gate_proj", "up_proj", "down_proj") for t in lora.fused_parameters(getattr(block.mlp, name))]
     with pytest.raises(ValueError, match=r"lora_mlp: activation must be one of \('silu', 'gelu', 'gelu_tanh'\), got 'relu'"):
         lora_ops.lora_mlp(torch.randn(3, 64, device=DEVICE), *args, "relu")
+
+
+@pytest.mark.parametrize("gc", [False, True], ids=["no_gc", "hf_gc"])
+def test_compile_layers_compiles_one_layer_for_all(gc):
+    """fusedlora.compile_layers: each decoder layer compiled in place; the layers share their graphs (four
+    layers, at most two compiles: the first layer's input may need no gradient, the others' do; fullgraph: no break
+    inside a layer), and the step equals the eager patched step."""
+    import transformers
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from test_hf_patch import SMALL, batch, make_model
+    ids, labels = batch()
+    with pytest.MonkeyPatch.context() as mp:  # four layers: one compile must serve them all
+        mp.setitem(SMALL, "num_hidden_layers", 4)
+        model = make_model("llama")
+        eager_model = make_model("llama")
+    for m in (model, eager_model):
+        fusedlora.patch(m)
+        m.train()
+        if gc:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    counter = CompileCounterWithBackend(BACKEND)
+    assert fusedlora.compile_layers(model, backend=counter, fullgraph=not gc) == 4
+    steps = []
+    for m in (eager_model, model):
+        m.zero_grad(set_to_none=True)
+        loss = m(input_ids=ids, labels=labels).loss
+        loss.backward()
+        steps.append((loss.detach(), _grads(m)))
+    (ref_loss, ref), (got_loss, got) = steps
+    # (HF's gradient_checkpointing_enable makes the embedding output require grad: one graph for all four)
+    assert counter.frame_count == (1 if gc else 2), counter.frame_count
+    assert rel_err(got_loss, ref_loss) <= TOL and got.keys() == ref.keys() and len(got) == 56
+    for n in ref:
+        assert rel_err(got[n], ref[n]) <= max(TOL, 1e-6), n
+    assert isinstance(model.base_model.model.model.layers[0], transformers.modeling_layers.GradientCheckpointingLayer)
+
+
+def test_compile_layers_needs_decoder_layers():
+    with pytest.raises(TypeError, match="compile_layers: Linear has no decoder layers"):
+        fusedlora.compile_layers(torch.nn.Linear(2, 2))

@@ -8,6 +8,7 @@ added after patching, full fine-tuning, a CPU tensor without the interpreter) ru
 from __future__ import annotations
 
 import functools
+import types
 import inspect
 import sys
 
@@ -75,6 +76,27 @@ def _offload_checkpoints(model, report):
         m._gradient_checkpointing_func = fn
     report.notes.append(f"offloaded activation checkpointing on {len(layers)} decoder layers (inputs in pinned host "
                         "memory)" if layers else "offload_checkpoints: no GradientCheckpointingLayer in this model")
+
+
+def compile_layers(model, **compile_kwargs) -> int:
+    """torch.compile each decoder layer (HF's GradientCheckpointingLayer) in place, `nn.Module.compile` with
+    `compile_kwargs`: the layers share their code, so one compiled graph serves them all, and the first step
+    compiles one layer instead of the whole model. The embedding, the final norm and the fused LM-head loss
+    stay eager (they run once per step). Returns how many layers were compiled."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise TypeError(f"fusedlora.compile_layers: {type(model).__name__} has no decoder layers "
+                        "(transformers' GradientCheckpointingLayer); use torch.compile(model) instead")
+    for layer in layers:
+        for m in layer.modules():
+            if isinstance(m.__dict__.get("forward"), PatchedForward):
+                # a bound method: Dynamo guards on its function, shared by all layers, where it guards on the
+                # identity of each module's PatchedForward (a recompile per layer). (PatchedForward exists for
+                # pickling, which a compiled module does not support anyway.)
+                m.__dict__["forward"] = types.MethodType(FORWARDS[m.__dict__["forward"].kind], m)
+        layer.compile(**compile_kwargs)
+    return len(layers)
 
 
 def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, qkv: bool = True, o: bool = True,
