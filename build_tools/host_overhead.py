@@ -28,6 +28,8 @@ def measure(mode="qlora", variant="fusedlora", gc=False, steps=10, seq=64, profi
 
     def skipped(self, grid, args, constexprs):  # launched, not run: the host's side of a launch only
         launches[self.spec.name] += 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a GPU step's host side is one thread; and CPU GEMM threads only add noise
     original_cpu, original_assert = loader.KernelLauncher._cpu, torch._assert_async
     loader.KernelLauncher._cpu = skipped
     torch._assert_async = lambda *a, **k: None  # the kernels' outputs are garbage here; on a GPU it never waits
@@ -74,6 +76,7 @@ def measure(mode="qlora", variant="fusedlora", gc=False, steps=10, seq=64, profi
             top = prof
     finally:
         loader.KernelLauncher._cpu, torch._assert_async = original_cpu, original_assert
+        torch.set_num_threads(threads)
     return {"ms_per_step": statistics.median(times) * 1e3, "launches": n_launches,
             "aten_ops": sum(counted.ops.values()), "top_ops": counted.ops.most_common(12),
             "top_launches": top_launches, "profile": top}
