@@ -135,9 +135,20 @@ def _nf4_plan(qs) -> _NF4Plan:
     return plan
 
 
+def _plain(weight):
+    """A Parameter (bitsandbytes' Params4bit) as a plain tensor over the same memory, so that reading its
+    size and pointer skips its __torch_function__; `as_subclass` issues no aten op where `.data` issues a
+    detach. A subclass with its own __torch_dispatch__ (a DTensor) has no plain storage of its own: `.data`."""
+    if type(weight) is torch.Tensor or not isinstance(weight, torch.Tensor):
+        return weight
+    if type(weight).__torch_dispatch__ is torch.Tensor.__torch_dispatch__:
+        return weight.as_subclass(torch.Tensor)
+    return weight.data
+
+
 def _dequantize_nf4(weight, qs, out, dtype):
     op = "dequantize_nf4"
-    packed = weight.data if isinstance(weight, torch.nn.Parameter) else weight  # (Params4bit: no __torch_function__)
+    packed = _plain(weight)
     if not isinstance(packed, torch.Tensor):
         raise TypeError(f"{op}: weight must be a tensor, got {type(weight).__name__}")
     plan = _nf4_plan(qs)
