@@ -2,7 +2,7 @@
 # The end-to-end GPU session (device machine): carried wheels (.whl: bitsandbytes, liger-kernel...), the built
 # fusedlora wheel (dist/) installed apart from the checkout, then: the patch tests on the GPU (checkout, JIT),
 # the demo and the e2e benchmark from the wheel (prebuilt cubins). Results under $OUT (or ./gpu_out).
-# Usage: bash ci/gpu_e2e.sh [tests|compile|demo|bench|context]...   (default: tests demo bench); BENCH_ARGS,
+# Usage: bash ci/gpu_e2e.sh [tests|compile|demo|bench|context]...   (default: tests demo bench); PART_TIMEOUT, BENCH_ARGS,
 # CONTEXT_ARGS pass options to the benchmarks. compile: the torch.compile, checkpoint and long-context tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,16 +19,19 @@ if ls dist/fusedlora-*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.txt"
 python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/env.txt"
+# PART_TIMEOUT (seconds, 0 = none) stops one part's python alone: its log under $OUT and what the benchmarks
+# wrote after each variant survive (a whole pipeline killed by the device's limit returns nothing).
+T="timeout ${PART_TIMEOUT:-0}"
 for part in "${@:-tests demo bench}"; do
   for p in $part; do
     case $p in
-      tests) python3 -m pytest -q tests/test_hf_patch.py tests/test_lora.py -x 2>&1 | tee "$OUT/pytest_hf.txt" | tail -15 ;;
-      compile) python3 -m pytest -q tests/test_compile.py tests/test_checkpoint.py tests/test_context_search.py 2>&1 \
-                 | tee "$OUT/pytest_compile.txt" | tail -15 ;;
-      context) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH python3 -m fusedlora.bench context --out "$OUT/context.md" \
-                 ${CONTEXT_ARGS:-}) 2>&1 | tail -20 ;;
-      demo) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH python3 -m fusedlora.demo --out "$OUT/demo" ${DEMO_ARGS:-}) 2>"$OUT/demo_log.txt" | tail -30 ;;
-      bench) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH python3 -m fusedlora.bench e2e --out "$OUT/e2e.md" ${BENCH_ARGS:-}) 2>&1 | grep -v "it/s\]\|s/it\]" | tail -40 ;;
+      tests) $T python3 -m pytest -q tests/test_hf_patch.py tests/test_lora.py -x 2>&1 | tee "$OUT/pytest_hf.txt" | tail -15 ;;
+      compile) $T python3 -m pytest -q tests/test_compile.py tests/test_checkpoint.py tests/test_context_search.py 2>&1 | tee "$OUT/pytest_compile.txt" | tail -15 ;;
+      context) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH $T python3 -m fusedlora.bench context --out "$OUT/context.md" \
+                 ${CONTEXT_ARGS:-}) 2>&1 | grep -v "it/s\]\|s/it\]" | tee "$OUT/context_log.txt" | tail -20 ;;
+      demo) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH $T python3 -m fusedlora.demo --out "$OUT/demo" ${DEMO_ARGS:-}) 2>"$OUT/demo_log.txt" | tail -30 ;;
+      bench) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH $T python3 -m fusedlora.bench e2e --out "$OUT/e2e.md" ${BENCH_ARGS:-}) 2>&1 \
+               | grep -v "it/s\]\|s/it\]" | tee "$OUT/bench_log.txt" | tail -40 ;;
     esac
   done
 done

@@ -63,8 +63,12 @@ def main(argv=None) -> int:
         print(f"{label}: " + (f"longest {r['longest']:,}" if "error" not in r else r["error"])
               + f" ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
         rows.append(r)
-    report = (bench_report.measured_line(rows)
-              + f"; {args.model} shape, {args.mode}, LoRA r16 on 7 projections, batch 1, bf16 autocast, fused AdamW, "
-              f"SDPA; each variant in its own process, lengths in steps of {args.granularity}.\n\n" + markdown(rows))
-    bench_report.write(args.out, report, rows)
+        bench_report.write(args.out, _report(args, rows), rows, quiet=True)
+    bench_report.write(args.out, _report(args, rows), rows)
     return 0
+
+
+def _report(args, rows) -> str:
+    return (bench_report.measured_line(rows)
+            + f"; {args.model} shape, {args.mode}, LoRA r16 on 7 projections, batch 1, bf16 autocast, fused AdamW, "
+            f"SDPA; each variant in its own process, lengths in steps of {args.granularity}.\n\n" + markdown(rows))

@@ -82,6 +82,12 @@ def main(argv=None) -> int:
             print(f"{model} {mode} gc={setting} {variant}: " + (f"{r['tokens_per_s']:,.0f} tok/s, {r['peak_gib']:.2f} GiB"
                   if "error" not in r else r["error"]) + f" ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
             results.append(r)
+            bench_report.write(args.out, _report(args, results), results, quiet=True)
+    bench_report.write(args.out, _report(args, results), results)
+    return 0
+
+
+def _report(args, results) -> str:
     report = (bench_report.measured_line(results)
               + f"; batch {args.batch} x {args.seq}, LoRA r16 on 7 projections, bf16 autocast, fused AdamW, "
               f"SDPA, {args.steps} steps (first 2 untimed){', packed rows' if args.packed else ''}, each variant in its own "
@@ -91,5 +97,4 @@ def main(argv=None) -> int:
         if r.get("profile"):
             report += "\n\n" + profile_markdown(r["profile"], f"{r['model']} {r['mode']} gc={checkpointing(r)} {r['variant']}: "
                                                  f"GPU time per step by kernel family ({args.profile} profiled steps)")
-    bench_report.write(args.out, report, results)
-    return 0
+    return report

@@ -14,9 +14,11 @@ def measured_line(results) -> str:
             + ", ".join(f"{k} {v}" for k, v in r0.get("versions", {}).items()))
 
 
-def write(out: str | None, report: str, results) -> None:
-    """Print the report; with `out`, write it there and the raw results beside it (.json)."""
-    print(report)
+def write(out: str | None, report: str, results, quiet: bool = False) -> None:
+    """Print the report (unless quiet); with `out`, write it there and the raw results beside it (.json). The
+    benchmarks write after every variant, so a run stopped by a time limit keeps what it measured."""
+    if not quiet:
+        print(report)
     if out:
         with open(out, "w") as fh:
             fh.write(report + "\n")
