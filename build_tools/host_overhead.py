@@ -5,6 +5,9 @@ when it is host-bound. Prints ms per step (median), kernel launches and aten ops
 functions by own time.
 
     python -m build_tools.host_overhead [--mode qlora|lora] [--variant fusedlora|hf] [--gc] [--top 30]
+
+With --gpu MODEL (1b or 8b; a CUDA GPU): the real step of that shape instead, its host side under cProfile (3
+steady steps; kernels run): the functions with the most own time, which is where a host-bound step goes.
 """
 from __future__ import annotations
 
@@ -82,6 +85,36 @@ def measure(mode="qlora", variant="fusedlora", gc=False, steps=10, seq=64, profi
             "top_launches": top_launches, "profile": top}
 
 
+def profile_gpu(model_shape="1b", mode="qlora", variant="fusedlora", top=40, batch=4, seq=2048):
+    """cProfile of 3 steady training steps of the real shape on the GPU (the host side of a step as it runs)."""
+    import torch
+
+    from fusedlora import workload
+    model, _ = workload.build(model_shape, mode, variant, "cuda", False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    ids = torch.randint(0, workload.SHAPES[model_shape]["vocab_size"], (batch, seq), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    print(f"{variant} {mode} {model_shape} on {torch.cuda.get_device_name()}: "
+          f"{(time.perf_counter() - t0) / 3 * 1e3:.1f} ms per step under cProfile")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m build_tools.host_overhead", description=__doc__.split("\n\n")[0])
     ap.add_argument("--mode", choices=("qlora", "lora"), default="qlora")
@@ -89,7 +122,11 @@ def main(argv=None) -> int:
     ap.add_argument("--gc", action="store_true")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--top", type=int, default=0, help="print the N functions with the most own time")
+    ap.add_argument("--gpu", choices=("1b", "8b"), default=None, help="profile the real shape's step on the GPU")
     args = ap.parse_args(argv)
+    if args.gpu:
+        profile_gpu(args.gpu, args.mode, args.variant, args.top or 40)
+        return 0
     r = measure(args.mode, args.variant, args.gc, args.steps, profile_top=args.top)
     print(f"{args.variant} {args.mode} gc={args.gc}: {r['ms_per_step']:.1f} ms host per step, "
           f"{r['launches']} Triton launches and {r['aten_ops']} aten ops in forward + backward")
