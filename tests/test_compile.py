@@ -467,3 +467,35 @@ def test_compile_layers_compiles_one_layer_for_all(gc):
 def test_compile_layers_needs_decoder_layers():
     with pytest.raises(TypeError, match="compile_layers: Linear has no decoder layers"):
         fusedlora.compile_layers(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_unpadded_batch_under_compile_attends_causally_without_a_mask(padded, monkeypatch):
+    """Under compile, HF (torch < 2.14) builds a dense causal mask even for an unpadded batch, which keeps SDPA
+    off its flash kernels: the patched model tells its attention layers that the mask is the plain causal one
+    (no attention_mask, no position_ids given), and they call SDPA with none (is_causal). A padded batch keeps
+    HF's mask. Either way the compiled step equals the eager one."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from test_hf_patch import batch
+    model = _patched("llama")
+    ids, labels = batch()
+    mask = None
+    if padded:
+        mask = torch.ones_like(ids)
+        mask[1, -5:] = 0
+        labels = labels.masked_fill(mask == 0, -100)
+    got_masks = []
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def spy(module, q, k, v, attention_mask, **kw):
+        got_masks.append(attention_mask is None)
+        return sdpa(module, q, k, v, attention_mask, **kw)
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", spy)
+
+    def loss_of(ids, labels):
+        return model(input_ids=ids, labels=labels, attention_mask=mask).loss
+    eager, compiled = _eager_then_compiled(model, loss_of, (ids, labels), fullgraph=True)
+    n_layers = model.config.num_hidden_layers
+    # eager: HF itself drops the mask of an unpadded batch; compiled: the patched model does
+    assert got_masks == [not padded] * (2 * n_layers), got_masks
+    _assert_steps_equal(eager, compiled)

@@ -116,9 +116,17 @@ def _attention_interface(module, eager):
     return eager if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
 
 
+# A keyword the patched causal-LM forward passes down to the attention layers under torch.compile when the
+# batch has no attention mask and no position_ids (no padding, no packing): the mask HF builds is then the plain
+# causal one. (HF under compile with torch < 2.14 builds it densely, which keeps SDPA off its flash and cuDNN
+# kernels; measured on an H200: attention 28.9 ms per step compiled against 11.1 ms eager.)
+UNMASKED_CAUSAL = "fusedlora_unmasked_causal"
+
+
 def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
     """HF's attention with q/k/v and o through the fused LoRA functions and RoPE through the kernel; the
-    attention call itself (sdpa, eager, flash-attention...) and its mask are HF's."""
+    attention call itself (sdpa, eager, flash-attention...) and its mask are HF's (but see UNMASKED_CAUSAL)."""
+    unmasked_causal = kwargs.pop(UNMASKED_CAUSAL, False)
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is not None or args or position_embeddings is None:
         # decoding with a KV cache (generation) keeps HF's own forward, by design: not a fallback
@@ -154,6 +162,9 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     if fam.attn_softcap_attr:
         extra["softcap"] = getattr(self, fam.attn_softcap_attr)
     dropout = self.attention_dropout if self.training else 0.0
+    if (unmasked_causal and extra.get("sliding_window") is None and "softcap" not in extra
+            and self.config._attn_implementation == "sdpa" and getattr(self, "is_causal", True)):
+        attention_mask = None  # HF's sdpa then takes is_causal=True: the flash / cuDNN kernels, no dense mask
     if _varlen_serves(self, q, kwargs, extra, dropout, info["varlen"]):
         attn_output, attn_weights = _varlen_attention(self, q, k, v, kwargs, info["varlen"]), None
     else:
@@ -284,7 +295,11 @@ def causal_lm_forward(self, *args, **kwargs):
         cu, longest = packed_boundaries(pos, rows)
         if cu.numel() - 1 > rows:  # packed: the attention layers take flash varlen (HF still builds its mask)
             extra.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    if (compiling() and call.get("attention_mask") is None and call.get("position_ids") is None and not cache_given
+            and "cu_seq_lens_q" not in extra):
+        extra[UNMASKED_CAUSAL] = True
     outputs = self.model(**call, **extra)
+    extra.pop(UNMASKED_CAUSAL, None)
     loss = _causal_lm_loss(self, outputs.last_hidden_state, labels, extra)
     from transformers.modeling_outputs import CausalLMOutputWithPast
     fields = rec.info["output_fields"]
