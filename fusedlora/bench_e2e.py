@@ -62,12 +62,12 @@ def main(argv=None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="GEMM peak for the profile (H200 measured ~790)")
     ap.add_argument("--out", default=None, help="Markdown report path (JSON beside it, .json)")
     args = ap.parse_args(argv)
-    if not bench_report.gpu_or_exit("fusedlora.bench e2e"):
-        return 2
-    variants = bench_report.selected(args.variants, "liger")
     settings = args.gc.replace("both", "off,on").split(",")
     if set(settings) - {"off", "on", "offload"}:
         ap.error(f"--gc: expected a comma list of off, on, offload, both; got {args.gc!r}")
+    if not bench_report.gpu_or_exit("fusedlora.bench e2e"):
+        return 2
+    variants = bench_report.selected(args.variants, "liger")
     results = []
     for model, mode, setting in itertools.product(args.models.split(","), args.modes.split(","), settings):
         for variant in variants:

@@ -73,3 +73,11 @@ def test_e2e_table_compares_offloaded_runs_with_hf_checkpointing():
                                 row("fusedlora", False, True, 150.0)])
     assert "| 1b | qlora | offload | fusedlora | 150 | 3.00x |" in table
     assert "| 1b | qlora | on | hf | 50 | 1.00x |" in table
+
+
+def test_e2e_bad_gc_setting_is_named(capsys):
+    import pytest
+    from fusedlora import bench_e2e
+    with pytest.raises(SystemExit):
+        bench_e2e.main(["--gc", "on,sometimes"])
+    assert "--gc: expected a comma list of off, on, offload, both; got 'on,sometimes'" in capsys.readouterr().err

@@ -225,3 +225,23 @@ def test_nf4_state_checked_once_and_again_when_its_tensors_change():
     qs1.blocksize = 3
     with pytest.raises(ValueError, match="blocksize 3 is not one bitsandbytes allows"):
         dequantize_nf4(q2, qs1)
+
+
+def test_nf4_state_on_another_device_is_named():
+    """A quant state whose tensors sit on different devices (or apart from the weight) is refused, naming the
+    tensor and both devices (the meta device stands in for a second device on any machine)."""
+    w = torch.randn(32, 64, device=DEVICE)
+    q, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    code = qs.code
+    qs.code = code.to("meta")
+    with pytest.raises(ValueError, match="quant_state.code is on meta but quant_state.absmax is on"):
+        dequantize_nf4(q, qs)
+    qs.code, state2_code = code, qs.state2.code
+    qs.state2.code = state2_code.to("meta")
+    with pytest.raises(ValueError, match="quant_state.state2.code is on meta but quant_state.absmax is on"):
+        dequantize_nf4(q, qs)
+    qs.state2.code = state2_code
+    q2, qs2 = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+    qs2.absmax, qs2.code = qs2.absmax.to("meta"), qs2.code.to("meta")
+    with pytest.raises(ValueError, match="quant_state.absmax is on meta but the weight is on"):
+        dequantize_nf4(q2, qs2)
