@@ -114,7 +114,7 @@ def _unaliased(outs, inputs, earlier=()):
             t = t.contiguous()
         elif t is not None and (t._base is not None or any(t is i for i in inputs)):
             if any(i is not None and torch._C._is_alias_of(t, i) for i in (*inputs, *done)):
-                t = t.clone(memory_format=torch.contiguous_format)
+                t = t.clone()
         result.append(t)
         if t is not None:
             done.append(t)

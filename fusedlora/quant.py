@@ -70,8 +70,8 @@ def dequantize_nf4(weight: torch.Tensor, quant_state=None, out: torch.Tensor | N
 
 
 class _NF4Plan(NamedTuple):
-    """What a quant state gives every launch, checked once: the kernel's tensors and scalars. `key`: the
-    state's own tensors and layout it was made from; a state whose tensors were replaced (QuantState.to) or
+    """What a quant state gives every launch, checked once: the kernel's tensors and scalars. `key`: (the
+    state's own tensors, compared by identity; its layout, by value) as it was made from; a state whose tensors were replaced (QuantState.to) or
     whose layout changed is planned again (its output dtype is read at every call)."""
     key: tuple
     shape: tuple
@@ -90,10 +90,10 @@ _PLAN_ATTR = "_fusedlora_nf4_plan"
 
 def _nf4_plan(qs) -> _NF4Plan:
     s2 = getattr(qs, "state2", None) if qs.nested else None
-    key = (qs.absmax, qs.code, getattr(qs, "offset", None), getattr(s2, "absmax", None), getattr(s2, "code", None), qs.shape,
-           qs.blocksize, getattr(qs, "quant_type", None), qs.nested)
+    tensors = (qs.absmax, qs.code, getattr(qs, "offset", None), getattr(s2, "absmax", None), getattr(s2, "code", None))
+    key = (tensors, (qs.shape, qs.blocksize, getattr(qs, "quant_type", None), qs.nested))
     plan = getattr(qs, _PLAN_ATTR, None)  # (bitsandbytes' QuantState takes it; NamedTuple states plan each call)
-    if plan is not None and all(a is b or (i >= 5 and a == b) for i, (a, b) in enumerate(zip(plan.key, key))):
+    if (plan is not None and all(a is b for a, b in zip(plan.key[0], tensors)) and plan.key[1] == key[1]):
         return plan
     op = "dequantize_nf4"
     qtype = getattr(qs, "quant_type", None)

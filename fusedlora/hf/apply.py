@@ -8,9 +8,9 @@ added after patching, full fine-tuning, a CPU tensor without the interpreter) ru
 from __future__ import annotations
 
 import functools
-import types
 import inspect
 import sys
+import types
 
 import torch
 import torch.nn.functional as F
