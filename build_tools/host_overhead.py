@@ -103,6 +103,21 @@ def profile_gpu(model_shape="1b", mode="qlora", variant="fusedlora", top=40, bat
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    # Without cProfile: the host's time to issue a step (no sync inside) against the GPU's time for it. Issue
+    # time close to the GPU time means the GPU waits for the host.
+    issue, gpu = [], []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        start.record()
+        step()
+        end.record()
+        issue.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        gpu.append(start.elapsed_time(end) / 1e3)
+    print(f"{variant} {mode} {model_shape}: host issues a step in {statistics.median(issue) * 1e3:.1f} ms, "
+          f"the GPU runs it in {statistics.median(gpu) * 1e3:.1f} ms (medians of 5)")
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()

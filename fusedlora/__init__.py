@@ -8,7 +8,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("ops", "quant", "lora", "peft_layers", "hf", "manifest", "loader", "registry", "aot", "build", "info", "selfcheck",
+_SUBMODULES = ("ops", "quant", "lora", "peft_layers", "hf", "cuda_graphs", "manifest", "loader", "registry", "aot", "build", "info", "selfcheck",
                "bench", "demo")
 
 
@@ -28,6 +28,12 @@ def compile_layers(model, **compile_kwargs) -> int:
     """torch.compile each decoder layer in place (one compiled graph for all); see `fusedlora.hf.compile_layers`."""
     from .hf import compile_layers as _compile_layers
     return _compile_layers(model, **compile_kwargs)
+
+
+def cuda_graph_layers(model, **options) -> int:
+    """Replay each decoder layer's training forward and backward as CUDA graphs; see `fusedlora.hf.cuda_graph_layers`."""
+    from .hf import cuda_graph_layers as _cuda_graph_layers
+    return _cuda_graph_layers(model, **options)
 
 
 def __getattr__(name):

@@ -30,6 +30,21 @@ def _seed():
     torch.manual_seed(1234)
 
 
+_FP32_PRECISION_KNOBS = ((torch.backends, "fp32_precision"), (torch.backends.cuda.matmul, "fp32_precision"),
+                         (torch.backends.cudnn, "fp32_precision"))
+
+
+@pytest.fixture(autouse=True)
+def _fp32_matmuls_stay_ieee():
+    """A Trainer test may turn TF32 on process-wide (TrainingArguments does under torch_compile or bf16,
+    through transformers' enable_tf32): restore the fp32 matmul precision after every test, so a later fp32
+    comparison against an fp64 reference is not compared at TF32's ~1e-3 precision (seen on an H200)."""
+    saved = [(obj, name, getattr(obj, name)) for obj, name in _FP32_PRECISION_KNOBS if hasattr(obj, name)]
+    yield
+    for obj, name, value in saved:
+        setattr(obj, name, value)
+
+
 def rel_err(a, b) -> float:
     """||a - b|| / ||b||; the denominator is floored at 1e-2 so an exactly-zero reference (a 1-class
     cross-entropy, say) compares absolutely."""

@@ -45,7 +45,8 @@ GC_ATTR = "_fusedlora_checkpointing"  # a layer's HF checkpointing settings befo
 def unpatch(model) -> int:
     """Restore every forward `patch` replaced (and the layers' checkpointing settings); returns how many
     modules it restored."""
-    n = 0
+    from ..cuda_graphs import ungraph_modules
+    n = ungraph_modules(model.modules())
     for m in model.modules():
         if PATCH_ATTR in m.__dict__:
             del m.__dict__["forward"]
@@ -78,16 +79,51 @@ def _offload_checkpoints(model, report):
                         "memory)" if layers else "offload_checkpoints: no GradientCheckpointingLayer in this model")
 
 
+def _decoder_layers(model, caller: str, instead: str):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise TypeError(f"fusedlora.{caller}: {type(model).__name__} has no decoder layers "
+                        f"(transformers' GradientCheckpointingLayer); {instead}")
+    return layers
+
+
+def cuda_graph_layers(model, *, warmup: int = 2, max_shapes: int = 1) -> int:
+    """Replay each decoder layer's training forward and backward as CUDA graphs (fusedlora.cuda_graphs): a
+    layer costs a few launches of host time instead of hundreds. For single-GPU (or DDP) training with
+    static shapes (padded or fixed-length packed batches); calls it cannot serve (eval, no_grad, a KV cache,
+    gradient checkpointing, a new shape past `max_shapes`, a packed batch's varying lengths) run eagerly.
+    A shape is captured at its (warmup + 1)-th training call; each captured shape keeps its own activation
+    memory. Not with FSDP (it swaps the parameters a graph reads). `fusedlora.unpatch(model)` removes it.
+    Returns how many layers were wrapped."""
+    from ..cuda_graphs import graph_modules
+    if not torch.cuda.is_available():
+        raise RuntimeError("fusedlora.cuda_graph_layers: CUDA graphs need a CUDA GPU")
+    if max_shapes < 1 or warmup < 0:
+        raise ValueError(f"fusedlora.cuda_graph_layers: expected warmup >= 0 and max_shapes >= 1, got warmup={warmup}, "
+                         f"max_shapes={max_shapes}")
+    layers = _decoder_layers(model, "cuda_graph_layers", "wrap the step yourself with torch.cuda.graphs")
+    busy = [type(m).__name__ for m in layers if ("forward" in m.__dict__ and not _is_graphed(m))
+            or getattr(m, "_compiled_call_impl", None) is not None]
+    if busy:
+        raise RuntimeError(f"fusedlora.cuda_graph_layers: decoder layers ({busy[0]}) are compiled "
+                           "(fusedlora.compile_layers) or have an instance-level forward (an accelerate hook); "
+                           "CUDA graphs wrap plain eager layers (under torch.compile use mode='reduce-overhead')")
+    graph_modules(layers, warmup=warmup, max_shapes=max_shapes)
+    return len(layers)
+
+
+def _is_graphed(m) -> bool:
+    from ..cuda_graphs import GraphedModule
+    return isinstance(m.__dict__.get("forward"), GraphedModule)
+
+
 def compile_layers(model, **compile_kwargs) -> int:
     """torch.compile each decoder layer (HF's GradientCheckpointingLayer) in place, `nn.Module.compile` with
     `compile_kwargs`: the layers share their code, so one compiled graph serves them all, and the first step
     compiles one layer instead of the whole model. The embedding, the final norm and the fused LM-head loss
     stay eager (they run once per step). Returns how many layers were compiled."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not layers:
-        raise TypeError(f"fusedlora.compile_layers: {type(model).__name__} has no decoder layers "
-                        "(transformers' GradientCheckpointingLayer); use torch.compile(model) instead")
+    layers = _decoder_layers(model, "compile_layers", "use torch.compile(model) instead")
     for layer in layers:
         for m in layer.modules():
             if isinstance(m.__dict__.get("forward"), PatchedForward):

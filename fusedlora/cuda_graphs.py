@@ -1,0 +1,306 @@
+"""CUDA-graph replay of whole decoder layers (forward and backward) in eager training.
+
+A patched step is host-bound: its kernels take ~85 ms on an H200 (1B shape, 4 x 2048) while Python and torch's
+dispatch take ~120 ms to issue them. Replaying each layer's forward and backward as two CUDA graphs issues a
+layer in a handful of launches. `GraphedModule` wraps one module's forward:
+
+- A call is graphable when it trains (grad mode on, module in training mode, not under torch.compile or
+  another capture, no gradient checkpointing on the layer), its arguments are CUDA tensors, None, plain scalars
+  or tuples of these, and no earlier replay of the same graph still waits for its backward.
+- Calls are keyed by their arguments' shapes, dtypes, strides and requires_grad flags, the plain arguments'
+  values and the autocast state. A key seen `warmup` times (those calls run eagerly and initialise what capture
+  must not) is captured on its next call, up to `max_shapes` keys per module: each captured key keeps its own
+  activation buffers, so a run of ever-changing shapes stays eager.
+- Capture records the forward and the backward (torch.autograd.grad of the outputs with respect to the
+  tensor inputs and trainable parameters) into graphs that share one memory pool with the other layers.
+  Everything a graph leaves for later (inputs, outputs, saved activations, gradients) stays referenced, so
+  the pool only re-uses temporaries and replay order does not matter.
+- Replay copies the call's tensors into the graph's inputs; the backward returns fresh (cloned) gradients,
+  so gradient accumulation and hooks see ordinary tensors. Parameters are checked by address at each call:
+  a moved or replaced parameter (model.to, FSDP) drops the module's graphs and the call runs eagerly.
+- Any failure while capturing (a host sync in the layer, an unsupported op) leaves that key eager for good,
+  with a warning saying why.
+
+Random numbers (dropout) are drawn in the graph from torch's CUDA generator, advanced at each replay, so masks
+differ per step as in eager (not the same masks as an eager run).
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+import weakref
+
+import torch
+
+
+def _flatten(obj, tensors: list, plain: list):
+    """The tensors of a nested (tuple/list/dict) argument in order, and a hashable description of the rest;
+    raises TypeError for anything a graph cannot take."""
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
+        return ("T", tuple(obj.shape), tuple(obj.stride()), obj.dtype, obj.device, obj.requires_grad)
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.dtype)):
+        return ("V", type(obj), obj)
+    if isinstance(obj, (tuple, list)):
+        return (type(obj), tuple(_flatten(o, tensors, plain) for o in obj))
+    if isinstance(obj, dict):
+        return ("D", tuple((k, _flatten(v, tensors, plain)) for k, v in sorted(obj.items())))
+    raise TypeError(f"an argument of type {type(obj).__name__}")
+
+
+def _rebuild(desc, tensors):
+    """The argument `_flatten` described, with its tensors taken in order from the iterator `tensors`."""
+    if desc[0] == "T":
+        return next(tensors)
+    if desc[0] == "V":
+        return desc[2]
+    if desc[0] == "D":
+        return {k: _rebuild(v, tensors) for k, v in desc[1]}
+    return desc[0](_rebuild(d, tensors) for d in desc[1])
+
+
+def _output_tensors(out):
+    tensors: list = []
+    return tensors, _flatten(out, tensors, [])
+
+
+@dataclasses.dataclass
+class _Graph:
+    """One captured key: the static tensors the graphs read and write, and the graphs."""
+    inputs: list                 # static copies of the call's tensor arguments
+    params: list                 # trainable parameters the backward differentiates
+    outputs: list                # the forward's output tensors (static)
+    out_desc: tuple
+    grad_outputs: list           # static incoming gradients of the differentiable outputs
+    grad_inputs: list            # static gradients of (inputs requiring grad, params), None where unused
+    diff_outputs: list           # indices of outputs that carry a gradient
+    wants_grad: list             # indices of inputs requiring grad
+    fwd: torch.cuda.CUDAGraph
+    bwd: torch.cuda.CUDAGraph
+    generation: int = 0
+    pending: object = None       # weakref to the ctx of the replay that waits for its backward
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, graph: _Graph, n_inputs: int, *tensors):
+        for static, t in zip(graph.inputs, tensors[:n_inputs]):
+            if static.data_ptr() != t.data_ptr():
+                static.copy_(t)
+        graph.fwd.replay()
+        graph.generation += 1
+        ctx.graph, ctx.generation, ctx.n_inputs = graph, graph.generation, n_inputs
+        graph.pending = weakref.ref(ctx)
+        outs = tuple(o.detach() for o in graph.outputs)
+        ctx.mark_non_differentiable(*(o for i, o in enumerate(outs) if i not in graph.diff_outputs))
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        graph = ctx.graph
+        if ctx.generation != graph.generation:
+            raise RuntimeError("fusedlora.cuda_graph_layers: a layer's graph was replayed again before this backward "
+                               "(backward through an older forward, e.g. retain_graph=True across steps); "
+                               "its saved activations are gone")
+        for i, static in zip(graph.diff_outputs, graph.grad_outputs):
+            g = grads[i]
+            if g is None:
+                static.zero_()
+            else:
+                static.copy_(g)
+        graph.bwd.replay()
+        graph.pending = None
+        fresh = [None if g is None else g.clone() for g in graph.grad_inputs]
+        n_in = len(graph.wants_grad)
+        per_input = [None] * ctx.n_inputs
+        for slot, g in zip(graph.wants_grad, fresh[:n_in]):
+            per_input[slot] = g
+        return (None, None, *per_input, *fresh[n_in:])
+
+
+class GraphedModule:
+    """The instance-level forward that replays `module`'s calls as CUDA graphs where it can (module docs);
+    `original` is the forward it replaces and calls for everything else."""
+
+    def __init__(self, module, original, shared: "_SharedPool", warmup: int = 2, max_shapes: int = 1):
+        self.module_ref = weakref.ref(module)
+        self.original = original
+        self.shared = shared
+        self.pool = shared.pool
+        self.warmup, self.max_shapes = warmup, max_shapes
+        self.seen: dict = {}          # key -> eager calls so far
+        self.graphs: dict = {}        # key -> _Graph
+        self.failed: dict = {}        # key -> why capture failed
+        self.param_ptrs = None
+        self.replays = self.eager_calls = 0
+
+    # ------------------------------------------------------------------ call
+    def __call__(self, *args, **kwargs):
+        module = self.module_ref()
+        key = self._key(module, args, kwargs)
+        if key is None:
+            self.eager_calls += 1
+            return self.original(*args, **kwargs)
+        tensors, desc, params = key[3], key[:3], key[4]
+        graph = self.graphs.get(desc)
+        if graph is None:
+            if desc in self.failed or len(self.graphs) >= self.max_shapes or self.seen.get(desc, 0) < self.warmup:
+                self.seen[desc] = self.seen.get(desc, 0) + 1
+                self.eager_calls += 1
+                return self.original(*args, **kwargs)
+            graph = self._capture(desc, tensors, params, args, kwargs)
+            if graph is None:
+                self.eager_calls += 1
+                return self.original(*args, **kwargs)
+        elif graph.pending is not None and graph.pending() is not None:
+            # a replay whose backward has not run yet owns the saved activations: this call runs eagerly
+            self.eager_calls += 1
+            return self.original(*args, **kwargs)
+        self.replays += 1
+        outs = _Replay.apply(graph, len(tensors), *tensors, *params)
+        return _rebuild(graph.out_desc, iter(outs))
+
+    def _key(self, module, args, kwargs):
+        """(argument description, autocast state, ..., tensors, params) when the call is graphable, else None."""
+        if (module is None or not torch.is_grad_enabled() or not module.training or torch.compiler.is_compiling()
+                or getattr(module, "gradient_checkpointing", False) or torch.cuda.is_current_stream_capturing()
+                or kwargs.get("past_key_values") is not None or kwargs.get("past_key_value") is not None):
+            return None
+        tensors: list = []
+        try:
+            desc = _flatten((args, kwargs), tensors, [])
+        except TypeError:
+            return None
+        if not tensors or not all(t.is_cuda for t in tensors):
+            return None
+        params = [p for p in module.parameters() if p.requires_grad]
+        ptrs = tuple(p.data_ptr() for p in module.parameters()) + tuple(b.data_ptr() for b in module.buffers())
+        if self.param_ptrs != ptrs:
+            if self.graphs:
+                warnings.warn("fusedlora.cuda_graph_layers: a layer's parameters moved (model.to, a swapped "
+                              "weight); its CUDA graphs are dropped and re-captured", stacklevel=3)
+            self.graphs.clear()
+            self.seen.clear()
+            self.param_ptrs = ptrs
+        device = tensors[0].device.type
+        amp = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        return desc, amp, tuple(id(p) for p in params), tensors, params
+
+    # ------------------------------------------------------------------ capture
+    def _capture(self, desc, tensors, params, args, kwargs):
+        arg_desc = desc[0]
+        static_in = [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
+        wants_grad = [i for i, t in enumerate(static_in) if t.requires_grad]
+        module = self.module_ref()
+        slots = [(m, n) for m in module.modules() for n, p in m._parameters.items()
+                 if p is not None and p.requires_grad]
+
+        def run():
+            """The forward on the static inputs, each input needing a gradient and each trainable parameter
+            read through an alias (a view made now, on the stream that runs it); returns (output, aliases).
+            Differentiating with respect to the aliases keeps the backward off the leaves' gradient
+            accumulators, which an autograd graph still alive from an earlier step (the last loss, say) ties
+            to the default stream: reaching them from the capture stream joins the two streams and
+            invalidates the capture (seen on an H200, torch 2.11)."""
+            inputs = [t.view_as(t) if t.requires_grad else t for t in static_in]
+            a, k = _rebuild(arg_desc, iter(inputs))
+            saved = [m._parameters[n] for m, n in slots]
+            aliases = [inputs[i] for i in wants_grad] + [p.view_as(p) for p in saved]
+            for (m, n), alias in zip(slots, aliases[len(wants_grad):]):
+                m._parameters[n] = alias
+            try:
+                return self.original(*a, **k), aliases
+            finally:
+                for (m, n), p in zip(slots, saved):
+                    m._parameters[n] = p
+
+        device = tensors[0].device.type
+        amp_on, amp_dtype = desc[1]
+        try:
+            if self.shared.broken:
+                raise RuntimeError(self.shared.broken)
+            if len(slots) != len(params) or any(m._parameters[n] is not p for (m, n), p in zip(slots, params)):
+                raise RuntimeError("the layer's trainable parameters are not its own (shared or tied elsewhere)")
+            with torch.autocast(device, dtype=amp_dtype, enabled=amp_on, cache_enabled=False):
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up off the capture: lazy initialisations happen here
+                    out, aliases = run()
+                    outs, _ = _output_tensors(out)
+                    diff = [o for o in outs if o.requires_grad]
+                    if not diff:
+                        raise RuntimeError("nothing in the layer's output needs a gradient")
+                    torch.autograd.grad(diff, aliases, [torch.ones_like(o) for o in diff], allow_unused=True)
+                    del out, outs, diff, aliases
+                torch.cuda.current_stream().wait_stream(side)
+                fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+                self.shared.capturing = True
+                with torch.cuda.graph(fwd, pool=self.pool, capture_error_mode="thread_local"):
+                    out, aliases = run()
+                outputs, out_desc = _output_tensors(out)
+                diff_outputs = [i for i, o in enumerate(outputs) if o.requires_grad]
+                grad_outputs = [torch.empty_like(outputs[i]) for i in diff_outputs]
+                with torch.cuda.graph(bwd, pool=self.pool, capture_error_mode="thread_local"):
+                    grad_inputs = torch.autograd.grad([outputs[i] for i in diff_outputs], aliases, grad_outputs,
+                                                      retain_graph=True, allow_unused=True)
+                self.shared.capturing = False
+        except Exception as e:  # noqa: BLE001 - any capture failure: this key stays eager
+            why = f"{type(e).__name__}: {str(e)[:300]}"
+            self.failed[desc] = why
+            if self.shared.capturing:
+                # a failure inside a capture can leave the allocator recording into the pool: no further
+                # capture in this model
+                self.shared.broken = f"an earlier capture failed ({why})"
+                self.shared.capturing = False
+            warnings.warn(f"fusedlora.cuda_graph_layers: {type(module).__name__} could not be captured as a CUDA "
+                          f"graph ({why}); it runs eagerly", stacklevel=3)
+            torch.cuda.synchronize()
+            return None
+        graph = _Graph(static_in, params, outputs, out_desc, grad_outputs, list(grad_inputs), diff_outputs,
+                       wants_grad, fwd, bwd)
+        self.graphs[desc] = graph
+        return graph
+
+    def __reduce__(self):
+        raise TypeError("a model under fusedlora.cuda_graph_layers cannot be pickled; unpatch it first")
+
+
+class _SharedPool:
+    """What the wrapped modules of one model share: the graphs' memory pool, and whether a failed capture has
+    left it unusable."""
+
+    def __init__(self):
+        self.pool = torch.cuda.graph_pool_handle()
+        self.capturing = False
+        self.broken: str | None = None
+
+
+def graph_modules(modules, **options) -> list:
+    """Wrap each module's forward in a GraphedModule sharing one CUDA graph memory pool; returns the wrappers."""
+    pool = _SharedPool()
+    wrappers = []
+    for m in modules:
+        if "forward" in m.__dict__ and not isinstance(m.__dict__["forward"], GraphedModule):
+            original = m.__dict__["forward"]
+        elif isinstance(m.__dict__.get("forward"), GraphedModule):
+            original = m.__dict__["forward"].original
+        else:
+            original = type(m).forward.__get__(m)
+        w = GraphedModule(m, original, pool, **options)
+        m.__dict__["forward"] = w
+        wrappers.append(w)
+    return wrappers
+
+
+def ungraph_modules(modules) -> int:
+    """Restore the forwards graph_modules replaced (dropping their graphs); returns how many."""
+    n = 0
+    for m in modules:
+        w = m.__dict__.get("forward")
+        if isinstance(w, GraphedModule):
+            if getattr(w.original, "__self__", None) is m and getattr(w.original, "__func__", None) is type(m).forward:
+                del m.__dict__["forward"]
+            else:
+                m.__dict__["forward"] = w.original
+            n += 1
+    return n

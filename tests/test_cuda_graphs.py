@@ -1,0 +1,157 @@
+"""fusedlora.cuda_graph_layers: decoder layers replayed as CUDA graphs give the eager patched model's training
+run (losses, adapter gradients, gradient accumulation), and every call a graph cannot serve runs eagerly.
+The replay itself needs a GPU; the argument handling and the errors are checked everywhere."""
+import warnings
+
+import pytest
+import torch
+
+from conftest import HAS_CUDA
+import fusedlora
+from fusedlora import cuda_graphs, workload
+
+gpu = pytest.mark.gpu
+
+
+def test_arguments_flatten_and_rebuild():
+    a, b, c = torch.zeros(2, 3), torch.ones(4), torch.arange(3)
+    call = ((a,), {"position_embeddings": (b, c), "attention_mask": None, "use_cache": False, "n": 3})
+    tensors: list = []
+    desc = cuda_graphs._flatten(call, tensors, [])
+    assert [t is x for t, x in zip(tensors, (a, b, c))] == [True] * 3
+    args, kwargs = cuda_graphs._rebuild(desc, iter(tensors))
+    assert args[0] is a and kwargs["position_embeddings"][0] is b and kwargs["position_embeddings"][1] is c
+    assert kwargs["attention_mask"] is None and kwargs["use_cache"] is False and kwargs["n"] == 3
+    # the description is the cache key: it changes with a shape, a stride, requires_grad or a plain value
+    def key(*a, **k):
+        return cuda_graphs._flatten((a, k), [], [])
+    assert key(a) == key(torch.zeros(2, 3))
+    assert key(a) != key(torch.zeros(3, 2)) and key(a) != key(torch.zeros(3, 2).t())
+    assert key(a) != key(torch.zeros(2, 3, requires_grad=True)) and key(a, n=1) != key(a, n=2)
+    with pytest.raises(TypeError):
+        cuda_graphs._flatten(object(), [], [])
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error without a GPU")
+def test_needs_a_gpu():
+    model, _ = workload.build("tiny", "lora", "fusedlora", "cpu", False)
+    with pytest.raises(RuntimeError, match="cuda_graph_layers: CUDA graphs need a CUDA GPU"):
+        fusedlora.cuda_graph_layers(model)
+
+
+def test_bad_options_and_models():
+    if not HAS_CUDA:
+        pytest.skip("the option checks come after the GPU check")
+    model, _ = workload.build("tiny", "lora", "fusedlora", "cuda", False)
+    with pytest.raises(ValueError, match="max_shapes >= 1"):
+        fusedlora.cuda_graph_layers(model, max_shapes=0)
+    with pytest.raises(TypeError, match="has no decoder layers"):
+        fusedlora.cuda_graph_layers(torch.nn.Linear(2, 2))
+
+
+def _train(model, data, accumulate=1, lr=1e-3):
+    """Losses and the adapters' gradients of each optimizer step (AdamW), bf16 autocast."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses, grads = [], []
+    for i in range(0, len(data), accumulate):
+        for ids, labels, pos in data[i:i + accumulate]:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=labels, position_ids=pos).loss / accumulate
+            loss.backward()
+            losses.append(loss.detach().float())
+        grads.append([p.grad.detach().clone() for p in params])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return torch.stack(losses), grads
+
+
+def _graphed(mode, **options):
+    model, _ = workload.build("tiny", mode, "fusedlora", "cuda", False)
+    n = fusedlora.cuda_graph_layers(model, **options)
+    layers = [m.__dict__["forward"] for m in model.modules() if isinstance(m.__dict__.get("forward"), cuda_graphs.GraphedModule)]
+    assert n == len(layers) == workload.SHAPES["tiny"]["num_hidden_layers"]
+    return model, layers
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["lora", "qlora"])
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_graphed_training_matches_eager(mode, accumulate):
+    if mode == "qlora":
+        pytest.importorskip("bitsandbytes")
+    data = workload.batches(8, 2, 64, False, "cuda")
+    eager, _ = workload.build("tiny", mode, "fusedlora", "cuda", False)
+    ref_losses, ref_grads = _train(eager, data, accumulate)
+    model, layers = _graphed(mode, warmup=1)
+    losses, grads = _train(model, data, accumulate)
+    # replay after one eager call per layer; the graphs run the eager kernels on the same inputs, so the
+    # run is the eager one up to cuBLAS choosing another algorithm on the capture stream (bf16 autocast)
+    assert all(w.replays == len(data) - 1 and w.eager_calls == 1 for w in layers), [(w.replays, w.eager_calls) for w in layers]
+    torch.testing.assert_close(losses, ref_losses, rtol=2e-3, atol=1e-4)
+    for step_grads, step_ref in zip(grads, ref_grads):
+        for g, r in zip(step_grads, step_ref):
+            torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2 * r.abs().max().item() + 1e-6)
+
+
+@gpu
+def test_calls_a_graph_cannot_serve_run_eagerly():
+    data = workload.batches(6, 2, 64, False, "cuda")
+    model, layers = _graphed("lora", warmup=1)
+    ref, _ = workload.build("tiny", "lora", "fusedlora", "cuda", False)
+    _train(model, data[:3])
+    _train(ref, data[:3])
+    replays = [w.replays for w in layers]
+    assert min(replays) >= 2
+    ids, labels, _ = data[3]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        # no_grad / eval: eager, same values as the eager model
+        with torch.no_grad():
+            a, b = model(input_ids=ids, labels=labels).loss, ref(input_ids=ids, labels=labels).loss
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-4)
+        model.eval()
+        ref.eval()
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=2e-2, atol=2e-2)
+        model.train()
+        ref.train()
+        assert [w.replays for w in layers] == replays
+        # two training forwards before a backward: the second runs eagerly, both backwards are right
+        la, lb = model(input_ids=ids, labels=labels).loss, model(input_ids=data[4][0], labels=data[4][1]).loss
+        ra, rb = ref(input_ids=ids, labels=labels).loss, ref(input_ids=data[4][0], labels=data[4][1]).loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref_params = [p for p in ref.parameters() if p.requires_grad]
+    for p in params + ref_params:
+        p.grad = None
+    (la + 2 * lb).backward()
+    (ra + 2 * rb).backward()
+    for p, r in zip(params, ref_params):
+        torch.testing.assert_close(p.grad, r.grad, rtol=2e-2, atol=2e-2 * r.grad.abs().max().item() + 1e-6)
+    assert [w.replays for w in layers] == [r + 1 for r in replays]
+    # a new shape past max_shapes runs eagerly; a stale graph (forward without backward) frees its slot
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(input_ids=ids[:, :32], labels=labels[:, :32]).loss.backward()
+        model(input_ids=ids, labels=labels)  # result dropped: no backward will come
+        model(input_ids=ids, labels=labels).loss.backward()
+    assert [w.replays for w in layers] == [r + 3 for r in replays]
+    # HF gradient checkpointing: eager (the layer's flag); unpatch removes the wrappers
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    before = [w.eager_calls for w in layers]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=labels).loss.backward()
+    assert [w.eager_calls for w in layers] == [e + 2 for e in before]  # the forward and its recompute
+    fusedlora.unpatch(model)
+    assert not any(isinstance(m.__dict__.get("forward"), cuda_graphs.GraphedModule) for m in model.modules())
+
+
+@gpu
+def test_moved_parameters_drop_the_graphs():
+    data = workload.batches(4, 2, 64, False, "cuda")
+    model, layers = _graphed("lora", warmup=0)
+    _train(model, data[:2])
+    assert all(w.replays == 2 for w in layers)
+    lora_a = next(p for n, p in model.named_parameters() if "lora_A" in n)
+    lora_a.data = lora_a.data.clone()  # a new address: a graph would read the old one
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(model, data[2:3])
+    assert any("parameters moved" in str(w.message) for w in caught)
