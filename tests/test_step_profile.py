@@ -39,6 +39,16 @@ def test_summarize_splits_gemms_and_counts_idle():
     assert "| GEMMs (base) | 0.60 | 60.0% |" in P.markdown(rows, "t")
 
 
+def test_gemms_inside_cuda_graphs_get_no_flop_rate():
+    """Kernels replayed from CUDA graphs have no CPU-side op: the GEMM time is reported whole, with no FLOP
+    rate or split computed from the few GEMM ops outside the graphs (seen on an H200: "20 % of peak")."""
+    kernels = [("sm90_xmma_gemm_tn", 0, 600), ("sm90_xmma_gemm_tn", 600, 700)]
+    gemm_ops = [([[4096, 2048], [2048, 8192]], 100.0)]  # the only GEMM outside the graphs
+    by = {f: (ms, note) for f, ms, _, note in P.summarize(kernels, gemm_ops, steps=1, wall_us=700.0, peak_tflops=790.0)}
+    assert "GEMMs (base)" not in by and by["GEMMs (all)"][0] == pytest.approx(0.7)
+    assert "86% of the GEMM time ran inside CUDA graphs" in by["GEMMs (all)"][1]
+
+
 def test_gpu_user_annotations_are_not_kernels():
     """torch.compile's regions appear on the device timeline as user annotations spanning many kernels: the
     profile must not count them (seen on an H200: an "other" family of 94 % of the step)."""
