@@ -76,16 +76,20 @@ def main(argv=None):
     add_run_args(ap, steps=40 if gpu else 12, batch=4 if gpu else 2, seq=2048 if gpu else 64)
     ap.set_defaults(model="1b" if gpu else "tiny", log_every=5 if gpu else 3)
     ap.add_argument("--out", default="fusedlora_demo", help="folder for demo.png, demo.md and demo.json")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="a third run: patched and each decoder layer replayed as CUDA graphs (fusedlora.cuda_graph_layers)")
     args = ap.parse_args(argv)
     env = {}
     if not gpu:
         if args.model != "tiny":
             ap.error(f"--model {args.model} needs a CUDA GPU; this machine has none (use --model tiny)")
+        if args.cuda_graphs:
+            ap.error("--cuda-graphs needs a CUDA GPU; this machine has none")
         env["TRITON_INTERPRET"] = "1"
         print("No CUDA GPU: running the tiny shape on the CPU under the Triton interpreter (kernels are "
               "emulated, so fusedlora is slower here; the point is the loss parity).", file=sys.stderr)
     results = []
-    for variant in ("hf", "fusedlora"):
+    for variant in ("hf", "fusedlora") + (("fusedlora_graphs",) if args.cuda_graphs else ()):
         print(f"[{variant}] {args.model} {args.mode}, batch {args.batch} x {args.seq}, {args.steps} steps "
               "(fresh process)", file=sys.stderr)
         results.append(run_in_subprocess(variant, args, env))

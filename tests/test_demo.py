@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from conftest import HAS_CUDA
 from fusedlora import workload
 
 
@@ -35,3 +36,12 @@ def test_demo_tiny_shows_loss_parity(tmp_path):
         assert abs(a - b) <= 1e-4 * abs(a)
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     assert "tokens/s" in (tmp_path / "demo.md").read_text()
+
+
+def test_demo_cuda_graphs_without_a_gpu_says_so(capsys):
+    if HAS_CUDA:
+        pytest.skip("checks the message on a machine without a GPU")
+    from fusedlora import demo
+    with pytest.raises(SystemExit):
+        demo.main(["--cuda-graphs"])
+    assert "--cuda-graphs needs a CUDA GPU" in capsys.readouterr().err
