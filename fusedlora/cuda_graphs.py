@@ -33,7 +33,7 @@ import weakref
 import torch
 
 
-def _flatten(obj, tensors: list, plain: list):
+def _flatten(obj, tensors: list):
     """The tensors of a nested (tuple/list/dict) argument in order, and a hashable description of the rest;
     raises TypeError for anything a graph cannot take."""
     if isinstance(obj, torch.Tensor):
@@ -42,9 +42,9 @@ def _flatten(obj, tensors: list, plain: list):
     if obj is None or isinstance(obj, (bool, int, float, str, torch.dtype)):
         return ("V", type(obj), obj)
     if isinstance(obj, (tuple, list)):
-        return (type(obj), tuple(_flatten(o, tensors, plain) for o in obj))
+        return (type(obj), tuple(_flatten(o, tensors) for o in obj))
     if isinstance(obj, dict):
-        return ("D", tuple((k, _flatten(v, tensors, plain)) for k, v in sorted(obj.items())))
+        return ("D", type(obj), tuple((k, _flatten(v, tensors)) for k, v in sorted(obj.items())))
     raise TypeError(f"an argument of type {type(obj).__name__}")
 
 
@@ -55,13 +55,13 @@ def _rebuild(desc, tensors):
     if desc[0] == "V":
         return desc[2]
     if desc[0] == "D":
-        return {k: _rebuild(v, tensors) for k, v in desc[1]}
+        return desc[1](**{k: _rebuild(v, tensors) for k, v in desc[2]})
     return desc[0](_rebuild(d, tensors) for d in desc[1])
 
 
 def _output_tensors(out):
     tensors: list = []
-    return tensors, _flatten(out, tensors, [])
+    return tensors, _flatten(out, tensors)
 
 
 @dataclasses.dataclass
@@ -168,7 +168,7 @@ class GraphedModule:
             return None
         tensors: list = []
         try:
-            desc = _flatten((args, kwargs), tensors, [])
+            desc = _flatten((args, kwargs), tensors)
         except TypeError:
             return None
         if not tensors or not all(t.is_cuda for t in tensors):

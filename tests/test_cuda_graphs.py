@@ -17,19 +17,25 @@ def test_arguments_flatten_and_rebuild():
     a, b, c = torch.zeros(2, 3), torch.ones(4), torch.arange(3)
     call = ((a,), {"position_embeddings": (b, c), "attention_mask": None, "use_cache": False, "n": 3})
     tensors: list = []
-    desc = cuda_graphs._flatten(call, tensors, [])
+    desc = cuda_graphs._flatten(call, tensors)
     assert [t is x for t, x in zip(tensors, (a, b, c))] == [True] * 3
     args, kwargs = cuda_graphs._rebuild(desc, iter(tensors))
     assert args[0] is a and kwargs["position_embeddings"][0] is b and kwargs["position_embeddings"][1] is c
     assert kwargs["attention_mask"] is None and kwargs["use_cache"] is False and kwargs["n"] == 3
     # the description is the cache key: it changes with a shape, a stride, requires_grad or a plain value
     def key(*a, **k):
-        return cuda_graphs._flatten((a, k), [], [])
+        return cuda_graphs._flatten((a, k), [])
     assert key(a) == key(torch.zeros(2, 3))
     assert key(a) != key(torch.zeros(3, 2)) and key(a) != key(torch.zeros(3, 2).t())
     assert key(a) != key(torch.zeros(2, 3, requires_grad=True)) and key(a, n=1) != key(a, n=2)
     with pytest.raises(TypeError):
-        cuda_graphs._flatten(object(), [], [])
+        cuda_graphs._flatten(object(), [])
+    # a dict subclass (a ModelOutput, say) comes back as its own type
+    class Output(dict):
+        pass
+    tensors = []
+    rebuilt = cuda_graphs._rebuild(cuda_graphs._flatten(Output(hidden=a), tensors), iter(tensors))
+    assert type(rebuilt) is Output and rebuilt["hidden"] is a
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error without a GPU")
