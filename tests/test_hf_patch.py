@@ -266,8 +266,17 @@ def test_num_items_in_batch_and_tuple_output():
     n = torch.tensor(40, device=DEVICE)
     ref.train(), fused.train()
     l0 = ref(input_ids=ids, labels=labels, num_items_in_batch=n).loss
+    layer_kwargs = []
+    layer = next(m for m in fused.modules() if type(m).__name__ == "LlamaDecoderLayer")
+    hook = layer.register_forward_pre_hook(lambda m, a, k: layer_kwargs.append(set(k)), with_kwargs=True)
     l1 = fused(input_ids=ids, labels=labels, num_items_in_batch=n, return_dict=False)[0]
+    hook.remove()
     assert rel_err(l1.detach(), l0.detach()) <= 1e-5
+    # the loss's arguments stay out of the decoder layers (an int one changing per step would change every
+    # layer call's CUDA-graph key)
+    assert layer_kwargs and not any("num_items_in_batch" in k for k in layer_kwargs)
+    l2 = fused(input_ids=ids, labels=labels, num_items_in_batch=40).loss
+    assert rel_err(l2.detach(), l0.detach()) <= 1e-5
 
 
 def test_unknown_family_patches_generic_parts():

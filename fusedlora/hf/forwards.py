@@ -254,6 +254,9 @@ def loss_head_problem(model) -> str | None:
     return None
 
 
+LOSS_ONLY_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+
+
 def causal_lm_forward(self, *args, **kwargs):
     """With labels in training mode: the decoder's hidden states, then the LM head and HF's causal-LM loss
     (shift, ignore_index, num_items_in_batch, softcap / logit scale) as one fused linear cross-entropy; the
@@ -298,7 +301,10 @@ def causal_lm_forward(self, *args, **kwargs):
     if (compiling() and call.get("attention_mask") is None and call.get("position_ids") is None and not cache_given
             and "cu_seq_lens_q" not in extra):
         extra[UNMASKED_CAUSAL] = True
-    outputs = self.model(**call, **extra)
+    # the loss's own arguments stay out of the decoder (HF passes them down to every layer, where an int
+    # num_items_in_batch that changes per step would also change each layer call's CUDA-graph key)
+    decoder_extra = {k: v for k, v in extra.items() if k not in LOSS_ONLY_KWARGS}
+    outputs = self.model(**call, **decoder_extra)
     extra.pop(UNMASKED_CAUSAL, None)
     loss = _causal_lm_loss(self, outputs.last_hidden_state, labels, extra)
     from transformers.modeling_outputs import CausalLMOutputWithPast
