@@ -74,9 +74,8 @@ def _train(model, data, accumulate=1, lr=1e-3):
 
 def _graphed(mode, **options):
     model, _ = workload.build("tiny", mode, "fusedlora", "cuda", False)
-    n = fusedlora.cuda_graph_layers(model, **options)
-    layers = [m.__dict__["forward"] for m in model.modules() if isinstance(m.__dict__.get("forward"), cuda_graphs.GraphedModule)]
-    assert n == len(layers) == workload.SHAPES["tiny"]["num_hidden_layers"]
+    layers = _graphed_wrappers(model, **options)
+    assert len(layers) == workload.SHAPES["tiny"]["num_hidden_layers"]
     return model, layers
 
 
@@ -161,3 +160,41 @@ def test_moved_parameters_drop_the_graphs():
         warnings.simplefilter("always")
         _train(model, data[2:3])
     assert any("parameters moved" in str(w.message) for w in caught)
+
+
+@gpu
+def test_hf_trainer_with_graphed_layers(tmp_path):
+    """The HF Trainer (bf16, gradient accumulation 2, AdamW) on the patched model with graphed layers gives
+    the eager patched model's losses, and the layers did replay."""
+    import transformers
+    from torch.utils.data import Dataset
+    data = workload.batches(8, 1, 64, False, "cpu")
+
+    class Rows(Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            return {"input_ids": data[i][0][0], "labels": data[i][1][0]}
+
+    def train(graphs):
+        model, _ = workload.build("tiny", "lora", "fusedlora", "cuda", False)
+        layers = _graphed_wrappers(model, warmup=1) if graphs else []
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(graphs)), per_device_train_batch_size=1, gradient_accumulation_steps=2,
+            max_steps=4, learning_rate=1e-3, lr_scheduler_type="constant", report_to=[], save_strategy="no",
+            logging_steps=1, bf16=True, seed=0, data_seed=0)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows())
+        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(Rows())
+        trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h], layers
+    ref, _ = train(False)
+    got, layers = train(True)
+    assert len(got) == len(ref) == 4
+    assert all(w.replays == 7 for w in layers), [w.replays for w in layers]
+    assert got == pytest.approx(ref, rel=5e-3)
+
+
+def _graphed_wrappers(model, **options):
+    fusedlora.cuda_graph_layers(model, **options)
+    return [m.__dict__["forward"] for m in model.modules() if isinstance(m.__dict__.get("forward"), cuda_graphs.GraphedModule)]
