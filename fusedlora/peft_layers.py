@@ -117,11 +117,17 @@ def _dropout_p(proj):
     return 0.0
 
 
+def apply_lora_linear(proj, X, training):
+    """One PEFT LoRA projection (base + dropout(X) A^T B^T s + bias) through the fused single-projection
+    function."""
+    W, Q, A, B, S = fused_parameters(proj)
+    fn = lora_o if compiling() else LoRA_O.apply  # torch.compile: the custom op (fusedlora.lora_ops)
+    return fn(X, W, Q, A, B, S, _bias(proj), _dropout_p(proj), training)
+
+
 def apply_lora_o(self, X):
     """`self` is the attention module (its o_proj a PEFT LoRA layer)."""
-    W, Q, A, B, S = fused_parameters(self.o_proj)
-    fn = lora_o if compiling() else LoRA_O.apply  # torch.compile: the custom op (fusedlora.lora_ops)
-    return fn(X, W, Q, A, B, S, _bias(self.o_proj), _dropout_p(self.o_proj), self.training)
+    return apply_lora_linear(self.o_proj, X, self.training)
 
 
 def apply_lora_qkv(self, X, inplace=True):
@@ -142,6 +148,17 @@ def _apply_mlp(self, X, act, act_bwd, inplace):
     if compiling():
         return lora_mlp(X, *args, act.glu_act, inplace, dropouts, self.training)
     return LoRA_MLP.apply(X, *args, act, act_bwd, inplace, dropouts, self.training)
+
+
+def apply_lora_fused_gate_up_mlp(self, X, glu):
+    """An MLP with one gate_up_proj (gate | up halves, Phi-3) and a down_proj: the two projections through the
+    fused single-projection function and glu(gate, up) (fusedlora.ops.swiglu / geglu) between them."""
+    for p in (self.gate_up_proj, self.down_proj):
+        if _bias(p) is not None:
+            raise UnsupportedLoRA("MLP projections with a bias are not fused; keep PEFT's path")
+    gate_up = apply_lora_linear(self.gate_up_proj, X, self.training)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return apply_lora_linear(self.down_proj, glu(gate, up), self.training)
 
 
 def apply_lora_mlp_swiglu(self, X, inplace=True):

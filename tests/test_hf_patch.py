@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FUSED_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # Phi-3's projections
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128, head_dim=16)
 
@@ -28,6 +29,7 @@ def tiny_config(model_type):
                             final_logit_softcapping=5.0),
         "granite": dict(logits_scaling=4.0, attention_multiplier=0.2, residual_multiplier=0.5, embedding_multiplier=2.0),
         "qwen2": dict(use_sliding_window=False),
+        "phi3": dict(pad_token_id=0, partial_rotary_factor=0.5),  # (Phi-4-mini rotates part of each head)
         "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
         "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, mlp_only_layers=[0],
                           decoder_sparse_step=1),
@@ -42,7 +44,8 @@ def make_model(model_type="llama", lora=True, seed=0, dtype=torch.float32, **lor
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type)).to(DEVICE, dtype)
     if not lora:
         return model
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, **lora_kwargs)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=FUSED_TARGETS if model_type == "phi3" else TARGETS,
+                          **lora_kwargs)
     model = peft.get_peft_model(model, cfg)
     with torch.no_grad():  # PEFT starts B at zero: make the adapters count
         for n, p in model.named_parameters():
@@ -77,7 +80,7 @@ def assert_same(ref, got, tol=1e-4):
 EXPECTED_PATCHED = {  # kind -> modules per tiny model (2 layers): norms (+ q/k norms), attention, mlp, loss
     "llama": (5, 2, 2, 1), "mistral": (5, 2, 2, 1), "qwen2": (5, 2, 2, 1), "qwen3": (9, 2, 2, 1),
     "gemma": (5, 2, 2, 1), "gemma2": (9, 2, 2, 1), "gemma3_text": (13, 2, 2, 1), "granite": (5, 2, 2, 1),
-    "mixtral": (5, 2, 0, 1), "qwen3_moe": (9, 2, 1, 1),
+    "mixtral": (5, 2, 0, 1), "qwen3_moe": (9, 2, 1, 1), "phi3": (5, 2, 2, 1),
 }
 
 
@@ -279,13 +282,34 @@ def test_num_items_in_batch_and_tuple_output():
     assert rel_err(l2.detach(), l0.detach()) <= 1e-5
 
 
+def test_phi3_dropout_and_partial_adapters():
+    """Phi-3's fused qkv_proj / gate_up_proj: with LoRA dropout in training (PEFT's masks: the projections are
+    called in HF's order) and with adapters on only some projections, loss and gradients equal HF+PEFT's."""
+    for targets, dropout in ((FUSED_TARGETS, 0.2), (["qkv_proj", "down_proj"], 0.0)):
+        ref = make_model("phi3", lora=False)
+        ref = peft.get_peft_model(ref, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=dropout))
+        with torch.no_grad():
+            for n, p in ref.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        fused = copy.deepcopy(ref)
+        report = fusedlora.patch(fused)
+        assert report.kinds["attention"].patched == 2 and report.kinds["mlp"].patched == 2, str(report)
+        ids, labels = batch()
+        ref.train(), fused.train()
+        torch.manual_seed(7)
+        want = loss_and_grads(ref, ids, labels)
+        torch.manual_seed(7)
+        assert_same(want, loss_and_grads(fused, ids, labels))
+
+
 def test_unknown_family_patches_generic_parts():
-    cfg = transformers.AutoConfig.for_model("phi3", vocab_size=97, hidden_size=64, intermediate_size=96,
+    cfg = transformers.AutoConfig.for_model("glm", vocab_size=97, hidden_size=64, intermediate_size=96,
                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                            max_position_embeddings=128, pad_token_id=0)
+                                            head_dim=16, max_position_embeddings=128, pad_token_id=0)
     torch.manual_seed(0)
     ref = transformers.AutoModelForCausalLM.from_config(cfg).to(DEVICE)
-    ref = peft.get_peft_model(ref, peft.LoraConfig(r=4, target_modules=["qkv_proj", "o_proj"]))
+    ref = peft.get_peft_model(ref, peft.LoraConfig(r=4, target_modules=["q_proj", "o_proj"]))
     fused = copy.deepcopy(ref)
     report = fusedlora.patch(fused)
     assert not report.family_known and "not in fusedlora's family table" in str(report)

@@ -282,7 +282,8 @@ def _match_norm(m, family, known):
 
 
 def _check_attention(m, family, known, checked):
-    missing = [a for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "config") if not hasattr(m, a)]
+    projections = ("qkv_proj", "o_proj") if family.fused_projections else ("q_proj", "k_proj", "v_proj", "o_proj")
+    missing = [a for a in projections + ("head_dim", "scaling", "config") if not hasattr(m, a)]
     if family.qk_norm:
         missing += [a for a in ("q_norm", "k_norm") if not hasattr(m, a)]
     if missing:
@@ -290,7 +291,12 @@ def _check_attention(m, family, known, checked):
     eager = getattr(sys.modules.get(type(m).__module__), "eager_attention_forward", None)
     if eager is None:
         return None, "its module has no eager_attention_forward"
-    why = _projections_problem(m, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    why = _projections_problem(m, projections)
+    if why is None and family.fused_projections:
+        W, quant = lora.get_lora_parameters(m.qkv_proj)[:2]
+        heads = m.config.num_attention_heads + 2 * m.config.num_key_value_heads
+        if lora.weight_shape(W, quant)[0] != heads * m.head_dim:
+            why = f"qkv_proj has {lora.weight_shape(W, quant)[0]} outputs, not (q + 2 kv heads) x head_dim"
     return ({"eager": eager, "varlen": forwards.varlen_facts()}, None) if why is None else (None, why)
 
 
@@ -311,23 +317,29 @@ def _projections_problem(m, names, bias_ok=True):
 def _check_mlp(m, family, known, checked):
     if type(m).__name__.endswith("SparseMoeBlock"):
         return None, "MoE experts are not fused"
-    missing = [a for a in ("gate_proj", "up_proj", "down_proj", "act_fn") if not hasattr(m, a)]
+    projections = ("gate_up_proj", "down_proj") if family.fused_projections else ("gate_proj", "up_proj", "down_proj")
+    act_attr = family.mlp_act_attr
+    missing = [a for a in projections + (act_attr,) if not hasattr(m, a)]
     if missing:
         return None, f"no {', '.join(missing)}"
+    act = getattr(m, act_attr)
     x = torch.linspace(-6, 6, 193)
     try:
         with torch.no_grad():
-            y = m.act_fn(x)
+            y = act(x)
     except Exception as e:  # noqa: BLE001
-        return None, f"its act_fn failed on a probe input ({type(e).__name__})"
+        return None, f"its {act_attr} failed on a probe input ({type(e).__name__})"
     for name, ref in ACTIVATIONS.items():
         if torch.allclose(y, ref(x), rtol=1e-5, atol=1e-6):
-            why = _projections_problem(m, ("gate_proj", "up_proj", "down_proj"), bias_ok=False)
+            why = _projections_problem(m, projections, bias_ok=False)
             if why:
                 return None, why
-            W, quant = lora.get_lora_parameters(m.gate_proj)[:2]
-            return {"activation": name, "intermediate": int(lora.weight_shape(W, quant)[0])}, None
-    return None, f"activation {type(m.act_fn).__name__} has no fused GLU kernel (silu, gelu, gelu tanh)"
+            W, quant = lora.get_lora_parameters(getattr(m, projections[0]))[:2]
+            rows = int(lora.weight_shape(W, quant)[0])
+            if family.fused_projections:
+                return {"activation": name, "intermediate": rows // 2, "fused_gate_up": True}, None
+            return {"activation": name, "intermediate": rows}, None
+    return None, f"activation {type(act).__name__} has no fused GLU kernel (silu, gelu, gelu tanh)"
 
 
 def _check_loss(m, family, known, checked):

@@ -24,6 +24,8 @@ class Family:
     final_softcap_attr: str | None = None  # config attribute: logits = cap * tanh(logits / cap)
     logit_divisor_attr: str | None = None  # config attribute: logits / value (Granite)
     router_aux_loss: bool = False      # MoE: the loss adds the router's load-balancing term when asked
+    fused_projections: bool = False    # one qkv_proj for q/k/v and one gate_up_proj for gate/up (Phi-3)
+    mlp_act_attr: str = "act_fn"       # the MLP's activation module attribute
 
 
 def _names(prefix: str, norm=True, attention=True, mlp=True, causal_lm=True) -> dict:
@@ -45,6 +47,7 @@ FAMILIES: dict[str, Family] = {
     "gemma3_text": Family(**_names("Gemma3"), **GEMMA_NORM, qk_norm=True, sliding_window="module",
                           final_softcap_attr="final_logit_softcapping"),
     "granite": Family(**_names("Granite"), logit_divisor_attr="logits_scaling"),
+    "phi3": Family(**_names("Phi3"), sliding_window="config", fused_projections=True, mlp_act_attr="activation_fn"),
     # MoE: experts stay on HF's path; the dense MLPs of Qwen3-MoE's mlp_only_layers are fused
     "mixtral": Family(**_names("Mixtral", mlp=False), sliding_window="config", router_aux_loss=True),
     "qwen3_moe": Family(**_names("Qwen3Moe"), qk_norm=True, sliding_window="module", router_aux_loss=True),

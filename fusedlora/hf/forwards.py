@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import peft_layers as lora
-from ..ops import fused_linear_cross_entropy, naive_rope, rms_norm, rope
+from ..ops import fused_linear_cross_entropy, geglu, naive_rope, rms_norm, rope, swiglu
 from ..ops._common import autocast_dtype, interpreting
 from ..ops._custom import compiling
 from .families import Family
@@ -66,6 +66,17 @@ MLP_APPLY = {
 }
 
 
+# MLPs with one gate_up_proj (Phi-3): the projections fused, the GLU as an op (its inputs are private copies of
+# the gate / up halves, so its backward may overwrite them)
+FUSED_GATE_UP_APPLY = {
+    "silu": functools.partial(lora.apply_lora_fused_gate_up_mlp, glu=functools.partial(swiglu, inplace=True)),
+    "gelu_tanh": functools.partial(lora.apply_lora_fused_gate_up_mlp,
+                                   glu=functools.partial(geglu, approximate="tanh", inplace=True)),
+    "gelu": functools.partial(lora.apply_lora_fused_gate_up_mlp,
+                              glu=functools.partial(geglu, approximate="none", inplace=True)),
+}
+
+
 MLP_CHUNK_BYTES = 1 << 30  # gate/up activations of one MLP call above this run in row chunks (patch's mlp_chunk_bytes)
 
 
@@ -73,7 +84,7 @@ def mlp_forward(self, x, *args, **kwargs):
     why = device_problem(x) if not (args or kwargs) else "unexpected arguments"
     if why is None:
         info = getattr(self, PATCH_ATTR).info
-        apply = MLP_APPLY[info["activation"]]
+        apply = (FUSED_GATE_UP_APPLY if info.get("fused_gate_up") else MLP_APPLY)[info["activation"]]
         try:  # UnsupportedLoRA is raised before any work (parameters are read first), chunked or not
             rows = _chunk_rows(x, info)
             if rows is None:
@@ -141,7 +152,9 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     qkv = None
-    if info["qkv"]:
+    if fam.fused_projections:
+        qkv = _fused_qkv(self, hidden_states, info["qkv"], rec)
+    elif info["qkv"]:
         try:
             qkv = lora.apply_lora_qkv(self, hidden_states)
         except lora.UnsupportedLoRA as e:
@@ -177,6 +190,21 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
         except lora.UnsupportedLoRA as e:
             rec.fallbacks.note("attention (o)", str(e))
     return self.o_proj(attn_output.contiguous()), attn_weights
+
+
+def _fused_qkv(module, hidden_states, fused, rec):
+    """q, k, v as column blocks of one qkv_proj output (Phi-3's layout: query heads, then key, then value)."""
+    out = None
+    if fused:
+        try:
+            out = lora.apply_lora_linear(module.qkv_proj, hidden_states, module.training)
+        except lora.UnsupportedLoRA as e:
+            rec.fallbacks.note("attention (q/k/v)", str(e))
+    if out is None:
+        out = module.qkv_proj(hidden_states)
+    nq = module.config.num_attention_heads * module.head_dim
+    nk = module.config.num_key_value_heads * module.head_dim
+    return out[..., :nq], out[..., nq:nq + nk], out[..., nq + nk:]
 
 
 # ------------------------------------------------------------------------------- packed sequences
