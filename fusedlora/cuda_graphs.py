@@ -126,7 +126,6 @@ class GraphedModule:
         self.module_ref = weakref.ref(module)
         self.original = original
         self.shared = shared
-        self.pool = shared.pool
         self.warmup, self.max_shapes = warmup, max_shapes
         self.seen: dict = {}          # key -> eager calls so far
         self.graphs: dict = {}        # key -> _Graph
@@ -163,7 +162,7 @@ class GraphedModule:
     def _key(self, module, args, kwargs):
         """(argument description, autocast state, ..., tensors, params) when the call is graphable, else None."""
         if (module is None or not torch.is_grad_enabled() or not module.training or torch.compiler.is_compiling()
-                or getattr(module, "gradient_checkpointing", False) or torch.cuda.is_current_stream_capturing()
+                or getattr(module, "gradient_checkpointing", False)
                 or kwargs.get("past_key_values") is not None or kwargs.get("past_key_value") is not None):
             return None
         tensors: list = []
@@ -171,8 +170,8 @@ class GraphedModule:
             desc = _flatten((args, kwargs), tensors)
         except TypeError:
             return None
-        if not tensors or not all(t.is_cuda for t in tensors):
-            return None
+        if not tensors or not all(t.is_cuda for t in tensors) or torch.cuda.is_current_stream_capturing():
+            return None  # (another capture in progress: torch.compile's CUDA graphs, the caller's own)
         params = [p for p in module.parameters() if p.requires_grad]
         ptrs = tuple(p.data_ptr() for p in module.parameters()) + tuple(b.data_ptr() for b in module.buffers())
         if self.param_ptrs != ptrs:
@@ -235,12 +234,12 @@ class GraphedModule:
                 torch.cuda.current_stream().wait_stream(side)
                 fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
                 self.shared.capturing = True
-                with torch.cuda.graph(fwd, pool=self.pool, capture_error_mode="thread_local"):
+                with torch.cuda.graph(fwd, pool=self.shared.pool, capture_error_mode="thread_local"):
                     out, aliases = run()
                 outputs, out_desc = _output_tensors(out)
                 diff_outputs = [i for i, o in enumerate(outputs) if o.requires_grad]
                 grad_outputs = [torch.empty_like(outputs[i]) for i in diff_outputs]
-                with torch.cuda.graph(bwd, pool=self.pool, capture_error_mode="thread_local"):
+                with torch.cuda.graph(bwd, pool=self.shared.pool, capture_error_mode="thread_local"):
                     grad_inputs = torch.autograd.grad([outputs[i] for i in diff_outputs], aliases, grad_outputs,
                                                       retain_graph=True, allow_unused=True)
                 self.shared.capturing = False
@@ -261,8 +260,16 @@ class GraphedModule:
         self.graphs[desc] = graph
         return graph
 
+    def __deepcopy__(self, memo):
+        """A copy of the model (TRL's reference model, say) gets wrappers of its own: bound to the copied
+        module, no graphs yet, one new shared pool per copied model."""
+        import copy
+        module = copy.deepcopy(self.module_ref(), memo)
+        shared = memo.setdefault(id(self.shared), _SharedPool())
+        return GraphedModule(module, copy.deepcopy(self.original, memo), shared, self.warmup, self.max_shapes)
+
     def __reduce__(self):
-        raise TypeError("a model under fusedlora.cuda_graph_layers cannot be pickled; unpatch it first")
+        raise TypeError("a model under fusedlora.cuda_graph_layers cannot be pickled; fusedlora.unpatch(model) first")
 
 
 class _SharedPool:
@@ -270,9 +277,15 @@ class _SharedPool:
     left it unusable."""
 
     def __init__(self):
-        self.pool = torch.cuda.graph_pool_handle()
+        self._pool = None
         self.capturing = False
         self.broken: str | None = None
+
+    @property
+    def pool(self):
+        if self._pool is None:  # made at the first capture (a wrapped model on a CPU never asks)
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
 
 
 def graph_modules(modules, **options) -> list:

@@ -38,6 +38,40 @@ def test_arguments_flatten_and_rebuild():
     assert type(rebuilt) is Output and rebuilt["hidden"] is a
 
 
+def test_wrapped_layers_without_a_graph_run_eagerly_and_copy():
+    """Calls no graph can serve (here: CPU tensors) run the layer's own forward: the same loss and gradients;
+    a deep copy of the model (TRL's reference model) gets wrappers of its own; unpatch removes them."""
+    import copy
+    device = "cuda" if HAS_CUDA else "cpu"
+    ref, _ = workload.build("tiny", "lora", "fusedlora", device, False)
+    model = copy.deepcopy(ref)
+    layers = [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+    wrappers = cuda_graphs.graph_modules(layers, warmup=1)
+    ids, labels, _ = workload.batches(1, 2, 16, False, device)[0]
+
+    def loss_and_grads(m):
+        m.zero_grad(set_to_none=True)
+        loss = m(input_ids=ids, labels=labels).loss
+        loss.backward()
+        return loss.detach(), [p.grad for p in m.parameters() if p.requires_grad]
+    if not HAS_CUDA:
+        want, got = loss_and_grads(ref), loss_and_grads(model)
+        assert torch.equal(want[0], got[0]) and all(torch.equal(a, b) for a, b in zip(want[1], got[1]))
+        assert all(w.eager_calls == 1 and w.replays == 0 for w in wrappers)
+    twin = copy.deepcopy(model)
+    twin_wrappers = [m.__dict__["forward"] for m in twin.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+    assert all(isinstance(w, cuda_graphs.GraphedModule) for w in twin_wrappers)
+    twin_layers = [m for m in twin.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+    assert [w.module_ref() for w in twin_wrappers] == twin_layers and not any(w.graphs for w in twin_wrappers)
+    assert len({id(w.shared) for w in twin_wrappers}) == 1 and twin_wrappers[0].shared is not wrappers[0].shared
+    assert all(w.original.__self__ is m for w, m in zip(twin_wrappers, twin_layers))
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        import pickle
+        pickle.dumps(model)
+    assert fusedlora.unpatch(twin) >= len(twin_layers)
+    assert not any(isinstance(m.__dict__.get("forward"), cuda_graphs.GraphedModule) for m in twin.modules())
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error without a GPU")
 def test_needs_a_gpu():
     model, _ = workload.build("tiny", "lora", "fusedlora", "cpu", False)
