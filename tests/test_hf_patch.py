@@ -80,7 +80,7 @@ def assert_same(ref, got, tol=1e-4):
 EXPECTED_PATCHED = {  # kind -> modules per tiny model (2 layers): norms (+ q/k norms), attention, mlp, loss
     "llama": (5, 2, 2, 1), "mistral": (5, 2, 2, 1), "qwen2": (5, 2, 2, 1), "qwen3": (9, 2, 2, 1),
     "gemma": (5, 2, 2, 1), "gemma2": (9, 2, 2, 1), "gemma3_text": (13, 2, 2, 1), "granite": (5, 2, 2, 1),
-    "mixtral": (5, 2, 0, 1), "qwen3_moe": (9, 2, 1, 1), "phi3": (5, 2, 2, 1),
+    "mixtral": (5, 2, 0, 1), "qwen3_moe": (9, 2, 1, 1), "phi3": (5, 2, 2, 1), "olmo2": (9, 2, 2, 1),
 }
 
 

@@ -284,7 +284,7 @@ def _match_norm(m, family, known):
 def _check_attention(m, family, known, checked):
     projections = ("qkv_proj", "o_proj") if family.fused_projections else ("q_proj", "k_proj", "v_proj", "o_proj")
     missing = [a for a in projections + ("head_dim", "scaling", "config") if not hasattr(m, a)]
-    if family.qk_norm:
+    if family.qk_norm or family.qk_norm_full:
         missing += [a for a in ("q_norm", "k_norm") if not hasattr(m, a)]
     if missing:
         return None, f"no {', '.join(missing)}"

@@ -19,6 +19,7 @@ class Family:
     norm_casting: str = "llama"        # "llama": normalise in fp32, cast, times weight; "gemma": all fp32
     norm_offset: float = 0.0           # Gemma's (1 + weight)
     qk_norm: bool = False              # q_norm / k_norm on each head before RoPE (Qwen3, Gemma3)
+    qk_norm_full: bool = False         # q_norm / k_norm over the whole q / k projection, before the head split (OLMo-2)
     sliding_window: str | None = None  # where the attention call's sliding_window comes from: "config" | "module"
     attn_softcap_attr: str | None = None   # attention module attribute passed as softcap= (Gemma-2)
     final_softcap_attr: str | None = None  # config attribute: logits = cap * tanh(logits / cap)
@@ -47,6 +48,7 @@ FAMILIES: dict[str, Family] = {
     "gemma3_text": Family(**_names("Gemma3"), **GEMMA_NORM, qk_norm=True, sliding_window="module",
                           final_softcap_attr="final_logit_softcapping"),
     "granite": Family(**_names("Granite"), logit_divisor_attr="logits_scaling"),
+    "olmo2": Family(**_names("Olmo2"), norm_casting="gemma", qk_norm_full=True),
     "phi3": Family(**_names("Phi3"), sliding_window="config", fused_projections=True, mlp_act_attr="activation_fn"),
     # MoE: experts stay on HF's path; the dense MLPs of Qwen3-MoE's mlp_only_layers are fused
     "mixtral": Family(**_names("Mixtral", mlp=False), sliding_window="config", router_aux_loss=True),

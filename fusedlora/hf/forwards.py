@@ -161,6 +161,8 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
             rec.fallbacks.note("attention (q/k/v)", str(e))
     if qkv is None:
         qkv = (self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states))
+    if fam.qk_norm_full:
+        qkv = (self.q_norm(qkv[0]), self.k_norm(qkv[1]), qkv[2])
     q, k, v = (t.view(hidden_shape) for t in qkv)
     if fam.qk_norm:
         q, k = self.q_norm(q), self.k_norm(k)
