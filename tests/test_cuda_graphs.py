@@ -68,6 +68,9 @@ def test_wrapped_layers_without_a_graph_run_eagerly_and_copy():
     with pytest.raises(TypeError, match="cannot be pickled"):
         import pickle
         pickle.dumps(model)
+    report = fusedlora.patch(model)  # patching again first unpatches: the wrappers go, and the report says so
+    assert "removed the CUDA-graph wrappers of 2 decoder layers" in str(report)
+    assert not any(isinstance(m.__dict__.get("forward"), cuda_graphs.GraphedModule) for m in model.modules())
     assert fusedlora.unpatch(twin) >= len(twin_layers)
     assert not any(isinstance(m.__dict__.get("forward"), cuda_graphs.GraphedModule) for m in twin.modules())
 

@@ -43,8 +43,8 @@ GC_ATTR = "_fusedlora_checkpointing"  # a layer's HF checkpointing settings befo
 
 
 def unpatch(model) -> int:
-    """Restore every forward `patch` replaced (and the layers' checkpointing settings); returns how many
-    modules it restored."""
+    """Restore every forward `patch` replaced, the layers' checkpointing settings and the layers'
+    `cuda_graph_layers` wrappers; returns how many modules it restored."""
     from ..cuda_graphs import ungraph_modules
     n = ungraph_modules(model.modules())
     for m in model.modules():
@@ -150,10 +150,14 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, 
     if hf is None:
         raise TypeError(f"fusedlora.patch: found no Hugging Face model (a module with .config.model_type) in "
                         f"{type(model).__name__}")
+    graphed = sum(_is_graphed(m) for m in model.modules())
     unpatch(model)
     model_type = hf.config.model_type
     family = FAMILIES.get(model_type)
     report = PatchReport(model_type, family is not None)
+    if graphed:
+        report.notes.append(f"patching removed the CUDA-graph wrappers of {graphed} decoder layers: call "
+                            "fusedlora.cuda_graph_layers(model) again after patch")
     if family is None:
         family = GENERIC
         report.notes.append(
