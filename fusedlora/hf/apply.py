@@ -290,6 +290,8 @@ def _check_attention(m, family, known, checked):
     missing = [a for a in projections + ("head_dim", "scaling", "config") if not hasattr(m, a)]
     if family.qk_norm or family.qk_norm_full:
         missing += [a for a in ("q_norm", "k_norm") if not hasattr(m, a)]
+    if family.rope_attr and not hasattr(m, family.rope_attr):
+        missing.append(family.rope_attr)
     if missing:
         return None, f"no {', '.join(missing)}"
     eager = getattr(sys.modules.get(type(m).__module__), "eager_attention_forward", None)

@@ -27,6 +27,7 @@ class Family:
     router_aux_loss: bool = False      # MoE: the loss adds the router's load-balancing term when asked
     fused_projections: bool = False    # one qkv_proj for q/k/v and one gate_up_proj for gate/up (Phi-3)
     mlp_act_attr: str = "act_fn"       # the MLP's activation module attribute
+    rope_attr: str | None = None       # attention attribute: RoPE only where it is true (SmolLM3's NoPE layers)
 
 
 def _names(prefix: str, norm=True, attention=True, mlp=True, causal_lm=True) -> dict:
@@ -48,6 +49,8 @@ FAMILIES: dict[str, Family] = {
     "gemma3_text": Family(**_names("Gemma3"), **GEMMA_NORM, qk_norm=True, sliding_window="module",
                           final_softcap_attr="final_logit_softcapping"),
     "granite": Family(**_names("Granite"), logit_divisor_attr="logits_scaling"),
+    "ministral": Family(**_names("Ministral"), sliding_window="module"),
+    "smollm3": Family(**_names("SmolLM3"), sliding_window="module", rope_attr="use_rope"),
     "olmo2": Family(**_names("Olmo2"), norm_casting="gemma", qk_norm_full=True),
     "phi3": Family(**_names("Phi3"), sliding_window="config", fused_projections=True, mlp_act_attr="activation_fn"),
     # MoE: experts stay on HF's path; the dense MLPs of Qwen3-MoE's mlp_only_layers are fused

@@ -168,7 +168,8 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
         q, k = self.q_norm(q), self.k_norm(k)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     cos, sin = position_embeddings
-    q, k = (rope if info["rope"] else naive_rope)(q, k, cos, sin)
+    if fam.rope_attr is None or getattr(self, fam.rope_attr):
+        q, k = (rope if info["rope"] else naive_rope)(q, k, cos, sin)
     extra = {}
     if fam.sliding_window == "config":
         extra["sliding_window"] = getattr(self.config, "sliding_window", None)
