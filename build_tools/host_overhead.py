@@ -5,6 +5,7 @@ when it is host-bound. Prints ms per step (median), kernel launches and aten ops
 functions by own time.
 
     python -m build_tools.host_overhead [--mode qlora|lora] [--variant fusedlora|hf] [--gc] [--top 30]
+    python -m build_tools.host_overhead --compile-time [--mode lora]   # first compiled step, aot_eager on a CPU
 
 With --gpu MODEL (1b or 8b; a CUDA GPU): the real step of that shape instead, its host side under cProfile (3
 steady steps; kernels run): the functions with the most own time, which is where a host-bound step goes.
@@ -130,6 +131,36 @@ def profile_gpu(model_shape="1b", mode="qlora", variant="fusedlora", top=40, bat
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
+COMPILE_VARIANTS = ("hf", "fusedlora", "compile_layers", "fusedlora_compile_layers")
+
+
+def compile_time(variant: str, mode: str = "lora") -> float:
+    """First training step (s) of the host-shape model under torch.compile with backend "aot_eager" on a CPU
+    (Dynamo tracing and AOTAutograd, no Inductor code generation; kernels launched, not run): the
+    backend-independent part of a first compiled step. "hf" / "fusedlora": torch.compile(model);
+    "*compile_layers": fusedlora.compile_layers (each decoder layer). Run each variant in a fresh process."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    import fusedlora
+    from fusedlora import loader, workload
+    torch.set_num_threads(1)
+    loader.KernelLauncher._cpu = lambda self, grid, args, constexprs: None
+    torch._assert_async = lambda *a, **k: None  # the skipped kernels' outputs are garbage (as in measure)
+    base = "fusedlora" if variant.startswith("fusedlora") else "hf"
+    model, _ = workload.build("host", mode, base, "cpu", False, dtype=torch.bfloat16)
+    if variant.endswith("compile_layers"):
+        fusedlora.compile_layers(model, backend="aot_eager")
+    else:
+        model = torch.compile(model, backend="aot_eager")
+    ids = torch.randint(0, workload.SHAPES["host"]["vocab_size"], (1, 64))
+    t0 = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return time.perf_counter() - t0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m build_tools.host_overhead", description=__doc__.split("\n\n")[0])
     ap.add_argument("--mode", choices=("qlora", "lora"), default="qlora")
@@ -138,7 +169,26 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--top", type=int, default=0, help="print the N functions with the most own time")
     ap.add_argument("--gpu", choices=("1b", "8b"), default=None, help="profile the real shape's step on the GPU")
+    ap.add_argument("--compile-time", action="store_true",
+                    help="first compiled step (aot_eager, CPU) of HF / patched, whole model / compile_layers")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.one:
+        print(f"{compile_time(args.one, args.mode):.2f}")
+        return 0
+    if args.compile_time:
+        import subprocess
+        import sys
+        times = {}
+        for v in COMPILE_VARIANTS:
+            r = subprocess.run([sys.executable, "-m", "build_tools.host_overhead", "--mode", args.mode, "--one", v],
+                               capture_output=True, text=True, timeout=1200)
+            times[v] = float(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else float("nan")
+            if r.returncode:
+                print(f"{v} failed:\n" + "\n".join(r.stderr.strip().splitlines()[-6:]))
+        for v, t in times.items():
+            print(f"{args.mode} {v}: first compiled step {t:.1f} s ({t / times['hf']:.0%} of HF torch.compile(model))")
+        return 0
     if args.gpu:
         profile_gpu(args.gpu, args.mode, args.variant, args.top or 40)
         return 0

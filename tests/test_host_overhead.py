@@ -30,3 +30,19 @@ def test_no_import_per_launch(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", lambda *a, **k: calls.append(a) or real(*a, **k))
     r = host_overhead.measure("lora", steps=1)
     assert r["launches"] > 0 and calls == []
+
+
+def test_compile_time_probe_runs_regional_compile(monkeypatch):
+    """The first-compiled-step probe (--compile-time) on its cheapest variant: regional compilation of the
+    patched model traces and runs (each variant runs in its own process there; here in this one)."""
+    import torch
+    monkeypatch.setattr(torch, "_assert_async", torch._assert_async)  # the probe replaces it: put it back after
+    from fusedlora import loader
+    monkeypatch.setattr(loader.KernelLauncher, "_cpu", loader.KernelLauncher._cpu)
+    torch._dynamo.reset()
+    threads = torch.get_num_threads()
+    try:
+        assert host_overhead.compile_time("fusedlora_compile_layers", "lora") > 0
+    finally:
+        torch._dynamo.reset()
+        torch.set_num_threads(threads)
