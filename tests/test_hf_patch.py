@@ -33,6 +33,9 @@ def tiny_config(model_type):
         "smollm3": dict(no_rope_layers=[1, 0], pad_token_id=0),   # the second layer without RoPE (NoPE)
         "ministral": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=8),
         "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+        "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                          shared_expert_intermediate_size=64, decoder_sparse_step=1, mlp_only_layers=[],
+                          use_sliding_window=False),
         "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, mlp_only_layers=[0],
                           decoder_sparse_step=1),
     }.get(model_type, {})
@@ -82,7 +85,7 @@ def assert_same(ref, got, tol=1e-4):
 EXPECTED_PATCHED = {  # kind -> modules per tiny model (2 layers): norms (+ q/k norms), attention, mlp, loss
     "llama": (5, 2, 2, 1), "mistral": (5, 2, 2, 1), "qwen2": (5, 2, 2, 1), "qwen3": (9, 2, 2, 1),
     "gemma": (5, 2, 2, 1), "gemma2": (9, 2, 2, 1), "gemma3_text": (13, 2, 2, 1), "granite": (5, 2, 2, 1),
-    "mixtral": (5, 2, 0, 1), "qwen3_moe": (9, 2, 1, 1), "phi3": (5, 2, 2, 1), "olmo2": (9, 2, 2, 1),
+    "mixtral": (5, 2, 0, 1), "qwen3_moe": (9, 2, 1, 1), "qwen2_moe": (5, 2, 2, 1), "phi3": (5, 2, 2, 1), "olmo2": (9, 2, 2, 1),
     "smollm3": (5, 2, 2, 1), "ministral": (5, 2, 2, 1),
 }
 

@@ -55,6 +55,7 @@ FAMILIES: dict[str, Family] = {
     "phi3": Family(**_names("Phi3"), sliding_window="config", fused_projections=True, mlp_act_attr="activation_fn"),
     # MoE: experts stay on HF's path; the dense MLPs of Qwen3-MoE's mlp_only_layers are fused
     "mixtral": Family(**_names("Mixtral", mlp=False), sliding_window="config", router_aux_loss=True),
+    "qwen2_moe": Family(**_names("Qwen2Moe"), sliding_window="module", router_aux_loss=True),  # (its shared expert fused)
     "qwen3_moe": Family(**_names("Qwen3Moe"), qk_norm=True, sliding_window="module", router_aux_loss=True),
 }
 
