@@ -503,3 +503,32 @@ def test_gpu_packed_rows_take_varlen_and_match_hf(monkeypatch):
     assert rel_err(l1.float(), l0.float()) <= 1e-2
     for n in g0:
         assert rel_err(g1[n], g0[n]) <= 5e-2, n
+
+
+def test_multimodal_gemma3_patches_its_text_decoder():
+    """Gemma-3 4B+ checkpoints are image-text models (AutoModelForCausalLM gives Gemma3ForConditionalGeneration):
+    the text decoder is patched as gemma3_text, the vision tower and the model's own loss stay HF's; a text-only
+    training step gives HF's loss and gradients."""
+    text = dict(SMALL, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=8)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                    image_token_index=96, boi_token_index=94, eoi_token_index=95)
+    cfg.text_config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg).to(DEVICE)
+    assert type(ref).__name__ == "Gemma3ForConditionalGeneration"
+    ref = peft.get_peft_model(ref, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    fused = copy.deepcopy(ref)
+    report = fusedlora.patch(fused)
+    assert "text decoder is patched as 'gemma3_text'" in str(report)
+    # decoder norms + q/k norms + final norm, and the projector's soft-embedding norm (a Gemma3RMSNorm too)
+    assert report.kinds["attention"].patched == 2 and report.kinds["mlp"].patched == 2
+    assert report.kinds["rms_norm"].patched == 14 and report.kinds["loss"].patched == 0
+    ids, labels = batch(vocab=94)  # text tokens only (no image / boi / eoi ids)
+    ref.train(), fused.train()
+    assert_same(loss_and_grads(ref, ids, labels), loss_and_grads(fused, ids, labels))

@@ -154,7 +154,15 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, 
     unpatch(model)
     model_type = hf.config.model_type
     family = FAMILIES.get(model_type)
+    text_type = getattr(getattr(hf.config, "text_config", None), "model_type", None)
+    multimodal = family is None and text_type in FAMILIES
+    if multimodal:  # (Gemma-3 4B+ and other image-text checkpoints: AutoModelForCausalLM gives the multimodal class)
+        family = FAMILIES[text_type]
     report = PatchReport(model_type, family is not None)
+    if multimodal:
+        report.notes.append(f"{type(hf).__name__} is multimodal: its text decoder is patched as {text_type!r}; "
+                            "the vision tower and the model's own LM head and loss stay HF's")
+        report.kept("loss", f"{type(hf).__name__} computes its own (multimodal) loss")
     if graphed:
         report.notes.append(f"patching removed the CUDA-graph wrappers of {graphed} decoder layers: call "
                             "fusedlora.cuda_graph_layers(model) again after patch")
