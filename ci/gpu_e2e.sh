@@ -25,7 +25,7 @@ T="timeout ${PART_TIMEOUT:-0}"
 for part in "${@:-tests demo bench}"; do
   for p in $part; do
     case $p in
-      tests) $T python3 -m pytest -q tests/test_hf_patch.py tests/test_lora.py -x 2>&1 | tee "$OUT/pytest_hf.txt" | tail -15 ;;
+      tests) $T python3 -m pytest -q tests/test_hf_patch.py tests/test_lora.py tests/test_cuda_graphs.py -x 2>&1 | tee "$OUT/pytest_hf.txt" | tail -15 ;;
       compile) $T python3 -m pytest -q tests/test_compile.py tests/test_checkpoint.py tests/test_context_search.py 2>&1 | tee "$OUT/pytest_compile.txt" | tail -15 ;;
       context) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH $T python3 -m fusedlora.bench context --out "$OUT/context.md" \
                  ${CONTEXT_ARGS:-}) 2>&1 | grep -v "it/s\]\|s/it\]" | tee "$OUT/context_log.txt" | tail -20 ;;
