@@ -532,3 +532,37 @@ def test_multimodal_gemma3_patches_its_text_decoder():
     ids, labels = batch(vocab=94)  # text tokens only (no image / boi / eoi ids)
     ref.train(), fused.train()
     assert_same(loss_and_grads(ref, ids, labels), loss_and_grads(fused, ids, labels))
+
+
+@pytest.mark.parametrize("modules_to_save", [["lm_head"], ["lm_head", "embed_tokens"], ["embed_tokens"]])
+def test_modules_to_save_head_trains_through_the_fused_loss(modules_to_save):
+    """PEFT's modules_to_save=["lm_head"] (new tokens, say): the trainable copy of the head goes through the
+    fused loss (its gradient too), steps of SGD stay on HF's trajectory, and with the adapters disabled the
+    original head is the one used, as in PEFT's wrapper."""
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(tiny_config("llama")).to(DEVICE)
+    ref = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                    modules_to_save=modules_to_save))
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    fused = copy.deepcopy(ref)
+    report = fusedlora.patch(fused)
+    assert report.kinds["loss"].patched == 1, str(report)
+    ids, labels = batch()
+    ref.train(), fused.train()
+    want, got = loss_and_grads(ref, ids, labels), loss_and_grads(fused, ids, labels)
+    assert_same(want, got)
+    if "lm_head" in modules_to_save:
+        assert any("modules_to_save" in n and "lm_head" in n for n in got[1])  # the head's copy got its gradient
+    for model in (ref, fused):
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        for _ in range(3):
+            opt.zero_grad()
+            model(input_ids=ids, labels=labels).loss.backward()
+            opt.step()
+    with torch.no_grad():
+        assert rel_err(fused(input_ids=ids, labels=labels).loss, ref(input_ids=ids, labels=labels).loss) <= 1e-4
+        with ref.disable_adapter(), fused.disable_adapter():  # the original head (and no LoRA) in both
+            assert rel_err(fused(input_ids=ids, labels=labels).loss, ref(input_ids=ids, labels=labels).loss) <= 1e-4

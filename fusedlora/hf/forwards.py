@@ -270,12 +270,29 @@ def loss_facts(cls):
     return {"signature": sig, "var_kw": var_kw, "output_fields": fields, "varlen": varlen_facts()[0] is not None}
 
 
+def head_linear(head):
+    """The nn.Linear an LM head computes with at this call: the head itself, or for PEFT's modules_to_save
+    wrapper the copy its forward would use (the active adapter's, or the original module when adapters are
+    off), as PEFT's ModulesToSaveWrapper.forward chooses; None for anything else."""
+    if type(head) is torch.nn.Linear:
+        return head
+    if type(head).__name__ != "ModulesToSaveWrapper":
+        return None
+    active = list(getattr(head, "active_adapters", None) or [])
+    if (getattr(head, "disable_adapters", False) or not active
+            or any(a not in getattr(head, "_adapters", ()) for a in active)):
+        chosen = getattr(head, "original_module", None)
+    else:
+        chosen = head.modules_to_save[active[0]] if active[0] in head.modules_to_save else None
+    return chosen if type(chosen) is torch.nn.Linear else None
+
+
 def loss_head_problem(model) -> str | None:
     """Why the LM head + loss of this *ForCausalLM cannot go through fused linear cross-entropy, or None."""
-    head = getattr(model, "lm_head", None)
-    if type(head) is not torch.nn.Linear:
-        return (f"lm_head is a {type(head).__name__} (a LoRA adapter or modules_to_save on the head?), "
-                "not a plain nn.Linear")
+    head = head_linear(getattr(model, "lm_head", None))
+    if head is None:
+        return (f"lm_head is a {type(getattr(model, 'lm_head', None)).__name__} (a LoRA adapter on the head?), not "
+                "a plain nn.Linear or PEFT's modules_to_save copy of one")
     if not head.weight.is_floating_point() or getattr(head.weight, "quant_state", None) is not None:
         return "lm_head's weight is quantised"
     if getattr(model, "_loss_function", None) is not None:
@@ -306,7 +323,7 @@ def causal_lm_forward(self, *args, **kwargs):
     if labels is None or not self.training:
         return original(*args, **kwargs)
     fam = rec.family
-    why = loss_head_problem(self) or device_problem(self.lm_head.weight)
+    why = loss_head_problem(self) or device_problem(head_linear(self.lm_head).weight)
     if why is None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
         why = "logits_to_keep was given with labels"
     if why is None and fam.router_aux_loss and extra.get("output_router_logits",
@@ -351,7 +368,7 @@ def _causal_lm_loss(model, hidden, labels, extra):
     shift_labels = extra.get("shift_labels")
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    head = model.lm_head
+    head = head_linear(model.lm_head)
     weight, bias = head.weight, head.bias
     dtype = autocast_dtype(hidden) or weight.dtype  # what HF's lm_head call would compute in
     hidden = hidden.to(dtype)
