@@ -49,10 +49,13 @@ def make_model(model_type="llama", lora=True, seed=0, dtype=torch.float32, **lor
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type)).to(DEVICE, dtype)
     if not lora:
         return model
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=FUSED_TARGETS if model_type == "phi3" else TARGETS,
-                          **lora_kwargs)
-    model = peft.get_peft_model(model, cfg)
-    with torch.no_grad():  # PEFT starts B at zero: make the adapters count
+    return add_lora(model, target_modules=FUSED_TARGETS if model_type == "phi3" else TARGETS, **lora_kwargs)
+
+
+def add_lora(model, **lora_kwargs):
+    """PEFT LoRA (r 4, alpha 8) on `model`, its B matrices random (PEFT starts them at zero: make the adapters count)."""
+    model = peft.get_peft_model(model, peft.LoraConfig(**dict(dict(r=4, lora_alpha=8), **lora_kwargs)))
+    with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)
@@ -292,12 +295,7 @@ def test_phi3_dropout_and_partial_adapters():
     """Phi-3's fused qkv_proj / gate_up_proj: with LoRA dropout in training (PEFT's masks: the projections are
     called in HF's order) and with adapters on only some projections, loss and gradients equal HF+PEFT's."""
     for targets, dropout in ((FUSED_TARGETS, 0.2), (["qkv_proj", "down_proj"], 0.0)):
-        ref = make_model("phi3", lora=False)
-        ref = peft.get_peft_model(ref, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=dropout))
-        with torch.no_grad():
-            for n, p in ref.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.1)
+        ref = add_lora(make_model("phi3", lora=False), target_modules=targets, lora_dropout=dropout)
         fused = copy.deepcopy(ref)
         report = fusedlora.patch(fused)
         assert report.kinds["attention"].patched == 2 and report.kinds["mlp"].patched == 2, str(report)
@@ -518,11 +516,7 @@ def test_multimodal_gemma3_patches_its_text_decoder():
     torch.manual_seed(0)
     ref = transformers.AutoModelForCausalLM.from_config(cfg).to(DEVICE)
     assert type(ref).__name__ == "Gemma3ForConditionalGeneration"
-    ref = peft.get_peft_model(ref, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
-    with torch.no_grad():
-        for n, p in ref.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    ref = add_lora(ref, target_modules=TARGETS)
     fused = copy.deepcopy(ref)
     report = fusedlora.patch(fused)
     assert "text decoder is patched as 'gemma3_text'" in str(report)
@@ -541,12 +535,7 @@ def test_modules_to_save_head_trains_through_the_fused_loss(modules_to_save):
     original head is the one used, as in PEFT's wrapper."""
     torch.manual_seed(0)
     base = transformers.AutoModelForCausalLM.from_config(tiny_config("llama")).to(DEVICE)
-    ref = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
-                                                    modules_to_save=modules_to_save))
-    with torch.no_grad():
-        for n, p in ref.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    ref = add_lora(base, target_modules=TARGETS, modules_to_save=modules_to_save)
     fused = copy.deepcopy(ref)
     report = fusedlora.patch(fused)
     assert report.kinds["loss"].patched == 1, str(report)
