@@ -80,6 +80,12 @@ def test_needs_a_gpu():
     model, _ = workload.build("tiny", "lora", "fusedlora", "cpu", False)
     with pytest.raises(RuntimeError, match="cuda_graph_layers: CUDA graphs need a CUDA GPU"):
         fusedlora.cuda_graph_layers(model)
+    # through patch: a note, not an error (the rest of the patch applies)
+    report = fusedlora.patch(model, cuda_graphs=True)
+    assert "cuda_graphs: not applied (fusedlora.cuda_graph_layers: CUDA graphs need a CUDA GPU)" in str(report)
+    assert report.kinds["attention"].patched == 2
+    report = fusedlora.patch(model, cuda_graphs=True, offload_checkpoints=True)
+    assert "not with offload_checkpoints" in str(report)
 
 
 def test_bad_options_and_models():
@@ -107,6 +113,14 @@ def _train(model, data, accumulate=1, lr=1e-3):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return torch.stack(losses), grads
+
+
+@gpu
+def test_patch_option_applies_the_graphs():
+    model, _ = workload.build("tiny", "lora", "hf", "cuda", False)
+    report = fusedlora.patch(model, cuda_graphs=True)
+    assert "CUDA graphs on 2 decoder layers" in str(report)
+    assert sum(isinstance(m.__dict__.get("forward"), cuda_graphs.GraphedModule) for m in model.modules()) == 2
 
 
 def _graphed(mode, **options):

@@ -113,6 +113,20 @@ def cuda_graph_layers(model, *, warmup: int = 2, max_shapes: int = 1) -> int:
     return len(layers)
 
 
+def _cuda_graphs(model, report, offloaded):
+    """patch(cuda_graphs=True): the decoder layers under cuda_graph_layers, or a note saying why not."""
+    if offloaded:
+        report.notes.append("cuda_graphs: not with offload_checkpoints (checkpointed layers run eagerly); not applied")
+        return
+    try:
+        n = cuda_graph_layers(model)
+    except (RuntimeError, TypeError) as e:
+        report.notes.append(f"cuda_graphs: not applied ({e})")
+        return
+    report.notes.append(f"CUDA graphs on {n} decoder layers (captured at a shape's third training call; eval, "
+                        "gradient checkpointing and new shapes run eagerly)")
+
+
 def _is_graphed(m) -> bool:
     from ..cuda_graphs import GraphedModule
     return isinstance(m.__dict__.get("forward"), GraphedModule)
@@ -136,14 +150,16 @@ def compile_layers(model, **compile_kwargs) -> int:
 
 
 def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, qkv: bool = True, o: bool = True,
-          loss: bool = True, offload_checkpoints: bool = False,
+          loss: bool = True, offload_checkpoints: bool = False, cuda_graphs: bool = False,
           mlp_chunk_bytes: int = forwards.MLP_CHUNK_BYTES) -> PatchReport:
     """Route a HF (or PEFT-wrapped HF) decoder model's RMSNorms, attention projections + RoPE, GLU MLPs and
     LM-head loss through fusedlora's kernels. Returns a report (print it). Patching again first restores
     HF's forwards, so patch twice = patch once; `unpatch(model)` restores them all.
 
     offload_checkpoints: activation checkpointing of every decoder layer with its input kept in pinned host
-    memory (fusedlora.checkpoint), in place of HF's gradient checkpointing. mlp_chunk_bytes: a training MLP
+    memory (fusedlora.checkpoint), in place of HF's gradient checkpointing. cuda_graphs: then
+    `cuda_graph_layers(model)` (each decoder layer's training call replayed as CUDA graphs; static shapes, one
+    GPU or DDP; the report says when it cannot apply). mlp_chunk_bytes: a training MLP
     call whose gate/up activations would exceed this many bytes runs in row chunks, each recomputed in the
     backward (long sequences: the [tokens, intermediate] buffers never exist whole)."""
     hf = find_hf_model(model)
@@ -200,6 +216,8 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, 
         report.patched(kind)
     if offload_checkpoints:
         _offload_checkpoints(model, report)
+    if cuda_graphs:
+        _cuda_graphs(model, report, offload_checkpoints)
     if report.n_patched == 0:
         kept = sum(c.kept for c in report.kinds.values())
         report.notes.append("nothing was patched: " + (f"{kept} matching modules kept HF's path (reasons above)" if kept
