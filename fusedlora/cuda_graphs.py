@@ -131,6 +131,8 @@ class GraphedModule:
         self.graphs: dict = {}        # key -> _Graph
         self.failed: dict = {}        # key -> why capture failed
         self.param_ptrs = None
+        self._lora_modules = None  # the layer's PEFT LoRA projections: listed at first use and again when its
+        #                            parameters change (an adapter added)
         self.replays = self.eager_calls = 0
 
     # ------------------------------------------------------------------ call
@@ -140,7 +142,7 @@ class GraphedModule:
         if key is None:
             self.eager_calls += 1
             return self.original(*args, **kwargs)
-        tensors, desc, params = key[3], key[:3], key[4]
+        desc, tensors, params = key
         graph = self.graphs.get(desc)
         if graph is None:
             if desc in self.failed or len(self.graphs) >= self.max_shapes or self.seen.get(desc, 0) < self.warmup:
@@ -160,7 +162,8 @@ class GraphedModule:
         return _rebuild(graph.out_desc, iter(outs))
 
     def _key(self, module, args, kwargs):
-        """(argument description, autocast state, ..., tensors, params) when the call is graphable, else None."""
+        """((argument description, autocast state, trainable parameters, adapter state), tensors, params) when
+        the call is graphable, else None. The first item is the graph's cache key."""
         if (module is None or not torch.is_grad_enabled() or not module.training or torch.compiler.is_compiling()
                 or getattr(module, "gradient_checkpointing", False)
                 or kwargs.get("past_key_values") is not None or kwargs.get("past_key_value") is not None):
@@ -181,9 +184,25 @@ class GraphedModule:
             self.graphs.clear()
             self.seen.clear()
             self.param_ptrs = ptrs
+            self._lora_modules = None
         device = tensors[0].device.type
         amp = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        return desc, amp, tuple(id(p) for p in params), tensors, params
+        return (desc, amp, tuple(id(p) for p in params), self.adapter_state()), tensors, params
+
+    def adapter_state(self) -> tuple:
+        """What a graph bakes in of the layer's PEFT adapters and the forward cannot see in its tensors: per
+        LoRA projection, the active adapters, whether adapters are disabled or merged, and the scalings.
+        Switching adapters, disable_adapter(), merge_adapter() or a new scale changes the key (a new graph,
+        or the eager forward), never a replay of the old one."""
+        return tuple((tuple(getattr(m, "active_adapters", ()) or ()), bool(getattr(m, "disable_adapters", False)),
+                      bool(getattr(m, "merged", False)), tuple(sorted(getattr(m, "scaling", {}).items())))
+                     for m in self.lora_modules)
+
+    @property
+    def lora_modules(self) -> list:
+        if self._lora_modules is None:
+            self._lora_modules = [m for m in self.module_ref().modules() if "lora_A" in m._modules]
+        return self._lora_modules
 
     # ------------------------------------------------------------------ capture
     def _capture(self, desc, tensors, params, args, kwargs):

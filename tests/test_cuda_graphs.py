@@ -75,6 +75,30 @@ def test_wrapped_layers_without_a_graph_run_eagerly_and_copy():
     assert not any(isinstance(m.__dict__.get("forward"), cuda_graphs.GraphedModule) for m in twin.modules())
 
 
+def test_adapter_state_is_part_of_the_key():
+    """What PEFT changes without touching a tensor the graph reads (the active adapter, disable_adapter,
+    merge_adapter, the scale) changes the wrapper's adapter state, so an old graph is never replayed for it."""
+    import peft
+    model, _ = workload.build("tiny", "lora", "hf", "cpu", False)
+    model.add_adapter("other", peft.LoraConfig(r=2, target_modules=workload.TARGETS))
+    layers = [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+    w = cuda_graphs.graph_modules(layers)[0]
+    assert len(w.lora_modules) == len(workload.TARGETS)
+    states = [w.adapter_state()]
+    model.set_adapter("other")
+    states.append(w.adapter_state())
+    model.set_adapter("default")
+    assert w.adapter_state() == states[0]
+    with model.disable_adapter():
+        states.append(w.adapter_state())
+    for m in w.lora_modules:
+        m.scaling["default"] *= 2
+    states.append(w.adapter_state())
+    model.merge_adapter()
+    states.append(w.adapter_state())
+    assert len(set(states)) == len(states), states
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error without a GPU")
 def test_needs_a_gpu():
     model, _ = workload.build("tiny", "lora", "fusedlora", "cpu", False)
@@ -197,6 +221,22 @@ def test_calls_a_graph_cannot_serve_run_eagerly():
     assert [w.eager_calls for w in layers] == [e + 2 for e in before]  # the forward and its recompute
     fusedlora.unpatch(model)
     assert not any(isinstance(m.__dict__.get("forward"), cuda_graphs.GraphedModule) for m in model.modules())
+
+
+@gpu
+def test_a_new_lora_scale_is_not_replayed_from_an_old_graph():
+    data = workload.batches(4, 2, 64, False, "cuda")
+    model, layers = _graphed("lora", warmup=1)
+    ref, _ = workload.build("tiny", "lora", "fusedlora", "cuda", False)
+    _train(model, data[:3])
+    _train(ref, data[:3])
+    replays = [w.replays for w in layers]
+    for m in (model, ref):
+        for proj in (p for p in m.modules() if "lora_A" in p._modules):
+            proj.scaling["default"] *= 3
+    got, want = _train(model, data[3:]), _train(ref, data[3:])
+    assert [w.replays for w in layers] == replays  # the baked-in scale would have been wrong: eager instead
+    torch.testing.assert_close(got[0], want[0], rtol=2e-3, atol=1e-4)
 
 
 @gpu
