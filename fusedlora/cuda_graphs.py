@@ -191,11 +191,14 @@ class GraphedModule:
 
     def adapter_state(self) -> tuple:
         """What a graph bakes in of the layer's PEFT adapters and the forward cannot see in its tensors: per
-        LoRA projection, the active adapters, whether adapters are disabled or merged, and the scalings.
+        LoRA projection, the active adapters, whether adapters are disabled or merged, the scalings and the
+        dropout probabilities.
         Switching adapters, disable_adapter(), merge_adapter() or a new scale changes the key (a new graph,
         or the eager forward), never a replay of the old one."""
         return tuple((tuple(getattr(m, "active_adapters", ()) or ()), bool(getattr(m, "disable_adapters", False)),
-                      bool(getattr(m, "merged", False)), tuple(sorted(getattr(m, "scaling", {}).items())))
+                      bool(getattr(m, "merged", False)), tuple(sorted(getattr(m, "scaling", {}).items())),
+                      tuple((k, getattr(d, "p", 0.0)) for k, d in m._modules["lora_dropout"].items())
+                      if "lora_dropout" in m._modules else ())
                      for m in self.lora_modules)
 
     @property

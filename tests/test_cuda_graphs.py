@@ -94,6 +94,8 @@ def test_adapter_state_is_part_of_the_key():
     for m in w.lora_modules:
         m.scaling["default"] *= 2
     states.append(w.adapter_state())
+    w.lora_modules[0].lora_dropout["default"] = torch.nn.Dropout(0.1)
+    states.append(w.adapter_state())
     model.merge_adapter()
     states.append(w.adapter_state())
     assert len(set(states)) == len(states), states
