@@ -175,6 +175,10 @@ class GraphedModule:
             return None
         if not tensors or not all(t.is_cuda for t in tensors) or torch.cuda.is_current_stream_capturing():
             return None  # (another capture in progress: torch.compile's CUDA graphs, the caller's own)
+        return self._cache_key(module, desc, tensors)
+
+    def _cache_key(self, module, desc, tensors):
+        """The graphable call's (key, tensors, params); drops the graphs when the parameters moved."""
         params = [p for p in module.parameters() if p.requires_grad]
         ptrs = tuple(p.data_ptr() for p in module.parameters()) + tuple(b.data_ptr() for b in module.buffers())
         if self.param_ptrs != ptrs:

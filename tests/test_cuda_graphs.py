@@ -99,6 +99,16 @@ def test_adapter_state_is_part_of_the_key():
     model.merge_adapter()
     states.append(w.adapter_state())
     assert len(set(states)) == len(states), states
+    # the whole cache key (what a GPU call computes after its device checks), on this machine's tensors
+    x = torch.zeros(1, 4, workload.SHAPES["tiny"]["hidden_size"])
+    tensors = []
+    desc = cuda_graphs._flatten(((x,), {}), tensors)
+    key, got_tensors, params = w._cache_key(layers[0], desc, tensors)
+    assert got_tensors == tensors and key[0] == desc and key[3] == w.adapter_state()
+    assert [id(p) for p in params] == list(key[2]) and all(p.requires_grad for p in params)
+    assert w._cache_key(layers[0], desc, tensors)[0] == key
+    model.unmerge_adapter()
+    assert w._cache_key(layers[0], desc, tensors)[0] != key
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error without a GPU")
