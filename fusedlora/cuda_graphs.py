@@ -146,6 +146,8 @@ class GraphedModule:
         graph = self.graphs.get(desc)
         if graph is None:
             if desc in self.failed or len(self.graphs) >= self.max_shapes or self.seen.get(desc, 0) < self.warmup:
+                if len(self.seen) >= 4096:  # keys that never recur (packed batches' lengths): keep it bounded
+                    self.seen.clear()
                 self.seen[desc] = self.seen.get(desc, 0) + 1
                 self.eager_calls += 1
                 return self.original(*args, **kwargs)
