@@ -186,14 +186,20 @@ def test_graphed_training_matches_eager(mode, accumulate):
             torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2 * r.abs().max().item() + 1e-6)
 
 
-@gpu
-def test_calls_a_graph_cannot_serve_run_eagerly():
-    data = workload.batches(6, 2, 64, False, "cuda")
+def _graphed_and_eager_trained(n_batches, steps=3):
+    """(batches, graphed model, its wrappers, the eager patched model, replays so far), both trained `steps`
+    identical steps."""
+    data = workload.batches(n_batches, 2, 64, False, "cuda")
     model, layers = _graphed("lora", warmup=1)
     ref, _ = workload.build("tiny", "lora", "fusedlora", "cuda", False)
-    _train(model, data[:3])
-    _train(ref, data[:3])
-    replays = [w.replays for w in layers]
+    _train(model, data[:steps])
+    _train(ref, data[:steps])
+    return data, model, layers, ref, [w.replays for w in layers]
+
+
+@gpu
+def test_calls_a_graph_cannot_serve_run_eagerly():
+    data, model, layers, ref, replays = _graphed_and_eager_trained(6)
     assert min(replays) >= 2
     ids, labels, _ = data[3]
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -237,12 +243,7 @@ def test_calls_a_graph_cannot_serve_run_eagerly():
 
 @gpu
 def test_a_new_lora_scale_is_not_replayed_from_an_old_graph():
-    data = workload.batches(4, 2, 64, False, "cuda")
-    model, layers = _graphed("lora", warmup=1)
-    ref, _ = workload.build("tiny", "lora", "fusedlora", "cuda", False)
-    _train(model, data[:3])
-    _train(ref, data[:3])
-    replays = [w.replays for w in layers]
+    data, model, layers, ref, replays = _graphed_and_eager_trained(4)
     for m in (model, ref):
         for proj in (p for p in m.modules() if "lora_A" in p._modules):
             proj.scaling["default"] *= 3
