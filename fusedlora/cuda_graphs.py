@@ -59,6 +59,17 @@ def _rebuild(desc, tensors):
     return desc[0](_rebuild(d, tensors) for d in desc[1])
 
 
+def _addresses(module) -> tuple:
+    """Where a module's parameters and buffers live: a graph reads them at these addresses."""
+    return tuple(p.data_ptr() for p in module.parameters()) + tuple(b.data_ptr() for b in module.buffers())
+
+
+def _sharded(module) -> bool:
+    """FSDP2 keeps a module's parameters as DTensors between its calls: their memory is re-allocated."""
+    p = next(module.parameters(), None)
+    return p is not None and type(p).__name__ == "DTensor"
+
+
 def _output_tensors(out):
     tensors: list = []
     return tensors, _flatten(out, tensors)
@@ -77,6 +88,8 @@ class _Graph:
     wants_grad: list             # indices of inputs requiring grad
     fwd: torch.cuda.CUDAGraph
     bwd: torch.cuda.CUDAGraph
+    module_ref: object = None    # weakref to the module, and the addresses of its parameters and buffers at
+    ptrs: tuple = ()             # capture (checked again before each backward replay)
     generation: int = 0
     pending: object = None       # weakref to the ctx of the replay that waits for its backward
 
@@ -102,6 +115,12 @@ class _Replay(torch.autograd.Function):
             raise RuntimeError("fusedlora.cuda_graph_layers: a layer's graph was replayed again before this backward "
                                "(backward through an older forward, e.g. retain_graph=True across steps); "
                                "its saved activations are gone")
+        module = graph.module_ref() if graph.module_ref is not None else None
+        if module is not None and _addresses(module) != graph.ptrs:
+            raise RuntimeError("fusedlora.cuda_graph_layers: a layer's weights moved between its forward and its "
+                               "backward (FSDP re-gathering them, say): its backward graph would read the old "
+                               "memory. CUDA-graph layers do not work with sharded or re-allocated weights; "
+                               "fusedlora.unpatch(model) and patch it without cuda_graphs")
         for i, static in zip(graph.diff_outputs, graph.grad_outputs):
             g = grads[i]
             if g is None:
@@ -134,6 +153,7 @@ class GraphedModule:
         self._lora_modules = None  # the layer's PEFT LoRA projections: listed at first use and again when its
         #                            parameters change (an adapter added)
         self.replays = self.eager_calls = 0
+        self.warned_sharded = False
 
     # ------------------------------------------------------------------ call
     def __call__(self, *args, **kwargs):
@@ -177,12 +197,18 @@ class GraphedModule:
             return None
         if not tensors or not all(t.is_cuda for t in tensors) or torch.cuda.is_current_stream_capturing():
             return None  # (another capture in progress: torch.compile's CUDA graphs, the caller's own)
+        if _sharded(module):
+            if not self.warned_sharded:
+                self.warned_sharded = True
+                warnings.warn("fusedlora.cuda_graph_layers: the layer's parameters are FSDP-sharded (DTensors, "
+                              "re-gathered into new memory at each call): it runs eagerly", stacklevel=3)
+            return None
         return self._cache_key(module, desc, tensors)
 
     def _cache_key(self, module, desc, tensors):
         """The graphable call's (key, tensors, params); drops the graphs when the parameters moved."""
         params = [p for p in module.parameters() if p.requires_grad]
-        ptrs = tuple(p.data_ptr() for p in module.parameters()) + tuple(b.data_ptr() for b in module.buffers())
+        ptrs = _addresses(module)
         if self.param_ptrs != ptrs:
             if self.graphs:
                 warnings.warn("fusedlora.cuda_graph_layers: a layer's parameters moved (model.to, a swapped "
@@ -284,7 +310,7 @@ class GraphedModule:
             torch.cuda.synchronize()
             return None
         graph = _Graph(static_in, params, outputs, out_desc, grad_outputs, list(grad_inputs), diff_outputs,
-                       wants_grad, fwd, bwd)
+                       wants_grad, fwd, bwd, weakref.ref(module), _addresses(module))
         self.graphs[desc] = graph
         return graph
 

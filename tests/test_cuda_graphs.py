@@ -302,3 +302,42 @@ def test_hf_trainer_with_graphed_layers(tmp_path):
 def _graphed_wrappers(model, **options):
     fusedlora.cuda_graph_layers(model, **options)
     return [m.__dict__["forward"] for m in model.modules() if isinstance(m.__dict__.get("forward"), cuda_graphs.GraphedModule)]
+
+
+class _FakeGraph:
+    """Stands in for a CUDA graph on a CPU: replay runs the recorded computation on the static tensors."""
+
+    def __init__(self, fn):
+        self.replay = fn
+
+
+def test_replay_function_bookkeeping_on_a_cpu():
+    """_Replay over a linear layer with fake graphs (the same static-tensor contract as CUDA graphs): inputs
+    copied in, gradients of the input and the weight returned fresh (gradient accumulation adds them up), a
+    backward after a newer replay refused, and weights moved between forward and backward refused."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(5, 3, bias=False)
+    static_x, out, gout = torch.zeros(4, 5, requires_grad=True), torch.zeros(4, 3), torch.zeros(4, 3)
+    gx, gw = torch.zeros(4, 5), torch.zeros(3, 5)
+    fwd = _FakeGraph(lambda: out.copy_(static_x.detach() @ layer.weight.detach().t()))
+    bwd = _FakeGraph(lambda: (gx.copy_(gout @ layer.weight.detach()), gw.copy_(gout.t() @ static_x.detach())))
+    graph = cuda_graphs._Graph([static_x], [layer.weight], [out], ("T",), [gout], [gx, gw], [0], [0], fwd, bwd,
+                               cuda_graphs.weakref.ref(layer), cuda_graphs._addresses(layer))
+    x = torch.randn(4, 5, requires_grad=True)
+    seeds = []
+    for _ in range(2):  # two accumulation steps
+        (y,) = cuda_graphs._Replay.apply(graph, 1, x, layer.weight)
+        torch.testing.assert_close(y, x.detach() @ layer.weight.detach().t())
+        seeds.append(torch.randn(4, 3))
+        (y * seeds[-1]).sum().backward()
+    total = seeds[0] + seeds[1]
+    torch.testing.assert_close(x.grad, total @ layer.weight.detach())
+    torch.testing.assert_close(layer.weight.grad, total.t() @ x.detach())
+    assert x.grad.data_ptr() != gx.data_ptr() and layer.weight.grad.data_ptr() != gw.data_ptr()
+    (old,) = cuda_graphs._Replay.apply(graph, 1, x, layer.weight)
+    (new,) = cuda_graphs._Replay.apply(graph, 1, x, layer.weight)
+    with pytest.raises(RuntimeError, match="replayed again before this backward"):
+        old.sum().backward()
+    layer.weight.data = layer.weight.data.clone()  # moved: the backward graph would read the old memory
+    with pytest.raises(RuntimeError, match="weights moved between its forward and its backward"):
+        new.sum().backward()
