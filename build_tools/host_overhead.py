@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import cProfile
 import os
 import pstats
@@ -21,23 +22,40 @@ import statistics
 import time
 
 
+@contextlib.contextmanager
+def launched_not_run(launches: collections.Counter | None = None):
+    """Kernels launched but not run (their CPU path a no-op, counted into `launches`), device-side asserts off
+    (the kernels' outputs are garbage here; on a GPU it never waits) and one CPU thread (a GPU step's host
+    side is one thread; CPU GEMM threads only add noise); all restored on exit."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    from fusedlora import loader
+
+    def skipped(self, grid, args, constexprs):  # the host's side of a launch only
+        if launches is not None:
+            launches[self.spec.name] += 1
+    threads = torch.get_num_threads()
+    original_cpu, original_assert = loader.KernelLauncher._cpu, torch._assert_async
+    torch.set_num_threads(1)
+    loader.KernelLauncher._cpu = skipped
+    torch._assert_async = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        loader.KernelLauncher._cpu, torch._assert_async = original_cpu, original_assert
+        torch.set_num_threads(threads)
+
+
 def measure(mode="qlora", variant="fusedlora", gc=False, steps=10, seq=64, profile_top=0) -> dict:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from fusedlora import loader, workload
+    from fusedlora import workload
 
     launches = collections.Counter()
-
-    def skipped(self, grid, args, constexprs):  # launched, not run: the host's side of a launch only
-        launches[self.spec.name] += 1
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a GPU step's host side is one thread; and CPU GEMM threads only add noise
-    original_cpu, original_assert = loader.KernelLauncher._cpu, torch._assert_async
-    loader.KernelLauncher._cpu = skipped
-    torch._assert_async = lambda *a, **k: None  # the kernels' outputs are garbage here; on a GPU it never waits
-    try:
+    with launched_not_run(launches):
         # as on a GPU: bf16 base weights, PEFT's fp32 adapters, bf16 autocast
         model, _ = workload.build("host", mode, variant, "cpu", gc, dtype=torch.bfloat16)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -78,9 +96,6 @@ def measure(mode="qlora", variant="fusedlora", gc=False, steps=10, seq=64, profi
                 step()
             prof.disable()
             top = prof
-    finally:
-        loader.KernelLauncher._cpu, torch._assert_async = original_cpu, original_assert
-        torch.set_num_threads(threads)
     return {"ms_per_step": statistics.median(times) * 1e3, "launches": n_launches,
             "aten_ops": sum(counted.ops.values()), "top_ops": counted.ops.most_common(12),
             "top_launches": top_launches, "profile": top}
@@ -143,22 +158,20 @@ def compile_time(variant: str, mode: str = "lora") -> float:
     import torch
 
     import fusedlora
-    from fusedlora import loader, workload
-    torch.set_num_threads(1)
-    loader.KernelLauncher._cpu = lambda self, grid, args, constexprs: None
-    torch._assert_async = lambda *a, **k: None  # the skipped kernels' outputs are garbage (as in measure)
-    base = "fusedlora" if variant.startswith("fusedlora") else "hf"
-    model, _ = workload.build("host", mode, base, "cpu", False, dtype=torch.bfloat16)
-    if variant.endswith("compile_layers"):
-        fusedlora.compile_layers(model, backend="aot_eager")
-    else:
-        model = torch.compile(model, backend="aot_eager")
-    ids = torch.randint(0, workload.SHAPES["host"]["vocab_size"], (1, 64))
-    t0 = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return time.perf_counter() - t0
+    from fusedlora import workload
+    with launched_not_run():
+        base = "fusedlora" if variant.startswith("fusedlora") else "hf"
+        model, _ = workload.build("host", mode, base, "cpu", False, dtype=torch.bfloat16)
+        if variant.endswith("compile_layers"):
+            fusedlora.compile_layers(model, backend="aot_eager")
+        else:
+            model = torch.compile(model, backend="aot_eager")
+        ids = torch.randint(0, workload.SHAPES["host"]["vocab_size"], (1, 64))
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return time.perf_counter() - t0
 
 
 def main(argv=None) -> int:

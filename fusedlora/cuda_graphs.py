@@ -59,9 +59,11 @@ def _rebuild(desc, tensors):
     return desc[0](_rebuild(d, tensors) for d in desc[1])
 
 
-def _addresses(module) -> tuple:
-    """Where a module's parameters and buffers live: a graph reads them at these addresses."""
-    return tuple(p.data_ptr() for p in module.parameters()) + tuple(b.data_ptr() for b in module.buffers())
+def _addresses(module, params=None) -> tuple:
+    """Where a module's parameters (`params`: module.parameters() already listed) and buffers live: a graph
+    reads them at these addresses."""
+    params = module.parameters() if params is None else params
+    return tuple(p.data_ptr() for p in params) + tuple(b.data_ptr() for b in module.buffers())
 
 
 def _sharded(module) -> bool:
@@ -171,7 +173,7 @@ class GraphedModule:
                 self.seen[desc] = self.seen.get(desc, 0) + 1
                 self.eager_calls += 1
                 return self.original(*args, **kwargs)
-            graph = self._capture(desc, tensors, params, args, kwargs)
+            graph = self._capture(desc, tensors, params)
             if graph is None:
                 self.eager_calls += 1
                 return self.original(*args, **kwargs)
@@ -207,8 +209,9 @@ class GraphedModule:
 
     def _cache_key(self, module, desc, tensors):
         """The graphable call's (key, tensors, params); drops the graphs when the parameters moved."""
-        params = [p for p in module.parameters() if p.requires_grad]
-        ptrs = _addresses(module)
+        every = list(module.parameters())  # (one walk of the module tree per call: this runs per layer per step)
+        params = [p for p in every if p.requires_grad]
+        ptrs = _addresses(module, every)
         if self.param_ptrs != ptrs:
             if self.graphs:
                 warnings.warn("fusedlora.cuda_graph_layers: a layer's parameters moved (model.to, a swapped "
@@ -240,7 +243,7 @@ class GraphedModule:
         return self._lora_modules
 
     # ------------------------------------------------------------------ capture
-    def _capture(self, desc, tensors, params, args, kwargs):
+    def _capture(self, desc, tensors, params):
         arg_desc = desc[0]
         static_in = [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
         wants_grad = [i for i, t in enumerate(static_in) if t.requires_grad]

@@ -84,7 +84,7 @@ def summarize(kernels, gemm_ops, steps: int, wall_us: float, peak_tflops: float 
             # once at capture. Their shapes are unknown, so no FLOP rate and no base / rank-r split.
             rows.append(("GEMMs (all)", gemm_us / steps / 1e3,
                          f"{1 - seen:.0%} of the GEMM time ran inside CUDA graphs: no FLOP count"))
-            split, gemm_us = None, 0.0
+            gemm_us = 0.0
     if gemm_us:
         split = rank_us / (rank_us + base_us) if rank_us + base_us else 0.0
         note = f"{flops / steps / 1e12:.1f} TFLOP per step" if flops else ""
