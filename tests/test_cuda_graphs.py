@@ -341,3 +341,38 @@ def test_replay_function_bookkeeping_on_a_cpu():
     layer.weight.data = layer.weight.data.clone()  # moved: the backward graph would read the old memory
     with pytest.raises(RuntimeError, match="weights moved between its forward and its backward"):
         new.sum().backward()
+
+
+def test_option_and_model_errors_name_the_problem(monkeypatch):
+    """The checks before any CUDA work, run on any machine (CUDA reported present): bad options, a model with no
+    decoder layers, layers already compiled or carrying an instance-level forward."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model, _ = workload.build("tiny", "lora", "fusedlora", "cpu", False)
+    with pytest.raises(ValueError, match="expected warmup >= 0 and max_shapes >= 1, got warmup=1, max_shapes=0"):
+        fusedlora.cuda_graph_layers(model, warmup=1, max_shapes=0)
+    with pytest.raises(TypeError, match="cuda_graph_layers: Linear has no decoder layers"):
+        fusedlora.cuda_graph_layers(torch.nn.Linear(2, 2))
+    layer = next(m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer")
+    layer.forward = lambda *a, **k: None  # an accelerate hook, say
+    with pytest.raises(RuntimeError, match=r"decoder layers \(LlamaDecoderLayer\) are compiled .* or have an instance-level forward"):
+        fusedlora.cuda_graph_layers(model)
+    del layer.forward
+    fusedlora.compile_layers(model, backend="eager")
+    with pytest.raises(RuntimeError, match="are compiled"):
+        fusedlora.cuda_graph_layers(model)
+
+
+def test_fsdp2_sharded_parameters_are_recognised():
+    class DTensor(torch.nn.Parameter):  # stands in for torch.distributed.tensor.DTensor (matched by name)
+        pass
+    sharded, plain = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    sharded.weight = DTensor(sharded.weight.data)
+    assert cuda_graphs._sharded(sharded) and not cuda_graphs._sharded(plain)
+    assert not cuda_graphs._sharded(torch.nn.ReLU())
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the message without a GPU")
+def test_probe_without_a_gpu_says_so(capsys):
+    from build_tools import cuda_graph_probe
+    assert cuda_graph_probe.main([]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
