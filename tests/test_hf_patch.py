@@ -555,3 +555,16 @@ def test_modules_to_save_head_trains_through_the_fused_loss(modules_to_save):
         assert rel_err(fused(input_ids=ids, labels=labels).loss, ref(input_ids=ids, labels=labels).loss) <= 1e-4
         with ref.disable_adapter(), fused.disable_adapter():  # the original head (and no LoRA) in both
             assert rel_err(fused(input_ids=ids, labels=labels).loss, ref(input_ids=ids, labels=labels).loss) <= 1e-4
+
+
+def test_lora_on_the_head_keeps_hf_loss_and_says_why():
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(tiny_config("llama")).to(DEVICE)
+    ref = add_lora(base, target_modules=TARGETS + ["lm_head"])
+    fused = copy.deepcopy(ref)
+    report = fusedlora.patch(fused)
+    assert report.kinds["loss"].patched == 0
+    assert "(a LoRA adapter on the head?), not a plain nn.Linear or PEFT's modules_to_save copy of one" in str(report)
+    ids, labels = batch()
+    ref.train(), fused.train()
+    assert_same(loss_and_grads(ref, ids, labels), loss_and_grads(fused, ids, labels))
