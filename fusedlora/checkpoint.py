@@ -52,6 +52,10 @@ class Offloader:
         self.live: list[weakref.ref] = []  # saved inputs in forward order (for the prefetch of the next backward)
         self.anchors: dict[torch.device, torch.Tensor] = {}
 
+    def __deepcopy__(self, memo):
+        """A copied model (TRL's reference model, say) gets its own pool and streams, none of the saved inputs."""
+        return Offloader()
+
     def anchor(self, device) -> torch.Tensor:
         """An empty tensor that requires grad: an input of every checkpoint node, so that autograd runs its
         backward even when the layer input needs no gradient (a first layer over frozen embeddings)."""

@@ -21,12 +21,24 @@ layer in a handful of launches. `GraphedModule` wraps one module's forward:
 - Any failure while capturing (a host sync in the layer, an unsupported op) leaves that key eager for good,
   with a warning saying why.
 
+Gradient checkpointing (HF's, or fusedlora's offloaded one): a checkpointed layer is captured as a forward graph
+that saves nothing and a backward graph that recomputes the forward and backpropagates. Its inputs and outputs
+go through buffers the whole model shares (`_SharedPool.exchange`), the output is cloned out of its buffer, and
+every temporary stays in the pool, so all layers share one layer's working set: the memory of checkpointing at
+the speed of a replay. The layer's input is kept for the backward as the checkpointing function would keep it:
+on the GPU (HF's checkpointing) or in pinned host memory (`offloaded_checkpoint`, prefetched one layer ahead).
+HF calls the layer's `_gradient_checkpointing_func`; the wrapper installs `_GraphedCheckpoint` there (around
+the function HF or fusedlora set) at the layer's first checkpointed call.
+
 Random numbers (dropout) are drawn in the graph from torch's CUDA generator, advanced at each replay, so masks
-differ per step as in eager (not the same masks as an eager run).
+differ per step as in eager (not the same masks as an eager run). A checkpointed layer's recompute replays
+under the generator state of its forward, so it draws the forward's masks.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import warnings
 import weakref
 
@@ -94,14 +106,71 @@ class _Graph:
     ptrs: tuple = ()             # capture (checked again before each backward replay)
     generation: int = 0
     pending: object = None       # weakref to the ctx of the replay that waits for its backward
+    checkpointed: bool = False   # forward saves nothing, outputs are shared buffers; the backward recomputes
+
+
+@torch.no_grad()
+def _copy_in(statics, tensors):
+    for static, t in zip(statics, tensors):
+        if static.data_ptr() != t.data_ptr():
+            static.copy_(t)
+
+
+def _check_weights(graph):
+    module = graph.module_ref() if graph.module_ref is not None else None
+    if module is not None and _addresses(module) != graph.ptrs:
+        raise RuntimeError("fusedlora.cuda_graph_layers: a layer's weights moved between its forward and its "
+                           "backward (FSDP re-gathering them, say): its backward graph would read the old "
+                           "memory. CUDA-graph layers do not work with sharded or re-allocated weights; "
+                           "fusedlora.unpatch(model) and patch it without cuda_graphs")
+
+
+def _replay_backward(graph, grads, n_inputs, rng=None):
+    """Incoming gradients into the backward graph, a replay, fresh copies of the gradients out: the
+    (per tensor input, per parameter) gradients autograd expects."""
+    for i, static in zip(graph.diff_outputs, graph.grad_outputs):
+        g = grads[i]
+        if g is None:
+            static.zero_()
+        else:
+            static.copy_(g)
+    with _rng_replayed(rng):
+        graph.bwd.replay()
+    fresh = [None if g is None else g.clone() for g in graph.grad_inputs]
+    n_in = len(graph.wants_grad)
+    per_input = [None] * n_inputs
+    for slot, g in zip(graph.wants_grad, fresh[:n_in]):
+        per_input[slot] = g
+    return per_input + fresh[n_in:]
+
+
+def _rng_state(device):
+    """The CUDA generator's state (seed and offset, a host tensor: no sync), None off the GPU."""
+    return (device, torch.cuda.get_rng_state(device)) if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def _rng_replayed(rng):
+    """The generator set to `rng` (a forward's state) for a recompute's replay, then put back."""
+    if rng is None:
+        yield
+        return
+    device, state = rng
+    now = torch.cuda.get_rng_state(device)
+    torch.cuda.set_rng_state(state, device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_rng_state(now, device)
 
 
 class _Replay(torch.autograd.Function):
+    """A layer call replayed from its graphs: the forward's activations stay in the graph's memory until this
+    backward."""
+
     @staticmethod
     def forward(ctx, graph: _Graph, n_inputs: int, *tensors):
-        for static, t in zip(graph.inputs, tensors[:n_inputs]):
-            if static.data_ptr() != t.data_ptr():
-                static.copy_(t)
+        _copy_in(graph.inputs, tensors[:n_inputs])
         graph.fwd.replay()
         graph.generation += 1
         ctx.graph, ctx.generation, ctx.n_inputs = graph, graph.generation, n_inputs
@@ -117,26 +186,48 @@ class _Replay(torch.autograd.Function):
             raise RuntimeError("fusedlora.cuda_graph_layers: a layer's graph was replayed again before this backward "
                                "(backward through an older forward, e.g. retain_graph=True across steps); "
                                "its saved activations are gone")
-        module = graph.module_ref() if graph.module_ref is not None else None
-        if module is not None and _addresses(module) != graph.ptrs:
-            raise RuntimeError("fusedlora.cuda_graph_layers: a layer's weights moved between its forward and its "
-                               "backward (FSDP re-gathering them, say): its backward graph would read the old "
-                               "memory. CUDA-graph layers do not work with sharded or re-allocated weights; "
-                               "fusedlora.unpatch(model) and patch it without cuda_graphs")
-        for i, static in zip(graph.diff_outputs, graph.grad_outputs):
-            g = grads[i]
-            if g is None:
-                static.zero_()
-            else:
-                static.copy_(g)
-        graph.bwd.replay()
+        _check_weights(graph)
+        out = _replay_backward(graph, grads, ctx.n_inputs)
         graph.pending = None
-        fresh = [None if g is None else g.clone() for g in graph.grad_inputs]
-        n_in = len(graph.wants_grad)
-        per_input = [None] * ctx.n_inputs
-        for slot, g in zip(graph.wants_grad, fresh[:n_in]):
-            per_input[slot] = g
-        return (None, None, *per_input, *fresh[n_in:])
+        return (None, None, *out)
+
+
+class _CheckpointReplay(torch.autograd.Function):
+    """A checkpointed layer call replayed from its graphs: the forward graph keeps nothing, its outputs are
+    cloned out of the shared buffers; the call's inputs are kept (the first one offloaded to the host when an
+    Offloader is given) and copied back into the graph's inputs for the recompute-and-backward replay. Any
+    number of forwards may wait for their backwards."""
+
+    @staticmethod
+    def forward(ctx, graph: _Graph, n_inputs: int, offloader, *tensors):
+        inputs = tensors[:n_inputs]
+        ctx.rng = _rng_state(inputs[0].device)
+        _copy_in(graph.inputs, inputs)
+        graph.fwd.replay()
+        outs = tuple(o.clone() for o in graph.outputs)
+        ctx.graph, ctx.n_inputs, ctx.offloader = graph, n_inputs, offloader
+        if offloader is not None:
+            ctx.offloaded = offloader.save(inputs[0])
+            ctx.save_for_backward(*inputs[1:])
+        else:
+            ctx.offloaded = None
+            ctx.save_for_backward(*inputs)
+        ctx.mark_non_differentiable(*(o for i, o in enumerate(outs) if i not in graph.diff_outputs))
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        graph = ctx.graph
+        _check_weights(graph)
+        inputs = list(ctx.saved_tensors)
+        if ctx.offloaded is not None:
+            before = ctx.offloader.previous(ctx.offloaded)
+            inputs.insert(0, ctx.offloaded.load())
+            if before is not None:
+                before.prefetch()  # the next backward's input comes back while this layer replays
+        _copy_in(graph.inputs, inputs)
+        out = _replay_backward(graph, grads, ctx.n_inputs, ctx.rng)
+        return (None, None, None, *out)
 
 
 class GraphedModule:
@@ -156,40 +247,78 @@ class GraphedModule:
         #                            parameters change (an adapter added)
         self.replays = self.eager_calls = 0
         self.warned_sharded = False
+        self.inside_checkpoint = False  # running the layer's forward for the checkpointing function
 
     # ------------------------------------------------------------------ call
     def __call__(self, *args, **kwargs):
         module = self.module_ref()
+        if self.inside_checkpoint or (module is not None and module.training and torch.is_grad_enabled()
+                                      and getattr(module, "gradient_checkpointing", False)):
+            # checkpointed: HF's layer call goes through its _gradient_checkpointing_func, which is ours
+            # (_GraphedCheckpoint) from now on; inside it the layer's own forward runs
+            if not self.inside_checkpoint:
+                self.install_checkpointing(module)
+            return self.original(*args, **kwargs)
         key = self._key(module, args, kwargs)
-        if key is None:
+        graph = None if key is None else self._graph_for(*key, self.original, checkpointed=False)
+        if graph is None:
             self.eager_calls += 1
             return self.original(*args, **kwargs)
-        desc, tensors, params = key
-        graph = self.graphs.get(desc)
-        if graph is None:
-            if desc in self.failed or len(self.graphs) >= self.max_shapes or self.seen.get(desc, 0) < self.warmup:
-                if len(self.seen) >= 4096:  # keys that never recur (packed batches' lengths): keep it bounded
-                    self.seen.clear()
-                self.seen[desc] = self.seen.get(desc, 0) + 1
-                self.eager_calls += 1
-                return self.original(*args, **kwargs)
-            graph = self._capture(desc, tensors, params)
-            if graph is None:
-                self.eager_calls += 1
-                return self.original(*args, **kwargs)
-        elif graph.pending is not None and graph.pending() is not None:
+        if graph.pending is not None and graph.pending() is not None:
             # a replay whose backward has not run yet owns the saved activations: this call runs eagerly
             self.eager_calls += 1
             return self.original(*args, **kwargs)
         self.replays += 1
-        outs = _Replay.apply(graph, len(tensors), *tensors, *params)
+        outs = _Replay.apply(graph, len(key[1]), *key[1], *key[2])
         return _rebuild(graph.out_desc, iter(outs))
 
-    def _key(self, module, args, kwargs):
-        """((argument description, autocast state, trainable parameters, adapter state), tensors, params) when
-        the call is graphable, else None. The first item is the graph's cache key."""
+    def checkpointed(self, function, args, inner, offloader):
+        """A checkpointed layer call (`function(*args)`, function = functools.partial of the layer's forward
+        with its keyword arguments) replayed from checkpoint graphs, or `inner` (the checkpointing function
+        HF or fusedlora set) where no graph serves it."""
+        module = self.module_ref()
+        call = functools.partial(function.func, *function.args)
+        key = self._key(module, args, function.keywords, checkpointed=True)
+        graph = None if key is None else self._graph_for(*key, call, checkpointed=True)
+        if graph is None:
+            self.eager_calls += 1
+            self.inside_checkpoint = True
+            try:
+                return inner(function, *args)
+            finally:
+                self.inside_checkpoint = False
+        self.replays += 1
+        outs = _CheckpointReplay.apply(graph, len(key[1]), offloader, *key[1], *key[2])
+        return _rebuild(graph.out_desc, iter(outs))
+
+    def install_checkpointing(self, module):
+        """Put _GraphedCheckpoint around the layer's checkpointing function (again after HF's
+        gradient_checkpointing_enable replaced it)."""
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if func is None or (isinstance(func, _GraphedCheckpoint) and func.wrapper is self):
+            return
+        if isinstance(func, _GraphedCheckpoint):
+            func = func.inner
+        module._gradient_checkpointing_func = _GraphedCheckpoint(self, func)
+
+    def _graph_for(self, desc, tensors, params, call, checkpointed):
+        """The captured graph of this key: after `warmup` eager calls it is captured (None while warming up,
+        past max_shapes, or when capture failed)."""
+        graph = self.graphs.get(desc)
+        if graph is not None:
+            return graph
+        if desc in self.failed or len(self.graphs) >= self.max_shapes or self.seen.get(desc, 0) < self.warmup:
+            if len(self.seen) >= 4096:  # keys that never recur (packed batches' lengths): keep it bounded
+                self.seen.clear()
+            self.seen[desc] = self.seen.get(desc, 0) + 1
+            return None
+        return self._capture(desc, tensors, params, call, checkpointed)
+
+    def _key(self, module, args, kwargs, checkpointed=False):
+        """((argument description, autocast state, trainable parameters, adapter state, checkpointed), tensors,
+        params) when the call is graphable, else None. The first item is the graph's cache key."""
         if (module is None or not torch.is_grad_enabled() or not module.training or torch.compiler.is_compiling()
-                or getattr(module, "gradient_checkpointing", False)
+                or (not checkpointed and getattr(module, "gradient_checkpointing", False))
                 or kwargs.get("past_key_values") is not None or kwargs.get("past_key_value") is not None):
             return None
         tensors: list = []
@@ -205,9 +334,9 @@ class GraphedModule:
                 warnings.warn("fusedlora.cuda_graph_layers: the layer's parameters are FSDP-sharded (DTensors, "
                               "re-gathered into new memory at each call): it runs eagerly", stacklevel=3)
             return None
-        return self._cache_key(module, desc, tensors)
+        return self._cache_key(module, desc, tensors, checkpointed)
 
-    def _cache_key(self, module, desc, tensors):
+    def _cache_key(self, module, desc, tensors, checkpointed=False):
         """The graphable call's (key, tensors, params); drops the graphs when the parameters moved."""
         every = list(module.parameters())  # (one walk of the module tree per call: this runs per layer per step)
         params = [p for p in every if p.requires_grad]
@@ -222,7 +351,7 @@ class GraphedModule:
             self._lora_modules = None
         device = tensors[0].device.type
         amp = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        return (desc, amp, tuple(id(p) for p in params), self.adapter_state()), tensors, params
+        return (desc, amp, tuple(id(p) for p in params), self.adapter_state(), checkpointed), tensors, params
 
     def adapter_state(self) -> tuple:
         """What a graph bakes in of the layer's PEFT adapters and the forward cannot see in its tensors: per
@@ -243,9 +372,12 @@ class GraphedModule:
         return self._lora_modules
 
     # ------------------------------------------------------------------ capture
-    def _capture(self, desc, tensors, params):
+    def _capture(self, desc, tensors, params, call, checkpointed):
         arg_desc = desc[0]
-        static_in = [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
+        if checkpointed:  # shared by all layers: the graphs read their inputs only while they replay
+            static_in = [self.shared.exchange(("in", i), t) for i, t in enumerate(tensors)]
+        else:  # the graph's own: its saved activations may be these very tensors
+            static_in = [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
         wants_grad = [i for i, t in enumerate(static_in) if t.requires_grad]
         module = self.module_ref()
         slots = [(m, n) for m in module.modules() for n, p in m._parameters.items()
@@ -264,11 +396,28 @@ class GraphedModule:
             aliases = [inputs[i] for i in wants_grad] + [p.view_as(p) for p in saved]
             for (m, n), alias in zip(slots, aliases[len(wants_grad):]):
                 m._parameters[n] = alias
+            self.inside_checkpoint = checkpointed
             try:
-                return self.original(*a, **k), aliases
+                return call(*a, **k), aliases
             finally:
+                self.inside_checkpoint = False
                 for (m, n), p in zip(slots, saved):
                     m._parameters[n] = p
+
+        def backward(out, aliases, diff_outputs, grad_outputs, retain):
+            """The backward of `out` into the shared input-gradient buffers; returns (input gradients, each
+            a shared buffer or None, parameter gradients)."""
+            outs, _ = _output_tensors(out)
+            grads = torch.autograd.grad([outs[i] for i in diff_outputs], aliases, grad_outputs,
+                                        retain_graph=retain, allow_unused=True)
+            shared_in = []
+            for i, g in zip(wants_grad, grads):
+                if g is None:
+                    shared_in.append(None)
+                else:
+                    shared_in.append(exchange_in[i])
+                    exchange_in[i].copy_(g)
+            return shared_in, list(grads[len(wants_grad):])
 
         device = tensors[0].device.type
         amp_on, amp_dtype = desc[1]
@@ -281,24 +430,52 @@ class GraphedModule:
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):  # warm-up off the capture: lazy initialisations happen here
+                    if checkpointed:
+                        with torch.no_grad():
+                            run()
                     out, aliases = run()
                     outs, _ = _output_tensors(out)
-                    diff = [o for o in outs if o.requires_grad]
-                    if not diff:
+                    diff_outputs = [i for i, o in enumerate(outs) if o.requires_grad]
+                    if not diff_outputs:
                         raise RuntimeError("nothing in the layer's output needs a gradient")
-                    torch.autograd.grad(diff, aliases, [torch.ones_like(o) for o in diff], allow_unused=True)
-                    del out, outs, diff, aliases
+                    torch.autograd.grad([outs[i] for i in diff_outputs], aliases,
+                                        [torch.ones_like(outs[i]) for i in diff_outputs], allow_unused=True)
+                    out_like = [o.detach() for o in outs]
+                    del out, outs, aliases
                 torch.cuda.current_stream().wait_stream(side)
+                # the buffers every layer shares, made outside the captures
+                exchange_in = {i: self.shared.exchange(("grad_in", i), static_in[i].detach()) for i in wants_grad}
+                grad_outputs = [self.shared.exchange(("grad_out", i), out_like[i]) for i in diff_outputs]
+                exchange_out = [self.shared.exchange(("out", i), o) for i, o in enumerate(out_like)] \
+                    if checkpointed else None
+                del out_like
                 fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
                 self.shared.capturing = True
-                with torch.cuda.graph(fwd, pool=self.shared.pool, capture_error_mode="thread_local"):
-                    out, aliases = run()
-                outputs, out_desc = _output_tensors(out)
-                diff_outputs = [i for i, o in enumerate(outputs) if o.requires_grad]
-                grad_outputs = [torch.empty_like(outputs[i]) for i in diff_outputs]
-                with torch.cuda.graph(bwd, pool=self.shared.pool, capture_error_mode="thread_local"):
-                    grad_inputs = torch.autograd.grad([outputs[i] for i in diff_outputs], aliases, grad_outputs,
-                                                      retain_graph=True, allow_unused=True)
+                if checkpointed:
+                    # forward: nothing saved, the outputs copied into the shared buffers, every temporary
+                    # freed after the capture; backward: the forward again with autograd, then its backward
+                    with torch.no_grad(), torch.cuda.graph(fwd, pool=self.shared.pool,
+                                                           capture_error_mode="thread_local"):
+                        out, _ = run()
+                        outputs, out_desc = _output_tensors(out)
+                        if [o.shape for o in outputs] != [o.shape for o in exchange_out]:
+                            raise RuntimeError("the layer's outputs changed between two identical calls")
+                        for o, buffer in zip(outputs, exchange_out):
+                            buffer.copy_(o)
+                    del out, outputs
+                    with torch.cuda.graph(bwd, pool=self.shared.pool, capture_error_mode="thread_local"):
+                        out, aliases = run()
+                        shared_in, param_grads = backward(out, aliases, diff_outputs, grad_outputs, retain=False)
+                    del out, aliases
+                    outputs = exchange_out
+                else:
+                    with torch.cuda.graph(fwd, pool=self.shared.pool, capture_error_mode="thread_local"):
+                        out, aliases = run()
+                    # the outputs keep the forward's autograd graph, so its saved activations, alive: they are
+                    # the graph's until its backward replays
+                    outputs, out_desc = _output_tensors(out)
+                    with torch.cuda.graph(bwd, pool=self.shared.pool, capture_error_mode="thread_local"):
+                        shared_in, param_grads = backward(out, aliases, diff_outputs, grad_outputs, retain=True)
                 self.shared.capturing = False
         except Exception as e:  # noqa: BLE001 - any capture failure: this key stays eager
             why = f"{type(e).__name__}: {str(e)[:300]}"
@@ -309,11 +486,11 @@ class GraphedModule:
                 self.shared.broken = f"an earlier capture failed ({why})"
                 self.shared.capturing = False
             warnings.warn(f"fusedlora.cuda_graph_layers: {type(module).__name__} could not be captured as a CUDA "
-                          f"graph ({why}); it runs eagerly", stacklevel=3)
+                          f"graph ({why}); it runs eagerly", stacklevel=4)
             torch.cuda.synchronize()
             return None
-        graph = _Graph(static_in, params, outputs, out_desc, grad_outputs, list(grad_inputs), diff_outputs,
-                       wants_grad, fwd, bwd, weakref.ref(module), _addresses(module))
+        graph = _Graph(static_in, params, outputs, out_desc, grad_outputs, shared_in + param_grads, diff_outputs,
+                       wants_grad, fwd, bwd, weakref.ref(module), _addresses(module), checkpointed=checkpointed)
         self.graphs[desc] = graph
         return graph
 
@@ -337,12 +514,49 @@ class _SharedPool:
         self._pool = None
         self.capturing = False
         self.broken: str | None = None
+        self.buffers: dict = {}
+
+    def exchange(self, tag, like: torch.Tensor) -> torch.Tensor:
+        """The model's one buffer for `tag` (("in", 0): a checkpointed layer's first input, ("grad_out", 0): its
+        first output's incoming gradient...) with `like`'s layout. Layers run one after another, and a graph
+        reads these only while it replays (its caller copies in just before, out just after), so one buffer
+        serves every layer instead of one per layer."""
+        key = (tag, tuple(like.shape), tuple(like.stride()), like.dtype, like.device, like.requires_grad)
+        buffer = self.buffers.get(key)
+        if buffer is None:
+            buffer = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device=like.device)
+            buffer = self.buffers[key] = buffer.requires_grad_(like.requires_grad)
+        return buffer
 
     @property
     def pool(self):
         if self._pool is None:  # made at the first capture (a wrapped model on a CPU never asks)
             self._pool = torch.cuda.graph_pool_handle()
         return self._pool
+
+
+class _GraphedCheckpoint:
+    """A layer's `_gradient_checkpointing_func` under cuda_graph_layers: HF calls it with
+    functools.partial(the layer's forward, **keyword arguments) and the positional arguments. Graphable calls
+    replay the layer's checkpoint graphs (the input kept as `inner` would keep it: on the GPU, or offloaded
+    when `inner` is fusedlora's offloaded_checkpoint); the rest go to `inner`."""
+
+    def __init__(self, wrapper: GraphedModule, inner):
+        from .checkpoint import offloaded_checkpoint
+        self.wrapper, self.inner = wrapper, inner
+        offloaded = isinstance(inner, functools.partial) and inner.func is offloaded_checkpoint
+        self.offloader = inner.keywords.get("offloader") if offloaded else None
+        self.offloaded = offloaded
+
+    def __call__(self, function, *args, **kwargs):
+        if (kwargs or not isinstance(function, functools.partial) or not args or not isinstance(args[0], torch.Tensor)
+                or (self.offloaded and self.offloader is None)):
+            return self.inner(function, *args, **kwargs)
+        return self.wrapper.checkpointed(function, args, self.inner, self.offloader)
+
+    def __deepcopy__(self, memo):
+        import copy  # a copied model gets the plain function; its own wrapper installs itself again
+        return copy.deepcopy(self.inner, memo)
 
 
 def graph_modules(modules, **options) -> list:
@@ -366,6 +580,9 @@ def ungraph_modules(modules) -> int:
     """Restore the forwards graph_modules replaced (dropping their graphs); returns how many."""
     n = 0
     for m in modules:
+        func = m.__dict__.get("_gradient_checkpointing_func")
+        if isinstance(func, _GraphedCheckpoint):
+            m.__dict__["_gradient_checkpointing_func"] = func.inner
         w = m.__dict__.get("forward")
         if isinstance(w, GraphedModule):
             if getattr(w.original, "__self__", None) is m and getattr(w.original, "__func__", None) is type(m).forward:

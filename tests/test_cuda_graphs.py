@@ -121,7 +121,7 @@ def test_needs_a_gpu():
     assert "cuda_graphs: not applied (fusedlora.cuda_graph_layers: CUDA graphs need a CUDA GPU)" in str(report)
     assert report.kinds["attention"].patched == 2
     report = fusedlora.patch(model, cuda_graphs=True, offload_checkpoints=True)
-    assert "not with offload_checkpoints" in str(report)
+    assert "cuda_graphs: not applied" in str(report) and "offloaded activation checkpointing" in str(report)
 
 
 def test_bad_options_and_models():
@@ -154,9 +154,10 @@ def _train(model, data, accumulate=1, lr=1e-3):
 @gpu
 def test_patch_option_applies_the_graphs():
     model, _ = workload.build("tiny", "lora", "hf", "cuda", False)
-    report = fusedlora.patch(model, cuda_graphs=True)
-    assert "CUDA graphs on 2 decoder layers" in str(report)
-    assert sum(isinstance(m.__dict__.get("forward"), cuda_graphs.GraphedModule) for m in model.modules()) == 2
+    for offload in (False, True):
+        report = fusedlora.patch(model, cuda_graphs=True, offload_checkpoints=offload)
+        assert "CUDA graphs on 2 decoder layers" in str(report)
+        assert sum(isinstance(m.__dict__.get("forward"), cuda_graphs.GraphedModule) for m in model.modules()) == 2
 
 
 def _graphed(mode, **options):
@@ -231,14 +232,100 @@ def test_calls_a_graph_cannot_serve_run_eagerly():
         model(input_ids=ids, labels=labels)  # result dropped: no backward will come
         model(input_ids=ids, labels=labels).loss.backward()
     assert [w.replays for w in layers] == [r + 3 for r in replays]
-    # HF gradient checkpointing: eager (the layer's flag); unpatch removes the wrappers
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    before = [w.eager_calls for w in layers]
+    # HF gradient checkpointing turned on after the capture: the checkpointed key would be a second shape
+    # (max_shapes=1), so it runs eagerly, with the eager model's gradients; unpatch removes the wrappers
+    for m in (model, ref):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for p in params + ref_params:
+        p.grad = None
     with torch.autocast("cuda", dtype=torch.bfloat16):
         model(input_ids=ids, labels=labels).loss.backward()
-    assert [w.eager_calls for w in layers] == [e + 2 for e in before]  # the forward and its recompute
+        ref(input_ids=ids, labels=labels).loss.backward()
+    assert [w.replays for w in layers] == [r + 3 for r in replays]
+    for p, r in zip(params, ref_params):
+        torch.testing.assert_close(p.grad, r.grad, rtol=2e-2, atol=2e-2 * r.grad.abs().max().item() + 1e-6)
     fusedlora.unpatch(model)
     assert not any(isinstance(m.__dict__.get("forward"), cuda_graphs.GraphedModule) for m in model.modules())
+    assert not any(isinstance(m.__dict__.get("_gradient_checkpointing_func"), cuda_graphs._GraphedCheckpoint)
+                   for m in model.modules())
+
+
+def _checkpointed(mode, offload, graphs, dropout=0.0):
+    """The tiny patched model under HF's gradient checkpointing (non-reentrant) or fusedlora's offloaded one,
+    optionally with graphed layers (warmup 1) and LoRA dropout; returns (model, wrappers)."""
+    model, _ = workload.build("tiny", mode, "fusedlora", "cuda", gc=not offload, offload=offload)
+    if dropout:
+        for proj in (m for m in model.modules() if "lora_dropout" in m._modules):
+            proj.lora_dropout["default"] = torch.nn.Dropout(dropout)
+    return model, (_graphed_wrappers(model, warmup=1) if graphs else [])
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["lora", "qlora"])
+@pytest.mark.parametrize("offload", [False, True])
+def test_graphed_checkpointing_matches_eager_checkpointing(mode, offload):
+    """Checkpointed layers replay as checkpoint graphs (a forward saving nothing, a recompute-and-backward):
+    the eager checkpointed model's losses and gradients, with gradient accumulation; the layer input kept
+    on the GPU (HF's checkpointing) or offloaded to the host (fusedlora's)."""
+    if mode == "qlora":
+        pytest.importorskip("bitsandbytes")
+    data = workload.batches(8, 2, 64, False, "cuda")
+    ref, _ = _checkpointed(mode, offload, graphs=False)
+    want = _train(ref, data, accumulate=2)
+    model, layers = _checkpointed(mode, offload, graphs=True)
+    got = _train(model, data, accumulate=2)
+    assert all(w.replays == len(data) - 1 for w in layers), [(w.replays, w.eager_calls) for w in layers]
+    assert all(g.checkpointed for w in layers for g in w.graphs.values())
+    assert all(isinstance(m.__dict__.get("_gradient_checkpointing_func"), cuda_graphs._GraphedCheckpoint)
+               for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer")
+    torch.testing.assert_close(got[0], want[0], rtol=2e-3, atol=1e-4)
+    for step_grads, step_ref in zip(got[1], want[1]):
+        for g, r in zip(step_grads, step_ref):
+            torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2 * r.abs().max().item() + 1e-6)
+    # two forwards before their backwards: checkpoint graphs keep nothing, so both replay
+    ids, labels, _ = data[0]
+    before = [w.replays for w in layers]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        (model(input_ids=ids, labels=labels).loss + model(input_ids=data[1][0], labels=data[1][1]).loss).backward()
+        (ref(input_ids=ids, labels=labels).loss + ref(input_ids=data[1][0], labels=data[1][1]).loss).backward()
+    assert [w.replays for w in layers] == [b + 2 for b in before]
+    for p, r in zip((p for p in model.parameters() if p.requires_grad), (p for p in ref.parameters() if p.requires_grad)):
+        torch.testing.assert_close(p.grad, r.grad, rtol=2e-2, atol=2e-2 * r.grad.abs().max().item() + 1e-6)
+    fusedlora.unpatch(model)
+    assert not any(isinstance(m.__dict__.get("_gradient_checkpointing_func"), cuda_graphs._GraphedCheckpoint)
+                   for m in model.modules())
+
+
+@gpu
+def test_graphed_checkpointing_recomputes_the_forwards_dropout_masks():
+    """LoRA dropout 0.5 under checkpoint graphs: the recompute replays under the forward's generator state,
+    so the gradients are those of graphed layers without checkpointing from the same seed. No optimizer step:
+    lora_B stays PEFT's zeros, so the loss ignores the masks while lora_B's gradients depend on every one
+    (another mask in the recompute gives other gradients), and the capture step's draws change no weight."""
+    data = workload.batches(4, 2, 64, False, "cuda")
+    runs = []
+    for offload in (None, False):
+        if offload is None:
+            model, _ = workload.build("tiny", "lora", "fusedlora", "cuda", False)
+            for proj in (m for m in model.modules() if "lora_dropout" in m._modules):
+                proj.lora_dropout["default"] = torch.nn.Dropout(0.5)
+            layers = _graphed_wrappers(model, warmup=1)
+        else:
+            model, layers = _checkpointed("lora", offload, graphs=True, dropout=0.5)
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = []
+        for step, (ids, labels, _) in enumerate(data):
+            torch.cuda.manual_seed(100 + step)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                model(input_ids=ids, labels=labels).loss.backward()
+            grads.append([p.grad.detach().clone() for p in params])
+            model.zero_grad(set_to_none=True)
+        assert all(w.replays >= 2 for w in layers)
+        runs.append(grads)
+    for step_a, step_b in list(zip(*runs))[2:]:  # the steps after both captured (the same masks from then on)
+        assert any(a.abs().max() > 0 for a in step_a)
+        for a, b in zip(step_a, step_b):
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item() + 1e-6)
 
 
 @gpu
@@ -376,3 +463,78 @@ def test_probe_without_a_gpu_says_so(capsys):
     from build_tools import cuda_graph_probe
     assert cuda_graph_probe.main([]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def _linear_graphs(layer, n, checkpointed):
+    """Fake graphs of `layer` (a bias-free Linear) over n-row inputs: for a checkpoint graph the forward reads
+    the shared input buffer and writes the shared output buffer, the backward reads the input buffer again
+    (its recompute) and writes the shared input gradient and the weight's own gradient."""
+    x_in, out = torch.zeros(n, layer.in_features, requires_grad=True), torch.zeros(n, layer.out_features)
+    gout, gx, gw = torch.zeros(n, layer.out_features), torch.zeros(n, layer.in_features), torch.zeros_like(layer.weight)
+    fwd = _FakeGraph(lambda: out.copy_(x_in.detach() @ layer.weight.detach().t()))
+    bwd = _FakeGraph(lambda: (gx.copy_(gout @ layer.weight.detach()), gw.copy_(gout.t() @ x_in.detach())))
+    return cuda_graphs._Graph([x_in], [layer.weight], [out], ("T",), [gout], [gx, gw], [0], [0], fwd, bwd,
+                              cuda_graphs.weakref.ref(layer), cuda_graphs._addresses(layer), checkpointed=checkpointed)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_checkpoint_replay_bookkeeping_on_a_cpu(offload):
+    """_CheckpointReplay with fake graphs: outputs are fresh copies (the shared buffer is overwritten by the next
+    call), several forwards may wait for their backwards, each backward copies its own kept input (on the
+    host when offloaded) back into the shared input buffer, gradients accumulate, moved weights are refused."""
+    from fusedlora.checkpoint import Offloader
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(5, 3, bias=False)
+    graph = _linear_graphs(layer, 4, checkpointed=True)
+    offloader = Offloader() if offload else None
+    xs = [torch.randn(4, 5, requires_grad=True) for _ in range(3)]
+    ys = [cuda_graphs._CheckpointReplay.apply(graph, 1, offloader, x, layer.weight)[0] for x in xs]
+    for x, y in zip(xs, ys):
+        torch.testing.assert_close(y, x.detach() @ layer.weight.detach().t())
+        assert y.data_ptr() != graph.outputs[0].data_ptr()
+    if offload:
+        assert len([r for r in offloader.live if r() is not None]) == 3
+    seeds = [torch.randn(4, 3) for _ in ys]
+    sum((y * s).sum() for y, s in zip(reversed(ys), reversed(seeds))).backward()
+    for x, s in zip(xs, seeds):  # each backward recomputed from its own input, not the last one copied in
+        torch.testing.assert_close(x.grad, s @ layer.weight.detach())
+    torch.testing.assert_close(layer.weight.grad, sum(s.t() @ x.detach() for x, s in zip(xs, seeds)))
+    assert layer.weight.grad.data_ptr() != graph.grad_inputs[1].data_ptr()
+    (y,) = cuda_graphs._CheckpointReplay.apply(graph, 1, offloader, xs[0], layer.weight)
+    layer.weight.data = layer.weight.data.clone()
+    with pytest.raises(RuntimeError, match="weights moved between its forward and its backward"):
+        y.sum().backward()
+
+
+def test_checkpointing_function_is_wrapped_and_unwrapped():
+    """Under HF's gradient checkpointing a wrapped layer's checkpointing function becomes _GraphedCheckpoint at
+    its first call (around HF's function, or fusedlora's offloaded one, again after gradient_checkpointing_enable
+    replaced it); calls no graph serves (here: CPU tensors) go to that function, with its loss and gradients;
+    unpatch restores it and a deep copy gets the plain function."""
+    import copy
+    device = "cuda" if HAS_CUDA else "cpu"
+    for offload in (False, True):
+        ref, _ = workload.build("tiny", "lora", "fusedlora", device, gc=not offload, offload=offload)
+        model = copy.deepcopy(ref)
+        layers = [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+        inner = [m._gradient_checkpointing_func for m in layers]
+        wrappers = cuda_graphs.graph_modules(layers, warmup=1)
+        ids, labels, _ = workload.batches(1, 2, 16, False, device)[0]
+        for _ in range(2):  # (transformers < 5.2x installs it inside the first call, from the second on it serves)
+            for m in (ref, model):
+                m.zero_grad(set_to_none=True)
+                m(input_ids=ids, labels=labels).loss.backward()
+        funcs = [m._gradient_checkpointing_func for m in layers]
+        assert all(isinstance(f, cuda_graphs._GraphedCheckpoint) and f.inner is i and f.wrapper is w
+                   for f, i, w in zip(funcs, inner, wrappers))
+        assert all((f.offloader is not None) == offload for f in funcs)
+        if not HAS_CUDA:
+            assert all(w.replays == 0 and w.eager_calls >= 1 for w in wrappers)
+            for p, r in zip(model.parameters(), ref.parameters()):
+                assert (p.grad is None) == (r.grad is None) and (p.grad is None or torch.equal(p.grad, r.grad))
+        twin = copy.deepcopy(model)
+        assert not any(isinstance(m.__dict__.get("_gradient_checkpointing_func"), cuda_graphs._GraphedCheckpoint)
+                       for m in twin.modules())
+        fusedlora.unpatch(model)
+        assert [m.__dict__.get("_gradient_checkpointing_func") for m in layers if not offload] == \
+            ([] if offload else inner)

@@ -92,7 +92,9 @@ def cuda_graph_layers(model, *, warmup: int = 2, max_shapes: int = 1) -> int:
     """Replay each decoder layer's training forward and backward as CUDA graphs (fusedlora.cuda_graphs): a
     layer costs a few launches of host time instead of hundreds. For single-GPU (or DDP) training with
     static shapes (padded or fixed-length packed batches); calls it cannot serve (eval, no_grad, a KV cache,
-    gradient checkpointing, a new shape past `max_shapes`, a packed batch's varying lengths) run eagerly.
+    a new shape past `max_shapes`, a packed batch's varying lengths) run eagerly. Layers under gradient
+    checkpointing (HF's, or patch(offload_checkpoints=True)) replay as checkpoint graphs: a forward that
+    saves nothing and a recompute-and-backward, sharing one layer's working memory across the model.
     A shape is captured at its (warmup + 1)-th training call; each captured shape keeps its own activation
     memory. Not with FSDP (it swaps the parameters a graph reads). `fusedlora.unpatch(model)` removes it.
     Returns how many layers were wrapped."""
@@ -113,18 +115,15 @@ def cuda_graph_layers(model, *, warmup: int = 2, max_shapes: int = 1) -> int:
     return len(layers)
 
 
-def _cuda_graphs(model, report, offloaded):
+def _cuda_graphs(model, report):
     """patch(cuda_graphs=True): the decoder layers under cuda_graph_layers, or a note saying why not."""
-    if offloaded:
-        report.notes.append("cuda_graphs: not with offload_checkpoints (checkpointed layers run eagerly); not applied")
-        return
     try:
         n = cuda_graph_layers(model)
     except (RuntimeError, TypeError) as e:
         report.notes.append(f"cuda_graphs: not applied ({e})")
         return
-    report.notes.append(f"CUDA graphs on {n} decoder layers (captured at a shape's third training call; eval, "
-                        "gradient checkpointing and new shapes run eagerly)")
+    report.notes.append(f"CUDA graphs on {n} decoder layers (captured at a shape's third training call, "
+                        "checkpointed layers as checkpoint graphs; eval and new shapes run eagerly)")
 
 
 def _is_graphed(m) -> bool:
@@ -217,7 +216,7 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, 
     if offload_checkpoints:
         _offload_checkpoints(model, report)
     if cuda_graphs:
-        _cuda_graphs(model, report, offload_checkpoints)
+        _cuda_graphs(model, report)
     if report.n_patched == 0:
         kept = sum(c.kept for c in report.kinds.values())
         report.notes.append("nothing was patched: " + (f"{kept} matching modules kept HF's path (reasons above)" if kept
