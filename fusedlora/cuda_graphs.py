@@ -28,7 +28,8 @@ every temporary stays in the pool, so all layers share one layer's working set: 
 the speed of a replay. The layer's input is kept for the backward as the checkpointing function would keep it:
 on the GPU (HF's checkpointing) or in pinned host memory (`offloaded_checkpoint`, prefetched one layer ahead).
 HF calls the layer's `_gradient_checkpointing_func`; the wrapper installs `_GraphedCheckpoint` there (around
-the function HF or fusedlora set) at the layer's first checkpointed call.
+the function HF or fusedlora set) when it wraps a checkpointed layer, and again at a checkpointed call after
+`gradient_checkpointing_enable` replaced it.
 
 Random numbers (dropout) are drawn in the graph from torch's CUDA generator, advanced at each replay, so masks
 differ per step as in eager (not the same masks as an eager run). A checkpointed layer's recompute replays
@@ -572,6 +573,9 @@ def graph_modules(modules, **options) -> list:
             original = type(m).forward.__get__(m)
         w = GraphedModule(m, original, pool, **options)
         m.__dict__["forward"] = w
+        if getattr(m, "gradient_checkpointing", False):
+            # now, not at the first call: with transformers < 5.2x that call is already inside HF's function
+            w.install_checkpointing(m)
         wrappers.append(w)
     return wrappers
 

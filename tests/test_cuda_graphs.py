@@ -520,7 +520,8 @@ def test_checkpointing_function_is_wrapped_and_unwrapped():
         inner = [m._gradient_checkpointing_func for m in layers]
         wrappers = cuda_graphs.graph_modules(layers, warmup=1)
         ids, labels, _ = workload.batches(1, 2, 16, False, device)[0]
-        for _ in range(2):  # (transformers < 5.2x installs it inside the first call, from the second on it serves)
+        assert all(isinstance(m._gradient_checkpointing_func, cuda_graphs._GraphedCheckpoint) for m in layers)
+        for _ in range(2):
             for m in (ref, model):
                 m.zero_grad(set_to_none=True)
                 m(input_ids=ids, labels=labels).loss.backward()
@@ -532,6 +533,12 @@ def test_checkpointing_function_is_wrapped_and_unwrapped():
             assert all(w.replays == 0 and w.eager_calls >= 1 for w in wrappers)
             for p, r in zip(model.parameters(), ref.parameters()):
                 assert (p.grad is None) == (r.grad is None) and (p.grad is None or torch.equal(p.grad, r.grad))
+        if not offload:  # HF's gradient_checkpointing_enable replaces it: the next checkpointed call wraps it again
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            inner = [m._gradient_checkpointing_func for m in layers]
+            assert not any(isinstance(f, cuda_graphs._GraphedCheckpoint) for f in inner)
+            model(input_ids=ids, labels=labels).loss.backward()
+            assert all(m._gradient_checkpointing_func.inner is i for m, i in zip(layers, inner))
         twin = copy.deepcopy(model)
         assert not any(isinstance(m.__dict__.get("_gradient_checkpointing_func"), cuda_graphs._GraphedCheckpoint)
                        for m in twin.modules())
