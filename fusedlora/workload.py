@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 # *compile: torch.compile(model); *compile_layers: each decoder layer compiled (fusedlora.compile_layers);
-# fusedlora_graphs: each decoder layer replayed as CUDA graphs (fusedlora.cuda_graph_layers)
+# *_ro: the same under mode="reduce-overhead" (torch.compile's CUDA graphs); fusedlora_graphs: each decoder
+# layer replayed as CUDA graphs (fusedlora.cuda_graph_layers)
 VARIANTS = ("hf", "liger", "compile", "compile_layers", "fusedlora", "fusedlora_compile", "fusedlora_compile_layers",
-            "fusedlora_graphs")
+            "fusedlora_compile_layers_ro", "fusedlora_graphs")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = {  # Llama-3.2-1B and Llama-3.1-8B shapes; "tiny" runs under the Triton interpreter on a CPU
     "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
@@ -141,9 +142,9 @@ def build(shape, mode, variant, device, gc, seed=0, offload=False, dtype=None):
         report = {"seconds": time.perf_counter() - t0, "table": str(report), **report.as_dict()}
     if variant in ("compile", "fusedlora_compile"):
         model = torch.compile(model)
-    elif variant in ("compile_layers", "fusedlora_compile_layers"):
+    elif variant in ("compile_layers", "fusedlora_compile_layers", "fusedlora_compile_layers_ro"):
         import fusedlora
-        fusedlora.compile_layers(model)
+        fusedlora.compile_layers(model, **({"mode": "reduce-overhead"} if variant.endswith("_ro") else {}))
     elif variant == "fusedlora_graphs":
         import fusedlora
         fusedlora.cuda_graph_layers(model, warmup=1)  # captured in the second (untimed) step
