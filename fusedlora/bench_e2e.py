@@ -26,8 +26,8 @@ def checkpointing(r) -> str:
 def markdown(results) -> str:
     """One row per run; the ratio and loss gap against HF+PEFT of the same shape and mode, with gradient
     checkpointing for the offloaded runs (the on-GPU checkpointing they replace)."""
-    lines = ["| shape | mode | gc | variant | tokens/s | vs HF+PEFT | step ms | peak GiB | first step s | "
-             "loss gap vs HF | JIT kernels |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape | mode | gc | variant | tokens/s | vs HF+PEFT | step ms | peak GiB | timed steps' peak GiB | "
+             "first step s | loss gap vs HF | JIT kernels |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     hf = {(r["model"], r["mode"], checkpointing(r)): r for r in results if r["variant"] == "hf" and "error" not in r}
     for key, group in itertools.groupby(results, key=lambda r: (r["model"], r["mode"], checkpointing(r))):
         group = list(group)
@@ -35,12 +35,13 @@ def markdown(results) -> str:
         for r in group:
             head = f"| {key[0]} | {key[1]} | {key[2]} | {r['variant']} |"
             if "error" in r:
-                lines.append(head + f" failed: {r['error'][:120]} | | | | | | |")
+                lines.append(head + f" failed: {r['error'][:120]} | | | | | | | |")
                 continue
             ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
             gap = f"{_loss_gap(r, ref):.1e}" if ref and r is not ref else "-"
             jit = "-" if r.get("fusedlora_jit_kernels") is None else str(r["fusedlora_jit_kernels"])
-            lines.append(head + f" {r['tokens_per_s']:,.0f} | {ratio} | {r['step_ms']:.1f} | {r['peak_gib']:.2f} | "
+            steady = "-" if r.get("steady_peak_gib") is None else f"{r['steady_peak_gib']:.2f}"
+            lines.append(head + f" {r['tokens_per_s']:,.0f} | {ratio} | {r['step_ms']:.1f} | {r['peak_gib']:.2f} | {steady} | "
                          f"{r['first_step_s']:.2f} | {gap} | {jit} |")
     return "\n".join(lines)
 

@@ -175,13 +175,16 @@ def run(args) -> dict:
     if on_gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    losses, logged, first_step_s, t_window = [], [], None, None
+    losses, logged, first_step_s, t_window, warmup_peak = [], [], None, None, 0
     warmup = min(2, args.steps - 1)
     bar = _progress(args.steps, f"{args.variant} {args.mode} {args.model}")
     for step, (ids, labels, pos) in enumerate(data):
         if step == warmup:
             _sync(on_gpu)
             t_window = time.perf_counter()
+            if on_gpu:  # the timed steps' own peak, apart from the first steps' (CUDA-graph capture, say)
+                warmup_peak = torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         with autocast:
             loss = model(input_ids=ids, labels=labels, position_ids=pos).loss
@@ -220,7 +223,8 @@ def run(args) -> dict:
         "tokens_per_s": timed_steps * args.batch * args.seq / (t_end - t_window),
         "step_ms": (t_end - t_window) / timed_steps * 1e3,
         "first_step_s": first_step_s, "process_s": t_end - t_start,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
+        "peak_gib": max(warmup_peak, torch.cuda.max_memory_allocated()) / 2**30 if on_gpu else None,
+        "steady_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
         "losses": logged,  # every step's loss, read at the logging steps
         "fusedlora_jit_kernels": loader.get_loader().stats.get("jit", 0) if args.variant.startswith("fusedlora") else None,
         "patch": report, "versions": _versions(), "device": torch.cuda.get_device_name() if on_gpu else "cpu",
