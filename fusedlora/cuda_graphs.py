@@ -79,6 +79,11 @@ def _addresses(module, params=None) -> tuple:
     return tuple(p.data_ptr() for p in params) + tuple(b.data_ptr() for b in module.buffers())
 
 
+def _graphable(t: torch.Tensor) -> bool:
+    """A tensor a CUDA graph can read (the CPU tests' fake graphs replace this)."""
+    return t.is_cuda
+
+
 def _sharded(module) -> bool:
     """FSDP2 keeps a module's parameters as DTensors between its calls: their memory is re-allocated."""
     p = next(module.parameters(), None)
@@ -145,9 +150,20 @@ def _replay_backward(graph, grads, n_inputs, rng=None):
     return per_input + fresh[n_in:]
 
 
+def _get_rng(device):
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng(state, device):
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 def _rng_state(device):
-    """The CUDA generator's state (seed and offset, a host tensor: no sync), None off the GPU."""
-    return (device, torch.cuda.get_rng_state(device)) if device.type == "cuda" else None
+    """The device generator's state (for CUDA seed and offset, a host tensor: no sync)."""
+    return device, _get_rng(device)
 
 
 @contextlib.contextmanager
@@ -157,12 +173,12 @@ def _rng_replayed(rng):
         yield
         return
     device, state = rng
-    now = torch.cuda.get_rng_state(device)
-    torch.cuda.set_rng_state(state, device)
+    now = _get_rng(device)
+    _set_rng(state, device)
     try:
         yield
     finally:
-        torch.cuda.set_rng_state(now, device)
+        _set_rng(now, device)
 
 
 class _Replay(torch.autograd.Function):
@@ -327,7 +343,7 @@ class GraphedModule:
             desc = _flatten((args, kwargs), tensors)
         except TypeError:
             return None
-        if not tensors or not all(t.is_cuda for t in tensors) or torch.cuda.is_current_stream_capturing():
+        if not tensors or not all(_graphable(t) for t in tensors) or torch.cuda.is_current_stream_capturing():
             return None  # (another capture in progress: torch.compile's CUDA graphs, the caller's own)
         if _sharded(module):
             if not self.warned_sharded:

@@ -134,14 +134,14 @@ def test_bad_options_and_models():
         fusedlora.cuda_graph_layers(torch.nn.Linear(2, 2))
 
 
-def _train(model, data, accumulate=1, lr=1e-3):
-    """Losses and the adapters' gradients of each optimizer step (AdamW), bf16 autocast."""
+def _train(model, data, accumulate=1, lr=1e-3, amp=True):
+    """Losses and the adapters' gradients of each optimizer step (AdamW), bf16 autocast on the GPU (amp)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     losses, grads = [], []
     for i in range(0, len(data), accumulate):
         for ids, labels, pos in data[i:i + accumulate]:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                 loss = model(input_ids=ids, labels=labels, position_ids=pos).loss / accumulate
             loss.backward()
             losses.append(loss.detach().float())
@@ -545,3 +545,83 @@ def test_checkpointing_function_is_wrapped_and_unwrapped():
         fusedlora.unpatch(model)
         assert [m.__dict__.get("_gradient_checkpointing_func") for m in layers if not offload] == \
             ([] if offload else inner)
+
+
+def _decoder_layers(model):
+    return [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+
+
+def _cpu_model(checkpointing, dropout=0.0):
+    model, _ = workload.build("tiny", "lora", "fusedlora", "cpu", gc=checkpointing == "hf",
+                              offload=checkpointing == "offload")
+    if dropout:
+        for proj in (m for m in model.modules() if "lora_dropout" in m._modules):
+            proj.lora_dropout["default"] = torch.nn.Dropout(dropout)
+    return model
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run real graphs")
+@pytest.mark.parametrize("checkpointing", [None, "hf", "offload"])
+def test_fake_graphs_replay_the_eager_training_on_a_cpu(monkeypatch, checkpointing):
+    """The whole capture and replay with CUDA graphs faked on a CPU (tests/fake_cuda_graphs.py: the recorded
+    ops and kernel launches run again on the same tensors): graphed layers (saved activations, or checkpoint
+    graphs under HF's or the offloaded checkpointing) give the eager model's losses and gradients over steps
+    with new data, gradient accumulation included; a second forward before a backward is served too."""
+    from fake_cuda_graphs import fake_cuda_graphs
+    data = workload.batches(4, 2, 16, False, "cpu")
+    ref = _cpu_model(checkpointing)
+    want = _train(ref, data, accumulate=2, amp=False)
+    with fake_cuda_graphs(monkeypatch):
+        model = _cpu_model(checkpointing)
+        wrappers = cuda_graphs.graph_modules(_decoder_layers(model), warmup=1)
+        got = _train(model, data, accumulate=2, amp=False)
+        assert all(w.replays == len(data) - 1 and w.eager_calls == 1 for w in wrappers), \
+            [(w.replays, w.eager_calls, w.failed) for w in wrappers]
+        graphs = [g for w in wrappers for g in w.graphs.values()]
+        assert len(graphs) == len(wrappers) and all(g.checkpointed == (checkpointing is not None) for g in graphs)
+        assert all(g.fwd.replays == len(data) - 1 and g.bwd.replays == len(data) - 1 for g in graphs)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+        for step_got, step_want in zip(got[1], want[1]):
+            for g, r in zip(step_got, step_want):
+                torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6 * r.abs().max().item() + 1e-9)
+        # two forwards, then one backward through both: checkpoint graphs replay both, saved-activation
+        # graphs run the second eagerly (the first one's activations are still the graph's)
+        ids, labels, _ = data[0]
+        before = [w.replays for w in wrappers]
+        params = [p for p in model.parameters() if p.requires_grad]
+        ref_params = [p for p in ref.parameters() if p.requires_grad]
+        for m in (model, ref):
+            (m(input_ids=ids, labels=labels).loss + 2 * m(input_ids=data[1][0], labels=data[1][1]).loss).backward()
+        assert [w.replays for w in wrappers] == [b + (2 if checkpointing else 1) for b in before]
+        for p, r in zip(params, ref_params):
+            torch.testing.assert_close(p.grad, r.grad, rtol=1e-4, atol=1e-6 * r.grad.abs().max().item() + 1e-9)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run real graphs")
+@pytest.mark.parametrize("checkpointing", [None, "hf", "offload"])
+def test_fake_graphs_draw_the_eager_dropout_masks_on_a_cpu(monkeypatch, checkpointing):
+    """LoRA dropout 0.5 with fake graphs: a replay draws from the generator as the eager forward does, and a
+    checkpointed layer's recompute replays under its forward's generator state, so from the same seed the
+    graphed run's lora_B gradients (which depend on every mask; no optimizer step, so lora_B stays zero and the
+    capture step's own draws change nothing) are the eager run's."""
+    from fake_cuda_graphs import fake_cuda_graphs
+    data = workload.batches(3, 2, 16, False, "cpu")
+
+    def grads(model):
+        out = []
+        for step, (ids, labels, _) in enumerate(data):
+            torch.manual_seed(100 + step)
+            model(input_ids=ids, labels=labels).loss.backward()
+            out.append({n: p.grad.clone() for n, p in model.named_parameters() if "lora_B" in n})
+            model.zero_grad(set_to_none=True)
+        return out
+    want = grads(_cpu_model(None, dropout=0.5))
+    with fake_cuda_graphs(monkeypatch):
+        model = _cpu_model(checkpointing, dropout=0.5)
+        wrappers = cuda_graphs.graph_modules(_decoder_layers(model), warmup=1)
+        got = grads(model)
+        assert all(w.replays == len(data) - 1 for w in wrappers)
+    for step_got, step_want in list(zip(got, want))[2:]:  # from the step after the capture
+        assert step_got.keys() == step_want.keys() and any(g.abs().max() > 0 for g in step_got.values())
+        for n in step_got:
+            torch.testing.assert_close(step_got[n], step_want[n], rtol=1e-4, atol=1e-7, msg=n)
