@@ -113,6 +113,8 @@ class _Graph:
     generation: int = 0
     pending: object = None       # weakref to the ctx of the replay that waits for its backward
     checkpointed: bool = False   # forward saves nothing, outputs are shared buffers; the backward recomputes
+    aliased: tuple = ()          # inputs that are another graph's static output (the previous layer's): read
+    #                              in place, never copied into
 
 
 @torch.no_grad()
@@ -281,8 +283,10 @@ class GraphedModule:
         if graph is None:
             self.eager_calls += 1
             return self.original(*args, **kwargs)
-        if graph.pending is not None and graph.pending() is not None:
-            # a replay whose backward has not run yet owns the saved activations: this call runs eagerly
+        if (graph.pending is not None and graph.pending() is not None) or any(
+                key[1][i].data_ptr() != graph.inputs[i].data_ptr() for i in graph.aliased):
+            # a replay whose backward has not run yet owns the saved activations, or the input the graph reads
+            # in place (the previous layer's graph output) came from elsewhere: this call runs eagerly
             self.eager_calls += 1
             return self.original(*args, **kwargs)
         self.replays += 1
@@ -393,8 +397,14 @@ class GraphedModule:
         arg_desc = desc[0]
         if checkpointed:  # shared by all layers: the graphs read their inputs only while they replay
             static_in = [self.shared.exchange(("in", i), t) for i, t in enumerate(tensors)]
-        else:  # the graph's own: its saved activations may be these very tensors
-            static_in = [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
+        else:  # the graph's own (its saved activations may be these very tensors), or, for an input that is
+            # another graph's static output (the previous layer's graph fed this call), that output itself:
+            # one copy and one buffer less per layer
+            static_in = [self.shared.static_output(t) for t in tensors]
+            aliased = tuple(i for i, t in enumerate(static_in) if t is not None)
+            static_in = [t.detach().clone() if s is None else s.detach()
+                         for t, s in zip(tensors, static_in)]
+            static_in = [s.requires_grad_(t.requires_grad) for s, t in zip(static_in, tensors)]
         wants_grad = [i for i, t in enumerate(static_in) if t.requires_grad]
         module = self.module_ref()
         slots = [(m, n) for m in module.modules() for n, p in m._parameters.items()
@@ -507,7 +517,10 @@ class GraphedModule:
             torch.cuda.synchronize()
             return None
         graph = _Graph(static_in, params, outputs, out_desc, grad_outputs, shared_in + param_grads, diff_outputs,
-                       wants_grad, fwd, bwd, weakref.ref(module), _addresses(module), checkpointed=checkpointed)
+                       wants_grad, fwd, bwd, weakref.ref(module), _addresses(module), checkpointed=checkpointed,
+                       aliased=() if checkpointed else aliased)
+        if not checkpointed:
+            self.shared.register_outputs(outputs)
         self.graphs[desc] = graph
         return graph
 
@@ -532,6 +545,18 @@ class _SharedPool:
         self.capturing = False
         self.broken: str | None = None
         self.buffers: dict = {}
+        self.outputs = weakref.WeakValueDictionary()  # data_ptr -> a saved-activation graph's static output
+
+    def register_outputs(self, outputs):
+        for o in outputs:
+            self.outputs[o.data_ptr()] = o
+
+    def static_output(self, t: torch.Tensor):
+        """The static output of one of the model's graphs that `t` is (same memory and layout), or None."""
+        o = self.outputs.get(t.data_ptr())
+        if o is None or o.shape != t.shape or o.stride() != t.stride() or o.dtype != t.dtype:
+            return None
+        return o
 
     def exchange(self, tag, like: torch.Tensor) -> torch.Tensor:
         """The model's one buffer for `tag` (("in", 0): a checkpointed layer's first input, ("grad_out", 0): its

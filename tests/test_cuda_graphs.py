@@ -595,6 +595,20 @@ def test_fake_graphs_replay_the_eager_training_on_a_cpu(monkeypatch, checkpointi
         assert [w.replays for w in wrappers] == [b + (2 if checkpointing else 1) for b in before]
         for p, r in zip(params, ref_params):
             torch.testing.assert_close(p.grad, r.grad, rtol=1e-4, atol=1e-6 * r.grad.abs().max().item() + 1e-9)
+        if checkpointing is None:
+            # the second layer's graph reads the first one's static output in place; when the first layer runs
+            # eagerly (here: a new LoRA scale in it, past max_shapes), its input comes from elsewhere and the
+            # second layer runs eagerly too, never copying into the first graph's output
+            first, second = (next(iter(w.graphs.values())) for w in wrappers)
+            assert first.aliased == () and second.aliased == (0,)
+            assert second.inputs[0].data_ptr() == first.outputs[0].data_ptr()
+            for m in (model, ref):
+                proj = next(p for p in _decoder_layers(m)[0].modules() if "lora_A" in p._modules)
+                proj.scaling["default"] *= 2
+            before = [w.replays for w in wrappers]
+            got, want = _train(model, data[:2], amp=False), _train(ref, data[:2], amp=False)
+            assert [w.replays for w in wrappers] == before
+            torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run real graphs")
