@@ -117,6 +117,24 @@ class _Graph:
     #                              in place, never copied into
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """A tensor's shape, strides, dtype and device: what a shared buffer is made from."""
+    shape: tuple
+    strides: tuple
+    dtype: torch.dtype
+    device: torch.device
+    requires_grad: bool = False
+
+    def stride(self):
+        return self.strides
+
+    @staticmethod
+    def of(t: torch.Tensor, requires_grad: bool | None = None) -> "_Layout":
+        return _Layout(tuple(t.shape), tuple(t.stride()), t.dtype, t.device,
+                       t.requires_grad if requires_grad is None else requires_grad)
+
+
 @torch.no_grad()
 def _copy_in(statics, tensors):
     for static, t in zip(statics, tensors):
@@ -267,6 +285,7 @@ class GraphedModule:
         self.replays = self.eager_calls = 0
         self.warned_sharded = False
         self.inside_checkpoint = False  # running the layer's forward for the checkpointing function
+        self.out_layouts: dict = {}     # key -> the output layout of its eager calls
 
     # ------------------------------------------------------------------ call
     def __call__(self, *args, **kwargs):
@@ -282,7 +301,7 @@ class GraphedModule:
         graph = None if key is None else self._graph_for(*key, self.original, checkpointed=False)
         if graph is None:
             self.eager_calls += 1
-            return self.original(*args, **kwargs)
+            return self._note_layouts(key, self.original(*args, **kwargs))
         if (graph.pending is not None and graph.pending() is not None) or any(
                 key[1][i].data_ptr() != graph.inputs[i].data_ptr() for i in graph.aliased):
             # a replay whose backward has not run yet owns the saved activations, or the input the graph reads
@@ -305,12 +324,25 @@ class GraphedModule:
             self.eager_calls += 1
             self.inside_checkpoint = True
             try:
-                return inner(function, *args)
+                return self._note_layouts(key, inner(function, *args))
             finally:
                 self.inside_checkpoint = False
         self.replays += 1
         outs = _CheckpointReplay.apply(graph, len(key[1]), offloader, *key[1], *key[2])
         return _rebuild(graph.out_desc, iter(outs))
+
+    def _note_layouts(self, key, out):
+        """Keep the output layout of an eager call a graph may later capture: the capture then needs no
+        warm-up run of its own to size the shared buffers (see _capture)."""
+        if key is not None and key[0] not in self.graphs and len(self.graphs) < self.max_shapes:
+            try:
+                tensors, _ = _output_tensors(out)
+            except TypeError:
+                return out
+            if len(self.out_layouts) >= 4096:
+                self.out_layouts.clear()
+            self.out_layouts[key[0]] = [_Layout.of(t) for t in tensors]
+        return out
 
     def install_checkpointing(self, module):
         """Put _GraphedCheckpoint around the layer's checkpointing function (again after HF's
@@ -368,6 +400,7 @@ class GraphedModule:
                               "weight); its CUDA graphs are dropped and re-captured", stacklevel=3)
             self.graphs.clear()
             self.seen.clear()
+            self.out_layouts.clear()
             self.param_ptrs = ptrs
             self._lora_modules = None
         device = tensors[0].device.type
@@ -454,28 +487,22 @@ class GraphedModule:
             if len(slots) != len(params) or any(m._parameters[n] is not p for (m, n), p in zip(slots, params)):
                 raise RuntimeError("the layer's trainable parameters are not its own (shared or tied elsewhere)")
             with torch.autocast(device, dtype=amp_dtype, enabled=amp_on, cache_enabled=False):
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # warm-up off the capture: lazy initialisations happen here
-                    if checkpointed:
-                        with torch.no_grad():
-                            run()
-                    out, aliases = run()
-                    outs, _ = _output_tensors(out)
-                    diff_outputs = [i for i, o in enumerate(outs) if o.requires_grad]
+                layouts = self.out_layouts.get(desc)
+                if self.shared.warmed and layouts is not None:
+                    # an earlier capture in this pool ran the warm-up (lazy initialisations off the capture),
+                    # and this key's eager calls loaded its kernels: the buffers are sized from their outputs
+                    # (a warm-up here would hold a layer's activations beside the pool's)
+                    out_like = [_Layout.of(o, requires_grad=False) for o in layouts]
+                    diff_outputs = [i for i, o in enumerate(layouts) if o.requires_grad]
                     if not diff_outputs:
                         raise RuntimeError("nothing in the layer's output needs a gradient")
-                    torch.autograd.grad([outs[i] for i in diff_outputs], aliases,
-                                        [torch.ones_like(outs[i]) for i in diff_outputs], allow_unused=True)
-                    out_like = [o.detach() for o in outs]
-                    del out, outs, aliases
-                torch.cuda.current_stream().wait_stream(side)
+                else:
+                    out_like, diff_outputs = self._warm_up(run, checkpointed)
                 # the buffers every layer shares, made outside the captures
                 exchange_in = {i: self.shared.exchange(("grad_in", i), static_in[i].detach()) for i in wants_grad}
                 grad_outputs = [self.shared.exchange(("grad_out", i), out_like[i]) for i in diff_outputs]
                 exchange_out = [self.shared.exchange(("out", i), o) for i, o in enumerate(out_like)] \
                     if checkpointed else None
-                del out_like
                 fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
                 self.shared.capturing = True
                 if checkpointed:
@@ -501,9 +528,12 @@ class GraphedModule:
                     # the outputs keep the forward's autograd graph, so its saved activations, alive: they are
                     # the graph's until its backward replays
                     outputs, out_desc = _output_tensors(out)
+                    if [o.shape for o in outputs] != [o.shape for o in out_like]:
+                        raise RuntimeError("the layer's outputs changed between two identical calls")
                     with torch.cuda.graph(bwd, pool=self.shared.pool, capture_error_mode="thread_local"):
                         shared_in, param_grads = backward(out, aliases, diff_outputs, grad_outputs, retain=True)
                 self.shared.capturing = False
+                self.shared.warmed = True
         except Exception as e:  # noqa: BLE001 - any capture failure: this key stays eager
             why = f"{type(e).__name__}: {str(e)[:300]}"
             self.failed[desc] = why
@@ -523,6 +553,28 @@ class GraphedModule:
             self.shared.register_outputs(outputs)
         self.graphs[desc] = graph
         return graph
+
+    def _warm_up(self, run, checkpointed):
+        """The layer's call and backward on a side stream, off the capture (cuBLAS workspaces and other lazy
+        initialisations happen here); returns the outputs' layouts and which outputs carry a gradient."""
+        self.shared.warm_ups += 1
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            if checkpointed:
+                with torch.no_grad():
+                    run()
+            out, aliases = run()
+            outs, _ = _output_tensors(out)
+            diff_outputs = [i for i, o in enumerate(outs) if o.requires_grad]
+            if not diff_outputs:
+                raise RuntimeError("nothing in the layer's output needs a gradient")
+            torch.autograd.grad([outs[i] for i in diff_outputs], aliases,
+                                [torch.ones_like(outs[i]) for i in diff_outputs], allow_unused=True)
+            out_like = [_Layout.of(o, requires_grad=False) for o in outs]
+            del out, outs, aliases
+        torch.cuda.current_stream().wait_stream(side)
+        return out_like, diff_outputs
 
     def __deepcopy__(self, memo):
         """A copy of the model (TRL's reference model, say) gets wrappers of its own: bound to the copied
@@ -545,6 +597,8 @@ class _SharedPool:
         self.capturing = False
         self.broken: str | None = None
         self.buffers: dict = {}
+        self.warmed = False   # a capture succeeded: the lazy initialisations are done
+        self.warm_ups = 0
         self.outputs = weakref.WeakValueDictionary()  # data_ptr -> a saved-activation graph's static output
 
     def register_outputs(self, outputs):
@@ -558,12 +612,13 @@ class _SharedPool:
             return None
         return o
 
-    def exchange(self, tag, like: torch.Tensor) -> torch.Tensor:
+    def exchange(self, tag, like) -> torch.Tensor:
         """The model's one buffer for `tag` (("in", 0): a checkpointed layer's first input, ("grad_out", 0): its
         first output's incoming gradient...) with `like`'s layout. Layers run one after another, and a graph
         reads these only while it replays (its caller copies in just before, out just after), so one buffer
         serves every layer instead of one per layer."""
-        key = (tag, tuple(like.shape), tuple(like.stride()), like.dtype, like.device, like.requires_grad)
+        key = (tag, tuple(like.shape), tuple(like.stride()), like.dtype, like.device, like.requires_grad)  # (a tensor or
+        # a _Layout)
         buffer = self.buffers.get(key)
         if buffer is None:
             buffer = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device=like.device)

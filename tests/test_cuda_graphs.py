@@ -580,6 +580,7 @@ def test_fake_graphs_replay_the_eager_training_on_a_cpu(monkeypatch, checkpointi
         graphs = [g for w in wrappers for g in w.graphs.values()]
         assert len(graphs) == len(wrappers) and all(g.checkpointed == (checkpointing is not None) for g in graphs)
         assert all(g.fwd.replays == len(data) - 1 and g.bwd.replays == len(data) - 1 for g in graphs)
+        assert wrappers[0].shared.warm_ups == 1  # the second layer's capture is sized from its eager call
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
         for step_got, step_want in zip(got[1], want[1]):
             for g, r in zip(step_got, step_want):
