@@ -406,6 +406,30 @@ def test_gpu_reduce_overhead_cuda_graphs(dtype):
             assert rel_err(got[n], ref[n]) < 5e-2, n
 
 
+@pytest.mark.gpu
+def test_gpu_compile_layers_reduce_overhead():
+    """compile_layers(model, mode="reduce-overhead"): each decoder layer compiled with torch.compile's CUDA
+    graphs, trained with an optimizer over steps with new data: the eager patched model's losses (bf16)."""
+    from test_hf_patch import batch
+    runs = []
+    for compiled in (False, True):
+        model = _patched("llama")
+        if compiled:
+            fusedlora.compile_layers(model, mode="reduce-overhead")
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        losses = []
+        for step in range(5):
+            ids, labels = batch(seed=step + 1)
+            with torch.autocast("cuda", torch.bfloat16):
+                loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach().float())
+        runs.append(torch.stack(losses))
+    assert rel_err(runs[1], runs[0]) < 2e-2, runs
+
+
 @pytest.mark.parametrize("which", ["nf4", "nf4_out", "gptq", "gptq_transpose"])
 def test_dequantize_compiles_and_matches_eager(which):
     from test_quant import _gptq_layer
