@@ -5,7 +5,7 @@ dispatch take ~120 ms to issue them. Replaying each layer's forward and backward
 layer in a handful of launches. `GraphedModule` wraps one module's forward:
 
 - A call is graphable when it trains (grad mode on, module in training mode, not under torch.compile or
-  another capture, no gradient checkpointing on the layer), its arguments are CUDA tensors, None, plain scalars
+  another capture), its arguments are CUDA tensors, None, plain scalars
   or tuples of these, and no earlier replay of the same graph still waits for its backward.
 - Calls are keyed by their arguments' shapes, dtypes, strides and requires_grad flags, the plain arguments'
   values and the autocast state. A key seen `warmup` times (those calls run eagerly and initialise what capture
@@ -13,8 +13,15 @@ layer in a handful of launches. `GraphedModule` wraps one module's forward:
   activation buffers, so a run of ever-changing shapes stays eager.
 - Capture records the forward and the backward (torch.autograd.grad of the outputs with respect to the
   tensor inputs and trainable parameters) into graphs that share one memory pool with the other layers.
-  Everything a graph leaves for later (inputs, outputs, saved activations, gradients) stays referenced, so
-  the pool only re-uses temporaries and replay order does not matter.
+  Everything a graph leaves for later (inputs, outputs, saved activations, parameter gradients) stays
+  referenced; its temporaries go back to the pool, where a later capture (a later layer) may place its own
+  blocks. That is safe because layers replay forward in order and backward in reverse order: an earlier
+  layer's graphs run again only after the later layer's backward.
+- The incoming gradient and the input gradient pass through buffers the model's layers share (copied in
+  before, out after a replay), and a layer whose input is the previous layer's graph output reads that
+  output in place (it runs eagerly when its input comes from elsewhere): the memory a graph adds to eager
+  is its static input and output only. The model's first capture runs a warm-up off the capture (lazy
+  initialisations); later ones are sized from their key's eager calls.
 - Replay copies the call's tensors into the graph's inputs; the backward returns fresh (cloned) gradients,
   so gradient accumulation and hooks see ordinary tensors. Parameters are checked by address at each call:
   a moved or replaced parameter (model.to, FSDP) drops the module's graphs and the call runs eagerly.
