@@ -19,8 +19,8 @@ layer in a handful of launches. `GraphedModule` wraps one module's forward:
   layer's graphs run again only after the later layer's backward.
 - The incoming gradient and the input gradient pass through buffers the model's layers share (copied in
   before, out after a replay), and a layer whose input is the previous layer's graph output reads that
-  output in place (it runs eagerly when its input comes from elsewhere): the memory a graph adds to eager
-  is its static input and output only. The model's first capture runs a warm-up off the capture (lazy
+  output in place (it runs eagerly when its input comes from elsewhere), so a layer's graphs add little
+  to eager memory beyond the pool's own layout. The model's first capture runs a warm-up off the capture (lazy
   initialisations); later ones are sized from their key's eager calls.
 - Replay copies the call's tensors into the graph's inputs; the backward returns fresh (cloned) gradients,
   so gradient accumulation and hooks see ordinary tensors. Parameters are checked by address at each call:
