@@ -12,6 +12,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+if [ -f .whl/unsloth_bundle.tar.xz ]; then  # (python -m build_tools.peer_bundle): only the unsloth variant's process
+  mkdir -p /tmp/unsloth_site && tar -xJf .whl/unsloth_bundle.tar.xz -C /tmp/unsloth_site  # reads it
+  export FUSEDLORA_UNSLOTH_PATH=/tmp/unsloth_site
+fi
 WHEEL_PYTHONPATH=$PYTHONPATH
 if ls dist/fusedlora-*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/flwheel dist/fusedlora-*.whl

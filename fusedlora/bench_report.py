@@ -8,10 +8,15 @@ import time
 
 
 def measured_line(results) -> str:
-    """'Measured <date> on <device>, <versions>' from the first result that carries them."""
+    """'Measured <date> on <device>, <versions>': the device of the first result that carries one, the
+    versions of all (a peer's own package, Unsloth say, is only in its own run's)."""
     r0 = next((r for r in results if "versions" in r), {})
+    versions: dict = {}
+    for r in results:
+        for k, v in r.get("versions", {}).items():
+            versions.setdefault(k, v)
     return (f"Measured {time.strftime('%Y-%m-%d')} on {r0.get('device')}, "
-            + ", ".join(f"{k} {v}" for k, v in r0.get("versions", {}).items()))
+            + ", ".join(f"{k} {v}" for k, v in versions.items()))
 
 
 def write(out: str | None, report: str, results, quiet: bool = False) -> None:
@@ -32,6 +37,12 @@ def selected(csv: str, liger_label: str) -> list[str]:
     if liger_label in wanted and importlib.util.find_spec("liger_kernel") is None:
         print(f"liger-kernel is not installed: skipping {liger_label}", file=sys.stderr)
         wanted.remove(liger_label)
+    if "unsloth" in wanted:
+        from .workload import UNSLOTH_PATH, unsloth_findable
+        if not unsloth_findable():
+            print(f"Unsloth is not installed (nor in ${UNSLOTH_PATH}: python -m build_tools.peer_bundle makes a "
+                  "bundle): skipping unsloth", file=sys.stderr)
+            wanted.remove("unsloth")
     return wanted
 
 

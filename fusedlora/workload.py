@@ -19,9 +19,11 @@ from pathlib import Path
 
 # *compile: torch.compile(model); *compile_layers: each decoder layer compiled (fusedlora.compile_layers);
 # *_ro: the same under mode="reduce-overhead" (torch.compile's CUDA graphs); fusedlora_graphs: each decoder
-# layer replayed as CUDA graphs (fusedlora.cuda_graph_layers)
-VARIANTS = ("hf", "liger", "compile", "compile_layers", "fusedlora", "fusedlora_compile", "fusedlora_compile_layers",
-            "fusedlora_compile_layers_ro", "fusedlora_graphs")
+# layer replayed as CUDA graphs (fusedlora.cuda_graph_layers); unsloth: the peer, where it is installed (its
+# gradient checkpointing is its own, offloaded one)
+VARIANTS = ("hf", "liger", "unsloth", "compile", "compile_layers", "fusedlora", "fusedlora_compile",
+            "fusedlora_compile_layers", "fusedlora_compile_layers_ro", "fusedlora_graphs")
+UNSLOTH_PATH = "FUSEDLORA_UNSLOTH_PATH"  # a folder with Unsloth and its packages (python -m build_tools.peer_bundle)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = {  # Llama-3.2-1B and Llama-3.1-8B shapes; "tiny" runs under the Triton interpreter on a CPU
     "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
@@ -110,17 +112,74 @@ def quantize_linears_nf4(model, compute_dtype, quant_storage=None):
     return model
 
 
-def build(shape, mode, variant, device, gc, seed=0, offload=False, dtype=None):
-    import torch
+def unsloth_findable() -> bool:
+    import importlib.util
+    path = os.environ.get(UNSLOTH_PATH)
+    if path and path not in sys.path:
+        sys.path.append(path)  # (found, not imported: Unsloth patches transformers when imported)
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def _import_unsloth_first():
+    """Unsloth patches transformers and PEFT when imported, so it comes first in its own process. Its per-layer
+    torch.compile is off: on torch 2.11 it made its step slower and its first step 26-36 s (H200, 2026-12-01)."""
+    path = os.environ.get(UNSLOTH_PATH)
+    if path and path not in sys.path:
+        sys.path.insert(0, path)
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+    os.environ.setdefault("UNSLOTH_BLOCK_COMPILE", "0")
+    import unsloth  # noqa: F401
+
+
+def _config(shape):
     import transformers
-    import peft
-    torch.manual_seed(seed)
-    on_gpu = device == "cuda"
-    if dtype is None:
-        dtype = torch.bfloat16 if on_gpu else torch.float32
     cfg = transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, rms_norm_eps=1e-5,
                                    use_cache=False)
     cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def _build_unsloth(shape, mode, gc, seed, dtype):
+    """The same random Llama, saved with a trivial tokenizer (Unsloth always loads one) and loaded through
+    FastLanguageModel (its NF4 through bitsandbytes for QLoRA), LoRA r16 on the same projections."""
+    import tempfile
+
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models
+    from unsloth import FastLanguageModel
+    folder = tempfile.mkdtemp(prefix="fusedlora_unsloth_")
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        transformers.LlamaForCausalLM(_config(shape)).to(dtype).save_pretrained(folder)
+    torch.cuda.empty_cache()
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")), unk_token="<unk>", bos_token="<s>",
+        eos_token="</s>", pad_token="<pad>").save_pretrained(folder)
+    model, _ = FastLanguageModel.from_pretrained(model_name=folder, max_seq_length=131072, dtype=dtype,
+                                                 load_in_4bit=mode == "qlora", local_files_only=True)
+    return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
+                                            bias="none", use_gradient_checkpointing="unsloth" if gc else False,
+                                            random_state=seed + 1)
+
+
+def build(shape, mode, variant, device, gc, seed=0, offload=False, dtype=None):
+    import torch
+    on_gpu = device == "cuda"
+    if dtype is None:
+        dtype = torch.bfloat16 if on_gpu else torch.float32
+    if variant == "unsloth":
+        if not on_gpu:
+            raise SystemExit("the unsloth variant needs a CUDA GPU")
+        _import_unsloth_first()
+        model = _build_unsloth(shape, mode, gc, seed, dtype)
+        model.train()
+        return model, None
+    import transformers
+    import peft
+    torch.manual_seed(seed)
+    cfg = _config(shape)
     with torch.device(device):
         model = transformers.LlamaForCausalLM(cfg).to(dtype)
     if mode == "qlora":
@@ -156,6 +215,10 @@ def run(args) -> dict:
     t_start = time.perf_counter()
     import torch
     on_gpu = torch.cuda.is_available()
+    if args.variant == "unsloth":
+        if not on_gpu:
+            raise SystemExit("the unsloth variant needs a CUDA GPU")
+        _import_unsloth_first()  # (before transformers, which build imports)
     device = "cuda" if on_gpu else "cpu"
     if not on_gpu:  # before any kernel module is imported: triton.jit reads it then
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -335,7 +398,9 @@ def _progress(total, desc):
 
 def _versions() -> dict:
     out = {}
-    for name in ("torch", "triton", "transformers", "peft", "bitsandbytes", "liger_kernel"):
+    for name in ("torch", "triton", "transformers", "peft", "bitsandbytes", "liger_kernel", "unsloth"):
+        if name == "unsloth" and name not in sys.modules:  # (importing it would patch transformers)
+            continue
         try:
             out[name] = __import__(name).__version__
         except Exception:  # noqa: BLE001 - not installed (or no __version__)

@@ -81,3 +81,35 @@ def test_e2e_bad_gc_setting_is_named(capsys):
     with pytest.raises(SystemExit):
         bench_e2e.main(["--gc", "on,sometimes"])
     assert "--gc: expected a comma list of off, on, offload, both; got 'on,sometimes'" in capsys.readouterr().err
+
+
+def test_unsloth_runs_only_where_it_is_found_and_is_never_imported_here(monkeypatch, tmp_path, capsys):
+    """The e2e benchmark's unsloth variant: skipped (said so) when neither installed nor in the bundle folder,
+    kept when the folder has it; finding it imports nothing (Unsloth patches transformers on import), and the
+    other variants' version lists leave it out."""
+    import importlib.util
+    import sys
+    from fusedlora import bench_report, workload
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delenv(workload.UNSLOTH_PATH, raising=False)
+    if importlib.util.find_spec("unsloth") is None:
+        assert bench_report.selected("hf,unsloth,fusedlora", "liger") == ["hf", "fusedlora"]
+        assert "Unsloth is not installed" in capsys.readouterr().err
+    (tmp_path / "unsloth").mkdir()
+    (tmp_path / "unsloth" / "__init__.py").write_text("raise ImportError('found, never to be imported')\n")
+    monkeypatch.setenv(workload.UNSLOTH_PATH, str(tmp_path))
+    assert bench_report.selected("hf,unsloth", "liger") == ["hf", "unsloth"]
+    assert "unsloth" not in sys.modules and "unsloth" not in workload._versions()
+    # the report's versions line takes each package from whichever run has it
+    line = bench_report.measured_line([{"device": "GPU", "versions": {"torch": "2"}},
+                                       {"device": "GPU", "versions": {"torch": "2", "unsloth": "2026"}}])
+    assert line.endswith("on GPU, torch 2, unsloth 2026")
+
+
+def test_unsloth_variant_needs_a_gpu():
+    import pytest
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("checks the message without a GPU")
+    with pytest.raises(SystemExit, match="the unsloth variant needs a CUDA GPU"):
+        workload.main(["--variant", "unsloth", "--model", "tiny", "--steps", "1"])
