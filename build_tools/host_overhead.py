@@ -4,7 +4,7 @@ path replaced by a no-op here), so what is timed is the Python and torch dispatc
 when it is host-bound. Prints ms per step (median), kernel launches and aten ops per step, and the top
 functions by own time.
 
-    python -m build_tools.host_overhead [--mode qlora|lora] [--variant fusedlora|hf] [--gc] [--top 30]
+    python -m build_tools.host_overhead [--mode qlora|lora] [--variant fusedlora|hf] [--gc] [--graphs] [--top 30]
     python -m build_tools.host_overhead --compile-time [--mode lora]   # first compiled step, aot_eager on a CPU
 
 With --gpu MODEL (1b or 8b; a CUDA GPU): the real step of that shape instead, its host side under cProfile (3
@@ -47,7 +47,9 @@ def launched_not_run(launches: collections.Counter | None = None):
         torch.set_num_threads(threads)
 
 
-def measure(mode="qlora", variant="fusedlora", gc=False, steps=10, seq=64, profile_top=0) -> dict:
+def measure(mode="qlora", variant="fusedlora", gc=False, steps=10, seq=64, profile_top=0, graphs=False) -> dict:
+    """graphs: the decoder layers under fusedlora.cuda_graphs with fake graphs (build_tools.fake_cuda_graphs),
+    captured in the first steps, then replays that do nothing: the host time a graphed step still takes."""
     os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -55,9 +57,17 @@ def measure(mode="qlora", variant="fusedlora", gc=False, steps=10, seq=64, profi
     from fusedlora import workload
 
     launches = collections.Counter()
-    with launched_not_run(launches):
+    with contextlib.ExitStack() as stack:
+        if graphs:
+            from build_tools import fake_cuda_graphs
+            stack.enter_context(fake_cuda_graphs.fake_cuda_graphs())
+        stack.enter_context(launched_not_run(launches))
         # as on a GPU: bf16 base weights, PEFT's fp32 adapters, bf16 autocast
         model, _ = workload.build("host", mode, variant, "cpu", gc, dtype=torch.bfloat16)
+        if graphs:
+            from fusedlora import cuda_graphs
+            wrappers = cuda_graphs.graph_modules(
+                [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")], warmup=1)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         ids = torch.randint(0, workload.SHAPES["host"]["vocab_size"], (1, seq))
 
@@ -70,6 +80,11 @@ def measure(mode="qlora", variant="fusedlora", gc=False, steps=10, seq=64, profi
             opt.zero_grad(set_to_none=True)
         for _ in range(2):
             step()
+        if graphs:
+            if not all(w.replays for w in wrappers):
+                raise RuntimeError(f"the layers did not replay: {[w.failed for w in wrappers][:1]}")
+            stack.callback(setattr, fake_cuda_graphs.FakeCUDAGraph, "replay", fake_cuda_graphs.FakeCUDAGraph.replay)
+            fake_cuda_graphs.FakeCUDAGraph.replay = lambda self: None  # the host's side only
 
         class CountOps(TorchDispatchMode):
             def __init__(self):
@@ -179,6 +194,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=("qlora", "lora"), default="qlora")
     ap.add_argument("--variant", choices=("fusedlora", "hf"), default="fusedlora")
     ap.add_argument("--gc", action="store_true")
+    ap.add_argument("--graphs", action="store_true", help="the decoder layers as (fake) CUDA graphs: what a graphed "
+                    "step's host side still does")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--top", type=int, default=0, help="print the N functions with the most own time")
     ap.add_argument("--gpu", choices=("1b", "8b"), default=None, help="profile the real shape's step on the GPU")
@@ -205,8 +222,9 @@ def main(argv=None) -> int:
     if args.gpu:
         profile_gpu(args.gpu, args.mode, args.variant, args.top or 40)
         return 0
-    r = measure(args.mode, args.variant, args.gc, args.steps, profile_top=args.top)
-    print(f"{args.variant} {args.mode} gc={args.gc}: {r['ms_per_step']:.1f} ms host per step, "
+    r = measure(args.mode, args.variant, args.gc, args.steps, profile_top=args.top, graphs=args.graphs)
+    print(f"{args.variant}{' + cuda graphs' if args.graphs else ''} {args.mode} gc={args.gc}: "
+          f"{r['ms_per_step']:.1f} ms host per step, "
           f"{r['launches']} Triton launches and {r['aten_ops']} aten ops in forward + backward")
     print("most frequent aten ops:", ", ".join(f"{k} {v}" for k, v in r["top_ops"]))
     print("launches:", ", ".join(f"{k} {v}" for k, v in r["top_launches"]))

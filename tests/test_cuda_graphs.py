@@ -563,15 +563,15 @@ def _cpu_model(checkpointing, dropout=0.0):
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run real graphs")
 @pytest.mark.parametrize("checkpointing", [None, "hf", "offload"])
 def test_fake_graphs_replay_the_eager_training_on_a_cpu(monkeypatch, checkpointing):
-    """The whole capture and replay with CUDA graphs faked on a CPU (tests/fake_cuda_graphs.py: the recorded
+    """The whole capture and replay with CUDA graphs faked on a CPU (build_tools/fake_cuda_graphs.py: the recorded
     ops and kernel launches run again on the same tensors): graphed layers (saved activations, or checkpoint
     graphs under HF's or the offloaded checkpointing) give the eager model's losses and gradients over steps
     with new data, gradient accumulation included; a second forward before a backward is served too."""
-    from fake_cuda_graphs import fake_cuda_graphs
+    from build_tools.fake_cuda_graphs import fake_cuda_graphs
     data = workload.batches(4, 2, 16, False, "cpu")
     ref = _cpu_model(checkpointing)
     want = _train(ref, data, accumulate=2, amp=False)
-    with fake_cuda_graphs(monkeypatch):
+    with fake_cuda_graphs():
         model = _cpu_model(checkpointing)
         wrappers = cuda_graphs.graph_modules(_decoder_layers(model), warmup=1)
         got = _train(model, data, accumulate=2, amp=False)
@@ -619,7 +619,7 @@ def test_fake_graphs_draw_the_eager_dropout_masks_on_a_cpu(monkeypatch, checkpoi
     checkpointed layer's recompute replays under its forward's generator state, so from the same seed the
     graphed run's lora_B gradients (which depend on every mask; no optimizer step, so lora_B stays zero and the
     capture step's own draws change nothing) are the eager run's."""
-    from fake_cuda_graphs import fake_cuda_graphs
+    from build_tools.fake_cuda_graphs import fake_cuda_graphs
     data = workload.batches(3, 2, 16, False, "cpu")
 
     def grads(model):
@@ -631,7 +631,7 @@ def test_fake_graphs_draw_the_eager_dropout_masks_on_a_cpu(monkeypatch, checkpoi
             model.zero_grad(set_to_none=True)
         return out
     want = grads(_cpu_model(None, dropout=0.5))
-    with fake_cuda_graphs(monkeypatch):
+    with fake_cuda_graphs():
         model = _cpu_model(checkpointing, dropout=0.5)
         wrappers = cuda_graphs.graph_modules(_decoder_layers(model), warmup=1)
         got = grads(model)

@@ -46,3 +46,12 @@ def test_compile_time_probe_runs_regional_compile(monkeypatch):
     finally:
         torch._dynamo.reset()
         torch.set_num_threads(threads)
+
+
+def test_graphed_step_issues_a_fraction_of_the_eager_ops():
+    """--graphs: with the layers replayed from (fake) CUDA graphs the step's host side is what is left around
+    them (embedding, final norm, loss, copies in and out of the graphs): measured 2026-12-02 at 619 aten ops and
+    5 launches for QLoRA against 3798 and 372 eager; the budget keeps it there."""
+    r = host_overhead.measure("qlora", steps=1, graphs=True)
+    assert r["launches"] <= 5, r["top_launches"]
+    assert r["aten_ops"] <= 640, r["top_ops"]

@@ -7,7 +7,9 @@ read and wrote. Replay runs the record again on those tensors: ops that write th
 and kernel launches run as recorded, views are skipped (they see their base), and every other op's result is
 copied into the tensor the capture produced. That is a CUDA graph's contract: the same work on the same memory,
 the host's Python not run again. Not faked: the memory pool (each capture allocates fresh CPU memory, so pool
-reuse between graphs is not exercised) and streams (no-ops)."""
+reuse between graphs is not exercised) and streams (no-ops).
+
+Also `python -m build_tools.host_overhead --graphs`: the host time of a graphed step (replays that do nothing)."""
 import contextlib
 
 import torch
@@ -78,9 +80,12 @@ def _graph(graph, pool=None, stream=None, capture_error_mode=None):
 
 
 @contextlib.contextmanager
-def fake_cuda_graphs(monkeypatch):
+def fake_cuda_graphs(monkeypatch=None):
     """torch.cuda's graph and stream API replaced by the fakes above, CPU tensors graphable by
-    fusedlora.cuda_graphs, and the loader's CPU launches recorded while a capture runs."""
+    fusedlora.cuda_graphs, and the loader's CPU launches recorded while a capture runs; all restored on exit.
+    (`monkeypatch`: pytest's, or None for a plain patcher.)"""
+    import peft  # noqa: F401 - imported before torch.cuda is replaced (transformers reads it at import)
+    import transformers  # noqa: F401
     original_cpu = loader.KernelLauncher._cpu
 
     def recorded_cpu(self, grid, args, constexprs):
@@ -89,15 +94,17 @@ def fake_cuda_graphs(monkeypatch):
         if _capturing:
             _capturing[-1].tape.append(("kernel", original_cpu, (self, grid, args, constexprs), None, None))
         return result
-    with monkeypatch.context() as m:
-        m.setattr(torch.cuda, "CUDAGraph", FakeCUDAGraph)
-        m.setattr(torch.cuda, "graph", _graph)
-        m.setattr(torch.cuda, "Stream", lambda *a, **k: _Stream())
-        m.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-        m.setattr(torch.cuda, "current_stream", lambda *a, **k: _Stream())
-        m.setattr(torch.cuda, "graph_pool_handle", lambda: None)
-        m.setattr(torch.cuda, "is_current_stream_capturing", lambda: bool(_capturing))
-        m.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
-        m.setattr(cuda_graphs, "_graphable", lambda t: True)
-        m.setattr(loader.KernelLauncher, "_cpu", recorded_cpu)
+    patches = [(torch.cuda, "CUDAGraph", FakeCUDAGraph), (torch.cuda, "graph", _graph),
+               (torch.cuda, "Stream", lambda *a, **k: _Stream()), (torch.cuda, "stream", lambda s: contextlib.nullcontext()),
+               (torch.cuda, "current_stream", lambda *a, **k: _Stream()), (torch.cuda, "graph_pool_handle", lambda: None),
+               (torch.cuda, "is_current_stream_capturing", lambda: bool(_capturing)),
+               (torch.cuda, "synchronize", lambda *a, **k: None), (cuda_graphs, "_graphable", lambda t: True),
+               (loader.KernelLauncher, "_cpu", recorded_cpu)]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    try:
+        for obj, name, value in patches:
+            setattr(obj, name, value)
         yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
