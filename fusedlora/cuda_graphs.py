@@ -309,12 +309,18 @@ class GraphedModule:
         if graph is None:
             self.eager_calls += 1
             return self._note_layouts(key, self.original(*args, **kwargs))
-        if (graph.pending is not None and graph.pending() is not None) or any(
-                key[1][i].data_ptr() != graph.inputs[i].data_ptr() for i in graph.aliased):
-            # a replay whose backward has not run yet owns the saved activations, or the input the graph reads
-            # in place (the previous layer's graph output) came from elsewhere: this call runs eagerly
+        if graph.pending is not None and graph.pending() is not None:
+            # a replay whose backward has not run yet owns the saved activations: this call runs eagerly
             self.eager_calls += 1
             return self.original(*args, **kwargs)
+        if any(key[1][i].data_ptr() != graph.inputs[i].data_ptr() for i in graph.aliased):
+            # the input this graph reads in place (the previous layer's graph output) no longer feeds the call
+            # (that layer runs eagerly now, or was captured again): capture this call afresh
+            del self.graphs[key[0]]
+            graph = self._graph_for(*key, self.original, checkpointed=False)
+            if graph is None:
+                self.eager_calls += 1
+                return self.original(*args, **kwargs)
         self.replays += 1
         outs = _Replay.apply(graph, len(key[1]), *key[1], *key[2])
         return _rebuild(graph.out_desc, iter(outs))
