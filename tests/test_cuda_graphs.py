@@ -160,6 +160,15 @@ def test_patch_option_applies_the_graphs():
         assert sum(isinstance(m.__dict__.get("forward"), cuda_graphs.GraphedModule) for m in model.modules()) == 2
 
 
+def _assert_same_run(got, want, loss_rtol=2e-3, loss_atol=1e-4, rtol=2e-2, atol=2e-2, floor=1e-6):
+    """Two `_train` results agree: per-step losses, and per step every adapter gradient (atol relative to the
+    gradient's largest entry)."""
+    torch.testing.assert_close(got[0], want[0], rtol=loss_rtol, atol=loss_atol)
+    for step_got, step_want in zip(got[1], want[1]):
+        for g, r in zip(step_got, step_want):
+            torch.testing.assert_close(g, r, rtol=rtol, atol=atol * r.abs().max().item() + floor)
+
+
 def _graphed(mode, **options):
     model, _ = workload.build("tiny", mode, "fusedlora", "cuda", False)
     layers = _graphed_wrappers(model, **options)
@@ -175,16 +184,13 @@ def test_graphed_training_matches_eager(mode, accumulate):
         pytest.importorskip("bitsandbytes")
     data = workload.batches(8, 2, 64, False, "cuda")
     eager, _ = workload.build("tiny", mode, "fusedlora", "cuda", False)
-    ref_losses, ref_grads = _train(eager, data, accumulate)
+    want = _train(eager, data, accumulate)
     model, layers = _graphed(mode, warmup=1)
-    losses, grads = _train(model, data, accumulate)
+    got = _train(model, data, accumulate)
     # replay after one eager call per layer; the graphs run the eager kernels on the same inputs, so the
     # run is the eager one up to cuBLAS choosing another algorithm on the capture stream (bf16 autocast)
     assert all(w.replays == len(data) - 1 and w.eager_calls == 1 for w in layers), [(w.replays, w.eager_calls) for w in layers]
-    torch.testing.assert_close(losses, ref_losses, rtol=2e-3, atol=1e-4)
-    for step_grads, step_ref in zip(grads, ref_grads):
-        for g, r in zip(step_grads, step_ref):
-            torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2 * r.abs().max().item() + 1e-6)
+    _assert_same_run(got, want)
 
 
 def _graphed_and_eager_trained(n_batches, steps=3):
@@ -278,10 +284,7 @@ def test_graphed_checkpointing_matches_eager_checkpointing(mode, offload):
     assert all(g.checkpointed for w in layers for g in w.graphs.values())
     assert all(isinstance(m.__dict__.get("_gradient_checkpointing_func"), cuda_graphs._GraphedCheckpoint)
                for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer")
-    torch.testing.assert_close(got[0], want[0], rtol=2e-3, atol=1e-4)
-    for step_grads, step_ref in zip(got[1], want[1]):
-        for g, r in zip(step_grads, step_ref):
-            torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2 * r.abs().max().item() + 1e-6)
+    _assert_same_run(got, want)
     # two forwards before their backwards: checkpoint graphs keep nothing, so both replay
     ids, labels, _ = data[0]
     before = [w.replays for w in layers]
@@ -581,10 +584,7 @@ def test_fake_graphs_replay_the_eager_training_on_a_cpu(monkeypatch, checkpointi
         assert len(graphs) == len(wrappers) and all(g.checkpointed == (checkpointing is not None) for g in graphs)
         assert all(g.fwd.replays == len(data) - 1 and g.bwd.replays == len(data) - 1 for g in graphs)
         assert wrappers[0].shared.warm_ups == 1  # the second layer's capture is sized from its eager call
-        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
-        for step_got, step_want in zip(got[1], want[1]):
-            for g, r in zip(step_got, step_want):
-                torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6 * r.abs().max().item() + 1e-9)
+        _assert_same_run(got, want, 1e-5, 1e-6, 1e-4, 1e-6, 1e-9)
         # two forwards, then one backward through both: checkpoint graphs replay both, saved-activation
         # graphs run the second eagerly (the first one's activations are still the graph's)
         ids, labels, _ = data[0]
@@ -611,10 +611,7 @@ def test_fake_graphs_replay_the_eager_training_on_a_cpu(monkeypatch, checkpointi
             assert [w.replays for w in wrappers] == [before[0], before[1] + 2]
             (again,) = wrappers[1].graphs.values()
             assert again is not second and again.aliased == ()
-            torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
-            for step_got, step_want in zip(got[1], want[1]):
-                for g, r in zip(step_got, step_want):
-                    torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6 * r.abs().max().item() + 1e-9)
+            _assert_same_run(got, want, 1e-5, 1e-6, 1e-4, 1e-6, 1e-9)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run real graphs")
