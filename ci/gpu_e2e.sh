@@ -2,9 +2,10 @@
 # The end-to-end GPU session (device machine): carried wheels (.whl: bitsandbytes, liger-kernel...), the built
 # fusedlora wheel (dist/) installed apart from the checkout, then: the patch tests on the GPU (checkout, JIT),
 # the demo and the e2e benchmark from the wheel (prebuilt cubins). Results under $OUT (or ./gpu_out).
-# Usage: bash ci/gpu_e2e.sh [tests|compile|graphs|demo|bench|context]...   (default: tests demo bench); PART_TIMEOUT,
-# BENCH_ARGS, CONTEXT_ARGS pass options to the benchmarks. compile: the torch.compile, checkpoint and long-context
-# tests; graphs: the CUDA-graph tests.
+# Usage: bash ci/gpu_e2e.sh [tests|compile|graphs|wheel|demo|bench|context]...   (default: tests demo bench);
+# PART_TIMEOUT, BENCH_ARGS, CONTEXT_ARGS pass options to the benchmarks. compile: the torch.compile, checkpoint and
+# long-context tests; graphs: the CUDA-graph tests; wheel: the installed wheel's self-check with prebuilt cubins
+# only (FUSEDLORA_AOT_ONLY=1: a kernel without one fails), then the fuzz tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
@@ -33,6 +34,9 @@ for part in "${@:-tests demo bench}"; do
       tests) $T python3 -m pytest -q tests/test_hf_patch.py tests/test_lora.py tests/test_cuda_graphs.py -x 2>&1 | tee "$OUT/pytest_hf.txt" | tail -15 ;;
       compile) $T python3 -m pytest -q tests/test_compile.py tests/test_checkpoint.py tests/test_context_search.py 2>&1 | tee "$OUT/pytest_compile.txt" | tail -15 ;;
       graphs) $T python3 -m pytest -q tests/test_cuda_graphs.py "tests/test_compile.py::test_gpu_compile_layers_reduce_overhead" 2>&1 | tee "$OUT/pytest_graphs.txt" | tail -15 ;;
+      wheel) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH FUSEDLORA_AOT_ONLY=1 $T python3 -m fusedlora.selfcheck) 2>&1 \
+               | tee "$OUT/selfcheck_aot_only.txt" | tail -8
+             $T python3 -m pytest -q tests/test_fuzz.py 2>&1 | tee "$OUT/pytest_fuzz.txt" | tail -5 ;;
       context) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH $T python3 -m fusedlora.bench context --out "$OUT/context.md" \
                  ${CONTEXT_ARGS:-}) 2>&1 | grep -v "it/s\]\|s/it\]" | tee "$OUT/context_log.txt" | tail -20 ;;
       demo) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH $T python3 -m fusedlora.demo --out "$OUT/demo" ${DEMO_ARGS:-}) 2>"$OUT/demo_log.txt" | tail -30 ;;
