@@ -52,6 +52,8 @@ import weakref
 
 import torch
 
+from .checkpoint import _replayed as replayed_rng, _rng_state as rng_state, offloaded_checkpoint
+
 
 def _flatten(obj, tensors: list):
     """The tensors of a nested (tuple/list/dict) argument in order, and a hashable description of the rest;
@@ -159,15 +161,16 @@ def _check_weights(graph):
 
 
 def _replay_backward(graph, grads, n_inputs, rng=None):
-    """Incoming gradients into the backward graph, a replay, fresh copies of the gradients out: the
-    (per tensor input, per parameter) gradients autograd expects."""
+    """Incoming gradients into the backward graph, a replay (under `rng`, (device, a forward's generator
+    states), when given), fresh copies of the gradients out: the (per tensor input, per parameter) gradients
+    autograd expects."""
     for i, static in zip(graph.diff_outputs, graph.grad_outputs):
         g = grads[i]
         if g is None:
             static.zero_()
         else:
             static.copy_(g)
-    with _rng_replayed(rng):
+    with contextlib.nullcontext() if rng is None else replayed_rng(rng[1], rng[0], {}):
         graph.bwd.replay()
     fresh = [None if g is None else g.clone() for g in graph.grad_inputs]
     n_in = len(graph.wants_grad)
@@ -175,37 +178,6 @@ def _replay_backward(graph, grads, n_inputs, rng=None):
     for slot, g in zip(graph.wants_grad, fresh[:n_in]):
         per_input[slot] = g
     return per_input + fresh[n_in:]
-
-
-def _get_rng(device):
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def _set_rng(state, device):
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
-
-
-def _rng_state(device):
-    """The device generator's state (for CUDA seed and offset, a host tensor: no sync)."""
-    return device, _get_rng(device)
-
-
-@contextlib.contextmanager
-def _rng_replayed(rng):
-    """The generator set to `rng` (a forward's state) for a recompute's replay, then put back."""
-    if rng is None:
-        yield
-        return
-    device, state = rng
-    now = _get_rng(device)
-    _set_rng(state, device)
-    try:
-        yield
-    finally:
-        _set_rng(now, device)
 
 
 class _Replay(torch.autograd.Function):
@@ -245,7 +217,7 @@ class _CheckpointReplay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, graph: _Graph, n_inputs: int, offloader, *tensors):
         inputs = tensors[:n_inputs]
-        ctx.rng = _rng_state(inputs[0].device)
+        ctx.rng = (inputs[0].device, rng_state(inputs[0].device))  # (the recompute draws the same masks)
         _copy_in(graph.inputs, inputs)
         graph.fwd.replay()
         outs = tuple(o.clone() for o in graph.outputs)
@@ -446,11 +418,10 @@ class GraphedModule:
         else:  # the graph's own (its saved activations may be these very tensors), or, for an input that is
             # another graph's static output (the previous layer's graph fed this call), that output itself:
             # one copy and one buffer less per layer
-            static_in = [self.shared.static_output(t) for t in tensors]
-            aliased = tuple(i for i, t in enumerate(static_in) if t is not None)
-            static_in = [t.detach().clone() if s is None else s.detach()
-                         for t, s in zip(tensors, static_in)]
-            static_in = [s.requires_grad_(t.requires_grad) for s, t in zip(static_in, tensors)]
+            produced = [self.shared.static_output(t) for t in tensors]
+            aliased = tuple(i for i, o in enumerate(produced) if o is not None)
+            static_in = [(t.detach().clone() if o is None else o.detach()).requires_grad_(t.requires_grad)
+                         for t, o in zip(tensors, produced)]
         wants_grad = [i for i, t in enumerate(static_in) if t.requires_grad]
         module = self.module_ref()
         slots = [(m, n) for m in module.modules() for n, p in m._parameters.items()
@@ -652,7 +623,6 @@ class _GraphedCheckpoint:
     when `inner` is fusedlora's offloaded_checkpoint); the rest go to `inner`."""
 
     def __init__(self, wrapper: GraphedModule, inner):
-        from .checkpoint import offloaded_checkpoint
         self.wrapper, self.inner = wrapper, inner
         offloaded = isinstance(inner, functools.partial) and inner.func is offloaded_checkpoint
         self.offloader = inner.keywords.get("offloader") if offloaded else None

@@ -112,20 +112,27 @@ def quantize_linears_nf4(model, compute_dtype, quant_storage=None):
     return model
 
 
-def unsloth_findable() -> bool:
-    import importlib.util
+def _unsloth_on_path(first: bool):
     path = os.environ.get(UNSLOTH_PATH)
     if path and path not in sys.path:
-        sys.path.append(path)  # (found, not imported: Unsloth patches transformers when imported)
+        if first:
+            sys.path.insert(0, path)
+        else:
+            sys.path.append(path)
+
+
+def unsloth_findable() -> bool:
+    """Whether Unsloth is installed or in $FUSEDLORA_UNSLOTH_PATH: found, not imported (importing it patches
+    transformers)."""
+    import importlib.util
+    _unsloth_on_path(first=False)
     return importlib.util.find_spec("unsloth") is not None
 
 
 def _import_unsloth_first():
     """Unsloth patches transformers and PEFT when imported, so it comes first in its own process. Its per-layer
     torch.compile is off: on torch 2.11 it made its step slower and its first step 26-36 s (H200, 2026-12-01)."""
-    path = os.environ.get(UNSLOTH_PATH)
-    if path and path not in sys.path:
-        sys.path.insert(0, path)
+    _unsloth_on_path(first=True)
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
     os.environ.setdefault("UNSLOTH_BLOCK_COMPILE", "0")
     import unsloth  # noqa: F401
@@ -172,7 +179,7 @@ def build(shape, mode, variant, device, gc, seed=0, offload=False, dtype=None):
     if variant == "unsloth":
         if not on_gpu:
             raise SystemExit("the unsloth variant needs a CUDA GPU")
-        _import_unsloth_first()
+        _import_unsloth_first()  # (before transformers, imported below)
         model = _build_unsloth(shape, mode, gc, seed, dtype)
         model.train()
         return model, None
@@ -215,10 +222,6 @@ def run(args) -> dict:
     t_start = time.perf_counter()
     import torch
     on_gpu = torch.cuda.is_available()
-    if args.variant == "unsloth":
-        if not on_gpu:
-            raise SystemExit("the unsloth variant needs a CUDA GPU")
-        _import_unsloth_first()  # (before transformers, which build imports)
     device = "cuda" if on_gpu else "cpu"
     if not on_gpu:  # before any kernel module is imported: triton.jit reads it then
         os.environ.setdefault("TRITON_INTERPRET", "1")
