@@ -24,7 +24,7 @@ PACKAGES = ["unsloth==2026.10.9", "unsloth_zoo==2026.10.9", "trl==1.15.0", "data
 PLATFORM = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp", "--platform",
             "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
             "--platform", "any"]
-DROP = ["studio", "unsloth_cli", "torchao/testing", "diffusers", "hf_transfer"]
+DROP = ["studio", "unsloth_cli", "diffusers", "hf_transfer"]  # (unsloth_zoo imports torchao.testing)
 
 
 def _unpack(wheel: Path, site: Path):
