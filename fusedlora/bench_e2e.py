@@ -61,6 +61,10 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", type=int, default=0,
                     help="N steady steps under torch.profiler after the timed ones: GPU time per kernel family")
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="GEMM peak for the profile (H200 measured ~790)")
+    ap.add_argument("--saved", action="store_true", help="one more step per run listing what autograd saves for "
+                    "the backward (total and largest groups by shape)")
+    ap.add_argument("--patch-options", default="", help="fusedlora.patch keyword arguments as JSON for the fusedlora "
+                    "variants, e.g. '{\"recompute_norms\": false}'")
     ap.add_argument("--out", default=None, help="Markdown report path (JSON beside it, .json)")
     args = ap.parse_args(argv)
     settings = args.gc.replace("both", "off,on").split(",")
@@ -77,7 +81,7 @@ def main(argv=None) -> int:
             gc = setting == "on"
             run = argparse.Namespace(model=model, mode=mode, gc=gc, offload=setting == "offload", packed=args.packed, steps=args.steps, batch=args.batch,
                                      seq=args.seq, lr=args.lr, log_every=5, profile=args.profile,
-                                     peak_tflops=args.peak_tflops)
+                                     peak_tflops=args.peak_tflops, saved=args.saved, patch_options=args.patch_options)
             t0 = time.perf_counter()
             r = run_in_subprocess(variant, run)
             print(f"{model} {mode} gc={setting} {variant}: " + (f"{r['tokens_per_s']:,.0f} tok/s, {r['peak_gib']:.2f} GiB"
@@ -94,6 +98,11 @@ def _report(args, results) -> str:
               f"SDPA, {args.steps} steps (first 2 untimed){', packed rows' if args.packed else ''}, each variant in its own "
               "process.\n\n" + markdown(results))
     from .step_profile import markdown as profile_markdown
+    for r in results:
+        if r.get("saved"):
+            report += (f"\n\n{r['model']} {r['mode']} gc={checkpointing(r)} {r['variant']}: autograd keeps "
+                       f"{r['saved']['gib']:.2f} GiB for the backward; largest: " + ", ".join(
+                           f"{g['storages']} x {g['dtype']} {g['shape']} = {g['gib']:.2f} GiB" for g in r["saved"]["largest"][:8]))
     for r in results:
         if r.get("profile"):
             report += "\n\n" + profile_markdown(r["profile"], f"{r['model']} {r['mode']} gc={checkpointing(r)} {r['variant']}: "

@@ -42,6 +42,7 @@ import torch
 from .ops._common import autocast_dtype, cdiv, check_tensor
 from .ops.glu import glu_backward, glu_forward
 from .ops.glu_lora import glu_lora_backward, glu_lora_dyb, glu_lora_forward, glu_lora_rank_pad
+from .ops.rms_norm import norm_source
 from .quant import _dequantize_nf4, dequantize_base, is_nf4, nf4_writes_into, weight_shape as _weight_shape
 
 
@@ -394,6 +395,29 @@ def _mlp_fused_backward(ctx, need, X2, EG, XA, hA, dY):
 # Each Function is a thin shell over three functions of (ctx, tensors, _Proj list, scalars): *_plan sets the
 # ctx attributes the backward reads, *_forward computes and saves, *_backward returns gradients by name. The
 # custom ops of fusedlora.lora_ops (torch.compile) call the same three.
+def _save_input_and(ctx, X2, source, *rest):
+    """ctx.save_for_backward(X2, *rest); with `source` (X is a recomputable rms_norm output: the Function
+    found its NormSource) the norm's input and weight take X2's place, which the norm's backward keeps anyway,
+    and _saved_input_and recomputes X2 from them. The custom ops of fusedlora.lora_ops pass no source (what
+    they save are op outputs)."""
+    if source is None:
+        ctx.input_norm = None
+        ctx.save_for_backward(X2, *rest)
+    else:
+        # no tensor on ctx itself: saved-tensor hooks (HF's non-reentrant checkpointing) must see them all
+        ctx.input_norm = (source._replace(x2d=None, weight=None), X2.dtype)
+        ctx.save_for_backward(source.x2d, source.weight, *rest)
+
+
+def _saved_input_and(ctx):
+    """(X2, *rest) as _save_input_and saved them."""
+    saved = ctx.saved_tensors
+    if getattr(ctx, "input_norm", None) is None:
+        return saved
+    recipe, dtype = ctx.input_norm
+    return (recipe.recompute(saved[0], saved[1]).to(dtype), *saved[2:])
+
+
 def _o_plan(ctx, X, prs, dtype, training):
     ctx.pr, ctx.dtype, ctx.x_shape = _in_dtype(prs, dtype)[0], dtype, X.shape
 
@@ -418,27 +442,27 @@ def _qkv_plan(ctx, X, prs, dtype, training):
     ctx.stacked = _qkv_fusable(prs, training)
 
 
-def _qkv_forward(ctx, X, prs, dtype, training):
+def _qkv_forward(ctx, X, prs, dtype, training, source=None):
     _qkv_plan(ctx, X, prs, dtype, training)
     X2 = _flat(X).to(dtype)
     prs = ctx.prs
     if ctx.stacked:  # few launches: these layers are often host-bound
         outs, XA = _qkv_stacked_forward(X2, prs, dtype)
-        ctx.save_for_backward(X2, XA)
+        _save_input_and(ctx, X2, source, XA)
     else:
         outs, saved = [], []
         for pr in prs:
             Y, sv = _proj_forward(X2, pr, dtype, training)
             outs.append(Y)
             saved.extend(sv)
-        ctx.save_for_backward(X2, *saved)
+        _save_input_and(ctx, X2, source, *saved)
     return tuple(_unflat(Y, X) for Y in outs)
 
 
 def _qkv_backward(ctx, need, dQ, dK, dV):
     named = {}
     if ctx.stacked:
-        X2, XA = ctx.saved_tensors
+        X2, XA = _saved_input_and(ctx)
         dYs = [_flat(d).to(ctx.dtype) if d is not None else
                X2.new_zeros(X2.shape[0], _weight_shape(pr.W, pr.quant)[0]) for d, pr in zip((dQ, dK, dV), ctx.prs)]
         dX, grads = _qkv_stacked_backward(dYs, X2, XA, ctx.prs, ctx.dtype)
@@ -446,7 +470,7 @@ def _qkv_backward(ctx, need, dQ, dK, dV):
             named.update({f"{p}A": dA, f"{p}B": dB, f"{p}_bias": db})
         named["X"] = dX.view(ctx.x_shape)
         return named
-    X2, *saved = ctx.saved_tensors
+    X2, *saved = _saved_input_and(ctx)
     dX = None
     for i, (p, pr, dY) in enumerate(zip("qkv", ctx.prs, (dQ, dK, dV))):
         if dY is None:
@@ -465,13 +489,13 @@ def _mlp_plan(ctx, X, prs, dtype, training, act, act_bwd, inplace):
     ctx.fused_glu = _mlp_fusable(*prs, training, act, act_bwd)
 
 
-def _mlp_forward(ctx, X, prs, dtype, training, act, act_bwd, inplace):
+def _mlp_forward(ctx, X, prs, dtype, training, act, act_bwd, inplace, source=None):
     _mlp_plan(ctx, X, prs, dtype, training, act, act_bwd, inplace)
     pg, pu, pd = ctx.prs
     X2 = _flat(X).to(dtype)
     if ctx.fused_glu:
         Y, EG, XA, hA = _mlp_fused_forward(X2, pg, pu, pd, dtype, act.glu_act)
-        ctx.save_for_backward(X2, EG, XA, hA)
+        _save_input_and(ctx, X2, source, EG, XA, hA)
     else:
         if _gate_up_shareable(pg, pu, training):
             (e, g), (sg, su) = _gate_up_forward(X2, pg, pu, dtype)
@@ -480,7 +504,7 @@ def _mlp_forward(ctx, X, prs, dtype, training, act, act_bwd, inplace):
             g, su = _proj_forward(X2, pu, dtype, training)
         Y, sd = _proj_forward(act(e, g), pd, dtype, training)
         # h is not kept: the backward recomputes it from e and g
-        ctx.save_for_backward(X2, e, g, *sg, *su, *sd)
+        _save_input_and(ctx, X2, source, e, g, *sg, *su, *sd)
     return (_unflat(Y, X),)
 
 
@@ -488,9 +512,9 @@ def _mlp_backward(ctx, need, dY):
     pg, pu, pd = ctx.prs
     dtype = ctx.dtype
     if ctx.fused_glu:
-        return _mlp_fused_backward(ctx, need, *ctx.saved_tensors, _flat(dY).to(dtype))
+        return _mlp_fused_backward(ctx, need, *_saved_input_and(ctx), _flat(dY).to(dtype))
     nd = {"A": need["dA"], "B": need["dB"], "bias": False}
-    X2, e, g, *saved = ctx.saved_tensors
+    X2, e, g, *saved = _saved_input_and(ctx)
     dh, dYBs_d, ddB, _ = _proj_backward_input(_flat(dY).to(dtype), pd, saved[6:9], dtype, nd)
     if getattr(ctx.act_bwd, "stores_h", False):  # h comes back over dh: no recompute pass
         de, dg, h = ctx.act_bwd(dh, e, g, ctx.inplace, store_h=True)
@@ -582,7 +606,7 @@ class LoRA_QKV(torch.autograd.Function):
                 q_bias=None, k_bias=None, v_bias=None, dropouts=(0.0, 0.0, 0.0), training=False):
         prs = _qkv_projections(X, qW, qQ, qA, qB, qS, kW, kQ, kA, kB, kS, vW, vQ, vA, vB, vS, q_bias, k_bias, v_bias,
                                dropouts)
-        return _qkv_forward(ctx, X, prs, _compute_dtype(X), training)
+        return _qkv_forward(ctx, X, prs, _compute_dtype(X), training, norm_source(X))
 
     @staticmethod
     def backward(ctx, dQ, dK, dV):
@@ -600,7 +624,7 @@ class LoRA_MLP(torch.autograd.Function):
                 activation_fn_backward, inplace=True, dropouts=(0.0, 0.0, 0.0), training=False):
         prs = _mlp_projections(X, gW, gQ, gA, gB, gS, uW, uQ, uA, uB, uS, dW, dQ, dA, dB, dS, dropouts)
         return _mlp_forward(ctx, X, prs, _compute_dtype(X), training, activation_fn, activation_fn_backward,
-                            inplace)[0]
+                            inplace, norm_source(X))[0]
 
     @staticmethod
     def backward(ctx, dY):

@@ -171,7 +171,7 @@ def _build_unsloth(shape, mode, gc, seed, dtype):
                                             random_state=seed + 1)
 
 
-def build(shape, mode, variant, device, gc, seed=0, offload=False, dtype=None):
+def build(shape, mode, variant, device, gc, seed=0, offload=False, dtype=None, patch_options=None):
     import torch
     on_gpu = device == "cuda"
     if dtype is None:
@@ -204,7 +204,7 @@ def build(shape, mode, variant, device, gc, seed=0, offload=False, dtype=None):
     if variant.startswith("fusedlora"):
         import fusedlora
         t0 = time.perf_counter()
-        report = fusedlora.patch(model, offload_checkpoints=offload)
+        report = fusedlora.patch(model, offload_checkpoints=offload, **(patch_options or {}))
         report = {"seconds": time.perf_counter() - t0, "table": str(report), **report.as_dict()}
     if variant in ("compile", "fusedlora_compile"):
         model = torch.compile(model)
@@ -228,7 +228,11 @@ def run(args) -> dict:
     offload = getattr(args, "offload", False)
     if offload and not args.variant.startswith("fusedlora"):
         raise SystemExit("--offload is fusedlora's offloaded checkpointing: only for the fusedlora variants")
-    model, report = build(args.model, args.mode, args.variant, device, args.gc, offload=offload)
+    patch_options = json.loads(getattr(args, "patch_options", None) or "{}")
+    if patch_options and not args.variant.startswith("fusedlora"):
+        raise SystemExit("--patch-options are fusedlora.patch's keyword arguments: only for the fusedlora variants")
+    model, report = build(args.model, args.mode, args.variant, device, args.gc, offload=offload,
+                          patch_options=patch_options)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, fused=on_gpu)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else torch.autocast("cpu", enabled=False)
@@ -281,6 +285,11 @@ def run(args) -> dict:
             opt.zero_grad(set_to_none=True)
         kernels, gemm_ops, wall_us = step_profile.profile_steps(one_step, args.profile)
         profile = step_profile.summarize(kernels, gemm_ops, args.profile, wall_us, args.peak_tflops)
+    saved = None
+    if getattr(args, "saved", False):
+        ids, labels, pos = data[-1]
+        saved = saved_activations(lambda: model(input_ids=ids, labels=labels, position_ids=pos).loss, autocast)
+        opt.zero_grad(set_to_none=True)
     timed_steps = args.steps - warmup
     from . import loader
     return {
@@ -296,7 +305,34 @@ def run(args) -> dict:
         "patch": report, "versions": _versions(), "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "interpreter": os.environ.get("TRITON_INTERPRET") == "1",
         "profile": profile,  # [(family, ms per step, share, note)] under torch.profiler, or None
+        "saved": saved,      # what autograd keeps for the backward (--saved), or None
+        "patch_options": patch_options,
     }
+
+
+def saved_activations(loss_fn, autocast, top: int = 12) -> dict:
+    """What autograd keeps for one step's backward: the total over distinct storages, and the largest
+    groups of saved tensors by (shape, dtype) with how many storages each (one forward under
+    saved_tensors_hooks, then its backward)."""
+    import torch
+    storages: dict = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        storages.setdefault(st.data_ptr(), (st.nbytes(), tuple(t.shape), str(t.dtype).replace("torch.", "")))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        loss = loss_fn()
+    loss.backward()
+    groups: dict = {}
+    for nbytes, shape, dtype in storages.values():
+        g = groups.setdefault((shape, dtype), [0, 0])
+        g[0] += 1
+        g[1] += nbytes
+    largest = sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"gib": sum(v[0] for v in storages.values()) / 2**30,
+            "largest": [{"shape": list(shape), "dtype": dtype, "storages": n, "gib": b / 2**30}
+                        for (shape, dtype), (n, b) in largest]}
 
 
 def search_longest(fits, start: int, limit: int, granularity: int):
@@ -432,6 +468,10 @@ def add_run_args(ap, steps=20, batch=4, seq=2048):
     ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--profile", type=int, default=0, help="after the timed steps, N more under torch.profiler (GPU)")
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="the GEMM peak the profile compares with")
+    ap.add_argument("--saved", action="store_true", help="after the timed steps, one more step listing what "
+                    "autograd saves for the backward (total and largest groups)")
+    ap.add_argument("--patch-options", default="", help="fusedlora.patch keyword arguments as JSON, e.g. "
+                    "'{\"recompute_norms\": false}' (fusedlora variants)")
 
 
 def run_in_subprocess(variant, args, extra_env=None) -> dict:
@@ -442,6 +482,9 @@ def run_in_subprocess(variant, args, extra_env=None) -> dict:
            "--log-every", str(args.log_every), "--profile", str(getattr(args, "profile", 0)),
            "--peak-tflops", str(getattr(args, "peak_tflops", 790.0))] + (["--gc"] if args.gc else []) + \
         (["--packed"] if args.packed else []) + (["--offload"] if getattr(args, "offload", False) else []) + \
+        (["--saved"] if getattr(args, "saved", False) else []) + \
+        (["--patch-options", args.patch_options] if getattr(args, "patch_options", "") and variant.startswith("fusedlora")
+         else []) + \
         (["--find-context", str(args.find_context), "--context-step", str(getattr(args, "context_step", 1024))]
          if getattr(args, "find_context", 0) else [])
     env = dict(os.environ, **(extra_env or {}))

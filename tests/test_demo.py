@@ -45,3 +45,30 @@ def test_demo_cuda_graphs_without_a_gpu_says_so(capsys):
     with pytest.raises(SystemExit):
         demo.main(["--cuda-graphs"])
     assert "--cuda-graphs needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_workload_lists_saved_activations_and_passes_patch_options():
+    """--saved lists what autograd keeps for the backward; --patch-options reach fusedlora.patch: without
+    recompute_norms the tiny model (2 layers) keeps 3 more [tokens, hidden] norm outputs, same losses."""
+    import argparse
+    if torch.cuda.is_available():
+        pytest.skip("the CPU run of the tiny shape")
+    ap = argparse.ArgumentParser()
+    workload.add_run_args(ap)
+    results = []
+    for options in ('{"recompute_norms": false}', ""):
+        args = ap.parse_args(["--model", "tiny", "--lora", "--steps", "2", "--batch", "2", "--seq", "32", "--saved",
+                              "--patch-options", options])
+        args.variant = "fusedlora"
+        results.append(workload.run(args))
+    kept, recomputed = results
+    assert kept["patch_options"] == {"recompute_norms": False} and recomputed["patch_options"] == {}
+    assert kept["losses"] == recomputed["losses"]
+    by_shape = [{tuple(g["shape"]): g["storages"] for g in r["saved"]["largest"]} for r in results]
+    tokens_by_hidden = (64, workload.SHAPES["tiny"]["hidden_size"])
+    assert by_shape[0][tokens_by_hidden] - by_shape[1][tokens_by_hidden] == 3
+    per_norm = 64 * tokens_by_hidden[1] * 4
+    assert abs((kept["saved"]["gib"] - recomputed["saved"]["gib"]) * 2**30 - (3 * per_norm - tokens_by_hidden[1] * 4)) < 1
+    with pytest.raises(SystemExit, match="only for the fusedlora"):
+        args.variant, args.patch_options = "hf", '{"recompute_norms": false}'
+        workload.run(args)

@@ -257,6 +257,38 @@ def test_eval_and_generation_keep_hf_outputs():
     assert torch.equal(gen, ref_gen)
 
 
+def _loss_grads_and_saved_bytes(model, ids, labels):
+    """loss_and_grads, and the bytes of every storage autograd saved for the backward."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, grads = loss_and_grads(model, ids, labels)
+    return loss, grads, sum(storages.values())
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma"])
+def test_recomputed_norm_outputs_change_no_bit_and_save_their_activations(model_type):
+    """patch's recompute_norms (the default): q/k/v and the MLP keep their norm's input instead of its
+    output, bit for bit the same loss and gradients, one [tokens, hidden] activation fewer per norm but the
+    first (its input, the frozen embeddings, needs no gradient: that norm keeps nothing of its own, so its
+    consumer keeps the norm's input and weight in place of the output)."""
+    model = make_model(model_type)
+    model.train()
+    ids, labels = batch()
+    fusedlora.patch(model, recompute_norms=False)
+    loss0, grads0, bytes0 = _loss_grads_and_saved_bytes(model, ids, labels)
+    fusedlora.patch(model)
+    loss1, grads1, bytes1 = _loss_grads_and_saved_bytes(model, ids, labels)
+    assert torch.equal(loss0, loss1) and grads0.keys() == grads1.keys()
+    assert all(torch.equal(grads0[n], grads1[n]) for n in grads0)
+    per_norm, first_weight = ids.numel() * SMALL["hidden_size"] * 4, SMALL["hidden_size"] * 4
+    saved = (2 * SMALL["num_hidden_layers"] - 1) * per_norm - first_weight
+    assert bytes0 - bytes1 == saved, (bytes0, bytes1, saved)
+
+
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_gradient_checkpointing(reentrant):
     ref = make_model()

@@ -558,3 +558,36 @@ def test_mlp_16bit_matches_peft_everywhere(dtype):
     for n in gr:
         assert rel_err(gf[n], gr[n]) < 2 * tol, n
     assert rel_err(xf.grad, xr.grad) < 2 * tol
+
+
+@pytest.mark.parametrize("glu_lora", [True, False])
+@pytest.mark.parametrize("casting,offset", [("llama", 0.0), ("gemma", 1.0)])
+def test_a_recomputable_norm_input_changes_no_bit(glu_lora, casting, offset, monkeypatch):
+    """q/k/v and the MLP fed a recomputable rms_norm output (they keep the norm's input and weight and
+    recompute the output in their backward: fusedlora.patch's recompute_norms) against the same output as a
+    plain tensor: bit-identical outputs and gradients (autograd forbids changing the output in place, so the
+    output's values at the recompute are its values at the call)."""
+    from fusedlora.ops import rms_norm
+    from fusedlora.ops.rms_norm import NormSource
+    if not glu_lora:
+        monkeypatch.setattr(lora, "_mlp_fusable", lambda *a: False)
+    recomputes = []
+    real = NormSource.recompute
+    monkeypatch.setattr(NormSource, "recompute", lambda self, *a: recomputes.append(1) or real(self, *a))
+    fused = make(r=4)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, 64, generator=gen).to(DEVICE)
+    w = (1 + 0.1 * torch.randn(64, generator=gen)).to(DEVICE)
+
+    def run(recomputable):
+        fused.zero_grad(set_to_none=True)
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = rms_norm(xi, wi, 1e-6, offset, casting, recomputable=recomputable)
+        q, k, v = lora.apply_lora_qkv(fused.self_attn, y)
+        m = lora.apply_lora_mlp_swiglu(fused.mlp, y)
+        (q.square().sum() + (k * v).sum() + m.square().sum()).backward()
+        return [q, k, v, m, xi.grad, wi.grad, *grads(fused).values()]
+
+    plain, recomputed = run(False), run(True)
+    assert len(recomputes) == 2  # (q/k/v and the MLP each recomputed the norm's output once)
+    assert all(torch.equal(a, b) for a, b in zip(plain, recomputed))

@@ -150,7 +150,7 @@ def compile_layers(model, **compile_kwargs) -> int:
 
 def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, qkv: bool = True, o: bool = True,
           loss: bool = True, offload_checkpoints: bool = False, cuda_graphs: bool = False,
-          mlp_chunk_bytes: int = forwards.MLP_CHUNK_BYTES) -> PatchReport:
+          mlp_chunk_bytes: int = forwards.MLP_CHUNK_BYTES, recompute_norms: bool = True) -> PatchReport:
     """Route a HF (or PEFT-wrapped HF) decoder model's RMSNorms, attention projections + RoPE, GLU MLPs and
     LM-head loss through fusedlora's kernels. Returns a report (print it). Patching again first restores
     HF's forwards, so patch twice = patch once; `unpatch(model)` restores them all.
@@ -160,7 +160,10 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, 
     `cuda_graph_layers(model)` (each decoder layer's training call replayed as CUDA graphs; static shapes, one
     GPU or DDP; the report says when it cannot apply). mlp_chunk_bytes: a training MLP
     call whose gate/up activations would exceed this many bytes runs in row chunks, each recomputed in the
-    backward (long sequences: the [tokens, intermediate] buffers never exist whole)."""
+    backward (long sequences: the [tokens, intermediate] buffers never exist whole). recompute_norms: the
+    fused q/k/v and MLP projections after an RMSNorm keep the norm's input (which the norm's backward keeps
+    anyway) rather than its output for their backward and recompute the output there: one activation of
+    [tokens, hidden] less per norm (two per decoder layer) for one extra norm forward each."""
     hf = find_hf_model(model)
     if hf is None:
         raise TypeError(f"fusedlora.patch: found no Hugging Face model (a module with .config.model_type) in "
@@ -211,6 +214,8 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, 
             info.update(qkv=qkv, o=o, rope=rope)
         if kind == "mlp":
             info.update(chunk_bytes=int(mlp_chunk_bytes))
+        if kind == "rms_norm":
+            info.update(recomputable=bool(recompute_norms))
         _bind(m, kind, PatchRecord(kind, family, report.fallbacks, info))
         report.patched(kind)
     if offload_checkpoints:

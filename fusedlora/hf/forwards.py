@@ -55,7 +55,8 @@ def norm_forward(self, hidden_states, *args, **kwargs):
     if why:
         return _fallback(self, why, hidden_states, *args, **kwargs)
     info = getattr(self, PATCH_ATTR).info
-    return rms_norm(hidden_states, self.weight, info["eps"], info["offset"], info["casting"])
+    return rms_norm(hidden_states, self.weight, info["eps"], info["offset"], info["casting"],
+                    recomputable=info.get("recomputable", False))
 
 
 # ---------------------------------------------------------------------------------------------- MLP

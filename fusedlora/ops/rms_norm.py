@@ -6,6 +6,8 @@ weight; output dtype is the promotion of x and weight); `casting="gemma"` follow
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from csrc_triton.rms_norm import RMS_BWD_PROGRAMS_PER_SM, RMS_NORM_BWD, RMS_NORM_FWD
@@ -56,22 +58,50 @@ def rms_norm_backward(dy2d, x2d, weight, rstd, offset: float, gemma: bool, need_
     return dx, dw
 
 
+# A recomputable output carries its NormSource under this attribute: a fused LoRA function taking it as its
+# input saves the norm's input and weight (which the norm's own backward keeps anyway) instead of the output,
+# and recomputes the output in its backward (one norm forward, bit-identical): one activation fewer per norm.
+NORM_SOURCE_ATTR = "_fusedlora_norm_source"
+
+
+class NormSource(NamedTuple):
+    """What a recomputable rms_norm output was made from. (Autograd refuses any in-place change of a custom
+    Function's output view once it is used, so the output still holds what recompute() gives.)"""
+    x2d: torch.Tensor
+    weight: torch.Tensor
+    eps: float
+    offset: float
+    gemma: bool
+
+    def recompute(self, x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The output again as [rows, n] from the saved x2d and weight (the same launch, the same bits)."""
+        return rms_norm_forward(x2d, weight, self.eps, self.offset, self.gemma)[0]
+
+
+def norm_source(t: torch.Tensor) -> NormSource | None:
+    """The NormSource of a recomputable rms_norm output, else None."""
+    return getattr(t, NORM_SOURCE_ATTR, None)
+
+
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps, offset, gemma):
+    def forward(ctx, x, weight, eps, offset, gemma, recomputable=False):
         n_cols = x.shape[-1]
         x2d = rows_2d(x, n_cols)
         y, rstd = rms_norm_forward(x2d, weight, eps, offset, gemma)
         ctx.save_for_backward(x2d, weight, rstd)
         ctx.offset, ctx.gemma, ctx.x_shape = offset, gemma, x.shape
-        return y.view(*x.shape[:-1], n_cols)
+        out = y.view(*x.shape[:-1], n_cols)
+        if recomputable:
+            setattr(out, NORM_SOURCE_ATTR, NormSource(x2d, weight, eps, offset, gemma))
+        return out
 
     @staticmethod
     def backward(ctx, dy):
         x2d, weight, rstd = ctx.saved_tensors
         dy2d = rows_2d(dy, x2d.shape[1])
         dx, dw = rms_norm_backward(dy2d, x2d, weight, rstd, ctx.offset, ctx.gemma, ctx.needs_input_grad[1])
-        return dx.view(ctx.x_shape), dw, None, None, None
+        return dx.view(ctx.x_shape), dw, None, None, None, None
 
 
 # torch.compile: the same launchers as custom ops (fusedlora.ops._custom)
@@ -106,8 +136,12 @@ RMS_NORM_OP.register_autograd(_op_backward, setup_context=_op_setup)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: float = 0.0,
-             casting: str = "llama") -> torch.Tensor:
-    """RMSNorm over the last dimension of `x` (any leading dims), differentiable in x and weight."""
+             casting: str = "llama", *, recomputable: bool = False) -> torch.Tensor:
+    """RMSNorm over the last dimension of `x` (any leading dims), differentiable in x and weight.
+
+    recomputable: mark the output so that fusedlora's LoRA functions (LoRA_QKV, LoRA_MLP) taking it as their
+    input keep the norm's input instead of it for their backward and recompute it there (one [rows, n]
+    activation less per norm, one norm forward more in the backward; eager mode only)."""
     op = "rms_norm"
     check_tensor(op, "x", x)
     check_tensor(op, "weight", weight, like=x, like_name="x")
@@ -123,7 +157,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: f
     if _custom.compiling():
         y, _ = RMS_NORM_OP(rows_2d(x, x.shape[-1]), weight, float(eps), float(offset), casting == "gemma")
         return y.view(*x.shape[:-1], x.shape[-1])
-    return RMSNormFunction.apply(x, weight, float(eps), float(offset), casting == "gemma")
+    return RMSNormFunction.apply(x, weight, float(eps), float(offset), casting == "gemma", bool(recomputable))
 
 
 # ---------------------------------------------------------------- self-check (python -m fusedlora.selfcheck)
