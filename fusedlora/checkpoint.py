@@ -11,31 +11,79 @@ backpropagated. GPU memory for activations is then one layer's working set inste
 
 Host buffers are pooled by shape and dtype and reused across steps (pinning is slow); a buffer is in use from a
 layer's forward until its backward, or until the forward's graph is dropped without a backward.
+Host memory is bounded: by `host_limit_bytes` (default: 80 % of the memory Linux reports available when the
+first buffer is made) and by what pinning can get. A layer input that finds no host buffer within the bound
+stays on its device, as on-GPU checkpointing keeps it (warned once), so a sequence too long for the host's
+memory still trains while the GPU has room.
 On CPU tensors (tests, the interpreter) the "offload" is a copy into a host buffer and back, with no streams.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 import weakref
 
 import torch
 
+HOST_SHARE = 0.8  # of MemAvailable, the default bound of pinned checkpoint buffers
+
+
+def _available_host_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _host_bytes(like: torch.Tensor) -> int:
+    """What one host buffer for `like` costs: torch's pinned allocator rounds blocks up to a power of two."""
+    n = like.numel() * like.element_size()
+    return 1 << max(0, n - 1).bit_length() if like.is_cuda else n
+
+
+def _new_host_buffer(like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(like.shape, dtype=like.dtype, pin_memory=like.is_cuda)
+
 
 class _HostPool:
-    """Pinned host buffers by (shape, dtype); one per live checkpoint."""
+    """Pinned host buffers by (shape, dtype); one per live checkpoint; at most `limit` bytes of them
+    (None: HOST_SHARE of the host's available memory, read at the first buffer)."""
 
-    def __init__(self):
+    def __init__(self, limit: int | None = None):
         self.free: dict[tuple, list[torch.Tensor]] = {}
         self.lock = threading.Lock()
+        self.limit = limit
+        self.made = 0                  # bytes of every buffer made (free or in use)
+        self.refused: str | None = None  # why the last buffer could not be made
 
-    def take(self, like: torch.Tensor) -> torch.Tensor:
+    def take(self, like: torch.Tensor) -> torch.Tensor | None:
+        """A host buffer shaped like `like`, or None when none fits the bound (or pinning failed)."""
         key = (tuple(like.shape), like.dtype)
         with self.lock:
             bufs = self.free.get(key)
             if bufs:
                 return bufs.pop()
-        return torch.empty(like.shape, dtype=like.dtype, pin_memory=like.is_cuda)
+            if self.limit is None:
+                available = _available_host_bytes()
+                self.limit = int(HOST_SHARE * available) if available is not None else -1
+            cost = _host_bytes(like)
+            if 0 <= self.limit < self.made + cost:
+                self.refused = (f"the host buffers would pass their bound of {self.limit / 2**30:.1f} GiB "
+                                f"({self.made / 2**30:.1f} GiB made)")
+                return None
+            try:
+                buf = _new_host_buffer(like)
+            except RuntimeError as e:  # (torch.OutOfMemoryError is one) pinned memory ran out
+                self.refused = f"pinning {cost / 2**30:.2f} GiB failed ({type(e).__name__}: {str(e)[:120]})"
+                self.limit = self.made  # no further attempts past what exists
+                return None
+            self.made += cost
+            return buf
 
     def give(self, buf: torch.Tensor):
         with self.lock:
@@ -44,17 +92,28 @@ class _HostPool:
 
 class Offloader:
     """The host pool, the side streams, the queue of saved inputs and the anchors of one model
-    (`fusedlora.patch(..., offload_checkpoints=True)` makes one per model)."""
+    (`fusedlora.patch(..., offload_checkpoints=True)` makes one per model). host_limit_bytes bounds the pinned
+    buffers (None: HOST_SHARE of the host's available memory); inputs past it stay on the GPU."""
 
-    def __init__(self):
-        self.pool = _HostPool()
+    def __init__(self, host_limit_bytes: int | None = None):
+        self.pool = _HostPool(host_limit_bytes)
+        self.host_limit_bytes = host_limit_bytes
+        self.kept_on_device = 0  # layer inputs that found no host buffer
+        self.warned = False
         self.streams: dict[int, torch.cuda.Stream] = {}
         self.live: list[weakref.ref] = []  # saved inputs in forward order (for the prefetch of the next backward)
         self.anchors: dict[torch.device, torch.Tensor] = {}
 
     def __deepcopy__(self, memo):
         """A copied model (TRL's reference model, say) gets its own pool and streams, none of the saved inputs."""
-        return Offloader()
+        return Offloader(self.host_limit_bytes)
+
+    def note_kept(self):
+        self.kept_on_device += 1
+        if not self.warned:
+            self.warned = True
+            warnings.warn(f"fusedlora offloaded checkpointing: {self.pool.refused}; layer inputs that find no host "
+                          "buffer stay on the GPU (as on-GPU checkpointing keeps them)", stacklevel=4)
 
     def anchor(self, device) -> torch.Tensor:
         """An empty tensor that requires grad: an input of every checkpoint node, so that autograd runs its
@@ -78,18 +137,24 @@ class Offloader:
     @torch.compiler.disable
     def previous(self, saved: "_Saved") -> "_Saved | None":
         """The input saved just before `saved` that is still waiting for its backward (the next to come back)."""
-        alive = [s for s in (r() for r in self.live) if s is not None and s.host is not None]
+        alive = [s for s in (r() for r in self.live) if s is not None and s.waiting]
         i = next((k for k, s in enumerate(alive) if s is saved), None)
         return alive[i - 1] if i else None
 
 
 class _Saved:
-    """One layer input: on its way to the host, on the host, or prefetched back."""
+    """One layer input: on its way to the host, on the host, or prefetched back (or kept on its device when
+    no host buffer was to be had)."""
 
     def __init__(self, off: Offloader, x: torch.Tensor):
         self.off, self.device, self.requires_grad = off, x.device, x.requires_grad
         self.host = off.pool.take(x)
         self.back = self.event = None
+        self.waiting = True  # until its backward loads it
+        if self.host is None:
+            self.back = x.detach()
+            off.note_kept()
+            return
         if x.is_cuda:
             side = off.stream(x.device)
             side.wait_stream(torch.cuda.current_stream(x.device))  # x is complete
@@ -119,6 +184,10 @@ class _Saved:
     @torch.compiler.disable
     def load(self) -> torch.Tensor:
         """The input on its device (the host buffer goes back to the pool)."""
+        self.waiting = False
+        if self.host is None:  # kept on its device
+            x, self.back = self.back, None
+            return x
         self.prefetch()
         x = self.back
         if self.device.type == "cuda":

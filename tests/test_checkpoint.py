@@ -184,3 +184,43 @@ def test_gpu_offloaded_checkpoints_bf16_parity_and_memory():
     assert rel_err(losses[1], losses[0]) < 1e-2
     layer_inputs = 8 * 4096 * 512 * 4
     assert extra[1] <= extra[0] - layer_inputs // 2, (extra, layer_inputs)
+
+
+@pytest.mark.parametrize("layers_on_host", [0, 1])
+def test_inputs_past_the_host_bound_stay_on_the_device(layers_on_host):
+    """offload_host_limit_gib bounds the host buffers: a layer input that finds none stays on its device (warned
+    once); the step is the same bit for bit, and the next step reuses what the host pool holds."""
+    plain, _ = _model()
+    per_input = 2 * 16 * 64 * 4  # batch x seq x hidden fp32 (test_hf_patch.batch, SMALL)
+    model, _ = _model(offload_checkpoints=True, offload_host_limit_gib=layers_on_host * per_input / 2**30)
+    offloader = model.base_model.model.model.layers[0]._gradient_checkpointing_func.keywords["offloader"]
+    with pytest.warns(UserWarning, match="stay on the GPU"):
+        got = _step(model)
+    assert offloader.kept_on_device == 2 - layers_on_host
+    assert offloader.pool.made == layers_on_host * per_input
+    _assert_equal(got, _step(plain), EXACT)
+    _assert_equal(_step(model), _step(plain), EXACT)  # (warned once: a second warning would fail under -W error)
+    assert offloader.kept_on_device == 2 * (2 - layers_on_host)
+
+
+def test_a_failed_pinning_keeps_the_input_on_the_device(monkeypatch):
+    """Pinning that fails (host memory exhausted) stops further attempts; the input stays where it is."""
+    import fusedlora.checkpoint as ck
+    plain, _ = _model()
+    model, _ = _model(offload_checkpoints=True)
+    offloader = model.base_model.model.model.layers[0]._gradient_checkpointing_func.keywords["offloader"]
+    calls = []
+
+    def failing(like):
+        calls.append(1)
+        raise torch.OutOfMemoryError("CUDA error: out of memory (pinned host)")
+    monkeypatch.setattr(ck, "_new_host_buffer", failing)
+    with pytest.warns(UserWarning, match="pinning .* failed"):
+        got = _step(model)
+    assert len(calls) == 1 and offloader.kept_on_device == 2  # one failed attempt, then the bound stops the rest
+    _assert_equal(got, _step(plain), EXACT)
+
+
+def test_bad_host_bound_is_refused():
+    with pytest.raises(ValueError, match="offload_host_limit_gib must be a size in GiB"):
+        _model(offload_checkpoints=True, offload_host_limit_gib=-1)

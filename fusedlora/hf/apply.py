@@ -63,13 +63,14 @@ def unpatch(model) -> int:
     return n
 
 
-def _offload_checkpoints(model, report):
+def _offload_checkpoints(model, report, host_limit_gib=None):
     """HF's activation checkpointing on every decoder layer (GradientCheckpointingLayer) with
     fusedlora.checkpoint.offloaded_checkpoint, one Offloader for the model."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     from ..checkpoint import Offloader, offloaded_checkpoint
-    fn = functools.partial(offloaded_checkpoint, offloader=Offloader())
+    limit = None if host_limit_gib is None else int(host_limit_gib * 2**30)
+    fn = functools.partial(offloaded_checkpoint, offloader=Offloader(limit))
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for m in layers:
         m.__dict__[GC_ATTR] = (m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func"))
@@ -150,13 +151,16 @@ def compile_layers(model, **compile_kwargs) -> int:
 
 def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, qkv: bool = True, o: bool = True,
           loss: bool = True, offload_checkpoints: bool = False, cuda_graphs: bool = False,
-          mlp_chunk_bytes: int = forwards.MLP_CHUNK_BYTES, recompute_norms: bool = True) -> PatchReport:
+          mlp_chunk_bytes: int = forwards.MLP_CHUNK_BYTES, recompute_norms: bool = True,
+          offload_host_limit_gib: float | None = None) -> PatchReport:
     """Route a HF (or PEFT-wrapped HF) decoder model's RMSNorms, attention projections + RoPE, GLU MLPs and
     LM-head loss through fusedlora's kernels. Returns a report (print it). Patching again first restores
     HF's forwards, so patch twice = patch once; `unpatch(model)` restores them all.
 
     offload_checkpoints: activation checkpointing of every decoder layer with its input kept in pinned host
-    memory (fusedlora.checkpoint), in place of HF's gradient checkpointing. cuda_graphs: then
+    memory (fusedlora.checkpoint), in place of HF's gradient checkpointing; at most offload_host_limit_gib of
+    it (None: 80 % of the host's available memory), inputs past that (or past what pinning gets) stay on the
+    GPU, warned once. cuda_graphs: then
     `cuda_graph_layers(model)` (each decoder layer's training call replayed as CUDA graphs; static shapes, one
     GPU or DDP; the report says when it cannot apply). mlp_chunk_bytes: a training MLP
     call whose gate/up activations would exceed this many bytes runs in row chunks, each recomputed in the
@@ -164,6 +168,10 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, 
     fused q/k/v and MLP projections after an RMSNorm keep the norm's input (which the norm's backward keeps
     anyway) rather than its output for their backward and recompute the output there: one activation of
     [tokens, hidden] less per norm (two per decoder layer) for one extra norm forward each."""
+    if offload_host_limit_gib is not None and not (isinstance(offload_host_limit_gib, (int, float))
+                                                   and offload_host_limit_gib >= 0):
+        raise ValueError("fusedlora.patch: offload_host_limit_gib must be a size in GiB >= 0 or None, got "
+                         f"{offload_host_limit_gib!r}")
     hf = find_hf_model(model)
     if hf is None:
         raise TypeError(f"fusedlora.patch: found no Hugging Face model (a module with .config.model_type) in "
@@ -219,7 +227,7 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, 
         _bind(m, kind, PatchRecord(kind, family, report.fallbacks, info))
         report.patched(kind)
     if offload_checkpoints:
-        _offload_checkpoints(model, report)
+        _offload_checkpoints(model, report, offload_host_limit_gib)
     if cuda_graphs:
         _cuda_graphs(model, report)
     if report.n_patched == 0:
