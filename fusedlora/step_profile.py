@@ -3,7 +3,8 @@
 `python -m fusedlora.bench e2e --profile` runs each variant's workload with `--profile N`: after the timed steps,
 N more steps under torch.profiler; this module turns the trace into a table - per family (base GEMMs, rank-r
 GEMMs, dequant, attention, norms, RoPE, GLU, loss, optimizer, copies / casts / elementwise, other, idle = GPU
-waiting on the host) its time per step, its share, and for the GEMMs the achieved TFLOP/s against a peak.
+waiting on the host) its time per step, its share, and for the GEMMs the achieved TFLOP/s against a peak; the
+idle row says which families' launches the GPU waited for (the gaps inside the trace, by the kernel after each).
 """
 from __future__ import annotations
 
@@ -44,6 +45,19 @@ def busy_time(intervals) -> float:
             total += e - end
             end = e
     return total
+
+
+def waits_before(kernels, min_gap_us: float = 2.0) -> dict:
+    """GPU idle time inside the traced span, charged to the kernel family whose launch the GPU was waiting for:
+    family -> us of the gaps (>= min_gap_us) that end where one of its kernels starts."""
+    waits: dict = {}
+    end = None
+    for name, s, e in sorted(kernels, key=lambda k: k[1]):
+        if end is not None and s - end >= min_gap_us:
+            fam = family_of(name)
+            waits[fam] = waits.get(fam, 0.0) + (s - end)
+        end = e if end is None else max(end, e)
+    return waits
 
 
 def _gemm_shapes(shapes):
@@ -96,7 +110,9 @@ def summarize(kernels, gemm_ops, steps: int, wall_us: float, peak_tflops: float 
     for fam, us in sorted(per.items(), key=lambda kv: -kv[1]):
         rows.append((fam, us / steps / 1e3, ""))
     idle_us = max(0.0, wall_us - busy_time([(s, e) for _, s, e in kernels]))
-    rows.append(("idle (GPU waiting)", idle_us / steps / 1e3, ""))
+    waits = sorted(waits_before(kernels).items(), key=lambda kv: -kv[1])[:4]
+    note = ("waiting to start: " + ", ".join(f"{fam} {us / steps / 1e3:.2f} ms" for fam, us in waits)) if waits else ""
+    rows.append(("idle (GPU waiting)", idle_us / steps / 1e3, note))
     return [(f, ms, ms / (step_us / 1e3) if step_us else 0.0, note) for f, ms, note in rows]
 
 

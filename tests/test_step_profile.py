@@ -62,3 +62,13 @@ def test_gpu_user_annotations_are_not_kernels():
               NS(name="aten::add", device_type="DeviceType.CPU", kernels=[])]
     kernels, gemm_ops = P.split_events(events)
     assert kernels == [("ampere_sgemm_128x64", 10, 50)] and gemm_ops == []
+
+
+def test_idle_gaps_are_charged_to_the_kernel_the_gpu_waited_for():
+    kernels = [("sm90_xmma_gemm_tn", 0, 100), ("cross_entropy_kernel", 130, 140), ("rms_norm_fwd_kernel", 141, 150),
+               ("multi_tensor_apply_kernel<adam>", 200, 210), ("cross_entropy_kernel", 300, 310),
+               ("rope_kernel", 305, 320)]  # (an overlapping kernel: no gap)
+    assert P.waits_before(kernels) == {"loss": 30 + 90, "optimizer": 50}  # the 1 us gap is below the threshold
+    rows = P.summarize(kernels, [], steps=2, wall_us=400.0)
+    idle = [r for r in rows if r[0] == "idle (GPU waiting)"][0]
+    assert idle[3] == "waiting to start: loss 0.06 ms, optimizer 0.03 ms"
