@@ -8,7 +8,8 @@ functions by own time.
     python -m build_tools.host_overhead --compile-time [--mode lora]   # first compiled step, aot_eager on a CPU
 
 With --gpu MODEL (1b or 8b; a CUDA GPU): the real step of that shape instead, its host side under cProfile (3
-steady steps; kernels run): the functions with the most own time, which is where a host-bound step goes.
+steady steps; kernels run): the functions with the most own time, which is where a host-bound step goes. With
+--gpu MODEL --syncs [--graphs]: every host sync of one steady step, by call site (a sync idles the GPU).
 """
 from __future__ import annotations
 
@@ -161,6 +162,72 @@ def profile_gpu(model_shape="1b", mode="qlora", variant="fusedlora", top=40, bat
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
+def sync_sites(stacks, skip=("site-packages/torch/", "<frozen", "warnings.py", "host_overhead.py")) -> list:
+    """(count, site) per host-sync call site, most frequent first. A site: the innermost frame outside torch
+    (and this tool) with the frame outside that one, and, when the sync itself happened deeper, inside torch,
+    that innermost frame in brackets (a C++ sync under a torch Python function: the optimizer, backward...)."""
+    import collections
+
+    def where(f):
+        return f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}"
+    sites = collections.Counter()
+    for stack in stacks:
+        mine = [k for k, f in enumerate(stack) if not any(x in f.filename for x in skip)]
+        site = ""
+        if mine:
+            inner = stack[mine[-1]]
+            site = f"{where(inner)} in {inner.name}" + (f" <- {where(stack[mine[-2]])}" if len(mine) > 1 else "")
+        if stack and (not mine or mine[-1] != len(stack) - 1):
+            site += f" [{stack[-1].filename.split('site-packages/')[-1]}:{stack[-1].lineno} in {stack[-1].name}]"
+        sites[site.strip()] += 1
+    return [(n, site) for site, n in sites.most_common()]
+
+
+def find_syncs(model_shape="1b", mode="qlora", variant="fusedlora", graphs=False, batch=4, seq=2048) -> list:
+    """Every host sync of one steady training step of the real shape on the GPU (torch.cuda's sync debug mode,
+    each warning's Python stack kept): sync_sites of them. A sync in a step leaves the GPU idle until the host
+    catches up again."""
+    import traceback
+    import warnings
+
+    import torch
+
+    import fusedlora
+    from fusedlora import workload
+    model, _ = workload.build(model_shape, mode, variant, "cuda", False)
+    if graphs:
+        fusedlora.cuda_graph_layers(model, warmup=1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    ids = torch.randint(0, workload.SHAPES[model_shape]["vocab_size"], (batch, seq), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    stacks = []
+    shown = warnings.showwarning
+
+    def keep(message, category, *args, **kwargs):
+        if "synchroniz" in str(message):
+            stacks.append(traceback.extract_stack()[:-1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = keep
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = shown
+    torch.cuda.synchronize()
+    return sync_sites(stacks)
+
+
 COMPILE_VARIANTS = ("hf", "fusedlora", "compile_layers", "fusedlora_compile_layers")
 
 
@@ -201,6 +268,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu", choices=("1b", "8b"), default=None, help="profile the real shape's step on the GPU")
     ap.add_argument("--compile-time", action="store_true",
                     help="first compiled step (aot_eager, CPU) of HF / patched, whole model / compile_layers")
+    ap.add_argument("--syncs", action="store_true", help="with --gpu: every host sync of one steady step, by call "
+                    "site (--graphs: the layers as real CUDA graphs)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
@@ -218,6 +287,13 @@ def main(argv=None) -> int:
                 print(f"{v} failed:\n" + "\n".join(r.stderr.strip().splitlines()[-6:]))
         for v, t in times.items():
             print(f"{args.mode} {v}: first compiled step {t:.1f} s ({t / times['hf']:.0%} of HF torch.compile(model))")
+        return 0
+    if args.gpu and args.syncs:
+        sites = find_syncs(args.gpu, args.mode, args.variant, args.graphs)
+        print(f"{args.variant}{' + cuda graphs' if args.graphs else ''} {args.mode} {args.gpu}: "
+              f"{sum(n for n, _ in sites)} host syncs in one steady step")
+        for n, site in sites:
+            print(f"  {n:4d}  {site}")
         return 0
     if args.gpu:
         profile_gpu(args.gpu, args.mode, args.variant, args.top or 40)

@@ -300,6 +300,9 @@ def run(args) -> dict:
         "first_step_s": first_step_s, "process_s": t_end - t_start,
         "peak_gib": max(warmup_peak, torch.cuda.max_memory_allocated()) / 2**30 if on_gpu else None,
         "steady_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
+        # what the process holds from the GPU at most (CUDA-graph pools included: a replay allocates nothing,
+        # so allocated-memory statistics do not see the memory a graph reuses)
+        "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if on_gpu else None,
         "losses": logged,  # every step's loss, read at the logging steps
         "fusedlora_jit_kernels": loader.get_loader().stats.get("jit", 0) if args.variant.startswith("fusedlora") else None,
         "patch": report, "versions": _versions(), "device": torch.cuda.get_device_name() if on_gpu else "cpu",

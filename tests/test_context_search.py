@@ -69,9 +69,9 @@ def test_e2e_table_compares_offloaded_runs_with_hf_checkpointing():
         return {"model": "1b", "mode": "qlora", "variant": variant, "gc": gc, "offload": offload,
                 "tokens_per_s": tps, "step_ms": 1.0, "peak_gib": 1.0, "first_step_s": 1.0, "losses": [2.0],
                 "fusedlora_jit_kernels": 0}
-    table = bench_e2e.markdown([row("hf", False, False, 100.0), row("hf", True, False, 50.0),
-                                row("fusedlora", False, True, 150.0)])
-    assert "| 1b | qlora | offload | fusedlora | 150 | 3.00x |" in table
+    offloaded = dict(row("fusedlora", False, True, 150.0), reserved_gib=2.5)
+    table = bench_e2e.markdown([row("hf", False, False, 100.0), row("hf", True, False, 50.0), offloaded])
+    assert "| 1b | qlora | offload | fusedlora | 150 | 3.00x | 1.0 | 1.00 | 2.50 |" in table
     assert "| 1b | qlora | on | hf | 50 | 1.00x |" in table
 
 

@@ -11,8 +11,9 @@ from build_tools import host_overhead
 
 pytestmark = pytest.mark.skipif(HAS_CUDA, reason="measured on the CPU path (the interpreter's launches skipped)")
 
-# measured 2026-12-01 after the cuts of that day (before them: 4739 aten ops for QLoRA); ~2 % headroom
-BUDGET = {"qlora": (372, 3880), "lora": (148, 3580)}
+# measured 2026-12-01 after the cuts of that day (before them: 4739 aten ops for QLoRA), then 2026-12-02 with
+# recompute_norms (+32 rms_norm_fwd launches and ~96 aten ops a step: 372 / 3798 -> 404 / 3894); ~2 % headroom
+BUDGET = {"qlora": (404, 3980), "lora": (180, 3680)}
 
 
 @pytest.mark.parametrize("mode", sorted(BUDGET))
@@ -55,3 +56,17 @@ def test_graphed_step_issues_a_fraction_of_the_eager_ops():
     r = host_overhead.measure("qlora", steps=1, graphs=True)
     assert r["launches"] <= 5, r["top_launches"]
     assert r["aten_ops"] <= 640, r["top_ops"]
+
+
+def test_sync_sites_name_the_innermost_frame_outside_torch():
+    from traceback import FrameSummary as F
+    hf = F("/opt/torch/.venv/lib/python3.12/site-packages/transformers/masking_utils.py", 10, "sdpa_mask")
+    ours = F("/w/fusedlora/hf/forwards.py", 20, "causal_lm_forward")
+    torch_frame = F("/opt/torch/.venv/lib/python3.12/site-packages/torch/_tensor.py", 30, "__bool__")
+    adam = F("/x/site-packages/torch/optim/adamw.py", 40, "_fused_adamw")
+    stacks = [[ours, hf, torch_frame], [ours, hf, torch_frame], [F("/w/train.py", 5, "main"), ours],
+              [F("<frozen runpy>", 88, "_run_code"), adam]]
+    assert host_overhead.sync_sites(stacks) == [
+        (2, "masking_utils.py:10 in sdpa_mask <- forwards.py:20 [torch/_tensor.py:30 in __bool__]"),
+        (1, "forwards.py:20 in causal_lm_forward <- train.py:5"),
+        (1, "[torch/optim/adamw.py:40 in _fused_adamw]")]
