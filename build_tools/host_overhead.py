@@ -117,12 +117,16 @@ def measure(mode="qlora", variant="fusedlora", gc=False, steps=10, seq=64, profi
             "top_launches": top_launches, "profile": top}
 
 
-def profile_gpu(model_shape="1b", mode="qlora", variant="fusedlora", top=40, batch=4, seq=2048):
-    """cProfile of 3 steady training steps of the real shape on the GPU (the host side of a step as it runs)."""
+def gpu_step(model_shape="1b", mode="qlora", variant="fusedlora", graphs=False, batch=4, seq=2048):
+    """A training step of the real shape on the GPU (bf16 autocast, fused AdamW, fresh random tokens once),
+    after 3 warm-up steps (CUDA graphs captured by then when `graphs`)."""
     import torch
 
+    import fusedlora
     from fusedlora import workload
     model, _ = workload.build(model_shape, mode, variant, "cuda", False)
+    if graphs:
+        fusedlora.cuda_graph_layers(model, warmup=1)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     ids = torch.randint(0, workload.SHAPES[model_shape]["vocab_size"], (batch, seq), device="cuda")
 
@@ -135,6 +139,13 @@ def profile_gpu(model_shape="1b", mode="qlora", variant="fusedlora", top=40, bat
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    return step
+
+
+def profile_gpu(model_shape="1b", mode="qlora", variant="fusedlora", top=40, batch=4, seq=2048):
+    """cProfile of 3 steady training steps of the real shape on the GPU (the host side of a step as it runs)."""
+    import torch
+    step = gpu_step(model_shape, mode, variant, False, batch, seq)
     # Without cProfile: the host's time to issue a step (no sync inside) against the GPU's time for it. Issue
     # time close to the GPU time means the GPU waits for the host.
     issue, gpu = [], []
@@ -191,30 +202,16 @@ def find_syncs(model_shape="1b", mode="qlora", variant="fusedlora", graphs=False
     import warnings
 
     import torch
-
-    import fusedlora
-    from fusedlora import workload
-    model, _ = workload.build(model_shape, mode, variant, "cuda", False)
-    if graphs:
-        fusedlora.cuda_graph_layers(model, warmup=1)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    ids = torch.randint(0, workload.SHAPES[model_shape]["vocab_size"], (batch, seq), device="cuda")
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
+    step = gpu_step(model_shape, mode, variant, graphs, batch, seq)
     stacks = []
     shown = warnings.showwarning
 
     def keep(message, category, *args, **kwargs):
         if "synchroniz" in str(message):
-            stacks.append(traceback.extract_stack()[:-1])
+            stack = traceback.extract_stack()[:-1]
+            while stack and stack[-1].filename.endswith("warnings.py"):  # (the warning machinery itself)
+                stack.pop()
+            stacks.append(stack)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = keep
