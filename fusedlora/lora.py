@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import torch
 
-from .ops._common import autocast_dtype, cdiv, check_tensor
+from .ops._common import autocast_dtype, cdiv, check_tensor, wide_rows
 from .ops.glu import glu_backward, glu_forward
 from .ops.glu_lora import glu_lora_backward, glu_lora_dyb, glu_lora_forward, glu_lora_rank_pad
 from .ops.rms_norm import norm_source
@@ -349,7 +349,7 @@ def _mlp_fused_forward(X2, pg, pu, pd, dtype, act):
     splits over two cache lines (slower; docs/perf-notes.md). XA = X [A_g; A_u]^T. h = act(e) * g is not kept; h A_d^T is kept (down_proj's dB)."""
     I, rg = _weight_shape(pg.W, pg.quant)[0], pg.A.shape[0]
     XA = X2 @ torch.cat([pg.Ac, pu.Ac], 0).t()
-    EG = X2.new_empty(X2.shape[0], cdiv(2 * I + rg + pu.A.shape[0], 64) * 64)
+    EG = wide_rows(X2, X2.shape[0], cdiv(2 * I + rg + pu.A.shape[0], 64) * 64)
     _gate_up_base(X2, pg, pu, EG, dtype)
     h = glu_lora_forward(EG[:, :I], EG[:, I:2 * I], XA, rg, pg.Bc, pu.Bc,
                          (pg.s, pu.s), act)
@@ -369,7 +369,7 @@ def _mlp_fused_backward(ctx, need, X2, EG, XA, hA, dY):
     dYBs_d = _mm_scaled(dY, pd.Bc, pd.s)  # s_d dY B_d  [T, r_d]
     ddB = _mm_scaled(dY.t(), hA, pd.s).to(pd.B.dtype) if need["dB"] else None
     dh = dY @ dequantize_base(pd.W, pd.quant, dtype)
-    D = EG if ctx.inplace else torch.empty_like(EG)  # de | dg | G, over e | g when inplace
+    D = EG if ctx.inplace else wide_rows(EG, *EG.shape)  # de | dg | G, over e | g when inplace
     B_g, B_u = pg.Bc, pu.Bc
     de, dg, Q = glu_lora_backward(dh, EG[:, :I], EG[:, I:2 * I], XA, rg, dYBs_d, B_g, B_u, pd.Ac,
                                   (pg.s, pu.s), ctx.act_bwd.glu_act, out=(D[:, :I], D[:, I:2 * I]))

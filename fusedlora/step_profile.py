@@ -74,10 +74,11 @@ def _gemm_shapes(shapes):
 def summarize(kernels, gemm_ops, steps: int, wall_us: float, peak_tflops: float = 0.0, rank_max: int = 128):
     """kernels: [(name, start_us, end_us)] of the device; gemm_ops: [(input_shapes, device_us)] of the CPU GEMM ops.
     Returns rows [(family, ms per step, share of the step, note)] with idle last."""
-    per = {}
+    per, by_name = {}, {}
     for name, s, e in kernels:
         fam = family_of(name)
         per[fam] = per.get(fam, 0.0) + (e - s)
+        by_name[name] = by_name.get(name, 0.0) + (e - s)
     base_us = rank_us = flops = 0.0
     for shapes, dev_us in gemm_ops:
         mnk = _gemm_shapes(shapes)
@@ -108,12 +109,19 @@ def summarize(kernels, gemm_ops, steps: int, wall_us: float, peak_tflops: float 
         if split:
             rows.append(("GEMMs (rank-r, a dimension <= %d)" % rank_max, gemm_us * split / steps / 1e3, ""))
     for fam, us in sorted(per.items(), key=lambda kv: -kv[1]):
-        rows.append((fam, us / steps / 1e3, ""))
+        rows.append((fam, us / steps / 1e3, _largest_kernels(fam, by_name, steps)))
     idle_us = max(0.0, wall_us - busy_time([(s, e) for _, s, e in kernels]))
     waits = sorted(waits_before(kernels).items(), key=lambda kv: -kv[1])[:4]
     note = ("waiting to start: " + ", ".join(f"{fam} {us / steps / 1e3:.2f} ms" for fam, us in waits)) if waits else ""
     rows.append(("idle (GPU waiting)", idle_us / steps / 1e3, note))
     return [(f, ms, ms / (step_us / 1e3) if step_us else 0.0, note) for f, ms, note in rows]
+
+
+def _largest_kernels(family: str, by_name: dict, steps: int, top: int = 3, width: int = 48) -> str:
+    """The family's `top` kernels by GPU time (ms per step), names cut to `width` characters: which kernels
+    a family's time is, to decide what to fuse or drop."""
+    mine = sorted(((us, n) for n, us in by_name.items() if family_of(n) == family), reverse=True)[:top]
+    return "; ".join(f"{n[:width]} {us / steps / 1e3:.2f}" for us, n in mine)
 
 
 def profile_steps(run_step, steps: int):

@@ -2,6 +2,7 @@
 GPU: the same in fp32): patched vs unpatched loss and every LoRA gradient, AdamW steps, packed rows,
 unsupported layers, unpatch, idempotence, generation, the HF Trainer with gradient accumulation."""
 import copy
+import functools
 import warnings
 
 import pytest
@@ -107,6 +108,41 @@ def test_family_loss_and_grads_match(model_type):
         got = loss_and_grads(fused, ids, labels)
     assert_same(loss_and_grads(ref, ids, labels), got)
     assert not report.fallbacks.counts
+
+
+def _nan_filled_allocations(monkeypatch):
+    """Every uninitialised float tensor (torch.empty, empty_like, Tensor.new_empty) starts as NaN: a read of
+    memory nobody wrote shows in the result instead of depending on what the allocator handed back."""
+    def filled(make):
+        def alloc(*args, **kwargs):
+            t = make(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return alloc
+    monkeypatch.setattr(torch, "empty", filled(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", filled(torch.empty_like))
+    monkeypatch.setattr(torch.Tensor, "new_empty", filled(torch.Tensor.new_empty))
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16_autocast"])
+def test_no_uninitialised_memory_reaches_loss_or_grads(monkeypatch, autocast, inplace):
+    """A patched step with every uninitialised buffer NaN-filled gives the unpatched loss and gradients. (Seen on
+    CPU: torch's bf16 GEMM reads a column block's row past its end, so the LoRA MLP buffer's unwritten spare
+    columns gave NaN gradients for whatever the allocator left there.)"""
+    ref = make_model("llama")
+    fused = copy.deepcopy(ref)
+    fusedlora.patch(fused)
+    if not inplace:
+        for layer in fused.base_model.model.model.layers:
+            layer.mlp.forward = functools.partial(fusedlora.lora.apply_lora_mlp_swiglu, layer.mlp, inplace=False)
+    ids, labels = batch()
+    ref.train(), fused.train()
+    with torch.autocast(DEVICE, dtype=autocast or torch.float32, enabled=autocast is not None):
+        want = loss_and_grads(ref, ids, labels)
+        _nan_filled_allocations(monkeypatch)
+        got = loss_and_grads(fused, ids, labels)
+    assert all(torch.isfinite(g).all() for g in got[1].values())
+    assert_same(want, got, tol=1e-4 if autocast is None else 3e-2)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma2", "qwen3"])

@@ -37,6 +37,14 @@ def test_summarize_splits_gemms_and_counts_idle():
     assert by["idle (GPU waiting)"][0] == pytest.approx(0.2)  # 1000 us wall - 800 us busy
     assert sum(share for _, _, share, _ in rows) == pytest.approx(1.0)
     assert "| GEMMs (base) | 0.60 | 60.0% |" in P.markdown(rows, "t")
+    assert by["norms"][2] == "rms_norm_fwd_kernel 0.05"  # each family names its largest kernels
+
+
+def test_families_name_their_largest_kernels():
+    kernels = [("elementwise_kernel<copy>", 0, 300), ("cat_kernel", 300, 400), ("elementwise_kernel<copy>", 400, 500),
+               ("fill_kernel", 500, 520), ("index_kernel", 520, 530), ("vectorized_mul", 530, 531)]
+    by = {f: note for f, _, _, note in P.summarize(kernels, [], steps=2, wall_us=600.0)}
+    assert by["copies/casts/elementwise"] == "elementwise_kernel<copy> 0.20; cat_kernel 0.05; fill_kernel 0.01"
 
 
 def test_gemms_inside_cuda_graphs_get_no_flop_rate():

@@ -58,6 +58,16 @@ def persistent_programs(n_work: int, per_sm: int, device_index: int) -> int:
     return max(1, min(n_work, per_sm * sm_count(device_index)) if per_sm else n_work)
 
 
+def wide_rows(like: torch.Tensor, rows: int, row_stride: int) -> torch.Tensor:
+    """A [rows, row_stride] buffer of like's dtype and device whose column blocks are handed to GEMMs:
+    uninitialised on a GPU; zero-filled elsewhere, because torch's CPU bf16 GEMM (torch 2.13, oneDNN) reads a
+    column block's row past its last column and a NaN left there by an uninitialised buffer comes out as
+    NaN rows (NaN * 0), while finite values there do not change the product."""
+    if like.is_cuda:
+        return like.new_empty(rows, row_stride)
+    return like.new_zeros(rows, row_stride)
+
+
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 

@@ -12,15 +12,15 @@ import torch.nn.functional as F
 from csrc_triton.glu_lora import (GLU_LORA_BWD, GLU_LORA_DYB, GLU_LORA_FWD, GLU_LORA_PROGRAMS_PER_SM,
                                   glu_lora_rank_pad)
 
-from ._common import cdiv, rel_err, sm_count
+from ._common import cdiv, rel_err, sm_count, wide_rows
 
 __all__ = ["glu_lora_forward", "glu_lora_backward", "glu_lora_dyb", "row_groups", "glu_lora_rank_pad",
            "naive_glu_lora_forward", "naive_glu_lora_backward", "naive_glu_lora_dyb"]
 
 
 def _empty_rows_like(t):
-    """An uninitialised tensor of t's shape and row stride (a column block of a new buffer if t is one)."""
-    return t.new_empty(t.shape[0], t.stride(0))[:, :t.shape[1]]
+    """A new tensor of t's shape and row stride (a column block of a new buffer if t is one)."""
+    return wide_rows(t, t.shape[0], t.stride(0))[:, :t.shape[1]]
 
 
 def row_groups(T, I, meta, device, per_sm=None):
