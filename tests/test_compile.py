@@ -303,7 +303,9 @@ def test_qlora_model_compiles_without_graph_breaks_and_matches_eager():
 
 def test_hf_gradient_checkpointing_under_compile_adds_no_graph_break():
     """HF's own (non-reentrant) gradient checkpointing with torch.compile: the patched model breaks the graph
-    exactly where the unpatched one does (HF's checkpoint wrapper), and its compiled step is its eager step."""
+    no more often than the unpatched one (HF's checkpoint wrapper; transformers 5.25 breaks 4 times unpatched, 2
+    patched: its output-capturing wrapper around the causal-LM forward, which the patched forward replaces, breaks
+    too), and its compiled step is its eager step."""
     from test_hf_patch import batch, make_model
     ids, labels = batch()
     breaks = []
@@ -318,7 +320,7 @@ def test_hf_gradient_checkpointing_under_compile_adds_no_graph_break():
             return model(input_ids=ids, labels=labels).loss
         breaks.append(torch._dynamo.explain(loss_of)(ids, labels).graph_break_count)
         torch._dynamo.reset()
-    assert breaks[1] == breaks[0], breaks
+    assert breaks[1] <= breaks[0], breaks
     _assert_steps_equal(*_eager_then_compiled(model, loss_of, (ids, labels), fullgraph=False))
 
 
