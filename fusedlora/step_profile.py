@@ -117,11 +117,20 @@ def summarize(kernels, gemm_ops, steps: int, wall_us: float, peak_tflops: float 
     return [(f, ms, ms / (step_us / 1e3) if step_us else 0.0, note) for f, ms, note in rows]
 
 
-def _largest_kernels(family: str, by_name: dict, steps: int, top: int = 3, width: int = 48) -> str:
-    """The family's `top` kernels by GPU time (ms per step), names cut to `width` characters: which kernels
-    a family's time is, to decide what to fuse or drop."""
+_NAME_NOISE = re.compile(r"\bvoid |\bat::native::|\(anonymous namespace\)::|\bc10::|\bcudnn::fusion::|\bstd::")
+
+
+def short_kernel_name(name: str, width: int = 90) -> str:
+    """A kernel name without its namespaces and `void` (so that a cut keeps the functor or template that tells
+    one elementwise kernel from another), cut to `width` characters."""
+    return _NAME_NOISE.sub("", name)[:width]
+
+
+def _largest_kernels(family: str, by_name: dict, steps: int, top: int = 3) -> str:
+    """The family's `top` kernels by GPU time (ms per step), short names: which kernels a family's time is,
+    to decide what to fuse or drop."""
     mine = sorted(((us, n) for n, us in by_name.items() if family_of(n) == family), reverse=True)[:top]
-    return "; ".join(f"{n[:width]} {us / steps / 1e3:.2f}" for us, n in mine)
+    return "; ".join(f"{short_kernel_name(n)} {us / steps / 1e3:.2f}" for us, n in mine)
 
 
 def profile_steps(run_step, steps: int):

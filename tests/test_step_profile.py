@@ -45,6 +45,12 @@ def test_families_name_their_largest_kernels():
                ("fill_kernel", 500, 520), ("index_kernel", 520, 530), ("vectorized_mul", 530, 531)]
     by = {f: note for f, _, _, note in P.summarize(kernels, [], steps=2, wall_us=600.0)}
     assert by["copies/casts/elementwise"] == "elementwise_kernel<copy> 0.20; cat_kernel 0.05; fill_kernel 0.01"
+    long = ("void at::native::vectorized_elementwise_kernel<8, at::native::BinaryFunctor<c10::BFloat16, c10::BFloat16, "
+            "c10::BFloat16, at::native::binary_internal::MulFunctor<float> > >(int, T2, T3)")
+    assert P.short_kernel_name(long, width=200) == (
+        "vectorized_elementwise_kernel<8, BinaryFunctor<BFloat16, BFloat16, BFloat16, binary_internal::MulFunctor<float> "
+        "> >(int, T2, T3)")
+    assert len(P.short_kernel_name(long)) == 90
 
 
 def test_gemms_inside_cuda_graphs_get_no_flop_rate():
