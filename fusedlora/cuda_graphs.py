@@ -272,6 +272,7 @@ class GraphedModule:
         #                            parameters change (an adapter added)
         self.replays = self.eager_calls = 0
         self.warned_sharded = False
+        self.warned_checkpointing = False
         self.inside_checkpoint = False  # running the layer's forward for the checkpointing function
         self.out_layouts: dict = {}     # key -> the output layout of its eager calls
 
@@ -636,16 +637,40 @@ class _GraphedCheckpoint:
         offloaded = isinstance(inner, functools.partial) and inner.func is offloaded_checkpoint
         self.offloader = inner.keywords.get("offloader") if offloaded else None
         self.offloaded = offloaded
+        self.replayable = offloaded or _plain_torch_checkpoint(inner)
 
     def __call__(self, function, *args, **kwargs):
         if (kwargs or not isinstance(function, functools.partial) or not args or not isinstance(args[0], torch.Tensor)
                 or (self.offloaded and self.offloader is None)):
+            return self.inner(function, *args, **kwargs)
+        if not self.replayable:
+            if not self.wrapper.warned_checkpointing:
+                self.wrapper.warned_checkpointing = True
+                warnings.warn(f"fusedlora.cuda_graph_layers: the layers' checkpointing function ({self.inner!r:.120}) "
+                              "is neither torch's checkpoint nor fusedlora's offloaded checkpointing (transformers' "
+                              "activation_checkpointing_enable(offload=True), say): those layers run eagerly under "
+                              "it, keeping what it keeps where it keeps it", stacklevel=2)
             return self.inner(function, *args, **kwargs)
         return self.wrapper.checkpointed(function, args, self.inner, self.offloader)
 
     def __deepcopy__(self, memo):
         import copy  # a copied model gets the plain function; its own wrapper installs itself again
         return copy.deepcopy(self.inner, memo)
+
+
+# torch.utils.checkpoint.checkpoint's keywords that change neither what it computes nor where it keeps the
+# layer input (a checkpoint graph keeps that input on the GPU and recomputes everything)
+_PLAIN_CHECKPOINT_KEYWORDS = frozenset({"use_reentrant", "preserve_rng_state", "determinism_check", "debug"})
+
+
+def _plain_torch_checkpoint(func) -> bool:
+    """Whether a layer's checkpointing function is torch's checkpoint (HF's default: functools.partial of it
+    with use_reentrant...), whose calls a checkpoint graph may replace; not a function that also moves saved
+    tensors (transformers' offload=True wraps checkpoint in save_on_cpu) or selects what to save (context_fn)."""
+    from torch.utils.checkpoint import checkpoint
+    if isinstance(func, functools.partial):
+        return func.func is checkpoint and not func.args and set(func.keywords) <= _PLAIN_CHECKPOINT_KEYWORDS
+    return func is checkpoint
 
 
 def graph_modules(modules, **options) -> list:

@@ -1,6 +1,7 @@
 """fusedlora.cuda_graph_layers: decoder layers replayed as CUDA graphs give the eager patched model's training
 run (losses, adapter gradients, gradient accumulation), and every call a graph cannot serve runs eagerly.
 The replay itself needs a GPU; the argument handling and the errors are checked everywhere."""
+import functools
 import warnings
 
 import pytest
@@ -642,3 +643,36 @@ def test_fake_graphs_draw_the_eager_dropout_masks_on_a_cpu(checkpointing):
         assert step_got.keys() == step_want.keys() and any(g.abs().max() > 0 for g in step_got.values())
         for n in step_got:
             torch.testing.assert_close(step_got[n], step_want[n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run real graphs")
+def test_other_checkpointing_functions_keep_their_layers_eager():
+    """A checkpointing function that is neither torch's checkpoint nor fusedlora's offloaded one (transformers
+    5.25's activation_checkpointing_enable(offload=True) wraps checkpoint in save_on_cpu) keeps its layers
+    eager under it, with a warning: a checkpoint graph would keep the layer input on the GPU, against what the
+    function was chosen for. The loss and gradients are the eager model's."""
+    from torch.utils.checkpoint import checkpoint
+
+    from build_tools.fake_cuda_graphs import fake_cuda_graphs
+    calls = []
+
+    def offloading_checkpoint(function, *args, **kwargs):
+        calls.append(1)
+        with torch.autograd.graph.save_on_cpu():
+            return checkpoint(function, *args, **kwargs)
+    data = workload.batches(3, 2, 16, False, "cpu")
+    want = _train(_cpu_model("hf"), data, amp=False)
+    with fake_cuda_graphs():
+        model = _cpu_model("hf")
+        for layer in _decoder_layers(model):
+            layer._gradient_checkpointing_func = functools.partial(offloading_checkpoint, use_reentrant=False)
+        wrappers = cuda_graphs.graph_modules(_decoder_layers(model), warmup=1)
+        with pytest.warns(UserWarning, match="neither torch's checkpoint nor fusedlora's offloaded"):
+            got = _train(model, data, amp=False)
+    assert all(w.replays == 0 and not w.graphs for w in wrappers), [(w.replays, w.failed) for w in wrappers]
+    assert len(calls) == len(data) * len(wrappers)
+    _assert_same_run(got, want, 1e-5, 1e-6, 1e-4, 1e-6, 1e-9)
+    plain = cuda_graphs._plain_torch_checkpoint
+    assert plain(checkpoint) and plain(functools.partial(checkpoint, use_reentrant=True, preserve_rng_state=False))
+    assert not plain(functools.partial(checkpoint, use_reentrant=False, context_fn=lambda: None))
+    assert not plain(functools.partial(offloading_checkpoint, use_reentrant=False))
