@@ -52,11 +52,16 @@ def plot(results, path: Path) -> bool:
     axes[0].set(title="training loss", xlabel="step", ylabel="loss")
     axes[0].legend()
     names = [r["variant"] for r in ok]
-    axes[1].bar(names, [r["tokens_per_s"] for r in ok], color=["#888", "#2a7"][: len(ok)])
+    colors = ["#888", "#2a7", "#27a"][: len(ok)]
+    speed = [r["tokens_per_s"] for r in ok]
+    axes[1].bar_label(axes[1].bar(names, speed, color=colors), labels=[f"{v:,.0f}" for v in speed])
     axes[1].set(title="tokens / s (higher is better)")
+    axes[1].margins(y=0.12)
     if all(r["peak_gib"] is not None for r in ok):
-        axes[2].bar(names, [r["peak_gib"] for r in ok], color=["#888", "#2a7"][: len(ok)])
+        peak = [r["peak_gib"] for r in ok]
+        axes[2].bar_label(axes[2].bar(names, peak, color=colors), labels=[f"{v:.2f}" for v in peak])
         axes[2].set(title="peak GPU memory GiB (lower is better)")
+        axes[2].margins(y=0.12)
     else:
         axes[2].axis("off")
     r0 = ok[0] if ok else {}
