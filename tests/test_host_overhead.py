@@ -52,12 +52,12 @@ def test_compile_time_probe_runs_regional_compile(monkeypatch):
 def test_graphed_step_issues_a_fraction_of_the_eager_ops():
     """--graphs: with the layers replayed from (fake) CUDA graphs the step's host side is what is left around
     them (embedding, final norm, loss, copies in and out of the graphs): measured 2026-12-02 at 619 aten ops and
-    5 launches for QLoRA against 3798 and 372 eager; 396 since each layer's gradients leave their graph in one
-    foreach op (2026-12-06; 224 of them are autograd's own detaches as it stores the gradients). The budget
-    keeps it there."""
+    5 launches for QLoRA against 3798 and 372 eager; 411 since each layer's gradients leave their graph in one
+    foreach op per dtype (2026-12-06; 224 of them are autograd's own detaches as it stores the gradients). The
+    budget keeps it there."""
     r = host_overhead.measure("qlora", steps=1, graphs=True)
     assert r["launches"] <= 5, r["top_launches"]
-    assert r["aten_ops"] <= 410, r["top_ops"]
+    assert r["aten_ops"] <= 425, r["top_ops"]
 
 
 def test_sync_sites_name_the_innermost_frame_outside_torch():
