@@ -45,7 +45,7 @@ def build(args, device):
     import torch
     import transformers
 
-    from fusedlora.workload import SHAPES, TARGETS, quantize_linears_nf4
+    from fusedlora.workload import SHAPES, TARGETS, enable_checkpointing, quantize_linears_nf4
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     torch.manual_seed(0)  # the same model on every rank
@@ -59,8 +59,7 @@ def build(args, device):
     if args.mode == "qlora":
         quantize_linears_nf4(model, dtype, quant_storage=dtype)
     if args.gc:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_checkpointing(model)
     torch.manual_seed(1)
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
     report = None

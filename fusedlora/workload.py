@@ -171,6 +171,18 @@ def _build_unsloth(shape, mode, gc, seed, dtype):
                                             random_state=seed + 1)
 
 
+def enable_checkpointing(model):
+    """HF's non-reentrant activation checkpointing on every decoder layer, with inputs that require grad:
+    activation_checkpointing_enable where transformers has it (5.25; gradient_checkpointing_enable, its
+    deprecated alias there, goes in v6), else gradient_checkpointing_enable."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
 def build(shape, mode, variant, device, gc, seed=0, offload=False, dtype=None, patch_options=None):
     import torch
     on_gpu = device == "cuda"
@@ -196,8 +208,7 @@ def build(shape, mode, variant, device, gc, seed=0, offload=False, dtype=None, p
         apply_liger_kernel_to_llama(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=True)
     if gc:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_checkpointing(model)
     torch.manual_seed(seed + 1)
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
     report = None
