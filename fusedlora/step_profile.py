@@ -74,11 +74,12 @@ def _gemm_shapes(shapes):
 def summarize(kernels, gemm_ops, steps: int, wall_us: float, peak_tflops: float = 0.0, rank_max: int = 128):
     """kernels: [(name, start_us, end_us)] of the device; gemm_ops: [(input_shapes, device_us)] of the CPU GEMM ops.
     Returns rows [(family, ms per step, share of the step, note)] with idle last."""
-    per, by_name = {}, {}
+    per, by_name = {}, {}  # family -> us; family -> {kernel name -> us}
     for name, s, e in kernels:
         fam = family_of(name)
         per[fam] = per.get(fam, 0.0) + (e - s)
-        by_name[name] = by_name.get(name, 0.0) + (e - s)
+        names = by_name.setdefault(fam, {})
+        names[name] = names.get(name, 0.0) + (e - s)
     base_us = rank_us = flops = 0.0
     for shapes, dev_us in gemm_ops:
         mnk = _gemm_shapes(shapes)
@@ -109,7 +110,7 @@ def summarize(kernels, gemm_ops, steps: int, wall_us: float, peak_tflops: float 
         if split:
             rows.append(("GEMMs (rank-r, a dimension <= %d)" % rank_max, gemm_us * split / steps / 1e3, ""))
     for fam, us in sorted(per.items(), key=lambda kv: -kv[1]):
-        rows.append((fam, us / steps / 1e3, _largest_kernels(fam, by_name, steps)))
+        rows.append((fam, us / steps / 1e3, _largest_kernels(by_name[fam], steps)))
     idle_us = max(0.0, wall_us - busy_time([(s, e) for _, s, e in kernels]))
     waits = sorted(waits_before(kernels).items(), key=lambda kv: -kv[1])[:4]
     note = ("waiting to start: " + ", ".join(f"{fam} {us / steps / 1e3:.2f} ms" for fam, us in waits)) if waits else ""
@@ -126,10 +127,10 @@ def short_kernel_name(name: str, width: int = 90) -> str:
     return _NAME_NOISE.sub("", name)[:width]
 
 
-def _largest_kernels(family: str, by_name: dict, steps: int, top: int = 3) -> str:
-    """The family's `top` kernels by GPU time (ms per step), short names: which kernels a family's time is,
-    to decide what to fuse or drop."""
-    mine = sorted(((us, n) for n, us in by_name.items() if family_of(n) == family), reverse=True)[:top]
+def _largest_kernels(by_name: dict, steps: int, top: int = 3) -> str:
+    """A family's `top` kernels by GPU time (ms per step; by_name: kernel name -> us), short names: which
+    kernels a family's time is, to decide what to fuse or drop."""
+    mine = sorted(((us, n) for n, us in by_name.items()), reverse=True)[:top]
     return "; ".join(f"{short_kernel_name(n)} {us / steps / 1e3:.2f}" for us, n in mine)
 
 
