@@ -24,4 +24,4 @@ CI_SUBSET = {
 }
 
 FAMILIES = {"common": COMMON, "ci": CI_SUBSET}
-ARCHS = (80, 86, 89, 90)
+# The archs are fusedlora.registry.SUPPORTED_ARCHS: one list for the builds and the loader.

@@ -20,10 +20,8 @@ from pathlib import Path
 from typing import Iterable
 
 from . import registry
-from .manifest import write_manifests
+from .manifest import expected_abi, write_manifests
 from .registry import Variant
-
-SCRATCH_ABI = ["*i8", "*i8"]  # global scratch, profile scratch: appended by Triton to every kernel
 
 
 def _bundled_ptxas() -> str | None:
@@ -78,7 +76,6 @@ def compile_variant(variant_str: str, ptxas13: bool = False) -> dict:
         raise RuntimeError(f"{v.kernel}: clusters, cooperative or PDL launches are not supported by the loader")
     cubin = k.asm["cubin"]
     ptx_version = re.search(r"^\.version (\d+\.\d+)", k.asm["ptx"], re.M)
-    abi = [t for n, t in v.signature if t != "1"]
     return {
         "variant": json.loads(v.to_string()),
         "file": v.file_stem() + ".cubin",
@@ -92,7 +89,7 @@ def compile_variant(variant_str: str, ptxas13: bool = False) -> dict:
         "global_scratch_size": int(getattr(md, "global_scratch_size", 0) or 0),
         "global_scratch_align": int(getattr(md, "global_scratch_align", 1) or 1),
         "profile_scratch_size": int(getattr(md, "profile_scratch_size", 0) or 0),
-        "abi": abi + SCRATCH_ABI,
+        "abi": expected_abi(v),
         "triton_version": triton.__version__,
         "ptx_version": ptx_version.group(1) if ptx_version else None,
         "ptxas": "cuda13" if (v.arch >= 90 and ptxas13) else "bundled",

@@ -17,34 +17,81 @@ from typing import Any
 
 from . import aot, registry
 from .loader import user_kernel_dir
-from .registry import SUPPORTED_ARCHS, Variant
+from .registry import Variant
 
 _DTYPE_NAMES = {"bfloat16": ["bf16"], "float16": ["fp16"], "float32": ["fp32"], "half": ["fp16"]}
 
 
-def family_from_config(config: dict[str, Any] | str | os.PathLike) -> dict[str, Any]:
-    """The shape family of a HF model config (a dict, a JSON string, or a path to config.json)."""
-    if not isinstance(config, dict):
-        text = str(config)
-        p = Path(text)
-        if p.is_dir():
-            p = p / "config.json"
-        config = json.loads(p.read_text() if p.is_file() else text)
-    cfg = config.get("text_config") or config  # multimodal wrappers keep the decoder's sizes there
+def _read_config(config: str | os.PathLike) -> Any:
+    """JSON text, a config.json path or a model folder holding one: the parsed JSON, or a ValueError saying which
+    of them `config` was taken for and what is wrong."""
+    text = str(config)
+    if text.lstrip().startswith(("{", "[")):
+        source, raw = "the JSON text", text
+    else:
+        path = Path(text)
+        if path.is_dir():
+            path = path / "config.json"
+            if not path.is_file():
+                raise ValueError(f"the folder {text} has no config.json")
+        elif not path.is_file():
+            raise ValueError(f"no such file: {text} (expected a config.json path, a model folder or JSON text)")
+        try:
+            source, raw = str(path), path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read {path}: {e}") from None
     try:
-        hidden = int(cfg["hidden_size"])
-    except KeyError:
-        raise ValueError("model config has no hidden_size") from None
-    heads = cfg.get("num_attention_heads")
-    head_dim = cfg.get("head_dim") or (hidden // int(heads) if heads else None)
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{source} is not JSON ({e})") from None
+
+
+def _size(cfg: dict, key: str, required: bool = False) -> int | None:
+    value = cfg.get(key)
+    if value is None and not required:
+        return None
+    if value is None:
+        raise ValueError(f"the model config has no {key}")
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"the model config's {key} is not a positive whole number: {value!r}")
+    return value
+
+
+def family_from_config(config: dict[str, Any] | str | os.PathLike) -> dict[str, Any]:
+    """The shape family of a HF model config (a dict, a JSON string, or a path to config.json or its folder);
+    a ValueError names what is missing or malformed."""
+    if not isinstance(config, dict):
+        config = _read_config(config)
+    if not isinstance(config, dict):
+        raise ValueError(f"the model config is not a JSON object: {str(config)[:80]}")
+    cfg = config.get("text_config") or config  # multimodal wrappers keep the decoder's sizes there
+    if not isinstance(cfg, dict):
+        raise ValueError("the model config's text_config is not a JSON object")
+    hidden = _size(cfg, "hidden_size", required=True)
+    heads = _size(cfg, "num_attention_heads")
+    head_dim = _size(cfg, "head_dim") or (hidden // heads if heads else None)
+    intermediate, vocab = _size(cfg, "intermediate_size"), _size(cfg, "vocab_size")
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype") or "").replace("torch.", "")
     return {
         "hidden_sizes": [hidden],
-        "head_dims": [int(head_dim)] if head_dim else [],
-        "intermediate_sizes": [int(cfg["intermediate_size"])] if cfg.get("intermediate_size") else [],
-        "vocab_sizes": [int(cfg["vocab_size"])] if cfg.get("vocab_size") else [],
+        "head_dims": [head_dim] if head_dim else [],
+        "intermediate_sizes": [intermediate] if intermediate else [],
+        "vocab_sizes": [vocab] if vocab else [],
         "dtypes": _DTYPE_NAMES.get(dtype, ["bf16", "fp16"]),
     }
+
+
+def variant_from_text(text: str) -> Variant:
+    """A `--variant` string: a registered kernel's variant for a supported arch, else a ValueError saying why."""
+    v = Variant.from_string(text)
+    specs = registry.all_kernels()
+    if v.kernel not in specs:
+        raise ValueError(f"unknown kernel {v.kernel!r}; the kernels are {', '.join(sorted(specs))}")
+    registry.parse_archs(str(v.arch))
+    names = [n for n, k in specs[v.kernel].arg_kinds() if k != "constexpr"]
+    if [n for n, _ in v.signature] != names:
+        raise ValueError(f"the variant's signature names {[n for n, _ in v.signature]}; {v.kernel} takes {names}")
+    return v
 
 
 def _local_arch() -> int | None:
@@ -72,19 +119,24 @@ def main(argv=None) -> int:
     if not args.config and not args.variant:
         ap.error("give --config or --variant")
 
-    variants: list[Variant] = [Variant.from_string(s) for s in args.variant]
+    variants: list[Variant] = []
+    for text in args.variant:
+        try:
+            variants.append(variant_from_text(text))
+        except ValueError as e:
+            ap.error(f"--variant: {e} (expected the string a FUSEDLORA_AOT_ONLY error prints)")
     if args.config:
-        if args.arch:
-            archs = [int(a.strip().removeprefix("sm_")) for a in args.arch.split(",") if a.strip()]
-        else:
-            local = _local_arch()
-            if local is None:
-                ap.error("no GPU here: give --arch (e.g. --arch 90)")
-            archs = [local]
-        bad = [a for a in archs if a not in SUPPORTED_ARCHS and a < 80]
-        if bad:
-            ap.error(f"unsupported arch {bad}: fusedlora needs sm_80 or newer")
-        family = family_from_config(args.config)
+        local = _local_arch() if args.arch is None else None
+        if args.arch is None and local is None:
+            ap.error("no GPU here: give --arch (e.g. --arch 90)")
+        try:
+            archs = registry.parse_archs(str(local) if args.arch is None else args.arch)
+        except ValueError as e:
+            ap.error(f"--arch: {e}" if args.arch is not None else f"this GPU is sm_{local}: {e}")
+        try:
+            family = family_from_config(args.config)
+        except ValueError as e:
+            ap.error(f"--config: {e}")
         variants += registry.family_variants(family, archs)
     out = Path(args.out) if args.out else user_kernel_dir()
     summary = aot.build(variants, out, jobs=args.jobs, ptxas13=args.ptxas13, quiet=args.quiet, merge=True)

@@ -7,12 +7,15 @@ minor) -> the normal `@triton.jit` call, logged once per key at debug level.
 - `FUSEDLORA_JIT=1` forces the JIT path; `FUSEDLORA_AOT_ONLY=1` turns a miss into an error naming the
   variant and the command that builds it. Both are read when the loader is created (`reset()` re-reads).
 - Kernel directories searched, first match wins: each entry of `FUSEDLORA_KERNEL_PATH` (os.pathsep
-  separated), the user kernel directory (`fusedlora.build`'s default output), the wheel's prebuilt set.
-- A cubin whose checksum does not match its manifest, or that the driver refuses, is skipped with a
-  warning and the call goes to the JIT path: never a crash, never a wrong kernel.
+  separated, absolute paths only), the user kernel directory (`fusedlora.build`'s default output), the
+  wheel's prebuilt set.
+- A folder, manifest or cubin that breaks the contract of `fusedlora.manifest` (checksum, source hash, ABI,
+  Triton version, arch, schema, paths inside the folder), or a cubin the driver refuses, is skipped with one
+  warning per folder and reason and the call goes to the JIT path: never a crash, never a wrong kernel.
 - The resolved launcher is memoised per (device, key); per-thread argument slots are prepared once and
   only their values change per launch. Launches go on torch's current stream, so CUDA graph capture
-  works. This memo and the loaded modules are the loader's only state (`reset()` drops them).
+  works. This memo, the loaded modules and the warnings given are the loader's only state (`reset()` drops
+  them).
 """
 from __future__ import annotations
 
@@ -23,13 +26,12 @@ import operator
 import os
 import struct
 import threading
-import warnings
 from pathlib import Path
 from typing import Any
 
 from . import registry
-from .manifest import Entry, kernel_index, read_top_manifests
-from .registry import COMPATIBLE_ARCHS, KernelSpec, Variant
+from .manifest import Entry, FolderRefused, FolderWarnings, current_kernel_folders, kernel_index, read_top_manifests
+from .registry import SUPPORTED_ARCHS, KernelSpec, Variant, compatible_archs
 
 log = logging.getLogger("fusedlora")
 
@@ -37,7 +39,9 @@ PREBUILT_DIR = Path(__file__).parent / "_prebuilt"
 
 
 def user_kernel_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):  # the XDG rule: a relative XDG_CACHE_HOME is invalid and ignored
+        base = os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "fusedlora" / "kernels"
 
 
@@ -264,7 +268,9 @@ class Loader:
             raise ValueError("FUSEDLORA_JIT=1 and FUSEDLORA_AOT_ONLY=1 contradict each other")
         self._driver = driver
         self._tops = None
-        self._kernels: dict[str, tuple] = {}
+        self._folders: dict[str, list] = {}  # kernel -> its current-source folders (manifest.current_kernel_folders)
+        self._kernels: dict[tuple, dict] = {}
+        self.warn = FolderWarnings()  # one warning per kernel folder and reason, for this loader's lifetime
         self._launchers: dict[str, KernelLauncher] = {}
         self._archs: dict[int, int] = {}
         self._lock = threading.RLock()
@@ -287,28 +293,36 @@ class Loader:
         if self._tops is None:
             with self._lock:
                 if self._tops is None:
-                    self._tops = read_top_manifests(self.dirs)
+                    self._tops = read_top_manifests(self.dirs, self.warn)
         return self._tops
 
+    def kernel_folders(self, name: str) -> list:
+        """(folder, kernel record) of the folders holding `name` built from its current source, read on first use."""
+        got = self._folders.get(name)
+        if got is None:
+            with self._lock:
+                got = self._folders.get(name)
+                if got is None:
+                    got = self._folders[name] = current_kernel_folders(self._top(), name, self.warn)
+        return got
+
     def kernel_entries(self, name: str, archs: tuple[int, ...]):
-        """key -> {arch: (dir, record)} of one kernel for these archs, read on first use."""
+        """key -> {arch: Entry} of one kernel for these archs, read and checked on first use."""
         got = self._kernels.get((name, archs))
         if got is None:
             with self._lock:
                 got = self._kernels.get((name, archs))
                 if got is None:
-                    got = self._kernels[(name, archs)] = kernel_index(self._top(), name, archs)[0]
+                    got = self._kernels[(name, archs)] = kernel_index(self.kernel_folders(name), name, archs, self.warn)
         return got
 
     def arg_kinds(self, spec: KernelSpec):
-        """The kernel's argument kinds from the manifest (so the prebuilt path never imports triton)."""
+        """The kernel's argument kinds from a manifest of its current source (so the prebuilt path never imports
+        triton); a stale folder's are another argument list."""
         if self.force_jit:
             return None
-        for _, top in self._top():
-            info = top["kernels"].get(spec.name)
-            if info and info.get("arg_kinds"):
-                return [tuple(k) for k in info["arg_kinds"]]
-        return None
+        folders = self.kernel_folders(spec.name)
+        return [tuple(k) for k in folders[0][1]["arg_kinds"]] if folders else None
 
     def arch(self, device: int) -> int:
         arch = self._archs.get(device)
@@ -343,9 +357,9 @@ class Loader:
     # -- resolution
     def find(self, spec: KernelSpec, arch: int, sig, constexprs):
         """Manifest entries matching the key, best first (exact arch, then compatible archs)."""
-        archs = COMPATIBLE_ARCHS.get(arch, ())
+        archs = compatible_archs(arch)
         by_arch = self.kernel_entries(spec.name, archs).get((spec.name, sig, constexprs), {})
-        return [Entry(*by_arch[a]) for a in archs if a in by_arch]
+        return [by_arch[a] for a in archs if a in by_arch]
 
     def wanted_variant(self, spec: KernelSpec, arch: int, sig, constexprs) -> Variant:
         num_warps, num_stages = spec.config(arch, dict(constexprs))
@@ -363,6 +377,10 @@ class Loader:
                     log.debug("fusedlora: %s on cuda:%d uses prebuilt %s", spec.name, device, entry.path.name)
                     return launch
         variant = self.wanted_variant(spec, arch, sig, constexprs)
+        if self.aot_only and not compatible_archs(arch):
+            raise MissingKernelError(
+                f"FUSEDLORA_AOT_ONLY=1, but kernels are prebuilt for sm_{', sm_'.join(map(str, SUPPORTED_ARCHS))} "
+                f"only and cuda:{device} is sm_{arch}: unset FUSEDLORA_AOT_ONLY to run {spec.name} through triton.jit")
         if self.aot_only:
             raise MissingKernelError(
                 f"FUSEDLORA_AOT_ONLY=1 and no prebuilt kernel matches {spec.name} on sm_{arch} "
@@ -374,13 +392,9 @@ class Loader:
         return _JitLaunch(spec, dict(constexprs), variant.num_warps, variant.num_stages)
 
     def _load(self, entry: Entry, device: int, sig):
-        image = entry.image()
+        # The entry's ABI was checked against its signature when its manifest was read, and that is `sig`.
+        image = entry.image(self.warn)
         if image is None:
-            return None
-        expected = [t for t in sig if t != "1"]
-        if entry.record.get("abi") and entry.record["abi"][:-2] != expected:
-            warnings.warn(f"fusedlora: {entry.path.name} has ABI {entry.record['abi']}, expected {expected} + "
-                          "2 scratch pointers; using the JIT path", RuntimeWarning, stacklevel=3)
             return None
         drv = self.driver()
         try:
@@ -388,8 +402,8 @@ class Loader:
                 drv.ensure_context(device)
                 func = drv.load_function(image, entry.name, entry.shared)
         except Exception as e:
-            warnings.warn(f"fusedlora: could not load {entry.path} on cuda:{device} ({e}); using the JIT path",
-                          RuntimeWarning, stacklevel=3)
+            self.warn(entry.directory, FolderRefused(f"the driver could not load a cubin on cuda:{device}",
+                                                     f"{entry.file}: {e}"))
             return None
         return _AotLaunch(self, func, entry, device, sig)
 

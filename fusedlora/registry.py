@@ -25,10 +25,40 @@ from typing import Any, Callable, Iterable
 
 # Triton element type names used in signatures, keyed by our short dtype names.
 DTYPES = ("fp16", "bf16", "fp32", "i32", "i64", "u8", "i8", "i16")
+# The one list of archs that fusedlora prebuilds and launches prebuilt: `python -m fusedlora.build`,
+# `python -m build_tools.aot` and the loader all read it (another GPU runs triton.jit).
 SUPPORTED_ARCHS = (80, 86, 89, 90)
-# Cubins of arch X run on GPUs of the same major version with minor >= X's minor. sm_90 cubins are
-# built for sm_90a by Triton and only run on cc 9.0.
-COMPATIBLE_ARCHS = {80: (80,), 86: (86, 80), 87: (80,), 89: (89, 86, 80), 90: (90,)}
+# Triton's argument types of a kernel signature (the loader's binder produces the same).
+SIGNATURE_TYPES = frozenset({"1", "fp32", "i32", "i32:16", "i64", "i64:16"} | {f"*{d}{a}" for d in DTYPES for a in ("", ":16")})
+
+
+def compatible_archs(gpu_arch: int) -> tuple[int, ...]:
+    """The supported archs whose cubins run on a GPU of `gpu_arch`, best first. A cubin of X.y runs on X.z
+    for z >= y, except that Triton builds sm_90 and newer for arch-specific targets (sm_90a): that arch only."""
+    return tuple(a for a in sorted(SUPPORTED_ARCHS, reverse=True)
+                 if a // 10 == gpu_arch // 10 and a % 10 <= gpu_arch % 10 and (a < 90 or a == gpu_arch))
+
+
+COMPATIBLE_ARCHS = {g: compatible_archs(g) for g in range(80, 100) if compatible_archs(g)}  # by GPU arch
+
+
+def parse_archs(text: str) -> list[int]:
+    """The build commands' `--arch` ("90", "80,sm_86"): supported archs, or a ValueError saying what is expected."""
+    supported = ", ".join(map(str, SUPPORTED_ARCHS))
+    archs = []
+    for item in str(text).split(","):
+        digits = item.strip().lower().removeprefix("sm_").removeprefix("sm")
+        if not digits.isdigit():
+            raise ValueError(f"expected comma-separated compute capabilities from {supported} (e.g. 90 or 80,86); "
+                             f"got {text!r}")
+        if int(digits) not in archs:
+            archs.append(int(digits))
+    unsupported = [a for a in archs if a not in SUPPORTED_ARCHS]
+    if unsupported:
+        too_old = "fusedlora needs sm_80 or newer; " if min(unsupported) < 80 else ""
+        raise ValueError(f"unsupported arch {unsupported}: {too_old}kernels are prebuilt and loaded for {supported} "
+                         "only (other GPUs run fusedlora through triton.jit)")
+    return archs
 
 
 _OVERRIDES: dict[str, dict] = {}  # kernel name -> launch settings of an active KernelSpec.override (tuning only)
@@ -203,19 +233,59 @@ class Variant:
 
     @classmethod
     def from_string(cls, s: str) -> "Variant":
-        return cls.from_dict(json.loads(s))
+        """The variant of a string `to_string` wrote; a ValueError saying what is wrong with any other."""
+        try:
+            d = json.loads(s)
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"not JSON ({e})") from None
+        return cls.from_dict(d)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Variant":
+        """A variant from its JSON form, checked field by field (a ValueError names the first bad one): manifests
+        and the command line hand these in."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a variant is a JSON object, not {type(d).__name__}")
+        missing = [f for f in ("kernel", "arch", "signature", "constexprs", "num_warps", "num_stages") if f not in d]
+        if missing:
+            raise ValueError(f"the variant has no {', '.join(missing)}")
+        if not isinstance(d["kernel"], str) or not d["kernel"]:
+            raise ValueError(f"the variant's kernel is not a kernel name: {d['kernel']!r}")
+        arch, num_warps, num_stages = (_whole(d, f) for f in ("arch", "num_warps", "num_stages"))
+        if num_warps not in (1, 2, 4, 8, 16, 32) or num_stages < 1:
+            raise ValueError(f"the variant's num_warps ({num_warps}) is not one of 1, 2, 4, 8, 16, 32 or its "
+                             f"num_stages ({num_stages}) is below 1")
         # Lists of pairs, not objects: argument order is part of the ABI and JSON writers may sort keys.
-        return cls(kernel=d["kernel"], arch=int(d["arch"]), signature=tuple((n, t) for n, t in d["signature"]),
-                   constexprs=tuple((n, v) for n, v in d["constexprs"]), num_warps=int(d["num_warps"]),
-                   num_stages=int(d["num_stages"]))
+        signature = _pairs(d, "signature", lambda t: t in SIGNATURE_TYPES, f"one of {sorted(SIGNATURE_TYPES)}")
+        constexprs = _pairs(d, "constexprs", lambda v: isinstance(v, (int, float, str)), "a number, bool or string")
+        return cls(kernel=d["kernel"], arch=arch, signature=signature, constexprs=constexprs, num_warps=num_warps,
+                   num_stages=num_stages)
 
     def file_stem(self) -> str:
         import hashlib
         digest = hashlib.sha256(self.to_string().encode()).hexdigest()[:16]
         return f"{self.kernel}.sm{self.arch}.{digest}"
+
+
+def _whole(d: dict, field: str) -> int:
+    value = d[field]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"the variant's {field} is not a whole number: {value!r}")
+    return value
+
+
+def _pairs(d: dict, field: str, value_ok, expected: str) -> tuple:
+    """A variant's list of [name, value] pairs as a tuple of tuples."""
+    items = d[field]
+    bad = not isinstance(items, list)
+    for item in [] if bad else items:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and value_ok(item[1])):
+            bad = True
+            break
+    if bad:
+        raise ValueError(f"the variant's {field} is not a list of [name, value] pairs with values {expected}: "
+                         f"{items!r}")
+    return tuple((n, v) for n, v in items)
 
 
 def next_pow2(n: int) -> int:
