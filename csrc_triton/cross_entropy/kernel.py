@@ -61,7 +61,10 @@ def cross_entropy_kernel(
                 ok = start + cols < n_cols
                 x = tl.where(ok, _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP), float("-inf"))
                 m_new = tl.maximum(m, tl.max(x, axis=0))
-                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+                # while every logit so far is -inf the running max is -inf too: shift by 0 then (s is still 0),
+                # since -inf - -inf is NaN
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+                s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
                 if SMOOTH:  # the row's mean logit, for label smoothing: one more reduction per chunk
                     sum_x += tl.sum(tl.where(ok, x, 0.0), axis=0)
                 m = m_new
