@@ -6,7 +6,12 @@
   One small kernel (ce_prepare) counts them and checks the labels' range before the main kernel, which
   stores each row's loss already divided, so the op is 3 launches forward (prepare, assert, kernel) plus a sum.
 - For "mean"/"sum" the forward writes the gradient (assuming d loss = 1) and the backward rescales it
-  by the incoming gradient with a kernel that does nothing when that is 1.
+  by the incoming gradient with a kernel that does nothing when that is 1: in place when that backward
+  is the saved gradient's last use, else into a new tensor (retain_graph: a second backward, or a
+  gradient already handed out, must not see it rescaled again).
+- fp16 logits keep their gradient for the backward instead: made for d loss = 1, its small entries
+  (softmax / number of items) fall below fp16's range before a loss scale could lift them, so the
+  backward kernel computes it with the incoming scale applied in fp32 (the same memory traffic).
 - The loss is returned in fp32.
 """
 from __future__ import annotations
@@ -98,6 +103,30 @@ def backward_scale(dloss, reduction, inv):
     return (dloss.to(torch.float32) * inv).reshape(1), 0
 
 
+def backward_keeps_graph() -> bool:
+    """Inside a backward: True when it keeps the graph (retain_graph / create_graph), so what the forward
+    saved may be used again and must not be overwritten. Without torch's probe (it is private), assume so."""
+    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if probe is None else bool(probe())
+
+
+def precompute_grads(dtype: torch.dtype) -> bool:
+    """Whether the forward makes the gradients (for d loss = 1) for the backward to rescale: not for fp16,
+    whose small gradient entries would underflow before the loss scale reaches them (see the module doc)."""
+    return dtype != torch.float16
+
+
+def scale_saved_grad(grad: torch.Tensor, dloss: torch.Tensor, compiled: bool) -> torch.Tensor:
+    """A gradient the forward made for d loss = 1, times the incoming d loss (fp32 math, rounded once):
+    in place where this backward is the saved gradient's last use, else a new tensor."""
+    s = dloss.to(torch.float32).reshape(1)
+    if compiled:  # plain torch, out of place (Inductor fuses it)
+        return (grad * s).to(grad.dtype)
+    if backward_keeps_graph():
+        grad = grad.clone()
+    return scale_by_scalar_(grad, s)
+
+
 def ce_launch(logits2d, labels, loss, lse, grad, scale, scale_stride, ignore_index, label_smoothing, softcap,
               logit_scale, mode):
     n_rows, n_cols = logits2d.shape
@@ -110,72 +139,80 @@ def ce_launch(logits2d, labels, loss, lse, grad, scale, scale_stride, ignore_ind
         n_cols=n_cols, softcap=softcap is not None, mode=mode, smoothing=label_smoothing != 0.0)
 
 
+def _forward(logits2d, labels, inv, reduction, opts, grad_out):
+    """(loss, lse); for "mean"/"sum" with `grad_out` given, its gradient for d loss = 1 written there."""
+    n_rows = logits2d.shape[0]
+    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits2d.device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=logits2d.device)
+    mode = "loss" if grad_out is None else "loss_and_grad"
+    ce_launch(logits2d, labels, loss_rows, lse, grad_out, inv, 0, *opts, mode)
+    return reduce_rows(loss_rows, reduction), lse
+
+
+def _grad(dloss, logits2d, labels, lse, inv, reduction, opts, out):
+    """d logits for the incoming d loss, computed from the saved logits and lse (scaled in fp32 before the
+    store in the logits' dtype), written into `out`."""
+    scale, stride = backward_scale(dloss, reduction, inv)
+    ce_launch(logits2d, labels, lse, lse, out, scale, stride, *opts, "grad")
+    return out
+
+
+def ce_backward(ctx, dloss, compiled: bool):
+    """The backward of the eager Function and of the compiled custom op: what the forward saved
+    (ctx.saved_tensors, ctx.opts = (reduction, opts), ctx.inplace_grad) -> d logits."""
+    reduction, opts = ctx.opts
+    if ctx.precomputed:
+        (grad,) = ctx.saved_tensors
+        return scale_saved_grad(grad, dloss, compiled)
+    # reduction "none", fp16 logits, or a loss computed without grad tracking first and differentiated later
+    logits2d, labels, lse, inv = ctx.saved_tensors
+    if compiled:
+        return CE_BACKWARD_OP(dloss, logits2d, labels, lse, inv, reduction, *opts)
+    # inplace_grad: the gradient goes over the logits, unless a later backward needs them again
+    overwrite = ctx.inplace_grad and not backward_keeps_graph()
+    return _grad(dloss, logits2d, labels, lse, inv, reduction, opts,
+                 logits2d if overwrite else torch.empty_like(logits2d))
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits2d, labels, inv, reduction, ignore_index, label_smoothing, softcap, logit_scale,
                 inplace_grad):
-        n_rows, n_cols = logits2d.shape
-        dev = logits2d.device
-        loss_rows = torch.empty(n_rows, dtype=torch.float32, device=dev)
-        lse = torch.empty(n_rows, dtype=torch.float32, device=dev)
-        needs_grad = ctx.needs_input_grad[0]
-        ctx.opts = (reduction, ignore_index, label_smoothing, softcap, logit_scale)
-        if needs_grad and reduction != "none":
+        opts = (ignore_index, label_smoothing, softcap, logit_scale)
+        ctx.opts = (reduction, opts)
+        ctx.inplace_grad = inplace_grad
+        ctx.precomputed = ctx.needs_input_grad[0] and reduction != "none" and precompute_grads(logits2d.dtype)
+        if ctx.precomputed:
             grad = logits2d if inplace_grad else torch.empty_like(logits2d)
-            ce_launch(logits2d, labels, loss_rows, lse, grad, inv, 0, ignore_index, label_smoothing, softcap,
-                      logit_scale, "loss_and_grad")
+            loss, _ = _forward(logits2d, labels, inv, reduction, opts, grad)
             ctx.save_for_backward(grad)
-            ctx.precomputed = True
         else:
-            ce_launch(logits2d, labels, loss_rows, lse, None, inv, 0, ignore_index, label_smoothing, softcap,
-                      logit_scale, "loss")
+            loss, lse = _forward(logits2d, labels, inv, reduction, opts, None)
             ctx.save_for_backward(logits2d, labels, lse, inv)
-            ctx.precomputed = False
-        return reduce_rows(loss_rows, reduction)
+        return loss
 
     @staticmethod
     def backward(ctx, dloss):
-        reduction, ignore_index, label_smoothing, softcap, logit_scale = ctx.opts
-        if ctx.precomputed:
-            (grad,) = ctx.saved_tensors
-            scale_by_scalar_(grad, dloss.to(torch.float32).reshape(1))
-            return (grad,) + (None,) * 8
-        # reduction "none", or a loss computed without grad tracking first and differentiated later
-        logits2d, labels, lse, inv = ctx.saved_tensors
-        grad = torch.empty_like(logits2d)
-        scale, stride = backward_scale(dloss, reduction, inv)
-        ce_launch(logits2d, labels, lse, lse, grad, scale, stride, ignore_index, label_smoothing, softcap, logit_scale,
-                  "grad")
-        return (grad,) + (None,) * 8
+        return (ce_backward(ctx, dloss, compiled=False),) + (None,) * 8
 
 
 # torch.compile: the same launches as custom ops (fusedlora.ops._custom); the gradient is made in the
-# forward as in eager ("mean"/"sum" with a gradient needed), but never over the logits buffer.
+# forward as in eager (same condition), but never over the logits buffer.
 def _forward_op(logits2d: torch.Tensor, labels: torch.Tensor, inv: torch.Tensor, reduction: str, ignore_index: int,
                 label_smoothing: float, softcap: float | None, logit_scale: float | None,
                 need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, grad or a none marker)."""
-    n_rows = logits2d.shape[0]
-    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits2d.device)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=logits2d.device)
     opts = (ignore_index, label_smoothing, softcap, logit_scale)
-    grad = None
-    if need_grad and reduction != "none":
-        grad = torch.empty_like(logits2d)
-        ce_launch(logits2d, labels, loss_rows, lse, grad, inv, 0, *opts, "loss_and_grad")
-    else:
-        ce_launch(logits2d, labels, loss_rows, lse, None, inv, 0, *opts, "loss")
-    return reduce_rows(loss_rows, reduction), lse, _custom.mark(grad, logits2d)
+    grad = torch.empty_like(logits2d) if need_grad and reduction != "none" and precompute_grads(logits2d.dtype) else None
+    loss, lse = _forward(logits2d, labels, inv, reduction, opts, grad)
+    return loss, lse, _custom.mark(grad, logits2d)
 
 
 def _backward_op(dloss: torch.Tensor, logits2d: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                  inv: torch.Tensor, reduction: str, ignore_index: int, label_smoothing: float, softcap: float | None,
                  logit_scale: float | None) -> torch.Tensor:
-    grad = torch.empty_like(logits2d)
-    scale, stride = backward_scale(dloss, reduction, inv)
-    ce_launch(logits2d, labels, lse, lse, grad, scale, stride, ignore_index, label_smoothing, softcap, logit_scale,
-              "grad")
-    return grad
+    opts = (ignore_index, label_smoothing, softcap, logit_scale)
+    return _grad(dloss, logits2d, labels, lse, inv, reduction, opts, torch.empty_like(logits2d))
 
 
 CE_OP = _custom.define("cross_entropy", _forward_op)
@@ -183,17 +220,16 @@ CE_BACKWARD_OP = _custom.define("cross_entropy_backward", _backward_op)
 
 
 def _op_setup(ctx, inputs, output):
-    logits2d, labels, inv, *ctx.opts, _ = inputs
+    logits2d, labels, inv, reduction, *opts, _ = inputs
+    ctx.opts = (reduction, tuple(opts))
+    ctx.inplace_grad = False
     grad = _custom.unmark(output[2])
     ctx.precomputed = grad is not None
     ctx.save_for_backward(*((grad,) if ctx.precomputed else (logits2d, labels, output[1], inv)))
 
 
 def _op_backward(ctx, dloss, _dlse, _dgrad):
-    if ctx.precomputed:
-        (grad,) = ctx.saved_tensors
-        return (grad * dloss.to(torch.float32),) + (None,) * 8  # fp32 math, rounded once (as scale_by_scalar_)
-    return (CE_BACKWARD_OP(dloss, *ctx.saved_tensors, *ctx.opts),) + (None,) * 8
+    return (ce_backward(ctx, dloss, compiled=True),) + (None,) * 8
 
 
 CE_OP.register_autograd(_op_backward, setup_context=_op_setup)
