@@ -3,7 +3,10 @@
 - `fused_linear_cross_entropy`: chunks of rows; each chunk's logits come from one matmul, the
   cross-entropy kernel turns them into their gradient in place, and two more matmuls give d hidden
   (and d weight / d bias when they need gradients). The gradients are made in the forward (for
-  "mean"/"sum"); the backward only rescales them (free when d loss = 1). Exact: no gradient filtering.
+  "mean"/"sum"); the backward only rescales them (free when d loss = 1; into new tensors under
+  retain_graph). fp16 instead recomputes each chunk's logits in the backward, where the kernel applies the
+  incoming scale before the fp16 store (made for d loss = 1 the small entries underflow: see
+  cross_entropy.py): one more matmul per chunk. Exact: no gradient filtering.
 - `chunked_linear_loss`: the same chunking for ANY loss written in torch: each chunk's gradient is left
   to autograd; the total is reduced over all items (not per chunk).
 
@@ -16,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from . import _custom
-from ._common import check_tensor
+from ._common import autocast_dtype, check_tensor
 from .cross_entropy import (LABEL_DTYPES, _check_ce_args, backward_scale, ce_launch, naive_cross_entropy,
-                            prepare_labels, reduce_rows, scale_by_scalar_)
+                            precompute_grads, prepare_labels, reduce_rows, scale_saved_grad)
 
 DEFAULT_CHUNK_BYTES = 128 * 2**20
 
@@ -47,14 +50,19 @@ def _accumulate_chunk_grads(grad_logits, h, weight, dh_rows, dw, db):
         db += grad_logits.sum(0, dtype=torch.float32)
 
 
+def _precomputes(reduction, dtype, need_dh, need_dw, need_db) -> bool:
+    """Whether the forward makes the gradients (for d loss = 1) and the backward only rescales them."""
+    return (need_dh or need_dw or need_db) and reduction != "none" and precompute_grads(dtype)
+
+
 def _flce_forward(hidden, weight, bias, labels, inv, reduction, opts, chunk_rows, need_dh, need_dw, need_db):
-    """(loss, dh, dw, db, lse): the loss, and for "mean"/"sum" with a gradient needed the gradients for
-    d loss = 1 (else None), one logits chunk at a time."""
+    """(loss, dh, dw, db, lse): the loss, and where _precomputes the gradients for d loss = 1 (else None),
+    one logits chunk at a time."""
     n_rows, n_cols = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=dev)
     lse = torch.empty(n_rows, dtype=torch.float32, device=dev)
-    precompute = (need_dh or need_dw or need_db) and reduction != "none"
+    precompute = _precomputes(reduction, hidden.dtype, need_dh, need_dw, need_db)
     dh = torch.empty_like(hidden) if precompute and need_dh else None
     dw = torch.zeros_like(weight) if precompute and need_dw else None
     db = torch.zeros(n_cols, dtype=torch.float32, device=dev) if precompute and need_db else None
@@ -89,13 +97,21 @@ def _flce_recompute(dloss, hidden, weight, bias, labels, lse, inv, reduction, op
     return dh, dw, None if db is None else db.to(bias.dtype)
 
 
-def _rescale(dloss, dh, dw, db, bias_dtype):
-    """The gradients made in the forward (for d loss = 1) times the incoming d loss."""
-    s = dloss.to(torch.float32).reshape(1)
-    for g in (dh, dw):
-        if g is not None:
-            scale_by_scalar_(g, s)
-    return dh, dw, None if db is None else (db * s).to(bias_dtype)
+def flce_backward(ctx, dloss, compiled: bool):
+    """The backward of the eager Function and of the compiled custom op: (dh, dw, db) from what the forward
+    saved (ctx.saved_tensors; ctx.args = (reduction, opts, chunk_rows, need_dh, need_dw, need_db))."""
+    reduction, opts, chunk_rows, need_dh, need_dw, need_db = ctx.args
+    if ctx.precompute:
+        dh, dw, db = ctx.saved_tensors
+        dh, dw = (None if g is None else scale_saved_grad(g, dloss, compiled) for g in (dh, dw))
+        return dh, dw, None if db is None else (db * dloss.to(torch.float32)).to(ctx.bias_dtype)
+    hidden, weight, bias, labels, lse, inv = ctx.saved_tensors
+    if compiled:
+        grads = FLCE_BACKWARD_OP(dloss, hidden, weight, bias, labels, lse, inv, reduction, *opts, chunk_rows,
+                                 need_dh, need_dw, need_db)
+        return tuple(_custom.unmark(g) for g in grads)
+    return _flce_recompute(dloss, hidden, weight, bias, labels, lse, inv, reduction, opts, chunk_rows, need_dh,
+                           need_dw, need_db)
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
@@ -107,24 +123,18 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         opts = (ignore_index, label_smoothing, softcap, logit_scale)
         loss, dh, dw, db, lse = _flce_forward(hidden, weight, bias, labels, inv, reduction, opts, chunk_rows, need_dh,
                                               need_dw, need_db)
-        ctx.precompute = (need_dh or need_dw or need_db) and reduction != "none"
-        ctx.opts = (reduction, opts, chunk_rows)
+        ctx.precompute = _precomputes(reduction, hidden.dtype, need_dh, need_dw, need_db)
+        ctx.args = (reduction, opts, chunk_rows, need_dh, need_dw, need_db)
+        ctx.bias_dtype = None if bias is None else bias.dtype
         if ctx.precompute:
             ctx.save_for_backward(dh, dw, db)
-            ctx.bias_dtype = None if bias is None else bias.dtype
         else:
             ctx.save_for_backward(hidden, weight, bias, labels, lse, inv)
         return loss
 
     @staticmethod
     def backward(ctx, dloss):
-        nones = (None,) * 8
-        if ctx.precompute:
-            return _rescale(dloss, *ctx.saved_tensors, ctx.bias_dtype) + nones
-        hidden, weight, bias, labels, lse, inv = ctx.saved_tensors
-        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
-        return _flce_recompute(dloss, hidden, weight, bias, labels, lse, inv, *ctx.opts, need_dh, need_dw,
-                               need_db and bias is not None) + nones
+        return flce_backward(ctx, dloss, compiled=False) + (None,) * 8
 
 
 # torch.compile: the same chunk loops as custom ops (fusedlora.ops._custom); the fake only allocates.
@@ -141,7 +151,7 @@ def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def _forward_fake(hidden, weight, bias, labels, inv, reduction, ignore_index, label_smoothing, softcap, logit_scale,
                   chunk_rows, need_dh, need_dw, need_db):
-    precompute = (need_dh or need_dw or need_db) and reduction != "none"
+    precompute = _precomputes(reduction, hidden.dtype, need_dh, need_dw, need_db)
     n_rows = hidden.shape[0]
     loss = hidden.new_empty((n_rows,) if reduction == "none" else (), dtype=torch.float32)
     grads = (torch.empty_like(hidden) if precompute and need_dh else None,
@@ -172,9 +182,9 @@ FLCE_BACKWARD_OP = _custom.define("fused_linear_cross_entropy_backward", _backwa
 
 def _op_setup(ctx, inputs, output):
     hidden, weight, bias, labels, inv, reduction, *opts, chunk_rows, need_dh, need_dw, need_db = inputs
-    ctx.args = (reduction, *opts, chunk_rows, need_dh, need_dw, need_db)
-    ctx.precompute = (need_dh or need_dw or need_db) and reduction != "none"
-    ctx.grad_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.args = (reduction, tuple(opts), chunk_rows, need_dh, need_dw, need_db)
+    ctx.precompute = _precomputes(reduction, hidden.dtype, need_dh, need_dw, need_db)
+    ctx.bias_dtype = None if bias is None else bias.dtype
     if ctx.precompute:
         ctx.save_for_backward(*(_custom.unmark(g) for g in output[1:4]))
     else:
@@ -182,12 +192,7 @@ def _op_setup(ctx, inputs, output):
 
 
 def _op_backward(ctx, dloss, *_):
-    nones = (None,) * 11
-    if ctx.precompute:  # plain torch here (Inductor fuses it): each gradient times d loss, rounded once
-        s = dloss.to(torch.float32)
-        return tuple(None if g is None else (g * s).to(dt) for g, dt in zip(ctx.saved_tensors, ctx.grad_dtypes)) + nones
-    grads = FLCE_BACKWARD_OP(dloss, *ctx.saved_tensors, *ctx.args)
-    return tuple(_custom.unmark(g) for g in grads) + nones
+    return flce_backward(ctx, dloss, compiled=True) + (None,) * 11
 
 
 FLCE_OP.register_autograd(_op_backward, setup_context=_op_setup)
@@ -206,6 +211,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if bias is not None:
         check_tensor(op, "bias", bias, like=hidden, like_name="hidden")
     _check_ce_args(op, reduction, label_smoothing, softcap, logit_scale)
+    cast = autocast_dtype(hidden)
+    if cast is not None:  # compute in autocast's dtype, as F.linear would; the casts pass gradients back
+        hidden, weight = hidden.to(cast), weight.to(cast)
+        bias = None if bias is None else bias.to(cast)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"{op}: weight has shape {tuple(weight.shape)} but hidden's last dimension is "
                          f"{hidden.shape[-1]}; expected weight [V, {hidden.shape[-1]}]")
@@ -270,7 +279,8 @@ class ChunkedLinearLossFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, loss_fn, num_chunks, reduction, ignore_index, num_items_in_batch):
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         need_db = need_db and bias is not None
-        dh = torch.zeros_like(hidden) if need_dh else None
+        # fp32 sums of the chunks' gradients of their loss sums, scaled once in the backward
+        dh = torch.zeros_like(hidden, dtype=torch.float32) if need_dh else None
         dw = torch.zeros_like(weight, dtype=torch.float32) if need_dw else None
         db = torch.zeros_like(bias, dtype=torch.float32) if need_db else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -306,17 +316,15 @@ class ChunkedLinearLossFunction(torch.autograd.Function):
         else:
             inv = torch.ones((), dtype=torch.float32, device=hidden.device)
         ctx.save_for_backward(dh, dw, db, inv)
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total * inv
 
     @staticmethod
     def backward(ctx, dloss):
-        dh, dw, db, inv = ctx.saved_tensors
-        s = dloss.to(torch.float32) * inv
-        dh = None if dh is None else dh.mul_(s.to(dh.dtype))
-        dw = None if dw is None else (dw * s).to(ctx.dtypes[0])
-        db = None if db is None else (db * s).to(ctx.dtypes[1])
-        return dh, dw, db, None, None, None, None, None, None
+        # new tensors, the saved sums left as they are: a second backward (retain_graph) scales them again
+        s = dloss.to(torch.float32) * ctx.saved_tensors[3]
+        grads = tuple(None if g is None else (g * s).to(dt) for g, dt in zip(ctx.saved_tensors[:3], ctx.dtypes))
+        return grads + (None,) * 6
 
 
 def _auto_chunks(rows: int, n_cols: int, device: torch.device) -> int:
@@ -326,6 +334,21 @@ def _auto_chunks(rows: int, n_cols: int, device: torch.device) -> int:
     per_row = n_cols * 4 * 3  # fp32 logits, their gradient and the loss's own temporaries
     rows_fit = max(1, (free // 8) // per_row)
     return max(1, -(-rows // rows_fit))
+
+
+def _targets_per_row(op, targets, hidden_shape: torch.Size, rows: int) -> torch.Tensor:
+    """targets as [rows, ...]: given either with hidden's leading dimensions ([B, S, ...] for hidden
+    [B, S, H]) or already one row per hidden row ([B*S, ...]); the trailing dimensions are kept."""
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"{op}: targets must be a torch.Tensor, got {type(targets).__name__}")
+    lead = hidden_shape[:-1]
+    if targets.shape[:len(lead)] == lead:
+        return targets.reshape(rows, *targets.shape[len(lead):])
+    if targets.dim() >= 1 and targets.shape[0] == rows:
+        return targets
+    raise ValueError(f"{op}: targets have shape {tuple(targets.shape)}, hidden {tuple(hidden_shape)}: expected "
+                     f"targets of shape [{', '.join(map(str, lead))}, ...] (hidden's leading dimensions) or "
+                     f"[{rows}, ...] (one row per hidden row)")
 
 
 def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss_fn,
@@ -346,11 +369,8 @@ def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"{op}: weight has shape {tuple(weight.shape)} but hidden's last dimension is "
                          f"{hidden.shape[-1]}")
-    if targets.shape[0] != hidden.reshape(-1, hidden.shape[-1]).shape[0] and targets.shape[:hidden.dim() - 1] != hidden.shape[:-1]:
-        raise ValueError(f"{op}: targets have shape {tuple(targets.shape)}, hidden {tuple(hidden.shape)}: "
-                         "the leading dimensions must match")
     h2d = hidden.reshape(-1, hidden.shape[-1])
-    t2d = targets.reshape(h2d.shape[0], *targets.shape[hidden.dim() - 1:])
+    t2d = _targets_per_row(op, targets, hidden.shape, h2d.shape[0])
     if _custom.compiling():
         return _unchunked_linear_loss(h2d, weight, bias, t2d, loss_fn, reduction, int(ignore_index), num_items_in_batch)
     if num_chunks is None:
