@@ -82,6 +82,8 @@ OP_CASES = {
     "cross_entropy_fp16": lambda: (lambda z, y: 8.0 * cross_entropy(z, y), (_t(6, 50, dtype=torch.float16), _labels(6, 50))),
     "linear_ce_fp16": lambda: (lambda h, w, y: 8.0 * fused_linear_cross_entropy(h, w, y),
                                (_t(6, 32, dtype=torch.float16), _t(50, 32, dtype=torch.float16), _labels(6, 50))),
+    "cross_entropy_weight": lambda: (lambda z, y, w: cross_entropy(z, y, weight=w),
+                                     (_t(6, 50), _labels(6, 50), torch.rand(50, device=DEVICE))),
     "linear_ce_items_bias": lambda: (lambda h, w, b, y, n: fused_linear_cross_entropy(h, w, y, b, num_items_in_batch=n),
                                      (_t(6, 32), _t(50, 32), _t(50), _labels(6, 50), torch.tensor(4, device=DEVICE))),
 }

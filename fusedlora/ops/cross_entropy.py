@@ -23,14 +23,14 @@ import csrc_triton.cross_entropy as ce_kernels  # its grid constants are read pe
 from csrc_triton.cross_entropy import CE_PREPARE, CROSS_ENTROPY, SCALE_BY_SCALAR
 
 from . import _custom
-from ._common import cdiv, check_tensor, grads_of, persistent_programs, rel_err
+from ._common import FLOAT_DTYPES, cdiv, check_tensor, grads_of, persistent_programs, rel_err
 
 REDUCTIONS = ("mean", "sum", "none")
 LABEL_DTYPES = (torch.int64, torch.int32)
 
 
 def naive_cross_entropy(logits, labels, ignore_index=-100, reduction="mean", label_smoothing=0.0, softcap=None,
-                        logit_scale=None, num_items_in_batch=None):
+                        logit_scale=None, num_items_in_batch=None, weight=None):
     """Plain-torch reference (fp32 math, fp64 if the logits are fp64)."""
     x = logits if logits.dtype == torch.float64 else logits.float()
     if logit_scale is not None:
@@ -39,12 +39,17 @@ def naive_cross_entropy(logits, labels, ignore_index=-100, reduction="mean", lab
         x = softcap * torch.tanh(x / softcap)
     x = x.reshape(-1, x.shape[-1])
     labels = labels.reshape(-1)
-    per_row = F.cross_entropy(x, labels, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    weight = None if weight is None else weight.to(x.dtype)
+    per_row = F.cross_entropy(x, labels, weight=weight, ignore_index=ignore_index, reduction="none",
+                              label_smoothing=label_smoothing)
     if reduction == "none":
         return per_row
     total = per_row.sum()
     if reduction == "sum":
         return total
+    if weight is not None and num_items_in_batch is None:  # torch's weighted mean: over the targets' weights
+        used = labels != ignore_index
+        return total / weight[labels[used]].sum()
     n = num_items_in_batch if num_items_in_batch is not None else (labels != ignore_index).sum()
     return total / torch.clamp(torch.as_tensor(n, device=total.device), min=1)
 
@@ -79,6 +84,40 @@ def prepare_labels(op, labels, n_cols, ignore_index, reduction, num_items_in_bat
     return inv if given is None else given
 
 
+def prepare_scale(op, labels, n_cols, ignore_index, reduction, num_items_in_batch, class_weight):
+    """The scale of each row's loss and gradient: prepare_labels' 1-element scale, or with per-class weights
+    (as torch's F.cross_entropy `weight`) one per row: weight[label] (0 for ignored rows), and for "mean"
+    divided by their sum (torch's weighted mean; all ignored: 0, not NaN) unless num_items_in_batch is given."""
+    weighted_mean = class_weight is not None and reduction == "mean" and num_items_in_batch is None
+    inv = prepare_labels(op, labels, n_cols, ignore_index, "sum" if weighted_mean else reduction, num_items_in_batch)
+    if class_weight is None:
+        return inv
+    # the labels' range is asserted above; clamped here so that no bad label indexes out of bounds first
+    rows = torch.where(labels != ignore_index, class_weight[labels.clamp(0, n_cols - 1)], 0.0) * inv
+    if weighted_mean:
+        total = rows.sum()
+        rows = rows / torch.where(total == 0, 1.0, total)
+    return rows
+
+
+def check_class_weight(op, name, class_weight, n_cols, like, like_name, label_smoothing):
+    """The per-class weights as a contiguous fp32 [n_cols] tensor (None stays None), or a clear error."""
+    if class_weight is None:
+        return None
+    check_tensor(op, name, class_weight, dtypes=FLOAT_DTYPES + (torch.float64,), like=like, like_name=like_name)
+    if class_weight.shape != (n_cols,):
+        raise ValueError(f"{op}: {name} has shape {tuple(class_weight.shape)}; expected one weight per class, "
+                         f"({n_cols},)")
+    if label_smoothing != 0.0:  # torch weights the smoothing term per class: not one scale per row
+        raise ValueError(f"{op}: {name} together with label_smoothing is not supported")
+    return class_weight.to(torch.float32).contiguous()
+
+
+def row_scale(scale: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, int]:
+    """(scale, stride) of rows [start, end): a 1-element scale serves every row, a per-row one is sliced."""
+    return (scale[start:end], 1) if scale.numel() > 1 else (scale, 0)
+
+
 def _prepare(labels: torch.Tensor, n_cols: int, ignore_index: int, mode: str,
              divisor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(inv, ok) of ce_prepare_kernel; inv is not written in mode "given"."""
@@ -96,11 +135,11 @@ def reduce_rows(loss_rows, reduction):
     return loss_rows if reduction == "none" else loss_rows.sum()
 
 
-def backward_scale(dloss, reduction, inv):
-    """(scale tensor, stride) that the gradient kernel multiplies each row's gradient by."""
-    if reduction == "none":
-        return dloss.to(torch.float32).contiguous(), 1
-    return (dloss.to(torch.float32) * inv).reshape(1), 0
+def backward_scale(dloss, inv):
+    """(scale tensor, stride) that the gradient kernel multiplies each row's gradient by: d loss (per row for
+    "none") times the forward's scale (1 element, or per row with class weights)."""
+    scale = (dloss.to(torch.float32) * inv).reshape(-1)
+    return row_scale(scale, 0, scale.numel())
 
 
 def backward_keeps_graph() -> bool:
@@ -145,14 +184,14 @@ def _forward(logits2d, labels, inv, reduction, opts, grad_out):
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits2d.device)
     lse = torch.empty(n_rows, dtype=torch.float32, device=logits2d.device)
     mode = "loss" if grad_out is None else "loss_and_grad"
-    ce_launch(logits2d, labels, loss_rows, lse, grad_out, inv, 0, *opts, mode)
+    ce_launch(logits2d, labels, loss_rows, lse, grad_out, *row_scale(inv, 0, n_rows), *opts, mode)
     return reduce_rows(loss_rows, reduction), lse
 
 
 def _grad(dloss, logits2d, labels, lse, inv, reduction, opts, out):
     """d logits for the incoming d loss, computed from the saved logits and lse (scaled in fp32 before the
     store in the logits' dtype), written into `out`."""
-    scale, stride = backward_scale(dloss, reduction, inv)
+    scale, stride = backward_scale(dloss, inv)
     ce_launch(logits2d, labels, lse, lse, out, scale, stride, *opts, "grad")
     return out
 
@@ -248,9 +287,12 @@ def _check_ce_args(op, reduction, label_smoothing, softcap, logit_scale):
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, softcap: float | None = None, logit_scale: float | None = None,
-                  num_items_in_batch=None, inplace_grad: bool = False) -> torch.Tensor:
+                  num_items_in_batch=None, inplace_grad: bool = False, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of `logits` [..., V] against integer `labels` [...].
 
+    weight: per-class weights [V] as torch's F.cross_entropy `weight` (each row's loss times weight[label];
+    "mean" divides by the sum of the non-ignored labels' weights, or by num_items_in_batch when given);
+    not with label_smoothing.
     softcap: Gemma-2 style `softcap * tanh(logits / softcap)`; logit_scale multiplies the logits first.
     inplace_grad=True writes the gradient over the logits buffer (saves one [T, V] tensor; the logits
     are then gone). Returns an fp32 loss (a scalar, or per-row for reduction="none"). A "mean" over labels that
@@ -264,11 +306,12 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
         raise ValueError(f"{op}: labels have shape {tuple(labels.shape)} but logits {tuple(logits.shape)}; "
                          f"expected labels of shape {tuple(logits.shape[:-1])}")
     n_cols = logits.shape[-1]
+    weight = check_class_weight(op, "weight", weight, n_cols, logits, "logits", label_smoothing)
     logits2d = logits.reshape(-1, n_cols)
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
     labels1d = labels.reshape(-1).contiguous()
-    inv = prepare_labels(op, labels1d, n_cols, ignore_index, reduction, num_items_in_batch)
+    inv = prepare_scale(op, labels1d, n_cols, ignore_index, reduction, num_items_in_batch, weight)
     if _custom.compiling():
         out = CE_OP(logits2d, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
                     None if softcap is None else float(softcap), None if logit_scale is None else float(logit_scale),

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 from . import _custom
 from ._common import autocast_dtype, check_tensor
-from .cross_entropy import (LABEL_DTYPES, _check_ce_args, backward_scale, ce_launch, naive_cross_entropy,
-                            precompute_grads, prepare_labels, reduce_rows, scale_saved_grad)
+from .cross_entropy import (LABEL_DTYPES, _check_ce_args, backward_scale, ce_launch, check_class_weight,
+                            naive_cross_entropy, precompute_grads, prepare_scale, reduce_rows, row_scale,
+                            scale_saved_grad)
 
 DEFAULT_CHUNK_BYTES = 128 * 2**20
 
@@ -36,8 +37,8 @@ def rows_per_chunk(n_rows: int | None, n_cols: int, elem_bytes: int, max_chunk_b
     return min(n_rows, rows) if n_rows else 1
 
 
-def naive_linear_cross_entropy(hidden, weight, labels, bias=None, **ce_kwargs):
-    return naive_cross_entropy(F.linear(hidden, weight, bias), labels, **ce_kwargs)
+def naive_linear_cross_entropy(hidden, weight, labels, bias=None, ce_weight=None, **ce_kwargs):
+    return naive_cross_entropy(F.linear(hidden, weight, bias), labels, weight=ce_weight, **ce_kwargs)
 
 
 def _accumulate_chunk_grads(grad_logits, h, weight, dh_rows, dw, db):
@@ -71,10 +72,11 @@ def _flce_forward(hidden, weight, bias, labels, inv, reduction, opts, chunk_rows
         h = hidden[s:e]
         logits = F.linear(h, weight, bias)
         if precompute:  # the chunk's logits become their gradient in place
-            ce_launch(logits, labels[s:e], loss_rows[s:e], lse[s:e], logits, inv, 0, *opts, "loss_and_grad")
+            ce_launch(logits, labels[s:e], loss_rows[s:e], lse[s:e], logits, *row_scale(inv, s, e), *opts,
+                      "loss_and_grad")
             _accumulate_chunk_grads(logits, h, weight, None if dh is None else dh[s:e], dw, db)
         else:
-            ce_launch(logits, labels[s:e], loss_rows[s:e], lse[s:e], None, inv, 0, *opts, "loss")
+            ce_launch(logits, labels[s:e], loss_rows[s:e], lse[s:e], None, *row_scale(inv, s, e), *opts, "loss")
         del logits  # free this chunk before the next one is allocated: one chunk alive at a time
     return reduce_rows(loss_rows, reduction), dh, dw, db, lse
 
@@ -85,13 +87,12 @@ def _flce_recompute(dloss, hidden, weight, bias, labels, lse, inv, reduction, op
     dh = torch.empty_like(hidden) if need_dh else None
     dw = torch.zeros_like(weight) if need_dw else None
     db = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if need_db else None
-    scale, stride = backward_scale(dloss, reduction, inv)
+    scale, _ = backward_scale(dloss, inv)
     for s in range(0, hidden.shape[0], chunk_rows):
         e = min(hidden.shape[0], s + chunk_rows)
         h = hidden[s:e]
         logits = F.linear(h, weight, bias)
-        ce_launch(logits, labels[s:e], lse[s:e], lse[s:e], logits, scale[s:e] if stride else scale, stride, *opts,
-                  "grad")
+        ce_launch(logits, labels[s:e], lse[s:e], lse[s:e], logits, *row_scale(scale, s, e), *opts, "grad")
         _accumulate_chunk_grads(logits, h, weight, None if dh is None else dh[s:e], dw, db)
         del logits
     return dh, dw, None if db is None else db.to(bias.dtype)
@@ -202,8 +203,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                                label_smoothing: float = 0.0, softcap: float | None = None,
                                logit_scale: float | None = None, num_items_in_batch=None,
-                               max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
-    """cross_entropy(hidden @ weight.T + bias, labels) without the [T, V] logits; fp32 loss."""
+                               max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                               ce_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """cross_entropy(hidden @ weight.T + bias, labels) without the [T, V] logits; fp32 loss.
+    ce_weight: per-class weights [V], cross_entropy's `weight` (the name `weight` is the head's here)."""
     op = "fused_linear_cross_entropy"
     check_tensor(op, "hidden", hidden)
     check_tensor(op, "weight", weight, like=hidden, like_name="hidden")
@@ -230,7 +233,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         h2d = h2d.contiguous()
     labels1d = labels.reshape(-1).contiguous()
     n_cols = weight.shape[0]
-    inv = prepare_labels(op, labels1d, n_cols, ignore_index, reduction, num_items_in_batch)
+    ce_weight = check_class_weight(op, "ce_weight", ce_weight, n_cols, hidden, "hidden", label_smoothing)
+    inv = prepare_scale(op, labels1d, n_cols, ignore_index, reduction, num_items_in_batch, ce_weight)
     if _custom.compiling():  # the chunk size not clamped to the rows: no guard on a dynamic row count
         chunk = rows_per_chunk(None, n_cols, hidden.element_size(), max_chunk_bytes)
         grad = torch.is_grad_enabled()
