@@ -84,6 +84,11 @@ OP_CASES = {
                                (_t(6, 32, dtype=torch.float16), _t(50, 32, dtype=torch.float16), _labels(6, 50))),
     "cross_entropy_weight": lambda: (lambda z, y, w: cross_entropy(z, y, weight=w),
                                      (_t(6, 50), _labels(6, 50), torch.rand(50, device=DEVICE))),
+    # loss + z_loss: the reported z-loss (no gradient of its own) compared too
+    "cross_entropy_z_loss": lambda: (lambda z, y: sum(cross_entropy(z, y, lse_square_scale=0.01, return_z_loss=True)),
+                                     (_t(6, 50), _labels(6, 50))),
+    "linear_ce_z_loss": lambda: (lambda h, w, y: fused_linear_cross_entropy(h, w, y, lse_square_scale=0.01),
+                                 (_t(6, 32), _t(50, 32), _labels(6, 50))),
     "linear_ce_items_bias": lambda: (lambda h, w, b, y, n: fused_linear_cross_entropy(h, w, y, b, num_items_in_batch=n),
                                      (_t(6, 32), _t(50, 32), _t(50), _labels(6, 50), torch.tensor(4, device=DEVICE))),
 }

@@ -10,8 +10,11 @@ from csrc_triton.cross_entropy import CE_BLOCK
 from fusedlora.ops import (chunked_linear_loss, cross_entropy, fused_linear_cross_entropy, naive_cross_entropy,
                            naive_linear_cross_entropy)
 
-# fp32 within fp32 sums; bf16 gradients are rounded once to bf16 (2^-8 relative), fp16's to 2^-11
-GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+# fp32 within fp32 sums. bf16 gradients are made in the forward and rounded again by the backward's d loss
+# scale: two roundings of 2^-8 (a full ulp each where the interpreter truncates); fp16's once, to 2^-11
+GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-3}
+# the fused head: its logits are rounded to the dtype first (as test_faults' bf16 case), then two matmuls
+FLCE_GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
 
 def _labels(rows, n_cols):
@@ -63,7 +66,7 @@ def test_fused_linear_cross_entropy_second_backward(reduction, dtype):
         grads = torch.autograd.grad(loss * scale, leaves, retain_graph=i < 2)
         grads64 = torch.autograd.grad(ref * scale, leaves64, retain_graph=True)
         for name, g, g64 in zip(("hidden", "weight", "bias"), grads, grads64):
-            assert_close(g, g64, 3 * GRAD_TOL[dtype], f"d {name}, backward {i}")
+            assert_close(g, g64, FLCE_GRAD_TOL[dtype], f"d {name}, backward {i}")
             handed.append((g, g.clone()))
     for g, copy in handed:
         assert torch.equal(g, copy), "a gradient handed out was overwritten by a later backward"

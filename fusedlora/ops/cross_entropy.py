@@ -167,24 +167,42 @@ def scale_saved_grad(grad: torch.Tensor, dloss: torch.Tensor, compiled: bool) ->
 
 
 def ce_launch(logits2d, labels, loss, lse, grad, scale, scale_stride, ignore_index, label_smoothing, softcap,
-              logit_scale, mode):
+              logit_scale, mode, lse_square_scale=0.0):
     n_rows, n_cols = logits2d.shape
     grad_t = grad if grad is not None else logits2d
     progs = persistent_programs(n_rows, ce_kernels.CE_PROGRAMS_PER_SM, logits2d.get_device())
     CROSS_ENTROPY.launch((progs, 1, 1), (
         logits2d, labels, loss, lse, grad_t, scale, logits2d.stride(0), grad_t.stride(0), scale_stride, n_rows,
         n_cols, int(ignore_index), float(label_smoothing), float(softcap or 1.0),
-        float(1.0 if logit_scale is None else logit_scale)),
+        float(1.0 if logit_scale is None else logit_scale), float(lse_square_scale)),
         n_cols=n_cols, softcap=softcap is not None, mode=mode, smoothing=label_smoothing != 0.0)
 
 
-def _forward(logits2d, labels, inv, reduction, opts, grad_out):
-    """(loss, lse); for "mean"/"sum" with `grad_out` given, its gradient for d loss = 1 written there."""
+def launch_rows(logits2d, labels, loss, lse, grad, scale, scale_stride, opts, mode):
+    """ce_launch with the ops' options (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale);
+    the z-loss scale goes by keyword only when set, so ce_launch is seen called in its 12-argument form
+    (build_tools/tune.py's, and tests that watch its mode) otherwise."""
+    *ce_opts, lse_square_scale = opts
+    z_loss = {"lse_square_scale": lse_square_scale} if lse_square_scale else {}
+    ce_launch(logits2d, labels, loss, lse, grad, scale, scale_stride, *ce_opts, mode, **z_loss)
+
+
+def z_loss_of(lse, labels, inv, ignore_index, lse_square_scale, reduction):
+    """The z-loss part of the loss (lse_square_scale * lse^2 per used row, scaled and reduced as the loss),
+    reported apart from the loss it is already in: no gradient flows through it."""
+    rows = lse_square_scale * lse.square() * torch.where(labels != ignore_index, inv, 0.0)
+    return rows if reduction == "none" else rows.sum()
+
+
+def _forward(logits2d, labels, inv, reduction, opts, grad_out, lse=None):
+    """(loss, lse); for "mean"/"sum" with `grad_out` given, its gradient for d loss = 1 written there; lse
+    into the given buffer if any (the caller reads the z-loss from it)."""
     n_rows = logits2d.shape[0]
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits2d.device)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=logits2d.device)
+    if lse is None:
+        lse = torch.empty(n_rows, dtype=torch.float32, device=logits2d.device)
     mode = "loss" if grad_out is None else "loss_and_grad"
-    ce_launch(logits2d, labels, loss_rows, lse, grad_out, *row_scale(inv, 0, n_rows), *opts, mode)
+    launch_rows(logits2d, labels, loss_rows, lse, grad_out, *row_scale(inv, 0, n_rows), opts, mode)
     return reduce_rows(loss_rows, reduction), lse
 
 
@@ -192,7 +210,7 @@ def _grad(dloss, logits2d, labels, lse, inv, reduction, opts, out):
     """d logits for the incoming d loss, computed from the saved logits and lse (scaled in fp32 before the
     store in the logits' dtype), written into `out`."""
     scale, stride = backward_scale(dloss, inv)
-    ce_launch(logits2d, labels, lse, lse, out, scale, stride, *opts, "grad")
+    launch_rows(logits2d, labels, lse, lse, out, scale, stride, opts, "grad")
     return out
 
 
@@ -216,32 +234,32 @@ def ce_backward(ctx, dloss, compiled: bool):
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits2d, labels, inv, reduction, ignore_index, label_smoothing, softcap, logit_scale,
-                inplace_grad):
-        opts = (ignore_index, label_smoothing, softcap, logit_scale)
+                inplace_grad, lse_square_scale=0.0, lse_out=None):
+        opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
         ctx.opts = (reduction, opts)
         ctx.inplace_grad = inplace_grad
         ctx.precomputed = ctx.needs_input_grad[0] and reduction != "none" and precompute_grads(logits2d.dtype)
         if ctx.precomputed:
             grad = logits2d if inplace_grad else torch.empty_like(logits2d)
-            loss, _ = _forward(logits2d, labels, inv, reduction, opts, grad)
+            loss, _ = _forward(logits2d, labels, inv, reduction, opts, grad, lse_out)
             ctx.save_for_backward(grad)
         else:
-            loss, lse = _forward(logits2d, labels, inv, reduction, opts, None)
+            loss, lse = _forward(logits2d, labels, inv, reduction, opts, None, lse_out)
             ctx.save_for_backward(logits2d, labels, lse, inv)
         return loss
 
     @staticmethod
     def backward(ctx, dloss):
-        return (ce_backward(ctx, dloss, compiled=False),) + (None,) * 8
+        return (ce_backward(ctx, dloss, compiled=False),) + (None,) * 10
 
 
 # torch.compile: the same launches as custom ops (fusedlora.ops._custom); the gradient is made in the
 # forward as in eager (same condition), but never over the logits buffer.
 def _forward_op(logits2d: torch.Tensor, labels: torch.Tensor, inv: torch.Tensor, reduction: str, ignore_index: int,
-                label_smoothing: float, softcap: float | None, logit_scale: float | None,
+                label_smoothing: float, softcap: float | None, logit_scale: float | None, lse_square_scale: float,
                 need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, grad or a none marker)."""
-    opts = (ignore_index, label_smoothing, softcap, logit_scale)
+    opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
     grad = torch.empty_like(logits2d) if need_grad and reduction != "none" and precompute_grads(logits2d.dtype) else None
     loss, lse = _forward(logits2d, labels, inv, reduction, opts, grad)
     return loss, lse, _custom.mark(grad, logits2d)
@@ -249,8 +267,8 @@ def _forward_op(logits2d: torch.Tensor, labels: torch.Tensor, inv: torch.Tensor,
 
 def _backward_op(dloss: torch.Tensor, logits2d: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                  inv: torch.Tensor, reduction: str, ignore_index: int, label_smoothing: float, softcap: float | None,
-                 logit_scale: float | None) -> torch.Tensor:
-    opts = (ignore_index, label_smoothing, softcap, logit_scale)
+                 logit_scale: float | None, lse_square_scale: float) -> torch.Tensor:
+    opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
     return _grad(dloss, logits2d, labels, lse, inv, reduction, opts, torch.empty_like(logits2d))
 
 
@@ -268,13 +286,13 @@ def _op_setup(ctx, inputs, output):
 
 
 def _op_backward(ctx, dloss, _dlse, _dgrad):
-    return (ce_backward(ctx, dloss, compiled=True),) + (None,) * 8
+    return (ce_backward(ctx, dloss, compiled=True),) + (None,) * 9
 
 
 CE_OP.register_autograd(_op_backward, setup_context=_op_setup)
 
 
-def _check_ce_args(op, reduction, label_smoothing, softcap, logit_scale):
+def _check_ce_args(op, reduction, label_smoothing, softcap, logit_scale, lse_square_scale=0.0):
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -283,13 +301,19 @@ def _check_ce_args(op, reduction, label_smoothing, softcap, logit_scale):
         raise ValueError(f"{op}: softcap must be positive, got {softcap}")
     if logit_scale is not None and not isinstance(logit_scale, (int, float)):
         raise TypeError(f"{op}: logit_scale must be a Python number, got {type(logit_scale).__name__}")
+    if not isinstance(lse_square_scale, (int, float)) or not 0.0 <= lse_square_scale < float("inf"):
+        raise ValueError(f"{op}: lse_square_scale must be a finite Python number >= 0, got {lse_square_scale!r}")
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, softcap: float | None = None, logit_scale: float | None = None,
-                  num_items_in_batch=None, inplace_grad: bool = False, weight: torch.Tensor | None = None) -> torch.Tensor:
+                  num_items_in_batch=None, inplace_grad: bool = False, weight: torch.Tensor | None = None,
+                  lse_square_scale: float = 0.0, return_z_loss: bool = False):
     """Cross-entropy of `logits` [..., V] against integer `labels` [...].
 
+    lse_square_scale: adds the z-loss lse_square_scale * logsumexp(logits)^2 of each used row to its loss
+    (weighted, averaged and reduced as the loss). return_z_loss=True returns (loss, z_loss): that part apart,
+    for logging (no gradient flows through it; the loss already holds it).
     weight: per-class weights [V] as torch's F.cross_entropy `weight` (each row's loss times weight[label];
     "mean" divides by the sum of the non-ignored labels' weights, or by num_items_in_batch when given);
     not with label_smoothing.
@@ -301,7 +325,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     op = "cross_entropy"
     check_tensor(op, "logits", logits)
     check_tensor(op, "labels", labels, dtypes=LABEL_DTYPES, like=logits, like_name="logits")
-    _check_ce_args(op, reduction, label_smoothing, softcap, logit_scale)
+    _check_ce_args(op, reduction, label_smoothing, softcap, logit_scale, lse_square_scale)
     if logits.dim() < 1 or labels.shape != logits.shape[:-1]:
         raise ValueError(f"{op}: labels have shape {tuple(labels.shape)} but logits {tuple(logits.shape)}; "
                          f"expected labels of shape {tuple(logits.shape[:-1])}")
@@ -313,13 +337,28 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     labels1d = labels.reshape(-1).contiguous()
     inv = prepare_scale(op, labels1d, n_cols, ignore_index, reduction, num_items_in_batch, weight)
     if _custom.compiling():
-        out = CE_OP(logits2d, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
-                    None if softcap is None else float(softcap), None if logit_scale is None else float(logit_scale),
-                    torch.is_grad_enabled() and logits2d.requires_grad)[0]
-        return out.view(labels.shape) if reduction == "none" else out
-    out = CrossEntropyFunction.apply(logits2d, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
-                                     None if softcap is None else float(softcap), logit_scale, bool(inplace_grad))
-    return out.view(labels.shape) if reduction == "none" else out
+        out, lse, _ = CE_OP(logits2d, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
+                            None if softcap is None else float(softcap),
+                            None if logit_scale is None else float(logit_scale), float(lse_square_scale),
+                            torch.is_grad_enabled() and logits2d.requires_grad)
+        lse = lse.detach()
+    else:
+        lse = torch.empty(labels1d.shape[0], dtype=torch.float32, device=logits.device) if return_z_loss else None
+        out = CrossEntropyFunction.apply(logits2d, labels1d, inv, reduction, int(ignore_index),
+                                         float(label_smoothing), None if softcap is None else float(softcap),
+                                         logit_scale, bool(inplace_grad), float(lse_square_scale), lse)
+    return with_z_loss(out, labels.shape, reduction, return_z_loss, lse, labels1d, inv, ignore_index,
+                       lse_square_scale)
+
+
+def with_z_loss(out, labels_shape, reduction, return_z_loss, lse, labels1d, inv, ignore_index, lse_square_scale):
+    """The public ops' result: the loss (per row in the labels' shape for "none"), and (loss, z_loss) when
+    asked for the z-loss."""
+    out = out.view(labels_shape) if reduction == "none" else out
+    if not return_z_loss:
+        return out
+    z_loss = z_loss_of(lse, labels1d, inv, ignore_index, lse_square_scale, reduction)
+    return out, z_loss.view(labels_shape) if reduction == "none" else z_loss
 
 
 # ---------------------------------------------------------------- self-check (python -m fusedlora.selfcheck)

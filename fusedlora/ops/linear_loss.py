@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from . import _custom
 from ._common import autocast_dtype, check_tensor
-from .cross_entropy import (LABEL_DTYPES, _check_ce_args, backward_scale, ce_launch, check_class_weight,
+from .cross_entropy import (LABEL_DTYPES, _check_ce_args, backward_scale, check_class_weight, launch_rows,
                             naive_cross_entropy, precompute_grads, prepare_scale, reduce_rows, row_scale,
-                            scale_saved_grad)
+                            scale_saved_grad, with_z_loss)
 
 DEFAULT_CHUNK_BYTES = 128 * 2**20
 
@@ -56,13 +56,15 @@ def _precomputes(reduction, dtype, need_dh, need_dw, need_db) -> bool:
     return (need_dh or need_dw or need_db) and reduction != "none" and precompute_grads(dtype)
 
 
-def _flce_forward(hidden, weight, bias, labels, inv, reduction, opts, chunk_rows, need_dh, need_dw, need_db):
+def _flce_forward(hidden, weight, bias, labels, inv, reduction, opts, chunk_rows, need_dh, need_dw, need_db,
+                  lse=None):
     """(loss, dh, dw, db, lse): the loss, and where _precomputes the gradients for d loss = 1 (else None),
-    one logits chunk at a time."""
+    one logits chunk at a time; lse into the given buffer if any."""
     n_rows, n_cols = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=dev)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=dev)
+    if lse is None:
+        lse = torch.empty(n_rows, dtype=torch.float32, device=dev)
     precompute = _precomputes(reduction, hidden.dtype, need_dh, need_dw, need_db)
     dh = torch.empty_like(hidden) if precompute and need_dh else None
     dw = torch.zeros_like(weight) if precompute and need_dw else None
@@ -72,11 +74,11 @@ def _flce_forward(hidden, weight, bias, labels, inv, reduction, opts, chunk_rows
         h = hidden[s:e]
         logits = F.linear(h, weight, bias)
         if precompute:  # the chunk's logits become their gradient in place
-            ce_launch(logits, labels[s:e], loss_rows[s:e], lse[s:e], logits, *row_scale(inv, s, e), *opts,
-                      "loss_and_grad")
+            launch_rows(logits, labels[s:e], loss_rows[s:e], lse[s:e], logits, *row_scale(inv, s, e), opts,
+                        "loss_and_grad")
             _accumulate_chunk_grads(logits, h, weight, None if dh is None else dh[s:e], dw, db)
         else:
-            ce_launch(logits, labels[s:e], loss_rows[s:e], lse[s:e], None, *row_scale(inv, s, e), *opts, "loss")
+            launch_rows(logits, labels[s:e], loss_rows[s:e], lse[s:e], None, *row_scale(inv, s, e), opts, "loss")
         del logits  # free this chunk before the next one is allocated: one chunk alive at a time
     return reduce_rows(loss_rows, reduction), dh, dw, db, lse
 
@@ -92,7 +94,7 @@ def _flce_recompute(dloss, hidden, weight, bias, labels, lse, inv, reduction, op
         e = min(hidden.shape[0], s + chunk_rows)
         h = hidden[s:e]
         logits = F.linear(h, weight, bias)
-        ce_launch(logits, labels[s:e], lse[s:e], lse[s:e], logits, *row_scale(scale, s, e), *opts, "grad")
+        launch_rows(logits, labels[s:e], lse[s:e], lse[s:e], logits, *row_scale(scale, s, e), opts, "grad")
         _accumulate_chunk_grads(logits, h, weight, None if dh is None else dh[s:e], dw, db)
         del logits
     return dh, dw, None if db is None else db.to(bias.dtype)
@@ -118,12 +120,12 @@ def flce_backward(ctx, dloss, compiled: bool):
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, inv, reduction, ignore_index, label_smoothing, softcap, logit_scale,
-                chunk_rows):
+                lse_square_scale, chunk_rows, lse_out=None):
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         need_db = need_db and bias is not None
-        opts = (ignore_index, label_smoothing, softcap, logit_scale)
+        opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
         loss, dh, dw, db, lse = _flce_forward(hidden, weight, bias, labels, inv, reduction, opts, chunk_rows, need_dh,
-                                              need_dw, need_db)
+                                              need_dw, need_db, lse_out)
         ctx.precompute = _precomputes(reduction, hidden.dtype, need_dh, need_dw, need_db)
         ctx.args = (reduction, opts, chunk_rows, need_dh, need_dw, need_db)
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -135,23 +137,23 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dloss):
-        return flce_backward(ctx, dloss, compiled=False) + (None,) * 8
+        return flce_backward(ctx, dloss, compiled=False) + (None,) * 10
 
 
 # torch.compile: the same chunk loops as custom ops (fusedlora.ops._custom); the fake only allocates.
 def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                 inv: torch.Tensor, reduction: str, ignore_index: int, label_smoothing: float, softcap: float | None,
-                logit_scale: float | None, chunk_rows: int, need_dh: bool, need_dw: bool,
+                logit_scale: float | None, lse_square_scale: float, chunk_rows: int, need_dh: bool, need_dw: bool,
                 need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, dh, dw, db, lse), absent gradients as none markers."""
-    opts = (ignore_index, label_smoothing, softcap, logit_scale)
+    opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
     loss, dh, dw, db, lse = _flce_forward(hidden, weight, bias, labels, inv, reduction, opts, chunk_rows, need_dh,
                                           need_dw, need_db)
     return loss, *(_custom.mark(g, hidden) for g in (dh, dw, db)), lse
 
 
 def _forward_fake(hidden, weight, bias, labels, inv, reduction, ignore_index, label_smoothing, softcap, logit_scale,
-                  chunk_rows, need_dh, need_dw, need_db):
+                  lse_square_scale, chunk_rows, need_dh, need_dw, need_db):
     precompute = _precomputes(reduction, hidden.dtype, need_dh, need_dw, need_db)
     n_rows = hidden.shape[0]
     loss = hidden.new_empty((n_rows,) if reduction == "none" else (), dtype=torch.float32)
@@ -163,15 +165,17 @@ def _forward_fake(hidden, weight, bias, labels, inv, reduction, ignore_index, la
 
 def _backward_op(dloss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  labels: torch.Tensor, lse: torch.Tensor, inv: torch.Tensor, reduction: str, ignore_index: int,
-                 label_smoothing: float, softcap: float | None, logit_scale: float | None, chunk_rows: int,
-                 need_dh: bool, need_dw: bool, need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _flce_recompute(dloss, hidden, weight, bias, labels, lse, inv, reduction,
-                            (ignore_index, label_smoothing, softcap, logit_scale), chunk_rows, need_dh, need_dw, need_db)
+                 label_smoothing: float, softcap: float | None, logit_scale: float | None, lse_square_scale: float,
+                 chunk_rows: int, need_dh: bool, need_dw: bool,
+                 need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
+    grads = _flce_recompute(dloss, hidden, weight, bias, labels, lse, inv, reduction, opts, chunk_rows, need_dh,
+                            need_dw, need_db)
     return tuple(_custom.mark(g, hidden) for g in grads)
 
 
 def _backward_fake(dloss, hidden, weight, bias, labels, lse, inv, reduction, ignore_index, label_smoothing, softcap,
-                   logit_scale, chunk_rows, need_dh, need_dw, need_db):
+                   logit_scale, lse_square_scale, chunk_rows, need_dh, need_dw, need_db):
     grads = (torch.empty_like(hidden) if need_dh else None, torch.empty_like(weight) if need_dw else None,
              torch.empty_like(bias) if need_db else None)
     return tuple(_custom.mark(g, hidden) for g in grads)
@@ -193,7 +197,7 @@ def _op_setup(ctx, inputs, output):
 
 
 def _op_backward(ctx, dloss, *_):
-    return flce_backward(ctx, dloss, compiled=True) + (None,) * 11
+    return flce_backward(ctx, dloss, compiled=True) + (None,) * 12
 
 
 FLCE_OP.register_autograd(_op_backward, setup_context=_op_setup)
@@ -203,17 +207,18 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                                label_smoothing: float = 0.0, softcap: float | None = None,
                                logit_scale: float | None = None, num_items_in_batch=None,
-                               max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                               ce_weight: torch.Tensor | None = None) -> torch.Tensor:
+                               max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, ce_weight: torch.Tensor | None = None,
+                               lse_square_scale: float = 0.0, return_z_loss: bool = False):
     """cross_entropy(hidden @ weight.T + bias, labels) without the [T, V] logits; fp32 loss.
-    ce_weight: per-class weights [V], cross_entropy's `weight` (the name `weight` is the head's here)."""
+    ce_weight: per-class weights [V], cross_entropy's `weight` (the name `weight` is the head's here);
+    lse_square_scale / return_z_loss: the z-loss, as cross_entropy's."""
     op = "fused_linear_cross_entropy"
     check_tensor(op, "hidden", hidden)
     check_tensor(op, "weight", weight, like=hidden, like_name="hidden")
     check_tensor(op, "labels", labels, dtypes=LABEL_DTYPES, like=hidden, like_name="hidden")
     if bias is not None:
         check_tensor(op, "bias", bias, like=hidden, like_name="hidden")
-    _check_ce_args(op, reduction, label_smoothing, softcap, logit_scale)
+    _check_ce_args(op, reduction, label_smoothing, softcap, logit_scale, lse_square_scale)
     cast = autocast_dtype(hidden)
     if cast is not None:  # compute in autocast's dtype, as F.linear would; the casts pass gradients back
         hidden, weight = hidden.to(cast), weight.to(cast)
@@ -240,15 +245,18 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         grad = torch.is_grad_enabled()
         needs = (grad and h2d.requires_grad, grad and weight.requires_grad,
                  grad and bias is not None and bias.requires_grad)
-        out = FLCE_OP(h2d, weight, bias, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
-                      None if softcap is None else float(softcap), None if logit_scale is None else float(logit_scale),
-                      chunk, *needs)[0]
-        return out.view(labels.shape) if reduction == "none" else out
-    chunk = rows_per_chunk(h2d.shape[0], n_cols, hidden.element_size(), max_chunk_bytes)
-    out = FusedLinearCrossEntropyFunction.apply(
-        h2d, weight, bias, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
-        None if softcap is None else float(softcap), logit_scale, chunk)
-    return out.view(labels.shape) if reduction == "none" else out
+        outs = FLCE_OP(h2d, weight, bias, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
+                       None if softcap is None else float(softcap),
+                       None if logit_scale is None else float(logit_scale), float(lse_square_scale), chunk, *needs)
+        out, lse = outs[0], outs[4].detach()
+    else:
+        chunk = rows_per_chunk(h2d.shape[0], n_cols, hidden.element_size(), max_chunk_bytes)
+        lse = torch.empty(h2d.shape[0], dtype=torch.float32, device=hidden.device) if return_z_loss else None
+        out = FusedLinearCrossEntropyFunction.apply(
+            h2d, weight, bias, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
+            None if softcap is None else float(softcap), logit_scale, float(lse_square_scale), chunk, lse)
+    return with_z_loss(out, labels.shape, reduction, return_z_loss, lse, labels1d, inv, ignore_index,
+                       lse_square_scale)
 
 
 def _per_item(loss_fn, logits, targets, rows):
