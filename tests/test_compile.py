@@ -59,8 +59,8 @@ TOL = 1e-5 if HAS_CUDA else 0.0
 
 
 # ------------------------------------------------------------------------------------- public ops
-def _t(*shape, grad=True):
-    return torch.randn(*shape, device=DEVICE).requires_grad_(grad)
+def _t(*shape, grad=True, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE).to(dtype).requires_grad_(grad)
 
 
 OP_CASES = {
@@ -78,6 +78,17 @@ OP_CASES = {
         h, w, y, reduction="none", max_chunk_bytes=2 * 50 * 4), (_t(6, 32), _t(50, 32), _labels(6, 50))),
     "chunked_linear_loss": lambda: (lambda h, w, y: chunked_linear_loss(
         h, w, y, lambda z, t: F.cross_entropy(z, t, reduction="none"), num_chunks=3), (_t(6, 32), _t(50, 32), _labels(6, 50))),
+    # fp16: the gradient recomputed in the backward with d loss applied before the fp16 store (issue 34)
+    "cross_entropy_fp16": lambda: (lambda z, y: 8.0 * cross_entropy(z, y), (_t(6, 50, dtype=torch.float16), _labels(6, 50))),
+    "linear_ce_fp16": lambda: (lambda h, w, y: 8.0 * fused_linear_cross_entropy(h, w, y),
+                               (_t(6, 32, dtype=torch.float16), _t(50, 32, dtype=torch.float16), _labels(6, 50))),
+    "cross_entropy_weight": lambda: (lambda z, y, w: cross_entropy(z, y, weight=w),
+                                     (_t(6, 50), _labels(6, 50), torch.rand(50, device=DEVICE))),
+    # loss + z_loss: the reported z-loss (no gradient of its own) compared too
+    "cross_entropy_z_loss": lambda: (lambda z, y: sum(cross_entropy(z, y, lse_square_scale=0.01, return_z_loss=True)),
+                                     (_t(6, 50), _labels(6, 50))),
+    "linear_ce_z_loss": lambda: (lambda h, w, y: fused_linear_cross_entropy(h, w, y, lse_square_scale=0.01),
+                                 (_t(6, 32), _t(50, 32), _labels(6, 50))),
     "linear_ce_items_bias": lambda: (lambda h, w, b, y, n: fused_linear_cross_entropy(h, w, y, b, num_items_in_batch=n),
                                      (_t(6, 32), _t(50, 32), _t(50), _labels(6, 50), torch.tensor(4, device=DEVICE))),
 }
@@ -105,6 +116,33 @@ def test_public_op_compiles_whole_and_matches_eager(case):
     fn, inputs = OP_CASES[case]()
     # chunked_linear_loss runs unchunked under compile: the same sums in another order (fp32 rounding)
     assert_compiled_matches_eager(fn, inputs, max(TOL, 1e-6) if case == "chunked_linear_loss" else TOL)
+
+
+@pytest.mark.parametrize("case", ["cross_entropy", "linear_ce", "cross_entropy_fp16", "linear_ce_fp16"])
+def test_compiled_loss_second_backward(case):
+    """retain_graph through a compiled loss: each backward right, none overwriting a gradient handed out."""
+    fn, inputs = OP_CASES[case]()
+    leaves = [t for t in inputs if t.is_floating_point()]
+    loss = torch.compile(fn, backend=BACKEND, fullgraph=True)(*inputs)
+    ref = fn(*inputs)
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    kept = [g.clone() for g in first]
+    second = torch.autograd.grad(3.0 * loss, leaves)
+    for g, k, g2, r in zip(first, kept, second, torch.autograd.grad(3.0 * ref, leaves)):
+        assert torch.equal(g, k)
+        assert rel_err(g2, r) <= max(TOL, 1e-3 if g.dtype == torch.float16 else 0.0)
+
+
+def test_compiled_cross_entropy_fp16_loss_scale():
+    """The compiled path's fp16 gradient under a loss scale: as close to fp64 as fp16 allows (no flushed entries)."""
+    x = torch.randn(64, 4096, device=DEVICE).half().requires_grad_()
+    y = torch.randint(0, 4096, (64,), device=DEVICE)
+    fn = torch.compile(lambda z, t: cross_entropy(z, t, num_items_in_batch=65536) * 65536.0, backend=BACKEND,
+                       fullgraph=True)
+    (g,) = torch.autograd.grad(fn(x, y), x)
+    x64 = x.detach().double().requires_grad_()
+    (g64,) = torch.autograd.grad(F.cross_entropy(x64, y, reduction="sum"), x64)
+    assert rel_err(g, g64) <= 1.5 * rel_err(g64.half(), g64)
 
 
 def test_dynamic_rows_compile_once():

@@ -169,6 +169,8 @@ def test_fuzz_cross_entropy(data):
               ignore_index=ignore_index)
     if kw["reduction"] == "mean":
         kw["num_items_in_batch"] = data.draw(st.sampled_from([None, 5]))
+    if kw["label_smoothing"] == 0.0 and data.draw(st.booleans()):  # per-class weights (not with smoothing)
+        kw["weight"] = torch.rand(vocab, device=DEVICE) + 0.05
     y, pattern = _draw_labels(data, rows, vocab, ignore_index)
     z = _laid_out((4 * torch.randn(rows, vocab, device=DEVICE)).to(dtype), data.draw(st.sampled_from(["contiguous", "slice"])))
     zk = z.detach().requires_grad_()

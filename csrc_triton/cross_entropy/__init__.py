@@ -41,11 +41,11 @@ CROSS_ENTROPY = register(KernelSpec(
     name="cross_entropy",
     module="csrc_triton.cross_entropy.kernel", function="cross_entropy_kernel",
     pointer_types={"LOGITS": "x", "LABELS": "label", "LOSS": "fp32", "LSE": "fp32", "GRAD": "x", "SCALE": "fp32"},
-    float_args=("label_smoothing", "softcap", "logit_scale"),
+    float_args=("label_smoothing", "softcap", "logit_scale", "lse_square_scale"),
     meta=cross_entropy_meta,
     config=lambda arch, c: (_ce_warps(c["BLOCK_V"]), 1),
     aot_variants=_ce_aot,
-    doc="row-wise cross-entropy: loss, lse and (optionally) the gradient in the logits' dtype",
+    doc="row-wise cross-entropy (optional z-loss): loss, lse and (optionally) the gradient in the logits' dtype",
     check="fusedlora.ops.cross_entropy:selfcheck",
 ))
 

@@ -1,8 +1,9 @@
 """Cross-entropy over rows of logits, one program per row, never materialising fp32 logits.
 
 Per row: x = softcap * tanh(logit_scale * z / softcap) (softcap optional), lse = logsumexp(x),
-loss = lse - (1 - eps) * x[label] - eps * mean(x)   (eps = label smoothing, its mean(x) only taken when
-SMOOTH; 0 for ignored rows).
+loss = lse - (1 - eps) * x[label] - eps * mean(x) + zs * lse^2   (eps = label smoothing, its mean(x) only
+taken when SMOOTH; zs = lse_square_scale, the z-loss, whose gradient 2 zs lse softmax(x) costs one
+multiply per row; 0 for ignored rows).
 MODE 0: loss and lse only. MODE 1: also the gradient, scaled by SCALE[0] (1/divisor for mean), written
 in the logits' dtype (possibly in place over the logits: each chunk is read before it is written).
 MODES 0 and 1 store each row's loss times SCALE[0] too, so that a plain sum gives the reduction.
@@ -29,7 +30,7 @@ def _transform(z, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr):
 def cross_entropy_kernel(
     LOGITS, LABELS, LOSS, LSE, GRAD, SCALE,
     logits_row_stride, grad_row_stride, scale_stride, n_rows, n_cols,
-    ignore_index, label_smoothing, softcap, logit_scale,
+    ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale,
     BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MODE: tl.constexpr, SMOOTH: tl.constexpr,
 ):
     # Program p takes rows p, p + P, ... (the launcher may pick a persistent grid). Eviction hints only
@@ -61,7 +62,10 @@ def cross_entropy_kernel(
                 ok = start + cols < n_cols
                 x = tl.where(ok, _transform(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP), float("-inf"))
                 m_new = tl.maximum(m, tl.max(x, axis=0))
-                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+                # while every logit so far is -inf the running max is -inf too: shift by 0 then (s is still 0),
+                # since -inf - -inf is NaN
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+                s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
                 if SMOOTH:  # the row's mean logit, for label smoothing: one more reduction per chunk
                     sum_x += tl.sum(tl.where(ok, x, 0.0), axis=0)
                 m = m_new
@@ -69,10 +73,12 @@ def cross_entropy_kernel(
             safe_label = tl.where(ignored, 0, label)
             x_label = _transform(tl.load(base + safe_label).to(tl.float32), softcap, logit_scale, HAS_SOFTCAP)
             loss = lse - (1.0 - label_smoothing) * x_label - label_smoothing * (sum_x / n_cols)
+            loss += lse_square_scale * lse * lse
             tl.store(LOSS + row, tl.where(ignored, 0.0, loss * scale))
             tl.store(LSE + row, lse)
         if MODE != 0:
             smooth = label_smoothing / n_cols
+            softmax_coef = 1.0 + 2.0 * lse_square_scale * lse  # the z-loss's share of d loss / d x
             gbase = GRAD + row * g_stride
             # MODE 1 walks backwards: the chunks the first pass read last come first (L2 hits)
             n_chunks = tl.cdiv(n_cols, BLOCK_V)
@@ -87,7 +93,8 @@ def cross_entropy_kernel(
                 z_next = tl.load(base + nxt, mask=(nxt >= 0) & (nxt < n_cols), other=0.0,
                                  eviction_policy=SECOND_READ)
                 x = _transform(z, softcap, logit_scale, HAS_SOFTCAP)
-                g = tl.exp(x - lse) - smooth - tl.where(cols == label_col - start, 1.0 - label_smoothing, 0.0)
+                g = tl.exp(x - lse) * softmax_coef - smooth - tl.where(cols == label_col - start, 1.0 - label_smoothing,
+                                                                         0.0)
                 if HAS_SOFTCAP:
                     t = x / softcap
                     g = g * (1.0 - t * t)

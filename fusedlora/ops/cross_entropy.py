@@ -6,7 +6,12 @@
   One small kernel (ce_prepare) counts them and checks the labels' range before the main kernel, which
   stores each row's loss already divided, so the op is 3 launches forward (prepare, assert, kernel) plus a sum.
 - For "mean"/"sum" the forward writes the gradient (assuming d loss = 1) and the backward rescales it
-  by the incoming gradient with a kernel that does nothing when that is 1.
+  by the incoming gradient with a kernel that does nothing when that is 1: in place when that backward
+  is the saved gradient's last use, else into a new tensor (retain_graph: a second backward, or a
+  gradient already handed out, must not see it rescaled again).
+- fp16 logits keep their gradient for the backward instead: made for d loss = 1, its small entries
+  (softmax / number of items) fall below fp16's range before a loss scale could lift them, so the
+  backward kernel computes it with the incoming scale applied in fp32 (the same memory traffic).
 - The loss is returned in fp32.
 """
 from __future__ import annotations
@@ -18,14 +23,14 @@ import csrc_triton.cross_entropy as ce_kernels  # its grid constants are read pe
 from csrc_triton.cross_entropy import CE_PREPARE, CROSS_ENTROPY, SCALE_BY_SCALAR
 
 from . import _custom
-from ._common import cdiv, check_tensor, grads_of, persistent_programs, rel_err
+from ._common import FLOAT_DTYPES, cdiv, check_tensor, grads_of, persistent_programs, rel_err
 
 REDUCTIONS = ("mean", "sum", "none")
 LABEL_DTYPES = (torch.int64, torch.int32)
 
 
 def naive_cross_entropy(logits, labels, ignore_index=-100, reduction="mean", label_smoothing=0.0, softcap=None,
-                        logit_scale=None, num_items_in_batch=None):
+                        logit_scale=None, num_items_in_batch=None, weight=None):
     """Plain-torch reference (fp32 math, fp64 if the logits are fp64)."""
     x = logits if logits.dtype == torch.float64 else logits.float()
     if logit_scale is not None:
@@ -34,12 +39,17 @@ def naive_cross_entropy(logits, labels, ignore_index=-100, reduction="mean", lab
         x = softcap * torch.tanh(x / softcap)
     x = x.reshape(-1, x.shape[-1])
     labels = labels.reshape(-1)
-    per_row = F.cross_entropy(x, labels, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    weight = None if weight is None else weight.to(x.dtype)
+    per_row = F.cross_entropy(x, labels, weight=weight, ignore_index=ignore_index, reduction="none",
+                              label_smoothing=label_smoothing)
     if reduction == "none":
         return per_row
     total = per_row.sum()
     if reduction == "sum":
         return total
+    if weight is not None and num_items_in_batch is None:  # torch's weighted mean: over the targets' weights
+        used = labels != ignore_index
+        return total / weight[labels[used]].sum()
     n = num_items_in_batch if num_items_in_batch is not None else (labels != ignore_index).sum()
     return total / torch.clamp(torch.as_tensor(n, device=total.device), min=1)
 
@@ -74,6 +84,40 @@ def prepare_labels(op, labels, n_cols, ignore_index, reduction, num_items_in_bat
     return inv if given is None else given
 
 
+def prepare_scale(op, labels, n_cols, ignore_index, reduction, num_items_in_batch, class_weight):
+    """The scale of each row's loss and gradient: prepare_labels' 1-element scale, or with per-class weights
+    (as torch's F.cross_entropy `weight`) one per row: weight[label] (0 for ignored rows), and for "mean"
+    divided by their sum (torch's weighted mean; all ignored: 0, not NaN) unless num_items_in_batch is given."""
+    weighted_mean = class_weight is not None and reduction == "mean" and num_items_in_batch is None
+    inv = prepare_labels(op, labels, n_cols, ignore_index, "sum" if weighted_mean else reduction, num_items_in_batch)
+    if class_weight is None:
+        return inv
+    # the labels' range is asserted above; clamped here so that no bad label indexes out of bounds first
+    rows = torch.where(labels != ignore_index, class_weight[labels.clamp(0, n_cols - 1)], 0.0) * inv
+    if weighted_mean:
+        total = rows.sum()
+        rows = rows / torch.where(total == 0, 1.0, total)
+    return rows
+
+
+def check_class_weight(op, name, class_weight, n_cols, like, like_name, label_smoothing):
+    """The per-class weights as a contiguous fp32 [n_cols] tensor (None stays None), or a clear error."""
+    if class_weight is None:
+        return None
+    check_tensor(op, name, class_weight, dtypes=FLOAT_DTYPES + (torch.float64,), like=like, like_name=like_name)
+    if class_weight.shape != (n_cols,):
+        raise ValueError(f"{op}: {name} has shape {tuple(class_weight.shape)}; expected one weight per class, "
+                         f"({n_cols},)")
+    if label_smoothing != 0.0:  # torch weights the smoothing term per class: not one scale per row
+        raise ValueError(f"{op}: {name} together with label_smoothing is not supported")
+    return class_weight.to(torch.float32).contiguous()
+
+
+def row_scale(scale: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, int]:
+    """(scale, stride) of rows [start, end): a 1-element scale serves every row, a per-row one is sliced."""
+    return (scale[start:end], 1) if scale.numel() > 1 else (scale, 0)
+
+
 def _prepare(labels: torch.Tensor, n_cols: int, ignore_index: int, mode: str,
              divisor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(inv, ok) of ce_prepare_kernel; inv is not written in mode "given"."""
@@ -91,91 +135,141 @@ def reduce_rows(loss_rows, reduction):
     return loss_rows if reduction == "none" else loss_rows.sum()
 
 
-def backward_scale(dloss, reduction, inv):
-    """(scale tensor, stride) that the gradient kernel multiplies each row's gradient by."""
-    if reduction == "none":
-        return dloss.to(torch.float32).contiguous(), 1
-    return (dloss.to(torch.float32) * inv).reshape(1), 0
+def backward_scale(dloss, inv):
+    """(scale tensor, stride) that the gradient kernel multiplies each row's gradient by: d loss (per row for
+    "none") times the forward's scale (1 element, or per row with class weights)."""
+    scale = (dloss.to(torch.float32) * inv).reshape(-1)
+    return row_scale(scale, 0, scale.numel())
+
+
+def backward_keeps_graph() -> bool:
+    """Inside a backward: True when it keeps the graph (retain_graph / create_graph), so what the forward
+    saved may be used again and must not be overwritten. Without torch's probe (it is private), assume so."""
+    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if probe is None else bool(probe())
+
+
+def precompute_grads(dtype: torch.dtype) -> bool:
+    """Whether the forward makes the gradients (for d loss = 1) for the backward to rescale: not for fp16,
+    whose small gradient entries would underflow before the loss scale reaches them (see the module doc)."""
+    return dtype != torch.float16
+
+
+def scale_saved_grad(grad: torch.Tensor, dloss: torch.Tensor, compiled: bool) -> torch.Tensor:
+    """A gradient the forward made for d loss = 1, times the incoming d loss (fp32 math, rounded once):
+    in place where this backward is the saved gradient's last use, else a new tensor."""
+    s = dloss.to(torch.float32).reshape(1)
+    if compiled:  # plain torch, out of place (Inductor fuses it)
+        return (grad * s).to(grad.dtype)
+    if backward_keeps_graph():
+        grad = grad.clone()
+    return scale_by_scalar_(grad, s)
 
 
 def ce_launch(logits2d, labels, loss, lse, grad, scale, scale_stride, ignore_index, label_smoothing, softcap,
-              logit_scale, mode):
+              logit_scale, mode, lse_square_scale=0.0):
     n_rows, n_cols = logits2d.shape
     grad_t = grad if grad is not None else logits2d
     progs = persistent_programs(n_rows, ce_kernels.CE_PROGRAMS_PER_SM, logits2d.get_device())
     CROSS_ENTROPY.launch((progs, 1, 1), (
         logits2d, labels, loss, lse, grad_t, scale, logits2d.stride(0), grad_t.stride(0), scale_stride, n_rows,
         n_cols, int(ignore_index), float(label_smoothing), float(softcap or 1.0),
-        float(1.0 if logit_scale is None else logit_scale)),
+        float(1.0 if logit_scale is None else logit_scale), float(lse_square_scale)),
         n_cols=n_cols, softcap=softcap is not None, mode=mode, smoothing=label_smoothing != 0.0)
+
+
+def launch_rows(logits2d, labels, loss, lse, grad, scale, scale_stride, opts, mode):
+    """ce_launch with the ops' options (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale);
+    the z-loss scale goes by keyword only when set, so ce_launch is seen called in its 12-argument form
+    (build_tools/tune.py's, and tests that watch its mode) otherwise."""
+    *ce_opts, lse_square_scale = opts
+    z_loss = {"lse_square_scale": lse_square_scale} if lse_square_scale else {}
+    ce_launch(logits2d, labels, loss, lse, grad, scale, scale_stride, *ce_opts, mode, **z_loss)
+
+
+def z_loss_of(lse, labels, inv, ignore_index, lse_square_scale, reduction):
+    """The z-loss part of the loss (lse_square_scale * lse^2 per used row, scaled and reduced as the loss),
+    reported apart from the loss it is already in: no gradient flows through it."""
+    rows = lse_square_scale * lse.square() * torch.where(labels != ignore_index, inv, 0.0)
+    return rows if reduction == "none" else rows.sum()
+
+
+def _forward(logits2d, labels, inv, reduction, opts, grad_out, lse=None):
+    """(loss, lse); for "mean"/"sum" with `grad_out` given, its gradient for d loss = 1 written there; lse
+    into the given buffer if any (the caller reads the z-loss from it)."""
+    n_rows = logits2d.shape[0]
+    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits2d.device)
+    if lse is None:
+        lse = torch.empty(n_rows, dtype=torch.float32, device=logits2d.device)
+    mode = "loss" if grad_out is None else "loss_and_grad"
+    launch_rows(logits2d, labels, loss_rows, lse, grad_out, *row_scale(inv, 0, n_rows), opts, mode)
+    return reduce_rows(loss_rows, reduction), lse
+
+
+def _grad(dloss, logits2d, labels, lse, inv, reduction, opts, out):
+    """d logits for the incoming d loss, computed from the saved logits and lse (scaled in fp32 before the
+    store in the logits' dtype), written into `out`."""
+    scale, stride = backward_scale(dloss, inv)
+    launch_rows(logits2d, labels, lse, lse, out, scale, stride, opts, "grad")
+    return out
+
+
+def ce_backward(ctx, dloss, compiled: bool):
+    """The backward of the eager Function and of the compiled custom op: what the forward saved
+    (ctx.saved_tensors, ctx.opts = (reduction, opts), ctx.inplace_grad) -> d logits."""
+    reduction, opts = ctx.opts
+    if ctx.precomputed:
+        (grad,) = ctx.saved_tensors
+        return scale_saved_grad(grad, dloss, compiled)
+    # reduction "none", fp16 logits, or a loss computed without grad tracking first and differentiated later
+    logits2d, labels, lse, inv = ctx.saved_tensors
+    if compiled:
+        return CE_BACKWARD_OP(dloss, logits2d, labels, lse, inv, reduction, *opts)
+    # inplace_grad: the gradient goes over the logits, unless a later backward needs them again
+    overwrite = ctx.inplace_grad and not backward_keeps_graph()
+    return _grad(dloss, logits2d, labels, lse, inv, reduction, opts,
+                 logits2d if overwrite else torch.empty_like(logits2d))
 
 
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits2d, labels, inv, reduction, ignore_index, label_smoothing, softcap, logit_scale,
-                inplace_grad):
-        n_rows, n_cols = logits2d.shape
-        dev = logits2d.device
-        loss_rows = torch.empty(n_rows, dtype=torch.float32, device=dev)
-        lse = torch.empty(n_rows, dtype=torch.float32, device=dev)
-        needs_grad = ctx.needs_input_grad[0]
-        ctx.opts = (reduction, ignore_index, label_smoothing, softcap, logit_scale)
-        if needs_grad and reduction != "none":
+                inplace_grad, lse_square_scale=0.0, lse_out=None):
+        opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
+        ctx.opts = (reduction, opts)
+        ctx.inplace_grad = inplace_grad
+        ctx.precomputed = ctx.needs_input_grad[0] and reduction != "none" and precompute_grads(logits2d.dtype)
+        if ctx.precomputed:
             grad = logits2d if inplace_grad else torch.empty_like(logits2d)
-            ce_launch(logits2d, labels, loss_rows, lse, grad, inv, 0, ignore_index, label_smoothing, softcap,
-                      logit_scale, "loss_and_grad")
+            loss, _ = _forward(logits2d, labels, inv, reduction, opts, grad, lse_out)
             ctx.save_for_backward(grad)
-            ctx.precomputed = True
         else:
-            ce_launch(logits2d, labels, loss_rows, lse, None, inv, 0, ignore_index, label_smoothing, softcap,
-                      logit_scale, "loss")
+            loss, lse = _forward(logits2d, labels, inv, reduction, opts, None, lse_out)
             ctx.save_for_backward(logits2d, labels, lse, inv)
-            ctx.precomputed = False
-        return reduce_rows(loss_rows, reduction)
+        return loss
 
     @staticmethod
     def backward(ctx, dloss):
-        reduction, ignore_index, label_smoothing, softcap, logit_scale = ctx.opts
-        if ctx.precomputed:
-            (grad,) = ctx.saved_tensors
-            scale_by_scalar_(grad, dloss.to(torch.float32).reshape(1))
-            return (grad,) + (None,) * 8
-        # reduction "none", or a loss computed without grad tracking first and differentiated later
-        logits2d, labels, lse, inv = ctx.saved_tensors
-        grad = torch.empty_like(logits2d)
-        scale, stride = backward_scale(dloss, reduction, inv)
-        ce_launch(logits2d, labels, lse, lse, grad, scale, stride, ignore_index, label_smoothing, softcap, logit_scale,
-                  "grad")
-        return (grad,) + (None,) * 8
+        return (ce_backward(ctx, dloss, compiled=False),) + (None,) * 10
 
 
 # torch.compile: the same launches as custom ops (fusedlora.ops._custom); the gradient is made in the
-# forward as in eager ("mean"/"sum" with a gradient needed), but never over the logits buffer.
+# forward as in eager (same condition), but never over the logits buffer.
 def _forward_op(logits2d: torch.Tensor, labels: torch.Tensor, inv: torch.Tensor, reduction: str, ignore_index: int,
-                label_smoothing: float, softcap: float | None, logit_scale: float | None,
+                label_smoothing: float, softcap: float | None, logit_scale: float | None, lse_square_scale: float,
                 need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, grad or a none marker)."""
-    n_rows = logits2d.shape[0]
-    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits2d.device)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=logits2d.device)
-    opts = (ignore_index, label_smoothing, softcap, logit_scale)
-    grad = None
-    if need_grad and reduction != "none":
-        grad = torch.empty_like(logits2d)
-        ce_launch(logits2d, labels, loss_rows, lse, grad, inv, 0, *opts, "loss_and_grad")
-    else:
-        ce_launch(logits2d, labels, loss_rows, lse, None, inv, 0, *opts, "loss")
-    return reduce_rows(loss_rows, reduction), lse, _custom.mark(grad, logits2d)
+    opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
+    grad = torch.empty_like(logits2d) if need_grad and reduction != "none" and precompute_grads(logits2d.dtype) else None
+    loss, lse = _forward(logits2d, labels, inv, reduction, opts, grad)
+    return loss, lse, _custom.mark(grad, logits2d)
 
 
 def _backward_op(dloss: torch.Tensor, logits2d: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                  inv: torch.Tensor, reduction: str, ignore_index: int, label_smoothing: float, softcap: float | None,
-                 logit_scale: float | None) -> torch.Tensor:
-    grad = torch.empty_like(logits2d)
-    scale, stride = backward_scale(dloss, reduction, inv)
-    ce_launch(logits2d, labels, lse, lse, grad, scale, stride, ignore_index, label_smoothing, softcap, logit_scale,
-              "grad")
-    return grad
+                 logit_scale: float | None, lse_square_scale: float) -> torch.Tensor:
+    opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
+    return _grad(dloss, logits2d, labels, lse, inv, reduction, opts, torch.empty_like(logits2d))
 
 
 CE_OP = _custom.define("cross_entropy", _forward_op)
@@ -183,23 +277,22 @@ CE_BACKWARD_OP = _custom.define("cross_entropy_backward", _backward_op)
 
 
 def _op_setup(ctx, inputs, output):
-    logits2d, labels, inv, *ctx.opts, _ = inputs
+    logits2d, labels, inv, reduction, *opts, _ = inputs
+    ctx.opts = (reduction, tuple(opts))
+    ctx.inplace_grad = False
     grad = _custom.unmark(output[2])
     ctx.precomputed = grad is not None
     ctx.save_for_backward(*((grad,) if ctx.precomputed else (logits2d, labels, output[1], inv)))
 
 
 def _op_backward(ctx, dloss, _dlse, _dgrad):
-    if ctx.precomputed:
-        (grad,) = ctx.saved_tensors
-        return (grad * dloss.to(torch.float32),) + (None,) * 8  # fp32 math, rounded once (as scale_by_scalar_)
-    return (CE_BACKWARD_OP(dloss, *ctx.saved_tensors, *ctx.opts),) + (None,) * 8
+    return (ce_backward(ctx, dloss, compiled=True),) + (None,) * 9
 
 
 CE_OP.register_autograd(_op_backward, setup_context=_op_setup)
 
 
-def _check_ce_args(op, reduction, label_smoothing, softcap, logit_scale):
+def _check_ce_args(op, reduction, label_smoothing, softcap, logit_scale, lse_square_scale=0.0):
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -208,13 +301,22 @@ def _check_ce_args(op, reduction, label_smoothing, softcap, logit_scale):
         raise ValueError(f"{op}: softcap must be positive, got {softcap}")
     if logit_scale is not None and not isinstance(logit_scale, (int, float)):
         raise TypeError(f"{op}: logit_scale must be a Python number, got {type(logit_scale).__name__}")
+    if not isinstance(lse_square_scale, (int, float)) or not 0.0 <= lse_square_scale < float("inf"):
+        raise ValueError(f"{op}: lse_square_scale must be a finite Python number >= 0, got {lse_square_scale!r}")
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, softcap: float | None = None, logit_scale: float | None = None,
-                  num_items_in_batch=None, inplace_grad: bool = False) -> torch.Tensor:
+                  num_items_in_batch=None, inplace_grad: bool = False, weight: torch.Tensor | None = None,
+                  lse_square_scale: float = 0.0, return_z_loss: bool = False):
     """Cross-entropy of `logits` [..., V] against integer `labels` [...].
 
+    lse_square_scale: adds the z-loss lse_square_scale * logsumexp(logits)^2 of each used row to its loss
+    (weighted, averaged and reduced as the loss). return_z_loss=True returns (loss, z_loss): that part apart,
+    for logging (no gradient flows through it; the loss already holds it).
+    weight: per-class weights [V] as torch's F.cross_entropy `weight` (each row's loss times weight[label];
+    "mean" divides by the sum of the non-ignored labels' weights, or by num_items_in_batch when given);
+    not with label_smoothing.
     softcap: Gemma-2 style `softcap * tanh(logits / softcap)`; logit_scale multiplies the logits first.
     inplace_grad=True writes the gradient over the logits buffer (saves one [T, V] tensor; the logits
     are then gone). Returns an fp32 loss (a scalar, or per-row for reduction="none"). A "mean" over labels that
@@ -223,24 +325,40 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     op = "cross_entropy"
     check_tensor(op, "logits", logits)
     check_tensor(op, "labels", labels, dtypes=LABEL_DTYPES, like=logits, like_name="logits")
-    _check_ce_args(op, reduction, label_smoothing, softcap, logit_scale)
+    _check_ce_args(op, reduction, label_smoothing, softcap, logit_scale, lse_square_scale)
     if logits.dim() < 1 or labels.shape != logits.shape[:-1]:
         raise ValueError(f"{op}: labels have shape {tuple(labels.shape)} but logits {tuple(logits.shape)}; "
                          f"expected labels of shape {tuple(logits.shape[:-1])}")
     n_cols = logits.shape[-1]
+    weight = check_class_weight(op, "weight", weight, n_cols, logits, "logits", label_smoothing)
     logits2d = logits.reshape(-1, n_cols)
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
     labels1d = labels.reshape(-1).contiguous()
-    inv = prepare_labels(op, labels1d, n_cols, ignore_index, reduction, num_items_in_batch)
+    inv = prepare_scale(op, labels1d, n_cols, ignore_index, reduction, num_items_in_batch, weight)
     if _custom.compiling():
-        out = CE_OP(logits2d, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
-                    None if softcap is None else float(softcap), None if logit_scale is None else float(logit_scale),
-                    torch.is_grad_enabled() and logits2d.requires_grad)[0]
-        return out.view(labels.shape) if reduction == "none" else out
-    out = CrossEntropyFunction.apply(logits2d, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
-                                     None if softcap is None else float(softcap), logit_scale, bool(inplace_grad))
-    return out.view(labels.shape) if reduction == "none" else out
+        out, lse, _ = CE_OP(logits2d, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
+                            None if softcap is None else float(softcap),
+                            None if logit_scale is None else float(logit_scale), float(lse_square_scale),
+                            torch.is_grad_enabled() and logits2d.requires_grad)
+        lse = lse.detach()
+    else:
+        lse = torch.empty(labels1d.shape[0], dtype=torch.float32, device=logits.device) if return_z_loss else None
+        out = CrossEntropyFunction.apply(logits2d, labels1d, inv, reduction, int(ignore_index),
+                                         float(label_smoothing), None if softcap is None else float(softcap),
+                                         logit_scale, bool(inplace_grad), float(lse_square_scale), lse)
+    return with_z_loss(out, labels.shape, reduction, return_z_loss, lse, labels1d, inv, ignore_index,
+                       lse_square_scale)
+
+
+def with_z_loss(out, labels_shape, reduction, return_z_loss, lse, labels1d, inv, ignore_index, lse_square_scale):
+    """The public ops' result: the loss (per row in the labels' shape for "none"), and (loss, z_loss) when
+    asked for the z-loss."""
+    out = out.view(labels_shape) if reduction == "none" else out
+    if not return_z_loss:
+        return out
+    z_loss = z_loss_of(lse, labels1d, inv, ignore_index, lse_square_scale, reduction)
+    return out, z_loss.view(labels_shape) if reduction == "none" else z_loss
 
 
 # ---------------------------------------------------------------- self-check (python -m fusedlora.selfcheck)

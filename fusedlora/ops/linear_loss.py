@@ -3,7 +3,10 @@
 - `fused_linear_cross_entropy`: chunks of rows; each chunk's logits come from one matmul, the
   cross-entropy kernel turns them into their gradient in place, and two more matmuls give d hidden
   (and d weight / d bias when they need gradients). The gradients are made in the forward (for
-  "mean"/"sum"); the backward only rescales them (free when d loss = 1). Exact: no gradient filtering.
+  "mean"/"sum"); the backward only rescales them (free when d loss = 1; into new tensors under
+  retain_graph). fp16 instead recomputes each chunk's logits in the backward, where the kernel applies the
+  incoming scale before the fp16 store (made for d loss = 1 the small entries underflow: see
+  cross_entropy.py): one more matmul per chunk. Exact: no gradient filtering.
 - `chunked_linear_loss`: the same chunking for ANY loss written in torch: each chunk's gradient is left
   to autograd; the total is reduced over all items (not per chunk).
 
@@ -16,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from . import _custom
-from ._common import check_tensor
-from .cross_entropy import (LABEL_DTYPES, _check_ce_args, backward_scale, ce_launch, naive_cross_entropy,
-                            prepare_labels, reduce_rows, scale_by_scalar_)
+from ._common import autocast_dtype, check_tensor
+from .cross_entropy import (LABEL_DTYPES, _check_ce_args, backward_scale, check_class_weight, launch_rows,
+                            naive_cross_entropy, precompute_grads, prepare_scale, reduce_rows, row_scale,
+                            scale_saved_grad, with_z_loss)
 
 DEFAULT_CHUNK_BYTES = 128 * 2**20
 
@@ -33,8 +37,8 @@ def rows_per_chunk(n_rows: int | None, n_cols: int, elem_bytes: int, max_chunk_b
     return min(n_rows, rows) if n_rows else 1
 
 
-def naive_linear_cross_entropy(hidden, weight, labels, bias=None, **ce_kwargs):
-    return naive_cross_entropy(F.linear(hidden, weight, bias), labels, **ce_kwargs)
+def naive_linear_cross_entropy(hidden, weight, labels, bias=None, ce_weight=None, **ce_kwargs):
+    return naive_cross_entropy(F.linear(hidden, weight, bias), labels, weight=ce_weight, **ce_kwargs)
 
 
 def _accumulate_chunk_grads(grad_logits, h, weight, dh_rows, dw, db):
@@ -47,14 +51,21 @@ def _accumulate_chunk_grads(grad_logits, h, weight, dh_rows, dw, db):
         db += grad_logits.sum(0, dtype=torch.float32)
 
 
-def _flce_forward(hidden, weight, bias, labels, inv, reduction, opts, chunk_rows, need_dh, need_dw, need_db):
-    """(loss, dh, dw, db, lse): the loss, and for "mean"/"sum" with a gradient needed the gradients for
-    d loss = 1 (else None), one logits chunk at a time."""
+def _precomputes(reduction, dtype, need_dh, need_dw, need_db) -> bool:
+    """Whether the forward makes the gradients (for d loss = 1) and the backward only rescales them."""
+    return (need_dh or need_dw or need_db) and reduction != "none" and precompute_grads(dtype)
+
+
+def _flce_forward(hidden, weight, bias, labels, inv, reduction, opts, chunk_rows, need_dh, need_dw, need_db,
+                  lse=None):
+    """(loss, dh, dw, db, lse): the loss, and where _precomputes the gradients for d loss = 1 (else None),
+    one logits chunk at a time; lse into the given buffer if any."""
     n_rows, n_cols = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=dev)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=dev)
-    precompute = (need_dh or need_dw or need_db) and reduction != "none"
+    if lse is None:
+        lse = torch.empty(n_rows, dtype=torch.float32, device=dev)
+    precompute = _precomputes(reduction, hidden.dtype, need_dh, need_dw, need_db)
     dh = torch.empty_like(hidden) if precompute and need_dh else None
     dw = torch.zeros_like(weight) if precompute and need_dw else None
     db = torch.zeros(n_cols, dtype=torch.float32, device=dev) if precompute and need_db else None
@@ -63,10 +74,11 @@ def _flce_forward(hidden, weight, bias, labels, inv, reduction, opts, chunk_rows
         h = hidden[s:e]
         logits = F.linear(h, weight, bias)
         if precompute:  # the chunk's logits become their gradient in place
-            ce_launch(logits, labels[s:e], loss_rows[s:e], lse[s:e], logits, inv, 0, *opts, "loss_and_grad")
+            launch_rows(logits, labels[s:e], loss_rows[s:e], lse[s:e], logits, *row_scale(inv, s, e), opts,
+                        "loss_and_grad")
             _accumulate_chunk_grads(logits, h, weight, None if dh is None else dh[s:e], dw, db)
         else:
-            ce_launch(logits, labels[s:e], loss_rows[s:e], lse[s:e], None, inv, 0, *opts, "loss")
+            launch_rows(logits, labels[s:e], loss_rows[s:e], lse[s:e], None, *row_scale(inv, s, e), opts, "loss")
         del logits  # free this chunk before the next one is allocated: one chunk alive at a time
     return reduce_rows(loss_rows, reduction), dh, dw, db, lse
 
@@ -77,71 +89,72 @@ def _flce_recompute(dloss, hidden, weight, bias, labels, lse, inv, reduction, op
     dh = torch.empty_like(hidden) if need_dh else None
     dw = torch.zeros_like(weight) if need_dw else None
     db = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if need_db else None
-    scale, stride = backward_scale(dloss, reduction, inv)
+    scale, _ = backward_scale(dloss, inv)
     for s in range(0, hidden.shape[0], chunk_rows):
         e = min(hidden.shape[0], s + chunk_rows)
         h = hidden[s:e]
         logits = F.linear(h, weight, bias)
-        ce_launch(logits, labels[s:e], lse[s:e], lse[s:e], logits, scale[s:e] if stride else scale, stride, *opts,
-                  "grad")
+        launch_rows(logits, labels[s:e], lse[s:e], lse[s:e], logits, *row_scale(scale, s, e), opts, "grad")
         _accumulate_chunk_grads(logits, h, weight, None if dh is None else dh[s:e], dw, db)
         del logits
     return dh, dw, None if db is None else db.to(bias.dtype)
 
 
-def _rescale(dloss, dh, dw, db, bias_dtype):
-    """The gradients made in the forward (for d loss = 1) times the incoming d loss."""
-    s = dloss.to(torch.float32).reshape(1)
-    for g in (dh, dw):
-        if g is not None:
-            scale_by_scalar_(g, s)
-    return dh, dw, None if db is None else (db * s).to(bias_dtype)
+def flce_backward(ctx, dloss, compiled: bool):
+    """The backward of the eager Function and of the compiled custom op: (dh, dw, db) from what the forward
+    saved (ctx.saved_tensors; ctx.args = (reduction, opts, chunk_rows, need_dh, need_dw, need_db))."""
+    reduction, opts, chunk_rows, need_dh, need_dw, need_db = ctx.args
+    if ctx.precompute:
+        dh, dw, db = ctx.saved_tensors
+        dh, dw = (None if g is None else scale_saved_grad(g, dloss, compiled) for g in (dh, dw))
+        return dh, dw, None if db is None else (db * dloss.to(torch.float32)).to(ctx.bias_dtype)
+    hidden, weight, bias, labels, lse, inv = ctx.saved_tensors
+    if compiled:
+        grads = FLCE_BACKWARD_OP(dloss, hidden, weight, bias, labels, lse, inv, reduction, *opts, chunk_rows,
+                                 need_dh, need_dw, need_db)
+        return tuple(_custom.unmark(g) for g in grads)
+    return _flce_recompute(dloss, hidden, weight, bias, labels, lse, inv, reduction, opts, chunk_rows, need_dh,
+                           need_dw, need_db)
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, inv, reduction, ignore_index, label_smoothing, softcap, logit_scale,
-                chunk_rows):
+                lse_square_scale, chunk_rows, lse_out=None):
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         need_db = need_db and bias is not None
-        opts = (ignore_index, label_smoothing, softcap, logit_scale)
+        opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
         loss, dh, dw, db, lse = _flce_forward(hidden, weight, bias, labels, inv, reduction, opts, chunk_rows, need_dh,
-                                              need_dw, need_db)
-        ctx.precompute = (need_dh or need_dw or need_db) and reduction != "none"
-        ctx.opts = (reduction, opts, chunk_rows)
+                                              need_dw, need_db, lse_out)
+        ctx.precompute = _precomputes(reduction, hidden.dtype, need_dh, need_dw, need_db)
+        ctx.args = (reduction, opts, chunk_rows, need_dh, need_dw, need_db)
+        ctx.bias_dtype = None if bias is None else bias.dtype
         if ctx.precompute:
             ctx.save_for_backward(dh, dw, db)
-            ctx.bias_dtype = None if bias is None else bias.dtype
         else:
             ctx.save_for_backward(hidden, weight, bias, labels, lse, inv)
         return loss
 
     @staticmethod
     def backward(ctx, dloss):
-        nones = (None,) * 8
-        if ctx.precompute:
-            return _rescale(dloss, *ctx.saved_tensors, ctx.bias_dtype) + nones
-        hidden, weight, bias, labels, lse, inv = ctx.saved_tensors
-        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
-        return _flce_recompute(dloss, hidden, weight, bias, labels, lse, inv, *ctx.opts, need_dh, need_dw,
-                               need_db and bias is not None) + nones
+        return flce_backward(ctx, dloss, compiled=False) + (None,) * 10
 
 
 # torch.compile: the same chunk loops as custom ops (fusedlora.ops._custom); the fake only allocates.
 def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                 inv: torch.Tensor, reduction: str, ignore_index: int, label_smoothing: float, softcap: float | None,
-                logit_scale: float | None, chunk_rows: int, need_dh: bool, need_dw: bool,
+                logit_scale: float | None, lse_square_scale: float, chunk_rows: int, need_dh: bool, need_dw: bool,
                 need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, dh, dw, db, lse), absent gradients as none markers."""
-    opts = (ignore_index, label_smoothing, softcap, logit_scale)
+    opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
     loss, dh, dw, db, lse = _flce_forward(hidden, weight, bias, labels, inv, reduction, opts, chunk_rows, need_dh,
                                           need_dw, need_db)
     return loss, *(_custom.mark(g, hidden) for g in (dh, dw, db)), lse
 
 
 def _forward_fake(hidden, weight, bias, labels, inv, reduction, ignore_index, label_smoothing, softcap, logit_scale,
-                  chunk_rows, need_dh, need_dw, need_db):
-    precompute = (need_dh or need_dw or need_db) and reduction != "none"
+                  lse_square_scale, chunk_rows, need_dh, need_dw, need_db):
+    precompute = _precomputes(reduction, hidden.dtype, need_dh, need_dw, need_db)
     n_rows = hidden.shape[0]
     loss = hidden.new_empty((n_rows,) if reduction == "none" else (), dtype=torch.float32)
     grads = (torch.empty_like(hidden) if precompute and need_dh else None,
@@ -152,15 +165,17 @@ def _forward_fake(hidden, weight, bias, labels, inv, reduction, ignore_index, la
 
 def _backward_op(dloss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  labels: torch.Tensor, lse: torch.Tensor, inv: torch.Tensor, reduction: str, ignore_index: int,
-                 label_smoothing: float, softcap: float | None, logit_scale: float | None, chunk_rows: int,
-                 need_dh: bool, need_dw: bool, need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _flce_recompute(dloss, hidden, weight, bias, labels, lse, inv, reduction,
-                            (ignore_index, label_smoothing, softcap, logit_scale), chunk_rows, need_dh, need_dw, need_db)
+                 label_smoothing: float, softcap: float | None, logit_scale: float | None, lse_square_scale: float,
+                 chunk_rows: int, need_dh: bool, need_dw: bool,
+                 need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
+    grads = _flce_recompute(dloss, hidden, weight, bias, labels, lse, inv, reduction, opts, chunk_rows, need_dh,
+                            need_dw, need_db)
     return tuple(_custom.mark(g, hidden) for g in grads)
 
 
 def _backward_fake(dloss, hidden, weight, bias, labels, lse, inv, reduction, ignore_index, label_smoothing, softcap,
-                   logit_scale, chunk_rows, need_dh, need_dw, need_db):
+                   logit_scale, lse_square_scale, chunk_rows, need_dh, need_dw, need_db):
     grads = (torch.empty_like(hidden) if need_dh else None, torch.empty_like(weight) if need_dw else None,
              torch.empty_like(bias) if need_db else None)
     return tuple(_custom.mark(g, hidden) for g in grads)
@@ -172,9 +187,9 @@ FLCE_BACKWARD_OP = _custom.define("fused_linear_cross_entropy_backward", _backwa
 
 def _op_setup(ctx, inputs, output):
     hidden, weight, bias, labels, inv, reduction, *opts, chunk_rows, need_dh, need_dw, need_db = inputs
-    ctx.args = (reduction, *opts, chunk_rows, need_dh, need_dw, need_db)
-    ctx.precompute = (need_dh or need_dw or need_db) and reduction != "none"
-    ctx.grad_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.args = (reduction, tuple(opts), chunk_rows, need_dh, need_dw, need_db)
+    ctx.precompute = _precomputes(reduction, hidden.dtype, need_dh, need_dw, need_db)
+    ctx.bias_dtype = None if bias is None else bias.dtype
     if ctx.precompute:
         ctx.save_for_backward(*(_custom.unmark(g) for g in output[1:4]))
     else:
@@ -182,12 +197,7 @@ def _op_setup(ctx, inputs, output):
 
 
 def _op_backward(ctx, dloss, *_):
-    nones = (None,) * 11
-    if ctx.precompute:  # plain torch here (Inductor fuses it): each gradient times d loss, rounded once
-        s = dloss.to(torch.float32)
-        return tuple(None if g is None else (g * s).to(dt) for g, dt in zip(ctx.saved_tensors, ctx.grad_dtypes)) + nones
-    grads = FLCE_BACKWARD_OP(dloss, *ctx.saved_tensors, *ctx.args)
-    return tuple(_custom.unmark(g) for g in grads) + nones
+    return flce_backward(ctx, dloss, compiled=True) + (None,) * 12
 
 
 FLCE_OP.register_autograd(_op_backward, setup_context=_op_setup)
@@ -197,15 +207,22 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                                label_smoothing: float = 0.0, softcap: float | None = None,
                                logit_scale: float | None = None, num_items_in_batch=None,
-                               max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
-    """cross_entropy(hidden @ weight.T + bias, labels) without the [T, V] logits; fp32 loss."""
+                               max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, ce_weight: torch.Tensor | None = None,
+                               lse_square_scale: float = 0.0, return_z_loss: bool = False):
+    """cross_entropy(hidden @ weight.T + bias, labels) without the [T, V] logits; fp32 loss.
+    ce_weight: per-class weights [V], cross_entropy's `weight` (the name `weight` is the head's here);
+    lse_square_scale / return_z_loss: the z-loss, as cross_entropy's."""
     op = "fused_linear_cross_entropy"
     check_tensor(op, "hidden", hidden)
     check_tensor(op, "weight", weight, like=hidden, like_name="hidden")
     check_tensor(op, "labels", labels, dtypes=LABEL_DTYPES, like=hidden, like_name="hidden")
     if bias is not None:
         check_tensor(op, "bias", bias, like=hidden, like_name="hidden")
-    _check_ce_args(op, reduction, label_smoothing, softcap, logit_scale)
+    _check_ce_args(op, reduction, label_smoothing, softcap, logit_scale, lse_square_scale)
+    cast = autocast_dtype(hidden)
+    if cast is not None:  # compute in autocast's dtype, as F.linear would; the casts pass gradients back
+        hidden, weight = hidden.to(cast), weight.to(cast)
+        bias = None if bias is None else bias.to(cast)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"{op}: weight has shape {tuple(weight.shape)} but hidden's last dimension is "
                          f"{hidden.shape[-1]}; expected weight [V, {hidden.shape[-1]}]")
@@ -221,21 +238,25 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         h2d = h2d.contiguous()
     labels1d = labels.reshape(-1).contiguous()
     n_cols = weight.shape[0]
-    inv = prepare_labels(op, labels1d, n_cols, ignore_index, reduction, num_items_in_batch)
+    ce_weight = check_class_weight(op, "ce_weight", ce_weight, n_cols, hidden, "hidden", label_smoothing)
+    inv = prepare_scale(op, labels1d, n_cols, ignore_index, reduction, num_items_in_batch, ce_weight)
     if _custom.compiling():  # the chunk size not clamped to the rows: no guard on a dynamic row count
         chunk = rows_per_chunk(None, n_cols, hidden.element_size(), max_chunk_bytes)
         grad = torch.is_grad_enabled()
         needs = (grad and h2d.requires_grad, grad and weight.requires_grad,
                  grad and bias is not None and bias.requires_grad)
-        out = FLCE_OP(h2d, weight, bias, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
-                      None if softcap is None else float(softcap), None if logit_scale is None else float(logit_scale),
-                      chunk, *needs)[0]
-        return out.view(labels.shape) if reduction == "none" else out
-    chunk = rows_per_chunk(h2d.shape[0], n_cols, hidden.element_size(), max_chunk_bytes)
-    out = FusedLinearCrossEntropyFunction.apply(
-        h2d, weight, bias, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
-        None if softcap is None else float(softcap), logit_scale, chunk)
-    return out.view(labels.shape) if reduction == "none" else out
+        outs = FLCE_OP(h2d, weight, bias, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
+                       None if softcap is None else float(softcap),
+                       None if logit_scale is None else float(logit_scale), float(lse_square_scale), chunk, *needs)
+        out, lse = outs[0], outs[4].detach()
+    else:
+        chunk = rows_per_chunk(h2d.shape[0], n_cols, hidden.element_size(), max_chunk_bytes)
+        lse = torch.empty(h2d.shape[0], dtype=torch.float32, device=hidden.device) if return_z_loss else None
+        out = FusedLinearCrossEntropyFunction.apply(
+            h2d, weight, bias, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
+            None if softcap is None else float(softcap), logit_scale, float(lse_square_scale), chunk, lse)
+    return with_z_loss(out, labels.shape, reduction, return_z_loss, lse, labels1d, inv, ignore_index,
+                       lse_square_scale)
 
 
 def _per_item(loss_fn, logits, targets, rows):
@@ -270,7 +291,8 @@ class ChunkedLinearLossFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, loss_fn, num_chunks, reduction, ignore_index, num_items_in_batch):
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         need_db = need_db and bias is not None
-        dh = torch.zeros_like(hidden) if need_dh else None
+        # fp32 sums of the chunks' gradients of their loss sums, scaled once in the backward
+        dh = torch.zeros_like(hidden, dtype=torch.float32) if need_dh else None
         dw = torch.zeros_like(weight, dtype=torch.float32) if need_dw else None
         db = torch.zeros_like(bias, dtype=torch.float32) if need_db else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -306,17 +328,15 @@ class ChunkedLinearLossFunction(torch.autograd.Function):
         else:
             inv = torch.ones((), dtype=torch.float32, device=hidden.device)
         ctx.save_for_backward(dh, dw, db, inv)
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total * inv
 
     @staticmethod
     def backward(ctx, dloss):
-        dh, dw, db, inv = ctx.saved_tensors
-        s = dloss.to(torch.float32) * inv
-        dh = None if dh is None else dh.mul_(s.to(dh.dtype))
-        dw = None if dw is None else (dw * s).to(ctx.dtypes[0])
-        db = None if db is None else (db * s).to(ctx.dtypes[1])
-        return dh, dw, db, None, None, None, None, None, None
+        # new tensors, the saved sums left as they are: a second backward (retain_graph) scales them again
+        s = dloss.to(torch.float32) * ctx.saved_tensors[3]
+        grads = tuple(None if g is None else (g * s).to(dt) for g, dt in zip(ctx.saved_tensors[:3], ctx.dtypes))
+        return grads + (None,) * 6
 
 
 def _auto_chunks(rows: int, n_cols: int, device: torch.device) -> int:
@@ -326,6 +346,21 @@ def _auto_chunks(rows: int, n_cols: int, device: torch.device) -> int:
     per_row = n_cols * 4 * 3  # fp32 logits, their gradient and the loss's own temporaries
     rows_fit = max(1, (free // 8) // per_row)
     return max(1, -(-rows // rows_fit))
+
+
+def _targets_per_row(op, targets, hidden_shape: torch.Size, rows: int) -> torch.Tensor:
+    """targets as [rows, ...]: given either with hidden's leading dimensions ([B, S, ...] for hidden
+    [B, S, H]) or already one row per hidden row ([B*S, ...]); the trailing dimensions are kept."""
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"{op}: targets must be a torch.Tensor, got {type(targets).__name__}")
+    lead = hidden_shape[:-1]
+    if targets.shape[:len(lead)] == lead:
+        return targets.reshape(rows, *targets.shape[len(lead):])
+    if targets.dim() >= 1 and targets.shape[0] == rows:
+        return targets
+    raise ValueError(f"{op}: targets have shape {tuple(targets.shape)}, hidden {tuple(hidden_shape)}: expected "
+                     f"targets of shape [{', '.join(map(str, lead))}, ...] (hidden's leading dimensions) or "
+                     f"[{rows}, ...] (one row per hidden row)")
 
 
 def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss_fn,
@@ -346,11 +381,8 @@ def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"{op}: weight has shape {tuple(weight.shape)} but hidden's last dimension is "
                          f"{hidden.shape[-1]}")
-    if targets.shape[0] != hidden.reshape(-1, hidden.shape[-1]).shape[0] and targets.shape[:hidden.dim() - 1] != hidden.shape[:-1]:
-        raise ValueError(f"{op}: targets have shape {tuple(targets.shape)}, hidden {tuple(hidden.shape)}: "
-                         "the leading dimensions must match")
     h2d = hidden.reshape(-1, hidden.shape[-1])
-    t2d = targets.reshape(h2d.shape[0], *targets.shape[hidden.dim() - 1:])
+    t2d = _targets_per_row(op, targets, hidden.shape, h2d.shape[0])
     if _custom.compiling():
         return _unchunked_linear_loss(h2d, weight, bias, t2d, loss_fn, reduction, int(ignore_index), num_items_in_batch)
     if num_chunks is None:
