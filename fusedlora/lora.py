@@ -7,7 +7,8 @@ reachable here; the base-weight dispatch (plain / NF4 / GPTQ, `GPTQState`, `dequ
 Per projection: Y = X W^T (+ bias) + s * (drop(X) A^T) B^T, W a plain, bitsandbytes 4-bit or GPTQ weight.
 - Quantised weights are dequantised by fusedlora's one-launch kernels in the forward and again in the
   backward; no dequantised weight is kept. Each activation is kept once; the MLP's gate/up activations
-  are overwritten by their gradients in the backward (inplace=True).
+  are overwritten by their gradients in the backward (inplace=True) when autograd frees the graph after it
+  (a retained graph's next backward reads them again: then new buffers).
 - Dropout follows PEFT: each projection applies its own `nn.Dropout` to its input, drawn in PEFT's
   order (q, k, v / gate, up, down), so with the same RNG state the masks equal PEFT's.
 - Weights are read from the module at call time (FSDP2 swaps them); every Function takes tensors and
@@ -40,7 +41,7 @@ from typing import NamedTuple
 import torch
 
 from .ops._common import autocast_dtype, cdiv, check_tensor, wide_rows
-from .ops.glu import glu_backward, glu_forward
+from .ops.glu import glu_backward, glu_forward, saved_activations_writable
 from .ops.glu_lora import glu_lora_backward, glu_lora_dyb, glu_lora_forward, glu_lora_rank_pad
 from .ops.rms_norm import norm_source
 from .quant import _dequantize_nf4, dequantize_base, is_nf4, nf4_writes_into, weight_shape as _weight_shape
@@ -369,7 +370,7 @@ def _mlp_fused_backward(ctx, need, X2, EG, XA, hA, dY):
     dYBs_d = _mm_scaled(dY, pd.Bc, pd.s)  # s_d dY B_d  [T, r_d]
     ddB = _mm_scaled(dY.t(), hA, pd.s).to(pd.B.dtype) if need["dB"] else None
     dh = dY @ dequantize_base(pd.W, pd.quant, dtype)
-    D = EG if ctx.inplace else wide_rows(EG, *EG.shape)  # de | dg | G, over e | g when inplace
+    D = EG if _overwrites_saved(ctx) else wide_rows(EG, *EG.shape)  # de | dg | G, over e | g when inplace
     B_g, B_u = pg.Bc, pu.Bc
     de, dg, Q = glu_lora_backward(dh, EG[:, :I], EG[:, I:2 * I], XA, rg, dYBs_d, B_g, B_u, pd.Ac,
                                   (pg.s, pu.s), ctx.act_bwd.glu_act, out=(D[:, :I], D[:, I:2 * I]))
@@ -483,6 +484,12 @@ def _qkv_backward(ctx, need, dQ, dK, dV):
     return named
 
 
+def _overwrites_saved(ctx):
+    """The MLP backward writes de, dg over its saved e, g: asked for (inplace) and safe now (autograd frees
+    the graph after this backward; a retained graph's next backward reads e, g again)."""
+    return ctx.inplace and saved_activations_writable()
+
+
 def _mlp_plan(ctx, X, prs, dtype, training, act, act_bwd, inplace):
     ctx.prs, ctx.dtype, ctx.x_shape = _in_dtype(prs, dtype), dtype, X.shape
     ctx.act, ctx.act_bwd, ctx.inplace = act, act_bwd, inplace
@@ -516,11 +523,12 @@ def _mlp_backward(ctx, need, dY):
     nd = {"A": need["dA"], "B": need["dB"], "bias": False}
     X2, e, g, *saved = _saved_input_and(ctx)
     dh, dYBs_d, ddB, _ = _proj_backward_input(_flat(dY).to(dtype), pd, saved[6:9], dtype, nd)
+    inplace = _overwrites_saved(ctx)
     if getattr(ctx.act_bwd, "stores_h", False):  # h comes back over dh: no recompute pass
-        de, dg, h = ctx.act_bwd(dh, e, g, ctx.inplace, store_h=True)
+        de, dg, h = ctx.act_bwd(dh, e, g, inplace, store_h=True)
     else:
         h = ctx.act(e, g)
-        de, dg = ctx.act_bwd(dh, e, g, ctx.inplace)
+        de, dg = ctx.act_bwd(dh, e, g, inplace)
     ddA = _lora_dA(dYBs_d, h, pd, saved[6:9], nd)
     del h, dh
     sg, su = saved[0:3], saved[3:6]
