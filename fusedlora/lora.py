@@ -561,15 +561,35 @@ def _mlp_backward(ctx, need, dY):
 
 def _projections(fn, entry, specs, X, kernels):
     """_Proj per (label, W, quant, A, B, S, bias, dropout), the input and the adapter shapes checked; errors
-    name the Function `fn` (and the projection) and the public `entry` that calls it."""
+    name the Function `fn` (and the projection) and the public `entry` that calls it. A base weight that
+    requires grad under grad mode is refused here for the custom ops' callers (fusedlora.lora_ops); inside a
+    Function's forward grad mode is off, and its backward refuses it (_refuse_base_grads)."""
     W, Q = specs[0][1], specs[0][2]
     _check_input(f"{fn} ({entry})", X, W, Q, _weight_shape(W, Q)[1], kernels)
     prs = []
     for label, W, Q, A, B, S, bias, p in specs:
+        arg = f"{label[:1]}W"  # the argument's name in the Functions and the custom ops: W, qW, gW, uW...
+        _refuse_base_grad(fn, arg, torch.is_grad_enabled() and W.requires_grad)
         out_f, in_f = _weight_shape(W, Q)
         _check_adapter(f"{fn} ({label})" if label else fn, out_f, in_f, A, B, S)
         prs.append(_Proj(W, Q, A, B, float(S or 0.0), bias, float(p)))
     return prs
+
+
+def _refuse_base_grad(fn, arg, wanted):
+    """A base weight asked for a gradient is refused: the fused functions give it none (autograd would leave
+    its .grad None, silently)."""
+    if wanted:
+        raise ValueError(f"{fn}: the base weight {arg} requires grad, but {fn} gives base weights no gradient "
+                         f"(it trains the LoRA A and B, and biases): freeze it ({arg}.requires_grad_(False)) or "
+                         f"pass {arg}.detach()")
+
+
+def _refuse_base_grads(fn, need):
+    """_refuse_base_grad for each base weight argument (W, qW, kW, vW, gW, uW, dW) of a Function's backward."""
+    for arg, wanted in need.items():
+        if arg.endswith("W"):
+            _refuse_base_grad(fn, arg, wanted)
 
 
 def _o_projections(X, W, W_quant, A, B, S, bias, dropout):
@@ -599,7 +619,9 @@ class LoRA_O(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dY):
-        return O_SLOTS.grads(**_o_backward(ctx, O_SLOTS.needs(ctx), dY))
+        need = O_SLOTS.needs(ctx)
+        _refuse_base_grads("LoRA_O", need)
+        return O_SLOTS.grads(**_o_backward(ctx, need, dY))
 
 
 class LoRA_QKV(torch.autograd.Function):
@@ -618,7 +640,9 @@ class LoRA_QKV(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dQ, dK, dV):
-        return QKV_SLOTS.grads(**_qkv_backward(ctx, QKV_SLOTS.needs(ctx), dQ, dK, dV))
+        need = QKV_SLOTS.needs(ctx)
+        _refuse_base_grads("LoRA_QKV", need)
+        return QKV_SLOTS.grads(**_qkv_backward(ctx, need, dQ, dK, dV))
 
 
 class LoRA_MLP(torch.autograd.Function):
@@ -636,7 +660,9 @@ class LoRA_MLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dY):
-        return MLP_SLOTS.grads(**_mlp_backward(ctx, MLP_SLOTS.needs(ctx), dY))
+        need = MLP_SLOTS.needs(ctx)
+        _refuse_base_grads("LoRA_MLP", need)
+        return MLP_SLOTS.grads(**_mlp_backward(ctx, need, dY))
 
 
 # ------------------------------------------------------------------------------ activations (MLP)

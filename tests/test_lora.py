@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import DEVICE, rel_err
 import fusedlora.quant
-from fusedlora import lora
+from fusedlora import lora, lora_ops
 from fusedlora.quant import naive_dequantize_gptq
 
 peft = pytest.importorskip("peft")
@@ -591,3 +591,48 @@ def test_a_recomputable_norm_input_changes_no_bit(glu_lora, casting, offset, mon
     plain, recomputed = run(False), run(True)
     assert len(recomputes) == 2  # (q/k/v and the MLP each recomputed the norm's output once)
     assert all(torch.equal(a, b) for a, b in zip(plain, recomputed))
+
+
+def _function_args(kind, W_grad):
+    """Positional arguments of LoRA_O / _QKV / _MLP.apply (the custom ops take the same) with plain base
+    weights, the one named W_grad requiring grad."""
+    torch.manual_seed(0)
+    hid, inter, r = 32, 48, 4
+    shapes = {"o": [("W", hid, hid)], "qkv": [("qW", hid, hid), ("kW", 16, hid), ("vW", 16, hid)],
+              "mlp": [("gW", inter, hid), ("uW", inter, hid), ("dW", hid, inter)]}[kind]
+    args = []
+    for name, out_f, in_f in shapes:
+        W = torch.randn(out_f, in_f, device=DEVICE).requires_grad_(name == W_grad)
+        A = torch.randn(r, in_f, device=DEVICE, requires_grad=True)
+        args += [W, None, A, torch.randn(out_f, r, device=DEVICE, requires_grad=True), 0.5]
+    return torch.randn(3, hid, device=DEVICE, requires_grad=True), args
+
+
+_APPLY = {
+    "o": (lambda X, args: lora.LoRA_O.apply(X, *args), lambda X, args: lora_ops.lora_o(X, *args)),
+    "qkv": (lambda X, args: lora.LoRA_QKV.apply(X, *args), lambda X, args: lora_ops.lora_qkv(X, *args)),
+    "mlp": (lambda X, args: lora.LoRA_MLP.apply(X, *args, lora.swiglu_fg, lora.swiglu_fg_backward),
+            lambda X, args: lora_ops.lora_mlp(X, *args, "silu")),
+}
+
+
+@pytest.mark.parametrize("path", ["function", "custom_op"])
+@pytest.mark.parametrize("kind,W_grad", [("o", "W"), ("qkv", "qW"), ("qkv", "vW"), ("mlp", "gW"), ("mlp", "dW")])
+def test_base_weight_requiring_grad_is_refused(kind, W_grad, path):
+    """A base weight that requires grad would get no gradient (its .grad stays None): each Function (in its
+    backward: its forward cannot tell whether grad mode is on) and its custom op (at the call) refuse it,
+    naming the Function and the argument; with no gradient wanted (no_grad) both run."""
+    X, args = _function_args(kind, W_grad)
+    apply = _APPLY[kind][path == "custom_op"]
+    fn = {"o": "LoRA_O", "qkv": "LoRA_QKV", "mlp": "LoRA_MLP"}[kind]
+    with pytest.raises(ValueError, match=f"{fn}: the base weight {W_grad} requires grad.*gives base weights no "
+                                         f"gradient.*{W_grad}.requires_grad_\\(False\\)"):
+        outs = apply(X, args)
+        sum(o.sum() for o in (outs if isinstance(outs, tuple) else (outs,))).backward()
+    with torch.no_grad():
+        apply(X, args)
+    base = range(0, len(args), 5)  # (W, quant, A, B, scale) per projection
+    args = [t.detach() if i in base else t for i, t in enumerate(args)]  # every base weight frozen: it runs
+    outs = apply(X, args)
+    sum(o.sum() for o in (outs if isinstance(outs, tuple) else (outs,))).backward()
+    assert X.grad is not None and all(args[i + 2].grad is not None for i in base)
