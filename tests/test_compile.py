@@ -133,10 +133,11 @@ def _lora_block(**kw):
 def _block_step(block, act="silu"):
     from test_lora import attn_fused
     apply_mlp = lora.apply_lora_mlp_swiglu if act == "silu" else lora.apply_lora_mlp_geglu
+    kw = {"approximate": "tanh"} if act == "gelu_tanh" else {}
 
     def step(x):
         o = attn_fused(block.self_attn, x)
-        return apply_mlp(block.mlp, o)
+        return apply_mlp(block.mlp, o, **kw)
     return step
 
 

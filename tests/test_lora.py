@@ -2,6 +2,7 @@
 (dX, dA, dB of each projection, d bias). fp32 on CPU (interpreter for the GLU / dequant kernels):
 agreement to ~1e-6 relative; on a GPU the same tests run in fp32 too."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ class MLP(nn.Module):
         self.act = act
 
     def forward(self, x):
-        a = F.silu if self.act == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
+        a = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[self.act]
         return self.down_proj(a(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -148,7 +149,8 @@ def test_mlp_matches_peft(act, r, tokens, glu_lora, monkeypatch):
     ref, xr, xf = _reference_and_inputs(fused, tokens)
     y = ref.mlp(xr)
     y.backward(torch.ones_like(y) * 0.5 + y.detach())
-    apply = lora.apply_lora_mlp_swiglu if act == "silu" else lora.apply_lora_mlp_geglu
+    apply = lora.apply_lora_mlp_swiglu if act == "silu" else functools.partial(lora.apply_lora_mlp_geglu,
+                                                                              approximate="tanh")
     yf = apply(fused.mlp, xf)
     yf.backward(torch.ones_like(yf) * 0.5 + y.detach().float())
     compare(ref, fused, y, yf, xr, xf)
@@ -177,6 +179,25 @@ def test_mlp_fused_not_inplace_and_input_without_grad():
     assert rel_err(yn, y) < 1e-5
     for n, g in grads(fused).items():
         assert rel_err(g, first[n]) < 1e-6, n
+
+
+@pytest.mark.parametrize("approximate", [None, "none", "tanh"])
+def test_geglu_mlp_defaults_to_the_exact_gelu(approximate):
+    """apply_lora_mlp_geglu follows the seed API (kernels.lora): the exact erf GELU unless approximate="tanh"
+    is asked for (the two differ by ~2e-4 relative, far above fp32 agreement)."""
+    fused = make(r=4, act="gelu_tanh" if approximate == "tanh" else "gelu")
+    ref, xr, xf = _reference_and_inputs(fused, 5)
+    y = ref.mlp(xr)
+    y.backward(y.detach())
+    kw = {} if approximate is None else {"approximate": approximate}
+    yf = lora.apply_lora_mlp_geglu(fused.mlp, xf, **kw)
+    yf.backward(y.detach().float())
+    compare(ref, fused, y, yf, xr, xf)
+
+
+def test_geglu_mlp_names_a_bad_approximation():
+    with pytest.raises(ValueError, match="apply_lora_mlp_geglu: approximate must be 'none' or 'tanh', got 'erf'"):
+        lora.apply_lora_mlp_geglu(make(r=4).mlp, torch.randn(2, 64, device=DEVICE), approximate="erf")
 
 
 def test_dropout_matches_peft_masks():
