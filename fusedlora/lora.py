@@ -41,7 +41,7 @@ from typing import NamedTuple
 import torch
 
 from .ops._common import autocast_dtype, cdiv, check_tensor, wide_rows
-from .ops.glu import glu_backward, glu_forward, saved_activations_writable
+from .ops.glu import glu_backward, glu_forward, refuse_double_backward, saved_activations_writable
 from .ops.glu_lora import glu_lora_backward, glu_lora_dyb, glu_lora_forward, glu_lora_rank_pad
 from .ops.rms_norm import norm_source
 from .quant import _dequantize_nf4, dequantize_base, is_nf4, nf4_writes_into, weight_shape as _weight_shape
@@ -563,7 +563,7 @@ def _projections(fn, entry, specs, X, kernels):
     """_Proj per (label, W, quant, A, B, S, bias, dropout), the input and the adapter shapes checked; errors
     name the Function `fn` (and the projection) and the public `entry` that calls it. A base weight that
     requires grad under grad mode is refused here for the custom ops' callers (fusedlora.lora_ops); inside a
-    Function's forward grad mode is off, and its backward refuses it (_refuse_base_grads)."""
+    Function's forward grad mode is off, and its backward refuses it (_backward_checks)."""
     W, Q = specs[0][1], specs[0][2]
     _check_input(f"{fn} ({entry})", X, W, Q, _weight_shape(W, Q)[1], kernels)
     prs = []
@@ -585,8 +585,10 @@ def _refuse_base_grad(fn, arg, wanted):
                          f"pass {arg}.detach()")
 
 
-def _refuse_base_grads(fn, need):
-    """_refuse_base_grad for each base weight argument (W, qW, kW, vW, gW, uW, dW) of a Function's backward."""
+def _backward_checks(fn, need):
+    """In a Function's backward: refuse a double backward (refuse_double_backward) and a base weight argument
+    (W, qW, kW, vW, gW, uW, dW) asked for a gradient."""
+    refuse_double_backward(fn)
     for arg, wanted in need.items():
         if arg.endswith("W"):
             _refuse_base_grad(fn, arg, wanted)
@@ -620,7 +622,7 @@ class LoRA_O(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dY):
         need = O_SLOTS.needs(ctx)
-        _refuse_base_grads("LoRA_O", need)
+        _backward_checks("LoRA_O", need)
         return O_SLOTS.grads(**_o_backward(ctx, need, dY))
 
 
@@ -641,7 +643,7 @@ class LoRA_QKV(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dQ, dK, dV):
         need = QKV_SLOTS.needs(ctx)
-        _refuse_base_grads("LoRA_QKV", need)
+        _backward_checks("LoRA_QKV", need)
         return QKV_SLOTS.grads(**_qkv_backward(ctx, need, dQ, dK, dV))
 
 
@@ -661,7 +663,7 @@ class LoRA_MLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dY):
         need = MLP_SLOTS.needs(ctx)
-        _refuse_base_grads("LoRA_MLP", need)
+        _backward_checks("LoRA_MLP", need)
         return MLP_SLOTS.grads(**_mlp_backward(ctx, need, dY))
 
 

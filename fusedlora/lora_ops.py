@@ -182,6 +182,7 @@ def _define(kind, n_out, plan, forward, backward, slots):
         ctx.save_for_backward(X, *params, *frozen, *output[n_out:])
 
     def autograd_backward(ctx, grads):
+        L.refuse_double_backward(f"lora_{kind}")
         X, *rest = ctx.saved_tensors
         n_params, n_frozen = ctx.counts
         params, frozen, saved = rest[:n_params], rest[n_params:n_params + n_frozen], rest[n_params + n_frozen:]

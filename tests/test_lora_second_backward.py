@@ -5,6 +5,7 @@ by the second. The LoRA MLP's in-place backward writes its gradients over the sa
 kernels (autograd's version counter never sees those writes), so it may only do so when autograd frees the
 graph after this backward."""
 import copy
+import importlib
 
 import pytest
 import torch
@@ -168,3 +169,33 @@ def test_patched_model_two_losses_on_one_forward(model_type, autocast):
         assert want.keys() == got.keys() and want
         worst = max(want, key=lambda n: rel_err(got[n], want[n]))
         assert rel_err(got[worst], want[worst]) <= tol, (worst, rel_err(got[worst], want[worst]))
+
+
+@pytest.mark.parametrize("path", ["function", "custom_op"])
+@pytest.mark.parametrize("case", ["qkv_stacked", "o", "mlp_fused_inplace", "mlp_unfused_inplace"])
+def test_double_backward_is_refused(case, path, monkeypatch):
+    """A gradient through the fused functions carries no graph (kernels compute it): asked for one
+    (create_graph=True, a gradient penalty), they raise, naming themselves, instead of a silently partial
+    second-order gradient."""
+    if "unfused" in case:
+        monkeypatch.setattr(lora, "_mlp_fusable", lambda *a: False)
+    if path == "custom_op":
+        monkeypatch.setattr(fusedlora.peft_layers, "compiling", lambda: True)
+    name = {"qkv": "LoRA_QKV", "o": "LoRA_O", "mlp": "LoRA_MLP"}[case.split("_")[0]]
+    if path == "custom_op":
+        name = name.replace("LoRA_", "lora_").lower()
+    block = make(r=4)
+    x = torch.randn(2, 5, 64, device=DEVICE, requires_grad=True)
+    outs = CASES[case](block, x)
+    with pytest.raises(RuntimeError, match=f"{name}: its gradients come from kernels and cannot be differentiated"):
+        torch.autograd.grad(sum(o.square().sum() for o in outs), x, create_graph=True)
+
+
+@pytest.mark.parametrize("compiling", [False, True])
+def test_double_backward_through_glu_is_refused(compiling, monkeypatch):
+    if compiling:  # the custom op (fusedlora.ops.glu's GLU_OP), as under torch.compile
+        monkeypatch.setattr(importlib.import_module("fusedlora.ops._custom"), "compiling", lambda: True)
+    g = torch.randn(5, 96, device=DEVICE, requires_grad=True)
+    u = torch.randn(5, 96, device=DEVICE, requires_grad=True)
+    with pytest.raises(RuntimeError, match="swiglu / geglu: its gradients come from kernels"):
+        torch.autograd.grad(swiglu(g, u).square().sum(), g, create_graph=True)

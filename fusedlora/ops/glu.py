@@ -39,6 +39,16 @@ def saved_activations_writable() -> bool:
     return _KEEP_GRAPH is not None and not _KEEP_GRAPH()
 
 
+def refuse_double_backward(fn: str):
+    """In a Function's backward: raise, naming `fn`, when autograd asks for a differentiable gradient
+    (create_graph=True; grad mode is on in a backward only then). The kernels' gradients carry no graph, so a
+    double backward (a gradient penalty) would silently miss their terms."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{fn}: its gradients come from kernels and cannot be differentiated again (a backward "
+                           "with create_graph=True, e.g. a gradient penalty); keep this part of the model on plain "
+                           "PyTorch (PEFT's layers, unpatched) for a double backward")
+
+
 def glu_forward(gate, up, act: str):
     """act(gate) * up as a new contiguous tensor. gate and up are read in place when contiguous, or when
     2-D column blocks of a wider buffer with one row stride and a unit last stride (e.g. the halves of one
@@ -77,6 +87,7 @@ class GLUFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        refuse_double_backward("swiglu / geglu")
         gate, up = ctx.saved_tensors
         dgate, dup = glu_backward(dout.contiguous(), gate, up, ctx.act, ctx.inplace and saved_activations_writable())
         return dgate, dup, None, None
@@ -102,6 +113,7 @@ def _op_setup(ctx, inputs, output):
 
 
 def _op_backward(ctx, dout):
+    refuse_double_backward("swiglu / geglu")
     gate, up = ctx.saved_tensors
     dgate, dup = GLU_BACKWARD_OP(dout, gate, up, ctx.act)
     return dgate, dup, None
