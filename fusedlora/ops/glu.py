@@ -4,8 +4,8 @@ The kernels compute in fp32 and round once; HF's eager MLP rounds `act(gate)` to
 before the multiply, so fp16/bf16 results may differ from it by one rounding step.
 `inplace=True` lets the backward write d(gate) and d(up) into the saved gate/up buffers (saves two
 activation-sized allocations); only use it when nothing else reads gate/up after the forward. A backward
-through a graph that autograd keeps (retain_graph=True, create_graph=True) writes new buffers instead, so a
-second backward reads the saved activations intact (`saved_activations_writable`).
+through a graph that autograd keeps (retain_graph=True) writes new buffers instead, so a second backward
+reads the saved activations intact (`saved_activations_writable`).
 """
 from __future__ import annotations
 
