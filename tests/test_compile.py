@@ -155,6 +155,24 @@ def test_lora_functions_compile_whole_and_match_eager(kw):
     assert_compiled_matches_eager(lambda x, *params: step(x), (x, *leaves), TOL, seed=7)
 
 
+def test_compiled_lora_block_backward_twice_through_one_graph():
+    """A compiled q/k/v, o and MLP step (the MLP's custom op on its in-place default) with its graph retained:
+    the second backward gives the first's gradients (the in-place write over the saved gate/up buffer happens
+    only when autograd frees the graph), and both equal eager's."""
+    block = _lora_block()
+    block.train()
+    step = _block_step(block)
+    leaves = [p for p in block.parameters() if p.requires_grad]
+    x = _t(2, 7, 64)
+    want = torch.autograd.grad(step(x).square().sum(), [x, *leaves])
+    y = torch.compile(step, backend=BACKEND, fullgraph=True)(x)
+    loss = y.square().sum()
+    first = torch.autograd.grad(loss, [x, *leaves], retain_graph=True)
+    second = torch.autograd.grad(loss, [x, *leaves])
+    for a, b, w in zip(first, second, want):
+        assert rel_err(a, w) <= max(TOL, 1e-6) and rel_err(b, w) <= max(TOL, 1e-6), (rel_err(a, w), rel_err(b, w))
+
+
 def test_lora_qkv_with_an_unadapted_projection():
     """q and v with adapters, k a plain Linear (PEFT target_modules without k_proj): the params list holds only
     the adapters there are, and each gradient lands on its own tensor."""
