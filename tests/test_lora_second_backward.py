@@ -88,26 +88,32 @@ def test_second_backward_matches_one_backward(case, path, autocast, monkeypatch)
         loss.backward()
 
 
-@pytest.mark.parametrize("fused_path", [True, False])
-def test_second_backward_nf4_mlp(fused_path, monkeypatch):
-    """LoRA_MLP over NF4 gate/up/down (the fused path dequantises gate and up into one buffer)."""
+@pytest.mark.parametrize("kind", ["mlp_fused", "mlp_unfused", "qkv", "o"])
+def test_second_backward_nf4_bases(kind, monkeypatch):
+    """LoRA_MLP (the fused path dequantises gate and up into one buffer), LoRA_QKV and LoRA_O over NF4 bases."""
     bnbf = pytest.importorskip("bitsandbytes.functional")
-    if not fused_path:
+    if kind == "mlp_unfused":
         monkeypatch.setattr(lora, "_mlp_fusable", lambda *a: False)
     hidden, inter, r = 64, 128, 4
-    dense = [torch.randn(inter, hidden, device=DEVICE) * 0.2, torch.randn(inter, hidden, device=DEVICE) * 0.2,
-             torch.randn(hidden, inter, device=DEVICE) * 0.2]
+    shapes = {"qkv": [(hidden, hidden), (32, hidden), (32, hidden)], "o": [(hidden, hidden)]}.get(
+        kind, [(inter, hidden), (inter, hidden), (hidden, inter)])
+    dense = [torch.randn(*shape, device=DEVICE) * 0.2 for shape in shapes]
     qs = [bnbf.quantize_4bit(w, blocksize=32, compress_statistics=True, quant_type="nf4") for w in dense]
     ABs = [((0.1 * torch.randn(r, W.shape[1], device=DEVICE)).requires_grad_(),
             (0.1 * torch.randn(W.shape[0], r, device=DEVICE)).requires_grad_(), 1.5) for W in dense]
     args = [t for (q, s), (A, B, sc) in zip(qs, ABs) for t in (q, s, A, B, sc)]
     x = torch.randn(6, hidden, device=DEVICE, requires_grad=True)
     leaves = [x] + [t for A, B, _ in ABs for t in (A, B)]
-    w = torch.randn(6, hidden, device=DEVICE)
 
     def loss():
-        y = lora.LoRA_MLP.apply(x, *args, lora.swiglu_fg, lora.swiglu_fg_backward, True)
-        return (y * w).sum() + 0.05 * y.square().sum()
+        if kind == "qkv":
+            outs = lora.LoRA_QKV.apply(x, *args)
+        elif kind == "o":
+            outs = (lora.LoRA_O.apply(x, *args),)
+        else:
+            outs = (lora.LoRA_MLP.apply(x, *args, lora.swiglu_fg, lora.swiglu_fg_backward, True),)
+        return sum((y * torch.linspace(-1, 1, y.numel(), device=DEVICE).view_as(y)).sum() + 0.05 * y.square().sum()
+                   for y in outs)
 
     want = torch.autograd.grad(loss(), leaves)
     graph = loss()
