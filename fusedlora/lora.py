@@ -7,7 +7,8 @@ reachable here; the base-weight dispatch (plain / NF4 / GPTQ, `GPTQState`, `dequ
 Per projection: Y = X W^T (+ bias) + s * (drop(X) A^T) B^T, W a plain, bitsandbytes 4-bit or GPTQ weight.
 - Quantised weights are dequantised by fusedlora's one-launch kernels in the forward and again in the
   backward; no dequantised weight is kept. Each activation is kept once; the MLP's gate/up activations
-  are overwritten by their gradients in the backward (inplace=True).
+  are overwritten by their gradients in the backward (inplace=True) when autograd frees the graph after it
+  (a retained graph's next backward reads them again: then new buffers).
 - Dropout follows PEFT: each projection applies its own `nn.Dropout` to its input, drawn in PEFT's
   order (q, k, v / gate, up, down), so with the same RNG state the masks equal PEFT's.
 - Weights are read from the module at call time (FSDP2 swaps them); every Function takes tensors and
@@ -40,7 +41,7 @@ from typing import NamedTuple
 import torch
 
 from .ops._common import autocast_dtype, cdiv, check_tensor, wide_rows
-from .ops.glu import glu_backward, glu_forward
+from .ops.glu import glu_backward, glu_forward, refuse_double_backward, saved_activations_writable
 from .ops.glu_lora import glu_lora_backward, glu_lora_dyb, glu_lora_forward, glu_lora_rank_pad
 from .ops.rms_norm import norm_source
 from .quant import _dequantize_nf4, dequantize_base, is_nf4, nf4_writes_into, weight_shape as _weight_shape
@@ -369,7 +370,7 @@ def _mlp_fused_backward(ctx, need, X2, EG, XA, hA, dY):
     dYBs_d = _mm_scaled(dY, pd.Bc, pd.s)  # s_d dY B_d  [T, r_d]
     ddB = _mm_scaled(dY.t(), hA, pd.s).to(pd.B.dtype) if need["dB"] else None
     dh = dY @ dequantize_base(pd.W, pd.quant, dtype)
-    D = EG if ctx.inplace else wide_rows(EG, *EG.shape)  # de | dg | G, over e | g when inplace
+    D = EG if _overwrites_saved(ctx) else wide_rows(EG, *EG.shape)  # de | dg | G, over e | g when inplace
     B_g, B_u = pg.Bc, pu.Bc
     de, dg, Q = glu_lora_backward(dh, EG[:, :I], EG[:, I:2 * I], XA, rg, dYBs_d, B_g, B_u, pd.Ac,
                                   (pg.s, pu.s), ctx.act_bwd.glu_act, out=(D[:, :I], D[:, I:2 * I]))
@@ -483,6 +484,12 @@ def _qkv_backward(ctx, need, dQ, dK, dV):
     return named
 
 
+def _overwrites_saved(ctx):
+    """The MLP backward writes de, dg over its saved e, g: asked for (inplace) and safe now (autograd frees
+    the graph after this backward; a retained graph's next backward reads e, g again)."""
+    return ctx.inplace and saved_activations_writable()
+
+
 def _mlp_plan(ctx, X, prs, dtype, training, act, act_bwd, inplace):
     ctx.prs, ctx.dtype, ctx.x_shape = _in_dtype(prs, dtype), dtype, X.shape
     ctx.act, ctx.act_bwd, ctx.inplace = act, act_bwd, inplace
@@ -516,11 +523,12 @@ def _mlp_backward(ctx, need, dY):
     nd = {"A": need["dA"], "B": need["dB"], "bias": False}
     X2, e, g, *saved = _saved_input_and(ctx)
     dh, dYBs_d, ddB, _ = _proj_backward_input(_flat(dY).to(dtype), pd, saved[6:9], dtype, nd)
+    inplace = _overwrites_saved(ctx)
     if getattr(ctx.act_bwd, "stores_h", False):  # h comes back over dh: no recompute pass
-        de, dg, h = ctx.act_bwd(dh, e, g, ctx.inplace, store_h=True)
+        de, dg, h = ctx.act_bwd(dh, e, g, inplace, store_h=True)
     else:
         h = ctx.act(e, g)
-        de, dg = ctx.act_bwd(dh, e, g, ctx.inplace)
+        de, dg = ctx.act_bwd(dh, e, g, inplace)
     ddA = _lora_dA(dYBs_d, h, pd, saved[6:9], nd)
     del h, dh
     sg, su = saved[0:3], saved[3:6]
@@ -553,15 +561,37 @@ def _mlp_backward(ctx, need, dY):
 
 def _projections(fn, entry, specs, X, kernels):
     """_Proj per (label, W, quant, A, B, S, bias, dropout), the input and the adapter shapes checked; errors
-    name the Function `fn` (and the projection) and the public `entry` that calls it."""
+    name the Function `fn` (and the projection) and the public `entry` that calls it. A base weight that
+    requires grad under grad mode is refused here for the custom ops' callers (fusedlora.lora_ops); inside a
+    Function's forward grad mode is off, and its backward refuses it (_backward_checks)."""
     W, Q = specs[0][1], specs[0][2]
     _check_input(f"{fn} ({entry})", X, W, Q, _weight_shape(W, Q)[1], kernels)
     prs = []
     for label, W, Q, A, B, S, bias, p in specs:
+        arg = f"{label[:1]}W"  # the argument's name in the Functions and the custom ops: W, qW, gW, uW...
+        _refuse_base_grad(fn, arg, torch.is_grad_enabled() and W.requires_grad)
         out_f, in_f = _weight_shape(W, Q)
         _check_adapter(f"{fn} ({label})" if label else fn, out_f, in_f, A, B, S)
         prs.append(_Proj(W, Q, A, B, float(S or 0.0), bias, float(p)))
     return prs
+
+
+def _refuse_base_grad(fn, arg, wanted):
+    """A base weight asked for a gradient is refused: the fused functions give it none (autograd would leave
+    its .grad None, silently)."""
+    if wanted:
+        raise ValueError(f"{fn}: the base weight {arg} requires grad, but {fn} gives base weights no gradient "
+                         f"(it trains the LoRA A and B, and biases): freeze it ({arg}.requires_grad_(False)) or "
+                         f"pass {arg}.detach()")
+
+
+def _backward_checks(fn, need):
+    """In a Function's backward: refuse a double backward (refuse_double_backward) and a base weight argument
+    (W, qW, kW, vW, gW, uW, dW) asked for a gradient."""
+    refuse_double_backward(fn)
+    for arg, wanted in need.items():
+        if arg.endswith("W"):
+            _refuse_base_grad(fn, arg, wanted)
 
 
 def _o_projections(X, W, W_quant, A, B, S, bias, dropout):
@@ -591,7 +621,9 @@ class LoRA_O(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dY):
-        return O_SLOTS.grads(**_o_backward(ctx, O_SLOTS.needs(ctx), dY))
+        need = O_SLOTS.needs(ctx)
+        _backward_checks("LoRA_O", need)
+        return O_SLOTS.grads(**_o_backward(ctx, need, dY))
 
 
 class LoRA_QKV(torch.autograd.Function):
@@ -610,7 +642,9 @@ class LoRA_QKV(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dQ, dK, dV):
-        return QKV_SLOTS.grads(**_qkv_backward(ctx, QKV_SLOTS.needs(ctx), dQ, dK, dV))
+        need = QKV_SLOTS.needs(ctx)
+        _backward_checks("LoRA_QKV", need)
+        return QKV_SLOTS.grads(**_qkv_backward(ctx, need, dQ, dK, dV))
 
 
 class LoRA_MLP(torch.autograd.Function):
@@ -628,7 +662,9 @@ class LoRA_MLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dY):
-        return MLP_SLOTS.grads(**_mlp_backward(ctx, MLP_SLOTS.needs(ctx), dY))
+        need = MLP_SLOTS.needs(ctx)
+        _backward_checks("LoRA_MLP", need)
+        return MLP_SLOTS.grads(**_mlp_backward(ctx, need, dY))
 
 
 # ------------------------------------------------------------------------------ activations (MLP)

@@ -12,8 +12,9 @@ op boundary is tensors and plain scalars only:
 - the compute dtype (autocast's, decided at trace time);
 - the tensors the backward needs, as extra outputs; an entry that is the input X itself (no cast) or a
   dropout mask comes back as a marker and is rebuilt from the op's inputs (an op may not return its inputs).
-The MLP backward writes its gradients over the forward's gate/up buffer as in eager: that buffer is an
-output of the forward op read by nothing but this backward op.
+The MLP backward writes its gradients over the forward's gate/up buffer as in eager (and, as there, only
+when autograd frees the graph after this backward): that buffer is an output of the forward op read by
+nothing but this backward op.
 """
 from __future__ import annotations
 
@@ -181,6 +182,7 @@ def _define(kind, n_out, plan, forward, backward, slots):
         ctx.save_for_backward(X, *params, *frozen, *output[n_out:])
 
     def autograd_backward(ctx, grads):
+        L.refuse_double_backward(f"lora_{kind}")
         X, *rest = ctx.saved_tensors
         n_params, n_frozen = ctx.counts
         params, frozen, saved = rest[:n_params], rest[n_params:n_params + n_frozen], rest[n_params + n_frozen:]

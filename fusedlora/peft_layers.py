@@ -165,7 +165,12 @@ def apply_lora_mlp_swiglu(self, X, inplace=True):
     return _apply_mlp(self, X, swiglu_fg, swiglu_fg_backward, inplace)
 
 
-def apply_lora_mlp_geglu(self, X, inplace=True, approximate="tanh"):
-    if approximate == "tanh":
-        return _apply_mlp(self, X, geglu_approx_fg, geglu_approx_fg_backward, inplace)
-    return _apply_mlp(self, X, geglu_exact_fg, geglu_exact_fg_backward, inplace)
+_GEGLU = {"none": (geglu_exact_fg, geglu_exact_fg_backward), "tanh": (geglu_approx_fg, geglu_approx_fg_backward)}
+
+
+def apply_lora_mlp_geglu(self, X, inplace=True, approximate="none"):
+    """GeGLU MLP; approximate: "none" (the exact erf GELU, the seed API's default) or "tanh" (gelu_pytorch_tanh,
+    Gemma's)."""
+    if approximate not in _GEGLU:
+        raise ValueError(f"apply_lora_mlp_geglu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return _apply_mlp(self, X, *_GEGLU[approximate], inplace)

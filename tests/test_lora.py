@@ -2,6 +2,7 @@
 (dX, dA, dB of each projection, d bias). fp32 on CPU (interpreter for the GLU / dequant kernels):
 agreement to ~1e-6 relative; on a GPU the same tests run in fp32 too."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 from conftest import DEVICE, rel_err
 import fusedlora.quant
-from fusedlora import lora
+from fusedlora import lora, lora_ops
 from fusedlora.quant import naive_dequantize_gptq
 
 peft = pytest.importorskip("peft")
@@ -34,7 +35,7 @@ class MLP(nn.Module):
         self.act = act
 
     def forward(self, x):
-        a = F.silu if self.act == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
+        a = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[self.act]
         return self.down_proj(a(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -148,7 +149,8 @@ def test_mlp_matches_peft(act, r, tokens, glu_lora, monkeypatch):
     ref, xr, xf = _reference_and_inputs(fused, tokens)
     y = ref.mlp(xr)
     y.backward(torch.ones_like(y) * 0.5 + y.detach())
-    apply = lora.apply_lora_mlp_swiglu if act == "silu" else lora.apply_lora_mlp_geglu
+    apply = lora.apply_lora_mlp_swiglu if act == "silu" else functools.partial(lora.apply_lora_mlp_geglu,
+                                                                              approximate="tanh")
     yf = apply(fused.mlp, xf)
     yf.backward(torch.ones_like(yf) * 0.5 + y.detach().float())
     compare(ref, fused, y, yf, xr, xf)
@@ -177,6 +179,25 @@ def test_mlp_fused_not_inplace_and_input_without_grad():
     assert rel_err(yn, y) < 1e-5
     for n, g in grads(fused).items():
         assert rel_err(g, first[n]) < 1e-6, n
+
+
+@pytest.mark.parametrize("approximate", [None, "none", "tanh"])
+def test_geglu_mlp_defaults_to_the_exact_gelu(approximate):
+    """apply_lora_mlp_geglu follows the seed API (kernels.lora): the exact erf GELU unless approximate="tanh"
+    is asked for (the two differ by ~2e-4 relative, far above fp32 agreement)."""
+    fused = make(r=4, act="gelu_tanh" if approximate == "tanh" else "gelu")
+    ref, xr, xf = _reference_and_inputs(fused, 5)
+    y = ref.mlp(xr)
+    y.backward(y.detach())
+    kw = {} if approximate is None else {"approximate": approximate}
+    yf = lora.apply_lora_mlp_geglu(fused.mlp, xf, **kw)
+    yf.backward(y.detach().float())
+    compare(ref, fused, y, yf, xr, xf)
+
+
+def test_geglu_mlp_names_a_bad_approximation():
+    with pytest.raises(ValueError, match="apply_lora_mlp_geglu: approximate must be 'none' or 'tanh', got 'erf'"):
+        lora.apply_lora_mlp_geglu(make(r=4).mlp, torch.randn(2, 64, device=DEVICE), approximate="erf")
 
 
 def test_dropout_matches_peft_masks():
@@ -591,3 +612,48 @@ def test_a_recomputable_norm_input_changes_no_bit(glu_lora, casting, offset, mon
     plain, recomputed = run(False), run(True)
     assert len(recomputes) == 2  # (q/k/v and the MLP each recomputed the norm's output once)
     assert all(torch.equal(a, b) for a, b in zip(plain, recomputed))
+
+
+def _function_args(kind, W_grad):
+    """Positional arguments of LoRA_O / _QKV / _MLP.apply (the custom ops take the same) with plain base
+    weights, the one named W_grad requiring grad."""
+    torch.manual_seed(0)
+    hid, inter, r = 32, 48, 4
+    shapes = {"o": [("W", hid, hid)], "qkv": [("qW", hid, hid), ("kW", 16, hid), ("vW", 16, hid)],
+              "mlp": [("gW", inter, hid), ("uW", inter, hid), ("dW", hid, inter)]}[kind]
+    args = []
+    for name, out_f, in_f in shapes:
+        W = torch.randn(out_f, in_f, device=DEVICE).requires_grad_(name == W_grad)
+        A = torch.randn(r, in_f, device=DEVICE, requires_grad=True)
+        args += [W, None, A, torch.randn(out_f, r, device=DEVICE, requires_grad=True), 0.5]
+    return torch.randn(3, hid, device=DEVICE, requires_grad=True), args
+
+
+_APPLY = {
+    "o": (lambda X, args: lora.LoRA_O.apply(X, *args), lambda X, args: lora_ops.lora_o(X, *args)),
+    "qkv": (lambda X, args: lora.LoRA_QKV.apply(X, *args), lambda X, args: lora_ops.lora_qkv(X, *args)),
+    "mlp": (lambda X, args: lora.LoRA_MLP.apply(X, *args, lora.swiglu_fg, lora.swiglu_fg_backward),
+            lambda X, args: lora_ops.lora_mlp(X, *args, "silu")),
+}
+
+
+@pytest.mark.parametrize("path", ["function", "custom_op"])
+@pytest.mark.parametrize("kind,W_grad", [("o", "W"), ("qkv", "qW"), ("qkv", "vW"), ("mlp", "gW"), ("mlp", "dW")])
+def test_base_weight_requiring_grad_is_refused(kind, W_grad, path):
+    """A base weight that requires grad would get no gradient (its .grad stays None): each Function (in its
+    backward: its forward cannot tell whether grad mode is on) and its custom op (at the call) refuse it,
+    naming the Function and the argument; with no gradient wanted (no_grad) both run."""
+    X, args = _function_args(kind, W_grad)
+    apply = _APPLY[kind][path == "custom_op"]
+    fn = {"o": "LoRA_O", "qkv": "LoRA_QKV", "mlp": "LoRA_MLP"}[kind]
+    with pytest.raises(ValueError, match=f"{fn}: the base weight {W_grad} requires grad.*gives base weights no "
+                                         f"gradient.*{W_grad}.requires_grad_\\(False\\)"):
+        outs = apply(X, args)
+        sum(o.sum() for o in (outs if isinstance(outs, tuple) else (outs,))).backward()
+    with torch.no_grad():
+        apply(X, args)
+    base = range(0, len(args), 5)  # (W, quant, A, B, scale) per projection
+    args = [t.detach() if i in base else t for i, t in enumerate(args)]  # every base weight frozen: it runs
+    outs = apply(X, args)
+    sum(o.sum() for o in (outs if isinstance(outs, tuple) else (outs,))).backward()
+    assert X.grad is not None and all(args[i + 2].grad is not None for i in base)

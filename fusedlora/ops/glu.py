@@ -3,7 +3,9 @@
 The kernels compute in fp32 and round once; HF's eager MLP rounds `act(gate)` to the input dtype
 before the multiply, so fp16/bf16 results may differ from it by one rounding step.
 `inplace=True` lets the backward write d(gate) and d(up) into the saved gate/up buffers (saves two
-activation-sized allocations); only use it when nothing else reads gate/up after the forward.
+activation-sized allocations); only use it when nothing else reads gate/up after the forward. A backward
+through a graph that autograd keeps (retain_graph=True) writes new buffers instead, so a second backward
+reads the saved activations intact (`saved_activations_writable`).
 """
 from __future__ import annotations
 
@@ -24,6 +26,27 @@ def naive_swiglu(gate, up):
 
 def naive_geglu(gate, up, approximate="none"):
     return F.gelu(gate, approximate=approximate) * up
+
+
+_KEEP_GRAPH = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
+def saved_activations_writable() -> bool:
+    """Whether the backward running now may write over its Function's saved activations: only when autograd
+    frees the graph after this backward (retain_graph=False). A kernel's write is invisible to autograd's
+    version counter, so a retained graph's next backward would read the gradients as activations, silently.
+    (Where torch cannot tell, never.)"""
+    return _KEEP_GRAPH is not None and not _KEEP_GRAPH()
+
+
+def refuse_double_backward(fn: str):
+    """In a Function's backward: raise, naming `fn`, when autograd asks for a differentiable gradient
+    (create_graph=True; grad mode is on in a backward only then). The kernels' gradients carry no graph, so a
+    double backward (a gradient penalty) would silently miss their terms."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{fn}: its gradients come from kernels and cannot be differentiated again (a backward "
+                           "with create_graph=True, e.g. a gradient penalty); keep this part of the model on plain "
+                           "PyTorch (PEFT's layers, unpatched) for a double backward")
 
 
 def glu_forward(gate, up, act: str):
@@ -64,8 +87,9 @@ class GLUFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        refuse_double_backward("swiglu / geglu")
         gate, up = ctx.saved_tensors
-        dgate, dup = glu_backward(dout.contiguous(), gate, up, ctx.act, ctx.inplace)
+        dgate, dup = glu_backward(dout.contiguous(), gate, up, ctx.act, ctx.inplace and saved_activations_writable())
         return dgate, dup, None, None
 
 
@@ -89,6 +113,7 @@ def _op_setup(ctx, inputs, output):
 
 
 def _op_backward(ctx, dout):
+    refuse_double_backward("swiglu / geglu")
     gate, up = ctx.saved_tensors
     dgate, dup = GLU_BACKWARD_OP(dout, gate, up, ctx.act)
     return dgate, dup, None
