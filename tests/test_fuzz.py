@@ -298,7 +298,8 @@ def test_fuzz_lora_functions(data):
     xf, xr, xp = x.clone().requires_grad_(), x.double().requires_grad_(), x.clone().requires_grad_()
     q, k, v = lora.apply_lora_qkv(fused.self_attn, xf)
     o = lora.apply_lora_o(fused.self_attn, q)
-    apply_mlp = lora.apply_lora_mlp_swiglu if act == "silu" else lora.apply_lora_mlp_geglu
+    apply_mlp = (lora.apply_lora_mlp_swiglu if act == "silu"
+                 else lambda mlp, x: lora.apply_lora_mlp_geglu(mlp, x, approximate="tanh"))
     m = apply_mlp(fused.mlp, xf)
     (q.float().sum() + k.float().square().sum() + v.float().sum() + o.float().square().sum()
      + m.float().square().sum()).backward()
