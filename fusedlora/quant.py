@@ -64,9 +64,26 @@ def dequantize_nf4(weight: torch.Tensor, quant_state=None, out: torch.Tensor | N
     does and rounded once, so with a float32 quant_state the result equals
     `dequantize_4bit(...).to(dtype)` without the fp32 intermediate."""
     qs = _as_quant_state(weight, quant_state)
+    transposed = _bnb_transposed_form(weight, qs)
     if _custom.compiling():
-        return _compiled_dequantize(weight, qs, qs.dtype if dtype is None else dtype, out)
-    return _dequantize_nf4(weight, qs, out, dtype)
+        result = _compiled_dequantize(weight, qs, qs.dtype if dtype is None else dtype, out)
+    else:
+        result = _dequantize_nf4(weight, qs, out, dtype)
+    return result.t() if transposed else result
+
+
+def _bnb_transposed_form(weight, qs) -> bool:
+    """bitsandbytes' dequantize_4bit hands back `out.t()` when the packed weight's leading dimension is 1 (the
+    transposed view [1, n_bytes] of its [n_bytes, 1] packing; a weight of one byte too): the same convention
+    here, so that a transposed view never comes back untransposed. (`out`, when given, is still written in
+    the state's own shape, as bitsandbytes does.)"""
+    if not isinstance(weight, torch.Tensor) or weight.dim() == 0 or weight.shape[0] != 1:
+        return False
+    if len(getattr(qs, "shape", ())) > 2:
+        _fail("dequantize_nf4", f"the packed weight has shape {tuple(weight.shape)}, the transposed form whose "
+                                f"result bitsandbytes transposes, but the weight's shape {tuple(qs.shape)} is not 2-D; "
+                                f"pass the packed weight as [{(math.prod(qs.shape) + 1) // 2}, 1]")
+    return True
 
 
 class _NF4Plan(NamedTuple):
