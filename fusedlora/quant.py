@@ -105,7 +105,9 @@ class _NF4Plan(NamedTuple):
 _PLAN_ATTR = "_fusedlora_nf4_plan"
 
 
-def _nf4_plan(qs) -> _NF4Plan:
+def _nf4_plan(qs, weight_device: torch.device) -> _NF4Plan:
+    """weight_device: checked first against the state's absmax, so that a state apart from its weight is
+    reported as that, whichever of the state's own tensors moved with it."""
     s2 = getattr(qs, "state2", None) if qs.nested else None
     tensors = (qs.absmax, qs.code, getattr(qs, "offset", None), getattr(s2, "absmax", None), getattr(s2, "code", None))
     key = (tensors, (qs.shape, qs.blocksize, getattr(qs, "quant_type", None), qs.nested))
@@ -120,6 +122,8 @@ def _nf4_plan(qs) -> _NF4Plan:
         _fail(op, f"blocksize {qs.blocksize} is not one bitsandbytes allows {NF4_BLOCKSIZES}")
     n = math.prod(qs.shape)
     dev = qs.absmax.device
+    if dev != weight_device:
+        _fail(op, f"quant_state.absmax is on {dev} but the weight is on {weight_device}")
     n_blocks = -(-n // qs.blocksize)
     if qs.absmax.numel() < n_blocks:
         _fail(op, f"absmax has {qs.absmax.numel()} entries, the weight needs {n_blocks}")
@@ -168,7 +172,7 @@ def _dequantize_nf4(weight, qs, out, dtype):
     packed = _plain(weight)
     if not isinstance(packed, torch.Tensor):
         raise TypeError(f"{op}: weight must be a tensor, got {type(weight).__name__}")
-    plan = _nf4_plan(qs)
+    plan = _nf4_plan(qs, packed.device)
     dtype = qs.dtype if dtype is None else dtype
     if dtype not in OUT_DTYPES:
         _fail(op, f"output dtype is {dtype}; expected fp16, bf16 or fp32")

@@ -89,13 +89,16 @@ def test_nf4_non_contiguous_and_wrong_device():
                 dequantize_nf4(packed, qs)
         finally:
             os.environ["TRITON_INTERPRET"] = "1"
-    else:
-        qs.code = qs.code.cpu()  # (a replaced tensor: the state is checked again, not its cached plan)
-        with pytest.raises(ValueError, match="quant_state.code is on cpu but quant_state.absmax is on cuda"):
-            dequantize_nf4(packed, qs)
-        qs.code, qs.absmax = qs.code.cuda(), qs.absmax.cpu()
-        with pytest.raises(ValueError, match="quant_state.absmax is on cpu but the weight is on cuda"):
-            dequantize_nf4(packed, qs)
+    # A state apart from its weight is reported as the weight's device against the state's absmax (checked
+    # first), the state's other tensors against its absmax; "meta" stands in for a second device on a CPU.
+    other = "cpu" if DEVICE == "cuda" else "meta"
+    code = qs.code
+    qs.code = code.to(other)  # (a replaced tensor: the state is checked again, not its cached plan)
+    with pytest.raises(ValueError, match=f"quant_state.code is on {other} but quant_state.absmax is on {DEVICE}"):
+        dequantize_nf4(packed, qs)
+    qs.code, qs.absmax = code, qs.absmax.to(other)
+    with pytest.raises(ValueError, match=f"quant_state.absmax is on {other} but the weight is on {DEVICE}"):
+        dequantize_nf4(packed, qs)
 
 
 def test_gptq_scales_and_devices():
