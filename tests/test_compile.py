@@ -66,6 +66,8 @@ def _t(*shape, grad=True):
 OP_CASES = {
     "rms_norm": lambda: (lambda x, w: rms_norm(x, w, 1e-6), (_t(2, 5, 64), _t(64))),
     "rms_norm_gemma": lambda: (lambda x, w: rms_norm(x, w, 1e-6, 1.0, "gemma"), (_t(3, 48), _t(48))),
+    "rms_norm_none": lambda: (lambda x, w: rms_norm(x, w, 1e-6, 1.0, "none"), (_t(3, 48), _t(48))),
+    "rms_norm_no_weight": lambda: (lambda x: rms_norm(x, None, 1e-6, casting="none"), (_t(2, 3, 40),)),
     "rope": lambda: (rope, (_t(2, 5, 4, 16).transpose(1, 2), _t(2, 2, 5, 16), *_cos_sin(5, 16))),
     "rope_positions": lambda: (rope, (_t(2, 4, 5, 16), _t(2, 2, 5, 16), *_cos_sin(12, 16, cache=True), _positions())),
     "swiglu": lambda: (lambda g, u: swiglu(g, u), (_t(3, 40), _t(3, 40))),
