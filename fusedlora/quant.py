@@ -28,6 +28,15 @@ def _fail(op, msg):
     raise ValueError(f"{op}: {msg}")
 
 
+def _check_out(op, out, shape, dtype, device, contiguous=False):
+    """`out` has the result's shape, dtype and device: checked on the eager and the torch.compile path alike
+    (there the result is copied into out, which would otherwise cast or broadcast it silently)."""
+    if (tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device
+            or (contiguous and not out.is_contiguous())):
+        _fail(op, f"out must be a {'contiguous ' if contiguous else ''}{dtype} tensor of shape {tuple(shape)} "
+                  f"on {device}")
+
+
 # ------------------------------------------------------------------------------------------------ NF4
 def naive_dequantize_nf4(packed: torch.Tensor, quant_state) -> torch.Tensor:
     """Plain-torch reference written from the format (same rounding steps as bitsandbytes)."""
@@ -66,7 +75,10 @@ def dequantize_nf4(weight: torch.Tensor, quant_state=None, out: torch.Tensor | N
     qs = _as_quant_state(weight, quant_state)
     transposed = _bnb_transposed_form(weight, qs)
     if _custom.compiling():
-        result = _compiled_dequantize(weight, qs, qs.dtype if dtype is None else dtype, out)
+        dtype = qs.dtype if dtype is None else dtype
+        if out is not None:
+            _check_out("dequantize_nf4", out, qs.shape, dtype, weight.device)
+        result = _compiled_dequantize(weight, qs, dtype, out)
     else:
         result = _dequantize_nf4(weight, qs, out, dtype)
     return result.t() if transposed else result
@@ -189,11 +201,11 @@ def _dequantize_nf4(weight, qs, out, dtype):
     blocksize = plan.launch_shape["blocksize"]
     if out is None:
         out = torch.empty(plan.shape, dtype=dtype, device=dev)
-    elif out.shape != plan.shape or out.dtype != dtype or out.device != dev:
-        _fail(op, f"out must be a {dtype} tensor of shape {plan.shape} on {dev}")
-    elif not out.is_contiguous() and not row_block_ok(out, blocksize):
-        _fail(op, "out must be contiguous, or a 2-D block of rows (unit column stride, rows a multiple of the "
-                  f"blocksize {blocksize} long) of a wider buffer")
+    else:
+        _check_out(op, out, plan.shape, dtype, dev)
+        if not out.is_contiguous() and not row_block_ok(out, blocksize):
+            _fail(op, "out must be contiguous, or a 2-D block of rows (unit column stride, rows a multiple of the "
+                      f"blocksize {blocksize} long) of a wider buffer")
     strided = not out.is_contiguous()
     row_len = out.shape[1] if strided else 0
     shape = dict(plan.launch_shape, row_len=row_len)
@@ -256,7 +268,10 @@ def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
         state = GPTQState(qzeros, scales, g_idx, bits, -1 if group_size is None else int(group_size), format)
         W = _compiled_dequantize(qweight, state, out_dtype or scales.dtype)
         W = W.t().contiguous() if transpose else W
-        return W if out is None else out.copy_(W)
+        if out is None:
+            return W
+        _check_out("dequantize_gptq", out, W.shape, W.dtype, W.device)
+        return out.copy_(W)
     return _dequantize_gptq(qweight, qzeros, scales, g_idx, bits, group_size, format, out_dtype, transpose, out)
 
 
@@ -301,8 +316,8 @@ def _dequantize_gptq(qweight, qzeros, scales, g_idx, bits, group_size, format, o
     shape = (in_features, out_features) if transpose else (out_features, in_features)
     if out is None:
         out = torch.empty(shape, dtype=out_dtype, device=dev)
-    elif out.shape != shape or out.dtype != out_dtype or not out.is_contiguous():
-        _fail(op, f"out must be a contiguous {out_dtype} tensor of shape {shape}")
+    else:
+        _check_out(op, out, shape, out_dtype, dev, contiguous=True)
     s_o, s_i = (1, out.stride(0)) if transpose else (out.stride(0), 1)
     shape = dict(bits=bits, has_g_idx=g_idx is not None, transpose=bool(transpose))
     meta = GPTQ_DEQUANT.constexprs(**shape)
