@@ -29,7 +29,7 @@ def rms_norm_meta(n_cols: int, gemma_cast: bool, none_cast: bool = False, has_we
 
 
 def rms_norm_bwd_meta(n_cols: int, gemma_cast: bool, has_weight: bool = True) -> dict:
-    """The None mode's backward is the Llama one (its forward saves the rstd it applied)."""
+    """The None mode's backward is the Llama one (its forward saves the fp32 rstd, as Llama's does)."""
     m = rms_norm_meta(n_cols, gemma_cast, has_weight=has_weight)
     del m["BLOCK_M"], m["NONE_CAST"]
     return m

@@ -7,7 +7,8 @@ Forward:  y = cast(x * rstd) * (w + offset)      (Llama: normalise in fp32, cast
           HAS_WEIGHT = 0: no weight (y = x * rstd, cast as above)
 Backward: dx = rstd * (g - xhat * mean(g * xhat)),  g = dy * (w + offset)  (g = dy without a weight)
           dw = sum_rows(dy * xhat)              (xhat cast to x's dtype first but in Gemma mode)
-The None mode's backward is the Llama one, with the rstd its forward applied (saved in RSTD).
+RSTD keeps the fp32 rstd in every mode: the None mode's backward is the Llama one (the gradient of the
+unrounded function; its roundings move the forward by an ulp, and would move a near-cancelling dx by more).
 """
 import triton
 import triton.language as tl
@@ -33,13 +34,13 @@ def rms_norm_fwd_kernel(
     col_ok = cols < n_cols
     mask = row_ok[:, None] & col_ok[None, :]
     x = tl.load(X + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)  # saved for the backward in every mode
     if NONE_CAST:
         # x.pow(2).mean(-1) + eps, rsqrt, x * rstd: each a torch op on x's dtype (fp32 sum inside the mean)
         mean_sq = _in_x_dtype(tl.sum(_in_x_dtype(x * x, X), axis=1) / n_cols, X)
-        rstd = _in_x_dtype(1.0 / tl.sqrt(_in_x_dtype(mean_sq + eps, X)), X)
+        xhat = x * _in_x_dtype(1.0 / tl.sqrt(_in_x_dtype(mean_sq + eps, X)), X)[:, None]
     else:
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
-    xhat = x * rstd[:, None]
+        xhat = x * rstd[:, None]
     if not GEMMA_CAST:
         # HF Llama rounds the normalised row to the input dtype before the weight multiply.
         xhat = _in_x_dtype(xhat, X)

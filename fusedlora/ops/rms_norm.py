@@ -38,8 +38,8 @@ def naive_rms_norm(x, weight, eps=1e-6, offset=0.0, casting="llama"):
 
 
 def rms_norm_forward(x2d, weight, eps: float, offset: float, gemma: bool, none_cast: bool = False):
-    """Launch the forward kernel (weight None: a norm without one). Returns (y [M, N], rstd [M] fp32: the
-    rstd the forward applied, which the backward reads)."""
+    """Launch the forward kernel (weight None: a norm without one). Returns (y [M, N], rstd [M] fp32, computed
+    in fp32 in every casting: the backward's)."""
     n_rows, n_cols = x2d.shape
     has_weight = weight is not None
     out_dtype = x2d.dtype if gemma or not has_weight else torch.promote_types(x2d.dtype, weight.dtype)
