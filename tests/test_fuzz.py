@@ -65,8 +65,8 @@ def test_fuzz_rms_norm(data):
     xk = x.detach().requires_grad_()
     wk = w.clone().requires_grad_()
     y = rms_norm(xk, wk, 1e-5, offset, casting)
-    dy = torch.randn(y.shape, device=DEVICE)
-    y.backward(dy.to(y.dtype))
+    dy = torch.randn(y.shape, device=DEVICE).to(y.dtype)  # the reference gets the same (rounded) dy
+    y.backward(dy)
     x64, w64 = x.detach().double().requires_grad_(), w.double().requires_grad_()
     y64 = naive_rms_norm(x64, w64, 1e-5, offset, casting)
     y64.backward(dy.double())
@@ -91,12 +91,12 @@ def test_fuzz_rms_norm_none_casting_and_no_weight(data):
     xk = x.detach().requires_grad_()
     wk = w.clone().requires_grad_() if has_weight else None
     y = rms_norm(xk, wk, 1e-5, offset, casting)
-    dy = torch.randn(y.shape, device=DEVICE)
+    dy = torch.randn(y.shape, device=DEVICE).to(y.dtype)
     x64 = x.detach().double().requires_grad_()
     w64 = w.double().requires_grad_() if has_weight else None
     y64 = naive_rms_norm(x64, w64, 1e-5, offset, casting)
     leaves, leaves64 = ((xk, wk), (x64, w64)) if has_weight else ((xk,), (x64,))
-    grads = torch.autograd.grad(y, leaves, dy.to(y.dtype))
+    grads = torch.autograd.grad(y, leaves, dy)
     grads64 = torch.autograd.grad(y64, leaves64, dy.double())
     tol = 2 * _tol(dtype) if casting == "none" else _tol(dtype)  # "none" also rounds rstd and xhat
     assert y.dtype == naive_rms_norm(x, w, 1e-5, offset, casting).dtype == dtype
