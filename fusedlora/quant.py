@@ -71,7 +71,8 @@ def dequantize_nf4(weight: torch.Tensor, quant_state=None, out: torch.Tensor | N
 
     dtype (default quant_state.dtype): the output dtype. Each value is computed in fp32 as bitsandbytes
     does and rounded once, so with a float32 quant_state the result equals
-    `dequantize_4bit(...).to(dtype)` without the fp32 intermediate."""
+    `dequantize_4bit(...).to(dtype)` without the fp32 intermediate. A packed weight whose leading dimension
+    is 1 (the transposed view bitsandbytes accepts) gives the weight transposed, as dequantize_4bit does."""
     qs = _as_quant_state(weight, quant_state)
     transposed = _bnb_transposed_form(weight, qs)
     if _custom.compiling():
