@@ -85,7 +85,8 @@ def test_forward_and_gradients_match_reference(shape, dtype, casting, has_weight
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_second_backward_and_loss_scale(dtype, casting, has_weight, offset):
     """A second backward (retain_graph) gives the same gradients and leaves the first ones as they were (the
-    saved tensors are never overwritten); an fp16 loss scale of 2^10 scales every gradient exactly."""
+    saved tensors are never overwritten); an fp16 loss scale of 2^10 scales every gradient exactly (the
+    kernels compute in fp32, where a power of two commutes with every rounding)."""
     x, w = _inputs((5, 72), dtype, has_weight)
     xk = x.clone().requires_grad_()
     wk = w.clone().requires_grad_() if has_weight else None
@@ -100,7 +101,8 @@ def test_second_backward_and_loss_scale(dtype, casting, has_weight, offset):
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(first, second))
     scaled = torch.autograd.grad(y, leaves, dy * 1024, retain_graph=True)
     for a, s in zip(first, scaled):
-        assert torch.isfinite(s).all() and torch.equal(s, a * 1024)
+        # exact, but where the unscaled gradient is an fp16 subnormal (spacing 2^-24, lost to its rounding)
+        assert torch.isfinite(s).all() and (s.float() / 1024 - a.float()).abs().max() <= 2 ** -25
     y.backward(dy)  # and .grad accumulation through the same graph
     assert torch.equal(xk.grad, first[0])
 
