@@ -28,6 +28,15 @@ def _fail(op, msg):
     raise ValueError(f"{op}: {msg}")
 
 
+def _check_out(op, out, shape, dtype, device, contiguous=False):
+    """`out` has the result's shape, dtype and device: checked on the eager and the torch.compile path alike
+    (there the result is copied into out, which would otherwise cast or broadcast it silently)."""
+    if (tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device
+            or (contiguous and not out.is_contiguous())):
+        _fail(op, f"out must be a {'contiguous ' if contiguous else ''}{dtype} tensor of shape {tuple(shape)} "
+                  f"on {device}")
+
+
 # ------------------------------------------------------------------------------------------------ NF4
 def naive_dequantize_nf4(packed: torch.Tensor, quant_state) -> torch.Tensor:
     """Plain-torch reference written from the format (same rounding steps as bitsandbytes)."""
@@ -62,11 +71,32 @@ def dequantize_nf4(weight: torch.Tensor, quant_state=None, out: torch.Tensor | N
 
     dtype (default quant_state.dtype): the output dtype. Each value is computed in fp32 as bitsandbytes
     does and rounded once, so with a float32 quant_state the result equals
-    `dequantize_4bit(...).to(dtype)` without the fp32 intermediate."""
+    `dequantize_4bit(...).to(dtype)` without the fp32 intermediate. A packed weight whose leading dimension
+    is 1 (the transposed view bitsandbytes accepts) gives the weight transposed, as dequantize_4bit does."""
     qs = _as_quant_state(weight, quant_state)
+    transposed = _bnb_transposed_form(weight, qs)
     if _custom.compiling():
-        return _compiled_dequantize(weight, qs, qs.dtype if dtype is None else dtype, out)
-    return _dequantize_nf4(weight, qs, out, dtype)
+        dtype = qs.dtype if dtype is None else dtype
+        if out is not None:
+            _check_out("dequantize_nf4", out, qs.shape, dtype, weight.device)
+        result = _compiled_dequantize(weight, qs, dtype, out)
+    else:
+        result = _dequantize_nf4(weight, qs, out, dtype)
+    return result.t() if transposed else result
+
+
+def _bnb_transposed_form(weight, qs) -> bool:
+    """bitsandbytes' dequantize_4bit hands back `out.t()` when the packed weight's leading dimension is 1 (the
+    transposed view [1, n_bytes] of its [n_bytes, 1] packing; a weight of one byte too): the same convention
+    here, so that a transposed view never comes back untransposed. (`out`, when given, is still written in
+    the state's own shape, as bitsandbytes does.)"""
+    if not isinstance(weight, torch.Tensor) or weight.dim() == 0 or weight.shape[0] != 1:
+        return False
+    if len(getattr(qs, "shape", ())) > 2:
+        _fail("dequantize_nf4", f"the packed weight has shape {tuple(weight.shape)}, the transposed form whose "
+                                f"result bitsandbytes transposes, but the weight's shape {tuple(qs.shape)} is not 2-D; "
+                                f"pass the packed weight as [{(math.prod(qs.shape) + 1) // 2}, 1]")
+    return True
 
 
 class _NF4Plan(NamedTuple):
@@ -88,7 +118,9 @@ class _NF4Plan(NamedTuple):
 _PLAN_ATTR = "_fusedlora_nf4_plan"
 
 
-def _nf4_plan(qs) -> _NF4Plan:
+def _nf4_plan(qs, weight_device: torch.device) -> _NF4Plan:
+    """weight_device: checked first against the state's absmax, so that a state apart from its weight is
+    reported as that, whichever of the state's own tensors moved with it."""
     s2 = getattr(qs, "state2", None) if qs.nested else None
     tensors = (qs.absmax, qs.code, getattr(qs, "offset", None), getattr(s2, "absmax", None), getattr(s2, "code", None))
     key = (tensors, (qs.shape, qs.blocksize, getattr(qs, "quant_type", None), qs.nested))
@@ -103,6 +135,8 @@ def _nf4_plan(qs) -> _NF4Plan:
         _fail(op, f"blocksize {qs.blocksize} is not one bitsandbytes allows {NF4_BLOCKSIZES}")
     n = math.prod(qs.shape)
     dev = qs.absmax.device
+    if dev != weight_device:
+        _fail(op, f"quant_state.absmax is on {dev} but the weight is on {weight_device}")
     n_blocks = -(-n // qs.blocksize)
     if qs.absmax.numel() < n_blocks:
         _fail(op, f"absmax has {qs.absmax.numel()} entries, the weight needs {n_blocks}")
@@ -151,7 +185,7 @@ def _dequantize_nf4(weight, qs, out, dtype):
     packed = _plain(weight)
     if not isinstance(packed, torch.Tensor):
         raise TypeError(f"{op}: weight must be a tensor, got {type(weight).__name__}")
-    plan = _nf4_plan(qs)
+    plan = _nf4_plan(qs, packed.device)
     dtype = qs.dtype if dtype is None else dtype
     if dtype not in OUT_DTYPES:
         _fail(op, f"output dtype is {dtype}; expected fp16, bf16 or fp32")
@@ -168,11 +202,11 @@ def _dequantize_nf4(weight, qs, out, dtype):
     blocksize = plan.launch_shape["blocksize"]
     if out is None:
         out = torch.empty(plan.shape, dtype=dtype, device=dev)
-    elif out.shape != plan.shape or out.dtype != dtype or out.device != dev:
-        _fail(op, f"out must be a {dtype} tensor of shape {plan.shape} on {dev}")
-    elif not out.is_contiguous() and not row_block_ok(out, blocksize):
-        _fail(op, "out must be contiguous, or a 2-D block of rows (unit column stride, rows a multiple of the "
-                  f"blocksize {blocksize} long) of a wider buffer")
+    else:
+        _check_out(op, out, plan.shape, dtype, dev)
+        if not out.is_contiguous() and not row_block_ok(out, blocksize):
+            _fail(op, "out must be contiguous, or a 2-D block of rows (unit column stride, rows a multiple of the "
+                      f"blocksize {blocksize} long) of a wider buffer")
     strided = not out.is_contiguous()
     row_len = out.shape[1] if strided else 0
     shape = dict(plan.launch_shape, row_len=row_len)
@@ -235,7 +269,10 @@ def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
         state = GPTQState(qzeros, scales, g_idx, bits, -1 if group_size is None else int(group_size), format)
         W = _compiled_dequantize(qweight, state, out_dtype or scales.dtype)
         W = W.t().contiguous() if transpose else W
-        return W if out is None else out.copy_(W)
+        if out is None:
+            return W
+        _check_out("dequantize_gptq", out, W.shape, W.dtype, W.device)
+        return out.copy_(W)
     return _dequantize_gptq(qweight, qzeros, scales, g_idx, bits, group_size, format, out_dtype, transpose, out)
 
 
@@ -280,8 +317,8 @@ def _dequantize_gptq(qweight, qzeros, scales, g_idx, bits, group_size, format, o
     shape = (in_features, out_features) if transpose else (out_features, in_features)
     if out is None:
         out = torch.empty(shape, dtype=out_dtype, device=dev)
-    elif out.shape != shape or out.dtype != out_dtype or not out.is_contiguous():
-        _fail(op, f"out must be a contiguous {out_dtype} tensor of shape {shape}")
+    else:
+        _check_out(op, out, shape, out_dtype, dev, contiguous=True)
     s_o, s_i = (1, out.stride(0)) if transpose else (out.stride(0), 1)
     shape = dict(bits=bits, has_g_idx=g_idx is not None, transpose=bool(transpose))
     meta = GPTQ_DEQUANT.constexprs(**shape)

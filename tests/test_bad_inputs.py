@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import DEVICE
 from fusedlora import lora
 from fusedlora.ops import chunked_linear_loss, fused_linear_cross_entropy
-from fusedlora.quant import dequantize_gptq, dequantize_nf4
+from fusedlora.quant import dequantize_gptq, dequantize_nf4, naive_dequantize_nf4
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,13 +89,38 @@ def test_nf4_non_contiguous_and_wrong_device():
                 dequantize_nf4(packed, qs)
         finally:
             os.environ["TRITON_INTERPRET"] = "1"
-    else:
-        qs.code = qs.code.cpu()  # (a replaced tensor: the state is checked again, not its cached plan)
-        with pytest.raises(ValueError, match="quant_state.code is on cpu but quant_state.absmax is on cuda"):
-            dequantize_nf4(packed, qs)
-        qs.code, qs.absmax = qs.code.cuda(), qs.absmax.cpu()
-        with pytest.raises(ValueError, match="quant_state.absmax is on cpu but the weight is on cuda"):
-            dequantize_nf4(packed, qs)
+    # A state apart from its weight is reported as the weight's device against the state's absmax (checked
+    # first), the state's other tensors against its absmax; "meta" stands in for a second device on a CPU.
+    other = "cpu" if DEVICE == "cuda" else "meta"
+    code = qs.code
+    qs.code = code.to(other)  # (a replaced tensor: the state is checked again, not its cached plan)
+    with pytest.raises(ValueError, match=f"quant_state.code is on {other} but quant_state.absmax is on {DEVICE}"):
+        dequantize_nf4(packed, qs)
+    qs.code, qs.absmax = code, qs.absmax.to(other)
+    with pytest.raises(ValueError, match=f"quant_state.absmax is on {other} but the weight is on {DEVICE}"):
+        dequantize_nf4(packed, qs)
+
+
+@pytest.mark.parametrize("value", ["1", "true", "TRUE", "True", "yes", "Yes", "on", "ON", "y", "Y", "0", "false",
+                                   "off", "no", "", " 1", "1 ", "2", "t"])
+def test_interpreting_reads_triton_interpret_as_triton_does(monkeypatch, value):
+    """fusedlora's TRITON_INTERPRET check agrees with Triton's own parsing of it (its knob, read afresh)."""
+    from triton import knobs
+
+    from fusedlora.ops._common import interpreting
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert interpreting() is bool(knobs.runtime.interpret)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter runs CPU tensors; this GPU process compiled its kernels")
+@pytest.mark.parametrize("value", ["true", "yes", "on"])
+def test_cpu_tensors_run_under_any_spelling_triton_accepts(monkeypatch, value):
+    from fusedlora.ops import naive_rms_norm, rms_norm
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    x, w = torch.randn(3, 64), torch.randn(64)
+    assert torch.allclose(rms_norm(x, w), naive_rms_norm(x, w), rtol=1e-5, atol=1e-5)
+    packed, qs = _nf4_state()
+    assert torch.equal(dequantize_nf4(packed, qs), naive_dequantize_nf4(packed, qs))
 
 
 def test_gptq_scales_and_devices():

@@ -3,6 +3,7 @@ fusedlora.lora_ops), so Dynamo traces a patched model with no graph break and th
 values. On CPU: backend "aot_eager" (AOTAutograd's forward/backward split, eager kernels: the interpreter);
 on a GPU: inductor, and CUDA graphs (mode="reduce-overhead")."""
 import copy
+import re
 
 import pytest
 import torch
@@ -66,6 +67,8 @@ def _t(*shape, grad=True, dtype=torch.float32):
 OP_CASES = {
     "rms_norm": lambda: (lambda x, w: rms_norm(x, w, 1e-6), (_t(2, 5, 64), _t(64))),
     "rms_norm_gemma": lambda: (lambda x, w: rms_norm(x, w, 1e-6, 1.0, "gemma"), (_t(3, 48), _t(48))),
+    "rms_norm_none": lambda: (lambda x, w: rms_norm(x, w, 1e-6, 1.0, "none"), (_t(3, 48), _t(48))),
+    "rms_norm_no_weight": lambda: (lambda x: rms_norm(x, None, 1e-6, casting="none"), (_t(2, 3, 40),)),
     "rope": lambda: (rope, (_t(2, 5, 4, 16).transpose(1, 2), _t(2, 2, 5, 16), *_cos_sin(5, 16))),
     "rope_positions": lambda: (rope, (_t(2, 4, 5, 16), _t(2, 2, 5, 16), *_cos_sin(12, 16, cache=True), _positions())),
     "swiglu": lambda: (lambda g, u: swiglu(g, u), (_t(3, 40), _t(3, 40))),
@@ -506,6 +509,31 @@ def test_dequantize_compiles_and_matches_eager(which):
         fn = lambda q: fusedlora.quant.dequantize_gptq(q, qzeros, scales, g_idx, transpose=which.endswith("transpose"))  # noqa: E731
         inputs = (qweight,)
     assert_compiled_matches_eager(fn, inputs, 0.0)
+
+
+@pytest.mark.parametrize("which", ["nf4", "gptq"])
+def test_dequantize_out_is_checked_under_compile(which):
+    """Compiled, the result is copied into out=: an out of another dtype or shape is refused as in eager mode,
+    never cast or broadcast into silently; a transposed NF4 view comes back transposed, as in eager mode."""
+    from test_quant import _gptq_layer
+    if which == "nf4":
+        bnbf = pytest.importorskip("bitsandbytes.functional")
+        packed, state = bnbf.quantize_4bit(torch.randn(48, 64, device=DEVICE), blocksize=64, quant_type="nf4")
+        fn = torch.compile(lambda p, out: fusedlora.quant.dequantize_nf4(p, state, out=out), backend=BACKEND)
+        shape, dtype = (48, 64), torch.float32
+        transposed = torch.compile(lambda p: fusedlora.quant.dequantize_nf4(p, state), backend=BACKEND)(packed.t())
+        assert torch.equal(transposed, bnbf.dequantize_4bit(packed.t(), state))
+    else:
+        packed, qzeros, scales, g_idx = _gptq_layer(64, 96, 4, 32, True)
+        fn = torch.compile(lambda q, out: fusedlora.quant.dequantize_gptq(q, qzeros, scales, g_idx, out=out),
+                           backend=BACKEND)
+        shape, dtype = (96, 64), torch.float16
+    op = f"dequantize_{which}"
+    for bad in (torch.empty(shape, dtype=torch.bfloat16, device=DEVICE), torch.empty(2, *shape, dtype=dtype, device=DEVICE)):
+        with pytest.raises(ValueError, match=re.escape(f"{op}: out must be a {dtype} tensor of shape {shape}")):
+            fn(packed, bad)
+    good = torch.empty(shape, dtype=dtype, device=DEVICE)
+    assert fn(packed, good).data_ptr() == good.data_ptr()
 
 
 def test_lora_mlp_op_names_a_bad_activation():

@@ -65,8 +65,8 @@ def test_fuzz_rms_norm(data):
     xk = x.detach().requires_grad_()
     wk = w.clone().requires_grad_()
     y = rms_norm(xk, wk, 1e-5, offset, casting)
-    dy = torch.randn(y.shape, device=DEVICE)
-    y.backward(dy.to(y.dtype))
+    dy = torch.randn(y.shape, device=DEVICE).to(y.dtype)  # the reference gets the same (rounded) dy
+    y.backward(dy)
     x64, w64 = x.detach().double().requires_grad_(), w.double().requires_grad_()
     y64 = naive_rms_norm(x64, w64, 1e-5, offset, casting)
     y64.backward(dy.double())
@@ -75,6 +75,34 @@ def test_fuzz_rms_norm(data):
     assert_close(y, y64, tol, "y")
     assert_close(xk.grad, x64.grad, 2 * tol, "dx")
     assert_close(wk.grad, w64.grad, 2 * tol, "dw")
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_rms_norm_none_casting_and_no_weight(data):
+    rows = data.draw(st.sampled_from([(1,), (3,), (2, 5)]))
+    cols = data.draw(st.sampled_from([1, 17, 100, 257, 1000]))
+    dtype = data.draw(st.sampled_from(DTYPES))
+    casting = data.draw(st.sampled_from(["none", "llama", "gemma"]))
+    has_weight = data.draw(st.booleans())
+    offset = data.draw(st.sampled_from([0.0, 1.0])) if has_weight else 0.0
+    x = _laid_out(torch.randn(*rows, cols, device=DEVICE).to(dtype), data.draw(st.sampled_from(["contiguous", "slice"])))
+    w = (1 + 0.3 * torch.randn(cols, device=DEVICE)).to(dtype) if has_weight else None
+    xk = x.detach().requires_grad_()
+    wk = w.clone().requires_grad_() if has_weight else None
+    y = rms_norm(xk, wk, 1e-5, offset, casting)
+    dy = torch.randn(y.shape, device=DEVICE).to(y.dtype)
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.double().requires_grad_() if has_weight else None
+    y64 = naive_rms_norm(x64, w64, 1e-5, offset, casting)
+    leaves, leaves64 = ((xk, wk), (x64, w64)) if has_weight else ((xk,), (x64,))
+    grads = torch.autograd.grad(y, leaves, dy)
+    grads64 = torch.autograd.grad(y64, leaves64, dy.double())
+    tol = 2 * _tol(dtype) if casting == "none" else _tol(dtype)  # "none" also rounds rstd and xhat
+    assert y.dtype == naive_rms_norm(x, w, 1e-5, offset, casting).dtype == dtype
+    assert_close(y, y64, tol, "y")
+    for name, g, g64 in zip(("dx", "dw"), grads, grads64):
+        assert_close(g, g64, 2 * tol, name)
 
 
 @FUZZ

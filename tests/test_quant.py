@@ -144,6 +144,36 @@ def test_nf4_bad_input():
         dequantize_nf4(q, qs, out=torch.empty(8, 64, dtype=torch.float32, device=DEVICE))
 
 
+# (fp32 quant_storage: bitsandbytes packs only byte counts divisible by 4)
+VIEW_CASES = [(s, torch.uint8) for s in [(64, 128), (64, 64), (3, 5), (1, 3), (1, 2), (2, 1), (1, 1)]] + \
+    [((64, 128), torch.float32), ((64, 64), torch.float32)]
+
+
+@pytest.mark.parametrize("view", ["transposed", "flat", "packed"])
+@pytest.mark.parametrize("shape,storage", VIEW_CASES, ids=str)
+def test_nf4_packed_views_follow_bitsandbytes(shape, storage, view):
+    """bitsandbytes hands a packed weight with leading dimension 1 (the transposed view [1, n_bytes], or one
+    byte) back transposed: the same shape and bits here, never the untransposed weight."""
+    w = torch.randn(*shape, dtype=torch.float16, device=DEVICE)
+    q, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4", quant_storage=storage)
+    packed = {"transposed": q.t(), "flat": q.reshape(-1), "packed": q}[view]
+    ref = bnbf.dequantize_4bit(packed, qs)
+    ours = dequantize_nf4(packed, qs)
+    assert ours.shape == ref.shape and torch.equal(ours, ref)
+    out = torch.empty(qs.shape, dtype=qs.dtype, device=DEVICE)  # out= is written in the state's shape
+    got = dequantize_nf4(packed, qs, out=out)
+    assert got.data_ptr() == out.data_ptr() and got.shape == ref.shape and torch.equal(got, ref)
+
+
+def test_nf4_transposed_view_of_a_3d_weight_is_refused():
+    w = torch.randn(2, 3, 64, dtype=torch.float16, device=DEVICE)
+    q, qs = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    with pytest.raises(ValueError, match=r"dequantize_nf4: the packed weight has shape \(1, 192\), the transposed "
+                                         r"form .* but the weight's shape \(2, 3, 64\) is not 2-D"):
+        dequantize_nf4(q.t(), qs)
+    assert torch.equal(dequantize_nf4(q, qs), bnbf.dequantize_4bit(q, qs))
+
+
 # ----------------------------------------------------------------------------------------------- GPTQ
 def _gptq_layer(in_f, out_f, bits, group, act_order, scale_dtype=torch.float16):
     per = 32 // bits

@@ -12,18 +12,26 @@ def _norm_widths(family):
     return sorted(set(family.get("hidden_sizes", ())) | set(family.get("head_dims", ())))
 
 
-def rms_norm_meta(n_cols: int, gemma_cast: bool) -> dict:
+# casting mode -> (gemma_cast, none_cast) constexpr flags (fusedlora.ops.rms_norm documents the modes)
+CAST_FLAGS = {"llama": (False, False), "gemma": (True, False), "none": (False, True)}
+
+
+def rms_norm_meta(n_cols: int, gemma_cast: bool, none_cast: bool = False, has_weight: bool = True) -> dict:
+    """gemma_cast / none_cast: the casting mode's flags (CAST_FLAGS); has_weight False: a norm without a
+    weight (y = x * rstd), where Gemma's product in fp32 is Llama's (nothing is multiplied after the cast)."""
     block_n = next_pow2(n_cols)
     if block_n > MAX_NORM_COLS:
         raise ValueError(f"rms_norm supports rows of at most {MAX_NORM_COLS} elements, got {n_cols}")
     # Small rows: several rows per program so each program still moves a few KB.
     block_m = max(1, min(16, 2048 // block_n))
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "GEMMA_CAST": int(bool(gemma_cast))}
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "GEMMA_CAST": int(bool(gemma_cast and has_weight)),
+            "NONE_CAST": int(bool(none_cast)), "HAS_WEIGHT": int(bool(has_weight))}
 
 
-def rms_norm_bwd_meta(n_cols: int, gemma_cast: bool) -> dict:
-    m = rms_norm_meta(n_cols, gemma_cast)
-    del m["BLOCK_M"]
+def rms_norm_bwd_meta(n_cols: int, gemma_cast: bool, has_weight: bool = True) -> dict:
+    """The None mode's backward is the Llama one (its forward saves the fp32 rstd, as Llama's does)."""
+    m = rms_norm_meta(n_cols, gemma_cast, has_weight=has_weight)
+    del m["BLOCK_M"], m["NONE_CAST"]
     return m
 
 
@@ -44,8 +52,15 @@ RMS_BWD_PROGRAMS_PER_SM = 2
 def _rms_norm_aot(family):
     for dt in family.get("dtypes", ("bf16", "fp16")):
         for n in _norm_widths(family):
-            for gemma in (False, True):
-                yield {"x": dt, "w": dt, "y": dt}, {"n_cols": n, "gemma_cast": gemma}
+            for gemma, none in CAST_FLAGS.values():
+                for has_weight in (True, False):  # (family_variants drops the duplicates meta makes)
+                    yield ({"x": dt, "w": dt, "y": dt},
+                           {"n_cols": n, "gemma_cast": gemma, "none_cast": none, "has_weight": has_weight})
+
+
+def _rms_norm_bwd_aot(family):
+    for dtypes, shape in _rms_norm_aot(family):
+        yield dtypes, {k: v for k, v in shape.items() if k != "none_cast"}
 
 
 RMS_NORM_FWD = register(KernelSpec(
@@ -67,7 +82,7 @@ RMS_NORM_BWD = register(KernelSpec(
     float_args=("offset",),
     meta=rms_norm_bwd_meta,
     config=lambda arch, c: (min(16, 2 * _row_warps(c["BLOCK_N"])), 1),
-    aot_variants=_rms_norm_aot,
+    aot_variants=_rms_norm_bwd_aot,
     doc="RMSNorm backward (dx and per-program dw partial sums), persistent grid",
     check="fusedlora.ops.rms_norm:selfcheck",
 ))

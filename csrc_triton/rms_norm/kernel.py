@@ -2,11 +2,22 @@
 
 Forward:  y = cast(x * rstd) * (w + offset)      (Llama: normalise in fp32, cast, multiply)
           y = cast(x * rstd * (w + offset))      (Gemma: multiply in fp32, then cast)
-Backward: dx = rstd * (g - xhat * mean(g * xhat)),  g = dy * (w + offset)
-          dw = sum_rows(dy * xhat)              (xhat cast to x's dtype first in Llama mode)
+          y = x * rstd * (w + offset)            (None: each step in fp32 rounded once to its operands'
+                                                  dtype, as torch's CUDA ops on x and w compute it)
+          HAS_WEIGHT = 0: no weight (y = x * rstd, cast as above)
+Backward: dx = rstd * (g - xhat * mean(g * xhat)),  g = dy * (w + offset)  (g = dy without a weight)
+          dw = sum_rows(dy * xhat)              (xhat cast to x's dtype first but in Gemma mode)
+RSTD keeps the fp32 rstd in every mode: the None mode's backward is the Llama one (the gradient of the
+unrounded function; its roundings move the forward by an ulp, and would move a near-cancelling dx by more).
 """
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _in_x_dtype(v, X):
+    # one rounding to X's element type, as a torch op on that dtype gives (its arithmetic runs in fp32)
+    return v.to(X.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -14,7 +25,8 @@ def rms_norm_fwd_kernel(
     X, W, Y, RSTD,
     x_row_stride, y_row_stride, n_rows, n_cols,
     eps, offset,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GEMMA_CAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GEMMA_CAST: tl.constexpr, NONE_CAST: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -22,14 +34,23 @@ def rms_norm_fwd_kernel(
     col_ok = cols < n_cols
     mask = row_ok[:, None] & col_ok[None, :]
     x = tl.load(X + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32) + offset
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
-    xhat = x * rstd[:, None]
-    if GEMMA_CAST:
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)  # saved for the backward in every mode
+    if NONE_CAST:
+        # x.pow(2).mean(-1) + eps, rsqrt, x * rstd: each a torch op on x's dtype (fp32 sum inside the mean)
+        mean_sq = _in_x_dtype(tl.sum(_in_x_dtype(x * x, X), axis=1) / n_cols, X)
+        xhat = x * _in_x_dtype(1.0 / tl.sqrt(_in_x_dtype(mean_sq + eps, X)), X)[:, None]
+    else:
+        xhat = x * rstd[:, None]
+    if not GEMMA_CAST:
+        # HF Llama rounds the normalised row to the input dtype before the weight multiply.
+        xhat = _in_x_dtype(xhat, X)
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32) + offset
+        if NONE_CAST:
+            w = _in_x_dtype(w, W)  # weight + offset, a torch op on the weight's dtype
         y = xhat * w[None, :]
     else:
-        # HF Llama rounds the normalised row to the input dtype before the weight multiply.
-        y = xhat.to(X.dtype.element_ty).to(tl.float32) * w[None, :]
+        y = xhat
     tl.store(Y + rows[:, None] * y_row_stride + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
@@ -39,14 +60,15 @@ def rms_norm_bwd_kernel(
     DY, X, W, RSTD, DX, DW_PARTIAL,
     dy_row_stride, x_row_stride, dx_row_stride, n_rows, n_cols,
     offset,
-    BLOCK_N: tl.constexpr, GEMMA_CAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, GEMMA_CAST: tl.constexpr, HAS_WEIGHT: tl.constexpr,
 ):
     # Persistent: program p handles rows p, p + P, ... and keeps its share of dw in registers.
     pid = tl.program_id(0)
     n_progs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
-    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32) + offset
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32) + offset
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     # int64 strides: row * stride may pass 2**31 elements.
     x_stride = x_row_stride + tl.zeros([], tl.int64)  # a stride may arrive as a constexpr 1
@@ -57,11 +79,16 @@ def rms_norm_bwd_kernel(
         dy = tl.load(DY + row * dy_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + row)
         xhat = x * rstd
-        g = dy * w
+        if HAS_WEIGHT:
+            g = dy * w
+        else:
+            g = dy
         dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
         tl.store(DX + row * dx_stride + cols, dx.to(DX.dtype.element_ty), mask=col_ok)
-        if GEMMA_CAST:
-            dw += dy * xhat
-        else:
-            dw += dy * xhat.to(X.dtype.element_ty).to(tl.float32)
-    tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=col_ok)
+        if HAS_WEIGHT:
+            if GEMMA_CAST:
+                dw += dy * xhat
+            else:
+                dw += dy * _in_x_dtype(xhat, X)
+    if HAS_WEIGHT:
+        tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=col_ok)

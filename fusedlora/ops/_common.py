@@ -9,8 +9,14 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+# The values Triton itself takes as "on" for TRITON_INTERPRET (its C++ getenv_bool, the same in 3.6 and 3.9):
+# case-insensitive, no whitespace stripped; anything else, "" included, is off.
+TRITON_TRUE_VALUES = ("1", "y", "yes", "on", "true")
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
+    """TRITON_INTERPRET is on as Triton reads it: kernels run in Triton's CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in TRITON_TRUE_VALUES
 
 
 def check_tensor(op: str, name: str, t, dtypes=FLOAT_DTYPES, like: torch.Tensor | None = None, like_name: str = ""):
