@@ -1,6 +1,19 @@
-"""Device helpers shared by kernels (plain tl ops only: the interpreter has no libdevice)."""
+"""Device helpers shared by kernels (plain tl ops only: the interpreter has no libdevice), and the one reading
+of TRITON_INTERPRET that kernels, launchers and ops share."""
+import os
+
 import triton
 import triton.language as tl
+
+
+# The values Triton itself takes as "on" for TRITON_INTERPRET (its C++ getenv_bool, the same in 3.6 and 3.9):
+# case-insensitive, no whitespace stripped; anything else, "" included, is off.
+TRITON_TRUE_VALUES = ("1", "y", "yes", "on", "true")
+
+
+def interpreter_on() -> bool:
+    """TRITON_INTERPRET is on as Triton reads it: kernels run in Triton's CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in TRITON_TRUE_VALUES
 
 
 @triton.jit

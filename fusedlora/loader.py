@@ -243,7 +243,8 @@ class KernelLauncher:
                 launch(grid, args, values)
 
     def _cpu(self, grid, args, constexprs):
-        if not _env_flag("TRITON_INTERPRET"):
+        from csrc_triton._math import interpreter_on
+        if not interpreter_on():
             raise ValueError(f"{self.spec.name}: argument {self.arg_names[0]} is a CPU tensor; fusedlora kernels "
                              "need CUDA tensors (set TRITON_INTERPRET=1 to run them in Triton's CPU interpreter)")
         num_warps, num_stages = self.spec.config(80, dict(constexprs))

@@ -40,8 +40,8 @@ from typing import NamedTuple
 
 import torch
 
-from .ops._common import autocast_dtype, cdiv, check_tensor, wide_rows
-from .ops.glu import glu_backward, glu_forward, refuse_double_backward, saved_activations_writable
+from .ops._common import autocast_dtype, cdiv, check_tensor, saved_tensors_writable, wide_rows
+from .ops.glu import glu_backward, glu_forward, refuse_double_backward
 from .ops.glu_lora import glu_lora_backward, glu_lora_dyb, glu_lora_forward, glu_lora_rank_pad
 from .ops.rms_norm import norm_source
 from .quant import _dequantize_nf4, dequantize_base, is_nf4, nf4_writes_into, weight_shape as _weight_shape
@@ -487,7 +487,7 @@ def _qkv_backward(ctx, need, dQ, dK, dV):
 def _overwrites_saved(ctx):
     """The MLP backward writes de, dg over its saved e, g: asked for (inplace) and safe now (autograd frees
     the graph after this backward; a retained graph's next backward reads e, g again)."""
-    return ctx.inplace and saved_activations_writable()
+    return ctx.inplace and saved_tensors_writable()
 
 
 def _mlp_plan(ctx, X, prs, dtype, training, act, act_bwd, inplace):

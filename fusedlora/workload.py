@@ -303,6 +303,7 @@ def run(args) -> dict:
         opt.zero_grad(set_to_none=True)
     timed_steps = args.steps - warmup
     from . import loader
+    from .ops._common import interpreting
     return {
         "variant": args.variant, "mode": args.mode, "model": args.model, "gc": args.gc, "offload": offload,
         "packed": args.packed, "batch": args.batch, "seq": args.seq, "steps": args.steps,
@@ -317,7 +318,7 @@ def run(args) -> dict:
         "losses": logged,  # every step's loss, read at the logging steps
         "fusedlora_jit_kernels": loader.get_loader().stats.get("jit", 0) if args.variant.startswith("fusedlora") else None,
         "patch": report, "versions": _versions(), "device": torch.cuda.get_device_name() if on_gpu else "cpu",
-        "interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+        "interpreter": interpreting(),
         "profile": profile,  # [(family, ms per step, share, note)] under torch.profiler, or None
         "saved": saved,      # what autograd keeps for the backward (--saved), or None
         "patch_options": patch_options,

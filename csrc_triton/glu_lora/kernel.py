@@ -2,17 +2,16 @@
 tile, the backward with its token-reduced adapter products (h never stored), and the rank-r products that
 reduce over the intermediate size (s_g de B_g | s_u dg B_u). Used by fusedlora.lora's fused MLP path.
 """
-import os
 
 import triton
 import triton.language as tl
 
-from csrc_triton._math import _act_and_grad
+from csrc_triton._math import _act_and_grad, interpreter_on
 
 
 # Triton's CPU interpreter computes bf16 tl.dot wrongly (triton 3.9), so there the operands go to fp32 first.
 # Read at import, as triton.jit reads TRITON_INTERPRET; the AOT build never sets it (a dead branch in cubins).
-_INTERPRETER_FP32_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "") == "1")
+_INTERPRETER_FP32_DOT = tl.constexpr(interpreter_on())
 
 
 @triton.jit

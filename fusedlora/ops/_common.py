@@ -2,21 +2,28 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from csrc_triton._math import interpreter_on
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-# The values Triton itself takes as "on" for TRITON_INTERPRET (its C++ getenv_bool, the same in 3.6 and 3.9):
-# case-insensitive, no whitespace stripped; anything else, "" included, is off.
-TRITON_TRUE_VALUES = ("1", "y", "yes", "on", "true")
+_KEEP_GRAPH = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
+def saved_tensors_writable() -> bool:
+    """Whether the backward running now may write over what its Function saved: only when autograd frees the
+    graph after this backward (retain_graph=False, create_graph=False). A kernel's write is invisible to
+    autograd's version counter, so a retained graph's next backward would read the overwritten tensors
+    silently. Where torch cannot tell (its probe is private), never."""
+    return _KEEP_GRAPH is not None and not _KEEP_GRAPH()
 
 
 def interpreting() -> bool:
     """TRITON_INTERPRET is on as Triton reads it: kernels run in Triton's CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "").lower() in TRITON_TRUE_VALUES
+    return interpreter_on()
 
 
 def check_tensor(op: str, name: str, t, dtypes=FLOAT_DTYPES, like: torch.Tensor | None = None, like_name: str = ""):

@@ -23,7 +23,7 @@ import csrc_triton.cross_entropy as ce_kernels  # its grid constants are read pe
 from csrc_triton.cross_entropy import CE_PREPARE, CROSS_ENTROPY, SCALE_BY_SCALAR
 
 from . import _custom
-from ._common import FLOAT_DTYPES, cdiv, check_tensor, grads_of, persistent_programs, rel_err
+from ._common import FLOAT_DTYPES, cdiv, check_tensor, grads_of, persistent_programs, rel_err, saved_tensors_writable
 
 REDUCTIONS = ("mean", "sum", "none")
 LABEL_DTYPES = (torch.int64, torch.int32)
@@ -142,13 +142,6 @@ def backward_scale(dloss, inv):
     return row_scale(scale, 0, scale.numel())
 
 
-def backward_keeps_graph() -> bool:
-    """Inside a backward: True when it keeps the graph (retain_graph / create_graph), so what the forward
-    saved may be used again and must not be overwritten. Without torch's probe (it is private), assume so."""
-    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return True if probe is None else bool(probe())
-
-
 def precompute_grads(dtype: torch.dtype) -> bool:
     """Whether the forward makes the gradients (for d loss = 1) for the backward to rescale: not for fp16,
     whose small gradient entries would underflow before the loss scale reaches them (see the module doc)."""
@@ -161,7 +154,7 @@ def scale_saved_grad(grad: torch.Tensor, dloss: torch.Tensor, compiled: bool) ->
     s = dloss.to(torch.float32).reshape(1)
     if compiled:  # plain torch, out of place (Inductor fuses it)
         return (grad * s).to(grad.dtype)
-    if backward_keeps_graph():
+    if not saved_tensors_writable():
         grad = grad.clone()
     return scale_by_scalar_(grad, s)
 
@@ -226,7 +219,7 @@ def ce_backward(ctx, dloss, compiled: bool):
     if compiled:
         return CE_BACKWARD_OP(dloss, logits2d, labels, lse, inv, reduction, *opts)
     # inplace_grad: the gradient goes over the logits, unless a later backward needs them again
-    overwrite = ctx.inplace_grad and not backward_keeps_graph()
+    overwrite = ctx.inplace_grad and saved_tensors_writable()
     return _grad(dloss, logits2d, labels, lse, inv, reduction, opts,
                  logits2d if overwrite else torch.empty_like(logits2d))
 

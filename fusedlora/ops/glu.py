@@ -5,7 +5,7 @@ before the multiply, so fp16/bf16 results may differ from it by one rounding ste
 `inplace=True` lets the backward write d(gate) and d(up) into the saved gate/up buffers (saves two
 activation-sized allocations); only use it when nothing else reads gate/up after the forward. A backward
 through a graph that autograd keeps (retain_graph=True) writes new buffers instead, so a second backward
-reads the saved activations intact (`saved_activations_writable`).
+reads the saved activations intact (`_common.saved_tensors_writable`).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from csrc_triton.glu import GLU_BWD, GLU_FWD
 
 from . import _custom
-from ._common import cdiv, check_tensor, grads_of, rel_err
+from ._common import cdiv, check_tensor, grads_of, rel_err, saved_tensors_writable
 
 _APPROX = {"none": "gelu", "tanh": "gelu_tanh"}
 
@@ -26,17 +26,6 @@ def naive_swiglu(gate, up):
 
 def naive_geglu(gate, up, approximate="none"):
     return F.gelu(gate, approximate=approximate) * up
-
-
-_KEEP_GRAPH = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-
-
-def saved_activations_writable() -> bool:
-    """Whether the backward running now may write over its Function's saved activations: only when autograd
-    frees the graph after this backward (retain_graph=False). A kernel's write is invisible to autograd's
-    version counter, so a retained graph's next backward would read the gradients as activations, silently.
-    (Where torch cannot tell, never.)"""
-    return _KEEP_GRAPH is not None and not _KEEP_GRAPH()
 
 
 def refuse_double_backward(fn: str):
@@ -89,7 +78,7 @@ class GLUFunction(torch.autograd.Function):
     def backward(ctx, dout):
         refuse_double_backward("swiglu / geglu")
         gate, up = ctx.saved_tensors
-        dgate, dup = glu_backward(dout.contiguous(), gate, up, ctx.act, ctx.inplace and saved_activations_writable())
+        dgate, dup = glu_backward(dout.contiguous(), gate, up, ctx.act, ctx.inplace and saved_tensors_writable())
         return dgate, dup, None, None
 
 
