@@ -196,6 +196,22 @@ def test_full_finetune_falls_back_to_hf():
     assert any("requires grad" in r for _, r in report.fallbacks.counts)
 
 
+def test_float64_model_runs_hf_path_and_says_so():
+    """The kernels serve fp16 / bf16 / fp32: a float64 model keeps HF's computation (exactly), every patched kind
+    counts a run-time fallback naming float64, and the report says so when patching, instead of a TypeError from
+    a kernel's input check."""
+    ref = make_model(dtype=torch.float64)
+    fused = copy.deepcopy(ref)
+    report = fusedlora.patch(fused)
+    assert "float64 parameters" in str(report)
+    ids, labels = batch()
+    with pytest.warns(UserWarning, match="float64 tensors"):  # (no KV cache: the attention takes its patched forward)
+        got = loss_and_grads(fused, ids, labels, use_cache=False)
+    assert_same(loss_and_grads(ref, ids, labels, use_cache=False), got, tol=0)
+    fell_back = {kind for (kind, why) in report.fallbacks.counts if "float64" in why}
+    assert fell_back == {"rms_norm", "attention", "mlp", "loss"}, report.fallbacks.counts
+
+
 def test_packed_rows_match_separate_documents():
     """One packed row of two documents (position_ids restart, no attention mask) = the two documents alone."""
     model = make_model()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .. import peft_layers as lora
 from ..ops import naive_rms_norm
-from ..ops._common import interpreting
+from ..ops._common import FLOAT_DTYPES, interpreting
 from . import forwards
 from .families import FAMILIES, GENERIC, LOGIT_CHANGING_CONFIG, Family
 from .forwards import PATCH_ATTR, PatchRecord
@@ -202,6 +202,12 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, 
     if param is not None and not param.is_cuda and not (param.device.type == "cpu" and interpreting()):
         report.notes.append(f"the model is on {param.device} and TRITON_INTERPRET is not set: patched modules run "
                             "HF's forward until the model is on a CUDA device")
+    unserved = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()
+                       if p.is_floating_point() and p.dtype not in FLOAT_DTYPES})
+    if unserved:
+        report.notes.append(f"the model has {', '.join(unserved)} parameters: patched modules run HF's forward on "
+                            f"tensors of a dtype the kernels do not serve ({forwards.SERVED_DTYPES}), counted as "
+                            "run-time fallbacks")
     want = {"rms_norm": rms_norm, "attention": qkv or o or rope, "mlp": mlp, "loss": loss}
     checked_norms: dict = {}
     for m in model.modules():
