@@ -271,6 +271,44 @@ def test_unpatch_restores_bit_identical_outputs_and_patch_is_idempotent():
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
+def test_unpatch_keeps_hooks_added_after_patch():
+    """unpatch removes only the forwards patch installed: an accelerate hook added after patch (on a module
+    whose forward it wraps) and a plain wrapper set as the instance's forward still run after unpatch, around
+    HF's forward, and removing the accelerate hook leaves the module on HF's forward."""
+    hooks = pytest.importorskip("accelerate.hooks")
+
+    class Counting(hooks.ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Counting.calls += 1
+            return args, kwargs
+
+    ref = make_model()
+    fused = copy.deepcopy(ref)
+    fusedlora.patch(fused)
+    layer = fused.base_model.model.model.layers[0]
+    hooks.add_hook_to_module(layer.mlp, Counting())
+    wrapped_calls = []
+    patched_norm_forward = layer.input_layernorm.forward
+
+    def wrapper(*args, **kwargs):
+        wrapped_calls.append(1)
+        return patched_norm_forward(*args, **kwargs)
+
+    layer.input_layernorm.forward = wrapper
+    assert fusedlora.unpatch(fused) > 0
+    ids, labels = batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no patched forward runs, so no fallback either
+        got = loss_and_grads(fused, ids, labels)
+    assert Counting.calls == 1 and len(wrapped_calls) == 1
+    assert_same(loss_and_grads(ref, ids, labels), got, tol=0)
+    hooks.remove_hook_from_module(layer.mlp)
+    assert_same(loss_and_grads(ref, ids, labels), loss_and_grads(fused, ids, labels), tol=0)
+    assert Counting.calls == 1
+
+
 def test_pickled_model_stays_patched_and_keeps_the_signature():
     """torch.save / torch.load (and deepcopy) of a patched model keep its fused forwards; each patched forward
     shows its class forward's signature (the HF Trainer reads it to choose dataset columns)."""

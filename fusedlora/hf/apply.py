@@ -49,8 +49,7 @@ def unpatch(model) -> int:
     n = ungraph_modules(model.modules())
     for m in model.modules():
         if PATCH_ATTR in m.__dict__:
-            del m.__dict__["forward"]
-            del m.__dict__[PATCH_ATTR]
+            _remove_patched_forward(m)
             n += 1
         if GC_ATTR in m.__dict__:
             flag, func = m.__dict__.pop(GC_ATTR)
@@ -61,6 +60,26 @@ def unpatch(model) -> int:
                 m._gradient_checkpointing_func = func
             n += 1
     return n
+
+
+def _remove_patched_forward(m):
+    """Undo `_bind` on `m`, leaving any forward installed after patching in place. Patch binds only modules
+    without an instance-level forward, so the class's forward is what was there before. A hook added on top
+    (accelerate's add_hook_to_module keeps the forward it wraps as `_old_forward`) gets the class's forward
+    to wrap instead of the patched one; a wrapper fusedlora cannot see still works: a PatchedForward whose
+    record is gone runs the class's forward."""
+    del m.__dict__[PATCH_ATTR]
+    if _installed_by_patch(m, m.__dict__.get("forward")):
+        del m.__dict__["forward"]
+    elif _installed_by_patch(m, m.__dict__.get("_old_forward")):
+        m._old_forward = types.MethodType(type(m).forward, m)
+
+
+def _installed_by_patch(m, forward) -> bool:
+    """Whether `forward` is the forward `_bind` (or `compile_layers`' rebinding of it) gave module `m`."""
+    if isinstance(forward, PatchedForward):
+        return forward.module is m
+    return isinstance(forward, types.MethodType) and forward.__self__ is m and forward.__func__ in FORWARDS.values()
 
 
 def _offload_checkpoints(model, report, host_limit_gib=None):
@@ -259,6 +278,8 @@ class PatchedForward:
         self.__doc__ = type(module).forward.__doc__
 
     def __call__(self, *args, **kwargs):
+        if PATCH_ATTR not in self.module.__dict__:  # unpatched while wrapped by something installed after patch
+            return type(self.module).forward(self.module, *args, **kwargs)
         return FORWARDS[self.kind](self.module, *args, **kwargs)
 
     def __reduce__(self):
