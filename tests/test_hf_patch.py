@@ -454,6 +454,41 @@ def test_nothing_to_patch_and_not_a_hf_model():
     assert report.n_patched == 0 and "no module matched" in str(report)
 
 
+@pytest.mark.parametrize("caller", ["patch", "unpatch", "compile_layers", "cuda_graph_layers"])
+def test_model_name_instead_of_model_is_a_clear_error(caller):
+    with pytest.raises(TypeError, match=rf"fusedlora\.{caller}: expected the model .* got str; load it first"):
+        getattr(fusedlora, caller)("meta-llama/Llama-3.2-1B")
+
+
+def test_model_without_lora_report_says_its_projections_train_on_hf_path():
+    """A model with no LoRA adapters (its base weights train): the report says when patching that the attention
+    and MLP projections will run HF's path in training, and a training step confirms it (only those fall back)."""
+    model = make_model(lora=False)
+    report = fusedlora.patch(model)
+    for kind in ("attention", "mlp"):
+        assert report.kinds[kind].patched == 2 and sum(report.kinds[kind].trains_on_original.values()) == 2
+        assert "2 patched, but base weights" in str(report).split(f"\n  {kind} ")[1].splitlines()[0], str(report)
+        assert report.as_dict()["kinds"][kind]["trains_on_original"]
+    assert not report.kinds["rms_norm"].trains_on_original and not report.kinds["loss"].trains_on_original
+    ids, labels = batch()
+    with pytest.warns(UserWarning, match="requires grad"):
+        loss_and_grads(model, ids, labels)
+    assert {kind.split()[0] for kind, _ in report.fallbacks.counts} == {"attention", "mlp"}
+    lora_report = fusedlora.patch(make_model())
+    assert not any(c.trains_on_original for c in lora_report.kinds.values()), str(lora_report)
+
+
+def test_fallbacks_print_their_counts():
+    model = make_model(lora=False)
+    report = fusedlora.patch(model)
+    assert str(report.fallbacks) == "no run-time fallbacks" and repr(report.fallbacks) == "Fallbacks({})"
+    ids, labels = batch()
+    with pytest.warns(UserWarning, match="requires grad"):
+        loss_and_grads(model, ids, labels)
+    assert "2x mlp: Linear's base weight requires grad" in str(report.fallbacks)
+    assert "object at 0x" not in repr(report.fallbacks) and "'mlp'" in repr(report.fallbacks)
+
+
 def test_cpu_without_interpreter_runs_hf_path(monkeypatch):
     if DEVICE != "cpu":
         pytest.skip("the model is on the GPU")

@@ -45,6 +45,7 @@ GC_ATTR = "_fusedlora_checkpointing"  # a layer's HF checkpointing settings befo
 def unpatch(model) -> int:
     """Restore every forward `patch` replaced, the layers' checkpointing settings and the layers'
     `cuda_graph_layers` wrappers; returns how many modules it restored."""
+    _require_module("unpatch", model)
     from ..cuda_graphs import ungraph_modules
     n = ungraph_modules(model.modules())
     for m in model.modules():
@@ -99,7 +100,18 @@ def _offload_checkpoints(model, report, host_limit_gib=None):
                         "memory)" if layers else "offload_checkpoints: no GradientCheckpointingLayer in this model")
 
 
+def _require_module(caller: str, model):
+    """A clear error for what is not a model (a checkpoint name, a path...), before any attribute lookup fails."""
+    if isinstance(model, torch.nn.Module):
+        return
+    hint = (f"; load it first, e.g. model = AutoModelForCausalLM.from_pretrained({model!r})"
+            if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__") else "")
+    raise TypeError(f"fusedlora.{caller}: expected the model (a torch.nn.Module: a Hugging Face or PEFT model), "
+                    f"got {type(model).__name__}{hint}")
+
+
 def _decoder_layers(model, caller: str, instead: str):
+    _require_module(caller, model)
     from transformers.modeling_layers import GradientCheckpointingLayer
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not layers:
@@ -119,6 +131,7 @@ def cuda_graph_layers(model, *, warmup: int = 2, max_shapes: int = 1) -> int:
     memory. Not with FSDP (it swaps the parameters a graph reads). `fusedlora.unpatch(model)` removes it.
     Returns how many layers were wrapped."""
     from ..cuda_graphs import graph_modules
+    _require_module("cuda_graph_layers", model)
     if not torch.cuda.is_available():
         raise RuntimeError("fusedlora.cuda_graph_layers: CUDA graphs need a CUDA GPU")
     if max_shapes < 1 or warmup < 0:
@@ -187,6 +200,7 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, 
     fused q/k/v and MLP projections after an RMSNorm keep the norm's input (which the norm's backward keeps
     anyway) rather than its output for their backward and recompute the output there: one activation of
     [tokens, hidden] less per norm (two per decoder layer) for one extra norm forward each."""
+    _require_module("patch", model)
     if offload_host_limit_gib is not None and not (isinstance(offload_host_limit_gib, (int, float))
                                                    and offload_host_limit_gib >= 0):
         raise ValueError("fusedlora.patch: offload_host_limit_gib must be a size in GiB >= 0 or None, got "
@@ -250,7 +264,7 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, 
         if kind == "rms_norm":
             info.update(recomputable=bool(recompute_norms))
         _bind(m, kind, PatchRecord(kind, family, report.fallbacks, info))
-        report.patched(kind)
+        report.patched(kind, _trains_on_original(m, kind, family))
     if offload_checkpoints:
         _offload_checkpoints(model, report, offload_host_limit_gib)
     if cuda_graphs:
@@ -350,8 +364,29 @@ def _match_norm(m, family, known):
     return "its forward matches no RMSNorm reference (llama / gemma casting)"
 
 
+def _projections(kind, family):
+    """The LoRA-able projections the fused forward of an attention or MLP module of this family computes."""
+    if kind == "attention":
+        return ("qkv_proj", "o_proj") if family.fused_projections else ("q_proj", "k_proj", "v_proj", "o_proj")
+    return ("gate_up_proj", "down_proj") if family.fused_projections else ("gate_proj", "up_proj", "down_proj")
+
+
+def _trains_on_original(m, kind, family) -> str | None:
+    """Why a training call of this just-patched module would run HF's forward as the model stands now, or None:
+    the fused LoRA functions give no gradient to a base weight that trains (a model without LoRA adapters
+    yet, or full fine-tuning). Calls without gradients, and training calls once PEFT freezes the base
+    weights, take the fused path."""
+    if kind not in ("attention", "mlp"):
+        return None
+    training = [name for name in _projections(kind, family) if lora.get_lora_parameters(getattr(m, name))[0].requires_grad]
+    if not training:
+        return None
+    return (f"base weights ({', '.join(training)}) require grad (no LoRA adapter, or full fine-tuning): training calls "
+            "run these projections on HF's path (run-time fallbacks) until PEFT adds adapters; no_grad calls are fused")
+
+
 def _check_attention(m, family, known, checked):
-    projections = ("qkv_proj", "o_proj") if family.fused_projections else ("q_proj", "k_proj", "v_proj", "o_proj")
+    projections = _projections("attention", family)
     missing = [a for a in projections + ("head_dim", "scaling", "config") if not hasattr(m, a)]
     if family.qk_norm or family.qk_norm_full:
         missing += [a for a in ("q_norm", "k_norm") if not hasattr(m, a)]
@@ -388,7 +423,7 @@ def _projections_problem(m, names, bias_ok=True):
 def _check_mlp(m, family, known, checked):
     if type(m).__name__.endswith("SparseMoeBlock"):
         return None, "MoE experts are not fused"
-    projections = ("gate_up_proj", "down_proj") if family.fused_projections else ("gate_proj", "up_proj", "down_proj")
+    projections = _projections("mlp", family)
     act_attr = family.mlp_act_attr
     missing = [a for a in projections + (act_attr,) if not hasattr(m, a)]
     if missing:
