@@ -63,3 +63,17 @@ def test_wheel_carries_cubins_and_works_installed(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["variants"] > 10 and out["missing"] == []
+
+
+@pytest.mark.parametrize("out, markdown, raw", [
+    ("run.v2/e2e", "run.v2/e2e", "run.v2/e2e.json"),      # a dot in a folder name is no suffix
+    ("run.v2/e2e.md", "run.v2/e2e.md", "run.v2/e2e.json"),
+    ("e2e.json", "e2e.md", "e2e.json"),                   # never the Markdown overwritten by the JSON
+])
+def test_bench_out_writes_markdown_and_json_beside_it(tmp_path, out, markdown, raw):
+    from fusedlora import bench_report
+    (tmp_path / "run.v2").mkdir()
+    bench_report.write(str(tmp_path / out), "| report |", [{"variant": "hf"}], quiet=True)
+    assert (tmp_path / markdown).read_text() == "| report |\n"
+    assert json.loads((tmp_path / raw).read_text()) == [{"variant": "hf"}]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == sorted({markdown, raw})
