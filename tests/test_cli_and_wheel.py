@@ -6,6 +6,7 @@
   the prebuilt variants the registry asks for."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -77,3 +78,33 @@ def test_bench_out_writes_markdown_and_json_beside_it(tmp_path, out, markdown, r
     assert (tmp_path / markdown).read_text() == "| report |\n"
     assert json.loads((tmp_path / raw).read_text()) == [{"variant": "hf"}]
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == sorted({markdown, raw})
+
+
+def _wheel_names(src: Path, out: Path, env: dict) -> list[str]:
+    r = _run([sys.executable, "-m", "pip", "wheel", ".", "-w", str(out), "--no-deps", "--no-build-isolation", "-q"],
+             env=env, cwd=src)
+    assert r.returncode == 0, r.stderr[-3000:]
+    wheels = list(out.glob("fusedlora-*.whl"))
+    assert len(wheels) == 1
+    return zipfile.ZipFile(wheels[0]).namelist()
+
+
+def test_wheel_holds_only_the_kernels_its_build_asked_for(tmp_path):
+    """Prebuilt kernels left in the build dir by an earlier build (pip builds in the checkout's build/) or in
+    the source tree's fusedlora/_prebuilt (build_tools.aot's default) never ride along: a JIT-only build gives a
+    wheel without any, a small AOT build one with exactly its own."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "dist", "_prebuilt", "__pycache__",
+                                                             "*.egg-info", ".pytest_cache", ".benchmarks"))
+    for stale in (src / "build" / "lib" / "fusedlora" / "_prebuilt", src / "fusedlora" / "_prebuilt"):
+        stale.mkdir(parents=True)
+        (stale / "rms_norm_fwd.sm86.0123456789abcdef.cubin").write_bytes(b"\0" * 4096)
+        (stale / "manifest.json").write_text('{"stale": true}')
+    names = _wheel_names(src, tmp_path / "jit", {"FUSEDLORA_SKIP_AOT": "1"})
+    assert "fusedlora/lora.py" in names and not [n for n in names if "_prebuilt" in n]
+    names = _wheel_names(src, tmp_path / "aot", {"FUSEDLORA_AOT_FAMILY": "ci", "FUSEDLORA_AOT_ARCHS": "80",
+                                                 "FUSEDLORA_AOT_KERNELS": "scale_by_scalar"})
+    prebuilt = sorted(n.removeprefix("fusedlora/_prebuilt/") for n in names if "_prebuilt" in n)
+    cubins = [n for n in prebuilt if n.endswith(".cubin")]
+    assert cubins and all(n.startswith("scale_by_scalar.sm80.") for n in cubins), prebuilt
+    assert set(prebuilt) == set(cubins) | {"manifest.json", "scale_by_scalar.sm80.json"}
