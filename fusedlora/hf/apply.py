@@ -191,9 +191,8 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, 
 
     offload_checkpoints: activation checkpointing of every decoder layer with its input kept in pinned host
     memory (fusedlora.checkpoint), in place of HF's gradient checkpointing; at most offload_host_limit_gib of
-    it (None: 80 % of the host's available memory), inputs past that (or past what pinning gets) stay on the
-    GPU, warned once. cuda_graphs: then
-    `cuda_graph_layers(model)` (each decoder layer's training call replayed as CUDA graphs; static shapes, one
+    it (None: 80 % of what the host leaves the process, cgroup limits included), inputs past that (or past what
+    pinning gets) stay on the GPU, warned once. cuda_graphs: then `cuda_graph_layers(model)` (each decoder layer's training call replayed as CUDA graphs; static shapes, one
     GPU or DDP; the report says when it cannot apply). mlp_chunk_bytes: a training MLP
     call whose gate/up activations would exceed this many bytes runs in row chunks, each recomputed in the
     backward (long sequences: the [tokens, intermediate] buffers never exist whole). recompute_norms: the
