@@ -192,8 +192,9 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, 
     offload_checkpoints: activation checkpointing of every decoder layer with its input kept in pinned host
     memory (fusedlora.checkpoint), in place of HF's gradient checkpointing; at most offload_host_limit_gib of
     it (None: 80 % of what the host leaves the process, cgroup limits included), inputs past that (or past what
-    pinning gets) stay on the GPU, warned once. cuda_graphs: then `cuda_graph_layers(model)` (each decoder layer's training call replayed as CUDA graphs; static shapes, one
-    GPU or DDP; the report says when it cannot apply). mlp_chunk_bytes: a training MLP
+    pinning gets) stay on the GPU, warned once. cuda_graphs: then `cuda_graph_layers(model)` (each decoder
+    layer's training call replayed as CUDA graphs; static shapes, one GPU or DDP; the report says when it
+    cannot apply). mlp_chunk_bytes: a training MLP
     call whose gate/up activations would exceed this many bytes runs in row chunks, each recomputed in the
     backward (long sequences: the [tokens, intermediate] buffers never exist whole). recompute_norms: the
     fused q/k/v and MLP projections after an RMSNorm keep the norm's input (which the norm's backward keeps
@@ -371,13 +372,15 @@ def _projections(kind, family):
 
 
 def _trains_on_original(m, kind, family) -> str | None:
-    """Why a training call of this just-patched module would run HF's forward as the model stands now, or None:
+    """Why a training call of this just-patched module would run its projections on HF's path as the model
+    stands now, or None:
     the fused LoRA functions give no gradient to a base weight that trains (a model without LoRA adapters
     yet, or full fine-tuning). Calls without gradients, and training calls once PEFT freezes the base
     weights, take the fused path."""
     if kind not in ("attention", "mlp"):
         return None
-    training = [name for name in _projections(kind, family) if lora.get_lora_parameters(getattr(m, name))[0].requires_grad]
+    training = [name for name in _projections(kind, family)
+                if lora.get_lora_parameters(getattr(m, name))[0].requires_grad]
     if not training:
         return None
     return (f"base weights ({', '.join(training)}) require grad (no LoRA adapter, or full fine-tuning): training calls "
