@@ -115,8 +115,9 @@ def _new_host_buffer(like: torch.Tensor) -> torch.Tensor:
 
 def _empty_host_cache():
     """torch's call that hands cached pinned blocks back to the driver (dropping a pinned tensor only caches its
-    block, for a later request of the same size), or None where this torch has none."""
-    return getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    block, for a later request of the same size), or None where this torch has none (the private name: older torch)."""
+    return (getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+            or getattr(torch._C, "_host_emptyCache", None))
 
 
 class _HostPool:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fusedlora.checkpoint as ck
+from conftest import DEVICE
 from test_checkpoint import _assert_equal, _model, _step, EXACT
 
 GIB = 2**30
@@ -28,7 +29,7 @@ def test_inputs_of_changing_length_reuse_and_replace_host_buffers():
         _assert_equal(got, _step(plain, seq=seq), EXACT)
         assert offloader.kept_on_device == 0 and offloader.pool.made <= limit, (seq, offloader.pool.made)
     idle = [(k, len(b)) for k, b in offloader.pool.free.items() if b]
-    assert idle == [((limit // 2, False), 2)], idle  # the 24-token buffers serve the shorter steps
+    assert idle == [((limit // 2, DEVICE == "cuda"), 2)], idle  # the 24-token buffers serve the shorter steps
 
 
 def test_a_buffer_is_viewed_to_any_input_of_its_class():
@@ -52,6 +53,21 @@ def test_the_bound_frees_idle_buffers_of_other_sizes_and_never_passes():
         pool.give(key, buf)
     _, key, _ = pool.take(torch.empty(2048, dtype=torch.uint8))  # the two idle 1024-byte buffers make room
     assert key == (2048, False) and pool.made == 4096 and not any(pool.free.values())
+
+
+@pytest.mark.gpu
+def test_pinned_buffers_for_cuda_inputs_and_their_release_at_the_bound():
+    """CUDA inputs get pinned buffers; at the bound the idle pinned ones are dropped and torch's cached pinned
+    blocks handed back (empty_host_cache), so the bound counts what is really pinned."""
+    assert ck._empty_host_cache() is not None, "this torch cannot release cached pinned memory"
+    pool = ck._HostPool(limit=4096)
+    small = [pool.take(torch.empty(256, device="cuda")) for _ in range(4)]
+    assert all(buf.is_pinned() and key == (1024, True) for _, key, buf in small)
+    for _, key, buf in small[:2]:
+        pool.give(key, buf)
+    del small
+    host, key, buf = pool.take(torch.empty(512, device="cuda"))
+    assert key == (2048, True) and buf.is_pinned() and host.is_pinned() and pool.made == 4096
 
 
 def _host_files(tmp_path, meminfo_kib=None, cgroup=(), v1=None, v2=None, v2_at=""):
