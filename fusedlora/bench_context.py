@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-seq", type=int, default=524288)
     ap.add_argument("--granularity", type=int, default=1024, help="bisection stops at this length step")
     ap.add_argument("--variants", default=",".join(c[0] for c in CONFIGS), help="comma list of the labels above")
-    ap.add_argument("--out", default=None, help="Markdown report path (JSON beside it)")
+    ap.add_argument("--out", default=None, help="Markdown report path; the raw JSON beside it, the file's "
+                    "suffix made .json (--out run/ctx.md: run/ctx.md, run/ctx.json; --out ctx.json: ctx.md, ctx.json)")
     args = ap.parse_args(argv)
     if not bench_report.gpu_or_exit("fusedlora.bench context"):
         return 2

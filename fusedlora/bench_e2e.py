@@ -67,7 +67,8 @@ def main(argv=None) -> int:
                     "the backward (total and largest groups by shape)")
     ap.add_argument("--patch-options", default="", help="fusedlora.patch keyword arguments as JSON for the fusedlora "
                     "variants, e.g. '{\"recompute_norms\": false}'")
-    ap.add_argument("--out", default=None, help="Markdown report path (JSON beside it, .json)")
+    ap.add_argument("--out", default=None, help="Markdown report path; the raw JSON beside it, the file's "
+                    "suffix made .json (--out run/e2e.md: run/e2e.md, run/e2e.json; --out e2e.json: e2e.md, e2e.json)")
     args = ap.parse_args(argv)
     settings = args.gc.replace("both", "off,on").split(",")
     if set(settings) - {"off", "on", "offload"}:

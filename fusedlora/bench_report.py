@@ -5,6 +5,7 @@ import importlib.util
 import json
 import sys
 import time
+from pathlib import Path
 
 
 def measured_line(results) -> str:
@@ -19,15 +20,25 @@ def measured_line(results) -> str:
             + ", ".join(f"{k} {v}" for k, v in versions.items()))
 
 
+def report_paths(out: str) -> tuple[Path, Path]:
+    """(Markdown path, JSON path) for `--out`: the JSON beside the Markdown, the file name's suffix (if any)
+    made .json (a dot in a folder name is no suffix); `--out x.json` puts the Markdown in x.md, never both in one file."""
+    path = Path(out)
+    if path.suffix == ".json":
+        return path.with_suffix(".md"), path
+    return path, path.with_suffix(".json")
+
+
 def write(out: str | None, report: str, results, quiet: bool = False) -> None:
-    """Print the report (unless quiet); with `out`, write it there and the raw results beside it (.json). The
-    benchmarks write after every variant, so a run stopped by a time limit keeps what it measured."""
+    """Print the report (unless quiet); with `out`, write it there and the raw results beside it
+    (report_paths). The benchmarks write after every variant, so a run stopped by a time limit keeps what
+    it measured."""
     if not quiet:
         print(report)
     if out:
-        with open(out, "w") as fh:
-            fh.write(report + "\n")
-        with open(out.rsplit(".", 1)[0] + ".json", "w") as fh:
+        markdown, raw = report_paths(out)
+        markdown.write_text(report + "\n")
+        with open(raw, "w") as fh:
             json.dump(results, fh, indent=1)
 
 

@@ -6,6 +6,8 @@
   the prebuilt variants the registry asks for."""
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -63,3 +65,111 @@ def test_wheel_carries_cubins_and_works_installed(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["variants"] > 10 and out["missing"] == []
+
+
+@pytest.mark.parametrize("out, markdown, raw", [
+    ("run.v2/e2e", "run.v2/e2e", "run.v2/e2e.json"),      # a dot in a folder name is no suffix
+    ("run.v2/e2e.md", "run.v2/e2e.md", "run.v2/e2e.json"),
+    ("e2e.json", "e2e.md", "e2e.json"),                   # never the Markdown overwritten by the JSON
+])
+def test_bench_out_writes_markdown_and_json_beside_it(tmp_path, out, markdown, raw):
+    from fusedlora import bench_report
+    (tmp_path / "run.v2").mkdir()
+    bench_report.write(str(tmp_path / out), "| report |", [{"variant": "hf"}], quiet=True)
+    assert (tmp_path / markdown).read_text() == "| report |\n"
+    assert json.loads((tmp_path / raw).read_text()) == [{"variant": "hf"}]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == sorted({markdown, raw})
+
+
+def _wheel_names(src: Path, out: Path, env: dict) -> list[str]:
+    r = _run([sys.executable, "-m", "pip", "wheel", ".", "-w", str(out), "--no-deps", "--no-build-isolation", "-q"],
+             env=env, cwd=src)
+    assert r.returncode == 0, r.stderr[-3000:]
+    wheels = list(out.glob("fusedlora-*.whl"))
+    assert len(wheels) == 1
+    return zipfile.ZipFile(wheels[0]).namelist()
+
+
+def test_wheel_holds_only_the_kernels_its_build_asked_for(tmp_path):
+    """Prebuilt kernels left in the build dir by an earlier build (pip builds in the checkout's build/) or in
+    the source tree's fusedlora/_prebuilt (build_tools.aot's default) never ride along: a JIT-only build gives a
+    wheel without any, a small AOT build one with exactly its own."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "dist", "_prebuilt", "__pycache__",
+                                                             "*.egg-info", ".pytest_cache", ".benchmarks"))
+    for stale in (src / "build" / "lib" / "fusedlora" / "_prebuilt", src / "fusedlora" / "_prebuilt"):
+        stale.mkdir(parents=True)
+        (stale / "rms_norm_fwd.sm86.0123456789abcdef.cubin").write_bytes(b"\0" * 4096)
+        (stale / "manifest.json").write_text('{"stale": true}')
+    names = _wheel_names(src, tmp_path / "jit", {"FUSEDLORA_SKIP_AOT": "1"})
+    assert "fusedlora/lora.py" in names and not [n for n in names if "_prebuilt" in n]
+    names = _wheel_names(src, tmp_path / "aot", {"FUSEDLORA_AOT_FAMILY": "ci", "FUSEDLORA_AOT_ARCHS": "80",
+                                                 "FUSEDLORA_AOT_KERNELS": "scale_by_scalar"})
+    prebuilt = sorted(n.removeprefix("fusedlora/_prebuilt/") for n in names if "_prebuilt" in n)
+    cubins = [n for n in prebuilt if n.endswith(".cubin")]
+    assert cubins and all(n.startswith("scale_by_scalar.sm80.") for n in cubins), prebuilt
+    assert set(prebuilt) == set(cubins) | {"manifest.json", "scale_by_scalar.sm80.json"}
+
+
+def _project():
+    tomllib = pytest.importorskip("tomllib")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _dist_name(requirement: str) -> str:
+    from packaging.requirements import Requirement
+    return Requirement(requirement).name.lower().replace("_", "-")
+
+
+LOCAL_MODULES = {"conftest", "fusedlora", "csrc_triton", "build_tools", "benchmarks", "hf_dist_worker", "fsdp_worker",
+                 "build_tools_shapes"}
+PROVIDED_BY = {"tokenizers": "transformers", "packaging": "pytest"}  # installed as a requirement of another
+INDIRECT = {"matplotlib": "fusedlora.demo's plot (tests/test_demo.py)",
+            "pytest-benchmark": "pyproject's addopts pass --benchmark-disable"}
+
+
+def _third_party_test_imports() -> dict[str, set]:
+    """Top-level third-party modules the test files import or importorskip -> the files."""
+    import ast
+    found: dict[str, set] = {}
+    for path in (ROOT / "tests").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "importorskip" and node.args
+                  and isinstance(node.args[0], ast.Constant)):
+                names = [node.args[0].value]
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in LOCAL_MODULES and not top.startswith("test_"):
+                    found.setdefault(top.replace("_", "-"), set()).add(path.name)
+    return found
+
+
+def test_test_extra_lists_what_the_tests_import():
+    """`pip install fusedlora[test]` then pytest: no test may be skipped for a package the extra left out
+    (test_fuzz without hypothesis, test_demo without matplotlib)."""
+    project = _project()
+    declared = {_dist_name(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]}
+    needed = {PROVIDED_BY.get(m, m) for m in _third_party_test_imports()} | set(INDIRECT)
+    assert needed <= declared, f"the [test] extra lacks {sorted(needed - declared)}"
+
+
+def test_declared_ranges_are_the_tested_ones():
+    """The wheel's torch / triton / transformers ranges hold what ci/install.sh installs (CI) and what the GPU
+    machine runs (torch 2.11, triton 3.6, transformers 5.17), and nothing newer than tested (torch 2.14.1 was
+    pulled by the open range)."""
+    from packaging.requirements import Requirement
+    project = _project()
+    specs = {Requirement(r).name: Requirement(r).specifier
+             for r in project["dependencies"] + project["optional-dependencies"]["test"]}
+    install = (ROOT / "ci" / "install.sh").read_text()
+    ci = {name: re.search(rf'"{name}==([0-9.]+)"', install).group(1) for name in ("torch", "triton")}
+    gpu = {"torch": "2.11.0", "triton": "3.6.0", "transformers": "5.17.0"}
+    for name, version in list(ci.items()) + list(gpu.items()) + [("transformers", "5.25.0")]:
+        assert specs[name].contains(version), (name, version, specs[name])
+    for name, untested in (("torch", "2.14.1"), ("triton", "3.10.0"), ("transformers", "5.26.0")):
+        assert not specs[name].contains(untested), (name, untested, specs[name])

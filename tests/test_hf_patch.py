@@ -196,6 +196,22 @@ def test_full_finetune_falls_back_to_hf():
     assert any("requires grad" in r for _, r in report.fallbacks.counts)
 
 
+def test_float64_model_runs_hf_path_and_says_so():
+    """The kernels serve fp16 / bf16 / fp32: a float64 model keeps HF's computation (exactly), every patched kind
+    counts a run-time fallback naming float64, and the report says so when patching, instead of a TypeError from
+    a kernel's input check."""
+    ref = make_model(dtype=torch.float64)
+    fused = copy.deepcopy(ref)
+    report = fusedlora.patch(fused)
+    assert "float64 parameters" in str(report)
+    ids, labels = batch()
+    with pytest.warns(UserWarning, match="float64 tensors"):  # (no KV cache: the attention takes its patched forward)
+        got = loss_and_grads(fused, ids, labels, use_cache=False)
+    assert_same(loss_and_grads(ref, ids, labels, use_cache=False), got, tol=0)
+    fell_back = {kind for (kind, why) in report.fallbacks.counts if "float64" in why}
+    assert fell_back == {"rms_norm", "attention", "mlp", "loss"}, report.fallbacks.counts
+
+
 def test_packed_rows_match_separate_documents():
     """One packed row of two documents (position_ids restart, no attention mask) = the two documents alone."""
     model = make_model()
@@ -253,6 +269,44 @@ def test_unpatch_restores_bit_identical_outputs_and_patch_is_idempotent():
         after = model(input_ids=ids).logits
     assert torch.equal(before, after)
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_unpatch_keeps_hooks_added_after_patch():
+    """unpatch removes only the forwards patch installed: an accelerate hook added after patch (on a module
+    whose forward it wraps) and a plain wrapper set as the instance's forward still run after unpatch, around
+    HF's forward, and removing the accelerate hook leaves the module on HF's forward."""
+    hooks = pytest.importorskip("accelerate.hooks")
+
+    class Counting(hooks.ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Counting.calls += 1
+            return args, kwargs
+
+    ref = make_model()
+    fused = copy.deepcopy(ref)
+    fusedlora.patch(fused)
+    layer = fused.base_model.model.model.layers[0]
+    hooks.add_hook_to_module(layer.mlp, Counting())
+    wrapped_calls = []
+    patched_norm_forward = layer.input_layernorm.forward
+
+    def wrapper(*args, **kwargs):
+        wrapped_calls.append(1)
+        return patched_norm_forward(*args, **kwargs)
+
+    layer.input_layernorm.forward = wrapper
+    assert fusedlora.unpatch(fused) > 0
+    ids, labels = batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no patched forward runs, so no fallback either
+        got = loss_and_grads(fused, ids, labels)
+    assert Counting.calls == 1 and len(wrapped_calls) == 1
+    assert_same(loss_and_grads(ref, ids, labels), got, tol=0)
+    hooks.remove_hook_from_module(layer.mlp)
+    assert_same(loss_and_grads(ref, ids, labels), loss_and_grads(fused, ids, labels), tol=0)
+    assert Counting.calls == 1
 
 
 def test_pickled_model_stays_patched_and_keeps_the_signature():
@@ -398,6 +452,41 @@ def test_nothing_to_patch_and_not_a_hf_model():
                                             num_attention_heads=2, intermediate_size=64)
     report = fusedlora.patch(transformers.AutoModelForMaskedLM.from_config(cfg))
     assert report.n_patched == 0 and "no module matched" in str(report)
+
+
+@pytest.mark.parametrize("caller", ["patch", "unpatch", "compile_layers", "cuda_graph_layers"])
+def test_model_name_instead_of_model_is_a_clear_error(caller):
+    with pytest.raises(TypeError, match=rf"fusedlora\.{caller}: expected the model .* got str; load it first"):
+        getattr(fusedlora, caller)("meta-llama/Llama-3.2-1B")
+
+
+def test_model_without_lora_report_says_its_projections_train_on_hf_path():
+    """A model with no LoRA adapters (its base weights train): the report says when patching that the attention
+    and MLP projections will run HF's path in training, and a training step confirms it (only those fall back)."""
+    model = make_model(lora=False)
+    report = fusedlora.patch(model)
+    for kind in ("attention", "mlp"):
+        assert report.kinds[kind].patched == 2 and sum(report.kinds[kind].trains_on_original.values()) == 2
+        assert "2 patched, but base weights" in str(report).split(f"\n  {kind} ")[1].splitlines()[0], str(report)
+        assert report.as_dict()["kinds"][kind]["trains_on_original"]
+    assert not report.kinds["rms_norm"].trains_on_original and not report.kinds["loss"].trains_on_original
+    ids, labels = batch()
+    with pytest.warns(UserWarning, match="requires grad"):
+        loss_and_grads(model, ids, labels)
+    assert {kind.split()[0] for kind, _ in report.fallbacks.counts} == {"attention", "mlp"}
+    lora_report = fusedlora.patch(make_model())
+    assert not any(c.trains_on_original for c in lora_report.kinds.values()), str(lora_report)
+
+
+def test_fallbacks_print_their_counts():
+    model = make_model(lora=False)
+    report = fusedlora.patch(model)
+    assert str(report.fallbacks) == "no run-time fallbacks" and repr(report.fallbacks) == "Fallbacks({})"
+    ids, labels = batch()
+    with pytest.warns(UserWarning, match="requires grad"):
+        loss_and_grads(model, ids, labels)
+    assert "2x mlp: Linear's base weight requires grad" in str(report.fallbacks)
+    assert "object at 0x" not in repr(report.fallbacks) and "'mlp'" in repr(report.fallbacks)
 
 
 def test_cpu_without_interpreter_runs_hf_path(monkeypatch):

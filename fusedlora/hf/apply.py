@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .. import peft_layers as lora
 from ..ops import naive_rms_norm
-from ..ops._common import interpreting
+from ..ops._common import FLOAT_DTYPES, interpreting
 from . import forwards
 from .families import FAMILIES, GENERIC, LOGIT_CHANGING_CONFIG, Family
 from .forwards import PATCH_ATTR, PatchRecord
@@ -45,12 +45,12 @@ GC_ATTR = "_fusedlora_checkpointing"  # a layer's HF checkpointing settings befo
 def unpatch(model) -> int:
     """Restore every forward `patch` replaced, the layers' checkpointing settings and the layers'
     `cuda_graph_layers` wrappers; returns how many modules it restored."""
+    _require_module("unpatch", model)
     from ..cuda_graphs import ungraph_modules
     n = ungraph_modules(model.modules())
     for m in model.modules():
         if PATCH_ATTR in m.__dict__:
-            del m.__dict__["forward"]
-            del m.__dict__[PATCH_ATTR]
+            _remove_patched_forward(m)
             n += 1
         if GC_ATTR in m.__dict__:
             flag, func = m.__dict__.pop(GC_ATTR)
@@ -61,6 +61,26 @@ def unpatch(model) -> int:
                 m._gradient_checkpointing_func = func
             n += 1
     return n
+
+
+def _remove_patched_forward(m):
+    """Undo `_bind` on `m`, leaving any forward installed after patching in place. Patch binds only modules
+    without an instance-level forward, so the class's forward is what was there before. A hook added on top
+    (accelerate's add_hook_to_module keeps the forward it wraps as `_old_forward`) gets the class's forward
+    to wrap instead of the patched one; a wrapper fusedlora cannot see still works: a PatchedForward whose
+    record is gone runs the class's forward."""
+    del m.__dict__[PATCH_ATTR]
+    if _installed_by_patch(m, m.__dict__.get("forward")):
+        del m.__dict__["forward"]
+    elif _installed_by_patch(m, m.__dict__.get("_old_forward")):
+        m._old_forward = types.MethodType(type(m).forward, m)
+
+
+def _installed_by_patch(m, forward) -> bool:
+    """Whether `forward` is the forward `_bind` (or `compile_layers`' rebinding of it) gave module `m`."""
+    if isinstance(forward, PatchedForward):
+        return forward.module is m
+    return isinstance(forward, types.MethodType) and forward.__self__ is m and forward.__func__ in FORWARDS.values()
 
 
 def _offload_checkpoints(model, report, host_limit_gib=None):
@@ -80,7 +100,18 @@ def _offload_checkpoints(model, report, host_limit_gib=None):
                         "memory)" if layers else "offload_checkpoints: no GradientCheckpointingLayer in this model")
 
 
+def _require_module(caller: str, model):
+    """A clear error for what is not a model (a checkpoint name, a path...), before any attribute lookup fails."""
+    if isinstance(model, torch.nn.Module):
+        return
+    hint = (f"; load it first, e.g. model = AutoModelForCausalLM.from_pretrained({model!r})"
+            if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__") else "")
+    raise TypeError(f"fusedlora.{caller}: expected the model (a torch.nn.Module: a Hugging Face or PEFT model), "
+                    f"got {type(model).__name__}{hint}")
+
+
 def _decoder_layers(model, caller: str, instead: str):
+    _require_module(caller, model)
     from transformers.modeling_layers import GradientCheckpointingLayer
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not layers:
@@ -100,6 +131,7 @@ def cuda_graph_layers(model, *, warmup: int = 2, max_shapes: int = 1) -> int:
     memory. Not with FSDP (it swaps the parameters a graph reads). `fusedlora.unpatch(model)` removes it.
     Returns how many layers were wrapped."""
     from ..cuda_graphs import graph_modules
+    _require_module("cuda_graph_layers", model)
     if not torch.cuda.is_available():
         raise RuntimeError("fusedlora.cuda_graph_layers: CUDA graphs need a CUDA GPU")
     if max_shapes < 1 or warmup < 0:
@@ -159,15 +191,16 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, 
 
     offload_checkpoints: activation checkpointing of every decoder layer with its input kept in pinned host
     memory (fusedlora.checkpoint), in place of HF's gradient checkpointing; at most offload_host_limit_gib of
-    it (None: 80 % of the host's available memory), inputs past that (or past what pinning gets) stay on the
-    GPU, warned once. cuda_graphs: then
-    `cuda_graph_layers(model)` (each decoder layer's training call replayed as CUDA graphs; static shapes, one
-    GPU or DDP; the report says when it cannot apply). mlp_chunk_bytes: a training MLP
+    it (None: 80 % of what the host leaves the process, cgroup limits included), inputs past that (or past what
+    pinning gets) stay on the GPU, warned once. cuda_graphs: then `cuda_graph_layers(model)` (each decoder
+    layer's training call replayed as CUDA graphs; static shapes, one GPU or DDP; the report says when it
+    cannot apply). mlp_chunk_bytes: a training MLP
     call whose gate/up activations would exceed this many bytes runs in row chunks, each recomputed in the
     backward (long sequences: the [tokens, intermediate] buffers never exist whole). recompute_norms: the
     fused q/k/v and MLP projections after an RMSNorm keep the norm's input (which the norm's backward keeps
     anyway) rather than its output for their backward and recompute the output there: one activation of
     [tokens, hidden] less per norm (two per decoder layer) for one extra norm forward each."""
+    _require_module("patch", model)
     if offload_host_limit_gib is not None and not (isinstance(offload_host_limit_gib, (int, float))
                                                    and offload_host_limit_gib >= 0):
         raise ValueError("fusedlora.patch: offload_host_limit_gib must be a size in GiB >= 0 or None, got "
@@ -202,6 +235,12 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, 
     if param is not None and not param.is_cuda and not (param.device.type == "cpu" and interpreting()):
         report.notes.append(f"the model is on {param.device} and TRITON_INTERPRET is not set: patched modules run "
                             "HF's forward until the model is on a CUDA device")
+    unserved = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()
+                       if p.is_floating_point() and p.dtype not in FLOAT_DTYPES})
+    if unserved:
+        report.notes.append(f"the model has {', '.join(unserved)} parameters: patched modules run HF's forward on "
+                            f"tensors of a dtype the kernels do not serve ({forwards.SERVED_DTYPES}), counted as "
+                            "run-time fallbacks")
     want = {"rms_norm": rms_norm, "attention": qkv or o or rope, "mlp": mlp, "loss": loss}
     checked_norms: dict = {}
     for m in model.modules():
@@ -225,7 +264,7 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, 
         if kind == "rms_norm":
             info.update(recomputable=bool(recompute_norms))
         _bind(m, kind, PatchRecord(kind, family, report.fallbacks, info))
-        report.patched(kind)
+        report.patched(kind, _trains_on_original(m, kind, family))
     if offload_checkpoints:
         _offload_checkpoints(model, report, offload_host_limit_gib)
     if cuda_graphs:
@@ -253,6 +292,8 @@ class PatchedForward:
         self.__doc__ = type(module).forward.__doc__
 
     def __call__(self, *args, **kwargs):
+        if PATCH_ATTR not in self.module.__dict__:  # unpatched while wrapped by something installed after patch
+            return type(self.module).forward(self.module, *args, **kwargs)
         return FORWARDS[self.kind](self.module, *args, **kwargs)
 
     def __reduce__(self):
@@ -323,8 +364,31 @@ def _match_norm(m, family, known):
     return "its forward matches no RMSNorm reference (llama / gemma casting)"
 
 
+def _projections(kind, family):
+    """The LoRA-able projections the fused forward of an attention or MLP module of this family computes."""
+    if kind == "attention":
+        return ("qkv_proj", "o_proj") if family.fused_projections else ("q_proj", "k_proj", "v_proj", "o_proj")
+    return ("gate_up_proj", "down_proj") if family.fused_projections else ("gate_proj", "up_proj", "down_proj")
+
+
+def _trains_on_original(m, kind, family) -> str | None:
+    """Why a training call of this just-patched module would run its projections on HF's path as the model
+    stands now, or None:
+    the fused LoRA functions give no gradient to a base weight that trains (a model without LoRA adapters
+    yet, or full fine-tuning). Calls without gradients, and training calls once PEFT freezes the base
+    weights, take the fused path."""
+    if kind not in ("attention", "mlp"):
+        return None
+    training = [name for name in _projections(kind, family)
+                if lora.get_lora_parameters(getattr(m, name))[0].requires_grad]
+    if not training:
+        return None
+    return (f"base weights ({', '.join(training)}) require grad (no LoRA adapter, or full fine-tuning): training calls "
+            "run these projections on HF's path (run-time fallbacks) until PEFT adds adapters; no_grad calls are fused")
+
+
 def _check_attention(m, family, known, checked):
-    projections = ("qkv_proj", "o_proj") if family.fused_projections else ("q_proj", "k_proj", "v_proj", "o_proj")
+    projections = _projections("attention", family)
     missing = [a for a in projections + ("head_dim", "scaling", "config") if not hasattr(m, a)]
     if family.qk_norm or family.qk_norm_full:
         missing += [a for a in ("q_norm", "k_norm") if not hasattr(m, a)]
@@ -361,7 +425,7 @@ def _projections_problem(m, names, bias_ok=True):
 def _check_mlp(m, family, known, checked):
     if type(m).__name__.endswith("SparseMoeBlock"):
         return None, "MoE experts are not fused"
-    projections = ("gate_up_proj", "down_proj") if family.fused_projections else ("gate_proj", "up_proj", "down_proj")
+    projections = _projections("mlp", family)
     act_attr = family.mlp_act_attr
     missing = [a for a in projections + (act_attr,) if not hasattr(m, a)]
     if missing:

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 
 from .. import peft_layers as lora
 from ..ops import fused_linear_cross_entropy, geglu, naive_rope, rms_norm, rope, swiglu
-from ..ops._common import autocast_dtype, interpreting
+from ..ops._common import FLOAT_DTYPES, autocast_dtype, interpreting
 from ..ops._custom import compiling
 from .families import Family
 from .report import Fallbacks
 
 PATCH_ATTR = "_fusedlora_patch"
+SERVED_DTYPES = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
 
 
 @dataclasses.dataclass
@@ -31,10 +32,14 @@ class PatchRecord:
     info: dict
 
 
-def device_problem(t: torch.Tensor) -> str | None:
-    if t.is_cuda or (t.device.type == "cpu" and interpreting()):
-        return None
-    return f"{t.device.type} tensors (kernels need CUDA, or TRITON_INTERPRET=1 with CPU tensors)"
+def tensor_problem(*tensors: torch.Tensor) -> str | None:
+    """Why the kernels cannot take these tensors (their device or dtype), or None: such a call runs HF's forward."""
+    for t in tensors:
+        if not (t.is_cuda or (t.device.type == "cpu" and interpreting())):
+            return f"{t.device.type} tensors (kernels need CUDA, or TRITON_INTERPRET=1 with CPU tensors)"
+        if t.dtype not in FLOAT_DTYPES:
+            return f"{str(t.dtype).replace('torch.', '')} tensors (the kernels serve {SERVED_DTYPES})"
+    return None
 
 
 def _original(module):
@@ -51,7 +56,7 @@ def _fallback(module, why, *args, **kwargs):
 
 # ------------------------------------------------------------------------------------------ RMSNorm
 def norm_forward(self, hidden_states, *args, **kwargs):
-    why = device_problem(hidden_states) if not (args or kwargs) else "unexpected arguments"
+    why = tensor_problem(hidden_states, self.weight) if not (args or kwargs) else "unexpected arguments"
     if why:
         return _fallback(self, why, hidden_states, *args, **kwargs)
     info = getattr(self, PATCH_ATTR).info
@@ -82,7 +87,7 @@ MLP_CHUNK_BYTES = 1 << 30  # gate/up activations of one MLP call above this run 
 
 
 def mlp_forward(self, x, *args, **kwargs):
-    why = device_problem(x) if not (args or kwargs) else "unexpected arguments"
+    why = tensor_problem(x) if not (args or kwargs) else "unexpected arguments"
     if why is None:
         info = getattr(self, PATCH_ATTR).info
         apply = (FUSED_GATE_UP_APPLY if info.get("fused_gate_up") else MLP_APPLY)[info["activation"]]
@@ -143,7 +148,7 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     if cache is not None or args or position_embeddings is None:
         # decoding with a KV cache (generation) keeps HF's own forward, by design: not a fallback
         return _original(self)(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
-    why = device_problem(hidden_states)
+    why = tensor_problem(hidden_states)
     if why:
         return _fallback(self, why, hidden_states, position_embeddings, attention_mask, **kwargs)
     kwargs.pop("cache", None)
@@ -324,7 +329,7 @@ def causal_lm_forward(self, *args, **kwargs):
     if labels is None or not self.training:
         return original(*args, **kwargs)
     fam = rec.family
-    why = loss_head_problem(self) or device_problem(head_linear(self.lm_head).weight)
+    why = loss_head_problem(self) or tensor_problem(head_linear(self.lm_head).weight)
     if why is None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
         why = "logits_to_keep was given with labels"
     if why is None and fam.router_aux_loss and extra.get("output_router_logits",

@@ -12,6 +12,9 @@ KINDS = ("rms_norm", "attention", "mlp", "loss")
 class KindCount:
     patched: int = 0
     original: Counter = field(default_factory=Counter)  # reason -> modules kept on the original path
+    # reason -> patched modules whose training calls take the original path as the model stands now (base
+    # weights that train: no LoRA adapter yet, or full fine-tuning), each such call a run-time fallback
+    trains_on_original: Counter = field(default_factory=Counter)
 
     @property
     def kept(self) -> int:
@@ -31,6 +34,14 @@ class Fallbacks:
             warnings.warn(f"fusedlora: a patched {kind} module ran HF's original forward: {reason}", stacklevel=3)
         self.counts[key] += 1
 
+    def __str__(self) -> str:
+        if not self.counts:
+            return "no run-time fallbacks"
+        return "\n".join(f"{n}x {kind}: {reason}" for (kind, reason), n in self.counts.items())
+
+    def __repr__(self) -> str:
+        return f"Fallbacks({dict(self.counts)!r})"
+
 
 @dataclass
 class PatchReport:
@@ -40,8 +51,10 @@ class PatchReport:
     notes: list = field(default_factory=list)
     fallbacks: Fallbacks = field(default_factory=Fallbacks)
 
-    def patched(self, kind: str):
+    def patched(self, kind: str, trains_on_original: str | None = None):
         self.kinds[kind].patched += 1
+        if trains_on_original:
+            self.kinds[kind].trains_on_original[trains_on_original] += 1
 
     def kept(self, kind: str, reason: str):
         self.kinds[kind].original[reason] += 1
@@ -52,19 +65,21 @@ class PatchReport:
 
     def as_dict(self) -> dict:
         return {"model_type": self.model_type, "family_known": self.family_known, "notes": list(self.notes),
-                "kinds": {k: {"patched": c.patched, "original": dict(c.original)} for k, c in self.kinds.items()},
+                "kinds": {k: {"patched": c.patched, "original": dict(c.original),
+                              "trains_on_original": dict(c.trains_on_original)} for k, c in self.kinds.items()},
                 "fallbacks": {f"{k}: {r}": n for (k, r), n in self.fallbacks.counts.items()}}
 
     def __str__(self) -> str:
         head = f"fusedlora.patch: model_type={self.model_type!r}" + ("" if self.family_known else " (not in the family table)")
         rows = [("module kind", "patched", "original", "why original")]
         for kind, c in self.kinds.items():
-            why = "; ".join(f"{n}x {r}" for r, n in c.original.most_common()) or "-"
+            why = "; ".join([f"{n}x {r}" for r, n in c.original.most_common()]
+                            + [f"{n} patched, but {r}" for r, n in c.trains_on_original.most_common()]) or "-"
             rows.append((kind, str(c.patched), str(c.kept), why))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = [head] + ["  " + "  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
         lines += [f"  note: {n}" for n in self.notes]
-        lines += [f"  run-time fallback: {n}x {k}: {r}" for (k, r), n in self.fallbacks.counts.items()]
+        lines += [f"  run-time fallback: {line}" for line in str(self.fallbacks).splitlines() if self.fallbacks.counts]
         return "\n".join(lines)
 
     __repr__ = __str__
