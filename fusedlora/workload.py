@@ -203,6 +203,8 @@ def build(shape, mode, variant, device, gc, seed=0, offload=False, dtype=None, p
         model = transformers.LlamaForCausalLM(cfg).to(dtype)
     if mode == "qlora":
         quantize_linears_nf4(model, dtype)
+    if on_gpu:  # the fp32 random init and its cast, which loading a checkpoint does not do: every variant's
+        torch.cuda.empty_cache()  # reserved memory is then its training's (8B: 26 GiB of cached init blocks)
     if variant == "liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
         apply_liger_kernel_to_llama(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,

@@ -725,3 +725,15 @@ def test_lora_on_the_head_keeps_hf_loss_and_says_why():
     ids, labels = batch()
     ref.train(), fused.train()
     assert_same(loss_and_grads(ref, ids, labels), loss_and_grads(fused, ids, labels))
+
+
+@pytest.mark.gpu
+def test_gpu_patch_returns_the_loading_phase_cache():
+    """Blocks the caching allocator kept from loading (here a freed 256 MiB cast) go back to the GPU at patch:
+    kept, training's allocations split them and reserved memory ran 47 % above the peak (8B QLoRA e2e)."""
+    model = _gpu_model(torch.bfloat16)
+    scratch = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    del scratch
+    before = torch.cuda.memory_reserved()
+    fusedlora.patch(model)
+    assert torch.cuda.memory_reserved() <= before - 200 * 2**20, (before, torch.cuda.memory_reserved())

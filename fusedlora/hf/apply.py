@@ -269,6 +269,11 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, 
         _offload_checkpoints(model, report, offload_host_limit_gib)
     if cuda_graphs:
         _cuda_graphs(model, report)
+    if param is not None and param.is_cuda:
+        # Loading leaves the caching allocator holding blocks of its own sizes (a checkpoint cast or quantised
+        # tensor by tensor); training's activations split them and the process holds far more than it uses
+        # (8B QLoRA: 43.6 GiB reserved for a 29.6 GiB peak, 30.3 after this; BENCHMARKS.md, issue 34).
+        torch.cuda.empty_cache()
     if report.n_patched == 0:
         kept = sum(c.kept for c in report.kinds.values())
         report.notes.append("nothing was patched: " + (f"{kept} matching modules kept HF's path (reasons above)" if kept
