@@ -211,10 +211,12 @@ def test_double_backward_through_glu_is_refused(compiling, monkeypatch):
 def test_gpu_patched_1b_step_twice_with_retain_graph_equals_unpatched():
     """The Llama-3.2-1B shape (fusedlora.workload's, LoRA r16 on 7 projections, bf16 autocast), patched as
     the e2e benchmark patches it: half the loss backward twice through one graph gives the gradients of one
-    backward (the in-place MLP backward gave a median 115x error here), and those of the unpatched model."""
+    backward (the in-place MLP backward gave a median 115x error here), and those of the unpatched model.
+    Tolerances: bf16 autocast rounds a halved upstream gradient differently, so HF itself moves by ~1.5e-2
+    between the two (H100); the fused path may move as much as HF, and differs from HF by bf16 rounding."""
     from fusedlora import workload
     ids = torch.randint(0, 128256, (1, 1024), device="cuda")
-    grads = {}
+    grads, moved = {}, {}
     for variant in ("hf", "fusedlora"):
         model, _ = workload.build("1b", "lora", variant, "cuda", gc=False)
         for p in model.parameters():  # PEFT's B starts at zero: make the adapters count
@@ -226,10 +228,11 @@ def test_gpu_patched_1b_step_twice_with_retain_graph_equals_unpatched():
         (0.5 * loss).backward(retain_graph=True)
         (0.5 * loss).backward()
         twice = [p.grad for p in model.parameters() if p.requires_grad]
-        for a, b in zip(once, twice):
-            assert rel_err(b, a) < 1e-2, (variant, rel_err(b, a))
+        moved[variant] = max(rel_err(b, a) for a, b in zip(once, twice))
         grads[variant] = [g.float().cpu() for g in twice]
         del model, loss, once, twice
         torch.cuda.empty_cache()
     errs = sorted(rel_err(f, h) for f, h in zip(grads["fusedlora"], grads["hf"]))
-    assert errs[len(errs) // 2] < 2e-2 and errs[-1] < 6e-2, (errs[len(errs) // 2], errs[-1])
+    print(f"once vs twice: {moved}; fused vs HF: median {errs[len(errs) // 2]:.3g}, max {errs[-1]:.3g}")
+    assert moved["hf"] < 4e-2 and moved["fusedlora"] < max(4e-2, 1.5 * moved["hf"]), moved
+    assert errs[len(errs) // 2] < 3e-2 and errs[-1] < 1e-1, (errs[len(errs) // 2], errs[-1])

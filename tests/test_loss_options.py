@@ -86,7 +86,7 @@ def test_fused_linear_cross_entropy_class_weight(dtype, reduction):
      "cross_entropy: weight together with label_smoothing is not supported"),
     (lambda z, y: cross_entropy(z, y, weight=torch.ones(10, device=DEVICE, dtype=torch.long)),
      "cross_entropy: weight has dtype int64"),
-    (lambda z, y: fused_linear_cross_entropy(z, torch.randn(12, 10, device=DEVICE), y, ce_weight=torch.rand(10)),
+    (lambda z, y: fused_linear_cross_entropy(z, torch.randn(12, 10, device=DEVICE), y, ce_weight=torch.rand(10, device=DEVICE)),
      r"fused_linear_cross_entropy: ce_weight has shape \(10,\); expected one weight per class, \(12,\)"),
 ])
 def test_class_weight_bad_input(bad, match):
