@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Iterable
 
 from . import registry
+from .kernel_spec import Variant
 from .manifest import expected_abi, write_manifests
-from .registry import Variant
 
 
 def _bundled_ptxas() -> str | None:

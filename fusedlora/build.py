@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from . import aot, registry
+from .kernel_spec import Variant
 from .loader import user_kernel_dir
-from .registry import Variant
 
 _DTYPE_NAMES = {"bfloat16": ["bf16"], "float16": ["fp16"], "float32": ["fp32"], "half": ["fp16"]}
 

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from . import registry
+from .kernel_spec import SUPPORTED_ARCHS, KernelSpec, Variant, compatible_archs
 from .manifest import Entry, FolderRefused, FolderWarnings, current_kernel_folders, kernel_index, read_top_manifests
-from .registry import SUPPORTED_ARCHS, KernelSpec, Variant, compatible_archs
 
 log = logging.getLogger("fusedlora")
 
@@ -435,3 +435,14 @@ def launcher(name: str) -> KernelLauncher:
 
 def constexpr_key(meta: dict) -> tuple:
     return tuple(sorted(meta.items()))
+
+
+def launch(spec: KernelSpec, grid, args: tuple, **shape):
+    """Launch `spec`'s kernel on torch's current stream: the constexprs of `shape`, the prebuilt cubin for this
+    GPU when there is one, else triton.jit. Inside `spec.override(...)` (tuning) always triton.jit, with its
+    settings."""
+    over = spec.active_override()
+    if over is not None:
+        get_loader().launch_jit(spec, grid, args, spec.constexprs(**shape), over["num_warps"], over["num_stages"])
+        return
+    get_loader().launcher(spec.name)(grid, args, spec.constexprs_and_key(shape)[1])

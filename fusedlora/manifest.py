@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 
 from . import registry
-from .registry import Variant
+from .kernel_spec import Variant
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 3

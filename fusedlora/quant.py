@@ -18,6 +18,7 @@ import torch
 
 from csrc_triton.quant import GPTQ_DEQUANT, NF4_BLOCKSIZES, NF4_DEQUANT
 
+from .loader import launch
 from .ops import _custom
 from .ops._common import interpreting, rel_err
 
@@ -217,7 +218,7 @@ def _dequantize_nf4(weight, qs, out, dtype):
         grid = (-(-plan.n // max(meta["BLOCK"], blocksize)), 1, 1)  # a program covers whole quantisation blocks
     # the kernel reads bytes from the start of the packed buffer: any contiguous shape, any storage dtype
     data = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)
-    NF4_DEQUANT.launch(grid, (data, plan.absmax, plan.absmax2, plan.code, plan.code2, plan.offset, out, plan.n,
+    launch(NF4_DEQUANT, grid, (data, plan.absmax, plan.absmax2, plan.code, plan.code2, plan.offset, out, plan.n,
                               row_len, out.stride(0) if strided else 0), **shape)
     return out
 
@@ -324,7 +325,7 @@ def _dequantize_gptq(qweight, qzeros, scales, g_idx, bits, group_size, format, o
     meta = GPTQ_DEQUANT.constexprs(**shape)
     grid = (-(-in_features // meta["BLOCK_I"]), -(-out_features // meta["BLOCK_O"]), 1)
     qweight, qzeros, scales = qweight.contiguous(), qzeros.contiguous(), scales.contiguous()
-    GPTQ_DEQUANT.launch(grid, (qweight, qzeros, scales, g_idx if g_idx is not None else qweight, out, in_features,
+    launch(GPTQ_DEQUANT, grid, (qweight, qzeros, scales, g_idx if g_idx is not None else qweight, out, in_features,
                                out_features, gs, qweight.stride(0), qzeros.stride(0), scales.stride(0), s_o, s_i,
                                GPTQ_FORMATS[format]), **shape)
     return out

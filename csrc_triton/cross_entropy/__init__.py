@@ -3,7 +3,7 @@ launch configs, AOT variants). Importing this module does not import triton: the
 never pays for it; kernel.py (the @triton.jit sources) is imported on the first JIT or AOT use."""
 from __future__ import annotations
 
-from fusedlora.registry import KernelSpec, next_pow2, register
+from fusedlora.kernel_spec import KernelSpec, next_pow2, register
 
 CE_MODES = {"loss": 0, "loss_and_grad": 1, "grad": 2}
 

@@ -3,7 +3,7 @@ launch configs, AOT variants). Importing this module does not import triton: the
 never pays for it; kernel.py (the @triton.jit sources) is imported on the first JIT or AOT use."""
 from __future__ import annotations
 
-from fusedlora.registry import KernelSpec, register
+from fusedlora.kernel_spec import KernelSpec, register
 
 GLU_ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 GLU_BLOCK = 2048  # elements per program (tune.py glu on an H100: docs/perf-notes.md)

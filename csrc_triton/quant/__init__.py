@@ -3,7 +3,7 @@ launch configs, AOT variants). Importing this module does not import triton: the
 never pays for it; kernel.py (the @triton.jit sources) is imported on the first JIT or AOT use."""
 from __future__ import annotations
 
-from fusedlora.registry import KernelSpec, register
+from fusedlora.kernel_spec import KernelSpec, register
 
 NF4_BLOCK = 8192  # outputs per program (tune.py nf4 on an H100: docs/perf-notes.md)
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)

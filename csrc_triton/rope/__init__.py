@@ -3,7 +3,7 @@ launch configs, AOT variants). Importing this module does not import triton: the
 never pays for it; kernel.py (the @triton.jit sources) is imported on the first JIT or AOT use."""
 from __future__ import annotations
 
-from fusedlora.registry import KernelSpec, next_pow2, register
+from fusedlora.kernel_spec import KernelSpec, next_pow2, register
 
 def rope_meta(half: int, n_pass: int, has_pos: bool, backward: bool) -> dict:
     block_half = next_pow2(half)

@@ -23,6 +23,7 @@ import csrc_triton.cross_entropy as ce_kernels  # its grid constants are read pe
 from csrc_triton.cross_entropy import CE_PREPARE, CROSS_ENTROPY, SCALE_BY_SCALAR
 
 from . import _custom
+from ..loader import launch
 from ._common import FLOAT_DTYPES, cdiv, check_tensor, grads_of, persistent_programs, rel_err, saved_tensors_writable
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -58,7 +59,7 @@ def scale_by_scalar_(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x *= s (a 1-element fp32 tensor) in place, free when s == 1; x must be contiguous."""
     n = x.numel()
     progs = persistent_programs(cdiv(n, ce_kernels.SCALE_BLOCK), ce_kernels.SCALE_PROGRAMS_PER_SM, x.get_device())
-    SCALE_BY_SCALAR.launch((progs, 1, 1), (x, s, n))
+    launch(SCALE_BY_SCALAR, (progs, 1, 1), (x, s, n))
     return x
 
 
@@ -123,7 +124,7 @@ def _prepare(labels: torch.Tensor, n_cols: int, ignore_index: int, mode: str,
     """(inv, ok) of ce_prepare_kernel; inv is not written in mode "given"."""
     inv = torch.empty(1, dtype=torch.float32, device=labels.device)
     ok = torch.empty(1, dtype=torch.int32, device=labels.device)
-    CE_PREPARE.launch((1, 1, 1), (labels, inv, ok, labels.numel(), n_cols, ignore_index, divisor), inv=mode)
+    launch(CE_PREPARE, (1, 1, 1), (labels, inv, ok, labels.numel(), n_cols, ignore_index, divisor), inv=mode)
     return inv, ok
 
 

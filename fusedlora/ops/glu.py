@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from csrc_triton.glu import GLU_BWD, GLU_FWD
 
 from . import _custom
+from ..loader import launch
 from ._common import cdiv, check_tensor, grads_of, rel_err, saved_tensors_writable
 
 _APPROX = {"none": "gelu", "tanh": "gelu_tanh"}
@@ -51,7 +52,7 @@ def glu_forward(gate, up, act: str):
         rows, n_cols, stride = 1, gate.numel(), gate.numel()
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     block = GLU_FWD.constexprs(act=act)["BLOCK"]
-    GLU_FWD.launch((rows * cdiv(n_cols, block), 1, 1), (gate, up, out, n_cols, stride), act=act)
+    launch(GLU_FWD, (rows * cdiv(n_cols, block), 1, 1), (gate, up, out, n_cols, stride), act=act)
     return out
 
 
@@ -62,7 +63,7 @@ def glu_backward(dout, gate, up, act: str, inplace: bool, store_h: bool = False)
     n = gate.numel()
     shape = dict(act=act, store_h=bool(store_h))
     block = GLU_BWD.constexprs(**shape)["BLOCK"]
-    GLU_BWD.launch((cdiv(n, block), 1, 1), (dout, gate, up, dgate, dup, dout, n), **shape)
+    launch(GLU_BWD, (cdiv(n, block), 1, 1), (dout, gate, up, dgate, dup, dout, n), **shape)
     return (dgate, dup, dout) if store_h else (dgate, dup)
 
 

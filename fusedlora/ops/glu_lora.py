@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from csrc_triton.glu_lora import (GLU_LORA_BWD, GLU_LORA_DYB, GLU_LORA_FWD, GLU_LORA_PROGRAMS_PER_SM,
                                   glu_lora_rank_pad)
 
+from ..loader import launch
 from ._common import cdiv, rel_err, sm_count, wide_rows
 
 __all__ = ["glu_lora_forward", "glu_lora_backward", "glu_lora_dyb", "row_groups", "glu_lora_rank_pad",
@@ -72,7 +73,7 @@ def glu_lora_forward(gate, up, xa, xa_up_offset, b_gate, b_up, scales, act: str)
     shape = dict(act=act, rank=max(rg, ru))
     meta = GLU_LORA_FWD.constexprs(**shape)
     groups, rows_per_group = row_groups(T, I, meta, gate.get_device())
-    GLU_LORA_FWD.launch(
+    launch(GLU_LORA_FWD,
         (cdiv(I, meta["BLOCK_N"]), groups, 1),
         (gate, up, xa, b_gate, b_up, out, T, I, gate.stride(0), xa.stride(0), int(xa_up_offset), rg, ru,
          rows_per_group, float(scales[0]), float(scales[1])), **shape)
@@ -112,7 +113,7 @@ def glu_lora_backward(dout, gate, up, xa, xa_up_offset, dyb, b_gate, b_up, a_dow
     R = meta["R"]
     groups, rows_per_group = row_groups(T, I, meta, gate.get_device())
     q_part = torch.empty(groups, I, 3 * R, dtype=torch.float32, device=gate.device)
-    GLU_LORA_BWD.launch(
+    launch(GLU_LORA_BWD,
         (cdiv(I, meta["BLOCK_N"]), groups, 1),
         (dout, gate, up, dgate, dup, xa, dyb, b_gate, b_up, a_down, q_part, T, I, dout.stride(0), gate.stride(0),
          xa.stride(0), int(xa_up_offset), dyb.stride(0), rg, ru, rd, rows_per_group, float(scales[0]),
@@ -146,7 +147,7 @@ def glu_lora_dyb(de, dg, b_gate, b_up, scales, out=None):
     elif out.shape != (T, rg + ru) or out.stride(1) != 1 or out.dtype != de.dtype or out.device != de.device:
         raise ValueError(f"glu_lora_dyb: out must be [{T}, {rg + ru}] {de.dtype} with a unit last stride, got "
                          f"{tuple(out.shape)} {out.dtype} strides {tuple(out.stride())}")
-    GLU_LORA_DYB.launch(
+    launch(GLU_LORA_DYB,
         (cdiv(T, meta["BLOCK_M"]), 1, 1),
         (de, dg, b_gate, b_up, out, T, I, de.stride(0), rg, ru, out.stride(0), float(scales[0]), float(scales[1])),
         rank=max(rg, ru))

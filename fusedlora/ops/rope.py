@@ -12,6 +12,7 @@ import torch
 from csrc_triton.rope import ROPE
 
 from . import _custom
+from ..loader import launch
 from ._common import check_tensor, grads_of, rel_err
 
 POS_DTYPES = (torch.int64, torch.int32)
@@ -55,7 +56,7 @@ def rope_launch(q, k, qo, ko, cos, sin, pos, backward: bool):
         pos_t, pos_sb, pos_ss = cos, 0, 0
     bh = ROPE.constexprs(**shape)["BLOCK_H"]
     grid = (bsz * seq, (hq + bh - 1) // bh + (hk + bh - 1) // bh, 1)
-    ROPE.launch(grid, (
+    launch(ROPE, grid, (
         q, k, qo, ko, cos, sin, pos_t,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
