@@ -1,8 +1,10 @@
 """Fused LoRA autograd functions with the seed API (`kernels.lora`): LoRA_MLP, LoRA_QKV, LoRA_O.
 
-This module holds the Functions (tensors and plain scalars in, gradients by named slots out); reading PEFT
-modules (`get_lora_parameters`, `apply_lora_*`, UnsupportedLoRA) is `fusedlora.peft_layers`, whose names stay
-reachable here; the base-weight dispatch (plain / NF4 / GPTQ, `GPTQState`, `dequantize_base`) is `fusedlora.quant`.
+This module holds the Functions (tensors and plain scalars in, gradients by named slots out), their
+torch.library custom ops for torch.compile (`lora_o`, `lora_qkv`, `lora_mlp`, which `fusedlora.lora_ops` also
+names) and the entry points that run a PEFT module through them (`apply_lora_*`). Reading PEFT modules
+(`get_lora_parameters`, UnsupportedLoRA) is `fusedlora.peft_layers`, whose names are reachable here too; the
+base-weight dispatch (plain / NF4 / GPTQ, `GPTQState`, `dequantize_base`) is `fusedlora.quant`.
 
 Per projection: Y = X W^T (+ bias) + s * (drop(X) A^T) B^T, W a plain, bitsandbytes 4-bit or GPTQ weight.
 - Quantised weights are dequantised by fusedlora's one-launch kernels in the forward and again in the
@@ -39,12 +41,17 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
+from .ops import _custom
 from .ops._common import autocast_dtype, cdiv, check_tensor, saved_tensors_writable, wide_rows
 from .ops.glu import glu_backward, glu_forward, refuse_double_backward
 from .ops.glu_lora import glu_lora_backward, glu_lora_dyb, glu_lora_forward, glu_lora_rank_pad
 from .ops.rms_norm import norm_source
-from .quant import _dequantize_nf4, dequantize_base, is_nf4, nf4_writes_into, weight_shape as _weight_shape
+from .peft_layers import (GPTQ_PLAIN_LAYOUT_KERNELS, UnsupportedLoRA, dropout_p, fused_parameters,  # noqa: F401
+                          get_lora_parameters, layer_bias, use_custom_ops)
+from .quant import (GPTQState, _dequantize_nf4, decode_base, dequantize_base, encode_base, is_nf4,  # noqa: F401
+                    nf4_writes_into, weight_shape)
 
 
 # ------------------------------------------------------------------------------------------- weights
@@ -145,7 +152,7 @@ def _proj_forward(X2, pr: _Proj, dtype, training):
 def _proj_backward_input(dY, pr: _Proj, saved, dtype, needs):
     """(dX, s dY B, dB, dbias) of one projection: all but dA, which needs the projection's input."""
     XA, Xd, mask = saved
-    out_f, in_f = _weight_shape(pr.W, pr.quant)
+    out_f, in_f = weight_shape(pr.W, pr.quant)
     dB = dYBs = None
     if pr.A is None:
         dX = dY @ dequantize_base(pr.W, pr.quant, dtype)
@@ -225,7 +232,7 @@ def _stack_rows(prs, extra, dtype, device):
     are dequantised straight into their rows (no per-weight temporary)."""
     if all(pr.quant is None for pr in prs):
         return torch.cat([pr.W.to(dtype) for pr in prs] + ([] if extra is None else [extra]), 0)
-    shapes = [_weight_shape(pr.W, pr.quant) for pr in prs]
+    shapes = [weight_shape(pr.W, pr.quant) for pr in prs]
     rows = sum(o for o, _ in shapes)
     buf = torch.empty(rows + (0 if extra is None else extra.shape[0]), shapes[0][1], dtype=dtype, device=device)
     row = 0
@@ -285,7 +292,7 @@ def _gate_up_shareable(pg, pu, training):
     """gate and up can share one adapter-input GEMM and one [X, XA] copy: both have adapters, no active
     dropout, no bias, and both widen (the [X, XA] @ [W, s B]^T form of _proj_forward)."""
     def ok(pr):
-        o, i = _weight_shape(pr.W, pr.quant)
+        o, i = weight_shape(pr.W, pr.quant)
         return pr.A is not None and (pr.dropout == 0.0 or not training) and pr.bias is None and i <= o
     return ok(pg) and ok(pu)
 
@@ -304,7 +311,7 @@ def _gate_up_weight(pg, pu, which, dtype):
     """[W_g | s_g B_g | 0] (which = 0) or [W_u | 0 | s_u B_u] (which = 1), [I, H + r_g + r_u]: the weight of
     the shared [X, X A_g^T, X A_u^T] input, an NF4 weight dequantised straight into its block."""
     pr = (pg, pu)[which]
-    out_f, in_f = _weight_shape(pr.W, pr.quant)
+    out_f, in_f = weight_shape(pr.W, pr.quant)
     rg, ru = pg.A.shape[0], pu.A.shape[0]
     buf = torch.empty(out_f, in_f + rg + ru, dtype=dtype, device=pr.A.device)
     if nf4_writes_into(pr.quant, dtype, buf[:, :in_f]):
@@ -333,7 +340,7 @@ def _gate_up_base(X2, pg, pu, out, dtype):
     """out[:, :I] | out[:, I:2I] = X W_g^T | X W_u^T: one N = 2I GEMM over [W_g; W_u] when both are NF4
     (dequantised straight into one buffer), else one GEMM per weight into its half (no copy of a plain
     weight; two N = I GEMMs measured as fast as one N = 2I on an H100)."""
-    I = _weight_shape(pg.W, pg.quant)[0]
+    I = weight_shape(pg.W, pg.quant)[0]
     if is_nf4(pg.quant) and is_nf4(pu.quant):
         torch.mm(X2, _stack_rows([pg, pu], None, dtype, X2.device).t(), out=out[:, :2 * I])
     else:
@@ -348,7 +355,7 @@ def _mlp_fused_forward(X2, pg, pu, pd, dtype, act):
     columns where the backward puts s_g de B_g | s_u dg B_u after de | dg, so that dX is one GEMM over the
     buffer. Rows start 128-byte aligned: with 64-byte aligned rows each 128-byte row segment of the GLU tiles
     splits over two cache lines (slower; docs/perf-notes.md). XA = X [A_g; A_u]^T. h = act(e) * g is not kept; h A_d^T is kept (down_proj's dB)."""
-    I, rg = _weight_shape(pg.W, pg.quant)[0], pg.A.shape[0]
+    I, rg = weight_shape(pg.W, pg.quant)[0], pg.A.shape[0]
     XA = X2 @ torch.cat([pg.Ac, pu.Ac], 0).t()
     EG = wide_rows(X2, X2.shape[0], cdiv(2 * I + rg + pu.A.shape[0], 64) * 64)
     _gate_up_base(X2, pg, pu, EG, dtype)
@@ -366,7 +373,7 @@ def _mlp_fused_backward(ctx, need, X2, EG, XA, hA, dY):
     de | dg, and dX is one GEMM [de | dg | s de B_g | s dg B_u] @ [W_g; W_u; A_g; A_u]."""
     pg, pu, pd = ctx.prs
     dtype = ctx.dtype
-    I, rg, ru, rd = _weight_shape(pg.W, pg.quant)[0], pg.A.shape[0], pu.A.shape[0], pd.A.shape[0]
+    I, rg, ru, rd = weight_shape(pg.W, pg.quant)[0], pg.A.shape[0], pu.A.shape[0], pd.A.shape[0]
     dYBs_d = _mm_scaled(dY, pd.Bc, pd.s)  # s_d dY B_d  [T, r_d]
     ddB = _mm_scaled(dY.t(), hA, pd.s).to(pd.B.dtype) if need["dB"] else None
     dh = dY @ dequantize_base(pd.W, pd.quant, dtype)
@@ -465,7 +472,7 @@ def _qkv_backward(ctx, need, dQ, dK, dV):
     if ctx.stacked:
         X2, XA = _saved_input_and(ctx)
         dYs = [_flat(d).to(ctx.dtype) if d is not None else
-               X2.new_zeros(X2.shape[0], _weight_shape(pr.W, pr.quant)[0]) for d, pr in zip((dQ, dK, dV), ctx.prs)]
+               X2.new_zeros(X2.shape[0], weight_shape(pr.W, pr.quant)[0]) for d, pr in zip((dQ, dK, dV), ctx.prs)]
         dX, grads = _qkv_stacked_backward(dYs, X2, XA, ctx.prs, ctx.dtype)
         for p, (dA, dB, db) in zip("qkv", grads):
             named.update({f"{p}A": dA, f"{p}B": dB, f"{p}_bias": db})
@@ -565,12 +572,12 @@ def _projections(fn, entry, specs, X, kernels):
     requires grad under grad mode is refused here for the custom ops' callers (fusedlora.lora_ops); inside a
     Function's forward grad mode is off, and its backward refuses it (_backward_checks)."""
     W, Q = specs[0][1], specs[0][2]
-    _check_input(f"{fn} ({entry})", X, W, Q, _weight_shape(W, Q)[1], kernels)
+    _check_input(f"{fn} ({entry})", X, W, Q, weight_shape(W, Q)[1], kernels)
     prs = []
     for label, W, Q, A, B, S, bias, p in specs:
         arg = f"{label[:1]}W"  # the argument's name in the Functions and the custom ops: W, qW, gW, uW...
         _refuse_base_grad(fn, arg, torch.is_grad_enabled() and W.requires_grad)
-        out_f, in_f = _weight_shape(W, Q)
+        out_f, in_f = weight_shape(W, Q)
         _check_adapter(f"{fn} ({label})" if label else fn, out_f, in_f, A, B, S)
         prs.append(_Proj(W, Q, A, B, float(S or 0.0), bias, float(p)))
     return prs
@@ -718,18 +725,283 @@ def matmul_lora(X, W, W_quant, A, B, s, out=None):
     return Y.view(*X.shape[:-1], Wd.shape[0])
 
 
-# The module-reading API lives in fusedlora.peft_layers (it calls the Functions above); its names stay
-# reachable here, resolved on first use so that neither module imports the other at import time.
-_PEFT_NAMES = ("UnsupportedLoRA", "GPTQState", "get_lora_parameters", "fused_parameters", "apply_lora_o", "apply_lora_qkv",
-               "apply_lora_mlp_swiglu", "apply_lora_mlp_geglu", "GPTQ_PLAIN_LAYOUT_KERNELS")
+# -------------------------------------------------------------------------------- torch.compile: the custom ops
+# The fused LoRA functions as torch.library custom ops: what `apply_lora_*` call under torch.compile.
+# 
+# `lora_o`, `lora_qkv` and `lora_mlp` take LoRA_O / LoRA_QKV / LoRA_MLP's arguments and run the same plan,
+# forward and backward functions as the Functions above inside the custom ops fusedlora::lora_{o,qkv,mlp}
+# (and their *_backward), so Dynamo sees one opaque call per layer and its gradient formula. What crosses the
+# op boundary is tensors and plain scalars only:
+# - each projection's base weight as tensors + ints (plain; bitsandbytes 4-bit: packed weight, absmax, code,
+#   nested state; GPTQ: qweight, qzeros, scales, g_idx), rebuilt inside as `NF4State` / `GPTQState`;
+# - the trainable tensors (A, B, biases) in one tensor list, so autograd returns a gradient for each;
+# - dropout masks, drawn before the call in PEFT's order (q, k, v / gate, up, down), so the traced graph owns
+#   the random numbers;
+# - the compute dtype (autocast's, decided at trace time);
+# - the tensors the backward needs, as extra outputs; an entry that is the input X itself (no cast) or a
+#   dropout mask comes back as a marker and is rebuilt from the op's inputs (an op may not return its inputs).
+# The MLP backward writes its gradients over the forward's gate/up buffer as in eager (and, as there, only
+# when autograd frees the graph after this backward): that buffer is an output of the forward op read by
+# nothing but this backward op.
+
+N_FROZEN = 7   # per projection: six base-weight tensors (None where unused) and the dropout mask
+N_INTS = 10    # kind, out, in, five quantisation ints, has adapter, has bias
+MASK = N_FROZEN - 1
+_ACTIVATIONS = {
+    "silu": (swiglu_fg, swiglu_fg_backward),
+    "gelu": (geglu_exact_fg, geglu_exact_fg_backward),
+    "gelu_tanh": (geglu_approx_fg, geglu_approx_fg_backward),
+}
+_SAVED_NONE, _SAVED_X, _SAVED_MASK = 0, 1, 2  # marker codes (fusedlora.ops._custom.marker): None, X, mask i
 
 
-def __getattr__(name):
-    if name in _PEFT_NAMES:
-        from . import peft_layers
-        return getattr(peft_layers, name)  # GPTQState comes through peft_layers' import of quant
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# ----------------------------------------------------------------------------------- encode / decode
+def _encode(prs, X, dtype, training):
+    """(params, frozen, ints, floats) of the projections; dropout masks drawn here in projection order
+    (the input rows of each; down_proj's input is [rows, intermediate])."""
+    params, biases, frozen, ints, floats = [], [], [], [], []
+    rows = X.numel() // X.shape[-1] if X.dim() else 1
+    for pr in prs:
+        tensors, q = encode_base(pr.W, pr.quant)
+        out_f, in_f = weight_shape(pr.W, pr.quant)
+        mask = None
+        if pr.A is not None and pr.dropout != 0.0 and training:
+            mask = F.dropout(torch.ones(rows, in_f, dtype=dtype, device=X.device), pr.dropout, True)
+        frozen += tensors + [mask]
+        ints += [q[0], out_f, in_f, *q[1:], 0, pr.A is not None, pr.bias is not None]
+        floats += [pr.s, pr.dropout]
+        if pr.A is not None:
+            params += [pr.A, pr.B]
+        if pr.bias is not None:
+            biases.append(pr.bias)
+    return params + biases, frozen, ints, floats
 
 
-def __dir__():
-    return sorted(list(globals()) + list(_PEFT_NAMES))
+def _decode(params, frozen, ints, floats):
+    prs, adapters, biases = [], [], []
+    n = len(ints) // N_INTS
+    it = iter(params)
+    for i in range(n):
+        if ints[i * N_INTS + 8]:
+            adapters.append((next(it), next(it)))
+        else:
+            adapters.append((None, None))
+    for i in range(n):
+        biases.append(next(it) if ints[i * N_INTS + 9] else None)
+    for i in range(n):
+        kind, out_f, in_f, *q = ints[i * N_INTS:i * N_INTS + 8]
+        t = frozen[i * N_FROZEN:(i + 1) * N_FROZEN]
+        W, quant = decode_base(t, kind, out_f, in_f, q)
+        (A, B), s, p = adapters[i], floats[2 * i], floats[2 * i + 1]
+        prs.append(_Proj(W, quant, A, B, s, biases[i], p, t[MASK]))
+    return prs
+
+
+def _param_names(kind, ints):
+    """Gradient names (the Functions' slot names) of the params list, in its order."""
+    prefixes = {"o": ("",), "qkv": ("q", "k", "v"), "mlp": ("g", "u", "d")}[kind]
+    n = len(ints) // N_INTS
+    names = [f"{prefixes[i]}{ab}" for i in range(n) if ints[i * N_INTS + 8] for ab in "AB"]
+    names += [f"{prefixes[i]}_bias" if prefixes[i] else "bias" for i in range(n) if ints[i * N_INTS + 9]]
+    return names
+
+
+def _encode_saved(saved, X, prs, outs, inputs):
+    """The saved tensors as op outputs: markers for None, X itself and the dropout masks, anything else
+    sharing memory with an input or another output cloned (in practice a rank-r column block)."""
+    out = []
+    for t in saved:
+        if t is None:
+            out.append(_custom.marker(X, _SAVED_NONE))
+        elif torch._C._is_alias_of(t, X):  # X2 = X itself in the compute dtype
+            out.append(_custom.marker(X, _SAVED_X))
+        elif any(t is pr.mask for pr in prs):
+            out.append(_custom.marker(X, _SAVED_MASK + next(i for i, pr in enumerate(prs) if t is pr.mask)))
+        else:
+            out.append(t)
+    return _unaliased(out, inputs, list(outs))
+
+
+def _unaliased(outs, inputs, earlier=()):
+    """outs with each tensor that is, or views the memory of, an input or an earlier output cloned: a custom
+    op's outputs may alias neither. Each output is also made contiguous (in practice a rank-r column block of a
+    wider buffer): the real and the fake run may differ in which views they return, but never in the layout
+    Inductor is promised. Fresh contiguous tensors are taken as they are."""
+    done = list(earlier)
+    result = []
+    for t in outs:
+        if t is not None and not t.is_contiguous():
+            t = t.contiguous()
+        elif t is not None and (t._base is not None or any(t is i for i in inputs)):
+            if any(i is not None and torch._C._is_alias_of(t, i) for i in (*inputs, *done)):
+                t = t.clone()
+        result.append(t)
+        if t is not None:
+            done.append(t)
+    return result
+
+
+def _decode_saved(saved, X, prs):
+    out = []
+    for t in saved:
+        code = _custom.marker_code(t)
+        if code is None:
+            out.append(t)
+        elif code == _SAVED_NONE:
+            out.append(None)
+        elif code == _SAVED_X:
+            out.append(_flat(X))
+        else:
+            out.append(prs[code - _SAVED_MASK].mask)
+    return out
+
+
+class _OpCtx:
+    """What the plan / forward / backward functions of fusedlora.lora read and write on an autograd ctx."""
+
+    def save_for_backward(self, *tensors):
+        self.saved = tensors
+
+
+# --------------------------------------------------------------------------------------- the ops
+def _define(kind, n_out, plan, forward, backward, slots):
+    def extra(act, inplace):
+        return (*_ACTIVATIONS[act], inplace) if kind == "mlp" else ()
+
+    def forward_op(X: torch.Tensor, params: list[torch.Tensor], frozen: list[torch.Tensor | None], ints: list[int],
+                   floats: list[float], dtype: torch.dtype, training: bool, act: str,
+                   inplace: bool) -> list[torch.Tensor]:
+        prs = _decode(params, frozen, ints, floats)
+        ctx = _OpCtx()
+        outs = forward(ctx, X, prs, dtype, training, *extra(act, inplace))
+        return [*outs, *_encode_saved(ctx.saved, X, prs, outs, (X, *params, *frozen))]
+
+    def backward_op(grads: list[torch.Tensor | None], X: torch.Tensor, params: list[torch.Tensor],
+                    frozen: list[torch.Tensor | None], ints: list[int], floats: list[float], dtype: torch.dtype,
+                    training: bool, act: str, inplace: bool, needs: list[bool],
+                    saved: list[torch.Tensor]) -> list[torch.Tensor]:
+        prs = _decode(params, frozen, ints, floats)
+        ctx = _OpCtx()
+        plan(ctx, X, prs, dtype, training, *extra(act, inplace))
+        ctx.saved_tensors = tuple(_decode_saved(saved, X, prs))
+        names = ["X", *_param_names(kind, ints)]
+        need = dict.fromkeys(slots.names, False)
+        need.update(zip(names, needs))
+        named = backward(ctx, need, *grads)
+        inputs = (X, *params, *frozen, *saved, *grads)
+        return [_custom.mark(g, X) for g in _unaliased([named.get(n) for n in names], inputs)]
+
+    fwd = _custom.define(f"lora_{kind}", forward_op)
+    bwd = _custom.define(f"lora_{kind}_backward", backward_op)
+
+    def setup_context(ctx, inputs, output):
+        X, params, frozen, ints, floats, dtype, training, act, inplace = inputs
+        ctx.counts = (len(params), len(frozen))
+        ctx.args = (ints, floats, dtype, training, act, inplace)
+        ctx.save_for_backward(X, *params, *frozen, *output[n_out:])
+
+    def autograd_backward(ctx, grads):
+        refuse_double_backward(f"lora_{kind}")
+        X, *rest = ctx.saved_tensors
+        n_params, n_frozen = ctx.counts
+        params, frozen, saved = rest[:n_params], rest[n_params:n_params + n_frozen], rest[n_params + n_frozen:]
+        need_x, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        got = bwd(list(grads[:n_out]), X, list(params), list(frozen), *ctx.args, [need_x, *need_params], list(saved))
+        return (_custom.unmark(got[0]), [_custom.unmark(g) for g in got[1:]]) + (None,) * 7
+
+    fwd.register_autograd(autograd_backward, setup_context=setup_context)
+    return fwd
+
+
+LORA_O_OP = _define("o", 1, _o_plan, _o_forward, _o_backward, O_SLOTS)
+LORA_QKV_OP = _define("qkv", 3, _qkv_plan, _qkv_forward, _qkv_backward, QKV_SLOTS)
+LORA_MLP_OP = _define("mlp", 1, _mlp_plan, _mlp_forward, _mlp_backward, MLP_SLOTS)
+
+
+# ------------------------------------------------------------------------------ LoRA_*.apply's twins
+def lora_o(X, W, W_quant, A, B, S, bias=None, dropout=0.0, training=False):
+    """LoRA_O.apply through the custom op (same arguments, same result)."""
+    prs = _o_projections(X, W, W_quant, A, B, S, bias, dropout)
+    return _call(LORA_O_OP, X, prs, training)[0]
+
+
+def lora_qkv(X, qW, qQ, qA, qB, qS, kW, kQ, kA, kB, kS, vW, vQ, vA, vB, vS, inplace=True, q_bias=None, k_bias=None,
+             v_bias=None, dropouts=(0.0, 0.0, 0.0), training=False):
+    """LoRA_QKV.apply through the custom op."""
+    prs = _qkv_projections(X, qW, qQ, qA, qB, qS, kW, kQ, kA, kB, kS, vW, vQ, vA, vB, vS, q_bias, k_bias, v_bias,
+                             dropouts)
+    return tuple(_call(LORA_QKV_OP, X, prs, training)[:3])
+
+
+def lora_mlp(X, gW, gQ, gA, gB, gS, uW, uQ, uA, uB, uS, dW, dQ, dA, dB, dS, activation, inplace=True,
+             dropouts=(0.0, 0.0, 0.0), training=False):
+    """LoRA_MLP.apply through the custom op; `activation` names one of the fused GLU activations
+    ("silu", "gelu", "gelu_tanh") instead of the two callables."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"lora_mlp: activation must be one of {tuple(_ACTIVATIONS)}, got {activation!r}")
+    prs = _mlp_projections(X, gW, gQ, gA, gB, gS, uW, uQ, uA, uB, uS, dW, dQ, dA, dB, dS, dropouts)
+    return _call(LORA_MLP_OP, X, prs, training, activation, inplace)[0]
+
+
+def _call(op, X, prs, training, activation="", inplace=False):
+    dtype = _compute_dtype(X)  # autocast's, decided here (at trace time)
+    return op(X, *_encode(prs, X, dtype, training), dtype, bool(training), activation, bool(inplace))
+
+
+# ---------------------------------------------------------------------- PEFT modules through the fused functions
+def apply_lora_linear(proj, X, training):
+    """One PEFT LoRA projection (base + dropout(X) A^T B^T s + bias) through the fused single-projection
+    function."""
+    W, Q, A, B, S = fused_parameters(proj)
+    fn = lora_o if use_custom_ops() else LoRA_O.apply  # torch.compile: the custom op (below)
+    return fn(X, W, Q, A, B, S, layer_bias(proj), dropout_p(proj), training)
+
+
+def apply_lora_o(self, X):
+    """`self` is the attention module (its o_proj a PEFT LoRA layer)."""
+    return apply_lora_linear(self.o_proj, X, self.training)
+
+
+def apply_lora_qkv(self, X, inplace=True):
+    projs = (self.q_proj, self.k_proj, self.v_proj)
+    args = [t for p in projs for t in fused_parameters(p)]
+    fn = lora_qkv if use_custom_ops() else LoRA_QKV.apply
+    return fn(X, *args, inplace, *(layer_bias(p) for p in projs), tuple(dropout_p(p) for p in projs), self.training)
+
+
+def _apply_mlp(self, X, act, act_bwd, inplace):
+    projs = (self.gate_proj, self.up_proj, self.down_proj)
+    for p in projs:
+        if layer_bias(p) is not None:
+            raise UnsupportedLoRA("MLP projections with a bias are not fused; keep PEFT's path")
+    args = [t for p in projs for t in fused_parameters(p)]
+    dropouts = tuple(dropout_p(p) for p in projs)
+    if use_custom_ops():
+        return lora_mlp(X, *args, act.glu_act, inplace, dropouts, self.training)
+    return LoRA_MLP.apply(X, *args, act, act_bwd, inplace, dropouts, self.training)
+
+
+def apply_lora_fused_gate_up_mlp(self, X, glu):
+    """An MLP with one gate_up_proj (gate | up halves, Phi-3) and a down_proj: the two projections through the
+    fused single-projection function and glu(gate, up) (fusedlora.ops.swiglu / geglu) between them."""
+    for p in (self.gate_up_proj, self.down_proj):
+        if layer_bias(p) is not None:
+            raise UnsupportedLoRA("MLP projections with a bias are not fused; keep PEFT's path")
+    gate_up = apply_lora_linear(self.gate_up_proj, X, self.training)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return apply_lora_linear(self.down_proj, glu(gate, up), self.training)
+
+
+def apply_lora_mlp_swiglu(self, X, inplace=True):
+    return _apply_mlp(self, X, swiglu_fg, swiglu_fg_backward, inplace)
+
+
+_GEGLU = {"none": (geglu_exact_fg, geglu_exact_fg_backward), "tanh": (geglu_approx_fg, geglu_approx_fg_backward)}
+
+
+def apply_lora_mlp_geglu(self, X, inplace=True, approximate="none"):
+    """GeGLU MLP; approximate: "none" (the exact erf GELU, the seed API's default) or "tanh" (gelu_pytorch_tanh,
+    Gemma's)."""
+    if approximate not in _GEGLU:
+        raise ValueError(f"apply_lora_mlp_geglu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return _apply_mlp(self, X, *_GEGLU[approximate], inplace)

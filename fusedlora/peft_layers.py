@@ -3,18 +3,15 @@ FSDP2-safe), the base layer's kind (plain, bitsandbytes 4-bit, GPTQ in its own l
 path does not implement (DoRA and other LoRA variants, LoRA bias, several active adapters, 8-bit and unknown
 quantisations, MLP biases), raised as UnsupportedLoRA so the caller keeps PEFT's path.
 
-`apply_lora_qkv(attn, X)`, `apply_lora_o(attn, X)`, `apply_lora_mlp_swiglu / _geglu(mlp, X)` take the HF
-attention / MLP module whose projections are PEFT LoRA layers.
+It reads modules only: the entry points that run a PEFT module through the fused functions (`apply_lora_*`)
+are `fusedlora.lora`'s, which imports this module.
 """
 from __future__ import annotations
 
 import torch
 
-from .lora import (LoRA_MLP, LoRA_O, LoRA_QKV, geglu_approx_fg, geglu_approx_fg_backward, geglu_exact_fg,
-                   geglu_exact_fg_backward, swiglu_fg, swiglu_fg_backward)
-from .lora_ops import lora_mlp, lora_o, lora_qkv
 from .ops._custom import compiling
-from .quant import GPTQState, is_nf4, weight_shape  # noqa: F401 (weight_shape: for fusedlora.hf)
+from .quant import GPTQState, is_nf4
 
 
 class UnsupportedLoRA(ValueError):
@@ -105,11 +102,13 @@ def fused_parameters(proj):
     return params
 
 
-def _bias(proj):
+def layer_bias(proj):
+    """The base layer's bias (None without one)."""
     return getattr(_base_layer(proj), "bias", None)
 
 
-def _dropout_p(proj):
+def dropout_p(proj):
+    """The active adapter's dropout probability (0.0 without nn.Dropout)."""
     active = getattr(proj, "active_adapters", None) or []
     drop = getattr(proj, "lora_dropout", {})
     if active and active[0] in drop and isinstance(drop[active[0]], torch.nn.Dropout):
@@ -117,60 +116,22 @@ def _dropout_p(proj):
     return 0.0
 
 
-def apply_lora_linear(proj, X, training):
-    """One PEFT LoRA projection (base + dropout(X) A^T B^T s + bias) through the fused single-projection
-    function."""
-    W, Q, A, B, S = fused_parameters(proj)
-    fn = lora_o if compiling() else LoRA_O.apply  # torch.compile: the custom op (fusedlora.lora_ops)
-    return fn(X, W, Q, A, B, S, _bias(proj), _dropout_p(proj), training)
+def use_custom_ops() -> bool:
+    """Whether the fused LoRA entry points (fusedlora.lora's apply_lora_*) call their torch.library custom ops:
+    while torch.compile traces."""
+    return compiling()
 
 
-def apply_lora_o(self, X):
-    """`self` is the attention module (its o_proj a PEFT LoRA layer)."""
-    return apply_lora_linear(self.o_proj, X, self.training)
+def lora_layers(module) -> list:
+    """The PEFT LoRA layers inside `module` (itself included)."""
+    return [m for m in module.modules() if "lora_A" in m._modules]
 
 
-def apply_lora_qkv(self, X, inplace=True):
-    projs = (self.q_proj, self.k_proj, self.v_proj)
-    args = [t for p in projs for t in fused_parameters(p)]
-    fn = lora_qkv if compiling() else LoRA_QKV.apply
-    return fn(X, *args, inplace, *(_bias(p) for p in projs), tuple(_dropout_p(p) for p in projs),
-                          self.training)
-
-
-def _apply_mlp(self, X, act, act_bwd, inplace):
-    projs = (self.gate_proj, self.up_proj, self.down_proj)
-    for p in projs:
-        if _bias(p) is not None:
-            raise UnsupportedLoRA("MLP projections with a bias are not fused; keep PEFT's path")
-    args = [t for p in projs for t in fused_parameters(p)]
-    dropouts = tuple(_dropout_p(p) for p in projs)
-    if compiling():
-        return lora_mlp(X, *args, act.glu_act, inplace, dropouts, self.training)
-    return LoRA_MLP.apply(X, *args, act, act_bwd, inplace, dropouts, self.training)
-
-
-def apply_lora_fused_gate_up_mlp(self, X, glu):
-    """An MLP with one gate_up_proj (gate | up halves, Phi-3) and a down_proj: the two projections through the
-    fused single-projection function and glu(gate, up) (fusedlora.ops.swiglu / geglu) between them."""
-    for p in (self.gate_up_proj, self.down_proj):
-        if _bias(p) is not None:
-            raise UnsupportedLoRA("MLP projections with a bias are not fused; keep PEFT's path")
-    gate_up = apply_lora_linear(self.gate_up_proj, X, self.training)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return apply_lora_linear(self.down_proj, glu(gate, up), self.training)
-
-
-def apply_lora_mlp_swiglu(self, X, inplace=True):
-    return _apply_mlp(self, X, swiglu_fg, swiglu_fg_backward, inplace)
-
-
-_GEGLU = {"none": (geglu_exact_fg, geglu_exact_fg_backward), "tanh": (geglu_approx_fg, geglu_approx_fg_backward)}
-
-
-def apply_lora_mlp_geglu(self, X, inplace=True, approximate="none"):
-    """GeGLU MLP; approximate: "none" (the exact erf GELU, the seed API's default) or "tanh" (gelu_pytorch_tanh,
-    Gemma's)."""
-    if approximate not in _GEGLU:
-        raise ValueError(f"apply_lora_mlp_geglu: approximate must be 'none' or 'tanh', got {approximate!r}")
-    return _apply_mlp(self, X, *_GEGLU[approximate], inplace)
+def adapter_state(lora_layer) -> tuple:
+    """What a PEFT LoRA layer's forward does that its tensors do not show: the active adapters, whether adapters
+    are disabled or merged, the scalings and the dropout probabilities (a CUDA graph bakes these in)."""
+    m = lora_layer
+    return (tuple(getattr(m, "active_adapters", ()) or ()), bool(getattr(m, "disable_adapters", False)),
+            bool(getattr(m, "merged", False)), tuple(sorted(getattr(m, "scaling", {}).items())),
+            tuple((k, getattr(d, "p", 0.0)) for k, d in m._modules["lora_dropout"].items())
+            if "lora_dropout" in m._modules else ())

@@ -15,9 +15,10 @@ import types
 import torch
 import torch.nn.functional as F
 
-from .. import peft_layers as lora
+from .. import peft_layers
 from ..ops import naive_rms_norm
 from ..ops._common import FLOAT_DTYPES, interpreting
+from ..quant import weight_shape
 from . import forwards
 from .families import FAMILIES, GENERIC, LOGIT_CHANGING_CONFIG, Family
 from .forwards import PATCH_ATTR, PatchRecord
@@ -385,7 +386,7 @@ def _trains_on_original(m, kind, family) -> str | None:
     if kind not in ("attention", "mlp"):
         return None
     training = [name for name in _projections(kind, family)
-                if lora.get_lora_parameters(getattr(m, name))[0].requires_grad]
+                if peft_layers.get_lora_parameters(getattr(m, name))[0].requires_grad]
     if not training:
         return None
     return (f"base weights ({', '.join(training)}) require grad (no LoRA adapter, or full fine-tuning): training calls "
@@ -406,10 +407,10 @@ def _check_attention(m, family, known, checked):
         return None, "its module has no eager_attention_forward"
     why = _projections_problem(m, projections)
     if why is None and family.fused_projections:
-        W, quant = lora.get_lora_parameters(m.qkv_proj)[:2]
+        W, quant = peft_layers.get_lora_parameters(m.qkv_proj)[:2]
         heads = m.config.num_attention_heads + 2 * m.config.num_key_value_heads
-        if lora.weight_shape(W, quant)[0] != heads * m.head_dim:
-            why = f"qkv_proj has {lora.weight_shape(W, quant)[0]} outputs, not (q + 2 kv heads) x head_dim"
+        if weight_shape(W, quant)[0] != heads * m.head_dim:
+            why = f"qkv_proj has {weight_shape(W, quant)[0]} outputs, not (q + 2 kv heads) x head_dim"
     return ({"eager": eager, "varlen": forwards.varlen_facts()}, None) if why is None else (None, why)
 
 
@@ -419,10 +420,10 @@ def _projections_problem(m, names, bias_ok=True):
     for name in names:
         proj = getattr(m, name)
         try:
-            lora.get_lora_parameters(proj)
-        except lora.UnsupportedLoRA as e:
+            peft_layers.get_lora_parameters(proj)
+        except peft_layers.UnsupportedLoRA as e:
             return f"{name}: {e}"
-        if not bias_ok and lora._bias(proj) is not None:
+        if not bias_ok and peft_layers.layer_bias(proj) is not None:
             return f"{name} has a bias (not fused in the MLP)"
     return None
 
@@ -447,8 +448,8 @@ def _check_mlp(m, family, known, checked):
             why = _projections_problem(m, projections, bias_ok=False)
             if why:
                 return None, why
-            W, quant = lora.get_lora_parameters(getattr(m, projections[0]))[:2]
-            rows = int(lora.weight_shape(W, quant)[0])
+            W, quant = peft_layers.get_lora_parameters(getattr(m, projections[0]))[:2]
+            rows = int(weight_shape(W, quant)[0])
             if family.fused_projections:
                 return {"activation": name, "intermediate": rows // 2, "fused_gate_up": True}, None
             return {"activation": name, "intermediate": rows}, None

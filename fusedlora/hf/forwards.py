@@ -12,7 +12,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from .. import peft_layers as lora
+from .. import lora
 from ..ops import fused_linear_cross_entropy, geglu, naive_rope, rms_norm, rope, swiglu
 from ..ops._common import FLOAT_DTYPES, autocast_dtype, interpreting
 from ..ops._custom import compiling
