@@ -307,12 +307,13 @@ class _Saved:
         return x
 
 
-def _rng_state(device):
+def rng_state(device):
+    """The RNG state a recompute must start from (CPU, and the CUDA device's on a GPU): `replayed_rng`'s `state`."""
     return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
 
 @contextlib.contextmanager
-def _replayed(state, device, autocast):
+def replayed_rng(state, device, autocast):
     """The forward's RNG state (dropout masks) and autocast state, restored for the recompute."""
     cpu_state, cuda_state = state
     devices = [device] if device.type == "cuda" else []
@@ -330,7 +331,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, function, offloader, anchor, x, *rest):
         ctx.function, ctx.rest = function, rest
-        ctx.rng = _rng_state(x.device)
+        ctx.rng = rng_state(x.device)
         ctx.autocast = {d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cuda", "cpu")}
         with torch.no_grad():
             out = function(x, *rest)
@@ -346,7 +347,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         x = saved.load().detach().requires_grad_(saved.requires_grad)
         if before is not None:
             before.prefetch()  # the next backward's input comes back while this layer recomputes
-        with torch.enable_grad(), _replayed(ctx.rng, x.device, ctx.autocast):
+        with torch.enable_grad(), replayed_rng(ctx.rng, x.device, ctx.autocast):
             out = ctx.function(x, *ctx.rest)
         outs = out if ctx.tuple_out else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads) if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]

@@ -52,7 +52,8 @@ import weakref
 
 import torch
 
-from .checkpoint import _replayed as replayed_rng, _rng_state as rng_state, offloaded_checkpoint
+from .checkpoint import offloaded_checkpoint, replayed_rng, rng_state
+from .peft_layers import adapter_state, lora_layers
 
 
 def _flatten(obj, tensors: list):
@@ -410,21 +411,16 @@ class GraphedModule:
         return (desc, amp, tuple(id(p) for p in params), self.adapter_state(), checkpointed), tensors, params
 
     def adapter_state(self) -> tuple:
-        """What a graph bakes in of the layer's PEFT adapters and the forward cannot see in its tensors: per
-        LoRA projection, the active adapters, whether adapters are disabled or merged, the scalings and the
-        dropout probabilities.
-        Switching adapters, disable_adapter(), merge_adapter() or a new scale changes the key (a new graph,
-        or the eager forward), never a replay of the old one."""
-        return tuple((tuple(getattr(m, "active_adapters", ()) or ()), bool(getattr(m, "disable_adapters", False)),
-                      bool(getattr(m, "merged", False)), tuple(sorted(getattr(m, "scaling", {}).items())),
-                      tuple((k, getattr(d, "p", 0.0)) for k, d in m._modules["lora_dropout"].items())
-                      if "lora_dropout" in m._modules else ())
-                     for m in self.lora_modules)
+        """What a graph bakes in of the layer's PEFT adapters and the forward cannot see in its tensors
+        (`peft_layers.adapter_state` of each LoRA projection). Switching adapters, disable_adapter(),
+        merge_adapter() or a new scale changes the key (a new graph, or the eager forward), never a replay of
+        the old one."""
+        return tuple(adapter_state(m) for m in self.lora_modules)
 
     @property
     def lora_modules(self) -> list:
         if self._lora_modules is None:
-            self._lora_modules = [m for m in self.module_ref().modules() if "lora_A" in m._modules]
+            self._lora_modules = lora_layers(self.module_ref())
         return self._lora_modules
 
     # ------------------------------------------------------------------ capture

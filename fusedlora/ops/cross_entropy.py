@@ -165,7 +165,7 @@ def ce_launch(logits2d, labels, loss, lse, grad, scale, scale_stride, ignore_ind
     n_rows, n_cols = logits2d.shape
     grad_t = grad if grad is not None else logits2d
     progs = persistent_programs(n_rows, ce_kernels.CE_PROGRAMS_PER_SM, logits2d.get_device())
-    CROSS_ENTROPY.launch((progs, 1, 1), (
+    launch(CROSS_ENTROPY, (progs, 1, 1), (
         logits2d, labels, loss, lse, grad_t, scale, logits2d.stride(0), grad_t.stride(0), scale_stride, n_rows,
         n_cols, int(ignore_index), float(label_smoothing), float(softcap or 1.0),
         float(1.0 if logit_scale is None else logit_scale), float(lse_square_scale)),
@@ -286,7 +286,7 @@ def _op_backward(ctx, dloss, _dlse, _dgrad):
 CE_OP.register_autograd(_op_backward, setup_context=_op_setup)
 
 
-def _check_ce_args(op, reduction, label_smoothing, softcap, logit_scale, lse_square_scale=0.0):
+def check_ce_args(op, reduction, label_smoothing, softcap, logit_scale, lse_square_scale=0.0):
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -319,7 +319,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     op = "cross_entropy"
     check_tensor(op, "logits", logits)
     check_tensor(op, "labels", labels, dtypes=LABEL_DTYPES, like=logits, like_name="logits")
-    _check_ce_args(op, reduction, label_smoothing, softcap, logit_scale, lse_square_scale)
+    check_ce_args(op, reduction, label_smoothing, softcap, logit_scale, lse_square_scale)
     if logits.dim() < 1 or labels.shape != logits.shape[:-1]:
         raise ValueError(f"{op}: labels have shape {tuple(labels.shape)} but logits {tuple(logits.shape)}; "
                          f"expected labels of shape {tuple(logits.shape[:-1])}")

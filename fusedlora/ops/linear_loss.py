@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import _custom
 from ._common import autocast_dtype, check_tensor
-from .cross_entropy import (LABEL_DTYPES, _check_ce_args, backward_scale, check_class_weight, launch_rows,
+from .cross_entropy import (LABEL_DTYPES, backward_scale, check_ce_args, check_class_weight, launch_rows,
                             naive_cross_entropy, precompute_grads, prepare_scale, reduce_rows, row_scale,
                             scale_saved_grad, with_z_loss)
 
@@ -218,7 +218,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     check_tensor(op, "labels", labels, dtypes=LABEL_DTYPES, like=hidden, like_name="hidden")
     if bias is not None:
         check_tensor(op, "bias", bias, like=hidden, like_name="hidden")
-    _check_ce_args(op, reduction, label_smoothing, softcap, logit_scale, lse_square_scale)
+    check_ce_args(op, reduction, label_smoothing, softcap, logit_scale, lse_square_scale)
     cast = autocast_dtype(hidden)
     if cast is not None:  # compute in autocast's dtype, as F.linear would; the casts pass gradients back
         hidden, weight = hidden.to(cast), weight.to(cast)
