@@ -12,10 +12,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from csrc_triton.rms_norm import CAST_FLAGS, RMS_BWD_PROGRAMS_PER_SM, RMS_NORM_BWD, RMS_NORM_FWD
 
 from . import _custom
+from ..loader import launch
 from ._common import check_tensor, persistent_programs, rel_err, rows_2d
 
 CASTINGS = tuple(CAST_FLAGS)  # ("llama", "gemma", "none")
@@ -48,7 +50,7 @@ def rms_norm_forward(x2d, weight, eps: float, offset: float, gemma: bool, none_c
     shape = dict(n_cols=n_cols, gemma_cast=gemma, none_cast=none_cast, has_weight=has_weight)
     block_m = RMS_NORM_FWD.constexprs(**shape)["BLOCK_M"]
     grid = ((n_rows + block_m - 1) // block_m, 1, 1)
-    RMS_NORM_FWD.launch(grid, (x2d, weight if has_weight else x2d, y, rstd, x2d.stride(0), y.stride(0), n_rows,
+    launch(RMS_NORM_FWD, grid, (x2d, weight if has_weight else x2d, y, rstd, x2d.stride(0), y.stride(0), n_rows,
                                n_cols, float(eps), float(offset)), **shape)
     return y, rstd
 
@@ -65,19 +67,13 @@ def rms_norm_backward(dy2d, x2d, weight, rstd, offset: float, gemma: bool, need_
     shape = dict(n_cols=n_cols, gemma_cast=gemma, has_weight=has_weight)
     RMS_NORM_BWD.constexprs(**shape)  # checks the row width even when there are no rows
     if n_rows:
-        RMS_NORM_BWD.launch((n_progs, 1, 1), (dy2d, x2d, weight if has_weight else x2d, rstd, dx, dw_partial,
+        launch(RMS_NORM_BWD, (n_progs, 1, 1), (dy2d, x2d, weight if has_weight else x2d, rstd, dx, dw_partial,
                                               dy2d.stride(0), x2d.stride(0), dx.stride(0), n_rows, n_cols,
                                               float(offset)), **shape)
     elif has_weight:
         dw_partial.zero_()
     dw = dw_partial.sum(0).to(weight.dtype) if need_dw and has_weight else None
     return dx, dw
-
-
-# A recomputable output carries its NormSource under this attribute: a fused LoRA function taking it as its
-# input saves the norm's input and weight (which the norm's own backward keeps anyway) instead of the output,
-# and recomputes the output in its backward (one norm forward, bit-identical): one activation fewer per norm.
-NORM_SOURCE_ATTR = "_fusedlora_norm_source"
 
 
 class NormSource(NamedTuple):
@@ -94,9 +90,16 @@ class NormSource(NamedTuple):
         return rms_norm_forward(x2d, weight, self.eps, self.offset, *CAST_FLAGS[self.casting])[0]
 
 
+# The hand-off of a recomputable output to the fused LoRA functions (LoRA_QKV, LoRA_MLP) that take it as their
+# input: they save the norm's input and weight (which the norm's own backward keeps anyway) instead of the
+# output and recompute it in their backward (one norm forward, bit-identical): one activation fewer per norm.
+# Keyed weakly by the output's identity: an entry goes with its tensor, and no attribute is hung on it.
+RECOMPUTABLE_OUTPUTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
 def norm_source(t: torch.Tensor) -> NormSource | None:
-    """The NormSource of a recomputable rms_norm output, else None."""
-    return getattr(t, NORM_SOURCE_ATTR, None)
+    """The NormSource of a recomputable rms_norm output (RECOMPUTABLE_OUTPUTS), else None."""
+    return RECOMPUTABLE_OUTPUTS.get(t)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -110,7 +113,7 @@ class RMSNormFunction(torch.autograd.Function):
         ctx.offset, ctx.gemma, ctx.x_shape = offset, gemma, x.shape
         out = y.view(*x.shape[:-1], n_cols)
         if recomputable:
-            setattr(out, NORM_SOURCE_ATTR, NormSource(x2d, weight, eps, offset, casting))
+            RECOMPUTABLE_OUTPUTS[out] = NormSource(x2d, weight, eps, offset, casting)
         return out
 
     @staticmethod
