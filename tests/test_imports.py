@@ -104,20 +104,28 @@ def _named_module(name: str) -> str | None:
     return name or None
 
 
+def _package(module: str) -> str:
+    return module if FILES[module].endswith("__init__.py") else module.rpartition(".")[0]
+
+
+def _from_module(node: ast.ImportFrom, package: str) -> str:
+    """The absolute name of the module a `from ... import` statement in `package` names."""
+    if not node.level:
+        return node.module or ""
+    parts = package.split(".")
+    return ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+
+
 def imports_of(module: str) -> tuple[list[tuple[str, int]], list[str]]:
     """([(imported module of ours, line)], [problems]) for every import written anywhere in `module`."""
-    path = ROOT / FILES[module]
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    path, package = ROOT / FILES[module], _package(module)
     found, problems = [], []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         names = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+            base = _from_module(node, package)
             names = [f"{base}.{a.name}" if f"{base}.{a.name}" in FILES else base for a in node.names]
         elif isinstance(node, ast.Call) and node.args:
             func = node.func
@@ -229,16 +237,12 @@ PRIVATE_NAMES_TAKEN = {
 def private_names_taken(module: str) -> set[tuple[str, str, str]]:
     """(module, other module of ours, private name) for each `from other import _name` and `other_alias._name`
     in `module`."""
-    path = FILES[module]
-    package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
-    tree = ast.parse((ROOT / path).read_text())
+    package = _package(module)
+    tree = ast.parse((ROOT / FILES[module]).read_text())
     aliases, taken = {}, set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+            base = _from_module(node, package)
             for a in node.names:
                 if f"{base}.{a.name}" in FILES:
                     aliases[a.asname or a.name] = f"{base}.{a.name}"
