@@ -41,7 +41,8 @@ def test_registry_entries_import_no_triton(spec_module):
 
 # ------------------------------------------------------------------------------------------ the layers
 # Bottom up, as docs/architecture.md's table writes them: a module may import its own layer (without a circle)
-# and any layer below. `<op>` is one kernel folder; a path ending in "/" is everything under it.
+# and any layer below. `<op>` is one kernel folder; a path ending in "/" is everything under it; a path named
+# exactly takes its row over a pattern's.
 LAYERS = [
     ("kernel sources", ["csrc_triton/__init__.py", "csrc_triton/_*.py", "csrc_triton/<op>/kernel.py"]),
     ("kernel description types", ["fusedlora/kernel_spec.py"]),
@@ -57,7 +58,8 @@ LAYERS = [
     ("CUDA graphs", ["fusedlora/cuda_graphs.py"]),
     ("HF model patching, the package's entry points", ["fusedlora/hf/", "fusedlora/__init__.py"]),
     ("tools", ["fusedlora/info.py", "fusedlora/selfcheck.py", "fusedlora/__main__.py", "fusedlora/demo.py",
-               "fusedlora/workload.py", "fusedlora/bench*.py", "fusedlora/step_profile.py", "fusedlora/testing.py"]),
+               "fusedlora/workload.py", "fusedlora/bench*.py", "fusedlora/step_profile.py", "fusedlora/testing.py",
+               "fusedlora/*.py"]),  # (a module of the package no row names: a tool, that nothing below imports)
 ]
 
 # Imports by a computed name, keyed by (module, the name's expression as written): the paths they can import.
@@ -88,7 +90,9 @@ FILES = _files()
 
 
 def _layer(path: str) -> list[int]:
-    return [i for i, (_, patterns) in enumerate(LAYERS) if any(_path_regex(p).fullmatch(path) for p in patterns)]
+    """The rows of LAYERS that place `path`: those naming it exactly, else those whose patterns match it."""
+    exact = [i for i, (_, patterns) in enumerate(LAYERS) if path in patterns]
+    return exact or [i for i, (_, patterns) in enumerate(LAYERS) if any(_path_regex(p).fullmatch(path) for p in patterns)]
 
 
 def _modules_at(patterns) -> list[str]:
