@@ -1,6 +1,6 @@
 """One fine-tuning run of one variant in this process: the workload behind `fusedlora.demo` (each variant runs
 in a fresh process: `python -m fusedlora.workload --variant ...`). The repository's benchmarks/ (not installed)
-extend it with the peers (Liger, Unsloth), profiling and the context search.
+extend it with the peer libraries, profiling and the context search.
 
 A Llama-shaped model with random weights (no downloads), LoRA r16 on all seven projections (QLoRA: NF4
 bitsandbytes bases, as HF's bitsandbytes loader makes them), bf16 autocast as the HF Trainer's bf16=True,

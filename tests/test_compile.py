@@ -167,12 +167,12 @@ def test_dynamic_rows_compile_once():
 
 # ----------------------------------------------------------------------------- fused LoRA functions
 def _lora_block(**kw):
-    from test_lora import make
+    from fusedlora.testing import make
     return make(**kw)
 
 
 def _block_step(block, act="silu"):
-    from test_lora import attn_fused
+    from fusedlora.testing import attn_fused
     apply_mlp = lora.apply_lora_mlp_swiglu if act == "silu" else lora.apply_lora_mlp_geglu
     kw = {"approximate": "tanh"} if act == "gelu_tanh" else {}
 

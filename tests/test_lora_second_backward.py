@@ -17,7 +17,7 @@ from fusedlora import lora
 from fusedlora.ops import geglu, swiglu
 
 pytest.importorskip("peft")
-from test_lora import make  # noqa: E402
+from fusedlora.testing import make  # noqa: E402
 
 
 def _mlp(inplace):
