@@ -113,3 +113,9 @@ def test_the_benchmarks_have_moved_out_of_the_package(capsys):
     package = Path(bench.__file__).parent  # (a file left here would be installed: tests/test_cli_and_wheel.py)
     for moved in ("bench_e2e", "bench_context", "bench_report", "step_profile"):
         assert not (package / f"{moved}.py").exists(), moved
+
+
+def test_the_installed_workload_names_a_variant_it_does_not_build():
+    """A peer's variant asked of the installed workload is refused by name, not built as plain HF+PEFT."""
+    with pytest.raises(ValueError, match="variant 'liger' is not one of hf, compile"):
+        workload.build("tiny", "lora", "liger", "cpu", False)
