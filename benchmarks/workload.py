@@ -91,7 +91,8 @@ def _build_unsloth(shape, mode, gc, seed, dtype):
         eos_token="</s>", pad_token="<pad>").save_pretrained(folder)
     model, _ = FastLanguageModel.from_pretrained(model_name=folder, max_seq_length=131072, dtype=dtype,
                                                  load_in_4bit=mode == "qlora", local_files_only=True)
-    return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
+    return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0,
+                                            target_modules=workload.TARGETS,
                                             bias="none", use_gradient_checkpointing="unsloth" if gc else False,
                                             random_state=seed + 1)
 

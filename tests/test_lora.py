@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fusedlora.testing import DEVICE, MLP, Attn, Block, attn_fused, attn_peft, make, rel_err  # noqa: F401
+from fusedlora.testing import DEVICE, Block, attn_fused, attn_peft, make, rel_err
 import fusedlora.quant
 from fusedlora import lora, lora_ops
 from fusedlora.quant import naive_dequantize_gptq
