@@ -4,8 +4,9 @@
 `pip wheel .` / `python -m build` produce one wheel with cubins for sm_80, sm_86, sm_89 and sm_90.
 Environment knobs: FUSEDLORA_SKIP_AOT=1 (no cubins: JIT only), FUSEDLORA_AOT_FAMILY (common | ci),
 FUSEDLORA_AOT_ARCHS (default 80,86,89,90), FUSEDLORA_AOT_KERNELS (comma list of kernel names; default all).
-The wheel holds exactly the kernels its build asked for: prebuilt kernels already in the build dir (pip builds
-in the checkout's build/, which outlives a build) are cleared first.
+The wheel holds exactly the kernels and modules its build asked for: the packages' folders already in the build
+dir (pip builds in the checkout's build/, which outlives a build) are cleared first, so neither an earlier build's
+prebuilt kernels nor a module since moved out of the package (the benchmarks, say) ride along.
 """
 import os
 import shutil
@@ -21,8 +22,12 @@ ROOT = Path(__file__).resolve().parent
 
 class BuildPyWithKernels(build_py):
     def run(self):
+        editable = getattr(self, "editable_mode", False)
+        if not editable:
+            for top in sorted({package.split(".")[0] for package in self.packages or ()}):
+                shutil.rmtree(Path(self.build_lib) / top, ignore_errors=True)
         super().run()
-        if getattr(self, "editable_mode", False):
+        if editable:
             return
         out = Path(self.build_lib) / "fusedlora" / "_prebuilt"
         # (also what package data copied from a source-tree fusedlora/_prebuilt, which build_tools.aot fills)

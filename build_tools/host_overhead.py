@@ -49,7 +49,7 @@ def launched_not_run(launches: collections.Counter | None = None):
 
 
 def measure(mode="qlora", variant="fusedlora", gc=False, steps=10, seq=64, profile_top=0, graphs=False) -> dict:
-    """graphs: the decoder layers under fusedlora.cuda_graphs with fake graphs (build_tools.fake_cuda_graphs),
+    """graphs: the decoder layers under fusedlora.cuda_graphs with fake graphs (fusedlora.testing.fake_cuda_graphs),
     captured in the first steps, then replays that do nothing: the host time a graphed step still takes."""
     os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
@@ -60,8 +60,8 @@ def measure(mode="qlora", variant="fusedlora", gc=False, steps=10, seq=64, profi
     launches = collections.Counter()
     with contextlib.ExitStack() as stack:
         if graphs:
-            from build_tools import fake_cuda_graphs
-            stack.enter_context(fake_cuda_graphs.fake_cuda_graphs())
+            from fusedlora import testing
+            stack.enter_context(testing.fake_cuda_graphs())
         stack.enter_context(launched_not_run(launches))
         # as on a GPU: bf16 base weights, PEFT's fp32 adapters, bf16 autocast
         model, _ = workload.build("host", mode, variant, "cpu", gc, dtype=torch.bfloat16)
@@ -84,8 +84,8 @@ def measure(mode="qlora", variant="fusedlora", gc=False, steps=10, seq=64, profi
         if graphs:
             if not all(w.replays for w in wrappers):
                 raise RuntimeError(f"the layers did not replay: {[w.failed for w in wrappers][:1]}")
-            stack.callback(setattr, fake_cuda_graphs.FakeCUDAGraph, "replay", fake_cuda_graphs.FakeCUDAGraph.replay)
-            fake_cuda_graphs.FakeCUDAGraph.replay = lambda self: None  # the host's side only
+            stack.callback(setattr, testing.FakeCUDAGraph, "replay", testing.FakeCUDAGraph.replay)
+            testing.FakeCUDAGraph.replay = lambda self: None  # the host's side only
 
         class CountOps(TorchDispatchMode):
             def __init__(self):

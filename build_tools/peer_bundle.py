@@ -1,6 +1,6 @@
 """Pack Unsloth and the pure-Python packages it needs into one archive the device can carry (it has no network):
 `.whl/unsloth_bundle.tar.xz`, which `ci/gpu_e2e.sh` unpacks into its package folder, so that
-`python -m fusedlora.bench e2e --variants ...,unsloth` measures Unsloth beside fusedlora in the same call.
+`python -m benchmarks.e2e --variants ...,unsloth` measures Unsloth beside fusedlora in the same call.
 
     python -m build_tools.peer_bundle [--out .whl/unsloth_bundle.tar.xz]
 

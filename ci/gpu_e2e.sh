@@ -19,6 +19,7 @@ if [ -f .whl/unsloth_bundle.tar.xz ]; then  # (python -m build_tools.peer_bundle
   export FUSEDLORA_UNSLOTH_PATH=/tmp/unsloth_site
 fi
 WHEEL_PYTHONPATH=$PYTHONPATH
+REPO=$PWD  # benchmarks/ is not installed: the benchmarks run with the wheel first on the path, this checkout after it
 if ls dist/fusedlora-*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/flwheel dist/fusedlora-*.whl
   WHEEL_PYTHONPATH=/tmp/flwheel:$PYTHONPATH
@@ -37,10 +38,10 @@ for part in "${@:-tests demo bench}"; do
       wheel) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH FUSEDLORA_AOT_ONLY=1 $T python3 -m fusedlora.selfcheck) 2>&1 \
                | tee "$OUT/selfcheck_aot_only.txt" | tail -8
              $T python3 -m pytest -q tests/test_fuzz.py 2>&1 | tee "$OUT/pytest_fuzz.txt" | tail -5 ;;
-      context) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH $T python3 -m fusedlora.bench context --out "$OUT/context.md" \
+      context) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH:$REPO $T python3 -m benchmarks.context --out "$OUT/context.md" \
                  ${CONTEXT_ARGS:-}) 2>&1 | grep -v "it/s\]\|s/it\]" | tee "$OUT/context_log.txt" | tail -20 ;;
       demo) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH $T python3 -m fusedlora.demo --out "$OUT/demo" ${DEMO_ARGS:-}) 2>"$OUT/demo_log.txt" | tail -30 ;;
-      bench) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH $T python3 -m fusedlora.bench e2e --out "$OUT/e2e.md" ${BENCH_ARGS:-}) 2>&1 \
+      bench) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH:$REPO $T python3 -m benchmarks.e2e --out "$OUT/e2e.md" ${BENCH_ARGS:-}) 2>&1 \
                | grep -v "it/s\]\|s/it\]" | tee "$OUT/bench_log.txt" | tail -40 ;;
     esac
   done

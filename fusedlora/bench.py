@@ -1,30 +1,23 @@
-"""`python -m fusedlora.bench e2e ...`: the end-to-end training step (fusedlora/bench_e2e.py, installed);
-`python -m fusedlora.bench context ...`: the longest trainable sequence per variant (fusedlora/bench_context.py).
-
-`python -m fusedlora.bench [...]` without `e2e`: the kernel-level peer benchmark, which lives outside the installed
-package in the repository's benchmarks/peers.py; from a checkout (or with it on PYTHONPATH) it runs from here.
+"""`python -m fusedlora.bench` has moved out of the installed package: the benchmarks are the repository's
+benchmarks/ folder, run from a checkout (the installed wheel first on PYTHONPATH to measure its prebuilt path):
+`python -m benchmarks.e2e` (was `fusedlora.bench e2e`), `python -m benchmarks.context` (was `fusedlora.bench
+context`) and `python -m benchmarks.peers` (the kernel-level peer benchmark). The installed package keeps the
+training demo, `python -m fusedlora.demo`.
 """
 from __future__ import annotations
 
 import sys
 
+MOVED = {"e2e": "benchmarks.e2e", "context": "benchmarks.context"}
+
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["e2e"]:
-        from .bench_e2e import main as e2e_main
-        return e2e_main(argv[1:])
-    if argv[:1] == ["context"]:
-        from .bench_context import main as context_main
-        return context_main(argv[1:])
-    try:
-        from benchmarks.peers import main as peers_main
-    except ImportError:
-        print("fusedlora.bench: the kernel-level peer benchmark is the repository's benchmarks/peers.py (not "
-              "installed): run `python -m benchmarks.peers` from a checkout; the end-to-end training step is "
-              "`python -m fusedlora.bench e2e`", file=sys.stderr)
-        return 2
-    return peers_main(argv)
+    command = MOVED.get(argv[0] if argv else "", "benchmarks.peers")
+    rest = " ".join(argv[1:] if argv[:1] and argv[0] in MOVED else argv)
+    print(f"fusedlora.bench has moved to the repository's benchmarks/ (not installed): from a checkout, run "
+          f"`python -m {command}{' ' + rest if rest else ''}`; the demo is `python -m fusedlora.demo`", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

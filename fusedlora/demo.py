@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from .workload import add_run_args, run_in_subprocess
+from .workload import RunSpec, add_run_args, run_in_subprocess
 
 
 def table(results, log_every: int = 1) -> str:
@@ -97,7 +97,7 @@ def main(argv=None):
     for variant in ("hf", "fusedlora") + (("fusedlora_graphs",) if args.cuda_graphs else ()):
         print(f"[{variant}] {args.model} {args.mode}, batch {args.batch} x {args.seq}, {args.steps} steps "
               "(fresh process)", file=sys.stderr)
-        results.append(run_in_subprocess(variant, args, env))
+        results.append(run_in_subprocess(RunSpec.from_args(args, variant=variant), env))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     md = table(results, args.log_every)

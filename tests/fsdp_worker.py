@@ -37,7 +37,7 @@ def main(mode: str) -> None:
         torch.cuda.set_device(rank)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from conftest import DEVICE, rel_err  # sets TRITON_INTERPRET on CPU before any kernel is imported
-    from test_lora import attn_fused, attn_peft, make
+    from fusedlora.testing import attn_fused, attn_peft, make
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 def _qlora_model(device):
     import peft
     import transformers
-    from test_hf_patch import TARGETS, tiny_config
+    from fusedlora.testing import TARGETS, tiny_config
     from fusedlora.workload import quantize_linears_nf4
     torch.manual_seed(0)
     cfg = tiny_config("llama")
@@ -43,7 +43,7 @@ def main(kind: str, variant: str) -> None:
         torch.cuda.set_device(rank)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from conftest import DEVICE, rel_err  # sets TRITON_INTERPRET on CPU before any kernel is imported
-    from test_hf_patch import batch, make_model
+    from fusedlora.testing import batch, make_model
     import fusedlora
 
     if variant.startswith("qlora"):  # bitsandbytes NF4 bases stored in fp32 (quant_storage), FSDP-shardable

@@ -202,7 +202,7 @@ def test_family_from_config_without_hidden_size():
 
 # ------------------------------------------------------------------ errors in the caller's terms
 def _block():
-    from test_lora import make
+    from fusedlora.testing import make
     return make(r=4)
 
 

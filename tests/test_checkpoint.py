@@ -15,7 +15,7 @@ pytest.importorskip("peft")
 
 
 def _step(model, seq=16, autocast=None, seed=3):
-    from test_hf_patch import batch
+    from fusedlora.testing import batch
     ids, labels = batch(seq=seq)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
@@ -26,7 +26,7 @@ def _step(model, seq=16, autocast=None, seed=3):
 
 
 def _model(dropout=0.0, **patch_kw):
-    from test_hf_patch import make_model
+    from fusedlora.testing import make_model
     model = make_model("llama", lora_dropout=dropout)
     report = fusedlora.patch(model, **patch_kw)
     model.train()
@@ -63,7 +63,7 @@ def test_offloaded_checkpoints_match_hf_checkpointing_and_bf16():
 def test_offloaded_checkpoints_under_torch_compile():
     """torch.compile over a model with offloaded checkpoints: the offload's host bookkeeping stays out of the
     graph (a break per layer), the layers inside are compiled, and the step is eager's."""
-    from test_hf_patch import batch
+    from fusedlora.testing import batch
     model, _ = _model(offload_checkpoints=True)
     ids, labels = batch()
 
@@ -92,7 +92,7 @@ def test_host_buffers_are_reused_and_released():
     _step(model)
     assert {k: [id(b) for b in v] for k, v in pool.items()} == first or \
         {k: sorted(v) for k, v in first.items()} == {k: sorted(id(b) for b in v) for k, v in pool.items()}
-    from test_hf_patch import batch
+    from fusedlora.testing import batch
     ids, labels = batch()
     loss = model(input_ids=ids, labels=labels).loss  # a forward whose graph is dropped without a backward
     assert sum(len(v) for v in pool.values()) == 0

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from fusedlora.testing import HAS_CUDA
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -73,7 +75,7 @@ def test_wheel_carries_cubins_and_works_installed(tmp_path):
     ("e2e.json", "e2e.md", "e2e.json"),                   # never the Markdown overwritten by the JSON
 ])
 def test_bench_out_writes_markdown_and_json_beside_it(tmp_path, out, markdown, raw):
-    from fusedlora import bench_report
+    from benchmarks import report as bench_report
     (tmp_path / "run.v2").mkdir()
     bench_report.write(str(tmp_path / out), "| report |", [{"variant": "hf"}], quiet=True)
     assert (tmp_path / markdown).read_text() == "| report |\n"
@@ -109,6 +111,47 @@ def test_wheel_holds_only_the_kernels_its_build_asked_for(tmp_path):
     cubins = [n for n in prebuilt if n.endswith(".cubin")]
     assert cubins and all(n.startswith("scale_by_scalar.sm80.") for n in cubins), prebuilt
     assert set(prebuilt) == set(cubins) | {"manifest.json", "scale_by_scalar.sm80.json"}
+
+
+HARNESS = ("fusedlora/bench_e2e.py", "fusedlora/bench_context.py", "fusedlora/bench_report.py",
+           "fusedlora/step_profile.py")  # moved to the repository's benchmarks/ (issue 35)
+
+
+def test_wheel_holds_the_library_and_its_demo_runs_installed(tmp_path):
+    """The wheel is the library, the demo and fusedlora.testing: no benchmark harness (benchmarks/, the e2e and
+    context benchmarks, the step profile, the peers' Unsloth and Liger code), not even a module an earlier
+    build left in the build dir; installed apart from the checkout, `python -m fusedlora.demo --help` and a tiny
+    demo run (two fresh processes, the interpreter) work from a clean folder."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "dist", "_prebuilt", "__pycache__",
+                                                             "*.egg-info", ".pytest_cache", ".benchmarks"))
+    stale = src / "build" / "lib" / "fusedlora"
+    stale.mkdir(parents=True)
+    (stale / "bench_e2e.py").write_text("# left by an earlier build\n")
+    names = _wheel_names(src, tmp_path / "dist", {"FUSEDLORA_SKIP_AOT": "1"})
+    assert "fusedlora/demo.py" in names and "fusedlora/workload.py" in names and "fusedlora/testing.py" in names
+    assert not [n for n in names if n.startswith("benchmarks/") or n in HARNESS], names
+    wheel = zipfile.ZipFile(next((tmp_path / "dist").glob("fusedlora-*.whl")))
+    workload_source = wheel.read("fusedlora/workload.py").decode()
+    assert "unsloth" not in workload_source.lower() and "liger" not in workload_source.lower()
+    target, clean = tmp_path / "site", tmp_path / "clean"
+    clean.mkdir()
+    r = _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+              str(next((tmp_path / "dist").glob("fusedlora-*.whl")))])
+    assert r.returncode == 0, r.stderr[-2000:]
+    env = {"PYTHONPATH": str(target)}
+    r = _run([sys.executable, "-c", "import fusedlora; print(fusedlora.__file__)"], env=env, cwd=clean)
+    assert r.returncode == 0 and r.stdout.startswith(str(target)), r.stdout + r.stderr
+    r = _run([sys.executable, "-m", "fusedlora.demo", "--help"], env=env, cwd=clean)
+    assert r.returncode == 0 and "--cuda-graphs" in r.stdout, r.stderr[-2000:]
+    r = _run([sys.executable, "-m", "fusedlora.bench", "e2e"], env=env, cwd=clean)
+    assert r.returncode == 2 and "python -m benchmarks.e2e" in r.stderr, r.stderr[-2000:]
+    if not HAS_CUDA:  # (on a GPU the demo is the 1B shape: ci/gpu_e2e.sh runs it from the wheel)
+        r = _run([sys.executable, "-m", "fusedlora.demo", "--lora", "--steps", "2", "--batch", "1", "--seq", "16",
+                  "--log-every", "1", "--out", "out"], env=env, cwd=clean)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        results = json.loads((clean / "out" / "demo.json").read_text())
+        assert [x["variant"] for x in results] == ["hf", "fusedlora"] and len(results[1]["losses"]) == 2
 
 
 def _project():

@@ -167,12 +167,12 @@ def test_dynamic_rows_compile_once():
 
 # ----------------------------------------------------------------------------- fused LoRA functions
 def _lora_block(**kw):
-    from test_lora import make
+    from fusedlora.testing import make
     return make(**kw)
 
 
 def _block_step(block, act="silu"):
-    from test_lora import attn_fused
+    from fusedlora.testing import attn_fused
     apply_mlp = lora.apply_lora_mlp_swiglu if act == "silu" else lora.apply_lora_mlp_geglu
     kw = {"approximate": "tanh"} if act == "gelu_tanh" else {}
 
@@ -286,7 +286,7 @@ def test_custom_op_outputs_alias_nothing():
 
 # ------------------------------------------------------------------------------------- patched models
 def _patched(model_type, **kw):
-    from test_hf_patch import make_model
+    from fusedlora.testing import make_model
     model = make_model(model_type, **kw)
     report = fusedlora.patch(model)
     assert report.n_patched > 0
@@ -322,7 +322,7 @@ def _assert_steps_equal(eager, compiled, n_trainable=28):
 def assert_model_compiles_whole_and_matches_eager(model):
     """The whole patched training forward as one graph (fullgraph=True), its loss and every LoRA gradient
     those of the eager patched model."""
-    from test_hf_patch import batch
+    from fusedlora.testing import batch
     ids, labels = batch()
 
     def loss_of(ids, labels):
@@ -346,7 +346,7 @@ def test_qlora_model_compiles_without_graph_breaks_and_matches_eager():
     pytest.importorskip("bitsandbytes")
     import peft
     import transformers
-    from test_hf_patch import TARGETS, tiny_config
+    from fusedlora.testing import TARGETS, tiny_config
     from fusedlora.workload import quantize_linears_nf4
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama")).to(DEVICE)
@@ -366,7 +366,7 @@ def test_hf_gradient_checkpointing_under_compile_adds_no_graph_break():
     no more often than the unpatched one (HF's checkpoint wrapper; transformers 5.25 breaks 4 times unpatched, 2
     patched: its output-capturing wrapper around the causal-LM forward, which the patched forward replaces, breaks
     too), and its compiled step is its eager step."""
-    from test_hf_patch import batch, make_model
+    from fusedlora.testing import batch, make_model
     ids, labels = batch()
     breaks = []
     for patched in (False, True):
@@ -388,7 +388,7 @@ def test_bf16_autocast_compiled_as_close_to_fp32_as_eager():
     """Under bf16 autocast the compiled step equals eager's loss and its gradients are as close to the fp32
     step's as eager's (AOTAutograd rounds HF's own attention backward in its own order: the two bf16 runs differ
     by bf16 rounding, not by more)."""
-    from test_hf_patch import batch
+    from fusedlora.testing import batch
     model = _patched("llama")
     ids, labels = batch()
     dev = "cuda" if HAS_CUDA else "cpu"
@@ -413,7 +413,7 @@ def test_varying_sequence_lengths_recompile_at_most_once():
     """torch.compile(model) with its default dynamic=None over a run whose sequence lengths vary: the first
     length compiles a static graph, the second a dynamic one that serves every later length (issue target:
     at most 8 compilations)."""
-    from test_hf_patch import batch
+    from fusedlora.testing import batch
     model = _patched("llama")
     counter = CompileCounterWithBackend(BACKEND)
     compiled = torch.compile(model, backend=counter)
@@ -446,7 +446,7 @@ def test_one_decoder_layer_fullgraph():
 def test_gpu_reduce_overhead_cuda_graphs(dtype):
     """mode="reduce-overhead" (CUDA graphs) with the loader's launches: several steps of a bf16 patched model
     under autocast, losses and gradients those of eager within bf16 tolerance."""
-    from test_hf_patch import batch
+    from fusedlora.testing import batch
     model = _patched("llama")
     ids, labels = batch()
 
@@ -472,7 +472,7 @@ def test_gpu_reduce_overhead_cuda_graphs(dtype):
 def test_gpu_compile_layers_reduce_overhead():
     """compile_layers(model, mode="reduce-overhead"): each decoder layer compiled with torch.compile's CUDA
     graphs, trained with an optimizer over steps with new data: the eager patched model's losses (bf16)."""
-    from test_hf_patch import batch
+    from fusedlora.testing import batch
     runs = []
     for compiled in (False, True):
         model = _patched("llama")
@@ -550,7 +550,7 @@ def test_compile_layers_compiles_one_layer_for_all(gc):
     inside a layer), and the step equals the eager patched step."""
     import transformers
     from torch._dynamo.testing import CompileCounterWithBackend
-    from test_hf_patch import SMALL, batch, make_model
+    from fusedlora.testing import SMALL, batch, make_model
     ids, labels = batch()
     with pytest.MonkeyPatch.context() as mp:  # four layers: one compile must serve them all
         mp.setitem(SMALL, "num_hidden_layers", 4)
@@ -590,7 +590,7 @@ def test_unpadded_batch_under_compile_attends_causally_without_a_mask(padded, mo
     (no attention_mask, no position_ids given), and they call SDPA with none (is_causal). A padded batch keeps
     HF's mask. Either way the compiled step equals the eager one."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from test_hf_patch import batch
+    from fusedlora.testing import batch
     model = _patched("llama")
     ids, labels = batch()
     mask = None

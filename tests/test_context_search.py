@@ -1,8 +1,8 @@
-"""The longest-sequence search of `python -m fusedlora.bench context`: doubling then bisection (a synthetic
-memory limit), the workload's --find-context on the tiny shape (CPU: every length fits), the report table."""
-import argparse
-
-from fusedlora import bench_context, workload
+"""The longest-sequence search of `python -m benchmarks.context`: doubling then bisection (a synthetic
+memory limit), the benchmark workload's --find-context on the tiny shape (CPU: every length fits), the report
+table; the e2e benchmark's table and options; the peers' handling."""
+from benchmarks import context as bench_context
+from benchmarks import workload
 
 
 def test_search_doubles_then_bisects_to_the_granularity():
@@ -25,7 +25,7 @@ def test_search_edges():
 
 
 def test_find_context_on_the_tiny_shape():
-    args = argparse.Namespace(variant="fusedlora", model="tiny", mode="lora", gc=False, offload=True, packed=False,
+    args = workload.BenchSpec(variant="fusedlora", model="tiny", mode="lora", gc=False, offload=True, packed=False,
                               steps=2, batch=1, seq=32, lr=1e-4, log_every=1, profile=0, peak_tflops=790.0,
                               find_context=64)
     r = workload.run(args)
@@ -42,7 +42,7 @@ def test_context_report_table():
 
 def test_offload_is_refused_for_a_variant_without_it():
     import pytest
-    args = argparse.Namespace(variant="hf", model="tiny", mode="lora", gc=False, offload=True, packed=False, steps=2,
+    args = workload.BenchSpec(variant="hf", model="tiny", mode="lora", gc=False, offload=True, packed=False, steps=2,
                               batch=1, seq=32, lr=1e-4, log_every=1, profile=0, peak_tflops=790.0, find_context=64)
     with pytest.raises(SystemExit, match="--offload is fusedlora's offloaded checkpointing: only for the fusedlora"):
         workload.run(args)
@@ -53,7 +53,7 @@ def test_bench_context_without_a_gpu_says_so(capsys):
     if torch.cuda.is_available():
         return
     assert bench_context.main(["--model", "tiny"]) == 2
-    assert "fusedlora.bench context needs a CUDA GPU" in capsys.readouterr().err
+    assert "python -m benchmarks.context needs a CUDA GPU" in capsys.readouterr().err
 
 
 def test_context_table_gives_tokens_per_second_at_each_length_tried():
@@ -63,7 +63,7 @@ def test_context_table_gives_tokens_per_second_at_each_length_tried():
 
 
 def test_e2e_table_compares_offloaded_runs_with_hf_checkpointing():
-    from fusedlora import bench_e2e
+    from benchmarks import e2e as bench_e2e
 
     def row(variant, gc, offload, tps):
         return {"model": "1b", "mode": "qlora", "variant": variant, "gc": gc, "offload": offload,
@@ -77,7 +77,7 @@ def test_e2e_table_compares_offloaded_runs_with_hf_checkpointing():
 
 def test_e2e_bad_gc_setting_is_named(capsys):
     import pytest
-    from fusedlora import bench_e2e
+    from benchmarks import e2e as bench_e2e
     with pytest.raises(SystemExit):
         bench_e2e.main(["--gc", "on,sometimes"])
     assert "--gc: expected a comma list of off, on, offload, both; got 'on,sometimes'" in capsys.readouterr().err
@@ -89,7 +89,7 @@ def test_unsloth_runs_only_where_it_is_found_and_is_never_imported_here(monkeypa
     other variants' version lists leave it out."""
     import importlib.util
     import sys
-    from fusedlora import bench_report, workload
+    from benchmarks import report as bench_report
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.delenv(workload.UNSLOTH_PATH, raising=False)
     if importlib.util.find_spec("unsloth") is None:
@@ -99,7 +99,7 @@ def test_unsloth_runs_only_where_it_is_found_and_is_never_imported_here(monkeypa
     (tmp_path / "unsloth" / "__init__.py").write_text("raise ImportError('found, never to be imported')\n")
     monkeypatch.setenv(workload.UNSLOTH_PATH, str(tmp_path))
     assert bench_report.selected("hf,unsloth", "liger") == ["hf", "unsloth"]
-    assert "unsloth" not in sys.modules and "unsloth" not in workload._versions()
+    assert "unsloth" not in sys.modules and "unsloth" not in workload.versions()
     # the report's versions line takes each package from whichever run has it
     line = bench_report.measured_line([{"device": "GPU", "versions": {"torch": "2"}},
                                        {"device": "GPU", "versions": {"torch": "2", "unsloth": "2026"}}])

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import HAS_CUDA
+from fusedlora.testing import HAS_CUDA
 import fusedlora
 from fusedlora import cuda_graphs, workload
 
@@ -567,11 +567,11 @@ def _cpu_model(checkpointing, dropout=0.0):
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run real graphs")
 @pytest.mark.parametrize("checkpointing", [None, "hf", "offload"])
 def test_fake_graphs_replay_the_eager_training_on_a_cpu(checkpointing):
-    """The whole capture and replay with CUDA graphs faked on a CPU (build_tools/fake_cuda_graphs.py: the recorded
+    """The whole capture and replay with CUDA graphs faked on a CPU (fusedlora.testing.fake_cuda_graphs: the recorded
     ops and kernel launches run again on the same tensors): graphed layers (saved activations, or checkpoint
     graphs under HF's or the offloaded checkpointing) give the eager model's losses and gradients over steps
     with new data, gradient accumulation included; a second forward before a backward is served too."""
-    from build_tools.fake_cuda_graphs import fake_cuda_graphs
+    from fusedlora.testing import fake_cuda_graphs
     data = workload.batches(3, 2, 16, False, "cpu")
     ref = _cpu_model(checkpointing)
     want = _train(ref, data, accumulate=2, amp=False)
@@ -622,7 +622,7 @@ def test_fake_graphs_draw_the_eager_dropout_masks_on_a_cpu(checkpointing):
     checkpointed layer's recompute replays under its forward's generator state, so from the same seed the
     graphed run's lora_B gradients (which depend on every mask; no optimizer step, so lora_B stays zero and the
     capture step's own draws change nothing) are the eager run's."""
-    from build_tools.fake_cuda_graphs import fake_cuda_graphs
+    from fusedlora.testing import fake_cuda_graphs
     data = workload.batches(3, 2, 16, False, "cpu")
 
     def grads(model):
@@ -653,7 +653,7 @@ def test_other_checkpointing_functions_keep_their_layers_eager():
     function was chosen for. The loss and gradients are the eager model's."""
     from torch.utils.checkpoint import checkpoint
 
-    from build_tools.fake_cuda_graphs import fake_cuda_graphs
+    from fusedlora.testing import fake_cuda_graphs
     calls = []
 
     def offloading_checkpoint(function, *args, **kwargs):

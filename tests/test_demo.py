@@ -1,10 +1,11 @@
-"""The demo's workload: packed batches, and the whole demo (two fresh processes) on the tiny shape."""
+"""The demo's workload: packed batches, and the whole demo (two fresh processes) on the tiny shape; the
+benchmarks' workload on top of it (benchmarks/workload.py)."""
 import json
 
 import pytest
 import torch
 
-from conftest import HAS_CUDA
+from fusedlora.testing import HAS_CUDA
 from fusedlora import workload
 
 
@@ -51,16 +52,18 @@ def test_workload_lists_saved_activations_and_passes_patch_options():
     """--saved lists what autograd keeps for the backward; --patch-options reach fusedlora.patch: without
     recompute_norms the tiny model (2 layers) keeps 3 more [tokens, hidden] norm outputs, same losses."""
     import argparse
+    import dataclasses
+    from benchmarks import workload as bench_workload
     if torch.cuda.is_available():
         pytest.skip("the CPU run of the tiny shape")
     ap = argparse.ArgumentParser()
-    workload.add_run_args(ap)
+    bench_workload.add_bench_args(ap)
     results = []
     for options in ('{"recompute_norms": false}', ""):
         args = ap.parse_args(["--model", "tiny", "--lora", "--steps", "2", "--batch", "2", "--seq", "32", "--saved",
                               "--patch-options", options])
-        args.variant = "fusedlora"
-        results.append(workload.run(args))
+        spec = bench_workload.BenchSpec.from_args(args, variant="fusedlora")
+        results.append(bench_workload.run(spec))
     kept, recomputed = results
     assert kept["patch_options"] == {"recompute_norms": False} and recomputed["patch_options"] == {}
     assert kept["losses"] == recomputed["losses"]
@@ -70,5 +73,49 @@ def test_workload_lists_saved_activations_and_passes_patch_options():
     per_norm = 64 * tokens_by_hidden[1] * 4
     assert abs((kept["saved"]["gib"] - recomputed["saved"]["gib"]) * 2**30 - (3 * per_norm - tokens_by_hidden[1] * 4)) < 1
     with pytest.raises(SystemExit, match="only for the fusedlora"):
-        args.variant, args.patch_options = "hf", '{"recompute_norms": false}'
-        workload.run(args)
+        bench_workload.run(dataclasses.replace(spec, variant="hf", patch_options={"recompute_norms": False}))
+
+
+def test_run_specs_round_trip_through_the_workload_command_line():
+    """A run goes to its fresh process as a command line (RunSpec.to_argv): every field, the benchmarks' own
+    (BenchSpec) too, comes back the same from the workload's options, whatever its value."""
+    import argparse
+    from benchmarks import workload as bench_workload
+    specs = [(workload.RunSpec(), workload.add_run_args),
+             (workload.RunSpec(variant="hf", model="tiny", mode="lora", steps=3, batch=1, seq=32, gc=True,
+                               packed=True, lr=2.5e-4, log_every=1), workload.add_run_args),
+             (workload.RunSpec(variant="fusedlora_graphs", offload=True, patch_options={"recompute_norms": False}),
+              workload.add_run_args),
+             (bench_workload.BenchSpec(variant="liger", profile=3, peak_tflops=500.5, saved=True, find_context=8192,
+                                       context_step=512), bench_workload.add_bench_args)]
+    for spec, add_args in specs:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--variant")
+        add_args(ap)
+        assert type(spec).from_args(ap.parse_args(spec.to_argv())) == spec, spec
+
+
+def test_bad_patch_options_are_named():
+    import argparse
+    with pytest.raises(SystemExit, match="--patch-options: expected a JSON object of fusedlora.patch keyword"):
+        workload.RunSpec.from_args(argparse.Namespace(variant="fusedlora", patch_options="{recompute_norms: 0}"))
+    with pytest.raises(SystemExit, match="--patch-options: expected a JSON object"):
+        workload.RunSpec.from_args(argparse.Namespace(variant="fusedlora", patch_options="[1, 2]"))
+
+
+def test_the_benchmarks_have_moved_out_of_the_package(capsys):
+    """`python -m fusedlora.bench e2e ...` says where the command went (the harness is no longer installed)."""
+    from pathlib import Path
+    from fusedlora import bench
+    assert bench.main(["e2e", "--models", "1b"]) == 2
+    assert "`python -m benchmarks.e2e --models 1b`" in capsys.readouterr().err
+    assert bench.main(["context"]) == 2 and "`python -m benchmarks.context`" in capsys.readouterr().err
+    package = Path(bench.__file__).parent  # (a file left here would be installed: tests/test_cli_and_wheel.py)
+    for moved in ("bench_e2e", "bench_context", "bench_report", "step_profile"):
+        assert not (package / f"{moved}.py").exists(), moved
+
+
+def test_the_installed_workload_names_a_variant_it_does_not_build():
+    """A peer's variant asked of the installed workload is refused by name, not built as plain HF+PEFT."""
+    with pytest.raises(ValueError, match="variant 'liger' is not one of hf, compile"):
+        workload.build("tiny", "lora", "liger", "cpu", False)

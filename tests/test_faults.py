@@ -234,7 +234,7 @@ def test_gptq_against_an_independent_reference(bits, group, act_order, fmt):
 
 # ---------------------------------------------------------------------------------------- LoRA
 def _block(dtype):
-    from test_lora import make
+    from fusedlora.testing import make
     return make(r=4).to(dtype)
 
 
@@ -262,7 +262,7 @@ def test_lora_qkv_and_o_16bit(dtype):
 
 
 def test_lora_mlp_geglu_exact_matches_peft():
-    from test_lora import make
+    from fusedlora.testing import make
     fused = make(r=4)
     ref = copy.deepcopy(fused).double()
     x = torch.randn(3, 64, device=DEVICE)

@@ -304,7 +304,7 @@ def test_fuzz_dequantize_gptq(data):
 # ------------------------------------------------------------------------------- LoRA functions
 def _peft_block(hidden, inter, q_out, kv_out, r, bias, dtype):
     pytest.importorskip("peft")
-    from test_lora import make
+    from fusedlora.testing import make
     return make(r=r, bias=bias, hidden=hidden, inter=inter, q_out=q_out, kv_out=kv_out).to(dtype)
 
 

@@ -8,67 +8,13 @@ import warnings
 import pytest
 import torch
 
-from conftest import DEVICE, rel_err
+from fusedlora.testing import (DEVICE, FUSED_TARGETS, SMALL, TARGETS, add_lora, batch, make_model,  # noqa: F401
+                               rel_err, tiny_config)
 import fusedlora
 from fusedlora.hf import FAMILIES
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-FUSED_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # Phi-3's projections
-SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128, head_dim=16)
-
-
-def tiny_config(model_type):
-    extra = {
-        "gemma": dict(hidden_act="gelu_pytorch_tanh"),
-        "gemma2": dict(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=8,
-                       final_logit_softcapping=5.0, attn_logit_softcapping=10.0),
-        "gemma3_text": dict(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=8,
-                            final_logit_softcapping=5.0),
-        "granite": dict(logits_scaling=4.0, attention_multiplier=0.2, residual_multiplier=0.5, embedding_multiplier=2.0),
-        "qwen2": dict(use_sliding_window=False),
-        "phi3": dict(pad_token_id=0, partial_rotary_factor=0.5),  # (Phi-4-mini rotates part of each head)
-        "smollm3": dict(no_rope_layers=[1, 0], pad_token_id=0),   # the second layer without RoPE (NoPE)
-        "ministral": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=8),
-        "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
-        "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
-                          shared_expert_intermediate_size=64, decoder_sparse_step=1, mlp_only_layers=[],
-                          use_sliding_window=False),
-        "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, mlp_only_layers=[0],
-                          decoder_sparse_step=1),
-    }.get(model_type, {})
-    cfg = transformers.AutoConfig.for_model(model_type, **SMALL, **extra)
-    cfg._attn_implementation = "eager" if model_type == "gemma2" else "sdpa"  # gemma2: softcap needs eager
-    return cfg
-
-
-def make_model(model_type="llama", lora=True, seed=0, dtype=torch.float32, **lora_kwargs):
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type)).to(DEVICE, dtype)
-    if not lora:
-        return model
-    return add_lora(model, target_modules=FUSED_TARGETS if model_type == "phi3" else TARGETS, **lora_kwargs)
-
-
-def add_lora(model, **lora_kwargs):
-    """PEFT LoRA (r 4, alpha 8) on `model`, its B matrices random (PEFT starts them at zero: make the adapters count)."""
-    model = peft.get_peft_model(model, peft.LoraConfig(**dict(dict(r=4, lora_alpha=8), **lora_kwargs)))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
-    return model
-
-
-def batch(seed=1, bsz=2, seq=16, vocab=97):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (bsz, seq), generator=g).to(DEVICE)
-    labels = ids.clone()
-    labels[0, :3] = -100  # an ignored prefix, as a chat template's prompt
-    return ids, labels
 
 
 def loss_and_grads(model, ids, labels, **kw):

@@ -9,70 +9,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import DEVICE, rel_err
+from fusedlora.testing import DEVICE, Block, attn_fused, attn_peft, make, rel_err
 import fusedlora.quant
 from fusedlora import lora, lora_ops
 from fusedlora.quant import naive_dequantize_gptq
 
 peft = pytest.importorskip("peft")
-
-
-class Attn(nn.Module):
-    def __init__(self, hidden=64, q_out=64, kv_out=32, bias=False):
-        super().__init__()
-        self.q_proj = nn.Linear(hidden, q_out, bias=bias)
-        self.k_proj = nn.Linear(hidden, kv_out, bias=bias)
-        self.v_proj = nn.Linear(hidden, kv_out, bias=bias)
-        self.o_proj = nn.Linear(q_out, hidden, bias=bias)
-
-
-class MLP(nn.Module):
-    def __init__(self, hidden=64, inter=176, act="silu"):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
-        self.act = act
-
-    def forward(self, x):
-        a = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[self.act]
-        return self.down_proj(a(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Block(nn.Module):
-    def __init__(self, bias=False, act="silu", hidden=64, inter=176, q_out=64, kv_out=32):
-        super().__init__()
-        self.self_attn = Attn(hidden, q_out, kv_out, bias=bias)
-        self.mlp = MLP(hidden, inter, act=act)
-
-
-def attn_peft(attn, x):
-    """A small attention-shaped use of q, k, v and o through PEFT's own layers (q * [k, v] feeds o)."""
-    return attn.o_proj(attn.q_proj(x) * torch.cat([attn.k_proj(x), attn.v_proj(x)], -1))
-
-
-def attn_fused(attn, x):
-    """attn_peft through fusedlora's LoRA_QKV and LoRA_O."""
-    q, k, v = lora.apply_lora_qkv(attn, x)
-    return lora.apply_lora_o(attn, q * torch.cat([k, v], -1))
-
-
-def make(r=4, dropout=0.0, bias=False, act="silu", use_dora=False, **sizes):
-    """r: an int, or "mixed" for a different rank on each MLP projection (PEFT's rank_pattern); sizes: Block's
-    hidden, inter, q_out, kv_out."""
-    torch.manual_seed(0)
-    ranks = {"rank_pattern": {"gate_proj": 2, "up_proj": 4, "down_proj": 24}} if r == "mixed" else {}
-    r = 4 if r == "mixed" else r
-    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, use_dora=use_dora, **ranks,
-                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    model = peft.inject_adapter_in_model(cfg, Block(bias=bias, act=act, **sizes)).to(DEVICE)
-    with torch.no_grad():  # PEFT starts B at zero: make the adapter path count
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name or name.endswith("bias"))
-    return model
 
 
 def grads(model):

@@ -10,7 +10,7 @@ from conftest import DEVICE, rel_err
 from fusedlora import lora
 
 pytest.importorskip("peft")
-from test_lora import make  # noqa: E402
+from fusedlora.testing import make  # noqa: E402
 
 SCALE = 65536.0
 FP16_UNIT = 2.0 ** -11

@@ -17,7 +17,7 @@ from fusedlora import lora
 from fusedlora.ops import geglu, swiglu
 
 pytest.importorskip("peft")
-from test_lora import make  # noqa: E402
+from fusedlora.testing import make  # noqa: E402
 
 
 def _mlp(inplace):
@@ -148,7 +148,7 @@ def test_second_backward_through_inplace_glu(op):
 def test_patched_model_two_losses_on_one_forward(model_type, autocast):
     """A patched tiny model (its MLPs on the in-place defaults) against the unpatched one: two losses on one
     forward (loss1.backward(retain_graph=True); loss2.backward()), then one loss backward twice at half weight."""
-    from test_hf_patch import batch, make_model
+    from fusedlora.testing import batch, make_model
     ref = make_model(model_type)
     fused = copy.deepcopy(ref)
     # (loss=False: the fused linear cross-entropy is another Function, outside this file's concern)

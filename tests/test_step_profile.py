@@ -1,8 +1,8 @@
-"""The step profile's bookkeeping (fusedlora/step_profile.py) on a synthetic trace: kernel families, the busy
+"""The step profile's bookkeeping (benchmarks/step_profile.py) on a synthetic trace: kernel families, the busy
 union and idle time, the base / rank-r GEMM split by shape, FLOP rates."""
 import pytest
 
-from fusedlora import step_profile as P
+from benchmarks import step_profile as P
 
 
 @pytest.mark.parametrize("name,family", [
@@ -67,7 +67,7 @@ def test_gpu_user_annotations_are_not_kernels():
     """torch.compile's regions appear on the device timeline as user annotations spanning many kernels: the
     profile must not count them (seen on an H200: an "other" family of 94 % of the step)."""
     from types import SimpleNamespace as NS
-    from fusedlora import step_profile as P
+    from benchmarks import step_profile as P
 
     def ev(name, s, e, annotation=False):
         return NS(name=name, device_type="DeviceType.CUDA", time_range=NS(start=s, end=e),

@@ -1,5 +1,5 @@
-"""`python -m fusedlora.bench e2e`: the end-to-end training step, every variant timed the same way, each in
-its own process (fusedlora.workload): HF+PEFT, + Liger (when installed), + torch.compile, patched by
+"""`python -m benchmarks.e2e`: the end-to-end training step, every variant timed the same way, each in
+its own process (benchmarks/workload.py): HF+PEFT, + Liger (when installed), + torch.compile, patched by
 fusedlora; LoRA and QLoRA; with and without gradient checkpointing; the 1B and 8B Llama shapes.
 Writes a Markdown table and the raw JSON."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import itertools
 import sys
 import time
 
-from . import bench_report
-from .workload import VARIANTS, run_in_subprocess
+from . import report as bench_report
+from .workload import VARIANTS, BenchSpec, run_in_subprocess
 
 
 def _loss_gap(r, ref):
@@ -49,7 +49,7 @@ def markdown(results) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fusedlora.bench e2e", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="1b", help="comma list of shapes: 1b,8b")
     ap.add_argument("--modes", default="qlora,lora")
     ap.add_argument("--gc", default="off", help="comma list of off, on (HF gradient checkpointing), offload "
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     settings = args.gc.replace("both", "off,on").split(",")
     if set(settings) - {"off", "on", "offload"}:
         ap.error(f"--gc: expected a comma list of off, on, offload, both; got {args.gc!r}")
-    if not bench_report.gpu_or_exit("fusedlora.bench e2e"):
+    if not bench_report.gpu_or_exit("python -m benchmarks.e2e"):
         return 2
     variants = bench_report.selected(args.variants, "liger")
     results = []
@@ -81,12 +81,12 @@ def main(argv=None) -> int:
         for variant in variants:
             if setting == "offload" and not variant.startswith("fusedlora"):
                 continue
-            gc = setting == "on"
-            run = argparse.Namespace(model=model, mode=mode, gc=gc, offload=setting == "offload", packed=args.packed, steps=args.steps, batch=args.batch,
-                                     seq=args.seq, lr=args.lr, log_every=5, profile=args.profile,
-                                     peak_tflops=args.peak_tflops, saved=args.saved, patch_options=args.patch_options)
+            fused = variant.startswith("fusedlora")
+            spec = BenchSpec.from_args(args, variant=variant, model=model, mode=mode, gc=setting == "on",
+                                       offload=setting == "offload", log_every=5,
+                                       patch_options=args.patch_options if fused else "")
             t0 = time.perf_counter()
-            r = run_in_subprocess(variant, run)
+            r = run_in_subprocess(spec)
             print(f"{model} {mode} gc={setting} {variant}: " + (f"{r['tokens_per_s']:,.0f} tok/s, {r['peak_gib']:.2f} GiB"
                   if "error" not in r else r["error"]) + f" ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
             results.append(r)
@@ -111,3 +111,7 @@ def _report(args, results) -> str:
             report += "\n\n" + profile_markdown(r["profile"], f"{r['model']} {r['mode']} gc={checkpointing(r)} {r['variant']}: "
                                                  f"GPU time per step by kernel family ({args.profile} profiled steps)")
     return report
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Where a training step's GPU time goes: torch.profiler over steady steps, kernels grouped by family.
 
-`python -m fusedlora.bench e2e --profile` runs each variant's workload with `--profile N`: after the timed steps,
+`python -m benchmarks.e2e --profile` runs each variant's workload with `--profile N`: after the timed steps,
 N more steps under torch.profiler; this module turns the trace into a table - per family (base GEMMs, rank-r
 GEMMs, dequant, attention, norms, RoPE, GLU, loss, optimizer, copies / casts / elementwise, other, idle = GPU
 waiting on the host) its time per step, its share, and for the GEMMs the achieved TFLOP/s against a peak; the

@@ -1,5 +1,5 @@
-"""`python -m fusedlora.bench context`: the longest trainable sequence (batch 1) per variant, each in its own
-process (fusedlora.workload --find-context): HF+PEFT with gradient checkpointing, + Liger (when installed),
+"""`python -m benchmarks.context`: the longest trainable sequence (batch 1) per variant, each in its own
+process (benchmarks.workload --find-context): HF+PEFT with gradient checkpointing, + Liger (when installed),
 patched by fusedlora with on-GPU checkpointing, and with offloaded checkpointing; doubling then bisection to
 1024 tokens; tokens/s at that length."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import argparse
 import sys
 import time
 
-from . import bench_report
-from .workload import run_in_subprocess
+from . import report as bench_report
+from .workload import BenchSpec, run_in_subprocess
 
 CONFIGS = (  # (label, variant, HF gradient checkpointing, fusedlora offloaded checkpointing)
     ("hf+gc", "hf", True, False),
@@ -38,7 +38,7 @@ def markdown(rows) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fusedlora.bench context", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.context", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="8b", help="shape: 1b or 8b")
     ap.add_argument("--mode", default="qlora", choices=("qlora", "lora"))
     ap.add_argument("--start", type=int, default=4096, help="first length tried (doubling from here)")
@@ -48,18 +48,18 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="Markdown report path; the raw JSON beside it, the file's "
                     "suffix made .json (--out run/ctx.md: run/ctx.md, run/ctx.json; --out ctx.json: ctx.md, ctx.json)")
     args = ap.parse_args(argv)
-    if not bench_report.gpu_or_exit("fusedlora.bench context"):
+    if not bench_report.gpu_or_exit("python -m benchmarks.context"):
         return 2
     wanted = bench_report.selected(args.variants, "liger+gc")
     rows = []
     for label, variant, gc, offload in CONFIGS:
         if label not in wanted:
             continue
-        run = argparse.Namespace(model=args.model, mode=args.mode, gc=gc, offload=offload, packed=False, steps=2,
-                                 batch=1, seq=args.start, lr=1e-4, log_every=1, find_context=args.max_seq,
-                                 context_step=args.granularity)
+        spec = BenchSpec(variant=variant, model=args.model, mode=args.mode, gc=gc, offload=offload, steps=2,
+                         batch=1, seq=args.start, lr=1e-4, log_every=1, find_context=args.max_seq,
+                         context_step=args.granularity)
         t0 = time.perf_counter()
-        r = run_in_subprocess(variant, run)
+        r = run_in_subprocess(spec)
         r["label"] = label
         print(f"{label}: " + (f"longest {r['longest']:,}" if "error" not in r else r["error"])
               + f" ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
@@ -73,3 +73,7 @@ def _report(args, rows) -> str:
     return (bench_report.measured_line(rows)
             + f"; {args.model} shape, {args.mode}, LoRA r16 on 7 projections, batch 1, bf16 autocast, fused AdamW, "
             f"SDPA; each variant in its own process, lengths in steps of {args.granularity}.\n\n" + markdown(rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

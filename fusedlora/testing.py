@@ -1,0 +1,300 @@
+"""What fusedlora's tests (and the examples and build tools) share: comparison helpers, tiny model builders,
+fake CUDA graphs. Installed with the package, so that an installed wheel's user can check a patched model the
+same way; nothing here runs at import (no kernel module is imported, TRITON_INTERPRET is left alone: the
+tests' conftest sets it first, before any kernel module is imported).
+
+- rel_err, assert_close, kernel_round: compare a kernel's result with a plain-torch reference;
+- run_isolated, assert_device_assert: code in a fresh process (a CUDA device-side assert ends the context);
+- tiny_config, make_model, add_lora, batch (SMALL, TARGETS, FUSED_TARGETS): tiny random HF models with PEFT
+  LoRA on DEVICE, and a batch for them;
+- make (Block, Attn, MLP), attn_peft, attn_fused: a tiny decoder block with PEFT LoRA on its seven projections,
+  and an attention-shaped use of q, k, v, o through PEFT's layers or fusedlora's;
+- fake_cuda_graphs: CUDA graphs faked on a CPU (below).
+
+Fake CUDA graphs: faked on a CPU so that the tests run fusedlora.cuda_graphs' capture and replay (both graph kinds,
+the shared buffers, the checkpointing wiring, the recompute's RNG state) in CI.
+
+A fake graph records what its capture ran: every aten op (through a TorchDispatchMode, which also sees the
+backward's ops) and every Triton launch of the loader (the interpreter's CPU path), each with the very tensors it
+read and wrote. Replay runs the record again on those tensors: ops that write their arguments (in-place, out=)
+and kernel launches run as recorded, views are skipped (they see their base), and every other op's result is
+copied into the tensor the capture produced. That is a CUDA graph's contract: the same work on the same memory,
+the host's Python not run again. Not faked: the memory pool (each capture allocates fresh CPU memory, so pool
+reuse between graphs is not exercised) and streams (no-ops).
+Also `python -m build_tools.host_overhead --graphs`: the host time of a graphed step (replays that do nothing).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_leaves
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b||; the denominator is floored at 1e-2 so an exactly-zero reference (a 1-class
+    cross-entropy, say) compares absolutely."""
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values in the kernel output"
+    return ((a - b).norm() / b.norm().clamp_min(1e-2)).item()
+
+
+def run_isolated(code: str):
+    """Run `code` in a fresh Python process (a CUDA device-side assert ends the process's context)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent  # (the checkout, or the installed wheel's site folder)
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_device_assert(code: str, message: str):
+    """`code` (run in its own process: a device-side assert ends the CUDA context) fails with `message`."""
+    r = run_isolated(code)
+    assert r.returncode != 0 and (message in r.stderr or "device-side assert" in r.stderr), r.stderr[-2000:]
+
+
+def assert_close(got, ref, tol: float, name: str = "", floor: float = 1e-2):
+    """Norm-wise AND element-wise: ||got - ref|| / ||ref|| <= tol, and every |got - ref| <= tol * max|ref|
+    (both scales floored at `floor`), so a fault confined to one row, column or element fails as well."""
+    g, r = got.detach().double(), ref.detach().double()
+    assert g.shape == r.shape, (name, tuple(g.shape), tuple(r.shape))
+    assert torch.isfinite(g).all(), f"{name}: non-finite values"
+    norm_err = ((g - r).norm() / r.norm().clamp_min(floor)).item()
+    scale = max(r.abs().max().item() if r.numel() else 0.0, floor)
+    elem_err = ((g - r).abs().max().item() if r.numel() else 0.0) / scale
+    assert norm_err <= tol and elem_err <= tol, (f"{name}: norm-wise {norm_err:.3e}, element-wise {elem_err:.3e} "
+                                                 f"(worst at {tuple(int(i) for i in torch.nonzero((g - r).abs() == (g - r).abs().max())[0])}), tol {tol:.1e}")
+
+
+def kernel_round(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 values rounded to a 16-bit dtype the way the kernels' casts do it here: CUDA rounds to nearest;
+    Triton's interpreter (triton 3.9) truncates fp32 -> bf16 (fp16 it rounds)."""
+    t = t.float()
+    if dtype == torch.bfloat16 and not HAS_CUDA:
+        return (t.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+    return t.to(dtype)
+
+
+# ---- tiny HF models with PEFT LoRA ----
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FUSED_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # Phi-3's projections
+SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, head_dim=16)
+
+
+def tiny_config(model_type):
+    extra = {
+        "gemma": dict(hidden_act="gelu_pytorch_tanh"),
+        "gemma2": dict(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=8,
+                       final_logit_softcapping=5.0, attn_logit_softcapping=10.0),
+        "gemma3_text": dict(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=8,
+                            final_logit_softcapping=5.0),
+        "granite": dict(logits_scaling=4.0, attention_multiplier=0.2, residual_multiplier=0.5, embedding_multiplier=2.0),
+        "qwen2": dict(use_sliding_window=False),
+        "phi3": dict(pad_token_id=0, partial_rotary_factor=0.5),  # (Phi-4-mini rotates part of each head)
+        "smollm3": dict(no_rope_layers=[1, 0], pad_token_id=0),   # the second layer without RoPE (NoPE)
+        "ministral": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=8),
+        "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+        "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                          shared_expert_intermediate_size=64, decoder_sparse_step=1, mlp_only_layers=[],
+                          use_sliding_window=False),
+        "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, mlp_only_layers=[0],
+                          decoder_sparse_step=1),
+    }.get(model_type, {})
+    import transformers
+    cfg = transformers.AutoConfig.for_model(model_type, **SMALL, **extra)
+    cfg._attn_implementation = "eager" if model_type == "gemma2" else "sdpa"  # gemma2: softcap needs eager
+    return cfg
+
+
+def make_model(model_type="llama", lora=True, seed=0, dtype=torch.float32, **lora_kwargs):
+    torch.manual_seed(seed)
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type)).to(DEVICE, dtype)
+    if not lora:
+        return model
+    return add_lora(model, target_modules=FUSED_TARGETS if model_type == "phi3" else TARGETS, **lora_kwargs)
+
+
+def add_lora(model, **lora_kwargs):
+    """PEFT LoRA (r 4, alpha 8) on `model`, its B matrices random (PEFT starts them at zero: make the adapters count)."""
+    import peft
+    model = peft.get_peft_model(model, peft.LoraConfig(**dict(dict(r=4, lora_alpha=8), **lora_kwargs)))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    return model
+
+
+def batch(seed=1, bsz=2, seq=16, vocab=97):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (bsz, seq), generator=g).to(DEVICE)
+    labels = ids.clone()
+    labels[0, :3] = -100  # an ignored prefix, as a chat template's prompt
+    return ids, labels
+
+
+# ---- a tiny decoder block with PEFT LoRA on its seven projections ----
+class Attn(nn.Module):
+    def __init__(self, hidden=64, q_out=64, kv_out=32, bias=False):
+        super().__init__()
+        self.q_proj = nn.Linear(hidden, q_out, bias=bias)
+        self.k_proj = nn.Linear(hidden, kv_out, bias=bias)
+        self.v_proj = nn.Linear(hidden, kv_out, bias=bias)
+        self.o_proj = nn.Linear(q_out, hidden, bias=bias)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden=64, inter=176, act="silu"):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.act = act
+
+    def forward(self, x):
+        a = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[self.act]
+        return self.down_proj(a(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, bias=False, act="silu", hidden=64, inter=176, q_out=64, kv_out=32):
+        super().__init__()
+        self.self_attn = Attn(hidden, q_out, kv_out, bias=bias)
+        self.mlp = MLP(hidden, inter, act=act)
+
+
+def attn_peft(attn, x):
+    """A small attention-shaped use of q, k, v and o through PEFT's own layers (q * [k, v] feeds o)."""
+    return attn.o_proj(attn.q_proj(x) * torch.cat([attn.k_proj(x), attn.v_proj(x)], -1))
+
+
+def attn_fused(attn, x):
+    """attn_peft through fusedlora's LoRA_QKV and LoRA_O."""
+    from fusedlora import lora
+    q, k, v = lora.apply_lora_qkv(attn, x)
+    return lora.apply_lora_o(attn, q * torch.cat([k, v], -1))
+
+
+def make(r=4, dropout=0.0, bias=False, act="silu", use_dora=False, **sizes):
+    """r: an int, or "mixed" for a different rank on each MLP projection (PEFT's rank_pattern); sizes: Block's
+    hidden, inter, q_out, kv_out."""
+    import peft
+    torch.manual_seed(0)
+    ranks = {"rank_pattern": {"gate_proj": 2, "up_proj": 4, "down_proj": 24}} if r == "mixed" else {}
+    r = 4 if r == "mixed" else r
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, use_dora=use_dora, **ranks,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    model = peft.inject_adapter_in_model(cfg, Block(bias=bias, act=act, **sizes)).to(DEVICE)
+    with torch.no_grad():  # PEFT starts B at zero: make the adapter path count
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name or name.endswith("bias"))
+    return model
+
+
+# ---- fake CUDA graphs ----
+_capturing: list = []
+
+
+def _kind(func) -> str:
+    schema = func._schema
+    if any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
+        return "rerun"
+    if any(r.alias_info is not None for r in schema.returns):
+        return "view"
+    return "copy"
+
+
+class _Record(TorchDispatchMode):
+    def __init__(self, tape):
+        super().__init__()
+        self.tape = tape
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        kind = _kind(func)
+        if kind != "view":
+            self.tape.append((kind, func, args, kwargs, out))
+        return out
+
+
+class FakeCUDAGraph:
+    def __init__(self):
+        self.tape: list = []
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+        with torch.no_grad():
+            for kind, func, args, kwargs, out in self.tape:
+                if kind == "kernel":
+                    func(*args)
+                elif kind == "rerun":
+                    func(*args, **kwargs)
+                else:
+                    new = func(*args, **kwargs)
+                    for o, n in zip(tree_leaves(out), tree_leaves(new)):
+                        if isinstance(o, torch.Tensor):
+                            o.copy_(n)
+
+
+class _Stream:
+    def wait_stream(self, other):
+        pass
+
+
+@contextlib.contextmanager
+def _graph(graph, pool=None, stream=None, capture_error_mode=None):
+    _capturing.append(graph)
+    try:
+        with _Record(graph.tape):
+            yield
+    finally:
+        _capturing.pop()
+
+
+@contextlib.contextmanager
+def fake_cuda_graphs(monkeypatch=None):
+    """torch.cuda's graph and stream API replaced by the fakes above, CPU tensors graphable by
+    fusedlora.cuda_graphs, and the loader's CPU launches recorded while a capture runs; all restored on exit.
+    (`monkeypatch`: pytest's, or None for a plain patcher.)"""
+    import peft  # noqa: F401 - imported before torch.cuda is replaced (transformers reads it at import)
+    import transformers  # noqa: F401
+
+    from fusedlora import cuda_graphs, loader
+    original_cpu = loader.KernelLauncher._cpu
+
+    def recorded_cpu(self, grid, args, constexprs):
+        with _disable_current_modes():  # (the interpreter's own tensor copies are not the kernel's work)
+            result = original_cpu(self, grid, args, constexprs)
+        if _capturing:
+            _capturing[-1].tape.append(("kernel", original_cpu, (self, grid, args, constexprs), None, None))
+        return result
+    patches = [(torch.cuda, "CUDAGraph", FakeCUDAGraph), (torch.cuda, "graph", _graph),
+               (torch.cuda, "Stream", lambda *a, **k: _Stream()), (torch.cuda, "stream", lambda s: contextlib.nullcontext()),
+               (torch.cuda, "current_stream", lambda *a, **k: _Stream()), (torch.cuda, "graph_pool_handle", lambda: None),
+               (torch.cuda, "is_current_stream_capturing", lambda: bool(_capturing)),
+               (torch.cuda, "synchronize", lambda *a, **k: None), (cuda_graphs, "_graphable", lambda t: True),
+               (loader.KernelLauncher, "_cpu", recorded_cpu)]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    try:
+        for obj, name, value in patches:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
