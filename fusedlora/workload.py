@@ -138,7 +138,7 @@ def build(shape, mode, variant, device, gc, seed=0, offload=False, dtype=None, p
     prepare_base: applied to the base model before checkpointing and PEFT (where a benchmark's peer patches it)."""
     if variant not in VARIANTS:  # (a peer's name would otherwise build plain HF+PEFT under its label)
         raise ValueError(f"fusedlora.workload.build: variant {variant!r} is not one of {', '.join(VARIANTS)} (the "
-                         "peers, liger and unsloth, are the repository's benchmarks/workload.py)")
+                         "peer libraries' variants are in the repository's benchmarks/workload.py)")
     import torch
     on_gpu = device == "cuda"
     if dtype is None:
