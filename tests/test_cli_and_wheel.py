@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import fusedlora
 from fusedlora.testing import HAS_CUDA
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +30,7 @@ def _run(args, env=None, cwd=ROOT, timeout=900):
 def test_info_runs():
     r = _run([sys.executable, "-m", "fusedlora.info"])
     assert r.returncode == 0, r.stderr
-    assert "fusedlora 0.1.0" in r.stdout and "kernel directories" in r.stdout and "prebuilt variants per arch" in r.stdout
+    assert f"fusedlora {fusedlora.__version__}" in r.stdout and "kernel directories" in r.stdout and "prebuilt variants per arch" in r.stdout
 
 
 def test_selfcheck_reports_every_kernel():
