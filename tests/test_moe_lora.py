@@ -4,7 +4,11 @@ projections), on hand-made routings that hit the edge cases of the grouped GEMMs
 input. Shapes are tiny: the kernels run in Triton's CPU interpreter here."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
+from conftest import DEVICE, HAS_CUDA, assert_device_assert
+from csrc_triton.moe_lora.kernel import _w_tile
 from fusedlora.ops.moe_lora import ExpertProj, moe_lora_experts, moe_route, naive_moe_lora
 
 FP32_TOL = 2e-5  # max |error| / max |reference|: fp32 products summed over <= 64 terms (fp32 accumulation)
@@ -17,19 +21,24 @@ def _proj(E, n_out, n_in, rank, scale, gen, transposed=False, bias=False, w_scal
         W = W.transpose(1, 2).contiguous()
     A = B = None
     if rank:
-        A = (torch.randn(E * rank, n_in, generator=gen) * n_in ** -0.5).requires_grad_()
-        B = (torch.randn(n_out, rank * E, generator=gen) * 0.5).requires_grad_()
-    b = torch.randn(E, n_out, generator=gen) if bias else None
-    return ExpertProj(W, A, B, scale, b, transposed=transposed)
+        A = _leaf(torch.randn(E * rank, n_in, generator=gen) * n_in ** -0.5)
+        B = _leaf(torch.randn(n_out, rank * E, generator=gen) * 0.5)
+    b = torch.randn(E, n_out, generator=gen).to(DEVICE) if bias else None
+    return ExpertProj(W.to(DEVICE), A, B, scale, b, transposed=transposed)
+
+
+def _leaf(t):
+    return t.to(DEVICE).requires_grad_()
 
 
 def _case(T=13, k=2, E=4, H=64, I=32, r_gu=4, r_d=4, act="silu", index=None, seed=0, w_scale_gu=None):
     gen = torch.Generator().manual_seed(seed)
     gptoss = act == "gptoss"
-    x = torch.randn(T, H, generator=gen).requires_grad_()
+    x = _leaf(torch.randn(T, H, generator=gen))
     if index is None:
         index = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
-    w = torch.rand(T, k, generator=gen).requires_grad_()
+    index = index.to(DEVICE)
+    w = _leaf(torch.rand(T, k, generator=gen))
     gu = _proj(E, 2 * I, H, r_gu, 1.5, gen, transposed=gptoss, bias=gptoss, w_scale=w_scale_gu)
     d = _proj(E, H, I, r_d, 0.5, gen, transposed=gptoss, bias=gptoss)
     return x, index, w, gu, d
@@ -37,7 +46,8 @@ def _case(T=13, k=2, E=4, H=64, I=32, r_gu=4, r_d=4, act="silu", index=None, see
 
 def _as_double(p: ExpertProj) -> ExpertProj:
     leaf = (lambda t: None if t is None else t.detach().double().requires_grad_())
-    return ExpertProj(p.weight.double(), leaf(p.lora_A), leaf(p.lora_B), p.scale,
+    weight = p.weight if p.quant_state is not None else p.weight.double()  # (the reference decodes 4-bit bytes)
+    return ExpertProj(weight, leaf(p.lora_A), leaf(p.lora_B), p.scale,
                       None if p.bias is None else p.bias.double(), p.quant_state, p.transposed)
 
 
@@ -54,7 +64,7 @@ def _check(case, act="silu", block_m=16, tol=FP32_TOL, ref_proj=None, **kw):
     """Fused vs reference: out and the gradients of x, w and each LoRA factor; returns the errors by name."""
     x, index, w, gu, d = case
     gen = torch.Generator().manual_seed(1)
-    dout = torch.randn(x.shape, generator=gen)
+    dout = torch.randn(x.shape, generator=gen).to(DEVICE)
     out = moe_lora_experts(x, index, w, gu, d, act, block_m=block_m, **kw)
     leaves = [x, w] + _lora_leaves(gu, d)
     grads = torch.autograd.grad(out, leaves, dout)
@@ -79,17 +89,17 @@ SKEWED = torch.tensor([[0, 2], [2, 3], [2, 0], [3, 2], [2, 3], [0, 2], [2, 3], [
 
 
 def test_route_metadata_tiles_and_bound():
-    route = moe_route(SKEWED, 4, 16)
+    route = moe_route(SKEWED.to(DEVICE), 4, 16)
     counts = torch.bincount(SKEWED.flatten(), minlength=4)  # (the test may sync; the op never does)
     assert route.start.tolist() == [0] + torch.cumsum(counts, 0).tolist()
     assert route.tile_expert.shape[0] == -(-26 // 16) + 4
     tiles = [e for e in route.tile_expert.tolist() if e < 4]
     assert tiles == [0, 2, 3]  # 6, 13 and 7 rows: one tile each; expert 1 none
-    route = moe_route(SKEWED, 4, 4)
+    route = moe_route(SKEWED.to(DEVICE), 4, 4)
     assert route.tile_expert.tolist()[:8] == [0, 0, 2, 2, 2, 2, 3, 3]
     assert route.tile_row0.tolist()[:8] == [0, 4, 6, 10, 14, 18, 19, 23]
     assert (route.tile_expert[8:] == 4).all()  # past the real count: the kernels' programs exit
-    slot = route.slot.long()
+    slot = route.slot.long().cpu()
     assert (SKEWED.flatten()[slot].diff() >= 0).all()
 
 
@@ -164,7 +174,7 @@ def test_fp16_under_a_loss_scale():
     half = (lambda p: ExpertProj(p.weight.half(), p.lora_A, p.lora_B, p.scale, p.bias, transposed=p.transposed))
     gu16, d16 = half(gu), half(d)
     x16 = x.detach().half().requires_grad_()
-    dout = torch.randn(x.shape)
+    dout = torch.randn(x.shape).to(DEVICE)
     out = moe_lora_experts(x16, index, w, gu16, d16)
     assert out.dtype == torch.float16
     leaves = [x16, w] + _lora_leaves(gu, d)
@@ -218,16 +228,95 @@ def test_bad_input_is_named():
          down=ExpertProj(d.weight, d.lora_A, d.lora_B[:, :8]))
     _bad(case, "has lora_A but no lora_B", down=ExpertProj(d.weight, d.lora_A))
     _bad(case, r"down.bias has shape \(4, 3\); expected \[E, out\] = \[4, 64\]",
-         down=ExpertProj(d.weight, bias=torch.zeros(4, 3)))
+         down=ExpertProj(d.weight, bias=torch.zeros(4, 3, device=DEVICE)))
     _bad(case, "gate_up has 3 experts but down has 4",
          gate_up=ExpertProj(gu.weight[:3]))
     _bad(case, "block_m must be", block_m=24)
 
 
-def test_index_out_of_range_fails_on_the_device_check():
+ROUTE_BAD = """
+import torch
+from fusedlora.ops.moe_lora import moe_route
+index = torch.randint(0, 4, (5, 2), device="cuda")
+index[2, 1] = {bad}
+moe_route(index, 4, 64)
+torch.cuda.synchronize()
+"""
+
+
+@pytest.mark.parametrize("bad", [4, -1])
+def test_index_out_of_range_fails_on_the_device_check(bad):
+    """An expert index outside [0, E) is caught without a host sync: a device-side assertion (its own process
+    on a GPU, where it ends the CUDA context), naming the argument and the range."""
+    if HAS_CUDA:
+        assert_device_assert(ROUTE_BAD.format(bad=bad), "top_k_index has values outside [0, 4)")
+        return
     x, index, w, gu, d = _case(T=5)
-    for bad in (4, -1):
-        wrong = index.clone()
-        wrong[2, 1] = bad
-        with pytest.raises(RuntimeError, match=r"top_k_index has values outside \[0, 4\)"):
-            moe_lora_experts(x, wrong, w, gu, d)
+    wrong = index.clone()
+    wrong[2, 1] = bad
+    with pytest.raises(RuntimeError, match=r"top_k_index has values outside \[0, 4\)"):
+        moe_lora_experts(x, wrong, w, gu, d)
+
+
+# ---------------------------------------------------------------- NF4 experts (bitsandbytes quantize_4bit)
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+
+
+def _nf4(W, nested):
+    packed, qs = bnb_functional.quantize_4bit(W.contiguous(), blocksize=64, compress_statistics=nested,
+                                              quant_type="nf4")
+    return packed, qs
+
+
+@triton.jit
+def _nf4_decode_kernel(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, OUT, n_out, n_in, TRANS: tl.constexpr,
+                       NESTED: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
+    # expert e's [n_out, n_in] (logical layout) a [BO, BI] tile at a time, as the GEMMs decode W
+    e = tl.program_id(0)
+    o = tl.program_id(1) * BO + tl.arange(0, BO)
+    i = tl.program_id(2) * BI + tl.arange(0, BI)
+    mask = (o < n_out)[:, None] & (i < n_in)[None, :]
+    vals = _w_tile(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, o[:, None], i[None, :], mask, n_out, n_in,
+                   TRANS, 1, 64, 256, NESTED, OUT.dtype.element_ty)
+    tl.store(OUT + (e * n_out + o[:, None]) * n_in + i[None, :], vals, mask=mask)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nf4_tile_decode_is_bit_identical_to_bitsandbytes(nested, transposed, dtype):
+    """The GEMMs' in-tile decode against bnb's dequantize_4bit, every element, in a stored layout whose rows
+    are not a multiple of the blocksize (a 64-element block spans rows, and the last block experts)."""
+    from fusedlora.ops.moe_lora import _quant_args
+    E, n_out, n_in = 3, 20, 36
+    W = (torch.randn(E, n_out, n_in) * 0.3).to(DEVICE, dtype)
+    stored = W.transpose(1, 2).contiguous() if transposed else W
+    packed, qs = _nf4(stored, nested)
+    ref = bnb_functional.dequantize_4bit(packed, qs)
+    ref = ref.transpose(1, 2) if transposed else ref
+    data, quant, _, _ = _quant_args(ExpertProj(packed, quant_state=qs, transposed=transposed), packed)
+
+    def decode(out_dtype):
+        out = torch.full((E, n_out, n_in), float("nan"), dtype=out_dtype, device=DEVICE)
+        _nf4_decode_kernel[(E, 2, 3)](data, *quant, out, n_out, n_in, TRANS=int(transposed), NESTED=int(nested),
+                                      BO=16, BI=16)
+        return out
+    if dtype != torch.bfloat16 or HAS_CUDA:
+        assert torch.equal(decode(dtype), ref)
+    else:  # the interpreter truncates fp32 -> bf16 (tests/test_quant.py): the fp32 values, rounded both ways
+        exact = decode(torch.float32)
+        truncated = (exact.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+        assert torch.equal(exact.to(torch.bfloat16), ref) and torch.equal(decode(torch.bfloat16), truncated)
+
+
+@pytest.mark.parametrize("act,nested", [("silu", True), ("silu", False), ("gptoss", True)])
+def test_nf4_experts_match_the_reference_on_the_dequantised_stack(act, nested):
+    # (H 64, I 20: bitsandbytes 0.50's CPU quantize_4bit mangles some layouts, e.g. a last dimension of 48:
+    # its own dequantize_4bit is then 2.0 off the input, so those shapes test nothing here)
+    x, index, w, gu, d = _case(T=9, H=64, I=20, act=act, index=SKEWED[:9])
+    q = {}
+    for name, p in (("gu", gu), ("d", d)):
+        packed, qs = _nf4(p.weight, nested)
+        q[name] = ExpertProj(packed, p.lora_A, p.lora_B, p.scale, p.bias, qs, p.transposed)
+    errs = _check((x, index, w, q["gu"], q["d"]), act)  # the reference decodes with bnb's dequantize_4bit
+    assert set(errs) == {"out", "dx", "dw", "dA_gu", "dB_gu", "dA_d", "dB_d"}

@@ -56,9 +56,9 @@ class ExpertProj:
 def _dense_stack(p: ExpertProj, dtype) -> torch.Tensor:
     """The [E, out, in] weight stack in `dtype` (dequantised whole: the reference, not the fused path)."""
     W = p.weight
-    if p.quant_state is not None:
-        from ..quant import dequantize_nf4
-        W = dequantize_nf4(W, p.quant_state)
+    if p.quant_state is not None:  # bitsandbytes' own decode (fusedlora.quant sits above the ops)
+        import bitsandbytes.functional as bnb_functional
+        W = bnb_functional.dequantize_4bit(W, p.quant_state)
     if p.transposed:
         W = W.transpose(1, 2)
     return W.to(dtype)
@@ -377,20 +377,42 @@ def _check_proj(op: str, name: str, p: ExpertProj, n_out: int | None, n_in: int 
     return E, n_o, n_i
 
 
-def _quant_args(p: ExpertProj):
-    """(weight bytes, [absmax, absmax2, code, code2, offset], blocksize, nested) of an NF4 stack, else (W, [], 0, 0)."""
-    if p.quant_state is None:
+def _quant_args(p: ExpertProj, like: torch.Tensor):
+    """(weight bytes, [absmax, absmax2, code, code2, offset], blocksize, nested) of a bitsandbytes 4-bit stack
+    (the kernels decode it a tile at a time), else (W, [], 0, 0). The state's tensors are read as they are
+    (fp32 absmax, or uint8 with the nested fp32 state2); only the small code tables are cast."""
+    qs = p.quant_state
+    if qs is None:
         return p.weight, [], 0, 0
-    from ..quant import _nf4_plan, _plain
-    packed = _plain(p.weight)
-    plan = _nf4_plan(p.quant_state, packed.device)
-    if packed.numel() * packed.element_size() != (plan.n + 1) // 2 or not packed.is_contiguous():
-        raise ValueError(f"moe_lora_experts: the NF4 weight holds {packed.numel() * packed.element_size()} bytes "
-                         f"(contiguous: {packed.is_contiguous()}); its quant_state's shape {plan.shape} needs "
-                         f"{(plan.n + 1) // 2} contiguous bytes")
+    op = "moe_lora_experts"
+    packed = p.weight.data if isinstance(p.weight, torch.nn.Parameter) else p.weight
+    n = 1
+    for size in qs.shape:
+        n *= int(size)
+    if packed.numel() * packed.element_size() != (n + 1) // 2 or not packed.is_contiguous():
+        raise ValueError(f"{op}: the 4-bit weight holds {packed.numel() * packed.element_size()} bytes (contiguous: "
+                         f"{packed.is_contiguous()}); its quant_state's shape {tuple(qs.shape)} needs {(n + 1) // 2} "
+                         "contiguous bytes")
+    blocksize = int(qs.blocksize)
+    if blocksize & (blocksize - 1) or blocksize < 16:
+        raise ValueError(f"{op}: quant_state.blocksize {blocksize} is not a power of two >= 16")
+    code = qs.code.to(like.device, torch.float32)
+    if qs.nested:
+        s2 = qs.state2
+        if qs.absmax.dtype != torch.uint8 or int(s2.blocksize) != 256:
+            raise ValueError(f"{op}: a nested quant_state needs uint8 absmax and state2.blocksize 256 (bitsandbytes' "
+                             f"double quantisation), got {qs.absmax.dtype} and {s2.blocksize}")
+        offset = torch.as_tensor(qs.offset, dtype=torch.float32, device=like.device).reshape(1)
+        quant = [qs.absmax, s2.absmax.float(), code, s2.code.float(), offset]
+    else:
+        if qs.absmax.dtype != torch.float32:
+            raise ValueError(f"{op}: quant_state.absmax must be float32 when not nested, got {qs.absmax.dtype}")
+        quant = [qs.absmax, qs.absmax, code, code, qs.absmax]  # (the nested-only pointers are never read)
+    for t in quant:
+        if t.device != like.device:
+            raise ValueError(f"{op}: the quant_state's tensors are on {t.device} but x is on {like.device}")
     data = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)
-    quant = [plan.absmax, plan.absmax2, plan.code, plan.code2, plan.offset]
-    return data, quant, plan.launch_shape["blocksize"], int(plan.launch_shape["nested"])
+    return data, quant, blocksize, int(bool(qs.nested))
 
 
 def moe_lora_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up: ExpertProj,
@@ -427,8 +449,8 @@ def moe_lora_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: 
         block_m = 16 if interpreting() else MOE_BLOCK_M
     if block_m not in (16, 32, 64, 128):
         raise ValueError(f"{op}: block_m must be 16, 32, 64 or 128, got {block_m!r}")
-    gu_w, gu_q, gu_bs, gu_nested = _quant_args(gate_up)
-    d_w, d_q, d_bs, d_nested = _quant_args(down)
+    gu_w, gu_q, gu_bs, gu_nested = _quant_args(gate_up, x)
+    d_w, d_q, d_bs, d_nested = _quant_args(down, x)
     dims = [E, n_inter, int(gate_up.transposed), int(down.transposed), gu_bs, gu_nested, d_bs, d_nested, block_m]
     scales = [float(gate_up.scale if gate_up.lora_A is not None else 0.0),
               float(down.scale if down.lora_A is not None else 0.0), float(alpha), float(limit)]
