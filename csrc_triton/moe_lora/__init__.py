@@ -85,6 +85,12 @@ _ROUTE_POINTERS = {"TILE_E": "i32", "TILE_ROW0": "i32", "START": "i32", "SLOT": 
 _LORA_POINTERS = {"A": "x", "B": "x"}
 
 
+def _gemm_config(tile):
+    # NF4: the decode's gathers (bytes, code table, absmax: [BK, BN] each) are not worth staging in shared
+    # memory, and pipelined 3 deep they need 230-240 KB of it, past sm_80's and sm_90's limits
+    return lambda arch, c: (tile[2], 1 if c["NF4"] else tile[3])
+
+
 def _gemm_spec(kernel: str, pointers: dict, floats: tuple, doc: str) -> KernelSpec:
     tile = MOE_TILES[kernel]
     return register(KernelSpec(
@@ -93,7 +99,7 @@ def _gemm_spec(kernel: str, pointers: dict, floats: tuple, doc: str) -> KernelSp
         pointer_types={**_W_POINTERS, **_ROUTE_POINTERS, **_LORA_POINTERS, **pointers},
         float_args=floats,
         meta=lambda **shape: moe_gemm_meta(**{"kernel": kernel, **shape}),
-        config=lambda arch, c: tile[2:],
+        config=_gemm_config(tile),
         aot_variants=_moe_gemm_aot(kernel),
         doc=doc,
         check="fusedlora.ops.moe_lora:selfcheck",
