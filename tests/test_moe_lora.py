@@ -320,3 +320,63 @@ def test_nf4_experts_match_the_reference_on_the_dequantised_stack(act, nested):
         q[name] = ExpertProj(packed, p.lora_A, p.lora_B, p.scale, p.bias, qs, p.transposed)
     errs = _check((x, index, w, q["gu"], q["d"]), act)  # the reference decodes with bnb's dequantize_4bit
     assert set(errs) == {"out", "dx", "dw", "dA_gu", "dB_gu", "dA_d", "dB_d"}
+
+
+# ---------------------------------------------------------------- against transformers' experts modules
+def _merged(W, A, B, scale, transposed):
+    """PEFT 0.21's merged weight for one forward (B_e[o, j] = B[o, j*E + e]), in the stored layout."""
+    E = W.shape[0]
+    r = A.shape[0] // E
+    delta = scale * B.view(B.shape[0], r, E).permute(2, 0, 1) @ A.view(E, r, -1)  # [E, out, in]
+    return W + (delta.transpose(1, 2) if transposed else delta)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_matches_transformers_experts_with_merged_lora(family):
+    """The layout contract: transformers' own experts module (its default grouped_mm implementation; eager for
+    gpt_oss's clamped GLU), its weights merged with the LoRA factors as PEFT does, gives the fused op's output
+    and gradients (fp32)."""
+    import transformers
+    if family == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(hidden_size=64, moe_intermediate_size=32, num_experts=4,
+                                             num_experts_per_tok=2, hidden_act="silu")
+        config._experts_implementation = "grouped_mm"
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as Experts
+        act = "silu"
+    else:
+        config = transformers.GptOssConfig(hidden_size=64, intermediate_size=32, num_local_experts=4,
+                                           num_experts_per_tok=2)
+        config._experts_implementation = "eager"
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as Experts
+        act = "gptoss"
+    experts = Experts(config).to(DEVICE).requires_grad_(False)
+    x, index, w, gu, d = _case(T=7, act=act, w_scale_gu=3 * 64 ** -0.5 if act == "gptoss" else None)
+    params = {"gate_up_proj": gu.weight, "down_proj": d.weight}
+    if act == "gptoss":
+        params.update(gate_up_proj_bias=gu.bias, down_proj_bias=d.bias)
+    for name, value in params.items():
+        getattr(experts, name).copy_(value)
+    merged = {"gate_up_proj": _merged(gu.weight, gu.lora_A, gu.lora_B, gu.scale, gu.transposed),
+              "down_proj": _merged(d.weight, d.lora_A, d.lora_B, d.scale, d.transposed)}
+    ref = torch.func.functional_call(experts, merged, (x, index, w))
+    out = moe_lora_experts(x, index, w, gu, d, act, alpha=experts.alpha if act == "gptoss" else 1.702,
+                           limit=experts.limit if act == "gptoss" else 7.0)
+    leaves = [x, w] + _lora_leaves(gu, d)
+    dout = torch.randn_like(out)
+    for a, b in zip((out,) + torch.autograd.grad(out, leaves, dout), (ref,) + torch.autograd.grad(ref, leaves, dout)):
+        assert _rel(a, b) < 1e-5
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    """One custom op (fusedlora::moe_lora_experts, with its backward op) for eager and torch.compile: no graph
+    break, the same output and gradients."""
+    x, index, w, gu, d = _case(T=6)
+
+    def layer(x, index, w):
+        return moe_lora_experts(x, index, w, gu, d)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    leaves = [x, w] + _lora_leaves(gu, d)
+    eager_out, compiled_out = layer(x, index, w), compiled(x, index, w)
+    assert torch.equal(eager_out, compiled_out)
+    for a, b in zip(torch.autograd.grad(eager_out.sum(), leaves), torch.autograd.grad(compiled_out.sum(), leaves)):
+        assert torch.equal(a, b)
