@@ -14,7 +14,7 @@ from .kernel_spec import (COMPATIBLE_ARCHS, DTYPES, REGISTERED, SIGNATURE_TYPES,
 
 # Every kernel family's module: its @triton.jit sources and, beside them, their KernelSpecs.
 KERNEL_MODULES = ("csrc_triton.rms_norm", "csrc_triton.glu", "csrc_triton.glu_lora", "csrc_triton.cross_entropy",
-                  "csrc_triton.rope", "csrc_triton.quant")
+                  "csrc_triton.rope", "csrc_triton.quant", "csrc_triton.moe_lora")
 
 
 def get(name: str) -> KernelSpec:

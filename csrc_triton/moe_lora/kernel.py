@@ -1,0 +1,375 @@
+"""Routed experts with LoRA (issue 36): grouped GEMMs over the rows of a MoE layer sorted by expert, with each
+expert's rank-r LoRA term taken inside the same tiles (docs/moe-design.md 5.2-5.3).
+
+Rows are the T*k (token, slot) pairs sorted by expert ("sorted rows"); SLOT[row] = t * k + j names the pair, so
+the token is SLOT[row] // k. The GEMM grid is (MAX_TILES, column tiles) with MAX_TILES a bound known from the
+shapes alone; TILE_E[m] is the expert of M-tile m (n_experts for the tiles past the real count, which exit at
+once) and TILE_ROW0[m] its first row; the tile's rows end at START[e + 1]. No count ever reaches the host.
+
+PEFT's layouts are read in place: A [E*r, in] expert-major (A_e[j, c] = A[e*r + j, c]); B [out, r*E]
+expert-minor (B_e[o, j] = B[o, j*E + e]). W is [E, out, in], or [E, in, out] when TRANS (gpt_oss).
+The gate/up projection's output EG keeps W's output order: concatenated [gate | up] (silu) or interleaved
+gate = even, up = odd columns (gptoss). Ranks are padded to RP (>= 16, a power of two) with masked loads.
+NF4 weights (NF4=1) are decoded a [BK, BN] tile at a time, bit-identical to bitsandbytes' dequantize_4bit.
+All offsets of rows, experts and weights are int64.
+"""
+import triton
+import triton.language as tl
+
+from csrc_triton.glu_lora.kernel import _mma
+from csrc_triton._math import _act_and_grad
+
+ACT_SILU = 0
+ACT_GPTOSS = 1
+
+# NF4 decode must round as bitsandbytes does (no FMA contraction), as the dequantisation kernel does.
+COMPILE_OPTIONS = {name: {"enable_fp_fusion": False} for name in (
+    "moe_gate_up_fwd_kernel", "moe_down_fwd_kernel", "moe_down_bwd_kernel", "moe_gate_up_bwd_dx_kernel")}
+
+
+@triton.jit
+def _tile(TILE_E, TILE_ROW0, START, SLOT, top_k, BM: tl.constexpr):
+    # This M-tile's expert, rows (sorted order), which of them are real, their slots and tokens.
+    m = tl.program_id(0)
+    e = tl.load(TILE_E + m)
+    row0 = tl.load(TILE_ROW0 + m).to(tl.int64)
+    row_end = tl.load(START + e + 1)  # (e == n_experts: the caller returns before using it)
+    rows = row0 + tl.arange(0, BM)
+    row_ok = rows < row_end
+    slot = tl.load(SLOT + rows, mask=row_ok, other=0).to(tl.int64)
+    return e, rows, row_ok, slot, slot // top_k
+
+
+@triton.jit
+def _nf4_decode(PACKED, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, flat, ok, BLOCKSIZE: tl.constexpr,
+                BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr):
+    # Elements `flat` (int64, flat index of the stored [E, N, K] or [E, K, N] stack) of a bitsandbytes NF4
+    # tensor in fp32: code[nibble] * absmax, the high nibble holding the even element (as _nf4_program in
+    # csrc_triton/quant/kernel.py, per element here because a GEMM tile is not contiguous).
+    byte = tl.load(PACKED + flat // 2, mask=ok, other=0).to(tl.int32)
+    nib = tl.where((flat % 2) == 0, byte >> 4, byte & 15)
+    code = tl.load(CODE + nib, mask=ok, other=0.0)
+    blk = flat // BLOCKSIZE
+    if NESTED:
+        a8 = tl.load(ABSMAX + blk, mask=ok, other=0).to(tl.int32)
+        am = tl.load(CODE2 + a8, mask=ok, other=0.0) * tl.load(ABSMAX2 + blk // BLOCKSIZE2, mask=ok, other=0.0)
+        am = am + tl.load(OFFSET)
+    else:
+        am = tl.load(ABSMAX + blk, mask=ok, other=0.0)
+    return code * am
+
+
+@triton.jit
+def _w_tile(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, out_idx, in_idx, mask, n_out, n_in,
+            TRANS: tl.constexpr, NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+            NESTED: tl.constexpr, DTYPE: tl.constexpr):
+    # W_e[out_idx, in_idx] (broadcast shapes) in the compute dtype: plain, transposed, or decoded NF4.
+    if TRANS:
+        flat = e.to(tl.int64) * n_out * n_in + in_idx.to(tl.int64) * n_out + out_idx
+    else:
+        flat = e.to(tl.int64) * n_out * n_in + out_idx.to(tl.int64) * n_in + in_idx
+    if NF4:
+        return _nf4_decode(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, flat, mask, BLOCKSIZE, BLOCKSIZE2,
+                           NESTED).to(DTYPE)
+    else:
+        return tl.load(W + flat, mask=mask, other=0.0)
+
+
+@triton.jit
+def _a_tile(A, e, rk, rank, in_idx, in_ok, n_in):
+    # A_e[j, c] = A[e*r + j, c] as a [len(c), RP] tile (rank padded with zeros)
+    return tl.load(A + (e.to(tl.int64) * rank + rk[None, :]) * n_in + in_idx[:, None],
+                   mask=in_ok[:, None] & (rk < rank)[None, :], other=0.0)
+
+
+@triton.jit
+def _b_tile(B, e, rk, rank, n_experts, out_idx, out_ok):
+    # B_e[o, j] = B[o, j*E + e] as a [len(o), RP] tile (rank padded with zeros)
+    return tl.load(B + out_idx[:, None].to(tl.int64) * rank * n_experts + rk[None, :] * n_experts + e,
+                   mask=out_ok[:, None] & (rk < rank)[None, :], other=0.0)
+
+
+@triton.jit
+def _lora_term(small, factor, scale):
+    # s * small factor^T: the rank-r term of an output tile, small [BM, RP], factor [BN, RP]
+    return scale * _mma(small, tl.trans(factor), tl.zeros([small.shape[0], factor.shape[0]], tl.float32))
+
+
+@triton.jit
+def _gate_up_cols(n, n_inter, ACT: tl.constexpr):
+    # W's output rows (EG's columns) of gate and up for intermediate channels n
+    if ACT == 1:
+        return 2 * n, 2 * n + 1
+    else:
+        return n, n + n_inter
+
+
+@triton.jit
+def _glu(gate, up, alpha, limit, ACT: tl.constexpr):
+    if ACT == 1:  # gpt_oss: (clamp(up) + 1) * g * sigmoid(alpha g), g = min(gate, limit)
+        g = tl.minimum(gate, limit)
+        u = tl.minimum(tl.maximum(up, -limit), limit)
+        return (u + 1.0) * g * tl.sigmoid(alpha * g)
+    else:
+        a, _ = _act_and_grad(gate, 0)
+        return a * up
+
+
+@triton.jit
+def _glu_bwd(dh, gate, up, alpha, limit, ACT: tl.constexpr):
+    # (d gate, d up, h); torch's clamp passes the gradient where min <= x <= max (inclusive)
+    if ACT == 1:
+        g = tl.minimum(gate, limit)
+        u = tl.minimum(tl.maximum(up, -limit), limit)
+        sg = tl.sigmoid(alpha * g)
+        dgate = tl.where(gate <= limit, dh * (u + 1.0) * sg * (1.0 + alpha * g * (1.0 - sg)), 0.0)
+        dup = tl.where((up >= -limit) & (up <= limit), dh * g * sg, 0.0)
+        return dgate, dup, (u + 1.0) * g * sg
+    else:
+        a, da = _act_and_grad(gate, 0)
+        return dh * up * da, dh * a, a * up
+
+
+@triton.jit(do_not_specialize=["n_experts", "top_k", "rank"])
+def moe_gate_up_fwd_kernel(
+    X, W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, A, B, BIAS, TILE_E, TILE_ROW0, START, SLOT, EG, HOUT, XA,
+    n_experts, top_k, hidden, n_inter, rank,
+    scale, alpha, limit,
+    ACT: tl.constexpr, TRANS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, RP: tl.constexpr,
+    NF4: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """Gate/up projection of the sorted rows with LoRA and the GLU: for this tile's expert e and the tokens x
+    of its rows, EG = x W_e^T + s (x A_e^T) B_e^T (+ b_e) in W's output order, HOUT = GLU(gate, up) [TK, I],
+    XA = x A_e^T [TK, RP] (stored by the first column tile). The rank-r product rides in the K-loop on
+    the x tile already loaded."""
+    e, rows, row_ok, slot, tok = _tile(TILE_E, TILE_ROW0, START, SLOT, top_k, BM)
+    if e >= n_experts:
+        return
+    dtype = EG.dtype.element_ty
+    pid_n = tl.program_id(1)
+    n = pid_n * BN + tl.arange(0, BN)
+    n_ok = n < n_inter
+    g_col, u_col = _gate_up_cols(n, n_inter, ACT)
+    rk = tl.arange(0, RP)
+    acc_g = tl.zeros([BM, BN], tl.float32)
+    acc_u = tl.zeros([BM, BN], tl.float32)
+    acc_xa = tl.zeros([BM, RP], tl.float32)
+    for k0 in range(0, hidden, BK):
+        kk = k0 + tl.arange(0, BK)
+        k_ok = kk < hidden
+        xt = tl.load(X + tok[:, None] * hidden + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_ok = k_ok[:, None] & n_ok[None, :]
+        wg = _w_tile(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, g_col[None, :], kk[:, None], w_ok, 2 * n_inter,
+                     hidden, TRANS, NF4, BLOCKSIZE, BLOCKSIZE2, NESTED, dtype)
+        wu = _w_tile(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, u_col[None, :], kk[:, None], w_ok, 2 * n_inter,
+                     hidden, TRANS, NF4, BLOCKSIZE, BLOCKSIZE2, NESTED, dtype)
+        acc_g = _mma(xt, wg, acc_g)
+        acc_u = _mma(xt, wu, acc_u)
+        if HAS_LORA:
+            acc_xa = _mma(xt, _a_tile(A, e, rk, rank, kk, k_ok, hidden), acc_xa)
+    if HAS_LORA:
+        xa = acc_xa.to(dtype)  # rounded as stored: the backward's dB uses the same values
+        acc_g += _lora_term(xa, _b_tile(B, e, rk, rank, n_experts, g_col, n_ok), scale)
+        acc_u += _lora_term(xa, _b_tile(B, e, rk, rank, n_experts, u_col, n_ok), scale)
+        if pid_n == 0:
+            tl.store(XA + rows[:, None] * RP + rk[None, :], xa, mask=row_ok[:, None])
+    if HAS_BIAS:
+        b_row = BIAS + e.to(tl.int64) * 2 * n_inter
+        acc_g += tl.load(b_row + g_col, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(b_row + u_col, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    gate = acc_g.to(dtype)
+    up = acc_u.to(dtype)
+    mask = row_ok[:, None] & n_ok[None, :]
+    eg_row = EG + rows[:, None] * 2 * n_inter
+    tl.store(eg_row + g_col[None, :], gate, mask=mask)
+    tl.store(eg_row + u_col[None, :], up, mask=mask)
+    # the GLU of the rounded values: the backward recomputes it from EG and must see the same h
+    h = _glu(gate.to(tl.float32), up.to(tl.float32), alpha, limit, ACT)
+    tl.store(HOUT + rows[:, None] * n_inter + n[None, :], h.to(dtype), mask=mask)
+
+
+@triton.jit(do_not_specialize=["n_experts", "top_k", "rank"])
+def moe_down_fwd_kernel(
+    HIN, W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, A, B, BIAS, RW, TILE_E, TILE_ROW0, START, SLOT, OUT_SLOTS, HA,
+    n_experts, top_k, hidden, n_inter, rank,
+    scale,
+    TRANS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, RP: tl.constexpr,
+    NF4: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """Down projection of the sorted rows h [TK, I] with LoRA: y = h W_e^T + s (h A_e^T) B_e^T (+ b_e), times
+    the routing weight RW[slot] (fp32, slot order), stored to slot order OUT_SLOTS [TK, H]; HA = h A_e^T
+    [TK, RP] (first column tile)."""
+    e, rows, row_ok, slot, tok = _tile(TILE_E, TILE_ROW0, START, SLOT, top_k, BM)
+    if e >= n_experts:
+        return
+    dtype = OUT_SLOTS.dtype.element_ty
+    pid_n = tl.program_id(1)
+    n = pid_n * BN + tl.arange(0, BN)
+    n_ok = n < hidden
+    rk = tl.arange(0, RP)
+    acc = tl.zeros([BM, BN], tl.float32)
+    acc_ha = tl.zeros([BM, RP], tl.float32)
+    for k0 in range(0, n_inter, BK):
+        kk = k0 + tl.arange(0, BK)
+        k_ok = kk < n_inter
+        ht = tl.load(HIN + rows[:, None] * n_inter + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = _w_tile(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, n[None, :], kk[:, None],
+                     k_ok[:, None] & n_ok[None, :], hidden, n_inter, TRANS, NF4, BLOCKSIZE, BLOCKSIZE2, NESTED, dtype)
+        acc = _mma(ht, wt, acc)
+        if HAS_LORA:
+            acc_ha = _mma(ht, _a_tile(A, e, rk, rank, kk, k_ok, n_inter), acc_ha)
+    if HAS_LORA:
+        ha = acc_ha.to(dtype)
+        acc += _lora_term(ha, _b_tile(B, e, rk, rank, n_experts, n, n_ok), scale)
+        if pid_n == 0:
+            tl.store(HA + rows[:, None] * RP + rk[None, :], ha, mask=row_ok[:, None])
+    if HAS_BIAS:
+        acc += tl.load(BIAS + e.to(tl.int64) * hidden + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    rw = tl.load(RW + slot, mask=row_ok, other=0.0)
+    tl.store(OUT_SLOTS + slot[:, None] * hidden + n[None, :], (acc * rw[:, None]).to(dtype),
+             mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["n_experts", "top_k", "rank", "n_col_tiles"])
+def moe_down_bwd_kernel(
+    DO, W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, A, B, BIAS, RW, EG, TILE_E, TILE_ROW0, START, SLOT,
+    DEG, HBUF, DOB, DW_PART,
+    n_experts, top_k, hidden, n_inter, rank, n_col_tiles,
+    scale, alpha, limit,
+    ACT: tl.constexpr, TRANS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, RP: tl.constexpr,
+    NF4: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """Down projection's backward over intermediate channels n, the GLU's backward in the epilogue. With the
+    token's output gradient g = DO[token]: dh_u = g W_e + s (g B_e) A_e (unweighted, [BM, BN]);
+    h = GLU(EG) recomputed; DW_PART[slot, tile] = sum_n dh_u h (+ <g, b_e> from the first tile): the routing
+    weight's gradient in partials; DEG = GLU'(RW[slot] dh_u) in EG's layout. With LoRA: HBUF = h [TK, I]
+    and DOB = s RW[slot] g B_e [TK, RP] (first tile), for dA/dB of the down projection."""
+    e, rows, row_ok, slot, tok = _tile(TILE_E, TILE_ROW0, START, SLOT, top_k, BM)
+    if e >= n_experts:
+        return
+    dtype = DEG.dtype.element_ty
+    pid_n = tl.program_id(1)
+    n = pid_n * BN + tl.arange(0, BN)
+    n_ok = n < n_inter
+    rk = tl.arange(0, RP)
+    acc = tl.zeros([BM, BN], tl.float32)
+    acc_ob = tl.zeros([BM, RP], tl.float32)
+    acc_db = tl.zeros([BM], tl.float32)
+    for k0 in range(0, hidden, BK):
+        kk = k0 + tl.arange(0, BK)
+        k_ok = kk < hidden
+        dot = tl.load(DO + tok[:, None] * hidden + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = _w_tile(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, kk[:, None], n[None, :],
+                     k_ok[:, None] & n_ok[None, :], hidden, n_inter, TRANS, NF4, BLOCKSIZE, BLOCKSIZE2, NESTED, dtype)
+        acc = _mma(dot, wt, acc)
+        if HAS_LORA:
+            acc_ob = _mma(dot, _b_tile(B, e, rk, rank, n_experts, kk, k_ok), acc_ob)
+        if HAS_BIAS:
+            if pid_n == 0:
+                bias = tl.load(BIAS + e.to(tl.int64) * hidden + kk, mask=k_ok, other=0.0).to(tl.float32)
+                acc_db += tl.sum(dot.to(tl.float32) * bias[None, :], axis=1)
+    rw = tl.load(RW + slot, mask=row_ok, other=0.0)
+    if HAS_LORA:
+        ob = acc_ob.to(dtype)
+        acc += _lora_term(ob, _a_tile(A, e, rk, rank, n, n_ok, n_inter), scale)
+        if pid_n == 0:
+            tl.store(DOB + rows[:, None] * RP + rk[None, :], (ob.to(tl.float32) * (rw * scale)[:, None]).to(dtype),
+                     mask=row_ok[:, None])
+    mask = row_ok[:, None] & n_ok[None, :]
+    g_col, u_col = _gate_up_cols(n, n_inter, ACT)
+    eg_row = rows[:, None] * 2 * n_inter
+    gate = tl.load(EG + eg_row + g_col[None, :], mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(EG + eg_row + u_col[None, :], mask=mask, other=0.0).to(tl.float32)
+    dgate, dup, h = _glu_bwd(acc * rw[:, None], gate, up, alpha, limit, ACT)
+    h = tl.where(mask, h.to(dtype).to(tl.float32), 0.0)  # h as the forward stored it
+    dw = tl.sum(acc * h, axis=1)
+    if HAS_BIAS:
+        dw += acc_db
+    tl.store(DW_PART + slot * n_col_tiles + pid_n, dw, mask=row_ok)
+    tl.store(DEG + eg_row + g_col[None, :], dgate.to(dtype), mask=mask)
+    tl.store(DEG + eg_row + u_col[None, :], dup.to(dtype), mask=mask)
+    if HAS_LORA:
+        tl.store(HBUF + rows[:, None] * n_inter + n[None, :], h.to(dtype), mask=mask)
+
+
+@triton.jit(do_not_specialize=["n_experts", "top_k", "rank"])
+def moe_gate_up_bwd_dx_kernel(
+    DEG, W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, A, B, TILE_E, TILE_ROW0, START, SLOT, DX_SLOTS, DHB,
+    n_experts, top_k, hidden, n_inter, rank,
+    scale,
+    TRANS: tl.constexpr, HAS_LORA: tl.constexpr, RP: tl.constexpr,
+    NF4: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """Gate/up projection's input gradient: dx = dEG W_e + s (dEG B_e) A_e over hidden channels n, the K-loop
+    over EG's 2I columns (W's output order), stored to slot order DX_SLOTS [TK, H]; DHB = s dEG B_e
+    [TK, RP] (first column tile), for dA of the gate/up projection."""
+    e, rows, row_ok, slot, tok = _tile(TILE_E, TILE_ROW0, START, SLOT, top_k, BM)
+    if e >= n_experts:
+        return
+    dtype = DX_SLOTS.dtype.element_ty
+    pid_n = tl.program_id(1)
+    n = pid_n * BN + tl.arange(0, BN)
+    n_ok = n < hidden
+    rk = tl.arange(0, RP)
+    n_out = 2 * n_inter
+    acc = tl.zeros([BM, BN], tl.float32)
+    acc_hb = tl.zeros([BM, RP], tl.float32)
+    for k0 in range(0, n_out, BK):
+        kk = k0 + tl.arange(0, BK)
+        k_ok = kk < n_out
+        deg = tl.load(DEG + rows[:, None] * n_out + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = _w_tile(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, kk[:, None], n[None, :],
+                     k_ok[:, None] & n_ok[None, :], n_out, hidden, TRANS, NF4, BLOCKSIZE, BLOCKSIZE2, NESTED, dtype)
+        acc = _mma(deg, wt, acc)
+        if HAS_LORA:
+            acc_hb = _mma(deg, _b_tile(B, e, rk, rank, n_experts, kk, k_ok), acc_hb)
+    if HAS_LORA:
+        hb = acc_hb.to(dtype)
+        acc += _lora_term(hb, _a_tile(A, e, rk, rank, n, n_ok, hidden), scale)
+        if pid_n == 0:
+            tl.store(DHB + rows[:, None] * RP + rk[None, :], (hb.to(tl.float32) * scale).to(dtype),
+                     mask=row_ok[:, None])
+    tl.store(DX_SLOTS + slot[:, None] * hidden + n[None, :], acc.to(dtype), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["top_k", "rank", "out_stride_e", "out_stride_j", "out_stride_c"])
+def moe_lora_seg_grad_kernel(
+    BIG, SMALL, SLOT, RW, START, OUT,
+    n_cols, top_k, rank, out_stride_e, out_stride_j, out_stride_c,
+    scale,
+    GATHER: tl.constexpr, ROW_SCALE: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):
+    """A LoRA factor's gradient, per expert e: OUT[e, j, c] = scale * sum over e's sorted rows of
+    BIG[src(row), c] (* RW[slot]) * SMALL[row, j], with src = SLOT[row] // k (GATHER: BIG is in token order,
+    e.g. x or the output gradient) or row (BIG in sorted order). OUT is fp32, addressed through strides so
+    that PEFT's A [E*r, in] and B [out, r*E] layouts are written directly. Each program loops over its
+    expert's rows, with the bounds read from START on the device; an expert with no row writes zeros."""
+    e = tl.program_id(0)
+    c = tl.program_id(1) * BN + tl.arange(0, BN)
+    c_ok = c < n_cols
+    rk = tl.arange(0, RP)
+    row_lo = tl.load(START + e)
+    row_hi = tl.load(START + e + 1)
+    acc = tl.zeros([BN, RP], tl.float32)
+    for r0 in range(row_lo, row_hi, BM):
+        rows = r0 + tl.arange(0, BM)
+        row_ok = rows < row_hi
+        rows = rows.to(tl.int64)
+        if GATHER or ROW_SCALE:
+            slot = tl.load(SLOT + rows, mask=row_ok, other=0).to(tl.int64)
+        if GATHER:
+            src = slot // top_k
+        else:
+            src = rows
+        big = tl.load(BIG + src[:, None] * n_cols + c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        if ROW_SCALE:
+            rw = tl.load(RW + slot, mask=row_ok, other=0.0)
+            big = (big.to(tl.float32) * rw[:, None]).to(BIG.dtype.element_ty)
+        small = tl.load(SMALL + rows[:, None] * RP + rk[None, :], mask=row_ok[:, None], other=0.0)
+        acc = _mma(tl.trans(big), small, acc)
+    out = OUT + e.to(tl.int64) * out_stride_e + rk[None, :].to(tl.int64) * out_stride_j + c[:, None] * out_stride_c
+    tl.store(out, acc * scale, mask=c_ok[:, None] & (rk < rank)[None, :])

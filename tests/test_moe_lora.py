@@ -1,0 +1,382 @@
+"""The routed-experts op (fusedlora.ops.moe_lora, kernels csrc_triton/moe_lora) against the plain-torch reference
+`naive_moe_lora` in float64: the output and every gradient (x, routing weights, PEFT's lora_A / lora_B of both
+projections), on hand-made routings that hit the edge cases of the grouped GEMMs, both GLU layouts, and bad
+input. Shapes are tiny: the kernels run in Triton's CPU interpreter here."""
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from conftest import DEVICE, HAS_CUDA, assert_device_assert
+from csrc_triton.moe_lora.kernel import _w_tile
+from fusedlora.ops.moe_lora import ExpertProj, moe_lora_experts, moe_route, naive_moe_lora
+
+FP32_TOL = 2e-5  # max |error| / max |reference|: fp32 products summed over <= 64 terms (fp32 accumulation)
+
+
+def _proj(E, n_out, n_in, rank, scale, gen, transposed=False, bias=False, w_scale=None):
+    w_scale = w_scale or n_in ** -0.5
+    W = torch.randn(E, n_out, n_in, generator=gen) * w_scale
+    if transposed:
+        W = W.transpose(1, 2).contiguous()
+    A = B = None
+    if rank:
+        A = _leaf(torch.randn(E * rank, n_in, generator=gen) * n_in ** -0.5)
+        B = _leaf(torch.randn(n_out, rank * E, generator=gen) * 0.5)
+    b = torch.randn(E, n_out, generator=gen).to(DEVICE) if bias else None
+    return ExpertProj(W.to(DEVICE), A, B, scale, b, transposed=transposed)
+
+
+def _leaf(t):
+    return t.to(DEVICE).requires_grad_()
+
+
+def _case(T=13, k=2, E=4, H=64, I=32, r_gu=4, r_d=4, act="silu", index=None, seed=0, w_scale_gu=None):
+    gen = torch.Generator().manual_seed(seed)
+    gptoss = act == "gptoss"
+    x = _leaf(torch.randn(T, H, generator=gen))
+    if index is None:
+        index = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+    index = index.to(DEVICE)
+    w = _leaf(torch.rand(T, k, generator=gen))
+    gu = _proj(E, 2 * I, H, r_gu, 1.5, gen, transposed=gptoss, bias=gptoss, w_scale=w_scale_gu)
+    d = _proj(E, H, I, r_d, 0.5, gen, transposed=gptoss, bias=gptoss)
+    return x, index, w, gu, d
+
+
+def _as_double(p: ExpertProj) -> ExpertProj:
+    leaf = (lambda t: None if t is None else t.detach().double().requires_grad_())
+    weight = p.weight if p.quant_state is not None else p.weight.double()  # (the reference decodes 4-bit bytes)
+    return ExpertProj(weight, leaf(p.lora_A), leaf(p.lora_B), p.scale,
+                      None if p.bias is None else p.bias.double(), p.quant_state, p.transposed)
+
+
+def _lora_leaves(gu, d):
+    return [t for t in (gu.lora_A, gu.lora_B, d.lora_A, d.lora_B) if t is not None]
+
+
+def _rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def _check(case, act="silu", block_m=16, tol=FP32_TOL, ref_proj=None, **kw):
+    """Fused vs reference: out and the gradients of x, w and each LoRA factor; returns the errors by name."""
+    x, index, w, gu, d = case
+    gen = torch.Generator().manual_seed(1)
+    dout = torch.randn(x.shape, generator=gen).to(DEVICE)
+    out = moe_lora_experts(x, index, w, gu, d, act, block_m=block_m, **kw)
+    leaves = [x, w] + _lora_leaves(gu, d)
+    grads = torch.autograd.grad(out, leaves, dout)
+    gu64, d64 = ref_proj or (_as_double(gu), _as_double(d))
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = naive_moe_lora(x64, index, w64, gu64, d64, act)
+    leaves64 = [x64, w64] + _lora_leaves(gu64, d64)
+    grads64 = torch.autograd.grad(ref, leaves64, dout.double())
+    names = ["out", "dx", "dw"] + [n for n, p in (("dA_gu", gu.lora_A), ("dB_gu", gu.lora_B), ("dA_d", d.lora_A),
+                                                  ("dB_d", d.lora_B)) if p is not None]
+    errs = {n: _rel(a, b) for n, a, b in zip(names, (out,) + grads, (ref,) + grads64)}
+    assert out.dtype == x.dtype and all(g.dtype == leaf.dtype for g, leaf in zip(grads, leaves))
+    bad = {n: e for n, e in errs.items() if not e < tol}
+    assert not bad, f"errors past {tol}: {bad} (all: {errs})"
+    return errs
+
+
+# One expert (1) gets no token; expert 2 gets 13 rows (with block_m 4: four M-tiles, the last partial); each
+# token sends its two slots to experts with different counts.
+SKEWED = torch.tensor([[0, 2], [2, 3], [2, 0], [3, 2], [2, 3], [0, 2], [2, 3], [3, 2], [2, 0], [0, 2], [2, 3],
+                       [2, 0], [3, 2]])
+
+
+def test_route_metadata_tiles_and_bound():
+    route = moe_route(SKEWED.to(DEVICE), 4, 16)
+    counts = torch.bincount(SKEWED.flatten(), minlength=4)  # (the test may sync; the op never does)
+    assert route.start.tolist() == [0] + torch.cumsum(counts, 0).tolist()
+    assert route.tile_expert.shape[0] == -(-26 // 16) + 4
+    tiles = [e for e in route.tile_expert.tolist() if e < 4]
+    assert tiles == [0, 2, 3]  # 6, 13 and 7 rows: one tile each; expert 1 none
+    route = moe_route(SKEWED.to(DEVICE), 4, 4)
+    assert route.tile_expert.tolist()[:8] == [0, 0, 2, 2, 2, 2, 3, 3]
+    assert route.tile_row0.tolist()[:8] == [0, 4, 6, 10, 14, 18, 19, 23]
+    assert (route.tile_expert[8:] == 4).all()  # past the real count: the kernels' programs exit
+    slot = route.slot.long().cpu()
+    assert (SKEWED.flatten()[slot].diff() >= 0).all()
+
+
+@pytest.mark.parametrize("act", ["silu", "gptoss"])
+def test_matches_reference_skewed_routing(act):
+    _check(_case(index=SKEWED, act=act, w_scale_gu=3 * 64 ** -0.5 if act == "gptoss" else None), act)
+
+
+def test_rows_spanning_several_tiles_and_an_empty_expert():
+    index = torch.zeros(16, 2, dtype=torch.long)
+    index[:, 1] = 3  # experts 1 and 2 get nothing; 0 and 3 get 16 rows each: BM 8 → two tiles per expert
+    _check(_case(T=16, index=index), block_m=16)
+    index[:, 0] = 4
+    index[:, 1] = 4  # every token to one expert, 32 rows: two M-tiles of 16
+    _check(_case(T=16, E=5, index=index))
+
+
+@pytest.mark.parametrize("k", [1, 8])
+def test_top_k_one_and_eight(k):
+    _check(_case(T=5, k=k, E=8, H=32, I=16))
+
+
+def test_odd_expert_count_and_block_m_64():
+    _check(_case(T=11, k=2, E=5, H=48, I=24), block_m=64)
+
+
+def test_projection_without_adapter_and_different_ranks():
+    _check(_case(r_gu=0, r_d=5))
+    _check(_case(r_gu=3, r_d=0))
+    _check(_case(r_gu=0, r_d=0))
+    _check(_case(r_gu=20, r_d=2, T=6))  # RP 32 and 16
+
+
+def test_gptoss_clamps_including_a_value_exactly_at_the_limit():
+    """gpt_oss: interleaved gate/up columns, biases, values far past the clamp (W scaled up), and one gate
+    exactly at the limit (its W row and B row zero, its bias 7.0): torch's clamp passes the gradient there,
+    which dB_gu sees through d_gate."""
+    case = _case(act="gptoss", w_scale_gu=4 * 64 ** -0.5, index=SKEWED)
+    x, index, w, gu, d = case
+    with torch.no_grad():
+        gu.weight[2, :, 0] = 0.0  # transposed [E, H, 2I]: column 0 is expert 2's gate of channel 0
+        gu.lora_B[0, 2::4] = 0.0  # B_e[o, j] = B[o, j*E + e]
+        gu.bias[2, 0] = 7.0
+    gu64, d64 = _as_double(gu), _as_double(d)
+    h = x.detach().double() @ gu64.weight[2] + gu64.bias[2]
+    assert (h[:, 0::2] > 7).any() and (h[:, 1::2].abs() > 7).any() and (h[:, 0] == 7.0).all()
+    _check(case, act="gptoss", ref_proj=(gu64, d64))
+
+
+def test_second_backward_through_a_retained_graph():
+    x, index, w, gu, d = _case(T=6)
+    out = moe_lora_experts(x, index, w, gu, d, block_m=16)
+    dout = torch.randn_like(out)
+    leaves = [x, w] + _lora_leaves(gu, d)
+    first = torch.autograd.grad(out, leaves, dout, retain_graph=True)
+    second = torch.autograd.grad(out, leaves, dout)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_double_backward_is_refused():
+    x, index, w, gu, d = _case(T=4)
+    out = moe_lora_experts(x, index, w, gu, d)
+    with pytest.raises(RuntimeError, match="moe_lora_experts: its gradients come from kernels"):
+        torch.autograd.grad(out.sum(), [x], create_graph=True)
+
+
+def test_fp16_under_a_loss_scale():
+    """fp16 activations and weights, fp32 LoRA factors (PEFT's), the gradient scaled by 1024 as a GradScaler
+    does: the unscaled gradients match the fp64 reference to fp16's precision."""
+    x, index, w, gu, d = _case(T=9)
+    half = (lambda p: ExpertProj(p.weight.half(), p.lora_A, p.lora_B, p.scale, p.bias, transposed=p.transposed))
+    gu16, d16 = half(gu), half(d)
+    x16 = x.detach().half().requires_grad_()
+    dout = torch.randn(x.shape).to(DEVICE)
+    out = moe_lora_experts(x16, index, w, gu16, d16)
+    assert out.dtype == torch.float16
+    leaves = [x16, w] + _lora_leaves(gu, d)
+    grads = torch.autograd.grad(out, leaves, (dout * 1024).half())
+    gu64 = ExpertProj(gu16.weight.double(), *[t.detach().double().requires_grad_() for t in (gu.lora_A, gu.lora_B)],
+                      gu.scale)
+    d64 = ExpertProj(d16.weight.double(), *[t.detach().double().requires_grad_() for t in (d.lora_A, d.lora_B)],
+                     d.scale)
+    x64, w64 = x16.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = naive_moe_lora(x64, index, w64, gu64, d64)
+    grads64 = torch.autograd.grad(ref, [x64, w64] + _lora_leaves(gu64, d64), dout.double())
+    assert _rel(out, ref) < 3e-3
+    for g, g64 in zip(grads, grads64):
+        assert torch.isfinite(g).all() and _rel(g.double() / 1024, g64) < 5e-3
+
+
+def test_routing_weights_in_the_models_dtype_get_their_gradient_in_it():
+    x, index, w, gu, d = _case(T=5)
+    w16 = w.detach().half().requires_grad_()
+    out = moe_lora_experts(x, index, w16, gu, d)
+    (dw,) = torch.autograd.grad(out.sum(), [w16])
+    assert dw.dtype == torch.float16 and torch.isfinite(dw).all()
+
+
+def _bad(case, match, exc=ValueError, **changes):
+    x, index, w, gu, d = case
+    args = dict(x=x, top_k_index=index, top_k_weights=w, gate_up=gu, down=d)
+    args.update(changes)
+    with pytest.raises(exc, match=match):
+        moe_lora_experts(**args)
+
+
+def test_bad_input_is_named():
+    case = _case(T=5)
+    x, index, w, gu, d = case
+    _bad(case, "activation must be one of", activation="relu")
+    _bad(case, r"x must be \[tokens, hidden\]", x=x[None])
+    _bad(case, "top_k_index has dtype float32", TypeError, top_k_index=index.float())
+    _bad(case, r"top_k_index must be \[tokens, k\] with 5 tokens", top_k_index=index[:3])
+    _bad(case, "top_k_weights has shape", top_k_weights=w[:, :1])
+    _bad(case, r"down.weight has shape \(4, 32, 32\); expected \[E, 64, in\]",
+         down=ExpertProj(d.weight[:, :32], scale=1.0))
+    _bad(case, r"gate_up.weight has shape .*; expected \[E, 64, 64\]", gate_up=ExpertProj(gu.weight[:, :32]))
+    _bad(case, "gate_up.weight requires grad, but the fused path keeps expert weights frozen",
+         gate_up=ExpertProj(gu.weight.clone().requires_grad_(), gu.lora_A, gu.lora_B))
+    _bad(case, "gate_up.weight is torch.float16 but the compute dtype is torch.float32", TypeError,
+         gate_up=ExpertProj(gu.weight.half(), gu.lora_A, gu.lora_B))
+    _bad(case, r"down.lora_A has shape \(10, 32\); expected PEFT's \[E\*r, in\]",
+         down=ExpertProj(d.weight, d.lora_A[:10], d.lora_B))
+    _bad(case, r"down.lora_B has shape .*expected PEFT's \[out, r\*E\] = \[64, 16\]",
+         down=ExpertProj(d.weight, d.lora_A, d.lora_B[:, :8]))
+    _bad(case, "has lora_A but no lora_B", down=ExpertProj(d.weight, d.lora_A))
+    _bad(case, r"down.bias has shape \(4, 3\); expected \[E, out\] = \[4, 64\]",
+         down=ExpertProj(d.weight, bias=torch.zeros(4, 3, device=DEVICE)))
+    _bad(case, "gate_up has 3 experts but down has 4",
+         gate_up=ExpertProj(gu.weight[:3]))
+    _bad(case, "block_m must be", block_m=24)
+
+
+ROUTE_BAD = """
+import torch
+from fusedlora.ops.moe_lora import moe_route
+index = torch.randint(0, 4, (5, 2), device="cuda")
+index[2, 1] = {bad}
+moe_route(index, 4, 64)
+torch.cuda.synchronize()
+"""
+
+
+@pytest.mark.parametrize("bad", [4, -1])
+def test_index_out_of_range_fails_on_the_device_check(bad):
+    """An expert index outside [0, E) is caught without a host sync: a device-side assertion (its own process
+    on a GPU, where it ends the CUDA context), naming the argument and the range."""
+    if HAS_CUDA:
+        assert_device_assert(ROUTE_BAD.format(bad=bad), "top_k_index has values outside [0, 4)")
+        return
+    x, index, w, gu, d = _case(T=5)
+    wrong = index.clone()
+    wrong[2, 1] = bad
+    with pytest.raises(RuntimeError, match=r"top_k_index has values outside \[0, 4\)"):
+        moe_lora_experts(x, wrong, w, gu, d)
+
+
+# ---------------------------------------------------------------- NF4 experts (bitsandbytes quantize_4bit)
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+
+
+def _nf4(W, nested):
+    packed, qs = bnb_functional.quantize_4bit(W.contiguous(), blocksize=64, compress_statistics=nested,
+                                              quant_type="nf4")
+    return packed, qs
+
+
+@triton.jit
+def _nf4_decode_kernel(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, OUT, n_out, n_in, TRANS: tl.constexpr,
+                       NESTED: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
+    # expert e's [n_out, n_in] (logical layout) a [BO, BI] tile at a time, as the GEMMs decode W
+    e = tl.program_id(0)
+    o = tl.program_id(1) * BO + tl.arange(0, BO)
+    i = tl.program_id(2) * BI + tl.arange(0, BI)
+    mask = (o < n_out)[:, None] & (i < n_in)[None, :]
+    vals = _w_tile(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, o[:, None], i[None, :], mask, n_out, n_in,
+                   TRANS, 1, 64, 256, NESTED, OUT.dtype.element_ty)
+    tl.store(OUT + (e * n_out + o[:, None]) * n_in + i[None, :], vals, mask=mask)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nf4_tile_decode_is_bit_identical_to_bitsandbytes(nested, transposed, dtype):
+    """The GEMMs' in-tile decode against bnb's dequantize_4bit, every element, in a stored layout whose rows
+    are not a multiple of the blocksize (a 64-element block spans rows, and the last block experts)."""
+    from fusedlora.ops.moe_lora import _quant_args
+    E, n_out, n_in = 3, 20, 36
+    W = (torch.randn(E, n_out, n_in) * 0.3).to(DEVICE, dtype)
+    stored = W.transpose(1, 2).contiguous() if transposed else W
+    packed, qs = _nf4(stored, nested)
+    ref = bnb_functional.dequantize_4bit(packed, qs)
+    ref = ref.transpose(1, 2) if transposed else ref
+    data, quant, _, _ = _quant_args(ExpertProj(packed, quant_state=qs, transposed=transposed), packed)
+
+    def decode(out_dtype):
+        out = torch.full((E, n_out, n_in), float("nan"), dtype=out_dtype, device=DEVICE)
+        _nf4_decode_kernel[(E, 2, 3)](data, *quant, out, n_out, n_in, TRANS=int(transposed), NESTED=int(nested),
+                                      BO=16, BI=16)
+        return out
+    if dtype != torch.bfloat16 or HAS_CUDA:
+        assert torch.equal(decode(dtype), ref)
+    else:  # the interpreter truncates fp32 -> bf16 (tests/test_quant.py): the fp32 values, rounded both ways
+        exact = decode(torch.float32)
+        truncated = (exact.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+        assert torch.equal(exact.to(torch.bfloat16), ref) and torch.equal(decode(torch.bfloat16), truncated)
+
+
+@pytest.mark.parametrize("act,nested", [("silu", True), ("silu", False), ("gptoss", True)])
+def test_nf4_experts_match_the_reference_on_the_dequantised_stack(act, nested):
+    # (H 64, I 20: bitsandbytes 0.50's CPU quantize_4bit mangles some layouts, e.g. a last dimension of 48:
+    # its own dequantize_4bit is then 2.0 off the input, so those shapes test nothing here)
+    x, index, w, gu, d = _case(T=9, H=64, I=20, act=act, index=SKEWED[:9])
+    q = {}
+    for name, p in (("gu", gu), ("d", d)):
+        packed, qs = _nf4(p.weight, nested)
+        q[name] = ExpertProj(packed, p.lora_A, p.lora_B, p.scale, p.bias, qs, p.transposed)
+    errs = _check((x, index, w, q["gu"], q["d"]), act)  # the reference decodes with bnb's dequantize_4bit
+    assert set(errs) == {"out", "dx", "dw", "dA_gu", "dB_gu", "dA_d", "dB_d"}
+
+
+# ---------------------------------------------------------------- against transformers' experts modules
+def _merged(W, A, B, scale, transposed):
+    """PEFT 0.21's merged weight for one forward (B_e[o, j] = B[o, j*E + e]), in the stored layout."""
+    E = W.shape[0]
+    r = A.shape[0] // E
+    delta = scale * B.view(B.shape[0], r, E).permute(2, 0, 1) @ A.view(E, r, -1)  # [E, out, in]
+    return W + (delta.transpose(1, 2) if transposed else delta)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_matches_transformers_experts_with_merged_lora(family):
+    """The layout contract: transformers' own experts module (its default grouped_mm implementation; eager for
+    gpt_oss's clamped GLU), its weights merged with the LoRA factors as PEFT does, gives the fused op's output
+    and gradients (fp32)."""
+    import transformers
+    if family == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(hidden_size=64, moe_intermediate_size=32, num_experts=4,
+                                             num_experts_per_tok=2, hidden_act="silu")
+        config._experts_implementation = "grouped_mm"
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as Experts
+        act = "silu"
+    else:
+        config = transformers.GptOssConfig(hidden_size=64, intermediate_size=32, num_local_experts=4,
+                                           num_experts_per_tok=2)
+        config._experts_implementation = "eager"
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as Experts
+        act = "gptoss"
+    experts = Experts(config).to(DEVICE).requires_grad_(False)
+    x, index, w, gu, d = _case(T=7, act=act, w_scale_gu=3 * 64 ** -0.5 if act == "gptoss" else None)
+    params = {"gate_up_proj": gu.weight, "down_proj": d.weight}
+    if act == "gptoss":
+        params.update(gate_up_proj_bias=gu.bias, down_proj_bias=d.bias)
+    for name, value in params.items():
+        getattr(experts, name).copy_(value)
+    merged = {"gate_up_proj": _merged(gu.weight, gu.lora_A, gu.lora_B, gu.scale, gu.transposed),
+              "down_proj": _merged(d.weight, d.lora_A, d.lora_B, d.scale, d.transposed)}
+    ref = torch.func.functional_call(experts, merged, (x, index, w))
+    out = moe_lora_experts(x, index, w, gu, d, act, alpha=experts.alpha if act == "gptoss" else 1.702,
+                           limit=experts.limit if act == "gptoss" else 7.0)
+    leaves = [x, w] + _lora_leaves(gu, d)
+    dout = torch.randn_like(out)
+    for a, b in zip((out,) + torch.autograd.grad(out, leaves, dout), (ref,) + torch.autograd.grad(ref, leaves, dout)):
+        assert _rel(a, b) < 1e-5
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    """One custom op (fusedlora::moe_lora_experts, with its backward op) for eager and torch.compile: no graph
+    break, the same output and gradients."""
+    x, index, w, gu, d = _case(T=6)
+
+    def layer(x, index, w):
+        return moe_lora_experts(x, index, w, gu, d)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    leaves = [x, w] + _lora_leaves(gu, d)
+    eager_out, compiled_out = layer(x, index, w), compiled(x, index, w)
+    assert torch.equal(eager_out, compiled_out)
+    for a, b in zip(torch.autograd.grad(eager_out.sum(), leaves), torch.autograd.grad(compiled_out.sum(), leaves)):
+        assert torch.equal(a, b)
