@@ -123,10 +123,10 @@ MOE_SETUP = ("MoE shapes: random weights, LoRA r16 on q, k, v, o and on the expe
 
 def _report(args, results) -> str:
     shapes = args.models.split(",")
-    lora = ("LoRA r16 on 7 projections" if not any(map(moe.is_moe, shapes)) else
-            "Llama shapes: LoRA r16 on 7 projections" if not all(map(moe.is_moe, shapes)) else "see the MoE line")
+    lora = ("" if all(map(moe.is_moe, shapes)) else  # (the MoE shapes' LoRA: MOE_SETUP)
+            "LoRA r16 on 7 projections, " if not any(map(moe.is_moe, shapes)) else "Llama shapes: LoRA r16 on 7 projections, ")
     report = (bench_report.measured_line(results)
-              + f"; batch {args.batch} x {args.seq}, {lora}, bf16 autocast, fused AdamW, "
+              + f"; batch {args.batch} x {args.seq}, {lora}bf16 autocast, fused AdamW, "
               f"SDPA, {args.steps} steps (first 2 untimed; tokens/s and step ms of the median timed step)"
               f"{', packed rows' if args.packed else ''}, each variant in its own process.")
     if any(map(moe.is_moe, shapes)):

@@ -126,3 +126,13 @@ def test_e2e_table_labels_moe_depths_and_uses_the_median_step():
     assert "| qwen3moe x8 | lora | off | fusedlora | 2,500 | 2.50x | 8.0 | 40.00 | 42.00 |" in table
     assert "| qwen3moe x8 | lora | off | unsloth | failed: exit 1 |" in table
     assert "| qwen3moe x48 | lora | off | fusedlora | 800 | - |" in table  # no HF+PEFT run at that depth
+
+
+def test_e2e_report_states_the_moe_setup_and_each_run_s_expert_storage():
+    args = argparse.Namespace(models="qwen3moe48", batch=1, seq=4096, steps=12, packed=False, profile=0)
+    r = {"model": "qwen3moe48", "layers": 48, "mode": "qlora", "variant": "fusedlora", "gc": False,
+         "tokens_per_s": 1.0, "step_ms": 1.0, "peak_gib": 20.0, "first_step_s": 1.0, "losses": [1.0],
+         "experts": "Params4bit uint8", "device": "GPU", "versions": {}}
+    report = bench_e2e._report(args, [r])
+    assert "7 projections" not in report and "target_parameters" in report and "grouped_mm" in report
+    assert "Experts stored as: qwen3moe48 x48 qlora fusedlora: Params4bit uint8" in report
