@@ -34,11 +34,13 @@ class MoeShape:
 
 
 MOE_SHAPES = {
-    # layer counts: what HF+PEFT's step should fit at batch 4 x 2048 on an 80 GB card (an estimate: about 4 GiB a
-    # Qwen3 layer, weights, PEFT's merged expert stacks and activations; 8 GiB a Mixtral layer); --layers overrides
-    "qwen3moe": MoeShape("qwen3_moe", 8, _QWEN3_30B_A3B),
+    # layer counts: HF+PEFT's step at batch 4 x 2048 with ~18 GiB to spare on an 80 GB card, by what autograd saved
+    # on the CPU (saved_activations, full widths, fewer experts and tokens, scaled): a Qwen3 layer keeps 1.6 GiB of
+    # activations + 1.15 GiB of PEFT's merged expert stacks + 1.2 GiB of weights, a Mixtral layer 2.9 + 2.6 + 2.7;
+    # the LM head's logits ~16 GiB (Qwen3's vocab) at most. --layers overrides
+    "qwen3moe": MoeShape("qwen3_moe", 10, _QWEN3_30B_A3B),
     "qwen3moe48": MoeShape("qwen3_moe", 48, _QWEN3_30B_A3B),  # the whole model: fusedlora's QLoRA memory row
-    "mixtral": MoeShape("mixtral", 4, _MIXTRAL_8X7B),
+    "mixtral": MoeShape("mixtral", 6, _MIXTRAL_8X7B),
     "qwen3moe_tiny": MoeShape("qwen3_moe", 1, dict(_TINY, intermediate_size=96, moe_intermediate_size=32,
                                                     num_experts=4, norm_topk_prob=True)),
     "mixtral_tiny": MoeShape("mixtral", 1, dict(_TINY, intermediate_size=32, num_local_experts=4,
@@ -164,3 +166,64 @@ def build(shape, mode, variant, device, gc, seed=0, offload=False, dtype=None, p
                 torch.cuda.empty_cache()
     model.train()
     return model, report
+
+
+def saved_gib(shape: str, experts: int, tokens: int, dtype=None, seed: int = 0) -> float:
+    """What autograd keeps for the backward of one HF+PEFT layer of `shape` with `experts` experts, on the CPU
+    (a 256-token vocabulary: the LM head apart), for a batch of `tokens`; nonzero LoRA B, as after training."""
+    import torch
+
+    from .workload import saved_activations
+    s = MOE_SHAPES[shape]
+    experts_key = "num_experts" if s.family == "qwen3_moe" else "num_local_experts"
+    MOE_SHAPES["_estimate"] = dataclasses.replace(s, layers=1, config={**s.config, experts_key: experts,
+                                                                        "vocab_size": 256})
+    try:
+        model, _ = build("_estimate", "lora", "hf", "cpu", gc=False, seed=seed, dtype=dtype or torch.bfloat16)
+    finally:
+        del MOE_SHAPES["_estimate"]
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.01)
+    ids = torch.randint(0, 256, (1, tokens))
+    return saved_activations(lambda: model(input_ids=ids, labels=ids).loss,
+                             torch.autocast("cpu", enabled=False))["gib"]
+
+
+def layer_memory(shape: str, tokens: int, sample_tokens=(256, 512)) -> dict:
+    """One HF+PEFT layer's memory at `tokens` a step, GiB: what autograd keeps split into the part that grows with
+    the tokens (activations) and the part that grows with the experts (PEFT's merged W + s.B.A stacks and the bf16
+    copies of its LoRA factors, 2 % of it at the real widths), from three
+    small CPU runs at full widths, scaled to the shape's experts; and the layer's bf16 weights."""
+    small, large = sample_tokens
+    top_k = MOE_SHAPES[shape].config["num_experts_per_tok"]
+    experts = (top_k, 2 * top_k)  # (at least top-k of them)
+    base = saved_gib(shape, experts[0], small)
+    per_token = (saved_gib(shape, experts[0], large) - base) / (large - small)
+    per_expert = (saved_gib(shape, experts[1], small) - base) / (experts[1] - experts[0])
+    import torch
+    with torch.device("meta"):
+        layer = causal_lm_class(shape)(moe_config(shape, 1)).model.layers[0]
+    cfg = MOE_SHAPES[shape].config
+    return {"activations": per_token * tokens,
+            "merged_stacks": per_expert * cfg.get("num_experts", cfg.get("num_local_experts")),
+            "weights": sum(p.numel() for p in layer.parameters()) * 2 / 2**30}
+
+
+def main(argv=None) -> int:
+    """`python -m benchmarks.moe [--shapes qwen3moe,mixtral] [--tokens 8192]`: one HF+PEFT layer's memory (CPU)."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.moe", description=main.__doc__.split(": ", 1)[1])
+    ap.add_argument("--shapes", default="qwen3moe,mixtral")
+    ap.add_argument("--tokens", type=int, default=4 * 2048, help="tokens a step (batch x sequence)")
+    args = ap.parse_args(argv)
+    for shape in args.shapes.split(","):
+        m = layer_memory(shape, args.tokens)
+        print(f"{shape}: a layer at {args.tokens} tokens keeps {m['activations']:.2f} GiB of activations and "
+              f"{m['merged_stacks']:.2f} GiB of merged expert stacks for the backward, beside {m['weights']:.2f} GiB "
+              "of bf16 weights")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -136,3 +136,16 @@ def test_e2e_report_states_the_moe_setup_and_each_run_s_expert_storage():
     report = bench_e2e._report(args, [r])
     assert "7 projections" not in report and "target_parameters" in report and "grouped_mm" in report
     assert "Experts stored as: qwen3moe48 x48 qlora fusedlora: Params4bit uint8" in report
+
+
+def test_layer_memory_finds_pefts_merged_expert_stacks():
+    """`python -m benchmarks.moe` (the reduced shapes' layer counts): the part of what autograd keeps that grows with
+    the experts is PEFT's merged W + s.B.A stacks, gate_up [E, 2I, H] and down [E, H, I] in bf16, and the bf16
+    copies of its LoRA factors (r = 16: as large as the stacks at these tiny widths, 2 % at Qwen3's)."""
+    cfg = moe.MOE_SHAPES["qwen3moe_tiny"].config
+    m = moe.layer_memory("qwen3moe_tiny", tokens=64, sample_tokens=(16, 32))
+    experts, hidden, inter = cfg["num_experts"], cfg["hidden_size"], cfg["moe_intermediate_size"]
+    stacks = experts * 3 * inter * hidden * 2
+    factors = experts * 16 * (hidden + 2 * inter + inter + hidden) * 2  # A_gu, B_gu, A_down, B_down
+    assert m["merged_stacks"] * 2**30 == pytest.approx(stacks + factors, rel=0.05)
+    assert m["activations"] > 0 and "_estimate" not in moe.MOE_SHAPES
