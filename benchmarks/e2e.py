@@ -42,7 +42,8 @@ def markdown(results) -> str:
     slack and every CUDA-graph pool included)."""
     lines = ["| shape | mode | gc | variant | tokens/s | vs HF+PEFT | step ms | peak GiB | reserved GiB | "
              "first step s | loss gap vs HF | JIT kernels |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    hf = {(shape_label(r), r["mode"], checkpointing(r)): r for r in results if r["variant"] == "hf" and "error" not in r}
+    hf = {(shape_label(r), r["mode"], checkpointing(r)): r for r in results
+          if r["variant"] == "hf" and "error" not in r}
     for key, group in itertools.groupby(results, key=lambda r: (shape_label(r), r["mode"], checkpointing(r))):
         group = list(group)
         ref = hf.get((key[0], key[1], "on" if key[2] == "offload" else key[2]))

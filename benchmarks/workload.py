@@ -141,8 +141,9 @@ def _build_unsloth_moe(shape, layers, mode, gc, seed, dtype):
     from unsloth import FastModel
     folder = _unsloth_checkpoint(lambda: moe.random_model(shape, layers, "cuda", dtype, seed), seed)
     checkpointing = "unsloth" if gc else False
-    model, _ = FastModel.from_pretrained(model_name=folder, max_seq_length=moe.moe_config(shape).max_position_embeddings,
-                                         dtype=dtype, load_in_4bit=mode == "qlora", local_files_only=True,
+    longest = moe.moe_config(shape).max_position_embeddings
+    model, _ = FastModel.from_pretrained(model_name=folder, max_seq_length=longest, dtype=dtype,
+                                         load_in_4bit=mode == "qlora", local_files_only=True,
                                          use_gradient_checkpointing=checkpointing)
     return FastModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0,
                                     target_modules=moe.ATTENTION_TARGETS, target_parameters=moe.EXPERT_TARGETS,
@@ -174,7 +175,6 @@ def build(shape, mode, variant, device, gc, seed=0, offload=False, dtype=None, p
 def run(spec: BenchSpec) -> dict:
     """One benchmark run in this process: the workload's timed steps, then the profile and the saved
     activations when asked; or, with find_context, the context search instead of timed steps."""
-    import torch
     t = workload.setup(spec, build_model=functools.partial(build, layers=spec.layers))
     on_gpu = t.device == "cuda"
     shape = {}  # a MoE run's layer count and how its experts are stored
