@@ -1,7 +1,8 @@
 """`python -m benchmarks.e2e`: the end-to-end training step, every variant timed the same way, each in
 its own process (benchmarks/workload.py): HF+PEFT, + Liger (when installed), + torch.compile, patched by
-fusedlora; LoRA and QLoRA; with and without gradient checkpointing; the 1B and 8B Llama shapes.
-Writes a Markdown table and the raw JSON."""
+fusedlora; LoRA and QLoRA; with and without gradient checkpointing; the 1B and 8B Llama shapes, and the MoE
+shapes (benchmarks/moe.py: Qwen3-30B-A3B and Mixtral-8x7B layers; HF+PEFT, Unsloth, fusedlora).
+Writes a Markdown table and the raw JSON; tokens/s and step ms are the median step's after the warm-up."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,7 @@ import itertools
 import sys
 import time
 
+from . import moe
 from . import report as bench_report
 from .workload import VARIANTS, BenchSpec, run_in_subprocess
 
@@ -23,6 +25,16 @@ def checkpointing(r) -> str:
     return "offload" if r.get("offload") else "on" if r["gc"] else "off"
 
 
+def shape_label(r) -> str:
+    """The shape's name, with its layer count for a MoE shape (runs of one shape at two depths stay apart)."""
+    return f"{r['model']} x{r['layers']}" if r.get("layers") else r["model"]
+
+
+def step_rate(r) -> tuple[float, float]:
+    """(tokens/s, step ms) of the median timed step; a result from before the per-step clock: the window's mean."""
+    return r.get("tokens_per_s_median", r["tokens_per_s"]), r.get("step_ms_median", r["step_ms"])
+
+
 def markdown(results) -> str:
     """One row per run; the ratio and loss gap against HF+PEFT of the same shape and mode, with gradient
     checkpointing for the offloaded runs (the on-GPU checkpointing they replace). Peak GiB: allocated tensors
@@ -30,8 +42,9 @@ def markdown(results) -> str:
     slack and every CUDA-graph pool included)."""
     lines = ["| shape | mode | gc | variant | tokens/s | vs HF+PEFT | step ms | peak GiB | reserved GiB | "
              "first step s | loss gap vs HF | JIT kernels |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    hf = {(r["model"], r["mode"], checkpointing(r)): r for r in results if r["variant"] == "hf" and "error" not in r}
-    for key, group in itertools.groupby(results, key=lambda r: (r["model"], r["mode"], checkpointing(r))):
+    hf = {(shape_label(r), r["mode"], checkpointing(r)): r for r in results
+          if r["variant"] == "hf" and "error" not in r}
+    for key, group in itertools.groupby(results, key=lambda r: (shape_label(r), r["mode"], checkpointing(r))):
         group = list(group)
         ref = hf.get((key[0], key[1], "on" if key[2] == "offload" else key[2]))
         for r in group:
@@ -39,18 +52,22 @@ def markdown(results) -> str:
             if "error" in r:
                 lines.append(head + f" failed: {r['error'][:120]} | | | | | | | |")
                 continue
-            ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
+            rate, step_ms = step_rate(r)
+            ratio = f"{rate / step_rate(ref)[0]:.2f}x" if ref else "-"
             gap = f"{_loss_gap(r, ref):.1e}" if ref and r is not ref else "-"
             jit = "-" if r.get("fusedlora_jit_kernels") is None else str(r["fusedlora_jit_kernels"])
             steady = "-" if r.get("reserved_gib") is None else f"{r['reserved_gib']:.2f}"
-            lines.append(head + f" {r['tokens_per_s']:,.0f} | {ratio} | {r['step_ms']:.1f} | {r['peak_gib']:.2f} | {steady} | "
+            lines.append(head + f" {rate:,.0f} | {ratio} | {step_ms:.1f} | {r['peak_gib']:.2f} | {steady} | "
                          f"{r['first_step_s']:.2f} | {gap} | {jit} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="1b", help="comma list of shapes: 1b,8b")
+    ap.add_argument("--models", default="1b", help="comma list of shapes: 1b, 8b, and the MoE shapes "
+                    f"{', '.join(moe.MOE_SHAPES)} (variants {', '.join(moe.MOE_VARIANTS)})")
+    ap.add_argument("--layers", type=int, default=0, help="the MoE shapes' decoder layers (default: each shape's "
+                    "own: " + ", ".join(f"{k} {v.layers}" for k, v in moe.MOE_SHAPES.items()) + ")")
     ap.add_argument("--modes", default="qlora,lora")
     ap.add_argument("--gc", default="off", help="comma list of off, on (HF gradient checkpointing), offload "
                     "(fusedlora's offloaded checkpoints; fusedlora variants only); both = off,on")
@@ -81,13 +98,17 @@ def main(argv=None) -> int:
         for variant in variants:
             if setting == "offload" and not variant.startswith("fusedlora"):
                 continue
+            if moe.is_moe(model) and variant not in moe.MOE_VARIANTS:
+                print(f"{model}: the MoE shapes run {', '.join(moe.MOE_VARIANTS)}: skipping {variant}", file=sys.stderr)
+                continue
             fused = variant.startswith("fusedlora")
             spec = BenchSpec.from_args(args, variant=variant, model=model, mode=mode, gc=setting == "on",
                                        offload=setting == "offload", log_every=5,
+                                       layers=args.layers if moe.is_moe(model) else 0,
                                        patch_options=args.patch_options if fused else "")
             t0 = time.perf_counter()
             r = run_in_subprocess(spec)
-            print(f"{model} {mode} gc={setting} {variant}: " + (f"{r['tokens_per_s']:,.0f} tok/s, {r['peak_gib']:.2f} GiB"
+            print(f"{model} {mode} gc={setting} {variant}: " + (f"{step_rate(r)[0]:,.0f} tok/s, {r['peak_gib']:.2f} GiB"
                   if "error" not in r else r["error"]) + f" ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
             results.append(r)
             bench_report.write(args.out, _report(args, results), results, quiet=True)
@@ -95,11 +116,24 @@ def main(argv=None) -> int:
     return 0
 
 
+MOE_SETUP = ("MoE shapes: random weights, LoRA r16 on q, k, v, o and on the experts' gate_up_proj and down_proj "
+             "(PEFT target_parameters), HF's experts_implementation grouped_mm, the router's aux loss off; MoE QLoRA: "
+             "NF4 attention, the experts NF4 in fusedlora (quantize_experts) and Unsloth (its loader) but bf16 in "
+             "HF+PEFT (transformers' bitsandbytes loader quantises nn.Linear only).")
+
+
 def _report(args, results) -> str:
+    shapes = args.models.split(",")
+    lora = ("" if all(map(moe.is_moe, shapes)) else  # (the MoE shapes' LoRA: MOE_SETUP)
+            "LoRA r16 on 7 projections, " if not any(map(moe.is_moe, shapes)) else "Llama shapes: LoRA r16 on 7 projections, ")
     report = (bench_report.measured_line(results)
-              + f"; batch {args.batch} x {args.seq}, LoRA r16 on 7 projections, bf16 autocast, fused AdamW, "
-              f"SDPA, {args.steps} steps (first 2 untimed){', packed rows' if args.packed else ''}, each variant in its own "
-              "process.\n\n" + markdown(results))
+              + f"; batch {args.batch} x {args.seq}, {lora}bf16 autocast, fused AdamW, "
+              f"SDPA, {args.steps} steps (first 2 untimed; tokens/s and step ms of the median timed step)"
+              f"{', packed rows' if args.packed else ''}, each variant in its own process.")
+    if any(map(moe.is_moe, shapes)):
+        report += " " + MOE_SETUP + " Experts stored as: " + "; ".join(
+            f"{shape_label(r)} {r['mode']} {r['variant']}: {r['experts']}" for r in results if r.get("experts"))
+    report += "\n\n" + markdown(results)
     from .step_profile import markdown as profile_markdown
     for r in results:
         if r.get("saved"):

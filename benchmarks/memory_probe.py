@@ -84,7 +84,7 @@ def compare(args):
                "--mode", args.mode, "--variant", args.variant, "--steps", str(args.steps),
                "--batch", str(args.batch), "--seq", str(args.seq)]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+        line = [text for text in out.stdout.splitlines() if text.startswith("RESULT ")]
         rows.append(json.loads(line[-1][7:]) if line else {"setting": setting, "error": out.stderr[-2000:]})
         print(json.dumps(rows[-1], indent=1), flush=True)
     print("| setting | after build alloc / reserved GiB | peak alloc GiB | peak reserved GiB | reserved / peak |")

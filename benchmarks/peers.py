@@ -177,8 +177,16 @@ def op_cases():
     import torch
     import torch.nn.functional as F
 
-    from fusedlora.ops import (cross_entropy, fused_linear_cross_entropy, naive_rms_norm, naive_rope, naive_swiglu, rms_norm,
-                      rope, swiglu)
+    from fusedlora.ops import (
+        cross_entropy,
+        fused_linear_cross_entropy,
+        naive_rms_norm,
+        naive_rope,
+        naive_swiglu,
+        rms_norm,
+        rope,
+        swiglu,
+    )
     dt, dev = torch.bfloat16, "cuda"
     cases = {}
 
@@ -349,10 +357,10 @@ LORA_SHAPES = {"hidden": 2048, "inter": 8192, "q_out": 2048, "kv_out": 512, "r":
 def lora_modules(nf4: bool) -> dict:
     """PEFT-wrapped Llama-3.2-1B attention q/k/v and MLP modules on the GPU (bf16 or NF4 base weights; bf16
     adapters with random B so every term is live)."""
+    import peft
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
-    import peft
     sz = LORA_SHAPES
     hidden, inter, r = sz["hidden"], sz["inter"], sz["r"]
 

@@ -2,8 +2,10 @@
 # The end-to-end GPU session (device machine): carried wheels (.whl: bitsandbytes, liger-kernel...), the built
 # fusedlora wheel (dist/) installed apart from the checkout, then: the patch tests on the GPU (checkout, JIT),
 # the demo and the e2e benchmark from the wheel (prebuilt cubins). Results under $OUT (or ./gpu_out).
-# Usage: bash ci/gpu_e2e.sh [tests|compile|graphs|wheel|demo|bench|context]...   (default: tests demo bench);
-# PART_TIMEOUT, BENCH_ARGS, CONTEXT_ARGS pass options to the benchmarks. compile: the torch.compile, checkpoint and
+# Usage: bash ci/gpu_e2e.sh [tests|compile|graphs|wheel|demo|bench|context|moe|moe48]...   (default: tests demo bench);
+# PART_TIMEOUT, BENCH_ARGS, CONTEXT_ARGS, MOE_ARGS, MOE48_ARGS pass options to the benchmarks. moe: the MoE rows at
+# reduced depth (Qwen3-30B-A3B, Mixtral-8x7B layers; HF+PEFT grouped_mm, Unsloth, fusedlora; batch 4 x 2048, LoRA);
+# moe48: fusedlora's QLoRA memory row, all 48 Qwen3-30B-A3B layers, NF4 experts, batch 1 x 4096. compile: the torch.compile, checkpoint and
 # long-context tests; graphs: the CUDA-graph tests; wheel: the installed wheel's self-check with prebuilt cubins
 # only (FUSEDLORA_AOT_ONLY=1: a kernel without one fails), then the fuzz tests.
 set -uo pipefail
@@ -43,6 +45,12 @@ for part in "${@:-tests demo bench}"; do
       demo) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH $T python3 -m fusedlora.demo --out "$OUT/demo" ${DEMO_ARGS:-}) 2>"$OUT/demo_log.txt" | tail -30 ;;
       bench) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH:$REPO $T python3 -m benchmarks.e2e --out "$OUT/e2e.md" ${BENCH_ARGS:-}) 2>&1 \
                | grep -v "it/s\]\|s/it\]" | tee "$OUT/bench_log.txt" | tail -40 ;;
+      moe) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH:$REPO $T python3 -m benchmarks.e2e --models qwen3moe,mixtral --modes lora \
+              --variants hf,unsloth,fusedlora --steps 12 --out "$OUT/moe.md" ${MOE_ARGS:-}) 2>&1 \
+              | grep -v "it/s\]\|s/it\]" | tee "$OUT/moe_log.txt" | tail -40 ;;
+      moe48) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH:$REPO $T python3 -m benchmarks.e2e --models qwen3moe48 --modes qlora \
+                --variants fusedlora --batch 1 --seq 4096 --steps 12 --out "$OUT/moe48.md" ${MOE48_ARGS:-}) 2>&1 \
+                | grep -v "it/s\]\|s/it\]" | tee "$OUT/moe48_log.txt" | tail -40 ;;
     esac
   done
 done
