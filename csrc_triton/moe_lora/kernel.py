@@ -16,15 +16,27 @@ All offsets of rows, experts and weights are int64.
 import triton
 import triton.language as tl
 
-from csrc_triton.glu_lora.kernel import _mma
-from csrc_triton._math import _act_and_grad
+from csrc_triton._math import interpreter_on
 
-ACT_SILU = 0
-ACT_GPTOSS = 1
+# Triton's CPU interpreter computes bf16 tl.dot wrongly (triton 3.9): there the operands go to fp32 first.
+_INTERPRETER_FP32_DOT = tl.constexpr(interpreter_on())
 
 # NF4 decode must round as bitsandbytes does (no FMA contraction), as the dequantisation kernel does.
 COMPILE_OPTIONS = {name: {"enable_fp_fusion": False} for name in (
     "moe_gate_up_fwd_kernel", "moe_down_fwd_kernel", "moe_down_bwd_kernel", "moe_gate_up_bwd_dx_kernel")}
+
+
+@triton.jit
+def _mma(a, b, acc):
+    # fp32 operands: exact products (tl.dot would use TF32 on the GPU); fp16/bf16: tensor cores. (The same
+    # rule as glu_lora's kernels; a kernel's prebuilt fingerprint covers its own module and csrc_triton/_*.py
+    # only, so it is not imported from there.)
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    elif _INTERPRETER_FP32_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -111,8 +123,7 @@ def _glu(gate, up, alpha, limit, ACT: tl.constexpr):
         u = tl.minimum(tl.maximum(up, -limit), limit)
         return (u + 1.0) * g * tl.sigmoid(alpha * g)
     else:
-        a, _ = _act_and_grad(gate, 0)
-        return a * up
+        return gate * tl.sigmoid(gate) * up
 
 
 @triton.jit
@@ -126,8 +137,9 @@ def _glu_bwd(dh, gate, up, alpha, limit, ACT: tl.constexpr):
         dup = tl.where((up >= -limit) & (up <= limit), dh * g * sg, 0.0)
         return dgate, dup, (u + 1.0) * g * sg
     else:
-        a, da = _act_and_grad(gate, 0)
-        return dh * up * da, dh * a, a * up
+        sg = tl.sigmoid(gate)
+        a = gate * sg
+        return dh * up * sg * (1.0 + gate * (1.0 - sg)), dh * a, a * up
 
 
 @triton.jit(do_not_specialize=["n_experts", "top_k", "rank"])
