@@ -394,5 +394,6 @@ def moe_lora_seg_grad_kernel(
             big = (big.to(tl.float32) * rw[:, None]).to(BIG.dtype.element_ty)
         small = tl.load(SMALL + rows[:, None] * RP + rk[None, :], mask=row_ok[:, None], other=0.0)
         acc = _mma(tl.trans(big), small, acc)
-    out = OUT + e.to(tl.int64) * out_stride_e + rk[None, :].to(tl.int64) * out_stride_j + c[:, None] * out_stride_c
+    out = (OUT + e.to(tl.int64) * out_stride_e + rk[None, :].to(tl.int64) * out_stride_j
+           + c[:, None].to(tl.int64) * out_stride_c)
     tl.store(out, acc * scale, mask=c_ok[:, None] & (rk < rank)[None, :])
