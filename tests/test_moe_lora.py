@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from conftest import DEVICE, HAS_CUDA, assert_device_assert
-from csrc_triton.moe_lora.kernel import _w_tile
+from csrc_triton.moe_lora.kernel import COMPILE_OPTIONS, _w_tile
 from fusedlora.ops.moe_lora import ExpertProj, moe_lora_experts, moe_route, naive_moe_lora
 
 FP32_TOL = 2e-5  # max |error| / max |reference|: fp32 products summed over <= 64 terms (fp32 accumulation)
@@ -270,6 +270,9 @@ def _nf4(W, nested):
     return packed, qs
 
 
+MOE_COMPILE_OPTIONS = COMPILE_OPTIONS["moe_gate_up_fwd_kernel"]
+
+
 @triton.jit
 def _nf4_decode_kernel(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, OUT, n_out, n_in, TRANS: tl.constexpr,
                        NESTED: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
@@ -301,7 +304,7 @@ def test_nf4_tile_decode_is_bit_identical_to_bitsandbytes(nested, transposed, dt
     def decode(out_dtype):
         out = torch.full((E, n_out, n_in), float("nan"), dtype=out_dtype, device=DEVICE)
         _nf4_decode_kernel[(E, 2, 3)](data, *quant, out, n_out, n_in, TRANS=int(transposed), NESTED=int(nested),
-                                      BO=16, BI=16)
+                                      BO=16, BI=16, **MOE_COMPILE_OPTIONS)  # (no FMA: bnb's rounding)
         return out
     if dtype != torch.bfloat16 or HAS_CUDA:
         assert torch.equal(decode(dtype), ref)
