@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from conftest import DEVICE, HAS_CUDA, assert_device_assert
-from csrc_triton.moe_lora.kernel import _w_tile
+from csrc_triton.moe_lora.kernel import COMPILE_OPTIONS, _w_tile
 from fusedlora.ops.moe_lora import ExpertProj, moe_lora_experts, moe_route, naive_moe_lora
 
 FP32_TOL = 2e-5  # max |error| / max |reference|: fp32 products summed over <= 64 terms (fp32 accumulation)
@@ -259,13 +259,18 @@ def test_index_out_of_range_fails_on_the_device_check(bad):
 
 
 # ---------------------------------------------------------------- NF4 experts (bitsandbytes quantize_4bit)
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
+def _bnb():
+    """bitsandbytes.functional, or a skip of the NF4 test that asks (the rest of the file needs no bitsandbytes)."""
+    return pytest.importorskip("bitsandbytes.functional")
 
 
 def _nf4(W, nested):
-    packed, qs = bnb_functional.quantize_4bit(W.contiguous(), blocksize=64, compress_statistics=nested,
+    packed, qs = _bnb().quantize_4bit(W.contiguous(), blocksize=64, compress_statistics=nested,
                                               quant_type="nf4")
     return packed, qs
+
+
+MOE_COMPILE_OPTIONS = COMPILE_OPTIONS["moe_gate_up_fwd_kernel"]
 
 
 @triton.jit
@@ -292,14 +297,14 @@ def test_nf4_tile_decode_is_bit_identical_to_bitsandbytes(nested, transposed, dt
     W = (torch.randn(E, n_out, n_in) * 0.3).to(DEVICE, dtype)
     stored = W.transpose(1, 2).contiguous() if transposed else W
     packed, qs = _nf4(stored, nested)
-    ref = bnb_functional.dequantize_4bit(packed, qs)
+    ref = _bnb().dequantize_4bit(packed, qs)
     ref = ref.transpose(1, 2) if transposed else ref
     data, quant, _, _ = _quant_args(ExpertProj(packed, quant_state=qs, transposed=transposed), packed)
 
     def decode(out_dtype):
         out = torch.full((E, n_out, n_in), float("nan"), dtype=out_dtype, device=DEVICE)
         _nf4_decode_kernel[(E, 2, 3)](data, *quant, out, n_out, n_in, TRANS=int(transposed), NESTED=int(nested),
-                                      BO=16, BI=16)
+                                      BO=16, BI=16, **MOE_COMPILE_OPTIONS)  # (no FMA: bnb's rounding)
         return out
     if dtype != torch.bfloat16 or HAS_CUDA:
         assert torch.equal(decode(dtype), ref)
@@ -380,3 +385,60 @@ def test_torch_compile_fullgraph_matches_eager():
     assert torch.equal(eager_out, compiled_out)
     for a, b in zip(torch.autograd.grad(eager_out.sum(), leaves), torch.autograd.grad(compiled_out.sum(), leaves)):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- GPU: a real layer shape, bf16, no host sync
+def _real_layer(T, nf4=False, seed=0):
+    """Qwen3-30B-A3B's experts (H 2048, I 768, E 128, k 8), r 16, bf16 activations and weights, fp32 LoRA."""
+    H, I, E, k, r = 2048, 768, 128, 8, 16
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    randn = (lambda *shape, s=1.0: torch.randn(*shape, generator=gen, device="cuda") * s)
+
+    def proj(n_out, n_in):
+        W = randn(E, n_out, n_in, s=n_in ** -0.5).to(torch.bfloat16)
+        A = randn(E * r, n_in, s=n_in ** -0.5).requires_grad_()
+        B = randn(n_out, r * E, s=0.05).requires_grad_()
+        if nf4:
+            packed, qs = _bnb().quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
+            return ExpertProj(packed, A, B, 2.0, quant_state=qs)
+        return ExpertProj(W, A, B, 2.0)
+    x = randn(T, H).to(torch.bfloat16).requires_grad_()
+    weights, index = torch.softmax(randn(T, E), -1).topk(k, -1)
+    return x, index, weights.to(torch.bfloat16).requires_grad_(), proj(2 * I, H), proj(H, I)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nf4", [False, True])
+def test_gpu_real_layer_bf16_against_fp32_reference(nf4):
+    x, index, w, gu, d = _real_layer(4096, nf4)
+    dout = torch.randn_like(x)
+    out = moe_lora_experts(x, index, w, gu, d)
+    leaves = [x, w] + _lora_leaves(gu, d)
+    grads = torch.autograd.grad(out, leaves, dout)
+    as32 = (lambda t: t.detach().float().requires_grad_())
+    ref_leaves = [as32(t) for t in leaves]
+    dense = (lambda p: p.weight if p.quant_state is None else _bnb().dequantize_4bit(p.weight, p.quant_state))
+    gu32 = ExpertProj(dense(gu).float(), ref_leaves[2], ref_leaves[3], gu.scale)
+    d32 = ExpertProj(dense(d).float(), ref_leaves[4], ref_leaves[5], d.scale)
+    ref = naive_moe_lora(ref_leaves[0], index, ref_leaves[1], gu32, d32)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.float())
+    from fusedlora.ops._common import rel_err
+    for name, a, b in zip(["out", "dx", "dw", "dA_gu", "dB_gu", "dA_d", "dB_d"], (out,) + grads, (ref,) + ref_grads):
+        assert rel_err(a, b) < 2e-2, (name, rel_err(a, b))
+
+
+@pytest.mark.gpu
+def test_gpu_step_makes_no_host_sync():
+    """Forward and backward under torch.cuda.set_sync_debug_mode("error"): routing metadata, grids and every
+    launch from shapes alone (after a first call has compiled or loaded the kernels)."""
+    x, index, w, gu, d = _real_layer(1024)
+    leaves = [x, w] + _lora_leaves(gu, d)
+    torch.autograd.grad(moe_lora_experts(x, index, w, gu, d), leaves, torch.ones_like(x))  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = moe_lora_experts(x, index, w, gu, d)
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

@@ -16,15 +16,27 @@ All offsets of rows, experts and weights are int64.
 import triton
 import triton.language as tl
 
-from csrc_triton.glu_lora.kernel import _mma
-from csrc_triton._math import _act_and_grad
+from csrc_triton._math import interpreter_on
 
-ACT_SILU = 0
-ACT_GPTOSS = 1
+# Triton's CPU interpreter computes bf16 tl.dot wrongly (triton 3.9): there the operands go to fp32 first.
+_INTERPRETER_FP32_DOT = tl.constexpr(interpreter_on())
 
 # NF4 decode must round as bitsandbytes does (no FMA contraction), as the dequantisation kernel does.
 COMPILE_OPTIONS = {name: {"enable_fp_fusion": False} for name in (
     "moe_gate_up_fwd_kernel", "moe_down_fwd_kernel", "moe_down_bwd_kernel", "moe_gate_up_bwd_dx_kernel")}
+
+
+@triton.jit
+def _mma(a, b, acc):
+    # fp32 operands: exact products (tl.dot would use TF32 on the GPU); fp16/bf16: tensor cores. (The same
+    # rule as glu_lora's kernels; a kernel's prebuilt fingerprint covers its own module and csrc_triton/_*.py
+    # only, so it is not imported from there.)
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    elif _INTERPRETER_FP32_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -38,6 +50,28 @@ def _tile(TILE_E, TILE_ROW0, START, SLOT, top_k, BM: tl.constexpr):
     row_ok = rows < row_end
     slot = tl.load(SLOT + rows, mask=row_ok, other=0).to(tl.int64)
     return e, rows, row_ok, slot, slot // top_k
+
+
+@triton.jit
+def _out_cols(n_cols, BN: tl.constexpr, RP: tl.constexpr):
+    # this program's output columns (axis 1 of the grid) and the padded rank index
+    pid_n = tl.program_id(1)
+    n = pid_n * BN + tl.arange(0, BN)
+    return pid_n, n, n < n_cols, tl.arange(0, RP)
+
+
+@triton.jit
+def _lhs_tile(LHS, src, row_ok, k0, n_k, BK: tl.constexpr):
+    # one K-step of a GEMM's left operand: rows `src` (gathered tokens or sorted rows) of a [*, n_k] tensor
+    kk = k0 + tl.arange(0, BK)
+    k_ok = kk < n_k
+    return tl.load(LHS + src[:, None] * n_k + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0), kk, k_ok
+
+
+@triton.jit
+def _store_rank_rows(BUF, rows, row_ok, rk, vals, RP: tl.constexpr):
+    # a [BM, RP] rank-r product of these sorted rows, kept for the backward / the LoRA gradients
+    tl.store(BUF + rows[:, None] * RP + rk[None, :], vals.to(BUF.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -111,8 +145,7 @@ def _glu(gate, up, alpha, limit, ACT: tl.constexpr):
         u = tl.minimum(tl.maximum(up, -limit), limit)
         return (u + 1.0) * g * tl.sigmoid(alpha * g)
     else:
-        a, _ = _act_and_grad(gate, 0)
-        return a * up
+        return gate * tl.sigmoid(gate) * up
 
 
 @triton.jit
@@ -126,8 +159,45 @@ def _glu_bwd(dh, gate, up, alpha, limit, ACT: tl.constexpr):
         dup = tl.where((up >= -limit) & (up <= limit), dh * g * sg, 0.0)
         return dgate, dup, (u + 1.0) * g * sg
     else:
-        a, da = _act_and_grad(gate, 0)
-        return dh * up * da, dh * a, a * up
+        sg = tl.sigmoid(gate)
+        a = gate * sg
+        return dh * up * sg * (1.0 + gate * (1.0 - sg)), dh * a, a * up
+
+
+@triton.jit
+def _grouped_gemm(LHS, src, row_ok, n_k, W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, n, n_ok, n_w_out, n_w_in,
+                  F_K, F_N, rk, rank, n_experts, scale, dtype: tl.constexpr, BACKWARD: tl.constexpr,
+                  HAS_LORA: tl.constexpr, TRANS: tl.constexpr, NF4: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                  BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                  BK: tl.constexpr, RP: tl.constexpr):
+    """One [BM, BN] tile of expert e's projection with its LoRA term, fp32: forward (BACKWARD=0) lhs W_e^T +
+    s (lhs A_e^T) B_e^T, K over W's input dim; backward lhs W_e + s (lhs B_e) A_e, K over W's output dim.
+    lhs = LHS[src] ([*, n_k] rows: gathered tokens or sorted rows). Also returns the rank-r product
+    (lhs A_e^T or lhs B_e, [BM, RP], rounded to dtype as the epilogue used it)."""
+    acc = tl.zeros([BM, BN], tl.float32)
+    acc_r = tl.zeros([BM, RP], tl.float32)
+    for k0 in range(0, n_k, BK):
+        lhs, kk, k_ok = _lhs_tile(LHS, src, row_ok, k0, n_k, BK)
+        w_ok = k_ok[:, None] & n_ok[None, :]
+        if BACKWARD:
+            wt = _w_tile(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, kk[:, None], n[None, :], w_ok, n_w_out, n_w_in,
+                         TRANS, NF4, BLOCKSIZE, BLOCKSIZE2, NESTED, dtype)
+        else:
+            wt = _w_tile(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, n[None, :], kk[:, None], w_ok, n_w_out, n_w_in,
+                         TRANS, NF4, BLOCKSIZE, BLOCKSIZE2, NESTED, dtype)
+        acc = _mma(lhs, wt, acc)
+        if HAS_LORA:
+            if BACKWARD:
+                acc_r = _mma(lhs, _b_tile(F_K, e, rk, rank, n_experts, kk, k_ok), acc_r)
+            else:
+                acc_r = _mma(lhs, _a_tile(F_K, e, rk, rank, kk, k_ok, n_k), acc_r)
+    small = acc_r.to(dtype)
+    if HAS_LORA:
+        if BACKWARD:
+            acc += _lora_term(small, _a_tile(F_N, e, rk, rank, n, n_ok, n_w_in), scale)
+        else:
+            acc += _lora_term(small, _b_tile(F_N, e, rk, rank, n_experts, n, n_ok), scale)
+    return acc, small
 
 
 @triton.jit(do_not_specialize=["n_experts", "top_k", "rank"])
@@ -147,18 +217,13 @@ def moe_gate_up_fwd_kernel(
     if e >= n_experts:
         return
     dtype = EG.dtype.element_ty
-    pid_n = tl.program_id(1)
-    n = pid_n * BN + tl.arange(0, BN)
-    n_ok = n < n_inter
+    pid_n, n, n_ok, rk = _out_cols(n_inter, BN, RP)
     g_col, u_col = _gate_up_cols(n, n_inter, ACT)
-    rk = tl.arange(0, RP)
     acc_g = tl.zeros([BM, BN], tl.float32)
     acc_u = tl.zeros([BM, BN], tl.float32)
     acc_xa = tl.zeros([BM, RP], tl.float32)
     for k0 in range(0, hidden, BK):
-        kk = k0 + tl.arange(0, BK)
-        k_ok = kk < hidden
-        xt = tl.load(X + tok[:, None] * hidden + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        xt, kk, k_ok = _lhs_tile(X, tok, row_ok, k0, hidden, BK)
         w_ok = k_ok[:, None] & n_ok[None, :]
         wg = _w_tile(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, g_col[None, :], kk[:, None], w_ok, 2 * n_inter,
                      hidden, TRANS, NF4, BLOCKSIZE, BLOCKSIZE2, NESTED, dtype)
@@ -173,7 +238,7 @@ def moe_gate_up_fwd_kernel(
         acc_g += _lora_term(xa, _b_tile(B, e, rk, rank, n_experts, g_col, n_ok), scale)
         acc_u += _lora_term(xa, _b_tile(B, e, rk, rank, n_experts, u_col, n_ok), scale)
         if pid_n == 0:
-            tl.store(XA + rows[:, None] * RP + rk[None, :], xa, mask=row_ok[:, None])
+            _store_rank_rows(XA, rows, row_ok, rk, xa, RP)
     if HAS_BIAS:
         b_row = BIAS + e.to(tl.int64) * 2 * n_inter
         acc_g += tl.load(b_row + g_col, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -205,26 +270,13 @@ def moe_down_fwd_kernel(
     if e >= n_experts:
         return
     dtype = OUT_SLOTS.dtype.element_ty
-    pid_n = tl.program_id(1)
-    n = pid_n * BN + tl.arange(0, BN)
-    n_ok = n < hidden
-    rk = tl.arange(0, RP)
-    acc = tl.zeros([BM, BN], tl.float32)
-    acc_ha = tl.zeros([BM, RP], tl.float32)
-    for k0 in range(0, n_inter, BK):
-        kk = k0 + tl.arange(0, BK)
-        k_ok = kk < n_inter
-        ht = tl.load(HIN + rows[:, None] * n_inter + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = _w_tile(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, n[None, :], kk[:, None],
-                     k_ok[:, None] & n_ok[None, :], hidden, n_inter, TRANS, NF4, BLOCKSIZE, BLOCKSIZE2, NESTED, dtype)
-        acc = _mma(ht, wt, acc)
-        if HAS_LORA:
-            acc_ha = _mma(ht, _a_tile(A, e, rk, rank, kk, k_ok, n_inter), acc_ha)
+    pid_n, n, n_ok, rk = _out_cols(hidden, BN, RP)
+    acc, ha = _grouped_gemm(HIN, rows, row_ok, n_inter, W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, n, n_ok, hidden,
+                            n_inter, A, B, rk, rank, n_experts, scale, dtype, 0, HAS_LORA, TRANS, NF4, BLOCKSIZE,
+                            BLOCKSIZE2, NESTED, BM, BN, BK, RP)
     if HAS_LORA:
-        ha = acc_ha.to(dtype)
-        acc += _lora_term(ha, _b_tile(B, e, rk, rank, n_experts, n, n_ok), scale)
         if pid_n == 0:
-            tl.store(HA + rows[:, None] * RP + rk[None, :], ha, mask=row_ok[:, None])
+            _store_rank_rows(HA, rows, row_ok, rk, ha, RP)
     if HAS_BIAS:
         acc += tl.load(BIAS + e.to(tl.int64) * hidden + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     rw = tl.load(RW + slot, mask=row_ok, other=0.0)
@@ -251,33 +303,21 @@ def moe_down_bwd_kernel(
     if e >= n_experts:
         return
     dtype = DEG.dtype.element_ty
-    pid_n = tl.program_id(1)
-    n = pid_n * BN + tl.arange(0, BN)
-    n_ok = n < n_inter
-    rk = tl.arange(0, RP)
-    acc = tl.zeros([BM, BN], tl.float32)
-    acc_ob = tl.zeros([BM, RP], tl.float32)
-    acc_db = tl.zeros([BM], tl.float32)
-    for k0 in range(0, hidden, BK):
-        kk = k0 + tl.arange(0, BK)
-        k_ok = kk < hidden
-        dot = tl.load(DO + tok[:, None] * hidden + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = _w_tile(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, kk[:, None], n[None, :],
-                     k_ok[:, None] & n_ok[None, :], hidden, n_inter, TRANS, NF4, BLOCKSIZE, BLOCKSIZE2, NESTED, dtype)
-        acc = _mma(dot, wt, acc)
-        if HAS_LORA:
-            acc_ob = _mma(dot, _b_tile(B, e, rk, rank, n_experts, kk, k_ok), acc_ob)
-        if HAS_BIAS:
-            if pid_n == 0:
-                bias = tl.load(BIAS + e.to(tl.int64) * hidden + kk, mask=k_ok, other=0.0).to(tl.float32)
-                acc_db += tl.sum(dot.to(tl.float32) * bias[None, :], axis=1)
+    pid_n, n, n_ok, rk = _out_cols(n_inter, BN, RP)
+    acc, ob = _grouped_gemm(DO, tok, row_ok, hidden, W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, n, n_ok, hidden,
+                            n_inter, B, A, rk, rank, n_experts, scale, dtype, 1, HAS_LORA, TRANS, NF4, BLOCKSIZE,
+                            BLOCKSIZE2, NESTED, BM, BN, BK, RP)
     rw = tl.load(RW + slot, mask=row_ok, other=0.0)
     if HAS_LORA:
-        ob = acc_ob.to(dtype)
-        acc += _lora_term(ob, _a_tile(A, e, rk, rank, n, n_ok, n_inter), scale)
         if pid_n == 0:
-            tl.store(DOB + rows[:, None] * RP + rk[None, :], (ob.to(tl.float32) * (rw * scale)[:, None]).to(dtype),
-                     mask=row_ok[:, None])
+            _store_rank_rows(DOB, rows, row_ok, rk, ob.to(tl.float32) * (rw * scale)[:, None], RP)
+    dw = tl.zeros([BM], tl.float32)
+    if HAS_BIAS:
+        if pid_n == 0:  # the down bias's part of the routing weight's gradient: <g, b_e>
+            for k0 in range(0, hidden, BK):
+                dot, kk, k_ok = _lhs_tile(DO, tok, row_ok, k0, hidden, BK)
+                bias = tl.load(BIAS + e.to(tl.int64) * hidden + kk, mask=k_ok, other=0.0).to(tl.float32)
+                dw += tl.sum(dot.to(tl.float32) * bias[None, :], axis=1)
     mask = row_ok[:, None] & n_ok[None, :]
     g_col, u_col = _gate_up_cols(n, n_inter, ACT)
     eg_row = rows[:, None] * 2 * n_inter
@@ -285,9 +325,7 @@ def moe_down_bwd_kernel(
     up = tl.load(EG + eg_row + u_col[None, :], mask=mask, other=0.0).to(tl.float32)
     dgate, dup, h = _glu_bwd(acc * rw[:, None], gate, up, alpha, limit, ACT)
     h = tl.where(mask, h.to(dtype).to(tl.float32), 0.0)  # h as the forward stored it
-    dw = tl.sum(acc * h, axis=1)
-    if HAS_BIAS:
-        dw += acc_db
+    dw += tl.sum(acc * h, axis=1)
     tl.store(DW_PART + slot * n_col_tiles + pid_n, dw, mask=row_ok)
     tl.store(DEG + eg_row + g_col[None, :], dgate.to(dtype), mask=mask)
     tl.store(DEG + eg_row + u_col[None, :], dup.to(dtype), mask=mask)
@@ -311,28 +349,13 @@ def moe_gate_up_bwd_dx_kernel(
     if e >= n_experts:
         return
     dtype = DX_SLOTS.dtype.element_ty
-    pid_n = tl.program_id(1)
-    n = pid_n * BN + tl.arange(0, BN)
-    n_ok = n < hidden
-    rk = tl.arange(0, RP)
-    n_out = 2 * n_inter
-    acc = tl.zeros([BM, BN], tl.float32)
-    acc_hb = tl.zeros([BM, RP], tl.float32)
-    for k0 in range(0, n_out, BK):
-        kk = k0 + tl.arange(0, BK)
-        k_ok = kk < n_out
-        deg = tl.load(DEG + rows[:, None] * n_out + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = _w_tile(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, kk[:, None], n[None, :],
-                     k_ok[:, None] & n_ok[None, :], n_out, hidden, TRANS, NF4, BLOCKSIZE, BLOCKSIZE2, NESTED, dtype)
-        acc = _mma(deg, wt, acc)
-        if HAS_LORA:
-            acc_hb = _mma(deg, _b_tile(B, e, rk, rank, n_experts, kk, k_ok), acc_hb)
+    pid_n, n, n_ok, rk = _out_cols(hidden, BN, RP)
+    acc, hb = _grouped_gemm(DEG, rows, row_ok, 2 * n_inter, W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, n, n_ok,
+                            2 * n_inter, hidden, B, A, rk, rank, n_experts, scale, dtype, 1, HAS_LORA, TRANS, NF4,
+                            BLOCKSIZE, BLOCKSIZE2, NESTED, BM, BN, BK, RP)
     if HAS_LORA:
-        hb = acc_hb.to(dtype)
-        acc += _lora_term(hb, _a_tile(A, e, rk, rank, n, n_ok, hidden), scale)
         if pid_n == 0:
-            tl.store(DHB + rows[:, None] * RP + rk[None, :], (hb.to(tl.float32) * scale).to(dtype),
-                     mask=row_ok[:, None])
+            _store_rank_rows(DHB, rows, row_ok, rk, hb.to(tl.float32) * scale, RP)
     tl.store(DX_SLOTS + slot[:, None] * hidden + n[None, :], acc.to(dtype), mask=row_ok[:, None] & n_ok[None, :])
 
 
@@ -371,5 +394,6 @@ def moe_lora_seg_grad_kernel(
             big = (big.to(tl.float32) * rw[:, None]).to(BIG.dtype.element_ty)
         small = tl.load(SMALL + rows[:, None] * RP + rk[None, :], mask=row_ok[:, None], other=0.0)
         acc = _mma(tl.trans(big), small, acc)
-    out = OUT + e.to(tl.int64) * out_stride_e + rk[None, :].to(tl.int64) * out_stride_j + c[:, None] * out_stride_c
+    out = (OUT + e.to(tl.int64) * out_stride_e + rk[None, :].to(tl.int64) * out_stride_j
+           + c[:, None].to(tl.int64) * out_stride_c)
     tl.store(out, acc * scale, mask=c_ok[:, None] & (rk < rank)[None, :])

@@ -23,7 +23,7 @@ from csrc_triton.moe_lora import (MOE_BLOCK_M, MOE_DOWN_BWD, MOE_DOWN_FWD, MOE_G
 
 from . import _custom
 from ..loader import launch
-from ._common import autocast_dtype, cdiv, check_tensor, interpreting
+from ._common import autocast_dtype, cdiv, check_tensor, interpreting, rel_err
 from .glu import refuse_double_backward
 
 MOE_ACTIVATIONS = ("silu", "gptoss")  # silu: concatenated [gate; up] rows; gptoss: interleaved, clamped SwiGLU
@@ -458,3 +458,36 @@ def moe_lora_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: 
                           gu_w, gu_q, gate_up.lora_A, gate_up.lora_B, gate_up.bias,
                           d_w, d_q, down.lora_A, down.lora_B, down.bias, dims, scales, activation)
     return outputs[0]
+
+
+# ---------------------------------------------------------------- self-check (python -m fusedlora.selfcheck)
+def selfcheck(device, dtype):
+    """The fused op against the float64 reference: forward (the two forward GEMMs), dx and the routing weights'
+    gradient (the backward GEMMs), the four LoRA factors' gradients (the segment kernel)."""
+    T, k, E, H, I, r = (257, 8, 16, 512, 256, 16) if device == "cuda" else (9, 2, 4, 64, 32, 4)
+    tol = 3e-2 if dtype != torch.float32 else 1e-5
+    gen = torch.Generator(device=device).manual_seed(0)
+    randn = (lambda *shape, s=1.0: torch.randn(*shape, generator=gen, device=device) * s)
+
+    def proj(n_out, n_in):
+        return ExpertProj(randn(E, n_out, n_in, s=n_in ** -0.5).to(dtype), randn(E * r, n_in, s=n_in ** -0.5),
+                          randn(n_out, r * E, s=0.5), 2.0)
+    gu, d = proj(2 * I, H), proj(H, I)
+    x = randn(T, H).to(dtype)
+    index = torch.rand(T, E, generator=gen, device=device).topk(k, -1).indices
+    w = torch.rand(T, k, generator=gen, device=device).to(dtype)
+    dout = randn(T, H).to(dtype)
+    factors = [gu.lora_A, gu.lora_B, d.lora_A, d.lora_B]
+    leaves = [x.requires_grad_(), w.requires_grad_()] + [f.requires_grad_() for f in factors]
+    out = moe_lora_experts(x, index, w, gu, d)
+    grads = torch.autograd.grad(out, leaves, dout)
+    as64 = (lambda t: t.detach().double().requires_grad_())
+    ref_leaves = [as64(t) for t in leaves]
+    gu64 = ExpertProj(gu.weight.double(), ref_leaves[2], ref_leaves[3], gu.scale)
+    d64 = ExpertProj(d.weight.double(), ref_leaves[4], ref_leaves[5], d.scale)
+    ref = naive_moe_lora(ref_leaves[0], index, ref_leaves[1], gu64, d64)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
+    errs = [rel_err(a, b) for a, b in zip((out,) + grads, (ref,) + ref_grads)]
+    fwd, bwd, lora = errs[0], max(errs[1:3]), max(errs[3:])
+    return {"moe_gate_up_fwd": (fwd, tol), "moe_down_fwd": (fwd, tol), "moe_down_bwd": (bwd, tol),
+            "moe_gate_up_bwd_dx": (bwd, tol), "moe_lora_seg_grad": (lora, tol)}
