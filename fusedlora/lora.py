@@ -139,24 +139,21 @@ def _in_dtype(prs, dtype):
                      for pr in prs)
 
 
-def _drops(pr: Projection, training) -> bool:
-    return pr.A is not None and pr.dropout != 0.0 and bool(training)
-
-
 def _with_masks(prs, X, dtype, training):
     """prs with the dropout mask of each adapter whose dropout is active, drawn here for the Functions and the
     custom ops alike (an op's masks are its inputs, so the traced graph owns the random numbers), in
     projection order, PEFT's (q, k, v / gate, up, down). F.dropout of a ones tensor draws exactly the mask
     F.dropout(X) would (the mask does not depend on the values), so with the same RNG state the masks are
     PEFT's. Each mask is [rows, in_features] (down_proj's input is [rows, intermediate])."""
-    if not any(_drops(pr, training) for pr in prs):
+    drops = [bool(training) and pr.A is not None and pr.dropout != 0.0 for pr in prs]
+    if not any(drops):
         return prs
     rows = X.numel() // X.shape[-1] if X.dim() else 1
 
     def mask(pr):
         ones = torch.ones(rows, weight_shape(pr.weight, pr.quant)[1], dtype=dtype, device=X.device)
         return F.dropout(ones, pr.dropout, True)
-    return prs._make(pr._replace(mask=mask(pr)) if _drops(pr, training) else pr for pr in prs)
+    return prs._make(pr._replace(mask=mask(pr)) if drop else pr for pr, drop in zip(prs, drops))
 
 
 class ProjSaved(NamedTuple):
@@ -186,20 +183,17 @@ def _proj_forward(X2, pr: Projection, dtype):
 
 
 def _proj_needs(need: dict, pr: Projection) -> dict:
-    """The A / B / bias gradients wanted of projection pr (need: by gradient name, _grad_name)."""
-    return {f: need.get(_grad_name(pr, f), False) for f in ("A", "B", "bias")}
+    """The A / B / bias gradients wanted of projection pr (need: by argument name, <label>_A / _B / _bias)."""
+    label = pr.label
+    return {"A": need.get(f"{label}_A", False), "B": need.get(f"{label}_B", False),
+            "bias": need.get(f"{label}_bias", False)}
 
 
 def _proj_grads(pr: Projection, dA=None, dB=None, dbias=None) -> dict:
     """The gradients of projection pr by name (a bias gradient only where there is one: the MLP has none)."""
-    grads = {_grad_name(pr, "A"): dA, _grad_name(pr, "B"): dB}
-    return grads if dbias is None else {**grads, _grad_name(pr, "bias"): dbias}
-
-
-def _grad_name(pr_or_label, field):
-    """A trainable argument's name in the Functions' slots and the custom ops' schemas: q_A, down_B, o_bias."""
-    label = pr_or_label if isinstance(pr_or_label, str) else pr_or_label.label
-    return f"{label}_{field}"
+    label = pr.label
+    grads = {f"{label}_A": dA, f"{label}_B": dB}
+    return grads if dbias is None else {**grads, f"{label}_bias": dbias}
 
 
 def _proj_backward_input(dY, pr: Projection, saved: ProjSaved, dtype, needs):
@@ -525,8 +519,8 @@ def _mlp_fused_backward(ctx, need, X2, prs, saved: MLPFusedSaved, dY):
     if need["gate_A"] or need["up_A"]:
         dA_cat = G.t() @ X2
         for pr, cols in zip((pg, pu), _rank_blocks((pg, pu)).values()):
-            if need[_grad_name(pr, "A")]:
-                grads[_grad_name(pr, "A")] = dA_cat[cols].to(pr.A.dtype)
+            if need[f"{pr.label}_A"]:
+                grads[f"{pr.label}_A"] = dA_cat[cols].to(pr.A.dtype)
     for name, product in _glu_lora_products(Q, prs).items():
         if need[name]:
             grads[name] = product.to(_parameter(prs, name).dtype)
@@ -534,7 +528,7 @@ def _mlp_fused_backward(ctx, need, X2, prs, saved: MLPFusedSaved, dY):
 
 
 def _parameter(prs, grad_name):
-    """The trainable tensor a gradient name (_grad_name) stands for: prs.gate.B for gate_B."""
+    """The trainable tensor an argument name stands for: prs.gate.B for gate_B."""
     label, field = grad_name.rsplit("_", 1)
     return getattr(getattr(prs, label), field)
 
@@ -661,7 +655,7 @@ def _mlp_backward(ctx, need, dY):
             dX.addmm_(G, torch.cat([pr.Ac for _, pr, _ in lora], 0))
             dA_cat = G.t() @ X2
             for (d, pr, sv), cols in zip(lora, _rank_blocks([pr for _, pr, _ in lora]).values()):
-                dB = _mm_scaled(d.t(), sv.XA, pr.scale).to(pr.B.dtype) if need[_grad_name(pr, "B")] else None
+                dB = _mm_scaled(d.t(), sv.XA, pr.scale).to(pr.B.dtype) if need[f"{pr.label}_B"] else None
                 grads.update(_proj_grads(pr, dA_cat[cols].to(pr.A.dtype), dB))
     else:
         dX, dgA, dgB, _ = _proj_backward(de, X2, pg, sg, dtype, _proj_needs(need, pg))
@@ -682,7 +676,8 @@ def _projections(fn, entry, group, specs, X, kernels):
     _check_input(f"{fn} ({entry})", X, W, Q, weight_shape(W, Q)[1], kernels)
     prs = []
     for label, (W, Q, A, B, S, bias, p) in zip(group._fields, specs):
-        _refuse_base_grad(fn, _seed_weight_name(label), torch.is_grad_enabled() and W.requires_grad)
+        if W.requires_grad and torch.is_grad_enabled():
+            _refuse_base_grad(fn, _seed_weight_name(label))
         out_f, in_f = weight_shape(W, Q)
         _check_adapter(fn if len(specs) == 1 else f"{fn} ({label})", out_f, in_f, A, B, S)
         prs.append(Projection(label, W, Q, A, B, float(S or 0.0), bias, float(p)))
@@ -694,13 +689,12 @@ def _seed_weight_name(label):
     return "W" if label == "o" else f"{label[0]}W"
 
 
-def _refuse_base_grad(fn, arg, wanted):
+def _refuse_base_grad(fn, arg):
     """A base weight asked for a gradient is refused: the fused functions give it none (autograd would leave
     its .grad None, silently)."""
-    if wanted:
-        raise ValueError(f"{fn}: the base weight {arg} requires grad, but {fn} gives base weights no gradient "
-                         f"(it trains the LoRA A and B, and biases): freeze it ({arg}.requires_grad_(False)) or "
-                         f"pass {arg}.detach()")
+    raise ValueError(f"{fn}: the base weight {arg} requires grad, but {fn} gives base weights no gradient "
+                     f"(it trains the LoRA A and B, and biases): freeze it ({arg}.requires_grad_(False)) or "
+                     f"pass {arg}.detach()")
 
 
 def _backward_checks(fn, need):
@@ -708,8 +702,8 @@ def _backward_checks(fn, need):
     (W, qW, kW, vW, gW, uW, dW) asked for a gradient."""
     refuse_double_backward(fn)
     for arg, wanted in need.items():
-        if arg.endswith("_weight"):
-            _refuse_base_grad(fn, _seed_weight_name(arg[:-len("_weight")]), wanted)
+        if wanted and arg.endswith("_weight"):
+            _refuse_base_grad(fn, _seed_weight_name(arg[:-len("_weight")]))
 
 
 def _o_projections(X, W, W_quant, A, B, S, bias, dropout):
@@ -934,7 +928,7 @@ def _define(kind, group, n_out, plan, forward, backward, extras=()):
     params = [("X", torch.Tensor), *((f"{label}_{name}", t) for label in group._fields for name, t in PROJECTION_ARGS),
               ("dtype", torch.dtype), ("training", bool), *extras]
     arg_names = [name for name, _ in params]
-    grad_names = ["X", *(_grad_name(label, f) for label in group._fields for f in ("A", "B", "bias"))]
+    grad_names = ["X", *(f"{label}_{f}" for label in group._fields for f in ("A", "B", "bias"))]  # (q_A, down_B...)
 
     def kind_args(args):
         return (*_ACTIVATIONS[args["activation"]], args["inplace"]) if extras else ()

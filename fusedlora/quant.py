@@ -383,6 +383,8 @@ class BaseLayout(NamedTuple):
 
 def base_arguments(W, quant) -> tuple[list, BaseLayout]:
     """(tensors in BASE_TENSORS order, BaseLayout) of a base weight and its quantisation state."""
+    if not (quant is None or isinstance(quant, GPTQState) or is_nf4(quant)):
+        raise TypeError(f"unsupported quantisation state {type(quant).__name__}")
     out_f, in_f = weight_shape(W, quant)
     named = {"weight": W}
     layout = dict(quant_format="plain", out_features=out_f, in_features=in_f, state_dtype=torch.float32, blocksize=0,
@@ -399,8 +401,6 @@ def base_arguments(W, quant) -> tuple[list, BaseLayout]:
                 offset = torch.tensor(float(offset), dtype=torch.float32, device=W.device)
             named.update(absmax2=quant.state2.absmax, code2=quant.state2.code, offset=offset)
             layout.update(nested_blocksize=quant.state2.blocksize)
-    elif quant is not None:
-        raise TypeError(f"unsupported quantisation state {type(quant).__name__}")
     return [named.get(name) for name in BASE_TENSORS], BaseLayout(**layout)
 
 
