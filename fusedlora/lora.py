@@ -116,20 +116,10 @@ class Projection(NamedTuple):
     Bc: torch.Tensor | None = None    # forward and the backward share them (each cast is a kernel launch)
 
 
-class OProjection(NamedTuple):
-    o: Projection
-
-
-class QKVProjections(NamedTuple):
-    q: Projection
-    k: Projection
-    v: Projection
-
-
-class MLPProjections(NamedTuple):
-    gate: Projection
-    up: Projection
-    down: Projection
+# Each Function's projections by name, in PEFT's (and its dropout masks') order; the fields are the labels.
+OProjection = namedtuple("OProjection", ["o"])
+QKVProjections = namedtuple("QKVProjections", ["q", "k", "v"])
+MLPProjections = namedtuple("MLPProjections", ["gate", "up", "down"])
 
 
 def _in_dtype(prs, dtype):
