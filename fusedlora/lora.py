@@ -38,10 +38,13 @@ BENCHMARKS.md for speed against PEFT.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import inspect
+from collections import namedtuple
+from typing import NamedTuple, Optional, get_type_hints
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 
 from .ops import _custom
 from .ops._common import autocast_dtype, cdiv, check_tensor, saved_tensors_writable, wide_rows
@@ -50,8 +53,8 @@ from .ops.glu_lora import glu_lora_backward, glu_lora_dyb, glu_lora_forward, glu
 from .ops.rms_norm import norm_source
 from .peft_layers import (GPTQ_PLAIN_LAYOUT_KERNELS, UnsupportedLoRA, dropout_p, fused_parameters,  # noqa: F401
                           get_lora_parameters, layer_bias, use_custom_ops)
-from .quant import (GPTQState, _dequantize_nf4, decode_base, dequantize_base, encode_base, is_nf4,  # noqa: F401
-                    nf4_writes_into, weight_shape)
+from .quant import (BaseLayout, GPTQState, _dequantize_nf4, base_arguments, base_from_arguments,  # noqa: F401
+                    dequantize_base, is_nf4, nf4_writes_into, weight_shape)
 
 
 # ------------------------------------------------------------------------------------------- weights
@@ -97,91 +100,123 @@ def _base_plus_lora(X, Wt, XA, Bt, s):
 
 
 # ---------------------------------------------------------------------------------- one projection
-class _Proj(NamedTuple):
-    W: torch.Tensor
-    quant: object
-    A: torch.Tensor | None
+class Projection(NamedTuple):
+    """One LoRA projection by name: Y = X W^T (+ bias) + scale * (drop(X) A^T) B^T. `label` names it in the
+    gradients, the saved tensors and the custom ops' arguments (o; q, k, v; gate, up, down)."""
+    label: str
+    weight: torch.Tensor           # the base weight: plain, bitsandbytes 4-bit (packed) or GPTQ (qweight)
+    quant: object                  # its quantisation state (None, a 4-bit QuantState, GPTQState)
+    A: torch.Tensor | None         # the adapter, None without one (then Y = X W^T + bias)
     B: torch.Tensor | None
-    s: float
+    scale: float
     bias: torch.Tensor | None = None
     dropout: float = 0.0
-    mask: torch.Tensor | None = None  # the dropout mask drawn before the call (the custom-op path)
+    mask: torch.Tensor | None = None  # the dropout mask, drawn before the forward (_with_masks)
     Ac: torch.Tensor | None = None    # A and B in the compute dtype, cast once per call (_in_dtype): the
     Bc: torch.Tensor | None = None    # forward and the backward share them (each cast is a kernel launch)
+
+
+# Each Function's projections by name, in PEFT's (and its dropout masks') order; the fields are the labels.
+OProjection = namedtuple("OProjection", ["o"])
+QKVProjections = namedtuple("QKVProjections", ["q", "k", "v"])
+MLPProjections = namedtuple("MLPProjections", ["gate", "up", "down"])
 
 
 def _in_dtype(prs, dtype):
     """prs with each adapter's A and B cast to the compute dtype once (contiguous: the GLU kernels read B_g,
     B_u and A_d by rows)."""
-    return tuple(pr if pr.A is None else pr._replace(Ac=pr.A.to(dtype).contiguous(), Bc=pr.B.to(dtype).contiguous())
-                 for pr in prs)
+    return prs._make(pr if pr.A is None else pr._replace(Ac=pr.A.to(dtype).contiguous(), Bc=pr.B.to(dtype).contiguous())
+                     for pr in prs)
 
 
-def _dropout(X2, pr: _Proj, training):
-    """PEFT's nn.Dropout on the adapter input: (dropped input, mask scale or None)."""
-    p = pr.dropout
-    if p == 0.0 or not training:
-        return X2, None
-    if pr.mask is not None:
-        return X2 * pr.mask, pr.mask
-    # F.dropout of a ones tensor of X's shape draws exactly the mask F.dropout(X) would (the mask does not
-    # depend on the values), so with PEFT's call order the masks are PEFT's.
-    scale = torch.nn.functional.dropout(torch.ones_like(X2), p, True)
-    return X2 * scale, scale
+def _with_masks(prs, X, dtype, training):
+    """prs with the dropout mask of each adapter whose dropout is active, drawn here for the Functions and the
+    custom ops alike (an op's masks are its inputs, so the traced graph owns the random numbers), in
+    projection order, PEFT's (q, k, v / gate, up, down). F.dropout of a ones tensor draws exactly the mask
+    F.dropout(X) would (the mask does not depend on the values), so with the same RNG state the masks are
+    PEFT's. Each mask is [rows, in_features] (down_proj's input is [rows, intermediate])."""
+    drops = [bool(training) and pr.A is not None and pr.dropout != 0.0 for pr in prs]
+    if not any(drops):
+        return prs
+    rows = X.numel() // X.shape[-1] if X.dim() else 1
+
+    def mask(pr):
+        ones = torch.ones(rows, weight_shape(pr.weight, pr.quant)[1], dtype=dtype, device=X.device)
+        return F.dropout(ones, pr.dropout, True)
+    return prs._make(pr._replace(mask=mask(pr)) if drop else pr for pr, drop in zip(prs, drops))
 
 
-def _proj_forward(X2, pr: _Proj, dtype, training):
-    W = dequantize_base(pr.W, pr.quant, dtype)
-    XA = Xd = mask = None
+class ProjSaved(NamedTuple):
+    """What one projection's backward reads besides its input: XA = drop(X) A^T (dB's input) and, with a
+    dropout mask, drop(X) itself (dA's input; without a mask dA reads X)."""
+    XA: torch.Tensor | None
+    Xd: torch.Tensor | None
+
+
+def _proj_forward(X2, pr: Projection, dtype):
+    W = dequantize_base(pr.weight, pr.quant, dtype)
     if pr.A is None:
-        Y = X2 @ W.t()
+        Y, saved = X2 @ W.t(), ProjSaved(None, None)
     else:
-        Xd, mask = _dropout(X2, pr, training)
+        Xd = X2 if pr.mask is None else X2 * pr.mask
         XA = Xd @ pr.Ac.t()
         if W.shape[1] <= W.shape[0]:
             # Widening projection (gate/up): one GEMM over [X, XA] @ [W, s B]^T costs a copy of the narrow
             # input instead of a second pass over the wide output.
-            Y = torch.cat([X2, XA], 1) @ torch.cat([W, pr.Bc * pr.s], 1).t()
+            Y = torch.cat([X2, XA], 1) @ torch.cat([W, pr.Bc * pr.scale], 1).t()
         else:
-            Y = _base_plus_lora(X2, W.t(), XA, pr.Bc.t(), pr.s)
+            Y = _base_plus_lora(X2, W.t(), XA, pr.Bc.t(), pr.scale)
+        saved = ProjSaved(XA, None if pr.mask is None else Xd)
     if pr.bias is not None:
         Y += pr.bias.to(dtype)
-    return Y, (XA, Xd if mask is not None else None, mask)
+    return Y, saved
 
 
-def _proj_backward_input(dY, pr: _Proj, saved, dtype, needs):
+def _proj_needs(need: dict, pr: Projection) -> dict:
+    """The A / B / bias gradients wanted of projection pr (need: by argument name, <label>_A / _B / _bias)."""
+    label = pr.label
+    return {"A": need.get(f"{label}_A", False), "B": need.get(f"{label}_B", False),
+            "bias": need.get(f"{label}_bias", False)}
+
+
+def _proj_grads(pr: Projection, dA=None, dB=None, dbias=None) -> dict:
+    """The gradients of projection pr by name (a bias gradient only where there is one: the MLP has none)."""
+    label = pr.label
+    grads = {f"{label}_A": dA, f"{label}_B": dB}
+    return grads if dbias is None else {**grads, f"{label}_bias": dbias}
+
+
+def _proj_backward_input(dY, pr: Projection, saved: ProjSaved, dtype, needs):
     """(dX, s dY B, dB, dbias) of one projection: all but dA, which needs the projection's input."""
-    XA, Xd, mask = saved
-    out_f, in_f = weight_shape(pr.W, pr.quant)
+    out_f, in_f = weight_shape(pr.weight, pr.quant)
     dB = dYBs = None
     if pr.A is None:
-        dX = dY @ dequantize_base(pr.W, pr.quant, dtype)
+        dX = dY @ dequantize_base(pr.weight, pr.quant, dtype)
     else:
         A, B = pr.Ac, pr.Bc
-        dYBs = _mm_scaled(dY, B, pr.s)  # [T, r]
+        dYBs = _mm_scaled(dY, B, pr.scale)  # [T, r]
         if needs["B"]:
-            dB = _mm_scaled(dY.t(), XA, pr.s).to(pr.B.dtype)
-        if mask is not None:
-            dX = dY @ dequantize_base(pr.W, pr.quant, dtype)
-            dX += (dYBs @ A) * mask
+            dB = _mm_scaled(dY.t(), saved.XA, pr.scale).to(pr.B.dtype)
+        if pr.mask is not None:
+            dX = dY @ dequantize_base(pr.weight, pr.quant, dtype)
+            dX += (dYBs @ A) * pr.mask
         elif out_f <= in_f:
             # widening dX (down_proj's): one GEMM over [dY, s dYB] @ [W; A], an NF4 weight dequantised
             # straight into the stacked rows
             dX = torch.cat([dY, dYBs], 1) @ _stack_rows([pr], A, dtype, dY.device)
         else:
-            dX = _base_plus_lora(dY, dequantize_base(pr.W, pr.quant, dtype), dYBs, A, 1.0)
+            dX = _base_plus_lora(dY, dequantize_base(pr.weight, pr.quant, dtype), dYBs, A, 1.0)
     dbias = dY.sum(0).to(pr.bias.dtype) if (pr.bias is not None and needs["bias"]) else None
     return dX, dYBs, dB, dbias
 
 
-def _lora_dA(dYBs, X2, pr: _Proj, saved, needs):
+def _lora_dA(dYBs, X2, pr: Projection, saved: ProjSaved, needs):
     if pr.A is None or not needs["A"]:
         return None
-    Xd = saved[1]
-    return (dYBs.t() @ (X2 if Xd is None else Xd)).to(pr.A.dtype)
+    return (dYBs.t() @ (X2 if saved.Xd is None else saved.Xd)).to(pr.A.dtype)
 
 
-def _proj_backward(dY, X2, pr: _Proj, saved, dtype, needs):
+def _proj_backward(dY, X2, pr: Projection, saved: ProjSaved, dtype, needs):
     """(dX contribution, dA, dB, dbias) of one projection."""
     dX, dYBs, dB, dbias = _proj_backward_input(dY, pr, saved, dtype, needs)
     return dX, _lora_dA(dYBs, X2, pr, saved, needs), dB, dbias
@@ -195,6 +230,77 @@ def _unflat(Y, X):
     """Y [T, n] as [*X.shape[:-1], n] with no view relation to Y: FSDP2 warns about (and would skip its hooks
     after an in-place op on) a module output that is a view."""
     return torch.ops.aten._unsafe_view(Y, (*X.shape[:-1], Y.shape[-1]))
+
+
+# ------------------------------------------------------------------------------------ saved tensors
+# Each path's saved record, declared by its plan (ctx.Saved) and filled by its forward: a flat record of
+# tensors (None where absent) read back by name. Per projection: <label>_XA, <label>_Xd (ProjSaved).
+def _proj_fields(labels):
+    return tuple(f"{label}_{f}" for label in labels for f in ProjSaved._fields)
+
+
+OSaved = namedtuple("OSaved", _proj_fields(OProjection._fields))
+QKVSaved = namedtuple("QKVSaved", _proj_fields(QKVProjections._fields))
+QKVStackedSaved = namedtuple("QKVStackedSaved", ["XA"])  # X [A_q; A_k; A_v]^T
+MLPSaved = namedtuple("MLPSaved", ["e", "g", *_proj_fields(MLPProjections._fields)])  # e, g: gate / up outputs
+MLPFusedSaved = namedtuple("MLPFusedSaved", ["EG", "XA", "hA"])  # see _mlp_fused_forward
+
+
+def _record(cls, prs, proj_saved, **rest):
+    """cls (a saved record) from rest and each projection's ProjSaved, by name."""
+    named = {f"{pr.label}_{f}": t for pr, sv in zip(prs, proj_saved) for f, t in zip(ProjSaved._fields, sv)}
+    return cls(**rest, **named)
+
+
+def _proj_saved(record, pr: Projection) -> ProjSaved:
+    return ProjSaved(*(getattr(record, f"{pr.label}_{f}") for f in ProjSaved._fields))
+
+
+class _OpCtx:
+    """The ctx of the plan / forward / backward functions inside a custom op: the compute-dtype input X2, the
+    projections (their masks are op inputs) and the saved record are attributes here (_save, _saved); what
+    autograd keeps between the ops is the ops' business (_define)."""
+
+
+def _save(ctx, X2, source, saved):
+    """Keep X2 and the saved record (ctx.Saved, as the plan declared it) for the backward. On a Function's
+    ctx everything goes through save_for_backward (saved-tensor hooks, HF's non-reentrant checkpointing,
+    must see every activation), the dropout masks included, and ctx.prs keeps none. With `source` (X is a
+    recomputable rms_norm output: the Function found its NormSource) the norm's input and weight take X2's
+    place, which the norm's backward keeps anyway, and _saved recomputes X2 from them."""
+    if type(saved) is not ctx.Saved:
+        raise RuntimeError(f"fusedlora internal: saved {type(saved).__name__}, the plan declared {ctx.Saved.__name__}")
+    if isinstance(ctx, _OpCtx):
+        ctx.X2, ctx.saved = X2, saved
+        return
+    masks = [pr.mask for pr in ctx.prs if pr.mask is not None]
+    if masks:
+        ctx.masked = tuple(pr.mask is not None for pr in ctx.prs)
+        ctx.prs = ctx.prs._make(pr._replace(mask=None) for pr in ctx.prs)
+    ctx.n_masks = len(masks)
+    if source is None:
+        ctx.input_norm = None
+        ctx.save_for_backward(X2, *masks, *saved)
+    else:
+        ctx.input_norm = (source._replace(x2d=None, weight=None), X2.dtype)
+        ctx.save_for_backward(source.x2d, source.weight, *masks, *saved)
+
+
+def _saved(ctx):
+    """(X2, the projections with their masks, the saved record) as _save kept them."""
+    if isinstance(ctx, _OpCtx):
+        return ctx.X2, ctx.prs, ctx.saved
+    tensors = ctx.saved_tensors
+    if ctx.input_norm is None:
+        X2, n_input = tensors[0], 1
+    else:
+        recipe, dtype = ctx.input_norm
+        X2, n_input = recipe.recompute(tensors[0], tensors[1]).to(dtype), 2
+    prs, n_saved = ctx.prs, n_input + ctx.n_masks
+    if ctx.n_masks:
+        masks = iter(tensors[n_input:n_saved])
+        prs = prs._make(pr._replace(mask=next(masks)) if m else pr for pr, m in zip(prs, ctx.masked))
+    return X2, prs, ctx.Saved(*tensors[n_saved:])
 
 
 class _Slots:
@@ -216,14 +322,15 @@ class _Slots:
         return tuple(named.get(n) for n in self.names)
 
 
-def _proj_slots(prefix):
-    return tuple(prefix + n for n in ("W", "Q", "A", "B", "S"))
+def _seed_slots(label):
+    """A projection's five seed-API arguments (W, quant, A, B, scale) by name."""
+    return tuple(f"{label}_{n}" for n in ("weight", "quant", "A", "B", "scale"))
 
 
-O_SLOTS = _Slots("X", "W", "W_quant", "A", "B", "S", "bias", "dropout", "training")
-QKV_SLOTS = _Slots("X", *_proj_slots("q"), *_proj_slots("k"), *_proj_slots("v"), "inplace", "q_bias", "k_bias",
+O_SLOTS = _Slots("X", *_seed_slots("o"), "o_bias", "dropout", "training")
+QKV_SLOTS = _Slots("X", *_seed_slots("q"), *_seed_slots("k"), *_seed_slots("v"), "inplace", "q_bias", "k_bias",
                    "v_bias", "dropouts", "training")
-MLP_SLOTS = _Slots("X", *_proj_slots("g"), *_proj_slots("u"), *_proj_slots("d"), "activation_fn",
+MLP_SLOTS = _Slots("X", *_seed_slots("gate"), *_seed_slots("up"), *_seed_slots("down"), "activation_fn",
                    "activation_fn_backward", "inplace", "dropouts", "training")
 
 
@@ -231,13 +338,13 @@ def _stack_rows(prs, extra, dtype, device):
     """[W_1; ...; W_n; extra] (extra may be None) as one [sum(out) + extra rows, in] tensor; NF4 weights
     are dequantised straight into their rows (no per-weight temporary)."""
     if all(pr.quant is None for pr in prs):
-        return torch.cat([pr.W.to(dtype) for pr in prs] + ([] if extra is None else [extra]), 0)
-    shapes = [weight_shape(pr.W, pr.quant) for pr in prs]
+        return torch.cat([pr.weight.to(dtype) for pr in prs] + ([] if extra is None else [extra]), 0)
+    shapes = [weight_shape(pr.weight, pr.quant) for pr in prs]
     rows = sum(o for o, _ in shapes)
     buf = torch.empty(rows + (0 if extra is None else extra.shape[0]), shapes[0][1], dtype=dtype, device=device)
     row = 0
     for pr, (o, _) in zip(prs, shapes):
-        dequantize_base(pr.W, pr.quant, dtype, out=buf[row:row + o])
+        dequantize_base(pr.weight, pr.quant, dtype, out=buf[row:row + o])
         row += o
     if extra is not None:
         buf[rows:].copy_(extra)
@@ -250,41 +357,42 @@ def _qkv_fusable(prs, training):
     return all(pr.A is not None and (pr.dropout == 0.0 or not training) for pr in prs)
 
 
+def _rank_blocks(prs):
+    """{label: the column slice of projection's rank in [XA_1 | XA_2 | ...]} for the stacked adapter products."""
+    blocks, col = {}, 0
+    for pr in prs:
+        blocks[pr.label] = slice(col, col + pr.A.shape[0])
+        col += pr.A.shape[0]
+    return blocks
+
+
 def _qkv_stacked_forward(X2, prs, dtype):
     """Q, K, V with one adapter-input GEMM (X [A_q; A_k; A_v]^T) shared by the three projections."""
-    A_cat = torch.cat([pr.Ac for pr in prs], 0)
-    XA = X2 @ A_cat.t()
-    outs, col = [], 0
-    for pr in prs:
-        W = dequantize_base(pr.W, pr.quant, dtype)
+    XA = X2 @ torch.cat([pr.Ac for pr in prs], 0).t()
+    outs = []
+    for pr, cols in zip(prs, _rank_blocks(prs).values()):
+        W = dequantize_base(pr.weight, pr.quant, dtype)
         Y = X2 @ W.t() if pr.bias is None else torch.addmm(pr.bias.to(dtype), X2, W.t())
-        r = pr.A.shape[0]
-        Y.addmm_(XA[:, col:col + r], pr.Bc.t(), alpha=pr.s)
+        Y.addmm_(XA[:, cols], pr.Bc.t(), alpha=pr.scale)
         outs.append(Y)
-        col += r
     return outs, XA
 
 
 def _qkv_stacked_backward(dYs, X2, XA, prs, dtype):
-    """dX, [(dA, dB, dbias)] for the stacked path: dX = [dQ, dK, dV, s dY B...] @ [W_q; W_k; W_v; A...] in
-    one GEMM, dA of all three in another."""
-    dYBs, dBs, col = [], [], 0
-    for pr, dY in zip(prs, dYs):
-        r = pr.A.shape[0]
-        dYBs.append(_mm_scaled(dY, pr.Bc, pr.s))  # s dY B  [T, r]
-        dBs.append(_mm_scaled(dY.t(), XA[:, col:col + r], pr.s).to(pr.B.dtype))
-        col += r
+    """dX and the adapters' gradients by name for the stacked path: dX = [dQ, dK, dV, s dY B...] @ [W_q; W_k;
+    W_v; A...] in one GEMM, dA of all three in another."""
+    blocks = _rank_blocks(prs)
+    dYBs = [_mm_scaled(dY, pr.Bc, pr.scale) for pr, dY in zip(prs, dYs)]  # s dY B  [T, r]
+    dBs = [_mm_scaled(dY.t(), XA[:, blocks[pr.label]], pr.scale).to(pr.B.dtype) for pr, dY in zip(prs, dYs)]
     G = torch.cat(list(dYs) + dYBs, 1)
     A_cat = torch.cat([pr.Ac for pr in prs], 0)
     dX = G @ _stack_rows(prs, A_cat, dtype, X2.device)
     n_out = sum(dY.shape[1] for dY in dYs)
     dA_cat = G[:, n_out:].t() @ X2
-    grads, row = [], 0
+    grads = {}
     for pr, dY, dB in zip(prs, dYs, dBs):
-        r = pr.A.shape[0]
         db = dY.sum(0).to(pr.bias.dtype) if pr.bias is not None else None
-        grads.append((dA_cat[row:row + r].to(pr.A.dtype), dB, db))
-        row += r
+        grads.update(_proj_grads(pr, dA_cat[blocks[pr.label]].to(pr.A.dtype), dB, db))
     return dX, grads
 
 
@@ -292,7 +400,7 @@ def _gate_up_shareable(pg, pu, training):
     """gate and up can share one adapter-input GEMM and one [X, XA] copy: both have adapters, no active
     dropout, no bias, and both widen (the [X, XA] @ [W, s B]^T form of _proj_forward)."""
     def ok(pr):
-        o, i = weight_shape(pr.W, pr.quant)
+        o, i = weight_shape(pr.weight, pr.quant)
         return pr.A is not None and (pr.dropout == 0.0 or not training) and pr.bias is None and i <= o
     return ok(pg) and ok(pu)
 
@@ -302,193 +410,178 @@ def _gate_up_forward(X2, pg, pu, dtype):
     GEMM and one copy of X for both projections (the zero blocks cost K + r extra columns, ~1 %)."""
     XA = X2 @ torch.cat([pg.Ac, pu.Ac], 0).t()
     Xc = torch.cat([X2, XA], 1)
-    rg = pg.A.shape[0]
+    blocks = _rank_blocks((pg, pu))
     outs = [Xc @ _gate_up_weight(pg, pu, which, dtype).t() for which in (0, 1)]
-    return outs, ((XA[:, :rg], None, None), (XA[:, rg:], None, None))
+    return outs, (ProjSaved(XA[:, blocks["gate"]], None), ProjSaved(XA[:, blocks["up"]], None))
 
 
 def _gate_up_weight(pg, pu, which, dtype):
     """[W_g | s_g B_g | 0] (which = 0) or [W_u | 0 | s_u B_u] (which = 1), [I, H + r_g + r_u]: the weight of
     the shared [X, X A_g^T, X A_u^T] input, an NF4 weight dequantised straight into its block."""
     pr = (pg, pu)[which]
-    out_f, in_f = weight_shape(pr.W, pr.quant)
+    out_f, in_f = weight_shape(pr.weight, pr.quant)
     rg, ru = pg.A.shape[0], pu.A.shape[0]
     buf = torch.empty(out_f, in_f + rg + ru, dtype=dtype, device=pr.A.device)
     if nf4_writes_into(pr.quant, dtype, buf[:, :in_f]):
-        _dequantize_nf4(pr.W, pr.quant, buf[:, :in_f], dtype)  # no temporary, no copy
+        _dequantize_nf4(pr.weight, pr.quant, buf[:, :in_f], dtype)  # no temporary, no copy
         buf[:, in_f:].zero_()
         mine = in_f if which == 0 else in_f + rg
-        torch.mul(pr.Bc, pr.s, out=buf[:, mine:mine + pr.A.shape[0]])
+        torch.mul(pr.Bc, pr.scale, out=buf[:, mine:mine + pr.A.shape[0]])
         return buf
     # other weights: one cat into the buffer (a strided copy_ into the block is slower than cat)
-    W, sB = dequantize_base(pr.W, pr.quant, dtype), pr.Bc * pr.s
+    W, sB = dequantize_base(pr.weight, pr.quant, dtype), pr.Bc * pr.scale
     zeros = sB.new_zeros(out_f, ru if which == 0 else rg)
     return torch.cat([W, sB, zeros] if which == 0 else [W, zeros, sB], 1, out=buf)
 
 
-def _mlp_fusable(pg, pu, pd, training, act, act_bwd):
+def _mlp_fusable(prs, training, act, act_bwd):
     """The MLP takes the fused path (_mlp_fused_forward / _mlp_fused_backward): gate and up can share one
     adapter-input GEMM, down has an adapter with no active dropout, and the activation is one of ours in
     both directions (the backward's kernel takes the adapter products, glu_lora_backward; the forward reads
     e | g in place from one buffer)."""
     glu_act = getattr(act_bwd, "glu_act", None)
-    return bool(_gate_up_shareable(pg, pu, training) and glu_act and getattr(act, "glu_act", None) == glu_act
-                and pd.A is not None and not (pd.dropout != 0.0 and training))
+    return bool(_gate_up_shareable(prs.gate, prs.up, training) and glu_act
+                and getattr(act, "glu_act", None) == glu_act
+                and prs.down.A is not None and not (prs.down.dropout != 0.0 and training))
 
 
 def _gate_up_base(X2, pg, pu, out, dtype):
     """out[:, :I] | out[:, I:2I] = X W_g^T | X W_u^T: one N = 2I GEMM over [W_g; W_u] when both are NF4
     (dequantised straight into one buffer), else one GEMM per weight into its half (no copy of a plain
     weight; two N = I GEMMs measured as fast as one N = 2I on an H100)."""
-    I = weight_shape(pg.W, pg.quant)[0]
+    I = weight_shape(pg.weight, pg.quant)[0]
     if is_nf4(pg.quant) and is_nf4(pu.quant):
         torch.mm(X2, _stack_rows([pg, pu], None, dtype, X2.device).t(), out=out[:, :2 * I])
     else:
         for k, pr in enumerate((pg, pu)):
-            torch.mm(X2, dequantize_base(pr.W, pr.quant, dtype).t(), out=out[:, k * I:(k + 1) * I])
+            torch.mm(X2, dequantize_base(pr.weight, pr.quant, dtype).t(), out=out[:, k * I:(k + 1) * I])
 
 
-def _mlp_fused_forward(X2, pg, pu, pd, dtype, act):
-    """(Y, EG, XA, h A_d^T). EG [T, 2I + r_g + r_u rounded up to 64] holds the base GEMM outputs X W_g^T |
+def _mlp_fused_forward(X2, prs, dtype, act):
+    """(Y, MLPFusedSaved). EG [T, 2I + r_g + r_u rounded up to 64] holds the base GEMM outputs X W_g^T |
     X W_u^T (K = H: the adapter terms s XA B^T are added per tile by glu_lora_forward and again by
     glu_lora_backward, instead of widening K to H + r_g + r_u, which cost ~6 % of the GEMM), and spare
     columns where the backward puts s_g de B_g | s_u dg B_u after de | dg, so that dX is one GEMM over the
     buffer. Rows start 128-byte aligned: with 64-byte aligned rows each 128-byte row segment of the GLU tiles
-    splits over two cache lines (slower; docs/perf-notes.md). XA = X [A_g; A_u]^T. h = act(e) * g is not kept; h A_d^T is kept (down_proj's dB)."""
-    I, rg = weight_shape(pg.W, pg.quant)[0], pg.A.shape[0]
+    splits over two cache lines (slower; docs/perf-notes.md). XA = X [A_g; A_u]^T. h = act(e) * g is not
+    kept; hA = h A_d^T is (down_proj's dB)."""
+    pg, pu, pd = prs
+    I, rg = weight_shape(pg.weight, pg.quant)[0], pg.A.shape[0]
     XA = X2 @ torch.cat([pg.Ac, pu.Ac], 0).t()
     EG = wide_rows(X2, X2.shape[0], cdiv(2 * I + rg + pu.A.shape[0], 64) * 64)
     _gate_up_base(X2, pg, pu, EG, dtype)
-    h = glu_lora_forward(EG[:, :I], EG[:, I:2 * I], XA, rg, pg.Bc, pu.Bc,
-                         (pg.s, pu.s), act)
+    h = glu_lora_forward(EG[:, :I], EG[:, I:2 * I], XA, rg, pg.Bc, pu.Bc, (pg.scale, pu.scale), act)
     hA = h @ pd.Ac.t()
-    Y = _base_plus_lora(h, dequantize_base(pd.W, pd.quant, dtype).t(), hA, pd.Bc.t(), pd.s)
-    return Y, EG, XA, hA
+    Y = _base_plus_lora(h, dequantize_base(pd.weight, pd.quant, dtype).t(), hA, pd.Bc.t(), pd.scale)
+    return Y, MLPFusedSaved(EG=EG, XA=XA, hA=hA)
 
 
-def _mlp_fused_backward(ctx, need, X2, EG, XA, hA, dY):
+def _glu_lora_products(Q, prs):
+    """glu_lora_backward's Q [I, 3R] = [dB_gate | dB_up | dA_down^T], each rank zero-padded to R, by name."""
+    R = glu_lora_rank_pad(max(pr.A.shape[0] for pr in prs))
+    g, u, d = (Q[:, k * R:k * R + pr.A.shape[0]] for k, pr in enumerate(prs))
+    return {"gate_B": g, "up_B": u, "down_A": d.t()}
+
+
+def _mlp_fused_backward(ctx, need, X2, prs, saved: MLPFusedSaved, dY):
     """LoRA_MLP.backward on the fused path. dh = dY W_d (K = H; its adapter term s_d dY B_d A_d is added in
     the GLU kernel), then one kernel gives de, dg, dB_gate, dB_up and dA_down (the products that would
     re-read de, dg and h; h is never stored), one more pass s de B_g | s dg B_u into the columns after
     de | dg, and dX is one GEMM [de | dg | s de B_g | s dg B_u] @ [W_g; W_u; A_g; A_u]."""
-    pg, pu, pd = ctx.prs
-    dtype = ctx.dtype
-    I, rg, ru, rd = weight_shape(pg.W, pg.quant)[0], pg.A.shape[0], pu.A.shape[0], pd.A.shape[0]
-    dYBs_d = _mm_scaled(dY, pd.Bc, pd.s)  # s_d dY B_d  [T, r_d]
-    ddB = _mm_scaled(dY.t(), hA, pd.s).to(pd.B.dtype) if need["dB"] else None
-    dh = dY @ dequantize_base(pd.W, pd.quant, dtype)
+    pg, pu, pd = prs
+    dtype, EG = ctx.dtype, saved.EG
+    I, rg, ru = weight_shape(pg.weight, pg.quant)[0], pg.A.shape[0], pu.A.shape[0]
+    dYBs_d = _mm_scaled(dY, pd.Bc, pd.scale)  # s_d dY B_d  [T, r_d]
+    ddB = _mm_scaled(dY.t(), saved.hA, pd.scale).to(pd.B.dtype) if need["down_B"] else None
+    dh = dY @ dequantize_base(pd.weight, pd.quant, dtype)
     D = EG if _overwrites_saved(ctx) else wide_rows(EG, *EG.shape)  # de | dg | G, over e | g when inplace
-    B_g, B_u = pg.Bc, pu.Bc
-    de, dg, Q = glu_lora_backward(dh, EG[:, :I], EG[:, I:2 * I], XA, rg, dYBs_d, B_g, B_u, pd.Ac,
-                                  (pg.s, pu.s), ctx.act_bwd.glu_act, out=(D[:, :I], D[:, I:2 * I]))
+    de, dg, Q = glu_lora_backward(dh, EG[:, :I], EG[:, I:2 * I], saved.XA, rg, dYBs_d, pg.Bc, pu.Bc, pd.Ac,
+                                  (pg.scale, pu.scale), ctx.act_bwd.glu_act, out=(D[:, :I], D[:, I:2 * I]))
     del dh
-    R = glu_lora_rank_pad(max(rg, ru, rd))
     # (s de B_g / s dg B_u as extra output columns of the dX GEMM, de [W_g | s_g B_g | 0], is slower: N = H + 2r
     # tiles badly, costing more than this pass.)
-    G = glu_lora_dyb(de, dg, B_g, B_u, (pg.s, pu.s), out=D[:, 2 * I:2 * I + rg + ru])
+    G = glu_lora_dyb(de, dg, pg.Bc, pu.Bc, (pg.scale, pu.scale), out=D[:, 2 * I:2 * I + rg + ru])
     dX = None
     if need["X"]:  # (the first layer's input often needs no gradient: no dX GEMM then)
         A_cat = torch.cat([pg.Ac, pu.Ac])
         dX = (D[:, :2 * I + rg + ru] @ _stack_rows([pg, pu], A_cat, dtype, X2.device)).view(ctx.x_shape)
-    dA_cat = G.t() @ X2 if (need["gA"] or need["uA"]) else None
-    dgA = dA_cat[:rg].to(pg.A.dtype) if need["gA"] else None
-    duA = dA_cat[rg:].to(pu.A.dtype) if need["uA"] else None
-    dgB = Q[:, :rg].to(pg.B.dtype) if need["gB"] else None
-    duB = Q[:, R:R + ru].to(pu.B.dtype) if need["uB"] else None
-    ddA = Q[:, 2 * R:2 * R + rd].t().to(pd.A.dtype) if need["dA"] else None
-    return dict(X=dX, gA=dgA, gB=dgB, uA=duA, uB=duB, dA=ddA, dB=ddB)
+    grads = dict(X=dX, down_B=ddB)
+    if need["gate_A"] or need["up_A"]:
+        dA_cat = G.t() @ X2
+        for pr, cols in zip((pg, pu), _rank_blocks((pg, pu)).values()):
+            if need[f"{pr.label}_A"]:
+                grads[f"{pr.label}_A"] = dA_cat[cols].to(pr.A.dtype)
+    for name, product in _glu_lora_products(Q, prs).items():
+        if need[name]:
+            grads[name] = product.to(_parameter(prs, name).dtype)
+    return grads
+
+
+def _parameter(prs, grad_name):
+    """The trainable tensor an argument name stands for: prs.gate.B for gate_B."""
+    label, field = grad_name.rsplit("_", 1)
+    return getattr(getattr(prs, label), field)
 
 
 # ------------------------------------------------------------------------------------ Functions
-# Each Function is a thin shell over three functions of (ctx, tensors, _Proj list, scalars): *_plan sets the
-# ctx attributes the backward reads, *_forward computes and saves, *_backward returns gradients by name. The
-# custom ops of fusedlora.lora_ops (torch.compile) call the same three.
-def _save_input_and(ctx, X2, source, *rest):
-    """ctx.save_for_backward(X2, *rest); with `source` (X is a recomputable rms_norm output: the Function
-    found its NormSource) the norm's input and weight take X2's place, which the norm's backward keeps anyway,
-    and _saved_input_and recomputes X2 from them. The custom ops of fusedlora.lora_ops pass no source (what
-    they save are op outputs)."""
-    if source is None:
-        ctx.input_norm = None
-        ctx.save_for_backward(X2, *rest)
-    else:
-        # no tensor on ctx itself: saved-tensor hooks (HF's non-reentrant checkpointing) must see them all
-        ctx.input_norm = (source._replace(x2d=None, weight=None), X2.dtype)
-        ctx.save_for_backward(source.x2d, source.weight, *rest)
-
-
-def _saved_input_and(ctx):
-    """(X2, *rest) as _save_input_and saved them."""
-    saved = ctx.saved_tensors
-    if getattr(ctx, "input_norm", None) is None:
-        return saved
-    recipe, dtype = ctx.input_norm
-    return (recipe.recompute(saved[0], saved[1]).to(dtype), *saved[2:])
-
-
+# Each Function is a thin shell over three functions of (ctx, X, projections by name, scalars): *_plan sets
+# the ctx attributes the backward reads (and declares the saved record, ctx.Saved), *_forward computes and
+# saves (_save), *_backward returns gradients by name. The custom ops (_define) call the same three.
 def _o_plan(ctx, X, prs, dtype, training):
-    ctx.pr, ctx.dtype, ctx.x_shape = _in_dtype(prs, dtype)[0], dtype, X.shape
+    ctx.prs, ctx.dtype, ctx.x_shape, ctx.Saved = _in_dtype(prs, dtype), dtype, X.shape, OSaved
 
 
 def _o_forward(ctx, X, prs, dtype, training):
     _o_plan(ctx, X, prs, dtype, training)
     X2 = _flat(X).to(dtype)
-    Y, saved = _proj_forward(X2, ctx.pr, dtype, training)
-    ctx.save_for_backward(X2, *saved)
+    Y, saved = _proj_forward(X2, ctx.prs.o, dtype)
+    _save(ctx, X2, None, _record(OSaved, ctx.prs, [saved]))
     return (_unflat(Y, X),)
 
 
 def _o_backward(ctx, need, dY):
-    X2, XA, Xd, mask = ctx.saved_tensors
-    needs = {"A": need["A"], "B": need["B"], "bias": need["bias"]}
-    dX, dA, dB, dbias = _proj_backward(_flat(dY).to(ctx.dtype), X2, ctx.pr, (XA, Xd, mask), ctx.dtype, needs)
-    return dict(X=dX.view(ctx.x_shape), A=dA, B=dB, bias=dbias)
+    X2, prs, saved = _saved(ctx)
+    pr = prs.o
+    dX, dA, dB, dbias = _proj_backward(_flat(dY).to(ctx.dtype), X2, pr, _proj_saved(saved, pr), ctx.dtype,
+                                       _proj_needs(need, pr))
+    return dict(X=dX.view(ctx.x_shape), **_proj_grads(pr, dA, dB, dbias))
 
 
 def _qkv_plan(ctx, X, prs, dtype, training):
     ctx.prs, ctx.dtype, ctx.x_shape = _in_dtype(prs, dtype), dtype, X.shape
     ctx.stacked = _qkv_fusable(prs, training)
+    ctx.Saved = QKVStackedSaved if ctx.stacked else QKVSaved
 
 
 def _qkv_forward(ctx, X, prs, dtype, training, source=None):
     _qkv_plan(ctx, X, prs, dtype, training)
     X2 = _flat(X).to(dtype)
-    prs = ctx.prs
     if ctx.stacked:  # few launches: these layers are often host-bound
-        outs, XA = _qkv_stacked_forward(X2, prs, dtype)
-        _save_input_and(ctx, X2, source, XA)
+        outs, XA = _qkv_stacked_forward(X2, ctx.prs, dtype)
+        _save(ctx, X2, source, QKVStackedSaved(XA=XA))
     else:
-        outs, saved = [], []
-        for pr in prs:
-            Y, sv = _proj_forward(X2, pr, dtype, training)
-            outs.append(Y)
-            saved.extend(sv)
-        _save_input_and(ctx, X2, source, *saved)
+        outs, saved = zip(*(_proj_forward(X2, pr, dtype) for pr in ctx.prs))
+        _save(ctx, X2, source, _record(QKVSaved, ctx.prs, saved))
     return tuple(_unflat(Y, X) for Y in outs)
 
 
 def _qkv_backward(ctx, need, dQ, dK, dV):
-    named = {}
+    X2, prs, saved = _saved(ctx)
+    dYs = (dQ, dK, dV)
     if ctx.stacked:
-        X2, XA = _saved_input_and(ctx)
         dYs = [_flat(d).to(ctx.dtype) if d is not None else
-               X2.new_zeros(X2.shape[0], weight_shape(pr.W, pr.quant)[0]) for d, pr in zip((dQ, dK, dV), ctx.prs)]
-        dX, grads = _qkv_stacked_backward(dYs, X2, XA, ctx.prs, ctx.dtype)
-        for p, (dA, dB, db) in zip("qkv", grads):
-            named.update({f"{p}A": dA, f"{p}B": dB, f"{p}_bias": db})
-        named["X"] = dX.view(ctx.x_shape)
-        return named
-    X2, *saved = _saved_input_and(ctx)
-    dX = None
-    for i, (p, pr, dY) in enumerate(zip("qkv", ctx.prs, (dQ, dK, dV))):
+               X2.new_zeros(X2.shape[0], weight_shape(pr.weight, pr.quant)[0]) for d, pr in zip(dYs, prs)]
+        dX, grads = _qkv_stacked_backward(dYs, X2, saved.XA, prs, ctx.dtype)
+        return dict(X=dX.view(ctx.x_shape), **grads)
+    dX, grads = None, {}
+    for pr, dY in zip(prs, dYs):
         if dY is None:
             continue
-        needs = {"A": need[f"{p}A"], "B": need[f"{p}B"], "bias": need[f"{p}_bias"]}
-        d, dA, dB, db = _proj_backward(_flat(dY).to(ctx.dtype), X2, pr, saved[3 * i: 3 * i + 3], ctx.dtype, needs)
+        d, dA, dB, db = _proj_backward(_flat(dY).to(ctx.dtype), X2, pr, _proj_saved(saved, pr), ctx.dtype,
+                                       _proj_needs(need, pr))
         dX = d if dX is None else dX.add_(d)
-        named.update({f"{p}A": dA, f"{p}B": dB, f"{p}_bias": db})
-    named["X"] = dX.view(ctx.x_shape)
-    return named
+        grads.update(_proj_grads(pr, dA, dB, db))
+    return dict(X=dX.view(ctx.x_shape), **grads)
 
 
 def _overwrites_saved(ctx):
@@ -500,7 +593,8 @@ def _overwrites_saved(ctx):
 def _mlp_plan(ctx, X, prs, dtype, training, act, act_bwd, inplace):
     ctx.prs, ctx.dtype, ctx.x_shape = _in_dtype(prs, dtype), dtype, X.shape
     ctx.act, ctx.act_bwd, ctx.inplace = act, act_bwd, inplace
-    ctx.fused_glu = _mlp_fusable(*prs, training, act, act_bwd)
+    ctx.fused_glu = _mlp_fusable(prs, training, act, act_bwd)
+    ctx.Saved = MLPFusedSaved if ctx.fused_glu else MLPSaved
 
 
 def _mlp_forward(ctx, X, prs, dtype, training, act, act_bwd, inplace, source=None):
@@ -508,88 +602,89 @@ def _mlp_forward(ctx, X, prs, dtype, training, act, act_bwd, inplace, source=Non
     pg, pu, pd = ctx.prs
     X2 = _flat(X).to(dtype)
     if ctx.fused_glu:
-        Y, EG, XA, hA = _mlp_fused_forward(X2, pg, pu, pd, dtype, act.glu_act)
-        _save_input_and(ctx, X2, source, EG, XA, hA)
+        Y, saved = _mlp_fused_forward(X2, ctx.prs, dtype, act.glu_act)
+        _save(ctx, X2, source, saved)
     else:
         if _gate_up_shareable(pg, pu, training):
             (e, g), (sg, su) = _gate_up_forward(X2, pg, pu, dtype)
         else:
-            e, sg = _proj_forward(X2, pg, dtype, training)
-            g, su = _proj_forward(X2, pu, dtype, training)
-        Y, sd = _proj_forward(act(e, g), pd, dtype, training)
+            e, sg = _proj_forward(X2, pg, dtype)
+            g, su = _proj_forward(X2, pu, dtype)
+        Y, sd = _proj_forward(act(e, g), pd, dtype)
         # h is not kept: the backward recomputes it from e and g
-        _save_input_and(ctx, X2, source, e, g, *sg, *su, *sd)
+        _save(ctx, X2, source, _record(MLPSaved, ctx.prs, (sg, su, sd), e=e, g=g))
     return (_unflat(Y, X),)
 
 
 def _mlp_backward(ctx, need, dY):
-    pg, pu, pd = ctx.prs
+    X2, prs, saved = _saved(ctx)
     dtype = ctx.dtype
     if ctx.fused_glu:
-        return _mlp_fused_backward(ctx, need, *_saved_input_and(ctx), _flat(dY).to(dtype))
-    nd = {"A": need["dA"], "B": need["dB"], "bias": False}
-    X2, e, g, *saved = _saved_input_and(ctx)
-    dh, dYBs_d, ddB, _ = _proj_backward_input(_flat(dY).to(dtype), pd, saved[6:9], dtype, nd)
+        return _mlp_fused_backward(ctx, need, X2, prs, saved, _flat(dY).to(dtype))
+    pg, pu, pd = prs
+    sg, su, sd = (_proj_saved(saved, pr) for pr in prs)
+    nd = _proj_needs(need, pd)
+    dh, dYBs_d, ddB, _ = _proj_backward_input(_flat(dY).to(dtype), pd, sd, dtype, nd)
     inplace = _overwrites_saved(ctx)
+    e, g = saved.e, saved.g
     if getattr(ctx.act_bwd, "stores_h", False):  # h comes back over dh: no recompute pass
         de, dg, h = ctx.act_bwd(dh, e, g, inplace, store_h=True)
     else:
         h = ctx.act(e, g)
         de, dg = ctx.act_bwd(dh, e, g, inplace)
-    ddA = _lora_dA(dYBs_d, h, pd, saved[6:9], nd)
+    grads = dict(_proj_grads(pd, _lora_dA(dYBs_d, h, pd, sd, nd), ddB))
     del h, dh
-    sg, su = saved[0:3], saved[3:6]
-    ngate = {"A": need["gA"], "B": need["gB"], "bias": False}
-    nup = {"A": need["uA"], "B": need["uB"], "bias": False}
-    if sg[2] is None and su[2] is None:
+    if pg.mask is None and pu.mask is None:
         # No dropout masks: dX accumulates both projections in the GEMMs' epilogues (beta = 1).
-        dX = de @ dequantize_base(pg.W, pg.quant, dtype)
-        dX.addmm_(dg, dequantize_base(pu.W, pu.quant, dtype))
-        lora = [(d, pr, sv, need) for d, pr, sv, need in ((de, pg, sg, ngate), (dg, pu, su, nup)) if pr.A is not None]
-        dYBs = [_mm_scaled(d, pr.Bc, pr.s) for d, pr, _, _ in lora]
-        dBs = [_mm_scaled(d.t(), sv[0], pr.s).to(pr.B.dtype) if need["B"] else None for d, pr, sv, need in lora]
-        grads = {id(pg): (None, None), id(pu): (None, None)}
+        dX = de @ dequantize_base(pg.weight, pg.quant, dtype)
+        dX.addmm_(dg, dequantize_base(pu.weight, pu.quant, dtype))
+        lora = [(d, pr, sv) for d, pr, sv in ((de, pg, sg), (dg, pu, su)) if pr.A is not None]
         if lora:
+            dYBs = [_mm_scaled(d, pr.Bc, pr.scale) for d, pr, _ in lora]
             G = dYBs[0] if len(lora) == 1 else torch.cat(dYBs, 1)
-            dX.addmm_(G, torch.cat([pr.Ac for _, pr, _, _ in lora], 0))
+            dX.addmm_(G, torch.cat([pr.Ac for _, pr, _ in lora], 0))
             dA_cat = G.t() @ X2
-            row = 0
-            for (_, pr, _, _), dB in zip(lora, dBs):
-                r = pr.A.shape[0]
-                grads[id(pr)] = (dA_cat[row:row + r].to(pr.A.dtype), dB)
-                row += r
-        (dgA, dgB), (duA, duB) = grads[id(pg)], grads[id(pu)]
+            for (d, pr, sv), cols in zip(lora, _rank_blocks([pr for _, pr, _ in lora]).values()):
+                dB = _mm_scaled(d.t(), sv.XA, pr.scale).to(pr.B.dtype) if need[f"{pr.label}_B"] else None
+                grads.update(_proj_grads(pr, dA_cat[cols].to(pr.A.dtype), dB))
     else:
-        dX, dgA, dgB, _ = _proj_backward(de, X2, pg, sg, dtype, ngate)
-        dXu, duA, duB, _ = _proj_backward(dg, X2, pu, su, dtype, nup)
+        dX, dgA, dgB, _ = _proj_backward(de, X2, pg, sg, dtype, _proj_needs(need, pg))
+        dXu, duA, duB, _ = _proj_backward(dg, X2, pu, su, dtype, _proj_needs(need, pu))
         dX += dXu
-    return dict(X=dX.view(ctx.x_shape), gA=dgA, gB=dgB, uA=duA, uB=duB, dA=ddA, dB=ddB)
+        grads.update(_proj_grads(pg, dgA, dgB), **_proj_grads(pu, duA, duB))
+    return dict(X=dX.view(ctx.x_shape), **grads)
 
 
-def _projections(fn, entry, specs, X, kernels):
-    """_Proj per (label, W, quant, A, B, S, bias, dropout), the input and the adapter shapes checked; errors
-    name the Function `fn` (and the projection) and the public `entry` that calls it. A base weight that
-    requires grad under grad mode is refused here for the custom ops' callers (fusedlora.lora_ops); inside a
-    Function's forward grad mode is off, and its backward refuses it (_backward_checks)."""
-    W, Q = specs[0][1], specs[0][2]
+# --------------------------------------------------------------- the seed API's positional arguments
+def _projections(fn, entry, group, specs, X, kernels):
+    """group (a Projections record) of one Projection per spec (W, quant, A, B, S, bias, dropout), in the
+    group's order, the input and the adapter shapes checked; errors name the Function `fn` (and the
+    projection) and the public `entry` that calls it. A base weight that requires grad under grad mode is
+    refused here for the custom ops' callers; inside a Function's forward grad mode is off, and its backward
+    refuses it (_backward_checks)."""
+    W, Q = specs[0][0], specs[0][1]
     _check_input(f"{fn} ({entry})", X, W, Q, weight_shape(W, Q)[1], kernels)
     prs = []
-    for label, W, Q, A, B, S, bias, p in specs:
-        arg = f"{label[:1]}W"  # the argument's name in the Functions and the custom ops: W, qW, gW, uW...
-        _refuse_base_grad(fn, arg, torch.is_grad_enabled() and W.requires_grad)
+    for label, (W, Q, A, B, S, bias, p) in zip(group._fields, specs):
+        if W.requires_grad and torch.is_grad_enabled():
+            _refuse_base_grad(fn, _seed_weight_name(label))
         out_f, in_f = weight_shape(W, Q)
-        _check_adapter(f"{fn} ({label})" if label else fn, out_f, in_f, A, B, S)
-        prs.append(_Proj(W, Q, A, B, float(S or 0.0), bias, float(p)))
-    return prs
+        _check_adapter(fn if len(specs) == 1 else f"{fn} ({label})", out_f, in_f, A, B, S)
+        prs.append(Projection(label, W, Q, A, B, float(S or 0.0), bias, float(p)))
+    return group._make(prs)
 
 
-def _refuse_base_grad(fn, arg, wanted):
+def _seed_weight_name(label):
+    """The seed API's name of a projection's base weight argument: W (LoRA_O), qW, kW, vW, gW, uW, dW."""
+    return "W" if label == "o" else f"{label[0]}W"
+
+
+def _refuse_base_grad(fn, arg):
     """A base weight asked for a gradient is refused: the fused functions give it none (autograd would leave
     its .grad None, silently)."""
-    if wanted:
-        raise ValueError(f"{fn}: the base weight {arg} requires grad, but {fn} gives base weights no gradient "
-                         f"(it trains the LoRA A and B, and biases): freeze it ({arg}.requires_grad_(False)) or "
-                         f"pass {arg}.detach()")
+    raise ValueError(f"{fn}: the base weight {arg} requires grad, but {fn} gives base weights no gradient "
+                     f"(it trains the LoRA A and B, and biases): freeze it ({arg}.requires_grad_(False)) or "
+                     f"pass {arg}.detach()")
 
 
 def _backward_checks(fn, need):
@@ -597,25 +692,25 @@ def _backward_checks(fn, need):
     (W, qW, kW, vW, gW, uW, dW) asked for a gradient."""
     refuse_double_backward(fn)
     for arg, wanted in need.items():
-        if arg.endswith("W"):
-            _refuse_base_grad(fn, arg, wanted)
+        if wanted and arg.endswith("_weight"):
+            _refuse_base_grad(fn, _seed_weight_name(arg[:-len("_weight")]))
 
 
 def _o_projections(X, W, W_quant, A, B, S, bias, dropout):
-    return _projections("LoRA_O", "apply_lora_o", [("", W, W_quant, A, B, S, bias, dropout)], X,
+    return _projections("LoRA_O", "apply_lora_o", OProjection, [(W, W_quant, A, B, S, bias, dropout)], X,
                         kernels=W_quant is not None)
 
 
-def _qkv_projections(X, qW, qQ, qA, qB, qS, kW, kQ, kA, kB, kS, vW, vQ, vA, vB, vS, q_bias, k_bias, v_bias, dropouts):
-    specs = [(n, *proj, b, p) for n, proj, b, p in zip(
-        "qkv", ((qW, qQ, qA, qB, qS), (kW, kQ, kA, kB, kS), (vW, vQ, vA, vB, vS)), (q_bias, k_bias, v_bias), dropouts)]
-    return _projections("LoRA_QKV", "apply_lora_qkv", specs, X, kernels=any(q is not None for q in (qQ, kQ, vQ)))
+def _qkv_projections(X, q, k, v, biases, dropouts):
+    """q, k, v: each projection's seed arguments (W, quant, A, B, S)."""
+    specs = [(*proj, b, p) for proj, b, p in zip((q, k, v), biases, dropouts)]
+    return _projections("LoRA_QKV", "apply_lora_qkv", QKVProjections, specs, X,
+                        kernels=any(proj[1] is not None for proj in (q, k, v)))
 
 
-def _mlp_projections(X, gW, gQ, gA, gB, gS, uW, uQ, uA, uB, uS, dW, dQ, dA, dB, dS, dropouts):
-    specs = [(n, *proj, None, p) for n, proj, p in zip(
-        ("gate", "up", "down"), ((gW, gQ, gA, gB, gS), (uW, uQ, uA, uB, uS), (dW, dQ, dA, dB, dS)), dropouts)]
-    return _projections("LoRA_MLP", "apply_lora_mlp_*", specs, X, kernels=True)
+def _mlp_projections(X, gate, up, down, dropouts):
+    specs = [(*proj, None, p) for proj, p in zip((gate, up, down), dropouts)]
+    return _projections("LoRA_MLP", "apply_lora_mlp_*", MLPProjections, specs, X, kernels=True)
 
 
 class LoRA_O(torch.autograd.Function):
@@ -624,7 +719,8 @@ class LoRA_O(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X, W, W_quant, A, B, S, bias=None, dropout=0.0, training=False):
         prs = _o_projections(X, W, W_quant, A, B, S, bias, dropout)
-        return _o_forward(ctx, X, prs, _compute_dtype(X), training)[0]
+        dtype = _compute_dtype(X)
+        return _o_forward(ctx, X, _with_masks(prs, X, dtype, training), dtype, training)[0]
 
     @staticmethod
     def backward(ctx, dY):
@@ -643,9 +739,10 @@ class LoRA_QKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X, qW, qQ, qA, qB, qS, kW, kQ, kA, kB, kS, vW, vQ, vA, vB, vS, inplace=True,
                 q_bias=None, k_bias=None, v_bias=None, dropouts=(0.0, 0.0, 0.0), training=False):
-        prs = _qkv_projections(X, qW, qQ, qA, qB, qS, kW, kQ, kA, kB, kS, vW, vQ, vA, vB, vS, q_bias, k_bias, v_bias,
-                               dropouts)
-        return _qkv_forward(ctx, X, prs, _compute_dtype(X), training, norm_source(X))
+        prs = _qkv_projections(X, (qW, qQ, qA, qB, qS), (kW, kQ, kA, kB, kS), (vW, vQ, vA, vB, vS),
+                               (q_bias, k_bias, v_bias), dropouts)
+        dtype = _compute_dtype(X)
+        return _qkv_forward(ctx, X, _with_masks(prs, X, dtype, training), dtype, training, norm_source(X))
 
     @staticmethod
     def backward(ctx, dQ, dK, dV):
@@ -663,9 +760,10 @@ class LoRA_MLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X, gW, gQ, gA, gB, gS, uW, uQ, uA, uB, uS, dW, dQ, dA, dB, dS, activation_fn,
                 activation_fn_backward, inplace=True, dropouts=(0.0, 0.0, 0.0), training=False):
-        prs = _mlp_projections(X, gW, gQ, gA, gB, gS, uW, uQ, uA, uB, uS, dW, dQ, dA, dB, dS, dropouts)
-        return _mlp_forward(ctx, X, prs, _compute_dtype(X), training, activation_fn, activation_fn_backward,
-                            inplace, norm_source(X))[0]
+        prs = _mlp_projections(X, (gW, gQ, gA, gB, gS), (uW, uQ, uA, uB, uS), (dW, dQ, dA, dB, dS), dropouts)
+        dtype = _compute_dtype(X)
+        return _mlp_forward(ctx, X, _with_masks(prs, X, dtype, training), dtype, training, activation_fn,
+                            activation_fn_backward, inplace, norm_source(X))[0]
 
     @staticmethod
     def backward(ctx, dY):
@@ -726,100 +824,71 @@ def matmul_lora(X, W, W_quant, A, B, s, out=None):
 
 
 # -------------------------------------------------------------------------------- torch.compile: the custom ops
-# The fused LoRA functions as torch.library custom ops: what `apply_lora_*` call under torch.compile.
-# 
-# `lora_o`, `lora_qkv` and `lora_mlp` take LoRA_O / LoRA_QKV / LoRA_MLP's arguments and run the same plan,
-# forward and backward functions as the Functions above inside the custom ops fusedlora::lora_{o,qkv,mlp}
-# (and their *_backward), so Dynamo sees one opaque call per layer and its gradient formula. What crosses the
-# op boundary is tensors and plain scalars only:
-# - each projection's base weight as tensors + ints (plain; bitsandbytes 4-bit: packed weight, absmax, code,
-#   nested state; GPTQ: qweight, qzeros, scales, g_idx), rebuilt inside as `NF4State` / `GPTQState`;
-# - the trainable tensors (A, B, biases) in one tensor list, so autograd returns a gradient for each;
-# - dropout masks, drawn before the call in PEFT's order (q, k, v / gate, up, down), so the traced graph owns
-#   the random numbers;
-# - the compute dtype (autocast's, decided at trace time);
-# - the tensors the backward needs, as extra outputs; an entry that is the input X itself (no cast) or a
-#   dropout mask comes back as a marker and is rebuilt from the op's inputs (an op may not return its inputs).
-# The MLP backward writes its gradients over the forward's gate/up buffer as in eager (and, as there, only
-# when autograd frees the graph after this backward): that buffer is an output of the forward op read by
-# nothing but this backward op.
-
-N_FROZEN = 7   # per projection: six base-weight tensors (None where unused) and the dropout mask
-N_INTS = 10    # kind, out, in, five quantisation ints, has adapter, has bias
-MASK = N_FROZEN - 1
+# The fused LoRA functions as torch.library custom ops fusedlora::lora_{o,qkv,mlp} (and their *_backward):
+# what `apply_lora_*` call under torch.compile, so Dynamo sees one opaque call per layer and its gradient
+# formula. `lora_o`, `lora_qkv` and `lora_mlp` take the Functions' arguments; the ops run the Functions' own
+# plan / forward / backward functions. Every argument is named in the schema: X; per projection
+# <label>_<field> for each field of PROJECTION_ARGS (op_arguments builds them from the Projection record,
+# _op_projections rebuilds it): its A, B, bias and dropout mask as optional tensors (autograd returns a
+# gradient for each), its base weight as one tensor list in quant.BASE_TENSORS order with the scalars of
+# quant.BaseLayout (rebuilt inside as NF4State / GPTQState), its scale and dropout; then the compute dtype
+# (autocast's, decided at trace time), training and the MLP's activation name and inplace. The dropout masks
+# are drawn before the call (_with_masks), so the traced graph owns the random numbers.
+# The forward op returns the outputs, then the saved record's tensors (ctx.Saved's order; None as
+# _custom.mark's marker: an op returns no optional tensor); the backward op takes them back as optional
+# tensors, recomputes X2 from X (X itself when already in the compute dtype) and returns the gradients in
+# _define's grad_names order. The MLP backward writes its gradients over the forward's gate/up buffer as in
+# eager (and, as there, only when autograd frees the graph after this backward): that buffer is an output
+# of the forward op read by nothing but this backward op.
 _ACTIVATIONS = {
     "silu": (swiglu_fg, swiglu_fg_backward),
     "gelu": (geglu_exact_fg, geglu_exact_fg_backward),
     "gelu_tanh": (geglu_approx_fg, geglu_approx_fg_backward),
 }
-_SAVED_NONE, _SAVED_X, _SAVED_MASK = 0, 1, 2  # marker codes (fusedlora.ops._custom.marker): None, X, mask i
+_OptionalTensor = Optional[torch.Tensor]
+_LAYOUT_TYPES = get_type_hints(BaseLayout)
+PROJECTION_ARGS = (("A", _OptionalTensor), ("B", _OptionalTensor), ("bias", _OptionalTensor),
+                   ("mask", _OptionalTensor), ("base", list[_OptionalTensor]), ("scale", float), ("dropout", float),
+                   *((name, _LAYOUT_TYPES[name]) for name in BaseLayout._fields))
 
 
-# ----------------------------------------------------------------------------------- encode / decode
-def _encode(prs, X, dtype, training):
-    """(params, frozen, ints, floats) of the projections; dropout masks drawn here in projection order
-    (the input rows of each; down_proj's input is [rows, intermediate])."""
-    params, biases, frozen, ints, floats = [], [], [], [], []
-    rows = X.numel() // X.shape[-1] if X.dim() else 1
+def op_arguments(prs) -> dict:
+    """The custom ops' arguments of the projections prs, by name: <label>_<field> per PROJECTION_ARGS."""
+    args = {}
     for pr in prs:
-        tensors, q = encode_base(pr.W, pr.quant)
-        out_f, in_f = weight_shape(pr.W, pr.quant)
-        mask = None
-        if pr.A is not None and pr.dropout != 0.0 and training:
-            mask = F.dropout(torch.ones(rows, in_f, dtype=dtype, device=X.device), pr.dropout, True)
-        frozen += tensors + [mask]
-        ints += [q[0], out_f, in_f, *q[1:], 0, pr.A is not None, pr.bias is not None]
-        floats += [pr.s, pr.dropout]
-        if pr.A is not None:
-            params += [pr.A, pr.B]
-        if pr.bias is not None:
-            biases.append(pr.bias)
-    return params + biases, frozen, ints, floats
+        base, layout = base_arguments(pr.weight, pr.quant)
+        fields = dict(A=pr.A, B=pr.B, bias=pr.bias, mask=pr.mask, base=base, scale=pr.scale, dropout=pr.dropout,
+                      **layout._asdict())
+        args.update((f"{pr.label}_{name}", fields[name]) for name, _ in PROJECTION_ARGS)
+    return args
 
 
-def _decode(params, frozen, ints, floats):
-    prs, adapters, biases = [], [], []
-    n = len(ints) // N_INTS
-    it = iter(params)
-    for i in range(n):
-        if ints[i * N_INTS + 8]:
-            adapters.append((next(it), next(it)))
-        else:
-            adapters.append((None, None))
-    for i in range(n):
-        biases.append(next(it) if ints[i * N_INTS + 9] else None)
-    for i in range(n):
-        kind, out_f, in_f, *q = ints[i * N_INTS:i * N_INTS + 8]
-        t = frozen[i * N_FROZEN:(i + 1) * N_FROZEN]
-        W, quant = decode_base(t, kind, out_f, in_f, q)
-        (A, B), s, p = adapters[i], floats[2 * i], floats[2 * i + 1]
-        prs.append(_Proj(W, quant, A, B, s, biases[i], p, t[MASK]))
-    return prs
+def _op_projections(group, args):
+    """The Projections record `group` from the ops' arguments (op_arguments' inverse)."""
+    def one(label):
+        field = {name: args[f"{label}_{name}"] for name, _ in PROJECTION_ARGS}
+        W, quant = base_from_arguments(field["base"], BaseLayout(**{f: field[f] for f in BaseLayout._fields}))
+        return Projection(label, W, quant, field["A"], field["B"], field["scale"], field["bias"], field["dropout"],
+                          field["mask"])
+    return group._make(one(label) for label in group._fields)
 
 
-def _param_names(kind, ints):
-    """Gradient names (the Functions' slot names) of the params list, in its order."""
-    prefixes = {"o": ("",), "qkv": ("q", "k", "v"), "mlp": ("g", "u", "d")}[kind]
-    n = len(ints) // N_INTS
-    names = [f"{prefixes[i]}{ab}" for i in range(n) if ints[i * N_INTS + 8] for ab in "AB"]
-    names += [f"{prefixes[i]}_bias" if prefixes[i] else "bias" for i in range(n) if ints[i * N_INTS + 9]]
-    return names
+def _op_function(name, params, impl):
+    """impl(arguments by name) as a function with the signature `params` ((name, type) pairs; returning a
+    tensor list), from which torch.library infers a schema that names every argument."""
+    P = inspect.Parameter
+    sig = inspect.Signature([P(n, P.POSITIONAL_OR_KEYWORD, annotation=t) for n, t in params],
+                            return_annotation=list[torch.Tensor])
+
+    def fn(*args, **kwargs):
+        return impl(sig.bind(*args, **kwargs).arguments)
+    fn.__signature__, fn.__name__, fn.__qualname__ = sig, name, name
+    return fn
 
 
-def _encode_saved(saved, X, prs, outs, inputs):
-    """The saved tensors as op outputs: markers for None, X itself and the dropout masks, anything else
-    sharing memory with an input or another output cloned (in practice a rank-r column block)."""
-    out = []
-    for t in saved:
-        if t is None:
-            out.append(_custom.marker(X, _SAVED_NONE))
-        elif torch._C._is_alias_of(t, X):  # X2 = X itself in the compute dtype
-            out.append(_custom.marker(X, _SAVED_X))
-        elif any(t is pr.mask for pr in prs):
-            out.append(_custom.marker(X, _SAVED_MASK + next(i for i, pr in enumerate(prs) if t is pr.mask)))
-        else:
-            out.append(t)
-    return _unaliased(out, inputs, list(outs))
+def _tensors(args: dict) -> list:
+    """Every tensor among the arguments, those in lists included."""
+    return [t for v in args.values() for t in (v if isinstance(v, list) else (v,)) if isinstance(t, torch.Tensor)]
 
 
 def _unaliased(outs, inputs, earlier=()):
@@ -841,95 +910,74 @@ def _unaliased(outs, inputs, earlier=()):
     return result
 
 
-def _decode_saved(saved, X, prs):
-    out = []
-    for t in saved:
-        code = _custom.marker_code(t)
-        if code is None:
-            out.append(t)
-        elif code == _SAVED_NONE:
-            out.append(None)
-        elif code == _SAVED_X:
-            out.append(_flat(X))
-        else:
-            out.append(prs[code - _SAVED_MASK].mask)
-    return out
+def _define(kind, group, n_out, plan, forward, backward, extras=()):
+    """fusedlora::lora_<kind> and fusedlora::lora_<kind>_backward over plan / forward / backward, with autograd
+    between them. group: the Projections record (its fields are the labels); extras: the kind's own
+    (name, type) arguments (the MLP's activation and inplace), handed to its functions as (act, act_bwd,
+    inplace)."""
+    params = [("X", torch.Tensor), *((f"{label}_{name}", t) for label in group._fields for name, t in PROJECTION_ARGS),
+              ("dtype", torch.dtype), ("training", bool), *extras]
+    arg_names = [name for name, _ in params]
+    grad_names = ["X", *(f"{label}_{f}" for label in group._fields for f in ("A", "B", "bias"))]  # (q_A, down_B...)
 
+    def kind_args(args):
+        return (*_ACTIVATIONS[args["activation"]], args["inplace"]) if extras else ()
 
-class _OpCtx:
-    """What the plan / forward / backward functions of fusedlora.lora read and write on an autograd ctx."""
+    def forward_op(args):
+        X, ctx = args["X"], _OpCtx()
+        outs = forward(ctx, X, _op_projections(group, args), args["dtype"], args["training"], *kind_args(args))
+        return [*outs, *(_custom.mark(t, X) for t in _unaliased(list(ctx.saved), _tensors(args), outs))]
 
-    def save_for_backward(self, *tensors):
-        self.saved = tensors
+    def backward_op(args):
+        X, ctx = args["X"], _OpCtx()
+        plan(ctx, X, _op_projections(group, args), args["dtype"], args["training"], *kind_args(args))
+        ctx.X2, ctx.saved = _flat(X).to(args["dtype"]), ctx.Saved(*args["saved"])
+        named = backward(ctx, dict(zip(grad_names, args["needs"])), *args["grads"])
+        return [_custom.mark(g, X) for g in _unaliased([named.get(n) for n in grad_names], _tensors(args))]
 
-
-# --------------------------------------------------------------------------------------- the ops
-def _define(kind, n_out, plan, forward, backward, slots):
-    def extra(act, inplace):
-        return (*_ACTIVATIONS[act], inplace) if kind == "mlp" else ()
-
-    def forward_op(X: torch.Tensor, params: list[torch.Tensor], frozen: list[torch.Tensor | None], ints: list[int],
-                   floats: list[float], dtype: torch.dtype, training: bool, act: str,
-                   inplace: bool) -> list[torch.Tensor]:
-        prs = _decode(params, frozen, ints, floats)
-        ctx = _OpCtx()
-        outs = forward(ctx, X, prs, dtype, training, *extra(act, inplace))
-        return [*outs, *_encode_saved(ctx.saved, X, prs, outs, (X, *params, *frozen))]
-
-    def backward_op(grads: list[torch.Tensor | None], X: torch.Tensor, params: list[torch.Tensor],
-                    frozen: list[torch.Tensor | None], ints: list[int], floats: list[float], dtype: torch.dtype,
-                    training: bool, act: str, inplace: bool, needs: list[bool],
-                    saved: list[torch.Tensor]) -> list[torch.Tensor]:
-        prs = _decode(params, frozen, ints, floats)
-        ctx = _OpCtx()
-        plan(ctx, X, prs, dtype, training, *extra(act, inplace))
-        ctx.saved_tensors = tuple(_decode_saved(saved, X, prs))
-        names = ["X", *_param_names(kind, ints)]
-        need = dict.fromkeys(slots.names, False)
-        need.update(zip(names, needs))
-        named = backward(ctx, need, *grads)
-        inputs = (X, *params, *frozen, *saved, *grads)
-        return [_custom.mark(g, X) for g in _unaliased([named.get(n) for n in names], inputs)]
-
-    fwd = _custom.define(f"lora_{kind}", forward_op)
-    bwd = _custom.define(f"lora_{kind}_backward", backward_op)
+    fwd = _custom.define(f"lora_{kind}", _op_function(f"lora_{kind}", params, forward_op))
+    bwd = _custom.define(f"lora_{kind}_backward", _op_function(
+        f"lora_{kind}_backward", params + [("grads", list[_OptionalTensor]), ("saved", list[_OptionalTensor]),
+                                           ("needs", list[bool])], backward_op))
 
     def setup_context(ctx, inputs, output):
-        X, params, frozen, ints, floats, dtype, training, act, inplace = inputs
-        ctx.counts = (len(params), len(frozen))
-        ctx.args = (ints, floats, dtype, training, act, inplace)
-        ctx.save_for_backward(X, *params, *frozen, *output[n_out:])
+        leaves, ctx.spec = pytree.tree_flatten(dict(zip(arg_names, inputs)))
+        ctx.is_tensor = [isinstance(leaf, torch.Tensor) for leaf in leaves]
+        ctx.scalars = [None if t else leaf for leaf, t in zip(leaves, ctx.is_tensor)]
+        ctx.save_for_backward(*(leaf for leaf, t in zip(leaves, ctx.is_tensor) if t), *output[n_out:])
 
     def autograd_backward(ctx, grads):
         refuse_double_backward(f"lora_{kind}")
-        X, *rest = ctx.saved_tensors
-        n_params, n_frozen = ctx.counts
-        params, frozen, saved = rest[:n_params], rest[n_params:n_params + n_frozen], rest[n_params + n_frozen:]
-        need_x, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        got = bwd(list(grads[:n_out]), X, list(params), list(frozen), *ctx.args, [need_x, *need_params], list(saved))
-        return (_custom.unmark(got[0]), [_custom.unmark(g) for g in got[1:]]) + (None,) * 7
+        saved = iter(ctx.saved_tensors)
+        args = pytree.tree_unflatten([next(saved) if t else leaf for leaf, t in zip(ctx.scalars, ctx.is_tensor)],
+                                     ctx.spec)
+        needs = dict(zip(arg_names, ctx.needs_input_grad))
+        got = bwd(**args, grads=list(grads[:n_out]), saved=[_custom.unmark(t) for t in saved],
+                  needs=[bool(needs[n]) for n in grad_names])
+        by_name = dict(zip(grad_names, map(_custom.unmark, got)))
+        return tuple(by_name.get(n) for n in arg_names)
 
     fwd.register_autograd(autograd_backward, setup_context=setup_context)
     return fwd
 
 
-LORA_O_OP = _define("o", 1, _o_plan, _o_forward, _o_backward, O_SLOTS)
-LORA_QKV_OP = _define("qkv", 3, _qkv_plan, _qkv_forward, _qkv_backward, QKV_SLOTS)
-LORA_MLP_OP = _define("mlp", 1, _mlp_plan, _mlp_forward, _mlp_backward, MLP_SLOTS)
+LORA_O_OP = _define("o", OProjection, 1, _o_plan, _o_forward, _o_backward)
+LORA_QKV_OP = _define("qkv", QKVProjections, 3, _qkv_plan, _qkv_forward, _qkv_backward)
+LORA_MLP_OP = _define("mlp", MLPProjections, 1, _mlp_plan, _mlp_forward, _mlp_backward,
+                      extras=(("activation", str), ("inplace", bool)))
 
 
 # ------------------------------------------------------------------------------ LoRA_*.apply's twins
 def lora_o(X, W, W_quant, A, B, S, bias=None, dropout=0.0, training=False):
     """LoRA_O.apply through the custom op (same arguments, same result)."""
-    prs = _o_projections(X, W, W_quant, A, B, S, bias, dropout)
-    return _call(LORA_O_OP, X, prs, training)[0]
+    return _call(LORA_O_OP, X, _o_projections(X, W, W_quant, A, B, S, bias, dropout), training)[0]
 
 
 def lora_qkv(X, qW, qQ, qA, qB, qS, kW, kQ, kA, kB, kS, vW, vQ, vA, vB, vS, inplace=True, q_bias=None, k_bias=None,
              v_bias=None, dropouts=(0.0, 0.0, 0.0), training=False):
     """LoRA_QKV.apply through the custom op."""
-    prs = _qkv_projections(X, qW, qQ, qA, qB, qS, kW, kQ, kA, kB, kS, vW, vQ, vA, vB, vS, q_bias, k_bias, v_bias,
-                             dropouts)
+    prs = _qkv_projections(X, (qW, qQ, qA, qB, qS), (kW, kQ, kA, kB, kS), (vW, vQ, vA, vB, vS),
+                           (q_bias, k_bias, v_bias), dropouts)
     return tuple(_call(LORA_QKV_OP, X, prs, training)[:3])
 
 
@@ -939,13 +987,14 @@ def lora_mlp(X, gW, gQ, gA, gB, gS, uW, uQ, uA, uB, uS, dW, dQ, dA, dB, dS, acti
     ("silu", "gelu", "gelu_tanh") instead of the two callables."""
     if activation not in _ACTIVATIONS:
         raise ValueError(f"lora_mlp: activation must be one of {tuple(_ACTIVATIONS)}, got {activation!r}")
-    prs = _mlp_projections(X, gW, gQ, gA, gB, gS, uW, uQ, uA, uB, uS, dW, dQ, dA, dB, dS, dropouts)
-    return _call(LORA_MLP_OP, X, prs, training, activation, inplace)[0]
+    prs = _mlp_projections(X, (gW, gQ, gA, gB, gS), (uW, uQ, uA, uB, uS), (dW, dQ, dA, dB, dS), dropouts)
+    return _call(LORA_MLP_OP, X, prs, training, activation=activation, inplace=bool(inplace))[0]
 
 
-def _call(op, X, prs, training, activation="", inplace=False):
+def _call(op, X, prs, training, **kind_args):
     dtype = _compute_dtype(X)  # autocast's, decided here (at trace time)
-    return op(X, *_encode(prs, X, dtype, training), dtype, bool(training), activation, bool(inplace))
+    return op(X, **op_arguments(_with_masks(prs, X, dtype, training)), dtype=dtype, training=bool(training),
+              **kind_args)
 
 
 # ---------------------------------------------------------------------- PEFT modules through the fused functions

@@ -350,8 +350,8 @@ class NF4State2(NamedTuple):
 
 
 class NF4State(NamedTuple):
-    """The fields of a bitsandbytes QuantState that dequantize_nf4 reads (fusedlora.lora_ops rebuilds one
-    inside its custom ops from tensors and ints)."""
+    """The fields of a bitsandbytes QuantState that dequantize_nf4 reads (base_from_arguments rebuilds one
+    inside a custom op)."""
     absmax: torch.Tensor
     code: torch.Tensor
     blocksize: int
@@ -363,50 +363,67 @@ class NF4State(NamedTuple):
     offset: torch.Tensor | float
 
 
-# A base weight as tensors and ints, the form that crosses a custom op's boundary (fusedlora.lora_ops).
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_QUANT_TYPES = ("nf4", "fp4")
-_FORMATS = tuple(GPTQ_FORMATS)
-PLAIN, NF4, GPTQ = 0, 1, 2
+# ------------------------------------------------- a base weight across a custom op's boundary (torch.compile)
+# A custom op takes tensors, lists of optional tensors and plain scalars: a base weight crosses as one tensor
+# list in the order BASE_TENSORS (None where its kind has no such tensor) and the named scalars of BaseLayout.
+BASE_TENSORS = ("weight", "absmax", "code", "absmax2", "code2", "offset", "qzeros", "scales", "g_idx")
 
 
-def encode_base(W, quant):
-    """(six tensors or None, [kind, four ints]) of a base weight and its quantisation state."""
-    if quant is None:
-        return [W, None, None, None, None, None], [PLAIN, 0, 0, 0, 0]
+class BaseLayout(NamedTuple):
+    """A base weight's quantisation state less its tensors. Fields a kind does not use hold 0 (float32)."""
+    quant_format: str     # "plain", "nf4" / "fp4" (bitsandbytes 4-bit), "gptq" / "gptq_v2"
+    out_features: int
+    in_features: int
+    state_dtype: torch.dtype  # 4-bit: the dtype its state dequantises to
+    blocksize: int        # 4-bit: values per absmax
+    nested_blocksize: int  # nested (double-quantised) 4-bit: absmax values per second-level absmax; else 0
+    bits: int             # GPTQ
+    group_size: int       # GPTQ
+
+
+def base_arguments(W, quant) -> tuple[list, BaseLayout]:
+    """(tensors in BASE_TENSORS order, BaseLayout) of a base weight and its quantisation state."""
+    if not (quant is None or isinstance(quant, GPTQState) or is_nf4(quant)):
+        raise TypeError(f"unsupported quantisation state {type(quant).__name__}")
+    out_f, in_f = weight_shape(W, quant)
+    named = {"weight": W}
+    layout = dict(quant_format="plain", out_features=out_f, in_features=in_f, state_dtype=torch.float32, blocksize=0,
+                  nested_blocksize=0, bits=0, group_size=0)
     if isinstance(quant, GPTQState):
-        return ([W, quant.qzeros, quant.scales, quant.g_idx, None, None],
-                [GPTQ, quant.bits, quant.group_size, _FORMATS.index(quant.format), 0])
-    if is_nf4(quant):
-        nested = bool(quant.nested)
-        s2 = quant.state2 if nested else None
-        offset = None
-        if nested:
+        named.update(qzeros=quant.qzeros, scales=quant.scales, g_idx=quant.g_idx)
+        layout.update(quant_format=quant.format, bits=quant.bits, group_size=quant.group_size)
+    elif is_nf4(quant):
+        named.update(absmax=quant.absmax, code=quant.code)
+        layout.update(quant_format=quant.quant_type, state_dtype=quant.dtype, blocksize=quant.blocksize)
+        if quant.nested:
             offset = quant.offset
             if not isinstance(offset, torch.Tensor):
                 offset = torch.tensor(float(offset), dtype=torch.float32, device=W.device)
-        return ([W, quant.absmax, quant.code, None if s2 is None else s2.absmax, None if s2 is None else s2.code,
-                 offset],
-                [NF4, quant.blocksize, int(nested), 0 if s2 is None else s2.blocksize,
-                 _DTYPES.index(quant.dtype) + 8 * _QUANT_TYPES.index(quant.quant_type)])
-    raise TypeError(f"unsupported quantisation state {type(quant).__name__}")
+            named.update(absmax2=quant.state2.absmax, code2=quant.state2.code, offset=offset)
+            layout.update(nested_blocksize=quant.state2.blocksize)
+    return [named.get(name) for name in BASE_TENSORS], BaseLayout(**layout)
 
 
-def decode_base(t, kind, out_f, in_f, q):
-    """(W, quant state) from encode_base's tensors and ints (q: its four ints) and the weight's shape."""
-    if kind == PLAIN:
-        return t[0], None
-    if kind == GPTQ:
-        return t[0], GPTQState(t[1], t[2], t[3], q[0], q[1], _FORMATS[q[2]])
-    nested = bool(q[1])
-    state2 = NF4State2(t[3], t[4], q[2]) if nested else None
-    return t[0], NF4State(t[1], t[2], q[0], (out_f, in_f), _DTYPES[q[3] % 8], _QUANT_TYPES[q[3] // 8], nested,
-                          state2, t[5] if nested else 0.0)
+def base_from_arguments(tensors, layout: BaseLayout):
+    """(W, quant state) from base_arguments' tensors and layout."""
+    t = dict(zip(BASE_TENSORS, tensors))
+    kind = layout.quant_format
+    if kind == "plain":
+        return t["weight"], None
+    if kind in GPTQ_FORMATS:
+        return t["weight"], GPTQState(t["qzeros"], t["scales"], t["g_idx"], layout.bits, layout.group_size, kind)
+    nested = layout.nested_blocksize > 0
+    state2 = NF4State2(t["absmax2"], t["code2"], layout.nested_blocksize) if nested else None
+    return t["weight"], NF4State(t["absmax"], t["code"], layout.blocksize, (layout.out_features, layout.in_features),
+                                 layout.state_dtype, kind, nested, state2, t["offset"] if nested else 0.0)
 
 
-def _dequantize_op(tensors: list[torch.Tensor | None], ints: list[int], out_f: int, in_f: int,
+def _dequantize_op(base: list[torch.Tensor | None], quant_format: str, out_features: int, in_features: int,
+                   state_dtype: torch.dtype, blocksize: int, nested_blocksize: int, bits: int, group_size: int,
                    dtype: torch.dtype) -> torch.Tensor:
-    W, quant = decode_base(tensors, ints[0], out_f, in_f, ints[1:])
+    layout = BaseLayout(quant_format, out_features, in_features, state_dtype, blocksize, nested_blocksize, bits,
+                        group_size)
+    W, quant = base_from_arguments(base, layout)
     out = dequantize_base(W, quant, dtype)
     return out.clone() if out is W else out  # (a plain weight already in dtype: an op may not return its input)
 
@@ -416,9 +433,8 @@ DEQUANTIZE_OP = _custom.define("dequantize", _dequantize_op)
 
 def _compiled_dequantize(W, quant, dtype, out=None):
     """dequantize_base through the custom op fusedlora::dequantize (torch.compile), copied into `out` if given."""
-    out_f, in_f = weight_shape(W, quant)
-    tensors, ints = encode_base(W, quant)
-    result = DEQUANTIZE_OP(tensors, ints, out_f, in_f, dtype)
+    base, layout = base_arguments(W, quant)
+    result = DEQUANTIZE_OP(base, *layout, dtype)
     return result if out is None else out.copy_(result)
 
 

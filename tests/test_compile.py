@@ -215,8 +215,8 @@ def test_compiled_lora_block_backward_twice_through_one_graph():
 
 
 def test_lora_qkv_with_an_unadapted_projection():
-    """q and v with adapters, k a plain Linear (PEFT target_modules without k_proj): the params list holds only
-    the adapters there are, and each gradient lands on its own tensor."""
+    """q and v with adapters, k a plain Linear (PEFT target_modules without k_proj): k's A and B are None in
+    the op's arguments, and each gradient lands on its own tensor."""
     block = _lora_block(bias=True)
     block.self_attn.k_proj = block.self_attn.k_proj.base_layer
     leaves = [p for p in block.self_attn.parameters() if p.requires_grad]
@@ -235,7 +235,7 @@ def test_lora_mlp_on_some_projections_and_no_input_grad():
 @pytest.mark.parametrize("nested", [False, True])
 def test_nf4_bases_compile_and_match_eager(nested):
     """bitsandbytes 4-bit bases (nested absmax or not) through the custom ops: the quant state crosses as
-    tensors + ints and is rebuilt inside."""
+    a tensor list and named scalars (quant.BASE_TENSORS, quant.BaseLayout) and is rebuilt inside."""
     bnbf = pytest.importorskip("bitsandbytes.functional")
     torch.manual_seed(0)
     hidden, inter, r = 64, 128, 4
@@ -274,12 +274,14 @@ def test_custom_op_outputs_alias_nothing():
     block = _lora_block(dropout=0.25)
     x = torch.randn(2, 7, 64, device=DEVICE)
     for training in (True, False):
-        prs = lora._projections("LoRA_QKV", "t", [(n, *lora.fused_parameters(getattr(block.self_attn, f"{n}_proj")),
-                                                   None, 0.25) for n in "qkv"], x, kernels=False)
-        dtype = x.dtype
-        params, frozen, ints, floats = lora_ops._encode(prs, x, dtype, training)
-        outs = lora_ops.LORA_QKV_OP(x, params, frozen, ints, floats, dtype, training, "", False)
-        inputs = [x, *params, *(t for t in frozen if t is not None)]
+        prs = lora._projections("LoRA_QKV", "t", lora.QKVProjections, [
+            (*lora.fused_parameters(getattr(block.self_attn, f"{n}_proj")), None, 0.25) for n in "qkv"], x, kernels=False)
+        prs = lora._with_masks(prs, x, x.dtype, training)
+        args = lora_ops.op_arguments(prs)
+        outs = lora_ops.LORA_QKV_OP(x, **args, dtype=x.dtype, training=training)
+        inputs = [x, *(t for v in args.values() for t in (v if isinstance(v, list) else [v])
+                       if isinstance(t, torch.Tensor))]
+        assert sum(p.mask is not None for p in prs) == (3 if training else 0)  # (the masks are inputs too)
         for i, t in enumerate(outs):
             assert not any(torch._C._is_alias_of(t, u) for u in inputs + outs[:i]), i
 

@@ -599,3 +599,21 @@ def test_base_weight_requiring_grad_is_refused(kind, W_grad, path):
     outs = apply(X, args)
     sum(o.sum() for o in (outs if isinstance(outs, tuple) else (outs,))).backward()
     assert X.grad is not None and all(args[i + 2].grad is not None for i in base)
+
+
+def test_custom_op_schemas_name_every_argument():
+    """The LoRA custom ops take each projection's fields by name (<label>_<field>, lora.PROJECTION_ARGS) and
+    the base weight as quant.BASE_TENSORS + quant.BaseLayout's named scalars: no packed int or float lists."""
+    from fusedlora.quant import BaseLayout
+    for op, labels in ((lora_ops.LORA_O_OP, ["o"]), (lora_ops.LORA_QKV_OP, ["q", "k", "v"]),
+                       (lora_ops.LORA_MLP_OP, ["gate", "up", "down"])):
+        schema = op._opoverload._schema
+        names = [a.name for a in schema.arguments]
+        want = ["X", *(f"{label}_{name}" for label in labels for name, _ in lora_ops.PROJECTION_ARGS), "dtype",
+                "training"]
+        assert names[:len(want)] == want, names
+        types = {a.name: str(a.type) for a in schema.arguments}
+        assert types[f"{labels[0]}_A"] == "Optional[Tensor]" and types[f"{labels[0]}_base"] == "List[Optional[Tensor]]"
+        assert all(f"{labels[-1]}_{field}" in names for field in BaseLayout._fields)
+        assert not [t for t in types.values() if t in ("List[int]", "List[float]", "List[SymInt]")], types
+    assert [a.name for a in lora_ops.LORA_MLP_OP._opoverload._schema.arguments][-2:] == ["activation", "inplace"]

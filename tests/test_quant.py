@@ -275,3 +275,54 @@ def test_nf4_state_on_another_device_is_named():
     qs2.absmax, qs2.code = qs2.absmax.to("meta"), qs2.code.to("meta")
     with pytest.raises(ValueError, match="quant_state.absmax is on meta but the weight is on"):
         dequantize_nf4(q2, qs2)
+
+
+# ------------------------------------------------- a base weight across a custom op's boundary (torch.compile)
+def _gptq_base(act_order, fmt, in_f=64, out_f=48, group=32):
+    from fusedlora.quant import GPTQState
+    torch.manual_seed(1)
+    qw = torch.randint(-2**31, 2**31 - 1, (in_f // 8, out_f), dtype=torch.int64, device=DEVICE).to(torch.int32)
+    qz = torch.randint(-2**31, 2**31 - 1, (in_f // group, out_f // 8), dtype=torch.int64, device=DEVICE).to(torch.int32)
+    sc = (torch.rand(in_f // group, out_f, device=DEVICE) * 0.01).half()
+    g = (torch.randperm(in_f, device=DEVICE) // group).to(torch.int32) if act_order else None
+    return qw, GPTQState(qz, sc, g, 4, group, fmt)
+
+
+@pytest.mark.parametrize("kind", ["plain", "nf4", "nf4_nested", "fp4_nested_fp16", "gptq", "gptq_v2_act_order"])
+def test_base_weight_crosses_a_custom_op_as_named_fields(kind):
+    """base_arguments / base_from_arguments, the form in which the LoRA ops and fusedlora::dequantize take a
+    base weight (tensors in BASE_TENSORS order, BaseLayout's named scalars): every kind comes back with its
+    state's fields and tensors, and dequantises to the same weight."""
+    from fusedlora.quant import BASE_TENSORS, _synthetic_nf4, base_arguments, base_from_arguments, dequantize_base
+    if kind == "plain":
+        W, quant = torch.randn(5, 7, device=DEVICE), None
+    elif kind.startswith("gptq"):
+        W, quant = _gptq_base("act_order" in kind, "gptq_v2" if "v2" in kind else "gptq")
+    else:
+        W, quant = _synthetic_nf4((33, 70), "nested" in kind, DEVICE, torch.float16 if "fp16" in kind else torch.float32)
+        quant.quant_type = kind[:3]
+    tensors, layout = base_arguments(W, quant)
+    assert len(tensors) == len(BASE_TENSORS) and tensors[0] is W
+    assert (layout.out_features, layout.in_features) == tuple(dequantize_base(W, quant, torch.float32).shape)
+    W2, quant2 = base_from_arguments(tensors, layout)
+    assert W2 is W
+    if quant is None:
+        assert quant2 is None and layout.quant_format == "plain"
+    elif kind.startswith("gptq"):
+        assert quant2 == quant and layout.quant_format == quant.format
+    else:
+        for field in ("absmax", "code"):
+            assert getattr(quant2, field) is getattr(quant, field)
+        assert (quant2.blocksize, quant2.dtype, quant2.quant_type, quant2.nested, tuple(quant2.shape)) == (
+            quant.blocksize, quant.dtype, quant.quant_type, quant.nested, tuple(quant.shape))
+        if quant.nested:
+            assert quant2.state2.absmax is quant.state2.absmax and quant2.state2.blocksize == quant.state2.blocksize
+            assert float(quant2.offset) == quant.offset
+    for dtype in (torch.float32, torch.float16):
+        assert torch.equal(dequantize_base(W2, quant2, dtype), dequantize_base(W, quant, dtype))
+
+
+def test_base_arguments_refuse_an_unknown_state():
+    from fusedlora.quant import base_arguments
+    with pytest.raises(TypeError, match="unsupported quantisation state object"):
+        base_arguments(torch.zeros(4, 4), object())
