@@ -231,7 +231,6 @@ PRIVATE_NAMES_TAKEN = {
     # the eager internal that code inside a custom op must call (the public entry would dispatch to the op
     # again: docs/architecture.md); tests spy on it under this name in both modules
     ("fusedlora.lora", "fusedlora.quant", "_dequantize_nf4"),
-    ("fusedlora.lora_ops", "fusedlora.lora", "_encode"),  # tests/test_compile.py reads it through lora_ops
     # csrc_triton/_math.py's device helpers: kernel source, part of every prebuilt kernel's fingerprint
     ("csrc_triton.glu.kernel", "csrc_triton._math", "_act_and_grad"),
     ("csrc_triton.glu_lora.kernel", "csrc_triton._math", "_act_and_grad"),
