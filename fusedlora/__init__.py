@@ -12,10 +12,11 @@ _SUBMODULES = ("ops", "quant", "lora", "peft_layers", "hf", "cuda_graphs", "mani
                "bench", "demo")
 
 
-def patch(model, **options):
-    """Patch a HF / PEFT decoder model onto fusedlora's kernels; see `fusedlora.hf.patch`."""
+def patch(model, *, options=None, **option_values):
+    """Patch a HF / PEFT decoder model onto fusedlora's kernels (options: keyword arguments, or
+    `options=fusedlora.PatchOptions(...)`); see `fusedlora.hf.patch`."""
     from .hf import patch as _patch
-    return _patch(model, **options)
+    return _patch(model, options=options, **option_values)
 
 
 def unpatch(model) -> int:
@@ -37,10 +38,13 @@ def cuda_graph_layers(model, **options) -> int:
 
 
 def __getattr__(name):
+    if name == "PatchOptions":  # (loaded on first use, as the submodules: it lives in fusedlora.hf)
+        from .hf.options import PatchOptions
+        return PatchOptions
     if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'fusedlora' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_SUBMODULES))
+    return sorted(list(globals()) + list(_SUBMODULES) + ["PatchOptions"])

@@ -12,7 +12,8 @@ layer in a handful of launches. `GraphedModule` wraps one module's forward:
   must not) is captured on its next call, up to `max_shapes` keys per module: each captured key keeps its own
   activation buffers, so a run of ever-changing shapes stays eager.
 - Capture records the forward and the backward (torch.autograd.grad of the outputs with respect to the
-  tensor inputs and trainable parameters) into graphs that share one memory pool with the other layers.
+  tensor inputs and trainable parameters) into a `LayerGraph`, whose graphs share one memory pool with the
+  other layers.
   Everything a graph leaves for later (inputs, outputs, saved activations, parameter gradients) stays
   referenced; its temporaries go back to the pool, where a later capture (a later layer) may place its own
   blocks. That is safe because layers replay forward in order and backward in reverse order: an earlier
@@ -28,8 +29,9 @@ layer in a handful of launches. `GraphedModule` wraps one module's forward:
 - Any failure while capturing (a host sync in the layer, an unsupported op) leaves that key eager for good,
   with a warning saying why.
 
-Gradient checkpointing (HF's, or fusedlora's offloaded one): a checkpointed layer is captured as a forward graph
-that saves nothing and a backward graph that recomputes the forward and backpropagates. Its inputs and outputs
+Gradient checkpointing (HF's, or fusedlora's offloaded one): a checkpointed layer is captured as a
+`CheckpointGraph`, a forward graph that saves nothing and a backward graph that recomputes the forward and
+backpropagates. Its inputs and outputs
 go through buffers the whole model shares (`_SharedPool.exchange`), the output is cloned out of its buffer, and
 every temporary stays in the pool, so all layers share one layer's working set: the memory of checkpointing at
 the speed of a replay. The layer's input is kept for the backward as the checkpointing function would keep it:
@@ -37,6 +39,10 @@ on the GPU (HF's checkpointing) or in pinned host memory (`offloaded_checkpoint`
 HF calls the layer's `_gradient_checkpointing_func`; the wrapper installs `_GraphedCheckpoint` there (around
 the function HF or fusedlora set) when it wraps a checkpointed layer, and again at a checkpointed call after
 `gradient_checkpointing_enable` replaced it.
+
+Both kinds are captured through `_Capture` (the forward on static inputs with parameter aliases, its backward
+into the shared gradient buffers, the recording into the pool) and selected by a `GraphKey`; `_GraphCache`
+decides when a key is captured.
 
 Random numbers (dropout) are drawn in the graph from torch's CUDA generator, advanced at each replay, so masks
 differ per step as in eager (not the same masks as an eager run). A checkpointed layer's recompute replays
@@ -49,6 +55,7 @@ import dataclasses
 import functools
 import warnings
 import weakref
+from typing import NamedTuple
 
 import torch
 
@@ -105,26 +112,33 @@ def _output_tensors(out):
     return tensors, _flatten(out, tensors)
 
 
-@dataclasses.dataclass
-class _Graph:
-    """One captured key: the static tensors the graphs read and write, and the graphs."""
-    inputs: list                 # static copies of the call's tensor arguments
-    params: list                 # trainable parameters the backward differentiates
-    outputs: list                # the forward's output tensors (static)
-    out_desc: tuple
-    grad_outputs: list           # static incoming gradients of the differentiable outputs
-    grad_inputs: list            # static gradients of (inputs requiring grad, params), None where unused
-    diff_outputs: list           # indices of outputs that carry a gradient
-    wants_grad: list             # indices of inputs requiring grad
-    fwd: torch.cuda.CUDAGraph
-    bwd: torch.cuda.CUDAGraph
-    module_ref: object = None    # weakref to the module, and the addresses of its parameters and buffers at
-    ptrs: tuple = ()             # capture (checked again before each backward replay)
-    generation: int = 0
-    pending: object = None       # weakref to the ctx of the replay that waits for its backward
-    checkpointed: bool = False   # forward saves nothing, outputs are shared buffers; the backward recomputes
-    aliased: tuple = ()          # inputs that are another graph's static output (the previous layer's): read
-    #                              in place, never copied into
+def _differentiable(outputs) -> list:
+    """Indices of the outputs (tensors or layouts) that carry a gradient; without one there is no backward."""
+    found = [i for i, o in enumerate(outputs) if o.requires_grad]
+    if not found:
+        raise RuntimeError("nothing in the layer's output needs a gradient")
+    return found
+
+
+def _check_outputs(got, expected):
+    if [o.shape for o in got] != [o.shape for o in expected]:
+        raise RuntimeError("the layer's outputs changed between two identical calls")
+
+
+class GraphKey(NamedTuple):
+    """What a graph bakes in of a call, so what selects it (a tuple: hashed and compared in C at every layer call)."""
+    args: tuple       # the arguments' description (`_flatten`): shapes, strides, dtypes, requires_grad, plain values
+    autocast: tuple   # (enabled, dtype) on the arguments' device type
+    params: tuple     # ids of the layer's trainable parameters
+    adapters: tuple   # the PEFT adapter state (GraphedModule.adapter_state)
+    kind: type        # LayerGraph, or CheckpointGraph for a call through the layer's checkpointing function
+
+
+class _Call(NamedTuple):
+    """A call graphs may serve: its key, its tensor arguments in order, the layer's trainable parameters."""
+    key: GraphKey
+    tensors: list
+    params: list
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +154,8 @@ class _Layout:
         return self.strides
 
     @staticmethod
-    def of(t: torch.Tensor, requires_grad: bool | None = None) -> "_Layout":
+    def of(t, requires_grad: bool | None = None) -> _Layout:
+        """The layout of a tensor (or of a _Layout)."""
         return _Layout(tuple(t.shape), tuple(t.stride()), t.dtype, t.device,
                        t.requires_grad if requires_grad is None else requires_grad)
 
@@ -152,33 +167,220 @@ def _copy_in(statics, tensors):
             static.copy_(t)
 
 
-def _check_weights(graph):
-    module = graph.module_ref() if graph.module_ref is not None else None
-    if module is not None and _addresses(module) != graph.ptrs:
-        raise RuntimeError("fusedlora.cuda_graph_layers: a layer's weights moved between its forward and its "
-                           "backward (FSDP re-gathering them, say): its backward graph would read the old "
-                           "memory. CUDA-graph layers do not work with sharded or re-allocated weights; "
-                           "fusedlora.unpatch(model) and patch it without cuda_graphs")
+@dataclasses.dataclass(eq=False)
+class _CapturedGraphs:
+    """One captured key, either kind: the forward and backward graphs and the static tensors they read and write."""
+    inputs: list                 # what the forward reads the call's tensor arguments from
+    params: list                 # trainable parameters the backward differentiates
+    outputs: list                # the forward's output tensors (static)
+    out_desc: tuple              # the output's structure (`_flatten`)
+    grad_outputs: list           # static incoming gradients of the differentiable outputs
+    grad_inputs: list            # static gradients of (inputs requiring grad, params), None where unused
+    diff_outputs: list           # indices of outputs that carry a gradient
+    wants_grad: list             # indices of inputs requiring grad
+    fwd: torch.cuda.CUDAGraph
+    bwd: torch.cuda.CUDAGraph
+    module_ref: object           # weakref to the module, and the addresses of its parameters and buffers at
+    ptrs: tuple                  # capture (checked again before each backward replay)
+
+    def non_differentiable(self, outs) -> list:
+        return [o for i, o in enumerate(outs) if i not in self.diff_outputs]
+
+    def check_weights(self):
+        module = self.module_ref() if self.module_ref is not None else None
+        if module is not None and _addresses(module) != self.ptrs:
+            raise RuntimeError("fusedlora.cuda_graph_layers: a layer's weights moved between its forward and its "
+                               "backward (FSDP re-gathering them, say): its backward graph would read the old "
+                               "memory. CUDA-graph layers do not work with sharded or re-allocated weights; "
+                               "fusedlora.unpatch(model) and patch it without cuda_graphs")
+
+    def replay_backward(self, grads, rng=None) -> list:
+        """Incoming gradients into the backward graph, a replay (under `rng`, (device, a forward's generator
+        states), when given), fresh copies of the gradients out: the (per tensor input, per parameter)
+        gradients autograd expects."""
+        for i, static in zip(self.diff_outputs, self.grad_outputs):
+            g = grads[i]
+            if g is None:
+                static.zero_()
+            else:
+                static.copy_(g)
+        with contextlib.nullcontext() if rng is None else replayed_rng(rng[1], rng[0], {}):
+            self.bwd.replay()
+        fresh = _fresh_copies(self.grad_inputs)
+        n_in = len(self.wants_grad)
+        per_input = [None] * len(self.inputs)
+        for slot, g in zip(self.wants_grad, fresh[:n_in]):
+            per_input[slot] = g
+        return per_input + fresh[n_in:]
 
 
-def _replay_backward(graph, grads, n_inputs, rng=None):
-    """Incoming gradients into the backward graph, a replay (under `rng`, (device, a forward's generator
-    states), when given), fresh copies of the gradients out: the (per tensor input, per parameter) gradients
-    autograd expects."""
-    for i, static in zip(graph.diff_outputs, graph.grad_outputs):
-        g = grads[i]
-        if g is None:
-            static.zero_()
+@dataclasses.dataclass(eq=False)
+class LayerGraph(_CapturedGraphs):
+    """Graphs of a plain training call: the forward's saved activations stay in the graph's memory until its
+    backward replays, so one replay at a time may wait for its backward (`_Replay`)."""
+    aliased: tuple = ()          # inputs that are another graph's static output (the previous layer's): read
+    #                              in place, never copied into
+    generation: int = 0          # forward replays so far: a backward checks that its forward is the latest
+    pending: object = None       # weakref to the ctx of the replay that waits for its backward
+
+    @classmethod
+    def capture(cls, wrapper: GraphedModule, call: _Call, forward) -> LayerGraph:
+        # static inputs of its own (its saved activations may be these very tensors), or, for an input that is
+        # another graph's static output (the previous layer's graph fed this call), that output itself: one
+        # copy and one buffer less per layer
+        produced = [wrapper.shared.static_output(t) for t in call.tensors]
+        static_in = [(t.detach().clone() if o is None else o.detach()).requires_grad_(t.requires_grad)
+                     for t, o in zip(call.tensors, produced)]
+        cap = _Capture(wrapper, call, forward, static_in)
+        fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with cap.recording(fwd):
+            out, aliases = cap.run()
+        # the outputs keep the forward's autograd graph, so its saved activations, alive: they are the graph's
+        # until its backward replays
+        outputs, out_desc = _output_tensors(out)
+        _check_outputs(outputs, cap.out_like)
+        with cap.recording(bwd):
+            grad_inputs = cap.backward(out, aliases, retain=True)
+        wrapper.shared.register_outputs(outputs)
+        return cls(**cap.fields(fwd, bwd, outputs, out_desc, grad_inputs),
+                   aliased=tuple(i for i, o in enumerate(produced) if o is not None))
+
+    def awaiting_backward(self) -> bool:
+        return self.pending is not None and self.pending() is not None
+
+    def input_moved(self, tensors) -> bool:
+        """Whether an input this graph reads in place (the previous layer's graph output) no longer feeds the call
+        (that layer runs eagerly now, or was captured again)."""
+        return any(tensors[i].data_ptr() != self.inputs[i].data_ptr() for i in self.aliased)
+
+
+@dataclasses.dataclass(eq=False)
+class CheckpointGraph(_CapturedGraphs):
+    """Graphs of a checkpointed call: the forward saves nothing and leaves its outputs in the model's shared
+    buffers; the backward recomputes the forward and backpropagates. Any number of replays may wait for their
+    backwards (`_CheckpointReplay` keeps each one's inputs)."""
+
+    @classmethod
+    def capture(cls, wrapper: GraphedModule, call: _Call, forward) -> CheckpointGraph:
+        shared = wrapper.shared
+        # inputs and outputs in buffers all layers share: the graphs read them only while they replay
+        static_in = [shared.exchange(("in", i), t) for i, t in enumerate(call.tensors)]
+        cap = _Capture(wrapper, call, forward, static_in, warm_up_without_grad=True)
+        outputs = [shared.exchange(("out", i), o) for i, o in enumerate(cap.out_like)]
+        fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        # forward: nothing saved, the outputs copied into the shared buffers, every temporary freed after the
+        # capture; backward: the forward again with autograd, then its backward
+        with torch.no_grad(), cap.recording(fwd):
+            out, _ = cap.run()
+            produced, out_desc = _output_tensors(out)
+            _check_outputs(produced, outputs)
+            for o, buffer in zip(produced, outputs):
+                buffer.copy_(o)
+        del out, produced
+        with cap.recording(bwd):
+            out, aliases = cap.run()
+            grad_inputs = cap.backward(out, aliases, retain=False)
+        del out, aliases
+        return cls(**cap.fields(fwd, bwd, outputs, out_desc, grad_inputs))
+
+
+class _Capture:
+    """What capturing either kind of graph takes, made before its recordings: the layer's trainable parameters by
+    slot, the outputs' layouts (from this key's eager calls, or a warm-up run) and the model's shared gradient
+    buffers sized from them. Then `run` (the forward on the static inputs), `backward` (into those buffers) and
+    `recording` (a CUDA graph into the model's pool)."""
+
+    def __init__(self, wrapper: GraphedModule, call: _Call, forward, static_in: list, warm_up_without_grad=False):
+        self.shared, self.call, self.forward, self.static_in = wrapper.shared, call, forward, static_in
+        self.module_ref = wrapper.module_ref
+        self.wants_grad = [i for i, t in enumerate(static_in) if t.requires_grad]
+        self.slots = [(m, n) for m in wrapper.module_ref().modules() for n, p in m._parameters.items()
+                      if p is not None and p.requires_grad]
+        if len(self.slots) != len(call.params) or any(m._parameters[n] is not p
+                                                       for (m, n), p in zip(self.slots, call.params)):
+            raise RuntimeError("the layer's trainable parameters are not its own (shared or tied elsewhere)")
+        layouts = wrapper.cache.out_layouts.get(call.key)
+        if self.shared.warmed and layouts is not None:
+            # an earlier capture in this pool ran the warm-up (lazy initialisations off the capture), and this
+            # key's eager calls loaded its kernels: the buffers are sized from their outputs (a warm-up here
+            # would hold a layer's activations beside the pool's)
+            self.out_like = [_Layout.of(o, requires_grad=False) for o in layouts]
+            self.diff_outputs = _differentiable(layouts)
         else:
-            static.copy_(g)
-    with contextlib.nullcontext() if rng is None else replayed_rng(rng[1], rng[0], {}):
-        graph.bwd.replay()
-    fresh = _fresh_copies(graph.grad_inputs)
-    n_in = len(graph.wants_grad)
-    per_input = [None] * n_inputs
-    for slot, g in zip(graph.wants_grad, fresh[:n_in]):
-        per_input[slot] = g
-    return per_input + fresh[n_in:]
+            self.out_like, self.diff_outputs = self._warm_up(warm_up_without_grad)
+        # the buffers every layer shares, made outside the captures
+        self.grad_in = {i: self.shared.exchange(("grad_in", i), static_in[i].detach()) for i in self.wants_grad}
+        self.grad_outputs = [self.shared.exchange(("grad_out", i), self.out_like[i]) for i in self.diff_outputs]
+
+    def run(self):
+        """The forward on the static inputs, each input needing a gradient and each trainable parameter read
+        through an alias (a view made now, on the stream that runs it); returns (output, aliases).
+        Differentiating with respect to the aliases keeps the backward off the leaves' gradient accumulators,
+        which an autograd graph still alive from an earlier step (the last loss, say) ties to the default
+        stream: reaching them from the capture stream joins the two streams and invalidates the capture (seen
+        on an H200, torch 2.11)."""
+        inputs = [t.view_as(t) if t.requires_grad else t for t in self.static_in]
+        args, kwargs = _rebuild(self.call.key.args, iter(inputs))
+        saved = [m._parameters[n] for m, n in self.slots]
+        aliases = [inputs[i] for i in self.wants_grad] + [p.view_as(p) for p in saved]
+        for (m, n), alias in zip(self.slots, aliases[len(self.wants_grad):]):
+            m._parameters[n] = alias
+        try:
+            return self.forward(*args, **kwargs), aliases
+        finally:
+            for (m, n), p in zip(self.slots, saved):
+                m._parameters[n] = p
+
+    def backward(self, out, aliases, retain: bool) -> list:
+        """The backward of `out` into the shared input-gradient buffers; returns the graph's grad_inputs (per
+        input requiring grad its shared buffer, None where unused; then the parameters' gradients)."""
+        outs, _ = _output_tensors(out)
+        grads = torch.autograd.grad([outs[i] for i in self.diff_outputs], aliases, self.grad_outputs,
+                                    retain_graph=retain, allow_unused=True)
+        shared_in = []
+        for i, g in zip(self.wants_grad, grads):
+            if g is not None:
+                self.grad_in[i].copy_(g)
+            shared_in.append(None if g is None else self.grad_in[i])
+        return shared_in + list(grads[len(self.wants_grad):])
+
+    @contextlib.contextmanager
+    def recording(self, graph):
+        """Capture into `graph`, in the model's pool. A failure inside leaves the pool marked as capturing: the
+        caller then marks it broken (the allocator may still be recording into it)."""
+        self.shared.capturing = True
+        with torch.cuda.graph(graph, pool=self.shared.pool, capture_error_mode="thread_local"):
+            yield
+        self.shared.capturing = False
+
+    def fields(self, fwd, bwd, outputs, out_desc, grad_inputs) -> dict:
+        """The fields both kinds of graph record, once both graphs are captured."""
+        module = self.module_ref()
+        return {"inputs": self.static_in, "params": self.call.params, "outputs": outputs, "out_desc": out_desc,
+                "grad_outputs": self.grad_outputs, "grad_inputs": grad_inputs, "diff_outputs": self.diff_outputs,
+                "wants_grad": self.wants_grad, "fwd": fwd, "bwd": bwd, "module_ref": self.module_ref,
+                "ptrs": _addresses(module)}
+
+    def _warm_up(self, without_grad_first: bool):
+        """The layer's call and backward on a side stream, off the capture (cuBLAS workspaces and other lazy
+        initialisations happen here; first a no-grad call, as a checkpoint graph's forward runs); returns the
+        outputs' layouts and which outputs carry a gradient."""
+        self.shared.warm_ups += 1
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            if without_grad_first:
+                with torch.no_grad():
+                    self.run()
+            out, aliases = self.run()
+            outs, _ = _output_tensors(out)
+            diff_outputs = _differentiable(outs)
+            torch.autograd.grad([outs[i] for i in diff_outputs], aliases,
+                                [torch.ones_like(outs[i]) for i in diff_outputs], allow_unused=True)
+            out_like = [_Layout.of(o, requires_grad=False) for o in outs]
+            del out, outs, aliases
+        torch.cuda.current_stream().wait_stream(side)
+        return out_like, diff_outputs
 
 
 def _fresh_copies(tensors):
@@ -198,18 +400,18 @@ def _fresh_copies(tensors):
 
 
 class _Replay(torch.autograd.Function):
-    """A layer call replayed from its graphs: the forward's activations stay in the graph's memory until this
-    backward."""
+    """A layer call replayed from its LayerGraph (`tensors`: the call's tensor arguments, then the trainable
+    parameters): the forward's activations stay in the graph's memory until this backward."""
 
     @staticmethod
-    def forward(ctx, graph: _Graph, n_inputs: int, *tensors):
-        _copy_in(graph.inputs, tensors[:n_inputs])
+    def forward(ctx, graph: LayerGraph, *tensors):
+        _copy_in(graph.inputs, tensors[:len(graph.inputs)])
         graph.fwd.replay()
         graph.generation += 1
-        ctx.graph, ctx.generation, ctx.n_inputs = graph, graph.generation, n_inputs
+        ctx.graph, ctx.generation = graph, graph.generation
         graph.pending = weakref.ref(ctx)
         outs = tuple(o.detach() for o in graph.outputs)
-        ctx.mark_non_differentiable(*(o for i, o in enumerate(outs) if i not in graph.diff_outputs))
+        ctx.mark_non_differentiable(*graph.non_differentiable(outs))
         return outs
 
     @staticmethod
@@ -219,39 +421,40 @@ class _Replay(torch.autograd.Function):
             raise RuntimeError("fusedlora.cuda_graph_layers: a layer's graph was replayed again before this backward "
                                "(backward through an older forward, e.g. retain_graph=True across steps); "
                                "its saved activations are gone")
-        _check_weights(graph)
-        out = _replay_backward(graph, grads, ctx.n_inputs)
+        graph.check_weights()
+        out = graph.replay_backward(grads)
         graph.pending = None
-        return (None, None, *out)
+        return (None, *out)
 
 
 class _CheckpointReplay(torch.autograd.Function):
-    """A checkpointed layer call replayed from its graphs: the forward graph keeps nothing, its outputs are
-    cloned out of the shared buffers; the call's inputs are kept (the first one offloaded to the host when an
-    Offloader is given) and copied back into the graph's inputs for the recompute-and-backward replay. Any
-    number of forwards may wait for their backwards."""
+    """A checkpointed layer call replayed from its CheckpointGraph (`tensors`: the call's tensor arguments, then
+    the trainable parameters): the forward graph keeps nothing, its outputs are cloned out of the shared
+    buffers; the call's inputs are kept (the first one offloaded to the host when an Offloader is given) and
+    copied back into the graph's inputs for the recompute-and-backward replay. Any number of forwards may wait
+    for their backwards."""
 
     @staticmethod
-    def forward(ctx, graph: _Graph, n_inputs: int, offloader, *tensors):
-        inputs = tensors[:n_inputs]
+    def forward(ctx, graph: CheckpointGraph, offloader, *tensors):
+        inputs = tensors[:len(graph.inputs)]
         ctx.rng = (inputs[0].device, rng_state(inputs[0].device))  # (the recompute draws the same masks)
         _copy_in(graph.inputs, inputs)
         graph.fwd.replay()
         outs = tuple(o.clone() for o in graph.outputs)
-        ctx.graph, ctx.n_inputs, ctx.offloader = graph, n_inputs, offloader
+        ctx.graph, ctx.offloader = graph, offloader
         if offloader is not None:
             ctx.offloaded = offloader.save(inputs[0])
             ctx.save_for_backward(*inputs[1:])
         else:
             ctx.offloaded = None
             ctx.save_for_backward(*inputs)
-        ctx.mark_non_differentiable(*(o for i, o in enumerate(outs) if i not in graph.diff_outputs))
+        ctx.mark_non_differentiable(*graph.non_differentiable(outs))
         return outs
 
     @staticmethod
     def backward(ctx, *grads):
         graph = ctx.graph
-        _check_weights(graph)
+        graph.check_weights()
         inputs = list(ctx.saved_tensors)
         if ctx.offloaded is not None:
             before = ctx.offloader.previous(ctx.offloaded)
@@ -259,30 +462,77 @@ class _CheckpointReplay(torch.autograd.Function):
             if before is not None:
                 before.prefetch()  # the next backward's input comes back while this layer replays
         _copy_in(graph.inputs, inputs)
-        out = _replay_backward(graph, grads, ctx.n_inputs, ctx.rng)
-        return (None, None, None, *out)
+        out = graph.replay_backward(grads, ctx.rng)
+        return (None, None, *out)
+
+
+class _GraphCache:
+    """A wrapper's graphs by key, and what decides when a key is captured: after `warmup` eager calls, at most
+    `max_shapes` keys (each keeps its own activation memory), never again once its capture failed. Also the
+    output layouts of eager calls (a capture sized from them needs no warm-up run) and the parameter addresses
+    the graphs read."""
+    BOUND = 4096  # keys that never recur (packed batches' lengths): the eager calls' bookkeeping stays bounded
+
+    def __init__(self, warmup: int, max_shapes: int):
+        self.warmup, self.max_shapes = warmup, max_shapes
+        self.graphs: dict = {}        # GraphKey -> LayerGraph or CheckpointGraph
+        self.failed: dict = {}        # GraphKey -> why its capture failed
+        self.seen: dict = {}          # GraphKey -> eager calls so far
+        self.out_layouts: dict = {}   # GraphKey -> the output layouts of its eager calls
+        self.addresses = None         # of the layer's parameters and buffers, as the graphs read them
+
+    def due(self, key: GraphKey) -> bool:
+        """Whether a key without graphs is captured now; if not, its eager call is counted."""
+        if key in self.failed or len(self.graphs) >= self.max_shapes or self.seen.get(key, 0) < self.warmup:
+            if len(self.seen) >= self.BOUND:
+                self.seen.clear()
+            self.seen[key] = self.seen.get(key, 0) + 1
+            return False
+        return True
+
+    def note_layouts(self, key: GraphKey, out):
+        """Keep the output layout of an eager call a graph may later capture: the capture then needs no warm-up
+        run of its own to size the shared buffers (see _Capture)."""
+        if key in self.graphs or len(self.graphs) >= self.max_shapes:
+            return
+        try:
+            tensors, _ = _output_tensors(out)
+        except TypeError:
+            return
+        if len(self.out_layouts) >= self.BOUND:
+            self.out_layouts.clear()
+        self.out_layouts[key] = [_Layout.of(t) for t in tensors]
+
+    def reset(self, addresses: tuple):
+        """The parameters moved: every graph and count goes (failed keys stay eager)."""
+        self.graphs.clear()
+        self.seen.clear()
+        self.out_layouts.clear()
+        self.addresses = addresses
 
 
 class GraphedModule:
     """The instance-level forward that replays `module`'s calls as CUDA graphs where it can (module docs);
     `original` is the forward it replaces and calls for everything else."""
 
-    def __init__(self, module, original, shared: "_SharedPool", warmup: int = 2, max_shapes: int = 1):
+    def __init__(self, module, original, shared: _SharedPool, warmup: int = 2, max_shapes: int = 1):
         self.module_ref = weakref.ref(module)
         self.original = original
         self.shared = shared
-        self.warmup, self.max_shapes = warmup, max_shapes
-        self.seen: dict = {}          # key -> eager calls so far
-        self.graphs: dict = {}        # key -> _Graph
-        self.failed: dict = {}        # key -> why capture failed
-        self.param_ptrs = None
+        self.cache = _GraphCache(warmup, max_shapes)
         self._lora_modules = None  # the layer's PEFT LoRA projections: listed at first use and again when its
         #                            parameters change (an adapter added)
         self.replays = self.eager_calls = 0
-        self.warned_sharded = False
-        self.warned_checkpointing = False
         self.inside_checkpoint = False  # running the layer's forward for the checkpointing function
-        self.out_layouts: dict = {}     # key -> the output layout of its eager calls
+        self._warned: set = set()
+
+    @property
+    def graphs(self) -> dict:
+        return self.cache.graphs
+
+    @property
+    def failed(self) -> dict:
+        return self.cache.failed
 
     # ------------------------------------------------------------------ call
     def __call__(self, *args, **kwargs):
@@ -294,57 +544,54 @@ class GraphedModule:
             if not self.inside_checkpoint:
                 self.install_checkpointing(module)
             return self.original(*args, **kwargs)
-        key = self._key(module, args, kwargs)
-        graph = None if key is None else self._graph_for(*key, self.original, checkpointed=False)
+        call = self._graphable_call(module, args, kwargs, LayerGraph)
+        graph = None if call is None else self._graph_for(call, self.original)
+        if graph is not None and graph.awaiting_backward():
+            graph = None  # a replay whose backward has not run yet owns the saved activations: this call is eager
+        elif graph is not None and graph.input_moved(call.tensors):
+            del self.cache.graphs[call.key]  # capture this call afresh, reading a copy of its input
+            graph = self._graph_for(call, self.original)
         if graph is None:
             self.eager_calls += 1
-            return self._note_layouts(key, self.original(*args, **kwargs))
-        if graph.pending is not None and graph.pending() is not None:
-            # a replay whose backward has not run yet owns the saved activations: this call runs eagerly
-            self.eager_calls += 1
-            return self.original(*args, **kwargs)
-        if any(key[1][i].data_ptr() != graph.inputs[i].data_ptr() for i in graph.aliased):
-            # the input this graph reads in place (the previous layer's graph output) no longer feeds the call
-            # (that layer runs eagerly now, or was captured again): capture this call afresh
-            del self.graphs[key[0]]
-            graph = self._graph_for(*key, self.original, checkpointed=False)
-            if graph is None:
-                self.eager_calls += 1
-                return self.original(*args, **kwargs)
+            return self._note_layouts(call, self.original(*args, **kwargs))
         self.replays += 1
-        outs = _Replay.apply(graph, len(key[1]), *key[1], *key[2])
-        return _rebuild(graph.out_desc, iter(outs))
+        return _rebuild(graph.out_desc, iter(_Replay.apply(graph, *call.tensors, *call.params)))
 
-    def checkpointed(self, function, args, inner, offloader):
+    def call_checkpointed(self, function, args, inner, offloader):
         """A checkpointed layer call (`function(*args)`, function = functools.partial of the layer's forward
-        with its keyword arguments) replayed from checkpoint graphs, or `inner` (the checkpointing function
+        with its keyword arguments) replayed from its CheckpointGraph, or `inner` (the checkpointing function
         HF or fusedlora set) where no graph serves it."""
-        module = self.module_ref()
-        call = functools.partial(function.func, *function.args)
-        key = self._key(module, args, function.keywords, checkpointed=True)
-        graph = None if key is None else self._graph_for(*key, call, checkpointed=True)
+        call = self._graphable_call(self.module_ref(), args, function.keywords, CheckpointGraph)
+        graph = None if call is None else self._graph_for(call, self._checkpointed_forward(function))
         if graph is None:
             self.eager_calls += 1
-            self.inside_checkpoint = True
-            try:
-                return self._note_layouts(key, inner(function, *args))
-            finally:
-                self.inside_checkpoint = False
+            with self._in_checkpoint():
+                return self._note_layouts(call, inner(function, *args))
         self.replays += 1
-        outs = _CheckpointReplay.apply(graph, len(key[1]), offloader, *key[1], *key[2])
+        outs = _CheckpointReplay.apply(graph, offloader, *call.tensors, *call.params)
         return _rebuild(graph.out_desc, iter(outs))
 
-    def _note_layouts(self, key, out):
-        """Keep the output layout of an eager call a graph may later capture: the capture then needs no
-        warm-up run of its own to size the shared buffers (see _capture)."""
-        if key is not None and key[0] not in self.graphs and len(self.graphs) < self.max_shapes:
-            try:
-                tensors, _ = _output_tensors(out)
-            except TypeError:
-                return out
-            if len(self.out_layouts) >= 4096:
-                self.out_layouts.clear()
-            self.out_layouts[key[0]] = [_Layout.of(t) for t in tensors]
+    def _checkpointed_forward(self, function):
+        """The layer's forward that a checkpoint graph records: `function` without its keyword arguments (the
+        graph's key holds them), run as inside the checkpointing function (this wrapper passes it through)."""
+        body = functools.partial(function.func, *function.args)
+
+        def forward(*args, **kwargs):
+            with self._in_checkpoint():
+                return body(*args, **kwargs)
+        return forward
+
+    @contextlib.contextmanager
+    def _in_checkpoint(self):
+        self.inside_checkpoint = True
+        try:
+            yield
+        finally:
+            self.inside_checkpoint = False
+
+    def _note_layouts(self, call: _Call | None, out):
+        if call is not None:
+            self.cache.note_layouts(call.key, out)
         return out
 
     def install_checkpointing(self, module):
@@ -357,24 +604,22 @@ class GraphedModule:
             func = func.inner
         module._gradient_checkpointing_func = _GraphedCheckpoint(self, func)
 
-    def _graph_for(self, desc, tensors, params, call, checkpointed):
-        """The captured graph of this key: after `warmup` eager calls it is captured (None while warming up,
-        past max_shapes, or when capture failed)."""
-        graph = self.graphs.get(desc)
-        if graph is not None:
-            return graph
-        if desc in self.failed or len(self.graphs) >= self.max_shapes or self.seen.get(desc, 0) < self.warmup:
-            if len(self.seen) >= 4096:  # keys that never recur (packed batches' lengths): keep it bounded
-                self.seen.clear()
-            self.seen[desc] = self.seen.get(desc, 0) + 1
-            return None
-        return self._capture(desc, tensors, params, call, checkpointed)
+    def warn_once(self, topic: str, message: str, stacklevel: int):
+        if topic not in self._warned:
+            self._warned.add(topic)
+            warnings.warn(message, stacklevel=stacklevel + 1)
 
-    def _key(self, module, args, kwargs, checkpointed=False):
-        """((argument description, autocast state, trainable parameters, adapter state, checkpointed), tensors,
-        params) when the call is graphable, else None. The first item is the graph's cache key."""
+    def _graph_for(self, call: _Call, forward):
+        """The key's graphs: captured after `warmup` eager calls (None while warming up, past max_shapes, or
+        when its capture failed)."""
+        graph = self.cache.graphs.get(call.key)
+        if graph is None and self.cache.due(call.key):
+            graph = self._capture(call, forward)
+        return graph
+
+    def _graphable_call(self, module, args, kwargs, kind: type) -> _Call | None:
+        """The call (for graphs of `kind`) when graphs may serve it, else None."""
         if (module is None or not torch.is_grad_enabled() or not module.training or torch.compiler.is_compiling()
-                or (not checkpointed and getattr(module, "gradient_checkpointing", False))
                 or kwargs.get("past_key_values") is not None or kwargs.get("past_key_value") is not None):
             return None
         tensors: list = []
@@ -385,30 +630,25 @@ class GraphedModule:
         if not tensors or not all(_graphable(t) for t in tensors) or torch.cuda.is_current_stream_capturing():
             return None  # (another capture in progress: torch.compile's CUDA graphs, the caller's own)
         if _sharded(module):
-            if not self.warned_sharded:
-                self.warned_sharded = True
-                warnings.warn("fusedlora.cuda_graph_layers: the layer's parameters are FSDP-sharded (DTensors, "
-                              "re-gathered into new memory at each call): it runs eagerly", stacklevel=3)
+            self.warn_once("sharded", "fusedlora.cuda_graph_layers: the layer's parameters are FSDP-sharded "
+                           "(DTensors, re-gathered into new memory at each call): it runs eagerly", stacklevel=3)
             return None
-        return self._cache_key(module, desc, tensors, checkpointed)
+        return self._cache_key(module, desc, tensors, kind)
 
-    def _cache_key(self, module, desc, tensors, checkpointed=False):
-        """The graphable call's (key, tensors, params); drops the graphs when the parameters moved."""
+    def _cache_key(self, module, desc, tensors, kind: type) -> _Call:
+        """The graphable call's key, tensors and parameters; drops the graphs when the parameters moved."""
         every = list(module.parameters())  # (one walk of the module tree per call: this runs per layer per step)
         params = [p for p in every if p.requires_grad]
         ptrs = _addresses(module, every)
-        if self.param_ptrs != ptrs:
-            if self.graphs:
+        if self.cache.addresses != ptrs:
+            if self.cache.graphs:
                 warnings.warn("fusedlora.cuda_graph_layers: a layer's parameters moved (model.to, a swapped "
                               "weight); its CUDA graphs are dropped and re-captured", stacklevel=3)
-            self.graphs.clear()
-            self.seen.clear()
-            self.out_layouts.clear()
-            self.param_ptrs = ptrs
+            self.cache.reset(ptrs)
             self._lora_modules = None
         device = tensors[0].device.type
-        amp = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        return (desc, amp, tuple(id(p) for p in params), self.adapter_state(), checkpointed), tensors, params
+        autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        return _Call(GraphKey(desc, autocast, tuple(id(p) for p in params), self.adapter_state(), kind), tensors, params)
 
     def adapter_state(self) -> tuple:
         """What a graph bakes in of the layer's PEFT adapters and the forward cannot see in its tensors
@@ -424,154 +664,29 @@ class GraphedModule:
         return self._lora_modules
 
     # ------------------------------------------------------------------ capture
-    def _capture(self, desc, tensors, params, call, checkpointed):
-        arg_desc = desc[0]
-        if checkpointed:  # shared by all layers: the graphs read their inputs only while they replay
-            static_in = [self.shared.exchange(("in", i), t) for i, t in enumerate(tensors)]
-        else:  # the graph's own (its saved activations may be these very tensors), or, for an input that is
-            # another graph's static output (the previous layer's graph fed this call), that output itself:
-            # one copy and one buffer less per layer
-            produced = [self.shared.static_output(t) for t in tensors]
-            aliased = tuple(i for i, o in enumerate(produced) if o is not None)
-            static_in = [(t.detach().clone() if o is None else o.detach()).requires_grad_(t.requires_grad)
-                         for t, o in zip(tensors, produced)]
-        wants_grad = [i for i, t in enumerate(static_in) if t.requires_grad]
-        module = self.module_ref()
-        slots = [(m, n) for m in module.modules() for n, p in m._parameters.items()
-                 if p is not None and p.requires_grad]
-
-        def run():
-            """The forward on the static inputs, each input needing a gradient and each trainable parameter
-            read through an alias (a view made now, on the stream that runs it); returns (output, aliases).
-            Differentiating with respect to the aliases keeps the backward off the leaves' gradient
-            accumulators, which an autograd graph still alive from an earlier step (the last loss, say) ties
-            to the default stream: reaching them from the capture stream joins the two streams and
-            invalidates the capture (seen on an H200, torch 2.11)."""
-            inputs = [t.view_as(t) if t.requires_grad else t for t in static_in]
-            a, k = _rebuild(arg_desc, iter(inputs))
-            saved = [m._parameters[n] for m, n in slots]
-            aliases = [inputs[i] for i in wants_grad] + [p.view_as(p) for p in saved]
-            for (m, n), alias in zip(slots, aliases[len(wants_grad):]):
-                m._parameters[n] = alias
-            self.inside_checkpoint = checkpointed
-            try:
-                return call(*a, **k), aliases
-            finally:
-                self.inside_checkpoint = False
-                for (m, n), p in zip(slots, saved):
-                    m._parameters[n] = p
-
-        def backward(out, aliases, diff_outputs, grad_outputs, retain):
-            """The backward of `out` into the shared input-gradient buffers; returns (input gradients, each
-            a shared buffer or None, parameter gradients)."""
-            outs, _ = _output_tensors(out)
-            grads = torch.autograd.grad([outs[i] for i in diff_outputs], aliases, grad_outputs,
-                                        retain_graph=retain, allow_unused=True)
-            shared_in = []
-            for i, g in zip(wants_grad, grads):
-                if g is None:
-                    shared_in.append(None)
-                else:
-                    shared_in.append(exchange_in[i])
-                    exchange_in[i].copy_(g)
-            return shared_in, list(grads[len(wants_grad):])
-
-        device = tensors[0].device.type
-        amp_on, amp_dtype = desc[1]
+    def _capture(self, call: _Call, forward):
+        """The key's graphs of its kind, captured now; or None, the key left eager for good with a warning."""
+        amp_on, amp_dtype = call.key.autocast
         try:
             if self.shared.broken:
                 raise RuntimeError(self.shared.broken)
-            if len(slots) != len(params) or any(m._parameters[n] is not p for (m, n), p in zip(slots, params)):
-                raise RuntimeError("the layer's trainable parameters are not its own (shared or tied elsewhere)")
-            with torch.autocast(device, dtype=amp_dtype, enabled=amp_on, cache_enabled=False):
-                layouts = self.out_layouts.get(desc)
-                if self.shared.warmed and layouts is not None:
-                    # an earlier capture in this pool ran the warm-up (lazy initialisations off the capture),
-                    # and this key's eager calls loaded its kernels: the buffers are sized from their outputs
-                    # (a warm-up here would hold a layer's activations beside the pool's)
-                    out_like = [_Layout.of(o, requires_grad=False) for o in layouts]
-                    diff_outputs = [i for i, o in enumerate(layouts) if o.requires_grad]
-                    if not diff_outputs:
-                        raise RuntimeError("nothing in the layer's output needs a gradient")
-                else:
-                    out_like, diff_outputs = self._warm_up(run, checkpointed)
-                # the buffers every layer shares, made outside the captures
-                exchange_in = {i: self.shared.exchange(("grad_in", i), static_in[i].detach()) for i in wants_grad}
-                grad_outputs = [self.shared.exchange(("grad_out", i), out_like[i]) for i in diff_outputs]
-                exchange_out = [self.shared.exchange(("out", i), o) for i, o in enumerate(out_like)] \
-                    if checkpointed else None
-                fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-                self.shared.capturing = True
-                if checkpointed:
-                    # forward: nothing saved, the outputs copied into the shared buffers, every temporary
-                    # freed after the capture; backward: the forward again with autograd, then its backward
-                    with torch.no_grad(), torch.cuda.graph(fwd, pool=self.shared.pool,
-                                                           capture_error_mode="thread_local"):
-                        out, _ = run()
-                        outputs, out_desc = _output_tensors(out)
-                        if [o.shape for o in outputs] != [o.shape for o in exchange_out]:
-                            raise RuntimeError("the layer's outputs changed between two identical calls")
-                        for o, buffer in zip(outputs, exchange_out):
-                            buffer.copy_(o)
-                    del out, outputs
-                    with torch.cuda.graph(bwd, pool=self.shared.pool, capture_error_mode="thread_local"):
-                        out, aliases = run()
-                        shared_in, param_grads = backward(out, aliases, diff_outputs, grad_outputs, retain=False)
-                    del out, aliases
-                    outputs = exchange_out
-                else:
-                    with torch.cuda.graph(fwd, pool=self.shared.pool, capture_error_mode="thread_local"):
-                        out, aliases = run()
-                    # the outputs keep the forward's autograd graph, so its saved activations, alive: they are
-                    # the graph's until its backward replays
-                    outputs, out_desc = _output_tensors(out)
-                    if [o.shape for o in outputs] != [o.shape for o in out_like]:
-                        raise RuntimeError("the layer's outputs changed between two identical calls")
-                    with torch.cuda.graph(bwd, pool=self.shared.pool, capture_error_mode="thread_local"):
-                        shared_in, param_grads = backward(out, aliases, diff_outputs, grad_outputs, retain=True)
-                self.shared.capturing = False
-                self.shared.warmed = True
+            with torch.autocast(call.tensors[0].device.type, dtype=amp_dtype, enabled=amp_on, cache_enabled=False):
+                graph = call.key.kind.capture(self, call, forward)
         except Exception as e:  # noqa: BLE001 - any capture failure: this key stays eager
             why = f"{type(e).__name__}: {str(e)[:300]}"
-            self.failed[desc] = why
+            self.cache.failed[call.key] = why
             if self.shared.capturing:
                 # a failure inside a capture can leave the allocator recording into the pool: no further
                 # capture in this model
                 self.shared.broken = f"an earlier capture failed ({why})"
                 self.shared.capturing = False
-            warnings.warn(f"fusedlora.cuda_graph_layers: {type(module).__name__} could not be captured as a CUDA "
-                          f"graph ({why}); it runs eagerly", stacklevel=4)
+            warnings.warn(f"fusedlora.cuda_graph_layers: {type(self.module_ref()).__name__} could not be captured "
+                          f"as a CUDA graph ({why}); it runs eagerly", stacklevel=4)
             torch.cuda.synchronize()
             return None
-        graph = _Graph(static_in, params, outputs, out_desc, grad_outputs, shared_in + param_grads, diff_outputs,
-                       wants_grad, fwd, bwd, weakref.ref(module), _addresses(module), checkpointed=checkpointed,
-                       aliased=() if checkpointed else aliased)
-        if not checkpointed:
-            self.shared.register_outputs(outputs)
-        self.graphs[desc] = graph
+        self.shared.warmed = True
+        self.cache.graphs[call.key] = graph
         return graph
-
-    def _warm_up(self, run, checkpointed):
-        """The layer's call and backward on a side stream, off the capture (cuBLAS workspaces and other lazy
-        initialisations happen here); returns the outputs' layouts and which outputs carry a gradient."""
-        self.shared.warm_ups += 1
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            if checkpointed:
-                with torch.no_grad():
-                    run()
-            out, aliases = run()
-            outs, _ = _output_tensors(out)
-            diff_outputs = [i for i, o in enumerate(outs) if o.requires_grad]
-            if not diff_outputs:
-                raise RuntimeError("nothing in the layer's output needs a gradient")
-            torch.autograd.grad([outs[i] for i in diff_outputs], aliases,
-                                [torch.ones_like(outs[i]) for i in diff_outputs], allow_unused=True)
-            out_like = [_Layout.of(o, requires_grad=False) for o in outs]
-            del out, outs, aliases
-        torch.cuda.current_stream().wait_stream(side)
-        return out_like, diff_outputs
 
     def __deepcopy__(self, memo):
         """A copy of the model (TRL's reference model, say) gets wrappers of its own: bound to the copied
@@ -579,7 +694,8 @@ class GraphedModule:
         import copy
         module = copy.deepcopy(self.module_ref(), memo)
         shared = memo.setdefault(id(self.shared), _SharedPool())
-        return GraphedModule(module, copy.deepcopy(self.original, memo), shared, self.warmup, self.max_shapes)
+        return GraphedModule(module, copy.deepcopy(self.original, memo), shared, self.cache.warmup,
+                             self.cache.max_shapes)
 
     def __reduce__(self):
         raise TypeError("a model under fusedlora.cuda_graph_layers cannot be pickled; fusedlora.unpatch(model) first")
@@ -647,14 +763,13 @@ class _GraphedCheckpoint:
                 or (self.offloaded and self.offloader is None)):
             return self.inner(function, *args, **kwargs)
         if not self.replayable:
-            if not self.wrapper.warned_checkpointing:
-                self.wrapper.warned_checkpointing = True
-                warnings.warn(f"fusedlora.cuda_graph_layers: the layers' checkpointing function ({self.inner!r:.120}) "
-                              "is neither torch's checkpoint nor fusedlora's offloaded checkpointing (transformers' "
-                              "activation_checkpointing_enable(offload=True), say): those layers run eagerly under "
-                              "it, keeping what it keeps where it keeps it", stacklevel=2)
+            self.wrapper.warn_once(
+                "checkpointing", f"fusedlora.cuda_graph_layers: the layers' checkpointing function ({self.inner!r:.120}) "
+                "is neither torch's checkpoint nor fusedlora's offloaded checkpointing (transformers' "
+                "activation_checkpointing_enable(offload=True), say): those layers run eagerly under it, keeping "
+                "what it keeps where it keeps it", stacklevel=2)
             return self.inner(function, *args, **kwargs)
-        return self.wrapper.checkpointed(function, args, self.inner, self.offloader)
+        return self.wrapper.call_checkpointed(function, args, self.inner, self.offloader)
 
     def __deepcopy__(self, memo):
         import copy  # a copied model gets the plain function; its own wrapper installs itself again

@@ -104,12 +104,14 @@ def test_adapter_state_is_part_of_the_key():
     x = torch.zeros(1, 4, workload.SHAPES["tiny"]["hidden_size"])
     tensors = []
     desc = cuda_graphs._flatten(((x,), {}), tensors)
-    key, got_tensors, params = w._cache_key(layers[0], desc, tensors)
-    assert got_tensors == tensors and key[0] == desc and key[3] == w.adapter_state()
-    assert [id(p) for p in params] == list(key[2]) and all(p.requires_grad for p in params)
-    assert w._cache_key(layers[0], desc, tensors)[0] == key
+    key, got_tensors, params = w._cache_key(layers[0], desc, tensors, cuda_graphs.LayerGraph)
+    assert got_tensors == tensors and key.args == desc and key.adapters == w.adapter_state()
+    assert [id(p) for p in params] == list(key.params) and all(p.requires_grad for p in params)
+    assert key.kind is cuda_graphs.LayerGraph
+    assert w._cache_key(layers[0], desc, tensors, cuda_graphs.LayerGraph).key == key
+    assert w._cache_key(layers[0], desc, tensors, cuda_graphs.CheckpointGraph).key != key
     model.unmerge_adapter()
-    assert w._cache_key(layers[0], desc, tensors)[0] != key
+    assert w._cache_key(layers[0], desc, tensors, cuda_graphs.LayerGraph).key != key
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error without a GPU")
@@ -282,7 +284,7 @@ def test_graphed_checkpointing_matches_eager_checkpointing(mode, offload):
     model, layers = _checkpointed(mode, offload, graphs=True)
     got = _train(model, data, accumulate=2)
     assert all(w.replays == len(data) - 1 for w in layers), [(w.replays, w.eager_calls) for w in layers]
-    assert all(g.checkpointed for w in layers for g in w.graphs.values())
+    assert all(isinstance(g, cuda_graphs.CheckpointGraph) for w in layers for g in w.graphs.values())
     assert all(isinstance(m.__dict__.get("_gradient_checkpointing_func"), cuda_graphs._GraphedCheckpoint)
                for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer")
     _assert_same_run(got, want)
@@ -412,12 +414,14 @@ def test_replay_function_bookkeeping_on_a_cpu():
     gx, gw = torch.zeros(4, 5), torch.zeros(3, 5)
     fwd = _FakeGraph(lambda: out.copy_(static_x.detach() @ layer.weight.detach().t()))
     bwd = _FakeGraph(lambda: (gx.copy_(gout @ layer.weight.detach()), gw.copy_(gout.t() @ static_x.detach())))
-    graph = cuda_graphs._Graph([static_x], [layer.weight], [out], ("T",), [gout], [gx, gw], [0], [0], fwd, bwd,
-                               cuda_graphs.weakref.ref(layer), cuda_graphs._addresses(layer))
+    graph = cuda_graphs.LayerGraph(inputs=[static_x], params=[layer.weight], outputs=[out], out_desc=("T",),
+                                   grad_outputs=[gout], grad_inputs=[gx, gw], diff_outputs=[0], wants_grad=[0],
+                                   fwd=fwd, bwd=bwd, module_ref=cuda_graphs.weakref.ref(layer),
+                                   ptrs=cuda_graphs._addresses(layer))
     x = torch.randn(4, 5, requires_grad=True)
     seeds = []
     for _ in range(2):  # two accumulation steps
-        (y,) = cuda_graphs._Replay.apply(graph, 1, x, layer.weight)
+        (y,) = cuda_graphs._Replay.apply(graph, x, layer.weight)
         torch.testing.assert_close(y, x.detach() @ layer.weight.detach().t())
         seeds.append(torch.randn(4, 3))
         (y * seeds[-1]).sum().backward()
@@ -425,8 +429,8 @@ def test_replay_function_bookkeeping_on_a_cpu():
     torch.testing.assert_close(x.grad, total @ layer.weight.detach())
     torch.testing.assert_close(layer.weight.grad, total.t() @ x.detach())
     assert x.grad.data_ptr() != gx.data_ptr() and layer.weight.grad.data_ptr() != gw.data_ptr()
-    (old,) = cuda_graphs._Replay.apply(graph, 1, x, layer.weight)
-    (new,) = cuda_graphs._Replay.apply(graph, 1, x, layer.weight)
+    (old,) = cuda_graphs._Replay.apply(graph, x, layer.weight)
+    (new,) = cuda_graphs._Replay.apply(graph, x, layer.weight)
     with pytest.raises(RuntimeError, match="replayed again before this backward"):
         old.sum().backward()
     layer.weight.data = layer.weight.data.clone()  # moved: the backward graph would read the old memory
@@ -469,16 +473,18 @@ def test_probe_without_a_gpu_says_so(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
-def _linear_graphs(layer, n, checkpointed):
-    """Fake graphs of `layer` (a bias-free Linear) over n-row inputs: for a checkpoint graph the forward reads
+def _linear_checkpoint_graph(layer, n):
+    """Fake checkpoint graphs of `layer` (a bias-free Linear) over n-row inputs: the forward reads
     the shared input buffer and writes the shared output buffer, the backward reads the input buffer again
     (its recompute) and writes the shared input gradient and the weight's own gradient."""
     x_in, out = torch.zeros(n, layer.in_features, requires_grad=True), torch.zeros(n, layer.out_features)
     gout, gx, gw = torch.zeros(n, layer.out_features), torch.zeros(n, layer.in_features), torch.zeros_like(layer.weight)
     fwd = _FakeGraph(lambda: out.copy_(x_in.detach() @ layer.weight.detach().t()))
     bwd = _FakeGraph(lambda: (gx.copy_(gout @ layer.weight.detach()), gw.copy_(gout.t() @ x_in.detach())))
-    return cuda_graphs._Graph([x_in], [layer.weight], [out], ("T",), [gout], [gx, gw], [0], [0], fwd, bwd,
-                              cuda_graphs.weakref.ref(layer), cuda_graphs._addresses(layer), checkpointed=checkpointed)
+    return cuda_graphs.CheckpointGraph(inputs=[x_in], params=[layer.weight], outputs=[out], out_desc=("T",),
+                                       grad_outputs=[gout], grad_inputs=[gx, gw], diff_outputs=[0], wants_grad=[0],
+                                       fwd=fwd, bwd=bwd, module_ref=cuda_graphs.weakref.ref(layer),
+                                       ptrs=cuda_graphs._addresses(layer))
 
 
 @pytest.mark.parametrize("offload", [False, True])
@@ -489,10 +495,10 @@ def test_checkpoint_replay_bookkeeping_on_a_cpu(offload):
     from fusedlora.checkpoint import Offloader
     torch.manual_seed(0)
     layer = torch.nn.Linear(5, 3, bias=False)
-    graph = _linear_graphs(layer, 4, checkpointed=True)
+    graph = _linear_checkpoint_graph(layer, 4)
     offloader = Offloader() if offload else None
     xs = [torch.randn(4, 5, requires_grad=True) for _ in range(3)]
-    ys = [cuda_graphs._CheckpointReplay.apply(graph, 1, offloader, x, layer.weight)[0] for x in xs]
+    ys = [cuda_graphs._CheckpointReplay.apply(graph, offloader, x, layer.weight)[0] for x in xs]
     for x, y in zip(xs, ys):
         torch.testing.assert_close(y, x.detach() @ layer.weight.detach().t())
         assert y.data_ptr() != graph.outputs[0].data_ptr()
@@ -504,7 +510,7 @@ def test_checkpoint_replay_bookkeeping_on_a_cpu(offload):
         torch.testing.assert_close(x.grad, s @ layer.weight.detach())
     torch.testing.assert_close(layer.weight.grad, sum(s.t() @ x.detach() for x, s in zip(xs, seeds)))
     assert layer.weight.grad.data_ptr() != graph.grad_inputs[1].data_ptr()
-    (y,) = cuda_graphs._CheckpointReplay.apply(graph, 1, offloader, xs[0], layer.weight)
+    (y,) = cuda_graphs._CheckpointReplay.apply(graph, offloader, xs[0], layer.weight)
     layer.weight.data = layer.weight.data.clone()
     with pytest.raises(RuntimeError, match="weights moved between its forward and its backward"):
         y.sum().backward()
@@ -582,7 +588,8 @@ def test_fake_graphs_replay_the_eager_training_on_a_cpu(checkpointing):
         assert all(w.replays == len(data) - 1 and w.eager_calls == 1 for w in wrappers), \
             [(w.replays, w.eager_calls, w.failed) for w in wrappers]
         graphs = [g for w in wrappers for g in w.graphs.values()]
-        assert len(graphs) == len(wrappers) and all(g.checkpointed == (checkpointing is not None) for g in graphs)
+        kind = cuda_graphs.LayerGraph if checkpointing is None else cuda_graphs.CheckpointGraph
+        assert len(graphs) == len(wrappers) and all(type(g) is kind for g in graphs)
         assert all(g.fwd.replays == len(data) - 1 and g.bwd.replays == len(data) - 1 for g in graphs)
         assert wrappers[0].shared.warm_ups == 1  # the second layer's capture is sized from its eager call
         _assert_same_run(got, want, 1e-5, 1e-6, 1e-4, 1e-6, 1e-9)

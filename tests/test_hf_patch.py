@@ -456,6 +456,72 @@ def test_turned_off_kinds_are_reported():
     assert report.kinds["loss"].patched == 0
 
 
+def _patch_facts(model) -> dict:
+    from fusedlora.hf.forwards import PATCH_ATTR
+    return {type(m).__name__: m.__dict__[PATCH_ATTR].facts for m in model.modules() if PATCH_ATTR in m.__dict__}
+
+
+def test_patch_options_record_patches_as_the_keywords_do():
+    """fusedlora.PatchOptions (frozen) gives the patch its keyword arguments give, keywords given beside it
+    replace its fields; each patched module's record names what patching found and the options concerning it."""
+    import dataclasses
+
+    from fusedlora.hf.forwards import AttentionFacts, LossFacts, MLPFacts, NormFacts
+    options = fusedlora.PatchOptions(rope=False, mlp_chunk_bytes=4096.0, recompute_norms=0, loss=True)
+    assert options.mlp_chunk_bytes == 4096 and options.recompute_norms is False
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.rope = True
+    by_options, by_keywords = make_model(), make_model()
+    report = fusedlora.patch(by_options, options=options, loss=False)
+    assert str(report) == str(fusedlora.patch(by_keywords, rope=False, mlp_chunk_bytes=4096, recompute_norms=False,
+                                              loss=False))
+    assert report.kinds["loss"].patched == 0 and report.kinds["attention"].patched == 2
+    facts = _patch_facts(by_options)
+    assert facts == _patch_facts(by_keywords) and "LlamaForCausalLM" not in facts
+    norm, attention, mlp = facts["LlamaRMSNorm"], facts["LlamaAttention"], facts["LlamaMLP"]
+    assert type(norm) is NormFacts and (norm.casting, norm.offset, norm.recomputable) == ("llama", 0.0, False)
+    assert type(attention) is AttentionFacts and (attention.qkv, attention.o, attention.rope) == (True, True, False)
+    assert type(mlp) is MLPFacts and (mlp.activation, mlp.intermediate, mlp.chunk_bytes, mlp.fused_gate_up) == \
+        ("silu", SMALL["intermediate_size"], 4096, False)
+    fusedlora.patch(by_options)  # the defaults again
+    facts = _patch_facts(by_options)
+    assert facts["LlamaRMSNorm"].recomputable and facts["LlamaAttention"].rope
+    assert facts["LlamaMLP"].chunk_bytes == fusedlora.PatchOptions().mlp_chunk_bytes == 1 << 30
+    loss = facts["LlamaForCausalLM"]
+    assert type(loss) is LossFacts and "labels" in loss.signature.parameters and loss.var_kw == "kwargs"
+    phi3 = make_model("phi3")
+    fusedlora.patch(phi3)
+    assert _patch_facts(phi3)["Phi3MLP"].fused_gate_up and _patch_facts(phi3)["Phi3MLP"].intermediate == \
+        SMALL["intermediate_size"]
+    assert fusedlora.PatchOptions(qkv=False).wants("attention")
+    assert not fusedlora.PatchOptions(qkv=False, o=False, rope=False).wants("attention")
+
+
+@pytest.mark.parametrize("values, error, message", [
+    ({"rope": "no"}, TypeError, "option rope must be True or False, got 'no'"),
+    ({"qkv": None}, TypeError, "option qkv must be True or False, got None"),
+    ({"cuda_graphs": 2}, TypeError, "option cuda_graphs must be True or False, got 2"),
+    ({"mlp_chunk_bytes": -1}, ValueError, "option mlp_chunk_bytes must be a size in bytes >= 0, got -1"),
+    ({"mlp_chunk_bytes": "1GiB"}, ValueError, "option mlp_chunk_bytes must be a size in bytes >= 0, got '1GiB'"),
+    ({"offload_host_limit_gib": float("inf")}, ValueError, "option offload_host_limit_gib must be a size in GiB >= 0"),
+    ({"offload_host_limit_gib": True}, ValueError, "option offload_host_limit_gib must be a size in GiB >= 0"),
+    ({"ropes": False}, TypeError, "unknown option 'ropes' (the options: rms_norm, rope, "),
+    ({"options": {"rope": False}}, TypeError, "options must be a fusedlora.PatchOptions, got dict"),
+])
+def test_bad_patch_options_name_the_option(values, error, message):
+    """A wrong option raises in patch's terms, from patch (before it touches the model) and from PatchOptions."""
+    import re
+    model = make_model()
+    fusedlora.patch(model)
+    before = _patch_facts(model)
+    with pytest.raises(error, match="^fusedlora.patch: " + re.escape(message)):
+        fusedlora.patch(model, **values)
+    assert _patch_facts(model) == before  # still patched as before
+    if "options" not in values:
+        with pytest.raises(error, match=re.escape(message)):
+            fusedlora.PatchOptions.merged(None, values) if "ropes" in values else fusedlora.PatchOptions(**values)
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torch_compile"])
 def test_trainer_gradient_accumulation_matches_big_batch(tmp_path, compiled):
     """HF Trainer, batch 1 x gradient accumulation 4 on the patched model = one step of batch 4 unpatched; also

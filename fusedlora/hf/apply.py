@@ -21,7 +21,8 @@ from ..ops._common import FLOAT_DTYPES, interpreting
 from ..quant import weight_shape
 from . import forwards
 from .families import FAMILIES, GENERIC, LOGIT_CHANGING_CONFIG, Family
-from .forwards import PATCH_ATTR, PatchRecord
+from .forwards import PATCH_ATTR, AttentionFacts, MLPFacts, NormFacts, PatchRecord
+from .options import PatchOptions
 from .report import PatchReport
 
 ACTIVATIONS = {  # fused activation name -> reference the module's act_fn must match
@@ -182,13 +183,13 @@ def compile_layers(model, **compile_kwargs) -> int:
     return len(layers)
 
 
-def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, qkv: bool = True, o: bool = True,
-          loss: bool = True, offload_checkpoints: bool = False, cuda_graphs: bool = False,
-          mlp_chunk_bytes: int = forwards.MLP_CHUNK_BYTES, recompute_norms: bool = True,
-          offload_host_limit_gib: float | None = None) -> PatchReport:
+def patch(model, *, options: PatchOptions | None = None, **option_values) -> PatchReport:
     """Route a HF (or PEFT-wrapped HF) decoder model's RMSNorms, attention projections + RoPE, GLU MLPs and
     LM-head loss through fusedlora's kernels. Returns a report (print it). Patching again first restores
     HF's forwards, so patch twice = patch once; `unpatch(model)` restores them all.
+
+    The options: keyword arguments, or `options=fusedlora.PatchOptions(...)` (keyword arguments given as well
+    replace its fields). rms_norm, rope, mlp, qkv, o, loss (all True): False keeps that part on HF's path.
 
     offload_checkpoints: activation checkpointing of every decoder layer with its input kept in pinned host
     memory (fusedlora.checkpoint), in place of HF's gradient checkpointing; at most offload_host_limit_gib of
@@ -202,10 +203,7 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, 
     anyway) rather than its output for their backward and recompute the output there: one activation of
     [tokens, hidden] less per norm (two per decoder layer) for one extra norm forward each."""
     _require_module("patch", model)
-    if offload_host_limit_gib is not None and not (isinstance(offload_host_limit_gib, (int, float))
-                                                   and offload_host_limit_gib >= 0):
-        raise ValueError("fusedlora.patch: offload_host_limit_gib must be a size in GiB >= 0 or None, got "
-                         f"{offload_host_limit_gib!r}")
+    options = PatchOptions.merged(options, option_values)
     hf = find_hf_model(model)
     if hf is None:
         raise TypeError(f"fusedlora.patch: found no Hugging Face model (a module with .config.model_type) in "
@@ -242,33 +240,26 @@ def patch(model, *, rms_norm: bool = True, rope: bool = True, mlp: bool = True, 
         report.notes.append(f"the model has {', '.join(unserved)} parameters: patched modules run HF's forward on "
                             f"tensors of a dtype the kernels do not serve ({forwards.SERVED_DTYPES}), counted as "
                             "run-time fallbacks")
-    want = {"rms_norm": rms_norm, "attention": qkv or o or rope, "mlp": mlp, "loss": loss}
     checked_norms: dict = {}
     for m in model.modules():
         kind = _kind_of(m, family, report.family_known)
         if kind is None:
             continue
-        if not want[kind]:
+        if not options.wants(kind):
             report.kept(kind, "turned off by the caller")
             continue
         if "forward" in m.__dict__:
             report.kept(kind, "has an instance-level forward (an accelerate hook or another patch)")
             continue
-        info, why = CHECKS[kind](m, family, report.family_known, checked_norms)
+        facts, why = CHECKS[kind](m, family, report.family_known, checked_norms)
         if why:
             report.kept(kind, why)
             continue
-        if kind == "attention":
-            info.update(qkv=qkv, o=o, rope=rope)
-        if kind == "mlp":
-            info.update(chunk_bytes=int(mlp_chunk_bytes))
-        if kind == "rms_norm":
-            info.update(recomputable=bool(recompute_norms))
-        _bind(m, kind, PatchRecord(kind, family, report.fallbacks, info))
+        _bind(m, kind, PatchRecord(kind, family, report.fallbacks, facts.configured(options)))
         report.patched(kind, _trains_on_original(m, kind, family))
-    if offload_checkpoints:
-        _offload_checkpoints(model, report, offload_host_limit_gib)
-    if cuda_graphs:
+    if options.offload_checkpoints:
+        _offload_checkpoints(model, report, options.offload_host_limit_gib)
+    if options.cuda_graphs:
         _cuda_graphs(model, report)
     if param is not None and param.is_cuda:
         # Loading leaves the caching allocator holding blocks of its own sizes (a checkpoint cast or quantised
@@ -346,7 +337,7 @@ def _check_norm(m, family, known, checked):
     if isinstance(match, str):
         return None, match
     casting, offset = match
-    return {"eps": eps, "casting": casting, "offset": offset}, None
+    return NormFacts(eps, casting, offset), None
 
 
 def _match_norm(m, family, known):
@@ -411,7 +402,7 @@ def _check_attention(m, family, known, checked):
         heads = m.config.num_attention_heads + 2 * m.config.num_key_value_heads
         if weight_shape(W, quant)[0] != heads * m.head_dim:
             why = f"qkv_proj has {weight_shape(W, quant)[0]} outputs, not (q + 2 kv heads) x head_dim"
-    return ({"eager": eager, "varlen": forwards.varlen_facts()}, None) if why is None else (None, why)
+    return (AttentionFacts(eager, forwards.varlen_facts()), None) if why is None else (None, why)
 
 
 def _projections_problem(m, names, bias_ok=True):
@@ -451,8 +442,8 @@ def _check_mlp(m, family, known, checked):
             W, quant = peft_layers.get_lora_parameters(getattr(m, projections[0]))[:2]
             rows = int(weight_shape(W, quant)[0])
             if family.fused_projections:
-                return {"activation": name, "intermediate": rows // 2, "fused_gate_up": True}, None
-            return {"activation": name, "intermediate": rows}, None
+                return MLPFacts(name, rows // 2, fused_gate_up=True), None
+            return MLPFacts(name, rows), None
     return None, f"activation {type(act).__name__} has no fused GLU kernel (silu, gelu, gelu tanh)"
 
 

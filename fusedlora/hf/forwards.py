@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,19 +18,79 @@ from ..ops import fused_linear_cross_entropy, geglu, naive_rope, rms_norm, rope,
 from ..ops._common import FLOAT_DTYPES, autocast_dtype, interpreting
 from ..ops._custom import compiling
 from .families import Family
+from .options import MLP_CHUNK_BYTES, PatchOptions
 from .report import Fallbacks
 
 PATCH_ATTR = "_fusedlora_patch"
 SERVED_DTYPES = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
 
 
+# ------------------------------------------------------------- what patching found, per module kind
+@dataclasses.dataclass(frozen=True)
+class NormFacts:
+    eps: float
+    casting: str                 # the reference the class's forward matches: "llama" or "gemma" casting
+    offset: float                # weight offset (Gemma's 1 + weight)
+    recomputable: bool = False   # patch's recompute_norms
+
+    def configured(self, options: PatchOptions) -> NormFacts:
+        return dataclasses.replace(self, recomputable=options.recompute_norms)
+
+
+@dataclasses.dataclass(frozen=True)
+class VarlenAttention:
+    """torch's varlen_attn (None before torch 2.10) and whether it takes enable_gqa: looked up when patching,
+    so that the forwards (and Dynamo tracing them) read plain values."""
+    attn: Callable | None
+    takes_gqa: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionFacts:
+    eager: Callable              # the module's eager_attention_forward (HF's attention interface falls back on it)
+    varlen: VarlenAttention
+    qkv: bool = True             # patch's qkv, o and rope: which parts are fused
+    o: bool = True
+    rope: bool = True
+
+    def configured(self, options: PatchOptions) -> AttentionFacts:
+        return dataclasses.replace(self, qkv=options.qkv, o=options.o, rope=options.rope)
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPFacts:
+    activation: str              # a key of MLP_APPLY
+    intermediate: int            # the gate (and up) projection's width
+    fused_gate_up: bool = False  # one gate_up_proj (Phi-3)
+    chunk_bytes: int = MLP_CHUNK_BYTES  # patch's mlp_chunk_bytes
+
+    def configured(self, options: PatchOptions) -> MLPFacts:
+        return dataclasses.replace(self, chunk_bytes=options.mlp_chunk_bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossFacts:
+    """What causal_lm_forward reads about the model class, looked up when patching."""
+    signature: inspect.Signature  # of the class's forward
+    var_kw: str | None            # its **kwargs parameter
+    output_fields: frozenset      # the output fields it passes on
+    varlen_available: bool        # torch has varlen attention (packed rows then take it)
+
+    def configured(self, options: PatchOptions) -> LossFacts:
+        return self
+
+
+KindFacts = NormFacts | AttentionFacts | MLPFacts | LossFacts
+
+
 @dataclasses.dataclass
 class PatchRecord:
-    """What a patched module needs at call time: its kind, family row, options and checked facts."""
+    """What a patched module needs at call time: its kind, family row, run-time fallbacks and what patching found
+    (with the options that concern it)."""
     kind: str
     family: Family
     fallbacks: Fallbacks
-    info: dict
+    facts: KindFacts
 
 
 def tensor_problem(*tensors: torch.Tensor) -> str | None:
@@ -59,9 +120,9 @@ def norm_forward(self, hidden_states, *args, **kwargs):
     why = tensor_problem(hidden_states, self.weight) if not (args or kwargs) else "unexpected arguments"
     if why:
         return _fallback(self, why, hidden_states, *args, **kwargs)
-    info = getattr(self, PATCH_ATTR).info
-    return rms_norm(hidden_states, self.weight, info["eps"], info["offset"], info["casting"],
-                    recomputable=info.get("recomputable", False))
+    facts = getattr(self, PATCH_ATTR).facts
+    return rms_norm(hidden_states, self.weight, facts.eps, facts.offset, facts.casting,
+                    recomputable=facts.recomputable)
 
 
 # ---------------------------------------------------------------------------------------------- MLP
@@ -83,16 +144,13 @@ FUSED_GATE_UP_APPLY = {
 }
 
 
-MLP_CHUNK_BYTES = 1 << 30  # gate/up activations of one MLP call above this run in row chunks (patch's mlp_chunk_bytes)
-
-
 def mlp_forward(self, x, *args, **kwargs):
     why = tensor_problem(x) if not (args or kwargs) else "unexpected arguments"
     if why is None:
-        info = getattr(self, PATCH_ATTR).info
-        apply = (FUSED_GATE_UP_APPLY if info.get("fused_gate_up") else MLP_APPLY)[info["activation"]]
+        facts = getattr(self, PATCH_ATTR).facts
+        apply = (FUSED_GATE_UP_APPLY if facts.fused_gate_up else MLP_APPLY)[facts.activation]
         try:  # UnsupportedLoRA is raised before any work (parameters are read first), chunked or not
-            rows = _chunk_rows(x, info)
+            rows = _chunk_rows(x, facts)
             if rows is None:
                 return apply(self, x)
             return _chunked_mlp(self, apply, x, rows)
@@ -101,17 +159,17 @@ def mlp_forward(self, x, *args, **kwargs):
     return _fallback(self, why, x, *args, **kwargs)
 
 
-def _chunk_rows(x, info):
+def _chunk_rows(x, facts: MLPFacts):
     """Rows per chunk when this (training) call's [rows, 2 * intermediate] gate/up activations would exceed
-    info["chunk_bytes"], else None."""
+    facts.chunk_bytes, else None."""
     if not torch.is_grad_enabled():
         return None
     rows = x.numel() // x.shape[-1]
     elem = (autocast_dtype(x) or x.dtype).itemsize
-    per_row = 2 * info["intermediate"] * elem
-    if rows * per_row <= info["chunk_bytes"]:
+    per_row = 2 * facts.intermediate * elem
+    if rows * per_row <= facts.chunk_bytes:
         return None
-    step = max(64, info["chunk_bytes"] // per_row // 64 * 64)
+    step = max(64, facts.chunk_bytes // per_row // 64 * 64)
     return step if step < rows else None
 
 
@@ -154,13 +212,13 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     kwargs.pop("cache", None)
     kwargs.pop("past_key_values", None)
     rec = getattr(self, PATCH_ATTR)
-    fam, info = rec.family, rec.info
+    fam, facts = rec.family, rec.facts
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     qkv = None
     if fam.fused_projections:
-        qkv = _fused_qkv(self, hidden_states, info["qkv"], rec)
-    elif info["qkv"]:
+        qkv = _fused_qkv(self, hidden_states, facts.qkv, rec)
+    elif facts.qkv:
         try:
             qkv = lora.apply_lora_qkv(self, hidden_states)
         except lora.UnsupportedLoRA as e:
@@ -175,7 +233,7 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     cos, sin = position_embeddings
     if fam.rope_attr is None or getattr(self, fam.rope_attr):
-        q, k = (rope if info["rope"] else naive_rope)(q, k, cos, sin)
+        q, k = (rope if facts.rope else naive_rope)(q, k, cos, sin)
     extra = {}
     if fam.sliding_window == "config":
         extra["sliding_window"] = getattr(self.config, "sliding_window", None)
@@ -187,13 +245,13 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     if (unmasked_causal and extra.get("sliding_window") is None and "softcap" not in extra
             and self.config._attn_implementation == "sdpa" and getattr(self, "is_causal", True)):
         attention_mask = None  # HF's sdpa then takes is_causal=True: the flash / cuDNN kernels, no dense mask
-    if _varlen_serves(self, q, kwargs, extra, dropout, info["varlen"]):
-        attn_output, attn_weights = _varlen_attention(self, q, k, v, kwargs, info["varlen"]), None
+    if _varlen_serves(self, q, kwargs, extra, dropout, facts.varlen):
+        attn_output, attn_weights = _varlen_attention(self, q, k, v, kwargs, facts.varlen), None
     else:
-        attn_output, attn_weights = _attention_interface(self, info["eager"])(
+        attn_output, attn_weights = _attention_interface(self, facts.eager)(
             self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **extra, **kwargs)
     attn_output = attn_output.reshape(*input_shape, -1)
-    if info["o"]:
+    if facts.o:
         try:
             return lora.apply_lora_o(self, attn_output), attn_weights
         except lora.UnsupportedLoRA as e:
@@ -217,14 +275,12 @@ def _fused_qkv(module, hidden_states, fused, rec):
 
 
 # ------------------------------------------------------------------------------- packed sequences
-def varlen_facts():
-    """(torch's varlen_attn or None (torch < 2.10), whether it takes enable_gqa): looked up when patching, so
-    that the forwards (and Dynamo tracing them) read plain values."""
+def varlen_facts() -> VarlenAttention:
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return None, False
-    return varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters
+        return VarlenAttention(None, False)
+    return VarlenAttention(varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters)
 
 
 def packed_boundaries(position_ids: torch.Tensor, rows: int):
@@ -239,41 +295,38 @@ def packed_boundaries(position_ids: torch.Tensor, rows: int):
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
-def _varlen_serves(module, q, kwargs, extra, dropout, varlen) -> bool:
+def _varlen_serves(module, q, kwargs, extra, dropout, varlen: VarlenAttention) -> bool:
     """Packed rows (cu_seq_lens in the call, from causal_lm_forward or the caller's collator) on the GPU with
     SDPA: flash varlen attention, linear in memory, instead of SDPA over HF's dense block-diagonal mask."""
-    return (varlen[0] is not None and "cu_seq_lens_q" in kwargs and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    return (varlen.attn is not None and "cu_seq_lens_q" in kwargs and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             and module.config._attn_implementation == "sdpa" and dropout == 0.0 and q.shape[-1] <= 256
             and extra.get("sliding_window") is None and extra.get("softcap") is None)
 
 
-def _varlen_attention(module, q, k, v, kwargs, varlen):
+def _varlen_attention(module, q, k, v, kwargs, varlen: VarlenAttention):
     """q [B, Hq, S, D], k / v [B, Hk, S, D] -> attention output [B, S, Hq, D] (HF's interface layout)."""
     b, hq, s, d = q.shape
     hk = k.shape[1]
     q3, k3, v3 = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (q, k, v))
-    attn, takes_gqa = varlen
     gqa = {}
     if hk != hq:
-        if takes_gqa:
+        if varlen.takes_gqa:
             gqa["enable_gqa"] = True
         else:  # torch 2.11: K/V heads repeated (each serves hq / hk query heads, as HF's repeat_kv)
             k3, v3 = k3.repeat_interleave(hq // hk, dim=1), v3.repeat_interleave(hq // hk, dim=1)
-    out = attn(q3, k3, v3, kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k", kwargs["cu_seq_lens_q"]),
+    out = varlen.attn(q3, k3, v3, kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k", kwargs["cu_seq_lens_q"]),
                int(kwargs["max_length_q"]), int(kwargs.get("max_length_k", kwargs["max_length_q"])),
                scale=module.scaling, window_size=(-1, 0), **gqa)
     return out.view(b, s, hq, d)
 
 
 # ------------------------------------------------------------------------------------------- loss
-def loss_facts(cls):
-    """What causal_lm_forward reads about the model class, looked up when patching: its forward's signature
-    and **kwargs name, the output fields it passes on, whether varlen attention exists."""
+def loss_facts(cls) -> LossFacts:
     sig = inspect.signature(cls.forward)
     var_kw = next((p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
     from transformers.modeling_outputs import CausalLMOutputWithPast
     fields = frozenset(f.name for f in dataclasses.fields(CausalLMOutputWithPast)) - {"loss", "logits"}
-    return {"signature": sig, "var_kw": var_kw, "output_fields": fields, "varlen": varlen_facts()[0] is not None}
+    return LossFacts(sig, var_kw, fields, varlen_facts().attn is not None)
 
 
 def head_linear(head):
@@ -317,7 +370,7 @@ def causal_lm_forward(self, *args, **kwargs):
     [tokens, vocab] logits are never made and the output's `logits` is None. Anything else: HF's forward."""
     original = _original(self)
     rec = getattr(self, PATCH_ATTR)
-    sig, var_kw = rec.info["signature"], rec.info["var_kw"]
+    sig, var_kw = rec.facts.signature, rec.facts.var_kw
     try:
         bound = sig.bind(self, *args, **kwargs).arguments
     except TypeError:
@@ -346,7 +399,7 @@ def causal_lm_forward(self, *args, **kwargs):
         call["use_cache"] = False  # a training step keeps no KV cache
     pos = call.get("position_ids")
     if (pos is not None and call.get("attention_mask") is None and "cu_seq_lens_q" not in extra and pos.is_cuda
-            and self.config._attn_implementation == "sdpa" and rec.info["varlen"] and not compiling()):
+            and self.config._attn_implementation == "sdpa" and rec.facts.varlen_available and not compiling()):
         # (under torch.compile the rows keep HF's mask: finding the documents syncs the host)
         rows = (call.get("input_ids") if call.get("input_ids") is not None else call["inputs_embeds"]).shape[0]
         cu, longest = packed_boundaries(pos, rows)
@@ -362,7 +415,7 @@ def causal_lm_forward(self, *args, **kwargs):
     extra.pop(UNMASKED_CAUSAL, None)
     loss = _causal_lm_loss(self, outputs.last_hidden_state, labels, extra)
     from transformers.modeling_outputs import CausalLMOutputWithPast
-    fields = rec.info["output_fields"]
+    fields = rec.facts.output_fields
     out = CausalLMOutputWithPast(loss=loss, logits=None, **{k: v for k, v in outputs.items() if k in fields})
     return out if return_dict else out.to_tuple()
 
