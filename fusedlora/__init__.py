@@ -36,6 +36,12 @@ def cuda_graph_layers(model, **options) -> int:
     return _cuda_graph_layers(model, **options)
 
 
+def quantize_experts(model, **options):
+    """Store a PEFT MoE model's routed-expert weights in bitsandbytes NF4; see `fusedlora.hf.experts.quantize_experts`."""
+    from .hf.experts import quantize_experts as _quantize_experts
+    return _quantize_experts(model, **options)
+
+
 def __getattr__(name):
     if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
