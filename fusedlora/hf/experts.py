@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .apply import _require_module, find_hf_model
+from .apply import find_hf_model
 from .families import FAMILIES
 from .forwards import PATCH_ATTR
 from .moe import EXPERT_PARAMS, NF4ExpertsGuard, UnsupportedExperts, base_experts, expert_weight
@@ -118,7 +118,9 @@ def quantize_experts(model, *, blocksize: int = 64, double_quant: bool = True) -
     Call after `peft.get_peft_model` (LoRA on the experts via `target_parameters` or not) and before training;
     the model then runs its MoE blocks only through `fusedlora.patch(model)` (HF's and PEFT's experts paths
     cannot run NF4 stacks: an unpatched call raises, saying so). Returns what it did (print it)."""
-    _require_module("quantize_experts", model)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"fusedlora.quantize_experts: expected the model (a PEFT-wrapped Hugging Face MoE model, a "
+                        f"torch.nn.Module), got {type(model).__name__}")
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"fusedlora.quantize_experts: blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
     blocks = _moe_blocks(model)

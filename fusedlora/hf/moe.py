@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..ops.moe_lora import MOE_ACTIVATIONS, ExpertProj, moe_lora_experts, naive_glu
 from .families import Family
-from .forwards import PATCH_ATTR, _fallback, tensor_problem
+from .forwards import PATCH_ATTR, tensor_problem
 from .report import KindCount
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
@@ -225,7 +225,8 @@ def moe_forward(self, hidden_states, *args, **kwargs):
         if is_quantised(self):
             raise RuntimeError(f"fusedlora: {type(self).__name__} holds NF4 experts (fusedlora.quantize_experts), which "
                                f"only fusedlora's MoE path runs, and it cannot serve this call: {why}")
-        return _fallback(self, why, hidden_states, *args, **kwargs)
+        rec.fallbacks.note(rec.kind, why)
+        return type(self).forward(self, hidden_states, *args, **kwargs)  # HF's router, then PEFT's experts path
     shape = hidden_states.shape
     jitter = getattr(self, "jitter_noise", 0) if self.training else 0
     if jitter > 0:  # (Mixtral: HF scales the block's input in place)
