@@ -195,6 +195,26 @@ def test_unpatch_restores():
     assert_same(want, loss_and_grads(model), tol=0, need=())
 
 
+def test_fp16_loss_scale_and_second_backward(fused_calls):
+    """fp16 with a loss scale of 1024 against the fp32 model (fp16 rounding: 1e-2), and a second backward through
+    the same graph (retain_graph) adds the same gradients again."""
+    ref = make_moe("gpt_oss")
+    fused = copy.deepcopy(ref).half()
+    fusedlora.patch(fused)
+    ids, labels = batch()
+    grads = []
+    for m in (ref, fused):
+        m.train()
+        loss = m(input_ids=ids, labels=labels).loss
+        (loss * 1024).backward(retain_graph=True)
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        (loss * 1024).backward()
+        assert all(torch.equal(p.grad, 2 * grads[-1][n]) for n, p in m.named_parameters() if p.grad is not None)
+    assert any("experts.lora_A" in n for n in grads[1]) and fused_calls
+    for n, g in grads[0].items():
+        assert torch.isfinite(grads[1][n]).all() and rel_err(grads[1][n].float(), g) <= 1e-2, n
+
+
 # ----------------------------------------------------------------------------------------- fallbacks
 def _run_with_reason(model, reason):
     with warnings.catch_warnings(record=True) as caught:
