@@ -140,6 +140,28 @@ def test_router_logits_and_aux_loss_are_hf_s(fused_calls):
     assert rel_err(outs[1].logits, outs[0].logits) <= 1e-4 and fused_calls
 
 
+def test_mixtral_router_jitter_as_hf(fused_calls):
+    """Training-mode router jitter: the same random draws scale the block's input as in HF's forward."""
+    ref = embeddings_train(make_moe("mixtral", router_jitter_noise=0.1))
+    fused = copy.deepcopy(ref)
+    fusedlora.patch(fused)
+    results = []
+    for m in (ref, fused):
+        torch.manual_seed(7)
+        results.append(loss_and_grads(m))
+    assert_same(*results)
+    torch.manual_seed(8)
+    assert rel_err(loss_and_grads(fused)[0], results[1][0]) > 1e-6 and fused_calls  # (the jitter does act)
+    for name, p in fused.named_parameters():  # a fallback (expert weights that train) runs HF's in-place jitter
+        if name.endswith("experts.base_layer.base_layer.down_proj"):
+            p.requires_grad_(True)
+    torch.manual_seed(7)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = loss_and_grads(fused)[0]
+    assert rel_err(loss, results[0][0]) <= 1e-4 and any("expert weights require grad" in str(w.message) for w in caught)
+
+
 def test_top_k_1_and_an_expert_without_tokens(fused_calls):
     """gpt_oss (a router bias of -1e4 keeps expert 3 unchosen) and qwen3_moe with top-1 routing whose router
     output is clamped so that expert 3 gets no token."""

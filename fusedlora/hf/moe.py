@@ -221,16 +221,17 @@ def moe_forward(self, hidden_states, *args, **kwargs):
         gate_up, down = read_experts(self, info["activation"])
     except UnsupportedExperts as e:
         why = why or str(e)
+    jitter = getattr(self, "jitter_noise", 0) if self.training else 0
     if why:
         if is_quantised(self):
             raise RuntimeError(f"fusedlora: {type(self).__name__} holds NF4 experts (fusedlora.quantize_experts), which "
                                f"only fusedlora's MoE path runs, and it cannot serve this call: {why}")
         rec.fallbacks.note(rec.kind, why)
-        return type(self).forward(self, hidden_states, *args, **kwargs)  # HF's router, then PEFT's experts path
+        # HF's router, then PEFT's experts path (a copy for Mixtral's in-place jitter: the input may be a view)
+        return type(self).forward(self, hidden_states.clone() if jitter > 0 else hidden_states, *args, **kwargs)
     shape = hidden_states.shape
-    jitter = getattr(self, "jitter_noise", 0) if self.training else 0
-    if jitter > 0:  # (Mixtral: HF scales the block's input in place)
-        hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - jitter, 1.0 + jitter)
+    if jitter > 0:  # Mixtral: HF's draw, applied out of place (in place fails on the fused RMSNorm's output, a view)
+        hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - jitter, 1.0 + jitter)
     x = hidden_states.reshape(-1, shape[-1])
     shared = self.shared_expert(x) if info["shared_expert"] else None
     _, top_k_weights, top_k_index = getattr(self, fam.moe_router)(x)
