@@ -162,6 +162,16 @@ def test_mixtral_router_jitter_as_hf(fused_calls):
     assert rel_err(loss, results[0][0]) <= 1e-4 and any("expert weights require grad" in str(w.message) for w in caught)
 
 
+def test_olmoe_clip_qkv_keeps_hf_attention():
+    ref = make_moe("olmoe", clip_qkv=0.05)
+    fused = copy.deepcopy(ref)
+    report = fusedlora.patch(fused)
+    assert report.kinds["attention"].patched == report.kinds["rms_norm"].patched == 0, str(report)
+    assert report.kinds["moe"].patched == 2, str(report)
+    assert any("config sets clip_qkv" in n for n in report.notes), str(report)
+    assert_same(loss_and_grads(ref), loss_and_grads(fused), need=("lora_A",))
+
+
 def test_top_k_1_and_an_expert_without_tokens(fused_calls):
     """gpt_oss (a router bias of -1e4 keeps expert 3 unchosen) and qwen3_moe with top-1 routing whose router
     output is clamped so that expert 3 gets no token."""
@@ -305,7 +315,7 @@ def test_expert_weights_requiring_grad_fall_back(fused_calls):
     assert fused_calls
 
 
-def test_custom_act_fn_and_unknown_submodule_keep_hf_path():
+def test_custom_act_fn_unknown_submodule_and_lora_on_a_bias_keep_hf_path():
     model = make_moe("mixtral")
     blocks = [m for m in model.modules() if type(m).__name__ == "MixtralSparseMoeBlock"]
     hf_moe.base_experts(blocks[0]).act_fn = torch.nn.GELU()
@@ -320,6 +330,9 @@ def test_custom_act_fn_and_unknown_submodule_keep_hf_path():
     hf_moe.base_experts(block)._apply_gate = lambda h: h[..., ::2] * h[..., 1::2]
     report = fusedlora.patch(gptoss)
     assert report.kinds["moe"].patched == 1 and any("_apply_gate" in r for r in report.kinds["moe"].original)
+    report = fusedlora.patch(make_moe("gpt_oss", extra_targets=["mlp.experts.down_proj_bias"]))
+    assert report.kinds["moe"].original == {"a LoRA adapter on the experts' down_proj_bias (fused: gate_up_proj, "
+                                            "down_proj)": 2}, str(report)
 
 
 def test_lora_on_router_keeps_peft_path_and_report_says_so(fused_calls):

@@ -89,8 +89,10 @@ def for_config(family: Family, config) -> tuple[Family, list[str]]:
     the family cannot fuse (gpt_oss's sinks) or that a config attribute changes (OLMoE's clip_qkv)."""
     notes = []
     guards = [a for a in family.attention_config_guards if getattr(config, a, None) is not None]
-    if guards:
-        notes.append(f"attention keeps HF's path: config sets {', '.join(guards)}, which the fused attention does not apply")
-    elif family.attention_kept:
+    if guards:  # (the RMSNorms too: HF's attention then changes its q/k norms' outputs in place, as OLMoE clamps them)
+        notes.append(f"attention and RMSNorms keep HF's path: config sets {', '.join(guards)}, which the fused "
+                     "attention does not apply")
+        return replace(family, attention=(), norms=()), notes
+    if family.attention_kept:
         notes.append(f"attention keeps HF's path: {family.attention_kept}")
-    return (replace(family, attention=()) if guards else family), notes
+    return family, notes
