@@ -400,8 +400,8 @@ def test_quantize_experts_bytes_per_parameter():
         p.data, p.quant_state.absmax, p.quant_state.code, p.quant_state.state2.absmax, p.quant_state.state2.code))
     assert done.bytes_after == counted and done.bytes_before == 4 * done.parameters
     big = torch.nn.Module()  # a Mixtral-like layer at 1/16 scale: 8 experts, 2I = 2 * 896, H = 256
-    big.gate_up_proj = torch.nn.Parameter(torch.randn(8, 1792, 256), requires_grad=False)
-    big.down_proj = torch.nn.Parameter(torch.randn(8, 256, 896), requires_grad=False)
+    big.gate_up_proj = torch.nn.Parameter(torch.randn(8, 1792, 256, device=DEVICE), requires_grad=False)
+    big.down_proj = torch.nn.Parameter(torch.randn(8, 256, 896, device=DEVICE), requires_grad=False)
     for double_quant, want in ((True, 0.5 + 1 / 64 + 4 / (64 * 256)), (False, 0.5 + 4 / 64)):
         layer = copy.deepcopy(big)
         block = torch.nn.Module()

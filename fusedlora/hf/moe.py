@@ -107,8 +107,8 @@ def _projection(experts, wrappers, name, transposed, has_bias, training):
 
 
 def read_experts(block, act: str):
-    """(gate_up, down) ExpertProj of the block's experts as PEFT's forward would run them at this call, plus
-    whether the weights are NF4; raises UnsupportedExperts with the reason the op cannot serve them."""
+    """(gate_up, down) ExpertProj of the block's experts as PEFT's forward would run them at this call; raises
+    UnsupportedExperts with the reason the op cannot serve them."""
     wrappers, experts = experts_chain(block)
     if getattr(experts, "_is_expert_parallel", False):
         raise UnsupportedExperts("expert parallelism (the experts hold a shard of the experts)")
