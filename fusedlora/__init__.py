@@ -37,6 +37,12 @@ def cuda_graph_layers(model, **options) -> int:
     return _cuda_graph_layers(model, **options)
 
 
+def quantize_experts(model, **options):
+    """Store a PEFT MoE model's routed-expert weights in bitsandbytes NF4; see `fusedlora.hf.experts.quantize_experts`."""
+    from .hf.experts import quantize_experts as _quantize_experts
+    return _quantize_experts(model, **options)
+
+
 def __getattr__(name):
     if name == "PatchOptions":  # (loaded on first use, as the submodules: it lives in fusedlora.hf)
         from .hf.options import PatchOptions

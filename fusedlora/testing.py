@@ -109,10 +109,14 @@ def tiny_config(model_type):
                           use_sliding_window=False),
         "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, mlp_only_layers=[0],
                           decoder_sparse_step=1),
+        "olmoe": dict(num_experts=4, num_experts_per_tok=2),
+        "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, rope_parameters={"rope_type": "default",
+                                                                                     "rope_theta": 10000.0}),
     }.get(model_type, {})
     import transformers
     cfg = transformers.AutoConfig.for_model(model_type, **SMALL, **extra)
-    cfg._attn_implementation = "eager" if model_type == "gemma2" else "sdpa"  # gemma2: softcap needs eager
+    # gemma2: softcap needs eager; gpt_oss: its attention sinks have no sdpa path
+    cfg._attn_implementation = "eager" if model_type in ("gemma2", "gpt_oss") else "sdpa"
     return cfg
 
 

@@ -36,7 +36,7 @@ EXPECTED_PATCHED = {  # kind -> modules per tiny model (2 layers): norms (+ q/k 
     "llama": (5, 2, 2, 1), "mistral": (5, 2, 2, 1), "qwen2": (5, 2, 2, 1), "qwen3": (9, 2, 2, 1),
     "gemma": (5, 2, 2, 1), "gemma2": (9, 2, 2, 1), "gemma3_text": (13, 2, 2, 1), "granite": (5, 2, 2, 1),
     "mixtral": (5, 2, 0, 1), "qwen3_moe": (9, 2, 1, 1), "qwen2_moe": (5, 2, 2, 1), "phi3": (5, 2, 2, 1), "olmo2": (9, 2, 2, 1),
-    "smollm3": (5, 2, 2, 1), "ministral": (5, 2, 2, 1),
+    "smollm3": (5, 2, 2, 1), "ministral": (5, 2, 2, 1), "olmoe": (9, 2, 0, 1), "gpt_oss": (5, 0, 0, 1),
 }
 
 

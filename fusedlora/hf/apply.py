@@ -19,8 +19,8 @@ from .. import peft_layers
 from ..ops import naive_rms_norm
 from ..ops._common import FLOAT_DTYPES, interpreting
 from ..quant import weight_shape
-from . import forwards
-from .families import FAMILIES, GENERIC, LOGIT_CHANGING_CONFIG, Family
+from . import forwards, moe
+from .families import FAMILIES, GENERIC, LOGIT_CHANGING_CONFIG, Family, for_config
 from .forwards import PATCH_ATTR, AttentionFacts, MLPFacts, NormFacts, PatchRecord
 from .options import PatchOptions
 from .report import PatchReport
@@ -230,6 +230,9 @@ def patch(model, *, options: PatchOptions | None = None, **option_values) -> Pat
             f"model_type {model_type!r} is not in fusedlora's family table ({', '.join(FAMILIES)}): only RMSNorm "
             "modules that match a reference numerically and the loss (when no config attribute changes the "
             "logits) are patched")
+    family, notes = for_config(family, hf.config.text_config if multimodal else hf.config)
+    report.notes += notes
+    moe.start_report(report, family)
     param = next(model.parameters(), None)
     if param is not None and not param.is_cuda and not (param.device.type == "cpu" and interpreting()):
         report.notes.append(f"the model is on {param.device} and TRITON_INTERPRET is not set: patched modules run "
@@ -274,7 +277,7 @@ def patch(model, *, options: PatchOptions | None = None, **option_values) -> Pat
 
 
 FORWARDS = {"rms_norm": forwards.norm_forward, "attention": forwards.attention_forward,
-            "mlp": forwards.mlp_forward, "loss": forwards.causal_lm_forward}
+            "mlp": forwards.mlp_forward, "moe": moe.moe_forward, "loss": forwards.causal_lm_forward}
 
 
 class PatchedForward:
@@ -317,7 +320,9 @@ def _kind_of(m, family: Family, known: bool):
         return "rms_norm"
     if name in family.attention:
         return "attention"
-    if name in family.mlp or (family.router_aux_loss and name.endswith("SparseMoeBlock")):
+    if name in family.moe_block:
+        return "moe"
+    if name in family.mlp:
         return "mlp"
     if name in family.causal_lm or (not known and name.endswith("ForCausalLM")):
         return "loss"
@@ -374,6 +379,8 @@ def _trains_on_original(m, kind, family) -> str | None:
     the fused LoRA functions give no gradient to a base weight that trains (a model without LoRA adapters
     yet, or full fine-tuning). Calls without gradients, and training calls once PEFT freezes the base
     weights, take the fused path."""
+    if kind == "moe":
+        return moe.trains_on_original(m, family)
     if kind not in ("attention", "mlp"):
         return None
     training = [name for name in _projections(kind, family)
@@ -420,8 +427,6 @@ def _projections_problem(m, names, bias_ok=True):
 
 
 def _check_mlp(m, family, known, checked):
-    if type(m).__name__.endswith("SparseMoeBlock"):
-        return None, "MoE experts are not fused"
     projections = _projections("mlp", family)
     act_attr = family.mlp_act_attr
     missing = [a for a in projections + (act_attr,) if not hasattr(m, a)]
@@ -458,4 +463,5 @@ def _check_loss(m, family, known, checked):
     return (forwards.loss_facts(type(m)), None) if why is None else (None, why)
 
 
-CHECKS = {"rms_norm": _check_norm, "attention": _check_attention, "mlp": _check_mlp, "loss": _check_loss}
+CHECKS = {"rms_norm": _check_norm, "attention": _check_attention, "mlp": _check_mlp, "moe": moe.check_block,
+          "loss": _check_loss}

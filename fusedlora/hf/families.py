@@ -7,14 +7,14 @@ the reference it claims to follow before any instance is patched, projections ar
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
 class Family:
     norms: tuple[str, ...] = ()        # RMSNorm classes (decoder norms, final norm, QK-norms)
     attention: tuple[str, ...] = ()    # attention modules with q/k/v/o_proj
-    mlp: tuple[str, ...] = ()          # gate/up/down GLU MLPs (MoE experts are not among them)
+    mlp: tuple[str, ...] = ()          # gate/up/down GLU MLPs (dense ones; a MoE's shared expert is one)
     causal_lm: tuple[str, ...] = ()    # the *ForCausalLM head whose loss goes through fused linear CE
     norm_casting: str = "llama"        # "llama": normalise in fp32, cast, times weight; "gemma": all fp32
     norm_offset: float = 0.0           # Gemma's (1 + weight)
@@ -28,6 +28,14 @@ class Family:
     fused_projections: bool = False    # one qkv_proj for q/k/v and one gate_up_proj for gate/up (Phi-3)
     mlp_act_attr: str = "act_fn"       # the MLP's activation module attribute
     rope_attr: str | None = None       # attention attribute: RoPE only where it is true (SmolLM3's NoPE layers)
+    attention_kept: str | None = None  # why this family's attention keeps HF's path (said in the report)
+    attention_config_guards: tuple[str, ...] = ()  # config attributes that, set, change attention: then HF's path
+    # MoE blocks (router + routed experts, fusedlora.hf.moe): the block classes, the experts' GLU ("silu": [gate; up]
+    # rows; "gptoss": interleaved, clamped), the router's attribute, whether the block returns (out, router scores)
+    moe_block: tuple[str, ...] = ()
+    moe_act: str = "silu"
+    moe_router: str = "gate"
+    moe_returns_scores: bool = False
 
 
 def _names(prefix: str, norm=True, attention=True, mlp=True, causal_lm=True) -> dict:
@@ -53,10 +61,19 @@ FAMILIES: dict[str, Family] = {
     "smollm3": Family(**_names("SmolLM3"), sliding_window="module", rope_attr="use_rope"),
     "olmo2": Family(**_names("Olmo2"), norm_casting="gemma", qk_norm_full=True),
     "phi3": Family(**_names("Phi3"), sliding_window="config", fused_projections=True, mlp_act_attr="activation_fn"),
-    # MoE: experts stay on HF's path; the dense MLPs of Qwen3-MoE's mlp_only_layers are fused
-    "mixtral": Family(**_names("Mixtral", mlp=False), sliding_window="config", router_aux_loss=True),
-    "qwen2_moe": Family(**_names("Qwen2Moe"), sliding_window="module", router_aux_loss=True),  # (its shared expert fused)
-    "qwen3_moe": Family(**_names("Qwen3Moe"), qk_norm=True, sliding_window="module", router_aux_loss=True),
+    # MoE: routed experts through fusedlora.hf.moe; dense MLPs (Qwen3-MoE's mlp_only_layers, Qwen2-MoE's shared
+    # expert) as MLPs
+    "mixtral": Family(**_names("Mixtral", mlp=False), sliding_window="config", router_aux_loss=True,
+                      moe_block=("MixtralSparseMoeBlock",)),
+    "qwen2_moe": Family(**_names("Qwen2Moe"), sliding_window="module", router_aux_loss=True,
+                        moe_block=("Qwen2MoeSparseMoeBlock",)),
+    "qwen3_moe": Family(**_names("Qwen3Moe"), qk_norm=True, sliding_window="module", router_aux_loss=True,
+                        moe_block=("Qwen3MoeSparseMoeBlock",)),
+    "olmoe": Family(**_names("Olmoe", mlp=False), qk_norm_full=True, sliding_window="config", router_aux_loss=True,
+                    attention_config_guards=("clip_qkv",), moe_block=("OlmoeSparseMoeBlock",)),
+    "gpt_oss": Family(**_names("GptOss", attention=False, mlp=False), norm_casting="gemma", router_aux_loss=True,
+                      attention_kept="attention sinks (s_aux) are not fused", moe_block=("GptOssMLP",),
+                      moe_act="gptoss", moe_router="router", moe_returns_scores=True),
 }
 
 # Config attributes that change the logits; a family not in the table with any of them keeps HF's loss.
@@ -65,3 +82,17 @@ LOGIT_CHANGING_CONFIG = ("final_logit_softcapping", "logits_scaling", "logit_sca
 
 # For a model_type not in the table: the generic parts (RMSNorms that pass the numeric check, the loss).
 GENERIC = Family()
+
+
+def for_config(family: Family, config) -> tuple[Family, list[str]]:
+    """The family row as this model's config leaves it, and report notes on what keeps HF's path: attention
+    the family cannot fuse (gpt_oss's sinks) or that a config attribute changes (OLMoE's clip_qkv)."""
+    notes = []
+    guards = [a for a in family.attention_config_guards if getattr(config, a, None) is not None]
+    if guards:  # (the RMSNorms too: HF's attention then changes its q/k norms' outputs in place, as OLMoE clamps them)
+        notes.append(f"attention and RMSNorms keep HF's path: config sets {', '.join(guards)}, which the fused "
+                     "attention does not apply")
+        return replace(family, attention=(), norms=()), notes
+    if family.attention_kept:
+        notes.append(f"attention keeps HF's path: {family.attention_kept}")
+    return family, notes

@@ -57,6 +57,8 @@ class PatchOptions:
         q/k/v, o and RoPE is."""
         if kind == "attention":
             return self.qkv or self.o or self.rope
+        if kind == "moe":  # a MoE block is the layer's MLP
+            return self.mlp
         return getattr(self, kind)
 
 

@@ -341,7 +341,7 @@ def _check_proj(op: str, name: str, p: ExpertProj, n_out: int | None, n_in: int 
         want = f"[E, {n_out if n_out is not None else 'out'}, {n_in if n_in is not None else 'in'}] as [E, out, in]"
         raise ValueError(f"{op}: {name}.weight has shape {stored}{' (transposed)' if p.transposed else ''}; "
                          f"expected {want}")
-    if p.weight.requires_grad:
+    if p.weight.requires_grad and torch.is_grad_enabled():  # (no_grad calls never ask for its gradient)
         raise ValueError(f"{op}: {name}.weight requires grad, but the fused path keeps expert weights frozen "
                          "(it computes no weight gradient); call requires_grad_(False) on it or train through "
                          "PEFT's own path")
@@ -371,7 +371,7 @@ def _check_proj(op: str, name: str, p: ExpertProj, n_out: int | None, n_in: int 
         check_tensor(op, f"{name}.bias", p.bias, like=x, like_name="x")
         if tuple(p.bias.shape) != (E, n_o):
             raise ValueError(f"{op}: {name}.bias has shape {tuple(p.bias.shape)}; expected [E, out] = [{E}, {n_o}]")
-        if p.bias.requires_grad:
+        if p.bias.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{op}: {name}.bias requires grad, but the fused path keeps expert biases frozen; call "
                              "requires_grad_(False) on it")
     return E, n_o, n_i
