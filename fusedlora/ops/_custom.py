@@ -94,16 +94,17 @@ class AutogradOp(Launcher):
     def __init__(self, name: str, forward, setup_context, backward, *, fake=None):
         super().__init__(name, forward, fake=fake)
 
-        def setup(ctx, inputs, output):
+        def eager_forward(ctx, *args):
+            output = forward(*args)
+            ctx.set_materialize_grads(False)
+            setup_context(ctx, args, output)
+            return output
+
+        def op_setup(ctx, inputs, output):
             ctx.set_materialize_grads(False)
             setup_context(ctx, inputs, _unmarked(output))
 
-        def eager_forward(ctx, *args):
-            output = forward(*args)
-            setup(ctx, args, output)
-            return output
-
-        self.op.register_autograd(backward, setup_context=setup)
+        self.op.register_autograd(backward, setup_context=op_setup)
         self.function = type(f"{name}_function", (torch.autograd.Function,),
                              {"forward": staticmethod(eager_forward), "backward": staticmethod(backward)})
 
