@@ -120,7 +120,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dy, _drstd):
     x2d, weight, rstd = ctx.saved_tensors
     dx, dw = RMS_NORM_BACKWARD_OP(rows_2d(dy, x2d.shape[1]), x2d, weight, rstd, ctx.offset, ctx.gemma,
-                               ctx.needs_input_grad[1])
+                                  ctx.needs_input_grad[1])
     return dx, dw, None, None, None, None
 
 
