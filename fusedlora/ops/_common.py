@@ -7,6 +7,8 @@ import torch
 
 from csrc_triton._math import interpreter_on
 
+from ._custom import compiling
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -17,8 +19,9 @@ def saved_tensors_writable() -> bool:
     """Whether the backward running now may write over what its Function saved: only when autograd frees the
     graph after this backward (retain_graph=False, create_graph=False). A kernel's write is invisible to
     autograd's version counter, so a retained graph's next backward would read the overwritten tensors
-    silently. Where torch cannot tell (its probe is private), never."""
-    return _KEEP_GRAPH is not None and not _KEEP_GRAPH()
+    silently. Where torch cannot tell (its probe is private), never; nor under torch.compile, whose graph owns
+    its saved buffers (and AOTAutograd traces a backward outside any graph task, where the probe says yes)."""
+    return _KEEP_GRAPH is not None and not compiling() and not _KEEP_GRAPH()
 
 
 def interpreting() -> bool:

@@ -1,13 +1,17 @@
 """torch.compile support: fusedlora's ops as torch.library custom ops, opaque to Dynamo and Inductor.
 
-Eager calls keep their autograd.Function (no custom-op dispatch on the hot path); under torch.compile the
-public ops call the custom ops defined beside each Function, which run the same launchers. Each op's fake
+Each op is written once, as functions of tensors and plain scalars: `AutogradOp` makes one differentiable op
+of (forward, setup_context, backward), and `Launcher` one kernel launcher a backward calls. Each is a custom
+op for torch.compile and, called eagerly, the same functions without the custom-op dispatch (an
+autograd.Function of the same three; the launcher itself): one implementation on both paths. Each op's fake
 (meta) implementation is its real one: under FakeTensorMode the loader skips the kernel launch
 (`fusedlora.loader.KernelLauncher`), so the outputs' shapes, dtypes and strides are the real call's by
 construction. Custom ops take tensors, lists of tensors and plain scalars; an optional tensor output is
 returned as `mark(t)` (a `marker` for None) and read back with `unmark()`.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -46,3 +50,63 @@ def mark(t, like: torch.Tensor) -> torch.Tensor:
 
 def unmark(t):
     return None if t is None or marker_code(t) == 0 else t
+
+
+def _none_marked(fn):
+    """fn with each None in its tuple result replaced by the none marker: a custom op returns tensors only. Its
+    signature (the op's schema) is fn's."""
+    @functools.wraps(fn)
+    def body(*args):
+        out = fn(*args)
+        if isinstance(out, tuple) and any(o is None for o in out):
+            like = next(a for a in args if isinstance(a, torch.Tensor))
+            return tuple(marker(like) if o is None else o for o in out)
+        return out
+    return body
+
+
+def _unmarked(out):
+    return tuple(unmark(o) for o in out) if isinstance(out, tuple) else out
+
+
+class Launcher:
+    """`fn` (annotated: its schema) as the custom op fusedlora::name, called as the op while torch.compile traces
+    (Dynamo, and AOTAutograd tracing a backward: traced through instead, the launch would be skipped under
+    FakeTensorMode) and as fn itself otherwise (no custom-op dispatch on the eager hot path). fn (and `fake`)
+    may give None among a tuple's tensors: the caller gets None on both paths."""
+
+    def __init__(self, name: str, fn, *, mutates_args=(), fake=None):
+        self.fn = fn
+        self.op = define(name, _none_marked(fn), mutates_args=mutates_args, fake=_none_marked(fake or fn))
+
+    def __call__(self, *args):
+        return _unmarked(self.op(*args)) if compiling() else self.fn(*args)
+
+
+class AutogradOp(Launcher):
+    """A differentiable op written once: `forward(*args)` computes (no autograd of its own),
+    `setup_context(ctx, args, output)` saves what `backward(ctx, *grads)` reads, and the backward launches its
+    kernels through Launchers. Under torch.compile the custom op fusedlora::name with these three as its
+    autograd; eagerly an autograd.Function of the same three. On both paths setup_context sees None for an
+    output the forward gave as None (the caller may get a none marker there), and gradients of unused outputs
+    come as None (not materialised as zeros)."""
+
+    def __init__(self, name: str, forward, setup_context, backward, *, fake=None):
+        super().__init__(name, forward, fake=fake)
+
+        def eager_forward(ctx, *args):
+            output = forward(*args)
+            ctx.set_materialize_grads(False)
+            setup_context(ctx, args, output)
+            return output
+
+        def op_setup(ctx, inputs, output):
+            ctx.set_materialize_grads(False)
+            setup_context(ctx, inputs, _unmarked(output))
+
+        self.op.register_autograd(backward, setup_context=op_setup)
+        self.function = type(f"{name}_function", (torch.autograd.Function,),
+                             {"forward": staticmethod(eager_forward), "backward": staticmethod(backward)})
+
+    def __call__(self, *args):
+        return self.op(*args) if compiling() else self.function.apply(*args)

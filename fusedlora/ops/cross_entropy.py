@@ -1,4 +1,4 @@
-"""Cross-entropy and fused linear + cross-entropy (kernels: csrc_triton/cross_entropy.py).
+"""Cross-entropy and fused linear + cross-entropy (kernels: csrc_triton/cross_entropy/kernel.py).
 
 - Never an fp32 copy of the logits: the kernel reads them in their dtype and writes the gradient in it.
 - reduction "mean" divides by the number of non-ignored labels (or `num_items_in_batch`, as HF's
@@ -79,8 +79,7 @@ def prepare_labels(op, labels, n_cols, ignore_index, reduction, num_items_in_bat
         given = (1.0 / n.clamp(min=1)).reshape(1)
     else:
         mode, divisor = "divisor", float(num_items_in_batch)
-    prepare = PREPARE_OP if _custom.compiling() else _prepare
-    inv, ok = prepare(labels, n_cols, int(ignore_index), mode, divisor)
+    inv, ok = PREPARE_OP(labels, n_cols, int(ignore_index), mode, divisor)
     torch._assert_async(ok, f"{op}: labels must be in [0, {n_cols}) or ignore_index={ignore_index}")
     return inv if given is None else given
 
@@ -128,7 +127,7 @@ def _prepare(labels: torch.Tensor, n_cols: int, ignore_index: int, mode: str,
     return inv, ok
 
 
-PREPARE_OP = _custom.define("ce_prepare", _prepare)
+PREPARE_OP = _custom.Launcher("ce_prepare", _prepare)
 
 
 def reduce_rows(loss_rows, reduction):
@@ -149,15 +148,20 @@ def precompute_grads(dtype: torch.dtype) -> bool:
     return dtype != torch.float16
 
 
-def scale_saved_grad(grad: torch.Tensor, dloss: torch.Tensor, compiled: bool) -> torch.Tensor:
+def _scale_launch(x: torch.Tensor, s: torch.Tensor) -> None:
+    scale_by_scalar_(x, s)
+
+
+SCALE_BY_SCALAR_OP = _custom.Launcher("scale_by_scalar", _scale_launch, mutates_args=("x",))
+
+
+def scale_saved_grad(grad: torch.Tensor, dloss: torch.Tensor) -> torch.Tensor:
     """A gradient the forward made for d loss = 1, times the incoming d loss (fp32 math, rounded once):
-    in place where this backward is the saved gradient's last use, else a new tensor."""
-    s = dloss.to(torch.float32).reshape(1)
-    if compiled:  # plain torch, out of place (Inductor fuses it)
-        return (grad * s).to(grad.dtype)
+    in place where this backward is the saved gradient's last use (saved_tensors_writable), else in a copy."""
     if not saved_tensors_writable():
         grad = grad.clone()
-    return scale_by_scalar_(grad, s)
+    SCALE_BY_SCALAR_OP(grad, dloss.to(torch.float32).reshape(1))
+    return grad
 
 
 def ce_launch(logits2d, labels, loss, lse, grad, scale, scale_stride, ignore_index, label_smoothing, softcap,
@@ -188,13 +192,11 @@ def z_loss_of(lse, labels, inv, ignore_index, lse_square_scale, reduction):
     return rows if reduction == "none" else rows.sum()
 
 
-def _forward(logits2d, labels, inv, reduction, opts, grad_out, lse=None):
-    """(loss, lse); for "mean"/"sum" with `grad_out` given, its gradient for d loss = 1 written there; lse
-    into the given buffer if any (the caller reads the z-loss from it)."""
+def _forward_rows(logits2d, labels, inv, reduction, opts, grad_out):
+    """(loss, lse); for "mean"/"sum" with `grad_out` given, its gradient for d loss = 1 written there."""
     n_rows = logits2d.shape[0]
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits2d.device)
-    if lse is None:
-        lse = torch.empty(n_rows, dtype=torch.float32, device=logits2d.device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=logits2d.device)
     mode = "loss" if grad_out is None else "loss_and_grad"
     launch_rows(logits2d, labels, loss_rows, lse, grad_out, *row_scale(inv, 0, n_rows), opts, mode)
     return reduce_rows(loss_rows, reduction), lse
@@ -208,82 +210,58 @@ def _grad(dloss, logits2d, labels, lse, inv, reduction, opts, out):
     return out
 
 
-def ce_backward(ctx, dloss, compiled: bool):
-    """The backward of the eager Function and of the compiled custom op: what the forward saved
-    (ctx.saved_tensors, ctx.opts = (reduction, opts), ctx.inplace_grad) -> d logits."""
-    reduction, opts = ctx.opts
+# One op for eager and torch.compile (fusedlora.ops._custom). The gradient is made in the forward where
+# _precomputes; inplace_grad (eager only: the public op passes False under torch.compile) writes it over the
+# logits buffer, else it is an output (None when not made).
+def _precomputes(reduction, dtype, need_grad) -> bool:
+    return need_grad and reduction != "none" and precompute_grads(dtype)
+
+
+def _forward(logits2d: torch.Tensor, labels: torch.Tensor, inv: torch.Tensor, reduction: str, ignore_index: int,
+             label_smoothing: float, softcap: float | None, logit_scale: float | None, lse_square_scale: float,
+             need_grad: bool, inplace_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse, grad or None)."""
+    opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
+    grad = None
+    if _precomputes(reduction, logits2d.dtype, need_grad):
+        grad = logits2d if inplace_grad else torch.empty_like(logits2d)
+    loss, lse = _forward_rows(logits2d, labels, inv, reduction, opts, grad)
+    return loss, lse, None if inplace_grad else grad
+
+
+def _setup(ctx, inputs, output):
+    logits2d, labels, inv, reduction, *opts, need_grad, inplace_grad = inputs
+    ctx.opts = (reduction, tuple(opts))
+    ctx.inplace_grad = inplace_grad
+    ctx.precomputed = _precomputes(reduction, logits2d.dtype, need_grad)
+    ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+    if ctx.precomputed:
+        ctx.save_for_backward(logits2d if inplace_grad else output[2])
+    else:  # reduction "none", fp16 logits, or a loss computed without grad tracking first and differentiated later
+        ctx.save_for_backward(logits2d, labels, output[1], inv)
+
+
+def _backward(ctx, dloss, _dlse, _dgrad):
     if ctx.precomputed:
         (grad,) = ctx.saved_tensors
-        return scale_saved_grad(grad, dloss, compiled)
-    # reduction "none", fp16 logits, or a loss computed without grad tracking first and differentiated later
-    logits2d, labels, lse, inv = ctx.saved_tensors
-    if compiled:
-        return CE_BACKWARD_OP(dloss, logits2d, labels, lse, inv, reduction, *opts)
+        return (scale_saved_grad(grad, dloss),) + (None,) * 10
+    reduction, opts = ctx.opts
     # inplace_grad: the gradient goes over the logits, unless a later backward needs them again
     overwrite = ctx.inplace_grad and saved_tensors_writable()
+    return (CE_BACKWARD_OP(dloss, *ctx.saved_tensors, reduction, *opts, overwrite),) + (None,) * 10
+
+
+def _backward_launch(dloss: torch.Tensor, logits2d: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                     inv: torch.Tensor, reduction: str, ignore_index: int, label_smoothing: float,
+                     softcap: float | None, logit_scale: float | None, lse_square_scale: float,
+                     overwrite: bool) -> torch.Tensor:
+    opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
     return _grad(dloss, logits2d, labels, lse, inv, reduction, opts,
                  logits2d if overwrite else torch.empty_like(logits2d))
 
 
-class CrossEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits2d, labels, inv, reduction, ignore_index, label_smoothing, softcap, logit_scale,
-                inplace_grad, lse_square_scale=0.0, lse_out=None):
-        opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
-        ctx.opts = (reduction, opts)
-        ctx.inplace_grad = inplace_grad
-        ctx.precomputed = ctx.needs_input_grad[0] and reduction != "none" and precompute_grads(logits2d.dtype)
-        if ctx.precomputed:
-            grad = logits2d if inplace_grad else torch.empty_like(logits2d)
-            loss, _ = _forward(logits2d, labels, inv, reduction, opts, grad, lse_out)
-            ctx.save_for_backward(grad)
-        else:
-            loss, lse = _forward(logits2d, labels, inv, reduction, opts, None, lse_out)
-            ctx.save_for_backward(logits2d, labels, lse, inv)
-        return loss
-
-    @staticmethod
-    def backward(ctx, dloss):
-        return (ce_backward(ctx, dloss, compiled=False),) + (None,) * 10
-
-
-# torch.compile: the same launches as custom ops (fusedlora.ops._custom); the gradient is made in the
-# forward as in eager (same condition), but never over the logits buffer.
-def _forward_op(logits2d: torch.Tensor, labels: torch.Tensor, inv: torch.Tensor, reduction: str, ignore_index: int,
-                label_smoothing: float, softcap: float | None, logit_scale: float | None, lse_square_scale: float,
-                need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, lse, grad or a none marker)."""
-    opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
-    grad = torch.empty_like(logits2d) if need_grad and reduction != "none" and precompute_grads(logits2d.dtype) else None
-    loss, lse = _forward(logits2d, labels, inv, reduction, opts, grad)
-    return loss, lse, _custom.mark(grad, logits2d)
-
-
-def _backward_op(dloss: torch.Tensor, logits2d: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
-                 inv: torch.Tensor, reduction: str, ignore_index: int, label_smoothing: float, softcap: float | None,
-                 logit_scale: float | None, lse_square_scale: float) -> torch.Tensor:
-    opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
-    return _grad(dloss, logits2d, labels, lse, inv, reduction, opts, torch.empty_like(logits2d))
-
-
-CE_OP = _custom.define("cross_entropy", _forward_op)
-CE_BACKWARD_OP = _custom.define("cross_entropy_backward", _backward_op)
-
-
-def _op_setup(ctx, inputs, output):
-    logits2d, labels, inv, reduction, *opts, _ = inputs
-    ctx.opts = (reduction, tuple(opts))
-    ctx.inplace_grad = False
-    grad = _custom.unmark(output[2])
-    ctx.precomputed = grad is not None
-    ctx.save_for_backward(*((grad,) if ctx.precomputed else (logits2d, labels, output[1], inv)))
-
-
-def _op_backward(ctx, dloss, _dlse, _dgrad):
-    return (ce_backward(ctx, dloss, compiled=True),) + (None,) * 9
-
-
-CE_OP.register_autograd(_op_backward, setup_context=_op_setup)
+CE_OP = _custom.AutogradOp("cross_entropy", _forward, _setup, _backward)
+CE_BACKWARD_OP = _custom.Launcher("cross_entropy_backward", _backward_launch)
 
 
 def check_ce_args(op, reduction, label_smoothing, softcap, logit_scale, lse_square_scale=0.0):
@@ -330,17 +308,10 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
         logits2d = logits2d.contiguous()
     labels1d = labels.reshape(-1).contiguous()
     inv = prepare_scale(op, labels1d, n_cols, ignore_index, reduction, num_items_in_batch, weight)
-    if _custom.compiling():
-        out, lse, _ = CE_OP(logits2d, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
-                            None if softcap is None else float(softcap),
-                            None if logit_scale is None else float(logit_scale), float(lse_square_scale),
-                            torch.is_grad_enabled() and logits2d.requires_grad)
-        lse = lse.detach()
-    else:
-        lse = torch.empty(labels1d.shape[0], dtype=torch.float32, device=logits.device) if return_z_loss else None
-        out = CrossEntropyFunction.apply(logits2d, labels1d, inv, reduction, int(ignore_index),
-                                         float(label_smoothing), None if softcap is None else float(softcap),
-                                         logit_scale, bool(inplace_grad), float(lse_square_scale), lse)
+    out, lse, _ = CE_OP(logits2d, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
+                        None if softcap is None else float(softcap), None if logit_scale is None else float(logit_scale),
+                        float(lse_square_scale), torch.is_grad_enabled() and logits2d.requires_grad,
+                        bool(inplace_grad) and not _custom.compiling())
     return with_z_loss(out, labels.shape, reduction, return_z_loss, lse, labels1d, inv, ignore_index,
                        lse_square_scale)
 

@@ -1,4 +1,4 @@
-"""SwiGLU and GeGLU: `act(gate) * up` (kernels: csrc_triton/glu.py).
+"""SwiGLU and GeGLU: `act(gate) * up` (kernels: csrc_triton/glu/kernel.py).
 
 The kernels compute in fp32 and round once; HF's eager MLP rounds `act(gate)` to the input dtype
 before the multiply, so fp16/bf16 results may differ from it by one rounding step.
@@ -67,49 +67,31 @@ def glu_backward(dout, gate, up, act: str, inplace: bool, store_h: bool = False)
     return (dgate, dup, dout) if store_h else (dgate, dup)
 
 
-class GLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up, act, inplace):
-        out = glu_forward(gate, up, act)
-        ctx.save_for_backward(gate, up)
-        ctx.act, ctx.inplace = act, inplace
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        refuse_double_backward("swiglu / geglu")
-        gate, up = ctx.saved_tensors
-        dgate, dup = glu_backward(dout.contiguous(), gate, up, ctx.act, ctx.inplace and saved_tensors_writable())
-        return dgate, dup, None, None
-
-
-# torch.compile: the same launchers as custom ops (fusedlora.ops._custom). The backward writes fresh
-# gradients there (inplace is an eager-only saving: a compiled graph owns its saved buffers).
-def _forward_op(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+# One op for eager and torch.compile (fusedlora.ops._custom). inplace: the backward writes over the saved gate
+# and up only where saved_tensors_writable (never under torch.compile, whose graph owns its saved buffers).
+def _forward(gate: torch.Tensor, up: torch.Tensor, act: str, inplace: bool) -> torch.Tensor:
     return glu_forward(gate, up, act)
 
 
-def _backward_op(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return glu_backward(dout.contiguous(), gate, up, act, False)
-
-
-GLU_OP = _custom.define("glu", _forward_op)
-GLU_BACKWARD_OP = _custom.define("glu_backward", _backward_op)
-
-
-def _op_setup(ctx, inputs, output):
-    gate, up, ctx.act = inputs
+def _setup(ctx, inputs, output):
+    gate, up, ctx.act, ctx.inplace = inputs
     ctx.save_for_backward(gate, up)
 
 
-def _op_backward(ctx, dout):
+def _backward(ctx, dout):
     refuse_double_backward("swiglu / geglu")
     gate, up = ctx.saved_tensors
-    dgate, dup = GLU_BACKWARD_OP(dout, gate, up, ctx.act)
-    return dgate, dup, None
+    dgate, dup = GLU_BACKWARD_OP(dout.contiguous(), gate, up, ctx.act, ctx.inplace and saved_tensors_writable())
+    return dgate, dup, None, None
 
 
-GLU_OP.register_autograd(_op_backward, setup_context=_op_setup)
+def _backward_launch(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str,
+                     inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return glu_backward(dout, gate, up, act, inplace)
+
+
+GLU_OP = _custom.AutogradOp("glu", _forward, _setup, _backward)
+GLU_BACKWARD_OP = _custom.Launcher("glu_backward", _backward_launch)
 
 
 def _glu(op, gate, up, act, inplace):
@@ -120,9 +102,7 @@ def _glu(op, gate, up, act, inplace):
     if gate.dtype != up.dtype:
         raise TypeError(f"{op}: gate is {gate.dtype} but up is {up.dtype}; they must match")
     gate, up = gate.contiguous(), up.contiguous()
-    if _custom.compiling():
-        return GLU_OP(gate, up, act)
-    return GLUFunction.apply(gate, up, act, bool(inplace))
+    return GLU_OP(gate, up, act, bool(inplace))
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace: bool = False) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The LoRA MLP's GLU kernels (csrc_triton/glu_lora.py): launchers and float64 references.
+"""The LoRA MLP's GLU kernels (csrc_triton/glu_lora/kernel.py): launchers and float64 references.
 
 glu_lora_forward: h = act(e) * g with the gate/up adapter terms added to the base GEMM outputs per tile;
 glu_lora_backward: the GLU gradients with the adapter products that reduce over tokens (h never stored);

@@ -56,15 +56,13 @@ def _precomputes(reduction, dtype, need_dh, need_dw, need_db) -> bool:
     return (need_dh or need_dw or need_db) and reduction != "none" and precompute_grads(dtype)
 
 
-def _flce_forward(hidden, weight, bias, labels, inv, reduction, opts, chunk_rows, need_dh, need_dw, need_db,
-                  lse=None):
+def _flce_forward(hidden, weight, bias, labels, inv, reduction, opts, chunk_rows, need_dh, need_dw, need_db):
     """(loss, dh, dw, db, lse): the loss, and where _precomputes the gradients for d loss = 1 (else None),
-    one logits chunk at a time; lse into the given buffer if any."""
+    one logits chunk at a time."""
     n_rows, n_cols = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=dev)
-    if lse is None:
-        lse = torch.empty(n_rows, dtype=torch.float32, device=dev)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=dev)
     precompute = _precomputes(reduction, hidden.dtype, need_dh, need_dw, need_db)
     dh = torch.empty_like(hidden) if precompute and need_dh else None
     dw = torch.zeros_like(weight) if precompute and need_dw else None
@@ -100,56 +98,15 @@ def _flce_recompute(dloss, hidden, weight, bias, labels, lse, inv, reduction, op
     return dh, dw, None if db is None else db.to(bias.dtype)
 
 
-def flce_backward(ctx, dloss, compiled: bool):
-    """The backward of the eager Function and of the compiled custom op: (dh, dw, db) from what the forward
-    saved (ctx.saved_tensors; ctx.args = (reduction, opts, chunk_rows, need_dh, need_dw, need_db))."""
-    reduction, opts, chunk_rows, need_dh, need_dw, need_db = ctx.args
-    if ctx.precompute:
-        dh, dw, db = ctx.saved_tensors
-        dh, dw = (None if g is None else scale_saved_grad(g, dloss, compiled) for g in (dh, dw))
-        return dh, dw, None if db is None else (db * dloss.to(torch.float32)).to(ctx.bias_dtype)
-    hidden, weight, bias, labels, lse, inv = ctx.saved_tensors
-    if compiled:
-        grads = FLCE_BACKWARD_OP(dloss, hidden, weight, bias, labels, lse, inv, reduction, *opts, chunk_rows,
-                                 need_dh, need_dw, need_db)
-        return tuple(_custom.unmark(g) for g in grads)
-    return _flce_recompute(dloss, hidden, weight, bias, labels, lse, inv, reduction, opts, chunk_rows, need_dh,
-                           need_dw, need_db)
-
-
-class FusedLinearCrossEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, inv, reduction, ignore_index, label_smoothing, softcap, logit_scale,
-                lse_square_scale, chunk_rows, lse_out=None):
-        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
-        need_db = need_db and bias is not None
-        opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
-        loss, dh, dw, db, lse = _flce_forward(hidden, weight, bias, labels, inv, reduction, opts, chunk_rows, need_dh,
-                                              need_dw, need_db, lse_out)
-        ctx.precompute = _precomputes(reduction, hidden.dtype, need_dh, need_dw, need_db)
-        ctx.args = (reduction, opts, chunk_rows, need_dh, need_dw, need_db)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        if ctx.precompute:
-            ctx.save_for_backward(dh, dw, db)
-        else:
-            ctx.save_for_backward(hidden, weight, bias, labels, lse, inv)
-        return loss
-
-    @staticmethod
-    def backward(ctx, dloss):
-        return flce_backward(ctx, dloss, compiled=False) + (None,) * 10
-
-
-# torch.compile: the same chunk loops as custom ops (fusedlora.ops._custom); the fake only allocates.
-def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                inv: torch.Tensor, reduction: str, ignore_index: int, label_smoothing: float, softcap: float | None,
-                logit_scale: float | None, lse_square_scale: float, chunk_rows: int, need_dh: bool, need_dw: bool,
-                need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, dh, dw, db, lse), absent gradients as none markers."""
+# One op for eager and torch.compile (fusedlora.ops._custom): the chunk loops run inside it; its fake only
+# allocates (a symbolic row count cannot drive the loop).
+def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+             inv: torch.Tensor, reduction: str, ignore_index: int, label_smoothing: float, softcap: float | None,
+             logit_scale: float | None, lse_square_scale: float, chunk_rows: int, need_dh: bool, need_dw: bool,
+             need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, dh, dw, db, lse), absent gradients None."""
     opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
-    loss, dh, dw, db, lse = _flce_forward(hidden, weight, bias, labels, inv, reduction, opts, chunk_rows, need_dh,
-                                          need_dw, need_db)
-    return loss, *(_custom.mark(g, hidden) for g in (dh, dw, db)), lse
+    return _flce_forward(hidden, weight, bias, labels, inv, reduction, opts, chunk_rows, need_dh, need_dw, need_db)
 
 
 def _forward_fake(hidden, weight, bias, labels, inv, reduction, ignore_index, label_smoothing, softcap, logit_scale,
@@ -160,47 +117,49 @@ def _forward_fake(hidden, weight, bias, labels, inv, reduction, ignore_index, la
     grads = (torch.empty_like(hidden) if precompute and need_dh else None,
              torch.empty_like(weight) if precompute and need_dw else None,
              hidden.new_empty(weight.shape[0], dtype=torch.float32) if precompute and need_db else None)
-    return loss, *(_custom.mark(g, hidden) for g in grads), hidden.new_empty(n_rows, dtype=torch.float32)
+    return loss, *grads, hidden.new_empty(n_rows, dtype=torch.float32)
 
 
-def _backward_op(dloss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 labels: torch.Tensor, lse: torch.Tensor, inv: torch.Tensor, reduction: str, ignore_index: int,
-                 label_smoothing: float, softcap: float | None, logit_scale: float | None, lse_square_scale: float,
-                 chunk_rows: int, need_dh: bool, need_dw: bool,
-                 need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
-    grads = _flce_recompute(dloss, hidden, weight, bias, labels, lse, inv, reduction, opts, chunk_rows, need_dh,
-                            need_dw, need_db)
-    return tuple(_custom.mark(g, hidden) for g in grads)
-
-
-def _backward_fake(dloss, hidden, weight, bias, labels, lse, inv, reduction, ignore_index, label_smoothing, softcap,
-                   logit_scale, lse_square_scale, chunk_rows, need_dh, need_dw, need_db):
-    grads = (torch.empty_like(hidden) if need_dh else None, torch.empty_like(weight) if need_dw else None,
-             torch.empty_like(bias) if need_db else None)
-    return tuple(_custom.mark(g, hidden) for g in grads)
-
-
-FLCE_OP = _custom.define("fused_linear_cross_entropy", _forward_op, fake=_forward_fake)
-FLCE_BACKWARD_OP = _custom.define("fused_linear_cross_entropy_backward", _backward_op, fake=_backward_fake)
-
-
-def _op_setup(ctx, inputs, output):
+def _setup(ctx, inputs, output):
     hidden, weight, bias, labels, inv, reduction, *opts, chunk_rows, need_dh, need_dw, need_db = inputs
     ctx.args = (reduction, tuple(opts), chunk_rows, need_dh, need_dw, need_db)
     ctx.precompute = _precomputes(reduction, hidden.dtype, need_dh, need_dw, need_db)
     ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
     if ctx.precompute:
-        ctx.save_for_backward(*(_custom.unmark(g) for g in output[1:4]))
+        ctx.save_for_backward(*output[1:4])
     else:
         ctx.save_for_backward(hidden, weight, bias, labels, output[4], inv)
 
 
-def _op_backward(ctx, dloss, *_):
-    return flce_backward(ctx, dloss, compiled=True) + (None,) * 12
+def _backward(ctx, dloss, *_):
+    if ctx.precompute:
+        dh, dw, db = ctx.saved_tensors
+        dh, dw = (None if g is None else scale_saved_grad(g, dloss) for g in (dh, dw))
+        db = None if db is None else (db * dloss.to(torch.float32)).to(ctx.bias_dtype)
+        return (dh, dw, db) + (None,) * 12
+    reduction, opts, *chunking = ctx.args
+    return FLCE_BACKWARD_OP(dloss, *ctx.saved_tensors, reduction, *opts, *chunking) + (None,) * 12
 
 
-FLCE_OP.register_autograd(_op_backward, setup_context=_op_setup)
+def _backward_launch(dloss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     labels: torch.Tensor, lse: torch.Tensor, inv: torch.Tensor, reduction: str, ignore_index: int,
+                     label_smoothing: float, softcap: float | None, logit_scale: float | None,
+                     lse_square_scale: float, chunk_rows: int, need_dh: bool, need_dw: bool,
+                     need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
+    return _flce_recompute(dloss, hidden, weight, bias, labels, lse, inv, reduction, opts, chunk_rows, need_dh,
+                           need_dw, need_db)
+
+
+def _backward_fake(dloss, hidden, weight, bias, labels, lse, inv, reduction, ignore_index, label_smoothing, softcap,
+                   logit_scale, lse_square_scale, chunk_rows, need_dh, need_dw, need_db):
+    return (torch.empty_like(hidden) if need_dh else None, torch.empty_like(weight) if need_dw else None,
+            torch.empty_like(bias) if need_db else None)
+
+
+FLCE_OP = _custom.AutogradOp("fused_linear_cross_entropy", _forward, _setup, _backward, fake=_forward_fake)
+FLCE_BACKWARD_OP = _custom.Launcher("fused_linear_cross_entropy_backward", _backward_launch, fake=_backward_fake)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -240,21 +199,15 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     n_cols = weight.shape[0]
     ce_weight = check_class_weight(op, "ce_weight", ce_weight, n_cols, hidden, "hidden", label_smoothing)
     inv = prepare_scale(op, labels1d, n_cols, ignore_index, reduction, num_items_in_batch, ce_weight)
-    if _custom.compiling():  # the chunk size not clamped to the rows: no guard on a dynamic row count
-        chunk = rows_per_chunk(None, n_cols, hidden.element_size(), max_chunk_bytes)
-        grad = torch.is_grad_enabled()
-        needs = (grad and h2d.requires_grad, grad and weight.requires_grad,
-                 grad and bias is not None and bias.requires_grad)
-        outs = FLCE_OP(h2d, weight, bias, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
-                       None if softcap is None else float(softcap),
-                       None if logit_scale is None else float(logit_scale), float(lse_square_scale), chunk, *needs)
-        out, lse = outs[0], outs[4].detach()
-    else:
-        chunk = rows_per_chunk(h2d.shape[0], n_cols, hidden.element_size(), max_chunk_bytes)
-        lse = torch.empty(h2d.shape[0], dtype=torch.float32, device=hidden.device) if return_z_loss else None
-        out = FusedLinearCrossEntropyFunction.apply(
-            h2d, weight, bias, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
-            None if softcap is None else float(softcap), logit_scale, float(lse_square_scale), chunk, lse)
+    # under torch.compile the chunk size is not clamped to the rows: no guard on a dynamic row count
+    chunk = rows_per_chunk(None if _custom.compiling() else h2d.shape[0], n_cols, hidden.element_size(),
+                           max_chunk_bytes)
+    grad = torch.is_grad_enabled()
+    needs = (grad and h2d.requires_grad, grad and weight.requires_grad, grad and bias is not None and bias.requires_grad)
+    outs = FLCE_OP(h2d, weight, bias, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
+                   None if softcap is None else float(softcap), None if logit_scale is None else float(logit_scale),
+                   float(lse_square_scale), chunk, *needs)
+    out, lse = outs[0], outs[4]
     return with_z_loss(out, labels.shape, reduction, return_z_loss, lse, labels1d, inv, ignore_index,
                        lse_square_scale)
 
@@ -270,20 +223,29 @@ def _per_item(loss_fn, logits, targets, rows):
     return per_item
 
 
+def _counted_items(per_item, targets, ignore_index):
+    """The items a chunk's losses count for "mean": targets != ignore_index for integer targets, else the
+    number of loss elements."""
+    if targets.dtype in (torch.int64, torch.int32):
+        return (targets != ignore_index).sum()
+    return per_item.numel()
+
+
+def _loss_scale(reduction, count, num_items_in_batch, device):
+    """The fp32 scalar the loss sum is multiplied by: 1 / items for "mean" (num_items_in_batch when given,
+    else `count`; at least 1), 1 for "sum"."""
+    if reduction != "mean":
+        return torch.ones((), dtype=torch.float32, device=device)
+    n = torch.as_tensor(count if num_items_in_batch is None else num_items_in_batch, device=device)
+    return 1.0 / n.clamp(min=1).to(torch.float32)
+
+
 def _unchunked_linear_loss(hidden, weight, bias, targets, loss_fn, reduction, ignore_index, num_items_in_batch):
     """chunked_linear_loss in one piece, autograd's own (under torch.compile, which cannot trace the chunk
     loop's inner autograd.grad): the same value, the logits' memory at once."""
     per_item = _per_item(loss_fn, F.linear(hidden, weight, bias), targets, hidden.shape[0])
-    total = per_item.float().sum()
-    if reduction == "sum":
-        return total
-    if num_items_in_batch is not None:
-        n = torch.as_tensor(num_items_in_batch, device=hidden.device)
-    elif targets.dtype in (torch.int64, torch.int32):
-        n = (targets != ignore_index).sum()
-    else:
-        n = torch.tensor(per_item.numel(), device=hidden.device)
-    return total / n.clamp(min=1).to(torch.float32)
+    count = _counted_items(per_item, targets, ignore_index) if reduction == "mean" else 0
+    return per_item.float().sum() * _loss_scale(reduction, count, num_items_in_batch, hidden.device)
 
 
 class ChunkedLinearLossFunction(torch.autograd.Function):
@@ -318,15 +280,8 @@ class ChunkedLinearLossFunction(torch.autograd.Function):
                 db += grads.pop(0)
             total += chunk_sum.detach()
             if reduction == "mean" and num_items_in_batch is None:
-                if t.dtype in (torch.int64, torch.int32):
-                    count += (t != ignore_index).sum()
-                else:
-                    count += per_item.numel()
-        if reduction == "mean":
-            n = count if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=hidden.device)
-            inv = 1.0 / n.clamp(min=1).to(torch.float32)
-        else:
-            inv = torch.ones((), dtype=torch.float32, device=hidden.device)
+                count += _counted_items(per_item, t, ignore_index)
+        inv = _loss_scale(reduction, count, num_items_in_batch, hidden.device)
         ctx.save_for_backward(dh, dw, db, inv)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total * inv

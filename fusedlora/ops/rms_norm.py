@@ -1,4 +1,4 @@
-"""RMSNorm with gradients for x and weight (kernels: csrc_triton/rms_norm.py).
+"""RMSNorm with gradients for x and weight (kernels: csrc_triton/rms_norm/kernel.py).
 
 `casting="llama"` follows HF LlamaRMSNorm (normalise in fp32, cast to x's dtype, multiply by the
 weight; output dtype is the promotion of x and weight); `casting="gemma"` follows GemmaRMSNorm
@@ -102,58 +102,35 @@ def norm_source(t: torch.Tensor) -> NormSource | None:
     return RECOMPUTABLE_OUTPUTS.get(t)
 
 
-class RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps, offset, casting, recomputable=False):
-        n_cols = x.shape[-1]
-        x2d = rows_2d(x, n_cols)
-        gemma, none_cast = CAST_FLAGS[casting]
-        y, rstd = rms_norm_forward(x2d, weight, eps, offset, gemma, none_cast)
-        ctx.save_for_backward(x2d, weight, rstd)
-        ctx.offset, ctx.gemma, ctx.x_shape = offset, gemma, x.shape
-        out = y.view(*x.shape[:-1], n_cols)
-        if recomputable:
-            RECOMPUTABLE_OUTPUTS[out] = NormSource(x2d, weight, eps, offset, casting)
-        return out
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2d, weight, rstd = ctx.saved_tensors
-        dy2d = rows_2d(dy, x2d.shape[1])
-        dx, dw = rms_norm_backward(dy2d, x2d, weight, rstd, ctx.offset, ctx.gemma, ctx.needs_input_grad[1])
-        return dx.view(ctx.x_shape), dw, None, None, None, None
+# One op for eager and torch.compile (fusedlora.ops._custom): x2d in, its output in x's shape out (a view made
+# inside the op: autograd refuses an in-place change of it, which a recomputable output relies on).
+def _forward(x2d: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float, casting: str,
+             out_shape: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    y, rstd = rms_norm_forward(x2d, weight, eps, offset, *CAST_FLAGS[casting])
+    return y.view(out_shape), rstd
 
 
-# torch.compile: the same launchers as custom ops (fusedlora.ops._custom)
-def _forward_op(x2d: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float,
-                casting: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return rms_norm_forward(x2d, weight, eps, offset, *CAST_FLAGS[casting])
-
-
-def _backward_op(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor,
-                 offset: float, gemma: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    dx, dw = rms_norm_backward(dy2d, x2d, weight, rstd, offset, gemma, need_dw)
-    return dx, _custom.mark(dw, x2d)
-
-
-RMS_NORM_OP = _custom.define("rms_norm", _forward_op)
-RMS_NORM_BACKWARD_OP = _custom.define("rms_norm_backward", _backward_op)
-
-
-def _op_setup(ctx, inputs, output):
-    x2d, weight, _, ctx.offset, casting = inputs
+def _setup(ctx, inputs, output):
+    x2d, weight, _, ctx.offset, casting, _ = inputs
     ctx.gemma = CAST_FLAGS[casting][0]
+    ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(x2d, weight, output[1])
 
 
-def _op_backward(ctx, dy, _drstd):
+def _backward(ctx, dy, _drstd):
     x2d, weight, rstd = ctx.saved_tensors
     dx, dw = RMS_NORM_BACKWARD_OP(rows_2d(dy, x2d.shape[1]), x2d, weight, rstd, ctx.offset, ctx.gemma,
                                   ctx.needs_input_grad[1])
-    return dx, _custom.unmark(dw), None, None, None
+    return dx, dw, None, None, None, None
 
 
-RMS_NORM_OP.register_autograd(_op_backward, setup_context=_op_setup)
+def _backward_launch(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor,
+                     offset: float, gemma: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return rms_norm_backward(dy2d, x2d, weight, rstd, offset, gemma, need_dw)
+
+
+RMS_NORM_OP = _custom.AutogradOp("rms_norm", _forward, _setup, _backward)
+RMS_NORM_BACKWARD_OP = _custom.Launcher("rms_norm_backward", _backward_launch)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, offset: float = 0.0,
@@ -183,10 +160,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, of
             weight = weight.contiguous()
     if x.shape[-1] == 0:
         raise ValueError(f"{op}: x has shape {tuple(x.shape)}: its last dimension (the one normalised) is empty")
-    if _custom.compiling():
-        y, _ = RMS_NORM_OP(rows_2d(x, x.shape[-1]), weight, float(eps), float(offset), casting)
-        return y.view(*x.shape[:-1], x.shape[-1])
-    return RMSNormFunction.apply(x, weight, float(eps), float(offset), casting, bool(recomputable))
+    x2d = rows_2d(x, x.shape[-1])
+    out, _ = RMS_NORM_OP(x2d, weight, float(eps), float(offset), casting, list(x.shape))
+    if recomputable and not _custom.compiling():
+        RECOMPUTABLE_OUTPUTS[out] = NormSource(x2d, weight, float(eps), float(offset), casting)
+    return out
 
 
 # ---------------------------------------------------------------- self-check (python -m fusedlora.selfcheck)

@@ -1,4 +1,4 @@
-"""Rotary position embedding for q and k in one launch (kernel: csrc_triton/rope.py).
+"""Rotary position embedding for q and k in one launch (kernel: csrc_triton/rope/kernel.py).
 
 Follows HF's `apply_rotary_pos_emb` (rotate_half convention). cos/sin either as HF passes them
 ([B or 1, S, r], position_ids=None) or as a [max_pos, r] cache gathered by `position_ids` [B or 1, S]
@@ -63,69 +63,44 @@ def rope_launch(q, k, qo, ko, cos, sin, pos, backward: bool):
         cos_sb, cos_ss, pos_sb, pos_ss, seq, hq, hk, r // 2, dim - r), **shape)
 
 
-class RopeFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, cos, sin, pos):
-        qo, ko = torch.empty_like(q), torch.empty_like(k)
-        rope_launch(q, k, qo, ko, cos, sin, pos, False)
-        ctx.save_for_backward(cos, sin, pos)
-        ctx.q_shape, ctx.k_shape, ctx.dtype = q.shape, k.shape, q.dtype
-        ctx.q_meta, ctx.k_meta = torch.empty_like(q, device="meta"), torch.empty_like(k, device="meta")
-        return qo, ko
-
-    @staticmethod
-    def backward(ctx, dqo, dko):
-        cos, sin, pos = ctx.saved_tensors
-        if dqo is None or dko is None:  # only one of the outputs was used
-            dqo = torch.zeros(ctx.q_shape, dtype=ctx.dtype, device=cos.device) if dqo is None else dqo
-            dko = torch.zeros(ctx.k_shape, dtype=ctx.dtype, device=cos.device) if dko is None else dko
-        dqo = _last_contiguous(dqo)
-        dko = _last_contiguous(dko)
-        # Gradients in q's / k's own layout (HF's q is a transposed view): autograd then needs no copy.
-        dq = torch.empty_like(ctx.q_meta, device=dqo.device)
-        dk = torch.empty_like(ctx.k_meta, device=dko.device)
-        rope_launch(dqo, dko, dq, dk, cos, sin, pos, True)
-        return dq, dk, None, None, None
-
-
-# torch.compile: the same launches as custom ops (fusedlora.ops._custom)
-def _forward_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+# One op for eager and torch.compile (fusedlora.ops._custom)
+def _forward(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     qo, ko = torch.empty_like(q), torch.empty_like(k)
     rope_launch(q, k, qo, ko, cos, sin, pos, False)
     return qo, ko
 
 
-def _backward_op(dqo: torch.Tensor, dko: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor | None,
-                 q_size: list[int], q_stride: list[int], k_size: list[int],
-                 k_stride: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    dq = torch.empty_strided(q_size, q_stride, dtype=dqo.dtype, device=dqo.device)  # in q's own layout
+def _setup(ctx, inputs, output):
+    q, k, cos, sin, pos = inputs
+    ctx.save_for_backward(cos, sin, pos)
+    # the gradients' layout: q's and k's own where empty_like keeps it (HF's q is a transposed view), so that
+    # autograd needs no copy
+    ctx.grad_like = (torch.empty_like(q, device="meta"), torch.empty_like(k, device="meta"))
+
+
+def _backward(ctx, dqo, dko):
+    cos, sin, pos = ctx.saved_tensors
+    q_like, k_like = ctx.grad_like
+    # None: that output was not used
+    dqo = torch.zeros(q_like.shape, dtype=q_like.dtype, device=cos.device) if dqo is None else dqo
+    dko = torch.zeros(k_like.shape, dtype=k_like.dtype, device=cos.device) if dko is None else dko
+    dq, dk = ROPE_BACKWARD_OP(dqo, dko, cos, sin, pos, list(q_like.shape), list(q_like.stride()),
+                              list(k_like.shape), list(k_like.stride()))
+    return dq, dk, None, None, None
+
+
+def _backward_launch(dqo: torch.Tensor, dko: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     pos: torch.Tensor | None, q_size: list[int], q_stride: list[int], k_size: list[int],
+                     k_stride: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    dq = torch.empty_strided(q_size, q_stride, dtype=dqo.dtype, device=dqo.device)
     dk = torch.empty_strided(k_size, k_stride, dtype=dko.dtype, device=dko.device)
     rope_launch(_last_contiguous(dqo), _last_contiguous(dko), dq, dk, cos, sin, pos, True)
     return dq, dk
 
 
-ROPE_OP = _custom.define("rope", _forward_op)
-ROPE_BACKWARD_OP = _custom.define("rope_backward", _backward_op)
-
-
-def _op_setup(ctx, inputs, output):
-    q, k, cos, sin, pos = inputs
-    ctx.save_for_backward(cos, sin, pos)
-    ctx.layout = (list(q.shape), list(q.stride()), list(k.shape), list(k.stride()))
-    ctx.dtype = q.dtype
-
-
-def _op_backward(ctx, dqo, dko):
-    cos, sin, pos = ctx.saved_tensors
-    q_size, _, k_size, _ = ctx.layout
-    dqo = torch.zeros(q_size, dtype=ctx.dtype, device=cos.device) if dqo is None else dqo
-    dko = torch.zeros(k_size, dtype=ctx.dtype, device=cos.device) if dko is None else dko
-    dq, dk = ROPE_BACKWARD_OP(dqo, dko, cos, sin, pos, *ctx.layout)
-    return dq, dk, None, None, None
-
-
-ROPE_OP.register_autograd(_op_backward, setup_context=_op_setup)
+ROPE_OP = _custom.AutogradOp("rope", _forward, _setup, _backward)
+ROPE_BACKWARD_OP = _custom.Launcher("rope_backward", _backward_launch)
 
 
 def _batch_or_1(bsz, *rest):
@@ -171,9 +146,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                              f"{_batch_or_1(bsz, seq, 'rotary_dim')} (or a [max_pos, rotary_dim] cache with position_ids)")
     q, k = _last_contiguous(q), _last_contiguous(k)
     cos, sin = _last_contiguous(cos), _last_contiguous(sin)
-    if _custom.compiling():
-        return ROPE_OP(q, k, cos, sin, position_ids)
-    return RopeFunction.apply(q, k, cos, sin, position_ids)
+    return ROPE_OP(q, k, cos, sin, position_ids)
 
 
 # ---------------------------------------------------------------- self-check (python -m fusedlora.selfcheck)
