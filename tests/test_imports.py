@@ -58,7 +58,7 @@ LAYERS = [
     ("CUDA graphs", ["fusedlora/cuda_graphs.py"]),
     ("HF model patching, the package's entry points", ["fusedlora/hf/", "fusedlora/__init__.py"]),
     ("tools", ["fusedlora/info.py", "fusedlora/selfcheck.py", "fusedlora/__main__.py", "fusedlora/demo.py",
-               "fusedlora/workload.py", "fusedlora/bench*.py", "fusedlora/step_profile.py", "fusedlora/testing.py",
+               "fusedlora/workload.py", "fusedlora/bench.py", "fusedlora/testing.py",
                "fusedlora/*.py"]),  # (a module of the package no row names: a tool, that nothing below imports)
 ]
 
