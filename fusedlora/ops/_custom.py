@@ -18,9 +18,15 @@ import torch
 NAMESPACE = "fusedlora"
 
 
+_FAKE_MODE_KEY = torch._C._TorchDispatchModeKey.FAKE
+
+
 def compiling() -> bool:
-    """True while Dynamo traces (torch.compile): the public ops then call their custom ops."""
-    return torch.compiler.is_compiling()
+    """True while torch.compile traces: the public ops and launchers then call their custom ops. Dynamo's tracing
+    shows in is_compiling(); AOTAutograd's tracing of a forward or backward as an active FakeTensorMode, since
+    torch 2.11 holds is_compiling() only inside Dynamo (2.13 for the whole compile session) and a kernel
+    launched on its functional / fake tensors would fail or be traced away."""
+    return torch.compiler.is_compiling() or torch._C._get_dispatch_mode(_FAKE_MODE_KEY) is not None
 
 
 def define(name: str, fn, *, mutates_args=(), fake=None):
