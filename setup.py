@@ -8,6 +8,7 @@ The wheel holds exactly the kernels and modules its build asked for: the package
 dir (pip builds in the checkout's build/, which outlives a build) are cleared first, so neither an earlier build's
 prebuilt kernels nor a module since moved out of the package (the benchmarks, say) ride along.
 """
+
 import os
 import shutil
 import subprocess
@@ -36,11 +37,22 @@ class BuildPyWithKernels(build_py):
             return
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        subprocess.check_call([sys.executable, "-m", "build_tools.aot", "--out", str(out),
-                               "--family", os.environ.get("FUSEDLORA_AOT_FAMILY", "common"),
-                               "--arch", os.environ.get("FUSEDLORA_AOT_ARCHS", "80,86,89,90")]
-                              + (["--kernels", os.environ["FUSEDLORA_AOT_KERNELS"]]
-                                 if os.environ.get("FUSEDLORA_AOT_KERNELS") else []), cwd=ROOT, env=env)
+        subprocess.check_call(
+            [
+                sys.executable,
+                "-m",
+                "build_tools.aot",
+                "--out",
+                str(out),
+                "--family",
+                os.environ.get("FUSEDLORA_AOT_FAMILY", "common"),
+                "--arch",
+                os.environ.get("FUSEDLORA_AOT_ARCHS", "80,86,89,90"),
+            ]
+            + (["--kernels", os.environ["FUSEDLORA_AOT_KERNELS"]] if os.environ.get("FUSEDLORA_AOT_KERNELS") else []),
+            cwd=ROOT,
+            env=env,
+        )
 
 
 setup(cmdclass={"build_py": BuildPyWithKernels})

@@ -6,6 +6,7 @@ allocation made them (cudaMalloc), with their size and what is free in them.
     python -m benchmarks.memory_probe --compare --model 8b     # every setting below, each in its own process
 
 Prints one JSON line (prefixed RESULT) per run; --compare prints a Markdown table of them."""
+
 from __future__ import annotations
 
 import argparse
@@ -42,6 +43,7 @@ def run(args) -> dict:
     import torch
 
     from fusedlora import workload
+
     model, _ = workload.build(args.model, args.mode, args.variant, "cuda", gc=False)
     after_build = (torch.cuda.memory_allocated() / 2**30, torch.cuda.memory_reserved() / 2**30)
     if args.setting == "empty_cache_after_build":
@@ -63,15 +65,22 @@ def run(args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
-    return {"setting": args.setting, "model": args.model, "mode": args.mode, "variant": args.variant,
-            "after_build_alloc_gib": after_build[0], "after_build_reserved_gib": after_build[1],
-            "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
-            "end_reserved_gib": torch.cuda.memory_reserved() / 2**30,
-            "num_alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0),
-            "seconds": time.perf_counter() - t0,
-            "slack_by_site": segments_by_site(snapshot),
-            "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    return {
+        "setting": args.setting,
+        "model": args.model,
+        "mode": args.mode,
+        "variant": args.variant,
+        "after_build_alloc_gib": after_build[0],
+        "after_build_reserved_gib": after_build[1],
+        "peak_alloc_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        "end_reserved_gib": torch.cuda.memory_reserved() / 2**30,
+        "num_alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0),
+        "seconds": time.perf_counter() - t0,
+        "slack_by_site": segments_by_site(snapshot),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+    }
 
 
 def compare(args):
@@ -80,9 +89,25 @@ def compare(args):
         env = dict(os.environ)
         if setting == "expandable_env":
             env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-        cmd = [sys.executable, "-m", "benchmarks.memory_probe", "--setting", setting, "--model", args.model,
-               "--mode", args.mode, "--variant", args.variant, "--steps", str(args.steps),
-               "--batch", str(args.batch), "--seq", str(args.seq)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.memory_probe",
+            "--setting",
+            setting,
+            "--model",
+            args.model,
+            "--mode",
+            args.mode,
+            "--variant",
+            args.variant,
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+        ]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
         line = [text for text in out.stdout.splitlines() if text.startswith("RESULT ")]
         rows.append(json.loads(line[-1][7:]) if line else {"setting": setting, "error": out.stderr[-2000:]})
@@ -93,9 +118,11 @@ def compare(args):
         if "error" in r:
             print(f"| {r['setting']} | failed | | | |")
             continue
-        print(f"| {r['setting']} | {r['after_build_alloc_gib']:.2f} / {r['after_build_reserved_gib']:.2f} | "
-              f"{r['peak_alloc_gib']:.2f} | {r['peak_reserved_gib']:.2f} | "
-              f"{r['peak_reserved_gib'] / r['peak_alloc_gib']:.2f} |")
+        print(
+            f"| {r['setting']} | {r['after_build_alloc_gib']:.2f} / {r['after_build_reserved_gib']:.2f} | "
+            f"{r['peak_alloc_gib']:.2f} | {r['peak_reserved_gib']:.2f} | "
+            f"{r['peak_reserved_gib'] / r['peak_alloc_gib']:.2f} |"
+        )
 
 
 def main(argv=None):

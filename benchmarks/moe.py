@@ -6,6 +6,7 @@ the fusedlora variants then store the experts in NF4 too, with `fusedlora.quanti
 
 The model is built straight in its training dtype on the device: the full Qwen3-30B-A3B (48 layers) is 57 GiB in
 bf16, and an fp32 build would neither fit nor leave its init blocks out of the measured memory."""
+
 from __future__ import annotations
 
 import contextlib
@@ -14,22 +15,52 @@ import dataclasses
 ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
-_QWEN3_30B_A3B = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_attention_heads=32,
-                      num_key_value_heads=4, head_dim=128, vocab_size=151936, num_experts=128, num_experts_per_tok=8,
-                      norm_topk_prob=True, rms_norm_eps=1e-6, max_position_embeddings=40960,
-                      tie_word_embeddings=False)
-_MIXTRAL_8X7B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                     head_dim=128, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2, rms_norm_eps=1e-5,
-                     max_position_embeddings=32768, sliding_window=None, tie_word_embeddings=False)
+_QWEN3_30B_A3B = dict(
+    hidden_size=2048,
+    intermediate_size=6144,
+    moe_intermediate_size=768,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=128,
+    vocab_size=151936,
+    num_experts=128,
+    num_experts_per_tok=8,
+    norm_topk_prob=True,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=40960,
+    tie_word_embeddings=False,
+)
+_MIXTRAL_8X7B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=32000,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=32768,
+    sliding_window=None,
+    tie_word_embeddings=False,
+)
 # 1 layer, 4 experts, top-2: the CPU smoke test under the Triton interpreter
-_TINY = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=384,
-             num_experts_per_tok=2, max_position_embeddings=4096, tie_word_embeddings=False)
+_TINY = dict(
+    hidden_size=64,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    vocab_size=384,
+    num_experts_per_tok=2,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class MoeShape:
-    family: str   # transformers' model_type: qwen3_moe or mixtral
-    layers: int   # the decoder layers built unless the run names another count (--layers)
+    family: str  # transformers' model_type: qwen3_moe or mixtral
+    layers: int  # the decoder layers built unless the run names another count (--layers)
     config: dict  # the config's keyword arguments but the layer count
 
 
@@ -41,10 +72,10 @@ MOE_SHAPES = {
     "qwen3moe": MoeShape("qwen3_moe", 10, _QWEN3_30B_A3B),
     "qwen3moe48": MoeShape("qwen3_moe", 48, _QWEN3_30B_A3B),  # the whole model: fusedlora's QLoRA memory row
     "mixtral": MoeShape("mixtral", 6, _MIXTRAL_8X7B),
-    "qwen3moe_tiny": MoeShape("qwen3_moe", 1, dict(_TINY, intermediate_size=96, moe_intermediate_size=32,
-                                                    num_experts=4, norm_topk_prob=True)),
-    "mixtral_tiny": MoeShape("mixtral", 1, dict(_TINY, intermediate_size=32, num_local_experts=4,
-                                                 sliding_window=None)),
+    "qwen3moe_tiny": MoeShape(
+        "qwen3_moe", 1, dict(_TINY, intermediate_size=96, moe_intermediate_size=32, num_experts=4, norm_topk_prob=True)
+    ),
+    "mixtral_tiny": MoeShape("mixtral", 1, dict(_TINY, intermediate_size=32, num_local_experts=4, sliding_window=None)),
 }
 
 
@@ -63,6 +94,7 @@ def moe_config(shape: str, layers: int = 0, experts_implementation: str = "group
     """The transformers config of a MoE shape: SDPA attention, no KV cache, the router's aux loss off (the HF
     Trainer's default), `experts_implementation` for the routed experts."""
     import transformers
+
     s = MOE_SHAPES[shape]
     config_class = {"qwen3_moe": transformers.Qwen3MoeConfig, "mixtral": transformers.MixtralConfig}[s.family]
     cfg = config_class(**s.config, num_hidden_layers=layer_count(shape, layers), use_cache=False)
@@ -73,14 +105,17 @@ def moe_config(shape: str, layers: int = 0, experts_implementation: str = "group
 
 def causal_lm_class(shape: str):
     import transformers
-    return {"qwen3_moe": transformers.Qwen3MoeForCausalLM,
-            "mixtral": transformers.MixtralForCausalLM}[MOE_SHAPES[shape].family]
+
+    return {"qwen3_moe": transformers.Qwen3MoeForCausalLM, "mixtral": transformers.MixtralForCausalLM}[
+        MOE_SHAPES[shape].family
+    ]
 
 
 @contextlib.contextmanager
 def default_dtype(dtype):
     """Parameters made inside are made in `dtype` (as from_pretrained(dtype=...) builds them): no fp32 copy."""
     import torch
+
     before = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -92,6 +127,7 @@ def default_dtype(dtype):
 def random_model(shape: str, layers: int, device: str, dtype, seed: int):
     """The causal LM of `shape` with random weights, made on `device` in `dtype`."""
     import torch
+
     torch.manual_seed(seed)
     with torch.device(device), default_dtype(dtype):
         return causal_lm_class(shape)(moe_config(shape, layers))
@@ -99,19 +135,24 @@ def random_model(shape: str, layers: int, device: str, dtype, seed: int):
 
 def lora_config():
     import peft
-    return peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=ATTENTION_TARGETS,
-                           target_parameters=EXPERT_TARGETS)
+
+    return peft.LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, target_modules=ATTENTION_TARGETS, target_parameters=EXPERT_TARGETS
+    )
 
 
 def experts_quantizer():
     """fusedlora.quantize_experts, the experts' NF4 storage (issue 36); refused in the user's terms where this
     fusedlora has none (before the model is built: the 48-layer build takes a while)."""
     import fusedlora
+
     quantize = getattr(fusedlora, "quantize_experts", None)
     if quantize is None:
-        raise SystemExit(f"the MoE QLoRA run of a fusedlora variant stores the experts in NF4 with "
-                         f"fusedlora.quantize_experts(model), which this fusedlora ({fusedlora.__file__}) does not "
-                         "have yet: run it with --lora, or with a fusedlora that has quantize_experts")
+        raise SystemExit(
+            f"the MoE QLoRA run of a fusedlora variant stores the experts in NF4 with "
+            f"fusedlora.quantize_experts(model), which this fusedlora ({fusedlora.__file__}) does not "
+            "have yet: run it with --lora, or with a fusedlora that has quantize_experts"
+        )
     return quantize
 
 
@@ -141,6 +182,7 @@ def build(shape, mode, variant, device, gc, seed=0, offload=False, dtype=None, p
     import torch
 
     from fusedlora import workload
+
     quantize_experts = experts_quantizer() if mode == "qlora" and variant == "fusedlora" else None
     on_gpu = device == "cuda"
     if dtype is None:
@@ -157,6 +199,7 @@ def build(shape, mode, variant, device, gc, seed=0, offload=False, dtype=None, p
     report = None
     if variant == "fusedlora":
         import fusedlora
+
         t0 = time.perf_counter()
         report = fusedlora.patch(model, offload_checkpoints=offload, **(patch_options or {}))
         report = {"seconds": time.perf_counter() - t0, "table": str(report), **report.as_dict()}
@@ -174,10 +217,12 @@ def saved_gib(shape: str, experts: int, tokens: int, dtype=None, seed: int = 0) 
     import torch
 
     from .workload import saved_activations
+
     s = MOE_SHAPES[shape]
     experts_key = "num_experts" if s.family == "qwen3_moe" else "num_local_experts"
-    MOE_SHAPES["_estimate"] = dataclasses.replace(s, layers=1, config={**s.config, experts_key: experts,
-                                                                        "vocab_size": 256})
+    MOE_SHAPES["_estimate"] = dataclasses.replace(
+        s, layers=1, config={**s.config, experts_key: experts, "vocab_size": 256}
+    )
     try:
         model, _ = build("_estimate", "lora", "hf", "cpu", gc=False, seed=seed, dtype=dtype or torch.bfloat16)
     finally:
@@ -186,8 +231,7 @@ def saved_gib(shape: str, experts: int, tokens: int, dtype=None, seed: int = 0) 
         if "lora_B" in name:
             p.data.normal_(0, 0.01)
     ids = torch.randint(0, 256, (1, tokens))
-    return saved_activations(lambda: model(input_ids=ids, labels=ids).loss,
-                             torch.autocast("cpu", enabled=False))["gib"]
+    return saved_activations(lambda: model(input_ids=ids, labels=ids).loss, torch.autocast("cpu", enabled=False))["gib"]
 
 
 def layer_memory(shape: str, tokens: int, sample_tokens=(256, 512)) -> dict:
@@ -202,26 +246,32 @@ def layer_memory(shape: str, tokens: int, sample_tokens=(256, 512)) -> dict:
     per_token = (saved_gib(shape, experts[0], large) - base) / (large - small)
     per_expert = (saved_gib(shape, experts[1], small) - base) / (experts[1] - experts[0])
     import torch
+
     with torch.device("meta"):
         layer = causal_lm_class(shape)(moe_config(shape, 1)).model.layers[0]
     cfg = MOE_SHAPES[shape].config
-    return {"activations": per_token * tokens,
-            "merged_stacks": per_expert * cfg.get("num_experts", cfg.get("num_local_experts")),
-            "weights": sum(p.numel() for p in layer.parameters()) * 2 / 2**30}
+    return {
+        "activations": per_token * tokens,
+        "merged_stacks": per_expert * cfg.get("num_experts", cfg.get("num_local_experts")),
+        "weights": sum(p.numel() for p in layer.parameters()) * 2 / 2**30,
+    }
 
 
 def main(argv=None) -> int:
     """`python -m benchmarks.moe [--shapes qwen3moe,mixtral] [--tokens 8192]`: one HF+PEFT layer's memory (CPU)."""
     import argparse
+
     ap = argparse.ArgumentParser(prog="python -m benchmarks.moe", description=main.__doc__.split(": ", 1)[1])
     ap.add_argument("--shapes", default="qwen3moe,mixtral")
     ap.add_argument("--tokens", type=int, default=4 * 2048, help="tokens a step (batch x sequence)")
     args = ap.parse_args(argv)
     for shape in args.shapes.split(","):
         m = layer_memory(shape, args.tokens)
-        print(f"{shape}: a layer at {args.tokens} tokens keeps {m['activations']:.2f} GiB of activations and "
-              f"{m['merged_stacks']:.2f} GiB of merged expert stacks for the backward, beside {m['weights']:.2f} GiB "
-              "of bf16 weights")
+        print(
+            f"{shape}: a layer at {args.tokens} tokens keeps {m['activations']:.2f} GiB of activations and "
+            f"{m['merged_stacks']:.2f} GiB of merged expert stacks for the backward, beside {m['weights']:.2f} GiB "
+            "of bf16 weights"
+        )
     return 0
 
 

@@ -11,6 +11,7 @@ factors; frozen bf16 experts) and the peak memory over what was allocated before
 random bf16 tensors with uniform random top-k routing; --check first compares the fused op's output and
 gradients with the merged baseline (bf16, relative error). Needs a CUDA GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,13 +26,19 @@ def _experts_module(hidden, inter, experts, top_k, device):
     """transformers' Qwen3MoeExperts with the grouped_mm implementation, random frozen bf16 weights."""
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
-    config = Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=inter, num_experts=experts,
-                            num_experts_per_tok=top_k, hidden_act="silu")
+
+    config = Qwen3MoeConfig(
+        hidden_size=hidden,
+        moe_intermediate_size=inter,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        hidden_act="silu",
+    )
     config._experts_implementation = "grouped_mm"
     module = Qwen3MoeExperts(config).to(device, torch.bfloat16)
     with torch.no_grad():
-        module.gate_up_proj.normal_(0, hidden ** -0.5)
-        module.down_proj.normal_(0, inter ** -0.5)
+        module.gate_up_proj.normal_(0, hidden**-0.5)
+        module.down_proj.normal_(0, inter**-0.5)
     module.requires_grad_(False)
     return module
 
@@ -42,7 +49,7 @@ def _lora_factors(module, rank, device):
     out = {}
     for name in ("gate_up_proj", "down_proj"):
         n_out, n_in = getattr(module, name).shape[1:]
-        A = (torch.randn(E * rank, n_in, device=device) * n_in ** -0.5).requires_grad_()
+        A = (torch.randn(E * rank, n_in, device=device) * n_in**-0.5).requires_grad_()
         B = (torch.randn(n_out, rank * E, device=device) * 0.01).requires_grad_()
         out[name] = (A, B)
     return out
@@ -68,11 +75,20 @@ def _runners(module, factors, scale):
         return torch.func.functional_call(module, params, (x, index, weights))
 
     def fused(x, index, weights, gate_up_weight=None, gate_up_state=None, down_weight=None, down_state=None):
-        gu = ExpertProj(module.gate_up_proj if gate_up_weight is None else gate_up_weight, *factors["gate_up_proj"],
-                        scale, quant_state=gate_up_state)
-        d = ExpertProj(module.down_proj if down_weight is None else down_weight, *factors["down_proj"], scale,
-                       quant_state=down_state)
+        gu = ExpertProj(
+            module.gate_up_proj if gate_up_weight is None else gate_up_weight,
+            *factors["gate_up_proj"],
+            scale,
+            quant_state=gate_up_state,
+        )
+        d = ExpertProj(
+            module.down_proj if down_weight is None else down_weight,
+            *factors["down_proj"],
+            scale,
+            quant_state=down_state,
+        )
         return moe_lora_experts(x, index, weights, gu, d)
+
     return {"grouped_mm, no LoRA": no_lora, "grouped_mm + merged LoRA (PEFT)": merged, "fusedlora": fused}
 
 
@@ -83,6 +99,7 @@ def _step(fn, x, index, weights, leaves, dout):
 
 def _measure(fn, x, index, weights, leaves, dout):
     import triton
+
     _step(fn, x, index, weights, leaves, dout)  # warm-up (JIT, allocator)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -110,11 +127,15 @@ def run(layer: str, tokens: list[int], rank: int, nf4: bool, check: bool):
     leaves = [t for pair in factors.values() for t in pair]
     if nf4:  # the fused op on NF4 experts (bitsandbytes' storage), against the bf16 baselines
         import bitsandbytes.functional as bnb_functional
-        quantised = {name: bnb_functional.quantize_4bit(getattr(module, name).data, blocksize=64,
-                                                        compress_statistics=True, quant_type="nf4")
-                     for name in factors}
+
+        quantised = {
+            name: bnb_functional.quantize_4bit(
+                getattr(module, name).data, blocksize=64, compress_statistics=True, quant_type="nf4"
+            )
+            for name in factors
+        }
         fused = runners["fusedlora"]
-        runners["fusedlora NF4"] = (lambda x, i, w: fused(x, i, w, *quantised["gate_up_proj"], *quantised["down_proj"]))
+        runners["fusedlora NF4"] = lambda x, i, w: fused(x, i, w, *quantised["gate_up_proj"], *quantised["down_proj"])
     rows = []
     for T in tokens:
         x = torch.randn(T, dims["hidden"], device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -128,21 +149,31 @@ def run(layer: str, tokens: list[int], rank: int, nf4: bool, check: bool):
             for name in [n for n in runners if n.startswith("fusedlora")]:
                 out = runners[name](x, index, weights)
                 g = torch.autograd.grad(out, [x, weights] + leaves, dout)
-                errs = {"out": _rel(out, out_ref), **{n: _rel(a, b) for n, a, b in
-                                                      zip(["dx", "dw", "dA_gu", "dB_gu", "dA_d", "dB_d"], g, g_ref)}}
+                errs = {
+                    "out": _rel(out, out_ref),
+                    **{n: _rel(a, b) for n, a, b in zip(["dx", "dw", "dA_gu", "dB_gu", "dA_d", "dB_d"], g, g_ref)},
+                }
                 print(json.dumps({"check": name, "tokens": T, "rel_err_vs_merged": errs}))
         for name, fn in runners.items():
             ms, peak = _measure(fn, x, index, weights, leaves, dout)
-            row = {"layer": layer, "tokens": T, "rank": rank, "impl": name, "fwd_bwd_ms": round(ms, 3),
-                   "peak_gib": round(peak, 3), "device": torch.cuda.get_device_name()}
+            row = {
+                "layer": layer,
+                "tokens": T,
+                "rank": rank,
+                "impl": name,
+                "fwd_bwd_ms": round(ms, 3),
+                "peak_gib": round(peak, 3),
+                "device": torch.cuda.get_device_name(),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.moe_layer", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.moe_layer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--layer", default="qwen3-30b-a3b", choices=sorted(LAYERS))
     ap.add_argument("--tokens", default="4096,16384", help="comma-separated token counts")
     ap.add_argument("--rank", type=int, default=16)

@@ -8,6 +8,7 @@ Measures, side by side in one run, on fresh random inputs, medians of many runs:
 - op timings fwd+bwd against eager torch, torch.compile and Liger-Kernel (when installed).
 Prints a Markdown report (and writes it to --out).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,11 @@ import time
 def _env_line():
     import torch
     import triton
-    return (f"{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))}), "
-            f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}")
+
+    return (
+        f"{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))}), "
+        f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}"
+    )
 
 
 def host_launch_us(n_calls: int = 20000, reps: int = 7) -> dict:
@@ -33,6 +37,7 @@ def host_launch_us(n_calls: int = 20000, reps: int = 7) -> dict:
 
     from fusedlora import registry
     from fusedlora.loader import constexpr_key, get_loader
+
     n_cols, rows = 2048, 4
     x = torch.randn(rows, n_cols, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n_cols, device="cuda", dtype=torch.bfloat16)
@@ -69,8 +74,11 @@ def host_launch_us(n_calls: int = 20000, reps: int = 7) -> dict:
             raw(func, 4, 1, 1, block, 1, 1, shared, stream, params, None)
 
     out = {}
-    for name, f in (("fusedlora prebuilt (ctypes cuLaunchKernel)", run_ours), ("triton JIT launcher", run_triton),
-                    ("floor", run_floor)):
+    for name, f in (
+        ("fusedlora prebuilt (ctypes cuLaunchKernel)", run_ours),
+        ("triton JIT launcher", run_triton),
+        ("floor", run_floor),
+    ):
         f()
         torch.cuda.synchronize()
         times = []
@@ -104,13 +112,18 @@ print(json.dumps({"first_ms": (t1 - t0) * 1e3, "warm_ms": (t3 - t2) * 1e3, "path
 
 def first_call_ms() -> dict:
     res = {}
-    for mode, extra in (("prebuilt", {"FUSEDLORA_AOT_ONLY": "1"}), ("jit (empty Triton cache)", {"FUSEDLORA_JIT": "1"})):
+    for mode, extra in (
+        ("prebuilt", {"FUSEDLORA_AOT_ONLY": "1"}),
+        ("jit (empty Triton cache)", {"FUSEDLORA_JIT": "1"}),
+    ):
         with tempfile.TemporaryDirectory() as cache:
             env = dict(os.environ, TRITON_CACHE_DIR=cache, **extra)
             for k in ("FUSEDLORA_JIT", "FUSEDLORA_AOT_ONLY"):
                 if k not in extra:
                     env.pop(k, None)
-            r = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True, text=True, timeout=600)
+            r = subprocess.run(
+                [sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True, text=True, timeout=600
+            )
             if r.returncode:
                 res[mode] = {"error": r.stderr[-500:]}
             else:
@@ -124,6 +137,7 @@ def _bench_fwd_bwd(fn, inputs_fn, grad_fn, warmup=25, rep=200, graph=True):
     number is what a training loop sees on this host."""
     import torch
     from triton.testing import do_bench, do_bench_cudagraph
+
     sets = [inputs_fn() for _ in range(4)]
     grads = [grad_fn() for _ in range(4)]
     state = {"i": 0}
@@ -135,6 +149,7 @@ def _bench_fwd_bwd(fn, inputs_fn, grad_fn, warmup=25, rep=200, graph=True):
         for t in sets[i]:
             if isinstance(t, torch.Tensor):
                 t.grad = None
+
     eager = do_bench(step, warmup=warmup, rep=rep, return_mode="median")
     if not graph:
         return float("nan"), eager
@@ -149,6 +164,7 @@ def _bench_fwd_bwd(fn, inputs_fn, grad_fn, warmup=25, rep=200, graph=True):
 
 def _peak_mib(fn, inputs_fn, grad_fn):
     import torch
+
     args = inputs_fn()
     g = grad_fn()
     torch.cuda.synchronize()
@@ -187,15 +203,22 @@ def op_cases():
         rope,
         swiglu,
     )
+
     dt, dev = torch.bfloat16, "cuda"
     cases = {}
 
     # RMSNorm 8192 x 4096
     def rn_in():
-        return (torch.randn(8192, 4096, device=dev, dtype=dt, requires_grad=True),
-                (1 + 0.1 * torch.randn(4096, device=dev, dtype=dt)).requires_grad_())
-    impls = {"fusedlora": lambda x, w: rms_norm(x, w, 1e-6), "eager torch": lambda x, w: naive_rms_norm(x, w, 1e-6),
-             "torch.compile": torch.compile(lambda x, w: naive_rms_norm(x, w, 1e-6))}
+        return (
+            torch.randn(8192, 4096, device=dev, dtype=dt, requires_grad=True),
+            (1 + 0.1 * torch.randn(4096, device=dev, dtype=dt)).requires_grad_(),
+        )
+
+    impls = {
+        "fusedlora": lambda x, w: rms_norm(x, w, 1e-6),
+        "eager torch": lambda x, w: naive_rms_norm(x, w, 1e-6),
+        "torch.compile": torch.compile(lambda x, w: naive_rms_norm(x, w, 1e-6)),
+    }
     liger = _liger("rms_norm", "LigerRMSNormFunction")
     if liger:
         impls["Liger"] = lambda x, w, f=liger: f.apply(x, w, 1e-6, 0.0, "llama", False)
@@ -203,8 +226,11 @@ def op_cases():
 
     # SwiGLU 8192 x 14336
     def sw_in():
-        return (torch.randn(8192, 14336, device=dev, dtype=dt, requires_grad=True),
-                torch.randn(8192, 14336, device=dev, dtype=dt, requires_grad=True))
+        return (
+            torch.randn(8192, 14336, device=dev, dtype=dt, requires_grad=True),
+            torch.randn(8192, 14336, device=dev, dtype=dt, requires_grad=True),
+        )
+
     impls = {"fusedlora": swiglu, "eager torch": naive_swiglu, "torch.compile": torch.compile(naive_swiglu)}
     liger = _liger("swiglu", "LigerSiLUMulFunction")
     if liger:
@@ -219,14 +245,19 @@ def op_cases():
     pos = torch.cat([torch.arange(1000), torch.arange(sq - 1000)]).to(dev)[None].expand(b, sq).contiguous()
 
     def rp_in():
-        return (torch.randn(b, sq, hq, d, device=dev, dtype=dt).transpose(1, 2).requires_grad_(),
-                torch.randn(b, sq, hk, d, device=dev, dtype=dt).transpose(1, 2).requires_grad_())
+        return (
+            torch.randn(b, sq, hq, d, device=dev, dtype=dt).transpose(1, 2).requires_grad_(),
+            torch.randn(b, sq, hk, d, device=dev, dtype=dt).transpose(1, 2).requires_grad_(),
+        )
 
     def rp_grad():
         return (torch.randn(b, hq, sq, d, device=dev, dtype=dt), torch.randn(b, hk, sq, d, device=dev, dtype=dt))
-    impls = {"fusedlora": lambda q, k: rope(q, k, cos_cache, sin_cache, pos),
-             "eager torch": lambda q, k: naive_rope(q, k, cos_cache, sin_cache, pos),
-             "torch.compile": torch.compile(lambda q, k: naive_rope(q, k, cos_cache, sin_cache, pos))}
+
+    impls = {
+        "fusedlora": lambda q, k: rope(q, k, cos_cache, sin_cache, pos),
+        "eager torch": lambda q, k: naive_rope(q, k, cos_cache, sin_cache, pos),
+        "torch.compile": torch.compile(lambda q, k: naive_rope(q, k, cos_cache, sin_cache, pos)),
+    }
     liger = _liger("rope", "LigerRopeFunction")
     if liger:  # given HF's gathered cos/sin: Liger cannot gather by position_ids itself
         cos_g, sin_g = cos_cache[pos], sin_cache[pos]
@@ -242,9 +273,12 @@ def op_cases():
 
     def scalar_grad():
         return torch.ones((), device=dev)
-    impls = {"fusedlora": lambda z: cross_entropy(z, labels),
-             "eager torch (fp32 upcast, as HF)": lambda z: F.cross_entropy(z.float(), labels),
-             "torch.compile": torch.compile(lambda z: F.cross_entropy(z.float(), labels))}
+
+    impls = {
+        "fusedlora": lambda z: cross_entropy(z, labels),
+        "eager torch (fp32 upcast, as HF)": lambda z: F.cross_entropy(z.float(), labels),
+        "torch.compile": torch.compile(lambda z: F.cross_entropy(z.float(), labels)),
+    }
     liger = _liger("cross_entropy", "LigerCrossEntropyFunction")
     if liger:
         impls["Liger"] = lambda z, f=liger: _first(f.apply(z * 1, labels, None))
@@ -255,8 +289,11 @@ def op_cases():
 
     def fl_in():
         return (torch.randn(t, hdim, device=dev, dtype=dt, requires_grad=True),)
-    impls = {"fusedlora": lambda h: fused_linear_cross_entropy(h, w, labels),
-             "eager torch": lambda h: F.cross_entropy(F.linear(h, w).float(), labels)}
+
+    impls = {
+        "fusedlora": lambda h: fused_linear_cross_entropy(h, w, labels),
+        "eager torch": lambda h: F.cross_entropy(F.linear(h, w).float(), labels),
+    }
     liger = _liger("fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
     if liger:
         impls["Liger"] = lambda h, f=liger: _first(f.apply(h, w, labels))
@@ -273,16 +310,21 @@ def op_table(only: str = "") -> list[dict]:
         for name, f in impls.items():
             try:
                 # Liger's CE / FLCE break CUDA-graph capture (and leave torch's RNG unusable): eager only.
-                graph_ms, eager_ms = _bench_fwd_bwd(f, inputs, grad, rep=rep,
-                                                    graph=not ("Liger" in name and "CE" in work))
+                graph_ms, eager_ms = _bench_fwd_bwd(
+                    f, inputs, grad, rep=rep, graph=not ("Liger" in name and "CE" in work)
+                )
                 peak = _peak_mib(f, inputs, grad)
             except Exception as e:
                 print(f"  {work} / {name}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
                 continue
             out.append({"work": work, "impl": name, "ms": graph_ms, "eager_ms": eager_ms, "peak_mib": peak})
-            print(f"  {work:<45} {name:<32} {graph_ms:8.3f} ms (graph) {eager_ms:8.3f} ms (eager) "
-                  f"{peak:9.0f} MiB", file=sys.stderr, flush=True)
+            print(
+                f"  {work:<45} {name:<32} {graph_ms:8.3f} ms (graph) {eager_ms:8.3f} ms (eager) {peak:9.0f} MiB",
+                file=sys.stderr,
+                flush=True,
+            )
         import torch
+
         torch.cuda.empty_cache()
     return out
 
@@ -293,6 +335,7 @@ def quant_section() -> list[str]:
     from triton.testing import do_bench
 
     from fusedlora.quant import dequantize_gptq, dequantize_nf4
+
     lines = ["### Dequantisation (median; effective GB/s = packed weight + absmax/scales + output bytes / time)", ""]
     try:
         import bitsandbytes.functional as bnbf
@@ -310,17 +353,21 @@ def quant_section() -> list[str]:
             ours = do_bench(lambda: dequantize_nf4(q, qs, out=out), rep=300, return_mode="median")
             theirs = do_bench(lambda: bnbf.dequantize_4bit(q, qs, out=out), rep=300, return_mode="median")
             work = f"NF4 {shape[0]}x{shape[1]} bf16 (nested, blocksize 64)"
-            lines.append(f"| {work} | fusedlora | {ours * 1e3:.1f} | {nbytes / ours / 1e6:.0f} | {theirs / ours:.2f}x |")
+            lines.append(
+                f"| {work} | fusedlora | {ours * 1e3:.1f} | {nbytes / ours / 1e6:.0f} | {theirs / ours:.2f}x |"
+            )
             lines.append(f"| {work} | bitsandbytes | {theirs * 1e3:.1f} | {nbytes / theirs / 1e6:.0f} | |")
         # The seed puzzle's harness: an MLP's gate, up and down weights, synchronising after each, 1000 times.
         mlp = []
-        for (hd, m, dt) in ((4096, 14336, torch.bfloat16), (2048, 8192, torch.float16), (1024, 4096, torch.bfloat16)):
+        for hd, m, dt in ((4096, 14336, torch.bfloat16), (2048, 8192, torch.float16), (1024, 4096, torch.bfloat16)):
             for shape in ((m, hd), (m, hd), (hd, m)):
                 w = torch.randn(*shape, device="cuda", dtype=dt)
                 mlp.append(bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
         res = {}
-        for name, fn in (("fusedlora", lambda q, qs: dequantize_nf4(q, qs)),
-                         ("bitsandbytes", lambda q, qs: bnbf.dequantize_4bit(q, qs))):
+        for name, fn in (
+            ("fusedlora", lambda q, qs: dequantize_nf4(q, qs)),
+            ("bitsandbytes", lambda q, qs: bnbf.dequantize_4bit(q, qs)),
+        ):
             for q, qs in mlp:
                 fn(q, qs)
             torch.cuda.synchronize()
@@ -330,24 +377,33 @@ def quant_section() -> list[str]:
                     fn(q, qs)
                     torch.cuda.synchronize()
             res[name] = time.perf_counter() - t0
-        lines.append(f"| seed harness: 3 MLPs x (gate, up, down), sync after each, 1000 iterations | fusedlora | "
-                     f"{res['fusedlora'] * 1e6 / 9000:.1f} per weight | total {res['fusedlora']:.3f} s | "
-                     f"{res['bitsandbytes'] / res['fusedlora']:.2f}x |")
-        lines.append(f"| seed harness | bitsandbytes | {res['bitsandbytes'] * 1e6 / 9000:.1f} per weight | "
-                     f"total {res['bitsandbytes']:.3f} s | |")
+        lines.append(
+            f"| seed harness: 3 MLPs x (gate, up, down), sync after each, 1000 iterations | fusedlora | "
+            f"{res['fusedlora'] * 1e6 / 9000:.1f} per weight | total {res['fusedlora']:.3f} s | "
+            f"{res['bitsandbytes'] / res['fusedlora']:.2f}x |"
+        )
+        lines.append(
+            f"| seed harness | bitsandbytes | {res['bitsandbytes'] * 1e6 / 9000:.1f} per weight | "
+            f"total {res['bitsandbytes']:.3f} s | |"
+        )
     in_f = out_f = 8192
-    qw = torch.randint(-2**31, 2**31 - 1, (in_f // 8, out_f), dtype=torch.int64, device="cuda").to(torch.int32)
-    qz = torch.randint(-2**31, 2**31 - 1, (in_f // 128, out_f // 8), dtype=torch.int64, device="cuda").to(torch.int32)
+    qw = torch.randint(-(2**31), 2**31 - 1, (in_f // 8, out_f), dtype=torch.int64, device="cuda").to(torch.int32)
+    qz = torch.randint(-(2**31), 2**31 - 1, (in_f // 128, out_f // 8), dtype=torch.int64, device="cuda").to(torch.int32)
     sc = (torch.rand(in_f // 128, out_f, device="cuda") * 0.01).half()
     for dt in (torch.float16, torch.bfloat16):
         for transpose in (False, True):
             out = torch.empty((in_f, out_f) if transpose else (out_f, in_f), device="cuda", dtype=dt)
-            ms = do_bench(lambda: dequantize_gptq(qw, qz, sc, group_size=128, out_dtype=dt, transpose=transpose,
-                                                  out=out), rep=300, return_mode="median")
+            ms = do_bench(
+                lambda: dequantize_gptq(qw, qz, sc, group_size=128, out_dtype=dt, transpose=transpose, out=out),
+                rep=300,
+                return_mode="median",
+            )
             nbytes = qw.numel() * 4 + qz.numel() * 4 + sc.numel() * 2 + out.numel() * 2
             layout = "[in, out]" if transpose else "[out, in]"
-            lines.append(f"| GPTQ 4-bit 8192x8192 g128 -> {str(dt).replace('torch.', '')} {layout} | fusedlora | "
-                         f"{ms * 1e3:.1f} | {nbytes / ms / 1e6:.0f} | |")
+            lines.append(
+                f"| GPTQ 4-bit 8192x8192 g128 -> {str(dt).replace('torch.', '')} {layout} | fusedlora | "
+                f"{ms * 1e3:.1f} | {nbytes / ms / 1e6:.0f} | |"
+            )
     return lines + [""]
 
 
@@ -361,21 +417,27 @@ def lora_modules(nf4: bool) -> dict:
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
+
     sz = LORA_SHAPES
     hidden, inter, r = sz["hidden"], sz["inter"], sz["r"]
 
     def linear(i, o):
         if nf4:
             import bitsandbytes as bnb
-            return bnb.nn.Linear4bit(i, o, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
-                                     compress_statistics=True)
+
+            return bnb.nn.Linear4bit(
+                i, o, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True
+            )
         return nn.Linear(i, o, bias=False)
 
     class Attn(nn.Module):
         def __init__(self):
             super().__init__()
-            self.q_proj, self.k_proj, self.v_proj = linear(hidden, sz["q_out"]), linear(hidden, sz["kv_out"]), \
-                linear(hidden, sz["kv_out"])
+            self.q_proj, self.k_proj, self.v_proj = (
+                linear(hidden, sz["q_out"]),
+                linear(hidden, sz["kv_out"]),
+                linear(hidden, sz["kv_out"]),
+            )
 
     class MLP(nn.Module):
         def __init__(self):
@@ -387,8 +449,9 @@ def lora_modules(nf4: bool) -> dict:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     torch.manual_seed(0)
-    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj",
-                                                                 "up_proj", "down_proj"])
+    cfg = peft.LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     mods = {"MLP": MLP(), "QKV": Attn()}
     for name, m in mods.items():
         m = m.to(torch.bfloat16) if not nf4 else m
@@ -406,6 +469,7 @@ def lora_modules(nf4: bool) -> dict:
 def lora_cases(mods: dict) -> dict:
     """work -> (PEFT fn, fusedlora fn); each maps x to a tuple of outputs."""
     from fusedlora import lora
+
     qkv, mlp = mods["QKV"], mods["MLP"]
     return {
         "LoRA_MLP": (lambda x: (mlp(x),), lambda x: (lora.apply_lora_mlp_swiglu(mlp, x),)),
@@ -417,25 +481,39 @@ def lora_section() -> list[str]:
     """Fused LoRA vs PEFT eager on Llama-3.2-1B layer shapes (hidden 2048, intermediate 8192, 32/8 heads of
     64), T = 8192 tokens, r = 16, bf16; plain and NF4 (bitsandbytes Linear4bit) base weights."""
     import torch
+
     try:
         import peft  # noqa: F401
     except Exception as e:
         return [f"(peft unavailable: {e}; no LoRA section)", ""]
-    lines = ["### Fused LoRA vs PEFT eager (Llama-3.2-1B layer shapes, T=8192, r=16, bf16; fwd+bwd, median)", "",
-             "Eager: a training loop's step time (do_bench, host launches included). GPU: CUDA-graph replay of the same step.",
-             "",
-             "| work | base | PEFT ms | fusedlora ms | speed-up | PEFT GPU ms | fusedlora GPU ms | GPU speed-up | "
-             "PEFT MiB kept for bwd (beyond outputs) | fusedlora MiB | saved |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "### Fused LoRA vs PEFT eager (Llama-3.2-1B layer shapes, T=8192, r=16, bf16; fwd+bwd, median)",
+        "",
+        "Eager: a training loop's step time (do_bench, host launches included). GPU: CUDA-graph replay of the same step.",
+        "",
+        "| work | base | PEFT ms | fusedlora ms | speed-up | PEFT GPU ms | fusedlora GPU ms | GPU speed-up | "
+        "PEFT MiB kept for bwd (beyond outputs) | fusedlora MiB | saved |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for nf4 in (False, True):
         try:
             cases = lora_cases(lora_modules(nf4))
         except Exception as e:
             lines.append(f"| (setup failed for {'NF4' if nf4 else 'bf16'} base: {type(e).__name__}: {e}) |")
             continue
+
         def new_x():
-            return (torch.randn(4, LORA_SHAPES["tokens"] // 4, LORA_SHAPES["hidden"], device="cuda",
-                                dtype=torch.bfloat16, requires_grad=True),)
+            return (
+                torch.randn(
+                    4,
+                    LORA_SHAPES["tokens"] // 4,
+                    LORA_SHAPES["hidden"],
+                    device="cuda",
+                    dtype=torch.bfloat16,
+                    requires_grad=True,
+                ),
+            )
+
         x0 = new_x()[0]
         for work, (peft_fn, ours_fn) in cases.items():
             with torch.no_grad():
@@ -443,6 +521,7 @@ def lora_section() -> list[str]:
 
             def new_grads():  # fresh random upstream gradients for every output
                 return [torch.randn(sh, device="cuda", dtype=torch.bfloat16) for sh in shapes]
+
             res = {}
             for name, fn in (("peft", peft_fn), ("ours", ours_fn)):
                 gms, ms = _bench_fwd_bwd(fn, new_x, new_grads, warmup=10, rep=300)
@@ -455,9 +534,11 @@ def lora_section() -> list[str]:
                 res[name] = (ms, kept, gms)
             (pm, pk, _), (om, ok, _) = res["peft"], res["ours"]
             saved = f"{1 - ok / pk:.0%}" if pk > 1 else "-"
-            lines.append(f"| {work} | {'NF4 (bnb)' if nf4 else 'bf16'} | {pm:.3f} | {om:.3f} | {pm / om:.2f}x | "
-                         f"{res['peft'][2]:.3f} | {res['ours'][2]:.3f} | {res['peft'][2] / res['ours'][2]:.2f}x | "
-                         f"{pk:.0f} | {ok:.0f} | {saved} |")
+            lines.append(
+                f"| {work} | {'NF4 (bnb)' if nf4 else 'bf16'} | {pm:.3f} | {om:.3f} | {pm / om:.2f}x | "
+                f"{res['peft'][2]:.3f} | {res['ours'][2]:.3f} | {res['peft'][2] / res['ours'][2]:.2f}x | "
+                f"{pk:.0f} | {ok:.0f} | {saved} |"
+            )
     return lines + [""]
 
 
@@ -468,6 +549,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="only op cases whose name contains this")
     args = ap.parse_args(argv)
     import torch
+
     if not torch.cuda.is_available():
         print("benchmarks.peers needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -477,15 +559,25 @@ def main(argv=None) -> int:
         h = host_launch_us()
         ours = h["fusedlora prebuilt (ctypes cuLaunchKernel)"]
         theirs = h["triton JIT launcher"]
-        lines += ["### Host time per launch (rms_norm_fwd, 4x2048 bf16, median of 7 x 20000 launches)", "",
-                  "| launcher | µs / launch |", "|---|---|",
-                  f"| fusedlora prebuilt (path: {h['path']}) | {ours:.2f} |", f"| Triton's own launcher | {theirs:.2f} |",
-                  f"| bare ctypes `cuLaunchKernel`, all prepared (floor) | {h['floor']:.2f} |",
-                  f"| ratio Triton / fusedlora | {theirs / ours:.2f}x |", ""]
+        lines += [
+            "### Host time per launch (rms_norm_fwd, 4x2048 bf16, median of 7 x 20000 launches)",
+            "",
+            "| launcher | µs / launch |",
+            "|---|---|",
+            f"| fusedlora prebuilt (path: {h['path']}) | {ours:.2f} |",
+            f"| Triton's own launcher | {theirs:.2f} |",
+            f"| bare ctypes `cuLaunchKernel`, all prepared (floor) | {h['floor']:.2f} |",
+            f"| ratio Triton / fusedlora | {theirs / ours:.2f}x |",
+            "",
+        ]
     if "first" not in skip:
         f = first_call_ms()
-        lines += ["### First call in a fresh process (rms_norm 64x4096 bf16, CUDA already initialised)", "",
-                  "| path | first call ms | warm call ms |", "|---|---|---|"]
+        lines += [
+            "### First call in a fresh process (rms_norm 64x4096 bf16, CUDA already initialised)",
+            "",
+            "| path | first call ms | warm call ms |",
+            "|---|---|---|",
+        ]
         for mode, r in f.items():
             if "error" in r:
                 lines.append(f"| {mode} | error: {r['error'][-200:]!r} | |")
@@ -498,15 +590,21 @@ def main(argv=None) -> int:
         lines += lora_section()
     if "ops" not in skip:
         rows = op_table(args.only)
-        lines += ["### Ops, forward + backward (median, fresh random inputs)", "",
-                  "GPU ms: CUDA-graph replay (kernel time, no launch gaps). Eager ms: `do_bench` of the plain "
-                  "Python step (includes host overhead where the host is the bottleneck).", "",
-                  "| work | implementation | GPU ms | ratio vs fusedlora | eager ms | peak extra MiB |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "### Ops, forward + backward (median, fresh random inputs)",
+            "",
+            "GPU ms: CUDA-graph replay (kernel time, no launch gaps). Eager ms: `do_bench` of the plain "
+            "Python step (includes host overhead where the host is the bottleneck).",
+            "",
+            "| work | implementation | GPU ms | ratio vs fusedlora | eager ms | peak extra MiB |",
+            "|---|---|---|---|---|---|",
+        ]
         base = {r["work"]: (r["ms"] if r["ms"] == r["ms"] else r["eager_ms"]) for r in rows if r["impl"] == "fusedlora"}
         for r in rows:
-            lines.append(f"| {r['work']} | {r['impl']} | {r['ms']:.3f} | {r['ms'] / base.get(r['work'], float('nan')):.2f}x | "
-                         f"{r['eager_ms']:.3f} | {r['peak_mib']:.0f} |")
+            lines.append(
+                f"| {r['work']} | {r['impl']} | {r['ms']:.3f} | {r['ms'] / base.get(r['work'], float('nan')):.2f}x | "
+                f"{r['eager_ms']:.3f} | {r['peak_mib']:.0f} |"
+            )
         lines.append("")
     report = "\n".join(lines)
     print(report)

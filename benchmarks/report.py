@@ -1,4 +1,5 @@
 """What the benchmark commands share: the measurement line (date, device, versions) and the report files."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -16,8 +17,9 @@ def measured_line(results) -> str:
     for r in results:
         for k, v in r.get("versions", {}).items():
             versions.setdefault(k, v)
-    return (f"Measured {time.strftime('%Y-%m-%d')} on {r0.get('device')}, "
-            + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    return f"Measured {time.strftime('%Y-%m-%d')} on {r0.get('device')}, " + ", ".join(
+        f"{k} {v}" for k, v in versions.items()
+    )
 
 
 def report_paths(out: str) -> tuple[Path, Path]:
@@ -50,15 +52,20 @@ def selected(csv: str, liger_label: str) -> list[str]:
         wanted.remove(liger_label)
     if "unsloth" in wanted:
         from .workload import UNSLOTH_PATH, unsloth_findable
+
         if not unsloth_findable():
-            print(f"Unsloth is not installed (nor in ${UNSLOTH_PATH}: python -m build_tools.peer_bundle makes a "
-                  "bundle): skipping unsloth", file=sys.stderr)
+            print(
+                f"Unsloth is not installed (nor in ${UNSLOTH_PATH}: python -m build_tools.peer_bundle makes a "
+                "bundle): skipping unsloth",
+                file=sys.stderr,
+            )
             wanted.remove("unsloth")
     return wanted
 
 
 def gpu_or_exit(command: str) -> bool:
     import torch
+
     if not torch.cuda.is_available():
         print(f"{command} needs a CUDA GPU (the CPU demo: python -m fusedlora.demo)", file=sys.stderr)
         return False

@@ -6,6 +6,7 @@ GEMMs, dequant, attention, norms, RoPE, GLU, loss, optimizer, copies / casts / e
 waiting on the host) its time per step, its share, and for the GEMMs the achieved TFLOP/s against a peak; the
 idle row says which families' launches the GPU waited for (the gaps inside the trace, by the kernel after each).
 """
+
 from __future__ import annotations
 
 import re
@@ -98,8 +99,13 @@ def summarize(kernels, gemm_ops, steps: int, wall_us: float, peak_tflops: float 
         if seen < 0.9:
             # GEMM kernels with no op of their own on the CPU side: replayed from CUDA graphs, whose ops ran
             # once at capture. Their shapes are unknown, so no FLOP rate and no base / rank-r split.
-            rows.append(("GEMMs (all)", gemm_us / steps / 1e3,
-                         f"{1 - seen:.0%} of the GEMM time ran inside CUDA graphs: no FLOP count"))
+            rows.append(
+                (
+                    "GEMMs (all)",
+                    gemm_us / steps / 1e3,
+                    f"{1 - seen:.0%} of the GEMM time ran inside CUDA graphs: no FLOP count",
+                )
+            )
             gemm_us = 0.0
     if gemm_us:
         split = rank_us / (rank_us + base_us) if rank_us + base_us else 0.0
@@ -140,6 +146,7 @@ def profile_steps(run_step, steps: int):
 
     import torch
     from torch.profiler import ProfilerActivity, profile
+
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         t0 = time.perf_counter()

@@ -5,6 +5,7 @@ first error with its traceback's tail. Needs a CUDA GPU.
 
     python -m build_tools.cuda_graph_probe [--cases all|NAME,...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,7 @@ def one(variant, sdpa, phase, mode):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from fusedlora import workload
+
     model, _ = workload.build("tiny", "lora", variant, "cuda", False)
     layer = next(m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer")
     hf = next(m for m in model.modules() if type(m).__name__ == "LlamaModel")
@@ -41,10 +43,12 @@ def one(variant, sdpa, phase, mode):
 
     def call(h):
         return layer(h, position_embeddings=(cos, sin), attention_mask=None, position_ids=pos)
+
     with ctx, torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
         for _ in range(2):  # eager warm-up on the default stream, as training's first steps
             call(x).float().sum().backward()
         if phase == "mgc":
+
             class Wrap(torch.nn.Module):
                 def __init__(self):
                     super().__init__()
@@ -52,6 +56,7 @@ def one(variant, sdpa, phase, mode):
 
                 def forward(self, h):
                     return call(h)
+
             g = torch.cuda.make_graphed_callables(Wrap(), (x.detach().clone().requires_grad_(),))
             g(x).float().sum().backward()
             torch.cuda.synchronize()
@@ -84,6 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     import torch
+
     if not torch.cuda.is_available():
         print("build_tools.cuda_graph_probe: needs a CUDA GPU (CUDA graphs); this machine has none", file=sys.stderr)
         return 2
@@ -97,8 +103,12 @@ def main(argv=None) -> int:
         return 0
     names = list(CASES) if args.cases == "all" else args.cases.split(",")
     for name in names:
-        r = subprocess.run([sys.executable, "-m", "build_tools.cuda_graph_probe", "--one", name],
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [sys.executable, "-m", "build_tools.cuda_graph_probe", "--one", name],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         lines = [l for l in r.stdout.strip().splitlines() if l.strip()]
         verdict = "OK" if r.returncode == 0 else "FAILED"
         print(f"{name}: {verdict}")

@@ -4,6 +4,7 @@ plus a separate GLU pass. Measurement tools, not library kernels: on an H100 (tr
 (BENCHMARKS.md, "Where the NF4 MLP step goes").
 - gemm_abt_ptr / gemm_abt_tma: plain C = A B^T (A [M, K], B [N, K], row-major);
 - gemm_glu_lora_fwd_kernel: the LoRA MLP's gate/up GEMM with glu_lora_fwd_kernel's work as its epilogue."""
+
 import torch
 import triton
 import triton.language as tl
@@ -23,8 +24,9 @@ def _grouped_tile(tile, npm, npn, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def gemm_abt_ptr(A, B, C, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 GROUP_M: tl.constexpr, STAGES: tl.constexpr):
+def gemm_abt_ptr(
+    A, B, C, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr
+):
     """One program per output tile, pointer loads (cp.async); M, N, K multiples of the block sizes."""
     pm, pn = _grouped_tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
     rm = pm * BM + tl.arange(0, BM)
@@ -41,8 +43,20 @@ def gemm_abt_ptr(A, B, C, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.co
 
 
 @triton.jit
-def gemm_abt_tma(a_desc, b_desc, c_desc, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 GROUP_M: tl.constexpr, STAGES: tl.constexpr, NUM_SMS: tl.constexpr):
+def gemm_abt_tma(
+    a_desc,
+    b_desc,
+    c_desc,
+    M,
+    N,
+    K,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    STAGES: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+):
     """Persistent (one program per SM walking tiles), host-side TMA descriptors."""
     npm, npn = tl.cdiv(M, BM), tl.cdiv(N, BN)
     for tile in range(tl.program_id(0), npm * npn, NUM_SMS):
@@ -55,11 +69,35 @@ def gemm_abt_tma(a_desc, b_desc, c_desc, M, N, K, BM: tl.constexpr, BN: tl.const
 
 @triton.jit(do_not_specialize=["n_rows"])
 def gemm_glu_lora_fwd_kernel(
-    X, WG, WU, XA, BG, BU, E, G, OUT,
-    n_rows, n_cols, n_in, stride_x, stride_w, stride_eg, stride_xa, xa_up_offset, rank_g, rank_u,
-    scale_g, scale_u,
-    ACT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, STAGES: tl.constexpr, FLATTEN: tl.constexpr,
+    X,
+    WG,
+    WU,
+    XA,
+    BG,
+    BU,
+    E,
+    G,
+    OUT,
+    n_rows,
+    n_cols,
+    n_in,
+    stride_x,
+    stride_w,
+    stride_eg,
+    stride_xa,
+    xa_up_offset,
+    rank_g,
+    rank_u,
+    scale_g,
+    scale_u,
+    ACT: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    STAGES: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):
     """e = X W_g^T + s_g XA_g B_g^T -> E, g = X W_u^T + s_u XA_u B_u^T -> G (rounded once from fp32; E and G
     share row stride stride_eg, e.g. the halves of one [T, 2I] buffer) and h = act(e) * g -> OUT ([T, I]
@@ -107,18 +145,61 @@ def use_torch_scratch():
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
-def gemm_glu_lora_fwd(x, w_gate, w_up, xa, rank, b_gate, b_up, scales, out, h, act=0, programs=4, warps=8,
-                      tile=(128, 128, 64, 8, 3), flatten=0):
+def gemm_glu_lora_fwd(
+    x,
+    w_gate,
+    w_up,
+    xa,
+    rank,
+    b_gate,
+    b_up,
+    scales,
+    out,
+    h,
+    act=0,
+    programs=4,
+    warps=8,
+    tile=(128, 128, 64, 8, 3),
+    flatten=0,
+):
     """Launch gemm_glu_lora_fwd_kernel (no checks: a measurement tool). xa = [X A_g^T | X A_u^T], both of
     `rank` (padded to R >= 16 for the dots); out = (E, G) views with one row stride; h [T, I] contiguous."""
     bm, bn, bk, group_m, stages = tile
     T, H = x.shape
     I = w_gate.shape[0]
     gemm_glu_lora_fwd_kernel[(programs,)](
-        x, w_gate, w_up, xa, b_gate, b_up, out[0], out[1], h, T, I, H, x.stride(0), w_gate.stride(0),
-        out[0].stride(0), xa.stride(0), rank, rank, rank, float(scales[0]), float(scales[1]), ACT=act,
-        R=max(16, triton.next_power_of_2(rank)), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, STAGES=stages,
-        FLATTEN=flatten, num_warps=warps, num_stages=1)
+        x,
+        w_gate,
+        w_up,
+        xa,
+        b_gate,
+        b_up,
+        out[0],
+        out[1],
+        h,
+        T,
+        I,
+        H,
+        x.stride(0),
+        w_gate.stride(0),
+        out[0].stride(0),
+        xa.stride(0),
+        rank,
+        rank,
+        rank,
+        float(scales[0]),
+        float(scales[1]),
+        ACT=act,
+        R=max(16, triton.next_power_of_2(rank)),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        GROUP_M=group_m,
+        STAGES=stages,
+        FLATTEN=flatten,
+        num_warps=warps,
+        num_stages=1,
+    )
 
 
 def naive_gemm_glu_lora_fwd(x, w_gate, w_up, xa_g, xa_u, b_gate, b_up, scales):

@@ -11,6 +11,7 @@ With --gpu MODEL (1b or 8b; a CUDA GPU): the real step of that shape instead, it
 steady steps; kernels run): the functions with the most own time, which is where a host-bound step goes. With
 --gpu MODEL --syncs [--graphs]: every host sync of one steady step, by call site (a sync idles the GPU).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,6 +37,7 @@ def launched_not_run(launches: collections.Counter | None = None):
     def skipped(self, grid, args, constexprs):  # the host's side of a launch only
         if launches is not None:
             launches[self.spec.name] += 1
+
     threads = torch.get_num_threads()
     original_cpu, original_assert = loader.KernelLauncher._cpu, torch._assert_async
     torch.set_num_threads(1)
@@ -61,14 +63,17 @@ def measure(mode="qlora", variant="fusedlora", gc=False, steps=10, seq=64, profi
     with contextlib.ExitStack() as stack:
         if graphs:
             from fusedlora import testing
+
             stack.enter_context(testing.fake_cuda_graphs())
         stack.enter_context(launched_not_run(launches))
         # as on a GPU: bf16 base weights, PEFT's fp32 adapters, bf16 autocast
         model, _ = workload.build("host", mode, variant, "cpu", gc, dtype=torch.bfloat16)
         if graphs:
             from fusedlora import cuda_graphs
+
             wrappers = cuda_graphs.graph_modules(
-                [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")], warmup=1)
+                [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")], warmup=1
+            )
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         ids = torch.randint(0, workload.SHAPES["host"]["vocab_size"], (1, seq))
 
@@ -79,6 +84,7 @@ def measure(mode="qlora", variant="fusedlora", gc=False, steps=10, seq=64, profi
             if optimizer:  # (torch's CPU AdamW reads each step count with .item(): a GPU's fused one does not)
                 opt.step()
             opt.zero_grad(set_to_none=True)
+
         for _ in range(2):
             step()
         if graphs:
@@ -95,6 +101,7 @@ def measure(mode="qlora", variant="fusedlora", gc=False, steps=10, seq=64, profi
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 self.ops[str(func.overloadpacket)] += 1
                 return func(*args, **(kwargs or {}))
+
         launches.clear()
         with CountOps() as counted:
             step(optimizer=False)
@@ -112,9 +119,14 @@ def measure(mode="qlora", variant="fusedlora", gc=False, steps=10, seq=64, profi
                 step()
             prof.disable()
             top = prof
-    return {"ms_per_step": statistics.median(times) * 1e3, "launches": n_launches,
-            "aten_ops": sum(counted.ops.values()), "top_ops": counted.ops.most_common(12),
-            "top_launches": top_launches, "profile": top}
+    return {
+        "ms_per_step": statistics.median(times) * 1e3,
+        "launches": n_launches,
+        "aten_ops": sum(counted.ops.values()),
+        "top_ops": counted.ops.most_common(12),
+        "top_launches": top_launches,
+        "profile": top,
+    }
 
 
 def gpu_step(model_shape="1b", mode="qlora", variant="fusedlora", graphs=False, batch=4, seq=2048):
@@ -124,6 +136,7 @@ def gpu_step(model_shape="1b", mode="qlora", variant="fusedlora", graphs=False, 
 
     import fusedlora
     from fusedlora import workload
+
     model, _ = workload.build(model_shape, mode, variant, "cuda", False)
     if graphs:
         fusedlora.cuda_graph_layers(model, warmup=1)
@@ -136,6 +149,7 @@ def gpu_step(model_shape="1b", mode="qlora", variant="fusedlora", graphs=False, 
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -145,6 +159,7 @@ def gpu_step(model_shape="1b", mode="qlora", variant="fusedlora", graphs=False, 
 def profile_gpu(model_shape="1b", mode="qlora", variant="fusedlora", top=40, batch=4, seq=2048):
     """cProfile of 3 steady training steps of the real shape on the GPU (the host side of a step as it runs)."""
     import torch
+
     step = gpu_step(model_shape, mode, variant, False, batch, seq)
     # Without cProfile: the host's time to issue a step (no sync inside) against the GPU's time for it. Issue
     # time close to the GPU time means the GPU waits for the host.
@@ -159,8 +174,10 @@ def profile_gpu(model_shape="1b", mode="qlora", variant="fusedlora", top=40, bat
         issue.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
         gpu.append(start.elapsed_time(end) / 1e3)
-    print(f"{variant} {mode} {model_shape}: host issues a step in {statistics.median(issue) * 1e3:.1f} ms, "
-          f"the GPU runs it in {statistics.median(gpu) * 1e3:.1f} ms (medians of 5)")
+    print(
+        f"{variant} {mode} {model_shape}: host issues a step in {statistics.median(issue) * 1e3:.1f} ms, "
+        f"the GPU runs it in {statistics.median(gpu) * 1e3:.1f} ms (medians of 5)"
+    )
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
@@ -168,8 +185,10 @@ def profile_gpu(model_shape="1b", mode="qlora", variant="fusedlora", top=40, bat
         step()
     torch.cuda.synchronize()
     prof.disable()
-    print(f"{variant} {mode} {model_shape} on {torch.cuda.get_device_name()}: "
-          f"{(time.perf_counter() - t0) / 3 * 1e3:.1f} ms per step under cProfile")
+    print(
+        f"{variant} {mode} {model_shape} on {torch.cuda.get_device_name()}: "
+        f"{(time.perf_counter() - t0) / 3 * 1e3:.1f} ms per step under cProfile"
+    )
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
@@ -181,6 +200,7 @@ def sync_sites(stacks, skip=("site-packages/torch/", "<frozen", "warnings.py", "
 
     def where(f):
         return f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}"
+
     sites = collections.Counter()
     for stack in stacks:
         mine = [k for k, f in enumerate(stack) if not any(x in f.filename for x in skip)]
@@ -202,6 +222,7 @@ def find_syncs(model_shape="1b", mode="qlora", variant="fusedlora", graphs=False
     import warnings
 
     import torch
+
     step = gpu_step(model_shape, mode, variant, graphs, batch, seq)
     stacks = []
     shown = warnings.showwarning
@@ -212,6 +233,7 @@ def find_syncs(model_shape="1b", mode="qlora", variant="fusedlora", graphs=False
             while stack and stack[-1].filename.endswith("warnings.py"):  # (the warning machinery itself)
                 stack.pop()
             stacks.append(stack)
+
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = keep
@@ -238,6 +260,7 @@ def compile_time(variant: str, mode: str = "lora") -> float:
 
     import fusedlora
     from fusedlora import workload
+
     with launched_not_run():
         base = "fusedlora" if variant.startswith("fusedlora") else "hf"
         model, _ = workload.build("host", mode, base, "cpu", False, dtype=torch.bfloat16)
@@ -258,15 +281,24 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=("qlora", "lora"), default="qlora")
     ap.add_argument("--variant", choices=("fusedlora", "hf"), default="fusedlora")
     ap.add_argument("--gc", action="store_true")
-    ap.add_argument("--graphs", action="store_true", help="the decoder layers as (fake) CUDA graphs: what a graphed "
-                    "step's host side still does")
+    ap.add_argument(
+        "--graphs",
+        action="store_true",
+        help="the decoder layers as (fake) CUDA graphs: what a graphed step's host side still does",
+    )
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--top", type=int, default=0, help="print the N functions with the most own time")
     ap.add_argument("--gpu", choices=("1b", "8b"), default=None, help="profile the real shape's step on the GPU")
-    ap.add_argument("--compile-time", action="store_true",
-                    help="first compiled step (aot_eager, CPU) of HF / patched, whole model / compile_layers")
-    ap.add_argument("--syncs", action="store_true", help="with --gpu: every host sync of one steady step, by call "
-                    "site (--graphs: the layers as real CUDA graphs)")
+    ap.add_argument(
+        "--compile-time",
+        action="store_true",
+        help="first compiled step (aot_eager, CPU) of HF / patched, whole model / compile_layers",
+    )
+    ap.add_argument(
+        "--syncs",
+        action="store_true",
+        help="with --gpu: every host sync of one steady step, by call site (--graphs: the layers as real CUDA graphs)",
+    )
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
@@ -275,10 +307,15 @@ def main(argv=None) -> int:
     if args.compile_time:
         import subprocess
         import sys
+
         times = {}
         for v in COMPILE_VARIANTS:
-            r = subprocess.run([sys.executable, "-m", "build_tools.host_overhead", "--mode", args.mode, "--one", v],
-                               capture_output=True, text=True, timeout=1200)
+            r = subprocess.run(
+                [sys.executable, "-m", "build_tools.host_overhead", "--mode", args.mode, "--one", v],
+                capture_output=True,
+                text=True,
+                timeout=1200,
+            )
             times[v] = float(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else float("nan")
             if r.returncode:
                 print(f"{v} failed:\n" + "\n".join(r.stderr.strip().splitlines()[-6:]))
@@ -287,8 +324,10 @@ def main(argv=None) -> int:
         return 0
     if args.gpu and args.syncs:
         sites = find_syncs(args.gpu, args.mode, args.variant, args.graphs)
-        print(f"{args.variant}{' + cuda graphs' if args.graphs else ''} {args.mode} {args.gpu}: "
-              f"{sum(n for n, _ in sites)} host syncs in one steady step")
+        print(
+            f"{args.variant}{' + cuda graphs' if args.graphs else ''} {args.mode} {args.gpu}: "
+            f"{sum(n for n, _ in sites)} host syncs in one steady step"
+        )
         for n, site in sites:
             print(f"  {n:4d}  {site}")
         return 0
@@ -296,9 +335,11 @@ def main(argv=None) -> int:
         profile_gpu(args.gpu, args.mode, args.variant, args.top or 40)
         return 0
     r = measure(args.mode, args.variant, args.gc, args.steps, profile_top=args.top, graphs=args.graphs)
-    print(f"{args.variant}{' + cuda graphs' if args.graphs else ''} {args.mode} gc={args.gc}: "
-          f"{r['ms_per_step']:.1f} ms host per step, "
-          f"{r['launches']} Triton launches and {r['aten_ops']} aten ops in forward + backward")
+    print(
+        f"{args.variant}{' + cuda graphs' if args.graphs else ''} {args.mode} gc={args.gc}: "
+        f"{r['ms_per_step']:.1f} ms host per step, "
+        f"{r['launches']} Triton launches and {r['aten_ops']} aten ops in forward + backward"
+    )
     print("most frequent aten ops:", ", ".join(f"{k} {v}" for k, v in r["top_ops"]))
     print("launches:", ", ".join(f"{k} {v}" for k, v in r["top_launches"]))
     if r["profile"] is not None:

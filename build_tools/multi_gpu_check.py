@@ -8,6 +8,7 @@ on N GPUs, and patched on one GPU with the same global batch. Checks per-step lo
 GPU, --weight-tol); reports tokens/s and peak memory per GPU, the patched/unpatched ratios and the scaling
 efficiency 1 -> N GPUs. Exit status 1 when a check fails. Without GPUs (CUDA_VISIBLE_DEVICES=""), N gloo
 processes on the CPU (the tiny shape: the CI smoke test)."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,10 +24,14 @@ EXAMPLE = ROOT / "examples" / "fsdp2_qlora.py"
 
 
 def _run(nproc, extra, out, common):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               NCCL_NVLS_ENABLE="0")  # NVLink multicast off (the lent machines' advice)
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-           if nproc > 1 else [sys.executable]) + [str(EXAMPLE), *common, *extra, "--out", str(out), "--save-lora"]
+    env = dict(
+        os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), NCCL_NVLS_ENABLE="0"
+    )  # NVLink multicast off (the lent machines' advice)
+    cmd = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    ) + [str(EXAMPLE), *common, *extra, "--out", str(out), "--save-lora"]
     if nproc == 1:
         cmd.append("--no-shard")
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -53,14 +58,27 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="Markdown report")
     args = ap.parse_args(argv)
     import torch
-    common = ["--model", args.model, "--mode", args.mode, "--steps", str(args.steps), "--global-batch",
-              str(args.global_batch), "--seq", str(args.seq)]
+
+    common = [
+        "--model",
+        args.model,
+        "--mode",
+        args.mode,
+        "--steps",
+        str(args.steps),
+        "--global-batch",
+        str(args.global_batch),
+        "--seq",
+        str(args.seq),
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         offload = ["--cpu-offload"] if args.cpu_offload else []
-        runs = {"patched N": _run(args.gpus, offload, tmp / "pn.json", common),
-                "unpatched N": _run(args.gpus, ["--no-patch", *offload], tmp / "un.json", common),
-                "patched 1": _run(1, [], tmp / "p1.json", common)}
+        runs = {
+            "patched N": _run(args.gpus, offload, tmp / "pn.json", common),
+            "unpatched N": _run(args.gpus, ["--no-patch", *offload], tmp / "un.json", common),
+            "patched 1": _run(1, [], tmp / "p1.json", common),
+        }
         w_n, w_1 = torch.load(tmp / "pn.pt"), torch.load(tmp / "p1.pt")
     failures = []
     pn, un, p1 = runs["patched N"], runs["unpatched N"], runs["patched 1"]
@@ -78,20 +96,29 @@ def main(argv=None) -> int:
     for name, r in runs.items():
         if r.get("fallbacks"):
             failures.append(f"{name}: run-time fallbacks to HF's path: {r['fallbacks']}")
-    lines = [f"FSDP2 check: {args.model} {args.mode}, global batch {args.global_batch} x {args.seq}, {args.steps} "
-             f"steps, {args.gpus} GPUs{' (CPU offload)' if args.cpu_offload else ''} vs 1", "",
-             "| run | tokens/s per GPU | peak GiB per GPU | final loss |", "|---|---|---|---|"]
+    lines = [
+        f"FSDP2 check: {args.model} {args.mode}, global batch {args.global_batch} x {args.seq}, {args.steps} "
+        f"steps, {args.gpus} GPUs{' (CPU offload)' if args.cpu_offload else ''} vs 1",
+        "",
+        "| run | tokens/s per GPU | peak GiB per GPU | final loss |",
+        "|---|---|---|---|",
+    ]
     for name, r in runs.items():
         peak = f"{r['peak_gib_per_gpu']:.1f}" if r.get("peak_gib_per_gpu") else "-"
         lines.append(f"| {name} | {r['tokens_per_s_per_gpu']:,.0f} | {peak} | {r['losses'][-1]:.4f} |")
-    lines += ["", f"- patched / unpatched tokens/s per GPU on {args.gpus}: "
-              f"{pn['tokens_per_s_per_gpu'] / un['tokens_per_s_per_gpu']:.2f}x",
-              f"- scaling efficiency 1 -> {args.gpus} GPUs (patched, tokens/s per GPU): "
-              f"{pn['tokens_per_s_per_gpu'] / p1['tokens_per_s_per_gpu']:.0%}",
-              f"- largest per-step loss gap: {args.gpus} vs 1 GPU {gap_1:.2e}, patched vs unpatched {gap_u:.2e}; "
-              f"trained LoRA weights {args.gpus} vs 1 GPU {werr:.2e}"]
+    lines += [
+        "",
+        f"- patched / unpatched tokens/s per GPU on {args.gpus}: "
+        f"{pn['tokens_per_s_per_gpu'] / un['tokens_per_s_per_gpu']:.2f}x",
+        f"- scaling efficiency 1 -> {args.gpus} GPUs (patched, tokens/s per GPU): "
+        f"{pn['tokens_per_s_per_gpu'] / p1['tokens_per_s_per_gpu']:.0%}",
+        f"- largest per-step loss gap: {args.gpus} vs 1 GPU {gap_1:.2e}, patched vs unpatched {gap_u:.2e}; "
+        f"trained LoRA weights {args.gpus} vs 1 GPU {werr:.2e}",
+    ]
     if pn.get("peak_gib_per_gpu") and un.get("peak_gib_per_gpu"):
-        lines.append(f"- peak memory per GPU, patched / unpatched: {pn['peak_gib_per_gpu'] / un['peak_gib_per_gpu']:.0%}")
+        lines.append(
+            f"- peak memory per GPU, patched / unpatched: {pn['peak_gib_per_gpu'] / un['peak_gib_per_gpu']:.0%}"
+        )
     lines.append("- " + ("all checks passed" if not failures else "FAILED: " + "; ".join(failures)))
     report = "\n".join(lines)
     print(report)

@@ -5,6 +5,7 @@ first test that fails - or SURVIVED. The source is restored after each run.
     python -m build_tools.mutate            # all mutations (a few minutes on 2 CPU cores)
     python -m build_tools.mutate rope ce    # those whose name starts with one of these
 """
+
 from __future__ import annotations
 
 import os
@@ -27,34 +28,84 @@ SELECTIONS = {
 
 # (name, kernel file, text, replacement)
 MUTATIONS = [
-    ("rms_norm: no Llama cast before the weight", "rms_norm",
-     "y = xhat.to(X.dtype.element_ty).to(tl.float32) * w[None, :]", "y = xhat * w[None, :]"),
+    (
+        "rms_norm: no Llama cast before the weight",
+        "rms_norm",
+        "y = xhat.to(X.dtype.element_ty).to(tl.float32) * w[None, :]",
+        "y = xhat * w[None, :]",
+    ),
     ("rms_norm: eps dropped", "rms_norm", "tl.sum(x * x, axis=1) / n_cols + eps)", "tl.sum(x * x, axis=1) / n_cols)"),
-    ("rms_norm: backward sign", "rms_norm", "dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols))",
-     "dx = rstd * (g + xhat * (tl.sum(g * xhat, axis=0) / n_cols))"),
-    ("rms_norm: backward ignores the offset", "rms_norm",
-     "w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32) + offset\n    dw = tl.zeros",
-     "w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)\n    dw = tl.zeros"),
-    ("rope: first half reads the second half of cos", "rope",
-     "c1 = tl.load(COS + crow + d, mask", "c1 = tl.load(COS + crow + half + d, mask"),
+    (
+        "rms_norm: backward sign",
+        "rms_norm",
+        "dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols))",
+        "dx = rstd * (g + xhat * (tl.sum(g * xhat, axis=0) / n_cols))",
+    ),
+    (
+        "rms_norm: backward ignores the offset",
+        "rms_norm",
+        "w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32) + offset\n    dw = tl.zeros",
+        "w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)\n    dw = tl.zeros",
+    ),
+    (
+        "rope: first half reads the second half of cos",
+        "rope",
+        "c1 = tl.load(COS + crow + d, mask",
+        "c1 = tl.load(COS + crow + half + d, mask",
+    ),
     ("rope: forward rotation sign", "rope", "y1 = x1 * c1 - x2 * s1", "y1 = x1 * c1 + x2 * s1"),
-    ("rope: backward rotates forwards", "rope",
-     "y1 = x1 * c1 + x2 * s2\n        y2 = x2 * c2 - x1 * s1", "y1 = x1 * c1 - x2 * s1\n        y2 = x2 * c2 + x1 * s2"),
-    ("rope: partial-rotary tail zeroed", "rope",
-     "tl.store(oq, tl.load(xq, mask=mp, other=0.0), mask=mp)", "tl.store(oq, 0.0 * tl.load(xq, mask=mp, other=0.0), mask=mp)"),
-    ("ce: last column of rows wider than 1000 dropped", "cross_entropy",
-     "ok = start + cols < n_cols", "ok = start + cols < tl.where(n_cols > 1000, n_cols - 1, n_cols)"),
+    (
+        "rope: backward rotates forwards",
+        "rope",
+        "y1 = x1 * c1 + x2 * s2\n        y2 = x2 * c2 - x1 * s1",
+        "y1 = x1 * c1 - x2 * s1\n        y2 = x2 * c2 + x1 * s2",
+    ),
+    (
+        "rope: partial-rotary tail zeroed",
+        "rope",
+        "tl.store(oq, tl.load(xq, mask=mp, other=0.0), mask=mp)",
+        "tl.store(oq, 0.0 * tl.load(xq, mask=mp, other=0.0), mask=mp)",
+    ),
+    (
+        "ce: last column of rows wider than 1000 dropped",
+        "cross_entropy",
+        "ok = start + cols < n_cols",
+        "ok = start + cols < tl.where(n_cols > 1000, n_cols - 1, n_cols)",
+    ),
     ("ce: softcap gradient factor dropped", "cross_entropy", "g = g * (1.0 - t * t)", "g = g * 1.0"),
     ("ce: label smoothing's mean term dropped", "cross_entropy", " - label_smoothing * (sum_x / n_cols)", ""),
     ("ce: mean counts ignored labels", "cross_entropy", "count += used.to(tl.int32)", "count += 1"),
-    ("glu: silu derivative sign", "_math", "return g * s, s * (1.0 + g * (1.0 - s))", "return g * s, s * (1.0 - g * (1.0 - s))"),
-    ("glu: forward drops up", "glu", "(a * u).to(OUT.dtype.element_ty), mask=mask)", "(a * 1.0).to(OUT.dtype.element_ty), mask=mask)"),
-    ("glu: LoRA dots lose the accumulator", "glu_lora", "return tl.dot(a, b, acc, input_precision=\"ieee\")",
-     "return tl.dot(a, b, input_precision=\"ieee\")"),
+    (
+        "glu: silu derivative sign",
+        "_math",
+        "return g * s, s * (1.0 + g * (1.0 - s))",
+        "return g * s, s * (1.0 - g * (1.0 - s))",
+    ),
+    (
+        "glu: forward drops up",
+        "glu",
+        "(a * u).to(OUT.dtype.element_ty), mask=mask)",
+        "(a * 1.0).to(OUT.dtype.element_ty), mask=mask)",
+    ),
+    (
+        "glu: LoRA dots lose the accumulator",
+        "glu_lora",
+        'return tl.dot(a, b, acc, input_precision="ieee")',
+        'return tl.dot(a, b, input_precision="ieee")',
+    ),
     ("quant: GPTQ zero offset dropped", "quant", "& MASK) + zero_offset", "& MASK)"),
-    ("quant: GPTQ scale of the wrong group", "quant",
-     "s = tl.load(SCALES + g[:, None].to(tl.int64) * s_stride", "s = tl.load(SCALES + (g * 0)[:, None].to(tl.int64) * s_stride"),
-    ("quant: NF4 nibbles swapped", "quant", "tl.reshape(tl.interleave(hi, lo), [PB])", "tl.reshape(tl.interleave(lo, hi), [PB])"),
+    (
+        "quant: GPTQ scale of the wrong group",
+        "quant",
+        "s = tl.load(SCALES + g[:, None].to(tl.int64) * s_stride",
+        "s = tl.load(SCALES + (g * 0)[:, None].to(tl.int64) * s_stride",
+    ),
+    (
+        "quant: NF4 nibbles swapped",
+        "quant",
+        "tl.reshape(tl.interleave(hi, lo), [PB])",
+        "tl.reshape(tl.interleave(lo, hi), [PB])",
+    ),
 ]
 
 
@@ -66,8 +117,14 @@ def run_one(name, kernel, text, replacement) -> str:
     try:
         path.write_text(original.replace(text, replacement))
         env = dict(os.environ, TRITON_INTERPRET="1")
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf",
-                               *SELECTIONS[kernel]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf", *SELECTIONS[kernel]],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
     finally:
         path.write_text(original)
     failed = re.findall(r"^FAILED (.+?)(?: - .*)?$", proc.stdout, re.M)

@@ -7,6 +7,7 @@
 Versions as measured on the device (docs: ../shared/notes/peers-on-device.md): Unsloth 2026.10.9 accepts
 transformers <= 5.17.0, the device's version. Its web app (`studio/`, `unsloth_cli/`) and test folders are left out
 (they are most of its 28 MB wheel)."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,19 +18,52 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-PACKAGES = ["unsloth==2026.10.9", "unsloth_zoo==2026.10.9", "trl==1.15.0", "datasets==4.8.5", "torchao==0.18.0",
-            "cut-cross-entropy==25.1.1", "dill", "multiprocess", "pydantic==2.14.*", "pydantic_core",
-            "annotated-types", "typing-inspection", "typing_extensions>=4.16", "fsspec", "msgspec", "tyro",
-            "docstring_parser", "typeguard", "structlog", "json5", "nest-asyncio", "xxhash"]
-PLATFORM = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp", "--platform",
-            "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
-            "--platform", "any"]
+PACKAGES = [
+    "unsloth==2026.10.9",
+    "unsloth_zoo==2026.10.9",
+    "trl==1.15.0",
+    "datasets==4.8.5",
+    "torchao==0.18.0",
+    "cut-cross-entropy==25.1.1",
+    "dill",
+    "multiprocess",
+    "pydantic==2.14.*",
+    "pydantic_core",
+    "annotated-types",
+    "typing-inspection",
+    "typing_extensions>=4.16",
+    "fsspec",
+    "msgspec",
+    "tyro",
+    "docstring_parser",
+    "typeguard",
+    "structlog",
+    "json5",
+    "nest-asyncio",
+    "xxhash",
+]
+PLATFORM = [
+    "--only-binary=:all:",
+    "--python-version",
+    "3.12",
+    "--implementation",
+    "cp",
+    "--platform",
+    "manylinux_2_28_x86_64",
+    "--platform",
+    "manylinux_2_17_x86_64",
+    "--platform",
+    "manylinux2014_x86_64",
+    "--platform",
+    "any",
+]
 DROP = ["studio", "unsloth_cli", "diffusers", "hf_transfer"]  # (unsloth_zoo imports torchao.testing)
 
 
 def _unpack(wheel: Path, site: Path):
     """A wheel's files into `site` as pip --target lays them out (its .data/purelib|platlib into the root)."""
     import zipfile
+
     with zipfile.ZipFile(wheel) as z:
         for name in z.namelist():
             parts = name.split("/")
@@ -53,7 +87,7 @@ def main(argv=None) -> int:
         pip = [sys.executable, "-m", "pip"]
         subprocess.run(pip + ["download", "-q", "--no-deps", *PLATFORM, "-d", str(wheels), *PACKAGES], check=True)
         for wheel in sorted(wheels.glob("*.whl")):  # (unzipped, not pip-installed: they are cp312 wheels and this
-            _unpack(wheel, site)                       # machine's Python may be another version)
+            _unpack(wheel, site)  # machine's Python may be another version)
         for rel in DROP:
             shutil.rmtree(site / rel, ignore_errors=True)
         for tests in list(site.glob("*/tests")):

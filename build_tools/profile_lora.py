@@ -8,6 +8,7 @@ replay in order with the idle time before it; --energy: time, energy and average
 sustained replay, from NVML) so optimisation work can
 target where the time goes. --warm=N runs N unprofiled steps first (default 3): kernel times under
 sustained load, as a long benchmark or training run sees them (clocks drop as the GPU heats). Shapes and modules are the benchmark's (benchmarks.peers.lora_modules)."""
+
 from __future__ import annotations
 
 import sys
@@ -46,6 +47,7 @@ def python_table(fn, x, grads, steps=50, top=25):
     """Python-level host time per step (cProfile, by own time)."""
     import cProfile
     import pstats
+
     _steps(fn, x, grads, 3)
     prof = cProfile.Profile()
     prof.enable()
@@ -58,8 +60,9 @@ def python_table(fn, x, grads, steps=50, top=25):
 
 def kernel_table(fn, x, grads, steps=5, top=25, warmup=3):
     prof = _profiled(fn, x, grads, steps, [ProfilerActivity.CUDA], warmup=warmup)
-    rows = [(e.key, e.device_time_total / steps, e.count // steps) for e in prof.key_averages()
-            if e.device_time_total > 0]
+    rows = [
+        (e.key, e.device_time_total / steps, e.count // steps) for e in prof.key_averages() if e.device_time_total > 0
+    ]
     rows.sort(key=lambda r: -r[1])
     total = sum(r[1] for r in rows)
     print(f"  total kernel time {total / 1e3:.3f} ms per step")
@@ -69,10 +72,14 @@ def kernel_table(fn, x, grads, steps=5, top=25, warmup=3):
 
 def shapes_table(fn, x, grads, steps=5, top=30, warmup=3):
     """GPU time per step by torch op and its input shapes (which matmul is which kernel)."""
-    prof = _profiled(fn, x, grads, steps, [ProfilerActivity.CPU, ProfilerActivity.CUDA], warmup=warmup,
-                     record_shapes=True)
-    rows = [(e.key, str(e.input_shapes)[:90], e.self_device_time_total / steps, e.count // steps)
-            for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0]
+    prof = _profiled(
+        fn, x, grads, steps, [ProfilerActivity.CPU, ProfilerActivity.CUDA], warmup=warmup, record_shapes=True
+    )
+    rows = [
+        (e.key, str(e.input_shapes)[:90], e.self_device_time_total / steps, e.count // steps)
+        for e in prof.key_averages(group_by_input_shape=True)
+        if e.self_device_time_total > 0
+    ]
     rows.sort(key=lambda r: -r[2])
     for name, shapes, us, n in rows[:top]:
         print(f"  {us:9.1f} us  x{n:<3d} {name[:28]:28s} {shapes}")
@@ -97,9 +104,11 @@ def captured(fn, warmup):
 
 def _captured_step(fn, x, grads, warmup):
     """A CUDA graph of one fwd+bwd step (as the benchmark's GPU time replays it), warmed up."""
+
     def step():
         torch.autograd.backward(fn(x), grads)
         x.grad = None
+
     return captured(step, warmup)
 
 
@@ -108,6 +117,7 @@ def gap_table(fn, x, grads, reps=20, warmup=3):
     the idle time before it. Shows what the replay spends between kernels (launch gaps, dependent-kernel
     ramp-up), which a kernel-time sum leaves out."""
     import statistics
+
     graph = _captured_step(fn, x, grads, warmup)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
@@ -118,11 +128,13 @@ def gap_table(fn, x, grads, reps=20, warmup=3):
     if per == 0 or len(ks) % reps:
         print(f"  ({len(ks)} device events over {reps} replays: not one trace per replay)")
         return
-    steps = [ks[i * per:(i + 1) * per] for i in range(reps)]
+    steps = [ks[i * per : (i + 1) * per] for i in range(reps)]
     wall = statistics.median(s[-1].time_range.end - s[0].time_range.start for s in steps)
     busy = statistics.median(sum(k.time_range.elapsed_us() for k in s) for s in steps)
-    print(f"  replay: {wall / 1e3:.3f} ms first kernel start to last end, {busy / 1e3:.3f} ms in kernels, "
-          f"{(wall - busy) / 1e3:.3f} ms between them ({per} kernels)")
+    print(
+        f"  replay: {wall / 1e3:.3f} ms first kernel start to last end, {busy / 1e3:.3f} ms in kernels, "
+        f"{(wall - busy) / 1e3:.3f} ms between them ({per} kernels)"
+    )
     for i in range(per):
         dur = statistics.median(s[i].time_range.elapsed_us() for s in steps)
         gap = statistics.median(s[i].time_range.start - s[i - 1].time_range.end for s in steps) if i else 0.0
@@ -135,6 +147,7 @@ def graph_energy(graph, settle_s=2.0, measure_s=4.0):
     import time
 
     import pynvml
+
     pynvml.nvmlInit()
     dev = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())  # (NVML ignores CUDA_VISIBLE_DEVICES)
     one = time.perf_counter()
@@ -150,6 +163,7 @@ def graph_energy(graph, settle_s=2.0, measure_s=4.0):
             n += per_call
             torch.cuda.synchronize()
         return n
+
     run(settle_s)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     e0 = pynvml.nvmlDeviceGetTotalEnergyConsumption(dev)
@@ -158,8 +172,12 @@ def graph_energy(graph, settle_s=2.0, measure_s=4.0):
     end.record()
     torch.cuda.synchronize()
     e1 = pynvml.nvmlDeviceGetTotalEnergyConsumption(dev)
-    return (start.elapsed_time(end) / n, (e1 - e0) / 1e3 / n, pynvml.nvmlDeviceGetClockInfo(dev, pynvml.NVML_CLOCK_SM),
-            pynvml.nvmlDeviceGetEnforcedPowerLimit(dev) / 1e3)
+    return (
+        start.elapsed_time(end) / n,
+        (e1 - e0) / 1e3 / n,
+        pynvml.nvmlDeviceGetClockInfo(dev, pynvml.NVML_CLOCK_SM),
+        pynvml.nvmlDeviceGetEnforcedPowerLimit(dev) / 1e3,
+    )
 
 
 def energy_table(fn, x, grads, warmup=3, settle_s=2.0, measure_s=4.0):
@@ -167,8 +185,10 @@ def energy_table(fn, x, grads, warmup=3, settle_s=2.0, measure_s=4.0):
     load), from NVML's energy counter: on a power-capped GPU a step cannot run faster than its energy over
     the cap, whatever its cold kernel times."""
     ms, joules, sm, cap = graph_energy(_captured_step(fn, x, grads, warmup), settle_s, measure_s)
-    print(f"  sustained: {ms:.3f} ms/step, {joules:.3f} J/step, {joules / ms * 1e3:.0f} W average (cap {cap:.0f} W), "
-          f"SM clock {sm} MHz at the end; energy / cap = {joules / cap * 1e3:.3f} ms")
+    print(
+        f"  sustained: {ms:.3f} ms/step, {joules:.3f} J/step, {joules / ms * 1e3:.0f} W average (cap {cap:.0f} W), "
+        f"SM clock {sm} MHz at the end; energy / cap = {joules / cap * 1e3:.3f} ms"
+    )
 
 
 def main(argv=None):
@@ -177,8 +197,9 @@ def main(argv=None):
     warm = next((int(a.split("=", 1)[1]) for a in argv if a.startswith("--warm=")), 3)
     works = [a for a in argv if not a.startswith("--")] or ["MLP", "QKV"]
     cases = lora_cases(lora_modules(nf4))
-    x = torch.randn(4, LORA_SHAPES["tokens"] // 4, LORA_SHAPES["hidden"], device="cuda", dtype=torch.bfloat16,
-                    requires_grad=True)
+    x = torch.randn(
+        4, LORA_SHAPES["tokens"] // 4, LORA_SHAPES["hidden"], device="cuda", dtype=torch.bfloat16, requires_grad=True
+    )
     for work in works:
         peft_fn, ours_fn = cases[f"LoRA_{work}"]
         with torch.no_grad():

@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/install.sh
+"${PYTHON:-python3}" -m ruff check .            # lint (rules: pyproject.toml)
+"${PYTHON:-python3}" -m ruff format --check .   # the formatter's layout, 120 columns
 exec "${PYTHON:-python3}" -m pytest -q tests "$@"

@@ -1,10 +1,10 @@
 """Device helpers shared by kernels (plain tl ops only: the interpreter has no libdevice), and the one reading
 of TRITON_INTERPRET that kernels, launchers and ops share."""
+
 import os
 
 import triton
 import triton.language as tl
-
 
 # The values Triton itself takes as "on" for TRITON_INTERPRET (its C++ getenv_bool, the same in 3.6 and 3.9):
 # case-insensitive, no whitespace stripped; anything else, "" included, is off.

@@ -12,6 +12,7 @@ accelerate's FSDP2 plugin and TRL do), bf16 parameters with fp32 gradient reduct
 rank's slice of one global batch, so any GPU count trains the same thing. Prints per-step global loss, tokens/s
 per GPU and peak memory per GPU; `--out` writes them (and the trained LoRA weights with `--save-lora`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,11 @@ def parse(argv=None):
     ap.add_argument("--offload", action="store_true", help="fusedlora's offloaded activation checkpointing")
     ap.add_argument("--gc", action="store_true", help="HF's gradient checkpointing (non-reentrant)")
     ap.add_argument("--no-shard", action="store_true", help="one process, no FSDP (the single-GPU reference)")
-    ap.add_argument("--cpu-offload", action="store_true",
-                    help="FSDP2 CPUOffloadPolicy: sharded parameters, gradients and optimizer state in host memory")
+    ap.add_argument(
+        "--cpu-offload",
+        action="store_true",
+        help="FSDP2 CPUOffloadPolicy: sharded parameters, gradients and optimizer state in host memory",
+    )
     ap.add_argument("--out", default=None, help="JSON results (rank 0)")
     ap.add_argument("--save-lora", action="store_true", help="include the trained LoRA weights in --out (.pt beside)")
     return ap.parse_args(argv)
@@ -46,6 +50,7 @@ def build(args, device):
     import transformers
 
     from fusedlora.workload import SHAPES, TARGETS, enable_checkpointing, quantize_linears_nf4
+
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     torch.manual_seed(0)  # the same model on every rank
@@ -65,6 +70,7 @@ def build(args, device):
     report = None
     if not args.no_patch:
         import fusedlora
+
         report = fusedlora.patch(model, offload_checkpoints=args.offload)
     return model, report
 
@@ -73,10 +79,14 @@ def shard(model, device, world, cpu_offload=False):
     import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
     mesh = init_device_mesh(device.type, (world,))
     on_gpu = device.type == "cuda"
-    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_gpu
-          else MixedPrecisionPolicy()}
+    kw = {
+        "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if on_gpu
+        else MixedPrecisionPolicy()
+    }
     if cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy(pin_memory=on_gpu)
     for layer in model.base_model.model.model.layers:
@@ -88,12 +98,14 @@ def shard(model, device, world, cpu_offload=False):
 def global_batches(args):
     """The same token stream on every rank and for any GPU count: step s is rows [s*G, (s+1)*G)."""
     from fusedlora.workload import batches
+
     return batches(args.steps, args.global_batch, args.seq, False, "cpu")
 
 
 def train(args) -> dict:
     import torch
     import torch.distributed as dist
+
     distributed = not args.no_shard and "RANK" in os.environ  # launched by torchrun / accelerate
     cuda = torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES", "x") != ""
     if not cuda:
@@ -110,8 +122,9 @@ def train(args) -> dict:
     if distributed:
         shard(model, device, world, args.cpu_offload)
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                            fused=cuda and not args.cpu_offload)  # (offloaded: the step runs on the host)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=args.lr, fused=cuda and not args.cpu_offload
+    )  # (offloaded: the step runs on the host)
     per_rank = args.global_batch // world
     losses, t0 = [], None
     if cuda:
@@ -143,10 +156,16 @@ def train(args) -> dict:
             if p.requires_grad:
                 full = p.full_tensor() if type(p).__name__ == "DTensor" else p
                 lora[name] = full.detach().float().cpu()
-    result = {"world": world, "patched": not args.no_patch, "mode": args.mode, "model": args.hf_model or args.model,
-              "losses": [float(x) for x in losses], "tokens_per_s_per_gpu": tokens_per_gpu,
-              "peak_gib_per_gpu": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-              "fallbacks": {f"{k}: {r}": n for (k, r), n in report.fallbacks.counts.items()} if report else None}
+    result = {
+        "world": world,
+        "patched": not args.no_patch,
+        "mode": args.mode,
+        "model": args.hf_model or args.model,
+        "losses": [float(x) for x in losses],
+        "tokens_per_s_per_gpu": tokens_per_gpu,
+        "peak_gib_per_gpu": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "fallbacks": {f"{k}: {r}": n for (k, r), n in report.fallbacks.counts.items()} if report else None,
+    }
     if rank == 0:
         print(json.dumps({k: v for k, v in result.items() if k != "losses"}))
         print("losses " + " ".join(f"{x:.4f}" for x in result["losses"]))

@@ -7,6 +7,7 @@ prepared once, a ctypes `cuLaunchKernel` costs ~4 us against ~10 us through cuda
 Nothing here runs at import: `libcuda.so.1` is opened on first use, so `import fusedlora` works on a
 machine with no GPU and no driver.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -66,8 +67,12 @@ class Driver:
         func = ctypes.c_void_p()
         self.check(self.lib.cuModuleGetFunction(ctypes.byref(func), module, name.encode()), "cuModuleGetFunction")
         if shared > 48 * 1024:
-            self.check(self.lib.cuFuncSetAttribute(func, ctypes.c_int(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES),
-                                                   ctypes.c_int(shared)), "cuFuncSetAttribute")
+            self.check(
+                self.lib.cuFuncSetAttribute(
+                    func, ctypes.c_int(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES), ctypes.c_int(shared)
+                ),
+                "cuFuncSetAttribute",
+            )
         return func
 
 

@@ -7,6 +7,7 @@ sm_90: triton >= 3.7 assembles sm_90 with its CUDA 13.x ptxas (`ptxas-blackwell`
 driver >= R580. We point it at the bundled CUDA 12.x ptxas instead (unless `ptxas13=True`), so that the
 prebuilt sm_90 cubins load on the R525+ drivers that sm_80..89 cubins need too.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,6 +27,7 @@ from .manifest import expected_abi, write_manifests
 
 def _bundled_ptxas() -> str | None:
     import triton
+
     p = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     return str(p) if p.exists() else None
 
@@ -36,6 +38,7 @@ def compile_variant(variant_str: str, ptxas13: bool = False) -> dict:
 
     import triton
     from triton.backends.compiler import GPUTarget
+
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
     from triton.compiler import ASTSource
 
@@ -54,8 +57,10 @@ def compile_variant(variant_str: str, ptxas13: bool = False) -> dict:
     for i, (name, kind) in enumerate(spec.arg_kinds()):
         if kind == "constexpr":
             if name not in constexprs:
-                raise KeyError(f"{v.kernel}: meta() gives no value for constexpr {name} (defaults are not "
-                               "used: the launcher and the AOT build must name every constexpr)")
+                raise KeyError(
+                    f"{v.kernel}: meta() gives no value for constexpr {name} (defaults are not "
+                    "used: the launcher and the AOT build must name every constexpr)"
+                )
             signature[name] = "constexpr"
             consts[(i,)] = constexprs[name]
             continue
@@ -69,10 +74,17 @@ def compile_variant(variant_str: str, ptxas13: bool = False) -> dict:
         if div == "16":
             attrs[(i,)] = [["tt.divisibility", 16]]
     t0 = time.perf_counter()
-    k = triton.compile(ASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", v.arch, 32),
-                       options={"num_warps": v.num_warps, "num_stages": v.num_stages, **spec.options})
+    k = triton.compile(
+        ASTSource(fn, signature, consts, attrs),
+        target=GPUTarget("cuda", v.arch, 32),
+        options={"num_warps": v.num_warps, "num_stages": v.num_stages, **spec.options},
+    )
     md = k.metadata
-    if getattr(md, "num_ctas", 1) != 1 or getattr(md, "launch_cooperative_grid", False) or getattr(md, "launch_pdl", False):
+    if (
+        getattr(md, "num_ctas", 1) != 1
+        or getattr(md, "launch_cooperative_grid", False)
+        or getattr(md, "launch_pdl", False)
+    ):
         raise RuntimeError(f"{v.kernel}: clusters, cooperative or PDL launches are not supported by the loader")
     cubin = k.asm["cubin"]
     ptx_version = re.search(r"^\.version (\d+\.\d+)", k.asm["ptx"], re.M)
@@ -113,8 +125,10 @@ def _progress(total: int, quiet: bool):
         if quiet:
             raise ImportError
         from tqdm import tqdm
+
         return tqdm(total=total, unit="kernel", file=sys.stderr, dynamic_ncols=True)
     except ImportError:
+
         class Plain:
             def __init__(self):
                 self.n = 0
@@ -126,11 +140,18 @@ def _progress(total: int, quiet: bool):
 
             def close(self):
                 pass
+
         return Plain()
 
 
-def build(variants: Iterable[Variant], out_dir: str | os.PathLike, jobs: int | None = None,
-          ptxas13: bool = False, quiet: bool = False, merge: bool = True) -> dict:
+def build(
+    variants: Iterable[Variant],
+    out_dir: str | os.PathLike,
+    jobs: int | None = None,
+    ptxas13: bool = False,
+    quiet: bool = False,
+    merge: bool = True,
+) -> dict:
     """Compile `variants` into `out_dir` (cubins + manifest.json). Returns a summary dict.
 
     With merge, entries already in the directory's manifest are kept unless rebuilt (the user dir)."""
@@ -147,6 +168,7 @@ def build(variants: Iterable[Variant], out_dir: str | os.PathLike, jobs: int | N
         pool = None
     else:
         import multiprocessing as mp
+
         # fork is fastest, but not from a process whose CUDA runtime has started threads (GPU tests).
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") and "torch" not in sys.modules else "spawn")
         pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
@@ -164,13 +186,22 @@ def build(variants: Iterable[Variant], out_dir: str | os.PathLike, jobs: int | N
         if pool is not None:
             pool.shutdown()
     write_manifests(out, records, merge)
-    summary = {"variants": len(records), "errors": errors, "seconds": round(time.perf_counter() - t0, 1),
-               "bytes": sum(r["bytes"] for r in records), "out": str(out), "jobs": jobs,
-               "archs": sorted({r["variant"]["arch"] for r in records})}
+    summary = {
+        "variants": len(records),
+        "errors": errors,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "bytes": sum(r["bytes"] for r in records),
+        "out": str(out),
+        "jobs": jobs,
+        "archs": sorted({r["variant"]["arch"] for r in records}),
+    }
     if not quiet:
-        print(f"fusedlora AOT: {summary['variants']} variants for sm_{', sm_'.join(map(str, summary['archs']))} "
-              f"in {summary['seconds']} s, {summary['bytes'] / 1e6:.2f} MB of cubins -> {out}"
-              + (f"; {len(errors)} FAILED" if errors else ""), file=sys.stderr)
+        print(
+            f"fusedlora AOT: {summary['variants']} variants for sm_{', sm_'.join(map(str, summary['archs']))} "
+            f"in {summary['seconds']} s, {summary['bytes'] / 1e6:.2f} MB of cubins -> {out}"
+            + (f"; {len(errors)} FAILED" if errors else ""),
+            file=sys.stderr,
+        )
         for e in errors:
             print("  failed: " + e, file=sys.stderr)
     return summary

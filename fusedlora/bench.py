@@ -4,6 +4,7 @@ benchmarks/ folder, run from a checkout (the installed wheel first on PYTHONPATH
 context`) and `python -m benchmarks.peers` (the kernel-level peer benchmark). The installed package keeps the
 training demo, `python -m fusedlora.demo`.
 """
+
 from __future__ import annotations
 
 import sys
@@ -15,8 +16,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = MOVED.get(argv[0] if argv else "", "benchmarks.peers")
     rest = " ".join(argv[1:] if argv[:1] and argv[0] in MOVED else argv)
-    print(f"fusedlora.bench has moved to the repository's benchmarks/ (not installed): from a checkout, run "
-          f"`python -m {command}{' ' + rest if rest else ''}`; the demo is `python -m fusedlora.demo`", file=sys.stderr)
+    print(
+        f"fusedlora.bench has moved to the repository's benchmarks/ (not installed): from a checkout, run "
+        f"`python -m {command}{' ' + rest if rest else ''}`; the demo is `python -m fusedlora.demo`",
+        file=sys.stderr,
+    )
     return 2
 
 

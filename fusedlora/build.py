@@ -7,6 +7,7 @@
 The default output directory is `~/.cache/fusedlora/kernels` ($XDG_CACHE_HOME respected); the loader
 also searches every directory of FUSEDLORA_KERNEL_PATH. No GPU is needed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,6 +98,7 @@ def variant_from_text(text: str) -> Variant:
 def _local_arch() -> int | None:
     try:
         import torch
+
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability()
             return major * 10 + minor
@@ -106,8 +108,9 @@ def _local_arch() -> int | None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fusedlora.build", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m fusedlora.build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--config", help="HF config.json path, model directory, or JSON text")
     ap.add_argument("--variant", action="append", default=[], help="a variant string (repeatable)")
     ap.add_argument("--arch", default=None, help="comma-separated archs, e.g. 90 or 80,86 (default: this GPU)")
@@ -141,8 +144,10 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else user_kernel_dir()
     summary = aot.build(variants, out, jobs=args.jobs, ptxas13=args.ptxas13, quiet=args.quiet, merge=True)
     if out.resolve() != user_kernel_dir().resolve():
-        print(f"The loader searches FUSEDLORA_KERNEL_PATH, then {user_kernel_dir()}, then the wheel's set: to use "
-              f"these kernels, export FUSEDLORA_KERNEL_PATH={out.resolve()} (':'-separated for several folders)")
+        print(
+            f"The loader searches FUSEDLORA_KERNEL_PATH, then {user_kernel_dir()}, then the wheel's set: to use "
+            f"these kernels, export FUSEDLORA_KERNEL_PATH={out.resolve()} (':'-separated for several folders)"
+        )
     else:
         print(f"The loader finds these kernels in {out} by itself (no environment variable needed)")
     return 1 if summary["errors"] else 0

@@ -20,6 +20,7 @@ checkpointing keeps it (warned once), so a sequence too long for the host's memo
 has room.
 On CPU tensors (tests, the interpreter) the "offload" is a copy into a host buffer and back, with no streams.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -75,9 +76,10 @@ def _cgroup_available() -> int | None:
         pass
     files = []
     for base, limit_name, usage_name, version in (
-            (CGROUP_MOUNT, "memory.max", "memory.current", "v2"),
-            (os.path.join(CGROUP_MOUNT, "unified"), "memory.max", "memory.current", "v2"),  # hybrid hosts
-            (os.path.join(CGROUP_MOUNT, "memory"), "memory.limit_in_bytes", "memory.usage_in_bytes", "v1")):
+        (CGROUP_MOUNT, "memory.max", "memory.current", "v2"),
+        (os.path.join(CGROUP_MOUNT, "unified"), "memory.max", "memory.current", "v2"),  # hybrid hosts
+        (os.path.join(CGROUP_MOUNT, "memory"), "memory.limit_in_bytes", "memory.usage_in_bytes", "v1"),
+    ):
         for rel in dict.fromkeys((own[version].lstrip("/"), "")):
             files.append((os.path.join(base, rel, limit_name), os.path.join(base, rel, usage_name)))
     for limit_file, usage_file in files:
@@ -93,10 +95,15 @@ def _default_host_bound() -> int:
     warned."""
     available, cgroup = _meminfo_available(), _cgroup_available()
     if available is None:
-        bound = min(CONSERVATIVE_HOST_BYTES, int(HOST_SHARE * cgroup) if cgroup is not None else CONSERVATIVE_HOST_BYTES)
-        warnings.warn(f"fusedlora offloaded checkpointing: cannot read MemAvailable from {MEMINFO}; the pinned host "
-                      f"buffers are bounded to {bound / 2**30:.1f} GiB (pass patch(offload_host_limit_gib=...) to "
-                      "choose)", stacklevel=5)
+        bound = min(
+            CONSERVATIVE_HOST_BYTES, int(HOST_SHARE * cgroup) if cgroup is not None else CONSERVATIVE_HOST_BYTES
+        )
+        warnings.warn(
+            f"fusedlora offloaded checkpointing: cannot read MemAvailable from {MEMINFO}; the pinned host "
+            f"buffers are bounded to {bound / 2**30:.1f} GiB (pass patch(offload_host_limit_gib=...) to "
+            "choose)",
+            stacklevel=5,
+        )
         return bound
     return int(HOST_SHARE * (available if cgroup is None else min(available, cgroup)))
 
@@ -116,8 +123,9 @@ def _new_host_buffer(like: torch.Tensor) -> torch.Tensor:
 def _empty_host_cache():
     """torch's call that hands cached pinned blocks back to the driver (dropping a pinned tensor only caches its
     block, for a later request of the same size), or None where this torch has none (the private name: older torch)."""
-    return (getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
-            or getattr(torch._C, "_host_emptyCache", None))
+    return getattr(getattr(torch, "accelerator", None), "empty_host_cache", None) or getattr(
+        torch._C, "_host_emptyCache", None
+    )
 
 
 class _HostPool:
@@ -130,7 +138,7 @@ class _HostPool:
         self.free: dict[tuple[int, bool], list[torch.Tensor]] = {}
         self.lock = threading.Lock()
         self.limit = limit
-        self.made = 0                  # bytes of every buffer held (free or in use)
+        self.made = 0  # bytes of every buffer held (free or in use)
         self.refused: str | None = None  # why the last buffer could not be made
 
     def take(self, like: torch.Tensor) -> tuple[torch.Tensor, tuple, torch.Tensor] | None:
@@ -164,8 +172,10 @@ class _HostPool:
             self.limit = _default_host_bound()
         cost = key[0]
         if self.made + cost > self.limit and not self._free_idle(self.made + cost - self.limit):
-            self.refused = (f"the host buffers would pass their bound of {self.limit / 2**30:.1f} GiB "
-                            f"({self.made / 2**30:.1f} GiB in use)")
+            self.refused = (
+                f"the host buffers would pass their bound of {self.limit / 2**30:.1f} GiB "
+                f"({self.made / 2**30:.1f} GiB in use)"
+            )
             return None
         try:
             buf = _new_host_buffer(like)
@@ -219,8 +229,11 @@ class Offloader:
         self.kept_on_device += 1
         if not self.warned:
             self.warned = True
-            warnings.warn(f"fusedlora offloaded checkpointing: {self.pool.refused}; layer inputs that find no host "
-                          "buffer stay on the GPU (as on-GPU checkpointing keeps them)", stacklevel=4)
+            warnings.warn(
+                f"fusedlora offloaded checkpointing: {self.pool.refused}; layer inputs that find no host "
+                "buffer stay on the GPU (as on-GPU checkpointing keeps them)",
+                stacklevel=4,
+            )
 
     def anchor(self, device) -> torch.Tensor:
         """An empty tensor that requires grad: an input of every checkpoint node, so that autograd runs its
@@ -350,7 +363,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         with torch.enable_grad(), replayed_rng(ctx.rng, x.device, ctx.autocast):
             out = ctx.function(x, *ctx.rest)
         outs = out if ctx.tuple_out else (out,)
-        pairs = [(o, g) for o, g in zip(outs, grads) if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+        pairs = [
+            (o, g) for o, g in zip(outs, grads) if isinstance(o, torch.Tensor) and o.requires_grad and g is not None
+        ]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         return (None, None, None, x.grad if saved.requires_grad else None) + (None,) * len(ctx.rest)
@@ -366,8 +381,10 @@ def offloaded_checkpoint(function, *args, offloader: Offloader | None = None, **
     always RNG-preserving. The parameters the function uses get their gradients in the backward's recompute,
     also when the input needs none."""
     if not args or not isinstance(args[0], torch.Tensor):
-        raise TypeError("offloaded_checkpoint: the first argument after the function must be the layer's input "
-                        "tensor (HF passes hidden_states positionally)")
+        raise TypeError(
+            "offloaded_checkpoint: the first argument after the function must be the layer's input "
+            "tensor (HF passes hidden_states positionally)"
+        )
     if not torch.is_grad_enabled():
         return function(*args)
     offloader = offloader or Offloader()

@@ -48,6 +48,7 @@ Random numbers (dropout) are drawn in the graph from torch's CUDA generator, adv
 differ per step as in eager (not the same masks as an eager run). A checkpointed layer's recompute replays
 under the generator state of its forward, so it draws the forward's masks.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -127,15 +128,17 @@ def _check_outputs(got, expected):
 
 class GraphKey(NamedTuple):
     """What a graph bakes in of a call, so what selects it (a tuple: hashed and compared in C at every layer call)."""
-    args: tuple       # the arguments' description (`_flatten`): shapes, strides, dtypes, requires_grad, plain values
-    autocast: tuple   # (enabled, dtype) on the arguments' device type
-    params: tuple     # ids of the layer's trainable parameters
-    adapters: tuple   # the PEFT adapter state (GraphedModule.adapter_state)
-    kind: type        # LayerGraph, or CheckpointGraph for a call through the layer's checkpointing function
+
+    args: tuple  # the arguments' description (`_flatten`): shapes, strides, dtypes, requires_grad, plain values
+    autocast: tuple  # (enabled, dtype) on the arguments' device type
+    params: tuple  # ids of the layer's trainable parameters
+    adapters: tuple  # the PEFT adapter state (GraphedModule.adapter_state)
+    kind: type  # LayerGraph, or CheckpointGraph for a call through the layer's checkpointing function
 
 
 class _Call(NamedTuple):
     """A call graphs may serve: its key, its tensor arguments in order, the layer's trainable parameters."""
+
     key: GraphKey
     tensors: list
     params: list
@@ -144,6 +147,7 @@ class _Call(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class _Layout:
     """A tensor's shape, strides, dtype and device: what a shared buffer is made from."""
+
     shape: tuple
     strides: tuple
     dtype: torch.dtype
@@ -156,8 +160,13 @@ class _Layout:
     @staticmethod
     def of(t, requires_grad: bool | None = None) -> _Layout:
         """The layout of a tensor (or of a _Layout)."""
-        return _Layout(tuple(t.shape), tuple(t.stride()), t.dtype, t.device,
-                       t.requires_grad if requires_grad is None else requires_grad)
+        return _Layout(
+            tuple(t.shape),
+            tuple(t.stride()),
+            t.dtype,
+            t.device,
+            t.requires_grad if requires_grad is None else requires_grad,
+        )
 
 
 @torch.no_grad()
@@ -170,18 +179,19 @@ def _copy_in(statics, tensors):
 @dataclasses.dataclass(eq=False)
 class _CapturedGraphs:
     """One captured key, either kind: the forward and backward graphs and the static tensors they read and write."""
-    inputs: list                 # what the forward reads the call's tensor arguments from
-    params: list                 # trainable parameters the backward differentiates
-    outputs: list                # the forward's output tensors (static)
-    out_desc: tuple              # the output's structure (`_flatten`)
-    grad_outputs: list           # static incoming gradients of the differentiable outputs
-    grad_inputs: list            # static gradients of (inputs requiring grad, params), None where unused
-    diff_outputs: list           # indices of outputs that carry a gradient
-    wants_grad: list             # indices of inputs requiring grad
+
+    inputs: list  # what the forward reads the call's tensor arguments from
+    params: list  # trainable parameters the backward differentiates
+    outputs: list  # the forward's output tensors (static)
+    out_desc: tuple  # the output's structure (`_flatten`)
+    grad_outputs: list  # static incoming gradients of the differentiable outputs
+    grad_inputs: list  # static gradients of (inputs requiring grad, params), None where unused
+    diff_outputs: list  # indices of outputs that carry a gradient
+    wants_grad: list  # indices of inputs requiring grad
     fwd: torch.cuda.CUDAGraph
     bwd: torch.cuda.CUDAGraph
-    module_ref: object           # weakref to the module, and the addresses of its parameters and buffers at
-    ptrs: tuple                  # capture (checked again before each backward replay)
+    module_ref: object  # weakref to the module, and the addresses of its parameters and buffers at
+    ptrs: tuple  # capture (checked again before each backward replay)
 
     def non_differentiable(self, outs) -> list:
         return [o for i, o in enumerate(outs) if i not in self.diff_outputs]
@@ -189,10 +199,12 @@ class _CapturedGraphs:
     def check_weights(self):
         module = self.module_ref() if self.module_ref is not None else None
         if module is not None and _addresses(module) != self.ptrs:
-            raise RuntimeError("fusedlora.cuda_graph_layers: a layer's weights moved between its forward and its "
-                               "backward (FSDP re-gathering them, say): its backward graph would read the old "
-                               "memory. CUDA-graph layers do not work with sharded or re-allocated weights; "
-                               "fusedlora.unpatch(model) and patch it without cuda_graphs")
+            raise RuntimeError(
+                "fusedlora.cuda_graph_layers: a layer's weights moved between its forward and its "
+                "backward (FSDP re-gathering them, say): its backward graph would read the old "
+                "memory. CUDA-graph layers do not work with sharded or re-allocated weights; "
+                "fusedlora.unpatch(model) and patch it without cuda_graphs"
+            )
 
     def replay_backward(self, grads, rng=None) -> list:
         """Incoming gradients into the backward graph, a replay (under `rng`, (device, a forward's generator
@@ -218,10 +230,11 @@ class _CapturedGraphs:
 class LayerGraph(_CapturedGraphs):
     """Graphs of a plain training call: the forward's saved activations stay in the graph's memory until its
     backward replays, so one replay at a time may wait for its backward (`_Replay`)."""
-    aliased: tuple = ()          # inputs that are another graph's static output (the previous layer's): read
+
+    aliased: tuple = ()  # inputs that are another graph's static output (the previous layer's): read
     #                              in place, never copied into
-    generation: int = 0          # forward replays so far: a backward checks that its forward is the latest
-    pending: object = None       # weakref to the ctx of the replay that waits for its backward
+    generation: int = 0  # forward replays so far: a backward checks that its forward is the latest
+    pending: object = None  # weakref to the ctx of the replay that waits for its backward
 
     @classmethod
     def capture(cls, wrapper: GraphedModule, call: _Call, forward) -> LayerGraph:
@@ -229,8 +242,10 @@ class LayerGraph(_CapturedGraphs):
         # another graph's static output (the previous layer's graph fed this call), that output itself: one
         # copy and one buffer less per layer
         produced = [wrapper.shared.static_output(t) for t in call.tensors]
-        static_in = [(t.detach().clone() if o is None else o.detach()).requires_grad_(t.requires_grad)
-                     for t, o in zip(call.tensors, produced)]
+        static_in = [
+            (t.detach().clone() if o is None else o.detach()).requires_grad_(t.requires_grad)
+            for t, o in zip(call.tensors, produced)
+        ]
         cap = _Capture(wrapper, call, forward, static_in)
         fwd, bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with cap.recording(fwd):
@@ -242,8 +257,10 @@ class LayerGraph(_CapturedGraphs):
         with cap.recording(bwd):
             grad_inputs = cap.backward(out, aliases, retain=True)
         wrapper.shared.register_outputs(outputs)
-        return cls(**cap.fields(fwd, bwd, outputs, out_desc, grad_inputs),
-                   aliased=tuple(i for i, o in enumerate(produced) if o is not None))
+        return cls(
+            **cap.fields(fwd, bwd, outputs, out_desc, grad_inputs),
+            aliased=tuple(i for i, o in enumerate(produced) if o is not None),
+        )
 
     def awaiting_backward(self) -> bool:
         return self.pending is not None and self.pending() is not None
@@ -294,10 +311,15 @@ class _Capture:
         self.shared, self.call, self.forward, self.static_in = wrapper.shared, call, forward, static_in
         self.module_ref = wrapper.module_ref
         self.wants_grad = [i for i, t in enumerate(static_in) if t.requires_grad]
-        self.slots = [(m, n) for m in wrapper.module_ref().modules() for n, p in m._parameters.items()
-                      if p is not None and p.requires_grad]
-        if len(self.slots) != len(call.params) or any(m._parameters[n] is not p
-                                                       for (m, n), p in zip(self.slots, call.params)):
+        self.slots = [
+            (m, n)
+            for m in wrapper.module_ref().modules()
+            for n, p in m._parameters.items()
+            if p is not None and p.requires_grad
+        ]
+        if len(self.slots) != len(call.params) or any(
+            m._parameters[n] is not p for (m, n), p in zip(self.slots, call.params)
+        ):
             raise RuntimeError("the layer's trainable parameters are not its own (shared or tied elsewhere)")
         layouts = wrapper.cache.out_layouts.get(call.key)
         if self.shared.warmed and layouts is not None:
@@ -323,7 +345,7 @@ class _Capture:
         args, kwargs = _rebuild(self.call.key.args, iter(inputs))
         saved = [m._parameters[n] for m, n in self.slots]
         aliases = [inputs[i] for i in self.wants_grad] + [p.view_as(p) for p in saved]
-        for (m, n), alias in zip(self.slots, aliases[len(self.wants_grad):]):
+        for (m, n), alias in zip(self.slots, aliases[len(self.wants_grad) :]):
             m._parameters[n] = alias
         try:
             return self.forward(*args, **kwargs), aliases
@@ -335,14 +357,15 @@ class _Capture:
         """The backward of `out` into the shared input-gradient buffers; returns the graph's grad_inputs (per
         input requiring grad its shared buffer, None where unused; then the parameters' gradients)."""
         outs, _ = _output_tensors(out)
-        grads = torch.autograd.grad([outs[i] for i in self.diff_outputs], aliases, self.grad_outputs,
-                                    retain_graph=retain, allow_unused=True)
+        grads = torch.autograd.grad(
+            [outs[i] for i in self.diff_outputs], aliases, self.grad_outputs, retain_graph=retain, allow_unused=True
+        )
         shared_in = []
         for i, g in zip(self.wants_grad, grads):
             if g is not None:
                 self.grad_in[i].copy_(g)
             shared_in.append(None if g is None else self.grad_in[i])
-        return shared_in + list(grads[len(self.wants_grad):])
+        return shared_in + list(grads[len(self.wants_grad) :])
 
     @contextlib.contextmanager
     def recording(self, graph):
@@ -356,10 +379,20 @@ class _Capture:
     def fields(self, fwd, bwd, outputs, out_desc, grad_inputs) -> dict:
         """The fields both kinds of graph record, once both graphs are captured."""
         module = self.module_ref()
-        return {"inputs": self.static_in, "params": self.call.params, "outputs": outputs, "out_desc": out_desc,
-                "grad_outputs": self.grad_outputs, "grad_inputs": grad_inputs, "diff_outputs": self.diff_outputs,
-                "wants_grad": self.wants_grad, "fwd": fwd, "bwd": bwd, "module_ref": self.module_ref,
-                "ptrs": _addresses(module)}
+        return {
+            "inputs": self.static_in,
+            "params": self.call.params,
+            "outputs": outputs,
+            "out_desc": out_desc,
+            "grad_outputs": self.grad_outputs,
+            "grad_inputs": grad_inputs,
+            "diff_outputs": self.diff_outputs,
+            "wants_grad": self.wants_grad,
+            "fwd": fwd,
+            "bwd": bwd,
+            "module_ref": self.module_ref,
+            "ptrs": _addresses(module),
+        }
 
     def _warm_up(self, without_grad_first: bool):
         """The layer's call and backward on a side stream, off the capture (cuBLAS workspaces and other lazy
@@ -375,8 +408,12 @@ class _Capture:
             out, aliases = self.run()
             outs, _ = _output_tensors(out)
             diff_outputs = _differentiable(outs)
-            torch.autograd.grad([outs[i] for i in diff_outputs], aliases,
-                                [torch.ones_like(outs[i]) for i in diff_outputs], allow_unused=True)
+            torch.autograd.grad(
+                [outs[i] for i in diff_outputs],
+                aliases,
+                [torch.ones_like(outs[i]) for i in diff_outputs],
+                allow_unused=True,
+            )
             out_like = [_Layout.of(o, requires_grad=False) for o in outs]
             del out, outs, aliases
         torch.cuda.current_stream().wait_stream(side)
@@ -405,7 +442,7 @@ class _Replay(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, graph: LayerGraph, *tensors):
-        _copy_in(graph.inputs, tensors[:len(graph.inputs)])
+        _copy_in(graph.inputs, tensors[: len(graph.inputs)])
         graph.fwd.replay()
         graph.generation += 1
         ctx.graph, ctx.generation = graph, graph.generation
@@ -418,9 +455,11 @@ class _Replay(torch.autograd.Function):
     def backward(ctx, *grads):
         graph = ctx.graph
         if ctx.generation != graph.generation:
-            raise RuntimeError("fusedlora.cuda_graph_layers: a layer's graph was replayed again before this backward "
-                               "(backward through an older forward, e.g. retain_graph=True across steps); "
-                               "its saved activations are gone")
+            raise RuntimeError(
+                "fusedlora.cuda_graph_layers: a layer's graph was replayed again before this backward "
+                "(backward through an older forward, e.g. retain_graph=True across steps); "
+                "its saved activations are gone"
+            )
         graph.check_weights()
         out = graph.replay_backward(grads)
         graph.pending = None
@@ -436,7 +475,7 @@ class _CheckpointReplay(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, graph: CheckpointGraph, offloader, *tensors):
-        inputs = tensors[:len(graph.inputs)]
+        inputs = tensors[: len(graph.inputs)]
         ctx.rng = (inputs[0].device, rng_state(inputs[0].device))  # (the recompute draws the same masks)
         _copy_in(graph.inputs, inputs)
         graph.fwd.replay()
@@ -471,15 +510,16 @@ class _GraphCache:
     `max_shapes` keys (each keeps its own activation memory), never again once its capture failed. Also the
     output layouts of eager calls (a capture sized from them needs no warm-up run) and the parameter addresses
     the graphs read."""
+
     BOUND = 4096  # keys that never recur (packed batches' lengths): the eager calls' bookkeeping stays bounded
 
     def __init__(self, warmup: int, max_shapes: int):
         self.warmup, self.max_shapes = warmup, max_shapes
-        self.graphs: dict = {}        # GraphKey -> LayerGraph or CheckpointGraph
-        self.failed: dict = {}        # GraphKey -> why its capture failed
-        self.seen: dict = {}          # GraphKey -> eager calls so far
-        self.out_layouts: dict = {}   # GraphKey -> the output layouts of its eager calls
-        self.addresses = None         # of the layer's parameters and buffers, as the graphs read them
+        self.graphs: dict = {}  # GraphKey -> LayerGraph or CheckpointGraph
+        self.failed: dict = {}  # GraphKey -> why its capture failed
+        self.seen: dict = {}  # GraphKey -> eager calls so far
+        self.out_layouts: dict = {}  # GraphKey -> the output layouts of its eager calls
+        self.addresses = None  # of the layer's parameters and buffers, as the graphs read them
 
     def due(self, key: GraphKey) -> bool:
         """Whether a key without graphs is captured now; if not, its eager call is counted."""
@@ -537,8 +577,12 @@ class GraphedModule:
     # ------------------------------------------------------------------ call
     def __call__(self, *args, **kwargs):
         module = self.module_ref()
-        if self.inside_checkpoint or (module is not None and module.training and torch.is_grad_enabled()
-                                      and getattr(module, "gradient_checkpointing", False)):
+        if self.inside_checkpoint or (
+            module is not None
+            and module.training
+            and torch.is_grad_enabled()
+            and getattr(module, "gradient_checkpointing", False)
+        ):
             # checkpointed: HF's layer call goes through its _gradient_checkpointing_func, which is ours
             # (_GraphedCheckpoint) from now on; inside it the layer's own forward runs
             if not self.inside_checkpoint:
@@ -579,6 +623,7 @@ class GraphedModule:
         def forward(*args, **kwargs):
             with self._in_checkpoint():
                 return body(*args, **kwargs)
+
         return forward
 
     @contextlib.contextmanager
@@ -619,8 +664,14 @@ class GraphedModule:
 
     def _graphable_call(self, module, args, kwargs, kind: type) -> _Call | None:
         """The call (for graphs of `kind`) when graphs may serve it, else None."""
-        if (module is None or not torch.is_grad_enabled() or not module.training or torch.compiler.is_compiling()
-                or kwargs.get("past_key_values") is not None or kwargs.get("past_key_value") is not None):
+        if (
+            module is None
+            or not torch.is_grad_enabled()
+            or not module.training
+            or torch.compiler.is_compiling()
+            or kwargs.get("past_key_values") is not None
+            or kwargs.get("past_key_value") is not None
+        ):
             return None
         tensors: list = []
         try:
@@ -630,8 +681,12 @@ class GraphedModule:
         if not tensors or not all(_graphable(t) for t in tensors) or torch.cuda.is_current_stream_capturing():
             return None  # (another capture in progress: torch.compile's CUDA graphs, the caller's own)
         if _sharded(module):
-            self.warn_once("sharded", "fusedlora.cuda_graph_layers: the layer's parameters are FSDP-sharded "
-                           "(DTensors, re-gathered into new memory at each call): it runs eagerly", stacklevel=3)
+            self.warn_once(
+                "sharded",
+                "fusedlora.cuda_graph_layers: the layer's parameters are FSDP-sharded "
+                "(DTensors, re-gathered into new memory at each call): it runs eagerly",
+                stacklevel=3,
+            )
             return None
         return self._cache_key(module, desc, tensors, kind)
 
@@ -642,13 +697,18 @@ class GraphedModule:
         ptrs = _addresses(module, every)
         if self.cache.addresses != ptrs:
             if self.cache.graphs:
-                warnings.warn("fusedlora.cuda_graph_layers: a layer's parameters moved (model.to, a swapped "
-                              "weight); its CUDA graphs are dropped and re-captured", stacklevel=3)
+                warnings.warn(
+                    "fusedlora.cuda_graph_layers: a layer's parameters moved (model.to, a swapped "
+                    "weight); its CUDA graphs are dropped and re-captured",
+                    stacklevel=3,
+                )
             self.cache.reset(ptrs)
             self._lora_modules = None
         device = tensors[0].device.type
         autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        return _Call(GraphKey(desc, autocast, tuple(id(p) for p in params), self.adapter_state(), kind), tensors, params)
+        return _Call(
+            GraphKey(desc, autocast, tuple(id(p) for p in params), self.adapter_state(), kind), tensors, params
+        )
 
     def adapter_state(self) -> tuple:
         """What a graph bakes in of the layer's PEFT adapters and the forward cannot see in its tensors
@@ -680,8 +740,11 @@ class GraphedModule:
                 # capture in this model
                 self.shared.broken = f"an earlier capture failed ({why})"
                 self.shared.capturing = False
-            warnings.warn(f"fusedlora.cuda_graph_layers: {type(self.module_ref()).__name__} could not be captured "
-                          f"as a CUDA graph ({why}); it runs eagerly", stacklevel=4)
+            warnings.warn(
+                f"fusedlora.cuda_graph_layers: {type(self.module_ref()).__name__} could not be captured "
+                f"as a CUDA graph ({why}); it runs eagerly",
+                stacklevel=4,
+            )
             torch.cuda.synchronize()
             return None
         self.shared.warmed = True
@@ -692,10 +755,12 @@ class GraphedModule:
         """A copy of the model (TRL's reference model, say) gets wrappers of its own: bound to the copied
         module, no graphs yet, one new shared pool per copied model."""
         import copy
+
         module = copy.deepcopy(self.module_ref(), memo)
         shared = memo.setdefault(id(self.shared), _SharedPool())
-        return GraphedModule(module, copy.deepcopy(self.original, memo), shared, self.cache.warmup,
-                             self.cache.max_shapes)
+        return GraphedModule(
+            module, copy.deepcopy(self.original, memo), shared, self.cache.warmup, self.cache.max_shapes
+        )
 
     def __reduce__(self):
         raise TypeError("a model under fusedlora.cuda_graph_layers cannot be pickled; fusedlora.unpatch(model) first")
@@ -710,7 +775,7 @@ class _SharedPool:
         self.capturing = False
         self.broken: str | None = None
         self.buffers: dict = {}
-        self.warmed = False   # a capture succeeded: the lazy initialisations are done
+        self.warmed = False  # a capture succeeded: the lazy initialisations are done
         self.warm_ups = 0
         self.outputs = weakref.WeakValueDictionary()  # data_ptr -> a saved-activation graph's static output
 
@@ -730,7 +795,14 @@ class _SharedPool:
         first output's incoming gradient...) with `like`'s layout. Layers run one after another, and a graph
         reads these only while it replays (its caller copies in just before, out just after), so one buffer
         serves every layer instead of one per layer."""
-        key = (tag, tuple(like.shape), tuple(like.stride()), like.dtype, like.device, like.requires_grad)  # (a tensor or
+        key = (
+            tag,
+            tuple(like.shape),
+            tuple(like.stride()),
+            like.dtype,
+            like.device,
+            like.requires_grad,
+        )  # (a tensor or
         # a _Layout)
         buffer = self.buffers.get(key)
         if buffer is None:
@@ -759,20 +831,29 @@ class _GraphedCheckpoint:
         self.replayable = offloaded or _plain_torch_checkpoint(inner)
 
     def __call__(self, function, *args, **kwargs):
-        if (kwargs or not isinstance(function, functools.partial) or not args or not isinstance(args[0], torch.Tensor)
-                or (self.offloaded and self.offloader is None)):
+        if (
+            kwargs
+            or not isinstance(function, functools.partial)
+            or not args
+            or not isinstance(args[0], torch.Tensor)
+            or (self.offloaded and self.offloader is None)
+        ):
             return self.inner(function, *args, **kwargs)
         if not self.replayable:
             self.wrapper.warn_once(
-                "checkpointing", f"fusedlora.cuda_graph_layers: the layers' checkpointing function ({self.inner!r:.120}) "
+                "checkpointing",
+                f"fusedlora.cuda_graph_layers: the layers' checkpointing function ({self.inner!r:.120}) "
                 "is neither torch's checkpoint nor fusedlora's offloaded checkpointing (transformers' "
                 "activation_checkpointing_enable(offload=True), say): those layers run eagerly under it, keeping "
-                "what it keeps where it keeps it", stacklevel=2)
+                "what it keeps where it keeps it",
+                stacklevel=2,
+            )
             return self.inner(function, *args, **kwargs)
         return self.wrapper.call_checkpointed(function, args, self.inner, self.offloader)
 
     def __deepcopy__(self, memo):
         import copy  # a copied model gets the plain function; its own wrapper installs itself again
+
         return copy.deepcopy(self.inner, memo)
 
 
@@ -786,6 +867,7 @@ def _plain_torch_checkpoint(func) -> bool:
     with use_reentrant...), whose calls a checkpoint graph may replace; not a function that also moves saved
     tensors (transformers' offload=True wraps checkpoint in save_on_cpu) or selects what to save (context_fn)."""
     from torch.utils.checkpoint import checkpoint
+
     if isinstance(func, functools.partial):
         return func.func is checkpoint and not func.args and set(func.keywords) <= _PLAIN_CHECKPOINT_KEYWORDS
     return func is checkpoint

@@ -7,6 +7,7 @@ print tokens/s, peak memory, first-step time and the losses side by side, and pl
 On a machine with no GPU it runs the tiny shape under the Triton interpreter (slow, but the loss parity
 shows).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,10 @@ from .workload import RunSpec, add_run_args, run_in_subprocess
 def table(results, log_every: int = 1) -> str:
     ok = [r for r in results if "error" not in r]
     lines = ["| | " + " | ".join(r["variant"] for r in ok) + " |", "|---|" + "---|" * len(ok)]
+
     def row(name, fmt):
         lines.append(f"| {name} | " + " | ".join(fmt(r) for r in ok) + " |")
+
     row("tokens/s", lambda r: f"{r['tokens_per_s']:,.0f}")
     row("step ms", lambda r: f"{r['step_ms']:.1f}")
     row("peak GPU memory GiB", lambda r: "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}")
@@ -41,6 +44,7 @@ def table(results, log_every: int = 1) -> str:
 def plot(results, path: Path) -> bool:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -65,8 +69,10 @@ def plot(results, path: Path) -> bool:
     else:
         axes[2].axis("off")
     r0 = ok[0] if ok else {}
-    fig.suptitle(f"{r0.get('model')} {r0.get('mode')} batch {r0.get('batch')} x {r0.get('seq')}"
-                 f"{' gc' if r0.get('gc') else ''}{' packed' if r0.get('packed') else ''} on {r0.get('device')}")
+    fig.suptitle(
+        f"{r0.get('model')} {r0.get('mode')} batch {r0.get('batch')} x {r0.get('seq')}"
+        f"{' gc' if r0.get('gc') else ''}{' packed' if r0.get('packed') else ''} on {r0.get('device')}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -75,14 +81,21 @@ def plot(results, path: Path) -> bool:
 
 def main(argv=None):
     import torch
+
     gpu = torch.cuda.is_available()
-    ap = argparse.ArgumentParser(prog="python -m fusedlora.demo", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m fusedlora.demo",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_run_args(ap, steps=40 if gpu else 12, batch=4 if gpu else 2, seq=2048 if gpu else 64)
     ap.set_defaults(model="1b" if gpu else "tiny", log_every=5 if gpu else 3)
     ap.add_argument("--out", default="fusedlora_demo", help="folder for demo.png, demo.md and demo.json")
-    ap.add_argument("--cuda-graphs", action="store_true",
-                    help="a third run: patched and each decoder layer replayed as CUDA graphs (fusedlora.cuda_graph_layers)")
+    ap.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="a third run: patched and each decoder layer replayed as CUDA graphs (fusedlora.cuda_graph_layers)",
+    )
     args = ap.parse_args(argv)
     env = {}
     if not gpu:
@@ -91,12 +104,18 @@ def main(argv=None):
         if args.cuda_graphs:
             ap.error("--cuda-graphs needs a CUDA GPU; this machine has none")
         env["TRITON_INTERPRET"] = "1"
-        print("No CUDA GPU: running the tiny shape on the CPU under the Triton interpreter (kernels are "
-              "emulated, so fusedlora is slower here; the point is the loss parity).", file=sys.stderr)
+        print(
+            "No CUDA GPU: running the tiny shape on the CPU under the Triton interpreter (kernels are "
+            "emulated, so fusedlora is slower here; the point is the loss parity).",
+            file=sys.stderr,
+        )
     results = []
     for variant in ("hf", "fusedlora") + (("fusedlora_graphs",) if args.cuda_graphs else ()):
-        print(f"[{variant}] {args.model} {args.mode}, batch {args.batch} x {args.seq}, {args.steps} steps "
-              "(fresh process)", file=sys.stderr)
+        print(
+            f"[{variant}] {args.model} {args.mode}, batch {args.batch} x {args.seq}, {args.steps} steps "
+            "(fresh process)",
+            file=sys.stderr,
+        )
         results.append(run_in_subprocess(RunSpec.from_args(args, variant=variant), env))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

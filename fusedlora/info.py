@@ -1,4 +1,5 @@
 """`python -m fusedlora.info`: versions, GPUs and how many prebuilt kernel variants serve each."""
+
 from __future__ import annotations
 
 import platform
@@ -13,8 +14,16 @@ from .registry import COMPATIBLE_ARCHS
 def collect() -> dict:
     import torch
     import triton
-    info = {"fusedlora": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "torch_cuda": torch.version.cuda, "triton": triton.__version__, "gpus": [], "dirs": []}
+
+    info = {
+        "fusedlora": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "gpus": [],
+        "dirs": [],
+    }
     index = read_index(kernel_dirs())
     by_arch: dict[int, int] = {}
     for by in index.values():
@@ -29,15 +38,24 @@ def collect() -> dict:
             major, minor = torch.cuda.get_device_capability(i)
             arch = major * 10 + minor
             usable = sum(1 for by in index.values() if any(a in by for a in COMPATIBLE_ARCHS.get(arch, ())))
-            info["gpus"].append({"index": i, "name": torch.cuda.get_device_name(i), "arch": f"sm_{arch}",
-                                 "prebuilt_variants_usable": usable, "supported": arch >= 80})
+            info["gpus"].append(
+                {
+                    "index": i,
+                    "name": torch.cuda.get_device_name(i),
+                    "arch": f"sm_{arch}",
+                    "prebuilt_variants_usable": usable,
+                    "supported": arch >= 80,
+                }
+            )
     return info
 
 
 def main() -> int:
     info = collect()
-    print(f"fusedlora {info['fusedlora']}  python {info['python']}  torch {info['torch']} (CUDA {info['torch_cuda']})  "
-          f"triton {info['triton']}")
+    print(
+        f"fusedlora {info['fusedlora']}  python {info['python']}  torch {info['torch']} (CUDA {info['torch_cuda']})  "
+        f"triton {info['triton']}"
+    )
     print("kernel directories (searched in this order):")
     for d, present in info["dirs"]:
         print(f"  {'[manifest]' if present else '[empty]   '} {d}")
@@ -47,7 +65,9 @@ def main() -> int:
         print("GPU: none visible (kernels would run through Triton's interpreter on CPU tensors)")
     for g in info["gpus"]:
         note = "" if g["supported"] else "  UNSUPPORTED: fusedlora needs sm_80 or newer"
-        print(f"GPU {g['index']}: {g['name']} ({g['arch']}): {g['prebuilt_variants_usable']} prebuilt variants usable{note}")
+        print(
+            f"GPU {g['index']}: {g['name']} ({g['arch']}): {g['prebuilt_variants_usable']} prebuilt variants usable{note}"
+        )
     return 0
 
 

@@ -18,6 +18,7 @@ them; `fusedlora.registry` is the collected table (it imports the entries), `fus
 a KernelSpec. This module imports triton lazily (a kernel's source, by name) and never imports torch: the
 wheel build runs it with triton alone.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,14 +33,19 @@ DTYPES = ("fp16", "bf16", "fp32", "i32", "i64", "u8", "i8", "i16")
 # `python -m build_tools.aot` and the loader all read it (another GPU runs triton.jit).
 SUPPORTED_ARCHS = (80, 86, 89, 90)
 # Triton's argument types of a kernel signature (the loader's binder produces the same).
-SIGNATURE_TYPES = frozenset({"1", "fp32", "i32", "i32:16", "i64", "i64:16"} | {f"*{d}{a}" for d in DTYPES for a in ("", ":16")})
+SIGNATURE_TYPES = frozenset(
+    {"1", "fp32", "i32", "i32:16", "i64", "i64:16"} | {f"*{d}{a}" for d in DTYPES for a in ("", ":16")}
+)
 
 
 def compatible_archs(gpu_arch: int) -> tuple[int, ...]:
     """The supported archs whose cubins run on a GPU of `gpu_arch`, best first. A cubin of X.y runs on X.z
     for z >= y, except that Triton builds sm_90 and newer for arch-specific targets (sm_90a): that arch only."""
-    return tuple(a for a in sorted(SUPPORTED_ARCHS, reverse=True)
-                 if a // 10 == gpu_arch // 10 and a % 10 <= gpu_arch % 10 and (a < 90 or a == gpu_arch))
+    return tuple(
+        a
+        for a in sorted(SUPPORTED_ARCHS, reverse=True)
+        if a // 10 == gpu_arch // 10 and a % 10 <= gpu_arch % 10 and (a < 90 or a == gpu_arch)
+    )
 
 
 COMPATIBLE_ARCHS = {g: compatible_archs(g) for g in range(80, 100) if compatible_archs(g)}  # by GPU arch
@@ -52,15 +58,18 @@ def parse_archs(text: str) -> list[int]:
     for item in str(text).split(","):
         digits = item.strip().lower().removeprefix("sm_").removeprefix("sm")
         if not digits.isdigit():
-            raise ValueError(f"expected comma-separated compute capabilities from {supported} (e.g. 90 or 80,86); "
-                             f"got {text!r}")
+            raise ValueError(
+                f"expected comma-separated compute capabilities from {supported} (e.g. 90 or 80,86); got {text!r}"
+            )
         if int(digits) not in archs:
             archs.append(int(digits))
     unsupported = [a for a in archs if a not in SUPPORTED_ARCHS]
     if unsupported:
         too_old = "fusedlora needs sm_80 or newer; " if min(unsupported) < 80 else ""
-        raise ValueError(f"unsupported arch {unsupported}: {too_old}kernels are prebuilt and loaded for {supported} "
-                         "only (other GPUs run fusedlora through triton.jit)")
+        raise ValueError(
+            f"unsupported arch {unsupported}: {too_old}kernels are prebuilt and loaded for {supported} "
+            "only (other GPUs run fusedlora through triton.jit)"
+        )
     return archs
 
 
@@ -85,15 +94,15 @@ def _concrete(value):
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
     name: str
-    module: str                       # csrc_triton module holding the function
-    function: str                     # name of the @triton.jit function in it
-    pointer_types: dict[str, str]     # pointer arg -> dtype role or fixed dtype ("fp32")
+    module: str  # csrc_triton module holding the function
+    function: str  # name of the @triton.jit function in it
+    pointer_types: dict[str, str]  # pointer arg -> dtype role or fixed dtype ("fp32")
     float_args: tuple[str, ...] = ()  # runtime float scalars (passed as fp32)
     meta: Callable[..., dict[str, Any]] = lambda **_: {}
     config: Callable[[int, dict[str, Any]], tuple[int, int]] = lambda arch, c: (4, 1)
     aot_variants: Callable[[dict[str, Any]], Iterable[tuple[dict[str, str], dict[str, Any]]]] = lambda f: ()
     doc: str = ""
-    check: str = ""                   # "module:function" of its self-check (fusedlora.selfcheck runs it)
+    check: str = ""  # "module:function" of its self-check (fusedlora.selfcheck runs it)
 
     def constexprs(self, **shape) -> dict:
         """meta(**shape), computed once per shape (the op launchers size their grids from it), with the
@@ -142,6 +151,7 @@ class KernelSpec:
         import hashlib
         import importlib.util
         from pathlib import Path
+
         origin = Path(importlib.util.find_spec(self.module).origin)
         h = hashlib.sha256(origin.read_bytes())
         root = Path(importlib.util.find_spec("csrc_triton").origin).parent  # the shared device helpers live there
@@ -163,6 +173,7 @@ class KernelSpec:
     def arg_kinds(self) -> list[tuple[str, str]]:
         """[(arg name, kind)] in declaration order; kind is ptr | float | int | int_nospec | constexpr."""
         import inspect
+
         fn = self.fn  # a JITFunction, or an InterpretedFunction under TRITON_INTERPRET=1
         params = list(inspect.signature(fn.fn).parameters.values())
         names = [p.name for p in params]
@@ -226,10 +237,17 @@ class Variant:
         return (self.kernel, tuple(t for _, t in self.signature), self.constexprs)
 
     def to_string(self) -> str:
-        return json.dumps({"kernel": self.kernel, "arch": self.arch,
-                           "signature": [list(p) for p in self.signature], "constexprs": [list(p) for p in self.constexprs],
-                           "num_warps": self.num_warps, "num_stages": self.num_stages},
-                          separators=(",", ":"))
+        return json.dumps(
+            {
+                "kernel": self.kernel,
+                "arch": self.arch,
+                "signature": [list(p) for p in self.signature],
+                "constexprs": [list(p) for p in self.constexprs],
+                "num_warps": self.num_warps,
+                "num_stages": self.num_stages,
+            },
+            separators=(",", ":"),
+        )
 
     @classmethod
     def from_string(cls, s: str) -> "Variant":
@@ -253,16 +271,25 @@ class Variant:
             raise ValueError(f"the variant's kernel is not a kernel name: {d['kernel']!r}")
         arch, num_warps, num_stages = (_whole(d, f) for f in ("arch", "num_warps", "num_stages"))
         if num_warps not in (1, 2, 4, 8, 16, 32) or num_stages < 1:
-            raise ValueError(f"the variant's num_warps ({num_warps}) is not one of 1, 2, 4, 8, 16, 32 or its "
-                             f"num_stages ({num_stages}) is below 1")
+            raise ValueError(
+                f"the variant's num_warps ({num_warps}) is not one of 1, 2, 4, 8, 16, 32 or its "
+                f"num_stages ({num_stages}) is below 1"
+            )
         # Lists of pairs, not objects: argument order is part of the ABI and JSON writers may sort keys.
         signature = _pairs(d, "signature", lambda t: t in SIGNATURE_TYPES, f"one of {sorted(SIGNATURE_TYPES)}")
         constexprs = _pairs(d, "constexprs", lambda v: isinstance(v, (int, float, str)), "a number, bool or string")
-        return cls(kernel=d["kernel"], arch=arch, signature=signature, constexprs=constexprs, num_warps=num_warps,
-                   num_stages=num_stages)
+        return cls(
+            kernel=d["kernel"],
+            arch=arch,
+            signature=signature,
+            constexprs=constexprs,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
 
     def file_stem(self) -> str:
         import hashlib
+
         digest = hashlib.sha256(self.to_string().encode()).hexdigest()[:16]
         return f"{self.kernel}.sm{self.arch}.{digest}"
 
@@ -283,8 +310,9 @@ def _pairs(d: dict, field: str, value_ok, expected: str) -> tuple:
             bad = True
             break
     if bad:
-        raise ValueError(f"the variant's {field} is not a list of [name, value] pairs with values {expected}: "
-                         f"{items!r}")
+        raise ValueError(
+            f"the variant's {field} is not a list of [name, value] pairs with values {expected}: {items!r}"
+        )
     return tuple((n, v) for n, v in items)
 
 
@@ -292,10 +320,8 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-
 def register(spec: KernelSpec) -> KernelSpec:
     if spec.name in REGISTERED:
         raise ValueError(f"kernel {spec.name!r} registered twice")
     REGISTERED[spec.name] = spec
     return spec
-

@@ -17,6 +17,7 @@ minor) -> the normal `@triton.jit` call, logged once per key at debug level.
   works. This memo, the loaded modules and the warnings given are the loader's only state (`reset()` drops
   them).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -66,8 +67,17 @@ def _dtype_tables():
     global _TORCH_DTYPE_NAMES
     if _TORCH_DTYPE_NAMES is None:
         import torch
-        names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
-                 torch.int64: "i64", torch.uint8: "u8", torch.int8: "i8", torch.int16: "i16"}
+
+        names = {
+            torch.float16: "fp16",
+            torch.bfloat16: "bf16",
+            torch.float32: "fp32",
+            torch.int32: "i32",
+            torch.int64: "i64",
+            torch.uint8: "u8",
+            torch.int8: "i8",
+            torch.int16: "i16",
+        }
         _TORCH_DTYPE_NAMES = ({d: f"*{n}:16" for d, n in names.items()}, {d: f"*{n}" for d, n in names.items()})
     return _TORCH_DTYPE_NAMES
 
@@ -75,7 +85,7 @@ def _dtype_tables():
 def _spec_int(v: int) -> str:
     if v == 1:
         return "1"
-    if -2**31 <= v < 2**31:
+    if -(2**31) <= v < 2**31:
         return "i32" if v % 16 else "i32:16"
     return "i64" if v % 16 else "i64:16"
 
@@ -98,14 +108,20 @@ def make_binder(spec: KernelSpec, arg_kinds=None):
             types.append("'fp32'")
             vals.append(f"a{i}")
         elif kind == "int":  # inline _spec_int: no function call per argument
-            types.append(f"(('1' if a{i} == 1 else 'i32' if a{i} & 15 else 'i32:16') "
-                         f"if -2147483648 <= a{i} <= 2147483647 else S(a{i}))")
+            types.append(
+                f"(('1' if a{i} == 1 else 'i32' if a{i} & 15 else 'i32:16') "
+                f"if -2147483648 <= a{i} <= 2147483647 else S(a{i}))"
+            )
             vals.append(f"a{i}")
         else:
             types.append(f"('i32' if -2147483648 <= a{i} <= 2147483647 else 'i64')")
             vals.append(f"a{i}")
-    src = (f"def bind({params}):\n" + "\n".join(pre) + ("\n" if pre else "")
-           + f"    return ({', '.join(types)},), ({', '.join(vals)},)\n")
+    src = (
+        f"def bind({params}):\n"
+        + "\n".join(pre)
+        + ("\n" if pre else "")
+        + f"    return ({', '.join(types)},), ({', '.join(vals)},)\n"
+    )
     scope = {"A": aligned, "U": unaligned, "S": _spec_int}
     exec(compile(src, f"<fusedlora bind {spec.name}>", "exec"), scope)
     return scope["bind"], [n for n, _ in kinds]
@@ -176,9 +192,11 @@ class _AotLaunch:
 
     def _scratch(self, buf, n_programs):
         import torch
+
         e = self.entry
-        t = torch.empty(n_programs * e.global_scratch_size + e.global_scratch_align, dtype=torch.uint8,
-                        device=self.device)  # stream-ordered, so safe under graph capture
+        t = torch.empty(
+            n_programs * e.global_scratch_size + e.global_scratch_align, dtype=torch.uint8, device=self.device
+        )  # stream-ordered, so safe under graph capture
         ptr = (t.data_ptr() + e.global_scratch_align - 1) // e.global_scratch_align * e.global_scratch_align
         struct.pack_into("<Q", buf, self.scratch_offset, ptr)
         self._scratch_keepalive = t
@@ -187,6 +205,7 @@ class _AotLaunch:
 @functools.lru_cache(maxsize=None)
 def _fake_tensor_type():
     from torch._subclasses.fake_tensor import FakeTensor
+
     return FakeTensor
 
 
@@ -244,9 +263,12 @@ class KernelLauncher:
 
     def _cpu(self, grid, args, constexprs):
         from csrc_triton._math import interpreter_on
+
         if not interpreter_on():
-            raise ValueError(f"{self.spec.name}: argument {self.arg_names[0]} is a CPU tensor; fusedlora kernels "
-                             "need CUDA tensors (set TRITON_INTERPRET=1 to run them in Triton's CPU interpreter)")
+            raise ValueError(
+                f"{self.spec.name}: argument {self.arg_names[0]} is a CPU tensor; fusedlora kernels "
+                "need CUDA tensors (set TRITON_INTERPRET=1 to run them in Triton's CPU interpreter)"
+            )
         num_warps, num_stages = self.spec.config(80, dict(constexprs))
         _JitLaunch(self.spec, dict(constexprs), num_warps, num_stages)(grid, args)
 
@@ -276,8 +298,9 @@ class Loader:
         self._archs: dict[int, int] = {}
         self._lock = threading.RLock()
         self.stats = {"aot": 0, "jit": 0}  # resolved keys per path, for info/tests
-        self.paths: dict[str, str] = {}     # kernel -> how its latest new key was resolved (selfcheck)
+        self.paths: dict[str, str] = {}  # kernel -> how its latest new key was resolved (selfcheck)
         import torch
+
         # Fast accessors (Triton uses the same); absent from CPU-only torch builds.
         self.cuda_getDevice = getattr(torch._C, "_cuda_getDevice", None)
         self.raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
@@ -287,6 +310,7 @@ class Loader:
     def driver(self):
         if self._driver is None:
             from ._cuda import driver
+
             self._driver = driver()
         return self._driver
 
@@ -329,11 +353,14 @@ class Loader:
         arch = self._archs.get(device)
         if arch is None:
             import torch
+
             major, minor = torch.cuda.get_device_capability(device)
             arch = major * 10 + minor
             if arch < 80:
-                raise RuntimeError(f"fusedlora needs a GPU of compute capability 8.0 or newer; "
-                                   f"cuda:{device} is sm_{arch} ({torch.cuda.get_device_name(device)})")
+                raise RuntimeError(
+                    f"fusedlora needs a GPU of compute capability 8.0 or newer; "
+                    f"cuda:{device} is sm_{arch} ({torch.cuda.get_device_name(device)})"
+                )
             self._archs[device] = arch
         return arch
 
@@ -381,12 +408,14 @@ class Loader:
         if self.aot_only and not compatible_archs(arch):
             raise MissingKernelError(
                 f"FUSEDLORA_AOT_ONLY=1, but kernels are prebuilt for sm_{', sm_'.join(map(str, SUPPORTED_ARCHS))} "
-                f"only and cuda:{device} is sm_{arch}: unset FUSEDLORA_AOT_ONLY to run {spec.name} through triton.jit")
+                f"only and cuda:{device} is sm_{arch}: unset FUSEDLORA_AOT_ONLY to run {spec.name} through triton.jit"
+            )
         if self.aot_only:
             raise MissingKernelError(
                 f"FUSEDLORA_AOT_ONLY=1 and no prebuilt kernel matches {spec.name} on sm_{arch} "
                 f"(searched {', '.join(map(str, self.dirs))}). Missing variant: {variant.to_string()}\n"
-                f"Build it with: python -m fusedlora.build --variant '{variant.to_string()}'")
+                f"Build it with: python -m fusedlora.build --variant '{variant.to_string()}'"
+            )
         self.stats["jit"] += 1
         self.paths[spec.name] = "triton.jit"
         log.debug("fusedlora: no prebuilt kernel for %s; using triton.jit (%s)", spec.name, variant.to_string())
@@ -403,8 +432,10 @@ class Loader:
                 drv.ensure_context(device)
                 func = drv.load_function(image, entry.name, entry.shared)
         except Exception as e:
-            self.warn(entry.directory, FolderRefused(f"the driver could not load a cubin on cuda:{device}",
-                                                     f"{entry.file}: {e}"))
+            self.warn(
+                entry.directory,
+                FolderRefused(f"the driver could not load a cubin on cuda:{device}", f"{entry.file}: {e}"),
+            )
             return None
         return _AotLaunch(self, func, entry, device, sig)
 

@@ -36,6 +36,7 @@ PEFT's GPTQLoraLinear with a stand-in for gptqmodel's TorchQuantLinear (gptqmode
 in CI); FSDP2 (fully_shard) in two processes, gloo on CPU and NCCL on two GPUs (tests/test_fsdp.py). See
 BENCHMARKS.md for speed against PEFT.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -51,10 +52,26 @@ from .ops._common import autocast_dtype, cdiv, check_tensor, saved_tensors_writa
 from .ops.glu import glu_backward, glu_forward, refuse_double_backward
 from .ops.glu_lora import glu_lora_backward, glu_lora_dyb, glu_lora_forward, glu_lora_rank_pad
 from .ops.rms_norm import norm_source
-from .peft_layers import (GPTQ_PLAIN_LAYOUT_KERNELS, UnsupportedLoRA, dropout_p, fused_parameters,  # noqa: F401
-                          get_lora_parameters, layer_bias, use_custom_ops)
-from .quant import (BaseLayout, GPTQState, _dequantize_nf4, base_arguments, base_from_arguments,  # noqa: F401
-                    dequantize_base, is_nf4, nf4_writes_into, weight_shape)
+from .peft_layers import (  # noqa: F401
+    GPTQ_PLAIN_LAYOUT_KERNELS,
+    UnsupportedLoRA,
+    dropout_p,
+    fused_parameters,
+    get_lora_parameters,
+    layer_bias,
+    use_custom_ops,
+)
+from .quant import (  # noqa: F401
+    BaseLayout,
+    GPTQState,
+    _dequantize_nf4,
+    base_arguments,
+    base_from_arguments,
+    dequantize_base,
+    is_nf4,
+    nf4_writes_into,
+    weight_shape,
+)
 
 
 # ------------------------------------------------------------------------------------------- weights
@@ -67,8 +84,10 @@ def _check_adapter(name, W_out, W_in, A, B, s):
     if A is None:
         return
     if A.dim() != 2 or B.dim() != 2 or A.shape[1] != W_in or B.shape[0] != W_out or A.shape[0] != B.shape[1]:
-        raise ValueError(f"{name}: LoRA A {tuple(A.shape)} / B {tuple(B.shape)} do not match a [{W_out}, {W_in}] "
-                         f"weight (expected A [r, {W_in}], B [{W_out}, r])")
+        raise ValueError(
+            f"{name}: LoRA A {tuple(A.shape)} / B {tuple(B.shape)} do not match a [{W_out}, {W_in}] "
+            f"weight (expected A [r, {W_in}], B [{W_out}, r])"
+        )
 
 
 def _check_input(name, X, W, quant, in_f, kernels: bool):
@@ -76,16 +95,22 @@ def _check_input(name, X, W, quant, in_f, kernels: bool):
     dimension is the weight's input size, on a device the kernels run on (when this call launches kernels),
     and (without autocast, on a plain base weight) in the weight's dtype, as PEFT's own layer requires."""
     if not isinstance(X, torch.Tensor) or not X.is_floating_point():
-        raise TypeError(f"{name}: the input X must be a float tensor, got "
-                        f"{X.dtype if isinstance(X, torch.Tensor) else type(X).__name__}")
+        raise TypeError(
+            f"{name}: the input X must be a float tensor, got "
+            f"{X.dtype if isinstance(X, torch.Tensor) else type(X).__name__}"
+        )
     if X.dim() < 1 or X.shape[-1] != in_f:
-        raise ValueError(f"{name}: the input X has shape {tuple(X.shape)} but the weight takes {in_f} input "
-                         f"features; expected X [..., {in_f}]")
+        raise ValueError(
+            f"{name}: the input X has shape {tuple(X.shape)} but the weight takes {in_f} input "
+            f"features; expected X [..., {in_f}]"
+        )
     if kernels:
         check_tensor(name, "X", X)
     if quant is None and W.is_floating_point() and X.dtype != W.dtype and autocast_dtype(X) is None:
-        raise TypeError(f"{name}: the input X is {X.dtype} but the base weight is {W.dtype} and autocast is off "
-                        "(PEFT's layer raises here too): cast the input or run under torch.autocast")
+        raise TypeError(
+            f"{name}: the input X is {X.dtype} but the base weight is {W.dtype} and autocast is off "
+            "(PEFT's layer raises here too): cast the input or run under torch.autocast"
+        )
 
 
 def _mm_scaled(a, b, s):
@@ -103,17 +128,18 @@ def _base_plus_lora(X, Wt, XA, Bt, s):
 class Projection(NamedTuple):
     """One LoRA projection by name: Y = X W^T (+ bias) + scale * (drop(X) A^T) B^T. `label` names it in the
     gradients, the saved tensors and the custom ops' arguments (o; q, k, v; gate, up, down)."""
+
     label: str
-    weight: torch.Tensor           # the base weight: plain, bitsandbytes 4-bit (packed) or GPTQ (qweight)
-    quant: object                  # its quantisation state (None, a 4-bit QuantState, GPTQState)
-    A: torch.Tensor | None         # the adapter, None without one (then Y = X W^T + bias)
+    weight: torch.Tensor  # the base weight: plain, bitsandbytes 4-bit (packed) or GPTQ (qweight)
+    quant: object  # its quantisation state (None, a 4-bit QuantState, GPTQState)
+    A: torch.Tensor | None  # the adapter, None without one (then Y = X W^T + bias)
     B: torch.Tensor | None
     scale: float
     bias: torch.Tensor | None = None
     dropout: float = 0.0
     mask: torch.Tensor | None = None  # the dropout mask, drawn before the forward (_with_masks)
-    Ac: torch.Tensor | None = None    # A and B in the compute dtype, cast once per call (_in_dtype): the
-    Bc: torch.Tensor | None = None    # forward and the backward share them (each cast is a kernel launch)
+    Ac: torch.Tensor | None = None  # A and B in the compute dtype, cast once per call (_in_dtype): the
+    Bc: torch.Tensor | None = None  # forward and the backward share them (each cast is a kernel launch)
 
 
 # Each Function's projections by name, in PEFT's (and its dropout masks') order; the fields are the labels.
@@ -125,8 +151,10 @@ MLPProjections = namedtuple("MLPProjections", ["gate", "up", "down"])
 def _in_dtype(prs, dtype):
     """prs with each adapter's A and B cast to the compute dtype once (contiguous: the GLU kernels read B_g,
     B_u and A_d by rows)."""
-    return prs._make(pr if pr.A is None else pr._replace(Ac=pr.A.to(dtype).contiguous(), Bc=pr.B.to(dtype).contiguous())
-                     for pr in prs)
+    return prs._make(
+        pr if pr.A is None else pr._replace(Ac=pr.A.to(dtype).contiguous(), Bc=pr.B.to(dtype).contiguous())
+        for pr in prs
+    )
 
 
 def _with_masks(prs, X, dtype, training):
@@ -143,12 +171,14 @@ def _with_masks(prs, X, dtype, training):
     def mask(pr):
         ones = torch.ones(rows, weight_shape(pr.weight, pr.quant)[1], dtype=dtype, device=X.device)
         return F.dropout(ones, pr.dropout, True)
+
     return prs._make(pr._replace(mask=mask(pr)) if drop else pr for pr, drop in zip(prs, drops))
 
 
 class ProjSaved(NamedTuple):
     """What one projection's backward reads besides its input: XA = drop(X) A^T (dB's input) and, with a
     dropout mask, drop(X) itself (dA's input; without a mask dA reads X)."""
+
     XA: torch.Tensor | None
     Xd: torch.Tensor | None
 
@@ -175,8 +205,11 @@ def _proj_forward(X2, pr: Projection, dtype):
 def _proj_needs(need: dict, pr: Projection) -> dict:
     """The A / B / bias gradients wanted of projection pr (need: by argument name, <label>_A / _B / _bias)."""
     label = pr.label
-    return {"A": need.get(f"{label}_A", False), "B": need.get(f"{label}_B", False),
-            "bias": need.get(f"{label}_bias", False)}
+    return {
+        "A": need.get(f"{label}_A", False),
+        "B": need.get(f"{label}_B", False),
+        "bias": need.get(f"{label}_bias", False),
+    }
 
 
 def _proj_grads(pr: Projection, dA=None, dB=None, dbias=None) -> dict:
@@ -328,10 +361,29 @@ def _seed_slots(label):
 
 
 O_SLOTS = _Slots("X", *_seed_slots("o"), "o_bias", "dropout", "training")
-QKV_SLOTS = _Slots("X", *_seed_slots("q"), *_seed_slots("k"), *_seed_slots("v"), "inplace", "q_bias", "k_bias",
-                   "v_bias", "dropouts", "training")
-MLP_SLOTS = _Slots("X", *_seed_slots("gate"), *_seed_slots("up"), *_seed_slots("down"), "activation_fn",
-                   "activation_fn_backward", "inplace", "dropouts", "training")
+QKV_SLOTS = _Slots(
+    "X",
+    *_seed_slots("q"),
+    *_seed_slots("k"),
+    *_seed_slots("v"),
+    "inplace",
+    "q_bias",
+    "k_bias",
+    "v_bias",
+    "dropouts",
+    "training",
+)
+MLP_SLOTS = _Slots(
+    "X",
+    *_seed_slots("gate"),
+    *_seed_slots("up"),
+    *_seed_slots("down"),
+    "activation_fn",
+    "activation_fn_backward",
+    "inplace",
+    "dropouts",
+    "training",
+)
 
 
 def _stack_rows(prs, extra, dtype, device):
@@ -344,7 +396,7 @@ def _stack_rows(prs, extra, dtype, device):
     buf = torch.empty(rows + (0 if extra is None else extra.shape[0]), shapes[0][1], dtype=dtype, device=device)
     row = 0
     for pr, (o, _) in zip(prs, shapes):
-        dequantize_base(pr.weight, pr.quant, dtype, out=buf[row:row + o])
+        dequantize_base(pr.weight, pr.quant, dtype, out=buf[row : row + o])
         row += o
     if extra is not None:
         buf[rows:].copy_(extra)
@@ -399,9 +451,11 @@ def _qkv_stacked_backward(dYs, X2, XA, prs, dtype):
 def _gate_up_shareable(pg, pu, training):
     """gate and up can share one adapter-input GEMM and one [X, XA] copy: both have adapters, no active
     dropout, no bias, and both widen (the [X, XA] @ [W, s B]^T form of _proj_forward)."""
+
     def ok(pr):
         o, i = weight_shape(pr.weight, pr.quant)
         return pr.A is not None and (pr.dropout == 0.0 or not training) and pr.bias is None and i <= o
+
     return ok(pg) and ok(pu)
 
 
@@ -426,7 +480,7 @@ def _gate_up_weight(pg, pu, which, dtype):
         _dequantize_nf4(pr.weight, pr.quant, buf[:, :in_f], dtype)  # no temporary, no copy
         buf[:, in_f:].zero_()
         mine = in_f if which == 0 else in_f + rg
-        torch.mul(pr.Bc, pr.scale, out=buf[:, mine:mine + pr.A.shape[0]])
+        torch.mul(pr.Bc, pr.scale, out=buf[:, mine : mine + pr.A.shape[0]])
         return buf
     # other weights: one cat into the buffer (a strided copy_ into the block is slower than cat)
     W, sB = dequantize_base(pr.weight, pr.quant, dtype), pr.Bc * pr.scale
@@ -440,9 +494,13 @@ def _mlp_fusable(prs, training, act, act_bwd):
     both directions (the backward's kernel takes the adapter products, glu_lora_backward; the forward reads
     e | g in place from one buffer)."""
     glu_act = getattr(act_bwd, "glu_act", None)
-    return bool(_gate_up_shareable(prs.gate, prs.up, training) and glu_act
-                and getattr(act, "glu_act", None) == glu_act
-                and prs.down.A is not None and not (prs.down.dropout != 0.0 and training))
+    return bool(
+        _gate_up_shareable(prs.gate, prs.up, training)
+        and glu_act
+        and getattr(act, "glu_act", None) == glu_act
+        and prs.down.A is not None
+        and not (prs.down.dropout != 0.0 and training)
+    )
 
 
 def _gate_up_base(X2, pg, pu, out, dtype):
@@ -451,10 +509,10 @@ def _gate_up_base(X2, pg, pu, out, dtype):
     weight; two N = I GEMMs measured as fast as one N = 2I on an H100)."""
     I = weight_shape(pg.weight, pg.quant)[0]
     if is_nf4(pg.quant) and is_nf4(pu.quant):
-        torch.mm(X2, _stack_rows([pg, pu], None, dtype, X2.device).t(), out=out[:, :2 * I])
+        torch.mm(X2, _stack_rows([pg, pu], None, dtype, X2.device).t(), out=out[:, : 2 * I])
     else:
         for k, pr in enumerate((pg, pu)):
-            torch.mm(X2, dequantize_base(pr.weight, pr.quant, dtype).t(), out=out[:, k * I:(k + 1) * I])
+            torch.mm(X2, dequantize_base(pr.weight, pr.quant, dtype).t(), out=out[:, k * I : (k + 1) * I])
 
 
 def _mlp_fused_forward(X2, prs, dtype, act):
@@ -470,7 +528,7 @@ def _mlp_fused_forward(X2, prs, dtype, act):
     XA = X2 @ torch.cat([pg.Ac, pu.Ac], 0).t()
     EG = wide_rows(X2, X2.shape[0], cdiv(2 * I + rg + pu.A.shape[0], 64) * 64)
     _gate_up_base(X2, pg, pu, EG, dtype)
-    h = glu_lora_forward(EG[:, :I], EG[:, I:2 * I], XA, rg, pg.Bc, pu.Bc, (pg.scale, pu.scale), act)
+    h = glu_lora_forward(EG[:, :I], EG[:, I : 2 * I], XA, rg, pg.Bc, pu.Bc, (pg.scale, pu.scale), act)
     hA = h @ pd.Ac.t()
     Y = _base_plus_lora(h, dequantize_base(pd.weight, pd.quant, dtype).t(), hA, pd.Bc.t(), pd.scale)
     return Y, MLPFusedSaved(EG=EG, XA=XA, hA=hA)
@@ -479,7 +537,7 @@ def _mlp_fused_forward(X2, prs, dtype, act):
 def _glu_lora_products(Q, prs):
     """glu_lora_backward's Q [I, 3R] = [dB_gate | dB_up | dA_down^T], each rank zero-padded to R, by name."""
     R = glu_lora_rank_pad(max(pr.A.shape[0] for pr in prs))
-    g, u, d = (Q[:, k * R:k * R + pr.A.shape[0]] for k, pr in enumerate(prs))
+    g, u, d = (Q[:, k * R : k * R + pr.A.shape[0]] for k, pr in enumerate(prs))
     return {"gate_B": g, "up_B": u, "down_A": d.t()}
 
 
@@ -495,16 +553,28 @@ def _mlp_fused_backward(ctx, need, X2, prs, saved: MLPFusedSaved, dY):
     ddB = _mm_scaled(dY.t(), saved.hA, pd.scale).to(pd.B.dtype) if need["down_B"] else None
     dh = dY @ dequantize_base(pd.weight, pd.quant, dtype)
     D = EG if _overwrites_saved(ctx) else wide_rows(EG, *EG.shape)  # de | dg | G, over e | g when inplace
-    de, dg, Q = glu_lora_backward(dh, EG[:, :I], EG[:, I:2 * I], saved.XA, rg, dYBs_d, pg.Bc, pu.Bc, pd.Ac,
-                                  (pg.scale, pu.scale), ctx.act_bwd.glu_act, out=(D[:, :I], D[:, I:2 * I]))
+    de, dg, Q = glu_lora_backward(
+        dh,
+        EG[:, :I],
+        EG[:, I : 2 * I],
+        saved.XA,
+        rg,
+        dYBs_d,
+        pg.Bc,
+        pu.Bc,
+        pd.Ac,
+        (pg.scale, pu.scale),
+        ctx.act_bwd.glu_act,
+        out=(D[:, :I], D[:, I : 2 * I]),
+    )
     del dh
     # (s de B_g / s dg B_u as extra output columns of the dX GEMM, de [W_g | s_g B_g | 0], is slower: N = H + 2r
     # tiles badly, costing more than this pass.)
-    G = glu_lora_dyb(de, dg, pg.Bc, pu.Bc, (pg.scale, pu.scale), out=D[:, 2 * I:2 * I + rg + ru])
+    G = glu_lora_dyb(de, dg, pg.Bc, pu.Bc, (pg.scale, pu.scale), out=D[:, 2 * I : 2 * I + rg + ru])
     dX = None
     if need["X"]:  # (the first layer's input often needs no gradient: no dX GEMM then)
         A_cat = torch.cat([pg.Ac, pu.Ac])
-        dX = (D[:, :2 * I + rg + ru] @ _stack_rows([pg, pu], A_cat, dtype, X2.device)).view(ctx.x_shape)
+        dX = (D[:, : 2 * I + rg + ru] @ _stack_rows([pg, pu], A_cat, dtype, X2.device)).view(ctx.x_shape)
     grads = dict(X=dX, down_B=ddB)
     if need["gate_A"] or need["up_A"]:
         dA_cat = G.t() @ X2
@@ -542,8 +612,9 @@ def _o_forward(ctx, X, prs, dtype, training):
 def _o_backward(ctx, need, dY):
     X2, prs, saved = _saved(ctx)
     pr = prs.o
-    dX, dA, dB, dbias = _proj_backward(_flat(dY).to(ctx.dtype), X2, pr, _proj_saved(saved, pr), ctx.dtype,
-                                       _proj_needs(need, pr))
+    dX, dA, dB, dbias = _proj_backward(
+        _flat(dY).to(ctx.dtype), X2, pr, _proj_saved(saved, pr), ctx.dtype, _proj_needs(need, pr)
+    )
     return dict(X=dX.view(ctx.x_shape), **_proj_grads(pr, dA, dB, dbias))
 
 
@@ -569,16 +640,19 @@ def _qkv_backward(ctx, need, dQ, dK, dV):
     X2, prs, saved = _saved(ctx)
     dYs = (dQ, dK, dV)
     if ctx.stacked:
-        dYs = [_flat(d).to(ctx.dtype) if d is not None else
-               X2.new_zeros(X2.shape[0], weight_shape(pr.weight, pr.quant)[0]) for d, pr in zip(dYs, prs)]
+        dYs = [
+            _flat(d).to(ctx.dtype) if d is not None else X2.new_zeros(X2.shape[0], weight_shape(pr.weight, pr.quant)[0])
+            for d, pr in zip(dYs, prs)
+        ]
         dX, grads = _qkv_stacked_backward(dYs, X2, saved.XA, prs, ctx.dtype)
         return dict(X=dX.view(ctx.x_shape), **grads)
     dX, grads = None, {}
     for pr, dY in zip(prs, dYs):
         if dY is None:
             continue
-        d, dA, dB, db = _proj_backward(_flat(dY).to(ctx.dtype), X2, pr, _proj_saved(saved, pr), ctx.dtype,
-                                       _proj_needs(need, pr))
+        d, dA, dB, db = _proj_backward(
+            _flat(dY).to(ctx.dtype), X2, pr, _proj_saved(saved, pr), ctx.dtype, _proj_needs(need, pr)
+        )
         dX = d if dX is None else dX.add_(d)
         grads.update(_proj_grads(pr, dA, dB, db))
     return dict(X=dX.view(ctx.x_shape), **grads)
@@ -682,9 +756,11 @@ def _seed_weight_name(label):
 def _refuse_base_grad(fn, arg):
     """A base weight asked for a gradient is refused: the fused functions give it none (autograd would leave
     its .grad None, silently)."""
-    raise ValueError(f"{fn}: the base weight {arg} requires grad, but {fn} gives base weights no gradient "
-                     f"(it trains the LoRA A and B, and biases): freeze it ({arg}.requires_grad_(False)) or "
-                     f"pass {arg}.detach()")
+    raise ValueError(
+        f"{fn}: the base weight {arg} requires grad, but {fn} gives base weights no gradient "
+        f"(it trains the LoRA A and B, and biases): freeze it ({arg}.requires_grad_(False)) or "
+        f"pass {arg}.detach()"
+    )
 
 
 def _backward_checks(fn, need):
@@ -693,19 +769,21 @@ def _backward_checks(fn, need):
     refuse_double_backward(fn)
     for arg, wanted in need.items():
         if wanted and arg.endswith("_weight"):
-            _refuse_base_grad(fn, _seed_weight_name(arg[:-len("_weight")]))
+            _refuse_base_grad(fn, _seed_weight_name(arg[: -len("_weight")]))
 
 
 def _o_projections(X, W, W_quant, A, B, S, bias, dropout):
-    return _projections("LoRA_O", "apply_lora_o", OProjection, [(W, W_quant, A, B, S, bias, dropout)], X,
-                        kernels=W_quant is not None)
+    return _projections(
+        "LoRA_O", "apply_lora_o", OProjection, [(W, W_quant, A, B, S, bias, dropout)], X, kernels=W_quant is not None
+    )
 
 
 def _qkv_projections(X, q, k, v, biases, dropouts):
     """q, k, v: each projection's seed arguments (W, quant, A, B, S)."""
     specs = [(*proj, b, p) for proj, b, p in zip((q, k, v), biases, dropouts)]
-    return _projections("LoRA_QKV", "apply_lora_qkv", QKVProjections, specs, X,
-                        kernels=any(proj[1] is not None for proj in (q, k, v)))
+    return _projections(
+        "LoRA_QKV", "apply_lora_qkv", QKVProjections, specs, X, kernels=any(proj[1] is not None for proj in (q, k, v))
+    )
 
 
 def _mlp_projections(X, gate, up, down, dropouts):
@@ -737,10 +815,34 @@ class LoRA_QKV(torch.autograd.Function):
     its own that an in-place update would save (dQ, dK, dV belong to autograd)."""
 
     @staticmethod
-    def forward(ctx, X, qW, qQ, qA, qB, qS, kW, kQ, kA, kB, kS, vW, vQ, vA, vB, vS, inplace=True,
-                q_bias=None, k_bias=None, v_bias=None, dropouts=(0.0, 0.0, 0.0), training=False):
-        prs = _qkv_projections(X, (qW, qQ, qA, qB, qS), (kW, kQ, kA, kB, kS), (vW, vQ, vA, vB, vS),
-                               (q_bias, k_bias, v_bias), dropouts)
+    def forward(
+        ctx,
+        X,
+        qW,
+        qQ,
+        qA,
+        qB,
+        qS,
+        kW,
+        kQ,
+        kA,
+        kB,
+        kS,
+        vW,
+        vQ,
+        vA,
+        vB,
+        vS,
+        inplace=True,
+        q_bias=None,
+        k_bias=None,
+        v_bias=None,
+        dropouts=(0.0, 0.0, 0.0),
+        training=False,
+    ):
+        prs = _qkv_projections(
+            X, (qW, qQ, qA, qB, qS), (kW, kQ, kA, kB, kS), (vW, vQ, vA, vB, vS), (q_bias, k_bias, v_bias), dropouts
+        )
         dtype = _compute_dtype(X)
         return _qkv_forward(ctx, X, _with_masks(prs, X, dtype, training), dtype, training, norm_source(X))
 
@@ -758,12 +860,43 @@ class LoRA_MLP(torch.autograd.Function):
     activation_fn(e, g) -> h; activation_fn_backward(dh, e, g, inplace) -> (de, dg)."""
 
     @staticmethod
-    def forward(ctx, X, gW, gQ, gA, gB, gS, uW, uQ, uA, uB, uS, dW, dQ, dA, dB, dS, activation_fn,
-                activation_fn_backward, inplace=True, dropouts=(0.0, 0.0, 0.0), training=False):
+    def forward(
+        ctx,
+        X,
+        gW,
+        gQ,
+        gA,
+        gB,
+        gS,
+        uW,
+        uQ,
+        uA,
+        uB,
+        uS,
+        dW,
+        dQ,
+        dA,
+        dB,
+        dS,
+        activation_fn,
+        activation_fn_backward,
+        inplace=True,
+        dropouts=(0.0, 0.0, 0.0),
+        training=False,
+    ):
         prs = _mlp_projections(X, (gW, gQ, gA, gB, gS), (uW, uQ, uA, uB, uS), (dW, dQ, dA, dB, dS), dropouts)
         dtype = _compute_dtype(X)
-        return _mlp_forward(ctx, X, _with_masks(prs, X, dtype, training), dtype, training, activation_fn,
-                            activation_fn_backward, inplace, norm_source(X))[0]
+        return _mlp_forward(
+            ctx,
+            X,
+            _with_masks(prs, X, dtype, training),
+            dtype,
+            training,
+            activation_fn,
+            activation_fn_backward,
+            inplace,
+            norm_source(X),
+        )[0]
 
     @staticmethod
     def backward(ctx, dY):
@@ -784,6 +917,7 @@ def _glu_fg_backward(act):
     def backward(dh, e, g, inplace=True, store_h=False):
         """(de, dg), plus h written over dh when store_h."""
         return glu_backward(dh.contiguous(), e, g, act, inplace, store_h)
+
     backward.stores_h = True
     backward.glu_act = act  # LoRA_MLP may fuse the adapter products into this backward (glu_lora_backward)
     return backward
@@ -847,9 +981,16 @@ _ACTIVATIONS = {
 }
 _OptionalTensor = Optional[torch.Tensor]
 _LAYOUT_TYPES = get_type_hints(BaseLayout)
-PROJECTION_ARGS = (("A", _OptionalTensor), ("B", _OptionalTensor), ("bias", _OptionalTensor),
-                   ("mask", _OptionalTensor), ("base", list[_OptionalTensor]), ("scale", float), ("dropout", float),
-                   *((name, _LAYOUT_TYPES[name]) for name in BaseLayout._fields))
+PROJECTION_ARGS = (
+    ("A", _OptionalTensor),
+    ("B", _OptionalTensor),
+    ("bias", _OptionalTensor),
+    ("mask", _OptionalTensor),
+    ("base", list[_OptionalTensor]),
+    ("scale", float),
+    ("dropout", float),
+    *((name, _LAYOUT_TYPES[name]) for name in BaseLayout._fields),
+)
 
 
 def op_arguments(prs) -> dict:
@@ -857,19 +998,30 @@ def op_arguments(prs) -> dict:
     args = {}
     for pr in prs:
         base, layout = base_arguments(pr.weight, pr.quant)
-        fields = dict(A=pr.A, B=pr.B, bias=pr.bias, mask=pr.mask, base=base, scale=pr.scale, dropout=pr.dropout,
-                      **layout._asdict())
+        fields = dict(
+            A=pr.A,
+            B=pr.B,
+            bias=pr.bias,
+            mask=pr.mask,
+            base=base,
+            scale=pr.scale,
+            dropout=pr.dropout,
+            **layout._asdict(),
+        )
         args.update((f"{pr.label}_{name}", fields[name]) for name, _ in PROJECTION_ARGS)
     return args
 
 
 def _op_projections(group, args):
     """The Projections record `group` from the ops' arguments (op_arguments' inverse)."""
+
     def one(label):
         field = {name: args[f"{label}_{name}"] for name, _ in PROJECTION_ARGS}
         W, quant = base_from_arguments(field["base"], BaseLayout(**{f: field[f] for f in BaseLayout._fields}))
-        return Projection(label, W, quant, field["A"], field["B"], field["scale"], field["bias"], field["dropout"],
-                          field["mask"])
+        return Projection(
+            label, W, quant, field["A"], field["B"], field["scale"], field["bias"], field["dropout"], field["mask"]
+        )
+
     return group._make(one(label) for label in group._fields)
 
 
@@ -877,11 +1029,13 @@ def _op_function(name, params, impl):
     """impl(arguments by name) as a function with the signature `params` ((name, type) pairs; returning a
     tensor list), from which torch.library infers a schema that names every argument."""
     P = inspect.Parameter
-    sig = inspect.Signature([P(n, P.POSITIONAL_OR_KEYWORD, annotation=t) for n, t in params],
-                            return_annotation=list[torch.Tensor])
+    sig = inspect.Signature(
+        [P(n, P.POSITIONAL_OR_KEYWORD, annotation=t) for n, t in params], return_annotation=list[torch.Tensor]
+    )
 
     def fn(*args, **kwargs):
         return impl(sig.bind(*args, **kwargs).arguments)
+
     fn.__signature__, fn.__name__, fn.__qualname__ = sig, name, name
     return fn
 
@@ -915,8 +1069,13 @@ def _define(kind, group, n_out, plan, forward, backward, extras=()):
     between them. group: the Projections record (its fields are the labels); extras: the kind's own
     (name, type) arguments (the MLP's activation and inplace), handed to its functions as (act, act_bwd,
     inplace)."""
-    params = [("X", torch.Tensor), *((f"{label}_{name}", t) for label in group._fields for name, t in PROJECTION_ARGS),
-              ("dtype", torch.dtype), ("training", bool), *extras]
+    params = [
+        ("X", torch.Tensor),
+        *((f"{label}_{name}", t) for label in group._fields for name, t in PROJECTION_ARGS),
+        ("dtype", torch.dtype),
+        ("training", bool),
+        *extras,
+    ]
     arg_names = [name for name, _ in params]
     grad_names = ["X", *(f"{label}_{f}" for label in group._fields for f in ("A", "B", "bias"))]  # (q_A, down_B...)
 
@@ -936,9 +1095,14 @@ def _define(kind, group, n_out, plan, forward, backward, extras=()):
         return [_custom.mark(g, X) for g in _unaliased([named.get(n) for n in grad_names], _tensors(args))]
 
     fwd = _custom.define(f"lora_{kind}", _op_function(f"lora_{kind}", params, forward_op))
-    bwd = _custom.define(f"lora_{kind}_backward", _op_function(
-        f"lora_{kind}_backward", params + [("grads", list[_OptionalTensor]), ("saved", list[_OptionalTensor]),
-                                           ("needs", list[bool])], backward_op))
+    bwd = _custom.define(
+        f"lora_{kind}_backward",
+        _op_function(
+            f"lora_{kind}_backward",
+            params + [("grads", list[_OptionalTensor]), ("saved", list[_OptionalTensor]), ("needs", list[bool])],
+            backward_op,
+        ),
+    )
 
     def setup_context(ctx, inputs, output):
         leaves, ctx.spec = pytree.tree_flatten(dict(zip(arg_names, inputs)))
@@ -949,11 +1113,16 @@ def _define(kind, group, n_out, plan, forward, backward, extras=()):
     def autograd_backward(ctx, grads):
         refuse_double_backward(f"lora_{kind}")
         saved = iter(ctx.saved_tensors)
-        args = pytree.tree_unflatten([next(saved) if t else leaf for leaf, t in zip(ctx.scalars, ctx.is_tensor)],
-                                     ctx.spec)
+        args = pytree.tree_unflatten(
+            [next(saved) if t else leaf for leaf, t in zip(ctx.scalars, ctx.is_tensor)], ctx.spec
+        )
         needs = dict(zip(arg_names, ctx.needs_input_grad))
-        got = bwd(**args, grads=list(grads[:n_out]), saved=[_custom.unmark(t) for t in saved],
-                  needs=[bool(needs[n]) for n in grad_names])
+        got = bwd(
+            **args,
+            grads=list(grads[:n_out]),
+            saved=[_custom.unmark(t) for t in saved],
+            needs=[bool(needs[n]) for n in grad_names],
+        )
         by_name = dict(zip(grad_names, map(_custom.unmark, got)))
         return tuple(by_name.get(n) for n in arg_names)
 
@@ -963,8 +1132,9 @@ def _define(kind, group, n_out, plan, forward, backward, extras=()):
 
 LORA_O_OP = _define("o", OProjection, 1, _o_plan, _o_forward, _o_backward)
 LORA_QKV_OP = _define("qkv", QKVProjections, 3, _qkv_plan, _qkv_forward, _qkv_backward)
-LORA_MLP_OP = _define("mlp", MLPProjections, 1, _mlp_plan, _mlp_forward, _mlp_backward,
-                      extras=(("activation", str), ("inplace", bool)))
+LORA_MLP_OP = _define(
+    "mlp", MLPProjections, 1, _mlp_plan, _mlp_forward, _mlp_backward, extras=(("activation", str), ("inplace", bool))
+)
 
 
 # ------------------------------------------------------------------------------ LoRA_*.apply's twins
@@ -973,16 +1143,59 @@ def lora_o(X, W, W_quant, A, B, S, bias=None, dropout=0.0, training=False):
     return _call(LORA_O_OP, X, _o_projections(X, W, W_quant, A, B, S, bias, dropout), training)[0]
 
 
-def lora_qkv(X, qW, qQ, qA, qB, qS, kW, kQ, kA, kB, kS, vW, vQ, vA, vB, vS, inplace=True, q_bias=None, k_bias=None,
-             v_bias=None, dropouts=(0.0, 0.0, 0.0), training=False):
+def lora_qkv(
+    X,
+    qW,
+    qQ,
+    qA,
+    qB,
+    qS,
+    kW,
+    kQ,
+    kA,
+    kB,
+    kS,
+    vW,
+    vQ,
+    vA,
+    vB,
+    vS,
+    inplace=True,
+    q_bias=None,
+    k_bias=None,
+    v_bias=None,
+    dropouts=(0.0, 0.0, 0.0),
+    training=False,
+):
     """LoRA_QKV.apply through the custom op."""
-    prs = _qkv_projections(X, (qW, qQ, qA, qB, qS), (kW, kQ, kA, kB, kS), (vW, vQ, vA, vB, vS),
-                           (q_bias, k_bias, v_bias), dropouts)
+    prs = _qkv_projections(
+        X, (qW, qQ, qA, qB, qS), (kW, kQ, kA, kB, kS), (vW, vQ, vA, vB, vS), (q_bias, k_bias, v_bias), dropouts
+    )
     return tuple(_call(LORA_QKV_OP, X, prs, training)[:3])
 
 
-def lora_mlp(X, gW, gQ, gA, gB, gS, uW, uQ, uA, uB, uS, dW, dQ, dA, dB, dS, activation, inplace=True,
-             dropouts=(0.0, 0.0, 0.0), training=False):
+def lora_mlp(
+    X,
+    gW,
+    gQ,
+    gA,
+    gB,
+    gS,
+    uW,
+    uQ,
+    uA,
+    uB,
+    uS,
+    dW,
+    dQ,
+    dA,
+    dB,
+    dS,
+    activation,
+    inplace=True,
+    dropouts=(0.0, 0.0, 0.0),
+    training=False,
+):
     """LoRA_MLP.apply through the custom op; `activation` names one of the fused GLU activations
     ("silu", "gelu", "gelu_tanh") instead of the two callables."""
     if activation not in _ACTIVATIONS:
@@ -993,8 +1206,9 @@ def lora_mlp(X, gW, gQ, gA, gB, gS, uW, uQ, uA, uB, uS, dW, dQ, dA, dB, dS, acti
 
 def _call(op, X, prs, training, **kind_args):
     dtype = _compute_dtype(X)  # autocast's, decided here (at trace time)
-    return op(X, **op_arguments(_with_masks(prs, X, dtype, training)), dtype=dtype, training=bool(training),
-              **kind_args)
+    return op(
+        X, **op_arguments(_with_masks(prs, X, dtype, training)), dtype=dtype, training=bool(training), **kind_args
+    )
 
 
 # ---------------------------------------------------------------------- PEFT modules through the fused functions

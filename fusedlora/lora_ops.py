@@ -6,5 +6,5 @@ They are defined beside the Functions, in `fusedlora.lora` (as each op of `fused
 op beside its Function; there also what crosses the op boundary: `op_arguments`, `PROJECTION_ARGS`), and
 named here too.
 """
-from .lora import (LORA_MLP_OP, LORA_O_OP, LORA_QKV_OP, PROJECTION_ARGS, lora_mlp, lora_o, lora_qkv,  # noqa: F401
-                   op_arguments)
+
+from .lora import LORA_MLP_OP, LORA_O_OP, LORA_QKV_OP, PROJECTION_ARGS, lora_mlp, lora_o, lora_qkv, op_arguments  # noqa: F401

@@ -10,6 +10,7 @@ Triton version and arch all match; anything else is left to triton.jit with one 
 reason. Each manifest is checked against the schema once, when read (never per launch); files are plain
 names inside the folder, regular files of bounded size, neither links nor world-writable, and so is the folder.
 """
+
 from __future__ import annotations
 
 import errno
@@ -32,9 +33,12 @@ SCRATCH_ABI = ["*i8", "*i8"]  # global scratch, profile scratch: appended by Tri
 # pointers): 3.6 is fusedlora's oldest Triton, and a new major may change it. The installed Triton plays no part
 # in a prebuilt launch, so it need not be the one that built the cubins.
 TRITON_ABI_VERSIONS = ((3, 6), (4, 0))
-TRITON_ABI_TEXT = ("a Triton release from {0[0]}.{0[1]} to before {1[0]}.{1[1]}, whose cubins the loader launches"
-                   .format(*TRITON_ABI_VERSIONS))
-MAX_FILE_BYTES = 64 << 20   # far above any manifest or cubin: a bound on a file that never ends
+TRITON_ABI_TEXT = (
+    "a Triton release from {0[0]}.{0[1]} to before {1[0]}.{1[1]}, whose cubins the loader launches".format(
+        *TRITON_ABI_VERSIONS
+    )
+)
+MAX_FILE_BYTES = 64 << 20  # far above any manifest or cubin: a bound on a file that never ends
 MAX_SHARED_BYTES = 256 << 10  # above the per-block shared memory of every supported GPU (227 KiB)
 ARG_KINDS = ("ptr", "float", "int", "int_nospec", "constexpr")
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
@@ -61,8 +65,11 @@ class FolderWarnings:
         key = (str(folder), problem.reason)
         if key not in self.seen:
             self.seen.add(key)
-            warnings.warn(f"fusedlora: kernel folder {folder}: {problem}; those kernels run through triton.jit",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"fusedlora: kernel folder {folder}: {problem}; those kernels run through triton.jit",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
 def expected_abi(variant: Variant) -> list[str]:
@@ -80,10 +87,17 @@ def triton_abi_ok(version) -> bool:
 
 def plain_name(value, what: str, where: str = "") -> str:
     """`value` if it names a file directly inside the folder (no directory part, not absolute)."""
-    if (not isinstance(value, str) or value in ("", ".", "..") or "/" in value or "\\" in value
-            or "\0" in value or os.path.isabs(value)):
-        raise FolderRefused(f"{what} file name is not a plain name inside the folder",
-                            f"{where}: {value!r}" if where else repr(value))
+    if (
+        not isinstance(value, str)
+        or value in ("", ".", "..")
+        or "/" in value
+        or "\\" in value
+        or "\0" in value
+        or os.path.isabs(value)
+    ):
+        raise FolderRefused(
+            f"{what} file name is not a plain name inside the folder", f"{where}: {value!r}" if where else repr(value)
+        )
     return value
 
 
@@ -118,8 +132,10 @@ def read_json(folder: Path, name: str) -> dict:
     if not isinstance(doc, dict):
         raise FolderRefused(f"ignoring kernel manifest {name}: not a JSON object")
     if doc.get("format") != MANIFEST_FORMAT:
-        raise FolderRefused(f"ignoring kernel manifest {name}: format {doc.get('format')!r}, expected "
-                            f"{MANIFEST_FORMAT} (rebuild the kernels)")
+        raise FolderRefused(
+            f"ignoring kernel manifest {name}: format {doc.get('format')!r}, expected "
+            f"{MANIFEST_FORMAT} (rebuild the kernels)"
+        )
     return doc
 
 
@@ -153,25 +169,41 @@ class Entry:
         except ValueError as e:
             raise FolderRefused("an entry's variant is malformed", f"{where}: {e}") from None
         if (self.variant.kernel, self.variant.arch) != (kernel, arch):
-            raise FolderRefused(f"an entry's variant is not of {kernel} for sm_{arch}",
-                                f"{where}: {self.variant.kernel}, sm_{self.variant.arch}")
+            raise FolderRefused(
+                f"an entry's variant is not of {kernel} for sm_{arch}",
+                f"{where}: {self.variant.kernel}, sm_{self.variant.arch}",
+            )
         self.directory = directory
         self.record = record
         self.file = plain_name(_checked(record, "file", lambda v: True, "", where), "an entry's", where)
         self.path = directory / self.file
-        self.sha256 = _checked(record, "sha256", lambda v: isinstance(v, str) and _SHA256.match(v),
-                               "64 lower-case hex digits", where)
-        self.name = _checked(record, "name", lambda v: isinstance(v, str) and _SYMBOL.match(v), "a kernel symbol",
-                             where)
-        self.shared = _checked(record, "shared", _whole_in(0, MAX_SHARED_BYTES),
-                               f"a byte count from 0 to {MAX_SHARED_BYTES}", where)
-        self.num_warps = _checked(record, "num_warps", lambda v: v in (1, 2, 4, 8, 16, 32) and isinstance(v, int),
-                                  "one of 1, 2, 4, 8, 16, 32", where)
-        self.global_scratch_size = _checked(record, "global_scratch_size", _whole_in(0, 2**31),
-                                            "a byte count", where, default=0)
-        self.global_scratch_align = _checked(record, "global_scratch_align",
-                                             lambda v: isinstance(v, int) and 1 <= v <= 4096 and not v & (v - 1),
-                                             "a power of two up to 4096", where, default=1)
+        self.sha256 = _checked(
+            record, "sha256", lambda v: isinstance(v, str) and _SHA256.match(v), "64 lower-case hex digits", where
+        )
+        self.name = _checked(
+            record, "name", lambda v: isinstance(v, str) and _SYMBOL.match(v), "a kernel symbol", where
+        )
+        self.shared = _checked(
+            record, "shared", _whole_in(0, MAX_SHARED_BYTES), f"a byte count from 0 to {MAX_SHARED_BYTES}", where
+        )
+        self.num_warps = _checked(
+            record,
+            "num_warps",
+            lambda v: v in (1, 2, 4, 8, 16, 32) and isinstance(v, int),
+            "one of 1, 2, 4, 8, 16, 32",
+            where,
+        )
+        self.global_scratch_size = _checked(
+            record, "global_scratch_size", _whole_in(0, 2**31), "a byte count", where, default=0
+        )
+        self.global_scratch_align = _checked(
+            record,
+            "global_scratch_align",
+            lambda v: isinstance(v, int) and 1 <= v <= 4096 and not v & (v - 1),
+            "a power of two up to 4096",
+            where,
+            default=1,
+        )
         # The launch passes a null profile-scratch pointer and one CTA per program; a cubin from another Triton
         # release may want otherwise.
         _checked(record, "profile_scratch_size", lambda v: v == 0, "0 (no profiling build)", where, default=0)
@@ -179,8 +211,10 @@ class Entry:
         _checked(record, "triton_version", triton_abi_ok, TRITON_ABI_TEXT, where, default="3.6")
         abi = _checked(record, "abi", lambda v: isinstance(v, list), "a list", where)
         if abi != expected_abi(self.variant):
-            raise FolderRefused("an entry has ABI other than its signature's parameters and 2 scratch pointers",
-                                f"{where}: {abi}, expected {expected_abi(self.variant)}")
+            raise FolderRefused(
+                "an entry has ABI other than its signature's parameters and 2 scratch pointers",
+                f"{where}: {abi}, expected {expected_abi(self.variant)}",
+            )
         self._image = None
 
     def image(self, warn) -> bytes | None:
@@ -200,8 +234,10 @@ class Entry:
 def _top_manifest(folder: Path) -> dict | None:
     """The folder's checked top-level manifest, None where there is none."""
     if not folder.is_absolute():
-        raise FolderRefused("a relative path, not searched (it would load kernels from whatever the current "
-                            "directory is): give an absolute path")
+        raise FolderRefused(
+            "a relative path, not searched (it would load kernels from whatever the current "
+            "directory is): give an absolute path"
+        )
     try:
         st = os.stat(folder)
     except OSError:
@@ -212,8 +248,10 @@ def _top_manifest(folder: Path) -> dict | None:
         raise FolderRefused("the folder is world-writable (anyone could put kernels in it)")
     top = read_json(folder, MANIFEST)
     if not triton_abi_ok(top.get("triton_version")):
-        raise FolderRefused(f"ignoring kernel manifest {MANIFEST}: its triton_version is not {TRITON_ABI_TEXT} "
-                            "(rebuild the kernels)", repr(top.get("triton_version")))
+        raise FolderRefused(
+            f"ignoring kernel manifest {MANIFEST}: its triton_version is not {TRITON_ABI_TEXT} (rebuild the kernels)",
+            repr(top.get("triton_version")),
+        )
     if not isinstance(top.get("kernels"), dict):
         raise FolderRefused(f"ignoring kernel manifest {MANIFEST}: no kernels table")
     return top
@@ -244,14 +282,21 @@ def _kernel_table_entry(top: dict, name: str) -> dict | None:
     if not (isinstance(info.get("source_sha256"), str) and _SHA256.match(info["source_sha256"])):
         raise FolderRefused(f"ignoring kernel manifest {MANIFEST}: a kernel has no source_sha256", name)
     kinds = info.get("arg_kinds")
-    if not (isinstance(kinds, list) and kinds and all(
-            isinstance(k, list) and len(k) == 2 and isinstance(k[0], str) and k[1] in ARG_KINDS for k in kinds)):
-        raise FolderRefused(f"ignoring kernel manifest {MANIFEST}: a kernel's arg_kinds is not a list of [argument, "
-                            f"kind] pairs with kinds {', '.join(ARG_KINDS)}", f"{name}: {kinds!r}")
+    if not (
+        isinstance(kinds, list)
+        and kinds
+        and all(isinstance(k, list) and len(k) == 2 and isinstance(k[0], str) and k[1] in ARG_KINDS for k in kinds)
+    ):
+        raise FolderRefused(
+            f"ignoring kernel manifest {MANIFEST}: a kernel's arg_kinds is not a list of [argument, "
+            f"kind] pairs with kinds {', '.join(ARG_KINDS)}",
+            f"{name}: {kinds!r}",
+        )
     manifests = info.get("manifests")
     if not (isinstance(manifests, dict) and all(isinstance(a, str) and a.isdigit() for a in manifests)):
-        raise FolderRefused(f"ignoring kernel manifest {MANIFEST}: a kernel's manifests is not a table of arch -> "
-                            "file", name)
+        raise FolderRefused(
+            f"ignoring kernel manifest {MANIFEST}: a kernel's manifests is not a table of arch -> file", name
+        )
     for fname in manifests.values():
         plain_name(fname, "a kernel manifest", name)
     return info
@@ -270,8 +315,9 @@ def current_kernel_folders(tops: list[tuple[Path, dict]], name: str, warn) -> li
             if current is None:
                 current = registry.get(name).source_sha256()
             if info["source_sha256"] != current:
-                raise FolderRefused("kernels built from another source, not used (rebuild them with python -m "
-                                    "fusedlora.build)", name)
+                raise FolderRefused(
+                    "kernels built from another source, not used (rebuild them with python -m fusedlora.build)", name
+                )
         except FolderRefused as problem:
             warn(d, problem)
             continue
@@ -332,6 +378,7 @@ def write_manifests(out: Path, records: list[dict], merge: bool):
     each kernel's source fingerprint, argument kinds and files). With merge, entries already there are
     kept unless rebuilt or stale."""
     import triton
+
     top = load_top_manifest(out) if merge else None
     kernels = dict(top["kernels"]) if top else {}
     by_kernel: dict[str, list[dict]] = {}
@@ -357,14 +404,26 @@ def write_manifests(out: Path, records: list[dict], merge: bool):
         manifests = {}
         for arch, rs in sorted(per_arch.items()):
             fname = f"{name}.sm{arch}.json"
-            write_json(out / fname, {"format": MANIFEST_FORMAT, "kernel": name, "arch": arch,
-                                      "entries": sorted(rs, key=lambda r: r["file"])})
+            write_json(
+                out / fname,
+                {
+                    "format": MANIFEST_FORMAT,
+                    "kernel": name,
+                    "arch": arch,
+                    "entries": sorted(rs, key=lambda r: r["file"]),
+                },
+            )
             manifests[str(arch)] = fname
-        kernels[name] = {"manifests": manifests, "source_sha256": source, "arg_kinds": kinds,
-                         "variants": len(entries)}
-    write_json(out / MANIFEST, {"format": MANIFEST_FORMAT, "triton_version": triton.__version__,
-                                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                 "kernels": kernels})
+        kernels[name] = {"manifests": manifests, "source_sha256": source, "arg_kinds": kinds, "variants": len(entries)}
+    write_json(
+        out / MANIFEST,
+        {
+            "format": MANIFEST_FORMAT,
+            "triton_version": triton.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "kernels": kernels,
+        },
+    )
 
 
 def load_top_manifest(out_dir: Path) -> dict | None:

@@ -6,6 +6,7 @@ quantisations, MLP biases), raised as UnsupportedLoRA so the caller keeps PEFT's
 It reads modules only: the entry points that run a PEFT module through the fused functions (`apply_lora_*`)
 are `fusedlora.lora`'s, which imports this module.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,7 +34,8 @@ def _check_gptq_layout(base):
         raise UnsupportedLoRA(
             f"{type(base).__name__} (QUANT_TYPE {kind!r}) may keep its weight in a repacked layout; fusedlora reads "
             f"GPTQ's own layout, as gptqmodel's {' / '.join(GPTQ_PLAIN_LAYOUT_KERNELS)} kernels keep it (load the model "
-            f"with backend=BACKEND.TORCH or BACKEND.TRITON), or keep PEFT's path for this layer")
+            f"with backend=BACKEND.TORCH or BACKEND.TRITON), or keep PEFT's path for this layer"
+        )
     if base.qweight.dtype != torch.int32:
         raise UnsupportedLoRA(f"{type(base).__name__} packs into {base.qweight.dtype}; fusedlora reads int32 packing")
 
@@ -53,8 +55,14 @@ def get_lora_parameters(proj):
         group = int(getattr(base, "group_size", -1) or -1)
         if g_idx is not None and bool(getattr(base, "desc_act", True)) is False:
             g_idx = None
-        quant = GPTQState(base.qzeros, base.scales, g_idx, bits, group if group > 0 else in_f,
-                          "gptq_v2" if getattr(base, "qzero_format", lambda: 1)() == 2 else "gptq")
+        quant = GPTQState(
+            base.qzeros,
+            base.scales,
+            g_idx,
+            bits,
+            group if group > 0 else in_f,
+            "gptq_v2" if getattr(base, "qzero_format", lambda: 1)() == 2 else "gptq",
+        )
     else:
         W = getattr(base, "weight", None)
         if not isinstance(W, torch.Tensor) or W.dim() != 2:
@@ -66,14 +74,22 @@ def get_lora_parameters(proj):
             # state on the Linear4bit module for exactly this
             quant = base.quant_state
         if quant is None and not W.is_floating_point():
-            raise UnsupportedLoRA(f"{type(base).__name__} keeps a {W.dtype} weight with no 4-bit quant state "
-                                  "(bitsandbytes 8-bit or another quantisation): not fused, keep PEFT's path")
+            raise UnsupportedLoRA(
+                f"{type(base).__name__} keeps a {W.dtype} weight with no 4-bit quant state "
+                "(bitsandbytes 8-bit or another quantisation): not fused, keep PEFT's path"
+            )
         if quant is not None and not (is_nf4(quant) and hasattr(quant, "absmax")):
-            raise UnsupportedLoRA(f"{type(base).__name__}'s quant_state ({type(quant).__name__}, "
-                                  f"{getattr(quant, 'quant_type', None)!r}) is not a bitsandbytes 4-bit state")
+            raise UnsupportedLoRA(
+                f"{type(base).__name__}'s quant_state ({type(quant).__name__}, "
+                f"{getattr(quant, 'quant_type', None)!r}) is not a bitsandbytes 4-bit state"
+            )
     active = getattr(proj, "active_adapters", None) or []
-    if (not hasattr(proj, "lora_A") or getattr(proj, "disable_adapters", False) or getattr(proj, "merged", False)
-            or not active):
+    if (
+        not hasattr(proj, "lora_A")
+        or getattr(proj, "disable_adapters", False)
+        or getattr(proj, "merged", False)
+        or not active
+    ):
         return W, quant, None, None, None
     if len(active) > 1:
         raise UnsupportedLoRA(f"{len(active)} active adapters at once; fusedlora fuses a single adapter")
@@ -86,7 +102,9 @@ def get_lora_parameters(proj):
         raise UnsupportedLoRA("LoRA bias (lora_bias=True) is not fused; keep PEFT's path for this layer")
     variant = getattr(proj, "lora_variant", {}).get(name)
     if variant is not None:  # PEFT's hook for DoRA, QA-LoRA, aLoRA...: its forward is not plain LoRA
-        raise UnsupportedLoRA(f"the {type(variant).__name__} LoRA variant is not fused; keep PEFT's path for this layer")
+        raise UnsupportedLoRA(
+            f"the {type(variant).__name__} LoRA variant is not fused; keep PEFT's path for this layer"
+        )
     A = proj.lora_A[name].weight
     B = proj.lora_B[name].weight
     return W, quant, A, B, proj.scaling[name]
@@ -97,8 +115,10 @@ def fused_parameters(proj):
     that requires grad (full fine-tuning, or a model not yet wrapped by PEFT) raises UnsupportedLoRA."""
     params = get_lora_parameters(proj)
     if params[0].requires_grad and torch.is_grad_enabled():
-        raise UnsupportedLoRA(f"{type(_base_layer(proj)).__name__}'s base weight requires grad (full fine-tuning, "
-                              "or PEFT not applied yet): the fused path trains only the adapter")
+        raise UnsupportedLoRA(
+            f"{type(_base_layer(proj)).__name__}'s base weight requires grad (full fine-tuning, "
+            "or PEFT not applied yet): the fused path trains only the adapter"
+        )
     return params
 
 
@@ -131,7 +151,12 @@ def adapter_state(lora_layer) -> tuple:
     """What a PEFT LoRA layer's forward does that its tensors do not show: the active adapters, whether adapters
     are disabled or merged, the scalings and the dropout probabilities (a CUDA graph bakes these in)."""
     m = lora_layer
-    return (tuple(getattr(m, "active_adapters", ()) or ()), bool(getattr(m, "disable_adapters", False)),
-            bool(getattr(m, "merged", False)), tuple(sorted(getattr(m, "scaling", {}).items())),
-            tuple((k, getattr(d, "p", 0.0)) for k, d in m._modules["lora_dropout"].items())
-            if "lora_dropout" in m._modules else ())
+    return (
+        tuple(getattr(m, "active_adapters", ()) or ()),
+        bool(getattr(m, "disable_adapters", False)),
+        bool(getattr(m, "merged", False)),
+        tuple(sorted(getattr(m, "scaling", {}).items())),
+        tuple((k, getattr(d, "p", 0.0)) for k, d in m._modules["lora_dropout"].items())
+        if "lora_dropout" in m._modules
+        else (),
+    )

@@ -9,6 +9,7 @@
 Both return the weight in nn.Linear layout [out_features, in_features] (GPTQ: `transpose=True` gives
 [in, out], the layout a matmul X @ W can use directly).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,10 +33,15 @@ def _fail(op, msg):
 def _check_out(op, out, shape, dtype, device, contiguous=False):
     """`out` has the result's shape, dtype and device: checked on the eager and the torch.compile path alike
     (there the result is copied into out, which would otherwise cast or broadcast it silently)."""
-    if (tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device
-            or (contiguous and not out.is_contiguous())):
-        _fail(op, f"out must be a {'contiguous ' if contiguous else ''}{dtype} tensor of shape {tuple(shape)} "
-                  f"on {device}")
+    if (
+        tuple(out.shape) != tuple(shape)
+        or out.dtype != dtype
+        or out.device != device
+        or (contiguous and not out.is_contiguous())
+    ):
+        _fail(
+            op, f"out must be a {'contiguous ' if contiguous else ''}{dtype} tensor of shape {tuple(shape)} on {device}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ NF4
@@ -61,13 +67,16 @@ def _as_quant_state(weight, quant_state):
     if quant_state is None:
         quant_state = getattr(weight, "quant_state", None)
         if quant_state is None:
-            raise ValueError("dequantize_nf4: weight has no quant_state; pass a bitsandbytes Params4bit or "
-                             "(packed tensor, QuantState)")
+            raise ValueError(
+                "dequantize_nf4: weight has no quant_state; pass a bitsandbytes Params4bit or "
+                "(packed tensor, QuantState)"
+            )
     return quant_state
 
 
-def dequantize_nf4(weight: torch.Tensor, quant_state=None, out: torch.Tensor | None = None,
-                   dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_nf4(
+    weight: torch.Tensor, quant_state=None, out: torch.Tensor | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Dequantise a bitsandbytes 4-bit weight (NF4 or FP4) in one kernel.
 
     dtype (default quant_state.dtype): the output dtype. Each value is computed in fp32 as bitsandbytes
@@ -94,9 +103,12 @@ def _bnb_transposed_form(weight, qs) -> bool:
     if not isinstance(weight, torch.Tensor) or weight.dim() == 0 or weight.shape[0] != 1:
         return False
     if len(getattr(qs, "shape", ())) > 2:
-        _fail("dequantize_nf4", f"the packed weight has shape {tuple(weight.shape)}, the transposed form whose "
-                                f"result bitsandbytes transposes, but the weight's shape {tuple(qs.shape)} is not 2-D; "
-                                f"pass the packed weight as [{(math.prod(qs.shape) + 1) // 2}, 1]")
+        _fail(
+            "dequantize_nf4",
+            f"the packed weight has shape {tuple(weight.shape)}, the transposed form whose "
+            f"result bitsandbytes transposes, but the weight's shape {tuple(qs.shape)} is not 2-D; "
+            f"pass the packed weight as [{(math.prod(qs.shape) + 1) // 2}, 1]",
+        )
     return True
 
 
@@ -104,6 +116,7 @@ class _NF4Plan(NamedTuple):
     """What a quant state gives every launch, checked once: the kernel's tensors and scalars. `key`: (the
     state's own tensors, compared by identity; its layout, by value) as it was made from; a state whose tensors were replaced (QuantState.to) or
     whose layout changed is planned again (its output dtype is read at every call)."""
+
     key: tuple
     shape: tuple
     n: int
@@ -126,7 +139,7 @@ def _nf4_plan(qs, weight_device: torch.device) -> _NF4Plan:
     tensors = (qs.absmax, qs.code, getattr(qs, "offset", None), getattr(s2, "absmax", None), getattr(s2, "code", None))
     key = (tensors, (qs.shape, qs.blocksize, getattr(qs, "quant_type", None), qs.nested))
     plan = getattr(qs, _PLAN_ATTR, None)  # (bitsandbytes' QuantState takes it; NamedTuple states plan each call)
-    if (plan is not None and all(a is b for a, b in zip(plan.key[0], tensors)) and plan.key[1] == key[1]):
+    if plan is not None and all(a is b for a, b in zip(plan.key[0], tensors)) and plan.key[1] == key[1]:
         return plan
     op = "dequantize_nf4"
     qtype = getattr(qs, "quant_type", None)
@@ -161,8 +174,18 @@ def _nf4_plan(qs, weight_device: torch.device) -> _NF4Plan:
         blocksize2 = 256
     if qs.code.device != dev:
         _fail(op, f"quant_state.code is on {qs.code.device} but quant_state.absmax is on {dev}")
-    plan = _NF4Plan(key, tuple(qs.shape), n, dev, absmax, absmax2, qs.code.float(), code2, offset,
-                    dict(blocksize=qs.blocksize, nested=bool(qs.nested), blocksize2=blocksize2))
+    plan = _NF4Plan(
+        key,
+        tuple(qs.shape),
+        n,
+        dev,
+        absmax,
+        absmax2,
+        qs.code.float(),
+        code2,
+        offset,
+        dict(blocksize=qs.blocksize, nested=bool(qs.nested), blocksize2=blocksize2),
+    )
     try:
         setattr(qs, _PLAN_ATTR, plan)
     except AttributeError:
@@ -206,8 +229,11 @@ def _dequantize_nf4(weight, qs, out, dtype):
     else:
         _check_out(op, out, plan.shape, dtype, dev)
         if not out.is_contiguous() and not row_block_ok(out, blocksize):
-            _fail(op, "out must be contiguous, or a 2-D block of rows (unit column stride, rows a multiple of the "
-                      f"blocksize {blocksize} long) of a wider buffer")
+            _fail(
+                op,
+                "out must be contiguous, or a 2-D block of rows (unit column stride, rows a multiple of the "
+                f"blocksize {blocksize} long) of a wider buffer",
+            )
     strided = not out.is_contiguous()
     row_len = out.shape[1] if strided else 0
     shape = dict(plan.launch_shape, row_len=row_len)
@@ -218,16 +244,36 @@ def _dequantize_nf4(weight, qs, out, dtype):
         grid = (-(-plan.n // max(meta["BLOCK"], blocksize)), 1, 1)  # a program covers whole quantisation blocks
     # the kernel reads bytes from the start of the packed buffer: any contiguous shape, any storage dtype
     data = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)
-    launch(NF4_DEQUANT, grid, (data, plan.absmax, plan.absmax2, plan.code, plan.code2, plan.offset, out, plan.n,
-                              row_len, out.stride(0) if strided else 0), **shape)
+    launch(
+        NF4_DEQUANT,
+        grid,
+        (
+            data,
+            plan.absmax,
+            plan.absmax2,
+            plan.code,
+            plan.code2,
+            plan.offset,
+            out,
+            plan.n,
+            row_len,
+            out.stride(0) if strided else 0,
+        ),
+        **shape,
+    )
     return out
 
 
 def row_block_ok(out: torch.Tensor, blocksize: int) -> bool:
     """`out` is a block of rows of a wider buffer that dequantize_nf4 can write in place: 2-D, unit column
     stride, rows a whole number of quantisation blocks long."""
-    return (out.dim() == 2 and out.stride(1) == 1 and out.stride(0) >= out.shape[1] and out.shape[1] % blocksize == 0
-            and out.shape[0] < 65536)  # rows go on the grid's second axis
+    return (
+        out.dim() == 2
+        and out.stride(1) == 1
+        and out.stride(0) >= out.shape[1]
+        and out.shape[1] % blocksize == 0
+        and out.shape[0] < 65536
+    )  # rows go on the grid's second axis
 
 
 # ----------------------------------------------------------------------------------------------- GPTQ
@@ -242,8 +288,7 @@ def _unpack_rows(packed, bits):
     return vals.reshape(packed.shape[0] * per, packed.shape[1])
 
 
-def naive_dequantize_gptq(qweight, qzeros, scales, g_idx=None, bits=4, group_size=None, format="gptq",
-                          out_dtype=None):
+def naive_dequantize_gptq(qweight, qzeros, scales, g_idx=None, bits=4, group_size=None, format="gptq", out_dtype=None):
     """Plain-torch reference from the format: [out_features, in_features]."""
     in_features = qweight.shape[0] * 32 // bits
     q = _unpack_rows(qweight, bits)  # [in, out]
@@ -257,10 +302,18 @@ def naive_dequantize_gptq(qweight, qzeros, scales, g_idx=None, bits=4, group_siz
     return w.to(out_dtype or scales.dtype).t().contiguous()
 
 
-def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                    g_idx: torch.Tensor | None = None, bits: int = 4, group_size: int | None = None,
-                    format: str = "gptq", out_dtype: torch.dtype | None = None, transpose: bool = False,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_gptq(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor | None = None,
+    bits: int = 4,
+    group_size: int | None = None,
+    format: str = "gptq",
+    out_dtype: torch.dtype | None = None,
+    transpose: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Dequantise a GPTQ QuantLinear's weight in one kernel.
 
     qweight int32 [in * bits / 32, out]; qzeros int32 [groups, out * bits / 32]; scales [groups, out];
@@ -285,8 +338,11 @@ def _dequantize_gptq(qweight, qzeros, scales, g_idx, bits, group_size, format, o
         _fail(op, f"format must be one of {tuple(GPTQ_FORMATS)}, got {format!r}")
     for name, t, dt in (("qweight", qweight, torch.int32), ("qzeros", qzeros, torch.int32)):
         if not isinstance(t, torch.Tensor) or t.dtype != dt or t.dim() != 2:
-            _fail(op, f"{name} must be a 2-D int32 tensor, got {getattr(t, 'dtype', type(t).__name__)} "
-                      f"{tuple(getattr(t, 'shape', ()))}")
+            _fail(
+                op,
+                f"{name} must be a 2-D int32 tensor, got {getattr(t, 'dtype', type(t).__name__)} "
+                f"{tuple(getattr(t, 'shape', ()))}",
+            )
     if scales.dtype not in (torch.float16, torch.bfloat16, torch.float32) or scales.dim() != 2:
         _fail(op, f"scales must be a 2-D float tensor, got {scales.dtype} {tuple(scales.shape)}")
     per = 32 // bits
@@ -295,19 +351,22 @@ def _dequantize_gptq(qweight, qzeros, scales, g_idx, bits, group_size, format, o
     if scales.shape[1] != out_features:
         _fail(op, f"scales has {scales.shape[1]} columns but qweight has {out_features} output features")
     if qzeros.shape != (n_groups, -(-out_features // per)):
-        _fail(op, f"qzeros has shape {tuple(qzeros.shape)}; expected ({n_groups}, {-(-out_features // per)}) "
-                  f"for {n_groups} groups of {bits}-bit zeros")
+        _fail(
+            op,
+            f"qzeros has shape {tuple(qzeros.shape)}; expected ({n_groups}, {-(-out_features // per)}) "
+            f"for {n_groups} groups of {bits}-bit zeros",
+        )
     if g_idx is not None:
         if g_idx.shape != (in_features,) or g_idx.dtype not in (torch.int32, torch.int64):
-            _fail(op, f"g_idx must be an integer tensor of shape ({in_features},), got {g_idx.dtype} "
-                      f"{tuple(g_idx.shape)}")
+            _fail(
+                op, f"g_idx must be an integer tensor of shape ({in_features},), got {g_idx.dtype} {tuple(g_idx.shape)}"
+            )
         g_idx = g_idx.to(torch.int32).contiguous()
         gs = in_features
     else:
         gs = in_features if group_size in (None, -1) else int(group_size)
         if gs <= 0 or -(-in_features // gs) != n_groups:
-            _fail(op, f"group_size {group_size} gives {-(-in_features // max(gs, 1))} groups but scales has "
-                      f"{n_groups}")
+            _fail(op, f"group_size {group_size} gives {-(-in_features // max(gs, 1))} groups but scales has {n_groups}")
     dev = qweight.device
     for name, t in (("qzeros", qzeros), ("scales", scales)) + ((("g_idx", g_idx),) if g_idx is not None else ()):
         if t.device != dev:
@@ -325,15 +384,34 @@ def _dequantize_gptq(qweight, qzeros, scales, g_idx, bits, group_size, format, o
     meta = GPTQ_DEQUANT.constexprs(**shape)
     grid = (-(-in_features // meta["BLOCK_I"]), -(-out_features // meta["BLOCK_O"]), 1)
     qweight, qzeros, scales = qweight.contiguous(), qzeros.contiguous(), scales.contiguous()
-    launch(GPTQ_DEQUANT, grid, (qweight, qzeros, scales, g_idx if g_idx is not None else qweight, out, in_features,
-                               out_features, gs, qweight.stride(0), qzeros.stride(0), scales.stride(0), s_o, s_i,
-                               GPTQ_FORMATS[format]), **shape)
+    launch(
+        GPTQ_DEQUANT,
+        grid,
+        (
+            qweight,
+            qzeros,
+            scales,
+            g_idx if g_idx is not None else qweight,
+            out,
+            in_features,
+            out_features,
+            gs,
+            qweight.stride(0),
+            qzeros.stride(0),
+            scales.stride(0),
+            s_o,
+            s_i,
+            GPTQ_FORMATS[format],
+        ),
+        **shape,
+    )
     return out
 
 
 # ------------------------------------------------------------------- a LoRA projection's base weight
 class GPTQState(NamedTuple):
     """The quantisation state of a GPTQ QuantLinear (its qweight is passed as the weight)."""
+
     qzeros: torch.Tensor
     scales: torch.Tensor
     g_idx: torch.Tensor | None
@@ -344,6 +422,7 @@ class GPTQState(NamedTuple):
 
 class NF4State2(NamedTuple):
     """The second-level state of a nested (double-quantised) 4-bit state."""
+
     absmax: torch.Tensor
     code: torch.Tensor
     blocksize: int
@@ -352,6 +431,7 @@ class NF4State2(NamedTuple):
 class NF4State(NamedTuple):
     """The fields of a bitsandbytes QuantState that dequantize_nf4 reads (base_from_arguments rebuilds one
     inside a custom op)."""
+
     absmax: torch.Tensor
     code: torch.Tensor
     blocksize: int
@@ -371,14 +451,15 @@ BASE_TENSORS = ("weight", "absmax", "code", "absmax2", "code2", "offset", "qzero
 
 class BaseLayout(NamedTuple):
     """A base weight's quantisation state less its tensors. Fields a kind does not use hold 0 (float32)."""
-    quant_format: str     # "plain", "nf4" / "fp4" (bitsandbytes 4-bit), "gptq" / "gptq_v2"
+
+    quant_format: str  # "plain", "nf4" / "fp4" (bitsandbytes 4-bit), "gptq" / "gptq_v2"
     out_features: int
     in_features: int
     state_dtype: torch.dtype  # 4-bit: the dtype its state dequantises to
-    blocksize: int        # 4-bit: values per absmax
+    blocksize: int  # 4-bit: values per absmax
     nested_blocksize: int  # nested (double-quantised) 4-bit: absmax values per second-level absmax; else 0
-    bits: int             # GPTQ
-    group_size: int       # GPTQ
+    bits: int  # GPTQ
+    group_size: int  # GPTQ
 
 
 def base_arguments(W, quant) -> tuple[list, BaseLayout]:
@@ -387,8 +468,16 @@ def base_arguments(W, quant) -> tuple[list, BaseLayout]:
         raise TypeError(f"unsupported quantisation state {type(quant).__name__}")
     out_f, in_f = weight_shape(W, quant)
     named = {"weight": W}
-    layout = dict(quant_format="plain", out_features=out_f, in_features=in_f, state_dtype=torch.float32, blocksize=0,
-                  nested_blocksize=0, bits=0, group_size=0)
+    layout = dict(
+        quant_format="plain",
+        out_features=out_f,
+        in_features=in_f,
+        state_dtype=torch.float32,
+        blocksize=0,
+        nested_blocksize=0,
+        bits=0,
+        group_size=0,
+    )
     if isinstance(quant, GPTQState):
         named.update(qzeros=quant.qzeros, scales=quant.scales, g_idx=quant.g_idx)
         layout.update(quant_format=quant.format, bits=quant.bits, group_size=quant.group_size)
@@ -414,15 +503,34 @@ def base_from_arguments(tensors, layout: BaseLayout):
         return t["weight"], GPTQState(t["qzeros"], t["scales"], t["g_idx"], layout.bits, layout.group_size, kind)
     nested = layout.nested_blocksize > 0
     state2 = NF4State2(t["absmax2"], t["code2"], layout.nested_blocksize) if nested else None
-    return t["weight"], NF4State(t["absmax"], t["code"], layout.blocksize, (layout.out_features, layout.in_features),
-                                 layout.state_dtype, kind, nested, state2, t["offset"] if nested else 0.0)
+    return t["weight"], NF4State(
+        t["absmax"],
+        t["code"],
+        layout.blocksize,
+        (layout.out_features, layout.in_features),
+        layout.state_dtype,
+        kind,
+        nested,
+        state2,
+        t["offset"] if nested else 0.0,
+    )
 
 
-def _dequantize_op(base: list[torch.Tensor | None], quant_format: str, out_features: int, in_features: int,
-                   state_dtype: torch.dtype, blocksize: int, nested_blocksize: int, bits: int, group_size: int,
-                   dtype: torch.dtype) -> torch.Tensor:
-    layout = BaseLayout(quant_format, out_features, in_features, state_dtype, blocksize, nested_blocksize, bits,
-                        group_size)
+def _dequantize_op(
+    base: list[torch.Tensor | None],
+    quant_format: str,
+    out_features: int,
+    in_features: int,
+    state_dtype: torch.dtype,
+    blocksize: int,
+    nested_blocksize: int,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    layout = BaseLayout(
+        quant_format, out_features, in_features, state_dtype, blocksize, nested_blocksize, bits, group_size
+    )
     W, quant = base_from_arguments(base, layout)
     out = dequantize_base(W, quant, dtype)
     return out.clone() if out is W else out  # (a plain weight already in dtype: an op may not return its input)
@@ -445,8 +553,11 @@ def is_nf4(quant) -> bool:
 def nf4_writes_into(quant, dtype, out: torch.Tensor) -> bool:
     """dequantize_nf4 can write this weight into `out` itself: a 4-bit state whose values round straight to
     `dtype` (see dequantize_base), and `out` contiguous or a block of rows of a wider buffer."""
-    return (is_nf4(quant) and quant.dtype in (torch.float32, dtype)
-            and (out.is_contiguous() or row_block_ok(out, quant.blocksize)))
+    return (
+        is_nf4(quant)
+        and quant.dtype in (torch.float32, dtype)
+        and (out.is_contiguous() or row_block_ok(out, quant.blocksize))
+    )
 
 
 def dequantize_base(W: torch.Tensor, quant, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -458,8 +569,9 @@ def dequantize_base(W: torch.Tensor, quant, dtype: torch.dtype, out: torch.Tenso
     if quant is None:
         return W if W.dtype == dtype else W.to(dtype)
     if isinstance(quant, GPTQState):
-        return _dequantize_gptq(W, quant.qzeros, quant.scales, quant.g_idx, quant.bits, quant.group_size,
-                                quant.format, dtype, False, None)
+        return _dequantize_gptq(
+            W, quant.qzeros, quant.scales, quant.g_idx, quant.bits, quant.group_size, quant.format, dtype, False, None
+        )
     if is_nf4(quant):
         # From a float32 state, round the fp32 values straight to `dtype` (what PEFT's dequantise-then-cast
         # gives, without the fp32 copy); from a 16-bit state keep its rounding first, as PEFT does.
@@ -490,10 +602,17 @@ def _synthetic_nf4(shape, nested, device, dtype, blocksize=64):
     packed = torch.randint(0, 256, ((n + 1) // 2, 1), dtype=torch.uint8, device=device)
     code = torch.sort(torch.rand(16, device=device) * 2 - 1).values
     if nested:
-        s2 = SimpleNamespace(absmax=torch.rand(-(-n_blocks // 256), device=device) + 0.5,
-                             code=torch.linspace(-1, 1, 256, device=device), blocksize=256)
-        qs = SimpleNamespace(absmax=torch.randint(0, 256, (n_blocks,), dtype=torch.uint8, device=device), state2=s2,
-                             offset=0.25, nested=True)
+        s2 = SimpleNamespace(
+            absmax=torch.rand(-(-n_blocks // 256), device=device) + 0.5,
+            code=torch.linspace(-1, 1, 256, device=device),
+            blocksize=256,
+        )
+        qs = SimpleNamespace(
+            absmax=torch.randint(0, 256, (n_blocks,), dtype=torch.uint8, device=device),
+            state2=s2,
+            offset=0.25,
+            nested=True,
+        )
     else:
         qs = SimpleNamespace(absmax=torch.rand(n_blocks, device=device) + 0.1, nested=False)
     qs.code, qs.blocksize, qs.shape, qs.dtype, qs.quant_type = code, blocksize, torch.Size(shape), dtype, "nf4"
@@ -512,13 +631,13 @@ def selfcheck(device, dtype):
         rows = (4096, 2048) if device == "cuda" else (9, 128)
         packed, qs = _synthetic_nf4(rows, nested, device, dtype)
         buf = torch.zeros(rows[0], rows[1] + 32, dtype=qs.dtype, device=device)
-        ours, ref = dequantize_nf4(packed, qs, out=buf[:, :rows[1]]), naive_dequantize_nf4(packed, qs)
-        spill = bool(buf[:, rows[1]:].any())  # the columns beside the block must stay untouched
+        ours, ref = dequantize_nf4(packed, qs, out=buf[:, : rows[1]]), naive_dequantize_nf4(packed, qs)
+        spill = bool(buf[:, rows[1] :].any())  # the columns beside the block must stay untouched
         if spill or not torch.equal(ours, ref):
             err_nf4 = max(err_nf4, rel_err(ours, ref) + (1.0 if exact or spill else 0.0))
     in_f, out_f = (4096, 4096) if device == "cuda" else (64, 48)
-    qw = torch.randint(-2**31, 2**31 - 1, (in_f // 8, out_f), dtype=torch.int64, device=device).to(torch.int32)
-    qz = torch.randint(-2**31, 2**31 - 1, (in_f // 32, out_f // 8), dtype=torch.int64, device=device).to(torch.int32)
+    qw = torch.randint(-(2**31), 2**31 - 1, (in_f // 8, out_f), dtype=torch.int64, device=device).to(torch.int32)
+    qz = torch.randint(-(2**31), 2**31 - 1, (in_f // 32, out_f // 8), dtype=torch.int64, device=device).to(torch.int32)
     sc = (torch.rand(in_f // 32, out_f, device=device) * 0.01).half()
     g = (torch.randperm(in_f, device=device) // 32).to(torch.int32)
     ours = dequantize_gptq(qw, qz, sc, g, out_dtype=dtype)

@@ -4,17 +4,36 @@
 The types it holds (`KernelSpec`, `Variant`, `register`, the supported archs) are `fusedlora.kernel_spec`'s, which
 the entries import; their names stay reachable here. Like kernel_spec, this module never imports torch.
 """
+
 from __future__ import annotations
 
 import importlib
 from typing import Any, Iterable
 
-from .kernel_spec import (COMPATIBLE_ARCHS, DTYPES, REGISTERED, SIGNATURE_TYPES, SUPPORTED_ARCHS,  # noqa: F401
-                          KernelSpec, Variant, compatible_archs, next_pow2, parse_archs, register)
+from .kernel_spec import (  # noqa: F401
+    COMPATIBLE_ARCHS,
+    DTYPES,
+    REGISTERED,
+    SIGNATURE_TYPES,
+    SUPPORTED_ARCHS,
+    KernelSpec,
+    Variant,
+    compatible_archs,
+    next_pow2,
+    parse_archs,
+    register,
+)
 
 # Every kernel family's module: its @triton.jit sources and, beside them, their KernelSpecs.
-KERNEL_MODULES = ("csrc_triton.rms_norm", "csrc_triton.glu", "csrc_triton.glu_lora", "csrc_triton.cross_entropy",
-                  "csrc_triton.rope", "csrc_triton.quant", "csrc_triton.moe_lora")
+KERNEL_MODULES = (
+    "csrc_triton.rms_norm",
+    "csrc_triton.glu",
+    "csrc_triton.glu_lora",
+    "csrc_triton.cross_entropy",
+    "csrc_triton.rope",
+    "csrc_triton.quant",
+    "csrc_triton.moe_lora",
+)
 
 
 def get(name: str) -> KernelSpec:
@@ -38,16 +57,20 @@ def _ensure_loaded():
         importlib.import_module(module)
 
 
-def make_variant(spec: KernelSpec, arch: int, dtypes: dict[str, str], shape: dict[str, Any],
-                 int_spec: dict[str, str] | None = None) -> Variant:
+def make_variant(
+    spec: KernelSpec, arch: int, dtypes: dict[str, str], shape: dict[str, Any], int_spec: dict[str, str] | None = None
+) -> Variant:
     """The variant that the launcher will ask for on `arch` for these dtypes and this shape."""
     constexprs = spec.meta(**shape)
     num_warps, num_stages = spec.config(arch, constexprs)
-    return Variant(spec.name, arch, spec.signature(dtypes, int_spec), tuple(sorted(constexprs.items())),
-                   num_warps, num_stages)
+    return Variant(
+        spec.name, arch, spec.signature(dtypes, int_spec), tuple(sorted(constexprs.items())), num_warps, num_stages
+    )
 
 
-def family_variants(family: dict[str, Any], archs: Iterable[int], kernels: Iterable[str] | None = None) -> list[Variant]:
+def family_variants(
+    family: dict[str, Any], archs: Iterable[int], kernels: Iterable[str] | None = None
+) -> list[Variant]:
     """Every variant that the registered kernels want prebuilt for a shape family, deduplicated."""
     specs = all_kernels()
     names = list(kernels) if kernels is not None else sorted(specs)
@@ -61,4 +84,3 @@ def family_variants(family: dict[str, Any], archs: Iterable[int], kernels: Itera
                 v = make_variant(spec, arch, dtypes, shape, int_spec)
                 out.setdefault((v.arch,) + v.key, v)
     return list(out.values())
-

@@ -23,6 +23,7 @@ the host's Python not run again. Not faked: the memory pool (each capture alloca
 reuse between graphs is not exercised) and streams (no-ops).
 Also `python -m build_tools.host_overhead --graphs`: the host time of a graphed step (replays that do nothing).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,6 +52,7 @@ def run_isolated(code: str):
     import subprocess
     import sys
     from pathlib import Path
+
     root = Path(__file__).resolve().parent.parent  # (the checkout, or the installed wheel's site folder)
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
@@ -71,8 +73,10 @@ def assert_close(got, ref, tol: float, name: str = "", floor: float = 1e-2):
     norm_err = ((g - r).norm() / r.norm().clamp_min(floor)).item()
     scale = max(r.abs().max().item() if r.numel() else 0.0, floor)
     elem_err = ((g - r).abs().max().item() if r.numel() else 0.0) / scale
-    assert norm_err <= tol and elem_err <= tol, (f"{name}: norm-wise {norm_err:.3e}, element-wise {elem_err:.3e} "
-                                                 f"(worst at {tuple(int(i) for i in torch.nonzero((g - r).abs() == (g - r).abs().max())[0])}), tol {tol:.1e}")
+    assert norm_err <= tol and elem_err <= tol, (
+        f"{name}: norm-wise {norm_err:.3e}, element-wise {elem_err:.3e} "
+        f"(worst at {tuple(int(i) for i in torch.nonzero((g - r).abs() == (g - r).abs().max())[0])}), tol {tol:.1e}"
+    )
 
 
 def kernel_round(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -87,33 +91,61 @@ def kernel_round(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # ---- tiny HF models with PEFT LoRA ----
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FUSED_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # Phi-3's projections
-SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128, head_dim=16)
+SMALL = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    head_dim=16,
+)
 
 
 def tiny_config(model_type):
     extra = {
         "gemma": dict(hidden_act="gelu_pytorch_tanh"),
-        "gemma2": dict(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=8,
-                       final_logit_softcapping=5.0, attn_logit_softcapping=10.0),
-        "gemma3_text": dict(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=8,
-                            final_logit_softcapping=5.0),
-        "granite": dict(logits_scaling=4.0, attention_multiplier=0.2, residual_multiplier=0.5, embedding_multiplier=2.0),
+        "gemma2": dict(
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=16,
+            sliding_window=8,
+            final_logit_softcapping=5.0,
+            attn_logit_softcapping=10.0,
+        ),
+        "gemma3_text": dict(
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=16,
+            sliding_window=8,
+            final_logit_softcapping=5.0,
+        ),
+        "granite": dict(
+            logits_scaling=4.0, attention_multiplier=0.2, residual_multiplier=0.5, embedding_multiplier=2.0
+        ),
         "qwen2": dict(use_sliding_window=False),
         "phi3": dict(pad_token_id=0, partial_rotary_factor=0.5),  # (Phi-4-mini rotates part of each head)
-        "smollm3": dict(no_rope_layers=[1, 0], pad_token_id=0),   # the second layer without RoPE (NoPE)
+        "smollm3": dict(no_rope_layers=[1, 0], pad_token_id=0),  # the second layer without RoPE (NoPE)
         "ministral": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=8),
         "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
-        "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
-                          shared_expert_intermediate_size=64, decoder_sparse_step=1, mlp_only_layers=[],
-                          use_sliding_window=False),
-        "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, mlp_only_layers=[0],
-                          decoder_sparse_step=1),
+        "qwen2_moe": dict(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=64,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            use_sliding_window=False,
+        ),
+        "qwen3_moe": dict(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, mlp_only_layers=[0], decoder_sparse_step=1
+        ),
         "olmoe": dict(num_experts=4, num_experts_per_tok=2),
-        "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, rope_parameters={"rope_type": "default",
-                                                                                     "rope_theta": 10000.0}),
+        "gpt_oss": dict(
+            num_local_experts=4, num_experts_per_tok=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}
+        ),
     }.get(model_type, {})
     import transformers
+
     cfg = transformers.AutoConfig.for_model(model_type, **SMALL, **extra)
     # gemma2: softcap needs eager; gpt_oss: its attention sinks have no sdpa path
     cfg._attn_implementation = "eager" if model_type in ("gemma2", "gpt_oss") else "sdpa"
@@ -123,6 +155,7 @@ def tiny_config(model_type):
 def make_model(model_type="llama", lora=True, seed=0, dtype=torch.float32, **lora_kwargs):
     torch.manual_seed(seed)
     import transformers
+
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type)).to(DEVICE, dtype)
     if not lora:
         return model
@@ -132,6 +165,7 @@ def make_model(model_type="llama", lora=True, seed=0, dtype=torch.float32, **lor
 def add_lora(model, **lora_kwargs):
     """PEFT LoRA (r 4, alpha 8) on `model`, its B matrices random (PEFT starts them at zero: make the adapters count)."""
     import peft
+
     model = peft.get_peft_model(model, peft.LoraConfig(**dict(dict(r=4, lora_alpha=8), **lora_kwargs)))
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -186,6 +220,7 @@ def attn_peft(attn, x):
 def attn_fused(attn, x):
     """attn_peft through fusedlora's LoRA_QKV and LoRA_O."""
     from fusedlora import lora
+
     q, k, v = lora.apply_lora_qkv(attn, x)
     return lora.apply_lora_o(attn, q * torch.cat([k, v], -1))
 
@@ -194,11 +229,18 @@ def make(r=4, dropout=0.0, bias=False, act="silu", use_dora=False, **sizes):
     """r: an int, or "mixed" for a different rank on each MLP projection (PEFT's rank_pattern); sizes: Block's
     hidden, inter, q_out, kv_out."""
     import peft
+
     torch.manual_seed(0)
     ranks = {"rank_pattern": {"gate_proj": 2, "up_proj": 4, "down_proj": 24}} if r == "mixed" else {}
     r = 4 if r == "mixed" else r
-    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, use_dora=use_dora, **ranks,
-                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    cfg = peft.LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        lora_dropout=dropout,
+        use_dora=use_dora,
+        **ranks,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     model = peft.inject_adapter_in_model(cfg, Block(bias=bias, act=act, **sizes)).to(DEVICE)
     with torch.no_grad():  # PEFT starts B at zero: make the adapter path count
         for name, p in model.named_parameters():
@@ -280,6 +322,7 @@ def fake_cuda_graphs(monkeypatch=None):
     import transformers  # noqa: F401
 
     from fusedlora import cuda_graphs, loader
+
     original_cpu = loader.KernelLauncher._cpu
 
     def recorded_cpu(self, grid, args, constexprs):
@@ -288,12 +331,19 @@ def fake_cuda_graphs(monkeypatch=None):
         if _capturing:
             _capturing[-1].tape.append(("kernel", original_cpu, (self, grid, args, constexprs), None, None))
         return result
-    patches = [(torch.cuda, "CUDAGraph", FakeCUDAGraph), (torch.cuda, "graph", _graph),
-               (torch.cuda, "Stream", lambda *a, **k: _Stream()), (torch.cuda, "stream", lambda s: contextlib.nullcontext()),
-               (torch.cuda, "current_stream", lambda *a, **k: _Stream()), (torch.cuda, "graph_pool_handle", lambda: None),
-               (torch.cuda, "is_current_stream_capturing", lambda: bool(_capturing)),
-               (torch.cuda, "synchronize", lambda *a, **k: None), (cuda_graphs, "_graphable", lambda t: True),
-               (loader.KernelLauncher, "_cpu", recorded_cpu)]
+
+    patches = [
+        (torch.cuda, "CUDAGraph", FakeCUDAGraph),
+        (torch.cuda, "graph", _graph),
+        (torch.cuda, "Stream", lambda *a, **k: _Stream()),
+        (torch.cuda, "stream", lambda s: contextlib.nullcontext()),
+        (torch.cuda, "current_stream", lambda *a, **k: _Stream()),
+        (torch.cuda, "graph_pool_handle", lambda: None),
+        (torch.cuda, "is_current_stream_capturing", lambda: bool(_capturing)),
+        (torch.cuda, "synchronize", lambda *a, **k: None),
+        (cuda_graphs, "_graphable", lambda t: True),
+        (loader.KernelLauncher, "_cpu", recorded_cpu),
+    ]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     try:
         for obj, name, value in patches:

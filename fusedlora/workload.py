@@ -8,6 +8,7 @@ fused AdamW on the adapters, SDPA attention. The text is the Python standard lib
 tokens, so the loss shows real learning. Timing follows the HF Trainer: no host sync inside a step except
 at logging steps. Prints one JSON line (prefixed RESULT) with throughput, memory, first step and losses.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,19 +23,59 @@ from pathlib import Path
 # *compile: torch.compile(model); *compile_layers: each decoder layer compiled (fusedlora.compile_layers);
 # *_ro: the same under mode="reduce-overhead" (torch.compile's CUDA graphs); fusedlora_graphs: each decoder
 # layer replayed as CUDA graphs (fusedlora.cuda_graph_layers)
-VARIANTS = ("hf", "compile", "compile_layers", "fusedlora", "fusedlora_compile", "fusedlora_compile_layers",
-            "fusedlora_compile_layers_ro", "fusedlora_graphs")
+VARIANTS = (
+    "hf",
+    "compile",
+    "compile_layers",
+    "fusedlora",
+    "fusedlora_compile",
+    "fusedlora_compile_layers",
+    "fusedlora_compile_layers_ro",
+    "fusedlora_graphs",
+)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = {  # Llama-3.2-1B and Llama-3.1-8B shapes; "tiny" runs under the Triton interpreter on a CPU
-    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=32, vocab_size=384, tie_word_embeddings=True),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=384,
+        tie_word_embeddings=True,
+    ),
     # the 1B's topology (16 layers, GQA, tied head) at tiny widths: host time per step (build_tools/host_overhead)
-    "host": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=16, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, vocab_size=256, tie_word_embeddings=True),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False),
+    "host": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=16,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=256,
+        tie_word_embeddings=True,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -42,6 +83,7 @@ def text_tokens(n_tokens: int):
     """The first n_tokens bytes of the standard library's .py sources (sorted paths), as a 1-d int64 tensor
     of byte values, plus the document start offsets (one document per file)."""
     import torch
+
     root = Path(sysconfig.get_paths()["stdlib"])
     chunks, starts, total = [], [], 0
     for path in sorted(root.rglob("*.py")):
@@ -66,6 +108,7 @@ def batches(steps, bsz, seq, packed, device):
     """Per step: (input_ids, labels, position_ids or None). Packed: position_ids restart at each document
     (TRL's padding_free layout, no attention mask) and the first token of a document is not predicted."""
     import torch
+
     tokens, starts = text_tokens(steps * bsz * seq)
     restart = torch.zeros(tokens.numel(), dtype=torch.bool)
     restart[torch.tensor(starts, dtype=torch.int64)] = True
@@ -93,6 +136,7 @@ def quantize_linears_nf4(model, compute_dtype, quant_storage=None):
     quant_storage (default uint8): the packed weight's dtype (a float dtype for FSDP, as QLoRA-FSDP does)."""
     import bitsandbytes as bnb
     import torch
+
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, lin in list(parent.named_children()):
@@ -100,11 +144,25 @@ def quantize_linears_nf4(model, compute_dtype, quant_storage=None):
                     continue
                 device = lin.weight.device
                 storage = {} if quant_storage is None else {"quant_storage": quant_storage}
-                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                      compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
-                                      device="meta", **storage)
-                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True, blocksize=64, module=q, **storage)
+                q = bnb.nn.Linear4bit(
+                    lin.in_features,
+                    lin.out_features,
+                    bias=lin.bias is not None,
+                    compute_dtype=compute_dtype,
+                    quant_type="nf4",
+                    compress_statistics=True,
+                    device="meta",
+                    **storage,
+                )
+                q.weight = bnb.nn.Params4bit(
+                    lin.weight.data,
+                    requires_grad=False,
+                    quant_type="nf4",
+                    compress_statistics=True,
+                    blocksize=64,
+                    module=q,
+                    **storage,
+                )
                 if lin.bias is not None:
                     q.bias = lin.bias
                 setattr(parent, name, q.to(device))
@@ -114,8 +172,8 @@ def quantize_linears_nf4(model, compute_dtype, quant_storage=None):
 
 def _config(shape):
     import transformers
-    cfg = transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, rms_norm_eps=1e-5,
-                                   use_cache=False)
+
+    cfg = transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, rms_norm_eps=1e-5, use_cache=False)
     cfg._attn_implementation = "sdpa"
     return cfg
 
@@ -132,19 +190,22 @@ def enable_checkpointing(model):
     model.enable_input_require_grads()
 
 
-def build(shape, mode, variant, device, gc, seed=0, offload=False, dtype=None, patch_options=None,
-          prepare_base=None):
+def build(shape, mode, variant, device, gc, seed=0, offload=False, dtype=None, patch_options=None, prepare_base=None):
     """The model of one run, in train mode, and fusedlora.patch's report (None when not patched).
     prepare_base: applied to the base model before checkpointing and PEFT (where a benchmark's peer patches it)."""
     if variant not in VARIANTS:  # (a peer's name would otherwise build plain HF+PEFT under its label)
-        raise ValueError(f"fusedlora.workload.build: variant {variant!r} is not one of {', '.join(VARIANTS)} (the "
-                         "peer libraries' variants are in the repository's benchmarks/workload.py)")
+        raise ValueError(
+            f"fusedlora.workload.build: variant {variant!r} is not one of {', '.join(VARIANTS)} (the "
+            "peer libraries' variants are in the repository's benchmarks/workload.py)"
+        )
     import torch
+
     on_gpu = device == "cuda"
     if dtype is None:
         dtype = torch.bfloat16 if on_gpu else torch.float32
-    import transformers
     import peft
+    import transformers
+
     torch.manual_seed(seed)
     cfg = _config(shape)
     with torch.device(device):
@@ -162,6 +223,7 @@ def build(shape, mode, variant, device, gc, seed=0, offload=False, dtype=None, p
     report = None
     if variant.startswith("fusedlora"):
         import fusedlora
+
         t0 = time.perf_counter()
         report = fusedlora.patch(model, offload_checkpoints=offload, **(patch_options or {}))
         report = {"seconds": time.perf_counter() - t0, "table": str(report), **report.as_dict()}
@@ -169,9 +231,11 @@ def build(shape, mode, variant, device, gc, seed=0, offload=False, dtype=None, p
         model = torch.compile(model)
     elif variant in ("compile_layers", "fusedlora_compile_layers", "fusedlora_compile_layers_ro"):
         import fusedlora
+
         fusedlora.compile_layers(model, **({"mode": "reduce-overhead"} if variant.endswith("_ro") else {}))
     elif variant == "fusedlora_graphs":
         import fusedlora
+
         fusedlora.cuda_graph_layers(model, warmup=1)  # captured in the second (untimed) step
     model.train()
     return model, report
@@ -182,6 +246,7 @@ class RunSpec:
     """One run of the workload: its command-line options (add_run_args) as typed fields. `to_argv` gives the
     command line of `python -m fusedlora.workload` for it: every field is the option of its name (mode: --qlora
     or --lora), so a subclass with more fields (benchmarks/workload.py's) passes them on unchanged."""
+
     variant: str = "fusedlora"
     model: str = "1b"
     mode: str = "qlora"
@@ -206,11 +271,14 @@ class RunSpec:
             try:
                 values["patch_options"] = json.loads(options) if options.strip() else {}
             except json.JSONDecodeError as e:
-                raise SystemExit(f"--patch-options: expected a JSON object of fusedlora.patch keyword arguments, "
-                                 f"got {options!r} ({e})") from None
+                raise SystemExit(
+                    f"--patch-options: expected a JSON object of fusedlora.patch keyword arguments, "
+                    f"got {options!r} ({e})"
+                ) from None
         if not isinstance(values.get("patch_options", {}), dict):
-            raise SystemExit(f"--patch-options: expected a JSON object of fusedlora.patch keyword arguments, "
-                             f"got {options!r}")
+            raise SystemExit(
+                f"--patch-options: expected a JSON object of fusedlora.patch keyword arguments, got {options!r}"
+            )
         return cls(**values)
 
     def to_argv(self) -> list[str]:
@@ -238,6 +306,7 @@ class RunSpec:
 @dataclasses.dataclass
 class Training:
     """What setup() built for a run: the model, its optimizer and autocast, on `device`."""
+
     spec: RunSpec
     model: object
     patch_report: dict | None
@@ -252,13 +321,15 @@ def setup(spec: RunSpec, build_model=build) -> Training:
     interpreter is switched on first."""
     started = time.perf_counter()
     import torch
+
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
     if not on_gpu:  # before any kernel module is imported: triton.jit reads it then
         os.environ.setdefault("TRITON_INTERPRET", "1")
     spec.check()
-    model, report = build_model(spec.model, spec.mode, spec.variant, device, spec.gc, offload=spec.offload,
-                                patch_options=spec.patch_options)
+    model, report = build_model(
+        spec.model, spec.mode, spec.variant, device, spec.gc, offload=spec.offload, patch_options=spec.patch_options
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr, fused=on_gpu)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else torch.autocast("cpu", enabled=False)
@@ -278,6 +349,7 @@ def train_step(t: Training, ids, labels, pos):
 def train(t: Training, data) -> dict:
     """The timed steps over `data` (batches()): the run's result (throughput, memory, first step, losses)."""
     import torch
+
     spec, on_gpu = t.spec, t.device == "cuda"
     if on_gpu:
         torch.cuda.synchronize()
@@ -298,7 +370,7 @@ def train(t: Training, data) -> dict:
             _sync(on_gpu)
             first_step_s = time.perf_counter() - t0
         if (step + 1) % spec.log_every == 0 or step + 1 == spec.steps:
-            logged.extend(float(l) for l in losses[len(logged):])  # the logging step's host sync
+            logged.extend(float(l) for l in losses[len(logged) :])  # the logging step's host sync
             bar.set_postfix(loss=f"{logged[-1]:.3f}")
         bar.update(1)
     _sync(on_gpu)
@@ -307,20 +379,33 @@ def train(t: Training, data) -> dict:
     timed_steps = spec.steps - warmup
     from . import loader
     from .ops._common import interpreting
+
     return {
-        "variant": spec.variant, "mode": spec.mode, "model": spec.model, "gc": spec.gc, "offload": spec.offload,
-        "packed": spec.packed, "batch": spec.batch, "seq": spec.seq, "steps": spec.steps,
+        "variant": spec.variant,
+        "mode": spec.mode,
+        "model": spec.model,
+        "gc": spec.gc,
+        "offload": spec.offload,
+        "packed": spec.packed,
+        "batch": spec.batch,
+        "seq": spec.seq,
+        "steps": spec.steps,
         "tokens_per_s": timed_steps * spec.batch * spec.seq / (t_end - t_window),
         "step_ms": (t_end - t_window) / timed_steps * 1e3,
-        "first_step_s": first_step_s, "process_s": t_end - t.started,
+        "first_step_s": first_step_s,
+        "process_s": t_end - t.started,
         "peak_gib": max(warmup_peak, torch.cuda.max_memory_allocated()) / 2**30 if on_gpu else None,
         "steady_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
         # what the process holds from the GPU at most (CUDA-graph pools included: a replay allocates nothing,
         # so allocated-memory statistics do not see the memory a graph reuses)
         "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if on_gpu else None,
         "losses": logged,  # every step's loss, read at the logging steps
-        "fusedlora_jit_kernels": loader.get_loader().stats.get("jit", 0) if spec.variant.startswith("fusedlora") else None,
-        "patch": t.patch_report, "versions": versions(), "device": device_name(on_gpu),
+        "fusedlora_jit_kernels": loader.get_loader().stats.get("jit", 0)
+        if spec.variant.startswith("fusedlora")
+        else None,
+        "patch": t.patch_report,
+        "versions": versions(),
+        "device": device_name(on_gpu),
         "interpreter": interpreting(),
         "patch_options": spec.patch_options,
     }
@@ -334,20 +419,24 @@ def run(spec: RunSpec) -> dict:
 
 def device_name(on_gpu: bool) -> str:
     import torch
+
     return torch.cuda.get_device_name() if on_gpu else "cpu"
 
 
 def _sync(on_gpu):
     if on_gpu:
         import torch
+
         torch.cuda.synchronize()
 
 
 def _progress(total, desc):
     try:
         from tqdm import tqdm
+
         return tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
     except ImportError:  # tqdm is optional: a no-op bar
+
         class _Bar:
             def update(self, n):
                 pass
@@ -357,6 +446,7 @@ def _progress(total, desc):
 
             def close(self):
                 pass
+
         return _Bar()
 
 
@@ -369,6 +459,7 @@ def versions(packages=("torch", "triton", "transformers", "peft", "bitsandbytes"
         except Exception:  # noqa: BLE001 - not installed (or no __version__)
             pass
     from . import __version__
+
     out["fusedlora"] = __version__
     return out
 
@@ -385,29 +476,46 @@ def add_run_args(ap, steps=20, batch=4, seq=2048):
     ap.add_argument("--seq", type=int, default=seq)
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing (non-reentrant)")
     ap.add_argument("--offload", action="store_true", help="fusedlora's offloaded checkpointing (fusedlora variants)")
-    ap.add_argument("--packed", action="store_true", help="padding-free packed rows (position_ids restart per document)")
+    ap.add_argument(
+        "--packed", action="store_true", help="padding-free packed rows (position_ids restart per document)"
+    )
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--log-every", type=int, default=5)
-    ap.add_argument("--patch-options", default="", help="fusedlora.patch keyword arguments as JSON, e.g. "
-                    "'{\"recompute_norms\": false}' (fusedlora variants)")
+    ap.add_argument(
+        "--patch-options",
+        default="",
+        help="fusedlora.patch keyword arguments as JSON, e.g. '{\"recompute_norms\": false}' (fusedlora variants)",
+    )
 
 
 def run_in_subprocess(spec: RunSpec, extra_env=None, module: str = "fusedlora.workload") -> dict:
     """One run in a fresh Python process (`python -m module` with the spec's options); its progress bar goes to
     our stderr, its result comes back."""
     import subprocess
+
     cmd = [sys.executable, "-m", module] + spec.to_argv()
     env = dict(os.environ, **(extra_env or {}))
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    return {"variant": spec.variant, "mode": spec.mode, "model": spec.model, "gc": spec.gc, "error":
-            f"exit code {proc.returncode}; stdout tail: {proc.stdout[-400:]}"}
+            return json.loads(line[len("RESULT ") :])
+    return {
+        "variant": spec.variant,
+        "mode": spec.mode,
+        "model": spec.model,
+        "gc": spec.gc,
+        "error": f"exit code {proc.returncode}; stdout tail: {proc.stdout[-400:]}",
+    }
 
 
-def main(argv=None, variants=VARIANTS, spec_type=RunSpec, add_args=add_run_args, run_spec=run,
-         prog="python -m fusedlora.workload"):
+def main(
+    argv=None,
+    variants=VARIANTS,
+    spec_type=RunSpec,
+    add_args=add_run_args,
+    run_spec=run,
+    prog="python -m fusedlora.workload",
+):
     """`python -m fusedlora.workload --variant ...`: one run, its result as one RESULT line (benchmarks/workload.py
     passes its own variants, spec, options and run)."""
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])

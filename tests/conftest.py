@@ -2,6 +2,7 @@
 
 TRITON_INTERPRET must be set before any kernel module is imported (triton.jit reads it then). The helpers the
 tests share are fusedlora.testing's (re-exported here for older imports: `from conftest import rel_err`)."""
+
 import os
 
 import pytest
@@ -11,8 +12,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
-from fusedlora.testing import (DEVICE, assert_close, assert_device_assert, kernel_round,  # noqa: E402,F401
-                               rel_err, run_isolated)
+from fusedlora.testing import DEVICE, assert_close, assert_device_assert, kernel_round, rel_err, run_isolated  # noqa: E402,F401
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,8 +32,11 @@ def _seed():
     torch.manual_seed(1234)
 
 
-_FP32_PRECISION_KNOBS = ((torch.backends, "fp32_precision"), (torch.backends.cuda.matmul, "fp32_precision"),
-                         (torch.backends.cudnn, "fp32_precision"))
+_FP32_PRECISION_KNOBS = (
+    (torch.backends, "fp32_precision"),
+    (torch.backends.cuda.matmul, "fp32_precision"),
+    (torch.backends.cudnn, "fp32_precision"),
+)
 
 
 @pytest.fixture(autouse=True)

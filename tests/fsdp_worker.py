@@ -10,6 +10,7 @@ PEFT's own layers takes the same steps on every rank's batch (losses averaged, a
 gradients). Each rank compares its output, its dX and every LoRA gradient (the sharded DTensor gathered
 with full_tensor()); the second step checks that the weights are read at call time (FSDP2 reshards and
 swaps the parameters between steps, and SGD has changed them)."""
+
 import copy
 import os
 import sys
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 def mlp_fused(self, x):
     from fusedlora import lora
+
     return lora.apply_lora_mlp_swiglu(self, x)
 
 
@@ -37,9 +39,10 @@ def main(mode: str) -> None:
         torch.cuda.set_device(rank)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from conftest import DEVICE, rel_err  # sets TRITON_INTERPRET on CPU before any kernel is imported
-    from fusedlora.testing import attn_fused, attn_peft, make
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from fusedlora.testing import attn_fused, attn_peft, make
 
     fused = make(r=8)  # seeded: the same block on every rank
     ref = copy.deepcopy(fused).double()
@@ -49,8 +52,11 @@ def main(mode: str) -> None:
     fused.mlp.forward = MethodType(mlp_fused, fused.mlp)
 
     mesh = init_device_mesh("cuda" if cuda else "cpu", (world,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mode == "bf16" else \
-        MixedPrecisionPolicy()
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mode == "bf16"
+        else MixedPrecisionPolicy()
+    )
     for m in (fused.self_attn, fused.mlp, fused):
         fully_shard(m, mesh=mesh, mp_policy=mp)
     # fp32: float32 kernels and GEMMs against float64 (~1e-6). bf16: parameters, activations and every

@@ -8,6 +8,7 @@ Every rank builds the same seeded tiny Llama with LoRA adapters, shards or wraps
 steps on its own batch. An unsharded copy in the same process takes the same steps on every rank's batch, the
 per-rank losses averaged (what FSDP2 / DDP's gradient averaging computes). Checked per step: the global loss
 (all-reduced mean) against the reference's, and after training every LoRA weight (gathered)."""
+
 import copy
 import os
 import sys
@@ -19,8 +20,10 @@ import torch.distributed as dist
 def _qlora_model(device):
     import peft
     import transformers
+
     from fusedlora.testing import TARGETS, tiny_config
     from fusedlora.workload import quantize_linears_nf4
+
     torch.manual_seed(0)
     cfg = tiny_config("llama")
     cfg.intermediate_size = 128  # bitsandbytes 0.50's CPU dequantize_4bit (the unpatched reference here) is wrong
@@ -43,8 +46,9 @@ def main(kind: str, variant: str) -> None:
         torch.cuda.set_device(rank)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from conftest import DEVICE, rel_err  # sets TRITON_INTERPRET on CPU before any kernel is imported
-    from fusedlora.testing import batch, make_model
+
     import fusedlora
+    from fusedlora.testing import batch, make_model
 
     if variant.startswith("qlora"):  # bitsandbytes NF4 bases stored in fp32 (quant_storage), FSDP-shardable
         model = _qlora_model(DEVICE)
@@ -61,6 +65,7 @@ def main(kind: str, variant: str) -> None:
     if kind == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
+
         mesh = init_device_mesh("cuda" if cuda else "cpu", (world,))
         for layer in model.base_model.model.model.layers:
             fully_shard(layer, mesh=mesh)
@@ -68,6 +73,7 @@ def main(kind: str, variant: str) -> None:
         trained = model
     else:
         from torch.nn.parallel import DistributedDataParallel
+
         trained = DistributedDataParallel(model, device_ids=[rank] if cuda else None)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     opt_ref = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)

@@ -3,6 +3,7 @@
 Validates the cubins (CUDA ELF for the right arch), the manifest (ABI, checksums, versions), that every
 variant the registry asks for was built, that the loader's index finds them under the keys its launchers
 compute, and `python -m fusedlora.build --config` for a model outside the shape lists."""
+
 import hashlib
 import json
 import os
@@ -33,8 +34,14 @@ def _env():
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("prebuilt")
-    r = subprocess.run([sys.executable, "-m", "build_tools.aot", "--family", "ci", "--arch", "80,90", "--out", str(out)],
-                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-m", "build_tools.aot", "--family", "ci", "--arch", "80,90", "--out", str(out)],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r.stderr
 
@@ -52,6 +59,7 @@ def test_build_summary_and_cubins(built):
     top = json.loads((out / "manifest.json").read_text())
     assert top["format"] == M.MANIFEST_FORMAT and set(top["kernels"]) == set(registry.all_kernels())
     import triton
+
     assert top["triton_version"] == triton.__version__
     records = []
     for name, info in top["kernels"].items():
@@ -92,6 +100,7 @@ def test_every_wanted_variant_was_built(built):
 def test_loader_finds_the_variant_a_launch_asks_for(built):
     """The key the launcher computes from real tensors equals the key of the prebuilt variant."""
     import torch
+
     out, _ = built
     ld = L.Loader(dirs=[out], driver=object())
     assert ld.arg_kinds(registry.get("rms_norm_fwd")) == registry.get("rms_norm_fwd").arg_kinds()
@@ -108,15 +117,37 @@ def test_loader_finds_the_variant_a_launch_asks_for(built):
 
 
 def test_user_build_from_hf_config(tmp_path):
-    cfg = {"hidden_size": 5120, "num_attention_heads": 40, "intermediate_size": 13824, "vocab_size": 32003,
-           "torch_dtype": "bfloat16", "architectures": ["LlamaForCausalLM"]}
+    cfg = {
+        "hidden_size": 5120,
+        "num_attention_heads": 40,
+        "intermediate_size": 13824,
+        "vocab_size": 32003,
+        "torch_dtype": "bfloat16",
+        "architectures": ["LlamaForCausalLM"],
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "kernels"
-    r = subprocess.run([sys.executable, "-m", "fusedlora.build", "--config", str(tmp_path / "config.json"),
-                        "--arch", "90", "--out", str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fusedlora.build",
+            "--config",
+            str(tmp_path / "config.json"),
+            "--arch",
+            "90",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     from fusedlora.build import family_from_config
+
     family = family_from_config(cfg)
     assert family["hidden_sizes"] == [5120] and family["head_dims"] == [128] and family["dtypes"] == ["bf16"]
     index = M.read_index([out])
@@ -125,9 +156,25 @@ def test_user_build_from_hf_config(tmp_path):
     for f in out.glob("*.cubin"):
         check_cubin(f, 90)
     # A second build merges into the same directory instead of replacing it.
-    r = subprocess.run([sys.executable, "-m", "fusedlora.build", "--config", json.dumps(dict(cfg, hidden_size=3000)),
-                        "--arch", "80", "--out", str(out), "--quiet"], cwd=ROOT, env=_env(), capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fusedlora.build",
+            "--config",
+            json.dumps(dict(cfg, hidden_size=3000)),
+            "--arch",
+            "80",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     archs = {e.variant.arch for by in M.read_index([out]).values() for e in by.values()}
     assert archs == {80, 90}
@@ -135,15 +182,32 @@ def test_user_build_from_hf_config(tmp_path):
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="with a GPU the local arch is the default")
 def test_user_build_needs_an_arch_without_gpu(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "fusedlora.build", "--config", '{"hidden_size": 64}'], cwd=ROOT,
-                       env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "fusedlora.build", "--config", '{"hidden_size": 64}'],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode != 0 and "give --arch" in r.stderr
 
 
 def test_family_from_nested_multimodal_config():
     from fusedlora.build import family_from_config
-    fam = family_from_config({"text_config": {"hidden_size": 2560, "head_dim": 256, "num_attention_heads": 8,
-                                              "intermediate_size": 10240, "vocab_size": 262208}, "torch_dtype": "float16"})
+
+    fam = family_from_config(
+        {
+            "text_config": {
+                "hidden_size": 2560,
+                "head_dim": 256,
+                "num_attention_heads": 8,
+                "intermediate_size": 10240,
+                "vocab_size": 262208,
+            },
+            "torch_dtype": "float16",
+        }
+    )
     assert fam["hidden_sizes"] == [2560] and fam["head_dims"] == [256] and fam["dtypes"] == ["fp16"]
 
 
@@ -152,8 +216,14 @@ def test_build_the_variant_an_aot_only_miss_names(tmp_path):
     spec = registry.get("rms_norm_fwd")
     v = registry.make_variant(spec, 86, {"x": "fp16", "w": "bf16", "y": "fp32"}, {"n_cols": 3000, "gemma_cast": True})
     out = tmp_path / "k"
-    r = subprocess.run([sys.executable, "-m", "fusedlora.build", "--variant", v.to_string(), "--out", str(out),
-                        "--quiet"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "fusedlora.build", "--variant", v.to_string(), "--out", str(out), "--quiet"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ld = L.Loader(dirs=[out], driver=object())
     found = ld.find(spec, 89, tuple(t for _, t in v.signature), v.constexprs)  # an sm_89 GPU uses the sm_86 cubin

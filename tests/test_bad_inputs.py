@@ -1,4 +1,5 @@
 """Bad inputs of every validation branch not covered next to its op: each raises an error naming the problem."""
+
 import os
 import subprocess
 import sys
@@ -8,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import DEVICE
+
 from fusedlora import lora
 from fusedlora.ops import chunked_linear_loss, fused_linear_cross_entropy
 from fusedlora.quant import dequantize_gptq, dequantize_nf4, naive_dequantize_nf4
@@ -41,24 +42,36 @@ def test_chunked_linear_loss_arguments():
 
 # ------------------------------------------------------------------ NF4 state checks
 def _nf4_state(n=128, nested=False, **kw):
-    qs = SimpleNamespace(quant_type="nf4", blocksize=64, dtype=torch.float16, shape=torch.Size((2, n // 2)),
-                         absmax=torch.rand(-(-n // 64), device=DEVICE), code=torch.linspace(-1, 1, 16, device=DEVICE),
-                         nested=nested, state2=None, offset=0.0)
+    qs = SimpleNamespace(
+        quant_type="nf4",
+        blocksize=64,
+        dtype=torch.float16,
+        shape=torch.Size((2, n // 2)),
+        absmax=torch.rand(-(-n // 64), device=DEVICE),
+        code=torch.linspace(-1, 1, 16, device=DEVICE),
+        nested=nested,
+        state2=None,
+        offset=0.0,
+    )
     if nested:
         qs.absmax = torch.randint(0, 256, (-(-n // 64),), dtype=torch.uint8, device=DEVICE)
-        qs.state2 = SimpleNamespace(absmax=torch.rand(1, device=DEVICE), code=torch.linspace(-1, 1, 256, device=DEVICE),
-                                    blocksize=256)
+        qs.state2 = SimpleNamespace(
+            absmax=torch.rand(1, device=DEVICE), code=torch.linspace(-1, 1, 256, device=DEVICE), blocksize=256
+        )
     for k, v in kw.items():
         setattr(qs, k, v)
     return torch.zeros(n // 2, 1, dtype=torch.uint8, device=DEVICE), qs
 
 
-@pytest.mark.parametrize("change,match", [
-    (dict(blocksize=48), "blocksize 48 is not one bitsandbytes allows"),
-    (dict(dtype=torch.int8), "output dtype is torch.int8; expected fp16, bf16 or fp32"),
-    (dict(absmax=torch.rand(1)), "absmax has 1 entries, the weight needs 2"),
-    (dict(absmax=torch.rand(2, dtype=torch.float64)), "absmax must be float32 when not nested, got torch.float64"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(blocksize=48), "blocksize 48 is not one bitsandbytes allows"),
+        (dict(dtype=torch.int8), "output dtype is torch.int8; expected fp16, bf16 or fp32"),
+        (dict(absmax=torch.rand(1)), "absmax has 1 entries, the weight needs 2"),
+        (dict(absmax=torch.rand(2, dtype=torch.float64)), "absmax must be float32 when not nested, got torch.float64"),
+    ],
+)
 def test_nf4_state_checks(change, match):
     if "absmax" in change:
         change = {"absmax": change["absmax"].to(DEVICE)}
@@ -101,13 +114,36 @@ def test_nf4_non_contiguous_and_wrong_device():
         dequantize_nf4(packed, qs)
 
 
-@pytest.mark.parametrize("value", ["1", "true", "TRUE", "True", "yes", "Yes", "on", "ON", "y", "Y", "0", "false",
-                                   "off", "no", "", " 1", "1 ", "2", "t"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "1",
+        "true",
+        "TRUE",
+        "True",
+        "yes",
+        "Yes",
+        "on",
+        "ON",
+        "y",
+        "Y",
+        "0",
+        "false",
+        "off",
+        "no",
+        "",
+        " 1",
+        "1 ",
+        "2",
+        "t",
+    ],
+)
 def test_interpreting_reads_triton_interpret_as_triton_does(monkeypatch, value):
     """fusedlora's TRITON_INTERPRET check agrees with Triton's own parsing of it (its knob, read afresh)."""
     from triton import knobs
 
     from fusedlora.ops._common import interpreting
+
     monkeypatch.setenv("TRITON_INTERPRET", value)
     assert interpreting() is bool(knobs.runtime.interpret)
 
@@ -116,6 +152,7 @@ def test_interpreting_reads_triton_interpret_as_triton_does(monkeypatch, value):
 @pytest.mark.parametrize("value", ["true", "yes", "on"])
 def test_cpu_tensors_run_under_any_spelling_triton_accepts(monkeypatch, value):
     from fusedlora.ops import naive_rms_norm, rms_norm
+
     monkeypatch.setenv("TRITON_INTERPRET", value)
     x, w = torch.randn(3, 64), torch.randn(64)
     assert torch.allclose(rms_norm(x, w), naive_rms_norm(x, w), rtol=1e-5, atol=1e-5)
@@ -129,8 +166,13 @@ def test_gptq_scales_and_devices():
     with pytest.raises(ValueError, match="scales must be a 2-D float tensor, got torch.int32"):
         dequantize_gptq(qw, qz, torch.zeros(2, 16, dtype=torch.int32, device=DEVICE), group_size=32)
     with pytest.raises(ValueError, match="out must be a contiguous torch.float16 tensor of shape \\(16, 64\\)"):
-        dequantize_gptq(qw, qz, torch.zeros(2, 16, dtype=torch.float16, device=DEVICE), group_size=32,
-                        out=torch.empty(64, 16, dtype=torch.float16, device=DEVICE))
+        dequantize_gptq(
+            qw,
+            qz,
+            torch.zeros(2, 16, dtype=torch.float16, device=DEVICE),
+            group_size=32,
+            out=torch.empty(64, 16, dtype=torch.float16, device=DEVICE),
+        )
     if DEVICE == "cuda":
         with pytest.raises(ValueError, match="scales is on cpu but qweight is on cuda"):
             dequantize_gptq(qw, qz, torch.zeros(2, 16, dtype=torch.float16), group_size=32)
@@ -139,18 +181,29 @@ def test_gptq_scales_and_devices():
 # ------------------------------------------------------------------ LoRA reports
 def _peft_proj(**over):
     lin = torch.nn.Linear(8, 8, bias=False)
-    proj = SimpleNamespace(base_layer=lin, lora_A={"a": torch.nn.Linear(8, 2)}, lora_B={"a": torch.nn.Linear(2, 8)},
-                           scaling={"a": 1.0}, active_adapters=["a"], disable_adapters=False, merged=False,
-                           use_dora={"a": False}, lora_bias={"a": False})
+    proj = SimpleNamespace(
+        base_layer=lin,
+        lora_A={"a": torch.nn.Linear(8, 2)},
+        lora_B={"a": torch.nn.Linear(2, 8)},
+        scaling={"a": 1.0},
+        active_adapters=["a"],
+        disable_adapters=False,
+        merged=False,
+        use_dora={"a": False},
+        lora_bias={"a": False},
+    )
     for k, v in over.items():
         setattr(proj, k, v)
     return proj
 
 
-@pytest.mark.parametrize("over,match", [
-    (dict(active_adapters=["a", "b"]), "2 active adapters at once"),
-    (dict(lora_bias={"a": True}), "LoRA bias \\(lora_bias=True\\) is not fused"),
-])
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        (dict(active_adapters=["a", "b"]), "2 active adapters at once"),
+        (dict(lora_bias={"a": True}), "LoRA bias \\(lora_bias=True\\) is not fused"),
+    ],
+)
 def test_lora_unsupported_features_are_reported(over, match):
     with pytest.raises(lora.UnsupportedLoRA, match=match):
         lora.get_lora_parameters(_peft_proj(**over))
@@ -196,6 +249,7 @@ def test_aot_cli_refuses_unknown_arch():
 
 def test_family_from_config_without_hidden_size():
     from fusedlora.build import family_from_config
+
     with pytest.raises(ValueError, match="model config has no hidden_size"):
         family_from_config({"vocab_size": 10})
 
@@ -203,24 +257,35 @@ def test_family_from_config_without_hidden_size():
 # ------------------------------------------------------------------ errors in the caller's terms
 def _block():
     from fusedlora.testing import make
+
     return make(r=4)
 
 
 def test_lora_input_errors_name_the_function_and_argument(monkeypatch):
     blk = _block()
-    with pytest.raises(ValueError, match=r"LoRA_QKV \(apply_lora_qkv\): the input X has shape \(2, 3, 63\) but the "
-                                         r"weight takes 64 input features"):
+    with pytest.raises(
+        ValueError,
+        match=r"LoRA_QKV \(apply_lora_qkv\): the input X has shape \(2, 3, 63\) but the "
+        r"weight takes 64 input features",
+    ):
         lora.apply_lora_qkv(blk.self_attn, torch.randn(2, 3, 63, device=DEVICE))
     with pytest.raises(ValueError, match=r"LoRA_MLP \(apply_lora_mlp_\*\): the input X has shape \(5, 32\)"):
         lora.apply_lora_mlp_swiglu(blk.mlp, torch.randn(5, 32, device=DEVICE))
-    with pytest.raises(TypeError, match=r"LoRA_O \(apply_lora_o\): the input X must be a float tensor, got torch.int64"):
+    with pytest.raises(
+        TypeError, match=r"LoRA_O \(apply_lora_o\): the input X must be a float tensor, got torch.int64"
+    ):
         lora.apply_lora_o(blk.self_attn, torch.ones(2, 64, dtype=torch.int64, device=DEVICE))
-    with pytest.raises(TypeError, match=r"the input X is torch.float16 but the base weight is torch.float32 and "
-                                        r"autocast is off \(PEFT's layer raises here too\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"the input X is torch.float16 but the base weight is torch.float32 and "
+        r"autocast is off \(PEFT's layer raises here too\)",
+    ):
         lora.apply_lora_o(blk.self_attn, torch.randn(2, 64, device=DEVICE, dtype=torch.float16))
     if DEVICE == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-        with pytest.raises(ValueError, match=r"LoRA_MLP \(apply_lora_mlp_\*\): X is on cpu; fusedlora kernels need CUDA"):
+        with pytest.raises(
+            ValueError, match=r"LoRA_MLP \(apply_lora_mlp_\*\): X is on cpu; fusedlora kernels need CUDA"
+        ):
             lora.apply_lora_mlp_swiglu(blk.mlp, torch.randn(2, 64))
 
 
@@ -233,12 +298,16 @@ def test_lora_int8_base_is_unsupported():
 
 def test_rms_norm_empty_last_dimension():
     from fusedlora.ops import rms_norm
-    with pytest.raises(ValueError, match=r"rms_norm: x has shape \(4, 0\): its last dimension \(the one normalised\) is empty"):
+
+    with pytest.raises(
+        ValueError, match=r"rms_norm: x has shape \(4, 0\): its last dimension \(the one normalised\) is empty"
+    ):
         rms_norm(torch.randn(4, 0, device=DEVICE), torch.ones(0, device=DEVICE))
 
 
 def test_rope_shape_errors_print_real_alternatives():
     from fusedlora.ops import rope
+
     q = torch.randn(1, 2, 5, 8, device=DEVICE)
     with pytest.raises(ValueError, match=r"cos/sin have shape \(1, 4, 8\); expected \[1, 5, rotary_dim\] \(or a"):
         rope(q, q, torch.randn(1, 4, 8, device=DEVICE), torch.randn(1, 4, 8, device=DEVICE))

@@ -2,6 +2,7 @@
 models', the tiny MoE workload builds and trains as HF+PEFT (grouped_mm experts, LoRA on attention and on the
 experts' 3-D parameters) and patched by fusedlora, QLoRA's expert storage or its refusal, the per-step median
 clock, the report's MoE rows and the options that do not apply."""
+
 import argparse
 import math
 import time
@@ -19,10 +20,13 @@ def _meta_model(shape, layers=0):
         return moe.causal_lm_class(shape)(moe.moe_config(shape, layers))
 
 
-@pytest.mark.parametrize("shape,layers,total,experts", [
-    ("qwen3moe48", 0, 30_532_122_624, 128 * 3 * 2048 * 768 * 48),  # Qwen3-30B-A3B: "30.5B total"
-    ("mixtral", 32, 46_702_792_704, 8 * 3 * 4096 * 14336 * 32),     # Mixtral-8x7B at its 32 layers: "46.7B"
-])
+@pytest.mark.parametrize(
+    "shape,layers,total,experts",
+    [
+        ("qwen3moe48", 0, 30_532_122_624, 128 * 3 * 2048 * 768 * 48),  # Qwen3-30B-A3B: "30.5B total"
+        ("mixtral", 32, 46_702_792_704, 8 * 3 * 4096 * 14336 * 32),  # Mixtral-8x7B at its 32 layers: "46.7B"
+    ],
+)
 def test_moe_shapes_are_the_published_models(shape, layers, total, experts):
     m = _meta_model(shape, layers)
     assert sum(p.numel() for p in m.parameters()) == total
@@ -52,8 +56,9 @@ def test_hf_build_wraps_attention_and_experts_in_lora(shape):
 
 
 def _tiny_run(variant, mode="lora", shape="qwen3moe_tiny"):
-    return bench_workload.run(bench_workload.BenchSpec(variant=variant, model=shape, mode=mode, steps=3, batch=1,
-                                                       seq=16, log_every=1))
+    return bench_workload.run(
+        bench_workload.BenchSpec(variant=variant, model=shape, mode=mode, steps=3, batch=1, seq=16, log_every=1)
+    )
 
 
 def test_tiny_moe_workload_trains_as_hf_and_patched():
@@ -70,6 +75,7 @@ def test_tiny_moe_workload_trains_as_hf_and_patched():
 
 def test_moe_qlora_leaves_hf_experts_unquantised_and_needs_quantize_experts_for_fusedlora():
     import fusedlora
+
     hf = _tiny_run("hf", mode="qlora")
     assert hf["experts"] == "Parameter float32" and all(math.isfinite(x) for x in hf["losses"])
     if getattr(fusedlora, "quantize_experts", None) is None:
@@ -116,13 +122,27 @@ def test_step_clock_takes_the_median_of_the_timed_steps():
 
 def test_e2e_table_labels_moe_depths_and_uses_the_median_step():
     def row(variant, layers, median_tps, mean_tps):
-        return {"model": "qwen3moe", "layers": layers, "mode": "lora", "variant": variant, "gc": False,
-                "tokens_per_s": mean_tps, "step_ms": 10.0, "tokens_per_s_median": median_tps, "step_ms_median": 8.0,
-                "peak_gib": 40.0, "reserved_gib": 42.0, "first_step_s": 3.0, "losses": [12.0],
-                "fusedlora_jit_kernels": None}
+        return {
+            "model": "qwen3moe",
+            "layers": layers,
+            "mode": "lora",
+            "variant": variant,
+            "gc": False,
+            "tokens_per_s": mean_tps,
+            "step_ms": 10.0,
+            "tokens_per_s_median": median_tps,
+            "step_ms_median": 8.0,
+            "peak_gib": 40.0,
+            "reserved_gib": 42.0,
+            "first_step_s": 3.0,
+            "losses": [12.0],
+            "fusedlora_jit_kernels": None,
+        }
+
     failed = {"model": "qwen3moe", "layers": 8, "mode": "lora", "variant": "unsloth", "gc": False, "error": "exit 1"}
-    table = bench_e2e.markdown([row("hf", 8, 1000.0, 900.0), failed, row("fusedlora", 8, 2500.0, 2000.0),
-                                row("fusedlora", 48, 800.0, 700.0)])
+    table = bench_e2e.markdown(
+        [row("hf", 8, 1000.0, 900.0), failed, row("fusedlora", 8, 2500.0, 2000.0), row("fusedlora", 48, 800.0, 700.0)]
+    )
     assert "| qwen3moe x8 | lora | off | fusedlora | 2,500 | 2.50x | 8.0 | 40.00 | 42.00 |" in table
     assert "| qwen3moe x8 | lora | off | unsloth | failed: exit 1 |" in table
     assert "| qwen3moe x48 | lora | off | fusedlora | 800 | - |" in table  # no HF+PEFT run at that depth
@@ -130,9 +150,21 @@ def test_e2e_table_labels_moe_depths_and_uses_the_median_step():
 
 def test_e2e_report_states_the_moe_setup_and_each_run_s_expert_storage():
     args = argparse.Namespace(models="qwen3moe48", batch=1, seq=4096, steps=12, packed=False, profile=0)
-    r = {"model": "qwen3moe48", "layers": 48, "mode": "qlora", "variant": "fusedlora", "gc": False,
-         "tokens_per_s": 1.0, "step_ms": 1.0, "peak_gib": 20.0, "first_step_s": 1.0, "losses": [1.0],
-         "experts": "Params4bit uint8", "device": "GPU", "versions": {}}
+    r = {
+        "model": "qwen3moe48",
+        "layers": 48,
+        "mode": "qlora",
+        "variant": "fusedlora",
+        "gc": False,
+        "tokens_per_s": 1.0,
+        "step_ms": 1.0,
+        "peak_gib": 20.0,
+        "first_step_s": 1.0,
+        "losses": [1.0],
+        "experts": "Params4bit uint8",
+        "device": "GPU",
+        "versions": {},
+    }
     report = bench_e2e._report(args, [r])
     assert "7 projections" not in report and "target_parameters" in report and "grouped_mm" in report
     assert "Experts stored as: qwen3moe48 x48 qlora fusedlora: Params4bit uint8" in report

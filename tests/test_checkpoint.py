@@ -2,12 +2,13 @@
 MLP for long sequences (patch(mlp_chunk_bytes=...)): the same loss and gradients as the plain patched model
 (bit-identical in fp32 on CPU, dropout included: the recompute replays the forward's RNG state), host buffers
 reused across steps, HF's settings restored by unpatch."""
+
 import gc
 
 import pytest
 import torch
-
 from conftest import DEVICE, HAS_CUDA, rel_err
+
 import fusedlora
 from fusedlora.checkpoint import Offloader, offloaded_checkpoint
 
@@ -16,6 +17,7 @@ pytest.importorskip("peft")
 
 def _step(model, seq=16, autocast=None, seed=3):
     from fusedlora.testing import batch
+
     ids, labels = batch(seq=seq)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
@@ -27,6 +29,7 @@ def _step(model, seq=16, autocast=None, seed=3):
 
 def _model(dropout=0.0, **patch_kw):
     from fusedlora.testing import make_model
+
     model = make_model("llama", lora_dropout=dropout)
     report = fusedlora.patch(model, **patch_kw)
     model.train()
@@ -36,9 +39,9 @@ def _model(dropout=0.0, **patch_kw):
 def _assert_equal(a, b, tol=0.0):
     (la, ga), (lb, gb) = a, b
     assert ga.keys() == gb.keys() and len(ga) == 28
-    assert (torch.equal(la, lb) if tol == 0.0 else rel_err(la, lb) <= tol)
+    assert torch.equal(la, lb) if tol == 0.0 else rel_err(la, lb) <= tol
     for n in ga:
-        assert (torch.equal(ga[n], gb[n]) if tol == 0.0 else rel_err(ga[n], gb[n]) <= tol), n
+        assert torch.equal(ga[n], gb[n]) if tol == 0.0 else rel_err(ga[n], gb[n]) <= tol, n
 
 
 EXACT = 0.0 if not HAS_CUDA else 1e-6  # CPU: the same kernels in the same order
@@ -64,11 +67,13 @@ def test_offloaded_checkpoints_under_torch_compile():
     """torch.compile over a model with offloaded checkpoints: the offload's host bookkeeping stays out of the
     graph (a break per layer), the layers inside are compiled, and the step is eager's."""
     from fusedlora.testing import batch
+
     model, _ = _model(offload_checkpoints=True)
     ids, labels = batch()
 
     def loss_of():
         return model(input_ids=ids, labels=labels).loss
+
     eager = _step(model)
     torch._dynamo.reset()
     compiled = torch.compile(loss_of, backend="inductor" if HAS_CUDA else "aot_eager")
@@ -90,9 +95,11 @@ def test_host_buffers_are_reused_and_released():
     first = {k: [id(b) for b in v] for k, v in pool.items()}
     assert sum(len(v) for v in pool.values()) == 2  # one buffer per layer, back in the pool after the backward
     _step(model)
-    assert {k: [id(b) for b in v] for k, v in pool.items()} == first or \
-        {k: sorted(v) for k, v in first.items()} == {k: sorted(id(b) for b in v) for k, v in pool.items()}
+    assert {k: [id(b) for b in v] for k, v in pool.items()} == first or {k: sorted(v) for k, v in first.items()} == {
+        k: sorted(id(b) for b in v) for k, v in pool.items()
+    }
     from fusedlora.testing import batch
+
     ids, labels = batch()
     loss = model(input_ids=ids, labels=labels).loss  # a forward whose graph is dropped without a backward
     assert sum(len(v) for v in pool.values()) == 0
@@ -103,6 +110,7 @@ def test_host_buffers_are_reused_and_released():
 
 def test_unpatch_restores_checkpointing_settings():
     from transformers.modeling_layers import GradientCheckpointingLayer
+
     model, _ = _model(offload_checkpoints=True)
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     assert layers and all(m.gradient_checkpointing for m in layers)
@@ -132,6 +140,7 @@ def test_chunked_mlp_matches_whole_mlp(dropout, monkeypatch):
     the same values up to the order of the adapters' row sums; with dropout the chunks draw their own masks
     (checked: the recompute replays them, so the gradient is the one of the loss computed)."""
     from fusedlora.hf import forwards
+
     whole, _ = _model(dropout)
     chunked, _ = _model(dropout, mlp_chunk_bytes=64 * 2 * 96 * 4)
     calls = []
@@ -156,15 +165,25 @@ def test_gpu_offloaded_checkpoints_bf16_parity_and_memory():
     offloader keeps at most two layers' inputs on the GPU)."""
     import peft
     import transformers
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
-                                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096)
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+    )
     cfg._attn_implementation = "sdpa"
     ids = torch.randint(0, 512, (1, 4096), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     losses, extra = [], []
     for offload in (False, True):
         torch.manual_seed(0)
-        model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg).cuda(),
-                                    peft.LoraConfig(r=8, target_modules=["q_proj", "o_proj", "down_proj"]))
+        model = peft.get_peft_model(
+            transformers.LlamaForCausalLM(cfg).cuda(),
+            peft.LoraConfig(r=8, target_modules=["q_proj", "o_proj", "down_proj"]),
+        )
         fusedlora.patch(model, offload_checkpoints=offload)
         if not offload:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -206,6 +225,7 @@ def test_inputs_past_the_host_bound_stay_on_the_device(layers_on_host):
 def test_a_failed_pinning_keeps_the_input_on_the_device(monkeypatch):
     """Pinning that fails (host memory exhausted) stops further attempts; the input stays where it is."""
     import fusedlora.checkpoint as ck
+
     plain, _ = _model()
     model, _ = _model(offload_checkpoints=True)
     offloader = model.base_model.model.model.layers[0]._gradient_checkpointing_func.keywords["offloader"]
@@ -214,6 +234,7 @@ def test_a_failed_pinning_keeps_the_input_on_the_device(monkeypatch):
     def failing(like):
         calls.append(1)
         raise torch.OutOfMemoryError("CUDA error: out of memory (pinned host)")
+
     monkeypatch.setattr(ck, "_new_host_buffer", failing)
     with pytest.warns(UserWarning, match="pinning .* failed"):
         got = _step(model)

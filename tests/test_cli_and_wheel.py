@@ -4,6 +4,7 @@
 - `pip wheel .` (small AOT family, sm_80 + sm_90) yields one wheel holding cubins, per-kernel manifests and
   the kernel sources; installed into an empty target directory it imports, and its loader index finds
   the prebuilt variants the registry asks for."""
+
 import json
 import os
 import re
@@ -30,13 +31,18 @@ def _run(args, env=None, cwd=ROOT, timeout=900):
 def test_info_runs():
     r = _run([sys.executable, "-m", "fusedlora.info"])
     assert r.returncode == 0, r.stderr
-    assert f"fusedlora {fusedlora.__version__}" in r.stdout and "kernel directories" in r.stdout and "prebuilt variants per arch" in r.stdout
+    assert (
+        f"fusedlora {fusedlora.__version__}" in r.stdout
+        and "kernel directories" in r.stdout
+        and "prebuilt variants per arch" in r.stdout
+    )
 
 
 def test_selfcheck_reports_every_kernel():
     r = _run([sys.executable, "-m", "fusedlora.selfcheck"])
     assert r.returncode == 0, r.stdout + r.stderr
     from fusedlora import registry
+
     for name in registry.all_kernels():
         assert any(line.startswith(name + " ") and "PASS" in line for line in r.stdout.splitlines()), name
     assert f"{len(registry.all_kernels())} passed, 0 failed" in r.stdout
@@ -44,8 +50,21 @@ def test_selfcheck_reports_every_kernel():
 
 @pytest.mark.slow
 def test_wheel_carries_cubins_and_works_installed(tmp_path):
-    r = _run([sys.executable, "-m", "pip", "wheel", ".", "-w", str(tmp_path / "dist"), "--no-deps",
-              "--no-build-isolation", "-q"], env={"FUSEDLORA_AOT_FAMILY": "ci", "FUSEDLORA_AOT_ARCHS": "80,90"})
+    r = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            ".",
+            "-w",
+            str(tmp_path / "dist"),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+        ],
+        env={"FUSEDLORA_AOT_FAMILY": "ci", "FUSEDLORA_AOT_ARCHS": "80,90"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     wheels = list((tmp_path / "dist").glob("fusedlora-*.whl"))
     assert len(wheels) == 1
@@ -55,38 +74,50 @@ def test_wheel_carries_cubins_and_works_installed(tmp_path):
     target = tmp_path / "site"
     r = _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheels[0])])
     assert r.returncode == 0, r.stderr[-2000:]
-    code = ("import json, fusedlora, fusedlora.loader as L, fusedlora.manifest as M, fusedlora.registry as R\n"
-            "from build_tools_shapes import CI\n"
-            "assert fusedlora.__file__.startswith(%r)\n"
-            "idx = M.read_index([L.PREBUILT_DIR])\n"
-            "want = R.family_variants(CI, [80, 90])\n"
-            "missing = [v.to_string() for v in want if v.arch not in idx.get(v.key, {})]\n"
-            "print(json.dumps({'variants': len(want), 'missing': missing}))\n") % str(target)
+    code = (
+        "import json, fusedlora, fusedlora.loader as L, fusedlora.manifest as M, fusedlora.registry as R\n"
+        "from build_tools_shapes import CI\n"
+        "assert fusedlora.__file__.startswith(%r)\n"
+        "idx = M.read_index([L.PREBUILT_DIR])\n"
+        "want = R.family_variants(CI, [80, 90])\n"
+        "missing = [v.to_string() for v in want if v.arch not in idx.get(v.key, {})]\n"
+        "print(json.dumps({'variants': len(want), 'missing': missing}))\n"
+    ) % str(target)
     (tmp_path / "build_tools_shapes.py").write_text(
-        "import sys\nsys.path.append(%r)\nfrom build_tools.shapes import CI_SUBSET as CI\n" % str(ROOT))
+        "import sys\nsys.path.append(%r)\nfrom build_tools.shapes import CI_SUBSET as CI\n" % str(ROOT)
+    )
     r = _run([sys.executable, "-c", code], env={"PYTHONPATH": f"{target}{os.pathsep}{tmp_path}"}, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["variants"] > 10 and out["missing"] == []
 
 
-@pytest.mark.parametrize("out, markdown, raw", [
-    ("run.v2/e2e", "run.v2/e2e", "run.v2/e2e.json"),      # a dot in a folder name is no suffix
-    ("run.v2/e2e.md", "run.v2/e2e.md", "run.v2/e2e.json"),
-    ("e2e.json", "e2e.md", "e2e.json"),                   # never the Markdown overwritten by the JSON
-])
+@pytest.mark.parametrize(
+    "out, markdown, raw",
+    [
+        ("run.v2/e2e", "run.v2/e2e", "run.v2/e2e.json"),  # a dot in a folder name is no suffix
+        ("run.v2/e2e.md", "run.v2/e2e.md", "run.v2/e2e.json"),
+        ("e2e.json", "e2e.md", "e2e.json"),  # never the Markdown overwritten by the JSON
+    ],
+)
 def test_bench_out_writes_markdown_and_json_beside_it(tmp_path, out, markdown, raw):
     from benchmarks import report as bench_report
+
     (tmp_path / "run.v2").mkdir()
     bench_report.write(str(tmp_path / out), "| report |", [{"variant": "hf"}], quiet=True)
     assert (tmp_path / markdown).read_text() == "| report |\n"
     assert json.loads((tmp_path / raw).read_text()) == [{"variant": "hf"}]
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == sorted({markdown, raw})
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == sorted(
+        {markdown, raw}
+    )
 
 
 def _wheel_names(src: Path, out: Path, env: dict) -> list[str]:
-    r = _run([sys.executable, "-m", "pip", "wheel", ".", "-w", str(out), "--no-deps", "--no-build-isolation", "-q"],
-             env=env, cwd=src)
+    r = _run(
+        [sys.executable, "-m", "pip", "wheel", ".", "-w", str(out), "--no-deps", "--no-build-isolation", "-q"],
+        env=env,
+        cwd=src,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     wheels = list(out.glob("fusedlora-*.whl"))
     assert len(wheels) == 1
@@ -98,24 +129,36 @@ def test_wheel_holds_only_the_kernels_its_build_asked_for(tmp_path):
     the source tree's fusedlora/_prebuilt (build_tools.aot's default) never ride along: a JIT-only build gives a
     wheel without any, a small AOT build one with exactly its own."""
     src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "dist", "_prebuilt", "__pycache__",
-                                                             "*.egg-info", ".pytest_cache", ".benchmarks"))
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git", "build", "dist", "_prebuilt", "__pycache__", "*.egg-info", ".pytest_cache", ".benchmarks"
+        ),
+    )
     for stale in (src / "build" / "lib" / "fusedlora" / "_prebuilt", src / "fusedlora" / "_prebuilt"):
         stale.mkdir(parents=True)
         (stale / "rms_norm_fwd.sm86.0123456789abcdef.cubin").write_bytes(b"\0" * 4096)
         (stale / "manifest.json").write_text('{"stale": true}')
     names = _wheel_names(src, tmp_path / "jit", {"FUSEDLORA_SKIP_AOT": "1"})
     assert "fusedlora/lora.py" in names and not [n for n in names if "_prebuilt" in n]
-    names = _wheel_names(src, tmp_path / "aot", {"FUSEDLORA_AOT_FAMILY": "ci", "FUSEDLORA_AOT_ARCHS": "80",
-                                                 "FUSEDLORA_AOT_KERNELS": "scale_by_scalar"})
+    names = _wheel_names(
+        src,
+        tmp_path / "aot",
+        {"FUSEDLORA_AOT_FAMILY": "ci", "FUSEDLORA_AOT_ARCHS": "80", "FUSEDLORA_AOT_KERNELS": "scale_by_scalar"},
+    )
     prebuilt = sorted(n.removeprefix("fusedlora/_prebuilt/") for n in names if "_prebuilt" in n)
     cubins = [n for n in prebuilt if n.endswith(".cubin")]
     assert cubins and all(n.startswith("scale_by_scalar.sm80.") for n in cubins), prebuilt
     assert set(prebuilt) == set(cubins) | {"manifest.json", "scale_by_scalar.sm80.json"}
 
 
-HARNESS = ("fusedlora/bench_e2e.py", "fusedlora/bench_context.py", "fusedlora/bench_report.py",
-           "fusedlora/step_profile.py")  # moved to the repository's benchmarks/ (issue 35)
+HARNESS = (
+    "fusedlora/bench_e2e.py",
+    "fusedlora/bench_context.py",
+    "fusedlora/bench_report.py",
+    "fusedlora/step_profile.py",
+)  # moved to the repository's benchmarks/ (issue 35)
 
 
 def test_wheel_holds_the_library_and_its_demo_runs_installed(tmp_path):
@@ -124,8 +167,13 @@ def test_wheel_holds_the_library_and_its_demo_runs_installed(tmp_path):
     build left in the build dir; installed apart from the checkout, `python -m fusedlora.demo --help` and a tiny
     demo run (two fresh processes, the interpreter) work from a clean folder."""
     src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "dist", "_prebuilt", "__pycache__",
-                                                             "*.egg-info", ".pytest_cache", ".benchmarks"))
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git", "build", "dist", "_prebuilt", "__pycache__", "*.egg-info", ".pytest_cache", ".benchmarks"
+        ),
+    )
     stale = src / "build" / "lib" / "fusedlora"
     stale.mkdir(parents=True)
     (stale / "bench_e2e.py").write_text("# left by an earlier build\n")
@@ -137,8 +185,19 @@ def test_wheel_holds_the_library_and_its_demo_runs_installed(tmp_path):
     assert "unsloth" not in workload_source.lower() and "liger" not in workload_source.lower()
     target, clean = tmp_path / "site", tmp_path / "clean"
     clean.mkdir()
-    r = _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-              str(next((tmp_path / "dist").glob("fusedlora-*.whl")))])
+    r = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(next((tmp_path / "dist").glob("fusedlora-*.whl"))),
+        ]
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     env = {"PYTHONPATH": str(target)}
     r = _run([sys.executable, "-c", "import fusedlora; print(fusedlora.__file__)"], env=env, cwd=clean)
@@ -148,8 +207,26 @@ def test_wheel_holds_the_library_and_its_demo_runs_installed(tmp_path):
     r = _run([sys.executable, "-m", "fusedlora.bench", "e2e"], env=env, cwd=clean)
     assert r.returncode == 2 and "python -m benchmarks.e2e" in r.stderr, r.stderr[-2000:]
     if not HAS_CUDA:  # (on a GPU the demo is the 1B shape: ci/gpu_e2e.sh runs it from the wheel)
-        r = _run([sys.executable, "-m", "fusedlora.demo", "--lora", "--steps", "2", "--batch", "1", "--seq", "16",
-                  "--log-every", "1", "--out", "out"], env=env, cwd=clean)
+        r = _run(
+            [
+                sys.executable,
+                "-m",
+                "fusedlora.demo",
+                "--lora",
+                "--steps",
+                "2",
+                "--batch",
+                "1",
+                "--seq",
+                "16",
+                "--log-every",
+                "1",
+                "--out",
+                "out",
+            ],
+            env=env,
+            cwd=clean,
+        )
         assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
         results = json.loads((clean / "out" / "demo.json").read_text())
         assert [x["variant"] for x in results] == ["hf", "fusedlora"] and len(results[1]["losses"]) == 2
@@ -162,19 +239,31 @@ def _project():
 
 def _dist_name(requirement: str) -> str:
     from packaging.requirements import Requirement
+
     return Requirement(requirement).name.lower().replace("_", "-")
 
 
-LOCAL_MODULES = {"conftest", "fusedlora", "csrc_triton", "build_tools", "benchmarks", "hf_dist_worker", "fsdp_worker",
-                 "build_tools_shapes"}
+LOCAL_MODULES = {
+    "conftest",
+    "fusedlora",
+    "csrc_triton",
+    "build_tools",
+    "benchmarks",
+    "hf_dist_worker",
+    "fsdp_worker",
+    "build_tools_shapes",
+}
 PROVIDED_BY = {"tokenizers": "transformers", "packaging": "pytest"}  # installed as a requirement of another
-INDIRECT = {"matplotlib": "fusedlora.demo's plot (tests/test_demo.py)",
-            "pytest-benchmark": "pyproject's addopts pass --benchmark-disable"}
+INDIRECT = {
+    "matplotlib": "fusedlora.demo's plot (tests/test_demo.py)",
+    "pytest-benchmark": "pyproject's addopts pass --benchmark-disable",
+}
 
 
 def _third_party_test_imports() -> dict[str, set]:
     """Top-level third-party modules the test files import or importorskip -> the files."""
     import ast
+
     found: dict[str, set] = {}
     for path in (ROOT / "tests").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -183,8 +272,12 @@ def _third_party_test_imports() -> dict[str, set]:
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names = [node.module]
-            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "importorskip" and node.args
-                  and isinstance(node.args[0], ast.Constant)):
+            elif (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "attr", None) == "importorskip"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+            ):
                 names = [node.args[0].value]
             for name in names:
                 top = name.split(".")[0]
@@ -207,9 +300,12 @@ def test_declared_ranges_are_the_tested_ones():
     machine runs (torch 2.11, triton 3.6, transformers 5.17), and nothing newer than tested (torch 2.14.1 was
     pulled by the open range)."""
     from packaging.requirements import Requirement
+
     project = _project()
-    specs = {Requirement(r).name: Requirement(r).specifier
-             for r in project["dependencies"] + project["optional-dependencies"]["test"]}
+    specs = {
+        Requirement(r).name: Requirement(r).specifier
+        for r in project["dependencies"] + project["optional-dependencies"]["test"]
+    }
     install = (ROOT / "ci" / "install.sh").read_text()
     ci = {name: re.search(rf'"{name}==([0-9.]+)"', install).group(1) for name in ("torch", "triton")}
     gpu = {"torch": "2.11.0", "triton": "3.6.0", "transformers": "5.17.0"}

@@ -2,18 +2,18 @@
 fusedlora.lora_ops), so Dynamo traces a patched model with no graph break and the compiled step gives eager's
 values. On CPU: backend "aot_eager" (AOTAutograd's forward/backward split, eager kernels: the interpreter);
 on a GPU: inductor, and CUDA graphs (mode="reduce-overhead")."""
-import copy
+
 import re
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICE, HAS_CUDA, rel_err
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from conftest import DEVICE, HAS_CUDA, rel_err
 import fusedlora
 from fusedlora import lora, lora_ops
-from fusedlora.ops import (chunked_linear_loss, cross_entropy, fused_linear_cross_entropy, geglu, rms_norm, rope, swiglu)
+from fusedlora.ops import chunked_linear_loss, cross_entropy, fused_linear_cross_entropy, geglu, rms_norm, rope, swiglu
 
 BACKEND = "inductor" if HAS_CUDA else "aot_eager"
 
@@ -33,10 +33,12 @@ def assert_compiled_matches_eager(fn, inputs, tol=0.0, dynamic=None, seed=None):
     """fn under torch.compile(fullgraph=True): no graph break, and outputs and gradients equal eager's
     (exactly on CPU, where both run the same kernels; within `tol` under inductor). seed: the RNG seed set
     before each run (dropout)."""
+
     def run(f):
         if seed is not None:
             torch.manual_seed(seed)
         return _outputs(f(*inputs))
+
     explained = torch._dynamo.explain(fn)(*inputs)
     assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
     torch._dynamo.reset()
@@ -53,7 +55,7 @@ def assert_compiled_matches_eager(fn, inputs, tol=0.0, dynamic=None, seed=None):
             assert a is None
             continue
         assert a.shape == b.shape and a.dtype == b.dtype
-        assert (torch.equal(a, b) if tol == 0.0 else rel_err(a, b) <= tol), rel_err(a, b)
+        assert torch.equal(a, b) if tol == 0.0 else rel_err(a, b) <= tol, rel_err(a, b)
 
 
 TOL = 1e-5 if HAS_CUDA else 0.0
@@ -75,25 +77,46 @@ OP_CASES = {
     "geglu_tanh": lambda: (lambda g, u: geglu(g, u, "tanh"), (_t(3, 40), _t(3, 40))),
     "cross_entropy": lambda: (lambda z, y: cross_entropy(z, y, label_smoothing=0.1), (_t(6, 50), _labels(6, 50))),
     "cross_entropy_none": lambda: (lambda z, y: cross_entropy(z, y, reduction="none"), (_t(6, 50), _labels(6, 50))),
-    "linear_ce": lambda: (lambda h, w, y: fused_linear_cross_entropy(h, w, y, softcap=5.0),
-                          (_t(6, 32), _t(50, 32), _labels(6, 50))),
-    "linear_ce_none_chunked": lambda: (lambda h, w, y: fused_linear_cross_entropy(
-        h, w, y, reduction="none", max_chunk_bytes=2 * 50 * 4), (_t(6, 32), _t(50, 32), _labels(6, 50))),
-    "chunked_linear_loss": lambda: (lambda h, w, y: chunked_linear_loss(
-        h, w, y, lambda z, t: F.cross_entropy(z, t, reduction="none"), num_chunks=3), (_t(6, 32), _t(50, 32), _labels(6, 50))),
+    "linear_ce": lambda: (
+        lambda h, w, y: fused_linear_cross_entropy(h, w, y, softcap=5.0),
+        (_t(6, 32), _t(50, 32), _labels(6, 50)),
+    ),
+    "linear_ce_none_chunked": lambda: (
+        lambda h, w, y: fused_linear_cross_entropy(h, w, y, reduction="none", max_chunk_bytes=2 * 50 * 4),
+        (_t(6, 32), _t(50, 32), _labels(6, 50)),
+    ),
+    "chunked_linear_loss": lambda: (
+        lambda h, w, y: chunked_linear_loss(
+            h, w, y, lambda z, t: F.cross_entropy(z, t, reduction="none"), num_chunks=3
+        ),
+        (_t(6, 32), _t(50, 32), _labels(6, 50)),
+    ),
     # fp16: the gradient recomputed in the backward with d loss applied before the fp16 store (issue 34)
-    "cross_entropy_fp16": lambda: (lambda z, y: 8.0 * cross_entropy(z, y), (_t(6, 50, dtype=torch.float16), _labels(6, 50))),
-    "linear_ce_fp16": lambda: (lambda h, w, y: 8.0 * fused_linear_cross_entropy(h, w, y),
-                               (_t(6, 32, dtype=torch.float16), _t(50, 32, dtype=torch.float16), _labels(6, 50))),
-    "cross_entropy_weight": lambda: (lambda z, y, w: cross_entropy(z, y, weight=w),
-                                     (_t(6, 50), _labels(6, 50), torch.rand(50, device=DEVICE))),
+    "cross_entropy_fp16": lambda: (
+        lambda z, y: 8.0 * cross_entropy(z, y),
+        (_t(6, 50, dtype=torch.float16), _labels(6, 50)),
+    ),
+    "linear_ce_fp16": lambda: (
+        lambda h, w, y: 8.0 * fused_linear_cross_entropy(h, w, y),
+        (_t(6, 32, dtype=torch.float16), _t(50, 32, dtype=torch.float16), _labels(6, 50)),
+    ),
+    "cross_entropy_weight": lambda: (
+        lambda z, y, w: cross_entropy(z, y, weight=w),
+        (_t(6, 50), _labels(6, 50), torch.rand(50, device=DEVICE)),
+    ),
     # loss + z_loss: the reported z-loss (no gradient of its own) compared too
-    "cross_entropy_z_loss": lambda: (lambda z, y: sum(cross_entropy(z, y, lse_square_scale=0.01, return_z_loss=True)),
-                                     (_t(6, 50), _labels(6, 50))),
-    "linear_ce_z_loss": lambda: (lambda h, w, y: fused_linear_cross_entropy(h, w, y, lse_square_scale=0.01),
-                                 (_t(6, 32), _t(50, 32), _labels(6, 50))),
-    "linear_ce_items_bias": lambda: (lambda h, w, b, y, n: fused_linear_cross_entropy(h, w, y, b, num_items_in_batch=n),
-                                     (_t(6, 32), _t(50, 32), _t(50), _labels(6, 50), torch.tensor(4, device=DEVICE))),
+    "cross_entropy_z_loss": lambda: (
+        lambda z, y: sum(cross_entropy(z, y, lse_square_scale=0.01, return_z_loss=True)),
+        (_t(6, 50), _labels(6, 50)),
+    ),
+    "linear_ce_z_loss": lambda: (
+        lambda h, w, y: fused_linear_cross_entropy(h, w, y, lse_square_scale=0.01),
+        (_t(6, 32), _t(50, 32), _labels(6, 50)),
+    ),
+    "linear_ce_items_bias": lambda: (
+        lambda h, w, b, y, n: fused_linear_cross_entropy(h, w, y, b, num_items_in_batch=n),
+        (_t(6, 32), _t(50, 32), _t(50), _labels(6, 50), torch.tensor(4, device=DEVICE)),
+    ),
 }
 
 
@@ -127,6 +150,7 @@ def test_ops_compile_where_is_compiling_holds_only_in_dynamo(case, monkeypatch):
     the backward (2.13 holds it for the compile session): the backward's launchers must still become custom ops
     there, not launch kernels on functional / fake tensors. (39 of this file's cases failed that way.)"""
     import contextlib
+
     if hasattr(torch.compiler, "_compile_session_context"):
         monkeypatch.setattr(torch.compiler, "_compile_session_context", contextlib.nullcontext)
     fn, inputs = OP_CASES[case]()
@@ -152,8 +176,9 @@ def test_compiled_cross_entropy_fp16_loss_scale():
     """The compiled path's fp16 gradient under a loss scale: as close to fp64 as fp16 allows (no flushed entries)."""
     x = torch.randn(64, 4096, device=DEVICE).half().requires_grad_()
     y = torch.randint(0, 4096, (64,), device=DEVICE)
-    fn = torch.compile(lambda z, t: cross_entropy(z, t, num_items_in_batch=65536) * 65536.0, backend=BACKEND,
-                       fullgraph=True)
+    fn = torch.compile(
+        lambda z, t: cross_entropy(z, t, num_items_in_batch=65536) * 65536.0, backend=BACKEND, fullgraph=True
+    )
     (g,) = torch.autograd.grad(fn(x, y), x)
     x64 = x.detach().double().requires_grad_()
     (g64,) = torch.autograd.grad(F.cross_entropy(x64, y, reduction="sum"), x64)
@@ -180,22 +205,28 @@ def test_dynamic_rows_compile_once():
 # ----------------------------------------------------------------------------- fused LoRA functions
 def _lora_block(**kw):
     from fusedlora.testing import make
+
     return make(**kw)
 
 
 def _block_step(block, act="silu"):
     from fusedlora.testing import attn_fused
+
     apply_mlp = lora.apply_lora_mlp_swiglu if act == "silu" else lora.apply_lora_mlp_geglu
     kw = {"approximate": "tanh"} if act == "gelu_tanh" else {}
 
     def step(x):
         o = attn_fused(block.self_attn, x)
         return apply_mlp(block.mlp, o, **kw)
+
     return step
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(r="mixed", bias=True), dict(act="gelu_tanh"), dict(dropout=0.25)],
-                         ids=["plain", "mixed_ranks_bias", "geglu", "dropout"])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(r="mixed", bias=True), dict(act="gelu_tanh"), dict(dropout=0.25)],
+    ids=["plain", "mixed_ranks_bias", "geglu", "dropout"],
+)
 def test_lora_functions_compile_whole_and_match_eager(kw):
     """apply_lora_qkv / _o / _mlp_* compiled: one custom op per call, the same values and gradients as the eager
     Functions (dropout: the masks drawn in the same order, so the same masks)."""
@@ -252,8 +283,12 @@ def test_nf4_bases_compile_and_match_eager(nested):
     torch.manual_seed(0)
     hidden, inter, r = 64, 128, 4
     shapes = [(inter, hidden), (inter, hidden), (hidden, inter)]
-    qs = [bnbf.quantize_4bit(torch.randn(*s, device=DEVICE) * 0.2, blocksize=64, compress_statistics=nested,
-                             quant_type="nf4") for s in shapes]
+    qs = [
+        bnbf.quantize_4bit(
+            torch.randn(*s, device=DEVICE) * 0.2, blocksize=64, compress_statistics=nested, quant_type="nf4"
+        )
+        for s in shapes
+    ]
     adapters = [(_t(r, s[1]) * 0.1, _t(s[0], r) * 0.1) for s in shapes]
     adapters = [(A.detach().requires_grad_(), B.detach().requires_grad_()) for A, B in adapters]
     leaves = [t for ab in adapters for t in ab]
@@ -268,6 +303,7 @@ def test_nf4_bases_compile_and_match_eager(nested):
     def o(x, *p):
         fn = lora_ops.lora_o if torch.compiler.is_compiling() else lora.LoRA_O.apply
         return fn(x, qs[0][0], qs[0][1], p[0], p[1], 0.5)
+
     assert_compiled_matches_eager(mlp, (x, *leaves), TOL)
     torch._dynamo.reset()
     assert_compiled_matches_eager(o, (_t(6, hidden), *leaves[:2]), TOL)
@@ -276,6 +312,7 @@ def test_nf4_bases_compile_and_match_eager(nested):
 @pytest.mark.filterwarnings("ignore:Unsupported layer type")
 def test_gptq_bases_compile_and_match_eager():
     from test_lora import _gptq_block
+
     block = _gptq_block(bits=4, act_order=True)
     leaves = [p for p in block.parameters() if p.requires_grad]
     assert_compiled_matches_eager(lambda x, *p: _block_step(block)(x), (_t(2, 7, 64), *leaves), TOL)
@@ -286,13 +323,21 @@ def test_custom_op_outputs_alias_nothing():
     block = _lora_block(dropout=0.25)
     x = torch.randn(2, 7, 64, device=DEVICE)
     for training in (True, False):
-        prs = lora._projections("LoRA_QKV", "t", lora.QKVProjections, [
-            (*lora.fused_parameters(getattr(block.self_attn, f"{n}_proj")), None, 0.25) for n in "qkv"], x, kernels=False)
+        prs = lora._projections(
+            "LoRA_QKV",
+            "t",
+            lora.QKVProjections,
+            [(*lora.fused_parameters(getattr(block.self_attn, f"{n}_proj")), None, 0.25) for n in "qkv"],
+            x,
+            kernels=False,
+        )
         prs = lora._with_masks(prs, x, x.dtype, training)
         args = lora_ops.op_arguments(prs)
         outs = lora_ops.LORA_QKV_OP(x, **args, dtype=x.dtype, training=training)
-        inputs = [x, *(t for v in args.values() for t in (v if isinstance(v, list) else [v])
-                       if isinstance(t, torch.Tensor))]
+        inputs = [
+            x,
+            *(t for v in args.values() for t in (v if isinstance(v, list) else [v]) if isinstance(t, torch.Tensor)),
+        ]
         assert sum(p.mask is not None for p in prs) == (3 if training else 0)  # (the masks are inputs too)
         for i, t in enumerate(outs):
             assert not any(torch._C._is_alias_of(t, u) for u in inputs + outs[:i]), i
@@ -301,6 +346,7 @@ def test_custom_op_outputs_alias_nothing():
 # ------------------------------------------------------------------------------------- patched models
 def _patched(model_type, **kw):
     from fusedlora.testing import make_model
+
     model = make_model(model_type, **kw)
     report = fusedlora.patch(model)
     assert report.n_patched > 0
@@ -337,10 +383,12 @@ def assert_model_compiles_whole_and_matches_eager(model):
     """The whole patched training forward as one graph (fullgraph=True), its loss and every LoRA gradient
     those of the eager patched model."""
     from fusedlora.testing import batch
+
     ids, labels = batch()
 
     def loss_of(ids, labels):
         return model(input_ids=ids, labels=labels).loss
+
     explained = torch._dynamo.explain(loss_of)(ids, labels)
     assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
     torch._dynamo.reset()
@@ -360,8 +408,10 @@ def test_qlora_model_compiles_without_graph_breaks_and_matches_eager():
     pytest.importorskip("bitsandbytes")
     import peft
     import transformers
+
     from fusedlora.testing import TARGETS, tiny_config
     from fusedlora.workload import quantize_linears_nf4
+
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama")).to(DEVICE)
     quantize_linears_nf4(model, torch.float32)
@@ -381,6 +431,7 @@ def test_hf_gradient_checkpointing_under_compile_adds_no_graph_break():
     patched: its output-capturing wrapper around the causal-LM forward, which the patched forward replaces, breaks
     too), and its compiled step is its eager step."""
     from fusedlora.testing import batch, make_model
+
     ids, labels = batch()
     breaks = []
     for patched in (False, True):
@@ -392,6 +443,7 @@ def test_hf_gradient_checkpointing_under_compile_adds_no_graph_break():
 
         def loss_of(ids, labels):
             return model(input_ids=ids, labels=labels).loss
+
         breaks.append(torch._dynamo.explain(loss_of)(ids, labels).graph_break_count)
         torch._dynamo.reset()
     assert breaks[1] <= breaks[0], breaks
@@ -403,6 +455,7 @@ def test_bf16_autocast_compiled_as_close_to_fp32_as_eager():
     step's as eager's (AOTAutograd rounds HF's own attention backward in its own order: the two bf16 runs differ
     by bf16 rounding, not by more)."""
     from fusedlora.testing import batch
+
     model = _patched("llama")
     ids, labels = batch()
     dev = "cuda" if HAS_CUDA else "cpu"
@@ -416,7 +469,8 @@ def test_bf16_autocast_compiled_as_close_to_fp32_as_eager():
         loss = fn(ids, labels, **kw)
         loss.backward()
         return loss.detach(), _grads(model)
-    (l32, g32), (l_eager, g_eager) = run(loss_of, autocast=False), run(loss_of)
+
+    (_, g32), (l_eager, g_eager) = run(loss_of, autocast=False), run(loss_of)
     l_comp, g_comp = run(torch.compile(loss_of, backend=BACKEND, fullgraph=True))
     assert rel_err(l_comp, l_eager) < 1e-3
     for n in g32:
@@ -428,6 +482,7 @@ def test_varying_sequence_lengths_recompile_at_most_once():
     length compiles a static graph, the second a dynamic one that serves every later length (issue target:
     at most 8 compilations)."""
     from fusedlora.testing import batch
+
     model = _patched("llama")
     counter = CompileCounterWithBackend(BACKEND)
     compiled = torch.compile(model, backend=counter)
@@ -451,6 +506,7 @@ def test_one_decoder_layer_fullgraph():
     def run(x):
         out = layer(x, position_embeddings=rotary(x, pos), attention_mask=None, position_ids=pos)
         return out[0] if isinstance(out, tuple) else out
+
     leaves = [p for p in layer.parameters() if p.requires_grad]
     assert_compiled_matches_eager(lambda x, *p: run(x), (x, *leaves), TOL)
 
@@ -461,12 +517,14 @@ def test_gpu_reduce_overhead_cuda_graphs(dtype):
     """mode="reduce-overhead" (CUDA graphs) with the loader's launches: several steps of a bf16 patched model
     under autocast, losses and gradients those of eager within bf16 tolerance."""
     from fusedlora.testing import batch
+
     model = _patched("llama")
     ids, labels = batch()
 
     def loss_of(ids, labels):
         with torch.autocast("cuda", dtype):
             return model(input_ids=ids, labels=labels).loss
+
     compiled = torch.compile(loss_of, mode="reduce-overhead")
     for _ in range(4):
         model.zero_grad(set_to_none=True)
@@ -487,6 +545,7 @@ def test_gpu_compile_layers_reduce_overhead():
     """compile_layers(model, mode="reduce-overhead"): each decoder layer compiled with torch.compile's CUDA
     graphs, trained with an optimizer over steps with new data: the eager patched model's losses (bf16)."""
     from fusedlora.testing import batch
+
     runs = []
     for compiled in (False, True):
         model = _patched("llama")
@@ -509,10 +568,12 @@ def test_gpu_compile_layers_reduce_overhead():
 @pytest.mark.parametrize("which", ["nf4", "nf4_out", "gptq", "gptq_transpose"])
 def test_dequantize_compiles_and_matches_eager(which):
     from test_quant import _gptq_layer
+
     if which.startswith("nf4"):
         bnbf = pytest.importorskip("bitsandbytes.functional")
-        packed, state = bnbf.quantize_4bit(torch.randn(48, 64, device=DEVICE), blocksize=64, compress_statistics=True,
-                                           quant_type="nf4")
+        packed, state = bnbf.quantize_4bit(
+            torch.randn(48, 64, device=DEVICE), blocksize=64, compress_statistics=True, quant_type="nf4"
+        )
         if which == "nf4":
             fn = lambda p: fusedlora.quant.dequantize_nf4(p, state, dtype=torch.float16)  # noqa: E731
         else:
@@ -530,6 +591,7 @@ def test_dequantize_out_is_checked_under_compile(which):
     """Compiled, the result is copied into out=: an out of another dtype or shape is refused as in eager mode,
     never cast or broadcast into silently; a transposed NF4 view comes back transposed, as in eager mode."""
     from test_quant import _gptq_layer
+
     if which == "nf4":
         bnbf = pytest.importorskip("bitsandbytes.functional")
         packed, state = bnbf.quantize_4bit(torch.randn(48, 64, device=DEVICE), blocksize=64, quant_type="nf4")
@@ -539,11 +601,15 @@ def test_dequantize_out_is_checked_under_compile(which):
         assert torch.equal(transposed, bnbf.dequantize_4bit(packed.t(), state))
     else:
         packed, qzeros, scales, g_idx = _gptq_layer(64, 96, 4, 32, True)
-        fn = torch.compile(lambda q, out: fusedlora.quant.dequantize_gptq(q, qzeros, scales, g_idx, out=out),
-                           backend=BACKEND)
+        fn = torch.compile(
+            lambda q, out: fusedlora.quant.dequantize_gptq(q, qzeros, scales, g_idx, out=out), backend=BACKEND
+        )
         shape, dtype = (96, 64), torch.float16
     op = f"dequantize_{which}"
-    for bad in (torch.empty(shape, dtype=torch.bfloat16, device=DEVICE), torch.empty(2, *shape, dtype=dtype, device=DEVICE)):
+    for bad in (
+        torch.empty(shape, dtype=torch.bfloat16, device=DEVICE),
+        torch.empty(2, *shape, dtype=dtype, device=DEVICE),
+    ):
         with pytest.raises(ValueError, match=re.escape(f"{op}: out must be a {dtype} tensor of shape {shape}")):
             fn(packed, bad)
     good = torch.empty(shape, dtype=dtype, device=DEVICE)
@@ -552,8 +618,12 @@ def test_dequantize_out_is_checked_under_compile(which):
 
 def test_lora_mlp_op_names_a_bad_activation():
     block = _lora_block()
-    args = [t for name in ("gate_proj", "up_proj", "down_proj") for t in lora.fused_parameters(getattr(block.mlp, name))]
-    with pytest.raises(ValueError, match=r"lora_mlp: activation must be one of \('silu', 'gelu', 'gelu_tanh'\), got 'relu'"):
+    args = [
+        t for name in ("gate_proj", "up_proj", "down_proj") for t in lora.fused_parameters(getattr(block.mlp, name))
+    ]
+    with pytest.raises(
+        ValueError, match=r"lora_mlp: activation must be one of \('silu', 'gelu', 'gelu_tanh'\), got 'relu'"
+    ):
         lora_ops.lora_mlp(torch.randn(3, 64, device=DEVICE), *args, "relu")
 
 
@@ -564,7 +634,9 @@ def test_compile_layers_compiles_one_layer_for_all(gc):
     inside a layer), and the step equals the eager patched step."""
     import transformers
     from torch._dynamo.testing import CompileCounterWithBackend
+
     from fusedlora.testing import SMALL, batch, make_model
+
     ids, labels = batch()
     with pytest.MonkeyPatch.context() as mp:  # four layers: one compile must serve them all
         mp.setitem(SMALL, "num_hidden_layers", 4)
@@ -604,7 +676,9 @@ def test_unpadded_batch_under_compile_attends_causally_without_a_mask(padded, mo
     (no attention_mask, no position_ids given), and they call SDPA with none (is_causal). A padded batch keeps
     HF's mask. Either way the compiled step equals the eager one."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     from fusedlora.testing import batch
+
     model = _patched("llama")
     ids, labels = batch()
     mask = None
@@ -618,10 +692,12 @@ def test_unpadded_batch_under_compile_attends_causally_without_a_mask(padded, mo
     def spy(module, q, k, v, attention_mask, **kw):
         got_masks.append(attention_mask is None)
         return sdpa(module, q, k, v, attention_mask, **kw)
+
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", spy)
 
     def loss_of(ids, labels):
         return model(input_ids=ids, labels=labels, attention_mask=mask).loss
+
     eager, compiled = _eager_then_compiled(model, loss_of, (ids, labels), fullgraph=True)
     n_layers = model.config.num_hidden_layers
     # eager: HF itself drops the mask of an unpadded batch; compiled: the patched model does

@@ -1,6 +1,7 @@
 """The longest-sequence search of `python -m benchmarks.context`: doubling then bisection (a synthetic
 memory limit), the benchmark workload's --find-context on the tiny shape (CPU: every length fits), the report
 table; the e2e benchmark's table and options; the peers' handling."""
+
 from benchmarks import context as bench_context
 from benchmarks import workload
 
@@ -11,6 +12,7 @@ def test_search_doubles_then_bisects_to_the_granularity():
     def fits(n):
         calls.append(n)
         return {"tokens_per_s": 1.0 / n} if n <= 21_000 else None
+
     longest, result, tried = workload.search_longest(fits, 1024, 1 << 20, 1024)
     assert longest == 20_480 and result == {"tokens_per_s": 1.0 / 20_480}
     assert calls[:6] == [1024, 2048, 4096, 8192, 16384, 32768]  # doubling until the first failure
@@ -25,31 +27,62 @@ def test_search_edges():
 
 
 def test_find_context_on_the_tiny_shape():
-    args = workload.BenchSpec(variant="fusedlora", model="tiny", mode="lora", gc=False, offload=True, packed=False,
-                              steps=2, batch=1, seq=32, lr=1e-4, log_every=1, profile=0, peak_tflops=790.0,
-                              find_context=64)
+    args = workload.BenchSpec(
+        variant="fusedlora",
+        model="tiny",
+        mode="lora",
+        gc=False,
+        offload=True,
+        packed=False,
+        steps=2,
+        batch=1,
+        seq=32,
+        lr=1e-4,
+        log_every=1,
+        profile=0,
+        peak_tflops=790.0,
+        find_context=64,
+    )
     r = workload.run(args)
     assert r["longest"] == 64 and r["tried"] == [(32, True), (64, True)] and r["tokens_per_s"] > 0
 
 
 def test_context_report_table():
-    rows = [{"label": "hf+gc", "longest": 8192, "tokens_per_s": 1000.0, "peak_gib": 70.0, "tried": [(4096, True)]},
-            {"label": "fusedlora+offload", "longest": 65536, "tokens_per_s": 2500.0, "peak_gib": 60.0, "tried": []},
-            {"label": "liger+gc", "error": "exit code 1"}]
+    rows = [
+        {"label": "hf+gc", "longest": 8192, "tokens_per_s": 1000.0, "peak_gib": 70.0, "tried": [(4096, True)]},
+        {"label": "fusedlora+offload", "longest": 65536, "tokens_per_s": 2500.0, "peak_gib": 60.0, "tried": []},
+        {"label": "liger+gc", "error": "exit code 1"},
+    ]
     table = bench_context.markdown(rows)
     assert "| fusedlora+offload | 65,536 | 8.0x | 2,500 | 60.0 |" in table and "failed: exit code 1" in table
 
 
 def test_offload_is_refused_for_a_variant_without_it():
     import pytest
-    args = workload.BenchSpec(variant="hf", model="tiny", mode="lora", gc=False, offload=True, packed=False, steps=2,
-                              batch=1, seq=32, lr=1e-4, log_every=1, profile=0, peak_tflops=790.0, find_context=64)
+
+    args = workload.BenchSpec(
+        variant="hf",
+        model="tiny",
+        mode="lora",
+        gc=False,
+        offload=True,
+        packed=False,
+        steps=2,
+        batch=1,
+        seq=32,
+        lr=1e-4,
+        log_every=1,
+        profile=0,
+        peak_tflops=790.0,
+        find_context=64,
+    )
     with pytest.raises(SystemExit, match="--offload is fusedlora's offloaded checkpointing: only for the fusedlora"):
         workload.run(args)
 
 
 def test_bench_context_without_a_gpu_says_so(capsys):
     import torch
+
     if torch.cuda.is_available():
         return
     assert bench_context.main(["--model", "tiny"]) == 2
@@ -57,8 +90,16 @@ def test_bench_context_without_a_gpu_says_so(capsys):
 
 
 def test_context_table_gives_tokens_per_second_at_each_length_tried():
-    rows = [{"label": "fusedlora+offload", "longest": 8192, "tokens_per_s": 900.0, "peak_gib": 9.0,
-             "tried": [(4096, True), (8192, True), (16384, False)], "rates": [(4096, 1500.0), (8192, 900.0)]}]
+    rows = [
+        {
+            "label": "fusedlora+offload",
+            "longest": 8192,
+            "tokens_per_s": 900.0,
+            "peak_gib": 9.0,
+            "tried": [(4096, True), (8192, True), (16384, False)],
+            "rates": [(4096, 1500.0), (8192, 900.0)],
+        }
+    ]
     assert "4096: 1,500, 8192: 900, 16384: n |" in bench_context.markdown(rows)
 
 
@@ -66,9 +107,20 @@ def test_e2e_table_compares_offloaded_runs_with_hf_checkpointing():
     from benchmarks import e2e as bench_e2e
 
     def row(variant, gc, offload, tps):
-        return {"model": "1b", "mode": "qlora", "variant": variant, "gc": gc, "offload": offload,
-                "tokens_per_s": tps, "step_ms": 1.0, "peak_gib": 1.0, "first_step_s": 1.0, "losses": [2.0],
-                "fusedlora_jit_kernels": 0}
+        return {
+            "model": "1b",
+            "mode": "qlora",
+            "variant": variant,
+            "gc": gc,
+            "offload": offload,
+            "tokens_per_s": tps,
+            "step_ms": 1.0,
+            "peak_gib": 1.0,
+            "first_step_s": 1.0,
+            "losses": [2.0],
+            "fusedlora_jit_kernels": 0,
+        }
+
     offloaded = dict(row("fusedlora", False, True, 150.0), reserved_gib=2.5)
     table = bench_e2e.markdown([row("hf", False, False, 100.0), row("hf", True, False, 50.0), offloaded])
     assert "| 1b | qlora | offload | fusedlora | 150 | 3.00x | 1.0 | 1.00 | 2.50 |" in table
@@ -77,7 +129,9 @@ def test_e2e_table_compares_offloaded_runs_with_hf_checkpointing():
 
 def test_e2e_bad_gc_setting_is_named(capsys):
     import pytest
+
     from benchmarks import e2e as bench_e2e
+
     with pytest.raises(SystemExit):
         bench_e2e.main(["--gc", "on,sometimes"])
     assert "--gc: expected a comma list of off, on, offload, both; got 'on,sometimes'" in capsys.readouterr().err
@@ -89,7 +143,9 @@ def test_unsloth_runs_only_where_it_is_found_and_is_never_imported_here(monkeypa
     other variants' version lists leave it out."""
     import importlib.util
     import sys
+
     from benchmarks import report as bench_report
+
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.delenv(workload.UNSLOTH_PATH, raising=False)
     if importlib.util.find_spec("unsloth") is None:
@@ -101,14 +157,19 @@ def test_unsloth_runs_only_where_it_is_found_and_is_never_imported_here(monkeypa
     assert bench_report.selected("hf,unsloth", "liger") == ["hf", "unsloth"]
     assert "unsloth" not in sys.modules and "unsloth" not in workload.versions()
     # the report's versions line takes each package from whichever run has it
-    line = bench_report.measured_line([{"device": "GPU", "versions": {"torch": "2"}},
-                                       {"device": "GPU", "versions": {"torch": "2", "unsloth": "2026"}}])
+    line = bench_report.measured_line(
+        [
+            {"device": "GPU", "versions": {"torch": "2"}},
+            {"device": "GPU", "versions": {"torch": "2", "unsloth": "2026"}},
+        ]
+    )
     assert line.endswith("on GPU, torch 2, unsloth 2026")
 
 
 def test_unsloth_variant_needs_a_gpu():
     import pytest
     import torch
+
     if torch.cuda.is_available():
         pytest.skip("checks the message without a GPU")
     with pytest.raises(SystemExit, match="the unsloth variant needs a CUDA GPU"):

@@ -2,22 +2,36 @@
 
 Losses and gradients are compared in relative norm: fp32 inputs ~1e-6; bf16/fp16 logits are read in
 their dtype (exact) and gradients rounded once to it (2^-8 / 2^-11 relative)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import DEVICE, HAS_CUDA, assert_device_assert, rel_err
+
 import csrc_triton.cross_entropy as kernels  # the kernels and their grid constants
-from fusedlora.ops import (chunked_linear_loss, cross_entropy, fused_linear_cross_entropy, naive_cross_entropy,
-                           naive_linear_cross_entropy)
+from fusedlora.ops import (
+    chunked_linear_loss,
+    cross_entropy,
+    fused_linear_cross_entropy,
+    naive_cross_entropy,
+    naive_linear_cross_entropy,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float32, torch.bfloat16]
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 # (37, 16461): several chunks of the row, walked forwards by the first pass and backwards by the second
-SHAPES = [(1, 7), (7, 333), (5, 1), (37, 16461)] + ([(64, 32003), (8, 131072), (3, 262144)] if HAS_CUDA else [(3, 4100)])
+SHAPES = [(1, 7), (7, 333), (5, 1), (37, 16461)] + (
+    [(64, 32003), (8, 131072), (3, 262144)] if HAS_CUDA else [(3, 4100)]
+)
 OPTIONS = [
-    {}, {"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.1}, {"softcap": 30.0},
-    {"logit_scale": 0.25, "softcap": 5.0}, {"num_items_in_batch": 13}, {"ignore_index": 0},
+    {},
+    {"reduction": "sum"},
+    {"reduction": "none"},
+    {"label_smoothing": 0.1},
+    {"softcap": 30.0},
+    {"logit_scale": 0.25, "softcap": 5.0},
+    {"num_items_in_batch": 13},
+    {"ignore_index": 0},
 ]
 
 
@@ -66,8 +80,9 @@ def test_persistent_grid_walks_several_rows_per_program(monkeypatch, label_smoot
 def test_scale_by_scalar_persistent_blocks(s):
     """The backward's in-place rescale: each program walks several blocks (and a ragged last one);
     s == 1 leaves the tensor bit-identical."""
-    from fusedlora.ops.cross_entropy import scale_by_scalar_
     from fusedlora.ops._common import sm_count
+    from fusedlora.ops.cross_entropy import scale_by_scalar_
+
     progs = kernels.SCALE_PROGRAMS_PER_SM * sm_count(torch.cuda.current_device() if HAS_CUDA else -1)
     n = (2 * progs + 3) * kernels.SCALE_BLOCK + 123
     x = torch.randn(n, device=DEVICE)
@@ -81,11 +96,19 @@ def test_prepare_labels_scale(n, label_dtype):
     """The set-up kernel's loss scale for every reduction / num_items_in_batch form, over several blocks
     of labels (5003 = 2 full blocks + a ragged one), with ignored labels and a non-default ignore_index."""
     from fusedlora.ops.cross_entropy import prepare_labels
+
     y = torch.randint(0, 7, (n,), device=DEVICE, dtype=label_dtype)
     y[::3] = -1
     used = int((y != -1).sum())
-    cases = [("mean", None, 1.0 / max(used, 1)), ("sum", None, 1.0), ("none", None, 1.0), ("mean", 40, 1.0 / 40),
-             ("mean", 0, 1.0), ("mean", torch.tensor(25, device=DEVICE), 1.0 / 25), ("sum", 40, 1.0)]
+    cases = [
+        ("mean", None, 1.0 / max(used, 1)),
+        ("sum", None, 1.0),
+        ("none", None, 1.0),
+        ("mean", 40, 1.0 / 40),
+        ("mean", 0, 1.0),
+        ("mean", torch.tensor(25, device=DEVICE), 1.0 / 25),
+        ("sum", 40, 1.0),
+    ]
     for reduction, items, want in cases:
         inv = prepare_labels("op", y, 7, -1, reduction, items)
         assert inv.shape == (1,) and inv.dtype == torch.float32
@@ -108,6 +131,7 @@ torch.cuda.synchronize()
 def test_prepare_labels_range_check_reaches_every_block(bad):
     """A bad label in the ragged last block of labels still fails (and naming the op and the range)."""
     from fusedlora.ops.cross_entropy import prepare_labels
+
     if HAS_CUDA:  # a device-side assert ends the CUDA context: check it in its own process
         assert_device_assert(PREPARE_BAD.format(bad=bad), "op: labels must be in [0, 7)")
         return
@@ -175,14 +199,17 @@ def test_many_rows_loss_and_gradient():
         del z, zr
 
 
-@pytest.mark.parametrize("bad,match", [
-    (lambda z, y: cross_entropy(z, y[:-1]), "labels have shape"),
-    (lambda z, y: cross_entropy(z, y.float()), "labels has dtype float32"),
-    (lambda z, y: cross_entropy(z, y, reduction="avg"), "reduction must be one of"),
-    (lambda z, y: cross_entropy(z, y, label_smoothing=1.5), "label_smoothing must be in"),
-    (lambda z, y: cross_entropy(z, y, softcap=0.0), "softcap must be positive"),
-    (lambda z, y: cross_entropy(z.long(), y), "logits has dtype int64"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (lambda z, y: cross_entropy(z, y[:-1]), "labels have shape"),
+        (lambda z, y: cross_entropy(z, y.float()), "labels has dtype float32"),
+        (lambda z, y: cross_entropy(z, y, reduction="avg"), "reduction must be one of"),
+        (lambda z, y: cross_entropy(z, y, label_smoothing=1.5), "label_smoothing must be in"),
+        (lambda z, y: cross_entropy(z, y, softcap=0.0), "softcap must be positive"),
+        (lambda z, y: cross_entropy(z.long(), y), "logits has dtype int64"),
+    ],
+)
 def test_bad_input(bad, match):
     z = torch.randn(4, 10, device=DEVICE)
     y = torch.randint(0, 10, (4,), device=DEVICE)
@@ -211,8 +238,16 @@ def test_out_of_range_label_raises():
 FLCE_CASES = [(1, 8, 11), (37, 16, 101), (70, 24, 257)] + ([(4096, 512, 32003), (1000, 1024, 8192)] if HAS_CUDA else [])
 
 
-@pytest.mark.parametrize("kw", [{}, {"reduction": "sum", "label_smoothing": 0.2}, {"reduction": "none"},
-                                {"softcap": 4.0, "num_items_in_batch": 9}], ids=str)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"reduction": "sum", "label_smoothing": 0.2},
+        {"reduction": "none"},
+        {"softcap": 4.0, "num_items_in_batch": 9},
+    ],
+    ids=str,
+)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("frozen_weight", [False, True])
 @pytest.mark.parametrize("dims", FLCE_CASES)
@@ -281,8 +316,9 @@ def test_chunked_linear_loss_cross_entropy(num_chunks):
     b = torch.randn(101, device=DEVICE, requires_grad=True)
     y = _labels(37, 101)
     y[:10] = -100  # uneven ignored counts per chunk: the mean must be over all chunks together
-    loss = chunked_linear_loss(hid, w, y, lambda z, t: F.cross_entropy(z.float(), t, reduction="none"),
-                               num_chunks=num_chunks, bias=b)
+    loss = chunked_linear_loss(
+        hid, w, y, lambda z, t: F.cross_entropy(z.float(), t, reduction="none"), num_chunks=num_chunks, bias=b
+    )
     loss.backward()
     h2, w2, b2 = (x.detach().double().requires_grad_() for x in (hid, w, b))
     ref = F.cross_entropy(F.linear(h2, w2, b2), y)
@@ -310,7 +346,8 @@ def test_chunked_linear_loss_mse_and_sum():
 def test_chunked_linear_loss_bad_input():
     hid = torch.randn(4, 8, device=DEVICE)
     with pytest.raises(ValueError, match="reduction must be"):
-        chunked_linear_loss(hid, torch.randn(3, 8, device=DEVICE), torch.zeros(4, device=DEVICE), F.mse_loss,
-                            reduction="none")
+        chunked_linear_loss(
+            hid, torch.randn(3, 8, device=DEVICE), torch.zeros(4, device=DEVICE), F.mse_loss, reduction="none"
+        )
     with pytest.raises(ValueError, match="weight has shape"):
         chunked_linear_loss(hid, torch.randn(3, 9, device=DEVICE), torch.zeros(4, device=DEVICE), F.mse_loss)

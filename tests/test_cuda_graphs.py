@@ -1,15 +1,16 @@
 """fusedlora.cuda_graph_layers: decoder layers replayed as CUDA graphs give the eager patched model's training
 run (losses, adapter gradients, gradient accumulation), and every call a graph cannot serve runs eagerly.
 The replay itself needs a GPU; the argument handling and the errors are checked everywhere."""
+
 import functools
 import warnings
 
 import pytest
 import torch
 
-from fusedlora.testing import HAS_CUDA
 import fusedlora
 from fusedlora import cuda_graphs, workload
+from fusedlora.testing import HAS_CUDA
 
 gpu = pytest.mark.gpu
 
@@ -23,17 +24,21 @@ def test_arguments_flatten_and_rebuild():
     args, kwargs = cuda_graphs._rebuild(desc, iter(tensors))
     assert args[0] is a and kwargs["position_embeddings"][0] is b and kwargs["position_embeddings"][1] is c
     assert kwargs["attention_mask"] is None and kwargs["use_cache"] is False and kwargs["n"] == 3
+
     # the description is the cache key: it changes with a shape, a stride, requires_grad or a plain value
     def key(*a, **k):
         return cuda_graphs._flatten((a, k), [])
+
     assert key(a) == key(torch.zeros(2, 3))
     assert key(a) != key(torch.zeros(3, 2)) and key(a) != key(torch.zeros(3, 2).t())
     assert key(a) != key(torch.zeros(2, 3, requires_grad=True)) and key(a, n=1) != key(a, n=2)
     with pytest.raises(TypeError):
         cuda_graphs._flatten(object(), [])
+
     # a dict subclass (a ModelOutput, say) comes back as its own type
     class Output(dict):
         pass
+
     tensors = []
     rebuilt = cuda_graphs._rebuild(cuda_graphs._flatten(Output(hidden=a), tensors), iter(tensors))
     assert type(rebuilt) is Output and rebuilt["hidden"] is a
@@ -43,6 +48,7 @@ def test_wrapped_layers_without_a_graph_run_eagerly_and_copy():
     """Calls no graph can serve (here: CPU tensors) run the layer's own forward: the same loss and gradients;
     a deep copy of the model (TRL's reference model) gets wrappers of its own; unpatch removes them."""
     import copy
+
     device = "cuda" if HAS_CUDA else "cpu"
     ref, _ = workload.build("tiny", "lora", "fusedlora", device, False)
     model = copy.deepcopy(ref)
@@ -55,6 +61,7 @@ def test_wrapped_layers_without_a_graph_run_eagerly_and_copy():
         loss = m(input_ids=ids, labels=labels).loss
         loss.backward()
         return loss.detach(), [p.grad for p in m.parameters() if p.requires_grad]
+
     if not HAS_CUDA:
         want, got = loss_and_grads(ref), loss_and_grads(model)
         assert torch.equal(want[0], got[0]) and all(torch.equal(a, b) for a, b in zip(want[1], got[1]))
@@ -68,6 +75,7 @@ def test_wrapped_layers_without_a_graph_run_eagerly_and_copy():
     assert all(w.original.__self__ is m for w, m in zip(twin_wrappers, twin_layers))
     with pytest.raises(TypeError, match="cannot be pickled"):
         import pickle
+
         pickle.dumps(model)
     report = fusedlora.patch(model)  # patching again first unpatches: the wrappers go, and the report says so
     assert "removed the CUDA-graph wrappers of 2 decoder layers" in str(report)
@@ -80,6 +88,7 @@ def test_adapter_state_is_part_of_the_key():
     """What PEFT changes without touching a tensor the graph reads (the active adapter, disable_adapter,
     merge_adapter, the scale) changes the wrapper's adapter state, so an old graph is never replayed for it."""
     import peft
+
     model, _ = workload.build("tiny", "lora", "hf", "cpu", False)
     model.add_adapter("other", peft.LoraConfig(r=2, target_modules=workload.TARGETS))
     layers = [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
@@ -143,7 +152,7 @@ def _train(model, data, accumulate=1, lr=1e-3, amp=True):
     opt = torch.optim.AdamW(params, lr=lr)
     losses, grads = [], []
     for i in range(0, len(data), accumulate):
-        for ids, labels, pos in data[i:i + accumulate]:
+        for ids, labels, pos in data[i : i + accumulate]:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                 loss = model(input_ids=ids, labels=labels, position_ids=pos).loss / accumulate
             loss.backward()
@@ -192,7 +201,9 @@ def test_graphed_training_matches_eager(mode, accumulate):
     got = _train(model, data, accumulate)
     # replay after one eager call per layer; the graphs run the eager kernels on the same inputs, so the
     # run is the eager one up to cuBLAS choosing another algorithm on the capture stream (bf16 autocast)
-    assert all(w.replays == len(data) - 1 and w.eager_calls == 1 for w in layers), [(w.replays, w.eager_calls) for w in layers]
+    assert all(w.replays == len(data) - 1 and w.eager_calls == 1 for w in layers), [
+        (w.replays, w.eager_calls) for w in layers
+    ]
     _assert_same_run(got, want)
 
 
@@ -255,8 +266,10 @@ def test_calls_a_graph_cannot_serve_run_eagerly():
         torch.testing.assert_close(p.grad, r.grad, rtol=2e-2, atol=2e-2 * r.grad.abs().max().item() + 1e-6)
     fusedlora.unpatch(model)
     assert not any(isinstance(m.__dict__.get("forward"), cuda_graphs.GraphedModule) for m in model.modules())
-    assert not any(isinstance(m.__dict__.get("_gradient_checkpointing_func"), cuda_graphs._GraphedCheckpoint)
-                   for m in model.modules())
+    assert not any(
+        isinstance(m.__dict__.get("_gradient_checkpointing_func"), cuda_graphs._GraphedCheckpoint)
+        for m in model.modules()
+    )
 
 
 def _checkpointed(mode, offload, graphs, dropout=0.0):
@@ -285,8 +298,11 @@ def test_graphed_checkpointing_matches_eager_checkpointing(mode, offload):
     got = _train(model, data, accumulate=2)
     assert all(w.replays == len(data) - 1 for w in layers), [(w.replays, w.eager_calls) for w in layers]
     assert all(isinstance(g, cuda_graphs.CheckpointGraph) for w in layers for g in w.graphs.values())
-    assert all(isinstance(m.__dict__.get("_gradient_checkpointing_func"), cuda_graphs._GraphedCheckpoint)
-               for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer")
+    assert all(
+        isinstance(m.__dict__.get("_gradient_checkpointing_func"), cuda_graphs._GraphedCheckpoint)
+        for m in model.modules()
+        if type(m).__name__ == "LlamaDecoderLayer"
+    )
     _assert_same_run(got, want)
     # two forwards before their backwards: checkpoint graphs keep nothing, so both replay
     ids, labels, _ = data[0]
@@ -295,11 +311,15 @@ def test_graphed_checkpointing_matches_eager_checkpointing(mode, offload):
         (model(input_ids=ids, labels=labels).loss + model(input_ids=data[1][0], labels=data[1][1]).loss).backward()
         (ref(input_ids=ids, labels=labels).loss + ref(input_ids=data[1][0], labels=data[1][1]).loss).backward()
     assert [w.replays for w in layers] == [b + 2 for b in before]
-    for p, r in zip((p for p in model.parameters() if p.requires_grad), (p for p in ref.parameters() if p.requires_grad)):
+    for p, r in zip(
+        (p for p in model.parameters() if p.requires_grad), (p for p in ref.parameters() if p.requires_grad)
+    ):
         torch.testing.assert_close(p.grad, r.grad, rtol=2e-2, atol=2e-2 * r.grad.abs().max().item() + 1e-6)
     fusedlora.unpatch(model)
-    assert not any(isinstance(m.__dict__.get("_gradient_checkpointing_func"), cuda_graphs._GraphedCheckpoint)
-                   for m in model.modules())
+    assert not any(
+        isinstance(m.__dict__.get("_gradient_checkpointing_func"), cuda_graphs._GraphedCheckpoint)
+        for m in model.modules()
+    )
 
 
 @gpu
@@ -365,6 +385,7 @@ def test_hf_trainer_with_graphed_layers(tmp_path):
     the eager patched model's losses, and the layers did replay."""
     import transformers
     from torch.utils.data import Dataset
+
     data = workload.batches(8, 1, 64, False, "cpu")
 
     class Rows(Dataset):
@@ -378,13 +399,24 @@ def test_hf_trainer_with_graphed_layers(tmp_path):
         model, _ = workload.build("tiny", "lora", "fusedlora", "cuda", False)
         layers = _graphed_wrappers(model, warmup=1) if graphs else []
         args = transformers.TrainingArguments(
-            output_dir=str(tmp_path / str(graphs)), per_device_train_batch_size=1, gradient_accumulation_steps=2,
-            max_steps=4, learning_rate=1e-3, lr_scheduler_type="constant", report_to=[], save_strategy="no",
-            logging_steps=1, bf16=True, seed=0, data_seed=0)
+            output_dir=str(tmp_path / str(graphs)),
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=2,
+            max_steps=4,
+            learning_rate=1e-3,
+            lr_scheduler_type="constant",
+            report_to=[],
+            save_strategy="no",
+            logging_steps=1,
+            bf16=True,
+            seed=0,
+            data_seed=0,
+        )
         trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows())
         trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(Rows())
         trainer.train()
         return [h["loss"] for h in trainer.state.log_history if "loss" in h], layers
+
     ref, _ = train(False)
     got, layers = train(True)
     assert len(got) == len(ref) == 4
@@ -394,7 +426,11 @@ def test_hf_trainer_with_graphed_layers(tmp_path):
 
 def _graphed_wrappers(model, **options):
     fusedlora.cuda_graph_layers(model, **options)
-    return [m.__dict__["forward"] for m in model.modules() if isinstance(m.__dict__.get("forward"), cuda_graphs.GraphedModule)]
+    return [
+        m.__dict__["forward"]
+        for m in model.modules()
+        if isinstance(m.__dict__.get("forward"), cuda_graphs.GraphedModule)
+    ]
 
 
 class _FakeGraph:
@@ -414,10 +450,20 @@ def test_replay_function_bookkeeping_on_a_cpu():
     gx, gw = torch.zeros(4, 5), torch.zeros(3, 5)
     fwd = _FakeGraph(lambda: out.copy_(static_x.detach() @ layer.weight.detach().t()))
     bwd = _FakeGraph(lambda: (gx.copy_(gout @ layer.weight.detach()), gw.copy_(gout.t() @ static_x.detach())))
-    graph = cuda_graphs.LayerGraph(inputs=[static_x], params=[layer.weight], outputs=[out], out_desc=("T",),
-                                   grad_outputs=[gout], grad_inputs=[gx, gw], diff_outputs=[0], wants_grad=[0],
-                                   fwd=fwd, bwd=bwd, module_ref=cuda_graphs.weakref.ref(layer),
-                                   ptrs=cuda_graphs._addresses(layer))
+    graph = cuda_graphs.LayerGraph(
+        inputs=[static_x],
+        params=[layer.weight],
+        outputs=[out],
+        out_desc=("T",),
+        grad_outputs=[gout],
+        grad_inputs=[gx, gw],
+        diff_outputs=[0],
+        wants_grad=[0],
+        fwd=fwd,
+        bwd=bwd,
+        module_ref=cuda_graphs.weakref.ref(layer),
+        ptrs=cuda_graphs._addresses(layer),
+    )
     x = torch.randn(4, 5, requires_grad=True)
     seeds = []
     for _ in range(2):  # two accumulation steps
@@ -449,7 +495,9 @@ def test_option_and_model_errors_name_the_problem(monkeypatch):
         fusedlora.cuda_graph_layers(torch.nn.Linear(2, 2))
     layer = next(m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer")
     layer.forward = lambda *a, **k: None  # an accelerate hook, say
-    with pytest.raises(RuntimeError, match=r"decoder layers \(LlamaDecoderLayer\) are compiled .* or have an instance-level forward"):
+    with pytest.raises(
+        RuntimeError, match=r"decoder layers \(LlamaDecoderLayer\) are compiled .* or have an instance-level forward"
+    ):
         fusedlora.cuda_graph_layers(model)
     del layer.forward
     fusedlora.compile_layers(model, backend="eager")
@@ -460,6 +508,7 @@ def test_option_and_model_errors_name_the_problem(monkeypatch):
 def test_fsdp2_sharded_parameters_are_recognised():
     class DTensor(torch.nn.Parameter):  # stands in for torch.distributed.tensor.DTensor (matched by name)
         pass
+
     sharded, plain = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     sharded.weight = DTensor(sharded.weight.data)
     assert cuda_graphs._sharded(sharded) and not cuda_graphs._sharded(plain)
@@ -469,6 +518,7 @@ def test_fsdp2_sharded_parameters_are_recognised():
 @pytest.mark.skipif(HAS_CUDA, reason="checks the message without a GPU")
 def test_probe_without_a_gpu_says_so(capsys):
     from build_tools import cuda_graph_probe
+
     assert cuda_graph_probe.main([]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
@@ -481,10 +531,20 @@ def _linear_checkpoint_graph(layer, n):
     gout, gx, gw = torch.zeros(n, layer.out_features), torch.zeros(n, layer.in_features), torch.zeros_like(layer.weight)
     fwd = _FakeGraph(lambda: out.copy_(x_in.detach() @ layer.weight.detach().t()))
     bwd = _FakeGraph(lambda: (gx.copy_(gout @ layer.weight.detach()), gw.copy_(gout.t() @ x_in.detach())))
-    return cuda_graphs.CheckpointGraph(inputs=[x_in], params=[layer.weight], outputs=[out], out_desc=("T",),
-                                       grad_outputs=[gout], grad_inputs=[gx, gw], diff_outputs=[0], wants_grad=[0],
-                                       fwd=fwd, bwd=bwd, module_ref=cuda_graphs.weakref.ref(layer),
-                                       ptrs=cuda_graphs._addresses(layer))
+    return cuda_graphs.CheckpointGraph(
+        inputs=[x_in],
+        params=[layer.weight],
+        outputs=[out],
+        out_desc=("T",),
+        grad_outputs=[gout],
+        grad_inputs=[gx, gw],
+        diff_outputs=[0],
+        wants_grad=[0],
+        fwd=fwd,
+        bwd=bwd,
+        module_ref=cuda_graphs.weakref.ref(layer),
+        ptrs=cuda_graphs._addresses(layer),
+    )
 
 
 @pytest.mark.parametrize("offload", [False, True])
@@ -493,6 +553,7 @@ def test_checkpoint_replay_bookkeeping_on_a_cpu(offload):
     call), several forwards may wait for their backwards, each backward copies its own kept input (on the
     host when offloaded) back into the shared input buffer, gradients accumulate, moved weights are refused."""
     from fusedlora.checkpoint import Offloader
+
     torch.manual_seed(0)
     layer = torch.nn.Linear(5, 3, bias=False)
     graph = _linear_checkpoint_graph(layer, 4)
@@ -522,6 +583,7 @@ def test_checkpointing_function_is_wrapped_and_unwrapped():
     replaced it); calls no graph serves (here: CPU tensors) go to that function, with its loss and gradients;
     unpatch restores it and a deep copy gets the plain function."""
     import copy
+
     device = "cuda" if HAS_CUDA else "cpu"
     for offload in (False, True):
         ref, _ = workload.build("tiny", "lora", "fusedlora", device, gc=not offload, offload=offload)
@@ -536,8 +598,10 @@ def test_checkpointing_function_is_wrapped_and_unwrapped():
                 m.zero_grad(set_to_none=True)
                 m(input_ids=ids, labels=labels).loss.backward()
         funcs = [m._gradient_checkpointing_func for m in layers]
-        assert all(isinstance(f, cuda_graphs._GraphedCheckpoint) and f.inner is i and f.wrapper is w
-                   for f, i, w in zip(funcs, inner, wrappers))
+        assert all(
+            isinstance(f, cuda_graphs._GraphedCheckpoint) and f.inner is i and f.wrapper is w
+            for f, i, w in zip(funcs, inner, wrappers)
+        )
         assert all((f.offloader is not None) == offload for f in funcs)
         if not HAS_CUDA:
             assert all(w.replays == 0 and w.eager_calls >= 1 for w in wrappers)
@@ -550,11 +614,14 @@ def test_checkpointing_function_is_wrapped_and_unwrapped():
             model(input_ids=ids, labels=labels).loss.backward()
             assert all(m._gradient_checkpointing_func.inner is i for m, i in zip(layers, inner))
         twin = copy.deepcopy(model)
-        assert not any(isinstance(m.__dict__.get("_gradient_checkpointing_func"), cuda_graphs._GraphedCheckpoint)
-                       for m in twin.modules())
+        assert not any(
+            isinstance(m.__dict__.get("_gradient_checkpointing_func"), cuda_graphs._GraphedCheckpoint)
+            for m in twin.modules()
+        )
         fusedlora.unpatch(model)
-        assert [m.__dict__.get("_gradient_checkpointing_func") for m in layers if not offload] == \
-            ([] if offload else inner)
+        assert [m.__dict__.get("_gradient_checkpointing_func") for m in layers if not offload] == (
+            [] if offload else inner
+        )
 
 
 def _decoder_layers(model):
@@ -562,8 +629,9 @@ def _decoder_layers(model):
 
 
 def _cpu_model(checkpointing, dropout=0.0):
-    model, _ = workload.build("tiny", "lora", "fusedlora", "cpu", gc=checkpointing == "hf",
-                              offload=checkpointing == "offload")
+    model, _ = workload.build(
+        "tiny", "lora", "fusedlora", "cpu", gc=checkpointing == "hf", offload=checkpointing == "offload"
+    )
     if dropout:
         for proj in (m for m in model.modules() if "lora_dropout" in m._modules):
             proj.lora_dropout["default"] = torch.nn.Dropout(dropout)
@@ -578,6 +646,7 @@ def test_fake_graphs_replay_the_eager_training_on_a_cpu(checkpointing):
     graphs under HF's or the offloaded checkpointing) give the eager model's losses and gradients over steps
     with new data, gradient accumulation included; a second forward before a backward is served too."""
     from fusedlora.testing import fake_cuda_graphs
+
     data = workload.batches(3, 2, 16, False, "cpu")
     ref = _cpu_model(checkpointing)
     want = _train(ref, data, accumulate=2, amp=False)
@@ -585,8 +654,9 @@ def test_fake_graphs_replay_the_eager_training_on_a_cpu(checkpointing):
         model = _cpu_model(checkpointing)
         wrappers = cuda_graphs.graph_modules(_decoder_layers(model), warmup=1)
         got = _train(model, data, accumulate=2, amp=False)
-        assert all(w.replays == len(data) - 1 and w.eager_calls == 1 for w in wrappers), \
-            [(w.replays, w.eager_calls, w.failed) for w in wrappers]
+        assert all(w.replays == len(data) - 1 and w.eager_calls == 1 for w in wrappers), [
+            (w.replays, w.eager_calls, w.failed) for w in wrappers
+        ]
         graphs = [g for w in wrappers for g in w.graphs.values()]
         kind = cuda_graphs.LayerGraph if checkpointing is None else cuda_graphs.CheckpointGraph
         assert len(graphs) == len(wrappers) and all(type(g) is kind for g in graphs)
@@ -630,6 +700,7 @@ def test_fake_graphs_draw_the_eager_dropout_masks_on_a_cpu(checkpointing):
     graphed run's lora_B gradients (which depend on every mask; no optimizer step, so lora_B stays zero and the
     capture step's own draws change nothing) are the eager run's."""
     from fusedlora.testing import fake_cuda_graphs
+
     data = workload.batches(3, 2, 16, False, "cpu")
 
     def grads(model):
@@ -640,6 +711,7 @@ def test_fake_graphs_draw_the_eager_dropout_masks_on_a_cpu(checkpointing):
             out.append({n: p.grad.clone() for n, p in model.named_parameters() if "lora_B" in n})
             model.zero_grad(set_to_none=True)
         return out
+
     want = grads(_cpu_model(None, dropout=0.5))
     with fake_cuda_graphs():
         model = _cpu_model(checkpointing, dropout=0.5)
@@ -661,12 +733,14 @@ def test_other_checkpointing_functions_keep_their_layers_eager():
     from torch.utils.checkpoint import checkpoint
 
     from fusedlora.testing import fake_cuda_graphs
+
     calls = []
 
     def offloading_checkpoint(function, *args, **kwargs):
         calls.append(1)
         with torch.autograd.graph.save_on_cpu():
             return checkpoint(function, *args, **kwargs)
+
     data = workload.batches(3, 2, 16, False, "cpu")
     want = _train(_cpu_model("hf"), data, amp=False)
     with fake_cuda_graphs():

@@ -3,6 +3,7 @@ Triton's interpreter on CPU; NCCL where two GPUs exist): per-step global loss an
 against an unsharded, unpatched model taking the same steps (tests/hf_dist_worker.py). Variants: patched,
 patched with offloaded checkpointing, patched with HF's gradient checkpointing, QLoRA (bitsandbytes NF4 stored in fp32, sharded by FSDP2: the quant
 state comes from the Linear4bit module), and the unpatched model (the harness itself)."""
+
 import os
 import subprocess
 import sys
@@ -21,16 +22,33 @@ def _run(kind, variant, device):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(WORKER), kind, variant], env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(WORKER),
+            kind,
+            variant,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     assert r.stdout.count(f"{kind.upper()} {variant} OK") == 2, r.stdout
 
 
 @pytest.mark.parametrize("variant", ["patched", "offload", "gc", "qlora", "unpatched"])
 @pytest.mark.parametrize("kind", ["fsdp2", "ddp"])
-@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the NCCL version (triton 3.6's interpreter "
-                    "beside the GPUs cannot run glu_lora_bwd's loop)")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="GPU machines run the NCCL version (triton 3.6's interpreter "
+    "beside the GPUs cannot run glu_lora_bwd's loop)",
+)
 def test_two_processes_cpu(kind, variant):
     _run(kind, variant, "cpu")
 
@@ -48,18 +66,64 @@ def test_multi_gpu_check_and_example_on_cpu():
     unpatched under FSDP2 (with its CPUOffloadPolicy option), and patched in one process over the same global
     batch."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    r = subprocess.run([sys.executable, str(ROOT / "build_tools" / "multi_gpu_check.py"), "--gpus", "2", "--model",
-                        "tiny", "--mode", "lora", "--steps", "3", "--seq", "32", "--global-batch", "2",
-                        "--loss-tol", "1e-5", "--weight-tol", "1e-5", "--cpu-offload"], env=env, capture_output=True,
-                       text=True, timeout=900)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "build_tools" / "multi_gpu_check.py"),
+            "--gpus",
+            "2",
+            "--model",
+            "tiny",
+            "--mode",
+            "lora",
+            "--steps",
+            "3",
+            "--seq",
+            "32",
+            "--global-batch",
+            "2",
+            "--loss-tol",
+            "1e-5",
+            "--weight-tol",
+            "1e-5",
+            "--cpu-offload",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "all checks passed" in r.stdout and "| patched N |" in r.stdout
 
 
 def test_example_names_a_global_batch_the_ranks_cannot_split():
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(ROOT / "examples" / "fsdp2_qlora.py"), "--model", "tiny", "--global-batch", "3", "--steps",
-                        "1", "--seq", "16", "--mode", "lora"], env=env, capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "examples" / "fsdp2_qlora.py"),
+            "--model",
+            "tiny",
+            "--global-batch",
+            "3",
+            "--steps",
+            "1",
+            "--seq",
+            "16",
+            "--mode",
+            "lora",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode != 0
     assert "--global-batch 3 must be a multiple of the 2 ranks" in r.stdout + r.stderr

@@ -2,18 +2,31 @@
 the exact cast a kernel must do, caches whose halves differ, wide rows whose last column counts, the recompute
 paths, an independent GPTQ reference (packing from the format, never unpacking), and the dtype / option
 combinations no other test runs on the CPU."""
+
 import copy
 import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import DEVICE, HAS_CUDA, assert_close, kernel_round, rel_err
+
 from fusedlora import lora
-from fusedlora.ops import (chunked_linear_loss, cross_entropy, fused_linear_cross_entropy, geglu, naive_cross_entropy,
-                           naive_geglu, naive_linear_cross_entropy, naive_rms_norm, naive_rope, naive_swiglu, rms_norm,
-                           rope, swiglu)
+from fusedlora.ops import (
+    chunked_linear_loss,
+    cross_entropy,
+    fused_linear_cross_entropy,
+    geglu,
+    naive_cross_entropy,
+    naive_geglu,
+    naive_linear_cross_entropy,
+    naive_rms_norm,
+    naive_rope,
+    naive_swiglu,
+    rms_norm,
+    rope,
+    swiglu,
+)
 from fusedlora.quant import dequantize_gptq
 
 ce_module = importlib.import_module("fusedlora.ops.cross_entropy")  # the package exports a function of that name
@@ -102,8 +115,14 @@ def test_rope_16bit_qk_with_fp32_cache(dtype):
 
 
 # ----------------------------------------------------------------------------------------- GLU
-@pytest.mark.parametrize("op,naive,kw", [(swiglu, naive_swiglu, {}), (geglu, naive_geglu, {"approximate": "none"}),
-                                         (geglu, naive_geglu, {"approximate": "tanh"})])
+@pytest.mark.parametrize(
+    "op,naive,kw",
+    [
+        (swiglu, naive_swiglu, {}),
+        (geglu, naive_geglu, {"approximate": "none"}),
+        (geglu, naive_geglu, {"approximate": "tanh"}),
+    ],
+)
 def test_glu_fp16(op, naive, kw):
     e = torch.randn(7, 129, device=DEVICE, dtype=torch.float16).requires_grad_()
     g = torch.randn(7, 129, device=DEVICE, dtype=torch.float16).requires_grad_()
@@ -144,6 +163,7 @@ def test_cross_entropy_recompute_path_runs_and_matches(monkeypatch, reduction):
     def spy(*args):
         modes.append(args[-1])
         return real(*args)
+
     monkeypatch.setattr(ce_module, "ce_launch", spy)
     z = torch.randn(5, 33, device=DEVICE, requires_grad=True)
     y = torch.randint(0, 33, (5,), device=DEVICE)
@@ -223,9 +243,16 @@ def test_gptq_against_an_independent_reference(bits, group, act_order, fmt):
     stored_z = z - 1 if fmt == "gptq" else z
     qweight, qzeros = _pack(q, bits, 0), _pack(stored_z, bits, 1)
     expect = ((q - z[g_idx]).double() * s.double()[g_idx]).t()  # [out, in]
-    out = dequantize_gptq(qweight.to(DEVICE), qzeros.to(DEVICE), s.to(DEVICE, torch.float16),
-                          g_idx.to(DEVICE, torch.int32) if act_order else None, bits=bits,
-                          group_size=group, format=fmt, out_dtype=torch.float32)
+    out = dequantize_gptq(
+        qweight.to(DEVICE),
+        qzeros.to(DEVICE),
+        s.to(DEVICE, torch.float16),
+        g_idx.to(DEVICE, torch.int32) if act_order else None,
+        bits=bits,
+        group_size=group,
+        format=fmt,
+        out_dtype=torch.float32,
+    )
     assert out.shape == (n_out, n_in)
     s16 = s.to(torch.float16).double()
     assert_close(out, ((q - z[g_idx]).double() * s16[g_idx]).t().to(DEVICE), 1e-6)
@@ -235,6 +262,7 @@ def test_gptq_against_an_independent_reference(bits, group, act_order, fmt):
 # ---------------------------------------------------------------------------------------- LoRA
 def _block(dtype):
     from fusedlora.testing import make
+
     return make(r=4).to(dtype)
 
 
@@ -263,6 +291,7 @@ def test_lora_qkv_and_o_16bit(dtype):
 
 def test_lora_mlp_geglu_exact_matches_peft():
     from fusedlora.testing import make
+
     fused = make(r=4)
     ref = copy.deepcopy(fused).double()
     x = torch.randn(3, 64, device=DEVICE)

@@ -5,6 +5,7 @@ forward and every gradient against the fp64 reference, norm-wise and element-wis
 Example counts are bounded so CI stays within minutes under the interpreter: FUSEDLORA_FUZZ_EXAMPLES (default 15
 per test on CPU, 60 on a GPU). CI runs a fixed (derandomised) sequence; FUSEDLORA_FUZZ_RANDOM=1 draws fresh ones.
 """
+
 import copy
 import os
 
@@ -12,19 +13,36 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
+from conftest import DEVICE, HAS_CUDA, assert_close  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from conftest import DEVICE, HAS_CUDA, assert_close  # noqa: E402
 from fusedlora import lora  # noqa: E402
-from fusedlora.ops import (chunked_linear_loss, cross_entropy, fused_linear_cross_entropy, geglu,  # noqa: E402
-                           naive_cross_entropy, naive_geglu, naive_linear_cross_entropy, naive_rms_norm, naive_rope,
-                           naive_swiglu, rms_norm, rope, swiglu)
+from fusedlora.ops import (  # noqa: E402
+    chunked_linear_loss,
+    cross_entropy,
+    fused_linear_cross_entropy,
+    geglu,
+    naive_cross_entropy,
+    naive_geglu,
+    naive_linear_cross_entropy,
+    naive_rms_norm,
+    naive_rope,
+    naive_swiglu,
+    rms_norm,
+    rope,
+    swiglu,
+)
 from fusedlora.quant import dequantize_gptq  # noqa: E402
 
 EXAMPLES = int(os.environ.get("FUSEDLORA_FUZZ_EXAMPLES", 60 if HAS_CUDA else 15))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=os.environ.get("FUSEDLORA_FUZZ_RANDOM") != "1",
-                suppress_health_check=list(HealthCheck), database=None)
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=os.environ.get("FUSEDLORA_FUZZ_RANDOM") != "1",
+    suppress_health_check=list(HealthCheck),
+    database=None,
+)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # fp32: sums of up to a few thousand terms; 16-bit: one or two roundings of the output (2^-8 / 2^-11 each)
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -86,7 +104,9 @@ def test_fuzz_rms_norm_none_casting_and_no_weight(data):
     casting = data.draw(st.sampled_from(["none", "llama", "gemma"]))
     has_weight = data.draw(st.booleans())
     offset = data.draw(st.sampled_from([0.0, 1.0])) if has_weight else 0.0
-    x = _laid_out(torch.randn(*rows, cols, device=DEVICE).to(dtype), data.draw(st.sampled_from(["contiguous", "slice"])))
+    x = _laid_out(
+        torch.randn(*rows, cols, device=DEVICE).to(dtype), data.draw(st.sampled_from(["contiguous", "slice"]))
+    )
     w = (1 + 0.3 * torch.randn(cols, device=DEVICE)).to(dtype) if has_weight else None
     xk = x.detach().requires_grad_()
     wk = w.clone().requires_grad_() if has_weight else None
@@ -118,8 +138,11 @@ def test_fuzz_rope(data):
     cache_dtype = data.draw(st.sampled_from([dtype, torch.float32]))
     mode = data.draw(st.sampled_from(["per_token", "per_token_broadcast", "cache_packed", "cache_random"]))
     hf_layout = data.draw(st.booleans())
-    q = torch.randn(b, s, hq, d, device=DEVICE).to(dtype).transpose(1, 2) if hf_layout else \
-        torch.randn(b, hq, s, d, device=DEVICE).to(dtype)
+    q = (
+        torch.randn(b, s, hq, d, device=DEVICE).to(dtype).transpose(1, 2)
+        if hf_layout
+        else torch.randn(b, hq, s, d, device=DEVICE).to(dtype)
+    )
     k = torch.randn(b, hk, s, d, device=DEVICE).to(dtype)
     pos = None
     if mode.startswith("per_token"):
@@ -150,8 +173,15 @@ def test_fuzz_rope(data):
 def test_fuzz_glu(data):
     rows = data.draw(st.integers(1, 5))
     cols = data.draw(st.sampled_from([1, 7, 64, 333, 700]))
-    op, naive, kw = data.draw(st.sampled_from([(swiglu, naive_swiglu, {}), (geglu, naive_geglu, {"approximate": "none"}),
-                                               (geglu, naive_geglu, {"approximate": "tanh"})]))
+    op, naive, kw = data.draw(
+        st.sampled_from(
+            [
+                (swiglu, naive_swiglu, {}),
+                (geglu, naive_geglu, {"approximate": "none"}),
+                (geglu, naive_geglu, {"approximate": "tanh"}),
+            ]
+        )
+    )
     dtype = data.draw(st.sampled_from(DTYPES))
     one_buffer = data.draw(st.booleans())
     if one_buffer:  # gate and up as column blocks of one [rows, 2 * cols] buffer (the LoRA MLP's layout)
@@ -191,16 +221,21 @@ def test_fuzz_cross_entropy(data):
     vocab = data.draw(st.sampled_from([1, 2, 7, 129, 1001, 4099]))
     dtype = data.draw(st.sampled_from(DTYPES))
     ignore_index = data.draw(st.sampled_from([-100, 0]))
-    kw = dict(reduction=data.draw(st.sampled_from(["mean", "sum", "none"])),
-              label_smoothing=data.draw(st.sampled_from([0.0, 0.1])),
-              softcap=data.draw(st.sampled_from([None, 3.0])), logit_scale=data.draw(st.sampled_from([None, 0.5])),
-              ignore_index=ignore_index)
+    kw = dict(
+        reduction=data.draw(st.sampled_from(["mean", "sum", "none"])),
+        label_smoothing=data.draw(st.sampled_from([0.0, 0.1])),
+        softcap=data.draw(st.sampled_from([None, 3.0])),
+        logit_scale=data.draw(st.sampled_from([None, 0.5])),
+        ignore_index=ignore_index,
+    )
     if kw["reduction"] == "mean":
         kw["num_items_in_batch"] = data.draw(st.sampled_from([None, 5]))
     if kw["label_smoothing"] == 0.0 and data.draw(st.booleans()):  # per-class weights (not with smoothing)
         kw["weight"] = torch.rand(vocab, device=DEVICE) + 0.05
     y, pattern = _draw_labels(data, rows, vocab, ignore_index)
-    z = _laid_out((4 * torch.randn(rows, vocab, device=DEVICE)).to(dtype), data.draw(st.sampled_from(["contiguous", "slice"])))
+    z = _laid_out(
+        (4 * torch.randn(rows, vocab, device=DEVICE)).to(dtype), data.draw(st.sampled_from(["contiguous", "slice"]))
+    )
     zk = z.detach().requires_grad_()
     loss = cross_entropy(zk, y, **kw)
     z64 = z.detach().double().requires_grad_()
@@ -234,7 +269,7 @@ def test_fuzz_fused_linear_cross_entropy(data):
     if pattern == "all":
         y[0] = 1
     h = torch.randn(rows, hidden, device=DEVICE).to(dtype)
-    w = (torch.randn(vocab, hidden, device=DEVICE) / hidden ** 0.5).to(dtype)
+    w = (torch.randn(vocab, hidden, device=DEVICE) / hidden**0.5).to(dtype)
     b = (0.1 * torch.randn(vocab, device=DEVICE)).to(dtype) if with_bias else None
     hk, wk = h.clone().requires_grad_(), w.clone().requires_grad_()
     bk = b.clone().requires_grad_() if with_bias else None
@@ -263,10 +298,11 @@ def test_fuzz_chunked_linear_loss(data):
     if pattern == "all":
         y[0] = 0
     h = torch.randn(rows, hidden, device=DEVICE).requires_grad_()
-    w = (torch.randn(vocab, hidden, device=DEVICE) / hidden ** 0.5).requires_grad_()
+    w = (torch.randn(vocab, hidden, device=DEVICE) / hidden**0.5).requires_grad_()
 
     def per_item(z, t):
         return torch.nn.functional.cross_entropy(z.float(), t, reduction="none")
+
     chunked_linear_loss(h, w, y, per_item, num_chunks=chunks).backward()
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     naive_cross_entropy(h64 @ w64.t(), y).backward()
@@ -279,6 +315,7 @@ def test_fuzz_chunked_linear_loss(data):
 @given(st.data())
 def test_fuzz_dequantize_gptq(data):
     from test_faults import _pack
+
     bits = data.draw(st.sampled_from([2, 4, 8]))
     per = 32 // bits
     group = data.draw(st.sampled_from([16, 32, 64, -1]))
@@ -294,8 +331,16 @@ def test_fuzz_dequantize_gptq(data):
     s = (torch.rand(n_groups, n_out) * 0.1 + 0.01).to(torch.float16)
     g_idx = (torch.randperm(n_in) // gs) if act_order else torch.arange(n_in) // gs
     qweight, qzeros = _pack(q, bits, 0), _pack(z - 1 if fmt == "gptq" else z, bits, 1)
-    out = dequantize_gptq(qweight.to(DEVICE), qzeros.to(DEVICE), s.to(DEVICE), g_idx.to(DEVICE, torch.int32)
-                          if act_order else None, bits=bits, group_size=group, format=fmt, out_dtype=out_dtype)
+    out = dequantize_gptq(
+        qweight.to(DEVICE),
+        qzeros.to(DEVICE),
+        s.to(DEVICE),
+        g_idx.to(DEVICE, torch.int32) if act_order else None,
+        bits=bits,
+        group_size=group,
+        format=fmt,
+        out_dtype=out_dtype,
+    )
     want = ((q - z[g_idx]).double() * s.double()[g_idx]).t().to(DEVICE)
     assert out.dtype == out_dtype
     assert_close(out, want, 1e-6 if out_dtype == torch.float32 else _tol(out_dtype))
@@ -305,6 +350,7 @@ def test_fuzz_dequantize_gptq(data):
 def _peft_block(hidden, inter, q_out, kv_out, r, bias, dtype):
     pytest.importorskip("peft")
     from fusedlora.testing import make
+
     return make(r=r, bias=bias, hidden=hidden, inter=inter, q_out=q_out, kv_out=kv_out).to(dtype)
 
 
@@ -326,19 +372,32 @@ def test_fuzz_lora_functions(data):
     xf, xr, xp = x.clone().requires_grad_(), x.double().requires_grad_(), x.clone().requires_grad_()
     q, k, v = lora.apply_lora_qkv(fused.self_attn, xf)
     o = lora.apply_lora_o(fused.self_attn, q)
-    apply_mlp = (lora.apply_lora_mlp_swiglu if act == "silu"
-                 else lambda mlp, x: lora.apply_lora_mlp_geglu(mlp, x, approximate="tanh"))
+    apply_mlp = (
+        lora.apply_lora_mlp_swiglu
+        if act == "silu"
+        else lambda mlp, x: lora.apply_lora_mlp_geglu(mlp, x, approximate="tanh")
+    )
     m = apply_mlp(fused.mlp, xf)
-    (q.float().sum() + k.float().square().sum() + v.float().sum() + o.float().square().sum()
-     + m.float().square().sum()).backward()
+    (
+        q.float().sum()
+        + k.float().square().sum()
+        + v.float().sum()
+        + o.float().square().sum()
+        + m.float().square().sum()
+    ).backward()
     outs = {}
     for model, xin in ((ref, xr), (peft_same, xp)):  # PEFT in fp64 (the reference) and in x's own dtype
         at = model.self_attn
         qr, kr, vr = at.q_proj(xin), at.k_proj(xin), at.v_proj(xin)
         orf = at.o_proj(qr)
         mr = model.mlp(xin)
-        (qr.double().sum() + kr.double().square().sum() + vr.double().sum() + orf.double().square().sum()
-         + mr.double().square().sum()).backward()
+        (
+            qr.double().sum()
+            + kr.double().square().sum()
+            + vr.double().sum()
+            + orf.double().square().sum()
+            + mr.double().square().sum()
+        ).backward()
         outs[model is ref] = (qr, kr, vr, orf, mr)
     tol = 1e-4 if dtype == torch.float32 else 4e-2
     for got, want, name in zip((q, k, v, o, m), outs[True], ("q", "k", "v", "o", "mlp")):

@@ -1,11 +1,17 @@
 """build_tools.gemm_probe (the Triton GEMMs `tune.py triton_gemm` and `gemm_glu` weigh against cuBLAS) against
 float64 references. fp16 / fp32 operands: the CPU interpreter's bf16 tl.dot is wrong."""
+
 import pytest
 import torch
 import triton
 
-from build_tools.gemm_probe import (gemm_abt_ptr, gemm_abt_tma, gemm_glu_lora_fwd, naive_gemm_glu_lora_fwd,
-                                   use_torch_scratch)
+from build_tools.gemm_probe import (
+    gemm_abt_ptr,
+    gemm_abt_tma,
+    gemm_glu_lora_fwd,
+    naive_gemm_glu_lora_fwd,
+    use_torch_scratch,
+)
 
 
 def _needs_tma(device):
@@ -29,11 +35,15 @@ def test_pointer_gemm(device, dtype, tol):
 def test_persistent_tma_gemm(device):
     _needs_tma(device)
     from triton.tools.tensor_descriptor import TensorDescriptor
+
     m, n, k = 96, 128, 48
     a, b = torch.randn(m, k, dtype=torch.float16, device=device), torch.randn(n, k, dtype=torch.float16, device=device)
     c = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=device)
-    descs = (TensorDescriptor.from_tensor(a, [32, 16]), TensorDescriptor.from_tensor(b, [32, 16]),
-             TensorDescriptor.from_tensor(c, [32, 32]))
+    descs = (
+        TensorDescriptor.from_tensor(a, [32, 16]),
+        TensorDescriptor.from_tensor(b, [32, 16]),
+        TensorDescriptor.from_tensor(c, [32, 32]),
+    )
     gemm_abt_tma[(5,)](*descs, m, n, k, BM=32, BN=32, BK=16, GROUP_M=2, STAGES=2, NUM_SMS=5)  # 12 tiles, 5 programs
     ref = a.double() @ b.double().t()
     assert (c.double() - ref).abs().max() <= 1e-2 * ref.abs().max()  # one bf16 rounding of the fp32 sums
@@ -48,14 +58,27 @@ def test_gemm_glu_lora_fwd(device, T, H, I, r):
     if device == "cuda":
         use_torch_scratch()
     x = torch.randn(T, H, device=device).half()
-    w = (torch.randn(2 * I, H, device=device) / H ** 0.5).half()
+    w = (torch.randn(2 * I, H, device=device) / H**0.5).half()
     xa = torch.randn(T, 2 * r, device=device).half()
-    b_g, b_u = ((torch.randn(I, r, device=device) / r ** 0.5).half() for _ in range(2))
+    b_g, b_u = ((torch.randn(I, r, device=device) / r**0.5).half() for _ in range(2))
     eg = torch.full((T, 2 * I + 16), float("nan"), device=device).half()
     h = torch.empty(T, I, device=device).half()
-    gemm_glu_lora_fwd(x, w[:I], w[I:], xa, r, b_g, b_u, (0.5, 2.0), (eg[:, :I], eg[:, I:2 * I]), h, programs=3,
-                      warps=4, tile=(32, 32, 16, 2, 2))
+    gemm_glu_lora_fwd(
+        x,
+        w[:I],
+        w[I:],
+        xa,
+        r,
+        b_g,
+        b_u,
+        (0.5, 2.0),
+        (eg[:, :I], eg[:, I : 2 * I]),
+        h,
+        programs=3,
+        warps=4,
+        tile=(32, 32, 16, 2, 2),
+    )
     want = naive_gemm_glu_lora_fwd(x, w[:I], w[I:], xa[:, :r], xa[:, r:], b_g, b_u, (0.5, 2.0))
-    for name, got, ref in (("e", eg[:, :I], want[0]), ("g", eg[:, I:2 * I], want[1]), ("h", h, want[2])):
+    for name, got, ref in (("e", eg[:, :I], want[0]), ("g", eg[:, I : 2 * I], want[1]), ("h", h, want[2])):
         assert (got.double() - ref).abs().max() <= 3e-3 * ref.abs().max(), name
-    assert bool(eg[:, 2 * I:].isnan().all())
+    assert bool(eg[:, 2 * I :].isnan().all())

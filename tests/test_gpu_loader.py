@@ -4,6 +4,7 @@
 - a fresh process that calls every prebuilt kernel compiles nothing (empty TRITON_CACHE_DIR stays empty,
   FUSEDLORA_AOT_ONLY=1 so any miss would raise) and its first call is fast;
 - CUDA graph capture, several threads, several GPUs, corrupt cubins."""
+
 import json
 import os
 import subprocess
@@ -31,6 +32,7 @@ def _arch():
 @pytest.fixture(scope="module")
 def kernel_dir(tmp_path_factory):
     from fusedlora import aot
+
     out = tmp_path_factory.mktemp("gpu_prebuilt")
     summary = aot.build(registry.family_variants(FAMILY, [_arch()]), out, quiet=True)
     assert not summary["errors"], summary["errors"]
@@ -43,6 +45,7 @@ def use_loader():
         ld = L.Loader(**kw)
         L.reset(ld)
         return ld
+
     yield _use
     L.reset(None)
 
@@ -103,8 +106,13 @@ print(json.dumps(out))
 def test_fresh_process_compiles_nothing(kernel_dir, tmp_path):
     cache = tmp_path / "triton_cache"
     cache.mkdir()
-    env = dict(os.environ, TRITON_CACHE_DIR=str(cache), FUSEDLORA_AOT_ONLY="1", FUSEDLORA_KERNEL_PATH=str(kernel_dir),
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        TRITON_CACHE_DIR=str(cache),
+        FUSEDLORA_AOT_ONLY="1",
+        FUSEDLORA_KERNEL_PATH=str(kernel_dir),
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     env.pop("FUSEDLORA_JIT", None)
     r = subprocess.run([sys.executable, "-c", FRESH], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -179,7 +187,7 @@ def test_threads(kernel_dir, use_loader):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_two_gpus(kernel_dir, use_loader):
-    ld = use_loader(dirs=[kernel_dir])
+    use_loader(dirs=[kernel_dir])
     for dev in (1, 0, 1):
         x = torch.randn(64, 4096, device=f"cuda:{dev}", dtype=torch.bfloat16)
         w = torch.randn(4096, device=f"cuda:{dev}", dtype=torch.bfloat16)
@@ -191,6 +199,7 @@ def test_two_gpus(kernel_dir, use_loader):
 
 def test_corrupt_cubin_falls_back_to_correct_jit(kernel_dir, tmp_path, use_loader):
     import shutil
+
     bad = tmp_path / "bad"
     shutil.copytree(kernel_dir, bad)
     for f in bad.glob("rms_norm_fwd.*.cubin"):
@@ -213,11 +222,13 @@ def _changed_kernel_outputs():
     from fusedlora.ops import cross_entropy
     from fusedlora.ops.glu import glu_backward
     from fusedlora.quant import dequantize_nf4
+
     torch.manual_seed(0)
     outs = []
     for shape in ((64, 4096), (3, 4160)):
-        q, qs = bnbf.quantize_4bit(torch.randn(shape, device="cuda"), blocksize=64, compress_statistics=True,
-                                   quant_type="nf4")
+        q, qs = bnbf.quantize_4bit(
+            torch.randn(shape, device="cuda"), blocksize=64, compress_statistics=True, quant_type="nf4"
+        )
         ours = dequantize_nf4(q, qs, dtype=torch.bfloat16)
         assert torch.equal(ours, bnbf.dequantize_4bit(q, qs).to(torch.bfloat16))
         outs.append(ours)
@@ -226,17 +237,19 @@ def _changed_kernel_outputs():
         outs.extend(glu_backward(dy.clone(), g.clone(), u.clone(), "silu", True, store_h=True))
     from fusedlora.ops.glu import glu_forward
     from fusedlora.ops.glu_lora import glu_lora_backward, glu_lora_dyb, glu_lora_forward
+
     for t, i in ((64, 8192), (5, 2112)):  # r 16: the prebuilt rank
         eg = torch.randn(t, 2 * i + 64, device="cuda", dtype=torch.bfloat16)  # LoRA_MLP's layout
-        e, g = eg[:, :i], eg[:, i:2 * i]
+        e, g = eg[:, :i], eg[:, i : 2 * i]
         a_d = torch.randn(16, i, device="cuda", dtype=torch.bfloat16) / 4
         b_g, b_u = (torch.randn(i, 16, device="cuda", dtype=torch.bfloat16) / 4 for _ in range(2))
         xa, dyb = (torch.randn(t, n, device="cuda", dtype=torch.bfloat16) for n in (32, 16))
         outs.append(glu_forward(e, g, "silu"))
         outs.append(glu_lora_forward(e, g, xa, 16, b_g, b_u, (0.5, 2.0), "silu"))
-        de, dg, q = glu_lora_backward(torch.randn(t, i, device="cuda", dtype=torch.bfloat16), e, g, xa, 16, dyb,
-                                      b_g, b_u, a_d, (0.5, 2.0), "silu")
-        outs.extend((eg, q, glu_lora_dyb(de, dg, b_g, b_u, (0.5, 2.0), out=eg[:, 2 * i:2 * i + 32])))
+        de, dg, q = glu_lora_backward(
+            torch.randn(t, i, device="cuda", dtype=torch.bfloat16), e, g, xa, 16, dyb, b_g, b_u, a_d, (0.5, 2.0), "silu"
+        )
+        outs.extend((eg, q, glu_lora_dyb(de, dg, b_g, b_u, (0.5, 2.0), out=eg[:, 2 * i : 2 * i + 32])))
     for rows in (8, 5):
         z = torch.randn(rows, 32000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         (3.0 * cross_entropy(z, torch.randint(0, 32000, (rows,), device="cuda"))).backward()
@@ -248,9 +261,19 @@ def _changed_kernel_outputs():
 def test_changed_kernels_aot_equals_jit(tmp_path, use_loader, monkeypatch):
     pytest.importorskip("bitsandbytes")
     from fusedlora import aot
+
     fam = {**FAMILY, "vocab_sizes": [32000]}
-    names = ["nf4_dequant", "glu_bwd", "cross_entropy", "scale_by_scalar", "ce_prepare", "glu_fwd",
-             "glu_lora_fwd", "glu_lora_bwd", "glu_lora_dyb"]
+    names = [
+        "nf4_dequant",
+        "glu_bwd",
+        "cross_entropy",
+        "scale_by_scalar",
+        "ce_prepare",
+        "glu_fwd",
+        "glu_lora_fwd",
+        "glu_lora_bwd",
+        "glu_lora_dyb",
+    ]
     summary = aot.build(registry.family_variants(fam, [_arch()], names), tmp_path, quiet=True)
     assert not summary["errors"], summary["errors"]
     ld = use_loader(dirs=[tmp_path])

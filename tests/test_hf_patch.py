@@ -1,6 +1,7 @@
 """fusedlora.patch on tiny random HF models of every family in the table (CPU: fp32 through the interpreter;
 GPU: the same in fp32): patched vs unpatched loss and every LoRA gradient, AdamW steps, packed rows,
 unsupported layers, unpatch, idempotence, generation, the HF Trainer with gradient accumulation."""
+
 import copy
 import functools
 import warnings
@@ -8,10 +9,9 @@ import warnings
 import pytest
 import torch
 
-from fusedlora.testing import (DEVICE, FUSED_TARGETS, SMALL, TARGETS, add_lora, batch, make_model,  # noqa: F401
-                               rel_err, tiny_config)
 import fusedlora
 from fusedlora.hf import FAMILIES
+from fusedlora.testing import DEVICE, FUSED_TARGETS, SMALL, TARGETS, add_lora, batch, make_model, rel_err, tiny_config  # noqa: F401
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -33,10 +33,23 @@ def assert_same(ref, got, tol=1e-4):
 
 
 EXPECTED_PATCHED = {  # kind -> modules per tiny model (2 layers): norms (+ q/k norms), attention, mlp, loss
-    "llama": (5, 2, 2, 1), "mistral": (5, 2, 2, 1), "qwen2": (5, 2, 2, 1), "qwen3": (9, 2, 2, 1),
-    "gemma": (5, 2, 2, 1), "gemma2": (9, 2, 2, 1), "gemma3_text": (13, 2, 2, 1), "granite": (5, 2, 2, 1),
-    "mixtral": (5, 2, 0, 1), "qwen3_moe": (9, 2, 1, 1), "qwen2_moe": (5, 2, 2, 1), "phi3": (5, 2, 2, 1), "olmo2": (9, 2, 2, 1),
-    "smollm3": (5, 2, 2, 1), "ministral": (5, 2, 2, 1), "olmoe": (9, 2, 0, 1), "gpt_oss": (5, 0, 0, 1),
+    "llama": (5, 2, 2, 1),
+    "mistral": (5, 2, 2, 1),
+    "qwen2": (5, 2, 2, 1),
+    "qwen3": (9, 2, 2, 1),
+    "gemma": (5, 2, 2, 1),
+    "gemma2": (9, 2, 2, 1),
+    "gemma3_text": (13, 2, 2, 1),
+    "granite": (5, 2, 2, 1),
+    "mixtral": (5, 2, 0, 1),
+    "qwen3_moe": (9, 2, 1, 1),
+    "qwen2_moe": (5, 2, 2, 1),
+    "phi3": (5, 2, 2, 1),
+    "olmo2": (9, 2, 2, 1),
+    "smollm3": (5, 2, 2, 1),
+    "ministral": (5, 2, 2, 1),
+    "olmoe": (9, 2, 0, 1),
+    "gpt_oss": (5, 0, 0, 1),
 }
 
 
@@ -59,11 +72,14 @@ def test_family_loss_and_grads_match(model_type):
 def _nan_filled_allocations(monkeypatch):
     """Every uninitialised float tensor (torch.empty, empty_like, Tensor.new_empty) starts as NaN: a read of
     memory nobody wrote shows in the result instead of depending on what the allocator handed back."""
+
     def filled(make):
         def alloc(*args, **kwargs):
             t = make(*args, **kwargs)
             return t.fill_(float("nan")) if t.is_floating_point() else t
+
         return alloc
+
     monkeypatch.setattr(torch, "empty", filled(torch.empty))
     monkeypatch.setattr(torch, "empty_like", filled(torch.empty_like))
     monkeypatch.setattr(torch.Tensor, "new_empty", filled(torch.Tensor.new_empty))
@@ -260,6 +276,7 @@ def test_pickled_model_stays_patched_and_keeps_the_signature():
     shows its class forward's signature (the HF Trainer reads it to choose dataset columns)."""
     import inspect
     import io
+
     model = make_model()
     fusedlora.patch(model)
     buf = io.BytesIO()
@@ -300,6 +317,7 @@ def _loss_grads_and_saved_bytes(model, ids, labels):
     def pack(t):
         storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
+
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss, grads = loss_and_grads(model, ids, labels)
     return loss, grads, sum(storages.values())
@@ -376,9 +394,18 @@ def test_phi3_dropout_and_partial_adapters():
 
 
 def test_unknown_family_patches_generic_parts():
-    cfg = transformers.AutoConfig.for_model("glm", vocab_size=97, hidden_size=64, intermediate_size=96,
-                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                            head_dim=16, max_position_embeddings=128, pad_token_id=0)
+    cfg = transformers.AutoConfig.for_model(
+        "glm",
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     ref = transformers.AutoModelForCausalLM.from_config(cfg).to(DEVICE)
     ref = peft.get_peft_model(ref, peft.LoraConfig(r=4, target_modules=["q_proj", "o_proj"]))
@@ -394,8 +421,9 @@ def test_unknown_family_patches_generic_parts():
 def test_nothing_to_patch_and_not_a_hf_model():
     with pytest.raises(TypeError, match="no Hugging Face model"):
         fusedlora.patch(torch.nn.Linear(3, 3))
-    cfg = transformers.AutoConfig.for_model("bert", vocab_size=50, hidden_size=32, num_hidden_layers=1,
-                                            num_attention_heads=2, intermediate_size=64)
+    cfg = transformers.AutoConfig.for_model(
+        "bert", vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
     report = fusedlora.patch(transformers.AutoModelForMaskedLM.from_config(cfg))
     assert report.n_patched == 0 and "no module matched" in str(report)
 
@@ -458,6 +486,7 @@ def test_turned_off_kinds_are_reported():
 
 def _patch_facts(model) -> dict:
     from fusedlora.hf.forwards import PATCH_ATTR
+
     return {type(m).__name__: m.__dict__[PATCH_ATTR].facts for m in model.modules() if PATCH_ATTR in m.__dict__}
 
 
@@ -467,22 +496,28 @@ def test_patch_options_record_patches_as_the_keywords_do():
     import dataclasses
 
     from fusedlora.hf.forwards import AttentionFacts, LossFacts, MLPFacts, NormFacts
+
     options = fusedlora.PatchOptions(rope=False, mlp_chunk_bytes=4096.0, recompute_norms=0, loss=True)
     assert options.mlp_chunk_bytes == 4096 and options.recompute_norms is False
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.rope = True
     by_options, by_keywords = make_model(), make_model()
     report = fusedlora.patch(by_options, options=options, loss=False)
-    assert str(report) == str(fusedlora.patch(by_keywords, rope=False, mlp_chunk_bytes=4096, recompute_norms=False,
-                                              loss=False))
+    assert str(report) == str(
+        fusedlora.patch(by_keywords, rope=False, mlp_chunk_bytes=4096, recompute_norms=False, loss=False)
+    )
     assert report.kinds["loss"].patched == 0 and report.kinds["attention"].patched == 2
     facts = _patch_facts(by_options)
     assert facts == _patch_facts(by_keywords) and "LlamaForCausalLM" not in facts
     norm, attention, mlp = facts["LlamaRMSNorm"], facts["LlamaAttention"], facts["LlamaMLP"]
     assert type(norm) is NormFacts and (norm.casting, norm.offset, norm.recomputable) == ("llama", 0.0, False)
     assert type(attention) is AttentionFacts and (attention.qkv, attention.o, attention.rope) == (True, True, False)
-    assert type(mlp) is MLPFacts and (mlp.activation, mlp.intermediate, mlp.chunk_bytes, mlp.fused_gate_up) == \
-        ("silu", SMALL["intermediate_size"], 4096, False)
+    assert type(mlp) is MLPFacts and (mlp.activation, mlp.intermediate, mlp.chunk_bytes, mlp.fused_gate_up) == (
+        "silu",
+        SMALL["intermediate_size"],
+        4096,
+        False,
+    )
     fusedlora.patch(by_options)  # the defaults again
     facts = _patch_facts(by_options)
     assert facts["LlamaRMSNorm"].recomputable and facts["LlamaAttention"].rope
@@ -491,26 +526,36 @@ def test_patch_options_record_patches_as_the_keywords_do():
     assert type(loss) is LossFacts and "labels" in loss.signature.parameters and loss.var_kw == "kwargs"
     phi3 = make_model("phi3")
     fusedlora.patch(phi3)
-    assert _patch_facts(phi3)["Phi3MLP"].fused_gate_up and _patch_facts(phi3)["Phi3MLP"].intermediate == \
-        SMALL["intermediate_size"]
+    assert (
+        _patch_facts(phi3)["Phi3MLP"].fused_gate_up
+        and _patch_facts(phi3)["Phi3MLP"].intermediate == SMALL["intermediate_size"]
+    )
     assert fusedlora.PatchOptions(qkv=False).wants("attention")
     assert not fusedlora.PatchOptions(qkv=False, o=False, rope=False).wants("attention")
 
 
-@pytest.mark.parametrize("values, error, message", [
-    ({"rope": "no"}, TypeError, "option rope must be True or False, got 'no'"),
-    ({"qkv": None}, TypeError, "option qkv must be True or False, got None"),
-    ({"cuda_graphs": 2}, TypeError, "option cuda_graphs must be True or False, got 2"),
-    ({"mlp_chunk_bytes": -1}, ValueError, "option mlp_chunk_bytes must be a size in bytes >= 0, got -1"),
-    ({"mlp_chunk_bytes": "1GiB"}, ValueError, "option mlp_chunk_bytes must be a size in bytes >= 0, got '1GiB'"),
-    ({"offload_host_limit_gib": float("inf")}, ValueError, "option offload_host_limit_gib must be a size in GiB >= 0"),
-    ({"offload_host_limit_gib": True}, ValueError, "option offload_host_limit_gib must be a size in GiB >= 0"),
-    ({"ropes": False}, TypeError, "unknown option 'ropes' (the options: rms_norm, rope, "),
-    ({"options": {"rope": False}}, TypeError, "options must be a fusedlora.PatchOptions, got dict"),
-])
+@pytest.mark.parametrize(
+    "values, error, message",
+    [
+        ({"rope": "no"}, TypeError, "option rope must be True or False, got 'no'"),
+        ({"qkv": None}, TypeError, "option qkv must be True or False, got None"),
+        ({"cuda_graphs": 2}, TypeError, "option cuda_graphs must be True or False, got 2"),
+        ({"mlp_chunk_bytes": -1}, ValueError, "option mlp_chunk_bytes must be a size in bytes >= 0, got -1"),
+        ({"mlp_chunk_bytes": "1GiB"}, ValueError, "option mlp_chunk_bytes must be a size in bytes >= 0, got '1GiB'"),
+        (
+            {"offload_host_limit_gib": float("inf")},
+            ValueError,
+            "option offload_host_limit_gib must be a size in GiB >= 0",
+        ),
+        ({"offload_host_limit_gib": True}, ValueError, "option offload_host_limit_gib must be a size in GiB >= 0"),
+        ({"ropes": False}, TypeError, "unknown option 'ropes' (the options: rms_norm, rope, "),
+        ({"options": {"rope": False}}, TypeError, "options must be a fusedlora.PatchOptions, got dict"),
+    ],
+)
 def test_bad_patch_options_name_the_option(values, error, message):
     """A wrong option raises in patch's terms, from patch (before it touches the model) and from PatchOptions."""
     import re
+
     model = make_model()
     fusedlora.patch(model)
     before = _patch_facts(model)
@@ -538,18 +583,33 @@ def test_trainer_gradient_accumulation_matches_big_batch(tmp_path, compiled):
 
         def __getitem__(self, i):
             lab = ids[i].clone()
-            lab[lengths[i]:] = -100
+            lab[lengths[i] :] = -100
             return {"input_ids": ids[i].cpu(), "labels": lab.cpu()}
 
     ref = make_model()
     fused = copy.deepcopy(ref)
     fusedlora.patch(fused)
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=4, max_steps=1,
-        learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", report_to=[], save_strategy="no",
-        use_cpu=DEVICE == "cpu", logging_steps=1, dataloader_drop_last=False, seed=0, data_seed=0,
-        **(dict(torch_compile=True, torch_compile_backend="inductor" if DEVICE == "cuda" else "aot_eager")
-           if compiled else {}))
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=4,
+        max_steps=1,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        report_to=[],
+        save_strategy="no",
+        use_cpu=DEVICE == "cpu",
+        logging_steps=1,
+        dataloader_drop_last=False,
+        seed=0,
+        data_seed=0,
+        **(
+            dict(torch_compile=True, torch_compile_backend="inductor" if DEVICE == "cuda" else "aot_eager")
+            if compiled
+            else {}
+        ),
+    )
     trainer = transformers.Trainer(model=fused, args=args, train_dataset=Rows())
     trainer.train_dataset_shuffle = False
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(Rows())
@@ -572,13 +632,22 @@ def test_trainer_gradient_accumulation_matches_big_batch(tmp_path, compiled):
 
 
 def _gpu_model(dtype, seed=0):
-    cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1376, num_hidden_layers=2,
-                                   num_attention_heads=8, num_key_value_heads=2, head_dim=64, use_cache=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=1024,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        use_cache=False,
+    )
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg).to("cuda", dtype)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS),
-                                autocast_adapter_dtype=False)
+    model = peft.get_peft_model(
+        model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS), autocast_adapter_dtype=False
+    )
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -614,18 +683,36 @@ def test_trl_sft_trainer_matches_unpatched(tmp_path):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     from tokenizers import Tokenizer, models
+
     tok = transformers.PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel({f"t{i}": i for i in range(97)}, unk_token="t1")),
-        pad_token="t0", eos_token="t2", bos_token="t3")
+        pad_token="t0",
+        eos_token="t2",
+        bos_token="t3",
+    )
     g = torch.Generator().manual_seed(0)
-    ds = datasets.Dataset.from_list([{"input_ids": torch.randint(4, 97, (n,), generator=g).tolist()}
-                                     for n in (16, 12, 16, 9)])
+    ds = datasets.Dataset.from_list(
+        [{"input_ids": torch.randint(4, 97, (n,), generator=g).tolist()} for n in (16, 12, 16, 9)]
+    )
 
     def train(model, name):
-        args = trl.SFTConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=2,
-                             gradient_accumulation_steps=2, max_steps=1, learning_rate=0.1, optim="sgd",
-                             lr_scheduler_type="constant", report_to=[], save_strategy="no", use_cpu=DEVICE == "cpu",
-                             bf16=False, logging_steps=1, seed=0, data_seed=0, shuffle_dataset=False)
+        args = trl.SFTConfig(
+            output_dir=str(tmp_path / name),
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            max_steps=1,
+            learning_rate=0.1,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            report_to=[],
+            save_strategy="no",
+            use_cpu=DEVICE == "cpu",
+            bf16=False,
+            logging_steps=1,
+            seed=0,
+            data_seed=0,
+            shuffle_dataset=False,
+        )
         trainer = trl.SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
         trainer.train()
         return trainer.state.log_history[0]["loss"]
@@ -642,6 +729,7 @@ def test_trl_sft_trainer_matches_unpatched(tmp_path):
 
 def test_packed_boundaries():
     from fusedlora.hf.forwards import packed_boundaries
+
     pos = torch.tensor([[0, 1, 2, 0, 1, 0], [5, 6, 7, 8, 0, 1]])
     cu, longest = packed_boundaries(pos, 2)
     assert cu.tolist() == [0, 3, 5, 6, 10, 12] and cu.dtype == torch.int32 and longest == 4
@@ -654,6 +742,7 @@ def test_gpu_packed_rows_take_varlen_and_match_hf(monkeypatch):
     """bf16 packed rows on the GPU: the patched model's attention runs flash varlen (no dense mask in the
     attention call), and its loss and LoRA gradients match HF's SDPA over its block-diagonal mask."""
     from fusedlora.hf import forwards
+
     calls = []
     real = forwards._varlen_attention
     monkeypatch.setattr(forwards, "_varlen_attention", lambda *a: calls.append(1) or real(*a))
@@ -677,10 +766,17 @@ def test_multimodal_gemma3_patches_its_text_decoder():
     the text decoder is patched as gemma3_text, the vision tower and the model's own loss stay HF's; a text-only
     training step gives HF's loss and gradients."""
     text = dict(SMALL, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=8)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-                  patch_size=14)
-    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
-                                    image_token_index=96, boi_token_index=94, eoi_token_index=95)
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    cfg = transformers.Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        image_token_index=96,
+        boi_token_index=94,
+        eoi_token_index=95,
+    )
     cfg.text_config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     ref = transformers.AutoModelForCausalLM.from_config(cfg).to(DEVICE)

@@ -2,11 +2,12 @@
 a CPU, kernels launched but not run): kernel launches and aten ops per forward + backward stay within the
 budget measured when they were last cut (a GPU step of this model is host-bound, so each op costs step time),
 and no launch imports a module."""
+
 import importlib
 
 import pytest
-
 from conftest import HAS_CUDA
+
 from build_tools import host_overhead
 
 pytestmark = pytest.mark.skipif(HAS_CUDA, reason="measured on the CPU path (the interpreter's launches skipped)")
@@ -37,8 +38,10 @@ def test_compile_time_probe_runs_regional_compile(monkeypatch):
     """The first-compiled-step probe (--compile-time) on its cheapest variant: regional compilation of the
     patched model traces and runs (each variant runs in its own process there; here in this one)."""
     import torch
+
     monkeypatch.setattr(torch, "_assert_async", torch._assert_async)  # the probe replaces it: put it back after
     from fusedlora import loader
+
     monkeypatch.setattr(loader.KernelLauncher, "_cpu", loader.KernelLauncher._cpu)
     torch._dynamo.reset()
     threads = torch.get_num_threads()
@@ -62,13 +65,19 @@ def test_graphed_step_issues_a_fraction_of_the_eager_ops():
 
 def test_sync_sites_name_the_innermost_frame_outside_torch():
     from traceback import FrameSummary as F
+
     hf = F("/opt/torch/.venv/lib/python3.12/site-packages/transformers/masking_utils.py", 10, "sdpa_mask")
     ours = F("/w/fusedlora/hf/forwards.py", 20, "causal_lm_forward")
     torch_frame = F("/opt/torch/.venv/lib/python3.12/site-packages/torch/_tensor.py", 30, "__bool__")
     adam = F("/x/site-packages/torch/optim/adamw.py", 40, "_fused_adamw")
-    stacks = [[ours, hf, torch_frame], [ours, hf, torch_frame], [F("/w/train.py", 5, "main"), ours],
-              [F("<frozen runpy>", 88, "_run_code"), adam]]
+    stacks = [
+        [ours, hf, torch_frame],
+        [ours, hf, torch_frame],
+        [F("/w/train.py", 5, "main"), ours],
+        [F("<frozen runpy>", 88, "_run_code"), adam],
+    ]
     assert host_overhead.sync_sites(stacks) == [
         (2, "masking_utils.py:10 in sdpa_mask <- forwards.py:20 [torch/_tensor.py:30 in __bool__]"),
         (1, "forwards.py:20 in causal_lm_forward <- train.py:5"),
-        (1, "[torch/optim/adamw.py:40 in _fused_adamw]")]
+        (1, "[torch/optim/adamw.py:40 in _fused_adamw]"),
+    ]

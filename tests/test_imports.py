@@ -3,6 +3,7 @@ and, read from the source with `ast`, no module of fusedlora/ or csrc_triton/ im
 table of docs/architecture.md (encoded below; the doc's table must list the same layers) and no import circle
 exists. An import counts wherever it is written: at module level, inside a function (a lazy import), and as an
 `importlib` name (`importlib.import_module`, `importlib.util.find_spec`)."""
+
 import ast
 import os
 import re
@@ -15,24 +16,30 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = sorted(
     ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-    for pkg in ("fusedlora", "csrc_triton", "benchmarks") for p in (ROOT / pkg).rglob("*.py")
-    if not p.name.startswith("__main__"))
+    for pkg in ("fusedlora", "csrc_triton", "benchmarks")
+    for p in (ROOT / pkg).rglob("*.py")
+    if not p.name.startswith("__main__")
+)
 
 
 def test_each_module_imports_alone():
-    code = ("import importlib, subprocess, sys\n"
-            "bad = []\n"
-            "for m in sys.argv[1:]:\n"
-            "    r = subprocess.run([sys.executable, '-c', f'import {m}'], capture_output=True, text=True)\n"
-            "    if r.returncode: bad.append((m, r.stderr.strip().splitlines()[-1:]))\n"
-            "print(bad)\n")
+    code = (
+        "import importlib, subprocess, sys\n"
+        "bad = []\n"
+        "for m in sys.argv[1:]:\n"
+        "    r = subprocess.run([sys.executable, '-c', f'import {m}'], capture_output=True, text=True)\n"
+        "    if r.returncode: bad.append((m, r.stderr.strip().splitlines()[-1:]))\n"
+        "print(bad)\n"
+    )
     r = subprocess.run([sys.executable, "-c", code, *MODULES], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-2000:]
     assert len(MODULES) > 25
 
 
-@pytest.mark.parametrize("spec_module", [m for m in MODULES if m.startswith("csrc_triton.") and m.count(".") == 1
-                                         and not m.split(".")[1].startswith("_")])
+@pytest.mark.parametrize(
+    "spec_module",
+    [m for m in MODULES if m.startswith("csrc_triton.") and m.count(".") == 1 and not m.split(".")[1].startswith("_")],
+)
 def test_registry_entries_import_no_triton(spec_module):
     code = f"import sys, {spec_module}; assert 'triton' not in sys.modules, 'triton imported'; assert 'torch' not in sys.modules"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -57,9 +64,19 @@ LAYERS = [
     ("fused LoRA custom ops", ["fusedlora/lora_ops.py"]),
     ("CUDA graphs", ["fusedlora/cuda_graphs.py"]),
     ("HF model patching, the package's entry points", ["fusedlora/hf/", "fusedlora/__init__.py"]),
-    ("tools", ["fusedlora/info.py", "fusedlora/selfcheck.py", "fusedlora/__main__.py", "fusedlora/demo.py",
-               "fusedlora/workload.py", "fusedlora/bench.py", "fusedlora/testing.py",
-               "fusedlora/*.py"]),  # (a module of the package no row names: a tool, that nothing below imports)
+    (
+        "tools",
+        [
+            "fusedlora/info.py",
+            "fusedlora/selfcheck.py",
+            "fusedlora/__main__.py",
+            "fusedlora/demo.py",
+            "fusedlora/workload.py",
+            "fusedlora/bench.py",
+            "fusedlora/testing.py",
+            "fusedlora/*.py",
+        ],
+    ),  # (a module of the package no row names: a tool, that nothing below imports)
 ]
 
 # Imports by a computed name, keyed by (module, the name's expression as written): the paths they can import.
@@ -82,8 +99,11 @@ def _path_regex(pattern: str) -> re.Pattern:
 
 def _files() -> dict[str, str]:
     """module name -> path relative to the root, for every module of fusedlora/ and csrc_triton/."""
-    return {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p.relative_to(ROOT).as_posix()
-            for pkg in ("fusedlora", "csrc_triton") for p in sorted((ROOT / pkg).rglob("*.py"))}
+    return {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p.relative_to(ROOT).as_posix()
+        for pkg in ("fusedlora", "csrc_triton")
+        for p in sorted((ROOT / pkg).rglob("*.py"))
+    }
 
 
 FILES = _files()
@@ -92,7 +112,9 @@ FILES = _files()
 def _layer(path: str) -> list[int]:
     """The rows of LAYERS that place `path`: those naming it exactly, else those whose patterns match it."""
     exact = [i for i, (_, patterns) in enumerate(LAYERS) if path in patterns]
-    return exact or [i for i, (_, patterns) in enumerate(LAYERS) if any(_path_regex(p).fullmatch(path) for p in patterns)]
+    return exact or [
+        i for i, (_, patterns) in enumerate(LAYERS) if any(_path_regex(p).fullmatch(path) for p in patterns)
+    ]
 
 
 def _modules_at(patterns) -> list[str]:
@@ -117,7 +139,7 @@ def _from_module(node: ast.ImportFrom, package: str) -> str:
     if not node.level:
         return node.module or ""
     parts = package.split(".")
-    return ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+    return ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
 
 
 def imports_of(module: str) -> tuple[list[tuple[str, int]], list[str]]:
@@ -142,8 +164,10 @@ def imports_of(module: str) -> tuple[list[tuple[str, int]], list[str]]:
             elif (module, ast.unparse(arg)) in DYNAMIC_IMPORTS:
                 names = _modules_at(DYNAMIC_IMPORTS[module, ast.unparse(arg)])
             else:
-                problems.append(f"{FILES[module]}:{node.lineno}: {called}({ast.unparse(arg)}) imports a computed "
-                                "name: list what it can import in tests/test_imports.py's DYNAMIC_IMPORTS")
+                problems.append(
+                    f"{FILES[module]}:{node.lineno}: {called}({ast.unparse(arg)}) imports a computed "
+                    "name: list what it can import in tests/test_imports.py's DYNAMIC_IMPORTS"
+                )
         for name in names:
             target = _named_module(name)
             if target is not None and target != module:
@@ -156,18 +180,22 @@ GRAPH = {m: imports_of(m) for m in FILES}
 
 def test_every_module_has_one_layer_and_every_import_is_known():
     unplaced = [f"{path} (layers {_layer(path)})" for path in FILES.values() if len(_layer(path)) != 1]
-    assert not unplaced, ("each module belongs to exactly one layer of LAYERS (and docs/architecture.md's table): "
-                          + ", ".join(unplaced))
+    assert not unplaced, (
+        "each module belongs to exactly one layer of LAYERS (and docs/architecture.md's table): " + ", ".join(unplaced)
+    )
     problems = [p for _, ps in GRAPH.values() for p in ps]
     assert not problems, "\n".join(problems)
     assert all(_modules_at(targets) or not targets for targets in DYNAMIC_IMPORTS.values())
 
 
 def test_no_import_runs_up_the_layers():
-    upward = [f"{FILES[m]}:{line} imports {target} ({LAYERS[_layer(FILES[target])[0]][0]}) from the layer below it "
-              f"({LAYERS[_layer(FILES[m])[0]][0]})"
-              for m, (deps, _) in GRAPH.items() for target, line in deps
-              if _layer(FILES[target])[0] > _layer(FILES[m])[0]]
+    upward = [
+        f"{FILES[m]}:{line} imports {target} ({LAYERS[_layer(FILES[target])[0]][0]}) from the layer below it "
+        f"({LAYERS[_layer(FILES[m])[0]][0]})"
+        for m, (deps, _) in GRAPH.items()
+        for target, line in deps
+        if _layer(FILES[target])[0] > _layer(FILES[m])[0]
+    ]
     assert not upward, "\n".join(dict.fromkeys(upward))
 
 
@@ -205,7 +233,8 @@ def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_no_import_circle():
     circles = _circles({m: {t for t, _ in deps} for m, (deps, _) in GRAPH.items()})
     assert not circles, "import circles (module and function level, importlib names): " + "; ".join(
-        " <-> ".join(c) for c in circles)
+        " <-> ".join(c) for c in circles
+    )
 
 
 def test_the_circle_finder_finds_circles():
@@ -217,8 +246,10 @@ def test_the_import_reader_sees_lazy_and_importlib_imports(tmp_path, monkeypatch
     """A function-level import and an importlib name count as much as a module-level import."""
     src = tmp_path / "fusedlora" / "x.py"
     src.parent.mkdir()
-    src.write_text("import importlib\n\ndef f():\n    from . import loader\n    importlib.import_module('fusedlora.lora')\n"
-                   "    return importlib.import_module(name)\n")
+    src.write_text(
+        "import importlib\n\ndef f():\n    from . import loader\n    importlib.import_module('fusedlora.lora')\n"
+        "    return importlib.import_module(name)\n"
+    )
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     monkeypatch.setitem(FILES, "fusedlora.x", "fusedlora/x.py")
     deps, problems = imports_of("fusedlora.x")
@@ -254,8 +285,13 @@ def private_names_taken(module: str) -> set[tuple[str, str, str]]:
         elif isinstance(node, ast.Import):
             aliases.update({a.asname: a.name for a in node.names if a.asname and a.name in FILES})
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
-                and node.attr.startswith("_") and not node.attr.startswith("__")):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
             taken.add((module, aliases[node.value.id], node.attr))
     return taken
 
@@ -263,7 +299,8 @@ def private_names_taken(module: str) -> set[tuple[str, str, str]]:
 def test_no_module_takes_another_modules_private_names():
     taken = set().union(*(private_names_taken(m) for m in FILES))
     assert taken - PRIVATE_NAMES_TAKEN == set(), "use (or make) a public name: " + ", ".join(
-        f"{m} takes {other}.{name}" for m, other, name in sorted(taken - PRIVATE_NAMES_TAKEN))
+        f"{m} takes {other}.{name}" for m, other, name in sorted(taken - PRIVATE_NAMES_TAKEN)
+    )
     assert PRIVATE_NAMES_TAKEN <= taken, "listed but no longer taken: drop from PRIVATE_NAMES_TAKEN"
 
 
@@ -271,17 +308,25 @@ def test_a_recomputable_norm_hands_its_source_over_explicitly():
     """rms_norm(recomputable=True) hands its NormSource to the fused LoRA functions through
     `fusedlora.ops.rms_norm.RECOMPUTABLE_OUTPUTS` (which `norm_source` reads), not as an attribute of the output
     tensor; the entry goes with the tensor."""
-    code = ("import gc, torch\n"
-            "from fusedlora.ops.rms_norm import norm_source, rms_norm\n"
-            "x = torch.randn(3, 16)\n"
-            "y = rms_norm(x, torch.ones(16), recomputable=True)\n"
-            "assert not [k for k in vars(y) if 'fusedlora' in k or 'norm' in k], vars(y)\n"
-            "from fusedlora.ops.rms_norm import RECOMPUTABLE_OUTPUTS\n"
-            "assert norm_source(y) is RECOMPUTABLE_OUTPUTS[y] and norm_source(y).x2d.shape == (3, 16)\n"
-            "assert norm_source(rms_norm(x, torch.ones(16))) is None\n"
-            "del y; gc.collect(); assert len(RECOMPUTABLE_OUTPUTS) == 0\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "TRITON_INTERPRET": "1"})
+    code = (
+        "import gc, torch\n"
+        "from fusedlora.ops.rms_norm import norm_source, rms_norm\n"
+        "x = torch.randn(3, 16)\n"
+        "y = rms_norm(x, torch.ones(16), recomputable=True)\n"
+        "assert not [k for k in vars(y) if 'fusedlora' in k or 'norm' in k], vars(y)\n"
+        "from fusedlora.ops.rms_norm import RECOMPUTABLE_OUTPUTS\n"
+        "assert norm_source(y) is RECOMPUTABLE_OUTPUTS[y] and norm_source(y).x2d.shape == (3, 16)\n"
+        "assert norm_source(rms_norm(x, torch.ones(16))) is None\n"
+        "del y; gc.collect(); assert len(RECOMPUTABLE_OUTPUTS) == 0\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
 
 

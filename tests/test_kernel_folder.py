@@ -3,6 +3,7 @@
 A folder's cubin is launched only when its entry's checksum, source hash, ABI, Triton version and arch all
 match; anything else falls back to triton.jit with one warning naming the folder and the reason; never a
 path outside the folder, never a crash. Each manifest is checked once, when it is read."""
+
 import json
 import os
 import sys
@@ -10,10 +11,10 @@ import warnings
 
 import pytest
 import torch
+from test_loader import SPEC, fwd_args, jit_calls, launch, make_dir, make_loader  # noqa: F401 (fixture)
 
 from fusedlora import loader as L
 from fusedlora import registry
-from test_loader import SPEC, fwd_args, jit_calls, launch, make_dir, make_loader  # noqa: F401 (fixture)
 
 ARCH_MANIFEST = "rms_norm_fwd.sm90.json"
 
@@ -78,8 +79,10 @@ def test_arch_manifest_outside_the_folder_is_refused(tmp_path, jit_calls):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (folder / ARCH_MANIFEST).rename(elsewhere / ARCH_MANIFEST)
-    edit_json(folder / "manifest.json",
-              lambda top: top["kernels"]["rms_norm_fwd"]["manifests"].update({"90": f"../elsewhere/{ARCH_MANIFEST}"}))
+    edit_json(
+        folder / "manifest.json",
+        lambda top: top["kernels"]["rms_norm_fwd"]["manifests"].update({"90": f"../elsewhere/{ARCH_MANIFEST}"}),
+    )
     launch_refused(make_loader([folder], 90), folder, "file name")
 
 
@@ -239,12 +242,16 @@ def test_aot_only_on_an_arch_without_prebuilt_kernels_says_so(tmp_path, jit_call
 @pytest.mark.parametrize("arch", ["100", "120", "75", "sm_100"])
 def test_both_build_commands_refuse_an_arch_the_loader_cannot_use(tmp_path, monkeypatch, capsys, arch):
     from fusedlora import aot, build
+
     sys.path.insert(0, str(L.Path(__file__).resolve().parent.parent))
     from build_tools import aot as build_tools_aot
+
     built = []
     monkeypatch.setattr(aot, "build", lambda *a, **k: built.append(a) or {"errors": []})
-    for main, argv in ((build.main, ["--config", '{"hidden_size": 64}', "--out", str(tmp_path / "k")]),
-                       (build_tools_aot.main, ["--family", "ci", "--out", str(tmp_path / "w")])):
+    for main, argv in (
+        (build.main, ["--config", '{"hidden_size": 64}', "--out", str(tmp_path / "k")]),
+        (build_tools_aot.main, ["--family", "ci", "--out", str(tmp_path / "w")]),
+    ):
         with pytest.raises(SystemExit) as e:
             main(argv + ["--arch", f"90,{arch}"])
         err = capsys.readouterr().err
@@ -254,11 +261,14 @@ def test_both_build_commands_refuse_an_arch_the_loader_cannot_use(tmp_path, monk
 
 def test_both_build_commands_accept_every_supported_arch(tmp_path, monkeypatch):
     from fusedlora import aot, build
+
     sys.path.insert(0, str(L.Path(__file__).resolve().parent.parent))
     from build_tools import aot as build_tools_aot
+
     built = []
-    monkeypatch.setattr(aot, "build", lambda variants, *a, **k: built.append({v.arch for v in variants})
-                        or {"errors": []})
+    monkeypatch.setattr(
+        aot, "build", lambda variants, *a, **k: built.append({v.arch for v in variants}) or {"errors": []}
+    )
     archs = ",".join(f"sm_{a}" for a in registry.SUPPORTED_ARCHS)
     assert build.main(["--config", '{"hidden_size": 64}', "--arch", archs, "--out", str(tmp_path / "k")]) == 0
     assert build_tools_aot.main(["--family", "ci", "--arch", archs, "--out", str(tmp_path / "w")]) == 0

@@ -1,5 +1,6 @@
 """`python -m fusedlora.build`'s bad arguments (issue 34, item 15): each an argparse-style error (exit code 2)
 naming the option and what was expected, never a traceback; nothing is compiled."""
+
 import json
 
 import pytest
@@ -26,8 +27,13 @@ def refused(capsys, argv, *words):
 
 
 def test_missing_config_path(tmp_path, capsys, no_compile):
-    refused(capsys, ["--config", str(tmp_path / "nowhere" / "config.json"), "--arch", "90"],
-            "--config", "no such file", str(tmp_path / "nowhere" / "config.json"))
+    refused(
+        capsys,
+        ["--config", str(tmp_path / "nowhere" / "config.json"), "--arch", "90"],
+        "--config",
+        "no such file",
+        str(tmp_path / "nowhere" / "config.json"),
+    )
     assert not no_compile
 
 
@@ -42,9 +48,15 @@ def test_config_file_that_is_not_json(tmp_path, capsys, no_compile):
     assert not no_compile
 
 
-@pytest.mark.parametrize("text,words", [('{"hidden_size": 64', ["not JSON"]), ("[64]", ["JSON object"]),
-                                        ('{"num_attention_heads": 8}', ["hidden_size"]),
-                                        ('{"hidden_size": "big"}', ["hidden_size"])])
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ('{"hidden_size": 64', ["not JSON"]),
+        ("[64]", ["JSON object"]),
+        ('{"num_attention_heads": 8}', ["hidden_size"]),
+        ('{"hidden_size": "big"}', ["hidden_size"]),
+    ],
+)
 def test_bad_inline_config(capsys, no_compile, text, words):
     refused(capsys, ["--config", text, "--arch", "90"], "--config", *words)
     assert not no_compile
@@ -58,23 +70,29 @@ def test_arch_that_is_not_a_number(capsys, no_compile, arch):
 
 def _variant(**change):
     spec = registry.get("rms_norm_fwd")
-    v = json.loads(registry.make_variant(spec, 90, {"x": "bf16", "w": "bf16", "y": "bf16"},
-                                         {"n_cols": 4096, "gemma_cast": False}).to_string())
+    v = json.loads(
+        registry.make_variant(
+            spec, 90, {"x": "bf16", "w": "bf16", "y": "bf16"}, {"n_cols": 4096, "gemma_cast": False}
+        ).to_string()
+    )
     v.update(change)
     return json.dumps(v)
 
 
-@pytest.mark.parametrize("text,words", [
-    ("rms_norm_fwd", ["not JSON"]),
-    ('{"kernel": "rms_norm_fwd"}', ["arch"]),
-    ("[1, 2]", ["JSON object"]),
-    (_variant(kernel="no_such_kernel"), ["no_such_kernel", "rms_norm_fwd"]),
-    (_variant(arch=100), ["unsupported arch [100]", "80, 86, 89, 90"]),
-    (_variant(num_warps=3), ["num_warps"]),
-    (_variant(signature=[["X", "*bf16:16"]]), ["signature"]),
-    (_variant(signature="X"), ["signature"]),
-    (_variant(constexprs=[["BLOCK"]]), ["constexprs"]),
-])
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ("rms_norm_fwd", ["not JSON"]),
+        ('{"kernel": "rms_norm_fwd"}', ["arch"]),
+        ("[1, 2]", ["JSON object"]),
+        (_variant(kernel="no_such_kernel"), ["no_such_kernel", "rms_norm_fwd"]),
+        (_variant(arch=100), ["unsupported arch [100]", "80, 86, 89, 90"]),
+        (_variant(num_warps=3), ["num_warps"]),
+        (_variant(signature=[["X", "*bf16:16"]]), ["signature"]),
+        (_variant(signature="X"), ["signature"]),
+        (_variant(constexprs=[["BLOCK"]]), ["constexprs"]),
+    ],
+)
 def test_malformed_variant(capsys, no_compile, text, words):
     refused(capsys, ["--variant", text], "--variant", *words)
     assert not no_compile

@@ -3,6 +3,7 @@
 Covers: the dispatch key (dtypes, alignment, integer specialisation, constexprs), lookup order (exact
 arch -> compatible arch -> JIT), FUSEDLORA_JIT / FUSEDLORA_AOT_ONLY, broken cubins and manifests,
 launch parameters, per-thread argument slots and the arch check."""
+
 import contextlib
 import ctypes
 import hashlib
@@ -57,15 +58,34 @@ class FakeDriver:
             addr = params[i]
             vals.append(addr)
         with self.lock:
-            self.launches.append({"func": func.value, "grid": (gx, gy, gz), "block": bx, "shared": shared,
-                                  "stream": stream.value, "params": params, "n": n})
+            self.launches.append(
+                {
+                    "func": func.value,
+                    "grid": (gx, gy, gz),
+                    "block": bx,
+                    "shared": shared,
+                    "stream": stream.value,
+                    "params": params,
+                    "n": n,
+                }
+            )
         return 0
 
 
 def fwd_args(dtype=torch.bfloat16, rows=37, ptr=1 << 20, stride=N):
     x = FakeTensor(dtype, ptr)
-    return (x, FakeTensor(dtype, ptr + 4096 * 64), FakeTensor(dtype, ptr + 4096 * 128),
-            FakeTensor(torch.float32, ptr + 4096 * 256), stride, stride, rows, N, 1e-6, 0.0)
+    return (
+        x,
+        FakeTensor(dtype, ptr + 4096 * 64),
+        FakeTensor(dtype, ptr + 4096 * 128),
+        FakeTensor(torch.float32, ptr + 4096 * 256),
+        stride,
+        stride,
+        rows,
+        N,
+        1e-6,
+        0.0,
+    )
 
 
 def meta_key(n=N, gemma=False):
@@ -80,10 +100,17 @@ def make_dir(tmp_path, archs, dtype="bf16", corrupt=False, name="k", source=None
         v = registry.make_variant(SPEC, arch, {"x": dtype, "w": dtype, "y": dtype}, {"n_cols": N, "gemma_cast": False})
         image = f"\x7fELF fake cubin sm_{arch} from {name}".encode()
         (d / (v.file_stem() + ".cubin")).write_bytes(image)
-        records.append({"variant": json.loads(v.to_string()), "file": v.file_stem() + ".cubin",
-                        "sha256": hashlib.sha256(b"other" if corrupt else image).hexdigest(),
-                        "name": "rms_norm_fwd_kernel", "shared": 64, "num_warps": v.num_warps,
-                        "abi": [t for _, t in v.signature if t != "1"] + ["*i8", "*i8"]})
+        records.append(
+            {
+                "variant": json.loads(v.to_string()),
+                "file": v.file_stem() + ".cubin",
+                "sha256": hashlib.sha256(b"other" if corrupt else image).hexdigest(),
+                "name": "rms_norm_fwd_kernel",
+                "shared": 64,
+                "num_warps": v.num_warps,
+                "abi": [t for _, t in v.signature if t != "1"] + ["*i8", "*i8"],
+            }
+        )
     for r in records:
         r["source_sha256"] = source or SPEC.source_sha256()
         r["arg_kinds"] = [list(k) for k in SPEC.arg_kinds()]
@@ -163,13 +190,24 @@ def test_int_equal_to_one_leaves_the_abi(tmp_path, jit_calls):
     """A prebuilt variant with a specialised int == 1 gets one parameter fewer, and the others shift."""
     d = tmp_path / "one"
     d.mkdir()
-    v = registry.make_variant(SPEC, 90, {"x": "bf16", "w": "bf16", "y": "bf16"}, {"n_cols": N, "gemma_cast": False},
-                              int_spec={"y_row_stride": "1"})
+    v = registry.make_variant(
+        SPEC,
+        90,
+        {"x": "bf16", "w": "bf16", "y": "bf16"},
+        {"n_cols": N, "gemma_cast": False},
+        int_spec={"y_row_stride": "1"},
+    )
     image = b"\x7fELF one"
     (d / "one.cubin").write_bytes(image)
-    rec = {"variant": json.loads(v.to_string()), "file": "one.cubin", "sha256": hashlib.sha256(image).hexdigest(),
-           "name": "rms_norm_fwd_kernel", "shared": 0, "num_warps": v.num_warps,
-           "abi": [t for _, t in v.signature if t != "1"] + ["*i8", "*i8"]}
+    rec = {
+        "variant": json.loads(v.to_string()),
+        "file": "one.cubin",
+        "sha256": hashlib.sha256(image).hexdigest(),
+        "name": "rms_norm_fwd_kernel",
+        "shared": 0,
+        "num_warps": v.num_warps,
+        "abi": [t for _, t in v.signature if t != "1"] + ["*i8", "*i8"],
+    }
     rec["source_sha256"] = SPEC.source_sha256()
     rec["arg_kinds"] = [list(k) for k in SPEC.arg_kinds()]
     write_manifests(d, [rec], merge=False)
@@ -181,14 +219,23 @@ def test_int_equal_to_one_leaves_the_abi(tmp_path, jit_calls):
     rec = ld.driver().launches[0]
     params = rec["params"]
     assert rec["n"] == 9 + 2
-    assert ctypes.c_int32.from_address(params[4]).value == N      # x_row_stride
-    assert ctypes.c_int32.from_address(params[5]).value == 77     # n_rows (y_row_stride is gone)
+    assert ctypes.c_int32.from_address(params[4]).value == N  # x_row_stride
+    assert ctypes.c_int32.from_address(params[5]).value == 77  # n_rows (y_row_stride is gone)
 
 
-@pytest.mark.parametrize("gpu_arch,available,expected", [
-    (89, [80, 86, 89], 89), (89, [80, 86], 86), (86, [80], 80), (89, [80], 80),
-    (90, [80, 86, 89, 90], 90), (90, [80, 86, 89], None), (80, [86, 89, 90], None), (120, [80, 90], None),
-])
+@pytest.mark.parametrize(
+    "gpu_arch,available,expected",
+    [
+        (89, [80, 86, 89], 89),
+        (89, [80, 86], 86),
+        (86, [80], 80),
+        (89, [80], 80),
+        (90, [80, 86, 89, 90], 90),
+        (90, [80, 86, 89], None),
+        (80, [86, 89, 90], None),
+        (120, [80, 90], None),
+    ],
+)
 def test_lookup_order(tmp_path, jit_calls, gpu_arch, available, expected):
     ld = make_loader([make_dir(tmp_path, available)], gpu_arch)
     launch(ld)
@@ -229,8 +276,9 @@ def test_aot_only_miss_names_variant_and_command(tmp_path, monkeypatch, jit_call
     assert "rms_norm_fwd on sm_90" in msg and "python -m fusedlora.build --variant" in msg
     variant = registry.Variant.from_string(msg.split("--variant '")[1].rstrip("'"))
     assert variant.arch == 90 and dict(variant.signature)["X"] == "*fp16:16"
-    assert variant == registry.make_variant(SPEC, 90, {"x": "fp16", "w": "fp16", "y": "fp16"},
-                                            {"n_cols": N, "gemma_cast": False})
+    assert variant == registry.make_variant(
+        SPEC, 90, {"x": "fp16", "w": "fp16", "y": "fp16"}, {"n_cols": N, "gemma_cast": False}
+    )
     launch(ld)  # the prebuilt bf16 variant still works under AOT_ONLY
     assert ld.stats["aot"] == 1
 
@@ -364,6 +412,7 @@ def test_prebuilt_path_does_not_import_triton(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
+
     d = make_dir(tmp_path, [90])
     tests = str(Path(__file__).parent)
     code = PREBUILT_PATH_WITHOUT_TRITON.format(tests=tests, tmp=str(d))

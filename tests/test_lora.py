@@ -1,6 +1,7 @@
 """Fused LoRA functions against PEFT's own LoRA layers on the same modules: outputs and every gradient
 (dX, dA, dB of each projection, d bias). fp32 on CPU (interpreter for the GLU / dequant kernels):
 agreement to ~1e-6 relative; on a GPU the same tests run in fp32 too."""
+
 import copy
 import functools
 
@@ -9,10 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fusedlora.testing import DEVICE, Block, attn_fused, attn_peft, make, rel_err
 import fusedlora.quant
 from fusedlora import lora, lora_ops
 from fusedlora.quant import naive_dequantize_gptq
+from fusedlora.testing import DEVICE, Block, attn_fused, attn_peft, make, rel_err
 
 peft = pytest.importorskip("peft")
 
@@ -91,8 +92,11 @@ def test_mlp_matches_peft(act, r, tokens, glu_lora, monkeypatch):
     ref, xr, xf = _reference_and_inputs(fused, tokens)
     y = ref.mlp(xr)
     y.backward(torch.ones_like(y) * 0.5 + y.detach())
-    apply = lora.apply_lora_mlp_swiglu if act == "silu" else functools.partial(lora.apply_lora_mlp_geglu,
-                                                                              approximate="tanh")
+    apply = (
+        lora.apply_lora_mlp_swiglu
+        if act == "silu"
+        else functools.partial(lora.apply_lora_mlp_geglu, approximate="tanh")
+    )
     yf = apply(fused.mlp, xf)
     yf.backward(torch.ones_like(yf) * 0.5 + y.detach().float())
     compare(ref, fused, y, yf, xr, xf)
@@ -210,8 +214,8 @@ def _check_o_against_dense(W, quant, W_dense, tokens, scale, r=4):
 def test_o_with_gptq_base_weight():
     """A GPTQ base weight is dequantised by the kernel in forward and backward."""
     in_f, out_f, bits = 64, 48, 4
-    qw = torch.randint(-2**31, 2**31 - 1, (in_f // 8, out_f), dtype=torch.int64).to(torch.int32).to(DEVICE)
-    qz = torch.randint(-2**31, 2**31 - 1, (2, out_f // 8), dtype=torch.int64).to(torch.int32).to(DEVICE)
+    qw = torch.randint(-(2**31), 2**31 - 1, (in_f // 8, out_f), dtype=torch.int64).to(torch.int32).to(DEVICE)
+    qz = torch.randint(-(2**31), 2**31 - 1, (2, out_f // 8), dtype=torch.int64).to(torch.int32).to(DEVICE)
     sc = (torch.rand(2, out_f) * 0.02).to(DEVICE)
     state = lora.GPTQState(qz, sc, None, bits, 32)
     W = naive_dequantize_gptq(qw, qz, sc, None, bits=bits, group_size=32)
@@ -233,8 +237,8 @@ def test_qkv_mixed_bases_ranks_scales_and_unused_output():
     hid, T = 64, 6
     Wq = torch.randn(48, hid, device=DEVICE)
     q4, qs = bnbf.quantize_4bit(Wq, blocksize=64, compress_statistics=True, quant_type="nf4")
-    qw = torch.randint(-2**31, 2**31 - 1, (hid // 8, 16), dtype=torch.int64).to(torch.int32).to(DEVICE)
-    qz = torch.randint(-2**31, 2**31 - 1, (2, 16 // 8), dtype=torch.int64).to(torch.int32).to(DEVICE)
+    qw = torch.randint(-(2**31), 2**31 - 1, (hid // 8, 16), dtype=torch.int64).to(torch.int32).to(DEVICE)
+    qz = torch.randint(-(2**31), 2**31 - 1, (2, 16 // 8), dtype=torch.int64).to(torch.int32).to(DEVICE)
     sc = (torch.rand(2, 16) * 0.02).to(DEVICE)
     Wv = torch.randn(16, hid, device=DEVICE)
     dense = [bnbf.dequantize_4bit(q4, qs), naive_dequantize_gptq(qw, qz, sc, None, bits=4, group_size=32), Wv]
@@ -243,8 +247,13 @@ def test_qkv_mixed_bases_ranks_scales_and_unused_output():
     k_bias = torch.randn(16, device=DEVICE, requires_grad=True)
     for k_adapter in (True, False):
         k_bias.grad = None
-        AB = [((0.1 * torch.randn(r, hid, device=DEVICE)).requires_grad_(),
-               (0.1 * torch.randn(W.shape[0], r, device=DEVICE)).requires_grad_()) for r, W in zip(ranks, dense)]
+        AB = [
+            (
+                (0.1 * torch.randn(r, hid, device=DEVICE)).requires_grad_(),
+                (0.1 * torch.randn(W.shape[0], r, device=DEVICE)).requires_grad_(),
+            )
+            for r, W in zip(ranks, dense)
+        ]
         if not k_adapter:
             AB[1] = (None, None)
         x = torch.randn(T, hid, device=DEVICE, requires_grad=True)
@@ -270,18 +279,28 @@ def _to_nf4(block, dtype):
     """The block with every base Linear replaced by a bitsandbytes NF4 Linear4bit (nested) on the GPU, and
     the block's own weights set to the dequantised values (the float reference)."""
     import bitsandbytes as bnb
+
     q = copy.deepcopy(block)
     for parent in (q.self_attn, q.mlp):
         for name, lin in list(parent.named_children()):
-            l4 = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                   compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
-            l4.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4",
-                                          compress_statistics=True)
+            l4 = bnb.nn.Linear4bit(
+                lin.in_features,
+                lin.out_features,
+                bias=lin.bias is not None,
+                compute_dtype=dtype,
+                quant_type="nf4",
+                compress_statistics=True,
+            )
+            l4.weight = bnb.nn.Params4bit(
+                lin.weight.data.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True
+            )
             if lin.bias is not None:
                 l4.bias = nn.Parameter(lin.bias.data.cpu())
             setattr(parent, name, l4.cuda())
-    for (pname, lin), l4 in zip([(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)],
-                                [m for m in q.modules() if isinstance(m, bnb.nn.Linear4bit)]):
+    for (pname, lin), l4 in zip(
+        [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)],
+        [m for m in q.modules() if isinstance(m, bnb.nn.Linear4bit)],
+    ):
         lin.weight.data = bnb.functional.dequantize_4bit(l4.weight.data, l4.weight.quant_state).float()
     return q
 
@@ -300,8 +319,9 @@ def test_autocast_matches_peft_on_gpu(dtype, hidden, inter, nf4):
     torch.manual_seed(0)
     plain = Block(hidden=hidden, inter=inter, q_out=hidden, kv_out=hidden // 4).cuda()
     base = _to_nf4(plain, dtype) if nf4 else copy.deepcopy(plain)
-    cfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj",
-                                                               "down_proj"])
+    cfg = peft.LoraConfig(
+        r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     model = peft.inject_adapter_in_model(cfg, base).cuda()
     ref = peft.inject_adapter_in_model(cfg, plain).cuda()
     with torch.no_grad():
@@ -328,8 +348,11 @@ def test_autocast_matches_peft_on_gpu(dtype, hidden, inter, nf4):
         g = torch.Generator(device="cuda").manual_seed(1)
         ups = [torch.randn(o.shape, device="cuda", generator=g).to(o.dtype) for o in outs]
         torch.autograd.backward(outs, ups)
-        runs[name] = ([o.detach().double() for o in outs] + [xx.grad.double()] +
-                      [p.grad.double() for n, p in m.named_parameters() if "lora_" in n])
+        runs[name] = (
+            [o.detach().double() for o in outs]
+            + [xx.grad.double()]
+            + [p.grad.double() for n, p in m.named_parameters() if "lora_" in n]
+        )
         for p in m.parameters():
             p.grad = None
     unit = 2.0 ** (-8 if dtype == torch.bfloat16 else -11)
@@ -343,13 +366,21 @@ def test_mlp_with_adapters_on_some_projections(with_adapter):
     """LoRA_MLP with an adapter on one projection only (the others plain) vs plain torch autograd."""
     torch.manual_seed(0)
     hid, inter, T = 32, 80, 5
-    Ws = [torch.randn(inter, hid, device=DEVICE) * 0.2, torch.randn(inter, hid, device=DEVICE) * 0.2,
-          torch.randn(hid, inter, device=DEVICE) * 0.2]
+    Ws = [
+        torch.randn(inter, hid, device=DEVICE) * 0.2,
+        torch.randn(inter, hid, device=DEVICE) * 0.2,
+        torch.randn(hid, inter, device=DEVICE) * 0.2,
+    ]
     ABs = []
     for name, W in zip(("gate", "up", "down"), Ws):
         if name == with_adapter:
-            ABs.append(((0.1 * torch.randn(3, W.shape[1], device=DEVICE)).requires_grad_(),
-                        (0.1 * torch.randn(W.shape[0], 3, device=DEVICE)).requires_grad_(), 1.5))
+            ABs.append(
+                (
+                    (0.1 * torch.randn(3, W.shape[1], device=DEVICE)).requires_grad_(),
+                    (0.1 * torch.randn(W.shape[0], 3, device=DEVICE)).requires_grad_(),
+                    1.5,
+                )
+            )
         else:
             ABs.append((None, None, None))
     x = torch.randn(T, hid, device=DEVICE, requires_grad=True)
@@ -364,6 +395,7 @@ def test_mlp_with_adapters_on_some_projections(with_adapter):
 
     def proj(inp, W, A, B, s):
         return inp @ W.T + (0 if A is None else s * (inp @ A.T) @ B.T)
+
     ref = proj(F.silu(proj(x, Ws[0], *ABs[0])) * proj(x, Ws[1], *ABs[1]), Ws[2], *ABs[2])
     ref.backward(dy)
     assert rel_err(y, ref) < 1e-5
@@ -379,19 +411,30 @@ def test_mlp_with_nf4_gate_up_down(hidden, monkeypatch):
     bnbf = pytest.importorskip("bitsandbytes.functional")
     torch.manual_seed(0)
     inter, T, r = 128, 6, 4
-    dense = [torch.randn(inter, hidden, device=DEVICE) * 0.2, torch.randn(inter, hidden, device=DEVICE) * 0.2,
-             torch.randn(hidden, inter, device=DEVICE) * 0.2]
+    dense = [
+        torch.randn(inter, hidden, device=DEVICE) * 0.2,
+        torch.randn(inter, hidden, device=DEVICE) * 0.2,
+        torch.randn(hidden, inter, device=DEVICE) * 0.2,
+    ]
     qs = [bnbf.quantize_4bit(w, blocksize=32, compress_statistics=True, quant_type="nf4") for w in dense]
     Ws = [bnbf.dequantize_4bit(q, s) for q, s in qs]
-    ABs = [((0.1 * torch.randn(r, W.shape[1], device=DEVICE)).requires_grad_(),
-            (0.1 * torch.randn(W.shape[0], r, device=DEVICE)).requires_grad_(), 1.5) for W in Ws]
+    ABs = [
+        (
+            (0.1 * torch.randn(r, W.shape[1], device=DEVICE)).requires_grad_(),
+            (0.1 * torch.randn(W.shape[0], r, device=DEVICE)).requires_grad_(),
+            1.5,
+        )
+        for W in Ws
+    ]
     x = torch.randn(T, hidden, device=DEVICE, requires_grad=True)
     args = [t for (q, s), (A, B, sc) in zip(qs, ABs) for t in (q, s, A, B, sc)]
     calls = []
     real = lora._dequantize_nf4
     spy = lambda W, qs, out, dtype: calls.append(out is not None) or real(W, qs, out, dtype)  # noqa: E731
     monkeypatch.setattr(lora, "_dequantize_nf4", spy)
-    monkeypatch.setattr(fusedlora.quant, "_dequantize_nf4", spy)  # dequantize_base (the base-weight dispatch) lives there
+    monkeypatch.setattr(
+        fusedlora.quant, "_dequantize_nf4", spy
+    )  # dequantize_base (the base-weight dispatch) lives there
     y = lora.LoRA_MLP.apply(x, *args, lora.swiglu_fg, lora.swiglu_fg_backward, True)
     assert calls == [True, True, False]  # gate and up straight into one buffer's rows, then down
     dy = torch.randn_like(y)
@@ -403,6 +446,7 @@ def test_mlp_with_nf4_gate_up_down(hidden, monkeypatch):
 
     def proj(inp, W, A, B, s):
         return inp @ W.T + s * (inp @ A.T) @ B.T
+
     ref = proj(F.silu(proj(x, Ws[0], *ABs[0])) * proj(x, Ws[1], *ABs[1]), Ws[2], *ABs[2])
     ref.backward(dy)
     assert rel_err(y, ref) < 1e-5
@@ -415,17 +459,23 @@ class TorchQuantLinear(nn.Module):
     """Stand-in for gptqmodel's TorchQuantLinear (QUANT_TYPE "torch"; gptqmodel is not installed here): its
     buffers in the GPTQ layout (zeros in the v2 format, as gptqmodel keeps them in memory; act-order g_idx
     or the trivial one), its forward the plain-torch dequantisation. PEFT wraps it in its GPTQLoraLinear."""
+
     QUANT_TYPE = "torch"
 
     def __init__(self, in_f, out_f, bits=4, group_size=32, act_order=False):
         super().__init__()
         per, groups = 32 // bits, -(-in_f // group_size)
-        self.in_features, self.out_features, self.bits, self.group_size, self.desc_act = \
-            in_f, out_f, bits, group_size, act_order
-        rnd = lambda *shape: torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int64).to(torch.int32)  # noqa: E731
+        self.in_features, self.out_features, self.bits, self.group_size, self.desc_act = (
+            in_f,
+            out_f,
+            bits,
+            group_size,
+            act_order,
+        )
+        rnd = lambda *shape: torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int64).to(torch.int32)  # noqa: E731
         self.register_buffer("qweight", rnd(in_f // per, out_f))
         self.register_buffer("qzeros", rnd(groups, out_f // per))
-        self.register_buffer("scales", ((torch.rand(groups, out_f) * 0.02 + 0.005) * 16 / 2 ** bits).half())
+        self.register_buffer("scales", ((torch.rand(groups, out_f) * 0.02 + 0.005) * 16 / 2**bits).half())
         g_idx = torch.arange(in_f) // group_size
         self.register_buffer("g_idx", (g_idx[torch.randperm(in_f)] if act_order else g_idx).to(torch.int32))
         self.bias = None
@@ -434,14 +484,23 @@ class TorchQuantLinear(nn.Module):
         return 2
 
     def forward(self, x):
-        W = naive_dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.group_size,
-                                  format="gptq_v2", out_dtype=torch.float32)
+        W = naive_dequantize_gptq(
+            self.qweight,
+            self.qzeros,
+            self.scales,
+            self.g_idx,
+            self.bits,
+            self.group_size,
+            format="gptq_v2",
+            out_dtype=torch.float32,
+        )
         return x @ W.to(x.dtype).t()
 
 
 def _gptq_block(r=8, bits=4, act_order=False):
     """Block whose seven projections are PEFT GPTQLoraLinear layers over TorchQuantLinear bases."""
     from peft.tuners.lora.gptq import GPTQLoraLinear
+
     torch.manual_seed(0)
     cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj"])
     block = Block()
@@ -532,6 +591,7 @@ def test_a_recomputable_norm_input_changes_no_bit(glu_lora, casting, offset, mon
     output's values at the recompute are its values at the call)."""
     from fusedlora.ops import rms_norm
     from fusedlora.ops.rms_norm import NormSource
+
     if not glu_lora:
         monkeypatch.setattr(lora, "_mlp_fusable", lambda *a: False)
     recomputes = []
@@ -561,8 +621,11 @@ def _function_args(kind, W_grad):
     weights, the one named W_grad requiring grad."""
     torch.manual_seed(0)
     hid, inter, r = 32, 48, 4
-    shapes = {"o": [("W", hid, hid)], "qkv": [("qW", hid, hid), ("kW", 16, hid), ("vW", 16, hid)],
-              "mlp": [("gW", inter, hid), ("uW", inter, hid), ("dW", hid, inter)]}[kind]
+    shapes = {
+        "o": [("W", hid, hid)],
+        "qkv": [("qW", hid, hid), ("kW", 16, hid), ("vW", 16, hid)],
+        "mlp": [("gW", inter, hid), ("uW", inter, hid), ("dW", hid, inter)],
+    }[kind]
     args = []
     for name, out_f, in_f in shapes:
         W = torch.randn(out_f, in_f, device=DEVICE).requires_grad_(name == W_grad)
@@ -574,8 +637,10 @@ def _function_args(kind, W_grad):
 _APPLY = {
     "o": (lambda X, args: lora.LoRA_O.apply(X, *args), lambda X, args: lora_ops.lora_o(X, *args)),
     "qkv": (lambda X, args: lora.LoRA_QKV.apply(X, *args), lambda X, args: lora_ops.lora_qkv(X, *args)),
-    "mlp": (lambda X, args: lora.LoRA_MLP.apply(X, *args, lora.swiglu_fg, lora.swiglu_fg_backward),
-            lambda X, args: lora_ops.lora_mlp(X, *args, "silu")),
+    "mlp": (
+        lambda X, args: lora.LoRA_MLP.apply(X, *args, lora.swiglu_fg, lora.swiglu_fg_backward),
+        lambda X, args: lora_ops.lora_mlp(X, *args, "silu"),
+    ),
 }
 
 
@@ -588,8 +653,11 @@ def test_base_weight_requiring_grad_is_refused(kind, W_grad, path):
     X, args = _function_args(kind, W_grad)
     apply = _APPLY[kind][path == "custom_op"]
     fn = {"o": "LoRA_O", "qkv": "LoRA_QKV", "mlp": "LoRA_MLP"}[kind]
-    with pytest.raises(ValueError, match=f"{fn}: the base weight {W_grad} requires grad.*gives base weights no "
-                                         f"gradient.*{W_grad}.requires_grad_\\(False\\)"):
+    with pytest.raises(
+        ValueError,
+        match=f"{fn}: the base weight {W_grad} requires grad.*gives base weights no "
+        f"gradient.*{W_grad}.requires_grad_\\(False\\)",
+    ):
         outs = apply(X, args)
         sum(o.sum() for o in (outs if isinstance(outs, tuple) else (outs,))).backward()
     with torch.no_grad():
@@ -605,13 +673,21 @@ def test_custom_op_schemas_name_every_argument():
     """The LoRA custom ops take each projection's fields by name (<label>_<field>, lora.PROJECTION_ARGS) and
     the base weight as quant.BASE_TENSORS + quant.BaseLayout's named scalars: no packed int or float lists."""
     from fusedlora.quant import BaseLayout
-    for op, labels in ((lora_ops.LORA_O_OP, ["o"]), (lora_ops.LORA_QKV_OP, ["q", "k", "v"]),
-                       (lora_ops.LORA_MLP_OP, ["gate", "up", "down"])):
+
+    for op, labels in (
+        (lora_ops.LORA_O_OP, ["o"]),
+        (lora_ops.LORA_QKV_OP, ["q", "k", "v"]),
+        (lora_ops.LORA_MLP_OP, ["gate", "up", "down"]),
+    ):
         schema = op._opoverload._schema
         names = [a.name for a in schema.arguments]
-        want = ["X", *(f"{label}_{name}" for label in labels for name, _ in lora_ops.PROJECTION_ARGS), "dtype",
-                "training"]
-        assert names[:len(want)] == want, names
+        want = [
+            "X",
+            *(f"{label}_{name}" for label in labels for name, _ in lora_ops.PROJECTION_ARGS),
+            "dtype",
+            "training",
+        ]
+        assert names[: len(want)] == want, names
         types = {a.name: str(a.type) for a in schema.arguments}
         assert types[f"{labels[0]}_A"] == "Optional[Tensor]" and types[f"{labels[0]}_base"] == "List[Optional[Tensor]]"
         assert all(f"{labels[-1]}_{field}" in names for field in BaseLayout._fields)

@@ -1,19 +1,20 @@
 """fp16 autocast with a loss scale (what torch.amp.GradScaler runs: loss * 65536, gradients unscaled after)
 through LoRA_QKV, LoRA_O and LoRA_MLP (fused and unfused paths), against PEFT in float64: every gradient
 finite and as close to the reference as PEFT's own fp16 autocast run (within 2x its error, or fp16's unit)."""
+
 import copy
 
 import pytest
 import torch
-
 from conftest import DEVICE, rel_err
+
 from fusedlora import lora
 
 pytest.importorskip("peft")
 from fusedlora.testing import make  # noqa: E402
 
 SCALE = 65536.0
-FP16_UNIT = 2.0 ** -11
+FP16_UNIT = 2.0**-11
 
 
 def _weight(i, shape):
@@ -37,8 +38,9 @@ def _step(model, x, fused, scale):
     loss = sum((o.double() * _weight(i, o.shape)).mean() + o.double().square().mean() for i, o in enumerate(outs))
     (loss * (scale or 1.0)).backward()
     unscale = 1.0 / (scale or 1.0)
-    grads = [x.grad.double() * unscale] + [p.grad.double() * unscale for n, p in model.named_parameters()
-                                           if "lora_" in n]
+    grads = [x.grad.double() * unscale] + [
+        p.grad.double() * unscale for n, p in model.named_parameters() if "lora_" in n
+    ]
     model.zero_grad(set_to_none=True)
     return [o.detach().double() for o in outs], grads
 

@@ -4,13 +4,14 @@ same gradients as one backward of a fresh graph, and no gradient handed out by t
 by the second. The LoRA MLP's in-place backward writes its gradients over the saved gate/up activations with
 kernels (autograd's version counter never sees those writes), so it may only do so when autograd frees the
 graph after this backward."""
+
 import copy
 import importlib
 
 import pytest
 import torch
-
 from conftest import DEVICE, rel_err
+
 import fusedlora
 import fusedlora.peft_layers
 from fusedlora import lora
@@ -96,11 +97,18 @@ def test_second_backward_nf4_bases(kind, monkeypatch):
         monkeypatch.setattr(lora, "_mlp_fusable", lambda *a: False)
     hidden, inter, r = 64, 128, 4
     shapes = {"qkv": [(hidden, hidden), (32, hidden), (32, hidden)], "o": [(hidden, hidden)]}.get(
-        kind, [(inter, hidden), (inter, hidden), (hidden, inter)])
+        kind, [(inter, hidden), (inter, hidden), (hidden, inter)]
+    )
     dense = [torch.randn(*shape, device=DEVICE) * 0.2 for shape in shapes]
     qs = [bnbf.quantize_4bit(w, blocksize=32, compress_statistics=True, quant_type="nf4") for w in dense]
-    ABs = [((0.1 * torch.randn(r, W.shape[1], device=DEVICE)).requires_grad_(),
-            (0.1 * torch.randn(W.shape[0], r, device=DEVICE)).requires_grad_(), 1.5) for W in dense]
+    ABs = [
+        (
+            (0.1 * torch.randn(r, W.shape[1], device=DEVICE)).requires_grad_(),
+            (0.1 * torch.randn(W.shape[0], r, device=DEVICE)).requires_grad_(),
+            1.5,
+        )
+        for W in dense
+    ]
     args = [t for (q, s), (A, B, sc) in zip(qs, ABs) for t in (q, s, A, B, sc)]
     x = torch.randn(6, hidden, device=DEVICE, requires_grad=True)
     leaves = [x] + [t for A, B, _ in ABs for t in (A, B)]
@@ -112,8 +120,10 @@ def test_second_backward_nf4_bases(kind, monkeypatch):
             outs = (lora.LoRA_O.apply(x, *args),)
         else:
             outs = (lora.LoRA_MLP.apply(x, *args, lora.swiglu_fg, lora.swiglu_fg_backward, True),)
-        return sum((y * torch.linspace(-1, 1, y.numel(), device=DEVICE).view_as(y)).sum() + 0.05 * y.square().sum()
-                   for y in outs)
+        return sum(
+            (y * torch.linspace(-1, 1, y.numel(), device=DEVICE).view_as(y)).sum() + 0.05 * y.square().sum()
+            for y in outs
+        )
 
     want = torch.autograd.grad(loss(), leaves)
     graph = loss()
@@ -149,6 +159,7 @@ def test_patched_model_two_losses_on_one_forward(model_type, autocast):
     """A patched tiny model (its MLPs on the in-place defaults) against the unpatched one: two losses on one
     forward (loss1.backward(retain_graph=True); loss2.backward()), then one loss backward twice at half weight."""
     from fusedlora.testing import batch, make_model
+
     ref = make_model(model_type)
     fused = copy.deepcopy(ref)
     # (loss=False: the fused linear cross-entropy is another Function, outside this file's concern)
@@ -216,6 +227,7 @@ def test_gpu_patched_1b_step_twice_with_retain_graph_equals_unpatched():
     between the two (H100); the fused path may move as much as HF, and differs from HF by bf16 rounding
     (each of 16 layers rounds its activations and gradients at other points than HF's)."""
     from fusedlora import workload
+
     ids = torch.randint(0, 128256, (1, 1024), device="cuda")
     grads, moved = {}, {}
     for variant in ("hf", "fusedlora"):

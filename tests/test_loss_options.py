@@ -1,11 +1,12 @@
 """Options of the cross-entropy losses that peers offer: per-class weights (torch's F.cross_entropy `weight`)
 and the z-loss (lse_square_scale, return_z_loss as Liger-Kernel's), vs torch / by hand in fp64, forward and
 gradients, all dtypes, odd shapes, ignored rows."""
+
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import DEVICE, assert_close
+
 from fusedlora.ops import cross_entropy, fused_linear_cross_entropy, naive_linear_cross_entropy
 
 # fp32 within fp32 sums. bf16 gradients are made in the forward and rounded again by the backward's d loss
@@ -67,8 +68,9 @@ def test_fused_linear_cross_entropy_class_weight(dtype, reduction):
     cw = torch.rand(70, device=DEVICE) + 0.1
     y = _labels(23, 70)
     hk, wk = h.clone().requires_grad_(), w.clone().requires_grad_()
-    loss = fused_linear_cross_entropy(hk, wk, y, reduction=reduction, ce_weight=cw,
-                                      max_chunk_bytes=6 * 70 * h.element_size())
+    loss = fused_linear_cross_entropy(
+        hk, wk, y, reduction=reduction, ce_weight=cw, max_chunk_bytes=6 * 70 * h.element_size()
+    )
     h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
     ref = naive_linear_cross_entropy(h64, w64, y, ce_weight=cw.double(), reduction=reduction)
     seed = torch.rand_like(ref) + 0.5
@@ -79,16 +81,29 @@ def test_fused_linear_cross_entropy_class_weight(dtype, reduction):
     assert_close(wk.grad, w64.grad, FLCE_GRAD_TOL[dtype], "d weight")
 
 
-@pytest.mark.parametrize("bad,match", [
-    (lambda z, y: cross_entropy(z, y, weight=torch.rand(9, device=DEVICE)),
-     r"cross_entropy: weight has shape \(9,\); expected one weight per class, \(10,\)"),
-    (lambda z, y: cross_entropy(z, y, weight=torch.rand(10, device=DEVICE), label_smoothing=0.1),
-     "cross_entropy: weight together with label_smoothing is not supported"),
-    (lambda z, y: cross_entropy(z, y, weight=torch.ones(10, device=DEVICE, dtype=torch.long)),
-     "cross_entropy: weight has dtype int64"),
-    (lambda z, y: fused_linear_cross_entropy(z, torch.randn(12, 10, device=DEVICE), y, ce_weight=torch.rand(10, device=DEVICE)),
-     r"fused_linear_cross_entropy: ce_weight has shape \(10,\); expected one weight per class, \(12,\)"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (
+            lambda z, y: cross_entropy(z, y, weight=torch.rand(9, device=DEVICE)),
+            r"cross_entropy: weight has shape \(9,\); expected one weight per class, \(10,\)",
+        ),
+        (
+            lambda z, y: cross_entropy(z, y, weight=torch.rand(10, device=DEVICE), label_smoothing=0.1),
+            "cross_entropy: weight together with label_smoothing is not supported",
+        ),
+        (
+            lambda z, y: cross_entropy(z, y, weight=torch.ones(10, device=DEVICE, dtype=torch.long)),
+            "cross_entropy: weight has dtype int64",
+        ),
+        (
+            lambda z, y: fused_linear_cross_entropy(
+                z, torch.randn(12, 10, device=DEVICE), y, ce_weight=torch.rand(10, device=DEVICE)
+            ),
+            r"fused_linear_cross_entropy: ce_weight has shape \(10,\); expected one weight per class, \(12,\)",
+        ),
+    ],
+)
 def test_class_weight_bad_input(bad, match):
     z = torch.randn(4, 10, device=DEVICE)
     y = torch.randint(0, 10, (4,), device=DEVICE)
@@ -127,11 +142,13 @@ def test_cross_entropy_z_loss(shape, dtype, reduction, kw):
     kw = dict(kw)
     weight = torch.rand(shape[1], device=DEVICE) + 0.1 if kw.pop("weight", False) else None
     zk = z.clone().requires_grad_()
-    loss, z_loss = cross_entropy(zk, y, reduction=reduction, weight=weight, lse_square_scale=0.02,
-                                 return_z_loss=True, **kw)
+    loss, z_loss = cross_entropy(
+        zk, y, reduction=reduction, weight=weight, lse_square_scale=0.02, return_z_loss=True, **kw
+    )
     z64 = z.double().requires_grad_()
-    ref, ref_z = _z_loss_reference(z64, y, reduction, 0.02, kw.get("label_smoothing", 0.0), weight,
-                                   kw.get("num_items_in_batch"))
+    ref, ref_z = _z_loss_reference(
+        z64, y, reduction, 0.02, kw.get("label_smoothing", 0.0), weight, kw.get("num_items_in_batch")
+    )
     assert not z_loss.requires_grad and z_loss.dtype == torch.float32
     assert_close(loss, ref, 1e-5, "loss")
     assert_close(z_loss, ref_z, 1e-5, "z_loss")
@@ -148,8 +165,15 @@ def test_fused_linear_cross_entropy_z_loss(dtype, reduction):
     w = (0.5 * torch.randn(70, 16, device=DEVICE)).to(dtype)
     y = _labels(23, 70)
     hk, wk = h.clone().requires_grad_(), w.clone().requires_grad_()
-    loss, z_loss = fused_linear_cross_entropy(hk, wk, y, reduction=reduction, lse_square_scale=0.02,
-                                              return_z_loss=True, max_chunk_bytes=6 * 70 * h.element_size())
+    loss, z_loss = fused_linear_cross_entropy(
+        hk,
+        wk,
+        y,
+        reduction=reduction,
+        lse_square_scale=0.02,
+        return_z_loss=True,
+        max_chunk_bytes=6 * 70 * h.element_size(),
+    )
     h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
     ref, ref_z = _z_loss_reference(F.linear(h64, w64), y, reduction, 0.02)
     tol = 1e-5 if dtype == torch.float32 else 1e-2

@@ -1,14 +1,20 @@
 """The losses' answers in the corners of issue 34 ("no silent wrong answers"), each vs an fp64 reference:
 repeated backward (retain_graph), -inf logits across the kernel's chunk boundary, chunked_linear_loss's
 target shapes, fp16 gradients under a loss scale, and fused_linear_cross_entropy under torch.autocast."""
+
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import DEVICE, assert_close, rel_err
+
 from csrc_triton.cross_entropy import CE_BLOCK
-from fusedlora.ops import (chunked_linear_loss, cross_entropy, fused_linear_cross_entropy, naive_cross_entropy,
-                           naive_linear_cross_entropy)
+from fusedlora.ops import (
+    chunked_linear_loss,
+    cross_entropy,
+    fused_linear_cross_entropy,
+    naive_cross_entropy,
+    naive_linear_cross_entropy,
+)
 
 # fp32 within fp32 sums. bf16 gradients are made in the forward and rounded again by the backward's d loss
 # scale: two roundings of 2^-8 (a full ulp each where the interpreter truncates); fp16's once, to 2^-11
@@ -57,8 +63,9 @@ def test_fused_linear_cross_entropy_second_backward(reduction, dtype):
     b = torch.randn(40, device=DEVICE).to(dtype)
     y = _labels(13, 40)
     leaves = [t.clone().requires_grad_() for t in (h, w, b)]
-    loss = fused_linear_cross_entropy(leaves[0], leaves[1], y, leaves[2], reduction=reduction,
-                                      max_chunk_bytes=5 * 40 * h.element_size())
+    loss = fused_linear_cross_entropy(
+        leaves[0], leaves[1], y, leaves[2], reduction=reduction, max_chunk_bytes=5 * 40 * h.element_size()
+    )
     leaves64 = [t.double().requires_grad_() for t in (h, w, b)]
     ref = naive_linear_cross_entropy(leaves64[0], leaves64[1], y, leaves64[2], reduction=reduction)
     handed = []
@@ -107,7 +114,7 @@ def test_cross_entropy_minus_inf_chunks(dtype):
     z[2, :] = inf  # the target in the first chunk, the second chunk all -inf
     z[2, :40] = torch.randn(40)
     z[3, CE_BLOCK:] = inf  # a normal first chunk, an all -inf second one
-    z[4, 100:CE_BLOCK + 50] = inf  # -inf across the boundary
+    z[4, 100 : CE_BLOCK + 50] = inf  # -inf across the boundary
     z = z.to(dtype)
     zk = z.clone().requires_grad_()
     loss = cross_entropy(zk, y, reduction="none")
@@ -163,8 +170,11 @@ def test_chunked_linear_loss_flat_class_labels_for_3d_hidden():
 def test_chunked_linear_loss_refuses_other_target_shapes(targets_shape):
     h = torch.randn(2, 5, 16, device=DEVICE)
     w = torch.randn(11, 16, device=DEVICE)
-    with pytest.raises(ValueError, match=r"chunked_linear_loss: targets have shape .* expected targets of shape "
-                                         r"\[2, 5, \.\.\.\] \(hidden's leading dimensions\) or \[10, \.\.\.\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"chunked_linear_loss: targets have shape .* expected targets of shape "
+        r"\[2, 5, \.\.\.\] \(hidden's leading dimensions\) or \[10, \.\.\.\]",
+    ):
         chunked_linear_loss(h, w, torch.randn(targets_shape, device=DEVICE), _mse, num_chunks=2)
 
 

@@ -2,12 +2,13 @@
 `naive_moe_lora` in float64: the output and every gradient (x, routing weights, PEFT's lora_A / lora_B of both
 projections), on hand-made routings that hit the edge cases of the grouped GEMMs, both GLU layouts, and bad
 input. Shapes are tiny: the kernels run in Triton's CPU interpreter here."""
+
 import pytest
 import torch
 import triton
 import triton.language as tl
-
 from conftest import DEVICE, HAS_CUDA, assert_device_assert
+
 from csrc_triton.moe_lora.kernel import COMPILE_OPTIONS, _w_tile
 from fusedlora.ops.moe_lora import ExpertProj, moe_lora_experts, moe_route, naive_moe_lora
 
@@ -15,13 +16,13 @@ FP32_TOL = 2e-5  # max |error| / max |reference|: fp32 products summed over <= 6
 
 
 def _proj(E, n_out, n_in, rank, scale, gen, transposed=False, bias=False, w_scale=None):
-    w_scale = w_scale or n_in ** -0.5
+    w_scale = w_scale or n_in**-0.5
     W = torch.randn(E, n_out, n_in, generator=gen) * w_scale
     if transposed:
         W = W.transpose(1, 2).contiguous()
     A = B = None
     if rank:
-        A = _leaf(torch.randn(E * rank, n_in, generator=gen) * n_in ** -0.5)
+        A = _leaf(torch.randn(E * rank, n_in, generator=gen) * n_in**-0.5)
         B = _leaf(torch.randn(n_out, rank * E, generator=gen) * 0.5)
     b = torch.randn(E, n_out, generator=gen).to(DEVICE) if bias else None
     return ExpertProj(W.to(DEVICE), A, B, scale, b, transposed=transposed)
@@ -45,10 +46,17 @@ def _case(T=13, k=2, E=4, H=64, I=32, r_gu=4, r_d=4, act="silu", index=None, see
 
 
 def _as_double(p: ExpertProj) -> ExpertProj:
-    leaf = (lambda t: None if t is None else t.detach().double().requires_grad_())
+    leaf = lambda t: None if t is None else t.detach().double().requires_grad_()
     weight = p.weight if p.quant_state is not None else p.weight.double()  # (the reference decodes 4-bit bytes)
-    return ExpertProj(weight, leaf(p.lora_A), leaf(p.lora_B), p.scale,
-                      None if p.bias is None else p.bias.double(), p.quant_state, p.transposed)
+    return ExpertProj(
+        weight,
+        leaf(p.lora_A),
+        leaf(p.lora_B),
+        p.scale,
+        None if p.bias is None else p.bias.double(),
+        p.quant_state,
+        p.transposed,
+    )
 
 
 def _lora_leaves(gu, d):
@@ -73,8 +81,11 @@ def _check(case, act="silu", block_m=16, tol=FP32_TOL, ref_proj=None, **kw):
     ref = naive_moe_lora(x64, index, w64, gu64, d64, act)
     leaves64 = [x64, w64] + _lora_leaves(gu64, d64)
     grads64 = torch.autograd.grad(ref, leaves64, dout.double())
-    names = ["out", "dx", "dw"] + [n for n, p in (("dA_gu", gu.lora_A), ("dB_gu", gu.lora_B), ("dA_d", d.lora_A),
-                                                  ("dB_d", d.lora_B)) if p is not None]
+    names = ["out", "dx", "dw"] + [
+        n
+        for n, p in (("dA_gu", gu.lora_A), ("dB_gu", gu.lora_B), ("dA_d", d.lora_A), ("dB_d", d.lora_B))
+        if p is not None
+    ]
     errs = {n: _rel(a, b) for n, a, b in zip(names, (out,) + grads, (ref,) + grads64)}
     assert out.dtype == x.dtype and all(g.dtype == leaf.dtype for g, leaf in zip(grads, leaves))
     bad = {n: e for n, e in errs.items() if not e < tol}
@@ -84,8 +95,9 @@ def _check(case, act="silu", block_m=16, tol=FP32_TOL, ref_proj=None, **kw):
 
 # One expert (1) gets no token; expert 2 gets 13 rows (with block_m 4: four M-tiles, the last partial); each
 # token sends its two slots to experts with different counts.
-SKEWED = torch.tensor([[0, 2], [2, 3], [2, 0], [3, 2], [2, 3], [0, 2], [2, 3], [3, 2], [2, 0], [0, 2], [2, 3],
-                       [2, 0], [3, 2]])
+SKEWED = torch.tensor(
+    [[0, 2], [2, 3], [2, 0], [3, 2], [2, 3], [0, 2], [2, 3], [3, 2], [2, 0], [0, 2], [2, 3], [2, 0], [3, 2]]
+)
 
 
 def test_route_metadata_tiles_and_bound():
@@ -105,7 +117,7 @@ def test_route_metadata_tiles_and_bound():
 
 @pytest.mark.parametrize("act", ["silu", "gptoss"])
 def test_matches_reference_skewed_routing(act):
-    _check(_case(index=SKEWED, act=act, w_scale_gu=3 * 64 ** -0.5 if act == "gptoss" else None), act)
+    _check(_case(index=SKEWED, act=act, w_scale_gu=3 * 64**-0.5 if act == "gptoss" else None), act)
 
 
 def test_rows_spanning_several_tiles_and_an_empty_expert():
@@ -137,7 +149,7 @@ def test_gptoss_clamps_including_a_value_exactly_at_the_limit():
     """gpt_oss: interleaved gate/up columns, biases, values far past the clamp (W scaled up), and one gate
     exactly at the limit (its W row and B row zero, its bias 7.0): torch's clamp passes the gradient there,
     which dB_gu sees through d_gate."""
-    case = _case(act="gptoss", w_scale_gu=4 * 64 ** -0.5, index=SKEWED)
+    case = _case(act="gptoss", w_scale_gu=4 * 64**-0.5, index=SKEWED)
     x, index, w, gu, d = case
     with torch.no_grad():
         gu.weight[2, :, 0] = 0.0  # transposed [E, H, 2I]: column 0 is expert 2's gate of channel 0
@@ -171,7 +183,7 @@ def test_fp16_under_a_loss_scale():
     """fp16 activations and weights, fp32 LoRA factors (PEFT's), the gradient scaled by 1024 as a GradScaler
     does: the unscaled gradients match the fp64 reference to fp16's precision."""
     x, index, w, gu, d = _case(T=9)
-    half = (lambda p: ExpertProj(p.weight.half(), p.lora_A, p.lora_B, p.scale, p.bias, transposed=p.transposed))
+    half = lambda p: ExpertProj(p.weight.half(), p.lora_A, p.lora_B, p.scale, p.bias, transposed=p.transposed)
     gu16, d16 = half(gu), half(d)
     x16 = x.detach().half().requires_grad_()
     dout = torch.randn(x.shape).to(DEVICE)
@@ -179,10 +191,12 @@ def test_fp16_under_a_loss_scale():
     assert out.dtype == torch.float16
     leaves = [x16, w] + _lora_leaves(gu, d)
     grads = torch.autograd.grad(out, leaves, (dout * 1024).half())
-    gu64 = ExpertProj(gu16.weight.double(), *[t.detach().double().requires_grad_() for t in (gu.lora_A, gu.lora_B)],
-                      gu.scale)
-    d64 = ExpertProj(d16.weight.double(), *[t.detach().double().requires_grad_() for t in (d.lora_A, d.lora_B)],
-                     d.scale)
+    gu64 = ExpertProj(
+        gu16.weight.double(), *[t.detach().double().requires_grad_() for t in (gu.lora_A, gu.lora_B)], gu.scale
+    )
+    d64 = ExpertProj(
+        d16.weight.double(), *[t.detach().double().requires_grad_() for t in (d.lora_A, d.lora_B)], d.scale
+    )
     x64, w64 = x16.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     ref = naive_moe_lora(x64, index, w64, gu64, d64)
     grads64 = torch.autograd.grad(ref, [x64, w64] + _lora_leaves(gu64, d64), dout.double())
@@ -215,22 +229,40 @@ def test_bad_input_is_named():
     _bad(case, "top_k_index has dtype float32", TypeError, top_k_index=index.float())
     _bad(case, r"top_k_index must be \[tokens, k\] with 5 tokens", top_k_index=index[:3])
     _bad(case, "top_k_weights has shape", top_k_weights=w[:, :1])
-    _bad(case, r"down.weight has shape \(4, 32, 32\); expected \[E, 64, in\]",
-         down=ExpertProj(d.weight[:, :32], scale=1.0))
+    _bad(
+        case,
+        r"down.weight has shape \(4, 32, 32\); expected \[E, 64, in\]",
+        down=ExpertProj(d.weight[:, :32], scale=1.0),
+    )
     _bad(case, r"gate_up.weight has shape .*; expected \[E, 64, 64\]", gate_up=ExpertProj(gu.weight[:, :32]))
-    _bad(case, "gate_up.weight requires grad, but the fused path keeps expert weights frozen",
-         gate_up=ExpertProj(gu.weight.clone().requires_grad_(), gu.lora_A, gu.lora_B))
-    _bad(case, "gate_up.weight is torch.float16 but the compute dtype is torch.float32", TypeError,
-         gate_up=ExpertProj(gu.weight.half(), gu.lora_A, gu.lora_B))
-    _bad(case, r"down.lora_A has shape \(10, 32\); expected PEFT's \[E\*r, in\]",
-         down=ExpertProj(d.weight, d.lora_A[:10], d.lora_B))
-    _bad(case, r"down.lora_B has shape .*expected PEFT's \[out, r\*E\] = \[64, 16\]",
-         down=ExpertProj(d.weight, d.lora_A, d.lora_B[:, :8]))
+    _bad(
+        case,
+        "gate_up.weight requires grad, but the fused path keeps expert weights frozen",
+        gate_up=ExpertProj(gu.weight.clone().requires_grad_(), gu.lora_A, gu.lora_B),
+    )
+    _bad(
+        case,
+        "gate_up.weight is torch.float16 but the compute dtype is torch.float32",
+        TypeError,
+        gate_up=ExpertProj(gu.weight.half(), gu.lora_A, gu.lora_B),
+    )
+    _bad(
+        case,
+        r"down.lora_A has shape \(10, 32\); expected PEFT's \[E\*r, in\]",
+        down=ExpertProj(d.weight, d.lora_A[:10], d.lora_B),
+    )
+    _bad(
+        case,
+        r"down.lora_B has shape .*expected PEFT's \[out, r\*E\] = \[64, 16\]",
+        down=ExpertProj(d.weight, d.lora_A, d.lora_B[:, :8]),
+    )
     _bad(case, "has lora_A but no lora_B", down=ExpertProj(d.weight, d.lora_A))
-    _bad(case, r"down.bias has shape \(4, 3\); expected \[E, out\] = \[4, 64\]",
-         down=ExpertProj(d.weight, bias=torch.zeros(4, 3, device=DEVICE)))
-    _bad(case, "gate_up has 3 experts but down has 4",
-         gate_up=ExpertProj(gu.weight[:3]))
+    _bad(
+        case,
+        r"down.bias has shape \(4, 3\); expected \[E, out\] = \[4, 64\]",
+        down=ExpertProj(d.weight, bias=torch.zeros(4, 3, device=DEVICE)),
+    )
+    _bad(case, "gate_up has 3 experts but down has 4", gate_up=ExpertProj(gu.weight[:3]))
     _bad(case, "block_m must be", block_m=24)
 
 
@@ -265,8 +297,7 @@ def _bnb():
 
 
 def _nf4(W, nested):
-    packed, qs = _bnb().quantize_4bit(W.contiguous(), blocksize=64, compress_statistics=nested,
-                                              quant_type="nf4")
+    packed, qs = _bnb().quantize_4bit(W.contiguous(), blocksize=64, compress_statistics=nested, quant_type="nf4")
     return packed, qs
 
 
@@ -274,15 +305,46 @@ MOE_COMPILE_OPTIONS = COMPILE_OPTIONS["moe_gate_up_fwd_kernel"]
 
 
 @triton.jit
-def _nf4_decode_kernel(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, OUT, n_out, n_in, TRANS: tl.constexpr,
-                       NESTED: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
+def _nf4_decode_kernel(
+    W,
+    ABSMAX,
+    ABSMAX2,
+    CODE,
+    CODE2,
+    OFFSET,
+    OUT,
+    n_out,
+    n_in,
+    TRANS: tl.constexpr,
+    NESTED: tl.constexpr,
+    BO: tl.constexpr,
+    BI: tl.constexpr,
+):
     # expert e's [n_out, n_in] (logical layout) a [BO, BI] tile at a time, as the GEMMs decode W
     e = tl.program_id(0)
     o = tl.program_id(1) * BO + tl.arange(0, BO)
     i = tl.program_id(2) * BI + tl.arange(0, BI)
     mask = (o < n_out)[:, None] & (i < n_in)[None, :]
-    vals = _w_tile(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, o[:, None], i[None, :], mask, n_out, n_in,
-                   TRANS, 1, 64, 256, NESTED, OUT.dtype.element_ty)
+    vals = _w_tile(
+        W,
+        ABSMAX,
+        ABSMAX2,
+        CODE,
+        CODE2,
+        OFFSET,
+        e,
+        o[:, None],
+        i[None, :],
+        mask,
+        n_out,
+        n_in,
+        TRANS,
+        1,
+        64,
+        256,
+        NESTED,
+        OUT.dtype.element_ty,
+    )
     tl.store(OUT + (e * n_out + o[:, None]) * n_in + i[None, :], vals, mask=mask)
 
 
@@ -293,6 +355,7 @@ def test_nf4_tile_decode_is_bit_identical_to_bitsandbytes(nested, transposed, dt
     """The GEMMs' in-tile decode against bnb's dequantize_4bit, every element, in a stored layout whose rows
     are not a multiple of the blocksize (a 64-element block spans rows, and the last block experts)."""
     from fusedlora.ops.moe_lora import _quant_args
+
     E, n_out, n_in = 3, 20, 36
     W = (torch.randn(E, n_out, n_in) * 0.3).to(DEVICE, dtype)
     stored = W.transpose(1, 2).contiguous() if transposed else W
@@ -303,9 +366,20 @@ def test_nf4_tile_decode_is_bit_identical_to_bitsandbytes(nested, transposed, dt
 
     def decode(out_dtype):
         out = torch.full((E, n_out, n_in), float("nan"), dtype=out_dtype, device=DEVICE)
-        _nf4_decode_kernel[(E, 2, 3)](data, *quant, out, n_out, n_in, TRANS=int(transposed), NESTED=int(nested),
-                                      BO=16, BI=16, **MOE_COMPILE_OPTIONS)  # (no FMA: bnb's rounding)
+        _nf4_decode_kernel[(E, 2, 3)](
+            data,
+            *quant,
+            out,
+            n_out,
+            n_in,
+            TRANS=int(transposed),
+            NESTED=int(nested),
+            BO=16,
+            BI=16,
+            **MOE_COMPILE_OPTIONS,
+        )  # (no FMA: bnb's rounding)
         return out
+
     if dtype != torch.bfloat16 or HAS_CUDA:
         assert torch.equal(decode(dtype), ref)
     else:  # the interpreter truncates fp32 -> bf16 (tests/test_quant.py): the fp32 values, rounded both ways
@@ -342,30 +416,45 @@ def test_matches_transformers_experts_with_merged_lora(family):
     gpt_oss's clamped GLU), its weights merged with the LoRA factors as PEFT does, gives the fused op's output
     and gradients (fp32)."""
     import transformers
+
     if family == "qwen3_moe":
-        config = transformers.Qwen3MoeConfig(hidden_size=64, moe_intermediate_size=32, num_experts=4,
-                                             num_experts_per_tok=2, hidden_act="silu")
+        config = transformers.Qwen3MoeConfig(
+            hidden_size=64, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, hidden_act="silu"
+        )
         config._experts_implementation = "grouped_mm"
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as Experts
+
         act = "silu"
     else:
-        config = transformers.GptOssConfig(hidden_size=64, intermediate_size=32, num_local_experts=4,
-                                           num_experts_per_tok=2)
+        config = transformers.GptOssConfig(
+            hidden_size=64, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2
+        )
         config._experts_implementation = "eager"
         from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as Experts
+
         act = "gptoss"
     experts = Experts(config).to(DEVICE).requires_grad_(False)
-    x, index, w, gu, d = _case(T=7, act=act, w_scale_gu=3 * 64 ** -0.5 if act == "gptoss" else None)
+    x, index, w, gu, d = _case(T=7, act=act, w_scale_gu=3 * 64**-0.5 if act == "gptoss" else None)
     params = {"gate_up_proj": gu.weight, "down_proj": d.weight}
     if act == "gptoss":
         params.update(gate_up_proj_bias=gu.bias, down_proj_bias=d.bias)
     for name, value in params.items():
         getattr(experts, name).copy_(value)
-    merged = {"gate_up_proj": _merged(gu.weight, gu.lora_A, gu.lora_B, gu.scale, gu.transposed),
-              "down_proj": _merged(d.weight, d.lora_A, d.lora_B, d.scale, d.transposed)}
+    merged = {
+        "gate_up_proj": _merged(gu.weight, gu.lora_A, gu.lora_B, gu.scale, gu.transposed),
+        "down_proj": _merged(d.weight, d.lora_A, d.lora_B, d.scale, d.transposed),
+    }
     ref = torch.func.functional_call(experts, merged, (x, index, w))
-    out = moe_lora_experts(x, index, w, gu, d, act, alpha=experts.alpha if act == "gptoss" else 1.702,
-                           limit=experts.limit if act == "gptoss" else 7.0)
+    out = moe_lora_experts(
+        x,
+        index,
+        w,
+        gu,
+        d,
+        act,
+        alpha=experts.alpha if act == "gptoss" else 1.702,
+        limit=experts.limit if act == "gptoss" else 7.0,
+    )
     leaves = [x, w] + _lora_leaves(gu, d)
     dout = torch.randn_like(out)
     for a, b in zip((out,) + torch.autograd.grad(out, leaves, dout), (ref,) + torch.autograd.grad(ref, leaves, dout)):
@@ -379,6 +468,7 @@ def test_torch_compile_fullgraph_matches_eager():
 
     def layer(x, index, w):
         return moe_lora_experts(x, index, w, gu, d)
+
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     leaves = [x, w] + _lora_leaves(gu, d)
     eager_out, compiled_out = layer(x, index, w), compiled(x, index, w)
@@ -392,16 +482,17 @@ def _real_layer(T, nf4=False, seed=0):
     """Qwen3-30B-A3B's experts (H 2048, I 768, E 128, k 8), r 16, bf16 activations and weights, fp32 LoRA."""
     H, I, E, k, r = 2048, 768, 128, 8, 16
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    randn = (lambda *shape, s=1.0: torch.randn(*shape, generator=gen, device="cuda") * s)
+    randn = lambda *shape, s=1.0: torch.randn(*shape, generator=gen, device="cuda") * s
 
     def proj(n_out, n_in):
-        W = randn(E, n_out, n_in, s=n_in ** -0.5).to(torch.bfloat16)
-        A = randn(E * r, n_in, s=n_in ** -0.5).requires_grad_()
+        W = randn(E, n_out, n_in, s=n_in**-0.5).to(torch.bfloat16)
+        A = randn(E * r, n_in, s=n_in**-0.5).requires_grad_()
         B = randn(n_out, r * E, s=0.05).requires_grad_()
         if nf4:
             packed, qs = _bnb().quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
             return ExpertProj(packed, A, B, 2.0, quant_state=qs)
         return ExpertProj(W, A, B, 2.0)
+
     x = randn(T, H).to(torch.bfloat16).requires_grad_()
     weights, index = torch.softmax(randn(T, E), -1).topk(k, -1)
     return x, index, weights.to(torch.bfloat16).requires_grad_(), proj(2 * I, H), proj(H, I)
@@ -415,14 +506,15 @@ def test_gpu_real_layer_bf16_against_fp32_reference(nf4):
     out = moe_lora_experts(x, index, w, gu, d)
     leaves = [x, w] + _lora_leaves(gu, d)
     grads = torch.autograd.grad(out, leaves, dout)
-    as32 = (lambda t: t.detach().float().requires_grad_())
+    as32 = lambda t: t.detach().float().requires_grad_()
     ref_leaves = [as32(t) for t in leaves]
-    dense = (lambda p: p.weight if p.quant_state is None else _bnb().dequantize_4bit(p.weight, p.quant_state))
+    dense = lambda p: p.weight if p.quant_state is None else _bnb().dequantize_4bit(p.weight, p.quant_state)
     gu32 = ExpertProj(dense(gu).float(), ref_leaves[2], ref_leaves[3], gu.scale)
     d32 = ExpertProj(dense(d).float(), ref_leaves[4], ref_leaves[5], d.scale)
     ref = naive_moe_lora(ref_leaves[0], index, ref_leaves[1], gu32, d32)
     ref_grads = torch.autograd.grad(ref, ref_leaves, dout.float())
     from fusedlora.ops._common import rel_err
+
     for name, a, b in zip(["out", "dx", "dw", "dA_gu", "dB_gu", "dA_d", "dB_d"], (out,) + grads, (ref,) + ref_grads):
         assert rel_err(a, b) < 2e-2, (name, rel_err(a, b))
 

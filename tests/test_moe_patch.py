@@ -4,6 +4,7 @@ LoRA gradient (experts and attention) and the embedding gradient (which reaches 
 weights), with and without the load-balancing loss; patch before get_peft_model; unpatch; each fallback with its
 reason; an expert with no token; top-k 1; quantize_experts (bitsandbytes' bytes, the loss against the dequantised
 experts, the bytes a parameter, the wrong order refused)."""
+
 import copy
 import warnings
 
@@ -19,18 +20,42 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-TINY = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-            head_dim=32, max_position_embeddings=64)
+TINY = dict(
+    vocab_size=97,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    max_position_embeddings=64,
+)
 FAMILY_CONFIGS = {  # docs/moe-design.md section 6.4; 4 experts, top-2, intermediate 32
-    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=48,
-                      mlp_only_layers=[1], norm_topk_prob=True),
-    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=48,
-                      shared_expert_intermediate_size=48, use_sliding_window=False),
+    "qwen3_moe": dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        intermediate_size=48,
+        mlp_only_layers=[1],
+        norm_topk_prob=True,
+    ),
+    "qwen2_moe": dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        intermediate_size=48,
+        shared_expert_intermediate_size=48,
+        use_sliding_window=False,
+    ),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32),
     "olmoe": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=32),
-    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=8,
-                    layer_types=["sliding_attention", "full_attention"],
-                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "gpt_oss": dict(
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        intermediate_size=32,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
 }
 MOE_BLOCKS = {"qwen3_moe": 1, "qwen2_moe": 2, "mixtral": 2, "olmoe": 2, "gpt_oss": 2}  # (qwen3_moe: layer 1 dense)
 
@@ -51,8 +76,9 @@ def make_moe(model_type, lora=True, seed=0, extra_targets=(), **config):
 
 
 def add_expert_lora(model, extra_targets=(), adapter="default"):
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                             target_parameters=EXPERT_TARGETS + list(extra_targets))
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], target_parameters=EXPERT_TARGETS + list(extra_targets)
+    )
     if isinstance(model, peft.PeftModel):
         model.add_adapter(adapter, config)
     else:
@@ -97,6 +123,7 @@ def fused_calls(monkeypatch):
     def counted(*args, **kwargs):
         calls.append(args[3])  # the gate_up ExpertProj
         return op(*args, **kwargs)
+
     monkeypatch.setattr(hf_moe, "moe_lora_experts", counted)
     return calls
 
@@ -106,10 +133,18 @@ def no_moe_fallback(report):
 
 
 @pytest.mark.parametrize("router_logits", [False, True], ids=["no_aux", "aux_loss"])
-@pytest.mark.parametrize("model_type,config", [
-    ("qwen3_moe", dict(norm_topk_prob=True)), ("qwen3_moe", dict(norm_topk_prob=False)),
-    ("qwen2_moe", {}), ("mixtral", {}), ("olmoe", {}), ("gpt_oss", {})],
-    ids=["qwen3_moe_norm_topk", "qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss"])
+@pytest.mark.parametrize(
+    "model_type,config",
+    [
+        ("qwen3_moe", dict(norm_topk_prob=True)),
+        ("qwen3_moe", dict(norm_topk_prob=False)),
+        ("qwen2_moe", {}),
+        ("mixtral", {}),
+        ("olmoe", {}),
+        ("gpt_oss", {}),
+    ],
+    ids=["qwen3_moe_norm_topk", "qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss"],
+)
 def test_family_loss_and_grads_match(model_type, config, router_logits, fused_calls):
     ref = embeddings_train(make_moe(model_type, **config))
     fused = copy.deepcopy(ref)
@@ -187,6 +222,7 @@ def test_top_k_1_and_an_expert_without_tokens(fused_calls):
     def without_expert_3(module, args, out):
         logits, weights, index = out
         return logits, weights, index.clamp(max=2)
+
     seen = []
     ref = make_moe("qwen3_moe", num_experts_per_tok=1)
     for block in [m for m in ref.modules() if type(m).__name__ == "Qwen3MoeSparseMoeBlock"]:
@@ -331,8 +367,9 @@ def test_custom_act_fn_unknown_submodule_and_lora_on_a_bias_keep_hf_path():
     report = fusedlora.patch(gptoss)
     assert report.kinds["moe"].patched == 1 and any("_apply_gate" in r for r in report.kinds["moe"].original)
     report = fusedlora.patch(make_moe("gpt_oss", extra_targets=["mlp.experts.down_proj_bias"]))
-    assert report.kinds["moe"].original == {"a LoRA adapter on the experts' down_proj_bias (fused: gate_up_proj, "
-                                            "down_proj)": 2}, str(report)
+    assert report.kinds["moe"].original == {
+        "a LoRA adapter on the experts' down_proj_bias (fused: gate_up_proj, down_proj)": 2
+    }, str(report)
 
 
 def test_lora_on_router_keeps_peft_path_and_report_says_so(fused_calls):
@@ -351,6 +388,7 @@ def _dequantised_copy(model):
     """`model`'s NF4 experts as plain tensors, decoded by bitsandbytes (over the flat stream: bitsandbytes 0.50's
     CPU dequantize_4bit decodes 3-D shapes whose last dimension is below the blocksize wrongly)."""
     import bitsandbytes as bnb
+
     out = copy.deepcopy(model)
     for experts in [m for m in out.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "down_proj")]:
         experts.__dict__.pop("forward", None)
@@ -358,8 +396,11 @@ def _dequantised_copy(model):
             p = getattr(experts, name)
             qs = copy.copy(p.quant_state)
             shape, qs.shape = qs.shape, torch.Size([qs.shape.numel()])
-            setattr(experts, name, torch.nn.Parameter(bnb.functional.dequantize_4bit(p.data, qs).view(shape),
-                                                      requires_grad=False))
+            setattr(
+                experts,
+                name,
+                torch.nn.Parameter(bnb.functional.dequantize_4bit(p.data, qs).view(shape), requires_grad=False),
+            )
     for m in out.modules():
         if "forward" in m.__dict__ and isinstance(m.__dict__["forward"], hf_moe.NF4ExpertsGuard):
             del m.__dict__["forward"]
@@ -369,8 +410,11 @@ def _dequantised_copy(model):
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
 def test_quantize_experts(model_type, fused_calls):
     import bitsandbytes as bnb
+
     model = make_moe(model_type)
-    originals = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))}
+    originals = {
+        n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))
+    }
     done = fusedlora.quantize_experts(model)
     assert done.tensors == 2 * MOE_BLOCKS[model_type] and done.parameters == sum(t.numel() for t in originals.values())
     stored = dict(model.named_parameters())
@@ -396,8 +440,17 @@ def test_quantize_experts_bytes_per_parameter():
     model = make_moe("mixtral")
     done = fusedlora.quantize_experts(model)
     stored = [p for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))]
-    counted = sum(t.numel() * t.element_size() for p in stored for t in (
-        p.data, p.quant_state.absmax, p.quant_state.code, p.quant_state.state2.absmax, p.quant_state.state2.code))
+    counted = sum(
+        t.numel() * t.element_size()
+        for p in stored
+        for t in (
+            p.data,
+            p.quant_state.absmax,
+            p.quant_state.code,
+            p.quant_state.state2.absmax,
+            p.quant_state.state2.code,
+        )
+    )
     assert done.bytes_after == counted and done.bytes_before == 4 * done.parameters
     big = torch.nn.Module()  # a Mixtral-like layer at 1/16 scale: 8 experts, 2I = 2 * 896, H = 256
     big.gate_up_proj = torch.nn.Parameter(torch.randn(8, 1792, 256, device=DEVICE), requires_grad=False)
@@ -416,8 +469,11 @@ def test_quantize_experts_refuses_clearly():
     with pytest.raises(ValueError, match="blocksize must be one of"):
         fusedlora.quantize_experts(make_moe("mixtral"), blocksize=48)
     with pytest.raises(ValueError, match="has no MoE block fusedlora serves"):
-        fusedlora.quantize_experts(transformers.AutoModelForCausalLM.from_config(
-            transformers.AutoConfig.for_model("llama", **TINY, intermediate_size=32)))
+        fusedlora.quantize_experts(
+            transformers.AutoModelForCausalLM.from_config(
+                transformers.AutoConfig.for_model("llama", **TINY, intermediate_size=32)
+            )
+        )
     with pytest.raises(TypeError, match="expected the model"):
         fusedlora.quantize_experts("Qwen/Qwen3-30B-A3B")
     model = add_expert_lora(make_moe("qwen3_moe"), adapter="other")

@@ -1,14 +1,15 @@
 """The host buffer pool of offloaded checkpointing (fusedlora.checkpoint): buffers serve inputs of every size of
 their class (dynamic padding changes the length each step), idle buffers of other sizes make room at the bound,
 and the default bound reads the memory cgroup's limit as well as MemAvailable, never "no bound"."""
+
 import warnings
 
 import pytest
 import torch
+from conftest import DEVICE
+from test_checkpoint import EXACT, _assert_equal, _model, _step
 
 import fusedlora.checkpoint as ck
-from conftest import DEVICE
-from test_checkpoint import _assert_equal, _model, _step, EXACT
 
 GIB = 2**30
 PER_INPUT = 2 * 16 * 64 * 4  # a decoder layer's input at batch 2 x seq 16, hidden 64, fp32 (test_hf_patch's SMALL)
@@ -91,16 +92,22 @@ def _host_files(tmp_path, meminfo_kib=None, cgroup=(), v1=None, v2=None, v2_at="
     return {"MEMINFO": str(meminfo), "PROC_CGROUP": str(tmp_path / "cgroup"), "CGROUP_MOUNT": str(mount)}
 
 
-@pytest.mark.parametrize("case, files, expected", [
-    ("meminfo only", dict(meminfo_kib=10 * 2**20), 10 * GIB),
-    ("cgroup v2 limit", dict(meminfo_kib=10 * 2**20, v2=(4 * GIB, GIB)), 3 * GIB),
-    ("cgroup v2 without limit", dict(meminfo_kib=10 * 2**20, v2=("max", GIB)), 10 * GIB),
-    ("the process's own v2 cgroup", dict(meminfo_kib=10 * 2**20, cgroup=["0::/job/7"], v2=(2 * GIB, 0), v2_at="job/7"),
-     2 * GIB),
-    ("cgroup v1 limit", dict(meminfo_kib=10 * 2**20, cgroup=["4:memory:/"], v1=(2 * GIB, GIB // 2)), 3 * GIB // 2),
-    ("cgroup v1 unlimited", dict(meminfo_kib=10 * 2**20, v1=(9223372036854771712, GIB)), 10 * GIB),
-    ("limit below usage", dict(meminfo_kib=10 * 2**20, v2=(GIB, 2 * GIB)), 0),
-])
+@pytest.mark.parametrize(
+    "case, files, expected",
+    [
+        ("meminfo only", dict(meminfo_kib=10 * 2**20), 10 * GIB),
+        ("cgroup v2 limit", dict(meminfo_kib=10 * 2**20, v2=(4 * GIB, GIB)), 3 * GIB),
+        ("cgroup v2 without limit", dict(meminfo_kib=10 * 2**20, v2=("max", GIB)), 10 * GIB),
+        (
+            "the process's own v2 cgroup",
+            dict(meminfo_kib=10 * 2**20, cgroup=["0::/job/7"], v2=(2 * GIB, 0), v2_at="job/7"),
+            2 * GIB,
+        ),
+        ("cgroup v1 limit", dict(meminfo_kib=10 * 2**20, cgroup=["4:memory:/"], v1=(2 * GIB, GIB // 2)), 3 * GIB // 2),
+        ("cgroup v1 unlimited", dict(meminfo_kib=10 * 2**20, v1=(9223372036854771712, GIB)), 10 * GIB),
+        ("limit below usage", dict(meminfo_kib=10 * 2**20, v2=(GIB, 2 * GIB)), 0),
+    ],
+)
 def test_default_bound_reads_the_cgroup_limit(tmp_path, monkeypatch, case, files, expected):
     for name, value in _host_files(tmp_path, **files).items():
         monkeypatch.setattr(ck, name, value)

@@ -4,12 +4,13 @@ NF4: bit-identical to bitsandbytes' own dequantize_4bit (its CPU path here, its 
 fp32 and fp16 outputs; bf16 too on the GPU. Triton's CPU interpreter truncates fp32 -> bf16 instead of
 rounding, so on CPU bf16 is checked against the exact fp32 result rounded both ways.
 GPTQ: against a plain-torch reference written from the auto-gptq format (bit-identical likewise)."""
+
 import math
 
 import pytest
 import torch
-
 from conftest import DEVICE, HAS_CUDA
+
 from fusedlora.quant import dequantize_gptq, dequantize_nf4, naive_dequantize_gptq, naive_dequantize_nf4
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
@@ -60,12 +61,14 @@ def _bnb_flat_dequant(q, qs):
     if HAS_CUDA:
         return bnbf.dequantize_4bit(q, qs)
     from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
     absmax = qs.absmax
     if qs.nested:
         absmax = bnbf.dequantize_blockwise(qs.absmax, qs.state2)
         absmax += qs.offset
-    return _dequantize_4bit_compute(q.view(torch.uint8).reshape(-1), absmax.float(), qs.code, qs.blocksize,
-                                    qs.shape, qs.dtype)
+    return _dequantize_4bit_compute(
+        q.view(torch.uint8).reshape(-1), absmax.float(), qs.code, qs.blocksize, qs.shape, qs.dtype
+    )
 
 
 @pytest.mark.parametrize("blocksize", [32, 128, 256, 512, 1024, 2048, 4096])
@@ -88,6 +91,7 @@ def test_nf4_quant_storage_and_params4bit(storage):
 
     class Params4bitLike(torch.Tensor):  # what bnb.nn.Params4bit looks like to us: data + .quant_state
         pass
+
     p = q.as_subclass(Params4bitLike)
     p.quant_state = qs
     out = torch.empty_like(ref)
@@ -118,9 +122,9 @@ def test_nf4_into_rows_of_a_wider_buffer(shape, extra, nested):
     q, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
     ref = dequantize_nf4(q, qs, dtype=dtype)
     buf = torch.full((shape[0], shape[1] + extra), 3.0, dtype=dtype, device=DEVICE)
-    got = dequantize_nf4(q, qs, out=buf[:, :shape[1]], dtype=dtype)
+    got = dequantize_nf4(q, qs, out=buf[:, : shape[1]], dtype=dtype)
     assert got.data_ptr() == buf.data_ptr() and torch.equal(got, ref)
-    assert bool((buf[:, shape[1]:] == 3.0).all())
+    assert bool((buf[:, shape[1] :] == 3.0).all())
     with pytest.raises(ValueError, match="out must be contiguous, or a 2-D block of rows"):
         dequantize_nf4(q, qs, out=torch.empty(shape[1], shape[0], dtype=dtype, device=DEVICE).t(), dtype=dtype)
 
@@ -145,8 +149,10 @@ def test_nf4_bad_input():
 
 
 # (fp32 quant_storage: bitsandbytes packs only byte counts divisible by 4)
-VIEW_CASES = [(s, torch.uint8) for s in [(64, 128), (64, 64), (3, 5), (1, 3), (1, 2), (2, 1), (1, 1)]] + \
-    [((64, 128), torch.float32), ((64, 64), torch.float32)]
+VIEW_CASES = [(s, torch.uint8) for s in [(64, 128), (64, 64), (3, 5), (1, 3), (1, 2), (2, 1), (1, 1)]] + [
+    ((64, 128), torch.float32),
+    ((64, 64), torch.float32),
+]
 
 
 @pytest.mark.parametrize("view", ["transposed", "flat", "packed"])
@@ -168,8 +174,11 @@ def test_nf4_packed_views_follow_bitsandbytes(shape, storage, view):
 def test_nf4_transposed_view_of_a_3d_weight_is_refused():
     w = torch.randn(2, 3, 64, dtype=torch.float16, device=DEVICE)
     q, qs = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
-    with pytest.raises(ValueError, match=r"dequantize_nf4: the packed weight has shape \(1, 192\), the transposed "
-                                         r"form .* but the weight's shape \(2, 3, 64\) is not 2-D"):
+    with pytest.raises(
+        ValueError,
+        match=r"dequantize_nf4: the packed weight has shape \(1, 192\), the transposed "
+        r"form .* but the weight's shape \(2, 3, 64\) is not 2-D",
+    ):
         dequantize_nf4(q.t(), qs)
     assert torch.equal(dequantize_nf4(q, qs), bnbf.dequantize_4bit(q, qs))
 
@@ -177,17 +186,23 @@ def test_nf4_transposed_view_of_a_3d_weight_is_refused():
 # ----------------------------------------------------------------------------------------------- GPTQ
 def _gptq_layer(in_f, out_f, bits, group, act_order, scale_dtype=torch.float16):
     per = 32 // bits
-    qw = torch.randint(-2**31, 2**31 - 1, (in_f // per, out_f), dtype=torch.int64).to(torch.int32)
+    qw = torch.randint(-(2**31), 2**31 - 1, (in_f // per, out_f), dtype=torch.int64).to(torch.int32)
     n_groups = 1 if group == -1 else math.ceil(in_f / group)
-    qz = torch.randint(-2**31, 2**31 - 1, (n_groups, math.ceil(out_f / per)), dtype=torch.int64).to(torch.int32)
+    qz = torch.randint(-(2**31), 2**31 - 1, (n_groups, math.ceil(out_f / per)), dtype=torch.int64).to(torch.int32)
     sc = (torch.rand(n_groups, out_f) * 0.01 + 1e-3).to(scale_dtype)
     g = (torch.randperm(in_f) // (in_f if group == -1 else group)).to(torch.int32) if act_order else None
     to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
     return to(qw), to(qz), to(sc), to(g)
 
 
-GPTQ_CASES = [(64, 128, 4, 32, False), (128, 96, 4, -1, False), (256, 40, 4, 64, True), (64, 64, 8, 16, False),
-              (64, 48, 2, 32, True), (32, 1, 4, 32, False)]
+GPTQ_CASES = [
+    (64, 128, 4, 32, False),
+    (128, 96, 4, -1, False),
+    (256, 40, 4, 64, True),
+    (64, 64, 8, 16, False),
+    (64, 48, 2, 32, True),
+    (32, 1, 4, 32, False),
+]
 if HAS_CUDA:
     GPTQ_CASES += [(8192, 8192, 4, 128, False), (4096, 11008, 4, 128, True)]
 
@@ -199,15 +214,17 @@ if HAS_CUDA:
 def test_gptq_matches_format_reference(case, out_dtype, fmt, transpose):
     in_f, out_f, bits, group, act = case
     qw, qz, sc, g = _gptq_layer(in_f, out_f, bits, group, act)
-    ours = dequantize_gptq(qw, qz, sc, g, bits=bits, group_size=group, format=fmt, out_dtype=out_dtype,
-                           transpose=transpose)
+    ours = dequantize_gptq(
+        qw, qz, sc, g, bits=bits, group_size=group, format=fmt, out_dtype=out_dtype, transpose=transpose
+    )
     ref = naive_dequantize_gptq(qw, qz, sc, g, bits=bits, group_size=group, format=fmt, out_dtype=out_dtype)
     ref = ref.t() if transpose else ref
     assert ours.shape == ref.shape and ours.dtype == out_dtype
     fp32 = None
     if out_dtype == torch.bfloat16 and not HAS_CUDA:
-        fp32 = dequantize_gptq(qw, qz, sc, g, bits=bits, group_size=group, format=fmt, out_dtype=torch.float32,
-                               transpose=transpose)
+        fp32 = dequantize_gptq(
+            qw, qz, sc, g, bits=bits, group_size=group, format=fmt, out_dtype=torch.float32, transpose=transpose
+        )
     _assert_matches(ours, ref, fp32)
 
 
@@ -216,23 +233,31 @@ def test_gptq_symmetric_zero_point():
     in_f, out_f = 64, 16
     qw, _, sc, _ = _gptq_layer(in_f, out_f, 4, 32, False)
     qz = torch.full((2, 2), 0x77777777, dtype=torch.int32, device=DEVICE)
-    w = dequantize_gptq(qw, qz, sc, group_size=32, out_dtype=torch.float32) if not HAS_CUDA else \
-        dequantize_gptq(qw, qz, sc.float(), group_size=32)
-    q = ((qw.unsqueeze(1) >> (torch.arange(8, device=DEVICE, dtype=torch.int32) * 4)[None, :, None]) & 15)
+    w = (
+        dequantize_gptq(qw, qz, sc, group_size=32, out_dtype=torch.float32)
+        if not HAS_CUDA
+        else dequantize_gptq(qw, qz, sc.float(), group_size=32)
+    )
+    q = (qw.unsqueeze(1) >> (torch.arange(8, device=DEVICE, dtype=torch.int32) * 4)[None, :, None]) & 15
     expect = ((q.reshape(in_f, out_f) - 8).float() * sc.float().repeat_interleave(32, 0)).t()
     assert torch.equal(w.float(), expect)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (lambda qw, qz, sc, g: dequantize_gptq(qw, qz, sc, bits=3), "bits=3 is not supported"),
-    (lambda qw, qz, sc, g: dequantize_gptq(qw.float(), qz, sc), "qweight must be a 2-D int32"),
-    (lambda qw, qz, sc, g: dequantize_gptq(qw, qz[:, :-1], sc, group_size=32), "qzeros has shape"),
-    (lambda qw, qz, sc, g: dequantize_gptq(qw, qz, sc[:, :-1], group_size=32), "scales has 127 columns"),
-    (lambda qw, qz, sc, g: dequantize_gptq(qw, qz, sc, group_size=16), "gives 4 groups but scales has 2"),
-    (lambda qw, qz, sc, g: dequantize_gptq(qw, qz, sc, g_idx=torch.zeros(5, dtype=torch.int32, device=DEVICE)),
-     "g_idx must be an integer tensor of shape \\(64,\\)"),
-    (lambda qw, qz, sc, g: dequantize_gptq(qw, qz, sc, group_size=32, format="awq"), "format must be one of"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (lambda qw, qz, sc, g: dequantize_gptq(qw, qz, sc, bits=3), "bits=3 is not supported"),
+        (lambda qw, qz, sc, g: dequantize_gptq(qw.float(), qz, sc), "qweight must be a 2-D int32"),
+        (lambda qw, qz, sc, g: dequantize_gptq(qw, qz[:, :-1], sc, group_size=32), "qzeros has shape"),
+        (lambda qw, qz, sc, g: dequantize_gptq(qw, qz, sc[:, :-1], group_size=32), "scales has 127 columns"),
+        (lambda qw, qz, sc, g: dequantize_gptq(qw, qz, sc, group_size=16), "gives 4 groups but scales has 2"),
+        (
+            lambda qw, qz, sc, g: dequantize_gptq(qw, qz, sc, g_idx=torch.zeros(5, dtype=torch.int32, device=DEVICE)),
+            "g_idx must be an integer tensor of shape \\(64,\\)",
+        ),
+        (lambda qw, qz, sc, g: dequantize_gptq(qw, qz, sc, group_size=32, format="awq"), "format must be one of"),
+    ],
+)
 def test_gptq_bad_input(bad, match):
     qw, qz, sc, g = _gptq_layer(64, 128, 4, 32, False)
     with pytest.raises(ValueError, match=match):
@@ -280,9 +305,12 @@ def test_nf4_state_on_another_device_is_named():
 # ------------------------------------------------- a base weight across a custom op's boundary (torch.compile)
 def _gptq_base(act_order, fmt, in_f=64, out_f=48, group=32):
     from fusedlora.quant import GPTQState
+
     torch.manual_seed(1)
-    qw = torch.randint(-2**31, 2**31 - 1, (in_f // 8, out_f), dtype=torch.int64, device=DEVICE).to(torch.int32)
-    qz = torch.randint(-2**31, 2**31 - 1, (in_f // group, out_f // 8), dtype=torch.int64, device=DEVICE).to(torch.int32)
+    qw = torch.randint(-(2**31), 2**31 - 1, (in_f // 8, out_f), dtype=torch.int64, device=DEVICE).to(torch.int32)
+    qz = torch.randint(-(2**31), 2**31 - 1, (in_f // group, out_f // 8), dtype=torch.int64, device=DEVICE).to(
+        torch.int32
+    )
     sc = (torch.rand(in_f // group, out_f, device=DEVICE) * 0.01).half()
     g = (torch.randperm(in_f, device=DEVICE) // group).to(torch.int32) if act_order else None
     return qw, GPTQState(qz, sc, g, 4, group, fmt)
@@ -294,12 +322,15 @@ def test_base_weight_crosses_a_custom_op_as_named_fields(kind):
     base weight (tensors in BASE_TENSORS order, BaseLayout's named scalars): every kind comes back with its
     state's fields and tensors, and dequantises to the same weight."""
     from fusedlora.quant import BASE_TENSORS, _synthetic_nf4, base_arguments, base_from_arguments, dequantize_base
+
     if kind == "plain":
         W, quant = torch.randn(5, 7, device=DEVICE), None
     elif kind.startswith("gptq"):
         W, quant = _gptq_base("act_order" in kind, "gptq_v2" if "v2" in kind else "gptq")
     else:
-        W, quant = _synthetic_nf4((33, 70), "nested" in kind, DEVICE, torch.float16 if "fp16" in kind else torch.float32)
+        W, quant = _synthetic_nf4(
+            (33, 70), "nested" in kind, DEVICE, torch.float16 if "fp16" in kind else torch.float32
+        )
         quant.quant_type = kind[:3]
     tensors, layout = base_arguments(W, quant)
     assert len(tensors) == len(BASE_TENSORS) and tensors[0] is W
@@ -314,7 +345,12 @@ def test_base_weight_crosses_a_custom_op_as_named_fields(kind):
         for field in ("absmax", "code"):
             assert getattr(quant2, field) is getattr(quant, field)
         assert (quant2.blocksize, quant2.dtype, quant2.quant_type, quant2.nested, tuple(quant2.shape)) == (
-            quant.blocksize, quant.dtype, quant.quant_type, quant.nested, tuple(quant.shape))
+            quant.blocksize,
+            quant.dtype,
+            quant.quant_type,
+            quant.nested,
+            tuple(quant.shape),
+        )
         if quant.nested:
             assert quant2.state2.absmax is quant.state2.absmax and quant2.state2.blocksize == quant.state2.blocksize
             assert float(quant2.offset) == quant.offset
@@ -324,5 +360,6 @@ def test_base_weight_crosses_a_custom_op_as_named_fields(kind):
 
 def test_base_arguments_refuse_an_unknown_state():
     from fusedlora.quant import base_arguments
+
     with pytest.raises(TypeError, match="unsupported quantisation state object"):
         base_arguments(torch.zeros(4, 4), object())

@@ -3,10 +3,11 @@
 Tolerances: fp32 kernels agree with fp64 to ~1e-6 relative (sums of a few thousand fp32 terms);
 fp16/bf16 outputs carry one rounding of 2^-11 / 2^-8 relative, so their forward is compared with the
 reference computed in the same dtype (HF's exact op order) and their gradients with fp64 at 1e-2."""
+
 import pytest
 import torch
-
 from conftest import DEVICE, HAS_CUDA, rel_err
+
 from fusedlora.ops import naive_rms_norm, rms_norm
 
 SHAPES_CPU = [(1, 64), (7, 333), (3, 5, 96), (1, 5120), (2, 2048), (5, 1)]  # (5, 1): strides equal to 1
@@ -78,14 +79,17 @@ def test_empty_rows():
     assert y.shape == (0, 64) and torch.equal(w.grad, torch.zeros_like(w))
 
 
-@pytest.mark.parametrize("bad,match", [
-    (lambda x, w: rms_norm(x, w[:-1]), "weight has shape"),
-    (lambda x, w: rms_norm(x.long(), w), "x has dtype int64"),
-    (lambda x, w: rms_norm(x, w.to(torch.int32)), "weight has dtype int32"),
-    (lambda x, w: rms_norm(x, w, casting="phi"), "casting must be one of"),
-    (lambda x, w: rms_norm(x, w[None]), "weight has shape"),
-    (lambda x, w: rms_norm(x.numpy(), w), "x must be a torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (lambda x, w: rms_norm(x, w[:-1]), "weight has shape"),
+        (lambda x, w: rms_norm(x.long(), w), "x has dtype int64"),
+        (lambda x, w: rms_norm(x, w.to(torch.int32)), "weight has dtype int32"),
+        (lambda x, w: rms_norm(x, w, casting="phi"), "casting must be one of"),
+        (lambda x, w: rms_norm(x, w[None]), "weight has shape"),
+        (lambda x, w: rms_norm(x.numpy(), w), "x must be a torch.Tensor"),
+    ],
+)
 def test_bad_input_names_the_problem(bad, match):
     x = torch.randn(4, 64, device=DEVICE)
     w = torch.randn(64, device=DEVICE)

@@ -6,17 +6,25 @@ rounding of rstd flips, more under Triton's CPU interpreter, which truncates to 
 against fp64 autograd of the reference ("none" included: its backward is the unrounded function's); bf16/fp16
 carry the rounding of their output (2^-8 / 2^-11 relative), so 1e-2; fp32 sums of a few hundred terms agree
 to 1e-5."""
+
 import pytest
 import torch
-
 from conftest import DEVICE, HAS_CUDA, rel_err
+
 from fusedlora.ops import naive_rms_norm, rms_norm
 from fusedlora.ops.rms_norm import norm_source
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(7, 333), (3, 5, 96), (2, 1), (1, 1000)] + ([(513, 4096), (9, 8191)] if HAS_CUDA else [])
-MODES = [("llama", True, 0.0), ("gemma", True, 1.0), ("none", True, 0.0), ("none", True, 1.0),
-         ("llama", False, 0.0), ("gemma", False, 0.0), ("none", False, 0.0)]
+MODES = [
+    ("llama", True, 0.0),
+    ("gemma", True, 1.0),
+    ("none", True, 0.0),
+    ("none", True, 1.0),
+    ("llama", False, 0.0),
+    ("gemma", False, 0.0),
+    ("none", False, 0.0),
+]
 
 
 def _ulps(dtype, casting):
@@ -31,8 +39,10 @@ def _ulps(dtype, casting):
 def _rounded_steps(x, w, eps, offset):
     """casting="none" as torch's CUDA ops compute it on x's dtype: each op in fp32, rounded once to its
     dtype. (Torch's CPU rsqrt on fp16 rounds its sqrt first, an ulp off: naive_rms_norm there is not exact.)"""
+
     def rounded(t, dtype=x.dtype):
         return t.to(dtype).float()
+
     xf = x.float()
     mean_sq = rounded(rounded(xf * xf).mean(-1, keepdim=True))
     xhat = rounded(xf * rounded(torch.rsqrt(rounded(mean_sq + eps))))
@@ -102,7 +112,7 @@ def test_second_backward_and_loss_scale(dtype, casting, has_weight, offset):
     scaled = torch.autograd.grad(y, leaves, dy * 1024, retain_graph=True)
     for a, s in zip(first, scaled):
         # exact, but where the unscaled gradient is an fp16 subnormal (spacing 2^-24, lost to its rounding)
-        assert torch.isfinite(s).all() and (s.float() / 1024 - a.float()).abs().max() <= 2 ** -25
+        assert torch.isfinite(s).all() and (s.float() / 1024 - a.float()).abs().max() <= 2**-25
     y.backward(dy)  # and .grad accumulation through the same graph
     assert torch.equal(xk.grad, first[0])
 
@@ -115,12 +125,18 @@ def test_recomputable_output_without_weight_recomputes_the_same_bits():
         assert source.weight is None and torch.equal(source.recompute(source.x2d, None).view_as(y), y)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (lambda x, w: rms_norm(x, None, offset=1.0), r"rms_norm: offset=1.0 is added to the weight, but weight is None"),
-    (lambda x, w: rms_norm(x, w[:-1], casting="none"), r"expected weight of shape \(64,\) or None"),
-    (lambda x, w: rms_norm(x, w, casting="fp32"), r"casting must be one of \('llama', 'gemma', 'none'\)"),
-    (lambda x, w: rms_norm(x[0, 0], None), r"rms_norm: x is a scalar"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (
+            lambda x, w: rms_norm(x, None, offset=1.0),
+            r"rms_norm: offset=1.0 is added to the weight, but weight is None",
+        ),
+        (lambda x, w: rms_norm(x, w[:-1], casting="none"), r"expected weight of shape \(64,\) or None"),
+        (lambda x, w: rms_norm(x, w, casting="fp32"), r"casting must be one of \('llama', 'gemma', 'none'\)"),
+        (lambda x, w: rms_norm(x[0, 0], None), r"rms_norm: x is a scalar"),
+    ],
+)
 def test_bad_input_is_named(bad, match):
     x, w = torch.randn(4, 64, device=DEVICE), torch.randn(64, device=DEVICE)
     with pytest.raises(ValueError, match=match):

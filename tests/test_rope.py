@@ -1,10 +1,11 @@
 """RoPE of q and k (GQA) vs an fp64 reference of HF's apply_rotary_pos_emb, with position_ids.
 
 fp32: ~1e-6; fp16/bf16: one output rounding, so ~2^-11 / 2^-8 relative in norm."""
+
 import pytest
 import torch
-
 from conftest import DEVICE, HAS_CUDA, assert_device_assert, rel_err
+
 from fusedlora.ops import naive_rope, rope
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float32, torch.bfloat16]
@@ -72,17 +73,20 @@ def test_fp32_cache_with_bf16_inputs_and_only_q_used():
     assert rel_err(q.grad, q64.grad) < 1e-5 and torch.count_nonzero(k.grad) == 0
 
 
-@pytest.mark.parametrize("bad,match", [
-    (lambda q, k, c, s, p: rope(q, k[:, :, :3], c, s, p), "must share B, S and D"),
-    (lambda q, k, c, s, p: rope(q, k.double(), c, s, p), "k has dtype float64"),
-    (lambda q, k, c, s, p: rope(q, k, c[:, :63], s[:, :63], p), "must be even"),
-    (lambda q, k, c, s, p: rope(q, k, c, s[:, :32], p), "must match"),
-    (lambda q, k, c, s, p: rope(q, k, c[None], s[None], p), "must be a \\[max_pos, rotary_dim\\] cache"),
-    (lambda q, k, c, s, p: rope(q, k, c, s, p[:, :2]), "position_ids has shape"),
-    (lambda q, k, c, s, p: rope(q, k, c, s, p.float()), "position_ids has dtype float32"),
-    (lambda q, k, c, s, p: rope(q, k, c[:4][None], s[:4][None], None), "cos/sin have shape"),
-    (lambda q, k, c, s, p: rope(q[0], k, c, s, p), "must be \\[B, H, S, D\\]"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (lambda q, k, c, s, p: rope(q, k[:, :, :3], c, s, p), "must share B, S and D"),
+        (lambda q, k, c, s, p: rope(q, k.double(), c, s, p), "k has dtype float64"),
+        (lambda q, k, c, s, p: rope(q, k, c[:, :63], s[:, :63], p), "must be even"),
+        (lambda q, k, c, s, p: rope(q, k, c, s[:, :32], p), "must match"),
+        (lambda q, k, c, s, p: rope(q, k, c[None], s[None], p), "must be a \\[max_pos, rotary_dim\\] cache"),
+        (lambda q, k, c, s, p: rope(q, k, c, s, p[:, :2]), "position_ids has shape"),
+        (lambda q, k, c, s, p: rope(q, k, c, s, p.float()), "position_ids has dtype float32"),
+        (lambda q, k, c, s, p: rope(q, k, c[:4][None], s[:4][None], None), "cos/sin have shape"),
+        (lambda q, k, c, s, p: rope(q[0], k, c, s, p), "must be \\[B, H, S, D\\]"),
+    ],
+)
 def test_bad_input(bad, match):
     q = torch.randn(2, 4, 5, 64, device=DEVICE)
     k = torch.randn(2, 2, 5, 64, device=DEVICE)

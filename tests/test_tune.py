@@ -1,9 +1,10 @@
 """build_tools/tune.py's sweeps run through the ops' own launchers under KernelSpec.override: the override
 reaches the launch (and the result stays right), and every sweep runs at smoke sizes (CI: the interpreter)."""
+
 import pytest
 import torch
-
 from conftest import DEVICE
+
 from csrc_triton.rms_norm import RMS_NORM_FWD
 from fusedlora import loader
 from fusedlora.ops import naive_rms_norm, rms_norm
@@ -16,6 +17,7 @@ def test_override_reaches_the_launch_and_keeps_the_result(monkeypatch):
     def spy(self, spec, grid, args, constexprs, num_warps=None, num_stages=None):
         seen.append((spec.name, grid, dict(constexprs), num_warps))
         return real(self, spec, grid, args, constexprs, num_warps, num_stages)
+
     monkeypatch.setattr(loader.Loader, "launch_jit", spy)
     x, w = torch.randn(9, 64, device=DEVICE), torch.randn(64, device=DEVICE)
     default = RMS_NORM_FWD.constexprs(n_cols=64, gemma_cast=False)
@@ -34,19 +36,30 @@ def test_override_reaches_the_launch_and_keeps_the_result(monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU run the real sweeps: python -m build_tools.tune")
 def test_every_sweep_runs_at_smoke_sizes(capsys):
     from build_tools import tune
+
     try:
         tune.main(["--smoke"])
     finally:
         tune.SMOKE, tune.DEV = False, "cuda"
     out = capsys.readouterr().out
-    for name in ("cross_entropy", "swiglu", "glu_lora_bwd", "glu_lora_fwd", "glu_lora_dyb", "rope fwd", "rms_norm",
-                 "nf4 nested", "gptq"):
+    for name in (
+        "cross_entropy",
+        "swiglu",
+        "glu_lora_bwd",
+        "glu_lora_fwd",
+        "glu_lora_dyb",
+        "rope fwd",
+        "rms_norm",
+        "nf4 nested",
+        "gptq",
+    ):
         assert f"== {name}" in out, name
     assert "skip" not in out
 
 
 def test_smoke_refuses_a_gpu_probe():
     from build_tools import tune
+
     try:
         with pytest.raises(SystemExit, match="triton_gemm is a GPU probe, not a sweep: no --smoke run"):
             tune.main(["--smoke", "triton_gemm"])

@@ -12,6 +12,7 @@ MODE 1's second pass walks the row backwards: the chunks read last by the first 
 to still be in L2 (first-pass loads are marked evict_last, second-pass loads evict_first and the
 gradient stores streaming, so the gradient does not push the row out; docs/perf-notes.md has the timing).
 """
+
 import triton
 import triton.language as tl
 
@@ -28,10 +29,26 @@ def _transform(z, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit(do_not_specialize=["n_rows", "ignore_index"])
 def cross_entropy_kernel(
-    LOGITS, LABELS, LOSS, LSE, GRAD, SCALE,
-    logits_row_stride, grad_row_stride, scale_stride, n_rows, n_cols,
-    ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale,
-    BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MODE: tl.constexpr, SMOOTH: tl.constexpr,
+    LOGITS,
+    LABELS,
+    LOSS,
+    LSE,
+    GRAD,
+    SCALE,
+    logits_row_stride,
+    grad_row_stride,
+    scale_stride,
+    n_rows,
+    n_cols,
+    ignore_index,
+    label_smoothing,
+    softcap,
+    logit_scale,
+    lse_square_scale,
+    BLOCK_V: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    MODE: tl.constexpr,
+    SMOOTH: tl.constexpr,
 ):
     # Program p takes rows p, p + P, ... (the launcher may pick a persistent grid). Eviction hints only
     # where a row is read twice (MODE 1).
@@ -90,17 +107,23 @@ def cross_entropy_kernel(
                 start = first + i * step
                 z = z_next.to(tl.float32)
                 nxt = start + step + cols
-                z_next = tl.load(base + nxt, mask=(nxt >= 0) & (nxt < n_cols), other=0.0,
-                                 eviction_policy=SECOND_READ)
+                z_next = tl.load(base + nxt, mask=(nxt >= 0) & (nxt < n_cols), other=0.0, eviction_policy=SECOND_READ)
                 x = _transform(z, softcap, logit_scale, HAS_SOFTCAP)
-                g = tl.exp(x - lse) * softmax_coef - smooth - tl.where(cols == label_col - start, 1.0 - label_smoothing,
-                                                                         0.0)
+                g = (
+                    tl.exp(x - lse) * softmax_coef
+                    - smooth
+                    - tl.where(cols == label_col - start, 1.0 - label_smoothing, 0.0)
+                )
                 if HAS_SOFTCAP:
                     t = x / softcap
                     g = g * (1.0 - t * t)
                 g = g * (logit_scale * scale)
-                tl.store(gbase + start + cols, g.to(GRAD.dtype.element_ty), mask=start + cols < n_cols,
-                         cache_modifier=GRAD_STORE)
+                tl.store(
+                    gbase + start + cols,
+                    g.to(GRAD.dtype.element_ty),
+                    mask=start + cols < n_cols,
+                    cache_modifier=GRAD_STORE,
+                )
 
 
 @triton.jit(do_not_specialize=["n_elements"])
@@ -123,8 +146,9 @@ def scale_by_scalar_kernel(X, S, n_elements, BLOCK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["n_labels", "n_cols", "ignore_index"])
-def ce_prepare_kernel(LABELS, INV, OK, n_labels, n_cols, ignore_index, divisor,
-                      BLOCK: tl.constexpr, INV_MODE: tl.constexpr):
+def ce_prepare_kernel(
+    LABELS, INV, OK, n_labels, n_cols, ignore_index, divisor, BLOCK: tl.constexpr, INV_MODE: tl.constexpr
+):
     """One program, before the cross-entropy kernel: OK[0] = 1 if every label is in [0, n_cols) or
     ignore_index, else 0 (the op turns it into an asynchronous assert), and the loss scale INV[0]:
     INV_MODE 0: 1 / max(#labels != ignore_index, 1) ("mean"); 1: 1 / max(divisor, 1) (a given

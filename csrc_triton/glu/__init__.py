@@ -1,6 +1,7 @@
 """glu: the registry entries of the kernels in kernel.py (pointer dtype roles, constexprs per shape,
 launch configs, AOT variants). Importing this module does not import triton: the prebuilt-cubin path
 never pays for it; kernel.py (the @triton.jit sources) is imported on the first JIT or AOT use."""
+
 from __future__ import annotations
 
 from fusedlora.kernel_spec import KernelSpec, register
@@ -29,24 +30,30 @@ def _glu_bwd_aot(family):
             yield dtypes, {**shape, "store_h": store_h}
 
 
-GLU_FWD = register(KernelSpec(
-    name="glu_fwd",
-    module="csrc_triton.glu.kernel", function="glu_fwd_kernel",
-    pointer_types={"GATE": "x", "UP": "x", "OUT": "x"},
-    meta=glu_meta,
-    config=lambda arch, c: (16, 1),
-    aot_variants=_glu_aot,
-    doc="act(gate) * up, act in SiLU / GELU / GELU-tanh",
-    check="fusedlora.ops.glu:selfcheck",
-))
+GLU_FWD = register(
+    KernelSpec(
+        name="glu_fwd",
+        module="csrc_triton.glu.kernel",
+        function="glu_fwd_kernel",
+        pointer_types={"GATE": "x", "UP": "x", "OUT": "x"},
+        meta=glu_meta,
+        config=lambda arch, c: (16, 1),
+        aot_variants=_glu_aot,
+        doc="act(gate) * up, act in SiLU / GELU / GELU-tanh",
+        check="fusedlora.ops.glu:selfcheck",
+    )
+)
 
-GLU_BWD = register(KernelSpec(
-    name="glu_bwd",
-    module="csrc_triton.glu.kernel", function="glu_bwd_kernel",
-    pointer_types={"DOUT": "x", "GATE": "x", "UP": "x", "DGATE": "x", "DUP": "x", "H": "x"},
-    meta=glu_bwd_meta,
-    config=lambda arch, c: (16, 1),
-    aot_variants=_glu_bwd_aot,
-    doc="gradients of act(gate) * up, activation recomputed; STORE_H also writes h over d(out)",
-    check="fusedlora.ops.glu:selfcheck",
-))
+GLU_BWD = register(
+    KernelSpec(
+        name="glu_bwd",
+        module="csrc_triton.glu.kernel",
+        function="glu_bwd_kernel",
+        pointer_types={"DOUT": "x", "GATE": "x", "UP": "x", "DGATE": "x", "DUP": "x", "H": "x"},
+        meta=glu_bwd_meta,
+        config=lambda arch, c: (16, 1),
+        aot_variants=_glu_bwd_aot,
+        doc="gradients of act(gate) * up, activation recomputed; STORE_H also writes h over d(out)",
+        check="fusedlora.ops.glu:selfcheck",
+    )
+)

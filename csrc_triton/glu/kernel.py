@@ -5,10 +5,12 @@ and strides are specialised on 16-divisibility only (so masked loads stay 16-byt
 size qualifies) and are otherwise runtime values.
 Backward recomputes the activation from gate instead of storing it.
 """
+
 import triton
 import triton.language as tl
 
 from csrc_triton._math import _act_and_grad
+
 
 @triton.jit
 def glu_fwd_kernel(GATE, UP, OUT, n_cols, stride_in, ACT: tl.constexpr, BLOCK: tl.constexpr):
@@ -28,8 +30,9 @@ def glu_fwd_kernel(GATE, UP, OUT, n_cols, stride_in, ACT: tl.constexpr, BLOCK: t
 
 
 @triton.jit
-def glu_bwd_kernel(DOUT, GATE, UP, DGATE, DUP, H, n_elements, ACT: tl.constexpr, STORE_H: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def glu_bwd_kernel(
+    DOUT, GATE, UP, DGATE, DUP, H, n_elements, ACT: tl.constexpr, STORE_H: tl.constexpr, BLOCK: tl.constexpr
+):
     # DGATE / DUP may alias GATE / UP and H may alias DOUT (in-place backward): each element is read
     # before it is written. STORE_H also writes h = act(gate) * up, bit-identical to the forward's, for a
     # caller that needs h again (LoRA down_proj's dA) without a separate recompute pass.

@@ -1,11 +1,11 @@
 """glu_lora: the registry entries of the kernels in kernel.py (pointer dtype roles, constexprs per shape,
 launch configs, AOT variants). Importing this module does not import triton: the prebuilt-cubin path
 never pays for it; kernel.py (the @triton.jit sources) is imported on the first JIT or AOT use."""
+
 from __future__ import annotations
 
-from fusedlora.kernel_spec import KernelSpec, next_pow2, register
-
 from csrc_triton.glu import GLU_ACTS
+from fusedlora.kernel_spec import KernelSpec, next_pow2, register
 
 # The LoRA MLP's GLU backward with its token-reduced adapter products: tiles of BLOCK_M rows x BLOCK_N
 # columns; each program walks one column tile down a group of rows, its loads pipelined STAGES deep.
@@ -45,19 +45,33 @@ def _glu_lora_aot(family):
     return _glu_lora_variants(family, backward=True)
 
 
-GLU_LORA_BWD = register(KernelSpec(
-    name="glu_lora_bwd",
-    module="csrc_triton.glu_lora.kernel", function="glu_lora_bwd_kernel",
-    pointer_types={"DOUT": "x", "GATE": "x", "UP": "x", "DGATE": "x", "DUP": "x", "XA": "x", "DYB": "x",
-                   "BG": "x", "BU": "x", "AD": "x", "Q_PART": "fp32"},
-    float_args=("scale_g", "scale_u"),
-    meta=glu_lora_bwd_meta,
-    config=lambda arch, c: GLU_LORA_TILE[2:],
-    aot_variants=_glu_lora_aot,
-    doc="LoRA MLP backward: GLU gradients (adapter terms of e, g, dh added) plus the s de^T XA and h^T dY B "
+GLU_LORA_BWD = register(
+    KernelSpec(
+        name="glu_lora_bwd",
+        module="csrc_triton.glu_lora.kernel",
+        function="glu_lora_bwd_kernel",
+        pointer_types={
+            "DOUT": "x",
+            "GATE": "x",
+            "UP": "x",
+            "DGATE": "x",
+            "DUP": "x",
+            "XA": "x",
+            "DYB": "x",
+            "BG": "x",
+            "BU": "x",
+            "AD": "x",
+            "Q_PART": "fp32",
+        },
+        float_args=("scale_g", "scale_u"),
+        meta=glu_lora_bwd_meta,
+        config=lambda arch, c: GLU_LORA_TILE[2:],
+        aot_variants=_glu_lora_aot,
+        doc="LoRA MLP backward: GLU gradients (adapter terms of e, g, dh added) plus the s de^T XA and h^T dY B "
         "partial sums, h never stored",
-    check="fusedlora.ops.glu_lora:selfcheck",
-))
+        check="fusedlora.ops.glu_lora:selfcheck",
+    )
+)
 
 
 # The LoRA MLP's GLU forward from the base GEMM outputs, the gate/up adapter terms added per tile.
@@ -73,17 +87,20 @@ def _glu_lora_fwd_aot(family):
     return _glu_lora_variants(family, backward=False)
 
 
-GLU_LORA_FWD = register(KernelSpec(
-    name="glu_lora_fwd",
-    module="csrc_triton.glu_lora.kernel", function="glu_lora_fwd_kernel",
-    pointer_types={"GATE": "x", "UP": "x", "XA": "x", "BG": "x", "BU": "x", "OUT": "x"},
-    float_args=("scale_g", "scale_u"),
-    meta=glu_lora_fwd_meta,
-    config=lambda arch, c: GLU_LORA_FWD_TILE[2:],
-    aot_variants=_glu_lora_fwd_aot,
-    doc="LoRA MLP forward: act(e) * g with the gate/up adapter terms added to the base GEMM outputs",
-    check="fusedlora.ops.glu_lora:selfcheck",
-))
+GLU_LORA_FWD = register(
+    KernelSpec(
+        name="glu_lora_fwd",
+        module="csrc_triton.glu_lora.kernel",
+        function="glu_lora_fwd_kernel",
+        pointer_types={"GATE": "x", "UP": "x", "XA": "x", "BG": "x", "BU": "x", "OUT": "x"},
+        float_args=("scale_g", "scale_u"),
+        meta=glu_lora_fwd_meta,
+        config=lambda arch, c: GLU_LORA_FWD_TILE[2:],
+        aot_variants=_glu_lora_fwd_aot,
+        doc="LoRA MLP forward: act(e) * g with the gate/up adapter terms added to the base GEMM outputs",
+        check="fusedlora.ops.glu_lora:selfcheck",
+    )
+)
 
 
 # The LoRA MLP backward's rank-r products that reduce over I (s_g de B_g | s_u dg B_u): one program per
@@ -107,14 +124,17 @@ def _glu_lora_dyb_aot(family):
             yield {"x": dt}, {"rank": r}
 
 
-GLU_LORA_DYB = register(KernelSpec(
-    name="glu_lora_dyb",
-    module="csrc_triton.glu_lora.kernel", function="glu_lora_dyb_kernel",
-    pointer_types={"DE": "x", "DG": "x", "BG": "x", "BU": "x", "OUT": "x"},
-    float_args=("scale_g", "scale_u"),
-    meta=glu_lora_dyb_meta,
-    config=lambda arch, c: GLU_LORA_DYB_TILE[2:],
-    aot_variants=_glu_lora_dyb_aot,
-    doc="LoRA MLP backward: [s_g de B_g | s_u dg B_u], the rank-r products reducing over I",
-    check="fusedlora.ops.glu_lora:selfcheck",
-))
+GLU_LORA_DYB = register(
+    KernelSpec(
+        name="glu_lora_dyb",
+        module="csrc_triton.glu_lora.kernel",
+        function="glu_lora_dyb_kernel",
+        pointer_types={"DE": "x", "DG": "x", "BG": "x", "BU": "x", "OUT": "x"},
+        float_args=("scale_g", "scale_u"),
+        meta=glu_lora_dyb_meta,
+        config=lambda arch, c: GLU_LORA_DYB_TILE[2:],
+        aot_variants=_glu_lora_dyb_aot,
+        doc="LoRA MLP backward: [s_g de B_g | s_u dg B_u], the rank-r products reducing over I",
+        check="fusedlora.ops.glu_lora:selfcheck",
+    )
+)

@@ -8,7 +8,6 @@ import triton.language as tl
 
 from csrc_triton._math import _act_and_grad, interpreter_on
 
-
 # Triton's CPU interpreter computes bf16 tl.dot wrongly (triton 3.9), so there the operands go to fp32 first.
 # Read at import, as triton.jit reads TRITON_INTERPRET; the AOT build never sets it (a dead branch in cubins).
 _INTERPRETER_FP32_DOT = tl.constexpr(interpreter_on())
@@ -30,8 +29,11 @@ def _rank_tile(M, cols, col_ok, rk, rank, col_stride, rank_stride):
     # [R, BLOCK_N]: this program's columns of a rank-r factor, zero past the rank; loaded once per program
     # and reused down its rows. B ([I, r] contiguous) is read transposed: col_stride r, rank_stride 1;
     # A ([r, I]): col_stride 1, rank_stride I.
-    return tl.load(M + cols[None, :].to(tl.int64) * col_stride + rk[:, None].to(tl.int64) * rank_stride,
-                   mask=col_ok[None, :] & (rk < rank)[:, None], other=0.0)
+    return tl.load(
+        M + cols[None, :].to(tl.int64) * col_stride + rk[:, None].to(tl.int64) * rank_stride,
+        mask=col_ok[None, :] & (rk < rank)[:, None],
+        other=0.0,
+    )
 
 
 @triton.jit
@@ -48,8 +50,12 @@ def _gate_up_with_lora(GATE, UP, offs, mask, xg, xu, bg, bu, scale_g, scale_u):
     # e = X W_g^T + s_g (X A_g^T) B_g^T and g likewise, in fp32: the base GEMM's rounded output plus the
     # rank-r term taken here instead of by widening the GEMM's K (a K of H + 2r runs disproportionately slower
     # than H). The forward and backward kernels share this arithmetic.
-    e = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32) + scale_g * _mma(xg, bg, tl.zeros(mask.shape, tl.float32))
-    g = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32) + scale_u * _mma(xu, bu, tl.zeros(mask.shape, tl.float32))
+    e = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32) + scale_g * _mma(
+        xg, bg, tl.zeros(mask.shape, tl.float32)
+    )
+    g = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32) + scale_u * _mma(
+        xu, bu, tl.zeros(mask.shape, tl.float32)
+    )
     return e, g
 
 
@@ -60,10 +66,27 @@ def _gate_up_with_lora(GATE, UP, offs, mask, xg, xu, bg, bu, scale_g, scale_u):
 # copy STAGES - 1 iterations ahead (timings: docs/perf-notes.md).
 @triton.jit(do_not_specialize=["n_rows", "rows_per_group"])
 def glu_lora_fwd_kernel(
-    GATE, UP, XA, BG, BU, OUT,
-    n_rows, n_cols, stride_eg, stride_xa, xa_up_offset, rank_g, rank_u, rows_per_group,
-    scale_g, scale_u,
-    ACT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+    GATE,
+    UP,
+    XA,
+    BG,
+    BU,
+    OUT,
+    n_rows,
+    n_cols,
+    stride_eg,
+    stride_xa,
+    xa_up_offset,
+    rank_g,
+    rank_u,
+    rows_per_group,
+    scale_g,
+    scale_u,
+    ACT: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """The LoRA MLP's h = act(e) * g from the base GEMM outputs: GATE, UP = X W_g^T, X W_u^T (one row stride,
     e.g. the halves of one [T, 2I] buffer); e and g get their adapter terms s_g XA_g B_g^T, s_u XA_u B_u^T
@@ -82,18 +105,44 @@ def glu_lora_fwd_kernel(
         row_ok = rows < n_rows
         mask = row_ok[:, None] & col_ok[None, :]
         xg, xu = _xa_rows(XA, rows, row_ok, rk, stride_xa, xa_up_offset, rank_g, rank_u)
-        e, g = _gate_up_with_lora(GATE, UP, rows[:, None] * stride_eg + cols[None, :], mask, xg, xu, bg, bu,
-                                  scale_g, scale_u)
+        e, g = _gate_up_with_lora(
+            GATE, UP, rows[:, None] * stride_eg + cols[None, :], mask, xg, xu, bg, bu, scale_g, scale_u
+        )
         a, _ = _act_and_grad(e, ACT)
         tl.store(OUT + rows[:, None] * n_cols + cols[None, :], (a * g).to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_rows", "rows_per_group"])
 def glu_lora_bwd_kernel(
-    DOUT, GATE, UP, DGATE, DUP, XA, DYB, BG, BU, AD, Q_PART,
-    n_rows, n_cols, stride_dh, stride_eg, stride_xa, xa_up_offset, stride_dyb, rank_g, rank_u, rank_d, rows_per_group,
-    scale_g, scale_u,
-    ACT: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+    DOUT,
+    GATE,
+    UP,
+    DGATE,
+    DUP,
+    XA,
+    DYB,
+    BG,
+    BU,
+    AD,
+    Q_PART,
+    n_rows,
+    n_cols,
+    stride_dh,
+    stride_eg,
+    stride_xa,
+    xa_up_offset,
+    stride_dyb,
+    rank_g,
+    rank_u,
+    rank_d,
+    rows_per_group,
+    scale_g,
+    scale_u,
+    ACT: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """The LoRA MLP's GLU backward with the adapter products that reduce over tokens, taken while de, dg
     and h are in registers (each would otherwise be a GEMM re-reading a [T, I] tensor):
@@ -128,8 +177,9 @@ def glu_lora_bwd_kernel(
         mask = row_ok[:, None] & col_ok[None, :]
         offs = rows[:, None] * stride_eg + cols[None, :]
         xg, xu = _xa_rows(XA, rows, row_ok, rk, stride_xa, xa_up_offset, rank_g, rank_u)
-        dyb = tl.load(DYB + rows[:, None] * stride_dyb + rk[None, :], mask=row_ok[:, None] & (rk < rank_d)[None, :],
-                      other=0.0)
+        dyb = tl.load(
+            DYB + rows[:, None] * stride_dyb + rk[None, :], mask=row_ok[:, None] & (rk < rank_d)[None, :], other=0.0
+        )
         dh = tl.load(DOUT + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dh = _mma(dyb, ad, dh)
         e, g = _gate_up_with_lora(GATE, UP, offs, mask, xg, xu, bg, bu, scale_g, scale_u)
@@ -150,8 +200,23 @@ def glu_lora_bwd_kernel(
 
 @triton.jit(do_not_specialize=["n_rows", "rank_g", "rank_u", "stride_out"])
 def glu_lora_dyb_kernel(
-    DE, DG, BG, BU, OUT, n_rows, n_cols, stride_x, rank_g, rank_u, stride_out, scale_g, scale_u,
-    R: tl.constexpr, RB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DE,
+    DG,
+    BG,
+    BU,
+    OUT,
+    n_rows,
+    n_cols,
+    stride_x,
+    rank_g,
+    rank_u,
+    stride_out,
+    scale_g,
+    scale_u,
+    R: tl.constexpr,
+    RB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """The LoRA MLP backward's rank-r products that reduce over I: OUT[:, :rank_g] = scale_g DE BG and
     OUT[:, rank_g:rank_g + rank_u] = scale_u DG BU (s_g de B_g and s_u dg B_u), one pass over de and dg.

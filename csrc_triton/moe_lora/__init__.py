@@ -4,6 +4,7 @@ path never pays for it; kernel.py (the @triton.jit sources) is imported on the f
 
 Tiles are fixed per kernel (not yet tuned: docs/moe-design.md 5.4); the rows of an M-tile belong to one
 expert, BM (block_m) is chosen by the op and shared by every kernel of a call."""
+
 from __future__ import annotations
 
 from fusedlora.kernel_spec import KernelSpec, next_pow2, register
@@ -12,7 +13,7 @@ MOE_ACTS = {"silu": 0, "gptoss": 1}
 MOE_BLOCK_M = 64  # rows per M-tile on a GPU
 # (BN, BK, warps, stages) per GEMM kernel; BN runs over the kernel's output columns
 MOE_TILES = {
-    "moe_gate_up_fwd": (64, 64, 4, 3),   # two [BM, BN] accumulators (gate, up)
+    "moe_gate_up_fwd": (64, 64, 4, 3),  # two [BM, BN] accumulators (gate, up)
     "moe_down_fwd": (128, 64, 8, 3),
     "moe_down_bwd": (64, 64, 4, 3),
     "moe_gate_up_bwd_dx": (128, 64, 8, 3),
@@ -31,12 +32,27 @@ def _nf4_meta(nf4_blocksize: int, nested: bool) -> dict:
     return {"NF4": 1, "NESTED": int(bool(nested)), "BLOCKSIZE": int(nf4_blocksize), "BLOCKSIZE2": 256}
 
 
-def moe_gemm_meta(kernel: str, act: str = "silu", transposed: bool = False, has_bias: bool = False, rank: int = 0,
-                  nf4_blocksize: int = 0, nested: bool = False, block_m: int = MOE_BLOCK_M) -> dict:
+def moe_gemm_meta(
+    kernel: str,
+    act: str = "silu",
+    transposed: bool = False,
+    has_bias: bool = False,
+    rank: int = 0,
+    nf4_blocksize: int = 0,
+    nested: bool = False,
+    block_m: int = MOE_BLOCK_M,
+) -> dict:
     """The constexprs of one of the four GEMM kernels (each takes those of its arguments it has)."""
     bn, bk, _, _ = MOE_TILES[kernel]
-    meta = {"TRANS": int(bool(transposed)), "HAS_LORA": int(rank > 0), "RP": moe_rank_pad(rank),
-            "BM": int(block_m), "BN": bn, "BK": bk, **_nf4_meta(nf4_blocksize, nested)}
+    meta = {
+        "TRANS": int(bool(transposed)),
+        "HAS_LORA": int(rank > 0),
+        "RP": moe_rank_pad(rank),
+        "BM": int(block_m),
+        "BN": bn,
+        "BK": bk,
+        **_nf4_meta(nf4_blocksize, nested),
+    }
     if kernel in ("moe_gate_up_fwd", "moe_down_bwd"):
         meta["ACT"] = MOE_ACTS[act]
     if kernel != "moe_gate_up_bwd_dx":
@@ -46,8 +62,13 @@ def moe_gemm_meta(kernel: str, act: str = "silu", transposed: bool = False, has_
 
 def moe_seg_meta(rank: int, gather: bool, row_scale: bool) -> dict:
     bm, bn, _, _ = MOE_SEG_TILE
-    return {"GATHER": int(bool(gather)), "ROW_SCALE": int(bool(row_scale)), "RP": moe_rank_pad(rank),
-            "BM": bm, "BN": bn}
+    return {
+        "GATHER": int(bool(gather)),
+        "ROW_SCALE": int(bool(row_scale)),
+        "RP": moe_rank_pad(rank),
+        "BM": bm,
+        "BN": bn,
+    }
 
 
 def _layer_kinds(family):
@@ -67,9 +88,18 @@ def _moe_gemm_aot(kernel: str):
             for act, transposed, has_bias in kinds:
                 for rank in family.get("moe_ranks", (16,)):
                     for nf4, nested in ((0, False), (64, True)):  # bf16 experts; NF4 with bitsandbytes' defaults
-                        yield ({"x": dt, "w": "u8" if nf4 else dt, "absmax": "u8" if nested else "fp32"},
-                               {"act": act, "transposed": transposed, "has_bias": has_bias,
-                                "rank": rank, "nf4_blocksize": nf4, "nested": nested})
+                        yield (
+                            {"x": dt, "w": "u8" if nf4 else dt, "absmax": "u8" if nested else "fp32"},
+                            {
+                                "act": act,
+                                "transposed": transposed,
+                                "has_bias": has_bias,
+                                "rank": rank,
+                                "nf4_blocksize": nf4,
+                                "nested": nested,
+                            },
+                        )
+
     return variants
 
 
@@ -93,43 +123,60 @@ def _gemm_config(tile):
 
 def _gemm_spec(kernel: str, pointers: dict, floats: tuple, doc: str) -> KernelSpec:
     tile = MOE_TILES[kernel]
-    return register(KernelSpec(
-        name=kernel,
-        module="csrc_triton.moe_lora.kernel", function=f"{kernel}_kernel",
-        pointer_types={**_W_POINTERS, **_ROUTE_POINTERS, **_LORA_POINTERS, **pointers},
-        float_args=floats,
-        meta=lambda **shape: moe_gemm_meta(**{"kernel": kernel, **shape}),
-        config=_gemm_config(tile),
-        aot_variants=_moe_gemm_aot(kernel),
-        doc=doc,
-        check="fusedlora.ops.moe_lora:selfcheck",
-    ))
+    return register(
+        KernelSpec(
+            name=kernel,
+            module="csrc_triton.moe_lora.kernel",
+            function=f"{kernel}_kernel",
+            pointer_types={**_W_POINTERS, **_ROUTE_POINTERS, **_LORA_POINTERS, **pointers},
+            float_args=floats,
+            meta=lambda **shape: moe_gemm_meta(**{"kernel": kernel, **shape}),
+            config=_gemm_config(tile),
+            aot_variants=_moe_gemm_aot(kernel),
+            doc=doc,
+            check="fusedlora.ops.moe_lora:selfcheck",
+        )
+    )
 
 
 MOE_GATE_UP_FWD = _gemm_spec(
-    "moe_gate_up_fwd", {"X": "x", "BIAS": "x", "EG": "x", "HOUT": "x", "XA": "x"}, ("scale", "alpha", "limit"),
+    "moe_gate_up_fwd",
+    {"X": "x", "BIAS": "x", "EG": "x", "HOUT": "x", "XA": "x"},
+    ("scale", "alpha", "limit"),
     "MoE experts forward: gate/up grouped GEMM of the sorted rows with the rank-r LoRA term in the K-loop, the "
-    "bias, and the GLU in the epilogue")
+    "bias, and the GLU in the epilogue",
+)
 MOE_DOWN_FWD = _gemm_spec(
-    "moe_down_fwd", {"HIN": "x", "BIAS": "x", "RW": "fp32", "OUT_SLOTS": "x", "HA": "x"}, ("scale",),
-    "MoE experts forward: down grouped GEMM with LoRA, bias and routing weight, scattered to slot order")
+    "moe_down_fwd",
+    {"HIN": "x", "BIAS": "x", "RW": "fp32", "OUT_SLOTS": "x", "HA": "x"},
+    ("scale",),
+    "MoE experts forward: down grouped GEMM with LoRA, bias and routing weight, scattered to slot order",
+)
 MOE_DOWN_BWD = _gemm_spec(
-    "moe_down_bwd", {"DO": "x", "BIAS": "x", "RW": "fp32", "EG": "x", "DEG": "x", "HBUF": "x", "DOB": "x",
-                     "DW_PART": "fp32"}, ("scale", "alpha", "limit"),
+    "moe_down_bwd",
+    {"DO": "x", "BIAS": "x", "RW": "fp32", "EG": "x", "DEG": "x", "HBUF": "x", "DOB": "x", "DW_PART": "fp32"},
+    ("scale", "alpha", "limit"),
     "MoE experts backward: down projection's input gradient with LoRA, the GLU backward, the routing-weight "
-    "gradient partials")
+    "gradient partials",
+)
 MOE_GATE_UP_BWD_DX = _gemm_spec(
-    "moe_gate_up_bwd_dx", {"DEG": "x", "DX_SLOTS": "x", "DHB": "x"}, ("scale",),
-    "MoE experts backward: gate/up projection's input gradient with LoRA, scattered to slot order")
+    "moe_gate_up_bwd_dx",
+    {"DEG": "x", "DX_SLOTS": "x", "DHB": "x"},
+    ("scale",),
+    "MoE experts backward: gate/up projection's input gradient with LoRA, scattered to slot order",
+)
 
-MOE_LORA_SEG_GRAD = register(KernelSpec(
-    name="moe_lora_seg_grad",
-    module="csrc_triton.moe_lora.kernel", function="moe_lora_seg_grad_kernel",
-    pointer_types={"BIG": "x", "SMALL": "x", "SLOT": "i32", "RW": "fp32", "START": "i32", "OUT": "fp32"},
-    float_args=("scale",),
-    meta=moe_seg_meta,
-    config=lambda arch, c: MOE_SEG_TILE[2:],
-    aot_variants=_moe_seg_aot,
-    doc="MoE experts backward: a LoRA factor's gradient per expert (sum over its rows), in PEFT's layouts",
-    check="fusedlora.ops.moe_lora:selfcheck",
-))
+MOE_LORA_SEG_GRAD = register(
+    KernelSpec(
+        name="moe_lora_seg_grad",
+        module="csrc_triton.moe_lora.kernel",
+        function="moe_lora_seg_grad_kernel",
+        pointer_types={"BIG": "x", "SMALL": "x", "SLOT": "i32", "RW": "fp32", "START": "i32", "OUT": "fp32"},
+        float_args=("scale",),
+        meta=moe_seg_meta,
+        config=lambda arch, c: MOE_SEG_TILE[2:],
+        aot_variants=_moe_seg_aot,
+        doc="MoE experts backward: a LoRA factor's gradient per expert (sum over its rows), in PEFT's layouts",
+        check="fusedlora.ops.moe_lora:selfcheck",
+    )
+)

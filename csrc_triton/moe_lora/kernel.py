@@ -13,6 +13,7 @@ gate = even, up = odd columns (gptoss). Ranks are padded to RP (>= 16, a power o
 NF4 weights (NF4=1) are decoded a [BK, BN] tile at a time, bit-identical to bitsandbytes' dequantize_4bit.
 All offsets of rows, experts and weights are int64.
 """
+
 import triton
 import triton.language as tl
 
@@ -22,8 +23,10 @@ from csrc_triton._math import interpreter_on
 _INTERPRETER_FP32_DOT = tl.constexpr(interpreter_on())
 
 # NF4 decode must round as bitsandbytes does (no FMA contraction), as the dequantisation kernel does.
-COMPILE_OPTIONS = {name: {"enable_fp_fusion": False} for name in (
-    "moe_gate_up_fwd_kernel", "moe_down_fwd_kernel", "moe_down_bwd_kernel", "moe_gate_up_bwd_dx_kernel")}
+COMPILE_OPTIONS = {
+    name: {"enable_fp_fusion": False}
+    for name in ("moe_gate_up_fwd_kernel", "moe_down_fwd_kernel", "moe_down_bwd_kernel", "moe_gate_up_bwd_dx_kernel")
+}
 
 
 @triton.jit
@@ -75,8 +78,19 @@ def _store_rank_rows(BUF, rows, row_ok, rk, vals, RP: tl.constexpr):
 
 
 @triton.jit
-def _nf4_decode(PACKED, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, flat, ok, BLOCKSIZE: tl.constexpr,
-                BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr):
+def _nf4_decode(
+    PACKED,
+    ABSMAX,
+    ABSMAX2,
+    CODE,
+    CODE2,
+    OFFSET,
+    flat,
+    ok,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    NESTED: tl.constexpr,
+):
     # Elements `flat` (int64, flat index of the stored [E, N, K] or [E, K, N] stack) of a bitsandbytes NF4
     # tensor in fp32: code[nibble] * absmax, the high nibble holding the even element (as _nf4_program in
     # csrc_triton/quant/kernel.py, per element here because a GEMM tile is not contiguous).
@@ -94,17 +108,33 @@ def _nf4_decode(PACKED, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, flat, ok, BLOCKSIZ
 
 
 @triton.jit
-def _w_tile(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, out_idx, in_idx, mask, n_out, n_in,
-            TRANS: tl.constexpr, NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-            NESTED: tl.constexpr, DTYPE: tl.constexpr):
+def _w_tile(
+    W,
+    ABSMAX,
+    ABSMAX2,
+    CODE,
+    CODE2,
+    OFFSET,
+    e,
+    out_idx,
+    in_idx,
+    mask,
+    n_out,
+    n_in,
+    TRANS: tl.constexpr,
+    NF4: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    NESTED: tl.constexpr,
+    DTYPE: tl.constexpr,
+):
     # W_e[out_idx, in_idx] (broadcast shapes) in the compute dtype: plain, transposed, or decoded NF4.
     if TRANS:
         flat = e.to(tl.int64) * n_out * n_in + in_idx.to(tl.int64) * n_out + out_idx
     else:
         flat = e.to(tl.int64) * n_out * n_in + out_idx.to(tl.int64) * n_in + in_idx
     if NF4:
-        return _nf4_decode(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, flat, mask, BLOCKSIZE, BLOCKSIZE2,
-                           NESTED).to(DTYPE)
+        return _nf4_decode(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, flat, mask, BLOCKSIZE, BLOCKSIZE2, NESTED).to(DTYPE)
     else:
         return tl.load(W + flat, mask=mask, other=0.0)
 
@@ -112,15 +142,21 @@ def _w_tile(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, out_idx, in_idx, mask, n
 @triton.jit
 def _a_tile(A, e, rk, rank, in_idx, in_ok, n_in):
     # A_e[j, c] = A[e*r + j, c] as a [len(c), RP] tile (rank padded with zeros)
-    return tl.load(A + (e.to(tl.int64) * rank + rk[None, :]) * n_in + in_idx[:, None],
-                   mask=in_ok[:, None] & (rk < rank)[None, :], other=0.0)
+    return tl.load(
+        A + (e.to(tl.int64) * rank + rk[None, :]) * n_in + in_idx[:, None],
+        mask=in_ok[:, None] & (rk < rank)[None, :],
+        other=0.0,
+    )
 
 
 @triton.jit
 def _b_tile(B, e, rk, rank, n_experts, out_idx, out_ok):
     # B_e[o, j] = B[o, j*E + e] as a [len(o), RP] tile (rank padded with zeros)
-    return tl.load(B + out_idx[:, None].to(tl.int64) * rank * n_experts + rk[None, :] * n_experts + e,
-                   mask=out_ok[:, None] & (rk < rank)[None, :], other=0.0)
+    return tl.load(
+        B + out_idx[:, None].to(tl.int64) * rank * n_experts + rk[None, :] * n_experts + e,
+        mask=out_ok[:, None] & (rk < rank)[None, :],
+        other=0.0,
+    )
 
 
 @triton.jit
@@ -165,11 +201,41 @@ def _glu_bwd(dh, gate, up, alpha, limit, ACT: tl.constexpr):
 
 
 @triton.jit
-def _grouped_gemm(LHS, src, row_ok, n_k, W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, n, n_ok, n_w_out, n_w_in,
-                  F_K, F_N, rk, rank, n_experts, scale, dtype: tl.constexpr, BACKWARD: tl.constexpr,
-                  HAS_LORA: tl.constexpr, TRANS: tl.constexpr, NF4: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                  BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                  BK: tl.constexpr, RP: tl.constexpr):
+def _grouped_gemm(
+    LHS,
+    src,
+    row_ok,
+    n_k,
+    W,
+    ABSMAX,
+    ABSMAX2,
+    CODE,
+    CODE2,
+    OFFSET,
+    e,
+    n,
+    n_ok,
+    n_w_out,
+    n_w_in,
+    F_K,
+    F_N,
+    rk,
+    rank,
+    n_experts,
+    scale,
+    dtype: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    TRANS: tl.constexpr,
+    NF4: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    NESTED: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    RP: tl.constexpr,
+):
     """One [BM, BN] tile of expert e's projection with its LoRA term, fp32: forward (BACKWARD=0) lhs W_e^T +
     s (lhs A_e^T) B_e^T, K over W's input dim; backward lhs W_e + s (lhs B_e) A_e, K over W's output dim.
     lhs = LHS[src] ([*, n_k] rows: gathered tokens or sorted rows). Also returns the rank-r product
@@ -180,11 +246,47 @@ def _grouped_gemm(LHS, src, row_ok, n_k, W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET
         lhs, kk, k_ok = _lhs_tile(LHS, src, row_ok, k0, n_k, BK)
         w_ok = k_ok[:, None] & n_ok[None, :]
         if BACKWARD:
-            wt = _w_tile(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, kk[:, None], n[None, :], w_ok, n_w_out, n_w_in,
-                         TRANS, NF4, BLOCKSIZE, BLOCKSIZE2, NESTED, dtype)
+            wt = _w_tile(
+                W,
+                ABSMAX,
+                ABSMAX2,
+                CODE,
+                CODE2,
+                OFFSET,
+                e,
+                kk[:, None],
+                n[None, :],
+                w_ok,
+                n_w_out,
+                n_w_in,
+                TRANS,
+                NF4,
+                BLOCKSIZE,
+                BLOCKSIZE2,
+                NESTED,
+                dtype,
+            )
         else:
-            wt = _w_tile(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, n[None, :], kk[:, None], w_ok, n_w_out, n_w_in,
-                         TRANS, NF4, BLOCKSIZE, BLOCKSIZE2, NESTED, dtype)
+            wt = _w_tile(
+                W,
+                ABSMAX,
+                ABSMAX2,
+                CODE,
+                CODE2,
+                OFFSET,
+                e,
+                n[None, :],
+                kk[:, None],
+                w_ok,
+                n_w_out,
+                n_w_in,
+                TRANS,
+                NF4,
+                BLOCKSIZE,
+                BLOCKSIZE2,
+                NESTED,
+                dtype,
+            )
         acc = _mma(lhs, wt, acc)
         if HAS_LORA:
             if BACKWARD:
@@ -202,12 +304,43 @@ def _grouped_gemm(LHS, src, row_ok, n_k, W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET
 
 @triton.jit(do_not_specialize=["n_experts", "top_k", "rank"])
 def moe_gate_up_fwd_kernel(
-    X, W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, A, B, BIAS, TILE_E, TILE_ROW0, START, SLOT, EG, HOUT, XA,
-    n_experts, top_k, hidden, n_inter, rank,
-    scale, alpha, limit,
-    ACT: tl.constexpr, TRANS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, RP: tl.constexpr,
-    NF4: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    X,
+    W,
+    ABSMAX,
+    ABSMAX2,
+    CODE,
+    CODE2,
+    OFFSET,
+    A,
+    B,
+    BIAS,
+    TILE_E,
+    TILE_ROW0,
+    START,
+    SLOT,
+    EG,
+    HOUT,
+    XA,
+    n_experts,
+    top_k,
+    hidden,
+    n_inter,
+    rank,
+    scale,
+    alpha,
+    limit,
+    ACT: tl.constexpr,
+    TRANS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    RP: tl.constexpr,
+    NF4: tl.constexpr,
+    NESTED: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
 ):
     """Gate/up projection of the sorted rows with LoRA and the GLU: for this tile's expert e and the tokens x
     of its rows, EG = x W_e^T + s (x A_e^T) B_e^T (+ b_e) in W's output order, HOUT = GLU(gate, up) [TK, I],
@@ -225,10 +358,46 @@ def moe_gate_up_fwd_kernel(
     for k0 in range(0, hidden, BK):
         xt, kk, k_ok = _lhs_tile(X, tok, row_ok, k0, hidden, BK)
         w_ok = k_ok[:, None] & n_ok[None, :]
-        wg = _w_tile(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, g_col[None, :], kk[:, None], w_ok, 2 * n_inter,
-                     hidden, TRANS, NF4, BLOCKSIZE, BLOCKSIZE2, NESTED, dtype)
-        wu = _w_tile(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, u_col[None, :], kk[:, None], w_ok, 2 * n_inter,
-                     hidden, TRANS, NF4, BLOCKSIZE, BLOCKSIZE2, NESTED, dtype)
+        wg = _w_tile(
+            W,
+            ABSMAX,
+            ABSMAX2,
+            CODE,
+            CODE2,
+            OFFSET,
+            e,
+            g_col[None, :],
+            kk[:, None],
+            w_ok,
+            2 * n_inter,
+            hidden,
+            TRANS,
+            NF4,
+            BLOCKSIZE,
+            BLOCKSIZE2,
+            NESTED,
+            dtype,
+        )
+        wu = _w_tile(
+            W,
+            ABSMAX,
+            ABSMAX2,
+            CODE,
+            CODE2,
+            OFFSET,
+            e,
+            u_col[None, :],
+            kk[:, None],
+            w_ok,
+            2 * n_inter,
+            hidden,
+            TRANS,
+            NF4,
+            BLOCKSIZE,
+            BLOCKSIZE2,
+            NESTED,
+            dtype,
+        )
         acc_g = _mma(xt, wg, acc_g)
         acc_u = _mma(xt, wu, acc_u)
         if HAS_LORA:
@@ -256,12 +425,40 @@ def moe_gate_up_fwd_kernel(
 
 @triton.jit(do_not_specialize=["n_experts", "top_k", "rank"])
 def moe_down_fwd_kernel(
-    HIN, W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, A, B, BIAS, RW, TILE_E, TILE_ROW0, START, SLOT, OUT_SLOTS, HA,
-    n_experts, top_k, hidden, n_inter, rank,
+    HIN,
+    W,
+    ABSMAX,
+    ABSMAX2,
+    CODE,
+    CODE2,
+    OFFSET,
+    A,
+    B,
+    BIAS,
+    RW,
+    TILE_E,
+    TILE_ROW0,
+    START,
+    SLOT,
+    OUT_SLOTS,
+    HA,
+    n_experts,
+    top_k,
+    hidden,
+    n_inter,
+    rank,
     scale,
-    TRANS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, RP: tl.constexpr,
-    NF4: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    TRANS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    RP: tl.constexpr,
+    NF4: tl.constexpr,
+    NESTED: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
 ):
     """Down projection of the sorted rows h [TK, I] with LoRA: y = h W_e^T + s (h A_e^T) B_e^T (+ b_e), times
     the routing weight RW[slot] (fp32, slot order), stored to slot order OUT_SLOTS [TK, H]; HA = h A_e^T
@@ -271,28 +468,97 @@ def moe_down_fwd_kernel(
         return
     dtype = OUT_SLOTS.dtype.element_ty
     pid_n, n, n_ok, rk = _out_cols(hidden, BN, RP)
-    acc, ha = _grouped_gemm(HIN, rows, row_ok, n_inter, W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, n, n_ok, hidden,
-                            n_inter, A, B, rk, rank, n_experts, scale, dtype, 0, HAS_LORA, TRANS, NF4, BLOCKSIZE,
-                            BLOCKSIZE2, NESTED, BM, BN, BK, RP)
+    acc, ha = _grouped_gemm(
+        HIN,
+        rows,
+        row_ok,
+        n_inter,
+        W,
+        ABSMAX,
+        ABSMAX2,
+        CODE,
+        CODE2,
+        OFFSET,
+        e,
+        n,
+        n_ok,
+        hidden,
+        n_inter,
+        A,
+        B,
+        rk,
+        rank,
+        n_experts,
+        scale,
+        dtype,
+        0,
+        HAS_LORA,
+        TRANS,
+        NF4,
+        BLOCKSIZE,
+        BLOCKSIZE2,
+        NESTED,
+        BM,
+        BN,
+        BK,
+        RP,
+    )
     if HAS_LORA:
         if pid_n == 0:
             _store_rank_rows(HA, rows, row_ok, rk, ha, RP)
     if HAS_BIAS:
         acc += tl.load(BIAS + e.to(tl.int64) * hidden + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     rw = tl.load(RW + slot, mask=row_ok, other=0.0)
-    tl.store(OUT_SLOTS + slot[:, None] * hidden + n[None, :], (acc * rw[:, None]).to(dtype),
-             mask=row_ok[:, None] & n_ok[None, :])
+    tl.store(
+        OUT_SLOTS + slot[:, None] * hidden + n[None, :],
+        (acc * rw[:, None]).to(dtype),
+        mask=row_ok[:, None] & n_ok[None, :],
+    )
 
 
 @triton.jit(do_not_specialize=["n_experts", "top_k", "rank", "n_col_tiles"])
 def moe_down_bwd_kernel(
-    DO, W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, A, B, BIAS, RW, EG, TILE_E, TILE_ROW0, START, SLOT,
-    DEG, HBUF, DOB, DW_PART,
-    n_experts, top_k, hidden, n_inter, rank, n_col_tiles,
-    scale, alpha, limit,
-    ACT: tl.constexpr, TRANS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, RP: tl.constexpr,
-    NF4: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    DO,
+    W,
+    ABSMAX,
+    ABSMAX2,
+    CODE,
+    CODE2,
+    OFFSET,
+    A,
+    B,
+    BIAS,
+    RW,
+    EG,
+    TILE_E,
+    TILE_ROW0,
+    START,
+    SLOT,
+    DEG,
+    HBUF,
+    DOB,
+    DW_PART,
+    n_experts,
+    top_k,
+    hidden,
+    n_inter,
+    rank,
+    n_col_tiles,
+    scale,
+    alpha,
+    limit,
+    ACT: tl.constexpr,
+    TRANS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    RP: tl.constexpr,
+    NF4: tl.constexpr,
+    NESTED: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
 ):
     """Down projection's backward over intermediate channels n, the GLU's backward in the epilogue. With the
     token's output gradient g = DO[token]: dh_u = g W_e + s (g B_e) A_e (unweighted, [BM, BN]);
@@ -304,9 +570,41 @@ def moe_down_bwd_kernel(
         return
     dtype = DEG.dtype.element_ty
     pid_n, n, n_ok, rk = _out_cols(n_inter, BN, RP)
-    acc, ob = _grouped_gemm(DO, tok, row_ok, hidden, W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, n, n_ok, hidden,
-                            n_inter, B, A, rk, rank, n_experts, scale, dtype, 1, HAS_LORA, TRANS, NF4, BLOCKSIZE,
-                            BLOCKSIZE2, NESTED, BM, BN, BK, RP)
+    acc, ob = _grouped_gemm(
+        DO,
+        tok,
+        row_ok,
+        hidden,
+        W,
+        ABSMAX,
+        ABSMAX2,
+        CODE,
+        CODE2,
+        OFFSET,
+        e,
+        n,
+        n_ok,
+        hidden,
+        n_inter,
+        B,
+        A,
+        rk,
+        rank,
+        n_experts,
+        scale,
+        dtype,
+        1,
+        HAS_LORA,
+        TRANS,
+        NF4,
+        BLOCKSIZE,
+        BLOCKSIZE2,
+        NESTED,
+        BM,
+        BN,
+        BK,
+        RP,
+    )
     rw = tl.load(RW + slot, mask=row_ok, other=0.0)
     if HAS_LORA:
         if pid_n == 0:
@@ -335,12 +633,37 @@ def moe_down_bwd_kernel(
 
 @triton.jit(do_not_specialize=["n_experts", "top_k", "rank"])
 def moe_gate_up_bwd_dx_kernel(
-    DEG, W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, A, B, TILE_E, TILE_ROW0, START, SLOT, DX_SLOTS, DHB,
-    n_experts, top_k, hidden, n_inter, rank,
+    DEG,
+    W,
+    ABSMAX,
+    ABSMAX2,
+    CODE,
+    CODE2,
+    OFFSET,
+    A,
+    B,
+    TILE_E,
+    TILE_ROW0,
+    START,
+    SLOT,
+    DX_SLOTS,
+    DHB,
+    n_experts,
+    top_k,
+    hidden,
+    n_inter,
+    rank,
     scale,
-    TRANS: tl.constexpr, HAS_LORA: tl.constexpr, RP: tl.constexpr,
-    NF4: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    TRANS: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    RP: tl.constexpr,
+    NF4: tl.constexpr,
+    NESTED: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
 ):
     """Gate/up projection's input gradient: dx = dEG W_e + s (dEG B_e) A_e over hidden channels n, the K-loop
     over EG's 2I columns (W's output order), stored to slot order DX_SLOTS [TK, H]; DHB = s dEG B_e
@@ -350,9 +673,41 @@ def moe_gate_up_bwd_dx_kernel(
         return
     dtype = DX_SLOTS.dtype.element_ty
     pid_n, n, n_ok, rk = _out_cols(hidden, BN, RP)
-    acc, hb = _grouped_gemm(DEG, rows, row_ok, 2 * n_inter, W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, e, n, n_ok,
-                            2 * n_inter, hidden, B, A, rk, rank, n_experts, scale, dtype, 1, HAS_LORA, TRANS, NF4,
-                            BLOCKSIZE, BLOCKSIZE2, NESTED, BM, BN, BK, RP)
+    acc, hb = _grouped_gemm(
+        DEG,
+        rows,
+        row_ok,
+        2 * n_inter,
+        W,
+        ABSMAX,
+        ABSMAX2,
+        CODE,
+        CODE2,
+        OFFSET,
+        e,
+        n,
+        n_ok,
+        2 * n_inter,
+        hidden,
+        B,
+        A,
+        rk,
+        rank,
+        n_experts,
+        scale,
+        dtype,
+        1,
+        HAS_LORA,
+        TRANS,
+        NF4,
+        BLOCKSIZE,
+        BLOCKSIZE2,
+        NESTED,
+        BM,
+        BN,
+        BK,
+        RP,
+    )
     if HAS_LORA:
         if pid_n == 0:
             _store_rank_rows(DHB, rows, row_ok, rk, hb.to(tl.float32) * scale, RP)
@@ -361,10 +716,24 @@ def moe_gate_up_bwd_dx_kernel(
 
 @triton.jit(do_not_specialize=["top_k", "rank", "out_stride_e", "out_stride_j", "out_stride_c"])
 def moe_lora_seg_grad_kernel(
-    BIG, SMALL, SLOT, RW, START, OUT,
-    n_cols, top_k, rank, out_stride_e, out_stride_j, out_stride_c,
+    BIG,
+    SMALL,
+    SLOT,
+    RW,
+    START,
+    OUT,
+    n_cols,
+    top_k,
+    rank,
+    out_stride_e,
+    out_stride_j,
+    out_stride_c,
     scale,
-    GATHER: tl.constexpr, ROW_SCALE: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    GATHER: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
+    RP: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
 ):
     """A LoRA factor's gradient, per expert e: OUT[e, j, c] = scale * sum over e's sorted rows of
     BIG[src(row), c] (* RW[slot]) * SMALL[row, j], with src = SLOT[row] // k (GATHER: BIG is in token order,
@@ -394,6 +763,10 @@ def moe_lora_seg_grad_kernel(
             big = (big.to(tl.float32) * rw[:, None]).to(BIG.dtype.element_ty)
         small = tl.load(SMALL + rows[:, None] * RP + rk[None, :], mask=row_ok[:, None], other=0.0)
         acc = _mma(tl.trans(big), small, acc)
-    out = (OUT + e.to(tl.int64) * out_stride_e + rk[None, :].to(tl.int64) * out_stride_j
-           + c[:, None].to(tl.int64) * out_stride_c)
+    out = (
+        OUT
+        + e.to(tl.int64) * out_stride_e
+        + rk[None, :].to(tl.int64) * out_stride_j
+        + c[:, None].to(tl.int64) * out_stride_c
+    )
     tl.store(out, acc * scale, mask=c_ok[:, None] & (rk < rank)[None, :])

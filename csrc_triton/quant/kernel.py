@@ -10,6 +10,7 @@ GPTQ (auto-gptq / gptqmodel QuantLinear): qweight int32 [in / (32 / BITS), out] 
 qzeros int32 [groups, out / (32 / BITS)] packs output channels; w = (q - (z + zero_offset)) * scale
 with the group g_idx[i] (act-order) or i // group_size. The output layout is given by strides.
 """
+
 import triton
 import triton.language as tl
 
@@ -41,9 +42,23 @@ def _nf4_program(PACKED, OUT_AT, code, am, first, limit, NB: tl.constexpr, HB: t
 
 
 @triton.jit(do_not_specialize=["n_elements"])
-def nf4_dequant_kernel(PACKED, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, OUT, n_elements, row_len, out_row_stride,
-                       BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                       BLOCK: tl.constexpr, STRIDED: tl.constexpr):
+def nf4_dequant_kernel(
+    PACKED,
+    ABSMAX,
+    ABSMAX2,
+    CODE,
+    CODE2,
+    OFFSET,
+    OUT,
+    n_elements,
+    row_len,
+    out_row_stride,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    NESTED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    STRIDED: tl.constexpr,
+):
     # A program covers BLOCK outputs = NB quantisation blocks of BLOCKSIZE: absmax is loaded once per
     # block and the code table once per program. STRIDED: OUT is the [rows, row_len] left block of a wider
     # buffer (row stride out_row_stride, e.g. [W | s B] for a LoRA GEMM); program (c, row) covers outputs
@@ -76,10 +91,26 @@ def nf4_dequant_kernel(PACKED, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, OUT, n_elem
 
 
 @triton.jit(do_not_specialize=["zero_offset"])
-def gptq_dequant_kernel(QW, QZ, SCALES, G_IDX, OUT,
-                        in_features, out_features, group_size, qw_stride, qz_stride, s_stride,
-                        out_stride_o, out_stride_i, zero_offset,
-                        BITS: tl.constexpr, HAS_GIDX: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr):
+def gptq_dequant_kernel(
+    QW,
+    QZ,
+    SCALES,
+    G_IDX,
+    OUT,
+    in_features,
+    out_features,
+    group_size,
+    qw_stride,
+    qz_stride,
+    s_stride,
+    out_stride_o,
+    out_stride_i,
+    zero_offset,
+    BITS: tl.constexpr,
+    HAS_GIDX: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+):
     PER: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)

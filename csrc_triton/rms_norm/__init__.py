@@ -1,6 +1,7 @@
 """rms_norm: the registry entries of the kernels in kernel.py (pointer dtype roles, constexprs per shape,
 launch configs, AOT variants). Importing this module does not import triton: the prebuilt-cubin path
 never pays for it; kernel.py (the @triton.jit sources) is imported on the first JIT or AOT use."""
+
 from __future__ import annotations
 
 from fusedlora.kernel_spec import KernelSpec, next_pow2, register
@@ -24,8 +25,13 @@ def rms_norm_meta(n_cols: int, gemma_cast: bool, none_cast: bool = False, has_we
         raise ValueError(f"rms_norm supports rows of at most {MAX_NORM_COLS} elements, got {n_cols}")
     # Small rows: several rows per program so each program still moves a few KB.
     block_m = max(1, min(16, 2048 // block_n))
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "GEMMA_CAST": int(bool(gemma_cast and has_weight)),
-            "NONE_CAST": int(bool(none_cast)), "HAS_WEIGHT": int(bool(has_weight))}
+    return {
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "GEMMA_CAST": int(bool(gemma_cast and has_weight)),
+        "NONE_CAST": int(bool(none_cast)),
+        "HAS_WEIGHT": int(bool(has_weight)),
+    }
 
 
 def rms_norm_bwd_meta(n_cols: int, gemma_cast: bool, has_weight: bool = True) -> dict:
@@ -54,8 +60,10 @@ def _rms_norm_aot(family):
         for n in _norm_widths(family):
             for gemma, none in CAST_FLAGS.values():
                 for has_weight in (True, False):  # (family_variants drops the duplicates meta makes)
-                    yield ({"x": dt, "w": dt, "y": dt},
-                           {"n_cols": n, "gemma_cast": gemma, "none_cast": none, "has_weight": has_weight})
+                    yield (
+                        {"x": dt, "w": dt, "y": dt},
+                        {"n_cols": n, "gemma_cast": gemma, "none_cast": none, "has_weight": has_weight},
+                    )
 
 
 def _rms_norm_bwd_aot(family):
@@ -63,26 +71,32 @@ def _rms_norm_bwd_aot(family):
         yield dtypes, {k: v for k, v in shape.items() if k != "none_cast"}
 
 
-RMS_NORM_FWD = register(KernelSpec(
-    name="rms_norm_fwd",
-    module="csrc_triton.rms_norm.kernel", function="rms_norm_fwd_kernel",
-    pointer_types={"X": "x", "W": "w", "Y": "y", "RSTD": "fp32"},
-    float_args=("eps", "offset"),
-    meta=rms_norm_meta,
-    config=lambda arch, c: (_row_warps(c["BLOCK_N"] * c["BLOCK_M"]), 1),
-    aot_variants=_rms_norm_aot,
-    doc="RMSNorm forward, one or more rows per program",
-    check="fusedlora.ops.rms_norm:selfcheck",
-))
+RMS_NORM_FWD = register(
+    KernelSpec(
+        name="rms_norm_fwd",
+        module="csrc_triton.rms_norm.kernel",
+        function="rms_norm_fwd_kernel",
+        pointer_types={"X": "x", "W": "w", "Y": "y", "RSTD": "fp32"},
+        float_args=("eps", "offset"),
+        meta=rms_norm_meta,
+        config=lambda arch, c: (_row_warps(c["BLOCK_N"] * c["BLOCK_M"]), 1),
+        aot_variants=_rms_norm_aot,
+        doc="RMSNorm forward, one or more rows per program",
+        check="fusedlora.ops.rms_norm:selfcheck",
+    )
+)
 
-RMS_NORM_BWD = register(KernelSpec(
-    name="rms_norm_bwd",
-    module="csrc_triton.rms_norm.kernel", function="rms_norm_bwd_kernel",
-    pointer_types={"DY": "y", "X": "x", "W": "w", "RSTD": "fp32", "DX": "x", "DW_PARTIAL": "fp32"},
-    float_args=("offset",),
-    meta=rms_norm_bwd_meta,
-    config=lambda arch, c: (min(16, 2 * _row_warps(c["BLOCK_N"])), 1),
-    aot_variants=_rms_norm_bwd_aot,
-    doc="RMSNorm backward (dx and per-program dw partial sums), persistent grid",
-    check="fusedlora.ops.rms_norm:selfcheck",
-))
+RMS_NORM_BWD = register(
+    KernelSpec(
+        name="rms_norm_bwd",
+        module="csrc_triton.rms_norm.kernel",
+        function="rms_norm_bwd_kernel",
+        pointer_types={"DY": "y", "X": "x", "W": "w", "RSTD": "fp32", "DX": "x", "DW_PARTIAL": "fp32"},
+        float_args=("offset",),
+        meta=rms_norm_bwd_meta,
+        config=lambda arch, c: (min(16, 2 * _row_warps(c["BLOCK_N"])), 1),
+        aot_variants=_rms_norm_bwd_aot,
+        doc="RMSNorm backward (dx and per-program dw partial sums), persistent grid",
+        check="fusedlora.ops.rms_norm:selfcheck",
+    )
+)

@@ -10,6 +10,7 @@ Backward: dx = rstd * (g - xhat * mean(g * xhat)),  g = dy * (w + offset)  (g = 
 RSTD keeps the fp32 rstd in every mode: the None mode's backward is the Llama one (the gradient of the
 unrounded function; its roundings move the forward by an ulp, and would move a near-cancelling dx by more).
 """
+
 import triton
 import triton.language as tl
 
@@ -22,10 +23,20 @@ def _in_x_dtype(v, X):
 
 @triton.jit(do_not_specialize=["n_rows"])
 def rms_norm_fwd_kernel(
-    X, W, Y, RSTD,
-    x_row_stride, y_row_stride, n_rows, n_cols,
-    eps, offset,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GEMMA_CAST: tl.constexpr, NONE_CAST: tl.constexpr,
+    X,
+    W,
+    Y,
+    RSTD,
+    x_row_stride,
+    y_row_stride,
+    n_rows,
+    n_cols,
+    eps,
+    offset,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GEMMA_CAST: tl.constexpr,
+    NONE_CAST: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -57,10 +68,21 @@ def rms_norm_fwd_kernel(
 
 @triton.jit(do_not_specialize=["n_rows"])
 def rms_norm_bwd_kernel(
-    DY, X, W, RSTD, DX, DW_PARTIAL,
-    dy_row_stride, x_row_stride, dx_row_stride, n_rows, n_cols,
+    DY,
+    X,
+    W,
+    RSTD,
+    DX,
+    DW_PARTIAL,
+    dy_row_stride,
+    x_row_stride,
+    dx_row_stride,
+    n_rows,
+    n_cols,
     offset,
-    BLOCK_N: tl.constexpr, GEMMA_CAST: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GEMMA_CAST: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
 ):
     # Persistent: program p handles rows p, p + P, ... and keeps its share of dw in registers.
     pid = tl.program_id(0)

@@ -5,13 +5,32 @@ cos/sin rows come either per token (HF's [B or 1, S, r]) or from a [max_pos, r] 
 position_ids [B or 1, S] (HAS_POS): packed sequences, left padding and offsets are honoured.
 BACKWARD applies the transposed rotation (the gradient). Grid: (B * S, q head blocks + k head blocks).
 """
+
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _rotate_heads(X, O, x_sh, o_sh, n_heads, hb, c1, c2, s1, s2, half, n_pass, d, dp,
-                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, BACKWARD: tl.constexpr):
+def _rotate_heads(
+    X,
+    O,
+    x_sh,
+    o_sh,
+    n_heads,
+    hb,
+    c1,
+    c2,
+    s1,
+    s2,
+    half,
+    n_pass,
+    d,
+    dp,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
+    BACKWARD: tl.constexpr,
+):
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = (h < n_heads)[:, None]
     m = hm & (d < half)[None, :]
@@ -36,12 +55,39 @@ def _rotate_heads(X, O, x_sh, o_sh, n_heads, hb, c1, c2, s1, s2, half, n_pass, d
 
 @triton.jit(do_not_specialize=["seq_len", "n_q_heads", "n_k_heads"])
 def rope_kernel(
-    Q, K, QO, KO, COS, SIN, POS,
-    q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, qo_sb, qo_sh, qo_ss, ko_sb, ko_sh, ko_ss,
-    cos_sb, cos_ss, pos_sb, pos_ss,
-    seq_len, n_q_heads, n_k_heads, half, n_pass,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
-    HAS_POS: tl.constexpr, BACKWARD: tl.constexpr,
+    Q,
+    K,
+    QO,
+    KO,
+    COS,
+    SIN,
+    POS,
+    q_sb,
+    q_sh,
+    q_ss,
+    k_sb,
+    k_sh,
+    k_ss,
+    qo_sb,
+    qo_sh,
+    qo_ss,
+    ko_sb,
+    ko_sh,
+    ko_ss,
+    cos_sb,
+    cos_ss,
+    pos_sb,
+    pos_ss,
+    seq_len,
+    n_q_heads,
+    n_k_heads,
+    half,
+    n_pass,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    BACKWARD: tl.constexpr,
 ):
     tok = tl.program_id(0)
     hb = tl.program_id(1)
@@ -61,8 +107,44 @@ def rope_kernel(
     s2 = tl.load(SIN + crow + half + d, mask=dm, other=0.0).to(tl.float32)[None, :]
     n_qb = tl.cdiv(n_q_heads, BLOCK_H)
     if hb < n_qb:
-        _rotate_heads(Q + b * q_sb + s * q_ss, QO + b * qo_sb + s * qo_ss, q_sh, qo_sh, n_q_heads, hb,
-                      c1, c2, s1, s2, half, n_pass, d, dp, BLOCK_H, BLOCK_HALF, BLOCK_PASS, BACKWARD)
+        _rotate_heads(
+            Q + b * q_sb + s * q_ss,
+            QO + b * qo_sb + s * qo_ss,
+            q_sh,
+            qo_sh,
+            n_q_heads,
+            hb,
+            c1,
+            c2,
+            s1,
+            s2,
+            half,
+            n_pass,
+            d,
+            dp,
+            BLOCK_H,
+            BLOCK_HALF,
+            BLOCK_PASS,
+            BACKWARD,
+        )
     else:
-        _rotate_heads(K + b * k_sb + s * k_ss, KO + b * ko_sb + s * ko_ss, k_sh, ko_sh, n_k_heads, hb - n_qb,
-                      c1, c2, s1, s2, half, n_pass, d, dp, BLOCK_H, BLOCK_HALF, BLOCK_PASS, BACKWARD)
+        _rotate_heads(
+            K + b * k_sb + s * k_ss,
+            KO + b * ko_sb + s * ko_ss,
+            k_sh,
+            ko_sh,
+            n_k_heads,
+            hb - n_qb,
+            c1,
+            c2,
+            s1,
+            s2,
+            half,
+            n_pass,
+            d,
+            dp,
+            BLOCK_H,
+            BLOCK_HALF,
+            BLOCK_PASS,
+            BACKWARD,
+        )

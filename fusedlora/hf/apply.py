@@ -5,6 +5,7 @@ source or classes) and records the class's own forward as the way back. A module
 serve is left alone and the report says why; a call the fused path cannot serve at run time (an adapter
 added after patching, full fine-tuning, a CPU tensor without the interpreter) runs the class's forward.
 """
+
 from __future__ import annotations
 
 import functools
@@ -49,6 +50,7 @@ def unpatch(model) -> int:
     `cuda_graph_layers` wrappers; returns how many modules it restored."""
     _require_module("unpatch", model)
     from ..cuda_graphs import ungraph_modules
+
     n = ungraph_modules(model.modules())
     for m in model.modules():
         if PATCH_ATTR in m.__dict__:
@@ -91,6 +93,7 @@ def _offload_checkpoints(model, report, host_limit_gib=None):
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     from ..checkpoint import Offloader, offloaded_checkpoint
+
     limit = None if host_limit_gib is None else int(host_limit_gib * 2**30)
     fn = functools.partial(offloaded_checkpoint, offloader=Offloader(limit))
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
@@ -98,27 +101,38 @@ def _offload_checkpoints(model, report, host_limit_gib=None):
         m.__dict__[GC_ATTR] = (m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func"))
         m.gradient_checkpointing = True
         m._gradient_checkpointing_func = fn
-    report.notes.append(f"offloaded activation checkpointing on {len(layers)} decoder layers (inputs in pinned host "
-                        "memory)" if layers else "offload_checkpoints: no GradientCheckpointingLayer in this model")
+    report.notes.append(
+        f"offloaded activation checkpointing on {len(layers)} decoder layers (inputs in pinned host memory)"
+        if layers
+        else "offload_checkpoints: no GradientCheckpointingLayer in this model"
+    )
 
 
 def _require_module(caller: str, model):
     """A clear error for what is not a model (a checkpoint name, a path...), before any attribute lookup fails."""
     if isinstance(model, torch.nn.Module):
         return
-    hint = (f"; load it first, e.g. model = AutoModelForCausalLM.from_pretrained({model!r})"
-            if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__") else "")
-    raise TypeError(f"fusedlora.{caller}: expected the model (a torch.nn.Module: a Hugging Face or PEFT model), "
-                    f"got {type(model).__name__}{hint}")
+    hint = (
+        f"; load it first, e.g. model = AutoModelForCausalLM.from_pretrained({model!r})"
+        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__")
+        else ""
+    )
+    raise TypeError(
+        f"fusedlora.{caller}: expected the model (a torch.nn.Module: a Hugging Face or PEFT model), "
+        f"got {type(model).__name__}{hint}"
+    )
 
 
 def _decoder_layers(model, caller: str, instead: str):
     _require_module(caller, model)
     from transformers.modeling_layers import GradientCheckpointingLayer
+
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not layers:
-        raise TypeError(f"fusedlora.{caller}: {type(model).__name__} has no decoder layers "
-                        f"(transformers' GradientCheckpointingLayer); {instead}")
+        raise TypeError(
+            f"fusedlora.{caller}: {type(model).__name__} has no decoder layers "
+            f"(transformers' GradientCheckpointingLayer); {instead}"
+        )
     return layers
 
 
@@ -133,19 +147,27 @@ def cuda_graph_layers(model, *, warmup: int = 2, max_shapes: int = 1) -> int:
     memory. Not with FSDP (it swaps the parameters a graph reads). `fusedlora.unpatch(model)` removes it.
     Returns how many layers were wrapped."""
     from ..cuda_graphs import graph_modules
+
     _require_module("cuda_graph_layers", model)
     if not torch.cuda.is_available():
         raise RuntimeError("fusedlora.cuda_graph_layers: CUDA graphs need a CUDA GPU")
     if max_shapes < 1 or warmup < 0:
-        raise ValueError(f"fusedlora.cuda_graph_layers: expected warmup >= 0 and max_shapes >= 1, got warmup={warmup}, "
-                         f"max_shapes={max_shapes}")
+        raise ValueError(
+            f"fusedlora.cuda_graph_layers: expected warmup >= 0 and max_shapes >= 1, got warmup={warmup}, "
+            f"max_shapes={max_shapes}"
+        )
     layers = _decoder_layers(model, "cuda_graph_layers", "wrap the step yourself with torch.cuda.graphs")
-    busy = [type(m).__name__ for m in layers if ("forward" in m.__dict__ and not _is_graphed(m))
-            or getattr(m, "_compiled_call_impl", None) is not None]
+    busy = [
+        type(m).__name__
+        for m in layers
+        if ("forward" in m.__dict__ and not _is_graphed(m)) or getattr(m, "_compiled_call_impl", None) is not None
+    ]
     if busy:
-        raise RuntimeError(f"fusedlora.cuda_graph_layers: decoder layers ({busy[0]}) are compiled "
-                           "(fusedlora.compile_layers) or have an instance-level forward (an accelerate hook); "
-                           "CUDA graphs wrap plain eager layers (under torch.compile use mode='reduce-overhead')")
+        raise RuntimeError(
+            f"fusedlora.cuda_graph_layers: decoder layers ({busy[0]}) are compiled "
+            "(fusedlora.compile_layers) or have an instance-level forward (an accelerate hook); "
+            "CUDA graphs wrap plain eager layers (under torch.compile use mode='reduce-overhead')"
+        )
     graph_modules(layers, warmup=warmup, max_shapes=max_shapes)
     return len(layers)
 
@@ -157,12 +179,15 @@ def _cuda_graphs(model, report):
     except (RuntimeError, TypeError) as e:
         report.notes.append(f"cuda_graphs: not applied ({e})")
         return
-    report.notes.append(f"CUDA graphs on {n} decoder layers (captured at a shape's third training call, "
-                        "checkpointed layers as checkpoint graphs; eval and new shapes run eagerly)")
+    report.notes.append(
+        f"CUDA graphs on {n} decoder layers (captured at a shape's third training call, "
+        "checkpointed layers as checkpoint graphs; eval and new shapes run eagerly)"
+    )
 
 
 def _is_graphed(m) -> bool:
     from ..cuda_graphs import GraphedModule
+
     return isinstance(m.__dict__.get("forward"), GraphedModule)
 
 
@@ -206,8 +231,9 @@ def patch(model, *, options: PatchOptions | None = None, **option_values) -> Pat
     options = PatchOptions.merged(options, option_values)
     hf = find_hf_model(model)
     if hf is None:
-        raise TypeError(f"fusedlora.patch: found no Hugging Face model (a module with .config.model_type) in "
-                        f"{type(model).__name__}")
+        raise TypeError(
+            f"fusedlora.patch: found no Hugging Face model (a module with .config.model_type) in {type(model).__name__}"
+        )
     graphed = sum(_is_graphed(m) for m in model.modules())
     unpatch(model)
     model_type = hf.config.model_type
@@ -218,31 +244,45 @@ def patch(model, *, options: PatchOptions | None = None, **option_values) -> Pat
         family = FAMILIES[text_type]
     report = PatchReport(model_type, family is not None)
     if multimodal:
-        report.notes.append(f"{type(hf).__name__} is multimodal: its text decoder is patched as {text_type!r}; "
-                            "the vision tower and the model's own LM head and loss stay HF's")
+        report.notes.append(
+            f"{type(hf).__name__} is multimodal: its text decoder is patched as {text_type!r}; "
+            "the vision tower and the model's own LM head and loss stay HF's"
+        )
         report.kept("loss", f"{type(hf).__name__} computes its own (multimodal) loss")
     if graphed:
-        report.notes.append(f"patching removed the CUDA-graph wrappers of {graphed} decoder layers: call "
-                            "fusedlora.cuda_graph_layers(model) again after patch")
+        report.notes.append(
+            f"patching removed the CUDA-graph wrappers of {graphed} decoder layers: call "
+            "fusedlora.cuda_graph_layers(model) again after patch"
+        )
     if family is None:
         family = GENERIC
         report.notes.append(
             f"model_type {model_type!r} is not in fusedlora's family table ({', '.join(FAMILIES)}): only RMSNorm "
             "modules that match a reference numerically and the loss (when no config attribute changes the "
-            "logits) are patched")
+            "logits) are patched"
+        )
     family, notes = for_config(family, hf.config.text_config if multimodal else hf.config)
     report.notes += notes
     moe.start_report(report, family)
     param = next(model.parameters(), None)
     if param is not None and not param.is_cuda and not (param.device.type == "cpu" and interpreting()):
-        report.notes.append(f"the model is on {param.device} and TRITON_INTERPRET is not set: patched modules run "
-                            "HF's forward until the model is on a CUDA device")
-    unserved = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()
-                       if p.is_floating_point() and p.dtype not in FLOAT_DTYPES})
+        report.notes.append(
+            f"the model is on {param.device} and TRITON_INTERPRET is not set: patched modules run "
+            "HF's forward until the model is on a CUDA device"
+        )
+    unserved = sorted(
+        {
+            str(p.dtype).replace("torch.", "")
+            for p in model.parameters()
+            if p.is_floating_point() and p.dtype not in FLOAT_DTYPES
+        }
+    )
     if unserved:
-        report.notes.append(f"the model has {', '.join(unserved)} parameters: patched modules run HF's forward on "
-                            f"tensors of a dtype the kernels do not serve ({forwards.SERVED_DTYPES}), counted as "
-                            "run-time fallbacks")
+        report.notes.append(
+            f"the model has {', '.join(unserved)} parameters: patched modules run HF's forward on "
+            f"tensors of a dtype the kernels do not serve ({forwards.SERVED_DTYPES}), counted as "
+            "run-time fallbacks"
+        )
     checked_norms: dict = {}
     for m in model.modules():
         kind = _kind_of(m, family, report.family_known)
@@ -271,13 +311,24 @@ def patch(model, *, options: PatchOptions | None = None, **option_values) -> Pat
         torch.cuda.empty_cache()
     if report.n_patched == 0:
         kept = sum(c.kept for c in report.kinds.values())
-        report.notes.append("nothing was patched: " + (f"{kept} matching modules kept HF's path (reasons above)" if kept
-                                                        else "no module matched the family's module classes"))
+        report.notes.append(
+            "nothing was patched: "
+            + (
+                f"{kept} matching modules kept HF's path (reasons above)"
+                if kept
+                else "no module matched the family's module classes"
+            )
+        )
     return report
 
 
-FORWARDS = {"rms_norm": forwards.norm_forward, "attention": forwards.attention_forward,
-            "mlp": forwards.mlp_forward, "moe": moe.moe_forward, "loss": forwards.causal_lm_forward}
+FORWARDS = {
+    "rms_norm": forwards.norm_forward,
+    "attention": forwards.attention_forward,
+    "mlp": forwards.mlp_forward,
+    "moe": moe.moe_forward,
+    "loss": forwards.causal_lm_forward,
+}
 
 
 class PatchedForward:
@@ -347,7 +398,9 @@ def _check_norm(m, family, known, checked):
 
 def _match_norm(m, family, known):
     """(casting, offset) whose reference reproduces this class's own forward on a random input, or why none."""
-    candidates = [(family.norm_casting, family.norm_offset)] if known else [("llama", 0.0), ("gemma", 1.0), ("gemma", 0.0)]
+    candidates = (
+        [(family.norm_casting, family.norm_offset)] if known else [("llama", 0.0), ("gemma", 1.0), ("gemma", 0.0)]
+    )
     w = m.weight
     if w.device.type == "meta":
         return candidates[0] if known else "weights on the meta device: cannot check the norm's semantics"
@@ -383,12 +436,17 @@ def _trains_on_original(m, kind, family) -> str | None:
         return moe.trains_on_original(m, family)
     if kind not in ("attention", "mlp"):
         return None
-    training = [name for name in _projections(kind, family)
-                if peft_layers.get_lora_parameters(getattr(m, name))[0].requires_grad]
+    training = [
+        name
+        for name in _projections(kind, family)
+        if peft_layers.get_lora_parameters(getattr(m, name))[0].requires_grad
+    ]
     if not training:
         return None
-    return (f"base weights ({', '.join(training)}) require grad (no LoRA adapter, or full fine-tuning): training calls "
-            "run these projections on HF's path (run-time fallbacks) until PEFT adds adapters; no_grad calls are fused")
+    return (
+        f"base weights ({', '.join(training)}) require grad (no LoRA adapter, or full fine-tuning): training calls "
+        "run these projections on HF's path (run-time fallbacks) until PEFT adds adapters; no_grad calls are fused"
+    )
 
 
 def _check_attention(m, family, known, checked):
@@ -463,5 +521,10 @@ def _check_loss(m, family, known, checked):
     return (forwards.loss_facts(type(m)), None) if why is None else (None, why)
 
 
-CHECKS = {"rms_norm": _check_norm, "attention": _check_attention, "mlp": _check_mlp, "moe": moe.check_block,
-          "loss": _check_loss}
+CHECKS = {
+    "rms_norm": _check_norm,
+    "attention": _check_attention,
+    "mlp": _check_mlp,
+    "moe": moe.check_block,
+    "loss": _check_loss,
+}

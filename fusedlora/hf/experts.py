@@ -6,6 +6,7 @@ quantised by bitsandbytes' own `quantize_4bit` (the bytes are bitsandbytes'), `q
 3-D layout, which fusedlora's MoE path decodes (section 5.6). Call it after `peft.get_peft_model`: PEFT reads
 the expert parameters' 3-D shapes when it adds `target_parameters` LoRA, and a Params4bit is stored flat.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 class QuantizedExperts:
     """What quantize_experts did: blocks and expert tensors stored in NF4, their parameters, and the bytes
     their storage takes (packed codes, absmax, double-quantisation statistics and code books) before and after."""
+
     blocks: int = 0
     tensors: int = 0
     already_quantised: int = 0
@@ -41,9 +43,11 @@ class QuantizedExperts:
         return self.bytes_after / self.parameters if self.parameters else 0.0
 
     def __str__(self) -> str:
-        lines = [f"fusedlora.quantize_experts: {self.tensors} expert tensors of {self.blocks} MoE blocks in NF4 "
-                 f"({self.parameters:,} parameters, {self.bytes_before / 2**20:.1f} MiB -> "
-                 f"{self.bytes_after / 2**20:.1f} MiB, {self.bytes_per_parameter:.3f} bytes a parameter)"]
+        lines = [
+            f"fusedlora.quantize_experts: {self.tensors} expert tensors of {self.blocks} MoE blocks in NF4 "
+            f"({self.parameters:,} parameters, {self.bytes_before / 2**20:.1f} MiB -> "
+            f"{self.bytes_after / 2**20:.1f} MiB, {self.bytes_per_parameter:.3f} bytes a parameter)"
+        ]
         if self.already_quantised:
             lines.append(f"  {self.already_quantised} expert tensors were NF4 already (left as they were)")
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
@@ -64,6 +68,7 @@ def nf4_bytes(weight) -> int:
 def quantize_block(block, *, blocksize: int = 64, double_quant: bool = True) -> QuantizedExperts:
     """quantize_experts for one MoE block (its experts under any PEFT wrappers); NF4 tensors are left as they are."""
     import bitsandbytes as bnb
+
     done = QuantizedExperts(blocks=1)
     experts = base_experts(block)
     for name in EXPERT_PARAMS:
@@ -75,16 +80,28 @@ def quantize_block(block, *, blocksize: int = 64, double_quant: bool = True) -> 
             done.already_quantised += 1
             continue
         if W.requires_grad:
-            raise RuntimeError(f"fusedlora.quantize_experts: {type(experts).__name__}.{name} requires grad (full "
-                               "fine-tuning of the experts?): NF4 weights are frozen; freeze it or keep it unquantised")
+            raise RuntimeError(
+                f"fusedlora.quantize_experts: {type(experts).__name__}.{name} requires grad (full "
+                "fine-tuning of the experts?): NF4 weights are frozen; freeze it or keep it unquantised"
+            )
         if W.device.type == "meta":
-            raise ValueError(f"fusedlora.quantize_experts: {type(experts).__name__}.{name} is on the meta device; "
-                             "load the weights first")
+            raise ValueError(
+                f"fusedlora.quantize_experts: {type(experts).__name__}.{name} is on the meta device; "
+                "load the weights first"
+            )
         with torch.no_grad():
-            packed, qs = bnb.functional.quantize_4bit(W.data.contiguous(), blocksize=blocksize,
-                                                      compress_statistics=double_quant, quant_type="nf4")
-        stored = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=qs, blocksize=blocksize,
-                                   compress_statistics=double_quant, quant_type="nf4", bnb_quantized=True)
+            packed, qs = bnb.functional.quantize_4bit(
+                W.data.contiguous(), blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4"
+            )
+        stored = bnb.nn.Params4bit(
+            packed,
+            requires_grad=False,
+            quant_state=qs,
+            blocksize=blocksize,
+            compress_statistics=double_quant,
+            quant_type="nf4",
+            bnb_quantized=True,
+        )
         done.parameters += W.numel()
         done.bytes_before += W.numel() * W.element_size()
         done.bytes_after += nf4_bytes(stored)
@@ -101,8 +118,9 @@ def _moe_blocks(model):
     family = FAMILIES.get(model_type)
     if family is None or not family.moe_block:
         served = ", ".join(k for k, f in FAMILIES.items() if f.moe_block)
-        raise ValueError(f"fusedlora.quantize_experts: model_type {model_type!r} has no MoE block fusedlora serves "
-                         f"({served})")
+        raise ValueError(
+            f"fusedlora.quantize_experts: model_type {model_type!r} has no MoE block fusedlora serves ({served})"
+        )
     return [m for m in model.modules() if type(m).__name__ in family.moe_block]
 
 
@@ -119,22 +137,28 @@ def quantize_experts(model, *, blocksize: int = 64, double_quant: bool = True) -
     the model then runs its MoE blocks only through `fusedlora.patch(model)` (HF's and PEFT's experts paths
     cannot run NF4 stacks: an unpatched call raises, saying so). Returns what it did (print it)."""
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"fusedlora.quantize_experts: expected the model (a PEFT-wrapped Hugging Face MoE model, a "
-                        f"torch.nn.Module), got {type(model).__name__}")
+        raise TypeError(
+            f"fusedlora.quantize_experts: expected the model (a PEFT-wrapped Hugging Face MoE model, a "
+            f"torch.nn.Module), got {type(model).__name__}"
+        )
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"fusedlora.quantize_experts: blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
     blocks = _moe_blocks(model)
     if not blocks:
         raise ValueError("fusedlora.quantize_experts: the model has no MoE block of its family's classes")
     if not _peft_applied(model):
-        raise RuntimeError("fusedlora.quantize_experts: call it after peft.get_peft_model(model, config): PEFT reads "
-                           "the expert parameters' [experts, out, in] shapes when it adds LoRA to them, and NF4 stores "
-                           "them flat")
+        raise RuntimeError(
+            "fusedlora.quantize_experts: call it after peft.get_peft_model(model, config): PEFT reads "
+            "the expert parameters' [experts, out, in] shapes when it adds LoRA to them, and NF4 stores "
+            "them flat"
+        )
     done = QuantizedExperts()
     for block in blocks:
         done.add(quantize_block(block, blocksize=blocksize, double_quant=double_quant))
     unpatched = sum(PATCH_ATTR not in b.__dict__ for b in blocks)
     if unpatched:
-        done.notes.append(f"{unpatched} of the {len(blocks)} MoE blocks are not patched yet: call fusedlora.patch(model) "
-                          "before running the model")
+        done.notes.append(
+            f"{unpatched} of the {len(blocks)} MoE blocks are not patched yet: call fusedlora.patch(model) "
+            "before running the model"
+        )
     return done

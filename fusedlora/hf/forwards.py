@@ -3,6 +3,7 @@
 Each reads its module's weights at the call (FSDP2 swaps them) and goes back to the class's own forward
 whenever the fused path cannot serve the call, which `Fallbacks` counts and warns about once.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,9 +30,9 @@ SERVED_DTYPES = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
 @dataclasses.dataclass(frozen=True)
 class NormFacts:
     eps: float
-    casting: str                 # the reference the class's forward matches: "llama" or "gemma" casting
-    offset: float                # weight offset (Gemma's 1 + weight)
-    recomputable: bool = False   # patch's recompute_norms
+    casting: str  # the reference the class's forward matches: "llama" or "gemma" casting
+    offset: float  # weight offset (Gemma's 1 + weight)
+    recomputable: bool = False  # patch's recompute_norms
 
     def configured(self, options: PatchOptions) -> NormFacts:
         return dataclasses.replace(self, recomputable=options.recompute_norms)
@@ -41,15 +42,16 @@ class NormFacts:
 class VarlenAttention:
     """torch's varlen_attn (None before torch 2.10) and whether it takes enable_gqa: looked up when patching,
     so that the forwards (and Dynamo tracing them) read plain values."""
+
     attn: Callable | None
     takes_gqa: bool
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionFacts:
-    eager: Callable              # the module's eager_attention_forward (HF's attention interface falls back on it)
+    eager: Callable  # the module's eager_attention_forward (HF's attention interface falls back on it)
     varlen: VarlenAttention
-    qkv: bool = True             # patch's qkv, o and rope: which parts are fused
+    qkv: bool = True  # patch's qkv, o and rope: which parts are fused
     o: bool = True
     rope: bool = True
 
@@ -59,8 +61,8 @@ class AttentionFacts:
 
 @dataclasses.dataclass(frozen=True)
 class MLPFacts:
-    activation: str              # a key of MLP_APPLY
-    intermediate: int            # the gate (and up) projection's width
+    activation: str  # a key of MLP_APPLY
+    intermediate: int  # the gate (and up) projection's width
     fused_gate_up: bool = False  # one gate_up_proj (Phi-3)
     chunk_bytes: int = MLP_CHUNK_BYTES  # patch's mlp_chunk_bytes
 
@@ -71,10 +73,11 @@ class MLPFacts:
 @dataclasses.dataclass(frozen=True)
 class LossFacts:
     """What causal_lm_forward reads about the model class, looked up when patching."""
+
     signature: inspect.Signature  # of the class's forward
-    var_kw: str | None            # its **kwargs parameter
-    output_fields: frozenset      # the output fields it passes on
-    varlen_available: bool        # torch has varlen attention (packed rows then take it)
+    var_kw: str | None  # its **kwargs parameter
+    output_fields: frozenset  # the output fields it passes on
+    varlen_available: bool  # torch has varlen attention (packed rows then take it)
 
     def configured(self, options: PatchOptions) -> LossFacts:
         return self
@@ -87,6 +90,7 @@ KindFacts = NormFacts | AttentionFacts | MLPFacts | LossFacts
 class PatchRecord:
     """What a patched module needs at call time: its kind, family row, run-time fallbacks and what patching found
     (with the options that concern it)."""
+
     kind: str
     family: Family
     fallbacks: Fallbacks
@@ -121,8 +125,7 @@ def norm_forward(self, hidden_states, *args, **kwargs):
     if why:
         return _fallback(self, why, hidden_states, *args, **kwargs)
     facts = getattr(self, PATCH_ATTR).facts
-    return rms_norm(hidden_states, self.weight, facts.eps, facts.offset, facts.casting,
-                    recomputable=facts.recomputable)
+    return rms_norm(hidden_states, self.weight, facts.eps, facts.offset, facts.casting, recomputable=facts.recomputable)
 
 
 # ---------------------------------------------------------------------------------------------- MLP
@@ -137,10 +140,12 @@ MLP_APPLY = {
 # the gate / up halves, so its backward may overwrite them)
 FUSED_GATE_UP_APPLY = {
     "silu": functools.partial(lora.apply_lora_fused_gate_up_mlp, glu=functools.partial(swiglu, inplace=True)),
-    "gelu_tanh": functools.partial(lora.apply_lora_fused_gate_up_mlp,
-                                   glu=functools.partial(geglu, approximate="tanh", inplace=True)),
-    "gelu": functools.partial(lora.apply_lora_fused_gate_up_mlp,
-                              glu=functools.partial(geglu, approximate="none", inplace=True)),
+    "gelu_tanh": functools.partial(
+        lora.apply_lora_fused_gate_up_mlp, glu=functools.partial(geglu, approximate="tanh", inplace=True)
+    ),
+    "gelu": functools.partial(
+        lora.apply_lora_fused_gate_up_mlp, glu=functools.partial(geglu, approximate="none", inplace=True)
+    ),
 }
 
 
@@ -177,14 +182,16 @@ def _chunked_mlp(module, apply, x, rows):
     """The MLP over row chunks, each under non-reentrant activation checkpointing: the backward recomputes
     one chunk at a time, so one chunk's gate/up buffers exist at once (rows are independent in an MLP)."""
     from torch.utils.checkpoint import checkpoint
+
     x2 = x.reshape(-1, x.shape[-1])
-    outs = [checkpoint(apply, module, x2[s:s + rows], use_reentrant=False) for s in range(0, x2.shape[0], rows)]
+    outs = [checkpoint(apply, module, x2[s : s + rows], use_reentrant=False) for s in range(0, x2.shape[0], rows)]
     return torch.cat(outs).view(*x.shape[:-1], -1)
 
 
 # ---------------------------------------------------------------------------------------- attention
 def _attention_interface(module, eager):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     impl = module.config._attn_implementation
     if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
         return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
@@ -242,14 +249,20 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     if fam.attn_softcap_attr:
         extra["softcap"] = getattr(self, fam.attn_softcap_attr)
     dropout = self.attention_dropout if self.training else 0.0
-    if (unmasked_causal and extra.get("sliding_window") is None and "softcap" not in extra
-            and self.config._attn_implementation == "sdpa" and getattr(self, "is_causal", True)):
+    if (
+        unmasked_causal
+        and extra.get("sliding_window") is None
+        and "softcap" not in extra
+        and self.config._attn_implementation == "sdpa"
+        and getattr(self, "is_causal", True)
+    ):
         attention_mask = None  # HF's sdpa then takes is_causal=True: the flash / cuDNN kernels, no dense mask
     if _varlen_serves(self, q, kwargs, extra, dropout, facts.varlen):
         attn_output, attn_weights = _varlen_attention(self, q, k, v, kwargs, facts.varlen), None
     else:
         attn_output, attn_weights = _attention_interface(self, facts.eager)(
-            self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **extra, **kwargs)
+            self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **extra, **kwargs
+        )
     attn_output = attn_output.reshape(*input_shape, -1)
     if facts.o:
         try:
@@ -271,7 +284,7 @@ def _fused_qkv(module, hidden_states, fused, rec):
         out = module.qkv_proj(hidden_states)
     nq = module.config.num_attention_heads * module.head_dim
     nk = module.config.num_key_value_heads * module.head_dim
-    return out[..., :nq], out[..., nq:nq + nk], out[..., nq + nk:]
+    return out[..., :nq], out[..., nq : nq + nk], out[..., nq + nk :]
 
 
 # ------------------------------------------------------------------------------- packed sequences
@@ -298,9 +311,17 @@ def packed_boundaries(position_ids: torch.Tensor, rows: int):
 def _varlen_serves(module, q, kwargs, extra, dropout, varlen: VarlenAttention) -> bool:
     """Packed rows (cu_seq_lens in the call, from causal_lm_forward or the caller's collator) on the GPU with
     SDPA: flash varlen attention, linear in memory, instead of SDPA over HF's dense block-diagonal mask."""
-    return (varlen.attn is not None and "cu_seq_lens_q" in kwargs and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and module.config._attn_implementation == "sdpa" and dropout == 0.0 and q.shape[-1] <= 256
-            and extra.get("sliding_window") is None and extra.get("softcap") is None)
+    return (
+        varlen.attn is not None
+        and "cu_seq_lens_q" in kwargs
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and module.config._attn_implementation == "sdpa"
+        and dropout == 0.0
+        and q.shape[-1] <= 256
+        and extra.get("sliding_window") is None
+        and extra.get("softcap") is None
+    )
 
 
 def _varlen_attention(module, q, k, v, kwargs, varlen: VarlenAttention):
@@ -314,9 +335,18 @@ def _varlen_attention(module, q, k, v, kwargs, varlen: VarlenAttention):
             gqa["enable_gqa"] = True
         else:  # torch 2.11: K/V heads repeated (each serves hq / hk query heads, as HF's repeat_kv)
             k3, v3 = k3.repeat_interleave(hq // hk, dim=1), v3.repeat_interleave(hq // hk, dim=1)
-    out = varlen.attn(q3, k3, v3, kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k", kwargs["cu_seq_lens_q"]),
-               int(kwargs["max_length_q"]), int(kwargs.get("max_length_k", kwargs["max_length_q"])),
-               scale=module.scaling, window_size=(-1, 0), **gqa)
+    out = varlen.attn(
+        q3,
+        k3,
+        v3,
+        kwargs["cu_seq_lens_q"],
+        kwargs.get("cu_seq_lens_k", kwargs["cu_seq_lens_q"]),
+        int(kwargs["max_length_q"]),
+        int(kwargs.get("max_length_k", kwargs["max_length_q"])),
+        scale=module.scaling,
+        window_size=(-1, 0),
+        **gqa,
+    )
     return out.view(b, s, hq, d)
 
 
@@ -325,6 +355,7 @@ def loss_facts(cls) -> LossFacts:
     sig = inspect.signature(cls.forward)
     var_kw = next((p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
     from transformers.modeling_outputs import CausalLMOutputWithPast
+
     fields = frozenset(f.name for f in dataclasses.fields(CausalLMOutputWithPast)) - {"loss", "logits"}
     return LossFacts(sig, var_kw, fields, varlen_facts().attn is not None)
 
@@ -338,8 +369,11 @@ def head_linear(head):
     if type(head).__name__ != "ModulesToSaveWrapper":
         return None
     active = list(getattr(head, "active_adapters", None) or [])
-    if (getattr(head, "disable_adapters", False) or not active
-            or any(a not in getattr(head, "_adapters", ()) for a in active)):
+    if (
+        getattr(head, "disable_adapters", False)
+        or not active
+        or any(a not in getattr(head, "_adapters", ()) for a in active)
+    ):
         chosen = getattr(head, "original_module", None)
     else:
         chosen = head.modules_to_save[active[0]] if active[0] in head.modules_to_save else None
@@ -350,8 +384,10 @@ def loss_head_problem(model) -> str | None:
     """Why the LM head + loss of this *ForCausalLM cannot go through fused linear cross-entropy, or None."""
     head = head_linear(getattr(model, "lm_head", None))
     if head is None:
-        return (f"lm_head is a {type(getattr(model, 'lm_head', None)).__name__} (a LoRA adapter on the head?), not "
-                "a plain nn.Linear or PEFT's modules_to_save copy of one")
+        return (
+            f"lm_head is a {type(getattr(model, 'lm_head', None)).__name__} (a LoRA adapter on the head?), not "
+            "a plain nn.Linear or PEFT's modules_to_save copy of one"
+        )
     if not head.weight.is_floating_point() or getattr(head.weight, "quant_state", None) is not None:
         return "lm_head's weight is quantised"
     if getattr(model, "_loss_function", None) is not None:
@@ -385,9 +421,14 @@ def causal_lm_forward(self, *args, **kwargs):
     why = loss_head_problem(self) or tensor_problem(head_linear(self.lm_head).weight)
     if why is None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
         why = "logits_to_keep was given with labels"
-    if why is None and fam.router_aux_loss and extra.get("output_router_logits",
-                                                        call.get("output_router_logits",
-                                                                 getattr(self.config, "output_router_logits", False))):
+    if (
+        why is None
+        and fam.router_aux_loss
+        and extra.get(
+            "output_router_logits",
+            call.get("output_router_logits", getattr(self.config, "output_router_logits", False)),
+        )
+    ):
         why = "output_router_logits (the MoE load-balancing loss) is on"
     if why:
         return _fallback(self, why, *args, **kwargs)
@@ -398,15 +439,27 @@ def causal_lm_forward(self, *args, **kwargs):
     if "use_cache" in sig.parameters and call.get("use_cache") is None and not cache_given:
         call["use_cache"] = False  # a training step keeps no KV cache
     pos = call.get("position_ids")
-    if (pos is not None and call.get("attention_mask") is None and "cu_seq_lens_q" not in extra and pos.is_cuda
-            and self.config._attn_implementation == "sdpa" and rec.facts.varlen_available and not compiling()):
+    if (
+        pos is not None
+        and call.get("attention_mask") is None
+        and "cu_seq_lens_q" not in extra
+        and pos.is_cuda
+        and self.config._attn_implementation == "sdpa"
+        and rec.facts.varlen_available
+        and not compiling()
+    ):
         # (under torch.compile the rows keep HF's mask: finding the documents syncs the host)
         rows = (call.get("input_ids") if call.get("input_ids") is not None else call["inputs_embeds"]).shape[0]
         cu, longest = packed_boundaries(pos, rows)
         if cu.numel() - 1 > rows:  # packed: the attention layers take flash varlen (HF still builds its mask)
             extra.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
-    if (compiling() and call.get("attention_mask") is None and call.get("position_ids") is None and not cache_given
-            and "cu_seq_lens_q" not in extra):
+    if (
+        compiling()
+        and call.get("attention_mask") is None
+        and call.get("position_ids") is None
+        and not cache_given
+        and "cu_seq_lens_q" not in extra
+    ):
         extra[UNMASKED_CAUSAL] = True
     # the loss's own arguments stay out of the decoder (HF passes them down to every layer, where an int
     # num_items_in_batch that changes per step would also change each layer call's CUDA-graph key)
@@ -415,6 +468,7 @@ def causal_lm_forward(self, *args, **kwargs):
     extra.pop(UNMASKED_CAUSAL, None)
     loss = _causal_lm_loss(self, outputs.last_hidden_state, labels, extra)
     from transformers.modeling_outputs import CausalLMOutputWithPast
+
     fields = rec.facts.output_fields
     out = CausalLMOutputWithPast(loss=loss, logits=None, **{k: v for k, v in outputs.items() if k in fields})
     return out if return_dict else out.to_tuple()
@@ -436,6 +490,12 @@ def _causal_lm_loss(model, hidden, labels, extra):
     softcap = getattr(cfg, fam.final_softcap_attr, None) if fam.final_softcap_attr else None
     divisor = getattr(cfg, fam.logit_divisor_attr, None) if fam.logit_divisor_attr else None
     return fused_linear_cross_entropy(
-        hidden, weight, shift_labels.to(hidden.device), bias, ignore_index=ignore_index,
-        softcap=softcap, logit_scale=None if divisor is None else 1.0 / divisor,
-        num_items_in_batch=extra.get("num_items_in_batch"))
+        hidden,
+        weight,
+        shift_labels.to(hidden.device),
+        bias,
+        ignore_index=ignore_index,
+        softcap=softcap,
+        logit_scale=None if divisor is None else 1.0 / divisor,
+        num_items_in_batch=extra.get("num_items_in_batch"),
+    )

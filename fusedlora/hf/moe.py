@@ -10,6 +10,7 @@ A call the op cannot serve runs the block's own forward (HF's router, then PEFT'
 run-time fallback, except for NF4 experts (`fusedlora.quantize_experts`), which no other path runs: that call
 raises, saying why.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,7 +30,8 @@ SHARED_EXPERT = ("shared_expert", "shared_expert_gate")  # Qwen2-MoE: out += sig
 @dataclasses.dataclass(frozen=True)
 class MoEFacts:
     """What moe_forward reads about a MoE block, found when patching."""
-    activation: str      # a key of ops.moe_lora.MOE_ACTIVATIONS
+
+    activation: str  # a key of ops.moe_lora.MOE_ACTIVATIONS
     shared_expert: bool  # Qwen2-MoE's gated shared expert
 
     def configured(self, options) -> MoEFacts:
@@ -68,8 +70,9 @@ def expert_weight(experts, name):
         raise UnsupportedExperts(f"the experts module has no {name} tensor")
     quant = getattr(W, "quant_state", None)
     if quant is not None and getattr(quant, "quant_type", None) != "nf4":
-        raise UnsupportedExperts(f"{name} is quantised as {getattr(quant, 'quant_type', type(quant).__name__)!r} "
-                                 "(fused: bitsandbytes nf4)")
+        raise UnsupportedExperts(
+            f"{name} is quantised as {getattr(quant, 'quant_type', type(quant).__name__)!r} (fused: bitsandbytes nf4)"
+        )
     shape = tuple(quant.shape) if quant is not None else tuple(W.shape)
     if len(shape) != 3:
         raise UnsupportedExperts(f"{name} is {len(shape)}-d, not a [experts, out, in] stack")
@@ -90,18 +93,24 @@ def _lora(wrapper, num_experts, in_features, out_features):
     if getattr(wrapper, "merged", False):
         return None, None, 1.0
     if len(active) > 1:
-        raise UnsupportedExperts(f"{len(active)} active adapters at once on {wrapper.parameter_name}; "
-                                 "fusedlora fuses a single adapter")
+        raise UnsupportedExperts(
+            f"{len(active)} active adapters at once on {wrapper.parameter_name}; fusedlora fuses a single adapter"
+        )
     if not active or active[0] not in wrapper.lora_A:
         return None, None, 1.0
     A, B = wrapper.lora_A[active[0]].weight, wrapper.lora_B[active[0]].weight
     r = A.shape[0] // num_experts if A.dim() == 2 else 0
-    if (getattr(wrapper, "num_experts", num_experts) != num_experts or r == 0 or A.shape != (num_experts * r, in_features)
-            or B.shape != (out_features, num_experts * r)):
+    if (
+        getattr(wrapper, "num_experts", num_experts) != num_experts
+        or r == 0
+        or A.shape != (num_experts * r, in_features)
+        or B.shape != (out_features, num_experts * r)
+    ):
         raise UnsupportedExperts(
             f"{wrapper.parameter_name}'s LoRA factors (A {tuple(A.shape)}, B {tuple(B.shape)}) do not fit {num_experts} "
             f"experts of {in_features} -> {out_features} (LoRA added after the experts changed, e.g. after "
-            "quantize_experts?)")
+            "quantize_experts?)"
+        )
     return A, B, float(wrapper.scaling[active[0]])
 
 
@@ -112,8 +121,10 @@ def _projection(experts, wrappers, name, transposed, has_bias, training):
     bias = getattr(experts, f"{name}_bias", None) if has_bias else None
     frozen = [t for t in (W, bias) if t is not None]
     if training and any(t.requires_grad for t in frozen):
-        raise UnsupportedExperts("expert weights require grad (full fine-tuning of the experts, or PEFT not applied "
-                                 "yet): the fused path trains only the adapters")
+        raise UnsupportedExperts(
+            "expert weights require grad (full fine-tuning of the experts, or PEFT not applied "
+            "yet): the fused path trains only the adapters"
+        )
     A, B, scale = _lora(wrappers.get(name), E, in_f, out_f)
     return ExpertProj(W, A, B, scale, bias, quant, transposed)
 
@@ -166,15 +177,22 @@ def _probe_problem(experts, act: str) -> str | None:
     except Exception as e:  # noqa: BLE001 - any failure means we do not understand this experts class
         return f"its experts' activation failed on a probe input ({type(e).__name__})"
     if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
-        return f"the experts' {what} is not the {'silu GLU' if act == 'silu' else 'clamped SwiGLU'} the fused op computes"
+        return (
+            f"the experts' {what} is not the {'silu GLU' if act == 'silu' else 'clamped SwiGLU'} the fused op computes"
+        )
     return None
 
 
 def _layout_problem(experts, act: str) -> str | None:
     """Why the experts' parameters are not the layout of docs/moe-design.md section 1.1, or None."""
     gptoss = act == "gptoss"
-    flags = {"is_transposed": gptoss, "is_concatenated": not gptoss, "has_bias": gptoss, "has_gate": True,
-             "has_post_expert_norm": False}
+    flags = {
+        "is_transposed": gptoss,
+        "is_concatenated": not gptoss,
+        "has_bias": gptoss,
+        "has_gate": True,
+        "has_post_expert_norm": False,
+    }
     wrong = [f for f, want in flags.items() if hasattr(experts, f) and bool(getattr(experts, f)) != want]
     if wrong:
         return f"the experts' {', '.join(wrong)} differ from the family's layout"
@@ -196,8 +214,10 @@ def check_block(m, family: Family, known, checked):
     children = set(m._modules)
     allowed = {family.moe_router, "experts"} | (set(SHARED_EXPERT) if children & set(SHARED_EXPERT) else set())
     if not {family.moe_router, "experts"} <= children or children != allowed:
-        return None, (f"its submodules ({', '.join(sorted(children))}) are not a router ({family.moe_router}), experts"
-                      " and optionally a shared expert with its gate")
+        return None, (
+            f"its submodules ({', '.join(sorted(children))}) are not a router ({family.moe_router}), experts"
+            " and optionally a shared expert with its gate"
+        )
     try:
         experts = experts_chain(m)[1]
         why = _layout_problem(experts, family.moe_act) or _probe_problem(experts, family.moe_act)
@@ -217,8 +237,10 @@ def trains_on_original(m, family: Family) -> str | None:
         reasons.append("the router carries a LoRA adapter: it runs PEFT's path (the routed experts are fused)")
     experts = base_experts(m)
     if any(getattr(experts, n).requires_grad for n in EXPERT_PARAMS):
-        reasons.append("expert weights require grad (no LoRA adapter yet, or full fine-tuning): training calls run "
-                       "HF's experts path (run-time fallbacks); no_grad calls are fused")
+        reasons.append(
+            "expert weights require grad (no LoRA adapter yet, or full fine-tuning): training calls run "
+            "HF's experts path (run-time fallbacks); no_grad calls are fused"
+        )
     return "; ".join(reasons) or None
 
 
@@ -236,8 +258,10 @@ def moe_forward(self, hidden_states, *args, **kwargs):
     jitter = getattr(self, "jitter_noise", 0) if self.training else 0
     if why:
         if is_quantised(self):
-            raise RuntimeError(f"fusedlora: {type(self).__name__} holds NF4 experts (fusedlora.quantize_experts), which "
-                               f"only fusedlora's MoE path runs, and it cannot serve this call: {why}")
+            raise RuntimeError(
+                f"fusedlora: {type(self).__name__} holds NF4 experts (fusedlora.quantize_experts), which "
+                f"only fusedlora's MoE path runs, and it cannot serve this call: {why}"
+            )
         rec.fallbacks.note(rec.kind, why)
         # HF's router, then PEFT's experts path (a copy for Mixtral's in-place jitter: the input may be a view)
         return type(self).forward(self, hidden_states.clone() if jitter > 0 else hidden_states, *args, **kwargs)
@@ -266,10 +290,11 @@ class NF4ExpertsGuard:
         self.module = module
 
     def __call__(self, *args, **kwargs):
-        raise RuntimeError("fusedlora: these experts hold NF4 weights (fusedlora.quantize_experts), which only "
-                           "fusedlora's MoE path runs: call fusedlora.patch(model) (with mlp=True) before running "
-                           "the model")
+        raise RuntimeError(
+            "fusedlora: these experts hold NF4 weights (fusedlora.quantize_experts), which only "
+            "fusedlora's MoE path runs: call fusedlora.patch(model) (with mlp=True) before running "
+            "the model"
+        )
 
     def __reduce__(self):
         return NF4ExpertsGuard, (self.module,)
-

@@ -1,4 +1,5 @@
 """`fusedlora.patch`'s options as one frozen record, checked when it is made (`PatchOptions`)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +12,7 @@ MLP_CHUNK_BYTES = 1 << 30  # gate/up activations of one MLP call above this run 
 class PatchOptions:
     """What `fusedlora.patch(model, options=...)` does; the fields are patch's keyword arguments, with the same
     defaults and meaning (see `fusedlora.hf.patch`). A value of the wrong kind raises, naming the option."""
+
     rms_norm: bool = True
     rope: bool = True
     mlp: bool = True
@@ -33,8 +35,9 @@ class PatchOptions:
         self._set("mlp_chunk_bytes", int(chunk))
         limit = self.offload_host_limit_gib
         if limit is not None and not (_real(limit) and math.isfinite(limit) and limit >= 0):
-            raise ValueError("fusedlora.patch: option offload_host_limit_gib must be a size in GiB >= 0 or None, got "
-                             f"{limit!r}")
+            raise ValueError(
+                f"fusedlora.patch: option offload_host_limit_gib must be a size in GiB >= 0 or None, got {limit!r}"
+            )
 
     def _set(self, name, value):
         object.__setattr__(self, name, value)  # (normalising a field while the frozen record is being made)
@@ -48,8 +51,9 @@ class PatchOptions:
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(changes) - set(names))
         if unknown:
-            raise TypeError(f"fusedlora.patch: unknown option {', '.join(map(repr, unknown))} (the options: "
-                            f"{', '.join(names)})")
+            raise TypeError(
+                f"fusedlora.patch: unknown option {', '.join(map(repr, unknown))} (the options: {', '.join(names)})"
+            )
         return dataclasses.replace(options or cls(), **changes)
 
     def wants(self, kind: str) -> bool:

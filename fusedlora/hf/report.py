@@ -1,4 +1,5 @@
 """What `fusedlora.patch` did: per module kind, how many were patched and why the others kept HF's path."""
+
 from __future__ import annotations
 
 import warnings
@@ -64,17 +65,34 @@ class PatchReport:
         return sum(c.patched for c in self.kinds.values())
 
     def as_dict(self) -> dict:
-        return {"model_type": self.model_type, "family_known": self.family_known, "notes": list(self.notes),
-                "kinds": {k: {"patched": c.patched, "original": dict(c.original),
-                              "trains_on_original": dict(c.trains_on_original)} for k, c in self.kinds.items()},
-                "fallbacks": {f"{k}: {r}": n for (k, r), n in self.fallbacks.counts.items()}}
+        return {
+            "model_type": self.model_type,
+            "family_known": self.family_known,
+            "notes": list(self.notes),
+            "kinds": {
+                k: {
+                    "patched": c.patched,
+                    "original": dict(c.original),
+                    "trains_on_original": dict(c.trains_on_original),
+                }
+                for k, c in self.kinds.items()
+            },
+            "fallbacks": {f"{k}: {r}": n for (k, r), n in self.fallbacks.counts.items()},
+        }
 
     def __str__(self) -> str:
-        head = f"fusedlora.patch: model_type={self.model_type!r}" + ("" if self.family_known else " (not in the family table)")
+        head = f"fusedlora.patch: model_type={self.model_type!r}" + (
+            "" if self.family_known else " (not in the family table)"
+        )
         rows = [("module kind", "patched", "original", "why original")]
         for kind, c in self.kinds.items():
-            why = "; ".join([f"{n}x {r}" for r, n in c.original.most_common()]
-                            + [f"{n} patched, but {r}" for r, n in c.trains_on_original.most_common()]) or "-"
+            why = (
+                "; ".join(
+                    [f"{n}x {r}" for r, n in c.original.most_common()]
+                    + [f"{n} patched, but {r}" for r, n in c.trains_on_original.most_common()]
+                )
+                or "-"
+            )
             rows.append((kind, str(c.patched), str(c.kept), why))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = [head] + ["  " + "  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]

@@ -1,4 +1,5 @@
 """Input checks and small helpers shared by the ops."""
+
 from __future__ import annotations
 
 import functools
@@ -36,8 +37,10 @@ def check_tensor(op: str, name: str, t, dtypes=FLOAT_DTYPES, like: torch.Tensor 
     if like is not None and t.device != like.device:
         raise ValueError(f"{op}: {name} is on {t.device} but {like_name} is on {like.device}")
     if t.device.type != "cuda" and not (t.device.type == "cpu" and interpreting()):
-        raise ValueError(f"{op}: {name} is on {t.device}; fusedlora kernels need CUDA tensors "
-                         "(or TRITON_INTERPRET=1 with CPU tensors for Triton's interpreter)")
+        raise ValueError(
+            f"{op}: {name} is on {t.device}; fusedlora kernels need CUDA tensors "
+            "(or TRITON_INTERPRET=1 with CPU tensors for Triton's interpreter)"
+        )
     if dtypes is not None and t.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{op}: {name} has dtype {str(t.dtype).replace('torch.', '')}; supported: {allowed}")

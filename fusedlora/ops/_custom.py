@@ -9,6 +9,7 @@ autograd.Function of the same three; the launcher itself): one implementation on
 construction. Custom ops take tensors, lists of tensors and plain scalars; an optional tensor output is
 returned as `mark(t)` (a `marker` for None) and read back with `unmark()`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -61,6 +62,7 @@ def unmark(t):
 def _none_marked(fn):
     """fn with each None in its tuple result replaced by the none marker: a custom op returns tensors only. Its
     signature (the op's schema) is fn's."""
+
     @functools.wraps(fn)
     def body(*args):
         out = fn(*args)
@@ -68,6 +70,7 @@ def _none_marked(fn):
             like = next(a for a in args if isinstance(a, torch.Tensor))
             return tuple(marker(like) if o is None else o for o in out)
         return out
+
     return body
 
 
@@ -111,8 +114,11 @@ class AutogradOp(Launcher):
             setup_context(ctx, inputs, _unmarked(output))
 
         self.op.register_autograd(backward, setup_context=op_setup)
-        self.function = type(f"{name}_function", (torch.autograd.Function,),
-                             {"forward": staticmethod(eager_forward), "backward": staticmethod(backward)})
+        self.function = type(
+            f"{name}_function",
+            (torch.autograd.Function,),
+            {"forward": staticmethod(eager_forward), "backward": staticmethod(backward)},
+        )
 
     def __call__(self, *args):
         return self.op(*args) if compiling() else self.function.apply(*args)

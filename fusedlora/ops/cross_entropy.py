@@ -14,6 +14,7 @@
   backward kernel computes it with the incoming scale applied in fp32 (the same memory traffic).
 - The loss is returned in fp32.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,16 +23,25 @@ import torch.nn.functional as F
 import csrc_triton.cross_entropy as ce_kernels  # its grid constants are read per call (tests vary them)
 from csrc_triton.cross_entropy import CE_PREPARE, CROSS_ENTROPY, SCALE_BY_SCALAR
 
-from . import _custom
 from ..loader import launch
+from . import _custom
 from ._common import FLOAT_DTYPES, cdiv, check_tensor, grads_of, persistent_programs, rel_err, saved_tensors_writable
 
 REDUCTIONS = ("mean", "sum", "none")
 LABEL_DTYPES = (torch.int64, torch.int32)
 
 
-def naive_cross_entropy(logits, labels, ignore_index=-100, reduction="mean", label_smoothing=0.0, softcap=None,
-                        logit_scale=None, num_items_in_batch=None, weight=None):
+def naive_cross_entropy(
+    logits,
+    labels,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    softcap=None,
+    logit_scale=None,
+    num_items_in_batch=None,
+    weight=None,
+):
     """Plain-torch reference (fp32 math, fp64 if the logits are fp64)."""
     x = logits if logits.dtype == torch.float64 else logits.float()
     if logit_scale is not None:
@@ -41,8 +51,9 @@ def naive_cross_entropy(logits, labels, ignore_index=-100, reduction="mean", lab
     x = x.reshape(-1, x.shape[-1])
     labels = labels.reshape(-1)
     weight = None if weight is None else weight.to(x.dtype)
-    per_row = F.cross_entropy(x, labels, weight=weight, ignore_index=ignore_index, reduction="none",
-                              label_smoothing=label_smoothing)
+    per_row = F.cross_entropy(
+        x, labels, weight=weight, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+    )
     if reduction == "none":
         return per_row
     total = per_row.sum()
@@ -106,8 +117,9 @@ def check_class_weight(op, name, class_weight, n_cols, like, like_name, label_sm
         return None
     check_tensor(op, name, class_weight, dtypes=FLOAT_DTYPES + (torch.float64,), like=like, like_name=like_name)
     if class_weight.shape != (n_cols,):
-        raise ValueError(f"{op}: {name} has shape {tuple(class_weight.shape)}; expected one weight per class, "
-                         f"({n_cols},)")
+        raise ValueError(
+            f"{op}: {name} has shape {tuple(class_weight.shape)}; expected one weight per class, ({n_cols},)"
+        )
     if label_smoothing != 0.0:  # torch weights the smoothing term per class: not one scale per row
         raise ValueError(f"{op}: {name} together with label_smoothing is not supported")
     return class_weight.to(torch.float32).contiguous()
@@ -118,8 +130,9 @@ def row_scale(scale: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, 
     return (scale[start:end], 1) if scale.numel() > 1 else (scale, 0)
 
 
-def _prepare(labels: torch.Tensor, n_cols: int, ignore_index: int, mode: str,
-             divisor: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _prepare(
+    labels: torch.Tensor, n_cols: int, ignore_index: int, mode: str, divisor: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(inv, ok) of ce_prepare_kernel; inv is not written in mode "given"."""
     inv = torch.empty(1, dtype=torch.float32, device=labels.device)
     ok = torch.empty(1, dtype=torch.int32, device=labels.device)
@@ -164,16 +177,50 @@ def scale_saved_grad(grad: torch.Tensor, dloss: torch.Tensor) -> torch.Tensor:
     return grad
 
 
-def ce_launch(logits2d, labels, loss, lse, grad, scale, scale_stride, ignore_index, label_smoothing, softcap,
-              logit_scale, mode, lse_square_scale=0.0):
+def ce_launch(
+    logits2d,
+    labels,
+    loss,
+    lse,
+    grad,
+    scale,
+    scale_stride,
+    ignore_index,
+    label_smoothing,
+    softcap,
+    logit_scale,
+    mode,
+    lse_square_scale=0.0,
+):
     n_rows, n_cols = logits2d.shape
     grad_t = grad if grad is not None else logits2d
     progs = persistent_programs(n_rows, ce_kernels.CE_PROGRAMS_PER_SM, logits2d.get_device())
-    launch(CROSS_ENTROPY, (progs, 1, 1), (
-        logits2d, labels, loss, lse, grad_t, scale, logits2d.stride(0), grad_t.stride(0), scale_stride, n_rows,
-        n_cols, int(ignore_index), float(label_smoothing), float(softcap or 1.0),
-        float(1.0 if logit_scale is None else logit_scale), float(lse_square_scale)),
-        n_cols=n_cols, softcap=softcap is not None, mode=mode, smoothing=label_smoothing != 0.0)
+    launch(
+        CROSS_ENTROPY,
+        (progs, 1, 1),
+        (
+            logits2d,
+            labels,
+            loss,
+            lse,
+            grad_t,
+            scale,
+            logits2d.stride(0),
+            grad_t.stride(0),
+            scale_stride,
+            n_rows,
+            n_cols,
+            int(ignore_index),
+            float(label_smoothing),
+            float(softcap or 1.0),
+            float(1.0 if logit_scale is None else logit_scale),
+            float(lse_square_scale),
+        ),
+        n_cols=n_cols,
+        softcap=softcap is not None,
+        mode=mode,
+        smoothing=label_smoothing != 0.0,
+    )
 
 
 def launch_rows(logits2d, labels, loss, lse, grad, scale, scale_stride, opts, mode):
@@ -217,9 +264,19 @@ def _precomputes(reduction, dtype, need_grad) -> bool:
     return need_grad and reduction != "none" and precompute_grads(dtype)
 
 
-def _forward(logits2d: torch.Tensor, labels: torch.Tensor, inv: torch.Tensor, reduction: str, ignore_index: int,
-             label_smoothing: float, softcap: float | None, logit_scale: float | None, lse_square_scale: float,
-             need_grad: bool, inplace_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward(
+    logits2d: torch.Tensor,
+    labels: torch.Tensor,
+    inv: torch.Tensor,
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float | None,
+    logit_scale: float | None,
+    lse_square_scale: float,
+    need_grad: bool,
+    inplace_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse, grad or None)."""
     opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
     grad = None
@@ -251,13 +308,24 @@ def _backward(ctx, dloss, _dlse, _dgrad):
     return (CE_BACKWARD_OP(dloss, *ctx.saved_tensors, reduction, *opts, overwrite),) + (None,) * 10
 
 
-def _backward_launch(dloss: torch.Tensor, logits2d: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
-                     inv: torch.Tensor, reduction: str, ignore_index: int, label_smoothing: float,
-                     softcap: float | None, logit_scale: float | None, lse_square_scale: float,
-                     overwrite: bool) -> torch.Tensor:
+def _backward_launch(
+    dloss: torch.Tensor,
+    logits2d: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    inv: torch.Tensor,
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float | None,
+    logit_scale: float | None,
+    lse_square_scale: float,
+    overwrite: bool,
+) -> torch.Tensor:
     opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
-    return _grad(dloss, logits2d, labels, lse, inv, reduction, opts,
-                 logits2d if overwrite else torch.empty_like(logits2d))
+    return _grad(
+        dloss, logits2d, labels, lse, inv, reduction, opts, logits2d if overwrite else torch.empty_like(logits2d)
+    )
 
 
 CE_OP = _custom.AutogradOp("cross_entropy", _forward, _setup, _backward)
@@ -277,10 +345,20 @@ def check_ce_args(op, reduction, label_smoothing, softcap, logit_scale, lse_squa
         raise ValueError(f"{op}: lse_square_scale must be a finite Python number >= 0, got {lse_square_scale!r}")
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
-                  label_smoothing: float = 0.0, softcap: float | None = None, logit_scale: float | None = None,
-                  num_items_in_batch=None, inplace_grad: bool = False, weight: torch.Tensor | None = None,
-                  lse_square_scale: float = 0.0, return_z_loss: bool = False):
+def cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+    num_items_in_batch=None,
+    inplace_grad: bool = False,
+    weight: torch.Tensor | None = None,
+    lse_square_scale: float = 0.0,
+    return_z_loss: bool = False,
+):
     """Cross-entropy of `logits` [..., V] against integer `labels` [...].
 
     lse_square_scale: adds the z-loss lse_square_scale * logsumexp(logits)^2 of each used row to its loss
@@ -299,8 +377,10 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     check_tensor(op, "labels", labels, dtypes=LABEL_DTYPES, like=logits, like_name="logits")
     check_ce_args(op, reduction, label_smoothing, softcap, logit_scale, lse_square_scale)
     if logits.dim() < 1 or labels.shape != logits.shape[:-1]:
-        raise ValueError(f"{op}: labels have shape {tuple(labels.shape)} but logits {tuple(logits.shape)}; "
-                         f"expected labels of shape {tuple(logits.shape[:-1])}")
+        raise ValueError(
+            f"{op}: labels have shape {tuple(labels.shape)} but logits {tuple(logits.shape)}; "
+            f"expected labels of shape {tuple(logits.shape[:-1])}"
+        )
     n_cols = logits.shape[-1]
     weight = check_class_weight(op, "weight", weight, n_cols, logits, "logits", label_smoothing)
     logits2d = logits.reshape(-1, n_cols)
@@ -308,12 +388,20 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
         logits2d = logits2d.contiguous()
     labels1d = labels.reshape(-1).contiguous()
     inv = prepare_scale(op, labels1d, n_cols, ignore_index, reduction, num_items_in_batch, weight)
-    out, lse, _ = CE_OP(logits2d, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
-                        None if softcap is None else float(softcap), None if logit_scale is None else float(logit_scale),
-                        float(lse_square_scale), torch.is_grad_enabled() and logits2d.requires_grad,
-                        bool(inplace_grad) and not _custom.compiling())
-    return with_z_loss(out, labels.shape, reduction, return_z_loss, lse, labels1d, inv, ignore_index,
-                       lse_square_scale)
+    out, lse, _ = CE_OP(
+        logits2d,
+        labels1d,
+        inv,
+        reduction,
+        int(ignore_index),
+        float(label_smoothing),
+        None if softcap is None else float(softcap),
+        None if logit_scale is None else float(logit_scale),
+        float(lse_square_scale),
+        torch.is_grad_enabled() and logits2d.requires_grad,
+        bool(inplace_grad) and not _custom.compiling(),
+    )
+    return with_z_loss(out, labels.shape, reduction, return_z_loss, lse, labels1d, inv, ignore_index, lse_square_scale)
 
 
 def with_z_loss(out, labels_shape, reduction, return_z_loss, lse, labels1d, inv, ignore_index, lse_square_scale):
@@ -343,5 +431,8 @@ def selfcheck(device, dtype):
     y = torch.randint(-1, 50, (5003,), device=device)
     inv = prepare_labels("selfcheck", y, 50, -1, "mean")
     err_prep = abs(inv.item() * float((y != -1).sum()) - 1.0)
-    return {"cross_entropy": (max(rel_err(loss, ref), err_grad), tol), "scale_by_scalar": (err_grad, tol),
-            "ce_prepare": (err_prep, 1e-6)}
+    return {
+        "cross_entropy": (max(rel_err(loss, ref), err_grad), tol),
+        "scale_by_scalar": (err_grad, tol),
+        "ce_prepare": (err_prep, 1e-6),
+    }

@@ -7,6 +7,7 @@ activation-sized allocations); only use it when nothing else reads gate/up after
 through a graph that autograd keeps (retain_graph=True) writes new buffers instead, so a second backward
 reads the saved activations intact (`_common.saved_tensors_writable`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,8 @@ import torch.nn.functional as F
 
 from csrc_triton.glu import GLU_BWD, GLU_FWD
 
-from . import _custom
 from ..loader import launch
+from . import _custom
 from ._common import cdiv, check_tensor, grads_of, rel_err, saved_tensors_writable
 
 _APPROX = {"none": "gelu", "tanh": "gelu_tanh"}
@@ -34,9 +35,11 @@ def refuse_double_backward(fn: str):
     (create_graph=True; grad mode is on in a backward only then). The kernels' gradients carry no graph, so a
     double backward (a gradient penalty) would silently miss their terms."""
     if torch.is_grad_enabled():
-        raise RuntimeError(f"{fn}: its gradients come from kernels and cannot be differentiated again (a backward "
-                           "with create_graph=True, e.g. a gradient penalty); keep this part of the model on plain "
-                           "PyTorch (PEFT's layers, unpatched) for a double backward")
+        raise RuntimeError(
+            f"{fn}: its gradients come from kernels and cannot be differentiated again (a backward "
+            "with create_graph=True, e.g. a gradient penalty); keep this part of the model on plain "
+            "PyTorch (PEFT's layers, unpatched) for a double backward"
+        )
 
 
 def glu_forward(gate, up, act: str):
@@ -85,8 +88,9 @@ def _backward(ctx, dout):
     return dgate, dup, None, None
 
 
-def _backward_launch(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str,
-                     inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_launch(
+    dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str, inplace: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     return glu_backward(dout, gate, up, act, inplace)
 
 
@@ -135,6 +139,6 @@ def selfcheck(device, dtype):
         bwd = max(bwd, rel_err(dg, dg64), rel_err(du, du64))
     # the forward on the LoRA MLP's layout: gate | up as the halves of one wider buffer
     buf = (2 * torch.randn(shape[0], 2 * shape[1] + 64, device=device)).to(dtype)
-    g, u = buf[:, :shape[1]], buf[:, shape[1]:2 * shape[1]]
+    g, u = buf[:, : shape[1]], buf[:, shape[1] : 2 * shape[1]]
     fwd = max(fwd, rel_err(glu_forward(g, u, "silu"), naive_swiglu(g.double(), u.double())))
     return {"glu_fwd": (fwd, tol), "glu_bwd": (bwd, tol)}

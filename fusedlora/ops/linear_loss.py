@@ -13,6 +13,7 @@
 Memory above the inputs: one logits chunk (<= `max_chunk_bytes`, 128 MiB by default) plus the
 gradients themselves. d weight accumulates in the weight's dtype, rounded once per chunk.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,9 +21,20 @@ import torch.nn.functional as F
 
 from . import _custom
 from ._common import autocast_dtype, check_tensor
-from .cross_entropy import (LABEL_DTYPES, backward_scale, check_ce_args, check_class_weight, launch_rows,
-                            naive_cross_entropy, precompute_grads, prepare_scale, reduce_rows, row_scale,
-                            scale_saved_grad, with_z_loss)
+from .cross_entropy import (
+    LABEL_DTYPES,
+    backward_scale,
+    check_ce_args,
+    check_class_weight,
+    launch_rows,
+    naive_cross_entropy,
+    precompute_grads,
+    prepare_scale,
+    reduce_rows,
+    row_scale,
+    scale_saved_grad,
+    with_z_loss,
+)
 
 DEFAULT_CHUNK_BYTES = 128 * 2**20
 
@@ -72,8 +84,9 @@ def _flce_forward(hidden, weight, bias, labels, inv, reduction, opts, chunk_rows
         h = hidden[s:e]
         logits = F.linear(h, weight, bias)
         if precompute:  # the chunk's logits become their gradient in place
-            launch_rows(logits, labels[s:e], loss_rows[s:e], lse[s:e], logits, *row_scale(inv, s, e), opts,
-                        "loss_and_grad")
+            launch_rows(
+                logits, labels[s:e], loss_rows[s:e], lse[s:e], logits, *row_scale(inv, s, e), opts, "loss_and_grad"
+            )
             _accumulate_chunk_grads(logits, h, weight, None if dh is None else dh[s:e], dw, db)
         else:
             launch_rows(logits, labels[s:e], loss_rows[s:e], lse[s:e], None, *row_scale(inv, s, e), opts, "loss")
@@ -81,8 +94,9 @@ def _flce_forward(hidden, weight, bias, labels, inv, reduction, opts, chunk_rows
     return reduce_rows(loss_rows, reduction), dh, dw, db, lse
 
 
-def _flce_recompute(dloss, hidden, weight, bias, labels, lse, inv, reduction, opts, chunk_rows, need_dh, need_dw,
-                    need_db):
+def _flce_recompute(
+    dloss, hidden, weight, bias, labels, lse, inv, reduction, opts, chunk_rows, need_dh, need_dw, need_db
+):
     """(dh, dw, db) recomputing each chunk's logits (reduction "none", or a forward run without gradients)."""
     dh = torch.empty_like(hidden) if need_dh else None
     dw = torch.zeros_like(weight) if need_dw else None
@@ -100,23 +114,53 @@ def _flce_recompute(dloss, hidden, weight, bias, labels, lse, inv, reduction, op
 
 # One op for eager and torch.compile (fusedlora.ops._custom): the chunk loops run inside it; its fake only
 # allocates (a symbolic row count cannot drive the loop).
-def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-             inv: torch.Tensor, reduction: str, ignore_index: int, label_smoothing: float, softcap: float | None,
-             logit_scale: float | None, lse_square_scale: float, chunk_rows: int, need_dh: bool, need_dw: bool,
-             need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    inv: torch.Tensor,
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float | None,
+    logit_scale: float | None,
+    lse_square_scale: float,
+    chunk_rows: int,
+    need_dh: bool,
+    need_dw: bool,
+    need_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, dh, dw, db, lse), absent gradients None."""
     opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
     return _flce_forward(hidden, weight, bias, labels, inv, reduction, opts, chunk_rows, need_dh, need_dw, need_db)
 
 
-def _forward_fake(hidden, weight, bias, labels, inv, reduction, ignore_index, label_smoothing, softcap, logit_scale,
-                  lse_square_scale, chunk_rows, need_dh, need_dw, need_db):
+def _forward_fake(
+    hidden,
+    weight,
+    bias,
+    labels,
+    inv,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    softcap,
+    logit_scale,
+    lse_square_scale,
+    chunk_rows,
+    need_dh,
+    need_dw,
+    need_db,
+):
     precompute = _precomputes(reduction, hidden.dtype, need_dh, need_dw, need_db)
     n_rows = hidden.shape[0]
     loss = hidden.new_empty((n_rows,) if reduction == "none" else (), dtype=torch.float32)
-    grads = (torch.empty_like(hidden) if precompute and need_dh else None,
-             torch.empty_like(weight) if precompute and need_dw else None,
-             hidden.new_empty(weight.shape[0], dtype=torch.float32) if precompute and need_db else None)
+    grads = (
+        torch.empty_like(hidden) if precompute and need_dh else None,
+        torch.empty_like(weight) if precompute and need_dw else None,
+        hidden.new_empty(weight.shape[0], dtype=torch.float32) if precompute and need_db else None,
+    )
     return loss, *grads, hidden.new_empty(n_rows, dtype=torch.float32)
 
 
@@ -142,32 +186,77 @@ def _backward(ctx, dloss, *_):
     return FLCE_BACKWARD_OP(dloss, *ctx.saved_tensors, reduction, *opts, *chunking) + (None,) * 12
 
 
-def _backward_launch(dloss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     labels: torch.Tensor, lse: torch.Tensor, inv: torch.Tensor, reduction: str, ignore_index: int,
-                     label_smoothing: float, softcap: float | None, logit_scale: float | None,
-                     lse_square_scale: float, chunk_rows: int, need_dh: bool, need_dw: bool,
-                     need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_launch(
+    dloss: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    inv: torch.Tensor,
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float | None,
+    logit_scale: float | None,
+    lse_square_scale: float,
+    chunk_rows: int,
+    need_dh: bool,
+    need_dw: bool,
+    need_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     opts = (ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale)
-    return _flce_recompute(dloss, hidden, weight, bias, labels, lse, inv, reduction, opts, chunk_rows, need_dh,
-                           need_dw, need_db)
+    return _flce_recompute(
+        dloss, hidden, weight, bias, labels, lse, inv, reduction, opts, chunk_rows, need_dh, need_dw, need_db
+    )
 
 
-def _backward_fake(dloss, hidden, weight, bias, labels, lse, inv, reduction, ignore_index, label_smoothing, softcap,
-                   logit_scale, lse_square_scale, chunk_rows, need_dh, need_dw, need_db):
-    return (torch.empty_like(hidden) if need_dh else None, torch.empty_like(weight) if need_dw else None,
-            torch.empty_like(bias) if need_db else None)
+def _backward_fake(
+    dloss,
+    hidden,
+    weight,
+    bias,
+    labels,
+    lse,
+    inv,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    softcap,
+    logit_scale,
+    lse_square_scale,
+    chunk_rows,
+    need_dh,
+    need_dw,
+    need_db,
+):
+    return (
+        torch.empty_like(hidden) if need_dh else None,
+        torch.empty_like(weight) if need_dw else None,
+        torch.empty_like(bias) if need_db else None,
+    )
 
 
 FLCE_OP = _custom.AutogradOp("fused_linear_cross_entropy", _forward, _setup, _backward, fake=_forward_fake)
 FLCE_BACKWARD_OP = _custom.Launcher("fused_linear_cross_entropy_backward", _backward_launch, fake=_backward_fake)
 
 
-def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                               bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
-                               label_smoothing: float = 0.0, softcap: float | None = None,
-                               logit_scale: float | None = None, num_items_in_batch=None,
-                               max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, ce_weight: torch.Tensor | None = None,
-                               lse_square_scale: float = 0.0, return_z_loss: bool = False):
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+    num_items_in_batch=None,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ce_weight: torch.Tensor | None = None,
+    lse_square_scale: float = 0.0,
+    return_z_loss: bool = False,
+):
     """cross_entropy(hidden @ weight.T + bias, labels) without the [T, V] logits; fp32 loss.
     ce_weight: per-class weights [V], cross_entropy's `weight` (the name `weight` is the head's here);
     lse_square_scale / return_z_loss: the z-loss, as cross_entropy's."""
@@ -183,15 +272,19 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         hidden, weight = hidden.to(cast), weight.to(cast)
         bias = None if bias is None else bias.to(cast)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"{op}: weight has shape {tuple(weight.shape)} but hidden's last dimension is "
-                         f"{hidden.shape[-1]}; expected weight [V, {hidden.shape[-1]}]")
+        raise ValueError(
+            f"{op}: weight has shape {tuple(weight.shape)} but hidden's last dimension is "
+            f"{hidden.shape[-1]}; expected weight [V, {hidden.shape[-1]}]"
+        )
     if weight.dtype != hidden.dtype:
         raise TypeError(f"{op}: weight is {weight.dtype} but hidden is {hidden.dtype}; they must match")
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype):
         raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},) and dtype {hidden.dtype}")
     if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"{op}: labels have shape {tuple(labels.shape)} but hidden {tuple(hidden.shape)}; "
-                         f"expected labels of shape {tuple(hidden.shape[:-1])}")
+        raise ValueError(
+            f"{op}: labels have shape {tuple(labels.shape)} but hidden {tuple(hidden.shape)}; "
+            f"expected labels of shape {tuple(hidden.shape[:-1])}"
+        )
     h2d = hidden.reshape(-1, hidden.shape[-1])
     if not h2d.is_contiguous():
         h2d = h2d.contiguous()
@@ -200,16 +293,32 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     ce_weight = check_class_weight(op, "ce_weight", ce_weight, n_cols, hidden, "hidden", label_smoothing)
     inv = prepare_scale(op, labels1d, n_cols, ignore_index, reduction, num_items_in_batch, ce_weight)
     # under torch.compile the chunk size is not clamped to the rows: no guard on a dynamic row count
-    chunk = rows_per_chunk(None if _custom.compiling() else h2d.shape[0], n_cols, hidden.element_size(),
-                           max_chunk_bytes)
+    chunk = rows_per_chunk(
+        None if _custom.compiling() else h2d.shape[0], n_cols, hidden.element_size(), max_chunk_bytes
+    )
     grad = torch.is_grad_enabled()
-    needs = (grad and h2d.requires_grad, grad and weight.requires_grad, grad and bias is not None and bias.requires_grad)
-    outs = FLCE_OP(h2d, weight, bias, labels1d, inv, reduction, int(ignore_index), float(label_smoothing),
-                   None if softcap is None else float(softcap), None if logit_scale is None else float(logit_scale),
-                   float(lse_square_scale), chunk, *needs)
+    needs = (
+        grad and h2d.requires_grad,
+        grad and weight.requires_grad,
+        grad and bias is not None and bias.requires_grad,
+    )
+    outs = FLCE_OP(
+        h2d,
+        weight,
+        bias,
+        labels1d,
+        inv,
+        reduction,
+        int(ignore_index),
+        float(label_smoothing),
+        None if softcap is None else float(softcap),
+        None if logit_scale is None else float(logit_scale),
+        float(lse_square_scale),
+        chunk,
+        *needs,
+    )
     out, lse = outs[0], outs[4]
-    return with_z_loss(out, labels.shape, reduction, return_z_loss, lse, labels1d, inv, ignore_index,
-                       lse_square_scale)
+    return with_z_loss(out, labels.shape, reduction, return_z_loss, lse, labels1d, inv, ignore_index, lse_square_scale)
 
 
 def _per_item(loss_fn, logits, targets, rows):
@@ -219,7 +328,8 @@ def _per_item(loss_fn, logits, targets, rows):
         raise ValueError(
             f"chunked_linear_loss: loss_fn must return per-item losses (reduction='none'), a tensor whose first "
             f"dimension is the chunk's {rows} rows; it returned {got}. A loss that reduces itself (e.g. F.mse_loss "
-            "with its default reduction='mean') would weight the chunks wrongly")
+            "with its default reduction='mean') would weight the chunks wrongly"
+        )
     return per_item
 
 
@@ -309,18 +419,28 @@ def _targets_per_row(op, targets, hidden_shape: torch.Size, rows: int) -> torch.
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"{op}: targets must be a torch.Tensor, got {type(targets).__name__}")
     lead = hidden_shape[:-1]
-    if targets.shape[:len(lead)] == lead:
-        return targets.reshape(rows, *targets.shape[len(lead):])
+    if targets.shape[: len(lead)] == lead:
+        return targets.reshape(rows, *targets.shape[len(lead) :])
     if targets.dim() >= 1 and targets.shape[0] == rows:
         return targets
-    raise ValueError(f"{op}: targets have shape {tuple(targets.shape)}, hidden {tuple(hidden_shape)}: expected "
-                     f"targets of shape [{', '.join(map(str, lead))}, ...] (hidden's leading dimensions) or "
-                     f"[{rows}, ...] (one row per hidden row)")
+    raise ValueError(
+        f"{op}: targets have shape {tuple(targets.shape)}, hidden {tuple(hidden_shape)}: expected "
+        f"targets of shape [{', '.join(map(str, lead))}, ...] (hidden's leading dimensions) or "
+        f"[{rows}, ...] (one row per hidden row)"
+    )
 
 
-def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss_fn,
-                        num_chunks: int | None = None, bias: torch.Tensor | None = None, reduction: str = "mean",
-                        ignore_index: int = -100, num_items_in_batch=None) -> torch.Tensor:
+def chunked_linear_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn,
+    num_chunks: int | None = None,
+    bias: torch.Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    num_items_in_batch=None,
+) -> torch.Tensor:
     """loss of `F.linear(hidden, weight, bias)` against `targets`, chunk by chunk over rows.
 
     `loss_fn(logits_chunk, targets_chunk)` returns per-item losses (reduction "none", ignored items 0).
@@ -334,8 +454,9 @@ def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     if not callable(loss_fn):
         raise TypeError(f"{op}: loss_fn must be callable")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"{op}: weight has shape {tuple(weight.shape)} but hidden's last dimension is "
-                         f"{hidden.shape[-1]}")
+        raise ValueError(
+            f"{op}: weight has shape {tuple(weight.shape)} but hidden's last dimension is {hidden.shape[-1]}"
+        )
     h2d = hidden.reshape(-1, hidden.shape[-1])
     t2d = _targets_per_row(op, targets, hidden.shape, h2d.shape[0])
     if _custom.compiling():
@@ -344,5 +465,6 @@ def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
         num_chunks = _auto_chunks(h2d.shape[0], weight.shape[0], hidden.device)
     if num_chunks < 1:
         raise ValueError(f"{op}: num_chunks must be >= 1, got {num_chunks}")
-    return ChunkedLinearLossFunction.apply(h2d, weight, bias, t2d, loss_fn, int(num_chunks), reduction,
-                                           int(ignore_index), num_items_in_batch)
+    return ChunkedLinearLossFunction.apply(
+        h2d, weight, bias, t2d, loss_fn, int(num_chunks), reduction, int(ignore_index), num_items_in_batch
+    )

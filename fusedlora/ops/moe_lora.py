@@ -11,6 +11,7 @@ reference the tests compare with (docs/moe-design.md section 5.1 gives the seman
 PEFT layouts: A [E*r, in] expert-major (A_e = A.view(E, r, in)[e]); B [out, r*E] expert-minor
 (B_e[o, j] = B[o, j*E + e]). W is [E, out, in], or [E, in, out] when `transposed` (gpt_oss).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,11 +19,20 @@ from typing import NamedTuple
 
 import torch
 
-from csrc_triton.moe_lora import (MOE_BLOCK_M, MOE_DOWN_BWD, MOE_DOWN_FWD, MOE_GATE_UP_BWD_DX, MOE_GATE_UP_FWD,
-                                  MOE_LORA_SEG_GRAD, MOE_SEG_TILE, MOE_TILES, moe_rank_pad)
+from csrc_triton.moe_lora import (
+    MOE_BLOCK_M,
+    MOE_DOWN_BWD,
+    MOE_DOWN_FWD,
+    MOE_GATE_UP_BWD_DX,
+    MOE_GATE_UP_FWD,
+    MOE_LORA_SEG_GRAD,
+    MOE_SEG_TILE,
+    MOE_TILES,
+    moe_rank_pad,
+)
 
-from . import _custom
 from ..loader import launch
+from . import _custom
 from ._common import autocast_dtype, cdiv, check_tensor, interpreting, rel_err
 from .glu import refuse_double_backward
 
@@ -36,6 +46,7 @@ class ExpertProj:
     weight: [E, out, in] ([E, in, out] when `transposed`), or bitsandbytes NF4 bytes with `quant_state`
     (whose `shape` is the stored 3-D layout). lora_A [E*r, in] / lora_B [out, r*E] in PEFT's layout, or None
     (no adapter on this projection). bias: [E, out] or None."""
+
     weight: torch.Tensor
     lora_A: torch.Tensor | None = None
     lora_B: torch.Tensor | None = None
@@ -58,6 +69,7 @@ def _dense_stack(p: ExpertProj, dtype) -> torch.Tensor:
     W = p.weight
     if p.quant_state is not None:  # bitsandbytes' own decode (fusedlora.quant sits above the ops)
         import bitsandbytes.functional as bnb_functional
+
         W = bnb_functional.dequantize_4bit(W, p.quant_state)
     if p.transposed:
         W = W.transpose(1, 2)
@@ -97,8 +109,16 @@ def _project(X, e, W, factors, p: ExpertProj):
     return Y
 
 
-def naive_moe_lora(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up: ExpertProj,
-                   down: ExpertProj, activation: str = "silu", alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+def naive_moe_lora(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up: ExpertProj,
+    down: ExpertProj,
+    activation: str = "silu",
+    alpha: float = 1.702,
+    limit: float = 7.0,
+) -> torch.Tensor:
     """Plain-torch reference of the routed experts with LoRA, differentiable in x, the routing weights and the
     LoRA factors. One loop over the experts (host syncs: a reference, never the fast path). Computes in x's
     dtype; the k outputs of a token are summed in slot order, as transformers' grouped_mm path does."""
@@ -127,6 +147,7 @@ class Route(NamedTuple):
     by expert ("rows"). tile_expert [max_tiles]: the expert of each M-tile of block_m rows (E for the tiles
     past the real count); tile_row0 [max_tiles]: its first row; start [E+1]: each expert's first row;
     slot [TK]: t*k + j of each row. All int32, in the order the kernels take them."""
+
     tile_expert: torch.Tensor
     tile_row0: torch.Tensor
     start: torch.Tensor
@@ -146,8 +167,10 @@ def moe_route(top_k_index: torch.Tensor, n_experts: int, block_m: int) -> Route:
     key, order = torch.sort(flat, stable=True)
     experts = torch.arange(n_experts + 1, device=flat.device, dtype=torch.int32)
     start = torch.searchsorted(key, experts, out_int32=True)
-    torch._assert_async((start[0] == 0) & (start[-1] == flat.numel()),
-                        f"moe_lora_experts: top_k_index has values outside [0, {n_experts}) (the number of experts)")
+    torch._assert_async(
+        (start[0] == 0) & (start[-1] == flat.numel()),
+        f"moe_lora_experts: top_k_index has values outside [0, {n_experts}) (the number of experts)",
+    )
     tiles = (start[1:] - start[:-1] + (block_m - 1)) // block_m
     tile_end = torch.cumsum(tiles, 0, dtype=torch.int32)
     m = torch.arange(max_tiles(flat.numel(), n_experts, block_m), device=flat.device, dtype=torch.int32)
@@ -161,6 +184,7 @@ class _Proj(NamedTuple):
     """One projection as the kernels take it: the weight's pointer arguments (W or NF4 bytes, then absmax,
     absmax2, code, code2, offset), the LoRA factors and bias in the compute dtype (`like` stands in for the
     absent ones), and the constexprs' shape arguments."""
+
     w_args: tuple
     lora_A: torch.Tensor
     lora_B: torch.Tensor
@@ -174,20 +198,57 @@ def _proj(weight, quant, lora_A, lora_B, bias, transposed, nf4_blocksize, nested
     rank = 0 if lora_A is None else lora_A.shape[0] // n_experts
     dtype = like.dtype
     w_args = (weight, *quant) if quant else (weight,) + (fp32_like,) * 5
-    return _Proj(w_args, like if lora_A is None else lora_A.to(dtype).contiguous(),
-                 like if lora_B is None else lora_B.to(dtype).contiguous(),
-                 like if bias is None else bias.to(dtype).contiguous(), rank, float(scale),
-                 dict(transposed=bool(transposed), has_bias=bias is not None, rank=rank,
-                      nf4_blocksize=int(nf4_blocksize), nested=bool(nested)))
+    return _Proj(
+        w_args,
+        like if lora_A is None else lora_A.to(dtype).contiguous(),
+        like if lora_B is None else lora_B.to(dtype).contiguous(),
+        like if bias is None else bias.to(dtype).contiguous(),
+        rank,
+        float(scale),
+        dict(
+            transposed=bool(transposed),
+            has_bias=bias is not None,
+            rank=rank,
+            nf4_blocksize=int(nf4_blocksize),
+            nested=bool(nested),
+        ),
+    )
 
 
-def _projs(x, fp32_like, gu_weight, gu_quant, gu_lora_A, gu_lora_B, gu_bias, d_weight, d_quant, d_lora_A, d_lora_B,
-           d_bias, dims, scales):
+def _projs(
+    x,
+    fp32_like,
+    gu_weight,
+    gu_quant,
+    gu_lora_A,
+    gu_lora_B,
+    gu_bias,
+    d_weight,
+    d_quant,
+    d_lora_A,
+    d_lora_B,
+    d_bias,
+    dims,
+    scales,
+):
     n_experts, n_inter, gu_trans, d_trans, gu_bs, gu_nested, d_bs, d_nested, block_m = dims
-    gu = _proj(gu_weight, gu_quant, gu_lora_A, gu_lora_B, gu_bias, gu_trans, gu_bs, gu_nested, scales[0], n_experts,
-               x, fp32_like)
-    d = _proj(d_weight, d_quant, d_lora_A, d_lora_B, d_bias, d_trans, d_bs, d_nested, scales[1], n_experts, x,
-              fp32_like)
+    gu = _proj(
+        gu_weight,
+        gu_quant,
+        gu_lora_A,
+        gu_lora_B,
+        gu_bias,
+        gu_trans,
+        gu_bs,
+        gu_nested,
+        scales[0],
+        n_experts,
+        x,
+        fp32_like,
+    )
+    d = _proj(
+        d_weight, d_quant, d_lora_A, d_lora_B, d_bias, d_trans, d_bs, d_nested, scales[1], n_experts, x, fp32_like
+    )
     return gu, d, n_experts, n_inter, block_m
 
 
@@ -196,37 +257,112 @@ def _rank_buffer(x, rows, p: _Proj):
     return x.new_empty(rows, moe_rank_pad(p.rank)) if p.rank else x
 
 
-def _forward_op(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                gu_weight: torch.Tensor, gu_quant: list[torch.Tensor], gu_lora_A: torch.Tensor | None,
-                gu_lora_B: torch.Tensor | None, gu_bias: torch.Tensor | None,
-                d_weight: torch.Tensor, d_quant: list[torch.Tensor], d_lora_A: torch.Tensor | None,
-                d_lora_B: torch.Tensor | None, d_bias: torch.Tensor | None,
-                dims: list[int], scales: list[float], activation: str
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                           torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward_op(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gu_weight: torch.Tensor,
+    gu_quant: list[torch.Tensor],
+    gu_lora_A: torch.Tensor | None,
+    gu_lora_B: torch.Tensor | None,
+    gu_bias: torch.Tensor | None,
+    d_weight: torch.Tensor,
+    d_quant: list[torch.Tensor],
+    d_lora_A: torch.Tensor | None,
+    d_lora_B: torch.Tensor | None,
+    d_bias: torch.Tensor | None,
+    dims: list[int],
+    scales: list[float],
+    activation: str,
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+]:
     """(out [T, H], then what the backward reads: rw (the routing weights in fp32, slot order), EG [TK, 2I]
     (the gate/up pre-activations), XA, HA (rank-r products; markers without an adapter), and the Route)."""
     T, H = x.shape
     k = top_k_index.shape[1]
     rw = top_k_weights.reshape(-1).to(torch.float32, copy=True)  # (an output: never an alias of the input)
-    gu, d, n_experts, n_inter, block_m = _projs(x, rw, gu_weight, gu_quant, gu_lora_A, gu_lora_B, gu_bias, d_weight,
-                                                d_quant, d_lora_A, d_lora_B, d_bias, dims, scales)
+    gu, d, n_experts, n_inter, block_m = _projs(
+        x,
+        rw,
+        gu_weight,
+        gu_quant,
+        gu_lora_A,
+        gu_lora_B,
+        gu_bias,
+        d_weight,
+        d_quant,
+        d_lora_A,
+        d_lora_B,
+        d_bias,
+        dims,
+        scales,
+    )
     alpha, limit = scales[2], scales[3]
     route = moe_route(top_k_index, n_experts, block_m)
     tk, tiles = T * k, route.tile_expert.shape[0]
     eg = x.new_empty(tk, 2 * n_inter)
     h = x.new_empty(tk, n_inter)
     xa = _rank_buffer(x, tk, gu)
-    launch(MOE_GATE_UP_FWD, (tiles, cdiv(n_inter, MOE_TILES["moe_gate_up_fwd"][0]), 1),
-           (x, *gu.w_args, gu.lora_A, gu.lora_B, gu.bias, *route, eg, h, xa,
-            n_experts, k, H, n_inter, gu.rank, gu.scale, alpha, limit),
-           act=activation, block_m=block_m, **gu.shape)
+    launch(
+        MOE_GATE_UP_FWD,
+        (tiles, cdiv(n_inter, MOE_TILES["moe_gate_up_fwd"][0]), 1),
+        (
+            x,
+            *gu.w_args,
+            gu.lora_A,
+            gu.lora_B,
+            gu.bias,
+            *route,
+            eg,
+            h,
+            xa,
+            n_experts,
+            k,
+            H,
+            n_inter,
+            gu.rank,
+            gu.scale,
+            alpha,
+            limit,
+        ),
+        act=activation,
+        block_m=block_m,
+        **gu.shape,
+    )
     out_slots = x.new_empty(tk, H)
     ha = _rank_buffer(x, tk, d)
-    launch(MOE_DOWN_FWD, (tiles, cdiv(H, MOE_TILES["moe_down_fwd"][0]), 1),
-           (h, *d.w_args, d.lora_A, d.lora_B, d.bias, rw, *route, out_slots, ha,
-            n_experts, k, H, n_inter, d.rank, d.scale),
-           block_m=block_m, **d.shape)
+    launch(
+        MOE_DOWN_FWD,
+        (tiles, cdiv(H, MOE_TILES["moe_down_fwd"][0]), 1),
+        (
+            h,
+            *d.w_args,
+            d.lora_A,
+            d.lora_B,
+            d.bias,
+            rw,
+            *route,
+            out_slots,
+            ha,
+            n_experts,
+            k,
+            H,
+            n_inter,
+            d.rank,
+            d.scale,
+        ),
+        block_m=block_m,
+        **d.shape,
+    )
     out = out_slots.view(T, k, H).sum(1)  # in slot order, as transformers' grouped_mm path sums
     return (out, rw, eg, _custom.mark(xa if gu.rank else None, x), _custom.mark(ha if d.rank else None, x), *route)
 
@@ -235,27 +371,62 @@ def _seg_grad(big, small, route, rw, out, rank, scale, n_experts, k, gather, row
     """A LoRA factor's gradient into `out` (fp32, PEFT's layout: "A" [E*r, C] or "B" [C, r*E])."""
     n_cols = big.shape[1]
     strides = (rank * n_cols, n_cols, 1) if layout == "A" else (1, n_experts, rank * n_experts)
-    launch(MOE_LORA_SEG_GRAD, (n_experts, cdiv(n_cols, MOE_SEG_TILE[1]), 1),
-           (big, small, route.slot, rw, route.start, out, n_cols, k, rank, *strides, float(scale)),
-           rank=rank, gather=gather, row_scale=row_scale)
+    launch(
+        MOE_LORA_SEG_GRAD,
+        (n_experts, cdiv(n_cols, MOE_SEG_TILE[1]), 1),
+        (big, small, route.slot, rw, route.start, out, n_cols, k, rank, *strides, float(scale)),
+        rank=rank,
+        gather=gather,
+        row_scale=row_scale,
+    )
     return out
 
 
-def _backward_op(dout: torch.Tensor, x: torch.Tensor, rw: torch.Tensor, eg: torch.Tensor, xa: torch.Tensor,
-                 ha: torch.Tensor, tile_expert: torch.Tensor, tile_row0: torch.Tensor, start: torch.Tensor,
-                 slot: torch.Tensor,
-                 gu_weight: torch.Tensor, gu_quant: list[torch.Tensor], gu_lora_A: torch.Tensor | None,
-                 gu_lora_B: torch.Tensor | None, gu_bias: torch.Tensor | None,
-                 d_weight: torch.Tensor, d_quant: list[torch.Tensor], d_lora_A: torch.Tensor | None,
-                 d_lora_B: torch.Tensor | None, d_bias: torch.Tensor | None,
-                 dims: list[int], scales: list[float], activation: str
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_op(
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    rw: torch.Tensor,
+    eg: torch.Tensor,
+    xa: torch.Tensor,
+    ha: torch.Tensor,
+    tile_expert: torch.Tensor,
+    tile_row0: torch.Tensor,
+    start: torch.Tensor,
+    slot: torch.Tensor,
+    gu_weight: torch.Tensor,
+    gu_quant: list[torch.Tensor],
+    gu_lora_A: torch.Tensor | None,
+    gu_lora_B: torch.Tensor | None,
+    gu_bias: torch.Tensor | None,
+    d_weight: torch.Tensor,
+    d_quant: list[torch.Tensor],
+    d_lora_A: torch.Tensor | None,
+    d_lora_B: torch.Tensor | None,
+    d_bias: torch.Tensor | None,
+    dims: list[int],
+    scales: list[float],
+    activation: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, d routing weights in fp32 [T, k], dA_gu, dB_gu, dA_d, dB_d in fp32; markers for absent adapters)."""
     T, H = x.shape
     tk = rw.shape[0]
     k = tk // T if T else 1
-    gu, d, n_experts, n_inter, block_m = _projs(x, rw, gu_weight, gu_quant, gu_lora_A, gu_lora_B, gu_bias, d_weight,
-                                                d_quant, d_lora_A, d_lora_B, d_bias, dims, scales)
+    gu, d, n_experts, n_inter, block_m = _projs(
+        x,
+        rw,
+        gu_weight,
+        gu_quant,
+        gu_lora_A,
+        gu_lora_B,
+        gu_bias,
+        d_weight,
+        d_quant,
+        d_lora_A,
+        d_lora_B,
+        d_bias,
+        dims,
+        scales,
+    )
     route = Route(tile_expert, tile_row0, start, slot)
     tiles = tile_expert.shape[0]
     dout = dout.to(x.dtype).contiguous()
@@ -264,28 +435,62 @@ def _backward_op(dout: torch.Tensor, x: torch.Tensor, rw: torch.Tensor, eg: torc
     dw_part = rw.new_empty(tk, i_tiles)
     h = x.new_empty(tk, n_inter) if d.rank else x
     dob = _rank_buffer(x, tk, d)
-    launch(MOE_DOWN_BWD, (tiles, i_tiles, 1),
-           (dout, *d.w_args, d.lora_A, d.lora_B, d.bias, rw, eg, *route, deg, h, dob, dw_part,
-            n_experts, k, H, n_inter, d.rank, i_tiles, d.scale, scales[2], scales[3]),
-           act=activation, block_m=block_m, **d.shape)
+    launch(
+        MOE_DOWN_BWD,
+        (tiles, i_tiles, 1),
+        (
+            dout,
+            *d.w_args,
+            d.lora_A,
+            d.lora_B,
+            d.bias,
+            rw,
+            eg,
+            *route,
+            deg,
+            h,
+            dob,
+            dw_part,
+            n_experts,
+            k,
+            H,
+            n_inter,
+            d.rank,
+            i_tiles,
+            d.scale,
+            scales[2],
+            scales[3],
+        ),
+        act=activation,
+        block_m=block_m,
+        **d.shape,
+    )
     dx_slots = x.new_empty(tk, H)
     dhb = _rank_buffer(x, tk, gu)
-    launch(MOE_GATE_UP_BWD_DX, (tiles, cdiv(H, MOE_TILES["moe_gate_up_bwd_dx"][0]), 1),
-           (deg, *gu.w_args, gu.lora_A, gu.lora_B, *route, dx_slots, dhb, n_experts, k, H, n_inter, gu.rank, gu.scale),
-           block_m=block_m, **gu.shape)
+    launch(
+        MOE_GATE_UP_BWD_DX,
+        (tiles, cdiv(H, MOE_TILES["moe_gate_up_bwd_dx"][0]), 1),
+        (deg, *gu.w_args, gu.lora_A, gu.lora_B, *route, dx_slots, dhb, n_experts, k, H, n_inter, gu.rank, gu.scale),
+        block_m=block_m,
+        **gu.shape,
+    )
     dx = dx_slots.view(T, k, H).sum(1)
     d_rw = dw_part.view(T, k, i_tiles).sum(-1)
     grads = [None] * 4
     if gu.rank:
-        grads[0] = _seg_grad(x, dhb, route, rw, rw.new_empty(gu_lora_A.shape), gu.rank, 1.0, n_experts, k, True,
-                             False, "A")
-        grads[1] = _seg_grad(deg, xa, route, rw, rw.new_empty(gu_lora_B.shape), gu.rank, gu.scale, n_experts, k,
-                             False, False, "B")
+        grads[0] = _seg_grad(
+            x, dhb, route, rw, rw.new_empty(gu_lora_A.shape), gu.rank, 1.0, n_experts, k, True, False, "A"
+        )
+        grads[1] = _seg_grad(
+            deg, xa, route, rw, rw.new_empty(gu_lora_B.shape), gu.rank, gu.scale, n_experts, k, False, False, "B"
+        )
     if d.rank:
-        grads[2] = _seg_grad(h, dob, route, rw, rw.new_empty(d_lora_A.shape), d.rank, 1.0, n_experts, k, False,
-                             False, "A")
-        grads[3] = _seg_grad(dout, ha, route, rw, rw.new_empty(d_lora_B.shape), d.rank, d.scale, n_experts, k, True,
-                             True, "B")
+        grads[2] = _seg_grad(
+            h, dob, route, rw, rw.new_empty(d_lora_A.shape), d.rank, 1.0, n_experts, k, False, False, "A"
+        )
+        grads[3] = _seg_grad(
+            dout, ha, route, rw, rw.new_empty(d_lora_B.shape), d.rank, d.scale, n_experts, k, True, True, "B"
+        )
     return (dx, d_rw, *[_custom.mark(g, x) for g in grads])
 
 
@@ -299,8 +504,8 @@ _X, _INDEX, _WEIGHTS, _GU, _D = 0, 1, 2, 3, 8  # (a projection: weight, quant, l
 def _op_setup(ctx, inputs, output):
     x = inputs[_X]
     _, rw, eg, xa, ha, *route = output
-    ctx.projections = inputs[_GU:_D + 5]
-    ctx.dims, ctx.scales, ctx.activation = inputs[_D + 5:]
+    ctx.projections = inputs[_GU : _D + 5]
+    ctx.dims, ctx.scales, ctx.activation = inputs[_D + 5 :]
     ctx.weights_dtype = inputs[_WEIGHTS].dtype
     ctx.save_for_backward(x, rw, eg, xa, ha, *route)
 
@@ -308,16 +513,31 @@ def _op_setup(ctx, inputs, output):
 def _op_backward(ctx, dout, *_unused):
     refuse_double_backward("moe_lora_experts")
     x, rw, eg, xa, ha, *route = ctx.saved_tensors
-    dx, d_rw, *lora_grads = MOE_LORA_BACKWARD_OP(dout, x, rw, eg, xa, ha, *route, *ctx.projections, ctx.dims,
-                                                 ctx.scales, ctx.activation)
+    dx, d_rw, *lora_grads = MOE_LORA_BACKWARD_OP(
+        dout, x, rw, eg, xa, ha, *route, *ctx.projections, ctx.dims, ctx.scales, ctx.activation
+    )
     dA_gu, dB_gu, dA_d, dB_d = (_custom.unmark(g) for g in lora_grads)
     gu, d = ctx.projections[:5], ctx.projections[5:]
-    cast = (lambda g, like: None if g is None else g.to(like.dtype))
+    cast = lambda g, like: None if g is None else g.to(like.dtype)
     # one gradient per input, a list for each list input (the NF4 tensors)
-    return (dx, None, d_rw.to(ctx.weights_dtype),
-            None, [None] * len(gu[1]), cast(dA_gu, gu[2]), cast(dB_gu, gu[3]), None,
-            None, [None] * len(d[1]), cast(dA_d, d[2]), cast(dB_d, d[3]), None,
-            None, None, None)
+    return (
+        dx,
+        None,
+        d_rw.to(ctx.weights_dtype),
+        None,
+        [None] * len(gu[1]),
+        cast(dA_gu, gu[2]),
+        cast(dB_gu, gu[3]),
+        None,
+        None,
+        [None] * len(d[1]),
+        cast(dA_d, d[2]),
+        cast(dB_d, d[3]),
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 MOE_LORA_OP.register_autograd(_op_backward, setup_context=_op_setup)
@@ -327,34 +547,44 @@ def _stored_shape(p: ExpertProj) -> tuple:
     return tuple(p.quant_state.shape) if p.quant_state is not None else tuple(p.weight.shape)
 
 
-def _check_proj(op: str, name: str, p: ExpertProj, n_out: int | None, n_in: int | None, x: torch.Tensor,
-                dtype: torch.dtype) -> tuple[int, int, int]:
+def _check_proj(
+    op: str, name: str, p: ExpertProj, n_out: int | None, n_in: int | None, x: torch.Tensor, dtype: torch.dtype
+) -> tuple[int, int, int]:
     """(E, out, in) of a projection, each check's error naming `name`'s field and what was expected."""
     if not isinstance(p, ExpertProj):
         raise TypeError(f"{op}: {name} must be an ExpertProj, got {type(p).__name__}")
     stored = _stored_shape(p)
     if len(stored) != 3:
-        raise ValueError(f"{op}: {name}.weight must be a 3-D experts stack [E, out, in] ([E, in, out] when "
-                         f"transposed), got shape {stored}")
+        raise ValueError(
+            f"{op}: {name}.weight must be a 3-D experts stack [E, out, in] ([E, in, out] when "
+            f"transposed), got shape {stored}"
+        )
     E, n_o, n_i = (stored[0], stored[2], stored[1]) if p.transposed else stored
     if (n_out is not None and n_o != n_out) or (n_in is not None and n_i != n_in):
         want = f"[E, {n_out if n_out is not None else 'out'}, {n_in if n_in is not None else 'in'}] as [E, out, in]"
-        raise ValueError(f"{op}: {name}.weight has shape {stored}{' (transposed)' if p.transposed else ''}; "
-                         f"expected {want}")
+        raise ValueError(
+            f"{op}: {name}.weight has shape {stored}{' (transposed)' if p.transposed else ''}; expected {want}"
+        )
     if p.weight.requires_grad and torch.is_grad_enabled():  # (no_grad calls never ask for its gradient)
-        raise ValueError(f"{op}: {name}.weight requires grad, but the fused path keeps expert weights frozen "
-                         "(it computes no weight gradient); call requires_grad_(False) on it or train through "
-                         "PEFT's own path")
+        raise ValueError(
+            f"{op}: {name}.weight requires grad, but the fused path keeps expert weights frozen "
+            "(it computes no weight gradient); call requires_grad_(False) on it or train through "
+            "PEFT's own path"
+        )
     if p.quant_state is not None:
         check_tensor(op, f"{name}.weight", p.weight, dtypes=None, like=x, like_name="x")
         if getattr(p.quant_state, "quant_type", None) not in ("nf4", "fp4"):
-            raise ValueError(f"{op}: {name}.quant_state must be a bitsandbytes 4-bit state (nf4 or fp4), got "
-                             f"quant_type {getattr(p.quant_state, 'quant_type', None)!r}")
+            raise ValueError(
+                f"{op}: {name}.quant_state must be a bitsandbytes 4-bit state (nf4 or fp4), got "
+                f"quant_type {getattr(p.quant_state, 'quant_type', None)!r}"
+            )
     else:
         check_tensor(op, f"{name}.weight", p.weight, like=x, like_name="x")
         if p.weight.dtype != dtype:
-            raise TypeError(f"{op}: {name}.weight is {p.weight.dtype} but the compute dtype is {dtype} (x's, or "
-                            "autocast's); they must match (the stack is never copied)")
+            raise TypeError(
+                f"{op}: {name}.weight is {p.weight.dtype} but the compute dtype is {dtype} (x's, or "
+                "autocast's); they must match (the stack is never copied)"
+            )
     if (p.lora_A is None) != (p.lora_B is None):
         raise ValueError(f"{op}: {name} has lora_A but no lora_B or the reverse; give both or neither")
     if p.lora_A is not None:
@@ -362,18 +592,23 @@ def _check_proj(op: str, name: str, p: ExpertProj, n_out: int | None, n_in: int 
         check_tensor(op, f"{name}.lora_B", p.lora_B, like=x, like_name="x")
         r = p.lora_A.shape[0] // E if p.lora_A.dim() == 2 else 0
         if p.lora_A.dim() != 2 or p.lora_A.shape != (E * r, n_i) or r == 0:
-            raise ValueError(f"{op}: {name}.lora_A has shape {tuple(p.lora_A.shape)}; expected PEFT's [E*r, in] = "
-                             f"[{E}*r, {n_i}]")
+            raise ValueError(
+                f"{op}: {name}.lora_A has shape {tuple(p.lora_A.shape)}; expected PEFT's [E*r, in] = [{E}*r, {n_i}]"
+            )
         if tuple(p.lora_B.shape) != (n_o, r * E):
-            raise ValueError(f"{op}: {name}.lora_B has shape {tuple(p.lora_B.shape)}; expected PEFT's [out, r*E] = "
-                             f"[{n_o}, {r * E}] (r = {r} from lora_A)")
+            raise ValueError(
+                f"{op}: {name}.lora_B has shape {tuple(p.lora_B.shape)}; expected PEFT's [out, r*E] = "
+                f"[{n_o}, {r * E}] (r = {r} from lora_A)"
+            )
     if p.bias is not None:
         check_tensor(op, f"{name}.bias", p.bias, like=x, like_name="x")
         if tuple(p.bias.shape) != (E, n_o):
             raise ValueError(f"{op}: {name}.bias has shape {tuple(p.bias.shape)}; expected [E, out] = [{E}, {n_o}]")
         if p.bias.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{op}: {name}.bias requires grad, but the fused path keeps expert biases frozen; call "
-                             "requires_grad_(False) on it")
+            raise ValueError(
+                f"{op}: {name}.bias requires grad, but the fused path keeps expert biases frozen; call "
+                "requires_grad_(False) on it"
+            )
     return E, n_o, n_i
 
 
@@ -390,9 +625,11 @@ def _quant_args(p: ExpertProj, like: torch.Tensor):
     for size in qs.shape:
         n *= int(size)
     if packed.numel() * packed.element_size() != (n + 1) // 2 or not packed.is_contiguous():
-        raise ValueError(f"{op}: the 4-bit weight holds {packed.numel() * packed.element_size()} bytes (contiguous: "
-                         f"{packed.is_contiguous()}); its quant_state's shape {tuple(qs.shape)} needs {(n + 1) // 2} "
-                         "contiguous bytes")
+        raise ValueError(
+            f"{op}: the 4-bit weight holds {packed.numel() * packed.element_size()} bytes (contiguous: "
+            f"{packed.is_contiguous()}); its quant_state's shape {tuple(qs.shape)} needs {(n + 1) // 2} "
+            "contiguous bytes"
+        )
     blocksize = int(qs.blocksize)
     if blocksize & (blocksize - 1) or blocksize < 16:
         raise ValueError(f"{op}: quant_state.blocksize {blocksize} is not a power of two >= 16")
@@ -400,8 +637,10 @@ def _quant_args(p: ExpertProj, like: torch.Tensor):
     if qs.nested:
         s2 = qs.state2
         if qs.absmax.dtype != torch.uint8 or int(s2.blocksize) != 256:
-            raise ValueError(f"{op}: a nested quant_state needs uint8 absmax and state2.blocksize 256 (bitsandbytes' "
-                             f"double quantisation), got {qs.absmax.dtype} and {s2.blocksize}")
+            raise ValueError(
+                f"{op}: a nested quant_state needs uint8 absmax and state2.blocksize 256 (bitsandbytes' "
+                f"double quantisation), got {qs.absmax.dtype} and {s2.blocksize}"
+            )
         offset = torch.as_tensor(qs.offset, dtype=torch.float32, device=like.device).reshape(1)
         quant = [qs.absmax, s2.absmax.float(), code, s2.code.float(), offset]
     else:
@@ -415,9 +654,18 @@ def _quant_args(p: ExpertProj, like: torch.Tensor):
     return data, quant, blocksize, int(bool(qs.nested))
 
 
-def moe_lora_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up: ExpertProj,
-                     down: ExpertProj, activation: str = "silu", alpha: float = 1.702, limit: float = 7.0, *,
-                     block_m: int | None = None) -> torch.Tensor:
+def moe_lora_experts(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up: ExpertProj,
+    down: ExpertProj,
+    activation: str = "silu",
+    alpha: float = 1.702,
+    limit: float = 7.0,
+    *,
+    block_m: int | None = None,
+) -> torch.Tensor:
     """The routed experts of one MoE layer with their LoRA: x [T, H], top_k_index [T, k] (int), top_k_weights
     [T, k] -> [T, H] in the compute dtype (x's, or autocast's). Gradients flow to x, top_k_weights and each
     LoRA factor (in their own dtypes); expert weights and biases are frozen (refused if they require grad).
@@ -434,11 +682,15 @@ def moe_lora_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: 
     check_tensor(op, "top_k_index", top_k_index, dtypes=(torch.int32, torch.int64), like=x, like_name="x")
     check_tensor(op, "top_k_weights", top_k_weights, like=x, like_name="x")
     if top_k_index.dim() != 2 or top_k_index.shape[0] != x.shape[0] or top_k_index.shape[1] < 1:
-        raise ValueError(f"{op}: top_k_index must be [tokens, k] with {x.shape[0]} tokens (x's), got shape "
-                         f"{tuple(top_k_index.shape)}")
+        raise ValueError(
+            f"{op}: top_k_index must be [tokens, k] with {x.shape[0]} tokens (x's), got shape "
+            f"{tuple(top_k_index.shape)}"
+        )
     if top_k_weights.shape != top_k_index.shape:
-        raise ValueError(f"{op}: top_k_weights has shape {tuple(top_k_weights.shape)} but top_k_index has "
-                         f"{tuple(top_k_index.shape)}; they must match")
+        raise ValueError(
+            f"{op}: top_k_weights has shape {tuple(top_k_weights.shape)} but top_k_index has "
+            f"{tuple(top_k_index.shape)}; they must match"
+        )
     dtype = autocast_dtype(x) or x.dtype
     H = x.shape[1]
     E, n_d_out, n_inter = _check_proj(op, "down", down, H, None, x, dtype)
@@ -452,11 +704,30 @@ def moe_lora_experts(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: 
     gu_w, gu_q, gu_bs, gu_nested = _quant_args(gate_up, x)
     d_w, d_q, d_bs, d_nested = _quant_args(down, x)
     dims = [E, n_inter, int(gate_up.transposed), int(down.transposed), gu_bs, gu_nested, d_bs, d_nested, block_m]
-    scales = [float(gate_up.scale if gate_up.lora_A is not None else 0.0),
-              float(down.scale if down.lora_A is not None else 0.0), float(alpha), float(limit)]
-    outputs = MOE_LORA_OP(x.to(dtype).contiguous(), top_k_index, top_k_weights,
-                          gu_w, gu_q, gate_up.lora_A, gate_up.lora_B, gate_up.bias,
-                          d_w, d_q, down.lora_A, down.lora_B, down.bias, dims, scales, activation)
+    scales = [
+        float(gate_up.scale if gate_up.lora_A is not None else 0.0),
+        float(down.scale if down.lora_A is not None else 0.0),
+        float(alpha),
+        float(limit),
+    ]
+    outputs = MOE_LORA_OP(
+        x.to(dtype).contiguous(),
+        top_k_index,
+        top_k_weights,
+        gu_w,
+        gu_q,
+        gate_up.lora_A,
+        gate_up.lora_B,
+        gate_up.bias,
+        d_w,
+        d_q,
+        down.lora_A,
+        down.lora_B,
+        down.bias,
+        dims,
+        scales,
+        activation,
+    )
     return outputs[0]
 
 
@@ -467,11 +738,16 @@ def selfcheck(device, dtype):
     T, k, E, H, I, r = (257, 8, 16, 512, 256, 16) if device == "cuda" else (9, 2, 4, 64, 32, 4)
     tol = 3e-2 if dtype != torch.float32 else 1e-5
     gen = torch.Generator(device=device).manual_seed(0)
-    randn = (lambda *shape, s=1.0: torch.randn(*shape, generator=gen, device=device) * s)
+    randn = lambda *shape, s=1.0: torch.randn(*shape, generator=gen, device=device) * s
 
     def proj(n_out, n_in):
-        return ExpertProj(randn(E, n_out, n_in, s=n_in ** -0.5).to(dtype), randn(E * r, n_in, s=n_in ** -0.5),
-                          randn(n_out, r * E, s=0.5), 2.0)
+        return ExpertProj(
+            randn(E, n_out, n_in, s=n_in**-0.5).to(dtype),
+            randn(E * r, n_in, s=n_in**-0.5),
+            randn(n_out, r * E, s=0.5),
+            2.0,
+        )
+
     gu, d = proj(2 * I, H), proj(H, I)
     x = randn(T, H).to(dtype)
     index = torch.rand(T, E, generator=gen, device=device).topk(k, -1).indices
@@ -481,7 +757,7 @@ def selfcheck(device, dtype):
     leaves = [x.requires_grad_(), w.requires_grad_()] + [f.requires_grad_() for f in factors]
     out = moe_lora_experts(x, index, w, gu, d)
     grads = torch.autograd.grad(out, leaves, dout)
-    as64 = (lambda t: t.detach().double().requires_grad_())
+    as64 = lambda t: t.detach().double().requires_grad_()
     ref_leaves = [as64(t) for t in leaves]
     gu64 = ExpertProj(gu.weight.double(), ref_leaves[2], ref_leaves[3], gu.scale)
     d64 = ExpertProj(d.weight.double(), ref_leaves[4], ref_leaves[5], d.scale)
@@ -489,5 +765,10 @@ def selfcheck(device, dtype):
     ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
     errs = [rel_err(a, b) for a, b in zip((out,) + grads, (ref,) + ref_grads)]
     fwd, bwd, lora = errs[0], max(errs[1:3]), max(errs[3:])
-    return {"moe_gate_up_fwd": (fwd, tol), "moe_down_fwd": (fwd, tol), "moe_down_bwd": (bwd, tol),
-            "moe_gate_up_bwd_dx": (bwd, tol), "moe_lora_seg_grad": (lora, tol)}
+    return {
+        "moe_gate_up_fwd": (fwd, tol),
+        "moe_down_fwd": (fwd, tol),
+        "moe_down_bwd": (bwd, tol),
+        "moe_gate_up_bwd_dx": (bwd, tol),
+        "moe_lora_seg_grad": (lora, tol),
+    }

@@ -7,6 +7,7 @@ do (Liger-Kernel's "none"): each step in fp32, rounded once to x's dtype (the we
 weight's); output dtype as Llama's. `offset=1.0` gives Gemma's `(1 + weight)`.
 `weight=None`: a norm without a weight, y = x * rstd in x's dtype (Llama and Gemma casting then agree).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -16,8 +17,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from csrc_triton.rms_norm import CAST_FLAGS, RMS_BWD_PROGRAMS_PER_SM, RMS_NORM_BWD, RMS_NORM_FWD
 
-from . import _custom
 from ..loader import launch
+from . import _custom
 from ._common import check_tensor, persistent_programs, rel_err, rows_2d
 
 CASTINGS = tuple(CAST_FLAGS)  # ("llama", "gemma", "none")
@@ -50,8 +51,23 @@ def rms_norm_forward(x2d, weight, eps: float, offset: float, gemma: bool, none_c
     shape = dict(n_cols=n_cols, gemma_cast=gemma, none_cast=none_cast, has_weight=has_weight)
     block_m = RMS_NORM_FWD.constexprs(**shape)["BLOCK_M"]
     grid = ((n_rows + block_m - 1) // block_m, 1, 1)
-    launch(RMS_NORM_FWD, grid, (x2d, weight if has_weight else x2d, y, rstd, x2d.stride(0), y.stride(0), n_rows,
-                               n_cols, float(eps), float(offset)), **shape)
+    launch(
+        RMS_NORM_FWD,
+        grid,
+        (
+            x2d,
+            weight if has_weight else x2d,
+            y,
+            rstd,
+            x2d.stride(0),
+            y.stride(0),
+            n_rows,
+            n_cols,
+            float(eps),
+            float(offset),
+        ),
+        **shape,
+    )
     return y, rstd
 
 
@@ -67,9 +83,25 @@ def rms_norm_backward(dy2d, x2d, weight, rstd, offset: float, gemma: bool, need_
     shape = dict(n_cols=n_cols, gemma_cast=gemma, has_weight=has_weight)
     RMS_NORM_BWD.constexprs(**shape)  # checks the row width even when there are no rows
     if n_rows:
-        launch(RMS_NORM_BWD, (n_progs, 1, 1), (dy2d, x2d, weight if has_weight else x2d, rstd, dx, dw_partial,
-                                              dy2d.stride(0), x2d.stride(0), dx.stride(0), n_rows, n_cols,
-                                              float(offset)), **shape)
+        launch(
+            RMS_NORM_BWD,
+            (n_progs, 1, 1),
+            (
+                dy2d,
+                x2d,
+                weight if has_weight else x2d,
+                rstd,
+                dx,
+                dw_partial,
+                dy2d.stride(0),
+                x2d.stride(0),
+                dx.stride(0),
+                n_rows,
+                n_cols,
+                float(offset),
+            ),
+            **shape,
+        )
     elif has_weight:
         dw_partial.zero_()
     dw = dw_partial.sum(0).to(weight.dtype) if need_dw and has_weight else None
@@ -79,6 +111,7 @@ def rms_norm_backward(dy2d, x2d, weight, rstd, offset: float, gemma: bool, need_
 class NormSource(NamedTuple):
     """What a recomputable rms_norm output was made from. (Autograd refuses any in-place change of a custom
     Function's output view once it is used, so the output still holds what recompute() gives.)"""
+
     x2d: torch.Tensor
     weight: torch.Tensor | None
     eps: float
@@ -104,8 +137,9 @@ def norm_source(t: torch.Tensor) -> NormSource | None:
 
 # One op for eager and torch.compile (fusedlora.ops._custom): x2d in, its output in x's shape out (a view made
 # inside the op: autograd refuses an in-place change of it, which a recomputable output relies on).
-def _forward(x2d: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float, casting: str,
-             out_shape: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(
+    x2d: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float, casting: str, out_shape: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     y, rstd = rms_norm_forward(x2d, weight, eps, offset, *CAST_FLAGS[casting])
     return y.view(out_shape), rstd
 
@@ -119,13 +153,21 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dy, _drstd):
     x2d, weight, rstd = ctx.saved_tensors
-    dx, dw = RMS_NORM_BACKWARD_OP(rows_2d(dy, x2d.shape[1]), x2d, weight, rstd, ctx.offset, ctx.gemma,
-                                  ctx.needs_input_grad[1])
+    dx, dw = RMS_NORM_BACKWARD_OP(
+        rows_2d(dy, x2d.shape[1]), x2d, weight, rstd, ctx.offset, ctx.gemma, ctx.needs_input_grad[1]
+    )
     return dx, dw, None, None, None, None
 
 
-def _backward_launch(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor,
-                     offset: float, gemma: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_launch(
+    dy2d: torch.Tensor,
+    x2d: torch.Tensor,
+    weight: torch.Tensor | None,
+    rstd: torch.Tensor,
+    offset: float,
+    gemma: bool,
+    need_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     return rms_norm_backward(dy2d, x2d, weight, rstd, offset, gemma, need_dw)
 
 
@@ -133,8 +175,15 @@ RMS_NORM_OP = _custom.AutogradOp("rms_norm", _forward, _setup, _backward)
 RMS_NORM_BACKWARD_OP = _custom.Launcher("rms_norm_backward", _backward_launch)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, offset: float = 0.0,
-             casting: str = "llama", *, recomputable: bool = False) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float = 1e-6,
+    offset: float = 0.0,
+    casting: str = "llama",
+    *,
+    recomputable: bool = False,
+) -> torch.Tensor:
     """RMSNorm over the last dimension of `x` (any leading dims), differentiable in x and weight.
 
     weight None: no weight (y = x * rstd, in x's dtype). casting: "llama", "gemma" or "none" (module doc).
@@ -149,13 +198,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, of
         raise ValueError(f"{op}: x is a scalar; expected at least one dimension (the one normalised)")
     if weight is None:
         if offset:
-            raise ValueError(f"{op}: offset={offset} is added to the weight, but weight is None; pass a weight "
-                             "(Gemma's 1 + weight: offset=1.0 with the weight) or offset=0.0")
+            raise ValueError(
+                f"{op}: offset={offset} is added to the weight, but weight is None; pass a weight "
+                "(Gemma's 1 + weight: offset=1.0 with the weight) or offset=0.0"
+            )
     else:
         check_tensor(op, "weight", weight, like=x, like_name="x")
         if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-            raise ValueError(f"{op}: weight has shape {tuple(weight.shape)} but x's last dimension is "
-                             f"{x.shape[-1]}; expected weight of shape ({x.shape[-1]},) or None")
+            raise ValueError(
+                f"{op}: weight has shape {tuple(weight.shape)} but x's last dimension is "
+                f"{x.shape[-1]}; expected weight of shape ({x.shape[-1]},) or None"
+            )
         if weight.stride(0) != 1:
             weight = weight.contiguous()
     if x.shape[-1] == 0:
@@ -173,7 +226,7 @@ def selfcheck(device, dtype):
     with and without a weight."""
     rows, n = (257, 4096) if device == "cuda" else (33, 2048)
     x = torch.randn(rows, n, device=device, dtype=dtype)
-    w = (1 + 0.1 * torch.randn(n, device=device, dtype=dtype))
+    w = 1 + 0.1 * torch.randn(n, device=device, dtype=dtype)
     dy = torch.randn(rows, n, device=device, dtype=dtype)
     err_fwd = err_bwd = 0.0
     for casting, weight, offset in (("llama", w, 0.0), ("gemma", w, 1.0), ("none", w, 0.0), ("none", None, 0.0)):

@@ -5,14 +5,15 @@ Follows HF's `apply_rotary_pos_emb` (rotate_half convention). cos/sin either as 
 inside the kernel — packed sequences whose positions restart, left padding and offsets all work.
 A rotary dim r < head dim D rotates the first r dims and copies the rest (partial rotary).
 """
+
 from __future__ import annotations
 
 import torch
 
 from csrc_triton.rope import ROPE
 
-from . import _custom
 from ..loader import launch
+from . import _custom
 from ._common import check_tensor, grads_of, rel_err
 
 POS_DTYPES = (torch.int64, torch.int32)
@@ -35,6 +36,7 @@ def naive_rope(q, k, cos, sin, position_ids=None):
     def apply(x):
         xr, xp = x[..., :r], x[..., r:]
         return torch.cat((xr * cos + _rotate_half(xr) * sin, xp), dim=-1)
+
     return apply(q), apply(k)
 
 
@@ -56,16 +58,47 @@ def rope_launch(q, k, qo, ko, cos, sin, pos, backward: bool):
         pos_t, pos_sb, pos_ss = cos, 0, 0
     bh = ROPE.constexprs(**shape)["BLOCK_H"]
     grid = (bsz * seq, (hq + bh - 1) // bh + (hk + bh - 1) // bh, 1)
-    launch(ROPE, grid, (
-        q, k, qo, ko, cos, sin, pos_t,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
-        cos_sb, cos_ss, pos_sb, pos_ss, seq, hq, hk, r // 2, dim - r), **shape)
+    launch(
+        ROPE,
+        grid,
+        (
+            q,
+            k,
+            qo,
+            ko,
+            cos,
+            sin,
+            pos_t,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            qo.stride(0),
+            qo.stride(1),
+            qo.stride(2),
+            ko.stride(0),
+            ko.stride(1),
+            ko.stride(2),
+            cos_sb,
+            cos_ss,
+            pos_sb,
+            pos_ss,
+            seq,
+            hq,
+            hk,
+            r // 2,
+            dim - r,
+        ),
+        **shape,
+    )
 
 
 # One op for eager and torch.compile (fusedlora.ops._custom)
-def _forward(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     qo, ko = torch.empty_like(q), torch.empty_like(k)
     rope_launch(q, k, qo, ko, cos, sin, pos, False)
     return qo, ko
@@ -85,14 +118,23 @@ def _backward(ctx, dqo, dko):
     # None: that output was not used
     dqo = torch.zeros(q_like.shape, dtype=q_like.dtype, device=cos.device) if dqo is None else dqo
     dko = torch.zeros(k_like.shape, dtype=k_like.dtype, device=cos.device) if dko is None else dko
-    dq, dk = ROPE_BACKWARD_OP(dqo, dko, cos, sin, pos, list(q_like.shape), list(q_like.stride()),
-                              list(k_like.shape), list(k_like.stride()))
+    dq, dk = ROPE_BACKWARD_OP(
+        dqo, dko, cos, sin, pos, list(q_like.shape), list(q_like.stride()), list(k_like.shape), list(k_like.stride())
+    )
     return dq, dk, None, None, None
 
 
-def _backward_launch(dqo: torch.Tensor, dko: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     pos: torch.Tensor | None, q_size: list[int], q_stride: list[int], k_size: list[int],
-                     k_stride: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_launch(
+    dqo: torch.Tensor,
+    dko: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos: torch.Tensor | None,
+    q_size: list[int],
+    q_stride: list[int],
+    k_size: list[int],
+    k_stride: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
     dq = torch.empty_strided(q_size, q_stride, dtype=dqo.dtype, device=dqo.device)
     dk = torch.empty_strided(k_size, k_stride, dtype=dko.dtype, device=dko.device)
     rope_launch(_last_contiguous(dqo), _last_contiguous(dko), dq, dk, cos, sin, pos, True)
@@ -109,8 +151,9 @@ def _batch_or_1(bsz, *rest):
     return f"[1, {tail}]" if bsz == 1 else f"[{bsz}, {tail}] or [1, {tail}]"
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-         position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [B, Hq, S, D] and k [B, Hk, S, D]; returns (q_rot, k_rot), differentiable in q and k."""
     op = "rope"
     check_tensor(op, "q", q)
@@ -132,18 +175,26 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if position_ids is not None:
         check_tensor(op, "position_ids", position_ids, dtypes=POS_DTYPES, like=q, like_name="q")
         if cos.dim() != 2:
-            raise ValueError(f"{op}: with position_ids, cos/sin must be a [max_pos, rotary_dim] cache; got "
-                             f"{tuple(cos.shape)} (pass position_ids=None for per-token cos/sin)")
+            raise ValueError(
+                f"{op}: with position_ids, cos/sin must be a [max_pos, rotary_dim] cache; got "
+                f"{tuple(cos.shape)} (pass position_ids=None for per-token cos/sin)"
+            )
         if position_ids.dim() != 2 or position_ids.shape[1] != seq or position_ids.shape[0] not in (1, bsz):
-            raise ValueError(f"{op}: position_ids has shape {tuple(position_ids.shape)}; expected {_batch_or_1(bsz, seq)}")
-        torch._assert_async(((position_ids >= 0) & (position_ids < cos.shape[0])).all(),
-                            f"{op}: position_ids must be in [0, {cos.shape[0]}) (the cos/sin cache length)")
+            raise ValueError(
+                f"{op}: position_ids has shape {tuple(position_ids.shape)}; expected {_batch_or_1(bsz, seq)}"
+            )
+        torch._assert_async(
+            ((position_ids >= 0) & (position_ids < cos.shape[0])).all(),
+            f"{op}: position_ids must be in [0, {cos.shape[0]}) (the cos/sin cache length)",
+        )
     else:
         if cos.dim() == 2:
             cos, sin = cos[None], sin[None]
         if cos.dim() != 3 or cos.shape[1] != seq or cos.shape[0] not in (1, bsz):
-            raise ValueError(f"{op}: cos/sin have shape {tuple(cos.shape)}; expected "
-                             f"{_batch_or_1(bsz, seq, 'rotary_dim')} (or a [max_pos, rotary_dim] cache with position_ids)")
+            raise ValueError(
+                f"{op}: cos/sin have shape {tuple(cos.shape)}; expected "
+                f"{_batch_or_1(bsz, seq, 'rotary_dim')} (or a [max_pos, rotary_dim] cache with position_ids)"
+            )
     q, k = _last_contiguous(q), _last_contiguous(k)
     cos, sin = _last_contiguous(cos), _last_contiguous(sin)
     return ROPE_OP(q, k, cos, sin, position_ids)
