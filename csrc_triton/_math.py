@@ -16,6 +16,22 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").lower() in TRITON_TRUE_VALUES
 
 
+# bf16 / fp16 tl.dot is wrong in Triton's interpreter: there those operands are multiplied in fp32
+# (read at import, as triton.jit reads TRITON_INTERPRET; the AOT build never sets it: a dead branch in cubins)
+INTERPRETER_FP32_DOT = tl.constexpr(interpreter_on())
+
+
+@triton.jit
+def mma(a, b, acc):
+    # acc + a @ b. fp32 operands: exact products (tl.dot would use TF32 on the GPU); fp16/bf16: tensor cores
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    elif INTERPRETER_FP32_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
 @triton.jit
 def tanh(x):
     # tanh(x) = 2 * sigmoid(2x) - 1, stable for large |x| in fp32

@@ -6,22 +6,7 @@ reduce over the intermediate size (s_g de B_g | s_u dg B_u). Used by fusedlora.l
 import triton
 import triton.language as tl
 
-from csrc_triton._math import _act_and_grad, interpreter_on
-
-# Triton's CPU interpreter computes bf16 tl.dot wrongly (triton 3.9), so there the operands go to fp32 first.
-# Read at import, as triton.jit reads TRITON_INTERPRET; the AOT build never sets it (a dead branch in cubins).
-_INTERPRETER_FP32_DOT = tl.constexpr(interpreter_on())
-
-
-@triton.jit
-def _mma(a, b, acc):
-    # fp32 operands: exact products (tl.dot would use TF32 on the GPU); fp16/bf16: tensor cores
-    if a.dtype == tl.float32:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    elif _INTERPRETER_FP32_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
+from csrc_triton._math import _act_and_grad, mma
 
 
 @triton.jit
@@ -50,10 +35,10 @@ def _gate_up_with_lora(GATE, UP, offs, mask, xg, xu, bg, bu, scale_g, scale_u):
     # e = X W_g^T + s_g (X A_g^T) B_g^T and g likewise, in fp32: the base GEMM's rounded output plus the
     # rank-r term taken here instead of by widening the GEMM's K (a K of H + 2r runs disproportionately slower
     # than H). The forward and backward kernels share this arithmetic.
-    e = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32) + scale_g * _mma(
+    e = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32) + scale_g * mma(
         xg, bg, tl.zeros(mask.shape, tl.float32)
     )
-    g = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32) + scale_u * _mma(
+    g = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32) + scale_u * mma(
         xu, bu, tl.zeros(mask.shape, tl.float32)
     )
     return e, g
@@ -181,7 +166,7 @@ def glu_lora_bwd_kernel(
             DYB + rows[:, None] * stride_dyb + rk[None, :], mask=row_ok[:, None] & (rk < rank_d)[None, :], other=0.0
         )
         dh = tl.load(DOUT + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dh = _mma(dyb, ad, dh)
+        dh = mma(dyb, ad, dh)
         e, g = _gate_up_with_lora(GATE, UP, offs, mask, xg, xu, bg, bu, scale_g, scale_u)
         a, da = _act_and_grad(e, ACT)
         de = (dh * g * da).to(io)
@@ -189,9 +174,9 @@ def glu_lora_bwd_kernel(
         h = (a * g).to(io)
         tl.store(DGATE + offs, de, mask=mask)
         tl.store(DUP + offs, dg, mask=mask)
-        qg = _mma(tl.trans(de), xg, qg)
-        qu = _mma(tl.trans(dg), xu, qu)
-        qd = _mma(tl.trans(h), dyb, qd)
+        qg = mma(tl.trans(de), xg, qg)
+        qu = mma(tl.trans(dg), xu, qu)
+        qd = mma(tl.trans(h), dyb, qd)
     q_offs = (pid_m.to(tl.int64) * n_cols + cols)[:, None] * (3 * R) + rk[None, :]
     tl.store(Q_PART + q_offs, qg * scale_g, mask=col_ok[:, None])
     tl.store(Q_PART + q_offs + R, qu * scale_u, mask=col_ok[:, None])
@@ -238,8 +223,8 @@ def glu_lora_dyb_kernel(
         dg = tl.load(DG + offs, mask=mask, other=0.0)
         b_offs = cols[:, None].to(tl.int64) * RB + rk[None, :]
         b_mask = col_ok[:, None] & (rk < RB)[None, :]
-        acc_g = _mma(de, tl.load(BG + b_offs, mask=b_mask, other=0.0), acc_g)
-        acc_u = _mma(dg, tl.load(BU + b_offs, mask=b_mask, other=0.0), acc_u)
+        acc_g = mma(de, tl.load(BG + b_offs, mask=b_mask, other=0.0), acc_g)
+        acc_u = mma(dg, tl.load(BU + b_offs, mask=b_mask, other=0.0), acc_u)
     out = OUT + rows[:, None] * stride_out + rk[None, :]
     tl.store(out, (acc_g * scale_g).to(OUT.dtype.element_ty), mask=row_ok[:, None] & (rk < rank_g)[None, :])
     tl.store(out + rank_g, (acc_u * scale_u).to(OUT.dtype.element_ty), mask=row_ok[:, None] & (rk < rank_u)[None, :])

@@ -17,29 +17,13 @@ All offsets of rows, experts and weights are int64.
 import triton
 import triton.language as tl
 
-from csrc_triton._math import interpreter_on
-
-# Triton's CPU interpreter computes bf16 tl.dot wrongly (triton 3.9): there the operands go to fp32 first.
-_INTERPRETER_FP32_DOT = tl.constexpr(interpreter_on())
+from csrc_triton._math import mma
 
 # NF4 decode must round as bitsandbytes does (no FMA contraction), as the dequantisation kernel does.
 COMPILE_OPTIONS = {
     name: {"enable_fp_fusion": False}
     for name in ("moe_gate_up_fwd_kernel", "moe_down_fwd_kernel", "moe_down_bwd_kernel", "moe_gate_up_bwd_dx_kernel")
 }
-
-
-@triton.jit
-def _mma(a, b, acc):
-    # fp32 operands: exact products (tl.dot would use TF32 on the GPU); fp16/bf16: tensor cores. (The same
-    # rule as glu_lora's kernels; a kernel's prebuilt fingerprint covers its own module and csrc_triton/_*.py
-    # only, so it is not imported from there.)
-    if a.dtype == tl.float32:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    elif _INTERPRETER_FP32_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -162,7 +146,7 @@ def _b_tile(B, e, rk, rank, n_experts, out_idx, out_ok):
 @triton.jit
 def _lora_term(small, factor, scale):
     # s * small factor^T: the rank-r term of an output tile, small [BM, RP], factor [BN, RP]
-    return scale * _mma(small, tl.trans(factor), tl.zeros([small.shape[0], factor.shape[0]], tl.float32))
+    return scale * mma(small, tl.trans(factor), tl.zeros([small.shape[0], factor.shape[0]], tl.float32))
 
 
 @triton.jit
@@ -287,12 +271,12 @@ def _grouped_gemm(
                 NESTED,
                 dtype,
             )
-        acc = _mma(lhs, wt, acc)
+        acc = mma(lhs, wt, acc)
         if HAS_LORA:
             if BACKWARD:
-                acc_r = _mma(lhs, _b_tile(F_K, e, rk, rank, n_experts, kk, k_ok), acc_r)
+                acc_r = mma(lhs, _b_tile(F_K, e, rk, rank, n_experts, kk, k_ok), acc_r)
             else:
-                acc_r = _mma(lhs, _a_tile(F_K, e, rk, rank, kk, k_ok, n_k), acc_r)
+                acc_r = mma(lhs, _a_tile(F_K, e, rk, rank, kk, k_ok, n_k), acc_r)
     small = acc_r.to(dtype)
     if HAS_LORA:
         if BACKWARD:
@@ -398,10 +382,10 @@ def moe_gate_up_fwd_kernel(
             NESTED,
             dtype,
         )
-        acc_g = _mma(xt, wg, acc_g)
-        acc_u = _mma(xt, wu, acc_u)
+        acc_g = mma(xt, wg, acc_g)
+        acc_u = mma(xt, wu, acc_u)
         if HAS_LORA:
-            acc_xa = _mma(xt, _a_tile(A, e, rk, rank, kk, k_ok, hidden), acc_xa)
+            acc_xa = mma(xt, _a_tile(A, e, rk, rank, kk, k_ok, hidden), acc_xa)
     if HAS_LORA:
         xa = acc_xa.to(dtype)  # rounded as stored: the backward's dB uses the same values
         acc_g += _lora_term(xa, _b_tile(B, e, rk, rank, n_experts, g_col, n_ok), scale)
@@ -762,7 +746,7 @@ def moe_lora_seg_grad_kernel(
             rw = tl.load(RW + slot, mask=row_ok, other=0.0)
             big = (big.to(tl.float32) * rw[:, None]).to(BIG.dtype.element_ty)
         small = tl.load(SMALL + rows[:, None] * RP + rk[None, :], mask=row_ok[:, None], other=0.0)
-        acc = _mma(tl.trans(big), small, acc)
+        acc = mma(tl.trans(big), small, acc)
     out = (
         OUT
         + e.to(tl.int64) * out_stride_e
