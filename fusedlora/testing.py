@@ -27,6 +27,7 @@ Also `python -m build_tools.host_overhead --graphs`: the host time of a graphed 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import torch
@@ -352,3 +353,93 @@ def fake_cuda_graphs(monkeypatch=None):
     finally:
         for obj, name, value in saved:
             setattr(obj, name, value)
+
+
+# ------------------------------------------------------------------------------- GPTQ test stand-ins
+def pack_int_words(values, bits, dim):
+    """Pack non-negative ints (< 2**bits) into int32 words along `dim`, low bits first (GPTQ's layout)."""
+    per = 32 // bits
+    v = values.to(torch.int64).movedim(dim, 0)
+    v = v.reshape(v.shape[0] // per, per, *v.shape[1:])
+    shifts = (torch.arange(per, dtype=torch.int64) * bits).view(1, per, *([1] * (v.dim() - 2)))
+    words = (v << shifts).sum(1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.movedim(0, dim).contiguous()
+
+
+def random_gptq_tensors(in_f, out_f, bits, group, act_order, scale_dtype=torch.float16):
+    """Random GPTQ qweight / qzeros / scales (/ act-order g_idx) of an in_f x out_f layer on DEVICE."""
+    per = 32 // bits
+    qw = torch.randint(-(2**31), 2**31 - 1, (in_f // per, out_f), dtype=torch.int64).to(torch.int32)
+    n_groups = 1 if group == -1 else math.ceil(in_f / group)
+    qz = torch.randint(-(2**31), 2**31 - 1, (n_groups, math.ceil(out_f / per)), dtype=torch.int64).to(torch.int32)
+    sc = (torch.rand(n_groups, out_f) * 0.01 + 1e-3).to(scale_dtype)
+    g = (torch.randperm(in_f) // (in_f if group == -1 else group)).to(torch.int32) if act_order else None
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    return to(qw), to(qz), to(sc), to(g)
+
+
+class TorchQuantLinear(nn.Module):
+    """Stand-in for gptqmodel's TorchQuantLinear (QUANT_TYPE "torch"; gptqmodel is not installed here): its
+    buffers in the GPTQ layout (zeros in the v2 format, as gptqmodel keeps them in memory; act-order g_idx
+    or the trivial one), its forward the plain-torch dequantisation. PEFT wraps it in its GPTQLoraLinear."""
+
+    QUANT_TYPE = "torch"
+
+    def __init__(self, in_f, out_f, bits=4, group_size=32, act_order=False):
+        super().__init__()
+        per, groups = 32 // bits, -(-in_f // group_size)
+        self.in_features, self.out_features, self.bits, self.group_size, self.desc_act = (
+            in_f,
+            out_f,
+            bits,
+            group_size,
+            act_order,
+        )
+        rnd = lambda *shape: torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int64).to(torch.int32)  # noqa: E731
+        self.register_buffer("qweight", rnd(in_f // per, out_f))
+        self.register_buffer("qzeros", rnd(groups, out_f // per))
+        self.register_buffer("scales", ((torch.rand(groups, out_f) * 0.02 + 0.005) * 16 / 2**bits).half())
+        g_idx = torch.arange(in_f) // group_size
+        self.register_buffer("g_idx", (g_idx[torch.randperm(in_f)] if act_order else g_idx).to(torch.int32))
+        self.bias = None
+
+    def qzero_format(self):
+        return 2
+
+    def forward(self, x):
+        from .quant import naive_dequantize_gptq
+
+        W = naive_dequantize_gptq(
+            self.qweight,
+            self.qzeros,
+            self.scales,
+            self.g_idx,
+            self.bits,
+            self.group_size,
+            format="gptq_v2",
+            out_dtype=torch.float32,
+        )
+        return x @ W.to(x.dtype).t()
+
+
+def gptq_lora_block(r=8, bits=4, act_order=False):
+    """Block whose seven projections are PEFT GPTQLoraLinear layers over TorchQuantLinear bases."""
+    import peft
+    from peft.tuners.lora.gptq import GPTQLoraLinear
+
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj"])
+    block = Block()
+    for parent in (block.self_attn, block.mlp):
+        for name, lin in list(parent.named_children()):
+            if isinstance(lin, nn.Linear):
+                q = TorchQuantLinear(lin.in_features, lin.out_features, bits=bits, act_order=act_order)
+                layer = GPTQLoraLinear(q, "default", config=cfg, r=r, lora_alpha=2 * r)
+                with torch.no_grad():
+                    layer.lora_B["default"].weight.normal_(0, 0.1)  # PEFT starts B at zero
+                setattr(parent, name, layer)
+    block = block.to(DEVICE)
+    for n, p in block.named_parameters():
+        p.requires_grad_("lora_" in n)
+    return block

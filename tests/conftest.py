@@ -1,7 +1,8 @@
 """Test set-up: with no CUDA GPU, kernels run in Triton's CPU interpreter; pytest's fixtures and hooks.
 
 TRITON_INTERPRET must be set before any kernel module is imported (triton.jit reads it then). The helpers the
-tests share are fusedlora.testing's (re-exported here for older imports: `from conftest import rel_err`)."""
+tests share are fusedlora.testing's (the test files import them from there; re-exported here for the subprocess
+workers, which import conftest first to set TRITON_INTERPRET)."""
 
 import os
 

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE
 
 from fusedlora import lora
 from fusedlora.ops import chunked_linear_loss, fused_linear_cross_entropy
 from fusedlora.quant import dequantize_gptq, dequantize_nf4, naive_dequantize_nf4
+from fusedlora.testing import DEVICE
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,12 +8,12 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, HAS_CUDA, rel_err
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fusedlora
 from fusedlora import lora, lora_ops
 from fusedlora.ops import chunked_linear_loss, cross_entropy, fused_linear_cross_entropy, geglu, rms_norm, rope, swiglu
+from fusedlora.testing import DEVICE, HAS_CUDA, rel_err
 
 BACKEND = "inductor" if HAS_CUDA else "aot_eager"
 
@@ -311,9 +311,9 @@ def test_nf4_bases_compile_and_match_eager(nested):
 
 @pytest.mark.filterwarnings("ignore:Unsupported layer type")
 def test_gptq_bases_compile_and_match_eager():
-    from test_lora import _gptq_block
+    from fusedlora.testing import gptq_lora_block
 
-    block = _gptq_block(bits=4, act_order=True)
+    block = gptq_lora_block(bits=4, act_order=True)
     leaves = [p for p in block.parameters() if p.requires_grad]
     assert_compiled_matches_eager(lambda x, *p: _block_step(block)(x), (_t(2, 7, 64), *leaves), TOL)
 
@@ -567,7 +567,7 @@ def test_gpu_compile_layers_reduce_overhead():
 
 @pytest.mark.parametrize("which", ["nf4", "nf4_out", "gptq", "gptq_transpose"])
 def test_dequantize_compiles_and_matches_eager(which):
-    from test_quant import _gptq_layer
+    from fusedlora.testing import random_gptq_tensors
 
     if which.startswith("nf4"):
         bnbf = pytest.importorskip("bitsandbytes.functional")
@@ -580,7 +580,7 @@ def test_dequantize_compiles_and_matches_eager(which):
             fn = lambda p: fusedlora.quant.dequantize_nf4(p, state, out=torch.empty(48, 64, device=DEVICE)) * 1  # noqa: E731
         inputs = (packed,)
     else:
-        qweight, qzeros, scales, g_idx = _gptq_layer(64, 96, 4, 32, True)
+        qweight, qzeros, scales, g_idx = random_gptq_tensors(64, 96, 4, 32, True)
         fn = lambda q: fusedlora.quant.dequantize_gptq(q, qzeros, scales, g_idx, transpose=which.endswith("transpose"))  # noqa: E731
         inputs = (qweight,)
     assert_compiled_matches_eager(fn, inputs, 0.0)
@@ -590,7 +590,7 @@ def test_dequantize_compiles_and_matches_eager(which):
 def test_dequantize_out_is_checked_under_compile(which):
     """Compiled, the result is copied into out=: an out of another dtype or shape is refused as in eager mode,
     never cast or broadcast into silently; a transposed NF4 view comes back transposed, as in eager mode."""
-    from test_quant import _gptq_layer
+    from fusedlora.testing import random_gptq_tensors
 
     if which == "nf4":
         bnbf = pytest.importorskip("bitsandbytes.functional")
@@ -600,7 +600,7 @@ def test_dequantize_out_is_checked_under_compile(which):
         transposed = torch.compile(lambda p: fusedlora.quant.dequantize_nf4(p, state), backend=BACKEND)(packed.t())
         assert torch.equal(transposed, bnbf.dequantize_4bit(packed.t(), state))
     else:
-        packed, qzeros, scales, g_idx = _gptq_layer(64, 96, 4, 32, True)
+        packed, qzeros, scales, g_idx = random_gptq_tensors(64, 96, 4, 32, True)
         fn = torch.compile(
             lambda q, out: fusedlora.quant.dequantize_gptq(q, qzeros, scales, g_idx, out=out), backend=BACKEND
         )

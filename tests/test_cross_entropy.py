@@ -6,7 +6,6 @@ their dtype (exact) and gradients rounded once to it (2^-8 / 2^-11 relative)."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, HAS_CUDA, assert_device_assert, rel_err
 
 import csrc_triton.cross_entropy as kernels  # the kernels and their grid constants
 from fusedlora.ops import (
@@ -16,6 +15,7 @@ from fusedlora.ops import (
     naive_cross_entropy,
     naive_linear_cross_entropy,
 )
+from fusedlora.testing import DEVICE, HAS_CUDA, assert_device_assert, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float32, torch.bfloat16]
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}

@@ -9,7 +9,6 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, HAS_CUDA, assert_close, kernel_round, rel_err
 
 from fusedlora import lora
 from fusedlora.ops import (
@@ -28,6 +27,7 @@ from fusedlora.ops import (
     swiglu,
 )
 from fusedlora.quant import dequantize_gptq
+from fusedlora.testing import DEVICE, HAS_CUDA, assert_close, kernel_round, pack_int_words, rel_err
 
 ce_module = importlib.import_module("fusedlora.ops.cross_entropy")  # the package exports a function of that name
 
@@ -217,17 +217,6 @@ def test_chunked_linear_loss_bf16():
 
 
 # ---------------------------------------------------------------------------------------- GPTQ
-def _pack(values, bits, dim):
-    """Pack non-negative ints (< 2**bits) into int32 words along `dim`, low bits first (GPTQ's layout)."""
-    per = 32 // bits
-    v = values.to(torch.int64).movedim(dim, 0)
-    v = v.reshape(v.shape[0] // per, per, *v.shape[1:])
-    shifts = (torch.arange(per, dtype=torch.int64) * bits).view(1, per, *([1] * (v.dim() - 2)))
-    words = (v << shifts).sum(1)
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    return words.movedim(0, dim).contiguous()
-
-
 @pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
 @pytest.mark.parametrize("bits,group,act_order", [(4, 32, False), (4, 16, True), (8, 64, False), (2, 32, True)])
 def test_gptq_against_an_independent_reference(bits, group, act_order, fmt):
@@ -241,7 +230,7 @@ def test_gptq_against_an_independent_reference(bits, group, act_order, fmt):
     s = torch.rand(n_groups, n_out, generator=g) * 0.1 + 0.01
     g_idx = (torch.randperm(n_in, generator=g) // group) if act_order else torch.arange(n_in) // group
     stored_z = z - 1 if fmt == "gptq" else z
-    qweight, qzeros = _pack(q, bits, 0), _pack(stored_z, bits, 1)
+    qweight, qzeros = pack_int_words(q, bits, 0), pack_int_words(stored_z, bits, 1)
     expect = ((q - z[g_idx]).double() * s.double()[g_idx]).t()  # [out, in]
     out = dequantize_gptq(
         qweight.to(DEVICE),

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from conftest import DEVICE, HAS_CUDA, assert_close  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -34,6 +33,7 @@ from fusedlora.ops import (  # noqa: E402
     swiglu,
 )
 from fusedlora.quant import dequantize_gptq  # noqa: E402
+from fusedlora.testing import DEVICE, HAS_CUDA, assert_close  # noqa: E402
 
 EXAMPLES = int(os.environ.get("FUSEDLORA_FUZZ_EXAMPLES", 60 if HAS_CUDA else 15))
 FUZZ = settings(
@@ -314,7 +314,7 @@ def test_fuzz_chunked_linear_loss(data):
 @FUZZ
 @given(st.data())
 def test_fuzz_dequantize_gptq(data):
-    from test_faults import _pack
+    from fusedlora.testing import pack_int_words
 
     bits = data.draw(st.sampled_from([2, 4, 8]))
     per = 32 // bits
@@ -330,7 +330,7 @@ def test_fuzz_dequantize_gptq(data):
     z = torch.randint(1, 2**bits, (n_groups, n_out))
     s = (torch.rand(n_groups, n_out) * 0.1 + 0.01).to(torch.float16)
     g_idx = (torch.randperm(n_in) // gs) if act_order else torch.arange(n_in) // gs
-    qweight, qzeros = _pack(q, bits, 0), _pack(z - 1 if fmt == "gptq" else z, bits, 1)
+    qweight, qzeros = pack_int_words(q, bits, 0), pack_int_words(z - 1 if fmt == "gptq" else z, bits, 1)
     out = dequantize_gptq(
         qweight.to(DEVICE),
         qzeros.to(DEVICE),

@@ -5,9 +5,9 @@ relative error vs fp64 is bounded by ~1e-2 (bf16) and ~2e-3 (fp16) in norm."""
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, rel_err
 
 from fusedlora.ops import geglu, naive_geglu, naive_swiglu, swiglu
+from fusedlora.testing import DEVICE, HAS_CUDA, rel_err
 
 SHAPES = [(1, 1), (7, 333), (2, 3, 64), (1, 5120)] + ([(4096, 14336), (3, 8191)] if HAS_CUDA else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float32, torch.bfloat16]

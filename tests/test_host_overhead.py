@@ -6,9 +6,9 @@ and no launch imports a module."""
 import importlib
 
 import pytest
-from conftest import HAS_CUDA
 
 from build_tools import host_overhead
+from fusedlora.testing import HAS_CUDA
 
 pytestmark = pytest.mark.skipif(HAS_CUDA, reason="measured on the CPU path (the interpreter's launches skipped)")
 

@@ -337,3 +337,19 @@ def test_the_architecture_doc_lists_these_layers():
     rows = [line.split("|")[2] for line in table.splitlines() if line.startswith("|") and "`" in line.split("|")[2]]
     doc = [re.findall(r"`([^`]+)`", where) for where in rows]
     assert doc == [patterns for _, patterns in LAYERS]
+
+
+def test_tests_share_helpers_through_fusedlora_testing():
+    """A test file takes shared builders from fusedlora.testing, never from another test file or conftest (whose
+    fixtures pytest hands out by name); the subprocess workers import conftest only to set TRITON_INTERPRET."""
+    workers = {"fsdp_worker.py", "hf_dist_worker.py"}
+    taken = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        if path.name in workers or path.name == "conftest.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            taken += [f"{path.name}: {n}" for n in names if n == "conftest" or n.split(".")[0].startswith("test_")]
+    assert not taken, taken

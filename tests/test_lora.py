@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import fusedlora.quant
 from fusedlora import lora, lora_ops
 from fusedlora.quant import naive_dequantize_gptq
-from fusedlora.testing import DEVICE, Block, attn_fused, attn_peft, make, rel_err
+from fusedlora.testing import DEVICE, Block, attn_fused, attn_peft, gptq_lora_block, make, rel_err
 
 peft = pytest.importorskip("peft")
 
@@ -455,75 +455,12 @@ def test_mlp_with_nf4_gate_up_down(hidden, monkeypatch):
 
 
 # ------------------------------------------------------------------ GPTQ bases under PEFT's GPTQLoraLinear
-class TorchQuantLinear(nn.Module):
-    """Stand-in for gptqmodel's TorchQuantLinear (QUANT_TYPE "torch"; gptqmodel is not installed here): its
-    buffers in the GPTQ layout (zeros in the v2 format, as gptqmodel keeps them in memory; act-order g_idx
-    or the trivial one), its forward the plain-torch dequantisation. PEFT wraps it in its GPTQLoraLinear."""
-
-    QUANT_TYPE = "torch"
-
-    def __init__(self, in_f, out_f, bits=4, group_size=32, act_order=False):
-        super().__init__()
-        per, groups = 32 // bits, -(-in_f // group_size)
-        self.in_features, self.out_features, self.bits, self.group_size, self.desc_act = (
-            in_f,
-            out_f,
-            bits,
-            group_size,
-            act_order,
-        )
-        rnd = lambda *shape: torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int64).to(torch.int32)  # noqa: E731
-        self.register_buffer("qweight", rnd(in_f // per, out_f))
-        self.register_buffer("qzeros", rnd(groups, out_f // per))
-        self.register_buffer("scales", ((torch.rand(groups, out_f) * 0.02 + 0.005) * 16 / 2**bits).half())
-        g_idx = torch.arange(in_f) // group_size
-        self.register_buffer("g_idx", (g_idx[torch.randperm(in_f)] if act_order else g_idx).to(torch.int32))
-        self.bias = None
-
-    def qzero_format(self):
-        return 2
-
-    def forward(self, x):
-        W = naive_dequantize_gptq(
-            self.qweight,
-            self.qzeros,
-            self.scales,
-            self.g_idx,
-            self.bits,
-            self.group_size,
-            format="gptq_v2",
-            out_dtype=torch.float32,
-        )
-        return x @ W.to(x.dtype).t()
-
-
-def _gptq_block(r=8, bits=4, act_order=False):
-    """Block whose seven projections are PEFT GPTQLoraLinear layers over TorchQuantLinear bases."""
-    from peft.tuners.lora.gptq import GPTQLoraLinear
-
-    torch.manual_seed(0)
-    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj"])
-    block = Block()
-    for parent in (block.self_attn, block.mlp):
-        for name, lin in list(parent.named_children()):
-            if isinstance(lin, nn.Linear):
-                q = TorchQuantLinear(lin.in_features, lin.out_features, bits=bits, act_order=act_order)
-                layer = GPTQLoraLinear(q, "default", config=cfg, r=r, lora_alpha=2 * r)
-                with torch.no_grad():
-                    layer.lora_B["default"].weight.normal_(0, 0.1)  # PEFT starts B at zero
-                setattr(parent, name, layer)
-    block = block.to(DEVICE)
-    for n, p in block.named_parameters():
-        p.requires_grad_("lora_" in n)
-    return block
-
-
 @pytest.mark.filterwarnings("ignore:Unsupported layer type")  # PEFT: the stand-in is not a gptqmodel class
 @pytest.mark.parametrize("bits,act_order", [(4, False), (4, True), (8, False), (2, True)])
 def test_gptq_bases_under_peft_gptq_lora_linear(bits, act_order):
     """LoRA_QKV, LoRA_O and LoRA_MLP over GPTQ QuantLinear bases, as PEFT wraps them (GPTQLoraLinear), vs
     PEFT's own forward/backward of the same modules in float64: outputs, dX and every dA, dB."""
-    fused = _gptq_block(bits=bits, act_order=act_order)
+    fused = gptq_lora_block(bits=bits, act_order=act_order)
     ref = copy.deepcopy(fused).double()
     assert type(fused.mlp.gate_proj).__name__ == "GPTQLoraLinear"
     xf = torch.randn(2, 7, 64, device=DEVICE, requires_grad=True)
@@ -541,7 +478,7 @@ def test_gptq_bases_under_peft_gptq_lora_linear(bits, act_order):
 @pytest.mark.filterwarnings("ignore:Unsupported layer type")
 def test_gptq_repacked_kernels_are_reported():
     """A QuantLinear kernel that repacks its weight (marlin, exllamav2...) keeps PEFT's path, named."""
-    block = _gptq_block()
+    block = gptq_lora_block()
     base = block.self_attn.o_proj.base_layer
     base.QUANT_TYPE = "marlin"
     with pytest.raises(lora.UnsupportedLoRA, match="QUANT_TYPE 'marlin'.*BACKEND.TORCH"):

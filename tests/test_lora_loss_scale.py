@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from conftest import DEVICE, rel_err
 
 from fusedlora import lora
+from fusedlora.testing import DEVICE, rel_err
 
 pytest.importorskip("peft")
 from fusedlora.testing import make  # noqa: E402

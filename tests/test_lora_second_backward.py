@@ -10,12 +10,12 @@ import importlib
 
 import pytest
 import torch
-from conftest import DEVICE, rel_err
 
 import fusedlora
 import fusedlora.peft_layers
 from fusedlora import lora
 from fusedlora.ops import geglu, swiglu
+from fusedlora.testing import DEVICE, rel_err
 
 pytest.importorskip("peft")
 from fusedlora.testing import make  # noqa: E402

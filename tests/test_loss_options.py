@@ -5,9 +5,9 @@ gradients, all dtypes, odd shapes, ignored rows."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, assert_close
 
 from fusedlora.ops import cross_entropy, fused_linear_cross_entropy, naive_linear_cross_entropy
+from fusedlora.testing import DEVICE, assert_close
 
 # fp32 within fp32 sums. bf16 gradients are made in the forward and rounded again by the backward's d loss
 # scale: two roundings of 2^-8 (a full ulp each where the interpreter truncates); fp16's once, to 2^-11

@@ -5,7 +5,6 @@ target shapes, fp16 gradients under a loss scale, and fused_linear_cross_entropy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, assert_close, rel_err
 
 from csrc_triton.cross_entropy import CE_BLOCK
 from fusedlora.ops import (
@@ -15,6 +14,7 @@ from fusedlora.ops import (
     naive_cross_entropy,
     naive_linear_cross_entropy,
 )
+from fusedlora.testing import DEVICE, assert_close, rel_err
 
 # fp32 within fp32 sums. bf16 gradients are made in the forward and rounded again by the backward's d loss
 # scale: two roundings of 2^-8 (a full ulp each where the interpreter truncates); fp16's once, to 2^-11

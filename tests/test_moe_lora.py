@@ -7,10 +7,10 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import DEVICE, HAS_CUDA, assert_device_assert
 
 from csrc_triton.moe_lora.kernel import COMPILE_OPTIONS, _w_tile
 from fusedlora.ops.moe_lora import ExpertProj, moe_lora_experts, moe_route, naive_moe_lora
+from fusedlora.testing import DEVICE, HAS_CUDA, assert_device_assert
 
 FP32_TOL = 2e-5  # max |error| / max |reference|: fp32 products summed over <= 64 terms (fp32 accumulation)
 

@@ -5,13 +5,11 @@ fp32 and fp16 outputs; bf16 too on the GPU. Triton's CPU interpreter truncates f
 rounding, so on CPU bf16 is checked against the exact fp32 result rounded both ways.
 GPTQ: against a plain-torch reference written from the auto-gptq format (bit-identical likewise)."""
 
-import math
-
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA
 
 from fusedlora.quant import dequantize_gptq, dequantize_nf4, naive_dequantize_gptq, naive_dequantize_nf4
+from fusedlora.testing import DEVICE, HAS_CUDA, random_gptq_tensors
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
@@ -184,17 +182,6 @@ def test_nf4_transposed_view_of_a_3d_weight_is_refused():
 
 
 # ----------------------------------------------------------------------------------------------- GPTQ
-def _gptq_layer(in_f, out_f, bits, group, act_order, scale_dtype=torch.float16):
-    per = 32 // bits
-    qw = torch.randint(-(2**31), 2**31 - 1, (in_f // per, out_f), dtype=torch.int64).to(torch.int32)
-    n_groups = 1 if group == -1 else math.ceil(in_f / group)
-    qz = torch.randint(-(2**31), 2**31 - 1, (n_groups, math.ceil(out_f / per)), dtype=torch.int64).to(torch.int32)
-    sc = (torch.rand(n_groups, out_f) * 0.01 + 1e-3).to(scale_dtype)
-    g = (torch.randperm(in_f) // (in_f if group == -1 else group)).to(torch.int32) if act_order else None
-    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
-    return to(qw), to(qz), to(sc), to(g)
-
-
 GPTQ_CASES = [
     (64, 128, 4, 32, False),
     (128, 96, 4, -1, False),
@@ -213,7 +200,7 @@ if HAS_CUDA:
 @pytest.mark.parametrize("case", GPTQ_CASES, ids=str)
 def test_gptq_matches_format_reference(case, out_dtype, fmt, transpose):
     in_f, out_f, bits, group, act = case
-    qw, qz, sc, g = _gptq_layer(in_f, out_f, bits, group, act)
+    qw, qz, sc, g = random_gptq_tensors(in_f, out_f, bits, group, act)
     ours = dequantize_gptq(
         qw, qz, sc, g, bits=bits, group_size=group, format=fmt, out_dtype=out_dtype, transpose=transpose
     )
@@ -231,7 +218,7 @@ def test_gptq_matches_format_reference(case, out_dtype, fmt, transpose):
 def test_gptq_symmetric_zero_point():
     """Symmetric GPTQ stores zero 2^(bits-1) - 1 in v1 format: w = (q - 8) * s."""
     in_f, out_f = 64, 16
-    qw, _, sc, _ = _gptq_layer(in_f, out_f, 4, 32, False)
+    qw, _, sc, _ = random_gptq_tensors(in_f, out_f, 4, 32, False)
     qz = torch.full((2, 2), 0x77777777, dtype=torch.int32, device=DEVICE)
     w = (
         dequantize_gptq(qw, qz, sc, group_size=32, out_dtype=torch.float32)
@@ -259,7 +246,7 @@ def test_gptq_symmetric_zero_point():
     ],
 )
 def test_gptq_bad_input(bad, match):
-    qw, qz, sc, g = _gptq_layer(64, 128, 4, 32, False)
+    qw, qz, sc, g = random_gptq_tensors(64, 128, 4, 32, False)
     with pytest.raises(ValueError, match=match):
         bad(qw, qz, sc, g)
 

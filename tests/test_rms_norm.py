@@ -6,9 +6,9 @@ reference computed in the same dtype (HF's exact op order) and their gradients w
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, rel_err
 
 from fusedlora.ops import naive_rms_norm, rms_norm
+from fusedlora.testing import DEVICE, HAS_CUDA, rel_err
 
 SHAPES_CPU = [(1, 64), (7, 333), (3, 5, 96), (1, 5120), (2, 2048), (5, 1)]  # (5, 1): strides equal to 1
 SHAPES_GPU = SHAPES_CPU + [(4096, 4096), (513, 16384), (9, 8192), (1, 65536)]

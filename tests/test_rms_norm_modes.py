@@ -9,10 +9,10 @@ to 1e-5."""
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, rel_err
 
 from fusedlora.ops import naive_rms_norm, rms_norm
 from fusedlora.ops.rms_norm import norm_source
+from fusedlora.testing import DEVICE, HAS_CUDA, rel_err
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(7, 333), (3, 5, 96), (2, 1), (1, 1000)] + ([(513, 4096), (9, 8191)] if HAS_CUDA else [])

@@ -4,9 +4,9 @@ fp32: ~1e-6; fp16/bf16: one output rounding, so ~2^-11 / 2^-8 relative in norm."
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, assert_device_assert, rel_err
 
 from fusedlora.ops import naive_rope, rope
+from fusedlora.testing import DEVICE, HAS_CUDA, assert_device_assert, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float32, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}

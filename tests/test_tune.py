@@ -3,11 +3,11 @@ reaches the launch (and the result stays right), and every sweep runs at smoke s
 
 import pytest
 import torch
-from conftest import DEVICE
 
 from csrc_triton.rms_norm import RMS_NORM_FWD
 from fusedlora import loader
 from fusedlora.ops import naive_rms_norm, rms_norm
+from fusedlora.testing import DEVICE
 
 
 def test_override_reaches_the_launch_and_keeps_the_result(monkeypatch):
