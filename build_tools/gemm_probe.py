@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from csrc_triton._math import _act_and_grad
-from csrc_triton.glu_lora.kernel import _mma, _rank_tile, _xa_rows
+from csrc_triton._math import _act_and_grad, mma
+from csrc_triton.glu_lora.kernel import _rank_tile, _xa_rows
 
 
 @triton.jit
@@ -131,8 +131,8 @@ def gemm_glu_lora_fwd_kernel(
         xg, xu = _xa_rows(XA, rows, rows < n_rows, rk, stride_xa, xa_up_offset, rank_g, rank_u)
         bg = _rank_tile(BG, cols, col_ok, rk, rank_g, rank_g, 1)
         bu = _rank_tile(BU, cols, col_ok, rk, rank_u, rank_u, 1)
-        e = _mma(xg, (bg * scale_g).to(xg.dtype), acc_g).to(io)
-        g = _mma(xu, (bu * scale_u).to(xu.dtype), acc_u).to(io)
+        e = mma(xg, (bg * scale_g).to(xg.dtype), acc_g).to(io)
+        g = mma(xu, (bu * scale_u).to(xu.dtype), acc_u).to(io)
         e_desc.store([row0, col0], e)
         g_desc.store([row0, col0], g)
         a, _ = _act_and_grad(e.to(tl.float32), ACT)
