@@ -1,7 +1,7 @@
 """Sweep launch configurations of the kernels on the local GPU (JIT path) and print the fastest.
 
     python -m build_tools.tune [ce,glu,glu_lora,glu_lora_fwd,glu_lora_layout,glu_lora_dyb,energy_parts,triton_gemm,
-                                gemm_glu,rope,rms,nf4,gptq]
+                                gemm_glu,rope,rms,nf4,gptq,moe,moe_nf4]
     python -m build_tools.tune --smoke [names]     # tiny sizes, two configurations each, any device (CI: the CPU)
 
 Each configuration runs through the op's own launcher under `KernelSpec.override` (constexprs, num_warps,
@@ -47,13 +47,16 @@ def _configs(configs):
     return configs[:2] if SMOKE else configs
 
 
-def _time(fn):
+def _time(fn, graph=True):
     fn()
     if SMOKE:
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
-    from triton.testing import do_bench_cudagraph
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    if not graph:  # (a step whose autograd would be captured: timed eagerly)
+        return do_bench(fn, warmup=10, rep=100, return_mode="median")
 
     torch.cuda.synchronize()
     with torch.cuda.stream(torch.cuda.Stream()):
@@ -71,9 +74,9 @@ def _setting(module, name, value):
         setattr(module, name, old)
 
 
-def _try_time(fn, label):
+def _try_time(fn, label, graph=True):
     try:
-        return _time(fn)
+        return _time(fn, graph)
     except (triton.runtime.errors.OutOfResources, RuntimeError, ValueError) as e:  # over the shared memory, say
         print(f"  skip {label}: {type(e).__name__}")
         return None
@@ -608,6 +611,128 @@ def tune_gptq():
     return res_all
 
 
+MOE_GEMM_CONFIGS = {  # (BN, BK, warps, stages) per grouped-GEMM kernel
+    "moe_gate_up_fwd": (
+        (64, 64, 4, 3),
+        (64, 64, 8, 3),
+        (64, 64, 4, 4),
+        (128, 64, 8, 3),
+        (64, 128, 8, 3),
+        (64, 32, 4, 4),
+        (128, 32, 8, 4),
+        (32, 64, 4, 4),
+    ),
+    "moe_down_fwd": (
+        (128, 64, 8, 3),
+        (128, 64, 4, 3),
+        (64, 64, 4, 3),
+        (128, 128, 8, 3),
+        (256, 64, 8, 3),
+        (128, 32, 4, 4),
+        (64, 128, 4, 3),
+        (128, 64, 8, 4),
+    ),
+    "moe_down_bwd": (
+        (64, 64, 4, 3),
+        (64, 64, 8, 3),
+        (64, 64, 4, 4),
+        (128, 64, 8, 3),
+        (64, 128, 8, 3),
+        (64, 32, 4, 4),
+        (128, 32, 8, 4),
+        (32, 64, 4, 4),
+    ),
+    "moe_gate_up_bwd_dx": (
+        (128, 64, 8, 3),
+        (128, 64, 4, 3),
+        (64, 64, 4, 3),
+        (128, 128, 8, 3),
+        (256, 64, 8, 3),
+        (128, 32, 4, 4),
+        (64, 128, 4, 3),
+        (128, 64, 8, 4),
+    ),
+}
+MOE_SEG_CONFIGS = (
+    (64, 128, 4, 2),
+    (64, 64, 4, 2),
+    (128, 128, 8, 2),
+    (32, 128, 4, 2),
+    (64, 256, 8, 2),
+    (128, 64, 4, 3),
+    (32, 64, 4, 3),
+)  # (BM, BN, warps, stages)
+
+
+def _moe_case(nf4: bool):
+    """A Qwen3-30B-A3B layer's routed experts (T 4096, H 2048, I 768, 128 experts, top-8, LoRA r16 on both
+    projections; fresh random bf16, uniform routing): (fwd + bwd step, fused-op arguments)."""
+    from fusedlora.ops.moe_lora import ExpertProj, moe_lora_experts
+
+    t, h, i, e, k, r = _size((4096, 2048, 768, 128, 8, 16), (32, 64, 48, 4, 2, 4))
+    x = _rnd(t, h).requires_grad_()
+    weights, index = torch.softmax(torch.randn(t, e, device=DEV), -1).topk(k, -1)
+    weights = weights.to(BF16).requires_grad_()
+    projs, leaves = [], []
+    for n_out, n_in in ((2 * i, h), (h, i)):
+        w = _rnd(e, n_out, n_in) * n_in**-0.5
+        state = None
+        if nf4:
+            import bitsandbytes.functional as bnb_functional
+
+            w, state = bnb_functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        a = (torch.randn(e * r, n_in, device=DEV) * n_in**-0.5).requires_grad_()
+        b = (torch.randn(n_out, r * e, device=DEV) * 0.01).requires_grad_()
+        projs.append(ExpertProj(w, a, b, 2.0, quant_state=state))
+        leaves += [a, b]
+    dout = _rnd(t, h)
+
+    def step(block_m):
+        out = moe_lora_experts(x, index, weights, *projs, block_m=block_m)
+        torch.autograd.grad(out, [x, weights, *leaves], dout)
+
+    return step
+
+
+def _tune_moe(nf4: bool):
+    from csrc_triton import moe_lora as moe_kernels
+
+    step = _moe_case(nf4)
+    specs = {name: registry.get(name) for name in MOE_GEMM_CONFIGS}
+    res = {}
+    for block_m in (16, 32) if SMOKE else (64, 128):
+        base = _try_time(lambda: step(block_m), f"block_m {block_m}", graph=False)
+        print(f"  block_m {block_m}, the registry's tiles: {base} ms")
+        for name, configs in MOE_GEMM_CONFIGS.items():
+            for bn, bk, warps, stages in _configs(configs):
+                stages = 1 if nf4 else stages  # (the NF4 decode's gathers are not staged: csrc_triton/moe_lora)
+                with specs[name].override(BN=bn, BK=bk, num_warps=warps, num_stages=stages):
+                    ms = _try_time(lambda: step(block_m), (name, block_m, bn, bk, warps, stages), graph=False)
+                res.setdefault(name, []).append(((block_m, bn, bk, warps, stages), ms, f"fwd+bwd, base {base} ms"))
+    seg = moe_kernels.MOE_LORA_SEG_GRAD
+    for bm, bn, warps, stages in _configs(MOE_SEG_CONFIGS):
+        with seg.override(BM=bm, BN=bn, num_warps=warps, num_stages=stages):
+            ms = _try_time(
+                lambda: step(moe_kernels.MOE_BLOCK_M if not SMOKE else 16), ("seg", bm, bn, warps, stages), graph=False
+            )
+        res.setdefault("moe_lora_seg_grad", []).append(((bm, bn, warps, stages), ms, "fwd+bwd"))
+    for name, results in res.items():
+        tile = "(BM, BN, warps, stages)" if name == "moe_lora_seg_grad" else "(block_m, BN, BK, warps, stages)"
+        report(f"{name}{' NF4' if nf4 else ''} {tile}, the others at the registry's", results)
+    return res
+
+
+def tune_moe():
+    """The routed-experts op (fusedlora.ops.moe_lora), bf16 experts: each grouped-GEMM kernel's tile with the
+    others at the registry's, at block_m 64 and 128, then the LoRA-gradient kernel's; the whole fwd + bwd timed."""
+    return _tune_moe(nf4=False)
+
+
+def tune_moe_nf4():
+    """As tune_moe with NF4 experts (bitsandbytes' quantiser; one pipeline stage, as the registry launches)."""
+    return _tune_moe(nf4=True)
+
+
 SWEEPS = {
     "ce": tune_ce,
     "glu": tune_glu,
@@ -617,6 +742,7 @@ SWEEPS = {
     "rope": tune_rope,
     "rms": tune_rms,
     "nf4": tune_nf4,
+    "moe": tune_moe,
     "gptq": tune_gptq,
 }
 PROBES = {
@@ -624,6 +750,7 @@ PROBES = {
     "energy_parts": tune_energy_parts,
     "triton_gemm": tune_triton_gemm,
     "gemm_glu": tune_gemm_glu,
+    "moe_nf4": tune_moe_nf4,
 }  # GPU only
 
 

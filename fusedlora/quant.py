@@ -17,11 +17,12 @@ from typing import NamedTuple
 
 import torch
 
-from csrc_triton.quant import GPTQ_DEQUANT, NF4_BLOCKSIZES, NF4_DEQUANT
+from csrc_triton.quant import GPTQ_DEQUANT, NF4_BLOCKSIZES
 
 from .loader import launch
 from .ops import _custom
 from .ops._common import interpreting, rel_err
+from .ops.nf4 import nf4_launch
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -234,33 +235,9 @@ def _dequantize_nf4(weight, qs, out, dtype):
                 "out must be contiguous, or a 2-D block of rows (unit column stride, rows a multiple of the "
                 f"blocksize {blocksize} long) of a wider buffer",
             )
-    strided = not out.is_contiguous()
-    row_len = out.shape[1] if strided else 0
-    shape = dict(plan.launch_shape, row_len=row_len)
-    meta = NF4_DEQUANT.constexprs(**shape)
-    if strided:
-        grid = (row_len // meta["BLOCK"], out.shape[0], 1)
-    else:
-        grid = (-(-plan.n // max(meta["BLOCK"], blocksize)), 1, 1)  # a program covers whole quantisation blocks
     # the kernel reads bytes from the start of the packed buffer: any contiguous shape, any storage dtype
     data = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)
-    launch(
-        NF4_DEQUANT,
-        grid,
-        (
-            data,
-            plan.absmax,
-            plan.absmax2,
-            plan.code,
-            plan.code2,
-            plan.offset,
-            out,
-            plan.n,
-            row_len,
-            out.stride(0) if strided else 0,
-        ),
-        **shape,
-    )
+    nf4_launch(data, plan.absmax, plan.absmax2, plan.code, plan.code2, plan.offset, out, plan.n, **plan.launch_shape)
     return out
 
 

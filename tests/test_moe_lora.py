@@ -5,10 +5,7 @@ input. Shapes are tiny: the kernels run in Triton's CPU interpreter here."""
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
-from csrc_triton.moe_lora.kernel import COMPILE_OPTIONS, _w_tile
 from fusedlora.ops.moe_lora import ExpertProj, moe_lora_experts, moe_route, naive_moe_lora
 from fusedlora.testing import DEVICE, HAS_CUDA, assert_device_assert
 
@@ -301,95 +298,82 @@ def _nf4(W, nested):
     return packed, qs
 
 
-MOE_COMPILE_OPTIONS = COMPILE_OPTIONS["moe_gate_up_fwd_kernel"]
-
-
-@triton.jit
-def _nf4_decode_kernel(
-    W,
-    ABSMAX,
-    ABSMAX2,
-    CODE,
-    CODE2,
-    OFFSET,
-    OUT,
-    n_out,
-    n_in,
-    TRANS: tl.constexpr,
-    NESTED: tl.constexpr,
-    BO: tl.constexpr,
-    BI: tl.constexpr,
-):
-    # expert e's [n_out, n_in] (logical layout) a [BO, BI] tile at a time, as the GEMMs decode W
-    e = tl.program_id(0)
-    o = tl.program_id(1) * BO + tl.arange(0, BO)
-    i = tl.program_id(2) * BI + tl.arange(0, BI)
-    mask = (o < n_out)[:, None] & (i < n_in)[None, :]
-    vals = _w_tile(
-        W,
-        ABSMAX,
-        ABSMAX2,
-        CODE,
-        CODE2,
-        OFFSET,
-        e,
-        o[:, None],
-        i[None, :],
-        mask,
-        n_out,
-        n_in,
-        TRANS,
-        1,
-        64,
-        256,
-        NESTED,
-        OUT.dtype.element_ty,
-    )
-    tl.store(OUT + (e * n_out + o[:, None]) * n_in + i[None, :], vals, mask=mask)
+def _quantised_proj(n_out, n_in, E, nested, transposed, dtype):
+    W = (torch.randn(E, n_out, n_in) * 0.3).to(DEVICE, dtype)
+    stored = W.transpose(1, 2).contiguous() if transposed else W
+    packed, qs = _nf4(stored, nested)
+    return ExpertProj(packed, quant_state=qs, transposed=transposed), _bnb().dequantize_4bit(packed, qs)
 
 
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_nf4_tile_decode_is_bit_identical_to_bitsandbytes(nested, transposed, dtype):
-    """The GEMMs' in-tile decode against bnb's dequantize_4bit, every element, in a stored layout whose rows
-    are not a multiple of the blocksize (a 64-element block spans rows, and the last block experts)."""
-    from fusedlora.ops.moe_lora import _quant_args
+def test_nf4_chunks_are_bit_identical_to_bitsandbytes(nested, transposed, dtype, monkeypatch):
+    """Each chunk of experts the GEMMs read, dequantised from a slice of the packed stack, against bnb's
+    dequantize_4bit of the whole stack, every element: chunks of 4 experts of 720 elements (a 64-element block
+    spans experts' rows, and chunks start on whole blocks), or, nested, of one expert of 16,384 (whole
+    second-level blocks of 256 x 64)."""
+    from fusedlora.ops import moe_lora as ops
 
-    E, n_out, n_in = 3, 20, 36
-    W = (torch.randn(E, n_out, n_in) * 0.3).to(DEVICE, dtype)
-    stored = W.transpose(1, 2).contiguous() if transposed else W
-    packed, qs = _nf4(stored, nested)
-    ref = _bnb().dequantize_4bit(packed, qs)
-    ref = ref.transpose(1, 2) if transposed else ref
-    data, quant, _, _ = _quant_args(ExpertProj(packed, quant_state=qs, transposed=transposed), packed)
+    n_out, n_in, E = (20, 36, 9) if not nested else (64, 256, 3)
+    p, ref = _quantised_proj(n_out, n_in, E, nested, transposed, dtype)
+    data, quant, blocksize, nested_flag = ops._quant_args(p, p.weight)
+    proj = ops._proj(data, quant, None, None, None, transposed, blocksize, nested_flag, 1.0, E, n_out * n_in, ref)
+    monkeypatch.setattr(ops, "MOE_NF4_CHUNK_BYTES", 1)  # the smallest chunks the blocks allow
+    ranges = ops.expert_ranges(proj, proj, E, ref.element_size())
+    assert ranges == ([(0, 4), (4, 8), (8, 9)] if not nested else [(0, 1), (1, 2), (2, 3)])
+    ref = ref.reshape(E, -1)
 
-    def decode(out_dtype):
-        out = torch.full((E, n_out, n_in), float("nan"), dtype=out_dtype, device=DEVICE)
-        _nf4_decode_kernel[(E, 2, 3)](
-            data,
-            *quant,
-            out,
-            n_out,
-            n_in,
-            TRANS=int(transposed),
-            NESTED=int(nested),
-            BO=16,
-            BI=16,
-            **MOE_COMPILE_OPTIONS,
-        )  # (no FMA: bnb's rounding)
-        return out
+    def chunk(first, end, out_dtype):
+        scratch = ops._scratch(proj, ranges, torch.empty(0, dtype=out_dtype, device=DEVICE)).fill_(float("nan"))
+        return ops._stack(proj, first, end, scratch).view(end - first, -1)
 
-    if dtype != torch.bfloat16 or HAS_CUDA:
-        assert torch.equal(decode(dtype), ref)
-    else:  # the interpreter truncates fp32 -> bf16 (tests/test_quant.py): the fp32 values, rounded both ways
-        exact = decode(torch.float32)
-        truncated = (exact.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
-        assert torch.equal(exact.to(torch.bfloat16), ref) and torch.equal(decode(torch.bfloat16), truncated)
+    for first, end in ranges:
+        if dtype != torch.bfloat16 or HAS_CUDA:
+            assert torch.equal(chunk(first, end, dtype), ref[first:end]), (first, end)
+        else:  # the interpreter truncates fp32 -> bf16 (tests/test_quant.py): the fp32 values, rounded both ways
+            exact = chunk(first, end, torch.float32)
+            truncated = (exact.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+            assert torch.equal(exact.to(torch.bfloat16), ref[first:end]), (first, end)
+            assert torch.equal(chunk(first, end, torch.bfloat16), truncated), (first, end)
 
 
-@pytest.mark.parametrize("act,nested", [("silu", True), ("silu", False), ("gptoss", True)])
-def test_nf4_experts_match_the_reference_on_the_dequantised_stack(act, nested):
+def test_expert_ranges_cover_the_stack_in_aligned_chunks_under_the_budget(monkeypatch):
+    from fusedlora.ops import moe_lora as ops
+
+    def proj(numel, blocksize, nested):
+        return ops._proj(
+            torch.empty(0), [torch.empty(0)], None, None, None, False, blocksize, nested, 1.0, 1, numel, torch.empty(0)
+        )
+
+    plain = ops._proj(torch.empty(0), [], None, None, None, False, 0, False, 1.0, 1, 100, torch.empty(0))
+    assert ops.expert_ranges(plain, plain, 128, 2) == [(0, 128)]  # bf16 stacks: one launch
+    qwen_gu, qwen_d = proj(1536 * 2048, 64, True), proj(2048 * 768, 64, True)
+    ranges = ops.expert_ranges(qwen_gu, qwen_d, 128, 2)
+    per_expert = (1536 * 2048 + 2048 * 768) * 2
+    assert len(ranges) == 5 and all((e - f) * per_expert <= ops.MOE_NF4_CHUNK_BYTES for f, e in ranges)
+    for gu, d, align in (
+        (proj(720, 64, False), proj(360, 64, False), 64),
+        (proj(3 * 5 * 64, 64, True), plain, 64 * 256),
+    ):
+        monkeypatch.setattr(ops, "MOE_NF4_CHUNK_BYTES", 1)
+        ranges = ops.expert_ranges(gu, d, 1000, 2)
+        assert ranges[0][0] == 0 and ranges[-1][1] == 1000
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        for q in (p for p in (gu, d) if p.quant):
+            assert all(first * q.expert_numel % align == 0 for first, _ in ranges)
+        monkeypatch.setattr(ops, "MOE_NF4_CHUNK_BYTES", 256 << 20)
+    big = proj(14336 * 4096, 64, True)  # a Mixtral expert is past the budget alone: one expert a chunk
+    assert ops.expert_ranges(big, big, 8, 2) == [(e, e + 1) for e in range(8)]
+
+
+@pytest.mark.parametrize("act,nested,chunk_bytes", [("silu", True, None), ("silu", False, 1), ("gptoss", True, None)])
+def test_nf4_experts_match_the_reference_on_the_dequantised_stack(act, nested, chunk_bytes, monkeypatch):
+    """chunk_bytes 1: one launch per expert (each chunk dequantised into the scratch the last one used)."""
+    from fusedlora.ops import moe_lora as ops
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(ops, "MOE_NF4_CHUNK_BYTES", chunk_bytes)
     # (H 64, I 20: bitsandbytes 0.50's CPU quantize_4bit mangles some layouts, e.g. a last dimension of 48:
     # its own dequantize_4bit is then 2.0 off the input, so those shapes test nothing here)
     x, index, w, gu, d = _case(T=9, H=64, I=20, act=act, index=SKEWED[:9])

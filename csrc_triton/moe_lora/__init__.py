@@ -2,8 +2,9 @@
 per shape, launch configs, AOT variants). Importing this module does not import triton: the prebuilt-cubin
 path never pays for it; kernel.py (the @triton.jit sources) is imported on the first JIT or AOT use.
 
-Tiles are fixed per kernel (not yet tuned: docs/moe-design.md 5.4); the rows of an M-tile belong to one
-expert, BM (block_m) is chosen by the op and shared by every kernel of a call."""
+Tiles are fixed per kernel (build_tools/tune.py moe sweeps them); the rows of an M-tile belong to one expert,
+BM (block_m) is chosen by the op and shared by every kernel of a call. The GEMM kernels read bf16/fp16 expert
+stacks only: the op dequantises NF4 stacks a chunk of experts at a time (csrc_triton/quant's kernel)."""
 
 from __future__ import annotations
 
@@ -19,17 +20,10 @@ MOE_TILES = {
     "moe_gate_up_bwd_dx": (128, 64, 8, 3),
 }
 MOE_SEG_TILE = (64, 128, 4, 2)  # BM, BN, warps, stages of the LoRA-gradient kernel
-NF4_NONE = {"NF4": 0, "NESTED": 0, "BLOCKSIZE": 64, "BLOCKSIZE2": 256}
 
 
 def moe_rank_pad(rank: int) -> int:
     return max(16, next_pow2(rank))  # tl.dot needs every dimension >= 16
-
-
-def _nf4_meta(nf4_blocksize: int, nested: bool) -> dict:
-    if not nf4_blocksize:
-        return dict(NF4_NONE)
-    return {"NF4": 1, "NESTED": int(bool(nested)), "BLOCKSIZE": int(nf4_blocksize), "BLOCKSIZE2": 256}
 
 
 def moe_gemm_meta(
@@ -38,8 +32,6 @@ def moe_gemm_meta(
     transposed: bool = False,
     has_bias: bool = False,
     rank: int = 0,
-    nf4_blocksize: int = 0,
-    nested: bool = False,
     block_m: int = MOE_BLOCK_M,
 ) -> dict:
     """The constexprs of one of the four GEMM kernels (each takes those of its arguments it has)."""
@@ -51,7 +43,6 @@ def moe_gemm_meta(
         "BM": int(block_m),
         "BN": bn,
         "BK": bk,
-        **_nf4_meta(nf4_blocksize, nested),
     }
     if kernel in ("moe_gate_up_fwd", "moe_down_bwd"):
         meta["ACT"] = MOE_ACTS[act]
@@ -86,19 +77,8 @@ def _moe_gemm_aot(kernel: str):
         kinds = _layer_kinds(family)
         for dt in family.get("dtypes", ("bf16", "fp16")) if kinds else ():
             for act, transposed, has_bias in kinds:
-                for rank in family.get("moe_ranks", (16,)):
-                    for nf4, nested in ((0, False), (64, True)):  # bf16 experts; NF4 with bitsandbytes' defaults
-                        yield (
-                            {"x": dt, "w": "u8" if nf4 else dt, "absmax": "u8" if nested else "fp32"},
-                            {
-                                "act": act,
-                                "transposed": transposed,
-                                "has_bias": has_bias,
-                                "rank": rank,
-                                "nf4_blocksize": nf4,
-                                "nested": nested,
-                            },
-                        )
+                for rank in family.get("moe_ranks", (16,)):  # (NF4 stacks reach the kernels dequantised)
+                    yield {"x": dt}, {"act": act, "transposed": transposed, "has_bias": has_bias, "rank": rank}
 
     return variants
 
@@ -110,15 +90,8 @@ def _moe_seg_aot(family):
                 yield {"x": dt}, {"rank": rank, "gather": gather, "row_scale": row_scale}
 
 
-_W_POINTERS = {"W": "w", "ABSMAX": "absmax", "ABSMAX2": "fp32", "CODE": "fp32", "CODE2": "fp32", "OFFSET": "fp32"}
 _ROUTE_POINTERS = {"TILE_E": "i32", "TILE_ROW0": "i32", "START": "i32", "SLOT": "i32"}
 _LORA_POINTERS = {"A": "x", "B": "x"}
-
-
-def _gemm_config(tile):
-    # NF4: the decode's gathers (bytes, code table, absmax: [BK, BN] each) are not worth staging in shared
-    # memory, and pipelined 3 deep they need 230-240 KB of it, past sm_80's and sm_90's limits
-    return lambda arch, c: (tile[2], 1 if c["NF4"] else tile[3])
 
 
 def _gemm_spec(kernel: str, pointers: dict, floats: tuple, doc: str) -> KernelSpec:
@@ -128,10 +101,10 @@ def _gemm_spec(kernel: str, pointers: dict, floats: tuple, doc: str) -> KernelSp
             name=kernel,
             module="csrc_triton.moe_lora.kernel",
             function=f"{kernel}_kernel",
-            pointer_types={**_W_POINTERS, **_ROUTE_POINTERS, **_LORA_POINTERS, **pointers},
+            pointer_types={"W": "x", **_ROUTE_POINTERS, **_LORA_POINTERS, **pointers},
             float_args=floats,
             meta=lambda **shape: moe_gemm_meta(**{"kernel": kernel, **shape}),
-            config=_gemm_config(tile),
+            config=lambda arch, c: tile[2:],
             aot_variants=_moe_gemm_aot(kernel),
             doc=doc,
             check="fusedlora.ops.moe_lora:selfcheck",

@@ -10,7 +10,8 @@ PEFT's layouts are read in place: A [E*r, in] expert-major (A_e[j, c] = A[e*r + 
 expert-minor (B_e[o, j] = B[o, j*E + e]). W is [E, out, in], or [E, in, out] when TRANS (gpt_oss).
 The gate/up projection's output EG keeps W's output order: concatenated [gate | up] (silu) or interleaved
 gate = even, up = odd columns (gptoss). Ranks are padded to RP (>= 16, a power of two) with masked loads.
-NF4 weights (NF4=1) are decoded a [BK, BN] tile at a time, bit-identical to bitsandbytes' dequantize_4bit.
+A launch serves the experts [expert_lo, expert_hi) and W holds their weights alone (W_e at e - expert_lo): the
+op dequantises NF4 stacks a chunk of experts at a time and launches once per chunk; bf16 stacks in one launch.
 All offsets of rows, experts and weights are int64.
 """
 
@@ -19,24 +20,22 @@ import triton.language as tl
 
 from csrc_triton._math import mma
 
-# NF4 decode must round as bitsandbytes does (no FMA contraction), as the dequantisation kernel does.
-COMPILE_OPTIONS = {
-    name: {"enable_fp_fusion": False}
-    for name in ("moe_gate_up_fwd_kernel", "moe_down_fwd_kernel", "moe_down_bwd_kernel", "moe_gate_up_bwd_dx_kernel")
-}
+
+@triton.jit
+def _tile_expert(TILE_E):
+    # this M-tile's expert (n_experts for the padding tiles, which no launch serves)
+    return tl.load(TILE_E + tl.program_id(0))
 
 
 @triton.jit
-def _tile(TILE_E, TILE_ROW0, START, SLOT, top_k, BM: tl.constexpr):
-    # This M-tile's expert, rows (sorted order), which of them are real, their slots and tokens.
-    m = tl.program_id(0)
-    e = tl.load(TILE_E + m)
-    row0 = tl.load(TILE_ROW0 + m).to(tl.int64)
-    row_end = tl.load(START + e + 1)  # (e == n_experts: the caller returns before using it)
+def _tile(e, TILE_ROW0, START, SLOT, top_k, BM: tl.constexpr):
+    # The rows (sorted order) of this M-tile of a served expert e, which of them are real, their slots and tokens.
+    row0 = tl.load(TILE_ROW0 + tl.program_id(0)).to(tl.int64)
+    row_end = tl.load(START + e + 1)
     rows = row0 + tl.arange(0, BM)
     row_ok = rows < row_end
     slot = tl.load(SLOT + rows, mask=row_ok, other=0).to(tl.int64)
-    return e, rows, row_ok, slot, slot // top_k
+    return rows, row_ok, slot, slot // top_k
 
 
 @triton.jit
@@ -62,65 +61,13 @@ def _store_rank_rows(BUF, rows, row_ok, rk, vals, RP: tl.constexpr):
 
 
 @triton.jit
-def _nf4_decode(
-    PACKED,
-    ABSMAX,
-    ABSMAX2,
-    CODE,
-    CODE2,
-    OFFSET,
-    flat,
-    ok,
-    BLOCKSIZE: tl.constexpr,
-    BLOCKSIZE2: tl.constexpr,
-    NESTED: tl.constexpr,
-):
-    # Elements `flat` (int64, flat index of the stored [E, N, K] or [E, K, N] stack) of a bitsandbytes NF4
-    # tensor in fp32: code[nibble] * absmax, the high nibble holding the even element (as _nf4_program in
-    # csrc_triton/quant/kernel.py, per element here because a GEMM tile is not contiguous).
-    byte = tl.load(PACKED + flat // 2, mask=ok, other=0).to(tl.int32)
-    nib = tl.where((flat % 2) == 0, byte >> 4, byte & 15)
-    code = tl.load(CODE + nib, mask=ok, other=0.0)
-    blk = flat // BLOCKSIZE
-    if NESTED:
-        a8 = tl.load(ABSMAX + blk, mask=ok, other=0).to(tl.int32)
-        am = tl.load(CODE2 + a8, mask=ok, other=0.0) * tl.load(ABSMAX2 + blk // BLOCKSIZE2, mask=ok, other=0.0)
-        am = am + tl.load(OFFSET)
-    else:
-        am = tl.load(ABSMAX + blk, mask=ok, other=0.0)
-    return code * am
-
-
-@triton.jit
-def _w_tile(
-    W,
-    ABSMAX,
-    ABSMAX2,
-    CODE,
-    CODE2,
-    OFFSET,
-    e,
-    out_idx,
-    in_idx,
-    mask,
-    n_out,
-    n_in,
-    TRANS: tl.constexpr,
-    NF4: tl.constexpr,
-    BLOCKSIZE: tl.constexpr,
-    BLOCKSIZE2: tl.constexpr,
-    NESTED: tl.constexpr,
-    DTYPE: tl.constexpr,
-):
-    # W_e[out_idx, in_idx] (broadcast shapes) in the compute dtype: plain, transposed, or decoded NF4.
+def _w_tile(W, w_e, out_idx, in_idx, mask, n_out, n_in, TRANS: tl.constexpr):
+    # W_e[out_idx, in_idx] (broadcast shapes), expert w_e of the launch's stack, plain or transposed storage
     if TRANS:
-        flat = e.to(tl.int64) * n_out * n_in + in_idx.to(tl.int64) * n_out + out_idx
+        flat = w_e.to(tl.int64) * n_out * n_in + in_idx.to(tl.int64) * n_out + out_idx
     else:
-        flat = e.to(tl.int64) * n_out * n_in + out_idx.to(tl.int64) * n_in + in_idx
-    if NF4:
-        return _nf4_decode(W, ABSMAX, ABSMAX2, CODE, CODE2, OFFSET, flat, mask, BLOCKSIZE, BLOCKSIZE2, NESTED).to(DTYPE)
-    else:
-        return tl.load(W + flat, mask=mask, other=0.0)
+        flat = w_e.to(tl.int64) * n_out * n_in + out_idx.to(tl.int64) * n_in + in_idx
+    return tl.load(W + flat, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -191,12 +138,8 @@ def _grouped_gemm(
     row_ok,
     n_k,
     W,
-    ABSMAX,
-    ABSMAX2,
-    CODE,
-    CODE2,
-    OFFSET,
     e,
+    expert_lo,
     n,
     n_ok,
     n_w_out,
@@ -211,10 +154,6 @@ def _grouped_gemm(
     BACKWARD: tl.constexpr,
     HAS_LORA: tl.constexpr,
     TRANS: tl.constexpr,
-    NF4: tl.constexpr,
-    BLOCKSIZE: tl.constexpr,
-    BLOCKSIZE2: tl.constexpr,
-    NESTED: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -230,47 +169,9 @@ def _grouped_gemm(
         lhs, kk, k_ok = _lhs_tile(LHS, src, row_ok, k0, n_k, BK)
         w_ok = k_ok[:, None] & n_ok[None, :]
         if BACKWARD:
-            wt = _w_tile(
-                W,
-                ABSMAX,
-                ABSMAX2,
-                CODE,
-                CODE2,
-                OFFSET,
-                e,
-                kk[:, None],
-                n[None, :],
-                w_ok,
-                n_w_out,
-                n_w_in,
-                TRANS,
-                NF4,
-                BLOCKSIZE,
-                BLOCKSIZE2,
-                NESTED,
-                dtype,
-            )
+            wt = _w_tile(W, e - expert_lo, kk[:, None], n[None, :], w_ok, n_w_out, n_w_in, TRANS)
         else:
-            wt = _w_tile(
-                W,
-                ABSMAX,
-                ABSMAX2,
-                CODE,
-                CODE2,
-                OFFSET,
-                e,
-                n[None, :],
-                kk[:, None],
-                w_ok,
-                n_w_out,
-                n_w_in,
-                TRANS,
-                NF4,
-                BLOCKSIZE,
-                BLOCKSIZE2,
-                NESTED,
-                dtype,
-            )
+            wt = _w_tile(W, e - expert_lo, n[None, :], kk[:, None], w_ok, n_w_out, n_w_in, TRANS)
         acc = mma(lhs, wt, acc)
         if HAS_LORA:
             if BACKWARD:
@@ -286,15 +187,10 @@ def _grouped_gemm(
     return acc, small
 
 
-@triton.jit(do_not_specialize=["n_experts", "top_k", "rank"])
+@triton.jit(do_not_specialize=["n_experts", "expert_lo", "expert_hi", "top_k", "rank"])
 def moe_gate_up_fwd_kernel(
     X,
     W,
-    ABSMAX,
-    ABSMAX2,
-    CODE,
-    CODE2,
-    OFFSET,
     A,
     B,
     BIAS,
@@ -306,6 +202,8 @@ def moe_gate_up_fwd_kernel(
     HOUT,
     XA,
     n_experts,
+    expert_lo,
+    expert_hi,
     top_k,
     hidden,
     n_inter,
@@ -318,10 +216,6 @@ def moe_gate_up_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_LORA: tl.constexpr,
     RP: tl.constexpr,
-    NF4: tl.constexpr,
-    NESTED: tl.constexpr,
-    BLOCKSIZE: tl.constexpr,
-    BLOCKSIZE2: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -330,9 +224,10 @@ def moe_gate_up_fwd_kernel(
     of its rows, EG = x W_e^T + s (x A_e^T) B_e^T (+ b_e) in W's output order, HOUT = GLU(gate, up) [TK, I],
     XA = x A_e^T [TK, RP] (stored by the first column tile). The rank-r product rides in the K-loop on
     the x tile already loaded."""
-    e, rows, row_ok, slot, tok = _tile(TILE_E, TILE_ROW0, START, SLOT, top_k, BM)
-    if e >= n_experts:
+    e = _tile_expert(TILE_E)
+    if (e < expert_lo) | (e >= expert_hi):
         return
+    rows, row_ok, slot, tok = _tile(e, TILE_ROW0, START, SLOT, top_k, BM)
     dtype = EG.dtype.element_ty
     pid_n, n, n_ok, rk = _out_cols(n_inter, BN, RP)
     g_col, u_col = _gate_up_cols(n, n_inter, ACT)
@@ -342,46 +237,8 @@ def moe_gate_up_fwd_kernel(
     for k0 in range(0, hidden, BK):
         xt, kk, k_ok = _lhs_tile(X, tok, row_ok, k0, hidden, BK)
         w_ok = k_ok[:, None] & n_ok[None, :]
-        wg = _w_tile(
-            W,
-            ABSMAX,
-            ABSMAX2,
-            CODE,
-            CODE2,
-            OFFSET,
-            e,
-            g_col[None, :],
-            kk[:, None],
-            w_ok,
-            2 * n_inter,
-            hidden,
-            TRANS,
-            NF4,
-            BLOCKSIZE,
-            BLOCKSIZE2,
-            NESTED,
-            dtype,
-        )
-        wu = _w_tile(
-            W,
-            ABSMAX,
-            ABSMAX2,
-            CODE,
-            CODE2,
-            OFFSET,
-            e,
-            u_col[None, :],
-            kk[:, None],
-            w_ok,
-            2 * n_inter,
-            hidden,
-            TRANS,
-            NF4,
-            BLOCKSIZE,
-            BLOCKSIZE2,
-            NESTED,
-            dtype,
-        )
+        wg = _w_tile(W, e - expert_lo, g_col[None, :], kk[:, None], w_ok, 2 * n_inter, hidden, TRANS)
+        wu = _w_tile(W, e - expert_lo, u_col[None, :], kk[:, None], w_ok, 2 * n_inter, hidden, TRANS)
         acc_g = mma(xt, wg, acc_g)
         acc_u = mma(xt, wu, acc_u)
         if HAS_LORA:
@@ -407,15 +264,10 @@ def moe_gate_up_fwd_kernel(
     tl.store(HOUT + rows[:, None] * n_inter + n[None, :], h.to(dtype), mask=mask)
 
 
-@triton.jit(do_not_specialize=["n_experts", "top_k", "rank"])
+@triton.jit(do_not_specialize=["n_experts", "expert_lo", "expert_hi", "top_k", "rank"])
 def moe_down_fwd_kernel(
     HIN,
     W,
-    ABSMAX,
-    ABSMAX2,
-    CODE,
-    CODE2,
-    OFFSET,
     A,
     B,
     BIAS,
@@ -427,6 +279,8 @@ def moe_down_fwd_kernel(
     OUT_SLOTS,
     HA,
     n_experts,
+    expert_lo,
+    expert_hi,
     top_k,
     hidden,
     n_inter,
@@ -436,10 +290,6 @@ def moe_down_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_LORA: tl.constexpr,
     RP: tl.constexpr,
-    NF4: tl.constexpr,
-    NESTED: tl.constexpr,
-    BLOCKSIZE: tl.constexpr,
-    BLOCKSIZE2: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -447,9 +297,10 @@ def moe_down_fwd_kernel(
     """Down projection of the sorted rows h [TK, I] with LoRA: y = h W_e^T + s (h A_e^T) B_e^T (+ b_e), times
     the routing weight RW[slot] (fp32, slot order), stored to slot order OUT_SLOTS [TK, H]; HA = h A_e^T
     [TK, RP] (first column tile)."""
-    e, rows, row_ok, slot, tok = _tile(TILE_E, TILE_ROW0, START, SLOT, top_k, BM)
-    if e >= n_experts:
+    e = _tile_expert(TILE_E)
+    if (e < expert_lo) | (e >= expert_hi):
         return
+    rows, row_ok, slot, tok = _tile(e, TILE_ROW0, START, SLOT, top_k, BM)
     dtype = OUT_SLOTS.dtype.element_ty
     pid_n, n, n_ok, rk = _out_cols(hidden, BN, RP)
     acc, ha = _grouped_gemm(
@@ -458,12 +309,8 @@ def moe_down_fwd_kernel(
         row_ok,
         n_inter,
         W,
-        ABSMAX,
-        ABSMAX2,
-        CODE,
-        CODE2,
-        OFFSET,
         e,
+        expert_lo,
         n,
         n_ok,
         hidden,
@@ -478,10 +325,6 @@ def moe_down_fwd_kernel(
         0,
         HAS_LORA,
         TRANS,
-        NF4,
-        BLOCKSIZE,
-        BLOCKSIZE2,
-        NESTED,
         BM,
         BN,
         BK,
@@ -500,15 +343,10 @@ def moe_down_fwd_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["n_experts", "top_k", "rank", "n_col_tiles"])
+@triton.jit(do_not_specialize=["n_experts", "expert_lo", "expert_hi", "top_k", "rank", "n_col_tiles"])
 def moe_down_bwd_kernel(
     DO,
     W,
-    ABSMAX,
-    ABSMAX2,
-    CODE,
-    CODE2,
-    OFFSET,
     A,
     B,
     BIAS,
@@ -523,6 +361,8 @@ def moe_down_bwd_kernel(
     DOB,
     DW_PART,
     n_experts,
+    expert_lo,
+    expert_hi,
     top_k,
     hidden,
     n_inter,
@@ -536,10 +376,6 @@ def moe_down_bwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_LORA: tl.constexpr,
     RP: tl.constexpr,
-    NF4: tl.constexpr,
-    NESTED: tl.constexpr,
-    BLOCKSIZE: tl.constexpr,
-    BLOCKSIZE2: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -549,9 +385,10 @@ def moe_down_bwd_kernel(
     h = GLU(EG) recomputed; DW_PART[slot, tile] = sum_n dh_u h (+ <g, b_e> from the first tile): the routing
     weight's gradient in partials; DEG = GLU'(RW[slot] dh_u) in EG's layout. With LoRA: HBUF = h [TK, I]
     and DOB = s RW[slot] g B_e [TK, RP] (first tile), for dA/dB of the down projection."""
-    e, rows, row_ok, slot, tok = _tile(TILE_E, TILE_ROW0, START, SLOT, top_k, BM)
-    if e >= n_experts:
+    e = _tile_expert(TILE_E)
+    if (e < expert_lo) | (e >= expert_hi):
         return
+    rows, row_ok, slot, tok = _tile(e, TILE_ROW0, START, SLOT, top_k, BM)
     dtype = DEG.dtype.element_ty
     pid_n, n, n_ok, rk = _out_cols(n_inter, BN, RP)
     acc, ob = _grouped_gemm(
@@ -560,12 +397,8 @@ def moe_down_bwd_kernel(
         row_ok,
         hidden,
         W,
-        ABSMAX,
-        ABSMAX2,
-        CODE,
-        CODE2,
-        OFFSET,
         e,
+        expert_lo,
         n,
         n_ok,
         hidden,
@@ -580,10 +413,6 @@ def moe_down_bwd_kernel(
         1,
         HAS_LORA,
         TRANS,
-        NF4,
-        BLOCKSIZE,
-        BLOCKSIZE2,
-        NESTED,
         BM,
         BN,
         BK,
@@ -615,15 +444,10 @@ def moe_down_bwd_kernel(
         tl.store(HBUF + rows[:, None] * n_inter + n[None, :], h.to(dtype), mask=mask)
 
 
-@triton.jit(do_not_specialize=["n_experts", "top_k", "rank"])
+@triton.jit(do_not_specialize=["n_experts", "expert_lo", "expert_hi", "top_k", "rank"])
 def moe_gate_up_bwd_dx_kernel(
     DEG,
     W,
-    ABSMAX,
-    ABSMAX2,
-    CODE,
-    CODE2,
-    OFFSET,
     A,
     B,
     TILE_E,
@@ -633,6 +457,8 @@ def moe_gate_up_bwd_dx_kernel(
     DX_SLOTS,
     DHB,
     n_experts,
+    expert_lo,
+    expert_hi,
     top_k,
     hidden,
     n_inter,
@@ -641,10 +467,6 @@ def moe_gate_up_bwd_dx_kernel(
     TRANS: tl.constexpr,
     HAS_LORA: tl.constexpr,
     RP: tl.constexpr,
-    NF4: tl.constexpr,
-    NESTED: tl.constexpr,
-    BLOCKSIZE: tl.constexpr,
-    BLOCKSIZE2: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -652,9 +474,10 @@ def moe_gate_up_bwd_dx_kernel(
     """Gate/up projection's input gradient: dx = dEG W_e + s (dEG B_e) A_e over hidden channels n, the K-loop
     over EG's 2I columns (W's output order), stored to slot order DX_SLOTS [TK, H]; DHB = s dEG B_e
     [TK, RP] (first column tile), for dA of the gate/up projection."""
-    e, rows, row_ok, slot, tok = _tile(TILE_E, TILE_ROW0, START, SLOT, top_k, BM)
-    if e >= n_experts:
+    e = _tile_expert(TILE_E)
+    if (e < expert_lo) | (e >= expert_hi):
         return
+    rows, row_ok, slot, tok = _tile(e, TILE_ROW0, START, SLOT, top_k, BM)
     dtype = DX_SLOTS.dtype.element_ty
     pid_n, n, n_ok, rk = _out_cols(hidden, BN, RP)
     acc, hb = _grouped_gemm(
@@ -663,12 +486,8 @@ def moe_gate_up_bwd_dx_kernel(
         row_ok,
         2 * n_inter,
         W,
-        ABSMAX,
-        ABSMAX2,
-        CODE,
-        CODE2,
-        OFFSET,
         e,
+        expert_lo,
         n,
         n_ok,
         2 * n_inter,
@@ -683,10 +502,6 @@ def moe_gate_up_bwd_dx_kernel(
         1,
         HAS_LORA,
         TRANS,
-        NF4,
-        BLOCKSIZE,
-        BLOCKSIZE2,
-        NESTED,
         BM,
         BN,
         BK,

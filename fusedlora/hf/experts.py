@@ -3,7 +3,7 @@
 transformers' 4-bit loading quantises `nn.Linear`s only, so the 3-D expert stacks (nearly all of an MoE model's
 weights) stay in bf16 (docs/moe-design.md section 1.7). This stores each stack as one `bnb.nn.Params4bit`
 quantised by bitsandbytes' own `quantize_4bit` (the bytes are bitsandbytes'), `quant_state.shape` the stored
-3-D layout, which fusedlora's MoE path decodes (section 5.6). Call it after `peft.get_peft_model`: PEFT reads
+3-D layout, which fusedlora's MoE path dequantises a chunk of experts at a time. Call it after `peft.get_peft_model`: PEFT reads
 the expert parameters' 3-D shapes when it adds `target_parameters` LoRA, and a Params4bit is stored flat.
 """
 

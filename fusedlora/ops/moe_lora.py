@@ -14,6 +14,7 @@ PEFT layouts: A [E*r, in] expert-major (A_e = A.view(E, r, in)[e]); B [out, r*E]
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -26,8 +27,6 @@ from csrc_triton.moe_lora import (
     MOE_GATE_UP_BWD_DX,
     MOE_GATE_UP_FWD,
     MOE_LORA_SEG_GRAD,
-    MOE_SEG_TILE,
-    MOE_TILES,
     moe_rank_pad,
 )
 
@@ -35,6 +34,7 @@ from ..loader import launch
 from . import _custom
 from ._common import autocast_dtype, cdiv, check_tensor, interpreting, rel_err
 from .glu import refuse_double_backward
+from .nf4 import nf4_range, nf4_range_alignment
 
 MOE_ACTIVATIONS = ("silu", "gptoss")  # silu: concatenated [gate; up] rows; gptoss: interleaved, clamped SwiGLU
 
@@ -181,11 +181,15 @@ def moe_route(top_k_index: torch.Tensor, n_experts: int, block_m: int) -> Route:
 
 
 class _Proj(NamedTuple):
-    """One projection as the kernels take it: the weight's pointer arguments (W or NF4 bytes, then absmax,
-    absmax2, code, code2, offset), the LoRA factors and bias in the compute dtype (`like` stands in for the
-    absent ones), and the constexprs' shape arguments."""
+    """One projection as the kernels take it: the stored weight (a bf16/fp16 stack, or NF4 bytes with `quant`
+    = [absmax, absmax2, code, code2, offset], `blocksize` and `nested`), the LoRA factors and bias in the
+    compute dtype (`like` stands in for the absent ones), and the constexprs' shape arguments."""
 
-    w_args: tuple
+    weight: torch.Tensor
+    quant: list
+    blocksize: int
+    nested: bool
+    expert_numel: int
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     bias: torch.Tensor
@@ -194,30 +198,60 @@ class _Proj(NamedTuple):
     shape: dict
 
 
-def _proj(weight, quant, lora_A, lora_B, bias, transposed, nf4_blocksize, nested, scale, n_experts, like, fp32_like):
+def _proj(weight, quant, lora_A, lora_B, bias, transposed, blocksize, nested, scale, n_experts, expert_numel, like):
     rank = 0 if lora_A is None else lora_A.shape[0] // n_experts
     dtype = like.dtype
-    w_args = (weight, *quant) if quant else (weight,) + (fp32_like,) * 5
     return _Proj(
-        w_args,
+        weight,
+        quant,
+        int(blocksize),
+        bool(nested),
+        expert_numel,
         like if lora_A is None else lora_A.to(dtype).contiguous(),
         like if lora_B is None else lora_B.to(dtype).contiguous(),
         like if bias is None else bias.to(dtype).contiguous(),
         rank,
         float(scale),
-        dict(
-            transposed=bool(transposed),
-            has_bias=bias is not None,
-            rank=rank,
-            nf4_blocksize=int(nf4_blocksize),
-            nested=bool(nested),
-        ),
+        dict(transposed=bool(transposed), has_bias=bias is not None, rank=rank),
     )
+
+
+# The dequantised weights of one chunk of NF4 experts (both projections) stay under this: a scratch buffer the
+# GEMMs read, never the whole stack in bf16 (Qwen3-30B-A3B: 27 experts of 128 a chunk; Mixtral: 1 of 8).
+MOE_NF4_CHUNK_BYTES = 256 << 20
+
+
+def expert_ranges(gu: _Proj, d: _Proj, n_experts: int, itemsize: int) -> list[tuple[int, int]]:
+    """The [first, end) expert ranges the GEMMs run over: all experts in one launch when neither stack is
+    quantised, else chunks of MOE_NF4_CHUNK_BYTES of dequantised weights (at least one expert), each starting
+    on whole (second-level) quantisation blocks of both stacks."""
+    quantised = [p for p in (gu, d) if p.quant]
+    if not quantised:
+        return [(0, n_experts)]
+    step = 1
+    for p in quantised:
+        align = nf4_range_alignment(p.blocksize, p.nested)
+        step = math.lcm(step, align // math.gcd(p.expert_numel, align))
+    per_expert = sum(p.expert_numel for p in quantised) * itemsize
+    chunk = max(step, MOE_NF4_CHUNK_BYTES // per_expert // step * step)
+    return [(e0, min(n_experts, e0 + chunk)) for e0 in range(0, n_experts, chunk)]
+
+
+def _scratch(p: _Proj, ranges, like):
+    """The buffer a quantised stack's chunks are dequantised into (None for a stored bf16/fp16 stack)."""
+    return like.new_empty(max(e1 - e0 for e0, e1 in ranges) * p.expert_numel) if p.quant else None
+
+
+def _stack(p: _Proj, first: int, end: int, scratch):
+    """Experts [first, end) of p as the GEMM kernels read them: the stored stack, or NF4 dequantised."""
+    if not p.quant:
+        return p.weight
+    n = p.expert_numel
+    return nf4_range(p.weight, *p.quant, first * n, (end - first) * n, scratch, p.blocksize, p.nested)
 
 
 def _projs(
     x,
-    fp32_like,
     gu_weight,
     gu_quant,
     gu_lora_A,
@@ -232,24 +266,19 @@ def _projs(
     scales,
 ):
     n_experts, n_inter, gu_trans, d_trans, gu_bs, gu_nested, d_bs, d_nested, block_m = dims
+    numel = 2 * n_inter * x.shape[1]  # one expert's weights, either projection
     gu = _proj(
-        gu_weight,
-        gu_quant,
-        gu_lora_A,
-        gu_lora_B,
-        gu_bias,
-        gu_trans,
-        gu_bs,
-        gu_nested,
-        scales[0],
-        n_experts,
-        x,
-        fp32_like,
+        gu_weight, gu_quant, gu_lora_A, gu_lora_B, gu_bias, gu_trans, gu_bs, gu_nested, scales[0], n_experts, numel, x
     )
     d = _proj(
-        d_weight, d_quant, d_lora_A, d_lora_B, d_bias, d_trans, d_bs, d_nested, scales[1], n_experts, x, fp32_like
+        d_weight, d_quant, d_lora_A, d_lora_B, d_bias, d_trans, d_bs, d_nested, scales[1], n_experts, numel // 2, x
     )
     return gu, d, n_experts, n_inter, block_m
+
+
+def _block_n(spec, **shape) -> int:
+    # the output columns of one program, as launched (a tuning override's BN included): the grid's axis 1
+    return spec.constexprs(**shape)["BN"]
 
 
 def _rank_buffer(x, rows, p: _Proj):
@@ -292,7 +321,6 @@ def _forward_op(
     rw = top_k_weights.reshape(-1).to(torch.float32, copy=True)  # (an output: never an alias of the input)
     gu, d, n_experts, n_inter, block_m = _projs(
         x,
-        rw,
         gu_weight,
         gu_quant,
         gu_lora_A,
@@ -312,57 +340,30 @@ def _forward_op(
     eg = x.new_empty(tk, 2 * n_inter)
     h = x.new_empty(tk, n_inter)
     xa = _rank_buffer(x, tk, gu)
-    launch(
-        MOE_GATE_UP_FWD,
-        (tiles, cdiv(n_inter, MOE_TILES["moe_gate_up_fwd"][0]), 1),
-        (
-            x,
-            *gu.w_args,
-            gu.lora_A,
-            gu.lora_B,
-            gu.bias,
-            *route,
-            eg,
-            h,
-            xa,
-            n_experts,
-            k,
-            H,
-            n_inter,
-            gu.rank,
-            gu.scale,
-            alpha,
-            limit,
-        ),
-        act=activation,
-        block_m=block_m,
-        **gu.shape,
-    )
     out_slots = x.new_empty(tk, H)
     ha = _rank_buffer(x, tk, d)
-    launch(
-        MOE_DOWN_FWD,
-        (tiles, cdiv(H, MOE_TILES["moe_down_fwd"][0]), 1),
-        (
-            h,
-            *d.w_args,
-            d.lora_A,
-            d.lora_B,
-            d.bias,
-            rw,
-            *route,
-            out_slots,
-            ha,
-            n_experts,
-            k,
-            H,
-            n_inter,
-            d.rank,
-            d.scale,
-        ),
-        block_m=block_m,
-        **d.shape,
-    )
+    gu_cols = cdiv(n_inter, _block_n(MOE_GATE_UP_FWD, act=activation, block_m=block_m, **gu.shape))
+    d_cols = cdiv(H, _block_n(MOE_DOWN_FWD, block_m=block_m, **d.shape))
+    ranges = expert_ranges(gu, d, n_experts, x.element_size())
+    gu_scratch, d_scratch = _scratch(gu, ranges, x), _scratch(d, ranges, x)
+    for first, end in ranges:  # (a chunk's down projection reads only h rows of its own experts)
+        gu_args = (_stack(gu, first, end, gu_scratch), gu.lora_A, gu.lora_B, gu.bias, *route)
+        launch(
+            MOE_GATE_UP_FWD,
+            (tiles, gu_cols, 1),
+            (x, *gu_args, eg, h, xa, n_experts, first, end, k, H, n_inter, gu.rank, gu.scale, alpha, limit),
+            act=activation,
+            block_m=block_m,
+            **gu.shape,
+        )
+        d_args = (_stack(d, first, end, d_scratch), d.lora_A, d.lora_B, d.bias, rw, *route)
+        launch(
+            MOE_DOWN_FWD,
+            (tiles, d_cols, 1),
+            (h, *d_args, out_slots, ha, n_experts, first, end, k, H, n_inter, d.rank, d.scale),
+            block_m=block_m,
+            **d.shape,
+        )
     out = out_slots.view(T, k, H).sum(1)  # in slot order, as transformers' grouped_mm path sums
     return (out, rw, eg, _custom.mark(xa if gu.rank else None, x), _custom.mark(ha if d.rank else None, x), *route)
 
@@ -373,7 +374,7 @@ def _seg_grad(big, small, route, rw, out, rank, scale, n_experts, k, gather, row
     strides = (rank * n_cols, n_cols, 1) if layout == "A" else (1, n_experts, rank * n_experts)
     launch(
         MOE_LORA_SEG_GRAD,
-        (n_experts, cdiv(n_cols, MOE_SEG_TILE[1]), 1),
+        (n_experts, cdiv(n_cols, _block_n(MOE_LORA_SEG_GRAD, rank=rank, gather=gather, row_scale=row_scale)), 1),
         (big, small, route.slot, rw, route.start, out, n_cols, k, rank, *strides, float(scale)),
         rank=rank,
         gather=gather,
@@ -413,7 +414,6 @@ def _backward_op(
     k = tk // T if T else 1
     gu, d, n_experts, n_inter, block_m = _projs(
         x,
-        rw,
         gu_weight,
         gu_quant,
         gu_lora_A,
@@ -430,50 +430,34 @@ def _backward_op(
     route = Route(tile_expert, tile_row0, start, slot)
     tiles = tile_expert.shape[0]
     dout = dout.to(x.dtype).contiguous()
-    i_tiles = cdiv(n_inter, MOE_TILES["moe_down_bwd"][0])
+    i_tiles = cdiv(n_inter, _block_n(MOE_DOWN_BWD, act=activation, block_m=block_m, **d.shape))
     deg = torch.empty_like(eg)  # (a fresh buffer: the saved EG stays intact for a retained graph)
     dw_part = rw.new_empty(tk, i_tiles)
     h = x.new_empty(tk, n_inter) if d.rank else x
     dob = _rank_buffer(x, tk, d)
-    launch(
-        MOE_DOWN_BWD,
-        (tiles, i_tiles, 1),
-        (
-            dout,
-            *d.w_args,
-            d.lora_A,
-            d.lora_B,
-            d.bias,
-            rw,
-            eg,
-            *route,
-            deg,
-            h,
-            dob,
-            dw_part,
-            n_experts,
-            k,
-            H,
-            n_inter,
-            d.rank,
-            i_tiles,
-            d.scale,
-            scales[2],
-            scales[3],
-        ),
-        act=activation,
-        block_m=block_m,
-        **d.shape,
-    )
     dx_slots = x.new_empty(tk, H)
     dhb = _rank_buffer(x, tk, gu)
-    launch(
-        MOE_GATE_UP_BWD_DX,
-        (tiles, cdiv(H, MOE_TILES["moe_gate_up_bwd_dx"][0]), 1),
-        (deg, *gu.w_args, gu.lora_A, gu.lora_B, *route, dx_slots, dhb, n_experts, k, H, n_inter, gu.rank, gu.scale),
-        block_m=block_m,
-        **gu.shape,
-    )
+    dx_cols = cdiv(H, _block_n(MOE_GATE_UP_BWD_DX, block_m=block_m, **gu.shape))
+    ranges = expert_ranges(gu, d, n_experts, x.element_size())
+    gu_scratch, d_scratch = _scratch(gu, ranges, x), _scratch(d, ranges, x)
+    for first, end in ranges:  # (a chunk's gate/up backward reads only dEG rows of its own experts)
+        d_args = (_stack(d, first, end, d_scratch), d.lora_A, d.lora_B, d.bias, rw, eg, *route, deg, h, dob, dw_part)
+        launch(
+            MOE_DOWN_BWD,
+            (tiles, i_tiles, 1),
+            (dout, *d_args, n_experts, first, end, k, H, n_inter, d.rank, i_tiles, d.scale, scales[2], scales[3]),
+            act=activation,
+            block_m=block_m,
+            **d.shape,
+        )
+        gu_args = (_stack(gu, first, end, gu_scratch), gu.lora_A, gu.lora_B, *route, dx_slots, dhb)
+        launch(
+            MOE_GATE_UP_BWD_DX,
+            (tiles, dx_cols, 1),
+            (deg, *gu_args, n_experts, first, end, k, H, n_inter, gu.rank, gu.scale),
+            block_m=block_m,
+            **gu.shape,
+        )
     dx = dx_slots.view(T, k, H).sum(1)
     d_rw = dw_part.view(T, k, i_tiles).sum(-1)
     grads = [None] * 4
@@ -614,7 +598,7 @@ def _check_proj(
 
 def _quant_args(p: ExpertProj, like: torch.Tensor):
     """(weight bytes, [absmax, absmax2, code, code2, offset], blocksize, nested) of a bitsandbytes 4-bit stack
-    (the kernels decode it a tile at a time), else (W, [], 0, 0). The state's tensors are read as they are
+    (dequantised a chunk of experts at a time), else (W, [], 0, 0). The state's tensors are read as they are
     (fp32 absmax, or uint8 with the nested fp32 state2); only the small code tables are cast."""
     qs = p.quant_state
     if qs is None:
