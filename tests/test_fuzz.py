@@ -91,7 +91,11 @@ def test_fuzz_rms_norm(data):
     tol = _tol(dtype, wdtype)
     assert y.dtype == naive_rms_norm(x, w, 1e-5, offset, casting).dtype
     assert_close(y, y64, tol, "y")
-    assert_close(xk.grad, x64.grad, 2 * tol, "dx")
+    # dx = rstd (w dy - x_hat mean(x_hat w dy)) cancels terms of size |w dy| rstd (to ~eps when cols is 1), so
+    # its rounding error scales with them, not with |dx|: the error is measured against that scale
+    rstd = (x64.detach().pow(2).mean(-1, keepdim=True) + 1e-5).rsqrt()
+    terms = float(((w64.detach() + offset) * dy.double()).abs().mul(rstd).max())
+    assert_close(xk.grad, x64.grad, 2 * tol, "dx", floor=max(1e-2, terms))
     assert_close(wk.grad, w64.grad, 2 * tol, "dw")
 
 
