@@ -367,9 +367,18 @@ def test_expert_ranges_cover_the_stack_in_aligned_chunks_under_the_budget(monkey
     assert ops.expert_ranges(big, big, 8, 2) == [(e, e + 1) for e in range(8)]
 
 
-@pytest.mark.parametrize("act,nested,chunk_bytes", [("silu", True, None), ("silu", False, 1), ("gptoss", True, None)])
-def test_nf4_experts_match_the_reference_on_the_dequantised_stack(act, nested, chunk_bytes, monkeypatch):
-    """chunk_bytes 1: one launch per expert (each chunk dequantised into the scratch the last one used)."""
+@pytest.mark.parametrize(
+    "act,nested,chunk_bytes,quantised",
+    [
+        ("silu", True, None, ("gu", "d")),
+        ("silu", False, 1, ("gu", "d")),
+        ("silu", False, 1, ("gu",)),
+        ("gptoss", True, None, ("gu", "d")),
+    ],
+)
+def test_nf4_experts_match_the_reference_on_the_dequantised_stack(act, nested, chunk_bytes, quantised, monkeypatch):
+    """chunk_bytes 1: one launch per expert (each chunk dequantised into the scratch the last one used), the
+    bf16 stack beside an NF4 one read from the chunk's first expert."""
     from fusedlora.ops import moe_lora as ops
 
     if chunk_bytes is not None:
@@ -379,6 +388,9 @@ def test_nf4_experts_match_the_reference_on_the_dequantised_stack(act, nested, c
     x, index, w, gu, d = _case(T=9, H=64, I=20, act=act, index=SKEWED[:9])
     q = {}
     for name, p in (("gu", gu), ("d", d)):
+        if name not in quantised:
+            q[name] = p
+            continue
         packed, qs = _nf4(p.weight, nested)
         q[name] = ExpertProj(packed, p.lora_A, p.lora_B, p.scale, p.bias, qs, p.transposed)
     errs = _check((x, index, w, q["gu"], q["d"]), act)  # the reference decodes with bnb's dequantize_4bit

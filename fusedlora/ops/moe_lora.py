@@ -243,9 +243,10 @@ def _scratch(p: _Proj, ranges, like):
 
 
 def _stack(p: _Proj, first: int, end: int, scratch):
-    """Experts [first, end) of p as the GEMM kernels read them: the stored stack, or NF4 dequantised."""
+    """Experts [first, end) of p as the GEMM kernels read them (expert `first` at the start): a view of the
+    stored stack, or NF4 dequantised into scratch."""
     if not p.quant:
-        return p.weight
+        return p.weight[first:]
     n = p.expert_numel
     return nf4_range(p.weight, *p.quant, first * n, (end - first) * n, scratch, p.blocksize, p.nested)
 
