@@ -299,6 +299,7 @@ class Loader:
         self._lock = threading.RLock()
         self.stats = {"aot": 0, "jit": 0}  # resolved keys per path, for info/tests
         self.paths: dict[str, str] = {}  # kernel -> how its latest new key was resolved (selfcheck)
+        self.jit_variants: list[str] = []  # the variants triton.jit compiled: what a wheel lacked (benchmarks)
         import torch
 
         # Fast accessors (Triton uses the same); absent from CPU-only torch builds.
@@ -417,6 +418,7 @@ class Loader:
                 f"Build it with: python -m fusedlora.build --variant '{variant.to_string()}'"
             )
         self.stats["jit"] += 1
+        self.jit_variants.append(variant.to_string())
         self.paths[spec.name] = "triton.jit"
         log.debug("fusedlora: no prebuilt kernel for %s; using triton.jit (%s)", spec.name, variant.to_string())
         return _JitLaunch(spec, dict(constexprs), variant.num_warps, variant.num_stages)

@@ -403,6 +403,9 @@ def train(t: Training, data) -> dict:
         "fusedlora_jit_kernels": loader.get_loader().stats.get("jit", 0)
         if spec.variant.startswith("fusedlora")
         else None,
+        "fusedlora_jit_variants": list(loader.get_loader().jit_variants)
+        if spec.variant.startswith("fusedlora")
+        else None,
         "patch": t.patch_report,
         "versions": versions(),
         "device": device_name(on_gpu),

@@ -12,7 +12,6 @@ import inspect
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .. import lora
 from ..ops import fused_linear_cross_entropy, geglu, naive_rope, rms_norm, rope, swiglu
@@ -480,7 +479,9 @@ def _causal_lm_loss(model, hidden, labels, extra):
     ignore_index = extra.get("ignore_index", -100)
     shift_labels = extra.get("shift_labels")
     if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        # a fresh tensor: a view one element in (F.pad(...)[..., 1:]) stays one when reshaped at batch 1, and its
+        # 8-byte-aligned pointer matches none of the prebuilt loss kernels (they take 16-byte-aligned labels)
+        shift_labels = torch.cat([labels[..., 1:], labels.new_full((*labels.shape[:-1], 1), ignore_index)], -1)
     head = head_linear(model.lm_head)
     weight, bias = head.weight, head.bias
     dtype = autocast_dtype(hidden) or weight.dtype  # what HF's lm_head call would compute in
