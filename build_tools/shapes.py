@@ -24,7 +24,9 @@ COMMON = {
     "vocab_sizes": [32000, 32768, 49152, 128256, 151936, 152064, 256000, 262144],
     "dtypes": ["bf16", "fp16"],
     "moe_layers": MOE_LAYERS,
-    "moe_ranks": [16, 64],  # padded ranks: r <= 16 (PEFT's default 8, the usual 16) and 17..64
+    # padded ranks: r <= 16 (PEFT's default 8, the usual 16) and 17..64; 0: a projection without an adapter (one
+    # of the two targeted, or the adapters disabled or merged)
+    "moe_ranks": [0, 16, 64],
 }
 
 # A small family CI compiles (sm_80 and sm_90) to check the build end to end in a few minutes.

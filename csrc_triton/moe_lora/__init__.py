@@ -85,7 +85,7 @@ def _moe_gemm_aot(kernel: str):
 
 def _moe_seg_aot(family):
     for dt in family.get("dtypes", ("bf16", "fp16")) if _layer_kinds(family) else ():
-        for rank in family.get("moe_ranks", (16,)):
+        for rank in [r for r in family.get("moe_ranks", (16,)) if r]:  # (no adapter, no gradient)
             for gather, row_scale in ((False, False), (True, False), (True, True)):  # its three uses
                 yield {"x": dt}, {"rank": rank, "gather": gather, "row_scale": row_scale}
 
