@@ -340,16 +340,27 @@ def test_the_architecture_doc_lists_these_layers():
 
 
 def test_tests_share_helpers_through_fusedlora_testing():
-    """A test file takes shared builders from fusedlora.testing, never from another test file or conftest (whose
-    fixtures pytest hands out by name); the subprocess workers import conftest only to set TRITON_INTERPRET."""
+    """A test file (in tests/ or a folder below it) takes shared builders from fusedlora.testing, never from another
+    test file or conftest (whose fixtures pytest hands out by name); the subprocess workers import conftest only to
+    set TRITON_INTERPRET. Test files have unique basenames."""
     workers = {"fsdp_worker.py", "hf_dist_worker.py"}
     taken = []
-    for path in sorted((ROOT / "tests").glob("*.py")):
+    for path in sorted((ROOT / "tests").rglob("*.py")):
         if path.name in workers or path.name == "conftest.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             if isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
-            taken += [f"{path.name}: {n}" for n in names if n == "conftest" or n.split(".")[0].startswith("test_")]
+            taken += [
+                f"{path.relative_to(ROOT)}: {n}"
+                for n in names
+                if n == "conftest" or n.split(".")[0] == "tests" or any(p.startswith("test_") for p in n.split("."))
+            ]
     assert not taken, taken
+    # the test folders have no __init__.py, so pytest imports each test file by its basename ("prepend" import
+    # mode): two files of one name in different folders would collide
+    files = [p for p in (ROOT / "tests").rglob("test_*.py")]
+    names = [p.name for p in files]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    assert not list((ROOT / "tests").rglob("__init__.py"))
