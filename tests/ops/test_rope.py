@@ -278,16 +278,11 @@ def _compile_positions():
 @pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize("case", sorted(COMPILE_CASES))
 def test_public_op_compiles_whole_and_matches_eager(case):
-    fn, inputs = COMPILE_CASES[case]()
-    assert_compiled_matches_eager(fn, inputs, COMPILE_TOL)
+    assert_compiled_matches_eager(*COMPILE_CASES[case](), COMPILE_TOL)
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize("case", ["rope"])
 def test_ops_compile_where_is_compiling_holds_only_in_dynamo(case, monkeypatch):
-    """torch 2.11 (the GPU machine's) sets is_compiling() only while Dynamo traces, not while AOTAutograd traces
-    the backward: the backward's launchers must still become custom ops there, not launch kernels on
-    functional / fake tensors. (39 compile cases failed that way.)"""
-    is_compiling_only_in_dynamo(monkeypatch)
-    fn, inputs = COMPILE_CASES[case]()
-    assert_compiled_matches_eager(fn, inputs, COMPILE_TOL)
+    is_compiling_only_in_dynamo(monkeypatch)  # (torch 2.11's is_compiling: the launchers still custom ops)
+    assert_compiled_matches_eager(*COMPILE_CASES[case](), COMPILE_TOL)
