@@ -575,9 +575,9 @@ def is_compiling_only_in_dynamo(monkeypatch):
 
 
 def assert_compiled_matches_eager(fn, inputs, tol=0.0, dynamic=None, seed=None):
-    """fn under torch.compile(fullgraph=True): no graph break, and outputs and gradients equal eager's
-    (exactly on CPU, where both run the same kernels; within `tol` under inductor). seed: the RNG seed set
-    before each run (dropout)."""
+    """fn under torch.compile(fullgraph=True): no graph break (fullgraph raises at one, naming its reason), and
+    outputs and gradients equal eager's (exactly on CPU, where both run the same kernels; within `tol` under
+    inductor). seed: the RNG seed set before each run (dropout)."""
 
     def run(f):
         if seed is not None:
@@ -585,9 +585,6 @@ def assert_compiled_matches_eager(fn, inputs, tol=0.0, dynamic=None, seed=None):
         y = f(*inputs)
         return y if isinstance(y, tuple) else (y,)
 
-    explained = torch._dynamo.explain(fn)(*inputs)
-    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
-    torch._dynamo.reset()
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     ref = run(fn)
     seeds = [torch.randn_like(o) for o in ref]

@@ -84,8 +84,8 @@ def _assert_steps_equal(eager, compiled, n_trainable=28):
 
 
 def assert_model_compiles_whole_and_matches_eager(model):
-    """The whole patched training forward as one graph (fullgraph=True), its loss and every LoRA gradient
-    those of the eager patched model."""
+    """The whole patched training forward as one graph (fullgraph=True: a graph break raises, naming its reason),
+    its loss and every LoRA gradient those of the eager patched model."""
     from fusedlora.testing import batch
 
     ids, labels = batch()
@@ -93,9 +93,6 @@ def assert_model_compiles_whole_and_matches_eager(model):
     def loss_of(ids, labels):
         return model(input_ids=ids, labels=labels).loss
 
-    explained = torch._dynamo.explain(loss_of)(ids, labels)
-    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
-    torch._dynamo.reset()
     n_trainable = sum(p.requires_grad for p in model.parameters())
     _assert_steps_equal(*_eager_then_compiled(model, loss_of, (ids, labels)), n_trainable)
 
