@@ -471,6 +471,18 @@ def gptq_lora_block(r=8, bits=4, act_order=False):
     return block
 
 
+# the losses' gradients: fp32 within fp32 sums. bf16 gradients are made in the forward and rounded again by the
+# backward's d loss scale: two roundings of 2^-8 (a full ulp each where the interpreter truncates); fp16's once,
+# to 2^-11
+LOSS_GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-3}
+
+
+def labels_every_third_ignored(rows, n_cols, ignore_index=-100):
+    y = torch.randint(0, n_cols, (rows,), device=DEVICE)
+    y[1::3] = ignore_index
+    return y
+
+
 def z_loss_reference(x64, y, reduction, lse_square_scale, label_smoothing=0.0, weight=None, items=None):
     """(loss, z_loss) by hand in fp64: cross-entropy + lse_square_scale * logsumexp^2 per used row, both
     weighted by weight[label] and reduced as torch's (weighted) mean / sum / none."""

@@ -27,6 +27,7 @@ from fusedlora.testing import (
     DEVICE,
     FUZZ_DTYPES,
     HAS_CUDA,
+    LOSS_GRAD_TOL,
     assert_close,
     assert_compiled_matches_eager,
     assert_compiled_second_backward,
@@ -35,6 +36,7 @@ from fusedlora.testing import (
     fuzz_settings,
     fuzz_tol,
     is_compiling_only_in_dynamo,
+    labels_every_third_ignored,
     laid_out,
     randn_leaf,
     rel_err,
@@ -269,18 +271,7 @@ def test_out_of_range_label_raises():
 # ------------------------------------------------------------------------ per-class weights, z-loss
 
 
-# fp32 within fp32 sums. bf16 gradients are made in the forward and rounded again by the backward's d loss
-# scale: two roundings of 2^-8 (a full ulp each where the interpreter truncates); fp16's once, to 2^-11
-GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-3}
-
-
 REDUCTIONS = ["mean", "sum", "none"]
-
-
-def _labels_every_third_ignored(rows, n_cols, ignore_index=-100):
-    y = torch.randint(0, n_cols, (rows,), device=DEVICE)
-    y[1::3] = ignore_index
-    return y
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -289,7 +280,7 @@ def _labels_every_third_ignored(rows, n_cols, ignore_index=-100):
 def test_cross_entropy_class_weight(shape, dtype, reduction):
     """Each row's loss times weight[label]; "mean" divides by the non-ignored labels' weights (torch's rule)."""
     z = (3 * torch.randn(*shape, device=DEVICE)).to(dtype)
-    y = _labels_every_third_ignored(shape[0], shape[1])
+    y = labels_every_third_ignored(shape[0], shape[1])
     y[0] = 3  # at least one label used
     w = torch.rand(shape[1], device=DEVICE) + 0.1
     zk = z.clone().requires_grad_()
@@ -300,14 +291,14 @@ def test_cross_entropy_class_weight(shape, dtype, reduction):
     loss.backward(seed.float())
     ref.backward(seed)
     assert_close(loss, ref, 1e-5, "loss")
-    assert_close(zk.grad, z64.grad, GRAD_TOL[dtype], "d logits")
+    assert_close(zk.grad, z64.grad, LOSS_GRAD_TOL[dtype], "d logits")
 
 
 def test_cross_entropy_class_weight_items_and_empty_batches():
     """num_items_in_batch, when given, is the divisor (as without weights); a mean whose labels are all
     ignored, or all of weight 0, is 0 with zero gradients (torch: NaN), as the unweighted mean."""
     z = torch.randn(6, 40, device=DEVICE, requires_grad=True)
-    y = _labels_every_third_ignored(6, 40)
+    y = labels_every_third_ignored(6, 40)
     w = torch.rand(40, device=DEVICE)
     loss = cross_entropy(z, y, weight=w, num_items_in_batch=17)
     ref = F.cross_entropy(z.detach().double(), y, weight=w.double(), reduction="sum") / 17
@@ -360,7 +351,7 @@ def test_cross_entropy_z_loss(shape, dtype, reduction, kw):
     """The loss holds the z-loss (its gradient 2 * scale * lse * softmax included); return_z_loss gives that
     part apart, without a gradient."""
     z = (3 * torch.randn(*shape, device=DEVICE)).to(dtype)
-    y = _labels_every_third_ignored(shape[0], shape[1])
+    y = labels_every_third_ignored(shape[0], shape[1])
     y[0] = 2
     kw = dict(kw)
     weight = torch.rand(shape[1], device=DEVICE) + 0.1 if kw.pop("weight", False) else None
@@ -378,7 +369,7 @@ def test_cross_entropy_z_loss(shape, dtype, reduction, kw):
     seed = torch.rand_like(ref) + 0.5
     loss.backward(seed.float())
     ref.backward(seed)
-    assert_close(zk.grad, z64.grad, GRAD_TOL[dtype], "d logits")
+    assert_close(zk.grad, z64.grad, LOSS_GRAD_TOL[dtype], "d logits")
 
 
 def test_z_loss_off_returns_zero_and_bad_scale_refused():
@@ -418,7 +409,7 @@ def test_cross_entropy_second_backward(dtype, reduction, inplace_grad):
     for i, scale in enumerate((2.0, 3.0, 0.5)):
         (g,) = torch.autograd.grad(loss * scale, zk, retain_graph=i < 2)
         (g64,) = torch.autograd.grad(ref * scale, z64, retain_graph=True)
-        assert_close(g, g64, GRAD_TOL[dtype], f"backward {i}")
+        assert_close(g, g64, LOSS_GRAD_TOL[dtype], f"backward {i}")
         grads.append((g, g.clone()))
     for i, (g, copy) in enumerate(grads):
         assert torch.equal(g, copy), f"the gradient of backward {i} was overwritten by a later backward"
@@ -448,13 +439,13 @@ def test_cross_entropy_minus_inf_chunks(dtype):
     ref = F.cross_entropy(z64, y, reduction="none")
     ref.backward(torch.ones_like(ref))
     assert_close(loss, ref, 1e-5, "loss")
-    assert_close(zk.grad, z64.grad, GRAD_TOL[dtype], "d logits")
+    assert_close(zk.grad, z64.grad, LOSS_GRAD_TOL[dtype], "d logits")
     # the training path (loss and gradient in one kernel) and the mean
     zk.grad = None
     z64.grad = None
     cross_entropy(zk, y).backward()
     F.cross_entropy(z64, y).backward()
-    assert_close(zk.grad, z64.grad, GRAD_TOL[dtype], "d logits (mean)")
+    assert_close(zk.grad, z64.grad, LOSS_GRAD_TOL[dtype], "d logits (mean)")
 
 
 def _best_fp16_err(g64):

@@ -27,6 +27,7 @@ from fusedlora.testing import (
     fuzz_settings,
     fuzz_tol,
     is_compiling_only_in_dynamo,
+    labels_every_third_ignored,
     randn_leaf,
     rel_err,
     reset_dynamo,
@@ -197,22 +198,12 @@ def test_chunked_linear_loss_refuses_a_reducing_loss():
 # ------------------------------------------------------------------------ per-class weights, z-loss
 
 
-# fp32 within fp32 sums. bf16 gradients are made in the forward and rounded again by the backward's d loss
-# scale: two roundings of 2^-8 (a full ulp each where the interpreter truncates); fp16's once, to 2^-11
-GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-3}
-
-
-# the fused head: its logits are rounded to the dtype first (as test_fused_linear_cross_entropy_bf16_and_recompute), then two matmuls
+# the fused head: its logits are rounded to the dtype first (as in
+# test_fused_linear_cross_entropy_bf16_and_recompute), then two matmuls
 FLCE_GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
 
 REDUCTIONS = ["mean", "sum", "none"]
-
-
-def _labels_every_third_ignored(rows, n_cols, ignore_index=-100):
-    y = torch.randint(0, n_cols, (rows,), device=DEVICE)
-    y[1::3] = ignore_index
-    return y
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -222,7 +213,7 @@ def test_fused_linear_cross_entropy_class_weight(dtype, reduction):
     h = torch.randn(23, 16, device=DEVICE).to(dtype)
     w = (0.3 * torch.randn(70, 16, device=DEVICE)).to(dtype)
     cw = torch.rand(70, device=DEVICE) + 0.1
-    y = _labels_every_third_ignored(23, 70)
+    y = labels_every_third_ignored(23, 70)
     hk, wk = h.clone().requires_grad_(), w.clone().requires_grad_()
     loss = fused_linear_cross_entropy(
         hk, wk, y, reduction=reduction, ce_weight=cw, max_chunk_bytes=6 * 70 * h.element_size()
@@ -245,7 +236,7 @@ Z_CASES = [{}, {"label_smoothing": 0.1}, {"weight": True}, {"num_items_in_batch"
 def test_fused_linear_cross_entropy_z_loss(dtype, reduction):
     h = torch.randn(23, 16, device=DEVICE).to(dtype)
     w = (0.5 * torch.randn(70, 16, device=DEVICE)).to(dtype)
-    y = _labels_every_third_ignored(23, 70)
+    y = labels_every_third_ignored(23, 70)
     hk, wk = h.clone().requires_grad_(), w.clone().requires_grad_()
     loss, z_loss = fused_linear_cross_entropy(
         hk,
