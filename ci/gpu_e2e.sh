@@ -31,15 +31,20 @@ python3 -c "import torch, triton, transformers, peft; print('torch', torch.__ver
 # PART_TIMEOUT (seconds, 0 = none) stops one part's python alone: its log under $OUT and what the benchmarks
 # wrote after each variant survive (a whole pipeline killed by the device's limit returns nothing).
 T="timeout ${PART_TIMEOUT:-0}"
+# the ops' and LoRA functions' torch.compile cases, which stand in their own files (tests/ops/, test_lora, test_quant)
+COMPILE_CASES="(compile or unadapted_projection or some_projections_and_no_input_grad or outputs_alias_nothing"
+COMPILE_CASES="$COMPILE_CASES or op_names_a_bad_activation) and not test_torch_compile_fullgraph_matches_eager"
 for part in "${@:-tests demo bench}"; do
   for p in $part; do
     case $p in
-      tests) $T python3 -m pytest -q tests/test_hf_patch.py tests/test_lora.py tests/test_cuda_graphs.py -x 2>&1 | tee "$OUT/pytest_hf.txt" | tail -15 ;;
-      compile) $T python3 -m pytest -q tests/test_compile.py tests/test_checkpoint.py tests/test_context_search.py 2>&1 | tee "$OUT/pytest_compile.txt" | tail -15 ;;
+      tests) $T python3 -m pytest -q tests/hf/test_apply.py tests/test_lora.py tests/test_cuda_graphs.py -x 2>&1 | tee "$OUT/pytest_hf.txt" | tail -15 ;;
+      compile) { $T python3 -m pytest -q tests/test_compile.py tests/test_checkpoint.py tests/test_context_search.py
+                 $T python3 -m pytest -q tests/ops tests/test_lora.py tests/test_quant.py -k "$COMPILE_CASES"; } 2>&1 \
+                 | tee "$OUT/pytest_compile.txt" | tail -15 ;;
       graphs) $T python3 -m pytest -q tests/test_cuda_graphs.py "tests/test_compile.py::test_gpu_compile_layers_reduce_overhead" 2>&1 | tee "$OUT/pytest_graphs.txt" | tail -15 ;;
       wheel) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH FUSEDLORA_AOT_ONLY=1 $T python3 -m fusedlora.selfcheck) 2>&1 \
                | tee "$OUT/selfcheck_aot_only.txt" | tail -8
-             $T python3 -m pytest -q tests/test_fuzz.py 2>&1 | tee "$OUT/pytest_fuzz.txt" | tail -5 ;;
+             $T python3 -m pytest -q tests/ops tests/test_lora.py tests/test_quant.py -k fuzz 2>&1 | tee "$OUT/pytest_fuzz.txt" | tail -5 ;;
       context) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH:$REPO $T python3 -m benchmarks.context --out "$OUT/context.md" \
                  ${CONTEXT_ARGS:-}) 2>&1 | grep -v "it/s\]\|s/it\]" | tee "$OUT/context_log.txt" | tail -20 ;;
       demo) (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH $T python3 -m fusedlora.demo --out "$OUT/demo" ${DEMO_ARGS:-}) 2>"$OUT/demo_log.txt" | tail -30 ;;

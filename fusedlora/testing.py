@@ -379,6 +379,32 @@ def random_gptq_tensors(in_f, out_f, bits, group, act_order, scale_dtype=torch.f
     return to(qw), to(qz), to(sc), to(g)
 
 
+def nf4_state_stub(n=128, nested=False, **kw):
+    """A bitsandbytes-like NF4 quant state (plain namespaces, no bitsandbytes needed) of an n-element weight and
+    its packed bytes (all zero), for the state checks; `kw` overrides its fields."""
+    from types import SimpleNamespace
+
+    qs = SimpleNamespace(
+        quant_type="nf4",
+        blocksize=64,
+        dtype=torch.float16,
+        shape=torch.Size((2, n // 2)),
+        absmax=torch.rand(-(-n // 64), device=DEVICE),
+        code=torch.linspace(-1, 1, 16, device=DEVICE),
+        nested=nested,
+        state2=None,
+        offset=0.0,
+    )
+    if nested:
+        qs.absmax = torch.randint(0, 256, (-(-n // 64),), dtype=torch.uint8, device=DEVICE)
+        qs.state2 = SimpleNamespace(
+            absmax=torch.rand(1, device=DEVICE), code=torch.linspace(-1, 1, 256, device=DEVICE), blocksize=256
+        )
+    for k, v in kw.items():
+        setattr(qs, k, v)
+    return torch.zeros(n // 2, 1, dtype=torch.uint8, device=DEVICE), qs
+
+
 class TorchQuantLinear(nn.Module):
     """Stand-in for gptqmodel's TorchQuantLinear (QUANT_TYPE "torch"; gptqmodel is not installed here): its
     buffers in the GPTQ layout (zeros in the v2 format, as gptqmodel keeps them in memory; act-order g_idx
@@ -443,3 +469,173 @@ def gptq_lora_block(r=8, bits=4, act_order=False):
     for n, p in block.named_parameters():
         p.requires_grad_("lora_" in n)
     return block
+
+
+# the losses' gradients: fp32 within fp32 sums. bf16 gradients are made in the forward and rounded again by the
+# backward's d loss scale: two roundings of 2^-8 (a full ulp each where the interpreter truncates); fp16's once,
+# to 2^-11
+LOSS_GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-3}
+
+
+def labels_every_third_ignored(rows, n_cols, ignore_index=-100):
+    y = torch.randint(0, n_cols, (rows,), device=DEVICE)
+    y[1::3] = ignore_index
+    return y
+
+
+def z_loss_reference(x64, y, reduction, lse_square_scale, label_smoothing=0.0, weight=None, items=None):
+    """(loss, z_loss) by hand in fp64: cross-entropy + lse_square_scale * logsumexp^2 per used row, both
+    weighted by weight[label] and reduced as torch's (weighted) mean / sum / none."""
+    used = y != -100
+    w_rows = used.double() if weight is None else torch.where(used, weight.double()[y.clamp(min=0)], 0.0)
+    ce = F.cross_entropy(x64, y, reduction="none", label_smoothing=label_smoothing)  # 0 for ignored rows
+    z_rows = lse_square_scale * torch.logsumexp(x64, -1) ** 2
+    loss_rows, z_rows = w_rows * (ce + z_rows), w_rows * z_rows
+    if reduction == "none":
+        return loss_rows, z_rows
+    divisor = 1.0 if reduction == "sum" else items if items is not None else w_rows.sum()
+    return loss_rows.sum() / divisor, z_rows.sum() / divisor
+
+
+# ------------------------------------------------------------------------------- property tests (hypothesis)
+FUZZ_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# fp32: sums of up to a few thousand terms; 16-bit: one or two roundings of the output (2^-8 / 2^-11 each)
+FUZZ_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def fuzz_settings():
+    """The hypothesis settings of every op's property test. Example counts are bounded so CI stays within minutes
+    under the interpreter: FUSEDLORA_FUZZ_EXAMPLES (default 15 per test on CPU, 60 on a GPU). CI runs a fixed
+    (derandomised) sequence; FUSEDLORA_FUZZ_RANDOM=1 draws fresh ones. (hypothesis is a test requirement, not
+    the package's: imported here, when a test module asks.)"""
+    from hypothesis import HealthCheck, settings
+
+    return settings(
+        max_examples=int(os.environ.get("FUSEDLORA_FUZZ_EXAMPLES", 60 if HAS_CUDA else 15)),
+        deadline=None,
+        derandomize=os.environ.get("FUSEDLORA_FUZZ_RANDOM") != "1",
+        suppress_health_check=list(HealthCheck),
+        database=None,
+    )
+
+
+def fuzz_tol(*dtypes):
+    return max(FUZZ_TOL[d] for d in dtypes)
+
+
+def laid_out(t, layout, dim=-1):
+    """The same values as `t` in another memory layout: a column slice of a wider buffer, or contiguous."""
+    if layout == "slice":
+        pad = list(t.shape)
+        pad[dim] += 3
+        wide = torch.zeros(pad, dtype=t.dtype, device=t.device)
+        view = wide.narrow(dim % t.dim(), 1, t.shape[dim])
+        view.copy_(t)
+        return view
+    return t.clone()
+
+
+def draw_labels(data, rows, vocab, ignore_index):
+    """Random class labels with a drawn pattern of ignored rows (none, some, all but one, all)."""
+    from hypothesis import strategies as st
+
+    y = torch.randint(0, vocab, (rows,), device=DEVICE)
+    pattern = data.draw(st.sampled_from(["none", "some", "all_but_one", "all"]))
+    if pattern == "some":
+        y[::3] = ignore_index
+    elif pattern == "all_but_one":
+        y[1:] = ignore_index
+    elif pattern == "all":
+        y[:] = ignore_index
+    return y, pattern
+
+
+# ------------------------------------------------------------------------------- torch.compile
+# On CPU: backend "aot_eager" (AOTAutograd's forward/backward split, eager kernels: the interpreter), which runs
+# eager's very kernels, so compiled results equal eager's exactly; on a GPU: inductor, within COMPILE_TOL.
+COMPILE_BACKEND = "inductor" if HAS_CUDA else "aot_eager"
+COMPILE_TOL = 1e-5 if HAS_CUDA else 0.0
+
+
+def reset_dynamo():
+    """A compile test's fixture body (pytest.fixture(reset_dynamo) in the test module): Dynamo's caches empty
+    before and after, so no test sees another's graphs or recompile counts."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def randn_leaf(*shape, grad=True, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE).to(dtype).requires_grad_(grad)
+
+
+def seeded_labels(n, v):
+    """n labels below v, the same for the same n, the first one ignored (-100)."""
+    g = torch.Generator().manual_seed(n)
+    y = torch.randint(0, v, (n,), generator=g).to(DEVICE)
+    y[0] = -100
+    return y
+
+
+def is_compiling_only_in_dynamo(monkeypatch):
+    """torch 2.11 (the GPU machine's) sets is_compiling() only while Dynamo traces, not while AOTAutograd traces
+    the backward (2.13 holds it for the compile session): emulate 2.11 here."""
+    import contextlib
+
+    if hasattr(torch.compiler, "_compile_session_context"):
+        monkeypatch.setattr(torch.compiler, "_compile_session_context", contextlib.nullcontext)
+
+
+def assert_compiled_matches_eager(fn, inputs, tol=0.0, dynamic=None, seed=None):
+    """fn under torch.compile(fullgraph=True): no graph break (fullgraph raises at one, naming its reason), and
+    outputs and gradients equal eager's (exactly on CPU, where both run the same kernels; within `tol` under
+    inductor). seed: the RNG seed set before each run (dropout)."""
+
+    def run(f):
+        if seed is not None:
+            torch.manual_seed(seed)
+        y = f(*inputs)
+        return y if isinstance(y, tuple) else (y,)
+
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    ref = run(fn)
+    seeds = [torch.randn_like(o) for o in ref]
+    ref_grads = torch.autograd.grad(ref, leaves, seeds, allow_unused=True) if leaves else ()
+    # Inductor draws random numbers its own way: eager's generator (fallback_random) gives the same masks
+    with torch._inductor.config.patch(fallback_random=seed is not None):
+        got = run(torch.compile(fn, backend=COMPILE_BACKEND, fullgraph=True, dynamic=dynamic))
+    got_grads = torch.autograd.grad(got, leaves, seeds, allow_unused=True) if leaves else ()
+    for a, b in zip(got + got_grads, ref + ref_grads):
+        if b is None:
+            assert a is None
+            continue
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert torch.equal(a, b) if tol == 0.0 else rel_err(a, b) <= tol, rel_err(a, b)
+
+
+def assert_compiled_second_backward(fn, inputs):
+    """retain_graph through a compiled loss: each backward right, none overwriting a gradient handed out.
+    (Inductor's donated buffers, torch's default, refuse any retain_graph through a compiled backward with
+    torch's own error naming the switch: off here, so that what runs twice is our ops' backward.)"""
+    leaves = [t for t in inputs if t.is_floating_point()]
+    with torch._functorch.config.patch(donated_buffer=False):
+        loss = torch.compile(fn, backend=COMPILE_BACKEND, fullgraph=True)(*inputs)
+    ref = fn(*inputs)
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    kept = [g.clone() for g in first]
+    second = torch.autograd.grad(3.0 * loss, leaves)
+    for g, k, g2, r in zip(first, kept, second, torch.autograd.grad(3.0 * ref, leaves)):
+        assert torch.equal(g, k)
+        assert rel_err(g2, r) <= max(COMPILE_TOL, 1e-3 if g.dtype == torch.float16 else 0.0)
+
+
+# ------------------------------------------------------------------------------- command lines
+def run_module(*args):
+    """`python -m <args>` from the checkout, with TRITON_INTERPRET unset (as a user's shell has it)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, "-m", *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)

@@ -2,7 +2,10 @@
 as accelerate and TRL set it up) or DDP; tests/test_distributed.py runs it through torchrun on CPU (gloo,
 Triton's interpreter), and ci/multi_gpu_check.py is its multi-GPU counterpart.
 
-    torchrun --standalone --nproc_per_node=2 tests/hf_dist_worker.py fsdp2|ddp patched|offload|gc|qlora|unpatched
+    torchrun --standalone --nproc_per_node=2 tests/hf_dist_worker.py fsdp2|ddp VARIANT[,VARIANT...]
+
+(VARIANT: patched, offload, gc, qlora, unpatched; several run one after another in one launch, each printing its
+OK line, so the launch's start-up is paid once; the first that fails ends the launch.)
 
 Every rank builds the same seeded tiny Llama with LoRA adapters, shards or wraps it, and takes three AdamW
 steps on its own batch. An unsharded copy in the same process takes the same steps on every rank's batch, the
@@ -38,18 +41,26 @@ def _qlora_model(device):
     return model
 
 
-def main(kind: str, variant: str) -> None:
+def main(kind: str, variants: str) -> None:
     cuda = torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES", "x") != ""
     dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     if cuda:
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(dist.get_rank())
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from conftest import DEVICE, rel_err  # sets TRITON_INTERPRET on CPU before any kernel is imported
+    import conftest  # noqa: F401  (sets TRITON_INTERPRET on CPU before any kernel is imported)
+
+    for variant in variants.split(","):
+        check(kind, variant, cuda)
+    dist.destroy_process_group()
+
+
+def check(kind: str, variant: str, cuda: bool) -> None:
+    from conftest import DEVICE, rel_err
 
     import fusedlora
     from fusedlora.testing import batch, make_model
 
+    rank, world = dist.get_rank(), dist.get_world_size()
     if variant.startswith("qlora"):  # bitsandbytes NF4 bases stored in fp32 (quant_storage), FSDP-shardable
         model = _qlora_model(DEVICE)
     else:
@@ -108,8 +119,10 @@ def main(kind: str, variant: str) -> None:
     # every call took the fused path (a lost quant state, say, would have run PEFT's forward instead)
     assert report is None or not report.fallbacks.counts, dict(report.fallbacks.counts)
     dist.barrier()
-    print(f"rank {rank}: {kind.upper()} {variant} OK ({'cuda' if cuda else 'cpu'}, 3 AdamW steps, {n} LoRA weights)")
-    dist.destroy_process_group()
+    print(
+        f"rank {rank}: {kind.upper()} {variant} OK ({'cuda' if cuda else 'cpu'}, 3 AdamW steps, {n} LoRA weights)",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import pytest
 from fusedlora import loader as L
 from fusedlora import manifest as M
 from fusedlora import registry
+from fusedlora.testing import run_module
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -229,3 +230,8 @@ def test_build_the_variant_an_aot_only_miss_names(tmp_path):
     found = ld.find(spec, 89, tuple(t for _, t in v.signature), v.constexprs)  # an sm_89 GPU uses the sm_86 cubin
     assert [e.variant for e in found] == [v]
     check_cubin(found[0].path, 86)
+
+
+def test_aot_cli_refuses_unknown_arch():
+    r = run_module("build_tools.aot", "--arch", "70", "--out", "/tmp/never")
+    assert r.returncode != 0 and "unsupported arch [70]" in r.stderr

@@ -212,7 +212,7 @@ def test_inputs_past_the_host_bound_stay_on_the_device(layers_on_host):
     """offload_host_limit_gib bounds the host buffers: a layer input that finds none stays on its device (warned
     once); the step is the same bit for bit, and the next step reuses what the host pool holds."""
     plain, _ = _model()
-    per_input = 2 * 16 * 64 * 4  # batch x seq x hidden fp32 (test_hf_patch.batch, SMALL)
+    per_input = 2 * 16 * 64 * 4  # batch x seq x hidden fp32 (fusedlora.testing's batch, SMALL)
     model, _ = _model(offload_checkpoints=True, offload_host_limit_gib=layers_on_host * per_input / 2**30)
     offloader = model.base_model.model.model.layers[0]._gradient_checkpointing_func.keywords["offloader"]
     with pytest.warns(UserWarning, match="stay on the GPU"):
@@ -255,7 +255,7 @@ def test_bad_host_bound_is_refused():
 # and the default bound reads the memory cgroup's limit as well as MemAvailable, never "no bound".
 
 GIB = 2**30
-PER_INPUT = 2 * 16 * 64 * 4  # a decoder layer's input at batch 2 x seq 16, hidden 64, fp32 (test_hf_patch's SMALL)
+PER_INPUT = 2 * 16 * 64 * 4  # a decoder layer's input at batch 2 x seq 16, hidden 64, fp32 (fusedlora.testing's SMALL)
 
 
 def test_inputs_of_changing_length_reuse_and_replace_host_buffers():

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import fusedlora
-from fusedlora.testing import HAS_CUDA
+from fusedlora.testing import HAS_CUDA, run_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -288,7 +288,7 @@ def _third_party_test_imports() -> dict[str, set]:
 
 def test_test_extra_lists_what_the_tests_import():
     """`pip install fusedlora[test]` then pytest: no test may be skipped for a package the extra left out
-    (test_fuzz without hypothesis, test_demo without matplotlib)."""
+    (the property tests without hypothesis, test_demo without matplotlib)."""
     project = _project()
     declared = {_dist_name(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]}
     needed = {PROVIDED_BY.get(m, m) for m in _third_party_test_imports()} | set(INDIRECT)
@@ -313,3 +313,8 @@ def test_declared_ranges_are_the_tested_ones():
         assert specs[name].contains(version), (name, version, specs[name])
     for name, untested in (("torch", "2.14.1"), ("triton", "3.10.0"), ("transformers", "5.26.0")):
         assert not specs[name].contains(untested), (name, untested, specs[name])
+
+
+def test_selfcheck_help_prints_help_and_runs_nothing():
+    r = run_module("fusedlora.selfcheck", "--help")
+    assert r.returncode == 0 and "usage: python -m fusedlora.selfcheck" in r.stdout and "PASS" not in r.stdout

@@ -18,11 +18,16 @@ WORKER = Path(__file__).with_name("hf_dist_worker.py")
 ROOT = WORKER.parent.parent
 
 
-def _run(kind, variant, device):
+CPU_VARIANTS = ["patched", "offload", "gc", "qlora", "unpatched"]
+GPU_VARIANTS = ["patched", "offload", "gc", "qlora"]
+
+
+def _launch(kind, variants, device):
+    """One torchrun launch checking `variants` one after another (each prints its OK line on both ranks)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-    r = subprocess.run(
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -31,33 +36,53 @@ def _run(kind, variant, device):
             "--nproc_per_node=2",
             str(WORKER),
             kind,
-            variant,
+            ",".join(variants),
         ],
         env=env,
         capture_output=True,
         text=True,
         timeout=900,
     )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    assert r.stdout.count(f"{kind.upper()} {variant} OK") == 2, r.stdout
 
 
-@pytest.mark.parametrize("variant", ["patched", "offload", "gc", "qlora", "unpatched"])
+@pytest.fixture(scope="module")
+def launches():
+    """(kind, device) -> the launch of all that device's variants, run once per module (a launch's start-up,
+    two interpreters importing torch, transformers and peft, cost as much as a variant's check)."""
+    done = {}
+
+    def launch(kind, device):
+        if (kind, device) not in done:
+            done[kind, device] = _launch(kind, CPU_VARIANTS if device == "cpu" else GPU_VARIANTS, device)
+        return done[kind, device]
+
+    return launch
+
+
+def _assert_variant_ok(r, kind, variant, variants):
+    """Both ranks printed this variant's OK line (a failing variant ends the launch: its traceback is here, and
+    the variants after it were not run); after the last one the launch exits cleanly."""
+    assert r.stdout.count(f"{kind.upper()} {variant} OK") == 2, r.stdout[-3000:] + r.stderr[-6000:]
+    if variant == variants[-1]:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+
+
+@pytest.mark.parametrize("variant", CPU_VARIANTS)
 @pytest.mark.parametrize("kind", ["fsdp2", "ddp"])
 @pytest.mark.skipif(
     torch.cuda.is_available(),
     reason="GPU machines run the NCCL version (triton 3.6's interpreter "
     "beside the GPUs cannot run glu_lora_bwd's loop)",
 )
-def test_two_processes_cpu(kind, variant):
-    _run(kind, variant, "cpu")
+def test_two_processes_cpu(kind, variant, launches):
+    _assert_variant_ok(launches(kind, "cpu"), kind, variant, CPU_VARIANTS)
 
 
-@pytest.mark.parametrize("variant", ["patched", "offload", "gc", "qlora"])
+@pytest.mark.parametrize("variant", GPU_VARIANTS)
 @pytest.mark.parametrize("kind", ["fsdp2", "ddp"])
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_two_gpus(kind, variant):
-    _run(kind, variant, "cuda")
+def test_two_gpus(kind, variant, launches):
+    _assert_variant_ok(launches(kind, "cuda"), kind, variant, GPU_VARIANTS)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on GPUs: build_tools/multi_gpu_check.py itself (8B, 20 steps)")

@@ -23,13 +23,15 @@ MODULES = sorted(
 
 
 def test_each_module_imports_alone():
+    # one fresh interpreter per module, as many at once as there are cores (each waits mostly on its own imports)
     code = (
-        "import importlib, subprocess, sys\n"
-        "bad = []\n"
-        "for m in sys.argv[1:]:\n"
+        "import os, subprocess, sys\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "def run(m):\n"
         "    r = subprocess.run([sys.executable, '-c', f'import {m}'], capture_output=True, text=True)\n"
-        "    if r.returncode: bad.append((m, r.stderr.strip().splitlines()[-1:]))\n"
-        "print(bad)\n"
+        "    return (m, r.stderr.strip().splitlines()[-1:]) if r.returncode else None\n"
+        "with ThreadPoolExecutor(os.cpu_count() or 1) as pool:\n"
+        "    print([b for b in pool.map(run, sys.argv[1:]) if b])\n"
     )
     r = subprocess.run([sys.executable, "-c", code, *MODULES], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-2000:]
@@ -340,16 +342,27 @@ def test_the_architecture_doc_lists_these_layers():
 
 
 def test_tests_share_helpers_through_fusedlora_testing():
-    """A test file takes shared builders from fusedlora.testing, never from another test file or conftest (whose
-    fixtures pytest hands out by name); the subprocess workers import conftest only to set TRITON_INTERPRET."""
+    """A test file (in tests/ or a folder below it) takes shared builders from fusedlora.testing, never from another
+    test file or conftest (whose fixtures pytest hands out by name); the subprocess workers import conftest only to
+    set TRITON_INTERPRET. Test files have unique basenames."""
     workers = {"fsdp_worker.py", "hf_dist_worker.py"}
     taken = []
-    for path in sorted((ROOT / "tests").glob("*.py")):
+    for path in sorted((ROOT / "tests").rglob("*.py")):
         if path.name in workers or path.name == "conftest.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             if isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
-            taken += [f"{path.name}: {n}" for n in names if n == "conftest" or n.split(".")[0].startswith("test_")]
+            taken += [
+                f"{path.relative_to(ROOT)}: {n}"
+                for n in names
+                if n == "conftest" or n.split(".")[0] == "tests" or any(p.startswith("test_") for p in n.split("."))
+            ]
     assert not taken, taken
+    # the test folders have no __init__.py, so pytest imports each test file by its basename ("prepend" import
+    # mode): two files of one name in different folders would collide
+    files = [p for p in (ROOT / "tests").rglob("test_*.py")]
+    names = [p.name for p in files]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    assert not list((ROOT / "tests").rglob("__init__.py"))

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from fusedlora import aot, build, registry
+from fusedlora.testing import run_module
 
 
 @pytest.fixture
@@ -101,3 +102,20 @@ def test_malformed_variant(capsys, no_compile, text, words):
 def test_good_variant_still_builds(tmp_path, no_compile):
     assert build.main(["--variant", _variant(), "--out", str(tmp_path)]) == 0
     assert [v.kernel for v in no_compile[0][0]] == ["rms_norm_fwd"]
+
+
+def test_build_cli_needs_config_or_variant():
+    r = run_module("fusedlora.build")
+    assert r.returncode != 0 and "give --config or --variant" in r.stderr
+
+
+def test_build_cli_refuses_old_arch():
+    r = run_module("fusedlora.build", "--config", '{"hidden_size": 64}', "--arch", "75")
+    assert r.returncode != 0 and "unsupported arch [75]: fusedlora needs sm_80 or newer" in r.stderr
+
+
+def test_family_from_config_without_hidden_size():
+    from fusedlora.build import family_from_config
+
+    with pytest.raises(ValueError, match="model config has no hidden_size"):
+        family_from_config({"vocab_size": 10})

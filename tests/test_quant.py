@@ -1,15 +1,30 @@
-"""NF4/FP4 (bitsandbytes) and GPTQ dequantisation.
+"""NF4/FP4 (bitsandbytes) and GPTQ dequantisation (fusedlora.quant): reference comparisons, property tests,
+an independent GPTQ reference, quant-state checks, bad input, torch.compile."""
 
-NF4: bit-identical to bitsandbytes' own dequantize_4bit (its CPU path here, its CUDA path on a GPU) for
-fp32 and fp16 outputs; bf16 too on the GPU. Triton's CPU interpreter truncates fp32 -> bf16 instead of
-rounding, so on CPU bf16 is checked against the exact fp32 result rounded both ways.
-GPTQ: against a plain-torch reference written from the auto-gptq format (bit-identical likewise)."""
+import os
+import re
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
+import fusedlora
 from fusedlora.quant import dequantize_gptq, dequantize_nf4, naive_dequantize_gptq, naive_dequantize_nf4
-from fusedlora.testing import DEVICE, HAS_CUDA, random_gptq_tensors
+from fusedlora.testing import (
+    COMPILE_BACKEND,
+    DEVICE,
+    HAS_CUDA,
+    assert_close,
+    assert_compiled_matches_eager,
+    fuzz_settings,
+    fuzz_tol,
+    nf4_state_stub,
+    pack_int_words,
+    random_gptq_tensors,
+    rel_err,
+    reset_dynamo,
+)
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
@@ -181,7 +196,6 @@ def test_nf4_transposed_view_of_a_3d_weight_is_refused():
     assert torch.equal(dequantize_nf4(q, qs), bnbf.dequantize_4bit(q, qs))
 
 
-# ----------------------------------------------------------------------------------------------- GPTQ
 GPTQ_CASES = [
     (64, 128, 4, 32, False),
     (128, 96, 4, -1, False),
@@ -190,6 +204,8 @@ GPTQ_CASES = [
     (64, 48, 2, 32, True),
     (32, 1, 4, 32, False),
 ]
+
+
 if HAS_CUDA:
     GPTQ_CASES += [(8192, 8192, 4, 128, False), (4096, 11008, 4, 128, True)]
 
@@ -289,7 +305,6 @@ def test_nf4_state_on_another_device_is_named():
         dequantize_nf4(q2, qs2)
 
 
-# ------------------------------------------------- a base weight across a custom op's boundary (torch.compile)
 def _gptq_base(act_order, fmt, in_f=64, out_f=48, group=32):
     from fusedlora.quant import GPTQState
 
@@ -350,3 +365,211 @@ def test_base_arguments_refuse_an_unknown_state():
 
     with pytest.raises(TypeError, match="unsupported quantisation state object"):
         base_arguments(torch.zeros(4, 4), object())
+
+
+# -------------------------------------------------------------------------- state checks, bad input
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(blocksize=48), "blocksize 48 is not one bitsandbytes allows"),
+        (dict(dtype=torch.int8), "output dtype is torch.int8; expected fp16, bf16 or fp32"),
+        (dict(absmax=torch.rand(1)), "absmax has 1 entries, the weight needs 2"),
+        (dict(absmax=torch.rand(2, dtype=torch.float64)), "absmax must be float32 when not nested, got torch.float64"),
+    ],
+)
+def test_nf4_state_checks(change, match):
+    if "absmax" in change:
+        change = {"absmax": change["absmax"].to(DEVICE)}
+    packed, qs = nf4_state_stub(**change)
+    with pytest.raises(ValueError, match=match):
+        dequantize_nf4(packed, qs)
+
+
+def test_nf4_nested_checks():
+    packed, qs = nf4_state_stub(nested=True)
+    qs.absmax = qs.absmax.float()
+    with pytest.raises(ValueError, match="nested absmax must be uint8, got torch.float32"):
+        dequantize_nf4(packed, qs)
+    packed, qs = nf4_state_stub(nested=True)
+    qs.state2.blocksize = 100
+    with pytest.raises(ValueError, match="state2 blocksize 100 must be a power of two"):
+        dequantize_nf4(packed, qs)
+
+
+def test_nf4_non_contiguous_and_wrong_device():
+    packed, qs = nf4_state_stub()
+    with pytest.raises(ValueError, match="packed weight must be contiguous"):
+        dequantize_nf4(torch.zeros(64, 2, dtype=torch.uint8, device=DEVICE)[:, :1], qs)
+    if DEVICE == "cpu":
+        os.environ.pop("TRITON_INTERPRET")
+        try:
+            with pytest.raises(ValueError, match="weight is on cpu; fusedlora kernels need CUDA tensors"):
+                dequantize_nf4(packed, qs)
+        finally:
+            os.environ["TRITON_INTERPRET"] = "1"
+    # A state apart from its weight is reported as the weight's device against the state's absmax (checked
+    # first), the state's other tensors against its absmax; "meta" stands in for a second device on a CPU.
+    other = "cpu" if DEVICE == "cuda" else "meta"
+    code = qs.code
+    qs.code = code.to(other)  # (a replaced tensor: the state is checked again, not its cached plan)
+    with pytest.raises(ValueError, match=f"quant_state.code is on {other} but quant_state.absmax is on {DEVICE}"):
+        dequantize_nf4(packed, qs)
+    qs.code, qs.absmax = code, qs.absmax.to(other)
+    with pytest.raises(ValueError, match=f"quant_state.absmax is on {other} but the weight is on {DEVICE}"):
+        dequantize_nf4(packed, qs)
+
+
+def test_gptq_scales_and_devices():
+    qw = torch.zeros(8, 16, dtype=torch.int32, device=DEVICE)
+    qz = torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="scales must be a 2-D float tensor, got torch.int32"):
+        dequantize_gptq(qw, qz, torch.zeros(2, 16, dtype=torch.int32, device=DEVICE), group_size=32)
+    with pytest.raises(ValueError, match="out must be a contiguous torch.float16 tensor of shape \\(16, 64\\)"):
+        dequantize_gptq(
+            qw,
+            qz,
+            torch.zeros(2, 16, dtype=torch.float16, device=DEVICE),
+            group_size=32,
+            out=torch.empty(64, 16, dtype=torch.float16, device=DEVICE),
+        )
+    if DEVICE == "cuda":
+        with pytest.raises(ValueError, match="scales is on cpu but qweight is on cuda"):
+            dequantize_gptq(qw, qz, torch.zeros(2, 16, dtype=torch.float16), group_size=32)
+
+
+# ----------------------------------------------------------------------------------- property tests
+
+
+FUZZ = fuzz_settings()
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_dequantize_gptq(data):
+    from fusedlora.testing import pack_int_words
+
+    bits = data.draw(st.sampled_from([2, 4, 8]))
+    per = 32 // bits
+    group = data.draw(st.sampled_from([16, 32, 64, -1]))
+    n_in = data.draw(st.sampled_from([64, 128, 192]))
+    n_out = per * data.draw(st.integers(1, 6))
+    act_order = data.draw(st.booleans())
+    fmt = data.draw(st.sampled_from(["gptq", "gptq_v2"]))
+    out_dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float32]))
+    gs = n_in if group == -1 else group
+    n_groups = n_in // gs
+    q = torch.randint(0, 2**bits, (n_in, n_out))
+    z = torch.randint(1, 2**bits, (n_groups, n_out))
+    s = (torch.rand(n_groups, n_out) * 0.1 + 0.01).to(torch.float16)
+    g_idx = (torch.randperm(n_in) // gs) if act_order else torch.arange(n_in) // gs
+    qweight, qzeros = pack_int_words(q, bits, 0), pack_int_words(z - 1 if fmt == "gptq" else z, bits, 1)
+    out = dequantize_gptq(
+        qweight.to(DEVICE),
+        qzeros.to(DEVICE),
+        s.to(DEVICE),
+        g_idx.to(DEVICE, torch.int32) if act_order else None,
+        bits=bits,
+        group_size=group,
+        format=fmt,
+        out_dtype=out_dtype,
+    )
+    want = ((q - z[g_idx]).double() * s.double()[g_idx]).t().to(DEVICE)
+    assert out.dtype == out_dtype
+    assert_close(out, want, 1e-6 if out_dtype == torch.float32 else fuzz_tol(out_dtype))
+
+
+# -------------------------------------------------------------------- an independent GPTQ reference
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+@pytest.mark.parametrize("bits,group,act_order", [(4, 32, False), (4, 16, True), (8, 64, False), (2, 32, True)])
+def test_gptq_against_an_independent_reference(bits, group, act_order, fmt):
+    """Integer weights, zeros and scales are drawn, packed as the format says (zeros stored minus one in
+    'gptq'), and the kernel's output is compared element-wise with (q - z) * s computed from the draws."""
+    g = torch.Generator().manual_seed(bits * 100 + group)
+    n_in, n_out = 128, 48
+    q = torch.randint(0, 2**bits, (n_in, n_out), generator=g)
+    n_groups = n_in // group
+    z = torch.randint(1, 2**bits, (n_groups, n_out), generator=g)
+    s = torch.rand(n_groups, n_out, generator=g) * 0.1 + 0.01
+    g_idx = (torch.randperm(n_in, generator=g) // group) if act_order else torch.arange(n_in) // group
+    stored_z = z - 1 if fmt == "gptq" else z
+    qweight, qzeros = pack_int_words(q, bits, 0), pack_int_words(stored_z, bits, 1)
+    expect = ((q - z[g_idx]).double() * s.double()[g_idx]).t()  # [out, in]
+    out = dequantize_gptq(
+        qweight.to(DEVICE),
+        qzeros.to(DEVICE),
+        s.to(DEVICE, torch.float16),
+        g_idx.to(DEVICE, torch.int32) if act_order else None,
+        bits=bits,
+        group_size=group,
+        format=fmt,
+        out_dtype=torch.float32,
+    )
+    assert out.shape == (n_out, n_in)
+    s16 = s.to(torch.float16).double()
+    assert_close(out, ((q - z[g_idx]).double() * s16[g_idx]).t().to(DEVICE), 1e-6)
+    assert rel_err(out, expect.to(DEVICE)) < 1e-3  # the scales' fp16 rounding only
+
+
+# ------------------------------------------------------------------------------------ torch.compile
+
+
+fresh_dynamo = pytest.fixture(reset_dynamo)  # (the compile cases': Dynamo's caches empty around each)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("which", ["nf4", "nf4_out", "gptq", "gptq_transpose"])
+def test_dequantize_compiles_and_matches_eager(which):
+    from fusedlora.testing import random_gptq_tensors
+
+    if which.startswith("nf4"):
+        bnbf = pytest.importorskip("bitsandbytes.functional")
+        packed, state = bnbf.quantize_4bit(
+            torch.randn(48, 64, device=DEVICE), blocksize=64, compress_statistics=True, quant_type="nf4"
+        )
+        if which == "nf4":
+            fn = lambda p: fusedlora.quant.dequantize_nf4(p, state, dtype=torch.float16)  # noqa: E731
+        else:
+            fn = lambda p: fusedlora.quant.dequantize_nf4(p, state, out=torch.empty(48, 64, device=DEVICE)) * 1  # noqa: E731
+        inputs = (packed,)
+    else:
+        qweight, qzeros, scales, g_idx = random_gptq_tensors(64, 96, 4, 32, True)
+        fn = lambda q: fusedlora.quant.dequantize_gptq(q, qzeros, scales, g_idx, transpose=which.endswith("transpose"))  # noqa: E731
+        inputs = (qweight,)
+    assert_compiled_matches_eager(fn, inputs, 0.0)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("which", ["nf4", "gptq"])
+def test_dequantize_out_is_checked_under_compile(which):
+    """Compiled, the result is copied into out=: an out of another dtype or shape is refused as in eager mode,
+    never cast or broadcast into silently; a transposed NF4 view comes back transposed, as in eager mode."""
+    from fusedlora.testing import random_gptq_tensors
+
+    if which == "nf4":
+        bnbf = pytest.importorskip("bitsandbytes.functional")
+        packed, state = bnbf.quantize_4bit(torch.randn(48, 64, device=DEVICE), blocksize=64, quant_type="nf4")
+        fn = torch.compile(lambda p, out: fusedlora.quant.dequantize_nf4(p, state, out=out), backend=COMPILE_BACKEND)
+        shape, dtype = (48, 64), torch.float32
+        transposed = torch.compile(lambda p: fusedlora.quant.dequantize_nf4(p, state), backend=COMPILE_BACKEND)(
+            packed.t()
+        )
+        assert torch.equal(transposed, bnbf.dequantize_4bit(packed.t(), state))
+    else:
+        packed, qzeros, scales, g_idx = random_gptq_tensors(64, 96, 4, 32, True)
+        fn = torch.compile(
+            lambda q, out: fusedlora.quant.dequantize_gptq(q, qzeros, scales, g_idx, out=out), backend=COMPILE_BACKEND
+        )
+        shape, dtype = (96, 64), torch.float16
+    op = f"dequantize_{which}"
+    for bad in (
+        torch.empty(shape, dtype=torch.bfloat16, device=DEVICE),
+        torch.empty(2, *shape, dtype=dtype, device=DEVICE),
+    ):
+        with pytest.raises(ValueError, match=re.escape(f"{op}: out must be a {dtype} tensor of shape {shape}")):
+            fn(packed, bad)
+    good = torch.empty(shape, dtype=dtype, device=DEVICE)
+    assert fn(packed, good).data_ptr() == good.data_ptr()
