@@ -16,14 +16,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SELECTIONS = {
-    "rms_norm": ["tests/test_rms_norm.py", "tests/test_faults.py"],
-    "rope": ["tests/test_rope.py", "tests/test_faults.py"],
-    "cross_entropy": ["tests/test_cross_entropy.py", "tests/test_faults.py"],
-    "glu": ["tests/test_glu.py", "tests/test_faults.py"],
-    "glu_lora": ["tests/test_glu.py", "tests/test_lora.py", "tests/test_faults.py"],
-    "_math": ["tests/test_glu.py", "tests/test_faults.py"],
-    "quant": ["tests/test_quant.py", "tests/test_faults.py"],
+SELECTIONS = {  # each op's reference, fuzz, fault and bad-input cases live in its own file (tests mirror the package)
+    "rms_norm": ["tests/ops/test_rms_norm.py"],
+    "rope": ["tests/ops/test_rope.py"],
+    "cross_entropy": ["tests/ops/test_cross_entropy.py", "tests/ops/test_linear_loss.py"],
+    "glu": ["tests/ops/test_glu.py"],
+    "glu_lora": ["tests/ops/test_glu_lora.py", "tests/test_lora.py"],
+    "_math": ["tests/ops/test_glu.py", "tests/ops/test_glu_lora.py"],
+    "quant": ["tests/test_quant.py"],
+    "moe_lora": ["tests/ops/test_moe_lora.py"],
 }
 
 # (name, kernel file, text, replacement)
@@ -106,6 +107,14 @@ MUTATIONS = [
         "tl.reshape(tl.interleave(hi, lo), [PB])",
         "tl.reshape(tl.interleave(lo, hi), [PB])",
     ),
+    (
+        "moe_lora: every expert reads expert 0's weights",
+        "moe_lora",
+        "flat = w_e.to(tl.int64) * n_out * n_in + out_idx.to(tl.int64) * n_in + in_idx",
+        "flat = (w_e * 0).to(tl.int64) * n_out * n_in + out_idx.to(tl.int64) * n_in + in_idx",
+    ),
+    ("moe_lora: SwiGLU without the sigmoid", "moe_lora", "return gate * tl.sigmoid(gate) * up", "return gate * up"),
+    ("moe_lora: LoRA scale dropped", "moe_lora", "return scale * mma(small,", "return mma(small,"),
 ]
 
 

@@ -18,7 +18,7 @@ pip_install "setuptools>=64" wheel
 # is the one list of what the tests import and of the tested version ranges (torch and triton above are in them).
 pip_install --no-build-isolation -e ".[test]"
 # Every requirement of the package and its [test] extra, installed and in range: a missing one fails CI here
-# rather than skipping tests silently (tests/test_fuzz.py without hypothesis).
+# rather than skipping tests silently (the ops' fuzz cases in tests/ops/ without hypothesis).
 "$PY" - <<'CHECK'
 import importlib.metadata as md
 import sys
