@@ -2,7 +2,8 @@
 # The end-to-end GPU session (device machine): carried wheels (.whl: bitsandbytes, liger-kernel...), the built
 # fusedlora wheel (dist/) installed apart from the checkout, then: the patch tests on the GPU (checkout, JIT),
 # the demo and the e2e benchmark from the wheel (prebuilt cubins). Results under $OUT (or ./gpu_out).
-# Usage: bash ci/gpu_e2e.sh [tests|compile|graphs|wheel|demo|bench|context|moe|moe48]...   (default: tests demo bench);
+# Usage: bash ci/gpu_e2e.sh [suite|tests|compile|graphs|wheel|demo|bench|context|moe|moe48]...   (default: tests demo bench);
+# suite: the whole test suite against the installed wheel, SUITE_PROCS (4) processes side by side;
 # PART_TIMEOUT, BENCH_ARGS, CONTEXT_ARGS, MOE_ARGS, MOE48_ARGS pass options to the benchmarks. moe: the MoE rows at
 # reduced depth (Qwen3-30B-A3B, Mixtral-8x7B layers; HF+PEFT grouped_mm, Unsloth, fusedlora; batch 4 x 2048, LoRA);
 # moe48: fusedlora's QLoRA memory row, all 48 Qwen3-30B-A3B layers, NF4 experts, batch 1 x 4096. compile: the torch.compile, checkpoint and
@@ -33,10 +34,28 @@ python3 -c "import torch, triton, transformers, peft; print('torch', torch.__ver
 T="timeout ${PART_TIMEOUT:-0}"
 # the ops' and LoRA functions' torch.compile cases, which stand in their own files (tests/ops/, test_lora, test_quant)
 COMPILE_CASES="(compile or unadapted_projection or some_projections_and_no_input_grad or outputs_alias_nothing"
+# suite: every test file against the installed wheel (its prebuilt cubins; the checkout's tests and benchmarks after
+# it on the path), in SUITE_PROCS pytest processes side by side (files dealt out largest first), each test's
+# result written as it finishes (-v), so a part cut by PART_TIMEOUT still names what failed; one summary at the end.
+suite_from_wheel() {
+  local procs=${SUITE_PROCS:-4} i=0 f
+  local -a groups
+  for f in $(ls -S tests/test_*.py tests/*/test_*.py); do groups[$((i % procs))]+=" $REPO/$f"; i=$((i + 1)); done
+  for i in $(seq 0 $((procs - 1))); do
+    (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH:$REPO $T python3 -m pytest -v -p no:cacheprovider ${groups[$i]} \
+       > "$OUT/suite_$i.txt" 2>&1) &
+  done
+  wait
+  for i in $(seq 0 $((procs - 1))); do
+    echo "== part $i: $(grep -c ' PASSED' "$OUT/suite_$i.txt") passed; $(tail -1 "$OUT/suite_$i.txt" | cut -c1-160)"
+    grep -E ' (FAILED|ERROR)' "$OUT/suite_$i.txt" | sed 's/ - .*//' | head -30
+  done | tee "$OUT/suite_summary.txt"
+}
 COMPILE_CASES="$COMPILE_CASES or op_names_a_bad_activation) and not test_torch_compile_fullgraph_matches_eager"
 for part in "${@:-tests demo bench}"; do
   for p in $part; do
     case $p in
+      suite) suite_from_wheel ;;
       tests) $T python3 -m pytest -q tests/hf/test_apply.py tests/test_lora.py tests/test_cuda_graphs.py -x 2>&1 | tee "$OUT/pytest_hf.txt" | tail -15 ;;
       compile) { $T python3 -m pytest -q tests/test_compile.py tests/test_checkpoint.py tests/test_context_search.py
                  $T python3 -m pytest -q tests/ops tests/test_lora.py tests/test_quant.py -k "$COMPILE_CASES"; } 2>&1 \
