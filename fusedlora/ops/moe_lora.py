@@ -217,7 +217,7 @@ def _proj(weight, quant, lora_A, lora_B, bias, transposed, blocksize, nested, sc
 
 
 # The dequantised weights of one chunk of NF4 experts (both projections) stay under this: a scratch buffer the
-# GEMMs read, never the whole stack in bf16 (Qwen3-30B-A3B: 27 experts of 128 a chunk; Mixtral: 1 of 8).
+# GEMMs read, never the whole stack in bf16 (Qwen3-30B-A3B: 28 experts of 128 a chunk; Mixtral: 1 of 8).
 MOE_NF4_CHUNK_BYTES = 256 << 20
 
 
