@@ -37,20 +37,26 @@ T="timeout ${PART_TIMEOUT:-0}"
 # the ops' and LoRA functions' torch.compile cases, which stand in their own files (tests/ops/, test_lora, test_quant)
 COMPILE_CASES="(compile or unadapted_projection or some_projections_and_no_input_grad or outputs_alias_nothing"
 # suite: every test file against the installed wheel (its prebuilt cubins; the checkout's tests and benchmarks after
-# it on the path), in SUITE_PROCS pytest processes side by side (files dealt out largest first), each test's
-# result written as it finishes (-v), so a part cut by PART_TIMEOUT still names what failed; one summary at the end.
+# it on the path) in SUITE_PROCS workers (pytest-xdist when carried, else processes over files), each test's result
+# written as it finishes (-v), so a part cut by PART_TIMEOUT still names what failed; one summary at the end.
 suite_from_wheel() {
   local procs=${SUITE_PROCS:-4} i=0 f
-  local -a groups
-  for f in $(ls -S tests/test_*.py tests/*/test_*.py); do groups[$((i % procs))]+=" $REPO/$f"; i=$((i + 1)); done
-  for i in $(seq 0 $((procs - 1))); do
-    (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH:$REPO $T python3 -m pytest -v -p no:cacheprovider ${groups[$i]} \
-       > "$OUT/suite_$i.txt" 2>&1) &
-  done
-  wait
+  if python3 -c "import xdist" 2>/dev/null; then  # pytest-xdist carried in .whl: tests dealt out one at a time
+    (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH:$REPO $T python3 -m pytest -v -rfE --durations=30 -p no:cacheprovider \
+       -n "$procs" $REPO/tests > "$OUT/suite_0.txt" 2>&1)
+    procs=1
+  else  # files dealt out largest first to SUITE_PROCS processes
+    local -a groups
+    for f in $(ls -S tests/test_*.py tests/*/test_*.py); do groups[$((i % procs))]+=" $REPO/$f"; i=$((i + 1)); done
+    for i in $(seq 0 $((procs - 1))); do
+      (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH:$REPO $T python3 -m pytest -v -p no:cacheprovider ${groups[$i]} \
+         > "$OUT/suite_$i.txt" 2>&1) &
+    done
+    wait
+  fi
   for i in $(seq 0 $((procs - 1))); do
     echo "== part $i: $(grep -c ' PASSED' "$OUT/suite_$i.txt") passed; $(tail -1 "$OUT/suite_$i.txt" | cut -c1-160)"
-    grep -E ' (FAILED|ERROR)' "$OUT/suite_$i.txt" | sed 's/ - .*//' | head -30
+    grep -E ' (FAILED|ERROR)' "$OUT/suite_$i.txt" | sed 's/ - .*//' | head -40
   done | tee "$OUT/suite_summary.txt"
 }
 COMPILE_CASES="$COMPILE_CASES or op_names_a_bad_activation) and not test_torch_compile_fullgraph_matches_eager"

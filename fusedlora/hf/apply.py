@@ -518,7 +518,7 @@ def _check_loss(m, family, known, checked):
         if changing:
             return None, f"config sets {', '.join(changing)}, which an unknown family may apply to the logits"
     why = forwards.loss_head_problem(m)
-    return (forwards.loss_facts(type(m)), None) if why is None else (None, why)
+    return (forwards.loss_facts(type(m), family), None) if why is None else (None, why)
 
 
 CHECKS = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import sys
 from collections.abc import Callable
 
 import torch
@@ -75,8 +76,14 @@ class LossFacts:
 
     signature: inspect.Signature  # of the class's forward
     var_kw: str | None  # its **kwargs parameter
-    output_fields: frozenset  # the output fields it passes on
+    output_class: type  # what the class's forward returns (CausalLMOutputWithPast, MoeCausalLMOutputWithPast)
     varlen_available: bool  # torch has varlen attention (packed rows then take it)
+    # an MoE family's own load_balancing_loss_func (from the class's module), which adds the router's aux loss
+    load_balancing: Callable | None = None
+
+    @property
+    def output_fields(self) -> frozenset:  # the decoder output fields passed on
+        return frozenset(f.name for f in dataclasses.fields(self.output_class)) - {"loss", "logits", "aux_loss"}
 
     def configured(self, options: PatchOptions) -> LossFacts:
         return self
@@ -350,13 +357,15 @@ def _varlen_attention(module, q, k, v, kwargs, varlen: VarlenAttention):
 
 
 # ------------------------------------------------------------------------------------------- loss
-def loss_facts(cls) -> LossFacts:
+def loss_facts(cls, family: Family) -> LossFacts:
     sig = inspect.signature(cls.forward)
     var_kw = next((p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
-    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
-    fields = frozenset(f.name for f in dataclasses.fields(CausalLMOutputWithPast)) - {"loss", "logits"}
-    return LossFacts(sig, var_kw, fields, varlen_facts().attn is not None)
+    if not family.router_aux_loss:
+        return LossFacts(sig, var_kw, CausalLMOutputWithPast, varlen_facts().attn is not None)
+    load_balancing = getattr(sys.modules.get(cls.__module__), "load_balancing_loss_func", None)
+    return LossFacts(sig, var_kw, MoeCausalLMOutputWithPast, varlen_facts().attn is not None, load_balancing)
 
 
 def head_linear(head):
@@ -420,15 +429,11 @@ def causal_lm_forward(self, *args, **kwargs):
     why = loss_head_problem(self) or tensor_problem(head_linear(self.lm_head).weight)
     if why is None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
         why = "logits_to_keep was given with labels"
-    if (
-        why is None
-        and fam.router_aux_loss
-        and extra.get(
-            "output_router_logits",
-            call.get("output_router_logits", getattr(self.config, "output_router_logits", False)),
-        )
-    ):
-        why = "output_router_logits (the MoE load-balancing loss) is on"
+    router_aux = fam.router_aux_loss and extra.get(
+        "output_router_logits", call.get("output_router_logits", getattr(self.config, "output_router_logits", False))
+    )
+    if why is None and router_aux and rec.facts.load_balancing is None:
+        why = f"output_router_logits is on and {type(self).__module__} has no load_balancing_loss_func"
     if why:
         return _fallback(self, why, *args, **kwargs)
     return_dict = extra.pop("return_dict", None)
@@ -463,13 +468,21 @@ def causal_lm_forward(self, *args, **kwargs):
     # the loss's own arguments stay out of the decoder (HF passes them down to every layer, where an int
     # num_items_in_batch that changes per step would also change each layer call's CUDA-graph key)
     decoder_extra = {k: v for k, v in extra.items() if k not in LOSS_ONLY_KWARGS}
+    if router_aux:
+        call.pop("output_router_logits", None)
+        decoder_extra["output_router_logits"] = True
     outputs = self.model(**call, **decoder_extra)
     extra.pop(UNMASKED_CAUSAL, None)
     loss = _causal_lm_loss(self, outputs.last_hidden_state, labels, extra)
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
+    aux = {}
+    if router_aux:  # HF's MoE forward: the load-balancing loss of the recorded router logits, scaled, added
+        aux_loss = rec.facts.load_balancing(
+            outputs.router_logits, self.num_experts, self.num_experts_per_tok, call.get("attention_mask")
+        )
+        loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
+        aux["aux_loss"] = aux_loss
     fields = rec.facts.output_fields
-    out = CausalLMOutputWithPast(loss=loss, logits=None, **{k: v for k, v in outputs.items() if k in fields})
+    out = rec.facts.output_class(loss=loss, logits=None, **aux, **{k: v for k, v in outputs.items() if k in fields})
     return out if return_dict else out.to_tuple()
 
 

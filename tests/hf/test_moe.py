@@ -158,7 +158,7 @@ def test_family_loss_and_grads_match(model_type, config, router_logits, fused_ca
     assert_same(want, got)
     assert any("experts.lora_A" in n for n in got[1]) and any("self_attn" in n and "lora_B" in n for n in got[1])
     assert len(fused_calls) == MOE_BLOCKS[model_type] and all(p.lora_A is not None for p in fused_calls)
-    assert no_moe_fallback(report), str(report.fallbacks)
+    assert not report.fallbacks.counts, str(report.fallbacks)  # (the loss too: fused, with the aux loss added)
 
 
 def test_router_logits_and_aux_loss_are_hf_s(fused_calls):
@@ -173,6 +173,29 @@ def test_router_logits_and_aux_loss_are_hf_s(fused_calls):
         assert rel_err(b, a) <= 1e-5
     assert rel_err(outs[1].aux_loss, outs[0].aux_loss) <= 1e-6 and outs[0].aux_loss > 0
     assert rel_err(outs[1].logits, outs[0].logits) <= 1e-4 and fused_calls
+
+
+@pytest.mark.parametrize("how", ["call", "config"])
+def test_training_loss_adds_hf_s_aux_loss_without_logits(how):
+    """output_router_logits in a training step with labels (by argument or in the config): the fused loss plus
+    router_aux_loss_coef x HF's load-balancing loss of the recorded router logits, the MoE output HF returns (with
+    aux_loss and router_logits), and no [tokens, vocab] logits."""
+    ref = make_moe("mixtral", router_aux_loss_coef=0.5, output_router_logits=how == "config")
+    fused = copy.deepcopy(ref)
+    report = fusedlora.patch(fused)
+    ids, labels = batch()
+    kw = {"output_router_logits": True} if how == "call" else {}
+    outs = []
+    for m in (ref, fused):
+        m.train()
+        outs.append(m(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, **kw))
+    want, got = outs
+    assert type(got) is type(want) and got.logits is None and want.logits is not None
+    assert rel_err(got.aux_loss, want.aux_loss) <= 1e-6 and want.aux_loss > 0
+    assert rel_err(got.loss, want.loss) <= 1e-5
+    assert rel_err(got.loss - 0.5 * got.aux_loss, want.loss - 0.5 * want.aux_loss) <= 1e-5  # (the CE part alone)
+    assert len(got.router_logits) == len(want.router_logits) == 2
+    assert not report.fallbacks.counts, str(report.fallbacks)
 
 
 def test_mixtral_router_jitter_as_hf(fused_calls):
