@@ -672,7 +672,6 @@ def _tune_moe(nf4: bool):
         print(f"  block_m {block_m}, the registry's tiles: {base} ms")
         for name, configs in MOE_GEMM_CONFIGS.items():
             for bn, bk, warps, stages in _configs(configs):
-                stages = 1 if nf4 else stages  # (the NF4 decode's gathers are not staged: csrc_triton/moe_lora)
                 with specs[name].override(BN=bn, BK=bk, num_warps=warps, num_stages=stages):
                     ms = _try_time(lambda: step(block_m), (name, block_m, bn, bk, warps, stages), graph=False)
                 res.setdefault(name, []).append(((block_m, bn, bk, warps, stages), ms, f"fwd+bwd, base {base} ms"))
@@ -696,7 +695,8 @@ def tune_moe():
 
 
 def tune_moe_nf4():
-    """As tune_moe with NF4 experts (bitsandbytes' quantiser; one pipeline stage, as the registry launches)."""
+    """As tune_moe with NF4 experts (bitsandbytes' quantiser): the same bf16 GEMM tiles, each timed with the
+    chunk-at-a-time dequantisation in the step (fusedlora.ops.moe_lora), which shifts what the GEMMs share."""
     return _tune_moe(nf4=True)
 
 

@@ -77,13 +77,10 @@ class LossFacts:
     signature: inspect.Signature  # of the class's forward
     var_kw: str | None  # its **kwargs parameter
     output_class: type  # what the class's forward returns (CausalLMOutputWithPast, MoeCausalLMOutputWithPast)
+    output_fields: frozenset  # the decoder output fields it passes on
     varlen_available: bool  # torch has varlen attention (packed rows then take it)
     # an MoE family's own load_balancing_loss_func (from the class's module), which adds the router's aux loss
     load_balancing: Callable | None = None
-
-    @property
-    def output_fields(self) -> frozenset:  # the decoder output fields passed on
-        return frozenset(f.name for f in dataclasses.fields(self.output_class)) - {"loss", "logits", "aux_loss"}
 
     def configured(self, options: PatchOptions) -> LossFacts:
         return self
@@ -362,10 +359,12 @@ def loss_facts(cls, family: Family) -> LossFacts:
     var_kw = next((p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
     from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
-    if not family.router_aux_loss:
-        return LossFacts(sig, var_kw, CausalLMOutputWithPast, varlen_facts().attn is not None)
-    load_balancing = getattr(sys.modules.get(cls.__module__), "load_balancing_loss_func", None)
-    return LossFacts(sig, var_kw, MoeCausalLMOutputWithPast, varlen_facts().attn is not None, load_balancing)
+    output = MoeCausalLMOutputWithPast if family.router_aux_loss else CausalLMOutputWithPast
+    fields = frozenset(f.name for f in dataclasses.fields(output)) - {"loss", "logits", "aux_loss"}
+    load_balancing = None
+    if family.router_aux_loss:
+        load_balancing = getattr(sys.modules.get(cls.__module__), "load_balancing_loss_func", None)
+    return LossFacts(sig, var_kw, output, fields, varlen_facts().attn is not None, load_balancing)
 
 
 def head_linear(head):
