@@ -42,7 +42,8 @@ COMPILE_CASES="(compile or unadapted_projection or some_projections_and_no_input
 suite_from_wheel() {
   local procs=${SUITE_PROCS:-4} i=0 f
   if python3 -c "import xdist" 2>/dev/null; then  # pytest-xdist carried in .whl: tests dealt out one at a time
-    (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH:$REPO $T python3 -m pytest -v -rfE --durations=30 -p no:cacheprovider \
+    (cd /tmp && FUSEDLORA_FAILURE_LOG=$OUT/suite_failures.txt PYTHONPATH=$WHEEL_PYTHONPATH:$REPO $T python3 -m pytest \
+       -v -rfE --durations=30 -p no:cacheprovider \
        -n "$procs" $REPO/tests > "$OUT/suite_0.txt" 2>&1)
     procs=1
   else  # files dealt out largest first to SUITE_PROCS processes

@@ -617,13 +617,15 @@ def assert_compiled_second_backward(fn, inputs):
     """retain_graph through a compiled loss: each backward right, none overwriting a gradient handed out.
     (Inductor's donated buffers, torch's default, refuse any retain_graph through a compiled backward with
     torch's own error naming the switch: off here, so that what runs twice is our ops' backward.)"""
+    import torch._functorch.config as functorch_config  # (imported by name: torch imports it lazily)
+
     leaves = [t for t in inputs if t.is_floating_point()]
-    with torch._functorch.config.patch(donated_buffer=False):
+    with functorch_config.patch(donated_buffer=False):  # (held over the backwards too: inductor may compile late)
         loss = torch.compile(fn, backend=COMPILE_BACKEND, fullgraph=True)(*inputs)
-    ref = fn(*inputs)
-    first = torch.autograd.grad(loss, leaves, retain_graph=True)
-    kept = [g.clone() for g in first]
-    second = torch.autograd.grad(3.0 * loss, leaves)
+        ref = fn(*inputs)
+        first = torch.autograd.grad(loss, leaves, retain_graph=True)
+        kept = [g.clone() for g in first]
+        second = torch.autograd.grad(3.0 * loss, leaves)
     for g, k, g2, r in zip(first, kept, second, torch.autograd.grad(3.0 * ref, leaves)):
         assert torch.equal(g, k)
         assert rel_err(g2, r) <= max(COMPILE_TOL, 1e-3 if g.dtype == torch.float16 else 0.0)

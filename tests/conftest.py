@@ -23,6 +23,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def pytest_runtest_logreport(report):
+    """FUSEDLORA_FAILURE_LOG=path: each failure's traceback appended there as it happens (pytest prints them only
+    at the end, which a run cut by its time limit never reaches); written once, by the xdist controller."""
+    path = os.environ.get("FUSEDLORA_FAILURE_LOG")
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:
+        with open(path, "a") as log:
+            log.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}\n")
+
+
 @pytest.fixture
 def device():
     return DEVICE
