@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 import time
 
@@ -65,6 +66,14 @@ def markdown(results) -> str:
             lines.append(
                 head + f" {rate:,.0f} | {ratio} | {step_ms:.1f} | {r['peak_gib']:.2f} | {steady} | "
                 f"{r['first_step_s']:.2f} | {gap} | {jit} |"
+            )
+    for r in results:  # what the wheel lacked, by name (the AOT shape lists' next entries)
+        for variant in r.get("fusedlora_jit_variants") or ():
+            v = json.loads(variant)
+            args = ", ".join(f"{n}: {t}" for n, t in v["signature"])
+            consts = ", ".join(f"{n}={c}" for n, c in v["constexprs"])
+            lines.append(
+                f"\nJIT in {shape_label(r)} {r['mode']} {r['variant']}: {v['kernel']} sm_{v['arch']} [{consts}] ({args})"
             )
     return "\n".join(lines)
 

@@ -153,6 +153,29 @@ def test_e2e_table_labels_moe_depths_and_uses_the_median_step():
     assert "| qwen3moe x8 | lora | off | fusedlora | 2,500 | 2.50x | 8.0 | 40.00 | 42.00 |" in table
     assert "| qwen3moe x8 | lora | off | unsloth | failed: exit 1 |" in table
     assert "| qwen3moe x48 | lora | off | fusedlora | 800 | - |" in table  # no HF+PEFT run at that depth
+    assert "JIT in" not in table
+
+
+def test_e2e_table_names_each_variant_that_went_through_triton_jit():
+    from fusedlora.kernel_spec import Variant
+
+    jitted = Variant("rope", 90, (("Q", "*bf16:16"), ("n", "i32")), (("BLOCK_H", 8), ("HAS_POS", 1)), 4, 1)
+    r = {
+        "model": "qwen3moe",
+        "layers": 10,
+        "mode": "lora",
+        "variant": "fusedlora",
+        "gc": False,
+        "tokens_per_s": 1.0,
+        "step_ms": 1.0,
+        "peak_gib": 1.0,
+        "first_step_s": 1.0,
+        "losses": [1.0],
+        "fusedlora_jit_kernels": 1,
+        "fusedlora_jit_variants": [jitted.to_string()],
+    }
+    table = bench_e2e.markdown([r])
+    assert "JIT in qwen3moe x10 lora fusedlora: rope sm_90 [BLOCK_H=8, HAS_POS=1] (Q: *bf16:16, n: i32)" in table
 
 
 def test_e2e_report_states_the_moe_setup_and_each_run_s_expert_storage():
