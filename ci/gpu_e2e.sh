@@ -3,7 +3,7 @@
 # fusedlora wheel (dist/) installed apart from the checkout, then: the patch tests on the GPU (checkout, JIT),
 # the demo and the e2e benchmark from the wheel (prebuilt cubins). Results under $OUT (or ./gpu_out).
 # Usage: bash ci/gpu_e2e.sh [suite|tests|compile|graphs|wheel|demo|bench|context|moe|moe48]...   (default: tests demo bench);
-# suite: the whole test suite against the installed wheel, SUITE_PROCS (4) processes side by side;
+# suite: the whole test suite against the installed wheel, SUITE_PROCS (4) pytest-xdist workers when .whl carries pytest-xdist and execnet (else processes over files); each failure written as it happens to $OUT/suite_failures.txt;
 # PART_TIMEOUT, BENCH_ARGS, CONTEXT_ARGS, MOE_ARGS, MOE48_ARGS pass options to the benchmarks. moe: the MoE rows at
 # reduced depth (Qwen3-30B-A3B, Mixtral-8x7B layers; HF+PEFT grouped_mm, Unsloth, fusedlora; batch 4 x 2048, LoRA);
 # moe48: fusedlora's QLoRA memory row, all 48 Qwen3-30B-A3B layers, NF4 experts, batch 1 x 4096, checkpointed
