@@ -33,7 +33,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/env.txt"
 # PART_TIMEOUT (seconds, 0 = none) stops one part's python alone: its log under $OUT and what the benchmarks
 # wrote after each variant survive (a whole pipeline killed by the device's limit returns nothing).
-T="timeout ${PART_TIMEOUT:-0}"
+T="timeout -k 20 ${PART_TIMEOUT:-0}"  # (-k: a pytest-xdist controller that outlives the signal, and its workers, killed)
 # the ops' and LoRA functions' torch.compile cases, which stand in their own files (tests/ops/, test_lora, test_quant)
 COMPILE_CASES="(compile or unadapted_projection or some_projections_and_no_input_grad or outputs_alias_nothing"
 # suite: every test file against the installed wheel (its prebuilt cubins; the checkout's tests and benchmarks after
@@ -41,6 +41,7 @@ COMPILE_CASES="(compile or unadapted_projection or some_projections_and_no_input
 # written as it finishes (-v), so a part cut by PART_TIMEOUT still names what failed; one summary at the end.
 suite_from_wheel() {
   local procs=${SUITE_PROCS:-4} i=0 f
+  rm -f "$OUT/suite_failures.txt"  # (the failure log appends)
   if python3 -c "import xdist" 2>/dev/null; then  # pytest-xdist carried in .whl: tests dealt out one at a time
     (cd /tmp && FUSEDLORA_FAILURE_LOG=$OUT/suite_failures.txt PYTHONPATH=$WHEEL_PYTHONPATH:$REPO $T python3 -m pytest \
        -v -rfE --durations=30 -p no:cacheprovider \
@@ -50,7 +51,8 @@ suite_from_wheel() {
     local -a groups
     for f in $(ls -S tests/test_*.py tests/*/test_*.py); do groups[$((i % procs))]+=" $REPO/$f"; i=$((i + 1)); done
     for i in $(seq 0 $((procs - 1))); do
-      (cd /tmp && PYTHONPATH=$WHEEL_PYTHONPATH:$REPO $T python3 -m pytest -v -p no:cacheprovider ${groups[$i]} \
+      (cd /tmp && FUSEDLORA_FAILURE_LOG=$OUT/suite_failures.txt PYTHONPATH=$WHEEL_PYTHONPATH:$REPO $T python3 -m pytest \
+         -v -p no:cacheprovider ${groups[$i]} \
          > "$OUT/suite_$i.txt" 2>&1) &
     done
     wait

@@ -428,10 +428,13 @@ def causal_lm_forward(self, *args, **kwargs):
     why = loss_head_problem(self) or tensor_problem(head_linear(self.lm_head).weight)
     if why is None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
         why = "logits_to_keep was given with labels"
-    router_aux = fam.router_aux_loss and extra.get(
-        "output_router_logits", call.get("output_router_logits", getattr(self.config, "output_router_logits", False))
-    )
-    if why is None and router_aux and rec.facts.load_balancing is None:
+    # (as HF resolves it: an argument of None, or none given, means the config's)
+    router_aux = extra.get("output_router_logits", call.get("output_router_logits"))
+    if router_aux is None:
+        router_aux = getattr(self.config, "output_router_logits", False)
+    if why is None and router_aux and not fam.router_aux_loss:
+        why = "output_router_logits is on and this family's load-balancing loss is not one fusedlora knows"
+    elif why is None and router_aux and rec.facts.load_balancing is None:
         why = f"output_router_logits is on and {type(self).__module__} has no load_balancing_loss_func"
     if why:
         return _fallback(self, why, *args, **kwargs)

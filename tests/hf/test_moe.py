@@ -175,27 +175,63 @@ def test_router_logits_and_aux_loss_are_hf_s(fused_calls):
     assert rel_err(outs[1].logits, outs[0].logits) <= 1e-4 and fused_calls
 
 
-@pytest.mark.parametrize("how", ["call", "config"])
+@pytest.mark.parametrize("how", ["call", "config", "config_and_none_argument"])
 def test_training_loss_adds_hf_s_aux_loss_without_logits(how):
-    """output_router_logits in a training step with labels (by argument or in the config): the fused loss plus
-    router_aux_loss_coef x HF's load-balancing loss of the recorded router logits, the MoE output HF returns (with
-    aux_loss and router_logits), and no [tokens, vocab] logits."""
-    ref = make_moe("mixtral", router_aux_loss_coef=0.5, output_router_logits=how == "config")
+    """output_router_logits in a training step with labels (an argument, or the config's, also under an explicit
+    None as HF resolves it): the fused loss plus router_aux_loss_coef x HF's load-balancing loss of the recorded
+    router logits over the padded batch's mask, the MoE output HF returns (aux_loss, router_logits), no
+    [tokens, vocab] logits, and the same gradients."""
+    ref = make_moe("mixtral", router_aux_loss_coef=0.5, output_router_logits=how != "call")
     fused = copy.deepcopy(ref)
     report = fusedlora.patch(fused)
     ids, labels = batch()
-    kw = {"output_router_logits": True} if how == "call" else {}
-    outs = []
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # (left padding: the aux loss counts the unmasked tokens only)
+    kw = {
+        "call": {"output_router_logits": True},
+        "config": {},
+        "config_and_none_argument": {"output_router_logits": None},
+    }
+    outs, grads = [], []
     for m in (ref, fused):
         m.train()
-        outs.append(m(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, **kw))
+        m.zero_grad(set_to_none=True)
+        outs.append(m(input_ids=ids, attention_mask=mask, labels=labels, **kw[how]))
+        outs[-1].loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
     want, got = outs
     assert type(got) is type(want) and got.logits is None and want.logits is not None
     assert rel_err(got.aux_loss, want.aux_loss) <= 1e-6 and want.aux_loss > 0
     assert rel_err(got.loss, want.loss) <= 1e-5
     assert rel_err(got.loss - 0.5 * got.aux_loss, want.loss - 0.5 * want.aux_loss) <= 1e-5  # (the CE part alone)
     assert len(got.router_logits) == len(want.router_logits) == 2
+    assert grads[0].keys() == grads[1].keys() and any("experts.lora_A" in n for n in grads[0])
+    for n in grads[0]:
+        assert rel_err(grads[1][n], grads[0][n]) <= 1e-4, n
     assert not report.fallbacks.counts, str(report.fallbacks)
+
+
+@pytest.mark.skipif(not hasattr(transformers, "PhimoeForCausalLM"), reason="transformers without phimoe")
+def test_an_unknown_moe_family_s_aux_loss_keeps_hf_s_loss():
+    """A MoE family fusedlora has no row for (phimoe): its loss module is patched as any causal LM's, so a step
+    with output_router_logits on runs HF's loss (aux loss included), reported, instead of dropping the aux term."""
+    cfg = transformers.AutoConfig.for_model(
+        "phimoe",
+        **TINY,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        intermediate_size=32,
+        output_router_logits=True,
+        router_aux_loss_coef=0.5,
+    )
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg).to(DEVICE)
+    fused = copy.deepcopy(ref)
+    report = fusedlora.patch(fused)
+    ids, labels = batch()
+    want, got = (m.train()(input_ids=ids, labels=labels) for m in (ref, fused))
+    assert want.aux_loss > 0 and rel_err(got.loss, want.loss) <= 1e-5 and rel_err(got.aux_loss, want.aux_loss) <= 1e-6
+    assert any(k == "loss" and "load-balancing" in why for k, why in report.fallbacks.counts), str(report.fallbacks)
 
 
 def test_mixtral_router_jitter_as_hf(fused_calls):

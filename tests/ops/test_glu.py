@@ -98,7 +98,10 @@ def test_forward_reads_column_blocks_of_one_buffer(rows, cols, dtype, act):
     # 16-divisible stride or not), one prebuilt and one JIT-compiled by another Triton, whose erf can differ in its
     # last fp32 bit (seen on an H100: triton 3.6 JIT beside 3.9 cubins, GELU in bf16 and fp16)
     flat = glu_forward(g.contiguous(), u.contiguous(), act)
-    torch.testing.assert_close(h, flat, rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).smallest_normal)
+    if HAS_CUDA:
+        torch.testing.assert_close(h, flat, rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).smallest_normal)
+    else:  # (one interpreter runs both)
+        assert torch.equal(h, flat)
     ref = {"silu": naive_swiglu, "gelu": naive_geglu, "gelu_tanh": lambda a, b: naive_geglu(a, b, "tanh")}[act]
     assert rel_err(h, ref(g.double(), u.double())) < TOL[dtype]
 
