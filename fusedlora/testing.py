@@ -631,6 +631,28 @@ def assert_compiled_second_backward(fn, inputs):
         assert rel_err(g2, r) <= max(COMPILE_TOL, 1e-3 if g.dtype == torch.float16 else 0.0)
 
 
+def op_compile_tests(cases: dict, dynamo_only_case: str, tols: dict | None = None):
+    """The two compile tests each op's test file runs over its COMPILE_CASES ({name: () -> (fn, inputs)}), to
+    assign at module level under their own names: every case compiles whole and matches eager (within tols[name]
+    or COMPILE_TOL), and `dynamo_only_case` also where is_compiling() holds only while Dynamo traces."""
+    import pytest
+
+    tols = tols or {}
+
+    @pytest.mark.usefixtures("fresh_dynamo")
+    @pytest.mark.parametrize("case", sorted(cases))
+    def test_public_op_compiles_whole_and_matches_eager(case):
+        assert_compiled_matches_eager(*cases[case](), tols.get(case, COMPILE_TOL))
+
+    @pytest.mark.usefixtures("fresh_dynamo")
+    @pytest.mark.parametrize("case", [dynamo_only_case])
+    def test_ops_compile_where_is_compiling_holds_only_in_dynamo(case, monkeypatch):
+        is_compiling_only_in_dynamo(monkeypatch)  # (torch 2.11's is_compiling: the launchers still custom ops)
+        assert_compiled_matches_eager(*cases[case](), COMPILE_TOL)
+
+    return test_public_op_compiles_whole_and_matches_eager, test_ops_compile_where_is_compiling_holds_only_in_dynamo
+
+
 # ------------------------------------------------------------------------------- command lines
 def run_module(*args):
     """`python -m <args>` from the checkout, with TRITON_INTERPRET unset (as a user's shell has it)."""

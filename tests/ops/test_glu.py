@@ -18,15 +18,13 @@ from fusedlora.ops import (
     swiglu,
 )
 from fusedlora.testing import (
-    COMPILE_TOL,
     DEVICE,
     FUZZ_DTYPES,
     HAS_CUDA,
     assert_close,
-    assert_compiled_matches_eager,
     fuzz_settings,
     fuzz_tol,
-    is_compiling_only_in_dynamo,
+    op_compile_tests,
     randn_leaf,
     rel_err,
     reset_dynamo,
@@ -260,14 +258,6 @@ COMPILE_CASES = {
 }
 
 
-@pytest.mark.usefixtures("fresh_dynamo")
-@pytest.mark.parametrize("case", sorted(COMPILE_CASES))
-def test_public_op_compiles_whole_and_matches_eager(case):
-    assert_compiled_matches_eager(*COMPILE_CASES[case](), COMPILE_TOL)
-
-
-@pytest.mark.usefixtures("fresh_dynamo")
-@pytest.mark.parametrize("case", ["swiglu"])
-def test_ops_compile_where_is_compiling_holds_only_in_dynamo(case, monkeypatch):
-    is_compiling_only_in_dynamo(monkeypatch)  # (torch 2.11's is_compiling: the launchers still custom ops)
-    assert_compiled_matches_eager(*COMPILE_CASES[case](), COMPILE_TOL)
+test_public_op_compiles_whole_and_matches_eager, test_ops_compile_where_is_compiling_holds_only_in_dynamo = (
+    op_compile_tests(COMPILE_CASES, "swiglu")
+)

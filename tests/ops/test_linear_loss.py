@@ -21,13 +21,12 @@ from fusedlora.testing import (
     FUZZ_TOL,
     HAS_CUDA,
     assert_close,
-    assert_compiled_matches_eager,
     assert_compiled_second_backward,
     draw_labels,
     fuzz_settings,
     fuzz_tol,
-    is_compiling_only_in_dynamo,
     labels_every_third_ignored,
+    op_compile_tests,
     randn_leaf,
     rel_err,
     reset_dynamo,
@@ -529,19 +528,10 @@ COMPILE_CASES = {
 }
 
 
-@pytest.mark.usefixtures("fresh_dynamo")
-@pytest.mark.parametrize("case", sorted(COMPILE_CASES))
-def test_public_op_compiles_whole_and_matches_eager(case):
-    fn, inputs = COMPILE_CASES[case]()
-    # chunked_linear_loss runs unchunked under compile: the same sums in another order (fp32 rounding)
-    assert_compiled_matches_eager(fn, inputs, max(COMPILE_TOL, 1e-6) if case == "chunked_linear_loss" else COMPILE_TOL)
-
-
-@pytest.mark.usefixtures("fresh_dynamo")
-@pytest.mark.parametrize("case", ["linear_ce"])
-def test_ops_compile_where_is_compiling_holds_only_in_dynamo(case, monkeypatch):
-    is_compiling_only_in_dynamo(monkeypatch)  # (torch 2.11's is_compiling: the launchers still custom ops)
-    assert_compiled_matches_eager(*COMPILE_CASES[case](), COMPILE_TOL)
+# (chunked_linear_loss runs unchunked under compile: the same sums in another order, fp32 rounding)
+test_public_op_compiles_whole_and_matches_eager, test_ops_compile_where_is_compiling_holds_only_in_dynamo = (
+    op_compile_tests(COMPILE_CASES, "linear_ce", tols={"chunked_linear_loss": max(COMPILE_TOL, 1e-6)})
+)
 
 
 @pytest.mark.usefixtures("fresh_dynamo")

@@ -14,17 +14,15 @@ from fusedlora.ops import (
     rope,
 )
 from fusedlora.testing import (
-    COMPILE_TOL,
     DEVICE,
     FUZZ_DTYPES,
     HAS_CUDA,
     assert_close,
-    assert_compiled_matches_eager,
     assert_device_assert,
     fuzz_settings,
     fuzz_tol,
-    is_compiling_only_in_dynamo,
     kernel_round,
+    op_compile_tests,
     randn_leaf,
     rel_err,
     reset_dynamo,
@@ -275,14 +273,6 @@ def _compile_positions():
     return torch.tensor([[0, 1, 2, 0, 1], [3, 4, 5, 6, 7]], device=DEVICE)
 
 
-@pytest.mark.usefixtures("fresh_dynamo")
-@pytest.mark.parametrize("case", sorted(COMPILE_CASES))
-def test_public_op_compiles_whole_and_matches_eager(case):
-    assert_compiled_matches_eager(*COMPILE_CASES[case](), COMPILE_TOL)
-
-
-@pytest.mark.usefixtures("fresh_dynamo")
-@pytest.mark.parametrize("case", ["rope"])
-def test_ops_compile_where_is_compiling_holds_only_in_dynamo(case, monkeypatch):
-    is_compiling_only_in_dynamo(monkeypatch)  # (torch 2.11's is_compiling: the launchers still custom ops)
-    assert_compiled_matches_eager(*COMPILE_CASES[case](), COMPILE_TOL)
+test_public_op_compiles_whole_and_matches_eager, test_ops_compile_where_is_compiling_holds_only_in_dynamo = (
+    op_compile_tests(COMPILE_CASES, "rope")
+)
