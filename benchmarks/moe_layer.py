@@ -74,7 +74,9 @@ def _runners(module, factors, scale):
         params = {name: _merged(getattr(module, name), *factors[name], scale) for name in factors}
         return torch.func.functional_call(module, params, (x, index, weights))
 
-    def fused(x, index, weights, gate_up_weight=None, gate_up_state=None, down_weight=None, down_state=None):
+    def fused(
+        x, index, weights, gate_up_weight=None, gate_up_state=None, down_weight=None, down_state=None, base="triton"
+    ):
         gu = ExpertProj(
             module.gate_up_proj if gate_up_weight is None else gate_up_weight,
             *factors["gate_up_proj"],
@@ -87,9 +89,17 @@ def _runners(module, factors, scale):
             scale,
             quant_state=down_state,
         )
-        return moe_lora_experts(x, index, weights, gu, d)
+        return moe_lora_experts(x, index, weights, gu, d, base_gemm=base)
 
-    return {"grouped_mm, no LoRA": no_lora, "grouped_mm + merged LoRA (PEFT)": merged, "fusedlora": fused}
+    def hybrid(x, index, weights):
+        return fused(x, index, weights, base="grouped_mm")
+
+    return {
+        "grouped_mm, no LoRA": no_lora,
+        "grouped_mm + merged LoRA (PEFT)": merged,
+        "fusedlora": fused,
+        "fusedlora hybrid (grouped_mm GEMMs)": hybrid,
+    }
 
 
 def _step(fn, x, index, weights, leaves, dout):
@@ -151,7 +161,7 @@ def run(layer: str, tokens: list[int], rank: int, nf4: bool, check: bool):
         weights = weights.to(torch.bfloat16).requires_grad_()
         dout = torch.randn(T, dims["hidden"], device=device, dtype=torch.bfloat16)
         if check:
-            for name in [n for n in runners if n.startswith("fusedlora")]:
+            for name in [n for n in runners if n.startswith("fusedlora")]:  # (the fused kernels, the hybrid)
                 ref = merged_on_dequantised if name.endswith("NF4") else runners["grouped_mm + merged LoRA (PEFT)"]
                 out_ref = ref(x, index, weights)
                 g_ref = torch.autograd.grad(out_ref, [x, weights] + leaves, dout)

@@ -209,7 +209,7 @@ def _fake_tensor_type():
     return FakeTensor
 
 
-def _launches_nothing(first) -> bool:
+def launches_nothing(first) -> bool:
     """A fake or meta tensor (torch.compile's tracing, the custom ops' fakes): the outputs are allocated
     already and there is nothing to compute."""
     return isinstance(first, _fake_tensor_type()) or getattr(first, "is_meta", False)
@@ -241,7 +241,7 @@ class KernelLauncher:
     def __call__(self, grid, args, constexprs):
         """grid: a 3-tuple of ints. Fake or meta tensors (torch.compile's tracing, the custom ops' fake
         implementations in fusedlora.ops._custom) launch nothing: their outputs are already allocated."""
-        if _launches_nothing(args[0]):
+        if launches_nothing(args[0]):
             return
         device = args[0].get_device()
         if device < 0:
@@ -376,7 +376,7 @@ class Loader:
     def launch_jit(self, spec: KernelSpec, grid, args, constexprs: dict, num_warps=None, num_stages=None):
         """One launch through triton.jit with explicit constexprs (and num_warps / num_stages, else the spec's
         config for this GPU): KernelSpec.override's path, for tuning sweeps."""
-        if _launches_nothing(args[0]):
+        if launches_nothing(args[0]):
             return
         device = args[0].get_device()
         arch = 80 if device < 0 else self.arch(device)

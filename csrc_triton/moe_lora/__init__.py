@@ -20,6 +20,7 @@ MOE_TILES = {
     "moe_gate_up_bwd_dx": (128, 64, 8, 3),
 }
 MOE_SEG_TILE = (64, 128, 4, 2)  # BM, BN, warps, stages of the LoRA-gradient kernel
+MOE_GLU_ROWS_TILE = (32, 128, 4, 1)  # BM, BN, warps, stages of the hybrid path's GLU kernels (elementwise)
 
 
 def moe_rank_pad(rank: int) -> int:
@@ -60,6 +61,15 @@ def moe_seg_meta(rank: int, gather: bool, row_scale: bool) -> dict:
         "BM": bm,
         "BN": bn,
     }
+
+
+def moe_glu_rows_meta(act: str = "silu", store_h: bool | None = None) -> dict:
+    """The constexprs of the hybrid path's GLU forward (store_h None) or backward."""
+    bm, bn, _, _ = MOE_GLU_ROWS_TILE
+    meta = {"ACT": MOE_ACTS[act], "BM": bm, "BN": bn}
+    if store_h is not None:
+        meta["STORE_H"] = int(bool(store_h))
+    return meta
 
 
 def _layer_kinds(family):
@@ -152,4 +162,44 @@ MOE_LORA_SEG_GRAD = register(
         doc="MoE experts backward: a LoRA factor's gradient per expert (sum over its rows), in PEFT's layouts",
         check="fusedlora.ops.moe_lora:selfcheck",
     )
+)
+
+
+def _moe_glu_rows_aot(backward: bool):
+    # the hybrid path (torch._grouped_mm for the frozen GEMMs) serves bf16 silu experts without biases only
+    def variants(family):
+        if ("silu", False, False) not in _layer_kinds(family) or "bf16" not in family.get("dtypes", ("bf16",)):
+            return
+        for store_h in sorted({bool(r) for r in family.get("moe_ranks", (16,))}) if backward else (None,):
+            yield {"x": "bf16"}, {"act": "silu"} if store_h is None else {"act": "silu", "store_h": store_h}
+
+    return variants
+
+
+def _glu_rows_spec(kernel: str, pointers: dict, doc: str) -> KernelSpec:
+    return register(
+        KernelSpec(
+            name=kernel,
+            module="csrc_triton.moe_lora.kernel",
+            function=f"{kernel}_kernel",
+            pointer_types=pointers,
+            float_args=("alpha", "limit"),
+            meta=moe_glu_rows_meta,
+            config=lambda arch, c: MOE_GLU_ROWS_TILE[2:],
+            aot_variants=_moe_glu_rows_aot(kernel.endswith("bwd")),
+            doc=doc,
+            check="fusedlora.ops.moe_lora:selfcheck",
+        )
+    )
+
+
+MOE_GLU_ROWS_FWD = _glu_rows_spec(
+    "moe_glu_rows_fwd",
+    {"EG": "x", "HOUT": "x"},
+    "MoE experts, hybrid path: the GLU of the sorted rows' gate/up pre-activations (torch._grouped_mm beside it)",
+)
+MOE_GLU_ROWS_BWD = _glu_rows_spec(
+    "moe_glu_rows_bwd",
+    {"G": "x", "EG": "x", "RW": "fp32", "SLOT": "i32", "DEG": "x", "HBUF": "x", "DW_PART": "fp32"},
+    "MoE experts, hybrid path: the GLU's backward with the routing weight, its gradient partials and h",
 )

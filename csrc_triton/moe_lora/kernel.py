@@ -569,3 +569,68 @@ def moe_lora_seg_grad_kernel(
         + c[:, None].to(tl.int64) * out_stride_c
     )
     tl.store(out, acc * scale, mask=c_ok[:, None] & (rk < rank)[None, :])
+
+
+# ---------------------------------------------------------------- the hybrid path's GLU (docs/moe-design.md 5.7)
+# With the frozen base GEMMs in torch._grouped_mm (cuBLAS/CUTLASS), the GLU and its backward run over the sorted
+# rows on their own; they share _glu / _glu_bwd with the GEMM epilogues above, so h is bit for bit the same.
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def moe_glu_rows_fwd_kernel(
+    EG, HOUT, n_rows, n_inter, alpha, limit, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr
+):
+    """HOUT [TK, I] = GLU of the gate/up pre-activations EG [TK, 2I] (W's output order), rounded once."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    mask = (rows < n_rows)[:, None] & (n < n_inter)[None, :]
+    g_col, u_col = _gate_up_cols(n, n_inter, ACT)
+    eg_row = EG + rows[:, None] * 2 * n_inter
+    gate = tl.load(eg_row + g_col[None, :], mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(eg_row + u_col[None, :], mask=mask, other=0.0).to(tl.float32)
+    h = _glu(gate, up, alpha, limit, ACT)
+    tl.store(HOUT + rows[:, None] * n_inter + n[None, :], h.to(HOUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["n_rows", "n_col_tiles"])
+def moe_glu_rows_bwd_kernel(
+    G,
+    EG,
+    RW,
+    SLOT,
+    DEG,
+    HBUF,
+    DW_PART,
+    n_rows,
+    n_inter,
+    n_col_tiles,
+    alpha,
+    limit,
+    ACT: tl.constexpr,
+    STORE_H: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """The GLU's backward over the sorted rows, as moe_down_bwd's epilogue: G [TK, I] is the unweighted
+    gradient of h (the output gradient through the down projection); DEG = GLU'(RW[slot] G) in EG's layout,
+    DW_PART[slot, tile] = sum_n G h (the routing weight's gradient in partials), HBUF = h when STORE_H."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    pid_n = tl.program_id(1)
+    n = pid_n * BN + tl.arange(0, BN)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (n < n_inter)[None, :]
+    slot = tl.load(SLOT + rows, mask=row_ok, other=0).to(tl.int64)
+    rw = tl.load(RW + slot, mask=row_ok, other=0.0)
+    g = tl.load(G + rows[:, None] * n_inter + n[None, :], mask=mask, other=0.0).to(tl.float32)
+    g_col, u_col = _gate_up_cols(n, n_inter, ACT)
+    eg_row = rows[:, None] * 2 * n_inter
+    gate = tl.load(EG + eg_row + g_col[None, :], mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(EG + eg_row + u_col[None, :], mask=mask, other=0.0).to(tl.float32)
+    dtype = DEG.dtype.element_ty
+    dgate, dup, h = _glu_bwd(g * rw[:, None], gate, up, alpha, limit, ACT)
+    h = tl.where(mask, h.to(dtype).to(tl.float32), 0.0)  # h as the forward stored it
+    tl.store(DW_PART + slot * n_col_tiles + pid_n, tl.sum(g * h, axis=1), mask=row_ok)
+    tl.store(DEG + eg_row + g_col[None, :], dgate.to(dtype), mask=mask)
+    tl.store(DEG + eg_row + u_col[None, :], dup.to(dtype), mask=mask)
+    if STORE_H:
+        tl.store(HBUF + rows[:, None] * n_inter + n[None, :], h.to(dtype), mask=mask)

@@ -226,7 +226,10 @@ def patch(model, *, options: PatchOptions | None = None, **option_values) -> Pat
     backward (long sequences: the [tokens, intermediate] buffers never exist whole). recompute_norms: the
     fused q/k/v and MLP projections after an RMSNorm keep the norm's input (which the norm's backward keeps
     anyway) rather than its output for their backward and recompute the output there: one activation of
-    [tokens, hidden] less per norm (two per decoder layer) for one extra norm forward each."""
+    [tokens, hidden] less per norm (two per decoder layer) for one extra norm forward each. moe_base_gemm: how
+    the routed experts' frozen GEMMs run ("auto", "triton" or "grouped_mm"; `fusedlora.ops.moe_lora_experts`'s
+    base_gemm): "auto" takes torch._grouped_mm (CUTLASS) with the LoRA terms beside it for bf16 experts on
+    sm_90 / sm_100, and fusedlora's fused grouped GEMMs elsewhere (NF4 experts, gpt_oss, other GPUs)."""
     _require_module("patch", model)
     options = PatchOptions.merged(options, option_values)
     hf = find_hf_model(model)

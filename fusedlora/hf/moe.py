@@ -33,9 +33,10 @@ class MoEFacts:
 
     activation: str  # a key of ops.moe_lora.MOE_ACTIVATIONS
     shared_expert: bool  # Qwen2-MoE's gated shared expert
+    base_gemm: str = "auto"  # patch's moe_base_gemm (ops.moe_lora.MOE_BASE_GEMMS)
 
     def configured(self, options) -> MoEFacts:
-        return self
+        return dataclasses.replace(self, base_gemm=options.moe_base_gemm)
 
 
 # ------------------------------------------------------------------------------- reading the chain
@@ -273,7 +274,9 @@ def moe_forward(self, hidden_states, *args, **kwargs):
     _, top_k_weights, top_k_index = getattr(self, fam.moe_router)(x)
     experts = base_experts(self)
     alpha, limit = (float(experts.alpha), float(experts.limit)) if facts.activation == "gptoss" else (1.702, 7.0)
-    out = moe_lora_experts(x, top_k_index, top_k_weights, gate_up, down, facts.activation, alpha, limit)
+    out = moe_lora_experts(
+        x, top_k_index, top_k_weights, gate_up, down, facts.activation, alpha, limit, base_gemm=facts.base_gemm
+    )
     if shared is not None:
         out = out + torch.sigmoid(self.shared_expert_gate(x)) * shared
     out = out.reshape(shape)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from ..ops.moe_lora import MOE_BASE_GEMMS
+
 MLP_CHUNK_BYTES = 1 << 30  # gate/up activations of one MLP call above this run in row chunks (mlp_chunk_bytes)
 
 
@@ -24,6 +26,7 @@ class PatchOptions:
     mlp_chunk_bytes: int = MLP_CHUNK_BYTES
     recompute_norms: bool = True
     offload_host_limit_gib: float | None = None
+    moe_base_gemm: str = "auto"
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -37,6 +40,11 @@ class PatchOptions:
         if limit is not None and not (_real(limit) and math.isfinite(limit) and limit >= 0):
             raise ValueError(
                 f"fusedlora.patch: option offload_host_limit_gib must be a size in GiB >= 0 or None, got {limit!r}"
+            )
+
+        if self.moe_base_gemm not in MOE_BASE_GEMMS:
+            raise ValueError(
+                f"fusedlora.patch: option moe_base_gemm must be one of {MOE_BASE_GEMMS}, got {self.moe_base_gemm!r}"
             )
 
     def _set(self, name, value):

@@ -14,6 +14,7 @@ PEFT layouts: A [E*r, in] expert-major (A_e = A.view(E, r, in)[e]); B [out, r*E]
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -26,17 +27,23 @@ from csrc_triton.moe_lora import (
     MOE_DOWN_FWD,
     MOE_GATE_UP_BWD_DX,
     MOE_GATE_UP_FWD,
+    MOE_GLU_ROWS_BWD,
+    MOE_GLU_ROWS_FWD,
     MOE_LORA_SEG_GRAD,
     moe_rank_pad,
 )
 
-from ..loader import launch
+from ..loader import launch, launches_nothing
 from . import _custom
 from ._common import autocast_dtype, cdiv, check_tensor, interpreting, rel_err
 from .glu import refuse_double_backward
 from .nf4 import nf4_range, nf4_range_alignment
 
 MOE_ACTIVATIONS = ("silu", "gptoss")  # silu: concatenated [gate; up] rows; gptoss: interleaved, clamped SwiGLU
+# The frozen experts' GEMMs: "triton" (csrc_triton/moe_lora's grouped GEMMs, the LoRA terms inside the tiles),
+# "grouped_mm" (torch._grouped_mm for every GEMM, the GLU and the LoRA gradients in Triton: docs/moe-design.md
+# 5.7), "auto" (grouped_mm where it serves: see `base_gemm_of`).
+MOE_BASE_GEMMS = ("auto", "triton", "grouped_mm")
 
 
 @dataclass(frozen=True)
@@ -266,7 +273,7 @@ def _projs(
     dims,
     scales,
 ):
-    n_experts, n_inter, gu_trans, d_trans, gu_bs, gu_nested, d_bs, d_nested, block_m = dims
+    n_experts, n_inter, gu_trans, d_trans, gu_bs, gu_nested, d_bs, d_nested, block_m, _grouped = dims
     numel = 2 * n_inter * x.shape[1]  # one expert's weights, either projection
     gu = _proj(
         gu_weight, gu_quant, gu_lora_A, gu_lora_B, gu_bias, gu_trans, gu_bs, gu_nested, scales[0], n_experts, numel, x
@@ -285,6 +292,141 @@ def _block_n(spec, **shape) -> int:
 def _rank_buffer(x, rows, p: _Proj):
     """[rows, RP] rank-r products of projection p (unused when it has no adapter: x stands in)."""
     return x.new_empty(rows, moe_rank_pad(p.rank)) if p.rank else x
+
+
+# ---------------------------------------------------------------- the hybrid path (docs/moe-design.md 5.7)
+# The same op with every GEMM in torch._grouped_mm (CUTLASS on sm_90): the rows gathered into expert order once,
+# the LoRA terms as rank-r grouped GEMMs beside the frozen ones, the GLU and its backward in Triton over the rows.
+# It returns what the fused path returns (EG, XA, HA for the backward; DEG, h, DOB, DHB and the routing weight's
+# partials for the LoRA gradients), so both paths share the routing, the segment gradients and the reductions.
+
+
+def _factor_stacks(p: _Proj, n_experts: int):
+    """(A [E, RP, in], B [E, out, RP]): PEFT's factors as contiguous per-expert stacks, rank zero-padded to RP
+    (torch._grouped_mm wants 16-byte strides; the padded columns of XA, HA, DOB and DHB are then zeros)."""
+    r, rp = p.rank, moe_rank_pad(p.rank)
+    A = p.lora_A.view(n_experts, r, -1)
+    B = p.lora_B.view(p.lora_B.shape[0], r, n_experts).permute(2, 0, 1)
+    if rp != r:
+        A = torch.nn.functional.pad(A, (0, 0, 0, rp - r))
+        B = torch.nn.functional.pad(B, (0, rp - r))
+    return A.contiguous(), B.contiguous()
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    # a [rows, K] times each group's b [K, N]; on fake tensors (the op's fake, torch.compile's tracing) only the
+    # output's shape, since torch's meta accepts bf16 alone and the CPU path also runs fp32 / fp16
+    if launches_nothing(a):
+        return a.new_empty(a.shape[0], b.shape[-1])
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+def _grouped_proj(rows, weight_t, p: _Proj, offs, n_experts, backward: bool):
+    """rows @ W_e^T + s (rows A_e^T) B_e^T per expert group (backward: rows @ W_e + s (rows B_e) A_e), and the
+    rank-r product (rows A_e^T, or rows B_e unscaled), None without an adapter. weight_t is W's stack as
+    grouped_mm's right operand."""
+    out = _grouped_mm(rows, weight_t, offs)
+    if not p.rank:
+        return out, None
+    A, B = _factor_stacks(p, n_experts)
+    first, second = (B, A) if backward else (A.transpose(1, 2), B.transpose(1, 2))
+    small = _grouped_mm(rows, first, offs)
+    out.add_(_grouped_mm(small, second, offs), alpha=p.scale)
+    return out, small
+
+
+def _glu_rows_grid(n_rows: int, n_inter: int, spec, **shape):
+    meta = spec.constexprs(**shape)
+    return cdiv(n_rows, meta["BM"]), cdiv(n_inter, meta["BN"])
+
+
+def glu_rows(eg: torch.Tensor, activation: str, alpha: float, limit: float) -> torch.Tensor:
+    """h [TK, I] = GLU of the gate/up pre-activations eg [TK, 2I] (W's output order), rounded once: the
+    hybrid path's GLU, bit for bit the fused forward's epilogue."""
+    n_rows, n_inter = eg.shape[0], eg.shape[1] // 2
+    h = eg.new_empty(n_rows, n_inter)
+    grid = _glu_rows_grid(n_rows, n_inter, MOE_GLU_ROWS_FWD, act=activation)
+    launch(MOE_GLU_ROWS_FWD, (*grid, 1), (eg, h, n_rows, n_inter, alpha, limit), act=activation)
+    return h
+
+
+def glu_rows_backward(g, eg, rw, slot, activation: str, alpha: float, limit: float, store_h: bool):
+    """(d eg, the routing weight's gradient partials [TK, tiles] in slot order, h or None): the GLU's backward
+    of the sorted rows with dh = rw[slot[row]] g[row] (g: h's unweighted gradient); the partials sum g h."""
+    n_rows, n_inter = eg.shape[0], eg.shape[1] // 2
+    grid = _glu_rows_grid(n_rows, n_inter, MOE_GLU_ROWS_BWD, act=activation, store_h=store_h)
+    deg = torch.empty_like(eg)  # (a fresh buffer: the saved EG stays intact for a retained graph)
+    dw_part = rw.new_empty(n_rows, grid[1])
+    h = eg.new_empty(n_rows, n_inter) if store_h else eg
+    launch(
+        MOE_GLU_ROWS_BWD,
+        (*grid, 1),
+        (g, eg, rw, slot, deg, h, dw_part, n_rows, n_inter, grid[1], alpha, limit),
+        act=activation,
+        store_h=store_h,
+    )
+    return deg, dw_part, h if store_h else None
+
+
+def _hybrid_forward(x, route: Route, rw, gu: _Proj, d: _Proj, k, n_experts, n_inter, activation, alpha, limit):
+    """(out_slots [TK, H] in slot order, weighted, EG, XA or None, HA or None)."""
+    slot = route.slot.long()
+    offs = route.start[1:]
+    xs = x.index_select(0, slot // k)  # the tokens in expert order
+    eg, xa = _grouped_proj(xs, gu.weight.transpose(1, 2), gu, offs, n_experts, False)
+    h = glu_rows(eg, activation, alpha, limit)
+    y, ha = _grouped_proj(h, d.weight.transpose(1, 2), d, offs, n_experts, False)
+    y.mul_(rw.index_select(0, slot).unsqueeze(1))  # (computed in fp32, rounded once)
+    return torch.empty_like(y).index_copy_(0, slot, y), eg, xa, ha
+
+
+def _hybrid_backward(dout, x, rw, eg, route: Route, gu: _Proj, d: _Proj, k, n_experts, n_inter, activation, scales):
+    """(dx_slots [TK, H] in slot order, the routing weight's partials [TK, tiles], DEG, h, DOB, DHB), the last
+    three None where their projection has no adapter."""
+    slot = route.slot.long()
+    offs = route.start[1:]
+    g, ob = _grouped_proj(dout.index_select(0, slot // k), d.weight, d, offs, n_experts, True)
+    dob = None
+    if ob is not None:  # s RW[slot] (g B_e), as the fused path's DOB
+        dob = (ob.float() * (rw.index_select(0, slot) * d.scale).unsqueeze(1)).to(x.dtype)
+    deg, dw_part, h = glu_rows_backward(g, eg, rw, route.slot, activation, scales[2], scales[3], bool(d.rank))
+    dxs, hb = _grouped_proj(deg, gu.weight, gu, offs, n_experts, True)
+    dhb = None if hb is None else (hb.float() * gu.scale).to(x.dtype)
+    return torch.empty_like(dxs).index_copy_(0, slot, dxs), dw_part, deg, h, dob, dhb
+
+
+def _fused_forward(x, route: Route, rw, gu: _Proj, d: _Proj, k, n_experts, n_inter, activation, alpha, limit, block_m):
+    """The Triton path's forward GEMMs: what _hybrid_forward returns (rank buffers unused without an adapter)."""
+    T, H = x.shape
+    tk, tiles = T * k, route.tile_expert.shape[0]
+    eg = x.new_empty(tk, 2 * n_inter)
+    h = x.new_empty(tk, n_inter)
+    xa = _rank_buffer(x, tk, gu)
+    out_slots = x.new_empty(tk, H)
+    ha = _rank_buffer(x, tk, d)
+    gu_cols = cdiv(n_inter, _block_n(MOE_GATE_UP_FWD, act=activation, block_m=block_m, **gu.shape))
+    d_cols = cdiv(H, _block_n(MOE_DOWN_FWD, block_m=block_m, **d.shape))
+    ranges = expert_ranges(gu, d, n_experts, x.element_size())
+    gu_scratch, d_scratch = _scratch(gu, ranges, x), _scratch(d, ranges, x)
+    for first, end in ranges:  # (a chunk's down projection reads only h rows of its own experts)
+        gu_args = (_stack(gu, first, end, gu_scratch), gu.lora_A, gu.lora_B, gu.bias, *route)
+        launch(
+            MOE_GATE_UP_FWD,
+            (tiles, gu_cols, 1),
+            (x, *gu_args, eg, h, xa, n_experts, first, end, k, H, n_inter, gu.rank, gu.scale, alpha, limit),
+            act=activation,
+            block_m=block_m,
+            **gu.shape,
+        )
+        d_args = (_stack(d, first, end, d_scratch), d.lora_A, d.lora_B, d.bias, rw, *route)
+        launch(
+            MOE_DOWN_FWD,
+            (tiles, d_cols, 1),
+            (h, *d_args, out_slots, ha, n_experts, first, end, k, H, n_inter, d.rank, d.scale),
+            block_m=block_m,
+            **d.shape,
+        )
+    return out_slots, eg, xa, ha
 
 
 def _forward_op(
@@ -337,34 +479,8 @@ def _forward_op(
     )
     alpha, limit = scales[2], scales[3]
     route = moe_route(top_k_index, n_experts, block_m)
-    tk, tiles = T * k, route.tile_expert.shape[0]
-    eg = x.new_empty(tk, 2 * n_inter)
-    h = x.new_empty(tk, n_inter)
-    xa = _rank_buffer(x, tk, gu)
-    out_slots = x.new_empty(tk, H)
-    ha = _rank_buffer(x, tk, d)
-    gu_cols = cdiv(n_inter, _block_n(MOE_GATE_UP_FWD, act=activation, block_m=block_m, **gu.shape))
-    d_cols = cdiv(H, _block_n(MOE_DOWN_FWD, block_m=block_m, **d.shape))
-    ranges = expert_ranges(gu, d, n_experts, x.element_size())
-    gu_scratch, d_scratch = _scratch(gu, ranges, x), _scratch(d, ranges, x)
-    for first, end in ranges:  # (a chunk's down projection reads only h rows of its own experts)
-        gu_args = (_stack(gu, first, end, gu_scratch), gu.lora_A, gu.lora_B, gu.bias, *route)
-        launch(
-            MOE_GATE_UP_FWD,
-            (tiles, gu_cols, 1),
-            (x, *gu_args, eg, h, xa, n_experts, first, end, k, H, n_inter, gu.rank, gu.scale, alpha, limit),
-            act=activation,
-            block_m=block_m,
-            **gu.shape,
-        )
-        d_args = (_stack(d, first, end, d_scratch), d.lora_A, d.lora_B, d.bias, rw, *route)
-        launch(
-            MOE_DOWN_FWD,
-            (tiles, d_cols, 1),
-            (h, *d_args, out_slots, ha, n_experts, first, end, k, H, n_inter, d.rank, d.scale),
-            block_m=block_m,
-            **d.shape,
-        )
+    run = _hybrid_forward if dims[9] else functools.partial(_fused_forward, block_m=block_m)
+    out_slots, eg, xa, ha = run(x, route, rw, gu, d, k, n_experts, n_inter, activation, alpha, limit)
     out = out_slots.view(T, k, H).sum(1)  # in slot order, as transformers' grouped_mm path sums
     return (out, rw, eg, _custom.mark(xa if gu.rank else None, x), _custom.mark(ha if d.rank else None, x), *route)
 
@@ -382,6 +498,42 @@ def _seg_grad(big, small, route, rw, out, rank, scale, n_experts, k, gather, row
         row_scale=row_scale,
     )
     return out
+
+
+def _fused_backward(
+    dout, x, rw, eg, route: Route, gu: _Proj, d: _Proj, k, n_experts, n_inter, activation, scales, block_m
+):
+    """The Triton path's backward GEMMs: what _hybrid_backward returns (rank buffers unused without an adapter)."""
+    tk, H, tiles = rw.shape[0], x.shape[1], route.tile_expert.shape[0]
+    i_tiles = cdiv(n_inter, _block_n(MOE_DOWN_BWD, act=activation, block_m=block_m, **d.shape))
+    deg = torch.empty_like(eg)  # (a fresh buffer: the saved EG stays intact for a retained graph)
+    dw_part = rw.new_empty(tk, i_tiles)
+    h = x.new_empty(tk, n_inter) if d.rank else x
+    dob = _rank_buffer(x, tk, d)
+    dx_slots = x.new_empty(tk, H)
+    dhb = _rank_buffer(x, tk, gu)
+    dx_cols = cdiv(H, _block_n(MOE_GATE_UP_BWD_DX, block_m=block_m, **gu.shape))
+    ranges = expert_ranges(gu, d, n_experts, x.element_size())
+    gu_scratch, d_scratch = _scratch(gu, ranges, x), _scratch(d, ranges, x)
+    for first, end in ranges:  # (a chunk's gate/up backward reads only dEG rows of its own experts)
+        d_args = (_stack(d, first, end, d_scratch), d.lora_A, d.lora_B, d.bias, rw, eg, *route, deg, h, dob, dw_part)
+        launch(
+            MOE_DOWN_BWD,
+            (tiles, i_tiles, 1),
+            (dout, *d_args, n_experts, first, end, k, H, n_inter, d.rank, i_tiles, d.scale, scales[2], scales[3]),
+            act=activation,
+            block_m=block_m,
+            **d.shape,
+        )
+        gu_args = (_stack(gu, first, end, gu_scratch), gu.lora_A, gu.lora_B, *route, dx_slots, dhb)
+        launch(
+            MOE_GATE_UP_BWD_DX,
+            (tiles, dx_cols, 1),
+            (deg, *gu_args, n_experts, first, end, k, H, n_inter, gu.rank, gu.scale),
+            block_m=block_m,
+            **gu.shape,
+        )
+    return dx_slots, dw_part, deg, h, dob, dhb
 
 
 def _backward_op(
@@ -429,38 +581,17 @@ def _backward_op(
         scales,
     )
     route = Route(tile_expert, tile_row0, start, slot)
-    tiles = tile_expert.shape[0]
     dout = dout.to(x.dtype).contiguous()
-    i_tiles = cdiv(n_inter, _block_n(MOE_DOWN_BWD, act=activation, block_m=block_m, **d.shape))
-    deg = torch.empty_like(eg)  # (a fresh buffer: the saved EG stays intact for a retained graph)
-    dw_part = rw.new_empty(tk, i_tiles)
-    h = x.new_empty(tk, n_inter) if d.rank else x
-    dob = _rank_buffer(x, tk, d)
-    dx_slots = x.new_empty(tk, H)
-    dhb = _rank_buffer(x, tk, gu)
-    dx_cols = cdiv(H, _block_n(MOE_GATE_UP_BWD_DX, block_m=block_m, **gu.shape))
-    ranges = expert_ranges(gu, d, n_experts, x.element_size())
-    gu_scratch, d_scratch = _scratch(gu, ranges, x), _scratch(d, ranges, x)
-    for first, end in ranges:  # (a chunk's gate/up backward reads only dEG rows of its own experts)
-        d_args = (_stack(d, first, end, d_scratch), d.lora_A, d.lora_B, d.bias, rw, eg, *route, deg, h, dob, dw_part)
-        launch(
-            MOE_DOWN_BWD,
-            (tiles, i_tiles, 1),
-            (dout, *d_args, n_experts, first, end, k, H, n_inter, d.rank, i_tiles, d.scale, scales[2], scales[3]),
-            act=activation,
-            block_m=block_m,
-            **d.shape,
+    if dims[9]:
+        dx_slots, dw_part, deg, h, dob, dhb = _hybrid_backward(
+            dout, x, rw, eg, route, gu, d, k, n_experts, n_inter, activation, scales
         )
-        gu_args = (_stack(gu, first, end, gu_scratch), gu.lora_A, gu.lora_B, *route, dx_slots, dhb)
-        launch(
-            MOE_GATE_UP_BWD_DX,
-            (tiles, dx_cols, 1),
-            (deg, *gu_args, n_experts, first, end, k, H, n_inter, gu.rank, gu.scale),
-            block_m=block_m,
-            **gu.shape,
+    else:
+        dx_slots, dw_part, deg, h, dob, dhb = _fused_backward(
+            dout, x, rw, eg, route, gu, d, k, n_experts, n_inter, activation, scales, block_m
         )
     dx = dx_slots.view(T, k, H).sum(1)
-    d_rw = dw_part.view(T, k, i_tiles).sum(-1)
+    d_rw = dw_part.view(T, k, -1).sum(-1)
     grads = [None] * 4
     if gu.rank:
         grads[0] = _seg_grad(
@@ -639,6 +770,47 @@ def _quant_args(p: ExpertProj, like: torch.Tensor):
     return data, quant, blocksize, int(bool(qs.nested))
 
 
+def grouped_mm_refusal(x: torch.Tensor, dtype, gate_up: ExpertProj, down: ExpertProj, activation: str) -> str:
+    """Why the hybrid path cannot run this call ("" when it can): torch._grouped_mm takes bf16 on the GPU (its
+    CUTLASS kernels are sm_90 / sm_100; elsewhere torch loops over the groups with a host sync) and 16-byte
+    row strides; the GLU kernels serve silu without biases."""
+    if not hasattr(torch, "_grouped_mm"):
+        return f"this torch ({torch.__version__}) has no torch._grouped_mm"
+    if gate_up.quant_state is not None or down.quant_state is not None:
+        return "the experts are 4-bit (the fused kernels dequantise them a chunk at a time)"
+    if activation != "silu" or gate_up.bias is not None or down.bias is not None:
+        return "it serves silu experts without biases (gpt_oss's clamped SwiGLU and biases stay fused)"
+    if gate_up.transposed or down.transposed:
+        return "it serves [E, out, in] expert stacks"
+    if x.shape[0] == 0:
+        return "there are no tokens"
+    align = 16 // torch.empty((), dtype=dtype).element_size()
+    if x.shape[1] % align or down.weight.shape[2] % align:
+        return f"hidden and intermediate sizes must be multiples of {align} (16-byte rows)"
+    if x.device.type == "cuda":
+        if dtype != torch.bfloat16:
+            return f"torch._grouped_mm takes bf16 on the GPU, the compute dtype is {dtype}"
+        if torch.cuda.get_device_capability(x.device)[0] not in (9, 10):
+            return "torch._grouped_mm's grouped kernels are sm_90 / sm_100 (elsewhere it syncs the host per call)"
+    elif x.device.type != "cpu":
+        return f"it runs on CUDA or the CPU, x is on {x.device.type}"
+    return ""
+
+
+def base_gemm_of(base_gemm: str, x, dtype, gate_up: ExpertProj, down: ExpertProj, activation: str) -> str:
+    """The path a call runs: base_gemm as asked ("grouped_mm" where it cannot run raises, saying why); "auto" is
+    the hybrid path on a GPU where it serves (its GEMMs are CUTLASS's: BENCHMARKS.md, fifth session), else the
+    fused kernels (always on the CPU and in Triton's interpreter)."""
+    if base_gemm not in MOE_BASE_GEMMS:
+        raise ValueError(f"moe_lora_experts: base_gemm must be one of {MOE_BASE_GEMMS}, got {base_gemm!r}")
+    if base_gemm == "triton" or (base_gemm == "auto" and (x.device.type != "cuda" or interpreting())):
+        return "triton"
+    why = grouped_mm_refusal(x, dtype, gate_up, down, activation)
+    if why and base_gemm == "grouped_mm":
+        raise ValueError(f"moe_lora_experts: base_gemm='grouped_mm' cannot run this call: {why}; use 'auto'")
+    return "triton" if why else "grouped_mm"
+
+
 def moe_lora_experts(
     x: torch.Tensor,
     top_k_index: torch.Tensor,
@@ -650,6 +822,7 @@ def moe_lora_experts(
     limit: float = 7.0,
     *,
     block_m: int | None = None,
+    base_gemm: str = "auto",
 ) -> torch.Tensor:
     """The routed experts of one MoE layer with their LoRA: x [T, H], top_k_index [T, k] (int), top_k_weights
     [T, k] -> [T, H] in the compute dtype (x's, or autocast's). Gradients flow to x, top_k_weights and each
@@ -657,7 +830,9 @@ def moe_lora_experts(
 
     Grouped GEMMs over the rows sorted by expert with the LoRA terms inside the tiles (csrc_triton/moe_lora);
     no host sync, no [E, out, in] tensor formed. block_m: rows per M-tile (default 64; 16 in Triton's
-    interpreter). An index outside [0, E) fails a device-side assertion."""
+    interpreter). An index outside [0, E) fails a device-side assertion. base_gemm: "triton" (the fused
+    kernels), "grouped_mm" (the hybrid path: torch._grouped_mm for the GEMMs, the GLU and the LoRA gradients in
+    Triton; bf16 experts without biases, silu, on sm_90 / sm_100 or the CPU) or "auto" (see `base_gemm_of`)."""
     op = "moe_lora_experts"
     if activation not in MOE_ACTIVATIONS:
         raise ValueError(f"{op}: activation must be one of {MOE_ACTIVATIONS}, got {activation!r}")
@@ -688,7 +863,9 @@ def moe_lora_experts(
         raise ValueError(f"{op}: block_m must be 16, 32, 64 or 128, got {block_m!r}")
     gu_w, gu_q, gu_bs, gu_nested = _quant_args(gate_up, x)
     d_w, d_q, d_bs, d_nested = _quant_args(down, x)
+    grouped = base_gemm_of(base_gemm, x, dtype, gate_up, down, activation) == "grouped_mm"
     dims = [E, n_inter, int(gate_up.transposed), int(down.transposed), gu_bs, gu_nested, d_bs, d_nested, block_m]
+    dims.append(int(grouped))
     scales = [
         float(gate_up.scale if gate_up.lora_A is not None else 0.0),
         float(down.scale if down.lora_A is not None else 0.0),
@@ -750,10 +927,30 @@ def selfcheck(device, dtype):
     ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
     errs = [rel_err(a, b) for a, b in zip((out,) + grads, (ref,) + ref_grads)]
     fwd, bwd, lora = errs[0], max(errs[1:3]), max(errs[3:])
+    glu_fwd, glu_bwd = _glu_rows_errors(randn, T * k, I, dtype)
     return {
         "moe_gate_up_fwd": (fwd, tol),
         "moe_down_fwd": (fwd, tol),
         "moe_down_bwd": (bwd, tol),
         "moe_gate_up_bwd_dx": (bwd, tol),
         "moe_lora_seg_grad": (lora, tol),
+        "moe_glu_rows_fwd": (glu_fwd, tol),
+        "moe_glu_rows_bwd": (glu_bwd, tol),
     }
+
+
+def _glu_rows_errors(randn, n_rows, n_inter, dtype):
+    """The hybrid path's GLU kernels against naive_glu and its autograd in float64 (rows in a shuffled slot
+    order, fp32 routing weights): (forward error, backward error over d eg, the weight partials and h)."""
+    eg, g = randn(n_rows, 2 * n_inter, s=2.0).to(dtype), randn(n_rows, n_inter).to(dtype)
+    rw = randn(n_rows).float()
+    slot = torch.randperm(n_rows, device=eg.device).to(torch.int32)
+    h = glu_rows(eg, "silu", 1.702, 7.0)
+    deg, dw_part, h_again = glu_rows_backward(g, eg, rw, slot, "silu", 1.702, 7.0, True)
+    eg64 = eg.double().requires_grad_()
+    h64 = naive_glu(eg64, "silu")
+    (deg64,) = torch.autograd.grad(h64, eg64, g.double() * rw[slot.long()].double()[:, None])
+    dw64 = torch.zeros(n_rows, dtype=torch.float64, device=eg.device)
+    dw64[slot.long()] = (g.double() * h64.detach()).sum(1)
+    bwd = max(rel_err(deg, deg64), rel_err(dw_part.sum(1), dw64), rel_err(h_again, h64))
+    return rel_err(h, h64), bwd

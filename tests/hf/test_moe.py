@@ -14,7 +14,7 @@ import torch
 import fusedlora
 from fusedlora.hf import moe as hf_moe
 from fusedlora.hf.experts import quantize_block
-from fusedlora.testing import DEVICE, batch, rel_err
+from fusedlora.testing import DEVICE, HAS_CUDA, batch, rel_err
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -159,6 +159,25 @@ def test_family_loss_and_grads_match(model_type, config, router_logits, fused_ca
     assert any("experts.lora_A" in n for n in got[1]) and any("self_attn" in n and "lora_B" in n for n in got[1])
     assert len(fused_calls) == MOE_BLOCKS[model_type] and all(p.lora_A is not None for p in fused_calls)
     assert not report.fallbacks.counts, str(report.fallbacks)  # (the loss too: fused, with the aux loss added)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="fp32 on the CPU; the GPU's hybrid path (bf16) runs in the 20-step test")
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_hybrid_grouped_mm_experts_match(model_type, fused_calls, monkeypatch):
+    """patch(moe_base_gemm="grouped_mm"): the routed experts' GEMMs through torch._grouped_mm (the CPU runs it in
+    fp32), the loss and every gradient as HF+PEFT's, through the hybrid path (its grouped_mm calls counted)."""
+    gmm_calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: gmm_calls.append(1) or real(*a, **k))
+    ref = embeddings_train(make_moe(model_type))
+    fused = copy.deepcopy(ref)
+    report = fusedlora.patch(fused, moe_base_gemm="grouped_mm")
+    want = loss_and_grads(ref)
+    gmm_calls.clear()  # (HF's experts may run grouped_mm too)
+    got = loss_and_grads(fused)
+    assert_same(want, got)
+    assert fused_calls and all(p.lora_A is not None for p in fused_calls) and no_moe_fallback(report)
+    assert len(gmm_calls) == 12 * len(fused_calls)  # per call: forward 2 frozen + 4 LoRA GEMMs, backward as many
 
 
 def test_router_logits_and_aux_loss_are_hf_s(fused_calls):
@@ -544,11 +563,13 @@ def test_quantize_experts_refuses_clearly():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("base_gemm", ["triton", "auto"])
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
-def test_gpu_bf16_training_loss_tracks_hf_over_20_steps(model_type, fused_calls):
+def test_gpu_bf16_training_loss_tracks_hf_over_20_steps(model_type, base_gemm, fused_calls):
     """bf16 on the GPU, 20 AdamW steps over two random batches, from the same initial weights: the patched
-    model's loss at every step within 1e-2 (relative) of HF+PEFT's own. 8 experts, top-2, every projection
-    wide enough for the kernels' real tiles (hidden 256, expert intermediate 128, 64-row tiles)."""
+    model's loss at every step within 1e-2 (relative) of HF+PEFT's own, through the fused kernels and through
+    "auto" (the hybrid grouped_mm path on sm_90). 8 experts, top-2, every projection wide enough for the
+    kernels' real tiles (hidden 256, expert intermediate 128, 64-row tiles)."""
     config = dict(hidden_size=256, num_attention_heads=4, head_dim=64, vocab_size=512, max_position_embeddings=256)
     experts = "num_local_experts" if model_type == "mixtral" else "num_experts"
     inter = "intermediate_size" if model_type in ("mixtral", "olmoe") else "moe_intermediate_size"
@@ -557,7 +578,7 @@ def test_gpu_bf16_training_loss_tracks_hf_over_20_steps(model_type, fused_calls)
     def run(patched):
         model = make_moe(model_type, seed=3, **config).to(torch.bfloat16)
         if patched:
-            assert no_moe_fallback(fusedlora.patch(model))
+            assert no_moe_fallback(fusedlora.patch(model, moe_base_gemm=base_gemm))
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-3)
         gen = torch.Generator(device="cuda").manual_seed(7)

@@ -6,7 +6,7 @@ input. Shapes are tiny: the kernels run in Triton's CPU interpreter here."""
 import pytest
 import torch
 
-from fusedlora.ops.moe_lora import ExpertProj, moe_lora_experts, moe_route, naive_moe_lora
+from fusedlora.ops.moe_lora import ExpertProj, base_gemm_of, moe_lora_experts, moe_route, naive_moe_lora
 from fusedlora.testing import DEVICE, HAS_CUDA, assert_device_assert
 
 FP32_TOL = 2e-5  # max |error| / max |reference|: fp32 products summed over <= 64 terms (fp32 accumulation)
@@ -261,6 +261,99 @@ def test_bad_input_is_named():
     )
     _bad(case, "gate_up has 3 experts but down has 4", gate_up=ExpertProj(gu.weight[:3]))
     _bad(case, "block_m must be", block_m=24)
+
+
+# ---------------------------------------------------------------- the hybrid path (base_gemm="grouped_mm")
+# torch._grouped_mm for the GEMMs, Triton for the GLU and the LoRA gradients. On the CPU it runs in fp32 / fp16
+# beside the interpreted kernels; on a GPU in bf16 (test_gpu_hybrid_*).
+CPU_ONLY = pytest.mark.skipif(HAS_CUDA, reason="the hybrid path in fp32 is a CPU case; the GPU's is bf16 (below)")
+
+
+@pytest.fixture
+def grouped_mm_calls(monkeypatch):
+    """Counts torch._grouped_mm calls: a hybrid test that did not run the hybrid path fails."""
+    calls = []
+    real = torch._grouped_mm
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", counted)
+    return calls
+
+
+HYBRID_CASES = {
+    "skewed": dict(index=SKEWED),
+    "one_expert_all_tokens": dict(T=16, E=5, index=torch.full((16, 2), 4)),
+    "top_k_8": dict(T=5, k=8, E=8, H=32, I=16),
+    "odd_experts": dict(T=11, k=2, E=5, H=48, I=24),
+    "rank_padded": dict(r_gu=20, r_d=2, T=6),
+    "no_gate_up_adapter": dict(r_gu=0, r_d=5),
+    "no_down_adapter": dict(r_gu=3, r_d=0),
+    "no_adapter": dict(r_gu=0, r_d=0),
+}
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("name", sorted(HYBRID_CASES))
+def test_hybrid_path_matches_reference(name, grouped_mm_calls):
+    """The output and every gradient against the float64 reference, as the fused path's: an expert without a
+    token, every token to one expert, top-k 8, an odd expert count, a rank padded to 32, absent adapters.
+    Forward: 2 frozen GEMMs + 2 per adapter; backward the same again."""
+    case = _case(**HYBRID_CASES[name])
+    _check(case, base_gemm="grouped_mm")
+    _, _, _, gu, d = case
+    assert len(grouped_mm_calls) == 2 * (2 + 2 * (gu.rank > 0) + 2 * (d.rank > 0))
+
+
+@CPU_ONLY
+def test_hybrid_path_second_backward_fp16_loss_scale_and_compile(grouped_mm_calls):
+    x, index, w, gu, d = _case(T=6)
+    leaves = [x, w] + _lora_leaves(gu, d)
+    out = moe_lora_experts(x, index, w, gu, d, base_gemm="grouped_mm")
+    dout = torch.randn_like(out)
+    first = torch.autograd.grad(out, leaves, dout, retain_graph=True)
+    for a, b in zip(first, torch.autograd.grad(out, leaves, dout)):
+        assert torch.equal(a, b)
+    fused = torch.autograd.grad(moe_lora_experts(x, index, w, gu, d, base_gemm="triton"), leaves, dout)
+    for a, b in zip(first, fused):
+        assert _rel(a, b) < FP32_TOL
+
+    def layer(x, index, w):
+        return moe_lora_experts(x, index, w, gu, d, base_gemm="grouped_mm")
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x, index, w), out)
+    half = lambda p: ExpertProj(p.weight.half(), p.lora_A, p.lora_B, p.scale)
+    x16 = x.detach().half().requires_grad_()
+    out16 = moe_lora_experts(x16, index, w, half(gu), half(d), base_gemm="grouped_mm")
+    grads16 = torch.autograd.grad(out16, [x16, w] + _lora_leaves(gu, d), (dout * 1024).half())
+    for g16, g in zip(grads16, first):
+        assert torch.isfinite(g16).all() and _rel(g16.double() / 1024, g) < 5e-3
+
+
+def test_base_gemm_choice_and_refusals():
+    case = _case(T=5)
+    x, index, w, gu, d = case
+    cpu = torch.zeros(1, 64)
+    assert base_gemm_of("auto", cpu, torch.float32, gu, d, "silu") == "triton"  # the CPU runs the fused kernels
+    assert base_gemm_of("triton", cpu, torch.float32, gu, d, "silu") == "triton"
+    if not HAS_CUDA:
+        assert base_gemm_of("grouped_mm", cpu, torch.float32, gu, d, "silu") == "grouped_mm"
+    _bad(case, "base_gemm must be one of", base_gemm="cublas")
+    g_case = _case(T=5, act="gptoss")
+    _bad(
+        g_case,
+        "base_gemm='grouped_mm' cannot run this call: it serves silu experts without biases",
+        activation="gptoss",
+        base_gemm="grouped_mm",
+    )
+    if HAS_CUDA:
+        _bad(case, "torch._grouped_mm takes bf16 on the GPU", base_gemm="grouped_mm")
+    odd = _case(T=5, H=36, I=18)
+    if not HAS_CUDA:  # (fp32: 4-element rows)
+        _bad(odd, "multiples of 4", base_gemm="grouped_mm")
 
 
 ROUTE_BAD = """
@@ -527,6 +620,40 @@ def test_gpu_step_makes_no_host_sync():
     try:
         out = moe_lora_experts(x, index, w, gu, d)
         torch.autograd.grad(out, leaves, torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_gpu_hybrid_matches_fused_and_reference_without_host_sync(grouped_mm_calls):
+    """The hybrid path on the GPU (bf16, sm_90): the same output and gradients as the fused kernels within bf16
+    rounding, both against the fp32 reference; no host sync."""
+    if torch.cuda.get_device_capability()[0] not in (9, 10):
+        pytest.skip("torch._grouped_mm's grouped kernels are sm_90 / sm_100")
+    x, index, w, gu, d = _real_layer(4096)
+    assert base_gemm_of("auto", x, x.dtype, gu, d, "silu") == "grouped_mm"
+    dout = torch.randn_like(x)
+    leaves = [x, w] + _lora_leaves(gu, d)
+    runs = {}
+    for base in ("grouped_mm", "triton"):
+        out = moe_lora_experts(x, index, w, gu, d, base_gemm=base)
+        runs[base] = (out,) + torch.autograd.grad(out, leaves, dout)
+    assert len(grouped_mm_calls) == 12
+    as32 = lambda t: t.detach().float().requires_grad_()
+    ref_leaves = [as32(t) for t in leaves]
+    gu32 = ExpertProj(gu.weight.float(), ref_leaves[2], ref_leaves[3], gu.scale)
+    d32 = ExpertProj(d.weight.float(), ref_leaves[4], ref_leaves[5], d.scale)
+    ref = naive_moe_lora(ref_leaves[0], index, ref_leaves[1], gu32, d32)
+    ref_all = (ref,) + torch.autograd.grad(ref, ref_leaves, dout.float())
+    names = ["out", "dx", "dw", "dA_gu", "dB_gu", "dA_d", "dB_d"]
+    for name, a, b, r in zip(names, runs["grouped_mm"], runs["triton"], ref_all):
+        assert _rel(a, r) < 2e-2 and _rel(a, b) < 2e-2, (name, _rel(a, r), _rel(a, b))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = moe_lora_experts(x, index, w, gu, d, base_gemm="grouped_mm")
+        torch.autograd.grad(out, leaves, dout)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
