@@ -97,8 +97,8 @@ def _runners(module, factors, scale):
     return {
         "grouped_mm, no LoRA": no_lora,
         "grouped_mm + merged LoRA (PEFT)": merged,
-        "fusedlora": fused,
-        "fusedlora hybrid (grouped_mm GEMMs)": hybrid,
+        "fusedlora fused kernels": fused,
+        "fusedlora hybrid (grouped_mm GEMMs; auto on sm_90)": hybrid,
     }
 
 
@@ -144,7 +144,7 @@ def run(layer: str, tokens: list[int], rank: int, nf4: bool, check: bool):
             )
             for name in factors
         }
-        fused = runners["fusedlora"]
+        fused = runners["fusedlora fused kernels"]
         runners["fusedlora NF4"] = lambda x, i, w: fused(x, i, w, *quantised["gate_up_proj"], *quantised["down_proj"])
         # the NF4 run's check reference: the merged baseline on bitsandbytes' own dequantisation of those bytes
         # (against the unquantised stack the check would measure NF4's weight error, ~0.15, not the op)

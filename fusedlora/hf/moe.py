@@ -126,6 +126,8 @@ def _projection(experts, wrappers, name, transposed, has_bias, training):
             "expert weights require grad (full fine-tuning of the experts, or PEFT not applied "
             "yet): the fused path trains only the adapters"
         )
+    if quant is None and not W.is_contiguous():  # (a strided view of the stack: the op refuses it)
+        raise UnsupportedExperts(f"experts.{name} is not a contiguous stack (strides {tuple(W.stride())})")
     A, B, scale = _lora(wrappers.get(name), E, in_f, out_f)
     return ExpertProj(W, A, B, scale, bias, quant, transposed)
 

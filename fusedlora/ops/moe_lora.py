@@ -376,7 +376,7 @@ def _hybrid_forward(x, route: Route, rw, gu: _Proj, d: _Proj, k, n_experts, n_in
     eg, xa = _grouped_proj(xs, gu.weight.transpose(1, 2), gu, offs, n_experts, False)
     h = glu_rows(eg, activation, alpha, limit)
     y, ha = _grouped_proj(h, d.weight.transpose(1, 2), d, offs, n_experts, False)
-    y.mul_(rw.index_select(0, slot).unsqueeze(1))  # (computed in fp32, rounded once)
+    y.mul_(rw.index_select(0, slot).unsqueeze(1))  # (y rounded to bf16 first: the fused path rounds once)
     return torch.empty_like(y).index_copy_(0, slot, y), eg, xa, ha
 
 
@@ -696,6 +696,11 @@ def _check_proj(
             )
     else:
         check_tensor(op, f"{name}.weight", p.weight, like=x, like_name="x")
+        if not p.weight.is_contiguous():  # (the kernels address W from its shape: a strided stack would be misread)
+            raise ValueError(
+                f"{op}: {name}.weight must be a contiguous stack, got strides {tuple(p.weight.stride())} for shape "
+                f"{tuple(p.weight.shape)}; call .contiguous() on it once (the op never copies the stack)"
+            )
         if p.weight.dtype != dtype:
             raise TypeError(
                 f"{op}: {name}.weight is {p.weight.dtype} but the compute dtype is {dtype} (x's, or "
@@ -784,7 +789,7 @@ def grouped_mm_refusal(x: torch.Tensor, dtype, gate_up: ExpertProj, down: Expert
         return "it serves [E, out, in] expert stacks"
     if x.shape[0] == 0:
         return "there are no tokens"
-    align = 16 // torch.empty((), dtype=dtype).element_size()
+    align = 16 // dtype.itemsize
     if x.shape[1] % align or down.weight.shape[2] % align:
         return f"hidden and intermediate sizes must be multiples of {align} (16-byte rows)"
     if x.device.type == "cuda":

@@ -429,6 +429,24 @@ def test_expert_weights_requiring_grad_fall_back(fused_calls):
     assert fused_calls
 
 
+def test_a_strided_expert_stack_falls_back(fused_calls):
+    """A non-contiguous expert weight (a view of a transposed stack) runs HF's path, reported; the op would refuse
+    it (its kernels address the stack from its shape)."""
+    ref = make_moe("qwen3_moe")
+    fused = copy.deepcopy(ref)
+    fusedlora.patch(fused)
+    strided = 0
+    for m in (ref, fused):
+        for name, p in m.named_parameters():
+            if name.endswith("experts.base_layer.base_layer.down_proj"):
+                p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
+                strided += 1
+    assert strided == 2
+    got = _run_with_reason(fused, "experts.down_proj is not a contiguous stack")
+    assert_same(loss_and_grads(ref), got, need=("lora_A", "lora_B"))
+    assert not fused_calls
+
+
 def test_custom_act_fn_unknown_submodule_and_lora_on_a_bias_keep_hf_path():
     model = make_moe("mixtral")
     blocks = [m for m in model.modules() if type(m).__name__ == "MixtralSparseMoeBlock"]
@@ -593,8 +611,15 @@ def test_gpu_bf16_training_loss_tracks_hf_over_20_steps(model_type, base_gemm, f
             losses.append(loss.detach().float())
         return torch.stack(losses).cpu()
 
-    hf, fused = run(False), run(True)
+    hf = run(False)
+    gmm_calls = []
+    real = torch._grouped_mm
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "_grouped_mm", lambda *a, **k: gmm_calls.append(1) or real(*a, **k))
+        fused = run(True)
     assert fused_calls and len(fused_calls) >= 20 * MOE_BLOCKS[model_type]
+    hybrid = base_gemm == "auto" and torch.cuda.get_device_capability()[0] in (9, 10)
+    assert len(gmm_calls) == (12 * len(fused_calls) if hybrid else 0)  # the path asked for ran
     gap = ((fused - hf).abs() / hf.abs()).max().item()
     assert gap <= 1e-2, (gap, hf.tolist(), fused.tolist())
     assert hf[-1] < hf[0]  # (it trained)

@@ -260,6 +260,8 @@ def test_bad_input_is_named():
         down=ExpertProj(d.weight, bias=torch.zeros(4, 3, device=DEVICE)),
     )
     _bad(case, "gate_up has 3 experts but down has 4", gate_up=ExpertProj(gu.weight[:3]))
+    strided = gu.weight.transpose(1, 2).contiguous().transpose(1, 2)  # (the kernels would misread it: refused)
+    _bad(case, r"gate_up.weight must be a contiguous stack, got strides \(4096, 1, 64\)", gate_up=ExpertProj(strided))
     _bad(case, "block_m must be", block_m=24)
 
 
@@ -288,6 +290,7 @@ HYBRID_CASES = {
     "one_expert_all_tokens": dict(T=16, E=5, index=torch.full((16, 2), 4)),
     "top_k_8": dict(T=5, k=8, E=8, H=32, I=16),
     "odd_experts": dict(T=11, k=2, E=5, H=48, I=24),
+    "several_glu_column_tiles": dict(T=7, E=4, H=32, I=160, r_gu=7, r_d=33),  # (the row kernels' BN is 128)
     "rank_padded": dict(r_gu=20, r_d=2, T=6),
     "no_gate_up_adapter": dict(r_gu=0, r_d=5),
     "no_down_adapter": dict(r_gu=3, r_d=0),
