@@ -168,12 +168,22 @@ def _scale_launch(x: torch.Tensor, s: torch.Tensor) -> None:
 SCALE_BY_SCALAR_OP = _custom.Launcher("scale_by_scalar", _scale_launch, mutates_args=("x",))
 
 
+def _scaled_copy(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return scale_by_scalar_(x.clone(), s)
+
+
+# Out of place as one op: a clone followed by the mutating op, traced by torch.compile, was re-inplaced by
+# inductor onto the saved gradient itself (the first backward's result then changed with a second backward).
+SCALED_COPY_OP = _custom.Launcher("scaled_copy", _scaled_copy)
+
+
 def scale_saved_grad(grad: torch.Tensor, dloss: torch.Tensor) -> torch.Tensor:
     """A gradient the forward made for d loss = 1, times the incoming d loss (fp32 math, rounded once):
     in place where this backward is the saved gradient's last use (saved_tensors_writable), else in a copy."""
+    s = dloss.to(torch.float32).reshape(1)
     if not saved_tensors_writable():
-        grad = grad.clone()
-    SCALE_BY_SCALAR_OP(grad, dloss.to(torch.float32).reshape(1))
+        return SCALED_COPY_OP(grad, s)
+    SCALE_BY_SCALAR_OP(grad, s)
     return grad
 
 

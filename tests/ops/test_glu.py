@@ -92,12 +92,16 @@ def test_forward_reads_column_blocks_of_one_buffer(rows, cols, dtype, act):
     g, u = buf[:, :cols], buf[:, cols : 2 * cols]
     h = glu_forward(g, u, act)
     assert h.is_contiguous() and h.shape == (rows, cols)
-    # as from contiguous copies, to one rounding of the dtype: the two layouts may launch different variants (a
-    # 16-divisible stride or not), one prebuilt and one JIT-compiled by another Triton, whose erf can differ in its
-    # last fp32 bit (seen on an H100: triton 3.6 JIT beside 3.9 cubins, GELU in bf16 and fp16)
+    # as from contiguous copies, to one rounding of the dtype plus an erf one fp32 ulp apart: the two layouts may
+    # launch different variants (a 16-divisible stride or not), one prebuilt and one JIT-compiled by another Triton
+    # (seen on an H100: triton 3.6 JIT beside 3.9 cubins, GELU in bf16 and fp16). In the tail, h = g u (1 + erf) / 2
+    # cancels, so that ulp of erf is an absolute error of up to |g u| / 2 * 2^-23, past any relative bound of h.
     flat = glu_forward(g.contiguous(), u.contiguous(), act)
     if HAS_CUDA:
-        torch.testing.assert_close(h, flat, rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).smallest_normal)
+        gu = (g.float() * u.float()).abs()
+        bound = torch.finfo(dtype).eps * flat.float().abs() + torch.finfo(torch.float32).eps * gu
+        excess = (h.float() - flat.float()).abs() - bound
+        assert (excess <= 0).all(), (excess.max().item(), (excess > 0).sum().item())
     else:  # (one interpreter runs both)
         assert torch.equal(h, flat)
     ref = {"silu": naive_swiglu, "gelu": naive_geglu, "gelu_tanh": lambda a, b: naive_geglu(a, b, "tanh")}[act]
