@@ -68,13 +68,16 @@ def markdown(results) -> str:
                 f"{r['first_step_s']:.2f} | {gap} | {jit} |"
             )
     for r in results:  # what the wheel lacked, by name (the AOT shape lists' next entries)
-        for variant in r.get("fusedlora_jit_variants") or ():
+        callers = r.get("fusedlora_jit_callers") or ()
+        for i, variant in enumerate(r.get("fusedlora_jit_variants") or ()):
             v = json.loads(variant)
             args = ", ".join(f"{n}: {t}" for n, t in v["signature"])
             consts = ", ".join(f"{n}={c}" for n, c in v["constexprs"])
             lines.append(
                 f"\nJIT in {shape_label(r)} {r['mode']} {r['variant']}: {v['kernel']} sm_{v['arch']} [{consts}] ({args})"
             )
+            if i < len(callers):
+                lines.append(f"  asked for from: {callers[i]}")
     return "\n".join(lines)
 
 

@@ -202,6 +202,18 @@ class _AotLaunch:
         self._scratch_keepalive = t
 
 
+def _callers(depth: int = 6) -> str:
+    """The innermost frames above the launch path (once per JIT-compiled variant, never on a hot path), so a
+    report can say which module asked for a variant the wheel lacks."""
+    import traceback
+
+    skip = (os.sep + "loader.py", os.sep + "_custom.py", os.sep + "torch" + os.sep)
+    frames = [
+        f for f in traceback.extract_stack()[:-2] if not f.filename.endswith(skip[:2]) and skip[2] not in f.filename
+    ]
+    return " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-depth:]))
+
+
 @functools.lru_cache(maxsize=None)
 def _fake_tensor_type():
     from torch._subclasses.fake_tensor import FakeTensor
@@ -300,6 +312,7 @@ class Loader:
         self.stats = {"aot": 0, "jit": 0}  # resolved keys per path, for info/tests
         self.paths: dict[str, str] = {}  # kernel -> how its latest new key was resolved (selfcheck)
         self.jit_variants: list[str] = []  # the variants triton.jit compiled: what a wheel lacked (benchmarks)
+        self.jit_callers: list[str] = []  # where each of them was asked for (the model's and fusedlora's frames)
         import torch
 
         # Fast accessors (Triton uses the same); absent from CPU-only torch builds.
@@ -419,6 +432,7 @@ class Loader:
             )
         self.stats["jit"] += 1
         self.jit_variants.append(variant.to_string())
+        self.jit_callers.append(_callers())
         self.paths[spec.name] = "triton.jit"
         log.debug("fusedlora: no prebuilt kernel for %s; using triton.jit (%s)", spec.name, variant.to_string())
         return _JitLaunch(spec, dict(constexprs), variant.num_warps, variant.num_stages)

@@ -406,6 +406,9 @@ def train(t: Training, data) -> dict:
         "fusedlora_jit_variants": list(loader.get_loader().jit_variants)
         if spec.variant.startswith("fusedlora")
         else None,
+        "fusedlora_jit_callers": list(loader.get_loader().jit_callers)
+        if spec.variant.startswith("fusedlora")
+        else None,
         "patch": t.patch_report,
         "versions": versions(),
         "device": device_name(on_gpu),

@@ -173,9 +173,11 @@ def test_e2e_table_names_each_variant_that_went_through_triton_jit():
         "losses": [1.0],
         "fusedlora_jit_kernels": 1,
         "fusedlora_jit_variants": [jitted.to_string()],
+        "fusedlora_jit_callers": ["forwards.py:120 norm_forward < modeling_qwen3_moe.py:300 forward"],
     }
     table = bench_e2e.markdown([r])
     assert "JIT in qwen3moe x10 lora fusedlora: rope sm_90 [BLOCK_H=8, HAS_POS=1] (Q: *bf16:16, n: i32)" in table
+    assert "asked for from: forwards.py:120 norm_forward < modeling_qwen3_moe.py:300 forward" in table
 
 
 def test_e2e_report_states_the_moe_setup_and_each_run_s_expert_storage():

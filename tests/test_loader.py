@@ -305,6 +305,8 @@ def test_checksum_mismatch_warns_and_uses_jit(tmp_path, jit_calls):
     with pytest.warns(RuntimeWarning, match="fails its checksum"):
         launch(ld)
     assert ld.stats == {"aot": 0, "jit": 1} and len(jit_calls) == 1
+    # the report names who asked for the variant: this test's frame, innermost the launch helper's caller
+    assert len(ld.jit_callers) == 1 and "test_checksum_mismatch_warns_and_uses_jit" in ld.jit_callers[0], ld.jit_callers
 
 
 def test_missing_cubin_file_warns_and_uses_jit(tmp_path, jit_calls):
