@@ -481,7 +481,9 @@ def _forward_op(
     route = moe_route(top_k_index, n_experts, block_m)
     run = _hybrid_forward if dims[9] else functools.partial(_fused_forward, block_m=block_m)
     out_slots, eg, xa, ha = run(x, route, rw, gu, d, k, n_experts, n_inter, activation, alpha, limit)
-    out = out_slots.view(T, k, H).sum(1)  # in slot order, as transformers' grouped_mm path sums
+    # in slot order, as transformers' grouped_mm path sums; the dtype given: CUDA autocast runs a sum without one
+    # in fp32, which made the MoE block's output (and from it the residual stream) fp32
+    out = out_slots.view(T, k, H).sum(1, dtype=x.dtype)
     return (out, rw, eg, _custom.mark(xa if gu.rank else None, x), _custom.mark(ha if d.rank else None, x), *route)
 
 
@@ -590,7 +592,7 @@ def _backward_op(
         dx_slots, dw_part, deg, h, dob, dhb = _fused_backward(
             dout, x, rw, eg, route, gu, d, k, n_experts, n_inter, activation, scales, block_m
         )
-    dx = dx_slots.view(T, k, H).sum(1)
+    dx = dx_slots.view(T, k, H).sum(1, dtype=x.dtype)
     d_rw = dw_part.view(T, k, -1).sum(-1)
     grads = [None] * 4
     if gu.rank:
