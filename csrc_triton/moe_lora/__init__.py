@@ -21,6 +21,7 @@ MOE_TILES = {
 }
 MOE_SEG_TILE = (64, 128, 4, 2)  # BM, BN, warps, stages of the LoRA-gradient kernel
 MOE_GLU_ROWS_TILE = (32, 128, 4, 1)  # BM, BN, warps, stages of the hybrid path's GLU kernels (elementwise)
+MOE_COMBINE_TILE = (16, 256, 4, 1)  # BT (tokens), BN, warps, stages of the hybrid path's gather-and-sum
 
 
 def moe_rank_pad(rank: int) -> int:
@@ -70,6 +71,11 @@ def moe_glu_rows_meta(act: str = "silu", store_h: bool | None = None) -> dict:
     if store_h is not None:
         meta["STORE_H"] = int(bool(store_h))
     return meta
+
+
+def moe_combine_meta(weighted: bool) -> dict:
+    bt, bn, _, _ = MOE_COMBINE_TILE
+    return {"WEIGHTED": int(bool(weighted)), "BT": bt, "BN": bn}
 
 
 def _layer_kinds(family):
@@ -202,4 +208,26 @@ MOE_GLU_ROWS_BWD = _glu_rows_spec(
     "moe_glu_rows_bwd",
     {"G": "x", "EG": "x", "RW": "fp32", "SLOT": "i32", "DEG": "x", "HBUF": "x", "DW_PART": "fp32"},
     "MoE experts, hybrid path: the GLU's backward with the routing weight, its gradient partials and h",
+)
+
+
+def _moe_combine_aot(family):
+    if ("silu", False, False) in _layer_kinds(family) and "bf16" in family.get("dtypes", ("bf16",)):
+        for weighted in (True, False):  # the forward's weighted sum, the backward's input gradient
+            yield {"x": "bf16"}, {"weighted": weighted}
+
+
+MOE_COMBINE_ROWS = register(
+    KernelSpec(
+        name="moe_combine_rows",
+        module="csrc_triton.moe_lora.kernel",
+        function="moe_combine_rows_kernel",
+        pointer_types={"ROWS": "x", "POS": "i32", "RW": "fp32", "OUT": "x"},
+        float_args=(),
+        meta=moe_combine_meta,
+        config=lambda arch, c: MOE_COMBINE_TILE[2:],
+        aot_variants=_moe_combine_aot,
+        doc="MoE experts, hybrid path: each token's k expert rows gathered from expert order, weighted, summed",
+        check="fusedlora.ops.moe_lora:selfcheck",
+    )
 )

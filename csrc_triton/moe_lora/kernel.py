@@ -634,3 +634,25 @@ def moe_glu_rows_bwd_kernel(
     tl.store(DEG + eg_row + u_col[None, :], dup.to(dtype), mask=mask)
     if STORE_H:
         tl.store(HBUF + rows[:, None] * n_inter + n[None, :], h.to(dtype), mask=mask)
+
+
+@triton.jit(do_not_specialize=["n_tokens"])
+def moe_combine_rows_kernel(
+    ROWS, POS, RW, OUT, n_tokens, n_cols, k, WEIGHTED: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr
+):
+    """OUT [T, N] = sum over j < k of (RW[t k + j] if WEIGHTED) ROWS[POS[t k + j]]: each token's k expert rows
+    gathered from expert order (POS: a slot's sorted row) and summed in fp32, rounded once; one pass in place
+    of a weighting, an unsort and a sum over [TK, N]."""
+    t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    t_ok = t < n_tokens
+    mask = t_ok[:, None] & (n < n_cols)[None, :]
+    acc = tl.zeros((BT, BN), dtype=tl.float32)
+    for j in range(k):
+        slot = t * k + j
+        row = tl.load(POS + slot, mask=t_ok, other=0).to(tl.int64)
+        y = tl.load(ROWS + row[:, None] * n_cols + n[None, :], mask=mask, other=0.0).to(tl.float32)
+        if WEIGHTED:
+            y = y * tl.load(RW + slot, mask=t_ok, other=0.0)[:, None]
+        acc += y
+    tl.store(OUT + t[:, None] * n_cols + n[None, :], acc.to(OUT.dtype.element_ty), mask=mask)

@@ -23,6 +23,7 @@ import torch
 
 from csrc_triton.moe_lora import (
     MOE_BLOCK_M,
+    MOE_COMBINE_ROWS,
     MOE_DOWN_BWD,
     MOE_DOWN_FWD,
     MOE_GATE_UP_BWD_DX,
@@ -350,6 +351,21 @@ def glu_rows(eg: torch.Tensor, activation: str, alpha: float, limit: float) -> t
     return h
 
 
+def combine_rows(rows: torch.Tensor, slot: torch.Tensor, rw: torch.Tensor, k: int, weighted: bool) -> torch.Tensor:
+    """out [T, N] = sum over a token's k slots of rows[the slot's sorted row], times rw[slot] when weighted
+    (rw: fp32 in slot order; slot: the sorted rows' slots), from rows [TK, N] in expert order, summed in fp32
+    and rounded once."""
+    n_rows, n_cols = rows.shape
+    rows_of_slot = torch.empty_like(slot).index_copy_(
+        0, slot.long(), torch.arange(n_rows, device=slot.device, dtype=slot.dtype)
+    )
+    out = rows.new_empty(n_rows // k, n_cols)
+    meta = MOE_COMBINE_ROWS.constexprs(weighted=weighted)
+    grid = (cdiv(out.shape[0], meta["BT"]), cdiv(n_cols, meta["BN"]), 1)
+    launch(MOE_COMBINE_ROWS, grid, (rows, rows_of_slot, rw, out, out.shape[0], n_cols, k), weighted=weighted)
+    return out
+
+
 def glu_rows_backward(g, eg, rw, slot, activation: str, alpha: float, limit: float, store_h: bool):
     """(d eg, the routing weight's gradient partials [TK, tiles] in slot order, h or None): the GLU's backward
     of the sorted rows with dh = rw[slot[row]] g[row] (g: h's unweighted gradient); the partials sum g h."""
@@ -369,20 +385,19 @@ def glu_rows_backward(g, eg, rw, slot, activation: str, alpha: float, limit: flo
 
 
 def _hybrid_forward(x, route: Route, rw, gu: _Proj, d: _Proj, k, n_experts, n_inter, activation, alpha, limit):
-    """(out_slots [TK, H] in slot order, weighted, EG, XA or None, HA or None)."""
+    """(out [T, H], EG, XA or None, HA or None)."""
     slot = route.slot.long()
     offs = route.start[1:]
     xs = x.index_select(0, slot // k)  # the tokens in expert order
     eg, xa = _grouped_proj(xs, gu.weight.transpose(1, 2), gu, offs, n_experts, False)
     h = glu_rows(eg, activation, alpha, limit)
     y, ha = _grouped_proj(h, d.weight.transpose(1, 2), d, offs, n_experts, False)
-    y.mul_(rw.index_select(0, slot).unsqueeze(1))  # (y rounded to bf16 first: the fused path rounds once)
-    return torch.empty_like(y).index_copy_(0, slot, y), eg, xa, ha
+    return combine_rows(y, route.slot, rw, k, True), eg, xa, ha
 
 
 def _hybrid_backward(dout, x, rw, eg, route: Route, gu: _Proj, d: _Proj, k, n_experts, n_inter, activation, scales):
-    """(dx_slots [TK, H] in slot order, the routing weight's partials [TK, tiles], DEG, h, DOB, DHB), the last
-    three None where their projection has no adapter."""
+    """(dx [T, H], the routing weight's partials [TK, tiles] in slot order, DEG, h, DOB, DHB), the last three
+    None where their projection has no adapter."""
     slot = route.slot.long()
     offs = route.start[1:]
     g, ob = _grouped_proj(dout.index_select(0, slot // k), d.weight, d, offs, n_experts, True)
@@ -392,7 +407,7 @@ def _hybrid_backward(dout, x, rw, eg, route: Route, gu: _Proj, d: _Proj, k, n_ex
     deg, dw_part, h = glu_rows_backward(g, eg, rw, route.slot, activation, scales[2], scales[3], bool(d.rank))
     dxs, hb = _grouped_proj(deg, gu.weight, gu, offs, n_experts, True)
     dhb = None if hb is None else (hb.float() * gu.scale).to(x.dtype)
-    return torch.empty_like(dxs).index_copy_(0, slot, dxs), dw_part, deg, h, dob, dhb
+    return combine_rows(dxs, route.slot, rw, k, False), dw_part, deg, h, dob, dhb
 
 
 def _fused_forward(x, route: Route, rw, gu: _Proj, d: _Proj, k, n_experts, n_inter, activation, alpha, limit, block_m):
@@ -426,7 +441,9 @@ def _fused_forward(x, route: Route, rw, gu: _Proj, d: _Proj, k, n_experts, n_int
             block_m=block_m,
             **d.shape,
         )
-    return out_slots, eg, xa, ha
+    # in slot order, as transformers' grouped_mm path sums; the dtype given: CUDA autocast runs a sum without one
+    # in fp32, which made the MoE block's output (and from it the residual stream) fp32
+    return out_slots.view(T, k, H).sum(1, dtype=x.dtype), eg, xa, ha
 
 
 def _forward_op(
@@ -480,10 +497,7 @@ def _forward_op(
     alpha, limit = scales[2], scales[3]
     route = moe_route(top_k_index, n_experts, block_m)
     run = _hybrid_forward if dims[9] else functools.partial(_fused_forward, block_m=block_m)
-    out_slots, eg, xa, ha = run(x, route, rw, gu, d, k, n_experts, n_inter, activation, alpha, limit)
-    # in slot order, as transformers' grouped_mm path sums; the dtype given: CUDA autocast runs a sum without one
-    # in fp32, which made the MoE block's output (and from it the residual stream) fp32
-    out = out_slots.view(T, k, H).sum(1, dtype=x.dtype)
+    out, eg, xa, ha = run(x, route, rw, gu, d, k, n_experts, n_inter, activation, alpha, limit)
     return (out, rw, eg, _custom.mark(xa if gu.rank else None, x), _custom.mark(ha if d.rank else None, x), *route)
 
 
@@ -535,7 +549,7 @@ def _fused_backward(
             block_m=block_m,
             **gu.shape,
         )
-    return dx_slots, dw_part, deg, h, dob, dhb
+    return dx_slots.view(-1, k, H).sum(1, dtype=x.dtype), dw_part, deg, h, dob, dhb
 
 
 def _backward_op(
@@ -585,14 +599,13 @@ def _backward_op(
     route = Route(tile_expert, tile_row0, start, slot)
     dout = dout.to(x.dtype).contiguous()
     if dims[9]:
-        dx_slots, dw_part, deg, h, dob, dhb = _hybrid_backward(
+        dx, dw_part, deg, h, dob, dhb = _hybrid_backward(
             dout, x, rw, eg, route, gu, d, k, n_experts, n_inter, activation, scales
         )
     else:
-        dx_slots, dw_part, deg, h, dob, dhb = _fused_backward(
+        dx, dw_part, deg, h, dob, dhb = _fused_backward(
             dout, x, rw, eg, route, gu, d, k, n_experts, n_inter, activation, scales, block_m
         )
-    dx = dx_slots.view(T, k, H).sum(1, dtype=x.dtype)
     d_rw = dw_part.view(T, k, -1).sum(-1)
     grads = [None] * 4
     if gu.rank:
@@ -935,6 +948,7 @@ def selfcheck(device, dtype):
     errs = [rel_err(a, b) for a, b in zip((out,) + grads, (ref,) + ref_grads)]
     fwd, bwd, lora = errs[0], max(errs[1:3]), max(errs[3:])
     glu_fwd, glu_bwd = _glu_rows_errors(randn, T * k, I, dtype)
+    combine = _combine_rows_error(randn, T, k, H, dtype)
     return {
         "moe_gate_up_fwd": (fwd, tol),
         "moe_down_fwd": (fwd, tol),
@@ -943,7 +957,20 @@ def selfcheck(device, dtype):
         "moe_lora_seg_grad": (lora, tol),
         "moe_glu_rows_fwd": (glu_fwd, tol),
         "moe_glu_rows_bwd": (glu_bwd, tol),
+        "moe_combine_rows": (combine, tol),
     }
+
+
+def _combine_rows_error(randn, n_tokens, k, n_cols, dtype):
+    """combine_rows, weighted and not, against its float64 definition (rows in a shuffled slot order)."""
+    rows, rw = randn(n_tokens * k, n_cols).to(dtype), randn(n_tokens * k).float()
+    slot = torch.randperm(n_tokens * k, device=rows.device).to(torch.int32)
+    in_slot_order = torch.empty_like(rows, dtype=torch.float64).index_copy_(0, slot.long(), rows.double())
+    errs = []
+    for weighted in (True, False):
+        ref = in_slot_order * (rw.double()[:, None] if weighted else 1.0)
+        errs.append(rel_err(combine_rows(rows, slot, rw, k, weighted), ref.view(n_tokens, k, n_cols).sum(1)))
+    return max(errs)
 
 
 def _glu_rows_errors(randn, n_rows, n_inter, dtype):

@@ -6,7 +6,14 @@ input. Shapes are tiny: the kernels run in Triton's CPU interpreter here."""
 import pytest
 import torch
 
-from fusedlora.ops.moe_lora import ExpertProj, base_gemm_of, moe_lora_experts, moe_route, naive_moe_lora
+from fusedlora.ops.moe_lora import (
+    ExpertProj,
+    base_gemm_of,
+    combine_rows,
+    moe_lora_experts,
+    moe_route,
+    naive_moe_lora,
+)
 from fusedlora.testing import DEVICE, HAS_CUDA, assert_device_assert
 
 FP32_TOL = 2e-5  # max |error| / max |reference|: fp32 products summed over <= 64 terms (fp32 accumulation)
@@ -334,6 +341,28 @@ def test_hybrid_path_second_backward_fp16_loss_scale_and_compile(grouped_mm_call
     grads16 = torch.autograd.grad(out16, [x16, w] + _lora_leaves(gu, d), (dout * 1024).half())
     for g16, g in zip(grads16, first):
         assert torch.isfinite(g16).all() and _rel(g16.double() / 1024, g) < 5e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_tokens,k,n_cols", [(0, 2, 64), (1, 1, 3), (37, 3, 300), (5, 8, 257)])
+def test_combine_rows_gathers_weights_and_sums_each_tokens_rows(n_tokens, k, n_cols, dtype):
+    """The hybrid path's unsort: out[t] = sum_j (rw[t k + j]) rows[row of slot t k + j], against float64 on odd
+    widths (several column tiles, a masked tail), k 1 to 8, no token. Bound: one rounding of the result to
+    dtype (a whole ulp: Triton's interpreter truncates to bf16) and fp32 accumulation over k terms."""
+    gen = torch.Generator().manual_seed(n_tokens * 31 + k)
+    rows = torch.randn(n_tokens * k, n_cols, generator=gen).to(dtype).to(DEVICE)
+    rw = torch.rand(n_tokens * k, generator=gen).to(DEVICE)
+    slot = torch.randperm(n_tokens * k, generator=gen).to(torch.int32).to(DEVICE)
+    in_slot_order = torch.empty(rows.shape, dtype=torch.float64, device=DEVICE)
+    in_slot_order[slot.long()] = rows.double()
+    eps = torch.finfo(dtype).eps
+    for weighted in (True, False):
+        terms = (in_slot_order * (rw.double()[:, None] if weighted else 1.0)).view(n_tokens, k, n_cols)
+        ref = terms.sum(1)
+        out = combine_rows(rows, slot, rw, k, weighted)
+        assert out.dtype == dtype and out.shape == (n_tokens, n_cols)
+        bound = eps * ref.abs() + 2 * k * torch.finfo(torch.float32).eps * terms.abs().sum(1) + 1e-30
+        assert ((out.double() - ref).abs() <= bound).all()
 
 
 def test_base_gemm_choice_and_refusals():
