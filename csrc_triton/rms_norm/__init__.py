@@ -37,7 +37,7 @@ def rms_norm_meta(n_cols: int, gemma_cast: bool, none_cast: bool = False, has_we
 def rms_norm_bwd_meta(n_cols: int, gemma_cast: bool, has_weight: bool = True) -> dict:
     """The None mode's backward is the Llama one (its forward saves the fp32 rstd, as Llama's does)."""
     m = rms_norm_meta(n_cols, gemma_cast, has_weight=has_weight)
-    del m["BLOCK_M"], m["NONE_CAST"]
+    del m["NONE_CAST"]
     return m
 
 
@@ -94,7 +94,7 @@ RMS_NORM_BWD = register(
         pointer_types={"DY": "y", "X": "x", "W": "w", "RSTD": "fp32", "DX": "x", "DW_PARTIAL": "fp32"},
         float_args=("offset",),
         meta=rms_norm_bwd_meta,
-        config=lambda arch, c: (min(16, 2 * _row_warps(c["BLOCK_N"])), 1),
+        config=lambda arch, c: (min(16, 2 * _row_warps(c["BLOCK_N"] * c["BLOCK_M"])), 1),
         aot_variants=_rms_norm_bwd_aot,
         doc="RMSNorm backward (dx and per-program dw partial sums), persistent grid",
         check="fusedlora.ops.rms_norm:selfcheck",

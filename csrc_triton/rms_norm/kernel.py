@@ -80,11 +80,13 @@ def rms_norm_bwd_kernel(
     n_rows,
     n_cols,
     offset,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GEMMA_CAST: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
 ):
-    # Persistent: program p handles rows p, p + P, ... and keeps its share of dw in registers.
+    # Persistent: program p handles row blocks p, p + P, ... (BLOCK_M rows each, so narrow rows such as a
+    # head_dim q/k norm's still move a few KB a step) and keeps its share of dw in registers.
     pid = tl.program_id(0)
     n_progs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
@@ -96,21 +98,24 @@ def rms_norm_bwd_kernel(
     x_stride = x_row_stride + tl.zeros([], tl.int64)  # a stride may arrive as a constexpr 1
     dy_stride = dy_row_stride + tl.zeros([], tl.int64)
     dx_stride = dx_row_stride + tl.zeros([], tl.int64)
-    for row in range(pid, n_rows, n_progs):
-        x = tl.load(X + row * x_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * dy_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row)
-        xhat = x * rstd
+    for row0 in range(pid * BLOCK_M, n_rows, n_progs * BLOCK_M):
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(X + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * dy_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        xhat = x * rstd[:, None]
         if HAS_WEIGHT:
-            g = dy * w
+            g = dy * w[None, :]
         else:
             g = dy
-        dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
-        tl.store(DX + row * dx_stride + cols, dx.to(DX.dtype.element_ty), mask=col_ok)
+        dx = rstd[:, None] * (g - xhat * (tl.sum(g * xhat, axis=1) / n_cols)[:, None])
+        tl.store(DX + rows[:, None] * dx_stride + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_WEIGHT:
             if GEMMA_CAST:
-                dw += dy * xhat
+                dw += tl.sum(dy * xhat, axis=0)
             else:
-                dw += dy * _in_x_dtype(xhat, X)
+                dw += tl.sum(dy * _in_x_dtype(xhat, X), axis=0)
     if HAS_WEIGHT:
         tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=col_ok)

@@ -19,7 +19,7 @@ from csrc_triton.rms_norm import CAST_FLAGS, RMS_BWD_PROGRAMS_PER_SM, RMS_NORM_B
 
 from ..loader import launch
 from . import _custom
-from ._common import check_tensor, persistent_programs, rel_err, rows_2d
+from ._common import cdiv, check_tensor, persistent_programs, rel_err, rows_2d
 
 CASTINGS = tuple(CAST_FLAGS)  # ("llama", "gemma", "none")
 
@@ -77,11 +77,11 @@ def rms_norm_backward(dy2d, x2d, weight, rstd, offset: float, gemma: bool, need_
     n_rows, n_cols = x2d.shape
     has_weight = weight is not None
     dx = torch.empty_like(x2d)
-    n_progs = persistent_programs(n_rows, RMS_BWD_PROGRAMS_PER_SM, x2d.get_device())
+    shape = dict(n_cols=n_cols, gemma_cast=gemma, has_weight=has_weight)
+    block_m = RMS_NORM_BWD.constexprs(**shape)["BLOCK_M"]  # (checks the row width even when there are no rows)
+    n_progs = persistent_programs(cdiv(n_rows, block_m), RMS_BWD_PROGRAMS_PER_SM, x2d.get_device())
     # without a weight the kernel writes no dw: rstd (fp32, as the argument's type) stands in for the buffer
     dw_partial = torch.empty((n_progs, n_cols), dtype=torch.float32, device=x2d.device) if has_weight else rstd
-    shape = dict(n_cols=n_cols, gemma_cast=gemma, has_weight=has_weight)
-    RMS_NORM_BWD.constexprs(**shape)  # checks the row width even when there are no rows
     if n_rows:
         launch(
             RMS_NORM_BWD,
