@@ -64,13 +64,11 @@ def moe_seg_meta(rank: int, gather: bool, row_scale: bool) -> dict:
     }
 
 
-def moe_glu_rows_meta(act: str = "silu", store_h: bool | None = None) -> dict:
-    """The constexprs of the hybrid path's GLU forward (store_h None) or backward."""
+def moe_glu_rows_meta(act: str = "silu", rank: int = 0) -> dict:
+    """The constexprs of the hybrid path's GLU forward or backward; rank > 0: the LoRA term of the projection
+    whose output the kernel reads (gate/up forward, down backward) is folded in."""
     bm, bn, _, _ = MOE_GLU_ROWS_TILE
-    meta = {"ACT": MOE_ACTS[act], "BM": bm, "BN": bn}
-    if store_h is not None:
-        meta["STORE_H"] = int(bool(store_h))
-    return meta
+    return {"ACT": MOE_ACTS[act], "HAS_LORA": int(rank > 0), "RP": moe_rank_pad(rank), "BM": bm, "BN": bn}
 
 
 def moe_combine_meta(weighted: bool) -> dict:
@@ -171,15 +169,11 @@ MOE_LORA_SEG_GRAD = register(
 )
 
 
-def _moe_glu_rows_aot(backward: bool):
+def _moe_glu_rows_aot(family):
     # the hybrid path (torch._grouped_mm for the frozen GEMMs) serves bf16 silu experts without biases only
-    def variants(family):
-        if ("silu", False, False) not in _layer_kinds(family) or "bf16" not in family.get("dtypes", ("bf16",)):
-            return
-        for store_h in sorted({bool(r) for r in family.get("moe_ranks", (16,))}) if backward else (None,):
-            yield {"x": "bf16"}, {"act": "silu"} if store_h is None else {"act": "silu", "store_h": store_h}
-
-    return variants
+    if ("silu", False, False) in _layer_kinds(family) and "bf16" in family.get("dtypes", ("bf16",)):
+        for rank in family.get("moe_ranks", (16,)):
+            yield {"x": "bf16"}, {"act": "silu", "rank": rank}
 
 
 def _glu_rows_spec(kernel: str, pointers: dict, doc: str) -> KernelSpec:
@@ -189,10 +183,10 @@ def _glu_rows_spec(kernel: str, pointers: dict, doc: str) -> KernelSpec:
             module="csrc_triton.moe_lora.kernel",
             function=f"{kernel}_kernel",
             pointer_types=pointers,
-            float_args=("alpha", "limit"),
+            float_args=("scale", "alpha", "limit"),
             meta=moe_glu_rows_meta,
             config=lambda arch, c: MOE_GLU_ROWS_TILE[2:],
-            aot_variants=_moe_glu_rows_aot(kernel.endswith("bwd")),
+            aot_variants=_moe_glu_rows_aot,
             doc=doc,
             check="fusedlora.ops.moe_lora:selfcheck",
         )
@@ -201,12 +195,23 @@ def _glu_rows_spec(kernel: str, pointers: dict, doc: str) -> KernelSpec:
 
 MOE_GLU_ROWS_FWD = _glu_rows_spec(
     "moe_glu_rows_fwd",
-    {"EG": "x", "HOUT": "x"},
+    {"EG": "x", "HOUT": "x", "ROW_E": "i32", "XA": "x", "FB": "x"},
     "MoE experts, hybrid path: the GLU of the sorted rows' gate/up pre-activations (torch._grouped_mm beside it)",
 )
 MOE_GLU_ROWS_BWD = _glu_rows_spec(
     "moe_glu_rows_bwd",
-    {"G": "x", "EG": "x", "RW": "fp32", "SLOT": "i32", "DEG": "x", "HBUF": "x", "DW_PART": "fp32"},
+    {
+        "G": "x",
+        "EG": "x",
+        "RW": "fp32",
+        "SLOT": "i32",
+        "ROW_E": "i32",
+        "OB": "x",
+        "FA": "x",
+        "DEG": "x",
+        "HBUF": "x",
+        "DW_PART": "fp32",
+    },
     "MoE experts, hybrid path: the GLU's backward with the routing weight, its gradient partials and h",
 )
 

@@ -573,21 +573,68 @@ def moe_lora_seg_grad_kernel(
 
 # ---------------------------------------------------------------- the hybrid path's GLU (docs/moe-design.md 5.7)
 # With the frozen base GEMMs in torch._grouped_mm (cuBLAS/CUTLASS), the GLU and its backward run over the sorted
-# rows on their own; they share _glu / _glu_bwd with the GEMM epilogues above, so h is bit for bit the same.
+# rows on their own; they share _glu / _glu_bwd with the GEMM epilogues above and, as those, add a LoRA term in
+# fp32 before the GLU (here one rank-r dot per expert a tile spans, the frozen GEMM's output read once).
+
+
+@triton.jit
+def _rows_lora_term(ROW_E, SMALL, F, rows, row_ok, cols, col_ok, f_stride_e, f_stride_j, f_stride_c, RP: tl.constexpr):
+    """[BM, BN] fp32: each row's SMALL [RP] times its expert's factor F_e [RP, cols] (F addressed by strides
+    (e, j, c)). The rows are sorted by expert (ROW_E), so a tile spans one expert or a few: one rank-RP dot
+    per expert present, the other rows masked out."""
+    row_e = tl.load(ROW_E + rows, mask=row_ok, other=0)
+    e_lo = tl.min(tl.where(row_ok, row_e, 2147483647), axis=0)
+    e_hi = tl.max(tl.where(row_ok, row_e, -1), axis=0)
+    rk = tl.arange(0, RP)
+    small = tl.load(SMALL + rows[:, None] * RP + rk[None, :], mask=row_ok[:, None], other=0.0)
+    acc = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
+    stride_e = f_stride_e + tl.zeros([], tl.int64)  # (an expert's offset may pass 2**31 elements)
+    for e in range(e_lo, e_hi + 1):
+        f_ptr = F + e * stride_e + rk[:, None] * f_stride_j + cols[None, :] * f_stride_c
+        f = tl.load(f_ptr, mask=col_ok[None, :], other=0.0)
+        acc = mma(tl.where((row_e == e)[:, None], small, tl.zeros_like(small)), f, acc)
+    return acc
 
 
 @triton.jit(do_not_specialize=["n_rows"])
 def moe_glu_rows_fwd_kernel(
-    EG, HOUT, n_rows, n_inter, alpha, limit, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr
+    EG,
+    HOUT,
+    ROW_E,
+    XA,
+    FB,
+    n_rows,
+    n_inter,
+    f_stride_e,
+    f_stride_j,
+    f_stride_c,
+    scale,
+    alpha,
+    limit,
+    ACT: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    RP: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
 ):
-    """HOUT [TK, I] = GLU of the gate/up pre-activations EG [TK, 2I] (W's output order), rounded once."""
+    """HOUT [TK, I] = GLU of the gate/up pre-activations EG [TK, 2I] (W's output order), rounded once. HAS_LORA:
+    EG holds the frozen GEMM's output; the LoRA term scale XA[row] B_e (FB: B's stack) is added here and the
+    full pre-activations written back to EG (one pass, no [TK, 2I] LoRA product or sum in memory)."""
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
-    mask = (rows < n_rows)[:, None] & (n < n_inter)[None, :]
+    row_ok = rows < n_rows
+    n_ok = n < n_inter
+    mask = row_ok[:, None] & n_ok[None, :]
     g_col, u_col = _gate_up_cols(n, n_inter, ACT)
     eg_row = EG + rows[:, None] * 2 * n_inter
     gate = tl.load(eg_row + g_col[None, :], mask=mask, other=0.0).to(tl.float32)
     up = tl.load(eg_row + u_col[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_LORA:
+        lora = (ROW_E, XA, FB, rows, row_ok)
+        gate += scale * _rows_lora_term(*lora, g_col, n_ok, f_stride_e, f_stride_j, f_stride_c, RP)
+        up += scale * _rows_lora_term(*lora, u_col, n_ok, f_stride_e, f_stride_j, f_stride_c, RP)
+        tl.store(eg_row + g_col[None, :], gate.to(EG.dtype.element_ty), mask=mask)
+        tl.store(eg_row + u_col[None, :], up.to(EG.dtype.element_ty), mask=mask)
     h = _glu(gate, up, alpha, limit, ACT)
     tl.store(HOUT + rows[:, None] * n_inter + n[None, :], h.to(HOUT.dtype.element_ty), mask=mask)
 
@@ -598,30 +645,42 @@ def moe_glu_rows_bwd_kernel(
     EG,
     RW,
     SLOT,
+    ROW_E,
+    OB,
+    FA,
     DEG,
     HBUF,
     DW_PART,
     n_rows,
     n_inter,
     n_col_tiles,
+    f_stride_e,
+    f_stride_j,
+    f_stride_c,
+    scale,
     alpha,
     limit,
     ACT: tl.constexpr,
-    STORE_H: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    RP: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
 ):
     """The GLU's backward over the sorted rows, as moe_down_bwd's epilogue: G [TK, I] is the unweighted
-    gradient of h (the output gradient through the down projection); DEG = GLU'(RW[slot] G) in EG's layout,
-    DW_PART[slot, tile] = sum_n G h (the routing weight's gradient in partials), HBUF = h when STORE_H."""
+    gradient of h through the frozen down projection; HAS_LORA adds its LoRA term scale OB[row] A_e (FA: A's
+    stack) and stores h in HBUF (for A's gradient). DEG = GLU'(RW[slot] g) in EG's layout, DW_PART[slot, tile]
+    = sum_n g h (the routing weight's gradient in partials)."""
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     pid_n = tl.program_id(1)
     n = pid_n * BN + tl.arange(0, BN)
     row_ok = rows < n_rows
-    mask = row_ok[:, None] & (n < n_inter)[None, :]
+    n_ok = n < n_inter
+    mask = row_ok[:, None] & n_ok[None, :]
     slot = tl.load(SLOT + rows, mask=row_ok, other=0).to(tl.int64)
     rw = tl.load(RW + slot, mask=row_ok, other=0.0)
     g = tl.load(G + rows[:, None] * n_inter + n[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_LORA:
+        g += scale * _rows_lora_term(ROW_E, OB, FA, rows, row_ok, n, n_ok, f_stride_e, f_stride_j, f_stride_c, RP)
     g_col, u_col = _gate_up_cols(n, n_inter, ACT)
     eg_row = rows[:, None] * 2 * n_inter
     gate = tl.load(EG + eg_row + g_col[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -632,7 +691,7 @@ def moe_glu_rows_bwd_kernel(
     tl.store(DW_PART + slot * n_col_tiles + pid_n, tl.sum(g * h, axis=1), mask=row_ok)
     tl.store(DEG + eg_row + g_col[None, :], dgate.to(dtype), mask=mask)
     tl.store(DEG + eg_row + u_col[None, :], dup.to(dtype), mask=mask)
-    if STORE_H:
+    if HAS_LORA:
         tl.store(HBUF + rows[:, None] * n_inter + n[None, :], h.to(dtype), mask=mask)
 
 

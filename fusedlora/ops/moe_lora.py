@@ -322,18 +322,52 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     return torch._grouped_mm(a, b, offs=offs)
 
 
-def _grouped_proj(rows, weight_t, p: _Proj, offs, n_experts, backward: bool):
+def _grouped_proj(rows, weight_t, p: _Proj, offs, n_experts, backward: bool, fold: bool = False):
     """rows @ W_e^T + s (rows A_e^T) B_e^T per expert group (backward: rows @ W_e + s (rows B_e) A_e), and the
     rank-r product (rows A_e^T, or rows B_e unscaled), None without an adapter. weight_t is W's stack as
-    grouped_mm's right operand."""
+    grouped_mm's right operand. fold: the LoRA term is left to the row kernel that reads the output; then
+    (rows @ W_e^T, the rank-r product, the second factor's stack [E, RP, out] as (tensor, its strides)), the
+    last two None without an adapter."""
     out = _grouped_mm(rows, weight_t, offs)
     if not p.rank:
-        return out, None
+        return (out, None, None) if fold else (out, None)
     A, B = _factor_stacks(p, n_experts)
     first, second = (B, A) if backward else (A.transpose(1, 2), B.transpose(1, 2))
     small = _grouped_mm(rows, first, offs)
+    if fold:
+        return out, small, second
     out.add_(_grouped_mm(small, second, offs), alpha=p.scale)
     return out, small
+
+
+class RowsLoRA(NamedTuple):
+    """A LoRA term a row kernel adds to the rows it reads: scale small[row] @ factor[row_expert[row]], with
+    small [TK, RP] and factor [E, RP, N] (any strides); the rows sorted by expert."""
+
+    row_expert: torch.Tensor
+    small: torch.Tensor
+    factor: torch.Tensor
+    scale: float
+    rank: int
+
+    def args(self) -> tuple:
+        return (self.row_expert, self.small, self.factor)
+
+    def scalars(self) -> tuple:
+        return (*self.factor.stride(), self.scale)
+
+
+def _rows_lora_args(lora: RowsLoRA | None, like: torch.Tensor, int_like: torch.Tensor) -> tuple:
+    """The row kernels' (pointer, pointer, pointer) and (stride, stride, stride, scale) for `lora`, or stand-ins."""
+    if lora is None:
+        return (int_like, like, like), (0, 0, 0, 0.0)
+    return lora.args(), lora.scalars()
+
+
+def row_experts(start: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Each sorted row's expert (int32 [n_rows]) from the group starts [E + 1], on the device (no host sync)."""
+    rows = torch.arange(n_rows, device=start.device, dtype=torch.int32)
+    return torch.searchsorted(start[1:], rows, right=True, out_int32=True)
 
 
 def _glu_rows_grid(n_rows: int, n_inter: int, spec, **shape):
@@ -341,13 +375,22 @@ def _glu_rows_grid(n_rows: int, n_inter: int, spec, **shape):
     return cdiv(n_rows, meta["BM"]), cdiv(n_inter, meta["BN"])
 
 
-def glu_rows(eg: torch.Tensor, activation: str, alpha: float, limit: float) -> torch.Tensor:
+def glu_rows(eg: torch.Tensor, activation: str, alpha: float, limit: float, lora: RowsLoRA | None = None):
     """h [TK, I] = GLU of the gate/up pre-activations eg [TK, 2I] (W's output order), rounded once: the
-    hybrid path's GLU, bit for bit the fused forward's epilogue."""
+    hybrid path's GLU, as the fused forward's epilogue. lora: eg is the frozen GEMM's output and the
+    gate/up LoRA term (factor: B's stack [E, RP, 2I]) is added first; eg then holds the sum (in place)."""
     n_rows, n_inter = eg.shape[0], eg.shape[1] // 2
     h = eg.new_empty(n_rows, n_inter)
-    grid = _glu_rows_grid(n_rows, n_inter, MOE_GLU_ROWS_FWD, act=activation)
-    launch(MOE_GLU_ROWS_FWD, (*grid, 1), (eg, h, n_rows, n_inter, alpha, limit), act=activation)
+    rank = lora.rank if lora is not None else 0
+    grid = _glu_rows_grid(n_rows, n_inter, MOE_GLU_ROWS_FWD, act=activation, rank=rank)
+    pointers, scalars = _rows_lora_args(lora, eg, eg.new_empty(0, dtype=torch.int32))
+    launch(
+        MOE_GLU_ROWS_FWD,
+        (*grid, 1),
+        (eg, h, *pointers, n_rows, n_inter, *scalars, alpha, limit),
+        act=activation,
+        rank=rank,
+    )
     return h
 
 
@@ -366,22 +409,26 @@ def combine_rows(rows: torch.Tensor, slot: torch.Tensor, rw: torch.Tensor, k: in
     return out
 
 
-def glu_rows_backward(g, eg, rw, slot, activation: str, alpha: float, limit: float, store_h: bool):
+def glu_rows_backward(g, eg, rw, slot, activation: str, alpha: float, limit: float, lora: RowsLoRA | None = None):
     """(d eg, the routing weight's gradient partials [TK, tiles] in slot order, h or None): the GLU's backward
-    of the sorted rows with dh = rw[slot[row]] g[row] (g: h's unweighted gradient); the partials sum g h."""
+    of the sorted rows with dh = rw[slot[row]] g[row] (g: h's unweighted gradient); the partials sum g h.
+    lora: g is the frozen down projection's part and its LoRA term (factor: A's stack [E, RP, I]) is added
+    first; h is then returned too (A's gradient reads it)."""
     n_rows, n_inter = eg.shape[0], eg.shape[1] // 2
-    grid = _glu_rows_grid(n_rows, n_inter, MOE_GLU_ROWS_BWD, act=activation, store_h=store_h)
+    rank = lora.rank if lora is not None else 0
+    grid = _glu_rows_grid(n_rows, n_inter, MOE_GLU_ROWS_BWD, act=activation, rank=rank)
     deg = torch.empty_like(eg)  # (a fresh buffer: the saved EG stays intact for a retained graph)
     dw_part = rw.new_empty(n_rows, grid[1])
-    h = eg.new_empty(n_rows, n_inter) if store_h else eg
+    h = eg.new_empty(n_rows, n_inter) if rank else eg
+    pointers, scalars = _rows_lora_args(lora, eg, slot)
     launch(
         MOE_GLU_ROWS_BWD,
         (*grid, 1),
-        (g, eg, rw, slot, deg, h, dw_part, n_rows, n_inter, grid[1], alpha, limit),
+        (g, eg, rw, slot, *pointers, deg, h, dw_part, n_rows, n_inter, grid[1], *scalars, alpha, limit),
         act=activation,
-        store_h=store_h,
+        rank=rank,
     )
-    return deg, dw_part, h if store_h else None
+    return deg, dw_part, h if rank else None
 
 
 def _hybrid_forward(x, route: Route, rw, gu: _Proj, d: _Proj, k, n_experts, n_inter, activation, alpha, limit):
@@ -389,8 +436,11 @@ def _hybrid_forward(x, route: Route, rw, gu: _Proj, d: _Proj, k, n_experts, n_in
     slot = route.slot.long()
     offs = route.start[1:]
     xs = x.index_select(0, slot // k)  # the tokens in expert order
-    eg, xa = _grouped_proj(xs, gu.weight.transpose(1, 2), gu, offs, n_experts, False)
-    h = glu_rows(eg, activation, alpha, limit)
+    eg, xa, b_stack = _grouped_proj(xs, gu.weight.transpose(1, 2), gu, offs, n_experts, False, fold=True)
+    lora = None
+    if gu.rank:
+        lora = RowsLoRA(row_experts(route.start, xs.shape[0]), xa, b_stack, gu.scale, gu.rank)
+    h = glu_rows(eg, activation, alpha, limit, lora)
     y, ha = _grouped_proj(h, d.weight.transpose(1, 2), d, offs, n_experts, False)
     return combine_rows(y, route.slot, rw, k, True), eg, xa, ha
 
@@ -400,11 +450,12 @@ def _hybrid_backward(dout, x, rw, eg, route: Route, gu: _Proj, d: _Proj, k, n_ex
     None where their projection has no adapter."""
     slot = route.slot.long()
     offs = route.start[1:]
-    g, ob = _grouped_proj(dout.index_select(0, slot // k), d.weight, d, offs, n_experts, True)
-    dob = None
-    if ob is not None:  # s RW[slot] (g B_e), as the fused path's DOB
+    g, ob, a_stack = _grouped_proj(dout.index_select(0, slot // k), d.weight, d, offs, n_experts, True, fold=True)
+    dob = lora = None
+    if d.rank:  # s RW[slot] (g B_e), as the fused path's DOB
         dob = (ob.float() * (rw.index_select(0, slot) * d.scale).unsqueeze(1)).to(x.dtype)
-    deg, dw_part, h = glu_rows_backward(g, eg, rw, route.slot, activation, scales[2], scales[3], bool(d.rank))
+        lora = RowsLoRA(row_experts(route.start, g.shape[0]), ob, a_stack, d.scale, d.rank)
+    deg, dw_part, h = glu_rows_backward(g, eg, rw, route.slot, activation, scales[2], scales[3], lora)
     dxs, hb = _grouped_proj(deg, gu.weight, gu, offs, n_experts, True)
     dhb = None if hb is None else (hb.float() * gu.scale).to(x.dtype)
     return combine_rows(dxs, route.slot, rw, k, False), dw_part, deg, h, dob, dhb
@@ -973,18 +1024,29 @@ def _combine_rows_error(randn, n_tokens, k, n_cols, dtype):
     return max(errs)
 
 
-def _glu_rows_errors(randn, n_rows, n_inter, dtype):
-    """The hybrid path's GLU kernels against naive_glu and its autograd in float64 (rows in a shuffled slot
-    order, fp32 routing weights): (forward error, backward error over d eg, the weight partials and h)."""
+def _glu_rows_errors(randn, n_rows, n_inter, dtype, n_experts=3, rank_pad=16, scale=0.5):
+    """The hybrid path's GLU kernels, each with a folded LoRA term (rows sorted over n_experts), against
+    naive_glu and its autograd in float64 (rows in a shuffled slot order, fp32 routing weights): (forward error
+    over h and the written-back eg, backward error over d eg, the weight partials and h)."""
     eg, g = randn(n_rows, 2 * n_inter, s=2.0).to(dtype), randn(n_rows, n_inter).to(dtype)
     rw = randn(n_rows).float()
     slot = torch.randperm(n_rows, device=eg.device).to(torch.int32)
-    h = glu_rows(eg, "silu", 1.702, 7.0)
-    deg, dw_part, h_again = glu_rows_backward(g, eg, rw, slot, "silu", 1.702, 7.0, True)
+    row_e = torch.randint(n_experts, (n_rows,), device=eg.device).sort().values.to(torch.int32)
+    xa, ob = randn(n_rows, rank_pad).to(dtype), randn(n_rows, rank_pad).to(dtype)
+    fb = randn(n_experts, rank_pad, 2 * n_inter, s=0.25).to(dtype)
+    fa = randn(n_experts, rank_pad, n_inter, s=0.25).to(dtype)
+    term = lambda small, f: scale * torch.einsum("rj,rjc->rc", small.double(), f.double()[row_e.long()])
+    full64 = eg.double() + term(xa, fb)
+    h = glu_rows(eg, "silu", 1.702, 7.0, RowsLoRA(row_e, xa, fb, scale, rank_pad))  # (eg now holds the sum)
+    fwd = max(rel_err(h, naive_glu(full64, "silu")), rel_err(eg, full64))
+    deg, dw_part, h_again = glu_rows_backward(
+        g, eg, rw, slot, "silu", 1.702, 7.0, RowsLoRA(row_e, ob, fa, scale, rank_pad)
+    )
+    g64 = g.double() + term(ob, fa)
     eg64 = eg.double().requires_grad_()
     h64 = naive_glu(eg64, "silu")
-    (deg64,) = torch.autograd.grad(h64, eg64, g.double() * rw[slot.long()].double()[:, None])
+    (deg64,) = torch.autograd.grad(h64, eg64, g64 * rw[slot.long()].double()[:, None])
     dw64 = torch.zeros(n_rows, dtype=torch.float64, device=eg.device)
-    dw64[slot.long()] = (g.double() * h64.detach()).sum(1)
+    dw64[slot.long()] = (g64 * h64.detach()).sum(1)
     bwd = max(rel_err(deg, deg64), rel_err(dw_part.sum(1), dw64), rel_err(h_again, h64))
-    return rel_err(h, h64), bwd
+    return fwd, bwd
