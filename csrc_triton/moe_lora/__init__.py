@@ -169,9 +169,13 @@ MOE_LORA_SEG_GRAD = register(
 )
 
 
-def _moe_glu_rows_aot(family):
+def _hybrid_serves(family) -> bool:
     # the hybrid path (torch._grouped_mm for the frozen GEMMs) serves bf16 silu experts without biases only
-    if ("silu", False, False) in _layer_kinds(family) and "bf16" in family.get("dtypes", ("bf16",)):
+    return ("silu", False, False) in _layer_kinds(family) and "bf16" in family.get("dtypes", ("bf16",))
+
+
+def _moe_glu_rows_aot(family):
+    if _hybrid_serves(family):
         for rank in family.get("moe_ranks", (16,)):
             yield {"x": "bf16"}, {"act": "silu", "rank": rank}
 
@@ -217,7 +221,7 @@ MOE_GLU_ROWS_BWD = _glu_rows_spec(
 
 
 def _moe_combine_aot(family):
-    if ("silu", False, False) in _layer_kinds(family) and "bf16" in family.get("dtypes", ("bf16",)):
+    if _hybrid_serves(family):
         for weighted in (True, False):  # the forward's weighted sum, the backward's input gradient
             yield {"x": "bf16"}, {"weighted": weighted}
 
