@@ -596,7 +596,8 @@ def _rows_lora_term(ROW_E, SMALL, F, rows, row_ok, cols, col_ok, f_stride_e, f_s
     return acc
 
 
-@triton.jit(do_not_specialize=["n_rows"])
+# (the factor's strides are not specialised: 1 in one layout, 16-divisible in the other, 0 without an adapter)
+@triton.jit(do_not_specialize=["n_rows", "f_stride_e", "f_stride_j", "f_stride_c"])
 def moe_glu_rows_fwd_kernel(
     EG,
     HOUT,
@@ -639,7 +640,7 @@ def moe_glu_rows_fwd_kernel(
     tl.store(HOUT + rows[:, None] * n_inter + n[None, :], h.to(HOUT.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["n_rows", "n_col_tiles"])
+@triton.jit(do_not_specialize=["n_rows", "n_col_tiles", "f_stride_e", "f_stride_j", "f_stride_c"])
 def moe_glu_rows_bwd_kernel(
     G,
     EG,
@@ -695,7 +696,7 @@ def moe_glu_rows_bwd_kernel(
         tl.store(HBUF + rows[:, None] * n_inter + n[None, :], h.to(dtype), mask=mask)
 
 
-@triton.jit(do_not_specialize=["n_tokens"])
+@triton.jit(do_not_specialize=["n_tokens", "k"])  # (top-k: 1, 2, 4, 8...: one variant for all)
 def moe_combine_rows_kernel(
     ROWS, POS, RW, OUT, n_tokens, n_cols, k, WEIGHTED: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr
 ):

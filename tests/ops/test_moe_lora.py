@@ -6,6 +6,7 @@ input. Shapes are tiny: the kernels run in Triton's CPU interpreter here."""
 import pytest
 import torch
 
+from build_tools.shapes import COMMON, MOE_LAYERS
 from fusedlora.ops.moe_lora import (
     ExpertProj,
     base_gemm_of,
@@ -705,3 +706,42 @@ def test_gpu_autocast_keeps_the_compute_dtype(base_gemm):
         assert out.dtype == torch.bfloat16
         (dx,) = torch.autograd.grad(out.float().sum(), [x])
     assert dx.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("layer", [m for m in MOE_LAYERS if m["act"] == "silu"], ids=lambda m: m["name"])
+def test_hybrid_row_kernels_bind_to_the_prebuilt_variants(layer, monkeypatch):
+    """Each row kernel of the hybrid path, launched as the op launches it at a family layer's real dims (bf16,
+    ranks 0 / 16 / 64), binds to a variant the AOT build makes for the common family: on a GPU none of them
+    falls to triton.jit (an int argument that Triton specialises, a stride equal to 1 or a top-k that is not a
+    multiple of 16, would key a variant the build never made). The launches record their key and run nothing."""
+    from fusedlora import loader, registry
+    from fusedlora.ops.moe_lora import RowsLoRA, glu_rows, glu_rows_backward, row_experts
+
+    names = ("moe_glu_rows_fwd", "moe_glu_rows_bwd", "moe_combine_rows")
+    wanted = {v.key for v in registry.family_variants(COMMON, [90], names)}
+    launched = []
+    monkeypatch.setattr(
+        loader.KernelLauncher,
+        "_cpu",
+        lambda self, grid, args, constexprs: launched.append((self.spec.name, self.bind(*args)[0], constexprs)),
+    )
+    H, I, E, k = layer["hidden"], layer["intermediate"], layer["experts"], layer["top_k"]
+    T = 3
+    bf = torch.bfloat16
+    route = moe_route(torch.stack([torch.randperm(E)[:k] for _ in range(T)]), E, 64)
+    rw = torch.rand(T * k)
+    combine_rows(torch.zeros(T * k, H, dtype=bf), route.slot, rw, k, True)
+    combine_rows(torch.zeros(T * k, H, dtype=bf), route.slot, rw, k, False)
+    for rank in COMMON["moe_ranks"]:
+        rp = max(16, rank)
+        eg, g = torch.zeros(T * k, 2 * I, dtype=bf), torch.zeros(T * k, I, dtype=bf)
+        fold_fwd = fold_bwd = None
+        if rank:  # the factor stacks as _grouped_proj hands them over: B^T [E, RP, 2I] (a view), A [E, RP, I]
+            row_e, small = row_experts(route.start, T * k), torch.zeros(T * k, rp, dtype=bf)
+            fold_fwd = RowsLoRA(row_e, small, torch.zeros(E, 2 * I, rp, dtype=bf).transpose(1, 2), 2.0, rank)
+            fold_bwd = RowsLoRA(row_e, small, torch.zeros(E, rp, I, dtype=bf), 2.0, rank)
+        glu_rows(eg, "silu", 1.702, 7.0, fold_fwd)
+        glu_rows_backward(g, eg, rw, route.slot, "silu", 1.702, 7.0, fold_bwd)
+    assert {name for name, _, _ in launched} == set(names)
+    for key in launched:
+        assert key in wanted, f"no prebuilt variant for the launch {key}"
