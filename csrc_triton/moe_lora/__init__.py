@@ -71,9 +71,9 @@ def moe_glu_rows_meta(act: str = "silu", rank: int = 0) -> dict:
     return {"ACT": MOE_ACTS[act], "HAS_LORA": int(rank > 0), "RP": moe_rank_pad(rank), "BM": bm, "BN": bn}
 
 
-def moe_combine_meta(weighted: bool) -> dict:
+def moe_combine_meta(weighted: bool, has_extra: bool = False) -> dict:
     bt, bn, _, _ = MOE_COMBINE_TILE
-    return {"WEIGHTED": int(bool(weighted)), "BT": bt, "BN": bn}
+    return {"WEIGHTED": int(bool(weighted)), "HAS_EXTRA": int(bool(has_extra)), "BT": bt, "BN": bn}
 
 
 def _layer_kinds(family):
@@ -223,7 +223,8 @@ MOE_GLU_ROWS_BWD = _glu_rows_spec(
 def _moe_combine_aot(family):
     if _hybrid_serves(family):
         for weighted in (True, False):  # the forward's weighted sum, the backward's input gradient
-            yield {"x": "bf16"}, {"weighted": weighted}
+            for has_extra in sorted({bool(r) for r in family.get("moe_ranks", (16,))}):  # (a LoRA term's rows)
+                yield {"x": "bf16"}, {"weighted": weighted, "has_extra": has_extra}
 
 
 MOE_COMBINE_ROWS = register(
@@ -231,12 +232,13 @@ MOE_COMBINE_ROWS = register(
         name="moe_combine_rows",
         module="csrc_triton.moe_lora.kernel",
         function="moe_combine_rows_kernel",
-        pointer_types={"ROWS": "x", "POS": "i32", "RW": "fp32", "OUT": "x"},
-        float_args=(),
+        pointer_types={"ROWS": "x", "EXTRA": "x", "POS": "i32", "RW": "fp32", "OUT": "x"},
+        float_args=("extra_scale",),
         meta=moe_combine_meta,
         config=lambda arch, c: MOE_COMBINE_TILE[2:],
         aot_variants=_moe_combine_aot,
-        doc="MoE experts, hybrid path: each token's k expert rows gathered from expert order, weighted, summed",
+        doc="MoE experts, hybrid path: each token's k expert rows (+ a LoRA term's) gathered from expert order, "
+        "weighted, summed",
         check="fusedlora.ops.moe_lora:selfcheck",
     )
 )

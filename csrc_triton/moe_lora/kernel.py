@@ -698,11 +698,24 @@ def moe_glu_rows_bwd_kernel(
 
 @triton.jit(do_not_specialize=["n_tokens", "k"])  # (top-k: 1, 2, 4, 8...: one variant for all)
 def moe_combine_rows_kernel(
-    ROWS, POS, RW, OUT, n_tokens, n_cols, k, WEIGHTED: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr
+    ROWS,
+    EXTRA,
+    POS,
+    RW,
+    OUT,
+    n_tokens,
+    n_cols,
+    k,
+    extra_scale,
+    WEIGHTED: tl.constexpr,
+    HAS_EXTRA: tl.constexpr,
+    BT: tl.constexpr,
+    BN: tl.constexpr,
 ):
-    """OUT [T, N] = sum over j < k of (RW[t k + j] if WEIGHTED) ROWS[POS[t k + j]]: each token's k expert rows
-    gathered from expert order (POS: a slot's sorted row) and summed in fp32, rounded once; one pass in place
-    of a weighting, an unsort and a sum over [TK, N]."""
+    """OUT [T, N] = sum over j < k of (RW[t k + j] if WEIGHTED) (ROWS + extra_scale EXTRA if HAS_EXTRA)[POS[t k + j]]:
+    each token's k expert rows gathered from expert order (POS: a slot's sorted row), with a LoRA term's rows
+    (EXTRA, unscaled) added, summed in fp32 and rounded once; one pass in place of an add, a weighting, an unsort
+    and a sum over [TK, N]."""
     t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     t_ok = t < n_tokens
@@ -711,7 +724,10 @@ def moe_combine_rows_kernel(
     for j in range(k):
         slot = t * k + j
         row = tl.load(POS + slot, mask=t_ok, other=0).to(tl.int64)
-        y = tl.load(ROWS + row[:, None] * n_cols + n[None, :], mask=mask, other=0.0).to(tl.float32)
+        offs = row[:, None] * n_cols + n[None, :]
+        y = tl.load(ROWS + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_EXTRA:
+            y += extra_scale * tl.load(EXTRA + offs, mask=mask, other=0.0).to(tl.float32)
         if WEIGHTED:
             y = y * tl.load(RW + slot, mask=t_ok, other=0.0)[:, None]
         acc += y

@@ -322,22 +322,17 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     return torch._grouped_mm(a, b, offs=offs)
 
 
-def _grouped_proj(rows, weight_t, p: _Proj, offs, n_experts, backward: bool, fold: bool = False):
-    """rows @ W_e^T + s (rows A_e^T) B_e^T per expert group (backward: rows @ W_e + s (rows B_e) A_e), and the
-    rank-r product (rows A_e^T, or rows B_e unscaled), None without an adapter. weight_t is W's stack as
-    grouped_mm's right operand. fold: the LoRA term is left to the row kernel that reads the output; then
-    (rows @ W_e^T, the rank-r product, the second factor's stack [E, RP, out] as (tensor, its strides)), the
-    last two None without an adapter."""
+def _grouped_proj(rows, weight_t, p: _Proj, offs, n_experts, backward: bool):
+    """The frozen grouped GEMM rows @ W_e^T (weight_t: W's stack as grouped_mm's right operand), and for an
+    adapter the rank-r product rows A_e^T (backward: rows B_e, unscaled) with the second factor's stack as the
+    next grouped GEMM's right operand (B_e^T [E, RP, out]; backward A_e [E, RP, in]); the LoRA term
+    s (product) (factor) is left to the row kernel that reads the output. The last two None without one."""
     out = _grouped_mm(rows, weight_t, offs)
     if not p.rank:
-        return (out, None, None) if fold else (out, None)
+        return out, None, None
     A, B = _factor_stacks(p, n_experts)
     first, second = (B, A) if backward else (A.transpose(1, 2), B.transpose(1, 2))
-    small = _grouped_mm(rows, first, offs)
-    if fold:
-        return out, small, second
-    out.add_(_grouped_mm(small, second, offs), alpha=p.scale)
-    return out, small
+    return out, _grouped_mm(rows, first, offs), second
 
 
 class RowsLoRA(NamedTuple):
@@ -394,18 +389,33 @@ def glu_rows(eg: torch.Tensor, activation: str, alpha: float, limit: float, lora
     return h
 
 
-def combine_rows(rows: torch.Tensor, slot: torch.Tensor, rw: torch.Tensor, k: int, weighted: bool) -> torch.Tensor:
-    """out [T, N] = sum over a token's k slots of rows[the slot's sorted row], times rw[slot] when weighted
-    (rw: fp32 in slot order; slot: the sorted rows' slots), from rows [TK, N] in expert order, summed in fp32
-    and rounded once."""
+def combine_rows(
+    rows: torch.Tensor,
+    slot: torch.Tensor,
+    rw: torch.Tensor,
+    k: int,
+    weighted: bool,
+    extra: torch.Tensor | None = None,
+    extra_scale: float = 0.0,
+) -> torch.Tensor:
+    """out [T, N] = sum over a token's k slots of (rows + extra_scale extra)[the slot's sorted row], times
+    rw[slot] when weighted (rw: fp32 in slot order; slot: the sorted rows' slots), from rows [TK, N] in expert
+    order (extra: a LoRA term's unscaled rows in the same order, or None), summed in fp32 and rounded once."""
     n_rows, n_cols = rows.shape
     rows_of_slot = torch.empty_like(slot).index_copy_(
         0, slot.long(), torch.arange(n_rows, device=slot.device, dtype=slot.dtype)
     )
     out = rows.new_empty(n_rows // k, n_cols)
-    meta = MOE_COMBINE_ROWS.constexprs(weighted=weighted)
+    has_extra = extra is not None
+    meta = MOE_COMBINE_ROWS.constexprs(weighted=weighted, has_extra=has_extra)
     grid = (cdiv(out.shape[0], meta["BT"]), cdiv(n_cols, meta["BN"]), 1)
-    launch(MOE_COMBINE_ROWS, grid, (rows, rows_of_slot, rw, out, out.shape[0], n_cols, k), weighted=weighted)
+    launch(
+        MOE_COMBINE_ROWS,
+        grid,
+        (rows, extra if has_extra else rows, rows_of_slot, rw, out, out.shape[0], n_cols, k, float(extra_scale)),
+        weighted=weighted,
+        has_extra=has_extra,
+    )
     return out
 
 
@@ -431,34 +441,40 @@ def glu_rows_backward(g, eg, rw, slot, activation: str, alpha: float, limit: flo
     return deg, dw_part, h if rank else None
 
 
+def _lora_rows(small, factor, offs):
+    """A LoRA term's rows (unscaled) through one more grouped GEMM, or None without an adapter."""
+    return None if small is None else _grouped_mm(small, factor, offs)
+
+
 def _hybrid_forward(x, route: Route, rw, gu: _Proj, d: _Proj, k, n_experts, n_inter, activation, alpha, limit):
-    """(out [T, H], EG, XA or None, HA or None)."""
+    """(out [T, H], EG, XA or None, HA or None). Each LoRA term is added by the row kernel that reads its
+    projection's output: gate/up's inside the GLU (one rank-r dot per expert a tile spans), down's in the
+    combine (its rows through a grouped GEMM: they are gathered per token there)."""
     slot = route.slot.long()
     offs = route.start[1:]
     xs = x.index_select(0, slot // k)  # the tokens in expert order
-    eg, xa, b_stack = _grouped_proj(xs, gu.weight.transpose(1, 2), gu, offs, n_experts, False, fold=True)
-    lora = None
-    if gu.rank:
-        lora = RowsLoRA(row_experts(route.start, xs.shape[0]), xa, b_stack, gu.scale, gu.rank)
-    h = glu_rows(eg, activation, alpha, limit, lora)
-    y, ha = _grouped_proj(h, d.weight.transpose(1, 2), d, offs, n_experts, False)
-    return combine_rows(y, route.slot, rw, k, True), eg, xa, ha
+    eg, xa, b_stack = _grouped_proj(xs, gu.weight.transpose(1, 2), gu, offs, n_experts, False)
+    fold = None if xa is None else RowsLoRA(row_experts(route.start, xs.shape[0]), xa, b_stack, gu.scale, gu.rank)
+    h = glu_rows(eg, activation, alpha, limit, fold)
+    y, ha, b_d = _grouped_proj(h, d.weight.transpose(1, 2), d, offs, n_experts, False)
+    return combine_rows(y, route.slot, rw, k, True, _lora_rows(ha, b_d, offs), d.scale), eg, xa, ha
 
 
 def _hybrid_backward(dout, x, rw, eg, route: Route, gu: _Proj, d: _Proj, k, n_experts, n_inter, activation, scales):
     """(dx [T, H], the routing weight's partials [TK, tiles] in slot order, DEG, h, DOB, DHB), the last three
-    None where their projection has no adapter."""
+    None where their projection has no adapter; the LoRA terms added as in _hybrid_forward."""
     slot = route.slot.long()
     offs = route.start[1:]
-    g, ob, a_stack = _grouped_proj(dout.index_select(0, slot // k), d.weight, d, offs, n_experts, True, fold=True)
-    dob = lora = None
-    if d.rank:  # s RW[slot] (g B_e), as the fused path's DOB
+    g, ob, a_d = _grouped_proj(dout.index_select(0, slot // k), d.weight, d, offs, n_experts, True)
+    dob = fold = None
+    if ob is not None:  # s RW[slot] (g B_e), as the fused path's DOB
         dob = (ob.float() * (rw.index_select(0, slot) * d.scale).unsqueeze(1)).to(x.dtype)
-        lora = RowsLoRA(row_experts(route.start, g.shape[0]), ob, a_stack, d.scale, d.rank)
-    deg, dw_part, h = glu_rows_backward(g, eg, rw, route.slot, activation, scales[2], scales[3], lora)
-    dxs, hb = _grouped_proj(deg, gu.weight, gu, offs, n_experts, True)
+        fold = RowsLoRA(row_experts(route.start, g.shape[0]), ob, a_d, d.scale, d.rank)
+    deg, dw_part, h = glu_rows_backward(g, eg, rw, route.slot, activation, scales[2], scales[3], fold)
+    dxs, hb, a_gu = _grouped_proj(deg, gu.weight, gu, offs, n_experts, True)
     dhb = None if hb is None else (hb.float() * gu.scale).to(x.dtype)
-    return combine_rows(dxs, route.slot, rw, k, False), dw_part, deg, h, dob, dhb
+    dx = combine_rows(dxs, route.slot, rw, k, False, _lora_rows(hb, a_gu, offs), gu.scale)
+    return dx, dw_part, deg, h, dob, dhb
 
 
 def _fused_forward(x, route: Route, rw, gu: _Proj, d: _Proj, k, n_experts, n_inter, activation, alpha, limit, block_m):
@@ -1012,15 +1028,20 @@ def selfcheck(device, dtype):
     }
 
 
-def _combine_rows_error(randn, n_tokens, k, n_cols, dtype):
-    """combine_rows, weighted and not, against its float64 definition (rows in a shuffled slot order)."""
-    rows, rw = randn(n_tokens * k, n_cols).to(dtype), randn(n_tokens * k).float()
+def _combine_rows_error(randn, n_tokens, k, n_cols, dtype, extra_scale=0.5):
+    """combine_rows, weighted or not, with a LoRA term's rows or not, against its float64 definition (rows in a
+    shuffled slot order)."""
+    rows, extra = randn(n_tokens * k, n_cols).to(dtype), randn(n_tokens * k, n_cols).to(dtype)
+    rw = randn(n_tokens * k).float()
     slot = torch.randperm(n_tokens * k, device=rows.device).to(torch.int32)
-    in_slot_order = torch.empty_like(rows, dtype=torch.float64).index_copy_(0, slot.long(), rows.double())
     errs = []
     for weighted in (True, False):
-        ref = in_slot_order * (rw.double()[:, None] if weighted else 1.0)
-        errs.append(rel_err(combine_rows(rows, slot, rw, k, weighted), ref.view(n_tokens, k, n_cols).sum(1)))
+        for with_extra in (True, False):
+            summed = rows.double() + (extra_scale * extra.double() if with_extra else 0.0)
+            ref = torch.empty_like(summed).index_copy_(0, slot.long(), summed)
+            ref = (ref * (rw.double()[:, None] if weighted else 1.0)).view(n_tokens, k, n_cols).sum(1)
+            got = combine_rows(rows, slot, rw, k, weighted, extra if with_extra else None, extra_scale)
+            errs.append(rel_err(got, ref))
     return max(errs)
 
 

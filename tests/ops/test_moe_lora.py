@@ -312,7 +312,7 @@ def test_hybrid_path_matches_reference(name, grouped_mm_calls):
     """The output and every gradient against the float64 reference, as the fused path's: an expert without a
     token, every token to one expert, top-k 8, an odd expert count, a rank padded to 32, absent adapters.
     Forward and backward: 2 frozen GEMMs each, and 3 per adapter (the rank-r product in both, the second
-    factor's GEMM where no row kernel folds it in: the down projection forward, gate/up backward)."""
+    factor's GEMM where the combine adds the term: the down projection forward, gate/up backward)."""
     case = _case(**HYBRID_CASES[name])
     _check(case, base_gemm="grouped_mm")
     _, _, _, gu, d = case
@@ -348,23 +348,26 @@ def test_hybrid_path_second_backward_fp16_loss_scale_and_compile(grouped_mm_call
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n_tokens,k,n_cols", [(0, 2, 64), (1, 1, 3), (37, 3, 300), (5, 8, 257)])
 def test_combine_rows_gathers_weights_and_sums_each_tokens_rows(n_tokens, k, n_cols, dtype):
-    """The hybrid path's unsort: out[t] = sum_j (rw[t k + j]) rows[row of slot t k + j], against float64 on odd
-    widths (several column tiles, a masked tail), k 1 to 8, no token. Bound: one rounding of the result to
-    dtype (a whole ulp: Triton's interpreter truncates to bf16) and fp32 accumulation over k terms."""
+    """The hybrid path's unsort: out[t] = sum_j (rw[t k + j]) (rows + s extra)[row of slot t k + j], against
+    float64 on odd widths (several column tiles, a masked tail), k 1 to 8, no token, with and without a LoRA
+    term's rows. Bound: one rounding of the result to dtype (a whole ulp: Triton's interpreter truncates to
+    bf16) and fp32 arithmetic over the k terms and their adds."""
     gen = torch.Generator().manual_seed(n_tokens * 31 + k)
     rows = torch.randn(n_tokens * k, n_cols, generator=gen).to(dtype).to(DEVICE)
+    extra = torch.randn(n_tokens * k, n_cols, generator=gen).to(dtype).to(DEVICE)
     rw = torch.rand(n_tokens * k, generator=gen).to(DEVICE)
     slot = torch.randperm(n_tokens * k, generator=gen).to(torch.int32).to(DEVICE)
-    in_slot_order = torch.empty(rows.shape, dtype=torch.float64, device=DEVICE)
-    in_slot_order[slot.long()] = rows.double()
     eps = torch.finfo(dtype).eps
     for weighted in (True, False):
-        terms = (in_slot_order * (rw.double()[:, None] if weighted else 1.0)).view(n_tokens, k, n_cols)
-        ref = terms.sum(1)
-        out = combine_rows(rows, slot, rw, k, weighted)
-        assert out.dtype == dtype and out.shape == (n_tokens, n_cols)
-        bound = eps * ref.abs() + 2 * k * torch.finfo(torch.float32).eps * terms.abs().sum(1) + 1e-30
-        assert ((out.double() - ref).abs() <= bound).all()
+        for with_extra in (True, False):
+            summed = rows.double() + (0.75 * extra.double() if with_extra else 0.0)
+            terms = torch.empty_like(summed).index_copy_(0, slot.long(), summed)
+            terms = (terms * (rw.double()[:, None] if weighted else 1.0)).view(n_tokens, k, n_cols)
+            ref = terms.sum(1)
+            out = combine_rows(rows, slot, rw, k, weighted, extra if with_extra else None, 0.75)
+            assert out.dtype == dtype and out.shape == (n_tokens, n_cols)
+            bound = eps * ref.abs() + 4 * k * torch.finfo(torch.float32).eps * terms.abs().sum(1) + 1e-30
+            assert ((out.double() - ref).abs() <= bound).all(), (weighted, with_extra)
 
 
 def test_base_gemm_choice_and_refusals():
@@ -730,8 +733,10 @@ def test_hybrid_row_kernels_bind_to_the_prebuilt_variants(layer, monkeypatch):
     bf = torch.bfloat16
     route = moe_route(torch.stack([torch.randperm(E)[:k] for _ in range(T)]), E, 64)
     rw = torch.rand(T * k)
-    combine_rows(torch.zeros(T * k, H, dtype=bf), route.slot, rw, k, True)
-    combine_rows(torch.zeros(T * k, H, dtype=bf), route.slot, rw, k, False)
+    rows = torch.zeros(T * k, H, dtype=bf)
+    for weighted in (True, False):
+        combine_rows(rows, route.slot, rw, k, weighted)
+        combine_rows(rows, route.slot, rw, k, weighted, torch.zeros_like(rows), 2.0)
     for rank in COMMON["moe_ranks"]:
         rp = max(16, rank)
         eg, g = torch.zeros(T * k, 2 * I, dtype=bf), torch.zeros(T * k, I, dtype=bf)
