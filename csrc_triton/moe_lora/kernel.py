@@ -574,7 +574,8 @@ def moe_lora_seg_grad_kernel(
 # ---------------------------------------------------------------- the hybrid path's GLU (docs/moe-design.md 5.7)
 # With the frozen base GEMMs in torch._grouped_mm (cuBLAS/CUTLASS), the GLU and its backward run over the sorted
 # rows on their own; they share _glu / _glu_bwd with the GEMM epilogues above and, as those, add a LoRA term in
-# fp32 before the GLU (here one rank-r dot per expert a tile spans, the frozen GEMM's output read once).
+# fp32 and take the GLU of the rounded sum (one rank-r dot per expert a tile spans, the frozen output read once),
+# so the forward's h is bit for bit the h the backward recomputes from EG.
 
 
 @triton.jit
@@ -590,9 +591,11 @@ def _rows_lora_term(ROW_E, SMALL, F, rows, row_ok, cols, col_ok, f_stride_e, f_s
     acc = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
     stride_e = f_stride_e + tl.zeros([], tl.int64)  # (an expert's offset may pass 2**31 elements)
     for e in range(e_lo, e_hi + 1):
-        f_ptr = F + e * stride_e + rk[:, None] * f_stride_j + cols[None, :] * f_stride_c
-        f = tl.load(f_ptr, mask=col_ok[None, :], other=0.0)
-        acc = mma(tl.where((row_e == e)[:, None], small, tl.zeros_like(small)), f, acc)
+        mine = row_e == e
+        if tl.max(mine.to(tl.int32), axis=0) > 0:  # (experts without a row between two that have some: skipped)
+            f_ptr = F + e * stride_e + rk[:, None] * f_stride_j + cols[None, :] * f_stride_c
+            f = tl.load(f_ptr, mask=col_ok[None, :], other=0.0)
+            acc = mma(tl.where(mine[:, None], small, tl.zeros_like(small)), f, acc)
     return acc
 
 
@@ -632,10 +635,16 @@ def moe_glu_rows_fwd_kernel(
     up = tl.load(eg_row + u_col[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_LORA:
         lora = (ROW_E, XA, FB, rows, row_ok)
-        gate += scale * _rows_lora_term(*lora, g_col, n_ok, f_stride_e, f_stride_j, f_stride_c, RP)
-        up += scale * _rows_lora_term(*lora, u_col, n_ok, f_stride_e, f_stride_j, f_stride_c, RP)
-        tl.store(eg_row + g_col[None, :], gate.to(EG.dtype.element_ty), mask=mask)
-        tl.store(eg_row + u_col[None, :], up.to(EG.dtype.element_ty), mask=mask)
+        gate = (gate + scale * _rows_lora_term(*lora, g_col, n_ok, f_stride_e, f_stride_j, f_stride_c, RP)).to(
+            EG.dtype.element_ty
+        )
+        up = (up + scale * _rows_lora_term(*lora, u_col, n_ok, f_stride_e, f_stride_j, f_stride_c, RP)).to(
+            EG.dtype.element_ty
+        )
+        tl.store(eg_row + g_col[None, :], gate, mask=mask)
+        tl.store(eg_row + u_col[None, :], up, mask=mask)
+        # the GLU of the rounded values, as the fused epilogue: the backward recomputes h from EG
+        gate, up = gate.to(tl.float32), up.to(tl.float32)
     h = _glu(gate, up, alpha, limit, ACT)
     tl.store(HOUT + rows[:, None] * n_inter + n[None, :], h.to(HOUT.dtype.element_ty), mask=mask)
 

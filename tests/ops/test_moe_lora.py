@@ -370,6 +370,28 @@ def test_combine_rows_gathers_weights_and_sums_each_tokens_rows(n_tokens, k, n_c
             assert ((out.double() - ref).abs() <= bound).all(), (weighted, with_extra)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_glu_rows_forward_h_is_the_h_its_backward_recomputes(dtype):
+    """With a LoRA term folded in, the GLU forward takes the GLU of the rounded pre-activations it writes back
+    to eg, so the h the down projection (and HA) consumed is bit for bit the h the backward recomputes from eg
+    for the routing weight's gradient and dA_down (rows sorted over 4 experts, several per row tile, one of them
+    without a row between two that have some)."""
+    from fusedlora.ops.moe_lora import RowsLoRA, glu_rows, glu_rows_backward, row_experts
+
+    gen = torch.Generator().manual_seed(3)
+    n_rows, n_inter, rp = 70, 96, 16
+    rnd = lambda *shape, s=1.0: (torch.randn(*shape, generator=gen) * s).to(dtype).to(DEVICE)
+    start = torch.tensor([0, 30, 30, 31, 70], dtype=torch.int32, device=DEVICE)
+    row_e = row_experts(start, n_rows)
+    eg = rnd(n_rows, 2 * n_inter, s=2.0)
+    h = glu_rows(eg, "silu", 1.702, 7.0, RowsLoRA(row_e, rnd(n_rows, rp), rnd(4, rp, 2 * n_inter, s=0.25), 0.5, rp))
+    rw = torch.rand(n_rows, generator=gen).to(DEVICE)
+    slot = torch.randperm(n_rows, generator=gen).to(torch.int32).to(DEVICE)
+    fold = RowsLoRA(row_e, rnd(n_rows, rp), rnd(4, rp, n_inter, s=0.25), 0.5, rp)
+    _, _, h_again = glu_rows_backward(rnd(n_rows, n_inter), eg, rw, slot, "silu", 1.702, 7.0, fold)
+    assert torch.equal(h, h_again)
+
+
 def test_base_gemm_choice_and_refusals():
     case = _case(T=5)
     x, index, w, gu, d = case
