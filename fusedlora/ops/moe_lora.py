@@ -345,18 +345,12 @@ class RowsLoRA(NamedTuple):
     scale: float
     rank: int
 
-    def args(self) -> tuple:
-        return (self.row_expert, self.small, self.factor)
-
-    def scalars(self) -> tuple:
-        return (*self.factor.stride(), self.scale)
-
 
 def _rows_lora_args(lora: RowsLoRA | None, like: torch.Tensor, int_like: torch.Tensor) -> tuple:
-    """The row kernels' (pointer, pointer, pointer) and (stride, stride, stride, scale) for `lora`, or stand-ins."""
+    """The row kernels' (ROW_E, SMALL, F) pointers and (F's three strides, scale) for `lora`, or stand-ins."""
     if lora is None:
         return (int_like, like, like), (0, 0, 0, 0.0)
-    return lora.args(), lora.scalars()
+    return (lora.row_expert, lora.small, lora.factor), (*lora.factor.stride(), lora.scale)
 
 
 def row_experts(start: torch.Tensor, n_rows: int) -> torch.Tensor:
