@@ -372,7 +372,7 @@ def glu_rows(eg: torch.Tensor, activation: str, alpha: float, limit: float, lora
     h = eg.new_empty(n_rows, n_inter)
     rank = lora.rank if lora is not None else 0
     grid = _glu_rows_grid(n_rows, n_inter, MOE_GLU_ROWS_FWD, act=activation, rank=rank)
-    pointers, scalars = _rows_lora_args(lora, eg, eg.new_empty(0, dtype=torch.int32))
+    pointers, scalars = _rows_lora_args(lora, eg, eg.view(torch.int32))  # (a view: no allocation per launch)
     launch(
         MOE_GLU_ROWS_FWD,
         (*grid, 1),
